@@ -1,0 +1,163 @@
+// How a CPU work item obtains its two tile products, S = Q K^T and O += P V, per dtype:
+//  - BlasOperands: float/double straight from the strided inputs through BLAS;
+//  - PackedOperands: bfloat16/float16 through oneDNN's brgemm (AMX / AVX512-BF16/FP16), reading
+//    K and V from a VNNI-packed copy made once per call for the key blocks some item needs;
+//  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
+//    odd): tiles converted to float, then BLAS.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <vector>
+
+#include "../attention_params.h"
+#include "blas.h"
+
+namespace headops::cpu {
+
+template <typename T>
+struct BlasOperands {
+  static constexpr int64_t key_alignment = 1;
+  const AttentionParams& p;
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+
+  explicit BlasOperands(const AttentionParams& params) : p(params) {}
+
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t /*nq*/) {
+    const int64_t kvh = h / p.group();
+    q = p.q.row<T>(b, q0, h);
+    k = p.k.row<T>(b, 0, kvh);
+    v = p.v.row<T>(b, 0, kvh);
+  }
+  void scores(T* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
+    gemm_nt(nq, nk, p.head_dim, T(1), q, p.q.stride_s, k + j0 * p.k.stride_s, p.k.stride_s, T(0), s, lds);
+  }
+  void accumulate(T* acc, int64_t nq, const T* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    gemm_nn(nq, p.head_dim, nk, T(1), prob, ldp, v + j0 * p.v.stride_s, p.v.stride_s, T(1), acc, p.head_dim);
+  }
+  void end_worker() {}
+};
+
+template <typename scalar_t>
+struct ConvertedOperands {
+  static constexpr int64_t key_alignment = 1;
+  const AttentionParams& p;
+  std::vector<float> qbuf, kbuf, vbuf;
+  int64_t b_ = 0, kvh_ = 0;
+
+  ConvertedOperands(const AttentionParams& params, int64_t block_q, int64_t block_k) : p(params) {
+    qbuf.resize(block_q * p.head_dim);
+    kbuf.resize(block_k * p.head_dim);
+    vbuf.resize(block_k * p.head_dim);
+  }
+  void convert_rows(const HeadTensor& t, int64_t b, int64_t s0, int64_t n, int64_t h, float* dst) {
+    const int64_t D = p.head_dim;
+    for (int64_t r = 0; r < n; ++r) {
+      const scalar_t* src = t.row<scalar_t>(b, s0 + r, h);
+      for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[d]);
+    }
+  }
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
+    b_ = b;
+    kvh_ = h / p.group();
+    convert_rows(p.q, b, q0, nq, h, qbuf.data());
+  }
+  void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
+    convert_rows(p.k, b_, j0, nk, kvh_, kbuf.data());
+    gemm_nt(nq, nk, p.head_dim, 1.f, qbuf.data(), p.head_dim, kbuf.data(), p.head_dim, 0.f, s, lds);
+  }
+  void accumulate(float* acc, int64_t nq, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    convert_rows(p.v, b_, j0, nk, kvh_, vbuf.data());
+    gemm_nn(nq, p.head_dim, nk, 1.f, prob, ldp, vbuf.data(), p.head_dim, 1.f, acc, p.head_dim);
+  }
+  void end_worker() {}
+};
+
+// K^T and V of every (b, kv head) in VNNI layout (pairs of consecutive reduction-dim elements
+// interleaved), zero-padded to a multiple of kPackBlock keys:
+//   keys_t[b, kvh] : [D/2][Sk_pad][2]  element (d, j) at ((d/2) * Sk_pad + j) * 2 + d % 2
+//   values[b, kvh] : [Sk_pad/2][D][2]  element (j, d) at ((j/2) * D + d) * 2 + j % 2
+template <typename scalar_t>
+struct PackedKV {
+  static constexpr int64_t kPackBlock = 64;
+  scalar_t* keys_t = nullptr;
+  scalar_t* values = nullptr;
+  int64_t padded_keys = 0;  // Sk_pad
+  int64_t head_dim = 0;
+
+  int64_t head_elems() const { return padded_keys * head_dim; }
+  const scalar_t* keys_of(int64_t b, int64_t kvh, int64_t heads_kv) const {
+    return keys_t + (b * heads_kv + kvh) * head_elems();
+  }
+  const scalar_t* values_of(int64_t b, int64_t kvh, int64_t heads_kv) const {
+    return values + (b * heads_kv + kvh) * head_elems();
+  }
+
+  // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head).
+  void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
+    const int64_t D = head_dim, Sk = p.seqlen_k, L = padded_keys;
+    const int64_t j_begin = blk * kPackBlock, j_end = j_begin + kPackBlock;
+    scalar_t* kt = keys_t + (b * p.heads_kv + kvh) * head_elems();
+    scalar_t* vv = values + (b * p.heads_kv + kvh) * head_elems();
+    const scalar_t zero(0.f);
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      const scalar_t* kr = j < Sk ? p.k.row<scalar_t>(b, j, kvh) : nullptr;
+      for (int64_t dp = 0; dp < D / 2; ++dp) {
+        scalar_t* dst = kt + (dp * L + j) * 2;
+        dst[0] = kr ? kr[2 * dp] : zero;
+        dst[1] = kr ? kr[2 * dp + 1] : zero;
+      }
+    }
+    for (int64_t j = j_begin; j < j_end; j += 2) {
+      const scalar_t* v0 = j < Sk ? p.v.row<scalar_t>(b, j, kvh) : nullptr;
+      const scalar_t* v1 = j + 1 < Sk ? p.v.row<scalar_t>(b, j + 1, kvh) : nullptr;
+      scalar_t* dst = vv + (j / 2) * D * 2;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[2 * d] = v0 ? v0[d] : zero;
+        dst[2 * d + 1] = v1 ? v1[d] : zero;
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+struct PackedOperands {
+  static constexpr int64_t key_alignment = 2;  // VNNI pairs: key blocks start and end on even keys
+  const AttentionParams& p;
+  const PackedKV<scalar_t>& packed;
+  std::vector<scalar_t> prob_lowp;
+  const scalar_t* q = nullptr;
+  const scalar_t* kt = nullptr;
+  const scalar_t* vv = nullptr;
+  int64_t block_k;
+
+  PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv, int64_t block_q, int64_t block_k_)
+      : p(params), packed(kv), prob_lowp(block_q * block_k_), block_k(block_k_) {}
+
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t /*nq*/) {
+    const int64_t kvh = h / p.group();
+    q = p.q.row<scalar_t>(b, q0, h);
+    kt = packed.keys_of(b, kvh, p.heads_kv);
+    vv = packed.values_of(b, kvh, p.heads_kv);
+  }
+  void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
+    at::native::cpublas::brgemm(nq, nk, p.head_dim, p.q.stride_s, packed.padded_keys, lds, false, q, kt + j0 * 2, s,
+                                true);
+  }
+  void accumulate(float* acc, int64_t nq, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    for (int64_t r = 0; r < nq; ++r) {
+      const float* src = prob + r * ldp;
+      scalar_t* dst = prob_lowp.data() + r * block_k;
+      at::vec::convert(src, dst, nk);
+    }
+    at::native::cpublas::brgemm(nq, p.head_dim, nk, block_k, p.head_dim, p.head_dim, true, prob_lowp.data(),
+                                vv + j0 * p.head_dim, acc, true);
+  }
+  void end_worker() { at::native::cpublas::brgemm_release(true); }
+};
+
+}  // namespace headops::cpu

@@ -1,0 +1,142 @@
+// One source of truth for what a head sees and how its output is finished.
+//
+// Included by the CPU kernels and by the CUDA kernels, so every CPU test exercises the
+// same visibility, alpha-mixing and epilogue code that runs on the GPU.
+// Plain C++ (no torch headers) so that .cu files stay fast to compile.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HEADOPS_HD __host__ __device__ __forceinline__
+#else
+#define HEADOPS_HD inline
+#endif
+
+namespace headops {
+
+HEADOPS_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+HEADOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Half-open key range [lo, hi); empty when hi <= lo.
+struct KeyRange {
+  int64_t lo;
+  int64_t hi;
+  HEADOPS_HD bool empty() const { return hi <= lo; }
+  HEADOPS_HD int64_t size() const { return hi > lo ? hi - lo : 0; }
+  HEADOPS_HD KeyRange clip(int64_t a, int64_t b) const { return {max64(lo, a), min64(hi, b)}; }
+};
+
+// The keys a head lets a query (or a run of consecutive queries) see: at most two disjoint
+// ranges, the attention sinks [0, s) and the window, with sinks.hi < window.lo whenever
+// both are non-empty. Either may be empty.
+struct VisibleKeys {
+  KeyRange sinks;
+  KeyRange window;
+  HEADOPS_HD int64_t count() const { return sinks.size() + window.size(); }
+};
+
+// Per-head visibility rule (DESIGN section 1):
+//   visible(i, j) = causal_ok and (in_window or j < sinks)
+//   causal_ok     = !causal or j <= pos_i
+//   in_window     = window < 0 or (causal ? pos_i - j : |pos_i - j|) < window
+// with bottom-right aligned positions pos_i = Sk - Sq + i.
+struct HeadVisibility {
+  bool causal;
+  int64_t window;  // < 0: unlimited; never 0 (rejected at the API)
+  int64_t sinks;   // >= 0
+
+  HEADOPS_HD static int64_t query_position(int64_t i, int64_t Sq, int64_t Sk) { return Sk - Sq + i; }
+
+  HEADOPS_HD bool visible(int64_t pos, int64_t j) const {
+    if (causal && j > pos) return false;
+    if (j < sinks) return true;
+    if (window < 0) return true;
+    int64_t d = pos - j;
+    if (!causal && d < 0) d = -d;
+    return d < window;
+  }
+
+  // Keys visible to every query whose position lies in [pos_first, pos_last]: the union of
+  // their sets. Window edges move monotonically with the position and consecutive windows
+  // overlap or touch, so the union of the windows is one range.
+  HEADOPS_HD VisibleKeys keys_for_positions(int64_t pos_first, int64_t pos_last, int64_t Sk) const {
+    int64_t causal_end = causal ? min64(pos_last + 1, Sk) : Sk;  // keys [0, causal_end) pass causality
+    KeyRange win;
+    if (window < 0) {
+      win = {0, causal_end};
+    } else {
+      win.lo = max64(int64_t(0), pos_first - window + 1);
+      win.hi = causal ? causal_end : min64(Sk, pos_last + window);
+    }
+    KeyRange snk = {0, min64(sinks, causal_end)};
+    if (win.empty()) win = {0, 0};
+    if (snk.empty()) return {{0, 0}, win};
+    if (win.empty() || snk.hi >= win.lo) {
+      // sinks touch or overlap the window: one range
+      int64_t hi = win.empty() ? snk.hi : max64(snk.hi, win.hi);
+      return {{0, 0}, {0, hi}};
+    }
+    return {snk, win};
+  }
+
+  HEADOPS_HD VisibleKeys keys_for_query(int64_t pos, int64_t Sk) const {
+    return keys_for_positions(pos, pos, Sk);
+  }
+
+  // True when every query in [pos_first, pos_last] sees every key in [j0, j1): no masking needed.
+  HEADOPS_HD bool block_fully_visible(int64_t pos_first, int64_t pos_last, int64_t j0, int64_t j1) const {
+    if (j1 <= j0) return true;
+    if (causal && j1 - 1 > pos_first) return false;
+    if (j1 <= sinks) return true;
+    if (window < 0) return true;
+    // causal: the last query is the farthest from j0; non-causal: also the first query from j1 - 1
+    if (pos_last - j0 >= window) return false;
+    if (!causal && (j1 - 1) - pos_first >= window) return false;
+    return true;
+  }
+};
+
+// The full branch of a DuoAttention head ignores window and sinks.
+HEADOPS_HD HeadVisibility full_visibility(bool causal) { return {causal, -1, 0}; }
+
+// Per-head scalars a kernel reads once per work item.
+template <typename acc_t>
+struct HeadScalars {
+  acc_t softmax_scale;
+  int64_t window;
+  int64_t sinks;
+  bool has_alpha;
+  acc_t alpha;
+  bool has_sink_logit;
+  acc_t sink_logit;
+  acc_t gate;
+};
+
+// Which online-softmax branches a head needs. Without alpha the head has one branch, the
+// one that applies window and sinks ("streaming", plain causal when it has neither).
+struct BranchPlan {
+  bool full;
+  bool streaming;
+};
+
+template <typename acc_t>
+HEADOPS_HD BranchPlan plan_branches(const HeadScalars<acc_t>& h) {
+  if (!h.has_alpha) return {false, true};
+  // alpha exactly 1 or 0 makes the other branch's weight zero: do not compute it
+  return {h.alpha != acc_t(0), h.alpha != acc_t(1)};
+}
+
+// out = alpha * full + (1 - alpha) * streaming
+template <typename acc_t>
+HEADOPS_HD acc_t mix_alpha(acc_t alpha, acc_t full, acc_t streaming) {
+  return alpha * full + (acc_t(1) - alpha) * streaming;
+}
+
+// out_h = gate_h * (o_h * out_scale_h + out_bias_h); scale/bias default to 1 and 0.
+template <typename acc_t>
+HEADOPS_HD acc_t epilogue(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) {
+  return gate * (o * out_scale + out_bias);
+}
+
+}  // namespace headops

@@ -1,0 +1,53 @@
+// The one place where headops registers its ops (torch.library) and its Python module.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "attention/attention_fwd.h"
+#include "attention/cpu/attention_fwd_cpu.h"
+#include "attention/cpu/blas.h"
+#include "attention/work_counters.h"
+
+TORCH_LIBRARY(headops, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
+      "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate) "
+      "-> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(headops, CPU, m) { m.impl("attention_fwd", &headops::attention_fwd); }
+
+namespace {
+
+std::vector<int64_t> read_work_counters() {
+  std::vector<int64_t> out;
+  for (auto& c : headops::work_counters()) out.push_back(c.load());
+  return out;
+}
+
+void reset_work_counters() {
+  for (auto& c : headops::work_counters()) c.store(0);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "headops compiled kernels (ops are registered under torch.ops.headops)";
+  m.def("work_counters", &read_work_counters,
+        "[work items, key blocks, score elements, value blocks, heads skipped] since the last reset");
+  m.def("reset_work_counters", &reset_work_counters);
+  m.def(
+      "cpu_tile_shape",
+      [](at::ScalarType dtype, int64_t head_dim) {
+        auto t = headops::cpu::tile_shape(dtype, head_dim);
+        return std::make_pair(t.block_q, t.block_k);
+      },
+      "(block_q, block_k) of the CPU kernel");
+  m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
+  m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
+#ifdef HEADOPS_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+#else
+  m.attr("cuda_compiled") = false;
+#endif
+}

@@ -1,0 +1,11 @@
+"""headops: attention in which every head behaves differently (see docs/DESIGN.md)."""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.headops)
+from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from .attention import attention
+from .counters import WorkCounts, count_work, work_counters, reset_work_counters
+
+__all__ = ["attention", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
+__version__ = "0.1.0"

@@ -1,0 +1,200 @@
+"""``headops.attention``: argument validation and the call of the fused op."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_LAYOUTS = ("bshd", "bhsd")
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _fail(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"headops.attention: {name} must be {expected}, got {got}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return f"{type(t).__name__} {t!r}"
+
+
+class _Shapes:
+    def __init__(self, q, k, layout):
+        heads_first = layout == "bhsd"
+        self.heads_first = heads_first
+        self.B = q.shape[0]
+        self.Sq, self.Hq = (q.shape[2], q.shape[1]) if heads_first else (q.shape[1], q.shape[2])
+        self.Sk, self.Hkv = (k.shape[2], k.shape[1]) if heads_first else (k.shape[1], k.shape[2])
+        self.D = q.shape[3]
+
+
+def _check_qkv(q, k, v, layout):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"headops.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise _fail(name, f"a 4-D tensor ({'[B, S, H, D]' if layout == 'bshd' else '[B, H, S, D]'} "
+                              f"for layout {layout!r})", _describe(t))
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"headops.attention: q must be float32, float64, bfloat16 or float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"headops.attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise _fail(name, f"on q's device {q.device}", t.device)
+    if k.shape != v.shape:
+        raise _fail("v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
+    s = _Shapes(q, k, layout)
+    if k.shape[0] != s.B:
+        raise _fail("k", f"of q's batch size {s.B} (dim 0)", k.shape[0])
+    if k.shape[3] != s.D:
+        raise _fail("k", f"of q's head dim {s.D} (last dim)", k.shape[3])
+    if s.D < 1:
+        raise _fail("q", "a tensor with head dim >= 1", tuple(q.shape))
+    if s.Hkv < 1 or s.Hq % s.Hkv != 0:
+        raise _fail("k", f"a tensor whose number of heads divides q's {s.Hq} (GQA/MQA)",
+                    f"{s.Hkv} heads (shape {tuple(k.shape)}, layout {layout!r})")
+    if q.device.type != "cpu":
+        raise ValueError(f"headops.attention: device {q.device} is not supported yet (CPU only in this build)")
+    return s
+
+
+def _scalar_or_tensor(value, name, s: _Shapes, device, *, integer: bool):
+    """Validates a per-head value and returns it as a [B, Hq] tensor (an expand, not a copy)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"headops.attention: {name} must be {'an int' if integer else 'a float'} or a tensor, "
+                        f"got bool")
+    if isinstance(value, numbers.Number):
+        if integer and not isinstance(value, numbers.Integral):
+            raise TypeError(f"headops.attention: {name} must be an int or an integer tensor, got {value!r}")
+        value = torch.tensor(value, dtype=torch.int64 if integer else torch.float64, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"headops.attention: {name} must be a number or a tensor, got {type(value).__name__}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"headops.attention: {name} must be an integer tensor, got dtype {value.dtype}")
+    if not integer and not value.dtype.is_floating_point:
+        raise TypeError(f"headops.attention: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise _fail(name, f"on q's device {device}", value.device)
+    if value.dim() == 0:
+        value = value.reshape(1).expand(s.Hq)
+    if value.dim() == 1:
+        if value.shape[0] != s.Hq:
+            raise _fail(name, f"of shape [Hq] = [{s.Hq}] or [B, Hq] = [{s.B}, {s.Hq}]", tuple(value.shape))
+        return value.unsqueeze(0).expand(s.B, s.Hq)
+    if value.dim() == 2 and value.shape[1] == s.Hq and value.shape[0] in (1, s.B):
+        return value.expand(s.B, s.Hq)
+    raise _fail(name, f"of shape [Hq] = [{s.Hq}] or [B, Hq] = [{s.B}, {s.Hq}]", tuple(value.shape))
+
+
+def _per_head_vector(value, name, s: _Shapes, device):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"headops.attention: {name} must be a tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"headops.attention: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise _fail(name, f"on q's device {device}", value.device)
+    if value.dim() == 2 and tuple(value.shape) == (s.Hq, s.D):
+        return value.unsqueeze(0).expand(s.B, s.Hq, s.D)
+    if value.dim() == 3 and tuple(value.shape[1:]) == (s.Hq, s.D) and value.shape[0] in (1, s.B):
+        return value.expand(s.B, s.Hq, s.D)
+    raise _fail(name, f"of shape [Hq, D] = [{s.Hq}, {s.D}] or [B, Hq, D] = [{s.B}, {s.Hq}, {s.D}]",
+                tuple(value.shape))
+
+
+def _key_bias(value, s: _Shapes, device):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"headops.attention: key_bias must be a tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"headops.attention: key_bias must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise _fail("key_bias", f"on q's device {device}", value.device)
+    try:
+        if value.dim() > 3:
+            raise RuntimeError
+        return value.expand(s.B, s.Hq, s.Sk)
+    except RuntimeError:
+        raise _fail("key_bias", f"broadcastable to [B, Hq, Sk] = [{s.B}, {s.Hq}, {s.Sk}]",
+                    tuple(value.shape)) from None
+
+
+def _requires_grad(*values) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
+
+
+def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
+              alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False):
+    """Multi-head attention in which every head has its own behaviour (docs/DESIGN.md section 1).
+
+    q ``[B, Sq, Hq, D]``, k and v ``[B, Sk, Hkv, D]`` (layout "bshd"; "bhsd" swaps the middle
+    axes); ``Hq % Hkv == 0``. Per-head arguments take a scalar (every head), an ``[Hq]`` or a
+    ``[B, Hq]`` tensor; ``out_scale``/``out_bias`` take ``[Hq, D]`` or ``[B, Hq, D]``;
+    ``key_bias`` anything broadcastable to ``[B, Hq, Sk]``.
+
+    Returns out (q's dtype and layout), or ``(out, lse)`` with ``return_lse=True``; lse is
+    ``[B, Hq, Sq]`` float32 (float64 for float64 inputs). A head whose gate is exactly 0 is
+    not computed: its output is 0 and its lse is -inf.
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"headops.attention: layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"headops.attention: causal must be a bool, got {type(causal).__name__}")
+    s = _check_qkv(q, k, v, layout)
+    device = q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if return_lse and alpha is not None:
+        raise ValueError("headops.attention: return_lse=True cannot be combined with alpha: a mixture of two "
+                         "softmaxes has no single lse")
+
+    default_scale = 1.0 / math.sqrt(s.D)
+    scale_t = None
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, numbers.Number) and not isinstance(softmax_scale, bool):
+            default_scale = float(softmax_scale)
+            if not math.isfinite(default_scale):
+                raise _fail("softmax_scale", "a finite float", softmax_scale)
+        else:
+            scale_t = _scalar_or_tensor(softmax_scale, "softmax_scale", s, device, integer=False)
+    window_t = _scalar_or_tensor(window, "window", s, device, integer=True)
+    sinks_t = _scalar_or_tensor(sinks, "sinks", s, device, integer=True)
+    alpha_t = _scalar_or_tensor(alpha, "alpha", s, device, integer=False)
+    gate_t = _scalar_or_tensor(gate, "gate", s, device, integer=False)
+    sink_t = _scalar_or_tensor(sink_logit, "sink_logit", s, device, integer=False)
+    os_t = _per_head_vector(out_scale, "out_scale", s, device)
+    ob_t = _per_head_vector(out_bias, "out_bias", s, device)
+    kb_t = _key_bias(key_bias, s, device)
+
+    # value checks read the data: skipped while torch.compile traces (the op re-checks them)
+    checking_values = not torch.compiler.is_compiling()
+    if checking_values and window_t is not None and window_t.numel() and bool((window_t == 0).any()):
+        raise _fail("window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
+                    window_t[0].tolist() if window_t.shape[0] == 1 else window_t.tolist())
+    if checking_values and sinks_t is not None and sinks_t.numel() and bool((sinks_t < 0).any()):
+        raise _fail("sinks", ">= 0 for every head", sinks_t.tolist())
+    if checking_values and alpha_t is not None and alpha_t.numel() and not bool(((alpha_t >= 0) & (alpha_t <= 1)).all()):
+        raise _fail("alpha", "in [0, 1] for every head", alpha_t.tolist())
+
+    if _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t, kb_t) and torch.is_grad_enabled():
+        raise NotImplementedError("headops.attention: the backward pass is not implemented yet; call it under "
+                                  "torch.no_grad() or on tensors that do not require grad")
+
+    def to_acc(t):
+        return None if t is None else t.to(acc)
+
+    def to_long(t):
+        return None if t is None else t.to(torch.int64)
+
+    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = torch.ops.headops.attention_fwd(
+        q, k, v, causal, s.heads_first, default_scale, to_acc(scale_t), to_long(window_t), to_long(sinks_t),
+        to_acc(alpha_t), to_acc(kb_t), to_acc(sink_t), to_acc(os_t), to_acc(ob_t), to_acc(gate_t), True)
+    return (out, lse) if return_lse else out

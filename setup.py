@@ -1,0 +1,82 @@
+"""Builds headops._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc
+is found (HEADOPS_CUDA=0|1 forces either way).
+
+Development builds are incremental through ninja: `python setup.py build_ext --inplace`
+(what `make` runs). On a machine with torch installed: `pip install --no-build-isolation -e .`
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_requested(torch_cuda_version, nvcc):
+    flag = os.environ.get("HEADOPS_CUDA", "").strip()
+    if flag == "1":
+        if torch_cuda_version is None:
+            raise RuntimeError("HEADOPS_CUDA=1 but this torch has no CUDA")
+        if nvcc is None:
+            raise RuntimeError("HEADOPS_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return True
+    if flag == "0":
+        return False
+    return torch_cuda_version is not None and nvcc is not None
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        home = "/usr/local/cuda"
+    if home:
+        os.environ.setdefault("CUDA_HOME", home)  # before torch.utils.cpp_extension reads it
+        candidate = os.path.join(home, "bin", "nvcc")
+        return candidate if os.path.exists(candidate) else None
+    return shutil.which("nvcc")
+
+
+def extensions():
+    nvcc = _nvcc()
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
+    cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
+    headers = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
+                  + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
+    cxx = ["-O3", "-fopenmp"]
+    use_cuda = _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        nv_include = [p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(p)]
+        return [CUDAExtension(
+            "headops._C", cpp_sources + cu_sources, depends=headers,
+            include_dirs=nv_include,
+            define_macros=[("HEADOPS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        )]
+    return [CppExtension("headops._C", cpp_sources, depends=headers, extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"])]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="headops",
+    version="0.1.0",
+    description="Per-head attention kernels for PyTorch: gates, windows, sinks, alpha mixing, head-sparse KV cache",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6"],
+)
