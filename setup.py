@@ -48,7 +48,7 @@ def extensions():
     cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
     headers = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
                   + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
     use_cuda = _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

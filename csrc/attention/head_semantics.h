@@ -13,7 +13,14 @@
 #define HEADOPS_HD inline
 #endif
 
+// CPU kernels are compiled once per instruction set; each copy of these inline functions
+// lives in its own namespace so the linker never merges an AVX-512 copy into portable code.
+#ifndef HEADOPS_ISA_NAMESPACE
+#define HEADOPS_ISA_NAMESPACE portable
+#endif
+
 namespace headops {
+inline namespace HEADOPS_ISA_NAMESPACE {
 
 HEADOPS_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 HEADOPS_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -139,4 +146,5 @@ HEADOPS_HD acc_t epilogue(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) 
   return gate * (o * out_scale + out_bias);
 }
 
+}  // namespace HEADOPS_ISA_NAMESPACE
 }  // namespace headops

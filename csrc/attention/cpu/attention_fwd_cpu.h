@@ -2,6 +2,8 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <string>
+
 #include "../attention_params.h"
 
 namespace headops::cpu {
@@ -14,6 +16,9 @@ struct TileShape {
 // Query/key tile sizes the CPU kernel uses for a dtype and head dim (tests read them to
 // bound the work a window may cost).
 TileShape tile_shape(at::ScalarType dtype, int64_t head_dim);
+
+// "DEFAULT", "AVX2" or "AVX512": the kernel variant this process runs.
+const std::string& cpu_capability();
 
 // Whether bfloat16/float16 run through oneDNN brgemm on VNNI-packed K/V (else: via float).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);

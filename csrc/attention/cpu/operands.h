@@ -10,15 +10,18 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "../attention_params.h"
 #include "blas.h"
 
-namespace headops::cpu {
+namespace headops::cpu::CPU_CAPABILITY {
 
 template <typename T>
 struct BlasOperands {
+  using prob_t = T;
   static constexpr int64_t key_alignment = 1;
   const AttentionParams& p;
   const T* q = nullptr;
@@ -44,6 +47,7 @@ struct BlasOperands {
 
 template <typename scalar_t>
 struct ConvertedOperands {
+  using prob_t = float;
   static constexpr int64_t key_alignment = 1;
   const AttentionParams& p;
   std::vector<float> qbuf, kbuf, vbuf;
@@ -97,28 +101,37 @@ struct PackedKV {
     return values + (b * heads_kv + kvh) * head_elems();
   }
 
-  // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head).
+  // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head). A VNNI pair of 16-bit
+  // values is moved as one 32-bit word; the block's K rows stay in L1 while written out.
   void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
+    static_assert(sizeof(scalar_t) == 2, "VNNI packing of 16-bit types");
     const int64_t D = head_dim, Sk = p.seqlen_k, L = padded_keys;
-    const int64_t j_begin = blk * kPackBlock, j_end = j_begin + kPackBlock;
-    scalar_t* kt = keys_t + (b * p.heads_kv + kvh) * head_elems();
-    scalar_t* vv = values + (b * p.heads_kv + kvh) * head_elems();
-    const scalar_t zero(0.f);
-    for (int64_t j = j_begin; j < j_end; ++j) {
-      const scalar_t* kr = j < Sk ? p.k.row<scalar_t>(b, j, kvh) : nullptr;
-      for (int64_t dp = 0; dp < D / 2; ++dp) {
-        scalar_t* dst = kt + (dp * L + j) * 2;
-        dst[0] = kr ? kr[2 * dp] : zero;
-        dst[1] = kr ? kr[2 * dp + 1] : zero;
-      }
+    const int64_t j_begin = blk * kPackBlock;
+    const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, Sk - j_begin));
+    uint32_t* kt = reinterpret_cast<uint32_t*>(keys_t + (b * p.heads_kv + kvh) * head_elems());
+    const uint32_t* rows[kPackBlock];
+    for (int64_t r = 0; r < real; ++r) rows[r] = reinterpret_cast<const uint32_t*>(p.k.row<scalar_t>(b, j_begin + r, kvh));
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      uint32_t* dst = kt + dp * L + j_begin;
+      for (int64_t r = 0; r < real; ++r) dst[r] = rows[r][dp];
+      for (int64_t r = real; r < kPackBlock; ++r) dst[r] = 0;
     }
-    for (int64_t j = j_begin; j < j_end; j += 2) {
-      const scalar_t* v0 = j < Sk ? p.v.row<scalar_t>(b, j, kvh) : nullptr;
-      const scalar_t* v1 = j + 1 < Sk ? p.v.row<scalar_t>(b, j + 1, kvh) : nullptr;
-      scalar_t* dst = vv + (j / 2) * D * 2;
-      for (int64_t d = 0; d < D; ++d) {
-        dst[2 * d] = v0 ? v0[d] : zero;
-        dst[2 * d + 1] = v1 ? v1[d] : zero;
+    uint16_t* vv = reinterpret_cast<uint16_t*>(values + (b * p.heads_kv + kvh) * head_elems());
+    for (int64_t r = 0; r < kPackBlock; r += 2) {
+      uint16_t* dst = vv + (j_begin + r) * D;  // pair (j, j + 1) of every d, interleaved
+      const uint16_t* v0 = r < real ? reinterpret_cast<const uint16_t*>(p.v.row<scalar_t>(b, j_begin + r, kvh)) : nullptr;
+      const uint16_t* v1 =
+          r + 1 < real ? reinterpret_cast<const uint16_t*>(p.v.row<scalar_t>(b, j_begin + r + 1, kvh)) : nullptr;
+      if (v0 && v1) {
+        for (int64_t d = 0; d < D; ++d) {
+          dst[2 * d] = v0[d];
+          dst[2 * d + 1] = v1[d];
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          dst[2 * d] = v0 ? v0[d] : uint16_t(0);
+          dst[2 * d + 1] = 0;
+        }
       }
     }
   }
@@ -126,17 +139,17 @@ struct PackedKV {
 
 template <typename scalar_t>
 struct PackedOperands {
+  using prob_t = scalar_t;  // probabilities are rounded to the input dtype for the P.V product
   static constexpr int64_t key_alignment = 2;  // VNNI pairs: key blocks start and end on even keys
   const AttentionParams& p;
   const PackedKV<scalar_t>& packed;
-  std::vector<scalar_t> prob_lowp;
   const scalar_t* q = nullptr;
   const scalar_t* kt = nullptr;
   const scalar_t* vv = nullptr;
   int64_t block_k;
 
   PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv, int64_t block_q, int64_t block_k_)
-      : p(params), packed(kv), prob_lowp(block_q * block_k_), block_k(block_k_) {}
+      : p(params), packed(kv), block_k(block_k_) {}
 
   void begin_item(int64_t b, int64_t h, int64_t q0, int64_t /*nq*/) {
     const int64_t kvh = h / p.group();
@@ -148,16 +161,11 @@ struct PackedOperands {
     at::native::cpublas::brgemm(nq, nk, p.head_dim, p.q.stride_s, packed.padded_keys, lds, false, q, kt + j0 * 2, s,
                                 true);
   }
-  void accumulate(float* acc, int64_t nq, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
-    for (int64_t r = 0; r < nq; ++r) {
-      const float* src = prob + r * ldp;
-      scalar_t* dst = prob_lowp.data() + r * block_k;
-      at::vec::convert(src, dst, nk);
-    }
-    at::native::cpublas::brgemm(nq, p.head_dim, nk, block_k, p.head_dim, p.head_dim, true, prob_lowp.data(),
-                                vv + j0 * p.head_dim, acc, true);
+  void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, vv + j0 * p.head_dim,
+                                acc, true);
   }
   void end_worker() { at::native::cpublas::brgemm_release(true); }
 };
 
-}  // namespace headops::cpu
+}  // namespace headops::cpu::CPU_CAPABILITY

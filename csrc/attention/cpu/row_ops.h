@@ -2,11 +2,15 @@
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/vec_convert.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include <cmath>
 #include <limits>
 
-namespace headops::cpu {
+namespace headops::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -15,21 +19,32 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) { return x.exp(); }
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 
-// x[j] = x[j] * scale (+ bias[j * bias_stride])
+// x[j] = x[j] * scale (+ bias[j * bias_stride]) for j in [0, n); returns the max of the results.
 template <typename T>
-inline void scale_and_bias(T* x, int64_t n, T scale, const T* bias, int64_t bias_stride) {
+inline T scale_bias_max(T* x, int64_t n, T scale, const T* bias, int64_t bias_stride) {
   using V = Vectorized<T>;
   const V vs(scale);
+  V vm(-std::numeric_limits<T>::infinity());
   int64_t j = 0;
   if (bias == nullptr) {
-    for (; j + V::size() <= n; j += V::size()) (V::loadu(x + j) * vs).store(x + j);
-    for (; j < n; ++j) x[j] *= scale;
+    for (; j + V::size() <= n; j += V::size()) {
+      V y = V::loadu(x + j) * vs;
+      y.store(x + j);
+      vm = at::vec::maximum(vm, y);
+    }
   } else if (bias_stride == 1) {
-    for (; j + V::size() <= n; j += V::size()) at::vec::fmadd(V::loadu(x + j), vs, V::loadu(bias + j)).store(x + j);
-    for (; j < n; ++j) x[j] = x[j] * scale + bias[j];
-  } else {
-    for (; j < n; ++j) x[j] = x[j] * scale + bias[j * bias_stride];
+    for (; j + V::size() <= n; j += V::size()) {
+      V y = at::vec::fmadd(V::loadu(x + j), vs, V::loadu(bias + j));
+      y.store(x + j);
+      vm = at::vec::maximum(vm, y);
+    }
   }
+  T m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  for (; j < n; ++j) {
+    x[j] = bias ? x[j] * scale + bias[j * bias_stride] : x[j] * scale;
+    m = x[j] > m || x[j] != x[j] ? x[j] : m;
+  }
+  return m;
 }
 
 template <typename T>
@@ -42,34 +57,120 @@ inline T max_of(const T* x, int64_t lo, int64_t hi, T init) {
     for (; j + V::size() <= hi; j += V::size()) vm = at::vec::maximum(vm, V::loadu(x + j));
     m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; j < hi; ++j) m = x[j] > m ? x[j] : m;  // NaN in x stays out of the max, as in the reference
+  for (; j < hi; ++j) m = x[j] > m || x[j] != x[j] ? x[j] : m;  // NaN propagates, as in torch.amax
   return m;
 }
 
-// p[j] = exp(x[j] - m) for j in [lo, hi); returns the sum.
+// exp(x - m) of the first `count` lanes, zero in the others.
 template <typename T>
-inline T exp_and_sum(const T* x, T* p, int64_t lo, int64_t hi, T m) {
+inline Vectorized<T> exp_partial(const T* x, int64_t count, const Vectorized<T>& vm) {
+  return Vectorized<T>::set(Vectorized<T>(T(0)), vexp(Vectorized<T>::loadu(x, count) - vm), count);
+}
+
+// Stores 2 vectors of float probabilities as P (float, bfloat16 or float16).
+template <typename P>
+inline void store_probs(P* p, const Vectorized<float>& e0, const Vectorized<float>& e1) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    // one instruction where ATen's portable rounding takes about six
+    _mm512_storeu_si512(reinterpret_cast<void*>(p), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    return;
+  }
+#endif
+  at::vec::convert_from_float<P>(e0, e1).store(p);
+}
+
+template <typename T, typename P>
+inline void store_probs_tail(P* p, const Vectorized<T>& e, int64_t count) {
+  if constexpr (std::is_same_v<T, P>) {
+    e.store(p, count);
+  } else {
+    T tmp[Vectorized<T>::size()];
+    e.store(tmp);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<P>(tmp[i]);
+  }
+}
+
+template <typename T>
+inline T reduce_sum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
+}
+
+// p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
+// the sum of the unrounded values.
+template <typename T, typename P>
+inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   using V = Vectorized<T>;
   const V vm(m);
   V vsum(T(0));
   int64_t j = lo;
-  for (; j + V::size() <= hi; j += V::size()) {
-    V e = vexp(V::loadu(x + j) - vm);
-    e.store(p + j);
+  if constexpr (std::is_same_v<T, P>) {
+    for (; j + V::size() <= hi; j += V::size()) {
+      V e = vexp(V::loadu(x + j) - vm);
+      e.store(p + j);
+      vsum = vsum + e;
+    }
+  } else {
+    for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
+      V e0 = vexp(V::loadu(x + j) - vm);
+      V e1 = vexp(V::loadu(x + j + V::size()) - vm);
+      store_probs(p + j, e0, e1);
+      vsum = vsum + e0 + e1;
+    }
+  }
+  for (; j < hi; j += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), hi - j);
+    V e = exp_partial(x + j, n, vm);
+    store_probs_tail(p + j, e, n);
     vsum = vsum + e;
   }
-  T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
-  for (; j < hi; ++j) {
-    T e = std::exp(x[j] - m);
-    p[j] = e;
-    sum += e;
+  return reduce_sum(vsum);
+}
+
+// One pass over a row that every query of the tile sees whole: y = x * scale (+ bias),
+// p = exp(y - m) with the row's current max m, and the max of y. The caller redoes the row
+// with the exact max when y's max exceeds m by too much (lazy rescaling), so most blocks
+// need neither a separate max pass nor a rescale of the accumulator.
+template <typename T, typename P>
+inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out) {
+  using V = Vectorized<T>;
+  const V vm(m), vs(scale);
+  V vsum(T(0)), vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  auto logits = [&](int64_t at) { return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs; };
+  if constexpr (std::is_same_v<T, P>) {
+    for (; j + V::size() <= n; j += V::size()) {
+      V y = logits(j);
+      vmax = at::vec::maximum(vmax, y);
+      V e = vexp(y - vm);
+      e.store(p + j);
+      vsum = vsum + e;
+    }
+  } else {
+    for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
+      V y0 = logits(j), y1 = logits(j + V::size());
+      vmax = at::vec::maximum(vmax, at::vec::maximum(y0, y1));
+      V e0 = vexp(y0 - vm), e1 = vexp(y1 - vm);
+      store_probs(p + j, e0, e1);
+      vsum = vsum + e0 + e1;
+    }
   }
-  return sum;
+  for (; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    V y = V::loadu(x + j, c) * vs;
+    if (bias) y = y + V::loadu(bias + j, c);
+    vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
+    V e = V::set(V(T(0)), vexp(y - vm), c);
+    store_probs_tail(p + j, e, c);
+    vsum = vsum + e;
+  }
+  max_out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  return reduce_sum(vsum);
 }
 
 template <typename T>
-inline void fill(T* x, int64_t lo, int64_t hi, T value) {
-  for (int64_t j = lo; j < hi; ++j) x[j] = value;
+inline void fill_zero(T* x, int64_t lo, int64_t hi) {
+  if (hi > lo) std::fill(x + lo, x + hi, T(0));
 }
 
 template <typename T>
@@ -81,4 +182,4 @@ inline void scale_row(T* x, int64_t n, T s) {
   for (; j < n; ++j) x[j] *= s;
 }
 
-}  // namespace headops::cpu
+}  // namespace headops::cpu::CPU_CAPABILITY

@@ -1,0 +1,37 @@
+# make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmark
+# make test  - same set-up, then the whole pytest suite
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.headops-deps
+
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: all build demo test bench-full clean
+
+all: build
+
+$(DEPS_STAMP): requirements-dev.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	# development install: the venv imports headops from python/ (the build puts _C there)
+	$(VPY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'headops-dev.pth'), 'w').write(os.path.abspath('python') + '\n')"
+	touch $@
+
+# ninja rebuilds only what changed; with nothing changed setuptools skips the extension
+build: $(DEPS_STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VPY) bench/attention_cpu.py
+
+bench-full: build
+	$(VPY) bench/attention_cpu.py --full
+
+test: build
+	$(VPY) -m pytest tests -q
+
+clean:
+	rm -rf build python/headops/_C*.so

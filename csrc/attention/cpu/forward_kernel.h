@@ -1,0 +1,469 @@
+// Fused CPU attention forward with per-head behaviour (DESIGN section 1).
+//
+// Flash-style: each work item is one (batch, query head, query tile); it walks only the key
+// blocks that some query of the tile can see (head_semantics.h), keeps an online softmax in
+// float (double for float64) per branch, and finishes with the alpha mixing and the epilogue.
+// Items are built into a list first: heads whose gate is exactly 0 never become items, and the
+// list is handed to the threads heaviest first, so skipped work also frees the threads.
+//
+// Compiled once per instruction set (forward_<isa>.cpp define CPU_CAPABILITY and the target
+// before including this file), so at::vec::Vectorized is real SIMD; attention_fwd_cpu.cpp
+// picks the variant the running CPU supports.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include forward_kernel.h from a forward_<isa>.cpp that defines CPU_CAPABILITY"
+#endif
+#define HEADOPS_ISA_NAMESPACE CPU_CAPABILITY
+
+#include "attention_fwd_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../head_semantics.h"
+#include "../work_counters.h"
+#include "operands.h"
+#include "row_ops.h"
+
+namespace headops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t>
+HeadScalars<acc_t> read_head(const AttentionParams& p, int64_t b, int64_t h) {
+  HeadScalars<acc_t> s;
+  s.softmax_scale = p.softmax_scale.present() ? p.softmax_scale.at<acc_t>(b, h) : acc_t(p.default_softmax_scale);
+  s.window = p.window.present() ? p.window.at<int64_t>(b, h) : -1;
+  s.sinks = p.sinks.present() ? p.sinks.at<int64_t>(b, h) : 0;
+  s.has_alpha = p.alpha.present();
+  s.alpha = s.has_alpha ? p.alpha.at<acc_t>(b, h) : acc_t(0);
+  s.has_sink_logit = p.sink_logit.present();
+  s.sink_logit = s.has_sink_logit ? p.sink_logit.at<acc_t>(b, h) : acc_t(0);
+  s.gate = p.gate.present() ? p.gate.at<acc_t>(b, h) : acc_t(1);
+  return s;
+}
+
+struct WorkItem {
+  int64_t b, h, q0, q1;
+  int64_t cost;
+};
+
+// The keys an item walks: the full branch's (causal) range when it has one, else the
+// streaming ranges (window and sinks), widened to the operand's alignment.
+template <typename acc_t>
+VisibleKeys item_keys(const AttentionParams& p, const HeadScalars<acc_t>& hs, int64_t q0, int64_t q1,
+                      int64_t alignment, int64_t padded_keys) {
+  const BranchPlan plan = plan_branches(hs);
+  const HeadVisibility vis = plan.full ? full_visibility(p.causal) : HeadVisibility{p.causal, hs.window, hs.sinks};
+  const int64_t shift = p.seqlen_k - p.seqlen_q;
+  VisibleKeys keys = vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
+  if (alignment > 1) {
+    auto widen = [&](KeyRange r) -> KeyRange {
+      if (r.empty()) return {0, 0};
+      return {r.lo - r.lo % alignment, std::min(padded_keys, (r.hi + alignment - 1) / alignment * alignment)};
+    };
+    keys.sinks = widen(keys.sinks);
+    keys.window = widen(keys.window);
+    if (!keys.sinks.empty() && keys.sinks.hi >= keys.window.lo) {
+      keys.window = {0, std::max(keys.sinks.hi, keys.window.hi)};
+      keys.sinks = {0, 0};
+    }
+  }
+  return keys;
+}
+
+template <typename acc_t, typename prob_t>
+struct BranchState {
+  std::vector<acc_t> acc, row_max, row_sum;
+  std::vector<prob_t> prob;  // probabilities of the current key block, in the P.V product's dtype
+
+  BranchState(int64_t block_q, int64_t block_k, int64_t D)
+      : acc(block_q * D), row_max(block_q), row_sum(block_q), prob(block_q * block_k) {}
+
+  void reset(int64_t nq, int64_t D, const HeadScalars<acc_t>& hs) {
+    // a sink logit is a virtual key with a zero value that every row sees
+    const acc_t m0 = hs.has_sink_logit ? hs.sink_logit : -std::numeric_limits<acc_t>::infinity();
+    const acc_t l0 = hs.has_sink_logit ? acc_t(1) : acc_t(0);
+    std::fill(row_max.begin(), row_max.begin() + nq, m0);
+    std::fill(row_sum.begin(), row_sum.begin() + nq, l0);
+    std::fill(acc.begin(), acc.begin() + nq * D, acc_t(0));
+  }
+};
+
+// A row's reference max may lag its true max by this much (in logits) before the row is
+// rescaled: exp(20) keeps every sum far from float overflow while most blocks skip the rescale.
+constexpr double kLazyRescaleLimit = 20.0;
+
+template <typename scalar_t, typename Operands>
+class ItemRunner {
+  using acc_t = acc_type<scalar_t>;
+  using prob_t = typename Operands::prob_t;
+  using Branch = BranchState<acc_t, prob_t>;
+
+ public:
+  ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops, int64_t padded_keys)
+      : p_(p), block_q_(block_q), block_k_(block_k), ops_(ops), padded_keys_(padded_keys),
+        scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim), full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim) {}
+
+  void run(const WorkItem& item, LocalWorkCounts& counts) {
+    const int64_t b = item.b, h = item.h, q0 = item.q0, nq = item.q1 - item.q0, D = p_.head_dim;
+    const HeadScalars<acc_t> hs = read_head<acc_t>(p_, b, h);
+    const BranchPlan plan = plan_branches(hs);
+    const HeadVisibility streaming_vis{p_.causal, hs.window, hs.sinks};
+    const HeadVisibility full_vis = full_visibility(p_.causal);
+    const int64_t pos0 = q0 + p_.seqlen_k - p_.seqlen_q;
+    const acc_t* bias = p_.key_bias.present() ? p_.key_bias.row<acc_t>(b, h) : nullptr;
+
+    if (plan.full) full_.reset(nq, D, hs);
+    if (plan.streaming) streaming_.reset(nq, D, hs);
+    ops_.begin_item(b, h, q0, nq);
+    counts.add(kWorkItems, 1);
+
+    const VisibleKeys keys = item_keys(p_, hs, q0, item.q1, Operands::key_alignment, padded_keys_);
+    for (const KeyRange& range : {keys.sinks, keys.window}) {
+      for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
+        const int64_t nk = std::min(block_k_, range.hi - j0);
+        acc_t* s = scores_.data();
+        ops_.scores(s, block_k_, nq, j0, nk);
+        counts.add(kKeyBlocks, 1);
+        counts.add(kScoreElements, nq * nk);
+        const acc_t* block_bias = bias ? bias + j0 * p_.key_bias.stride_n : nullptr;
+        const BlockLogits logits{hs.softmax_scale, block_bias, p_.key_bias.stride_n, j0, nk};
+        if (plan.full && plan.streaming) {
+          // both branches read the same logits: scale them once, in place
+          for (int64_t r = 0; r < nq; ++r) scale_row_in_place(logits, r);
+          update(full_, full_vis, pos0, nq, logits, true, counts);
+          update(streaming_, streaming_vis, pos0, nq, logits, true, counts);
+        } else {
+          update(plan.full ? full_ : streaming_, plan.full ? full_vis : streaming_vis, pos0, nq, logits, false, counts);
+        }
+      }
+    }
+    finish(item, hs, plan);
+  }
+
+ private:
+  // How the raw q.k products of the current block become logits.
+  struct BlockLogits {
+    acc_t scale;
+    const acc_t* bias;  // at the block's first key, or nullptr
+    int64_t bias_stride;
+    int64_t j0, nk;
+  };
+
+  // Scales (and biases) row r of the block's scores in place; returns the row max over its
+  // real keys (padding keys past Sk are left alone and never read).
+  acc_t scale_row_in_place(const BlockLogits& lg, int64_t r) {
+    const int64_t real_keys = std::max<int64_t>(0, std::min(lg.nk, p_.seqlen_k - lg.j0));
+    row_max_[r] = scale_bias_max(scores_.data() + r * block_k_, real_keys, lg.scale, lg.bias, lg.bias_stride);
+    return row_max_[r];
+  }
+
+  // Online-softmax update of one branch with the key block [j0, j0 + nk). `scaled`: the
+  // scores already hold logits (and row_max_ their maxima).
+  void update(Branch& st, const HeadVisibility& vis, int64_t pos0, int64_t nq, const BlockLogits& lg, bool scaled,
+              LocalWorkCounts& counts) {
+    const int64_t D = p_.head_dim, Sk = p_.seqlen_k, j0 = lg.j0, nk = lg.nk;
+    const bool whole_block = j0 + nk <= Sk && vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
+    const bool fusable = whole_block && !scaled && (lg.bias == nullptr || lg.bias_stride == 1);
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    bool any_row = false;
+    for (int64_t r = 0; r < nq; ++r) {
+      acc_t* s = scores_.data() + r * block_k_;
+      prob_t* prob = st.prob.data() + r * block_k_;
+      const acc_t old_max = st.row_max[r];
+      if (fusable && old_max != neg_inf) {
+        acc_t block_max;
+        const acc_t sum = scaled_exp_sum(s, prob, nk, lg.scale, lg.bias, old_max, block_max);
+        if (block_max <= old_max + kLazyRescaleLimit) {  // also false for NaN: take the exact path
+          st.row_sum[r] += sum;
+          any_row = true;
+          continue;
+        }
+      }
+      KeyRange parts[2];
+      if (whole_block) {
+        parts[0] = {0, nk};
+        parts[1] = {0, 0};
+      } else {
+        const VisibleKeys vk = vis.keys_for_query(pos0 + r, Sk);
+        parts[0] = vk.sinks.clip(j0, j0 + nk);
+        parts[1] = vk.window.clip(j0, j0 + nk);
+        for (KeyRange& part : parts) part = part.empty() ? KeyRange{0, 0} : KeyRange{part.lo - j0, part.hi - j0};
+      }
+      if (parts[0].empty() && parts[1].empty()) {
+        fill_zero(prob, 0, nk);
+        continue;
+      }
+      const acc_t row_max = scaled ? row_max_[r] : scale_row_in_place(lg, r);
+      acc_t block_max = neg_inf;
+      if (whole_block) {
+        block_max = row_max;
+      } else {
+        for (const KeyRange& part : parts)
+          if (!part.empty()) block_max = max_of(s, part.lo, part.hi, block_max);
+      }
+      const acc_t new_max = std::max(old_max, block_max);
+      if (new_max == neg_inf) {  // every visible logit is -inf (key_bias): the block adds nothing
+        fill_zero(prob, 0, nk);
+        continue;
+      }
+      int64_t cursor = 0;
+      acc_t sum = 0;
+      for (const KeyRange& part : parts) {
+        if (part.empty()) continue;
+        fill_zero(prob, cursor, part.lo);
+        sum += exp_and_sum(s, prob, part.lo, part.hi, new_max);
+        cursor = part.hi;
+      }
+      fill_zero(prob, cursor, nk);
+      const acc_t correction = old_max == neg_inf ? acc_t(0) : std::exp(old_max - new_max);
+      st.row_sum[r] = st.row_sum[r] * correction + sum;
+      st.row_max[r] = new_max;
+      if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
+      any_row = true;
+    }
+    if (any_row) {
+      ops_.accumulate(st.acc.data(), nq, st.prob.data(), block_k_, j0, nk);
+      counts.add(kValueBlocks, 1);
+    }
+  }
+
+  void finish(const WorkItem& item, const HeadScalars<acc_t>& hs, const BranchPlan& plan) {
+    const int64_t b = item.b, h = item.h, D = p_.head_dim;
+    const acc_t* os = p_.out_scale.present() ? p_.out_scale.row<acc_t>(b, h) : nullptr;
+    const acc_t* ob = p_.out_bias.present() ? p_.out_bias.row<acc_t>(b, h) : nullptr;
+    acc_t* lse = static_cast<acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q;
+    for (int64_t r = 0; r < item.q1 - item.q0; ++r) {
+      const int64_t i = item.q0 + r;
+      const acc_t inv_full = plan.full && full_.row_sum[r] > 0 ? acc_t(1) / full_.row_sum[r] : acc_t(0);
+      const acc_t inv_stream =
+          plan.streaming && streaming_.row_sum[r] > 0 ? acc_t(1) / streaming_.row_sum[r] : acc_t(0);
+      const Branch& main = plan.full ? full_ : streaming_;
+      lse[i] = main.row_sum[r] > 0 ? main.row_max[r] + std::log(main.row_sum[r])
+                                   : -std::numeric_limits<acc_t>::infinity();
+      const acc_t* af = full_.acc.data() + r * D;
+      const acc_t* as = streaming_.acc.data() + r * D;
+      acc_t* o = out_row_.data();
+      using V = Vectorized<acc_t>;
+      int64_t d = 0;
+      if (plan.full && plan.streaming) {
+        const V alpha(hs.alpha), vf(inv_full), vs(inv_stream);
+        for (; d + V::size() <= D; d += V::size())
+          mix_alpha(alpha, V::loadu(af + d) * vf, V::loadu(as + d) * vs).store(o + d);
+        for (; d < D; ++d) o[d] = mix_alpha(hs.alpha, af[d] * inv_full, as[d] * inv_stream);
+      } else {
+        const acc_t* a = plan.full ? af : as;
+        const acc_t inv = plan.full ? inv_full : inv_stream;
+        for (; d + V::size() <= D; d += V::size()) (V::loadu(a + d) * V(inv)).store(o + d);
+        for (; d < D; ++d) o[d] = a[d] * inv;
+      }
+      apply_epilogue(o, D, os, p_.out_scale.stride_n, ob, p_.out_bias.stride_n, hs.gate);
+      at::vec::convert(o, const_cast<scalar_t*>(p_.out.row<scalar_t>(b, i, h)), D);
+    }
+  }
+
+  // o = gate * (o * out_scale + out_bias), vectorised where scale and bias are contiguous.
+  static void apply_epilogue(acc_t* o, int64_t D, const acc_t* os, int64_t os_stride, const acc_t* ob,
+                             int64_t ob_stride, acc_t gate) {
+    using V = Vectorized<acc_t>;
+    int64_t d = 0;
+    if ((os == nullptr || os_stride == 1) && (ob == nullptr || ob_stride == 1)) {
+      for (; d + V::size() <= D; d += V::size()) {
+        const V scale = os ? V::loadu(os + d) : V(acc_t(1));
+        const V shift = ob ? V::loadu(ob + d) : V(acc_t(0));
+        epilogue(V::loadu(o + d), scale, shift, V(gate)).store(o + d);
+      }
+    }
+    for (; d < D; ++d)
+      o[d] = epilogue(o[d], os ? os[d * os_stride] : acc_t(1), ob ? ob[d * ob_stride] : acc_t(0), gate);
+  }
+
+  const AttentionParams& p_;
+  int64_t block_q_, block_k_;
+  Operands& ops_;
+  int64_t padded_keys_;
+  std::vector<acc_t> scores_;
+  std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
+  std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
+  Branch full_, streaming_;
+};
+
+// Heads gated off exactly: output 0, lse -inf, nothing else touched.
+template <typename scalar_t>
+void write_skipped_head(const AttentionParams& p, int64_t b, int64_t h) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t* lse = static_cast<acc_t*>(p.lse) + (b * p.heads_q + h) * p.seqlen_q;
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    lse[i] = -std::numeric_limits<acc_t>::infinity();
+    scalar_t* out = const_cast<scalar_t*>(p.out.row<scalar_t>(b, i, h));
+    std::fill(out, out + p.head_dim, scalar_t(0));
+  }
+}
+
+template <typename scalar_t>
+std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q, int64_t alignment,
+                                      int64_t padded_keys, std::vector<std::pair<int64_t, int64_t>>& skipped) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<WorkItem> items;
+  const int64_t tiles = (p.seqlen_q + block_q - 1) / block_q;
+  items.reserve(p.batch * p.heads_q * tiles);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads_q; ++h) {
+      const HeadScalars<acc_t> hs = read_head<acc_t>(p, b, h);
+      if (p.skip_zero_gate && hs.gate == acc_t(0)) {
+        skipped.emplace_back(b, h);
+        continue;
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t q0 = t * block_q, q1 = std::min(p.seqlen_q, q0 + block_q);
+        const VisibleKeys keys = item_keys(p, hs, q0, q1, alignment, padded_keys);
+        const int64_t branches = hs.has_alpha ? 2 : 1;
+        items.push_back({b, h, q0, q1, (q1 - q0) * (keys.count() * branches + 1)});
+      }
+    }
+  }
+  // heaviest first, so that the last items handed out are short (longest-processing-time order)
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
+  return items;
+}
+
+// Runs every item on at::parallel_for's threads, each thread taking the next item from a
+// shared counter. Results do not depend on which thread ran an item.
+template <typename Fn>
+void run_dynamic(int64_t n_items, Fn&& make_worker) {
+  if (n_items == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_items);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto worker = make_worker();
+    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) worker.run(i);
+    worker.finish();
+  });
+}
+
+template <typename scalar_t, typename Operands, typename MakeOperands>
+void run_items(const AttentionParams& p, const std::vector<WorkItem>& items, int64_t block_q, int64_t block_k,
+               int64_t padded_keys, MakeOperands make_operands) {
+  struct Worker {
+    Operands ops;
+    ItemRunner<scalar_t, Operands> runner;
+    LocalWorkCounts counts;
+    const std::vector<WorkItem>& items;
+    Worker(Operands o, const AttentionParams& p, int64_t bq, int64_t bk, int64_t padded,
+           const std::vector<WorkItem>& it)
+        : ops(std::move(o)), runner(p, bq, bk, ops, padded), items(it) {}
+    void run(int64_t i) { runner.run(items[i], counts); }
+    void finish() {
+      counts.publish();
+      ops.end_worker();
+    }
+  };
+  run_dynamic(static_cast<int64_t>(items.size()),
+              [&] { return Worker(make_operands(), p, block_q, block_k, padded_keys, items); });
+}
+
+template <typename scalar_t>
+void write_skipped(const AttentionParams& p, const std::vector<std::pair<int64_t, int64_t>>& skipped) {
+  at::parallel_for(0, static_cast<int64_t>(skipped.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) write_skipped_head<scalar_t>(p, skipped[i].first, skipped[i].second);
+  });
+  LocalWorkCounts counts;
+  counts.add(kHeadsSkipped, static_cast<int64_t>(skipped.size()));
+  counts.publish();
+}
+
+// Packs, in parallel, the 64-key blocks of K and V that some item will read.
+template <typename scalar_t>
+void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& items, const PackedKV<scalar_t>& kv,
+                        int64_t alignment) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t per_head = kv.padded_keys / PackedKV<scalar_t>::kPackBlock;
+  std::vector<uint8_t> needed(p.batch * p.heads_kv * per_head, 0);
+  for (const WorkItem& it : items) {
+    const HeadScalars<acc_t> hs = read_head<acc_t>(p, it.b, it.h);
+    const VisibleKeys keys = item_keys(p, hs, it.q0, it.q1, alignment, kv.padded_keys);
+    uint8_t* flags = needed.data() + (it.b * p.heads_kv + it.h / p.group()) * per_head;
+    for (const KeyRange& r : {keys.sinks, keys.window})
+      if (!r.empty())
+        std::fill(flags + r.lo / PackedKV<scalar_t>::kPackBlock, flags + (r.hi - 1) / PackedKV<scalar_t>::kPackBlock + 1,
+                  uint8_t(1));
+  }
+  std::vector<int64_t> blocks;
+  for (int64_t i = 0; i < static_cast<int64_t>(needed.size()); ++i)
+    if (needed[i]) blocks.push_back(i);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t flat = blocks[i], blk = flat % per_head, bk = flat / per_head;
+      kv.pack_block(p, bk / p.heads_kv, bk % p.heads_kv, blk);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_typed(const AttentionParams& p) {
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  const TileShape tiles = tile_shape(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim);
+  const int64_t bq = tiles.block_q, bk = tiles.block_k;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
+    write_skipped<scalar_t>(p, skipped);
+    run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk, p.seqlen_k,
+                                                [&] { return BlasOperands<scalar_t>(p); });
+  } else {
+    if (uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim)) {
+      constexpr int64_t align = PackedOperands<scalar_t>::key_alignment;
+      PackedKV<scalar_t> kv;
+      kv.head_dim = p.head_dim;
+      kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
+                       PackedKV<scalar_t>::kPackBlock;
+      auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);
+      write_skipped<scalar_t>(p, skipped);
+      if (items.empty()) return;
+      // only the blocks some item reads are ever written; the rest of the buffer stays untouched
+      at::Tensor storage = at::empty({2, p.batch * p.heads_kv * kv.head_elems()},
+                                     at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+      kv.keys_t = storage.data_ptr<scalar_t>();
+      kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
+      pack_needed_blocks<scalar_t>(p, items, kv, align);
+      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, kv.padded_keys,
+                                                    [&] { return PackedOperands<scalar_t>(p, kv, bq, bk); });
+    } else {
+      auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
+      write_skipped<scalar_t>(p, skipped);
+      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk, p.seqlen_k,
+                                                       [&] { return ConvertedOperands<scalar_t>(p, bq, bk); });
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward_isa(const AttentionParams& p, at::ScalarType dtype) {
+#ifdef HEADOPS_BF16_ONLY
+  TORCH_CHECK(dtype == at::kBFloat16, "headops: this kernel variant handles bfloat16 only");
+  return forward_typed<at::BFloat16>(p);
+#else
+  switch (dtype) {
+    case at::kFloat: return forward_typed<float>(p);
+    case at::kDouble: return forward_typed<double>(p);
+    case at::kBFloat16: return forward_typed<at::BFloat16>(p);
+    case at::kHalf: return forward_typed<at::Half>(p);
+    default: TORCH_CHECK(false, "headops: unsupported dtype ", dtype);
+  }
+#endif
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace headops::cpu
