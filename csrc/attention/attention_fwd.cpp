@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
 
 #include "attention_params.h"
@@ -18,6 +19,8 @@ HeadTensor head_tensor(const at::Tensor& t, bool heads_first) {
   h.stride_b = t.stride(0);
   h.stride_s = t.stride(heads_first ? 2 : 1);
   h.stride_h = t.stride(heads_first ? 1 : 2);
+  // a single row's stride is never stepped; BLAS still checks it as a leading dimension
+  if (t.size(heads_first ? 2 : 1) <= 1) h.stride_s = std::max<int64_t>(h.stride_s, t.size(3));
   return h;
 }
 

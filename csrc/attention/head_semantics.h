@@ -69,6 +69,9 @@ struct HeadVisibility {
   // overlap or touch, so the union of the windows is one range.
   HEADOPS_HD VisibleKeys keys_for_positions(int64_t pos_first, int64_t pos_last, int64_t Sk) const {
     int64_t causal_end = causal ? min64(pos_last + 1, Sk) : Sk;  // keys [0, causal_end) pass causality
+    // a window wider than any query-key distance is unlimited (and must not overflow below)
+    const int64_t widest = Sk + max64(pos_first < 0 ? -pos_first : pos_first, pos_last < 0 ? -pos_last : pos_last);
+    const int64_t window = this->window > widest ? -1 : this->window;
     KeyRange win;
     if (window < 0) {
       win = {0, causal_end};

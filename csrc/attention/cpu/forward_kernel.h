@@ -102,8 +102,12 @@ struct BranchState {
 };
 
 // A row's reference max may lag its true max by this much (in logits) before the row is
-// rescaled: exp(20) keeps every sum far from float overflow while most blocks skip the rescale.
-constexpr double kLazyRescaleLimit = 20.0;
+// rescaled: exp(20) keeps every sum far from float overflow while most blocks skip the
+// rescale. Probabilities stored as float16 for the P.V product must stay below 65504: exp(10).
+template <typename prob_t>
+constexpr double lazy_rescale_limit() {
+  return std::is_same_v<prob_t, at::Half> ? 10.0 : 20.0;
+}
 
 template <typename scalar_t, typename Operands>
 class ItemRunner {
@@ -186,7 +190,7 @@ class ItemRunner {
       if (fusable && old_max != neg_inf) {
         acc_t block_max;
         const acc_t sum = scaled_exp_sum(s, prob, nk, lg.scale, lg.bias, old_max, block_max);
-        if (block_max <= old_max + kLazyRescaleLimit) {  // also false for NaN: take the exact path
+        if (block_max <= old_max + lazy_rescale_limit<prob_t>()) {  // also false for NaN: take the exact path
           st.row_sum[r] += sum;
           any_row = true;
           continue;
@@ -312,13 +316,23 @@ void write_skipped_head(const AttentionParams& p, int64_t b, int64_t h) {
   }
 }
 
+// A tile of queries walks the union of their windows: about window + rows keys per row. A
+// head with a short window (and no full branch) gets shorter tiles so that this stays
+// within ~1.5x of the keys it really sees.
+template <typename acc_t>
+int64_t head_query_tile(const HeadScalars<acc_t>& hs, int64_t block_q) {
+  if (hs.window < 0 || (hs.has_alpha && hs.alpha != acc_t(0))) return block_q;
+  int64_t rows = 16;
+  while (rows * 2 <= block_q && rows * 4 <= hs.window) rows *= 2;  // rows <= window / 2
+  return rows;
+}
+
 template <typename scalar_t>
 std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q, int64_t alignment,
                                       int64_t padded_keys, std::vector<std::pair<int64_t, int64_t>>& skipped) {
   using acc_t = acc_type<scalar_t>;
   std::vector<WorkItem> items;
-  const int64_t tiles = (p.seqlen_q + block_q - 1) / block_q;
-  items.reserve(p.batch * p.heads_q * tiles);
+  items.reserve(p.batch * p.heads_q * ((p.seqlen_q + block_q - 1) / block_q));
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = 0; h < p.heads_q; ++h) {
       const HeadScalars<acc_t> hs = read_head<acc_t>(p, b, h);
@@ -326,8 +340,9 @@ std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q,
         skipped.emplace_back(b, h);
         continue;
       }
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t q0 = t * block_q, q1 = std::min(p.seqlen_q, q0 + block_q);
+      const int64_t rows = head_query_tile(hs, block_q);
+      for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += rows) {
+        const int64_t q1 = std::min(p.seqlen_q, q0 + rows);
         const VisibleKeys keys = item_keys(p, hs, q0, q1, alignment, padded_keys);
         const int64_t branches = hs.has_alpha ? 2 : 1;
         items.push_back({b, h, q0, q1, (q1 - q0) * (keys.count() * branches + 1)});

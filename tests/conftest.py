@@ -1,0 +1,191 @@
+"""Shared fixtures and helpers of the headops test suite.
+
+Every test runs with its own fixed seed (derived from its node id, printed so that a failure
+can be replayed). Inputs are drawn in float64 and rounded to the dtype under test; the oracle
+(`headops.reference`) then runs in float64 on the *rounded* values, so the only difference
+left is the kernel's own arithmetic.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+import headops
+from headops import reference
+
+LAYOUTS = ("bshd", "bhsd")
+# every per-head feature of head_params except alpha (which excludes return_lse)
+ALL_FEATURES = ["scale", "window", "sinks", "key_bias", "sink_logit", "out_scale", "out_bias", "gate"]
+
+# Absolute tolerances on outputs of magnitude ~1 (values are N(0, 1), attention averages them):
+#   float64: both sides compute in double; only the summation order differs.
+#   float32: float accumulation and a ~20-bit vectorised exp.
+#   bfloat16: the probabilities are rounded to bfloat16 (8-bit mantissa) before P.V on the
+#             packed path, and the output itself is rounded to bfloat16 (|x| <= 4: step 2**-6 / 2).
+#   float16: the output is rounded to float16 (10-bit mantissa); P stays float32.
+OUT_ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+OUT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# lse is computed in float (double for float64) from exactly the same rounded inputs.
+LSE_ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def seeded_rng(request):
+    """A fixed, per-test seed (stable across runs and orderings)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    print(f"torch seed for {request.node.nodeid}: {seed}")
+    yield seed
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _tensor(B, S, H, D, dtype, layout, strided):
+    """One [B, S, H, D] ("bshd") or [B, H, S, D] ("bhsd") tensor, drawn in float64.
+
+    With strided=True it is a view into a larger buffer stored in the *other* layout, padded
+    along batch, sequence, heads and the last dim, then sliced and transposed: every stride
+    differs from the contiguous one while the last dim stays contiguous.
+    """
+    if not strided:
+        shape = (B, S, H, D) if layout == "bshd" else (B, H, S, D)
+        return torch.randn(shape, dtype=torch.float64).to(dtype)
+    if layout == "bshd":  # stored [B, H, S, D]
+        store = torch.randn(B + 1, H + 2, S + 3, D + 5, dtype=torch.float64).to(dtype)
+        view = store[1:, 1:H + 1, 2:S + 2, :D].transpose(1, 2)
+    else:  # stored [B, S, H, D]
+        store = torch.randn(B + 1, S + 3, H + 2, D + 5, dtype=torch.float64).to(dtype)
+        view = store[1:, 2:S + 2, 1:H + 1, :D].transpose(1, 2)
+    assert view.stride(-1) == 1
+    return view
+
+
+def make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float64, layout="bshd", strided=False):
+    """Random q, k, v for `layout`; strided=True gives non-contiguous views (contiguous last dim)."""
+    q = _tensor(B, Sq, Hq, D, dtype, layout, strided)
+    k = _tensor(B, Sk, Hkv, D, dtype, layout, strided)
+    v = _tensor(B, Sk, Hkv, D, dtype, layout, strided)
+    return q, k, v
+
+
+def per_head(B, Hq, values=None, *, per_batch=False, dtype=torch.float64, low=0.0, high=1.0):
+    """A per-head parameter: `values` ([Hq] list) or uniform draws in [low, high).
+
+    per_batch=True gives a [B, Hq] tensor whose rows differ (a random permutation per row for
+    explicit values, fresh draws otherwise)."""
+    if values is not None:
+        t = torch.tensor(values, dtype=dtype)
+        assert t.shape == (Hq,)
+        if per_batch:
+            t = torch.stack([t[torch.randperm(Hq)] for _ in range(B)])
+        return t
+    shape = (B, Hq) if per_batch else (Hq,)
+    return torch.empty(shape, dtype=torch.float64).uniform_(low, high).to(dtype)
+
+
+def head_params(B, Hq, Sk, D, features, *, per_batch=False):
+    """Keyword arguments of headops.attention for a set of feature names (random values).
+
+    Features: scale (per-head tensor), window, sinks, alpha, key_bias, sink_logit, out_scale,
+    out_bias, gate (with an exact zero). Windows and sinks are picked relative to Sk so that
+    they cut the keys in interesting places (1, a few, more than Sk, unlimited).
+    """
+    ph = lambda values=None, **kw: per_head(B, Hq, values, per_batch=per_batch, **kw)  # noqa: E731
+    cycle = lambda options: [options[h % len(options)] for h in range(Hq)]  # noqa: E731
+    kw = {}
+    for f in features:
+        if f == "scale":
+            kw["softmax_scale"] = ph(low=0.05, high=0.4)
+        elif f == "window":
+            kw["window"] = ph(cycle([1, 5, max(1, Sk // 3), -1, Sk + 10, 2]), dtype=torch.int64)
+        elif f == "sinks":
+            kw["sinks"] = ph(cycle([3, 0, 1, max(1, Sk // 2), Sk + 4]), dtype=torch.int64)
+        elif f == "alpha":
+            kw["alpha"] = ph(cycle([0.25, 0.0, 1.0, 0.7, 0.5]))
+        elif f == "key_bias":
+            shape = (B, Hq, Sk) if per_batch else (Hq, Sk)
+            kw["key_bias"] = torch.randn(shape, dtype=torch.float64)
+        elif f == "sink_logit":
+            kw["sink_logit"] = ph(low=-2.0, high=3.0)
+        elif f == "out_scale":
+            kw["out_scale"] = torch.randn((B, Hq, D) if per_batch else (Hq, D), dtype=torch.float64)
+        elif f == "out_bias":
+            kw["out_bias"] = torch.randn((B, Hq, D) if per_batch else (Hq, D), dtype=torch.float64)
+        elif f == "gate":
+            g = ph(low=-1.5, high=1.5)
+            if per_batch:
+                g[0, 0] = 0.0  # gated off in one batch row only
+                if B > 1:
+                    g[1, -1] = 0.0
+            else:
+                g[Hq // 2] = 0.0
+            kw["gate"] = g
+        else:
+            raise KeyError(f)
+    return kw
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons
+
+
+def upcast(*tensors):
+    return tuple(t.to(torch.float64) for t in tensors)
+
+
+def reference_f64(q, k, v, **kw):
+    """The oracle in float64 on the (already rounded) inputs."""
+    return reference.attention(*upcast(q, k, v), **kw)
+
+
+def gate_zero_mask(gate, B, Hq):
+    """[B, Hq] bool: heads whose gate is exactly 0 (their lse is -inf by contract)."""
+    if gate is None:
+        return torch.zeros(B, Hq, dtype=torch.bool)
+    return (torch.as_tensor(gate) == 0).expand(B, Hq)
+
+
+def assert_no_new_nonfinite(got, want):
+    """NaN (or inf) must never appear where the reference is finite."""
+    got = got.to(torch.float64)
+    finite = torch.isfinite(want)
+    bad = finite & ~torch.isfinite(got)
+    assert not bad.any(), f"{int(bad.sum())} non-finite values where the reference is finite, first at " \
+                          f"{tuple(bad.nonzero()[0].tolist())}"
+    assert not (got.isnan() & ~want.isnan()).any(), "NaN where the reference has none"
+
+
+def assert_close(got, want, atol, rtol=0.0, what="out"):
+    got = got.to(torch.float64)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert_no_new_nonfinite(got, want)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(q, k, v, *, atol=None, rtol=None, lse_atol=None, **kw):
+    """Runs headops.attention and the float64 oracle on the same inputs and compares out, and
+    lse unless alpha is given (heads gated off exactly must have lse -inf). Returns (out, ref)."""
+    dtype = q.dtype
+    atol = OUT_ATOL[dtype] if atol is None else atol
+    rtol = OUT_RTOL[dtype] if rtol is None else rtol
+    want_lse = kw.get("alpha") is None
+    got = headops.attention(q, k, v, return_lse=want_lse, **kw)
+    ref = reference_f64(q, k, v, return_lse=want_lse, **kw)
+    if want_lse:
+        (got, got_lse), (ref, ref_lse) = got, ref
+    assert got.dtype == dtype and got.shape == q.shape
+    assert_close(got, ref, atol, rtol)
+    if want_lse:
+        layout = kw.get("layout", "bshd")
+        B, Hq = q.shape[0], q.shape[2] if layout == "bshd" else q.shape[1]
+        assert got_lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert got_lse.shape == ref_lse.shape
+        off = gate_zero_mask(kw.get("gate"), B, Hq)
+        assert torch.isneginf(got_lse[off]).all(), "lse of a head gated off exactly must be -inf"
+        ref_lse = ref_lse.clone()
+        ref_lse[off] = float("-inf")
+        assert_close(got_lse, ref_lse, LSE_ATOL[dtype] if lse_atol is None else lse_atol, 1e-6, what="lse")
+    return got, ref

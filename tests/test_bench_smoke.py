@@ -1,0 +1,38 @@
+"""Smoke test of the CPU attention benchmark: the quick preset runs, checks pass, results are written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_cpu_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "bench/attention_cpu.py", "--quick", "--no-flex", "--repeats", "2",
+         "--out-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    md = tmp_path / "attention_cpu_quick.md"
+    js = tmp_path / "attention_cpu_quick.json"
+    assert md.is_file() and js.is_file(), sorted(p.name for p in tmp_path.iterdir())
+    assert "headops/SDPA" in md.read_text()
+
+    data = json.loads(js.read_text())
+    assert data["complete"] and data["checks_ok"]
+    assert data["machine"]["torch"] and data["command"] and data["date"]
+    rows = data["rows"]
+    assert {(r["scenario"], r["dtype"]) for r in rows} == {
+        (s, d) for s in ("dense", "gated", "stream") for d in ("float32", "bfloat16")}
+    for r in rows:
+        assert r["check"]["ok"], r["check"]
+        for name in ("headops", "sdpa", "eager_ref", "eager_mask"):
+            assert r[name]["status"] == "ok", (name, r[name])
+            assert r[name]["n"] == 2 and r[name]["median_ms"] > 0
+        assert r["flex"]["status"] == "off"
+        assert r["ratios"]["headops_over_sdpa"] > 0
