@@ -180,22 +180,13 @@ class ItemRunner {
               LocalWorkCounts& counts) {
     const int64_t D = p_.head_dim, Sk = p_.seqlen_k, j0 = lg.j0, nk = lg.nk;
     const bool whole_block = j0 + nk <= Sk && vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
-    const bool fusable = whole_block && !scaled && (lg.bias == nullptr || lg.bias_stride == 1);
+    // rows whose visible keys form one range take the one-pass path (scaled_exp_sum)
+    const bool fusable = !scaled && (lg.bias == nullptr || lg.bias_stride == 1);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     bool any_row = false;
     for (int64_t r = 0; r < nq; ++r) {
       acc_t* s = scores_.data() + r * block_k_;
       prob_t* prob = st.prob.data() + r * block_k_;
-      const acc_t old_max = st.row_max[r];
-      if (fusable && old_max != neg_inf) {
-        acc_t block_max;
-        const acc_t sum = scaled_exp_sum(s, prob, nk, lg.scale, lg.bias, old_max, block_max);
-        if (block_max <= old_max + lazy_rescale_limit<prob_t>()) {  // also false for NaN: take the exact path
-          st.row_sum[r] += sum;
-          any_row = true;
-          continue;
-        }
-      }
       KeyRange parts[2];
       if (whole_block) {
         parts[0] = {0, nk};
@@ -205,10 +196,32 @@ class ItemRunner {
         parts[0] = vk.sinks.clip(j0, j0 + nk);
         parts[1] = vk.window.clip(j0, j0 + nk);
         for (KeyRange& part : parts) part = part.empty() ? KeyRange{0, 0} : KeyRange{part.lo - j0, part.hi - j0};
+        if (parts[0].empty()) std::swap(parts[0], parts[1]);
       }
-      if (parts[0].empty() && parts[1].empty()) {
+      if (parts[0].empty()) {
         fill_zero(prob, 0, nk);
         continue;
+      }
+      const acc_t old_max = st.row_max[r];
+      if (fusable && parts[1].empty()) {
+        const KeyRange part = parts[0];
+        const acc_t* bias = lg.bias ? lg.bias + part.lo : nullptr;
+        acc_t ref_max = old_max;
+        // a row's first block: nothing accumulated yet, so any reference max is exact
+        if (ref_max == neg_inf) ref_max = scaled_max(s + part.lo, part.size(), lg.scale, bias);
+        if (ref_max != neg_inf) {
+          acc_t block_max;
+          const acc_t sum = scaled_exp_sum(s + part.lo, prob + part.lo, part.size(), lg.scale, bias, ref_max, block_max);
+          if (block_max <= ref_max + lazy_rescale_limit<prob_t>()) {  // false for NaN: exact path
+            fill_zero(prob, 0, part.lo);
+            fill_zero(prob, part.hi, nk);
+            // a -inf reference max means nothing has been accumulated (a -inf sink logit weighs 0)
+            st.row_sum[r] = (old_max == neg_inf ? acc_t(0) : st.row_sum[r]) + sum;
+            st.row_max[r] = ref_max;
+            any_row = true;
+            continue;
+          }
+        }
       }
       const acc_t row_max = scaled ? row_max_[r] : scale_row_in_place(lg, r);
       acc_t block_max = neg_inf;

@@ -127,7 +127,27 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   return reduce_sum(vsum);
 }
 
-// One pass over a row that every query of the tile sees whole: y = x * scale (+ bias),
+// max of x * scale (+ bias) over [0, n), without storing anything.
+template <typename T>
+inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
+  using V = Vectorized<T>;
+  const V vs(scale);
+  V vmax(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    V y = bias ? at::vec::fmadd(V::loadu(x + j), vs, V::loadu(bias + j)) : V::loadu(x + j) * vs;
+    vmax = at::vec::maximum(vmax, y);
+  }
+  if (j < n) {
+    const int64_t c = n - j;
+    V y = V::loadu(x + j, c) * vs;
+    if (bias) y = y + V::loadu(bias + j, c);
+    vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// One pass over a row's visible keys when they form one range: y = x * scale (+ bias),
 // p = exp(y - m) with the row's current max m, and the max of y. The caller redoes the row
 // with the exact max when y's max exceeds m by too much (lazy rescaling), so most blocks
 // need neither a separate max pass nor a rescale of the accumulator.
