@@ -1,34 +1,6 @@
-// The CPU forward kernel compiled for AVX512 (see forward_kernel.h).
-#if defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#define CPU_CAPABILITY_AVX512
-#define HEADOPS_ISA_AVAILABLE 1
-// headers (sleef.h, ATen's vec) select code by these macros; the pragma does not set them
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
-#endif
+// The CPU forward kernel compiled for AVX-512 (see forward_kernel.h).
+#define HEADOPS_TARGET_AVX512 1
+#include "isa_target.h"
 #define CPU_CAPABILITY AVX512
 #ifdef HEADOPS_ISA_AVAILABLE
 #include "forward_kernel.h"

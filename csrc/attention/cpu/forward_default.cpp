@@ -1,4 +1,3 @@
-// The CPU forward kernel compiled for DEFAULT (see forward_kernel.h).
-
+// The CPU forward kernel compiled without SIMD extensions (any CPU; see forward_kernel.h).
 #define CPU_CAPABILITY DEFAULT
 #include "forward_kernel.h"
