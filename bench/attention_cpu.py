@@ -340,6 +340,16 @@ def make_inputs(S: int, dtype):
     return tuple(base[i].to(dtype).contiguous() for i in range(3))
 
 
+def warm_up_candidate(name, fn, row, outputs, candidates):
+    """First (warm-up) call of a baseline; on failure the row says why instead of crashing."""
+    try:
+        seconds, outputs[name] = time_call(fn)
+        row[name] = {"status": "ok", "warmup_ms": seconds * 1e3}
+        candidates[name] = fn
+    except Exception as e:  # noqa: BLE001
+        row[name] = {"status": "n/a", "reason": full_reason(e)}
+
+
 def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool, use_ref: bool) -> dict:
     dtype = DTYPES[dtype_name]
     elt = torch.tensor([], dtype=dtype).element_size()
@@ -375,12 +385,7 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
     def run_sdpa():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    try:
-        seconds, outputs["sdpa"] = time_call(run_sdpa)
-        row["sdpa"] = {"status": "ok", "warmup_ms": seconds * 1e3}
-        candidates["sdpa"] = run_sdpa
-    except Exception as e:  # noqa: BLE001
-        row["sdpa"] = {"status": "n/a", "reason": full_reason(e)}
+    warm_up_candidate("sdpa", run_sdpa, row, outputs, candidates)
 
     # FlexAttention
     if not use_flex:
@@ -423,12 +428,7 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
         def run_ref():
             return headops.reference.attention(q, k, v, causal=True, layout="bhsd", **spec)
 
-        try:
-            seconds, outputs["eager_ref"] = time_call(run_ref)
-            row["eager_ref"] = {"status": "ok", "warmup_ms": seconds * 1e3}
-            candidates["eager_ref"] = run_ref
-        except Exception as e:  # noqa: BLE001
-            row["eager_ref"] = {"status": "n/a", "reason": full_reason(e)}
+        warm_up_candidate("eager_ref", run_ref, row, outputs, candidates)
 
     # eager masking (what head-masking studies run)
     mask_heads = 1 if (sc.window is None and sc.sinks is None) else H
