@@ -92,9 +92,12 @@ struct BranchState {
       : acc(block_q * D), row_max(block_q), row_sum(block_q), prob(block_q * block_k) {}
 
   void reset(int64_t nq, int64_t D, const HeadScalars<acc_t>& hs) {
-    // a sink logit is a virtual key with a zero value that every row sees
-    const acc_t m0 = hs.has_sink_logit ? hs.sink_logit : -std::numeric_limits<acc_t>::infinity();
-    const acc_t l0 = hs.has_sink_logit ? acc_t(1) : acc_t(0);
+    // a sink logit is a virtual key with a zero value that every row sees: it starts the row
+    // with max = sink_logit and sum = exp(0) = 1 (0 for a -inf sink, which weighs nothing), so
+    // that a row's sum is 0 whenever its max is -inf
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    const acc_t m0 = hs.has_sink_logit ? hs.sink_logit : neg_inf;
+    const acc_t l0 = m0 == neg_inf ? acc_t(0) : acc_t(1);
     std::fill(row_max.begin(), row_max.begin() + nq, m0);
     std::fill(row_sum.begin(), row_sum.begin() + nq, l0);
     std::fill(acc.begin(), acc.begin() + nq * D, acc_t(0));
@@ -117,7 +120,7 @@ class ItemRunner {
 
  public:
   ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops, int64_t padded_keys)
-      : p_(p), block_q_(block_q), block_k_(block_k), ops_(ops), padded_keys_(padded_keys),
+      : p_(p), block_k_(block_k), ops_(ops), padded_keys_(padded_keys),
         scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim), full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim) {}
 
   void run(const WorkItem& item, LocalWorkCounts& counts) {
@@ -215,8 +218,7 @@ class ItemRunner {
           if (block_max <= ref_max + lazy_rescale_limit<prob_t>()) {  // false for NaN: exact path
             fill_zero(prob, 0, part.lo);
             fill_zero(prob, part.hi, nk);
-            // a -inf reference max means nothing has been accumulated (a -inf sink logit weighs 0)
-            st.row_sum[r] = (old_max == neg_inf ? acc_t(0) : st.row_sum[r]) + sum;
+            st.row_sum[r] += sum;
             st.row_max[r] = ref_max;
             any_row = true;
             continue;
@@ -245,7 +247,7 @@ class ItemRunner {
         cursor = part.hi;
       }
       fill_zero(prob, cursor, nk);
-      const acc_t correction = old_max == neg_inf ? acc_t(0) : std::exp(old_max - new_max);
+      const acc_t correction = std::exp(old_max - new_max);  // new_max is finite: 0 for a -inf old_max
       st.row_sum[r] = st.row_sum[r] * correction + sum;
       st.row_max[r] = new_max;
       if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
@@ -308,7 +310,7 @@ class ItemRunner {
   }
 
   const AttentionParams& p_;
-  int64_t block_q_, block_k_;
+  int64_t block_k_;
   Operands& ops_;
   int64_t padded_keys_;
   std::vector<acc_t> scores_;
@@ -466,7 +468,7 @@ void forward_typed(const AttentionParams& p) {
       kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
       pack_needed_blocks<scalar_t>(p, items, kv, align);
       run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, kv.padded_keys,
-                                                    [&] { return PackedOperands<scalar_t>(p, kv, bq, bk); });
+                                                    [&] { return PackedOperands<scalar_t>(p, kv); });
     } else {
       auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
       write_skipped<scalar_t>(p, skipped);

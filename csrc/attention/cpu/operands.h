@@ -146,10 +146,8 @@ struct PackedOperands {
   const scalar_t* q = nullptr;
   const scalar_t* kt = nullptr;
   const scalar_t* vv = nullptr;
-  int64_t block_k;
 
-  PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv, int64_t block_q, int64_t block_k_)
-      : p(params), packed(kv), block_k(block_k_) {}
+  PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv) : p(params), packed(kv) {}
 
   void begin_item(int64_t b, int64_t h, int64_t q0, int64_t /*nq*/) {
     const int64_t kvh = h / p.group();
