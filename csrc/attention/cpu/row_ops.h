@@ -19,6 +19,16 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) { return x.exp(); }
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 
+template <typename T>
+inline T reduce_sum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
+}
+
+template <typename T>
+inline T reduce_max(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // x[j] = x[j] * scale (+ bias[j * bias_stride]) for j in [0, n); returns the max of the results.
 template <typename T>
 inline T scale_bias_max(T* x, int64_t n, T scale, const T* bias, int64_t bias_stride) {
@@ -39,7 +49,7 @@ inline T scale_bias_max(T* x, int64_t n, T scale, const T* bias, int64_t bias_st
       vm = at::vec::maximum(vm, y);
     }
   }
-  T m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  T m = reduce_max(vm);
   for (; j < n; ++j) {
     x[j] = bias ? x[j] * scale + bias[j * bias_stride] : x[j] * scale;
     m = x[j] > m || x[j] != x[j] ? x[j] : m;
@@ -55,7 +65,7 @@ inline T max_of(const T* x, int64_t lo, int64_t hi, T init) {
   if (hi - lo >= V::size()) {
     V vm(init);
     for (; j + V::size() <= hi; j += V::size()) vm = at::vec::maximum(vm, V::loadu(x + j));
-    m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+    m = reduce_max(vm);
   }
   for (; j < hi; ++j) m = x[j] > m || x[j] != x[j] ? x[j] : m;  // NaN propagates, as in torch.amax
   return m;
@@ -89,11 +99,6 @@ inline void store_probs_tail(P* p, const Vectorized<T>& e, int64_t count) {
     e.store(tmp);
     for (int64_t i = 0; i < count; ++i) p[i] = static_cast<P>(tmp[i]);
   }
-}
-
-template <typename T>
-inline T reduce_sum(const Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
 }
 
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
@@ -144,7 +149,7 @@ inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
     if (bias) y = y + V::loadu(bias + j, c);
     vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
   }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  return reduce_max(vmax);
 }
 
 // One pass over a row's visible keys when they form one range: y = x * scale (+ bias),
@@ -184,7 +189,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     store_probs_tail(p + j, e, c);
     vsum = vsum + e;
   }
-  max_out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  max_out = reduce_max(vmax);
   return reduce_sum(vsum);
 }
 
