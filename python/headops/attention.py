@@ -92,15 +92,19 @@ def _scalar_or_tensor(value, name, s: _Shapes, device, *, integer: bool):
     raise _fail(name, f"of shape [Hq] = [{s.Hq}] or [B, Hq] = [{s.B}, {s.Hq}]", tuple(value.shape))
 
 
-def _per_head_vector(value, name, s: _Shapes, device):
-    if value is None:
-        return None
+def _check_float_tensor(value, name, device):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"headops.attention: {name} must be a tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
         raise TypeError(f"headops.attention: {name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
         raise _fail(name, f"on q's device {device}", value.device)
+
+
+def _per_head_vector(value, name, s: _Shapes, device):
+    if value is None:
+        return None
+    _check_float_tensor(value, name, device)
     if value.dim() == 2 and tuple(value.shape) == (s.Hq, s.D):
         return value.unsqueeze(0).expand(s.B, s.Hq, s.D)
     if value.dim() == 3 and tuple(value.shape[1:]) == (s.Hq, s.D) and value.shape[0] in (1, s.B):
@@ -112,12 +116,7 @@ def _per_head_vector(value, name, s: _Shapes, device):
 def _key_bias(value, s: _Shapes, device):
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"headops.attention: key_bias must be a tensor, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"headops.attention: key_bias must be a floating-point tensor, got dtype {value.dtype}")
-    if value.device != device:
-        raise _fail("key_bias", f"on q's device {device}", value.device)
+    _check_float_tensor(value, "key_bias", device)
     try:
         if value.dim() > 3:
             raise RuntimeError
