@@ -56,6 +56,7 @@ HeadScalars<acc_t> read_head(const AttentionParams& p, int64_t b, int64_t h) {
 
 struct WorkItem {
   int64_t b, h, q0, q1;
+  VisibleKeys keys;  // what the item walks (item_keys), computed once when the list is built
   int64_t cost;
 };
 
@@ -119,8 +120,8 @@ class ItemRunner {
   using Branch = BranchState<acc_t, prob_t>;
 
  public:
-  ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops, int64_t padded_keys)
-      : p_(p), block_k_(block_k), ops_(ops), padded_keys_(padded_keys),
+  ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops)
+      : p_(p), block_k_(block_k), ops_(ops),
         scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim), full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim) {}
 
   void run(const WorkItem& item, LocalWorkCounts& counts) {
@@ -137,8 +138,7 @@ class ItemRunner {
     ops_.begin_item(b, h, q0, nq);
     counts.add(kWorkItems, 1);
 
-    const VisibleKeys keys = item_keys(p_, hs, q0, item.q1, Operands::key_alignment, padded_keys_);
-    for (const KeyRange& range : {keys.sinks, keys.window}) {
+    for (const KeyRange& range : {item.keys.sinks, item.keys.window}) {
       for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
         const int64_t nk = std::min(block_k_, range.hi - j0);
         acc_t* s = scores_.data();
@@ -312,7 +312,6 @@ class ItemRunner {
   const AttentionParams& p_;
   int64_t block_k_;
   Operands& ops_;
-  int64_t padded_keys_;
   std::vector<acc_t> scores_;
   std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
   std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
@@ -360,7 +359,7 @@ std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q,
         const int64_t q1 = std::min(p.seqlen_q, q0 + rows);
         const VisibleKeys keys = item_keys(p, hs, q0, q1, alignment, padded_keys);
         const int64_t branches = hs.has_alpha ? 2 : 1;
-        items.push_back({b, h, q0, q1, (q1 - q0) * (keys.count() * branches + 1)});
+        items.push_back({b, h, q0, q1, keys, (q1 - q0) * (keys.count() * branches + 1)});
       }
     }
   }
@@ -385,15 +384,15 @@ void run_dynamic(int64_t n_items, Fn&& make_worker) {
 
 template <typename scalar_t, typename Operands, typename MakeOperands>
 void run_items(const AttentionParams& p, const std::vector<WorkItem>& items, int64_t block_q, int64_t block_k,
-               int64_t padded_keys, MakeOperands make_operands) {
+               MakeOperands make_operands) {
   struct Worker {
     Operands ops;
     ItemRunner<scalar_t, Operands> runner;
     LocalWorkCounts counts;
     const std::vector<WorkItem>& items;
-    Worker(Operands o, const AttentionParams& p, int64_t bq, int64_t bk, int64_t padded,
+    Worker(Operands o, const AttentionParams& p, int64_t bq, int64_t bk,
            const std::vector<WorkItem>& it)
-        : ops(std::move(o)), runner(p, bq, bk, ops, padded), items(it) {}
+        : ops(std::move(o)), runner(p, bq, bk, ops), items(it) {}
     void run(int64_t i) { runner.run(items[i], counts); }
     void finish() {
       counts.publish();
@@ -401,7 +400,7 @@ void run_items(const AttentionParams& p, const std::vector<WorkItem>& items, int
     }
   };
   run_dynamic(static_cast<int64_t>(items.size()),
-              [&] { return Worker(make_operands(), p, block_q, block_k, padded_keys, items); });
+              [&] { return Worker(make_operands(), p, block_q, block_k, items); });
 }
 
 template <typename scalar_t>
@@ -416,14 +415,11 @@ void write_skipped(const AttentionParams& p, const std::vector<std::pair<int64_t
 
 // Packs, in parallel, the 64-key blocks of K and V that some item will read.
 template <typename scalar_t>
-void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& items, const PackedKV<scalar_t>& kv,
-                        int64_t alignment) {
-  using acc_t = acc_type<scalar_t>;
+void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& items, const PackedKV<scalar_t>& kv) {
   const int64_t per_head = kv.padded_keys / PackedKV<scalar_t>::kPackBlock;
   std::vector<uint8_t> needed(p.batch * p.heads_kv * per_head, 0);
   for (const WorkItem& it : items) {
-    const HeadScalars<acc_t> hs = read_head<acc_t>(p, it.b, it.h);
-    const VisibleKeys keys = item_keys(p, hs, it.q0, it.q1, alignment, kv.padded_keys);
+    const VisibleKeys& keys = it.keys;
     uint8_t* flags = needed.data() + (it.b * p.heads_kv + it.h / p.group()) * per_head;
     for (const KeyRange& r : {keys.sinks, keys.window})
       if (!r.empty())
@@ -449,7 +445,7 @@ void forward_typed(const AttentionParams& p) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
     write_skipped<scalar_t>(p, skipped);
-    run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk, p.seqlen_k,
+    run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk,
                                                 [&] { return BlasOperands<scalar_t>(p); });
   } else {
     if (uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim)) {
@@ -466,13 +462,13 @@ void forward_typed(const AttentionParams& p) {
                                      at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
       kv.keys_t = storage.data_ptr<scalar_t>();
       kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
-      pack_needed_blocks<scalar_t>(p, items, kv, align);
-      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, kv.padded_keys,
+      pack_needed_blocks<scalar_t>(p, items, kv);
+      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk,
                                                     [&] { return PackedOperands<scalar_t>(p, kv); });
     } else {
       auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
       write_skipped<scalar_t>(p, skipped);
-      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk, p.seqlen_k,
+      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk,
                                                        [&] { return ConvertedOperands<scalar_t>(p, bq, bk); });
     }
   }
