@@ -14,10 +14,19 @@ namespace headops::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& x) { return x.exp(); }
-template <>
-inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+// exp for probabilities that will be stored as P: float and double keep ~1-20 ulp; for
+// bfloat16 (8-bit mantissa) ATen's degree-3 fexp_u20 is far more accurate than the rounding
+// that follows, and cheaper.
+template <typename P, typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x.exp();
+  } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    return x.fexp_u20();
+  } else {
+    return x.exp_u20();
+  }
+}
 
 template <typename T>
 inline T reduce_sum(const Vectorized<T>& v) {
@@ -72,9 +81,9 @@ inline T max_of(const T* x, int64_t lo, int64_t hi, T init) {
 }
 
 // exp(x - m) of the first `count` lanes, zero in the others.
-template <typename T>
+template <typename P, typename T>
 inline Vectorized<T> exp_partial(const T* x, int64_t count, const Vectorized<T>& vm) {
-  return Vectorized<T>::set(Vectorized<T>(T(0)), vexp(Vectorized<T>::loadu(x, count) - vm), count);
+  return Vectorized<T>::set(Vectorized<T>(T(0)), vexp<P>(Vectorized<T>::loadu(x, count) - vm), count);
 }
 
 // Stores 2 vectors of float probabilities as P (float, bfloat16 or float16).
@@ -111,21 +120,21 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   int64_t j = lo;
   if constexpr (std::is_same_v<T, P>) {
     for (; j + V::size() <= hi; j += V::size()) {
-      V e = vexp(V::loadu(x + j) - vm);
+      V e = vexp<P>(V::loadu(x + j) - vm);
       e.store(p + j);
       vsum = vsum + e;
     }
   } else {
     for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
-      V e0 = vexp(V::loadu(x + j) - vm);
-      V e1 = vexp(V::loadu(x + j + V::size()) - vm);
+      V e0 = vexp<P>(V::loadu(x + j) - vm);
+      V e1 = vexp<P>(V::loadu(x + j + V::size()) - vm);
       store_probs(p + j, e0, e1);
       vsum = vsum + e0 + e1;
     }
   }
   for (; j < hi; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), hi - j);
-    V e = exp_partial(x + j, n, vm);
+    V e = exp_partial<P>(x + j, n, vm);
     store_probs_tail(p + j, e, n);
     vsum = vsum + e;
   }
@@ -167,7 +176,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     for (; j + V::size() <= n; j += V::size()) {
       V y = logits(j);
       vmax = at::vec::maximum(vmax, y);
-      V e = vexp(y - vm);
+      V e = vexp<P>(y - vm);
       e.store(p + j);
       vsum = vsum + e;
     }
@@ -175,7 +184,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
       V y0 = logits(j), y1 = logits(j + V::size());
       vmax = at::vec::maximum(vmax, at::vec::maximum(y0, y1));
-      V e0 = vexp(y0 - vm), e1 = vexp(y1 - vm);
+      V e0 = vexp<P>(y0 - vm), e1 = vexp<P>(y1 - vm);
       store_probs(p + j, e0, e1);
       vsum = vsum + e0 + e1;
     }
@@ -185,7 +194,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
     vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
-    V e = V::set(V(T(0)), vexp(y - vm), c);
+    V e = V::set(V(T(0)), vexp<P>(y - vm), c);
     store_probs_tail(p + j, e, c);
     vsum = vsum + e;
   }
