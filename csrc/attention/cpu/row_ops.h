@@ -86,17 +86,22 @@ inline Vectorized<T> exp_partial(const T* x, int64_t count, const Vectorized<T>&
   return Vectorized<T>::set(Vectorized<T>(T(0)), vexp<P>(Vectorized<T>::loadu(x, count) - vm), count);
 }
 
-// Stores 2 vectors of float probabilities as P (float, bfloat16 or float16).
-template <typename P>
-inline void store_probs(P* p, const Vectorized<float>& e0, const Vectorized<float>& e1) {
+// Stores 2 vectors of probabilities as P (the accumulation type itself, bfloat16 or float16).
+template <typename P, typename T>
+inline void store_probs(P* p, const Vectorized<T>& e0, const Vectorized<T>& e1) {
+  if constexpr (std::is_same_v<T, P>) {
+    e0.store(p);
+    e1.store(p + Vectorized<T>::size());
+  } else {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<P, c10::BFloat16>) {
-    // one instruction where ATen's portable rounding takes about six
-    _mm512_storeu_si512(reinterpret_cast<void*>(p), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    return;
-  }
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      // one instruction where ATen's portable rounding takes about six
+      _mm512_storeu_si512(reinterpret_cast<void*>(p), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      return;
+    }
 #endif
-  at::vec::convert_from_float<P>(e0, e1).store(p);
+    at::vec::convert_from_float<P>(e0, e1).store(p);
+  }
 }
 
 template <typename T, typename P>
@@ -111,34 +116,28 @@ inline void store_probs_tail(P* p, const Vectorized<T>& e, int64_t count) {
 }
 
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
-// the sum of the unrounded values.
+// the sum of the unrounded values. Two vectors per step with two accumulators: one chain of
+// dependent adds would otherwise bound the loop.
 template <typename T, typename P>
 inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   using V = Vectorized<T>;
   const V vm(m);
-  V vsum(T(0));
+  V vsum0(T(0)), vsum1(T(0));
   int64_t j = lo;
-  if constexpr (std::is_same_v<T, P>) {
-    for (; j + V::size() <= hi; j += V::size()) {
-      V e = vexp<P>(V::loadu(x + j) - vm);
-      e.store(p + j);
-      vsum = vsum + e;
-    }
-  } else {
-    for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
-      V e0 = vexp<P>(V::loadu(x + j) - vm);
-      V e1 = vexp<P>(V::loadu(x + j + V::size()) - vm);
-      store_probs(p + j, e0, e1);
-      vsum = vsum + e0 + e1;
-    }
+  for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
+    V e0 = vexp<P>(V::loadu(x + j) - vm);
+    V e1 = vexp<P>(V::loadu(x + j + V::size()) - vm);
+    store_probs(p + j, e0, e1);
+    vsum0 = vsum0 + e0;
+    vsum1 = vsum1 + e1;
   }
   for (; j < hi; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), hi - j);
     V e = exp_partial<P>(x + j, n, vm);
     store_probs_tail(p + j, e, n);
-    vsum = vsum + e;
+    vsum0 = vsum0 + e;
   }
-  return reduce_sum(vsum);
+  return reduce_sum(vsum0 + vsum1);
 }
 
 // max of x * scale (+ bias) over [0, n), without storing anything.
@@ -168,38 +167,32 @@ inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
 template <typename T, typename P>
 inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out) {
   using V = Vectorized<T>;
-  const V vm(m), vs(scale);
-  V vsum(T(0)), vmax(-std::numeric_limits<T>::infinity());
+  const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
+  V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
+  auto logits = [&](int64_t at) {
+    return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs;
+  };
   int64_t j = 0;
-  auto logits = [&](int64_t at) { return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs; };
-  if constexpr (std::is_same_v<T, P>) {
-    for (; j + V::size() <= n; j += V::size()) {
-      V y = logits(j);
-      vmax = at::vec::maximum(vmax, y);
-      V e = vexp<P>(y - vm);
-      e.store(p + j);
-      vsum = vsum + e;
-    }
-  } else {
-    for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
-      V y0 = logits(j), y1 = logits(j + V::size());
-      vmax = at::vec::maximum(vmax, at::vec::maximum(y0, y1));
-      V e0 = vexp<P>(y0 - vm), e1 = vexp<P>(y1 - vm);
-      store_probs(p + j, e0, e1);
-      vsum = vsum + e0 + e1;
-    }
+  for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
+    V y0 = logits(j), y1 = logits(j + V::size());
+    vmax0 = at::vec::maximum(vmax0, y0);
+    vmax1 = at::vec::maximum(vmax1, y1);
+    V e0 = vexp<P>(y0 - vm), e1 = vexp<P>(y1 - vm);
+    store_probs(p + j, e0, e1);
+    vsum0 = vsum0 + e0;
+    vsum1 = vsum1 + e1;
   }
   for (; j < n; j += V::size()) {
     const int64_t c = std::min<int64_t>(V::size(), n - j);
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
-    vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
+    vmax0 = at::vec::maximum(vmax0, V::set(lowest, y, c));
     V e = V::set(V(T(0)), vexp<P>(y - vm), c);
     store_probs_tail(p + j, e, c);
-    vsum = vsum + e;
+    vsum0 = vsum0 + e;
   }
-  max_out = reduce_max(vmax);
-  return reduce_sum(vsum);
+  max_out = reduce_max(at::vec::maximum(vmax0, vmax1));
+  return reduce_sum(vsum0 + vsum1);
 }
 
 template <typename T>
