@@ -5,6 +5,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
 
 namespace headops::cpu {
@@ -50,7 +51,9 @@ void attention_forward(const AttentionParams& p, at::ScalarType dtype) {
 #if defined(__x86_64__)
   const std::string& cap = cpu_capability();
   if (cap == "AVX512") {
-    static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+    // HEADOPS_CPU_NO_BF16_VARIANT=1 runs bfloat16 through the plain AVX-512 variant (tests)
+    static const bool has_bf16 =
+        __builtin_cpu_supports("avx512bf16") && std::getenv("HEADOPS_CPU_NO_BF16_VARIANT") == nullptr;
     if (dtype == at::kBFloat16 && has_bf16) return AVX512_BF16::attention_forward_isa(p, dtype);
     return AVX512::attention_forward_isa(p, dtype);
   }
