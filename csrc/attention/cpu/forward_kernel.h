@@ -437,6 +437,23 @@ void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& i
   });
 }
 
+// Packed K/V buffer. Up to kKeptWorkspaceBytes it is kept per calling thread and reused: a
+// fresh buffer per call would page-fault every 4 KiB of it again (~5 % of a bf16 forward at
+// S = 4096, H = 16). Larger ones are allocated for the call (in `fresh`) and freed after it.
+constexpr int64_t kKeptWorkspaceBytes = int64_t(64) << 20;
+
+template <typename scalar_t>
+scalar_t* packing_workspace(int64_t elems, at::Tensor& fresh) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  if (elems * int64_t(sizeof(scalar_t)) > kKeptWorkspaceBytes) {
+    fresh = at::empty({elems}, options);
+    return fresh.data_ptr<scalar_t>();
+  }
+  thread_local at::Tensor kept;
+  if (!kept.defined() || kept.numel() < elems) kept = at::empty({elems}, options);
+  return kept.data_ptr<scalar_t>();
+}
+
 template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   std::vector<std::pair<int64_t, int64_t>> skipped;
@@ -458,9 +475,9 @@ void forward_typed(const AttentionParams& p) {
       write_skipped<scalar_t>(p, skipped);
       if (items.empty()) return;
       // only the blocks some item reads are ever written; the rest of the buffer stays untouched
-      at::Tensor storage = at::empty({2, p.batch * p.heads_kv * kv.head_elems()},
-                                     at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-      kv.keys_t = storage.data_ptr<scalar_t>();
+      const int64_t elems = 2 * p.batch * p.heads_kv * kv.head_elems();
+      at::Tensor fresh;
+      kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
       kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
       pack_needed_blocks<scalar_t>(p, items, kv);
       run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk,
