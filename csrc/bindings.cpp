@@ -2,7 +2,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "attention/attention_bwd.h"
 #include "attention/attention_fwd.h"
+#include "attention/cpu/attention_bwd_cpu.h"
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "attention/cpu/blas.h"
 #include "attention/work_counters.h"
@@ -11,11 +13,21 @@ TORCH_LIBRARY(headops, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
-      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
+      "bool skip_unused_branch, bool save_for_backward) "
+      "-> (Tensor out, Tensor lse, Tensor o_stream, Tensor o_full, Tensor lse_full)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o_stream, Tensor lse, "
+      "Tensor? o_full, Tensor? lse_full, bool causal, bool heads_first, float default_scale, "
+      "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skipped_zero_gate, "
+      "int[] needs_grad) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(headops, CPU, m) { m.impl("attention_fwd", &headops::attention_fwd); }
+TORCH_LIBRARY_IMPL(headops, CPU, m) {
+  m.impl("attention_fwd", &headops::attention_fwd);
+  m.impl("attention_bwd", &headops::attention_bwd);
+}
 
 namespace {
 
@@ -43,6 +55,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_pair(t.block_q, t.block_k);
       },
       "(block_q, block_k) of the CPU kernel");
+  m.def(
+      "cpu_backward_tile_shape",
+      [](int64_t head_dim) {
+        auto t = headops::cpu::backward_tile_shape(head_dim);
+        return std::make_pair(t.block_q, t.block_k);
+      },
+      "(block_q, block_k) of the CPU backward");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");

@@ -87,9 +87,9 @@ def test_raw_op_without_skip_computes_gated_off_heads():
     gate = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
     args = (q, k, v, True, False, 1 / math.sqrt(D), None, None, None, None, None, None, None, None, gate)
     with headops.count_work() as skipped:
-        out_skip, lse_skip = torch.ops.headops.attention_fwd(*args, True)
+        out_skip, lse_skip, *_ = torch.ops.headops.attention_fwd(*args, True, True, False)
     with headops.count_work() as computed:
-        out, lse = torch.ops.headops.attention_fwd(*args, False)
+        out, lse, *_ = torch.ops.headops.attention_fwd(*args, False, True, False)
     assert skipped.heads_skipped == 1 and computed.heads_skipped == 0
     assert computed.work_items == 2 * skipped.work_items
     assert torch.equal(out, out_skip) and torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))

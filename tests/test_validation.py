@@ -118,32 +118,46 @@ def test_good_inputs_of_every_accepted_form_pass():
 
 @pytest.mark.parametrize("argument", ["q", "k", "v", "gate", "softmax_scale", "alpha", "sink_logit",
                                       "key_bias", "out_scale", "out_bias"])
-def test_requires_grad_not_implemented(argument):
+def test_requires_grad_gives_a_gradient_of_the_argument_shape(argument):
     q, k, v = qkv()
     kw = dict(gate=ones(HQ), softmax_scale=ones(HQ) / 3, alpha=ones(HQ) / 2, sink_logit=ones(HQ),
-              key_bias=torch.zeros(S), out_scale=ones(HQ, D), out_bias=torch.zeros(HQ, D))
+              key_bias=torch.zeros(S), out_scale=ones(HQ, D), out_bias=torch.zeros(HQ, D),
+              window=2)  # a window, so that alpha's two branches differ
     tensors = dict(q=q, k=k, v=v, **kw)
-    tensors[argument].requires_grad_(True)
+    leaf = tensors[argument].requires_grad_(True)
     q, k, v = (tensors.pop(n) for n in "qkv")
-    with pytest.raises(NotImplementedError):
-        headops.attention(q, k, v, **tensors)
+    out = headops.attention(q, k, v, **tensors)
+    assert out.requires_grad
+    (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+    assert grad.shape == leaf.shape and grad.dtype == leaf.dtype and torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
     with torch.no_grad():
         out = headops.attention(q, k, v, **tensors)
     assert out.shape == q.shape and torch.isfinite(out).all() and not out.requires_grad
+
+
+def test_raw_forward_without_saving_refuses_a_backward():
+    q, k, v = qkv()
+    q.requires_grad_(True)
+    out, *_ = OP(q, k, v, True, False, 1 / math.sqrt(D), None, None, None, None, None, None, None, None, None, True,
+                 True, False)
+    with pytest.raises(RuntimeError, match="save_for_backward"):
+        out.sum().backward()
 
 
 # --------------------------------------------------------------------------- the raw op
 
 OP = torch.ops.headops.attention_fwd
 ARG_NAMES = ["q", "k", "v", "causal", "heads_first", "default_scale", "softmax_scale", "window", "sinks", "alpha",
-             "key_bias", "sink_logit", "out_scale", "out_bias", "gate", "skip_zero_gate"]
+             "key_bias", "sink_logit", "out_scale", "out_bias", "gate", "skip_zero_gate", "skip_unused_branch",
+             "save_for_backward"]
 
 
 def raw_args(**overrides):
     q, k, v = qkv()
     args = dict(q=q, k=k, v=v, causal=True, heads_first=False, default_scale=1 / math.sqrt(D), softmax_scale=None,
                 window=None, sinks=None, alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None,
-                gate=None, skip_zero_gate=True)
+                gate=None, skip_zero_gate=True, skip_unused_branch=True, save_for_backward=False)
     args.update(overrides)
     return [args[n] for n in ARG_NAMES]
 
@@ -192,7 +206,7 @@ def test_raw_op_checks(case):
 
 
 def test_raw_op_accepts_exact_shapes():
-    out, lse = OP(*raw_args(window=torch.tensor([[1, 2, 3, -1]] * B), gate=ones(B, HQ), alpha=ones(B, HQ) / 2,
+    out, lse, *_ = OP(*raw_args(window=torch.tensor([[1, 2, 3, -1]] * B), gate=ones(B, HQ), alpha=ones(B, HQ) / 2,
                             key_bias=torch.zeros(B, HQ, S), out_scale=ones(B, HQ, D), out_bias=torch.zeros(B, HQ, D)))
     assert out.shape == (B, S, HQ, D) and lse.shape == (B, HQ, S) and torch.isfinite(out).all()
 

@@ -7,14 +7,17 @@
 
 namespace headops {
 
+using OptTensor = std::optional<at::Tensor>;
+
 // headops::attention_fwd: checks every argument (TORCH_CHECK), lays the tensors out as an
-// AttentionParams and runs the kernel of q's device. Returns (out, lse).
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
+// AttentionParams and runs the kernel of q's device. Returns (out, lse, o_stream, o_full,
+// lse_full); the last three (each branch's average and the full branch's lse, kept for the
+// backward) are empty unless save_for_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
-    double default_scale, const std::optional<at::Tensor>& softmax_scale, const std::optional<at::Tensor>& window,
-    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& alpha,
-    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& sink_logit,
-    const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& out_bias,
-    const std::optional<at::Tensor>& gate, bool skip_zero_gate);
+    double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
+    const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
+    const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
+    bool save_for_backward);
 
 }  // namespace headops

@@ -42,17 +42,47 @@ struct HeadTensor {
 struct AttentionParams {
   HeadTensor q, k, v;
   HeadTensor out;  // written through a const-cast in the kernels
-  void* lse = nullptr;  // [B, Hq, Sq] contiguous, acc dtype
+  void* lse = nullptr;  // [B, Hq, Sq] contiguous, acc dtype: the streaming branch's (the full one's if absent)
+  // kept for the backward when not null ([B, Hq, Sq, D] / [B, Hq, Sq] contiguous, acc dtype):
+  // each branch's attention average before mixing and epilogue, and the full branch's lse
+  void* o_stream = nullptr;
+  void* o_full = nullptr;
+  void* lse_full = nullptr;
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   bool causal = true;
   double default_softmax_scale = 1.0;
-  bool skip_zero_gate = true;  // false when the gate's gradient is wanted even where it is 0
+  bool skip_zero_gate = true;      // false when the gate's gradient is wanted even where it is 0
+  bool skip_unused_branch = true;  // false when alpha's gradient is wanted even where it is 0 or 1
 
   // float per-head values are stored in the accumulation dtype (float, or double for float64)
   PerHead softmax_scale, window, sinks, alpha, sink_logit, gate;  // window/sinks: int64
   PerHeadRow key_bias, out_scale, out_bias;
 
   int64_t group() const { return heads_q / heads_kv; }
+};
+
+// The backward of one call: the forward's description (inputs in the accumulation dtype, the
+// saved branch averages and lse) plus the output gradient, and where each gradient goes.
+// A null output pointer means that gradient is not wanted (and not computed).
+struct BackwardParams {
+  AttentionParams fwd;
+  HeadTensor dout;             // [B, S, Hq, D] addressing of dL/dout, acc dtype
+  const void* dlse = nullptr;  // [B, Hq, Sq] contiguous dL/dlse (streaming branch), or null
+  bool skipped_zero_gate = true;  // the forward skipped heads whose gate is 0: nothing of them is saved
+
+  HeadTensor dq;      // q's layout
+  HeadTensor dk, dv;  // k's layout but with Hq heads: per query head, the caller sums GQA groups
+  bool want_dq = false, want_dk = false, want_dv = false;
+  // [B, Hq] contiguous
+  void* dsoftmax_scale = nullptr;
+  void* dalpha = nullptr;
+  void* dsink_logit = nullptr;
+  void* dgate = nullptr;
+  void* dkey_bias = nullptr;  // [B, Hq, Sk] contiguous (key_bias itself is passed contiguous)
+  void* dout_scale = nullptr;  // [B, Hq, D] contiguous (out_scale/out_bias passed contiguous)
+  void* dout_bias = nullptr;
+
+  bool needs_key_loop() const { return want_dq || want_dk || want_dv || dsoftmax_scale || dkey_bias; }
 };
 
 }  // namespace headops

@@ -121,6 +121,8 @@ struct HeadScalars {
   bool has_sink_logit;
   acc_t sink_logit;
   acc_t gate;
+  // false when alpha's gradient is wanted: both branches are then needed even at alpha 0 or 1
+  bool skip_unused_branch;
 };
 
 // Which online-softmax branches a head needs. Without alpha the head has one branch, the
@@ -133,6 +135,7 @@ struct BranchPlan {
 template <typename acc_t>
 HEADOPS_HD BranchPlan plan_branches(const HeadScalars<acc_t>& h) {
   if (!h.has_alpha) return {false, true};
+  if (!h.skip_unused_branch) return {true, true};
   // alpha exactly 1 or 0 makes the other branch's weight zero: do not compute it
   return {h.alpha != acc_t(0), h.alpha != acc_t(1)};
 }

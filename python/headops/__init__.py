@@ -4,6 +4,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.headops)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from . import _autograd  # noqa: F401  (gradients of the attention op)
 from .attention import attention
 from .counters import WorkCounts, count_work, work_counters, reset_work_counters
 

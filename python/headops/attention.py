@@ -141,7 +141,11 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
     Returns out (q's dtype and layout), or ``(out, lse)`` with ``return_lse=True``; lse is
     ``[B, Hq, Sq]`` float32 (float64 for float64 inputs). A head whose gate is exactly 0 is
-    not computed: its output is 0 and its lse is -inf.
+    not computed: its output is 0 and its lse is -inf (unless the gate requires grad: then the
+    head is computed, since its gradient is the head's importance).
+
+    Differentiable in q, k, v and every floating per-head argument (a fused backward that
+    recomputes the probabilities tile by tile; no S x S memory).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"headops.attention: layout must be 'bshd' or 'bhsd', got {layout!r}")
@@ -182,9 +186,11 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     if checking_values and alpha_t is not None and alpha_t.numel() and not bool(((alpha_t >= 0) & (alpha_t <= 1)).all()):
         raise _fail("alpha", "in [0, 1] for every head", alpha_t.tolist())
 
-    if _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t, kb_t) and torch.is_grad_enabled():
-        raise NotImplementedError("headops.attention: the backward pass is not implemented yet; call it under "
-                                  "torch.no_grad() or on tensors that do not require grad")
+    grad_needed = torch.is_grad_enabled() and _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t,
+                                                             kb_t)
+    # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
+    skip_zero_gate = not (grad_needed and gate_t is not None and gate_t.requires_grad)
+    skip_unused_branch = not (grad_needed and alpha_t is not None and alpha_t.requires_grad)
 
     def to_acc(t):
         return None if t is None else t.to(acc)
@@ -193,7 +199,8 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         return None if t is None else t.to(torch.int64)
 
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = torch.ops.headops.attention_fwd(
+    out, lse, *_saved = torch.ops.headops.attention_fwd(
         q, k, v, causal, s.heads_first, default_scale, to_acc(scale_t), to_long(window_t), to_long(sinks_t),
-        to_acc(alpha_t), to_acc(kb_t), to_acc(sink_t), to_acc(os_t), to_acc(ob_t), to_acc(gate_t), True)
+        to_acc(alpha_t), to_acc(kb_t), to_acc(sink_t), to_acc(os_t), to_acc(ob_t), to_acc(gate_t), skip_zero_gate,
+        skip_unused_branch, grad_needed)
     return (out, lse) if return_lse else out

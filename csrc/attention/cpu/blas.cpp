@@ -52,18 +52,20 @@ bool call_fortran(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, T al
   return true;
 }
 
-// Row-major C = A op(B) is column-major C^T = op(B)^T A^T: swap the operands.
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands (a
+// row-major matrix read column-major is its transpose).
 template <typename T, typename Fn>
-void gemm_rowmajor(Fn fn, bool b_transposed, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm_rowmajor(Fn fn, bool a_transposed, bool b_transposed, int64_t m, int64_t n, int64_t k, T alpha,
+                   const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  char tb = b_transposed ? 'T' : 'N';
-  if (call_fortran<T>(fn, tb, 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)) return;
+  const char ta = a_transposed ? 'T' : 'N', tb = b_transposed ? 'T' : 'N';
+  if (call_fortran<T>(fn, tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)) return;
   // no BLAS exported by this torch build: a plain loop (correct, not fast)
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       T sum = 0;
-      for (int64_t p = 0; p < k; ++p) sum += a[i * lda + p] * (b_transposed ? b[j * ldb + p] : b[p * ldb + j]);
+      for (int64_t p = 0; p < k; ++p)
+        sum += (a_transposed ? a[p * lda + i] : a[i * lda + p]) * (b_transposed ? b[j * ldb + p] : b[p * ldb + j]);
       T& out = c[i * ldc + j];
       out = alpha * sum + (beta == T(0) ? T(0) : beta * out);
     }
@@ -76,19 +78,28 @@ bool have_native_blas() { return blas().sgemm != nullptr && blas().dgemm != null
 
 void gemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
              int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_rowmajor<float>(blas().sgemm, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_rowmajor<float>(blas().sgemm, false, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 void gemm_nt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda, const double* b,
              int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_rowmajor<double>(blas().dgemm, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_rowmajor<double>(blas().dgemm, false, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 void gemm_nn(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
              int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_rowmajor<float>(blas().sgemm, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_rowmajor<float>(blas().sgemm, false, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 void gemm_nn(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda, const double* b,
              int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_rowmajor<double>(blas().dgemm, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_rowmajor<double>(blas().dgemm, false, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+             int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_rowmajor<float>(blas().sgemm, true, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void gemm_tn(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda, const double* b,
+             int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm_rowmajor<double>(blas().dgemm, true, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace headops::cpu

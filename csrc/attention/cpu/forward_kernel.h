@@ -30,6 +30,7 @@
 
 #include "../head_semantics.h"
 #include "../work_counters.h"
+#include "kernel_common.h"
 #include "operands.h"
 #include "row_ops.h"
 
@@ -37,52 +38,11 @@ namespace headops::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename acc_t>
-HeadScalars<acc_t> read_head(const AttentionParams& p, int64_t b, int64_t h) {
-  HeadScalars<acc_t> s;
-  s.softmax_scale = p.softmax_scale.present() ? p.softmax_scale.at<acc_t>(b, h) : acc_t(p.default_softmax_scale);
-  s.window = p.window.present() ? p.window.at<int64_t>(b, h) : -1;
-  s.sinks = p.sinks.present() ? p.sinks.at<int64_t>(b, h) : 0;
-  s.has_alpha = p.alpha.present();
-  s.alpha = s.has_alpha ? p.alpha.at<acc_t>(b, h) : acc_t(0);
-  s.has_sink_logit = p.sink_logit.present();
-  s.sink_logit = s.has_sink_logit ? p.sink_logit.at<acc_t>(b, h) : acc_t(0);
-  s.gate = p.gate.present() ? p.gate.at<acc_t>(b, h) : acc_t(1);
-  return s;
-}
-
 struct WorkItem {
   int64_t b, h, q0, q1;
-  VisibleKeys keys;  // what the item walks (item_keys), computed once when the list is built
+  VisibleKeys keys;  // what the item walks (tile_keys), computed once when the list is built
   int64_t cost;
 };
-
-// The keys an item walks: the full branch's (causal) range when it has one, else the
-// streaming ranges (window and sinks), widened to the operand's alignment.
-template <typename acc_t>
-VisibleKeys item_keys(const AttentionParams& p, const HeadScalars<acc_t>& hs, int64_t q0, int64_t q1,
-                      int64_t alignment, int64_t padded_keys) {
-  const BranchPlan plan = plan_branches(hs);
-  const HeadVisibility vis = plan.full ? full_visibility(p.causal) : HeadVisibility{p.causal, hs.window, hs.sinks};
-  const int64_t shift = p.seqlen_k - p.seqlen_q;
-  VisibleKeys keys = vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
-  if (alignment > 1) {
-    auto widen = [&](KeyRange r) -> KeyRange {
-      if (r.empty()) return {0, 0};
-      return {r.lo - r.lo % alignment, std::min(padded_keys, (r.hi + alignment - 1) / alignment * alignment)};
-    };
-    keys.sinks = widen(keys.sinks);
-    keys.window = widen(keys.window);
-    if (!keys.sinks.empty() && keys.sinks.hi >= keys.window.lo) {
-      keys.window = {0, std::max(keys.sinks.hi, keys.window.hi)};
-      keys.sinks = {0, 0};
-    }
-  }
-  return keys;
-}
 
 template <typename acc_t, typename prob_t>
 struct BranchState {
@@ -191,16 +151,7 @@ class ItemRunner {
       acc_t* s = scores_.data() + r * block_k_;
       prob_t* prob = st.prob.data() + r * block_k_;
       KeyRange parts[2];
-      if (whole_block) {
-        parts[0] = {0, nk};
-        parts[1] = {0, 0};
-      } else {
-        const VisibleKeys vk = vis.keys_for_query(pos0 + r, Sk);
-        parts[0] = vk.sinks.clip(j0, j0 + nk);
-        parts[1] = vk.window.clip(j0, j0 + nk);
-        for (KeyRange& part : parts) part = part.empty() ? KeyRange{0, 0} : KeyRange{part.lo - j0, part.hi - j0};
-        if (parts[0].empty()) std::swap(parts[0], parts[1]);
-      }
+      visible_parts(vis, pos0 + r, Sk, j0, nk, whole_block, parts);
       if (parts[0].empty()) {
         fill_zero(prob, 0, nk);
         continue;
@@ -269,11 +220,18 @@ class ItemRunner {
       const acc_t inv_full = plan.full && full_.row_sum[r] > 0 ? acc_t(1) / full_.row_sum[r] : acc_t(0);
       const acc_t inv_stream =
           plan.streaming && streaming_.row_sum[r] > 0 ? acc_t(1) / streaming_.row_sum[r] : acc_t(0);
-      const Branch& main = plan.full ? full_ : streaming_;
-      lse[i] = main.row_sum[r] > 0 ? main.row_max[r] + std::log(main.row_sum[r])
-                                   : -std::numeric_limits<acc_t>::infinity();
+      auto branch_lse = [&](const Branch& br) {
+        return br.row_sum[r] > 0 ? br.row_max[r] + std::log(br.row_sum[r]) : -std::numeric_limits<acc_t>::infinity();
+      };
+      lse[i] = branch_lse(plan.streaming ? streaming_ : full_);
       const acc_t* af = full_.acc.data() + r * D;
       const acc_t* as = streaming_.acc.data() + r * D;
+      const int64_t saved_row = ((b * p_.heads_q + h) * p_.seqlen_q + i) * D;
+      if (p_.o_stream && plan.streaming) store_scaled(static_cast<acc_t*>(p_.o_stream) + saved_row, as, D, inv_stream);
+      if (p_.o_full && plan.full) {
+        store_scaled(static_cast<acc_t*>(p_.o_full) + saved_row, af, D, inv_full);
+        static_cast<acc_t*>(p_.lse_full)[(b * p_.heads_q + h) * p_.seqlen_q + i] = branch_lse(full_);
+      }
       acc_t* o = out_row_.data();
       using V = Vectorized<acc_t>;
       int64_t d = 0;
@@ -291,6 +249,13 @@ class ItemRunner {
       apply_epilogue(o, D, os, p_.out_scale.stride_n, ob, p_.out_bias.stride_n, hs.gate);
       at::vec::convert(o, const_cast<scalar_t*>(p_.out.row<scalar_t>(b, i, h)), D);
     }
+  }
+
+  static void store_scaled(acc_t* dst, const acc_t* src, int64_t D, acc_t factor) {
+    using V = Vectorized<acc_t>;
+    int64_t d = 0;
+    for (; d + V::size() <= D; d += V::size()) (V::loadu(src + d) * V(factor)).store(dst + d);
+    for (; d < D; ++d) dst[d] = src[d] * factor;
   }
 
   // o = gate * (o * out_scale + out_bias), vectorised where scale and bias are contiguous.
@@ -330,17 +295,6 @@ void write_skipped_head(const AttentionParams& p, int64_t b, int64_t h) {
   }
 }
 
-// A tile of queries walks the union of their windows: about window + rows keys per row. A
-// head with a short window (and no full branch) gets shorter tiles so that this stays
-// within ~1.5x of the keys it really sees.
-template <typename acc_t>
-int64_t head_query_tile(const HeadScalars<acc_t>& hs, int64_t block_q) {
-  if (hs.window < 0 || (hs.has_alpha && hs.alpha != acc_t(0))) return block_q;
-  int64_t rows = 16;
-  while (rows * 2 <= block_q && rows * 4 <= hs.window) rows *= 2;  // rows <= window / 2
-  return rows;
-}
-
 template <typename scalar_t>
 std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q, int64_t alignment,
                                       int64_t padded_keys, std::vector<std::pair<int64_t, int64_t>>& skipped) {
@@ -357,7 +311,7 @@ std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q,
       const int64_t rows = head_query_tile(hs, block_q);
       for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += rows) {
         const int64_t q1 = std::min(p.seqlen_q, q0 + rows);
-        const VisibleKeys keys = item_keys(p, hs, q0, q1, alignment, padded_keys);
+        const VisibleKeys keys = tile_keys(p, hs, q0, q1, alignment, padded_keys);
         const int64_t branches = hs.has_alpha ? 2 : 1;
         items.push_back({b, h, q0, q1, keys, (q1 - q0) * (keys.count() * branches + 1)});
       }
@@ -366,20 +320,6 @@ std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q,
   // heaviest first, so that the last items handed out are short (longest-processing-time order)
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
   return items;
-}
-
-// Runs every item on at::parallel_for's threads, each thread taking the next item from a
-// shared counter. Results do not depend on which thread ran an item.
-template <typename Fn>
-void run_dynamic(int64_t n_items, Fn&& make_worker) {
-  if (n_items == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_items);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    auto worker = make_worker();
-    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) worker.run(i);
-    worker.finish();
-  });
 }
 
 template <typename scalar_t, typename Operands, typename MakeOperands>

@@ -1,6 +1,7 @@
 // Vectorised row operations of the online softmax (float or double accumulation).
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/vec_convert.h>
 

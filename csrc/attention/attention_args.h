@@ -1,0 +1,54 @@
+// Argument checks (TORCH_CHECK) and tensor-to-AttentionParams plumbing shared by the forward
+// and backward ops, so that a raw call of either op with bad input raises instead of crashing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "attention_params.h"
+
+namespace headops {
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct Dims {
+  int64_t B, Sq, Sk, Hq, Hkv, D;
+};
+
+// The per-head arguments of both ops, in schema order.
+struct PerHeadArgs {
+  const OptTensor& softmax_scale;
+  const OptTensor& window;
+  const OptTensor& sinks;
+  const OptTensor& alpha;
+  const OptTensor& key_bias;
+  const OptTensor& sink_logit;
+  const OptTensor& out_scale;
+  const OptTensor& out_bias;
+  const OptTensor& gate;
+};
+
+// q, k, v: 4-D, one float dtype, one device (CPU in this build), GQA-compatible heads, a
+// contiguous last dim. Returns the sizes.
+Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first);
+
+// dtype, shape ([B, Hq], [B, Hq, Sk] or [B, Hq, D]), device and values (window != 0,
+// sinks >= 0, alpha in [0, 1]) of every per-head argument present.
+void check_per_head_args(const char* op, const Dims& dims, at::ScalarType acc, const at::Tensor& q,
+                         const PerHeadArgs& args);
+
+void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                  const at::Tensor& q);
+
+// BLAS and brgemm read a row block with one leading dimension: a tensor whose rows overlap
+// (a stride below D), whose last dim is not contiguous or whose row stride passes 32 bits is
+// copied; anything else is used as it is.
+at::Tensor rows_addressable(const at::Tensor& t, bool heads_first);
+
+HeadTensor head_tensor(const at::Tensor& t, bool heads_first);
+
+// Sizes, flags and per-head pointers of `p` (q, k, v and outputs are set by the caller).
+void fill_params(AttentionParams& p, const Dims& dims, bool causal, double default_scale, const PerHeadArgs& args);
+
+}  // namespace headops

@@ -1,0 +1,128 @@
+#include "attention_bwd.h"
+
+#include <ATen/ATen.h>
+
+#include "attention_args.h"
+#include "attention_params.h"
+#include "cpu/attention_bwd_cpu.h"
+
+namespace headops {
+namespace {
+
+OptTensor contiguous_or_none(const OptTensor& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_bwd(
+    const at::Tensor& dout_in, const OptTensor& dlse_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full,
+    const OptTensor& lse_full, bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale,
+    const OptTensor& window, const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
+    const OptTensor& sink_logit, const OptTensor& out_scale_in, const OptTensor& out_bias_in, const OptTensor& gate,
+    bool skipped_zero_gate, at::IntArrayRef needs_grad) {
+  const char* op = "headops.attention_bwd: ";
+  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first);
+  const auto dtype = q_in.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale_in, out_bias_in, gate};
+  check_per_head_args(op, d, acc, q_in, given);
+  TORCH_CHECK(static_cast<int64_t>(needs_grad.size()) == kNumBackwardGrads, op, "needs_grad must have ",
+              int(kNumBackwardGrads), " entries (q, k, v, softmax_scale, alpha, key_bias, sink_logit, out_scale, "
+              "out_bias, gate), got ", needs_grad.size());
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes(), op, "dout must have the output's shape ", q_in.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(dout_in.is_floating_point() && dout_in.device() == q_in.device(), op,
+              "dout must be a floating tensor on ", q_in.device());
+  check_tensor(op, o_stream, "o_stream", acc, {d.B, d.Hq, d.Sq, d.D}, q_in);
+  check_tensor(op, lse, "lse", acc, {d.B, d.Hq, d.Sq}, q_in);
+  if (alpha.has_value()) {
+    TORCH_CHECK(o_full.has_value() && lse_full.has_value(), op, "o_full and lse_full are required with alpha");
+    check_tensor(op, *o_full, "o_full", acc, {d.B, d.Hq, d.Sq, d.D}, q_in);
+    check_tensor(op, *lse_full, "lse_full", acc, {d.B, d.Hq, d.Sq}, q_in);
+  }
+  if (dlse_in.has_value()) {
+    TORCH_CHECK(dlse_in->sizes() == lse.sizes() && dlse_in->is_floating_point() && dlse_in->device() == q_in.device(),
+                op, "dlse must be a floating tensor of shape ", lse.sizes(), " on ", q_in.device());
+    TORCH_CHECK(!alpha.has_value(), op, "dlse cannot be combined with alpha (there is no single lse)");
+  }
+  auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
+
+  // the kernel reads everything in the accumulation dtype, rows addressable, the row
+  // parameters contiguous
+  auto to_acc = [&](const at::Tensor& t) { return rows_addressable(t.to(acc), heads_first); };
+  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), dout = to_acc(dout_in);
+  const at::Tensor o_stream_c = o_stream.contiguous(), lse_c = lse.contiguous();
+  const OptTensor o_full_c = contiguous_or_none(o_full), lse_full_c = contiguous_or_none(lse_full);
+  const OptTensor dlse = dlse_in.has_value() ? OptTensor(dlse_in->to(acc).contiguous()) : std::nullopt;
+  const OptTensor key_bias = contiguous_or_none(key_bias_in);
+  const OptTensor out_scale = contiguous_or_none(out_scale_in), out_bias = contiguous_or_none(out_bias_in);
+  const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
+
+  const auto options = q.options().dtype(acc);
+  auto zeros_if = [&](bool wanted, at::IntArrayRef shape) {
+    return wanted ? at::zeros(shape, options) : at::empty({0}, options);
+  };
+  const std::vector<int64_t> q_shape = heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sq, d.D}
+                                                   : std::vector<int64_t>{d.B, d.Sq, d.Hq, d.D};
+  const std::vector<int64_t> kv_per_q_head = heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sk, d.D}
+                                                         : std::vector<int64_t>{d.B, d.Sk, d.Hq, d.D};
+  at::Tensor dq = zeros_if(wants(kGradQ), q_shape);
+  at::Tensor dk = zeros_if(wants(kGradK), kv_per_q_head);
+  at::Tensor dv = zeros_if(wants(kGradV), kv_per_q_head);
+  at::Tensor dscale = zeros_if(wants(kGradSoftmaxScale) && softmax_scale.has_value(), {d.B, d.Hq});
+  at::Tensor dalpha = zeros_if(wants(kGradAlpha) && alpha.has_value(), {d.B, d.Hq});
+  at::Tensor dkey_bias = zeros_if(wants(kGradKeyBias) && key_bias.has_value(), {d.B, d.Hq, d.Sk});
+  at::Tensor dsink = zeros_if(wants(kGradSinkLogit) && sink_logit.has_value(), {d.B, d.Hq});
+  at::Tensor dout_scale = zeros_if(wants(kGradOutScale) && out_scale.has_value(), {d.B, d.Hq, d.D});
+  at::Tensor dout_bias = zeros_if(wants(kGradOutBias) && out_bias.has_value(), {d.B, d.Hq, d.D});
+  at::Tensor dgate = zeros_if(wants(kGradGate) && gate.has_value(), {d.B, d.Hq});
+
+  BackwardParams p;
+  AttentionParams& f = p.fwd;
+  f.q = head_tensor(q, heads_first);
+  f.k = head_tensor(k, heads_first);
+  f.v = head_tensor(v, heads_first);
+  f.lse = lse_c.data_ptr();
+  f.o_stream = o_stream_c.data_ptr();
+  if (o_full_c.has_value()) {
+    f.o_full = o_full_c->data_ptr();
+    f.lse_full = lse_full_c->data_ptr();
+  }
+  fill_params(f, d, causal, default_scale, args);
+  f.skip_unused_branch = true;  // a branch whose weight is 0 adds nothing to any gradient
+  p.dout = head_tensor(dout, heads_first);
+  p.dlse = dlse.has_value() ? dlse->data_ptr() : nullptr;
+  p.skipped_zero_gate = skipped_zero_gate;
+  auto ptr = [](at::Tensor& t) -> void* { return t.numel() > 0 ? t.data_ptr() : nullptr; };
+  p.want_dq = dq.numel() > 0;
+  p.want_dk = dk.numel() > 0;
+  p.want_dv = dv.numel() > 0;
+  if (p.want_dq) p.dq = head_tensor(dq, heads_first);
+  if (p.want_dk) p.dk = head_tensor(dk, heads_first);
+  if (p.want_dv) p.dv = head_tensor(dv, heads_first);
+  p.dsoftmax_scale = ptr(dscale);
+  p.dalpha = ptr(dalpha);
+  p.dsink_logit = ptr(dsink);
+  p.dgate = ptr(dgate);
+  p.dkey_bias = ptr(dkey_bias);
+  p.dout_scale = ptr(dout_scale);
+  p.dout_bias = ptr(dout_bias);
+  if (d.B * d.Hq * d.Sq * d.D > 0) cpu::attention_backward(p, acc);
+
+  // dk, dv: sum the query heads of each GQA group (in a fixed order), back to k's dtype
+  const int64_t group = d.Hq / d.Hkv;
+  auto per_kv_head = [&](const at::Tensor& t, BackwardGrad g) {
+    if (!wants(g)) return t;
+    at::Tensor r = t;
+    if (group > 1)
+      r = heads_first ? t.view({d.B, d.Hkv, group, d.Sk, d.D}).sum(2) : t.view({d.B, d.Sk, d.Hkv, group, d.D}).sum(3);
+    return r.to(dtype);
+  };
+  return {wants(kGradQ) ? dq.to(dtype) : dq, per_kv_head(dk, kGradK), per_kv_head(dv, kGradV), dscale, dalpha,
+          dkey_bias, dsink, dout_scale, dout_bias, dgate};
+}
+
+}  // namespace headops

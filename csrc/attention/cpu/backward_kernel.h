@@ -1,0 +1,378 @@
+// Fused CPU attention backward with per-head behaviour (FlashAttention-2 style).
+//
+// One work item is one (batch, query head): it owns that head's dq rows, its per-query-head
+// dk/dv accumulators (the caller sums GQA groups in a fixed order) and its per-head parameter
+// gradients, so threads never write the same memory and results do not depend on the thread
+// that ran an item. Within the item:
+//   1. a pass over the rows turns dL/dout into the gradient of the attention average (through
+//      the epilogue and the alpha mixing) and yields the gradients of gate, out_scale,
+//      out_bias, alpha and sink_logit, and each branch's delta_i = do_i . o_i - dlse_i;
+//   2. query tiles walk only the key blocks they can see (the forward's tile_keys), recompute
+//      the probabilities from the saved lse, and accumulate dq, dk, dv (and key_bias,
+//      softmax_scale) with five BLAS tile products. Nothing of size S x S is stored.
+// Inputs arrive in the accumulation dtype (the dispatcher converts bfloat16/float16), so only
+// float and double are instantiated.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include backward_kernel.h from a backward_<isa>.cpp that defines CPU_CAPABILITY"
+#endif
+#define HEADOPS_ISA_NAMESPACE CPU_CAPABILITY
+
+#include "attention_bwd_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../head_semantics.h"
+#include "../work_counters.h"
+#include "blas.h"
+#include "kernel_common.h"
+#include "row_ops.h"
+
+namespace headops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  V acc0(T(0)), acc1(T(0));
+  int64_t d = 0;
+  for (; d + 2 * V::size() <= n; d += 2 * V::size()) {
+    acc0 = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc0);
+    acc1 = at::vec::fmadd(V::loadu(a + d + V::size()), V::loadu(b + d + V::size()), acc1);
+  }
+  T sum = reduce_sum(acc0 + acc1);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// ds[j] = p[j] * (ds[j] - delta) on [lo, hi): softmax backward of one row (ds holds dP).
+template <typename T>
+void softmax_grad(T* ds, const T* p, int64_t lo, int64_t hi, T delta) {
+  using V = Vectorized<T>;
+  const V vd(delta);
+  int64_t j = lo;
+  for (; j + V::size() <= hi; j += V::size()) (V::loadu(p + j) * (V::loadu(ds + j) - vd)).store(ds + j);
+  for (; j < hi; ++j) ds[j] = p[j] * (ds[j] - delta);
+}
+
+template <typename T>
+void add_into(T* dst, const T* src, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) (V::loadu(dst + j) + V::loadu(src + j)).store(dst + j);
+  for (; j < n; ++j) dst[j] += src[j];
+}
+
+// How the two branches of a head weigh in the backward. The row buffer holds
+// do_scale * dL/do (the gradient of the mixed attention average); branch X then sees
+// dP_X = weight_X * (do_buffer . v) and contributes weight_X * P_X to dv.
+template <typename acc_t>
+struct BranchWeights {
+  acc_t full = 0, streaming = 1;  // alpha and 1 - alpha (0 and 1 without alpha)
+  acc_t do_scale = 1;             // folded into the row buffer when only one branch is walked
+  acc_t w_full = 0, w_streaming = 1;
+};
+
+template <typename acc_t>
+class HeadBackward {
+  using V = Vectorized<acc_t>;
+
+ public:
+  HeadBackward(const BackwardParams& p, int64_t block_q, int64_t block_k)
+      : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim),
+        d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
+        mixed_(p.fwd.head_dim), probs_(block_q * block_k), probs_full_(block_q * block_k),
+        grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim) {}
+
+  void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
+    const HeadScalars<acc_t> hs = read_head<acc_t>(f_, b, h);
+    if (p_.skipped_zero_gate && hs.gate == acc_t(0)) return;  // never computed: its gradients are 0
+    BranchWeights<acc_t> w;
+    if (hs.has_alpha) {
+      w.full = hs.alpha;
+      w.streaming = acc_t(1) - hs.alpha;
+    }
+    const BranchPlan plan = plan_branches(hs);  // branches with a non-zero weight
+    const bool both = plan.full && plan.streaming;
+    w.do_scale = both ? acc_t(1) : (plan.full ? w.full : w.streaming);
+    w.w_full = both ? w.full : acc_t(1);
+    w.w_streaming = both ? w.streaming : acc_t(1);
+
+    prepare_rows(b, h, hs, w, plan);
+    if (!p_.needs_key_loop()) return;
+    // with the gate at 0 the rows' gradient is 0: only dL/dlse can still reach q, k, v
+    if (hs.gate == acc_t(0) && p_.dlse == nullptr) return;
+    walk_tiles(b, h, hs, w, plan, counts);
+  }
+
+ private:
+  const acc_t* saved_row(const void* base, int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const acc_t*>(base) + ((b * f_.heads_q + h) * f_.seqlen_q + i) * D_;
+  }
+  acc_t saved_lse(const void* base, int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const acc_t*>(base)[(b * f_.heads_q + h) * f_.seqlen_q + i];
+  }
+  static acc_t sink_probability(acc_t sink_logit, acc_t lse) {
+    return lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(sink_logit - lse);
+  }
+
+  // Pass 1: the epilogue and alpha mixing backwards, row by row.
+  void prepare_rows(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
+                    const BranchPlan& plan) {
+    const int64_t D = D_, Sq = f_.seqlen_q, bh = b * f_.heads_q + h;
+    const acc_t gate = hs.gate;
+    const acc_t* os = f_.out_scale.present() ? f_.out_scale.row<acc_t>(b, h) : nullptr;
+    const acc_t* ob = f_.out_bias.present() ? f_.out_bias.row<acc_t>(b, h) : nullptr;
+    acc_t* dos = p_.dout_scale ? static_cast<acc_t*>(p_.dout_scale) + bh * D : nullptr;
+    acc_t* dob = p_.dout_bias ? static_cast<acc_t*>(p_.dout_bias) + bh * D : nullptr;
+    const acc_t* dlse = p_.dlse ? static_cast<const acc_t*>(p_.dlse) + bh * Sq : nullptr;
+    const bool want_dalpha = p_.dalpha != nullptr;
+    // a branch's saved average exists when the forward computed it: weight != 0, or alpha's
+    // gradient was wanted (then both were computed)
+    const bool read_full = hs.has_alpha && (plan.full || want_dalpha);
+    const bool read_stream = plan.streaming || want_dalpha;
+    const bool need_mixed = p_.dgate != nullptr || dos != nullptr;
+    acc_t dgate = 0, dalpha = 0, dsink = 0;
+    for (int64_t i = 0; i < Sq; ++i) {
+      const acc_t* dy = p_.dout.row<acc_t>(b, i, h);
+      const acc_t* o_full = read_full ? saved_row(f_.o_full, b, h, i) : nullptr;
+      const acc_t* o_stream = read_stream ? saved_row(f_.o_stream, b, h, i) : nullptr;
+      acc_t* d_o = d_out_.data() + i * D;
+      const acc_t* mixed = nullptr;
+      if (need_mixed) {
+        if (o_full && o_stream) {
+          for (int64_t d = 0; d < D; ++d) mixed_[d] = mix_alpha(hs.alpha, o_full[d], o_stream[d]);
+          mixed = mixed_.data();
+        } else {
+          mixed = o_full ? o_full : o_stream;
+        }
+      }
+      // out = gate * (o * out_scale + out_bias)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t scale = os ? os[d] : acc_t(1);
+        if (mixed) {
+          if (p_.dgate) dgate += dy[d] * (mixed[d] * scale + (ob ? ob[d] : acc_t(0)));
+          if (dos) dos[d] += gate * dy[d] * mixed[d];
+        }
+        if (dob) dob[d] += gate * dy[d];
+        d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
+      }
+      if (gate == acc_t(0)) {
+        // the saved averages may hold anything a NaN could come from: the row's gradient is 0
+        delta_stream_[i] = dlse ? -dlse[i] : acc_t(0);
+        delta_full_[i] = 0;
+      } else {
+        if (want_dalpha) dalpha += dot(d_o, o_full, D) - dot(d_o, o_stream, D);
+        delta_stream_[i] = plan.streaming ? w.streaming * dot(d_o, o_stream, D) : acc_t(0);
+        delta_full_[i] = plan.full ? w.full * dot(d_o, o_full, D) : acc_t(0);
+        if (dlse) delta_stream_[i] -= dlse[i];
+      }
+      if (p_.dsink_logit && hs.has_sink_logit) {
+        // the sink is a key with a zero value: dL/dsink = -sum_i P_sink(i) * delta_i per branch
+        if (plan.streaming)
+          dsink -= sink_probability(hs.sink_logit, saved_lse(f_.lse, b, h, i)) * delta_stream_[i];
+        if (plan.full) dsink -= sink_probability(hs.sink_logit, saved_lse(f_.lse_full, b, h, i)) * delta_full_[i];
+      }
+      if (w.do_scale != acc_t(1)) scale_row(d_o, D, w.do_scale);
+    }
+    if (p_.dgate) static_cast<acc_t*>(p_.dgate)[bh] = dgate;
+    if (p_.dalpha) static_cast<acc_t*>(p_.dalpha)[bh] = dalpha;
+    if (p_.dsink_logit) static_cast<acc_t*>(p_.dsink_logit)[bh] = dsink;
+  }
+
+  // Pass 2: query tiles over the key blocks they can see.
+  void walk_tiles(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
+                  const BranchPlan& plan, LocalWorkCounts& counts) {
+    const int64_t Sq = f_.seqlen_q, D = D_, bh = b * f_.heads_q + h;
+    const int64_t rows = head_query_tile(hs, block_q_);
+    acc_t dscale = 0;
+    for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
+      const int64_t q1 = std::min(Sq, q0 + rows), nq = q1 - q0;
+      const VisibleKeys keys = tile_keys(f_, hs, q0, q1, 1, f_.seqlen_k);
+      if (keys.count() == 0) continue;
+      counts.add(kWorkItems, 1);
+      std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
+      for (const KeyRange& range : {keys.sinks, keys.window})
+        for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
+          key_block(b, h, hs, w, plan, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
+      // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
+      for (int64_t r = 0; r < nq; ++r) {
+        const acc_t* dq_row = dq_tile_.data() + r * D;
+        if (p_.dsoftmax_scale) dscale += dot(f_.q.row<acc_t>(b, q0 + r, h), dq_row, D);
+        if (p_.want_dq) {
+          acc_t* out = const_cast<acc_t*>(p_.dq.row<acc_t>(b, q0 + r, h));
+          for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
+        }
+      }
+    }
+    if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale;
+  }
+
+  // Probabilities of one branch for row r: exp(logit - lse) on the visible parts, 0 elsewhere.
+  // `logits` holds scale * s + bias when `prescaled`, else the raw q.k products.
+  void branch_probs(acc_t* out, const acc_t* logits, bool prescaled, const HeadVisibility& vis, int64_t pos,
+                    int64_t j0, int64_t nk, bool whole_block, acc_t lse, acc_t scale, const acc_t* bias,
+                    KeyRange (&parts)[2]) {
+    visible_parts(vis, pos, f_.seqlen_k, j0, nk, whole_block, parts);
+    if (lse == -std::numeric_limits<acc_t>::infinity()) parts[0] = parts[1] = {0, 0};  // nothing visible
+    int64_t cursor = 0;
+    for (const KeyRange& part : parts) {
+      if (part.empty()) continue;
+      fill_zero(out, cursor, part.lo);
+      acc_t unused_max;
+      if (prescaled)
+        exp_and_sum(logits, out, part.lo, part.hi, lse);
+      else
+        scaled_exp_sum(logits + part.lo, out + part.lo, part.size(), scale, bias ? bias + part.lo : nullptr, lse,
+                       unused_max);
+      cursor = part.hi;
+    }
+    fill_zero(out, cursor, nk);
+  }
+
+  void key_block(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
+                 const BranchPlan& plan, int64_t q0, int64_t nq, int64_t j0, int64_t nk, LocalWorkCounts& counts) {
+    const int64_t D = D_, ld = block_k_, kvh = h / f_.group();
+    const int64_t pos0 = q0 + f_.seqlen_k - f_.seqlen_q;
+    const acc_t* q = f_.q.row<acc_t>(b, q0, h);
+    const acc_t* k = f_.k.row<acc_t>(b, j0, kvh);
+    const acc_t* v = f_.v.row<acc_t>(b, j0, kvh);
+    const acc_t* d_o = d_out_.data() + q0 * D;
+    const acc_t* bias = f_.key_bias.present() ? f_.key_bias.row<acc_t>(b, h) + j0 : nullptr;
+    acc_t* dkb = p_.dkey_bias ? static_cast<acc_t*>(p_.dkey_bias) + (b * f_.heads_q + h) * f_.seqlen_k + j0 : nullptr;
+    acc_t* s = probs_.data();
+    acc_t* ds = grads_.data();
+
+    gemm_nt(nq, nk, D, acc_t(1), q, f_.q.stride_s, k, f_.k.stride_s, acc_t(0), s, ld);     // S = Q K^T
+    gemm_nt(nq, nk, D, acc_t(1), d_o, D, v, f_.v.stride_s, acc_t(0), ds, ld);              // dP = dO V^T
+    counts.add(kKeyBlocks, 1);
+    counts.add(kScoreElements, nq * nk);
+
+    const HeadVisibility stream_vis{f_.causal, hs.window, hs.sinks};
+    const HeadVisibility full_vis = full_visibility(f_.causal);
+    const bool both = plan.full && plan.streaming;
+    const HeadVisibility& main_vis = plan.full && !both ? full_vis : stream_vis;
+    const bool main_whole = main_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
+    const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
+    const bool stream_whole = stream_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t i = q0 + r, pos = pos0 + r;
+      acc_t* s_row = s + r * ld;
+      acc_t* ds_row = ds + r * ld;
+      KeyRange parts[2];
+      if (!both) {
+        const acc_t lse = saved_lse(plan.full ? f_.lse_full : f_.lse, b, h, i);
+        const acc_t delta = plan.full ? delta_full_[i] : delta_stream_[i];
+        branch_probs(s_row, s_row, false, main_vis, pos, j0, nk, main_whole, lse, hs.softmax_scale, bias, parts);
+        int64_t cursor = 0;
+        for (const KeyRange& part : parts) {
+          if (part.empty()) continue;
+          fill_zero(ds_row, cursor, part.lo);
+          softmax_grad(ds_row, s_row, part.lo, part.hi, delta);
+          cursor = part.hi;
+        }
+        fill_zero(ds_row, cursor, nk);
+      } else {
+        // both branches read the same logits: scale them once, in place
+        for (int64_t j = 0; j < nk; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
+        acc_t* pf = probs_full_.data() + r * ld;
+        KeyRange full_parts[2];
+        branch_probs(pf, s_row, true, full_vis, pos, j0, nk, full_whole, saved_lse(f_.lse_full, b, h, i), 0, nullptr,
+                     full_parts);
+        branch_probs(s_row, s_row, true, stream_vis, pos, j0, nk, stream_whole, saved_lse(f_.lse, b, h, i), 0, nullptr,
+                     parts);
+        // dS = P_f (w_f dP - delta_f) + P_s (w_s dP - delta_s);  dv weights P = w_f P_f + w_s P_s
+        const acc_t df = delta_full_[i], dst = delta_stream_[i];
+        for (int64_t j = 0; j < nk; ++j) {
+          const acc_t dp = ds_row[j];
+          ds_row[j] = (pf[j] != acc_t(0) ? pf[j] * (w.w_full * dp - df) : acc_t(0)) +
+                      (s_row[j] != acc_t(0) ? s_row[j] * (w.w_streaming * dp - dst) : acc_t(0));
+          s_row[j] = w.w_full * pf[j] + w.w_streaming * s_row[j];
+        }
+      }
+      if (dkb) add_into(dkb, ds_row, nk);
+    }
+    if (p_.want_dv) {
+      acc_t* dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, j0, h));
+      gemm_tn(nk, D, nq, acc_t(1), s, ld, d_o, D, acc_t(1), dv, p_.dv.stride_s);  // dV += P^T dO
+      counts.add(kValueBlocks, 1);
+    }
+    gemm_nn(nq, D, nk, acc_t(1), ds, ld, k, f_.k.stride_s, acc_t(1), dq_tile_.data(), D);  // dQ += dS K
+    if (p_.want_dk) {
+      acc_t* dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, j0, h));
+      gemm_tn(nk, D, nq, hs.softmax_scale, ds, ld, q, f_.q.stride_s, acc_t(1), dk, p_.dk.stride_s);  // dK += s dS^T Q
+    }
+  }
+
+  const BackwardParams& p_;
+  const AttentionParams& f_;
+  int64_t block_q_, block_k_, D_;
+  std::vector<acc_t> d_out_;                      // dL/do of the item's rows (times do_scale)
+  std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
+  std::vector<acc_t> mixed_;                      // one row of the mixed average
+  std::vector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
+  std::vector<acc_t> dq_tile_;                    // [block_q, D]: dS K of the current tile
+};
+
+// Items heaviest first: the (b, h) pairs and the keys they walk.
+template <typename acc_t>
+std::vector<std::pair<int64_t, int64_t>> backward_items(const BackwardParams& p, int64_t block_q) {
+  const AttentionParams& f = p.fwd;
+  std::vector<std::pair<int64_t, int64_t>> items;  // (cost, b * Hq + h)
+  for (int64_t b = 0; b < f.batch; ++b) {
+    for (int64_t h = 0; h < f.heads_q; ++h) {
+      const HeadScalars<acc_t> hs = read_head<acc_t>(f, b, h);
+      if (p.skipped_zero_gate && hs.gate == acc_t(0)) continue;
+      const int64_t rows = head_query_tile(hs, block_q);
+      int64_t cost = f.seqlen_q;
+      for (int64_t q0 = 0; q0 < f.seqlen_q; q0 += rows) {
+        const int64_t q1 = std::min(f.seqlen_q, q0 + rows);
+        cost += (q1 - q0) * tile_keys(f, hs, q0, q1, 1, f.seqlen_k).count();
+      }
+      items.emplace_back(cost, b * f.heads_q + h);
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  return items;
+}
+
+template <typename acc_t>
+void backward_typed(const BackwardParams& p) {
+  const TileShape tiles = backward_tile_shape(p.fwd.head_dim);
+  const auto items = backward_items<acc_t>(p, tiles.block_q);
+  struct Worker {
+    HeadBackward<acc_t> head;
+    LocalWorkCounts counts;
+    const std::vector<std::pair<int64_t, int64_t>>& items;
+    int64_t heads_q;
+    void run(int64_t n) {
+      const int64_t flat = items[n].second;
+      head.run(flat / heads_q, flat % heads_q, counts);
+    }
+    void finish() { counts.publish(); }
+  };
+  run_dynamic(static_cast<int64_t>(items.size()), [&] {
+    return Worker{HeadBackward<acc_t>(p, tiles.block_q, tiles.block_k), {}, items, p.fwd.heads_q};
+  });
+}
+
+}  // namespace
+
+void attention_backward_isa(const BackwardParams& p, at::ScalarType acc_dtype) {
+  switch (acc_dtype) {
+    case at::kFloat: return backward_typed<float>(p);
+    case at::kDouble: return backward_typed<double>(p);
+    default: TORCH_CHECK(false, "headops: the backward runs in float or double, got ", acc_dtype);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace headops::cpu
