@@ -17,6 +17,9 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, causal, heads_first, default_scale, softmax_scale, window, sinks, alpha, key_bias, sink_logit,
      out_scale, out_bias, gate, skip_zero_gate, _skip_unused_branch, save_for_backward) = inputs
     _out, lse, o_stream, o_full, lse_full = output
+    # an output the loss does not use must arrive as None, not as zeros: a gated-off head's
+    # key loop is skipped only when no dL/dlse exists
+    ctx.set_materialize_grads(False)
     ctx.saved = save_for_backward
     ctx.flags = (causal, heads_first, default_scale, skip_zero_gate)
     ctx.has_alpha = alpha is not None

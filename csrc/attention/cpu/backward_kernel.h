@@ -214,6 +214,11 @@ class HeadBackward {
       }
     }
     if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale;
+    // dk = scale * sum dS^T Q, scaled once here: BLAS given the scale as alpha rounds differently
+    // with its thread setting (the rows of dk belong to this item)
+    if (p_.want_dk && hs.softmax_scale != acc_t(1))
+      for (int64_t j = 0; j < f_.seqlen_k; ++j)
+        scale_row(const_cast<acc_t*>(p_.dk.row<acc_t>(b, j, h)), D, hs.softmax_scale);
   }
 
   // Probabilities of one branch for row r: exp(logit - lse) on the visible parts, 0 elsewhere.
@@ -308,7 +313,7 @@ class HeadBackward {
     gemm_nn(nq, D, nk, acc_t(1), ds, ld, k, f_.k.stride_s, acc_t(1), dq_tile_.data(), D);  // dQ += dS K
     if (p_.want_dk) {
       acc_t* dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, j0, h));
-      gemm_tn(nk, D, nq, hs.softmax_scale, ds, ld, q, f_.q.stride_s, acc_t(1), dk, p_.dk.stride_s);  // dK += s dS^T Q
+      gemm_tn(nk, D, nq, acc_t(1), ds, ld, q, f_.q.stride_s, acc_t(1), dk, p_.dk.stride_s);  // dK += dS^T Q
     }
   }
 

@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""CPU forward+backward benchmark of ``headops.attention`` against named baselines.
+
+    cd /work/main && .venv/bin/python bench/attention_cpu_train.py [--quick] [options]
+
+Shape: B=1, H=16, D=128, layout "bhsd", causal; one call = forward, then backward of a fixed
+random output gradient into q, k and v (``out.backward(grad)``). Scenarios:
+
+  dense        every head full causal attention;
+  stream 50%   half of the heads streaming (sinks 4 + window 256), the others full (DuoAttention);
+  gated 50%    gate = [1, 0] * 8, the gate not requiring grad (a pruned model being fine-tuned);
+  importance   the same gate, requiring grad (Michel et al.: dL/dgate of every head, the gated
+               heads included -- so they are computed in the forward).
+
+Baselines, timed interleaved with headops in the same run (bench/timing.py; median of --repeats):
+
+  SDPA dense   F.scaled_dot_product_attention(q, k, v, is_causal=True) forward+backward over all
+               heads whatever the scenario: what training costs without headops;
+  eager ref    autograd through headops.reference.attention (the test oracle, S x S), S <= 2048;
+  eager-mask   autograd through transformers-style eager attention with a per-head boolean mask
+               and the head outputs multiplied by the gate (S x S), S <= 2048.
+
+Checks (a failure exits with status 1): every gradient finite; for heads that are full and
+ungated, dq, dk, dv equal SDPA's; for the other heads, the gradients of a 64-row query slice
+equal the eager reference's (bottom-right aligned slice: the keys a slice sees are all there).
+
+Peak memory (--memory-s, default 16384; 0 skips): in a fresh subprocess, one dense causal
+forward+backward of headops at B=1, H=4, D=128, fp32; reports the growth of the peak resident
+set over the inputs and compares it with one S x S fp32 matrix per head.
+
+Writes bench/results/attention_cpu_train_<preset>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import headops  # noqa: E402
+from headops import reference  # noqa: E402
+from bench.timing import interleaved, load_average, machine_info, markdown_table, now_iso, text_table  # noqa: E402
+
+B, H, D = 1, 16, 128
+SINKS, WINDOW = 4, 256
+EAGER_MAX_S = 2048
+CHECK_ROWS = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+PRESETS = {
+    "quick": [("dense", "float32", 256), ("stream", "float32", 256), ("importance", "float32", 256)],
+    "default": [("dense", "float32", 2048), ("stream", "float32", 2048), ("gated", "float32", 2048),
+                ("importance", "float32", 2048), ("dense", "bfloat16", 2048), ("stream", "float32", 8192)],
+}
+LABELS = {"dense": "dense", "stream": "stream 50%", "gated": "gated 50%", "importance": "importance"}
+# the check tolerances: float32 gradients summed over up to S keys in a different order
+GRAD_TOL = {"float32": (2e-4, 1e-3), "bfloat16": (5e-2, 5e-2)}
+
+
+def head_args(scenario: str, S: int) -> dict:
+    window = min(WINDOW, max(1, S // 4))
+    if scenario == "stream":
+        return dict(window=torch.tensor([window, -1] * (H // 2)), sinks=torch.tensor([SINKS, 0] * (H // 2)))
+    if scenario in ("gated", "importance"):
+        gate = torch.tensor([1.0, 0.0] * (H // 2))
+        return dict(gate=gate.requires_grad_(scenario == "importance"))
+    return {}
+
+
+def full_heads(scenario: str) -> list:
+    if scenario == "dense":
+        return list(range(H))
+    return list(range(1, H, 2)) if scenario == "stream" else list(range(0, H, 2))
+
+
+def eager_mask_attention(q, k, v, hidden, gate):
+    """transformers-style eager attention with a head mask: every head computed, S x S stored."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)
+    return out if gate is None else out * gate.to(out.dtype).view(1, -1, 1, 1)
+
+
+def run_row(scenario: str, dtype_name: str, S: int, repeats: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(S)
+    q, k, v, grad_out = (torch.randn(B, H, S, D, generator=gen).to(dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    args = head_args(scenario, S)
+    leaves = [q, k, v] + [a for a in args.values() if a.requires_grad]
+
+    def fwd_bwd(fn):
+        def call():
+            for t in leaves:
+                t.grad = None
+            fn().backward(grad_out)
+            return [t.grad for t in leaves]
+        return call
+
+    candidates = {
+        "headops": fwd_bwd(lambda: headops.attention(q, k, v, layout="bhsd", **args)),
+        "sdpa": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    }
+    if S <= EAGER_MAX_S:
+        candidates["eager_ref"] = fwd_bwd(lambda: reference.attention(q, k, v, layout="bhsd", **args))
+        hidden = ~reference.visibility(S, S, causal=True, window=args.get("window"), sinks=args.get("sinks"),
+                                       B=1, Hq=H)
+        candidates["eager_mask"] = fwd_bwd(lambda: eager_mask_attention(q, k, v, hidden, args.get("gate")))
+
+    row = {"scenario": scenario, "label": LABELS[scenario], "dtype": dtype_name, "S": S}
+    warm = {name: fn() for name, fn in candidates.items()}  # warm-up calls, kept for the checks
+    row["check"] = check_row(scenario, dtype_name, S, q, k, v, grad_out, args, warm)
+    del warm
+    stats = interleaved(candidates, repeats)
+    for name, st in stats.items():
+        row[name] = st.as_dict()
+    return row
+
+
+def check_row(scenario, dtype_name, S, q, k, v, grad_out, args, warm) -> dict:
+    problems = []
+    mine = warm["headops"]
+    for name, g in zip(["dq", "dk", "dv", "dgate"], mine):
+        if not torch.isfinite(g).all():
+            problems.append(f"{name} has NaN/inf")
+    atol, rtol = GRAD_TOL[dtype_name]
+    worst = 0.0
+    heads = full_heads(scenario)
+    for name, a, b in zip(["dq", "dk", "dv"], mine, warm["sdpa"]):
+        diff = (a[:, heads].float() - b[:, heads].float()).abs()
+        bound = atol + rtol * b[:, heads].float().abs()
+        worst = max(worst, diff.max().item())
+        if (diff > bound).any():
+            problems.append(f"{name} of full heads differs from SDPA's by {diff.max().item():.2e}")
+    others = [h for h in range(H) if h not in heads]
+    if others:
+        # a query slice at the end sees every key: its dq equals the reference's on that slice
+        qs = q.detach()[:, :, -CHECK_ROWS:].clone().requires_grad_(True)
+        ref_args = {n: (a.detach() if isinstance(a, torch.Tensor) else a) for n, a in args.items()}
+        ref = reference.attention(qs.double(), k.detach().double(), v.detach().double(), layout="bhsd", **ref_args)
+        (dq_ref,) = torch.autograd.grad(ref, qs, grad_out[:, :, -CHECK_ROWS:].double())
+        got = mine[0][:, others, -CHECK_ROWS:].float()
+        want = dq_ref[:, others].float()
+        diff = (got - want).abs()
+        worst = max(worst, diff.max().item())
+        if (diff > atol + rtol * want.abs()).any():
+            problems.append(f"dq of the last {CHECK_ROWS} rows of the other heads differs from the reference's by "
+                            f"{diff.max().item():.2e}")
+    return {"ok": not problems, "max_abs_diff": worst, "problems": problems}
+
+
+def measure_memory(S: int, heads: int = 4) -> dict:
+    """Peak RSS growth of one dense causal forward+backward, in a fresh process."""
+    code = f"""
+import resource, json, torch, headops
+torch.manual_seed(0)
+q, k, v, g = (torch.randn(1, {heads}, {S}, {D}) for _ in range(4))
+for t in (q, k, v): t.requires_grad_(True)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = headops.attention(q, k, v, layout="bhsd")
+out.backward(g)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(base_kib=base, peak_kib=peak, finite=bool(torch.isfinite(q.grad).all()))))
+"""
+    started = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    growth = (data["peak_kib"] - data["base_kib"]) * 1024
+    tensor_bytes = heads * S * D * 4  # one [1, H, S, D] fp32 tensor
+    return {"S": S, "heads": heads, "growth_bytes": growth, "growth_in_qkv_sized_tensors": growth / tensor_bytes,
+            "bytes_per_head_per_token": growth / (heads * S), "s_by_s_bytes_per_head": S * S * 4,
+            "finite": data["finite"], "seconds": time.perf_counter() - started}
+
+
+HEADER = ["scenario", "dtype", "S", "headops ms", "SDPA dense ms", "headops/SDPA", "eager ref ms", "ref/headops",
+          "eager-mask ms", "mask/headops", "check"]
+
+
+def table_rows(rows):
+    out = []
+    for r in rows:
+        hd, sd = r["headops"]["median_ms"], r["sdpa"]["median_ms"]
+        ref = r.get("eager_ref", {}).get("median_ms")
+        mask = r.get("eager_mask", {}).get("median_ms")
+        out.append([r["label"], SHORT[r["dtype"]], r["S"], f"{hd:.1f}", f"{sd:.1f}", f"{hd / sd:.2f}x",
+                    f"{ref:.1f}" if ref else "skipped", f"{ref / hd:.1f}x" if ref else "-",
+                    f"{mask:.1f}" if mask else "skipped", f"{mask / hd:.1f}x" if mask else "-",
+                    ("ok " if r["check"]["ok"] else "FAILED ") + f"{r['check']['max_abs_diff']:.1e}"])
+    return out
+
+
+def write_results(path_base, meta, rows, memory):
+    with open(path_base + ".json", "w") as f:
+        json.dump(dict(meta, rows=rows, memory=memory), f, indent=2, default=str)
+        f.write("\n")
+    m = meta["machine"]
+    lines = [f"# headops attention, CPU forward+backward: preset `{meta['preset']}`", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+             f"- machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, torch {m['torch']}, "
+             f"{m['torch_threads']} threads",
+             f"- shape: B={B}, H={H}, D={D}, layout bhsd, causal; forward + backward into q, k, v "
+             f"(and the gate for 'importance'); median of {meta['repeats']} interleaved calls",
+             f"- wall time: {meta['elapsed_s']:.0f} s", "", markdown_table(HEADER, table_rows(rows)), ""]
+    if memory:
+        lines += [f"Peak memory, dense causal forward+backward, B=1, H={memory['heads']}, S={memory['S']}, D={D}, "
+                  f"fp32: the peak resident set grew by {memory['growth_bytes'] / 2**20:.0f} MiB over the inputs "
+                  f"= {memory['growth_in_qkv_sized_tensors']:.1f} tensors of q's size = "
+                  f"{memory['bytes_per_head_per_token'] / 1024:.1f} KiB per head and token (O(S·D)); one S x S "
+                  f"fp32 matrix would be {memory['s_by_s_bytes_per_head'] / 2**20:.0f} MiB per head.", ""]
+    lines += ["Notes: ratios below 1 in headops/SDPA mean headops is faster; ref/headops and mask/headops above 1 "
+              "mean headops is faster. SDPA dense is dense causal attention over every head whatever the scenario. "
+              "check: gradients finite, full ungated heads equal SDPA's, the other heads' dq on the last "
+              f"{CHECK_ROWS} query rows equals the reference's (largest abs difference shown).", ""]
+    for r in rows:
+        for p in r["check"]["problems"]:
+            lines.append(f"- {r['label']} {SHORT[r['dtype']]} S={r['S']}: CHECK FAILED: {p}")
+    with open(path_base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="S=256 rows only (CI smoke test)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memory-s", type=int, default=None, help="S of the peak-memory run (0 skips; default 16384, "
+                                                               "quick: 0)")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = "quick" if args.quick else "default"
+    memory_s = args.memory_s if args.memory_s is not None else (0 if args.quick else 16384)
+    meta = {"benchmark": "bench/attention_cpu_train.py", "preset": preset, "date": now_iso(),
+            "command": shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
+                                   else sys.executable] + (sys.argv if argv is None else ["attention_cpu_train.py"] + argv)),
+            "machine": machine_info(), "repeats": args.repeats}
+    print(f"headops CPU forward+backward benchmark, preset {preset}, {torch.get_num_threads()} threads", flush=True)
+    started = time.perf_counter()
+    rows = []
+    for scenario, dtype_name, S in PRESETS[preset]:
+        row = run_row(scenario, dtype_name, S, args.repeats)
+        row["load_average"] = load_average()
+        rows.append(row)
+        print(f"  {row['label']:<11} {SHORT[dtype_name]} S={S}: headops {row['headops']['median_ms']:.1f} ms, "
+              f"SDPA {row['sdpa']['median_ms']:.1f} ms, check {'ok' if row['check']['ok'] else 'FAILED'}", flush=True)
+    memory = measure_memory(memory_s) if memory_s else None
+    meta["elapsed_s"] = time.perf_counter() - started
+    os.makedirs(args.out_dir, exist_ok=True)
+    path_base = os.path.join(args.out_dir, f"attention_cpu_train_{preset}")
+    write_results(path_base, meta, rows, memory)
+    print()
+    print(text_table(HEADER, table_rows(rows)))
+    if memory:
+        print(f"\npeak memory, dense f+b S={memory['S']} H={memory['heads']}: +{memory['growth_bytes'] / 2**20:.0f} MiB "
+              f"({memory['bytes_per_head_per_token'] / 1024:.1f} KiB per head and token; S x S fp32 per head would be "
+              f"{memory['s_by_s_bytes_per_head'] / 2**20:.0f} MiB)")
+    print(f"\nwrote {path_base}.md and .json")
+    return 0 if all(r["check"]["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
