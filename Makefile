@@ -1,4 +1,4 @@
-# make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmark
+# make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward, forward+backward)
 # make test  - same set-up, then the whole pytest suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test bench-full clean
+.PHONY: all build demo test bench-full bench-train clean
 
 all: build
 
@@ -26,9 +26,13 @@ build: $(DEPS_STAMP)
 
 demo: build
 	$(VPY) bench/attention_cpu.py
+	$(VPY) bench/attention_cpu_train.py
 
 bench-full: build
 	$(VPY) bench/attention_cpu.py --full
+
+bench-train: build
+	$(VPY) bench/attention_cpu_train.py
 
 test: build
 	$(VPY) -m pytest tests -q

@@ -26,7 +26,8 @@ equal the eager reference's (bottom-right aligned slice: the keys a slice sees a
 
 Peak memory (--memory-s, default 16384; 0 skips): in a fresh subprocess, one dense causal
 forward+backward of headops at B=1, H=4, D=128, fp32; reports the growth of the peak resident
-set over the inputs and compares it with one S x S fp32 matrix per head.
+set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) over the inputs, and
+compares it with one S x S fp32 matrix per head.
 
 Writes bench/results/attention_cpu_train_<preset>.md and .json.
 """
@@ -37,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -167,14 +167,23 @@ def check_row(scenario, dtype_name, S, q, k, v, grad_out, args, warm) -> dict:
 def measure_memory(S: int, heads: int = 4) -> dict:
     """Peak RSS growth of one dense causal forward+backward, in a fresh process."""
     code = f"""
-import resource, json, torch, headops
+import json, torch, headops
+
+def status(field):  # kB values of /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
 torch.manual_seed(0)
 q, k, v, g = (torch.randn(1, {heads}, {S}, {D}) for _ in range(4))
 for t in (q, k, v): t.requires_grad_(True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+headops.attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], layout="bhsd").backward(g[:, :, :256])  # first-call set-up
+q.grad = k.grad = v.grad = None
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident set (VmHWM) to the current one
+base = status("VmRSS:")
 out = headops.attention(q, k, v, layout="bhsd")
 out.backward(g)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM:")
 print(json.dumps(dict(base_kib=base, peak_kib=peak, finite=bool(torch.isfinite(q.grad).all()))))
 """
     started = time.perf_counter()

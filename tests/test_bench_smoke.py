@@ -36,3 +36,24 @@ def test_attention_cpu_quick(tmp_path):
             assert r[name]["n"] == 2 and r[name]["median_ms"] > 0
         assert r["flex"]["status"] == "off"
         assert r["ratios"]["headops_over_sdpa"] > 0
+
+
+def test_attention_cpu_train_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "bench/attention_cpu_train.py", "--quick", "--repeats", "2", "--memory-s", "2048",
+         "--out-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads((tmp_path / "attention_cpu_train_quick.json").read_text())
+    assert "headops/SDPA" in (tmp_path / "attention_cpu_train_quick.md").read_text()
+    assert {r["scenario"] for r in data["rows"]} == {"dense", "stream", "importance"}
+    for r in data["rows"]:
+        assert r["check"]["ok"], r["check"]
+        for name in ("headops", "sdpa", "eager_ref", "eager_mask"):
+            assert r[name]["n"] == 2 and r[name]["median_ms"] > 0
+    memory = data["memory"]
+    assert memory["finite"] and memory["S"] == 2048
+    # O(S * D): a handful of q-sized tensors, far below one S x S matrix per head
+    assert 0 < memory["growth_bytes"] < 16 * memory["heads"] * memory["S"] * 128 * 4
