@@ -8,6 +8,7 @@
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "attention/cpu/blas.h"
 #include "attention/work_counters.h"
+#include "kvcache/kv_ops.h"
 
 TORCH_LIBRARY(headops, m) {
   m.def(
@@ -22,11 +23,22 @@ TORCH_LIBRARY(headops, m) {
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skipped_zero_gate, "
       "int[] needs_grad) -> Tensor[]");
+  m.def(
+      "kv_append(Tensor k_new, Tensor v_new, Tensor(a!) full_k, Tensor(b!) full_v, Tensor(c!) ring_k, "
+      "Tensor(d!) ring_v, Tensor lengths, Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, "
+      "Tensor ring_size) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor ring_k, Tensor ring_v, Tensor lengths, "
+      "Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, Tensor ring_size, bool causal, "
+      "float default_scale, Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, int split_keys) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(headops, CPU, m) {
   m.impl("attention_fwd", &headops::attention_fwd);
   m.impl("attention_bwd", &headops::attention_bwd);
+  m.impl("kv_append", &headops::kv_append);
+  m.impl("decode_attention", &headops::decode_attention);
 }
 
 namespace {

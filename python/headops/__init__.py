@@ -6,7 +6,8 @@ from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.heado
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import _autograd  # noqa: F401  (gradients of the attention op)
 from .attention import attention
+from .cache import HeadSparseCache
 from .counters import WorkCounts, count_work, work_counters, reset_work_counters
 
-__all__ = ["attention", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
+__all__ = ["attention", "HeadSparseCache", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
 __version__ = "0.1.0"

@@ -1,0 +1,340 @@
+// Decode attention over a head-sparse KV cache layer, all heads in one call (CPU).
+//
+// Work items are (batch row, KV head, slot range): a full KV head's visible keys are split
+// into ranges of split_keys slots (split-K, so one long head does not serialise the step), a
+// streaming KV head is one item over its sinks and ring. An item reads its K/V slots once for
+// all the query heads of its GQA group and all new query tokens (one tile product), keeps an
+// online softmax per (row, branch), and writes a partial (max, sum, accumulator). A combine
+// pass merges each row's partials, adds the sink logit, mixes alpha and applies the epilogue.
+// Visibility and the epilogue come from head_semantics.h; slot positions from kv_layout.h.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include decode_kernel.h from a decode_<isa>.cpp that defines CPU_CAPABILITY"
+#endif
+#define HEADOPS_ISA_NAMESPACE CPU_CAPABILITY
+
+#include "decode_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../../attention/cpu/blas.h"
+#include "../../attention/cpu/kernel_common.h"
+#include "../../attention/cpu/row_ops.h"
+#include "../../attention/head_semantics.h"
+#include "../../attention/work_counters.h"
+#include "../kv_layout.h"
+
+namespace headops::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kDecodeBlock = 256;  // slots per tile product
+
+struct DecodeItem {
+  int64_t b, kvh, j0, j1;  // slot range [j0, j1) of one KV head's storage
+};
+
+// Where the slots of one (b, KV head) live and which position each holds.
+template <typename scalar_t>
+struct HeadStorage {
+  const scalar_t* k;
+  const scalar_t* v;
+  bool full;
+  RingLayout ring;
+  int64_t length;
+
+  static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh) {
+    HeadStorage s;
+    const int64_t D = p.attn.head_dim, index = p.kv_index[kvh];
+    s.full = p.kv_kind[kvh] == kKvFull;
+    s.length = p.lengths[b];
+    if (s.full) {
+      const int64_t base = ((b * p.full_heads + index) * p.full_capacity) * D;
+      s.k = static_cast<const scalar_t*>(p.full_k) + base;
+      s.v = static_cast<const scalar_t*>(p.full_v) + base;
+      s.ring = {0, 0, 1};
+    } else {
+      s.ring = {p.ring_offset[index], p.ring_sinks[index], p.ring_size[index]};
+      const int64_t base = (b * p.ring_slots + s.ring.offset) * D;
+      s.k = static_cast<const scalar_t*>(p.ring_k) + base;
+      s.v = static_cast<const scalar_t*>(p.ring_v) + base;
+    }
+    return s;
+  }
+  int64_t slots() const { return full ? length : ring.slots(); }
+  int64_t position(int64_t j) const { return full ? j : ring.position_of(j, length); }
+};
+
+// Per (row, branch) partial softmax of one item: max, sum, then D accumulator values.
+template <typename acc_t>
+struct PartialBuffer {
+  std::vector<acc_t> data;
+  int64_t rows, D;
+  acc_t* at(int64_t item, int64_t row, int64_t branch) { return data.data() + ((item * rows + row) * 2 + branch) * (D + 2); }
+};
+
+template <typename scalar_t>
+class DecodeWorker {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+
+ public:
+  DecodeWorker(const DecodeParams& p, const std::vector<DecodeItem>& items, PartialBuffer<acc_t>& partials)
+      : p_(p), a_(p.attn), items_(items), partials_(partials), D_(p.attn.head_dim), G_(p.attn.group()),
+        Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), kbuf_(kDirect ? 0 : kDecodeBlock * D_),
+        vbuf_(kDirect ? 0 : kDecodeBlock * D_), scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
+        probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
+        acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)}, max_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)},
+        sum_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)}, heads_(G_) {}
+
+  void run(int64_t n) {
+    const DecodeItem& item = items_[n];
+    const int64_t b = item.b, D = D_;
+    const HeadStorage<scalar_t> st = HeadStorage<scalar_t>::of(p_, b, item.kvh);
+    const int64_t pos0 = st.length - Sq_;
+    for (int64_t g = 0; g < G_; ++g) {
+      heads_[g] = read_head<acc_t>(a_, b, item.kvh * G_ + g);
+      for (int64_t i = 0; i < Sq_; ++i) {
+        const int64_t r = g * Sq_ + i;
+        const scalar_t* qrow = a_.q.row<scalar_t>(b, i, item.kvh * G_ + g);
+        for (int64_t d = 0; d < D; ++d) q_[r * D + d] = static_cast<acc_t>(qrow[d]);
+      }
+    }
+    for (int br = 0; br < 2; ++br) {
+      std::fill(max_[br].begin(), max_[br].end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(sum_[br].begin(), sum_[br].end(), acc_t(0));
+      std::fill(acc_[br].begin(), acc_[br].end(), acc_t(0));
+    }
+    counts_.add(kWorkItems, 1);
+    for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
+      const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
+      const acc_t* k = block_rows(st.k, j0, nk, kbuf_);
+      gemm_nt(R_, nk, D, acc_t(1), q_.data(), D, k, D, acc_t(0), scores_.data(), kDecodeBlock);
+      counts_.add(kKeyBlocks, 1);
+      counts_.add(kScoreElements, R_ * nk);
+      bool used[2] = {false, false};
+      for (int64_t g = 0; g < G_; ++g) {
+        const HeadScalars<acc_t>& hs = heads_[g];
+        if (hs.gate == acc_t(0)) continue;
+        const BranchPlan plan = plan_branches(hs);
+        const acc_t* bias = a_.key_bias.present() ? a_.key_bias.row<acc_t>(b, item.kvh * G_ + g) : nullptr;
+        for (int br = 0; br < 2; ++br) {
+          const bool wanted = br == 0 ? plan.full : plan.streaming;
+          if (!wanted) continue;
+          used[br] = true;
+          const HeadVisibility vis = br == 0 ? full_visibility(a_.causal) : HeadVisibility{a_.causal, hs.window, hs.sinks};
+          for (int64_t i = 0; i < Sq_; ++i)
+            update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk);
+        }
+      }
+      const acc_t* v = block_rows(st.v, j0, nk, vbuf_);
+      for (int br = 0; br < 2; ++br) {
+        if (!used[br]) continue;
+        gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, v, D, acc_t(1), acc_[br].data(), D);
+        counts_.add(kValueBlocks, 1);
+      }
+    }
+    for (int64_t r = 0; r < R_; ++r) {
+      for (int br = 0; br < 2; ++br) {
+        acc_t* out = partials_.at(n, r, br);
+        out[0] = max_[br][r];
+        out[1] = sum_[br][r];
+        std::copy(acc_[br].begin() + r * D, acc_[br].begin() + (r + 1) * D, out + 2);
+      }
+    }
+  }
+
+  void finish() { counts_.publish(); }
+
+ private:
+  // The block's rows in the accumulation dtype: the storage itself, or a converted copy.
+  const acc_t* block_rows(const scalar_t* base, int64_t j0, int64_t nk, std::vector<acc_t>& buf) {
+    const scalar_t* src = base + j0 * D_;
+    if constexpr (kDirect) {
+      return src;
+    } else {
+      at::vec::convert(src, buf.data(), nk * D_);
+      return buf.data();
+    }
+  }
+
+  // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
+  void update_row(int64_t r, int br, const HeadVisibility& vis, int64_t pos, const HeadScalars<acc_t>& hs,
+                  const acc_t* bias, const HeadStorage<scalar_t>& st, int64_t j0, int64_t nk) {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    const acc_t* s = scores_.data() + r * kDecodeBlock;
+    acc_t* prob = probs_[br].data() + r * kDecodeBlock;
+    acc_t* x = logits_.data();
+    const int64_t bias_stride = a_.key_bias.stride_n;
+    acc_t block_max;
+    if (st.full && vis.block_fully_visible(pos, pos, j0, j0 + nk)) {
+      std::copy(s, s + nk, x);
+      block_max = scale_bias_max(x, nk, hs.softmax_scale, bias ? bias + j0 * bias_stride : nullptr, bias_stride);
+    } else {
+      block_max = neg_inf;
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t p = st.position(j0 + j);
+        if (p < 0 || !vis.visible(pos, p)) {
+          x[j] = neg_inf;
+          continue;
+        }
+        x[j] = s[j] * hs.softmax_scale + (bias ? bias[p * bias_stride] : acc_t(0));
+        block_max = x[j] > block_max || x[j] != x[j] ? x[j] : block_max;
+      }
+    }
+    const acc_t old_max = max_[br][r];
+    const acc_t new_max = std::max(old_max, block_max);
+    if (new_max == neg_inf) {
+      fill_zero(prob, 0, nk);
+      return;
+    }
+    const acc_t sum = exp_and_sum(x, prob, 0, nk, new_max);
+    const acc_t correction = std::exp(old_max - new_max);
+    sum_[br][r] = sum_[br][r] * correction + sum;
+    max_[br][r] = new_max;
+    if (correction != acc_t(1)) scale_row(acc_[br].data() + r * D_, D_, correction);
+  }
+
+  const DecodeParams& p_;
+  const AttentionParams& a_;
+  const std::vector<DecodeItem>& items_;
+  PartialBuffer<acc_t>& partials_;
+  int64_t D_, G_, Sq_, R_;
+  std::vector<acc_t> q_, kbuf_, vbuf_, scores_, logits_;
+  std::vector<acc_t> probs_[2], acc_[2], max_[2], sum_[2];
+  std::vector<HeadScalars<acc_t>> heads_;
+  LocalWorkCounts counts_;
+};
+
+// The items of one call: per (b, KV head) with an active query head, the union of the slot
+// ranges its query heads can see, split into ranges of split_keys slots.
+template <typename acc_t>
+std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>& first_item) {
+  const AttentionParams& a = p.attn;
+  const int64_t G = a.group(), Sq = a.seqlen_q;
+  std::vector<DecodeItem> items;
+  first_item.assign(a.batch * a.heads_kv + 1, 0);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t L = p.lengths[b];
+    for (int64_t kvh = 0; kvh < a.heads_kv; ++kvh) {
+      first_item[b * a.heads_kv + kvh] = static_cast<int64_t>(items.size());
+      KeyRange sinks{0, 0}, window{0, 0};
+      bool any = false;
+      for (int64_t g = 0; g < G; ++g) {
+        const HeadScalars<acc_t> hs = read_head<acc_t>(a, b, kvh * G + g);
+        if (hs.gate == acc_t(0)) continue;
+        const BranchPlan plan = plan_branches(hs);
+        const HeadVisibility vis = plan.full ? full_visibility(a.causal) : HeadVisibility{a.causal, hs.window, hs.sinks};
+        const VisibleKeys keys = vis.keys_for_positions(L - Sq, L - 1, L);
+        if (!keys.sinks.empty()) sinks.hi = std::max(sinks.hi, keys.sinks.hi);
+        if (!keys.window.empty()) {
+          window = window.empty() ? keys.window : KeyRange{std::min(window.lo, keys.window.lo), std::max(window.hi, keys.window.hi)};
+        }
+        any = true;
+      }
+      if (!any || L <= 0) continue;
+      if (p.kv_kind[kvh] != kKvFull) {
+        const int64_t index = p.kv_index[kvh];
+        items.push_back({b, kvh, 0, p.ring_sinks[index] + p.ring_size[index]});
+        continue;
+      }
+      if (!sinks.empty() && !window.empty() && sinks.hi >= window.lo) {
+        window = {0, std::max(sinks.hi, window.hi)};
+        sinks = {0, 0};
+      }
+      for (const KeyRange& range : {sinks, window})
+        for (int64_t j = range.lo; j < range.hi; j += p.split_keys)
+          items.push_back({b, kvh, j, std::min(range.hi, j + p.split_keys)});
+    }
+  }
+  first_item[a.batch * a.heads_kv] = static_cast<int64_t>(items.size());
+  return items;
+}
+
+// Merges a row's partials, adds the sink, mixes alpha and writes the finished output row.
+template <typename scalar_t>
+void combine(const DecodeParams& p, const std::vector<int64_t>& first_item, PartialBuffer<acc_type<scalar_t>>& partials) {
+  using acc_t = acc_type<scalar_t>;
+  const AttentionParams& a = p.attn;
+  const int64_t G = a.group(), Sq = a.seqlen_q, D = a.head_dim;
+  at::parallel_for(0, a.batch * a.heads_q, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> merged(2 * D), row(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.heads_q, h = bh % a.heads_q, kvh = h / G, g = h % G;
+      const HeadScalars<acc_t> hs = read_head<acc_t>(a, b, h);
+      const BranchPlan plan = plan_branches(hs);
+      const acc_t* os = a.out_scale.present() ? a.out_scale.row<acc_t>(b, h) : nullptr;
+      const acc_t* ob = a.out_bias.present() ? a.out_bias.row<acc_t>(b, h) : nullptr;
+      const int64_t i0 = first_item[b * a.heads_kv + kvh], i1 = first_item[b * a.heads_kv + kvh + 1];
+      for (int64_t i = 0; i < Sq; ++i) {
+        scalar_t* out = const_cast<scalar_t*>(a.out.row<scalar_t>(b, i, h));
+        if (hs.gate == acc_t(0)) {
+          std::fill(out, out + D, scalar_t(0));
+          continue;
+        }
+        acc_t inv[2] = {0, 0};
+        for (int br = 0; br < 2; ++br) {
+          if (!(br == 0 ? plan.full : plan.streaming)) continue;
+          const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+          acc_t m = hs.has_sink_logit ? hs.sink_logit : neg_inf;
+          acc_t l = m == neg_inf ? acc_t(0) : acc_t(1);
+          acc_t* acc = merged.data() + br * D;
+          std::fill(acc, acc + D, acc_t(0));
+          for (int64_t it = i0; it < i1; ++it) {
+            const acc_t* part = partials.at(it, g * Sq + i, br);
+            if (part[1] == acc_t(0)) continue;
+            const acc_t new_m = std::max(m, part[0]);
+            const acc_t c_old = std::exp(m - new_m), c_new = std::exp(part[0] - new_m);
+            for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * c_old + part[2 + d] * c_new;
+            l = l * c_old + part[1] * c_new;
+            m = new_m;
+          }
+          inv[br] = l > 0 ? acc_t(1) / l : acc_t(0);
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t full = merged[d] * inv[0], stream = merged[D + d] * inv[1];
+          const acc_t o = plan.full && plan.streaming ? mix_alpha(hs.alpha, full, stream) : (plan.full ? full : stream);
+          row[d] = epilogue(o, os ? os[d * a.out_scale.stride_n] : acc_t(1), ob ? ob[d * a.out_bias.stride_n] : acc_t(0),
+                            hs.gate);
+        }
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(row[d]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void decode_typed(const DecodeParams& p) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<int64_t> first_item;
+  const std::vector<DecodeItem> items = decode_items<acc_t>(p, first_item);
+  PartialBuffer<acc_t> partials;
+  partials.rows = p.attn.group() * p.attn.seqlen_q;
+  partials.D = p.attn.head_dim;
+  partials.data.resize(items.size() * partials.rows * 2 * (partials.D + 2));
+  run_dynamic(static_cast<int64_t>(items.size()), [&] { return DecodeWorker<scalar_t>(p, items, partials); });
+  combine<scalar_t>(p, first_item, partials);
+}
+
+}  // namespace
+
+void decode_attention_isa(const DecodeParams& p, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return decode_typed<float>(p);
+    case at::kDouble: return decode_typed<double>(p);
+    case at::kBFloat16: return decode_typed<at::BFloat16>(p);
+    case at::kHalf: return decode_typed<at::Half>(p);
+    default: TORCH_CHECK(false, "headops: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace headops::cpu

@@ -1,0 +1,30 @@
+// Raw-pointer description of one decode-attention call over a head-sparse KV cache layer.
+#pragma once
+
+#include <cstdint>
+
+#include "../attention/attention_params.h"
+
+namespace headops {
+
+struct DecodeParams {
+  // q ([B, Sq, Hq, D] addressing), out, per-head parameters and sizes; seqlen_k is the
+  // length of key_bias's last axis (the longest row); query row i of batch b sits at
+  // position lengths[b] - Sq + i
+  AttentionParams attn;
+  const void* full_k = nullptr;  // [B, Hf, full_capacity, D] contiguous
+  const void* full_v = nullptr;
+  int64_t full_heads = 0, full_capacity = 0;
+  const void* ring_k = nullptr;  // [B, ring_slots, D] contiguous
+  const void* ring_v = nullptr;
+  int64_t ring_slots = 0;
+  const int64_t* lengths = nullptr;      // [B] tokens written per row, the new ones included
+  const int64_t* kv_kind = nullptr;      // [Hkv] KvKind
+  const int64_t* kv_index = nullptr;     // [Hkv] index among the full heads or the streaming heads
+  const int64_t* ring_offset = nullptr;  // [Hs]
+  const int64_t* ring_sinks = nullptr;   // [Hs]
+  const int64_t* ring_size = nullptr;    // [Hs]
+  int64_t split_keys = 1024;             // keys per work item on long full heads (split-K)
+};
+
+}  // namespace headops

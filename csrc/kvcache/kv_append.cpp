@@ -1,0 +1,74 @@
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#include "kv_layout.h"
+#include "kv_layout_checks.h"
+#include "kv_ops.h"
+
+namespace headops {
+
+// Writes k_new/v_new ([B, Sq, Hkv, D], any strides with a contiguous last dim) at positions
+// lengths[b] .. lengths[b] + Sq - 1 of every KV head's storage. A streaming head skips the
+// tokens its ring would overwrite within the same call (a long prefill writes only what stays).
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& full_k, const at::Tensor& full_v,
+               const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
+               const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
+               const at::Tensor& ring_size) {
+  const char* op = "headops.kv_append: ";
+  TORCH_CHECK(k_new.dim() == 4 && k_new.sizes() == v_new.sizes(), op, "k_new and v_new must be [B, Sq, Hkv, D] of one "
+              "shape, got ", k_new.sizes(), " and ", v_new.sizes());
+  TORCH_CHECK(k_new.scalar_type() == v_new.scalar_type(), op, "k_new and v_new must have one dtype");
+  const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
+  const LayerLayout l = check_layer_layout(op, k_new.scalar_type(), B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
+                                           kv_kind, kv_index, ring_offset, ring_sinks, ring_size);
+  const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
+  const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const int64_t* kind = kv_kind.data_ptr<int64_t>();
+  const int64_t* index = kv_index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      if (kind[h] == kKvFull)
+        TORCH_CHECK(len[b] + Sq <= l.full_capacity, op, "row ", b, " would hold ", len[b] + Sq,
+                    " tokens, past the full storage's capacity ", l.full_capacity);
+  const int64_t row_bytes = D * k.element_size();
+  const int64_t* off = ring_offset.data_ptr<int64_t>();
+  const int64_t* snk = ring_sinks.data_ptr<int64_t>();
+  const int64_t* size = ring_size.data_ptr<int64_t>();
+  char* fk = static_cast<char*>(full_k.data_ptr());
+  char* fv = static_cast<char*>(full_v.data_ptr());
+  char* rk = static_cast<char*>(ring_k.data_ptr());
+  char* rv = static_cast<char*>(ring_v.data_ptr());
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const int64_t first = len[b], last = len[b] + Sq;  // positions [first, last) are new
+      for (int64_t i = 0; i < Sq; ++i) {
+        const int64_t p = first + i;
+        int64_t slot;
+        char *dk, *dv;
+        if (kind[h] == kKvFull) {
+          slot = (b * l.full_heads + index[h]) * l.full_capacity + p;
+          dk = fk;
+          dv = fv;
+        } else {
+          const RingLayout ring{off[index[h]], snk[index[h]], size[index[h]]};
+          if (p >= ring.sinks && p < last - ring.ring) continue;  // overwritten before this call returns
+          slot = b * l.ring_slots + ring.offset + ring.slot_of(p);
+          dk = rk;
+          dv = rv;
+        }
+        std::memcpy(dk + slot * row_bytes, static_cast<const char*>(k.data_ptr()) +
+                                               (b * k.stride(0) + i * k.stride(1) + h * k.stride(2)) * k.element_size(),
+                    row_bytes);
+        std::memcpy(dv + slot * row_bytes, static_cast<const char*>(v.data_ptr()) +
+                                               (b * v.stride(0) + i * v.stride(1) + h * v.stride(2)) * v.element_size(),
+                    row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace headops

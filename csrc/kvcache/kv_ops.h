@@ -1,0 +1,27 @@
+// The head-sparse KV cache ops: kv_append (write new tokens into each KV head's storage) and
+// decode_attention (attention of a few new query tokens over every head's storage, one call).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace headops {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& full_k, const at::Tensor& full_v,
+               const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
+               const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
+               const at::Tensor& ring_size);
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& full_k, const at::Tensor& full_v,
+                            const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
+                            const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
+                            const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,
+                            double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
+                            const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias,
+                            const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
+                            const OptTensor& gate, int64_t split_keys);
+
+}  // namespace headops

@@ -1,0 +1,339 @@
+"""``headops.HeadSparseCache``: a KV cache that keeps, per layer and KV head, only what that
+head can ever attend to (docs/DESIGN.md section 2).
+
+Per layer there are two packed storages (csrc/kvcache/kv_layout.h):
+  full       ``[B, Hf, capacity, D]`` for the full KV heads; the capacity grows by a quarter
+             (rounded to 64 tokens) when a step needs more, never per token;
+  streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots, allocated
+             once: its first ``sinks`` tokens and a ring over the most recent ones.
+A streaming KV head keeps the largest window and sinks of the query heads it serves (the
+ring also holds ``max_step - 1`` more tokens, so that a step of several new tokens still
+finds every key its first query sees). Kept tokens keep their original positions: windows,
+sinks and ``key_bias`` index them by position.
+
+Budget heads (a fixed number of tokens kept by attention mass) are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .attention import attention as _attention
+
+__all__ = ["HeadSparseCache"]
+
+_KINDS = ("full", "streaming")
+_GROWTH_ALIGN = 64
+
+
+def _fail(name, expected, got):
+    return ValueError(f"headops.HeadSparseCache: {name} must be {expected}, got {got}")
+
+
+def _per_layer_heads(value, name, L, H, default):
+    """A [L][H] list of ints from None, an int, an [H] sequence/tensor or an [L][H] one."""
+    if value is None:
+        return [[default] * H for _ in range(L)]
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return [[int(value)] * H for _ in range(L)]
+    rows = list(value)
+    if len(rows) == H and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows):
+        return [[int(x) for x in rows] for _ in range(L)]
+    if len(rows) == L and all(len(list(r)) == H for r in rows):
+        out = [[x for x in r] for r in rows]
+        if all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for r in out for x in r):
+            return [[int(x) for x in r] for r in out]
+    raise _fail(name, f"an int, [Hq] = [{H}] or [L, Hq] = [{L}, {H}] integers", value)
+
+
+def _per_layer_kinds(kinds, L, Hkv):
+    if isinstance(kinds, str):
+        rows = [[kinds] * Hkv for _ in range(L)]
+    else:
+        rows = list(kinds)
+        if len(rows) == Hkv and all(isinstance(x, str) for x in rows):
+            rows = [list(rows) for _ in range(L)]
+        elif not (len(rows) == L and all(not isinstance(r, str) and len(list(r)) == Hkv for r in rows)):
+            raise _fail("kinds", f"'full', 'streaming', [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] of them", kinds)
+        rows = [list(r) for r in rows]
+    for r in rows:
+        for k in r:
+            if k not in _KINDS:
+                raise _fail("kinds", "'full' or 'streaming' for every KV head", repr(k))
+    return rows
+
+
+class _Layer:
+    """Storage and layout tables of one layer."""
+
+    def __init__(self, kinds, windows, sinks, group, B, D, dtype, device, max_step):
+        Hkv = len(kinds)
+        self.kv_kind = torch.tensor([0 if k == "full" else 1 for k in kinds], dtype=torch.int64)
+        index, full, ring_offset, ring_sinks, ring_size = [], 0, [], [], []
+        for h, kind in enumerate(kinds):
+            if kind == "full":
+                index.append(full)
+                full += 1
+                continue
+            served = range(h * group, (h + 1) * group)
+            w = [windows[q] for q in served]
+            if any(x < 1 for x in w):
+                raise ValueError(f"headops.HeadSparseCache: KV head {h} is streaming but query head(s) "
+                                 f"{[q for q in served if windows[q] < 1]} have window < 1 (unlimited or 0): a "
+                                 "streaming head keeps sinks + a window of recent tokens, window must be >= 1")
+            index.append(len(ring_offset))
+            ring_offset.append(sum(s + r for s, r in zip(ring_sinks, ring_size)))
+            ring_sinks.append(max(sinks[q] for q in served))
+            ring_size.append(max(w) + max_step - 1)
+        self.kv_index = torch.tensor(index, dtype=torch.int64)
+        self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
+        self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
+        self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
+        slots = sum(ring_sinks) + sum(ring_size)
+        self.ring_k = torch.zeros(B, slots, D, dtype=dtype, device=device)
+        self.ring_v = torch.zeros(B, slots, D, dtype=dtype, device=device)
+        self.full_heads = full
+        self.full_k = torch.zeros(B, full, 0, D, dtype=dtype, device=device)
+        self.full_v = torch.zeros(B, full, 0, D, dtype=dtype, device=device)
+        self.lengths = torch.zeros(B, dtype=torch.int64)
+        self.windows = torch.tensor(windows, dtype=torch.int64)
+        self.sinks = torch.tensor(sinks, dtype=torch.int64)
+        self.Hkv = Hkv
+
+    def reserve(self, tokens: int) -> None:
+        """Makes the full storage hold at least `tokens` tokens per row."""
+        cap = self.full_k.shape[2]
+        if tokens <= cap or self.full_heads == 0:
+            return
+        new_cap = max(tokens, cap + cap // 4)
+        new_cap = -(-new_cap // _GROWTH_ALIGN) * _GROWTH_ALIGN
+        B, Hf, _, D = self.full_k.shape
+        for name in ("full_k", "full_v"):
+            old = getattr(self, name)
+            new = torch.empty(B, Hf, new_cap, D, dtype=old.dtype, device=old.device)
+            new[:, :, :cap] = old
+            setattr(self, name, new)
+
+    def append(self, k, v, rows=slice(None)):
+        torch.ops.headops.kv_append(k, v, self.full_k[rows], self.full_v[rows], self.ring_k[rows], self.ring_v[rows],
+                                    self.lengths[rows], self.kv_kind, self.kv_index, self.ring_offset,
+                                    self.ring_sinks, self.ring_size)
+
+    def kept_tokens(self) -> int:
+        """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
+        total = 0
+        for L in self.lengths.tolist():
+            for h in range(self.Hkv):
+                if self.kv_kind[h] == 0:
+                    total += L
+                else:
+                    s = int(self.kv_index[h])
+                    total += min(L, int(self.ring_sinks[s]) + int(self.ring_size[s]))
+        return total
+
+    def nbytes(self) -> int:
+        tables = (self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size, self.lengths)
+        return sum(t.numel() * t.element_size() for t in (self.full_k, self.full_v, self.ring_k, self.ring_v) + tables)
+
+
+class HeadSparseCache:
+    """A KV cache whose storage follows each head's visibility (DESIGN section 2).
+
+    Args (keyword-only):
+        num_layers, num_heads (query heads), num_kv_heads, head_dim: the model's attention shape.
+        kinds: per KV head ``"full"`` or ``"streaming"``: one string, an ``[Hkv]`` list or an
+            ``[L, Hkv]`` list.
+        window, sinks: the query heads' windows and sinks (int, ``[Hq]`` or ``[L, Hq]``; window
+            < 0 = unlimited). They are applied at every attention call, and a streaming KV head
+            keeps the largest of its query heads'.
+        batch_size, dtype, device: of the cached keys and values.
+        max_step: the most new tokens one decode call may bring (sizes the rings).
+        split_keys: keys per work item when a long full head is split across threads.
+
+    ``cache.attention(layer, q, k, v, ...)`` is the layer's attention: the first call
+    (prefill) runs ``headops.attention`` over the prompt and stores what each head keeps;
+    later calls append the new tokens and run the decode kernel over every head's storage
+    in one call. Other per-head arguments (gate, softmax_scale, alpha, key_bias, sink_logit,
+    out_scale, out_bias) are those of ``headops.attention``; key_bias indexes original
+    positions.
+    """
+
+    def __init__(self, *, num_layers, num_heads, num_kv_heads, head_dim, kinds="full", window=None, sinks=None,
+                 batch_size=1, dtype=torch.float32, device="cpu", max_step=8, split_keys=1024):
+        for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("batch_size", batch_size), ("max_step", max_step),
+                            ("split_keys", split_keys)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise _fail(name, "an int >= 1", value)
+        if num_heads % num_kv_heads:
+            raise _fail("num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"headops.HeadSparseCache: device {device} is not supported yet (CPU only in this build)")
+        L, Hq, Hkv = num_layers, num_heads, num_kv_heads
+        kinds = _per_layer_kinds(kinds, L, Hkv)
+        windows = _per_layer_heads(window, "window", L, Hq, -1)
+        sinks_ = _per_layer_heads(sinks, "sinks", L, Hq, 0)
+        for row in windows:
+            if any(w == 0 for w in row):
+                raise _fail("window", ">= 1 or < 0 (unlimited) for every query head", row)
+        for row in sinks_:
+            if any(s < 0 for s in row):
+                raise _fail("sinks", ">= 0 for every query head", row)
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = L, Hq, Hkv, head_dim
+        self.batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
+        self.max_step, self.split_keys = max_step, split_keys
+        self.kinds = kinds
+        group = Hq // Hkv
+        self._layers = [_Layer(kinds[i], windows[i], sinks_[i], group, batch_size, head_dim, dtype, self.device,
+                               max_step) for i in range(L)]
+
+    # ------------------------------------------------------------------------------------ state
+
+    def seq_lengths(self, layer: int = 0) -> torch.Tensor:
+        """Tokens held per batch row (original positions 0 .. length - 1) in `layer`."""
+        return self._layers[layer].lengths.clone()
+
+    def nbytes(self) -> int:
+        """Bytes the cache really holds (storages, capacity included, and layout tables)."""
+        return sum(layer.nbytes() for layer in self._layers)
+
+    def ideal_nbytes(self) -> int:
+        """Bytes of exactly the tokens each head keeps (K and V)."""
+        per_token = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return sum(layer.kept_tokens() for layer in self._layers) * per_token
+
+    def dense_nbytes(self) -> int:
+        """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer) would hold."""
+        per_token = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return sum(int(layer.lengths.max()) * self.batch_size * self.num_kv_heads for layer in self._layers) * per_token
+
+    # -------------------------------------------------------------------------------- attention
+
+    def _check_step(self, layer, q, k, v, layout):
+        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise _fail(name, "a 4-D tensor", type(t).__name__ if not isinstance(t, torch.Tensor) else tuple(t.shape))
+        if layout not in ("bshd", "bhsd"):
+            raise _fail("layout", "'bshd' or 'bhsd'", repr(layout))
+        if layout == "bhsd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        B, Sq, Hq, D = q.shape
+        if (B, Hq, D) != (self.batch_size, self.num_heads, self.head_dim):
+            raise _fail("q", f"[B, S, Hq, D] with B={self.batch_size}, Hq={self.num_heads}, D={self.head_dim}",
+                        tuple(q.shape))
+        if k.shape != v.shape or tuple(k.shape[::2]) != (B, self.num_kv_heads) or k.shape[3] != D:
+            raise _fail("k", f"[B, S, Hkv, D] with Hkv={self.num_kv_heads}, the shape of v", tuple(k.shape))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != self.dtype:
+                raise _fail(name, f"of the cache's dtype {self.dtype}", t.dtype)
+        return q, k, v
+
+    def attention(self, layer, q, k, v, *, layout="bshd", causal=True, lengths=None, **head_args):
+        """Attention of `layer` for the new tokens q, k, v (see the class docstring).
+
+        ``lengths`` (first call only): valid tokens per batch row when the prompts of a batch
+        differ in length (right padding); the output rows past a row's length are 0.
+        """
+        q, k, v = self._check_step(layer, q, k, v, layout)
+        if "window" in head_args or "sinks" in head_args:
+            raise ValueError("headops.HeadSparseCache.attention: window and sinks are the cache's (set them at "
+                             "construction); pass the other per-head arguments here")
+        st = self._layers[layer]
+        spec = dict(window=st.windows, sinks=st.sinks, causal=causal, **head_args)
+        if int(st.lengths.max()) == 0:
+            out = self._prefill(st, q, k, v, lengths, spec)
+        else:
+            if lengths is not None:
+                raise ValueError("headops.HeadSparseCache.attention: lengths is for the first call (prefill) only")
+            out = self._decode(st, q, k, v, spec)
+        return out.transpose(1, 2) if layout == "bhsd" else out
+
+    def _prefill(self, st, q, k, v, lengths, spec):
+        B, S = k.shape[0], k.shape[1]
+        if lengths is None:
+            st.reserve(S)
+            out = _attention(q, k, v, **spec)
+            st.append(k, v)
+            st.lengths += S
+            return out
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+        if lengths.numel() != B or bool((lengths < 1).any()) or bool((lengths > S).any()):
+            raise _fail("lengths", f"{B} values in [1, {S}]", lengths.tolist())
+        if q.shape[1] != S:
+            raise ValueError("headops.HeadSparseCache.attention: with lengths, q must cover the whole prompt")
+        st.reserve(int(lengths.max()))
+        out = torch.zeros_like(q)
+        for b, n in enumerate(lengths.tolist()):
+            row_spec = {name: value if name == "causal" else _row(value, b, n if name == "key_bias" else None, S)
+                        for name, value in spec.items()}
+            out[b:b + 1, :n] = _attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **row_spec)
+            st.append(k[b:b + 1, :n], v[b:b + 1, :n], rows=slice(b, b + 1))
+            st.lengths[b] += n
+        return out
+
+    def _decode(self, st, q, k, v, spec):
+        Sq = k.shape[1]
+        if q.shape[1] != Sq:
+            raise _fail("q", f"as many new tokens as k ({Sq})", q.shape[1])
+        if Sq > self.max_step and bool((st.kv_kind == 1).any()):
+            raise _fail("k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the rings)",
+                        f"{Sq} tokens")
+        st.reserve(int(st.lengths.max()) + Sq)
+        st.append(k, v)
+        st.lengths += Sq
+        return _decode_call(q, st, spec, self.split_keys)
+
+
+def _row(value, b, keys=None, S=None):
+    """Row b of a per-head argument (tensors with a batch axis are sliced, others kept); for
+    key_bias also its first `keys` positions."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() == 3 and value.shape[0] > 1:
+        value = value[b:b + 1]
+    elif value.dim() == 2 and keys is None and value.shape[0] > 1:
+        value = value[b:b + 1]
+    if keys is not None and value.shape[-1] == S:
+        value = value[..., :keys]
+    return value
+
+
+def _decode_call(q, st, spec, split_keys):
+    """Validates the per-head arguments like headops.attention, then runs the decode op."""
+    from .attention import _Shapes, _key_bias, _per_head_vector, _scalar_or_tensor  # the same rules
+
+    B, Sq, Hq, D = q.shape
+    Sk = int(st.lengths.max())
+    k_like = q.new_empty((B, Sk, st.Hkv, D))
+    s = _Shapes(q, k_like, "bshd")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    default_scale = 1.0 / math.sqrt(D)
+    scale = spec.get("softmax_scale")
+    scale_t = None
+    if scale is not None:
+        if isinstance(scale, numbers.Number) and not isinstance(scale, bool):
+            default_scale = float(scale)
+        else:
+            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False)
+
+    def per_head(name, integer=False):
+        t = _scalar_or_tensor(spec.get(name), name, s, q.device, integer=integer)
+        return None if t is None else t.to(torch.int64 if integer else acc)
+
+    def vector(name):
+        t = _per_head_vector(spec.get(name), name, s, q.device)
+        return None if t is None else t.to(acc)
+
+    kb = _key_bias(spec.get("key_bias"), s, q.device)
+    return torch.ops.headops.decode_attention(
+        q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
+        st.ring_sinks, st.ring_size, spec["causal"], default_scale, None if scale_t is None else scale_t.to(acc),
+        per_head("window", True), per_head("sinks", True), per_head("alpha"), None if kb is None else kb.to(acc),
+        per_head("sink_logit"), vector("out_scale"), vector("out_bias"), per_head("gate"), split_keys)
