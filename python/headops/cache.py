@@ -255,6 +255,27 @@ class HeadSparseCache:
             out = self._decode(st, q, k, v, spec)
         return out.transpose(1, 2) if layout == "bhsd" else out
 
+    def append(self, layer, k, v, *, layout="bshd"):
+        """Stores new tokens of `layer` without computing attention (e.g. a prompt whose
+        attention was computed elsewhere); each KV head keeps what it would keep."""
+        if layout not in ("bshd", "bhsd"):
+            raise _fail("layout", "'bshd' or 'bhsd'", repr(layout))
+        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
+        if layout == "bhsd":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != self.dtype:
+                raise _fail(name, f"a 4-D {self.dtype} tensor", t if not isinstance(t, torch.Tensor) else
+                            f"{t.dtype} {tuple(t.shape)}")
+        if k.shape != v.shape or tuple(k.shape) != (self.batch_size, k.shape[1], self.num_kv_heads, self.head_dim):
+            raise _fail("k", f"[B, S, Hkv, D] = [{self.batch_size}, S, {self.num_kv_heads}, {self.head_dim}] like v",
+                        tuple(k.shape))
+        st = self._layers[layer]
+        st.reserve(int(st.lengths.max()) + k.shape[1])
+        st.append(k, v)
+        st.lengths += k.shape[1]
+
     def _prefill(self, st, q, k, v, lengths, spec):
         B, S = k.shape[0], k.shape[1]
         if lengths is None:

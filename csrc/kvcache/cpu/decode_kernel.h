@@ -38,6 +38,64 @@ namespace {
 
 constexpr int64_t kDecodeBlock = 256;  // slots per tile product
 
+// acc[r, :] += sum_j prob[r, j] * v[j, :] for NR rows, the 16-bit rows of v converted in
+// registers as they stream in (no converted copy of the block is written).
+template <int NR, typename scalar_t>
+void accumulate_rows_16bit(float* acc, const float* prob, int64_t ldp, const scalar_t* v, int64_t nk, int64_t D,
+                           int64_t d0) {
+  using VF = Vectorized<float>;
+  using VH = Vectorized<scalar_t>;
+  VF a[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = VF::loadu(acc + r * D + d0 + c * VF::size());
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t j = 0; j < nk; ++j) {
+    if (d0 == 0 && j + 8 < nk) {
+      // the first pass over the block fetches whole rows ahead, so later passes (other
+      // columns of the same rows) read them from cache instead of from memory again
+      const char* ahead = reinterpret_cast<const char*>(v + (j + 8) * D);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+    }
+    const scalar_t* row = v + j * D + d0;
+    auto [x0, x1] = at::vec::convert_to_float<scalar_t>(VH::loadu(row));
+    auto [x2, x3] = at::vec::convert_to_float<scalar_t>(VH::loadu(row + VH::size()));
+    for (int r = 0; r < NR; ++r) {
+      const VF pr(prob[r * ldp + j]);
+      a[r][0] = at::vec::fmadd(pr, x0, a[r][0]);
+      a[r][1] = at::vec::fmadd(pr, x1, a[r][1]);
+      a[r][2] = at::vec::fmadd(pr, x2, a[r][2]);
+      a[r][3] = at::vec::fmadd(pr, x3, a[r][3]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c].store(acc + r * D + d0 + c * VF::size());
+}
+
+template <typename scalar_t>
+void accumulate_pv_16bit(float* acc, int64_t R, const float* prob, int64_t ldp, const scalar_t* v, int64_t nk,
+                         int64_t D) {
+  constexpr int64_t kChunk = 2 * Vectorized<scalar_t>::size();  // four float vectors
+  int64_t d0 = 0;
+  for (; d0 + kChunk <= D; d0 += kChunk) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      float* a = acc + r0 * D;
+      const float* p = prob + r0 * ldp;
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 4: accumulate_rows_16bit<4>(a, p, ldp, v, nk, D, d0); break;
+        case 3: accumulate_rows_16bit<3>(a, p, ldp, v, nk, D, d0); break;
+        case 2: accumulate_rows_16bit<2>(a, p, ldp, v, nk, D, d0); break;
+        default: accumulate_rows_16bit<1>(a, p, ldp, v, nk, D, d0); break;
+      }
+    }
+  }
+  for (; d0 < D; ++d0)  // head dims that are not a multiple of the chunk
+    for (int64_t r = 0; r < R; ++r) {
+      float sum = 0;
+      for (int64_t j = 0; j < nk; ++j) sum += prob[r * ldp + j] * static_cast<float>(v[j * D + d0]);
+      acc[r * D + d0] += sum;
+    }
+}
+
 struct DecodeItem {
   int64_t b, kvh, j0, j1;  // slot range [j0, j1) of one KV head's storage
 };
@@ -90,7 +148,7 @@ class DecodeWorker {
   DecodeWorker(const DecodeParams& p, const std::vector<DecodeItem>& items, PartialBuffer<acc_t>& partials)
       : p_(p), a_(p.attn), items_(items), partials_(partials), D_(p.attn.head_dim), G_(p.attn.group()),
         Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), kbuf_(kDirect ? 0 : kDecodeBlock * D_),
-        vbuf_(kDirect ? 0 : kDecodeBlock * D_), scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
+scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)}, max_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)},
         sum_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)}, heads_(G_) {}
@@ -135,11 +193,18 @@ class DecodeWorker {
             update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk);
         }
       }
-      const acc_t* v = block_rows(st.v, j0, nk, vbuf_);
-      for (int br = 0; br < 2; ++br) {
-        if (!used[br]) continue;
-        gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, v, D, acc_t(1), acc_[br].data(), D);
-        counts_.add(kValueBlocks, 1);
+      if constexpr (kDirect) {
+        for (int br = 0; br < 2; ++br) {
+          if (!used[br]) continue;
+          gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, st.v + j0 * D, D, acc_t(1), acc_[br].data(), D);
+          counts_.add(kValueBlocks, 1);
+        }
+      } else {
+        for (int br = 0; br < 2; ++br) {
+          if (!used[br]) continue;
+          accumulate_pv_16bit(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v + j0 * D, nk, D);
+          counts_.add(kValueBlocks, 1);
+        }
       }
     }
     for (int64_t r = 0; r < R_; ++r) {
@@ -161,8 +226,17 @@ class DecodeWorker {
     if constexpr (kDirect) {
       return src;
     } else {
-      at::vec::convert(src, buf.data(), nk * D_);
-      return buf.data();
+      // the block streams from memory once: prefetch a few KiB ahead of the conversion
+      constexpr int64_t kStep = 64 / sizeof(scalar_t), kAhead = 4096 / sizeof(scalar_t);
+      const int64_t n = nk * D_;
+      acc_t* dst = buf.data();
+      int64_t i = 0;
+      for (; i + kStep <= n; i += kStep) {
+        __builtin_prefetch(src + i + kAhead);
+        at::vec::convert(src + i, dst + i, kStep);
+      }
+      if (i < n) at::vec::convert(src + i, dst + i, n - i);
+      return dst;
     }
   }
 
@@ -208,7 +282,7 @@ class DecodeWorker {
   const std::vector<DecodeItem>& items_;
   PartialBuffer<acc_t>& partials_;
   int64_t D_, G_, Sq_, R_;
-  std::vector<acc_t> q_, kbuf_, vbuf_, scores_, logits_;
+  std::vector<acc_t> q_, kbuf_, scores_, logits_;
   std::vector<acc_t> probs_[2], acc_[2], max_[2], sum_[2];
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
