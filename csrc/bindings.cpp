@@ -24,11 +24,11 @@ TORCH_LIBRARY(headops, m) {
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skipped_zero_gate, "
       "int[] needs_grad) -> Tensor[]");
   m.def(
-      "kv_append(Tensor k_new, Tensor v_new, Tensor(a!) full_k, Tensor(b!) full_v, Tensor(c!) ring_k, "
+      "kv_append(Tensor k_new, Tensor v_new, Tensor(a!)[] full_k, Tensor(b!)[] full_v, Tensor(c!) ring_k, "
       "Tensor(d!) ring_v, Tensor lengths, Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, "
       "Tensor ring_size) -> ()");
   m.def(
-      "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor ring_k, Tensor ring_v, Tensor lengths, "
+      "decode_attention(Tensor q, Tensor[] full_k, Tensor[] full_v, Tensor ring_k, Tensor ring_v, Tensor lengths, "
       "Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, Tensor ring_size, bool causal, "
       "float default_scale, Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, int split_keys) -> Tensor");

@@ -11,7 +11,7 @@
 
 namespace headops {
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& full_k, const at::Tensor& full_v,
+at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::TensorList full_v,
                             const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
                             const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
                             const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,
@@ -57,10 +57,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& full_k, co
   a.out = head_tensor(out, false);
   fill_params(a, dims, causal, default_scale,
               PerHeadArgs{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate});
-  p.full_k = full_k.data_ptr();
-  p.full_v = full_v.data_ptr();
+  p.full_k = l.full_k.data();
+  p.full_v = l.full_v.data();
+  p.full_starts = l.full_starts.data();
+  p.full_segments = static_cast<int64_t>(l.full_k.size());
   p.full_heads = l.full_heads;
-  p.full_capacity = l.full_capacity;
   p.ring_k = ring_k.data_ptr();
   p.ring_v = ring_v.data_ptr();
   p.ring_slots = l.ring_slots;
@@ -90,8 +91,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& full_k, co
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
       if (kind[h] == kKvFull)
-        TORCH_CHECK(len[b] <= l.full_capacity, op, "row ", b, " holds ", len[b], " tokens, past the capacity ",
-                    l.full_capacity);
+        TORCH_CHECK(len[b] <= l.full_capacity(), op, "row ", b, " holds ", len[b], " tokens, past the capacity ",
+                    l.full_capacity());
   if (out.numel() > 0) cpu::decode_attention(p, dtype);
   return out;
 }

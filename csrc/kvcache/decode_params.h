@@ -12,9 +12,11 @@ struct DecodeParams {
   // length of key_bias's last axis (the longest row); query row i of batch b sits at
   // position lengths[b] - Sq + i
   AttentionParams attn;
-  const void* full_k = nullptr;  // [B, Hf, full_capacity, D] contiguous
-  const void* full_v = nullptr;
-  int64_t full_heads = 0, full_capacity = 0;
+  // full heads: segment s ([B, Hf, n_s, D] contiguous) holds positions [full_starts[s], full_starts[s + 1])
+  const void* const* full_k = nullptr;
+  const void* const* full_v = nullptr;
+  const int64_t* full_starts = nullptr;  // full_segments + 1 entries
+  int64_t full_segments = 0, full_heads = 0;
   const void* ring_k = nullptr;  // [B, ring_slots, D] contiguous
   const void* ring_v = nullptr;
   int64_t ring_slots = 0;

@@ -12,7 +12,7 @@ namespace headops {
 // Writes k_new/v_new ([B, Sq, Hkv, D], any strides with a contiguous last dim) at positions
 // lengths[b] .. lengths[b] + Sq - 1 of every KV head's storage. A streaming head skips the
 // tokens its ring would overwrite within the same call (a long prefill writes only what stays).
-void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& full_k, const at::Tensor& full_v,
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
                const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
                const at::Tensor& ring_size) {
@@ -31,14 +31,12 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tenso
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
       if (kind[h] == kKvFull)
-        TORCH_CHECK(len[b] + Sq <= l.full_capacity, op, "row ", b, " would hold ", len[b] + Sq,
-                    " tokens, past the full storage's capacity ", l.full_capacity);
+        TORCH_CHECK(len[b] + Sq <= l.full_capacity(), op, "row ", b, " would hold ", len[b] + Sq,
+                    " tokens, past the full storage's capacity ", l.full_capacity());
   const int64_t row_bytes = D * k.element_size();
   const int64_t* off = ring_offset.data_ptr<int64_t>();
   const int64_t* snk = ring_sinks.data_ptr<int64_t>();
   const int64_t* size = ring_size.data_ptr<int64_t>();
-  char* fk = static_cast<char*>(full_k.data_ptr());
-  char* fv = static_cast<char*>(full_v.data_ptr());
   char* rk = static_cast<char*>(ring_k.data_ptr());
   char* rv = static_cast<char*>(ring_v.data_ptr());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -50,9 +48,11 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tenso
         int64_t slot;
         char *dk, *dv;
         if (kind[h] == kKvFull) {
-          slot = (b * l.full_heads + index[h]) * l.full_capacity + p;
-          dk = fk;
-          dv = fv;
+          const int64_t seg = l.segment_of(p);
+          const int64_t n = l.full_starts[seg + 1] - l.full_starts[seg];
+          slot = (b * l.full_heads + index[h]) * n + (p - l.full_starts[seg]);
+          dk = static_cast<char*>(const_cast<void*>(l.full_k[seg]));
+          dv = static_cast<char*>(const_cast<void*>(l.full_v[seg]));
         } else {
           const RingLayout ring{off[index[h]], snk[index[h]], size[index[h]]};
           if (p >= ring.sinks && p < last - ring.ring) continue;  // overwritten before this call returns

@@ -4,36 +4,54 @@
 
 #include "kv_layout.h"
 
+#include <algorithm>
+
 namespace headops {
 
 LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, int64_t Hkv, int64_t D,
-                               const at::Tensor& full_k, const at::Tensor& full_v, const at::Tensor& ring_k,
+                               at::TensorList full_k, at::TensorList full_v, const at::Tensor& ring_k,
                                const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
                                const at::Tensor& ring_size) {
-  for (const at::Tensor* t : {&full_k, &full_v, &ring_k, &ring_v}) {
+  for (const at::Tensor* t : {&ring_k, &ring_v}) {
     TORCH_CHECK(t->scalar_type() == dtype, op, "the storages must have dtype ", dtype, ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), op, "the storages must be contiguous CPU tensors");
   }
-  TORCH_CHECK(full_k.dim() == 4 && full_k.sizes() == full_v.sizes() && full_k.size(0) == B && full_k.size(3) == D, op,
-              "full_k/full_v must be [B, Hf, capacity, D] = [", B, ", Hf, capacity, ", D, "], got ", full_k.sizes(),
-              " and ", full_v.sizes());
   TORCH_CHECK(ring_k.dim() == 3 && ring_k.sizes() == ring_v.sizes() && ring_k.size(0) == B && ring_k.size(2) == D, op,
               "ring_k/ring_v must be [B, slots, D] = [", B, ", slots, ", D, "], got ", ring_k.sizes(), " and ",
               ring_v.sizes());
   for (const at::Tensor* t : {&lengths, &kv_kind, &kv_index, &ring_offset, &ring_sinks, &ring_size})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->device().is_cpu(), op,
                 "lengths and the layout tables must be contiguous 1-D int64 CPU tensors");
-  LayerLayout l{B, Hkv, D, full_k.size(1), full_k.size(2), ring_k.size(1), ring_offset.size(0)};
   TORCH_CHECK(lengths.size(0) == B, op, "lengths must have ", B, " entries, got ", lengths.size(0));
   TORCH_CHECK(kv_kind.size(0) == Hkv && kv_index.size(0) == Hkv, op, "kv_kind and kv_index must have ", Hkv,
               " entries (one per KV head)");
-  TORCH_CHECK(ring_sinks.size(0) == l.ring_heads && ring_size.size(0) == l.ring_heads, op,
-              "ring_offset, ring_sinks and ring_size must have one entry per streaming head");
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
-  const int64_t* index = kv_index.data_ptr<int64_t>();
+  int64_t full_heads = 0;
   for (int64_t h = 0; h < Hkv; ++h) {
     TORCH_CHECK(kind[h] == kKvFull || kind[h] == kKvStreaming, op, "kv_kind[", h, "] must be 0 (full) or 1 (streaming)");
+    full_heads += kind[h] == kKvFull;
+  }
+  LayerLayout l{B, Hkv, D, full_heads, ring_k.size(1), ring_offset.size(0), {0}, {}, {}};
+  TORCH_CHECK(full_k.size() == full_v.size(), op, "full_k and full_v must have as many segments");
+  for (size_t s = 0; s < full_k.size(); ++s) {
+    const at::Tensor& k = full_k[s];
+    const at::Tensor& v = full_v[s];
+    for (const at::Tensor* t : {&k, &v}) {
+      TORCH_CHECK(t->scalar_type() == dtype, op, "the storages must have dtype ", dtype, ", got ", t->scalar_type());
+      TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), op, "the storages must be contiguous CPU tensors");
+    }
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == full_heads && k.size(3) == D,
+                op, "full segment ", s, " must be [B, Hf, n, D] = [", B, ", ", full_heads, ", n, ", D, "] in k and v, got ",
+                k.sizes(), " and ", v.sizes());
+    l.full_starts.push_back(l.full_starts.back() + k.size(2));
+    l.full_k.push_back(k.data_ptr());
+    l.full_v.push_back(v.data_ptr());
+  }
+  TORCH_CHECK(ring_sinks.size(0) == l.ring_heads && ring_size.size(0) == l.ring_heads, op,
+              "ring_offset, ring_sinks and ring_size must have one entry per streaming head");
+  const int64_t* index = kv_index.data_ptr<int64_t>();
+  for (int64_t h = 0; h < Hkv; ++h) {
     const int64_t limit = kind[h] == kKvFull ? l.full_heads : l.ring_heads;
     TORCH_CHECK(index[h] >= 0 && index[h] < limit, op, "kv_index[", h, "] = ", index[h], " is out of range [0, ", limit,
                 ")");
@@ -42,12 +60,19 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
   const int64_t* snk = ring_sinks.data_ptr<int64_t>();
   const int64_t* size = ring_size.data_ptr<int64_t>();
   for (int64_t s = 0; s < l.ring_heads; ++s)
-    TORCH_CHECK(off[s] >= 0 && snk[s] >= 0 && size[s] >= 1 && off[s] + snk[s] + size[s] <= l.ring_slots, op,
+    // compared one term at a time: a sum of huge entries must not wrap around
+    TORCH_CHECK(off[s] >= 0 && snk[s] >= 0 && size[s] >= 1 && off[s] <= l.ring_slots && snk[s] <= l.ring_slots - off[s] &&
+                    size[s] <= l.ring_slots - off[s] - snk[s],
+                op,
                 "streaming head ", s, ": offset ", off[s], ", sinks ", snk[s], ", ring ", size[s],
                 " must be >= 0, >= 0, >= 1 and fit in ", l.ring_slots, " slots");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(len[b] >= 0, op, "lengths must be >= 0");
   return l;
+}
+
+int64_t LayerLayout::segment_of(int64_t position) const {
+  return std::upper_bound(full_starts.begin(), full_starts.end(), position) - full_starts.begin() - 1;
 }
 
 }  // namespace headops

@@ -3,15 +3,22 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace headops {
 
 struct LayerLayout {
-  int64_t batch, heads_kv, head_dim, full_heads, full_capacity, ring_slots, ring_heads;
+  int64_t batch, heads_kv, head_dim, full_heads, ring_slots, ring_heads;
+  // full storage segment s holds positions [full_starts[s], full_starts[s + 1]) of every full head
+  std::vector<int64_t> full_starts;
+  std::vector<const void*> full_k, full_v;
+  int64_t full_capacity() const { return full_starts.back(); }
+  int64_t segment_of(int64_t position) const;  // requires 0 <= position < full_capacity()
 };
 
-// Storages contiguous and of `dtype`, tables int64 with consistent sizes and in-range values.
+// Storages contiguous and of `dtype` (full segments [B, Hf, n_s, D], the streaming one [B, slots, D]), tables int64 with consistent sizes and in-range values.
 LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t batch, int64_t heads_kv, int64_t head_dim,
-                               const at::Tensor& full_k, const at::Tensor& full_v, const at::Tensor& ring_k,
+                               at::TensorList full_k, at::TensorList full_v, const at::Tensor& ring_k,
                                const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
                                const at::Tensor& ring_size);

@@ -1,5 +1,7 @@
 // The head-sparse KV cache ops: kv_append (write new tokens into each KV head's storage) and
 // decode_attention (attention of a few new query tokens over every head's storage, one call).
+// The full heads' storage is a list of segments ([B, Hf, n_s, D] each, positions in order),
+// so that it grows without copying what it holds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,12 +12,12 @@ namespace headops {
 
 using OptTensor = std::optional<at::Tensor>;
 
-void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& full_k, const at::Tensor& full_v,
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
                const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
                const at::Tensor& ring_size);
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& full_k, const at::Tensor& full_v,
+at::Tensor decode_attention(const at::Tensor& q, at::TensorList full_k, at::TensorList full_v,
                             const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
                             const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
                             const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,

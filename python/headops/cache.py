@@ -2,8 +2,10 @@
 head can ever attend to (docs/DESIGN.md section 2).
 
 Per layer there are two packed storages (csrc/kvcache/kv_layout.h):
-  full       ``[B, Hf, capacity, D]`` for the full KV heads; the capacity grows by a quarter
-             (rounded to 64 tokens) when a step needs more, never per token;
+  full       a list of segments ``[B, Hf, n, D]`` holding consecutive positions of the full
+             KV heads; a prefill or a long append adds a segment of exactly what it needs
+             (rounded to 64 tokens), decode steps add segments of max(64, capacity / 32)
+             tokens: the storage grows without ever copying what it holds;
   streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots, allocated
              once: its first ``sinks`` tokens and a ring over the most recent ones.
 A streaming KV head keeps the largest window and sinks of the query heads it serves (the
@@ -98,31 +100,31 @@ class _Layer:
         self.ring_k = torch.zeros(B, slots, D, dtype=dtype, device=device)
         self.ring_v = torch.zeros(B, slots, D, dtype=dtype, device=device)
         self.full_heads = full
-        self.full_k = torch.zeros(B, full, 0, D, dtype=dtype, device=device)
-        self.full_v = torch.zeros(B, full, 0, D, dtype=dtype, device=device)
+        self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
+        self._shape = (B, full, D, dtype, device)
         self.lengths = torch.zeros(B, dtype=torch.int64)
         self.windows = torch.tensor(windows, dtype=torch.int64)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.Hkv = Hkv
 
+    def capacity(self) -> int:
+        return sum(seg.shape[2] for seg in self.full_k)
+
     def reserve(self, tokens: int) -> None:
-        """Makes the full storage hold at least `tokens` tokens per row."""
-        cap = self.full_k.shape[2]
+        """Makes the full storage hold at least `tokens` tokens per row (adds one segment)."""
+        cap = self.capacity()
         if tokens <= cap or self.full_heads == 0:
             return
-        new_cap = max(tokens, cap + cap // 4)
-        new_cap = -(-new_cap // _GROWTH_ALIGN) * _GROWTH_ALIGN
-        B, Hf, _, D = self.full_k.shape
-        for name in ("full_k", "full_v"):
-            old = getattr(self, name)
-            new = torch.empty(B, Hf, new_cap, D, dtype=old.dtype, device=old.device)
-            new[:, :, :cap] = old
-            setattr(self, name, new)
+        n = max(tokens - cap, 64, cap // 32)
+        n = -(-n // _GROWTH_ALIGN) * _GROWTH_ALIGN
+        B, Hf, D, dtype, device = self._shape
+        self.full_k.append(torch.empty(B, Hf, n, D, dtype=dtype, device=device))
+        self.full_v.append(torch.empty(B, Hf, n, D, dtype=dtype, device=device))
 
     def append(self, k, v, rows=slice(None)):
-        torch.ops.headops.kv_append(k, v, self.full_k[rows], self.full_v[rows], self.ring_k[rows], self.ring_v[rows],
-                                    self.lengths[rows], self.kv_kind, self.kv_index, self.ring_offset,
-                                    self.ring_sinks, self.ring_size)
+        torch.ops.headops.kv_append(k, v, [seg[rows] for seg in self.full_k], [seg[rows] for seg in self.full_v],
+                                    self.ring_k[rows], self.ring_v[rows], self.lengths[rows], self.kv_kind,
+                                    self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size)
 
     def kept_tokens(self) -> int:
         """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
@@ -138,7 +140,8 @@ class _Layer:
 
     def nbytes(self) -> int:
         tables = (self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size, self.lengths)
-        return sum(t.numel() * t.element_size() for t in (self.full_k, self.full_v, self.ring_k, self.ring_v) + tables)
+        storages = self.full_k + self.full_v + [self.ring_k, self.ring_v]
+        return sum(t.numel() * t.element_size() for t in storages + list(tables))
 
 
 class HeadSparseCache:
@@ -247,6 +250,11 @@ class HeadSparseCache:
                              "construction); pass the other per-head arguments here")
         st = self._layers[layer]
         spec = dict(window=st.windows, sinks=st.sinks, causal=causal, **head_args)
+        alpha = head_args.get("alpha")
+        if isinstance(alpha, (numbers.Number, torch.Tensor)) and not isinstance(alpha, bool):
+            _check_alpha(torch.as_tensor(alpha, dtype=torch.float64).expand(self.num_heads)
+                         if torch.as_tensor(alpha).dim() == 0 else torch.as_tensor(alpha), st,
+                         self.num_heads // self.num_kv_heads)
         if int(st.lengths.max()) == 0:
             out = self._prefill(st, q, k, v, lengths, spec)
         else:
@@ -292,8 +300,7 @@ class HeadSparseCache:
         st.reserve(int(lengths.max()))
         out = torch.zeros_like(q)
         for b, n in enumerate(lengths.tolist()):
-            row_spec = {name: value if name == "causal" else _row(value, b, n if name == "key_bias" else None, S)
-                        for name, value in spec.items()}
+            row_spec = {name: value if name == "causal" else _row(name, value, b, n, S) for name, value in spec.items()}
             out[b:b + 1, :n] = _attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **row_spec)
             st.append(k[b:b + 1, :n], v[b:b + 1, :n], rows=slice(b, b + 1))
             st.lengths[b] += n
@@ -306,34 +313,49 @@ class HeadSparseCache:
         if Sq > self.max_step and bool((st.kv_kind == 1).any()):
             raise _fail("k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the rings)",
                         f"{Sq} tokens")
+        args = _decode_args(q, st, spec, int(st.lengths.max()) + Sq)  # validated before the cache changes
         st.reserve(int(st.lengths.max()) + Sq)
         st.append(k, v)
         st.lengths += Sq
-        return _decode_call(q, st, spec, self.split_keys)
+        return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
+                                                  st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
+                                                  st.ring_size, *args, self.split_keys)
 
 
-def _row(value, b, keys=None, S=None):
-    """Row b of a per-head argument (tensors with a batch axis are sliced, others kept); for
-    key_bias also its first `keys` positions."""
+_PER_HEAD = ("softmax_scale", "window", "sinks", "alpha", "sink_logit", "gate")  # [Hq] or [B, Hq]
+
+
+def _row(name, value, b, keys, S):
+    """Row b of a per-head argument (its batch axis sliced where it has one); key_bias also
+    keeps only its first `keys` positions."""
     if not isinstance(value, torch.Tensor):
         return value
-    if value.dim() == 3 and value.shape[0] > 1:
+    batched = (value.dim() == 2) if name in _PER_HEAD else (value.dim() == 3)
+    if batched and value.shape[0] > 1:
         value = value[b:b + 1]
-    elif value.dim() == 2 and keys is None and value.shape[0] > 1:
-        value = value[b:b + 1]
-    if keys is not None and value.shape[-1] == S:
+    if name == "key_bias" and value.dim() >= 1 and value.shape[-1] == S:
         value = value[..., :keys]
     return value
 
 
-def _decode_call(q, st, spec, split_keys):
-    """Validates the per-head arguments like headops.attention, then runs the decode op."""
+def _check_alpha(alpha, st, group):
+    """alpha > 0 needs every key (the full branch): only query heads of full KV heads have them."""
+    if alpha is None:
+        return
+    streaming_heads = (st.kv_kind == 1).repeat_interleave(group)
+    a = alpha if alpha.dim() == 2 else alpha.reshape(1, -1)
+    if bool(((a > 0) & streaming_heads.to(a.device)).any()):
+        heads = [h for h in range(streaming_heads.numel()) if bool(streaming_heads[h]) and bool((a[:, h] > 0).any())]
+        raise ValueError(f"headops.HeadSparseCache: alpha must be 0 on query heads served by a streaming KV head "
+                         f"(they keep only sinks + window, not the full branch); query heads {heads} have alpha > 0")
+
+
+def _decode_args(q, st, spec, Sk):
+    """The per-head arguments of decode_attention, validated like headops.attention's."""
     from .attention import _Shapes, _key_bias, _per_head_vector, _scalar_or_tensor  # the same rules
 
     B, Sq, Hq, D = q.shape
-    Sk = int(st.lengths.max())
-    k_like = q.new_empty((B, Sk, st.Hkv, D))
-    s = _Shapes(q, k_like, "bshd")
+    s = _Shapes(q, q.new_empty((B, Sk, st.Hkv, D)), "bshd")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     default_scale = 1.0 / math.sqrt(D)
     scale = spec.get("softmax_scale")
@@ -342,7 +364,7 @@ def _decode_call(q, st, spec, split_keys):
         if isinstance(scale, numbers.Number) and not isinstance(scale, bool):
             default_scale = float(scale)
         else:
-            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False)
+            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False).to(acc)
 
     def per_head(name, integer=False):
         t = _scalar_or_tensor(spec.get(name), name, s, q.device, integer=integer)
@@ -352,9 +374,11 @@ def _decode_call(q, st, spec, split_keys):
         t = _per_head_vector(spec.get(name), name, s, q.device)
         return None if t is None else t.to(acc)
 
+    alpha = per_head("alpha")
+    if alpha is not None and bool(((alpha < 0) | (alpha > 1)).any()):
+        raise ValueError(f"headops.attention: alpha must be in [0, 1] for every head, got {alpha.tolist()}")
+    _check_alpha(alpha, st, Hq // st.Hkv)
     kb = _key_bias(spec.get("key_bias"), s, q.device)
-    return torch.ops.headops.decode_attention(
-        q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
-        st.ring_sinks, st.ring_size, spec["causal"], default_scale, None if scale_t is None else scale_t.to(acc),
-        per_head("window", True), per_head("sinks", True), per_head("alpha"), None if kb is None else kb.to(acc),
-        per_head("sink_logit"), vector("out_scale"), vector("out_bias"), per_head("gate"), split_keys)
+    return (spec["causal"], default_scale, scale_t, per_head("window", True), per_head("sinks", True), alpha,
+            None if kb is None else kb.to(acc), per_head("sink_logit"), vector("out_scale"), vector("out_bias"),
+            per_head("gate"))

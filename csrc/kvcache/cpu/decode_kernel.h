@@ -108,25 +108,33 @@ struct HeadStorage {
   bool full;
   RingLayout ring;
   int64_t length;
+  int64_t first_slot;  // the slot k and v point at
 
-  static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh) {
+  // `first`: a slot of the item (a full head's items never cross a segment boundary)
+  static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh, int64_t first) {
     HeadStorage s;
     const int64_t D = p.attn.head_dim, index = p.kv_index[kvh];
     s.full = p.kv_kind[kvh] == kKvFull;
     s.length = p.lengths[b];
     if (s.full) {
-      const int64_t base = ((b * p.full_heads + index) * p.full_capacity) * D;
-      s.k = static_cast<const scalar_t*>(p.full_k) + base;
-      s.v = static_cast<const scalar_t*>(p.full_v) + base;
+      const int64_t seg = std::upper_bound(p.full_starts, p.full_starts + p.full_segments + 1, first) - p.full_starts - 1;
+      const int64_t n = p.full_starts[seg + 1] - p.full_starts[seg];
+      const int64_t base = (b * p.full_heads + index) * n * D;
+      s.k = static_cast<const scalar_t*>(p.full_k[seg]) + base;
+      s.v = static_cast<const scalar_t*>(p.full_v[seg]) + base;
+      s.first_slot = p.full_starts[seg];
       s.ring = {0, 0, 1};
     } else {
       s.ring = {p.ring_offset[index], p.ring_sinks[index], p.ring_size[index]};
       const int64_t base = (b * p.ring_slots + s.ring.offset) * D;
       s.k = static_cast<const scalar_t*>(p.ring_k) + base;
       s.v = static_cast<const scalar_t*>(p.ring_v) + base;
+      s.first_slot = 0;
     }
     return s;
   }
+  const scalar_t* k_row(int64_t j, int64_t D) const { return k + (j - first_slot) * D; }
+  const scalar_t* v_row(int64_t j, int64_t D) const { return v + (j - first_slot) * D; }
   int64_t slots() const { return full ? length : ring.slots(); }
   int64_t position(int64_t j) const { return full ? j : ring.position_of(j, length); }
 };
@@ -156,7 +164,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   void run(int64_t n) {
     const DecodeItem& item = items_[n];
     const int64_t b = item.b, D = D_;
-    const HeadStorage<scalar_t> st = HeadStorage<scalar_t>::of(p_, b, item.kvh);
+    const HeadStorage<scalar_t> st = HeadStorage<scalar_t>::of(p_, b, item.kvh, item.j0);
     const int64_t pos0 = st.length - Sq_;
     for (int64_t g = 0; g < G_; ++g) {
       heads_[g] = read_head<acc_t>(a_, b, item.kvh * G_ + g);
@@ -174,7 +182,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     counts_.add(kWorkItems, 1);
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
-      const acc_t* k = block_rows(st.k, j0, nk, kbuf_);
+      const acc_t* k = block_rows(st.k_row(j0, D), nk, kbuf_);
       gemm_nt(R_, nk, D, acc_t(1), q_.data(), D, k, D, acc_t(0), scores_.data(), kDecodeBlock);
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
@@ -196,13 +204,13 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
       if constexpr (kDirect) {
         for (int br = 0; br < 2; ++br) {
           if (!used[br]) continue;
-          gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, st.v + j0 * D, D, acc_t(1), acc_[br].data(), D);
+          gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, st.v_row(j0, D), D, acc_t(1), acc_[br].data(), D);
           counts_.add(kValueBlocks, 1);
         }
       } else {
         for (int br = 0; br < 2; ++br) {
           if (!used[br]) continue;
-          accumulate_pv_16bit(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v + j0 * D, nk, D);
+          accumulate_pv_16bit(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D);
           counts_.add(kValueBlocks, 1);
         }
       }
@@ -221,8 +229,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
 
  private:
   // The block's rows in the accumulation dtype: the storage itself, or a converted copy.
-  const acc_t* block_rows(const scalar_t* base, int64_t j0, int64_t nk, std::vector<acc_t>& buf) {
-    const scalar_t* src = base + j0 * D_;
+  const acc_t* block_rows(const scalar_t* src, int64_t nk, std::vector<acc_t>& buf) {
     if constexpr (kDirect) {
       return src;
     } else {
@@ -324,9 +331,16 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         window = {0, std::max(sinks.hi, window.hi)};
         sinks = {0, 0};
       }
-      for (const KeyRange& range : {sinks, window})
-        for (int64_t j = range.lo; j < range.hi; j += p.split_keys)
-          items.push_back({b, kvh, j, std::min(range.hi, j + p.split_keys)});
+      // ranges of split_keys slots that never cross a segment of the full storage
+      for (const KeyRange& range : {sinks, window}) {
+        int64_t seg = 0;
+        for (int64_t j = range.lo; j < range.hi;) {
+          while (p.full_starts[seg + 1] <= j) ++seg;
+          const int64_t end = std::min({range.hi, j + p.split_keys, p.full_starts[seg + 1]});
+          items.push_back({b, kvh, j, end});
+          j = end;
+        }
+      }
     }
   }
   first_item[a.batch * a.heads_kv] = static_cast<int64_t>(items.size());

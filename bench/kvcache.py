@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Head-sparse KV cache benchmark: memory held and decode-step time against a dense cache.
+
+    cd /work/main && .venv/bin/python bench/kvcache.py [--quick] [options]
+
+Shape: Llama-3-8B-like attention, one layer: 32 query heads, 8 KV heads, D = 128, batch 1,
+one new token per step. Head mixes: all KV heads full; 50 % and 25 % full, the others
+streaming (sinks 4 + window 1024). Contexts 8k, 32k, 128k (--quick: 2k, 8k); fp32 and bf16.
+
+For each (dtype, context) the cache is filled by appending random K/V in chunks of 4096
+tokens (`cache.append`: no prompt of the whole context ever exists), then timed:
+
+  headops     one decode step through the public API: cache.attention(0, q, k_new, v_new)
+              (appends the token, then one decode_attention call over every head's storage);
+  SDPA dense  F.scaled_dot_product_attention(q, K, V, enable_gqa=True) over a dense
+              [1, 8, context, 128] cache holding the same keys (what a dense cache costs).
+
+Median of --repeats interleaved calls (bench/timing.py). "read GB/s" = the bytes the cache
+keeps (K and V of the kept tokens) / step time, against the memory-copy bandwidth measured in
+the same run (torch copy of 256 MiB: bytes read + written / time) and SDPA's rate on the dense
+cache. Each row is checked: the full heads' outputs equal SDPA's on the dense cache, the
+streaming heads' equal SDPA over their sinks + last window keys.
+
+Memory (fresh subprocess per context, fp32, 25 % full heads): peak resident-set growth while
+the cache is filled chunk by chunk, against cache.nbytes() (what it holds), ideal_nbytes()
+(exactly the kept tokens) and dense_nbytes().
+
+Writes bench/results/kvcache_<preset>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import headops  # noqa: E402
+from bench.timing import interleaved, load_average, machine_info, markdown_table, now_iso, text_table  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+WINDOW, SINKS = 1024, 4
+CHUNK = 4096
+MIXES = {"all full": 8, "50% full": 4, "25% full": 2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+PRESETS = {"quick": [2048, 8192], "default": [8192, 32768, 131072]}
+TOL = {"float32": 2e-5, "bfloat16": 2e-2}
+
+
+def make_cache(n_full: int, dtype, split_keys: int = 1024):
+    group = HQ // HKV
+    kinds = ["full"] * n_full + ["streaming"] * (HKV - n_full)
+    window = [-1] * (n_full * group) + [WINDOW] * ((HKV - n_full) * group)
+    sinks = [0] * (n_full * group) + [SINKS] * ((HKV - n_full) * group)
+    return headops.HeadSparseCache(num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D, kinds=kinds,
+                                   window=window, sinks=sinks, dtype=dtype, max_step=1, split_keys=split_keys)
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(64 << 20)
+    dst = torch.empty_like(src)
+    stats = interleaved({"copy": lambda: dst.copy_(src)}, 7)["copy"]
+    return 2 * src.numel() * 4 / (stats.median_ms / 1e3) / 1e9
+
+
+def run_context(dtype_name: str, ctx: int, repeats: int, bandwidth: float) -> list:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(ctx)
+    # the dense cache of the baseline; the last position is the new token of the timed step
+    k = torch.randn(1, HKV, ctx, D, generator=gen).to(dtype)
+    v = torch.randn(1, HKV, ctx, D, generator=gen).to(dtype)
+    q = torch.randn(1, HQ, 1, D, generator=gen).to(dtype)
+    rows = []
+    for mix, n_full in MIXES.items():
+        cache = make_cache(n_full, dtype)
+        for start in range(0, ctx - 1, CHUNK):
+            stop = min(ctx - 1, start + CHUNK)
+            cache.append(0, k[:, :, start:stop].transpose(1, 2), v[:, :, start:stop].transpose(1, 2))
+        q_new, k_new, v_new = q.transpose(1, 2), k[:, :, -1:].transpose(1, 2), v[:, :, -1:].transpose(1, 2)
+        out = cache.attention(0, q_new, k_new, v_new)  # the first step, kept for the check
+        check = check_step(out, q, k, v, n_full, dtype_name)
+        kept = cache.ideal_nbytes()
+
+        def step():
+            # the timed steps keep appending (the context grows by one token per call)
+            return cache.attention(0, q_new, k_new, v_new)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        stats = interleaved({"headops": step, "sdpa": sdpa}, repeats)
+        hd, sd = stats["headops"].median_ms, stats["sdpa"].median_ms
+        dense_bytes = 2 * k.numel() * k.element_size()
+        rows.append({
+            "dtype": dtype_name, "context": ctx, "mix": mix, "full_kv_heads": n_full,
+            "headops": stats["headops"].as_dict(), "sdpa": stats["sdpa"].as_dict(),
+            "ratio": hd / sd, "kept_bytes": kept, "nbytes": cache.nbytes(), "dense_nbytes": cache.dense_nbytes(),
+            "read_gb_s": kept / (hd / 1e3) / 1e9, "sdpa_read_gb_s": dense_bytes / (sd / 1e3) / 1e9,
+            "read_vs_copy": kept / (hd / 1e3) / 1e9 / bandwidth, "check": check, "load_average": load_average(),
+        })
+        print(f"  {SHORT[dtype_name]} ctx {ctx:>6} {mix:<9}: headops {hd:7.2f} ms, SDPA dense {sd:7.2f} ms "
+              f"({hd / sd:.2f}x), {rows[-1]['read_gb_s']:.1f} GB/s, check {'ok' if check['ok'] else 'FAILED'}",
+              flush=True)
+        del cache
+    return rows
+
+
+def check_step(out, q, k, v, n_full, dtype_name) -> dict:
+    """Full heads vs SDPA on the dense cache, streaming heads vs SDPA on their kept keys."""
+    group = HQ // HKV
+    ctx = k.shape[2]
+    want_full = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    kept = torch.cat([torch.arange(min(SINKS, ctx)), torch.arange(max(SINKS, ctx - WINDOW), ctx)])
+    want_stream = F.scaled_dot_product_attention(q, k[:, :, kept], v[:, :, kept], enable_gqa=True)
+    got = out.transpose(1, 2).float()
+    split = n_full * group
+    diff_full = (got[:, :split] - want_full[:, :split].float()).abs().max().item() if split else 0.0
+    diff_stream = (got[:, split:] - want_stream[:, split:].float()).abs().max().item() if split < HQ else 0.0
+    worst = max(diff_full, diff_stream)
+    ok = worst <= TOL[dtype_name] and bool(torch.isfinite(got).all())
+    return {"ok": ok, "max_abs_diff": worst}
+
+
+MEMORY_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from bench.kvcache import make_cache, CHUNK, HKV, D
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+ctx = {ctx}
+cache = make_cache(2, torch.float32)
+chunk_k, chunk_v = torch.randn(1, CHUNK, HKV, D), torch.randn(1, CHUNK, HKV, D)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS:")
+for start in range(0, ctx, CHUNK):
+    n = min(CHUNK, ctx - start)
+    cache.append(0, chunk_k[:, :n], chunk_v[:, :n])
+peak = status("VmHWM:")
+print(json.dumps(dict(context=ctx, rss_growth=peak - base, nbytes=cache.nbytes(), ideal=cache.ideal_nbytes(),
+                      dense=cache.dense_nbytes())))
+"""
+
+
+def measure_memory(ctx: int) -> dict:
+    code = MEMORY_SCRIPT.format(root=ROOT, ctx=ctx)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), ROOT]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    data["nbytes_over_ideal"] = data["nbytes"] / data["ideal"]
+    data["rss_over_nbytes"] = data["rss_growth"] / data["nbytes"]
+    return data
+
+
+HEADER = ["dtype", "context", "heads", "headops ms", "SDPA dense ms", "headops/SDPA", "read GB/s", "of copy BW",
+          "SDPA GB/s", "nbytes MiB", "dense MiB", "check"]
+
+
+def table_rows(rows):
+    return [[SHORT[r["dtype"]], r["context"], r["mix"], f"{r['headops']['median_ms']:.2f}",
+             f"{r['sdpa']['median_ms']:.2f}", f"{r['ratio']:.2f}x", f"{r['read_gb_s']:.1f}",
+             f"{100 * r['read_vs_copy']:.0f}%", f"{r['sdpa_read_gb_s']:.1f}", f"{r['nbytes'] / 2**20:.0f}",
+             f"{r['dense_nbytes'] / 2**20:.0f}", ("ok " if r["check"]["ok"] else "FAILED ") +
+             f"{r['check']['max_abs_diff']:.1e}"] for r in rows]
+
+
+MEM_HEADER = ["context", "nbytes MiB", "ideal MiB", "nbytes/ideal", "peak RSS growth MiB", "RSS/nbytes", "dense MiB"]
+
+
+def memory_rows(memory):
+    return [[m["context"], f"{m['nbytes'] / 2**20:.1f}", f"{m['ideal'] / 2**20:.1f}", f"{m['nbytes_over_ideal']:.4f}",
+             f"{m['rss_growth'] / 2**20:.1f}", f"{m['rss_over_nbytes']:.3f}", f"{m['dense'] / 2**20:.1f}"]
+            for m in memory]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="contexts 2k and 8k (CI smoke test)")
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    args = p.parse_args(argv)
+    preset = "quick" if args.quick else "default"
+    contexts = args.contexts or PRESETS[preset]
+    if args.contexts:
+        preset += "-custom"
+    meta = {"benchmark": "bench/kvcache.py", "preset": preset, "date": now_iso(),
+            "command": shlex.join(["bench/kvcache.py"] + (sys.argv[1:] if argv is None else argv)),
+            "machine": machine_info(), "repeats": args.repeats,
+            "shape": dict(heads_q=HQ, heads_kv=HKV, head_dim=D, window=WINDOW, sinks=SINKS, batch=1)}
+    print(f"headops head-sparse KV cache benchmark, preset {preset}, contexts {contexts}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth()
+    meta["copy_bandwidth_gb_s"] = bandwidth
+    print(f"  memory copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
+    rows = []
+    for dtype_name in args.dtypes:
+        for ctx in contexts:
+            rows += run_context(dtype_name, ctx, args.repeats, bandwidth)
+    memory = [measure_memory(ctx) for ctx in contexts]
+    meta["elapsed_s"] = time.perf_counter() - started
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"kvcache_{preset}")
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta, rows=rows, memory=memory), f, indent=2, default=str)
+        f.write("\n")
+    m = meta["machine"]
+    lines = [f"# headops head-sparse KV cache: preset `{preset}`", "", f"- date: {meta['date']}",
+             f"- command: `{meta['command']}`",
+             f"- machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, torch {m['torch']}, "
+             f"{m['torch_threads']} threads; memory copy bandwidth {bandwidth:.1f} GB/s (read + write)",
+             f"- one layer, B=1, {HQ} query heads, {HKV} KV heads, D={D}; streaming heads sinks {SINKS} + window "
+             f"{WINDOW}; one new token per step; median of {args.repeats} interleaved steps",
+             f"- wall time: {meta['elapsed_s']:.0f} s", "", markdown_table(HEADER, table_rows(rows)), "",
+             "Memory while filling the cache in 4096-token chunks (fp32, 25 % full heads; fresh process each):", "",
+             markdown_table(MEM_HEADER, memory_rows(memory)), "",
+             "read GB/s: bytes of the kept K/V / step time; of copy BW: that rate over the copy bandwidth above. "
+             "check: full heads vs SDPA on the dense cache, streaming heads vs SDPA on their kept keys.", ""]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print()
+    print(text_table(HEADER, table_rows(rows)))
+    print()
+    print(text_table(MEM_HEADER, memory_rows(memory)))
+    print(f"\nwrote {base}.md and .json")
+    return 0 if all(r["check"]["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
