@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../../attention/cpu/attention_fwd_cpu.h"
 #include "../../attention/cpu/blas.h"
 #include "../../attention/cpu/kernel_common.h"
 #include "../../attention/cpu/row_ops.h"
@@ -97,7 +99,8 @@ void accumulate_pv_16bit(float* acc, int64_t R, const float* prob, int64_t ldp, 
 }
 
 struct DecodeItem {
-  int64_t b, kvh, j0, j1;  // slot range [j0, j1) of one KV head's storage
+  int64_t b, kvh, j0, j1;  // slot range [j0, j1) of one KV head's storage ...
+  int64_t pos_offset;      // ... holding positions j0 + pos_offset .. j1 - 1 + pos_offset
 };
 
 // Where the slots of one (b, KV head) live and which position each holds.
@@ -135,8 +138,6 @@ struct HeadStorage {
   }
   const scalar_t* k_row(int64_t j, int64_t D) const { return k + (j - first_slot) * D; }
   const scalar_t* v_row(int64_t j, int64_t D) const { return v + (j - first_slot) * D; }
-  int64_t slots() const { return full ? length : ring.slots(); }
-  int64_t position(int64_t j) const { return full ? j : ring.position_of(j, length); }
 };
 
 // Per (row, branch) partial softmax of one item: max, sum, then D accumulator values.
@@ -159,7 +160,17 @@ class DecodeWorker {
 scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)}, max_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)},
-        sum_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)}, heads_(G_) {}
+        sum_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)}, heads_(G_) {
+    if constexpr (!kDirect) {
+      // 16-bit keys: S^T = K Q^T by brgemm straight from the stored rows (A operand, no
+      // conversion), against the new queries packed once per item as the VNNI B operand
+      use_brgemm_ = uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, D_);
+      if (use_brgemm_) {
+        q_vnni_.resize((D_ / 2) * R_ * 2);
+        scores_t_.resize(kDecodeBlock * R_);
+      }
+    }
+  }
 
   void run(int64_t n) {
     const DecodeItem& item = items_[n];
@@ -172,6 +183,10 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         const int64_t r = g * Sq_ + i;
         const scalar_t* qrow = a_.q.row<scalar_t>(b, i, item.kvh * G_ + g);
         for (int64_t d = 0; d < D; ++d) q_[r * D + d] = static_cast<acc_t>(qrow[d]);
+        if constexpr (!kDirect) {
+          if (use_brgemm_)
+            for (int64_t d = 0; d < D; ++d) q_vnni_[((d / 2) * R_ + r) * 2 + d % 2] = qrow[d];
+        }
       }
     }
     for (int br = 0; br < 2; ++br) {
@@ -182,8 +197,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     counts_.add(kWorkItems, 1);
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
-      const acc_t* k = block_rows(st.k_row(j0, D), nk, kbuf_);
-      gemm_nt(R_, nk, D, acc_t(1), q_.data(), D, k, D, acc_t(0), scores_.data(), kDecodeBlock);
+      block_scores(st.k_row(j0, D), nk);
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
       bool used[2] = {false, false};
@@ -198,7 +212,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
           used[br] = true;
           const HeadVisibility vis = br == 0 ? full_visibility(a_.causal) : HeadVisibility{a_.causal, hs.window, hs.sinks};
           for (int64_t i = 0; i < Sq_; ++i)
-            update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk);
+            update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk, item.pos_offset);
         }
       }
       if constexpr (kDirect) {
@@ -225,9 +239,27 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     }
   }
 
-  void finish() { counts_.publish(); }
+  void finish() {
+    counts_.publish();
+    if (use_brgemm_) at::native::cpublas::brgemm_release(true);
+  }
 
  private:
+  // scores_[r, j] = q_r . k_j for the block's nk keys.
+  void block_scores(const scalar_t* k, int64_t nk) {
+    const int64_t D = D_;
+    if constexpr (!kDirect) {
+      if (use_brgemm_) {
+        at::native::cpublas::brgemm(nk, R_, D, D, R_, R_, false, k, q_vnni_.data(), scores_t_.data(), true);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t r = 0; r < R_; ++r) scores_[r * kDecodeBlock + j] = scores_t_[j * R_ + r];
+        return;
+      }
+    }
+    const acc_t* kk = block_rows(k, nk, kbuf_);
+    gemm_nt(R_, nk, D, acc_t(1), q_.data(), D, kk, D, acc_t(0), scores_.data(), kDecodeBlock);
+  }
+
   // The block's rows in the accumulation dtype: the storage itself, or a converted copy.
   const acc_t* block_rows(const scalar_t* src, int64_t nk, std::vector<acc_t>& buf) {
     if constexpr (kDirect) {
@@ -249,27 +281,32 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
 
   // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
   void update_row(int64_t r, int br, const HeadVisibility& vis, int64_t pos, const HeadScalars<acc_t>& hs,
-                  const acc_t* bias, const HeadStorage<scalar_t>& st, int64_t j0, int64_t nk) {
+                  const acc_t* bias, const HeadStorage<scalar_t>& st, int64_t j0, int64_t nk, int64_t pos_offset) {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const acc_t* s = scores_.data() + r * kDecodeBlock;
     acc_t* prob = probs_[br].data() + r * kDecodeBlock;
     acc_t* x = logits_.data();
     const int64_t bias_stride = a_.key_bias.stride_n;
     acc_t block_max;
-    if (st.full && vis.block_fully_visible(pos, pos, j0, j0 + nk)) {
+    const int64_t p0 = j0 + pos_offset;  // an item's slots hold consecutive positions
+    if (vis.block_fully_visible(pos, pos, p0, p0 + nk)) {
       std::copy(s, s + nk, x);
-      block_max = scale_bias_max(x, nk, hs.softmax_scale, bias ? bias + j0 * bias_stride : nullptr, bias_stride);
+      block_max = scale_bias_max(x, nk, hs.softmax_scale, bias ? bias + p0 * bias_stride : nullptr, bias_stride);
     } else {
       block_max = neg_inf;
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t p = st.position(j0 + j);
-        if (p < 0 || !vis.visible(pos, p)) {
-          x[j] = neg_inf;
-          continue;
-        }
-        x[j] = s[j] * hs.softmax_scale + (bias ? bias[p * bias_stride] : acc_t(0));
-        block_max = x[j] > block_max || x[j] != x[j] ? x[j] : block_max;
+      KeyRange parts[2];
+      visible_parts(vis, pos, st.length, p0, nk, false, parts);
+      int64_t cursor = 0;
+      for (const KeyRange& part : parts) {
+        if (part.empty()) continue;
+        std::fill(x + cursor, x + part.lo, neg_inf);
+        std::copy(s + part.lo, s + part.hi, x + part.lo);
+        const acc_t m = scale_bias_max(x + part.lo, part.size(), hs.softmax_scale,
+                                       bias ? bias + (p0 + part.lo) * bias_stride : nullptr, bias_stride);
+        block_max = m > block_max || m != m ? m : block_max;
+        cursor = part.hi;
       }
+      std::fill(x + cursor, x + nk, neg_inf);
     }
     const acc_t old_max = max_[br][r];
     const acc_t new_max = std::max(old_max, block_max);
@@ -293,6 +330,9 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   std::vector<acc_t> probs_[2], acc_[2], max_[2], sum_[2];
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
+  bool use_brgemm_ = false;
+  std::vector<scalar_t> q_vnni_;  // [D/2, R, 2]
+  std::vector<float> scores_t_;   // [block, R]
 };
 
 // The items of one call: per (b, KV head) with an active query head, the union of the slot
@@ -322,14 +362,33 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         any = true;
       }
       if (!any || L <= 0) continue;
-      if (p.kv_kind[kvh] != kKvFull) {
-        const int64_t index = p.kv_index[kvh];
-        items.push_back({b, kvh, 0, p.ring_sinks[index] + p.ring_size[index]});
-        continue;
-      }
       if (!sinks.empty() && !window.empty() && sinks.hi >= window.lo) {
         window = {0, std::max(sinks.hi, window.hi)};
         sinks = {0, 0};
+      }
+      if (p.kv_kind[kvh] != kKvFull) {
+        // a streaming head's slots are up to three runs of consecutive positions: the sinks,
+        // and the ring from its oldest token to the end of the ring, then from its start
+        const int64_t index = p.kv_index[kvh];
+        const RingLayout ring{p.ring_offset[index], p.ring_sinks[index], p.ring_size[index]};
+        struct Run { int64_t slot, pos, n; };
+        Run runs[3] = {{0, 0, std::min(ring.sinks, L)}, {0, 0, 0}, {0, 0, 0}};
+        const int64_t count = std::min(std::max<int64_t>(L - ring.sinks, 0), ring.ring);  // tokens in the ring
+        if (count > 0) {
+          const int64_t oldest = L - count, first_slot = ring.slot_of(oldest);
+          const int64_t to_end = std::min(count, ring.sinks + ring.ring - first_slot);
+          runs[1] = {first_slot, oldest, to_end};
+          runs[2] = {ring.sinks, oldest + to_end, count - to_end};
+        }
+        for (const Run& run : runs)
+          for (const KeyRange& range : {sinks, window}) {
+            const KeyRange hit = range.clip(run.pos, run.pos + run.n);  // visible positions of the run
+            for (int64_t q0 = hit.lo; q0 < hit.hi; q0 += p.split_keys) {
+              const int64_t q1 = std::min(hit.hi, q0 + p.split_keys);
+              items.push_back({b, kvh, run.slot + (q0 - run.pos), run.slot + (q1 - run.pos), run.pos - run.slot});
+            }
+          }
+        continue;
       }
       // ranges of split_keys slots that never cross a segment of the full storage
       for (const KeyRange& range : {sinks, window}) {
@@ -337,7 +396,7 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         for (int64_t j = range.lo; j < range.hi;) {
           while (p.full_starts[seg + 1] <= j) ++seg;
           const int64_t end = std::min({range.hi, j + p.split_keys, p.full_starts[seg + 1]});
-          items.push_back({b, kvh, j, end});
+          items.push_back({b, kvh, j, end, 0});
           j = end;
         }
       }
