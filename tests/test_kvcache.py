@@ -916,3 +916,26 @@ def test_raw_decode_huge_ring_table_does_not_crash():
     proc = subprocess.run([sys.executable, "-c", _OVERFLOW_SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"the process died (returncode {proc.returncode}): {proc.stderr[-2000:]}"
     assert "raised:" in proc.stdout
+
+
+# ------------------------------------------------------------------------- torch.library checks
+
+
+def test_kv_ops_pass_opcheck():
+    # schemas (mutation annotations of kv_append) and fake kernels agree with the real ops
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, kinds=["full", "streaming"],
+                                    window=[-1, -1, 4, 4], sinks=[0, 0, 1, 1])
+    q, k = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8)
+    cache.attention(0, q, k, k)
+    st = cache._layers[0]
+    k1 = torch.randn(1, 1, 2, 8)
+    tables = (st.lengths, st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks, st.ring_size)
+    torch.library.opcheck(torch.ops.headops.kv_append.default,
+                          (k1, k1, st.full_k, st.full_v, st.ring_k, st.ring_v) + tables,
+                          test_utils=("test_schema", "test_faketensor"))
+    cache.append(0, k1, k1)
+    args = (torch.randn(1, 1, 4, 8), st.full_k, st.full_v, st.ring_k, st.ring_v) + tables + (
+        True, 8 ** -0.5, None, st.windows.view(1, -1).clone(), st.sinks.view(1, -1).clone(), None, None, None, None,
+        None, None, 1024)
+    torch.library.opcheck(torch.ops.headops.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -53,3 +53,17 @@ def _attention_bwd_fake(dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, ca
         dtype = q.dtype if i < 3 else acc
         grads.append(q.new_empty(shape if wanted else (0,), dtype=dtype if wanted or i >= 3 else acc))
     return grads
+
+
+@torch.library.register_fake("headops::kv_append")
+def _kv_append_fake(k_new, v_new, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset,
+                    ring_sinks, ring_size):
+    _check_devices("kv_append", k_new, (("v_new", v_new), ("ring_k", ring_k), ("ring_v", ring_v)))
+
+
+@torch.library.register_fake("headops::decode_attention")
+def _decode_attention_fake(q, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
+                           ring_size, causal, default_scale, softmax_scale, window, sinks, alpha, key_bias, sink_logit,
+                           out_scale, out_bias, gate, split_keys):
+    _check_devices("decode_attention", q, (("ring_k", ring_k), ("ring_v", ring_v)))
+    return q.new_empty(q.shape)
