@@ -57,3 +57,21 @@ def test_attention_cpu_train_quick(tmp_path):
     assert memory["finite"] and memory["S"] == 2048
     # O(S * D): a handful of q-sized tensors, far below one S x S matrix per head
     assert 0 < memory["growth_bytes"] < 16 * memory["heads"] * memory["S"] * 128 * 4
+
+
+def test_kvcache_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/kvcache.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads((tmp_path / "kvcache_quick.json").read_text())
+    assert len(data["rows"]) == 2 * 2 * 3  # dtypes x contexts x head mixes
+    for r in data["rows"]:
+        assert r["check"]["ok"], r["check"]
+        assert r["headops_ms_per_step"] > 0 and r["sdpa_ms_per_step"] > 0
+    for m in data["memory"]:
+        assert m["nbytes_over_ideal"] < 1.02 and m["rss_growth"] < 1.1 * m["nbytes"]
+        # 2 of 8 KV heads full, the others sinks 4 + window 1024: below the dense cache once the
+        # context passes the window
+        assert m["nbytes"] < (0.7 if m["context"] <= 2048 else 0.4) * m["dense"]
