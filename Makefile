@@ -1,4 +1,5 @@
-# make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward, forward+backward)
+# make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
+#              forward+backward, KV-cache decode)
 # make test  - same set-up, then the whole pytest suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test bench-full bench-train clean
+.PHONY: all build demo test bench-full bench-train bench-kvcache clean
 
 all: build
 
@@ -33,6 +34,9 @@ bench-full: build
 
 bench-train: build
 	$(VPY) bench/attention_cpu_train.py
+
+bench-kvcache: build
+	$(VPY) bench/kvcache.py
 
 test: build
 	$(VPY) -m pytest tests -q
