@@ -28,6 +28,7 @@ build: $(DEPS_STAMP)
 demo: build
 	$(VPY) bench/attention_cpu.py
 	$(VPY) bench/attention_cpu_train.py
+	$(VPY) bench/kvcache.py
 
 bench-full: build
 	$(VPY) bench/attention_cpu.py --full
