@@ -26,12 +26,14 @@ TORCH_LIBRARY(headops, m) {
   m.def(
       "kv_append(Tensor k_new, Tensor v_new, Tensor(a!)[] full_k, Tensor(b!)[] full_v, Tensor(c!) ring_k, "
       "Tensor(d!) ring_v, Tensor lengths, Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, "
-      "Tensor ring_size) -> ()");
+      "Tensor ring_size, Tensor? budget_table=None, Tensor(e!)? slot_pos=None, Tensor(f!)? slot_mass=None, "
+      "bool write_budget=True) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor[] full_k, Tensor[] full_v, Tensor ring_k, Tensor ring_v, Tensor lengths, "
       "Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, Tensor ring_size, bool causal, "
       "float default_scale, Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
-      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, int split_keys) -> Tensor");
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, int split_keys, "
+      "Tensor? budget_table=None, Tensor? slot_pos=None, Tensor(a!)? slot_mass=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(headops, CPU, m) {

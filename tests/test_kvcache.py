@@ -674,7 +674,7 @@ CTOR = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, kinds=["full"
 
 BAD_CTOR = {
     "kinds_unknown": (dict(kinds=["full", "stream"]), "kinds"),
-    "kinds_budget": (dict(kinds="budget"), "kinds"),
+    "kinds_budget_without_budget": (dict(kinds="budget"), "budget"),
     "kinds_too_many": (dict(kinds=["full", "full", "streaming"]), "kinds"),
     "kinds_too_few": (dict(kinds=["full"]), "kinds"),
     "kinds_layers": (dict(kinds=[["full", "full"]] * 3), "kinds"),
@@ -939,3 +939,104 @@ def test_kv_ops_pass_opcheck():
         None, None, 1024)
     torch.library.opcheck(torch.ops.headops.decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------ budget heads
+
+
+def budget_cache(B=2, Hq=4, Hkv=2, D=16, budget=12, recent=3, sinks=(0, 0, 2, 1), max_step=2, kinds=None):
+    return headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                                   kinds=kinds or ["full"] + ["budget"] * (Hkv - 1), window=-1, sinks=list(sinks),
+                                   budget=budget, budget_recent=recent, batch_size=B, dtype=F64, max_step=max_step)
+
+
+def kept_mask(cache, B, Hq, Hkv, L):
+    """key_bias [B, Hq, L]: 0 on the positions each query head's KV head keeps, -inf elsewhere."""
+    group = Hq // Hkv
+    kb = torch.full((B, Hq, L), float("-inf"), dtype=F64)
+    for b in range(B):
+        for h in range(Hkv):
+            kb[b, h * group:(h + 1) * group, cache._layers[0].kept_positions(b, h)] = 0.0
+    return kb
+
+
+@pytest.mark.parametrize("steps", [[1] * 25, [2, 1, 2, 2, 1] * 4])
+@pytest.mark.parametrize("args", [{}, "all"])
+def test_budget_heads_equal_attention_over_the_kept_set(steps, args):
+    # DESIGN section 2: a budget head equals recomputing with a key mask equal to the kept set
+    B, S, Hq, Hkv, D = 2, 30, 4, 2, 16
+    cache = budget_cache(B, Hq, Hkv, D)
+    T = S + sum(steps)
+    q, k, v = make_qkv(B, T, T, Hq, Hkv, D, F64)
+    extra = {} if args == {} else dict(gate=torch.tensor([[1.0, 0.5, 2.0, 0.0], [0.3, 1.0, 1.0, 1.0]], dtype=F64),
+                                       sink_logit=torch.randn(Hq, dtype=F64), softmax_scale=torch.rand(Hq, dtype=F64))
+    out = cache.attention(0, q[:, :S], k[:, :S], v[:, :S], **extra)
+    assert_close(out, headops.attention(q[:, :S], k[:, :S], v[:, :S], **extra), 1e-12, 1e-12)
+    p = S
+    for n in steps:
+        out = cache.attention(0, q[:, p:p + n], k[:, p:p + n], v[:, p:p + n], **extra)
+        p += n
+        kb = kept_mask(cache, B, Hq, Hkv, p)
+        want = headops.attention(q[:, :p], k[:, :p], v[:, :p], key_bias=kb, **extra)[:, -n:]
+        assert_close(out, want, 1e-12, 1e-12)
+        for b in range(B):
+            kept = cache._layers[0].kept_positions(b, 1)
+            assert kept.numel() == min(p, 12)
+            assert {0, 1} <= set(kept.tolist())  # the sinks (max of the group's: 2)
+            assert set(range(p - 3, p)) <= set(kept.tolist())  # the budget_recent latest tokens
+    assert cache.ideal_nbytes() < cache.dense_nbytes()
+
+
+def test_budget_eviction_takes_the_least_attended_token():
+    B, S, Hq, Hkv, D = 1, 20, 2, 1, 8
+    cache = budget_cache(B, Hq, Hkv, D, budget=8, recent=2, sinks=(1, 0), kinds=["budget"])
+    q, k, v = make_qkv(B, S + 12, S + 12, Hq, Hkv, D, F64)
+    cache.attention(0, q[:, :S], k[:, :S], v[:, :S])
+    layer = cache._layers[0]
+    for p in range(S, S + 12):
+        before = layer.kept_positions(0, 0)
+        masses = {int(pos): float(mass) for pos, mass in zip(layer.slot_pos[0], layer.slot_mass[0]) if pos >= 0}
+        cache.attention(0, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1])
+        after = layer.kept_positions(0, 0)
+        evicted = sorted(set(before.tolist()) - set(after.tolist()))
+        assert len(evicted) == 1 and p in after.tolist()
+        evictable = [pos for pos in before.tolist() if pos >= 1 and pos <= p - 2]
+        least = min(evictable, key=lambda pos: (masses[pos], pos))
+        assert evicted[0] == least
+    # the masses are attention probabilities summed over the group's rows: each step adds
+    # at most one per query head (a row's probabilities sum to at most 1)
+    assert 0 < float(layer.slot_mass.sum()) <= Hq * (12 + min(S, 2)) + 1e-9
+
+
+def test_budget_prefill_keeps_what_the_last_queries_attend_to():
+    B, S, Hq, Hkv, D = 1, 60, 2, 1, 8
+    cache = budget_cache(B, Hq, Hkv, D, budget=10, recent=4, sinks=(2, 0), kinds=["budget"])
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, F64)
+    cache.attention(0, q, k, v)
+    # the observation window is the last budget_recent = 4 queries: their attention, summed
+    logits = torch.einsum("ihd,jhd->hij", q[0, -4:], k[0].expand(S, Hq, D)) / math.sqrt(D)
+    logits = logits.masked_fill(torch.arange(S).view(1, 1, S) > torch.arange(S - 4, S).view(1, 4, 1), float("-inf"))
+    mass = torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+    middle = torch.arange(2, S - 4)
+    want = sorted([0, 1] + list(range(S - 4, S)) + middle[mass[middle].topk(4).indices].tolist())
+    assert cache._layers[0].kept_positions(0, 0).tolist() == want
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(budget=None), "budget"),
+    (dict(budget=5), "budget"),  # <= sinks (2) + recent (3)
+    (dict(window=[-1, -1, 8, -1]), "window"),
+])
+def test_budget_bad_specs(bad, word):
+    kw = dict(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, kinds=["full", "budget"], window=-1,
+              sinks=[0, 0, 2, 1], budget=12, budget_recent=3)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=word):
+        headops.HeadSparseCache(**kw)
+
+
+def test_budget_head_refuses_alpha():
+    cache = budget_cache()
+    q, k, v = make_qkv(2, 10, 10, 4, 2, 16, F64)
+    with pytest.raises(ValueError, match="alpha"):
+        cache.attention(0, q, k, v, alpha=torch.tensor([0.0, 0.0, 0.5, 0.0], dtype=F64))

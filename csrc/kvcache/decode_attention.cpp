@@ -18,7 +18,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
                             double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
                             const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
                             const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
-                            const OptTensor& gate, int64_t split_keys) {
+                            const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
+                            const OptTensor& slot_pos, const OptTensor& slot_mass) {
   const char* op = "headops.decode_attention: ";
   TORCH_CHECK(q_in.dim() == 4, op, "q must be [B, Sq, Hq, D], got ", q_in.sizes());
   const auto dtype = q_in.scalar_type();
@@ -31,7 +32,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   const int64_t Hkv = kv_kind.dim() == 1 ? kv_kind.size(0) : 0;
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
   const LayerLayout l = check_layer_layout(op, dtype, B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths, kv_kind,
-                                           kv_index, ring_offset, ring_sinks, ring_size);
+                                           kv_index, ring_offset, ring_sinks, ring_size, budget_table, slot_pos,
+                                           slot_mass);
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   const int64_t* index = kv_index.data_ptr<int64_t>();
@@ -72,9 +74,23 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   p.ring_sinks = ring_sinks.data_ptr<int64_t>();
   p.ring_size = ring_size.data_ptr<int64_t>();
   p.split_keys = split_keys;
+  p.budget_table = l.budget_table;
+  p.budget_heads = l.budget_heads;
+  p.slot_pos = l.slot_pos;
+  p.slot_mass = l.slot_mass;
   // what a streaming KV head keeps must cover what each of its query heads can see
   const int64_t group = Hq / Hkv;
   for (int64_t h = 0; h < Hq; ++h) {
+    if (kind[h / group] == kKvBudget) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t w = a.window.present() ? a.window.at<int64_t>(b, h) : -1;
+        const bool full_branch = a.alpha.present() && (acc == at::kDouble ? a.alpha.at<double>(b, h) != 0.0
+                                                                            : a.alpha.at<float>(b, h) != 0.0f);
+        TORCH_CHECK(w < 0 && !full_branch, op, "query head ", h, " is served by a budget KV head: it sees the kept "
+                    "tokens, so its window must be unlimited (< 0) and its alpha 0");
+      }
+      continue;
+    }
     if (kind[h / group] != kKvStreaming) continue;
     const int64_t s = index[h / group];
     const int64_t kept_sinks = p.ring_sinks[s], ring = p.ring_size[s];

@@ -27,6 +27,14 @@ struct DecodeParams {
   const int64_t* ring_sinks = nullptr;   // [Hs]
   const int64_t* ring_size = nullptr;    // [Hs]
   int64_t split_keys = 1024;             // keys per work item on long full heads (split-K)
+  // budget heads (kv_kind 2): kv_index selects a row of budget_table [Hb, 4]; their slots in
+  // the streaming storage hold the positions slot_pos [B, ring_slots] (-1 empty); the decode
+  // adds each kept token's attention probability (summed over the group's query rows) to
+  // slot_mass [B, ring_slots]
+  const int64_t* budget_table = nullptr;
+  int64_t budget_heads = 0;
+  const int64_t* slot_pos = nullptr;
+  float* slot_mass = nullptr;
 };
 
 }  // namespace headops

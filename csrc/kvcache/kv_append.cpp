@@ -9,20 +9,50 @@
 
 namespace headops {
 
+namespace {
+
+// The slot (relative to the streaming storage's row) that budget head `i` gives position p:
+// the first empty one, else the evictable token (not a sink, not among the `recent` latest)
+// with the least attention mass, the oldest on ties. Its mass restarts at 0.
+int64_t budget_slot(const LayerLayout& l, int64_t b, int64_t i, int64_t p) {
+  const int64_t* t = l.budget_table + 4 * i;
+  const BudgetLayout bl{t[0], t[1], t[2], t[3]};
+  int64_t* pos = l.slot_pos + b * l.ring_slots + bl.offset;
+  float* mass = l.slot_mass + b * l.ring_slots + bl.offset;
+  int64_t slot = -1;
+  for (int64_t j = 0; j < bl.size && slot < 0; ++j)
+    if (pos[j] < 0) slot = j;
+  if (slot < 0) {
+    for (int64_t j = 0; j < bl.size; ++j) {
+      const int64_t q = pos[j];
+      if (q < bl.sinks || q > p - bl.recent) continue;
+      if (slot < 0 || mass[j] < mass[slot] || (mass[j] == mass[slot] && q < pos[slot])) slot = j;
+    }
+  }
+  TORCH_CHECK(slot >= 0, "headops.kv_append: budget head ", i, " has no evictable token");
+  pos[slot] = p;
+  mass[slot] = 0.f;
+  return bl.offset + slot;
+}
+
+}  // namespace
+
 // Writes k_new/v_new ([B, Sq, Hkv, D], any strides with a contiguous last dim) at positions
 // lengths[b] .. lengths[b] + Sq - 1 of every KV head's storage. A streaming head skips the
 // tokens its ring would overwrite within the same call (a long prefill writes only what stays).
 void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
                const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-               const at::Tensor& ring_size) {
+               const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
+               const OptTensor& slot_mass, bool write_budget) {
   const char* op = "headops.kv_append: ";
   TORCH_CHECK(k_new.dim() == 4 && k_new.sizes() == v_new.sizes(), op, "k_new and v_new must be [B, Sq, Hkv, D] of one "
               "shape, got ", k_new.sizes(), " and ", v_new.sizes());
   TORCH_CHECK(k_new.scalar_type() == v_new.scalar_type(), op, "k_new and v_new must have one dtype");
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
   const LayerLayout l = check_layer_layout(op, k_new.scalar_type(), B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
-                                           kv_kind, kv_index, ring_offset, ring_sinks, ring_size);
+                                           kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table,
+                                           slot_pos, slot_mass);
   const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
   const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
   const int64_t* len = lengths.data_ptr<int64_t>();
@@ -53,6 +83,11 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
           slot = (b * l.full_heads + index[h]) * n + (p - l.full_starts[seg]);
           dk = static_cast<char*>(const_cast<void*>(l.full_k[seg]));
           dv = static_cast<char*>(const_cast<void*>(l.full_v[seg]));
+        } else if (kind[h] == kKvBudget) {
+          if (!write_budget) break;
+          slot = b * l.ring_slots + budget_slot(l, b, index[h], p);
+          dk = rk;
+          dv = rv;
         } else {
           const RingLayout ring{off[index[h]], snk[index[h]], size[index[h]]};
           if (p >= ring.sinks && p < last - ring.ring) continue;  // overwritten before this call returns

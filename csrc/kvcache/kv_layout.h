@@ -6,7 +6,11 @@
 //   full:      [B, Hf, capacity, D]  a full KV head keeps token p at slot p (p < length[b]);
 //   streaming: [B, slots, D]         streaming KV head s owns slots [offset_s, offset_s + sinks_s
 //                                    + ring_s): the first sinks_s tokens at slots 0..sinks_s-1, then
-//                                    a ring of ring_s slots holding the most recent tokens.
+//                                    a ring of ring_s slots holding the most recent tokens;
+//                                    a budget KV head owns `size` slots of the same storage, whose
+//                                    positions are explicit ([B, slots] int64, -1 = empty) and
+//                                    whose accumulated attention mass ([B, slots] float) decides
+//                                    which token is evicted when a new one arrives.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +20,14 @@
 namespace headops {
 inline namespace HEADOPS_ISA_NAMESPACE {
 
-enum KvKind : int64_t { kKvFull = 0, kKvStreaming = 1 };
+enum KvKind : int64_t { kKvFull = 0, kKvStreaming = 1, kKvBudget = 2 };
+
+// One budget KV head's layout: `size` slots from `offset`; the first `sinks` positions and
+// the `recent` most recent ones are never evicted. Row of the budget table: [offset, size,
+// sinks, recent].
+struct BudgetLayout {
+  int64_t offset, size, sinks, recent;
+};
 
 // One streaming KV head's layout.
 struct RingLayout {

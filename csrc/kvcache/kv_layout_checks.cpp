@@ -12,7 +12,8 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
                                at::TensorList full_k, at::TensorList full_v, const at::Tensor& ring_k,
                                const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-                               const at::Tensor& ring_size) {
+                               const at::Tensor& ring_size, const std::optional<at::Tensor>& budget_table,
+                               const std::optional<at::Tensor>& slot_pos, const std::optional<at::Tensor>& slot_mass) {
   for (const at::Tensor* t : {&ring_k, &ring_v}) {
     TORCH_CHECK(t->scalar_type() == dtype, op, "the storages must have dtype ", dtype, ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), op, "the storages must be contiguous CPU tensors");
@@ -29,7 +30,8 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   int64_t full_heads = 0;
   for (int64_t h = 0; h < Hkv; ++h) {
-    TORCH_CHECK(kind[h] == kKvFull || kind[h] == kKvStreaming, op, "kv_kind[", h, "] must be 0 (full) or 1 (streaming)");
+    TORCH_CHECK(kind[h] == kKvFull || kind[h] == kKvStreaming || (kind[h] == kKvBudget && budget_table.has_value()), op,
+                "kv_kind[", h, "] must be 0 (full), 1 (streaming) or 2 (budget, with a budget table)");
     full_heads += kind[h] == kKvFull;
   }
   LayerLayout l{B, Hkv, D, full_heads, ring_k.size(1), ring_offset.size(0), {0}, {}, {}};
@@ -50,9 +52,32 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
   }
   TORCH_CHECK(ring_sinks.size(0) == l.ring_heads && ring_size.size(0) == l.ring_heads, op,
               "ring_offset, ring_sinks and ring_size must have one entry per streaming head");
+  if (budget_table.has_value()) {
+    const at::Tensor& t = *budget_table;
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == 4 && t.is_contiguous() &&
+                    t.device().is_cpu(), op, "budget_table must be a contiguous [Hb, 4] int64 CPU tensor");
+    TORCH_CHECK(slot_pos.has_value() && slot_mass.has_value(), op, "budget heads need slot_pos and slot_mass");
+    TORCH_CHECK(slot_pos->scalar_type() == at::kLong && slot_pos->is_contiguous() && slot_pos->dim() == 2 &&
+                    slot_pos->size(0) == B && slot_pos->size(1) == l.ring_slots,
+                op, "slot_pos must be a contiguous int64 [B, slots] = [", B, ", ", l.ring_slots, "] tensor");
+    TORCH_CHECK(slot_mass->scalar_type() == at::kFloat && slot_mass->is_contiguous() && slot_mass->dim() == 2 &&
+                    slot_mass->size(0) == B && slot_mass->size(1) == l.ring_slots,
+                op, "slot_mass must be a contiguous float32 [B, slots] = [", B, ", ", l.ring_slots, "] tensor");
+    l.budget_table = t.data_ptr<int64_t>();
+    l.budget_heads = t.size(0);
+    l.slot_pos = slot_pos->data_ptr<int64_t>();
+    l.slot_mass = slot_mass->data_ptr<float>();
+    for (int64_t i = 0; i < l.budget_heads; ++i) {
+      const int64_t* r = l.budget_table + 4 * i;
+      TORCH_CHECK(r[0] >= 0 && r[1] >= 1 && r[2] >= 0 && r[3] >= 0 && r[0] <= l.ring_slots &&
+                      r[1] <= l.ring_slots - r[0] && r[2] < r[1] && r[3] < r[1] - r[2],
+                  op, "budget head ", i, ": offset ", r[0], ", size ", r[1], ", sinks ", r[2], ", recent ", r[3],
+                  " must fit in ", l.ring_slots, " slots with sinks + recent < size");
+    }
+  }
   const int64_t* index = kv_index.data_ptr<int64_t>();
   for (int64_t h = 0; h < Hkv; ++h) {
-    const int64_t limit = kind[h] == kKvFull ? l.full_heads : l.ring_heads;
+    const int64_t limit = kind[h] == kKvFull ? l.full_heads : kind[h] == kKvStreaming ? l.ring_heads : l.budget_heads;
     TORCH_CHECK(index[h] >= 0 && index[h] < limit, op, "kv_index[", h, "] = ", index[h], " is out of range [0, ", limit,
                 ")");
   }

@@ -15,7 +15,8 @@ using OptTensor = std::optional<at::Tensor>;
 void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
                const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-               const at::Tensor& ring_size);
+               const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
+               const OptTensor& slot_mass, bool write_budget);
 
 at::Tensor decode_attention(const at::Tensor& q, at::TensorList full_k, at::TensorList full_v,
                             const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
@@ -24,6 +25,7 @@ at::Tensor decode_attention(const at::Tensor& q, at::TensorList full_k, at::Tens
                             double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
                             const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias,
                             const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
-                            const OptTensor& gate, int64_t split_keys);
+                            const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
+                            const OptTensor& slot_pos, const OptTensor& slot_mass);
 
 }  // namespace headops

@@ -27,7 +27,7 @@ from .attention import attention as _attention
 
 __all__ = ["HeadSparseCache"]
 
-_KINDS = ("full", "streaming")
+_KINDS = ("full", "streaming", "budget")
 _GROWTH_ALIGN = 64
 
 
@@ -61,22 +61,39 @@ def _per_layer_kinds(kinds, L, Hkv):
         if len(rows) == Hkv and all(isinstance(x, str) for x in rows):
             rows = [list(rows) for _ in range(L)]
         elif not (len(rows) == L and all(not isinstance(r, str) and len(list(r)) == Hkv for r in rows)):
-            raise _fail("kinds", f"'full', 'streaming', [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] of them", kinds)
+            raise _fail("kinds", f"'full', 'streaming', 'budget', [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] of them",
+                        kinds)
         rows = [list(r) for r in rows]
     for r in rows:
         for k in r:
             if k not in _KINDS:
-                raise _fail("kinds", "'full' or 'streaming' for every KV head", repr(k))
+                raise _fail("kinds", "'full', 'streaming' or 'budget' for every KV head", repr(k))
     return rows
+
+
+def _per_layer_budgets(budget, L, Hkv):
+    """[L][Hkv] of ints or None from None, an int, an [Hkv] or an [L, Hkv] list."""
+    def ok(x):
+        return x is None or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist()
+    if ok(budget):
+        return [[budget] * Hkv for _ in range(L)]
+    rows = list(budget)
+    if len(rows) == Hkv and all(ok(x) for x in rows):
+        return [list(rows) for _ in range(L)]
+    if len(rows) == L and all(not ok(r) and len(list(r)) == Hkv and all(ok(x) for x in r) for r in rows):
+        return [list(r) for r in rows]
+    raise _fail("budget", f"an int, [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] ints (None for other kinds)", budget)
 
 
 class _Layer:
     """Storage and layout tables of one layer."""
 
-    def __init__(self, kinds, windows, sinks, group, B, D, dtype, device, max_step):
+    def __init__(self, kinds, windows, sinks, group, B, D, dtype, device, max_step, budgets, recent):
         Hkv = len(kinds)
-        self.kv_kind = torch.tensor([0 if k == "full" else 1 for k in kinds], dtype=torch.int64)
-        index, full, ring_offset, ring_sinks, ring_size = [], 0, [], [], []
+        self.kv_kind = torch.tensor([_KINDS.index(k) for k in kinds], dtype=torch.int64)
+        index, full, ring_offset, ring_sinks, ring_size, budget_rows = [], 0, [], [], [], []
         for h, kind in enumerate(kinds):
             if kind == "full":
                 index.append(full)
@@ -84,6 +101,19 @@ class _Layer:
                 continue
             served = range(h * group, (h + 1) * group)
             w = [windows[q] for q in served]
+            if kind == "budget":
+                if any(x >= 0 for x in w):
+                    raise ValueError(f"headops.HeadSparseCache: KV head {h} is a budget head but query head(s) "
+                                     f"{[q for q in served if windows[q] >= 0]} have a window: a budget head's "
+                                     "query heads see every kept token (window must be < 0)")
+                kept_sinks = max(sinks[q] for q in served)
+                n = budgets[h]
+                if n is None or n < kept_sinks + recent + 1:
+                    raise _fail("budget", f"set for budget KV head {h} and > its sinks ({kept_sinks}) + "
+                                          f"budget_recent ({recent})", n)
+                budget_rows.append([0, n, kept_sinks, recent])  # offsets filled in below
+                index.append(len(budget_rows) - 1)
+                continue
             if any(x < 1 for x in w):
                 raise ValueError(f"headops.HeadSparseCache: KV head {h} is streaming but query head(s) "
                                  f"{[q for q in served if windows[q] < 1]} have window < 1 (unlimited or 0): a "
@@ -92,11 +122,16 @@ class _Layer:
             ring_offset.append(sum(s + r for s, r in zip(ring_sinks, ring_size)))
             ring_sinks.append(max(sinks[q] for q in served))
             ring_size.append(max(w) + max_step - 1)
+        offset = sum(ring_sinks) + sum(ring_size)
+        for row in budget_rows:  # budget heads' slots follow the streaming heads' in the same storage
+            row[0] = offset
+            offset += row[1]
+        self.budget_table = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
         self.kv_index = torch.tensor(index, dtype=torch.int64)
         self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
         self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
         self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
-        slots = sum(ring_sinks) + sum(ring_size)
+        slots = offset
         self.ring_k = torch.zeros(B, slots, D, dtype=dtype, device=device)
         self.ring_v = torch.zeros(B, slots, D, dtype=dtype, device=device)
         self.full_heads = full
@@ -106,6 +141,9 @@ class _Layer:
         self.windows = torch.tensor(windows, dtype=torch.int64)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.Hkv = Hkv
+        # budget heads: each slot's position (-1 empty) and accumulated attention mass
+        self.slot_pos = torch.full((B, slots), -1, dtype=torch.int64) if budget_rows else None
+        self.slot_mass = torch.zeros(B, slots, dtype=torch.float32) if budget_rows else None
 
     def capacity(self) -> int:
         return sum(seg.shape[2] for seg in self.full_k)
@@ -121,10 +159,41 @@ class _Layer:
         self.full_k.append(torch.empty(B, Hf, n, D, dtype=dtype, device=device))
         self.full_v.append(torch.empty(B, Hf, n, D, dtype=dtype, device=device))
 
-    def append(self, k, v, rows=slice(None)):
+    def budget_args(self, rows=slice(None)):
+        if self.budget_table is None:
+            return None, None, None
+        return self.budget_table, self.slot_pos[rows], self.slot_mass[rows]
+
+    def append(self, k, v, rows=slice(None), write_budget=True):
         torch.ops.headops.kv_append(k, v, [seg[rows] for seg in self.full_k], [seg[rows] for seg in self.full_v],
                                     self.ring_k[rows], self.ring_v[rows], self.lengths[rows], self.kv_kind,
-                                    self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size)
+                                    self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size,
+                                    *self.budget_args(rows), write_budget)
+
+    def kept_positions(self, b, h):
+        """Sorted original positions KV head h of row b holds (budget heads: the kept set)."""
+        L = int(self.lengths[b])
+        kind = int(self.kv_kind[h])
+        i = int(self.kv_index[h])
+        if kind == 0:
+            return torch.arange(L)
+        if kind == 1:
+            s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
+            return torch.cat([torch.arange(min(s, L)), torch.arange(max(s, L - r), L)])
+        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        pos = self.slot_pos[b, off:off + n]
+        return pos[pos >= 0].sort().values
+
+    def write_budget_selection(self, b, i, positions, k_rows, v_rows, mass):
+        """Budget head i of row b keeps exactly `positions` (with their K, V rows and mass)."""
+        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        m = positions.numel()
+        self.slot_pos[b, off:off + n] = -1
+        self.slot_mass[b, off:off + n] = 0
+        self.slot_pos[b, off:off + m] = positions
+        self.slot_mass[b, off:off + m] = mass.to(torch.float32)
+        self.ring_k[b, off:off + m] = k_rows
+        self.ring_v[b, off:off + m] = v_rows
 
     def kept_tokens(self) -> int:
         """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
@@ -133,14 +202,18 @@ class _Layer:
             for h in range(self.Hkv):
                 if self.kv_kind[h] == 0:
                     total += L
-                else:
+                elif self.kv_kind[h] == 1:
                     s = int(self.kv_index[h])
                     total += min(L, int(self.ring_sinks[s]) + int(self.ring_size[s]))
+                else:
+                    total += min(L, int(self.budget_table[int(self.kv_index[h]), 1]))
         return total
 
     def nbytes(self) -> int:
         tables = (self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size, self.lengths)
         storages = self.full_k + self.full_v + [self.ring_k, self.ring_v]
+        if self.budget_table is not None:
+            storages += [self.budget_table, self.slot_pos, self.slot_mass]
         return sum(t.numel() * t.element_size() for t in storages + list(tables))
 
 
@@ -167,7 +240,8 @@ class HeadSparseCache:
     """
 
     def __init__(self, *, num_layers, num_heads, num_kv_heads, head_dim, kinds="full", window=None, sinks=None,
-                 batch_size=1, dtype=torch.float32, device="cpu", max_step=8, split_keys=1024):
+                 budget=None, budget_recent=8, batch_size=1, dtype=torch.float32, device="cpu", max_step=8,
+                 split_keys=1024):
         for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("batch_size", batch_size), ("max_step", max_step),
                             ("split_keys", split_keys)):
@@ -179,6 +253,9 @@ class HeadSparseCache:
             raise ValueError(f"headops.HeadSparseCache: device {device} is not supported yet (CPU only in this build)")
         L, Hq, Hkv = num_layers, num_heads, num_kv_heads
         kinds = _per_layer_kinds(kinds, L, Hkv)
+        if not isinstance(budget_recent, numbers.Integral) or isinstance(budget_recent, bool) or budget_recent < 0:
+            raise _fail("budget_recent", "an int >= 0", budget_recent)
+        budgets = _per_layer_budgets(budget, L, Hkv)
         windows = _per_layer_heads(window, "window", L, Hq, -1)
         sinks_ = _per_layer_heads(sinks, "sinks", L, Hq, 0)
         for row in windows:
@@ -192,8 +269,9 @@ class HeadSparseCache:
         self.max_step, self.split_keys = max_step, split_keys
         self.kinds = kinds
         group = Hq // Hkv
+        self.budget_recent = budget_recent
         self._layers = [_Layer(kinds[i], windows[i], sinks_[i], group, batch_size, head_dim, dtype, self.device,
-                               max_step) for i in range(L)]
+                               max_step, budgets[i], budget_recent) for i in range(L)]
 
     # ------------------------------------------------------------------------------------ state
 
@@ -289,8 +367,10 @@ class HeadSparseCache:
         if lengths is None:
             st.reserve(S)
             out = _attention(q, k, v, **spec)
-            st.append(k, v)
+            st.append(k, v, write_budget=False)
             st.lengths += S
+            for b in range(B):
+                self._select_budget(st, b, q[b], k[b], v[b], spec, S)
             return out
         lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
         if lengths.numel() != B or bool((lengths < 1).any()) or bool((lengths > S).any()):
@@ -302,15 +382,41 @@ class HeadSparseCache:
         for b, n in enumerate(lengths.tolist()):
             row_spec = {name: value if name == "causal" else _row(name, value, b, n, S) for name, value in spec.items()}
             out[b:b + 1, :n] = _attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **row_spec)
-            st.append(k[b:b + 1, :n], v[b:b + 1, :n], rows=slice(b, b + 1))
+            st.append(k[b:b + 1, :n], v[b:b + 1, :n], rows=slice(b, b + 1), write_budget=False)
             st.lengths[b] += n
+            self._select_budget(st, b, q[b, :n], k[b, :n], v[b, :n], spec, S)
         return out
+
+    def _select_budget(self, st, b, q, k, v, spec, S):
+        """SnapKV at prefill: each budget KV head of row b keeps its sinks, the budget_recent
+        last tokens and, of the rest, those the last queries (the observation window) attend to
+        most, summed over the query heads of its group."""
+        if st.budget_table is None:
+            return
+        n, Hq, D = q.shape[0], self.num_heads, self.head_dim
+        group = Hq // self.num_kv_heads
+        obs = min(n, max(self.budget_recent, 1))
+        mass_all = _observation_mass(q[n - obs:], k, spec, b, n, S, group)  # [Hkv, n]
+        for h in range(self.num_kv_heads):
+            if int(st.kv_kind[h]) != 2:
+                continue
+            i = int(st.kv_index[h])
+            _, size, sinks, recent = (int(x) for x in st.budget_table[i])
+            mass = mass_all[h]
+            if n <= size:
+                keep = torch.arange(n)
+            else:
+                always = torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - recent), n)])
+                middle = torch.arange(min(sinks, n), max(sinks, n - recent))
+                chosen = middle[mass[middle].topk(size - always.numel()).indices]
+                keep = torch.cat([always, chosen]).sort().values
+            st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], mass[keep])
 
     def _decode(self, st, q, k, v, spec):
         Sq = k.shape[1]
         if q.shape[1] != Sq:
             raise _fail("q", f"as many new tokens as k ({Sq})", q.shape[1])
-        if Sq > self.max_step and bool((st.kv_kind == 1).any()):
+        if Sq > self.max_step and bool((st.kv_kind != 0).any()):
             raise _fail("k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the rings)",
                         f"{Sq} tokens")
         args = _decode_args(q, st, spec, int(st.lengths.max()) + Sq)  # validated before the cache changes
@@ -319,10 +425,46 @@ class HeadSparseCache:
         st.lengths += Sq
         return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
                                                   st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
-                                                  st.ring_size, *args, self.split_keys)
+                                                  st.ring_size, *args, self.split_keys, *st.budget_args())
 
 
 _PER_HEAD = ("softmax_scale", "window", "sinks", "alpha", "sink_logit", "gate")  # [Hq] or [B, Hq]
+
+
+def _head_values(value, b, Hq, default):
+    """Float [Hq] values of batch row b of a per-head argument (scalar, [Hq] or [B, Hq])."""
+    if value is None:
+        return torch.full((Hq,), float(default), dtype=torch.float64)
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() == 0:
+        return t.expand(Hq)
+    return t[b if t.shape[0] > 1 else 0] if t.dim() == 2 else t
+
+
+def _observation_mass(q_obs, k, spec, b, n, S, group):
+    """[Hkv, n]: attention probability of every prompt key, summed over the last queries
+    (q_obs, [obs, Hq, D]) and the query heads of each KV head's group (gated-off heads excluded)."""
+    obs, Hq, D = q_obs.shape
+    scale = _head_values(spec.get("softmax_scale"), b, Hq, 1.0 / math.sqrt(D))
+    gate = _head_values(spec.get("gate"), b, Hq, 1.0)
+    sink = spec.get("sink_logit")
+    kk = k.double().repeat_interleave(group, dim=1)  # [n, Hq, D]
+    logits = torch.einsum("ihd,jhd->hij", q_obs.double(), kk) * scale.view(Hq, 1, 1)
+    kb = spec.get("key_bias")
+    if kb is not None:
+        kb = torch.as_tensor(kb, dtype=torch.float64)
+        kb = kb[..., :n] if kb.shape[-1] == S else kb
+        full = kb.expand(*([1] * (3 - kb.dim())), *kb.shape).expand(-1, Hq, n)
+        logits = logits + full[b if full.shape[0] > 1 else 0].view(Hq, 1, n)
+    pos = torch.arange(n - obs, n).view(1, obs, 1)
+    logits = logits.masked_fill(torch.arange(n).view(1, 1, n) > pos, float("-inf"))
+    if sink is not None:
+        s = _head_values(sink, b, Hq, 0.0).view(Hq, 1, 1).expand(Hq, obs, 1)
+        probs = torch.softmax(torch.cat([logits, s], dim=-1), dim=-1)[..., :n]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    probs = probs * (gate != 0).double().view(Hq, 1, 1)
+    return probs.sum(dim=1).view(-1, group, n).sum(dim=1)
 
 
 def _row(name, value, b, keys, S):
@@ -342,12 +484,13 @@ def _check_alpha(alpha, st, group):
     """alpha > 0 needs every key (the full branch): only query heads of full KV heads have them."""
     if alpha is None:
         return
-    streaming_heads = (st.kv_kind == 1).repeat_interleave(group)
+    streaming_heads = (st.kv_kind != 0).repeat_interleave(group)  # streaming and budget heads
     a = alpha if alpha.dim() == 2 else alpha.reshape(1, -1)
     if bool(((a > 0) & streaming_heads.to(a.device)).any()):
         heads = [h for h in range(streaming_heads.numel()) if bool(streaming_heads[h]) and bool((a[:, h] > 0).any())]
-        raise ValueError(f"headops.HeadSparseCache: alpha must be 0 on query heads served by a streaming KV head "
-                         f"(they keep only sinks + window, not the full branch); query heads {heads} have alpha > 0")
+        raise ValueError(f"headops.HeadSparseCache: alpha must be 0 on query heads served by a streaming or budget "
+                         f"KV head (they keep only part of the keys, not the full branch); query heads {heads} have "
+                         f"alpha > 0")
 
 
 def _decode_args(q, st, spec, Sk):

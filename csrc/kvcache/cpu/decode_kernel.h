@@ -112,6 +112,8 @@ struct HeadStorage {
   RingLayout ring;
   int64_t length;
   int64_t first_slot;  // the slot k and v point at
+  const int64_t* positions = nullptr;  // budget heads: the position of each slot (-1 empty)
+  float* mass = nullptr;               // budget heads: accumulated attention mass per slot
 
   // `first`: a slot of the item (a full head's items never cross a segment boundary)
   static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh, int64_t first) {
@@ -126,6 +128,15 @@ struct HeadStorage {
       s.k = static_cast<const scalar_t*>(p.full_k[seg]) + base;
       s.v = static_cast<const scalar_t*>(p.full_v[seg]) + base;
       s.first_slot = p.full_starts[seg];
+      s.ring = {0, 0, 1};
+    } else if (p.kv_kind[kvh] == kKvBudget) {
+      const int64_t offset = p.budget_table[4 * index];
+      const int64_t base = b * p.ring_slots + offset;
+      s.k = static_cast<const scalar_t*>(p.ring_k) + base * D;
+      s.v = static_cast<const scalar_t*>(p.ring_v) + base * D;
+      s.positions = p.slot_pos + base;
+      s.mass = p.slot_mass + base;
+      s.first_slot = 0;
       s.ring = {0, 0, 1};
     } else {
       s.ring = {p.ring_offset[index], p.ring_sinks[index], p.ring_size[index]};
@@ -195,6 +206,11 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
       std::fill(acc_[br].begin(), acc_[br].end(), acc_t(0));
     }
     counts_.add(kWorkItems, 1);
+    kept_logits_.clear();
+    if (st.mass) {
+      kept_stride_ = item.j1;
+      kept_logits_.assign(R_ * kept_stride_, -std::numeric_limits<acc_t>::infinity());
+    }
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
       block_scores(st.k_row(j0, D), nk);
@@ -229,6 +245,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         }
       }
     }
+    if (st.mass) add_attention_mass(st, item);
     for (int64_t r = 0; r < R_; ++r) {
       for (int br = 0; br < 2; ++br) {
         acc_t* out = partials_.at(n, r, br);
@@ -245,6 +262,28 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   }
 
  private:
+  // A budget head's item covers all its slots: its rows' softmax is final here (with the
+  // sink logit added), so each kept token's probability, summed over the group's rows, is
+  // added to its attention mass (the eviction score).
+  void add_attention_mass(const HeadStorage<scalar_t>& st, const DecodeItem& item) {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t g = 0; g < G_; ++g) {
+      const HeadScalars<acc_t>& hs = heads_[g];
+      if (hs.gate == acc_t(0)) continue;
+      for (int64_t i = 0; i < Sq_; ++i) {
+        const int64_t r = g * Sq_ + i;
+        const acc_t m = max_[1][r];
+        if (m == neg_inf) continue;
+        acc_t total = sum_[1][r];
+        if (hs.has_sink_logit && hs.sink_logit != neg_inf) total += std::exp(hs.sink_logit - m);
+        const acc_t lse = m + std::log(total);
+        const acc_t* x = kept_logits_.data() + r * kept_stride_;
+        for (int64_t j = item.j0; j < item.j1; ++j)
+          if (x[j] != neg_inf) st.mass[j] += static_cast<float>(std::exp(x[j] - lse));
+      }
+    }
+  }
+
   // scores_[r, j] = q_r . k_j for the block's nk keys.
   void block_scores(const scalar_t* k, int64_t nk) {
     const int64_t D = D_;
@@ -288,8 +327,20 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     acc_t* x = logits_.data();
     const int64_t bias_stride = a_.key_bias.stride_n;
     acc_t block_max;
-    const int64_t p0 = j0 + pos_offset;  // an item's slots hold consecutive positions
-    if (vis.block_fully_visible(pos, pos, p0, p0 + nk)) {
+    const int64_t p0 = j0 + pos_offset;  // an item's slots hold consecutive positions (but budget heads')
+    if (st.positions) {
+      block_max = neg_inf;
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t q = st.positions[j0 + j];
+        if (q < 0 || !vis.visible(pos, q)) {
+          x[j] = neg_inf;
+          continue;
+        }
+        x[j] = s[j] * hs.softmax_scale + (bias ? bias[q * bias_stride] : acc_t(0));
+        block_max = x[j] > block_max || x[j] != x[j] ? x[j] : block_max;
+      }
+      if (!kept_logits_.empty()) std::copy(x, x + nk, kept_logits_.data() + r * kept_stride_ + j0);
+    } else if (vis.block_fully_visible(pos, pos, p0, p0 + nk)) {
       std::copy(s, s + nk, x);
       block_max = scale_bias_max(x, nk, hs.softmax_scale, bias ? bias + p0 * bias_stride : nullptr, bias_stride);
     } else {
@@ -331,6 +382,8 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
   bool use_brgemm_ = false;
+  std::vector<acc_t> kept_logits_;  // budget items: [R, slots] logits, for the attention mass
+  int64_t kept_stride_ = 0;
   std::vector<scalar_t> q_vnni_;  // [D/2, R, 2]
   std::vector<float> scores_t_;   // [block, R]
 };
@@ -365,6 +418,10 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
       if (!sinks.empty() && !window.empty() && sinks.hi >= window.lo) {
         window = {0, std::max(sinks.hi, window.hi)};
         sinks = {0, 0};
+      }
+      if (p.kv_kind[kvh] == kKvBudget) {
+        items.push_back({b, kvh, 0, p.budget_table[4 * p.kv_index[kvh] + 1], 0});  // one item: all its slots
+        continue;
       }
       if (p.kv_kind[kvh] != kKvFull) {
         // a streaming head's slots are up to three runs of consecutive positions: the sinks,
