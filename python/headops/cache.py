@@ -217,7 +217,44 @@ class _Layer:
         return sum(t.numel() * t.element_size() for t in storages + list(tables))
 
 
-class HeadSparseCache:
+try:  # the cache is a transformers.Cache when transformers is installed (model.generate accepts it)
+    from transformers.cache_utils import Cache as _CacheBase, CacheLayerMixin as _LayerBase
+except ImportError:  # pragma: no cover - transformers is optional
+    _CacheBase, _LayerBase = object, object
+
+
+class _TransformersLayer(_LayerBase):
+    """transformers' view of one layer: sequence length and mask sizes; the storage is _Layer's."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, layer: "_Layer"):
+        if _LayerBase is not object:
+            super().__init__()
+        self._layer = layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return int(self._layer.lengths.max())
+
+    def get_mask_sizes(self, query_length: int):
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        raise NotImplementedError("headops.HeadSparseCache cannot be reset; make a new one")
+
+
+class HeadSparseCache(_CacheBase):
     """A KV cache whose storage follows each head's visibility (DESIGN section 2).
 
     Args (keyword-only):
@@ -265,13 +302,33 @@ class HeadSparseCache:
             if any(s < 0 for s in row):
                 raise _fail("sinks", ">= 0 for every query head", row)
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = L, Hq, Hkv, head_dim
-        self.batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
+        self._batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.max_step, self.split_keys = max_step, split_keys
         self.kinds = kinds
         group = Hq // Hkv
         self.budget_recent = budget_recent
         self._layers = [_Layer(kinds[i], windows[i], sinks_[i], group, batch_size, head_dim, dtype, self.device,
                                max_step, budgets[i], budget_recent) for i in range(L)]
+        if _CacheBase is not object:
+            super().__init__(layers=[_TransformersLayer(layer) for layer in self._layers])
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    # ------------------------------------------------------------------ transformers.Cache API
+
+    def update(self, key_states, value_states, layer_idx, *args, kwargs=None, **extra):
+        """transformers.Cache.update, called by a model's attention module before its attention
+        function. Returns the new states unchanged: the attention function registered by
+        headops (model integration) gets this cache in its kwargs ("headops_cache") and runs
+        ``cache.attention(layer_idx, q, k, v)``, which stores what each head keeps."""
+        if isinstance(kwargs, dict):
+            kwargs["headops_cache"] = self
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self._layers[layer_idx].lengths.max())
 
     # ------------------------------------------------------------------------------------ state
 
@@ -291,7 +348,7 @@ class HeadSparseCache:
     def dense_nbytes(self) -> int:
         """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer) would hold."""
         per_token = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
-        return sum(int(layer.lengths.max()) * self.batch_size * self.num_kv_heads for layer in self._layers) * per_token
+        return sum(int(layer.lengths.max()) * self._batch_size * self.num_kv_heads for layer in self._layers) * per_token
 
     # -------------------------------------------------------------------------------- attention
 
@@ -306,8 +363,8 @@ class HeadSparseCache:
         if layout == "bhsd":
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         B, Sq, Hq, D = q.shape
-        if (B, Hq, D) != (self.batch_size, self.num_heads, self.head_dim):
-            raise _fail("q", f"[B, S, Hq, D] with B={self.batch_size}, Hq={self.num_heads}, D={self.head_dim}",
+        if (B, Hq, D) != (self._batch_size, self.num_heads, self.head_dim):
+            raise _fail("q", f"[B, S, Hq, D] with B={self._batch_size}, Hq={self.num_heads}, D={self.head_dim}",
                         tuple(q.shape))
         if k.shape != v.shape or tuple(k.shape[::2]) != (B, self.num_kv_heads) or k.shape[3] != D:
             raise _fail("k", f"[B, S, Hkv, D] with Hkv={self.num_kv_heads}, the shape of v", tuple(k.shape))
@@ -354,8 +411,8 @@ class HeadSparseCache:
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != self.dtype:
                 raise _fail(name, f"a 4-D {self.dtype} tensor", t if not isinstance(t, torch.Tensor) else
                             f"{t.dtype} {tuple(t.shape)}")
-        if k.shape != v.shape or tuple(k.shape) != (self.batch_size, k.shape[1], self.num_kv_heads, self.head_dim):
-            raise _fail("k", f"[B, S, Hkv, D] = [{self.batch_size}, S, {self.num_kv_heads}, {self.head_dim}] like v",
+        if k.shape != v.shape or tuple(k.shape) != (self._batch_size, k.shape[1], self.num_kv_heads, self.head_dim):
+            raise _fail("k", f"[B, S, Hkv, D] = [{self._batch_size}, S, {self.num_kv_heads}, {self.head_dim}] like v",
                         tuple(k.shape))
         st = self._layers[layer]
         st.reserve(int(st.lengths.max()) + k.shape[1])

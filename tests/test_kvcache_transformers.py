@@ -1,0 +1,68 @@
+"""HeadSparseCache as a transformers.Cache: model.generate(..., past_key_values=cache) with an
+attention function that routes to the cache (the model integration registers one like it)."""
+
+import pytest
+import torch
+
+import headops
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+WINDOW, SINKS = [-1, -1, 3, 3], [0, 0, 2, 2]  # query heads 2, 3 (KV head 1) are streaming
+
+
+def _cache_attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cache = kwargs["headops_cache"]
+    out = cache.attention(module.layer_idx, q, k, v, layout="bhsd", softmax_scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _recompute_attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    # the same per-head spec over the whole sequence, no cache
+    out = headops.attention(q, k, v, layout="bhsd", softmax_scale=scaling, window=torch.tensor(WINDOW),
+                            sinks=torch.tensor(SINKS))
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("headops_cache_test", _cache_attention)
+AttentionInterface.register("headops_recompute_test", _recompute_attention)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def use(model, implementation):
+    model.config._attn_implementation = implementation
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = implementation
+
+
+def test_cache_is_a_transformers_cache_and_generates_like_eager():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 12))
+    use(model, "eager")
+    want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kinds="full", max_step=1)
+    assert isinstance(cache, transformers.Cache)
+    use(model, "headops_cache_test")
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 12 + 11  # the last generated token is never fed back
+
+
+def test_streaming_heads_generate_like_recomputing_with_the_same_spec():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 10))
+    use(model, "headops_recompute_test")
+    want = model.generate(ids, max_new_tokens=15, do_sample=False, use_cache=False)
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    kinds=["full", "streaming"], window=WINDOW, sinks=SINKS, max_step=1)
+    use(model, "headops_cache_test")
+    got = model.generate(ids, max_new_tokens=15, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert cache.ideal_nbytes() < cache.dense_nbytes()  # (at 25 tokens the 64-token segment dominates nbytes)
