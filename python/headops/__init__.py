@@ -7,7 +7,9 @@ from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import _autograd  # noqa: F401  (gradients of the attention op)
 from .attention import attention
 from .cache import HeadSparseCache
+from .spec import HeadSpec
+from .patching import patch, set_spec, unpatch
 from .counters import WorkCounts, count_work, work_counters, reset_work_counters
 
-__all__ = ["attention", "HeadSparseCache", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
+__all__ = ["attention", "HeadSparseCache", "HeadSpec", "patch", "set_spec", "unpatch", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
 __version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""``headops.patch`` / ``headops.unpatch``: run a transformers model's attention through headops
+with a per-layer, per-head ``HeadSpec`` (docs/DESIGN.md section 3).
+
+patch() registers one attention function ("headops") in transformers' ``AttentionInterface``,
+switches the model to it and gives every attention module its spec and layer. The function
+reads the module's layer arguments from the spec, turns transformers' padding mask into a
+key_bias (-inf on padded keys), and runs ``headops.attention`` -- or, when the model was given
+a ``HeadSparseCache`` as its cache, that cache's attention (prefill, then one decode call per
+step over every head's storage). ``set_spec`` swaps the spec without re-patching.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import attention as _attention
+from .spec import HeadSpec
+
+__all__ = ["patch", "unpatch", "set_spec"]
+
+IMPLEMENTATION = "headops"
+_registered = False
+
+
+def _key_bias_from_mask(mask, key):
+    """[B, 1, Sk] key_bias (0 or -inf) from a 4-D mask whose last query row sees every real
+    key (causal or bidirectional masks with key padding); None when nothing is masked."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise NotImplementedError(f"headops: attention masks of shape {tuple(mask.shape)} are not supported")
+    last = mask[:, 0, -1, :]
+    valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    if bool(valid.all()):
+        return None
+    Sk = key.shape[2]
+    valid = valid[:, -Sk:] if valid.shape[-1] >= Sk else valid
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
+
+
+def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                  **kwargs):
+    """transformers mask function for "headops": no S x S mask, only the key padding as a
+    [B, 1, 1, kv_length] bool mask (None without padding); causality and windows are the kernel's."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import prepare_padding_mask
+
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None or bool(padding.all()):
+        return None
+    return padding[:, None, None, :].bool()
+
+
+def _headops_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: q, k, v in [B, H, S, D]; returns ([B, S, Hq, D], None)."""
+    spec = getattr(module, "_headops_spec", None)
+    if spec is None:
+        raise RuntimeError("headops: this attention module was not patched by headops.patch (no spec)")
+    layer = module._headops_layer
+    args = spec.layer_args(layer)
+    if spec.softmax_scale is None and scaling is not None:
+        args["softmax_scale"] = float(scaling)
+    key_bias = _key_bias_from_mask(attention_mask, key)
+    if key_bias is not None:
+        args["key_bias"] = key_bias
+    causal = bool(getattr(module, "is_causal", True))
+    cache = kwargs.get("headops_cache")
+    if cache is not None:
+        args.pop("window")
+        args.pop("sinks")
+        out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
+    else:
+        out = _attention(query, key, value, layout="bhsd", causal=causal, **args)
+    return out.transpose(1, 2), None
+
+
+def _attention_modules(model):
+    """The attention modules, in layer order (modules with a layer_idx and projections)."""
+    found = []
+    for _, m in model.named_modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in ("q_proj", "c_attn", "query")):
+            found.append(m)
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def patch(model, spec: HeadSpec):
+    """Runs `model`'s attention through headops with `spec` (returns the model)."""
+    global _registered
+    from transformers import AttentionInterface
+
+    if not isinstance(spec, HeadSpec):
+        raise TypeError(f"headops.patch: spec must be a headops.HeadSpec, got {type(spec).__name__}")
+    spec.validate(model)
+    modules = _attention_modules(model)
+    if len(modules) != spec.num_layers:
+        raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
+                                  f"{type(model).__name__}, expected {spec.num_layers}; this model family is not "
+                                  "supported yet")
+    if not _registered:
+        from transformers import AttentionMaskInterface
+
+        AttentionInterface.register(IMPLEMENTATION, _headops_attention)
+        AttentionMaskInterface.register(IMPLEMENTATION, _headops_mask)
+        _registered = True
+    if not hasattr(model, "_headops_previous"):
+        model._headops_previous = model.config._attn_implementation
+    for m in modules:
+        m._headops_spec = spec
+        m._headops_layer = m.layer_idx
+    model.set_attn_implementation(IMPLEMENTATION)
+    return model
+
+
+def set_spec(model, spec: HeadSpec):
+    """Replaces the spec of a patched model (no re-patching; e.g. new per-batch gates)."""
+    if not hasattr(model, "_headops_previous"):
+        raise RuntimeError("headops.set_spec: the model is not patched (call headops.patch first)")
+    spec.validate(model)
+    for m in _attention_modules(model):
+        m._headops_spec = spec
+
+
+def unpatch(model):
+    """Restores the model's own attention implementation and removes what patch() added."""
+    if not hasattr(model, "_headops_previous"):
+        raise RuntimeError("headops.unpatch: the model is not patched")
+    previous = model._headops_previous
+    for m in _attention_modules(model):
+        for name in ("_headops_spec", "_headops_layer"):
+            if hasattr(m, name):
+                delattr(m, name)
+    model.set_attn_implementation(previous)
+    del model._headops_previous
+    return model

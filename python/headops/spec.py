@@ -1,0 +1,237 @@
+"""``headops.HeadSpec``: what every head of every layer of a model does (docs/DESIGN.md section 3).
+
+A spec holds, per layer and query head, the per-head arguments of ``headops.attention`` (gate,
+softmax_scale, window, sinks, alpha, sink_logit, out_scale, out_bias) and, per layer and KV head,
+what a ``HeadSparseCache`` keeps (kind and budget). Gates may be per batch row (``[B, L, Hq]``)
+to evaluate several head coalitions in one batch. Constructors read like the papers::
+
+    HeadSpec.dense(model)                                  # every head full, nothing changed
+    HeadSpec.dense(model).mask_heads({3: [0, 5]})          # Michel et al.: heads switched off
+    HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
+    HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import numbers
+
+import torch
+
+__all__ = ["HeadSpec"]
+
+_FLOAT_FIELDS = ("gate", "softmax_scale", "alpha", "sink_logit", "out_scale", "out_bias")
+
+
+def _fail(name, expected, got):
+    return ValueError(f"headops.HeadSpec: {name} must be {expected}, got {got}")
+
+
+def _shape_of(model_or_config):
+    """(layers, query heads, KV heads, head dim) from a transformers model or config."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    try:
+        L = cfg.num_hidden_layers
+        Hq = cfg.num_attention_heads
+    except AttributeError:
+        raise TypeError(f"headops.HeadSpec: cannot read the attention shape of {type(model_or_config).__name__} "
+                        "(expected a transformers model or config with num_hidden_layers and "
+                        "num_attention_heads)") from None
+    Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    return L, Hq, Hkv, D
+
+
+class HeadSpec:
+    """Per-layer, per-head behaviour of a model's attention (see the module docstring).
+
+    Fields (tensors, or None where the default applies to every head):
+      gate ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, alpha, sink_logit ``[L, Hq]``;
+      window, sinks ``[L, Hq]`` int (window < 0 unlimited); out_scale, out_bias ``[L, Hq, D]``;
+      cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget"; cache_budget ``[L][Hkv]``.
+    """
+
+    def __init__(self, num_layers, num_heads, num_kv_heads, head_dim):
+        for name, v in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise _fail(name, "an int >= 1", v)
+        if num_heads % num_kv_heads:
+            raise _fail("num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
+        L, Hq, Hkv = num_layers, num_heads, num_kv_heads
+        self.gate = None
+        self.softmax_scale = None
+        self.alpha = None
+        self.sink_logit = None
+        self.out_scale = None
+        self.out_bias = None
+        self.window = torch.full((L, Hq), -1, dtype=torch.int64)
+        self.sinks = torch.zeros(L, Hq, dtype=torch.int64)
+        self.cache_kind = [["full"] * Hkv for _ in range(L)]
+        self.cache_budget = [[None] * Hkv for _ in range(L)]
+
+    # ------------------------------------------------------------------------ constructors
+
+    @classmethod
+    def dense(cls, model_or_config) -> "HeadSpec":
+        """Every head full attention, unchanged: a patched model gives the unpatched logits."""
+        return cls(*_shape_of(model_or_config))
+
+    def copy(self) -> "HeadSpec":
+        return copy.deepcopy(self)
+
+    def mask_heads(self, heads: dict) -> "HeadSpec":
+        """A copy with the given heads' gates at 0 ({layer: [query heads]}); gated heads cost nothing."""
+        spec = self.copy()
+        gate = spec.gate if spec.gate is not None else torch.ones(self.num_layers, self.num_heads)
+        for layer, hs in heads.items():
+            self._check_layer(layer)
+            for h in hs:
+                if not 0 <= h < self.num_heads:
+                    raise _fail("heads", f"query head indices in [0, {self.num_heads})", h)
+                gate[..., layer, h] = 0.0
+        spec.gate = gate
+        return spec
+
+    @classmethod
+    def streaming(cls, model_or_config, heads: dict, *, window: int, sinks: int = 4) -> "HeadSpec":
+        """The given KV heads ({layer: [KV heads]}) streaming (sinks + window), the rest full."""
+        spec = cls.dense(model_or_config)
+        group = spec.num_heads // spec.num_kv_heads
+        for layer, kv_heads in heads.items():
+            spec._check_layer(layer)
+            for h in kv_heads:
+                if not 0 <= h < spec.num_kv_heads:
+                    raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
+                spec._make_streaming(layer, h, group, window, sinks)
+        return spec
+
+    @classmethod
+    def from_duo_attention(cls, model_or_config, path, *, sinks: int, window: int, threshold: float = 0.5,
+                           keep_alpha: bool = False) -> "HeadSpec":
+        """DuoAttention's published pattern (``full_attention_heads.tsv``: one row per layer, one
+        gate per KV head). KV heads whose gate is above threshold stay full (retrieval heads), the
+        others become streaming with the given sinks and window. keep_alpha=True instead keeps
+        every head on a full cache and mixes both views with alpha = the clipped gate."""
+        spec = cls.dense(model_or_config)
+        rows = []
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rows.append([float(x) for x in line.split()])
+        shape = (len(rows), len(rows[0]) if rows else 0)
+        if shape != (spec.num_layers, spec.num_kv_heads) or any(len(r) != shape[1] for r in rows):
+            raise _fail("the pattern", f"{spec.num_layers} rows of {spec.num_kv_heads} values (layers x KV heads)",
+                        f"{shape[0]} rows of {shape[1]}")
+        alpha = torch.tensor(rows, dtype=torch.float32).clamp(0.0, 1.0)
+        group = spec.num_heads // spec.num_kv_heads
+        if keep_alpha:
+            spec.alpha = alpha.repeat_interleave(group, dim=1)
+            spec.window[:] = window
+            spec.sinks[:] = sinks
+            return spec
+        for layer in range(spec.num_layers):
+            for h in range(spec.num_kv_heads):
+                if alpha[layer, h] <= threshold:
+                    spec._make_streaming(layer, h, group, window, sinks)
+        return spec
+
+    def _make_streaming(self, layer, kv_head, group, window, sinks):
+        if not isinstance(window, numbers.Integral) or window < 1:
+            raise _fail("window", "an int >= 1", window)
+        if not isinstance(sinks, numbers.Integral) or sinks < 0:
+            raise _fail("sinks", "an int >= 0", sinks)
+        self.window[layer, kv_head * group:(kv_head + 1) * group] = window
+        self.sinks[layer, kv_head * group:(kv_head + 1) * group] = sinks
+        self.cache_kind[layer][kv_head] = "streaming"
+
+    def _check_layer(self, layer):
+        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
+
+    # --------------------------------------------------------------------------- use
+
+    def validate(self, model_or_config=None) -> None:
+        """Checks every field's shape (and, given a model/config, that the spec was made for it)."""
+        L, Hq, Hkv, D = self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
+        if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
+            raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
+                                    f"{_shape_of(model_or_config)})", (L, Hq, Hkv, D))
+        for name in ("softmax_scale", "alpha", "sink_logit"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (L, Hq):
+                raise _fail(name, f"[L, Hq] = [{L}, {Hq}]", tuple(t.shape))
+        if self.gate is not None and not (tuple(self.gate.shape) == (L, Hq) or
+                                          (self.gate.dim() == 3 and tuple(self.gate.shape[1:]) == (L, Hq))):
+            raise _fail("gate", f"[L, Hq] = [{L}, {Hq}] or [B, L, Hq]", tuple(self.gate.shape))
+        for name in ("window", "sinks"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (L, Hq) or t.dtype != torch.int64:
+                raise _fail(name, f"an int64 [L, Hq] = [{L}, {Hq}] tensor", f"{t.dtype} {tuple(t.shape)}")
+        for name in ("out_scale", "out_bias"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (L, Hq, D):
+                raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {D}]", tuple(t.shape))
+        if len(self.cache_kind) != L or any(len(r) != Hkv for r in self.cache_kind):
+            raise _fail("cache_kind", f"[L, Hkv] = [{L}, {Hkv}]", self.cache_kind)
+
+    def layer_args(self, layer: int) -> dict:
+        """headops.attention's per-head arguments for `layer` (None fields left out)."""
+        args = {"window": self.window[layer], "sinks": self.sinks[layer]}
+        for name in _FLOAT_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                args[name] = t[:, layer] if (name == "gate" and t.dim() == 3) else t[layer]
+        return args
+
+    def make_cache(self, *, batch_size=1, dtype=torch.float32, max_step=8, budget_recent=8):
+        """A HeadSparseCache that keeps what this spec's heads can see."""
+        from .cache import HeadSparseCache
+
+        return HeadSparseCache(num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                               head_dim=self.head_dim, kinds=self.cache_kind, window=self.window, sinks=self.sinks,
+                               budget=self.cache_budget, budget_recent=budget_recent, batch_size=batch_size,
+                               dtype=dtype, max_step=max_step)
+
+    # ------------------------------------------------------------------------ save / load
+
+    def to_dict(self) -> dict:
+        d = {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+             "head_dim": self.head_dim, "window": self.window.tolist(), "sinks": self.sinks.tolist(),
+             "cache_kind": self.cache_kind, "cache_budget": self.cache_budget}
+        for name in _FLOAT_FIELDS:
+            t = getattr(self, name)
+            d[name] = None if t is None else t.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadSpec":
+        spec = cls(d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"])
+        spec.window = torch.tensor(d["window"], dtype=torch.int64)
+        spec.sinks = torch.tensor(d["sinks"], dtype=torch.int64)
+        spec.cache_kind = [list(r) for r in d["cache_kind"]]
+        spec.cache_budget = [list(r) for r in d["cache_budget"]]
+        for name in _FLOAT_FIELDS:
+            if d.get(name) is not None:
+                setattr(spec, name, torch.tensor(d[name], dtype=torch.float32))
+        spec.validate()
+        return spec
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path) -> "HeadSpec":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __repr__(self):
+        kinds = [k for r in self.cache_kind for k in r]
+        gated = 0 if self.gate is None else int((self.gate == 0).sum())
+        return (f"HeadSpec(layers={self.num_layers}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, streaming KV heads={kinds.count('streaming')}/{len(kinds)}, "
+                f"gated heads={gated})")
