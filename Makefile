@@ -1,5 +1,5 @@
 # make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
-#              forward+backward, KV-cache decode)
+#              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example
 # make test  - same set-up, then the whole pytest suite
 PYTHON ?= python3
 VENV := .venv
@@ -30,6 +30,7 @@ demo: build
 	$(VPY) bench/attention_cpu.py
 	$(VPY) bench/attention_cpu_train.py
 	$(VPY) bench/kvcache.py
+	$(VPY) examples/smollm2_generate.py
 
 bench-full: build
 	$(VPY) bench/attention_cpu.py --full

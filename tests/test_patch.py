@@ -200,3 +200,17 @@ def test_bad_specs_and_calls():
     spec.gate = torch.ones(3, 4)
     with pytest.raises(ValueError, match="gate"):
         spec.validate()
+
+
+def test_left_padded_batch_generates_like_the_unpatched_model():
+    model = make("llama")
+    ids = torch.randint(1, V, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as a tokenizer pads for generation
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    cache = headops.HeadSparseCache(model, spec, batch_size=2, max_step=1)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         past_key_values=cache)
+    assert torch.equal(got, want)

@@ -96,3 +96,16 @@ def test_minilm_dense_patch_and_head_masking(minilm):
     torch.testing.assert_close(mean_pooled(model, batch), mean_pooled(reference, batch), atol=1e-5, rtol=1e-5)
     similarity = (mean_pooled(model, batch) * want).sum(-1)
     assert (similarity < 0.9999).all() and (similarity > 0.5).all()  # changed, but still the same sentences
+
+
+def test_smollm2_example_runs_in_a_small_configuration():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "examples/smollm2_generate.py", "--prompt-tokens", "300",
+                           "--new-tokens", "6", "--check-tokens", "4"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dense spec generates the same 6 tokens as transformers: True" in proc.stdout

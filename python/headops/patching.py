@@ -22,7 +22,7 @@ IMPLEMENTATION = "headops"
 _registered = False
 
 
-def _key_bias_from_mask(mask, key):
+def _key_bias_from_mask(mask):
     """[B, 1, Sk] key_bias (0 or -inf) from a 4-D mask whose last query row sees every real
     key (causal or bidirectional masks with key padding); None when nothing is masked."""
     if mask is None:
@@ -33,8 +33,8 @@ def _key_bias_from_mask(mask, key):
     valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
     if bool(valid.all()):
         return None
-    Sk = key.shape[2]
-    valid = valid[:, -Sk:] if valid.shape[-1] >= Sk else valid
+    # the mask covers every position so far (kv_length): with a HeadSparseCache the keys passed
+    # in are only the new ones, and the cache indexes key_bias by original position
     zero = torch.zeros((), dtype=torch.float32)
     return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
 
@@ -62,7 +62,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     args = spec.layer_args(layer)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    key_bias = _key_bias_from_mask(attention_mask, key)
+    key_bias = _key_bias_from_mask(attention_mask)
     if key_bias is not None:
         args["key_bias"] = key_bias
     causal = bool(getattr(module, "is_causal", True))
