@@ -35,19 +35,8 @@ struct RingLayout {
   int64_t sinks;   // slots [0, sinks) hold positions [0, sinks)
   int64_t ring;    // slots [sinks, sinks + ring) are a ring over the positions >= sinks
 
-  HEADOPS_HD int64_t slots() const { return sinks + ring; }
-
   // The slot (relative to offset) that position p is written to.
   HEADOPS_HD int64_t slot_of(int64_t p) const { return p < sinks ? p : sinks + (p - sinks) % ring; }
-
-  // The position held by relative slot j once `length` tokens have been written; -1 if empty.
-  HEADOPS_HD int64_t position_of(int64_t j, int64_t length) const {
-    if (j < sinks) return j < length ? j : -1;
-    const int64_t r = j - sinks;
-    const int64_t newest = length - 1 - sinks;  // ring index of the last token, relative to position sinks
-    if (newest < r) return -1;
-    return sinks + r + (newest - r) / ring * ring;
-  }
 };
 
 }  // namespace HEADOPS_ISA_NAMESPACE

@@ -401,9 +401,7 @@ class HeadSparseCache(_CacheBase):
         spec = dict(window=st.windows, sinks=st.sinks, causal=causal, **head_args)
         alpha = head_args.get("alpha")
         if isinstance(alpha, (numbers.Number, torch.Tensor)) and not isinstance(alpha, bool):
-            _check_alpha(torch.as_tensor(alpha, dtype=torch.float64).expand(self.num_heads)
-                         if torch.as_tensor(alpha).dim() == 0 else torch.as_tensor(alpha), st,
-                         self.num_heads // self.num_kv_heads)
+            _check_alpha(torch.as_tensor(alpha, dtype=torch.float64), st, self.num_heads // self.num_kv_heads)
         if int(st.lengths.max()) == 0:
             out = self._prefill(st, q, k, v, lengths, spec)
         else:
@@ -556,7 +554,7 @@ def _check_alpha(alpha, st, group):
     if alpha is None:
         return
     streaming_heads = (st.kv_kind != 0).repeat_interleave(group)  # streaming and budget heads
-    a = alpha if alpha.dim() == 2 else alpha.reshape(1, -1)
+    a = alpha.reshape(-1, alpha.shape[-1]) if alpha.dim() else alpha.expand(1, streaming_heads.numel())
     if bool(((a > 0) & streaming_heads.to(a.device)).any()):
         heads = [h for h in range(streaming_heads.numel()) if bool(streaming_heads[h]) and bool((a[:, h] > 0).any())]
         raise ValueError(f"headops.HeadSparseCache: alpha must be 0 on query heads served by a streaming or budget "

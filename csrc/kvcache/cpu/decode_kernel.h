@@ -2,7 +2,8 @@
 //
 // Work items are (batch row, KV head, slot range): a full KV head's visible keys are split
 // into ranges of split_keys slots (split-K, so one long head does not serialise the step), a
-// streaming KV head is one item over its sinks and ring. An item reads its K/V slots once for
+// streaming KV head's ring into its runs of consecutive positions (at most three), a budget KV
+// head is one item over its slots (explicit positions). An item reads its K/V slots once for
 // all the query heads of its GQA group and all new query tokens (one tile product), keeps an
 // online softmax per (row, branch), and writes a partial (max, sum, accumulator). A combine
 // pass merges each row's partials, adds the sink logit, mixes alpha and applies the epilogue.
@@ -108,8 +109,6 @@ template <typename scalar_t>
 struct HeadStorage {
   const scalar_t* k;
   const scalar_t* v;
-  bool full;
-  RingLayout ring;
   int64_t length;
   int64_t first_slot;  // the slot k and v point at
   const int64_t* positions = nullptr;  // budget heads: the position of each slot (-1 empty)
@@ -119,16 +118,14 @@ struct HeadStorage {
   static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh, int64_t first) {
     HeadStorage s;
     const int64_t D = p.attn.head_dim, index = p.kv_index[kvh];
-    s.full = p.kv_kind[kvh] == kKvFull;
     s.length = p.lengths[b];
-    if (s.full) {
+    if (p.kv_kind[kvh] == kKvFull) {
       const int64_t seg = std::upper_bound(p.full_starts, p.full_starts + p.full_segments + 1, first) - p.full_starts - 1;
       const int64_t n = p.full_starts[seg + 1] - p.full_starts[seg];
       const int64_t base = (b * p.full_heads + index) * n * D;
       s.k = static_cast<const scalar_t*>(p.full_k[seg]) + base;
       s.v = static_cast<const scalar_t*>(p.full_v[seg]) + base;
       s.first_slot = p.full_starts[seg];
-      s.ring = {0, 0, 1};
     } else if (p.kv_kind[kvh] == kKvBudget) {
       const int64_t offset = p.budget_table[4 * index];
       const int64_t base = b * p.ring_slots + offset;
@@ -137,10 +134,8 @@ struct HeadStorage {
       s.positions = p.slot_pos + base;
       s.mass = p.slot_mass + base;
       s.first_slot = 0;
-      s.ring = {0, 0, 1};
     } else {
-      s.ring = {p.ring_offset[index], p.ring_sinks[index], p.ring_size[index]};
-      const int64_t base = (b * p.ring_slots + s.ring.offset) * D;
+      const int64_t base = (b * p.ring_slots + p.ring_offset[index]) * D;
       s.k = static_cast<const scalar_t*>(p.ring_k) + base;
       s.v = static_cast<const scalar_t*>(p.ring_v) + base;
       s.first_slot = 0;
