@@ -214,3 +214,23 @@ def test_left_padded_batch_generates_like_the_unpatched_model():
     got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                          past_key_values=cache)
     assert torch.equal(got, want)
+
+
+def test_spec_key_bias_on_the_first_tokens_matches_the_reference():
+    # ZeroTuning-style: a per-head bias on the first (sink) tokens' logits
+    model = make("llama")
+    ids = torch.randint(0, V, (1, 9))
+    spec = headops.HeadSpec.dense(model)
+    spec.key_bias = torch.randn(2, 4, 2)  # [L, Hq, K=2]
+    headops.patch(model, spec)
+    got = output(model, ids)
+    # the same with the bias written out over every key, through a plain per-call spec check
+    full = spec.layer_args(0, 9)["key_bias"]
+    assert full.shape == (4, 9) and torch.equal(full[:, :2], spec.key_bias[0]) and (full[:, 2:] == 0).all()
+    headops.set_spec(model, headops.HeadSpec.dense(model))
+    plain = output(model, ids)
+    assert (got - plain).abs().max() > 1e-4  # the bias changes the logits
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    headops.set_spec(model, spec)
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache), want)

@@ -59,14 +59,15 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if spec is None:
         raise RuntimeError("headops: this attention module was not patched by headops.patch (no spec)")
     layer = module._headops_layer
-    args = spec.layer_args(layer)
+    cache = kwargs.get("headops_cache")
+    keys = key.shape[2] + (cache.get_seq_length(layer) if cache is not None else 0)  # original positions
+    args = spec.layer_args(layer, keys)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    key_bias = _key_bias_from_mask(attention_mask)
-    if key_bias is not None:
-        args["key_bias"] = key_bias
+    padding = _key_bias_from_mask(attention_mask)
+    if padding is not None:
+        args["key_bias"] = padding if "key_bias" not in args else args["key_bias"] + padding
     causal = bool(getattr(module, "is_causal", True))
-    cache = kwargs.get("headops_cache")
     if cache is not None:
         args.pop("window")
         args.pop("sinks")

@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["HeadSpec"]
 
-_FLOAT_FIELDS = ("gate", "softmax_scale", "alpha", "sink_logit", "out_scale", "out_bias")
+_FLOAT_FIELDS = ("gate", "softmax_scale", "alpha", "sink_logit", "out_scale", "out_bias", "key_bias")
 
 
 def _fail(name, expected, got):
@@ -50,6 +50,8 @@ class HeadSpec:
     Fields (tensors, or None where the default applies to every head):
       gate ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, alpha, sink_logit ``[L, Hq]``;
       window, sinks ``[L, Hq]`` int (window < 0 unlimited); out_scale, out_bias ``[L, Hq, D]``;
+      key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
+      ZeroTuning, attention calibration), 0 beyond;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget"; cache_budget ``[L][Hkv]``.
     """
 
@@ -68,6 +70,7 @@ class HeadSpec:
         self.sink_logit = None
         self.out_scale = None
         self.out_bias = None
+        self.key_bias = None
         self.window = torch.full((L, Hq), -1, dtype=torch.int64)
         self.sinks = torch.zeros(L, Hq, dtype=torch.int64)
         self.cache_kind = [["full"] * Hkv for _ in range(L)]
@@ -175,13 +178,21 @@ class HeadSpec:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (L, Hq, D):
                 raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {D}]", tuple(t.shape))
+        if self.key_bias is not None and (self.key_bias.dim() != 3 or tuple(self.key_bias.shape[:2]) != (L, Hq)):
+            raise _fail("key_bias", f"[L, Hq, K] = [{L}, {Hq}, K]", tuple(self.key_bias.shape))
         if len(self.cache_kind) != L or any(len(r) != Hkv for r in self.cache_kind):
             raise _fail("cache_kind", f"[L, Hkv] = [{L}, {Hkv}]", self.cache_kind)
 
-    def layer_args(self, layer: int) -> dict:
-        """headops.attention's per-head arguments for `layer` (None fields left out)."""
+    def layer_args(self, layer: int, keys: int | None = None) -> dict:
+        """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
+        needs the number of keys (original positions 0 .. keys - 1)."""
         args = {"window": self.window[layer], "sinks": self.sinks[layer]}
-        for name in _FLOAT_FIELDS:
+        if self.key_bias is not None:
+            if keys is None:
+                raise ValueError("headops.HeadSpec.layer_args: key_bias needs the number of keys")
+            prefix = self.key_bias[layer][:, :keys]
+            args["key_bias"] = torch.nn.functional.pad(prefix, (0, keys - prefix.shape[-1]))
+        for name in _FLOAT_FIELDS[:-1]:
             t = getattr(self, name)
             if t is not None:
                 args[name] = t[:, layer] if (name == "gate" and t.dim() == 3) else t[layer]

@@ -1,0 +1,58 @@
+"""Shared by the examples: the model to run (real, or a tiny random one for the tests)."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import torch  # noqa: E402
+
+
+def causal_lm(tiny: bool):
+    """(model, tokenizer-or-None): SmolLM2-135M-Instruct, or a tiny random Llama (--tiny)."""
+    if tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        return LlamaForCausalLM(cfg).eval(), None
+    from headops.models import load_smollm2
+
+    return load_smollm2()
+
+
+def encoder(tiny: bool):
+    """(model, tokenizer-or-None): all-MiniLM-L6-v2, or a tiny random BERT (--tiny)."""
+    if tiny:
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4)).eval(), None
+    from headops.models import load_minilm
+
+    return load_minilm()
+
+
+def stdlib_text() -> str:
+    """Real English text available offline: docstrings of Python standard library modules."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap"):
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+def token_ids(tok, n: int, vocab: int = 97) -> torch.Tensor:
+    """[1, n] ids of the standard-library text (random ids for a tiny model)."""
+    if tok is None:
+        return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    return tok(stdlib_text(), return_tensors="pt").input_ids[:, :n]
