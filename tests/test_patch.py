@@ -234,3 +234,21 @@ def test_spec_key_bias_on_the_first_tokens_matches_the_reference():
     headops.set_spec(model, spec)
     want = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache), want)
+
+
+def test_budget_spec_generates_like_attention_over_the_kept_set_until_eviction():
+    model = make("llama")
+    ids = torch.randint(0, V, (1, 10))
+    spec = headops.HeadSpec.budget(model, {0: [1], 1: [0, 1]}, budget=64)
+    headops.patch(model, spec)
+    # nothing is evicted within 64 tokens: the same tokens as the dense model
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache), want)
+    small = headops.HeadSpec.budget(model, {0: [1]}, budget=12)
+    headops.set_spec(model, small)
+    cache = headops.HeadSparseCache(model, small, max_step=1)
+    model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert cache._layers[0].kept_positions(0, 1).numel() == 12  # 21 tokens seen, 12 kept
+    with pytest.raises(ValueError, match="budget"):
+        headops.HeadSpec.budget(model, {0: [1]}, budget=0)

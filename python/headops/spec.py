@@ -9,6 +9,7 @@ to evaluate several head coalitions in one batch. Constructors read like the pap
     HeadSpec.dense(model).mask_heads({3: [0, 5]})          # Michel et al.: heads switched off
     HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
     HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
+    HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ class HeadSpec:
         return spec
 
     @classmethod
+    def budget(cls, model_or_config, heads: dict, *, budget: int) -> "HeadSpec":
+        """The given KV heads ({layer: [KV heads]}) keep at most `budget` tokens in a
+        HeadSparseCache (HeadKV/AdaKV-style; the rest full). Their attention is unchanged until
+        tokens are evicted (the cache keeps sinks, the latest tokens, the most attended)."""
+        if not isinstance(budget, numbers.Integral) or budget < 1:
+            raise _fail("budget", "an int >= 1", budget)
+        spec = cls.dense(model_or_config)
+        for layer, kv_heads in heads.items():
+            spec._check_layer(layer)
+            for h in kv_heads:
+                if not 0 <= h < spec.num_kv_heads:
+                    raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
+                spec.cache_kind[layer][h] = "budget"
+                spec.cache_budget[layer][h] = int(budget)
+        return spec
+
+    @classmethod
     def from_duo_attention(cls, model_or_config, path, *, sinks: int, window: int, threshold: float = 0.5,
                            keep_alpha: bool = False) -> "HeadSpec":
         """DuoAttention's published pattern (``full_attention_heads.tsv``: one row per layer, one
@@ -198,7 +216,7 @@ class HeadSpec:
                 args[name] = t[:, layer] if (name == "gate" and t.dim() == 3) else t[layer]
         return args
 
-    def make_cache(self, *, batch_size=1, dtype=torch.float32, max_step=8, budget_recent=8):
+    def make_cache(self, *, batch_size=1, dtype=torch.float32, max_step=8, budget_recent=4):
         """A HeadSparseCache that keeps what this spec's heads can see."""
         from .cache import HeadSparseCache
 
