@@ -36,13 +36,17 @@ def encoder(tiny: bool):
     return load_minilm()
 
 
+STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
+                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
+
+
 def stdlib_text() -> str:
     """Real English text available offline: docstrings of Python standard library modules."""
     import importlib
     import inspect
 
     parts = []
-    for name in ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap"):
+    for name in STDLIB_MODULES:
         module = importlib.import_module(name)
         parts.append(inspect.getdoc(module) or "")
         for _, obj in sorted(vars(module).items()):

@@ -17,35 +17,14 @@ Prints decode tokens/s and the cache memory of each run.
 from __future__ import annotations
 
 import argparse
-import inspect
-import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
+import torch
+from _common import stdlib_text  # also puts python/ on the path
 
-import torch  # noqa: E402
-
-import headops  # noqa: E402
-from headops.models import load_smollm2  # noqa: E402
-
-STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
-                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
-
-
-def stdlib_text() -> str:
-    """Real English text available offline: the standard library's module and function docstrings."""
-    import importlib
-
-    parts = []
-    for name in STDLIB_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)
+import headops
+from headops.models import load_smollm2
 
 
 def dynamic_cache_bytes(cache) -> int:
