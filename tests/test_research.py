@@ -1,0 +1,80 @@
+"""headops.research: importance, pruning curves, the prune command line (tiny random models)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import headops
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from headops import research  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def test_importance_from_the_gate_gradient_equals_finite_differences():
+    model = tiny(torch.float64)
+    ids = torch.randint(0, 97, (2, 16))
+    grad = research.importance(model, [ids], normalize=False)
+    # transformers' RMSNorm rounds through float32, so the loss is float32-accurate: eps 1e-2
+    slow = research.importance_finite_difference(model, ids, eps=1e-2)
+    torch.testing.assert_close(grad, slow.abs(), atol=2e-5, rtol=2e-3)
+    assert not hasattr(model, "_headops_previous")  # importance() left the model unpatched
+    normalised = research.importance(model, [ids, ids])
+    torch.testing.assert_close(normalised.norm(dim=1), torch.ones(2, dtype=normalised.dtype))
+
+
+def test_batched_coalitions_equal_each_mask_alone():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 20))
+    order = [(layer, h) for layer in range(2) for h in range(4)][::-1]
+    fractions = [0.0, 0.25, 0.5, 1.0]
+    curve = research.pruning_curve(model, ids, order, fractions, repeats=1)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    for row, gate in enumerate(curve["gates"]):
+        spec = headops.HeadSpec.dense(model)
+        spec.gate = gate
+        headops.set_spec(model, spec)
+        with torch.no_grad():
+            alone = research.per_row_causal_lm_loss(model, ids)
+        assert abs(alone.item() - curve["metric"][row]) < 1e-5
+    assert curve["gates"][2].sum() == 4 and curve["gates"][3].sum() == 0
+
+
+def test_pruning_every_head_of_a_layer_zeroes_its_attention_output():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 12))
+    seen = {}
+    model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0]))
+    headops.patch(model, headops.HeadSpec.dense(model).mask_heads({1: [0, 1, 2, 3]}))
+    with torch.no_grad(), headops.count_work() as w:
+        model(ids)
+    assert torch.equal(seen["x"], torch.zeros_like(seen["x"]))
+    assert w.heads_skipped == 4
+
+
+def test_prune_command_writes_csv_and_plot(tmp_path):
+    out = tmp_path / "curve"
+    proc = subprocess.run([sys.executable, "-m", "headops", "prune", "--model", "tiny", "--tokens", "24", "--steps",
+                           "4", "--repeats", "1", "--quiet", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [float(r["fraction_pruned"]) for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert rows[0]["ppl_importance"] == rows[0]["ppl_random"] and rows[-1]["ppl_importance"] == rows[-1]["ppl_random"]
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert "attention's share" in proc.stdout
