@@ -36,23 +36,7 @@ def encoder(tiny: bool):
     return load_minilm()
 
 
-STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
-                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
-
-
-def stdlib_text() -> str:
-    """Real English text available offline: docstrings of Python standard library modules."""
-    import importlib
-    import inspect
-
-    parts = []
-    for name in STDLIB_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)
+from headops.models import stdlib_text  # noqa: E402,F401  (real English text, offline)
 
 
 def token_ids(tok, n: int, vocab: int = 97) -> torch.Tensor:

@@ -42,3 +42,23 @@ def mean_pooled(model, batch) -> torch.Tensor:
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
+                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
+
+
+def stdlib_text() -> str:
+    """Real English text available offline: the docstrings of Python standard library modules
+    (STDLIB_MODULES) and of their functions and classes."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)

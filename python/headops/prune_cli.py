@@ -27,24 +27,7 @@ import time
 import torch
 
 from . import research
-
-STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
-                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
-
-
-def stdlib_text() -> str:
-    import importlib
-    import inspect
-
-    parts = []
-    for name in STDLIB_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)
-
+from .models import STDLIB_MODULES, stdlib_text
 
 def load(model_name: str):
     if model_name == "smollm2":
