@@ -78,3 +78,38 @@ def test_prune_command_writes_csv_and_plot(tmp_path):
     assert rows[0]["ppl_importance"] == rows[0]["ppl_random"] and rows[-1]["ppl_importance"] == rows[-1]["ppl_random"]
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert "attention's share" in proc.stdout
+
+
+def test_shapley_over_every_permutation_is_the_exact_shapley_value():
+    import itertools
+    import math
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).eval().double()
+    ids = torch.randint(0, 97, (1, 12))
+    n = 4
+    got = research.shapley(model, ids, permutations=list(itertools.permutations(range(n))), batch_size=7)
+    # exact: phi_i = sum over coalitions S without i of |S|! (n-|S|-1)! / n! (v(S + i) - v(S))
+    headops.patch(model, headops.HeadSpec.dense(model))
+
+    def value(coalition):
+        spec = headops.HeadSpec.dense(model)
+        spec.gate = torch.zeros(n, dtype=torch.float64)
+        spec.gate[list(coalition)] = 1.0
+        spec.gate = spec.gate.view(2, 2)
+        headops.set_spec(model, spec)
+        with torch.no_grad():
+            return -research.per_row_causal_lm_loss(model, ids).item()
+
+    exact = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        for size in range(n):
+            for coalition in itertools.combinations(others, size):
+                weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+                exact[i] += weight * (value(coalition + (i,)) - value(coalition))
+    torch.testing.assert_close(got.flatten(), exact, atol=1e-9, rtol=1e-7)
+    # efficiency: the values sum to v(all) - v(none)
+    assert abs(got.sum().item() - (value(range(n)) - value(()))) < 1e-9

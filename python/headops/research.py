@@ -7,6 +7,8 @@
   recomputed), for checking.
 - ``pruning_curve``: heads masked in a given order in steps; every step's mask is one row of a
   per-batch gate ``[M, L, Hq]``, so all masks evaluate as one batch (gated heads cost nothing).
+- ``shapley``: Shapley values of the heads by permutation sampling; the coalitions along each
+  permutation (its prefixes) are evaluated in batches through per-batch gates.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .patching import patch, set_spec, unpatch
 from .spec import HeadSpec
 
-__all__ = ["importance", "importance_finite_difference", "pruning_curve", "causal_lm_loss"]
+__all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss"]
 
 
 def per_row_causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -136,3 +138,42 @@ def pruning_curve(model, ids, order, fractions, *, metric_fn=per_row_causal_lm_l
     return {"fractions": list(fractions), "metric": metric.tolist(), "batched_seconds_per_mask": batched_seconds,
             "single_seconds_per_mask": sum(forward_seconds) / M, "forward_seconds": forward_seconds,
             "gates": gates}
+
+
+def shapley(model, ids, *, permutations=8, seed=0, value_fn=None, batch_size=16):
+    """[L, Hq] Shapley values of the heads for value(coalition) = value_fn(model, ids) with only
+    the coalition's heads on (default: minus the next-token loss).
+
+    ``permutations``: how many to sample (seeded), or an explicit list of permutations of the
+    L * Hq head indices (all of them give the exact Shapley values). Each permutation's n + 1
+    prefixes are evaluated in batches of ``batch_size`` coalitions (one row each)."""
+    base = HeadSpec.dense(model)
+    L, H = base.num_layers, base.num_heads
+    n = L * H
+    if isinstance(permutations, int):
+        gen = torch.Generator().manual_seed(seed)
+        perms = [torch.randperm(n, generator=gen) for _ in range(permutations)]
+    else:
+        perms = [torch.as_tensor(p) for p in permutations]
+    value_fn = value_fn or (lambda m, x: -per_row_causal_lm_loss(m, x))
+    masks = []
+    for perm in perms:
+        gate = torch.zeros(n)
+        masks.append(gate.clone())
+        for head in perm.tolist():
+            gate[head] = 1.0
+            masks.append(gate.clone())
+    masks = torch.stack(masks).view(-1, L, H)
+    values = []
+    with _Gated(model, base), torch.no_grad():
+        for start in range(0, masks.shape[0], batch_size):
+            chunk = masks[start:start + batch_size]
+            spec = base.copy()
+            spec.gate = chunk
+            set_spec(model, spec)
+            values.append(value_fn(model, ids.expand(chunk.shape[0], -1)).double())
+    values = torch.cat(values).view(len(perms), n + 1)
+    phi = torch.zeros(n, dtype=torch.float64)
+    for p, perm in enumerate(perms):
+        phi[perm] += values[p, 1:] - values[p, :-1]
+    return (phi / len(perms)).view(L, H)
