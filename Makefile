@@ -10,7 +10,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test bench-full bench-train bench-kvcache clean
+.PHONY: all build demo test test-properties-long bench-full bench-train bench-kvcache clean
 
 all: build
 
@@ -43,6 +43,10 @@ bench-kvcache: build
 
 test: build
 	$(VPY) -m pytest tests -q
+
+# the property tests with 10x the examples CI runs
+test-properties-long: build
+	HEADOPS_HYPOTHESIS_EXAMPLES=20000 $(VPY) -m pytest tests/test_properties.py -q
 
 clean:
 	rm -rf build python/headops/_C*.so

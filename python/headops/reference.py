@@ -68,6 +68,8 @@ def _softmax_average(logits, visible, v, sink_logit):
     if sink_logit is not None:
         # a virtual key with this logit and a zero value
         masked = torch.cat([masked, sink_logit[:, :, None, None].expand(*masked.shape[:3], 1)], dim=-1)
+    if masked.shape[-1] == 0:  # no keys at all (Sk = 0, no sink): every row sees nothing
+        return v.new_zeros(*masked.shape[:3], v.shape[-1]), masked.new_full(masked.shape[:3], float("-inf"))
     row_max = masked.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(masked - row_max)
