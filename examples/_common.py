@@ -12,12 +12,9 @@ import torch  # noqa: E402
 def causal_lm(tiny: bool):
     """(model, tokenizer-or-None): SmolLM2-135M-Instruct, or a tiny random Llama (--tiny)."""
     if tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from headops.models import tiny_llama
 
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
-        return LlamaForCausalLM(cfg).eval(), None
+        return tiny_llama()
     from headops.models import load_smollm2
 
     return load_smollm2()

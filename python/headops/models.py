@@ -28,6 +28,16 @@ def load_smollm2(dtype=torch.float32):
     return model, tokenizer
 
 
+def tiny_llama():
+    """(model, None): a small randomly initialised Llama (seed 0), what tests and --tiny runs use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval(), None
+
+
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2: BertModel, 6 layers x 12 heads, D=32."""
     from transformers import AutoModel, AutoTokenizer

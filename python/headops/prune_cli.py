@@ -35,12 +35,9 @@ def load(model_name: str):
 
         return load_smollm2()
     if model_name == "tiny":  # a small random Llama (tests)
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from .models import tiny_llama
 
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
-        return LlamaForCausalLM(cfg).eval(), None
+        return tiny_llama()
     raise SystemExit(f"unknown model {model_name!r} (smollm2, tiny)")
 
 
