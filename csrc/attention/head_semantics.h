@@ -69,15 +69,16 @@ struct HeadVisibility {
   // overlap or touch, so the union of the windows is one range.
   HEADOPS_HD VisibleKeys keys_for_positions(int64_t pos_first, int64_t pos_last, int64_t Sk) const {
     int64_t causal_end = causal ? min64(pos_last + 1, Sk) : Sk;  // keys [0, causal_end) pass causality
-    // a window wider than any query-key distance is unlimited (and must not overflow below)
-    const int64_t widest = Sk + max64(pos_first < 0 ? -pos_first : pos_first, pos_last < 0 ? -pos_last : pos_last);
-    const int64_t window = this->window > widest ? -1 : this->window;
+    // a window wider than any query-key distance is unlimited (and must not overflow below);
+    // compared as window - far > Sk: Sk + far overflows int64 at positions past 2^62
+    const int64_t far = max64(pos_first < 0 ? -pos_first : pos_first, pos_last < 0 ? -pos_last : pos_last);
+    const int64_t window = this->window >= 0 && this->window - far > Sk ? -1 : this->window;
     KeyRange win;
     if (window < 0) {
       win = {0, causal_end};
     } else {
       win.lo = max64(int64_t(0), pos_first - window + 1);
-      win.hi = causal ? causal_end : min64(Sk, pos_last + window);
+      win.hi = causal ? causal_end : (window > Sk - pos_last ? Sk : pos_last + window);
     }
     KeyRange snk = {0, min64(sinks, causal_end)};
     if (win.empty()) win = {0, 0};

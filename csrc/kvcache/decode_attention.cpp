@@ -99,7 +99,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
       const int64_t sk = a.sinks.present() ? a.sinks.at<int64_t>(b, h) : 0;
       const bool full_branch = a.alpha.present() && (acc == at::kDouble ? a.alpha.at<double>(b, h) != 0.0
                                                                           : a.alpha.at<float>(b, h) != 0.0f);
-      TORCH_CHECK(w >= 1 && w + Sq - 1 <= ring && sk <= kept_sinks && !full_branch, op, "query head ", h,
+      TORCH_CHECK(w >= 1 && w <= ring - (Sq - 1) && sk <= kept_sinks && !full_branch, op, "query head ", h,
                   " (window ", w, ", sinks ", sk, full_branch ? ", alpha > 0" : "", ") sees more than its streaming KV "
                   "head keeps (sinks ", kept_sinks, ", ring ", ring, " for ", Sq, " new tokens)");
     }

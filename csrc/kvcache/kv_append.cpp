@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <limits>
 
 #include "kv_layout.h"
 #include "kv_layout_checks.h"
@@ -58,6 +59,9 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   const int64_t* index = kv_index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)  // positions len[b] .. len[b] + Sq - 1 must not overflow int64
+    TORCH_CHECK(len[b] <= std::numeric_limits<int64_t>::max() - Sq, op, "row ", b, " holds ", len[b], " tokens: ", Sq,
+                " more would overflow the int64 positions");
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
       if (kind[h] == kKvFull)

@@ -435,8 +435,9 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         for (const Run& run : runs)
           for (const KeyRange& range : {sinks, window}) {
             const KeyRange hit = range.clip(run.pos, run.pos + run.n);  // visible positions of the run
-            for (int64_t q0 = hit.lo; q0 < hit.hi; q0 += p.split_keys) {
-              const int64_t q1 = std::min(hit.hi, q0 + p.split_keys);
+            // q0 + split_keys may overflow int64 (huge split_keys, positions near 2^63): step by what is left
+            for (int64_t q0 = hit.lo, q1; q0 < hit.hi; q0 = q1) {
+              q1 = q0 + std::min(p.split_keys, hit.hi - q0);
               items.push_back({b, kvh, run.slot + (q0 - run.pos), run.slot + (q1 - run.pos), run.pos - run.slot});
             }
           }
@@ -447,7 +448,7 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         int64_t seg = 0;
         for (int64_t j = range.lo; j < range.hi;) {
           while (p.full_starts[seg + 1] <= j) ++seg;
-          const int64_t end = std::min({range.hi, j + p.split_keys, p.full_starts[seg + 1]});
+          const int64_t end = std::min(j + std::min(p.split_keys, range.hi - j), p.full_starts[seg + 1]);
           items.push_back({b, kvh, j, end, 0});
           j = end;
         }
