@@ -293,6 +293,22 @@ def test_forward_bitwise_deterministic_per_thread_count(dtype, features):
     assert_bitwise(results[2], results[1], "1 vs 2 threads")
 
 
+def test_float16_backward_bitwise_deterministic_per_thread_count():
+    # tests/test_autograd.py covers float32, bfloat16 and float64; float16 here, every feature
+    B, Sq, Sk, Hq, Hkv, D = 2, 200, 300, 4, 2, 64
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.float16)
+    kw = head_params(B, Hq, Sk, D, ALL + ["alpha"])
+    case = (q, k, v, kw)
+    results = {}
+    for n in (1, 2):
+        with thread_count(n):
+            first = forward_backward(case, 11)
+            second = forward_backward(case, 11)
+        assert_bitwise(second, first, f"{n} thread(s): run to run")
+        results[n] = first
+    assert_bitwise(results[2], results[1], "1 vs 2 threads")
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("split_keys", [17, 64, 1024])
 def test_decode_bitwise_deterministic_per_thread_count(dtype, split_keys):

@@ -9,9 +9,10 @@ int64 limits, and caches that run for a very long time.
    2**31 (forward and backward), a sequence stride past int32 (the kernel's copy fallback), a
    forward over 2**31 + 40 keys (int64 positions; a windowed head reads only its keys), and
    kv_append/decode_attention on storages whose heads start past element 2**31.
-2. The raw ops raise cleanly (RuntimeError, never a crash) on lengths, windows and sinks at the
-   int64 limit, and the int64 positions are right up to ~2**62 (the visibility rule used to
-   overflow there and treat a window-1 head as unlimited).
+2. The raw ops raise cleanly (RuntimeError, never a crash) on lengths, windows, sinks and
+   split_keys at the int32 and int64 limits and on 2**31 new tokens or queries (stride-0
+   views), or compute what those values mean; decode positions are right up to 2**63 - 1 (the
+   visibility rule used to overflow past ~2**62 and treat a window-1 head as unlimited).
 3. A streaming cache through more than a million ring wraps (and to positions past 2**24 and
    past 2**31): the sinks and the last window tokens are exactly what was written (each token's
    value encodes its position) and decode equals attention over sinks + window.
@@ -270,6 +271,11 @@ _RAW_LIMITS_SCRIPT = textwrap.dedent("""
         return torch.ops.headops.decode_attention(q, *head, True, 0.5, None, w, s, None, None, None, None, None, None,
                                                   split, *budget)
 
+    def decode_queries(Sq):  # 2**31 query rows of one value (stride 0): more than the row holds
+        q = torch.zeros(B, 1, 1, D, dtype=F).expand(B, Sq, 1, D)
+        return torch.ops.headops.decode_attention(q, *full_layer(5), True, 0.5, None, None, None, None, None, None,
+                                                  None, None, None, 1024)
+
     def fwd(window=None, sinks=None):
         q = torch.randn(1, 3, 1, D, dtype=F)
         w = None if window is None else torch.tensor([[window]])
@@ -293,6 +299,9 @@ _RAW_LIMITS_SCRIPT = textwrap.dedent("""
         "decode_split_keys_int64_max": lambda: decode(full_layer(9), window=3, sinks=1, split=I64),
         "decode_ring_split_keys_int64_max": lambda: decode(ring_layer(9), window=3, sinks=1, split=I64),
         "decode_ring_length_int64_max": lambda: decode(ring_layer(I64), window=2, sinks=1),
+        "decode_2_31_queries": lambda: decode_queries(2 ** 31),
+        "append_2_31_tokens_past_capacity": lambda: torch.ops.headops.kv_append(
+            *(torch.zeros(B, 1, 1, D, dtype=F).expand(B, 2 ** 31, 1, D),) * 2, *full_layer(0)),
         "fwd_window_int64_max": lambda: fwd(window=I64, sinks=I64),
         "fwd_window_int32_max": lambda: fwd(window=2 ** 31 - 1, sinks=2 ** 31),
         "fwd_window_int64_min": lambda: fwd(window=-I64 - 1),
@@ -323,6 +332,8 @@ RAW_LIMIT_OUTCOMES = {
     "decode_split_keys_int64_max": "ok",  # j + split_keys used to wrap around (two key ranges)
     "decode_ring_split_keys_int64_max": "ok",
     "decode_ring_length_int64_max": "ok",  # q0 += split_keys used to wrap around past the last position
+    "decode_2_31_queries": "raised",  # checked before anything of that size is allocated
+    "append_2_31_tokens_past_capacity": "raised",
     "fwd_window_int64_max": "ok",  # unlimited in effect
     "fwd_window_int32_max": "ok",
     "fwd_window_int64_min": "ok",  # < 0: unlimited
