@@ -1,6 +1,7 @@
 # make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
 #              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example
 # make test  - same set-up, then the whole pytest suite
+# make test-asan - the CPU kernels built with AddressSanitizer + UBSan (build-asan/), a test subset
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test test-properties-long bench-full bench-train bench-kvcache clean
+.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache clean
 
 all: build
 
@@ -48,5 +49,22 @@ test: build
 test-properties-long: build
 	HEADOPS_HYPOTHESIS_EXAMPLES=20000 $(VPY) -m pytest tests/test_properties.py -q
 
+# AddressSanitizer + UndefinedBehaviorSanitizer: the extension is built into build-asan/ (its
+# own ninja tree, the Python files linked beside it) and loaded instead of python/headops/_C.
+# Python itself is not instrumented, so libasan (and libstdc++, for its exception interceptor)
+# are preloaded; --capture=sys lets a sanitizer report reach the terminal before the abort.
+ASAN_PKG := build-asan/pkg
+ASAN_TESTS ?= tests/test_validation.py tests/test_attention_cpu.py tests/test_autograd.py \
+	tests/test_kvcache.py tests/test_properties.py tests/test_cpu_variants.py
+ASAN_EXAMPLES ?= 500
+test-asan: $(DEPS_STAMP)
+	mkdir -p $(ASAN_PKG)/headops
+	ln -sf $(CURDIR)/python/headops/*.py $(ASAN_PKG)/headops/
+	HEADOPS_SANITIZE=1 HEADOPS_CUDA=0 $(VPY) setup.py -q build_ext --build-lib $(ASAN_PKG) --build-temp build-asan/tmp
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	PYTHONPATH=$(ASAN_PKG) HEADOPS_EXPECT_SANITIZED=1 HEADOPS_HYPOTHESIS_EXAMPLES=$(ASAN_EXAMPLES) \
+	$(VPY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys
+
 clean:
-	rm -rf build python/headops/_C*.so
+	rm -rf build build-asan python/headops/_C*.so

@@ -3,6 +3,9 @@ is found (HEADOPS_CUDA=0|1 forces either way).
 
 Development builds are incremental through ninja: `python setup.py build_ext --inplace`
 (what `make` runs). On a machine with torch installed: `pip install --no-build-isolation -e .`
+
+HEADOPS_SANITIZE=1 builds the CPU kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+(no CUDA; what `make test-asan` uses, into its own build directory).
 """
 
 import glob
@@ -49,7 +52,15 @@ def extensions():
     headers = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
                   + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
     cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
-    use_cuda = _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("HEADOPS_SANITIZE", "").strip() == "1"
+    if sanitize:
+        # -O1 keeps the run time of the sanitized test subset bounded; any report aborts the run
+        checks = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        # -fno-wrapv undoes the -fwrapv that Python's flags add, so signed overflow is reported
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-fopenmp", "-Wno-psabi"] + checks
+        link = link + checks
+    use_cuda = not sanitize and _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -61,7 +72,7 @@ def extensions():
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         )]
     return [CppExtension("headops._C", cpp_sources, depends=headers, extra_compile_args={"cxx": cxx},
-                         extra_link_args=["-fopenmp"])]
+                         extra_link_args=link)]
 
 
 def build_ext_class():

@@ -85,4 +85,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  // true in the `make test-asan` build (gcc defines this under -fsanitize=address)
+#ifdef __SANITIZE_ADDRESS__
+  m.attr("sanitized") = true;
+#else
+  m.attr("sanitized") = false;
+#endif
 }

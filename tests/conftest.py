@@ -6,6 +6,7 @@ can be replayed). Inputs are drawn in float64 and rounded to the dtype under tes
 left is the kernel's own arithmetic.
 """
 
+import os
 import zlib
 
 import pytest
@@ -28,6 +29,12 @@ OUT_ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torc
 OUT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # lse is computed in float (double for float64) from exactly the same rounded inputs.
 LSE_ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+def pytest_sessionstart(session):
+    # `make test-asan` must not silently test the ordinary build
+    if os.environ.get("HEADOPS_EXPECT_SANITIZED") == "1" and not headops._C.sanitized:
+        raise pytest.UsageError(f"HEADOPS_EXPECT_SANITIZED=1 but {headops._C.__file__} is not the sanitizer build")
 
 
 @pytest.fixture(autouse=True)

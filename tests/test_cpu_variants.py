@@ -17,7 +17,9 @@ BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
 
 def run_sweep(env_extra, expect_capability):
     env = dict(os.environ, **env_extra)
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    # the headops this run imported (python/, or build-asan/pkg under make test-asan)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(headops.__file__)))
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == expect_capability

@@ -6,6 +6,8 @@
 //    odd): tiles converted to float, then BLAS.
 #pragma once
 
+#include <cstring>
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
@@ -109,11 +111,12 @@ struct PackedKV {
     const int64_t j_begin = blk * kPackBlock;
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, Sk - j_begin));
     uint32_t* kt = reinterpret_cast<uint32_t*>(keys_t + (b * p.heads_kv + kvh) * head_elems());
-    const uint32_t* rows[kPackBlock];
-    for (int64_t r = 0; r < real; ++r) rows[r] = reinterpret_cast<const uint32_t*>(p.k.row<scalar_t>(b, j_begin + r, kvh));
+    // a key row may start at any 2-byte boundary (strided views), so the pair is read by memcpy
+    const scalar_t* rows[kPackBlock];
+    for (int64_t r = 0; r < real; ++r) rows[r] = p.k.row<scalar_t>(b, j_begin + r, kvh);
     for (int64_t dp = 0; dp < D / 2; ++dp) {
       uint32_t* dst = kt + dp * L + j_begin;
-      for (int64_t r = 0; r < real; ++r) dst[r] = rows[r][dp];
+      for (int64_t r = 0; r < real; ++r) std::memcpy(&dst[r], rows[r] + 2 * dp, sizeof(uint32_t));
       for (int64_t r = real; r < kPackBlock; ++r) dst[r] = 0;
     }
     uint16_t* vv = reinterpret_cast<uint16_t*>(values + (b * p.heads_kv + kvh) * head_elems());
