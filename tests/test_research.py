@@ -1,6 +1,7 @@
 """headops.research: importance, pruning curves, the prune command line (tiny random models)."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -113,3 +114,68 @@ def test_shapley_over_every_permutation_is_the_exact_shapley_value():
     torch.testing.assert_close(got.flatten(), exact, atol=1e-9, rtol=1e-7)
     # efficiency: the values sum to v(all) - v(none)
     assert abs(got.sum().item() - (value(range(n)) - value(()))) < 1e-9
+
+
+def _run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "headops", *args, "--quiet"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
+    from headops.models import tiny_bert
+
+    model, _ = tiny_bert()
+    ids = torch.randint(3, 97, (3, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, 7:] = 0  # a padded passage
+    with torch.no_grad():
+        reference = research.sentence_embedding(model, batch)
+    metric = research.embedding_similarity(reference)
+    order = [(1, 3), (0, 0), (1, 1), (0, 2), (0, 1), (1, 0), (0, 3), (1, 2)]
+    curve = research.pruning_curve(model, batch, order, [0.0, 0.5, 1.0], metric_fn=metric, repeats=1)
+    assert abs(curve["metric"][0] - 1.0) < 1e-6  # nothing pruned: the unpruned embeddings
+    headops.patch(model, headops.HeadSpec.dense(model))
+    for row, gate in enumerate(curve["gates"]):
+        spec = headops.HeadSpec.dense(model)
+        spec.gate = gate
+        headops.set_spec(model, spec)
+        with torch.no_grad():
+            alone = metric(model, batch)  # the 3 passages under this mask
+        assert abs(alone.mean().item() - curve["metric"][row]) < 1e-5
+    assert curve["metric"][2] < curve["metric"][0]
+
+
+def test_contrastive_importance_of_an_encoder_equals_finite_differences():
+    from headops.models import tiny_bert
+
+    model, _ = tiny_bert()
+    model = model.double()
+    ids = torch.randint(3, 97, (4, 8))
+    half = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x)}  # noqa: E731
+    pair = (half(ids[:, :4]), half(ids[:, 4:]))
+    grad = research.importance(model, [pair], loss_fn=research.contrastive_embedding_loss, normalize=False)
+    slow = research.importance_finite_difference(model, pair, loss_fn=research.contrastive_embedding_loss, eps=1e-4)
+    torch.testing.assert_close(grad, slow.abs(), atol=1e-7, rtol=1e-4)
+    assert grad.min() > 0  # every head moves the loss
+
+
+def test_prune_command_on_an_encoder_writes_cosine_similarity(tmp_path):
+    out = tmp_path / "enc"
+    stdout = _run_cli("prune", "--model", "tiny-bert", "--tokens", "16", "--passages", "3", "--steps", "2",
+                      "--repeats", "1", "--out", str(out))
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [float(r["fraction_pruned"]) for r in rows] == [0.0, 0.5, 1.0]
+    assert abs(float(rows[0]["cos_sim_importance"]) - 1.0) < 1e-5
+    assert rows[-1]["cos_sim_importance"] == rows[-1]["cos_sim_random"]
+    assert (tmp_path / "enc.png").stat().st_size > 1000 and "per mask: batched" in stdout
+
+
+def test_shapley_command_writes_every_head(tmp_path):
+    out = tmp_path / "sh"
+    stdout = _run_cli("shapley", "--model", "tiny", "--tokens", "12", "--permutations", "2", "--out", str(out))
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [(int(r["layer"]), int(r["head"])) for r in rows] == [(layer, h) for layer in range(2) for h in range(4)]
+    assert all(math.isfinite(float(r["shapley"])) for r in rows)
+    assert (tmp_path / "sh.png").stat().st_size > 1000 and "Spearman" in stdout

@@ -38,6 +38,16 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval(), None
 
 
+def tiny_bert():
+    """(model, None): a small randomly initialised BERT encoder (seed 0), for tests of the encoder paths."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128)
+    return BertModel(cfg).eval(), None
+
+
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2: BertModel, 6 layers x 12 heads, D=32."""
     from transformers import AutoModel, AutoTokenizer
@@ -48,10 +58,10 @@ def load_minilm():
 
 def mean_pooled(model, batch) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them for MiniLM (mean over real tokens)."""
+    from .research import sentence_embedding
+
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return sentence_embedding(model, batch)
 
 
 STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",

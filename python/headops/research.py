@@ -21,7 +21,8 @@ import torch
 from .patching import patch, set_spec, unpatch
 from .spec import HeadSpec
 
-__all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss"]
+__all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss",
+           "embedding_similarity", "contrastive_embedding_loss"]
 
 
 def per_row_causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,42 @@ def per_row_causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a causal LM on ids [B, T] (mean over rows and positions)."""
     return per_row_causal_lm_loss(model, ids).mean()
+
+
+def sentence_embedding(model, batch) -> torch.Tensor:
+    """[B, E] unit-norm mean-pooled embeddings of an encoder (MiniLM's sentence embedding), with grad."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def embedding_similarity(reference: torch.Tensor):
+    """metric_fn for an encoder's pruning curve: per row, the cosine similarity of its embedding
+    to the unpruned model's (`reference` [N, E], rows of a mask-major batch cycle through it)."""
+    def metric(model, batch):
+        emb = sentence_embedding(model, batch)
+        return (emb * reference.repeat(emb.shape[0] // reference.shape[0], 1).to(emb.dtype)).sum(-1)
+
+    return metric
+
+
+def contrastive_embedding_loss(model, pair, temperature=0.05):
+    """A sentence-embedding task loss (in-batch negatives, as sentence-transformers trains MiniLM):
+    `pair` = (first halves, second halves) of N passages; each first half must pick its own second half."""
+    a, b = sentence_embedding(model, pair[0]), sentence_embedding(model, pair[1])
+    logits = a @ b.T / temperature
+    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]))
+
+
+def _rows(batch) -> int:
+    return (batch if isinstance(batch, torch.Tensor) else next(iter(batch.values()))).shape[0]
+
+
+def _tile(batch, copies: int):
+    """`copies` copies of a batch (a tensor [N, ...] or a dict of them), mask-major."""
+    if isinstance(batch, torch.Tensor):
+        return batch.repeat(copies, *[1] * (batch.dim() - 1))
+    return {k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in batch.items()}
 
 
 class _Gated:
@@ -98,27 +135,30 @@ def importance_finite_difference(model, batch, *, loss_fn=causal_lm_loss, eps=1e
     return out
 
 
-def pruning_curve(model, ids, order, fractions, *, metric_fn=per_row_causal_lm_loss, repeats=3, progress=False,
+def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm_loss, repeats=3, progress=False,
                   label=""):
     """Masks the heads in `order` ([(layer, head), ...], least important first) for each fraction
-    of all heads; evaluates all masks in one batch through per-batch gates.
+    of all heads; evaluates all M masks in one batch through per-batch gates.
 
-    Returns dict(fractions, metric [M], batched_seconds_per_mask, single_seconds_per_mask,
-    forward_seconds [M] (each mask alone)). metric_fn(model, ids [M, T]) -> [M]."""
+    ``batch``: ids [N, T] (a causal LM) or a dict of [N, T] tensors (an encoder's tokenizer
+    output); ``metric_fn(model, batch with M * N rows, mask-major) -> [M * N]``, averaged over the
+    N rows of each mask. Returns dict(fractions, metric [M], batched_seconds_per_mask,
+    single_seconds_per_mask, forward_seconds [M] (each mask alone), gates [M, L, Hq])."""
     base = HeadSpec.dense(model)
     L, H = base.num_layers, base.num_heads
     gates = torch.ones(len(fractions), L, H)
     for row, fraction in enumerate(fractions):
         for layer, h in order[:int(round(fraction * L * H))]:
             gates[row, layer, h] = 0.0
+    M, N = len(fractions), _rows(batch)
     batched = base.copy()
-    batched.gate = gates
-    M = len(fractions)
+    batched.gate = gates.repeat_interleave(N, dim=0)
+    tiled = _tile(batch, M)
     with _Gated(model, batched), torch.no_grad():
-        metric = metric_fn(model, ids.expand(M, -1))
+        metric = metric_fn(model, tiled).view(M, N).mean(1)
         start = time.perf_counter()
         for _ in range(repeats):
-            metric_fn(model, ids.expand(M, -1))
+            metric_fn(model, tiled)
         batched_seconds = (time.perf_counter() - start) / repeats / M
         forward_seconds = []
         rows = range(M)
@@ -130,23 +170,24 @@ def pruning_curve(model, ids, order, fractions, *, metric_fn=per_row_causal_lm_l
             one = base.copy()
             one.gate = gates[row]
             set_spec(model, one)
-            metric_fn(model, ids)  # warm
+            metric_fn(model, batch)  # warm
             start = time.perf_counter()
             for _ in range(repeats):
-                metric_fn(model, ids)
+                metric_fn(model, batch)
             forward_seconds.append((time.perf_counter() - start) / repeats)
     return {"fractions": list(fractions), "metric": metric.tolist(), "batched_seconds_per_mask": batched_seconds,
             "single_seconds_per_mask": sum(forward_seconds) / M, "forward_seconds": forward_seconds,
             "gates": gates}
 
 
-def shapley(model, ids, *, permutations=8, seed=0, value_fn=None, batch_size=16):
-    """[L, Hq] Shapley values of the heads for value(coalition) = value_fn(model, ids) with only
-    the coalition's heads on (default: minus the next-token loss).
+def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=16, progress=False):
+    """[L, Hq] Shapley values of the heads for value(coalition) = mean over the N rows of
+    ``value_fn(model, batch)`` with only the coalition's heads on (default: minus the
+    next-token loss of ids [N, T]; pass a dict batch and a value_fn for an encoder).
 
     ``permutations``: how many to sample (seeded), or an explicit list of permutations of the
     L * Hq head indices (all of them give the exact Shapley values). Each permutation's n + 1
-    prefixes are evaluated in batches of ``batch_size`` coalitions (one row each)."""
+    prefixes are evaluated in batches of ``batch_size`` coalitions (N rows each)."""
     base = HeadSpec.dense(model)
     L, H = base.num_layers, base.num_heads
     n = L * H
@@ -164,14 +205,21 @@ def shapley(model, ids, *, permutations=8, seed=0, value_fn=None, batch_size=16)
             gate[head] = 1.0
             masks.append(gate.clone())
     masks = torch.stack(masks).view(-1, L, H)
+    N = _rows(batch)
     values = []
+    starts = range(0, masks.shape[0], batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="coalitions", unit="batch", file=sys.stderr)
     with _Gated(model, base), torch.no_grad():
-        for start in range(0, masks.shape[0], batch_size):
+        for start in starts:
             chunk = masks[start:start + batch_size]
             spec = base.copy()
-            spec.gate = chunk
+            spec.gate = chunk.repeat_interleave(N, dim=0)
             set_spec(model, spec)
-            values.append(value_fn(model, ids.expand(chunk.shape[0], -1)).double())
+            rows = value_fn(model, _tile(batch, chunk.shape[0])).double()
+            values.append(rows.view(chunk.shape[0], N).mean(1))
     values = torch.cat(values).view(len(perms), n + 1)
     phi = torch.zeros(n, dtype=torch.float64)
     for p, perm in enumerate(perms):
