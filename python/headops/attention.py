@@ -31,10 +31,18 @@ class _Shapes:
         self.D = q.shape[3]
 
 
+def _check_dense(t, name):
+    """Sparse, nested and other non-strided tensors have no strides to read: a TypeError naming them."""
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"headops.attention: {name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+
+
 def _check_qkv(q, k, v, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"headops.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_dense(t, name)
         if t.dim() != 4:
             raise _fail(name, f"a 4-D tensor ({'[B, S, H, D]' if layout == 'bshd' else '[B, H, S, D]'} "
                               f"for layout {layout!r})", _describe(t))
@@ -58,7 +66,8 @@ def _check_qkv(q, k, v, layout):
         raise _fail("k", f"a tensor whose number of heads divides q's {s.Hq} (GQA/MQA)",
                     f"{s.Hkv} heads (shape {tuple(k.shape)}, layout {layout!r})")
     if q.device.type != "cpu":
-        raise ValueError(f"headops.attention: device {q.device} is not supported yet (CPU only in this build)")
+        raise ValueError(f"headops.attention: q is on device {q.device}, which is not supported yet (CPU only in "
+                         "this build)")
     return s
 
 
@@ -72,9 +81,14 @@ def _scalar_or_tensor(value, name, s: _Shapes, device, *, integer: bool):
     if isinstance(value, numbers.Number):
         if integer and not isinstance(value, numbers.Integral):
             raise TypeError(f"headops.attention: {name} must be an int or an integer tensor, got {value!r}")
+        if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+            raise TypeError(f"headops.attention: {name} must be a real number or a tensor, got {value!r}")
+        if integer and not -2**63 <= value < 2**63:
+            raise _fail(name, "an int64 value", value)
         value = torch.tensor(value, dtype=torch.int64 if integer else torch.float64, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"headops.attention: {name} must be a number or a tensor, got {type(value).__name__}")
+    _check_dense(value, name)
     if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
         raise TypeError(f"headops.attention: {name} must be an integer tensor, got dtype {value.dtype}")
     if not integer and not value.dtype.is_floating_point:
@@ -95,6 +109,7 @@ def _scalar_or_tensor(value, name, s: _Shapes, device, *, integer: bool):
 def _check_float_tensor(value, name, device):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"headops.attention: {name} must be a tensor, got {type(value).__name__}")
+    _check_dense(value, name)
     if not value.dtype.is_floating_point:
         raise TypeError(f"headops.attention: {name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
@@ -126,6 +141,28 @@ def _key_bias(value, s: _Shapes, device):
                     tuple(value.shape)) from None
 
 
+def _check_values(*, window=None, sinks=None, alpha=None, softmax_scale=None, sink_logit=None, key_bias=None):
+    """Value checks of validated per-head tensors (they read the data: skipped while torch.compile
+    traces; the op re-checks what it needs). NaN is refused where it has no meaning: it would give
+    a different garbage in the kernel and in the reference."""
+    if torch.compiler.is_compiling():
+        return
+    if window is not None and window.numel() and bool((window == 0).any()):
+        raise _fail("window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
+                    window[0].tolist() if window.shape[0] == 1 else window.tolist())
+    if sinks is not None and sinks.numel() and bool((sinks < 0).any()):
+        raise _fail("sinks", ">= 0 for every head", sinks.tolist())
+    if alpha is not None and alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        raise _fail("alpha", "in [0, 1] for every head", alpha.tolist())
+    if softmax_scale is not None and softmax_scale.numel() and not bool(torch.isfinite(softmax_scale).all()):
+        raise _fail("softmax_scale", "finite for every head", softmax_scale.tolist())
+    if sink_logit is not None and sink_logit.numel() and bool(torch.isnan(sink_logit).any()):
+        raise _fail("sink_logit", "a number (or -inf: no sink) for every head, not NaN", sink_logit.tolist())
+    if key_bias is not None and key_bias.numel() and bool(torch.isnan(key_bias).any()):
+        raise _fail("key_bias", "free of NaN (-inf masks a key)", "NaN at index "
+                    f"{tuple(torch.isnan(key_bias).nonzero()[0].tolist())} of shape {tuple(key_bias.shape)}")
+
+
 def _requires_grad(*values) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
 
@@ -151,6 +188,8 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         raise ValueError(f"headops.attention: layout must be 'bshd' or 'bhsd', got {layout!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"headops.attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"headops.attention: return_lse must be a bool, got {type(return_lse).__name__}")
     s = _check_qkv(q, k, v, layout)
     device = q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -161,7 +200,7 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     default_scale = 1.0 / math.sqrt(s.D)
     scale_t = None
     if softmax_scale is not None:
-        if isinstance(softmax_scale, numbers.Number) and not isinstance(softmax_scale, bool):
+        if isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool):
             default_scale = float(softmax_scale)
             if not math.isfinite(default_scale):
                 raise _fail("softmax_scale", "a finite float", softmax_scale)
@@ -176,15 +215,8 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     ob_t = _per_head_vector(out_bias, "out_bias", s, device)
     kb_t = _key_bias(key_bias, s, device)
 
-    # value checks read the data: skipped while torch.compile traces (the op re-checks them)
-    checking_values = not torch.compiler.is_compiling()
-    if checking_values and window_t is not None and window_t.numel() and bool((window_t == 0).any()):
-        raise _fail("window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
-                    window_t[0].tolist() if window_t.shape[0] == 1 else window_t.tolist())
-    if checking_values and sinks_t is not None and sinks_t.numel() and bool((sinks_t < 0).any()):
-        raise _fail("sinks", ">= 0 for every head", sinks_t.tolist())
-    if checking_values and alpha_t is not None and alpha_t.numel() and not bool(((alpha_t >= 0) & (alpha_t <= 1)).all()):
-        raise _fail("alpha", "in [0, 1] for every head", alpha_t.tolist())
+    _check_values(window=window_t, sinks=sinks_t, alpha=alpha_t, softmax_scale=scale_t, sink_logit=sink_t,
+                  key_bias=key_bias)
 
     grad_needed = torch.is_grad_enabled() and _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t,
                                                              kb_t)

@@ -35,21 +35,34 @@ def _fail(name, expected, got):
     return ValueError(f"headops.HeadSparseCache: {name} must be {expected}, got {got}")
 
 
+def _as_list(value):
+    """A list of a sequence (list, tuple, range, array...); None for a string, a mapping or a non-sequence."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        return None
+    try:
+        return list(value)
+    except TypeError:  # e.g. a 0-dim array
+        return None
+
+
 def _per_layer_heads(value, name, L, H, default):
     """A [L][H] list of ints from None, an int, an [H] sequence/tensor or an [L][H] one."""
+    def ok(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and -2**63 <= x < 2**63
+
     if value is None:
         return [[default] * H for _ in range(L)]
     if isinstance(value, torch.Tensor):
         value = value.tolist()
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if ok(value):
         return [[int(value)] * H for _ in range(L)]
-    rows = list(value)
-    if len(rows) == H and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows):
+    rows = _as_list(value)
+    if rows is not None and len(rows) == H and all(ok(x) for x in rows):
         return [[int(x) for x in rows] for _ in range(L)]
-    if len(rows) == L and all(len(list(r)) == H for r in rows):
-        out = [[x for x in r] for r in rows]
-        if all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for r in out for x in r):
-            return [[int(x) for x in r] for r in out]
+    rows = None if rows is None else [_as_list(r) for r in rows]
+    if rows is not None and len(rows) == L and all(r is not None and len(r) == H and all(ok(x) for x in r)
+                                                   for r in rows):
+        return [[int(x) for x in r] for r in rows]
     raise _fail(name, f"an int, [Hq] = [{H}] or [L, Hq] = [{L}, {H}] integers", value)
 
 
@@ -57,10 +70,11 @@ def _per_layer_kinds(kinds, L, Hkv):
     if isinstance(kinds, str):
         rows = [[kinds] * Hkv for _ in range(L)]
     else:
-        rows = list(kinds)
-        if len(rows) == Hkv and all(isinstance(x, str) for x in rows):
+        rows = _as_list(kinds)
+        if rows is not None and len(rows) == Hkv and all(isinstance(x, str) for x in rows):
             rows = [list(rows) for _ in range(L)]
-        elif not (len(rows) == L and all(not isinstance(r, str) and len(list(r)) == Hkv for r in rows)):
+        elif not (rows is not None and len(rows) == L and
+                  all(_as_list(r) is not None and len(_as_list(r)) == Hkv for r in rows)):
             raise _fail("kinds", f"'full', 'streaming', 'budget', [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] of them",
                         kinds)
         rows = [list(r) for r in rows]
@@ -79,10 +93,12 @@ def _per_layer_budgets(budget, L, Hkv):
         budget = budget.tolist()
     if ok(budget):
         return [[budget] * Hkv for _ in range(L)]
-    rows = list(budget)
-    if len(rows) == Hkv and all(ok(x) for x in rows):
+    rows = _as_list(budget)
+    if rows is not None and len(rows) == Hkv and all(ok(x) for x in rows):
         return [list(rows) for _ in range(L)]
-    if len(rows) == L and all(not ok(r) and len(list(r)) == Hkv and all(ok(x) for x in r) for r in rows):
+    rows = None if rows is None else [_as_list(r) for r in rows]
+    if rows is not None and len(rows) == L and all(r is not None and len(r) == Hkv and all(ok(x) for x in r)
+                                                   for r in rows):
         return [list(r) for r in rows]
     raise _fail("budget", f"an int, [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] ints (None for other kinds)", budget)
 
@@ -126,14 +142,21 @@ class _Layer:
         for row in budget_rows:  # budget heads' slots follow the streaming heads' in the same storage
             row[0] = offset
             offset += row[1]
+        if offset * B * D >= 2**62:  # (past what int64 sizes, or any memory, can hold)
+            raise _fail("window, sinks, budget and max_step", "small enough to allocate the streaming and budget "
+                        "heads' storage", f"{offset} slots of [{B}, {D}] {dtype} per layer")
         self.budget_table = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
         self.kv_index = torch.tensor(index, dtype=torch.int64)
         self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
         self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
         self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
         slots = offset
-        self.ring_k = torch.zeros(B, slots, D, dtype=dtype, device=device)
-        self.ring_v = torch.zeros(B, slots, D, dtype=dtype, device=device)
+        try:
+            self.ring_k = torch.zeros(B, slots, D, dtype=dtype, device=device)
+            self.ring_v = torch.zeros(B, slots, D, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError):
+            raise _fail("window, sinks, budget and max_step", "small enough to allocate the streaming and budget "
+                        "heads' storage", f"{slots} slots of [{B}, {D}] {dtype} per layer") from None
         self.full_heads = full
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
         self._shape = (B, full, D, dtype, device)
@@ -179,7 +202,7 @@ class _Layer:
             return torch.arange(L)
         if kind == 1:
             s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
-            return torch.cat([torch.arange(min(s, L)), torch.arange(max(s, L - r), L)])
+            return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, L - r), L), L)])
         off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
         pos = self.slot_pos[b, off:off + n]
         return pos[pos >= 0].sort().values
@@ -290,9 +313,13 @@ class HeadSparseCache(_CacheBase):
             num_layers, num_heads, num_kv_heads, head_dim = (spec.num_layers, spec.num_heads, spec.num_kv_heads,
                                                              spec.head_dim)
             kinds, window, sinks, budget = spec.cache_kind, spec.window, spec.sinks, spec.cache_budget
-            if dtype is None:
-                dtype = next(model.parameters()).dtype
+            if dtype is None and model is not None and hasattr(model, "parameters"):  # (a config has none)
+                dtype = next(iter(model.parameters()), torch.empty(())).dtype
         dtype = torch.float32 if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                                 torch.float16):
+            raise TypeError(f"headops.HeadSparseCache: dtype must be torch.float32, float64, bfloat16 or float16, "
+                            f"got {dtype!r}")
         for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("batch_size", batch_size), ("max_step", max_step),
                             ("split_keys", split_keys)):
@@ -300,7 +327,11 @@ class HeadSparseCache(_CacheBase):
                 raise _fail(name, "an int >= 1", value)
         if num_heads % num_kv_heads:
             raise _fail("num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
-        if torch.device(device).type != "cpu":
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise _fail("device", "a torch.device or a device string", repr(device)) from None
+        if device.type != "cpu":
             raise ValueError(f"headops.HeadSparseCache: device {device} is not supported yet (CPU only in this build)")
         L, Hq, Hkv = num_layers, num_heads, num_kv_heads
         kinds = _per_layer_kinds(kinds, L, Hkv)
@@ -348,6 +379,7 @@ class HeadSparseCache(_CacheBase):
 
     def seq_lengths(self, layer: int = 0) -> torch.Tensor:
         """Tokens held per batch row (original positions 0 .. length - 1) in `layer`."""
+        self._check_layer(layer)
         return self._layers[layer].lengths.clone()
 
     def nbytes(self) -> int:
@@ -366,12 +398,26 @@ class HeadSparseCache(_CacheBase):
 
     # -------------------------------------------------------------------------------- attention
 
+    def _check_layer(self, layer):
+        if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
+
+    def _check_tensors(self, named):
+        """Dense 4-D tensors on the cache's device (before anything reads their strides)."""
+        for name, t in named:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"headops.HeadSparseCache: {name} must be a 4-D tensor, got {type(t).__name__}")
+            if t.is_nested or t.layout != torch.strided:
+                raise TypeError(f"headops.HeadSparseCache: {name} must be a dense (strided) tensor, got "
+                                f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+            if t.dim() != 4:
+                raise _fail(name, "a 4-D tensor", tuple(t.shape))
+            if t.device != self.device:
+                raise _fail(name, f"on the cache's device {self.device}", t.device)
+
     def _check_step(self, layer, q, k, v, layout):
-        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
-            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise _fail(name, "a 4-D tensor", type(t).__name__ if not isinstance(t, torch.Tensor) else tuple(t.shape))
+        self._check_layer(layer)
+        self._check_tensors((("q", q), ("k", k), ("v", v)))
         if layout not in ("bshd", "bhsd"):
             raise _fail("layout", "'bshd' or 'bhsd'", repr(layout))
         if layout == "bhsd":
@@ -397,11 +443,12 @@ class HeadSparseCache(_CacheBase):
         if "window" in head_args or "sinks" in head_args:
             raise ValueError("headops.HeadSparseCache.attention: window and sinks are the cache's (set them at "
                              "construction); pass the other per-head arguments here")
+        unknown = sorted(set(head_args) - set(_HEAD_ARGS))
+        if unknown:
+            raise TypeError(f"headops.HeadSparseCache.attention: unexpected argument(s) {', '.join(unknown)} (the "
+                            f"per-head arguments are {', '.join(_HEAD_ARGS)})")
         st = self._layers[layer]
         spec = dict(window=st.windows, sinks=st.sinks, causal=causal, **head_args)
-        alpha = head_args.get("alpha")
-        if isinstance(alpha, (numbers.Number, torch.Tensor)) and not isinstance(alpha, bool):
-            _check_alpha(torch.as_tensor(alpha, dtype=torch.float64), st, self.num_heads // self.num_kv_heads)
         if int(st.lengths.max()) == 0:
             out = self._prefill(st, q, k, v, lengths, spec)
         else:
@@ -415,8 +462,8 @@ class HeadSparseCache(_CacheBase):
         attention was computed elsewhere); each KV head keeps what it would keep."""
         if layout not in ("bshd", "bhsd"):
             raise _fail("layout", "'bshd' or 'bhsd'", repr(layout))
-        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
-            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
+        self._check_layer(layer)
+        self._check_tensors((("k", k), ("v", v)))
         if layout == "bhsd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         for name, t in (("k", k), ("v", v)):
@@ -433,24 +480,26 @@ class HeadSparseCache(_CacheBase):
 
     def _prefill(self, st, q, k, v, lengths, spec):
         B, S = k.shape[0], k.shape[1]
+        _decode_args(q, st, spec, S, check_only=True)  # every argument checked (whole batch) before any change
         if lengths is None:
-            st.reserve(S)
             out = _attention(q, k, v, **spec)
+            st.reserve(S)
             st.append(k, v, write_budget=False)
             st.lengths += S
             for b in range(B):
                 self._select_budget(st, b, q[b], k[b], v[b], spec, S)
             return out
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+        lengths = _lengths(lengths)
         if lengths.numel() != B or bool((lengths < 1).any()) or bool((lengths > S).any()):
             raise _fail("lengths", f"{B} values in [1, {S}]", lengths.tolist())
         if q.shape[1] != S:
             raise ValueError("headops.HeadSparseCache.attention: with lengths, q must cover the whole prompt")
-        st.reserve(int(lengths.max()))
         out = torch.zeros_like(q)
-        for b, n in enumerate(lengths.tolist()):
+        for b, n in enumerate(lengths.tolist()):  # every row's attention, then the cache changes
             row_spec = {name: value if name == "causal" else _row(name, value, b, n, S) for name, value in spec.items()}
             out[b:b + 1, :n] = _attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **row_spec)
+        st.reserve(int(lengths.max()))
+        for b, n in enumerate(lengths.tolist()):
             st.append(k[b:b + 1, :n], v[b:b + 1, :n], rows=slice(b, b + 1), write_budget=False)
             st.lengths[b] += n
             self._select_budget(st, b, q[b, :n], k[b, :n], v[b, :n], spec, S)
@@ -497,6 +546,24 @@ class HeadSparseCache(_CacheBase):
                                                   st.ring_size, *args, self.split_keys, *st.budget_args())
 
 
+_HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
+
+
+def _lengths(lengths):
+    """Integers per batch row: an int sequence or an integer tensor (no floats, bools or strings)."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"headops.HeadSparseCache: lengths must be integers, got a {lengths.dtype} tensor")
+        return lengths.to(torch.int64).reshape(-1)
+    values = _as_list(lengths)
+    values = [lengths] if values is None else values
+    if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in values):
+        raise TypeError(f"headops.HeadSparseCache: lengths must be integers (one per batch row), got {lengths!r}")
+    if not all(-2**63 <= x < 2**63 for x in values):
+        raise _fail("lengths", "int64 values", values)
+    return torch.tensor(values, dtype=torch.int64)
+
+
 _PER_HEAD = ("softmax_scale", "window", "sinks", "alpha", "sink_logit", "gate")  # [Hq] or [B, Hq]
 
 
@@ -522,7 +589,7 @@ def _observation_mass(q_obs, k, spec, b, n, S, group):
     kb = spec.get("key_bias")
     if kb is not None:
         kb = torch.as_tensor(kb, dtype=torch.float64)
-        kb = kb[..., :n] if kb.shape[-1] == S else kb
+        kb = kb[..., :n] if kb.dim() and kb.shape[-1] == S else kb  # (a 0-dim bias applies to every key)
         full = kb.expand(*([1] * (3 - kb.dim())), *kb.shape).expand(-1, Hq, n)
         logits = logits + full[b if full.shape[0] > 1 else 0].view(Hq, 1, n)
     pos = torch.arange(n - obs, n).view(1, obs, 1)
@@ -562,10 +629,13 @@ def _check_alpha(alpha, st, group):
                          f"alpha > 0")
 
 
-def _decode_args(q, st, spec, Sk):
-    """The per-head arguments of decode_attention, validated like headops.attention's."""
-    from .attention import _Shapes, _key_bias, _per_head_vector, _scalar_or_tensor  # the same rules
+def _decode_args(q, st, spec, Sk, check_only=False):
+    """The per-head arguments of decode_attention, validated like headops.attention's
+    (check_only: only the validation, nothing converted)."""
+    from .attention import _Shapes, _check_values, _key_bias, _per_head_vector, _scalar_or_tensor  # the same rules
 
+    if not isinstance(spec["causal"], bool):
+        raise TypeError(f"headops.attention: causal must be a bool, got {type(spec['causal']).__name__}")
     B, Sq, Hq, D = q.shape
     s = _Shapes(q, q.new_empty((B, Sk, st.Hkv, D)), "bshd")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -573,24 +643,28 @@ def _decode_args(q, st, spec, Sk):
     scale = spec.get("softmax_scale")
     scale_t = None
     if scale is not None:
-        if isinstance(scale, numbers.Number) and not isinstance(scale, bool):
+        if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
             default_scale = float(scale)
+            if not math.isfinite(default_scale):
+                raise ValueError(f"headops.attention: softmax_scale must be a finite float, got {scale}")
         else:
-            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False).to(acc)
+            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False)
 
     def per_head(name, integer=False):
-        t = _scalar_or_tensor(spec.get(name), name, s, q.device, integer=integer)
-        return None if t is None else t.to(torch.int64 if integer else acc)
+        return _scalar_or_tensor(spec.get(name), name, s, q.device, integer=integer)
 
-    def vector(name):
-        t = _per_head_vector(spec.get(name), name, s, q.device)
-        return None if t is None else t.to(acc)
-
-    alpha = per_head("alpha")
-    if alpha is not None and bool(((alpha < 0) | (alpha > 1)).any()):
-        raise ValueError(f"headops.attention: alpha must be in [0, 1] for every head, got {alpha.tolist()}")
-    _check_alpha(alpha, st, Hq // st.Hkv)
+    # validated as given (before any rounding to the accumulation dtype), as headops.attention does
+    alpha, sink_logit = per_head("alpha"), per_head("sink_logit")
     kb = _key_bias(spec.get("key_bias"), s, q.device)
-    return (spec["causal"], default_scale, scale_t, per_head("window", True), per_head("sinks", True), alpha,
-            None if kb is None else kb.to(acc), per_head("sink_logit"), vector("out_scale"), vector("out_bias"),
-            per_head("gate"))
+    _check_values(alpha=alpha, softmax_scale=scale_t, sink_logit=sink_logit, key_bias=spec.get("key_bias"))
+    _check_alpha(alpha, st, Hq // st.Hkv)
+    window, sinks, gate = per_head("window", True), per_head("sinks", True), per_head("gate")
+    out_scale, out_bias = (_per_head_vector(spec.get(n), n, s, q.device) for n in ("out_scale", "out_bias"))
+    if check_only:
+        return None
+
+    def to(t, dtype=acc):
+        return None if t is None else t.to(dtype)
+
+    return (spec["causal"], default_scale, to(scale_t), to(window, torch.int64), to(sinks, torch.int64), to(alpha),
+            to(kb), to(sink_logit), to(out_scale), to(out_bias), to(gate))

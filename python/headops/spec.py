@@ -29,6 +29,10 @@ def _fail(name, expected, got):
     return ValueError(f"headops.HeadSpec: {name} must be {expected}, got {got}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _shape_of(model_or_config):
     """(layers, query heads, KV heads, head dim) from a transformers model or config."""
     cfg = getattr(model_or_config, "config", model_or_config)
@@ -36,13 +40,31 @@ def _shape_of(model_or_config):
     try:
         L = cfg.num_hidden_layers
         Hq = cfg.num_attention_heads
-    except AttributeError:
-        raise TypeError(f"headops.HeadSpec: cannot read the attention shape of {type(model_or_config).__name__} "
-                        "(expected a transformers model or config with num_hidden_layers and "
-                        "num_attention_heads)") from None
-    Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    except (AttributeError, TypeError, ZeroDivisionError):
+        raise TypeError(f"headops.HeadSpec: cannot read the attention shape of model_or_config (a "
+                        f"{type(model_or_config).__name__}; expected a transformers model or config with "
+                        "num_hidden_layers, num_attention_heads and head_dim or hidden_size)") from None
     return L, Hq, Hkv, D
+
+
+def _check_heads(heads, what):
+    """{layer: [head indices]} with the head lists as lists of ints (the caller checks the ranges)."""
+    if not isinstance(heads, dict):
+        raise TypeError(f"headops.HeadSpec: heads must be a dict {{layer: [{what} head indices]}}, got "
+                        f"{type(heads).__name__}")
+    out = {}
+    for layer, hs in heads.items():
+        if isinstance(hs, (str, bytes, dict)) or not hasattr(hs, "__iter__") or (
+                isinstance(hs, torch.Tensor) and hs.dim() != 1):
+            raise TypeError(f"headops.HeadSpec: heads must map each layer to a list of {what} head indices, got "
+                            f"{hs!r} for layer {layer!r}")
+        out[layer] = hs.tolist() if isinstance(hs, torch.Tensor) else list(hs)
+        for h in out[layer]:
+            if not _is_int(h):
+                raise TypeError(f"headops.HeadSpec: heads must hold int {what} head indices, got {h!r}")
+    return out
 
 
 class HeadSpec:
@@ -90,6 +112,7 @@ class HeadSpec:
     def mask_heads(self, heads: dict) -> "HeadSpec":
         """A copy with the given heads' gates at 0 ({layer: [query heads]}); gated heads cost nothing."""
         spec = self.copy()
+        heads = _check_heads(heads, "query")
         gate = spec.gate if spec.gate is not None else torch.ones(self.num_layers, self.num_heads)
         for layer, hs in heads.items():
             self._check_layer(layer)
@@ -104,6 +127,8 @@ class HeadSpec:
     def streaming(cls, model_or_config, heads: dict, *, window: int, sinks: int = 4) -> "HeadSpec":
         """The given KV heads ({layer: [KV heads]}) streaming (sinks + window), the rest full."""
         spec = cls.dense(model_or_config)
+        heads = _check_heads(heads, "KV")
+        spec._check_window_sinks(window, sinks)
         group = spec.num_heads // spec.num_kv_heads
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
@@ -118,9 +143,10 @@ class HeadSpec:
         """The given KV heads ({layer: [KV heads]}) keep at most `budget` tokens in a
         HeadSparseCache (HeadKV/AdaKV-style; the rest full). Their attention is unchanged until
         tokens are evicted (the cache keeps sinks, the latest tokens, the most attended)."""
-        if not isinstance(budget, numbers.Integral) or budget < 1:
+        if not _is_int(budget) or budget < 1:
             raise _fail("budget", "an int >= 1", budget)
         spec = cls.dense(model_or_config)
+        heads = _check_heads(heads, "KV")
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
             for h in kv_heads:
@@ -138,11 +164,15 @@ class HeadSpec:
         others become streaming with the given sinks and window. keep_alpha=True instead keeps
         every head on a full cache and mixes both views with alpha = the clipped gate."""
         spec = cls.dense(model_or_config)
+        spec._check_window_sinks(window, sinks)
         rows = []
         with open(path) as f:
             for line in f:
                 if line.strip():
-                    rows.append([float(x) for x in line.split()])
+                    try:
+                        rows.append([float(x) for x in line.split()])
+                    except ValueError:
+                        raise _fail("the pattern", "rows of numbers (layers x KV heads)", repr(line.strip())) from None
         shape = (len(rows), len(rows[0]) if rows else 0)
         if shape != (spec.num_layers, spec.num_kv_heads) or any(len(r) != shape[1] for r in rows):
             raise _fail("the pattern", f"{spec.num_layers} rows of {spec.num_kv_heads} values (layers x KV heads)",
@@ -160,18 +190,22 @@ class HeadSpec:
                     spec._make_streaming(layer, h, group, window, sinks)
         return spec
 
-    def _make_streaming(self, layer, kv_head, group, window, sinks):
-        if not isinstance(window, numbers.Integral) or window < 1:
+    @staticmethod
+    def _check_window_sinks(window, sinks):
+        if not _is_int(window) or not 1 <= window < 2**63:
             raise _fail("window", "an int >= 1", window)
-        if not isinstance(sinks, numbers.Integral) or sinks < 0:
+        if not _is_int(sinks) or not 0 <= sinks < 2**63:
             raise _fail("sinks", "an int >= 0", sinks)
+
+    def _make_streaming(self, layer, kv_head, group, window, sinks):
+        self._check_window_sinks(window, sinks)
         self.window[layer, kv_head * group:(kv_head + 1) * group] = window
         self.sinks[layer, kv_head * group:(kv_head + 1) * group] = sinks
         self.cache_kind[layer][kv_head] = "streaming"
 
     def _check_layer(self, layer):
-        if not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
-            raise _fail("layer", f"an int in [0, {self.num_layers})", layer)
+        if not _is_int(layer) or not 0 <= layer < self.num_layers:
+            raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
 
     # --------------------------------------------------------------------------- use
 
@@ -181,6 +215,15 @@ class HeadSpec:
         if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
             raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
                                     f"{_shape_of(model_or_config)})", (L, Hq, Hkv, D))
+        for name in _FLOAT_FIELDS:
+            t = getattr(self, name)
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point):
+                raise TypeError(f"headops.HeadSpec: {name} must be None or a floating-point tensor, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        for name in ("window", "sinks"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"headops.HeadSpec: {name} must be an int64 tensor, got "
+                                f"{type(getattr(self, name)).__name__}")
         for name in ("softmax_scale", "alpha", "sink_logit"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (L, Hq):
@@ -192,18 +235,33 @@ class HeadSpec:
             t = getattr(self, name)
             if tuple(t.shape) != (L, Hq) or t.dtype != torch.int64:
                 raise _fail(name, f"an int64 [L, Hq] = [{L}, {Hq}] tensor", f"{t.dtype} {tuple(t.shape)}")
+        if bool((self.window == 0).any()):
+            raise _fail("window", ">= 1 or < 0 (unlimited) for every head", self.window.tolist())
+        if bool((self.sinks < 0).any()):
+            raise _fail("sinks", ">= 0 for every head", self.sinks.tolist())
         for name in ("out_scale", "out_bias"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (L, Hq, D):
                 raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {D}]", tuple(t.shape))
         if self.key_bias is not None and (self.key_bias.dim() != 3 or tuple(self.key_bias.shape[:2]) != (L, Hq)):
             raise _fail("key_bias", f"[L, Hq, K] = [{L}, {Hq}, K]", tuple(self.key_bias.shape))
-        if len(self.cache_kind) != L or any(len(r) != Hkv for r in self.cache_kind):
-            raise _fail("cache_kind", f"[L, Hkv] = [{L}, {Hkv}]", self.cache_kind)
+        kinds, budgets = self.cache_kind, self.cache_budget
+        if (not isinstance(kinds, (list, tuple)) or len(kinds) != L or
+                any(not isinstance(r, (list, tuple)) or len(r) != Hkv for r in kinds)):
+            raise _fail("cache_kind", f"[L, Hkv] = [{L}, {Hkv}]", kinds)
+        if any(k not in ("full", "streaming", "budget") for r in kinds for k in r):
+            raise _fail("cache_kind", "'full', 'streaming' or 'budget' for every KV head", kinds)
+        if (not isinstance(budgets, (list, tuple)) or len(budgets) != L or
+                any(not isinstance(r, (list, tuple)) or len(r) != Hkv or
+                    any(b is not None and not _is_int(b) for b in r) for r in budgets)):
+            raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
 
     def layer_args(self, layer: int, keys: int | None = None) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
         needs the number of keys (original positions 0 .. keys - 1)."""
+        self._check_layer(layer)
+        if keys is not None and (not _is_int(keys) or keys < 0):
+            raise _fail("keys", "None or an int >= 0", repr(keys))
         args = {"window": self.window[layer], "sinks": self.sinks[layer]}
         if self.key_bias is not None:
             if keys is None:
@@ -238,14 +296,33 @@ class HeadSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadSpec":
+        if not isinstance(d, dict):
+            raise TypeError(f"headops.HeadSpec.from_dict: d must be a dict (of HeadSpec.to_dict), got {type(d).__name__}")
+        missing = [n for n in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "window", "sinks", "cache_kind",
+                               "cache_budget") if n not in d]
+        if missing:
+            raise _fail("the dict", f"a HeadSpec.to_dict() with {', '.join(missing)}", sorted(d))
         spec = cls(d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"])
-        spec.window = torch.tensor(d["window"], dtype=torch.int64)
-        spec.sinks = torch.tensor(d["sinks"], dtype=torch.int64)
+
+        def tensor(name, integer):
+            try:
+                t = torch.tensor(d[name])
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise _fail(name, "a nested list of numbers", repr(d[name])[:200]) from None
+            if integer and (t.dtype.is_floating_point or t.dtype == torch.bool):
+                raise _fail(name, "integers", t.dtype)
+            return t.to(torch.int64 if integer else torch.float32)
+
+        spec.window = tensor("window", True)
+        spec.sinks = tensor("sinks", True)
+        for name in ("cache_kind", "cache_budget"):
+            if not isinstance(d[name], (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in d[name]):
+                raise _fail(name, "a list of lists (layers x KV heads)", repr(d[name]))
         spec.cache_kind = [list(r) for r in d["cache_kind"]]
         spec.cache_budget = [list(r) for r in d["cache_budget"]]
         for name in _FLOAT_FIELDS:
             if d.get(name) is not None:
-                setattr(spec, name, torch.tensor(d[name], dtype=torch.float32))
+                setattr(spec, name, tensor(name, False))
         spec.validate()
         return spec
 
