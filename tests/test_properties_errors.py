@@ -17,7 +17,7 @@ answer (NaN exactly where the reference has NaN).
 
 Besides the random draws (1,800 examples in all by default; HEADOPS_HYPOTHESIS_EXAMPLES, 2000 by
 default, scales them), a sweep runs every form of each catalogue once on a few fixed shapes (about
-2,900 forms), so that no form depends on the draw. Derandomized; failures print the draws.
+2,600 forms), so that no form depends on the draw. Derandomized; failures print the draws.
 """
 
 import fractions
