@@ -491,10 +491,6 @@ def test_streaming_cache_positions_past_2_31():
     check_ring(cache, D)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="python/headops/cache.py _decode_args allocates q.new_empty((B, Sk, Hkv, D)) at every "
-                          "decode step just to read its shape: 64 GiB at 2**24 positions with 8 KV heads of dim "
-                          "128, which the allocator refuses (use a meta tensor or the sizes alone)")
 def test_streaming_decode_at_long_lengths_allocates_nothing_dense():
     # a streaming-only cache holds sinks + window tokens whatever the length; a decode step at
     # position 2**24 must not need memory in proportion to the length
@@ -595,3 +591,38 @@ def test_budget_heads_keep_exactly_their_budget_over_many_steps():
         assert kept[-1] == L - 1 > 2 ** 24
         torch.testing.assert_close(out[0, 0].double(), budget_step_reference(cache, qs, L, D, scale, markers),
                                    atol=2e-2, rtol=1e-5)
+
+
+# ------------------------------------------------------ 5. a cache past its max_length
+
+
+@pytest.mark.parametrize("kinds", ["full", ["full", "streaming"], ["budget", "full"]])
+def test_a_cache_past_max_length_raises_and_changes_nothing(kinds):
+    Hq, Hkv, D = 4, 2, 8
+    kw = dict(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, kinds=kinds, window=[-1, -1, 4, 4],
+              sinks=1, budget=6, budget_recent=2, dtype=torch.float64, max_length=10)
+    if kinds == ["budget", "full"]:
+        kw["window"] = [-1, -1, -1, -1]
+    cache = headops.HeadSparseCache(**kw)
+    x = lambda S, H: torch.randn(1, S, H, D, dtype=torch.float64)  # noqa: E731
+    cache.attention(0, x(8, Hq), x(8, Hkv), x(8, Hkv))
+    cache.attention(0, x(2, Hq), x(2, Hkv), x(2, Hkv))  # exactly max_length
+    nbytes, lengths = cache.nbytes(), cache.seq_lengths().clone()
+    for call in (lambda: cache.attention(0, x(1, Hq), x(1, Hkv), x(1, Hkv)),
+                 lambda: cache.append(0, x(1, Hkv), x(1, Hkv))):
+        with pytest.raises(ValueError, match="max_length = 10"):
+            call()
+        assert torch.equal(cache.seq_lengths(), lengths) and cache.nbytes() == nbytes
+    fresh = headops.HeadSparseCache(**dict(kw, batch_size=2))
+    with pytest.raises(ValueError, match="max_length"):
+        fresh.attention(0, torch.randn(2, 11, Hq, D, dtype=torch.float64), x(11, Hkv).expand(2, -1, -1, -1),
+                        x(11, Hkv).expand(2, -1, -1, -1), lengths=[11, 3])
+    out = fresh.attention(0, torch.randn(2, 11, Hq, D, dtype=torch.float64), x(11, Hkv).expand(2, -1, -1, -1),
+                          x(11, Hkv).expand(2, -1, -1, -1), lengths=[10, 3])  # rows hold 10 and 3
+    assert out.shape == (2, 11, Hq, D) and fresh.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_max_length_must_be_a_positive_int(bad):
+    with pytest.raises((ValueError, TypeError), match="max_length"):
+        headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, max_length=bad)

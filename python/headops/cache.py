@@ -13,7 +13,10 @@ ring also holds ``max_step - 1`` more tokens, so that a step of several new toke
 finds every key its first query sees). Kept tokens keep their original positions: windows,
 sinks and ``key_bias`` index them by position.
 
-Budget heads (a fixed number of tokens kept by attention mass) are not implemented yet.
+  budget     ``[B, slots, D]`` with an explicit position per slot: each budget KV head keeps
+             a fixed number of tokens (its sinks, the ``budget_recent`` latest, and the rest
+             by attention mass: chosen SnapKV-style at prefill, evicted least-attended first
+             during decode).
 """
 
 from __future__ import annotations
@@ -282,14 +285,16 @@ class HeadSparseCache(_CacheBase):
 
     Args (keyword-only):
         num_layers, num_heads (query heads), num_kv_heads, head_dim: the model's attention shape.
-        kinds: per KV head ``"full"`` or ``"streaming"``: one string, an ``[Hkv]`` list or an
-            ``[L, Hkv]`` list.
+        kinds: per KV head ``"full"``, ``"streaming"`` or ``"budget"``: one string, an ``[Hkv]``
+            list or an ``[L, Hkv]`` list.
         window, sinks: the query heads' windows and sinks (int, ``[Hq]`` or ``[L, Hq]``; window
             < 0 = unlimited). They are applied at every attention call, and a streaming KV head
             keeps the largest of its query heads'.
         batch_size, dtype, device: of the cached keys and values.
         max_step: the most new tokens one decode call may bring (sizes the rings).
         split_keys: keys per work item when a long full head is split across threads.
+        max_length: the most tokens a batch row may hold (None: no limit). A call that would go
+            past it raises a ValueError before it changes anything; full heads never grow past it.
 
     ``cache.attention(layer, q, k, v, ...)`` is the layer's attention: the first call
     (prefill) runs ``headops.attention`` over the prompt and stores what each head keeps;
@@ -301,7 +306,7 @@ class HeadSparseCache(_CacheBase):
 
     def __init__(self, model=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None, head_dim=None,
                  kinds="full", window=None, sinks=None, budget=None, budget_recent=8, batch_size=1, dtype=None,
-                 device="cpu", max_step=8, split_keys=1024):
+                 device="cpu", max_step=8, split_keys=1024, max_length=None):
         if model is not None or spec is not None:
             # HeadSparseCache(model, spec): the shape and kinds from the spec, the dtype from the model
             from .spec import HeadSpec
@@ -327,6 +332,10 @@ class HeadSparseCache(_CacheBase):
                 raise _fail(name, "an int >= 1", value)
         if num_heads % num_kv_heads:
             raise _fail("num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+        if max_length is not None and (not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise _fail("max_length", "None or an int >= 1", max_length)
+        self.max_length = None if max_length is None else int(max_length)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
@@ -397,6 +406,13 @@ class HeadSparseCache(_CacheBase):
         return sum(int(layer.lengths.max()) * self._batch_size * self.num_kv_heads for layer in self._layers) * per_token
 
     # -------------------------------------------------------------------------------- attention
+
+    def _check_room(self, st, new_tokens: int):
+        """A step that would take a row past max_length is refused before anything changes."""
+        held = int(st.lengths.max())
+        if self.max_length is not None and held + new_tokens > self.max_length:
+            raise ValueError(f"headops.HeadSparseCache: max_length = {self.max_length} tokens per row would be "
+                             f"exceeded ({held} held + {new_tokens} new); make the cache with a larger max_length")
 
     def _check_layer(self, layer):
         if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
@@ -474,6 +490,7 @@ class HeadSparseCache(_CacheBase):
             raise _fail("k", f"[B, S, Hkv, D] = [{self._batch_size}, S, {self.num_kv_heads}, {self.head_dim}] like v",
                         tuple(k.shape))
         st = self._layers[layer]
+        self._check_room(st, k.shape[1])
         st.reserve(int(st.lengths.max()) + k.shape[1])
         st.append(k, v)
         st.lengths += k.shape[1]
@@ -482,6 +499,7 @@ class HeadSparseCache(_CacheBase):
         B, S = k.shape[0], k.shape[1]
         _decode_args(q, st, spec, S, check_only=True)  # every argument checked (whole batch) before any change
         if lengths is None:
+            self._check_room(st, S)
             out = _attention(q, k, v, **spec)
             st.reserve(S)
             st.append(k, v, write_budget=False)
@@ -494,6 +512,7 @@ class HeadSparseCache(_CacheBase):
             raise _fail("lengths", f"{B} values in [1, {S}]", lengths.tolist())
         if q.shape[1] != S:
             raise ValueError("headops.HeadSparseCache.attention: with lengths, q must cover the whole prompt")
+        self._check_room(st, int(lengths.max()))
         out = torch.zeros_like(q)
         for b, n in enumerate(lengths.tolist()):  # every row's attention, then the cache changes
             row_spec = {name: value if name == "causal" else _row(name, value, b, n, S) for name, value in spec.items()}
@@ -532,6 +551,7 @@ class HeadSparseCache(_CacheBase):
 
     def _decode(self, st, q, k, v, spec):
         Sq = k.shape[1]
+        self._check_room(st, Sq)
         if q.shape[1] != Sq:
             raise _fail("q", f"as many new tokens as k ({Sq})", q.shape[1])
         if Sq > self.max_step and bool((st.kv_kind != 0).any()):
@@ -637,7 +657,7 @@ def _decode_args(q, st, spec, Sk, check_only=False):
     if not isinstance(spec["causal"], bool):
         raise TypeError(f"headops.attention: causal must be a bool, got {type(spec['causal']).__name__}")
     B, Sq, Hq, D = q.shape
-    s = _Shapes(q, q.new_empty((B, Sk, st.Hkv, D)), "bshd")
+    s = _Shapes(q, q.new_empty((B, Sk, st.Hkv, D), device="meta"), "bshd")  # shapes only: no storage
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     default_scale = 1.0 / math.sqrt(D)
     scale = spec.get("softmax_scale")
