@@ -50,6 +50,8 @@ def extensions():
                   + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
     cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
     use_cuda = _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
+    if not use_cuda:  # host code of the CUDA kernels (csrc/**/cuda/*.cpp) needs the CUDA runtime
+        cpp_sources = [s for s in cpp_sources if os.sep + "cuda" + os.sep not in s]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         site = os.path.dirname(os.path.dirname(torch.__file__))
