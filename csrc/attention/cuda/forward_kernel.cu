@@ -18,7 +18,9 @@
 // computed once per item (keys_for_query) and a key block is masked only when
 // block_fully_visible says some key of it is hidden from some row of the warp. Both branches
 // of an alpha head share one pass over the keys (two online softmaxes, two accumulators), the
-// streaming one only on blocks that meet its ranges. The epilogue is mix_alpha + epilogue.
+// streaming one only on blocks that meet its ranges. In the tensor-core kernel a warp also skips
+// the blocks that none of its 16 rows sees (keys_for_positions of the warp's rows), which the
+// tile's walk (the union over 128 rows) includes. The epilogue is mix_alpha + epilogue.
 //
 // Online softmax: the tensor-core kernel works in log2 units (logit * log2 e, exp2); the
 // generic kernel in natural units. Rows start from the sink logit (sum 1) when there is one; a
@@ -53,6 +55,20 @@ __device__ __forceinline__ int clamp_int(int64_t x, int64_t lo, int64_t hi) {
 struct RowRanges {
   int s_lo, s_hi, w_lo, w_hi;
 };
+
+__device__ __forceinline__ RowRanges to_ranges(const VisibleKeys& k, int64_t Sk) {
+  RowRanges r;
+  r.s_lo = clamp_int(k.sinks.lo, 0, Sk);
+  r.s_hi = clamp_int(k.sinks.hi, 0, Sk);
+  r.w_lo = clamp_int(k.window.lo, 0, Sk);
+  r.w_hi = clamp_int(k.window.hi, 0, Sk);
+  return r;
+}
+
+// Whether any key of [lo, hi) lies in the ranges.
+__device__ __forceinline__ bool touches(const RowRanges& r, int lo, int hi) {
+  return max(r.s_lo, lo) < min(r.s_hi, hi) || max(r.w_lo, lo) < min(r.w_hi, hi);
+}
 
 __device__ __forceinline__ RowRanges row_ranges(const HeadVisibility& vis, int64_t pos, int64_t Sk) {
   const VisibleKeys k = vis.keys_for_query(pos, Sk);
@@ -285,6 +301,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   T* sK = sQ + kTcBlockQ * D;  // [2][64][D]
   T* sV = sK + 2 * kTcBlockK * D;
   RowRanges* sRows = reinterpret_cast<RowRanges*>(sV + 2 * kTcBlockK * D);  // [2 branches][128 rows]
+  RowRanges* sWarps = sRows + 2 * kTcBlockQ;  // [2 branches][8 warps]: keys some row of the warp sees
 
   const WorkItem item = items[blockIdx.x];
   const int64_t b = item.b, h = item.h, Sq = p.seqlen_q, Sk = p.seqlen_k;
@@ -299,7 +316,6 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const HeadVisibility stream_vis{p.causal, hs.window, hs.sinks};
   const HeadVisibility full_vis = full_visibility(p.causal);
   const VisibleKeys walk = item_walk(p, hs, q0, q0 + nq);
-  const VisibleKeys stream_tile = stream_vis.keys_for_positions(q0 + shift, q0 + nq - 1 + shift, Sk);
   const int n_blocks = static_cast<int>(walk_blocks(walk, kTcBlockK));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -309,6 +325,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t pos = q0 + tid + shift;
     if (kAlpha) sRows[tid] = row_ranges(full_vis, pos, Sk);
     sRows[kTcBlockQ + tid] = row_ranges(stream_vis, pos, Sk);
+  }
+  if (tid < 2 * (kTcThreads / 32)) {
+    const int w = tid % (kTcThreads / 32), branch = tid / (kTcThreads / 32);
+    const int row0 = min(w * 16, nq - 1), row1 = min(w * 16 + 15, nq - 1);
+    const HeadVisibility vis = branch == 0 ? full_vis : stream_vis;  // a copy: a reference would put both in local memory
+    sWarps[tid] = to_ranges(vis.keys_for_positions(q0 + row0 + shift, q0 + row1 + shift, Sk), Sk);
   }
 
   const T* q_base = p.q.row<T>(b, 0, h);
@@ -354,8 +376,10 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 
     const KeyRange blk = walk_block(walk, blk_i, kTcBlockK);
     const int j0 = static_cast<int>(blk.lo), nvalid = static_cast<int>(blk.hi - blk.lo);
-    const bool do_full = kAlpha && plan.full;
-    const bool do_stream = plan.streaming && (!do_full || meets(stream_tile, blk));
+    // a warp skips a block none of its rows sees (the tile's walk is the union over 8 warps):
+    // exact, since such a block changes neither the running max nor the sums
+    const bool do_full = kAlpha && plan.full && touches(sWarps[warp], j0, j0 + nvalid);
+    const bool do_stream = plan.streaming && touches(sWarps[kTcThreads / 32 + warp], j0, j0 + nvalid);
     if (warp_active && (do_full || do_stream)) {
       // S = Q K^T for the warp's 16 rows and the block's 64 keys
       float x[kTcBlockK / 8][4];
@@ -696,8 +720,9 @@ bool tensor_core_supported(DType dtype, int64_t head_dim) {
 }
 
 int64_t tensor_core_smem_bytes(int64_t head_dim) {
-  // Q tile, two K and two V blocks (2-byte elements), each row's ranges for both branches
-  return (kTcBlockQ + 4 * kTcBlockK) * head_dim * 2 + 2 * kTcBlockQ * int64_t(sizeof(RowRanges));
+  // Q tile, two K and two V blocks (2-byte elements), each row's and each warp's key ranges for
+  // both branches
+  return (kTcBlockQ + 4 * kTcBlockK) * head_dim * 2 + (2 * kTcBlockQ + 2 * kTcThreads / 32) * int64_t(sizeof(RowRanges));
 }
 
 int64_t generic_smem_bytes(int64_t head_dim) {
