@@ -53,7 +53,7 @@ bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
       !rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv))
     return false;
   const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  return tensor_core_smem_bytes(p.head_dim) <= optin;
+  return tensor_core_smem_bytes(p.head_dim, p.alpha.present()) <= optin;
 }
 
 // A per-head tensor read on the host ([B, Hq], contiguous copy), or absent.

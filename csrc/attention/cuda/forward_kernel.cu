@@ -300,8 +300,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kTcBlockQ * D;  // [2][64][D]
   T* sV = sK + 2 * kTcBlockK * D;
-  RowRanges* sRows = reinterpret_cast<RowRanges*>(sV + 2 * kTcBlockK * D);  // [2 branches][128 rows]
-  RowRanges* sWarps = sRows + 2 * kTcBlockQ;  // [2 branches][8 warps]: keys some row of the warp sees
+  // [2 branches (full, streaming)][8 warps]: the keys some row of the warp sees; then each row's
+  // visible keys, streaming branch, and (kAlpha only: without alpha the D = 128 kernel then fits
+  // the 99 KB of shared memory of sm_86/sm_89) full branch
+  RowRanges* sWarps = reinterpret_cast<RowRanges*>(sV + 2 * kTcBlockK * D);
+  RowRanges* sRowsStream = sWarps + 2 * (kTcThreads / 32);
+  RowRanges* sRowsFull = sRowsStream + kTcBlockQ;
 
   const WorkItem item = items[blockIdx.x];
   const int64_t b = item.b, h = item.h, Sq = p.seqlen_q, Sk = p.seqlen_k;
@@ -323,8 +327,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   // each row's visible keys, per branch (0: full, 1: streaming), once per item
   if (tid < kTcBlockQ) {
     const int64_t pos = q0 + tid + shift;
-    if (kAlpha) sRows[tid] = row_ranges(full_vis, pos, Sk);
-    sRows[kTcBlockQ + tid] = row_ranges(stream_vis, pos, Sk);
+    if (kAlpha) sRowsFull[tid] = row_ranges(full_vis, pos, Sk);
+    sRowsStream[tid] = row_ranges(stream_vis, pos, Sk);
   }
   if (tid < 2 * (kTcThreads / 32)) {
     const int w = tid % (kTcThreads / 32), branch = tid / (kTcThreads / 32);
@@ -421,7 +425,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       if (do_full) {
         uint32_t mask = 0xffffffffu;
         if (!(nvalid == kTcBlockK && full_vis.block_fully_visible(pos_first, pos_last, j0, j0 + kTcBlockK))) {
-          const RowRanges rr[2] = {sRows[r0], sRows[r0 + 8]};
+          const RowRanges rr[2] = {sRowsFull[r0], sRowsFull[r0 + 8]};
           mask = tc_mask(rr, j0, nvalid, t);
         }
         tc_softmax<T, D>(full, x, mask, pa);
@@ -430,7 +434,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       if (do_stream) {
         uint32_t mask = 0xffffffffu;
         if (!(nvalid == kTcBlockK && stream_vis.block_fully_visible(pos_first, pos_last, j0, j0 + kTcBlockK))) {
-          const RowRanges rr[2] = {sRows[kTcBlockQ + r0], sRows[kTcBlockQ + r0 + 8]};
+          const RowRanges rr[2] = {sRowsStream[r0], sRowsStream[r0 + 8]};
           mask = tc_mask(rr, j0, nvalid, t);
         }
         tc_softmax<T, D>(stream, x, mask, pa);
@@ -681,7 +685,7 @@ __global__ void skipped_heads_kernel(const AttentionParams p, const int32_t* __r
 
 template <typename T, int D, bool kAlpha>
 cudaError_t launch_tc_variant(const AttentionParams& p, const WorkItem* items, int64_t n_items, cudaStream_t stream) {
-  const int smem = static_cast<int>(tensor_core_smem_bytes(D));
+  const int smem = static_cast<int>(tensor_core_smem_bytes(D, kAlpha));
   // set on every launch (cheap): the limit is per device, and a process may use several
   const cudaError_t attr =
       cudaFuncSetAttribute(tc_forward_kernel<T, D, kAlpha>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -719,10 +723,11 @@ bool tensor_core_supported(DType dtype, int64_t head_dim) {
   return (dtype == DType::kBFloat16 || dtype == DType::kFloat16) && (head_dim == 64 || head_dim == 128);
 }
 
-int64_t tensor_core_smem_bytes(int64_t head_dim) {
-  // Q tile, two K and two V blocks (2-byte elements), each row's and each warp's key ranges for
-  // both branches
-  return (kTcBlockQ + 4 * kTcBlockK) * head_dim * 2 + (2 * kTcBlockQ + 2 * kTcThreads / 32) * int64_t(sizeof(RowRanges));
+int64_t tensor_core_smem_bytes(int64_t head_dim, bool alpha) {
+  // Q tile, two K and two V blocks (2-byte elements), each warp's key ranges for both branches,
+  // each row's for the streaming branch and, with alpha, for the full branch
+  return (kTcBlockQ + 4 * kTcBlockK) * head_dim * 2 +
+         (2 * kTcThreads / 32 + (alpha ? 2 : 1) * kTcBlockQ) * int64_t(sizeof(RowRanges));
 }
 
 int64_t generic_smem_bytes(int64_t head_dim) {

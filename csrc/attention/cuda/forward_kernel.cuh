@@ -73,7 +73,7 @@ HEADOPS_HD bool meets(const VisibleKeys& keys, const KeyRange& block) {
 // and `items` are device pointers. `max_smem_optin`: the device's opt-in shared memory per
 // block, to refuse a configuration that would not launch.
 bool tensor_core_supported(DType dtype, int64_t head_dim);
-int64_t tensor_core_smem_bytes(int64_t head_dim);
+int64_t tensor_core_smem_bytes(int64_t head_dim, bool alpha);
 int64_t generic_smem_bytes(int64_t head_dim);
 cudaError_t launch_tensor_core_forward(const AttentionParams& p, DType dtype, const WorkItem* items, int64_t n_items,
                                        cudaStream_t stream);
