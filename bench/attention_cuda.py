@@ -18,6 +18,8 @@ and against flex on every head (max |diff|), printed with the table.
 
 Usage: python3 bench/attention_cuda.py [--seq 8192] [--heads 32] [--repeats 20] [--no-flex]
                                         [--json out.json]
+       python3 bench/attention_cuda.py --device cpu --seq 256 --heads 4 --dim 64 --window 64 --repeats 3
+           (a dry run of the script itself on the CPU kernel; its numbers mean nothing)
 Prints a markdown table last. Written before any GPU run (the first is bench/gpu_suite.sh).
 """
 
@@ -42,6 +44,7 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script on the CPU kernel (tiny sizes)")
     return ap.parse_args()
 
 
@@ -77,13 +80,22 @@ def flex_block_mask(sc, B, H, S, device):
         in_window = (w < 0) | (q_idx - kv_idx < w) | (kv_idx < sinks[h])
         return (kv_idx <= q_idx) & in_window & active[h]
 
+    import warnings
+
     try:  # compiled mask creation: no H x S x S temporaries
-        return create_block_mask(mask_mod, B, H, S, S, device=device, _compile=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return create_block_mask(mask_mod, B, H, S, S, device=device, _compile=True)
     except TypeError:
         return create_block_mask(mask_mod, B, H, S, S, device=device)
 
 
 def cuda_time(fn):
+    """Milliseconds of one call, between two CUDA events (wall clock on the CPU dry run)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -92,20 +104,30 @@ def cuda_time(fn):
     return start.elapsed_time(end)
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        synchronize()
+
+
+def device_name(dev):
+    return torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
+
+
 def main():
     args = parse_args()
     import headops
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    assert dev.type == "cpu" or torch.cuda.is_available(), "needs a CUDA GPU (or --device cpu for a dry run)"
     B, H, S, D = args.batch, args.heads, args.seq, args.dim
     dtype = torch.bfloat16
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype) for _ in range(3))
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} S={S} D={D} bf16 causal")
-    print("headops kernel:", headops._C.cuda_kernel_for(q, k, v, True))
+    print(f"device: {device_name(dev)}, torch {torch.__version__}, B={B} H={H} S={S} D={D} bf16 causal")
+    if dev.type == "cuda":
+        print("headops kernel:", headops._C.cuda_kernel_for(q, k, v, True))
 
     def sdpa(backend):
         def run():
@@ -118,7 +140,7 @@ def main():
     for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
         try:
             out = sdpa(backend)()
-            torch.cuda.synchronize()
+            synchronize()
             candidates[name] = sdpa(backend)
             sdpa_out = out if sdpa_out is None else sdpa_out
         except Exception as e:  # noqa: BLE001
@@ -139,7 +161,7 @@ def main():
         fns = {"headops": lambda kw=kw: headops.attention(q, k, v, layout="bhsd", **kw)}
         fns.update(candidates)
         ho = fns["headops"]()
-        torch.cuda.synchronize()
+        synchronize()
         # correctness: dense heads (ungated, no window) against SDPA
         dense_heads = [h for h in range(H) if (sc["gate"] is None or sc["gate"][h] == 1.0)
                        and (sc["window"] is None or sc["window"][h] < 0)]
@@ -152,7 +174,7 @@ def main():
                 bm = flex_block_mask(sc, B, H, S, dev)
                 t0 = time.perf_counter()
                 fo = flex(q, k, v, block_mask=bm)
-                torch.cuda.synchronize()
+                synchronize()
                 compile_s = time.perf_counter() - t0
                 if sc["gate"] is not None:  # flex gives 0 for a head with no visible key; so does gate 0
                     fo = fo * torch.tensor(sc["gate"], device=dev, dtype=fo.dtype).view(1, H, 1, 1)
@@ -163,7 +185,7 @@ def main():
                 print(f"flex ({sc['key']}): failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         for fn in fns.values():  # warm-up
             fn()
-        torch.cuda.synchronize()
+        synchronize()
         times = {name: [] for name in fns}
         names = list(fns)
         for r in range(args.repeats):
@@ -185,7 +207,7 @@ def main():
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, B=B, H=H, S=S, D=D,
+            json.dump(dict(device=device_name(dev), torch=torch.__version__, B=B, H=H, S=S, D=D,
                            rows=rows), f, indent=1)
 
     fmt = lambda x, spec=".3f": "–" if x is None else format(x, spec)  # noqa: E731
