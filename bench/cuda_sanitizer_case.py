@@ -12,6 +12,9 @@ import torch
 
 import headops
 
+# HEADOPS_CASE_DEVICE=cpu: a dry run of this script on the CPU kernel
+DEVICE = os.environ.get("HEADOPS_CASE_DEVICE", "cuda")
+
 
 def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, **kw):
     g = torch.Generator().manual_seed(B * 1000 + Sq + Sk + D)
@@ -20,13 +23,14 @@ def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, **kw):
 
     def make(shape):
         if strided:  # a view of a wider buffer on the GPU: rows not 16-byte aligned
-            return torch.randn(*shape[:-1], D + 3, generator=g).to(dtype).to("cuda")[..., 1:D + 1]
-        return torch.randn(*shape, generator=g).to(dtype).to("cuda")
+            return torch.randn(*shape[:-1], D + 3, generator=g).to(dtype).to(DEVICE)[..., 1:D + 1]
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
     q, k, v = make(shape_q), make(shape_k), make(shape_k)
-    kw = {n: (t.to("cuda") if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    kw = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
     out = headops.attention(q, k, v, layout=layout, **kw)
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return out
 
 
