@@ -61,6 +61,7 @@ def extensions():
             include_dirs=nv_include,
             define_macros=[("HEADOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
         )]
     return [CppExtension("headops._C", cpp_sources, depends=headers, extra_compile_args={"cxx": cxx},
                          extra_link_args=["-fopenmp"])]
