@@ -265,12 +265,11 @@ __device__ __forceinline__ void tc_softmax(TcBranch<D>& br, const float (&x)[kTc
   }
 }
 
-// O[16 x D] += P[16 x 64] V[64 x D] for one or two branches (kTwo: the V fragments are read
-// once for both). V's B fragments through ldmatrix.trans: matrices (keys k0.., d n0),
-// (keys k0+8.., d n0), (keys k0.., d n0+8), (keys k0+8.., d n0+8).
-template <typename T, int D, bool kTwo>
-__device__ __forceinline__ void tc_pv(TcBranch<D>& b1, const uint32_t (&p1)[kTcBlockK / 16][4], TcBranch<D>& b2,
-                                      const uint32_t (&p2)[kTcBlockK / 16][4], uint32_t sV, int lane) {
+// O[16 x D] += P[16 x 64] V[64 x D]. V's B fragments through ldmatrix.trans: matrices
+// (keys k0.., d n0), (keys k0+8.., d n0), (keys k0.., d n0+8), (keys k0+8.., d n0+8).
+template <typename T, int D>
+__device__ __forceinline__ void tc_pv(TcBranch<D>& br, const uint32_t (&pa)[kTcBlockK / 16][4], uint32_t sV,
+                                      int lane) {
 #pragma unroll
   for (int kk = 0; kk < kTcBlockK / 16; ++kk) {
 #pragma unroll
@@ -279,12 +278,8 @@ __device__ __forceinline__ void tc_pv(TcBranch<D>& b1, const uint32_t (&p1)[kTcB
       const int chunk = dp * 2 + (lane >> 4);
       uint32_t b[4];
       ldmatrix_x4_trans(b, sV + swizzled<D>(key, chunk));
-      mma_16816<T>(b1.o[2 * dp], p1[kk], b[0], b[1]);
-      mma_16816<T>(b1.o[2 * dp + 1], p1[kk], b[2], b[3]);
-      if (kTwo) {
-        mma_16816<T>(b2.o[2 * dp], p2[kk], b[0], b[1]);
-        mma_16816<T>(b2.o[2 * dp + 1], p2[kk], b[2], b[3]);
-      }
+      mma_16816<T>(br.o[2 * dp], pa[kk], b[0], b[1]);
+      mma_16816<T>(br.o[2 * dp + 1], pa[kk], b[2], b[3]);
     }
   }
 }
@@ -429,7 +424,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
           mask = tc_mask(rr, j0, nvalid, t);
         }
         tc_softmax<T, D>(full, x, mask, pa);
-        tc_pv<T, D, false>(full, pa, full, pa, sVb, lane);
+        tc_pv<T, D>(full, pa, sVb, lane);
       }
       if (do_stream) {
         uint32_t mask = 0xffffffffu;
@@ -438,7 +433,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
           mask = tc_mask(rr, j0, nvalid, t);
         }
         tc_softmax<T, D>(stream, x, mask, pa);
-        tc_pv<T, D, false>(stream, pa, stream, pa, sVb, lane);
+        tc_pv<T, D>(stream, pa, sVb, lane);
       }
     }
     __syncthreads();  // every warp is done with this buffer before the next iteration refills it
