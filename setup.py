@@ -61,6 +61,8 @@ def extensions():
         cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-fopenmp", "-Wno-psabi"] + checks
         link = link + checks
     use_cuda = not sanitize and _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
+    if not use_cuda:  # host code of the CUDA kernels (csrc/**/cuda/*.cpp) needs the CUDA runtime
+        cpp_sources = [s for s in cpp_sources if os.sep + "cuda" + os.sep not in s]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -70,6 +72,7 @@ def extensions():
             include_dirs=nv_include,
             define_macros=[("HEADOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
         )]
     return [CppExtension("headops._C", cpp_sources, depends=headers, extra_compile_args={"cxx": cxx},
                          extra_link_args=link)]

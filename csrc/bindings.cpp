@@ -9,6 +9,9 @@
 #include "attention/cpu/blas.h"
 #include "attention/work_counters.h"
 #include "kvcache/kv_ops.h"
+#ifdef HEADOPS_WITH_CUDA
+#include "attention/cuda/attention_fwd_cuda.h"
+#endif
 
 TORCH_LIBRARY(headops, m) {
   m.def(
@@ -42,6 +45,14 @@ TORCH_LIBRARY_IMPL(headops, CPU, m) {
   m.impl("kv_append", &headops::kv_append);
   m.impl("decode_attention", &headops::decode_attention);
 }
+
+#ifdef HEADOPS_WITH_CUDA
+// The forward only: the backward and the KV-cache ops have no CUDA kernels yet (calling them
+// with CUDA tensors raises the dispatcher's "not implemented for CUDA" error).
+TORCH_LIBRARY_IMPL(headops, CUDA, m) {
+  m.impl("attention_fwd", &headops::attention_fwd);
+}
+#endif
 
 namespace {
 
@@ -82,6 +93,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
 #ifdef HEADOPS_WITH_CUDA
   m.attr("cuda_compiled") = true;
+  m.def(
+      "cuda_kernel_for",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first) {
+        return std::string(headops::cuda::kernel_for(q, k, v, heads_first));
+      },
+      "'tensor_core' or 'generic': the CUDA forward kernel these inputs run (HEADOPS_CUDA_KERNEL=generic forces "
+      "the generic one)");
 #else
   m.attr("cuda_compiled") = false;
 #endif

@@ -7,7 +7,8 @@
 
 namespace headops {
 
-Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first) {
+Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first,
+               bool cuda_ok) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, "q, k, v must be 4-D, got ", q.dim(), "-D, ",
               k.dim(), "-D, ", v.dim(), "-D");
   const auto dtype = q.scalar_type();
@@ -15,7 +16,15 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               "q must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, op, "k and v must have q's dtype ", dtype);
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, "q, k, v must be on one device");
-  TORCH_CHECK(q.device().is_cpu(), op, "device ", q.device(), " is not supported by this build");
+#ifdef HEADOPS_WITH_CUDA
+  const bool device_ok = q.device().is_cpu() || (cuda_ok && q.device().is_cuda());
+#else
+  const bool device_ok = q.device().is_cpu();
+  (void)cuda_ok;
+#endif
+  TORCH_CHECK(device_ok, op, "device ", q.device(), " is not supported by this build");
+  TORCH_CHECK(!q.device().is_cuda() || dtype != at::kDouble, op,
+              "float64 is CPU only (CUDA takes float32, bfloat16 and float16)");
   const int64_t sd = heads_first ? 2 : 1, hd = heads_first ? 1 : 2;
   Dims d{q.size(0), q.size(sd), k.size(sd), q.size(hd), k.size(hd), q.size(3)};
   TORCH_CHECK(k.sizes() == v.sizes(), op, "k and v must have one shape, got ", k.sizes(), " and ", v.sizes());

@@ -29,9 +29,10 @@ struct PerHeadArgs {
   const OptTensor& gate;
 };
 
-// q, k, v: 4-D, one float dtype, one device (CPU in this build), GQA-compatible heads, a
-// contiguous last dim. Returns the sizes.
-Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first);
+// q, k, v: 4-D, one float dtype, one device (the CPU; a CUDA device too when cuda_ok and the
+// build has the CUDA kernels), GQA-compatible heads, a contiguous last dim. Returns the sizes.
+Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first,
+               bool cuda_ok = false);
 
 // dtype, shape ([B, Hq], [B, Hq, Sk] or [B, Hq, D]), device and values (window != 0,
 // sinks >= 0, alpha in [0, 1]) of every per-head argument present.

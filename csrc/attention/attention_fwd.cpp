@@ -5,6 +5,9 @@
 #include "attention_args.h"
 #include "attention_params.h"
 #include "cpu/attention_fwd_cpu.h"
+#ifdef HEADOPS_WITH_CUDA
+#include "cuda/attention_fwd_cuda.h"
+#endif
 
 namespace headops {
 
@@ -15,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
     bool save_for_backward) {
   const char* op = "headops.attention_fwd: ";
-  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first);
+  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first, /*cuda_ok=*/true);
   const auto acc = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
   check_per_head_args(op, d, acc, q_in, args);
@@ -51,7 +54,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   fill_params(p, d, causal, default_scale, args);
   p.skip_zero_gate = skip_zero_gate;
   p.skip_unused_branch = skip_unused_branch;
-  if (out.numel() > 0 || lse.numel() > 0) cpu::attention_forward(p, q.scalar_type());
+  if (out.numel() > 0 || lse.numel() > 0) {
+#ifdef HEADOPS_WITH_CUDA
+    if (q.is_cuda()) {
+      cuda::attention_forward(p, q, gate, window, sinks, alpha);
+      return {out, lse, o_stream, o_full, lse_full};
+    }
+#endif
+    cpu::attention_forward(p, q.scalar_type());
+  }
   return {out, lse, o_stream, o_full, lse_full};
 }
 

@@ -4,6 +4,13 @@
 
 #include <cstdint>
 
+// The accessors are callable from CUDA kernels too (the struct is passed by value to them).
+#if defined(__CUDACC__)
+#define HEADOPS_PARAMS_HD __host__ __device__ __forceinline__
+#else
+#define HEADOPS_PARAMS_HD inline
+#endif
+
 namespace headops {
 
 // A per-head value laid out as [B, Hq] with element strides (stride 0 = broadcast).
@@ -11,9 +18,9 @@ struct PerHead {
   const void* ptr = nullptr;
   int64_t stride_b = 0;
   int64_t stride_h = 0;
-  bool present() const { return ptr != nullptr; }
+  HEADOPS_PARAMS_HD bool present() const { return ptr != nullptr; }
   template <typename T>
-  T at(int64_t b, int64_t h) const { return static_cast<const T*>(ptr)[b * stride_b + h * stride_h]; }
+  HEADOPS_PARAMS_HD T at(int64_t b, int64_t h) const { return static_cast<const T*>(ptr)[b * stride_b + h * stride_h]; }
 };
 
 // A per-head row laid out as [B, Hq, N] (out_scale/out_bias: N = D; key_bias: N = Sk).
@@ -22,9 +29,9 @@ struct PerHeadRow {
   int64_t stride_b = 0;
   int64_t stride_h = 0;
   int64_t stride_n = 0;
-  bool present() const { return ptr != nullptr; }
+  HEADOPS_PARAMS_HD bool present() const { return ptr != nullptr; }
   template <typename T>
-  const T* row(int64_t b, int64_t h) const { return static_cast<const T*>(ptr) + b * stride_b + h * stride_h; }
+  HEADOPS_PARAMS_HD const T* row(int64_t b, int64_t h) const { return static_cast<const T*>(ptr) + b * stride_b + h * stride_h; }
 };
 
 // [B, S, H, D] addressing with element strides; the last dim is contiguous.
@@ -34,7 +41,7 @@ struct HeadTensor {
   int64_t stride_s = 0;
   int64_t stride_h = 0;
   template <typename T>
-  const T* row(int64_t b, int64_t s, int64_t h) const {
+  HEADOPS_PARAMS_HD const T* row(int64_t b, int64_t s, int64_t h) const {
     return static_cast<const T*>(ptr) + b * stride_b + s * stride_s + h * stride_h;
   }
 };
@@ -58,7 +65,7 @@ struct AttentionParams {
   PerHead softmax_scale, window, sinks, alpha, sink_logit, gate;  // window/sinks: int64
   PerHeadRow key_bias, out_scale, out_bias;
 
-  int64_t group() const { return heads_q / heads_kv; }
+  HEADOPS_PARAMS_HD int64_t group() const { return heads_q / heads_kv; }
 };
 
 // The backward of one call: the forward's description (inputs in the accumulation dtype, the

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "attention_params.h"
+
 #if defined(__CUDACC__)
 #define HEADOPS_HD __host__ __device__ __forceinline__
 #else
@@ -151,6 +153,24 @@ HEADOPS_HD acc_t mix_alpha(acc_t alpha, acc_t full, acc_t streaming) {
 template <typename acc_t>
 HEADOPS_HD acc_t epilogue(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) {
   return gate * (o * out_scale + out_bias);
+}
+
+// A head's scalars as a kernel reads them once per work item (CPU and CUDA alike): absent
+// per-head arguments take their defaults (scale 1/sqrt(D) or the float given, unlimited
+// window, no sinks, no alpha, no sink logit, gate 1).
+template <typename acc_t>
+HEADOPS_HD HeadScalars<acc_t> read_head(const AttentionParams& p, int64_t b, int64_t h) {
+  HeadScalars<acc_t> s;
+  s.softmax_scale = p.softmax_scale.present() ? p.softmax_scale.at<acc_t>(b, h) : acc_t(p.default_softmax_scale);
+  s.window = p.window.present() ? p.window.at<int64_t>(b, h) : -1;
+  s.sinks = p.sinks.present() ? p.sinks.at<int64_t>(b, h) : 0;
+  s.has_alpha = p.alpha.present();
+  s.alpha = s.has_alpha ? p.alpha.at<acc_t>(b, h) : acc_t(0);
+  s.has_sink_logit = p.sink_logit.present();
+  s.sink_logit = s.has_sink_logit ? p.sink_logit.at<acc_t>(b, h) : acc_t(0);
+  s.gate = p.gate.present() ? p.gate.at<acc_t>(b, h) : acc_t(1);
+  s.skip_unused_branch = p.skip_unused_branch;
+  return s;
 }
 
 }  // namespace HEADOPS_ISA_NAMESPACE

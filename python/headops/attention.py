@@ -65,10 +65,18 @@ def _check_qkv(q, k, v, layout):
     if s.Hkv < 1 or s.Hq % s.Hkv != 0:
         raise _fail("k", f"a tensor whose number of heads divides q's {s.Hq} (GQA/MQA)",
                     f"{s.Hkv} heads (shape {tuple(k.shape)}, layout {layout!r})")
-    if q.device.type != "cpu":
-        raise ValueError(f"headops.attention: q is on device {q.device}, which is not supported yet (CPU only in "
-                         "this build)")
+    if q.device.type == "cuda" and _cuda_compiled():
+        if q.dtype == torch.float64:
+            raise TypeError("headops.attention: float64 is CPU only; on CUDA q must be float32, bfloat16 or float16")
+    elif q.device.type != "cpu":
+        where = "CPU and CUDA" if _cuda_compiled() else "CPU only"
+        raise ValueError(f"headops.attention: device {q.device} is not supported yet ({where} in this build)")
     return s
+
+
+def _cuda_compiled() -> bool:
+    from . import _C
+    return bool(getattr(_C, "cuda_compiled", False))
 
 
 def _scalar_or_tensor(value, name, s: _Shapes, device, *, integer: bool):
@@ -220,6 +228,9 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
     grad_needed = torch.is_grad_enabled() and _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t,
                                                              kb_t)
+    if grad_needed and q.device.type == "cuda":
+        raise NotImplementedError("headops.attention: gradients on CUDA are not implemented yet (the CUDA kernel is "
+                                  "forward only); run under torch.no_grad() / torch.inference_mode(), or on the CPU")
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and gate_t is not None and gate_t.requires_grad)
     skip_unused_branch = not (grad_needed and alpha_t is not None and alpha_t.requires_grad)

@@ -27,20 +27,8 @@ namespace CPU_CAPABILITY {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename acc_t>
-HeadScalars<acc_t> read_head(const AttentionParams& p, int64_t b, int64_t h) {
-  HeadScalars<acc_t> s;
-  s.softmax_scale = p.softmax_scale.present() ? p.softmax_scale.at<acc_t>(b, h) : acc_t(p.default_softmax_scale);
-  s.window = p.window.present() ? p.window.at<int64_t>(b, h) : -1;
-  s.sinks = p.sinks.present() ? p.sinks.at<int64_t>(b, h) : 0;
-  s.has_alpha = p.alpha.present();
-  s.alpha = s.has_alpha ? p.alpha.at<acc_t>(b, h) : acc_t(0);
-  s.has_sink_logit = p.sink_logit.present();
-  s.sink_logit = s.has_sink_logit ? p.sink_logit.at<acc_t>(b, h) : acc_t(0);
-  s.gate = p.gate.present() ? p.gate.at<acc_t>(b, h) : acc_t(1);
-  s.skip_unused_branch = p.skip_unused_branch;
-  return s;
-}
+// read_head (a head's scalars with their defaults) is head_semantics.h's, shared with CUDA.
+using headops::read_head;
 
 // The keys a tile of queries [q0, q1) walks: the full branch's (causal) range when the head
 // has one, else the streaming ranges (window and sinks), widened to the operand's alignment.

@@ -1,0 +1,67 @@
+"""Small CUDA forward calls for compute-sanitizer (memcheck/racecheck): both kernels, partial query
+tiles, GQA, Sq > Sk, strided inputs, every per-head feature, alpha, gated heads, empty inputs.
+
+    compute-sanitizer --tool memcheck python3 bench/cuda_sanitizer_case.py
+Exits non-zero if an output is not finite where it must be. Written before any GPU run.
+"""
+
+import os
+import sys
+
+import torch
+
+import headops
+
+# HEADOPS_CASE_DEVICE=cpu: a dry run of this script on the CPU kernel
+DEVICE = os.environ.get("HEADOPS_CASE_DEVICE", "cuda")
+
+
+def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, **kw):
+    g = torch.Generator().manual_seed(B * 1000 + Sq + Sk + D)
+    shape_q = (B, Sq, Hq, D) if layout == "bshd" else (B, Hq, Sq, D)
+    shape_k = (B, Sk, Hkv, D) if layout == "bshd" else (B, Hkv, Sk, D)
+
+    def make(shape):
+        if strided:  # a view of a wider buffer on the GPU: rows not 16-byte aligned
+            return torch.randn(*shape[:-1], D + 3, generator=g).to(dtype).to(DEVICE)[..., 1:D + 1]
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q, k, v = make(shape_q), make(shape_k), make(shape_k)
+    kw = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    out = headops.attention(q, k, v, layout=layout, **kw)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def main():
+    bad = 0
+    H = 4
+    full = dict(softmax_scale=torch.tensor([0.1, 0.2, 0.125, 0.3]), window=torch.tensor([1, 70, -1, 5]),
+                sinks=torch.tensor([3, 0, 1, 200]), key_bias=torch.randn(H, 300),
+                sink_logit=torch.tensor([0.0, -1.0, 2.0, -30.0]), out_scale=torch.randn(H, 128),
+                out_bias=torch.randn(H, 128), gate=torch.tensor([1.0, 0.0, -0.5, 2.0]))
+    for kernel in ("auto", "generic"):
+        if kernel == "generic":
+            os.environ["HEADOPS_CUDA_KERNEL"] = "generic"
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for D in (64, 128, 40):
+                kw = {n: (t[..., :D] if n in ("out_scale", "out_bias") else t) for n, t in full.items()}
+                outs = [
+                    case(2, 130, 300, H, 2, D, dtype, **kw),
+                    case(1, 300, 130, H, 1, D, dtype, layout="bhsd", causal=False,
+                         **{n: t for n, t in kw.items() if n != "key_bias"}),
+                    case(1, 77, 300, H, 4, D, dtype, alpha=torch.tensor([0.0, 0.5, 1.0, 0.25]),
+                         window=torch.tensor([16, 64, 1, -1]), sinks=torch.tensor([4, 0, 2, 0])),
+                    case(1, 65, 65, H, 2, D, dtype, strided=True, window=9, sinks=2),
+                    case(2, 1, 300, H, 1, D, dtype),
+                ]
+                bad += sum(int(not torch.isfinite(o).all()) for o in outs)
+        case(1, 0, 10, H, 1, 64, torch.bfloat16)
+        case(1, 5, 0, H, 1, 64, torch.bfloat16)
+    print("non-finite outputs:", bad)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

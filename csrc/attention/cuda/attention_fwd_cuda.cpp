@@ -1,0 +1,218 @@
+// Host side of the CUDA forward: builds the work list (heads gated off exactly never become
+// items; each item's key walk is the one the kernel takes, item_walk in forward_kernel.cuh),
+// counts the work, picks the kernel and launches it on the current stream.
+//
+// NOT YET RUN ON A GPU (compiled only); see forward_kernel.cu.
+#ifdef HEADOPS_WITH_CUDA
+
+#include "attention_fwd_cuda.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "../head_semantics.h"
+#include "../work_counters.h"
+#include "forward_kernel.cuh"
+
+namespace headops::cuda {
+namespace {
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "headops.attention_fwd: dtype ", t, " is not supported on CUDA (float32, bfloat16, float16)");
+  }
+  return DType::kFloat32;
+}
+
+// cp.async copies 16-byte chunks: every row the kernel reads must start on 16 bytes.
+bool rows_16_byte_aligned(const HeadTensor& t, int64_t B, int64_t S, int64_t H) {
+  auto ok = [](int64_t stride, int64_t size) { return size <= 1 || stride % 8 == 0; };
+  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && ok(t.stride_b, B) && ok(t.stride_s, S) && ok(t.stride_h, H);
+}
+
+bool force_generic() {
+  const char* v = std::getenv("HEADOPS_CUDA_KERNEL");
+  return v != nullptr && std::strcmp(v, "generic") == 0;
+}
+
+bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
+  if (force_generic() || !tensor_core_supported(dtype_of(dtype), p.head_dim)) return false;
+  if (!rows_16_byte_aligned(p.q, p.batch, p.seqlen_q, p.heads_q) ||
+      !rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) ||
+      !rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv))
+    return false;
+  const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return tensor_core_smem_bytes(p.head_dim, p.alpha.present()) <= optin;
+}
+
+// A per-head tensor read on the host ([B, Hq], contiguous copy), or absent.
+struct HostPerHead {
+  at::Tensor t;
+  PerHead view(int64_t Hq) const {
+    PerHead h;
+    if (t.defined()) {
+      h.ptr = t.data_ptr();
+      h.stride_b = Hq;
+      h.stride_h = 1;
+    }
+    return h;
+  }
+};
+
+HostPerHead to_host(const std::optional<at::Tensor>& t) {
+  HostPerHead h;
+  if (t.has_value()) h.t = t->to(at::kCPU).contiguous();
+  return h;
+}
+
+}  // namespace
+
+const char* kernel_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first) {
+  AttentionParams p;
+  const int64_t sd = heads_first ? 2 : 1, hd = heads_first ? 1 : 2;
+  auto view = [&](const at::Tensor& t) {
+    HeadTensor h;
+    h.ptr = t.data_ptr();
+    h.stride_b = t.stride(0);
+    h.stride_s = t.stride(sd);
+    h.stride_h = t.stride(hd);
+    return h;
+  };
+  p.q = view(q);
+  p.k = view(k);
+  p.v = view(v);
+  p.batch = q.size(0);
+  p.seqlen_q = q.size(sd);
+  p.seqlen_k = k.size(sd);
+  p.heads_q = q.size(hd);
+  p.heads_kv = k.size(hd);
+  p.head_dim = q.size(3);
+  c10::cuda::CUDAGuard guard(q.device());
+  return use_tensor_cores(p, q.scalar_type()) ? "tensor_core" : "generic";
+}
+
+void attention_forward(const AttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& gate,
+                       const std::optional<at::Tensor>& window, const std::optional<at::Tensor>& sinks,
+                       const std::optional<at::Tensor>& alpha) {
+  const char* op = "headops.attention_fwd: ";
+  const DType dtype = dtype_of(q.scalar_type());
+  TORCH_CHECK(p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30), op,
+              "sequences of 2^30 tokens or more are not supported on CUDA");
+  TORCH_CHECK(p.batch < (int64_t(1) << 31) && p.heads_q < (int64_t(1) << 31), op, "batch or heads too large");
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool tensor_cores = use_tensor_cores(p, q.scalar_type());
+  if (!tensor_cores) {
+    TORCH_CHECK(p.head_dim <= kGenericMaxHeadDim, op, "head dim ", p.head_dim,
+                " is not supported on CUDA (at most ", kGenericMaxHeadDim, ")");
+    const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+    TORCH_CHECK(generic_smem_bytes(p.head_dim) <= optin, op, "head dim ", p.head_dim,
+                " needs more shared memory than this GPU offers");
+  }
+  const int64_t block_q = tensor_cores ? kTcBlockQ : kGenericBlockQ;
+  const int64_t block_k = tensor_cores ? kTcBlockK : kGenericBlockK;
+
+  // the host reads gate, window, sinks and alpha (a small copy; it synchronises with the stream
+  // only when one of them is given) to plan the items; nothing else of p is read here
+  const HostPerHead g = to_host(gate), w = to_host(window), s = to_host(sinks), a = to_host(alpha);
+  AttentionParams hp;
+  hp.batch = p.batch;
+  hp.seqlen_q = p.seqlen_q;
+  hp.seqlen_k = p.seqlen_k;
+  hp.heads_q = p.heads_q;
+  hp.heads_kv = p.heads_kv;
+  hp.head_dim = p.head_dim;
+  hp.causal = p.causal;
+  hp.default_softmax_scale = p.default_softmax_scale;
+  hp.skip_zero_gate = p.skip_zero_gate;
+  hp.skip_unused_branch = p.skip_unused_branch;
+  hp.gate = g.view(p.heads_q);
+  hp.window = w.view(p.heads_q);
+  hp.sinks = s.view(p.heads_q);
+  hp.alpha = a.view(p.heads_q);
+
+  std::vector<WorkItem> items;
+  std::vector<int64_t> cost;
+  std::vector<int32_t> skipped;
+  LocalWorkCounts counts;
+  const int64_t tiles = (p.seqlen_q + block_q - 1) / block_q;
+  items.reserve(p.batch * p.heads_q * tiles);
+  cost.reserve(items.capacity());
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads_q; ++h) {
+      const HeadScalars<float> hs = read_head<float>(hp, b, h);
+      if (p.skip_zero_gate && hs.gate == 0.f) {
+        skipped.push_back(static_cast<int32_t>(b));
+        skipped.push_back(static_cast<int32_t>(h));
+        continue;
+      }
+      const BranchPlan plan = plan_branches(hs);
+      const HeadVisibility stream_vis{p.causal, hs.window, hs.sinks};
+      const int64_t shift = p.seqlen_k - p.seqlen_q;
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t q0 = tile * block_q, q1 = std::min(p.seqlen_q, q0 + block_q);
+        const VisibleKeys walk = item_walk(hp, hs, q0, q1);
+        const VisibleKeys stream_tile = stream_vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
+        const int64_t n_blocks = walk_blocks(walk, block_k);
+        int64_t value_blocks = 0;
+        for (int64_t t = 0; t < n_blocks; ++t) {
+          const KeyRange blk = walk_block(walk, t, block_k);
+          value_blocks += (plan.full ? 1 : 0) + (plan.streaming && (!plan.full || meets(stream_tile, blk)) ? 1 : 0);
+        }
+        counts.add(kWorkItems, 1);
+        counts.add(kKeyBlocks, n_blocks);
+        counts.add(kScoreElements, (q1 - q0) * walk.count());
+        counts.add(kValueBlocks, value_blocks);
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(tile), 0});
+        cost.push_back((q1 - q0) * (n_blocks * block_k + value_blocks * block_k / 2 + 1));
+      }
+    }
+  }
+  counts.add(kHeadsSkipped, static_cast<int64_t>(skipped.size() / 2));
+
+  // heaviest items first: blocks start roughly in index order, so the short ones fill the tail
+  std::vector<int64_t> order(items.size());
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+
+  // one pinned upload: the items, then the skipped (b, h) pairs
+  const int64_t n_items = static_cast<int64_t>(items.size()), n_skipped = static_cast<int64_t>(skipped.size() / 2);
+  const int64_t words = 4 * n_items + 2 * n_skipped;
+  if (words == 0) {
+    counts.publish();
+    return;
+  }
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int32_t* hw = host.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n_items; ++i) std::memcpy(hw + 4 * i, &items[order[i]], sizeof(WorkItem));
+  if (n_skipped) std::memcpy(hw + 4 * n_items, skipped.data(), sizeof(int32_t) * 2 * n_skipped);
+  const at::Tensor dev = host.to(at::TensorOptions().device(q.device()).dtype(at::kInt), /*non_blocking=*/true);
+  const int32_t* dw = dev.data_ptr<int32_t>();
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (n_skipped) {
+    const cudaError_t err = launch_skipped_heads(p, dtype, dw + 4 * n_items, n_skipped, stream);
+    TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (skipped heads): ", cudaGetErrorString(err));
+  }
+  if (n_items) {
+    const WorkItem* d_items = reinterpret_cast<const WorkItem*>(dw);
+    const cudaError_t err = tensor_cores ? launch_tensor_core_forward(p, dtype, d_items, n_items, stream)
+                                         : launch_generic_forward(p, dtype, d_items, n_items, stream);
+    TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
+  }
+  counts.publish();
+}
+
+}  // namespace headops::cuda
+
+#endif  // HEADOPS_WITH_CUDA

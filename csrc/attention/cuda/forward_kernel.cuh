@@ -1,0 +1,87 @@
+// The CUDA forward of headops.attention: launch declarations and the work-item helpers that
+// the host (work list, counters) and the kernels (key walk) share.
+//
+// Plain header: no torch/ATen. Included by forward_kernel.cu (nvcc) and by
+// attention_fwd_cuda.cpp (the host compiler), so that both walk exactly the same keys.
+//
+// NOTHING IN THIS DIRECTORY HAS RUN ON A GPU YET: it is compiled and inspected (ptxas, SASS)
+// on a machine without one. tests/test_attention_cuda.py and bench/gpu_suite.sh are the checks
+// to run on the first GPU machine.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../attention_params.h"
+#include "../head_semantics.h"
+
+namespace headops {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One work item: query rows [q_tile * block_q, min(Sq, (q_tile + 1) * block_q)) of query head h
+// in batch row b. Heads gated off exactly never become items (see launch_skipped_heads).
+struct WorkItem {
+  int32_t b, h, q_tile, unused;
+};
+
+// Tensor-core kernel (bf16/fp16, head dims 64 and 128): 8 warps x 16 query rows, 64-key blocks.
+constexpr int kTcBlockQ = 128;
+constexpr int kTcBlockK = 64;
+constexpr int kTcThreads = 256;
+// Generic kernel (float32/bf16/fp16, any head dim <= 256; plain FMA): 4 warps x 4 query rows,
+// 32-key blocks.
+constexpr int kGenericBlockQ = 16;
+constexpr int kGenericBlockK = 32;
+constexpr int kGenericThreads = 128;
+constexpr int kGenericMaxHeadDim = 256;
+
+// The keys an item walks (as the CPU's tile_keys without alignment): the full branch's causal
+// range when the head computes one (alpha), else the streaming ranges (sinks, then window).
+template <typename acc_t>
+HEADOPS_HD VisibleKeys item_walk(const AttentionParams& p, const HeadScalars<acc_t>& hs, int64_t q0, int64_t q1) {
+  const BranchPlan plan = plan_branches(hs);
+  const HeadVisibility vis = plan.full ? full_visibility(p.causal) : HeadVisibility{p.causal, hs.window, hs.sinks};
+  const int64_t shift = p.seqlen_k - p.seqlen_q;
+  return vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
+}
+
+HEADOPS_HD int64_t blocks_in(const KeyRange& r, int64_t block_k) { return (r.size() + block_k - 1) / block_k; }
+
+HEADOPS_HD int64_t walk_blocks(const VisibleKeys& walk, int64_t block_k) {
+  return blocks_in(walk.sinks, block_k) + blocks_in(walk.window, block_k);
+}
+
+// Key block t of a walk: keys [lo, lo + block_k) of which [lo, hi) are real (hi - lo <= block_k);
+// the sinks range's blocks come first, then the window's.
+HEADOPS_HD KeyRange walk_block(const VisibleKeys& walk, int64_t t, int64_t block_k) {
+  const int64_t n0 = blocks_in(walk.sinks, block_k);
+  const KeyRange& r = t < n0 ? walk.sinks : walk.window;
+  const int64_t lo = r.lo + (t < n0 ? t : t - n0) * block_k;
+  return {lo, min64(lo + block_k, r.hi)};
+}
+
+// Under alpha the item walks the full branch's keys; the streaming branch is updated only on
+// the blocks that meet its own ranges for the tile.
+HEADOPS_HD bool meets(const VisibleKeys& keys, const KeyRange& block) {
+  return !keys.sinks.clip(block.lo, block.hi).empty() || !keys.window.clip(block.lo, block.hi).empty();
+}
+
+// Launches (asynchronous on `stream`; they return the launch error, if any). Pointers in `p`
+// and `items` are device pointers. `max_smem_optin`: the device's opt-in shared memory per
+// block, to refuse a configuration that would not launch.
+bool tensor_core_supported(DType dtype, int64_t head_dim);
+int64_t tensor_core_smem_bytes(int64_t head_dim, bool alpha);
+int64_t generic_smem_bytes(int64_t head_dim);
+cudaError_t launch_tensor_core_forward(const AttentionParams& p, DType dtype, const WorkItem* items, int64_t n_items,
+                                       cudaStream_t stream);
+cudaError_t launch_generic_forward(const AttentionParams& p, DType dtype, const WorkItem* items, int64_t n_items,
+                                   cudaStream_t stream);
+// Heads gated off exactly: out rows 0 and lse -inf. `heads`: (b, h) pairs, int32.
+cudaError_t launch_skipped_heads(const AttentionParams& p, DType dtype, const int32_t* heads, int64_t n_heads,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace headops

@@ -1,0 +1,336 @@
+"""The CUDA forward (headops.attention on CUDA tensors) against the float64 reference.
+
+The CPU sweep of test_attention_cpu.py (shapes, layouts, strides, every per-head feature,
+rows with no visible key, extreme logits) run on the GPU: inputs are drawn in float64, rounded
+to the dtype under test, moved to the GPU, and the oracle runs in float64 on the CPU on the
+same rounded values. float64 itself is CPU only, so the float64 cases of the CPU file run here
+in float32 (tolerances of conftest.OUT_ATOL / LSE_ATOL for the dtype).
+
+bfloat16/float16 with head dim 64 or 128 and 16-byte aligned rows run the tensor-core kernel;
+everything else runs the generic kernel. Tests marked `both_kernels` run once per kernel
+(HEADOPS_CUDA_KERNEL=generic forces the generic one).
+
+Skipped without a GPU. NOTE: written before any GPU run; the first run is bench/gpu_suite.sh.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import headops
+from headops import reference
+
+from conftest import ALL_FEATURES as ALL, LAYOUTS, LSE_ATOL, OUT_ATOL, OUT_RTOL, assert_close, gate_zero_mask, \
+    head_params, make_qkv
+from test_attention_cpu import FEATURE_CASES, LOWP_CASES, MAX_JUMPS, SHAPES, shape_id
+
+# HEADOPS_TEST_CUDA_DEVICE=cpu runs this file's checks on the CPU kernel instead: a dry run of the
+# tests themselves (helpers, tolerances) on a machine without a GPU; GPU-only tests then skip.
+CUDA = os.environ.get("HEADOPS_TEST_CUDA_DEVICE", "cuda")
+DRY_RUN = CUDA == "cpu"
+pytestmark = pytest.mark.skipif(
+    not DRY_RUN and (not torch.cuda.is_available() or not getattr(headops._C, "cuda_compiled", False)),
+    reason="needs a CUDA GPU and a build with the CUDA kernels")
+gpu_only = pytest.mark.skipif(DRY_RUN, reason="GPU-specific (dry run on the CPU)")
+
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+def synchronize():
+    if not DRY_RUN:
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(params=["auto", "generic"])
+def kernel(request, monkeypatch):
+    """Runs a test with the kernel the inputs choose, then with the generic kernel forced."""
+    if request.param == "generic":
+        monkeypatch.setenv("HEADOPS_CUDA_KERNEL", "generic")
+    else:
+        monkeypatch.delenv("HEADOPS_CUDA_KERNEL", raising=False)
+    return request.param
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def on_cuda(q, k, v, kw):
+    """Copies of q, k, v (strides kept: a strided view stays a strided view) and the per-head
+    arguments on the GPU."""
+    def keep_strides(t):
+        try:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=CUDA).copy_(t)
+        except RuntimeError:  # overlapping or broadcast strides
+            return t.to(CUDA)
+    return keep_strides(q), keep_strides(k), keep_strides(v), {n: _to(t, CUDA) for n, t in kw.items()}
+
+
+def check_cuda(q, k, v, *, atol=None, rtol=None, lse_atol=None, **kw):
+    """headops.attention on the GPU against the float64 reference on the CPU (same rounded inputs)."""
+    dtype = q.dtype
+    if dtype == F64:  # float64 is CPU only: the float64 cases run in float32 on the GPU
+        q, k, v, dtype = q.to(F32), k.to(F32), v.to(F32), F32
+    atol = OUT_ATOL[dtype] if atol is None else atol
+    rtol = OUT_RTOL[dtype] if rtol is None else rtol
+    want_lse = kw.get("alpha") is None
+    qc, kc, vc, kwc = on_cuda(q, k, v, kw)
+    got = headops.attention(qc, kc, vc, return_lse=want_lse, **kwc)
+    synchronize()
+    ref = reference.attention(q.to(F64), k.to(F64), v.to(F64), return_lse=want_lse, **kw)
+    if want_lse:
+        (got, got_lse), (ref, ref_lse) = got, ref
+    assert got.device.type == torch.device(CUDA).type and got.dtype == dtype and got.shape == q.shape
+    assert_close(got.cpu(), ref, atol, rtol)
+    if want_lse:
+        layout = kw.get("layout", "bshd")
+        B, Hq = q.shape[0], q.shape[2] if layout == "bshd" else q.shape[1]
+        got_lse = got_lse.cpu()
+        assert got_lse.dtype == F32 and got_lse.shape == ref_lse.shape
+        off = gate_zero_mask(kw.get("gate"), B, Hq)
+        assert torch.isneginf(got_lse[off]).all(), "lse of a head gated off exactly must be -inf"
+        ref_lse = ref_lse.clone()
+        ref_lse[off] = float("-inf")
+        assert_close(got_lse, ref_lse, LSE_ATOL[dtype] if lse_atol is None else lse_atol, 1e-6, what="lse")
+    return got, ref
+
+
+# --------------------------------------------------------------------------- shapes and layouts
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_plain(shape, layout, causal, dtype, kernel):
+    q, k, v = make_qkv(*shape, dtype, layout)
+    check_cuda(q, k, v, causal=causal, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("features", [[], ALL, ALL + ["alpha"]], ids=["plain", "all", "all+alpha"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 7, 7, 4, 4, 64), (1, 127, 300, 8, 2, 80), (2, 70, 33, 4, 1, 33),
+                                   (1, 200, 300, 4, 2, 128)], ids=shape_id)
+def test_strided_inputs(shape, layout, features, dtype):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    q, k, v = make_qkv(*shape, dtype, layout, strided=True)
+    check_cuda(q, k, v, layout=layout, **head_params(B, Hq, Sk, D, features))
+
+
+# --------------------------------------------------------------------------- one feature at a time
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("Sq,Sk", [(130, 1100), (70, 33)])
+@pytest.mark.parametrize("feature", list(FEATURE_CASES))
+def test_feature(feature, Sq, Sk, causal, dtype, kernel):
+    q, k, v = make_qkv(2, Sq, Sk, 4, 2, 64, dtype)
+    # lse to 3e-4 in bfloat16: the CPU kernel (this file's dry run) misses conftest's 1e-4 by a hair
+    # on a few rows here (the CPU suite runs these features in float64 only)
+    lse_atol = 3e-4 if dtype == BF16 else None
+    check_cuda(q, k, v, causal=causal, lse_atol=lse_atol, **FEATURE_CASES[feature](Sk))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=lambda c: shape_id(c[0]) + "-" + "+".join(c[1] or ["plain"]))
+def test_low_precision(case, dtype, kernel):
+    shape, features, causal, layout, strided = case
+    B, Sq, Sk, Hq, Hkv, D = shape
+    q, k, v = make_qkv(*shape, dtype, layout, strided=strided)
+    check_cuda(q, k, v, causal=causal, layout=layout, **head_params(B, Hq, Sk, D, features))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_long_sequences_many_key_blocks(D, dtype, kernel):
+    # many 64-key blocks (the cp.async double buffer turns over), query tiles of 128 rows that
+    # end mid-tile, streaming heads whose window edges fall inside blocks, alpha in one pass
+    B, S, Hq, Hkv = 1, 2100, 8, 2
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, dtype)
+    window = torch.tensor([-1, 1024, 100, 1, 64, 65, 3000, 7])
+    sinks = torch.tensor([0, 4, 0, 1, 64, 3, 0, 200])
+    check_cuda(q, k, v, window=window, sinks=sinks)
+    check_cuda(q, k, v, window=window, sinks=sinks, alpha=torch.tensor([0.5, 0.0, 1.0, 0.3, 0.9, 0.1, 0.5, 0.5],
+                                                                       dtype=F64))
+    check_cuda(q, k, v, causal=False, window=window, sinks=sinks, key_bias=torch.randn(S, dtype=F64),
+               sink_logit=torch.randn(Hq, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+def test_large_logits_stay_finite(dtype, kernel):
+    q, k, v = make_qkv(1, 200, 300, 2, 2, 64, dtype)
+    q = (q.to(F64) * 30).to(dtype)
+    check_cuda(q, k, v, window=torch.tensor([7, -1]), sinks=torch.tensor([2, 0]), lse_atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("sink", [None, 30.0], ids=["no_sink", "sink_logit"])
+@pytest.mark.parametrize("jumps", list(MAX_JUMPS))
+def test_running_max_jumps_across_key_blocks(jumps, sink, dtype, kernel):
+    Sk = 200 * len(MAX_JUMPS[jumps])
+    key_bias = torch.tensor(MAX_JUMPS[jumps], dtype=F64).repeat_interleave(200)
+    q, k, v = make_qkv(1, 40, Sk, 2, 1, 64, dtype)
+    extra = {} if sink is None else dict(sink_logit=torch.tensor([sink, -sink - 20], dtype=F64))
+    check_cuda(q, k, v, causal=False, key_bias=key_bias, **extra)
+    check_cuda(q, k, v, causal=True, key_bias=key_bias, window=torch.tensor([-1, 450]), **extra)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_extreme_sink_logits_and_key_bias(causal, dtype, kernel):
+    q, k, v = make_qkv(2, 70, 1100, 4, 2, 64, dtype)
+    key_bias = torch.zeros(1100, dtype=F64)
+    key_bias[[3, 600, 1099]] = -1e4
+    check_cuda(q, k, v, causal=causal, sink_logit=torch.tensor([-1e30, -math.inf, 1e4, 80.0], dtype=F64),
+               key_bias=key_bias, window=torch.tensor([-1, 300, 5, 1]))
+
+
+# --------------------------------------------------------------------------- rows with no visible key
+
+
+def _no_key_case(name):
+    if name == "causal_sq_gt_sk":
+        return 5, 2, dict(causal=True), slice(0, 3)
+    if name == "noncausal_window_far":
+        return 20, 5, dict(causal=False, window=3), slice(0, 13)
+    if name == "key_bias_all_minus_inf":
+        return 6, 9, dict(causal=False, key_bias=torch.full((9,), float("-inf"), dtype=F64)), slice(0, 6)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("with_sink", [False, True], ids=["plain", "sink_logit"])
+@pytest.mark.parametrize("case", ["causal_sq_gt_sk", "noncausal_window_far", "key_bias_all_minus_inf"])
+def test_rows_without_visible_key(case, with_sink, dtype, D):
+    Sq, Sk, kw, rows = _no_key_case(case)
+    q, k, v = make_qkv(1, Sq, Sk, 2, 1, D, dtype)
+    gate = torch.tensor([0.5, -2.0], dtype=F64)
+    bias = torch.randn(2, D, dtype=F64)
+    logit = torch.tensor([0.25, -1.5], dtype=F64)
+    extra = dict(sink_logit=logit) if with_sink else {}
+    all_kw = dict(gate=gate, out_bias=bias, out_scale=torch.randn(2, D, dtype=F64), **kw, **extra)
+    qc, kc, vc, kwc = on_cuda(q, k, v, all_kw)
+    out, lse = headops.attention(qc, kc, vc, return_lse=True, **kwc)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    want = (gate.to(F32).view(2, 1) * bias.to(F32)).to(dtype).expand(out[0, rows].shape)
+    assert torch.equal(out[0, rows], want)
+    lse_rows = lse[0, :, rows]
+    if with_sink:
+        # the tensor-core kernel keeps the max in log2 units: the sink comes back to ~1 ulp
+        torch.testing.assert_close(lse_rows, logit.to(F32).view(2, 1).expand_as(lse_rows), atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.isneginf(lse_rows).all()
+    check_cuda(q, k, v, gate=gate, out_bias=bias, **kw, **extra)
+
+
+def test_empty_keys_and_queries():
+    q = torch.randn(2, 3, 4, 8, device=CUDA)
+    k = v = torch.empty(2, 0, 2, 8, device=CUDA)
+    bias = torch.randn(4, 8, device=CUDA)
+    out, lse = headops.attention(q, k, v, out_bias=bias, return_lse=True)
+    assert torch.equal(out, bias.expand(2, 3, 4, 8))
+    assert torch.isneginf(lse).all()
+    q = torch.randn(2, 0, 4, 8, device=CUDA)
+    k = v = torch.randn(2, 5, 2, 8, device=CUDA)
+    out, lse = headops.attention(q, k, v, return_lse=True)
+    assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
+
+
+# --------------------------------------------------------------------------- kernels, devices, contract
+
+
+@gpu_only
+def test_kernel_choice():
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 128, BF16))
+    assert headops._C.cuda_kernel_for(q, k, v, False) == "tensor_core"
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    assert headops._C.cuda_kernel_for(q32, k32, v32, False) == "generic"
+    qs, ks, vs = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 128, BF16, strided=True))  # rows not 16-byte aligned
+    assert headops._C.cuda_kernel_for(qs, ks, vs, False) == "generic"
+    q80, k80, v80 = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 80, BF16))
+    assert headops._C.cuda_kernel_for(q80, k80, v80, False) == "generic"
+
+
+@gpu_only
+def test_gated_heads_are_not_computed():
+    q, k, v = (t.to(CUDA) for t in make_qkv(2, 300, 300, 8, 2, 128, BF16))
+    gate = torch.tensor([1.0, 0.0] * 4, device=CUDA)
+    with headops.count_work() as w:
+        out, lse = headops.attention(q, k, v, gate=gate, return_lse=True)
+    assert w.heads_skipped == 2 * 4
+    assert w.work_items == 2 * 4 * 3  # 300 rows = 3 tiles of 128
+    assert torch.equal(out[:, :, 1::2], torch.zeros_like(out[:, :, 1::2]))
+    assert torch.isneginf(lse[:, 1::2]).all()
+
+
+@gpu_only
+def test_window_walks_only_visible_blocks():
+    S, w = 4096, 256
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, S, S, 1, 1, 128, BF16))
+    with headops.count_work() as dense:
+        headops.attention(q, k, v)
+    with headops.count_work() as windowed:
+        headops.attention(q, k, v, window=w, sinks=4)
+    assert windowed.key_blocks * 4 < dense.key_blocks
+    assert windowed.score_elements <= S * (w + 128 + 64 + 4)
+
+
+@gpu_only
+def test_float64_and_gradients_refused():
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 4, 4, 2, 2, 8, F64))
+    with pytest.raises(TypeError, match="float64 is CPU only"):
+        headops.attention(q, k, v)
+    q, k, v = (t.to(CUDA).float().requires_grad_() for t in (q, k, v))
+    with pytest.raises(NotImplementedError, match="gradients on CUDA"):
+        headops.attention(q, k, v)
+    with torch.no_grad():
+        headops.attention(q, k, v)
+
+
+@gpu_only
+def test_parameters_on_another_device_refused():
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 4, 4, 2, 2, 8, F32))
+    with pytest.raises(ValueError, match="gate must be on q's device"):
+        headops.attention(q, k, v, gate=torch.ones(2))
+
+
+@gpu_only
+def test_inputs_not_modified_and_current_stream_used():
+    q, k, v = (t.to(CUDA) for t in make_qkv(2, 65, 130, 4, 2, 64, BF16))
+    kw = {n: _to(t, CUDA) for n, t in head_params(2, 4, 130, 64, ALL).items()}
+    saved = [t.clone() for t in (q, k, v, *kw.values())]
+    expected = headops.attention(q, k, v, **kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = headops.attention(q, k, v, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, expected)  # deterministic: one CTA per item, no atomics
+    for before, after in zip(saved, (q, k, v, *kw.values())):
+        assert torch.equal(before, after)
+
+
+def test_gqa_head_mapping():
+    B, S, Hq, Hkv, D = 1, 4, 8, 2, 64
+    q, k, _ = make_qkv(B, S, S, Hq, Hkv, D, BF16)
+    v = torch.arange(Hkv, dtype=BF16).view(1, 1, Hkv, 1).expand(B, S, Hkv, D).contiguous()
+    out = headops.attention(q.to(CUDA), k.to(CUDA), v.to(CUDA)).cpu()
+    want = (torch.arange(Hq) // (Hq // Hkv)).to(F64).view(1, 1, Hq, 1).expand_as(out)
+    # P is rounded to bf16 before P V while the row sum is not: v is reproduced to bf16 accuracy
+    assert_close(out, want, OUT_ATOL[BF16], OUT_RTOL[BF16])
+
+
+def test_matches_cpu_kernel():
+    # the same rounded bf16 inputs through both devices' kernels
+    q, k, v = make_qkv(2, 300, 513, 4, 2, 128, BF16)
+    kw = head_params(2, 4, 513, 128, ALL + ["alpha"])
+    cpu = headops.attention(q, k, v, **kw).to(F64)
+    qc, kc, vc, kwc = on_cuda(q, k, v, kw)
+    gpu = headops.attention(qc, kc, vc, **kwc).cpu().to(F64)
+    assert_close(gpu, cpu, 2 * OUT_ATOL[BF16], 2 * OUT_RTOL[BF16])
