@@ -70,7 +70,8 @@ def _check_qkv(q, k, v, layout):
             raise TypeError("headops.attention: float64 is CPU only; on CUDA q must be float32, bfloat16 or float16")
     elif q.device.type != "cpu":
         where = "CPU and CUDA" if _cuda_compiled() else "CPU only"
-        raise ValueError(f"headops.attention: device {q.device} is not supported yet ({where} in this build)")
+        raise ValueError(f"headops.attention: q is on device {q.device}, which is not supported yet ({where} in "
+                         "this build)")
     return s
 
 
