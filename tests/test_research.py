@@ -145,6 +145,9 @@ def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
             alone = metric(model, batch)  # the 3 passages under this mask
         assert abs(alone.mean().item() - curve["metric"][row]) < 1e-5
     assert curve["metric"][2] < curve["metric"][0]
+    chunked = research.pruning_curve(model, batch, order, [0.0, 0.5, 1.0], metric_fn=metric, repeats=1,
+                                     max_batch_tokens=1)  # one mask per forward
+    torch.testing.assert_close(chunked["metric"], curve["metric"], atol=1e-6, rtol=0)
 
 
 def test_contrastive_importance_of_an_encoder_equals_finite_differences():

@@ -136,13 +136,15 @@ def importance_finite_difference(model, batch, *, loss_fn=causal_lm_loss, eps=1e
 
 
 def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm_loss, repeats=3, progress=False,
-                  label=""):
+                  label="", max_batch_tokens=8192):
     """Masks the heads in `order` ([(layer, head), ...], least important first) for each fraction
     of all heads; evaluates all M masks in one batch through per-batch gates.
 
     ``batch``: ids [N, T] (a causal LM) or a dict of [N, T] tensors (an encoder's tokenizer
     output); ``metric_fn(model, batch with M * N rows, mask-major) -> [M * N]``, averaged over the
-    N rows of each mask. Returns dict(fractions, metric [M], batched_seconds_per_mask,
+    N rows of each mask. The masks go through the model in chunks of at most ``max_batch_tokens``
+    tokens (at least one mask each): past that a CPU forward is compute-bound and bigger batches
+    only cost cache misses. Returns dict(fractions, metric [M], batched_seconds_per_mask,
     single_seconds_per_mask, forward_seconds [M] (each mask alone), gates [M, L, Hq])."""
     base = HeadSpec.dense(model)
     L, H = base.num_layers, base.num_heads
@@ -151,14 +153,26 @@ def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm
         for layer, h in order[:int(round(fraction * L * H))]:
             gates[row, layer, h] = 0.0
     M, N = len(fractions), _rows(batch)
-    batched = base.copy()
-    batched.gate = gates.repeat_interleave(N, dim=0)
-    tiled = _tile(batch, M)
-    with _Gated(model, batched), torch.no_grad():
-        metric = metric_fn(model, tiled).view(M, N).mean(1)
+    tokens_per_mask = N * (batch if isinstance(batch, torch.Tensor) else next(iter(batch.values()))).shape[-1]
+    per_chunk = max(1, max_batch_tokens // max(tokens_per_mask, 1))
+    chunks = []
+    for first in range(0, M, per_chunk):
+        spec = base.copy()
+        spec.gate = gates[first:first + per_chunk].repeat_interleave(N, dim=0)
+        chunks.append((spec, _tile(batch, spec.gate.shape[0] // N)))
+
+    def evaluate_all():
+        values = []
+        for spec, tiled in chunks:
+            set_spec(model, spec)
+            values.append(metric_fn(model, tiled))
+        return torch.cat(values)
+
+    with _Gated(model, chunks[0][0]), torch.no_grad():
+        metric = evaluate_all().view(M, N).mean(1)
         start = time.perf_counter()
         for _ in range(repeats):
-            metric_fn(model, tiled)
+            evaluate_all()
         batched_seconds = (time.perf_counter() - start) / repeats / M
         forward_seconds = []
         rows = range(M)
