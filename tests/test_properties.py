@@ -104,3 +104,32 @@ def test_attention_matches_the_reference(case):
     torch.testing.assert_close(out.double(), want, atol=atol * max(1.0, want.abs().max().item() if want.numel()
                                                                    else 1.0), rtol=rtol, equal_nan=True,
                                msg=lambda m: f"seed {seed}: {m}")
+
+
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None, derandomize=True, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(attention_case(), st.sampled_from(["q", "k", "v"]), st.sampled_from([math.nan, math.inf, -math.inf]),
+       st.integers(0, 10**6))
+def test_nan_and_inf_inputs_behave_as_in_the_reference(case, which, value, where):
+    """One NaN or +-inf in q, k or v: NaN in every row whose visible keys meet it, as in the
+    reference (whose invisible keys contribute nothing), and the same values where neither is
+    NaN. A gated-off head, or an alpha branch of weight 0, is not part of the output: the NaN
+    does not reach it. For q and k NaN appears exactly where the reference has it. A NaN/inf
+    *value* may also reach a row of the same tile that cannot see its key (0 * NaN in the tile's
+    P V product, as in FlashAttention): more NaN, never a finite wrong value."""
+    q, k, v, kw, seed = case
+    inputs = {"q": q, "k": k, "v": v}
+    if inputs[which].numel() == 0:
+        return
+    poisoned = inputs[which].clone(memory_format=torch.contiguous_format)
+    poisoned.view(-1)[where % poisoned.numel()] = value  # clone() of a view is contiguous
+    inputs[which] = poisoned
+    out = headops.attention(inputs["q"], inputs["k"], inputs["v"], **kw)
+    want = reference.attention(inputs["q"].double(), inputs["k"].double(), inputs["v"].double(), **kw)
+    nan_out, nan_want = torch.isnan(out), torch.isnan(want)
+    same = torch.equal(nan_out, nan_want) if which != "v" else not bool((nan_want & ~nan_out).any())
+    assert same, f"seed {seed}: NaN at {int(nan_out.sum())} places, the reference at {int(nan_want.sum())}"
+    finite = ~nan_want & ~nan_out
+    atol, rtol = TOL[q.dtype]
+    torch.testing.assert_close(out.double()[finite], want[finite], atol=atol, rtol=rtol,
+                               msg=lambda m: f"seed {seed}: {m}")

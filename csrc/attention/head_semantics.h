@@ -143,16 +143,49 @@ HEADOPS_HD BranchPlan plan_branches(const HeadScalars<acc_t>& h) {
   return {h.alpha != acc_t(0), h.alpha != acc_t(1)};
 }
 
+// Online-softmax bookkeeping with torch's NaN semantics: a NaN score (from NaN or inf in q or k)
+// must reach the output and lse, as in the reference, instead of being dropped by a max or read
+// as "no visible key" by a `sum > 0` test.
+template <typename acc_t>
+HEADOPS_HD acc_t nan_max(acc_t a, acc_t b) {
+  return (b > a || b != b) ? b : a;
+}
+// 1 / (a row's softmax sum): 0 for a row that saw no key (sum 0), NaN stays NaN
+template <typename acc_t>
+HEADOPS_HD acc_t inverse_row_sum(acc_t sum) {
+  return sum != acc_t(0) ? acc_t(1) / sum : acc_t(0);
+}
+// a row saw a key (or a NaN): its lse is max + log(sum), otherwise -inf
+template <typename acc_t>
+HEADOPS_HD bool row_has_mass(acc_t sum) {
+  return sum != acc_t(0);
+}
+
 // out = alpha * full + (1 - alpha) * streaming
 template <typename acc_t>
 HEADOPS_HD acc_t mix_alpha(acc_t alpha, acc_t full, acc_t streaming) {
+  // a branch whose weight is exactly 0 is not part of the head (it is computed only for alpha's
+  // gradient): its NaN/inf, from inputs only it sees, must not reach the output as 0 * NaN
+  if (alpha == acc_t(1)) return full;
+  if (alpha == acc_t(0)) return streaming;
   return alpha * full + (acc_t(1) - alpha) * streaming;
+}
+// the same for vectors of one row under a scalar alpha strictly between 0 and 1
+template <typename vec_t>
+inline vec_t mix_alpha_interior(vec_t alpha, vec_t full, vec_t streaming) {
+  return alpha * full + (vec_t(1) - alpha) * streaming;
 }
 
 // out_h = gate_h * (o_h * out_scale_h + out_bias_h); scale/bias default to 1 and 0.
 template <typename acc_t>
-HEADOPS_HD acc_t epilogue(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) {
+HEADOPS_HD acc_t epilogue_ungated(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) {
   return gate * (o * out_scale + out_bias);
+}
+// A gate of exactly 0 masks the head: its output is 0 whatever o is (NaN or inf from its inputs
+// included), the same whether the head was skipped or computed (a gate that requires grad).
+template <typename acc_t>
+HEADOPS_HD acc_t epilogue(acc_t o, acc_t out_scale, acc_t out_bias, acc_t gate) {
+  return gate == acc_t(0) ? acc_t(0) : epilogue_ungated(o, out_scale, out_bias, gate);
 }
 
 // A head's scalars as a kernel reads them once per work item (CPU and CUDA alike): absent

@@ -76,9 +76,24 @@ def _softmax_average(logits, visible, v, sink_logit):
     total = p.sum(dim=-1, keepdim=True)
     if sink_logit is not None:
         p = p[..., :-1]
-    out = torch.matmul(p, v) / torch.where(total > 0, total, torch.ones_like(total))
-    lse = torch.where(total > 0, torch.log(total) + row_max, torch.full_like(total, float("-inf")))
+    finite_v = torch.isfinite(v)
+    if bool(finite_v.all()):
+        out = torch.matmul(p, v)
+    else:  # a NaN/inf value enters only the rows that see its key with a logit above -inf
+        out = torch.matmul(p, torch.where(finite_v, v, torch.zeros_like(v)))
+        seen = ~torch.isneginf(masked[..., :v.shape[-2]])  # invisible or key_bias -inf: not seen
+        for b, h, j, d in (~finite_v).expand(*p.shape[:2], *v.shape[-2:]).nonzero().tolist():
+            out[b, h, :, d] = out[b, h, :, d] + torch.where(seen[b, h, :, j], p[b, h, :, j] * v[b, h, j, d], 0.0)
+    # total is 0 for a row that saw nothing; NaN (from NaN or inf inputs) stays NaN
+    out = out / torch.where(total != 0, total, torch.ones_like(total))
+    lse = torch.where(total != 0, torch.log(total) + row_max, torch.full_like(total, float("-inf")))
     return out, lse.squeeze(-1)
+
+
+def _unless_weight_zero(x, weight):
+    """x, with its NaN/inf replaced by 0 where `weight` is exactly 0 (the gradient with respect
+    to the weight stays x where x is finite)."""
+    return torch.where(weight == 0, x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), x)
 
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None,
@@ -113,7 +128,9 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         full = visibility(Sq, Sk, causal=causal, B=B, Hq=Hq, device=dev)
         out_full, _ = _softmax_average(logits, full, vc, sink)
         a = a[:, :, None, None]
-        out = a * out_full + (1 - a) * out
+        # a branch whose weight is exactly 0 is not part of the head (the kernels skip it): its
+        # NaN/inf, from NaN/inf inputs only it sees, must not reach the output (0 * NaN)
+        out = a * _unless_weight_zero(out_full, a) + (1 - a) * _unless_weight_zero(out, 1 - a)
         lse = None  # a mixture of two softmaxes has no single lse
 
     os_ = _per_head_vector(out_scale, B, Hq, D, compute, "out_scale")
@@ -124,7 +141,8 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         out = out + ob[:, :, None, :]
     g = _per_head(gate, B, Hq, compute, dev, "gate")
     if g is not None:
-        out = out * g[:, :, None, None]
+        g = g[:, :, None, None]
+        out = _unless_weight_zero(out, g) * g  # a gate of exactly 0 gives exactly 0, NaN inputs included
 
     out = out.to(out_dtype)
     if layout == "bshd":

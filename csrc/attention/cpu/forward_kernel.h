@@ -184,7 +184,7 @@ class ItemRunner {
         for (const KeyRange& part : parts)
           if (!part.empty()) block_max = max_of(s, part.lo, part.hi, block_max);
       }
-      const acc_t new_max = std::max(old_max, block_max);
+      const acc_t new_max = nan_max(old_max, block_max);
       if (new_max == neg_inf) {  // every visible logit is -inf (key_bias): the block adds nothing
         fill_zero(prob, 0, nk);
         continue;
@@ -198,7 +198,7 @@ class ItemRunner {
         cursor = part.hi;
       }
       fill_zero(prob, cursor, nk);
-      const acc_t correction = std::exp(old_max - new_max);  // new_max is finite: 0 for a -inf old_max
+      const acc_t correction = std::exp(old_max - new_max);  // 0 for a -inf old_max; NaN stays NaN
       st.row_sum[r] = st.row_sum[r] * correction + sum;
       st.row_max[r] = new_max;
       if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
@@ -217,11 +217,12 @@ class ItemRunner {
     acc_t* lse = static_cast<acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q;
     for (int64_t r = 0; r < item.q1 - item.q0; ++r) {
       const int64_t i = item.q0 + r;
-      const acc_t inv_full = plan.full && full_.row_sum[r] > 0 ? acc_t(1) / full_.row_sum[r] : acc_t(0);
+      const acc_t inv_full = plan.full ? inverse_row_sum(full_.row_sum[r]) : acc_t(0);
       const acc_t inv_stream =
-          plan.streaming && streaming_.row_sum[r] > 0 ? acc_t(1) / streaming_.row_sum[r] : acc_t(0);
+          plan.streaming ? inverse_row_sum(streaming_.row_sum[r]) : acc_t(0);
       auto branch_lse = [&](const Branch& br) {
-        return br.row_sum[r] > 0 ? br.row_max[r] + std::log(br.row_sum[r]) : -std::numeric_limits<acc_t>::infinity();
+        return row_has_mass(br.row_sum[r]) ? br.row_max[r] + std::log(br.row_sum[r])
+                                           : -std::numeric_limits<acc_t>::infinity();
       };
       lse[i] = branch_lse(plan.streaming ? streaming_ : full_);
       const acc_t* af = full_.acc.data() + r * D;
@@ -237,8 +238,9 @@ class ItemRunner {
       int64_t d = 0;
       if (plan.full && plan.streaming) {
         const V alpha(hs.alpha), vf(inv_full), vs(inv_stream);
-        for (; d + V::size() <= D; d += V::size())
-          mix_alpha(alpha, V::loadu(af + d) * vf, V::loadu(as + d) * vs).store(o + d);
+        if (hs.alpha != acc_t(0) && hs.alpha != acc_t(1))
+          for (; d + V::size() <= D; d += V::size())
+            mix_alpha_interior(alpha, V::loadu(af + d) * vf, V::loadu(as + d) * vs).store(o + d);
         for (; d < D; ++d) o[d] = mix_alpha(hs.alpha, af[d] * inv_full, as[d] * inv_stream);
       } else {
         const acc_t* a = plan.full ? af : as;
@@ -263,11 +265,11 @@ class ItemRunner {
                              int64_t ob_stride, acc_t gate) {
     using V = Vectorized<acc_t>;
     int64_t d = 0;
-    if ((os == nullptr || os_stride == 1) && (ob == nullptr || ob_stride == 1)) {
+    if (gate != acc_t(0) && (os == nullptr || os_stride == 1) && (ob == nullptr || ob_stride == 1)) {
       for (; d + V::size() <= D; d += V::size()) {
         const V scale = os ? V::loadu(os + d) : V(acc_t(1));
         const V shift = ob ? V::loadu(ob + d) : V(acc_t(0));
-        epilogue(V::loadu(o + d), scale, shift, V(gate)).store(o + d);
+        epilogue_ungated(V::loadu(o + d), scale, shift, V(gate)).store(o + d);
       }
     }
     for (; d < D; ++d)

@@ -355,7 +355,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
       std::fill(x + cursor, x + nk, neg_inf);
     }
     const acc_t old_max = max_[br][r];
-    const acc_t new_max = std::max(old_max, block_max);
+    const acc_t new_max = nan_max(old_max, block_max);
     if (new_max == neg_inf) {
       fill_zero(prob, 0, nk);
       return;
@@ -491,13 +491,13 @@ void combine(const DecodeParams& p, const std::vector<int64_t>& first_item, Part
           for (int64_t it = i0; it < i1; ++it) {
             const acc_t* part = partials.at(it, g * Sq + i, br);
             if (part[1] == acc_t(0)) continue;
-            const acc_t new_m = std::max(m, part[0]);
+            const acc_t new_m = nan_max(m, part[0]);
             const acc_t c_old = std::exp(m - new_m), c_new = std::exp(part[0] - new_m);
             for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * c_old + part[2 + d] * c_new;
             l = l * c_old + part[1] * c_new;
             m = new_m;
           }
-          inv[br] = l > 0 ? acc_t(1) / l : acc_t(0);
+          inv[br] = inverse_row_sum(l);
         }
         for (int64_t d = 0; d < D; ++d) {
           const acc_t full = merged[d] * inv[0], stream = merged[D + d] * inv[1];
