@@ -1017,3 +1017,14 @@ def test_queries_for_key_inverts_visibility(causal):
                     want = vis[:, j].nonzero().flatten().tolist()
                     got = list(range(lo, hi)) if hi > lo else []
                     assert got == want, (causal, window, sinks, Sq, Sk, j, lo, hi)
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_emulated_cuda_backward_matches_cpu(case):
+    """tests/emulate_cuda_bwd.py, a line-by-line transcription of the CUDA backward's three passes
+    (checks their algorithm and index arithmetic without a GPU, not the compiled kernel), against
+    the CPU backward op in float64."""
+    import emulate_cuda_bwd as emu
+
+    assert len(emu.CASES) == 7
+    emu.compare(case, **emu.CASES[case])
