@@ -1,5 +1,6 @@
 """Small CUDA forward calls for compute-sanitizer (memcheck/racecheck): both kernels, partial query
-tiles, GQA, Sq > Sk, strided inputs, every per-head feature, alpha, gated heads, empty inputs.
+tiles, GQA, Sq > Sk, strided inputs, every per-head feature, alpha, gated heads, empty inputs;
+then backward calls (the generic CUDA backward) with every gradient wanted.
 
     compute-sanitizer --tool memcheck python3 bench/cuda_sanitizer_case.py
 Exits non-zero if an output is not finite where it must be. Written before any GPU run.
@@ -16,7 +17,7 @@ import headops
 DEVICE = os.environ.get("HEADOPS_CASE_DEVICE", "cuda")
 
 
-def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, **kw):
+def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, grad=False, **kw):
     g = torch.Generator().manual_seed(B * 1000 + Sq + Sk + D)
     shape_q = (B, Sq, Hq, D) if layout == "bshd" else (B, Hq, Sq, D)
     shape_k = (B, Sk, Hkv, D) if layout == "bshd" else (B, Hkv, Sk, D)
@@ -28,7 +29,15 @@ def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, **kw):
 
     q, k, v = make(shape_q), make(shape_k), make(shape_k)
     kw = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    if grad:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        kw = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+              for n, t in kw.items()}
     out = headops.attention(q, k, v, layout=layout, **kw)
+    if grad:
+        leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        dout = torch.randn(out.shape, generator=g).to(DEVICE)
+        out = torch.autograd.grad((out.float() * dout).sum(), leaves)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return out
@@ -59,6 +68,20 @@ def main():
                 bad += sum(int(not torch.isfinite(o).all()) for o in outs)
         case(1, 0, 10, H, 1, 64, torch.bfloat16)
         case(1, 5, 0, H, 1, 64, torch.bfloat16)
+    os.environ.pop("HEADOPS_CUDA_KERNEL", None)
+    # backward: every gradient wanted (gated-off heads and alpha 0/1 are computed then)
+    for dtype in (torch.bfloat16, torch.float32):
+        for D in (64, 40):
+            kw = {n: (t[..., :D] if n in ("out_scale", "out_bias") else t) for n, t in full.items()}
+            grads = [
+                *case(2, 130, 300, H, 2, D, dtype, grad=True, **kw),
+                *case(1, 77, 300, H, 4, D, dtype, grad=True, alpha=torch.tensor([0.0, 0.5, 1.0, 0.25]),
+                      window=torch.tensor([16, 64, 1, -1]), sinks=torch.tensor([4, 0, 2, 0])),
+                *case(1, 300, 130, H, 1, D, dtype, layout="bhsd", causal=False, strided=True, grad=True,
+                      window=9, sinks=2),
+            ]
+            bad += sum(int(not torch.isfinite(t).all()) for t in grads)
+    case(1, 5, 0, H, 1, 64, torch.float32, grad=True)
     print("non-finite outputs:", bad)
     sys.exit(1 if bad else 0)
 

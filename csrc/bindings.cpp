@@ -7,6 +7,7 @@
 #include "attention/cpu/attention_bwd_cpu.h"
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "attention/cpu/blas.h"
+#include "attention/head_semantics.h"
 #include "attention/work_counters.h"
 #include "kvcache/kv_ops.h"
 #ifdef HEADOPS_WITH_CUDA
@@ -47,10 +48,11 @@ TORCH_LIBRARY_IMPL(headops, CPU, m) {
 }
 
 #ifdef HEADOPS_WITH_CUDA
-// The forward only: the backward and the KV-cache ops have no CUDA kernels yet (calling them
+// The forward and the backward: the KV-cache ops have no CUDA kernels yet (calling them
 // with CUDA tensors raises the dispatcher's "not implemented for CUDA" error).
 TORCH_LIBRARY_IMPL(headops, CUDA, m) {
   m.impl("attention_fwd", &headops::attention_fwd);
+  m.impl("attention_bwd", &headops::attention_bwd);
 }
 #endif
 
@@ -91,6 +93,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
+  m.def(
+      "queries_for_key",
+      [](bool causal, int64_t window, int64_t sinks, int64_t j, int64_t Sq, int64_t Sk) {
+        const auto r = headops::HeadVisibility{causal, window, sinks}.queries_for_key(j, Sq, Sk);
+        return std::make_pair(r.lo, r.hi);
+      },
+      "(lo, hi): the queries that see key j (head_semantics.h, the CUDA backward's key-side walk; tests)");
 #ifdef HEADOPS_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.def(

@@ -998,3 +998,33 @@ def test_dk_independent_of_thread_count_any_scale(dtype):
     for n in ("q", "v"):
         assert torch.equal(many[n], one[n]), n
     assert torch.equal(many["k"], one["k"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the inverse visibility rule the CUDA backward's key-side pass walks
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_queries_for_key_inverts_visibility(causal):
+    """HeadVisibility::queries_for_key (head_semantics.h, through a test hook) gives exactly the
+    queries that see each key under the reference's rule, as one range (empty: hi <= lo)."""
+    for Sq, Sk in [(1, 1), (5, 5), (3, 9), (9, 3), (12, 12), (1, 7), (7, 1)]:
+        for window in [-1, 1, 2, 3, 5, Sk + Sq - 1, Sk + Sq, Sk + Sq + 1, 2**62, 2**63 - 1]:
+            for sinks in [0, 1, 2, Sk, Sk + 3]:
+                vis = reference.visibility(Sq, Sk, causal=causal, window=window, sinks=sinks)[0, 0]
+                for j in range(Sk):
+                    lo, hi = headops._C.queries_for_key(causal, window, sinks, j, Sq, Sk)
+                    want = vis[:, j].nonzero().flatten().tolist()
+                    got = list(range(lo, hi)) if hi > lo else []
+                    assert got == want, (causal, window, sinks, Sq, Sk, j, lo, hi)
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_emulated_cuda_backward_matches_cpu(case):
+    """tests/emulate_cuda_bwd.py, a line-by-line transcription of the CUDA backward's three passes
+    (checks their algorithm and index arithmetic without a GPU, not the compiled kernel), against
+    the CPU backward op in float64."""
+    import emulate_cuda_bwd as emu
+
+    assert len(emu.CASES) == 7
+    emu.compare(case, **emu.CASES[case])

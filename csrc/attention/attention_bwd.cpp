@@ -5,6 +5,9 @@
 #include "attention_args.h"
 #include "attention_params.h"
 #include "cpu/attention_bwd_cpu.h"
+#ifdef HEADOPS_WITH_CUDA
+#include "cuda/attention_bwd_cuda.h"
+#endif
 
 namespace headops {
 namespace {
@@ -24,7 +27,7 @@ std::vector<at::Tensor> attention_bwd(
     const OptTensor& sink_logit, const OptTensor& out_scale_in, const OptTensor& out_bias_in, const OptTensor& gate,
     bool skipped_zero_gate, at::IntArrayRef needs_grad) {
   const char* op = "headops.attention_bwd: ";
-  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first);
+  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first, /*cuda_ok=*/true);
   const auto dtype = q_in.scalar_type();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale_in, out_bias_in, gate};
@@ -110,7 +113,14 @@ std::vector<at::Tensor> attention_bwd(
   p.dkey_bias = ptr(dkey_bias);
   p.dout_scale = ptr(dout_scale);
   p.dout_bias = ptr(dout_bias);
-  if (d.B * d.Hq * d.Sq * d.D > 0) cpu::attention_backward(p, acc);
+  if (d.B * d.Hq * d.Sq * d.D > 0) {
+#ifdef HEADOPS_WITH_CUDA
+    if (q.is_cuda())
+      cuda::attention_backward(p, q);
+    else
+#endif
+      cpu::attention_backward(p, acc);
+  }
 
   // dk, dv: sum the query heads of each GQA group (in a fixed order), back to k's dtype
   const int64_t group = d.Hq / d.Hkv;

@@ -97,6 +97,24 @@ struct HeadVisibility {
     return keys_for_positions(pos, pos, Sk);
   }
 
+  // The inverse of visible(): the queries (indices i in [0, Sq), positions Sk - Sq + i) that see
+  // key j, as one range [lo, hi) (empty when hi <= lo). Causality bounds the positions below by
+  // j; a sink key is seen by every query that passes causality; otherwise a window bounds them
+  // on both sides (only above under causality). The backward's key-side pass walks it.
+  HEADOPS_HD KeyRange queries_for_key(int64_t j, int64_t Sq, int64_t Sk) const {
+    const int64_t shift = Sk - Sq;  // position of query 0
+    int64_t pos_lo = causal ? max64(j, shift) : shift;
+    int64_t pos_hi = Sk;  // exclusive: the last query sits at Sk - 1
+    // every query-key distance is below Sk + Sq: a wider window is unlimited (j + window below
+    // cannot overflow then)
+    const bool limited = window >= 0 && j >= sinks && window - Sq <= Sk;
+    if (limited) {
+      pos_hi = min64(pos_hi, j + window);
+      if (!causal) pos_lo = max64(pos_lo, j - window + 1);
+    }
+    return {max64(pos_lo - shift, int64_t(0)), min64(pos_hi - shift, Sq)};
+  }
+
   // True when every query in [pos_first, pos_last] sees every key in [j0, j1): no masking needed.
   HEADOPS_HD bool block_fully_visible(int64_t pos_first, int64_t pos_last, int64_t j0, int64_t j1) const {
     if (j1 <= j0) return true;

@@ -229,9 +229,6 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
     grad_needed = torch.is_grad_enabled() and _requires_grad(q, k, v, scale_t, alpha_t, gate_t, sink_t, os_t, ob_t,
                                                              kb_t)
-    if grad_needed and q.device.type == "cuda":
-        raise NotImplementedError("headops.attention: gradients on CUDA are not implemented yet (the CUDA kernel is "
-                                  "forward only); run under torch.no_grad() / torch.inference_mode(), or on the CPU")
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and gate_t is not None and gate_t.requires_grad)
     skip_unused_branch = not (grad_needed and alpha_t is not None and alpha_t.requires_grad)
