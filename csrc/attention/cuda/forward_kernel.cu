@@ -228,13 +228,13 @@ __device__ __forceinline__ void tc_softmax(TcBranch<D>& br, const float (&x)[kTc
   for (int nt = 0; nt < kTcBlockK / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      if (mask & (1u << (nt * 4 + e))) mx[e >> 1] = fmaxf(mx[e >> 1], x[nt][e]);
+      if (mask & (1u << (nt * 4 + e))) mx[e >> 1] = nan_max(mx[e >> 1], x[nt][e]);
   float m_use[2], corr[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    const float m_new = fmaxf(br.m[i], mx[i]);
+    mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    const float m_new = nan_max(br.m[i], mx[i]);
     // a row that has seen nothing yet (max -inf) exponentiates against 0: every p is then 0 and
     // the correction exp2(-inf) = 0 multiplies a zero sum and zero accumulators
     m_use[i] = m_new == kNegInf ? 0.f : m_new;
@@ -450,10 +450,10 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     lf += __shfl_xor_sync(0xffffffffu, lf, 2);
     ls += __shfl_xor_sync(0xffffffffu, ls, 1);
     ls += __shfl_xor_sync(0xffffffffu, ls, 2);
-    inv_f[i] = lf > 0.f ? 1.f / lf : 0.f;
-    inv_s[i] = ls > 0.f ? 1.f / ls : 0.f;
-    lse_f[i] = lf > 0.f ? ((kAlpha ? full.m[i] : 0.f) + log2f(lf)) * kLn2 : kNegInf;
-    lse_s[i] = ls > 0.f ? (stream.m[i] + log2f(ls)) * kLn2 : kNegInf;
+    inv_f[i] = inverse_row_sum(lf);
+    inv_s[i] = inverse_row_sum(ls);
+    lse_f[i] = row_has_mass(lf) ? ((kAlpha ? full.m[i] : 0.f) + log2f(lf)) * kLn2 : kNegInf;
+    lse_s[i] = row_has_mass(ls) ? (stream.m[i] + log2f(ls)) * kLn2 : kNegInf;
   }
   const float* os = p.out_scale.present() ? p.out_scale.row<float>(b, h) : nullptr;
   const float* ob = p.out_bias.present() ? p.out_bias.row<float>(b, h) : nullptr;
@@ -563,8 +563,8 @@ __global__ void __launch_bounds__(kGenericThreads)
       const bool vis = lane < nvalid && r < nq && in_ranges(sRows[branch * kGenericBlockQ + r], j0 + lane);
       float mx = vis ? x[ri] : kNegInf;
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(br.m[ri], mx);
+      for (int off = 16; off > 0; off >>= 1) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = nan_max(br.m[ri], mx);
       const float m_use = m_new == kNegInf ? 0.f : m_new;
       const float corr = __expf(br.m[ri] - m_use);
       pr[ri] = vis ? __expf(x[ri] - m_use) : 0.f;
@@ -638,9 +638,9 @@ __global__ void __launch_bounds__(kGenericThreads)
       lf += __shfl_xor_sync(0xffffffffu, lf, off);
       ls += __shfl_xor_sync(0xffffffffu, ls, off);
     }
-    const float inv_f = lf > 0.f ? 1.f / lf : 0.f, inv_s = ls > 0.f ? 1.f / ls : 0.f;
-    const float lse_f = lf > 0.f ? full.m[ri] + __logf(lf) : kNegInf;
-    const float lse_s = ls > 0.f ? stream.m[ri] + __logf(ls) : kNegInf;
+    const float inv_f = inverse_row_sum(lf), inv_s = inverse_row_sum(ls);
+    const float lse_f = row_has_mass(lf) ? full.m[ri] + __logf(lf) : kNegInf;
+    const float lse_s = row_has_mass(ls) ? stream.m[ri] + __logf(ls) : kNegInf;
     const int64_t qi = q0 + r;
     const int64_t head_row = (b * p.heads_q + h) * Sq + qi;
     if (lane == 0) {
