@@ -26,7 +26,7 @@ import torch
 import headops
 from headops import reference
 
-from conftest import ALL_FEATURES as ALL, LAYOUTS, LSE_ATOL, OUT_ATOL, OUT_RTOL, assert_close, gate_zero_mask, \
+from conftest import ALL_FEATURES as ALL, LAYOUTS, LSE_ATOL, OUT_ATOL, OUT_RTOL, assert_close, check_lse, \
     head_params, make_qkv
 from test_attention_cpu import FEATURE_CASES, LOWP_CASES, MAX_JUMPS, SHAPES, shape_id
 
@@ -89,15 +89,9 @@ def check_cuda(q, k, v, *, atol=None, rtol=None, lse_atol=None, **kw):
     assert got.device.type == torch.device(CUDA).type and got.dtype == dtype and got.shape == q.shape
     assert_close(got.cpu(), ref, atol, rtol)
     if want_lse:
-        layout = kw.get("layout", "bshd")
-        B, Hq = q.shape[0], q.shape[2] if layout == "bshd" else q.shape[1]
         got_lse = got_lse.cpu()
-        assert got_lse.dtype == F32 and got_lse.shape == ref_lse.shape
-        off = gate_zero_mask(kw.get("gate"), B, Hq)
-        assert torch.isneginf(got_lse[off]).all(), "lse of a head gated off exactly must be -inf"
-        ref_lse = ref_lse.clone()
-        ref_lse[off] = float("-inf")
-        assert_close(got_lse, ref_lse, LSE_ATOL[dtype] if lse_atol is None else lse_atol, 1e-6, what="lse")
+        assert got_lse.dtype == F32
+        check_lse(got_lse, ref_lse, q, kw, LSE_ATOL[dtype] if lse_atol is None else lse_atol)
     return got, ref
 
 
