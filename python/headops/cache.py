@@ -26,9 +26,12 @@ import numbers
 
 import torch
 
+from ._args import HeadShapes, head_args
 from .attention import attention as _attention
 
 __all__ = ["HeadSparseCache"]
+
+_CALLER = "headops.HeadSparseCache.attention"  # the messages of the per-head arguments of its calls
 
 _KINDS = ("full", "streaming", "budget")
 _GROWTH_ALIGN = 64
@@ -644,47 +647,21 @@ def _check_alpha(alpha, st, group):
     a = alpha.reshape(-1, alpha.shape[-1]) if alpha.dim() else alpha.expand(1, streaming_heads.numel())
     if bool(((a > 0) & streaming_heads.to(a.device)).any()):
         heads = [h for h in range(streaming_heads.numel()) if bool(streaming_heads[h]) and bool((a[:, h] > 0).any())]
-        raise ValueError(f"headops.HeadSparseCache: alpha must be 0 on query heads served by a streaming or budget "
+        raise ValueError(f"{_CALLER}: alpha must be 0 on query heads served by a streaming or budget "
                          f"KV head (they keep only part of the keys, not the full branch); query heads {heads} have "
                          f"alpha > 0")
 
 
 def _decode_args(q, st, spec, Sk, check_only=False):
-    """The per-head arguments of decode_attention, validated like headops.attention's
-    (check_only: only the validation, nothing converted)."""
-    from .attention import _Shapes, _check_values, _key_bias, _per_head_vector, _scalar_or_tensor  # the same rules
-
+    """The per-head arguments of decode_attention, checked by the rules of headops.attention's
+    (check_only: only the checks, nothing converted)."""
     if not isinstance(spec["causal"], bool):
-        raise TypeError(f"headops.attention: causal must be a bool, got {type(spec['causal']).__name__}")
+        raise TypeError(f"{_CALLER}: causal must be a bool, got {type(spec['causal']).__name__}")
     B, Sq, Hq, D = q.shape
-    s = _Shapes(q, q.new_empty((B, Sk, st.Hkv, D), device="meta"), "bshd")  # shapes only: no storage
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    default_scale = 1.0 / math.sqrt(D)
-    scale = spec.get("softmax_scale")
-    scale_t = None
-    if scale is not None:
-        if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-            default_scale = float(scale)
-            if not math.isfinite(default_scale):
-                raise ValueError(f"headops.attention: softmax_scale must be a finite float, got {scale}")
-        else:
-            scale_t = _scalar_or_tensor(scale, "softmax_scale", s, q.device, integer=False)
-
-    def per_head(name, integer=False):
-        return _scalar_or_tensor(spec.get(name), name, s, q.device, integer=integer)
-
-    # validated as given (before any rounding to the accumulation dtype), as headops.attention does
-    alpha, sink_logit = per_head("alpha"), per_head("sink_logit")
-    kb = _key_bias(spec.get("key_bias"), s, q.device)
-    _check_values(alpha=alpha, softmax_scale=scale_t, sink_logit=sink_logit, key_bias=spec.get("key_bias"))
-    _check_alpha(alpha, st, Hq // st.Hkv)
-    window, sinks, gate = per_head("window", True), per_head("sinks", True), per_head("gate")
-    out_scale, out_bias = (_per_head_vector(spec.get(n), n, s, q.device) for n in ("out_scale", "out_bias"))
+    per_head = {name: value for name, value in spec.items() if name != "causal"}
+    args = head_args(_CALLER, HeadShapes(B=B, Hq=Hq, Sk=Sk, D=D), q.device, **per_head)
+    _check_alpha(args.alpha, st, Hq // st.Hkv)
     if check_only:
         return None
-
-    def to(t, dtype=acc):
-        return None if t is None else t.to(dtype)
-
-    return (spec["causal"], default_scale, to(scale_t), to(window, torch.int64), to(sinks, torch.int64), to(alpha),
-            to(kb), to(sink_logit), to(out_scale), to(out_bias), to(gate))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (spec["causal"], *args.kernel_args(acc))

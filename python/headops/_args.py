@@ -1,0 +1,228 @@
+"""The per-head arguments of every headops call, normalised and checked in one place.
+
+``headops.attention``, ``HeadSparseCache`` (prefill and decode) and ``HeadSpec`` take the same
+per-head arguments (docs/DESIGN.md section 1). This module turns each accepted form into the
+one the kernels take and holds the rules of their values, with one set of messages. Every
+message starts with the caller (``headops.attention``, ``headops.HeadSparseCache.attention``,
+``headops.HeadSpec``...) and names the caller's argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fail(caller: str, name: str, expected: str, got) -> ValueError:
+    return ValueError(f"{caller}: {name} must be {expected}, got {got}")
+
+
+def describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return f"{type(t).__name__} {t!r}"
+
+
+def is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_dense(caller: str, t: torch.Tensor, name: str) -> None:
+    """Sparse, nested and other non-strided tensors have no strides to read: a TypeError naming them."""
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
+
+
+def check_float_dtype(caller: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{caller}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+class HeadShapes(NamedTuple):
+    """What the per-head arguments are checked against: batch, query heads, keys, head dim."""
+    B: int
+    Hq: int
+    Sk: int
+    D: int
+
+
+class HeadArgs(NamedTuple):
+    """Normalised per-head arguments: ``[B, Hq]`` tensors (``[B, Hq, D]`` for out_scale and
+    out_bias, ``[B, Hq, Sk]`` for key_bias; expands, not copies) or None, in the order the
+    kernels take them after ``default_scale``."""
+    default_scale: float
+    softmax_scale: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    sink_logit: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+    def kernel_args(self, acc: torch.dtype) -> tuple:
+        """The arguments of the fused ops from default_scale to gate: floats in the accumulation
+        dtype, window and sinks int64."""
+        def to(t, dtype):
+            return None if t is None else t.to(dtype)
+
+        return (self.default_scale, to(self.softmax_scale, acc), to(self.window, torch.int64),
+                to(self.sinks, torch.int64), to(self.alpha, acc), to(self.key_bias, acc), to(self.sink_logit, acc),
+                to(self.out_scale, acc), to(self.out_bias, acc), to(self.gate, acc))
+
+    def row(self, b: int, keys: int) -> "HeadArgs":
+        """Batch row b alone (a batch of one), with key_bias over its first `keys` keys."""
+        def cut(t):
+            return None if t is None else t[b:b + 1]
+
+        rows = {name: cut(getattr(self, name)) for name in self._fields[1:]}
+        if self.key_bias is not None:
+            rows["key_bias"] = rows["key_bias"][..., :keys]
+        return self._replace(**rows)
+
+    def requires_grad(self) -> bool:
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in self[1:])
+
+
+def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
+    """A per-head value (a number, ``[Hq]`` or ``[B, Hq]``) as a ``[B, Hq]`` tensor; None stays None."""
+    if value is None:
+        return None
+    kind = "an int" if integer else "a float"
+    if isinstance(value, bool):
+        raise TypeError(f"{caller}: {name} must be {kind} or a tensor, got bool")
+    if isinstance(value, numbers.Number):
+        if integer and not isinstance(value, numbers.Integral):
+            raise TypeError(f"{caller}: {name} must be an int or an integer tensor, got {value!r}")
+        if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+            raise TypeError(f"{caller}: {name} must be a real number or a tensor, got {value!r}")
+        if integer and not -2**63 <= value < 2**63:
+            raise fail(caller, name, "an int64 value", value)
+        value = torch.tensor(value, dtype=torch.int64 if integer else torch.float64, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{caller}: {name} must be a number or a tensor, got {type(value).__name__}")
+    check_dense(caller, value, name)
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise TypeError(f"{caller}: {name} must be an integer tensor, got dtype {value.dtype}")
+    if not integer and not value.dtype.is_floating_point:
+        raise TypeError(f"{caller}: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise fail(caller, name, f"on q's device {device}", value.device)
+    if value.dim() == 0:
+        value = value.reshape(1).expand(s.Hq)
+    if value.dim() == 1 and value.shape[0] == s.Hq:
+        return value.unsqueeze(0).expand(s.B, s.Hq)
+    if value.dim() == 2 and value.shape[1] == s.Hq and value.shape[0] in (1, s.B):
+        return value.expand(s.B, s.Hq)
+    raise fail(caller, name, f"of shape [Hq] = [{s.Hq}] or [B, Hq] = [{s.B}, {s.Hq}]", tuple(value.shape))
+
+
+def _float_tensor(caller, value, name, device):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{caller}: {name} must be a tensor, got {type(value).__name__}")
+    check_dense(caller, value, name)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{caller}: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise fail(caller, name, f"on q's device {device}", value.device)
+
+
+def per_head_vector(caller, value, name, s: HeadShapes, device):
+    """out_scale / out_bias (``[Hq, D]`` or ``[B, Hq, D]``) as ``[B, Hq, D]``; None stays None."""
+    if value is None:
+        return None
+    _float_tensor(caller, value, name, device)
+    if value.dim() == 2 and tuple(value.shape) == (s.Hq, s.D):
+        return value.unsqueeze(0).expand(s.B, s.Hq, s.D)
+    if value.dim() == 3 and tuple(value.shape[1:]) == (s.Hq, s.D) and value.shape[0] in (1, s.B):
+        return value.expand(s.B, s.Hq, s.D)
+    raise fail(caller, name, f"of shape [Hq, D] = [{s.Hq}, {s.D}] or [B, Hq, D] = [{s.B}, {s.Hq}, {s.D}]",
+               tuple(value.shape))
+
+
+def broadcast_key_bias(caller, value, s: HeadShapes, device):
+    """key_bias (anything broadcastable to ``[B, Hq, Sk]``) as ``[B, Hq, Sk]``; None stays None."""
+    if value is None:
+        return None
+    _float_tensor(caller, value, "key_bias", device)
+    try:
+        if value.dim() > 3:
+            raise RuntimeError
+        return value.expand(s.B, s.Hq, s.Sk)
+    except RuntimeError:
+        raise fail(caller, "key_bias", f"broadcastable to [B, Hq, Sk] = [{s.B}, {s.Hq}, {s.Sk}]",
+                   tuple(value.shape)) from None
+
+
+def split_softmax_scale(caller, value, s: HeadShapes, device):
+    """(the float scale of every head, the per-head tensor or None): a Python number is a float,
+    anything else a per-head value; None is 1/sqrt(D)."""
+    if value is None:
+        return 1.0 / math.sqrt(s.D), None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise fail(caller, "softmax_scale", "a finite float", value)
+        return float(value), None
+    return 1.0 / math.sqrt(s.D), per_head(caller, value, "softmax_scale", s, device, integer=False)
+
+
+def _shown(t: torch.Tensor):
+    """The values of a per-head tensor for a message: one row when every batch row is the same view."""
+    if t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) == 0:
+        t = t[0]
+    return t.tolist()
+
+
+def check_values(caller, *, window=None, sinks=None, alpha=None, softmax_scale=None, sink_logit=None,
+                 key_bias=None) -> None:
+    """The rules of the per-head values (tensors of any shape). They read the data, so they are
+    skipped while torch.compile traces (the ops re-check what they need) and for tensors without
+    data (the meta device). NaN is refused where it has no meaning: it would give a different
+    garbage in the kernel and in the reference."""
+    if torch.compiler.is_compiling():
+        return
+
+    def given(t):
+        return t is not None and t.numel() > 0 and t.device.type != "meta"
+
+    if given(window) and bool((window == 0).any()):
+        raise fail(caller, "window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
+                   _shown(window))
+    if given(sinks) and bool((sinks < 0).any()):
+        raise fail(caller, "sinks", ">= 0 for every head", _shown(sinks))
+    if given(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        raise fail(caller, "alpha", "in [0, 1] for every head", _shown(alpha))
+    if given(softmax_scale) and not bool(torch.isfinite(softmax_scale).all()):
+        raise fail(caller, "softmax_scale", "finite for every head", _shown(softmax_scale))
+    if given(sink_logit) and bool(torch.isnan(sink_logit).any()):
+        raise fail(caller, "sink_logit", "a number (or -inf: no sink) for every head, not NaN", _shown(sink_logit))
+    if given(key_bias) and bool(torch.isnan(key_bias).any()):
+        raise fail(caller, "key_bias", "free of NaN (-inf masks a key)", "NaN at index "
+                   f"{tuple(torch.isnan(key_bias).nonzero()[0].tolist())} of shape {tuple(key_bias.shape)}")
+
+
+def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None, sinks=None, alpha=None,
+              gate=None, sink_logit=None, out_scale=None, out_bias=None, key_bias=None) -> HeadArgs:
+    """Every per-head argument in the form the kernels take, checked: shapes and dtypes, then the
+    rules of their values (as given: before any rounding to the accumulation dtype)."""
+    default_scale, scale_t = split_softmax_scale(caller, softmax_scale, s, device)
+    args = HeadArgs(
+        default_scale=default_scale, softmax_scale=scale_t,
+        window=per_head(caller, window, "window", s, device, integer=True),
+        sinks=per_head(caller, sinks, "sinks", s, device, integer=True),
+        alpha=per_head(caller, alpha, "alpha", s, device, integer=False),
+        gate=per_head(caller, gate, "gate", s, device, integer=False),
+        sink_logit=per_head(caller, sink_logit, "sink_logit", s, device, integer=False),
+        out_scale=per_head_vector(caller, out_scale, "out_scale", s, device),
+        out_bias=per_head_vector(caller, out_bias, "out_bias", s, device),
+        key_bias=broadcast_key_bias(caller, key_bias, s, device))
+    check_values(caller, window=args.window, sinks=args.sinks, alpha=args.alpha, softmax_scale=args.softmax_scale,
+                 sink_logit=args.sink_logit, key_bias=key_bias)
+    return args
