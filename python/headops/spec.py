@@ -10,27 +10,33 @@ to evaluate several head coalitions in one batch. Constructors read like the pap
     HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
     HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
     HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
+
+and a spec moves and splits like its tensors::
+
+    spec.to("cuda")                                        # every tensor field there (a new spec)
+    spec.slice_heads(range(0, 8))                          # query heads 0-7 and their KV heads
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import numbers
 
 import torch
 
+from ._args import check_values, fail, is_int as _is_int
+
 __all__ = ["HeadSpec"]
 
+CALLER = "headops.HeadSpec"
 _FLOAT_FIELDS = ("gate", "softmax_scale", "alpha", "sink_logit", "out_scale", "out_bias", "key_bias")
+# fields with a query-head axis: dim 1 ([L, Hq, ...]), except gate's last dim ([L, Hq] or [B, L, Hq])
+_PER_QUERY_HEAD = _FLOAT_FIELDS + ("window", "sinks")
 
 
 def _fail(name, expected, got):
-    return ValueError(f"headops.HeadSpec: {name} must be {expected}, got {got}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    return fail(CALLER, name, expected, got)
 
 
 def _shape_of(model_or_config):
@@ -67,37 +73,51 @@ def _check_heads(heads, what):
     return out
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class HeadSpec:
     """Per-layer, per-head behaviour of a model's attention (see the module docstring).
 
     Fields (tensors, or None where the default applies to every head):
       gate ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, alpha, sink_logit ``[L, Hq]``;
-      window, sinks ``[L, Hq]`` int (window < 0 unlimited); out_scale, out_bias ``[L, Hq, D]``;
+      window, sinks ``[L, Hq]`` int64 (window < 0 unlimited; None: unlimited, no sinks);
+      out_scale, out_bias ``[L, Hq, D]``;
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
-      cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget"; cache_budget ``[L][Hkv]``.
+      cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget
+      ``[L][Hkv]`` (None where not a budget head).
+
+    A spec is checked when it is made and by ``validate()``; fields may be set in between (e.g.
+    a gate that requires grad), ``validate()`` (and ``headops.patch``) checks them again.
     """
 
-    def __init__(self, num_layers, num_heads, num_kv_heads, head_dim):
-        for name, v in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-                raise _fail(name, "an int >= 1", v)
-        if num_heads % num_kv_heads:
-            raise _fail("num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
-        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = num_layers, num_heads, num_kv_heads, head_dim
-        L, Hq, Hkv = num_layers, num_heads, num_kv_heads
-        self.gate = None
-        self.softmax_scale = None
-        self.alpha = None
-        self.sink_logit = None
-        self.out_scale = None
-        self.out_bias = None
-        self.key_bias = None
-        self.window = torch.full((L, Hq), -1, dtype=torch.int64)
-        self.sinks = torch.zeros(L, Hq, dtype=torch.int64)
-        self.cache_kind = [["full"] * Hkv for _ in range(L)]
-        self.cache_budget = [[None] * Hkv for _ in range(L)]
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    gate: torch.Tensor | None = None
+    softmax_scale: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
+    sink_logit: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+    cache_kind: list | None = None
+    cache_budget: list | None = None
+
+    def __post_init__(self):
+        self._check_attention_shape()
+        L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
+        if self.window is None:
+            self.window = torch.full((L, Hq), -1, dtype=torch.int64)
+        if self.sinks is None:
+            self.sinks = torch.zeros(L, Hq, dtype=torch.int64)
+        if self.cache_kind is None:
+            self.cache_kind = [["full"] * Hkv for _ in range(L)]
+        if self.cache_budget is None:
+            self.cache_budget = [[None] * Hkv for _ in range(L)]
+        self.validate()
 
     # ------------------------------------------------------------------------ constructors
 
@@ -209,8 +229,18 @@ class HeadSpec:
 
     # --------------------------------------------------------------------------- use
 
+    def _check_attention_shape(self):
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise _fail(name, "an int >= 1", v)
+        if self.num_heads % self.num_kv_heads:
+            raise _fail("num_heads", f"a multiple of num_kv_heads ({self.num_kv_heads})", self.num_heads)
+
     def validate(self, model_or_config=None) -> None:
-        """Checks every field's shape (and, given a model/config, that the spec was made for it)."""
+        """Checks every field: shapes, dtypes and the rules of the values (and, given a model or
+        config, that the spec was made for it)."""
+        self._check_attention_shape()
         L, Hq, Hkv, D = self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
         if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
             raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
@@ -235,10 +265,6 @@ class HeadSpec:
             t = getattr(self, name)
             if tuple(t.shape) != (L, Hq) or t.dtype != torch.int64:
                 raise _fail(name, f"an int64 [L, Hq] = [{L}, {Hq}] tensor", f"{t.dtype} {tuple(t.shape)}")
-        if bool((self.window == 0).any()):
-            raise _fail("window", ">= 1 or < 0 (unlimited) for every head", self.window.tolist())
-        if bool((self.sinks < 0).any()):
-            raise _fail("sinks", ">= 0 for every head", self.sinks.tolist())
         for name in ("out_scale", "out_bias"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (L, Hq, D):
@@ -255,6 +281,8 @@ class HeadSpec:
                 any(not isinstance(r, (list, tuple)) or len(r) != Hkv or
                     any(b is not None and not _is_int(b) for b in r) for r in budgets)):
             raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
+        check_values(CALLER, window=self.window, sinks=self.sinks, alpha=self.alpha, softmax_scale=self.softmax_scale,
+                     sink_logit=self.sink_logit, key_bias=self.key_bias)
 
     def layer_args(self, layer: int, keys: int | None = None) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
@@ -283,6 +311,47 @@ class HeadSpec:
                                budget=self.cache_budget, budget_recent=budget_recent, batch_size=batch_size,
                                dtype=dtype, max_step=max_step)
 
+    def tensors(self) -> dict:
+        """The tensor fields that are set: {name: tensor}."""
+        return {name: getattr(self, name) for name in _PER_QUERY_HEAD if getattr(self, name) is not None}
+
+    def to(self, device) -> "HeadSpec":
+        """A new spec with every tensor field on `device` (as ``Tensor.to``: a tensor already
+        there is the same tensor, so a gate that requires grad stays the leaf it was)."""
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise _fail("device", "a torch.device or a device string", repr(device)) from None
+        return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()},
+                                   cache_kind=[list(r) for r in self.cache_kind],
+                                   cache_budget=[list(r) for r in self.cache_budget])
+
+    def slice_heads(self, q_heads) -> "HeadSpec":
+        """The spec of a contiguous block of query heads (``range(a, b)`` or ``slice(a, b)``) and
+        of the KV heads they read, e.g. one tensor-parallel rank's heads (docs/DESIGN.md section
+        8). The block must hold whole GQA groups: query heads that share a KV head stay together."""
+        where = "headops.HeadSpec.slice_heads"
+        if not isinstance(q_heads, (range, slice)):
+            raise TypeError(f"{where}: q_heads must be a range or a slice of query heads, got "
+                            f"{type(q_heads).__name__}")
+        if isinstance(q_heads, slice) and not all(x is None or _is_int(x) for x in (q_heads.start, q_heads.stop,
+                                                                                   q_heads.step)):
+            raise TypeError(f"{where}: q_heads must be a slice of ints, got {q_heads!r}")
+        Hq, group = self.num_heads, self.num_heads // self.num_kv_heads
+        first, stop, step = (q_heads.indices(Hq) if isinstance(q_heads, slice) else
+                             (q_heads.start, q_heads.stop, q_heads.step))
+        if step != 1 or not 0 <= first < stop <= Hq:
+            raise fail(where, "q_heads", f"a non-empty block of consecutive query heads in [0, {Hq})", q_heads)
+        if first % group or stop % group:
+            raise fail(where, "q_heads", f"whole GQA groups ({group} query heads share each KV head: a block from "
+                                         f"a multiple of {group} to a multiple of {group})", q_heads)
+        kv = slice(first // group, stop // group)
+        block = {name: (t[..., first:stop] if name == "gate" else t[:, first:stop]).clone()
+                 for name, t in self.tensors().items()}
+        return dataclasses.replace(self, num_heads=stop - first, num_kv_heads=kv.stop - kv.start, **block,
+                                   cache_kind=[list(r[kv]) for r in self.cache_kind],
+                                   cache_budget=[list(r[kv]) for r in self.cache_budget])
+
     # ------------------------------------------------------------------------ save / load
 
     def to_dict(self) -> dict:
@@ -302,7 +371,6 @@ class HeadSpec:
                                "cache_budget") if n not in d]
         if missing:
             raise _fail("the dict", f"a HeadSpec.to_dict() with {', '.join(missing)}", sorted(d))
-        spec = cls(d["num_layers"], d["num_heads"], d["num_kv_heads"], d["head_dim"])
 
         def tensor(name, integer):
             try:
@@ -313,18 +381,14 @@ class HeadSpec:
                 raise _fail(name, "integers", t.dtype)
             return t.to(torch.int64 if integer else torch.float32)
 
-        spec.window = tensor("window", True)
-        spec.sinks = tensor("sinks", True)
         for name in ("cache_kind", "cache_budget"):
             if not isinstance(d[name], (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in d[name]):
                 raise _fail(name, "a list of lists (layers x KV heads)", repr(d[name]))
-        spec.cache_kind = [list(r) for r in d["cache_kind"]]
-        spec.cache_budget = [list(r) for r in d["cache_budget"]]
-        for name in _FLOAT_FIELDS:
-            if d.get(name) is not None:
-                setattr(spec, name, tensor(name, False))
-        spec.validate()
-        return spec
+        fields = {name: d[name] for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
+        fields.update(window=tensor("window", True), sinks=tensor("sinks", True),
+                      cache_kind=[list(r) for r in d["cache_kind"]], cache_budget=[list(r) for r in d["cache_budget"]])
+        fields.update({name: tensor(name, False) for name in _FLOAT_FIELDS if d.get(name) is not None})
+        return cls(**fields)
 
     def save(self, path) -> None:
         with open(path, "w") as f:
