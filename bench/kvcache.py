@@ -68,7 +68,8 @@ def make_cache(n_full: int, dtype, split_keys: int = 1024):
     window = [-1] * (n_full * group) + [WINDOW] * ((HKV - n_full) * group)
     sinks = [0] * (n_full * group) + [SINKS] * ((HKV - n_full) * group)
     return headops.HeadSparseCache(num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D, kinds=kinds,
-                                   window=window, sinks=sinks, dtype=dtype, max_step=1, split_keys=split_keys)
+                                   window=window, sinks=sinks, batch_size=1, dtype=dtype, max_step=1,
+                                   split_keys=split_keys)  # sized now: the memory test measures the appends
 
 
 def copy_bandwidth() -> float:

@@ -770,6 +770,66 @@ def test_alpha_on_streaming_served_head_is_a_value_error():
     assert torch.equal(c.seq_lengths(0), before)
 
 
+# -------------------------------------------------------- sizing at the first call
+
+
+def lazy_cache(**over):
+    kw = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, kinds=["full", "streaming"],
+              window=[-1, -1, 3, 2], sinks=[0, 0, 1, 1], max_step=2)
+    return headops.HeadSparseCache(**{**kw, **over})
+
+
+def test_the_cache_sizes_itself_at_its_first_call():
+    # as transformers' caches: batch size, dtype and device from the first call, storages allocated then
+    cache = lazy_cache()
+    tables = cache.nbytes()
+    assert cache.batch_size == -1 and cache.dtype is None and cache.device is None
+    assert cache.get_seq_length() == 0 and cache.seq_lengths(0).numel() == 0
+    assert cache.ideal_nbytes() == cache.dense_nbytes() == 0
+    q, k, v = make_qkv(3, 5, 5, 4, 2, 8, torch.bfloat16)
+    out = cache.attention(1, q, k, v)  # any layer may come first
+    assert (cache.batch_size, cache.dtype, cache.device) == (3, torch.bfloat16, torch.device("cpu"))
+    assert out.dtype == torch.bfloat16 and cache.nbytes() > tables
+    assert cache.seq_lengths(0).tolist() == [0] * 3 and cache.seq_lengths(1).tolist() == [5] * 3
+    assert_close(out.double(), oracle(q, k, v, [-1, -1, 3, 2], [0, 0, 1, 1]).double(), 1e-2, 1e-2)
+    # from then on the calls are checked against what the first one brought
+    with pytest.raises(ValueError, match=r"^headops\.HeadSparseCache\.attention: q must be \[B, S, Hq, D\] with B=3"):
+        cache.attention(0, q[:2], k[:2], v[:2])
+    with pytest.raises(ValueError, match=r"^headops\.HeadSparseCache\.append: k must be of the cache's dtype"):
+        cache.append(0, k.float(), v.float())
+
+
+def test_a_refused_first_call_leaves_the_cache_unsized():
+    cache = lazy_cache()
+    tables = cache.nbytes()
+    q, k, v = make_qkv(2, 4, 4, 4, 2, 8, F64)
+    with pytest.raises(ValueError, match=r"^headops\.HeadSparseCache\.attention: gate must be"):
+        cache.attention(0, q, k, v, gate=torch.ones(3, dtype=F64))
+    with pytest.raises(TypeError, match=r"^headops\.HeadSparseCache\.attention: q must be float32"):
+        cache.attention(0, q.long(), k.long(), v.long())
+    assert cache.batch_size == -1 and cache.dtype is None and cache.nbytes() == tables
+    # a ring too big to allocate is refused at the first call, which changes nothing
+    huge = lazy_cache(window=[-1, -1, 2**40, 2])
+    with pytest.raises(ValueError, match="window, sinks, budget and max_step"):
+        huge.attention(0, q, k, v)
+    assert huge.batch_size == -1 and huge.seq_lengths(0).numel() == 0
+    out = cache.attention(0, q[:1], k[:1], v[:1])  # and a later call sizes it
+    assert cache.batch_size == 1 and out.shape == (1, 4, 4, 8)
+
+
+def test_given_sizes_are_checked_and_sized_at_construction_when_complete():
+    cache = lazy_cache(batch_size=2)  # dtype from the first call
+    assert cache.batch_size == 2 and cache.dtype is None and cache.seq_lengths(0).numel() == 0
+    q, k, v = make_qkv(3, 4, 4, 4, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        cache.attention(0, q, k, v)
+    cache.append(0, k[:2], v[:2])
+    assert cache.dtype == torch.float32 and cache.seq_lengths(0).tolist() == [4, 4]
+    sized = lazy_cache(batch_size=2, dtype=F64)  # everything given: sized now
+    assert sized.seq_lengths(1).tolist() == [0, 0] and sized.device == torch.device("cpu")
+    assert sized.nbytes() > lazy_cache().nbytes()
+
+
 # ------------------------------------------------------------------------------ raw ops
 
 RB, RHQ, RHKV, RD = 2, 4, 2, 8

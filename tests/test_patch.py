@@ -140,12 +140,12 @@ def test_generate_with_the_head_sparse_cache(family):
     want_dense = model.generate(ids, max_new_tokens=12, do_sample=False)
     headops.patch(model, headops.HeadSpec.dense(model))
     dense_spec = headops.HeadSpec.dense(model)
-    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=dense_spec.make_cache(max_step=1))
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=headops.HeadSparseCache(model, dense_spec, max_step=1))
     assert torch.equal(got, want_dense)
     spec = headops.HeadSpec.streaming(model, {0: [1], 1: [0]}, window=4, sinks=2)
     headops.set_spec(model, spec)
     want = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)  # full recomputation
-    cache = spec.make_cache(max_step=1)
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
     got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert torch.equal(got, want)
     assert cache.ideal_nbytes() < cache.dense_nbytes()
@@ -252,3 +252,26 @@ def test_budget_spec_generates_like_attention_over_the_kept_set_until_eviction()
     assert cache._layers[0].kept_positions(0, 1).numel() == 12  # 21 tokens seen, 12 kept
     with pytest.raises(ValueError, match="budget"):
         headops.HeadSpec.budget(model, {0: [1]}, budget=0)
+
+
+def test_generate_sizes_the_cache_at_its_first_call():
+    # no batch_size given: the cache takes it (and the dtype) from the first forward, as
+    # transformers' own caches do; a left-padded batch generates what each prompt does alone
+    model = make("llama")
+    ids = torch.randint(1, V, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # left padding, as a tokenizer pads for generation
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **kw)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    assert cache.batch_size == -1
+    got = model.generate(ids, attention_mask=mask, cache=cache, **kw)
+    assert torch.equal(got, want)
+    assert (cache.batch_size, cache.dtype) == (2, torch.float32)
+    for b, pad in enumerate([0, 4]):
+        alone = model.generate(ids[b:b + 1, pad:], cache=headops.HeadSparseCache(model, spec, max_step=1),
+                               **kw)
+        assert torch.equal(got[b, 10:], alone[0, 10 - pad:]), f"prompt {b}"
+

@@ -15,6 +15,8 @@ and a spec moves and splits like its tensors::
 
     spec.to("cuda")                                        # every tensor field there (a new spec)
     spec.slice_heads(range(0, 8))                          # query heads 0-7 and their KV heads
+
+``HeadSparseCache(model, spec)`` makes the cache that keeps what a spec's heads can see.
 """
 
 from __future__ import annotations
@@ -301,15 +303,6 @@ class HeadSpec:
             if t is not None:
                 args[name] = t[:, layer] if (name == "gate" and t.dim() == 3) else t[layer]
         return args
-
-    def make_cache(self, *, batch_size=1, dtype=torch.float32, max_step=8, budget_recent=4):
-        """A HeadSparseCache that keeps what this spec's heads can see."""
-        from .cache import HeadSparseCache
-
-        return HeadSparseCache(num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                               head_dim=self.head_dim, kinds=self.cache_kind, window=self.window, sinks=self.sinks,
-                               budget=self.cache_budget, budget_recent=budget_recent, batch_size=batch_size,
-                               dtype=dtype, max_step=max_step)
 
     def tensors(self) -> dict:
         """The tensor fields that are set: {name: tensor}."""

@@ -1,0 +1,136 @@
+"""What a ``HeadSparseCache`` keeps per layer and head, from a ``HeadSpec`` or from the
+per-head keyword arguments of its constructor: one ``CacheLayout``, checked."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._args import check_values, fail, is_int
+from ._kv_storage import KINDS
+from .spec import HeadSpec
+
+CALLER = "headops.HeadSparseCache"
+
+
+class Unset:
+    """A keyword argument left out (where None is a value the argument refuses)."""
+
+    def __repr__(self):
+        return "(left out)"
+
+
+UNSET = Unset()
+
+
+class CacheLayout(NamedTuple):
+    """The attention shape and, per layer, the kinds and budgets of the KV heads and the windows
+    and sinks of the query heads (lists of ints; window < 0 unlimited)."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kinds: list
+    windows: list
+    sinks: list
+    budgets: list
+
+
+def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
+    """The layout of ``HeadSparseCache(model_or_config, spec)`` (`per_head`: the keyword-form
+    arguments, which must be left out: the spec holds them)."""
+    if not isinstance(spec, HeadSpec):
+        raise TypeError(f"{CALLER}: spec must be a headops.HeadSpec, got {type(spec).__name__}")
+    given = [name for name, value in per_head.items() if value is not (UNSET if name == "kinds" else None)]
+    if given:
+        raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
+    spec.validate(model_or_config)
+    return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                       [list(r) for r in spec.cache_kind], spec.window.tolist(), spec.sinks.tolist(),
+                       [list(r) for r in spec.cache_budget])
+
+
+def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget) -> CacheLayout:
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        if not is_int(value) or value < 1:
+            raise fail(CALLER, name, "an int >= 1", value)
+    if num_heads % num_kv_heads:
+        raise fail(CALLER, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+    L, Hq, Hkv = num_layers, num_heads, num_kv_heads
+    layout = CacheLayout(L, Hq, Hkv, head_dim, _per_layer_kinds("full" if kinds is UNSET else kinds, L, Hkv),
+                         _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),
+                         _per_layer_budgets(budget, L, Hkv))
+    check_values(CALLER, window=torch.tensor(layout.windows), sinks=torch.tensor(layout.sinks))
+    return layout
+
+
+def as_list(value):
+    """A list of a sequence (list, tuple, range, array...); None for a string, a mapping or a non-sequence."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        return None
+    try:
+        return list(value)
+    except TypeError:  # e.g. a 0-dim array
+        return None
+
+
+def _per_layer_heads(value, name, L, H, default):
+    """A [L][H] list of ints from None, an int, an [H] sequence/tensor or an [L][H] one."""
+    def ok(x):
+        return is_int(x) and -2**63 <= x < 2**63
+
+    if value is None:
+        return [[default] * H for _ in range(L)]
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if ok(value):
+        return [[int(value)] * H for _ in range(L)]
+    rows = as_list(value)
+    if rows is not None and len(rows) == H and all(ok(x) for x in rows):
+        return [[int(x) for x in rows] for _ in range(L)]
+    rows = None if rows is None else [as_list(r) for r in rows]
+    if rows is not None and len(rows) == L and all(r is not None and len(r) == H and all(ok(x) for x in r)
+                                                   for r in rows):
+        return [[int(x) for x in r] for r in rows]
+    raise fail(CALLER, name, f"an int, [Hq] = [{H}] or [L, Hq] = [{L}, {H}] integers", value)
+
+
+def _per_layer_kinds(kinds, L, Hkv):
+    if isinstance(kinds, str):
+        rows = [[kinds] * Hkv for _ in range(L)]
+    else:
+        rows = as_list(kinds)
+        if rows is not None and len(rows) == Hkv and all(isinstance(x, str) for x in rows):
+            rows = [list(rows) for _ in range(L)]
+        elif not (rows is not None and len(rows) == L and
+                  all(as_list(r) is not None and len(as_list(r)) == Hkv for r in rows)):
+            raise fail(CALLER, "kinds", f"'full', 'streaming', 'budget', [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] "
+                                        "of them", kinds)
+        rows = [list(r) for r in rows]
+    for r in rows:
+        for k in r:
+            if k not in KINDS:
+                raise fail(CALLER, "kinds", "'full', 'streaming' or 'budget' for every KV head", repr(k))
+    return rows
+
+
+def _per_layer_budgets(budget, L, Hkv):
+    """[L][Hkv] of ints or None from None, an int, an [Hkv] or an [L, Hkv] list."""
+    def ok(x):
+        return x is None or is_int(x)
+
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist()
+    if ok(budget):
+        return [[budget] * Hkv for _ in range(L)]
+    rows = as_list(budget)
+    if rows is not None and len(rows) == Hkv and all(ok(x) for x in rows):
+        return [list(rows) for _ in range(L)]
+    rows = None if rows is None else [as_list(r) for r in rows]
+    if rows is not None and len(rows) == L and all(r is not None and len(r) == Hkv and all(ok(x) for x in r)
+                                                   for r in rows):
+        return [list(r) for r in rows]
+    raise fail(CALLER, "budget", f"an int, [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] ints (None for other kinds)",
+               budget)

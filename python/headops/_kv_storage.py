@@ -1,0 +1,193 @@
+"""The storage of one layer of a ``HeadSparseCache`` (csrc/kvcache/kv_layout.h): its layout
+tables, made from the layer's kinds, windows and sinks, and its storages, allocated once the
+batch size, dtype and device are known (the cache's first call, or its construction)."""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("full", "streaming", "budget")
+FULL, STREAMING, BUDGET = range(3)
+_GROWTH_ALIGN = 64
+
+
+class LayerStorage:
+    """Layout tables and storages of one layer.
+
+    ``lengths`` (a tensor the kernels read) and ``held`` (the same numbers as a Python list) are
+    the tokens each batch row holds: decisions on the host read ``held``, so a decode step reads
+    no tensor data (torch.compile traces it without a graph break).
+    """
+
+    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent):
+        self.kinds = [KINDS.index(k) for k in kinds]
+        self.Hkv, self.D = len(kinds), D
+        self.has_partial_heads = any(k != FULL for k in self.kinds)  # streaming or budget KV heads
+        # query heads whose KV head keeps only part of the keys (no full branch for alpha)
+        self.partial_query_heads = [h for h in range(self.Hkv * group) if self.kinds[h // group] != FULL]
+        index, full, ring_offset, ring_sinks, ring_size, budget_rows = [], 0, [], [], [], []
+        for h, kind in enumerate(kinds):
+            if kind == "full":
+                index.append(full)
+                full += 1
+                continue
+            served = range(h * group, (h + 1) * group)
+            w = [windows[q] for q in served]
+            if kind == "budget":
+                if any(x >= 0 for x in w):
+                    raise ValueError(f"{caller}: KV head {h} is a budget head but query head(s) "
+                                     f"{[q for q in served if windows[q] >= 0]} have a window: a budget head's "
+                                     "query heads see every kept token (window must be < 0)")
+                kept_sinks = max(sinks[q] for q in served)
+                n = budgets[h]
+                if n is None or n < kept_sinks + recent + 1:
+                    raise ValueError(f"{caller}: budget must be set for budget KV head {h} and > its sinks "
+                                     f"({kept_sinks}) + budget_recent ({recent}), got {n}")
+                budget_rows.append([0, n, kept_sinks, recent])  # offsets filled in below
+                index.append(len(budget_rows) - 1)
+                continue
+            if any(x < 1 for x in w):
+                raise ValueError(f"{caller}: KV head {h} is streaming but query head(s) "
+                                 f"{[q for q in served if windows[q] < 1]} have window < 1 (unlimited or 0): a "
+                                 "streaming head keeps sinks + a window of recent tokens, window must be >= 1")
+            index.append(len(ring_offset))
+            ring_offset.append(sum(s + r for s, r in zip(ring_sinks, ring_size)))
+            ring_sinks.append(max(sinks[q] for q in served))
+            ring_size.append(max(w) + max_step - 1)
+        offset = sum(ring_sinks) + sum(ring_size)
+        for row in budget_rows:  # budget heads' slots follow the streaming heads' in the same storage
+            row[0] = offset
+            offset += row[1]
+        self.slots, self.full_heads = offset, full
+        self.check_slots(caller, 1, "")
+        self.kv_kind = torch.tensor(self.kinds, dtype=torch.int64)
+        self.kv_index = torch.tensor(index, dtype=torch.int64)
+        self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
+        self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
+        self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
+        self.budget_table = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
+        self.windows = torch.tensor(windows, dtype=torch.int64)
+        self.sinks = torch.tensor(sinks, dtype=torch.int64)
+        self.held: list[int] = []  # per batch row; empty until allocated
+        self.lengths = torch.zeros(0, dtype=torch.int64)
+        self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
+        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+
+    def check_slots(self, caller, B, dtype) -> None:
+        if self.slots * B * self.D >= 2**62:  # (past what int64 sizes, or any memory, can hold)
+            raise self._too_big(caller, B, dtype)
+
+    def _too_big(self, caller, B, dtype) -> ValueError:
+        return ValueError(f"{caller}: window, sinks, budget and max_step must be small enough to allocate the "
+                          f"streaming and budget heads' storage, got {self.slots} slots of [{B}, {self.D}]"
+                          f"{f' {dtype}' if dtype else ''} per layer")
+
+    # ------------------------------------------------------------------------------ allocation
+
+    def allocate(self, caller, B, dtype, device) -> None:
+        """The storages for B rows of `dtype` on `device`, each row empty."""
+        self.check_slots(caller, B, dtype)
+        try:
+            self.ring_k = torch.zeros(B, self.slots, self.D, dtype=dtype, device=device)
+            self.ring_v = torch.zeros(B, self.slots, self.D, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError):
+            self.ring_k = self.ring_v = None
+            raise self._too_big(caller, B, dtype) from None
+        self._storage = (B, dtype, device)
+        for name in ("kv_kind", "kv_index", "ring_offset", "ring_sinks", "ring_size", "budget_table", "windows",
+                     "sinks"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        self.lengths = torch.zeros(B, dtype=torch.int64, device=device)
+        self.held = [0] * B
+        if self.budget_table is not None:  # budget heads: each slot's position (-1 empty) and attention mass
+            self.slot_pos = torch.full((B, self.slots), -1, dtype=torch.int64, device=device)
+            self.slot_mass = torch.zeros(B, self.slots, dtype=torch.float32, device=device)
+
+    def release(self) -> None:
+        """Back to no storage (a first call that could not allocate every layer changes nothing)."""
+        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+        self.lengths = torch.zeros(0, dtype=torch.int64)
+        self.held = []
+
+    # ------------------------------------------------------------------------------ tokens
+
+    def capacity(self) -> int:
+        return sum(seg.shape[2] for seg in self.full_k)
+
+    def reserve(self, tokens: int) -> None:
+        """Makes the full storage hold at least `tokens` tokens per row (adds one segment)."""
+        cap = self.capacity()
+        if tokens <= cap or self.full_heads == 0:
+            return
+        n = max(tokens - cap, 64, cap // 32)
+        n = -(-n // _GROWTH_ALIGN) * _GROWTH_ALIGN
+        B, dtype, device = self._storage
+        self.full_k.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
+        self.full_v.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
+
+    def budget_args(self, rows=slice(None)):
+        if self.budget_table is None:
+            return None, None, None
+        return self.budget_table, self.slot_pos[rows], self.slot_mass[rows]
+
+    def append(self, k, v, row=None, write_budget=True):
+        """Stores k, v ([B, S, Hkv, D]; one row's [1, S, Hkv, D] with `row`) after what each row holds."""
+        rows = slice(None) if row is None else slice(row, row + 1)
+        full_k, full_v = ((segs if row is None else [seg[rows] for seg in segs]) for segs in (self.full_k, self.full_v))
+        torch.ops.headops.kv_append(k, v, full_k, full_v, self.ring_k[rows], self.ring_v[rows], self.lengths[rows],
+                                    self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size,
+                                    *self.budget_args(rows), write_budget)
+        n = k.shape[1]
+        if row is None:
+            self.lengths += n
+            self.held = [x + n for x in self.held]
+        else:
+            self.lengths[row] += n
+            self.held = [x + n if b == row else x for b, x in enumerate(self.held)]
+
+    def kept_positions(self, b, h):
+        """Sorted original positions KV head h of row b holds (budget heads: the kept set)."""
+        L = self.held[b]
+        i = int(self.kv_index[h])
+        if self.kinds[h] == FULL:
+            return torch.arange(L)
+        if self.kinds[h] == STREAMING:
+            s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
+            return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, L - r), L), L)])
+        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        pos = self.slot_pos[b, off:off + n]
+        return pos[pos >= 0].sort().values
+
+    def write_budget_selection(self, b, i, positions, k_rows, v_rows, mass):
+        """Budget head i of row b keeps exactly `positions` (with their K, V rows and mass)."""
+        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        m = positions.numel()
+        self.slot_pos[b, off:off + n] = -1
+        self.slot_mass[b, off:off + n] = 0
+        self.slot_pos[b, off:off + m] = positions
+        self.slot_mass[b, off:off + m] = mass.to(torch.float32)
+        self.ring_k[b, off:off + m] = k_rows
+        self.ring_v[b, off:off + m] = v_rows
+
+    def kept_tokens(self) -> int:
+        """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
+        total = 0
+        for L in self.held:
+            for h, kind in enumerate(self.kinds):
+                i = int(self.kv_index[h])
+                if kind == FULL:
+                    total += L
+                elif kind == STREAMING:
+                    total += min(L, int(self.ring_sinks[i]) + int(self.ring_size[i]))
+                else:
+                    total += min(L, int(self.budget_table[i, 1]))
+        return total
+
+    def nbytes(self) -> int:
+        tables = [self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size, self.lengths]
+        storages = self.full_k + self.full_v + [self.ring_k, self.ring_v]
+        if self.budget_table is not None:
+            storages += [self.budget_table, self.slot_pos, self.slot_mass]
+        return sum(t.numel() * t.element_size() for t in storages + tables if t is not None)
