@@ -275,3 +275,21 @@ def test_generate_sizes_the_cache_at_its_first_call():
                                **kw)
         assert torch.equal(got[b, 10:], alone[0, 10 - pad:]), f"prompt {b}"
 
+
+def test_patch_gives_each_module_the_spec_on_its_device():
+    model = make("llama")
+    spec = headops.HeadSpec.dense(model).mask_heads({0: [1]})
+    spec.out_scale = torch.ones(2, 4, 16)
+    headops.patch(model, spec)
+    modules = [m for m in model.modules() if hasattr(m, "_headops_spec")]
+    assert len(modules) == 2 and all(m._headops_spec is spec for m in modules)  # there already: the spec itself
+    model.to("meta")  # (a device this machine has besides the CPU)
+    headops.set_spec(model, spec)
+    moved = {id(m._headops_spec): m._headops_spec for m in modules}
+    assert len(moved) == 1  # one copy for the device, shared by its modules
+    (on_meta,) = moved.values()
+    assert on_meta is not spec and all(t.device.type == "meta" for t in on_meta.tensors().values())
+    assert all(t.device.type == "cpu" for t in spec.tensors().values())
+    headops.unpatch(model)
+    headops.patch(model, spec)
+    assert all(m._headops_spec.gate.device.type == "meta" for m in modules)

@@ -87,7 +87,8 @@ def _attention_modules(model):
 
 
 def patch(model, spec: HeadSpec):
-    """Runs `model`'s attention through headops with `spec` (returns the model)."""
+    """Runs `model`'s attention through headops with `spec` (returns the model). A module whose
+    parameters live on another device than the spec's tensors gets ``spec.to(that device)``."""
     global _registered
     from transformers import AttentionInterface
 
@@ -107,20 +108,36 @@ def patch(model, spec: HeadSpec):
         _registered = True
     if not hasattr(model, "_headops_previous"):
         model._headops_previous = model.config._attn_implementation
+    _give_spec(modules, spec)
     for m in modules:
-        m._headops_spec = spec
         m._headops_layer = m.layer_idx
     model.set_attn_implementation(IMPLEMENTATION)
     return model
+
+
+def _give_spec(modules, spec: HeadSpec):
+    """Each module gets the spec on the device of its parameters (a model may span devices):
+    the spec itself where its tensors are there already (a gate that requires grad stays the
+    leaf it was), else ``spec.to(device)``."""
+    on_device = {}
+    for m in modules:
+        device = next((p.device for p in m.parameters()), None)
+        if device is None or all(t.device == device for t in spec.tensors().values()):
+            m._headops_spec = spec
+            continue
+        if device not in on_device:
+            on_device[device] = spec.to(device)
+        m._headops_spec = on_device[device]
 
 
 def set_spec(model, spec: HeadSpec):
     """Replaces the spec of a patched model (no re-patching; e.g. new per-batch gates)."""
     if not hasattr(model, "_headops_previous"):
         raise RuntimeError("headops.set_spec: the model is not patched (call headops.patch first)")
+    if not isinstance(spec, HeadSpec):
+        raise TypeError(f"headops.set_spec: spec must be a headops.HeadSpec, got {type(spec).__name__}")
     spec.validate(model)
-    for m in _attention_modules(model):
-        m._headops_spec = spec
+    _give_spec(_attention_modules(model), spec)
 
 
 def unpatch(model):
