@@ -93,3 +93,34 @@ def test_inductor():
     got = compiled(q, k, v, **kw)
     print(f"inductor compile + first call: {time.monotonic() - start:.1f} s")
     torch.testing.assert_close(got, layer(q, k, v, **kw), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------- a patched transformers model
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padding"])
+def test_fullgraph_patched_model_forward_matches_eager(backend, padded):
+    model = _tiny_llama()
+    spec = headops.HeadSpec.streaming(model, {0: [1]}, window=4, sinks=1).mask_heads({1: [2]})
+    spec.out_scale = torch.rand(2, 4, 16) + 0.5
+    headops.patch(model, spec)
+    ids = torch.randint(1, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padded:
+        mask[1, :5] = 0
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    with torch.no_grad():
+        want = forward(ids, mask)
+        got = torch.compile(forward, fullgraph=True, backend=backend)(ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

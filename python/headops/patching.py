@@ -31,7 +31,7 @@ def _key_bias_from_mask(mask):
         raise NotImplementedError(f"headops: attention masks of shape {tuple(mask.shape)} are not supported")
     last = mask[:, 0, -1, :]
     valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    if bool(valid.all()):
+    if not torch.compiler.is_compiling() and bool(valid.all()):  # (a branch on data: not while compiling)
         return None
     # the mask covers every position so far (kv_length): with a HeadSparseCache the keys passed
     # in are only the new ones, and the cache indexes key_bias by original position
@@ -42,13 +42,14 @@ def _key_bias_from_mask(mask):
 def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   **kwargs):
     """transformers mask function for "headops": no S x S mask, only the key padding as a
-    [B, 1, 1, kv_length] bool mask (None without padding); causality and windows are the kernel's."""
+    [B, 1, 1, kv_length] bool mask (None without padding; while torch.compile traces, the mask
+    whatever its values); causality and windows are the kernel's."""
     if attention_mask is None:
         return None
     from transformers.masking_utils import prepare_padding_mask
 
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is None or bool(padding.all()):
+    if padding is None or (not torch.compiler.is_compiling() and bool(padding.all())):
         return None
     return padding[:, None, None, :].bool()
 
