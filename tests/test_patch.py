@@ -202,18 +202,28 @@ def test_bad_specs_and_calls():
         spec.validate()
 
 
-def test_left_padded_batch_generates_like_the_unpatched_model():
+@pytest.mark.parametrize("batch_size", [2, None], ids=["given", "first_call"])
+def test_left_padded_batch_generates_like_the_unpatched_model(batch_size):
+    # batch_size left out: the cache takes it (and the dtype) from the first forward, as
+    # transformers' own caches do; a left-padded batch also generates what each prompt does alone
     model = make("llama")
     ids = torch.randint(1, V, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0  # left padding, as a tokenizer pads for generation
-    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **kw)
     spec = headops.HeadSpec.dense(model)
     headops.patch(model, spec)
-    cache = headops.HeadSparseCache(model, spec, batch_size=2, max_step=1)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                         past_key_values=cache)
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    cache = headops.HeadSparseCache(model, spec, max_step=1, **sizes)
+    assert cache.batch_size == (batch_size or -1)
+    got = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
     assert torch.equal(got, want)
+    assert (cache.batch_size, cache.dtype) == (2, torch.float32)
+    for b, pad in enumerate([0, 3]):
+        alone = model.generate(ids[b:b + 1, pad:], past_key_values=headops.HeadSparseCache(model, spec, max_step=1),
+                               **kw)
+        assert torch.equal(got[b, 10:], alone[0, 10 - pad:]), f"prompt {b}"
 
 
 def test_spec_key_bias_on_the_first_tokens_matches_the_reference():
@@ -252,28 +262,6 @@ def test_budget_spec_generates_like_attention_over_the_kept_set_until_eviction()
     assert cache._layers[0].kept_positions(0, 1).numel() == 12  # 21 tokens seen, 12 kept
     with pytest.raises(ValueError, match="budget"):
         headops.HeadSpec.budget(model, {0: [1]}, budget=0)
-
-
-def test_generate_sizes_the_cache_at_its_first_call():
-    # no batch_size given: the cache takes it (and the dtype) from the first forward, as
-    # transformers' own caches do; a left-padded batch generates what each prompt does alone
-    model = make("llama")
-    ids = torch.randint(1, V, (2, 10))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :4] = 0  # left padding, as a tokenizer pads for generation
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    want = model.generate(ids, attention_mask=mask, **kw)
-    spec = headops.HeadSpec.dense(model)
-    headops.patch(model, spec)
-    cache = headops.HeadSparseCache(model, spec, max_step=1)
-    assert cache.batch_size == -1
-    got = model.generate(ids, attention_mask=mask, cache=cache, **kw)
-    assert torch.equal(got, want)
-    assert (cache.batch_size, cache.dtype) == (2, torch.float32)
-    for b, pad in enumerate([0, 4]):
-        alone = model.generate(ids[b:b + 1, pad:], cache=headops.HeadSparseCache(model, spec, max_step=1),
-                               **kw)
-        assert torch.equal(got[b, 10:], alone[0, 10 - pad:]), f"prompt {b}"
 
 
 def test_patch_gives_each_module_the_spec_on_its_device():
