@@ -32,6 +32,16 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim) -> None:
+    """A model's attention shape: ints >= 1, query heads a multiple of KV heads (GQA/MQA)."""
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        if not is_int(value) or value < 1:
+            raise fail(caller, name, "an int >= 1", value)
+    if num_heads % num_kv_heads:
+        raise fail(caller, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+
+
 def check_dense(caller: str, t: torch.Tensor, name: str) -> None:
     """Sparse, nested and other non-strided tensors have no strides to read: a TypeError naming them."""
     if t.is_nested or t.layout != torch.strided:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._args import check_values, fail, is_int
+from ._args import check_attention_shape, check_values, fail, is_int
 from ._kv_storage import KINDS
 from .spec import HeadSpec
 
@@ -52,12 +52,7 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
 
 
 def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget) -> CacheLayout:
-    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
-        if not is_int(value) or value < 1:
-            raise fail(CALLER, name, "an int >= 1", value)
-    if num_heads % num_kv_heads:
-        raise fail(CALLER, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+    check_attention_shape(CALLER, num_layers, num_heads, num_kv_heads, head_dim)
     L, Hq, Hkv = num_layers, num_heads, num_kv_heads
     layout = CacheLayout(L, Hq, Hkv, head_dim, _per_layer_kinds("full" if kinds is UNSET else kinds, L, Hkv),
                          _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),

@@ -27,7 +27,7 @@ import json
 
 import torch
 
-from ._args import check_values, fail, is_int as _is_int
+from ._args import check_attention_shape, check_values, fail, is_int as _is_int
 
 __all__ = ["HeadSpec"]
 
@@ -109,7 +109,7 @@ class HeadSpec:
     cache_budget: list | None = None
 
     def __post_init__(self):
-        self._check_attention_shape()
+        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
         L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
         if self.window is None:
             self.window = torch.full((L, Hq), -1, dtype=torch.int64)
@@ -231,18 +231,10 @@ class HeadSpec:
 
     # --------------------------------------------------------------------------- use
 
-    def _check_attention_shape(self):
-        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise _fail(name, "an int >= 1", v)
-        if self.num_heads % self.num_kv_heads:
-            raise _fail("num_heads", f"a multiple of num_kv_heads ({self.num_kv_heads})", self.num_heads)
-
     def validate(self, model_or_config=None) -> None:
         """Checks every field: shapes, dtypes and the rules of the values (and, given a model or
         config, that the spec was made for it)."""
-        self._check_attention_shape()
+        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
         L, Hq, Hkv, D = self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
         if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
             raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
