@@ -77,11 +77,14 @@ class HeadArgs(NamedTuple):
     out_bias: torch.Tensor | None = None
     gate: torch.Tensor | None = None
 
-    def kernel_args(self, acc: torch.dtype) -> tuple:
-        """The arguments of the fused ops from default_scale to gate: floats in the accumulation
-        dtype, window and sinks int64."""
-        def to(t, dtype):
-            return None if t is None else t.to(dtype)
+    def kernel_args(self, dtype: torch.dtype) -> tuple:
+        """The arguments of the fused ops from default_scale to gate, for q, k, v of `dtype`:
+        floats in the kernels' accumulation dtype (float64 for float64, else float32), window and
+        sinks int64."""
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def to(t, target):
+            return None if t is None else t.to(target)
 
         return (self.default_scale, to(self.softmax_scale, acc), to(self.window, torch.int64),
                 to(self.sinks, torch.int64), to(self.alpha, acc), to(self.key_bias, acc), to(self.sink_logit, acc),

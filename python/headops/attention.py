@@ -72,13 +72,12 @@ def _cuda_compiled() -> bool:
 
 def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool):
     """The fused op on checked q, k, v and normalised per-head arguments: (out, lse)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_needed = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and args.gate is not None and args.gate.requires_grad)
     skip_unused_branch = not (grad_needed and args.alpha is not None and args.alpha.requires_grad)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse, *_saved = torch.ops.headops.attention_fwd(q, k, v, causal, heads_first, *args.kernel_args(acc),
+    out, lse, *_saved = torch.ops.headops.attention_fwd(q, k, v, causal, heads_first, *args.kernel_args(q.dtype),
                                                         skip_zero_gate, skip_unused_branch, grad_needed)
     return out, lse
 

@@ -120,11 +120,11 @@ class HeadSparseCache(_CacheBase):
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{CALLER}: dtype must be torch.float32, float64, bfloat16 or float16 (or None: the "
                             f"first call's), got {dtype!r}")
-        for name, value in (("batch_size", None if batch_size is UNSET else batch_size), ("max_step", max_step),
-                            ("split_keys", split_keys)):
-            if not (name == "batch_size" and batch_size is UNSET) and (not is_int(value) or value < 1):
-                raise fail(CALLER, name, "an int >= 1" + (" (or left out: the first call's)"
-                                                          if name == "batch_size" else ""), value)
+        if batch_size is not UNSET and (not is_int(batch_size) or batch_size < 1):
+            raise fail(CALLER, "batch_size", "an int >= 1 (or left out: the first call's)", batch_size)
+        for name, value in (("max_step", max_step), ("split_keys", split_keys)):
+            if not is_int(value) or value < 1:
+                raise fail(CALLER, name, "an int >= 1", value)
         if max_length is not None and (not is_int(max_length) or max_length < 1):
             raise fail(CALLER, "max_length", "None or an int >= 1", max_length)
         if device is not None:
@@ -147,7 +147,7 @@ class HeadSparseCache(_CacheBase):
         self.dtype, self.device = dtype, device
         self._sized = False
         if self._batch_size is not None and dtype is not None:
-            self._size(CALLER, (self._batch_size, dtype, device or torch.device("cpu")))
+            self._ensure_sized(CALLER, (self._batch_size, dtype, device or torch.device("cpu")))
         if _CacheBase is not object:
             super().__init__(layers=[_TransformersLayer(layer) for layer in self._layers])
 
@@ -197,8 +197,11 @@ class HeadSparseCache(_CacheBase):
 
     # ------------------------------------------------------------------------------- sizing
 
-    def _size(self, caller, sizing) -> None:
-        """Allocates every layer's storages for (batch size, dtype, device); all or none."""
+    def _ensure_sized(self, caller, sizing) -> None:
+        """Allocates every layer's storages for (batch size, dtype, device) unless the cache is
+        sized already; all layers or none."""
+        if self._sized:
+            return
         try:
             for layer in self._layers:
                 layer.allocate(caller, *sizing)
@@ -209,7 +212,7 @@ class HeadSparseCache(_CacheBase):
         self._batch_size, self.dtype, self.device = sizing
         self._sized = True
 
-    def _sizing(self, caller, name, t):
+    def _sizing_for(self, caller, name, t):
         """(batch size, dtype, device) of the cache: what was given, the rest from the first
         call's tensor `t` (checked to be one the cache can hold)."""
         if self._sized:
@@ -248,7 +251,7 @@ class HeadSparseCache(_CacheBase):
             check_dense(caller, t, name)
             if t.dim() != 4:
                 raise fail(caller, name, "a 4-D tensor", tuple(t.shape))
-        sizing = self._sizing(caller, *named[0])
+        sizing = self._sizing_for(caller, *named[0])
         B, dtype, device = sizing
         for name, t in named:
             if t.device != device:
@@ -309,8 +312,7 @@ class HeadSparseCache(_CacheBase):
         self._check_kv(caller, k, v, sizing[0], self.head_dim)
         st = self._layers[layer]
         self._check_room(caller, st, k.shape[1])
-        if not self._sized:
-            self._size(caller, sizing)
+        self._ensure_sized(caller, sizing)
         st.reserve(max(st.held) + k.shape[1])
         st.append(k, v)
 
@@ -320,8 +322,7 @@ class HeadSparseCache(_CacheBase):
         if lengths is None:
             self._check_room(caller, st, S)
             out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)
-            if not self._sized:
-                self._size(caller, sizing)
+            self._ensure_sized(caller, sizing)
             st.reserve(S)
             st.append(k, v, write_budget=False)
             for b in range(B):
@@ -337,8 +338,7 @@ class HeadSparseCache(_CacheBase):
         for b, n in enumerate(lengths):  # every row's attention, then the cache changes
             out[b:b + 1, :n] = run_fused(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
                                          causal=causal, heads_first=False)[0]
-        if not self._sized:
-            self._size(caller, sizing)
+        self._ensure_sized(caller, sizing)
         st.reserve(max(lengths))
         for b, n in enumerate(lengths):
             st.append(k[b:b + 1, :n], v[b:b + 1, :n], row=b, write_budget=False)
@@ -383,10 +383,9 @@ class HeadSparseCache(_CacheBase):
         args = self._head_args(caller, st, q, keys, per_head)  # checked before the cache changes
         st.reserve(keys)
         st.append(k, v)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
                                                   st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
-                                                  st.ring_size, causal, *args.kernel_args(acc), self.split_keys,
+                                                  st.ring_size, causal, *args.kernel_args(q.dtype), self.split_keys,
                                                   *st.budget_args())
 
 
