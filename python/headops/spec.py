@@ -27,7 +27,7 @@ import json
 
 import torch
 
-from ._args import check_attention_shape, check_values, fail, is_int as _is_int
+from ._args import check_attention_shape, check_values, fail, is_int
 
 __all__ = ["HeadSpec"]
 
@@ -70,7 +70,7 @@ def _check_heads(heads, what):
                             f"{hs!r} for layer {layer!r}")
         out[layer] = hs.tolist() if isinstance(hs, torch.Tensor) else list(hs)
         for h in out[layer]:
-            if not _is_int(h):
+            if not is_int(h):
                 raise TypeError(f"headops.HeadSpec: heads must hold int {what} head indices, got {h!r}")
     return out
 
@@ -165,7 +165,7 @@ class HeadSpec:
         """The given KV heads ({layer: [KV heads]}) keep at most `budget` tokens in a
         HeadSparseCache (HeadKV/AdaKV-style; the rest full). Their attention is unchanged until
         tokens are evicted (the cache keeps sinks, the latest tokens, the most attended)."""
-        if not _is_int(budget) or budget < 1:
+        if not is_int(budget) or budget < 1:
             raise _fail("budget", "an int >= 1", budget)
         spec = cls.dense(model_or_config)
         heads = _check_heads(heads, "KV")
@@ -214,9 +214,9 @@ class HeadSpec:
 
     @staticmethod
     def _check_window_sinks(window, sinks):
-        if not _is_int(window) or not 1 <= window < 2**63:
+        if not is_int(window) or not 1 <= window < 2**63:
             raise _fail("window", "an int >= 1", window)
-        if not _is_int(sinks) or not 0 <= sinks < 2**63:
+        if not is_int(sinks) or not 0 <= sinks < 2**63:
             raise _fail("sinks", "an int >= 0", sinks)
 
     def _make_streaming(self, layer, kv_head, group, window, sinks):
@@ -226,7 +226,7 @@ class HeadSpec:
         self.cache_kind[layer][kv_head] = "streaming"
 
     def _check_layer(self, layer):
-        if not _is_int(layer) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
 
     # --------------------------------------------------------------------------- use
@@ -273,7 +273,7 @@ class HeadSpec:
             raise _fail("cache_kind", "'full', 'streaming' or 'budget' for every KV head", kinds)
         if (not isinstance(budgets, (list, tuple)) or len(budgets) != L or
                 any(not isinstance(r, (list, tuple)) or len(r) != Hkv or
-                    any(b is not None and not _is_int(b) for b in r) for r in budgets)):
+                    any(b is not None and not is_int(b) for b in r) for r in budgets)):
             raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
         check_values(CALLER, window=self.window, sinks=self.sinks, alpha=self.alpha, softmax_scale=self.softmax_scale,
                      sink_logit=self.sink_logit, key_bias=self.key_bias)
@@ -282,7 +282,7 @@ class HeadSpec:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
         needs the number of keys (original positions 0 .. keys - 1)."""
         self._check_layer(layer)
-        if keys is not None and (not _is_int(keys) or keys < 0):
+        if keys is not None and (not is_int(keys) or keys < 0):
             raise _fail("keys", "None or an int >= 0", repr(keys))
         args = {"window": self.window[layer], "sinks": self.sinks[layer]}
         if self.key_bias is not None:
@@ -319,7 +319,7 @@ class HeadSpec:
         if not isinstance(q_heads, (range, slice)):
             raise TypeError(f"{where}: q_heads must be a range or a slice of query heads, got "
                             f"{type(q_heads).__name__}")
-        if isinstance(q_heads, slice) and not all(x is None or _is_int(x) for x in (q_heads.start, q_heads.stop,
+        if isinstance(q_heads, slice) and not all(x is None or is_int(x) for x in (q_heads.start, q_heads.stop,
                                                                                    q_heads.step)):
             raise TypeError(f"{where}: q_heads must be a slice of ints, got {q_heads!r}")
         Hq, group = self.num_heads, self.num_heads // self.num_kv_heads
