@@ -13,6 +13,7 @@ argument; the raw ops raise RuntimeError and never crash).
 """
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -768,6 +769,30 @@ def test_alpha_on_streaming_served_head_is_a_value_error():
     with pytest.raises(ValueError, match="alpha"):
         c.attention(0, Q[:, :1], K[:, :1], V[:, :1], alpha=alpha)
     assert torch.equal(c.seq_lengths(0), before)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_messages_name_the_cache_and_its_argument(phase):
+    # the per-head rules are headops.attention's, the messages the cache's own
+    c = fresh_cache()
+    n = 3
+    if phase == "decode":
+        c.attention(0, Q, K, V)
+        n = 1
+
+    def attend(**kw):
+        return c.attention(0, Q[:, :n], K[:, :n], V[:, :n], **kw)
+
+    caller = "headops.HeadSparseCache.attention"
+    for kw, words in [(dict(gate=torch.ones(3, dtype=F64)), "gate must be of shape"),
+                      (dict(sink_logit=torch.full((4,), math.nan, dtype=F64)), "sink_logit must be a number"),
+                      (dict(softmax_scale=math.inf), "softmax_scale must be a finite float"),
+                      (dict(alpha=torch.tensor([0.0, 0.0, 0.5, 0.0], dtype=F64)), "alpha must be 0 on query heads"),
+                      (dict(causal=1), "causal must be a bool")]:
+        with pytest.raises((ValueError, TypeError), match=rf"^{re.escape(caller)}: {words}"):
+            attend(**kw)
+    with pytest.raises(TypeError, match=r"^headops\.HeadSparseCache\.append: k must be a 4-D tensor"):
+        c.append(0, K.tolist(), V)
 
 
 # -------------------------------------------------------- sizing at the first call
