@@ -32,7 +32,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -40,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from . import research
-from .models import STDLIB_MODULES, stdlib_text
+from .corpus import stdlib_source, stdlib_text
 
 
 @dataclass
@@ -58,17 +57,13 @@ class Study:
     log_scale: bool
 
 
-def _stdlib_source() -> str:
-    return f"docstrings of the Python {sys.version.split()[0]} standard library modules {', '.join(STDLIB_MODULES)}"
-
-
 def causal_lm_study(model, tok, tokens: int) -> Study:
     if tok is None:
         ids = torch.randint(0, model.config.vocab_size, (1, 2 * tokens), generator=torch.Generator().manual_seed(0))
         source = "random token ids (tiny model)"
     else:
         ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :2 * tokens]
-        source = _stdlib_source()
+        source = stdlib_source()
     if ids.shape[1] < 2 * tokens:
         raise SystemExit(f"the text has only {ids.shape[1]} tokens")
     return Study(model, source, [ids[:, :tokens]], research.causal_lm_loss, ids[:, tokens:],
@@ -89,7 +84,7 @@ def encoder_study(model, tok, tokens: int, passages: int) -> Study:
             raise SystemExit(f"the text has only {flat.numel()} tokens, {need} needed")
         body = flat[:need].view(2 * passages, tokens - 2)
         cls, sep = tok.cls_token_id, tok.sep_token_id
-        source = _stdlib_source()
+        source = stdlib_source()
 
     def encode(rows):
         n = rows.shape[0]
@@ -114,7 +109,7 @@ def load_study(args) -> Study:
 
         return causal_lm_study(*load_smollm2(), args.tokens)
     if name == "tiny":  # a small random Llama (tests)
-        from .models import tiny_llama
+        from .testing import tiny_llama
 
         return causal_lm_study(*tiny_llama(), args.tokens)
     if name == "minilm":
@@ -122,7 +117,7 @@ def load_study(args) -> Study:
 
         return encoder_study(*load_minilm(), args.tokens, args.passages)
     if name == "tiny-bert":  # a small random BERT (tests)
-        from .models import tiny_bert
+        from .testing import tiny_bert
 
         return encoder_study(*tiny_bert(), args.tokens, args.passages)
     raise SystemExit(f"unknown model {name!r} (smollm2, minilm, tiny, tiny-bert)")
