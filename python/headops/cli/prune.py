@@ -16,31 +16,23 @@ Writes <out>.csv and <out>.png (matplotlib) and prints a table.
 
 from __future__ import annotations
 
-import os
-import time
-
 import torch
 
 from .. import research
 from .output import say_written, write_csv
-from .study import add_study_arguments, head_order, importance_of, load_study
+from .study import add_study_arguments, head_order, study_with_importance
 
 HELP = "importance-ordered and random pruning curves"
 
 
 def add_arguments(p) -> None:
-    add_study_arguments(p)
+    add_study_arguments(p, "prune")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per forward-time measurement")
-    p.add_argument("--out", default=os.path.join("results", "prune"))
 
 
 def run(args) -> int:
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
-    study = load_study(args)
-    print(f"model {args.model} loaded in {time.perf_counter() - started:.1f} s; text: {study.source}")
-    scores = importance_of(study)
+    study, scores = study_with_importance(args)
     L, H = scores.shape
     perm = torch.randperm(L * H, generator=torch.Generator().manual_seed(args.seed))
     orders = {"importance": head_order(scores), "random": [(int(i) // H, int(i) % H) for i in perm]}

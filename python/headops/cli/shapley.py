@@ -5,30 +5,25 @@ and a heat-map <out>.png.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 from .. import research
 from .output import say_written, write_csv
-from .study import add_study_arguments, importance_of, load_study
+from .study import add_study_arguments, study_with_importance
 
 HELP = "Shapley values of the heads (permutation sampling)"
 
 
 def add_arguments(p) -> None:
-    add_study_arguments(p)
+    add_study_arguments(p, "shapley")
     p.add_argument("--permutations", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="coalitions per batched forward")
-    p.add_argument("--out", default=os.path.join("results", "shapley"))
 
 
 def run(args) -> int:
-    torch.manual_seed(args.seed)
-    study = load_study(args)
-    print(f"model {args.model}; text: {study.source}")
-    scores = importance_of(study)
+    study, scores = study_with_importance(args)
     if study.metric_name == "ppl":  # value = minus the next-token loss
         value_fn = lambda model, batch: -study.metric_fn(model, batch)  # noqa: E731
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,8 +39,8 @@ class Study:
     log_scale: bool
 
 
-def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of every command that studies a model's heads."""
+def add_study_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of every command that studies a model's heads (--out defaults to results/<command>)."""
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (SmolLM2-135M), minilm (all-MiniLM-L6-v2), or tiny / tiny-bert (random, tests)")
     p.add_argument("--tokens", type=int, default=None,
@@ -49,6 +50,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default=os.path.join("results", command), help="writes <out>.csv and <out>.png")
 
 
 def causal_lm_study(model, tok, tokens: int) -> Study:
@@ -125,8 +127,14 @@ def head_order(scores: torch.Tensor):
     return [(int(i) // H, int(i) % H) for i in scores.flatten().argsort()]
 
 
-def importance_of(study: Study):
-    start = time.perf_counter()
+def study_with_importance(args):
+    """(study, scores [L, H]): every command's start — seed, load the model, then the gradient
+    importance of its heads (|dL/dgate|, normalised per layer), timings printed."""
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    study = load_study(args)
+    print(f"model {args.model} loaded in {time.perf_counter() - started:.1f} s; text: {study.source}")
+    started = time.perf_counter()
     scores = research.importance(study.model, study.importance_batches, loss_fn=study.loss_fn)
-    print(f"importance of {scores.numel()} heads: one forward+backward, {time.perf_counter() - start:.2f} s")
-    return scores
+    print(f"importance of {scores.numel()} heads: one forward+backward, {time.perf_counter() - started:.2f} s")
+    return study, scores
