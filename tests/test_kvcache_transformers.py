@@ -31,10 +31,6 @@ AttentionInterface.register("headops_cache_test", _cache_attention)
 AttentionInterface.register("headops_recompute_test", _recompute_attention)
 
 
-def random_ids(n):
-    return torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(0))
-
-
 def use(model, implementation):
     model.config._attn_implementation = implementation
     for layer in model.model.layers:
@@ -43,7 +39,7 @@ def use(model, implementation):
 
 def test_cache_is_a_transformers_cache_and_generates_like_eager():
     model, _ = tiny_llama()
-    ids = random_ids(12)
+    ids = torch.randint(0, 97, (1, 12))
     use(model, "eager")
     want = model.generate(ids, max_new_tokens=12, do_sample=False)
     cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kinds="full", max_step=1)
@@ -56,7 +52,7 @@ def test_cache_is_a_transformers_cache_and_generates_like_eager():
 
 def test_streaming_heads_generate_like_recomputing_with_the_same_spec():
     model, _ = tiny_llama()
-    ids = random_ids(10)
+    ids = torch.randint(0, 97, (1, 10))
     use(model, "headops_recompute_test")
     want = model.generate(ids, max_new_tokens=15, do_sample=False, use_cache=False)
     cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -24,14 +24,9 @@ def tiny(dtype=torch.float32):
     return tiny_llama()[0].to(dtype)
 
 
-def random_ids(*shape, low=0):
-    """Token ids of a fixed seed: the model fixtures leave the global RNG alone, so tests seed their own data."""
-    return torch.randint(low, 97, shape, generator=torch.Generator().manual_seed(0))
-
-
 def test_importance_from_the_gate_gradient_equals_finite_differences():
     model = tiny(torch.float64)
-    ids = random_ids(2, 16)
+    ids = torch.randint(0, 97, (2, 16))
     grad = research.importance(model, [ids], normalize=False)
     # transformers' RMSNorm rounds through float32, so the loss is float32-accurate: eps 1e-2
     slow = research.importance_finite_difference(model, ids, eps=1e-2)
@@ -43,7 +38,7 @@ def test_importance_from_the_gate_gradient_equals_finite_differences():
 
 def test_batched_coalitions_equal_each_mask_alone():
     model = tiny()
-    ids = random_ids(1, 20)
+    ids = torch.randint(0, 97, (1, 20))
     order = [(layer, h) for layer in range(2) for h in range(4)][::-1]
     fractions = [0.0, 0.25, 0.5, 1.0]
     curve = research.pruning_curve(model, ids, order, fractions, repeats=1)
@@ -60,7 +55,7 @@ def test_batched_coalitions_equal_each_mask_alone():
 
 def test_pruning_every_head_of_a_layer_zeroes_its_attention_output():
     model = tiny()
-    ids = random_ids(1, 12)
+    ids = torch.randint(0, 97, (1, 12))
     seen = {}
     model.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0]))
     headops.patch(model, headops.HeadSpec.dense(model).mask_heads({1: [0, 1, 2, 3]}))
@@ -128,7 +123,7 @@ def _run_cli(*args):
 
 def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
     model, _ = tiny_bert()
-    ids = random_ids(3, 10, low=3)
+    ids = torch.randint(3, 97, (3, 10))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch["attention_mask"][1, 7:] = 0  # a padded passage
     with torch.no_grad():
@@ -154,7 +149,7 @@ def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
 def test_contrastive_importance_of_an_encoder_equals_finite_differences():
     model, _ = tiny_bert()
     model = model.double()
-    ids = random_ids(4, 8, low=3)
+    ids = torch.randint(3, 97, (4, 8))
     half = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x)}  # noqa: E731
     pair = (half(ids[:, :4]), half(ids[:, 4:]))
     grad = research.importance(model, [pair], loss_fn=research.contrastive_embedding_loss, normalize=False)
