@@ -24,7 +24,8 @@ from bench import timing  # noqa: E402
 
 import headops  # noqa: E402
 from headops import research  # noqa: E402
-from headops.models import load_minilm, load_smollm2, stdlib_text  # noqa: E402
+from headops.corpus import stdlib_text  # noqa: E402
+from headops.models import load_minilm, load_smollm2  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -6,8 +6,10 @@
 #include "attention/attention_fwd.h"
 #include "attention/cpu/attention_bwd_cpu.h"
 #include "attention/cpu/attention_fwd_cpu.h"
-#include "attention/cpu/blas.h"
+#include "cpu/blas.h"
+#include "cpu/isa_dispatch.h"
 #include "attention/head_semantics.h"
+#include "attention/online_softmax.h"
 #include "attention/work_counters.h"
 #include "kvcache/kv_ops.h"
 #ifdef HEADOPS_WITH_CUDA
@@ -25,7 +27,7 @@ TORCH_LIBRARY(headops, m) {
       "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o_stream, Tensor lse, "
       "Tensor? o_full, Tensor? lse_full, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
-      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skipped_zero_gate, "
+      "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
       "int[] needs_grad) -> Tensor[]");
   m.def(
       "kv_append(Tensor k_new, Tensor v_new, Tensor(a!)[] full_k, Tensor(b!)[] full_v, Tensor(c!) ring_k, "
@@ -58,6 +60,59 @@ TORCH_LIBRARY_IMPL(headops, CUDA, m) {
 
 namespace {
 
+using Range = std::pair<int64_t, int64_t>;
+
+void bind_semantics(pybind11::module_ m) {
+  using headops::HeadVisibility;
+  using Softmax = headops::OnlineSoftmax<double>;
+  m.def("visible", [](bool causal, int64_t window, int64_t sinks, int64_t pos, int64_t j) {
+    return HeadVisibility{causal, window, sinks}.visible(pos, j);
+  });
+  m.def(
+      "keys_for_positions",
+      [](bool causal, int64_t window, int64_t sinks, int64_t pos_first, int64_t pos_last, int64_t Sk) {
+        const auto keys = HeadVisibility{causal, window, sinks}.keys_for_positions(pos_first, pos_last, Sk);
+        return std::make_pair(Range{keys.sinks.lo, keys.sinks.hi}, Range{keys.window.lo, keys.window.hi});
+      },
+      "((sinks lo, hi), (window lo, hi)): the keys the queries at positions [pos_first, pos_last] see");
+  m.def(
+      "block_fully_visible",
+      [](bool causal, int64_t window, int64_t sinks, int64_t pos_first, int64_t pos_last, int64_t j0, int64_t j1) {
+        return HeadVisibility{causal, window, sinks}.block_fully_visible(pos_first, pos_last, j0, j1);
+      });
+  m.def(
+      "queries_for_key",
+      [](bool causal, int64_t window, int64_t sinks, int64_t j, int64_t Sq, int64_t Sk) {
+        const auto r = HeadVisibility{causal, window, sinks}.queries_for_key(j, Sq, Sk);
+        return Range{r.lo, r.hi};
+      },
+      "(lo, hi): the queries that see key j (the CUDA backward's key-side walk)");
+  // the online softmax of one row in float64; base2: log2 units (exp2/log2), as the tensor-core kernel
+  m.def("softmax_start", [](bool has_sink_logit, double sink_logit, bool counts_sink) {
+    const Softmax s = Softmax::start(has_sink_logit, sink_logit, counts_sink);
+    return std::make_pair(s.max, s.sum);
+  });
+  m.def(
+      "softmax_rescale",
+      [](double max, double sum, double block_max, bool base2) {
+        Softmax s{max, sum};
+        const double correction = base2 ? s.rescale(block_max, [](double x) { return std::exp2(x); })
+                                         : s.rescale(block_max, headops::StdExp{});
+        return std::make_tuple(s.max, s.reference(), correction);
+      },
+      "(new max, reference, correction)");
+  m.def("softmax_add", [](double max, double sum, double block_sum, double correction) {
+    Softmax s{max, sum};
+    s.add(block_sum, correction);
+    return s.sum;
+  });
+  m.def("softmax_finish", [](double max, double sum, bool base2) {
+    const Softmax s{max, sum};
+    const double lse = base2 ? s.lse([](double x) { return std::log2(x); }) : s.lse(headops::StdLog{});
+    return std::make_pair(s.inverse_sum(), lse);
+  }, "(1 / sum, lse)");
+}
+
 std::vector<int64_t> read_work_counters() {
   std::vector<int64_t> out;
   for (auto& c : headops::work_counters()) out.push_back(c.load());
@@ -76,6 +131,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[work items, key blocks, score elements, value blocks, heads skipped] since the last reset");
   m.def("reset_work_counters", &reset_work_counters);
   m.def(
+      "attention_grad_inputs",
+      [] { return std::vector<std::string>(std::begin(headops::kBackwardGradNames), std::end(headops::kBackwardGradNames)); },
+      "attention_fwd's argument names in the order of attention_bwd's needs_grad and of its gradients");
+  m.def(
       "cpu_tile_shape",
       [](at::ScalarType dtype, int64_t head_dim) {
         auto t = headops::cpu::tile_shape(dtype, head_dim);
@@ -93,13 +152,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
-  m.def(
-      "queries_for_key",
-      [](bool causal, int64_t window, int64_t sinks, int64_t j, int64_t Sq, int64_t Sk) {
-        const auto r = headops::HeadVisibility{causal, window, sinks}.queries_for_key(j, Sq, Sk);
-        return std::make_pair(r.lo, r.hi);
-      },
-      "(lo, hi): the queries that see key j (head_semantics.h, the CUDA backward's key-side walk; tests)");
+  bind_semantics(m.def_submodule(
+      "semantics", "head_semantics.h and online_softmax.h called one value at a time: what tests and the CUDA "
+                   "emulations (tests/emulate_cuda_*.py) read instead of transcribing the rules"));
 #ifdef HEADOPS_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.def(

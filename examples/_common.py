@@ -8,11 +8,13 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 
 import torch  # noqa: E402
 
+from headops.corpus import stdlib_text  # noqa: E402,F401  (real English text, offline)
+
 
 def causal_lm(tiny: bool):
     """(model, tokenizer-or-None): SmolLM2-135M-Instruct, or a tiny random Llama (--tiny)."""
     if tiny:
-        from headops.models import tiny_llama
+        from headops.testing import tiny_llama
 
         return tiny_llama()
     from headops.models import load_smollm2
@@ -23,17 +25,12 @@ def causal_lm(tiny: bool):
 def encoder(tiny: bool):
     """(model, tokenizer-or-None): all-MiniLM-L6-v2, or a tiny random BERT (--tiny)."""
     if tiny:
-        from transformers import BertConfig, BertModel
+        from headops.testing import tiny_bert
 
-        torch.manual_seed(0)
-        return BertModel(BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4)).eval(), None
+        return tiny_bert()
     from headops.models import load_minilm
 
     return load_minilm()
-
-
-from headops.models import stdlib_text  # noqa: E402,F401  (real English text, offline)
 
 
 def token_ids(tok, n: int, vocab: int = 97) -> torch.Tensor:

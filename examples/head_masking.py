@@ -27,7 +27,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     model, tok = _common.encoder(args.tiny)
     if tok is None:
-        batch = {"input_ids": torch.randint(0, 97, (16, 64)), "attention_mask": torch.ones(16, 64, dtype=torch.long)}
+        ids = torch.randint(0, 97, (16, 64), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         text = _common.stdlib_text()
         passages = [text[i * 1500:(i + 1) * 1500] for i in range(16)]

@@ -3,8 +3,8 @@ checked against the CPU backward op on random cases, in float64.
 
 It checks the algorithm and the index arithmetic of the three passes without a GPU (row pass:
 epilogue/alpha backward and delta; dq pass over keys_for_query; dk/dv pass over the inverse
-visibility, HeadVisibility::queries_for_key through headops._C.queries_for_key), not the
-compiled kernel. Run: PYTHONPATH=python python tests/emulate_cuda_bwd.py (or through pytest:
+visibility, HeadVisibility::queries_for_key), not the compiled kernel. The visibility rules are
+head_semantics.h's own, called through headops._C.semantics, so they cannot drift. Run: PYTHONPATH=python python tests/emulate_cuda_bwd.py (or through pytest:
 test_emulated_cuda_backward_matches_cpu).
 """
 
@@ -19,23 +19,14 @@ F64 = torch.float64
 
 
 def visible(causal, window, sinks, pos, j):
-    """HeadVisibility::visible."""
-    if causal and j > pos:
-        return False
-    if j < sinks:
-        return True
-    if window < 0:
-        return True
-    d = pos - j
-    if not causal and d < 0:
-        d = -d
-    return d < window
+    """HeadVisibility::visible (head_semantics.h itself, through a test hook)."""
+    return _C.semantics.visible(causal, window, sinks, pos, j)
 
 
 def keys_for_query(causal, window, sinks, pos, Sk):
-    """The keys a query sees, as a list (the kernel walks the two ranges of keys_for_query;
-    an exact single-query range, so the list of visible keys)."""
-    return [j for j in range(Sk) if visible(causal, window, sinks, pos, j)]
+    """The keys a query sees, in the order the kernel walks keys_for_query's two ranges."""
+    sink_keys, window_keys = _C.semantics.keys_for_positions(causal, window, sinks, pos, pos, Sk)
+    return [j for lo, hi in (sink_keys, window_keys) for j in range(lo, hi)]
 
 
 def emulate(p):
@@ -149,7 +140,7 @@ def emulate(p):
                 g["q"][b, i, h] = scale * acc
             # 3. dk/dv pass over the queries that see each key
             for j in range(Sk):
-                lo, hi = _C.queries_for_key(main[0], main[1], main[2], j, Sq, Sk)
+                lo, hi = _C.semantics.queries_for_key(main[0], main[1], main[2], j, Sq, Sk)
                 dk, dv, dkb = torch.zeros(D, dtype=F64), torch.zeros(D, dtype=F64), 0.0
                 for i in range(lo, hi):
                     ds, pv = pair(i, j)

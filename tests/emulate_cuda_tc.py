@@ -5,9 +5,11 @@ softmax in exp2 and the epilogue. It checks the kernel's index arithmetic on a m
 GPU; it is NOT the kernel (a transcription can differ from the .cu), and the real check is
 tests/test_attention_cuda.py on a GPU.
 
-    python tests/emulate_cuda_tc.py        # a few hundred random cases against headops.reference
+    python tests/emulate_cuda_tc.py [N]    # N random cases against headops.reference
 
-Not collected by pytest (no test_ prefix): slow, and a development aid only.
+tests/test_cuda_emulation.py runs a few small cases in the suite. The visibility and online-softmax
+rules are the headers' own (head_semantics.h, online_softmax.h through headops._C.semantics); the
+rest (tiles, fragments, masks, warp skips, the epilogue's order) is transcribed.
 """
 
 import math
@@ -17,47 +19,26 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/python")
-from headops import reference  # noqa: E402
+from headops import _C, reference  # noqa: E402
 
 BQ, BK, WARPS = 128, 64, 8
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 NEG_INF = -math.inf
 
 
-# ---------------------------------------------------------------- head_semantics.h, transcribed
+# ------------------------------------ head_semantics.h and online_softmax.h, through headops._C.semantics
+# the rules themselves (compiled from the headers the kernel includes), not a transcription
 def keys_for_positions(causal, window, sinks, pf, pl, Sk):
-    causal_end = min(pl + 1, Sk) if causal else Sk
-    widest = Sk + max(abs(pf), abs(pl))
-    w = -1 if window > widest else window
-    if w < 0:
-        win = [0, causal_end]
-    else:
-        win = [max(0, pf - w + 1), causal_end if causal else min(Sk, pl + w)]
-    snk = [0, min(sinks, causal_end)]
-    if win[1] <= win[0]:
-        win = [0, 0]
-    if snk[1] <= snk[0]:
-        return [0, 0], win
-    if win[1] <= win[0] or snk[1] >= win[0]:
-        hi = snk[1] if win[1] <= win[0] else max(snk[1], win[1])
-        return [0, 0], [0, hi]
-    return snk, win
+    sink_keys, window_keys = _C.semantics.keys_for_positions(causal, window, sinks, pf, pl, Sk)
+    return list(sink_keys), list(window_keys)
 
 
 def block_fully_visible(causal, window, sinks, pf, pl, j0, j1):
-    if j1 <= j0:
-        return True
-    if causal and j1 - 1 > pf:
-        return False
-    if j1 <= sinks:
-        return True
-    if window < 0:
-        return True
-    if pl - j0 >= window:
-        return False
-    if not causal and (j1 - 1) - pf >= window:
-        return False
-    return True
+    return _C.semantics.block_fully_visible(causal, window, sinks, pf, pl, j0, j1)
+
+
+def nan_max(a, b):
+    return b if (b > a or b != b) else a
 
 
 def clamp(r, Sk):
@@ -164,12 +145,15 @@ def run_item(Q, K, V, D, Sq, Sk, q_tile, causal, hs, bias, out_scale, out_bias, 
         lo, hi = walk_block(0)
         load_tile(smem, sK, D, BK, K, lo, hi)
         load_tile(smem, sV, D, BK, V, lo, hi)
-    m0 = hs["sink_logit"] * LOG2E if hs["sink_logit"] is not None else NEG_INF
+    has_sink = hs["sink_logit"] is not None
     st = {}
     for w in range(WARPS):
         for br in ("full", "stream"):
-            st[(w, br)] = dict(o=np.zeros((32, D // 8, 4)), m=np.full((32, 2), m0),
-                               l=np.array([[1.0 if (m0 != NEG_INF and T % 4 == 0) else 0.0] * 2 for T in range(32)]))
+            # TcBranch::init: OnlineSoftmax::start in log2 units; lane t == 0 of a quad counts the sink
+            starts = [_C.semantics.softmax_start(has_sink, hs["sink_logit"] * LOG2E if has_sink else 0.0, T % 4 == 0)
+                      for T in range(32)]
+            st[(w, br)] = dict(o=np.zeros((32, D // 8, 4)), m=np.array([[m0] * 2 for m0, _ in starts]),
+                               l=np.array([[l0] * 2 for _, l0 in starts]))
     scale2 = hs["scale"] * LOG2E
     for bi in range(n_blocks):
         buf = bi & 1
@@ -231,17 +215,15 @@ def run_item(Q, K, V, D, Sq, Sk, q_tile, causal, hs, bias, out_scale, out_bias, 
                     for nt in range(8):
                         for e in range(4):
                             if masks[T] >> (nt * 4 + e) & 1:
-                                mx[T, e >> 1] = max(mx[T, e >> 1], x[T, nt, e])
-                # the quad's max (shfl_xor 1, 2)
+                                mx[T, e >> 1] = nan_max(mx[T, e >> 1], x[T, nt, e])
+                # the quad's max (shfl_xor 1, 2; np.max keeps a NaN as nan_max does)
                 quad_max = np.array([mx[T - T % 4:T - T % 4 + 4].max(axis=0) for T in range(32)])
                 pa = [[[None] * 4 for _ in range(4)] for _ in range(32)]
                 for T in range(32):
                     m_use, corr = [0, 0], [0, 0]
                     for i in range(2):
-                        m_new = max(s["m"][T, i], quad_max[T, i])
-                        m_use[i] = 0.0 if m_new == NEG_INF else m_new
-                        corr[i] = 2.0 ** (s["m"][T, i] - m_use[i]) if s["m"][T, i] != NEG_INF else 0.0
-                        s["m"][T, i] = m_new
+                        s["m"][T, i], m_use[i], corr[i] = _C.semantics.softmax_rescale(
+                            s["m"][T, i], s["l"][T, i], quad_max[T, i], True)
                     sums = [0.0, 0.0]
                     for nt in range(8):
                         p = [2.0 ** (x[T, nt, e] - m_use[e >> 1]) if (masks[T] >> (nt * 4 + e) & 1) and
@@ -251,7 +233,7 @@ def run_item(Q, K, V, D, Sq, Sk, q_tile, causal, hs, bias, out_scale, out_bias, 
                         pa[T][nt // 2][(nt & 1) * 2 + 0] = (p[0], p[1])
                         pa[T][nt // 2][(nt & 1) * 2 + 1] = (p[2], p[3])
                     for i in range(2):
-                        s["l"][T, i] = s["l"][T, i] * corr[i] + sums[i]
+                        s["l"][T, i] = _C.semantics.softmax_add(s["m"][T, i], s["l"][T, i], sums[i], corr[i])
                     s["o"][T, :, 0:2] *= corr[0]
                     s["o"][T, :, 2:4] *= corr[1]
                 for kk in range(BK // 16):
@@ -279,9 +261,9 @@ def run_item(Q, K, V, D, Sq, Sk, q_tile, causal, hs, bias, out_scale, out_bias, 
                 res = {}
                 for br in ("full", "stream"):
                     s = st[(w, br)]
-                    lsum = s["l"][q:q + 4, i].sum()
-                    inv = 1.0 / lsum if lsum > 0 else 0.0
-                    res[br] = (inv, (s["m"][T, i] + math.log2(lsum)) * LN2 if lsum > 0 else NEG_INF)
+                    lsum = s["l"][q:q + 4, i].sum()  # the quad's parts (shfl_xor 1, 2)
+                    inv, lse2 = _C.semantics.softmax_finish(s["m"][T, i], lsum, True)
+                    res[br] = (inv, lse2 * LN2)
                 lse[q0 + r] = res["stream"][1] if plan_stream else res["full"][1]
                 for n in range(D // 8):
                     for e in range(2):
@@ -306,53 +288,55 @@ def emulate(q, k, v, causal, scale, window, sinks, alpha, bias, sink_logit, out_
     return out, lse
 
 
-def main(cases=40, seed=0):
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def random_case(case, max_q=300, max_k=500):
+    """The inputs of case number `case` (deterministic), as headops.reference.attention kwargs."""
+    rng = np.random.default_rng(case)
+    gen = torch.Generator().manual_seed(case)
+    D = int(rng.choice([64, 128]))
+    Sq, Sk = int(rng.integers(1, max_q)), int(rng.integers(1, max_k))
+    c = dict(D=D, Sq=Sq, Sk=Sk, causal=bool(rng.integers(0, 2)),
+             window=int(rng.choice([-1, 1, 2, 5, 17, 64, 65, 100, 1000])), sinks=int(rng.choice([0, 0, 1, 3, 64, 70])),
+             alpha=[None, None, 0.0, 1.0, 0.3, 0.8][int(rng.integers(0, 6))],
+             sink_logit=[None, 0.5, -30.0][int(rng.integers(0, 3))], gate=0.7, scale=1 / math.sqrt(D))
+    # bfloat16 values, as the tensor-core kernel reads them
+    c["q"], c["k"], c["v"] = (torch.randn(n, D, dtype=torch.float64, generator=gen).to(torch.bfloat16).double()
+                              for n in (Sq, Sk, Sk))
+    c["key_bias"] = torch.randn(Sk, dtype=torch.float64, generator=gen) if rng.integers(0, 2) else None
+    c["out_scale"], c["out_bias"] = (torch.randn(D, dtype=torch.float64, generator=gen) for _ in range(2))
+    return c
+
+
+def compare(c):
+    """(max |out error|, max |lse error|) of the emulation against the float64 reference."""
+    D, Sq, Sk = c["D"], c["Sq"], c["Sk"]
+    got, got_lse = emulate(c["q"].numpy(), c["k"].numpy(), c["v"].numpy(), c["causal"], c["scale"], c["window"],
+                           c["sinks"], c["alpha"], None if c["key_bias"] is None else c["key_bias"].numpy(),
+                           c["sink_logit"], c["out_scale"].numpy(), c["out_bias"].numpy(), c["gate"])
+    kw = dict(causal=c["causal"], window=c["window"], sinks=c["sinks"], gate=c["gate"],
+              out_scale=c["out_scale"].view(1, D), out_bias=c["out_bias"].view(1, D))
+    kw.update({n: c[n] for n in ("alpha", "key_bias", "sink_logit") if c[n] is not None})
+    ref = reference.attention(c["q"].view(1, Sq, 1, D), c["k"].view(1, Sk, 1, D), c["v"].view(1, Sk, 1, D),
+                              return_lse=c["alpha"] is None, **kw)
+    lerr = 0.0
+    if c["alpha"] is None:
+        ref, ref_lse = ref
+        ref_lse = ref_lse[0, 0].numpy()
+        finite = np.isfinite(ref_lse)
+        assert np.array_equal(finite, np.isfinite(got_lse)), "the rows with lse -inf differ"
+        lerr = np.abs(ref_lse[finite] - got_lse[finite]).max(initial=0.0)
+    return np.abs(ref[0, :, 0].numpy() - got).max(), lerr
+
+
+def main(cases=40):
     worst = 0.0
     for case in range(cases):
-        D = int(rng.choice([64, 128]))
-        Sq = int(rng.integers(1, 300))
-        Sk = int(rng.integers(1, 500))
-        causal = bool(rng.integers(0, 2))
-        window = int(rng.choice([-1, 1, 2, 5, 17, 64, 65, 100, 1000]))
-        sinks = int(rng.choice([0, 0, 1, 3, 64, 70]))
-        alpha = [None, None, 0.0, 1.0, 0.3, 0.8][int(rng.integers(0, 6))]
-        use_bias = bool(rng.integers(0, 2))
-        sink_logit = [None, 0.5, -30.0][int(rng.integers(0, 3))]
-        q = torch.randn(Sq, D, dtype=torch.float64).to(torch.bfloat16).double()
-        k = torch.randn(Sk, D, dtype=torch.float64).to(torch.bfloat16).double()
-        v = torch.randn(Sk, D, dtype=torch.float64).to(torch.bfloat16).double()
-        bias = torch.randn(Sk, dtype=torch.float64) if use_bias else None
-        out_scale = torch.randn(D, dtype=torch.float64)
-        out_bias = torch.randn(D, dtype=torch.float64)
-        gate, scale = 0.7, 1 / math.sqrt(D)
-        got, got_lse = emulate(q.numpy(), k.numpy(), v.numpy(), causal, scale, window, sinks, alpha,
-                               None if bias is None else bias.numpy(), sink_logit, out_scale.numpy(),
-                               out_bias.numpy(), gate)
-        kw = dict(causal=causal, window=window, sinks=sinks, gate=gate, out_scale=out_scale.view(1, D),
-                  out_bias=out_bias.view(1, D))
-        if alpha is not None:
-            kw["alpha"] = alpha
-        if bias is not None:
-            kw["key_bias"] = bias
-        if sink_logit is not None:
-            kw["sink_logit"] = sink_logit
-        ref = reference.attention(q.view(1, Sq, 1, D), k.view(1, Sk, 1, D), v.view(1, Sk, 1, D),
-                                  return_lse=alpha is None, **kw)
-        if alpha is None:
-            ref, ref_lse = ref
-            finite = np.isfinite(ref_lse[0, 0].numpy())
-            assert np.array_equal(finite, np.isfinite(got_lse)), f"case {case}: lse -inf rows differ"
-            lerr = np.abs(ref_lse[0, 0].numpy()[finite] - got_lse[finite]).max(initial=0.0)
-        else:
-            lerr = 0.0
-        err = np.abs(ref[0, :, 0].numpy() - got).max()
+        c = random_case(case)
+        err, lerr = compare(c)
         worst = max(worst, err, lerr)
         flag = "" if max(err, lerr) < 1e-9 else "   <-- MISMATCH"
-        print(f"case {case:3d}: D={D} Sq={Sq} Sk={Sk} causal={causal} window={window} sinks={sinks} "
-              f"alpha={alpha} bias={use_bias} sink={sink_logit}: max|out err| {err:.2e} lse {lerr:.2e}{flag}",
-              flush=True)
+        print(f"case {case:3d}: " + " ".join(f"{n}={c[n]}" for n in ("D", "Sq", "Sk", "causal", "window", "sinks",
+                                                                      "alpha", "sink_logit")) +
+              f" bias={c['key_bias'] is not None}: max|out err| {err:.2e} lse {lerr:.2e}{flag}", flush=True)
     print("worst", worst)
     return worst
 

@@ -14,7 +14,7 @@
 4. Two generation streams do not mix: two caches interleaved step by step, and two batch rows
    of one cache, each equal a run of that stream alone (bitwise).
 
-The kernels promise (README, "How the CPU kernel works") that every work item writes only its
+The kernels promise (docs/kernels.md, "How the CPU kernel works") that every work item writes only its
 own outputs and that partials are merged in a fixed order, so none of this may depend on which
 thread ran what. The Python threads really overlap: torch.ops calls release the GIL.
 """

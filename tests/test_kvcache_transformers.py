@@ -7,7 +7,9 @@ import torch
 import headops
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+
+from headops.testing import tiny_llama  # noqa: E402
 
 WINDOW, SINKS = [-1, -1, 3, 3], [0, 0, 2, 2]  # query heads 2, 3 (KV head 1) are streaming
 
@@ -29,13 +31,6 @@ AttentionInterface.register("headops_cache_test", _cache_attention)
 AttentionInterface.register("headops_recompute_test", _recompute_attention)
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def use(model, implementation):
     model.config._attn_implementation = implementation
     for layer in model.model.layers:
@@ -43,7 +38,7 @@ def use(model, implementation):
 
 
 def test_cache_is_a_transformers_cache_and_generates_like_eager():
-    model = tiny_llama()
+    model, _ = tiny_llama()
     ids = torch.randint(0, 97, (1, 12))
     use(model, "eager")
     want = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -56,7 +51,7 @@ def test_cache_is_a_transformers_cache_and_generates_like_eager():
 
 
 def test_streaming_heads_generate_like_recomputing_with_the_same_spec():
-    model = tiny_llama()
+    model, _ = tiny_llama()
     ids = torch.randint(0, 97, (1, 10))
     use(model, "headops_recompute_test")
     want = model.generate(ids, max_new_tokens=15, do_sample=False, use_cache=False)

@@ -15,15 +15,13 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from headops import research  # noqa: E402
+from headops.testing import tiny_bert, tiny_llama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
-    return LlamaForCausalLM(cfg).eval().to(dtype)
+    return tiny_llama()[0].to(dtype)
 
 
 def test_importance_from_the_gate_gradient_equals_finite_differences():
@@ -124,8 +122,6 @@ def _run_cli(*args):
 
 
 def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
-    from headops.models import tiny_bert
-
     model, _ = tiny_bert()
     ids = torch.randint(3, 97, (3, 10))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -151,8 +147,6 @@ def test_encoder_pruning_curve_of_several_passages_equals_each_mask_alone():
 
 
 def test_contrastive_importance_of_an_encoder_equals_finite_differences():
-    from headops.models import tiny_bert
-
     model, _ = tiny_bert()
     model = model.double()
     ids = torch.randint(3, 97, (4, 8))

@@ -25,7 +25,7 @@ std::vector<at::Tensor> attention_bwd(
     const OptTensor& lse_full, bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale,
     const OptTensor& window, const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
     const OptTensor& sink_logit, const OptTensor& out_scale_in, const OptTensor& out_bias_in, const OptTensor& gate,
-    bool skipped_zero_gate, at::IntArrayRef needs_grad) {
+    bool skip_zero_gate, at::IntArrayRef needs_grad) {
   const char* op = "headops.attention_bwd: ";
   const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first, /*cuda_ok=*/true);
   const auto dtype = q_in.scalar_type();
@@ -33,8 +33,7 @@ std::vector<at::Tensor> attention_bwd(
   const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale_in, out_bias_in, gate};
   check_per_head_args(op, d, acc, q_in, given);
   TORCH_CHECK(static_cast<int64_t>(needs_grad.size()) == kNumBackwardGrads, op, "needs_grad must have ",
-              int(kNumBackwardGrads), " entries (q, k, v, softmax_scale, alpha, key_bias, sink_logit, out_scale, "
-              "out_bias, gate), got ", needs_grad.size());
+              int(kNumBackwardGrads), " entries (one per name of attention_grad_inputs()), got ", needs_grad.size());
   TORCH_CHECK(dout_in.sizes() == q_in.sizes(), op, "dout must have the output's shape ", q_in.sizes(), ", got ",
               dout_in.sizes());
   TORCH_CHECK(dout_in.is_floating_point() && dout_in.device() == q_in.device(), op,
@@ -98,7 +97,7 @@ std::vector<at::Tensor> attention_bwd(
   f.skip_unused_branch = true;  // a branch whose weight is 0 adds nothing to any gradient
   p.dout = head_tensor(dout, heads_first);
   p.dlse = dlse.has_value() ? dlse->data_ptr() : nullptr;
-  p.skipped_zero_gate = skipped_zero_gate;
+  p.skipped_zero_gate = skip_zero_gate;  // what the forward did: nothing of such a head was saved
   auto ptr = [](at::Tensor& t) -> void* { return t.numel() > 0 ? t.data_ptr() : nullptr; };
   p.want_dq = dq.numel() > 0;
   p.want_dk = dk.numel() > 0;

@@ -14,6 +14,10 @@ enum BackwardGrad : int {
   kGradQ = 0, kGradK, kGradV, kGradSoftmaxScale, kGradAlpha, kGradKeyBias, kGradSinkLogit, kGradOutScale,
   kGradOutBias, kGradGate, kNumBackwardGrads
 };
+// The attention_fwd argument each gradient belongs to, in BackwardGrad order: the autograd glue
+// (python/headops/_autograd.py) places the gradients by these names.
+inline constexpr const char* kBackwardGradNames[kNumBackwardGrads] = {
+    "q", "k", "v", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate"};
 
 // headops::attention_bwd: the gradients of attention_fwd's inputs from dL/dout (and dL/dlse),
 // the inputs and what the forward saved. Checks every argument (TORCH_CHECK).
@@ -22,7 +26,7 @@ std::vector<at::Tensor> attention_bwd(
     const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full, const OptTensor& lse_full,
     bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
     const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit,
-    const OptTensor& out_scale, const OptTensor& out_bias, const OptTensor& gate, bool skipped_zero_gate,
+    const OptTensor& out_scale, const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate,
     at::IntArrayRef needs_grad);
 
 }  // namespace headops

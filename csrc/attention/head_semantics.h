@@ -115,6 +115,26 @@ struct HeadVisibility {
     return {max64(pos_lo - shift, int64_t(0)), min64(pos_hi - shift, Sq)};
   }
 
+  // The keys of block [j0, j0 + nk) that the query at position `pos` sees, relative to j0, as up
+  // to two ranges, the first non-empty one first. `whole_block`: the caller knows every key of
+  // the block is visible to every query of its tile.
+  HEADOPS_HD void visible_in_block(int64_t pos, int64_t Sk, int64_t j0, int64_t nk, bool whole_block,
+                                   KeyRange (&parts)[2]) const {
+    if (whole_block) {
+      parts[0] = {0, nk};
+      parts[1] = {0, 0};
+      return;
+    }
+    const VisibleKeys vk = keys_for_query(pos, Sk);
+    parts[0] = vk.sinks.clip(j0, j0 + nk);
+    parts[1] = vk.window.clip(j0, j0 + nk);
+    for (KeyRange& part : parts) part = part.empty() ? KeyRange{0, 0} : KeyRange{part.lo - j0, part.hi - j0};
+    if (parts[0].empty()) {
+      parts[0] = parts[1];
+      parts[1] = {0, 0};
+    }
+  }
+
   // True when every query in [pos_first, pos_last] sees every key in [j0, j1): no masking needed.
   HEADOPS_HD bool block_fully_visible(int64_t pos_first, int64_t pos_last, int64_t j0, int64_t j1) const {
     if (j1 <= j0) return true;
@@ -161,22 +181,26 @@ HEADOPS_HD BranchPlan plan_branches(const HeadScalars<acc_t>& h) {
   return {h.alpha != acc_t(0), h.alpha != acc_t(1)};
 }
 
-// Online-softmax bookkeeping with torch's NaN semantics: a NaN score (from NaN or inf in q or k)
-// must reach the output and lse, as in the reference, instead of being dropped by a max or read
-// as "no visible key" by a `sum > 0` test.
+// The streaming branch applies the head's window and sinks (without alpha it is the head's
+// only branch); the full branch (full_visibility) ignores them.
 template <typename acc_t>
-HEADOPS_HD acc_t nan_max(acc_t a, acc_t b) {
-  return (b > a || b != b) ? b : a;
+HEADOPS_HD HeadVisibility streaming_visibility(bool causal, const HeadScalars<acc_t>& hs) {
+  return {causal, hs.window, hs.sinks};
 }
-// 1 / (a row's softmax sum): 0 for a row that saw no key (sum 0), NaN stays NaN
+
+// What a head's key walk follows: the full branch when the head computes it (alpha; the
+// streaming branch's keys are a subset), else the streaming branch.
 template <typename acc_t>
-HEADOPS_HD acc_t inverse_row_sum(acc_t sum) {
-  return sum != acc_t(0) ? acc_t(1) / sum : acc_t(0);
+HEADOPS_HD HeadVisibility walk_visibility(bool causal, const HeadScalars<acc_t>& hs) {
+  return plan_branches(hs).full ? full_visibility(causal) : streaming_visibility(causal, hs);
 }
-// a row saw a key (or a NaN): its lse is max + log(sum), otherwise -inf
+
+// The keys a tile of queries [q0, q1) walks, CPU and CUDA alike: the sinks range, then the window
+// range (or the one causal range of the full branch).
 template <typename acc_t>
-HEADOPS_HD bool row_has_mass(acc_t sum) {
-  return sum != acc_t(0);
+HEADOPS_HD VisibleKeys tile_walk(const AttentionParams& p, const HeadScalars<acc_t>& hs, int64_t q0, int64_t q1) {
+  const int64_t shift = p.seqlen_k - p.seqlen_q;
+  return walk_visibility(p.causal, hs).keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
 }
 
 // out = alpha * full + (1 - alpha) * streaming

@@ -1,8 +1,8 @@
-"""Command line: ``python -m headops prune --model smollm2 ...`` (see headops.prune_cli)."""
+"""Command line: ``python -m headops prune|shapley ...`` (see headops.cli)."""
 
 import sys
 
-from .prune_cli import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

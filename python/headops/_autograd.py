@@ -2,52 +2,70 @@
 
 The forward, called with ``save_for_backward=True``, returns each branch's attention average
 and lse besides the output; the backward op recomputes the probabilities tile by tile from
-them and returns only the gradients that are needed.
+them and returns only the gradients that are needed. Arguments travel by schema name: the
+backward op takes the forward's arguments under the same names, and its gradients come in the
+order of ``_C.attention_grad_inputs()`` (the C++ table).
 """
+
+import functools
 
 import torch
 
-# positions of the differentiable inputs of attention_fwd, in the order of attention_bwd's
-# needs_grad and of its returned gradients
-_GRAD_INPUTS = (0, 1, 2, 6, 9, 10, 11, 12, 13, 14)  # q k v softmax_scale alpha key_bias sink_logit out_scale out_bias gate
-_NUM_INPUTS = 18
+from . import _C
+from ._ops import argument_names
+
+_FORWARD, _BACKWARD = "attention_fwd", "attention_bwd"
+
+
+@functools.cache
+def _shared_arguments():
+    """The forward's arguments the backward op takes again, as (tensor names, other names)."""
+    shared = [n for n in argument_names(_FORWARD) if n in argument_names(_BACKWARD)]
+    schema = torch.ops.headops.attention_fwd.default._schema
+    is_tensor = {a.name: "Tensor" in str(a.type) for a in schema.arguments}
+    return tuple(n for n in shared if is_tensor[n]), tuple(n for n in shared if not is_tensor[n])
+
+
+@functools.cache
+def _gradient_positions():
+    """Where each of the backward op's gradients goes among the forward's inputs."""
+    return tuple(argument_names(_FORWARD).index(n) for n in _C.attention_grad_inputs())
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, causal, heads_first, default_scale, softmax_scale, window, sinks, alpha, key_bias, sink_logit,
-     out_scale, out_bias, gate, skip_zero_gate, _skip_unused_branch, save_for_backward) = inputs
+    given = dict(zip(argument_names(_FORWARD), inputs))
     _out, lse, o_stream, o_full, lse_full = output
     # an output the loss does not use must arrive as None, not as zeros: a gated-off head's
     # key loop is skipped only when no dL/dlse exists
     ctx.set_materialize_grads(False)
-    ctx.saved = save_for_backward
-    ctx.flags = (causal, heads_first, default_scale, skip_zero_gate)
-    ctx.has_alpha = alpha is not None
-    if save_for_backward:
-        ctx.save_for_backward(q, k, v, o_stream, lse, o_full, lse_full, softmax_scale, window, sinks, alpha,
-                              key_bias, sink_logit, out_scale, out_bias, gate)
+    ctx.saved = given["save_for_backward"]
+    ctx.has_alpha = given["alpha"] is not None
+    tensor_names, other_names = _shared_arguments()
+    ctx.tensor_names = tensor_names
+    ctx.others = {n: given[n] for n in other_names}
+    if ctx.saved:
+        ctx.save_for_backward(o_stream, lse, o_full, lse_full, *(given[n] for n in tensor_names))
 
 
 def _backward(ctx, dout, dlse, _do_stream, _do_full, _dlse_full):
     if not ctx.saved:
         raise RuntimeError("headops.attention_fwd was called with save_for_backward=False, so it kept nothing "
                            "for a backward pass; call headops.attention (it saves what the backward needs)")
-    (q, k, v, o_stream, lse, o_full, lse_full, softmax_scale, window, sinks, alpha, key_bias, sink_logit,
-     out_scale, out_bias, gate) = ctx.saved_tensors
-    causal, heads_first, default_scale, skip_zero_gate = ctx.flags
-    needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_INPUTS]
+    o_stream, lse, o_full, lse_full, *shared = ctx.saved_tensors
+    args = dict(zip(ctx.tensor_names, shared), **ctx.others)
+    positions = _gradient_positions()
+    needs = [bool(ctx.needs_input_grad[i]) for i in positions]
     if dout is None:
-        dout = torch.zeros_like(q)
+        dout = torch.zeros_like(args["q"])
     if ctx.has_alpha:
         dlse = None  # lse is not a result of an alpha call (no single lse)
     else:
         o_full = lse_full = None
     grads = torch.ops.headops.attention_bwd(
-        dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, softmax_scale,
-        window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate, skip_zero_gate,
-        [int(n) for n in needs])
-    result = [None] * _NUM_INPUTS
-    for position, wanted, grad in zip(_GRAD_INPUTS, needs, grads):
+        dout=dout, dlse=dlse, o_stream=o_stream, lse=lse, o_full=o_full, lse_full=lse_full,
+        needs_grad=[int(n) for n in needs], **args)
+    result = [None] * len(ctx.needs_input_grad)
+    for position, wanted, grad in zip(positions, needs, grads):
         if wanted:
             result[position] = grad
     return tuple(result)

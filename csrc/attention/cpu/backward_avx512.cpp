@@ -1,7 +1,6 @@
 // The CPU backward kernel compiled for AVX-512 (see backward_kernel.h).
 #define HEADOPS_TARGET_AVX512 1
-#include "isa_target.h"
-#define CPU_CAPABILITY AVX512
+#include "../../cpu/isa_target.h"
 #ifdef HEADOPS_ISA_AVAILABLE
 #include "backward_kernel.h"
 #endif

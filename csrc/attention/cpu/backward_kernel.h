@@ -29,11 +29,13 @@
 #include <limits>
 #include <vector>
 
+#include "../backward_semantics.h"
 #include "../head_semantics.h"
+#include "../online_softmax.h"
 #include "../work_counters.h"
-#include "blas.h"
+#include "../../cpu/blas.h"
+#include "../../cpu/row_ops.h"
 #include "kernel_common.h"
-#include "row_ops.h"
 
 namespace headops::cpu {
 namespace CPU_CAPABILITY {
@@ -71,16 +73,6 @@ void add_into(T* dst, const T* src, int64_t n) {
   for (; j < n; ++j) dst[j] += src[j];
 }
 
-// How the two branches of a head weigh in the backward. The row buffer holds
-// do_scale * dL/do (the gradient of the mixed attention average); branch X then sees
-// dP_X = weight_X * (do_buffer . v) and contributes weight_X * P_X to dv.
-template <typename acc_t>
-struct BranchWeights {
-  acc_t full = 0, streaming = 1;  // alpha and 1 - alpha (0 and 1 without alpha)
-  acc_t do_scale = 1;             // folded into the row buffer when only one branch is walked
-  acc_t w_full = 0, w_streaming = 1;
-};
-
 template <typename acc_t>
 class HeadBackward {
   using V = Vectorized<acc_t>;
@@ -93,24 +85,11 @@ class HeadBackward {
         grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim) {}
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
-    const HeadScalars<acc_t> hs = read_head<acc_t>(f_, b, h);
-    if (p_.skipped_zero_gate && hs.gate == acc_t(0)) return;  // never computed: its gradients are 0
-    BranchWeights<acc_t> w;
-    if (hs.has_alpha) {
-      w.full = hs.alpha;
-      w.streaming = acc_t(1) - hs.alpha;
-    }
-    const BranchPlan plan = plan_branches(hs);  // branches with a non-zero weight
-    const bool both = plan.full && plan.streaming;
-    w.do_scale = both ? acc_t(1) : (plan.full ? w.full : w.streaming);
-    w.w_full = both ? w.full : acc_t(1);
-    w.w_streaming = both ? w.streaming : acc_t(1);
-
-    prepare_rows(b, h, hs, w, plan);
-    if (!p_.needs_key_loop()) return;
-    // with the gate at 0 the rows' gradient is 0: only dL/dlse can still reach q, k, v
-    if (hs.gate == acc_t(0) && p_.dlse == nullptr) return;
-    walk_tiles(b, h, hs, w, plan, counts);
+    const BackwardHead<acc_t> head = BackwardHead<acc_t>::read(p_, b, h);
+    if (head.skipped) return;  // never computed: its gradients are 0
+    prepare_rows(b, h, head);
+    if (!p_.needs_key_loop() || head.rows_zero) return;
+    walk_tiles(b, h, head, counts);
   }
 
  private:
@@ -120,14 +99,11 @@ class HeadBackward {
   acc_t saved_lse(const void* base, int64_t b, int64_t h, int64_t i) const {
     return static_cast<const acc_t*>(base)[(b * f_.heads_q + h) * f_.seqlen_q + i];
   }
-  static acc_t sink_probability(acc_t sink_logit, acc_t lse) {
-    return lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(sink_logit - lse);
-  }
-
   // Pass 1: the epilogue and alpha mixing backwards, row by row.
-  void prepare_rows(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
-                    const BranchPlan& plan) {
+  void prepare_rows(int64_t b, int64_t h, const BackwardHead<acc_t>& head) {
     const int64_t D = D_, Sq = f_.seqlen_q, bh = b * f_.heads_q + h;
+    const HeadScalars<acc_t>& hs = head.hs;
+    const BranchPlan& plan = head.plan;
     const acc_t gate = hs.gate;
     const acc_t* os = f_.out_scale.present() ? f_.out_scale.row<acc_t>(b, h) : nullptr;
     const acc_t* ob = f_.out_bias.present() ? f_.out_bias.row<acc_t>(b, h) : nullptr;
@@ -135,10 +111,8 @@ class HeadBackward {
     acc_t* dob = p_.dout_bias ? static_cast<acc_t*>(p_.dout_bias) + bh * D : nullptr;
     const acc_t* dlse = p_.dlse ? static_cast<const acc_t*>(p_.dlse) + bh * Sq : nullptr;
     const bool want_dalpha = p_.dalpha != nullptr;
-    // a branch's saved average exists when the forward computed it: weight != 0, or alpha's
-    // gradient was wanted (then both were computed)
-    const bool read_full = hs.has_alpha && (plan.full || want_dalpha);
-    const bool read_stream = plan.streaming || want_dalpha;
+    const bool read_full = head.reads_full(want_dalpha);
+    const bool read_stream = head.reads_streaming(want_dalpha);
     const bool need_mixed = p_.dgate != nullptr || dos != nullptr;
     acc_t dgate = 0, dalpha = 0, dsink = 0;
     for (int64_t i = 0; i < Sq; ++i) {
@@ -165,23 +139,17 @@ class HeadBackward {
         if (dob) dob[d] += gate * dy[d];
         d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
       }
-      if (gate == acc_t(0)) {
-        // the saved averages may hold anything a NaN could come from: the row's gradient is 0
-        delta_stream_[i] = dlse ? -dlse[i] : acc_t(0);
-        delta_full_[i] = 0;
-      } else {
-        if (want_dalpha) dalpha += dot(d_o, o_full, D) - dot(d_o, o_stream, D);
-        delta_stream_[i] = plan.streaming ? w.streaming * dot(d_o, o_stream, D) : acc_t(0);
-        delta_full_[i] = plan.full ? w.full * dot(d_o, o_full, D) : acc_t(0);
-        if (dlse) delta_stream_[i] -= dlse[i];
-      }
+      // under a zero gate the saved averages may hold anything a NaN could come from: not read
+      const acc_t dot_full = gate != acc_t(0) && o_full ? dot(d_o, o_full, D) : acc_t(0);
+      const acc_t dot_stream = gate != acc_t(0) && o_stream ? dot(d_o, o_stream, D) : acc_t(0);
+      if (want_dalpha) dalpha += head.dalpha_share(dot_full, dot_stream);
+      head.row_deltas(dot_full, dot_stream, dlse != nullptr, dlse ? dlse[i] : acc_t(0), delta_full_[i],
+                      delta_stream_[i]);
       if (p_.dsink_logit && hs.has_sink_logit) {
-        // the sink is a key with a zero value: dL/dsink = -sum_i P_sink(i) * delta_i per branch
-        if (plan.streaming)
-          dsink -= sink_probability(hs.sink_logit, saved_lse(f_.lse, b, h, i)) * delta_stream_[i];
-        if (plan.full) dsink -= sink_probability(hs.sink_logit, saved_lse(f_.lse_full, b, h, i)) * delta_full_[i];
+        if (plan.streaming) dsink += head.dsink_share(saved_lse(f_.lse, b, h, i), delta_stream_[i], StdExp{});
+        if (plan.full) dsink += head.dsink_share(saved_lse(f_.lse_full, b, h, i), delta_full_[i], StdExp{});
       }
-      if (w.do_scale != acc_t(1)) scale_row(d_o, D, w.do_scale);
+      if (head.do_scale != acc_t(1)) scale_row(d_o, D, head.do_scale);
     }
     if (p_.dgate) static_cast<acc_t*>(p_.dgate)[bh] = dgate;
     if (p_.dalpha) static_cast<acc_t*>(p_.dalpha)[bh] = dalpha;
@@ -189,9 +157,9 @@ class HeadBackward {
   }
 
   // Pass 2: query tiles over the key blocks they can see.
-  void walk_tiles(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
-                  const BranchPlan& plan, LocalWorkCounts& counts) {
+  void walk_tiles(int64_t b, int64_t h, const BackwardHead<acc_t>& head, LocalWorkCounts& counts) {
     const int64_t Sq = f_.seqlen_q, D = D_, bh = b * f_.heads_q + h;
+    const HeadScalars<acc_t>& hs = head.hs;
     const int64_t rows = head_query_tile(hs, block_q_);
     acc_t dscale = 0;
     for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
@@ -202,7 +170,7 @@ class HeadBackward {
       std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
       for (const KeyRange& range : {keys.sinks, keys.window})
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
-          key_block(b, h, hs, w, plan, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
+          key_block(b, h, head, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
       // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
       for (int64_t r = 0; r < nq; ++r) {
         const acc_t* dq_row = dq_tile_.data() + r * D;
@@ -226,7 +194,7 @@ class HeadBackward {
   void branch_probs(acc_t* out, const acc_t* logits, bool prescaled, const HeadVisibility& vis, int64_t pos,
                     int64_t j0, int64_t nk, bool whole_block, acc_t lse, acc_t scale, const acc_t* bias,
                     KeyRange (&parts)[2]) {
-    visible_parts(vis, pos, f_.seqlen_k, j0, nk, whole_block, parts);
+    vis.visible_in_block(pos, f_.seqlen_k, j0, nk, whole_block, parts);
     if (lse == -std::numeric_limits<acc_t>::infinity()) parts[0] = parts[1] = {0, 0};  // nothing visible
     int64_t cursor = 0;
     for (const KeyRange& part : parts) {
@@ -243,8 +211,10 @@ class HeadBackward {
     fill_zero(out, cursor, nk);
   }
 
-  void key_block(int64_t b, int64_t h, const HeadScalars<acc_t>& hs, const BranchWeights<acc_t>& w,
-                 const BranchPlan& plan, int64_t q0, int64_t nq, int64_t j0, int64_t nk, LocalWorkCounts& counts) {
+  void key_block(int64_t b, int64_t h, const BackwardHead<acc_t>& head, int64_t q0, int64_t nq, int64_t j0,
+                 int64_t nk, LocalWorkCounts& counts) {
+    const HeadScalars<acc_t>& hs = head.hs;
+    const BranchPlan& plan = head.plan;
     const int64_t D = D_, ld = block_k_, kvh = h / f_.group();
     const int64_t pos0 = q0 + f_.seqlen_k - f_.seqlen_q;
     const acc_t* q = f_.q.row<acc_t>(b, q0, h);
@@ -261,9 +231,9 @@ class HeadBackward {
     counts.add(kKeyBlocks, 1);
     counts.add(kScoreElements, nq * nk);
 
-    const HeadVisibility stream_vis{f_.causal, hs.window, hs.sinks};
+    const HeadVisibility stream_vis = streaming_visibility(f_.causal, hs);
     const HeadVisibility full_vis = full_visibility(f_.causal);
-    const bool both = plan.full && plan.streaming;
+    const bool both = head.both_branches();
     const HeadVisibility& main_vis = plan.full && !both ? full_vis : stream_vis;
     const bool main_whole = main_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
     const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
@@ -298,9 +268,9 @@ class HeadBackward {
         const acc_t df = delta_full_[i], dst = delta_stream_[i];
         for (int64_t j = 0; j < nk; ++j) {
           const acc_t dp = ds_row[j];
-          ds_row[j] = (pf[j] != acc_t(0) ? pf[j] * (w.w_full * dp - df) : acc_t(0)) +
-                      (s_row[j] != acc_t(0) ? s_row[j] * (w.w_streaming * dp - dst) : acc_t(0));
-          s_row[j] = w.w_full * pf[j] + w.w_streaming * s_row[j];
+          ds_row[j] = (pf[j] != acc_t(0) ? pf[j] * (head.dp_weight_full * dp - df) : acc_t(0)) +
+                      (s_row[j] != acc_t(0) ? s_row[j] * (head.dp_weight_streaming * dp - dst) : acc_t(0));
+          s_row[j] = head.dp_weight_full * pf[j] + head.dp_weight_streaming * s_row[j];
         }
       }
       if (dkb) add_into(dkb, ds_row, nk);
@@ -372,11 +342,7 @@ void backward_typed(const BackwardParams& p) {
 }  // namespace
 
 void attention_backward_isa(const BackwardParams& p, at::ScalarType acc_dtype) {
-  switch (acc_dtype) {
-    case at::kFloat: return backward_typed<float>(p);
-    case at::kDouble: return backward_typed<double>(p);
-    default: TORCH_CHECK(false, "headops: the backward runs in float or double, got ", acc_dtype);
-  }
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "headops attention backward", [&] { backward_typed<scalar_t>(p); });
 }
 
 }  // namespace CPU_CAPABILITY

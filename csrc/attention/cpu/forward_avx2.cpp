@@ -1,7 +1,6 @@
 // The CPU forward kernel compiled for AVX2 (see forward_kernel.h).
 #define HEADOPS_TARGET_AVX2 1
-#include "isa_target.h"
-#define CPU_CAPABILITY AVX2
+#include "../../cpu/isa_target.h"
 #ifdef HEADOPS_ISA_AVAILABLE
 #include "forward_kernel.h"
 #endif

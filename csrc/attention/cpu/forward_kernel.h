@@ -29,10 +29,11 @@
 #include <vector>
 
 #include "../head_semantics.h"
+#include "../online_softmax.h"
 #include "../work_counters.h"
+#include "../../cpu/row_ops.h"
 #include "kernel_common.h"
 #include "operands.h"
-#include "row_ops.h"
 
 namespace headops::cpu {
 namespace CPU_CAPABILITY {
@@ -46,21 +47,14 @@ struct WorkItem {
 
 template <typename acc_t, typename prob_t>
 struct BranchState {
-  std::vector<acc_t> acc, row_max, row_sum;
+  std::vector<acc_t> acc;
+  std::vector<OnlineSoftmax<acc_t>> rows;
   std::vector<prob_t> prob;  // probabilities of the current key block, in the P.V product's dtype
 
-  BranchState(int64_t block_q, int64_t block_k, int64_t D)
-      : acc(block_q * D), row_max(block_q), row_sum(block_q), prob(block_q * block_k) {}
+  BranchState(int64_t block_q, int64_t block_k, int64_t D) : acc(block_q * D), rows(block_q), prob(block_q * block_k) {}
 
   void reset(int64_t nq, int64_t D, const HeadScalars<acc_t>& hs) {
-    // a sink logit is a virtual key with a zero value that every row sees: it starts the row
-    // with max = sink_logit and sum = exp(0) = 1 (0 for a -inf sink, which weighs nothing), so
-    // that a row's sum is 0 whenever its max is -inf
-    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    const acc_t m0 = hs.has_sink_logit ? hs.sink_logit : neg_inf;
-    const acc_t l0 = m0 == neg_inf ? acc_t(0) : acc_t(1);
-    std::fill(row_max.begin(), row_max.begin() + nq, m0);
-    std::fill(row_sum.begin(), row_sum.begin() + nq, l0);
+    std::fill(rows.begin(), rows.begin() + nq, OnlineSoftmax<acc_t>::start(hs.has_sink_logit, hs.sink_logit));
     std::fill(acc.begin(), acc.begin() + nq * D, acc_t(0));
   }
 };
@@ -88,7 +82,7 @@ class ItemRunner {
     const int64_t b = item.b, h = item.h, q0 = item.q0, nq = item.q1 - item.q0, D = p_.head_dim;
     const HeadScalars<acc_t> hs = read_head<acc_t>(p_, b, h);
     const BranchPlan plan = plan_branches(hs);
-    const HeadVisibility streaming_vis{p_.causal, hs.window, hs.sinks};
+    const HeadVisibility streaming_vis = streaming_visibility(p_.causal, hs);
     const HeadVisibility full_vis = full_visibility(p_.causal);
     const int64_t pos0 = q0 + p_.seqlen_k - p_.seqlen_q;
     const acc_t* bias = p_.key_bias.present() ? p_.key_bias.row<acc_t>(b, h) : nullptr;
@@ -151,16 +145,16 @@ class ItemRunner {
       acc_t* s = scores_.data() + r * block_k_;
       prob_t* prob = st.prob.data() + r * block_k_;
       KeyRange parts[2];
-      visible_parts(vis, pos0 + r, Sk, j0, nk, whole_block, parts);
+      vis.visible_in_block(pos0 + r, Sk, j0, nk, whole_block, parts);
       if (parts[0].empty()) {
         fill_zero(prob, 0, nk);
         continue;
       }
-      const acc_t old_max = st.row_max[r];
+      OnlineSoftmax<acc_t>& row = st.rows[r];
       if (fusable && parts[1].empty()) {
         const KeyRange part = parts[0];
         const acc_t* bias = lg.bias ? lg.bias + part.lo : nullptr;
-        acc_t ref_max = old_max;
+        acc_t ref_max = row.max;
         // a row's first block: nothing accumulated yet, so any reference max is exact
         if (ref_max == neg_inf) ref_max = scaled_max(s + part.lo, part.size(), lg.scale, bias);
         if (ref_max != neg_inf) {
@@ -169,8 +163,7 @@ class ItemRunner {
           if (block_max <= ref_max + lazy_rescale_limit<prob_t>()) {  // false for NaN: exact path
             fill_zero(prob, 0, part.lo);
             fill_zero(prob, part.hi, nk);
-            st.row_sum[r] += sum;
-            st.row_max[r] = ref_max;
+            row.add_at_reference(ref_max, sum);
             any_row = true;
             continue;
           }
@@ -184,8 +177,8 @@ class ItemRunner {
         for (const KeyRange& part : parts)
           if (!part.empty()) block_max = max_of(s, part.lo, part.hi, block_max);
       }
-      const acc_t new_max = nan_max(old_max, block_max);
-      if (new_max == neg_inf) {  // every visible logit is -inf (key_bias): the block adds nothing
+      const acc_t correction = row.rescale(block_max, StdExp{});
+      if (row.max == neg_inf) {  // every visible logit is -inf (key_bias): the block adds nothing
         fill_zero(prob, 0, nk);
         continue;
       }
@@ -194,13 +187,11 @@ class ItemRunner {
       for (const KeyRange& part : parts) {
         if (part.empty()) continue;
         fill_zero(prob, cursor, part.lo);
-        sum += exp_and_sum(s, prob, part.lo, part.hi, new_max);
+        sum += exp_and_sum(s, prob, part.lo, part.hi, row.reference());
         cursor = part.hi;
       }
       fill_zero(prob, cursor, nk);
-      const acc_t correction = std::exp(old_max - new_max);  // 0 for a -inf old_max; NaN stays NaN
-      st.row_sum[r] = st.row_sum[r] * correction + sum;
-      st.row_max[r] = new_max;
+      row.add(sum, correction);
       if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
       any_row = true;
     }
@@ -217,21 +208,18 @@ class ItemRunner {
     acc_t* lse = static_cast<acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q;
     for (int64_t r = 0; r < item.q1 - item.q0; ++r) {
       const int64_t i = item.q0 + r;
-      const acc_t inv_full = plan.full ? inverse_row_sum(full_.row_sum[r]) : acc_t(0);
-      const acc_t inv_stream =
-          plan.streaming ? inverse_row_sum(streaming_.row_sum[r]) : acc_t(0);
-      auto branch_lse = [&](const Branch& br) {
-        return row_has_mass(br.row_sum[r]) ? br.row_max[r] + std::log(br.row_sum[r])
-                                           : -std::numeric_limits<acc_t>::infinity();
-      };
-      lse[i] = branch_lse(plan.streaming ? streaming_ : full_);
+      const acc_t inv_full = plan.full ? full_.rows[r].inverse_sum() : acc_t(0);
+      const acc_t inv_stream = plan.streaming ? streaming_.rows[r].inverse_sum() : acc_t(0);
+      lse[i] = (plan.streaming ? streaming_ : full_).rows[r].lse(StdLog{});
       const acc_t* af = full_.acc.data() + r * D;
       const acc_t* as = streaming_.acc.data() + r * D;
       const int64_t saved_row = ((b * p_.heads_q + h) * p_.seqlen_q + i) * D;
-      if (p_.o_stream && plan.streaming) store_scaled(static_cast<acc_t*>(p_.o_stream) + saved_row, as, D, inv_stream);
-      if (p_.o_full && plan.full) {
-        store_scaled(static_cast<acc_t*>(p_.o_full) + saved_row, af, D, inv_full);
-        static_cast<acc_t*>(p_.lse_full)[(b * p_.heads_q + h) * p_.seqlen_q + i] = branch_lse(full_);
+      // what the backward reads; a branch not computed saves o = 0 and lse = -inf (never garbage)
+      if (p_.o_stream) store_branch(static_cast<acc_t*>(p_.o_stream) + saved_row, plan.streaming ? as : nullptr, D, inv_stream);
+      if (p_.o_full) {
+        store_branch(static_cast<acc_t*>(p_.o_full) + saved_row, plan.full ? af : nullptr, D, inv_full);
+        static_cast<acc_t*>(p_.lse_full)[(b * p_.heads_q + h) * p_.seqlen_q + i] =
+            plan.full ? full_.rows[r].lse(StdLog{}) : negative_infinity<acc_t>();
       }
       acc_t* o = out_row_.data();
       using V = Vectorized<acc_t>;
@@ -253,7 +241,9 @@ class ItemRunner {
     }
   }
 
-  static void store_scaled(acc_t* dst, const acc_t* src, int64_t D, acc_t factor) {
+  // dst = src * factor; zeros for a branch that was not computed (src nullptr)
+  static void store_branch(acc_t* dst, const acc_t* src, int64_t D, acc_t factor) {
+    if (src == nullptr) return fill_zero(dst, 0, D);
     using V = Vectorized<acc_t>;
     int64_t d = 0;
     for (; d + V::size() <= D; d += V::size()) (V::loadu(src + d) * V(factor)).store(dst + d);
@@ -285,15 +275,20 @@ class ItemRunner {
   Branch full_, streaming_;
 };
 
-// Heads gated off exactly: output 0, lse -inf, nothing else touched.
+// Heads gated off exactly: output 0, lse -inf, and the saved branches (when kept) 0 and -inf.
 template <typename scalar_t>
 void write_skipped_head(const AttentionParams& p, int64_t b, int64_t h) {
   using acc_t = acc_type<scalar_t>;
-  acc_t* lse = static_cast<acc_t*>(p.lse) + (b * p.heads_q + h) * p.seqlen_q;
+  const int64_t head_row = (b * p.heads_q + h) * p.seqlen_q, D = p.head_dim;
   for (int64_t i = 0; i < p.seqlen_q; ++i) {
-    lse[i] = -std::numeric_limits<acc_t>::infinity();
+    static_cast<acc_t*>(p.lse)[head_row + i] = negative_infinity<acc_t>();
     scalar_t* out = const_cast<scalar_t*>(p.out.row<scalar_t>(b, i, h));
-    std::fill(out, out + p.head_dim, scalar_t(0));
+    std::fill(out, out + D, scalar_t(0));
+    if (p.o_stream) fill_zero(static_cast<acc_t*>(p.o_stream) + (head_row + i) * D, 0, D);
+    if (p.o_full) {
+      fill_zero(static_cast<acc_t*>(p.o_full) + (head_row + i) * D, 0, D);
+      static_cast<acc_t*>(p.lse_full)[head_row + i] = negative_infinity<acc_t>();
+    }
   }
 }
 
@@ -440,13 +435,8 @@ void attention_forward_isa(const AttentionParams& p, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kBFloat16, "headops: this kernel variant handles bfloat16 only");
   return forward_typed<at::BFloat16>(p);
 #else
-  switch (dtype) {
-    case at::kFloat: return forward_typed<float>(p);
-    case at::kDouble: return forward_typed<double>(p);
-    case at::kBFloat16: return forward_typed<at::BFloat16>(p);
-    case at::kHalf: return forward_typed<at::Half>(p);
-    default: TORCH_CHECK(false, "headops: unsupported dtype ", dtype);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "headops attention forward",
+                                  [&] { forward_typed<scalar_t>(p); });
 #endif
 }
 

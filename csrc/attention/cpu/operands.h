@@ -16,8 +16,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "../../cpu/blas.h"
+#include "../../cpu/isa_dispatch.h"
 #include "../attention_params.h"
-#include "blas.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
 

@@ -1,5 +1,5 @@
 // Host side of the CUDA forward: builds the work list (heads gated off exactly never become
-// items; each item's key walk is the one the kernel takes, item_walk in forward_kernel.cuh),
+// items; each item's key walk is the one the kernel takes, tile_walk in head_semantics.h),
 // counts the work, picks the kernel and launches it on the current stream.
 //
 // NOT YET RUN ON A GPU (compiled only); see forward_kernel.cu.
@@ -125,17 +125,10 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   // the host reads gate, window, sinks and alpha (a small copy; it synchronises with the stream
   // only when one of them is given) to plan the items; nothing else of p is read here
   const HostPerHead g = to_host(gate), w = to_host(window), s = to_host(sinks), a = to_host(alpha);
-  AttentionParams hp;
-  hp.batch = p.batch;
-  hp.seqlen_q = p.seqlen_q;
-  hp.seqlen_k = p.seqlen_k;
-  hp.heads_q = p.heads_q;
-  hp.heads_kv = p.heads_kv;
-  hp.head_dim = p.head_dim;
-  hp.causal = p.causal;
-  hp.default_softmax_scale = p.default_softmax_scale;
-  hp.skip_zero_gate = p.skip_zero_gate;
-  hp.skip_unused_branch = p.skip_unused_branch;
+  // a copy of p for the host: its sizes and flags, and per-head scalars it can read (read_head);
+  // softmax_scale and sink_logit stay on the device (planning does not need them)
+  AttentionParams hp = p;
+  hp.softmax_scale = hp.sink_logit = PerHead{};
   hp.gate = g.view(p.heads_q);
   hp.window = w.view(p.heads_q);
   hp.sinks = s.view(p.heads_q);
@@ -157,11 +150,11 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
         continue;
       }
       const BranchPlan plan = plan_branches(hs);
-      const HeadVisibility stream_vis{p.causal, hs.window, hs.sinks};
+      const HeadVisibility stream_vis = streaming_visibility(p.causal, hs);
       const int64_t shift = p.seqlen_k - p.seqlen_q;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t q0 = tile * block_q, q1 = std::min(p.seqlen_q, q0 + block_q);
-        const VisibleKeys walk = item_walk(hp, hs, q0, q1);
+        const VisibleKeys walk = tile_walk(hp, hs, q0, q1);
         const VisibleKeys stream_tile = stream_vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
         const int64_t n_blocks = walk_blocks(walk, block_k);
         int64_t value_blocks = 0;

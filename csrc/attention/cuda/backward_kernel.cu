@@ -24,6 +24,7 @@
 
 #include <cmath>
 
+#include "../backward_semantics.h"
 #include "../head_semantics.h"
 
 namespace headops {
@@ -40,36 +41,16 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// The per-head quantities every pass reads (the CPU's HeadScalars, BranchPlan, BranchWeights).
-struct HeadPlan {
-  HeadScalars<float> hs;
-  BranchPlan plan;
-  bool both;
-  float w_full, w_streaming;  // alpha and 1 - alpha (0 and 1 without alpha)
-  float do_scale;             // folded into d_o when only one branch is walked
-  float wf, ws;               // weights of dP per branch in the key passes
-  bool skipped;               // the forward skipped the head: its gradients stay 0
-  bool rows_zero;             // gate 0 and no dL/dlse: nothing reaches q, k, v
-};
+// The per-head quantities every pass reads: backward_semantics.h's, as on the CPU.
+using HeadPlan = BackwardHead<float>;
 
 __device__ __forceinline__ HeadPlan head_plan(const BackwardParams& p, int64_t b, int64_t h) {
-  HeadPlan hp;
-  hp.hs = read_head<float>(p.fwd, b, h);
-  hp.w_full = 0.f;
-  hp.w_streaming = 1.f;
-  if (hp.hs.has_alpha) {
-    hp.w_full = hp.hs.alpha;
-    hp.w_streaming = 1.f - hp.hs.alpha;
-  }
-  hp.plan = plan_branches(hp.hs);
-  hp.both = hp.plan.full && hp.plan.streaming;
-  hp.do_scale = hp.both ? 1.f : (hp.plan.full ? hp.w_full : hp.w_streaming);
-  hp.wf = hp.both ? hp.w_full : 1.f;
-  hp.ws = hp.both ? hp.w_streaming : 1.f;
-  hp.skipped = p.skipped_zero_gate && hp.hs.gate == 0.f;
-  hp.rows_zero = hp.hs.gate == 0.f && p.dlse == nullptr;
-  return hp;
+  return HeadPlan::read(p, b, h);
 }
+
+struct FastExp {
+  __device__ __forceinline__ float operator()(float x) const { return expf(x); }
+};
 
 // --------------------------------------------------------------------------- 1. row pass
 
@@ -87,8 +68,8 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
   const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + bh * Sq : nullptr;
   const bool want_dalpha = p.dalpha != nullptr;
   // a branch's saved average exists when the forward computed it
-  const bool read_full = hp.hs.has_alpha && (hp.plan.full || want_dalpha);
-  const bool read_stream = hp.plan.streaming || want_dalpha;
+  const bool read_full = hp.reads_full(want_dalpha);
+  const bool read_stream = hp.reads_streaming(want_dalpha);
   const bool need_mixed = p.dgate != nullptr || dos != nullptr;
   const float* o_full_base = read_full ? static_cast<const float*>(f.o_full) + bh * Sq * D : nullptr;
   const float* o_stream_base = read_stream ? static_cast<const float*>(f.o_stream) + bh * Sq * D : nullptr;
@@ -123,21 +104,11 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
     if (lane == 0) {
       dgate += g_part;
       float delta_s, delta_f;
-      if (gate == 0.f) {
-        // the saved averages may hold anything a NaN could come from: the row's gradient is 0
-        delta_s = dlse ? -dlse[i] : 0.f;
-        delta_f = 0.f;
-      } else {
-        if (want_dalpha) dalpha += dot_f - dot_s;
-        delta_s = hp.plan.streaming ? hp.w_streaming * dot_s : 0.f;
-        delta_f = hp.plan.full ? hp.w_full * dot_f : 0.f;
-        if (dlse) delta_s -= dlse[i];
-      }
+      if (want_dalpha) dalpha += hp.dalpha_share(dot_f, dot_s);
+      hp.row_deltas(dot_f, dot_s, dlse != nullptr, dlse ? dlse[i] : 0.f, delta_f, delta_s);
       if (want_dsink) {
-        // the sink is a key with a zero value: dL/dsink = -sum_i P_sink(i) * delta_i per branch
-        const float sl = hp.hs.sink_logit;
-        if (hp.plan.streaming && lse[i] != -INFINITY) dsink -= expf(sl - lse[i]) * delta_s;
-        if (hp.plan.full && lse_full[i] != -INFINITY) dsink -= expf(sl - lse_full[i]) * delta_f;
+        if (hp.plan.streaming) dsink += hp.dsink_share(lse[i], delta_s, FastExp{});
+        if (hp.plan.full) dsink += hp.dsink_share(lse_full[i], delta_f, FastExp{});
       }
       scratch.delta_stream[bh * Sq + i] = delta_s;
       scratch.delta_full[bh * Sq + i] = delta_f;
@@ -204,7 +175,7 @@ __device__ __forceinline__ void pair_grad(const HeadPlan& hp, const HeadVisibili
                                           const HeadVisibility& full_vis, const RowState& r, int64_t j, float s_raw,
                                           float dp, float bias, float& ds, float& pv) {
   const float logit = s_raw * hp.hs.softmax_scale + bias;
-  if (!hp.both) {
+  if (!hp.both_branches()) {
     const bool full = hp.plan.full;
     const float lse = full ? r.lse_f : r.lse_s;
     const float delta = full ? r.delta_f : r.delta_s;
@@ -216,8 +187,8 @@ __device__ __forceinline__ void pair_grad(const HeadPlan& hp, const HeadVisibili
     const float pf = full_vis.visible(r.pos, j) && r.lse_f != -INFINITY ? expf(logit - r.lse_f) : 0.f;
     const float ps = stream_vis.visible(r.pos, j) && r.lse_s != -INFINITY ? expf(logit - r.lse_s) : 0.f;
     // dS = P_f (w_f dP - delta_f) + P_s (w_s dP - delta_s);  dv weights P = w_f P_f + w_s P_s
-    ds = (pf != 0.f ? pf * (hp.wf * dp - r.delta_f) : 0.f) + (ps != 0.f ? ps * (hp.ws * dp - r.delta_s) : 0.f);
-    pv = hp.wf * pf + hp.ws * ps;
+    ds = (pf != 0.f ? pf * (hp.dp_weight_full * dp - r.delta_f) : 0.f) + (ps != 0.f ? ps * (hp.dp_weight_streaming * dp - r.delta_s) : 0.f);
+    pv = hp.dp_weight_full * pf + hp.dp_weight_streaming * ps;
   }
 }
 
@@ -236,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) dq_pass(BackwardParams p, BackwardSc
   const HeadPlan hp = head_plan(p, b, h);
   if (hp.skipped || hp.rows_zero) return;
   const int64_t kvh = h / f.group();
-  const HeadVisibility stream_vis{f.causal, hp.hs.window, hp.hs.sinks};
+  const HeadVisibility stream_vis = streaming_visibility(f.causal, hp.hs);
   const HeadVisibility full_vis = full_visibility(f.causal);
   const HeadVisibility main_vis = hp.plan.full ? full_vis : stream_vis;  // the full branch sees a superset
   RowState r = row_state(p, hp, bh, i);
@@ -294,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) dkv_pass(BackwardParams p, BackwardS
   const HeadPlan hp = head_plan(p, b, h);
   if (hp.skipped || hp.rows_zero) return;
   const int64_t kvh = h / f.group();
-  const HeadVisibility stream_vis{f.causal, hp.hs.window, hp.hs.sinks};
+  const HeadVisibility stream_vis = streaming_visibility(f.causal, hp.hs);
   const HeadVisibility full_vis = full_visibility(f.causal);
   const HeadVisibility main_vis = hp.plan.full ? full_vis : stream_vis;
   const float* k = f.k.row<float>(b, j, kvh);

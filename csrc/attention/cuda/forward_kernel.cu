@@ -13,7 +13,7 @@
 //   * generic kernel (float32 and any D <= 256, or bf16/fp16 whose head dim or alignment the
 //     tensor-core kernel does not take): one CTA per item of 16 rows, plain FMA in float.
 // Per item: the head's scalars (read_head), its branch plan (plan_branches) and the keys it
-// walks (item_walk: the sinks range then the window range, or the causal range when alpha needs
+// walks (tile_walk: the sinks range then the window range, or the causal range when alpha needs
 // the full branch) come from head_semantics.h; each row's visible ranges for each branch are
 // computed once per item (keys_for_query) and a key block is masked only when
 // block_fully_visible says some key of it is hidden from some row of the warp. Both branches
@@ -36,6 +36,7 @@
 
 #include "../attention_params.h"
 #include "../head_semantics.h"
+#include "../online_softmax.h"
 #include "forward_kernel.cuh"
 
 namespace headops {
@@ -184,22 +185,49 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t 
   }
 }
 
-// One online-softmax branch of a warp's 16 rows: this thread holds rows g and g + 8.
+struct Exp2 {
+  __device__ __forceinline__ float operator()(float x) const { return exp2f(x); }
+};
+struct Log2 {
+  __device__ __forceinline__ float operator()(float x) const { return log2f(x); }
+};
+struct FastExp {
+  __device__ __forceinline__ float operator()(float x) const { return __expf(x); }
+};
+struct FastLog {
+  __device__ __forceinline__ float operator()(float x) const { return __logf(x); }
+};
+
+// What an item of up to block_q query rows of one head reads before it walks the keys (both
+// kernels): where it is, the head's scalars, branch plan and visibilities, and its key walk.
+struct ItemStart {
+  int64_t b, h, q0, shift, kvh;
+  int nq;
+  HeadScalars<float> hs;
+  BranchPlan plan;
+  HeadVisibility stream_vis, full_vis;
+  VisibleKeys walk;
+
+  __device__ __forceinline__ ItemStart(const AttentionParams& p, const WorkItem& item, int block_q)
+      : b(item.b), h(item.h), q0(int64_t(item.q_tile) * block_q), shift(p.seqlen_k - p.seqlen_q),
+        kvh(item.h / p.group()), nq(static_cast<int>(min64(block_q, p.seqlen_q - q0))), hs(read_head<float>(p, b, h)),
+        plan(plan_branches(hs)), stream_vis(streaming_visibility(p.causal, hs)), full_vis(full_visibility(p.causal)),
+        walk(tile_walk(p, hs, q0, q0 + nq)) {}
+};
+
+// One online-softmax branch of a warp's 16 rows: this thread holds rows g and g + 8, in log2
+// units, with its part of each row's sum (the quad's four parts add up at the end).
 template <int D>
 struct TcBranch {
   float o[D / 8][4];
-  float m[2];  // running max, log2 units
-  float l[2];  // this thread's part of the running sum (the quad's parts add up at the end)
+  OnlineSoftmax<float> row[2];
 
-  __device__ __forceinline__ void init(float m0, bool owns_sink) {
+  __device__ __forceinline__ void init(const HeadScalars<float>& hs, bool owns_sink) {
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
-    // a sink logit is a virtual key of value zero: sum exp2(m0 - m0) = 1, counted once per row
-    const float l0 = (m0 != kNegInf && owns_sink) ? 1.f : 0.f;
-    m[0] = m[1] = m0;
-    l[0] = l[1] = l0;
+    row[0] = row[1] = OnlineSoftmax<float>::start(hs.has_sink_logit, hs.sink_logit * kLog2e, owns_sink);
   }
 };
 
@@ -234,12 +262,8 @@ __device__ __forceinline__ void tc_softmax(TcBranch<D>& br, const float (&x)[kTc
   for (int i = 0; i < 2; ++i) {
     mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    const float m_new = nan_max(br.m[i], mx[i]);
-    // a row that has seen nothing yet (max -inf) exponentiates against 0: every p is then 0 and
-    // the correction exp2(-inf) = 0 multiplies a zero sum and zero accumulators
-    m_use[i] = m_new == kNegInf ? 0.f : m_new;
-    corr[i] = exp2f(br.m[i] - m_use[i]);
-    br.m[i] = m_new;
+    corr[i] = br.row[i].rescale(mx[i], Exp2{});
+    m_use[i] = br.row[i].reference();
   }
   float sum[2] = {0.f, 0.f};
 #pragma unroll
@@ -255,7 +279,7 @@ __device__ __forceinline__ void tc_softmax(TcBranch<D>& br, const float (&x)[kTc
     pa[nt / 2][(nt & 1) * 2 + 1] = TypeOps<T>::pack2(p[2], p[3]);  // row g + 8
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) br.l[i] = br.l[i] * corr[i] + sum[i];
+  for (int i = 0; i < 2; ++i) br.row[i].add(sum[i], corr[i]);
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
     br.o[n][0] *= corr[0];
@@ -302,19 +326,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   RowRanges* sRowsStream = sWarps + 2 * (kTcThreads / 32);
   RowRanges* sRowsFull = sRowsStream + kTcBlockQ;
 
-  const WorkItem item = items[blockIdx.x];
-  const int64_t b = item.b, h = item.h, Sq = p.seqlen_q, Sk = p.seqlen_k;
-  const int64_t q0 = int64_t(item.q_tile) * kTcBlockQ;
-  const int nq = static_cast<int>(min64(kTcBlockQ, Sq - q0));
-  const int64_t shift = Sk - Sq;
-  const int64_t kvh = h / p.group();
-
-  const HeadScalars<float> hs = read_head<float>(p, b, h);
-  BranchPlan plan = plan_branches(hs);
-  if (!kAlpha) plan = {false, true};  // what plan_branches gives without alpha, known at compile time
-  const HeadVisibility stream_vis{p.causal, hs.window, hs.sinks};
-  const HeadVisibility full_vis = full_visibility(p.causal);
-  const VisibleKeys walk = item_walk(p, hs, q0, q0 + nq);
+  const ItemStart it(p, items[blockIdx.x], kTcBlockQ);
+  const int64_t b = it.b, h = it.h, Sq = p.seqlen_q, Sk = p.seqlen_k, q0 = it.q0, shift = it.shift, kvh = it.kvh;
+  const int nq = it.nq;
+  const HeadScalars<float>& hs = it.hs;
+  // without alpha, what plan_branches gives is known at compile time
+  const BranchPlan plan = kAlpha ? it.plan : BranchPlan{false, true};
+  const HeadVisibility &stream_vis = it.stream_vis, &full_vis = it.full_vis;
+  const VisibleKeys& walk = it.walk;
   const int n_blocks = static_cast<int>(walk_blocks(walk, kTcBlockK));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -347,10 +366,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   }
   cp_async_commit();
 
-  const float m0 = hs.has_sink_logit ? hs.sink_logit * kLog2e : kNegInf;
   TcBranch<D> full, stream;  // without kAlpha `full` is never used (and takes no registers)
-  if (kAlpha) full.init(m0, t == 0);
-  stream.init(m0, t == 0);
+  if (kAlpha) full.init(hs, t == 0);
+  stream.init(hs, t == 0);
 
   const int warp_row0 = warp * 16;
   const bool warp_active = warp_row0 < nq;
@@ -445,15 +463,15 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float inv_f[2], inv_s[2], lse_f[2], lse_s[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float lf = kAlpha ? full.l[i] : 0.f, ls = stream.l[i];
-    lf += __shfl_xor_sync(0xffffffffu, lf, 1);
-    lf += __shfl_xor_sync(0xffffffffu, lf, 2);
-    ls += __shfl_xor_sync(0xffffffffu, ls, 1);
-    ls += __shfl_xor_sync(0xffffffffu, ls, 2);
-    inv_f[i] = inverse_row_sum(lf);
-    inv_s[i] = inverse_row_sum(ls);
-    lse_f[i] = row_has_mass(lf) ? ((kAlpha ? full.m[i] : 0.f) + log2f(lf)) * kLn2 : kNegInf;
-    lse_s[i] = row_has_mass(ls) ? (stream.m[i] + log2f(ls)) * kLn2 : kNegInf;
+    OnlineSoftmax<float> f = kAlpha ? full.row[i] : OnlineSoftmax<float>{0.f, 0.f}, s = stream.row[i];
+    f.sum += __shfl_xor_sync(0xffffffffu, f.sum, 1);
+    f.sum += __shfl_xor_sync(0xffffffffu, f.sum, 2);
+    s.sum += __shfl_xor_sync(0xffffffffu, s.sum, 1);
+    s.sum += __shfl_xor_sync(0xffffffffu, s.sum, 2);
+    inv_f[i] = f.inverse_sum();
+    inv_s[i] = s.inverse_sum();
+    lse_f[i] = f.lse(Log2{}) * kLn2;  // -inf stays -inf
+    lse_s[i] = s.lse(Log2{}) * kLn2;
   }
   const float* os = p.out_scale.present() ? p.out_scale.row<float>(b, h) : nullptr;
   const float* ob = p.out_bias.present() ? p.out_bias.row<float>(b, h) : nullptr;
@@ -465,7 +483,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t qi = q0 + r;
     if (t == 0) {
       lse[qi] = plan.streaming ? lse_s[i] : lse_f[i];
-      if (p.lse_full != nullptr && plan.full) static_cast<float*>(p.lse_full)[(b * p.heads_q + h) * Sq + qi] = lse_f[i];
+      // what the backward reads; a branch not computed saves o = 0 and lse = -inf
+      if (p.lse_full != nullptr) static_cast<float*>(p.lse_full)[(b * p.heads_q + h) * Sq + qi] = plan.full ? lse_f[i] : kNegInf;
     }
     T* out = const_cast<T*>(p.out.row<T>(b, qi, h));
     const int64_t saved_row = ((b * p.heads_q + h) * Sq + qi) * D;
@@ -483,12 +502,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         res[e] = epilogue(o, sc, bi, hs.gate);
       }
       *reinterpret_cast<uint32_t*>(out + d) = TypeOps<T>::pack2(res[0], res[1]);
-      if (p.o_stream != nullptr && plan.streaming)
+      if (p.o_stream != nullptr)
         *reinterpret_cast<float2*>(static_cast<float*>(p.o_stream) + saved_row + d) =
-            make_float2(stream.o[n][2 * i] * inv_s[i], stream.o[n][2 * i + 1] * inv_s[i]);
-      if (kAlpha && p.o_full != nullptr && plan.full)
+            plan.streaming ? make_float2(stream.o[n][2 * i] * inv_s[i], stream.o[n][2 * i + 1] * inv_s[i])
+                           : make_float2(0.f, 0.f);
+      if (kAlpha && p.o_full != nullptr)
         *reinterpret_cast<float2*>(static_cast<float*>(p.o_full) + saved_row + d) =
-            make_float2(full.o[n][2 * i] * inv_f[i], full.o[n][2 * i + 1] * inv_f[i]);
+            plan.full ? make_float2(full.o[n][2 * i] * inv_f[i], full.o[n][2 * i + 1] * inv_f[i])
+                      : make_float2(0.f, 0.f);
     }
   }
 }
@@ -501,8 +522,7 @@ constexpr int kGenMaxDimsPerLane = kGenericMaxHeadDim / 32;               // 8
 
 struct GenBranch {
   float o[kGenRowsPerWarp][kGenMaxDimsPerLane];
-  float m[kGenRowsPerWarp];  // natural units, same on every lane
-  float l[kGenRowsPerWarp];  // this lane's part of the sum
+  OnlineSoftmax<float> row[kGenRowsPerWarp];  // natural units: the max same on every lane, this lane's part of the sum
 };
 
 template <typename T>
@@ -516,18 +536,13 @@ __global__ void __launch_bounds__(kGenericThreads)
   float* sV = sK + kGenericBlockK * ldk;              // [32][D]
   RowRanges* sRows = reinterpret_cast<RowRanges*>(sV + kGenericBlockK * D);  // [2][16]
 
-  const WorkItem item = items[blockIdx.x];
-  const int64_t b = item.b, h = item.h, Sq = p.seqlen_q, Sk = p.seqlen_k;
-  const int64_t q0 = int64_t(item.q_tile) * kGenericBlockQ;
-  const int nq = static_cast<int>(min64(kGenericBlockQ, Sq - q0));
-  const int64_t shift = Sk - Sq;
-  const int64_t kvh = h / p.group();
-
-  const HeadScalars<float> hs = read_head<float>(p, b, h);
-  const BranchPlan plan = plan_branches(hs);
-  const HeadVisibility stream_vis{p.causal, hs.window, hs.sinks};
-  const HeadVisibility full_vis = full_visibility(p.causal);
-  const VisibleKeys walk = item_walk(p, hs, q0, q0 + nq);
+  const ItemStart it(p, items[blockIdx.x], kGenericBlockQ);
+  const int64_t b = it.b, h = it.h, Sq = p.seqlen_q, Sk = p.seqlen_k, q0 = it.q0, shift = it.shift, kvh = it.kvh;
+  const int nq = it.nq;
+  const HeadScalars<float>& hs = it.hs;
+  const BranchPlan& plan = it.plan;
+  const HeadVisibility &stream_vis = it.stream_vis, &full_vis = it.full_vis;
+  const VisibleKeys& walk = it.walk;
   const VisibleKeys stream_tile = stream_vis.keys_for_positions(q0 + shift, q0 + nq - 1 + shift, Sk);
   const int n_blocks = static_cast<int>(walk_blocks(walk, kGenericBlockK));
 
@@ -542,13 +557,10 @@ __global__ void __launch_bounds__(kGenericThreads)
     sQ[idx] = r < nq ? TypeOps<T>::to_float(p.q.row<T>(b, q0 + r, h)[d]) : 0.f;
   }
 
-  const float m0 = hs.has_sink_logit ? hs.sink_logit : kNegInf;
-  const float l0 = (m0 != kNegInf && lane == 0) ? 1.f : 0.f;
   GenBranch full, stream;
 #pragma unroll
   for (int ri = 0; ri < kGenRowsPerWarp; ++ri) {
-    full.m[ri] = stream.m[ri] = m0;
-    full.l[ri] = stream.l[ri] = l0;
+    full.row[ri] = stream.row[ri] = OnlineSoftmax<float>::start(hs.has_sink_logit, hs.sink_logit, lane == 0);
 #pragma unroll
     for (int k = 0; k < kGenMaxDimsPerLane; ++k) full.o[ri][k] = stream.o[ri][k] = 0.f;
   }
@@ -564,12 +576,9 @@ __global__ void __launch_bounds__(kGenericThreads)
       float mx = vis ? x[ri] : kNegInf;
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = nan_max(br.m[ri], mx);
-      const float m_use = m_new == kNegInf ? 0.f : m_new;
-      const float corr = __expf(br.m[ri] - m_use);
-      pr[ri] = vis ? __expf(x[ri] - m_use) : 0.f;
-      br.l[ri] = br.l[ri] * corr + pr[ri];
-      br.m[ri] = m_new;
+      const float corr = br.row[ri].rescale(mx, FastExp{});
+      pr[ri] = vis ? __expf(x[ri] - br.row[ri].reference()) : 0.f;
+      br.row[ri].add(pr[ri], corr);
 #pragma unroll
       for (int k = 0; k < kGenMaxDimsPerLane; ++k) br.o[ri][k] *= corr;
     }
@@ -632,20 +641,19 @@ __global__ void __launch_bounds__(kGenericThreads)
   for (int ri = 0; ri < kGenRowsPerWarp; ++ri) {
     const int r = row0 + ri;
     if (r >= nq) break;
-    float lf = full.l[ri], ls = stream.l[ri];
+    OnlineSoftmax<float> f = full.row[ri], s = stream.row[ri];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-      lf += __shfl_xor_sync(0xffffffffu, lf, off);
-      ls += __shfl_xor_sync(0xffffffffu, ls, off);
+      f.sum += __shfl_xor_sync(0xffffffffu, f.sum, off);
+      s.sum += __shfl_xor_sync(0xffffffffu, s.sum, off);
     }
-    const float inv_f = inverse_row_sum(lf), inv_s = inverse_row_sum(ls);
-    const float lse_f = row_has_mass(lf) ? full.m[ri] + __logf(lf) : kNegInf;
-    const float lse_s = row_has_mass(ls) ? stream.m[ri] + __logf(ls) : kNegInf;
+    const float inv_f = f.inverse_sum(), inv_s = s.inverse_sum();
+    const float lse_f = f.lse(FastLog{}), lse_s = s.lse(FastLog{});
     const int64_t qi = q0 + r;
     const int64_t head_row = (b * p.heads_q + h) * Sq + qi;
     if (lane == 0) {
       static_cast<float*>(p.lse)[head_row] = plan.streaming ? lse_s : lse_f;
-      if (p.lse_full != nullptr && plan.full) static_cast<float*>(p.lse_full)[head_row] = lse_f;
+      if (p.lse_full != nullptr) static_cast<float*>(p.lse_full)[head_row] = plan.full ? lse_f : kNegInf;
     }
     T* out = const_cast<T*>(p.out.row<T>(b, qi, h));
 #pragma unroll
@@ -657,24 +665,29 @@ __global__ void __launch_bounds__(kGenericThreads)
       const float sc = os ? os[d * p.out_scale.stride_n] : 1.f;
       const float bi = ob ? ob[d * p.out_bias.stride_n] : 0.f;
       out[d] = TypeOps<T>::from_float(epilogue(o, sc, bi, hs.gate));
-      if (p.o_stream != nullptr && plan.streaming) static_cast<float*>(p.o_stream)[head_row * D + d] = ost;
-      if (p.o_full != nullptr && plan.full) static_cast<float*>(p.o_full)[head_row * D + d] = of;
+      if (p.o_stream != nullptr) static_cast<float*>(p.o_stream)[head_row * D + d] = plan.streaming ? ost : 0.f;
+      if (p.o_full != nullptr) static_cast<float*>(p.o_full)[head_row * D + d] = plan.full ? of : 0.f;
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------
-// Heads gated off exactly: out = 0, lse = -inf (nothing else is touched, as on the CPU).
+// Heads gated off exactly: out = 0, lse = -inf; the saved branches, when kept, 0 and -inf (as on the CPU).
 
 template <typename T>
 __global__ void skipped_heads_kernel(const AttentionParams p, const int32_t* __restrict__ heads) {
   const int64_t b = heads[2 * blockIdx.x], h = heads[2 * blockIdx.x + 1];
   const int64_t D = p.head_dim, Sq = p.seqlen_q;
   float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + h) * Sq;
+  const int64_t head_row = (b * p.heads_q + h) * Sq;
   for (int64_t idx = threadIdx.x; idx < Sq * D; idx += blockDim.x) {
     const int64_t i = idx / D, d = idx % D;
     const_cast<T*>(p.out.row<T>(b, i, h))[d] = TypeOps<T>::from_float(0.f);
     if (d == 0) lse[i] = kNegInf;
+    // the saved branches, when kept, as for a branch not computed
+    if (p.o_stream != nullptr) static_cast<float*>(p.o_stream)[(head_row + i) * D + d] = 0.f;
+    if (p.o_full != nullptr) static_cast<float*>(p.o_full)[(head_row + i) * D + d] = 0.f;
+    if (p.lse_full != nullptr && d == 0) static_cast<float*>(p.lse_full)[head_row + i] = kNegInf;
   }
 }
 

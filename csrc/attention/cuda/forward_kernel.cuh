@@ -38,23 +38,13 @@ constexpr int kGenericBlockK = 32;
 constexpr int kGenericThreads = 128;
 constexpr int kGenericMaxHeadDim = 256;
 
-// The keys an item walks (as the CPU's tile_keys without alignment): the full branch's causal
-// range when the head computes one (alpha), else the streaming ranges (sinks, then window).
-template <typename acc_t>
-HEADOPS_HD VisibleKeys item_walk(const AttentionParams& p, const HeadScalars<acc_t>& hs, int64_t q0, int64_t q1) {
-  const BranchPlan plan = plan_branches(hs);
-  const HeadVisibility vis = plan.full ? full_visibility(p.causal) : HeadVisibility{p.causal, hs.window, hs.sinks};
-  const int64_t shift = p.seqlen_k - p.seqlen_q;
-  return vis.keys_for_positions(q0 + shift, q1 - 1 + shift, p.seqlen_k);
-}
-
 HEADOPS_HD int64_t blocks_in(const KeyRange& r, int64_t block_k) { return (r.size() + block_k - 1) / block_k; }
 
 HEADOPS_HD int64_t walk_blocks(const VisibleKeys& walk, int64_t block_k) {
   return blocks_in(walk.sinks, block_k) + blocks_in(walk.window, block_k);
 }
 
-// Key block t of a walk: keys [lo, lo + block_k) of which [lo, hi) are real (hi - lo <= block_k);
+// An item's keys are head_semantics.h's tile_walk; key block t of a walk: keys [lo, lo + block_k) of which [lo, hi) are real (hi - lo <= block_k);
 // the sinks range's blocks come first, then the window's.
 HEADOPS_HD KeyRange walk_block(const VisibleKeys& walk, int64_t t, int64_t block_k) {
   const int64_t n0 = blocks_in(walk.sinks, block_k);

@@ -1,7 +1,6 @@
 // The CPU decode-attention kernel compiled for AVX2 (see decode_kernel.h).
 #define HEADOPS_TARGET_AVX2 1
-#include "../../attention/cpu/isa_target.h"
-#define CPU_CAPABILITY AVX2
+#include "../../cpu/isa_target.h"
 #ifdef HEADOPS_ISA_AVAILABLE
 #include "decode_kernel.h"
 #endif

@@ -27,12 +27,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "../../attention/cpu/attention_fwd_cpu.h"
-#include "../../attention/cpu/blas.h"
-#include "../../attention/cpu/kernel_common.h"
-#include "../../attention/cpu/row_ops.h"
 #include "../../attention/head_semantics.h"
+#include "../../attention/online_softmax.h"
 #include "../../attention/work_counters.h"
+#include "../../cpu/blas.h"
+#include "../../cpu/isa_dispatch.h"
+#include "../../cpu/parallel.h"
+#include "../../cpu/row_ops.h"
 #include "../kv_layout.h"
 
 namespace headops::cpu {
@@ -146,12 +147,17 @@ struct HeadStorage {
   const scalar_t* v_row(int64_t j, int64_t D) const { return v + (j - first_slot) * D; }
 };
 
-// Per (row, branch) partial softmax of one item: max, sum, then D accumulator values.
+// Per (row, branch) partial softmax of one item (max, sum) and its D accumulator values.
 template <typename acc_t>
 struct PartialBuffer {
-  std::vector<acc_t> data;
+  std::vector<OnlineSoftmax<acc_t>> softmax;
+  std::vector<acc_t> acc;
   int64_t rows, D;
-  acc_t* at(int64_t item, int64_t row, int64_t branch) { return data.data() + ((item * rows + row) * 2 + branch) * (D + 2); }
+  void resize(int64_t items) {
+    softmax.resize(items * rows * 2);
+    acc.resize(items * rows * 2 * D);
+  }
+  int64_t index(int64_t item, int64_t row, int64_t branch) const { return (item * rows + row) * 2 + branch; }
 };
 
 template <typename scalar_t>
@@ -165,8 +171,8 @@ class DecodeWorker {
         Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), kbuf_(kDirect ? 0 : kDecodeBlock * D_),
 scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
-        acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)}, max_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)},
-        sum_{std::vector<acc_t>(R_), std::vector<acc_t>(R_)}, heads_(G_) {
+        acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
+        rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
     if constexpr (!kDirect) {
       // 16-bit keys: S^T = K Q^T by brgemm straight from the stored rows (A operand, no
       // conversion), against the new queries packed once per item as the VNNI B operand
@@ -195,9 +201,9 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         }
       }
     }
+    // an item is a partial softmax over some keys: the sink logit joins once, in combine()
     for (int br = 0; br < 2; ++br) {
-      std::fill(max_[br].begin(), max_[br].end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(sum_[br].begin(), sum_[br].end(), acc_t(0));
+      std::fill(rows_[br].begin(), rows_[br].end(), OnlineSoftmax<acc_t>::start(false, acc_t(0)));
       std::fill(acc_[br].begin(), acc_[br].end(), acc_t(0));
     }
     counts_.add(kWorkItems, 1);
@@ -221,7 +227,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
           const bool wanted = br == 0 ? plan.full : plan.streaming;
           if (!wanted) continue;
           used[br] = true;
-          const HeadVisibility vis = br == 0 ? full_visibility(a_.causal) : HeadVisibility{a_.causal, hs.window, hs.sinks};
+          const HeadVisibility vis = br == 0 ? full_visibility(a_.causal) : streaming_visibility(a_.causal, hs);
           for (int64_t i = 0; i < Sq_; ++i)
             update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk, item.pos_offset);
         }
@@ -243,10 +249,9 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     if (st.mass) add_attention_mass(st, item);
     for (int64_t r = 0; r < R_; ++r) {
       for (int br = 0; br < 2; ++br) {
-        acc_t* out = partials_.at(n, r, br);
-        out[0] = max_[br][r];
-        out[1] = sum_[br][r];
-        std::copy(acc_[br].begin() + r * D, acc_[br].begin() + (r + 1) * D, out + 2);
+        const int64_t at = partials_.index(n, r, br);
+        partials_.softmax[at] = rows_[br][r];
+        std::copy(acc_[br].begin() + r * D, acc_[br].begin() + (r + 1) * D, partials_.acc.begin() + at * D);
       }
     }
   }
@@ -267,11 +272,10 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
       if (hs.gate == acc_t(0)) continue;
       for (int64_t i = 0; i < Sq_; ++i) {
         const int64_t r = g * Sq_ + i;
-        const acc_t m = max_[1][r];
-        if (m == neg_inf) continue;
-        acc_t total = sum_[1][r];
-        if (hs.has_sink_logit && hs.sink_logit != neg_inf) total += std::exp(hs.sink_logit - m);
-        const acc_t lse = m + std::log(total);
+        if (rows_[1][r].max == neg_inf) continue;
+        OnlineSoftmax<acc_t> with_sink = OnlineSoftmax<acc_t>::start(hs.has_sink_logit, hs.sink_logit);
+        with_sink.merge(rows_[1][r], StdExp{});
+        const acc_t lse = with_sink.lse(StdLog{});
         const acc_t* x = kept_logits_.data() + r * kept_stride_;
         for (int64_t j = item.j0; j < item.j1; ++j)
           if (x[j] != neg_inf) st.mass[j] += static_cast<float>(std::exp(x[j] - lse));
@@ -332,7 +336,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
           continue;
         }
         x[j] = s[j] * hs.softmax_scale + (bias ? bias[q * bias_stride] : acc_t(0));
-        block_max = x[j] > block_max || x[j] != x[j] ? x[j] : block_max;
+        block_max = nan_max(block_max, x[j]);
       }
       if (!kept_logits_.empty()) std::copy(x, x + nk, kept_logits_.data() + r * kept_stride_ + j0);
     } else if (vis.block_fully_visible(pos, pos, p0, p0 + nk)) {
@@ -341,7 +345,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
     } else {
       block_max = neg_inf;
       KeyRange parts[2];
-      visible_parts(vis, pos, st.length, p0, nk, false, parts);
+      vis.visible_in_block(pos, st.length, p0, nk, false, parts);
       int64_t cursor = 0;
       for (const KeyRange& part : parts) {
         if (part.empty()) continue;
@@ -349,21 +353,18 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         std::copy(s + part.lo, s + part.hi, x + part.lo);
         const acc_t m = scale_bias_max(x + part.lo, part.size(), hs.softmax_scale,
                                        bias ? bias + (p0 + part.lo) * bias_stride : nullptr, bias_stride);
-        block_max = m > block_max || m != m ? m : block_max;
+        block_max = nan_max(block_max, m);
         cursor = part.hi;
       }
       std::fill(x + cursor, x + nk, neg_inf);
     }
-    const acc_t old_max = max_[br][r];
-    const acc_t new_max = nan_max(old_max, block_max);
-    if (new_max == neg_inf) {
+    OnlineSoftmax<acc_t>& row = rows_[br][r];
+    const acc_t correction = row.rescale(block_max, StdExp{});
+    if (row.max == neg_inf) {  // nothing visible here (or every visible logit is -inf)
       fill_zero(prob, 0, nk);
       return;
     }
-    const acc_t sum = exp_and_sum(x, prob, 0, nk, new_max);
-    const acc_t correction = std::exp(old_max - new_max);
-    sum_[br][r] = sum_[br][r] * correction + sum;
-    max_[br][r] = new_max;
+    row.add(exp_and_sum(x, prob, 0, nk, row.reference()), correction);
     if (correction != acc_t(1)) scale_row(acc_[br].data() + r * D_, D_, correction);
   }
 
@@ -373,7 +374,8 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   PartialBuffer<acc_t>& partials_;
   int64_t D_, G_, Sq_, R_;
   std::vector<acc_t> q_, kbuf_, scores_, logits_;
-  std::vector<acc_t> probs_[2], acc_[2], max_[2], sum_[2];
+  std::vector<acc_t> probs_[2], acc_[2];
+  std::vector<OnlineSoftmax<acc_t>> rows_[2];
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
   bool use_brgemm_ = false;
@@ -400,9 +402,7 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
       for (int64_t g = 0; g < G; ++g) {
         const HeadScalars<acc_t> hs = read_head<acc_t>(a, b, kvh * G + g);
         if (hs.gate == acc_t(0)) continue;
-        const BranchPlan plan = plan_branches(hs);
-        const HeadVisibility vis = plan.full ? full_visibility(a.causal) : HeadVisibility{a.causal, hs.window, hs.sinks};
-        const VisibleKeys keys = vis.keys_for_positions(L - Sq, L - 1, L);
+        const VisibleKeys keys = walk_visibility(a.causal, hs).keys_for_positions(L - Sq, L - 1, L);
         if (!keys.sinks.empty()) sinks.hi = std::max(sinks.hi, keys.sinks.hi);
         if (!keys.window.empty()) {
           window = window.empty() ? keys.window : KeyRange{std::min(window.lo, keys.window.lo), std::max(window.hi, keys.window.hi)};
@@ -483,21 +483,17 @@ void combine(const DecodeParams& p, const std::vector<int64_t>& first_item, Part
         acc_t inv[2] = {0, 0};
         for (int br = 0; br < 2; ++br) {
           if (!(br == 0 ? plan.full : plan.streaming)) continue;
-          const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-          acc_t m = hs.has_sink_logit ? hs.sink_logit : neg_inf;
-          acc_t l = m == neg_inf ? acc_t(0) : acc_t(1);
+          OnlineSoftmax<acc_t> row = OnlineSoftmax<acc_t>::start(hs.has_sink_logit, hs.sink_logit);
           acc_t* acc = merged.data() + br * D;
           std::fill(acc, acc + D, acc_t(0));
           for (int64_t it = i0; it < i1; ++it) {
-            const acc_t* part = partials.at(it, g * Sq + i, br);
-            if (part[1] == acc_t(0)) continue;
-            const acc_t new_m = nan_max(m, part[0]);
-            const acc_t c_old = std::exp(m - new_m), c_new = std::exp(part[0] - new_m);
-            for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * c_old + part[2 + d] * c_new;
-            l = l * c_old + part[1] * c_new;
-            m = new_m;
+            const int64_t at = partials.index(it, g * Sq + i, br);
+            if (partials.softmax[at].sum == acc_t(0)) continue;  // the item saw nothing of this row
+            const auto scales = row.merge(partials.softmax[at], StdExp{});
+            const acc_t* part = partials.acc.data() + at * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * scales.self + part[d] * scales.other;
           }
-          inv[br] = inverse_row_sum(l);
+          inv[br] = row.inverse_sum();
         }
         for (int64_t d = 0; d < D; ++d) {
           const acc_t full = merged[d] * inv[0], stream = merged[D + d] * inv[1];
@@ -519,7 +515,7 @@ void decode_typed(const DecodeParams& p) {
   PartialBuffer<acc_t> partials;
   partials.rows = p.attn.group() * p.attn.seqlen_q;
   partials.D = p.attn.head_dim;
-  partials.data.resize(items.size() * partials.rows * 2 * (partials.D + 2));
+  partials.resize(static_cast<int64_t>(items.size()));
   run_dynamic(static_cast<int64_t>(items.size()), [&] { return DecodeWorker<scalar_t>(p, items, partials); });
   combine<scalar_t>(p, first_item, partials);
 }
@@ -527,13 +523,8 @@ void decode_typed(const DecodeParams& p) {
 }  // namespace
 
 void decode_attention_isa(const DecodeParams& p, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return decode_typed<float>(p);
-    case at::kDouble: return decode_typed<double>(p);
-    case at::kBFloat16: return decode_typed<at::BFloat16>(p);
-    case at::kHalf: return decode_typed<at::Half>(p);
-    default: TORCH_CHECK(false, "headops: unsupported dtype ", dtype);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "headops decode attention",
+                                  [&] { decode_typed<scalar_t>(p); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -1,8 +1,12 @@
-// Compiles the rest of a translation unit for one x86 instruction set: included first by
-// forward_<isa>.cpp with HEADOPS_TARGET_AVX2, _AVX512 or _AVX512_BF16 defined. Sets the code
-// generation target and the feature macros (sleef.h and ATen's vec headers select code by
-// them; the pragma alone does not set them).
+// Compiles the rest of a translation unit for one x86 instruction set: included first by the
+// <kernel>_<isa>.cpp files with HEADOPS_TARGET_AVX2, _AVX512 or _AVX512_BF16 defined, and
+// defines CPU_CAPABILITY (the variant's namespace: AVX2, AVX512, AVX512_BF16). Includes
+// the baseline prelude (isa_prelude.h: why), then sets the code generation target and the
+// feature macros (sleef.h and ATen's vec headers select code by them; the pragma alone does
+// not set them).
 #pragma once
+
+#include "isa_prelude.h"
 
 #if defined(__x86_64__)
 #define HEADOPS_ISA_AVAILABLE 1
@@ -17,6 +21,14 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #else
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+
+#if defined(HEADOPS_TARGET_AVX512_BF16)
+#define CPU_CAPABILITY AVX512_BF16
+#elif defined(HEADOPS_TARGET_AVX512)
+#define CPU_CAPABILITY AVX512
+#else
+#define CPU_CAPABILITY AVX2
 #endif
 
 #if defined(HEADOPS_TARGET_AVX512)

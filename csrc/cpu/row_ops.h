@@ -1,5 +1,13 @@
-// Vectorised row operations of the online softmax (float or double accumulation).
+// Vectorised row operations of the online softmax (float or double accumulation), shared by
+// the attention and decode kernels. Compiled per instruction set like the kernels that include it.
 #pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include cpu/row_ops.h from a kernel compiled for one CPU_CAPABILITY"
+#endif
+#ifndef HEADOPS_ISA_NAMESPACE
+#define HEADOPS_ISA_NAMESPACE CPU_CAPABILITY
+#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,9 +19,15 @@
 #include <cmath>
 #include <limits>
 
+#include "../attention/online_softmax.h"
+
 namespace headops::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
+
+// The dtype tiles accumulate in: double for double, float for the rest.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // exp for probabilities that will be stored as P: float and double keep ~1-20 ulp; for
 // bfloat16 (8-bit mantissa) ATen's degree-3 fexp_u20 is far more accurate than the rounding
@@ -62,7 +76,7 @@ inline T scale_bias_max(T* x, int64_t n, T scale, const T* bias, int64_t bias_st
   T m = reduce_max(vm);
   for (; j < n; ++j) {
     x[j] = bias ? x[j] * scale + bias[j * bias_stride] : x[j] * scale;
-    m = x[j] > m || x[j] != x[j] ? x[j] : m;
+    m = nan_max(m, x[j]);
   }
   return m;
 }
@@ -77,7 +91,7 @@ inline T max_of(const T* x, int64_t lo, int64_t hi, T init) {
     for (; j + V::size() <= hi; j += V::size()) vm = at::vec::maximum(vm, V::loadu(x + j));
     m = reduce_max(vm);
   }
-  for (; j < hi; ++j) m = x[j] > m || x[j] != x[j] ? x[j] : m;  // NaN propagates, as in torch.amax
+  for (; j < hi; ++j) m = nan_max(m, x[j]);  // NaN propagates, as in torch.amax
   return m;
 }
 

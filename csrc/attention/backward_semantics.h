@@ -1,0 +1,73 @@
+// The backward of one head's epilogue and alpha mixing: the rules the CPU and CUDA backward
+// kernels share (as head_semantics.h is for the forward). Plain C++, no torch headers.
+#pragma once
+
+#include <cmath>
+
+#include "attention_params.h"
+#include "head_semantics.h"
+
+namespace headops {
+inline namespace HEADOPS_ISA_NAMESPACE {
+
+// How a head takes part in the backward. The kernels keep a row buffer of do_scale * dL/do (the
+// gradient of the mixed attention average); a branch X then sees dP_X = dp_weight_X * (that
+// buffer . v) and contributes dp_weight_X * P_X to dv.
+template <typename acc_t>
+struct BackwardHead {
+  HeadScalars<acc_t> hs;
+  BranchPlan plan;                         // the branches with a non-zero weight
+  acc_t weight_full, weight_streaming;     // alpha and 1 - alpha (0 and 1 without alpha)
+  acc_t do_scale;                          // folded into the row buffer when one branch is walked
+  acc_t dp_weight_full, dp_weight_streaming;
+  bool skipped;    // the forward skipped the head (gate exactly 0): its gradients stay 0
+  bool rows_zero;  // gate 0 and no dL/dlse: nothing reaches q, k or v
+
+  HEADOPS_HD static BackwardHead read(const BackwardParams& p, int64_t b, int64_t h) {
+    BackwardHead x;
+    x.hs = read_head<acc_t>(p.fwd, b, h);
+    x.plan = plan_branches(x.hs);
+    x.weight_full = x.hs.has_alpha ? x.hs.alpha : acc_t(0);
+    x.weight_streaming = x.hs.has_alpha ? acc_t(1) - x.hs.alpha : acc_t(1);
+    const bool both = x.plan.full && x.plan.streaming;
+    x.do_scale = both ? acc_t(1) : (x.plan.full ? x.weight_full : x.weight_streaming);
+    x.dp_weight_full = both ? x.weight_full : acc_t(1);
+    x.dp_weight_streaming = both ? x.weight_streaming : acc_t(1);
+    x.skipped = p.skipped_zero_gate && x.hs.gate == acc_t(0);
+    x.rows_zero = x.hs.gate == acc_t(0) && p.dlse == nullptr;
+    return x;
+  }
+
+  HEADOPS_HD bool both_branches() const { return plan.full && plan.streaming; }
+
+  // Which saved branch averages exist: the forward computed a branch whose weight is not 0, and
+  // both when alpha's gradient was wanted.
+  HEADOPS_HD bool reads_full(bool want_dalpha) const { return hs.has_alpha && (plan.full || want_dalpha); }
+  HEADOPS_HD bool reads_streaming(bool want_dalpha) const { return plan.streaming || want_dalpha; }
+
+  // A row's delta per branch, from the dot products of dL/do (the mixed average's gradient,
+  // before do_scale) with each branch's saved average; dL/dlse joins the streaming branch's.
+  // A gate of exactly 0 gives 0 whatever the saved averages hold (a NaN included): the caller
+  // passes 0 for the dots then.
+  HEADOPS_HD void row_deltas(acc_t dot_full, acc_t dot_streaming, bool has_dlse, acc_t dlse, acc_t& delta_full,
+                             acc_t& delta_streaming) const {
+    delta_full = hs.gate != acc_t(0) && plan.full ? weight_full * dot_full : acc_t(0);
+    delta_streaming = hs.gate != acc_t(0) && plan.streaming ? weight_streaming * dot_streaming : acc_t(0);
+    if (has_dlse) delta_streaming -= dlse;
+  }
+
+  // A row's share of dL/dalpha (0 under a zero gate).
+  HEADOPS_HD acc_t dalpha_share(acc_t dot_full, acc_t dot_streaming) const {
+    return hs.gate != acc_t(0) ? dot_full - dot_streaming : acc_t(0);
+  }
+
+  // A row's share of dL/dsink_logit in one branch: the sink is a key with a zero value, so it is
+  // -P_sink * delta, with P_sink = exp(sink_logit - lse) (0 for a row that saw nothing).
+  template <typename Exp>
+  HEADOPS_HD acc_t dsink_share(acc_t lse, acc_t delta, Exp exp_fn) const {
+    return lse == -static_cast<acc_t>(INFINITY) ? acc_t(0) : -exp_fn(hs.sink_logit - lse) * delta;
+  }
+};
+
+}  // namespace HEADOPS_ISA_NAMESPACE
+}  // namespace headops

@@ -1,0 +1,73 @@
+// The one place that decides which instruction-set variant of a CPU kernel runs, as ATen's
+// DispatchStub does: ATen's own choice (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY), so headops vectorises like torch, plus the AVX512-BF16 variant for
+// bfloat16 where the CPU has it.
+//
+// A kernel is compiled once per variant into namespaces DEFAULT, AVX2, AVX512 (and
+// AVX512_BF16) by its <kernel>_<isa>.cpp files; its dispatcher declares them with
+// HEADOPS_ISA_VARIANTS and calls HEADOPS_ISA_TABLE(fn).pick(dtype).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <string>
+
+namespace headops::cpu {
+
+// "DEFAULT", "AVX2" or "AVX512": the variant this process runs.
+const std::string& cpu_capability();
+
+// Whether the bfloat16 variant compiled for AVX512-BF16 runs (HEADOPS_CPU_NO_BF16_VARIANT=1
+// sends bfloat16 through the plain AVX-512 variant: tests).
+bool runs_avx512_bf16_variant();
+
+// Whether bfloat16/float16 tiles run through oneDNN's brgemm on VNNI-packed operands
+// (AMX, AVX512-BF16/FP16); else they are converted to float for BLAS.
+bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
+
+template <typename Fn>
+struct IsaVariants {
+  Fn* portable;
+  Fn* avx2;         // nullptr where the build has no x86 variants
+  Fn* avx512;
+  Fn* avx512_bf16;  // nullptr: bfloat16 runs the AVX512 variant
+
+  Fn* pick(at::ScalarType dtype) const {
+    const std::string& capability = cpu_capability();
+    if (capability == "AVX512" && avx512 != nullptr) {
+      if (dtype == at::kBFloat16 && avx512_bf16 != nullptr && runs_avx512_bf16_variant()) return avx512_bf16;
+      return avx512;
+    }
+    if (capability == "AVX2" && avx2 != nullptr) return avx2;
+    return portable;
+  }
+};
+
+}  // namespace headops::cpu
+
+// Declares `ret fn params` in every variant namespace of the enclosing namespace.
+#define HEADOPS_ISA_VARIANTS(ret, fn, params) \
+  namespace DEFAULT {                         \
+  ret fn params;                              \
+  }                                           \
+  namespace AVX2 {                            \
+  ret fn params;                              \
+  }                                           \
+  namespace AVX512 {                          \
+  ret fn params;                              \
+  }                                           \
+  namespace AVX512_BF16 {                     \
+  ret fn params;                              \
+  }
+
+// The variants of fn (declared by HEADOPS_ISA_VARIANTS); _WITH_BF16 when fn also has an
+// AVX512_BF16 variant. The x86 variants exist only in x86-64 builds (isa_target.h).
+#if defined(__x86_64__)
+#define HEADOPS_ISA_TABLE(fn) \
+  ::headops::cpu::IsaVariants<decltype(DEFAULT::fn)>{&DEFAULT::fn, &AVX2::fn, &AVX512::fn, nullptr}
+#define HEADOPS_ISA_TABLE_WITH_BF16(fn) \
+  ::headops::cpu::IsaVariants<decltype(DEFAULT::fn)>{&DEFAULT::fn, &AVX2::fn, &AVX512::fn, &AVX512_BF16::fn}
+#else
+#define HEADOPS_ISA_TABLE(fn) ::headops::cpu::IsaVariants<decltype(DEFAULT::fn)>{&DEFAULT::fn, nullptr, nullptr, nullptr}
+#define HEADOPS_ISA_TABLE_WITH_BF16(fn) HEADOPS_ISA_TABLE(fn)
+#endif

@@ -1,0 +1,41 @@
+"""``python -m headops <command>``: head-level studies of a real model, from the command line.
+
+    python -m headops prune --model smollm2 --tokens 256 --steps 10 --out results/prune_smollm2
+    python -m headops prune --model minilm --tokens 128 --passages 16 --out results/prune_minilm
+    python -m headops shapley --model smollm2 --tokens 64 --permutations 4 --out results/shapley_smollm2
+
+Each command is a module of this package with HELP (one line), add_arguments(parser) and
+run(args) -> exit status; COMMANDS maps its name to it. Adding a command is a new module and
+one entry in COMMANDS. Plots come from cli/plots.py, the only module that imports matplotlib,
+and only when a plot is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command name -> its module, relative to this package; imported when main() builds the parser,
+# not by `import headops.cli`
+COMMANDS = {
+    "prune": ".prune",
+    "shapley": ".shapley",
+}
+
+
+def _command(name: str):
+    return importlib.import_module(COMMANDS[name], __name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m headops", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        command = _command(name)
+        command.add_arguments(sub.add_parser(name, help=command.HELP, description=command.__doc__.split("\n\n")[0]))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return _command(args.command).run(args)

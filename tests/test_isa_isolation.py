@@ -1,0 +1,57 @@
+"""The per-instruction-set CPU kernels keep their AVX code to themselves.
+
+Each CPU kernel is compiled once per instruction set (csrc/cpu/isa_target.h). An inline
+function or template instantiation that an AVX2 or AVX-512 translation unit shares with the
+portable code (``std::vector<float>``, an ATen inline method) is emitted in both, and the linker
+keeps one copy: if it kept the AVX-512 one, the DEFAULT path would die of an illegal
+instruction on a CPU without AVX-512 (or worse, ``lzcnt`` would silently compute ``bsr``).
+csrc/cpu/isa_prelude.h prevents it; this test reads the built library's machine code and
+checks that every function using an instruction beyond x86-64's baseline belongs to an
+instruction-set namespace (headops' or ATen's ``AVX2``, ``AVX512``, ``AVX512_BF16``).
+The DEFAULT and AVX2 variants are also run for real by tests/test_cpu_variants.py.
+"""
+
+import platform
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import headops
+
+FUNCTION = re.compile(r"^[0-9a-f]+ <(.+)>:$")
+# AVX/AVX2/AVX-512 (VEX/EVEX: v-prefixed SIMD mnemonics, ymm/zmm and opmask registers) and the
+# BMI/LZCNT/POPCNT instructions the ISA targets enable; none is in x86-64's baseline
+BEYOND_BASELINE = re.compile(
+    r"^\s*[0-9a-f]+:\s+(v\w+\s.*%[xyz]mm|\S.*%[yz]mm\d|\S.*%k[1-7]\b|(shlx|shrx|sarx|rorx|bzhi|pdep|pext|mulx|andn"
+    r"|lzcnt|tzcnt|popcnt)\s)")
+ISA_NAMESPACES = ("::AVX2::", "::AVX512::", "::AVX512_BF16::")
+
+
+def functions_beyond_baseline(library):
+    """{demangled function name: first instruction beyond the baseline} of the library's .text."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-j", ".text", library],
+                             capture_output=True, text=True, check=True).stdout
+    found, current = {}, None
+    for line in listing.splitlines():
+        header = FUNCTION.match(line)
+        if header:
+            current = header.group(1)
+        elif current is not None and current not in found and BEYOND_BASELINE.match(line):
+            found[current] = line.strip()
+    return found
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the ISA variants exist on x86-64 only")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_no_avx_code_outside_isa_namespaces():
+    found = functions_beyond_baseline(headops._C.__file__)
+    inside = [name for name in found if any(ns in name for ns in ISA_NAMESPACES)]
+    leaked = {name: insn for name, insn in found.items() if name not in inside}
+    # the scan must see the kernels' own AVX code, or it checks nothing
+    assert any("headops::cpu::AVX2::" in name for name in inside), "no AVX2 kernel code found: scan broken?"
+    assert any("headops::cpu::AVX512::" in name for name in inside), "no AVX-512 kernel code found: scan broken?"
+    assert not leaked, (f"{len(leaked)} function(s) outside an ISA namespace use instructions beyond x86-64's "
+                        "baseline (shared code compiled for an ISA target):\n" +
+                        "\n".join(f"{name}\n    {insn}" for name, insn in sorted(leaked.items())[:20]))
