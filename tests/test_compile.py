@@ -95,6 +95,62 @@ def test_inductor():
     torch.testing.assert_close(got, layer(q, k, v, **kw), atol=1e-6, rtol=1e-6)
 
 
+# ------------------------------------------------------------------ the cache's decode step
+
+# KV head 0 full (query heads 0, 1), 1 streaming (window 3 / 4, sinks 1 / 2), 2 budget (12 tokens)
+CACHE = dict(num_layers=1, num_heads=6, num_kv_heads=3, head_dim=16, kinds=["full", "streaming", "budget"],
+             window=[-1, 5, 3, 4, -1, -1], sinks=[0, 2, 1, 2, 1, 0], budget=[None, None, 12], budget_recent=2,
+             max_step=2, dtype=torch.float32)
+
+
+def _decode_inputs(B=2, S=20, steps=2):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, S + steps, 6, 16, generator=gen)
+    k, v = torch.randn(2, B, S + steps, 3, 16, generator=gen)
+    kw = dict(gate=torch.tensor([[1.0, 0.0, -0.7, 0.5, 1.6, 0.4], [0.3, 1.0, 1.0, 2.0, 0.0, 1.0]]),
+              softmax_scale=torch.rand(6, generator=gen) + 0.1, sink_logit=torch.randn(6, generator=gen),
+              out_scale=torch.randn(6, 16, generator=gen), out_bias=torch.randn(B, 6, 16, generator=gen),
+              alpha=torch.tensor([0.3, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    key_bias = torch.randn(B, 6, S + steps, generator=gen)
+    return (q, k, v), kw, key_bias
+
+
+def _state(cache):
+    """Internal: what a step changes (the full storage up to the tokens held; past them it is uninitialised)."""
+    st = cache._layers[0]
+    held = max(st.held)
+    full = [torch.cat(segments, dim=2)[:, :, :held] for segments in (st.full_k, st.full_v)]
+    return [st.lengths, st.ring_k, st.ring_v, st.slot_pos, st.slot_mass] + full
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_cache_decode_step_matches_eager(backend):
+    (q, k, v), kw, key_bias = _decode_inputs()
+    S = 20
+    eager, compiled_cache = headops.HeadSparseCache(**CACHE), headops.HeadSparseCache(**CACHE)
+    for cache in (eager, compiled_cache):
+        cache.attention(0, q[:, :S], k[:, :S], v[:, :S], key_bias=key_bias[..., :S], **kw)
+
+    def step(cache, q, k, v, key_bias, kw):
+        return cache.attention(0, q, k, v, key_bias=key_bias, **kw) * 1.0
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    new = (q[:, S:S + 1], k[:, S:S + 1], v[:, S:S + 1], key_bias[..., :S + 1])
+    got = compiled(compiled_cache, *new, kw)
+    want = step(eager, *new, kw)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for a, b in zip(_state(compiled_cache), _state(eager)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert compiled_cache.seq_lengths(0).tolist() == [S + 1] * 2
+    # the next step (one more token held) is right too
+    new = (q[:, S + 1:], k[:, S + 1:], v[:, S + 1:], key_bias)
+    torch.testing.assert_close(compiled(compiled_cache, *new, kw), step(eager, *new, kw), atol=0, rtol=0)
+    for a, b in zip(_state(compiled_cache), _state(eager)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------- a patched transformers model
 
 def _tiny_llama():
