@@ -140,7 +140,8 @@ def test_generate_with_the_head_sparse_cache(family):
     want_dense = model.generate(ids, max_new_tokens=12, do_sample=False)
     headops.patch(model, headops.HeadSpec.dense(model))
     dense_spec = headops.HeadSpec.dense(model)
-    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=headops.HeadSparseCache(model, dense_spec, max_step=1))
+    got = model.generate(ids, max_new_tokens=12, do_sample=False,
+                         past_key_values=headops.HeadSparseCache(model, dense_spec, max_step=1))
     assert torch.equal(got, want_dense)
     spec = headops.HeadSpec.streaming(model, {0: [1], 1: [0]}, window=4, sinks=2)
     headops.set_spec(model, spec)
