@@ -8,6 +8,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import headops
+from headops.testing import tiny_llama
 
 from conftest import ALL_FEATURES, head_params, make_qkv
 
@@ -153,18 +154,12 @@ def test_fullgraph_cache_decode_step_matches_eager(backend):
 
 # ------------------------------------------------------------- a patched transformers model
 
-def _tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    return transformers.LlamaForCausalLM(cfg).eval()
-
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padding"])
 def test_fullgraph_patched_model_forward_matches_eager(backend, padded):
-    model = _tiny_llama()
+    pytest.importorskip("transformers")
+    model, _ = tiny_llama()
     spec = headops.HeadSpec.streaming(model, {0: [1]}, window=4, sinks=1).mask_heads({1: [2]})
     spec.out_scale = torch.rand(2, 4, 16) + 0.5
     headops.patch(model, spec)
