@@ -4,6 +4,7 @@
 
 #include "attention/attention_bwd.h"
 #include "attention/attention_fwd.h"
+#include "attention/attention_probe.h"
 #include "attention/cpu/attention_bwd_cpu.h"
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "cpu/blas.h"
@@ -30,6 +31,13 @@ TORCH_LIBRARY(headops, m) {
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
       "int[] needs_grad) -> Tensor[]");
   m.def(
+      "attention_probe(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
+      "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? key_bias, Tensor? sink_logit, "
+      "Tensor? out_scale, Tensor? out_bias, Tensor? gate, Tensor? spans, Tensor? distances, bool sink_mass, "
+      "int topk, bool entropy, int[]? key_mass_rows) -> (Tensor out, Tensor lse, Tensor span_mass, "
+      "Tensor distance_mass, Tensor sink_mass, Tensor entropy, Tensor topk_index, Tensor topk_prob, "
+      "Tensor key_mass)");
+  m.def(
       "kv_append(Tensor k_new, Tensor v_new, Tensor(a!)[] full_k, Tensor(b!)[] full_v, Tensor(c!) ring_k, "
       "Tensor(d!) ring_v, Tensor lengths, Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, "
       "Tensor ring_size, Tensor? budget_table=None, Tensor(e!)? slot_pos=None, Tensor(f!)? slot_mass=None, "
@@ -45,6 +53,7 @@ TORCH_LIBRARY(headops, m) {
 TORCH_LIBRARY_IMPL(headops, CPU, m) {
   m.impl("attention_fwd", &headops::attention_fwd);
   m.impl("attention_bwd", &headops::attention_bwd);
+  m.impl("attention_probe", &headops::attention_probe);
   m.impl("kv_append", &headops::kv_append);
   m.impl("decode_attention", &headops::decode_attention);
 }
@@ -55,6 +64,7 @@ TORCH_LIBRARY_IMPL(headops, CPU, m) {
 TORCH_LIBRARY_IMPL(headops, CUDA, m) {
   m.impl("attention_fwd", &headops::attention_fwd);
   m.impl("attention_bwd", &headops::attention_bwd);
+  m.impl("attention_probe", &headops::attention_probe);  // raises NotImplementedError (CPU only)
 }
 #endif
 

@@ -5,9 +5,23 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_args.h"
+#include "attention_params.h"
+
 namespace headops {
 
 using OptTensor = std::optional<at::Tensor>;
+
+// A forward call checked and laid out: the inputs as the kernels read them, the output and lse
+// allocated, the params filled (the saved branches and probes left to the op).
+struct ForwardCall {
+  Dims d;
+  at::ScalarType acc;
+  at::Tensor q, k, v, out, lse;
+  AttentionParams p;
+};
+ForwardCall prepare_forward(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            bool heads_first, double default_scale, const PerHeadArgs& args);
 
 // headops::attention_fwd: checks every argument (TORCH_CHECK), lays the tensors out as an
 // AttentionParams and runs the kernel of q's device. Returns (out, lse, o_stream, o_full,

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "probe_params.h"
+
 // The accessors are callable from CUDA kernels too (the struct is passed by value to them).
 #if defined(__CUDACC__)
 #define HEADOPS_PARAMS_HD __host__ __device__ __forceinline__
@@ -64,6 +66,8 @@ struct AttentionParams {
   // float per-head values are stored in the accumulation dtype (float, or double for float64)
   PerHead softmax_scale, window, sinks, alpha, sink_logit, gate;  // window/sinks: int64
   PerHeadRow key_bias, out_scale, out_bias;
+
+  const ProbeParams* probe = nullptr;  // the statistics a probe call computes (CPU only), or none
 
   HEADOPS_PARAMS_HD int64_t group() const { return heads_q / heads_kv; }
 };

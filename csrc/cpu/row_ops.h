@@ -215,6 +215,15 @@ inline void fill_zero(T* x, int64_t lo, int64_t hi) {
   if (hi > lo) std::fill(x + lo, x + hi, T(0));
 }
 
+// dst[j] += src[j] for j in [0, n)
+template <typename T>
+inline void add_into(T* dst, const T* src, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) (V::loadu(dst + j) + V::loadu(src + j)).store(dst + j);
+  for (; j < n; ++j) dst[j] += src[j];
+}
+
 template <typename T>
 inline void scale_row(T* x, int64_t n, T s) {
   using V = Vectorized<T>;

@@ -60,6 +60,24 @@ def _attention_bwd_fake(*args, **kwargs):
     return grads
 
 
+@torch.library.register_fake("headops::attention_probe")
+def _attention_probe_fake(*args, **kwargs):
+    a = _bound_on_one_device("attention_probe", args, kwargs, "q")
+    B, Sq, Sk, Hq, D = _sizes(a.q, a.k, a.heads_first)
+    acc = _acc(a.q)
+
+    def stat(wanted, *shape, dtype=torch.float32):
+        return a.q.new_empty(shape if wanted else (0,), dtype=dtype)
+
+    return (a.q.new_empty((B, Hq, Sq, D) if a.heads_first else (B, Sq, Hq, D)),
+            a.q.new_empty((B, Hq, Sq), dtype=acc),
+            stat(a.spans is not None, B, Hq, Sq, 0 if a.spans is None else a.spans.shape[-2]),
+            stat(a.distances is not None, B, Hq, Sq, 0 if a.distances is None else a.distances.shape[0]),
+            stat(a.sink_mass, B, Hq, Sq), stat(a.entropy, B, Hq, Sq),
+            stat(a.topk > 0, B, Hq, Sq, a.topk, dtype=torch.int64), stat(a.topk > 0, B, Hq, Sq, a.topk),
+            stat(a.key_mass_rows is not None, B, Hq, Sk))
+
+
 @torch.library.register_fake("headops::kv_append")
 def _kv_append_fake(*args, **kwargs):
     _bound_on_one_device("kv_append", args, kwargs, "k_new")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["attention", "visibility"]
+__all__ = ["attention", "probe", "visibility"]
 
 
 def _per_head(value, B: int, Hq: int, dtype, device, name: str):
@@ -152,3 +152,96 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
             raise ValueError("reference: return_lse=True together with alpha")
         return out, lse.to(torch.float64 if compute == torch.float64 else torch.float32)
     return out
+
+
+def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
+          key_bias=None, sink_logit=None, spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
+          key_mass_rows=None):
+    """Reference of the probe statistics (DESIGN section 5) from the materialised probabilities,
+    in float64. Returns a dict: span_mass [B, Hq, Sq, n_spans], distance_mass [B, Hq, Sq, n_ranges],
+    sink_mass, entropy [B, Hq, Sq], topk_index (int64) and topk_prob [B, Hq, Sq, topk], key_mass
+    [B, Hq, Sk]; None for what was not asked.
+
+    spans: [n, 2] or [B, n, 2] absolute key positions [start, end); distances: [n, 2] ranges
+    [d0, d1) of pos_i - j; key_mass_rows: (r0, r1), the query rows whose mass each key collects.
+    A head whose gate is exactly 0 is not computed: masses 0, indices -1, entropy 0. Top-k ranks
+    the visible keys by logit (a -inf logit, from key_bias, is not a candidate; NaN ranks first),
+    ties to the lower position; -1 and probability 0 where fewer than topk keys remain.
+    """
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    elif layout != "bhsd":
+        raise ValueError(f"reference: layout {layout!r}")
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dev, f64 = q.device, torch.float64
+    qc = q.to(f64)
+    kc = k.to(f64).repeat_interleave(Hq // Hkv, dim=1)
+    scale = _per_head(1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale, B, Hq, f64, dev,
+                      "softmax_scale")
+    logits = torch.matmul(qc, kc.transpose(-1, -2)) * scale[:, :, None, None]
+    if key_bias is not None:
+        logits = logits + key_bias.to(f64).expand(B, Hq, Sk)[:, :, None, :]
+    visible = visibility(Sq, Sk, causal=causal, window=window, sinks=sinks, B=B, Hq=Hq, device=dev)
+    masked = logits.masked_fill(~visible, float("-inf"))
+    sink = _per_head(sink_logit, B, Hq, f64, dev, "sink_logit")
+    with_sink = masked if sink is None else torch.cat([masked, sink[:, :, None, None].expand(B, Hq, Sq, 1)], -1)
+    if with_sink.shape[-1]:
+        row_max = with_sink.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        total = torch.exp(with_sink - row_max).sum(-1, keepdim=True)
+        lse = torch.where(total != 0, torch.log(total) + row_max, torch.full_like(total, float("-inf")))
+    else:
+        lse = masked.new_full((B, Hq, Sq, 1), float("-inf"))
+    seen = lse != float("-inf")  # a row that saw nothing has no probabilities (all 0)
+    p = torch.where(seen & ~torch.isneginf(masked), torch.exp(masked - lse), torch.zeros_like(masked))
+    p_sink = None
+    if sink is not None:
+        p_sink = torch.where(seen[..., 0], torch.exp(sink[:, :, None] - lse[..., 0]), torch.zeros_like(lse[..., 0]))
+    g = _per_head(gate, B, Hq, f64, dev, "gate")
+    computed = torch.ones(B, Hq, dtype=torch.bool, device=dev) if g is None else g != 0
+
+    def off(x, fill=0.0):
+        """what a gated-off head reports"""
+        mask = computed.view(B, Hq, *([1] * (x.dim() - 2)))
+        return torch.where(mask, x, torch.full_like(x, fill))
+
+    result = dict.fromkeys(("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob",
+                            "key_mass"))
+    key = torch.arange(Sk, device=dev)
+    if spans is not None:
+        spans = torch.as_tensor(spans, device=dev).to(torch.int64)
+        sp = spans.expand(B, *spans.shape[-2:]) if spans.dim() == 3 else spans.expand(B, *spans.shape)
+        inside = (key.view(1, 1, Sk) >= sp[..., 0:1]) & (key.view(1, 1, Sk) < sp[..., 1:2])  # [B, n, Sk]
+        result["span_mass"] = off(torch.einsum("bhik,bnk->bhin", p, inside.to(f64)))
+    if distances is not None:
+        distances = torch.as_tensor(distances, device=dev).to(torch.int64)
+        pos = torch.arange(Sq, device=dev) + (Sk - Sq)
+        diff = pos.view(Sq, 1) - key.view(1, Sk)  # [Sq, Sk]
+        inside = (diff[None] >= distances[:, 0, None, None]) & (diff[None] < distances[:, 1, None, None])
+        result["distance_mass"] = off(torch.einsum("bhik,nik->bhin", p, inside.to(f64)))
+    if sink_mass:
+        result["sink_mass"] = off(p_sink if p_sink is not None else torch.zeros(B, Hq, Sq, dtype=f64, device=dev))
+    if entropy:
+        terms = torch.where(p > 0, -p * torch.log(p), torch.zeros_like(p)).sum(-1)
+        if p_sink is not None:
+            terms = terms + torch.where(p_sink > 0, -p_sink * torch.log(p_sink), torch.zeros_like(p_sink))
+        result["entropy"] = off(terms)
+    if topk:
+        # rank by logit, NaN first, ties to the lower position (a stable sort keeps key order)
+        rank = torch.where(torch.isnan(masked), torch.full_like(masked, float("inf")), masked)
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :topk]
+        chosen = torch.gather(masked, -1, order)
+        real = chosen != float("-inf")
+        index = torch.where(real, order, torch.full_like(order, -1))
+        prob = torch.where(real, torch.gather(p, -1, order), torch.zeros_like(chosen))
+        if index.shape[-1] < topk:  # fewer keys than topk in all
+            pad = topk - index.shape[-1]
+            index = torch.cat([index, index.new_full((*index.shape[:-1], pad), -1)], -1)
+            prob = torch.cat([prob, prob.new_zeros((*prob.shape[:-1], pad))], -1)
+        result["topk_index"] = off(index, -1)
+        result["topk_prob"] = off(prob)
+    if key_mass_rows is not None:
+        r0, r1 = key_mass_rows
+        result["key_mass"] = off(p[:, :, r0:r1].sum(2))
+    return result

@@ -65,14 +65,6 @@ void softmax_grad(T* ds, const T* p, int64_t lo, int64_t hi, T delta) {
   for (; j < hi; ++j) ds[j] = p[j] * (ds[j] - delta);
 }
 
-template <typename T>
-void add_into(T* dst, const T* src, int64_t n) {
-  using V = Vectorized<T>;
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) (V::loadu(dst + j) + V::loadu(src + j)).store(dst + j);
-  for (; j < n; ++j) dst[j] += src[j];
-}
-
 template <typename acc_t>
 class HeadBackward {
   using V = Vectorized<acc_t>;

@@ -34,6 +34,7 @@
 #include "../../cpu/row_ops.h"
 #include "kernel_common.h"
 #include "operands.h"
+#include "row_probes.h"
 
 namespace headops::cpu {
 namespace CPU_CAPABILITY {
@@ -75,8 +76,8 @@ class ItemRunner {
 
  public:
   ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops)
-      : p_(p), block_k_(block_k), ops_(ops),
-        scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim), full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim) {}
+      : p_(p), block_k_(block_k), ops_(ops), scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim),
+        full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim), probes_(p.probe, block_q) {}
 
   void run(const WorkItem& item, LocalWorkCounts& counts) {
     const int64_t b = item.b, h = item.h, q0 = item.q0, nq = item.q1 - item.q0, D = p_.head_dim;
@@ -89,6 +90,8 @@ class ItemRunner {
 
     if (plan.full) full_.reset(nq, D, hs);
     if (plan.streaming) streaming_.reset(nq, D, hs);
+    probes_.reset(nq);  // (a probe refuses alpha: its rows are the streaming branch's)
+    batch_row_ = b;
     ops_.begin_item(b, h, q0, nq);
     counts.add(kWorkItems, 1);
 
@@ -137,8 +140,9 @@ class ItemRunner {
               LocalWorkCounts& counts) {
     const int64_t D = p_.head_dim, Sk = p_.seqlen_k, j0 = lg.j0, nk = lg.nk;
     const bool whole_block = j0 + nk <= Sk && vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
-    // rows whose visible keys form one range take the one-pass path (scaled_exp_sum)
-    const bool fusable = !scaled && (lg.bias == nullptr || lg.bias_stride == 1);
+    // rows whose visible keys form one range take the one-pass path (scaled_exp_sum); probes
+    // read every row's logits, which that path does not store
+    const bool fusable = !scaled && !probes_.active() && (lg.bias == nullptr || lg.bias_stride == 1);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     bool any_row = false;
     for (int64_t r = 0; r < nq; ++r) {
@@ -177,6 +181,7 @@ class ItemRunner {
         for (const KeyRange& part : parts)
           if (!part.empty()) block_max = max_of(s, part.lo, part.hi, block_max);
       }
+      const acc_t old_ref = row.reference(), old_sum = row.sum;
       const acc_t correction = row.rescale(block_max, StdExp{});
       if (row.max == neg_inf) {  // every visible logit is -inf (key_bias): the block adds nothing
         fill_zero(prob, 0, nk);
@@ -193,6 +198,7 @@ class ItemRunner {
       fill_zero(prob, cursor, nk);
       row.add(sum, correction);
       if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
+      probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, row.reference(), old_ref, old_sum, correction);
       any_row = true;
     }
     if (any_row) {
@@ -211,6 +217,7 @@ class ItemRunner {
       const acc_t inv_full = plan.full ? full_.rows[r].inverse_sum() : acc_t(0);
       const acc_t inv_stream = plan.streaming ? streaming_.rows[r].inverse_sum() : acc_t(0);
       lse[i] = (plan.streaming ? streaming_ : full_).rows[r].lse(StdLog{});
+      probes_.finish(r, b, h, i, p_.heads_q, p_.seqlen_q, streaming_.rows[r], hs);
       const acc_t* af = full_.acc.data() + r * D;
       const acc_t* as = streaming_.acc.data() + r * D;
       const int64_t saved_row = ((b * p_.heads_q + h) * p_.seqlen_q + i) * D;
@@ -273,7 +280,67 @@ class ItemRunner {
   std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
   std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
   Branch full_, streaming_;
+  RowProbes<acc_t> probes_;
+  int64_t batch_row_ = 0;  // of the item being run
+  std::vector<acc_t> key_mass_;  // [Sk]: one head's key mass while run_key_mass sums it
+  std::vector<acc_t> mass_row_ = std::vector<acc_t>(block_k_);  // one row's probabilities of a block
+
+ public:
+  // A probe's key mass (DESIGN section 5): per key, the probability the query rows
+  // [key_mass_r0, key_mass_r1) give it, from the lse the forward wrote. One call per (b, h), so
+  // each row of the output has one writer; the tiles walk the keys the forward's items walked.
+  void run_key_mass(int64_t b, int64_t h, int64_t block_q, int64_t alignment, int64_t padded_keys,
+                    LocalWorkCounts& counts) {
+    const ProbeParams& probe = *p_.probe;
+    const int64_t Sk = p_.seqlen_k, shift = p_.seqlen_k - p_.seqlen_q;
+    const HeadScalars<acc_t> hs = read_head<acc_t>(p_, b, h);
+    const HeadVisibility vis = streaming_visibility(p_.causal, hs);
+    const acc_t* bias = p_.key_bias.present() ? p_.key_bias.row<acc_t>(b, h) : nullptr;
+    const acc_t* lse = static_cast<const acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q;
+    key_mass_.assign(Sk, acc_t(0));
+    for (int64_t q0 = probe.key_mass_r0; q0 < probe.key_mass_r1; q0 += block_q) {
+      const int64_t q1 = std::min(probe.key_mass_r1, q0 + block_q), nq = q1 - q0;
+      const VisibleKeys keys = tile_keys(p_, hs, q0, q1, alignment, padded_keys);
+      ops_.begin_item(b, h, q0, nq);
+      for (const KeyRange& range : {keys.sinks, keys.window}) {
+        for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
+          const int64_t nk = std::min(block_k_, range.hi - j0);
+          ops_.scores(scores_.data(), block_k_, nq, j0, nk);
+          counts.add(kKeyBlocks, 1);
+          counts.add(kScoreElements, nq * nk);
+          const BlockLogits logits{hs.softmax_scale, bias ? bias + j0 * p_.key_bias.stride_n : nullptr,
+                                   p_.key_bias.stride_n, j0, nk};
+          for (int64_t r = 0; r < nq; ++r) {
+            if (lse[q0 + r] == negative_infinity<acc_t>()) continue;  // the row saw nothing
+            scale_row_in_place(logits, r);
+            const acc_t* x = scores_.data() + r * block_k_;
+            KeyRange parts[2];
+            vis.visible_in_block(shift + q0 + r, Sk, j0, nk, false, parts);
+            for (const KeyRange& part : parts) {
+              if (part.empty()) continue;
+              exp_and_sum(x, mass_row_.data(), part.lo, part.hi, lse[q0 + r]);
+              add_into(key_mass_.data() + j0 + part.lo, mass_row_.data() + part.lo, part.size());
+            }
+          }
+        }
+      }
+    }
+    float* out = probe.key_mass_out + (b * p_.heads_q + h) * Sk;
+    for (int64_t j = 0; j < Sk; ++j) out[j] = static_cast<float>(key_mass_[j]);
+  }
 };
+
+// What a head gated off (never computed) reports: masses 0, indices -1, entropy 0.
+inline void write_skipped_probes(const ProbeParams& probe, int64_t head, int64_t Sq, int64_t Sk) {
+  const int64_t rows = head * Sq;
+  if (probe.span_mass) std::fill_n(probe.span_mass + rows * probe.n_spans, Sq * probe.n_spans, 0.f);
+  if (probe.distance_mass) std::fill_n(probe.distance_mass + rows * probe.n_distances, Sq * probe.n_distances, 0.f);
+  if (probe.sink_mass_out) std::fill_n(probe.sink_mass_out + rows, Sq, 0.f);
+  if (probe.entropy_out) std::fill_n(probe.entropy_out + rows, Sq, 0.f);
+  if (probe.topk_index) std::fill_n(probe.topk_index + rows * probe.topk, Sq * probe.topk, int64_t(-1));
+  if (probe.topk_prob) std::fill_n(probe.topk_prob + rows * probe.topk, Sq * probe.topk, 0.f);
+  if (probe.key_mass_out) std::fill_n(probe.key_mass_out + head * Sk, Sk, 0.f);
+}
 
 // Heads gated off exactly: output 0, lse -inf, and the saved branches (when kept) 0 and -inf.
 template <typename scalar_t>
@@ -290,6 +357,7 @@ void write_skipped_head(const AttentionParams& p, int64_t b, int64_t h) {
       static_cast<acc_t*>(p.lse_full)[head_row + i] = negative_infinity<acc_t>();
     }
   }
+  if (p.probe) write_skipped_probes(*p.probe, b * p.heads_q + h, p.seqlen_q, p.seqlen_k);
 }
 
 template <typename scalar_t>
@@ -319,25 +387,44 @@ std::vector<WorkItem> build_work_list(const AttentionParams& p, int64_t block_q,
   return items;
 }
 
-template <typename scalar_t, typename Operands, typename MakeOperands>
-void run_items(const AttentionParams& p, const std::vector<WorkItem>& items, int64_t block_q, int64_t block_k,
-               MakeOperands make_operands) {
+// Runs job(runner, i, counts) for i in [0, n) on run_dynamic's threads, each with its own
+// operands and ItemRunner.
+template <typename scalar_t, typename Operands, typename MakeOperands, typename Job>
+void run_jobs(const AttentionParams& p, int64_t n, int64_t block_q, int64_t block_k, MakeOperands& make_operands,
+              const Job& job) {
   struct Worker {
     Operands ops;
     ItemRunner<scalar_t, Operands> runner;
     LocalWorkCounts counts;
-    const std::vector<WorkItem>& items;
-    Worker(Operands o, const AttentionParams& p, int64_t bq, int64_t bk,
-           const std::vector<WorkItem>& it)
-        : ops(std::move(o)), runner(p, bq, bk, ops), items(it) {}
-    void run(int64_t i) { runner.run(items[i], counts); }
+    const Job& job;
+    Worker(Operands o, const AttentionParams& p, int64_t bq, int64_t bk, const Job& j)
+        : ops(std::move(o)), runner(p, bq, bk, ops), job(j) {}
+    void run(int64_t i) { job(runner, i, counts); }
     void finish() {
       counts.publish();
       ops.end_worker();
     }
   };
-  run_dynamic(static_cast<int64_t>(items.size()),
-              [&] { return Worker(make_operands(), p, block_q, block_k, items); });
+  run_dynamic(n, [&] { return Worker(make_operands(), p, block_q, block_k, job); });
+}
+
+// The forward's items; then, for a probe with key mass, its second pass, one (b, h) at a time.
+template <typename scalar_t, typename Operands, typename MakeOperands>
+void run_items(const AttentionParams& p, const std::vector<WorkItem>& items, int64_t block_q, int64_t block_k,
+               int64_t alignment, int64_t padded_keys, MakeOperands make_operands) {
+  using Runner = ItemRunner<scalar_t, Operands>;
+  run_jobs<scalar_t, Operands>(p, static_cast<int64_t>(items.size()), block_q, block_k, make_operands,
+                               [&](Runner& runner, int64_t i, LocalWorkCounts& counts) { runner.run(items[i], counts); });
+  if (p.probe == nullptr || !p.probe->key_mass) return;
+  std::vector<int64_t> heads;  // b * Hq + h of the heads computed (the skipped ones are written already)
+  for (const WorkItem& item : items)
+    if (item.q0 == 0) heads.push_back(item.b * p.heads_q + item.h);
+  std::sort(heads.begin(), heads.end());
+  run_jobs<scalar_t, Operands>(p, static_cast<int64_t>(heads.size()), block_q, block_k, make_operands,
+                               [&](Runner& runner, int64_t i, LocalWorkCounts& counts) {
+                                 runner.run_key_mass(heads[i] / p.heads_q, heads[i] % p.heads_q, block_q, alignment,
+                                                     padded_keys, counts);
+                               });
 }
 
 template <typename scalar_t>
@@ -399,7 +486,7 @@ void forward_typed(const AttentionParams& p) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
     write_skipped<scalar_t>(p, skipped);
-    run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk,
+    run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk, 1, p.seqlen_k,
                                                 [&] { return BlasOperands<scalar_t>(p); });
   } else {
     if (uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim)) {
@@ -417,12 +504,12 @@ void forward_typed(const AttentionParams& p) {
       kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
       kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
       pack_needed_blocks<scalar_t>(p, items, kv);
-      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk,
+      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, align, kv.padded_keys,
                                                     [&] { return PackedOperands<scalar_t>(p, kv); });
     } else {
       auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
       write_skipped<scalar_t>(p, skipped);
-      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk,
+      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk, 1, p.seqlen_k,
                                                        [&] { return ConvertedOperands<scalar_t>(p, bq, bk); });
     }
   }

@@ -1,0 +1,162 @@
+// The probe statistics of a query tile's rows (DESIGN section 5, rules in probe_semantics.h),
+// kept beside the forward's online softmax in the same pass over the keys: span and distance
+// masses and the entropy sum are accumulated against the row's reference max and rescaled with
+// its sum; the top-k keys are ranked by logit. Compiled per instruction set with the forward.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "include row_probes.h from a kernel compiled for one CPU_CAPABILITY"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../../cpu/row_ops.h"
+#include "../probe_params.h"
+#include "../probe_semantics.h"
+
+namespace headops::cpu {
+namespace CPU_CAPABILITY {
+
+template <typename acc_t>
+class RowProbes {
+ public:
+  RowProbes(const ProbeParams* probe, int64_t block_q) : probe_(probe && probe->row_statistics() ? probe : nullptr) {
+    if (!probe_) return;
+    spans_.resize(block_q * probe_->n_spans);
+    distances_.resize(block_q * probe_->n_distances);
+    entropy_.resize(block_q);
+    top_logits_.resize(block_q * probe_->topk);
+    top_positions_.resize(block_q * probe_->topk);
+  }
+
+  bool active() const { return probe_ != nullptr; }
+
+  void reset(int64_t nq) {
+    if (!probe_) return;
+    std::fill(spans_.begin(), spans_.begin() + nq * probe_->n_spans, acc_t(0));
+    std::fill(distances_.begin(), distances_.begin() + nq * probe_->n_distances, acc_t(0));
+    std::fill(entropy_.begin(), entropy_.begin() + nq, acc_t(0));
+    std::fill(top_logits_.begin(), top_logits_.begin() + nq * probe_->topk, negative_infinity<acc_t>());
+    std::fill(top_positions_.begin(), top_positions_.begin() + nq * probe_->topk, int64_t(-1));
+  }
+
+  // Row r (query position pos, batch row b) has taken the key block [j0, j0 + nk): x holds its
+  // logits, prob its probabilities against the row's reference `ref` on the visible parts
+  // (relative to j0). Before the block the reference was old_ref with sum old_sum; correction
+  // is exp(old_ref - ref).
+  template <typename prob_t>
+  void update(int64_t r, int64_t b, int64_t pos, const acc_t* x, const prob_t* prob, const KeyRange (&parts)[2],
+              int64_t j0, acc_t ref, acc_t old_ref, acc_t old_sum, acc_t correction) {
+    if (!probe_) return;
+    acc_t* spans = spans_.data() + r * probe_->n_spans;
+    acc_t* distances = distances_.data() + r * probe_->n_distances;
+    if (correction != acc_t(1)) {
+      for (int64_t n = 0; n < probe_->n_spans; ++n) spans[n] *= correction;
+      for (int64_t n = 0; n < probe_->n_distances; ++n) distances[n] *= correction;
+      entropy_[r] = rescale_entropy_sum(entropy_[r], old_sum, old_ref, ref, correction);
+    }
+    const int64_t* span = probe_->spans + b * probe_->spans_stride_b;
+    for (const KeyRange& part : parts) {
+      if (part.empty()) continue;
+      const KeyRange keys{j0 + part.lo, j0 + part.hi};  // absolute positions of this part
+      for (int64_t n = 0; n < probe_->n_spans; ++n)
+        spans[n] += mass(x, prob, keys.clip(span[2 * n], span[2 * n + 1]), j0, ref);
+      for (int64_t n = 0; n < probe_->n_distances; ++n) {
+        const KeyRange near = keys_at_distances(pos, probe_->distances[2 * n], probe_->distances[2 * n + 1]);
+        distances[n] += mass(x, prob, keys.clip(near.lo, near.hi), j0, ref);
+      }
+      if (probe_->entropy) entropy_[r] += entropy_terms(x, prob, part, ref);
+      if (probe_->topk > 0) offer_keys(r, x, part, j0);
+    }
+  }
+
+  // Writes row r's statistics (head h, batch row b, query i) from its finished softmax.
+  void finish(int64_t r, int64_t b, int64_t h, int64_t i, int64_t heads_q, int64_t Sq,
+              const OnlineSoftmax<acc_t>& row, const HeadScalars<acc_t>& hs) {
+    if (!probe_) return;
+    const int64_t at = (b * heads_q + h) * Sq + i;
+    const acc_t inv = row.inverse_sum();
+    const acc_t lse = row.lse(StdLog{});
+    for (int64_t n = 0; n < probe_->n_spans; ++n)
+      probe_->span_mass[at * probe_->n_spans + n] = static_cast<float>(spans_[r * probe_->n_spans + n] * inv);
+    for (int64_t n = 0; n < probe_->n_distances; ++n)
+      probe_->distance_mass[at * probe_->n_distances + n] =
+          static_cast<float>(distances_[r * probe_->n_distances + n] * inv);
+    if (probe_->sink_mass)
+      probe_->sink_mass_out[at] = static_cast<float>(
+          hs.has_sink_logit && row_has_mass(row.sum) ? std::exp(hs.sink_logit - lse) : acc_t(0));
+    if (probe_->entropy) probe_->entropy_out[at] = static_cast<float>(row_entropy(row, entropy_[r], StdLog{}));
+    for (int64_t n = 0; n < probe_->topk; ++n) {
+      const int64_t pos = top_positions_[r * probe_->topk + n];
+      probe_->topk_index[at * probe_->topk + n] = pos;
+      probe_->topk_prob[at * probe_->topk + n] =
+          pos < 0 ? 0.f : static_cast<float>(std::exp(top_logits_[r * probe_->topk + n] - lse));
+    }
+  }
+
+ private:
+  // sum of the probabilities of the keys [keys.lo, keys.hi) (absolute), block starting at j0
+  template <typename prob_t>
+  static acc_t mass(const acc_t* x, const prob_t* prob, KeyRange keys, int64_t j0, acc_t ref) {
+    if (keys.empty()) return acc_t(0);
+    const int64_t lo = keys.lo - j0, hi = keys.hi - j0;
+    acc_t sum = 0;
+    if constexpr (std::is_same_v<prob_t, acc_t>) {
+      for (int64_t j = lo; j < hi; ++j) sum += prob[j];
+    } else {  // probabilities rounded for the P.V product: take them again from the logits
+      for (int64_t j = lo; j < hi; ++j) sum += std::exp(x[j] - ref);
+    }
+    return sum;
+  }
+
+  // sum of exp(x - ref) * (x - ref) over a visible part (a -inf logit adds nothing)
+  template <typename prob_t>
+  static acc_t entropy_terms(const acc_t* x, const prob_t* prob, KeyRange part, acc_t ref) {
+    using V = Vectorized<acc_t>;
+    const V vref(ref), neg_inf(negative_infinity<acc_t>()), zero(acc_t(0));
+    V total(acc_t(0));
+    int64_t j = part.lo;
+    if constexpr (std::is_same_v<prob_t, acc_t>) {
+      for (; j + V::size() <= part.hi; j += V::size()) {
+        const V xs = V::loadu(x + j);
+        total = total + V::blendv(V::loadu(prob + j) * (xs - vref), zero, xs == neg_inf);
+      }
+    }
+    acc_t sum = reduce_sum(total);
+    for (; j < part.hi; ++j) {
+      if (x[j] == negative_infinity<acc_t>()) continue;
+      const acc_t p = std::is_same_v<prob_t, acc_t> ? static_cast<acc_t>(prob[j]) : std::exp(x[j] - ref);
+      sum += p * (x[j] - ref);
+    }
+    return sum;
+  }
+
+  // offers the part's keys to row r's top-k; a vector of logits none of which beats the k-th
+  // kept one is skipped at once
+  void offer_keys(int64_t r, const acc_t* x, KeyRange part, int64_t j0) {
+    using V = Vectorized<acc_t>;
+    const int64_t k = probe_->topk;
+    acc_t* logits = top_logits_.data() + r * k;
+    int64_t* positions = top_positions_.data() + r * k;
+    int64_t j = part.lo;
+    for (; j + V::size() <= part.hi; j += V::size()) {
+      const acc_t kth = logits[k - 1];
+      if (kth == kth) {  // a NaN kept last: nothing can enter any more
+        const V xs = V::loadu(x + j);
+        if ((V(xs > V(kth)) | V(xs != xs)).zero_mask() == (1 << V::size()) - 1) continue;
+      }
+      for (int64_t c = j; c < j + V::size(); ++c) offer_topk(logits, positions, k, x[c], j0 + c);
+    }
+    for (; j < part.hi; ++j) offer_topk(logits, positions, k, x[j], j0 + j);
+  }
+
+  const ProbeParams* probe_;
+  std::vector<acc_t> spans_, distances_, entropy_, top_logits_;
+  std::vector<int64_t> top_positions_;
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace headops::cpu

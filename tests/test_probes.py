@@ -1,0 +1,187 @@
+"""Probe statistics (DESIGN section 5) from the fused CPU kernel against the ones the reference
+computes from its materialised probabilities (float64): every statistic, every per-head
+feature, GQA, Sq != Sk, per-batch forms, rows with no visible key, gated-off heads."""
+
+import math
+
+import pytest
+import torch
+
+from headops import reference
+
+from conftest import ALL_FEATURES, head_params, make_qkv
+
+F64 = torch.float64
+# float32 statistics (DESIGN: probes report float32); from float64 inputs the kernel computes in double
+STAT_ATOL = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+def probe_op(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, window=None, sinks=None, key_bias=None,
+             sink_logit=None, out_scale=None, out_bias=None, gate=None, spans=None, distances=None, sink_mass=False,
+             topk=0, entropy=False, key_mass_rows=None):
+    """The raw op, with per-head arguments laid out as headops.attention lays them out."""
+    heads_first = layout == "bhsd"
+    B, D = q.shape[0], q.shape[3]
+    Hq = q.shape[1] if heads_first else q.shape[2]
+    Sk = k.shape[2] if heads_first else k.shape[1]
+    acc = F64 if q.dtype == F64 else torch.float32
+
+    def ph(t, dtype=acc):
+        return None if t is None else torch.as_tensor(t).to(dtype).expand(B, Hq).contiguous()
+
+    def row(t, n):
+        return None if t is None else t.to(acc).expand(B, Hq, n).contiguous()
+
+    scale = None if softmax_scale is None or isinstance(softmax_scale, float) else ph(softmax_scale)
+    default_scale = softmax_scale if isinstance(softmax_scale, float) else 1 / math.sqrt(D)
+    res = torch.ops.headops.attention_probe(
+        q, k, v, causal, heads_first, default_scale, scale, ph(window, torch.int64), ph(sinks, torch.int64),
+        row(key_bias, Sk), ph(sink_logit), row(out_scale, D), row(out_bias, D), ph(gate),
+        None if spans is None else torch.as_tensor(spans, dtype=torch.int64),
+        None if distances is None else torch.as_tensor(distances, dtype=torch.int64), sink_mass, topk, entropy,
+        key_mass_rows)
+    names = ("out", "lse", "span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
+    return dict(zip(names, res))
+
+
+def compare(got, want, dtype):
+    atol = STAT_ATOL[dtype]
+    for name, w in want.items():
+        if w is None:
+            continue
+        g = got[name]
+        if name == "topk_index":
+            assert torch.equal(g, w), name
+        else:
+            torch.testing.assert_close(g.double(), w, atol=atol, rtol=1e-4, equal_nan=True, msg=name)
+
+
+def all_statistics(Sq, Sk, B=1, per_batch_spans=False):
+    """Spans (first token, a middle run, an empty one, all keys), distances (the diagonal, the
+    previous token, a run, beyond every key), sink mass, top-3, entropy, key mass of the last rows."""
+    spans = [[0, 1], [Sk // 3, Sk // 3 + max(1, Sk // 4)], [Sk // 2, Sk // 2], [0, Sk]]
+    if per_batch_spans:
+        spans = [[[s0 + b % 2 if s0 < s1 else s0, s1] for s0, s1 in spans] for b in range(B)]
+    return dict(spans=spans, distances=[[0, 1], [1, 2], [2, 7], [Sk + Sq, 2**62]], sink_mass=True, topk=3,
+                entropy=True, key_mass_rows=(max(0, Sq - 5), Sq))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Sq,Sk,Hq,Hkv,D", [(1, 1, 1, 1, 1, 8), (2, 37, 37, 4, 2, 16), (1, 9, 300, 6, 3, 32),
+                                             (2, 70, 20, 4, 4, 8), (1, 300, 600, 2, 1, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_statistics_match_reference(dtype, B, Sq, Sk, Hq, Hkv, D, causal):
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES)
+    stats = all_statistics(Sq, Sk)
+    got = probe_op(q, k, v, causal=causal, **kw, **stats)
+    want = reference.probe(q, k, v, causal=causal, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
+                           **stats)
+    compare(got, want, dtype)
+    # the output and lse are the forward's (a head gated off exactly is skipped: lse -inf)
+    out, lse = reference.attention(q, k, v, causal=causal, return_lse=True, **kw)
+    computed = kw["gate"] != 0
+    torch.testing.assert_close(got["lse"][:, computed].double(), lse[:, computed].double(),
+                               atol=2e-5 if dtype != F64 else 1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_per_batch_forms_and_layouts(layout):
+    B, Sq, Sk, Hq, Hkv, D = 3, 40, 90, 4, 2, 16
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F64, layout=layout, strided=True)
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
+    stats = all_statistics(Sq, Sk, B, per_batch_spans=True)
+    got = probe_op(q, k, v, layout=layout, **kw, **stats)
+    want = reference.probe(q, k, v, layout=layout, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
+                           **stats)
+    compare(got, want, F64)
+
+
+def test_rows_with_no_visible_key_and_gated_off_heads():
+    # non-causal window 1 with Sq > Sk: the first rows see nothing (their position is below 0)
+    B, Sq, Sk, Hq, D = 1, 12, 4, 3, 8
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hq, D, F64)
+    gate = torch.tensor([1.0, 0.0, 1.0])
+    stats = all_statistics(Sq, Sk)
+    got = probe_op(q, k, v, window=1, gate=gate, **stats)
+    want = reference.probe(q, k, v, window=1, gate=gate, **stats)
+    compare(got, want, F64)
+    blind = got["lse"][0, 0] == -math.inf
+    assert bool(blind.any())
+    assert bool((got["topk_index"][0, 0][blind] == -1).all()) and bool((got["entropy"][0, 0][blind] == 0).all())
+    assert bool((got["topk_index"][0, 1] == -1).all()) and bool((got["span_mass"][0, 1] == 0).all())
+    assert bool((got["key_mass"][0, 1] == 0).all())
+
+
+def test_ties_go_to_the_lower_position():
+    # identical keys: every logit of a row ties
+    q = torch.randn(1, 6, 1, 8, dtype=F64)
+    k = torch.ones(1, 10, 1, 8, dtype=F64)
+    got = probe_op(q, k, k, causal=False, topk=4)
+    assert torch.equal(got["topk_index"][0, 0], torch.tensor([[0, 1, 2, 3]] * 6))
+    torch.testing.assert_close(got["topk_prob"][0, 0], torch.full((6, 4), 0.1, dtype=torch.float32))
+
+
+def test_fewer_keys_than_topk():
+    q, k, v = make_qkv(1, 5, 5, 2, 2, 8, F64)
+    got = probe_op(q, k, v, topk=8)
+    want = reference.probe(q, k, v, topk=8)
+    compare(got, want, F64)
+    assert bool((got["topk_index"][0, :, 0, 1:] == -1).all())  # the first row sees one key
+
+
+def test_masses_sum_to_one():
+    """Span [0, Sk) plus the sink's mass is every row's whole probability."""
+    q, k, v = make_qkv(2, 50, 80, 4, 2, 16, torch.float32)
+    got = probe_op(q, k, v, window=torch.tensor([3, -1, 10, 1]), sinks=2, sink_logit=torch.zeros(4),
+                   spans=[[0, 80]], sink_mass=True)
+    torch.testing.assert_close(got["span_mass"][..., 0] + got["sink_mass"], torch.ones(2, 4, 50), atol=1e-5, rtol=0)
+
+
+def test_nan_reaches_only_rows_that_see_it():
+    q, k, v = make_qkv(1, 30, 30, 2, 1, 8, F64)
+    k[0, 20, 0, 3] = float("nan")
+    stats = all_statistics(30, 30)
+    got = probe_op(q, k, v, window=5, **stats)
+    want = reference.probe(q, k, v, window=5, **stats)
+    lse = got["lse"][0, 0]
+    assert bool(torch.isnan(lse[20:25]).all()) and not bool(torch.isnan(lse[:20]).any())
+    for name in ("span_mass", "distance_mass", "entropy"):
+        assert bool(torch.isnan(got[name][0, 0, 20:25]).all()), name
+        torch.testing.assert_close(got[name][0, :, :20].double(), want[name][0, :, :20], atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(spans=[[3, 2]]), "spans"), (dict(spans=[[0, 99]]), "spans"), (dict(spans=[[-1, 2]]), "spans"),
+    (dict(spans=[0, 1]), "spans"), (dict(distances=[[-1, 2]]), "distances"), (dict(distances=[[3, 2]]), "distances"),
+    (dict(topk=9), "topk"), (dict(topk=-1), "topk"), (dict(key_mass_rows=(3, 2)), "key_mass_rows"),
+    (dict(key_mass_rows=(0, 99)), "key_mass_rows"), (dict(key_mass_rows=(0, 1, 2)), "key_mass_rows"),
+])
+def test_raw_op_refuses_bad_probes(bad, match):
+    q, k, v = make_qkv(1, 10, 12, 2, 2, 8, F64)
+    with pytest.raises(RuntimeError, match=match):
+        probe_op(q, k, v, **bad)
+
+
+def test_no_s_by_s_memory():
+    """A 65,536-token probe (one span, top-1, entropy) holds O(S) beside the inputs."""
+    import resource
+
+    S, H, D = 65536, 1, 16
+    q, k, v = (torch.randn(1, S, H, D) for _ in range(3))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    got = probe_op(q, k, v, window=256, spans=[[0, 1]], topk=1, entropy=True)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert got["entropy"].shape == (1, 1, S)
+    assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB (S x S floats would be 16 GiB)"
+
+
+def test_fake_kernel_matches_the_op():
+    """torch.library.opcheck: schema, fake tensor and AOT tracing of attention_probe."""
+    q, k, v = make_qkv(2, 9, 13, 4, 2, 8, torch.float32)
+    args = dict(q=q, k=k, v=v, causal=True, heads_first=False, default_scale=0.3, softmax_scale=None, window=None,
+                sinks=None, key_bias=None, sink_logit=torch.zeros(2, 4), out_scale=None, out_bias=None, gate=None,
+                spans=torch.tensor([[0, 1], [2, 5]]), distances=torch.tensor([[0, 1]]), sink_mass=True, topk=2,
+                entropy=True, key_mass_rows=[7, 9])
+    torch.library.opcheck(torch.ops.headops.attention_probe.default, (), args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
