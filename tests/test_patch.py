@@ -282,3 +282,15 @@ def test_patch_gives_each_module_the_spec_on_its_device():
     headops.unpatch(model)
     headops.patch(model, spec)
     assert all(m._headops_spec.gate.device.type == "meta" for m in modules)
+
+
+def test_models_that_compute_attention_themselves_are_refused():
+    """Bloom computes its (ALiBi) attention in its own code, not through AttentionInterface:
+    patch says so, and changes nothing."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=4)).eval()
+    before = model.config._attn_implementation
+    with pytest.raises(NotImplementedError, match="AttentionInterface"):
+        headops.patch(model, headops.HeadSpec.dense(model))
+    assert model.config._attn_implementation == before and not hasattr(model, "_headops_previous")

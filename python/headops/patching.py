@@ -87,6 +87,15 @@ def _attention_modules(model):
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def _dispatches_through_attention_interface(model) -> bool:
+    """Whether the model's code calls transformers' attention functions by name: most families
+    do; a few (Falcon, Bloom, MPT, DeBERTa-v2 in transformers 5) compute attention themselves."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module)
+
+
 def patch(model, spec: HeadSpec):
     """Runs `model`'s attention through headops with `spec` (returns the model). A module whose
     parameters live on another device than the spec's tensors gets ``spec.to(that device)``."""
@@ -96,6 +105,11 @@ def patch(model, spec: HeadSpec):
     if not isinstance(spec, HeadSpec):
         raise TypeError(f"headops.patch: spec must be a headops.HeadSpec, got {type(spec).__name__}")
     spec.validate(model)
+    if not _dispatches_through_attention_interface(model):
+        raise NotImplementedError(
+            f"headops.patch: {type(model).__name__} computes its attention in its own code, not through "
+            "transformers' AttentionInterface, so headops cannot take it over (supported: the families that "
+            "dispatch through it, e.g. Llama, Mistral, Qwen2/3, GPT-2, BERT; docs/DESIGN.md section 3)")
     modules = _attention_modules(model)
     if len(modules) != spec.num_layers:
         raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
