@@ -185,3 +185,56 @@ def test_fake_kernel_matches_the_op():
                 entropy=True, key_mass_rows=[7, 9])
     torch.library.opcheck(torch.ops.headops.attention_probe.default, (), args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---------------------------------------------------------------------------------------------
+# headops.attention(..., probe=headops.Probe(...))
+
+def test_attention_with_a_probe_matches_the_reference():
+    import headops
+
+    B, Sq, Sk, Hq, Hkv, D = 2, 33, 70, 4, 2, 16
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F64, layout="bhsd")
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
+    stats = all_statistics(Sq, Sk)
+    out, lse, got = headops.attention(q, k, v, layout="bhsd", return_lse=True, probe=headops.Probe(**stats), **kw)
+    want = reference.probe(q, k, v, layout="bhsd", **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
+                           **stats)
+    compare(vars(got), want, F64)
+    # the forward's output up to rounding (probing rows take the exact path, not the one-pass one)
+    torch.testing.assert_close(out, headops.attention(q, k, v, layout="bhsd", **kw), atol=1e-12, rtol=0)
+    only_entropy = headops.attention(q, k, v, layout="bhsd", probe=headops.Probe(entropy=True))[1]
+    assert only_entropy.entropy.shape == (B, Hq, Sq) and only_entropy.span_mass is None and only_entropy.key_mass is None
+
+
+def test_attention_with_a_probe_keeps_gradients():
+    import headops
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 12, 12, 2, 2, 8, F64))
+    out, stats = headops.attention(q, k, v, probe=headops.Probe(topk=1))
+    out.sum().backward()
+    assert q.grad is not None and stats.topk_index.shape == (1, 2, 12, 1)
+    torch.testing.assert_close(out, headops.attention(q, k, v), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("probe,kw,error,match", [
+    (dict(spans=[[2, 1]]), {}, ValueError, "probe.spans"),
+    (dict(spans=[[0, 13]]), {}, ValueError, "probe.spans"),
+    (dict(spans=[0, 1]), {}, ValueError, "probe.spans"),
+    (dict(spans=[[0.5, 1]]), {}, TypeError, "probe.spans"),
+    (dict(distances=[[-1, 1]]), {}, ValueError, "probe.distances"),
+    (dict(topk=9), {}, ValueError, "probe.topk"),
+    (dict(topk=True), {}, ValueError, "probe.topk"),
+    (dict(entropy=1), {}, TypeError, "probe.entropy"),
+    (dict(key_mass_rows=(2, 1)), {}, ValueError, "probe.key_mass_rows"),
+    (dict(key_mass_rows=(0, 13)), {}, ValueError, "probe.key_mass_rows"),
+    (dict(topk=1), dict(alpha=0.5), ValueError, "alpha"),
+])
+def test_bad_probes_name_the_field(probe, kw, error, match):
+    import headops
+
+    q, k, v = make_qkv(1, 12, 12, 2, 2, 8, F64)
+    with pytest.raises(error, match=match):
+        headops.attention(q, k, v, probe=headops.Probe(**probe), **kw)
+    with pytest.raises(TypeError, match="probe must be a headops.Probe"):
+        headops.attention(q, k, v, probe=dict(topk=1))

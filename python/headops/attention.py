@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._args import HeadArgs, HeadShapes, check_dense, check_float_dtype, describe, fail, head_args
+from .probes import check_probe, run_probe
 
 _LAYOUTS = ("bshd", "bhsd")
 
@@ -83,7 +84,8 @@ def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool):
 
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
-              alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False):
+              alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False,
+              probe=None):
     """Multi-head attention in which every head has its own behaviour (docs/DESIGN.md section 1).
 
     q ``[B, Sq, Hq, D]``, k and v ``[B, Sk, Hkv, D]`` (layout "bshd"; "bhsd" swaps the middle
@@ -98,6 +100,12 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
     Differentiable in q, k, v and every floating per-head argument (a fused backward that
     recomputes the probabilities tile by tile; no S x S memory).
+
+    ``probe=headops.Probe(...)`` also returns per-head attention statistics (docs/DESIGN.md
+    section 5) from the same pass over the keys: ``(out, ProbeResult)``, or ``(out, lse,
+    ProbeResult)`` with return_lse (not with alpha; CPU tensors). The statistics carry no
+    gradient; when one is needed, out comes from the differentiable op, at the cost of a
+    second pass.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"{CALLER}: layout must be 'bshd' or 'bhsd', got {layout!r}")
@@ -109,8 +117,20 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     if return_lse and alpha is not None:
         raise ValueError(f"{CALLER}: return_lse=True cannot be combined with alpha: a mixture of two softmaxes has "
                          "no single lse")
+    if probe is not None and alpha is not None:
+        raise ValueError(f"{CALLER}: probe cannot be combined with alpha: a mixture of two softmaxes has no single "
+                         "attention pattern to measure")
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
                      key_bias=key_bias)
-    out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
-    return (out, lse) if return_lse else out
+    if probe is None:
+        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
+        return (out, lse) if return_lse else out
+    if q.device.type != "cpu":
+        raise NotImplementedError(f"{CALLER}: probe statistics are computed by the CPU kernel only; q is on "
+                                  f"{q.device}")
+    request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
+    out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)
+    if torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad()):
+        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
+    return (out, lse, stats) if return_lse else (out, stats)

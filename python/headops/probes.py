@@ -1,0 +1,128 @@
+"""Probes: per-head attention statistics from the fused kernel, without S x S memory
+(docs/DESIGN.md section 5).
+
+    probe = headops.Probe(spans=[[0, 1]], distances=[[1, 2]], topk=1, entropy=True)
+    out, stats = headops.attention(q, k, v, probe=probe)
+    stats.span_mass      # [B, Hq, Sq, 1]: each row's mass on the first token
+    stats.topk_index     # [B, Hq, Sq, 1]: the key each row attends to most
+
+The statistics ride along the forward's pass over the keys (key_mass: one more pass with the
+lse). ``headops.reference.probe`` computes the same from materialised probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._args import HeadArgs, is_int
+
+MAX_TOPK = 8
+_STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What to measure, per (batch row, query head, query row):
+
+    spans: absolute key positions ``[start, end)``, ``[n, 2]`` (every batch row) or ``[B, n, 2]``:
+        each row's attention mass on each span (e.g. the first token, a needle).
+    distances: ranges ``[d0, d1)`` of query-relative distance ``pos_i - j``, ``[n, 2]``: the
+        mass on those keys (1: the previous token; the period R of a repeated sequence: echo;
+        R - 1: induction).
+    sink_mass: the sink logit's own mass (0 without a sink logit).
+    topk: the k (<= 8) most attended keys, positions and probabilities, ties to the lower position.
+    entropy: each row's attention entropy (nats).
+    key_mass_rows: ``(r0, r1)``: per key, the mass the query rows r0..r1-1 give it (H2O / SnapKV
+        scores), ``[B, Hq, Sk]``.
+    """
+    spans: object = None
+    distances: object = None
+    sink_mass: bool = False
+    topk: int = 0
+    entropy: bool = False
+    key_mass_rows: tuple | None = None
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    """The statistics asked for (None for the others), float32 (indices int64). A row that sees
+    no key, and every row of a head gated off exactly (not computed), reports masses 0, indices
+    -1 and entropy 0."""
+    span_mass: torch.Tensor | None = None      # [B, Hq, Sq, n_spans]
+    distance_mass: torch.Tensor | None = None  # [B, Hq, Sq, n_distances]
+    sink_mass: torch.Tensor | None = None      # [B, Hq, Sq]
+    entropy: torch.Tensor | None = None        # [B, Hq, Sq]
+    topk_index: torch.Tensor | None = None     # [B, Hq, Sq, k] key positions, -1 where fewer keys
+    topk_prob: torch.Tensor | None = None      # [B, Hq, Sq, k]
+    key_mass: torch.Tensor | None = None       # [B, Hq, Sk]
+
+
+def _pairs(caller, value, name, *, batch=None):
+    """An int64 CPU tensor [n, 2] (or [B, n, 2] where `batch` is given) from a tensor or nested lists."""
+    if isinstance(value, torch.Tensor):
+        t = value
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{caller}: probe.{name} must hold integers, got dtype {t.dtype}")
+    else:
+        try:
+            t = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"{caller}: probe.{name} must be pairs of ints, got {value!r}") from None
+        if t.numel() and (t.dtype.is_floating_point or t.dtype == torch.bool):
+            raise TypeError(f"{caller}: probe.{name} must be pairs of ints, got {value!r}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    forms = "[n, 2]" + ("" if batch is None else f" or [B, n, 2] = [{batch}, n, 2]")
+    ok = (t.dim() == 2 and t.shape[1] == 2) or (
+        batch is not None and t.dim() == 3 and t.shape[2] == 2 and t.shape[0] in (1, batch))
+    if not ok:
+        raise ValueError(f"{caller}: probe.{name} must be {forms} pairs, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def check_probe(caller, probe, *, B, Sq, Sk):
+    """The op's probe arguments from a Probe, checked (ValueError/TypeError naming probe.<field>)."""
+    if not isinstance(probe, Probe):
+        raise TypeError(f"{caller}: probe must be a headops.Probe, got {type(probe).__name__}")
+    checking = not torch.compiler.is_compiling()
+    spans = distances = None
+    if probe.spans is not None:
+        spans = _pairs(caller, probe.spans, "spans", batch=B)
+        if checking and spans.numel():
+            start, end = spans[..., 0], spans[..., 1]
+            if not bool(((start >= 0) & (start <= end) & (end <= Sk)).all()):
+                raise ValueError(f"{caller}: probe.spans must be [start, end) with 0 <= start <= end <= Sk = {Sk}, "
+                                 f"got {spans.tolist()}")
+    if probe.distances is not None:
+        distances = _pairs(caller, probe.distances, "distances")
+        if checking and distances.numel() and not bool(((distances[:, 0] >= 0) &
+                                                        (distances[:, 0] <= distances[:, 1])).all()):
+            raise ValueError(f"{caller}: probe.distances must be [d0, d1) with 0 <= d0 <= d1 (a query-relative "
+                             f"distance pos_i - j is never negative here), got {distances.tolist()}")
+    for name in ("sink_mass", "entropy"):
+        if not isinstance(getattr(probe, name), bool):
+            raise TypeError(f"{caller}: probe.{name} must be a bool, got {getattr(probe, name)!r}")
+    if not is_int(probe.topk) or not 0 <= probe.topk <= MAX_TOPK:
+        raise ValueError(f"{caller}: probe.topk must be an int in [0, {MAX_TOPK}], got {probe.topk!r}")
+    rows = probe.key_mass_rows
+    if rows is not None:
+        if (not isinstance(rows, (tuple, list)) or len(rows) != 2 or not all(is_int(r) for r in rows)
+                or not 0 <= rows[0] <= rows[1] <= Sq):
+            raise ValueError(f"{caller}: probe.key_mass_rows must be (r0, r1) with 0 <= r0 <= r1 <= Sq = {Sq}, "
+                             f"got {rows!r}")
+        rows = [int(rows[0]), int(rows[1])]
+    return dict(spans=spans, distances=distances, sink_mass=probe.sink_mass, topk=int(probe.topk),
+                entropy=probe.entropy, key_mass_rows=rows)
+
+
+def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first: bool):
+    """The probe op on checked inputs: (out, lse, ProbeResult)."""
+    kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
+    del kernel["alpha"]  # (refused with a probe before this point)
+    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse, *stats = torch.ops.headops.attention_probe(q=q, k=k, v=v, causal=causal, heads_first=heads_first,
+                                                         **kernel, **probe)
+    asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
+             probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
+    return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)})
