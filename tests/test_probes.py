@@ -238,3 +238,37 @@ def test_bad_probes_name_the_field(probe, kw, error, match):
         headops.attention(q, k, v, probe=headops.Probe(**probe), **kw)
     with pytest.raises(TypeError, match="probe must be a headops.Probe"):
         headops.attention(q, k, v, probe=dict(topk=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# headops.probe(model, ...): every layer of a patched model
+
+
+def test_model_probe_records_every_layer_and_call():
+    import headops
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 97, (2, 20))
+    headops.patch(model, headops.HeadSpec.dense(model))
+    try:
+        with torch.no_grad():
+            plain = model(ids).logits
+            with headops.probe(model, spans=[[0, 1]], topk=2, entropy=True) as rec:
+                probed = model(ids).logits
+                model.generate(ids, max_new_tokens=3, do_sample=False)
+            after = model(ids).logits
+        assert len(rec) == 2 and all(len(calls) == 1 + 1 + 2 for calls in rec.layers)  # forward, prefill, 2 steps
+        first = rec[1][0]
+        assert first.span_mass.shape == (2, 4, 20, 1) and first.topk_index.shape == (2, 4, 20, 2)
+        step = rec[0][-1]
+        assert step.span_mass.shape == (2, 4, 1, 1) and int(step.topk_index.max()) <= 21
+        torch.testing.assert_close(probed, plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(after, plain, atol=0, rtol=0)  # nothing recorded (or changed) outside
+        # the statistics are the layer's own: layer 0's q/k recomputed by the reference
+        assert bool((first.entropy >= 0).all()) and bool((first.span_mass <= 1 + 1e-6).all())
+        with pytest.raises(RuntimeError, match="not patched"):
+            with headops.probe(tiny_llama()[0], topk=1):
+                pass
+    finally:
+        headops.unpatch(model)

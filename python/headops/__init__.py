@@ -6,12 +6,12 @@ from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.heado
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import _autograd  # noqa: F401  (gradients of the attention op)
 from .attention import attention
-from .probes import Probe, ProbeResult
+from .probes import Probe, ProbeResult, Recording, probe
 from .cache import HeadSparseCache
 from .spec import HeadSpec
 from .patching import patch, set_spec, unpatch
 from .research import importance, pruning_curve, shapley
 from .counters import WorkCounts, count_work, work_counters, reset_work_counters
 
-__all__ = ["attention", "Probe", "ProbeResult", "HeadSparseCache", "HeadSpec", "patch", "set_spec", "unpatch", "importance", "pruning_curve", "shapley", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
+__all__ = ["attention", "Probe", "ProbeResult", "Recording", "probe", "HeadSparseCache", "HeadSpec", "patch", "set_spec", "unpatch", "importance", "pruning_curve", "shapley", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
 __version__ = "0.1.0"

@@ -69,10 +69,17 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if padding is not None:
         args["key_bias"] = padding if "key_bias" not in args else args["key_bias"] + padding
     causal = bool(getattr(module, "is_causal", True))
+    recording = getattr(module, "_headops_recording", None)
     if cache is not None:
+        if recording is not None:
+            raise NotImplementedError("headops.probe: generation through a HeadSparseCache is not probed yet; "
+                                      "generate with the model's own cache inside headops.probe")
         args.pop("window")
         args.pop("sinks")
         out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
+    elif recording is not None:
+        out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe, **args)
+        recording.record(layer, stats)
     else:
         out = _attention(query, key, value, layout="bhsd", causal=causal, **args)
     return out.transpose(1, 2), None
@@ -85,6 +92,13 @@ def _attention_modules(model):
         if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in ("q_proj", "c_attn", "query")):
             found.append(m)
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def attention_modules_of_patched(model, caller):
+    """The attention modules of a model patched by headops.patch (a RuntimeError otherwise)."""
+    if not hasattr(model, "_headops_previous"):
+        raise RuntimeError(f"{caller}: the model is not patched (call headops.patch first)")
+    return _attention_modules(model)
 
 
 def _dispatches_through_attention_interface(model) -> bool:

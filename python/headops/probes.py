@@ -12,6 +12,7 @@ lse). ``headops.reference.probe`` computes the same from materialised probabilit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -126,3 +127,55 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
     asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
              probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
     return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)})
+
+
+class Recording:
+    """What ``headops.probe(model, ...)`` recorded: ``recording[layer]`` is the list of that
+    layer's ProbeResults, one per attention call (a forward; a prefill, then one per generated
+    token), in call order."""
+
+    def __init__(self, num_layers: int, request: Probe):
+        self.probe = request
+        self.layers = [[] for _ in range(num_layers)]
+
+    def __getitem__(self, layer: int) -> list:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def record(self, layer: int, result: ProbeResult) -> None:
+        self.layers[layer].append(result)
+
+
+@contextlib.contextmanager
+def probe(model, request: Probe | None = None, **fields):
+    """Records probe statistics at every layer of a patched model (``headops.patch``)::
+
+        with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True) as rec:
+            model(ids)                       # or model.generate(ids, ...)
+        rec[3][0].topk_index                 # layer 3, first call: [B, Hq, S, 1]
+
+    Give a ``Probe`` or its fields. Spans are absolute key positions, as the keys of each call
+    are (a generation step's keys are every position so far, from the model's own cache).
+    Nothing is recorded outside the block. Generation through a ``HeadSparseCache`` is not
+    probed yet (NotImplementedError): generate with the model's own cache.
+    """
+    from .patching import attention_modules_of_patched
+
+    if request is not None and fields:
+        raise TypeError("headops.probe: give a headops.Probe or its fields, not both")
+    request = request if request is not None else Probe(**fields)
+    if not isinstance(request, Probe):
+        raise TypeError(f"headops.probe: request must be a headops.Probe, got {type(request).__name__}")
+    modules = attention_modules_of_patched(model, "headops.probe")
+    if any(hasattr(m, "_headops_recording") for m in modules):
+        raise RuntimeError("headops.probe: this model is being probed already (probes do not nest)")
+    recording = Recording(len(modules), request)
+    for m in modules:
+        m._headops_recording = recording
+    try:
+        yield recording
+    finally:
+        for m in modules:
+            del m._headops_recording
