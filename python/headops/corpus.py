@@ -1,6 +1,6 @@
 """Real English text available offline, for measurements that need natural language but no
-download: the docstrings of Python standard library modules. (Offline text for long-context
-tasks belongs here too.)"""
+download: the docstrings of Python standard library modules, and the pieces of the offline
+long-context tasks (headops.tasks): the passkey literature's repeated filler and a word list."""
 
 from __future__ import annotations
 
@@ -27,3 +27,21 @@ def stdlib_text() -> str:
 def stdlib_source() -> str:
     """Where stdlib_text comes from, in words (results print it: the text depends on the Python version)."""
     return f"docstrings of the Python {sys.version.split()[0]} standard library modules {', '.join(STDLIB_MODULES)}"
+
+
+# The filler of the passkey retrieval test (Mohtashami & Jaggi 2023, "Landmark Attention"),
+# repeated as often as a context needs.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+# Plain English words for the keys and values of the tasks' needles (RULER draws keys from a
+# word list, DuoAttention's passkeys are random words): fixed here, so prompts do not depend on
+# the Python version as stdlib_text does.
+WORDS = tuple("""
+apple arrow badge basket beacon blanket bottle bridge bucket butter cabin camera candle canvas carpet castle
+cedar chalk cherry circle cloud coffee copper cotton crystal dragon eagle ember engine falcon feather fence
+forest fossil garden ginger glacier granite guitar hammer harbor helmet honey island ivory jacket jungle kettle
+ladder lantern lemon letter marble meadow mirror monkey needle orange orchid oyster paddle palace pepper pillow
+planet pocket puzzle rabbit ribbon river rocket saddle salmon silver spider stone sugar summer tiger timber
+tomato tunnel turtle velvet violin wagon walnut whistle window winter wizard yellow zebra anchor breeze canyon
+desert harvest lagoon meteor nectar parrot quartz shadow thunder valley
+""".split())
