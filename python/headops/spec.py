@@ -3,11 +3,13 @@
 A spec holds, per layer and query head, the per-head arguments of ``headops.attention`` (gate,
 softmax_scale, window, sinks, alpha, sink_logit, out_scale, out_bias) and, per layer and KV head,
 what a ``HeadSparseCache`` keeps (kind and budget). Gates may be per batch row (``[B, L, Hq]``)
-to evaluate several head coalitions in one batch. Constructors read like the papers::
+to evaluate several head coalitions in one batch, and so may alpha (``[B, L, Hq]``: one
+DuoAttention ablation per row). Constructors read like the papers::
 
     HeadSpec.dense(model)                                  # every head full, nothing changed
     HeadSpec.dense(model).mask_heads({3: [0, 5]})          # Michel et al.: heads switched off
     HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
+    HeadSpec.from_scores(model, scores, full_fraction=0.25, window=256, sinks=16)  # headops.discover
     HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
     HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
 
@@ -33,8 +35,11 @@ __all__ = ["HeadSpec"]
 
 CALLER = "headops.HeadSpec"
 _FLOAT_FIELDS = ("gate", "softmax_scale", "alpha", "sink_logit", "out_scale", "out_bias", "key_bias")
-# fields with a query-head axis: dim 1 ([L, Hq, ...]), except gate's last dim ([L, Hq] or [B, L, Hq])
+# fields with a query-head axis: dim 1 ([L, Hq, ...]), except the per-batch ones' last dim ([L, Hq] or [B, L, Hq])
 _PER_QUERY_HEAD = _FLOAT_FIELDS + ("window", "sinks")
+# fields that may be given per batch row, [B, L, Hq]: head-masking coalitions (gate), DuoAttention
+# ablations (alpha), evaluated as one batch
+_PER_BATCH = ("gate", "alpha")
 
 
 def _fail(name, expected, got):
@@ -80,7 +85,7 @@ class HeadSpec:
     """Per-layer, per-head behaviour of a model's attention (see the module docstring).
 
     Fields (tensors, or None where the default applies to every head):
-      gate ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, alpha, sink_logit ``[L, Hq]``;
+      gate, alpha ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, sink_logit ``[L, Hq]``;
       window, sinks ``[L, Hq]`` int64 (window < 0 unlimited; None: unlimited, no sinks);
       out_scale, out_bias ``[L, Hq, D]``;
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
@@ -200,16 +205,53 @@ class HeadSpec:
             raise _fail("the pattern", f"{spec.num_layers} rows of {spec.num_kv_heads} values (layers x KV heads)",
                         f"{shape[0]} rows of {shape[1]}")
         alpha = torch.tensor(rows, dtype=torch.float32).clamp(0.0, 1.0)
-        group = spec.num_heads // spec.num_kv_heads
-        if keep_alpha:
-            spec.alpha = alpha.repeat_interleave(group, dim=1)
-            spec.window[:] = window
-            spec.sinks[:] = sinks
-            return spec
-        for layer in range(spec.num_layers):
-            for h in range(spec.num_kv_heads):
-                if alpha[layer, h] <= threshold:
-                    spec._make_streaming(layer, h, group, window, sinks)
+        if not keep_alpha:
+            return cls.from_scores(model_or_config, alpha, threshold=threshold, window=window, sinks=sinks)
+        spec.alpha = alpha.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=1)
+        spec.window[:] = window
+        spec.sinks[:] = sinks
+        return spec
+
+    @classmethod
+    def from_scores(cls, model_or_config, scores, *, full_fraction: float | None = None,
+                    threshold: float | None = None, window: int, sinks: int, pool: str = "max") -> "HeadSpec":
+        """Full KV heads where the scores say retrieval, streaming (sinks + window) elsewhere.
+
+        scores: ``[L, Hkv]`` per KV head, or ``[L, Hq]`` per query head (e.g. headops.discover's),
+        pooled over each KV head's group by `pool` ("max" or "mean"; headops.head_scores). Give
+        one of full_fraction (the top round(fraction * L * Hkv) KV heads full, equal scores in
+        (layer, head) order) and threshold (KV heads scoring above it full, as DuoAttention's
+        gates)."""
+        from .head_scores import POOLINGS, pool_kv_heads, top_kv_heads
+
+        spec = cls.dense(model_or_config)
+        spec._check_window_sinks(window, sinks)
+        L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
+        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
+            raise TypeError(f"headops.HeadSpec.from_scores: scores must be a floating-point tensor, got "
+                            f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
+            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
+        if bool(torch.isnan(scores).any()):
+            raise _fail("scores", "free of NaN", "NaN")
+        if pool not in POOLINGS:
+            raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
+        kv_scores = pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq else scores
+        if (full_fraction is None) == (threshold is None):
+            raise ValueError("headops.HeadSpec.from_scores: give one of full_fraction and threshold")
+        if full_fraction is not None:
+            if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
+                    not 0.0 <= full_fraction <= 1.0:
+                raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
+            full = set(top_kv_heads(kv_scores, round(full_fraction * L * Hkv)))
+        else:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+                raise _fail("threshold", "a number", repr(threshold))
+            full = {(layer, h) for layer in range(L) for h in range(Hkv) if kv_scores[layer, h] > threshold}
+        for layer in range(L):
+            for h in range(Hkv):
+                if (layer, h) not in full:
+                    spec._make_streaming(layer, h, Hq // Hkv, window, sinks)
         return spec
 
     @staticmethod
@@ -248,13 +290,14 @@ class HeadSpec:
             if not isinstance(getattr(self, name), torch.Tensor):
                 raise TypeError(f"headops.HeadSpec: {name} must be an int64 tensor, got "
                                 f"{type(getattr(self, name)).__name__}")
-        for name in ("softmax_scale", "alpha", "sink_logit"):
+        for name in ("softmax_scale", "sink_logit"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (L, Hq):
                 raise _fail(name, f"[L, Hq] = [{L}, {Hq}]", tuple(t.shape))
-        if self.gate is not None and not (tuple(self.gate.shape) == (L, Hq) or
-                                          (self.gate.dim() == 3 and tuple(self.gate.shape[1:]) == (L, Hq))):
-            raise _fail("gate", f"[L, Hq] = [{L}, {Hq}] or [B, L, Hq]", tuple(self.gate.shape))
+        for name in _PER_BATCH:
+            t = getattr(self, name)
+            if t is not None and not (tuple(t.shape) == (L, Hq) or (t.dim() == 3 and tuple(t.shape[1:]) == (L, Hq))):
+                raise _fail(name, f"[L, Hq] = [{L}, {Hq}] or [B, L, Hq]", tuple(t.shape))
         for name in ("window", "sinks"):
             t = getattr(self, name)
             if tuple(t.shape) != (L, Hq) or t.dtype != torch.int64:
@@ -293,7 +336,7 @@ class HeadSpec:
         for name in _FLOAT_FIELDS[:-1]:
             t = getattr(self, name)
             if t is not None:
-                args[name] = t[:, layer] if (name == "gate" and t.dim() == 3) else t[layer]
+                args[name] = t[:, layer] if (name in _PER_BATCH and t.dim() == 3) else t[layer]
         return args
 
     def tensors(self) -> dict:
@@ -331,7 +374,7 @@ class HeadSpec:
             raise fail(where, "q_heads", f"whole GQA groups ({group} query heads share each KV head: a block from "
                                          f"a multiple of {group} to a multiple of {group})", q_heads)
         kv = slice(first // group, stop // group)
-        block = {name: (t[..., first:stop] if name == "gate" else t[:, first:stop]).clone()
+        block = {name: (t[..., first:stop] if name in _PER_BATCH else t[:, first:stop]).clone()
                  for name, t in self.tensors().items()}
         return dataclasses.replace(self, num_heads=stop - first, num_kv_heads=kv.stop - kv.start, **block,
                                    cache_kind=[list(r[kv]) for r in self.cache_kind],
