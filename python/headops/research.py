@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
+from ._progress import progress as progress_over
 from .patching import patch, set_spec, unpatch
 from .spec import HeadSpec
 
@@ -74,8 +74,9 @@ def _tile(batch, copies: int):
     return {k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in batch.items()}
 
 
-class _Gated:
-    """Patches `model` (or reuses its patch) with `spec`, restoring the previous state on exit."""
+class with_spec:
+    """``with with_spec(model, spec):`` runs the block with `model` patched with `spec` (a patched
+    model gets `spec` through set_spec), and restores the previous state on exit."""
 
     def __init__(self, model, spec):
         self.model, self.spec = model, spec
@@ -106,7 +107,7 @@ def importance(model, batches, *, loss_fn=causal_lm_loss, normalize=True, spec: 
     base = (spec or HeadSpec.dense(model)).copy()
     base.gate = torch.ones(base.num_layers, base.num_heads, requires_grad=True)
     total = torch.zeros(base.num_layers, base.num_heads)
-    with _Gated(model, base):
+    with with_spec(model, base):
         for batch in batches:
             (grad,) = torch.autograd.grad(loss_fn(model, batch), base.gate)
             total += grad.abs()
@@ -122,7 +123,7 @@ def importance_finite_difference(model, batch, *, loss_fn=causal_lm_loss, eps=1e
     L, H = base.num_layers, base.num_heads
     out = torch.full((L, H), float("nan"))
     heads = heads if heads is not None else [(layer, h) for layer in range(L) for h in range(H)]
-    with _Gated(model, base), torch.no_grad():
+    with with_spec(model, base), torch.no_grad():
         for layer, h in heads:
             values = []
             for delta in (eps, -eps):
@@ -168,19 +169,15 @@ def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm
             values.append(metric_fn(model, tiled))
         return torch.cat(values)
 
-    with _Gated(model, chunks[0][0]), torch.no_grad():
+    with with_spec(model, chunks[0][0]), torch.no_grad():
         metric = evaluate_all().view(M, N).mean(1)
         start = time.perf_counter()
         for _ in range(repeats):
             evaluate_all()
         batched_seconds = (time.perf_counter() - start) / repeats / M
         forward_seconds = []
-        rows = range(M)
-        if progress:
-            from tqdm import tqdm
-
-            rows = tqdm(rows, desc=f"timing masks ({label})" if label else "timing masks", file=sys.stderr)
-        for row in rows:
+        for row in progress_over(range(M), desc=f"timing masks ({label})" if label else "timing masks",
+                                 enabled=progress):
             one = base.copy()
             one.gate = gates[row]
             set_spec(model, one)
@@ -221,12 +218,8 @@ def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=1
     masks = torch.stack(masks).view(-1, L, H)
     N = _rows(batch)
     values = []
-    starts = range(0, masks.shape[0], batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="coalitions", unit="batch", file=sys.stderr)
-    with _Gated(model, base), torch.no_grad():
+    starts = progress_over(range(0, masks.shape[0], batch_size), desc="coalitions (batches)", enabled=progress)
+    with with_spec(model, base), torch.no_grad():
         for start in starts:
             chunk = masks[start:start + batch_size]
             spec = base.copy()
