@@ -35,7 +35,7 @@ import torch
 from .corpus import PASSKEY_FILLER, WORDS, stdlib_text
 
 __all__ = ["TASKS", "Needle", "Sample", "make_sample", "make_grid", "multi_passkey", "exact_match", "answer_recall",
-           "generate", "generate_answers"]
+           "generate", "generate_answers", "start_tokens", "corpus_ids"]
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
 HAYSTACKS = ("essay", "repeat")  # the stdlib docstrings; PASSKEY_FILLER repeated
@@ -95,7 +95,19 @@ def _encode(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _corpus_ids(tokenizer) -> list:
+def start_tokens(tokenizer) -> list:
+    """The special tokens a tokenizer puts before a text by itself (a BOS, BERT's [CLS]; none for
+    some chat models), read off how it encodes one word."""
+    plain = list(tokenizer.encode("word", add_special_tokens=False))
+    marked = list(tokenizer.encode("word", add_special_tokens=True))
+    for at in range(len(marked) - len(plain) + 1):
+        if marked[at:at + len(plain)] == plain:
+            return marked[:at]
+    return []
+
+
+def corpus_ids(tokenizer) -> list:
+    """The token ids of the real offline text (headops.corpus.stdlib_text), tokenized once per tokenizer."""
     entry = _TOKENIZED_CORPUS.get(id(tokenizer))
     if entry is None or entry[0] is not tokenizer:
         entry = _TOKENIZED_CORPUS[id(tokenizer)] = (tokenizer, _encode(tokenizer, stdlib_text()))
@@ -105,7 +117,7 @@ def _corpus_ids(tokenizer) -> list:
 def _filler(tokenizer, haystack: str, count: int, rng: random.Random) -> list:
     """`count` haystack tokens: real text from a seeded offset, or the passkey filler, repeated as needed."""
     if haystack == "essay":
-        source = _corpus_ids(tokenizer)
+        source = corpus_ids(tokenizer)
         start = rng.randrange(len(source))
     else:
         source, start = _encode(tokenizer, PASSKEY_FILLER), 0
@@ -120,7 +132,7 @@ def _frame(tokenizer, chat) -> tuple:
     if chat is None:
         chat = bool(template)
     if not chat:
-        return list(tokenizer.encode("", add_special_tokens=True)), _encode(tokenizer, "\n")
+        return start_tokens(tokenizer), _encode(tokenizer, "\n")
     if not template:
         raise ValueError("headops.tasks: chat=True but the tokenizer has no chat template")
     marker = "\x00MESSAGE\x00"

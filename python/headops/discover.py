@@ -1,0 +1,197 @@
+"""Finding heads: the published ways of telling a model's retrieval, streaming, echo, induction and
+sink heads apart, each writing one score per (layer, query head).
+
+The attention statistics come from headops probes (docs/DESIGN.md section 5: top-1 keys, masses on
+spans and at distances, from the fused kernel, never an S x S pattern)::
+
+    samples = discover.retrieval_samples(tok, lengths=[512, 1024], depths=[0, .5, 1], needles=2)
+    discover.retrieval_scores(model, samples).values        # [L, Hq] (Wu et al. 2024)
+    echo, induction = discover.echo_induction_scores(model, discover.repeated_tokens(model, tok, period=64))
+    discover.sink_scores(model, discover.text_rows(tok, rows=4, tokens=512)).values
+    discover.duo_attention(model, training_samples, sinks=16, window=64, steps=100)   # headops.duo
+    discover.duo_ablation(model, training_samples, sinks=16, window=64)
+
+Pool per KV head (headops.head_scores.pool_kv_heads) and make a spec with
+``HeadSpec.from_scores(model, scores.values, full_fraction=0.25, window=..., sinks=...)``.
+Every method measures the model with full attention: a dense spec while it runs (a patched model
+gets its own spec back afterwards).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+
+from . import tasks
+from ._progress import progress
+from .probes import probe
+from .research import with_spec
+from .spec import HeadSpec
+
+__all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "repeated_tokens", "echo_induction_scores",
+           "text_rows", "sink_scores", "duo_attention", "duo_ablation", "write_full_attention_heads"]
+
+METHODS = ("retrieval", "echo", "induction", "sink", "duo", "duo-ablation")
+
+
+@dataclasses.dataclass
+class Scores:
+    """One method's result: ``values`` [L, Hq] float64 (higher: more of what the method finds),
+    and what it counted on the way (``info``)."""
+    method: str
+    values: torch.Tensor
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def _shape(model):
+    spec = HeadSpec.dense(model)
+    return spec.num_layers, spec.num_heads, spec.num_kv_heads
+
+
+def _check_positive_int(caller, name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"headops.discover.{caller}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------ retrieval heads
+
+def retrieval_samples(tokenizer, *, lengths, depths, needles: int, task: str = "niah_single") -> list:
+    """Needle-in-a-haystack prompts over lengths x depths, with `needles` different needles (seeds 0..needles-1)."""
+    _check_positive_int("retrieval_samples", "needles", needles)
+    return tasks.make_grid(tokenizer, task, list(lengths), list(depths), list(range(needles)))
+
+
+def needle_recall(needle: torch.Tensor, answer: torch.Tensor) -> float:
+    """The fraction of the needle's tokens (with repeats) that the answer's tokens recall (ROUGE-1
+    recall over token ids, as Wu et al. count a test)."""
+    found = collections.Counter(needle.tolist()) & collections.Counter(answer.tolist())
+    return sum(found.values()) / max(needle.numel(), 1)
+
+
+def copy_scores(top1: torch.Tensor, sequence: torch.Tensor, answer: torch.Tensor, spans) -> torch.Tensor:
+    """Wu et al.'s score of one test: per head, 1/|needle| for each generated token that the head
+    copied, i.e. whose top-1 key lies in the needle and holds that very token.
+
+    top1 [L, Hq, n]: the key each head's query attends to most at each of the n decoding steps;
+    sequence: the prompt and the generated tokens; answer [n]: the generated tokens; spans: the
+    needle's token spans. Returns [L, Hq] float64."""
+    in_needle = torch.zeros_like(top1, dtype=torch.bool)
+    for start, end in spans:
+        in_needle |= (top1 >= start) & (top1 < end)
+    copied = sequence[top1.clamp(min=0)] == answer.view(1, 1, -1)
+    size = sum(end - start for start, end in spans)
+    return (in_needle & copied).sum(dim=-1).double() / size
+
+
+def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_recall: float = 0.5,
+                     batch_size: int = 8, show_progress: bool = False) -> Scores:
+    """Retrieval scores (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context
+    Factuality") over `samples` (headops.tasks samples; their answer spans are the needles).
+
+    Each prompt is answered by greedy decoding (prompts of one length batched), with a top-1
+    probe at every layer; a test counts when its answer recalls at least `min_recall` of the
+    needle's tokens, and the score is the mean of copy_scores over the counted tests (0 where
+    none counts). max_new_tokens defaults to the needle's tokens plus 4."""
+    if not 0.0 <= min_recall <= 1.0:
+        raise ValueError(f"headops.discover.retrieval_scores: min_recall must be in [0, 1], got {min_recall!r}")
+    _check_positive_int("retrieval_scores", "batch_size", batch_size)
+    if not samples:
+        raise ValueError("headops.discover.retrieval_scores: samples must hold at least one prompt")
+    L, Hq, _ = _shape(model)
+    total, counted, recalls = torch.zeros(L, Hq, dtype=torch.float64), 0, []
+    batches = tasks.batches_of_equal_length(samples, batch_size)
+    with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
+        for batch in progress(batches, desc="retrieval (prompt batches)", enabled=show_progress):
+            ids = torch.stack([samples[i].ids for i in batch])
+            budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
+            with probe(model, topk=1) as recording:
+                new = tasks.generate(model, ids, budget)
+            steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
+            # [B, L, Hq, steps]: each step's last query row
+            top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)
+                                for layer in range(L)], 1)
+            for row, i in enumerate(batch):
+                sample, answer = samples[i], tasks.until_eos(model, new[row])
+                sequence = torch.cat([ids[row], new[row]])
+                needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
+                recalls.append(needle_recall(needle, answer))
+                if recalls[-1] >= min_recall and answer.numel():
+                    counted += 1
+                    total += copy_scores(top1[row, :, :, :answer.numel()], sequence, answer, sample.answer_spans())
+    return Scores("retrieval", total / max(counted, 1),
+                  {"tests": len(samples), "counted": counted, "mean_recall": sum(recalls) / len(recalls)})
+
+
+# ------------------------------------------------------------------------------ echo and induction heads
+
+def repeated_tokens(model, tokenizer, *, period: int, rows: int = 4, repeats: int = 4, seed: int = 0) -> torch.Tensor:
+    """[rows, 1 + repeats * period]: a start token, then `period` random tokens (distinct, no
+    special tokens) repeated `repeats` times (RazorAttention's probe of echo and induction heads).
+    The start token is the one the tokenizer puts first (a BOS or [CLS]), else the model's BOS."""
+    _check_positive_int("repeated_tokens", "period", period, 2)
+    _check_positive_int("repeated_tokens", "rows", rows)
+    _check_positive_int("repeated_tokens", "repeats", repeats, 2)
+    start = tasks.start_tokens(tokenizer)[:1] or [model.config.bos_token_id]
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | set(start)
+    allowed = torch.tensor([t for t in range(model.config.vocab_size) if t not in special])
+    if allowed.numel() < period:
+        raise ValueError(f"headops.discover.repeated_tokens: period must be at most {allowed.numel()} (the "
+                         f"vocabulary's ordinary tokens), got {period}")
+    generator = torch.Generator().manual_seed(seed)
+    body = torch.stack([allowed[torch.randperm(allowed.numel(), generator=generator)[:period]] for _ in range(rows)])
+    return torch.cat([torch.full((rows, 1), start[0]), body.repeat(1, repeats)], dim=1)
+
+
+def echo_induction_scores(model, ids: torch.Tensor, period: int) -> tuple:
+    """(echo, induction) Scores of RazorAttention from one forward of repeated_tokens' ids: a query's
+    mean attention mass on the earlier occurrence of its own token (distance `period`: echo) and
+    on the token after that occurrence (distance period - 1: induction), over the query rows of
+    every repetition but the first (which has no earlier occurrence)."""
+    _check_positive_int("echo_induction_scores", "period", period, 2)
+    if ids.dim() != 2 or ids.shape[1] < 1 + 2 * period:
+        raise ValueError(f"headops.discover.echo_induction_scores: ids must be [rows, 1 + repeats * period] with at "
+                         f"least two repetitions of period {period}, got shape {tuple(ids.shape)}")
+    L = _shape(model)[0]
+    with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
+        with probe(model, distances=[[period, period + 1], [period - 1, period]]) as recording:
+            model.base_model(ids)
+    later = 1 + period  # the first query row of the second repetition
+    masses = torch.stack([recording[layer][0].distance_mass[:, :, later:, :].double().mean(dim=(0, 2))
+                          for layer in range(L)])  # [L, Hq, 2]
+    info = {"rows": ids.shape[0], "period": period, "query_rows": ids.shape[1] - later}
+    return Scores("echo", masses[..., 0], dict(info)), Scores("induction", masses[..., 1], dict(info))
+
+
+# ------------------------------------------------------------------------------ sink heads
+
+def text_rows(tokenizer, *, rows: int, tokens: int) -> torch.Tensor:
+    """[rows, tokens] of consecutive real text (the stdlib docstrings), each row starting with the
+    tokens the tokenizer puts first (a BOS, [CLS]; nothing for some chat models)."""
+    _check_positive_int("text_rows", "rows", rows)
+    start = tasks.start_tokens(tokenizer)
+    _check_positive_int("text_rows", "tokens", tokens, len(start) + 2)
+    body, need = tasks.corpus_ids(tokenizer), rows * (tokens - len(start))
+    if len(body) < need:
+        raise ValueError(f"headops.discover.text_rows: rows * tokens must fit the {len(body)} tokens of the text, "
+                         f"got {rows} x {tokens}")
+    text = torch.tensor(body[:need]).view(rows, tokens - len(start))
+    return torch.cat([torch.tensor(start, dtype=torch.int64).expand(rows, -1), text], dim=1)
+
+
+def sink_scores(model, ids: torch.Tensor) -> Scores:
+    """Each head's mean attention mass on the first token over ids [rows, S] of real text, from
+    query row 1 on (row 0 sees only the first token)."""
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"headops.discover.sink_scores: ids must be [rows, S] with S >= 2, got {tuple(ids.shape)}")
+    L = _shape(model)[0]
+    with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
+        with probe(model, spans=[[0, 1]]) as recording:
+            model.base_model(ids)
+    values = torch.stack([recording[layer][0].span_mass[:, :, 1:, 0].double().mean(dim=(0, 2)) for layer in range(L)])
+    return Scores("sink", values, {"rows": ids.shape[0], "tokens": ids.shape[1]})
+
+
+# the DuoAttention methods live in their own module; they are part of this API
+from .duo import duo_ablation, duo_attention, write_full_attention_heads  # noqa: E402

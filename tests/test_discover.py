@@ -1,0 +1,222 @@
+"""headops.discover: the scores computed through probes equal the same formulas computed here,
+independently, from eager attention patterns (output_attentions=True) on the same prompts and
+the same decoding; the DuoAttention methods find a planted head; bad input is named."""
+
+import collections
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import headops  # noqa: E402
+from headops import discover, tasks  # noqa: E402
+from headops.testing import CharTokenizer, tiny_llama  # noqa: E402
+
+TOK = CharTokenizer()
+DIGITS = TOK.encode("0123456789")
+
+
+def planted_copy_llama():
+    """tiny_llama (2 layers, 4 query / 2 KV heads, D = 16) rewired so that one head, query head 0
+    of layer 0, copies a digit: it attends to the context's digit tokens (a digit flag in the
+    embeddings meets a constant query on RoPE's slowest pair of dimensions, nearly unrotated) and
+    writes their embedding, amplified, on the residual stream, which the output layer (the same
+    embeddings) reads back as that digit. Every other head's output and both MLPs are zero."""
+    model, _ = tiny_llama()
+    model = model.double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        E = torch.randn(97, 64, generator=g, dtype=torch.float64)
+        E[:, 62] = 1.0  # a constant feature: the query's source
+        E[:, 63] = 0.0
+        E[DIGITS, 63] = 3.0  # the digit flag: the key's source
+        model.model.embed_tokens.weight.copy_(E)
+        model.lm_head.weight.copy_(E)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.o_proj.weight.zero_()
+        attn = model.model.layers[0].self_attn
+        attn.q_proj.weight.zero_()
+        attn.q_proj.weight[7, 62] = 12.0  # query head 0, dim 7: RoPE pairs dims (7, 15), the slowest
+        attn.k_proj.weight.mul_(0.3)  # a little per-token spread among the digits
+        attn.k_proj.weight[7] = 0.0
+        attn.k_proj.weight[7, 63] = 12.0
+        attn.v_proj.weight.zero_()
+        attn.v_proj.weight[:16, :16] = torch.eye(16)  # KV head 0 carries the first 16 embedding dims
+        attn.o_proj.weight[:16, :16] = 20 * torch.eye(16)  # query head 0 writes them back, amplified
+    return model
+
+
+def eager(model):
+    """The model with transformers' eager attention (the only one that returns patterns)."""
+    model.set_attn_implementation("eager")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval score: the formula of Wu et al., from eager patterns
+
+
+def eager_retrieval_scores(model, samples, min_recall):
+    """Greedy decoding one prompt at a time with output_attentions; at each step, each head's
+    most attended key (argmax: the lowest position among equals); a head scores 1/|needle| when
+    that key lies in the needle and holds the generated token; tests whose answer recalls less
+    than min_recall of the needle's tokens do not count."""
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    total, counted = torch.zeros(L, H, dtype=torch.float64), 0
+    for s in samples:
+        start, end = s.answer_spans()[0]
+        out = model.generate(s.ids[None], attention_mask=torch.ones(1, len(s.ids), dtype=torch.int64),
+                             max_new_tokens=s.answer_tokens() + 4, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True, pad_token_id=TOK.eos_token_id)
+        sequence = out.sequences[0]
+        answer = sequence[len(s.ids):].tolist()
+        if TOK.eos_token_id in answer:
+            answer = answer[:answer.index(TOK.eos_token_id)]
+        needle = s.ids[start:end].tolist()
+        unused, recalled = list(answer), 0
+        for t in needle:
+            if t in unused:
+                unused.remove(t)
+                recalled += 1
+        if recalled / len(needle) < min_recall or not answer:
+            continue
+        counted += 1
+        for step, token in enumerate(answer):
+            for layer in range(L):
+                top = out.attentions[step][layer][0, :, -1].argmax(dim=-1)
+                for h in range(H):
+                    j = int(top[h])
+                    if start <= j < end and int(sequence[j]) == token:
+                        total[layer, h] += 1 / len(needle)
+    return total / max(counted, 1), counted
+
+
+def test_retrieval_scores_equal_the_formula_on_eager_patterns_and_find_the_planted_head():
+    model = planted_copy_llama()
+    # the passkey filler has no digits: the needle's number is the only thing the planted head can copy
+    samples = [tasks.make_sample(TOK, "niah_single", length, depth, seed, haystack="repeat")
+               for length in (400, 460) for depth in (0.0, 1.0) for seed in (0, 3, 6)]
+    # it answers 7s: the needles of seeds 0, 3 and 6 hold two, one and four of their seven digits
+    result = discover.retrieval_scores(model, samples, min_recall=0.25, batch_size=4)
+    expected, counted = eager_retrieval_scores(eager(model), samples, 0.25)
+    assert 0 < counted < len(samples) and result.info["counted"] == counted  # the recall rule excluded some
+    torch.testing.assert_close(result.values, expected, atol=1e-12, rtol=0)
+    assert result.values[0, 0] > 0 and result.values.flatten().argmax() == 0  # the planted head copies
+    strict = discover.retrieval_scores(model, samples[:3], min_recall=1.0)
+    assert strict.info["counted"] == 0 and bool((strict.values == 0).all())
+
+
+def test_retrieval_grid_is_a_niah_grid_with_one_needle_per_seed():
+    samples = discover.retrieval_samples(TOK, lengths=[400, 500], depths=[0.0, 1.0], needles=3)
+    assert len(samples) == 12 and {s.task for s in samples} == {"niah_single"}
+    assert len({s.answers for s in samples}) == 3  # each needle moves through the grid
+
+
+# ---------------------------------------------------------------------------------------------
+# echo, induction and sink scores
+
+
+def test_echo_and_induction_scores_equal_the_eager_masses_at_distance_period():
+    model, _ = tiny_llama()
+    model = model.double()
+    period = 7
+    ids = discover.repeated_tokens(model, TOK, period=period, rows=3, seed=5)
+    assert ids.shape == (3, 1 + 4 * period) and bool((ids[:, 0] == TOK.bos_token_id).all())
+    assert torch.equal(ids[:, 1:1 + period], ids[:, 1 + 3 * period:])  # four repetitions
+    assert all(len(set(row[1:1 + period].tolist())) == period for row in ids)
+    echo, induction = discover.echo_induction_scores(model, ids, period)
+    with torch.no_grad():
+        patterns = eager(model)(ids, output_attentions=True).attentions  # [B, H, S, S] per layer
+    for layer, A in enumerate(patterns):
+        rows = torch.arange(1 + period, ids.shape[1])  # repetitions 2..4
+        torch.testing.assert_close(echo.values[layer], A[:, :, rows, rows - period].mean(dim=(0, 2)),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(induction.values[layer], A[:, :, rows, rows - period + 1].mean(dim=(0, 2)),
+                                   atol=1e-6, rtol=0)
+    assert bool((echo.values > 0).all()) and not torch.allclose(echo.values, induction.values)
+
+
+def test_sink_scores_equal_the_eager_mass_on_the_first_token():
+    model, _ = tiny_llama()
+    model = model.double()
+    ids = discover.text_rows(TOK, rows=2, tokens=60)
+    assert bool((ids[:, 0] == TOK.bos_token_id).all())
+    sink = discover.sink_scores(model, ids)
+    with torch.no_grad():
+        patterns = eager(model)(ids, output_attentions=True).attentions
+    expected = torch.stack([A[:, :, 1:, 0].mean(dim=(0, 2)) for A in patterns])
+    torch.testing.assert_close(sink.values, expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DuoAttention
+
+
+def training_prompts():
+    # the planted head reads digits: the pass keys' numbers lie far from the answers, in the needles
+    return [tasks.multi_passkey(TOK, 360, passkeys=2, words=2, seed=seed) for seed in range(3)]
+
+
+def test_duo_attention_lowers_its_loss_and_keeps_only_the_planted_head_full(tmp_path):
+    model = planted_copy_llama().float()
+    result = discover.duo_attention(model, training_prompts(), sinks=2, window=8, steps=30, lr=0.05)
+    kv_alpha = result.info["kv_alpha"]
+    losses = result.info["loss"]
+    assert losses[-1] < 0.5 * losses[0] and result.info["distillation"][0] == 0.0  # alpha = 1: the full model
+    assert kv_alpha[0, 0] > 0.8 and float(kv_alpha.flatten()[1:].max()) == 0.0
+    torch.testing.assert_close(result.values, kv_alpha.repeat_interleave(2, dim=1).double())  # tied per KV head
+    path = tmp_path / "full_attention_heads.tsv"
+    discover.write_full_attention_heads(path, kv_alpha)
+    spec = headops.HeadSpec.from_duo_attention(model, path, sinks=2, window=8)
+    assert spec.cache_kind == [["full", "streaming"], ["streaming", "streaming"]]
+
+
+def test_duo_ablation_finds_the_planted_head_in_batched_forwards():
+    model = planted_copy_llama()
+    prompts = training_prompts()
+    whole = discover.duo_ablation(model, prompts, sinks=2, window=8)
+    one_by_one = discover.duo_ablation(model, prompts, sinks=2, window=8, max_batch_tokens=1)  # one head a batch
+    kv_loss = whole.info["kv_loss"]
+    assert kv_loss[0, 0] > 0 and float(kv_loss.flatten()[1:].abs().max()) == 0.0
+    torch.testing.assert_close(whole.values, one_by_one.values, atol=1e-10, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: discover.retrieval_scores(m, [], min_recall=0.5), "samples must hold at least one prompt"),
+    (lambda m: discover.retrieval_scores(m, discover.retrieval_samples(TOK, lengths=[400], depths=[0],
+                                                                       needles=1), min_recall=1.5),
+     r"min_recall must be in \[0, 1\]"),
+    (lambda m: discover.retrieval_samples(TOK, lengths=[400], depths=[0], needles=0), "needles must be an int >= 1"),
+    (lambda m: discover.repeated_tokens(m, TOK, period=1), "period must be an int >= 2"),
+    (lambda m: discover.repeated_tokens(m, TOK, period=200), "period must be at most 95"),
+    (lambda m: discover.echo_induction_scores(m, torch.zeros(1, 10, dtype=torch.int64), 7), "ids must be"),
+    (lambda m: discover.sink_scores(m, torch.zeros(10, dtype=torch.int64)), r"ids must be \[rows, S\]"),
+    (lambda m: discover.text_rows(TOK, rows=0, tokens=10), "rows must be an int >= 1"),
+    (lambda m: discover.duo_attention(m, [tasks.make_sample(TOK, "passkey", 400, 0.5, 0)], sinks=2, window=8,
+                                      steps=1), "samples must be training prompts"),
+    (lambda m: discover.duo_attention(m, training_prompts(), sinks=-1, window=8, steps=1), "sinks must be an int >= 0"),
+    (lambda m: discover.duo_ablation(m, training_prompts(), sinks=2, window=0), "window must be an int >= 1"),
+    (lambda m: discover.duo_attention(m, training_prompts(), sinks=2, window=8, steps=0), "steps must be an int >= 1"),
+])
+def test_bad_input_is_named(call, match):
+    model, _ = tiny_llama()
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert not hasattr(model, "_headops_previous")  # nothing left patched
+
+
+def test_a_patched_model_gets_its_spec_back():
+    model, _ = tiny_llama()
+    spec = headops.HeadSpec.dense(model).mask_heads({0: [1]})
+    headops.patch(model, spec)
+    try:
+        discover.sink_scores(model, discover.text_rows(TOK, rows=1, tokens=20))
+        assert all(m._headops_spec is spec for m in model.modules() if hasattr(m, "_headops_spec"))
+    finally:
+        headops.unpatch(model)
