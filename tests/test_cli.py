@@ -41,3 +41,41 @@ def test_every_command_in_the_table_has_help_options_and_run():
     for name in headops.cli.COMMANDS:
         command = headops.cli._command(name)
         assert command.HELP and callable(command.add_arguments) and callable(command.run), name
+
+
+TINY_DISCOVER = ["--model", "tiny", "--quiet", "--lengths", "400", "--depths", "0", "1", "--needles", "1", "--period",
+                 "8", "--rows", "2", "--tokens", "64", "--length", "360", "--prompts", "1", "--passkeys", "2",
+                 "--words", "2", "--steps", "2", "--sinks", "2", "--window", "8"]
+
+
+@pytest.mark.parametrize("method", ["retrieval", "echo", "induction", "sink", "duo", "duo-ablation"])
+def test_discover_writes_per_head_scores_deterministically_on_the_tiny_model(method, tmp_path, capsys):
+    import csv
+
+    import headops
+    import headops.cli
+    from headops.testing import tiny_llama
+
+    outs = [tmp_path / f"{method}_{run}" for run in (0, 1)]
+    for out in outs:
+        assert headops.cli.main(["discover", "--method", method, *TINY_DISCOVER, "--no-plot", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(f"{outs[0]}.csv")))
+    assert [(int(r["layer"]), int(r["head"]), int(r["kv_head"])) for r in rows] == \
+        [(layer, h, h // 2) for layer in range(2) for h in range(4)]  # tiny_llama: 2 layers, 4 query / 2 KV heads
+    assert all(float(r["score"]) >= 0 for r in rows)
+    assert open(f"{outs[0]}.csv").read() == open(f"{outs[1]}.csv").read()  # the same seed, the same scores
+    assert "top 1 of 4 KV heads" in capsys.readouterr().out
+    if method == "duo":
+        spec = headops.HeadSpec.from_duo_attention(tiny_llama()[0], f"{outs[0]}_full_attention_heads.tsv", sinks=2,
+                                                   window=8)
+        assert spec.num_layers == 2
+
+
+def test_discover_draws_its_heat_map_and_names_a_bad_option(tmp_path):
+    import headops.cli
+
+    out = tmp_path / "sink"
+    assert headops.cli.main(["discover", "--method", "sink", *TINY_DISCOVER, "--out", str(out)]) == 0
+    assert (tmp_path / "sink.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--top-fraction must be in"):
+        headops.cli.main(["discover", "--method", "sink", *TINY_DISCOVER, "--top-fraction", "0", "--out", str(out)])

@@ -57,10 +57,11 @@ def _check_positive_int(caller, name, value, minimum=1):
 
 # ------------------------------------------------------------------------------ retrieval heads
 
-def retrieval_samples(tokenizer, *, lengths, depths, needles: int, task: str = "niah_single") -> list:
-    """Needle-in-a-haystack prompts over lengths x depths, with `needles` different needles (seeds 0..needles-1)."""
+def retrieval_samples(tokenizer, *, lengths, depths, needles: int, seed: int = 0, task: str = "niah_single") -> list:
+    """Needle-in-a-haystack prompts over lengths x depths, with `needles` different needles (seeds
+    seed .. seed + needles - 1)."""
     _check_positive_int("retrieval_samples", "needles", needles)
-    return tasks.make_grid(tokenizer, task, list(lengths), list(depths), list(range(needles)))
+    return tasks.make_grid(tokenizer, task, list(lengths), list(depths), list(range(seed, seed + needles)))
 
 
 def needle_recall(needle: torch.Tensor, answer: torch.Tensor) -> float:

@@ -3,6 +3,7 @@
     python -m headops prune --model smollm2 --tokens 256 --steps 10 --out results/prune_smollm2
     python -m headops prune --model minilm --tokens 128 --passages 16 --out results/prune_minilm
     python -m headops shapley --model smollm2 --tokens 64 --permutations 4 --out results/shapley_smollm2
+    python -m headops discover --method retrieval --model smollm2 --lengths 512 1024 --out results/retrieval
 
 Each command is a module of this package with HELP (one line), add_arguments(parser) and
 run(args) -> exit status; COMMANDS maps its name to it. Adding a command is a new module and
@@ -20,6 +21,7 @@ import importlib
 COMMANDS = {
     "prune": ".prune",
     "shapley": ".shapley",
+    "discover": ".discover",
 }
 
 

@@ -47,3 +47,18 @@ def plot_heads(phi, scores, path, model_name, permutations):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_head_scores(values, path, model_name, label):
+    """discover: one method's per-(layer, query head) scores as a layer x head heat map."""
+    layers, heads = values.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * heads + 2.5), max(3.5, 0.22 * layers + 1.5)))
+    image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_title(f"{model_name}: {label}", fontsize=10)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -98,27 +98,31 @@ def encoder_study(model, tok, tokens: int, passages: int) -> Study:
                  lambda x: x, False)
 
 
-def load_study(args) -> Study:
-    name = args.model
+def load_model(name: str):
+    """(model, tokenizer) of a model named on the command line (tokenizer None for the tiny ones)."""
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r} ({', '.join(MODELS)})")
-    if args.tokens is None:
-        args.tokens = 128 if name in ENCODERS else 256
     if name == "smollm2":
         from ..models import load_smollm2
 
-        return causal_lm_study(*load_smollm2(), args.tokens)
-    if name == "tiny":
-        from ..testing import tiny_llama
-
-        return causal_lm_study(*tiny_llama(), args.tokens)
+        return load_smollm2()
     if name == "minilm":
         from ..models import load_minilm
 
-        return encoder_study(*load_minilm(), args.tokens, args.passages)
-    from ..testing import tiny_bert
+        return load_minilm()
+    from ..testing import tiny_bert, tiny_llama
 
-    return encoder_study(*tiny_bert(), args.tokens, args.passages)
+    return tiny_llama() if name == "tiny" else tiny_bert()
+
+
+def load_study(args) -> Study:
+    name = args.model
+    model, tok = load_model(name)
+    if args.tokens is None:
+        args.tokens = 128 if name in ENCODERS else 256
+    if name in ENCODERS:
+        return encoder_study(model, tok, args.tokens, args.passages)
+    return causal_lm_study(model, tok, args.tokens)
 
 
 def head_order(scores: torch.Tensor):
