@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import headops
-from headops.head_scores import jaccard, pool_kv_heads, top_kv_heads
+from headops.head_scores import jaccard, pool_kv_heads, top_heads
 
 CONFIG = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, head_dim=4)
 
@@ -24,12 +24,12 @@ def test_pooling_takes_the_max_or_mean_of_each_kv_group():
         pool_kv_heads(scores, 3, "median")
 
 
-def test_top_kv_heads_breaks_ties_in_layer_head_order_and_jaccard():
+def test_top_heads_breaks_ties_in_layer_head_order_and_jaccard():
     kv = torch.tensor([[0.5, 0.9, 0.5], [0.1, 0.9, 0.0]])
-    assert top_kv_heads(kv, 4) == [(0, 1), (1, 1), (0, 0), (0, 2)]
-    assert top_kv_heads(kv, 0) == []
+    assert top_heads(kv, 4) == [(0, 1), (1, 1), (0, 0), (0, 2)]
+    assert top_heads(kv, 0) == []
     with pytest.raises(ValueError, match=r"count must be an int in \[0, 6\]"):
-        top_kv_heads(kv, 7)
+        top_heads(kv, 7)
     assert jaccard([(0, 1), (1, 1)], [(1, 1), (0, 2)]) == pytest.approx(1 / 3)
     assert jaccard([], []) == 1.0
 

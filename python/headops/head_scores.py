@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POOLINGS", "pool_kv_heads", "top_kv_heads", "jaccard"]
+__all__ = ["POOLINGS", "pool_kv_heads", "top_heads", "jaccard"]
 
 POOLINGS = ("max", "mean")
 
@@ -31,17 +31,17 @@ def pool_kv_heads(scores: torch.Tensor, num_kv_heads: int, how: str = "max") -> 
     return groups.amax(dim=2) if how == "max" else groups.mean(dim=2)
 
 
-def top_kv_heads(kv_scores: torch.Tensor, count: int) -> list:
-    """The `count` highest-scoring (layer, KV head) pairs of [L, Hkv] scores, highest first; equal
-    scores in (layer, head) order, so the choice is deterministic."""
-    if not isinstance(kv_scores, torch.Tensor) or kv_scores.dim() != 2:
-        raise ValueError("headops.top_kv_heads: kv_scores must be a [layers, KV heads] tensor")
-    if bool(torch.isnan(kv_scores).any()):
-        raise ValueError("headops.top_kv_heads: kv_scores must not hold NaN")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= kv_scores.numel():
-        raise ValueError(f"headops.top_kv_heads: count must be an int in [0, {kv_scores.numel()}], got {count!r}")
-    order = torch.sort(-kv_scores.flatten().double(), stable=True).indices[:count]
-    H = kv_scores.shape[1]
+def top_heads(scores: torch.Tensor, count: int) -> list:
+    """The `count` highest-scoring (layer, head) pairs of [L, H] scores (KV heads or query heads),
+    highest first; equal scores in (layer, head) order, so the choice is deterministic."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError("headops.top_heads: scores must be a [layers, heads] tensor")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("headops.top_heads: scores must not hold NaN")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores.numel():
+        raise ValueError(f"headops.top_heads: count must be an int in [0, {scores.numel()}], got {count!r}")
+    order = torch.sort(-scores.flatten().double(), stable=True).indices[:count]
+    H = scores.shape[1]
     return [(int(i) // H, int(i) % H) for i in order]
 
 

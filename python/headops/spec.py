@@ -222,7 +222,7 @@ class HeadSpec:
         one of full_fraction (the top round(fraction * L * Hkv) KV heads full, equal scores in
         (layer, head) order) and threshold (KV heads scoring above it full, as DuoAttention's
         gates)."""
-        from .head_scores import POOLINGS, pool_kv_heads, top_kv_heads
+        from .head_scores import POOLINGS, pool_kv_heads, top_heads
 
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
@@ -243,7 +243,7 @@ class HeadSpec:
             if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
                     not 0.0 <= full_fraction <= 1.0:
                 raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
-            full = set(top_kv_heads(kv_scores, round(full_fraction * L * Hkv)))
+            full = set(top_heads(kv_scores, round(full_fraction * L * Hkv)))
         else:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
                 raise _fail("threshold", "a number", repr(threshold))

@@ -17,13 +17,15 @@ the time and the top KV heads (max over each KV head's query heads). Determinist
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 
 import torch
 
 from .. import discover, tasks
-from ..head_scores import pool_kv_heads, top_kv_heads
+from ..head_scores import pool_kv_heads, top_heads
+from ..spec import HeadSpec
 from .output import say_written, write_csv
 from .study import ENCODERS, MODELS, load_model
 
@@ -43,6 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--top-fraction", type=float, default=0.25, help="the share of KV heads printed as the top ones")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; on a busy machine 1 can be much faster)")
     g = p.add_argument_group("retrieval")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
     g.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -63,6 +67,31 @@ def add_arguments(p) -> None:
     g.add_argument("--steps", type=int, default=100, help="duo: optimisation steps (one prompt each)")
     g.add_argument("--lr", type=float, default=0.02)
     g.add_argument("--reg", type=float, default=0.05, help="duo: the weight of mean(alpha) in the loss")
+
+
+CSV_HEADER = ["layer", "head", "kv_head", "score"]
+
+
+def write_scores(path: str, values: torch.Tensor, num_kv_heads: int) -> None:
+    """<out>.csv: one row per (layer, query head) with its KV head and score."""
+    L, Hq = values.shape
+    write_csv(path, CSV_HEADER, [[layer, h, h // (Hq // num_kv_heads), f"{values[layer, h].item():.6g}"]
+                                 for layer in range(L) for h in range(Hq)])
+
+
+def read_scores(path: str) -> torch.Tensor:
+    """[L, Hq] float64 scores from a CSV that write_scores wrote."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or list(rows[0]) != CSV_HEADER:
+        raise ValueError(f"{path}: not a discover CSV (header {', '.join(CSV_HEADER)})")
+    L, Hq = 1 + max(int(r["layer"]) for r in rows), 1 + max(int(r["head"]) for r in rows)
+    values = torch.full((L, Hq), float("nan"), dtype=torch.float64)
+    for r in rows:
+        values[int(r["layer"]), int(r["head"])] = float(r["score"])
+    if bool(torch.isnan(values).any()):
+        raise ValueError(f"{path}: a (layer, head) is missing")
+    return values
 
 
 def _scores(args, model, tok):
@@ -93,6 +122,10 @@ def run(args) -> int:
     if not 0.0 < args.top_fraction <= 1.0:
         raise SystemExit(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
     out = args.out or os.path.join("results", f"discover_{args.method}_{args.model}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tok = load_model(args.model)
@@ -108,14 +141,12 @@ def run(args) -> int:
     print(f"{args.method}: {seconds:.1f} s; " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in details.items()))
     values = scores.values
-    L, Hq = values.shape
-    Hkv = model.config.num_key_value_heads if getattr(model.config, "num_key_value_heads", None) else Hq
+    Hkv = HeadSpec.dense(model).num_kv_heads
     kv = pool_kv_heads(values, Hkv, "max")
-    top = top_kv_heads(kv, max(1, round(args.top_fraction * kv.numel())))
+    top = top_heads(kv, max(1, round(args.top_fraction * kv.numel())))
     print(f"top {len(top)} of {kv.numel()} KV heads (layer.head: score): " +
           " ".join(f"{layer}.{h}:{kv[layer, h].item():.3g}" for layer, h in top))
-    write_csv(out + ".csv", ["layer", "head", "kv_head", "score"],
-              [[layer, h, h // (Hq // Hkv), f"{values[layer, h].item():.6g}"] for layer in range(L) for h in range(Hq)])
+    write_scores(out + ".csv", values, Hkv)
     if args.method == "duo":
         discover.write_full_attention_heads(out + "_full_attention_heads.tsv", scores.info["kv_alpha"])
         print(f"wrote {out}_full_attention_heads.tsv")
