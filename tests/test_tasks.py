@@ -17,6 +17,9 @@ def test_prompts_are_deterministic_and_exactly_as_long_as_asked(task):
     c = tasks.make_sample(TOK, task, 900, 0.4, seed=4)
     assert torch.equal(a.ids, b.ids) and a.needles == b.needles and a.answers == b.answers
     assert not torch.equal(a.ids, c.ids)
+    question = TOK.decode(a.ids[a.question_start:])  # the context ends where the question begins
+    assert question.startswith("\nWhat " if task != "variable_tracking" else "\nQuestion: ")
+    assert a.needles[-1].span[1] <= a.question_start
     for length in (700, 901, 1500):
         assert len(tasks.make_sample(TOK, task, length, 0.4, seed=3).ids) == length
 

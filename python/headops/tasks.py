@@ -64,7 +64,9 @@ class Needle:
 class Sample:
     """A prompt and what answers it. ``needles`` in prompt order; ``answers``: the strings the
     answer must contain; ``asked``: for each answer, the index of the needle it is copied from
-    (``asked[0]`` lies at ``depth``);
+    (``asked[0]`` lies at ``depth``); ``question_start``: where the context ends and the question
+    (then the chat frame's end and the answer's first words) begins, so that a harness can
+    compress the context's cache before the question is read (docs/DESIGN.md section 7);
     ``supervised``: spans of ``ids`` that are answers inside the prompt (training prompts only)."""
     task: str
     length: int
@@ -75,6 +77,7 @@ class Sample:
     asked: tuple
     answers: tuple
     filler_tokens: int
+    question_start: int
     supervised: tuple = ()
 
     def answer_spans(self) -> list:
@@ -267,7 +270,8 @@ def make_sample(tokenizer, task: str, length: int, depth: float, seed: int, *, h
         task, "essay"), rng, task)
     in_order = [placed[i] for i in order]
     return Sample(task=task, length=length, depth=float(depth), seed=seed, ids=ids, needles=tuple(in_order),
-                  asked=tuple(order.index(i) for i in asked), answers=answers, filler_tokens=F)
+                  asked=tuple(order.index(i) for i in asked), answers=answers, filler_tokens=F,
+                  question_start=length - len(tail))
 
 
 def make_grid(tokenizer, task: str, lengths, depths, seeds, **options) -> list:
@@ -304,8 +308,8 @@ def multi_passkey(tokenizer, length: int, *, passkeys: int = 4, words: int = 8, 
         at += len(question) + len(answer) + len(end)
     return Sample(task="multi_passkey", length=length, depth=float("nan"), seed=seed, ids=ids,
                   needles=tuple(placed[i] for i in order), asked=tuple(order.index(i) for i in range(passkeys)),
-                  answers=tuple(keys),
-                  filler_tokens=F, supervised=tuple(supervised))
+                  answers=tuple(keys), filler_tokens=F, question_start=length - len(tail),
+                  supervised=tuple(supervised))
 
 
 # ------------------------------------------------------------------------------ scoring
