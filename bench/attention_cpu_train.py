@@ -265,14 +265,14 @@ def main(argv=None) -> int:
     print(f"headops CPU forward+backward benchmark, preset {preset}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
     rows = []
-    rows = PRESETS[preset]
+    selected = PRESETS[preset]
     if args.rows:
         wanted = {(s, d, int(n)) for s, d, n in args.rows}
-        unknown = wanted - set(rows)
+        unknown = wanted - set(selected)
         if unknown:
-            p.error(f"--rows: {sorted(unknown)} not in the {preset} preset {rows}")
-        rows = [r for r in rows if r in wanted]
-    for scenario, dtype_name, S in rows:
+            p.error(f"--rows: {sorted(unknown)} not in the {preset} preset {selected}")
+        selected = [r for r in selected if r in wanted]
+    for scenario, dtype_name, S in selected:
         row = run_row(scenario, dtype_name, S, args.repeats)
         row["load_average"] = load_average()
         rows.append(row)
