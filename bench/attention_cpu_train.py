@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--memory-s", type=int, default=None, help="S of the peak-memory run (0 skips; default 16384, "
                                                                "quick: 0)")
+    p.add_argument("--rows", type=lambda s: [r.split(":") for r in s.split(",")], default=None,
+                   help="only these rows of the preset, as scenario:dtype:S (e.g. dense:float32:2048,stream:float32:2048)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -263,7 +265,14 @@ def main(argv=None) -> int:
     print(f"headops CPU forward+backward benchmark, preset {preset}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
     rows = []
-    for scenario, dtype_name, S in PRESETS[preset]:
+    selected = PRESETS[preset]
+    if args.rows:
+        wanted = {(s, d, int(n)) for s, d, n in args.rows}
+        unknown = wanted - set(selected)
+        if unknown:
+            p.error(f"--rows: {sorted(unknown)} not in the {preset} preset {selected}")
+        selected = [r for r in selected if r in wanted]
+    for scenario, dtype_name, S in selected:
         row = run_row(scenario, dtype_name, S, args.repeats)
         row["load_average"] = load_average()
         rows.append(row)

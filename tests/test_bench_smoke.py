@@ -75,3 +75,16 @@ def test_kvcache_quick(tmp_path):
         # 2 of 8 KV heads full, the others sinks 4 + window 1024: below the dense cache once the
         # context passes the window
         assert m["nbytes"] < (0.7 if m["context"] <= 2048 else 0.4) * m["dense"]
+
+
+def test_probe_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/probe.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads((tmp_path / "probe.json").read_text())
+    assert {r["dtype"] for r in data["kernel"]} == {"float32", "bfloat16"}
+    assert all(r["probes_ratio"] > 0 and r["key_mass_ratio"] > 0 for r in data["kernel"])
+    for r in data["smollm2_shapes"]:
+        assert r["check"]["ok"], r["check"]

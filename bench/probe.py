@@ -1,0 +1,196 @@
+"""Cost of probe statistics (docs/DESIGN.md section 5) against the plain fused forward, and against
+eager attention computing the same statistics from the materialised pattern.
+
+    python bench/probe.py                    # kernel rows (S = 4096) and SmolLM2's shapes (S = 2048, 4096)
+    python bench/probe.py --quick            # small sizes (CI smoke test)
+    python bench/probe.py --model            # also SmolLM2's whole forward: probes at every layer vs
+                                             # output_attentions=True (time and peak RSS, separate processes)
+
+Rows (median of --repeats interleaved calls, ratios in the same run):
+- kernel: B=1, H=16, D=128, causal, fp32 and bf16: the forward alone; with span + distance
+  masses, top-1 and entropy; with the per-key mass of every row (one more pass);
+- SmolLM2's attention shapes (9 query / 3 KV heads, D = 64) at S = 2048 and 4096: the probed
+  forward against eager attention (softmax(QK^T) materialised) computing the same statistics.
+Writes <out-dir>/probe.md and .json (default: bench/results/local/, untracked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import headops  # noqa: E402
+from bench.timing import interleaved, machine_info, markdown_table, now_iso  # noqa: E402
+
+CHEAP = dict(spans=[[0, 1], [100, 120]], distances=[[1, 2], [0, 1]], topk=1, entropy=True)
+
+
+def probe_for(S: int, cheap: bool = True, key_mass: bool = False) -> headops.Probe:
+    fields = dict(CHEAP) if cheap else {}
+    fields["spans"] = [[0, 1], [S // 3, S // 3 + 20]]
+    if key_mass:
+        fields["key_mass_rows"] = (0, S)
+    return headops.Probe(**fields)
+
+
+def eager_statistics(q, k, v, spans, distances):
+    """What a user without probes does: materialise the pattern ([B, H, S, S]) and reduce it."""
+    B, S, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    qh, kh, vh = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    p = scores.softmax(-1)
+    out = p @ vh
+    span_mass = torch.stack([p[..., a:b].sum(-1) for a, b in spans], -1)
+    diff = torch.arange(S)[:, None] - torch.arange(S)[None, :]
+    dist = torch.stack([(p * ((diff >= a) & (diff < b))).sum(-1) for a, b in distances], -1)
+    top = p.max(-1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    return out, span_mass, dist, top, entropy
+
+
+def kernel_rows(S, dtypes, repeats):
+    rows = []
+    for dtype in dtypes:
+        q, k, v = (torch.randn(1, S, 16, 128, dtype=dtype) for _ in range(3))
+        with torch.no_grad():
+            stats = interleaved({
+                "forward": lambda: headops.attention(q, k, v),
+                "probes": lambda: headops.attention(q, k, v, probe=probe_for(S)),
+                "key_mass": lambda: headops.attention(q, k, v, probe=probe_for(S, cheap=False, key_mass=True)),
+            }, repeats)
+        base = stats["forward"].median_ms
+        rows.append(dict(shape=f"B=1 H=16 S={S} D=128 causal", dtype=str(dtype).replace("torch.", ""),
+                         forward_ms=base, probes_ms=stats["probes"].median_ms,
+                         probes_ratio=stats["probes"].median_ms / base, key_mass_ms=stats["key_mass"].median_ms,
+                         key_mass_ratio=stats["key_mass"].median_ms / base,
+                         raw={n: s.as_dict() for n, s in stats.items()}))
+    return rows
+
+
+def smollm2_rows(sizes, repeats):
+    rows = []
+    for S in sizes:
+        q = torch.randn(1, S, 9, 64)
+        k, v = torch.randn(1, S, 3, 64), torch.randn(1, S, 3, 64)
+        probe = probe_for(S)
+        spans = [tuple(x) for x in probe.spans]
+        with torch.no_grad():
+            stats = interleaved({
+                "headops_probes": lambda: headops.attention(q, k, v, probe=probe),
+                "eager_pattern": lambda: eager_statistics(q, k, v, spans, probe.distances),
+            }, repeats)
+        # the two compute the same statistics: check it (span and distance masses, top-1, entropy)
+        _, got = headops.attention(q, k, v, probe=probe)
+        _, span_mass, dist, top, entropy = eager_statistics(q, k, v, spans, probe.distances)
+        check = dict(span=float((got.span_mass - span_mass).abs().max()),
+                     distance=float((got.distance_mass - dist).abs().max()),
+                     entropy=float((got.entropy - entropy).abs().max()),
+                     top1_agree=float((got.topk_index[..., 0] == top.indices).float().mean()))
+        check["ok"] = max(check["span"], check["distance"], check["entropy"]) < 1e-3 and check["top1_agree"] > 0.99
+        rows.append(dict(shape=f"B=1 Hq=9 Hkv=3 S={S} D=64 causal (SmolLM2)", dtype="float32", check=check,
+                         probes_ms=stats["headops_probes"].median_ms, eager_ms=stats["eager_pattern"].median_ms,
+                         speedup=stats["eager_pattern"].median_ms / stats["headops_probes"].median_ms,
+                         raw={n: s.as_dict() for n, s in stats.items()}))
+    return rows
+
+
+MODEL_RUN = r"""
+import resource, sys, time, torch
+sys.path.insert(0, {python!r})
+import headops
+from headops.models import load_smollm2
+from headops.corpus import stdlib_text
+mode, S = sys.argv[1], int(sys.argv[2])
+model, tok = load_smollm2()
+ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :S]
+torch.manual_seed(0)
+with torch.no_grad():
+    if mode == "eager":
+        model.set_attn_implementation("eager")
+        start = time.perf_counter()
+        out = model(ids, output_attentions=True)
+        stats = [(a[..., 0].clone(), a.max(-1).indices, -(a * a.clamp_min(1e-30).log()).sum(-1)) for a in out.attentions]
+    else:
+        headops.patch(model, headops.HeadSpec.dense(model))
+        start = time.perf_counter()
+        with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True) as rec:
+            model(ids)
+    seconds = time.perf_counter() - start
+print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def model_rows(sizes):
+    rows = []
+    for S in sizes:
+        got = {}
+        for mode in ("headops", "eager"):
+            done = subprocess.run([sys.executable, "-c", MODEL_RUN.format(python=os.path.join(ROOT, "python")),
+                                   mode, str(S)], capture_output=True, text=True)
+            if done.returncode != 0:
+                got[mode] = None
+                print(f"SmolLM2 {mode} S={S} failed: {done.stderr[-500:]}", file=sys.stderr)
+                continue
+            seconds, rss = done.stdout.split()[-2:]
+            got[mode] = (float(seconds), int(rss))
+        if got["headops"] and got["eager"]:
+            rows.append(dict(S=S, headops_s=got["headops"][0], eager_s=got["eager"][0],
+                             headops_peak_mib=got["headops"][1] / 2**20, eager_peak_mib=got["eager"][1] / 2**20,
+                             memory_ratio=got["eager"][1] / got["headops"][1], time_ratio=got["eager"][0] / got["headops"][0]))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="S=512 kernel rows, S=512 SmolLM2 shapes (smoke test)")
+    p.add_argument("--model", action="store_true", help="also SmolLM2's whole forward (S = 2048, 4096)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results", "local"))
+    args = p.parse_args(argv)
+    S = 512 if args.quick else 4096
+    sizes = [512] if args.quick else [2048, 4096]
+    result = dict(machine=machine_info(), when=now_iso(), command=" ".join(sys.argv),
+                  kernel=kernel_rows(S, [torch.float32, torch.bfloat16], args.repeats),
+                  smollm2_shapes=smollm2_rows(sizes, args.repeats))
+    if args.model:
+        result["smollm2_model"] = model_rows(sizes)
+    lines = ["kernel: probes (span + distance masses, top-1, entropy) and the per-key mass against the forward",
+             markdown_table(["shape", "dtype", "forward ms", "probes ms", "x forward", "key mass ms", "x forward"],
+                            [[r["shape"], r["dtype"], f"{r['forward_ms']:.1f}", f"{r['probes_ms']:.1f}",
+                              f"{r['probes_ratio']:.2f}", f"{r['key_mass_ms']:.1f}", f"{r['key_mass_ratio']:.2f}"]
+                             for r in result["kernel"]]),
+             "", "one attention call with probes vs eager attention computing the same statistics",
+             markdown_table(["shape", "headops ms", "eager ms", "speed-up"],
+                            [[r["shape"], f"{r['probes_ms']:.1f}", f"{r['eager_ms']:.1f}", f"{r['speedup']:.1f}x"]
+                             for r in result["smollm2_shapes"]])]
+    if args.model:
+        lines += ["", "SmolLM2-135M whole forward: probes at every layer vs output_attentions=True (eager)",
+                  markdown_table(["S", "headops s", "eager s", "time ratio", "headops peak MiB", "eager peak MiB",
+                                  "memory ratio"],
+                                 [[r["S"], f"{r['headops_s']:.2f}", f"{r['eager_s']:.2f}", f"{r['time_ratio']:.2f}x",
+                                   f"{r['headops_peak_mib']:.0f}", f"{r['eager_peak_mib']:.0f}",
+                                   f"{r['memory_ratio']:.1f}x"] for r in result["smollm2_model"]])]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out_dir, "probe.md"), "w") as f:
+        f.write(f"{result['command']}\n{result['machine']}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
