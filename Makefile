@@ -1,5 +1,10 @@
 # make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
-#              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example
+#              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example, sized to finish
+#              in <= 10 min on 2 cores (the f+b rows up to S=2048, decode up to 32k; baselines
+#              that are pathologically slow on the CPU time-boxed); results go to
+#              bench/results/local/ (untracked): git status stays clean
+# make bench-record - the three benchmarks' full default presets with --record: refresh the
+#              committed bench/results/*_default.* (the bench-* targets write bench/results/local/)
 # make test  - same set-up, then the whole pytest suite
 # make test-asan - the CPU kernels built with AddressSanitizer + UBSan (build-asan/), a test subset
 PYTHON ?= python3
@@ -11,7 +16,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache clean
+.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
 
 all: build
 
@@ -27,10 +32,11 @@ $(DEPS_STAMP): requirements-dev.txt requirements-models.txt
 build: $(DEPS_STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
+# the S=8192 forward+backward row and the 128k decode rows are in bench-train / bench-kvcache
 demo: build
 	$(VPY) bench/attention_cpu.py
-	$(VPY) bench/attention_cpu_train.py
-	$(VPY) bench/kvcache.py
+	$(VPY) bench/attention_cpu_train.py --max-s 2048
+	$(VPY) bench/kvcache.py --contexts 8192,32768
 	$(VPY) examples/smollm2_generate.py
 
 bench-full: build
@@ -41,6 +47,12 @@ bench-train: build
 
 bench-kvcache: build
 	$(VPY) bench/kvcache.py
+
+# the committed results (bench/results/*_default.*), refreshed only when asked
+bench-record: build
+	$(VPY) bench/attention_cpu.py --record
+	$(VPY) bench/attention_cpu_train.py --record
+	$(VPY) bench/kvcache.py --record
 
 test: build
 	$(VPY) -m pytest tests -q
