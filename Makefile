@@ -1,8 +1,8 @@
 # make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
 #              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example, sized to finish
-#              in <= 10 min on 2 cores (the f+b rows up to S=2048, decode up to 32k; baselines
-#              that are pathologically slow on the CPU time-boxed); results go to
-#              bench/results/local/ (untracked): git status stays clean
+#              in <= 10 min on 2 cores: S = 2048, decode up to 32k tokens, the baselines that are
+#              pathologically slow on the CPU time-boxed; results go to bench/results/local/
+#              (untracked): git status stays clean
 # make bench-record - the three benchmarks' full default presets with --record: refresh the
 #              committed bench/results/*_default.* (the bench-* targets write bench/results/local/)
 # make test  - same set-up, then the whole pytest suite
@@ -32,12 +32,15 @@ $(DEPS_STAMP): requirements-dev.txt requirements-models.txt
 build: $(DEPS_STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
-# the S=8192 forward+backward row and the 128k decode rows are in bench-train / bench-kvcache
+# The full default presets (forward S=4096, forward+backward up to S=8192, decode up to 128k):
+# .venv/bin/python bench/attention_cpu.py, make bench-train, make bench-kvcache; all three with
+# --record: make bench-record.
 demo: build
-	$(VPY) bench/attention_cpu.py
-	$(VPY) bench/attention_cpu_train.py --max-s 2048
+	$(VPY) bench/attention_cpu.py --sizes 2048
+	$(VPY) bench/attention_cpu_train.py --max-s 2048 --memory-s 8192
 	$(VPY) bench/kvcache.py --contexts 8192,32768
 	$(VPY) examples/smollm2_generate.py
+	@echo "make demo: tables above; results in bench/results/local/ (untracked)"
 
 bench-full: build
 	$(VPY) bench/attention_cpu.py --full

@@ -204,7 +204,7 @@ def test_make_demo_writes_no_tracked_results_and_bench_record_does():
     def dry(target):
         proc = subprocess.run(["make", "-n", "-o", "build", target], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        return [line for line in proc.stdout.splitlines() if "bench/" in line]
+        return [line for line in proc.stdout.splitlines() if line.startswith(".venv/bin/python bench/")]
 
     demo = dry("demo")
     assert {line.split()[1] for line in demo} == {"bench/attention_cpu.py", "bench/attention_cpu_train.py",
