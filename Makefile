@@ -66,9 +66,11 @@ test-properties-long: build
 		tests/test_properties_errors.py -q
 
 # AddressSanitizer + UndefinedBehaviorSanitizer: the extension is built into build-asan/ (its
-# own ninja tree, the Python files linked beside it) and loaded instead of python/headops/_C.
+# own ninja tree, the Python files and subpackages linked beside it) and loaded instead of python/headops/_C.
 # Python itself is not instrumented, so libasan (and libstdc++, for its exception interceptor)
 # are preloaded; --capture=sys lets a sanitizer report reach the terminal before the abort.
+# allocator_may_return_null: an allocation too big to serve fails as it does without ASan (torch
+# raises, and the tests check that the cache refuses it and changes nothing) instead of aborting.
 ASAN_PKG := build-asan/pkg
 ASAN_TESTS ?= tests/test_validation.py tests/test_attention_cpu.py tests/test_autograd.py \
 	tests/test_kvcache.py tests/test_properties.py tests/test_properties_cache.py tests/test_properties_errors.py \
@@ -77,9 +79,10 @@ ASAN_EXAMPLES ?= 500
 test-asan: $(DEPS_STAMP)
 	mkdir -p $(ASAN_PKG)/headops
 	ln -sf $(CURDIR)/python/headops/*.py $(ASAN_PKG)/headops/
+	for d in $(CURDIR)/python/headops/*/; do case $$d in */__pycache__/) ;; *) ln -sfn $${d%/} $(ASAN_PKG)/headops/ ;; esac; done
 	HEADOPS_SANITIZE=1 HEADOPS_CUDA=0 $(VPY) setup.py -q build_ext --build-lib $(ASAN_PKG) --build-temp build-asan/tmp
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	PYTHONPATH=$(ASAN_PKG) HEADOPS_EXPECT_SANITIZED=1 HEADOPS_HYPOTHESIS_EXAMPLES=$(ASAN_EXAMPLES) \
 	$(VPY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys
 
