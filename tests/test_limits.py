@@ -341,7 +341,8 @@ RAW_LIMIT_OUTCOMES = {
 
 
 def test_raw_ops_at_the_int64_limits_raise_cleanly():
-    proc = subprocess.run([sys.executable, "-c", _RAW_LIMITS_SCRIPT], capture_output=True, text=True, timeout=900)  # a hang guard (an ASan-preloaded child on a busy machine)
+    # (the timeout is a hang guard: an ASan-preloaded child on a busy machine takes minutes)
+    proc = subprocess.run([sys.executable, "-c", _RAW_LIMITS_SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"the process died (returncode {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     got = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.strip()}
     assert got.keys() == RAW_LIMIT_OUTCOMES.keys(), proc.stdout
