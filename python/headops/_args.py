@@ -239,3 +239,30 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
     check_values(caller, window=args.window, sinks=args.sinks, alpha=args.alpha, softmax_scale=args.softmax_scale,
                  sink_logit=args.sink_logit, key_bias=key_bias)
     return args
+
+
+# ------------------------------------------------------------------ what a HeadSparseCache keeps
+
+PREFILLS = ("spec", "full")
+# a HeadSparseCache's options on what it keeps (docs/DESIGN.md section 6), with their defaults; a
+# HeadSpec may carry them (spec.cache_options), the cache's keywords override them
+CACHE_OPTIONS = {"prefill": "spec"}
+
+
+def check_cache_options(caller, options) -> dict:
+    """Cache options (a dict of some of CACHE_OPTIONS), checked; returns them with the defaults
+    filled in.
+
+    prefill: "spec" (each head's own visibility over the prompt) or "full" (full causal attention
+        for every head, then each KV head keeps what its kind says).
+    """
+    if not isinstance(options, dict):
+        raise TypeError(f"{caller}: cache_options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(CACHE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{caller}: unknown cache option(s) {', '.join(map(repr, unknown))} (the options are "
+                         f"{', '.join(CACHE_OPTIONS)})")
+    out = dict(CACHE_OPTIONS, **options)
+    if out["prefill"] not in PREFILLS:
+        raise fail(caller, "prefill", f"one of {', '.join(map(repr, PREFILLS))}", repr(out["prefill"]))
+    return out

@@ -26,7 +26,8 @@ UNSET = Unset()
 
 class CacheLayout(NamedTuple):
     """The attention shape and, per layer, the kinds and budgets of the KV heads and the windows
-    and sinks of the query heads (lists of ints; window < 0 unlimited)."""
+    and sinks of the query heads (lists of ints; window < 0 unlimited); the spec's cache options
+    (a dict, unchecked: HeadSparseCache merges its keywords into them and checks the result)."""
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -35,6 +36,7 @@ class CacheLayout(NamedTuple):
     windows: list
     sinks: list
     budgets: list
+    options: dict
 
 
 def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
@@ -48,7 +50,7 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     spec.validate(model_or_config)
     return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                        [list(r) for r in spec.cache_kind], spec.window.tolist(), spec.sinks.tolist(),
-                       [list(r) for r in spec.cache_budget])
+                       [list(r) for r in spec.cache_budget], dict(spec.cache_options))
 
 
 def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget) -> CacheLayout:
@@ -56,7 +58,7 @@ def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, windo
     L, Hq, Hkv = num_layers, num_heads, num_kv_heads
     layout = CacheLayout(L, Hq, Hkv, head_dim, _per_layer_kinds("full" if kinds is UNSET else kinds, L, Hkv),
                          _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),
-                         _per_layer_budgets(budget, L, Hkv))
+                         _per_layer_budgets(budget, L, Hkv), {})
     check_values(CALLER, window=torch.tensor(layout.windows), sinks=torch.tensor(layout.sinks))
     return layout
 

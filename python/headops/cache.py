@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from . import _cache_layout
-from ._args import FLOAT_DTYPES, HeadArgs, HeadShapes, check_dense, check_float_dtype, fail, head_args, is_int
+from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense,
+                    check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
 from .attention import run_fused
@@ -99,6 +100,10 @@ class HeadSparseCache(_CacheBase):
             past it raises a ValueError before it changes anything; full heads never grow past it.
         budget_recent: the latest tokens a budget head always keeps (also the observation window
             of its prefill selection).
+        prefill: "spec" (the default: the prompt runs each head's own window and sinks) or "full"
+            (full causal attention for every head, as RazorAttention and kvpress measure; then
+            each KV head keeps what its kind says). With a spec, its ``cache_options`` are the
+            defaults of these options.
 
     ``cache.attention(layer, q, k, v, ...)`` is the layer's attention: the first call
     (prefill) runs ``headops.attention`` over the prompt and stores what each head keeps;
@@ -110,13 +115,15 @@ class HeadSparseCache(_CacheBase):
 
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
                  head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, batch_size=UNSET, dtype=None,
-                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8):
+                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, prefill=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         kinds=kinds, window=window, sinks=sinks, budget=budget)
         if model_or_config is not None or spec is not None:
             layout = _cache_layout.from_spec(model_or_config, spec, **per_head)
         else:
             layout = _cache_layout.from_keywords(**per_head)
+        given = {name: value for name, value in (("prefill", prefill),) if value is not UNSET}
+        self.options = check_cache_options(CALLER, dict(layout.options, **given))
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{CALLER}: dtype must be torch.float32, float64, bfloat16 or float16 (or None: the "
                             f"first call's), got {dtype!r}")
@@ -319,6 +326,8 @@ class HeadSparseCache(_CacheBase):
     def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing):
         B, S = k.shape[0], k.shape[1]
         args = self._head_args(caller, st, q, S, per_head)  # the whole batch, before any change
+        if self.options["prefill"] == "full":  # every head reads the whole prompt; then keeps its kind's
+            args = args._replace(window=None, sinks=None)
         if lengths is None:
             self._check_room(caller, st, S)
             out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)

@@ -11,6 +11,7 @@ DuoAttention ablation per row). Constructors read like the papers::
     HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
     HeadSpec.from_scores(model, scores, full_fraction=0.25, window=256, sinks=16)  # headops.discover
     HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
+    HeadSpec.streaming_llm(model, window=1024, sinks=4)    # StreamingLLM: every KV head streaming
     HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
 
 and a spec moves and splits like its tensors::
@@ -29,7 +30,7 @@ import json
 
 import torch
 
-from ._args import check_attention_shape, check_values, fail, is_int
+from ._args import check_attention_shape, check_cache_options, check_values, fail, is_int
 
 __all__ = ["HeadSpec"]
 
@@ -91,7 +92,10 @@ class HeadSpec:
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget
-      ``[L][Hkv]`` (None where not a budget head).
+      ``[L][Hkv]`` (None where not a budget head);
+      cache_options: a dict of HeadSparseCache options the spec's method needs (prefill,
+      allocation, adakv_alpha, observation_window, pool_kernel; docs/cache.md), the defaults for
+      ``HeadSparseCache(model, spec)`` (its keywords override them).
 
     A spec is checked when it is made and by ``validate()``; fields may be set in between (e.g.
     a gate that requires grad), ``validate()`` (and ``headops.patch``) checks them again.
@@ -112,6 +116,7 @@ class HeadSpec:
     sinks: torch.Tensor | None = None
     cache_kind: list | None = None
     cache_budget: list | None = None
+    cache_options: dict | None = None
 
     def __post_init__(self):
         check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -124,6 +129,8 @@ class HeadSpec:
             self.cache_kind = [["full"] * Hkv for _ in range(L)]
         if self.cache_budget is None:
             self.cache_budget = [[None] * Hkv for _ in range(L)]
+        if self.cache_options is None:
+            self.cache_options = {}
         self.validate()
 
     # ------------------------------------------------------------------------ constructors
@@ -164,6 +171,13 @@ class HeadSpec:
                     raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
                 spec._make_streaming(layer, h, group, window, sinks)
         return spec
+
+    @classmethod
+    def streaming_llm(cls, model_or_config, *, window: int, sinks: int = 4) -> "HeadSpec":
+        """StreamingLLM (Xiao et al.): every KV head streaming, keeping its first `sinks` tokens
+        (attention sinks) and the last `window`."""
+        L, _, Hkv, _ = _shape_of(model_or_config)
+        return cls.streaming(model_or_config, {layer: range(Hkv) for layer in range(L)}, window=window, sinks=sinks)
 
     @classmethod
     def budget(cls, model_or_config, heads: dict, *, budget: int) -> "HeadSpec":
@@ -320,6 +334,7 @@ class HeadSpec:
             raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
         check_values(CALLER, window=self.window, sinks=self.sinks, alpha=self.alpha, softmax_scale=self.softmax_scale,
                      sink_logit=self.sink_logit, key_bias=self.key_bias)
+        check_cache_options(CALLER, self.cache_options)
 
     def layer_args(self, layer: int, keys: int | None = None) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
@@ -352,7 +367,8 @@ class HeadSpec:
             raise _fail("device", "a torch.device or a device string", repr(device)) from None
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()},
                                    cache_kind=[list(r) for r in self.cache_kind],
-                                   cache_budget=[list(r) for r in self.cache_budget])
+                                   cache_budget=[list(r) for r in self.cache_budget],
+                                   cache_options=dict(self.cache_options))
 
     def slice_heads(self, q_heads) -> "HeadSpec":
         """The spec of a contiguous block of query heads (``range(a, b)`` or ``slice(a, b)``) and
@@ -378,14 +394,16 @@ class HeadSpec:
                  for name, t in self.tensors().items()}
         return dataclasses.replace(self, num_heads=stop - first, num_kv_heads=kv.stop - kv.start, **block,
                                    cache_kind=[list(r[kv]) for r in self.cache_kind],
-                                   cache_budget=[list(r[kv]) for r in self.cache_budget])
+                                   cache_budget=[list(r[kv]) for r in self.cache_budget],
+                                   cache_options=dict(self.cache_options))
 
     # ------------------------------------------------------------------------ save / load
 
     def to_dict(self) -> dict:
         d = {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
              "head_dim": self.head_dim, "window": self.window.tolist(), "sinks": self.sinks.tolist(),
-             "cache_kind": self.cache_kind, "cache_budget": self.cache_budget}
+             "cache_kind": self.cache_kind, "cache_budget": self.cache_budget,
+             "cache_options": dict(self.cache_options)}
         for name in _FLOAT_FIELDS:
             t = getattr(self, name)
             d[name] = None if t is None else t.tolist()
@@ -416,6 +434,8 @@ class HeadSpec:
         fields.update(window=tensor("window", True), sinks=tensor("sinks", True),
                       cache_kind=[list(r) for r in d["cache_kind"]], cache_budget=[list(r) for r in d["cache_budget"]])
         fields.update({name: tensor(name, False) for name in _FLOAT_FIELDS if d.get(name) is not None})
+        if d.get("cache_options") is not None:  # (specs saved before the cache options had none)
+            fields["cache_options"] = d["cache_options"]
         return cls(**fields)
 
     def save(self, path) -> None:
