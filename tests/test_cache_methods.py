@@ -159,3 +159,455 @@ def test_streaming_llm_makes_every_kv_head_streaming():
         headops.HeadSpec.streaming_llm(model, window=0)
     with pytest.raises(ValueError, match="sinks"):
         headops.HeadSpec.streaming_llm(model, window=4, sinks=-1)
+
+
+# ------------------------------------------------------------------------------ budgets: the formulas
+
+
+def adakv_transcription(scores, budget, alpha, floors):
+    """AdaKV as kvpress's AdaKVPress writes it, in plain Python: each head's top int(alpha *
+    budget) scores (here at least its floor) are raised to +inf, then the layer's H * budget best
+    scores are kept; ties: lower head, then lower position. Returns (counts, kept sets)."""
+    H, n = scores.shape
+    if n <= budget:
+        return [n] * H, [list(range(n)) for _ in range(H)]
+    s = [[float(x) for x in row] for row in scores]
+    for h in range(H):
+        safe = min(budget, max(int(alpha * budget), floors[h]))
+        for j in sorted(range(n), key=lambda j: (-s[h][j], j))[:safe]:
+            s[h][j] = math.inf
+    order = sorted(((h, j) for h in range(H) for j in range(n)), key=lambda hj: (-s[hj[0]][hj[1]], hj[0], hj[1]))
+    chosen = order[:H * budget]
+    return ([sum(1 for h2, _ in chosen if h2 == h) for h in range(H)],
+            [sorted(j for h2, j in chosen if h2 == h) for h in range(H)])
+
+
+def headkv_transcription(scores, budget, beta):
+    """HeadKV's ReasonSnapKVCluster: score / sum, a pool of (budget // beta) * L * H tokens shared
+    by score on top of budget - budget // beta per head, rounded half to even."""
+    L, H = len(scores), len(scores[0])
+    total = sum(sum(r) for r in scores)
+    pool = (budget // beta) * L * H
+    floor = budget - budget // beta
+    return [[round(x / total * pool + floor) for x in r] for r in scores]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_adakv_counts_and_sets_equal_the_transcription(case):
+    from headops import budgets
+
+    g = torch.Generator().manual_seed(case)
+    H = int(torch.randint(1, 5, (1,), generator=g))
+    n = int(torch.randint(1, 30, (1,), generator=g))
+    budget = int(torch.randint(1, 25, (1,), generator=g))  # sometimes larger than the prompt
+    alpha = [0.0, 0.2, 0.5, 1.0, 0.35][case % 5]
+    if case % 3 == 0:  # many ties
+        scores = torch.randint(0, 3, (H, n), generator=g).double()
+    elif case % 3 == 1:  # one head takes everything (the others' floors bind)
+        scores = torch.rand(H, n, generator=g, dtype=F64) * 1e-3
+        scores[0] += 10
+    else:
+        scores = torch.rand(H, n, generator=g, dtype=F64)
+    floors = [int(x) for x in torch.randint(1, max(2, budget + 1), (H,), generator=g)]
+    counts, kept = adakv_transcription(scores, budget, alpha, floors)
+    assert budgets.adakv_counts(scores, budget, alpha, floors) == counts
+    if n > budget:
+        assert sum(counts) == H * budget
+        assert all(c >= min(budget, max(int(alpha * budget), f)) for c, f in zip(counts, floors))
+    for h in range(H):
+        assert budgets.top_positions(scores[h], counts[h]).tolist() == kept[h]
+
+
+def test_adakv_floor_binds():
+    from headops import budgets
+
+    scores = torch.tensor([[9.0] * 20, [0.0] * 20])  # head 0 outscores head 1 everywhere
+    assert budgets.adakv_counts(scores, 10, 0.2, [1, 1]) == [18, 2]  # head 1 gets exactly its floor int(0.2 * 10)
+    assert budgets.adakv_counts(scores, 10, 0.0, [3, 3]) == [17, 3]
+    assert budgets.adakv_counts(scores, 10, 1.0, [1, 1]) == [10, 10]  # alpha 1: uniform
+    assert budgets.adakv_counts(scores, 30, 0.2, [1, 1]) == [20, 20]  # the budget exceeds the prompt
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.005, 1.2, 2.0, 20.0])
+def test_headkv_budgets_equal_the_formula(beta):
+    from headops import budgets
+
+    g = torch.Generator().manual_seed(int(beta * 1000))
+    scores = torch.rand(3, 4, generator=g, dtype=F64)
+    scores[1, 2] = 0.0
+    got = budgets.headkv_budgets(scores, 128, beta)
+    assert got.tolist() == headkv_transcription(scores.tolist(), 128, beta)
+    assert abs(int(got.sum()) - 128 * 12) <= 12  # (rounding)
+    if beta == 20.0:
+        assert int(got.min()) >= 128 - 128 // 20
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(scores=torch.ones(3)), "scores"),
+    (dict(scores=-torch.ones(2, 2)), "scores"),
+    (dict(scores=torch.zeros(2, 2)), "scores"),
+    (dict(scores=torch.tensor([[1.0, math.nan]])), "scores"),
+    (dict(beta=0.5), "beta"),
+    (dict(beta=math.inf), "beta"),
+    (dict(budget=0), "budget"),
+])
+def test_headkv_bad_arguments(bad, word):
+    from headops import budgets
+
+    kw = dict(scores=torch.ones(2, 2), budget=16, beta=1.5)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=word):
+        budgets.headkv_budgets(**kw)
+
+
+def snapkv_reference(q_obs, k, scale, group, pool_kernel=None, sink_logit=None, key_bias=None):
+    """[Hkv, n] in float64: the window's softmax attention on each key, summed over the window,
+    max-pooled per query head, summed over each KV head's group."""
+    w, Hq, D = q_obs.shape
+    n = k.shape[0]
+    kk = k.double().repeat_interleave(group, dim=1)
+    logits = torch.einsum("ihd,jhd->hij", q_obs.double(), kk) * scale
+    if key_bias is not None:
+        logits = logits + key_bias.view(Hq, 1, n)
+    logits = logits.masked_fill(torch.arange(n).view(1, 1, n) > torch.arange(n - w, n).view(1, w, 1), -math.inf)
+    if sink_logit is not None:
+        logits = torch.cat([logits, sink_logit.view(Hq, 1, 1).expand(Hq, w, 1).double()], dim=-1)
+    mass = torch.softmax(logits, dim=-1)[..., :n].sum(dim=1)
+    if pool_kernel:
+        r = pool_kernel // 2
+        mass = torch.stack([mass[:, max(0, j - r):j + r + 1].amax(dim=1) for j in range(n)], dim=1)
+    return mass.view(-1, group, n).sum(dim=1)
+
+
+@pytest.mark.parametrize("pool_kernel", [None, 1, 3, 7])
+def test_snapkv_scores_equal_the_reference(pool_kernel):
+    from headops import budgets
+    from headops._args import HeadShapes, head_args
+
+    n, w, Hq, Hkv, D = 37, 6, 6, 3, 8
+    q, k, v = make_qkv(1, n, n, Hq, Hkv, D, F64)
+    sink_logit = torch.randn(Hq, dtype=F64)
+    key_bias = torch.randn(Hq, n, dtype=F64)
+    args = head_args("test", HeadShapes(1, Hq, n, D), q.device, sink_logit=sink_logit, key_bias=key_bias,
+                     softmax_scale=0.4)
+    got = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, pool_kernel=pool_kernel)
+    want = snapkv_reference(q[0, -w:], k[0], 0.4, Hq // Hkv, pool_kernel, sink_logit, key_bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    only = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, pool_kernel=pool_kernel, heads=[1])
+    assert bool((only[[0, 2]] == 0).all()) and torch.equal(only[1], got[1])
+
+
+# ------------------------------------------------------------------------------ budgets: the cache
+
+
+def budget_layer(Hq, Hkv, kinds, sinks, budget, recent, B=2, max_step=2, **options):
+    window = [-1] * Hq
+    return headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=8, kinds=kinds,
+                                   window=window, sinks=sinks, budget=budget, budget_recent=recent, batch_size=B,
+                                   dtype=F64, max_step=max_step, **options)
+
+
+def kept_bias(cache, b, Hq, Hkv, p):
+    """[1, Hq, p]: 0 on the positions row b's KV heads keep, -inf elsewhere."""
+    group = Hq // Hkv
+    kb = torch.full((1, Hq, p), -math.inf, dtype=F64)
+    for h in range(Hkv):
+        kb[0, h * group:(h + 1) * group, cache._layers[0].kept_positions(b, h)] = 0.0
+    return kb
+
+
+@pytest.mark.parametrize("allocation", ["adakv", "uniform", "headkv"])
+@pytest.mark.parametrize("lengths", [None, [40, 23]])
+def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
+    from headops import budgets
+    from headops._args import HeadShapes, head_args
+
+    B, S, Hq, Hkv, D = 2, 40, 6, 3, 8
+    kinds = ["budget", "full", "budget"]
+    sinks = [1, 0, 0, 0, 2, 1]  # KV heads 0 and 2 keep 1 and 2 sinks
+    budget, recent, w, pool = 10, 2, 5, 3
+    per_head_budget = [budget, None, budget] if allocation != "headkv" else [8, None, 12]
+    cache = budget_layer(Hq, Hkv, kinds, sinks, per_head_budget, recent, B=B, allocation=allocation,
+                         adakv_alpha=0.2, observation_window=w, pool_kernel=pool)
+    steps = 6
+    q, k, v = make_qkv(B, S + steps, S + steps, Hq, Hkv, D, F64)
+    scale = torch.tensor([0.3, 0.5, 0.2, 0.1, 0.9, 0.4], dtype=F64)
+    out = cache.attention(0, q[:, :S], k[:, :S], v[:, :S], lengths=lengths, softmax_scale=scale)
+    rows = lengths or [S] * B
+    st = cache._layers[0]
+    bpt = 2 * D * 8
+    for b, n in enumerate(rows):
+        assert_close(out[b:b + 1, :n], reference.attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n],
+                                                           softmax_scale=scale), 1e-12, 1e-12)
+        args = head_args("test", HeadShapes(1, Hq, n, D), q.device, softmax_scale=scale[None])
+        scores = budgets.snapkv_scores(q[b:b + 1, n - w:n], k[b:b + 1, :n], v[b:b + 1, :n], args, 2,
+                                       pool_kernel=pool)[[0, 2]].double()
+        forced = scores.clone()
+        for i, s in enumerate([1, 2]):
+            forced[i, :s] = math.inf
+            forced[i, n - recent:] = math.inf
+        if allocation == "adakv":
+            counts, kept = adakv_transcription(forced, budget, 0.2, [1 + recent + 1, 2 + recent + 1])
+        else:
+            counts = [min(n, x) for x in (per_head_budget[0], per_head_budget[2])]
+            kept = [sorted(sorted(range(n), key=lambda j: (-float(forced[i, j]), j))[:counts[i]]) for i in range(2)]
+        assert st.kept_positions(b, 0).tolist() == kept[0]
+        assert st.kept_positions(b, 2).tolist() == kept[1]
+        if allocation == "adakv":
+            assert st.budget_sizes(b) == counts and sum(counts) == 2 * budget
+    # storage holds exactly what each row and head keeps: the budget slots are all used
+    assert cache.ideal_nbytes() == sum(n + sum(st.budget_sizes(b)) for b, n in enumerate(rows)) * bpt
+    assert (st.ring_k.numel() + st.ring_v.numel()) * 8 == B * sum(st.budget_sizes(0)) * bpt
+    # decode: one call per layer over every row's own layout; equal to attention over the kept set
+    for i in range(steps):
+        new = [torch.stack([t[b, n + i:n + i + 1] for b, n in enumerate(rows)]) for t in (q, k, v)]
+        got = cache.attention(0, *new, softmax_scale=scale)
+        for b, n in enumerate(rows):
+            p = n + i + 1
+            kb = kept_bias(cache, b, Hq, Hkv, p)
+            want = reference.attention(q[b:b + 1, p - 1:p], k[b:b + 1, :p], v[b:b + 1, :p], key_bias=kb,
+                                       softmax_scale=scale)
+            assert_close(got[b:b + 1], want, 1e-12, 1e-12)
+            for h in (0, 2):
+                kept = st.kept_positions(b, h)
+                assert kept.numel() == min(p, st.budget_sizes(b)[h // 2])
+                assert p - 1 in kept.tolist()
+
+
+def test_adakv_budgets_larger_than_the_prompt_keep_everything():
+    cache = budget_layer(4, 2, "budget", [0] * 4, 30, 2, allocation="adakv")
+    q, k, v = make_qkv(2, 12, 12, 4, 2, 8, F64)
+    cache.attention(0, q, k, v)
+    st = cache._layers[0]
+    for b in range(2):
+        assert st.budget_sizes(b) == [30, 30]
+        assert st.kept_positions(b, 0).tolist() == list(range(12)) == st.kept_positions(b, 1).tolist()
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(allocation="snapkv"), "allocation"),
+    (dict(allocation="adakv", adakv_alpha=1.5), "adakv_alpha"),
+    (dict(allocation="adakv", adakv_alpha=-0.1), "adakv_alpha"),
+    (dict(adakv_alpha=True), "adakv_alpha"),
+    (dict(observation_window=0), "observation_window"),
+    (dict(pool_kernel=4), "pool_kernel"),
+    (dict(pool_kernel=0), "pool_kernel"),
+    (dict(allocation="adakv", budget=[10, 12]), "budget"),
+    (dict(budget=[10, 3]), "budget"),  # does not fit sinks + budget_recent
+])
+def test_budget_option_errors(bad, word):
+    kw = dict(budget=10)
+    kw.update(bad)
+    budget = kw.pop("budget")
+    with pytest.raises(ValueError, match=word):
+        budget_layer(4, 2, "budget", [0, 0, 1, 0], budget, 2, **kw)
+
+
+def test_budget_and_headkv_constructors():
+    from headops import budgets
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()  # 2 layers, 4 query / 2 KV heads
+    spec = headops.HeadSpec.budget(model, budget=24, allocation="adakv", alpha=0.3, observation_window=4,
+                                   pool_kernel=7)
+    assert spec.cache_kind == [["budget"] * 2] * 2 and spec.cache_budget == [[24] * 2] * 2
+    assert spec.cache_options == {"allocation": "adakv", "adakv_alpha": 0.3, "observation_window": 4,
+                                  "pool_kernel": 7}
+    cache = headops.HeadSparseCache(model, spec, budget_recent=2)
+    assert cache.options["allocation"] == "adakv" and cache.options["pool_kernel"] == 7
+    old_form = headops.HeadSpec.budget(model, {1: [0]}, budget=9)
+    assert old_form.cache_kind == [["full", "full"], ["budget", "full"]]
+    assert old_form.cache_options == {"allocation": "uniform"}
+
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.2], [0.5, 0.4, 0.3, 0.0]])  # per query head
+    spec = headops.HeadSpec.headkv(model, scores, budget=32, beta=1.5)
+    want = budgets.headkv_budgets(torch.tensor([[0.5, 0.1], [0.45, 0.15]], dtype=F64), 32, 1.5).tolist()
+    assert spec.cache_budget == want and spec.cache_options == {"allocation": "headkv"}
+    cache = headops.HeadSparseCache(model, spec, budget_recent=2)
+    assert [layer.budgets for layer in cache._layers] == want
+
+    with pytest.raises(ValueError, match="allocation"):
+        headops.HeadSpec.budget(model, budget=8, allocation="headkv")
+    with pytest.raises(ValueError, match="alpha"):
+        headops.HeadSpec.budget(model, budget=8, allocation="adakv", alpha=2)
+    with pytest.raises(ValueError, match="budget"):
+        headops.HeadSpec.budget(model, budget=0)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        headops.HeadSpec.budget(model, budget=8, pool_kernel=2)
+    with pytest.raises(ValueError, match="scores"):
+        headops.HeadSpec.headkv(model, torch.ones(3, 2), budget=8, beta=2.0)
+    with pytest.raises(ValueError, match="beta"):
+        headops.HeadSpec.headkv(model, torch.ones(2, 2), budget=8, beta=0.9)
+    with pytest.raises(ValueError, match="beta"):  # the zero-score head would get nothing
+        headops.HeadSpec.headkv(model, torch.tensor([[1.0, 0.0], [1.0, 1.0]]), budget=8, beta=1.0)
+    with pytest.raises(TypeError, match="scores"):
+        headops.HeadSpec.headkv(model, [[1.0]], budget=8, beta=2.0)
+
+
+# ------------------------------------------------------------------------------ compensation
+
+
+def evicted_positions(length, sinks, ring):
+    """What a streaming KV head keeping `sinks` + a ring of `ring` has evicted from `length` tokens."""
+    return list(range(sinks, max(sinks, length - ring)))
+
+
+def compensated_oracle(q, k, v, p, kv_sinks, kv_ring, comp, group, *, window, sinks, **args):
+    """reference.attention for the last query rows of q ([1, m, Hq, D]) over positions 0..p-1 of
+    k, v ([1, >= p, Hkv, D]) plus, per compensated KV head, one key (mean of its evicted keys and
+    values) whose logit carries + log n (weighted) - placed first, with every sink moved by one
+    so that positions keep their distances; -inf on query heads of other KV heads."""
+    Hq, Hkv = q.shape[2], k.shape[2]
+    kk, vv = k[:, :p].double(), v[:, :p].double()
+    k_hat, v_hat = torch.zeros(1, 1, Hkv, k.shape[3], dtype=F64), torch.zeros(1, 1, Hkv, k.shape[3], dtype=F64)
+    bias0 = torch.full((1, Hq, 1), -math.inf, dtype=F64)
+    for h in range(Hkv):
+        if comp[h] is None:
+            continue
+        gone = evicted_positions(p, kv_sinks[h], kv_ring[h])
+        if gone:
+            k_hat[0, 0, h], v_hat[0, 0, h] = kk[0, gone, h].mean(0), vv[0, gone, h].mean(0)
+            bias0[0, h * group:(h + 1) * group] = math.log(len(gone)) if comp[h] == "weighted" else 0.0
+    key_bias = args.pop("key_bias", None)
+    kb = torch.zeros(1, Hq, p, dtype=F64) if key_bias is None else key_bias.double().expand(1, Hq, p)
+    return reference.attention(q.double(), torch.cat([k_hat, kk], 1), torch.cat([v_hat, vv], 1),
+                               key_bias=torch.cat([bias0, kb], -1), window=window, sinks=sinks + 1, **args)
+
+
+@pytest.mark.parametrize("weighted", ["weighted", "unweighted"])
+@pytest.mark.parametrize("prefill", ["spec", "full"])
+@pytest.mark.parametrize("lengths", [None, [11, 4]])
+def test_compensated_decode_equals_the_reference_with_one_more_key(weighted, prefill, lengths):
+    B, S, Hq, Hkv, D, steps = 2, 11, 6, 3, 8, 14
+    kinds = ["streaming", "full", "streaming"]
+    comp = [weighted, None, "weighted"]
+    window, sinks = [3, 2, -1, 4, 2, 1], [1, 0, 0, 0, 2, 1]
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, kinds=kinds,
+                                    window=window, sinks=sinks, compensation=comp, batch_size=B, dtype=F64,
+                                    max_step=2, prefill=prefill)
+    kv_sinks, kv_ring = [1, 0, 2], [3 + 1, 0, 2 + 1]  # the largest of the group's, ring + max_step - 1
+    q, k, v = make_qkv(B, S + 2 * steps, S + 2 * steps, Hq, Hkv, D, F64)
+    args = dict(gate=torch.tensor([1.0, 0.0, 0.5, 1.0, -1.0, 2.0], dtype=F64),
+                softmax_scale=torch.tensor([0.3, 0.5, 0.2, 0.1, 0.9, 0.4], dtype=F64),
+                sink_logit=torch.tensor([0.5, -math.inf, 0.2, 1.0, -1.0, 0.0], dtype=F64),
+                out_bias=torch.randn(Hq, D, dtype=F64))
+    rows = lengths or [S] * B
+    out = cache.attention(0, q[:, :S], k[:, :S], v[:, :S], lengths=lengths, **args)
+    for b, n in enumerate(rows):  # the prompt's outputs: no compensation key (the spec's or full attention)
+        vis = {} if prefill == "full" else dict(window=torch.tensor(window), sinks=torch.tensor(sinks))
+        want = reference.attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **vis, **args)
+        assert_close(out[b:b + 1, :n], want, 1e-12, 1e-12)
+    cur = list(rows)
+    counts = [[] for _ in range(B)]
+    for i, m in enumerate([1, 2, 1, 1, 2, 1, 2, 2, 1, 1, 1, 2, 1, 1]):
+        new = [torch.stack([t[b, cur[b]:cur[b] + m] for b in range(B)]) for t in (q, k, v)]
+        cur = [x + m for x in cur]
+        kb = torch.randn(B, Hq, max(cur), dtype=F64)
+        got = cache.attention(0, *new, key_bias=kb, **args)
+        for b in range(B):
+            p = cur[b]
+            want = compensated_oracle(q[b:b + 1, p - m:p], k[b:b + 1], v[b:b + 1], p, kv_sinks, kv_ring, comp,
+                                      Hq // Hkv, window=torch.tensor(window), sinks=torch.tensor(sinks),
+                                      key_bias=kb[b:b + 1, :, :p], **args)
+            assert_close(got[b:b + 1], want, 1e-12, 1e-12, what=f"step {i} row {b}")
+            for h in (0, 2):
+                k_mean, v_mean, count = cache.compensation(0, b, h)
+                gone = evicted_positions(p, kv_sinks[h], kv_ring[h])
+                assert count == len(gone)
+                counts[b].append(count)
+                if gone:
+                    assert_close(k_mean, k[b, gone, h].mean(0), 1e-13, 1e-13)
+                    assert_close(v_mean, v[b, gone, h].mean(0), 1e-13, 1e-13)
+    if lengths is not None:  # the short row's first evictions happen during decode
+        assert counts[1][0] == 0 and counts[1][-1] > 0
+    # one compensation token per row and compensated head, counted by ideal_nbytes
+    bpt = 2 * D * 8
+    kept = sum(p + min(p, 1 + 4) + min(p, 2 + 3) for p in cur)
+    assert cache.ideal_nbytes() == (kept + B * 2) * bpt
+    assert cache.nbytes() >= cache.ideal_nbytes()
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_compensation_after_many_evictions_is_the_mean_of_the_evicted(dtype):
+    B, Hq, Hkv, D = 2, 2, 1, 16
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, kinds="streaming",
+                                    window=[5, 3], sinks=[2, 0], compensation="unweighted", batch_size=B,
+                                    dtype=dtype, max_step=3)
+    T = 700
+    k = torch.randn(B, T, Hkv, D, dtype=F64).to(dtype)
+    v = torch.randn(B, T, Hkv, D, dtype=F64).to(dtype)
+    q = torch.randn(B, T, Hq, D, dtype=F64).to(dtype)
+    p = 37
+    cache.attention(0, q[:, :p], k[:, :p], v[:, :p])
+    g = torch.Generator().manual_seed(3)
+    while p < T:
+        m = min(T - p, int(torch.randint(1, 4, (1,), generator=g)))
+        if int(torch.randint(0, 4, (1,), generator=g)) == 0:
+            cache.append(0, k[:, p:p + m], v[:, p:p + m])  # appends evict too
+        else:
+            cache.attention(0, q[:, p:p + m], k[:, p:p + m], v[:, p:p + m])
+        p += m
+    gone = evicted_positions(T, 2, 5 + 2)  # wraps the 7-slot ring ~100 times
+    for b in range(B):
+        k_mean, v_mean, count = cache.compensation(0, b, 0)
+        assert count == len(gone) == T - 9
+        torch.testing.assert_close(k_mean, k[b, gone, 0].double().mean(0), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(v_mean, v[b, gone, 0].double().mean(0), atol=1e-12, rtol=1e-12)
+
+
+def test_compensation_of_a_long_prefill_in_one_call():
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                                    kinds=["streaming", "streaming"], window=[16, 4], sinks=[4, 0],
+                                    compensation=["weighted", None], batch_size=1, dtype=F64, max_step=1)
+    q, k, v = make_qkv(1, 3000, 3000, 2, 2, 8, F64)
+    cache.attention(0, q, k, v)
+    k_mean, v_mean, count = cache.compensation(0, 0, 0)
+    assert count == 3000 - 4 - 16
+    assert_close(k_mean, k[0, 4:3000 - 16, 0].mean(0), 1e-12, 1e-12)
+    with pytest.raises(ValueError, match="kv_head"):
+        cache.compensation(0, 0, 1)  # not compensated
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(kinds=["full", "streaming"], compensation=["weighted", None]), "compensation"),
+    (dict(kinds=["budget", "streaming"], budget=[9, None], compensation="weighted"), "compensation"),
+    (dict(kinds="streaming", compensation="mean"), "compensation"),
+    (dict(kinds="streaming", compensation=[None]), "compensation"),
+    (dict(kinds="streaming", compensation=True), "compensation"),
+])
+def test_compensation_errors(bad, word):
+    kw = dict(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, window=[3, 3, 2, 2], sinks=0)
+    kw.update(bad)
+    if "budget" in kw:
+        kw["window"] = [-1, -1, 2, 2]
+    with pytest.raises((ValueError, TypeError), match=word):
+        headops.HeadSparseCache(**kw)
+
+
+def test_razor_constructor():
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()  # 2 layers, 2 KV heads
+    spec = headops.HeadSpec.razor(model, {0: [1]}, window=8, sinks=2)
+    assert spec.cache_kind == [["streaming", "full"], ["streaming", "streaming"]]
+    assert spec.cache_compensation == [["weighted", None], ["weighted", "weighted"]]
+    assert spec.cache_options == {"prefill": "full"}
+    same = headops.HeadSpec.razor(model, [(0, 1)], window=8, sinks=2, weighted=False)
+    assert same.cache_compensation == [["unweighted", None], ["unweighted", "unweighted"]]
+    cache = headops.HeadSparseCache(model, spec)
+    assert cache.options["prefill"] == "full"
+    assert [layer.compensation for layer in cache._layers] == spec.cache_compensation
+    again = headops.HeadSpec.from_dict(spec.to_dict())
+    assert again.cache_compensation == spec.cache_compensation
+    assert spec.slice_heads(range(2, 4)).cache_compensation == [[None], ["weighted"]]
+    with pytest.raises(TypeError, match="compensation"):
+        headops.HeadSparseCache(model, spec, compensation="weighted")  # the spec's
+    with pytest.raises(ValueError, match="retrieval_heads"):
+        headops.HeadSpec.razor(model, {0: [2]}, window=8)
+    with pytest.raises(TypeError, match="weighted"):
+        headops.HeadSpec.razor(model, {}, window=8, weighted="yes")
+    bad = spec.copy()
+    bad.cache_compensation[0][1] = "weighted"  # a full head
+    with pytest.raises(ValueError, match="cache_compensation"):
+        bad.validate()

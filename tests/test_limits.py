@@ -257,7 +257,7 @@ _RAW_LIMITS_SCRIPT = textwrap.dedent("""
     def budget_layer(length):
         ring = torch.zeros(B, 6, D, dtype=F)
         return ([], [], ring, ring.clone(), torch.tensor([length]), torch.tensor([2]), torch.tensor([0]), e, e, e,
-                torch.tensor([[0, 6, 1, 1]]), torch.full((B, 6), -1, dtype=torch.int64), torch.zeros(B, 6))
+                torch.tensor([[[0, 6, 1, 1]]]), torch.full((B, 6), -1, dtype=torch.int64), torch.zeros(B, 6))
 
     def append(layer, Sq=1):
         k = torch.randn(B, Sq, 1, D, dtype=F)

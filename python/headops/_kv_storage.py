@@ -19,13 +19,19 @@ class LayerStorage:
     no tensor data (torch.compile traces it without a graph break).
     """
 
-    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent):
+    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent, compensation=None):
         self.kinds = [KINDS.index(k) for k in kinds]
+        compensation = compensation or [None] * len(kinds)
+        for h, (kind, comp) in enumerate(zip(kinds, compensation)):
+            if comp is not None and kind != "streaming":
+                raise ValueError(f"{caller}: compensation must be None for KV head {h}, a {kind} head, got {comp!r} "
+                                 "(only streaming KV heads evict tokens to compensate for)")
+        self.compensation = list(compensation)
         self.Hkv, self.D = len(kinds), D
         self.has_partial_heads = any(k != FULL for k in self.kinds)  # streaming or budget KV heads
         # query heads whose KV head keeps only part of the keys (no full branch for alpha)
         self.partial_query_heads = [h for h in range(self.Hkv * group) if self.kinds[h // group] != FULL]
-        index, full, ring_offset, ring_sinks, ring_size, budget_rows = [], 0, [], [], [], []
+        index, full, ring_offset, ring_sinks, ring_size, budget_rows, comp_rows = [], 0, [], [], [], [], []
         for h, kind in enumerate(kinds):
             if kind == "full":
                 index.append(full)
@@ -51,6 +57,8 @@ class LayerStorage:
                                  f"{[q for q in served if windows[q] < 1]} have window < 1 (unlimited or 0): a "
                                  "streaming head keeps sinks + a window of recent tokens, window must be >= 1")
             index.append(len(ring_offset))
+            comp_rows.append([-1, 0] if compensation[h] is None else
+                             [sum(r[0] >= 0 for r in comp_rows), int(compensation[h] == "weighted")])
             ring_offset.append(sum(s + r for s, r in zip(ring_sinks, ring_size)))
             ring_sinks.append(max(sinks[q] for q in served))
             ring_size.append(max(w) + max_step - 1)
@@ -65,7 +73,16 @@ class LayerStorage:
         self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
         self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
         self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
-        self.budget_table = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
+        # budget heads' [offset, size, sinks, recent], [Hb, 4]; budget_table, the kernels' [B, Hb, 4]
+        # copy (each row's sizes may change at prefill), exists once the storages are allocated
+        self.budget_layout = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
+        self.budget_table = None
+        self.budgets = [row[1] for row in budget_rows]
+        # compensated streaming heads (RazorAttention): [Hs, 2] rows [index or -1, weighted]
+        # (kv_layout.h); their storages, float64 sums [B, Hc, D] and counts [B, Hc], once allocated
+        self.comp_heads = sum(r[0] >= 0 for r in comp_rows)
+        self.comp_table = torch.tensor(comp_rows, dtype=torch.int64).reshape(-1, 2) if self.comp_heads else None
+        self.comp_k = self.comp_v = self.comp_n = None
         self.windows = torch.tensor(windows, dtype=torch.int64)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.held: list[int] = []  # per batch row; empty until allocated
@@ -94,20 +111,27 @@ class LayerStorage:
             self.ring_k = self.ring_v = None
             raise self._too_big(caller, B, dtype) from None
         self._storage = (B, dtype, device)
-        for name in ("kv_kind", "kv_index", "ring_offset", "ring_sinks", "ring_size", "budget_table", "windows",
-                     "sinks"):
+        if self.comp_heads:
+            self.comp_k = torch.zeros(B, self.comp_heads, self.D, dtype=torch.float64, device=device)
+            self.comp_v = torch.zeros(B, self.comp_heads, self.D, dtype=torch.float64, device=device)
+            self.comp_n = torch.zeros(B, self.comp_heads, dtype=torch.int64, device=device)
+        for name in ("kv_kind", "kv_index", "ring_offset", "ring_sinks", "ring_size", "windows", "sinks",
+                     "comp_table"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)
         self.held = [0] * B
-        if self.budget_table is not None:  # budget heads: each slot's position (-1 empty) and attention mass
+        if self.budget_layout is not None:  # budget heads: each slot's position (-1 empty) and attention mass
             self.slot_pos = torch.full((B, self.slots), -1, dtype=torch.int64, device=device)
             self.slot_mass = torch.zeros(B, self.slots, dtype=torch.float32, device=device)
+            # per row: a row's budget heads may share their slots differently (AdaKV)
+            self.budget_table = self.budget_layout.to(device).unsqueeze(0).repeat(B, 1, 1).contiguous()
 
     def release(self) -> None:
         """Back to no storage (a first call that could not allocate every layer changes nothing)."""
-        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = self.budget_table = None
+        self.comp_k = self.comp_v = self.comp_n = None
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
 
@@ -130,7 +154,22 @@ class LayerStorage:
     def budget_args(self, rows=slice(None)):
         if self.budget_table is None:
             return None, None, None
-        return self.budget_table, self.slot_pos[rows], self.slot_mass[rows]
+        return self.budget_table[rows], self.slot_pos[rows], self.slot_mass[rows]
+
+    def comp_args(self, rows=slice(None)):
+        if self.comp_table is None:
+            return None, None, None, None
+        return self.comp_table, self.comp_k[rows], self.comp_v[rows], self.comp_n[rows]
+
+    def compensation_of(self, b, h):
+        """(mean key, mean value, count) of the tokens compensated streaming KV head h of row b has
+        evicted (float64 [D], [D], int; the means are 0 while nothing was evicted)."""
+        i = int(self.kv_index[h])
+        c = int(self.comp_table[i, 0]) if self.kinds[h] == STREAMING and self.comp_table is not None else -1
+        if c < 0:
+            raise ValueError(f"KV head {h} is not a compensated streaming head")
+        n = int(self.comp_n[b, c])
+        return self.comp_k[b, c] / max(n, 1), self.comp_v[b, c] / max(n, 1), n
 
     def append(self, k, v, row=None, write_budget=True):
         """Stores k, v ([B, S, Hkv, D]; one row's [1, S, Hkv, D] with `row`) after what each row holds."""
@@ -138,7 +177,7 @@ class LayerStorage:
         full_k, full_v = ((segs if row is None else [seg[rows] for seg in segs]) for segs in (self.full_k, self.full_v))
         torch.ops.headops.kv_append(k, v, full_k, full_v, self.ring_k[rows], self.ring_v[rows], self.lengths[rows],
                                     self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size,
-                                    *self.budget_args(rows), write_budget)
+                                    *self.budget_args(rows), write_budget, *self.comp_args(rows))
         n = k.shape[1]
         if row is None:
             self.lengths += n
@@ -156,13 +195,29 @@ class LayerStorage:
         if self.kinds[h] == STREAMING:
             s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
             return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, L - r), L), L)])
-        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
         pos = self.slot_pos[b, off:off + n]
         return pos[pos >= 0].sort().values
 
+    def set_budget_sizes(self, b, sizes):
+        """Row b's budget heads hold sizes[i] slots each from now on (their total is the layout's:
+        AdaKV shares it differently per row); every budget slot of the row is emptied."""
+        assert sum(sizes) == sum(self.budgets) and all(x > 0 for x in sizes)
+        table = self.budget_table[b]
+        start = int(self.budget_layout[0, 0])
+        offsets = torch.tensor(sizes, dtype=torch.int64).cumsum(0) - torch.tensor(sizes, dtype=torch.int64) + start
+        table[:, 0] = offsets.to(table.device)
+        table[:, 1] = torch.tensor(sizes, dtype=torch.int64, device=table.device)
+        self.slot_pos[b, start:] = -1
+        self.slot_mass[b, start:] = 0
+
+    def budget_sizes(self, b) -> list:
+        """The slots each budget head of row b holds."""
+        return self.budget_table[b, :, 1].tolist()
+
     def write_budget_selection(self, b, i, positions, k_rows, v_rows, mass):
         """Budget head i of row b keeps exactly `positions` (with their K, V rows and mass)."""
-        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
         m = positions.numel()
         self.slot_pos[b, off:off + n] = -1
         self.slot_mass[b, off:off + n] = 0
@@ -174,7 +229,7 @@ class LayerStorage:
     def kept_tokens(self) -> int:
         """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
         total = 0
-        for L in self.held:
+        for b, L in enumerate(self.held):
             for h, kind in enumerate(self.kinds):
                 i = int(self.kv_index[h])
                 if kind == FULL:
@@ -182,7 +237,16 @@ class LayerStorage:
                 elif kind == STREAMING:
                     total += min(L, int(self.ring_sinks[i]) + int(self.ring_size[i]))
                 else:
-                    total += min(L, int(self.budget_table[i, 1]))
+                    total += min(L, int(self.budget_table[b, i, 1]))
+        return total
+
+    def compensation_tokens(self) -> int:
+        """Compensation tokens in use: one per row and compensated head that has evicted a token."""
+        total = 0
+        for h, comp in enumerate(self.compensation):
+            if comp is not None:
+                i = int(self.kv_index[h])
+                total += sum(L > int(self.ring_sinks[i]) + int(self.ring_size[i]) for L in self.held)
         return total
 
     def nbytes(self) -> int:
@@ -190,4 +254,6 @@ class LayerStorage:
         storages = self.full_k + self.full_v + [self.ring_k, self.ring_v]
         if self.budget_table is not None:
             storages += [self.budget_table, self.slot_pos, self.slot_mass]
+        if self.comp_table is not None:
+            storages += [self.comp_table, self.comp_k, self.comp_v, self.comp_n]
         return sum(t.numel() * t.element_size() for t in storages + tables if t is not None)
