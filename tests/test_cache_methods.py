@@ -611,3 +611,136 @@ def test_razor_constructor():
     bad.cache_compensation[0][1] = "weighted"  # a full head
     with pytest.raises(ValueError, match="cache_compensation"):
         bad.validate()
+
+
+# ------------------------------------------------------------------------------ from a dense prefill
+
+
+def method_cache(B=2, **options):
+    """One layer of every kind: a compensated streaming head, a full head, two AdaKV budget heads."""
+    return headops.HeadSparseCache(num_layers=1, num_heads=8, num_kv_heads=4, head_dim=8,
+                                   kinds=["streaming", "full", "budget", "budget"],
+                                   window=[4, 3, -1, 5, -1, -1, -1, -1], sinks=[2, 0, 0, 0, 1, 0, 0, 2],
+                                   budget=[None, None, 12, 12], compensation=["weighted", None, None, None],
+                                   budget_recent=2, batch_size=B, dtype=F64, max_step=3,
+                                   **dict(dict(allocation="adakv", observation_window=6, pool_kernel=3), **options))
+
+
+def same_state(a, b, B):
+    la, lb = a._layers[0], b._layers[0]
+    assert la.held == lb.held
+    for row in range(B):
+        for h in range(4):
+            assert torch.equal(la.kept_positions(row, h), lb.kept_positions(row, h))
+        assert la.budget_sizes(row) == lb.budget_sizes(row)
+        ka, va, na = a.compensation(0, row, 0)
+        kb, vb, nb = b.compensation(0, row, 0)
+        assert na == nb and torch.equal(ka, kb) and torch.equal(va, vb)
+    assert a.nbytes() == b.nbytes() and a.ideal_nbytes() == b.ideal_nbytes()
+
+
+@pytest.mark.parametrize("lengths", [None, [30, 9]])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_fill_leaves_what_a_full_prefill_leaves(lengths, layout):
+    B, S, Hq, Hkv, D = 2, 30, 8, 4, 8
+    q, k, v = make_qkv(B, S + 9, S + 9, Hq, Hkv, D, F64)
+    args = dict(softmax_scale=torch.rand(Hq, dtype=F64) + 0.1, sink_logit=torch.randn(Hq, dtype=F64),
+                gate=torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 2.0, 1.0], dtype=F64))
+    run = method_cache(prefill="full")
+    run.attention(0, q[:, :S], k[:, :S], v[:, :S], lengths=lengths, **args)
+    rows = lengths or [S] * B
+    w = 8  # at least the observation window (6); entries before position 0 are ignored
+    last = torch.zeros(B, w, Hq, D, dtype=F64)
+    for b, n in enumerate(rows):
+        take = min(w, n)
+        last[b, w - take:] = q[b, n - take:n]
+    t = (lambda x: x) if layout == "bshd" else (lambda x: x.transpose(1, 2))
+    filled = method_cache()
+    filled.fill(0, t(k[:, :S]), t(v[:, :S]), queries=t(last), lengths=lengths, layout=layout, **args)
+    same_state(run, filled, B)
+    cur = list(rows)
+    for m in [1, 3, 2, 1]:
+        new = [torch.stack([x[b, cur[b]:cur[b] + m] for b in range(B)]) for x in (q, k, v)]
+        cur = [x + m for x in cur]
+        assert torch.equal(run.attention(0, *new, **args), filled.attention(0, *new, **args))
+    same_state(run, filled, B)
+
+
+def test_fill_errors_change_nothing():
+    B, S, Hq, Hkv, D = 2, 20, 8, 4, 8
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, F64)
+    cache = method_cache()
+    for kw, word in [(dict(), "queries"),  # budget heads need scores
+                     (dict(queries=q[:, -3:]), "queries"),  # fewer than the observation window (6)
+                     (dict(queries=q[:, -6:, :4]), "queries"),
+                     (dict(queries=q[:, -6:], lengths=[20, 0]), "lengths"),
+                     (dict(queries=q[:, -6:], window=3), "window"),
+                     (dict(queries=q[:, -6:].float()), "queries")]:
+        with pytest.raises((ValueError, TypeError), match=word):
+            cache.fill(0, k, v, **kw)
+        assert cache.nbytes() == method_cache().nbytes() and cache.seq_lengths(0).tolist() == [0, 0]
+    cache.fill(0, k, v, queries=q[:, -6:])
+    with pytest.raises(ValueError, match="holds tokens already"):
+        cache.fill(0, k, v, queries=q[:, -6:])
+    assert cache.seq_lengths(0).tolist() == [20, 20]
+    plain = headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, kinds="streaming",
+                                    window=3, batch_size=1, dtype=F64)
+    plain.fill(0, k[:1, :, :2], v[:1, :, :2])  # no budget heads: no queries needed
+    assert plain.seq_lengths(0).tolist() == [20]
+
+
+def _methods(model):
+    return {
+        "razor": headops.HeadSpec.razor(model, {0: [1]}, window=4, sinks=2),
+        "streaming_llm": headops.HeadSpec.streaming_llm(model, window=5, sinks=1),
+        "adakv": headops.HeadSpec.budget(model, budget=8, allocation="adakv", alpha=0.2, observation_window=4,
+                                         pool_kernel=3),
+        "headkv": headops.HeadSpec.headkv(model, torch.tensor([[0.9, 0.1], [0.3, 0.5]]), budget=8, beta=1.5,
+                                          observation_window=4),
+    }
+
+
+@pytest.mark.parametrize("method", ["razor", "streaming_llm", "adakv", "headkv"])
+def test_from_a_captured_prefill_equals_running_the_prefill(method):
+    """The evaluation's flow (issue 14): one dense prefill of the context, each method's cache
+    built from it, then the question appended and the answer decoded - the same tokens as
+    running each method's prefill="full" cache over the context in the patched model."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    B, S, Q = 2, 24, 5
+    context = torch.randint(3, 97, (B, S))
+    question = torch.randint(3, 97, (B, Q))
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 17:] = 0  # row 1: a shorter context, right padded
+    prefill = headops.capture_prefill(model, context, mask, observation_window=4)
+    assert prefill.num_layers == 2 and prefill.lengths == [24, 17]
+    assert prefill.keys[0].shape == (B, 2, S, 16) and prefill.queries[0].shape == (B, 4, 4, 16)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    spec = _methods(model)[method]
+    built = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=Q, budget_recent=1)
+    headops.patch(model, spec)
+    try:
+        for b, n in enumerate(prefill.lengths):  # the patched model over each row's context (no padding)
+            row = headops.HeadSparseCache(model, spec, prefill="full", max_step=Q, budget_recent=1)
+            model(context[b:b + 1, :n], cache=row, use_cache=True)
+            for layer in range(2):
+                for h in range(2):
+                    assert torch.equal(row._layers[layer].kept_positions(0, h),
+                                       built._layers[layer].kept_positions(b, h)), (layer, h, b)
+                    if spec.cache_compensation[layer][h]:
+                        got, want = built.compensation(layer, b, h), row.compensation(layer, 0, h)
+                        assert got[2] == want[2]
+                        assert_close(got[0], want[0], 1e-6, 1e-6)
+        # the question, then greedy decoding, through the built cache (row 0: no padding)
+        ids = torch.cat([context[:1], question[:1]], dim=1)
+        got = model.generate(ids, max_new_tokens=6, do_sample=False,
+                             cache=headops.HeadSparseCache.from_prefill(
+                                 model, spec, headops.capture_prefill(model, context[:1], observation_window=4),
+                                 max_step=Q, budget_recent=1))
+        row = headops.HeadSparseCache(model, spec, prefill="full", max_step=Q, budget_recent=1)
+        model(context[:1], cache=row, use_cache=True)
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, cache=row)
+        assert torch.equal(got, want)
+    finally:
+        headops.unpatch(model)

@@ -182,6 +182,18 @@ class HeadSparseCache(_CacheBase):
         if _CacheBase is not object:
             super().__init__(layers=[_TransformersLayer(layer) for layer in self._layers])
 
+    @classmethod
+    def from_prefill(cls, model_or_config, spec, prefill, **options) -> "HeadSparseCache":
+        """The cache of `spec` built from a dense prefill (a ``headops.DensePrefill``, e.g. from
+        ``headops.capture_prefill``): every layer filled (``fill``) with the prompt's keys and
+        values, budget heads scored with its last queries and the spec's per-head arguments (the
+        prefill's softmax scale where the spec has none). It is the cache a prefill="full" prompt
+        call would leave (the prompt ran full attention), built without running the model again.
+        `options`: the constructor's (batch size, dtype and device come from the prefill)."""
+        from .prefill import build_cache
+
+        return build_cache(cls, model_or_config, spec, prefill, **options)
+
     @property
     def batch_size(self) -> int:
         """The batch size: given, or the first call's; -1 before it is known (as transformers' caches)."""
@@ -364,6 +376,51 @@ class HeadSparseCache(_CacheBase):
         self._ensure_sized(caller, sizing)
         st.reserve(max(st.held) + k.shape[1])
         st.append(k, v)
+
+    def fill(self, layer, k, v, *, queries=None, lengths=None, layout="bshd", causal=True, **per_head):
+        """Stores a prompt whose attention was computed elsewhere (a dense prefill: every method
+        built from one full-attention prefill, docs/cache.md) in an empty `layer`: each KV head
+        keeps what its kind says, as after this cache's own prefill. Streaming heads fold what
+        they evict into their compensation; budget heads choose (allocation included) by the
+        SnapKV scores of `queries`, the prompt's last queries as the attention saw them (RoPE
+        applied), ``[B, w, Hq, D]``: entry j of row b is position ``lengths[b] - w + j`` (entries
+        before position 0 are ignored), w at least the observation window. They are needed only
+        when the layer has budget heads. The per-head arguments are those of ``attention``; the
+        ones that shape attention probabilities (softmax_scale, key_bias by original position,
+        sink_logit, a gate of 0) shape the scores, the others change nothing stored. ``lengths``:
+        valid tokens per row (right padding). A call that is refused changes nothing."""
+        caller = CALLER + ".fill"
+        named = (("k", k), ("v", v)) + ((("queries", queries),) if queries is not None else ())
+        tensors, sizing = self._check_inputs(caller, layer, layout, named)
+        k, v = tensors[0], tensors[1]
+        qs = tensors[2] if queries is not None else None
+        B, D = sizing[0], self.head_dim
+        self._check_kv(caller, k, v, B, D)
+        self._check_per_head_names(caller, causal, per_head)
+        st = self._layers[layer]
+        if max(st.held, default=0) != 0:
+            raise ValueError(f"{caller}: layer {layer} holds tokens already; fill stores a prompt in an empty layer "
+                             "(append adds tokens)")
+        S = k.shape[1]
+        rows = [S] * B if lengths is None else _lengths(caller, lengths)
+        if len(rows) != B or not all(1 <= n <= S for n in rows):
+            raise fail(caller, "lengths", f"{B} values in [1, {S}]", lengths)
+        obs = self._observation_window()
+        if qs is None and st.budget_layout is not None:
+            raise fail(caller, "queries", "the prompt's last queries, [B, w, Hq, D] (the layer has budget heads: they "
+                                          "keep the tokens those queries attend to most)", None)
+        if qs is not None:
+            if qs.shape[0] != B or tuple(qs.shape[2:]) != (self.num_heads, D):
+                raise fail(caller, "queries", f"[B, w, Hq, D] with B={B}, Hq={self.num_heads}, D={D}",
+                           tuple(qs.shape))
+            if qs.shape[1] < min(max(rows), obs):
+                raise fail(caller, "queries", f"at least the observation window's {min(max(rows), obs)} last queries "
+                                              "per row", f"{qs.shape[1]}")
+        args = self._head_args(caller, st, B, k.device, S, per_head)
+        self._check_room(caller, st, max(rows))
+        w = 0 if qs is None else qs.shape[1]
+        self._store_prompt(caller, st, k, v, None if lengths is None else rows, causal, args, sizing,
+                           lambda b, n: None if qs is None else qs[b, max(0, w - n):])
 
     def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing):
         B, S = k.shape[0], k.shape[1]
