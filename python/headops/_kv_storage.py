@@ -145,7 +145,7 @@ class LayerStorage:
         cap = self.capacity()
         if tokens <= cap or self.full_heads == 0:
             return
-        n = max(tokens - cap, 64, cap // 32)
+        n = max(tokens - cap, 64, cap // 64)  # (at most 1/64 more than held: nbytes within 2 % of ideal)
         n = -(-n // _GROWTH_ALIGN) * _GROWTH_ALIGN
         B, dtype, device = self._storage
         self.full_k.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))

@@ -4,7 +4,7 @@ head can ever attend to (docs/DESIGN.md section 2).
 Per layer there are two packed storages (csrc/kvcache/kv_layout.h):
   full       a list of segments ``[B, Hf, n, D]`` holding consecutive positions of the full
              KV heads; a prefill or a long append adds a segment of exactly what it needs
-             (rounded to 64 tokens), decode steps add segments of max(64, capacity / 32)
+             (rounded to 64 tokens), decode steps add segments of max(64, capacity / 64)
              tokens: the storage grows without ever copying what it holds;
   streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots, allocated
              once: its first ``sinks`` tokens and a ring over the most recent ones.
