@@ -744,3 +744,56 @@ def test_from_a_captured_prefill_equals_running_the_prefill(method):
         assert torch.equal(got, want)
     finally:
         headops.unpatch(model)
+
+
+# ------------------------------------------------------------------------------ rings that grow
+
+
+def test_rings_hold_what_they_have_seen_through_growth_and_wrap_around():
+    """A streaming head whose window exceeds what it has seen holds no more than it has seen
+    (rounded up to 64 slots), grows as tokens arrive (moving the budget heads' slots, which share
+    its storage, and AdaKV's per-row tables) and stops at its capacity; outputs, compensation and
+    kept sets stay exact throughout."""
+    B, Hq, Hkv, D, S = 2, 6, 3, 4, 20
+    window, sinks = [150, 100, -1, -1, -1, -1], [3, 0, 0, 1, 0, 0]
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                                    kinds=["streaming", "budget", "full"], window=window, sinks=sinks,
+                                    budget=[None, 10, None], compensation=["weighted", None, None], budget_recent=2,
+                                    batch_size=B, dtype=F64, max_step=2, allocation="adakv", observation_window=3)
+    st = cache._layers[0]
+    cap = 150 + 2 - 1
+    T = S + 2 * 160
+    q, k, v = make_qkv(B, T, T, Hq, Hkv, D, F64)
+    lengths = [S, 7]
+    cache.attention(0, q[:, :S], k[:, :S], v[:, :S], lengths=lengths)
+    cur, allocs, ptr_at_capacity = list(lengths), [], None
+    bpt = 2 * D * 8
+    for i in range(160):
+        m = 1 + i % 2
+        new = [torch.stack([x[b, cur[b]:cur[b] + m] for b in range(B)]) for x in (q, k, v)]
+        cur = [x + m for x in cur]
+        got = cache.attention(0, *new)
+        seen = max(cur) - 3  # what the ring has received past its 3 sinks
+        alloc = st.ring_alloc[0]
+        assert min(cap, seen) <= alloc <= min(cap, -(-seen // 64) * 64), (i, alloc, seen)
+        if not allocs or allocs[-1] != alloc:
+            allocs.append(alloc)
+        ring_bytes = (st.ring_k.numel() + st.ring_v.numel()) * 8
+        assert ring_bytes == B * (3 + alloc + 10) * bpt  # the ring and the budget head's slots, nothing more
+        if alloc == cap:
+            ptr_at_capacity = ptr_at_capacity or st.ring_k.data_ptr()
+            assert st.ring_k.data_ptr() == ptr_at_capacity  # no growth past the capacity
+        for b in range(B):
+            p = cur[b]
+            mask = torch.zeros(1, Hq, p, dtype=F64)
+            mask[0, 2:4] = -math.inf
+            mask[0, 2:4, st.kept_positions(b, 1)] = 0.0
+            want = compensated_oracle(q[b:b + 1, p - m:p], k[b:b + 1], v[b:b + 1], p, [3, 0, 0], [cap, 0, 0],
+                                      ["weighted", None, None], 2, window=torch.tensor(window),
+                                      sinks=torch.tensor(sinks), key_bias=mask)
+            assert_close(got[b:b + 1], want, 1e-12, 1e-12, what=f"step {i} row {b}")
+            assert cache.compensation(0, b, 0)[2] == max(0, p - 3 - cap)
+            assert st.kept_positions(b, 1).numel() == min(p, st.budget_sizes(b)[0]) and p - 1 in \
+                st.kept_positions(b, 1).tolist()
+    assert allocs == [64, 128, cap], allocs  # grew twice, then wrapped at its capacity
+    assert max(cur) > 3 + cap + 100  # (well past the capacity: the ring wrapped)

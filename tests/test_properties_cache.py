@@ -244,15 +244,21 @@ def kept_tokens(c, n, sizes):
     return total
 
 
-def ring_slots(c):
-    group, max_step, slots = c["group"], c["max_step"], 0
+def ring_slots(c, seen):
+    """(least, most) slots the streaming storage holds once rows of up to `seen` tokens arrived:
+    each ring holds what it received past its sinks (at least 1), rounded up to 64 slots, at most
+    its capacity; budget heads their budgets (shared among a row's budget heads)."""
+    least = most = 0
     for h, kind in enumerate(c["kinds"]):
-        served = range(h * group, (h + 1) * group)
         if kind == "streaming":
-            slots += max(c["sinks"][q] for q in served) + max(c["window"][q] for q in served) + max_step - 1
+            s, cap = kv_ring(c, h)
+            need = max(seen - s, 1)
+            least += s + min(cap, need)
+            most += s + min(cap, -(-need // 64) * 64)
         elif kind == "budget":
-            slots += c["budgets"][h]
-    return slots
+            least += c["budgets"][h]
+            most += c["budgets"][h]
+    return least, most
 
 
 def compare(got, want, dtype, what):
@@ -297,13 +303,12 @@ def test_cache_matches_full_recomputation(c):
     where = f"seed {seed}, case {({n: x for n, x in c.items() if n != 'args'})}, args {c['args']}"
 
     cache = build_cache(c)
-    empty_bytes = cache.nbytes()
     bpt = 2 * D * torch.empty((), dtype=dtype).element_size()  # K and V of one token
-    slots = ring_slots(c)
+    least, most = ring_slots(c, 0)
     comp_bytes = c["L"] * B * sum(x is not None for x in c["compensation"]) * (2 * D * 8 + 8)  # float64 sums, count
-    assert c["L"] * B * slots * bpt + comp_bytes <= empty_bytes <= c["L"] * B * slots * (bpt + 12) + comp_bytes + 2048, \
+    empty_bytes = cache.nbytes()
+    assert c["L"] * B * least * bpt + comp_bytes <= empty_bytes <= c["L"] * B * most * (bpt + 12) + comp_bytes + 2048, \
         where
-    full_heads = c["kinds"].count("full")
 
     def call(qs, ks, vs, n_keys, **extra):
         kw = dict(args, **extra)
@@ -383,14 +388,12 @@ def test_cache_matches_full_recomputation(c):
         assert cache.dense_nbytes() == max(cur) * B * Hkv * bpt
         held = cache.nbytes()
         assert held >= ideal, f"call {i}: nbytes {held} < ideal {ideal}; {where}"
-        grown = held - empty_bytes  # only the full heads' storage grows
-        if full_heads == 0:
-            assert grown == 0, f"call {i}: a cache without full heads grew by {grown} bytes; {where}"
-        else:
-            per_token = B * full_heads * bpt
-            assert grown % per_token == 0
-            cap = grown // per_token
-            assert max(cur) <= cap <= 1.25 * max(cur) + 64 + c["max_step"], f"call {i}: capacity {cap}; {where}"
+        # the full storage grows in bounded chunks, the rings with what they received, up to capacity
+        cap = st_.capacity()
+        assert cap == 0 if "full" not in c["kinds"] else max(cur) <= cap <= 1.25 * max(cur) + 64 + c["max_step"], \
+            f"call {i}: capacity {cap}; {where}"
+        least, most = ring_slots(c, max(cur))
+        assert least <= st_.slots_held <= most, f"call {i}: {st_.slots_held} streaming slots; {where}"
 
     check_state(0)
     event(f"kinds: {', '.join(sorted(set(c['kinds'])))}")
@@ -407,7 +410,7 @@ def test_cache_matches_full_recomputation(c):
             mask = kept_bias(cache, layer, b, c, p)
             if bool(torch.isinf(mask).any()):
                 event("a budget head evicted tokens")
-            if any(kind == "streaming" for kind in c["kinds"]) and p > slots:
+            if any(kind == "streaming" for kind in c["kinds"]) and p > ring_slots(c, p)[0]:
                 event("a streaming ring wrapped")
             same, ref = oracle(b, q[b:b + 1, p - n:p], p, mask)
             compare(out[b:b + 1], same.to(F64), dtype, f"call {i} row {b} vs headops.attention; {where}")

@@ -6,8 +6,9 @@ Per layer there are two packed storages (csrc/kvcache/kv_layout.h):
              KV heads; a prefill or a long append adds a segment of exactly what it needs
              (rounded to 64 tokens), decode steps add segments of max(64, capacity / 64)
              tokens: the storage grows without ever copying what it holds;
-  streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots, allocated
-             once: its first ``sinks`` tokens and a ring over the most recent ones.
+  streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots: its first
+             ``sinks`` tokens and a ring over the most recent ones, which grows with the
+             tokens it receives (reallocated, rounded up to 64 slots) up to its capacity.
 A streaming KV head keeps the largest window and sinks of the query heads it serves (the
 ring also holds ``max_step - 1`` more tokens, so that a step of several new tokens still
 finds every key its first query sees). Kept tokens keep their original positions: windows,
