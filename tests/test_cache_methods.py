@@ -797,3 +797,63 @@ def test_rings_hold_what_they_have_seen_through_growth_and_wrap_around():
                 st.kept_positions(b, 1).tolist()
     assert allocs == [64, 128, cap], allocs  # grew twice, then wrapped at its capacity
     assert max(cur) > 3 + cap + 100  # (well past the capacity: the ring wrapped)
+
+
+# ------------------------------------------------------------------------------ the raw ops
+
+
+def _compensated_layer():
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                    kinds=["full", "streaming"], window=[-1, -1, 3, 2], sinks=[0, 0, 1, 1],
+                                    compensation=[None, "weighted"], batch_size=2, dtype=F64, max_step=1)
+    q, k, v = make_qkv(2, 12, 12, 4, 2, 8, F64)
+    cache.attention(0, q[:, :11], k[:, :11], v[:, :11])
+    return cache, cache._layers[0], q[:, 11:], k[:, 11:], v[:, 11:]
+
+
+def test_compensation_ops_pass_opcheck():
+    """kv_append mutates the compensation sums and counts (schema annotations), decode reads them."""
+    cache, st, q1, k1, v1 = _compensated_layer()
+    st.reserve(12)
+    tables = (st.lengths, st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks, st.ring_size)
+    before = st.comp_n.clone()
+    torch.library.opcheck(torch.ops.headops.kv_append.default,
+                          (k1, v1, st.full_k, st.full_v, st.ring_k, st.ring_v) + tables + (None, None, None, True)
+                          + st.comp_args(), test_utils=("test_schema", "test_faketensor"))
+    torch.ops.headops.kv_append(k1, v1, st.full_k, st.full_v, st.ring_k, st.ring_v, *tables, None, None, None, True,
+                                *st.comp_args())
+    assert torch.equal(st.comp_n, before + 1)  # (the call evicted one token into the sums)
+    args = (q1, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths + 1) + tables[1:] + (
+        True, 8 ** -0.5, None, st.windows.view(1, -1).expand(2, -1).contiguous(),
+        st.sinks.view(1, -1).expand(2, -1).contiguous(), None, None, None, None, None, None, 1024, None, None,
+        None) + st.comp_args()
+    torch.library.opcheck(torch.ops.headops.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bad, word", [
+    (lambda st: dict(comp_table=st.comp_table[:, :1].contiguous()), "comp_table"),
+    (lambda st: dict(comp_table=torch.tensor([[5, 1]])), "comp_table"),
+    (lambda st: dict(comp_table=torch.tensor([[0, 2]])), "comp_table"),
+    (lambda st: dict(comp_k=st.comp_k.float()), "comp_k"),
+    (lambda st: dict(comp_v=st.comp_v[:1].contiguous()), "comp_k"),
+    (lambda st: dict(comp_n=-st.comp_n - 1), "comp_n"),
+    (lambda st: dict(comp_n=None), "comp_k, comp_v and comp_n"),
+])
+def test_compensation_raw_op_errors(bad, word):
+    """The C++ checks of the compensation tables (a direct call of the raw ops never crashes)."""
+    cache, st, q1, k1, v1 = _compensated_layer()
+    st.reserve(12)
+    base = dict(zip(("comp_table", "comp_k", "comp_v", "comp_n"), st.comp_args()))
+    common = dict(full_k=st.full_k, full_v=st.full_v, ring_k=st.ring_k, ring_v=st.ring_v, kv_kind=st.kv_kind,
+                  kv_index=st.kv_index, ring_offset=st.ring_offset, ring_sinks=st.ring_sinks, ring_size=st.ring_size)
+    comp = {**base, **bad(st)}
+    n_before = st.comp_n.clone()
+    with pytest.raises(RuntimeError, match=word):
+        torch.ops.headops.kv_append(k_new=k1, v_new=v1, lengths=st.lengths, **common, **comp)
+    with pytest.raises(RuntimeError, match=word):
+        torch.ops.headops.decode_attention(q=q1, lengths=st.lengths, causal=True, default_scale=0.3,
+                                           softmax_scale=None, window=None, sinks=None, alpha=None, key_bias=None,
+                                           sink_logit=None, out_scale=None, out_bias=None, gate=None, split_keys=64,
+                                           **common, **comp)
+    assert torch.equal(st.comp_n, n_before)
