@@ -28,9 +28,16 @@ Memory (fresh subprocess per context, fp32, 25 % full heads): peak resident-set 
 the cache is filled chunk by chunk, against cache.nbytes() (what it holds), ideal_nbytes()
 (exactly the kept tokens) and dense_nbytes().
 
+Methods (DESIGN section 6; --methods only runs these): a decode step at 32k context with 75 % of
+the KV heads streaming and compensated (RazorAttention) against the same heads uncompensated
+(sinks 4 + window 1024, fp32 and bf16); AdaKV allocation + selection at prefill (scores from the
+last 32 queries, max-pool 7, budget 1024 for every KV head; `cache.fill` of an 8192-token prompt)
+against that prompt's attention (`headops.attention`, causal, same shape); and, for every method
+at 8192 tokens (fp32), the bytes the cache holds against the ideal (exactly the kept tokens).
+
 Each row's line is printed as soon as it is measured. Writes bench/results/local/kvcache_<preset>.md
-and .json (untracked); --record writes the committed bench/results/ instead (make bench-record),
---out-dir anywhere.
+(or kvcache_methods.md) and .json (untracked); --record writes the committed bench/results/ instead
+(make bench-record), --out-dir anywhere.
 """
 
 from __future__ import annotations
@@ -158,6 +165,9 @@ def status(field):
 ctx = {ctx}
 cache = make_cache(2, torch.float32)
 chunk_k, chunk_v = torch.randn(1, CHUNK, HKV, D), torch.randn(1, CHUNK, HKV, D)
+warm = make_cache(2, torch.float32)  # the first append starts the worker threads: not the cache's memory
+warm.append(0, chunk_k[:, :8], chunk_v[:, :8])
+del warm
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS:")
@@ -178,6 +188,140 @@ def measure_memory(ctx: int) -> dict:
     data["nbytes_over_ideal"] = data["nbytes"] / data["ideal"]
     data["rss_over_nbytes"] = data["rss_growth"] / data["nbytes"]
     return data
+
+
+# ------------------------------------------------------------------ the compression methods
+
+METHOD_CONTEXT = 32768  # the compensation row
+ADAKV_PROMPT, ADAKV_BUDGET, OBSERVATION, POOL = 8192, 1024, 32, 7
+BYTES_CONTEXT = 8192
+
+
+def method_cache(method: str, dtype, *, batch_size=1):
+    """One layer of the benchmark's shape (32 query / 8 KV heads, D = 128) for a method."""
+    group = HQ // HKV
+    common = dict(num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D, batch_size=batch_size, dtype=dtype)
+    if method in ("streaming 75%", "razor 75%", "razor 75% unweighted", "duo 50%", "streaming_llm"):
+        n_full = {"duo 50%": 4, "streaming_llm": 0}.get(method, 2)
+        comp = {"razor 75%": "weighted", "razor 75% unweighted": "unweighted"}.get(method)
+        kinds = ["full"] * n_full + ["streaming"] * (HKV - n_full)
+        return headops.HeadSparseCache(**common, kinds=kinds, max_step=1,
+                                       window=[-1] * (n_full * group) + [WINDOW] * ((HKV - n_full) * group),
+                                       sinks=[0] * (n_full * group) + [SINKS] * ((HKV - n_full) * group),
+                                       compensation=[None] * n_full + [comp] * (HKV - n_full))
+    if method == "dense":
+        return headops.HeadSparseCache(**common, kinds="full", max_step=1)
+    budgets = {"snapkv": [ADAKV_BUDGET] * HKV, "adakv": [ADAKV_BUDGET] * HKV,
+               "headkv": [int(x) for x in torch.linspace(ADAKV_BUDGET * 0.5, ADAKV_BUDGET * 1.5, HKV)]}[method]
+    allocation = {"snapkv": "uniform", "adakv": "adakv", "headkv": "headkv"}[method]
+    return headops.HeadSparseCache(**common, kinds="budget", budget=budgets, budget_recent=OBSERVATION,
+                                   allocation=allocation, observation_window=OBSERVATION, pool_kernel=POOL,
+                                   max_step=1)
+
+
+def run_compensation(dtype_name: str, repeats: int) -> dict:
+    """Decode step, 75 % of the KV heads streaming: compensated vs not (same tokens)."""
+    dtype = DTYPES[dtype_name]
+    ctx = METHOD_CONTEXT
+    gen = torch.Generator().manual_seed(ctx)
+    k = torch.randn(1, ctx, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(1, ctx, HKV, D, generator=gen).to(dtype)
+    q = torch.randn(1, 1, HQ, D, generator=gen).to(dtype)
+    caches = {}
+    for method in ("streaming 75%", "razor 75%"):
+        cache = method_cache(method, dtype)
+        for start in range(0, ctx - 1, CHUNK):
+            stop = min(ctx - 1, start + CHUNK)
+            cache.append(0, k[:, start:stop], v[:, start:stop])
+        caches[method] = cache
+
+    def steps(cache):
+        def run():
+            for _ in range(STEPS):
+                out = cache.attention(0, q, k[:, -1:], v[:, -1:])
+            return out
+        return run
+
+    stats = interleaved({name: steps(c) for name, c in caches.items()}, repeats)
+    plain, comp = (stats[n].median_ms / STEPS for n in ("streaming 75%", "razor 75%"))
+    row = {"dtype": dtype_name, "context": ctx, "plain_ms": plain, "compensated_ms": comp, "ratio": comp / plain,
+           "plain": stats["streaming 75%"].as_dict(), "compensated": stats["razor 75%"].as_dict(),
+           "load_average": load_average()}
+    print(f"  {SHORT[dtype_name]} ctx {ctx}: streaming 75% {plain:.3f} ms, compensated {comp:.3f} ms "
+          f"({comp / plain:.3f}x)", flush=True)
+    return row
+
+
+def run_adakv_prefill(dtype_name: str, repeats: int) -> dict:
+    """AdaKV allocation + selection at prefill (cache.fill: store, score, allocate, keep) vs the
+    prompt's attention (headops.attention, causal)."""
+    dtype = DTYPES[dtype_name]
+    S = ADAKV_PROMPT
+    gen = torch.Generator().manual_seed(S)
+    q = torch.randn(1, S, HQ, D, generator=gen).to(dtype)
+    k = torch.randn(1, S, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(1, S, HKV, D, generator=gen).to(dtype)
+    last = q[:, -OBSERVATION:]
+
+    def fill():
+        cache = method_cache("adakv", dtype)
+        cache.fill(0, k, v, queries=last)
+        return cache
+
+    cache = fill()
+    sizes = cache._layers[0].budget_sizes(0)
+    stats = interleaved({"attention": lambda: headops.attention(q, k, v), "adakv": fill}, repeats)
+    attn, sel = stats["attention"].median_ms, stats["adakv"].median_ms
+    row = {"dtype": dtype_name, "prompt": S, "budget": ADAKV_BUDGET, "attention_ms": attn, "adakv_ms": sel,
+           "fraction": sel / attn, "sizes": sizes, "attention": stats["attention"].as_dict(),
+           "adakv": stats["adakv"].as_dict(), "load_average": load_average()}
+    print(f"  {SHORT[dtype_name]} prompt {S}: attention {attn:.1f} ms, AdaKV allocation + selection {sel:.1f} ms "
+          f"({100 * sel / attn:.1f} %), sizes {sizes}", flush=True)
+    return row
+
+
+BYTE_METHODS = ["dense", "streaming_llm", "duo 50%", "razor 75%", "snapkv", "adakv", "headkv"]
+
+
+def run_bytes() -> list:
+    """Bytes held vs ideal for every method after an 8192-token prompt and 16 decode steps (fp32)."""
+    ctx = BYTES_CONTEXT
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, ctx + 16, HQ, D, generator=gen)
+    k = torch.randn(1, ctx + 16, HKV, D, generator=gen)
+    v = torch.randn(1, ctx + 16, HKV, D, generator=gen)
+    rows = []
+    for method in BYTE_METHODS:
+        cache = method_cache(method, torch.float32)
+        cache.fill(0, k[:, :ctx], v[:, :ctx], queries=q[:, ctx - OBSERVATION:ctx])
+        for p in range(ctx, ctx + 16):
+            cache.attention(0, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1])
+        held, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
+        rows.append({"method": method, "nbytes": held, "ideal": ideal, "dense": dense, "over_ideal": held / ideal})
+        print(f"  {method:<14} held {held / 2**20:7.2f} MiB, ideal {ideal / 2**20:7.2f} MiB ({held / ideal:.4f}x), "
+              f"dense {dense / 2**20:.1f} MiB", flush=True)
+    return rows
+
+
+def method_tables(comp, adakv, nbytes) -> list:
+    lines = [f"Compensated streaming heads (RazorAttention): decode step, {HQ} query / {HKV} KV heads, D={D}, "
+             f"context {METHOD_CONTEXT}, 2 full + 6 streaming KV heads (sinks {SINKS} + window {WINDOW}), "
+             "compensated vs not (target <= 1.05x):", "",
+             markdown_table(["dtype", "streaming ms", "compensated ms", "ratio"],
+                            [[SHORT[r["dtype"]], f"{r['plain_ms']:.3f}", f"{r['compensated_ms']:.3f}",
+                              f"{r['ratio']:.3f}x"] for r in comp]), "",
+             f"AdaKV allocation + selection at prefill (`cache.fill`: store, SnapKV scores of the last {OBSERVATION} "
+             f"queries with max-pool {POOL}, allocation, selection; budget {ADAKV_BUDGET} x {HKV} KV heads) vs the "
+             f"prompt's attention (`headops.attention`, causal), {ADAKV_PROMPT} tokens (target <= 10 %):", "",
+             markdown_table(["dtype", "attention ms", "AdaKV ms", "fraction", "sizes per KV head"],
+                            [[SHORT[r["dtype"]], f"{r['attention_ms']:.1f}", f"{r['adakv_ms']:.1f}",
+                              f"{100 * r['fraction']:.1f} %", " ".join(map(str, r["sizes"]))] for r in adakv]), "",
+             f"Bytes held vs ideal per method, {BYTES_CONTEXT}-token prompt (`cache.fill`) + 16 decode steps, fp32 "
+             "(target: within 2 %):", "",
+             markdown_table(["method", "nbytes MiB", "ideal MiB", "nbytes/ideal", "dense MiB"],
+                            [[r["method"], f"{r['nbytes'] / 2**20:.2f}", f"{r['ideal'] / 2**20:.2f}",
+                              f"{r['over_ideal']:.4f}", f"{r['dense'] / 2**20:.1f}"] for r in nbytes]), ""]
+    return lines
 
 
 HEADER = ["dtype", "context", "heads", "headops ms", "SDPA dense ms", "headops/SDPA", "read GB/s", "of copy BW",
@@ -208,7 +352,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7)
     add_output_args(p)
+    p.add_argument("--methods", action="store_true", help="only the compression methods' rows (kvcache_methods.md)")
     args = p.parse_args(argv)
+    if args.methods:
+        return main_methods(args, argv)
     preset = "quick" if args.quick else "default"
     contexts = args.contexts or PRESETS[preset]
     if args.contexts:
@@ -257,6 +404,37 @@ def main(argv=None) -> int:
     print(text_table(MEM_HEADER, memory_rows(memory)))
     print(f"\nwall time {meta['elapsed_s']:.0f} s; wrote {shown_path(base)}.md and .json")
     return 0 if all(r["check"]["ok"] for r in rows) else 1
+
+
+def main_methods(args, argv) -> int:
+    """The compression methods' rows alone: bench/results/kvcache_methods.md and .json."""
+    meta = {"benchmark": "bench/kvcache.py --methods", "date": now_iso(),
+            "command": shlex.join(["bench/kvcache.py"] + (sys.argv[1:] if argv is None else argv)),
+            "machine": machine_info(), "repeats": args.repeats}
+    print(f"headops KV cache methods benchmark, {torch.get_num_threads()} threads", flush=True)
+    started = time.perf_counter()
+    comp = [run_compensation(d, args.repeats) for d in args.dtypes]
+    adakv = [run_adakv_prefill(d, args.repeats) for d in args.dtypes]
+    nbytes = run_bytes()
+    meta["elapsed_s"] = time.perf_counter() - started
+    out_dir = output_dir(args)
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, "kvcache_methods")
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta, compensation=comp, adakv=adakv, nbytes=nbytes), f, indent=2, default=str)
+        f.write("\n")
+    m = meta["machine"]
+    lines = ["# headops head-sparse KV cache: the compression methods", "", f"- date: {meta['date']}",
+             f"- command: `{meta['command']}`",
+             f"- machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, torch {m['torch']}, {m['torch_threads']} "
+             f"threads; median of {args.repeats} interleaved samples", f"- wall time: {meta['elapsed_s']:.0f} s", ""]
+    lines += method_tables(comp, adakv, nbytes)
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {base}.md and .json")
+    ok = all(r["over_ideal"] <= 1.02 for r in nbytes)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -41,13 +41,15 @@ TORCH_LIBRARY(headops, m) {
       "kv_append(Tensor k_new, Tensor v_new, Tensor(a!)[] full_k, Tensor(b!)[] full_v, Tensor(c!) ring_k, "
       "Tensor(d!) ring_v, Tensor lengths, Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, "
       "Tensor ring_size, Tensor? budget_table=None, Tensor(e!)? slot_pos=None, Tensor(f!)? slot_mass=None, "
-      "bool write_budget=True) -> ()");
+      "bool write_budget=True, Tensor? comp_table=None, Tensor(g!)? comp_k=None, Tensor(h!)? comp_v=None, "
+      "Tensor(i!)? comp_n=None) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor[] full_k, Tensor[] full_v, Tensor ring_k, Tensor ring_v, Tensor lengths, "
       "Tensor kv_kind, Tensor kv_index, Tensor ring_offset, Tensor ring_sinks, Tensor ring_size, bool causal, "
       "float default_scale, Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, int split_keys, "
-      "Tensor? budget_table=None, Tensor? slot_pos=None, Tensor(a!)? slot_mass=None) -> Tensor");
+      "Tensor? budget_table=None, Tensor? slot_pos=None, Tensor(a!)? slot_mass=None, Tensor? comp_table=None, "
+      "Tensor? comp_k=None, Tensor? comp_v=None, Tensor? comp_n=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(headops, CPU, m) {

@@ -448,7 +448,6 @@ def test_ring_wraps_many_times(max_step):
     N = S + sum(steps)
     q, k, v = make_qkv(B, N, N, Hq, Hkv, D, F64)
     cache = make_cache(Hq, Hkv, D, kinds="streaming", window=window, sinks=sinks, B=B, max_step=max_step)
-    nbytes = cache.nbytes()
     outs = run_steps(cache, q, k, v, S, steps)
     want = oracle(q, k, v, window, sinks)
     p = 0
@@ -456,7 +455,9 @@ def test_ring_wraps_many_times(max_step):
         n = out.shape[1]
         assert max_err(out, want[:, p:p + n]) <= ATOL64, f"call {i} (positions {p}..{p + n - 1})"
         p += n
-    assert cache.nbytes() == nbytes
+    # the rings hold their capacity, no more (+ the layout tables)
+    assert cache.ideal_nbytes() == B * (2 + 3 + max_step - 1 + 2 + 3 + max_step - 1) * bytes_per_token(D, F64)
+    assert cache.ideal_nbytes() < cache.nbytes() <= cache.ideal_nbytes() + 1024
 
 
 def test_ring_keeps_the_sinks():
@@ -490,16 +491,18 @@ def full_tensors(layer):
                                                                                                    layer.full_v]
 
 
-def test_streaming_storage_is_allocated_once():
+def test_streaming_storage_stops_growing_at_its_capacity():
     L, B, Hq, Hkv, D = 2, 2, 4, 2, 8
     window, sinks, max_step = [[4, 8, 2, 3], [1, 1, 5, 6]], [[2, 0, 1, 3], [0, 4, 0, 0]], 2
     cache = make_cache(Hq, Hkv, D, kinds="streaming", window=window, sinks=sinks, B=B, L=L, max_step=max_step)
     slots = [2 + 8 + max_step - 1, 3 + 3 + max_step - 1, 4 + 1 + max_step - 1, 0 + 6 + max_step - 1]  # per KV head
-    before = cache.nbytes()
-    ring_ptr = cache._layers[0].ring_k.data_ptr()  # internal: the storage is never reallocated
     q, k, v = make_qkv(B, 310, 310, Hq, Hkv, D, F64)
+    for layer in range(L):  # a 10-token prompt fills every ring to its capacity
+        cache.attention(layer, q[:, :10], k[:, :10], v[:, :10])
+    before = cache.nbytes()
+    ring_ptr = cache._layers[0].ring_k.data_ptr()  # internal: from now on the storage is never reallocated
     for layer in range(L):
-        run_steps(cache, q, k, v, 10, [1] * 300, layer=layer)
+        run_steps(cache, q[:, 10:], k[:, 10:], v[:, 10:], 1, [1] * 299, layer=layer)
         assert cache.nbytes() == before
     assert cache._layers[0].ring_k.data_ptr() == ring_ptr
     ideal = B * sum(slots) * bytes_per_token(D, F64)
@@ -553,8 +556,8 @@ def test_nbytes_close_to_ideal_after_long_prefill():
     cache = make_cache(H, H, D, kinds=kinds, window=window, sinks=4, B=B, dtype=dtype, max_step=max_step)
     q, k, v = make_qkv(B, S, S, H, H, D, dtype)
     cache.attention(0, q, k, v)
-    empty = make_cache(H, H, D, kinds=kinds, window=window, sinks=4, B=B, dtype=dtype, max_step=max_step).nbytes()
-    assert cache.nbytes() - empty == 2 * 4032 * bytes_per_token(D, dtype)  # full heads: 4000 rounded to 64
+    layer = cache._layers[0]  # internal: the full storage's capacity
+    assert layer.capacity() == 4032  # full heads: 4000 rounded to 64
     kept = 2 * S + sum(4 + w + max_step - 1 for w, kind in zip(window, kinds) if kind == "streaming")
     assert cache.ideal_nbytes() == kept * bytes_per_token(D, dtype)
     assert cache.dense_nbytes() == H * S * bytes_per_token(D, dtype)
@@ -834,10 +837,14 @@ def test_a_refused_first_call_leaves_the_cache_unsized():
         cache.attention(0, q.long(), k.long(), v.long())
     assert cache.batch_size == -1 and cache.dtype is None and cache.nbytes() == tables
     # a ring too big to allocate is refused at the first call, which changes nothing
-    huge = lazy_cache(window=[-1, -1, 2**40, 2])
+    huge = lazy_cache(kinds="budget", window=-1, budget=2**40)
     with pytest.raises(ValueError, match="window, sinks, budget and max_step"):
         huge.attention(0, q, k, v)
     assert huge.batch_size == -1 and huge.seq_lengths(0).numel() == 0
+    # (a ring grows with what it receives: a window of 2**40 holds what it has seen)
+    wide = lazy_cache(window=[-1, -1, 2**40, 2])
+    wide.attention(0, q, k, v)
+    assert wide._layers[0].ring_alloc == [64] and wide.nbytes() < 2**16  # 64 ring slots: 4 tokens, rounded up
     out = cache.attention(0, q[:1], k[:1], v[:1])  # and a later call sizes it
     assert cache.batch_size == 1 and out.shape == (1, 4, 4, 8)
 
@@ -932,10 +939,13 @@ BAD_RAW = {
     "decode_past_capacity": ("decode", lambda a: dict(lengths=torch.tensor([5, 10 ** 6])), "capacity"),
     "decode_alpha_on_streaming": ("decode", lambda a: dict(alpha=torch.tensor([[0.0, 0.0, 0.5, 0.0]] * RB,
                                                                                 dtype=F64)), "alpha"),
-    "decode_window_past_ring": ("decode", lambda a: dict(window=per_head_long(-1, -1, 5, 2)), "keeps"),
+    # (past the ring only once the ring has evicted: at 8 tokens, sinks 1 + ring 4 hold 5 of them)
+    "decode_window_past_ring": ("decode", lambda a: dict(window=per_head_long(-1, -1, 5, 2),
+                                                         lengths=torch.tensor([8, 8])), "keeps"),
     "decode_window_unlimited_on_streaming": ("decode", lambda a: dict(window=per_head_long(-1, -1, -1, 2)), "keeps"),
     "decode_no_window_on_streaming": ("decode", lambda a: dict(window=None), "keeps"),
-    "decode_step_past_ring": ("decode", lambda a: dict(q=torch.zeros(RB, 3, RHQ, RD, dtype=F64)), "keeps"),
+    "decode_step_past_ring": ("decode", lambda a: dict(q=torch.zeros(RB, 3, RHQ, RD, dtype=F64),
+                                                       lengths=torch.tensor([8, 8])), "keeps"),
     "decode_sinks_past_kept": ("decode", lambda a: dict(sinks=per_head_long(0, 0, 2, 1)), "keeps"),
     "decode_split_keys_0": ("decode", lambda a: dict(split_keys=0), "split_keys"),
     "decode_key_bias_short": ("decode", lambda a: dict(key_bias=torch.zeros(RB, RHQ, 4, dtype=F64)), "key_bias"),

@@ -257,7 +257,7 @@ _RAW_LIMITS_SCRIPT = textwrap.dedent("""
     def budget_layer(length):
         ring = torch.zeros(B, 6, D, dtype=F)
         return ([], [], ring, ring.clone(), torch.tensor([length]), torch.tensor([2]), torch.tensor([0]), e, e, e,
-                torch.tensor([[0, 6, 1, 1]]), torch.full((B, 6), -1, dtype=torch.int64), torch.zeros(B, 6))
+                torch.tensor([[[0, 6, 1, 1]]]), torch.full((B, 6), -1, dtype=torch.int64), torch.zeros(B, 6))
 
     def append(layer, Sq=1):
         k = torch.randn(B, Sq, 1, D, dtype=F)
@@ -451,7 +451,7 @@ def test_streaming_cache_survives_millions_of_ring_wraps():
     # them as one value: the positions are int64 throughout).
     D, window, sinks = 4, [3, 2], [2, 1]
     cache = streaming_cache(window, sinks, max_step=1, D=D)
-    assert int(cache._layers[0].ring_size[0]) == 3
+    assert cache._layers[0].ring_capacity == [3]  # (the ring grows to it at the first append)
     N = 2 ** 24 + 1000
     chunk = 2 ** 20
     for p0 in range(0, N, chunk):

@@ -76,6 +76,16 @@ def cache_case(draw):
             budgets.append(need + draw(st.integers(0, 6)))
         else:
             budgets.append(draw(st.sampled_from([None, 7])))  # ignored for other kinds
+    c["compensation"] = [draw(st.sampled_from([None, "weighted", "unweighted"])) if kind == "streaming" else None
+                         for kind in kinds]
+    c["prefill"] = draw(st.sampled_from(["spec", "spec", "full"]))
+    c["allocation"] = draw(st.sampled_from(["uniform", "adakv"])) if "budget" in kinds else "uniform"
+    if c["allocation"] == "adakv":  # AdaKV shares one budget per layer
+        top = max(b for b, kind in zip(budgets, kinds) if kind == "budget")
+        budgets = [top if kind == "budget" else b for b, kind in zip(budgets, kinds)]
+        c["adakv_alpha"] = draw(st.sampled_from([0.0, 0.2, 1.0]))
+    c["observation_window"] = draw(st.sampled_from([None, 1, 4]))
+    c["pool_kernel"] = draw(st.sampled_from([None, 3]))
     c["window"], c["sinks"], c["budgets"] = window, sinks, budgets
     S = c["S"] = draw(st.integers(1, 20))
     mode = c["prompt"] = draw(st.sampled_from(["attention", "attention", "lengths", "append"]))
@@ -147,9 +157,13 @@ def build_cache(c):
         kinds = [kinds] * L
     elif c["kinds_form"] == "str" and len(set(kinds)) == 1:
         kinds = kinds[0]
+    compensation = c["compensation"] if c["window_form"] != "layers" else [c["compensation"]] * L
+    options = {name: c[name] for name in ("prefill", "allocation", "adakv_alpha", "observation_window", "pool_kernel")
+               if name in c}
     return headops.HeadSparseCache(num_layers=L, num_heads=Hq, num_kv_heads=c["Hkv"], head_dim=c["D"], kinds=kinds,
                                    window=window, sinks=sinks, budget=budgets, budget_recent=c["budget_recent"],
-                                   max_step=c["max_step"], dtype=c["dtype"], batch_size=c["B"])
+                                   max_step=c["max_step"], dtype=c["dtype"], batch_size=c["B"],
+                                   compensation=compensation, **options)
 
 
 def materialise_args(c, gen, N):
@@ -199,7 +213,10 @@ def kept_bias(cache, layer, b, c, n):
     for h, kind in enumerate(c["kinds"]):
         if kind == "budget":
             kept = cache._layers[layer].kept_positions(b, h)
-            assert kept.numel() == min(n, c["budgets"][h]), "a budget head holds min(length, budget) tokens"
+            size = cache._layers[layer].budget_sizes(b)[int(cache._layers[layer].kv_index[h])]
+            assert kept.numel() == min(n, size), "a budget head holds min(length, its size) tokens"
+            if c["allocation"] != "adakv":
+                assert size == c["budgets"][h]
             assert kept.numel() == 0 or (int(kept.max()) < n and int(kept.min()) >= 0)
             row = torch.full((n,), -math.inf, dtype=F64)
             row[kept] = 0.0
@@ -207,30 +224,41 @@ def kept_bias(cache, layer, b, c, n):
     return mask
 
 
-def kept_tokens(c, n):
-    """Tokens a row of length n keeps per KV head, from the spec alone."""
-    group, max_step = c["group"], c["max_step"]
+def kv_ring(c, h):
+    """(sinks, ring) a streaming KV head keeps, from the spec: the largest of its query heads'."""
+    served = range(h * c["group"], (h + 1) * c["group"])
+    return max(c["sinks"][q] for q in served), max(c["window"][q] for q in served) + c["max_step"] - 1
+
+
+def kept_tokens(c, n, sizes):
+    """Tokens a row of length n keeps per KV head (and its compensation tokens), from the spec
+    alone; `sizes`: the row's budget head sizes (the spec's budgets unless AdaKV reallocated)."""
     total = 0
     for h, kind in enumerate(c["kinds"]):
-        served = range(h * group, (h + 1) * group)
         if kind == "full":
             total += n
         elif kind == "streaming":
-            total += min(n, max(c["sinks"][q] for q in served) + max(c["window"][q] for q in served) + max_step - 1)
+            total += min(n, sum(kv_ring(c, h))) + (c["compensation"][h] is not None and n > sum(kv_ring(c, h)))
         else:
-            total += min(n, c["budgets"][h])
+            total += min(n, sizes[h])
     return total
 
 
-def ring_slots(c):
-    group, max_step, slots = c["group"], c["max_step"], 0
+def ring_slots(c, seen):
+    """(least, most) slots the streaming storage holds once rows of up to `seen` tokens arrived:
+    each ring holds what it received past its sinks (at least 1), rounded up to 64 slots, at most
+    its capacity; budget heads their budgets (shared among a row's budget heads)."""
+    least = most = 0
     for h, kind in enumerate(c["kinds"]):
-        served = range(h * group, (h + 1) * group)
         if kind == "streaming":
-            slots += max(c["sinks"][q] for q in served) + max(c["window"][q] for q in served) + max_step - 1
+            s, cap = kv_ring(c, h)
+            need = max(seen - s, 1)
+            least += s + min(cap, need)
+            most += s + min(cap, -(-need // 64) * 64)
         elif kind == "budget":
-            slots += c["budgets"][h]
-    return slots
+            least += c["budgets"][h]
+            most += c["budgets"][h]
+    return least, most
 
 
 def compare(got, want, dtype, what):
@@ -271,14 +299,16 @@ def test_cache_matches_full_recomputation(c):
     args = materialise_args(c, gen, N)
     kb_full = args.pop("key_bias", None)
     window, sinks = torch.tensor(c["window"]), torch.tensor(c["sinks"])
+    group = c["group"]
     where = f"seed {seed}, case {({n: x for n, x in c.items() if n != 'args'})}, args {c['args']}"
 
     cache = build_cache(c)
-    empty_bytes = cache.nbytes()
     bpt = 2 * D * torch.empty((), dtype=dtype).element_size()  # K and V of one token
-    slots = ring_slots(c)
-    assert c["L"] * B * slots * bpt <= empty_bytes <= c["L"] * B * slots * (bpt + 12) + 2048, where
-    full_heads = c["kinds"].count("full")
+    least, most = ring_slots(c, 0)
+    comp_bytes = c["L"] * B * sum(x is not None for x in c["compensation"]) * (2 * D * 8 + 8)  # float64 sums, count
+    empty_bytes = cache.nbytes()
+    assert c["L"] * B * least * bpt + comp_bytes <= empty_bytes <= c["L"] * B * most * (bpt + 12) + comp_bytes + 2048, \
+        where
 
     def call(qs, ks, vs, n_keys, **extra):
         kw = dict(args, **extra)
@@ -289,16 +319,37 @@ def test_cache_matches_full_recomputation(c):
         assert out.dtype == dtype and out.shape == to_layout(qs, layout).shape, where
         return to_layout(out, layout)
 
-    def oracle(b, qs, n, mask):
-        """Row b: queries qs ([1, m, Hq, D], the last m of positions 0 .. n - 1) over keys 0 .. n - 1."""
+    def oracle(b, qs, n, mask, *, prompt=False):
+        """Row b: queries qs ([1, m, Hq, D], the last m of positions 0 .. n - 1) over keys 0 .. n - 1
+        (the prompt call: the spec's visibility, or full attention with prefill="full"; later calls:
+        the spec's, plus one key per compensated streaming KV head that has evicted tokens: the mean
+        of what it evicted, logit + log(count) when weighted, visible to its query heads - placed
+        first, every sink moved by one so that positions keep their distances)."""
         kw = row_args(args, b, B)
         kb = torch.zeros(1, Hq, n, dtype=F64)
         if kb_full is not None:
             kb = kb + row_args({"key_bias": cut_key_bias(kb_full, n, N)}, b, B)["key_bias"]
         if mask is not None:
             kb = kb + mask
-        spec = dict(kw, key_bias=kb, window=window, sinks=sinks, causal=causal)
         kk, vv = k[b:b + 1, :n], v[b:b + 1, :n]
+        if prompt and c["prefill"] == "full":
+            spec = dict(kw, key_bias=kb, causal=causal)
+        elif prompt or all(x is None for x in c["compensation"]):
+            spec = dict(kw, key_bias=kb, window=window, sinks=sinks, causal=causal)
+        else:
+            k0, v0 = torch.zeros(1, 1, Hkv, D, dtype=dtype), torch.zeros(1, 1, Hkv, D, dtype=dtype)
+            b0 = torch.full((1, Hq, 1), -math.inf, dtype=F64)
+            for h, comp in enumerate(c["compensation"]):
+                s_kv, ring = kv_ring(c, h)
+                gone = list(range(s_kv, max(s_kv, n - ring)))
+                if comp is None or not gone:
+                    continue
+                k0[0, 0, h] = k[b, gone, h].double().mean(0).to(dtype)
+                v0[0, 0, h] = v[b, gone, h].double().mean(0).to(dtype)
+                b0[0, h * group:(h + 1) * group] = math.log(len(gone)) if comp == "weighted" else 0.0
+                event("a compensation key")
+            kk, vv = torch.cat([k0, kk], 1), torch.cat([v0, vv], 1)
+            spec = dict(kw, key_bias=torch.cat([b0, kb], -1), window=window, sinks=sinks + 1, causal=causal)
         same = headops.attention(qs, kk, vv, **spec)  # the same dtype
         ref = reference.attention(qs.double(), kk.double(), vv.double(), **spec)
         return same, ref
@@ -311,14 +362,14 @@ def test_cache_matches_full_recomputation(c):
         out = call(q[:, :S], k[:, :S], v[:, :S], S, lengths=lengths)
         for b, n in enumerate(lengths):
             assert bool((out[b, n:] == 0).all()), f"row {b}: padded prompt rows must be exactly 0; {where}"
-            same, ref = oracle(b, q[b:b + 1, :n], n, None)
+            same, ref = oracle(b, q[b:b + 1, :n], n, None, prompt=True)
             compare(out[b:b + 1, :n], same.to(F64), dtype, f"prompt row {b} vs headops.attention; {where}")
             compare(out[b:b + 1, :n], ref, dtype, f"prompt row {b} vs the reference; {where}")
         cur = list(lengths)
     else:
         out = call(q[:, :S], k[:, :S], v[:, :S], S)
         for b in range(B):
-            same, ref = oracle(b, q[b:b + 1, :S], S, None)
+            same, ref = oracle(b, q[b:b + 1, :S], S, None, prompt=True)
             compare(out[b:b + 1], same.to(F64), dtype, f"prompt row {b} vs headops.attention; {where}")
             compare(out[b:b + 1], ref, dtype, f"prompt row {b} vs the reference; {where}")
         cur = [S] * B
@@ -329,19 +380,20 @@ def test_cache_matches_full_recomputation(c):
             if other != layer:
                 assert cache.seq_lengths(other).tolist() == [0] * B
         assert cache.get_seq_length(layer) == max(cur)
-        ideal = sum(kept_tokens(c, n) for n in cur) * bpt
+        st_ = cache._layers[layer]
+        sizes = [[st_.budget_sizes(b)[int(st_.kv_index[h])] if kind == "budget" else None
+                  for h, kind in enumerate(c["kinds"])] for b in range(B)]
+        ideal = sum(kept_tokens(c, n, sizes[b]) for b, n in enumerate(cur)) * bpt
         assert cache.ideal_nbytes() == ideal, f"call {i}: ideal_nbytes; {where}"
         assert cache.dense_nbytes() == max(cur) * B * Hkv * bpt
         held = cache.nbytes()
         assert held >= ideal, f"call {i}: nbytes {held} < ideal {ideal}; {where}"
-        grown = held - empty_bytes  # only the full heads' storage grows
-        if full_heads == 0:
-            assert grown == 0, f"call {i}: a cache without full heads grew by {grown} bytes; {where}"
-        else:
-            per_token = B * full_heads * bpt
-            assert grown % per_token == 0
-            cap = grown // per_token
-            assert max(cur) <= cap <= 1.25 * max(cur) + 64 + c["max_step"], f"call {i}: capacity {cap}; {where}"
+        # the full storage grows in bounded chunks, the rings with what they received, up to capacity
+        cap = st_.capacity()
+        assert cap == 0 if "full" not in c["kinds"] else max(cur) <= cap <= 1.25 * max(cur) + 64 + c["max_step"], \
+            f"call {i}: capacity {cap}; {where}"
+        least, most = ring_slots(c, max(cur))
+        assert least <= st_.slots_held <= most, f"call {i}: {st_.slots_held} streaming slots; {where}"
 
     check_state(0)
     event(f"kinds: {', '.join(sorted(set(c['kinds'])))}")
@@ -358,7 +410,7 @@ def test_cache_matches_full_recomputation(c):
             mask = kept_bias(cache, layer, b, c, p)
             if bool(torch.isinf(mask).any()):
                 event("a budget head evicted tokens")
-            if any(kind == "streaming" for kind in c["kinds"]) and p > slots:
+            if any(kind == "streaming" for kind in c["kinds"]) and p > ring_slots(c, p)[0]:
                 event("a streaming ring wrapped")
             same, ref = oracle(b, q[b:b + 1, p - n:p], p, mask)
             compare(out[b:b + 1], same.to(F64), dtype, f"call {i} row {b} vs headops.attention; {where}")

@@ -590,6 +590,8 @@ def spec_wrong_forms(L, Hq, Hkv, D, tmp_dir):
             return lambda: HS.budget(cfg, heads, budget=kw.get("budget", 8))
 
         for bad in ([0], None, 0, "0", {0, 1}):
+            if method == "budget" and bad is None:
+                continue  # HeadSpec.budget(model, None, ...): every KV head a budget head
             forms[f"{method}_heads_{bad!r}"] = (call(bad), "heads")
         for bad in (L, -1, "0", 0.0, True, None):
             forms[f"{method}_layer_{bad!r}"] = (call({bad: [0]}), "layer")

@@ -19,7 +19,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
                             const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
                             const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
                             const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
-                            const OptTensor& slot_pos, const OptTensor& slot_mass) {
+                            const OptTensor& slot_pos, const OptTensor& slot_mass, const OptTensor& comp_table,
+                            const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
   const char* op = "headops.decode_attention: ";
   TORCH_CHECK(q_in.dim() == 4, op, "q must be [B, Sq, Hq, D], got ", q_in.sizes());
   const auto dtype = q_in.scalar_type();
@@ -33,7 +34,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
   const LayerLayout l = check_layer_layout(op, dtype, B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths, kv_kind,
                                            kv_index, ring_offset, ring_sinks, ring_size, budget_table, slot_pos,
-                                           slot_mass);
+                                           slot_mass, comp_table, comp_k, comp_v, comp_n);
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   const int64_t* index = kv_index.data_ptr<int64_t>();
@@ -78,6 +79,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   p.budget_heads = l.budget_heads;
   p.slot_pos = l.slot_pos;
   p.slot_mass = l.slot_mass;
+  p.comp_table = l.comp_table;
+  p.comp_heads = l.comp_heads;
+  p.comp_k = l.comp_k;
+  p.comp_v = l.comp_v;
+  p.comp_n = l.comp_n;
   // what a streaming KV head keeps must cover what each of its query heads can see
   const int64_t group = Hq / Hkv;
   for (int64_t h = 0; h < Hq; ++h) {
@@ -99,7 +105,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
       const int64_t sk = a.sinks.present() ? a.sinks.at<int64_t>(b, h) : 0;
       const bool full_branch = a.alpha.present() && (acc == at::kDouble ? a.alpha.at<double>(b, h) != 0.0
                                                                           : a.alpha.at<float>(b, h) != 0.0f);
-      TORCH_CHECK(w >= 1 && w <= ring - (Sq - 1) && sk <= kept_sinks && !full_branch, op, "query head ", h,
+      // the ring covers the window of the step's first query, or has evicted nothing yet (a ring
+      // that grows with the tokens it receives holds every key until it reaches its capacity)
+      const bool keeps_window = w <= ring - (Sq - 1) || len[b] - ring <= kept_sinks;
+      TORCH_CHECK(w >= 1 && keeps_window && sk <= kept_sinks && !full_branch, op, "query head ", h,
                   " (window ", w, ", sinks ", sk, full_branch ? ", alpha > 0" : "", ") sees more than its streaming KV "
                   "head keeps (sinks ", kept_sinks, ", ring ", ring, " for ", Sq, " new tokens)");
     }

@@ -27,7 +27,8 @@ struct DecodeParams {
   const int64_t* ring_sinks = nullptr;   // [Hs]
   const int64_t* ring_size = nullptr;    // [Hs]
   int64_t split_keys = 1024;             // keys per work item on long full heads (split-K)
-  // budget heads (kv_kind 2): kv_index selects a row of budget_table [Hb, 4]; their slots in
+  // budget heads (kv_kind 2): kv_index selects an entry of budget_table [B, Hb, 4] (per batch
+  // row: budget_layout_of); their slots in
   // the streaming storage hold the positions slot_pos [B, ring_slots] (-1 empty); the decode
   // adds each kept token's attention probability (summed over the group's query rows) to
   // slot_mass [B, ring_slots]
@@ -35,6 +36,13 @@ struct DecodeParams {
   int64_t budget_heads = 0;
   const int64_t* slot_pos = nullptr;
   float* slot_mass = nullptr;
+  // compensated streaming heads: comp_table [Hs, 2] (kv_layout.h: Compensation), the float64
+  // sums comp_k / comp_v [B, comp_heads, D] and counts comp_n [B, comp_heads] of what they evicted
+  const int64_t* comp_table = nullptr;
+  int64_t comp_heads = 0;
+  const double* comp_k = nullptr;
+  const double* comp_v = nullptr;
+  const int64_t* comp_n = nullptr;
 };
 
 }  // namespace headops

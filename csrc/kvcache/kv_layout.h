@@ -22,12 +22,18 @@ inline namespace HEADOPS_ISA_NAMESPACE {
 
 enum KvKind : int64_t { kKvFull = 0, kKvStreaming = 1, kKvBudget = 2 };
 
-// One budget KV head's layout: `size` slots from `offset`; the first `sinks` positions and
-// the `recent` most recent ones are never evicted. Row of the budget table: [offset, size,
-// sinks, recent].
+// One budget KV head's layout in one batch row: `size` slots from `offset`; the first `sinks`
+// positions and the `recent` most recent ones are never evicted. Entry of the budget table
+// [B, Hb, 4]: [offset, size, sinks, recent] (rows may share their slots differently: AdaKV).
 struct BudgetLayout {
   int64_t offset, size, sinks, recent;
 };
+
+// Row b's layout of budget head i in a [B, budget_heads, 4] budget table.
+HEADOPS_HD BudgetLayout budget_layout_of(const int64_t* table, int64_t budget_heads, int64_t b, int64_t i) {
+  const int64_t* r = table + 4 * (b * budget_heads + i);
+  return {r[0], r[1], r[2], r[3]};
+}
 
 // One streaming KV head's layout.
 struct RingLayout {
@@ -37,7 +43,40 @@ struct RingLayout {
 
   // The slot (relative to offset) that position p is written to.
   HEADOPS_HD int64_t slot_of(int64_t p) const { return p < sinks ? p : sinks + (p - sinks) % ring; }
+
+  // The positions the head has evicted once a row holds `length` tokens: past the sinks and out
+  // of the ring, [sinks, max(sinks, length - ring)); a row growing from `before` to `after`
+  // tokens evicts the difference, [max(sinks, before - ring), max(sinks, after - ring)).
+  HEADOPS_HD KeyRange evicted(int64_t length) const { return {sinks, max64(sinks, length - ring)}; }
+  HEADOPS_HD KeyRange evicted_between(int64_t before, int64_t after) const {
+    return {max64(sinks, before - ring), max64(sinks, after - ring)};
+  }
 };
+
+// RazorAttention's compensation token (DESIGN section 6). A compensated streaming KV head folds
+// the tokens it evicts into one key and value per batch row: the sums of their keys and values
+// (float64, as cached: RoPE applied) and their count n, updated as tokens are evicted (never
+// recomputed). At attention it is one more key, visible to every query of the head's query
+// heads, with value v_sum / n and logit
+//   softmax_scale * q . (k_sum / n) + log n     (weighted: it stands for n keys)
+//   softmax_scale * q . (k_sum / n)             (unweighted)
+// It has no position: key_bias, window and sinks do not apply to it. n = 0: no such key.
+// Table row of streaming head s, [Hs, 2]: [index into the compensation storage or -1, weighted].
+struct Compensation {
+  int64_t index;  // -1: not compensated
+  bool weighted;
+};
+
+HEADOPS_HD Compensation compensation_of(const int64_t* table, int64_t streaming_head) {
+  if (table == nullptr) return {-1, false};
+  return {table[2 * streaming_head], table[2 * streaming_head + 1] != 0};
+}
+
+// The compensation key's logit from softmax_scale * q . k_mean and its count (n >= 1).
+template <typename acc_t, typename Log>
+HEADOPS_HD acc_t compensation_logit(acc_t scaled_dot, int64_t count, bool weighted, Log log_fn) {
+  return weighted ? scaled_dot + log_fn(static_cast<acc_t>(count)) : scaled_dot;
+}
 
 }  // namespace HEADOPS_ISA_NAMESPACE
 }  // namespace headops

@@ -13,7 +13,9 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
                                const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
                                const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
                                const at::Tensor& ring_size, const std::optional<at::Tensor>& budget_table,
-                               const std::optional<at::Tensor>& slot_pos, const std::optional<at::Tensor>& slot_mass) {
+                               const std::optional<at::Tensor>& slot_pos, const std::optional<at::Tensor>& slot_mass,
+                               const std::optional<at::Tensor>& comp_table, const std::optional<at::Tensor>& comp_k,
+                               const std::optional<at::Tensor>& comp_v, const std::optional<at::Tensor>& comp_n) {
   for (const at::Tensor* t : {&ring_k, &ring_v}) {
     TORCH_CHECK(t->scalar_type() == dtype, op, "the storages must have dtype ", dtype, ", got ", t->scalar_type());
     TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), op, "the storages must be contiguous CPU tensors");
@@ -54,8 +56,9 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
               "ring_offset, ring_sinks and ring_size must have one entry per streaming head");
   if (budget_table.has_value()) {
     const at::Tensor& t = *budget_table;
-    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == 4 && t.is_contiguous() &&
-                    t.device().is_cpu(), op, "budget_table must be a contiguous [Hb, 4] int64 CPU tensor");
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 3 && t.size(0) == B && t.size(2) == 4 &&
+                    t.is_contiguous() && t.device().is_cpu(),
+                op, "budget_table must be a contiguous [B, Hb, 4] = [", B, ", Hb, 4] int64 CPU tensor");
     TORCH_CHECK(slot_pos.has_value() && slot_mass.has_value(), op, "budget heads need slot_pos and slot_mass");
     TORCH_CHECK(slot_pos->scalar_type() == at::kLong && slot_pos->is_contiguous() && slot_pos->dim() == 2 &&
                     slot_pos->size(0) == B && slot_pos->size(1) == l.ring_slots,
@@ -64,16 +67,17 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
                     slot_mass->size(0) == B && slot_mass->size(1) == l.ring_slots,
                 op, "slot_mass must be a contiguous float32 [B, slots] = [", B, ", ", l.ring_slots, "] tensor");
     l.budget_table = t.data_ptr<int64_t>();
-    l.budget_heads = t.size(0);
+    l.budget_heads = t.size(1);
     l.slot_pos = slot_pos->data_ptr<int64_t>();
     l.slot_mass = slot_mass->data_ptr<float>();
-    for (int64_t i = 0; i < l.budget_heads; ++i) {
-      const int64_t* r = l.budget_table + 4 * i;
-      TORCH_CHECK(r[0] >= 0 && r[1] >= 1 && r[2] >= 0 && r[3] >= 0 && r[0] <= l.ring_slots &&
-                      r[1] <= l.ring_slots - r[0] && r[2] < r[1] && r[3] < r[1] - r[2],
-                  op, "budget head ", i, ": offset ", r[0], ", size ", r[1], ", sinks ", r[2], ", recent ", r[3],
-                  " must fit in ", l.ring_slots, " slots with sinks + recent < size");
-    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < l.budget_heads; ++i) {
+        const BudgetLayout r = budget_layout_of(l.budget_table, l.budget_heads, b, i);
+        TORCH_CHECK(r.offset >= 0 && r.size >= 1 && r.sinks >= 0 && r.recent >= 0 && r.offset <= l.ring_slots &&
+                        r.size <= l.ring_slots - r.offset && r.sinks < r.size && r.recent < r.size - r.sinks,
+                    op, "budget head ", i, " of row ", b, ": offset ", r.offset, ", size ", r.size, ", sinks ", r.sinks,
+                    ", recent ", r.recent, " must fit in ", l.ring_slots, " slots with sinks + recent < size");
+      }
   }
   const int64_t* index = kv_index.data_ptr<int64_t>();
   for (int64_t h = 0; h < Hkv; ++h) {
@@ -93,6 +97,35 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
                 " must be >= 0, >= 0, >= 1 and fit in ", l.ring_slots, " slots");
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(len[b] >= 0, op, "lengths must be >= 0");
+  if (comp_table.has_value()) {
+    const at::Tensor& t = *comp_table;
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == l.ring_heads && t.size(1) == 2 &&
+                    t.is_contiguous() && t.device().is_cpu(),
+                op, "comp_table must be a contiguous [Hs, 2] = [", l.ring_heads, ", 2] int64 CPU tensor");
+    TORCH_CHECK(comp_k.has_value() && comp_v.has_value() && comp_n.has_value(), op,
+                "compensated heads need comp_k, comp_v and comp_n");
+    const int64_t Hc = comp_n->dim() == 2 ? comp_n->size(1) : -1;
+    for (const at::Tensor* s : {&*comp_k, &*comp_v})
+      TORCH_CHECK(s->scalar_type() == at::kDouble && s->dim() == 3 && s->size(0) == B && s->size(1) == Hc &&
+                      s->size(2) == D && s->is_contiguous() && s->device().is_cpu(),
+                  op, "comp_k and comp_v must be contiguous float64 [B, Hc, D] = [", B, ", ", Hc, ", ", D,
+                  "] CPU tensors");
+    TORCH_CHECK(comp_n->scalar_type() == at::kLong && comp_n->dim() == 2 && comp_n->size(0) == B &&
+                    comp_n->is_contiguous() && comp_n->device().is_cpu(),
+                op, "comp_n must be a contiguous int64 [B, Hc] CPU tensor");
+    l.comp_table = t.data_ptr<int64_t>();
+    l.comp_heads = Hc;
+    for (int64_t s = 0; s < l.ring_heads; ++s) {
+      const Compensation c = compensation_of(l.comp_table, s);
+      TORCH_CHECK(c.index >= -1 && c.index < Hc && (l.comp_table[2 * s + 1] == 0 || l.comp_table[2 * s + 1] == 1),
+                  op, "comp_table[", s, "] = [", c.index, ", ", l.comp_table[2 * s + 1], "] must be [index in [-1, ",
+                  Hc, "), 0 or 1]");
+    }
+    l.comp_k = comp_k->data_ptr<double>();
+    l.comp_v = comp_v->data_ptr<double>();
+    l.comp_n = comp_n->data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * Hc; ++i) TORCH_CHECK(l.comp_n[i] >= 0, op, "comp_n must be >= 0");
+  }
   return l;
 }
 

@@ -239,3 +239,62 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
     check_values(caller, window=args.window, sinks=args.sinks, alpha=args.alpha, softmax_scale=args.softmax_scale,
                  sink_logit=args.sink_logit, key_bias=key_bias)
     return args
+
+
+# ------------------------------------------------------------------ what a HeadSparseCache keeps
+
+PREFILLS = ("spec", "full")
+ALLOCATIONS = ("uniform", "adakv", "headkv")
+COMPENSATIONS = ("weighted", "unweighted")
+# a HeadSparseCache's options on what it keeps (docs/DESIGN.md section 6), with their defaults; a
+# HeadSpec may carry them (spec.cache_options), the cache's keywords override them
+CACHE_OPTIONS = {"prefill": "spec", "allocation": "uniform", "adakv_alpha": 0.2, "observation_window": None,
+                 "pool_kernel": None}
+
+
+def check_cache_options(caller, options) -> dict:
+    """Cache options (a dict of some of CACHE_OPTIONS), checked; returns them with the defaults
+    filled in.
+
+    prefill: "spec" (each head's own visibility over the prompt) or "full" (full causal attention
+        for every head, then each KV head keeps what its kind says);
+    allocation: how budget heads get their sizes at prefill: "uniform" and "headkv" (each head its
+        own static budget; HeadKV's come from HeadSpec.headkv), "adakv" (per prompt, row and
+        layer, from the scores of all the layer's budget heads, each guaranteed adakv_alpha *
+        budget tokens);
+    adakv_alpha: that floor, a number in [0, 1];
+    observation_window: the last queries of the prompt whose attention scores the budget heads'
+        tokens (SnapKV's window; None: budget_recent, at least 1);
+    pool_kernel: None (no pooling) or an odd int: each query head's scores are max-pooled over
+        that many neighbouring keys before they are summed over its group (SnapKV uses 7).
+    """
+    if not isinstance(options, dict):
+        raise TypeError(f"{caller}: cache_options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(CACHE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{caller}: unknown cache option(s) {', '.join(map(repr, unknown))} (the options are "
+                         f"{', '.join(CACHE_OPTIONS)})")
+    out = dict(CACHE_OPTIONS, **options)
+    if out["prefill"] not in PREFILLS:
+        raise fail(caller, "prefill", f"one of {', '.join(map(repr, PREFILLS))}", repr(out["prefill"]))
+    if out["allocation"] not in ALLOCATIONS:
+        raise fail(caller, "allocation", f"one of {', '.join(map(repr, ALLOCATIONS))}", repr(out["allocation"]))
+    a = out["adakv_alpha"]
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 <= float(a) <= 1.0:
+        raise fail(caller, "adakv_alpha", "a number in [0, 1]", repr(a))
+    out["adakv_alpha"] = float(a)
+    w = out["observation_window"]
+    if w is not None and (not is_int(w) or w < 1):
+        raise fail(caller, "observation_window", "None or an int >= 1", repr(w))
+    k = out["pool_kernel"]
+    if k is not None and (not is_int(k) or k < 1 or k % 2 == 0):
+        raise fail(caller, "pool_kernel", "None or an odd int >= 1", repr(k))
+    return out
+
+
+def check_compensation(caller, value, name="compensation"):
+    """One KV head's compensation (RazorAttention): None, "weighted" (its logit carries + log n)
+    or "unweighted"."""
+    if value is not None and value not in COMPENSATIONS:
+        raise fail(caller, name, "None, 'weighted' or 'unweighted' for every KV head", repr(value))
+    return value

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._args import check_attention_shape, check_values, fail, is_int
+from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
 from .spec import HeadSpec
 
@@ -26,7 +26,8 @@ UNSET = Unset()
 
 class CacheLayout(NamedTuple):
     """The attention shape and, per layer, the kinds and budgets of the KV heads and the windows
-    and sinks of the query heads (lists of ints; window < 0 unlimited)."""
+    and sinks of the query heads (lists of ints; window < 0 unlimited); the spec's cache options
+    (a dict, unchecked: HeadSparseCache merges its keywords into them and checks the result)."""
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -35,6 +36,8 @@ class CacheLayout(NamedTuple):
     windows: list
     sinks: list
     budgets: list
+    options: dict
+    compensation: list  # [L][Hkv] None, "weighted" or "unweighted"
 
 
 def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
@@ -42,21 +45,25 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     arguments, which must be left out: the spec holds them)."""
     if not isinstance(spec, HeadSpec):
         raise TypeError(f"{CALLER}: spec must be a headops.HeadSpec, got {type(spec).__name__}")
-    given = [name for name, value in per_head.items() if value is not (UNSET if name == "kinds" else None)]
+    given = [name for name, value in per_head.items() if value is not (UNSET if name in ("kinds", "compensation")
+                                                                       else None)]
     if given:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
     return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                        [list(r) for r in spec.cache_kind], spec.window.tolist(), spec.sinks.tolist(),
-                       [list(r) for r in spec.cache_budget])
+                       [list(r) for r in spec.cache_budget], dict(spec.cache_options),
+                       [list(r) for r in spec.cache_compensation])
 
 
-def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget) -> CacheLayout:
+def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget,
+                  compensation) -> CacheLayout:
     check_attention_shape(CALLER, num_layers, num_heads, num_kv_heads, head_dim)
     L, Hq, Hkv = num_layers, num_heads, num_kv_heads
     layout = CacheLayout(L, Hq, Hkv, head_dim, _per_layer_kinds("full" if kinds is UNSET else kinds, L, Hkv),
                          _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),
-                         _per_layer_budgets(budget, L, Hkv))
+                         _per_layer_budgets(budget, L, Hkv), {},
+                         _per_layer_compensation(None if compensation is UNSET else compensation, L, Hkv))
     check_values(CALLER, window=torch.tensor(layout.windows), sinks=torch.tensor(layout.sinks))
     return layout
 
@@ -129,3 +136,26 @@ def _per_layer_budgets(budget, L, Hkv):
         return [list(r) for r in rows]
     raise fail(CALLER, "budget", f"an int, [Hkv] = [{Hkv}] or [L, Hkv] = [{L}, {Hkv}] ints (None for other kinds)",
                budget)
+
+
+def _per_layer_compensation(value, L, Hkv):
+    """[L][Hkv] of None / "weighted" / "unweighted" from one of them, an [Hkv] or an [L, Hkv] list."""
+    def ok(x):
+        return x is None or isinstance(x, str)
+
+    if ok(value):
+        rows = [[value] * Hkv for _ in range(L)]
+    else:
+        rows = as_list(value)
+        if rows is not None and len(rows) == Hkv and all(ok(x) for x in rows):
+            rows = [list(rows) for _ in range(L)]
+        else:
+            rows = None if rows is None else [as_list(r) for r in rows]
+            if not (rows is not None and len(rows) == L and
+                    all(r is not None and len(r) == Hkv and all(ok(x) for x in r) for r in rows)):
+                raise fail(CALLER, "compensation", f"None, 'weighted', 'unweighted', [Hkv] = [{Hkv}] or [L, Hkv] = "
+                                                   f"[{L}, {Hkv}] of them", value)
+    for r in rows:
+        for x in r:
+            check_compensation(CALLER, x)
+    return [list(r) for r in rows]

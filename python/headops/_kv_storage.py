@@ -19,13 +19,19 @@ class LayerStorage:
     no tensor data (torch.compile traces it without a graph break).
     """
 
-    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent):
+    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent, compensation=None):
         self.kinds = [KINDS.index(k) for k in kinds]
+        compensation = compensation or [None] * len(kinds)
+        for h, (kind, comp) in enumerate(zip(kinds, compensation)):
+            if comp is not None and kind != "streaming":
+                raise ValueError(f"{caller}: compensation must be None for KV head {h}, a {kind} head, got {comp!r} "
+                                 "(only streaming KV heads evict tokens to compensate for)")
+        self.compensation = list(compensation)
         self.Hkv, self.D = len(kinds), D
         self.has_partial_heads = any(k != FULL for k in self.kinds)  # streaming or budget KV heads
         # query heads whose KV head keeps only part of the keys (no full branch for alpha)
         self.partial_query_heads = [h for h in range(self.Hkv * group) if self.kinds[h // group] != FULL]
-        index, full, ring_offset, ring_sinks, ring_size, budget_rows = [], 0, [], [], [], []
+        index, full, ring_sinks, ring_capacity, budget_rows, comp_rows = [], 0, [], [], [], []
         for h, kind in enumerate(kinds):
             if kind == "full":
                 index.append(full)
@@ -50,28 +56,86 @@ class LayerStorage:
                 raise ValueError(f"{caller}: KV head {h} is streaming but query head(s) "
                                  f"{[q for q in served if windows[q] < 1]} have window < 1 (unlimited or 0): a "
                                  "streaming head keeps sinks + a window of recent tokens, window must be >= 1")
-            index.append(len(ring_offset))
-            ring_offset.append(sum(s + r for s, r in zip(ring_sinks, ring_size)))
+            index.append(len(ring_sinks))
+            comp_rows.append([-1, 0] if compensation[h] is None else
+                             [sum(r[0] >= 0 for r in comp_rows), int(compensation[h] == "weighted")])
             ring_sinks.append(max(sinks[q] for q in served))
-            ring_size.append(max(w) + max_step - 1)
-        offset = sum(ring_sinks) + sum(ring_size)
-        for row in budget_rows:  # budget heads' slots follow the streaming heads' in the same storage
-            row[0] = offset
-            offset += row[1]
-        self.slots, self.full_heads = offset, full
+            ring_capacity.append(max(w) + max_step - 1)
+        self.full_heads = full
+        # a streaming head's ring holds up to ring_capacity[s] tokens; it grows with the tokens it
+        # receives (reserve), so the storage holds what the head has seen, not its capacity ahead
+        self.ring_capacity, self.ring_sink_counts = ring_capacity, ring_sinks
+        self.slots = sum(ring_sinks) + sum(ring_capacity) + sum(row[1] for row in budget_rows)  # at capacity
         self.check_slots(caller, 1, "")
         self.kv_kind = torch.tensor(self.kinds, dtype=torch.int64)
         self.kv_index = torch.tensor(index, dtype=torch.int64)
-        self.ring_offset = torch.tensor(ring_offset, dtype=torch.int64)
         self.ring_sinks = torch.tensor(ring_sinks, dtype=torch.int64)
-        self.ring_size = torch.tensor(ring_size, dtype=torch.int64)
-        self.budget_table = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
+        # budget heads' [offset, size, sinks, recent], [Hb, 4]; budget_table, the kernels' [B, Hb, 4]
+        # copy (each row's sizes may change at prefill), exists once the storages are allocated
+        self.budget_layout = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
+        self.budget_table = None
+        self.budgets = [row[1] for row in budget_rows]
+        self._lay_out_rings([min(1, c) for c in ring_capacity])
+        # compensated streaming heads (RazorAttention): [Hs, 2] rows [index or -1, weighted]
+        # (kv_layout.h); their storages, float64 sums [B, Hc, D] and counts [B, Hc], once allocated
+        self.comp_heads = sum(r[0] >= 0 for r in comp_rows)
+        self.comp_table = torch.tensor(comp_rows, dtype=torch.int64).reshape(-1, 2) if self.comp_heads else None
+        self.comp_k = self.comp_v = self.comp_n = None
         self.windows = torch.tensor(windows, dtype=torch.int64)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.held: list[int] = []  # per batch row; empty until allocated
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
         self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+
+    def _lay_out_rings(self, sizes) -> None:
+        """The streaming storage's layout for rings of `sizes` slots: each streaming head's sinks
+        and ring, then the budget heads' slots (ring_offset, ring_size, the budget offsets, slots)."""
+        offsets, offset = [], 0
+        for sinks, size in zip(self.ring_sink_counts, sizes):
+            offsets.append(offset)
+            offset += sinks + size
+        device = self.ring_sinks.device
+        self.ring_offset = torch.tensor(offsets, dtype=torch.int64, device=device)
+        self.ring_size = torch.tensor(sizes, dtype=torch.int64, device=device)
+        self.ring_alloc, self.ring_offsets, self.budget_start = list(sizes), offsets, offset  # (Python mirrors)
+        if self.budget_layout is not None:
+            self.budget_layout[:, 0] = offset + torch.cumsum(self.budget_layout[:, 1], 0) - self.budget_layout[:, 1]
+        self.slots_held = offset + sum(self.budgets)
+
+    def _grow_rings(self, tokens: int) -> None:
+        """Rings large enough for rows of `tokens` tokens: each grows, before it would evict, to
+        what it must hold (at most its capacity), rounded up to 64 slots and by at least 1/64; the
+        streaming storage is reallocated and what it holds moved (a ring that has not reached its
+        capacity has never wrapped: its slots keep their places)."""
+        grown = []
+        for sinks, cap, size in zip(self.ring_sink_counts, self.ring_capacity, self.ring_alloc):
+            need = min(cap, max(tokens - sinks, 1))
+            grown.append(size if need <= size else min(cap, -(-max(need, size + size // 64) // 64) * 64))
+        if grown == self.ring_alloc:
+            return
+        old_offsets, old_sizes, old_start = self.ring_offsets, self.ring_alloc, self.budget_start
+        self._lay_out_rings(grown)
+        if self.ring_k is None:  # not allocated yet
+            return
+        B, dtype, device = self._storage
+        moves = [(o, n, s + size) for o, n, s, size in zip(old_offsets, self.ring_offsets, self.ring_sink_counts,
+                                                             old_sizes)]
+        delta = self.budget_start - old_start
+        moves.append((old_start, self.budget_start, sum(self.budgets)))
+        for name in ("ring_k", "ring_v"):
+            old = getattr(self, name)
+            new = torch.zeros(B, self.slots_held, self.D, dtype=dtype, device=device)
+            for o, n, count in moves:
+                new[:, n:n + count] = old[:, o:o + count]
+            setattr(self, name, new)
+        if self.budget_table is not None:
+            for name, fill in (("slot_pos", -1), ("slot_mass", 0)):
+                old = getattr(self, name)
+                new = torch.full((B, self.slots_held), fill, dtype=old.dtype, device=device)
+                new[:, self.budget_start:] = old[:, old_start:]
+                setattr(self, name, new)
+            self.budget_table[:, :, 0] += delta
 
     def check_slots(self, caller, B, dtype) -> None:
         if self.slots * B * self.D >= 2**62:  # (past what int64 sizes, or any memory, can hold)
@@ -88,26 +152,33 @@ class LayerStorage:
         """The storages for B rows of `dtype` on `device`, each row empty."""
         self.check_slots(caller, B, dtype)
         try:
-            self.ring_k = torch.zeros(B, self.slots, self.D, dtype=dtype, device=device)
-            self.ring_v = torch.zeros(B, self.slots, self.D, dtype=dtype, device=device)
+            self.ring_k = torch.zeros(B, self.slots_held, self.D, dtype=dtype, device=device)
+            self.ring_v = torch.zeros(B, self.slots_held, self.D, dtype=dtype, device=device)
         except (RuntimeError, MemoryError):
             self.ring_k = self.ring_v = None
             raise self._too_big(caller, B, dtype) from None
         self._storage = (B, dtype, device)
-        for name in ("kv_kind", "kv_index", "ring_offset", "ring_sinks", "ring_size", "budget_table", "windows",
-                     "sinks"):
+        if self.comp_heads:
+            self.comp_k = torch.zeros(B, self.comp_heads, self.D, dtype=torch.float64, device=device)
+            self.comp_v = torch.zeros(B, self.comp_heads, self.D, dtype=torch.float64, device=device)
+            self.comp_n = torch.zeros(B, self.comp_heads, dtype=torch.int64, device=device)
+        for name in ("kv_kind", "kv_index", "ring_offset", "ring_sinks", "ring_size", "windows", "sinks",
+                     "comp_table"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)
         self.held = [0] * B
-        if self.budget_table is not None:  # budget heads: each slot's position (-1 empty) and attention mass
-            self.slot_pos = torch.full((B, self.slots), -1, dtype=torch.int64, device=device)
-            self.slot_mass = torch.zeros(B, self.slots, dtype=torch.float32, device=device)
+        if self.budget_layout is not None:  # budget heads: each slot's position (-1 empty) and attention mass
+            self.slot_pos = torch.full((B, self.slots_held), -1, dtype=torch.int64, device=device)
+            self.slot_mass = torch.zeros(B, self.slots_held, dtype=torch.float32, device=device)
+            # per row: a row's budget heads may share their slots differently (AdaKV)
+            self.budget_table = self.budget_layout.to(device).unsqueeze(0).repeat(B, 1, 1).contiguous()
 
     def release(self) -> None:
         """Back to no storage (a first call that could not allocate every layer changes nothing)."""
-        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+        self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = self.budget_table = None
+        self.comp_k = self.comp_v = self.comp_n = None
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
 
@@ -117,11 +188,14 @@ class LayerStorage:
         return sum(seg.shape[2] for seg in self.full_k)
 
     def reserve(self, tokens: int) -> None:
-        """Makes the full storage hold at least `tokens` tokens per row (adds one segment)."""
+        """Makes the storages hold rows of `tokens` tokens: the rings grow up to their capacity,
+        the full storage gets one more segment where it needs one."""
+        if self.ring_alloc != self.ring_capacity:
+            self._grow_rings(tokens)
         cap = self.capacity()
         if tokens <= cap or self.full_heads == 0:
             return
-        n = max(tokens - cap, 64, cap // 32)
+        n = max(tokens - cap, 64, cap // 64)  # (at most 1/64 more than held: nbytes within 2 % of ideal)
         n = -(-n // _GROWTH_ALIGN) * _GROWTH_ALIGN
         B, dtype, device = self._storage
         self.full_k.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
@@ -130,7 +204,22 @@ class LayerStorage:
     def budget_args(self, rows=slice(None)):
         if self.budget_table is None:
             return None, None, None
-        return self.budget_table, self.slot_pos[rows], self.slot_mass[rows]
+        return self.budget_table[rows], self.slot_pos[rows], self.slot_mass[rows]
+
+    def comp_args(self, rows=slice(None)):
+        if self.comp_table is None:
+            return None, None, None, None
+        return self.comp_table, self.comp_k[rows], self.comp_v[rows], self.comp_n[rows]
+
+    def compensation_of(self, b, h):
+        """(mean key, mean value, count) of the tokens compensated streaming KV head h of row b has
+        evicted (float64 [D], [D], int; the means are 0 while nothing was evicted)."""
+        i = int(self.kv_index[h])
+        c = int(self.comp_table[i, 0]) if self.kinds[h] == STREAMING and self.comp_table is not None else -1
+        if c < 0:
+            raise ValueError(f"KV head {h} is not a compensated streaming head")
+        n = int(self.comp_n[b, c])
+        return self.comp_k[b, c] / max(n, 1), self.comp_v[b, c] / max(n, 1), n
 
     def append(self, k, v, row=None, write_budget=True):
         """Stores k, v ([B, S, Hkv, D]; one row's [1, S, Hkv, D] with `row`) after what each row holds."""
@@ -138,7 +227,7 @@ class LayerStorage:
         full_k, full_v = ((segs if row is None else [seg[rows] for seg in segs]) for segs in (self.full_k, self.full_v))
         torch.ops.headops.kv_append(k, v, full_k, full_v, self.ring_k[rows], self.ring_v[rows], self.lengths[rows],
                                     self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size,
-                                    *self.budget_args(rows), write_budget)
+                                    *self.budget_args(rows), write_budget, *self.comp_args(rows))
         n = k.shape[1]
         if row is None:
             self.lengths += n
@@ -156,13 +245,29 @@ class LayerStorage:
         if self.kinds[h] == STREAMING:
             s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
             return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, L - r), L), L)])
-        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
         pos = self.slot_pos[b, off:off + n]
         return pos[pos >= 0].sort().values
 
+    def set_budget_sizes(self, b, sizes):
+        """Row b's budget heads hold sizes[i] slots each from now on (their total is the layout's:
+        AdaKV shares it differently per row); every budget slot of the row is emptied."""
+        assert sum(sizes) == sum(self.budgets) and all(x > 0 for x in sizes)
+        table = self.budget_table[b]
+        start = self.budget_start
+        offsets = torch.tensor(sizes, dtype=torch.int64).cumsum(0) - torch.tensor(sizes, dtype=torch.int64) + start
+        table[:, 0] = offsets.to(table.device)
+        table[:, 1] = torch.tensor(sizes, dtype=torch.int64, device=table.device)
+        self.slot_pos[b, start:] = -1
+        self.slot_mass[b, start:] = 0
+
+    def budget_sizes(self, b) -> list:
+        """The slots each budget head of row b holds."""
+        return self.budget_table[b, :, 1].tolist()
+
     def write_budget_selection(self, b, i, positions, k_rows, v_rows, mass):
         """Budget head i of row b keeps exactly `positions` (with their K, V rows and mass)."""
-        off, n = int(self.budget_table[i, 0]), int(self.budget_table[i, 1])
+        off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
         m = positions.numel()
         self.slot_pos[b, off:off + n] = -1
         self.slot_mass[b, off:off + n] = 0
@@ -174,15 +279,24 @@ class LayerStorage:
     def kept_tokens(self) -> int:
         """Tokens a minimal storage would hold for this layer (all rows and KV heads)."""
         total = 0
-        for L in self.held:
+        for b, L in enumerate(self.held):
             for h, kind in enumerate(self.kinds):
                 i = int(self.kv_index[h])
                 if kind == FULL:
                     total += L
                 elif kind == STREAMING:
-                    total += min(L, int(self.ring_sinks[i]) + int(self.ring_size[i]))
+                    total += min(L, self.ring_sink_counts[i] + self.ring_capacity[i])
                 else:
-                    total += min(L, int(self.budget_table[i, 1]))
+                    total += min(L, int(self.budget_table[b, i, 1]))
+        return total
+
+    def compensation_tokens(self) -> int:
+        """Compensation tokens in use: one per row and compensated head that has evicted a token."""
+        total = 0
+        for h, comp in enumerate(self.compensation):
+            if comp is not None:
+                i = int(self.kv_index[h])
+                total += sum(L > self.ring_sink_counts[i] + self.ring_capacity[i] for L in self.held)
         return total
 
     def nbytes(self) -> int:
@@ -190,4 +304,6 @@ class LayerStorage:
         storages = self.full_k + self.full_v + [self.ring_k, self.ring_v]
         if self.budget_table is not None:
             storages += [self.budget_table, self.slot_pos, self.slot_mass]
+        if self.comp_table is not None:
+            storages += [self.comp_table, self.comp_k, self.comp_v, self.comp_n]
         return sum(t.numel() * t.element_size() for t in storages + tables if t is not None)

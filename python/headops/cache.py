@@ -4,10 +4,11 @@ head can ever attend to (docs/DESIGN.md section 2).
 Per layer there are two packed storages (csrc/kvcache/kv_layout.h):
   full       a list of segments ``[B, Hf, n, D]`` holding consecutive positions of the full
              KV heads; a prefill or a long append adds a segment of exactly what it needs
-             (rounded to 64 tokens), decode steps add segments of max(64, capacity / 32)
+             (rounded to 64 tokens), decode steps add segments of max(64, capacity / 64)
              tokens: the storage grows without ever copying what it holds;
-  streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots, allocated
-             once: its first ``sinks`` tokens and a ring over the most recent ones.
+  streaming  ``[B, slots, D]``: each streaming KV head owns ``sinks + ring`` slots: its first
+             ``sinks`` tokens and a ring over the most recent ones, which grows with the
+             tokens it receives (reallocated, rounded up to 64 slots) up to its capacity.
 A streaming KV head keeps the largest window and sinks of the query heads it serves (the
 ring also holds ``max_step - 1`` more tokens, so that a step of several new tokens still
 finds every key its first query sees). Kept tokens keep their original positions: windows,
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _cache_layout
-from ._args import FLOAT_DTYPES, HeadArgs, HeadShapes, check_dense, check_float_dtype, fail, head_args, is_int
+from . import _cache_layout, budgets
+from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense,
+                    check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
 from .attention import run_fused
@@ -87,6 +89,10 @@ class HeadSparseCache(_CacheBase):
             < 0 = unlimited). They are applied at every attention call, and a streaming KV head
             keeps the largest of its query heads'.
         budget: per KV head, the tokens a budget head keeps (int, ``[Hkv]`` or ``[L, Hkv]``).
+        compensation: per streaming KV head, None (the default), "weighted" or "unweighted": the
+            tokens it evicts are folded into one compensation key and value (their means;
+            RazorAttention) that its query heads read as one more key, whose logit carries
+            + log(count) when weighted (one value, ``[Hkv]`` or ``[L, Hkv]``).
 
     Options (keyword-only, in both forms):
         batch_size, dtype, device: of the cached keys and values. Left out, they come from the
@@ -99,6 +105,17 @@ class HeadSparseCache(_CacheBase):
             past it raises a ValueError before it changes anything; full heads never grow past it.
         budget_recent: the latest tokens a budget head always keeps (also the observation window
             of its prefill selection).
+        prefill: "spec" (the default: the prompt runs each head's own window and sinks) or "full"
+            (full causal attention for every head, as RazorAttention and kvpress measure; then
+            each KV head keeps what its kind says).
+        allocation, adakv_alpha, observation_window, pool_kernel: how budget heads choose at
+            prefill (headops.budgets, docs/cache.md): "uniform" (the default) or "headkv" (each
+            head its own budget) or "adakv" (per row and layer, the layer's budget heads share
+            budget x heads slots by score, each guaranteed int(adakv_alpha x budget), 0.2 by
+            default); the scores are SnapKV's: the attention of the prompt's last
+            observation_window queries (None: budget_recent), max-pooled over pool_kernel keys
+            (None: not pooled).
+        With a spec, its ``cache_options`` are the defaults of these options.
 
     ``cache.attention(layer, q, k, v, ...)`` is the layer's attention: the first call
     (prefill) runs ``headops.attention`` over the prompt and stores what each head keeps;
@@ -109,14 +126,28 @@ class HeadSparseCache(_CacheBase):
     """
 
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
-                 head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, batch_size=UNSET, dtype=None,
-                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8):
+                 head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, compensation=UNSET,
+                 batch_size=UNSET, dtype=None,
+                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, prefill=UNSET,
+                 allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                        kinds=kinds, window=window, sinks=sinks, budget=budget)
+                        kinds=kinds, window=window, sinks=sinks, budget=budget, compensation=compensation)
         if model_or_config is not None or spec is not None:
             layout = _cache_layout.from_spec(model_or_config, spec, **per_head)
         else:
             layout = _cache_layout.from_keywords(**per_head)
+        given = {name: value for name, value in (("prefill", prefill), ("allocation", allocation),
+                                                 ("adakv_alpha", adakv_alpha),
+                                                 ("observation_window", observation_window),
+                                                 ("pool_kernel", pool_kernel)) if value is not UNSET}
+        self.options = check_cache_options(CALLER, dict(layout.options, **given))
+        if self.options["allocation"] == "adakv":
+            for i, (kinds, sizes) in enumerate(zip(layout.kinds, layout.budgets)):
+                layer = {b for kind, b in zip(kinds, sizes) if kind == "budget"}
+                if len(layer) > 1:
+                    raise fail(CALLER, "budget", "the same for every budget KV head of a layer with allocation="
+                                                 "'adakv' (AdaKV shares budget x heads tokens)",
+                               f"{sorted(layer)} in layer {i}")
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{CALLER}: dtype must be torch.float32, float64, bfloat16 or float16 (or None: the "
                             f"first call's), got {dtype!r}")
@@ -142,7 +173,8 @@ class HeadSparseCache(_CacheBase):
         self.max_length = None if max_length is None else int(max_length)
         self.kinds = layout.kinds
         self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i], Hq // Hkv, D,
-                                     max_step, layout.budgets[i], budget_recent) for i in range(L)]
+                                     max_step, layout.budgets[i], budget_recent, layout.compensation[i])
+                        for i in range(L)]
         self._batch_size = None if batch_size is UNSET else batch_size
         self.dtype, self.device = dtype, device
         self._sized = False
@@ -150,6 +182,18 @@ class HeadSparseCache(_CacheBase):
             self._ensure_sized(CALLER, (self._batch_size, dtype, device or torch.device("cpu")))
         if _CacheBase is not object:
             super().__init__(layers=[_TransformersLayer(layer) for layer in self._layers])
+
+    @classmethod
+    def from_prefill(cls, model_or_config, spec, prefill, **options) -> "HeadSparseCache":
+        """The cache of `spec` built from a dense prefill (a ``headops.DensePrefill``, e.g. from
+        ``headops.capture_prefill``): every layer filled (``fill``) with the prompt's keys and
+        values, budget heads scored with its last queries and the spec's per-head arguments (the
+        prefill's softmax scale where the spec has none). It is the cache a prefill="full" prompt
+        call would leave (the prompt ran full attention), built without running the model again.
+        `options`: the constructor's (batch size, dtype and device come from the prefill)."""
+        from .prefill import build_cache
+
+        return build_cache(cls, model_or_config, spec, prefill, **options)
 
     @property
     def batch_size(self) -> int:
@@ -183,8 +227,22 @@ class HeadSparseCache(_CacheBase):
         return sum(layer.nbytes() for layer in self._layers)
 
     def ideal_nbytes(self) -> int:
-        """Bytes of exactly the tokens each head keeps (K and V)."""
-        return sum(layer.kept_tokens() for layer in self._layers) * self._bytes_per_token()
+        """Bytes of exactly the tokens each head keeps (K and V), and of one token per compensated
+        head and row that has evicted tokens (its compensation)."""
+        tokens = sum(layer.kept_tokens() + layer.compensation_tokens() for layer in self._layers)
+        return tokens * self._bytes_per_token()
+
+    def compensation(self, layer: int, b: int, kv_head: int):
+        """(mean key, mean value, count) of what compensated streaming KV head `kv_head` of batch
+        row `b` has evicted in `layer` (float64 ``[D]``, ``[D]``, int; means 0 while count is 0)."""
+        caller = CALLER + ".compensation"
+        self._check_layer(caller, layer)
+        st = self._layers[layer]
+        if not is_int(b) or not 0 <= b < len(st.held):
+            raise fail(caller, "b", f"a batch row in [0, {len(st.held)})", repr(b))
+        if not is_int(kv_head) or not 0 <= kv_head < self.num_kv_heads or st.compensation[kv_head] is None:
+            raise fail(caller, "kv_head", f"a compensated streaming KV head of layer {layer}", repr(kv_head))
+        return st.compensation_of(b, kv_head)
 
     def dense_nbytes(self) -> int:
         """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer) would hold."""
@@ -265,12 +323,24 @@ class HeadSparseCache(_CacheBase):
         if k.shape != v.shape or tuple(k.shape[::2]) != (B, self.num_kv_heads) or k.shape[3] != D:
             raise fail(caller, "k", f"[B, S, Hkv, D] = [{B}, S, {self.num_kv_heads}, {D}] like v", tuple(k.shape))
 
-    def _head_args(self, caller, st, q, keys, per_head) -> HeadArgs:
+    def _head_args(self, caller, st, B, device, keys, per_head) -> HeadArgs:
         """The per-head arguments of a call over `keys` keys, checked (window and sinks: the cache's)."""
-        B, _, Hq, D = q.shape
-        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D), q.device, **per_head)
+        Hq, D = self.num_heads, self.head_dim
+        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D), device, **per_head)
         _check_alpha(caller, args.alpha, st)
-        return args._replace(window=st.windows.to(q.device).expand(B, Hq), sinks=st.sinks.to(q.device).expand(B, Hq))
+        return args._replace(window=st.windows.to(device).expand(B, Hq), sinks=st.sinks.to(device).expand(B, Hq))
+
+    @staticmethod
+    def _check_per_head_names(caller, causal, per_head):
+        if "window" in per_head or "sinks" in per_head:
+            raise ValueError(f"{caller}: window and sinks are the cache's (set them at construction); pass the other "
+                             "per-head arguments here")
+        unknown = sorted(set(per_head) - set(_HEAD_ARGS))
+        if unknown:
+            raise TypeError(f"{caller}: unexpected argument(s) {', '.join(unknown)} (the per-head arguments are "
+                            f"{', '.join(_HEAD_ARGS)})")
+        if not isinstance(causal, bool):
+            raise TypeError(f"{caller}: causal must be a bool, got {type(causal).__name__}")
 
     # -------------------------------------------------------------------------------- attention
 
@@ -286,15 +356,7 @@ class HeadSparseCache(_CacheBase):
         if q.shape[0] != B or tuple(q.shape[2:]) != (self.num_heads, D):
             raise fail(caller, "q", f"[B, S, Hq, D] with B={B}, Hq={self.num_heads}, D={D}", tuple(q.shape))
         self._check_kv(caller, k, v, B, D)
-        if "window" in per_head or "sinks" in per_head:
-            raise ValueError(f"{caller}: window and sinks are the cache's (set them at construction); pass the other "
-                             "per-head arguments here")
-        unknown = sorted(set(per_head) - set(_HEAD_ARGS))
-        if unknown:
-            raise TypeError(f"{caller}: unexpected argument(s) {', '.join(unknown)} (the per-head arguments are "
-                            f"{', '.join(_HEAD_ARGS)})")
-        if not isinstance(causal, bool):
-            raise TypeError(f"{caller}: causal must be a bool, got {type(causal).__name__}")
+        self._check_per_head_names(caller, causal, per_head)
         st = self._layers[layer]
         if max(st.held, default=0) == 0:
             out = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing)
@@ -316,17 +378,60 @@ class HeadSparseCache(_CacheBase):
         st.reserve(max(st.held) + k.shape[1])
         st.append(k, v)
 
+    def fill(self, layer, k, v, *, queries=None, lengths=None, layout="bshd", causal=True, **per_head):
+        """Stores a prompt whose attention was computed elsewhere (a dense prefill: every method
+        built from one full-attention prefill, docs/cache.md) in an empty `layer`: each KV head
+        keeps what its kind says, as after this cache's own prefill. Streaming heads fold what
+        they evict into their compensation; budget heads choose (allocation included) by the
+        SnapKV scores of `queries`, the prompt's last queries as the attention saw them (RoPE
+        applied), ``[B, w, Hq, D]``: entry j of row b is position ``lengths[b] - w + j`` (entries
+        before position 0 are ignored), w at least the observation window. They are needed only
+        when the layer has budget heads. The per-head arguments are those of ``attention``; the
+        ones that shape attention probabilities (softmax_scale, key_bias by original position,
+        sink_logit, a gate of 0) shape the scores, the others change nothing stored. ``lengths``:
+        valid tokens per row (right padding). A call that is refused changes nothing."""
+        caller = CALLER + ".fill"
+        named = (("k", k), ("v", v)) + ((("queries", queries),) if queries is not None else ())
+        tensors, sizing = self._check_inputs(caller, layer, layout, named)
+        k, v = tensors[0], tensors[1]
+        qs = tensors[2] if queries is not None else None
+        B, D = sizing[0], self.head_dim
+        self._check_kv(caller, k, v, B, D)
+        self._check_per_head_names(caller, causal, per_head)
+        st = self._layers[layer]
+        if max(st.held, default=0) != 0:
+            raise ValueError(f"{caller}: layer {layer} holds tokens already; fill stores a prompt in an empty layer "
+                             "(append adds tokens)")
+        S = k.shape[1]
+        rows = [S] * B if lengths is None else _lengths(caller, lengths)
+        if len(rows) != B or not all(1 <= n <= S for n in rows):
+            raise fail(caller, "lengths", f"{B} values in [1, {S}]", lengths)
+        obs = self._observation_window()
+        if qs is None and st.budget_layout is not None:
+            raise fail(caller, "queries", "the prompt's last queries, [B, w, Hq, D] (the layer has budget heads: they "
+                                          "keep the tokens those queries attend to most)", None)
+        if qs is not None:
+            if qs.shape[0] != B or tuple(qs.shape[2:]) != (self.num_heads, D):
+                raise fail(caller, "queries", f"[B, w, Hq, D] with B={B}, Hq={self.num_heads}, D={D}",
+                           tuple(qs.shape))
+            if qs.shape[1] < min(max(rows), obs):
+                raise fail(caller, "queries", f"at least the observation window's {min(max(rows), obs)} last queries "
+                                              "per row", f"{qs.shape[1]}")
+        args = self._head_args(caller, st, B, k.device, S, per_head)
+        self._check_room(caller, st, max(rows))
+        w = 0 if qs is None else qs.shape[1]
+        self._store_prompt(caller, st, k, v, None if lengths is None else rows, causal, args, sizing,
+                           lambda b, n: None if qs is None else qs[b, max(0, w - n):])
+
     def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing):
         B, S = k.shape[0], k.shape[1]
-        args = self._head_args(caller, st, q, S, per_head)  # the whole batch, before any change
+        args = self._head_args(caller, st, B, q.device, S, per_head)  # the whole batch, before any change
+        if self.options["prefill"] == "full":  # every head reads the whole prompt; then keeps its kind's
+            args = args._replace(window=None, sinks=None)
         if lengths is None:
             self._check_room(caller, st, S)
             out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)
-            self._ensure_sized(caller, sizing)
-            st.reserve(S)
-            st.append(k, v, write_budget=False)
-            for b in range(B):
-                self._select_budget(st, b, q[b], k[b], v[b], args.row(b, S))
+            self._store_prompt(caller, st, k, v, None, causal, args, sizing, lambda b, n: q[b])
             return out
         lengths = _lengths(caller, lengths)
         if len(lengths) != B or not all(1 <= n <= S for n in lengths):
@@ -338,36 +443,49 @@ class HeadSparseCache(_CacheBase):
         for b, n in enumerate(lengths):  # every row's attention, then the cache changes
             out[b:b + 1, :n] = run_fused(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
                                          causal=causal, heads_first=False)[0]
-        self._ensure_sized(caller, sizing)
-        st.reserve(max(lengths))
-        for b, n in enumerate(lengths):
-            st.append(k[b:b + 1, :n], v[b:b + 1, :n], row=b, write_budget=False)
-            self._select_budget(st, b, q[b, :n], k[b, :n], v[b, :n], args.row(b, n))
+        self._store_prompt(caller, st, k, v, lengths, causal, args, sizing, lambda b, n: q[b, :n])
         return out
 
-    def _select_budget(self, st, b, q, k, v, args: HeadArgs):
-        """SnapKV at prefill: each budget KV head of row b keeps its sinks, the budget_recent
-        last tokens and, of the rest, those the last queries (the observation window) attend to
-        most, summed over the query heads of its group (`args`: row b's per-head arguments)."""
+    def _store_prompt(self, caller, st, k, v, lengths, causal, args, sizing, row_queries):
+        """Stores a checked prompt (k, v [B, S, Hkv, D]; `lengths` per row or None: all S) in an
+        empty layer; budget heads choose from row b's last queries, ``row_queries(b, n)``."""
+        self._ensure_sized(caller, sizing)
+        B, S = k.shape[0], k.shape[1]
+        if lengths is None:
+            st.reserve(S)
+            st.append(k, v, write_budget=False)
+        else:
+            st.reserve(max(lengths))
+            for b, n in enumerate(lengths):
+                st.append(k[b:b + 1, :n], v[b:b + 1, :n], row=b, write_budget=False)
+        for b, n in enumerate(lengths or [S] * B):
+            self._select_budget(st, b, row_queries(b, n), k[b, :n], v[b, :n], args.row(b, n), causal)
+
+    def _observation_window(self) -> int:
+        """The prompt's last queries whose attention scores budget heads' tokens."""
+        return self.options["observation_window"] or max(self.budget_recent, 1)
+
+    def _select_budget(self, st, b, q, k, v, args: HeadArgs, causal: bool):
+        """Row b's budget heads at prefill (headops.budgets): SnapKV scores from the prompt's last
+        queries (`q`: at least the observation window's; `args`: row b's per-head arguments), the
+        sizes the allocation gives, then each head keeps its sinks, its budget_recent latest tokens
+        and its best-scored ones (k, v: the row's whole prompt, [n, Hkv, D])."""
         if st.budget_table is None:
             return
-        n = q.shape[0]
-        obs = min(n, max(self.budget_recent, 1))
-        mass_all = _observation_mass(q[n - obs:], k, args, self.num_heads // self.num_kv_heads)  # [Hkv, n]
-        for h, kind in enumerate(st.kinds):
-            if kind != BUDGET:
-                continue
-            i = int(st.kv_index[h])
-            _, size, sinks, recent = (int(x) for x in st.budget_table[i])
-            mass = mass_all[h]
-            if n <= size:
-                keep = torch.arange(n)
-            else:
-                always = torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - recent), n)])
-                middle = torch.arange(min(sinks, n), max(sinks, n - recent))
-                chosen = middle[mass[middle].topk(size - always.numel()).indices]
-                keep = torch.cat([always, chosen]).sort().values
-            st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], mass[keep])
+        n = k.shape[0]
+        opts = self.options
+        obs = min(n, q.shape[0], self._observation_window())
+        heads = [h for h, kind in enumerate(st.kinds) if kind == BUDGET]
+        scores = budgets.snapkv_scores(q[None, q.shape[0] - obs:], k[None], v[None], args,
+                                       self.num_heads // self.num_kv_heads, causal=causal,
+                                       pool_kernel=opts["pool_kernel"], heads=heads)
+        rows = [int(st.kv_index[h]) for h in heads]  # budget head i is the i-th budget KV head
+        sizes, kept = budgets.choose(scores[heads], st.budgets, st.budget_layout[:, 2].tolist(), self.budget_recent,
+                                     allocation=opts["allocation"], alpha=opts["adakv_alpha"])
+        if sizes != st.budget_sizes(b):
+            st.set_budget_sizes(b, sizes)
+        for h, i, keep in zip(heads, rows, kept):
+            st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], scores[h, keep])
 
     def _decode(self, caller, st, q, k, v, causal, per_head):
         """One decode step: host decisions read the lengths' Python mirror and shapes only (no
@@ -380,13 +498,13 @@ class HeadSparseCache(_CacheBase):
             raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the "
                                     "rings)", f"{Sq} tokens")
         keys = max(st.held) + Sq
-        args = self._head_args(caller, st, q, keys, per_head)  # checked before the cache changes
+        args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)  # checked before the cache changes
         st.reserve(keys)
         st.append(k, v)
         return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
                                                   st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
                                                   st.ring_size, causal, *args.kernel_args(q.dtype), self.split_keys,
-                                                  *st.budget_args())
+                                                  *st.budget_args(), *st.comp_args())
 
 
 def _lengths(caller, lengths) -> list:
@@ -412,31 +530,3 @@ def _check_alpha(caller, alpha, st: LayerStorage):
     if heads:
         raise ValueError(f"{caller}: alpha must be 0 on query heads served by a streaming or budget KV head (they "
                          f"keep only part of the keys, not the full branch); query heads {heads} have alpha > 0")
-
-
-def _observation_mass(q_obs, k, args: HeadArgs, group):
-    """[Hkv, n]: attention probability of every prompt key (k, [n, Hkv, D]), summed over the
-    last queries (q_obs, [obs, Hq, D]) and the query heads of each KV head's group (gated-off
-    heads excluded); `args` are the row's per-head arguments (a batch of one)."""
-    obs, Hq, D = q_obs.shape
-    n = k.shape[0]
-    f64 = torch.float64
-
-    def per_head(t, default):
-        return torch.full((Hq,), float(default), dtype=f64) if t is None else t[0].to(f64)
-
-    scale = per_head(args.softmax_scale, args.default_scale)
-    gate = per_head(args.gate, 1.0)
-    kk = k.double().repeat_interleave(group, dim=1)  # [n, Hq, D]
-    logits = torch.einsum("ihd,jhd->hij", q_obs.double(), kk) * scale.view(Hq, 1, 1)
-    if args.key_bias is not None:
-        logits = logits + args.key_bias[0, :, :n].to(f64).view(Hq, 1, n)
-    pos = torch.arange(n - obs, n).view(1, obs, 1)
-    logits = logits.masked_fill(torch.arange(n).view(1, 1, n) > pos, float("-inf"))
-    if args.sink_logit is not None:
-        s = per_head(args.sink_logit, 0.0).view(Hq, 1, 1).expand(Hq, obs, 1)
-        probs = torch.softmax(torch.cat([logits, s], dim=-1), dim=-1)[..., :n]
-    else:
-        probs = torch.softmax(logits, dim=-1)
-    probs = probs * (gate != 0).double().view(Hq, 1, 1)
-    return probs.sum(dim=1).view(-1, group, n).sum(dim=1)

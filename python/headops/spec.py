@@ -11,7 +11,11 @@ DuoAttention ablation per row). Constructors read like the papers::
     HeadSpec.from_duo_attention(model, "full_attention_heads.tsv", sinks=128, window=256)
     HeadSpec.from_scores(model, scores, full_fraction=0.25, window=256, sinks=16)  # headops.discover
     HeadSpec.streaming(model, {0: [1, 2]}, window=1024, sinks=4)   # chosen KV heads streaming
+    HeadSpec.streaming_llm(model, window=1024, sinks=4)    # StreamingLLM: every KV head streaming
+    HeadSpec.razor(model, {0: [1]}, window=1024, sinks=4)  # RazorAttention: others compensated streaming
     HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
+    HeadSpec.budget(model, budget=128, allocation="adakv", alpha=0.2)   # AdaKV over every KV head
+    HeadSpec.headkv(model, scores, budget=128, beta=1.2)   # HeadKV: static budgets from head scores
 
 and a spec moves and splits like its tensors::
 
@@ -29,7 +33,7 @@ import json
 
 import torch
 
-from ._args import check_attention_shape, check_values, fail, is_int
+from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
 
 __all__ = ["HeadSpec"]
 
@@ -62,6 +66,13 @@ def _shape_of(model_or_config):
     return L, Hq, Hkv, D
 
 
+def _budget_options(allocation, *, alpha=None, observation_window=None, pool_kernel=None) -> dict:
+    """A budget method's cache options (those left at None are the cache's defaults)."""
+    options = {"allocation": allocation, "adakv_alpha": alpha, "observation_window": observation_window,
+               "pool_kernel": pool_kernel}
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _check_heads(heads, what):
     """{layer: [head indices]} with the head lists as lists of ints (the caller checks the ranges)."""
     if not isinstance(heads, dict):
@@ -91,7 +102,11 @@ class HeadSpec:
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget
-      ``[L][Hkv]`` (None where not a budget head).
+      ``[L][Hkv]`` (None where not a budget head); cache_compensation ``[L][Hkv]`` of None /
+      "weighted" / "unweighted" (streaming heads only: RazorAttention's compensation token);
+      cache_options: a dict of HeadSparseCache options the spec's method needs (prefill,
+      allocation, adakv_alpha, observation_window, pool_kernel; docs/cache.md), the defaults for
+      ``HeadSparseCache(model, spec)`` (its keywords override them).
 
     A spec is checked when it is made and by ``validate()``; fields may be set in between (e.g.
     a gate that requires grad), ``validate()`` (and ``headops.patch``) checks them again.
@@ -112,6 +127,8 @@ class HeadSpec:
     sinks: torch.Tensor | None = None
     cache_kind: list | None = None
     cache_budget: list | None = None
+    cache_compensation: list | None = None
+    cache_options: dict | None = None
 
     def __post_init__(self):
         check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -124,6 +141,10 @@ class HeadSpec:
             self.cache_kind = [["full"] * Hkv for _ in range(L)]
         if self.cache_budget is None:
             self.cache_budget = [[None] * Hkv for _ in range(L)]
+        if self.cache_compensation is None:
+            self.cache_compensation = [[None] * Hkv for _ in range(L)]
+        if self.cache_options is None:
+            self.cache_options = {}
         self.validate()
 
     # ------------------------------------------------------------------------ constructors
@@ -166,13 +187,73 @@ class HeadSpec:
         return spec
 
     @classmethod
-    def budget(cls, model_or_config, heads: dict, *, budget: int) -> "HeadSpec":
-        """The given KV heads ({layer: [KV heads]}) keep at most `budget` tokens in a
-        HeadSparseCache (HeadKV/AdaKV-style; the rest full). Their attention is unchanged until
-        tokens are evicted (the cache keeps sinks, the latest tokens, the most attended)."""
+    def streaming_llm(cls, model_or_config, *, window: int, sinks: int = 4) -> "HeadSpec":
+        """StreamingLLM (Xiao et al.): every KV head streaming, keeping its first `sinks` tokens
+        (attention sinks) and the last `window`."""
+        L, _, Hkv, _ = _shape_of(model_or_config)
+        return cls.streaming(model_or_config, {layer: range(Hkv) for layer in range(L)}, window=window, sinks=sinks)
+
+    @classmethod
+    def razor(cls, model_or_config, retrieval_heads, *, window: int, sinks: int = 4,
+              weighted: bool = True) -> "HeadSpec":
+        """RazorAttention (Tang et al.): the retrieval heads' KV heads keep every token, every
+        other KV head is streaming (sinks + window) and folds what it evicts into one
+        compensation token (the mean key and value of the evicted tokens; its logit carries
+        + log(count) when `weighted`). `retrieval_heads`: {layer: [KV heads]} or (layer, KV head)
+        pairs (e.g. headops.head_scores.top_heads of echo + induction scores). The prompt runs
+        full attention for every head (cache option prefill="full"), as the paper does."""
+        if not isinstance(weighted, bool):
+            raise TypeError(f"headops.HeadSpec.razor: weighted must be a bool, got {type(weighted).__name__}")
+        spec = cls.dense(model_or_config)
+        spec._check_window_sinks(window, sinks)
+        if not isinstance(retrieval_heads, dict):
+            pairs = [tuple(p) if isinstance(p, (tuple, list)) else p for p in retrieval_heads]
+            if not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+                raise TypeError("headops.HeadSpec.razor: retrieval_heads must be a dict {layer: [KV heads]} or "
+                                f"(layer, KV head) pairs, got {retrieval_heads!r}")
+            grouped = {}
+            for layer, h in pairs:
+                grouped.setdefault(layer, []).append(h)
+            retrieval_heads = grouped
+        heads = _check_heads(retrieval_heads, "KV")
+        full = set()
+        for layer, kv_heads in heads.items():
+            spec._check_layer(layer)
+            for h in kv_heads:
+                if not 0 <= h < spec.num_kv_heads:
+                    raise _fail("retrieval_heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
+                full.add((layer, h))
+        group = spec.num_heads // spec.num_kv_heads
+        for layer in range(spec.num_layers):
+            for h in range(spec.num_kv_heads):
+                if (layer, h) not in full:
+                    spec._make_streaming(layer, h, group, window, sinks)
+                    spec.cache_compensation[layer][h] = "weighted" if weighted else "unweighted"
+        spec.cache_options = {"prefill": "full"}
+        spec.validate()
+        return spec
+
+    @classmethod
+    def budget(cls, model_or_config, heads: dict | None = None, *, budget: int, allocation: str = "uniform",
+               alpha: float = 0.2, observation_window: int | None = None,
+               pool_kernel: int | None = None) -> "HeadSpec":
+        """Budget KV heads (SnapKV-style; the given ones, {layer: [KV heads]}, the rest full; None:
+        every KV head): each keeps at most `budget` tokens in a HeadSparseCache, chosen at prefill
+        by SnapKV scores (the prompt's last `observation_window` queries' attention, max-pooled over
+        `pool_kernel` keys) and evicted least-attended first during decode. `allocation`: "uniform"
+        (every head its budget) or "adakv" (AdaKV: per prompt and layer, the layer's budget heads
+        share budget x heads tokens by score, each guaranteed int(alpha x budget)). Their attention
+        is unchanged until tokens are evicted (the cache keeps sinks, the latest tokens, the best
+        scored)."""
         if not is_int(budget) or budget < 1:
             raise _fail("budget", "an int >= 1", budget)
+        if allocation not in ("uniform", "adakv"):
+            raise _fail("allocation", "'uniform' or 'adakv' (HeadKV's static budgets: HeadSpec.headkv)",
+                        repr(allocation))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise _fail("alpha", "a number in [0, 1] (AdaKV's floor, a fraction of the budget)", repr(alpha))
         spec = cls.dense(model_or_config)
+        heads = {layer: range(spec.num_kv_heads) for layer in range(spec.num_layers)} if heads is None else heads
         heads = _check_heads(heads, "KV")
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
@@ -181,6 +262,41 @@ class HeadSpec:
                     raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
                 spec.cache_kind[layer][h] = "budget"
                 spec.cache_budget[layer][h] = int(budget)
+        spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
+                                             observation_window=observation_window, pool_kernel=pool_kernel)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def headkv(cls, model_or_config, scores, *, budget: int, beta: float, pool: str = "mean",
+               observation_window: int | None = None, pool_kernel: int | None = None) -> "HeadSpec":
+        """HeadKV (Fu et al.): every KV head a budget head with a static budget from per-head
+        importance `scores` (``[L, Hkv]``, or ``[L, Hq]`` pooled over each KV head's group by
+        `pool`, "mean" or "max"; e.g. retrieval scores from headops.discover): each head keeps
+        ``budget - budget // beta`` tokens plus its score's share of a pool of
+        ``(budget // beta) x L x Hkv`` (headops.budgets.headkv_budgets). Tokens are chosen by
+        SnapKV scores as in HeadSpec.budget."""
+        from .budgets import headkv_budgets
+        from .head_scores import POOLINGS, pool_kv_heads
+
+        spec = cls.dense(model_or_config)
+        L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
+        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
+            raise TypeError(f"headops.HeadSpec.headkv: scores must be a floating-point tensor, got "
+                            f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
+            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
+        if pool not in POOLINGS:
+            raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
+        kv_scores = pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq and Hq != Hkv else scores
+        budgets = headkv_budgets(kv_scores, budget, beta)
+        if int(budgets.min()) < 1:
+            raise _fail("beta", f"large enough that every KV head keeps a token (beta = {beta} gives "
+                                f"{int((budgets < 1).sum())} KV heads a budget of 0)", repr(beta))
+        spec.cache_kind = [["budget"] * Hkv for _ in range(L)]
+        spec.cache_budget = budgets.tolist()
+        spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel)
+        spec.validate()
         return spec
 
     @classmethod
@@ -320,6 +436,17 @@ class HeadSpec:
             raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
         check_values(CALLER, window=self.window, sinks=self.sinks, alpha=self.alpha, softmax_scale=self.softmax_scale,
                      sink_logit=self.sink_logit, key_bias=self.key_bias)
+        comp = self.cache_compensation
+        if (not isinstance(comp, (list, tuple)) or len(comp) != L or
+                any(not isinstance(r, (list, tuple)) or len(r) != Hkv for r in comp)):
+            raise _fail("cache_compensation", f"[L, Hkv] = [{L}, {Hkv}] of None, 'weighted' or 'unweighted'", comp)
+        for layer, (kind_row, comp_row) in enumerate(zip(kinds, comp)):
+            for h, (kind, c) in enumerate(zip(kind_row, comp_row)):
+                check_compensation(CALLER, c, "cache_compensation")
+                if c is not None and kind != "streaming":
+                    raise _fail("cache_compensation", "None on KV heads that are not streaming",
+                                f"{c!r} on {kind} KV head {h} of layer {layer}")
+        check_cache_options(CALLER, self.cache_options)
 
     def layer_args(self, layer: int, keys: int | None = None) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
@@ -352,7 +479,9 @@ class HeadSpec:
             raise _fail("device", "a torch.device or a device string", repr(device)) from None
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()},
                                    cache_kind=[list(r) for r in self.cache_kind],
-                                   cache_budget=[list(r) for r in self.cache_budget])
+                                   cache_budget=[list(r) for r in self.cache_budget],
+                                   cache_compensation=[list(r) for r in self.cache_compensation],
+                                   cache_options=dict(self.cache_options))
 
     def slice_heads(self, q_heads) -> "HeadSpec":
         """The spec of a contiguous block of query heads (``range(a, b)`` or ``slice(a, b)``) and
@@ -378,14 +507,17 @@ class HeadSpec:
                  for name, t in self.tensors().items()}
         return dataclasses.replace(self, num_heads=stop - first, num_kv_heads=kv.stop - kv.start, **block,
                                    cache_kind=[list(r[kv]) for r in self.cache_kind],
-                                   cache_budget=[list(r[kv]) for r in self.cache_budget])
+                                   cache_budget=[list(r[kv]) for r in self.cache_budget],
+                                   cache_compensation=[list(r[kv]) for r in self.cache_compensation],
+                                   cache_options=dict(self.cache_options))
 
     # ------------------------------------------------------------------------ save / load
 
     def to_dict(self) -> dict:
         d = {"num_layers": self.num_layers, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
              "head_dim": self.head_dim, "window": self.window.tolist(), "sinks": self.sinks.tolist(),
-             "cache_kind": self.cache_kind, "cache_budget": self.cache_budget}
+             "cache_kind": self.cache_kind, "cache_budget": self.cache_budget,
+             "cache_compensation": self.cache_compensation, "cache_options": dict(self.cache_options)}
         for name in _FLOAT_FIELDS:
             t = getattr(self, name)
             d[name] = None if t is None else t.tolist()
@@ -416,6 +548,9 @@ class HeadSpec:
         fields.update(window=tensor("window", True), sinks=tensor("sinks", True),
                       cache_kind=[list(r) for r in d["cache_kind"]], cache_budget=[list(r) for r in d["cache_budget"]])
         fields.update({name: tensor(name, False) for name in _FLOAT_FIELDS if d.get(name) is not None})
+        for name in ("cache_compensation", "cache_options"):  # (specs saved before these fields had none)
+            if d.get(name) is not None:
+                fields[name] = d[name]
         return cls(**fields)
 
     def save(self, path) -> None:

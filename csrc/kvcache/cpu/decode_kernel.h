@@ -6,7 +6,8 @@
 // head is one item over its slots (explicit positions). An item reads its K/V slots once for
 // all the query heads of its GQA group and all new query tokens (one tile product), keeps an
 // online softmax per (row, branch), and writes a partial (max, sum, accumulator). A combine
-// pass merges each row's partials, adds the sink logit, mixes alpha and applies the epilogue.
+// pass merges each row's partials, adds the sink logit and a compensated streaming head's
+// compensation key (RazorAttention), mixes alpha and applies the epilogue.
 // Visibility and the epilogue come from head_semantics.h; slot positions from kv_layout.h.
 #pragma once
 
@@ -128,7 +129,7 @@ struct HeadStorage {
       s.v = static_cast<const scalar_t*>(p.full_v[seg]) + base;
       s.first_slot = p.full_starts[seg];
     } else if (p.kv_kind[kvh] == kKvBudget) {
-      const int64_t offset = p.budget_table[4 * index];
+      const int64_t offset = budget_layout_of(p.budget_table, p.budget_heads, b, index).offset;
       const int64_t base = b * p.ring_slots + offset;
       s.k = static_cast<const scalar_t*>(p.ring_k) + base * D;
       s.v = static_cast<const scalar_t*>(p.ring_v) + base * D;
@@ -415,7 +416,8 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
         sinks = {0, 0};
       }
       if (p.kv_kind[kvh] == kKvBudget) {
-        items.push_back({b, kvh, 0, p.budget_table[4 * p.kv_index[kvh] + 1], 0});  // one item: all its slots
+        // one item: all its slots
+        items.push_back({b, kvh, 0, budget_layout_of(p.budget_table, p.budget_heads, b, p.kv_index[kvh]).size, 0});
         continue;
       }
       if (p.kv_kind[kvh] != kKvFull) {
@@ -459,7 +461,28 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
   return items;
 }
 
-// Merges a row's partials, adds the sink, mixes alpha and writes the finished output row.
+// Merges a compensated streaming head's compensation key (kv_layout.h) into one row's softmax
+// (`row`, with its accumulator `acc`): one key, logit compensation_logit(scale * q . k_mean, n),
+// value v_mean. Nothing when the head is not compensated or has evicted nothing yet.
+template <typename scalar_t, typename acc_t>
+void merge_compensation(const DecodeParams& p, int64_t b, int64_t kvh, const scalar_t* q, acc_t softmax_scale,
+                        OnlineSoftmax<acc_t>& row, acc_t* acc) {
+  if (p.kv_kind[kvh] != kKvStreaming) return;
+  const Compensation comp = compensation_of(p.comp_table, p.kv_index[kvh]);
+  if (comp.index < 0) return;
+  const int64_t c = b * p.comp_heads + comp.index, n = p.comp_n[c], D = p.attn.head_dim;
+  if (n == 0) return;
+  const double* k_sum = p.comp_k + c * D;
+  const double* v_sum = p.comp_v + c * D;
+  acc_t dot = 0;
+  for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(q[d]) * static_cast<acc_t>(k_sum[d] / n);
+  const OnlineSoftmax<acc_t> key{compensation_logit(softmax_scale * dot, n, comp.weighted, StdLog{}), acc_t(1)};
+  const auto scales = row.merge(key, StdExp{});
+  for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * scales.self + static_cast<acc_t>(v_sum[d] / n) * scales.other;
+}
+
+// Merges a row's partials, adds the sink and a compensation key, mixes alpha and writes the
+// finished output row.
 template <typename scalar_t>
 void combine(const DecodeParams& p, const std::vector<int64_t>& first_item, PartialBuffer<acc_type<scalar_t>>& partials) {
   using acc_t = acc_type<scalar_t>;
@@ -493,6 +516,8 @@ void combine(const DecodeParams& p, const std::vector<int64_t>& first_item, Part
             const acc_t* part = partials.acc.data() + at * D;
             for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * scales.self + part[d] * scales.other;
           }
+          // the streaming branch (a head served by a streaming KV head has no other)
+          if (br == 1) merge_compensation(p, b, kvh, a.q.row<scalar_t>(b, i, h), hs.softmax_scale, row, acc);
           inv[br] = row.inverse_sum();
         }
         for (int64_t d = 0; d < D; ++d) {

@@ -1,0 +1,128 @@
+"""Budget heads at prefill (docs/DESIGN.md section 6): how a prompt's tokens are scored
+(SnapKV), how a layer's budget heads get their sizes (static budgets: uniform or HeadKV's; AdaKV
+per prompt) and which tokens each keeps. ``HeadSparseCache`` runs these at prefill; they are
+plain functions on tensors so that each rule has one home and tests can transcribe them.
+
+    scores = snapkv_scores(q_obs, k, v, args, group)       # [Hkv, n]: the window's attention
+    counts = adakv_counts(scores, budget=64, alpha=0.2, floors=[...])
+    kept = top_positions(scores[h], counts[h])             # sorted positions
+    budgets = headkv_budgets(head_scores, budget=64, beta=1.2)   # [L, H] static budgets
+
+Order, everywhere: higher score first; equal scores in (head, position) order (the lower head
+first, then the lower position), so every choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._args import HeadArgs, fail, is_int
+
+__all__ = ["snapkv_scores", "top_positions", "adakv_counts", "headkv_budgets", "choose"]
+
+
+def _order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices of a 1-D tensor, highest score first, equal scores lower index first."""
+    return torch.sort(-scores.double(), stable=True).indices
+
+
+def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` best positions of one head's scores ([n]), sorted."""
+    return _order(scores)[:count].sort().values
+
+
+def adakv_counts(scores: torch.Tensor, budget: int, alpha: float, floors) -> list:
+    """AdaKV (Feng et al.; kvpress's AdaKVPress): how many tokens each of a layer's H budget heads
+    keeps from a prompt of n tokens, given their scores ``[H, n]``.
+
+    With n <= budget every head keeps all n. Otherwise each head h is first guaranteed its
+    ``max(int(alpha * budget), floors[h])`` best tokens (at most budget; the floor is what the
+    head must keep to evict during decode: its sinks + budget_recent + 1), then the
+    ``H * budget`` best scores of the whole layer (the guaranteed ones first) decide the counts,
+    which sum to ``H * budget``.
+    """
+    H, n = scores.shape
+    if n <= budget:
+        return [n] * H
+    s = scores.double().clone()
+    for h in range(H):
+        safe = min(budget, max(int(alpha * budget), int(floors[h])))
+        s[h, _order(s[h])[:safe]] = math.inf
+    chosen = _order(s.reshape(-1))[:H * budget]
+    return torch.bincount(chosen // n, minlength=H).tolist()
+
+
+def headkv_budgets(scores: torch.Tensor, budget: int, beta: float) -> torch.Tensor:
+    """HeadKV (Fu et al., "Not All Heads Matter"): static per-head budgets ``[L, H]`` from
+    per-head importance scores ``[L, H]`` (e.g. retrieval scores): each head gets
+    ``budget - budget // beta`` tokens plus its share, proportional to its score, of a pool of
+    ``(budget // beta) * L * H`` tokens, rounded (half to even). beta >= 1: beta = 1 shares the
+    whole budget by score, a large beta gives every head nearly `budget`."""
+    caller = "headops.budgets.headkv_budgets"
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.dtype.is_floating_point:
+        raise fail(caller, "scores", "a floating-point [L, H] tensor",
+                   tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__)
+    s = scores.double()
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or float(s.sum()) <= 0:
+        raise fail(caller, "scores", "finite, >= 0 and not all 0", s.tolist())
+    if not is_int(budget) or budget < 1:
+        raise fail(caller, "budget", "an int >= 1", repr(budget))
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 1.0 <= float(beta) < math.inf:
+        raise fail(caller, "beta", "a finite number >= 1", repr(beta))
+    L, H = s.shape
+    shared = budget // float(beta)
+    return torch.round(s / s.sum() * (shared * L * H) + (budget - shared)).long()
+
+
+def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = True, pool_kernel=None,
+                  heads=None) -> torch.Tensor:
+    """SnapKV scores of a row's prompt keys, ``[Hkv, n]`` float32: the attention probability each
+    key gets from the observation window (q_obs ``[1, w, Hq, D]``, the prompt's last w queries;
+    k, v ``[1, n, Hkv, D]``), summed over the window's queries (bottom-right aligned: query i
+    sits at position n - w + i), each query head's mass max-pooled over `pool_kernel`
+    neighbouring keys (None: not pooled), then summed over the query heads of each KV head.
+    `args` are the row's per-head arguments (softmax_scale, key_bias, sink_logit count; window,
+    sinks, alpha and the epilogue do not: a budget head's query heads see every key); a query
+    head whose gate is 0 adds nothing. Only the KV heads in `heads` are scored (others get 0).
+
+    From the fused probe kernel's key mass (docs/probes.md): no [w, n] matrix per head."""
+    import torch.nn.functional as F
+
+    from .probes import run_probe
+
+    Hq, Hkv, n = q_obs.shape[2], k.shape[2], k.shape[1]
+    wanted = torch.zeros(Hq, dtype=torch.float64)
+    for h in (range(Hkv) if heads is None else heads):
+        wanted[h * group:(h + 1) * group] = 1.0
+    if args.gate is not None:
+        wanted = wanted * (args.gate[0].to(torch.float64).cpu() != 0)
+    wanted = wanted.to(q_obs.device).view(1, Hq)
+    scoring = args._replace(window=None, sinks=None, alpha=None, out_scale=None, out_bias=None, gate=wanted)
+    probe = dict(spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
+                 key_mass_rows=[0, q_obs.shape[1]])
+    _, _, stats = run_probe(q_obs, k, v, scoring, probe, causal=causal, heads_first=False)
+    mass = stats.key_mass[0]  # [Hq, n]
+    if pool_kernel is not None and pool_kernel > 1:
+        mass = F.max_pool1d(mass.unsqueeze(0), pool_kernel, stride=1, padding=pool_kernel // 2).squeeze(0)
+    return mass.view(Hkv, group, n).sum(dim=1)
+
+
+def choose(scores: torch.Tensor, budgets, sinks, recent: int, *, allocation: str, alpha: float):
+    """(sizes, kept) of one row's budget heads of one layer: their scores ``[H, n]``, budgets,
+    sinks (per head) and budget_recent. Each head's sinks and `recent` latest tokens are always
+    kept (their scores count as +inf); the rest by score. Sizes are the slots each head holds
+    from now on: its budget, or with "adakv" (uniform budgets) its AdaKV count once the prompt
+    is longer than the budget; kept: each head's sorted positions (min(n, size) of them)."""
+    H, n = scores.shape
+    forced = scores.double().clone()
+    for h in range(H):
+        forced[h, :min(int(sinks[h]), n)] = math.inf
+        forced[h, max(0, n - recent):] = math.inf
+    if allocation == "adakv" and n > budgets[0]:
+        sizes = adakv_counts(forced, budgets[0], alpha, [int(s) + recent + 1 for s in sinks])
+    else:
+        sizes = [int(b) for b in budgets]
+    return sizes, [top_positions(forced[h], min(n, sizes[h])) for h in range(H)]

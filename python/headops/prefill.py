@@ -1,0 +1,137 @@
+"""One dense prefill, every method's cache built from it (docs/cache.md, "From a dense prefill").
+
+The evaluation of head-level compression methods (docs/DESIGN.md section 7) prefills each
+context once with full attention; every method then builds its compressed cache from that
+prefill, appends the question and decodes::
+
+    prefill = headops.capture_prefill(model, context_ids, observation_window=32)
+    for spec in methods:                                   # HeadSpec.razor, .budget, .headkv ...
+        cache = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=64)
+        headops.patch(model, spec)                         # (or set_spec on a patched model)
+        out = model.generate(context_and_question_ids, cache=cache, ...)
+
+A ``DensePrefill`` holds what a cache needs from the prompt, per layer: the keys and values as
+the model cached them (RoPE applied) and the last queries as attention saw them (for the SnapKV
+scores of budget heads), with the valid length of each batch row and the model's softmax scale.
+Building a cache from it reads no model weights and runs no attention over the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._args import fail, is_int
+
+__all__ = ["DensePrefill", "capture_prefill"]
+
+CAPTURE = "headops_capture_prefill"
+
+
+@dataclasses.dataclass
+class DensePrefill:
+    """A prompt's dense prefill, per layer (lists of L tensors, layout "bhsd" as transformers
+    caches hold them):
+
+      keys, values: ``[B, Hkv, S, D]`` (RoPE applied);
+      queries: ``[B, Hq, w, D]``, the last w queries of each row (entry j of row b is position
+          ``lengths[b] - w + j``; entries before position 0 are zeros), or None (no budget heads
+          can be built then);
+      lengths: valid tokens per row (right padding), or None: every row is S long;
+      softmax_scale: the model's scale per layer (None: 1 / sqrt(D)).
+    """
+    keys: list
+    values: list
+    queries: list | None = None
+    lengths: list | None = None
+    softmax_scale: list | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+
+def capture_prefill(model, input_ids, attention_mask=None, *, observation_window: int = 32) -> DensePrefill:
+    """Runs `model` once over `input_ids` ``[B, S]`` with full attention (transformers' SDPA,
+    whatever attention the model uses otherwise, headops' included) and returns its DensePrefill:
+    every layer's keys and values from the model's own cache and its last `observation_window`
+    queries per row. `attention_mask` ``[B, S]`` (1 real, 0 padding) must be right padding: each
+    row's tokens first. The model's attention implementation is restored afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    caller = "headops.capture_prefill"
+    if not is_int(observation_window) or observation_window < 1:
+        raise fail(caller, "observation_window", "an int >= 1", repr(observation_window))
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise fail(caller, "input_ids", "a [B, S] tensor", getattr(input_ids, "shape", type(input_ids).__name__))
+    B, S = input_ids.shape
+    lengths = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, S):
+            raise fail(caller, "attention_mask", f"a [B, S] = [{B}, {S}] tensor",
+                       getattr(attention_mask, "shape", type(attention_mask).__name__))
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1).tolist()
+        if any(n < 1 for n in lengths) or not all(bool(mask[b, :n].all()) for b, n in enumerate(lengths)):
+            raise fail(caller, "attention_mask", "right padding (each row's real tokens first, at least one)",
+                       attention_mask.tolist())
+    rows = lengths or [S] * B
+    w = observation_window
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    queries, scales = {}, {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        layer = module.layer_idx
+        q = query.new_zeros(B, query.shape[1], w, query.shape[3])
+        for b, n in enumerate(rows):
+            take = min(w, n)
+            q[b, :, w - take:] = query[b, :, n - take:n]
+        queries[layer] = q
+        scales[layer] = kwargs.get("scaling")
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, record)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE)
+    try:
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    finally:
+        model.set_attn_implementation(previous)
+    cache = out.cache
+    L = len(cache.layers)
+    if sorted(queries) != list(range(L)):
+        raise RuntimeError(f"{caller}: recorded the queries of layers {sorted(queries)}, expected 0..{L - 1} (does "
+                           "this model dispatch its attention through transformers' AttentionInterface?)")
+    return DensePrefill(keys=[cache.layers[i].keys for i in range(L)], values=[cache.layers[i].values for i in range(L)],
+                        queries=[queries[i] for i in range(L)], lengths=lengths,
+                        softmax_scale=[scales[i] for i in range(L)])
+
+
+def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
+    """HeadSparseCache.from_prefill (which documents it)."""
+    caller = "headops.HeadSparseCache.from_prefill"
+    if not isinstance(prefill, DensePrefill):
+        raise TypeError(f"{caller}: prefill must be a headops.DensePrefill, got {type(prefill).__name__}")
+    cache = cls(model_or_config, spec, **options)
+    L = cache.num_layers
+    for name in ("keys", "values") + (() if prefill.queries is None else ("queries",)):
+        if len(getattr(prefill, name)) != L:
+            raise fail(caller, f"prefill.{name}", f"one tensor per layer ({L})", len(getattr(prefill, name)))
+    if prefill.softmax_scale is not None and len(prefill.softmax_scale) != L:
+        raise fail(caller, "prefill.softmax_scale", f"one per layer ({L})", len(prefill.softmax_scale))
+    for layer in range(L):
+        k = prefill.keys[layer]
+        args = spec.layer_args(layer, k.shape[2])
+        args.pop("window")
+        args.pop("sinks")
+        if spec.softmax_scale is None and prefill.softmax_scale is not None and \
+                prefill.softmax_scale[layer] is not None:
+            args["softmax_scale"] = float(prefill.softmax_scale[layer])
+        cache.fill(layer, k, prefill.values[layer], queries=None if prefill.queries is None else
+                   prefill.queries[layer], lengths=prefill.lengths, layout="bhsd", **args)
+    return cache
