@@ -18,7 +18,7 @@ import time
 import torch
 
 from ._progress import progress as progress_over
-from .patching import patch, set_spec, unpatch
+from .patching import patch, patched_spec, set_spec, unpatch
 from .spec import HeadSpec
 
 __all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss",
@@ -84,8 +84,7 @@ class with_spec:
     def __enter__(self):
         self.was_patched = hasattr(self.model, "_headops_previous")
         if self.was_patched:
-            modules = [m for m in self.model.modules() if hasattr(m, "_headops_spec")]
-            self.previous = modules[0]._headops_spec if modules else None
+            self.previous = patched_spec(self.model)
             set_spec(self.model, self.spec)
         else:
             patch(self.model, self.spec)
@@ -93,8 +92,7 @@ class with_spec:
 
     def __exit__(self, *exc):
         if self.was_patched:
-            if self.previous is not None:
-                set_spec(self.model, self.previous)
+            set_spec(self.model, self.previous)
         else:
             unpatch(self.model)
 
