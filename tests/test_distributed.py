@@ -1,5 +1,5 @@
 """Past one machine (docs/DESIGN.md section 8): tensor-parallel models through transformers' own
-DistributedConfig.
+DistributedConfig, and research sweeps split over processes.
 
 Every test starts real processes (gloo on the CPU) with headops.testing.run_ranks, which gives
 each one torchrun's environment: transformers' from_pretrained(distributed_config=...) and the
@@ -9,12 +9,16 @@ bitwise the single process's.
 """
 
 import dataclasses
+import os
+import time
 
 import pytest
 import torch
 
 import headops
-from headops.testing import run_ranks, tiny_llama, tiny_qwen2
+from headops import _distributed, discover, tasks
+from headops.research import per_row_causal_lm_loss
+from headops.testing import CharTokenizer, run_ranks, tiny_llama, tiny_qwen2
 
 transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -162,3 +166,89 @@ def test_cache_view_of_one_process_lists_every_head():
     assert view.kept_positions[0][0] == [list(range(6))] * 2
     assert view.kept_positions[1][0] == [[0, 4, 5], list(range(6))]  # sink 0, then the ring (window + max_step - 1)
     assert view.kept_tokens() * 2 * 16 * 4 == cache.ideal_nbytes()
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+def sweeps(model):
+    """Every sweep of the library on the tiny model, with the default group (torchrun's processes
+    when there are several, else this one)."""
+    order = [(layer, h) for layer in (1, 0) for h in (3, 0, 2, 1)]
+    curve = headops.pruning_curve(model, IDS, order, [0.0, 0.25, 0.5, 0.75, 1.0], repeats=1, max_batch_tokens=40)
+    tok = CharTokenizer()
+    samples = discover.retrieval_samples(tok, lengths=[400], depths=[0.0, 1.0], needles=2)
+    prompts = [tasks.multi_passkey(tok, 360, passkeys=2, words=2, seed=seed) for seed in range(2)]
+    batches = []
+
+    def value_fn(m, batch):
+        batches.append(batch.shape[0])
+        return -per_row_causal_lm_loss(m, batch)
+
+    return {"shapley": headops.shapley(model, IDS, permutations=3, batch_size=4, value_fn=value_fn),
+            "shapley_batches": batches,
+            "curve": (curve["metric"], len(curve["forward_seconds"])),
+            "retrieval": discover.retrieval_scores(model, samples, batch_size=1),
+            "ablation": discover.duo_ablation(model, prompts, sinks=2, window=8, max_batch_tokens=720).values}
+
+
+def test_sweeps_split_over_two_processes_are_bitwise_the_single_process_result():
+    model, _ = tiny_llama()
+    want = sweeps(model)
+    ranks = run_ranks(lambda rank: sweeps(model), 2)
+    # 3 permutations x 9 coalitions in batches of 4 coalitions (2 rows each): ranks 0 and 1 take turns
+    assert want["shapley_batches"] == [8] * 6 + [6]
+    assert [got["shapley_batches"] for got in ranks] == [[8, 8, 8, 6], [8, 8, 8]]
+    for got in ranks:
+        assert torch.equal(got["shapley"], want["shapley"])
+        assert got["curve"] == want["curve"]
+        assert torch.equal(got["retrieval"].values, want["retrieval"].values)
+        assert got["retrieval"].info == want["retrieval"].info
+        assert torch.equal(got["ablation"], want["ablation"])
+
+
+def test_a_failing_rank_fails_every_rank_with_its_error_and_different_inputs_are_refused():
+    model, _ = tiny_llama()
+
+    def run(rank):
+        def value_fn(m, batch):
+            if rank == 1:
+                raise ValueError("no value on rank 1")
+            return -per_row_causal_lm_loss(m, batch)
+
+        with pytest.raises(_distributed.RankFailed) as failed:
+            headops.shapley(model, IDS, permutations=2, value_fn=value_fn)
+        with pytest.raises(ValueError) as different:
+            headops.shapley(model, IDS + rank, permutations=2)
+        return str(failed.value), str(different.value)
+
+    for failed, different in run_ranks(run, 2):
+        assert failed.startswith("headops.shapley: rank 1 of 2 failed: ValueError: no value on rank 1")
+        assert "value_fn" in failed  # the failing rank's traceback
+        assert "were given different inputs (rank 1 differs from rank 0)" in different
+
+
+def test_a_rank_that_dies_or_stalls_ends_the_sweep_with_an_error_not_a_hang():
+    model, _ = tiny_llama()
+
+    def run(rank, stall):
+        os.environ[_distributed.TIMEOUT_VARIABLE] = "2"
+        if rank == 1:  # joins the processes, then never comes to the sweep
+            _distributed.init_from_torchrun()
+            time.sleep(4 if stall else 0.2)  # without a stall its process ends, as a crash would end it
+            return None
+        with pytest.raises(RuntimeError) as failed:
+            headops.shapley(model, IDS, permutations=1)
+        return str(failed.value)
+
+    run_ranks(run, 2, False, timeout=60)  # (a hang would be a RuntimeError here, after 60 s)
+    assert "Timed out" in run_ranks(run, 2, True, timeout=60)[0]
+
+
+def test_sweep_group_takes_a_process_group_none_or_false():
+    model, _ = tiny_llama()
+    assert _distributed.sweep_group(None, model, "f") is None  # not under torchrun
+    assert _distributed.sweep_group(False, model, "f") is None
+    with pytest.raises(TypeError, match="headops.shapley: group must be a torch.distributed ProcessGroup"):
+        headops.shapley(model, IDS, permutations=1, group="world")
+    with pytest.raises(TypeError, match="group must be"):
+        _distributed.sweep_group(2, model, "f")
