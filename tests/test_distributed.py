@@ -252,3 +252,26 @@ def test_sweep_group_takes_a_process_group_none_or_false():
         headops.shapley(model, IDS, permutations=1, group="world")
     with pytest.raises(TypeError, match="group must be"):
         _distributed.sweep_group(2, model, "f")
+
+
+# ------------------------------------------------------------------------------ the command line
+
+def test_the_commands_under_torchrun_write_once_what_one_process_writes(tmp_path):
+    from headops.cli import main
+
+    options = {"shapley": ["--tokens", "16", "--permutations", "3"], "prune": ["--tokens", "16", "--steps", "4",
+                                                                             "--repeats", "1"],
+               "discover": ["--method", "retrieval", "--lengths", "400", "--depths", "0", "1", "--needles", "1",
+                            "--batch-size", "1"]}
+
+    def run_all(suffix):
+        return [main([name, "--model", "tiny", "--no-plot", "--quiet", "--out", str(tmp_path / f"{name}_{suffix}"),
+                      *extra]) for name, extra in options.items()]
+
+    assert run_all("one") == [0, 0, 0]
+    assert run_ranks(lambda rank: run_all("two"), 2) == [[0, 0, 0]] * 2
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}_{n}.csv" for name in options for n in ("one", "two"))
+    for name in ("shapley", "discover"):
+        assert (tmp_path / f"{name}_two.csv").read_text() == (tmp_path / f"{name}_one.csv").read_text()
+    curve = [line.split(",")[:3] for line in (tmp_path / "prune_one.csv").read_text().splitlines()]  # (not the times)
+    assert [line.split(",")[:3] for line in (tmp_path / "prune_two.csv").read_text().splitlines()] == curve
