@@ -75,7 +75,8 @@ def specs(model):
 
 def measure(model):
     """What a patched model computes: logits under each spec (switched by set_spec), probe
-    statistics, greedy tokens through a HeadSparseCache and what that cache holds."""
+    statistics, greedy tokens through a HeadSparseCache and what that cache holds, and the
+    gradient importance of every head."""
     out, all_specs = {}, specs(model)
     headops.patch(model, all_specs["dense"])
     with torch.no_grad():
@@ -92,6 +93,7 @@ def measure(model):
                                    pad_token_id=2)
     out["cache"] = {"kv_heads": cache.num_kv_heads, "ideal": cache.ideal_nbytes(), "dense": cache.dense_nbytes(),
                     "view": cache.whole_model_view()}
+    out["importance"] = headops.importance(model, [IDS], normalize=False)  # every head's gate gradient
     return out
 
 
@@ -108,6 +110,7 @@ def test_tensor_parallel_llama_and_qwen2_compute_what_one_process_computes(saved
                 assert torch.equal(index, want_index)
                 torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
             assert torch.equal(got["tokens"], one["tokens"]), f"{name} rank {rank}"
+            torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
         # each rank's cache holds its own KV heads: half the model's, and exactly their tokens
         whole = one["cache"]["view"]
         per_token = whole.ideal_nbytes // whole.kept_tokens()

@@ -100,14 +100,34 @@ class HeadShard:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
     def local_spec(self, spec):
-        """The rank's part of a whole-model HeadSpec: every per-head field sliced to its heads."""
-        return spec.slice_heads(self.q_heads)
+        """The rank's part of a whole-model HeadSpec: every per-head field sliced to its heads. A
+        field that requires grad (a gate for head importance, DuoAttention's alpha) gets every rank's
+        gradient: each rank's slice is a part of it, summed over the ranks in the backward pass."""
+        trained = {name: _SumGradOverRanks.apply(t, self.group) for name, t in spec.tensors().items()
+                   if t.requires_grad}
+        return (dataclasses.replace(spec, **trained) if trained else spec).slice_heads(self.q_heads)
 
     def gather_heads(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The whole model's tensor from every rank's block along the head axis `dim` (a collective)."""
         parts = [torch.empty_like(t) for _ in range(self.size)]
         _dist().all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """The identity forward; backward, the gradient summed over the tensor-parallel ranks (each
+    holds the gradient of its own heads' slice, zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _dist().all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _dtensor_types():
