@@ -169,6 +169,10 @@ def test_cache_view_of_one_process_lists_every_head():
     assert view.kept_positions[0][0] == [list(range(6))] * 2
     assert view.kept_positions[1][0] == [[0, 4, 5], list(range(6))]  # sink 0, then the ring (window + max_step - 1)
     assert view.kept_tokens() * 2 * 16 * 4 == cache.ideal_nbytes()
+    assert headops.patched_spec(model) is spec  # the whole-model spec (what research.with_spec restores)
+    headops.unpatch(model)
+    with pytest.raises(RuntimeError, match="headops.patched_spec: the model is not patched"):
+        headops.patched_spec(model)
 
 
 # ------------------------------------------------------------------------------ sweeps

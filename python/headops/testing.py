@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -112,6 +113,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
                 outcome, code = ("failed", traceback.format_exc()), 1
             try:
                 torch.save(outcome, os.path.join(folder, f"rank{rank}.pt"))
+                sys.stdout.flush()  # (os._exit drops what Python still buffers)
+                sys.stderr.flush()
             finally:
                 os._exit(code)  # not the parent's exit handlers (a forked copy of pytest, say)
 
