@@ -9,6 +9,7 @@ bitwise the single process's.
 """
 
 import dataclasses
+import datetime
 import os
 import time
 
@@ -238,17 +239,28 @@ def test_a_rank_that_dies_or_stalls_ends_the_sweep_with_an_error_not_a_hang():
     model, _ = tiny_llama()
 
     def run(rank, stall):
-        os.environ[_distributed.TIMEOUT_VARIABLE] = "2"
-        if rank == 1:  # joins the processes, then never comes to the sweep
-            _distributed.init_from_torchrun()
+        _distributed.init_from_torchrun()
+        group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=2))  # (every rank joins it)
+        if rank == 1:  # then never comes to the sweep
             time.sleep(4 if stall else 0.2)  # without a stall its process ends, as a crash would end it
             return None
         with pytest.raises(RuntimeError) as failed:
-            headops.shapley(model, IDS, permutations=1)
+            headops.shapley(model, IDS, permutations=1, group=group)
         return str(failed.value)
 
     run_ranks(run, 2, False, timeout=60)  # (a hang would be a RuntimeError here, after 60 s)
     assert "Timed out" in run_ranks(run, 2, True, timeout=60)[0]
+
+
+def test_the_timeout_of_the_processes_torchrun_starts_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(_distributed.TIMEOUT_VARIABLE, "2.5")
+    assert _distributed.timeout() == datetime.timedelta(seconds=2.5)
+    monkeypatch.delenv(_distributed.TIMEOUT_VARIABLE)
+    assert _distributed.timeout() == datetime.timedelta(seconds=_distributed.DEFAULT_TIMEOUT_SECONDS)
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(_distributed.TIMEOUT_VARIABLE, bad)
+        with pytest.raises(ValueError, match="HEADOPS_DISTRIBUTED_TIMEOUT must be a number of seconds > 0"):
+            _distributed.timeout()
 
 
 def test_sweep_group_takes_a_process_group_none_or_false():

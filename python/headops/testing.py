@@ -101,7 +101,11 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
 
     context = multiprocessing.get_context("fork")
     port = _free_port()
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="headops-ranks-") as folder:
+        def result_path(rank):
+            return os.path.join(folder, f"rank{rank}.pt")
+
         def child(rank):
             code = 0
             try:
@@ -112,16 +116,21 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             except BaseException:
                 outcome, code = ("failed", traceback.format_exc()), 1
             try:
-                torch.save(outcome, os.path.join(folder, f"rank{rank}.pt"))
+                torch.save(outcome, result_path(rank) + ".part")
+                os.replace(result_path(rank) + ".part", result_path(rank))  # (whole, when it appears)
                 sys.stdout.flush()  # (os._exit drops what Python still buffers)
                 sys.stderr.flush()
+                # rank 0 hosts torch.distributed's store (MASTER_ADDR:MASTER_PORT): it leaves last, so that
+                # no rank still talking to the store finds it gone
+                while rank == 0 and time.monotonic() < deadline and not all(
+                        os.path.exists(result_path(r)) for r in range(world_size)):
+                    time.sleep(0.02)
             finally:
                 os._exit(code)  # not the parent's exit handlers (a forked copy of pytest, say)
 
         processes = [context.Process(target=child, args=(rank,)) for rank in range(world_size)]
         for p in processes:
             p.start()
-        deadline = time.monotonic() + timeout
         for p in processes:
             p.join(max(0.0, deadline - time.monotonic()))
         hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
@@ -129,11 +138,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             if p.is_alive():
                 p.kill()
                 p.join()
-        outcomes = []
-        for rank in range(world_size):
-            path = os.path.join(folder, f"rank{rank}.pt")
-            outcomes.append(torch.load(path, weights_only=False) if os.path.exists(path) else
-                            ("failed", f"no result (exit code {processes[rank].exitcode})"))
+        outcomes = [torch.load(result_path(rank), weights_only=False) if os.path.exists(result_path(rank)) else
+                    ("failed", f"no result (exit code {processes[rank].exitcode})") for rank in range(world_size)]
     failed = [(rank, o[1]) for rank, o in enumerate(outcomes) if o[0] == "failed"]
     if hung or failed:
         raise RuntimeError((f"ranks {hung} still running after {timeout} s (killed)\n" if hung else "") +
