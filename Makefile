@@ -1,5 +1,10 @@
 # make demo  - set up .venv, build headops._C (incrementally), run the CPU benchmarks (forward,
-#              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example
+#              forward+backward, KV-cache decode) and the end-to-end SmolLM2 example, sized to finish
+#              in <= 10 min on 2 cores: S = 2048, decode up to 32k tokens, the baselines that are
+#              pathologically slow on the CPU time-boxed; results go to bench/results/local/
+#              (untracked): git status stays clean
+# make bench-record - the three benchmarks' full default presets with --record: refresh the
+#              committed bench/results/*_default.* (the bench-* targets write bench/results/local/)
 # make test  - same set-up, then the whole pytest suite
 # make test-asan - the CPU kernels built with AddressSanitizer + UBSan (build-asan/), a test subset
 PYTHON ?= python3
@@ -11,7 +16,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache clean
+.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
 
 all: build
 
@@ -27,11 +32,15 @@ $(DEPS_STAMP): requirements-dev.txt requirements-models.txt
 build: $(DEPS_STAMP)
 	$(VPY) setup.py -q build_ext --inplace
 
+# The full default presets (forward S=4096, forward+backward up to S=8192, decode up to 128k):
+# .venv/bin/python bench/attention_cpu.py, make bench-train, make bench-kvcache; all three with
+# --record: make bench-record.
 demo: build
-	$(VPY) bench/attention_cpu.py
-	$(VPY) bench/attention_cpu_train.py
-	$(VPY) bench/kvcache.py
+	$(VPY) bench/attention_cpu.py --sizes 2048
+	$(VPY) bench/attention_cpu_train.py --max-s 2048 --memory-s 8192
+	$(VPY) bench/kvcache.py --contexts 8192,32768
 	$(VPY) examples/smollm2_generate.py
+	@echo "make demo: tables above; results in bench/results/local/ (untracked)"
 
 bench-full: build
 	$(VPY) bench/attention_cpu.py --full
@@ -42,6 +51,12 @@ bench-train: build
 bench-kvcache: build
 	$(VPY) bench/kvcache.py
 
+# the committed results (bench/results/*_default.*), refreshed only when asked
+bench-record: build
+	$(VPY) bench/attention_cpu.py --record
+	$(VPY) bench/attention_cpu_train.py --record
+	$(VPY) bench/kvcache.py --record
+
 test: build
 	$(VPY) -m pytest tests -q
 
@@ -51,9 +66,11 @@ test-properties-long: build
 		tests/test_properties_errors.py -q
 
 # AddressSanitizer + UndefinedBehaviorSanitizer: the extension is built into build-asan/ (its
-# own ninja tree, the Python files linked beside it) and loaded instead of python/headops/_C.
+# own ninja tree, the Python files and subpackages linked beside it) and loaded instead of python/headops/_C.
 # Python itself is not instrumented, so libasan (and libstdc++, for its exception interceptor)
 # are preloaded; --capture=sys lets a sanitizer report reach the terminal before the abort.
+# allocator_may_return_null: an allocation too big to serve fails as it does without ASan (torch
+# raises, and the tests check that the cache refuses it and changes nothing) instead of aborting.
 ASAN_PKG := build-asan/pkg
 ASAN_TESTS ?= tests/test_validation.py tests/test_attention_cpu.py tests/test_autograd.py \
 	tests/test_kvcache.py tests/test_properties.py tests/test_properties_cache.py tests/test_properties_errors.py \
@@ -62,9 +79,10 @@ ASAN_EXAMPLES ?= 500
 test-asan: $(DEPS_STAMP)
 	mkdir -p $(ASAN_PKG)/headops
 	ln -sf $(CURDIR)/python/headops/*.py $(ASAN_PKG)/headops/
+	for d in $(CURDIR)/python/headops/*/; do case $$d in */__pycache__/) ;; *) ln -sfn $${d%/} $(ASAN_PKG)/headops/ ;; esac; done
 	HEADOPS_SANITIZE=1 HEADOPS_CUDA=0 $(VPY) setup.py -q build_ext --build-lib $(ASAN_PKG) --build-temp build-asan/tmp
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	PYTHONPATH=$(ASAN_PKG) HEADOPS_EXPECT_SANITIZED=1 HEADOPS_HYPOTHESIS_EXAMPLES=$(ASAN_EXAMPLES) \
 	$(VPY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys
 

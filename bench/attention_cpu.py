@@ -48,9 +48,19 @@ Presets (every row times headops, SDPA and eager-mask):
             S <= 4096 ("skipped" above). Tens of minutes.
 Overrides: --sizes, --dtypes, --scenarios, --flex-all / --no-flex, --eager-ref, --repeats, --threads.
 
-Writes bench/results/attention_cpu_<preset>.md (table) and .json (raw numbers, machine, date,
-command line); <preset> gets a "-custom" suffix when --sizes/--dtypes/--scenarios/--flex-all
-override it. The files are rewritten after every row, so an interrupted run leaves what it did.
+Time box (bench/timing.py): headops and SDPA always get every timed call; a baseline whose
+warm-up call shows that its --repeats timed calls would take more than --baseline-budget seconds
+(default 10) in a row gets as many as fit, and when not even one fits, its warm-up call is its
+only sample and later rows of the same dtype and S skip it. The table says so ("(1 run)",
+"skipped (time box)"), the notes say why (e.g. no bf16 matrix unit: eager bf16 matmuls take about a
+minute a call at S = 4096 on a 2-core AVX2 EPYC). --baseline-budget 0 times everything fully.
+
+Each row's table line is printed as soon as the row is measured. Writes
+bench/results/local/attention_cpu_<preset>.md (table) and .json (raw numbers, machine, date,
+command line), untracked; --record writes the committed bench/results/ instead (make
+bench-record), --out-dir anywhere. <preset> gets a "-custom" suffix when --sizes/--dtypes/
+--scenarios/--flex-all override it. The files are rewritten after every row, so an interrupted
+run leaves what it did.
 """
 
 from __future__ import annotations
@@ -88,8 +98,9 @@ except ImportError:  # run without PYTHONPATH=python
     import headops  # noqa: E402
 import headops.reference  # noqa: E402
 
-from bench.timing import (Stats, interleaved, load_average, machine_info, markdown_table,  # noqa: E402
-                          mem_available_bytes, now_iso, text_table, time_call)
+from bench.timing import (BASELINE_BUDGET_S, LiveTable, TimeBox, add_output_args, interleaved,  # noqa: E402
+                          load_average, machine_info, markdown_table, mem_available_bytes, now_iso,
+                          output_dir, runs_label, shown_path, time_box_notes, time_call)
 
 B, H, D = 1, 16, 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -350,8 +361,15 @@ def warm_up_candidate(name, fn, row, outputs, candidates):
         row[name] = {"status": "n/a", "reason": full_reason(e)}
 
 
-def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool, use_ref: bool) -> dict:
+# the baselines the time box may thin (never headops or SDPA), as the tables name them
+BASELINES = {"flex": "flex", "eager_ref": "eager ref", "eager_mask": "eager-mask"}
+
+
+def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool, use_ref: bool,
+            timebox: TimeBox | None = None) -> dict:
     dtype = DTYPES[dtype_name]
+    timebox = timebox or TimeBox(None, args.repeats)
+    where = f"{sc.label} {SHORT[dtype_name]} S={S}"
     elt = torch.tensor([], dtype=dtype).element_size()
     spec = sc.kwargs()
     scale = 1.0 / math.sqrt(D)
@@ -391,6 +409,8 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
     if not use_flex:
         row["flex"] = {"status": "off", "reason": "not in this preset (--flex-all)"
                        if not args.no_flex else "--no-flex"}
+    elif timebox.skip_reason(("flex", dtype_name, S)):
+        row["flex"] = {"status": "skipped", "reason": timebox.skip_reason(("flex", dtype_name, S))}
     else:
         ok, why = flex_available()
         if not ok:
@@ -420,6 +440,8 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
     ref_bytes = 6 * B * H * S * S * 4
     if not use_ref:
         row["eager_ref"] = {"status": "skipped", "reason": "not in this preset (--eager-ref all)"}
+    elif timebox.skip_reason(("eager_ref", dtype_name, S)):
+        row["eager_ref"] = {"status": "skipped", "reason": timebox.skip_reason(("eager_ref", dtype_name, S))}
     elif S > args.ref_max_s:
         row["eager_ref"] = {"status": "skipped", "reason": f"S > {args.ref_max_s} (materialises S x S)"}
     elif avail is not None and ref_bytes > 0.7 * avail:
@@ -435,6 +457,8 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
     em_bytes = B * H * S * S * (elt + 4 + (elt if elt != 4 else 0)) + mask_heads * S * S
     if args.no_eager_mask:
         row["eager_mask"] = {"status": "skipped", "reason": "--no-eager-mask"}
+    elif timebox.skip_reason(("eager_mask", dtype_name, S)):
+        row["eager_mask"] = {"status": "skipped", "reason": timebox.skip_reason(("eager_mask", dtype_name, S))}
     elif avail is not None and em_bytes > 0.7 * avail:
         row["eager_mask"] = {"status": "skipped", "reason": f"needs ~{em_bytes / 2**30:.0f} GiB"}
     else:
@@ -466,10 +490,18 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
             row[name].update(informational_diff(outputs[name], outputs["headops"], dtype_name))
     outputs.clear()
 
-    # timing, interleaved
-    stats = interleaved(candidates, args.repeats)
+    # timing, interleaved; a baseline whose warm-up call says its timed calls would not fit in the
+    # budget gets fewer (bench/timing.py: TimeBox)
+    runs, warmups = {}, {}
+    for name in candidates:
+        warmups[name] = row[name]["warmup_ms"] / 1e3
+        if name in BASELINES:
+            runs[name] = timebox.runs((name, dtype_name, S), warmups[name], where)
+            if timebox.entry(runs[name], dtype_name):
+                row[name]["time_box"] = timebox.entry(runs[name], dtype_name)
+    stats = interleaved(candidates, args.repeats, runs=runs, warmups=warmups)
     for name, st in stats.items():
-        row[name].update(st.as_dict())
+        row[name].update(st.as_dict(), repeats=args.repeats)
 
     def med(name):
         return row[name].get("median_ms") if row.get(name, {}).get("status") == "ok" else None
@@ -489,10 +521,16 @@ def run_row(sc: Scenario, dtype_name: str, S: int, q, k, v, args, use_flex: bool
 
 HEADER = ["scenario", "dtype", "S", "headops ms", "SDPA dense ms", "headops/SDPA", "flex ms (compile s)",
           "headops/flex", "eager ref ms", "eager-mask ms", "eager-mask/headops", "check max|Δ|"]
+MIN_WIDTHS = [10, 0, 5, 0, 0, 0, 0, 0, 14, 18, 0, 11]  # the live table's columns (cells like "skipped (time box)")
 
 
 def _ms(x):
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _runs(entry: dict) -> str:
+    label = runs_label(entry, entry["repeats"]) if "repeats" in entry else ""
+    return f" ({label})" if label else ""
 
 
 def _cell(entry: dict, table_reasons: bool = True) -> str:
@@ -500,13 +538,15 @@ def _cell(entry: dict, table_reasons: bool = True) -> str:
         return "-"
     status = entry.get("status")
     if status == "ok":
-        return _ms(entry["median_ms"])
+        return _ms(entry["median_ms"]) + _runs(entry)
     if status == "error":
         return "ERROR"
     if status == "off":
         return "off"
     reason = entry.get("reason", "")
     reason = reason.splitlines()[0] if reason else ""
+    if reason.startswith("time box"):
+        reason = "time box"
     if len(reason) > 30:
         reason = reason[:27] + "..."
     return f"{status} ({reason})" if table_reasons and reason else status
@@ -521,13 +561,15 @@ def table_rows(rows: list) -> list:
     for r in rows:
         flex = r.get("flex")
         if flex and flex.get("status") == "ok":
-            flex_cell = f"{_ms(flex['median_ms'])} ({flex['first_call_s']:.1f} s)"
+            flex_cell = f"{_ms(flex['median_ms'])} ({flex['first_call_s']:.1f} s){_runs(flex)}"
         elif flex and flex.get("status") == "off":
             flex_cell = "off"
         else:
             flex_cell = _cell(flex)
         eager_ref = r.get("eager_ref")
-        ref_cell = "skipped" if eager_ref and eager_ref.get("status") == "skipped" else _cell(eager_ref)
+        ref_cell = _cell(eager_ref)
+        if eager_ref and eager_ref.get("status") == "skipped" and not ref_cell.endswith("(time box)"):
+            ref_cell = "skipped"
         ratios = r.get("ratios", {})
         check = r.get("check", {})
         if check.get("max_abs_diff") is None:
@@ -556,7 +598,16 @@ NOTES = """\
 - check: headops vs the eager reference on 6 x 128 query rows spread over S, full ungated heads
   vs SDPA on the whole tensor, gated heads exactly 0; "ok" followed by the largest absolute
   difference found. A failed check makes the script exit with status 1.
+- time box: headops and SDPA always get every timed call. A baseline (flex, eager ref,
+  eager-mask) whose warm-up call shows that its timed calls would take more than the budget
+  (--baseline-budget seconds per row) gets as many as fit -- "(N runs)" after its time; when not
+  even one fits, its warm-up call is its only sample "(1 run)" and later rows of the same dtype
+  and S skip it ("skipped (time box)"). Decided by measuring the first call, not by the CPU model.
 """
+
+
+
+
 
 
 def write_results(path_base: str, meta: dict, rows: list, complete: bool) -> None:
@@ -583,6 +634,8 @@ def write_results(path_base: str, meta: dict, rows: list, complete: bool) -> Non
         lines.append(f"- wall time of the run: {meta['elapsed_s']:.0f} s")
     lines += ["", markdown_table(HEADER, table_rows(rows)), "", "Notes:", "", NOTES]
     extra = []
+    for note in time_box_notes(rows, BASELINES, SHORT):
+        extra.append("- " + note)
     for r in rows:
         for name in ("headops", "sdpa", "flex", "eager_ref", "eager_mask"):
             e = r.get(name) or {}
@@ -597,7 +650,7 @@ def write_results(path_base: str, meta: dict, rows: list, complete: bool) -> Non
                              f"headops: max |diff| {e['max_abs_diff_vs_headops']:.2e}, "
                              f"{e['elements_outside_tolerance']} elements outside the tolerance (informational)")
     if extra:
-        lines += ["Failures, unavailable baselines, differences:", ""] + extra + [""]
+        lines += ["Time box, failures, unavailable baselines, differences:", ""] + extra + [""]
     tmp = path_base + ".md.tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
@@ -629,8 +682,11 @@ def parse_args(argv=None):
     p.add_argument("--no-eager-mask", action="store_true",
                    help="skip the eager-masking baseline (it materialises S x S; bf16 without a bf16 matrix unit "
                         "takes tens of seconds a call at S = 2048)")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"),
-                   help="where the .md and .json go (default bench/results)")
+    p.add_argument("--baseline-budget", type=float, default=BASELINE_BUDGET_S, metavar="SECONDS",
+                   help="time box: seconds of timed calls a baseline (flex, eager ref, eager-mask) may take per row; "
+                        f"fewer calls when its warm-up call says they would not fit (default {BASELINE_BUDGET_S:g}; "
+                        "0: no limit)")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -668,10 +724,11 @@ def main(argv=None) -> int:
         custom = True
     config.setdefault("scenarios", ["dense", "gated", "stream"])
     config.update(repeats=args.repeats, threads=torch.get_num_threads(), ref_max_s=args.ref_max_s,
+                  baseline_budget_s=args.baseline_budget or None,
                   preset=preset, inductor_cache=("fresh temporary directory (cold compile)" if _OWN_INDUCTOR_CACHE
                                                  else os.environ.get("TORCHINDUCTOR_CACHE_DIR")))
     name = preset + ("-custom" if custom else "")
-    path_base = os.path.join(os.path.abspath(args.out_dir), f"attention_cpu_{name}")
+    path_base = os.path.join(output_dir(args), f"attention_cpu_{name}")
 
     meta = {
         "benchmark": "bench/attention_cpu.py",
@@ -691,6 +748,9 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     rows = []
+    timebox = TimeBox(args.baseline_budget, args.repeats)
+    live = LiveTable(HEADER, MIN_WIDTHS)
+    live.start()
     try:
         with torch.no_grad():
             for S in config["sizes"]:
@@ -700,23 +760,18 @@ def main(argv=None) -> int:
                     for sc in scenarios:
                         use_flex = config["flex"] == "all" or (
                             config["flex"] == "stream" and sc.key == "stream")
-                        if use_flex:
-                            print(f"  {sc.label} {SHORT[dtype_name]} S={S}: compiling flex ...", flush=True)
                         use_ref = config["eager_ref"] == "all" or (
                             config["eager_ref"] == "dense-fp32" and sc.key == "dense" and dtype_name == "float32")
-                        row = run_row(sc, dtype_name, S, q, k, v, args, use_flex, use_ref)
+                        row = run_row(sc, dtype_name, S, q, k, v, args, use_flex, use_ref, timebox)
                         row["load_average"] = load_average()
                         rows.append(row)
-                        hd = row.get("headops", {})
-                        status = "ok" if row["check"].get("ok") else "CHECK FAILED"
-                        print(f"  {sc.label:<11} {SHORT[dtype_name]} S={S}: headops "
-                              f"{hd.get('median_ms', float('nan')):.1f} ms, check {status}, "
-                              f"{row.get('row_seconds', 0):.0f} s", flush=True)
+                        live.row(table_rows([row])[0])
                         meta["elapsed_s"] = time.perf_counter() - started
                         write_results(path_base, meta, rows, complete=False)
                     del q, k, v
         meta["elapsed_s"] = time.perf_counter() - started
         meta["machine"]["load_average_at_end"] = load_average()
+        meta["time_box"] = timebox.describe()
         failures = [r for r in rows if not r.get("check", {}).get("ok")]
         meta["checks_ok"] = not failures
         write_results(path_base, meta, rows, complete=True)
@@ -724,10 +779,11 @@ def main(argv=None) -> int:
         if _OWN_INDUCTOR_CACHE:
             shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
 
+    notes = time_box_notes(rows, BASELINES, SHORT)
+    if notes:
+        print("\ntime box (--baseline-budget):\n" + "\n".join("  " + n for n in notes))
     print()
-    print(text_table(HEADER, table_rows(rows)))
-    print()
-    print(f"wall time {meta['elapsed_s']:.0f} s; wrote {path_base}.md and {path_base}.json")
+    print(f"wall time {meta['elapsed_s']:.0f} s; wrote {shown_path(path_base)}.md and .json")
     if failures:
         print("\nCORRECTNESS FAILURE: headops output does not match (see the check column and the .md):")
         for r in failures:

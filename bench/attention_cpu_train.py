@@ -29,7 +29,16 @@ forward+backward of headops at B=1, H=4, D=128, fp32; reports the growth of the 
 set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) over the inputs, and
 compares it with one S x S fp32 matrix per head.
 
-Writes bench/results/attention_cpu_train_<preset>.md and .json.
+Time box (bench/timing.py, as in bench/attention_cpu.py): headops and SDPA always get every timed
+call; a baseline whose warm-up call shows that its timed calls would take more than
+--baseline-budget seconds (default 10) in a row gets as many as fit, and when not even one fits,
+its warm-up call is its only sample ("1 run") and later rows of the same dtype and S skip it
+(eager bf16 autograd without a bf16 matrix unit: tens of seconds a call at S = 2048 on a 2-core
+AVX2 EPYC). --baseline-budget 0 times everything fully.
+
+Each row's table line is printed as soon as the row is measured. Writes
+bench/results/local/attention_cpu_train_<preset>.md and .json (untracked); --record writes the
+committed bench/results/ instead (make bench-record), --out-dir anywhere.
 """
 
 from __future__ import annotations
@@ -52,7 +61,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import headops  # noqa: E402
 from headops import reference  # noqa: E402
-from bench.timing import interleaved, load_average, machine_info, markdown_table, now_iso, text_table  # noqa: E402
+from bench.timing import (BASELINE_BUDGET_S, LiveTable, TimeBox, add_output_args, interleaved,  # noqa: E402
+                          load_average, machine_info, markdown_table, now_iso, output_dir,
+                          runs_label, shown_path, time_box_notes, time_call)
 
 B, H, D = 1, 16, 128
 SINKS, WINDOW = 4, 256
@@ -95,8 +106,13 @@ def eager_mask_attention(q, k, v, hidden, gate):
     return out if gate is None else out * gate.to(out.dtype).view(1, -1, 1, 1)
 
 
-def run_row(scenario: str, dtype_name: str, S: int, repeats: int) -> dict:
+# the baselines the time box may thin (never headops or SDPA), as the tables name them
+BASELINES = {"eager_ref": "eager ref", "eager_mask": "eager-mask"}
+
+
+def run_row(scenario: str, dtype_name: str, S: int, repeats: int, timebox: TimeBox | None = None) -> dict:
     dtype = DTYPES[dtype_name]
+    timebox = timebox or TimeBox(None, repeats)
     gen = torch.Generator().manual_seed(S)
     q, k, v, grad_out = (torch.randn(B, H, S, D, generator=gen).to(dtype) for _ in range(4))
     for t in (q, k, v):
@@ -123,12 +139,24 @@ def run_row(scenario: str, dtype_name: str, S: int, repeats: int) -> dict:
         candidates["eager_mask"] = fwd_bwd(lambda: eager_mask_attention(q, k, v, hidden, args.get("gate")))
 
     row = {"scenario": scenario, "label": LABELS[scenario], "dtype": dtype_name, "S": S}
-    warm = {name: fn() for name, fn in candidates.items()}  # warm-up calls, kept for the checks
+    where = f"{LABELS[scenario]} {SHORT[dtype_name]} S={S}"
+    warm, warmups, runs = {}, {}, {}
+    for name in list(candidates):  # warm-up calls, kept for the checks
+        key = (name, dtype_name, S)
+        if name in BASELINES and timebox.skip_reason(key):
+            row[name] = {"status": "skipped", "reason": timebox.skip_reason(key)}
+            del candidates[name]
+            continue
+        warmups[name], warm[name] = time_call(candidates[name])
+        if name in BASELINES:
+            runs[name] = timebox.runs(key, warmups[name], where)
     row["check"] = check_row(scenario, dtype_name, S, q, k, v, grad_out, args, warm)
     del warm
-    stats = interleaved(candidates, repeats)
+    stats = interleaved(candidates, repeats, runs=runs, warmups=warmups)
     for name, st in stats.items():
-        row[name] = st.as_dict()
+        row[name] = dict(st.as_dict(), status="ok", repeats=repeats, warmup_ms=warmups[name] * 1e3)
+        if timebox.entry(runs.get(name, repeats), dtype_name):
+            row[name]["time_box"] = timebox.entry(runs[name], dtype_name)
     return row
 
 
@@ -199,6 +227,15 @@ print(json.dumps(dict(base_kib=base, peak_kib=peak, finite=bool(torch.isfinite(q
 
 HEADER = ["scenario", "dtype", "S", "headops ms", "SDPA dense ms", "headops/SDPA", "eager ref ms", "ref/headops",
           "eager-mask ms", "mask/headops", "check"]
+MIN_WIDTHS = [11, 0, 5, 0, 0, 0, 18, 0, 18, 0, 10]  # the live table's columns
+
+
+def _baseline_cell(entry: dict | None) -> str:
+    if not entry or entry.get("median_ms") is None:
+        reason = (entry or {}).get("reason", "")
+        return "skipped (time box)" if reason.startswith("time box") else "skipped"
+    label = runs_label(entry, entry.get("repeats", entry["n"]))
+    return f"{entry['median_ms']:.1f}" + (f" ({label})" if label else "")
 
 
 def table_rows(rows):
@@ -208,8 +245,8 @@ def table_rows(rows):
         ref = r.get("eager_ref", {}).get("median_ms")
         mask = r.get("eager_mask", {}).get("median_ms")
         out.append([r["label"], SHORT[r["dtype"]], r["S"], f"{hd:.1f}", f"{sd:.1f}", f"{hd / sd:.2f}x",
-                    f"{ref:.1f}" if ref else "skipped", f"{ref / hd:.1f}x" if ref else "-",
-                    f"{mask:.1f}" if mask else "skipped", f"{mask / hd:.1f}x" if mask else "-",
+                    _baseline_cell(r.get("eager_ref")), f"{ref / hd:.1f}x" if ref else "-",
+                    _baseline_cell(r.get("eager_mask")), f"{mask / hd:.1f}x" if mask else "-",
                     ("ok " if r["check"]["ok"] else "FAILED ") + f"{r['check']['max_abs_diff']:.1e}"])
     return out
 
@@ -236,6 +273,12 @@ def write_results(path_base, meta, rows, memory):
               "mean headops is faster. SDPA dense is dense causal attention over every head whatever the scenario. "
               "check: gradients finite, full ungated heads equal SDPA's, the other heads' dq on the last "
               f"{CHECK_ROWS} query rows equals the reference's (largest abs difference shown).", ""]
+    notes = time_box_notes(rows, BASELINES, SHORT)
+    if notes:
+        lines += [f"Time box: headops and SDPA always get every timed call; a baseline whose warm-up call shows "
+                  f"that its timed calls would take more than {meta['baseline_budget_s']:g} s in a row "
+                  "(--baseline-budget) gets as many as fit, \"1 run\" (its warm-up call) when none fits, and then "
+                  "later rows of the same dtype and S skip it:", ""] + [f"- {n}" for n in notes] + [""]
     for r in rows:
         for p in r["check"]["problems"]:
             lines.append(f"- {r['label']} {SHORT[r['dtype']]} S={r['S']}: CHECK FAILED: {p}")
@@ -252,7 +295,13 @@ def main(argv=None) -> int:
                                                                "quick: 0)")
     p.add_argument("--rows", type=lambda s: [r.split(":") for r in s.split(",")], default=None,
                    help="only these rows of the preset, as scenario:dtype:S (e.g. dense:float32:2048,stream:float32:2048)")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--max-s", type=int, default=None,
+                   help="only the rows of the preset with S <= this (make demo: 2048, leaving out the S=8192 row)")
+    p.add_argument("--baseline-budget", type=float, default=BASELINE_BUDGET_S, metavar="SECONDS",
+                   help="time box: seconds of timed calls a baseline (eager ref, eager-mask) may take per row; "
+                        "fewer calls when its warm-up call says they would not fit "
+                        f"(default {BASELINE_BUDGET_S:g}; 0: no limit)")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +310,7 @@ def main(argv=None) -> int:
     meta = {"benchmark": "bench/attention_cpu_train.py", "preset": preset, "date": now_iso(),
             "command": shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
                                    else sys.executable] + (sys.argv if argv is None else ["attention_cpu_train.py"] + argv)),
-            "machine": machine_info(), "repeats": args.repeats}
+            "machine": machine_info(), "repeats": args.repeats, "baseline_budget_s": args.baseline_budget or None}
     print(f"headops CPU forward+backward benchmark, preset {preset}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
     rows = []
@@ -272,24 +321,33 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--rows: {sorted(unknown)} not in the {preset} preset {selected}")
         selected = [r for r in selected if r in wanted]
+    if args.max_s is not None:
+        selected = [r for r in selected if r[2] <= args.max_s]
+        if not selected:
+            p.error(f"--max-s {args.max_s}: no row of the {preset} preset left")
+    timebox = TimeBox(args.baseline_budget, args.repeats)
+    live = LiveTable(HEADER, MIN_WIDTHS)
+    live.start()
     for scenario, dtype_name, S in selected:
-        row = run_row(scenario, dtype_name, S, args.repeats)
+        row = run_row(scenario, dtype_name, S, args.repeats, timebox)
         row["load_average"] = load_average()
         rows.append(row)
-        print(f"  {row['label']:<11} {SHORT[dtype_name]} S={S}: headops {row['headops']['median_ms']:.1f} ms, "
-              f"SDPA {row['sdpa']['median_ms']:.1f} ms, check {'ok' if row['check']['ok'] else 'FAILED'}", flush=True)
+        live.row(table_rows([row])[0])
     memory = measure_memory(memory_s) if memory_s else None
     meta["elapsed_s"] = time.perf_counter() - started
-    os.makedirs(args.out_dir, exist_ok=True)
-    path_base = os.path.join(args.out_dir, f"attention_cpu_train_{preset}")
+    meta["time_box"] = timebox.describe()
+    out_dir = output_dir(args)
+    os.makedirs(out_dir, exist_ok=True)
+    path_base = os.path.join(out_dir, f"attention_cpu_train_{preset}")
     write_results(path_base, meta, rows, memory)
-    print()
-    print(text_table(HEADER, table_rows(rows)))
+    notes = time_box_notes(rows, BASELINES, SHORT)
+    if notes:
+        print("\ntime box (--baseline-budget):\n" + "\n".join("  " + n for n in notes))
     if memory:
         print(f"\npeak memory, dense f+b S={memory['S']} H={memory['heads']}: +{memory['growth_bytes'] / 2**20:.0f} MiB "
               f"({memory['bytes_per_head_per_token'] / 1024:.1f} KiB per head and token; S x S fp32 per head would be "
               f"{memory['s_by_s_bytes_per_head'] / 2**20:.0f} MiB)")
-    print(f"\nwrote {path_base}.md and .json")
+    print(f"\nwall time {meta['elapsed_s']:.0f} s; wrote {shown_path(path_base)}.md and .json")
     return 0 if all(r["check"]["ok"] for r in rows) else 1
 
 

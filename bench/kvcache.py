@@ -28,7 +28,9 @@ Memory (fresh subprocess per context, fp32, 25 % full heads): peak resident-set 
 the cache is filled chunk by chunk, against cache.nbytes() (what it holds), ideal_nbytes()
 (exactly the kept tokens) and dense_nbytes().
 
-Writes bench/results/kvcache_<preset>.md and .json.
+Each row's line is printed as soon as it is measured. Writes bench/results/local/kvcache_<preset>.md
+and .json (untracked); --record writes the committed bench/results/ instead (make bench-record),
+--out-dir anywhere.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import headops  # noqa: E402
-from bench.timing import interleaved, load_average, machine_info, markdown_table, now_iso, text_table  # noqa: E402
+from bench.timing import (add_output_args, interleaved, load_average, machine_info, markdown_table,  # noqa: E402
+                          now_iso, output_dir, shown_path, text_table)
 
 HQ, HKV, D = 32, 8, 128
 WINDOW, SINKS = 1024, 4
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    add_output_args(p)
     args = p.parse_args(argv)
     preset = "quick" if args.quick else "default"
     contexts = args.contexts or PRESETS[preset]
@@ -227,8 +230,9 @@ def main(argv=None) -> int:
     memory = [measure_memory(ctx) for ctx in contexts]
     meta["elapsed_s"] = time.perf_counter() - started
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"kvcache_{preset}")
+    out_dir = output_dir(args)
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"kvcache_{preset}")
     with open(base + ".json", "w") as f:
         json.dump(dict(meta, rows=rows, memory=memory), f, indent=2, default=str)
         f.write("\n")
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
     print(text_table(HEADER, table_rows(rows)))
     print()
     print(text_table(MEM_HEADER, memory_rows(memory)))
-    print(f"\nwrote {base}.md and .json")
+    print(f"\nwall time {meta['elapsed_s']:.0f} s; wrote {shown_path(base)}.md and .json")
     return 0 if all(r["check"]["ok"] for r in rows) else 1
 
 

@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     print(f"streaming spec through the cache = recomputing every step with the spec "
           f"({args.check_tokens} tokens from a 256-token prompt): {same_streaming}")
     print(f"streaming spec's continuation: {tok.decode(out3[0, ids.shape[1]:])!r}")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
     return 0 if same_dense and same_streaming else 1
 
 

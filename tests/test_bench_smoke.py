@@ -1,10 +1,14 @@
-"""Smoke test of the CPU attention benchmark: the quick preset runs, checks pass, results are written."""
+"""Smoke tests of the CPU benchmarks: the quick presets run, checks pass, results are written; the
+time box (bench/timing.py), the live table, and where results go (bench/results/local/ unless
+--record; make demo leaves git status clean)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +92,172 @@ def test_probe_quick(tmp_path):
     assert all(r["probes_ratio"] > 0 and r["key_mass_ratio"] > 0 for r in data["kernel"])
     for r in data["smollm2_shapes"]:
         assert r["check"]["ok"], r["check"]
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 17: a demo that finishes anywhere -- the time box, live rows, results untracked by default
+
+
+def _timing():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import timing
+    return timing
+
+
+def _run(script, *args, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_thinned_runs_and_spread_rounds():
+    timing = _timing()
+    assert timing.thinned_runs(1.0, 5, 10.0) == 5  # all fit
+    assert timing.thinned_runs(3.0, 5, 10.0) == 3
+    assert timing.thinned_runs(11.0, 5, 10.0) == 0  # not even one: the warm-up is the sample
+    assert timing.thinned_runs(100.0, 5, None) == timing.thinned_runs(100.0, 5, 0) == 5  # no limit
+    assert timing.spread_rounds(1, 5) == {2}
+    assert timing.spread_rounds(2, 5) == {1, 3}
+    assert timing.spread_rounds(3, 5) == {0, 2, 4}
+    assert timing.spread_rounds(5, 5) == set(range(5))
+
+
+def test_interleaved_thinned_and_warmup_only():
+    timing = _timing()
+    calls = {"a": 0, "b": 0, "c": 0}
+
+    def counter(name):
+        def call():
+            calls[name] += 1
+        return call
+
+    stats = timing.interleaved({n: counter(n) for n in calls}, 5, runs={"b": 2, "c": 0}, warmups={"c": 1.5})
+    assert calls == {"a": 5, "b": 2, "c": 0}
+    assert stats["a"].n == 5 and not stats["a"].warmup_only
+    assert stats["b"].n == 2
+    assert stats["c"].n == 1 and stats["c"].warmup_only and stats["c"].median_ms == 1500.0
+    assert timing.runs_label(stats["a"].as_dict(), 5) == ""
+    assert timing.runs_label(stats["b"].as_dict(), 5) == "2 runs"
+    assert timing.runs_label(stats["c"].as_dict(), 5) == "1 run"
+    with pytest.raises(ValueError, match="warm-up"):
+        timing.interleaved({"c": counter("c")}, 3, runs={"c": 0})
+
+
+def test_time_box_skips_later_rows_after_an_over_budget_call():
+    timing = _timing()
+    box = timing.TimeBox(10.0, 5)
+    key = ("eager_mask", "bfloat16", 4096)
+    assert box.skip_reason(key) is None
+    assert box.runs(key, 1.0, "dense bf16 S=4096") == 5 and box.entry(5, "bfloat16") is None
+    assert box.skip_reason(key) is None
+    assert box.runs(key, 4.0, "dense bf16 S=4096") == 2 and box.skip_reason(key) is None
+    assert box.runs(key, 62.0, "dense bf16 S=4096") == 0
+    assert "62 s a call on the dense bf16 S=4096 row" in box.skip_reason(key)
+    assert box.skip_reason(("eager_mask", "float32", 4096)) is None  # other dtypes unaffected
+    assert box.entry(0, "bfloat16")["runs"] == 0
+    unlimited = timing.TimeBox(0, 5)
+    assert unlimited.runs(key, 1e6, "x") == 5 and unlimited.skip_reason(key) is None
+    # the explanation comes from the CPU flags; the decision never does
+    assert timing.matrix_unit_note("bfloat16", ["avx2"]).startswith("no bf16 matrix unit")
+    assert timing.matrix_unit_note("bfloat16", ["avx2", "amx_bf16"]) == ""
+    assert timing.matrix_unit_note("float32", []) == ""
+
+
+def test_live_table_prints_each_row_when_given():
+    import io
+
+    timing = _timing()
+    out = io.StringIO()
+    table = timing.LiveTable(["scenario", "ms"], [10, 0], file=out)
+    table.row(["dense", "1.0"])
+    first = out.getvalue().splitlines()
+    assert len(first) == 3 and first[0].startswith("scenario") and first[2].split() == ["dense", "1.0"]
+    table.row(["gated 50%", "12.5"])
+    assert len(out.getvalue().splitlines()) == 4  # the header is printed once
+
+
+def test_results_go_to_an_untracked_dir_unless_recorded():
+    import argparse
+
+    timing = _timing()
+    p = argparse.ArgumentParser()
+    timing.add_output_args(p)
+    assert timing.output_dir(p.parse_args([])) == str(ROOT / "bench" / "results" / "local")
+    assert timing.output_dir(p.parse_args(["--record"])) == str(ROOT / "bench" / "results")
+    assert timing.output_dir(p.parse_args(["--record", "--out-dir", "/tmp/x"])) == "/tmp/x"
+    if (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", "bench/results/local/attention_cpu_default.json"],
+                                 cwd=ROOT)
+        assert ignored.returncode == 0, "bench/results/local/ must be ignored by git"
+
+
+def test_make_demo_writes_no_tracked_results_and_bench_record_does():
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+
+    def dry(target):
+        proc = subprocess.run(["make", "-n", "-o", "build", target], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stdout.splitlines() if line.startswith(".venv/bin/python bench/")]
+
+    demo = dry("demo")
+    assert {line.split()[1] for line in demo} == {"bench/attention_cpu.py", "bench/attention_cpu_train.py",
+                                                  "bench/kvcache.py"}
+    assert not any("--record" in line or "--out-dir" in line for line in demo)
+    record = dry("bench-record")
+    assert len(record) == 3 and all(line.rstrip().endswith("--record") for line in record)
+
+
+def test_attention_cpu_time_box(tmp_path):
+    """A budget no baseline fits: eager ref and eager-mask get their warm-up call as the only
+    sample on the first row and are skipped on the next; headops and SDPA keep every call; each
+    row's table line is printed."""
+    stdout = _run("bench/attention_cpu.py", "--quick", "--no-flex", "--repeats", "2", "--dtypes", "float32",
+                  "--scenarios", "dense,gated", "--baseline-budget", "1e-9", "--out-dir", str(tmp_path))
+    rows = json.loads((tmp_path / "attention_cpu_quick-custom.json").read_text())["rows"]
+    dense, gated = rows
+    for r in rows:
+        assert r["check"]["ok"], r["check"]
+        for name in ("headops", "sdpa"):
+            assert r[name]["n"] == 2 and not r[name]["warmup_only"]
+    for name in ("eager_ref", "eager_mask"):
+        assert dense[name]["status"] == "ok" and dense[name]["n"] == 1 and dense[name]["warmup_only"]
+        assert dense[name]["median_ms"] == dense[name]["warmup_ms"]
+        assert dense[name]["time_box"]["runs"] == 0
+        assert gated[name]["status"] == "skipped" and gated[name]["reason"].startswith("time box")
+    assert dense["ratios"]["eager_mask_over_headops"] > 0
+    lines = stdout.splitlines()
+    assert any(line.startswith("dense") and "(1 run)" in line for line in lines), stdout
+    assert any(line.startswith("gated 50%") and "skipped (time box)" in line for line in lines), stdout
+    assert "time box" in stdout
+    md = (tmp_path / "attention_cpu_quick-custom.md").read_text()
+    assert "(1 run)" in md and "skipped (time box)" in md
+
+
+def test_attention_cpu_train_time_box(tmp_path):
+    stdout = _run("bench/attention_cpu_train.py", "--quick", "--repeats", "2", "--memory-s", "0",
+                  "--rows", "dense:float32:256,stream:float32:256", "--baseline-budget", "1e-9",
+                  "--out-dir", str(tmp_path))
+    dense, stream = json.loads((tmp_path / "attention_cpu_train_quick.json").read_text())["rows"]
+    for r in (dense, stream):
+        assert r["check"]["ok"], r["check"]
+        assert r["headops"]["n"] == 2 and r["sdpa"]["n"] == 2
+    for name in ("eager_ref", "eager_mask"):
+        assert dense[name]["n"] == 1 and dense[name]["warmup_only"]
+        assert stream[name]["status"] == "skipped" and stream[name]["reason"].startswith("time box")
+    assert any(line.startswith("dense") and "(1 run)" in line for line in stdout.splitlines()), stdout
+    assert "skipped (time box)" in (tmp_path / "attention_cpu_train_quick.md").read_text()
+
+
+def test_attention_cpu_train_max_s_leaves_rows_out():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/attention_cpu_train.py", "--quick", "--max-s", "128"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no row of the quick preset left" in proc.stderr, proc.stderr
