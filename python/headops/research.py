@@ -9,6 +9,10 @@
   per-batch gate ``[M, L, Hq]``, so all masks evaluate as one batch (gated heads cost nothing).
 - ``shapley``: Shapley values of the heads by permutation sampling; the coalitions along each
   permutation (its prefixes) are evaluated in batches through per-batch gates.
+
+``pruning_curve`` and ``shapley`` split their batches of masks over processes (``group``: under
+torchrun by default; headops._distributed), each batch computed as one process computes it, so
+the result is bitwise the single process's with the same threads per process.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import time
 
 import torch
 
-from ._progress import progress as progress_over
-from .patching import patch, set_spec, unpatch
+from ._distributed import map_items, sweep_group
+from .patching import patch, patched_spec, set_spec, unpatch
 from .spec import HeadSpec
 
 __all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss",
@@ -84,8 +88,7 @@ class with_spec:
     def __enter__(self):
         self.was_patched = hasattr(self.model, "_headops_previous")
         if self.was_patched:
-            modules = [m for m in self.model.modules() if hasattr(m, "_headops_spec")]
-            self.previous = modules[0]._headops_spec if modules else None
+            self.previous = patched_spec(self.model)
             set_spec(self.model, self.spec)
         else:
             patch(self.model, self.spec)
@@ -93,8 +96,7 @@ class with_spec:
 
     def __exit__(self, *exc):
         if self.was_patched:
-            if self.previous is not None:
-                set_spec(self.model, self.previous)
+            set_spec(self.model, self.previous)
         else:
             unpatch(self.model)
 
@@ -137,7 +139,7 @@ def importance_finite_difference(model, batch, *, loss_fn=causal_lm_loss, eps=1e
 
 
 def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm_loss, repeats=3, progress=False,
-                  label="", max_batch_tokens=8192):
+                  label="", max_batch_tokens=8192, group=None):
     """Masks the heads in `order` ([(layer, head), ...], least important first) for each fraction
     of all heads; evaluates all M masks in one batch through per-batch gates.
 
@@ -146,8 +148,14 @@ def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm
     N rows of each mask. The masks go through the model in chunks of at most ``max_batch_tokens``
     tokens (at least one mask each): past that a CPU forward is compute-bound and bigger batches
     only cost cache misses. Returns dict(fractions, metric [M], batched_seconds_per_mask,
-    single_seconds_per_mask, forward_seconds [M] (each mask alone), gates [M, L, Hq])."""
+    single_seconds_per_mask, forward_seconds [M] (each mask alone), gates [M, L, Hq]).
+
+    ``group``: the processes the chunks (and the masks' timings) are split over: a
+    torch.distributed process group, None (torchrun's processes when launched by torchrun, else
+    this one) or False (this process alone); every rank gets the whole result. The seconds are
+    each chunk's and mask's own time, wherever it ran."""
     base = HeadSpec.dense(model)
+    group = sweep_group(group, model, "headops.pruning_curve")
     L, H = base.num_layers, base.num_heads
     gates = torch.ones(len(fractions), L, H)
     for row, fraction in enumerate(fractions):
@@ -162,44 +170,53 @@ def pruning_curve(model, batch, order, fractions, *, metric_fn=per_row_causal_lm
         spec.gate = gates[first:first + per_chunk].repeat_interleave(N, dim=0)
         chunks.append((spec, _tile(batch, spec.gate.shape[0] // N)))
 
-    def evaluate_all():
-        values = []
-        for spec, tiled in chunks:
-            set_spec(model, spec)
-            values.append(metric_fn(model, tiled))
-        return torch.cat(values)
+    def evaluate(chunk):
+        spec, tiled = chunks[chunk]
+        set_spec(model, spec)
+        return metric_fn(model, tiled)
 
-    with with_spec(model, chunks[0][0]), torch.no_grad():
-        metric = evaluate_all().view(M, N).mean(1)
+    def time_chunk(chunk):
         start = time.perf_counter()
         for _ in range(repeats):
-            evaluate_all()
-        batched_seconds = (time.perf_counter() - start) / repeats / M
-        forward_seconds = []
-        for row in progress_over(range(M), desc=f"timing masks ({label})" if label else "timing masks",
-                                 enabled=progress):
-            one = base.copy()
-            one.gate = gates[row]
-            set_spec(model, one)
-            metric_fn(model, batch)  # warm
-            start = time.perf_counter()
-            for _ in range(repeats):
-                metric_fn(model, batch)
-            forward_seconds.append((time.perf_counter() - start) / repeats)
+            evaluate(chunk)
+        return (time.perf_counter() - start) / repeats
+
+    def time_mask(row):
+        one = base.copy()
+        one.gate = gates[row]
+        set_spec(model, one)
+        metric_fn(model, batch)  # warm
+        start = time.perf_counter()
+        for _ in range(repeats):
+            metric_fn(model, batch)
+        return (time.perf_counter() - start) / repeats
+
+    caller, inputs = "headops.pruning_curve", (batch, gates, repeats, max_batch_tokens)
+    with with_spec(model, chunks[0][0]), torch.no_grad():
+        metric = torch.cat(map_items(evaluate, range(len(chunks)), group, caller=caller, inputs=inputs)).view(M, N)
+        metric = metric.mean(1)
+        batched_seconds = sum(map_items(time_chunk, range(len(chunks)), group, caller=caller, inputs=inputs)) / M
+        forward_seconds = map_items(time_mask, range(M), group, caller=caller, inputs=inputs, progress=progress,
+                                    desc=f"timing masks ({label})" if label else "timing masks")
     return {"fractions": list(fractions), "metric": metric.tolist(), "batched_seconds_per_mask": batched_seconds,
             "single_seconds_per_mask": sum(forward_seconds) / M, "forward_seconds": forward_seconds,
             "gates": gates}
 
 
-def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=16, progress=False):
+def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=16, progress=False, group=None):
     """[L, Hq] Shapley values of the heads for value(coalition) = mean over the N rows of
     ``value_fn(model, batch)`` with only the coalition's heads on (default: minus the
     next-token loss of ids [N, T]; pass a dict batch and a value_fn for an encoder).
 
     ``permutations``: how many to sample (seeded), or an explicit list of permutations of the
     L * Hq head indices (all of them give the exact Shapley values). Each permutation's n + 1
-    prefixes are evaluated in batches of ``batch_size`` coalitions (N rows each)."""
+    prefixes are evaluated in batches of ``batch_size`` coalitions (N rows each).
+
+    ``group``: the processes the batches are split over: a torch.distributed process group,
+    None (torchrun's processes when launched by torchrun, else this one) or False (this process
+    alone); every rank gets the values, bitwise those of one process."""
     base = HeadSpec.dense(model)
+    group = sweep_group(group, model, "headops.shapley")
     L, H = base.num_layers, base.num_heads
     n = L * H
     if isinstance(permutations, int):
@@ -217,16 +234,18 @@ def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=1
             masks.append(gate.clone())
     masks = torch.stack(masks).view(-1, L, H)
     N = _rows(batch)
-    values = []
-    starts = progress_over(range(0, masks.shape[0], batch_size), desc="coalitions (batches)", enabled=progress)
+
+    def values_of(start):
+        chunk = masks[start:start + batch_size]
+        spec = base.copy()
+        spec.gate = chunk.repeat_interleave(N, dim=0)
+        set_spec(model, spec)
+        rows = value_fn(model, _tile(batch, chunk.shape[0])).double()
+        return rows.view(chunk.shape[0], N).mean(1)
+
     with with_spec(model, base), torch.no_grad():
-        for start in starts:
-            chunk = masks[start:start + batch_size]
-            spec = base.copy()
-            spec.gate = chunk.repeat_interleave(N, dim=0)
-            set_spec(model, spec)
-            rows = value_fn(model, _tile(batch, chunk.shape[0])).double()
-            values.append(rows.view(chunk.shape[0], N).mean(1))
+        values = map_items(values_of, range(0, masks.shape[0], batch_size), group, caller="headops.shapley",
+                           inputs=(batch, masks, batch_size), progress=progress, desc="coalitions (batches)")
     values = torch.cat(values).view(len(perms), n + 1)
     phi = torch.zeros(n, dtype=torch.float64)
     for p, perm in enumerate(perms):

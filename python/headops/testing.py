@@ -1,11 +1,19 @@
 """Tiny randomly initialised transformers models, for tests and the ``--tiny`` runs of the
-examples and the command line.
+examples and the command line; and ``run_ranks``, which runs a function in several processes
+as torchrun would (the tests of tensor parallelism and distributed sweeps).
 
 Each call builds the same weights (seed 0) and leaves the caller's random state alone: the
 model is initialised inside ``torch.random.fork_rng``, so making a fixture never changes what
 a later ``torch.randn`` in the caller returns."""
 
 from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
 
 import torch
 
@@ -20,13 +28,24 @@ def _seeded(build):
         return build()
 
 
-def tiny_llama():
-    """(model, None): a small random LlamaForCausalLM — 2 layers, 4 query / 2 KV heads, D = 16, vocabulary 97."""
+def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2):
+    """(model, None): a small random LlamaForCausalLM — 2 layers, 4 query / 2 KV heads (or those
+    given), D = 16, vocabulary 97."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=16 * num_heads, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
     return _seeded(lambda: LlamaForCausalLM(cfg).eval()), None
+
+
+def tiny_qwen2():
+    """(model, None): a small random Qwen2ForCausalLM (biases on q, k, v) — 2 layers, 4 query / 2 KV
+    heads, D = 16, vocabulary 97."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return _seeded(lambda: Qwen2ForCausalLM(cfg).eval()), None
 
 
 def tiny_bert():
@@ -61,3 +80,68 @@ class CharTokenizer:
         special = {self.bos_token_id: "<s>", self.eos_token_id: "</s>"}
         return "".join("\n" if i == 0 else ("" if skip_special_tokens else special[i]) if i in special
                        else chr(i + 29) for i in ids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """[fn(rank, *args) for each rank], each in its own process with torchrun's environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, ...; one torch thread), so that torch.distributed and transformers'
+    tensor parallelism start from it as under ``torchrun --nproc-per-node world_size``.
+
+    The processes are forked (Linux): they start at once with what this process imported, and `fn`
+    may be any function. Results come back through files (torch.save). A rank that raises, or
+    processes still running after `timeout` seconds (then killed), is a RuntimeError carrying
+    the ranks' tracebacks."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory(prefix="headops-ranks-") as folder:
+        def result_path(rank):
+            return os.path.join(folder, f"rank{rank}.pt")
+
+        def child(rank):
+            code = 0
+            try:
+                torch.set_num_threads(1)  # forked after the parent's thread pool ran: stay on one thread
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                                  LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                outcome = ("done", fn(rank, *args))
+            except BaseException:
+                outcome, code = ("failed", traceback.format_exc()), 1
+            try:
+                torch.save(outcome, result_path(rank) + ".part")
+                os.replace(result_path(rank) + ".part", result_path(rank))  # (whole, when it appears)
+                sys.stdout.flush()  # (os._exit drops what Python still buffers)
+                sys.stderr.flush()
+                # rank 0 hosts torch.distributed's store (MASTER_ADDR:MASTER_PORT): it leaves last, so that
+                # no rank still talking to the store finds it gone
+                while rank == 0 and time.monotonic() < deadline and not all(
+                        os.path.exists(result_path(r)) for r in range(world_size)):
+                    time.sleep(0.02)
+            finally:
+                os._exit(code)  # not the parent's exit handlers (a forked copy of pytest, say)
+
+        processes = [context.Process(target=child, args=(rank,)) for rank in range(world_size)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        outcomes = [torch.load(result_path(rank), weights_only=False) if os.path.exists(result_path(rank)) else
+                    ("failed", f"no result (exit code {processes[rank].exitcode})") for rank in range(world_size)]
+    failed = [(rank, o[1]) for rank, o in enumerate(outcomes) if o[0] == "failed"]
+    if hung or failed:
+        raise RuntimeError((f"ranks {hung} still running after {timeout} s (killed)\n" if hung else "") +
+                           "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in failed))
+    return [o[1] for o in outcomes]

@@ -9,12 +9,22 @@ Each command is a module of this package with HELP (one line), add_arguments(par
 run(args) -> exit status; COMMANDS maps its name to it. Adding a command is a new module and
 one entry in COMMANDS. Plots come from cli/plots.py, the only module that imports matplotlib,
 and only when a plot is written.
+
+Under torchrun (``torchrun --nproc-per-node N -m headops shapley ...``) every process runs the
+command and the sweeps split their work items over the processes (headops._distributed): rank 0
+prints and writes <out>; the other ranks print nothing and write into a temporary folder that is
+removed (so that no command needs to know which rank it runs on).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import tempfile
+
+from .. import _distributed
 
 # command name -> its module, relative to this package; imported when main() builds the parser,
 # not by `import headops.cli`
@@ -40,4 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return _command(args.command).run(args)
+    command = _command(args.command)
+    joined = not _distributed.is_initialized() and _distributed.init_from_torchrun()
+    if not _distributed.is_initialized():
+        return command.run(args)
+    import torch.distributed as dist
+
+    try:
+        if dist.get_rank() == 0:
+            if dist.get_world_size() > 1:
+                print(f"{dist.get_world_size()} processes: the sweeps split their work over them")
+            return command.run(args)
+        return _run_unseen(command, args)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run_unseen(command, args) -> int:
+    """A rank other than 0: the same work, no output (stdout to /dev/null, files to a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="headops-rank-") as folder, open(os.devnull, "w") as nowhere, \
+            contextlib.redirect_stdout(nowhere):
+        args.out, args.quiet, args.no_plot = os.path.join(folder, "out"), True, True
+        return command.run(args)

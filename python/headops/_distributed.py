@@ -1,0 +1,352 @@
+"""Past one machine (docs/DESIGN.md section 8): the one home of headops' torch.distributed code.
+
+Tensor parallelism. transformers shards a model itself
+(``from_pretrained(path, distributed_config=DistributedConfig(tp_size=N))`` under torchrun): the
+q, k and v projections column-wise by heads, o_proj row-wise. ``head_shard(model)`` reads from the
+model's own weights which contiguous block of query heads and KV heads this rank holds (None for a
+model that is not sharded); ``patch``, ``set_spec``, ``HeadSparseCache`` and the probes slice the
+whole-model spec to that block (``HeadShard.local_spec``) and gather what must be seen whole.
+
+Sweeps. ``sweep_group(group, model)`` decides which processes a sweep (Shapley coalitions, pruning
+masks, discovery prompts, evaluation samples) splits its independent work items over, and
+``map_items(fn, items, group)`` runs them: rank r takes items r, r + n, r + 2n, ..., and every rank
+gets all results back in item order. Each item is computed exactly as one process computes it (the
+same batches, the same order of every sum afterwards), so the result is bitwise the one of a
+single process with the same threads per process. A rank whose work raises makes every rank raise
+that rank's error (the results' gather carries it), so a failure never leaves the others waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import pickle
+import sys
+import traceback
+
+import torch
+
+from ._progress import progress as progress_over
+
+# torchrun's environment: the variables it sets in every process it starts
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_VARIABLE = "HEADOPS_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 1800  # torch's own default for gloo; a rank that fails does not wait for it
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun (or an equivalent launcher) started."""
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return False
+    try:
+        return int(os.environ["WORLD_SIZE"]) > 1
+    except ValueError:
+        return False
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for a rank that neither answers nor fails: $HEADOPS_DISTRIBUTED_TIMEOUT
+    seconds (default 1800). A sweep's ranks meet before and after their work: the lead of the first
+    rank done over the last must fit."""
+    value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"headops: ${TIMEOUT_VARIABLE} must be a number of seconds > 0, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init_from_torchrun() -> bool:
+    """Joins torchrun's processes (gloo: every collective here moves CPU objects) unless torch.distributed
+    is initialized already or this process was not started by torchrun. Returns whether it is initialized."""
+    if is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    _dist().init_process_group("gloo", timeout=timeout())
+    return True
+
+
+# ------------------------------------------------------------------------------ tensor parallelism
+
+@dataclasses.dataclass(frozen=True)
+class HeadShard:
+    """The heads of one tensor-parallel rank: the contiguous block ``q_heads`` of the whole model's
+    ``num_heads`` query heads, and the KV heads they read (whole GQA groups: head_shard checks)."""
+    rank: int
+    size: int
+    group: object  # the torch.distributed process group of the tensor-parallel ranks
+    num_heads: int
+    num_kv_heads: int
+
+    @property
+    def q_heads(self) -> range:
+        per_rank = self.num_heads // self.size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def local_spec(self, spec):
+        """The rank's part of a whole-model HeadSpec: every per-head field sliced to its heads. A
+        field that requires grad (a gate for head importance, DuoAttention's alpha) gets every rank's
+        gradient: each rank's slice is a part of it, summed over the ranks in the backward pass."""
+        trained = {name: _SumGradOverRanks.apply(t, self.group) for name, t in spec.tensors().items()
+                   if t.requires_grad}
+        return (dataclasses.replace(spec, **trained) if trained else spec).slice_heads(self.q_heads)
+
+    def gather_heads(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The whole model's tensor from every rank's block along the head axis `dim` (a collective)."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        _dist().all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """The identity forward; backward, the gradient summed over the tensor-parallel ranks (each
+    holds the gradient of its own heads' slice, zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _dist().all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _dtensor_types():
+    """(DTensor, Shard), or None when no distributed tensor can exist in this process: their module
+    was never imported (importing it only to find none would cost every patch() a second or more)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else (module.DTensor, module.Shard)
+
+
+def head_shard(model_or_config, caller: str) -> HeadShard | None:
+    """This rank's heads when `model_or_config` is a model sharded by transformers' tensor
+    parallelism (read from its attention weights: DTensors sharded by rows), else None.
+
+    A sharding that cannot give each rank whole heads and whole GQA groups is a ValueError naming
+    the heads; one headops cannot read (fused projections, several mesh dimensions) a
+    NotImplementedError."""
+    if not isinstance(model_or_config, torch.nn.Module):
+        return None
+    types = _dtensor_types()
+    if types is None:
+        return None
+    DTensor, Shard = types
+    from .patching import _attention_modules  # (patching imports this module)
+    from .spec import _shape_of
+
+    modules = _attention_modules(model_or_config)
+    if not any(isinstance(p, DTensor) for m in modules for p in m.parameters()):
+        return None
+    name = type(model_or_config).__name__
+    if not all(isinstance(getattr(getattr(m, proj, None), "weight", None), DTensor)
+               for m in modules for proj in ("q_proj", "k_proj", "v_proj")):
+        raise NotImplementedError(
+            f"{caller}: {name} is sharded by tensor parallelism, but not through separate q_proj, k_proj and v_proj "
+            "weights sharded by heads; headops slices specs for those (Llama, Mistral, Qwen families)")
+    mesh = modules[0].q_proj.weight.device_mesh
+    placements = {getattr(m, proj).weight.placements for m in modules for proj in ("q_proj", "k_proj", "v_proj")}
+    if mesh.ndim != 1 or placements != {(Shard(0),)}:
+        raise NotImplementedError(f"{caller}: {name}'s attention projections are sharded as "
+                                  f"{sorted(map(str, placements))} on a {mesh.ndim}-D mesh; headops reads one "
+                                  "tensor-parallel dimension sharded by output rows (transformers' 'colwise' plan)")
+    size, rank = mesh.size(), mesh.get_local_rank()
+    _, Hq, Hkv, D = _shape_of(model_or_config)
+    _check_heads_divide(caller, name, size, Hq, Hkv)
+    for m in modules:
+        got = (m.q_proj.weight.to_local().shape[0], m.k_proj.weight.to_local().shape[0])
+        if got != (Hq // size * D, Hkv // size * D):
+            raise NotImplementedError(
+                f"{caller}: {name}'s layer {m.layer_idx} holds {got[0]} query and {got[1]} key rows on rank {rank} of "
+                f"{size}; headops expects each rank's block of {Hq // size} query and {Hkv // size} KV heads of "
+                f"{D} rows")
+    return HeadShard(rank, size, mesh.get_group(), Hq, Hkv)
+
+
+def _check_heads_divide(caller, name, size, Hq, Hkv) -> None:
+    """Each of `size` ranks must hold whole query heads and the whole GQA groups of its KV heads."""
+    if Hq % size:
+        raise ValueError(f"{caller}: {name} is sharded over {size} tensor-parallel ranks, which do not divide its "
+                         f"{Hq} query heads ({Hkv} KV heads): each rank must hold whole heads (use a tp_size that "
+                         f"divides {Hq} and {Hkv})")
+    if Hkv % size:
+        per_rank, group = Hq // size, Hq // Hkv
+        cut = next(b for b in range(per_rank, Hq, per_rank) if b % group)
+        raise ValueError(f"{caller}: {name} is sharded over {size} tensor-parallel ranks, which cut a GQA group: "
+                         f"query heads {cut - 1} and {cut} share KV head {cut // group} but would be on ranks "
+                         f"{cut // per_rank - 1} and {cut // per_rank} ({Hq} query heads, {Hkv} KV heads; use a "
+                         f"tp_size that divides {Hkv})")
+
+
+def local_spec(model_or_config, spec, caller: str):
+    """`spec` (a whole-model HeadSpec) as this rank sees it: sliced to its heads when the model is
+    tensor-parallel, else `spec` itself."""
+    shard = head_shard(model_or_config, caller)
+    return spec if shard is None else shard.local_spec(spec)
+
+
+def gather_probe(result, shard: HeadShard | None):
+    """A ProbeResult of the whole model's heads from every rank's (a collective; `result` itself
+    without a shard). Every statistic has the query heads on dim 1."""
+    if shard is None:
+        return result
+    return dataclasses.replace(result, **{f.name: shard.gather_heads(getattr(result, f.name))
+                                          for f in dataclasses.fields(result) if getattr(result, f.name) is not None})
+
+
+@dataclasses.dataclass
+class CacheView:
+    """A HeadSparseCache seen whole (``HeadSparseCache.whole_model_view``): bytes summed over the
+    tensor-parallel ranks (``rank_nbytes`` each), and per layer, batch row and KV head of the whole
+    model (in head order) the original positions it keeps."""
+    nbytes: int
+    ideal_nbytes: int
+    dense_nbytes: int
+    rank_nbytes: list
+    kept_positions: list  # [layer][batch row][KV head] -> list of ints
+
+    def kept_tokens(self) -> int:
+        return sum(len(p) for layer in self.kept_positions for row in layer for p in row)
+
+
+def cache_view(cache, shard: HeadShard | None, dst: int = 0):
+    """`cache`'s CacheView on rank `dst` of the tensor-parallel group (None on the other ranks;
+    every rank must call it). Without a shard: the view of this process's cache."""
+    kept = [[[layer.kept_positions(b, h).tolist() for h in range(layer.Hkv)] for b in range(len(layer.held))]
+            for layer in cache._layers]
+    mine = (cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes(), kept)
+    if shard is None:
+        return CacheView(mine[0], mine[1], mine[2], [mine[0]], kept)
+    if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < shard.size:
+        raise ValueError(f"headops.HeadSparseCache.whole_model_view: dst must be a rank in [0, {shard.size}) of "
+                         f"the tensor-parallel group, got {dst!r}")
+    dist = _dist()
+    parts = [None] * shard.size if shard.rank == dst else None
+    dist.gather_object(mine, parts, dst=dist.get_global_rank(shard.group, dst), group=shard.group)
+    if shard.rank != dst:
+        return None
+    whole = [[sum((part[3][layer][b] for part in parts), []) for b in range(len(kept[layer]))]
+             for layer in range(len(kept))]
+    return CacheView(sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                     [p[0] for p in parts], whole)
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+def sweep_group(group, model, caller: str):
+    """The process group a sweep splits its work items over, or None (this process does them all).
+
+    group: a torch.distributed ProcessGroup; None (the default): torch.distributed's default group
+    when it is initialized or this process was started by torchrun (joined here, gloo), else this
+    process alone; False: this process alone. A tensor-parallel model's ranks compute every forward
+    together, so its sweeps are not split (every rank runs every item)."""
+    if group is False:
+        return None
+    dist = _dist()
+    if group is not None:
+        if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"{caller}: group must be a torch.distributed ProcessGroup, None (torchrun's processes "
+                            f"when launched by torchrun) or False (this process alone), got {type(group).__name__}")
+        if dist.get_world_size(group) > 1 and head_shard(model, caller) is not None:
+            raise ValueError(f"{caller}: the model is tensor-parallel: its ranks compute every forward together, so "
+                             "a sweep cannot split its items over them (pass group=None or False)")
+        return group if dist.get_world_size(group) > 1 else None
+    if head_shard(model, caller) is not None:
+        return None
+    if not init_from_torchrun() or dist.get_world_size() == 1:
+        return None
+    return dist.group.WORLD
+
+
+def _fingerprint(inputs) -> bytes:
+    """A digest of a sweep's inputs (tensors by their bytes; dataclasses, dicts and sequences by
+    their parts; the rest by pickle): equal on every rank that was given the same inputs."""
+    digest = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(repr((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            digest.update(type(x).__qualname__.encode())
+            for f in dataclasses.fields(x):
+                digest.update(f.name.encode())
+                add(getattr(x, f.name))
+        elif isinstance(x, dict):
+            for k in sorted(x, key=repr):
+                digest.update(repr(k).encode())
+                add(x[k])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__}{len(x)}".encode())
+            for y in x:
+                add(y)
+        else:
+            digest.update(pickle.dumps(x))
+
+    add(inputs)
+    return digest.digest()
+
+
+class RankFailed(RuntimeError):
+    """A rank's work raised: every rank of the sweep raises this, naming that rank and its error."""
+
+
+def map_items(fn, items, group, *, caller: str, inputs=None, progress: bool = False, desc: str = ""):
+    """``[fn(item) for item in items]``, the items split over `group`'s ranks (rank r takes items r,
+    r + n, ...; None: all here), the results in item order on every rank.
+
+    `inputs` (whatever the items are computed from: batches, seeds, masks) are compared across
+    the ranks first: ranks given different inputs raise a ValueError before any work. A rank
+    whose work raises makes every rank raise RankFailed with that rank's error and traceback.
+    `progress` shows a progress bar on rank 0 (over its own items)."""
+    items = list(items)
+    if group is None:
+        return [fn(item) for item in progress_over(items, desc=desc, enabled=progress)]
+    dist = _dist()
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    digests = [None] * size
+    dist.all_gather_object(digests, (_fingerprint(inputs), len(items)), group=group)
+    differing = [r for r in range(size) if digests[r] != digests[0]]
+    if differing:
+        raise ValueError(f"{caller}: the ranks of the process group were given different inputs (rank "
+                         f"{differing[0]} differs from rank 0); a sweep split over processes needs the same inputs "
+                         "on every rank (pass group=False to run each process's own)")
+    mine = list(range(me, len(items), size))
+    error = None
+    try:
+        done = [fn(items[i]) for i in progress_over(mine, desc=desc, enabled=progress and me == 0)]
+        payload = ("done", done)
+    except Exception as e:  # sent to every rank: none of them waits for results that will never come
+        error = e
+        payload = ("failed", f"{type(e).__name__}: {e}", traceback.format_exc())
+    parts = [None] * size
+    dist.all_gather_object(parts, payload, group=group)
+    failed = [r for r in range(size) if parts[r][0] == "failed"]
+    if failed:
+        r = failed[0]
+        raise RankFailed(f"{caller}: rank {r} of {size} failed: {parts[r][1]}\n--- rank {r}'s traceback ---\n"
+                         f"{parts[r][2]}") from error
+    results = [None] * len(items)
+    for r in range(size):
+        for i, value in zip(range(r, len(items), size), parts[r][1]):
+            results[i] = value
+    return results
