@@ -141,15 +141,20 @@ class HeadSparseCache(_CacheBase):
                                                  ("observation_window", observation_window),
                                                  ("pool_kernel", pool_kernel)) if value is not UNSET}
         self.options = check_cache_options(CALLER, dict(layout.options, **given))
+        # the heads of this tensor-parallel rank (the layout holds only them); None for a whole model
+        self._head_shard = _distributed.head_shard(model_or_config, CALLER)
         if self.options["allocation"] == "adakv":
+            if self._head_shard is not None and any("budget" in kinds for kinds in layout.kinds):
+                raise NotImplementedError(
+                    f"{CALLER}: allocation='adakv' shares each layer's budget among all its KV heads, but this "
+                    "tensor-parallel rank holds only some of them; use allocation='uniform' or 'headkv' (budgets "
+                    "per head) on a tensor-parallel model")
             for i, (kinds, sizes) in enumerate(zip(layout.kinds, layout.budgets)):
                 layer = {b for kind, b in zip(kinds, sizes) if kind == "budget"}
                 if len(layer) > 1:
                     raise fail(CALLER, "budget", "the same for every budget KV head of a layer with allocation="
                                                  "'adakv' (AdaKV shares budget x heads tokens)",
                                f"{sorted(layer)} in layer {i}")
-        # the heads of this tensor-parallel rank (the layout holds only them); None for a whole model
-        self._head_shard = _distributed.head_shard(model_or_config, CALLER)
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"{CALLER}: dtype must be torch.float32, float64, bfloat16 or float16 (or None: the "
                             f"first call's), got {dtype!r}")
@@ -422,7 +427,7 @@ class HeadSparseCache(_CacheBase):
             if qs.shape[0] != B or tuple(qs.shape[2:]) != (self.num_heads, D):
                 raise fail(caller, "queries", f"[B, w, Hq, D] with B={B}, Hq={self.num_heads}, D={D}",
                            tuple(qs.shape))
-            if qs.shape[1] < min(max(rows), obs):
+            if st.budget_layout is not None and qs.shape[1] < min(max(rows), obs):  # (read by budget heads only)
                 raise fail(caller, "queries", f"at least the observation window's {min(max(rows), obs)} last queries "
                                               "per row", f"{qs.shape[1]}")
         args = self._head_args(caller, st, B, k.device, S, per_head)

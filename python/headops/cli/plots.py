@@ -62,3 +62,45 @@ def plot_head_scores(values, path, model_name, label):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_accuracy_vs_bytes(summary, path, model_name):
+    """evaluate: accuracy (95 % Wilson interval) against the bytes each method's cache held, one
+    panel per (task, length); dense and StreamingLLM drawn as reference lines."""
+    panels = sorted({(s["task"], s["length"]) for s in summary})
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    families = sorted({s["family"] for s in summary} - {"dense"})
+    markers = dict(zip(families, "osD^v<>pXh*"))
+    for ax, (task, length) in zip(axes.flat, panels):
+        mine = [s for s in summary if (s["task"], s["length"]) == (task, length)]
+        for s in mine:
+            if s["family"] == "dense":
+                ax.axhline(100 * s["accuracy"], color="black", lw=1, label="dense")
+                ax.axvline(s["bytes"] / 2**20, color="black", lw=0.5, ls=":")
+        streaming = sorted((s for s in mine if s["family"] == "streaming_llm"), key=lambda s: s["bytes"])
+        if streaming:
+            ax.plot([s["bytes"] / 2**20 for s in streaming], [100 * s["accuracy"] for s in streaming], color="grey",
+                    ls="--", lw=1)
+        for family in families:
+            points = sorted((s for s in mine if s["family"] == family), key=lambda s: s["bytes"])
+            if not points:
+                continue
+            x = [s["bytes"] / 2**20 for s in points]
+            y = [100 * s["accuracy"] for s in points]
+            err = [[100 * (s["accuracy"] - s["low"]) for s in points], [100 * (s["high"] - s["accuracy"]) for s in points]]
+            ax.errorbar(x, y, yerr=err, fmt=markers[family], ms=5, capsize=2, label=family, alpha=0.85)
+        n = max(s["samples"] for s in mine)
+        ax.set_title(f"{model_name}: {task}, {length} tokens ({n} prompts)", fontsize=9)
+        ax.set_xlabel("KV cache held per prompt (MiB)")
+        ax.set_ylabel("exact match (%)")
+        ax.set_ylim(-3, 103)
+        ax.set_xlim(left=0)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,356 @@
+"""Accuracy against bytes held: every head-level method on the same prompts (docs/evaluate.md).
+
+Each batch of contexts is prefilled once with full attention (``headops.capture_prefill``); every
+method then builds its compressed cache from that prefill (``HeadSparseCache.from_prefill``),
+the question is appended and the answer decoded greedily from the compressed cache (query-agnostic
+compression, docs/DESIGN.md section 7). A grid of many methods costs little more than its prefills.
+
+A method is one string, ``family`` or ``family:key=value,...``::
+
+    dense                                   every KV head keeps every token
+    streaming_llm:window=256,sinks=4        every KV head streaming (StreamingLLM)
+    duo:scores=retrieval,full=0.5           DuoAttention's split: the top 50 % KV heads by the named
+                                            scores full, the others streaming (sinks=64, window=256)
+    random:full=0.5,seed=0                  the same split from random scores (the control)
+    razor:scores=retrieval,full=0.25        RazorAttention: the top KV heads full, the rest streaming
+                                            with a compensation token (weighted=1; weighted=0: no log n)
+    snapkv:budget=256                       every KV head keeps 256 tokens chosen by SnapKV scores
+    adakv:budget=256,alpha=0.2              the same, shared per layer as AdaKV allocates it
+    headkv:scores=retrieval,budget=256      HeadKV: static per-head budgets from the named scores (beta=1.2)
+
+``scores=`` names one of the per-head score tables given to ``evaluate`` (e.g. the CSVs that
+``python -m headops discover`` writes). Every row of the result records the bytes the method's
+cache really held after the answer (``cache.nbytes()``), not a nominal ratio.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+from . import tasks as tasks_module
+from ._progress import progress
+from .cache import HeadSparseCache
+from .patching import patch, set_spec, unpatch
+from .prefill import capture_prefill
+from .spec import HeadSpec
+
+__all__ = ["Method", "parse_method", "standard_methods", "evaluate", "read_rows", "summarize", "wilson_interval",
+           "CSV_HEADER"]
+
+CALLER = "headops.evaluate"
+
+# family -> its parameters and their defaults (None: required)
+FAMILIES = {
+    "dense": {},
+    "streaming_llm": {"window": 256, "sinks": 4},
+    "duo": {"scores": None, "full": None, "window": 256, "sinks": 64},
+    "random": {"full": None, "seed": 0, "window": 256, "sinks": 64},
+    "razor": {"scores": None, "full": None, "window": 256, "sinks": 64, "weighted": 1},
+    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7},
+    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7},
+    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7},
+}
+_TEXT_PARAMS = {"scores"}
+_FLOAT_PARAMS = {"full", "alpha", "beta"}
+
+CSV_HEADER = ["task", "length", "depth", "seed", "method", "family", "correct", "recall", "bytes", "dense_bytes",
+              "ideal_bytes", "answer", "seconds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One compression method: its family and parameters (defaults filled in). ``name`` is the
+    string it was parsed from, normalised (the key of its rows in a result CSV)."""
+    family: str
+    params: tuple  # sorted (key, value) pairs
+
+    @property
+    def name(self) -> str:
+        given = [f"{k}={_show(v)}" for k, v in self.params if FAMILIES[self.family][k] != v or
+                 FAMILIES[self.family][k] is None]
+        return self.family + (":" + ",".join(given) if given else "")
+
+    def param(self, key):
+        return dict(self.params)[key]
+
+    def spec(self, model, scores: dict | None = None) -> HeadSpec:
+        """This method's HeadSpec for `model`. scores: {name: [L, Hq] or [L, Hkv] tensor}."""
+        p = dict(self.params)
+        f = self.family
+        if f == "dense":
+            return HeadSpec.dense(model)
+        if f == "streaming_llm":
+            return HeadSpec.streaming_llm(model, window=p["window"], sinks=p["sinks"])
+        if f == "snapkv":
+            return HeadSpec.budget(model, budget=p["budget"], observation_window=p["observation_window"],
+                                   pool_kernel=p["pool_kernel"])
+        if f == "adakv":
+            return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
+                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"])
+        if f == "random":
+            L, Hkv = model.config.num_hidden_layers, _num_kv_heads(model.config)
+            generator = torch.Generator().manual_seed(p["seed"])
+            table = torch.rand(L, Hkv, generator=generator, dtype=torch.float64)
+            return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])
+        table = _named_scores(scores, p["scores"], self.name)
+        if f == "duo":
+            return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])
+        if f == "razor":
+            from .head_scores import pool_kv_heads, top_heads
+
+            Hkv = _num_kv_heads(model.config)
+            kv = pool_kv_heads(table, Hkv, "max") if table.shape[1] != Hkv else table
+            keep = top_heads(kv, round(p["full"] * kv.numel()))
+            return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
+        if f == "headkv":
+            return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
+                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"])
+        raise AssertionError(f)
+
+
+def _show(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _num_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _named_scores(scores, name, method):
+    if not scores or name not in scores:
+        have = ", ".join(sorted(scores)) if scores else "none"
+        raise ValueError(f"{CALLER}: method {method!r} reads the scores {name!r}, but the scores given are: {have} "
+                         f"(pass scores={{{name!r}: tensor}}, or --scores {name}=path.csv on the command line)")
+    return scores[name]
+
+
+def parse_method(text: str) -> Method:
+    """A Method from its string (see the module's docstring); a clear ValueError otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{CALLER}: a method is a non-empty string like 'duo:scores=retrieval,full=0.5', got {text!r}")
+    family, _, rest = text.strip().partition(":")
+    if family not in FAMILIES:
+        raise ValueError(f"{CALLER}: method {text!r}: the family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    params = dict(FAMILIES[family])
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in params:
+            known = ", ".join(params) or "none"
+            raise ValueError(f"{CALLER}: method {text!r}: {item!r} is not key=value with a key of {family} "
+                             f"(its keys: {known})")
+        params[key] = _parse_value(text, key, value)
+    missing = [k for k, v in params.items() if v is None]
+    if missing:
+        raise ValueError(f"{CALLER}: method {text!r} needs {', '.join(missing)} (e.g. "
+                         f"{family}:{','.join(f'{k}=...' for k in missing)})")
+    if "full" in params and not 0.0 <= params["full"] <= 1.0:
+        raise ValueError(f"{CALLER}: method {text!r}: full must be a fraction of the KV heads in [0, 1], "
+                         f"got {params['full']}")
+    return Method(family, tuple(sorted(params.items())))
+
+
+def _parse_value(text, key, value):
+    if key in _TEXT_PARAMS:
+        if not value:
+            raise ValueError(f"{CALLER}: method {text!r}: {key} must name a score table")
+        return value
+    try:
+        return float(value) if key in _FLOAT_PARAMS else int(value)
+    except ValueError:
+        kind = "a number" if key in _FLOAT_PARAMS else "an int"
+        raise ValueError(f"{CALLER}: method {text!r}: {key} must be {kind}, got {value!r}") from None
+
+
+def standard_methods(score_names=(), *, fractions=(0.25, 0.5, 0.75), budgets=(128, 256, 512),
+                     windows=(256, 512, 1024)) -> list:
+    """The comparison grid: dense; StreamingLLM at each window; DuoAttention splits from each named
+    score table and from random scores at each fraction of full KV heads; RazorAttention (weighted
+    and unweighted) from the first score table at the smallest fraction; uniform SnapKV, AdaKV and
+    (with a score table) HeadKV at each budget."""
+    names = ["dense"] + [f"streaming_llm:window={w}" for w in windows]
+    for name in score_names:
+        names += [f"duo:scores={name},full={f:g}" for f in fractions]
+    names += [f"random:full={f:g}" for f in fractions]
+    if score_names:
+        names += [f"razor:scores={score_names[0]},full={fractions[0]:g},weighted={w}" for w in (1, 0)]
+    names += [f"{family}:budget={b}" for family in ("snapkv", "adakv") for b in budgets]
+    if score_names:
+        names += [f"headkv:scores={score_names[0]},budget={b}" for b in budgets]
+    return [parse_method(n) for n in names]
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def _key(task, length, depth, seed, method) -> tuple:
+    return (str(task), int(length), f"{float(depth):.6g}", int(seed), str(method))
+
+
+def read_rows(path: str) -> list:
+    """The rows of a result CSV (dicts of strings), [] when it does not exist. A run killed while
+    writing a row leaves at most that row incomplete: it is dropped (and done again on resume)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and reader.fieldnames != CSV_HEADER:
+            raise ValueError(f"{path}: not a headops evaluate CSV (header {', '.join(CSV_HEADER)}); "
+                             "give another --out or remove it")
+        return [r for r in reader if r.get("seconds") not in (None, "")]
+
+
+class _ResultFile:
+    """Rows appended and flushed as they finish; what a killed run wrote is kept."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.rows = read_rows(path) if path else []
+        self.done = {_key(r["task"], r["length"], r["depth"], r["seed"], r["method"]) for r in self.rows}
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+            if not fresh:
+                _drop_partial_line(path)
+            self._f = open(path, "a", newline="")
+            self._w = csv.writer(self._f)
+            if fresh:
+                self._w.writerow(CSV_HEADER)
+                self._f.flush()
+
+    def add(self, row: dict):
+        self.rows.append({k: str(v) for k, v in row.items()})
+        self.done.add(_key(row["task"], row["length"], row["depth"], row["seed"], row["method"]))
+        if self.path:
+            self._w.writerow([row[k] for k in CSV_HEADER])
+            self._f.flush()
+
+    def close(self):
+        if self.path:
+            self._f.close()
+
+
+def _drop_partial_line(path):
+    """A file whose last line was cut off by a kill: cut it back to its last whole line."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+# ------------------------------------------------------------------------------ the harness
+
+
+def _batches(samples, batch_size):
+    """Lists of sample indices, at most batch_size each, with one prompt length and one question
+    start (a batch shares its prefill and its question's decode call)."""
+    groups = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((len(s.ids), s.question_start), []).append(i)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def _answer_budget(samples, batch) -> int:
+    return max(samples[i].answer_tokens() + 4 * len(samples[i].answers) + 4 for i in batch)
+
+
+def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, batch_size: int = 8,
+             max_new_tokens: int | None = None, observation_window: int | None = None, out: str | None = None,
+             show_progress: bool = True) -> list:
+    """Every method on every sample; returns the rows (dicts) and, with `out`, appends them to that
+    CSV as they finish. Rows already in `out` (same task, length, depth, seed and method) are not
+    done again: a killed run resumes where it stopped.
+
+    samples: headops.tasks Samples; methods: Method objects or their strings; scores: {name:
+    per-head score tensor} for the methods that read scores. The model is patched for the run and
+    unpatched after. Generation is greedy; max_new_tokens defaults to the answers' tokens plus
+    room for separators. observation_window: how many of the context's last queries the prefill
+    keeps for SnapKV scores (default: the largest any method asks for)."""
+    methods = [m if isinstance(m, Method) else parse_method(m) for m in methods]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{CALLER}: methods must be distinct, got {names}")
+    if not samples:
+        raise ValueError(f"{CALLER}: samples must not be empty")
+    specs = {m.name: m.spec(model, scores) for m in methods}  # every method checked before any work
+    window = observation_window or max([dict(m.params).get("observation_window", 1) for m in methods])
+    results = _ResultFile(out)
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    patch(model, HeadSpec.dense(model))
+    try:
+        batches = _batches(samples, batch_size)
+        for batch in progress(batches, desc="evaluate", total=len(batches), enabled=show_progress):
+            todo = [m for m in methods if any(_key(samples[i].task, samples[i].length, samples[i].depth,
+                                                    samples[i].seed, m.name) not in results.done for i in batch)]
+            if not todo:
+                continue
+            ids = torch.stack([samples[i].ids for i in batch])
+            context_end = samples[batch[0]].question_start
+            budget = max_new_tokens or _answer_budget(samples, batch)
+            with torch.no_grad():
+                prefill = capture_prefill(model, ids[:, :context_end], observation_window=min(window, context_end))
+            for m in todo:
+                started = time.perf_counter()
+                spec = specs[m.name]
+                set_spec(model, spec)
+                cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - context_end)
+                with torch.no_grad():
+                    new = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache,
+                                         max_new_tokens=budget, do_sample=False, pad_token_id=eos, top_p=None,
+                                         top_k=None, temperature=None)[:, ids.shape[1]:]
+                seconds = (time.perf_counter() - started) / len(batch)
+                held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
+                                      cache.ideal_nbytes() / len(batch))
+                for row, i in enumerate(batch):
+                    s = samples[i]
+                    if _key(s.task, s.length, s.depth, s.seed, m.name) in results.done:
+                        continue
+                    text = tokenizer.decode(tasks_module.until_eos(model, new[row]), skip_special_tokens=True)
+                    results.add(dict(task=s.task, length=s.length, depth=f"{s.depth:.6g}", seed=s.seed,
+                                     method=m.name, family=m.family, correct=int(tasks_module.exact_match(s, text)),
+                                     recall=f"{tasks_module.answer_recall(s, text):.4g}", bytes=round(held),
+                                     dense_bytes=round(dense), ideal_bytes=round(ideal), answer=text,
+                                     seconds=f"{seconds:.4g}"))
+    finally:
+        unpatch(model)
+        results.close()
+    return results.rows
+
+
+# ------------------------------------------------------------------------------ summaries
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple:
+    """The Wilson score interval (95 % by default) of a proportion correct / total."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(rows) -> list:
+    """One dict per (task, length, method): samples, accuracy with its 95 % Wilson interval, mean
+    recall, and mean bytes held per sample (absolute and as a fraction of dense)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], int(r["length"]), r["method"]), []).append(r)
+    out = []
+    for (task, length, method), rs in sorted(groups.items()):
+        n, correct = len(rs), sum(int(r["correct"]) for r in rs)
+        low, high = wilson_interval(correct, n)
+        held = sum(float(r["bytes"]) for r in rs) / n
+        dense = sum(float(r["dense_bytes"]) for r in rs) / n
+        out.append(dict(task=task, length=length, method=method, family=rs[0]["family"], samples=n,
+                        accuracy=correct / n, low=low, high=high,
+                        recall=sum(float(r["recall"]) for r in rs) / n, bytes=held,
+                        bytes_fraction=held / dense if dense else float("nan")))
+    return out

@@ -1,0 +1,218 @@
+"""The accuracy-vs-memory harness (headops.evaluate, `python -m headops evaluate`) on a tiny model."""
+
+import csv
+import os
+
+import pytest
+import torch
+
+import headops
+from headops import evaluate as harness
+from headops import tasks
+from headops.testing import CharTokenizer, tiny_llama
+
+TOK = CharTokenizer()
+LENGTH = 400  # tokens (characters): the frame, instructions, needle and question, and some filler
+
+
+def _samples(task="passkey", count=3, length=LENGTH):
+    return [tasks.make_sample(TOK, task, length, j / max(1, count - 1), j) for j in range(count)]
+
+
+def _strip(rows):
+    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rows),
+                  key=lambda r: (r["task"], r["length"], r["depth"], r["seed"], r["method"]))
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def test_method_strings_are_normalised_with_their_defaults():
+    m = harness.parse_method(" duo:full=0.5,scores=retrieval ")
+    assert m.family == "duo" and dict(m.params) == {"scores": "retrieval", "full": 0.5, "window": 256, "sinks": 64}
+    assert m.name == "duo:full=0.5,scores=retrieval"
+    assert harness.parse_method(m.name) == m
+    assert harness.parse_method("streaming_llm").name == "streaming_llm"
+    assert harness.parse_method("streaming_llm:window=256").name == "streaming_llm"  # the default
+    assert harness.parse_method("streaming_llm:window=512,sinks=4").name == "streaming_llm:window=512"
+    assert harness.parse_method("razor:scores=r,full=0.25,weighted=0").param("weighted") == 0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "non-empty"), ("nope", "family must be one of"), ("duo:full=0.5", "needs scores"),
+    ("snapkv:budget=x", "budget must be an int"), ("adakv:budget=8,alpha=high", "alpha must be a number"),
+    ("duo:scores=r,full=1.5", "full must be a fraction"), ("dense:window=4", "is not key=value with a key of dense"),
+    ("snapkv:budget", "is not key=value"), ("headkv:scores=,budget=4", "must name a score table"),
+])
+def test_bad_method_strings_are_refused_by_name(text, words):
+    with pytest.raises(ValueError, match=words):
+        harness.parse_method(text)
+
+
+def test_the_standard_grid_has_every_family_and_distinct_names():
+    grid = harness.standard_methods(["retrieval", "duo"])
+    names = [m.name for m in grid]
+    assert len(set(names)) == len(names)
+    assert {m.family for m in grid} == set(harness.FAMILIES)
+    assert sum(m.family == "duo" for m in grid) == 6 and sum(m.family == "random" for m in grid) == 3
+    assert {m.family for m in harness.standard_methods()} == set(harness.FAMILIES) - {"duo", "razor", "headkv"}
+
+
+def test_each_method_builds_the_spec_it_names():
+    model, _ = tiny_llama()
+    scores = {"r": torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.3, 0.4, 0.5, 0.6]], dtype=torch.float64)}  # [L, Hq]
+    kinds = lambda s: [list(r) for r in s.cache_kind]  # noqa: E731
+    assert kinds(harness.parse_method("dense").spec(model)) == [["full", "full"]] * 2
+    assert kinds(harness.parse_method("streaming_llm").spec(model)) == [["streaming", "streaming"]] * 2
+    duo = harness.parse_method("duo:scores=r,full=0.5,window=8,sinks=2").spec(model, scores)
+    assert kinds(duo) == [["full", "full"], ["streaming", "streaming"]]  # KV heads pooled by max: 0.9, 0.8 top
+    assert int(duo.window[1, 0]) == 8 and int(duo.sinks[1, 0]) == 2
+    razor = harness.parse_method("razor:scores=r,full=0.25,window=8,weighted=0").spec(model, scores)
+    assert kinds(razor) == [["full", "streaming"], ["streaming", "streaming"]]
+    assert razor.cache_compensation[1] == ["unweighted", "unweighted"]
+    a = harness.parse_method("random:full=0.5,seed=3").spec(model)
+    assert kinds(a) == kinds(harness.parse_method("random:full=0.5,seed=3").spec(model))
+    assert sum(k == "full" for r in kinds(a) for k in r) == 2
+    assert harness.parse_method("adakv:budget=16").spec(model).cache_options["allocation"] == "adakv"
+    headkv = harness.parse_method("headkv:scores=r,budget=16,beta=2").spec(model, scores)
+    assert 4 * 16 - 4 <= sum(b for r in headkv.cache_budget for b in r) <= 4 * 16  # shares rounded down per head
+    with pytest.raises(ValueError, match="reads the scores 'r'.*none"):
+        harness.parse_method("duo:scores=r,full=0.5").spec(model)
+
+
+# ------------------------------------------------------------------------------ the harness
+
+
+def test_the_dense_method_answers_as_plain_generate():
+    """The harness's dense method (one prefill captured, the cache built from it, the question
+    decoded through headops) gives the tokens of transformers' own generate on the same prompts."""
+    model, _ = tiny_llama()
+    samples = _samples(count=3) + _samples("niah_single", count=2)
+    rows = harness.evaluate(model, TOK, samples, ["dense"], batch_size=2, max_new_tokens=8, show_progress=False)
+    assert len(rows) == len(samples)
+    by_seed = {(r["task"], int(r["seed"])): r for r in rows}
+    for s in samples:
+        new = tasks.generate(model, s.ids[None], 8)[0]
+        want = TOK.decode(tasks.until_eos(model, new), skip_special_tokens=True)
+        r = by_seed[(s.task, s.seed)]
+        assert r["answer"] == want, (s.task, s.seed)
+        assert int(r["correct"]) == tasks.exact_match(s, want)
+        assert int(r["bytes"]) >= int(r["ideal_bytes"]) > 0
+    assert not hasattr(model, "_headops_previous")  # unpatched after the run
+
+
+def test_the_bytes_are_what_each_cache_held():
+    model, _ = tiny_llama()
+    samples = _samples(count=2)
+    rows = harness.evaluate(model, TOK, samples, ["dense", "streaming_llm:window=32,sinks=4", "snapkv:budget=40"],
+                            batch_size=2, max_new_tokens=4, show_progress=False)
+    held = {r["method"]: int(r["bytes"]) for r in rows}
+    dense = {int(r["dense_bytes"]) for r in rows}
+    assert len(dense) == 1
+    (dense,) = dense
+    # what the dense cache would hold: 2 layers x 2 KV heads x (K and V) x D = 16 x fp32 per token
+    per_token = 2 * 2 * 2 * 16 * 4
+    assert dense % per_token == 0 and LENGTH <= dense // per_token <= LENGTH + 3  # the prompt and all but the last new token
+    assert held["streaming_llm:window=32"] < 0.5 * dense
+    assert held["snapkv:budget=40"] < 0.5 * dense
+    assert held["dense"] >= dense
+
+
+def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path, monkeypatch):
+    model, _ = tiny_llama()
+    samples = _samples(count=3)
+    methods = ["dense", "streaming_llm:window=16", "random:full=0.5,window=16,sinks=2"]
+    whole = harness.evaluate(model, TOK, samples, methods, batch_size=2, max_new_tokens=4, show_progress=False,
+                             out=str(tmp_path / "whole.csv"))
+    assert len(whole) == 9
+    out = str(tmp_path / "killed.csv")
+    calls = {"n": 0}
+    decode = CharTokenizer.decode
+
+    def dies_on_the_fifth(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return decode(self, *a, **k)
+
+    monkeypatch.setattr(CharTokenizer, "decode", dies_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        harness.evaluate(model, TOK, samples, methods, batch_size=2, max_new_tokens=4, show_progress=False, out=out)
+    monkeypatch.setattr(CharTokenizer, "decode", decode)
+    assert not hasattr(model, "_headops_previous")
+    assert len(harness.read_rows(out)) == 4
+    with open(out, "a") as f:
+        f.write("passkey,400,0,0,dense,dense,1")  # a row cut off by the kill: dropped and done again
+    resumed = harness.evaluate(model, TOK, samples, methods, batch_size=2, max_new_tokens=4, show_progress=False,
+                               out=out)
+    assert _strip(resumed) == _strip(whole)
+    assert _strip(harness.read_rows(out)) == _strip(whole)
+    with open(out) as f:
+        assert sum(1 for _ in f) == 1 + 9
+    again = harness.evaluate(model, TOK, samples, methods, batch_size=2, max_new_tokens=4, show_progress=False,
+                             out=out)  # everything done: nothing runs, nothing is added
+    assert _strip(again) == _strip(whole)
+
+
+def test_the_harness_refuses_bad_input_before_any_work(tmp_path):
+    model, _ = tiny_llama()
+    out = str(tmp_path / "r.csv")
+    with pytest.raises(ValueError, match="distinct"):
+        harness.evaluate(model, TOK, _samples(count=1), ["dense", "dense"], out=out)
+    with pytest.raises(ValueError, match="samples must not be empty"):
+        harness.evaluate(model, TOK, [], ["dense"], out=out)
+    with pytest.raises(ValueError, match="reads the scores"):
+        harness.evaluate(model, TOK, _samples(count=1), ["headkv:scores=x,budget=8"], out=out)
+    assert not os.path.exists(out) and not hasattr(model, "_headops_previous")
+    with open(out, "w") as f:
+        f.write("layer,head,kv_head,score\n")
+    with pytest.raises(ValueError, match="not a headops evaluate CSV"):
+        harness.evaluate(model, TOK, _samples(count=1), ["dense"], out=out)
+
+
+# ------------------------------------------------------------------------------ summaries
+
+
+def test_wilson_interval_known_values():
+    low, high = harness.wilson_interval(5, 10)
+    assert abs(low - 0.2366) < 1e-4 and abs(high - 0.7634) < 1e-4
+    low, high = harness.wilson_interval(0, 10)
+    assert low == 0.0 and abs(high - 0.2775) < 1e-4
+    low, high = harness.wilson_interval(50, 50)
+    assert abs(low - 0.9287) < 1e-4 and high == 1.0
+
+
+def test_summaries_count_each_group():
+    rows = [dict(task="passkey", length="100", method="dense", family="dense", correct=c, recall=c, bytes=100,
+                 dense_bytes=100) for c in (1, 1, 0, 1)]
+    rows += [dict(task="passkey", length="100", method="snapkv:budget=8", family="snapkv", correct=0, recall=0.5,
+                  bytes=25, dense_bytes=100)]
+    dense, snap = harness.summarize(rows)
+    assert (dense["samples"], dense["accuracy"], dense["bytes_fraction"]) == (4, 0.75, 1.0)
+    assert (snap["samples"], snap["accuracy"], snap["recall"], snap["bytes_fraction"]) == (1, 0.0, 0.5, 0.25)
+
+
+def test_the_command_writes_rows_summary_and_plot(tmp_path, capsys):
+    from headops.cli import main
+
+    scores = tmp_path / "s.csv"
+    with open(scores, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "head", "kv_head", "score"])
+        w.writerows([layer, h, h // 2, (layer * 4 + h) / 8] for layer in range(2) for h in range(4))
+    out = str(tmp_path / "ev")
+    argv = ["evaluate", "--model", "tiny", "--tasks", "passkey", "--lengths", "400", "--samples", "2",
+            "--methods", "dense", "duo:scores=s,full=0.5,window=16,sinks=2", "--scores", f"s={scores}",
+            "--max-new-tokens", "4", "--quiet", "--out", out]
+    pytest.importorskip("matplotlib")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "duo:full=0.5,scores=s,sinks=2,window=16" in printed and "accuracy (95% CI)" in printed
+    assert len(harness.read_rows(out + ".csv")) == 4
+    with open(out + "_summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert os.path.getsize(out + ".png") > 0
+    assert main(argv) == 0  # resumed: nothing to do
+    assert "4 rows already in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--scores"):
+        main(argv[:-7] + ["--scores", "nofile", "--out", out])
