@@ -150,6 +150,38 @@ def test_tensor_parallel_shards_that_cut_heads_or_gqa_groups_are_refused_naming_
         assert messages["odd", "cache"].startswith("headops.HeadSparseCache: ")
 
 
+def compressed_tokens(model):
+    """Greedy tokens through each compression method's cache (docs/cache.md); AdaKV's refusal."""
+    methods = {"razor": headops.HeadSpec.razor(model, [(0, 1)], window=4, sinks=1),
+               "snapkv": headops.HeadSpec.budget(model, budget=6, observation_window=3),
+               "headkv": headops.HeadSpec.headkv(model, torch.tensor([[0.9, 0.1], [0.3, 0.5]]), budget=6, beta=1.5,
+                                                 observation_window=3)}
+    out = {}
+    headops.patch(model, methods["razor"])
+    try:
+        for name, spec in methods.items():
+            headops.set_spec(model, spec)
+            out[name] = model.generate(IDS[:1], max_new_tokens=6, do_sample=False, pad_token_id=2,
+                                       cache=headops.HeadSparseCache(model, spec, budget_recent=1))
+        try:
+            headops.HeadSparseCache(model, headops.HeadSpec.budget(model, budget=6, allocation="adakv"), budget_recent=1)
+            out["adakv"] = "built"
+        except NotImplementedError as e:
+            out["adakv"] = str(e)
+    finally:
+        headops.unpatch(model)
+    return out
+
+
+def test_the_compression_methods_on_a_tensor_parallel_model_decode_what_one_process_decodes(saved):
+    one = compressed_tokens(tiny_llama()[0])
+    assert one["adakv"] == "built"  # one process holds every KV head of a layer
+    for rank, got in enumerate(run_ranks(lambda rank: compressed_tokens(load_tp(saved["llama"])), 2)):
+        for name in ("razor", "snapkv", "headkv"):
+            assert torch.equal(got[name], one[name]), (name, rank)
+        assert got["adakv"].startswith("headops.HeadSparseCache: allocation='adakv' shares each layer's budget")
+
+
 def test_a_model_sharded_after_patch_is_a_clear_error_not_a_shape_error():
     model, _ = tiny_llama()
     headops.patch(model, headops.HeadSpec.dense(model))
