@@ -277,18 +277,10 @@ class HeadSpec:
         ``(budget // beta) x L x Hkv`` (headops.budgets.headkv_budgets). Tokens are chosen by
         SnapKV scores as in HeadSpec.budget."""
         from .budgets import headkv_budgets
-        from .head_scores import POOLINGS, pool_kv_heads
 
         spec = cls.dense(model_or_config)
-        L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
-        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
-            raise TypeError(f"headops.HeadSpec.headkv: scores must be a floating-point tensor, got "
-                            f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
-            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
-        if pool not in POOLINGS:
-            raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
-        kv_scores = pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq and Hq != Hkv else scores
+        L, Hkv = spec.num_layers, spec.num_kv_heads
+        kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool)
         budgets = headkv_budgets(kv_scores, budget, beta)
         if int(budgets.min()) < 1:
             raise _fail("beta", f"large enough that every KV head keeps a token (beta = {beta} gives "
@@ -338,21 +330,12 @@ class HeadSpec:
         one of full_fraction (the top round(fraction * L * Hkv) KV heads full, equal scores in
         (layer, head) order) and threshold (KV heads scoring above it full, as DuoAttention's
         gates)."""
-        from .head_scores import POOLINGS, pool_kv_heads, top_heads
+        from .head_scores import top_heads
 
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
         L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
-        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
-            raise TypeError(f"headops.HeadSpec.from_scores: scores must be a floating-point tensor, got "
-                            f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
-            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
-        if bool(torch.isnan(scores).any()):
-            raise _fail("scores", "free of NaN", "NaN")
-        if pool not in POOLINGS:
-            raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
-        kv_scores = pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq else scores
+        kv_scores = spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool)
         if (full_fraction is None) == (threshold is None):
             raise ValueError("headops.HeadSpec.from_scores: give one of full_fraction and threshold")
         if full_fraction is not None:
@@ -369,6 +352,23 @@ class HeadSpec:
                 if (layer, h) not in full:
                     spec._make_streaming(layer, h, Hq // Hkv, window, sinks)
         return spec
+
+    def _kv_head_scores(self, caller, scores, pool):
+        """Per-head `scores` checked (a floating tensor [L, Hkv] or [L, Hq], free of NaN) and pooled
+        to one per KV head by `pool` over its group of query heads."""
+        from .head_scores import POOLINGS, pool_kv_heads
+
+        L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
+        if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
+            raise TypeError(f"{caller}: scores must be a floating-point tensor, got "
+                            f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
+            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
+        if bool(torch.isnan(scores).any()):
+            raise _fail("scores", "free of NaN", "NaN")
+        if pool not in POOLINGS:
+            raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
+        return pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq and Hq != Hkv else scores
 
     @staticmethod
     def _check_window_sinks(window, sinks):
