@@ -307,21 +307,43 @@ def test_sweep_group_takes_a_process_group_none_or_false():
 
 # ------------------------------------------------------------------------------ the command line
 
+def test_the_evaluation_split_over_two_processes_gives_the_single_process_rows(tmp_path):
+    from headops import evaluate
+
+    tok = CharTokenizer()
+    samples = [tasks.make_sample(tok, "passkey", 400, j / 4, j) for j in range(5)]
+    methods = ["dense", "streaming_llm:window=16"]
+    kw = dict(batch_size=1, max_new_tokens=4, show_progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    one = strip(evaluate.evaluate(tiny_llama()[0], tok, samples, methods, group=False, **kw))
+    out = str(tmp_path / "rows.csv")
+    for rows in run_ranks(lambda rank: evaluate.evaluate(tiny_llama()[0], tok, samples, methods, out=out, **kw), 2):
+        assert strip(rows) == one  # every rank gets every row, in the single process's order
+    assert strip(evaluate.read_rows(out)) == one  # written once, by rank 0
+    again = run_ranks(lambda rank: evaluate.evaluate(tiny_llama()[0], tok, samples, methods, out=out, **kw), 2)
+    assert all(strip(rows) == one for rows in again) and strip(evaluate.read_rows(out)) == one  # resumed: nothing new
+
+
 def test_the_commands_under_torchrun_write_once_what_one_process_writes(tmp_path):
     from headops.cli import main
 
     options = {"shapley": ["--tokens", "16", "--permutations", "3"], "prune": ["--tokens", "16", "--steps", "4",
                                                                              "--repeats", "1"],
                "discover": ["--method", "retrieval", "--lengths", "400", "--depths", "0", "1", "--needles", "1",
-                            "--batch-size", "1"]}
+                            "--batch-size", "1"],
+               "evaluate": ["--tasks", "passkey", "--lengths", "400", "--samples", "3", "--methods", "dense",
+                            "streaming_llm:window=16", "--batch-size", "1", "--max-new-tokens", "4"]}
 
     def run_all(suffix):
         return [main([name, "--model", "tiny", "--no-plot", "--quiet", "--out", str(tmp_path / f"{name}_{suffix}"),
                       *extra]) for name, extra in options.items()]
 
-    assert run_all("one") == [0, 0, 0]
-    assert run_ranks(lambda rank: run_all("two"), 2) == [[0, 0, 0]] * 2
-    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}_{n}.csv" for name in options for n in ("one", "two"))
+    assert run_all("one") == [0] * 4
+    assert run_ranks(lambda rank: run_all("two"), 2) == [[0] * 4] * 2
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{name}_{n}.csv" for name in options for n in ("one", "two")] +
+                                                  ["evaluate_one_summary.csv", "evaluate_two_summary.csv"])
+    rows = lambda n: [line.rsplit(",", 1)[0] for line in (tmp_path / f"evaluate_{n}.csv").read_text().splitlines()]  # noqa: E731
+    assert rows("two") == rows("one")  # (not the seconds)
     for name in ("shapley", "discover"):
         assert (tmp_path / f"{name}_two.csv").read_text() == (tmp_path / f"{name}_one.csv").read_text()
     curve = [line.split(",")[:3] for line in (tmp_path / "prune_one.csv").read_text().splitlines()]  # (not the times)

@@ -276,6 +276,32 @@ def sweep_group(group, model, caller: str):
     return dist.group.WORLD
 
 
+def rank() -> int:
+    """This process's rank in torch.distributed's default group (0 when it is not initialized)."""
+    return _dist().get_rank() if is_initialized() else 0
+
+
+def size(group) -> int:
+    """How many processes `group` holds (1 for None: this one alone)."""
+    return 1 if group is None else _dist().get_world_size(group)
+
+
+def from_rank0(value):
+    """`value` as rank 0 of the default group has it, on every rank (a collective; `value` itself
+    when torch.distributed is not initialized)."""
+    if not is_initialized():
+        return value
+    box = [value]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fingerprint(inputs) -> bytes:
+    """A digest of a sweep's inputs, for map_items(inputs=...) when the inputs are large and the
+    sweep calls map_items many times: hashed once."""
+    return _fingerprint(inputs)
+
+
 def _fingerprint(inputs) -> bytes:
     """A digest of a sweep's inputs (tensors by their bytes; dataclasses, dicts and sequences by
     their parts; the rest by pickle): equal on every rank that was given the same inputs."""

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from . import _distributed
 from . import tasks as tasks_module
 from ._progress import progress
 from .cache import HeadSparseCache
@@ -261,7 +262,7 @@ def _answer_budget(samples, batch) -> int:
 
 def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, batch_size: int = 8,
              max_new_tokens: int | None = None, observation_window: int | None = None, out: str | None = None,
-             show_progress: bool = True) -> list:
+             show_progress: bool = True, group=None) -> list:
     """Every method on every sample; returns the rows (dicts) and, with `out`, appends them to that
     CSV as they finish. Rows already in `out` (same task, length, depth, seed and method) are not
     done again: a killed run resumes where it stopped.
@@ -270,7 +271,11 @@ def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, 
     per-head score tensor} for the methods that read scores. The model is patched for the run and
     unpatched after. Generation is greedy; max_new_tokens defaults to the answers' tokens plus
     room for separators. observation_window: how many of the context's last queries the prefill
-    keeps for SnapKV scores (default: the largest any method asks for)."""
+    keeps for SnapKV scores (default: the largest any method asks for).
+
+    group: the processes the batches of prompts are split over (a torch.distributed process group;
+    None: torchrun's processes when launched by torchrun, else this one; False: this one). Every
+    rank gets every row; only rank 0 reads and writes `out`, after each round of one batch per rank."""
     methods = [m if isinstance(m, Method) else parse_method(m) for m in methods]
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -278,49 +283,86 @@ def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, 
     if not samples:
         raise ValueError(f"{CALLER}: samples must not be empty")
     specs = {m.name: m.spec(model, scores) for m in methods}  # every method checked before any work
+    group = _distributed.sweep_group(group, model, CALLER)
+    lead = not _distributed.is_initialized() or _distributed.rank() == 0
+    results = _ResultFile(out if lead else None)
+    if _distributed.is_initialized():  # rank 0's file says what is done: every rank runs the same batches
+        results.rows, results.done = _distributed.from_rank0((results.rows, results.done))
     window = observation_window or max([dict(m.params).get("observation_window", 1) for m in methods])
-    results = _ResultFile(out)
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    run = _BatchRunner(model, tokenizer, samples, methods, specs, window, max_new_tokens)
+    batches = [b for b in _batches(samples, batch_size) if run.todo(b, results.done)]
+    ranks = _distributed.size(group)
+    rounds = [batches[i:i + ranks] for i in range(0, len(batches), ranks)]
+    inputs = _distributed.fingerprint((samples, names, scores, batch_size, max_new_tokens, window))
     patch(model, HeadSpec.dense(model))
     try:
-        batches = _batches(samples, batch_size)
-        for batch in progress(batches, desc="evaluate", total=len(batches), enabled=show_progress):
-            todo = [m for m in methods if any(_key(samples[i].task, samples[i].length, samples[i].depth,
-                                                    samples[i].seed, m.name) not in results.done for i in batch)]
-            if not todo:
+        for batch_round in progress(rounds, desc="evaluate", total=len(rounds), enabled=show_progress and lead):
+            if group is None:  # each method's rows written as soon as they are done
+                for rows in run.rows(batch_round[0], results.done):
+                    for row in rows:
+                        results.add(row)
                 continue
-            ids = torch.stack([samples[i].ids for i in batch])
-            context_end = samples[batch[0]].question_start
-            budget = max_new_tokens or _answer_budget(samples, batch)
-            with torch.no_grad():
-                prefill = capture_prefill(model, ids[:, :context_end], observation_window=min(window, context_end))
-            for m in todo:
-                started = time.perf_counter()
-                spec = specs[m.name]
-                set_spec(model, spec)
-                cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - context_end)
-                with torch.no_grad():
-                    new = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache,
-                                         max_new_tokens=budget, do_sample=False, pad_token_id=eos, top_p=None,
-                                         top_k=None, temperature=None)[:, ids.shape[1]:]
-                seconds = (time.perf_counter() - started) / len(batch)
-                held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
-                                      cache.ideal_nbytes() / len(batch))
-                for row, i in enumerate(batch):
-                    s = samples[i]
-                    if _key(s.task, s.length, s.depth, s.seed, m.name) in results.done:
-                        continue
-                    text = tokenizer.decode(tasks_module.until_eos(model, new[row]), skip_special_tokens=True)
-                    results.add(dict(task=s.task, length=s.length, depth=f"{s.depth:.6g}", seed=s.seed,
-                                     method=m.name, family=m.family, correct=int(tasks_module.exact_match(s, text)),
-                                     recall=f"{tasks_module.answer_recall(s, text):.4g}", bytes=round(held),
-                                     dense_bytes=round(dense), ideal_bytes=round(ideal), answer=text,
-                                     seconds=f"{seconds:.4g}"))
+            per_batch = _distributed.map_items(lambda b: list(run.rows(b, results.done)), batch_round, group,
+                                               caller=CALLER, inputs=inputs)
+            for per_method in per_batch:
+                for rows in per_method:
+                    for row in rows:
+                        results.add(row)
     finally:
         unpatch(model)
         results.close()
     return results.rows
+
+
+class _BatchRunner:
+    """One batch of prompts: one dense prefill of their context, then each method still to do
+    builds its cache from it, decodes the question and the answer; its rows."""
+
+    def __init__(self, model, tokenizer, samples, methods, specs, window, max_new_tokens):
+        self.model, self.tokenizer, self.samples, self.methods = model, tokenizer, samples, methods
+        self.specs, self.window, self.max_new_tokens = specs, window, max_new_tokens
+        eos = model.generation_config.eos_token_id
+        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+
+    def _key(self, i, method):
+        s = self.samples[i]
+        return _key(s.task, s.length, s.depth, s.seed, method.name)
+
+    def todo(self, batch, done) -> list:
+        return [m for m in self.methods if any(self._key(i, m) not in done for i in batch)]
+
+    def rows(self, batch, done):
+        """The batch's rows, one list per method still to do, each yielded as soon as it is done."""
+        model, samples = self.model, self.samples
+        ids = torch.stack([samples[i].ids for i in batch])
+        context_end = samples[batch[0]].question_start
+        budget = self.max_new_tokens or _answer_budget(samples, batch)
+        with torch.no_grad():
+            prefill = capture_prefill(model, ids[:, :context_end], observation_window=min(self.window, context_end))
+        for m in self.todo(batch, done):
+            rows = []
+            started = time.perf_counter()
+            spec = self.specs[m.name]
+            set_spec(model, spec)
+            cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - context_end)
+            with torch.no_grad():
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=budget,
+                                     do_sample=False, pad_token_id=self.eos, top_p=None, top_k=None,
+                                     temperature=None)[:, ids.shape[1]:]
+            seconds = (time.perf_counter() - started) / len(batch)
+            held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
+                                  cache.ideal_nbytes() / len(batch))
+            for row, i in enumerate(batch):
+                if self._key(i, m) in done:
+                    continue
+                s = samples[i]
+                text = self.tokenizer.decode(tasks_module.until_eos(model, new[row]), skip_special_tokens=True)
+                rows.append(dict(task=s.task, length=s.length, depth=f"{s.depth:.6g}", seed=s.seed, method=m.name,
+                                 family=m.family, correct=int(tasks_module.exact_match(s, text)),
+                                 recall=f"{tasks_module.answer_recall(s, text):.4g}", bytes=round(held),
+                                 dense_bytes=round(dense), ideal_bytes=round(ideal), answer=text,
+                                 seconds=f"{seconds:.4g}"))
+            yield rows
 
 
 # ------------------------------------------------------------------------------ summaries
