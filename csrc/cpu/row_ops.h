@@ -178,9 +178,11 @@ inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
 // One pass over a row's visible keys when they form one range: y = x * scale (+ bias),
 // p = exp(y - m) with the row's current max m, and the max of y. The caller redoes the row
 // with the exact max when y's max exceeds m by too much (lazy rescaling), so most blocks
-// need neither a separate max pass nor a rescale of the accumulator.
+// need neither a separate max pass nor a rescale of the accumulator. y is also stored in
+// logits_out when given (it may be x itself: probes read the logits).
 template <typename T, typename P>
-inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out) {
+inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
+                        T* logits_out = nullptr) {
   using V = Vectorized<T>;
   const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
@@ -190,6 +192,10 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
   int64_t j = 0;
   for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
     V y0 = logits(j), y1 = logits(j + V::size());
+    if (logits_out) {
+      y0.store(logits_out + j);
+      y1.store(logits_out + j + V::size());
+    }
     vmax0 = at::vec::maximum(vmax0, y0);
     vmax1 = at::vec::maximum(vmax1, y1);
     V e0 = vexp<P>(y0 - vm), e1 = vexp<P>(y1 - vm);
@@ -201,6 +207,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     const int64_t c = std::min<int64_t>(V::size(), n - j);
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
+    if (logits_out) y.store(logits_out + j, c);
     vmax0 = at::vec::maximum(vmax0, V::set(lowest, y, c));
     V e = V::set(V(T(0)), vexp<P>(y - vm), c);
     store_probs_tail(p + j, e, c);
