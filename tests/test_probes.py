@@ -85,6 +85,30 @@ def test_statistics_match_reference(dtype, B, Sq, Sk, Hq, Hkv, D, causal):
                                atol=2e-5 if dtype != F64 else 1e-9, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_statistics_when_logits_climb_past_the_lazy_reference(dtype, causal):
+    """Logits that rise by 0.1 a key: later key blocks (512 or 256 keys) exceed a row's reference
+    by far more than the lazy-rescale limit, so the one-pass attempt (which stored its logits for
+    the probes) is redone on the exact path; rows whose logits fall stay one-pass throughout."""
+    B, Sq, Sk, Hq, Hkv, D = 1, 40, 1200, 4, 2, 16
+    u = torch.zeros(D, dtype=F64)
+    u[0] = 4.0
+    sign = torch.where(torch.arange(Sq) % 2 == 0, 1.0, -1.0).to(F64)
+    q = (sign[None, :, None, None] * u + 0.3 * torch.randn(B, Sq, Hq, D, dtype=F64)).to(dtype)
+    ramp = 0.1 * (torch.arange(Sk, dtype=F64) - Sk / 2)  # q.k / sqrt(D) = +-0.1 (j - Sk/2)
+    k = (ramp[None, :, None, None] * u / 4.0 + 0.3 * torch.randn(B, Sk, Hkv, D, dtype=F64)).to(dtype)
+    v = torch.randn(B, Sk, Hkv, D, dtype=F64).to(dtype)
+    kw = dict(window=torch.tensor([-1, 700, 7, -1]), sinks=torch.tensor([0, 2, 0, 0]),
+              key_bias=torch.randn(Hq, Sk, dtype=F64), sink_logit=torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=F64))
+    stats = all_statistics(Sq, Sk)
+    got = probe_op(q, k, v, causal=causal, **kw, **stats)
+    want = reference.probe(q, k, v, causal=causal, **kw, **stats)
+    compare(got, want, dtype)
+    lse = reference.attention(q, k, v, causal=causal, return_lse=True, **kw)[1]
+    torch.testing.assert_close(got["lse"].double(), lse.double(), atol=1e-4 if dtype != F64 else 1e-9, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_per_batch_forms_and_layouts(layout):
     B, Sq, Sk, Hq, Hkv, D = 3, 40, 90, 4, 2, 16
