@@ -225,7 +225,7 @@ def test_attention_with_a_probe_matches_the_reference():
     want = reference.probe(q, k, v, layout="bhsd", **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
                            **stats)
     compare(vars(got), want, F64)
-    # the forward's output up to rounding (probing rows take the exact path, not the one-pass one)
+    # the forward's output (probing rows take the same one-pass path, which also keeps their logits)
     torch.testing.assert_close(out, headops.attention(q, k, v, layout="bhsd", **kw), atol=1e-12, rtol=0)
     only_entropy = headops.attention(q, k, v, layout="bhsd", probe=headops.Probe(entropy=True))[1]
     assert only_entropy.entropy.shape == (B, Hq, Sq) and only_entropy.span_mass is None and only_entropy.key_mass is None
