@@ -31,15 +31,17 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // exp for probabilities that will be stored as P: float and double keep ~1-20 ulp; for
 // bfloat16 (8-bit mantissa) ATen's degree-3 fexp_u20 is far more accurate than the rounding
-// that follows, and cheaper.
+// that follows, and cheaper. NaN stays NaN (online_softmax.h): ATen's fast float exps clamp
+// their input and would turn a NaN (a NaN logit, inf - inf, x - a NaN lse) into a huge number,
+// so the NaN lanes are or-ed back in (all-ones bits are a NaN).
 template <typename P, typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, double>) {
     return x.exp();
   } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
-    return x.fexp_u20();
+    return x.fexp_u20() | x.isnan();
   } else {
-    return x.exp_u20();
+    return x.exp_u20() | x.isnan();
   }
 }
 
