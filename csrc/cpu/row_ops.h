@@ -31,15 +31,17 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // exp for probabilities that will be stored as P: float and double keep ~1-20 ulp; for
 // bfloat16 (8-bit mantissa) ATen's degree-3 fexp_u20 is far more accurate than the rounding
-// that follows, and cheaper.
+// that follows, and cheaper. NaN stays NaN (online_softmax.h): ATen's fast float exps clamp
+// their input and would turn a NaN (a NaN logit, inf - inf, x - a NaN lse) into a huge number,
+// so the NaN lanes are or-ed back in (all-ones bits are a NaN).
 template <typename P, typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, double>) {
     return x.exp();
   } else if constexpr (std::is_same_v<P, c10::BFloat16>) {
-    return x.fexp_u20();
+    return x.fexp_u20() | x.isnan();
   } else {
-    return x.exp_u20();
+    return x.exp_u20() | x.isnan();
   }
 }
 
@@ -178,9 +180,11 @@ inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
 // One pass over a row's visible keys when they form one range: y = x * scale (+ bias),
 // p = exp(y - m) with the row's current max m, and the max of y. The caller redoes the row
 // with the exact max when y's max exceeds m by too much (lazy rescaling), so most blocks
-// need neither a separate max pass nor a rescale of the accumulator.
+// need neither a separate max pass nor a rescale of the accumulator. y is also stored in
+// logits_out when given (it may be x itself: probes read the logits).
 template <typename T, typename P>
-inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out) {
+inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
+                        T* logits_out = nullptr) {
   using V = Vectorized<T>;
   const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
@@ -190,6 +194,10 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
   int64_t j = 0;
   for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
     V y0 = logits(j), y1 = logits(j + V::size());
+    if (logits_out) {
+      y0.store(logits_out + j);
+      y1.store(logits_out + j + V::size());
+    }
     vmax0 = at::vec::maximum(vmax0, y0);
     vmax1 = at::vec::maximum(vmax1, y1);
     V e0 = vexp<P>(y0 - vm), e1 = vexp<P>(y1 - vm);
@@ -201,6 +209,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     const int64_t c = std::min<int64_t>(V::size(), n - j);
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
+    if (logits_out) y.store(logits_out + j, c);
     vmax0 = at::vec::maximum(vmax0, V::set(lowest, y, c));
     V e = V::set(V(T(0)), vexp<P>(y - vm), c);
     store_probs_tail(p + j, e, c);

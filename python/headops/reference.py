@@ -223,7 +223,8 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     if sink_mass:
         result["sink_mass"] = off(p_sink if p_sink is not None else torch.zeros(B, Hq, Sq, dtype=f64, device=dev))
     if entropy:
-        terms = torch.where(p > 0, -p * torch.log(p), torch.zeros_like(p)).sum(-1)
+        # 0 log 0 = 0; a NaN probability (a NaN logit the row sees) stays NaN, as in lse
+        terms = torch.where((p > 0) | torch.isnan(p), -p * torch.log(p), torch.zeros_like(p)).sum(-1)
         if p_sink is not None:
             terms = terms + torch.where(p_sink > 0, -p_sink * torch.log(p_sink), torch.zeros_like(p_sink))
         result["entropy"] = off(terms)

@@ -140,9 +140,10 @@ class ItemRunner {
               LocalWorkCounts& counts) {
     const int64_t D = p_.head_dim, Sk = p_.seqlen_k, j0 = lg.j0, nk = lg.nk;
     const bool whole_block = j0 + nk <= Sk && vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
-    // rows whose visible keys form one range take the one-pass path (scaled_exp_sum); probes
-    // read every row's logits, which that path does not store
-    const bool fusable = !scaled && !probes_.active() && (lg.bias == nullptr || lg.bias_stride == 1);
+    // rows whose visible keys form one range take the one-pass path (scaled_exp_sum; it also
+    // stores the logits in place where probes read them: probes refuse alpha, so no second
+    // branch reads these scores after this one)
+    const bool fusable = !scaled && (lg.bias == nullptr || lg.bias_stride == 1);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     bool any_row = false;
     for (int64_t r = 0; r < nq; ++r) {
@@ -155,6 +156,8 @@ class ItemRunner {
         continue;
       }
       OnlineSoftmax<acc_t>& row = st.rows[r];
+      bool logits_stored = false;  // the one-pass attempt left the part's logits in s (probes)
+      acc_t stored_max = neg_inf;
       if (fusable && parts[1].empty()) {
         const KeyRange part = parts[0];
         const acc_t* bias = lg.bias ? lg.bias + part.lo : nullptr;
@@ -163,19 +166,27 @@ class ItemRunner {
         if (ref_max == neg_inf) ref_max = scaled_max(s + part.lo, part.size(), lg.scale, bias);
         if (ref_max != neg_inf) {
           acc_t block_max;
-          const acc_t sum = scaled_exp_sum(s + part.lo, prob + part.lo, part.size(), lg.scale, bias, ref_max, block_max);
+          acc_t* logits_out = probes_.active() ? s + part.lo : nullptr;
+          const acc_t sum = scaled_exp_sum(s + part.lo, prob + part.lo, part.size(), lg.scale, bias, ref_max,
+                                           block_max, logits_out);
+          logits_stored = logits_out != nullptr;
+          stored_max = block_max;
           if (block_max <= ref_max + lazy_rescale_limit<prob_t>()) {  // false for NaN: exact path
             fill_zero(prob, 0, part.lo);
             fill_zero(prob, part.hi, nk);
+            // the reference stays (or, for a row that had nothing, starts at ref_max): no rescale
+            probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, ref_max, ref_max, row.sum, acc_t(1));
             row.add_at_reference(ref_max, sum);
             any_row = true;
             continue;
           }
         }
       }
-      const acc_t row_max = scaled ? row_max_[r] : scale_row_in_place(lg, r);
+      // the exact path: logits of the whole row (or, after a one-pass attempt that stored them,
+      // of its one visible part, whose max that attempt found)
+      const acc_t row_max = scaled ? row_max_[r] : logits_stored ? stored_max : scale_row_in_place(lg, r);
       acc_t block_max = neg_inf;
-      if (whole_block) {
+      if (whole_block || logits_stored) {
         block_max = row_max;
       } else {
         for (const KeyRange& part : parts)
