@@ -352,6 +352,9 @@ def summarize(results, samples_by_key, methods):
                     rss_answer_over_mib=statistics.median(r["peak_rss_answer"] - r["rss_before_answer"]
                                                           for r in rows) / MiB,
                     rss_process_mib=res["peak_rss_process"] / MiB, rss_loaded_mib=res["rss_after_load"] / MiB))
+    dense = {r["library"]: r["rss_process_mib"] for r in table if r["method"] == "dense"}
+    for r in table:  # against the same library's dense process: what the method saved
+        r["rss_vs_dense_mib"] = r["rss_process_mib"] - dense[r["library"]] if r["library"] in dense else float("nan")
     return table
 
 
@@ -381,7 +384,7 @@ def markdown(table, agree, meta) -> str:
     lines = [f"# headops vs kvpress {meta['kvpress_version']} on SmolLM2-135M-Instruct", "",
              f"{meta['when']}; {meta['machine']}; {meta['threads']} torch thread(s) per process, "
              f"{meta['parallel']} process(es) at a time; tasks {', '.join(meta['tasks'])} at {meta['length']} tokens, "
-             f"{meta['samples']} prompts each (depths spread over (0, 1)); run took {meta['minutes']:.0f} min. "
+             f"{meta['samples']} prompt(s) each (depths spread over (0, 1)); the workers took {meta['minutes']:.0f} min. "
              f"Command: `{meta['command']}`.", "",
              f"Weights: {meta['checksums']}. Scores for duo: {meta['scores']}.", "",
              "kept: the fraction of (token, KV head) pairs of the context that attention can still read after "
@@ -389,17 +392,19 @@ def markdown(table, agree, meta) -> str:
              "cache: bytes held after compression (kvpress: the DynamicCache's tensors; headops: cache.nbytes()), "
              "mean per prompt; after: after the answer. RSS: peak resident set during the answer (VmHWM reset "
              "after the prefill), median per prompt, and how far it rose above the resident set at the answer's "
-             "start; process: ru_maxrss of the method's fresh process (load and prefill included). decode: "
+             "start; process: ru_maxrss of the method's fresh process (load and prefill included) and its difference "
+             "from the same library's dense process. decode: "
              "tokens/s of the steps after the first answer token; answer: all answer tokens over the whole "
              "answer call (question read included). Accuracy: exact match, with its 95 % Wilson interval.", "",
              "| task | method | library | n | accuracy [95 % CI] | kept | cache MiB | after MiB | RSS MiB "
-             "(rise) | process MiB | decode tok/s | answer tok/s |",
+             "(rise) | process MiB (vs dense) | decode tok/s | answer tok/s |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         lines.append(f"| {r['task']} | {r['method']} | {r['library']} | {r['samples']} | "
                      f"{r['accuracy']:.2f} [{r['low']:.2f}, {r['high']:.2f}] | {r['kept']:.3f} | "
                      f"{r['cache_mib']:.1f} | {r['cache_after_mib']:.1f} | {r['rss_answer_mib']:.0f} "
-                     f"(+{r['rss_answer_over_mib']:.0f}) | {r['rss_process_mib']:.0f} | {r['decode_tps']:.1f} | "
+                     f"(+{r['rss_answer_over_mib']:.0f}) | {r['rss_process_mib']:.0f} ({r['rss_vs_dense_mib']:+.0f}) | "
+                     f"{r['decode_tps']:.1f} | "
                      f"{r['answer_tps']:.1f} |")
     lines += ["", "Agreement per method (all prompts of both tasks):", "",
               "| method | prompts | same answer text | same verdict |", "|---|---:|---:|---:|"]
@@ -426,6 +431,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--check", type=int, default=1, help="prompts re-run through headops.evaluate per method")
     p.add_argument("--out", default=OUT_DIR)
+    p.add_argument("--check-harness", type=int, default=0,
+                   help="answer the first N prompts with headops.evaluate itself (every headops method from one "
+                        "prefill per prompt, in this process) and compare with the workers' answers")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table of the results already there")
     p.add_argument("--record", action="store_true", help=f"also write {os.path.relpath(RECORD, ROOT)}")
     # worker mode (one headops method; run by the driver)
     p.add_argument("--worker", choices=["headops"], help=argparse.SUPPRESS)
@@ -437,7 +446,6 @@ def main(argv=None):
     if args.worker:
         return headops_worker(args)
 
-    started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     model_dir = prepare_model(args.model)
     model, tokenizer = load_model(model_dir, args.threads)
@@ -475,7 +483,24 @@ def main(argv=None):
                         "--prompts", prompts_path, "--method", json.dumps(m["kvpress"]), "--out", out,
                         "--threads", str(args.threads)]
             jobs.append((f"{lib} {m['name']}", cmd, out))
-    run_workers(jobs, args.parallel, args.out)
+    timing_path = os.path.join(args.out, f"timing_{tag}.json")
+    if not args.report_only:
+        began = time.time()
+        run_workers(jobs, args.parallel, args.out)
+        timing = dict(began=began, ended=time.time(), jobs=len(jobs),
+                      command=" ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv))))
+        if os.path.exists(timing_path):  # a resumed run: the first one's start, the time both took
+            with open(timing_path) as f:
+                before = json.load(f)
+            timing["minutes_before"] = before.get("minutes_before", 0) + (before["ended"] - before["began"]) / 60
+        with open(timing_path, "w") as f:
+            json.dump(timing, f)
+    worker_minutes, command = None, " ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    if os.path.exists(timing_path):
+        with open(timing_path) as f:
+            timing = json.load(f)
+        worker_minutes = timing.get("minutes_before", 0) + (timing["ended"] - timing["began"]) / 60
+        command = timing.get("command", command)  # the command that ran the workers
 
     results = {}
     for (name, _, out) in jobs:
@@ -498,8 +523,41 @@ def main(argv=None):
             if same != len(res["harness_check"]):
                 notes.append(f"{name}: headops.evaluate gave other answers on {len(res['harness_check']) - same} "
                              f"of {len(res['harness_check'])} re-run prompts: {res['harness_check']}")
+    check_path = os.path.join(args.out, f"harness_{tag}.json")
+    if args.check_harness:
+        from headops.evaluate import evaluate
+
+        model, _ = load_model(model_dir, args.threads)
+        scores = {"retrieval": kv_scores} if kv_scores is not None else None
+        names = {m["headops"]: m["name"] for m in methods}
+        rows = evaluate(model, tokenizer, samples[:args.check_harness], list(names), scores=scores, batch_size=1,
+                        show_progress=False)
+        from headops.evaluate import parse_method
+
+        canon = {parse_method(h).name: n for h, n in names.items()}
+        with open(check_path, "w") as f:
+            json.dump([dict(key=key_of(r["task"], int(r["length"]), float(r["depth"]), int(r["seed"])),
+                            method=canon[r["method"]], answer=r["answer"]) for r in rows], f)
+        del model
+    if os.path.exists(check_path):
+        with open(check_path) as f:
+            harness = json.load(f)
+        compared = differ = 0
+        for h in harness:
+            res = results.get(("headops", h["method"]))
+            worker = {r["key"]: r["answer"] for r in res["rows"]} if res else {}
+            if h["key"] in worker:
+                compared += 1
+                if worker[h["key"]] != h["answer"]:
+                    differ += 1
+                    notes.append(f"{h['method']} {h['key']}: headops.evaluate answered {h['answer']!r}, the "
+                                 f"worker {worker[h['key']]!r}.")
+        notes.append(f"headops.evaluate itself (batch of one, every method from one prefill per prompt) re-answered "
+                     f"{compared} (method, prompt) pairs: {compared - differ} answers identical to the workers'.")
     checked = sum(len(r["harness_check"]) for (lib, _), r in results.items() if lib == "headops")
-    notes.append(f"headops.evaluate re-run on {checked} (method, prompt) pairs: answers identical unless noted above.")
+    if checked:
+        notes.append(f"The headops workers re-ran {checked} (method, prompt) pairs through headops.evaluate: "
+                     "answers identical unless noted above.")
     checksums = sorted({r["weights_checksum"] for r in results.values()})
     kv_version = next((r["version"] for (lib, _), r in results.items() if lib == "kvpress"), "?")
     kv_tf = next((r["transformers"] for (lib, _), r in results.items() if lib == "kvpress"), "?")
@@ -508,8 +566,9 @@ def main(argv=None):
     meta = dict(kvpress_version=f"{kv_version} (transformers {kv_tf}; headops with transformers "
                                 f"{transformers.__version__})",
                 when=time.strftime("%Y-%m-%d"), machine=_machine(), threads=args.threads, parallel=args.parallel,
-                tasks=tasks_, length=args.length, samples=args.samples, minutes=(time.perf_counter() - started) / 60,
-                command=" ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv))),
+                tasks=tasks_, length=args.length, samples=args.samples,
+                minutes=worker_minutes if worker_minutes is not None else float("nan"),
+                command=command,
                 checksums=("one fingerprint on both sides, " + checksums[0]) if len(checksums) == 1 else
                 f"DIFFERENT fingerprints {checksums}",
                 scores=os.path.basename(args.scores) if args.scores else "none (duo left out)", notes=notes)
@@ -531,7 +590,7 @@ def _machine() -> str:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0]
-    return f"{os.cpu_count()} cores ({cpu}), load {load:.1f} at the end"
+    return f"{os.cpu_count()} cores ({cpu}), load {load:.1f} when this table was written"
 
 
 if __name__ == "__main__":
