@@ -384,7 +384,8 @@ def markdown(table, agree, meta) -> str:
     lines = [f"# headops vs kvpress {meta['kvpress_version']} on SmolLM2-135M-Instruct", "",
              f"{meta['when']}; {meta['machine']}; {meta['threads']} torch thread(s) per process, "
              f"{meta['parallel']} process(es) at a time; tasks {', '.join(meta['tasks'])} at {meta['length']} tokens, "
-             f"{meta['samples']} prompt(s) each (depths spread over (0, 1)); the workers took {meta['minutes']:.0f} min. "
+             f"{meta['samples']} prompt(s) each (depths spread over (0, 1)); the workers took "
+             f"{meta['minutes']:.0f} min. "
              f"Command: `{meta['command']}`.", "",
              f"Weights: {meta['checksums']}. Scores for duo: {meta['scores']}.", "",
              "kept: the fraction of (token, KV head) pairs of the context that attention can still read after "
@@ -487,15 +488,16 @@ def main(argv=None):
     if not args.report_only:
         began = time.time()
         run_workers(jobs, args.parallel, args.out)
-        timing = dict(began=began, ended=time.time(), jobs=len(jobs),
-                      command=" ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv))))
+        timing = dict(began=began, ended=time.time(), jobs=len(jobs), command=" ".join(
+            ["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv))))
         if os.path.exists(timing_path):  # a resumed run: the first one's start, the time both took
             with open(timing_path) as f:
                 before = json.load(f)
             timing["minutes_before"] = before.get("minutes_before", 0) + (before["ended"] - before["began"]) / 60
         with open(timing_path, "w") as f:
             json.dump(timing, f)
-    worker_minutes, command = None, " ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    command = " ".join(["python bench/compare_kvpress.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    worker_minutes = None
     if os.path.exists(timing_path):
         with open(timing_path) as f:
             timing = json.load(f)
