@@ -5,6 +5,10 @@
 #              (untracked): git status stays clean
 # make bench-record - the three benchmarks' full default presets with --record: refresh the
 #              committed bench/results/*_default.* (the bench-* targets write bench/results/local/)
+# make bench-kvpress - headops against NVIDIA kvpress 0.5.5 on the same prompts and SmolLM2 weights
+#              (docs/kvpress.md): builds kvpress's own environment .venv-kvpress (once), the
+#              retrieval scores for DuoAttention (once, ~10 min) and runs bench/compare_kvpress.py;
+#              BENCH_KVPRESS_ARGS passes options (e.g. --samples 10 --record)
 # make test  - same set-up, then the whole pytest suite
 # make test-asan - the CPU kernels built with AddressSanitizer + UBSan (build-asan/), a test subset
 PYTHON ?= python3
@@ -16,7 +20,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: all build demo test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
+.PHONY: all build demo bench-kvpress test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
 
 all: build
 
@@ -56,6 +60,34 @@ bench-record: build
 	$(VPY) bench/attention_cpu.py --record
 	$(VPY) bench/attention_cpu_train.py --record
 	$(VPY) bench/kvcache.py --record
+
+# kvpress 0.5.5 pins transformers < 5.3 (headops' .venv has transformers 5), so it gets its own
+# venv. To not install torch a second time, the venv's site-packages gets a .pth file naming
+# .venv's site-packages: Python appends that directory to sys.path after the venv's own
+# site-packages, so kvpress, transformers 5.2 and whatever else pip installs there come first,
+# and torch (and every package pip finds already satisfied) is .venv's. pip sees .venv's packages
+# through the same path: it installs only what they do not satisfy.
+KVP_VENV := .venv-kvpress
+KVP_PY := $(KVP_VENV)/bin/python
+KVP_STAMP := $(KVP_VENV)/.kvpress-deps
+KVPRESS_VERSION ?= 0.5.5
+KVP_SCORES := build/kvpress/retrieval.csv
+BENCH_KVPRESS_ARGS ?=
+
+$(KVP_STAMP): $(DEPS_STAMP)
+	test -x $(KVP_PY) || $(PYTHON) -m venv $(KVP_VENV)
+	$(KVP_PY) -c "import os, sys, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'zz-headops-venv.pth'), 'w').write(sys.argv[1] + '\\n')" \
+		"$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+	$(KVP_PY) -m pip install --disable-pip-version-check -q kvpress==$(KVPRESS_VERSION)
+	$(KVP_PY) -c "import torch, transformers, kvpress; print('kvpress env: torch', torch.__version__, 'from', torch.__file__, '; transformers', transformers.__version__)"
+	touch $@
+
+# DuoAttention's split for SmolLM2: headops' retrieval scores (python -m headops discover)
+$(KVP_SCORES): | build
+	PYTHONPATH=$(CURDIR)/python $(VPY) -m headops discover --method retrieval --model smollm2 --out build/kvpress/retrieval --no-plot --quiet
+
+bench-kvpress: build $(KVP_STAMP) $(KVP_SCORES)
+	PYTHONPATH=$(CURDIR)/python $(VPY) bench/compare_kvpress.py --kvpress-python $(KVP_PY) --scores $(KVP_SCORES) $(BENCH_KVPRESS_ARGS)
 
 test: build
 	$(VPY) -m pytest tests -q
