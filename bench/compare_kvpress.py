@@ -26,8 +26,6 @@ headops.tasks.exact_match and prints the table (--record: also bench/results/kvp
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -36,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from kvpress_worker import proc_status, settle_and_reset_peak  # (this folder; stdlib only at import)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "build", "kvpress", "smollm2-f32")
@@ -111,11 +111,6 @@ def make_samples(tokenizer, grid):
     return [tasks.make_sample(tokenizer, task, length, depth, seed) for task, length, depth, seed in grid]
 
 
-def answer_budget(sample) -> int:
-    """headops.evaluate's max_new_tokens for one sample."""
-    return sample.answer_tokens() + 4 * len(sample.answers) + 4
-
-
 def read_kv_scores(path: str, config):
     """[L, Hkv] retrieval scores: a discover CSV ([L, Hq]) pooled per KV head by max, as
     HeadSpec.from_scores pools them."""
@@ -166,28 +161,6 @@ def methods_for(fractions, context: int, kv_scores, config):
 # ------------------------------------------------------------------------------ headops' worker
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def _settle_and_reset_peak() -> int:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status("VmRSS")
-
-
 def headops_worker(args):
     """One headops method over the prompts, as headops.evaluate runs it (capture_prefill, then
     HeadSparseCache.from_prefill, then model.generate from the compressed cache), one prompt at a
@@ -205,7 +178,7 @@ def headops_worker(args):
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, args.threads)
     load_seconds = time.perf_counter() - started
-    rss_loaded = _status("VmRSS")
+    rss_loaded = proc_status("VmRSS")
     with open(args.prompts) as f:
         data = json.load(f)
     samples = make_samples(tokenizer, [tuple(p["grid"]) for p in data["prompts"]])
@@ -234,7 +207,7 @@ def headops_worker(args):
             cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - start)
             del prefill
             built, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
-            rss_before = _settle_and_reset_peak()
+            rss_before = settle_and_reset_peak()
             stamps.clear()
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -242,7 +215,7 @@ def headops_worker(args):
                                      max_new_tokens=p["max_new_tokens"], do_sample=False, pad_token_id=eos,
                                      top_p=None, top_k=None, temperature=None)[0, ids.shape[1]:]
             t1 = time.perf_counter()
-            peak = _status("VmHWM")
+            peak = proc_status("VmHWM")
             text = tokenizer.decode(tasks.until_eos(model, new), skip_special_tokens=True)
             tokens = len(stamps)
             rows.append(dict(key=p["key"], answer=text, tokens=tokens, answer_seconds=t1 - t0,
@@ -462,7 +435,7 @@ def main(argv=None):
         wanted = set(args.methods.split(","))
         methods = [m for m in methods if m["name"] in wanted]
     prompts = [dict(key=key_of(*g), grid=list(g), ids=s.ids.tolist(), question_start=s.question_start,
-                    max_new_tokens=answer_budget(s)) for g, s in zip(grid, samples)]
+                    max_new_tokens=s.answer_budget()) for g, s in zip(grid, samples)]
     tag = f"{'-'.join(tasks_)}_{args.length}_{args.samples}"
     prompts_path = os.path.join(args.out, f"prompts_{tag}.json")
     with open(prompts_path, "w") as f:

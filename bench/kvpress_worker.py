@@ -24,7 +24,7 @@ import sys
 import time
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -33,7 +33,7 @@ def _status(key: str) -> int:
     return -1
 
 
-def _settle_and_reset_peak() -> int:
+def settle_and_reset_peak() -> int:
     """Free what can be freed, give the heap's free pages back, reset VmHWM; the RSS after."""
     gc.collect()
     try:
@@ -45,7 +45,7 @@ def _settle_and_reset_peak() -> int:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
     except OSError:
         pass
-    return _status("VmRSS")
+    return proc_status("VmRSS")
 
 
 def make_press(method: dict, context_length: int):
@@ -109,7 +109,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     load_seconds = time.perf_counter() - started
-    rss_loaded = _status("VmRSS")
+    rss_loaded = proc_status("VmRSS")
     if method["kind"] == "duo":
         offline_duo_pattern(model, method)
 
@@ -146,13 +146,13 @@ def main(argv=None):
         streaming_mask = None
         if method["kind"] == "duo":
             streaming_mask = press.streaming_mask.int().tolist()
-        rss_before = _settle_and_reset_peak()
+        rss_before = settle_and_reset_peak()
         t0 = time.perf_counter()
         with torch.no_grad():
             answer = pipe.generate_answer(question_ids=question, cache=cache, context_length=start,
                                           max_new_tokens=prompt["max_new_tokens"])
         t1 = time.perf_counter()
-        peak = _status("VmHWM")
+        peak = proc_status("VmHWM")
         held_after = sum(cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in range(L))
         tokens = len(stamps)
         rows.append(dict(key=prompt["key"], answer=answer, tokens=tokens, answer_seconds=t1 - t0,

@@ -256,10 +256,6 @@ def _batches(samples, batch_size):
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def _answer_budget(samples, batch) -> int:
-    return max(samples[i].answer_tokens() + 4 * len(samples[i].answers) + 4 for i in batch)
-
-
 def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, batch_size: int = 8,
              max_new_tokens: int | None = None, observation_window: int | None = None, out: str | None = None,
              show_progress: bool = True, group=None) -> list:
@@ -336,7 +332,7 @@ class _BatchRunner:
         model, samples = self.model, self.samples
         ids = torch.stack([samples[i].ids for i in batch])
         context_end = samples[batch[0]].question_start
-        budget = self.max_new_tokens or _answer_budget(samples, batch)
+        budget = self.max_new_tokens or max(samples[i].answer_budget() for i in batch)
         with torch.no_grad():
             prefill = capture_prefill(model, ids[:, :context_end], observation_window=min(self.window, context_end))
         for m in self.todo(batch, done):

@@ -84,6 +84,10 @@ class Sample:
         """The answer spans of the asked needles (the tokens a retrieval head should copy)."""
         return [self.needles[i].answer_span for i in self.asked]
 
+    def answer_budget(self) -> int:
+        """New tokens to generate for an answer: the expected answers' tokens plus room for separators."""
+        return self.answer_tokens() + 4 * len(self.answers) + 4
+
     def answer_tokens(self) -> int:
         """How many prompt tokens the expected answers copy (a generation budget's base)."""
         return sum(end - start for start, end in self.answer_spans())
@@ -363,7 +367,7 @@ def generate_answers(model, tokenizer, samples, *, max_new_tokens: int | None = 
     the answers' tokens plus room for separators)."""
     texts = [None] * len(samples)
     for batch in batches_of_equal_length(samples, batch_size):
-        budget = max_new_tokens or max(samples[i].answer_tokens() + 4 * len(samples[i].answers) + 4 for i in batch)
+        budget = max_new_tokens or max(samples[i].answer_budget() for i in batch)
         new = generate(model, torch.stack([samples[i].ids for i in batch]), budget)
         for row, i in enumerate(batch):
             texts[i] = tokenizer.decode(until_eos(model, new[row]), skip_special_tokens=True)
