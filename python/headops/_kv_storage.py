@@ -249,6 +249,25 @@ class LayerStorage:
         pos = self.slot_pos[b, off:off + n]
         return pos[pos >= 0].sort().values
 
+    def kept_kv(self, b, h):
+        """(positions, k, v): what KV head h of row b holds, in position order ([n], [n, D], [n, D])."""
+        positions = self.kept_positions(b, h).to(self.lengths.device)
+        i = int(self.kv_index[h])
+        if self.kinds[h] == FULL:
+            k = torch.cat([seg[b, i] for seg in self.full_k], 0)[:positions.numel()]
+            v = torch.cat([seg[b, i] for seg in self.full_v], 0)[:positions.numel()]
+            return positions, k, v
+        if self.kinds[h] == STREAMING:  # csrc/kvcache/kv_layout.h: RingLayout::slot_of
+            sinks, ring = int(self.ring_sinks[i]), int(self.ring_size[i])
+            slots = self.ring_offsets[i] + torch.where(positions < sinks, positions,
+                                                       sinks + (positions - sinks) % max(ring, 1))
+        else:
+            off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
+            held = self.slot_pos[b, off:off + n]
+            order = torch.argsort(torch.where(held >= 0, held, held.new_tensor(2**62)))[:positions.numel()]
+            slots = off + order
+        return positions, self.ring_k[b, slots], self.ring_v[b, slots]
+
     def set_budget_sizes(self, b, sizes):
         """Row b's budget heads hold sizes[i] slots each from now on (their total is the layout's:
         AdaKV shares it differently per row); every budget slot of the row is emptied."""

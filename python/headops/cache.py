@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _cache_layout, _distributed, budgets
+from . import _cache_layout, _cache_probe, _distributed, budgets
 from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense,
                     check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
 from .attention import run_fused
+from .probes import check_probe
 
 __all__ = ["HeadSparseCache"]
 
@@ -357,11 +358,14 @@ class HeadSparseCache(_CacheBase):
 
     # -------------------------------------------------------------------------------- attention
 
-    def attention(self, layer, q, k, v, *, layout="bshd", causal=True, lengths=None, **per_head):
+    def attention(self, layer, q, k, v, *, layout="bshd", causal=True, lengths=None, probe=None, **per_head):
         """Attention of `layer` for the new tokens q, k, v (see the class docstring).
 
         ``lengths`` (first call only): valid tokens per batch row when the prompts of a batch
         differ in length (right padding); the output rows past a row's length are 0.
+        ``probe=headops.Probe(...)`` also returns the call's probe statistics, ``(out,
+        ProbeResult)``: a prefill's over the prompt, a decode step's over the keys each KV head
+        keeps, at their original positions (docs/probes.md; CPU, not with alpha or compensation).
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))
@@ -371,13 +375,15 @@ class HeadSparseCache(_CacheBase):
         self._check_kv(caller, k, v, B, D)
         self._check_per_head_names(caller, causal, per_head)
         st = self._layers[layer]
+        stats = None
         if max(st.held, default=0) == 0:
-            out = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing)
+            out, stats = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing, probe)
         else:
             if lengths is not None:
                 raise ValueError(f"{caller}: lengths is for the first call (prefill) only")
-            out = self._decode(caller, st, q, k, v, causal, per_head)
-        return out.transpose(1, 2) if layout == "bhsd" else out
+            out, stats = self._decode(caller, st, q, k, v, causal, per_head, probe)
+        out = out.transpose(1, 2) if layout == "bhsd" else out
+        return out if probe is None else (out, stats)
 
     def append(self, layer, k, v, *, layout="bshd"):
         """Stores new tokens of `layer` without computing attention (e.g. a prompt whose
@@ -436,28 +442,39 @@ class HeadSparseCache(_CacheBase):
         self._store_prompt(caller, st, k, v, None if lengths is None else rows, causal, args, sizing,
                            lambda b, n: None if qs is None else qs[b, max(0, w - n):])
 
-    def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing):
+    def _probe_request(self, caller, st, q, args, probe, keys):
+        """The checked probe arguments of a call over `keys` keys (None without a probe)."""
+        if probe is None:
+            return None
+        _cache_probe.refuse(caller, q, args, st)
+        return check_probe(caller, probe, B=q.shape[0], Sq=q.shape[1], Sk=keys)
+
+    def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing, probe):
         B, S = k.shape[0], k.shape[1]
         args = self._head_args(caller, st, B, q.device, S, per_head)  # the whole batch, before any change
         if self.options["prefill"] == "full":  # every head reads the whole prompt; then keeps its kind's
             args = args._replace(window=None, sinks=None)
-        if lengths is None:
-            self._check_room(caller, st, S)
+        request = self._probe_request(caller, st, q, args, probe, S)
+        if lengths is not None:
+            lengths = _lengths(caller, lengths)
+            if len(lengths) != B or not all(1 <= n <= S for n in lengths):
+                raise fail(caller, "lengths", f"{B} values in [1, {S}]", lengths)
+            if q.shape[1] != S:
+                raise ValueError(f"{caller}: with lengths, q must cover the whole prompt")
+        self._check_room(caller, st, S if lengths is None else max(lengths))
+        stats = None
+        if request is not None:  # every row's attention, then the cache changes
+            out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal)
+        elif lengths is None:
             out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)
-            self._store_prompt(caller, st, k, v, None, causal, args, sizing, lambda b, n: q[b])
-            return out
-        lengths = _lengths(caller, lengths)
-        if len(lengths) != B or not all(1 <= n <= S for n in lengths):
-            raise fail(caller, "lengths", f"{B} values in [1, {S}]", lengths)
-        if q.shape[1] != S:
-            raise ValueError(f"{caller}: with lengths, q must cover the whole prompt")
-        self._check_room(caller, st, max(lengths))
-        out = torch.zeros_like(q)
-        for b, n in enumerate(lengths):  # every row's attention, then the cache changes
-            out[b:b + 1, :n] = run_fused(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
-                                         causal=causal, heads_first=False)[0]
-        self._store_prompt(caller, st, k, v, lengths, causal, args, sizing, lambda b, n: q[b, :n])
-        return out
+        else:
+            out = torch.zeros_like(q)
+            for b, n in enumerate(lengths):
+                out[b:b + 1, :n] = run_fused(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
+                                             causal=causal, heads_first=False)[0]
+        self._store_prompt(caller, st, k, v, lengths, causal, args, sizing,
+                           (lambda b, n: q[b]) if lengths is None else (lambda b, n: q[b, :n]))
+        return out, stats
 
     def _store_prompt(self, caller, st, k, v, lengths, causal, args, sizing, row_queries):
         """Stores a checked prompt (k, v [B, S, Hkv, D]; `lengths` per row or None: all S) in an
@@ -500,7 +517,7 @@ class HeadSparseCache(_CacheBase):
         for h, i, keep in zip(heads, rows, kept):
             st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], scores[h, keep])
 
-    def _decode(self, caller, st, q, k, v, causal, per_head):
+    def _decode(self, caller, st, q, k, v, causal, per_head, probe=None):
         """One decode step: host decisions read the lengths' Python mirror and shapes only (no
         tensor data), so that torch.compile traces the step whole."""
         Sq = k.shape[1]
@@ -512,12 +529,14 @@ class HeadSparseCache(_CacheBase):
                                     "rings)", f"{Sq} tokens")
         keys = max(st.held) + Sq
         args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)  # checked before the cache changes
+        request = self._probe_request(caller, st, q, args, probe, keys)
         st.reserve(keys)
         st.append(k, v)
+        stats = None if request is None else _cache_probe.decode(st, q, args, request, causal)
         return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
                                                   st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
                                                   st.ring_size, causal, *args.kernel_args(q.dtype), self.split_keys,
-                                                  *st.budget_args(), *st.comp_args())
+                                                  *st.budget_args(), *st.comp_args()), stats
 
 
 def _lengths(caller, lengths) -> list:

@@ -80,12 +80,14 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     causal = bool(getattr(module, "is_causal", True))
     recording = getattr(module, "_headops_recording", None)
     if cache is not None:
-        if recording is not None:
-            raise NotImplementedError("headops.probe: generation through a HeadSparseCache is not probed yet; "
-                                      "generate with the model's own cache inside headops.probe")
         args.pop("window")
         args.pop("sinks")
-        out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
+        if recording is None:
+            out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
+        else:
+            out, stats = cache.attention(layer, query, key, value, layout="bhsd", causal=causal,
+                                         probe=recording.probe, **args)
+            recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     elif recording is not None:
         out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))

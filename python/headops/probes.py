@@ -158,8 +158,8 @@ def probe(model, request: Probe | None = None, **fields):
 
     Give a ``Probe`` or its fields. Spans are absolute key positions, as the keys of each call
     are (a generation step's keys are every position so far, from the model's own cache).
-    Nothing is recorded outside the block. Generation through a ``HeadSparseCache`` is not
-    probed yet (NotImplementedError): generate with the model's own cache.
+    Nothing is recorded outside the block. Generating through a ``HeadSparseCache``, a decode
+    step reports over the keys each KV head keeps, at their original positions.
     """
     from .patching import attention_modules_of_patched
 

@@ -1,0 +1,192 @@
+"""Probe statistics through a HeadSparseCache (docs/probes.md): a prefill's over the prompt, a
+decode step's over the keys each KV head keeps at their original positions, against the
+reference's statistics (float64) over every token with the same visibility; and
+``headops.probe`` while a patched model generates through the cache."""
+
+import math
+
+import pytest
+import torch
+
+import headops
+from headops import reference
+
+F64 = torch.float64
+STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
+
+
+def request(keys, Sq):
+    return dict(spans=[[0, 1], [3, 9], [keys - 4, keys]], distances=[[0, 1], [1, 3], [4, 40]], sink_mass=True,
+                topk=3, entropy=True, key_mass_rows=(0, Sq))
+
+
+def mixed_cache(B=2, **options):
+    """KV head 0 full, 1 streaming (its query heads' windows 5 and 4, sinks 2 and 1), 2 budget (7 tokens)."""
+    return headops.HeadSparseCache(num_layers=1, num_heads=6, num_kv_heads=3, head_dim=8,
+                                   kinds=["full", "streaming", "budget"], window=[-1, -1, 5, 4, -1, -1],
+                                   sinks=[0, 0, 2, 1, 1, 1], budget=[None, None, 7], budget_recent=2, batch_size=B,
+                                   dtype=F64, max_step=2, **options)
+
+
+def oracle(cache, b, q, k, v, args, probe, keys):
+    """reference.probe of row b over every token so far (k, v: [1, keys, Hkv, D]), with the
+    cache's windows and sinks, and key_bias -inf where a budget head no longer keeps a token."""
+    st = cache._layers[0]
+    group = cache.num_heads // cache.num_kv_heads
+    bias = torch.zeros(1, cache.num_heads, keys, dtype=F64)
+    for h, kind in enumerate(st.kinds):
+        if kind == 2:  # budget: its kept set (chosen by scores; tests/test_cache_methods.py checks the choice)
+            kept = st.kept_positions(b, h)
+            drop = torch.ones(keys, dtype=torch.bool)
+            drop[kept] = False
+            bias[0, h * group:(h + 1) * group, drop] = -math.inf
+    if "key_bias" in args:
+        bias = bias + args["key_bias"][b:b + 1, :, :keys]
+    spans = torch.tensor(probe["spans"]).clamp(max=keys)
+    per_head = {n: args[n][b:b + 1] for n in ("softmax_scale", "sink_logit", "gate") if n in args}
+    return reference.probe(q, k, v, window=st.windows.view(1, -1), sinks=st.sinks.view(1, -1), key_bias=bias,
+                           **per_head, **dict(probe, spans=spans))
+
+
+def check(got, want, b, Sq_b, keys):
+    for name in STATISTICS:
+        g = getattr(got, name)
+        w = want[name]
+        if name == "key_mass":
+            g, w = g[b:b + 1, :, :keys], w
+            assert bool((getattr(got, name)[b, :, keys:] == 0).all()), "key_mass past the row's keys"
+        else:
+            g = g[b:b + 1, :, :Sq_b]
+        if name == "topk_index":
+            assert torch.equal(g, w), name
+        else:
+            torch.testing.assert_close(g.double(), w, atol=2e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lengths", [None, [23, 16]])
+@pytest.mark.parametrize("prefill", ["spec", "full"])
+def test_prefill_and_decode_statistics_equal_the_reference_over_the_kept_keys(lengths, prefill):
+    torch.manual_seed(0)
+    B, S, Hq, Hkv, D = 2, 23, 6, 3, 8
+    steps = [1, 2, 1, 2, 1]
+    total = S + sum(steps)
+    cache = mixed_cache(B, prefill=prefill)
+    q_all = torch.randn(B, total, Hq, D, dtype=F64)
+    k_all, v_all = torch.randn(B, total, Hkv, D, dtype=F64), torch.randn(B, total, Hkv, D, dtype=F64)
+    args = dict(softmax_scale=torch.rand(B, Hq, dtype=F64) + 0.2, sink_logit=torch.randn(B, Hq, dtype=F64),
+                gate=torch.tensor([[1.0, 0.5, 1.0, 0.0, 1.0, 1.0]], dtype=F64).expand(B, Hq),
+                key_bias=torch.randn(B, Hq, 64, dtype=F64))
+    rows = lengths or [S] * B
+    # prefill: q, k, v of each row's first rows[b] tokens (right padded)
+    q0, k0, v0 = q_all[:, :S].clone(), k_all[:, :S].clone(), v_all[:, :S].clone()
+    out, stats = cache.attention(0, q0, k0, v0, lengths=lengths, probe=headops.Probe(**request(S, S)),
+                                 key_bias=args["key_bias"][..., :S], **{n: args[n] for n in ("softmax_scale",
+                                                                                             "sink_logit", "gate")})
+    plain = mixed_cache(B, prefill=prefill)
+    torch.testing.assert_close(out, plain.attention(0, q0, k0, v0, lengths=lengths, key_bias=args["key_bias"][..., :S],
+                                                    **{n: args[n] for n in ("softmax_scale", "sink_logit", "gate")}),
+                               atol=1e-12, rtol=0)  # the probe changes no output
+    for b, n in enumerate(rows):
+        st = cache._layers[0]
+        window = None if prefill == "full" else st.windows.view(1, -1)
+        sinks = None if prefill == "full" else st.sinks.view(1, -1)
+        want = reference.probe(q0[b:b + 1, :n], k0[b:b + 1, :n], v0[b:b + 1, :n], window=window, sinks=sinks,
+                               key_bias=args["key_bias"][b:b + 1, :, :n],
+                               **{k: args[k][b:b + 1] for k in ("softmax_scale", "sink_logit", "gate")},
+                               **dict(request(S, S), spans=torch.tensor(request(S, S)["spans"]).clamp(max=n)))
+        check(stats, want, b, n, n)
+        assert bool((stats.topk_index[b, :, n:] == -1).all()) and bool((stats.span_mass[b, :, n:] == 0).all())
+    # decode steps: each row's new tokens follow its own length
+    held = list(rows)
+    for Sq in steps:
+        q = torch.stack([q_all[b, held[b]:held[b] + Sq] for b in range(B)])
+        k = torch.stack([k_all[b, held[b]:held[b] + Sq] for b in range(B)])
+        v = torch.stack([v_all[b, held[b]:held[b] + Sq] for b in range(B)])
+        probe = request(max(held) + Sq, Sq)
+        out, stats = cache.attention(0, q, k, v, probe=headops.Probe(**probe),
+                                     **dict(args, key_bias=args["key_bias"][..., :max(held) + Sq]))
+        held = [n + Sq for n in held]
+        assert stats.key_mass.shape == (B, Hq, max(held))
+        for b in range(B):
+            keys = held[b]
+            want = oracle(cache, b, q[b:b + 1], k_all[b:b + 1, :keys], v_all[b:b + 1, :keys], args, probe, keys)
+            check(stats, want, b, Sq, keys)
+        # the streaming head's top keys are sinks or in its window; the budget head's are kept
+        st = cache._layers[0]
+        for b in range(B):
+            top = stats.topk_index[b, 2, -1]
+            top = top[top >= 0]
+            assert bool(((top < 2) | (top > held[b] - 1 - 5)).all())
+            kept = set(st.kept_positions(b, 2).tolist())
+            assert set(stats.topk_index[b, 4:6].flatten().tolist()) - {-1} <= kept
+            assert bool((stats.entropy[b, 3] == 0).all()) and bool((stats.topk_index[b, 3] == -1).all())  # gate 0
+
+
+def test_a_refused_probe_changes_nothing():
+    torch.manual_seed(1)
+    cache = mixed_cache(1)
+    q, k, v = torch.randn(1, 12, 6, 8, dtype=F64), torch.randn(1, 12, 3, 8, dtype=F64), torch.randn(1, 12, 3, 8,
+                                                                                                     dtype=F64)
+    cache.attention(0, q, k, v)
+    qs, ks, vs = q[:, :1].clone(), k[:, :1].clone(), v[:, :1].clone()
+    before = cache._layers[0].held[:]
+    with pytest.raises(ValueError, match="probe.spans"):
+        cache.attention(0, qs, ks, vs, probe=headops.Probe(spans=[[0, 14]]))  # 13 keys after this step
+    with pytest.raises(ValueError, match="probe.topk"):
+        cache.attention(0, qs, ks, vs, probe=headops.Probe(topk=9))
+    with pytest.raises(TypeError, match="headops.Probe"):
+        cache.attention(0, qs, ks, vs, probe={"topk": 1})
+    assert cache._layers[0].held == before
+    out, stats = cache.attention(0, qs, ks, vs, probe=headops.Probe(spans=[[0, 13]]))
+    torch.testing.assert_close(stats.span_mass, torch.ones(1, 6, 1, 1), atol=1e-6, rtol=0)  # every kept key
+
+
+def test_what_the_cache_does_not_probe():
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, kinds="streaming",
+                                    window=4, sinks=1, compensation="weighted", batch_size=1, dtype=F64)
+    q, k, v = torch.randn(1, 6, 2, 8, dtype=F64), torch.randn(1, 6, 1, 8, dtype=F64), torch.randn(1, 6, 1, 8,
+                                                                                                   dtype=F64)
+    with pytest.raises(NotImplementedError, match="compensat"):
+        cache.attention(0, q, k, v, probe=headops.Probe(topk=1))
+    assert cache._layers[0].held == [0]
+    full = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, batch_size=1, dtype=F64)
+    with pytest.raises(ValueError, match="alpha"):
+        full.attention(0, q, k, v, alpha=0.5, probe=headops.Probe(topk=1))
+
+
+def test_generation_through_the_cache_is_probed_at_original_positions():
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    dense = headops.HeadSpec.dense(model)
+    request = headops.Probe(spans=[[0, 1]], distances=[[1, 2]], topk=2, entropy=True)
+    headops.patch(model, dense)
+    try:
+        with torch.no_grad():
+            with headops.probe(model, request) as own:  # the model's own cache
+                want = model.generate(ids, max_new_tokens=4, do_sample=False)
+            cache = headops.HeadSparseCache(model, dense, max_step=1)
+            with headops.probe(model, request) as through:
+                got = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+            assert torch.equal(got, want)
+            assert [len(c) for c in through.layers] == [len(c) for c in own.layers] == [4, 4]
+            for layer in range(2):
+                for a, b in zip(own[layer], through[layer]):
+                    assert torch.equal(a.topk_index, b.topk_index)
+                    for name in ("span_mass", "distance_mass", "entropy", "topk_prob"):
+                        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)
+            # StreamingLLM: a step's top keys are the sinks or the window's, at original positions
+            streaming = headops.HeadSpec.streaming_llm(model, window=6, sinks=2)
+            headops.set_spec(model, streaming)
+            cache = headops.HeadSparseCache(model, streaming, max_step=1)
+            with headops.probe(model, request) as rec:
+                model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+            for layer in range(2):
+                for step, stats in enumerate(rec[layer][1:]):
+                    position = 24 + step
+                    top = stats.topk_index[..., 0]
+                    assert bool(((top < 2) | ((top > position - 6) & (top <= position))).all())
+                    assert cache.get_seq_length(layer) == 24 + 3
+    finally:
+        headops.unpatch(model)
