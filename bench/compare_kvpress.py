@@ -169,9 +169,8 @@ def headops_worker(args):
     import torch
 
     from headops import tasks
-    from headops.cache import HeadSparseCache
-    from headops.evaluate import evaluate, parse_method
-    from headops.patching import patch, set_spec, unpatch
+    from headops.evaluate import answer_from_cache, cache_from_prefill, evaluate, parse_method
+    from headops.patching import patch, unpatch
     from headops.prefill import capture_prefill
     from headops.spec import HeadSpec
 
@@ -191,8 +190,6 @@ def headops_worker(args):
     method = parse_method(args.method)
     spec = method.spec(model, scores)
     window = dict(method.params).get("observation_window", 1)  # as headops.evaluate asks for one method
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     stamps = []
     hook = model.register_forward_hook(lambda *a: stamps.append(time.perf_counter()))
     rows = []
@@ -203,17 +200,13 @@ def headops_worker(args):
             start = s.question_start
             with torch.no_grad():
                 prefill = capture_prefill(model, ids[:, :start], observation_window=min(window, start))
-            set_spec(model, spec)
-            cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - start)
+            cache = cache_from_prefill(model, spec, prefill, ids, start)
             del prefill
             built, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
             rss_before = settle_and_reset_peak()
             stamps.clear()
             t0 = time.perf_counter()
-            with torch.no_grad():
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache,
-                                     max_new_tokens=p["max_new_tokens"], do_sample=False, pad_token_id=eos,
-                                     top_p=None, top_k=None, temperature=None)[0, ids.shape[1]:]
+            new = answer_from_cache(model, ids, cache, p["max_new_tokens"])[0]
             t1 = time.perf_counter()
             peak = proc_status("VmHWM")
             text = tokenizer.decode(tasks.until_eos(model, new), skip_special_tokens=True)

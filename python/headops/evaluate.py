@@ -310,6 +310,29 @@ def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, 
     return results.rows
 
 
+def eos_token_id(model) -> int:
+    """The model's end-of-sequence token (the first, where its generation config lists several)."""
+    eos = model.generation_config.eos_token_id
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+def cache_from_prefill(model, spec, prefill, ids, question_start: int):
+    """`spec`'s cache built from `prefill` (the context ``ids[:, :question_start]``, captured by
+    ``capture_prefill`` on `model` patched by headops), the model switched to `spec`; room for the
+    question and answer to be appended as one decode call each."""
+    set_spec(model, spec)
+    return HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - question_start)
+
+
+def answer_from_cache(model, ids, cache, max_new_tokens: int) -> torch.Tensor:
+    """The question (``ids`` past the cached context) appended, the answer decoded greedily from
+    `cache`: the new tokens ``[B, n]``."""
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=eos_token_id(model), top_p=None, top_k=None,
+                              temperature=None)[:, ids.shape[1]:]
+
+
 class _BatchRunner:
     """One batch of prompts: one dense prefill of their context, then each method still to do
     builds its cache from it, decodes the question and the answer; its rows."""
@@ -317,8 +340,6 @@ class _BatchRunner:
     def __init__(self, model, tokenizer, samples, methods, specs, window, max_new_tokens):
         self.model, self.tokenizer, self.samples, self.methods = model, tokenizer, samples, methods
         self.specs, self.window, self.max_new_tokens = specs, window, max_new_tokens
-        eos = model.generation_config.eos_token_id
-        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
 
     def _key(self, i, method):
         s = self.samples[i]
@@ -338,13 +359,8 @@ class _BatchRunner:
         for m in self.todo(batch, done):
             rows = []
             started = time.perf_counter()
-            spec = self.specs[m.name]
-            set_spec(model, spec)
-            cache = HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - context_end)
-            with torch.no_grad():
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=budget,
-                                     do_sample=False, pad_token_id=self.eos, top_p=None, top_k=None,
-                                     temperature=None)[:, ids.shape[1]:]
+            cache = cache_from_prefill(model, self.specs[m.name], prefill, ids, context_end)
+            new = answer_from_cache(model, ids, cache, budget)
             seconds = (time.perf_counter() - started) / len(batch)
             held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
                                   cache.ideal_nbytes() / len(batch))
