@@ -2,7 +2,10 @@
 is found (HEADOPS_CUDA=0|1 forces either way).
 
 Development builds are incremental through ninja: `python setup.py build_ext --inplace`
-(what `make` runs). On a machine with torch installed: `pip install --no-build-isolation -e .`
+(what `make` runs). On a machine with torch installed: `pip install --no-build-isolation .` (or
+`-e .`; pip's build isolation would compile against another torch than the one headops runs with).
+The build prints one line saying what it compiles, and records it with the torch version in
+python/headops/_build_info.py (untracked), which the package checks at import.
 
 HEADOPS_SANITIZE=1 builds the CPU kernels with AddressSanitizer and UndefinedBehaviorSanitizer
 (no CUDA; what `make test-asan` uses, into its own build directory).
@@ -41,9 +44,34 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
+def _isolated_build(torch) -> bool:
+    """pip's default build isolation: torch imported from a temporary build environment."""
+    return "pip-build-env" in os.path.abspath(torch.__file__)
+
+
+def _write_build_info(torch, cuda_archs, why_not_cuda, *, write=True) -> str:
+    """python/headops/_build_info.py (untracked): what this build compiled, against which torch; the
+    package refuses another torch at import, and `python -m headops info` prints it. Returns the
+    build's one-line summary."""
+    info = {"torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cpu_variants": ["DEFAULT", "AVX2", "AVX512"], "cuda_archs": cuda_archs, "why_not_cuda": why_not_cuda}
+    path = os.path.join(ROOT, "python", "headops", "_build_info.py")
+    text = '"""Written by setup.py at build time (not tracked)."""\n\nBUILD = ' + repr(info) + "\n"
+    if write and (not os.path.exists(path) or open(path).read() != text):
+        with open(path, "w") as f:
+            f.write(text)
+    cuda = f"CUDA kernels for {cuda_archs}" if cuda_archs else f"no CUDA kernels ({why_not_cuda})"
+    return (f"headops build: CPU kernels ({', '.join(info['cpu_variants'])} variants, chosen at run time); {cuda}; "
+            f"against torch {torch.__version__}")
+
+
 def extensions():
     nvcc = _nvcc()
     import torch
+
+    if _isolated_build(torch):
+        raise RuntimeError("headops compiles against the torch it will run with: build it without pip's build "
+                           "isolation, `pip install --no-build-isolation .` (with torch installed first)")
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
@@ -63,8 +91,12 @@ def extensions():
     use_cuda = not sanitize and _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
     if not use_cuda:  # host code of the CUDA kernels (csrc/**/cuda/*.cpp) needs the CUDA runtime
         cpp_sources = [s for s in cpp_sources if os.sep + "cuda" + os.sep not in s]
+        why = ("a sanitizer build" if sanitize else "HEADOPS_CUDA=0" if os.environ.get("HEADOPS_CUDA", "").strip() == "0"
+               else "this torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
+        print(_write_build_info(torch, None, why, write=not sanitize), flush=True)  # (ASan: its own folder)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        print(_write_build_info(torch, os.environ["TORCH_CUDA_ARCH_LIST"], None), flush=True)
         site = os.path.dirname(os.path.dirname(torch.__file__))
         nv_include = [p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(p)]
         return [CUDAExtension(

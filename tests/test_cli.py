@@ -79,3 +79,35 @@ def test_discover_draws_its_heat_map_and_names_a_bad_option(tmp_path):
     assert (tmp_path / "sink.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="--top-fraction must be in"):
         headops.cli.main(["discover", "--method", "sink", *TINY_DISCOVER, "--top-fraction", "0", "--out", str(out)])
+
+
+def test_info_names_the_cpu_variant_the_build_and_the_devices():
+    import headops
+    from headops import _C
+    from headops.cli import info
+
+    proc = _python("import headops.cli; raise SystemExit(headops.cli.main(['info', '--head-dim', '64']))")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert f"headops {headops.__version__}" in text and f"kernel variant: {_C.cpu_capability()}" in text
+    assert "bfloat16 tiles (D = 64)" in text
+    assert ("CUDA kernels: compiled for" in text) == bool(_C.cuda_compiled)
+    assert info.describe(64) == text.rstrip("\n").split("\n")
+
+
+def test_a_build_for_another_torch_is_refused_at_import(tmp_path, monkeypatch):
+    import types
+
+    from headops import _build
+
+    fake = types.ModuleType("headops._build_info")
+    fake.BUILD = {"torch_version": "1.0.0+other", "torch_cuda": None, "cpu_variants": ["DEFAULT"], "cuda_archs": None,
+                  "why_not_cuda": "HEADOPS_CUDA=0"}
+    monkeypatch.setitem(sys.modules, "headops._build_info", fake)
+    assert _build.build_info()["torch_version"] == "1.0.0+other"
+    with pytest.raises(ImportError, match=r"compiled against torch 1\.0\.0\+other, but this is torch 2\.9"):
+        _build.check_torch("2.9")
+    _build.check_torch("1.0.0+other")  # the same torch: no error
+    monkeypatch.setitem(sys.modules, "headops._build_info", None)  # no record (an older build tree): no check
+    assert _build.build_info() is None
+    _build.check_torch("2.9")

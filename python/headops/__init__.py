@@ -2,6 +2,10 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+from ._build import check_torch as _check_torch
+
+_check_torch(torch.__version__)  # (before the extension loads against it)
+
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.headops)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import _autograd  # noqa: F401  (gradients of the attention op)

@@ -6,6 +6,7 @@
     python -m headops discover --method retrieval --model smollm2 --lengths 512 1024 --out results/retrieval
     python -m headops evaluate --model smollm2 --tasks passkey niah_single --lengths 2048 4096 --samples 50 \
         --scores retrieval=results/retrieval.csv --methods standard --out results/evaluate_smollm2
+    python -m headops info
 
 Each command is a module of this package with HELP (one line), add_arguments(parser) and
 run(args) -> exit status; COMMANDS maps its name to it. Adding a command is a new module and
@@ -35,6 +36,7 @@ COMMANDS = {
     "shapley": ".shapley",
     "discover": ".discover",
     "evaluate": ".evaluate",
+    "info": ".info",
 }
 
 

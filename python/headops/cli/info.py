@@ -1,0 +1,85 @@
+"""``python -m headops info``: what this installation is and which kernels a call takes.
+
+    python -m headops info
+
+Versions (headops, torch, and the torch the kernels were compiled against), the CPU, the kernel
+variant ATen's dispatcher chose for it (ATEN_CPU_CAPABILITY overrides), how bf16/fp16 tiles are
+multiplied, the CUDA architectures compiled (or why none), and for each visible GPU its
+capability and the CUDA forward kernel a bf16 and a float32 call would take.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+HELP = "versions, CPU variant, CUDA architectures compiled, and which kernels a call takes"
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--head-dim", type=int, default=128, help="the head dim of the calls described (default 128)")
+
+
+def _cpu() -> tuple:
+    """(model name, the flags of _CPU_FLAGS it has) from /proc/cpuinfo (Linux; else platform's)."""
+    name, flags = platform.processor() or "unknown", set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    return name, [flag for flag in _CPU_FLAGS if flag in flags]
+
+
+def describe(head_dim: int = 128) -> list:
+    """The report's lines."""
+    import torch
+
+    import headops
+    from headops import _C
+    from headops._build import build_info
+
+    info = build_info()
+    lines = [f"headops {headops.__version__} ({os.path.dirname(headops.__file__)})",
+             f"torch {torch.__version__} (kernels compiled against "
+             f"{info['torch_version'] if info else 'an unrecorded version: a build tree older than the record'})",
+             f"python {platform.python_version()}"]
+    name, flags = _cpu()
+    variant = _C.cpu_capability()
+    lines += [f"CPU: {name}; {torch.get_num_threads()} torch threads; flags: {' '.join(flags) or 'none of ' + ', '.join(_CPU_FLAGS)}",
+              f"  kernel variant: {variant} (ATen's choice for this CPU; ATEN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 overrides)",
+              f"  float32/float64 tiles: {'the BLAS torch links' if _C.cpu_have_native_blas() else 'the built-in loops'}"]
+    for dtype in (torch.bfloat16, torch.float16):
+        packed = _C.cpu_uses_packed_operands(dtype, head_dim)
+        lines.append(f"  {str(dtype).replace('torch.', '')} tiles (D = {head_dim}): "
+                     + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
+                        else "converted to float32 tiles (no packed bf16/fp16 unit)"))
+    if _C.cuda_compiled:
+        archs = info["cuda_archs"] if info else "not recorded"
+        lines.append(f"CUDA kernels: compiled for {archs} (torch's CUDA {torch.version.cuda})")
+    else:
+        lines.append("CUDA kernels: not compiled" + (f" ({info['why_not_cuda']})" if info and info["why_not_cuda"] else ""))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            line = f"  cuda:{index}: {torch.cuda.get_device_name(index)}, capability {major}.{minor}"
+            if _C.cuda_compiled:
+                kernels = []
+                for dtype in (torch.bfloat16, torch.float32):
+                    q = torch.empty(1, 16, 4, head_dim, dtype=dtype, device=f"cuda:{index}")
+                    kernels.append(f"{str(dtype).replace('torch.', '')} -> {_C.cuda_kernel_for(q, q, q, False)}")
+                line += "; forward kernel: " + ", ".join(kernels)
+            lines.append(line)
+    else:
+        lines.append("  no CUDA device visible")
+    return lines
+
+
+def run(args) -> int:
+    print("\n".join(describe(args.head_dim)))
+    return 0
