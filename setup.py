@@ -95,7 +95,9 @@ def extensions():
                else "this torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
         print(_write_build_info(torch, None, why, write=not sanitize), flush=True)  # (ASan: its own folder)
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # sm_80 and sm_90 images, and PTX of sm_90 that newer GPUs compile at load time; any list builds
+        # (below sm_80 the tensor-core kernel compiles to a trap the host never launches)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         print(_write_build_info(torch, os.environ["TORCH_CUDA_ARCH_LIST"], None), flush=True)
         site = os.path.dirname(os.path.dirname(torch.__file__))
         nv_include = [p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(p)]

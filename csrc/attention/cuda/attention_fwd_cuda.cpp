@@ -52,7 +52,9 @@ bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
       !rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) ||
       !rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv))
     return false;
-  const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
+  if (device->major < 8) return false;  // cp.async and bf16 mma.sync: sm_80 and newer (the kernel traps below)
+  const int64_t optin = static_cast<int64_t>(device->sharedMemPerBlockOptin);
   return tensor_core_smem_bytes(p.head_dim, p.alpha.present()) <= optin;
 }
 
