@@ -72,21 +72,24 @@ def extensions():
     if _isolated_build(torch):
         raise RuntimeError("headops compiles against the torch it will run with: build it without pip's build "
                            "isolation, `pip install --no-build-isolation .` (with torch installed first)")
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, include_paths
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     cu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
     headers = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
                   + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi"]
+    # torch's headers as system headers: their warnings (hundreds per build) hide the project's own
+    # (gcc ignores the -I torch.utils.cpp_extension also passes for these folders)
+    system = [f"-isystem{path}" for path in include_paths()]
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi"] + system
     link = ["-fopenmp"]
     sanitize = os.environ.get("HEADOPS_SANITIZE", "").strip() == "1"
     if sanitize:
         # -O1 keeps the run time of the sanitized test subset bounded; any report aborts the run
         checks = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
         # -fno-wrapv undoes the -fwrapv that Python's flags add, so signed overflow is reported
-        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-fopenmp", "-Wno-psabi"] + checks
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-fopenmp", "-Wno-psabi"] + system + checks
         link = link + checks
     use_cuda = not sanitize and _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
     if not use_cuda:  # host code of the CUDA kernels (csrc/**/cuda/*.cpp) needs the CUDA runtime
