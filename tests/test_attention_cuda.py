@@ -19,6 +19,7 @@ Skipped without a GPU. NOTE: written before any GPU run; the first run is bench/
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -469,3 +470,16 @@ def test_backward_uses_current_stream():
     torch.cuda.current_stream().wait_stream(side)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+@gpu_only
+def test_the_cuda_backward_says_once_what_it_costs():
+    from headops import _autograd
+
+    _autograd.warn_cuda_backward.cache_clear()
+    q = torch.randn(1, 8, 2, 64, device=CUDA, requires_grad=True)
+    with pytest.warns(UserWarning, match="reference-speed kernel"):
+        headops.attention(q, q.detach(), q.detach()).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        headops.attention(q, q.detach(), q.detach()).sum().backward()  # once per process

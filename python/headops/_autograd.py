@@ -8,6 +8,7 @@ order of ``_C.attention_grad_inputs()`` (the C++ table).
 """
 
 import functools
+import warnings
 
 import torch
 
@@ -47,12 +48,22 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(o_stream, lse, o_full, lse_full, *(given[n] for n in tensor_names))
 
 
+@functools.cache
+def warn_cuda_backward() -> None:
+    """Once per process: the CUDA backward's cost, which nothing else would tell."""
+    warnings.warn("headops: the CUDA backward is a reference-speed kernel (float32, a warp per query row and per "
+                  "key; no tensor cores), far slower than the CUDA forward and than SDPA's backward; a tensor-core "
+                  "backward is not written yet (docs/cuda.md)", stacklevel=3)
+
+
 def _backward(ctx, dout, dlse, _do_stream, _do_full, _dlse_full):
     if not ctx.saved:
         raise RuntimeError("headops.attention_fwd was called with save_for_backward=False, so it kept nothing "
                            "for a backward pass; call headops.attention (it saves what the backward needs)")
     o_stream, lse, o_full, lse_full, *shared = ctx.saved_tensors
     args = dict(zip(ctx.tensor_names, shared), **ctx.others)
+    if args["q"].is_cuda:
+        warn_cuda_backward()
     positions = _gradient_positions()
     needs = [bool(ctx.needs_input_grad[i]) for i in positions]
     if dout is None:
