@@ -9,6 +9,11 @@
 #include "cuda/attention_bwd_cuda.h"
 #endif
 
+// GCC 12 warns that the destructor of an empty std::optional<at::Tensor> argument (c10's
+// intrusive_ptr, inlined) "may be used uninitialized": a known false positive of
+// -Wmaybe-uninitialized through std::optional, in torch's code, not this file's.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace headops {
 namespace {
 

@@ -32,6 +32,11 @@
 #endif
 
 #if defined(HEADOPS_TARGET_AVX512)
+// GCC 12 reports '__Y is used uninitialized' inside its own avx512fintrin.h for every inlined
+// _mm512_undefined_* that ATen's vec512 code reaches (GCC bug 105593; hundreds per build). The
+// same kernel code is compiled with the warning on in the AVX2 and DEFAULT translation units.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define CPU_CAPABILITY_AVX512
 #ifndef __AVX512F__
 #define __AVX512F__ 1
