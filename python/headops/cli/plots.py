@@ -100,7 +100,9 @@ def plot_accuracy_vs_bytes(summary, path, model_name):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    ncol = min(len(labels), 4 * cols)  # (about 4 entries fit under a panel's width)
+    legend_rows = -(-len(labels) // max(ncol, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=max(ncol, 1), fontsize=8)
+    fig.tight_layout(rect=(0, 0.045 * legend_rows / rows + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
