@@ -108,8 +108,10 @@ def smollm2_rows(sizes, repeats):
 
 
 MODEL_RUN = r"""
-import resource, sys, time, torch
+import sys, time, torch
 sys.path.insert(0, {python!r})
+sys.path.insert(0, {bench!r})
+from kvpress_worker import proc_status, settle_and_reset_peak
 import headops
 from headops.models import load_smollm2
 from headops.corpus import stdlib_text
@@ -117,6 +119,9 @@ mode, S = sys.argv[1], int(sys.argv[2])
 model, tok = load_smollm2()
 ids = tok(stdlib_text(), return_tensors="pt").input_ids[:, :S]
 torch.manual_seed(0)
+if mode != "eager":
+    headops.patch(model, headops.HeadSpec.dense(model))
+loaded = settle_and_reset_peak()  # the forward's peak from here: the model's loading (GGUF) is not counted
 with torch.no_grad():
     if mode == "eager":
         model.set_attn_implementation("eager")
@@ -124,12 +129,11 @@ with torch.no_grad():
         out = model(ids, output_attentions=True)
         stats = [(a[..., 0].clone(), a.max(-1).indices, -(a * a.clamp_min(1e-30).log()).sum(-1)) for a in out.attentions]
     else:
-        headops.patch(model, headops.HeadSpec.dense(model))
         start = time.perf_counter()
         with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True) as rec:
             model(ids)
     seconds = time.perf_counter() - start
-print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(seconds, proc_status("VmHWM"), loaded)
 """
 
 
@@ -138,18 +142,22 @@ def model_rows(sizes):
     for S in sizes:
         got = {}
         for mode in ("headops", "eager"):
-            done = subprocess.run([sys.executable, "-c", MODEL_RUN.format(python=os.path.join(ROOT, "python")),
+            done = subprocess.run([sys.executable, "-c", MODEL_RUN.format(python=os.path.join(ROOT, "python"),
+                                                                          bench=os.path.join(ROOT, "bench")),
                                    mode, str(S)], capture_output=True, text=True)
             if done.returncode != 0:
                 got[mode] = None
                 print(f"SmolLM2 {mode} S={S} failed: {done.stderr[-500:]}", file=sys.stderr)
                 continue
-            seconds, rss = done.stdout.split()[-2:]
-            got[mode] = (float(seconds), int(rss))
+            seconds, peak, loaded = done.stdout.split()[-3:]
+            got[mode] = (float(seconds), int(peak), int(loaded))
         if got["headops"] and got["eager"]:
-            rows.append(dict(S=S, headops_s=got["headops"][0], eager_s=got["eager"][0],
-                             headops_peak_mib=got["headops"][1] / 2**20, eager_peak_mib=got["eager"][1] / 2**20,
-                             memory_ratio=got["eager"][1] / got["headops"][1], time_ratio=got["eager"][0] / got["headops"][0]))
+            (hs, hp, hl), (es, ep, el) = got["headops"], got["eager"]
+            # peak: the process's peak RSS during the forward (reset once the model was loaded);
+            # rise: that peak over the RSS before the forward (what the forward itself allocated)
+            rows.append(dict(S=S, headops_s=hs, eager_s=es, headops_peak_mib=hp / 2**20, eager_peak_mib=ep / 2**20,
+                             headops_rise_mib=(hp - hl) / 2**20, eager_rise_mib=(ep - el) / 2**20,
+                             memory_ratio=ep / hp, rise_ratio=(ep - el) / max(hp - hl, 1), time_ratio=es / hs))
     return rows
 
 
@@ -179,10 +187,12 @@ def main(argv=None):
     if args.model:
         lines += ["", "SmolLM2-135M whole forward: probes at every layer vs output_attentions=True (eager)",
                   markdown_table(["S", "headops s", "eager s", "time ratio", "headops peak MiB", "eager peak MiB",
-                                  "memory ratio"],
+                                  "peak ratio", "headops rise MiB", "eager rise MiB", "rise ratio"],
                                  [[r["S"], f"{r['headops_s']:.2f}", f"{r['eager_s']:.2f}", f"{r['time_ratio']:.2f}x",
                                    f"{r['headops_peak_mib']:.0f}", f"{r['eager_peak_mib']:.0f}",
-                                   f"{r['memory_ratio']:.1f}x"] for r in result["smollm2_model"]])]
+                                   f"{r['memory_ratio']:.1f}x", f"{r['headops_rise_mib']:.0f}",
+                                   f"{r['eager_rise_mib']:.0f}", f"{r['rise_ratio']:.1f}x"]
+                                  for r in result["smollm2_model"]])]
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out_dir, exist_ok=True)
