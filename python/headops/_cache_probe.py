@@ -18,18 +18,14 @@ import dataclasses
 import torch
 
 from ._args import HeadArgs
-from .probes import ProbeResult, run_probe
+from .probes import ProbeResult, refuse_unmeasurable, run_probe
 
 _PADDING = {"topk_index": -1}  # what a statistic reads where a row has no query or key
 
 
 def refuse(caller, q, args: HeadArgs, st) -> None:
     """What the cache cannot probe (before anything changes)."""
-    if q.device.type != "cpu":
-        raise NotImplementedError(f"{caller}: probe statistics are computed by the CPU kernel only; q is on {q.device}")
-    if args.alpha is not None:
-        raise ValueError(f"{caller}: probe cannot be combined with alpha: a mixture of two softmaxes has no single "
-                         "attention pattern to measure")
+    refuse_unmeasurable(caller, q.device, args.alpha)
     if st.comp_table is not None:
         raise NotImplementedError(f"{caller}: probes over compensated streaming heads (RazorAttention's compensation "
                                   "token) are not measured yet: make the cache without compensation to probe it")

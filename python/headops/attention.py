@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._args import HeadArgs, HeadShapes, check_dense, check_float_dtype, describe, fail, head_args
-from .probes import check_probe, run_probe
+from .probes import check_probe, refuse_unmeasurable, run_probe
 
 _LAYOUTS = ("bshd", "bhsd")
 
@@ -117,18 +117,14 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     if return_lse and alpha is not None:
         raise ValueError(f"{CALLER}: return_lse=True cannot be combined with alpha: a mixture of two softmaxes has "
                          "no single lse")
-    if probe is not None and alpha is not None:
-        raise ValueError(f"{CALLER}: probe cannot be combined with alpha: a mixture of two softmaxes has no single "
-                         "attention pattern to measure")
+    if probe is not None:
+        refuse_unmeasurable(CALLER, q.device, alpha)
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
                      key_bias=key_bias)
     if probe is None:
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
         return (out, lse) if return_lse else out
-    if q.device.type != "cpu":
-        raise NotImplementedError(f"{CALLER}: probe statistics are computed by the CPU kernel only; q is on "
-                                  f"{q.device}")
     request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
     out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)
     if torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad()):

@@ -82,6 +82,15 @@ def _pairs(caller, value, name, *, batch=None):
     return t.contiguous()
 
 
+def refuse_unmeasurable(caller, device, alpha) -> None:
+    """What no probe can measure: a call on another device than the CPU, a call with alpha."""
+    if alpha is not None:
+        raise ValueError(f"{caller}: probe cannot be combined with alpha: a mixture of two softmaxes has no single "
+                         "attention pattern to measure")
+    if device.type != "cpu":
+        raise NotImplementedError(f"{caller}: probe statistics are computed by the CPU kernel only; q is on {device}")
+
+
 def check_probe(caller, probe, *, B, Sq, Sk):
     """The op's probe arguments from a Probe, checked (ValueError/TypeError naming probe.<field>)."""
     if not isinstance(probe, Probe):
