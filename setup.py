@@ -20,17 +20,22 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cuda_requested(torch_cuda_version, nvcc):
+def _cuda_choice(torch_cuda_version, nvcc):
+    """(whether to build the CUDA kernels, why not when not)."""
     flag = os.environ.get("HEADOPS_CUDA", "").strip()
     if flag == "1":
         if torch_cuda_version is None:
             raise RuntimeError("HEADOPS_CUDA=1 but this torch has no CUDA")
         if nvcc is None:
             raise RuntimeError("HEADOPS_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-        return True
+        return True, None
     if flag == "0":
-        return False
-    return torch_cuda_version is not None and nvcc is not None
+        return False, "HEADOPS_CUDA=0"
+    if torch_cuda_version is None:
+        return False, "this torch has no CUDA"
+    if nvcc is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, None
 
 
 def _nvcc():
@@ -91,11 +96,11 @@ def extensions():
         # -fno-wrapv undoes the -fwrapv that Python's flags add, so signed overflow is reported
         cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-fopenmp", "-Wno-psabi"] + system + checks
         link = link + checks
-    use_cuda = not sanitize and _cuda_requested(torch.version.cuda, nvcc) and bool(cu_sources)
+    use_cuda, why = (False, "a sanitizer build") if sanitize else _cuda_choice(torch.version.cuda, nvcc)
+    if use_cuda and not cu_sources:
+        use_cuda, why = False, "no CUDA sources"
     if not use_cuda:  # host code of the CUDA kernels (csrc/**/cuda/*.cpp) needs the CUDA runtime
         cpp_sources = [s for s in cpp_sources if os.sep + "cuda" + os.sep not in s]
-        why = ("a sanitizer build" if sanitize else "HEADOPS_CUDA=0" if os.environ.get("HEADOPS_CUDA", "").strip() == "0"
-               else "this torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)")
         print(_write_build_info(torch, None, why, write=not sanitize), flush=True)  # (ASan: its own folder)
     if use_cuda:
         # sm_80 and sm_90 images, and PTX of sm_90 that newer GPUs compile at load time; any list builds
