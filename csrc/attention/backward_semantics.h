@@ -69,5 +69,54 @@ struct BackwardHead {
   }
 };
 
+// One head's rows of what the row pass reads and writes: the epilogue's out_scale/out_bias and
+// their gradients, dL/dlse, and the saved branch averages that exist. Every row pointer is null
+// when its tensor is absent; the saved averages are [Sq, D] per head.
+template <typename acc_t>
+struct EpilogueRows {
+  const acc_t* out_scale;
+  const acc_t* out_bias;
+  acc_t* dout_scale;
+  acc_t* dout_bias;
+  const acc_t* dlse;  // [Sq]
+  const acc_t* o_full;
+  const acc_t* o_streaming;
+  int64_t head_dim;
+  bool want_dalpha;
+  bool need_mixed;  // dL/dgate or dL/dout_scale reads the mixed average itself
+
+  HEADOPS_HD static EpilogueRows read(const BackwardParams& p, const BackwardHead<acc_t>& head, int64_t b, int64_t h) {
+    const AttentionParams& f = p.fwd;
+    const int64_t bh = b * f.heads_q + h, Sq = f.seqlen_q, D = f.head_dim;
+    EpilogueRows x;
+    x.out_scale = f.out_scale.present() ? f.out_scale.row<acc_t>(b, h) : nullptr;
+    x.out_bias = f.out_bias.present() ? f.out_bias.row<acc_t>(b, h) : nullptr;
+    x.dout_scale = p.dout_scale ? static_cast<acc_t*>(p.dout_scale) + bh * D : nullptr;
+    x.dout_bias = p.dout_bias ? static_cast<acc_t*>(p.dout_bias) + bh * D : nullptr;
+    x.dlse = p.dlse ? static_cast<const acc_t*>(p.dlse) + bh * Sq : nullptr;
+    x.want_dalpha = p.dalpha != nullptr;
+    x.o_full = head.reads_full(x.want_dalpha) ? static_cast<const acc_t*>(f.o_full) + bh * Sq * D : nullptr;
+    x.o_streaming =
+        head.reads_streaming(x.want_dalpha) ? static_cast<const acc_t*>(f.o_stream) + bh * Sq * D : nullptr;
+    x.head_dim = D;
+    x.need_mixed = p.dgate != nullptr || x.dout_scale != nullptr;
+    return x;
+  }
+
+  HEADOPS_HD const acc_t* full_row(int64_t i) const { return o_full ? o_full + i * head_dim : nullptr; }
+  HEADOPS_HD const acc_t* streaming_row(int64_t i) const {
+    return o_streaming ? o_streaming + i * head_dim : nullptr;
+  }
+};
+
+// Element d of the attention average the epilogue saw: alpha's mix where both branches were
+// saved, else the one saved branch. At least one of the rows is not null.
+template <typename acc_t>
+HEADOPS_HD acc_t mixed_average(const HeadScalars<acc_t>& hs, const acc_t* full_row, const acc_t* streaming_row,
+                               int64_t d) {
+  if (full_row && streaming_row) return mix_alpha(hs.alpha, full_row[d], streaming_row[d]);
+  return full_row ? full_row[d] : streaming_row[d];
+}
+
 }  // namespace HEADOPS_ISA_NAMESPACE
 }  // namespace headops

@@ -73,7 +73,7 @@ class HeadBackward {
   HeadBackward(const BackwardParams& p, int64_t block_q, int64_t block_k)
       : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim),
         d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
-        mixed_(p.fwd.head_dim), probs_(block_q * block_k), probs_full_(block_q * block_k),
+        probs_(block_q * block_k), probs_full_(block_q * block_k),
         grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim) {}
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
@@ -85,9 +85,6 @@ class HeadBackward {
   }
 
  private:
-  const acc_t* saved_row(const void* base, int64_t b, int64_t h, int64_t i) const {
-    return static_cast<const acc_t*>(base) + ((b * f_.heads_q + h) * f_.seqlen_q + i) * D_;
-  }
   acc_t saved_lse(const void* base, int64_t b, int64_t h, int64_t i) const {
     return static_cast<const acc_t*>(base)[(b * f_.heads_q + h) * f_.seqlen_q + i];
   }
@@ -97,36 +94,24 @@ class HeadBackward {
     const HeadScalars<acc_t>& hs = head.hs;
     const BranchPlan& plan = head.plan;
     const acc_t gate = hs.gate;
-    const acc_t* os = f_.out_scale.present() ? f_.out_scale.row<acc_t>(b, h) : nullptr;
-    const acc_t* ob = f_.out_bias.present() ? f_.out_bias.row<acc_t>(b, h) : nullptr;
-    acc_t* dos = p_.dout_scale ? static_cast<acc_t*>(p_.dout_scale) + bh * D : nullptr;
-    acc_t* dob = p_.dout_bias ? static_cast<acc_t*>(p_.dout_bias) + bh * D : nullptr;
-    const acc_t* dlse = p_.dlse ? static_cast<const acc_t*>(p_.dlse) + bh * Sq : nullptr;
-    const bool want_dalpha = p_.dalpha != nullptr;
-    const bool read_full = head.reads_full(want_dalpha);
-    const bool read_stream = head.reads_streaming(want_dalpha);
-    const bool need_mixed = p_.dgate != nullptr || dos != nullptr;
+    const EpilogueRows<acc_t> rows = EpilogueRows<acc_t>::read(p_, head, b, h);
+    const acc_t *os = rows.out_scale, *ob = rows.out_bias, *dlse = rows.dlse;
+    acc_t *dos = rows.dout_scale, *dob = rows.dout_bias;
+    const bool want_dalpha = rows.want_dalpha;
     acc_t dgate = 0, dalpha = 0, dsink = 0;
     for (int64_t i = 0; i < Sq; ++i) {
       const acc_t* dy = p_.dout.row<acc_t>(b, i, h);
-      const acc_t* o_full = read_full ? saved_row(f_.o_full, b, h, i) : nullptr;
-      const acc_t* o_stream = read_stream ? saved_row(f_.o_stream, b, h, i) : nullptr;
+      const acc_t* o_full = rows.full_row(i);
+      const acc_t* o_stream = rows.streaming_row(i);
       acc_t* d_o = d_out_.data() + i * D;
-      const acc_t* mixed = nullptr;
-      if (need_mixed) {
-        if (o_full && o_stream) {
-          for (int64_t d = 0; d < D; ++d) mixed_[d] = mix_alpha(hs.alpha, o_full[d], o_stream[d]);
-          mixed = mixed_.data();
-        } else {
-          mixed = o_full ? o_full : o_stream;
-        }
-      }
+      const bool mixed = rows.need_mixed && (o_full || o_stream);
       // out = gate * (o * out_scale + out_bias)
       for (int64_t d = 0; d < D; ++d) {
         const acc_t scale = os ? os[d] : acc_t(1);
         if (mixed) {
-          if (p_.dgate) dgate += dy[d] * (mixed[d] * scale + (ob ? ob[d] : acc_t(0)));
-          if (dos) dos[d] += gate * dy[d] * mixed[d];
+          const acc_t o = mixed_average(hs, o_full, o_stream, d);
+          if (p_.dgate) dgate += dy[d] * (o * scale + (ob ? ob[d] : acc_t(0)));
+          if (dos) dos[d] += gate * dy[d] * o;
         }
         if (dob) dob[d] += gate * dy[d];
         d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
@@ -284,7 +269,6 @@ class HeadBackward {
   int64_t block_q_, block_k_, D_;
   std::vector<acc_t> d_out_;                      // dL/do of the item's rows (times do_scale)
   std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
-  std::vector<acc_t> mixed_;                      // one row of the mixed average
   std::vector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
   std::vector<acc_t> dq_tile_;                    // [block_q, D]: dS K of the current tile
 };
@@ -313,7 +297,7 @@ std::vector<std::pair<int64_t, int64_t>> backward_items(const BackwardParams& p,
 
 template <typename acc_t>
 void backward_typed(const BackwardParams& p) {
-  const TileShape tiles = backward_tile_shape(p.fwd.head_dim);
+  const TileShape tiles = fit_to_call(backward_tile_shape(p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k);
   const auto items = backward_items<acc_t>(p, tiles.block_q);
   struct Worker {
     HeadBackward<acc_t> head;

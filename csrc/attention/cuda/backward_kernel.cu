@@ -61,18 +61,10 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
   const HeadPlan hp = head_plan(p, b, h);
   if (hp.skipped) return;
   const float gate = hp.hs.gate;
-  const float* os = f.out_scale.present() ? f.out_scale.row<float>(b, h) : nullptr;
-  const float* ob = f.out_bias.present() ? f.out_bias.row<float>(b, h) : nullptr;
-  float* dos = p.dout_scale ? static_cast<float*>(p.dout_scale) + bh * D : nullptr;
-  float* dob = p.dout_bias ? static_cast<float*>(p.dout_bias) + bh * D : nullptr;
-  const float* dlse = p.dlse ? static_cast<const float*>(p.dlse) + bh * Sq : nullptr;
-  const bool want_dalpha = p.dalpha != nullptr;
-  // a branch's saved average exists when the forward computed it
-  const bool read_full = hp.reads_full(want_dalpha);
-  const bool read_stream = hp.reads_streaming(want_dalpha);
-  const bool need_mixed = p.dgate != nullptr || dos != nullptr;
-  const float* o_full_base = read_full ? static_cast<const float*>(f.o_full) + bh * Sq * D : nullptr;
-  const float* o_stream_base = read_stream ? static_cast<const float*>(f.o_stream) + bh * Sq * D : nullptr;
+  const EpilogueRows<float> rows = EpilogueRows<float>::read(p, hp, b, h);
+  const float *os = rows.out_scale, *ob = rows.out_bias, *dlse = rows.dlse;
+  float *dos = rows.dout_scale, *dob = rows.dout_bias;
+  const bool want_dalpha = rows.want_dalpha;
   const float* lse = static_cast<const float*>(f.lse) + bh * Sq;
   const float* lse_full = f.lse_full ? static_cast<const float*>(f.lse_full) + bh * Sq : nullptr;
   const bool want_dsink = p.dsink_logit != nullptr && hp.hs.has_sink_logit;
@@ -81,18 +73,15 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
   float dgate = 0.f, dalpha = 0.f, dsink = 0.f;  // meaningful in lane 0
   for (int64_t i = warp; i < Sq; i += kWarps) {
     const float* dy = p.dout.row<float>(b, i, h);
-    const float* o_full = o_full_base ? o_full_base + i * D : nullptr;
-    const float* o_stream = o_stream_base ? o_stream_base + i * D : nullptr;
+    const float* o_full = rows.full_row(i);
+    const float* o_stream = rows.streaming_row(i);
     float* d_o = scratch.d_o + (bh * Sq + i) * D;
     float g_part = 0.f, dot_f = 0.f, dot_s = 0.f;
     for (int64_t d = lane; d < D; d += 32) {
       const float scale = os ? os[d] : 1.f;
       const float y = dy[d];
-      if (need_mixed && (o_full || o_stream)) {
-        const float mixed = o_full && o_stream ? mix_alpha(hp.hs.alpha, o_full[d], o_stream[d])
-                                               : (o_full ? o_full[d] : o_stream[d]);
-        g_part += y * (mixed * scale + (ob ? ob[d] : 0.f));
-      }
+      if (rows.need_mixed && (o_full || o_stream))
+        g_part += y * (mixed_average(hp.hs, o_full, o_stream, d) * scale + (ob ? ob[d] : 0.f));
       const float g = gate * y * scale;  // dL/do of the mixed average
       if (o_full) dot_f += g * o_full[d];
       if (o_stream) dot_s += g * o_stream[d];
@@ -136,13 +125,9 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
     for (int64_t i = 0; i < Sq; ++i) {
       const float y = gate * p.dout.row<float>(b, i, h)[d];
       if (dos) {
-        const float* o_full = o_full_base ? o_full_base + i * D : nullptr;
-        const float* o_stream = o_stream_base ? o_stream_base + i * D : nullptr;
-        if (o_full || o_stream) {
-          const float mixed = o_full && o_stream ? mix_alpha(hp.hs.alpha, o_full[d], o_stream[d])
-                                                 : (o_full ? o_full[d] : o_stream[d]);
-          s_acc += y * mixed;
-        }
+        const float* o_full = rows.full_row(i);
+        const float* o_stream = rows.streaming_row(i);
+        if (o_full || o_stream) s_acc += y * mixed_average(hp.hs, o_full, o_stream, d);
       }
       b_acc += y;
     }
