@@ -129,7 +129,7 @@ def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
     if value.device != device:
         raise fail(caller, name, f"on q's device {device}", value.device)
     if value.dim() == 0:
-        value = value.reshape(1).expand(s.Hq)
+        return value.expand(s.B, s.Hq)
     if value.dim() == 1 and value.shape[0] == s.Hq:
         return value.unsqueeze(0).expand(s.B, s.Hq)
     if value.dim() == 2 and value.shape[1] == s.Hq and value.shape[0] in (1, s.B):
@@ -186,35 +186,48 @@ def split_softmax_scale(caller, value, s: HeadShapes, device):
     return 1.0 / math.sqrt(s.D), per_head(caller, value, "softmax_scale", s, device, integer=False)
 
 
-def _shown(t: torch.Tensor):
+def _shown(t):
     """The values of a per-head tensor for a message: one row when every batch row is the same view."""
+    if not isinstance(t, torch.Tensor):
+        return t
     if t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) == 0:
         t = t[0]
     return t.tolist()
 
 
+def _violated(value, test) -> bool:
+    """Whether `test` (elementwise, written to work on a tensor and on a Python number alike)
+    holds anywhere in `value`. A number is tested as itself: no tensor op for the common case of
+    a window or sinks given as an int."""
+    if isinstance(value, torch.Tensor):
+        return bool(test(value).any())
+    return bool(test(value))
+
+
 def check_values(caller, *, window=None, sinks=None, alpha=None, softmax_scale=None, sink_logit=None,
                  key_bias=None) -> None:
-    """The rules of the per-head values (tensors of any shape). They read the data, so they are
-    skipped while torch.compile traces (the ops re-check what they need) and for tensors without
-    data (the meta device). NaN is refused where it has no meaning: it would give a different
-    garbage in the kernel and in the reference."""
+    """The rules of the per-head values (Python numbers, or tensors of any shape). They read the
+    data, so they are skipped while torch.compile traces (the ops re-check what they need) and
+    for tensors without data (the meta device). NaN is refused where it has no meaning: it would
+    give a different garbage in the kernel and in the reference."""
     if torch.compiler.is_compiling():
         return
 
     def given(t):
-        return t is not None and t.numel() > 0 and t.device.type != "meta"
+        if t is None:
+            return False
+        return not isinstance(t, torch.Tensor) or (t.numel() > 0 and t.device.type != "meta")
 
-    if given(window) and bool((window == 0).any()):
+    if given(window) and _violated(window, lambda w: w == 0):
         raise fail(caller, "window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
                    _shown(window))
-    if given(sinks) and bool((sinks < 0).any()):
+    if given(sinks) and _violated(sinks, lambda n: n < 0):
         raise fail(caller, "sinks", ">= 0 for every head", _shown(sinks))
-    if given(alpha) and not bool(((alpha >= 0) & (alpha <= 1)).all()):
+    if given(alpha) and _violated(alpha, lambda a: (a < 0) | (a > 1) | (a != a)):
         raise fail(caller, "alpha", "in [0, 1] for every head", _shown(alpha))
-    if given(softmax_scale) and not bool(torch.isfinite(softmax_scale).all()):
+    if given(softmax_scale) and _violated(softmax_scale, lambda x: (x != x) | (x == math.inf) | (x == -math.inf)):
         raise fail(caller, "softmax_scale", "finite for every head", _shown(softmax_scale))
-    if given(sink_logit) and bool(torch.isnan(sink_logit).any()):
+    if given(sink_logit) and _violated(sink_logit, lambda x: x != x):
         raise fail(caller, "sink_logit", "a number (or -inf: no sink) for every head, not NaN", _shown(sink_logit))
     if given(key_bias) and bool(torch.isnan(key_bias).any()):
         raise fail(caller, "key_bias", "free of NaN (-inf masks a key)", "NaN at index "
@@ -236,8 +249,12 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
         out_scale=per_head_vector(caller, out_scale, "out_scale", s, device),
         out_bias=per_head_vector(caller, out_bias, "out_bias", s, device),
         key_bias=broadcast_key_bias(caller, key_bias, s, device))
-    check_values(caller, window=args.window, sinks=args.sinks, alpha=args.alpha, softmax_scale=args.softmax_scale,
-                 sink_logit=args.sink_logit, key_bias=key_bias)
+    def as_given(raw, normalised):  # a number is checked as itself, a tensor as normalised
+        return raw if isinstance(raw, numbers.Number) else normalised
+
+    check_values(caller, window=as_given(window, args.window), sinks=as_given(sinks, args.sinks),
+                 alpha=as_given(alpha, args.alpha), softmax_scale=args.softmax_scale,
+                 sink_logit=as_given(sink_logit, args.sink_logit), key_bias=key_bias)
     return args
 
 
