@@ -18,7 +18,6 @@ DEPS_STAMP := $(VENV)/.headops-deps
 
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 .PHONY: all build demo bench-kvpress test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
 
