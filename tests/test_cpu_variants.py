@@ -1,6 +1,7 @@
 """The CPU kernel is compiled once per instruction set; the suite's main run exercises only the
 one this machine picks. Here the correctness sweep runs again under each other variant (ATen's
-ATEN_CPU_CAPABILITY override, and plain AVX-512 for bfloat16 instead of AVX512-BF16)."""
+ATEN_CPU_CAPABILITY override, and plain AVX-512 for bfloat16 instead of AVX512-BF16): the attention
+kernel's tests and the decode kernel's."""
 
 import os
 import subprocess
@@ -13,6 +14,12 @@ import headops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVAILABLE = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
+# every attention-kernel test, and the decode kernel's comparisons with full attention in each
+# dtype, with every per-head argument and over budget heads' kept sets
+DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
+                "test_budget_heads_equal_attention_over_the_kept_set"]
+SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py")] + [
+    os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
 
 
 def run_sweep(env_extra, expect_capability):
@@ -23,8 +30,7 @@ def run_sweep(env_extra, expect_capability):
     probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == expect_capability
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests", "test_attention_cpu.py")],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + SWEPT,
                           env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 

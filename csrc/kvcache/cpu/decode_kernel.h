@@ -25,13 +25,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../attention/head_semantics.h"
 #include "../../attention/online_softmax.h"
 #include "../../attention/work_counters.h"
-#include "../../cpu/blas.h"
 #include "../../cpu/isa_dispatch.h"
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
@@ -43,16 +44,92 @@ namespace {
 
 constexpr int64_t kDecodeBlock = 256;  // slots per tile product
 
-// acc[r, :] += sum_j prob[r, j] * v[j, :] for NR rows, the 16-bit rows of v converted in
-// registers as they stream in (no converted copy of the block is written).
-template <int NR, typename scalar_t>
-void accumulate_rows_16bit(float* acc, const float* prob, int64_t ldp, const scalar_t* v, int64_t nk, int64_t D,
-                           int64_t d0) {
-  using VF = Vectorized<float>;
-  using VH = Vectorized<scalar_t>;
-  VF a[NR][4];
+// The decode step's two products stream each kept K and V row from memory once, straight from
+// the cache (no packed or converted copy of a block is written: a BLAS sgemm with the few rows
+// of a decode step spends most of its time packing the block, ~4x its multiply on the AVX2
+// EPYC). Rows of 16-bit storage are converted in registers as they stream in.
+
+// Two accumulator vectors' worth of one stored row, starting at element d.
+template <typename acc_t, typename scalar_t>
+inline std::pair<Vectorized<acc_t>, Vectorized<acc_t>> load_pair(const scalar_t* row) {
+  using V = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {V::loadu(row), V::loadu(row + V::size())};
+  } else {
+    static_assert(Vectorized<scalar_t>::size() == 2 * V::size());
+    auto [x0, x1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(row));
+    return {x0, x1};
+  }
+}
+
+template <typename acc_t>
+constexpr int64_t pair_width() {
+  return 2 * Vectorized<acc_t>::size();
+}
+
+// s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D]) and the nk stored rows of k.
+template <int NR, typename acc_t, typename scalar_t>
+void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, int64_t nk, int64_t D) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = pair_width<acc_t>();
+  const int64_t Dv = D / W * W;
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t j = 0; j < nk; ++j) {
+    if (j + 8 < nk) {  // rows 8 ahead are on their way from memory while this one is multiplied
+      const char* ahead = reinterpret_cast<const char*>(k + (j + 8) * D);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+    }
+    const scalar_t* kr = k + j * D;
+    V a[NR], b[NR];  // two chains per row: half the FMA latency each
+    for (int r = 0; r < NR; ++r) a[r] = b[r] = V(acc_t(0));
+    for (int64_t d = 0; d < Dv; d += W) {
+      const auto [x0, x1] = load_pair<acc_t>(kr + d);
+      for (int r = 0; r < NR; ++r) {
+        a[r] = at::vec::fmadd(V::loadu(q + r * D + d), x0, a[r]);
+        b[r] = at::vec::fmadd(V::loadu(q + r * D + d + V::size()), x1, b[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      acc_t sum = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, a[r] + b[r]);
+      for (int64_t d = Dv; d < D; ++d) sum += q[r * D + d] * static_cast<acc_t>(kr[d]);
+      s[r * lds + j] = sum;
+    }
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void block_scores_direct(acc_t* s, int64_t lds, const acc_t* q, int64_t R, const scalar_t* k, int64_t nk,
+                         int64_t D) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    acc_t* out = s + r0 * lds;
+    const acc_t* qr = q + r0 * D;
+    switch (std::min<int64_t>(4, R - r0)) {
+      case 4: score_rows<4>(out, lds, qr, k, nk, D); break;
+      case 3: score_rows<3>(out, lds, qr, k, nk, D); break;
+      case 2: score_rows<2>(out, lds, qr, k, nk, D); break;
+      default: score_rows<1>(out, lds, qr, k, nk, D); break;
+    }
+  }
+}
+
+// Vector pairs of columns a PV pass keeps in registers for 4 rows: 4 x 2 pairs = 16 accumulators
+// fit AVX-512's 32 registers; AVX2 has 16, so one pair (8 accumulators, no spills).
+#ifdef CPU_CAPABILITY_AVX512
+constexpr int kPvPairs = 2;
+#else
+constexpr int kPvPairs = 1;
+#endif
+
+// acc[r, :] += sum_j prob[r, j] * v[j, :] for NR rows, over columns [d0, d0 + kPvPairs * 2W).
+template <int NR, typename acc_t, typename scalar_t>
+void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk, int64_t D,
+                     int64_t d0) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = pair_width<acc_t>();
+  constexpr int C = 2 * kPvPairs;
+  V a[NR][C];
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c] = VF::loadu(acc + r * D + d0 + c * VF::size());
+    for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j = 0; j < nk; ++j) {
     if (d0 == 0 && j + 8 < nk) {
@@ -62,41 +139,38 @@ void accumulate_rows_16bit(float* acc, const float* prob, int64_t ldp, const sca
       for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
     }
     const scalar_t* row = v + j * D + d0;
-    auto [x0, x1] = at::vec::convert_to_float<scalar_t>(VH::loadu(row));
-    auto [x2, x3] = at::vec::convert_to_float<scalar_t>(VH::loadu(row + VH::size()));
+    V x[C];
+    for (int c = 0; c < C; c += 2) std::tie(x[c], x[c + 1]) = load_pair<acc_t>(row + c / 2 * W);
     for (int r = 0; r < NR; ++r) {
-      const VF pr(prob[r * ldp + j]);
-      a[r][0] = at::vec::fmadd(pr, x0, a[r][0]);
-      a[r][1] = at::vec::fmadd(pr, x1, a[r][1]);
-      a[r][2] = at::vec::fmadd(pr, x2, a[r][2]);
-      a[r][3] = at::vec::fmadd(pr, x3, a[r][3]);
+      const V pr(prob[r * ldp + j]);
+      for (int c = 0; c < C; ++c) a[r][c] = at::vec::fmadd(pr, x[c], a[r][c]);
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c].store(acc + r * D + d0 + c * VF::size());
+    for (int c = 0; c < C; ++c) a[r][c].store(acc + r * D + d0 + c * V::size());
 }
 
-template <typename scalar_t>
-void accumulate_pv_16bit(float* acc, int64_t R, const float* prob, int64_t ldp, const scalar_t* v, int64_t nk,
-                         int64_t D) {
-  constexpr int64_t kChunk = 2 * Vectorized<scalar_t>::size();  // four float vectors
+template <typename acc_t, typename scalar_t>
+void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk,
+                   int64_t D) {
+  constexpr int64_t kChunk = kPvPairs * pair_width<acc_t>();
   int64_t d0 = 0;
   for (; d0 + kChunk <= D; d0 += kChunk) {
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      float* a = acc + r0 * D;
-      const float* p = prob + r0 * ldp;
+      acc_t* a = acc + r0 * D;
+      const acc_t* p = prob + r0 * ldp;
       switch (std::min<int64_t>(4, R - r0)) {
-        case 4: accumulate_rows_16bit<4>(a, p, ldp, v, nk, D, d0); break;
-        case 3: accumulate_rows_16bit<3>(a, p, ldp, v, nk, D, d0); break;
-        case 2: accumulate_rows_16bit<2>(a, p, ldp, v, nk, D, d0); break;
-        default: accumulate_rows_16bit<1>(a, p, ldp, v, nk, D, d0); break;
+        case 4: accumulate_rows<4>(a, p, ldp, v, nk, D, d0); break;
+        case 3: accumulate_rows<3>(a, p, ldp, v, nk, D, d0); break;
+        case 2: accumulate_rows<2>(a, p, ldp, v, nk, D, d0); break;
+        default: accumulate_rows<1>(a, p, ldp, v, nk, D, d0); break;
       }
     }
   }
   for (; d0 < D; ++d0)  // head dims that are not a multiple of the chunk
     for (int64_t r = 0; r < R; ++r) {
-      float sum = 0;
-      for (int64_t j = 0; j < nk; ++j) sum += prob[r * ldp + j] * static_cast<float>(v[j * D + d0]);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < nk; ++j) sum += prob[r * ldp + j] * static_cast<acc_t>(v[j * D + d0]);
       acc[r * D + d0] += sum;
     }
 }
@@ -169,8 +243,7 @@ class DecodeWorker {
  public:
   DecodeWorker(const DecodeParams& p, const std::vector<DecodeItem>& items, PartialBuffer<acc_t>& partials)
       : p_(p), a_(p.attn), items_(items), partials_(partials), D_(p.attn.head_dim), G_(p.attn.group()),
-        Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), kbuf_(kDirect ? 0 : kDecodeBlock * D_),
-scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
+        Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
         rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
@@ -233,18 +306,10 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
             update_row(g * Sq_ + i, br, vis, pos0 + i, hs, bias, st, j0, nk, item.pos_offset);
         }
       }
-      if constexpr (kDirect) {
-        for (int br = 0; br < 2; ++br) {
-          if (!used[br]) continue;
-          gemm_nn(R_, D, nk, acc_t(1), probs_[br].data(), kDecodeBlock, st.v_row(j0, D), D, acc_t(1), acc_[br].data(), D);
-          counts_.add(kValueBlocks, 1);
-        }
-      } else {
-        for (int br = 0; br < 2; ++br) {
-          if (!used[br]) continue;
-          accumulate_pv_16bit(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D);
-          counts_.add(kValueBlocks, 1);
-        }
+      for (int br = 0; br < 2; ++br) {
+        if (!used[br]) continue;
+        accumulate_pv(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D);
+        counts_.add(kValueBlocks, 1);
       }
     }
     if (st.mass) add_attention_mass(st, item);
@@ -295,27 +360,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
         return;
       }
     }
-    const acc_t* kk = block_rows(k, nk, kbuf_);
-    gemm_nt(R_, nk, D, acc_t(1), q_.data(), D, kk, D, acc_t(0), scores_.data(), kDecodeBlock);
-  }
-
-  // The block's rows in the accumulation dtype: the storage itself, or a converted copy.
-  const acc_t* block_rows(const scalar_t* src, int64_t nk, std::vector<acc_t>& buf) {
-    if constexpr (kDirect) {
-      return src;
-    } else {
-      // the block streams from memory once: prefetch a few KiB ahead of the conversion
-      constexpr int64_t kStep = 64 / sizeof(scalar_t), kAhead = 4096 / sizeof(scalar_t);
-      const int64_t n = nk * D_;
-      acc_t* dst = buf.data();
-      int64_t i = 0;
-      for (; i + kStep <= n; i += kStep) {
-        __builtin_prefetch(src + i + kAhead);
-        at::vec::convert(src + i, dst + i, kStep);
-      }
-      if (i < n) at::vec::convert(src + i, dst + i, n - i);
-      return dst;
-    }
+    block_scores_direct(scores_.data(), kDecodeBlock, q_.data(), R_, k, nk, D);
   }
 
   // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
@@ -374,7 +419,7 @@ scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
   const std::vector<DecodeItem>& items_;
   PartialBuffer<acc_t>& partials_;
   int64_t D_, G_, Sq_, R_;
-  std::vector<acc_t> q_, kbuf_, scores_, logits_;
+  std::vector<acc_t> q_, scores_, logits_;
   std::vector<acc_t> probs_[2], acc_[2];
   std::vector<OnlineSoftmax<acc_t>> rows_[2];
   std::vector<HeadScalars<acc_t>> heads_;
