@@ -94,6 +94,18 @@ def test_probe_quick(tmp_path):
         assert r["check"]["ok"], r["check"]
 
 
+def test_ratio_vs_sdpa_prints_every_row():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/ratio_vs_sdpa.py", "--s", "64", "--heads", "2", "--repeats", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("float32", "forward"), ("float32", "fwd+bwd"), ("bfloat16", "forward"),
+                                            ("bfloat16", "fwd+bwd")]
+    assert all(float(r[-1]) > 0 for r in rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # issue 17: a demo that finishes anywhere -- the time box, live rows, results untracked by default
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""headops/SDPA time ratios of one shape, forward and forward+backward, fp32 and bf16: the
+quick check that a change kept the kernels' speed (run it on two trees, alternating).
+
+    PYTHONPATH=python .venv/bin/python bench/ratio_vs_sdpa.py [--s 2048] [--repeats 5] [--label main]
+
+B=1, H=16, D=128, dense causal; median of --repeats interleaved calls (headops, then SDPA) on
+the same tensors; prints one line per (dtype, pass)."""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import headops
+
+
+def median_pair(a, b, repeats):
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--s", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--label", default="")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    B, H, S, D = 1, args.heads, args.s, 128
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(B, S, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+        def headops_forward():
+            with torch.no_grad():
+                headops.attention(q, k, v, causal=True)
+
+        def sdpa_forward():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+        def headops_train():
+            headops.attention(q, k, v, causal=True).sum().backward()
+
+        def sdpa_train():
+            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward()
+
+        for name, pair in (("forward", (headops_forward, sdpa_forward)), ("fwd+bwd", (headops_train, sdpa_train))):
+            h, s = median_pair(*pair, args.repeats)
+            print(f"{args.label} {str(dtype).removeprefix('torch.'):9s} {name:8s} S={S} headops {h * 1e3:8.1f} ms "
+                  f"SDPA {s * 1e3:8.1f} ms headops/SDPA {h / s:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
