@@ -67,9 +67,12 @@ constexpr int64_t pair_width() {
   return 2 * Vectorized<acc_t>::size();
 }
 
-// s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D]) and the nk stored rows of k.
+// s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D]) and the nk stored rows of k. `v` (or
+// null): the block's value rows, fetched into cache here so that the PV product that follows
+// reads them from L2 rather than waiting on memory row by row.
 template <int NR, typename acc_t, typename scalar_t>
-void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, int64_t nk, int64_t D) {
+void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const scalar_t* v, int64_t nk,
+                int64_t D) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = pair_width<acc_t>();
   const int64_t Dv = D / W * W;
@@ -78,6 +81,10 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, int64_
     if (j + 8 < nk) {  // rows 8 ahead are on their way from memory while this one is multiplied
       const char* ahead = reinterpret_cast<const char*>(k + (j + 8) * D);
       for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+    }
+    if (v) {
+      const char* value = reinterpret_cast<const char*>(v + j * D);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(value + off);
     }
     const scalar_t* kr = k + j * D;
     V a[NR], b[NR];  // two chains per row: half the FMA latency each
@@ -98,16 +105,17 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, int64_
 }
 
 template <typename acc_t, typename scalar_t>
-void block_scores_direct(acc_t* s, int64_t lds, const acc_t* q, int64_t R, const scalar_t* k, int64_t nk,
-                         int64_t D) {
+void block_scores_direct(acc_t* s, int64_t lds, const acc_t* q, int64_t R, const scalar_t* k, const scalar_t* v,
+                         int64_t nk, int64_t D) {
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     acc_t* out = s + r0 * lds;
     const acc_t* qr = q + r0 * D;
+    const scalar_t* fetch = r0 == 0 ? v : nullptr;  // once per block
     switch (std::min<int64_t>(4, R - r0)) {
-      case 4: score_rows<4>(out, lds, qr, k, nk, D); break;
-      case 3: score_rows<3>(out, lds, qr, k, nk, D); break;
-      case 2: score_rows<2>(out, lds, qr, k, nk, D); break;
-      default: score_rows<1>(out, lds, qr, k, nk, D); break;
+      case 4: score_rows<4>(out, lds, qr, k, fetch, nk, D); break;
+      case 3: score_rows<3>(out, lds, qr, k, fetch, nk, D); break;
+      case 2: score_rows<2>(out, lds, qr, k, fetch, nk, D); break;
+      default: score_rows<1>(out, lds, qr, k, fetch, nk, D); break;
     }
   }
 }
@@ -288,7 +296,7 @@ class DecodeWorker {
     }
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
-      block_scores(st.k_row(j0, D), nk);
+      block_scores(st.k_row(j0, D), st.v_row(j0, D), nk);
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
       bool used[2] = {false, false};
@@ -349,8 +357,8 @@ class DecodeWorker {
     }
   }
 
-  // scores_[r, j] = q_r . k_j for the block's nk keys.
-  void block_scores(const scalar_t* k, int64_t nk) {
+  // scores_[r, j] = q_r . k_j for the block's nk keys (its value rows `v` are fetched meanwhile).
+  void block_scores(const scalar_t* k, const scalar_t* v, int64_t nk) {
     const int64_t D = D_;
     if constexpr (!kDirect) {
       if (use_brgemm_) {
@@ -360,7 +368,7 @@ class DecodeWorker {
         return;
       }
     }
-    block_scores_direct(scores_.data(), kDecodeBlock, q_.data(), R_, k, nk, D);
+    block_scores_direct(scores_.data(), kDecodeBlock, q_.data(), R_, k, v, nk, D);
   }
 
   // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
