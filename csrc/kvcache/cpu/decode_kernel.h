@@ -88,14 +88,17 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const 
     }
     const scalar_t* kr = k + j * D;
     V a[NR], b[NR];  // two chains per row: half the FMA latency each
+    #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) a[r] = b[r] = V(acc_t(0));
     for (int64_t d = 0; d < Dv; d += W) {
       const auto [x0, x1] = load_pair<acc_t>(kr + d);
+      #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
         a[r] = at::vec::fmadd(V::loadu(q + r * D + d), x0, a[r]);
         b[r] = at::vec::fmadd(V::loadu(q + r * D + d + V::size()), x1, b[r]);
       }
     }
+    #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       acc_t sum = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, a[r] + b[r]);
       for (int64_t d = Dv; d < D; ++d) sum += q[r * D + d] * static_cast<acc_t>(kr[d]);
@@ -136,7 +139,9 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
   constexpr int64_t W = pair_width<acc_t>();
   constexpr int C = 2 * kPvPairs;
   V a[NR][C];
+  #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j = 0; j < nk; ++j) {
@@ -148,13 +153,18 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     }
     const scalar_t* row = v + j * D + d0;
     V x[C];
+    #pragma GCC unroll 8
     for (int c = 0; c < C; c += 2) std::tie(x[c], x[c + 1]) = load_pair<acc_t>(row + c / 2 * W);
+    #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const V pr(prob[r * ldp + j]);
+      #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) a[r][c] = at::vec::fmadd(pr, x[c], a[r][c]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) a[r][c].store(acc + r * D + d0 + c * V::size());
 }
 
