@@ -61,11 +61,11 @@ def test_smollm2_is_converted_once_and_loads_as_the_gguf_gives_it(tmp_path, monk
     second, tok = load_smollm2(torch.bfloat16)
     assert len(converted) == 1 and os.listdir(tmp_path) == [os.path.basename(models.smollm2_converted())]
     gguf_model, gguf_tok = converted[0]
-    want = gguf_model.state_dict()
-    assert first.state_dict().keys() == want.keys()
-    for name, t in first.state_dict().items():
+    want, got, got_bf16 = gguf_model.state_dict(), first.state_dict(), second.state_dict()
+    assert got.keys() == want.keys()
+    for name, t in got.items():
         assert torch.equal(t, want[name]), name
-        assert torch.equal(second.state_dict()[name], want[name].to(torch.bfloat16)), name
+        assert torch.equal(got_bf16[name], want[name].to(torch.bfloat16)), name
     text = "Write one sentence about the sea: 7 + 8 = 15, naïve café ✓"
     chat = [{"role": "user", "content": "What is the passkey?"}]
     assert tok(text).input_ids == gguf_tok(text).input_ids

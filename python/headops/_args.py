@@ -249,6 +249,7 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
         out_scale=per_head_vector(caller, out_scale, "out_scale", s, device),
         out_bias=per_head_vector(caller, out_bias, "out_bias", s, device),
         key_bias=broadcast_key_bias(caller, key_bias, s, device))
+
     def as_given(raw, normalised):  # a number is checked as itself, a tensor as normalised
         return raw if isinstance(raw, numbers.Number) else normalised
 

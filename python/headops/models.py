@@ -35,12 +35,13 @@ def model_cache_dir() -> str | None:
     return os.path.join(base, "headops", "models")
 
 
-def _load_smollm2_gguf(dtype):
+def _load(source: str, dtype, distributed_config=None, **gguf):
+    """(model, tokenizer) from a transformers folder, or from a GGUF with gguf_file=..."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    return AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=dtype).eval(), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+    extra = {} if distributed_config is None else {"distributed_config": distributed_config}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **gguf, **extra).eval(), tokenizer
 
 
 def convert_smollm2(folder: str):
@@ -51,7 +52,8 @@ def convert_smollm2(folder: str):
     import shutil
     import tempfile
 
-    model, tokenizer = _load_smollm2_gguf(torch.float32)
+    pkg, gguf = smollm2_path()
+    model, tokenizer = _load(pkg, torch.float32, gguf_file=gguf)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=".converting-", dir=parent)
@@ -102,21 +104,11 @@ def load_smollm2(dtype=torch.float32, distributed_config=None):
 
     distributed_config: transformers' ``DistributedConfig`` (under torchrun), e.g. ``tp_size=3``:
     each rank holds 3 query heads and 1 KV head of every layer (docs/distributed.md)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = smollm2_converted()
-    if folder is None:
-        if distributed_config is None:
-            return _load_smollm2_gguf(dtype)
-        pkg, gguf = smollm2_path()
-        source, extra = pkg, {"gguf_file": gguf}
-    else:
-        source, extra = folder, {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    if distributed_config is not None:
-        extra["distributed_config"] = distributed_config
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).eval()
-    return model, tokenizer
+    if folder is not None:
+        return _load(folder, dtype, distributed_config)
+    pkg, gguf = smollm2_path()
+    return _load(pkg, dtype, distributed_config, gguf_file=gguf)
 
 
 def save_as_safetensors(model, folder) -> str:

@@ -49,7 +49,7 @@ constexpr int64_t kDecodeBlock = 256;  // slots per tile product
 // of a decode step spends most of its time packing the block, ~4x its multiply on the AVX2
 // EPYC). Rows of 16-bit storage are converted in registers as they stream in.
 
-// Two accumulator vectors' worth of one stored row, starting at element d.
+// Two accumulator vectors' worth of a stored row from `row` on (16-bit elements converted).
 template <typename acc_t, typename scalar_t>
 inline std::pair<Vectorized<acc_t>, Vectorized<acc_t>> load_pair(const scalar_t* row) {
   using V = Vectorized<acc_t>;
