@@ -47,7 +47,7 @@ void check_tensor(const char* op, const at::Tensor& t, const char* name, at::Sca
 }
 
 void check_per_head_args(const char* op, const Dims& d, at::ScalarType acc, const at::Tensor& q,
-                         const PerHeadArgs& a) {
+                         const PerHeadArgs& a, bool read_values) {
   auto check = [&](const OptTensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
     if (t.has_value()) check_tensor(op, *t, name, dtype, shape, q);
   };
@@ -60,6 +60,7 @@ void check_per_head_args(const char* op, const Dims& d, at::ScalarType acc, cons
   check(a.key_bias, "key_bias", acc, {d.B, d.Hq, d.Sk});
   check(a.out_scale, "out_scale", acc, {d.B, d.Hq, d.D});
   check(a.out_bias, "out_bias", acc, {d.B, d.Hq, d.D});
+  if (!read_values) return;
   if (a.window.has_value() && a.window->numel() > 0)
     TORCH_CHECK(!(*a.window == 0).any().item<bool>(), op, "window must be >= 1 (or < 0 for unlimited), got 0");
   if (a.sinks.has_value() && a.sinks->numel() > 0)

@@ -35,9 +35,11 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                bool cuda_ok = false);
 
 // dtype, shape ([B, Hq], [B, Hq, Sk] or [B, Hq, D]), device and values (window != 0,
-// sinks >= 0, alpha in [0, 1]) of every per-head argument present.
+// sinks >= 0, alpha in [0, 1]) of every per-head argument present. read_values = false skips
+// the values (the CUDA decode: reading them would synchronise with the device; the Python
+// layer checked them).
 void check_per_head_args(const char* op, const Dims& dims, at::ScalarType acc, const at::Tensor& q,
-                         const PerHeadArgs& args);
+                         const PerHeadArgs& args, bool read_values = true);
 
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
                   const at::Tensor& q);

@@ -26,6 +26,7 @@ struct DecodeParams {
   const int64_t* ring_offset = nullptr;  // [Hs]
   const int64_t* ring_sinks = nullptr;   // [Hs]
   const int64_t* ring_size = nullptr;    // [Hs]
+  int64_t ring_heads = 0;                // Hs (read by the CUDA kernels' range guards)
   int64_t split_keys = 1024;             // keys per work item on long full heads (split-K)
   // budget heads (kv_kind 2): kv_index selects an entry of budget_table [B, Hb, 4] (per batch
   // row: budget_layout_of); their slots in

@@ -44,6 +44,18 @@ struct RingLayout {
   // The slot (relative to offset) that position p is written to.
   HEADOPS_HD int64_t slot_of(int64_t p) const { return p < sinks ? p : sinks + (p - sinks) % ring; }
 
+  // The inverse of slot_of for a row holding `length` tokens: the position slot `slot` (relative
+  // to offset, in [0, sinks + ring)) holds, or -1 when it holds none yet (the CUDA decode walks
+  // a streaming head's slots and reads each one's position here).
+  HEADOPS_HD int64_t position_of_slot(int64_t slot, int64_t length) const {
+    if (slot < sinks) return slot < length ? slot : -1;
+    const int64_t count = min64(max64(length - sinks, 0), ring);  // tokens in the ring
+    if (count == 0) return -1;
+    const int64_t last = length - 1, r = slot - sinks;
+    const int64_t back = ((last - sinks) % ring - r + ring) % ring;  // how far behind the latest token
+    return back < count ? last - back : -1;
+  }
+
   // The positions the head has evicted once a row holds `length` tokens: past the sinks and out
   // of the ring, [sinks, max(sinks, length - ring)); a row growing from `before` to `after`
   // tokens evicts the difference, [max(sinks, before - ring), max(sinks, after - ring)).

@@ -36,6 +36,7 @@
 #include "../../cpu/isa_dispatch.h"
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
+#include "../decode_semantics.h"
 #include "../kv_layout.h"
 
 namespace headops::cpu {
@@ -454,30 +455,15 @@ class DecodeWorker {
 template <typename acc_t>
 std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>& first_item) {
   const AttentionParams& a = p.attn;
-  const int64_t G = a.group(), Sq = a.seqlen_q;
   std::vector<DecodeItem> items;
   first_item.assign(a.batch * a.heads_kv + 1, 0);
   for (int64_t b = 0; b < a.batch; ++b) {
     const int64_t L = p.lengths[b];
     for (int64_t kvh = 0; kvh < a.heads_kv; ++kvh) {
       first_item[b * a.heads_kv + kvh] = static_cast<int64_t>(items.size());
-      KeyRange sinks{0, 0}, window{0, 0};
-      bool any = false;
-      for (int64_t g = 0; g < G; ++g) {
-        const HeadScalars<acc_t> hs = read_head<acc_t>(a, b, kvh * G + g);
-        if (hs.gate == acc_t(0)) continue;
-        const VisibleKeys keys = walk_visibility(a.causal, hs).keys_for_positions(L - Sq, L - 1, L);
-        if (!keys.sinks.empty()) sinks.hi = std::max(sinks.hi, keys.sinks.hi);
-        if (!keys.window.empty()) {
-          window = window.empty() ? keys.window : KeyRange{std::min(window.lo, keys.window.lo), std::max(window.hi, keys.window.hi)};
-        }
-        any = true;
-      }
-      if (!any || L <= 0) continue;
-      if (!sinks.empty() && !window.empty() && sinks.hi >= window.lo) {
-        window = {0, std::max(sinks.hi, window.hi)};
-        sinks = {0, 0};
-      }
+      const GroupKeys group = group_keys<acc_t>(a, b, kvh, L);  // decode_semantics.h (the CUDA decode's too)
+      if (!group.any) continue;
+      const KeyRange sinks = group.keys.sinks, window = group.keys.window;
       if (p.kv_kind[kvh] == kKvBudget) {
         // one item: all its slots
         items.push_back({b, kvh, 0, budget_layout_of(p.budget_table, p.budget_heads, b, p.kv_index[kvh]).size, 0});
