@@ -61,12 +61,14 @@ TORCH_LIBRARY_IMPL(headops, CPU, m) {
 }
 
 #ifdef HEADOPS_WITH_CUDA
-// The forward and the backward: the KV-cache ops have no CUDA kernels yet (calling them
-// with CUDA tensors raises the dispatcher's "not implemented for CUDA" error).
+// The forward, the backward and the KV-cache ops (each op hands CUDA tensors to its cuda/ host
+// code: csrc/attention/cuda/, csrc/kvcache/cuda/; compiled, not yet run on a GPU).
 TORCH_LIBRARY_IMPL(headops, CUDA, m) {
   m.impl("attention_fwd", &headops::attention_fwd);
   m.impl("attention_bwd", &headops::attention_bwd);
   m.impl("attention_probe", &headops::attention_probe);  // raises NotImplementedError (CPU only)
+  m.impl("kv_append", &headops::kv_append);
+  m.impl("decode_attention", &headops::decode_attention);
 }
 #endif
 

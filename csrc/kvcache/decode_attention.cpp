@@ -8,6 +8,9 @@
 #include "kv_layout.h"
 #include "kv_layout_checks.h"
 #include "kv_ops.h"
+#ifdef HEADOPS_WITH_CUDA
+#include "cuda/kv_cache_cuda.h"
+#endif
 
 namespace headops {
 
@@ -23,6 +26,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
                             const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
   const char* op = "headops.decode_attention: ";
   TORCH_CHECK(q_in.dim() == 4, op, "q must be [B, Sq, Hq, D], got ", q_in.sizes());
+#ifdef HEADOPS_WITH_CUDA
+  if (q_in.is_cuda())  // csrc/kvcache/cuda/: no host reads of device data (the value checks below are skipped)
+    return cuda::decode_attention(q_in, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset,
+                                  ring_sinks, ring_size, causal, default_scale, softmax_scale, window, sinks, alpha,
+                                  key_bias_in, sink_logit, out_scale, out_bias, gate, split_keys, budget_table,
+                                  slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n);
+#endif
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               "q must be float32, float64, bfloat16 or float16, got ", dtype);

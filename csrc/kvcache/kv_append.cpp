@@ -7,6 +7,9 @@
 #include "kv_layout.h"
 #include "kv_layout_checks.h"
 #include "kv_ops.h"
+#ifdef HEADOPS_WITH_CUDA
+#include "cuda/kv_cache_cuda.h"
+#endif
 
 namespace headops {
 
@@ -60,6 +63,13 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   TORCH_CHECK(k_new.dim() == 4 && k_new.sizes() == v_new.sizes(), op, "k_new and v_new must be [B, Sq, Hkv, D] of one "
               "shape, got ", k_new.sizes(), " and ", v_new.sizes());
   TORCH_CHECK(k_new.scalar_type() == v_new.scalar_type(), op, "k_new and v_new must have one dtype");
+#ifdef HEADOPS_WITH_CUDA
+  if (k_new.is_cuda()) {  // csrc/kvcache/cuda/: no host reads of device data (the value checks below are skipped)
+    cuda::kv_append(k_new, v_new, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
+                    ring_size, budget_table, slot_pos, slot_mass, write_budget, comp_table, comp_k, comp_v, comp_n);
+    return;
+  }
+#endif
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
   const LayerLayout l = check_layer_layout(op, k_new.scalar_type(), B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
                                            kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table,

@@ -1,0 +1,261 @@
+// Host side of the CUDA head-sparse cache ops: shape/dtype/device checks, the full segments'
+// table on the device, scratch for the decode's split partials, launches on the current stream
+// under a device guard.
+//
+// No device-to-host synchronisation: launches are sized from shapes and capacities only (the
+// decode's splits from the full storage's capacity and the streaming storage's slots; blocks
+// past a row's length exit early), the segment table is written by a kernel from values in its
+// parameters (nothing is read from host memory at replay: a CUDA graph can capture a step).
+// The value checks the CPU ops run on host data (lengths, kinds, indices, ring and budget
+// layouts, compensation counts, window/sinks/alpha of the query heads a streaming or budget
+// KV head serves, key_bias covering the longest row) are SKIPPED here for CUDA inputs: the
+// Python layer (HeadSparseCache / LayerStorage) built and validated these tables from its host
+// mirror. The kernels range-guard every index they take from a table, so an inconsistent raw
+// call reads "no key" / writes nothing where the CPU op would raise; it does not access memory
+// out of bounds.
+//
+// NOT YET RUN ON A GPU (compiled only); see decode_kernel.cu and append_kernel.cu.
+#ifdef HEADOPS_WITH_CUDA
+
+#include "kv_cache_cuda.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../../attention/attention_args.h"
+#include "kv_cache_kernels.cuh"
+
+namespace headops::cuda {
+namespace {
+
+DType kv_dtype(const char* op, at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kDouble: TORCH_CHECK(false, op, "float64 is CPU only (CUDA: float32, bfloat16, float16)");
+    default: TORCH_CHECK(false, op, "dtype ", t, " is not supported on CUDA (float32, bfloat16, float16)");
+  }
+  return DType::kFloat32;
+}
+
+void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
+}
+
+void check_table(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Device& device,
+                 at::ScalarType dtype = at::kLong) {
+  check_on(op, t, name, device);
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.sizes() == shape, op, name, " must be a contiguous ",
+              dtype, " tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+// The layer's storage fields of DecodeParams (device pointers), checked for shapes, dtypes and
+// devices only (no values: see the top of this file). `table` keeps the segment table alive.
+struct DeviceLayer {
+  DecodeParams p;
+  at::Tensor table;
+  int64_t full_capacity = 0;
+};
+
+DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device& device, int64_t B, int64_t Hkv,
+                         int64_t D, at::TensorList full_k, at::TensorList full_v, const at::Tensor& ring_k,
+                         const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
+                         const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
+                         const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
+                         const OptTensor& slot_mass, const OptTensor& comp_table, const OptTensor& comp_k,
+                         const OptTensor& comp_v, const OptTensor& comp_n, cudaStream_t stream) {
+  DeviceLayer l;
+  DecodeParams& p = l.p;
+  for (const at::Tensor* t : {&ring_k, &ring_v}) {
+    check_on(op, *t, "ring_k/ring_v", device);
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), op, "the storages must be contiguous ", dtype,
+                " tensors, got ", t->scalar_type());
+  }
+  TORCH_CHECK(ring_k.dim() == 3 && ring_k.sizes() == ring_v.sizes() && ring_k.size(0) == B && ring_k.size(2) == D, op,
+              "ring_k/ring_v must be [B, slots, D] = [", B, ", slots, ", D, "], got ", ring_k.sizes(), " and ",
+              ring_v.sizes());
+  const int64_t slots = ring_k.size(1);
+  const int64_t Hs = ring_offset.dim() == 1 ? ring_offset.size(0) : -1;
+  check_table(op, lengths, "lengths", {B}, device);
+  check_table(op, kv_kind, "kv_kind", {Hkv}, device);
+  check_table(op, kv_index, "kv_index", {Hkv}, device);
+  check_table(op, ring_offset, "ring_offset", {Hs}, device);
+  check_table(op, ring_sinks, "ring_sinks", {Hs}, device);
+  check_table(op, ring_size, "ring_size", {Hs}, device);
+  TORCH_CHECK(full_k.size() == full_v.size(), op, "full_k and full_v must have as many segments");
+  const int64_t S = static_cast<int64_t>(full_k.size());
+  const int64_t Hf = S > 0 ? full_k[0].size(1) : 0;
+  std::vector<int64_t> table(3 * S + 1, 0);  // key pointers, value pointers, starts
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor& k = full_k[s];
+    const at::Tensor& v = full_v[s];
+    for (const at::Tensor* t : {&k, &v}) {
+      check_on(op, *t, "full_k/full_v", device);
+      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), op, "the storages must be contiguous ", dtype,
+                  " tensors, got ", t->scalar_type());
+    }
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == Hf && k.size(3) == D, op,
+                "full segment ", s, " must be [B, Hf, n, D] = [", B, ", ", Hf, ", n, ", D, "] in k and v, got ",
+                k.sizes(), " and ", v.sizes());
+    table[s] = reinterpret_cast<int64_t>(k.data_ptr());
+    table[S + s] = reinterpret_cast<int64_t>(v.data_ptr());
+    table[2 * S + s + 1] = table[2 * S + s] + k.size(2);
+  }
+  l.full_capacity = table[3 * S];
+  l.table = at::empty({3 * S + 1}, at::TensorOptions().dtype(at::kLong).device(device));
+  const cudaError_t err = launch_write_table(l.table.data_ptr<int64_t>(), table.data(), 3 * S + 1, stream);
+  TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (segment table): ", cudaGetErrorString(err));
+  const int64_t* dt = l.table.data_ptr<int64_t>();
+  p.full_k = reinterpret_cast<const void* const*>(dt);
+  p.full_v = reinterpret_cast<const void* const*>(dt + S);
+  p.full_starts = dt + 2 * S;
+  p.full_segments = S;
+  p.full_heads = Hf;
+  p.ring_k = ring_k.data_ptr();
+  p.ring_v = ring_v.data_ptr();
+  p.ring_slots = slots;
+  p.lengths = lengths.data_ptr<int64_t>();
+  p.kv_kind = kv_kind.data_ptr<int64_t>();
+  p.kv_index = kv_index.data_ptr<int64_t>();
+  p.ring_offset = ring_offset.data_ptr<int64_t>();
+  p.ring_sinks = ring_sinks.data_ptr<int64_t>();
+  p.ring_size = ring_size.data_ptr<int64_t>();
+  p.ring_heads = Hs;
+  if (budget_table.has_value()) {
+    const int64_t Hb = budget_table->dim() == 3 ? budget_table->size(1) : -1;
+    check_table(op, *budget_table, "budget_table", {B, Hb, 4}, device);
+    TORCH_CHECK(slot_pos.has_value() && slot_mass.has_value(), op, "budget heads need slot_pos and slot_mass");
+    check_table(op, *slot_pos, "slot_pos", {B, slots}, device);
+    check_table(op, *slot_mass, "slot_mass", {B, slots}, device, at::kFloat);
+    p.budget_table = budget_table->data_ptr<int64_t>();
+    p.budget_heads = Hb;
+    p.slot_pos = slot_pos->data_ptr<int64_t>();
+    p.slot_mass = slot_mass->data_ptr<float>();
+  }
+  if (comp_table.has_value()) {
+    check_table(op, *comp_table, "comp_table", {Hs, 2}, device);
+    TORCH_CHECK(comp_k.has_value() && comp_v.has_value() && comp_n.has_value(), op,
+                "compensated heads need comp_k, comp_v and comp_n");
+    const int64_t Hc = comp_n->dim() == 2 ? comp_n->size(1) : -1;
+    check_table(op, *comp_n, "comp_n", {B, Hc}, device);
+    check_table(op, *comp_k, "comp_k", {B, Hc, D}, device, at::kDouble);
+    check_table(op, *comp_v, "comp_v", {B, Hc, D}, device, at::kDouble);
+    p.comp_table = comp_table->data_ptr<int64_t>();
+    p.comp_heads = Hc;
+    p.comp_k = comp_k->data_ptr<double>();
+    p.comp_v = comp_v->data_ptr<double>();
+    p.comp_n = comp_n->data_ptr<int64_t>();
+  }
+  return l;
+}
+
+}  // namespace
+
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
+               const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
+               const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
+               const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
+               const OptTensor& slot_mass, bool write_budget, const OptTensor& comp_table, const OptTensor& comp_k,
+               const OptTensor& comp_v, const OptTensor& comp_n) {
+  const char* op = "headops.kv_append: ";
+  const DType dtype = kv_dtype(op, k_new.scalar_type());
+  const at::Device device = k_new.device();
+  check_on(op, v_new, "v_new", device);
+  const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
+  TORCH_CHECK(B < 65536 && Hkv < (int64_t(1) << 31), op, "batch or KV heads too large for CUDA");
+  c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  DeviceLayer l = device_layer(op, k_new.scalar_type(), device, B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
+                               kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table, slot_pos,
+                               slot_mass, comp_table, comp_k, comp_v, comp_n, stream);
+  if (B == 0 || Hkv == 0 || Sq == 0 || D == 0) return;
+  const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
+  const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
+  AppendParams ap;
+  ap.k_new = k.data_ptr();
+  ap.v_new = v.data_ptr();
+  ap.k_stride_b = k.stride(0);
+  ap.k_stride_s = k.stride(1);
+  ap.k_stride_h = k.stride(2);
+  ap.v_stride_b = v.stride(0);
+  ap.v_stride_s = v.stride(1);
+  ap.v_stride_h = v.stride(2);
+  ap.seqlen = Sq;
+  ap.write_budget = write_budget;
+  ap.layer = l.p;
+  ap.layer.attn.batch = B;
+  ap.layer.attn.heads_kv = Hkv;
+  ap.layer.attn.head_dim = D;
+  const cudaError_t err = launch_append(ap, dtype, stream);
+  TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::TensorList full_v,
+                            const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
+                            const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
+                            const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,
+                            double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
+                            const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
+                            const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
+                            const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
+                            const OptTensor& slot_pos, const OptTensor& slot_mass, const OptTensor& comp_table,
+                            const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
+  const char* op = "headops.decode_attention: ";
+  const DType dtype = kv_dtype(op, q_in.scalar_type());
+  TORCH_CHECK(split_keys >= 1, op, "split_keys must be >= 1");
+  const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(D >= 1 && D <= kDecodeMaxHeadDim, op, "head dim ", D, " is not supported on CUDA (1 to ",
+              kDecodeMaxHeadDim, ")");
+  const int64_t Hkv = kv_kind.dim() == 1 ? kv_kind.size(0) : 0;
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
+  TORCH_CHECK(B < 65536 && Hkv < 65536, op, "batch or KV heads too large for CUDA");
+  const at::Device device = q_in.device();
+  c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceLayer l = device_layer(op, q_in.scalar_type(), device, B, Hkv, D, full_k, full_v, ring_k, ring_v,
+                                     lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table,
+                                     slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n, stream);
+  // key_bias is indexed by position; whether it covers the longest row is the Python layer's check
+  // (the kernel reads no bias past its last axis)
+  const int64_t bias_len = key_bias_in.has_value() && key_bias_in->dim() == 3 ? key_bias_in->size(2) : 0;
+  const Dims dims{B, Sq, bias_len, Hq, Hkv, D};
+  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale, out_bias, gate};
+  check_per_head_args(op, dims, at::kFloat, q_in, given, /*read_values=*/false);
+
+  const at::Tensor q = q_in.size(3) <= 1 || q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const OptTensor key_bias = key_bias_in.has_value() ? OptTensor(key_bias_in->contiguous()) : std::nullopt;
+  at::Tensor out = at::empty({B, Sq, Hq, D}, q.options());
+  if (out.numel() == 0) return out;
+  DecodeParams p = l.p;
+  AttentionParams& a = p.attn;
+  a.q = head_tensor(q, false);
+  a.out = head_tensor(out, false);
+  fill_params(a, dims, causal, default_scale,
+              PerHeadArgs{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate});
+  p.split_keys = split_keys;
+  // splits from capacities (no lengths read): the longest walk a full head or a streaming head can have
+  const int64_t longest_walk = std::max(l.full_capacity, p.ring_slots);
+  const int64_t splits = std::max<int64_t>(1, longest_walk / split_keys + (longest_walk % split_keys != 0));
+  TORCH_CHECK(splits < (int64_t(1) << 31), op, "too many key splits for CUDA (raise split_keys)");
+  const int64_t smem = decode_smem_bytes(D);
+  TORCH_CHECK(smem <= static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin), op,
+              "head dim ", D, " needs more shared memory than this GPU offers");
+  const int64_t R = (Hq / Hkv) * Sq;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor part_ms = at::empty({B * Hkv * splits * R * 4}, f32);
+  at::Tensor part_acc = at::empty({B * Hkv * splits * R * 2 * D}, f32);
+  const cudaError_t err =
+      launch_decode(p, dtype, splits, part_ms.data_ptr<float>(), part_acc.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace headops::cuda
+
+#endif  // HEADOPS_WITH_CUDA

@@ -1,0 +1,66 @@
+// The CUDA kernels of the head-sparse KV cache (kv_append, decode_attention): launch
+// declarations and the sizes the host and the kernels share.
+//
+// Plain header: no torch/ATen. Included by decode_kernel.cu / append_kernel.cu (nvcc) and by
+// kv_cache_cuda.cpp (the host compiler).
+//
+// NOTHING IN THIS DIRECTORY HAS RUN ON A GPU YET: it is compiled on a machine without one.
+// tests/test_kvcache_cuda.py and bench/gpu_suite.sh are the checks to run on the first GPU.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../../attention/cuda/forward_kernel.cuh"  // DType
+#include "../decode_params.h"
+
+namespace headops {
+namespace cuda {
+
+// Decode: one CTA per (key split, KV head, batch row); kDecodeWarps warps of which each holds
+// kDecodeRowsPerWarp query rows (of the G * Sq rows of the GQA group) at a time; key tiles of
+// kDecodeTile keys (one per lane for the scores). A group with more rows than
+// kDecodeWarps * kDecodeRowsPerWarp walks its keys once per chunk of rows.
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = 32 * kDecodeWarps;
+constexpr int kDecodeRowsPerWarp = 4;
+constexpr int kDecodeRowsPerPass = kDecodeWarps * kDecodeRowsPerWarp;
+constexpr int kDecodeTile = 32;
+constexpr int kDecodeMaxHeadDim = 256;
+
+// Dynamic shared memory of one decode CTA for head dim D (bytes).
+int64_t decode_smem_bytes(int64_t head_dim);
+
+// The full segments' table on the device, int64 [3 * S + 1]: the S key pointers, the S value
+// pointers, then the S + 1 segment starts (positions). Written by launch_write_table from values
+// passed by value in kernel parameters (no host memory is read at replay: graph-capturable).
+constexpr int kTableChunk = 256;
+struct TableChunk {
+  int64_t values[kTableChunk];
+};
+cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t count, cudaStream_t stream);
+
+// p: DecodeParams with device pointers (full_k / full_v / full_starts point into the device
+// table above). Scratch: part_ms float [B, Hkv, splits, G * Sq, 2 branches, 2 (max, sum)] and
+// part_acc float [same, D]. Writes p.attn.out (and adds budget heads' attention mass).
+cudaError_t launch_decode(const DecodeParams& p, DType dtype, int64_t splits, float* part_ms, float* part_acc,
+                          cudaStream_t stream);
+
+// Append: new keys/values [B, Sq, Hkv, D] (element strides, contiguous last dim) written into
+// the layer's storages (DecodeParams' storage fields; its attn is unused but for batch, heads_kv
+// and head_dim), folding evicted tokens into compensation sums and choosing budget slots on the
+// device. The storages' pointers are written through const casts.
+struct AppendParams {
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int64_t k_stride_b = 0, k_stride_s = 0, k_stride_h = 0;
+  int64_t v_stride_b = 0, v_stride_s = 0, v_stride_h = 0;
+  int64_t seqlen = 0;  // new tokens per row
+  bool write_budget = true;
+  DecodeParams layer;
+};
+cudaError_t launch_append(const AppendParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace headops
