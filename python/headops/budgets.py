@@ -93,6 +93,11 @@ def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = Tru
 
     from .probes import run_probe
 
+    device = q_obs.device
+    if device.type != "cpu":  # the probe kernel is CPU only: a CUDA prompt is scored on CPU copies (prefill only)
+        q_obs, k, v = q_obs.cpu(), k.cpu(), v.cpu()
+        args = args._replace(**{name: getattr(args, name).cpu() for name in args._fields[1:]
+                                if isinstance(getattr(args, name), torch.Tensor)})
     Hq, Hkv, n = q_obs.shape[2], k.shape[2], k.shape[1]
     wanted = torch.zeros(Hq, dtype=torch.float64)
     for h in (range(Hkv) if heads is None else heads):
@@ -107,7 +112,7 @@ def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = Tru
     mass = stats.key_mass[0]  # [Hq, n]
     if pool_kernel is not None and pool_kernel > 1:
         mass = F.max_pool1d(mass.unsqueeze(0), pool_kernel, stride=1, padding=pool_kernel // 2).squeeze(0)
-    return mass.view(Hkv, group, n).sum(dim=1)
+    return mass.view(Hkv, group, n).sum(dim=1).to(device)
 
 
 def choose(scores: torch.Tensor, budgets, sinks, recent: int, *, allocation: str, alpha: float):

@@ -171,8 +171,9 @@ class HeadSparseCache(_CacheBase):
                 device = torch.device(device)
             except (RuntimeError, TypeError, ValueError):
                 raise fail(CALLER, "device", "a torch.device or a device string", repr(device)) from None
-            if device.type != "cpu":
-                raise ValueError(f"{CALLER}: device {device} is not supported yet (CPU only in this build)")
+            _check_device(CALLER, "device", device)
+            if device.type == "cuda" and device.index is None:  # "cuda": the current device (tensors carry an index)
+                device = torch.device("cuda", torch.cuda.current_device())
         if not is_int(budget_recent) or budget_recent < 0:
             raise fail(CALLER, "budget_recent", "an int >= 0", budget_recent)
         L, Hq, Hkv, D = layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim
@@ -291,9 +292,8 @@ class HeadSparseCache(_CacheBase):
             return self._batch_size, self.dtype, self.device
         if self.dtype is None:
             check_float_dtype(caller, name, t)
-        if self.device is None and t.device.type != "cpu":
-            raise ValueError(f"{caller}: {name} is on device {t.device}, which the cache does not support yet (CPU "
-                             "only in this build)")
+        if self.device is None:
+            _check_device(caller, name, t.device)
         return (t.shape[0] if self._batch_size is None else self._batch_size, self.dtype or t.dtype,
                 self.device or t.device)
 
@@ -537,6 +537,17 @@ class HeadSparseCache(_CacheBase):
                                                   st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
                                                   st.ring_size, causal, *args.kernel_args(q.dtype), self.split_keys,
                                                   *st.budget_args(), *st.comp_args()), stats
+
+
+def _check_device(caller, name, device: torch.device) -> None:
+    """The CPU, or a CUDA device when the build has the CUDA kernels (csrc/kvcache/cuda/; written and
+    compiled, not yet run on a GPU)."""
+    from . import _C
+
+    if device.type == "cpu" or (device.type == "cuda" and getattr(_C, "cuda_compiled", False)):
+        return
+    where = "CPU and CUDA" if getattr(_C, "cuda_compiled", False) else "CPU only in this build"
+    raise ValueError(f"{caller}: {name} is on device {device}, which the cache does not support ({where})")
 
 
 def _lengths(caller, lengths) -> list:
