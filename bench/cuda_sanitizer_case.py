@@ -43,6 +43,32 @@ def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, grad=False,
     return out
 
 
+def cache_case():
+    """A HeadSparseCache on the device (csrc/kvcache/cuda/: kv_append, decode_attention): full,
+    streaming (compensated, wrapping rings) and budget KV heads, GQA, split-K, per-head
+    arguments with a head gated off, steps of one and two tokens. Returns the non-finite steps."""
+    bad = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        for D in (64, 40):
+            g = torch.Generator().manual_seed(D)
+            B, Hq, Hkv, S = 2, 8, 4, 150
+            cache = headops.HeadSparseCache(
+                num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=B, dtype=dtype,
+                device=DEVICE, kinds=["full", "streaming", "budget", "streaming"],
+                window=[-1, 40, 7, 7, -1, -1, 5, 3], sinks=[0, 2, 1, 2, 0, 0, 0, 4], budget=[None, None, 20, None],
+                compensation=[None, "weighted", None, None], budget_recent=3, max_step=2, split_keys=64)
+            kw = dict(gate=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 0.0]).to(DEVICE),
+                      sink_logit=torch.randn(Hq, generator=g).to(DEVICE))
+            new = lambda n, H: torch.randn(B, n, H, D, generator=g).to(dtype).to(DEVICE)
+            outs = [cache.attention(0, new(S, Hq), new(S, Hkv), new(S, Hkv), **kw)]
+            for n in (1, 2, 1, 2, 2, 1):
+                outs.append(cache.attention(0, new(n, Hq), new(n, Hkv), new(n, Hkv), **kw))
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            bad += sum(int(not torch.isfinite(o).all()) for o in outs)
+    return bad
+
+
 def main():
     bad = 0
     H = 4
@@ -82,6 +108,7 @@ def main():
             ]
             bad += sum(int(not torch.isfinite(t).all()) for t in grads)
     case(1, 5, 0, H, 1, 64, torch.float32, grad=True)
+    bad += cache_case()
     print("non-finite outputs:", bad)
     sys.exit(1 if bad else 0)
 

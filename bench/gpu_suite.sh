@@ -39,18 +39,19 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     echo "BUILD FAILED (last lines of $OUT/build.log):"; tail -40 "$OUT/build.log"; failed=$((failed + 1))
   fi
   # registers and spills of the CUDA kernels (ptxas), and HMMA in the SASS
-  obj=$(find build -name forward_kernel.o | head -1)
-  if [ -n "$obj" ]; then
-    cuobjdump -res-usage "$obj" 2>/dev/null | grep -E "Function|REG" | paste - - | sed 's/_ZN7headops[^ ]*forward_kernel_cu_[0-9a-f]*//' | head -20
+  # (the forward kernel, then the KV cache's decode and append kernels)
+  for obj in $(find build -name forward_kernel.o | head -1) $(find build -path "*kvcache*" -name "*_kernel.o"); do
+    echo "$obj:"
+    cuobjdump -res-usage "$obj" 2>/dev/null | grep -E "Function|REG" | paste - - | sed 's/_ZN7headops[^ ]*_kernel_cu_[0-9a-f]*//' | head -20
     echo "HMMA instructions in SASS: $(cuobjdump -sass "$obj" 2>/dev/null | grep -c HMMA)"
-  fi
+  done
 fi
 "$PY" -c "import headops; assert headops._C.cuda_compiled, 'extension built without CUDA'; print('headops CUDA build ok')" \
   || { echo "headops import failed"; failed=$((failed + 1)); }
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  step "tests/test_attention_cuda.py"
-  "$PY" -m pytest tests/test_attention_cuda.py -q -rf --maxfail=25 -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" 2>&1 \
+  step "tests/test_attention_cuda.py tests/test_kvcache_cuda.py"
+  "$PY" -m pytest tests/test_attention_cuda.py tests/test_kvcache_cuda.py -q -rf --maxfail=25 -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" 2>&1 \
     | tee "$OUT/test_cuda.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 fi

@@ -1,0 +1,299 @@
+"""headops.HeadSparseCache on CUDA tensors (csrc/kvcache/cuda/: kv_append and decode_attention)
+against the same cache on the CPU.
+
+Each case builds the same cache twice, on the device under test and on the CPU, feeds both the
+same rounded inputs (a prompt, then decode steps of one or several tokens) and compares every
+step's output and the state the kernels write: what each head keeps (streaming rings, budget
+heads' slot positions and attention masses) and the compensation sums. The CPU op is itself
+tested against headops.attention over the whole sequence (tests/test_kvcache.py), so agreement
+with it is agreement with the contract. Full, streaming, budget and compensated heads, GQA
+(groups larger than the kernel's 16-row chunk too), split-K over long full heads, every
+per-head argument, heads gated off, head dims that are not a multiple of 32, float32, bfloat16
+and float16.
+
+Skipped without a GPU. HEADOPS_TEST_CUDA_DEVICE=cpu runs the file on the CPU kernels (a dry run
+of the tests themselves); the GPU-specific tests (CUDA graph capture, no synchronisation) then
+skip. NOTE: written before any GPU run; the first run is bench/gpu_suite.sh.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import headops
+
+CUDA = os.environ.get("HEADOPS_TEST_CUDA_DEVICE", "cuda")
+DRY_RUN = CUDA == "cpu"
+pytestmark = pytest.mark.skipif(
+    not DRY_RUN and (not torch.cuda.is_available() or not getattr(headops._C, "cuda_compiled", False)),
+    reason="needs a CUDA GPU and a build with the CUDA kernels")
+gpu_only = pytest.mark.skipif(DRY_RUN, reason="GPU-specific (dry run on the CPU)")
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# device output against the CPU op on the same rounded inputs (both accumulate in float32)
+TOL = {F32: (2e-5, 2e-5), BF16: (2e-2, 2e-2), F16: (3e-3, 3e-3)}
+
+
+def synchronize():
+    if not DRY_RUN:
+        torch.cuda.synchronize()
+
+
+def make_pair(**kw):
+    """The same cache on the device under test and on the CPU."""
+    return (headops.HeadSparseCache(device=CUDA, **kw), headops.HeadSparseCache(device="cpu", **kw))
+
+
+def draw(shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def per_head(names, B, Hq, D, N, g, *, gate_zero=None):
+    """Per-head arguments (float32 on the CPU): softmax_scale, sink_logit, out_scale, out_bias,
+    gate (head `gate_zero` gated off exactly), key_bias over N positions."""
+    out = {}
+    if "softmax_scale" in names:
+        out["softmax_scale"] = 0.05 + torch.rand(B, Hq, generator=g, dtype=torch.float64).float() * 0.3
+    if "sink_logit" in names:
+        out["sink_logit"] = draw((Hq,), F32, g)
+    if "out_scale" in names:
+        out["out_scale"] = draw((Hq, D), F32, g)
+    if "out_bias" in names:
+        out["out_bias"] = draw((B, Hq, D), F32, g)
+    if "gate" in names:
+        gate = torch.rand(B, Hq, generator=g, dtype=torch.float64).float() + 0.5
+        if gate_zero is not None:
+            gate[:, gate_zero] = 0.0
+        out["gate"] = gate
+    if "key_bias" in names:
+        out["key_bias"] = draw((B, Hq, N), F32, g, 0.5)
+    return out
+
+
+def state(cache, layer=0):
+    """What the kernels wrote: per (row, KV head) the kept positions, keys and values, and the
+    budget heads' masses and the compensation sums (on the CPU)."""
+    st = cache._layers[layer]
+    out = {}
+    for b in range(len(st.held)):
+        for h in range(cache.num_kv_heads):
+            pos, k, v = st.kept_kv(b, h)
+            out[(b, h)] = (pos.cpu(), k.cpu(), v.cpu())
+    if st.slot_pos is not None:
+        out["slot_pos"] = st.slot_pos.cpu()
+        out["slot_mass"] = st.slot_mass.cpu()
+    if st.comp_k is not None:
+        out["comp"] = (st.comp_k.cpu(), st.comp_v.cpu(), st.comp_n.cpu())
+    return out
+
+
+def run_pair(cache_kw, *, B, Hq, Hkv, D, S, steps, dtype, names=(), gate_zero=None, seed=0, alpha=None,
+             compare_state=True):
+    g = torch.Generator().manual_seed(seed)
+    N = S + sum(steps)
+    q, k, v = (draw((B, N, H, D), dtype, g) for H in (Hq, Hkv, Hkv))
+    args = per_head(names, B, Hq, D, N, g, gate_zero=gate_zero)
+    if alpha is not None:
+        args["alpha"] = alpha
+    dev, cpu = make_pair(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=B, dtype=dtype,
+                         **cache_kw)
+    p = 0
+    atol, rtol = TOL[dtype]
+    for n in [S] + list(steps):
+        kw = dict(args)
+        if "key_bias" in kw:
+            kw["key_bias"] = kw["key_bias"][..., :p + n]
+        sl = slice(p, p + n)
+        want = cpu.attention(0, q[:, sl], k[:, sl], v[:, sl], **kw)
+        got = dev.attention(0, q[:, sl].to(CUDA), k[:, sl].to(CUDA), v[:, sl].to(CUDA),
+                            **{name: t.to(CUDA) for name, t in kw.items()})
+        synchronize()
+        assert got.device.type == torch.device(CUDA).type and got.dtype == dtype
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"step at position {p} ({n} tokens): {m}")
+        p += n
+    if compare_state:
+        got, want = state(dev), state(cpu)
+        assert got.keys() == want.keys()
+        for key in want:
+            if key == "slot_mass":
+                torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+            elif key == "comp":
+                for x, y in zip(got[key], want[key]):  # the same float64 sums, in the same order
+                    assert torch.equal(x, y)
+            else:
+                for x, y in zip(got[key], want[key]):
+                    assert torch.equal(x, y), key
+    return dev, cpu
+
+
+DTYPES = [F32, BF16, F16]
+ALL = ("softmax_scale", "sink_logit", "out_scale", "out_bias", "gate", "key_bias")
+
+
+# ---------------------------------------------------------------------------------- full heads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 40, 64, 128])
+def test_full_heads_gqa(dtype, D):
+    run_pair(dict(kinds="full", max_step=4), B=2, Hq=8, Hkv=2, D=D, S=37, steps=[1, 3, 1, 4], dtype=dtype,
+             names=ALL, gate_zero=3, seed=D)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_full_heads_split_keys_and_windows(dtype):
+    """Long full heads split into ranges of split_keys (several CTAs and a merge), query heads
+    with windows and sinks on full KV heads (the walk is the group's union), alpha mixing."""
+    B, Hq, Hkv, D = 2, 6, 3, 64
+    window = [-1, 30, 5, -1, 70, 1]
+    sinks = [0, 4, 2, 0, 0, 3]
+    alpha = torch.tensor([0.0, 0.25, 1.0, 0.5, 0.75, 0.3])
+    run_pair(dict(kinds="full", window=window, sinks=sinks, max_step=3, split_keys=48), B=B, Hq=Hq, Hkv=Hkv, D=D,
+             S=300, steps=[1, 2, 3, 1], dtype=dtype, names=ALL, alpha=alpha)
+
+
+def test_full_heads_head_dim_256():
+    """The largest head dim: 8 accumulators per lane, shared memory past 48 KiB (opted in)."""
+    run_pair(dict(kinds="full", max_step=2, split_keys=64), B=1, Hq=4, Hkv=1, D=256, S=150, steps=[1, 2],
+             dtype=F32, names=("softmax_scale", "out_bias"))
+
+
+def test_large_gqa_group_walks_rows_in_chunks():
+    """32 query heads on one KV head and 3 new tokens: 96 rows, six chunks of 16."""
+    run_pair(dict(kinds="full", max_step=3, split_keys=64), B=1, Hq=32, Hkv=1, D=32, S=90, steps=[3, 1, 3],
+             dtype=F32, names=ALL, gate_zero=5)
+
+
+def test_whole_group_gated_off():
+    gate = torch.ones(2, 4)
+    gate[:, :2] = 0.0  # KV head 0's whole group
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, S = 2, 4, 2, 16, 20
+    q, k, v = (draw((B, S + 2, H, D), F32, g) for H in (Hq, Hkv, Hkv))
+    dev, cpu = make_pair(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=B, dtype=F32)
+    for c in (dev, cpu):
+        c.attention(0, q[:, :S].to(c.device), k[:, :S].to(c.device), v[:, :S].to(c.device))
+    want = cpu.attention(0, q[:, S:], k[:, S:], v[:, S:], gate=gate)
+    got = dev.attention(0, q[:, S:].to(CUDA), k[:, S:].to(CUDA), v[:, S:].to(CUDA), gate=gate.to(CUDA))
+    assert torch.equal(got[:, :, :2].cpu(), torch.zeros_like(got[:, :, :2].cpu()))
+    torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- streaming heads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compensation", [None, "weighted", "unweighted"])
+def test_streaming_and_full_heads_with_wrapping_rings(dtype, compensation):
+    """Two full and two streaming KV heads (GQA 2), rings that wrap many times, sinks, steps of
+    several tokens, compensation of what the rings evict."""
+    Hkv, G = 4, 2
+    kinds = ["full", "streaming", "full", "streaming"]
+    window = [-1, -1, 6, 6, -1, 3, 5, 2]
+    sinks = [0, 0, 2, 1, 0, 0, 3, 1]
+    comp = [None, compensation, None, compensation]
+    run_pair(dict(kinds=kinds, window=window, sinks=sinks, compensation=comp, max_step=3, split_keys=16),
+             B=2, Hq=Hkv * G, Hkv=Hkv, D=24, S=29, steps=[1, 3, 2, 1, 3, 3, 1, 2, 1], dtype=dtype,
+             names=("softmax_scale", "sink_logit", "out_scale", "gate", "key_bias"), gate_zero=7, seed=11)
+
+
+def test_long_prompt_into_short_ring():
+    """A prompt longer than the ring: kv_append skips what the ring would overwrite within the
+    call and folds it straight from the input into the compensation."""
+    run_pair(dict(kinds="streaming", window=8, sinks=2, compensation="weighted", max_step=2), B=2, Hq=2, Hkv=1,
+             D=16, S=100, steps=[2, 1, 2], dtype=F32, names=("sink_logit",))
+
+
+# -------------------------------------------------------------------------------- budget heads
+
+
+@pytest.mark.parametrize("Sq", [1, 2])
+def test_budget_heads(Sq):
+    """Budget heads beside a full and a streaming one: eviction of the least attended token
+    (kv_append on the device) after each step's attention mass (decode on the device)."""
+    kinds = ["budget", "full", "streaming", "budget"]
+    run_pair(dict(kinds=kinds, window=[-1, -1, -1, -1, 6, 6, -1, -1], sinks=[0, 1, 0, 0, 2, 0, 1, 0],
+                  budget=[12, None, None, 10], budget_recent=3, max_step=2, split_keys=8),
+             B=2, Hq=8, Hkv=4, D=16, S=30, steps=[Sq] * 8, dtype=F32,
+             names=("softmax_scale", "sink_logit", "gate"), seed=5 + Sq)
+
+
+def test_budget_heads_bfloat16_outputs():
+    run_pair(dict(kinds="budget", budget=16, budget_recent=2, max_step=1), B=1, Hq=4, Hkv=2, D=64, S=40,
+             steps=[1] * 6, dtype=BF16, compare_state=False)
+
+
+# -------------------------------------------------------------------------- the raw ops, graphs
+
+
+def decode_args(cache, q, layer=0):
+    st = cache._layers[layer]
+    D = cache.head_dim
+    return (q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
+            st.ring_sinks, st.ring_size, True, 1.0 / math.sqrt(D), None, st.windows.expand(q.shape[0], -1),
+            st.sinks.expand(q.shape[0], -1), None, None, None, None, None, None, cache.split_keys,
+            *st.budget_args(), *st.comp_args())
+
+
+def filled_cache(B=2, Hq=4, Hkv=2, D=32, S=70, dtype=F32):
+    g = torch.Generator().manual_seed(7)
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=B,
+                                    dtype=dtype, device=CUDA, kinds=["full", "streaming"], window=[-1, -1, 9, 9],
+                                    sinks=[0, 0, 2, 2], compensation=[None, "weighted"], max_step=2,
+                                    split_keys=32)
+    q, k, v = (draw((B, S, H, D), dtype, g).to(CUDA) for H in (Hq, Hkv, Hkv))
+    cache.attention(0, q, k, v)
+    cache.attention(0, q[:, :1], k[:, :1], v[:, :1])
+    return cache, draw((B, 1, Hq, D), dtype, g).to(CUDA)
+
+
+def test_float64_is_refused_on_cuda_or_computed_on_cpu():
+    cache, q = filled_cache()
+    if DRY_RUN:
+        return
+    with pytest.raises(RuntimeError, match="float64 is CPU only"):
+        torch.ops.headops.decode_attention(*decode_args(cache, q.double()))
+
+
+@gpu_only
+def test_decode_step_is_capturable_in_a_cuda_graph():
+    cache, q = filled_cache()
+    args = decode_args(cache, q)
+    eager = torch.ops.headops.decode_attention(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.headops.decode_attention(*args)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.headops.decode_attention(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)
+    q.copy_(torch.randn_like(q))  # a replay reads the new query
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, torch.ops.headops.decode_attention(*args), atol=0, rtol=0)
+
+
+@gpu_only
+def test_decode_step_does_not_synchronise():
+    """A whole cache decode step (append, ring growth, decode) with a gate on the device under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host synchronisation raises."""
+    cache, q = filled_cache()
+    g = torch.Generator().manual_seed(1)
+    k, v = (draw((2, 1, 2, 32), F32, g).to(CUDA) for _ in range(2))
+    gate = torch.ones(2, 4, device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cache.attention(0, q, k, v, gate=gate)
+        out = cache.attention(0, q, k, v)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
