@@ -15,6 +15,7 @@
 #include "kvcache/kv_ops.h"
 #ifdef HEADOPS_WITH_CUDA
 #include "attention/cuda/attention_fwd_cuda.h"
+#include "attention/cuda/forward_kernel.cuh"
 #endif
 
 TORCH_LIBRARY(headops, m) {
@@ -178,6 +179,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "'tensor_core' or 'generic': the CUDA forward kernel these inputs run (HEADOPS_CUDA_KERNEL=generic forces "
       "the generic one)");
+  m.def(
+      "cuda_forward_choice",
+      [](const std::string& dtype, int64_t head_dim, bool alpha, bool rows_aligned, int64_t major,
+         int64_t smem_optin) {
+        namespace hc = headops::cuda;
+        const hc::DType t = dtype == "bfloat16" ? hc::DType::kBFloat16
+                            : dtype == "float16" ? hc::DType::kFloat16
+                                                 : hc::DType::kFloat32;
+        TORCH_CHECK(dtype == "bfloat16" || dtype == "float16" || dtype == "float32",
+                    "cuda_forward_choice: dtype must be 'float32', 'bfloat16' or 'float16'");
+        return std::string(hc::tensor_core_choice(t, head_dim, alpha, rows_aligned, static_cast<int>(major),
+                                                  smem_optin, false) ? "tensor_core" : "generic");
+      },
+      "test hook: the forward kernel the host picks for (dtype, head dim, alpha, 16-byte aligned rows, compute "
+      "capability major, opt-in shared memory per block) -- a pure function, no GPU needed");
 #else
   m.attr("cuda_compiled") = false;
 #endif

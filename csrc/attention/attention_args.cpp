@@ -39,33 +39,38 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
-                  const at::Tensor& q) {
+                  const at::Tensor& q, bool host_ok) {
   TORCH_CHECK(t.defined(), op, name, " is an undefined tensor");
-  TORCH_CHECK(t.device() == q.device(), op, name, " must be on ", q.device(), ", got ", t.device());
+  const bool host_beside_cuda = host_ok && q.is_cuda() && t.is_cpu();
+  TORCH_CHECK(t.device() == q.device() || host_beside_cuda, op, name, " must be on ", q.device(),
+              host_ok && q.is_cuda() ? " or on the CPU" : "", ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, op, name, " must have dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, op, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 void check_per_head_args(const char* op, const Dims& d, at::ScalarType acc, const at::Tensor& q,
-                         const PerHeadArgs& a, bool read_values) {
-  auto check = [&](const OptTensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
-    if (t.has_value()) check_tensor(op, *t, name, dtype, shape, q);
+                         const PerHeadArgs& a, ValueChecks values, bool host_planning) {
+  auto check = [&](const OptTensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                   bool host_ok = false) {
+    if (t.has_value()) check_tensor(op, *t, name, dtype, shape, q, host_ok && host_planning);
   };
   check(a.softmax_scale, "softmax_scale", acc, {d.B, d.Hq});
-  check(a.window, "window", at::kLong, {d.B, d.Hq});
-  check(a.sinks, "sinks", at::kLong, {d.B, d.Hq});
-  check(a.alpha, "alpha", acc, {d.B, d.Hq});
+  check(a.window, "window", at::kLong, {d.B, d.Hq}, true);
+  check(a.sinks, "sinks", at::kLong, {d.B, d.Hq}, true);
+  check(a.alpha, "alpha", acc, {d.B, d.Hq}, true);
   check(a.sink_logit, "sink_logit", acc, {d.B, d.Hq});
-  check(a.gate, "gate", acc, {d.B, d.Hq});
+  check(a.gate, "gate", acc, {d.B, d.Hq}, true);
   check(a.key_bias, "key_bias", acc, {d.B, d.Hq, d.Sk});
   check(a.out_scale, "out_scale", acc, {d.B, d.Hq, d.D});
   check(a.out_bias, "out_bias", acc, {d.B, d.Hq, d.D});
-  if (!read_values) return;
-  if (a.window.has_value() && a.window->numel() > 0)
+  auto read = [&](const OptTensor& t) {
+    return t.has_value() && t->numel() > 0 &&
+           (values == ValueChecks::kAll || (values == ValueChecks::kHostOnly && t->is_cpu()));
+  };
+  if (read(a.window))
     TORCH_CHECK(!(*a.window == 0).any().item<bool>(), op, "window must be >= 1 (or < 0 for unlimited), got 0");
-  if (a.sinks.has_value() && a.sinks->numel() > 0)
-    TORCH_CHECK(!(*a.sinks < 0).any().item<bool>(), op, "sinks must be >= 0");
-  if (a.alpha.has_value() && a.alpha->numel() > 0)
+  if (read(a.sinks)) TORCH_CHECK(!(*a.sinks < 0).any().item<bool>(), op, "sinks must be >= 0");
+  if (read(a.alpha))
     TORCH_CHECK(((*a.alpha >= 0) & (*a.alpha <= 1)).all().item<bool>(), op, "alpha must lie in [0, 1]");
 }
 

@@ -34,15 +34,27 @@ struct PerHeadArgs {
 Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool heads_first,
                bool cuda_ok = false);
 
-// dtype, shape ([B, Hq], [B, Hq, Sk] or [B, Hq, D]), device and values (window != 0,
-// sinks >= 0, alpha in [0, 1]) of every per-head argument present. read_values = false skips
-// the values (the CUDA decode: reading them would synchronise with the device; the Python
-// layer checked them).
+// Which per-head values check_per_head_args reads (window != 0, sinks >= 0, alpha in [0, 1]).
+enum class ValueChecks {
+  kAll,       // every tensor given (a CUDA tensor's values are read with a device-to-host sync)
+  kHostOnly,  // CPU tensors only (the CUDA forward: it checks the copies it reads to plan its work)
+  kNone,      // none (the CUDA decode: the Python layer checked them from its host mirror)
+};
+
+// dtype, shape ([B, Hq], [B, Hq, Sk] or [B, Hq, D]), device and values (see ValueChecks) of
+// every per-head argument present. Every tensor is on q's device, except that with
+// `host_planning` (the CUDA forward) window, sinks, gate and alpha may be CPU tensors beside
+// CUDA q, k, v: the host plans the work list from them without a device-to-host copy.
 void check_per_head_args(const char* op, const Dims& dims, at::ScalarType acc, const at::Tensor& q,
-                         const PerHeadArgs& args, bool read_values = true);
+                         const PerHeadArgs& args, ValueChecks values = ValueChecks::kAll, bool host_planning = false);
 
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
-                  const at::Tensor& q);
+                  const at::Tensor& q, bool host_ok = false);
+
+// Whether a planning argument (window, sinks, gate, alpha) given with CUDA q lives on the host.
+inline bool on_host_beside_cuda(const OptTensor& t, const at::Tensor& q) {
+  return t.has_value() && q.is_cuda() && t->is_cpu();
+}
 
 // BLAS and brgemm read a row block with one leading dimension: a tensor whose rows overlap
 // (a stride below D), whose last dim is not contiguous or whose row stride passes 32 bits is

@@ -36,7 +36,9 @@ std::vector<at::Tensor> attention_bwd(
   const auto dtype = q_in.scalar_type();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale_in, out_bias_in, gate};
-  check_per_head_args(op, d, acc, q_in, given);
+  // the forward's planning arguments may be CPU tensors beside CUDA q (saved as given): checked as
+  // they are, then copied to the device for the kernel (a small copy; the backward is not sync-free)
+  check_per_head_args(op, d, acc, q_in, given, ValueChecks::kAll, /*host_planning=*/true);
   TORCH_CHECK(static_cast<int64_t>(needs_grad.size()) == kNumBackwardGrads, op, "needs_grad must have ",
               int(kNumBackwardGrads), " entries (one per name of attention_grad_inputs()), got ", needs_grad.size());
   TORCH_CHECK(dout_in.sizes() == q_in.sizes(), op, "dout must have the output's shape ", q_in.sizes(), ", got ",
@@ -66,7 +68,13 @@ std::vector<at::Tensor> attention_bwd(
   const OptTensor dlse = dlse_in.has_value() ? OptTensor(dlse_in->to(acc).contiguous()) : std::nullopt;
   const OptTensor key_bias = contiguous_or_none(key_bias_in);
   const OptTensor out_scale = contiguous_or_none(out_scale_in), out_bias = contiguous_or_none(out_bias_in);
-  const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
+  auto on_q_device = [&](const OptTensor& t) -> OptTensor {
+    if (!t.has_value() || t->device() == q_in.device()) return t;
+    return t->to(q_in.device());
+  };
+  const OptTensor window_d = on_q_device(window), sinks_d = on_q_device(sinks), alpha_d = on_q_device(alpha),
+                  gate_d = on_q_device(gate);
+  const PerHeadArgs args{softmax_scale, window_d, sinks_d, alpha_d, key_bias, sink_logit, out_scale, out_bias, gate_d};
 
   const auto options = q.options().dtype(acc);
   auto zeros_if = [&](bool wanted, at::IntArrayRef shape) {

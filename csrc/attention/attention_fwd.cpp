@@ -17,7 +17,10 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q_in, const at::Te
   call.d = check_qkv(op, q_in, k_in, v_in, heads_first, /*cuda_ok=*/true);
   const Dims& d = call.d;
   call.acc = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_per_head_args(op, d, call.acc, q_in, args);
+  // CUDA: window, sinks, gate and alpha may be CPU tensors (read without a sync to plan the work);
+  // the CUDA host code checks the values of those it reads (a device tensor's with one copy)
+  check_per_head_args(op, d, call.acc, q_in, args, q_in.is_cuda() ? ValueChecks::kHostOnly : ValueChecks::kAll,
+                      /*host_planning=*/true);
   call.q = rows_addressable(q_in, heads_first);
   call.k = rows_addressable(k_in, heads_first);
   call.v = rows_addressable(v_in, heads_first);

@@ -47,20 +47,35 @@ bool force_generic() {
 }
 
 bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
-  if (force_generic() || !tensor_core_supported(dtype_of(dtype), p.head_dim)) return false;
-  if (!rows_16_byte_aligned(p.q, p.batch, p.seqlen_q, p.heads_q) ||
-      !rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) ||
-      !rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv))
-    return false;
+  const bool aligned = rows_16_byte_aligned(p.q, p.batch, p.seqlen_q, p.heads_q) &&
+                       rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) &&
+                       rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv);
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
-  if (device->major < 8) return false;  // cp.async and bf16 mma.sync: sm_80 and newer (the kernel traps below)
-  const int64_t optin = static_cast<int64_t>(device->sharedMemPerBlockOptin);
-  return tensor_core_smem_bytes(p.head_dim, p.alpha.present()) <= optin;
+  return tensor_core_choice(dtype_of(dtype), p.head_dim, p.alpha.present(), aligned, device->major,
+                            static_cast<int64_t>(device->sharedMemPerBlockOptin), force_generic());
 }
 
-// A per-head tensor read on the host ([B, Hq], contiguous copy), or absent.
+// Where the work list goes up: "pinned" (a pinned buffer copied with non_blocking, the default
+// outside CUDA-graph capture) or "kernel" (kernels whose parameters carry the words: nothing is
+// read from host memory when a captured graph replays). HEADOPS_CUDA_UPLOAD=kernel forces the
+// second outside capture too (tests: the path a graph takes, run eagerly).
+bool upload_by_kernel(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  TORCH_CHECK(err == cudaSuccess, "headops.attention_fwd: cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
+  if (status != cudaStreamCaptureStatusNone) return true;
+  const char* v = std::getenv("HEADOPS_CUDA_UPLOAD");
+  return v != nullptr && std::strcmp(v, "kernel") == 0;
+}
+
+// A planning argument (gate, window, sinks, alpha) as the host reads it, [B, Hq] contiguous:
+// a CPU tensor as given (no copy from the device: no sync), a CUDA tensor copied to the host
+// (a small copy that waits for the stream). `upload`: the CPU tensor's values must reach the
+// kernel, in the uploaded table (the kernel reads p's pointer otherwise).
 struct HostPerHead {
   at::Tensor t;
+  bool upload = false;
+  int64_t word_offset = 0;  // where its values start in the uploaded table (32-bit words)
   PerHead view(int64_t Hq) const {
     PerHead h;
     if (t.defined()) {
@@ -70,12 +85,25 @@ struct HostPerHead {
     }
     return h;
   }
+  int64_t words() const { return upload ? t.numel() * static_cast<int64_t>(t.element_size()) / 4 : 0; }
 };
 
 HostPerHead to_host(const std::optional<at::Tensor>& t) {
   HostPerHead h;
-  if (t.has_value()) h.t = t->to(at::kCPU).contiguous();
+  if (!t.has_value()) return h;
+  h.upload = t->is_cpu();
+  h.t = h.upload ? t->contiguous() : t->to(at::kCPU).contiguous();
   return h;
+}
+
+// The rules of the planning values the host reads (check_per_head_args reads only CPU tensors'
+// values for a CUDA call, so a device tensor is checked here, on the copy it took anyway).
+void check_planning_values(const char* op, const HostPerHead& w, const HostPerHead& s, const HostPerHead& a) {
+  if (w.t.defined() && w.t.numel() > 0)
+    TORCH_CHECK(!(w.t == 0).any().item<bool>(), op, "window must be >= 1 (or < 0 for unlimited), got 0");
+  if (s.t.defined() && s.t.numel() > 0) TORCH_CHECK(!(s.t < 0).any().item<bool>(), op, "sinks must be >= 0");
+  if (a.t.defined() && a.t.numel() > 0)
+    TORCH_CHECK(((a.t >= 0) & (a.t <= 1)).all().item<bool>(), op, "alpha must lie in [0, 1]");
 }
 
 }  // namespace
@@ -124,9 +152,11 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   const int64_t block_q = tensor_cores ? kTcBlockQ : kGenericBlockQ;
   const int64_t block_k = tensor_cores ? kTcBlockK : kGenericBlockK;
 
-  // the host reads gate, window, sinks and alpha (a small copy; it synchronises with the stream
-  // only when one of them is given) to plan the items; nothing else of p is read here
-  const HostPerHead g = to_host(gate), w = to_host(window), s = to_host(sinks), a = to_host(alpha);
+  // the host reads gate, window, sinks and alpha to plan the items; nothing else of p is read
+  // here. CPU tensors are read as they are (no sync) and their values travel to the kernel in
+  // the uploaded table; a CUDA tensor is copied here (a small copy that waits for the stream)
+  HostPerHead g = to_host(gate), w = to_host(window), s = to_host(sinks), a = to_host(alpha);
+  check_planning_values(op, w, s, a);
   // a copy of p for the host: its sizes and flags, and per-head scalars it can read (read_head);
   // softmax_scale and sink_logit stay on the device (planning does not need them)
   AttentionParams hp = p;
@@ -180,29 +210,58 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   std::iota(order.begin(), order.end(), int64_t(0));
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
 
-  // one pinned upload: the items, then the skipped (b, h) pairs
+  // one upload: the items, the skipped (b, h) pairs, then (8-byte aligned) the values of the
+  // planning arguments given as CPU tensors, which the kernels read from there
   const int64_t n_items = static_cast<int64_t>(items.size()), n_skipped = static_cast<int64_t>(skipped.size() / 2);
-  const int64_t words = 4 * n_items + 2 * n_skipped;
-  if (words == 0) {
+  int64_t words = 4 * n_items + 2 * n_skipped;
+  for (HostPerHead* h : {&g, &w, &s, &a}) {
+    if (!h->upload || h->words() == 0) continue;
+    words = (words + 1) / 2 * 2;
+    h->word_offset = words;
+    words += h->words();
+  }
+  if (n_items == 0 && n_skipped == 0) {
     counts.publish();
     return;
   }
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-  int32_t* hw = host.data_ptr<int32_t>();
-  for (int64_t i = 0; i < n_items; ++i) std::memcpy(hw + 4 * i, &items[order[i]], sizeof(WorkItem));
-  if (n_skipped) std::memcpy(hw + 4 * n_items, skipped.data(), sizeof(int32_t) * 2 * n_skipped);
-  const at::Tensor dev = host.to(at::TensorOptions().device(q.device()).dtype(at::kInt), /*non_blocking=*/true);
-  const int32_t* dw = dev.data_ptr<int32_t>();
+  std::vector<int32_t> table(static_cast<size_t>(words), 0);
+  for (int64_t i = 0; i < n_items; ++i) std::memcpy(table.data() + 4 * i, &items[order[i]], sizeof(WorkItem));
+  if (n_skipped) std::memcpy(table.data() + 4 * n_items, skipped.data(), sizeof(int32_t) * 2 * n_skipped);
+  for (const HostPerHead* h : {&g, &w, &s, &a})
+    if (h->upload && h->words() > 0) std::memcpy(table.data() + h->word_offset, h->t.data_ptr(), 4 * h->words());
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor dev = at::empty({words}, at::TensorOptions().device(q.device()).dtype(at::kInt));
+  int32_t* dw = dev.data_ptr<int32_t>();
+  if (upload_by_kernel(stream)) {
+    const cudaError_t err = launch_upload_words(dw, table.data(), words, stream);
+    TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (work list upload): ", cudaGetErrorString(err));
+  } else {
+    at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    std::memcpy(host.data_ptr<int32_t>(), table.data(), sizeof(int32_t) * words);
+    dev.copy_(host, /*non_blocking=*/true);
+  }
+  // the kernels read the uploaded copies of the CPU-given planning values
+  AttentionParams kp = p;
+  auto device_view = [&](const HostPerHead& h, PerHead& target) {
+    if (!h.upload) return;
+    target.ptr = dw + h.word_offset;
+    target.stride_b = p.heads_q;
+    target.stride_h = 1;
+  };
+  device_view(g, kp.gate);
+  device_view(w, kp.window);
+  device_view(s, kp.sinks);
+  device_view(a, kp.alpha);
+
   if (n_skipped) {
-    const cudaError_t err = launch_skipped_heads(p, dtype, dw + 4 * n_items, n_skipped, stream);
+    const cudaError_t err = launch_skipped_heads(kp, dtype, dw + 4 * n_items, n_skipped, stream);
     TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (skipped heads): ", cudaGetErrorString(err));
   }
   if (n_items) {
     const WorkItem* d_items = reinterpret_cast<const WorkItem*>(dw);
-    const cudaError_t err = tensor_cores ? launch_tensor_core_forward(p, dtype, d_items, n_items, stream)
-                                         : launch_generic_forward(p, dtype, d_items, n_items, stream);
+    const cudaError_t err = tensor_cores ? launch_tensor_core_forward(kp, dtype, d_items, n_items, stream)
+                                         : launch_generic_forward(kp, dtype, d_items, n_items, stream);
     TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
   }
   counts.publish();

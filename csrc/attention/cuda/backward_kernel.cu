@@ -26,6 +26,7 @@
 
 #include "../backward_semantics.h"
 #include "../head_semantics.h"
+#include "smem_opt_in.h"
 
 namespace headops {
 namespace cuda {
@@ -310,8 +311,7 @@ __global__ void scale_sum(BackwardParams p, BackwardScratch scratch, int64_t n_h
 // Dynamic shared memory beyond the default 48 KB needs an opt-in per kernel.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(bytes));
 }
 
 }  // namespace

@@ -38,6 +38,7 @@
 #include "../head_semantics.h"
 #include "../online_softmax.h"
 #include "forward_kernel.cuh"
+#include "smem_opt_in.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 // below sm_80 the tensor-core kernel's body is a trap (the host never launches it there), so the
@@ -704,9 +705,8 @@ __global__ void skipped_heads_kernel(const AttentionParams p, const int32_t* __r
 template <typename T, int D, bool kAlpha>
 cudaError_t launch_tc_variant(const AttentionParams& p, const WorkItem* items, int64_t n_items, cudaStream_t stream) {
   const int smem = static_cast<int>(tensor_core_smem_bytes(D, kAlpha));
-  // set on every launch (cheap): the limit is per device, and a process may use several
-  const cudaError_t attr =
-      cudaFuncSetAttribute(tc_forward_kernel<T, D, kAlpha>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // once per (kernel, device): smem_opt_in.h
+  const cudaError_t attr = opt_in_dynamic_smem(reinterpret_cast<const void*>(tc_forward_kernel<T, D, kAlpha>), smem);
   if (attr != cudaSuccess) return attr;
   tc_forward_kernel<T, D, kAlpha><<<static_cast<unsigned>(n_items), kTcThreads, smem, stream>>>(p, items);
   return cudaGetLastError();
@@ -721,12 +721,21 @@ cudaError_t launch_tc(const AttentionParams& p, const WorkItem* items, int64_t n
 template <typename T>
 cudaError_t launch_generic(const AttentionParams& p, const WorkItem* items, int64_t n_items, cudaStream_t stream) {
   const int smem = static_cast<int>(generic_smem_bytes(p.head_dim));
-  const cudaError_t attr = cudaFuncSetAttribute(generic_forward_kernel<T>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       static_cast<int>(generic_smem_bytes(kGenericMaxHeadDim)));
+  const cudaError_t attr = opt_in_dynamic_smem(reinterpret_cast<const void*>(generic_forward_kernel<T>),
+                                               static_cast<int>(generic_smem_bytes(kGenericMaxHeadDim)));
   if (attr != cudaSuccess) return attr;
   generic_forward_kernel<T><<<static_cast<unsigned>(n_items), kGenericThreads, smem, stream>>>(p, items);
   return cudaGetLastError();
+}
+
+// A chunk of words in the kernel's parameters (4 KiB, the classic parameter limit).
+constexpr int kUploadChunkWords = 1000;
+struct UploadChunk {
+  int32_t words[kUploadChunkWords];
+};
+
+__global__ void upload_words_kernel(int32_t* dst, const UploadChunk chunk, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = chunk.words[i];
 }
 
 template <typename T>
@@ -739,6 +748,25 @@ cudaError_t launch_skipped(const AttentionParams& p, const int32_t* heads, int64
 
 bool tensor_core_supported(DType dtype, int64_t head_dim) {
   return (dtype == DType::kBFloat16 || dtype == DType::kFloat16) && (head_dim == 64 || head_dim == 128);
+}
+
+bool tensor_core_choice(DType dtype, int64_t head_dim, bool alpha, bool rows_aligned, int major, int64_t smem_optin,
+                        bool force_generic) {
+  if (force_generic || !tensor_core_supported(dtype, head_dim) || !rows_aligned) return false;
+  if (major < 8) return false;  // cp.async and bf16 mma.sync: sm_80 and newer (the kernel traps below)
+  return tensor_core_smem_bytes(head_dim, alpha) <= smem_optin;
+}
+
+cudaError_t launch_upload_words(int32_t* dst, const int32_t* src, int64_t n, cudaStream_t stream) {
+  UploadChunk chunk;
+  for (int64_t first = 0; first < n; first += kUploadChunkWords) {
+    const int count = static_cast<int>(n - first < kUploadChunkWords ? n - first : kUploadChunkWords);
+    for (int i = 0; i < count; ++i) chunk.words[i] = src[first + i];
+    upload_words_kernel<<<1, 256, 0, stream>>>(dst + first, chunk, count);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 int64_t tensor_core_smem_bytes(int64_t head_dim, bool alpha) {

@@ -65,6 +65,17 @@ HEADOPS_HD bool meets(const VisibleKeys& keys, const KeyRange& block) {
 bool tensor_core_supported(DType dtype, int64_t head_dim);
 int64_t tensor_core_smem_bytes(int64_t head_dim, bool alpha);
 int64_t generic_smem_bytes(int64_t head_dim);
+// The host's kernel choice as a pure function (no device query; tests call it through
+// headops._C.cuda_forward_choice): the tensor-core kernel when the dtype and head dim have one,
+// the rows are 16-byte aligned, the GPU is sm_80 or newer and the variant's shared memory fits
+// the device's opt-in limit. The D = 128 variant with alpha needs more than sm_86/sm_89 offer
+// (99 KiB), so those GPUs run alpha calls at D = 128 on the generic kernel.
+bool tensor_core_choice(DType dtype, int64_t head_dim, bool alpha, bool rows_aligned, int major,
+                        int64_t smem_optin, bool force_generic);
+// Copies `n` 32-bit words from host memory to `dst` on `stream` through kernel parameters (a
+// chunk of words per launch): legal during CUDA-graph capture, and a replay reads nothing from
+// host memory (the words are part of the captured launches).
+cudaError_t launch_upload_words(int32_t* dst, const int32_t* src, int64_t n, cudaStream_t stream);
 cudaError_t launch_tensor_core_forward(const AttentionParams& p, DType dtype, const WorkItem* items, int64_t n_items,
                                        cudaStream_t stream);
 cudaError_t launch_generic_forward(const AttentionParams& p, DType dtype, const WorkItem* items, int64_t n_items,

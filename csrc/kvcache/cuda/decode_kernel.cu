@@ -32,6 +32,7 @@
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
 #include "kv_cache_kernels.cuh"
+#include "../../attention/cuda/smem_opt_in.h"
 
 namespace headops {
 namespace cuda {
@@ -472,7 +473,8 @@ __global__ void write_table_kernel(const TableChunk chunk, const int count, int6
 template <typename T, int NT>
 cudaError_t launch_typed(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
   const int smem = static_cast<int>(decode_smem_bytes(p.attn.head_dim));
-  cudaError_t err = cudaFuncSetAttribute(decode_partial_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // once per (kernel, device), and only past 48 KiB (smem_opt_in.h)
+  cudaError_t err = headops::cuda::opt_in_dynamic_smem(reinterpret_cast<const void*>(decode_partial_kernel<T, NT>), smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
   decode_partial_kernel<T, NT><<<grid, kDecodeThreads, smem, stream>>>(p, splits, part_ms, part_acc);

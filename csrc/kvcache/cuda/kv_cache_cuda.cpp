@@ -226,7 +226,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   const int64_t bias_len = key_bias_in.has_value() && key_bias_in->dim() == 3 ? key_bias_in->size(2) : 0;
   const Dims dims{B, Sq, bias_len, Hq, Hkv, D};
   const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale, out_bias, gate};
-  check_per_head_args(op, dims, at::kFloat, q_in, given, /*read_values=*/false);
+  check_per_head_args(op, dims, at::kFloat, q_in, given, ValueChecks::kNone);
 
   const at::Tensor q = q_in.size(3) <= 1 || q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const OptTensor key_bias = key_bias_in.has_value() ? OptTensor(key_bias_in->contiguous()) : std::nullopt;
