@@ -16,6 +16,11 @@ from typing import NamedTuple
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The per-head arguments that decide the CUDA forward's work list (which heads and key blocks are
+# computed, which alpha branches): with CUDA q, k, v they may be CPU tensors, which the host reads
+# without a device-to-host sync (docs/cuda.md, "Sync-free calls"). A gate or alpha whose gradient
+# is wanted must be on q's device (its gradient is computed there).
+PLANNING_ARGS = ("window", "sinks", "gate", "alpha")
 
 
 def fail(caller: str, name: str, expected: str, got) -> ValueError:
@@ -104,11 +109,17 @@ class HeadArgs(NamedTuple):
         return any(isinstance(t, torch.Tensor) and t.requires_grad for t in self[1:])
 
 
-def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
-    """A per-head value (a number, ``[Hq]`` or ``[B, Hq]``) as a ``[B, Hq]`` tensor; None stays None."""
+def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool, host_ok: bool = False):
+    """A per-head value (a number, ``[Hq]`` or ``[B, Hq]``) as a ``[B, Hq]`` tensor; None stays None.
+
+    ``host_ok`` (a planning argument of a call that accepts them, PLANNING_ARGS): with a CUDA
+    `device` the value may be a CPU tensor, and a number becomes a CPU tensor (read by the host,
+    no copy). Otherwise a number is made on `device` by a fill (no copy from pageable memory:
+    legal while a CUDA graph is captured)."""
     if value is None:
         return None
     kind = "an int" if integer else "a float"
+    host_ok = host_ok and torch.device(device).type == "cuda"
     if isinstance(value, bool):
         raise TypeError(f"{caller}: {name} must be {kind} or a tensor, got bool")
     if isinstance(value, numbers.Number):
@@ -118,7 +129,8 @@ def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
             raise TypeError(f"{caller}: {name} must be a real number or a tensor, got {value!r}")
         if integer and not -2**63 <= value < 2**63:
             raise fail(caller, name, "an int64 value", value)
-        value = torch.tensor(value, dtype=torch.int64 if integer else torch.float64, device=device)
+        value = torch.full((), value, dtype=torch.int64 if integer else torch.float64,
+                           device="cpu" if host_ok else device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a number or a tensor, got {type(value).__name__}")
     check_dense(caller, value, name)
@@ -127,7 +139,12 @@ def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
     if not integer and not value.dtype.is_floating_point:
         raise TypeError(f"{caller}: {name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
-        raise fail(caller, name, f"on q's device {device}", value.device)
+        if not (host_ok and value.device.type == "cpu"):
+            where = f"on q's device {device}" + (" or on the CPU" if host_ok else "")
+            raise fail(caller, name, where, value.device)
+        if value.requires_grad:
+            raise fail(caller, name, f"on q's device {device} when it requires grad (its gradient is computed "
+                                     "there; a CPU value is for planning only)", value.device)
     if value.dim() == 0:
         return value.expand(s.B, s.Hq)
     if value.dim() == 1 and value.shape[0] == s.Hq:
@@ -135,6 +152,30 @@ def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool):
     if value.dim() == 2 and value.shape[1] == s.Hq and value.shape[0] in (1, s.B):
         return value.expand(s.B, s.Hq)
     raise fail(caller, name, f"of shape [Hq] = [{s.Hq}] or [B, Hq] = [{s.B}, {s.Hq}]", tuple(value.shape))
+
+
+_DEVICE_COPIES: dict = {}
+_DEVICE_COPIES_MAX = 512
+
+
+def on_device(t, device):
+    """`t` on `device`, a host tensor copied once: later calls with the same unchanged tensor (the
+    same storage, offset, shape, strides and version: a slice of a HeadSpec field per layer, a
+    cache's windows) return the copy made the first time, so a step that repeats (a decode step, a
+    patched model's layer) copies nothing after its first call -- nothing that would synchronise
+    or break CUDA-graph capture. The tensor is held with its copy (its memory cannot be reused
+    under the same key); a tensor changed in place has a new version and is copied again."""
+    if t is None or t.device == torch.device(device) or torch.compiler.is_compiling():
+        return None if t is None else t.to(device)
+    key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version, str(device))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is not None:
+        return hit[1]
+    copy = t.to(device)
+    if len(_DEVICE_COPIES) >= _DEVICE_COPIES_MAX:
+        _DEVICE_COPIES.pop(next(iter(_DEVICE_COPIES)))
+    _DEVICE_COPIES[key] = (t, copy)
+    return copy
 
 
 def _float_tensor(caller, value, name, device):
@@ -204,19 +245,33 @@ def _violated(value, test) -> bool:
     return bool(test(value))
 
 
+def _reads_device(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta")
+
+
 def check_values(caller, *, window=None, sinks=None, alpha=None, softmax_scale=None, sink_logit=None,
-                 key_bias=None) -> None:
+                 key_bias=None, device_tensors: bool = True) -> None:
     """The rules of the per-head values (Python numbers, or tensors of any shape). They read the
     data, so they are skipped while torch.compile traces (the ops re-check what they need) and
     for tensors without data (the meta device). NaN is refused where it has no meaning: it would
-    give a different garbage in the kernel and in the reference."""
+    give a different garbage in the kernel and in the reference.
+
+    Host tensors and numbers are read for free. A tensor on a GPU is read with a device-to-host
+    synchronisation: it is checked only with ``device_tensors`` (headops.attention and the cache
+    on raw tensors; a HeadSpec's fields are checked once, where the spec is validated, and a
+    patched model's calls pass False), and never while a CUDA graph is being captured (a sync
+    would abort the capture; the kernels read such values as they are)."""
     if torch.compiler.is_compiling():
         return
+    if device_tensors and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        device_tensors = False
 
     def given(t):
         if t is None:
             return False
-        return not isinstance(t, torch.Tensor) or (t.numel() > 0 and t.device.type != "meta")
+        if not isinstance(t, torch.Tensor):
+            return True
+        return t.numel() > 0 and t.device.type != "meta" and (device_tensors or not _reads_device(t))
 
     if given(window) and _violated(window, lambda w: w == 0):
         raise fail(caller, "window", ">= 1 for every head (or < 0 for unlimited); 0 would hide every key",
@@ -235,16 +290,22 @@ def check_values(caller, *, window=None, sinks=None, alpha=None, softmax_scale=N
 
 
 def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None, sinks=None, alpha=None,
-              gate=None, sink_logit=None, out_scale=None, out_bias=None, key_bias=None) -> HeadArgs:
+              gate=None, sink_logit=None, out_scale=None, out_bias=None, key_bias=None, host_planning=False,
+              device_values=True) -> HeadArgs:
     """Every per-head argument in the form the kernels take, checked: shapes and dtypes, then the
-    rules of their values (as given: before any rounding to the accumulation dtype)."""
+    rules of their values (as given: before any rounding to the accumulation dtype).
+
+    ``host_planning`` (headops.attention): with a CUDA device, window, sinks, gate and alpha may
+    be CPU tensors, and numbers given for them stay on the CPU (PLANNING_ARGS). ``device_values``:
+    whether values held on a GPU are read to be checked (a sync; see check_values)."""
     default_scale, scale_t = split_softmax_scale(caller, softmax_scale, s, device)
+    host = dict(host_ok=host_planning)
     args = HeadArgs(
         default_scale=default_scale, softmax_scale=scale_t,
-        window=per_head(caller, window, "window", s, device, integer=True),
-        sinks=per_head(caller, sinks, "sinks", s, device, integer=True),
-        alpha=per_head(caller, alpha, "alpha", s, device, integer=False),
-        gate=per_head(caller, gate, "gate", s, device, integer=False),
+        window=per_head(caller, window, "window", s, device, integer=True, **host),
+        sinks=per_head(caller, sinks, "sinks", s, device, integer=True, **host),
+        alpha=per_head(caller, alpha, "alpha", s, device, integer=False, **host),
+        gate=per_head(caller, gate, "gate", s, device, integer=False, **host),
         sink_logit=per_head(caller, sink_logit, "sink_logit", s, device, integer=False),
         out_scale=per_head_vector(caller, out_scale, "out_scale", s, device),
         out_bias=per_head_vector(caller, out_bias, "out_bias", s, device),
@@ -255,7 +316,7 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
 
     check_values(caller, window=as_given(window, args.window), sinks=as_given(sinks, args.sinks),
                  alpha=as_given(alpha, args.alpha), softmax_scale=args.softmax_scale,
-                 sink_logit=as_given(sink_logit, args.sink_logit), key_bias=key_bias)
+                 sink_logit=as_given(sink_logit, args.sink_logit), key_bias=key_bias, device_tensors=device_values)
     return args
 
 

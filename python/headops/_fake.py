@@ -7,16 +7,18 @@ arguments the op takes, defaults included.
 import torch
 
 from . import _C
+from ._args import PLANNING_ARGS
 from ._ops import bind, tensors
 
 
-def _bound_on_one_device(op, args, kwargs, anchor):
+def _bound_on_one_device(op, args, kwargs, anchor, host_ok=()):
     # the real kernel's checks cannot run here; a tensor on another device would otherwise
-    # route a CPU call to this fake kernel and return uninitialised memory
+    # route a CPU call to this fake kernel and return uninitialised memory. `host_ok`: arguments
+    # that may be CPU tensors beside CUDA ones (the forward's planning arguments)
     a = bind(op, args, kwargs)
     device = getattr(a, anchor).device
     for name, t in tensors(a):
-        if t.device != device:
+        if t.device != device and not (name in host_ok and device.type == "cuda" and t.device.type == "cpu"):
             raise RuntimeError(f"headops.{op}: {name} must be on {device}, got {t.device}")
     return a
 
@@ -33,7 +35,7 @@ def _sizes(q, k, heads_first):
 
 @torch.library.register_fake("headops::attention_fwd")
 def _attention_fwd_fake(*args, **kwargs):
-    a = _bound_on_one_device("attention_fwd", args, kwargs, "q")
+    a = _bound_on_one_device("attention_fwd", args, kwargs, "q", PLANNING_ARGS)
     B, Sq, _, Hq, D = _sizes(a.q, a.k, a.heads_first)
     acc = _acc(a.q)
     out = a.q.new_empty((B, Hq, Sq, D) if a.heads_first else (B, Sq, Hq, D))
@@ -47,7 +49,7 @@ def _attention_fwd_fake(*args, **kwargs):
 
 @torch.library.register_fake("headops::attention_bwd")
 def _attention_bwd_fake(*args, **kwargs):
-    a = _bound_on_one_device("attention_bwd", args, kwargs, "q")
+    a = _bound_on_one_device("attention_bwd", args, kwargs, "q", PLANNING_ARGS)
     acc = _acc(a.q)
     grads = []
     # one gradient per name of attention_grad_inputs (the C++ order), each in its input's shape

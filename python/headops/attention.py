@@ -106,7 +106,24 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     ProbeResult)`` with return_lse (not with alpha; CPU tensors). The statistics carry no
     gradient; when one is needed, out comes from the differentiable op, at the cost of a
     second pass.
+
+    CUDA: window, sinks, gate and alpha may be CPU tensors beside CUDA q, k, v (numbers given
+    for them stay on the CPU too); the host plans the work from them without a device-to-host
+    sync (docs/cuda.md, "Sync-free calls"). Given as CUDA tensors they work too, at the cost
+    of one small copy that waits for the stream. Values held on the GPU (alpha, softmax_scale,
+    sink_logit, key_bias) are checked with a sync, except while a CUDA graph is captured.
     """
+    return attention_with(q, k, v, causal=causal, layout=layout, softmax_scale=softmax_scale, gate=gate,
+                          window=window, sinks=sinks, alpha=alpha, key_bias=key_bias, sink_logit=sink_logit,
+                          out_scale=out_scale, out_bias=out_bias, return_lse=return_lse, probe=probe)
+
+
+def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
+                   alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False,
+                   probe=None, device_values=True):
+    """headops.attention; ``device_values=False`` skips reading the values of per-head tensors
+    held on a GPU (no sync): for callers whose values were checked already (a patched model's
+    HeadSpec, validated by patch/set_spec)."""
     if layout not in _LAYOUTS:
         raise ValueError(f"{CALLER}: layout must be 'bshd' or 'bhsd', got {layout!r}")
     if not isinstance(causal, bool):
@@ -121,7 +138,7 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         refuse_unmeasurable(CALLER, q.device, alpha)
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
-                     key_bias=key_bias)
+                     key_bias=key_bias, host_planning=True, device_values=device_values)
     if probe is None:
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
         return (out, lse) if return_lse else out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _cache_layout, _cache_probe, _distributed, budgets
-from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense,
+from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense, on_device,
                     check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
@@ -340,9 +340,15 @@ class HeadSparseCache(_CacheBase):
     def _head_args(self, caller, st, B, device, keys, per_head) -> HeadArgs:
         """The per-head arguments of a call over `keys` keys, checked (window and sinks: the cache's)."""
         Hq, D = self.num_heads, self.head_dim
-        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D), device, **per_head)
+        # gate and alpha may come from the host (a patched model's HeadSpec keeps them there on a
+        # GPU): the cache's kernels read them on the device, from a copy made once per tensor
+        # (on_device), as are the cache's own windows and sinks -- a repeated decode step copies
+        # nothing, so it neither synchronises nor breaks CUDA-graph capture
+        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D), device, host_planning=True, **per_head)
         _check_alpha(caller, args.alpha, st)
-        return args._replace(window=st.windows.to(device).expand(B, Hq), sinks=st.sinks.to(device).expand(B, Hq))
+        return args._replace(window=on_device(st.windows, device).expand(B, Hq),
+                             sinks=on_device(st.sinks, device).expand(B, Hq),
+                             gate=on_device(args.gate, device), alpha=on_device(args.alpha, device))
 
     @staticmethod
     def _check_per_head_names(caller, causal, per_head):
@@ -568,6 +574,8 @@ def _check_alpha(caller, alpha, st: LayerStorage):
     (It reads alpha's values: skipped while torch.compile traces; the decode op re-checks it.)"""
     if alpha is None or not st.partial_query_heads or torch.compiler.is_compiling():
         return
+    if alpha.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # (reading a GPU alpha would synchronise and abort the capture; it was checked eagerly)
     used = (alpha > 0).any(dim=0).tolist()
     heads = [h for h in st.partial_query_heads if used[h]]
     if heads:

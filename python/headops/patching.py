@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _distributed
-from .attention import attention as _attention
+from .attention import attention_with as _attention
 from .spec import HeadSpec
 
 __all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
@@ -89,10 +89,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                                          probe=recording.probe, **args)
             recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     elif recording is not None:
-        out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe, **args)
+        out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe,
+                                device_values=False, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
-        out = _attention(query, key, value, layout="bhsd", causal=causal, **args)
+        # the spec's values were checked by patch/set_spec: nothing on the GPU is read again (no sync)
+        out = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
     return out.transpose(1, 2), None
 
 
@@ -171,11 +173,12 @@ def patched_spec(model) -> HeadSpec:
 def _give_spec(modules, spec: HeadSpec):
     """Each module gets the spec on the device of its parameters (a model may span devices):
     the spec itself where its tensors are there already (a gate that requires grad stays the
-    leaf it was), else ``spec.to(device)``."""
+    leaf it was), else ``spec.to(device)`` (on a GPU its planning fields stay on the host:
+    HeadSpec.to)."""
     on_device = {}
     for m in modules:
         device = next((p.device for p in m.parameters()), None)
-        if device is None or all(t.device == device for t in spec.tensors().values()):
+        if device is None or spec.is_on(device):
             m._headops_spec = spec
             continue
         if device not in on_device:

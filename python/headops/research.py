@@ -29,6 +29,14 @@ __all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapl
            "embedding_similarity", "contrastive_embedding_loss"]
 
 
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without parameters): where the
+    tensors the studies create for it live (a gate that requires grad; the scores). Gates that only
+    mask heads are built on the CPU: on a GPU a HeadSpec keeps them on the host, where the forward
+    reads them without a sync to skip the masked heads (HeadSpec.to, docs/cuda.md)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def per_row_causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """[B] next-token cross-entropy per row, in float32 or better (float64 models stay float64)."""
     logits = model(ids).logits[:, :-1]
@@ -106,9 +114,11 @@ def importance(model, batches, *, loss_fn=causal_lm_loss, normalize=True, spec: 
 
     ``batches`` yields whatever ``loss_fn(model, batch)`` takes (ids for a causal LM; for an
     encoder pass a loss_fn, e.g. the distance to the unmasked model's embeddings)."""
-    base = (spec or HeadSpec.dense(model)).copy()
-    base.gate = torch.ones(base.num_layers, base.num_heads, requires_grad=True)
-    total = torch.zeros(base.num_layers, base.num_heads)
+    device = model_device(model)
+    base = (spec or HeadSpec.dense(model)).copy().to(device)
+    # the gate whose gradient is the score lives on the model's device (its gradient is computed there)
+    base.gate = torch.ones(base.num_layers, base.num_heads, device=device, requires_grad=True)
+    total = torch.zeros(base.num_layers, base.num_heads, device=device)
     with with_spec(model, base):
         for batch in batches:
             (grad,) = torch.autograd.grad(loss_fn(model, batch), base.gate)
@@ -247,7 +257,7 @@ def shapley(model, batch, *, permutations=8, seed=0, value_fn=None, batch_size=1
         values = map_items(values_of, range(0, masks.shape[0], batch_size), group, caller="headops.shapley",
                            inputs=(batch, masks, batch_size), progress=progress, desc="coalitions (batches)")
     values = torch.cat(values).view(len(perms), n + 1)
-    phi = torch.zeros(n, dtype=torch.float64)
+    phi = torch.zeros(n, dtype=torch.float64, device=values.device)  # the model's device (value_fn's rows)
     for p, perm in enumerate(perms):
         phi[perm] += values[p, 1:] - values[p, :-1]
     return (phi / len(perms)).view(L, H)

@@ -44,6 +44,18 @@ _PER_QUERY_HEAD = _FLOAT_FIELDS + ("window", "sinks")
 # fields that may be given per batch row, [B, L, Hq]: head-masking coalitions (gate), DuoAttention
 # ablations (alpha), evaluated as one batch
 _PER_BATCH = ("gate", "alpha")
+# fields that decide the CUDA forward's work list (headops._args.PLANNING_ARGS): on a CUDA device a
+# spec keeps them on the host, so a call reads them without a device-to-host sync -- window and
+# sinks always, gate and alpha unless they require grad (their gradient is computed on the device)
+_HOST_PLANNING = ("window", "sinks", "gate", "alpha")
+
+
+def placement(name: str, t: torch.Tensor, device: torch.device) -> torch.device:
+    """Where ``HeadSpec.to(device)`` puts field `name` (tensor `t`): `device`, except the planning
+    fields of a spec for a CUDA device, which stay on (or come back to) the CPU."""
+    if device.type == "cuda" and name in _HOST_PLANNING and not t.requires_grad:
+        return torch.device("cpu")
+    return device
 
 
 def _fail(name, expected, got):
@@ -470,14 +482,28 @@ class HeadSpec:
         """The tensor fields that are set: {name: tensor}."""
         return {name: getattr(self, name) for name in _PER_QUERY_HEAD if getattr(self, name) is not None}
 
-    def to(self, device) -> "HeadSpec":
-        """A new spec with every tensor field on `device` (as ``Tensor.to``: a tensor already
-        there is the same tensor, so a gate that requires grad stays the leaf it was)."""
+    @staticmethod
+    def _device(device) -> torch.device:
         try:
-            device = torch.device(device)
+            return torch.device(device)
         except (RuntimeError, TypeError, ValueError):
             raise _fail("device", "a torch.device or a device string", repr(device)) from None
-        return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()},
+
+    def is_on(self, device) -> bool:
+        """Whether every tensor field is where ``to(device)`` would put it."""
+        device = self._device(device)
+        return all(t.device == placement(name, t, device) for name, t in self.tensors().items())
+
+    def to(self, device) -> "HeadSpec":
+        """A new spec with every tensor field on `device` (as ``Tensor.to``: a tensor already
+        there is the same tensor, so a gate that requires grad stays the leaf it was).
+
+        For a CUDA device the fields that plan the work (window, sinks; gate and alpha unless they
+        require grad) stay on the CPU: headops.attention reads them on the host without a
+        device-to-host sync, and a gate of exactly 0 still skips its head (docs/cuda.md)."""
+        device = self._device(device)
+        return dataclasses.replace(self, **{name: t.to(placement(name, t, device))
+                                            for name, t in self.tensors().items()},
                                    cache_kind=[list(r) for r in self.cache_kind],
                                    cache_budget=[list(r) for r in self.cache_budget],
                                    cache_compensation=[list(r) for r in self.cache_compensation],
