@@ -297,3 +297,46 @@ def test_decode_step_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
+
+
+@gpu_only
+def test_decode_step_with_host_gate_does_not_synchronise():
+    """A patched model's HeadSpec keeps its gate on the host: the cache copies it to the device once
+    (headops._args.on_device) and a later step with the same gate copies nothing."""
+    cache, q = filled_cache()
+    g = torch.Generator().manual_seed(2)
+    k, v = (draw((2, 1, 2, 32), F32, g).to(CUDA) for _ in range(2))
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0])  # on the CPU
+    cache.attention(0, q, k, v, gate=gate)  # first use: the one copy (synchronising) happens here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cache.attention(0, q, k, v, gate=gate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+@gpu_only
+def test_whole_cache_decode_step_captured_in_a_cuda_graph():
+    """HeadSparseCache.attention (append, then decode) captured once and replayed once equals the
+    same step run eagerly on a twin cache: output, lengths and what the streaming ring keeps. (One
+    replay: the Python mirror of the lengths advances at capture, the device state at replay.)"""
+    captured_cache, q = filled_cache()
+    eager_cache, _ = filled_cache()
+    g = torch.Generator().manual_seed(3)
+    steps = [tuple(draw((2, 1, H, 32), F32, g).to(CUDA) for H in (4, 2, 2)) for _ in range(2)]
+    for cache in (captured_cache, eager_cache):  # warm-up step (device copies of the tables, smem opt-in)
+        cache.attention(0, *steps[0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = captured_cache.attention(0, *steps[1])
+    graph.replay()
+    want = eager_cache.attention(0, *steps[1])
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    a, b = captured_cache._layers[0], eager_cache._layers[0]
+    assert torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.ring_k, b.ring_k) and torch.equal(a.comp_n, b.comp_n)
