@@ -3,7 +3,10 @@ tiles, GQA, Sq > Sk, strided inputs, every per-head feature, alpha, gated heads,
 then backward calls (the generic CUDA backward) with every gradient wanted.
 
     compute-sanitizer --tool memcheck python3 bench/cuda_sanitizer_case.py
-Exits non-zero if an output is not finite where it must be. Written before any GPU run.
+    compute-sanitizer --tool racecheck python3 bench/cuda_sanitizer_case.py --small
+``--small``: one small call per kernel (tensor-core and generic forward, the skipped-heads and
+upload kernels, the backward, a cache's append and decode), for a time-capped run
+(bench/gpu_suite.sh). Exits non-zero if an output is not finite where it must be. Written before any GPU run.
 """
 
 import os
@@ -43,13 +46,13 @@ def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, grad=False,
     return out
 
 
-def cache_case():
+def cache_case(dtypes=(torch.bfloat16, torch.float32), dims=(64, 40)):
     """A HeadSparseCache on the device (csrc/kvcache/cuda/: kv_append, decode_attention): full,
     streaming (compensated, wrapping rings) and budget KV heads, GQA, split-K, per-head
     arguments with a head gated off, steps of one and two tokens. Returns the non-finite steps."""
     bad = 0
-    for dtype in (torch.bfloat16, torch.float32):
-        for D in (64, 40):
+    for dtype in dtypes:
+        for D in dims:
             g = torch.Generator().manual_seed(D)
             B, Hq, Hkv, S = 2, 8, 4, 150
             cache = headops.HeadSparseCache(
@@ -69,7 +72,28 @@ def cache_case():
     return bad
 
 
+def small():
+    """One small call per kernel: forward (tensor-core with alpha and a gated head, planning
+    arguments on the host, the work list uploaded both ways; generic in float32), backward, and a
+    cache's append and decode (full, compensated streaming and budget heads)."""
+    H = 4
+    host = dict(window=torch.tensor([16, 64, 1, -1]), sinks=torch.tensor([4, 0, 2, 0]),
+                gate=torch.tensor([1.0, 0.0, -0.5, 2.0]), alpha=torch.tensor([0.0, 0.5, 1.0, 0.25]))
+    outs = [case(1, 130, 200, H, 2, 64, torch.bfloat16, sink_logit=torch.randn(H), **host)]
+    os.environ["HEADOPS_CUDA_UPLOAD"] = "kernel"
+    outs.append(case(1, 130, 200, H, 2, 64, torch.bfloat16, **host))
+    os.environ.pop("HEADOPS_CUDA_UPLOAD")
+    outs.append(case(1, 40, 70, H, 1, 40, torch.float32, key_bias=torch.randn(H, 70), **host))
+    grads = case(1, 33, 50, H, 2, 40, torch.float32, grad=True, window=9, sinks=2, sink_logit=torch.randn(H))
+    bad = sum(int(not torch.isfinite(o).all()) for o in outs) + sum(int(not torch.isfinite(t).all()) for t in grads)
+    return bad + cache_case(dtypes=(torch.bfloat16,), dims=(64,))
+
+
 def main():
+    if "--small" in sys.argv[1:]:
+        bad = small()
+        print("non-finite outputs:", bad)
+        sys.exit(1 if bad else 0)
     bad = 0
     H = 4
     full = dict(softmax_scale=torch.tensor([0.1, 0.2, 0.125, 0.3]), window=torch.tensor([1, 70, -1, 5]),

@@ -1,85 +1,160 @@
 #!/usr/bin/env bash
-# headops on a GPU machine: build the CUDA extension from source, run the CUDA tests, run
-# compute-sanitizer on a small case, benchmark against SDPA and FlexAttention.
+# headops on a GPU machine, in one call of at most ~8 minutes, in this order: build the CUDA
+# extension, the GPU-specific tests (graph capture, no sync, streams, devices), the cache and
+# placement tests, compute-sanitizer (memcheck, racecheck) on one small call per kernel, the
+# benchmarks, then the long attention sweeps (forward, gradients) in whatever time is left.
 #
-# For a machine with torch (CUDA build), nvcc and ninja preinstalled and no internet: nothing is
-# installed; the extension is built in place (python/headops/_C*.so) against the torch there.
-#   bash bench/gpu_suite.sh            # results under $OUT (default /tmp/headops_gpu)
-# Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (nproc), OUT,
+# For a machine with torch (CUDA build), nvcc and ninja preinstalled and no internet (e.g. 16
+# cores, one H200, python 3.12, torch 2.11 CUDA 13): nothing is installed; the extension is built
+# in place (python/headops/_C*.so) against the torch there.
+#   bash bench/gpu_suite.sh              # logs and results under $OUT (default /tmp/headops_gpu)
+#   bash bench/gpu_suite.sh --dry-run    # the whole script on the CPU, here (no build, no sanitizer:
+#                                        # the tests with HEADOPS_TEST_CUDA_DEVICE=cpu, benches --device cpu)
+# Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16, at most nproc), OUT,
+#              SUITE_BUDGET_S (470: no step starts past it, and every step's timeout is cut to it),
 #              SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1.
-# Every step runs even if an earlier one failed; the exit status is the number of failed steps.
-# The whole suite may take more than 10 minutes on a fresh machine (build ~2-4 min, tests, two
-# sanitizer passes, FlexAttention compiles): split it with the SKIP_* variables if needed.
+# Every step runs under `timeout` (a hang costs its cap, not the device time) and even if an
+# earlier one failed; everything printed also goes to $OUT/gpu_suite.log; a summary (per step:
+# ok / FAILED / TIMEOUT / skipped, seconds) comes last. Exit status: the number of failed steps.
+# NOTE: written and dry-run on a machine without a GPU; nothing here has run on a GPU yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    *) echo "usage: bash bench/gpu_suite.sh [--dry-run]"; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/headops_gpu}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_suite.log") 2>&1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+cores=$(nproc)
+export MAX_JOBS=${MAX_JOBS:-$(( cores < 16 ? cores : 16 ))}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 export HEADOPS_CUDA=1
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+BUDGET=${SUITE_BUDGET_S:-470}
+SUITE_START=$(date +%s)
+if [ "$DRY" = 1 ]; then
+  export HEADOPS_TEST_CUDA_DEVICE=cpu HEADOPS_CASE_DEVICE=cpu
+  BENCH_DEVICE=(--device cpu)
+else
+  BENCH_DEVICE=()
+fi
+
+names=(); results=(); seconds=()
 failed=0
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+record() { names+=("$1"); results+=("$2"); seconds+=("$3"); }
+skip() {  # skip NAME REASON
+  echo; echo "=== $1: skipped ($2)"; record "$1" "skipped" 0
+}
+# run NAME CAP_S CMD...: the command under timeout (cut to what is left of the budget)
+run() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - SUITE_START) ))
+  if [ "$left" -lt 15 ]; then skip "$name" "suite budget of ${BUDGET} s spent"; failed=$((failed + 1)); return; fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo; echo "=== $name (cap ${cap} s; $(date -u +%H:%M:%S))"
+  local start; start=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@"
+  local rc=$?
+  local took=$(( $(date +%s) - start ))
+  if [ $rc -eq 0 ]; then record "$name" "ok" "$took"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "--- $name: TIMEOUT after ${cap} s"; record "$name" "TIMEOUT" "$took"; failed=$((failed + 1))
+  else echo "--- $name: exit status $rc"; record "$name" "FAILED" "$took"; failed=$((failed + 1)); fi
+}
 
-step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-nvcc --version | tail -1
+echo "=== machine ($( [ "$DRY" = 1 ] && echo "DRY RUN on the CPU" || echo GPU ))"
+if [ "$DRY" = 0 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+command -v nvcc > /dev/null && nvcc --version | tail -1
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-  step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-  start=$(date +%s)
-  if "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
-    echo "built in $(( $(date +%s) - start )) s"
-  else
-    echo "BUILD FAILED (last lines of $OUT/build.log):"; tail -40 "$OUT/build.log"; failed=$((failed + 1))
-  fi
-  # registers and spills of the CUDA kernels (ptxas), and HMMA in the SASS
-  # (the forward kernel, then the KV cache's decode and append kernels)
+build() {
+  "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+  # registers and spills (ptxas) and HMMA in the SASS: the forward kernel, the cache's kernels
   for obj in $(find build -name forward_kernel.o | head -1) $(find build -path "*kvcache*" -name "*_kernel.o"); do
     echo "$obj:"
-    cuobjdump -res-usage "$obj" 2>/dev/null | grep -E "Function|REG" | paste - - | sed 's/_ZN7headops[^ ]*_kernel_cu_[0-9a-f]*//' | head -20
+    cuobjdump -res-usage "$obj" 2>/dev/null | grep -E "Function|REG" | paste - - | sed 's/_ZN7headops[^ ]*_kernel_cu_[0-9a-f]*//' | head -12
     echo "HMMA instructions in SASS: $(cuobjdump -sass "$obj" 2>/dev/null | grep -c HMMA)"
   done
+}
+if [ "$DRY" = 1 ]; then skip "build" "dry run: the build already in place is used (no GPU here)"
+elif [ -n "${SKIP_BUILD:-}" ]; then skip "build" "SKIP_BUILD"
+else run "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)" 180 build; fi
+if [ "$DRY" = 1 ]; then
+  run "import" 60 "$PY" -c "import headops; print('headops imports; CUDA kernels compiled:', headops._C.cuda_compiled)"
+else
+  run "import" 60 "$PY" -c "import headops; assert headops._C.cuda_compiled, 'extension built without CUDA'; print('headops CUDA build ok')"
 fi
-"$PY" -c "import headops; assert headops._C.cuda_compiled, 'extension built without CUDA'; print('headops CUDA build ok')" \
-  || { echo "headops import failed"; failed=$((failed + 1)); }
 
-if [ -z "${SKIP_TESTS:-}" ]; then
-  step "tests/test_attention_cuda.py tests/test_kvcache_cuda.py"
-  "$PY" -m pytest tests/test_attention_cuda.py tests/test_kvcache_cuda.py -q -rf --maxfail=25 -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" 2>&1 \
-    | tee "$OUT/test_cuda.log" | tail -40
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+if [ -n "${SKIP_TESTS:-}" ]; then skip "tests" "SKIP_TESTS"
+else
+  # first the GPU-specific tests (graphs, no sync, streams, devices, kernel choice): short, and
+  # the ones this suite exists for; then the sweeps
+  A=tests/test_attention_cuda.py; K=tests/test_kvcache_cuda.py
+  SPECIFIC=($A::test_forward_captured_in_a_cuda_graph $A::test_forward_with_host_planning_does_not_synchronise
+            $A::test_kernel_parameter_upload_matches_the_pinned_copy $A::test_planning_arguments_on_the_host_match_the_device
+            $A::test_inputs_not_modified_and_current_stream_used $A::test_non_default_device_index
+            $A::test_alpha_d128_falls_back_to_generic_where_shared_memory_is_short $A::test_kernel_choice
+            $A::test_gated_heads_are_not_computed $A::test_window_walks_only_visible_blocks
+            $A::test_parameters_on_another_device_refused
+            $K::test_decode_step_is_capturable_in_a_cuda_graph $K::test_decode_step_does_not_synchronise
+            $K::test_decode_step_with_host_gate_does_not_synchronise $K::test_whole_cache_decode_step_captured_in_a_cuda_graph)
+  run "tests: graphs, no-sync, streams, devices" 90 "${PYTEST[@]}" "${SPECIFIC[@]}" --junitxml="$OUT/test_cuda_specific.xml"
+  run "tests: cache and placement" 60 "${PYTEST[@]}" tests/test_kvcache_cuda.py tests/test_cuda_placement.py --maxfail=20 \
+    --junitxml="$OUT/test_kvcache_cuda.xml"
 fi
 
-if [ -z "${SKIP_SANITIZER:-}" ]; then
-  step "compute-sanitizer memcheck (bench/cuda_sanitizer_case.py)"
-  if command -v compute-sanitizer > /dev/null; then
-    compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$PY" bench/cuda_sanitizer_case.py \
-      > "$OUT/sanitizer.log" 2>&1
-    rc=$?
-    tail -25 "$OUT/sanitizer.log"
-    [ $rc -eq 0 ] || { echo "memcheck exit status $rc"; failed=$((failed + 1)); }
-    compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 "$PY" bench/cuda_sanitizer_case.py \
-      > "$OUT/racecheck.log" 2>&1
-    rc=$?
-    tail -8 "$OUT/racecheck.log"
-    [ $rc -eq 0 ] || { echo "racecheck exit status $rc"; failed=$((failed + 1)); }
+if [ -n "${SKIP_SANITIZER:-}" ]; then skip "sanitizer" "SKIP_SANITIZER"
+elif [ "$DRY" = 1 ]; then
+  skip "compute-sanitizer memcheck" "dry run: compute-sanitizer needs a GPU"
+  skip "compute-sanitizer racecheck" "dry run: compute-sanitizer needs a GPU"
+  run "sanitizer case script (CPU, no sanitizer)" 60 "$PY" bench/cuda_sanitizer_case.py --small
+elif ! command -v compute-sanitizer > /dev/null; then
+  echo "compute-sanitizer not found"; record "compute-sanitizer" "FAILED" 0; failed=$((failed + 1))
+else
+  run "compute-sanitizer memcheck (one small call per kernel)" 75 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    --print-limit 20 "$PY" bench/cuda_sanitizer_case.py --small
+  run "compute-sanitizer racecheck (one small call per kernel)" 75 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    --print-limit 20 "$PY" bench/cuda_sanitizer_case.py --small
+fi
+
+if [ -n "${SKIP_BENCH:-}" ]; then skip "benchmarks" "SKIP_BENCH"
+else
+  if [ "$DRY" = 1 ]; then
+    ATT=(--seq 256 --heads 4 --dim 64 --window 64 --repeats 2 --no-flex)
   else
-    echo "compute-sanitizer not found"; failed=$((failed + 1))
+    ATT=(--seq 8192 --heads 32 --dim 128 --window 1024 --repeats 10)
   fi
+  run "bench: forward vs SDPA flash/cuDNN and FlexAttention" 100 "$PY" bench/attention_cuda.py "${BENCH_DEVICE[@]}" \
+    "${ATT[@]}" --json "$OUT/attention_cuda.json"
+  run "bench: decode vs SDPA over a dense cache" 70 "$PY" bench/kvcache_cuda.py "${BENCH_DEVICE[@]}" \
+    --json "$OUT/kvcache_cuda.json"
 fi
 
-if [ -z "${SKIP_BENCH:-}" ]; then
-  step "benchmark (bench/attention_cuda.py)"
-  "$PY" bench/attention_cuda.py --json "$OUT/attention_cuda.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^W[0-9]" \
-    | tail -30
-  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+# last, the long sweeps (whatever the budget leaves them): the forward, then the gradients
+if [ -n "${SKIP_TESTS:-}" ]; then skip "tests: attention sweep" "SKIP_TESTS"
+else
+  FWD=(-k "not grads and not backward"); BWD=(-k "grads or backward")
+  if [ "$DRY" = 1 ]; then  # the three largest sweeps take ~3 of the file's ~4 minutes on 2 CPU cores
+    echo "(dry run: the forward sweep without test_plain/test_feature/test_low_precision; the whole file:"
+    echo " HEADOPS_TEST_CUDA_DEVICE=cpu pytest tests/test_attention_cuda.py)"
+    FWD=(-k "not grads and not backward and not test_plain and not test_feature and not test_low_precision")
+  fi
+  run "tests: attention forward sweep" 120 "${PYTEST[@]}" tests/test_attention_cuda.py --maxfail=25 "${FWD[@]}" \
+    --junitxml="$OUT/test_attention_cuda_fwd.xml"
+  run "tests: attention gradients" 100 "${PYTEST[@]}" tests/test_attention_cuda.py --maxfail=25 "${BWD[@]}" \
+    --junitxml="$OUT/test_attention_cuda_bwd.xml"
 fi
 
-echo; echo "gpu_suite: $failed step(s) failed; logs in $OUT"
+echo
+echo "=== summary ($( [ "$DRY" = 1 ] && echo "DRY RUN on the CPU: nothing ran on a GPU" || echo GPU ); $(( $(date +%s) - SUITE_START )) s in all; logs in $OUT)"
+for i in "${!names[@]}"; do printf '%-8s %5s s  %s\n' "${results[$i]}" "${seconds[$i]}" "${names[$i]}"; done
+echo "gpu_suite: $failed step(s) failed"
 exit "$failed"

@@ -1,0 +1,186 @@
+"""GPU decode benchmark of headops.HeadSparseCache against SDPA over a dense KV cache.
+
+One layer, B = 1, 32 query heads / 8 KV heads (GQA 4), D = 128, bfloat16; contexts 32k and 128k.
+Scenarios (the headops cache; SDPA always reads the dense cache):
+  full          every KV head keeps every token (the same work as SDPA, head-sparse storage)
+  stream 50%    every other KV head streaming: 4 sinks + a window of 1024 (only those kept)
+  stream 100%   every KV head streaming (StreamingLLM)
+Candidates:
+  headops step  HeadSparseCache.attention for one new token: Python checks, kv_append and the
+                split-K decode kernels (what a user pays per generated token and layer); the
+                cache grows by one token per call
+  SDPA          scaled_dot_product_attention(q [1, 32, 1, 128], K/V [1, 8, S, 128], enable_gqa=True)
+                over a preallocated dense cache (no append: a lower bound for a dense cache)
+Bandwidth: the bytes a step must read (cache.nbytes(): the keys and values each head keeps) over
+the step's time, beside the device's copy bandwidth measured in the same run (a 1 GiB
+device-to-device copy: 2 bytes moved per byte copied), so "fraction of copy bandwidth" says how
+close the decode kernel gets to reading what it keeps at memory speed.
+Timing: a warm-up, then `--repeats` calls each timed by a pair of CUDA events, interleaved; the
+median is reported. Correctness: the headops "full" output against SDPA on the same cache.
+
+    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--json out.json]
+    python3 bench/kvcache_cuda.py --device cpu      # a dry run on the CPU kernels (tiny sizes; numbers mean nothing)
+
+Written before any GPU run (the first is bench/gpu_suite.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import headops
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dry = args.device == "cpu"
+    args.contexts = args.contexts or ([1024, 4096] if dry else [32768, 131072])
+    args.heads = args.heads or (8 if dry else 32)
+    args.kv_heads = args.kv_heads or (2 if dry else 8)
+    if dry:
+        args.dim, args.window, args.repeats = min(args.dim, 64), min(args.window, 256), min(args.repeats, 3)
+    return args
+
+
+class Timer:
+    """Times a callable: CUDA events on a GPU, perf_counter on the CPU (dry run)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def copy_bandwidth(device, timer, repeats) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write counted)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [timer(lambda: dst.copy_(src)) for _ in range(max(3, repeats // 3))]
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def make_cache(kind, S, args, device, dtype, g):
+    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
+    group = Hq // Hkv
+    if kind == "full":
+        kinds = ["full"] * Hkv
+    elif kind == "stream 50%":
+        kinds = ["full" if h % 2 == 0 else "streaming" for h in range(Hkv)]
+    else:
+        kinds = ["streaming"] * Hkv
+    window = [args.window if kinds[q // group] == "streaming" else -1 for q in range(Hq)]
+    sinks = [args.sinks if kinds[q // group] == "streaming" else 0 for q in range(Hq)]
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=1,
+                                    dtype=dtype, device=device, kinds=kinds, window=window, sinks=sinks,
+                                    max_step=1)
+    return cache
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and headops._C.cuda_compiled):
+        print("kvcache_cuda: needs a GPU and a CUDA build of headops (or --device cpu for a dry run)")
+        return 2
+    dtype = torch.bfloat16
+    timer = Timer(device)
+    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
+    gbps_copy = copy_bandwidth(device, timer, args.repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    print(f"device: {name}; copy bandwidth {gbps_copy:.0f} GB/s (read + write)")
+    rows = []
+    for S in args.contexts:
+        g = torch.Generator().manual_seed(S)
+        k = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+        v = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+        q = torch.randn(1, 1, Hq, D, generator=g).to(dtype).to(device)
+        k1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        v1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        # SDPA over the dense cache holding the same S + 1 tokens as the cache's first step
+        dense_k = torch.cat([k, k1], 1).transpose(1, 2).contiguous()
+        dense_v = torch.cat([v, v1], 1).transpose(1, 2).contiguous()
+        qt = q.transpose(1, 2)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(qt, dense_k, dense_v, enable_gqa=True)
+
+        caches = {}
+        for kind in ("full", "stream 50%", "stream 100%"):
+            cache = make_cache(kind, S, args, device, dtype, g)
+            cache.append(0, k, v)
+            caches[kind] = cache
+        # correctness: the full cache's first step against SDPA over the same S + 1 tokens
+        first = caches["full"].attention(0, q, k1, v1)
+        err = (first.transpose(1, 2).float() - sdpa().float()).abs().max().item()
+        for kind, cache in caches.items():  # warm-up (the full cache has had its first step)
+            if kind != "full":
+                cache.attention(0, q, k1, v1)
+        sdpa()
+        times = {kind: [] for kind in caches}
+        times["SDPA"] = []
+        for _ in range(args.repeats):
+            for kind, cache in caches.items():
+                times[kind].append(timer(lambda: cache.attention(0, q, k1, v1)))
+            times["SDPA"].append(timer(sdpa))
+        dense_bytes = 2 * dense_k.numel() * dense_k.element_size()
+        t_sdpa = statistics.median(times["SDPA"])
+        rows.append(dict(context=S, candidate="SDPA (dense)", ms=t_sdpa * 1e3, kept_bytes=dense_bytes,
+                         gbps=dense_bytes / t_sdpa / 1e9, vs_sdpa=1.0, max_abs_err=None))
+        for kind, cache in caches.items():
+            t = statistics.median(times[kind])
+            kept = cache.nbytes()
+            rows.append(dict(context=S, candidate=f"headops {kind}", ms=t * 1e3, kept_bytes=kept, gbps=kept / t / 1e9,
+                             vs_sdpa=t_sdpa / t, max_abs_err=err if kind == "full" else None))
+        del caches, dense_k, dense_v, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(f"decode step, B=1, Hq={Hq}, Hkv={Hkv}, D={D}, bfloat16, window {args.window} + {args.sinks} sinks "
+          f"for streaming heads; median of {args.repeats}")
+    print("| context | candidate | ms / step | kept MB | GB/s read | of copy bw | speed-up vs SDPA | max abs err |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        err = "" if r["max_abs_err"] is None else f"{r['max_abs_err']:.1e}"
+        print(f"| {r['context']} | {r['candidate']} | {r['ms']:.3f} | {r['kept_bytes'] / 1e6:.1f} | {r['gbps']:.1f} | "
+              f"{r['gbps'] / gbps_copy:.0%} | {r['vs_sdpa']:.2f}x | {err} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, copy_gbps=gbps_copy, args=vars(args), rows=rows), f, indent=1)
+    bad = [r for r in rows if r["max_abs_err"] is not None and not r["max_abs_err"] < 5e-2]
+    if bad:
+        print(f"kvcache_cuda: headops full cache differs from SDPA by {bad[0]['max_abs_err']:.3g}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
