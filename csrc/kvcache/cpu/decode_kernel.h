@@ -133,9 +133,12 @@ constexpr int kPvPairs = 1;
 #endif
 
 // acc[r, :] += sum_j prob[r, j] * v[j, :] for NR rows, over columns [d0, d0 + kPvPairs * 2W).
+// fetch: whole rows are prefetched ahead (the first pass over a block whose value rows the
+// score product did not fetch), so later passes (other columns of the same rows) read them
+// from cache instead of from memory again.
 template <int NR, typename acc_t, typename scalar_t>
 void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk, int64_t D,
-                     int64_t d0) {
+                     int64_t d0, bool fetch) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = pair_width<acc_t>();
   constexpr int C = 2 * kPvPairs;
@@ -146,9 +149,7 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j = 0; j < nk; ++j) {
-    if (d0 == 0 && j + 8 < nk) {
-      // the first pass over the block fetches whole rows ahead, so later passes (other
-      // columns of the same rows) read them from cache instead of from memory again
+    if (fetch && j + 8 < nk) {
       const char* ahead = reinterpret_cast<const char*>(v + (j + 8) * D);
       for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
     }
@@ -169,20 +170,23 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     for (int c = 0; c < C; ++c) a[r][c].store(acc + r * D + d0 + c * V::size());
 }
 
+// values_fetched: the block's value rows are on their way to cache already (the score product
+// fetched them); otherwise the first column pass fetches them.
 template <typename acc_t, typename scalar_t>
 void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk,
-                   int64_t D) {
+                   int64_t D, bool values_fetched) {
   constexpr int64_t kChunk = kPvPairs * pair_width<acc_t>();
   int64_t d0 = 0;
   for (; d0 + kChunk <= D; d0 += kChunk) {
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       acc_t* a = acc + r0 * D;
       const acc_t* p = prob + r0 * ldp;
+      const bool fetch = !values_fetched && d0 == 0 && r0 == 0;
       switch (std::min<int64_t>(4, R - r0)) {
-        case 4: accumulate_rows<4>(a, p, ldp, v, nk, D, d0); break;
-        case 3: accumulate_rows<3>(a, p, ldp, v, nk, D, d0); break;
-        case 2: accumulate_rows<2>(a, p, ldp, v, nk, D, d0); break;
-        default: accumulate_rows<1>(a, p, ldp, v, nk, D, d0); break;
+        case 4: accumulate_rows<4>(a, p, ldp, v, nk, D, d0, fetch); break;
+        case 3: accumulate_rows<3>(a, p, ldp, v, nk, D, d0, fetch); break;
+        case 2: accumulate_rows<2>(a, p, ldp, v, nk, D, d0, fetch); break;
+        default: accumulate_rows<1>(a, p, ldp, v, nk, D, d0, fetch); break;
       }
     }
   }
@@ -307,7 +311,7 @@ class DecodeWorker {
     }
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
-      block_scores(st.k_row(j0, D), st.v_row(j0, D), nk);
+      bool values_fetched = block_scores(st.k_row(j0, D), st.v_row(j0, D), nk);
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
       bool used[2] = {false, false};
@@ -327,7 +331,8 @@ class DecodeWorker {
       }
       for (int br = 0; br < 2; ++br) {
         if (!used[br]) continue;
-        accumulate_pv(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D);
+        accumulate_pv(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D, values_fetched);
+        values_fetched = true;  // (the second branch's pass reads the rows the first one fetched)
         counts_.add(kValueBlocks, 1);
       }
     }
@@ -368,18 +373,20 @@ class DecodeWorker {
     }
   }
 
-  // scores_[r, j] = q_r . k_j for the block's nk keys (its value rows `v` are fetched meanwhile).
-  void block_scores(const scalar_t* k, const scalar_t* v, int64_t nk) {
+  // scores_[r, j] = q_r . k_j for the block's nk keys. Returns whether its value rows `v` were
+  // fetched meanwhile (the direct product does; brgemm does not).
+  bool block_scores(const scalar_t* k, const scalar_t* v, int64_t nk) {
     const int64_t D = D_;
     if constexpr (!kDirect) {
       if (use_brgemm_) {
         at::native::cpublas::brgemm(nk, R_, D, D, R_, R_, false, k, q_vnni_.data(), scores_t_.data(), true);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t r = 0; r < R_; ++r) scores_[r * kDecodeBlock + j] = scores_t_[j * R_ + r];
-        return;
+        return false;
       }
     }
     block_scores_direct(scores_.data(), kDecodeBlock, q_.data(), R_, k, v, nk, D);
+    return true;
   }
 
   // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
