@@ -26,6 +26,7 @@
 
 #include "../backward_semantics.h"
 #include "../head_semantics.h"
+#include "device_math.cuh"
 #include "smem_opt_in.h"
 
 namespace headops {
@@ -48,10 +49,6 @@ using HeadPlan = BackwardHead<float>;
 __device__ __forceinline__ HeadPlan head_plan(const BackwardParams& p, int64_t b, int64_t h) {
   return HeadPlan::read(p, b, h);
 }
-
-struct FastExp {
-  __device__ __forceinline__ float operator()(float x) const { return expf(x); }
-};
 
 // --------------------------------------------------------------------------- 1. row pass
 

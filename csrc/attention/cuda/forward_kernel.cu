@@ -37,6 +37,7 @@
 #include "../attention_params.h"
 #include "../head_semantics.h"
 #include "../online_softmax.h"
+#include "device_math.cuh"
 #include "forward_kernel.cuh"
 #include "smem_opt_in.h"
 
@@ -92,33 +93,6 @@ __device__ __forceinline__ RowRanges row_ranges(const HeadVisibility& vis, int64
 __device__ __forceinline__ bool in_ranges(const RowRanges& r, int j) {
   return (j >= r.s_lo && j < r.s_hi) || (j >= r.w_lo && j < r.w_hi);
 }
-
-template <typename T>
-struct TypeOps;
-
-template <>
-struct TypeOps<float> {
-  __device__ static float to_float(float x) { return x; }
-  __device__ static float from_float(float x) { return x; }
-};
-template <>
-struct TypeOps<__nv_bfloat16> {
-  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  __device__ static uint32_t pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-template <>
-struct TypeOps<__half> {
-  __device__ static float to_float(__half x) { return __half2float(x); }
-  __device__ static __half from_float(float x) { return __float2half_rn(x); }
-  __device__ static uint32_t pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core kernel
@@ -192,18 +166,6 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const T* base, int64_t 
   }
 }
 
-struct Exp2 {
-  __device__ __forceinline__ float operator()(float x) const { return exp2f(x); }
-};
-struct Log2 {
-  __device__ __forceinline__ float operator()(float x) const { return log2f(x); }
-};
-struct FastExp {
-  __device__ __forceinline__ float operator()(float x) const { return __expf(x); }
-};
-struct FastLog {
-  __device__ __forceinline__ float operator()(float x) const { return __logf(x); }
-};
 
 // What an item of up to block_q query rows of one head reads before it walks the keys (both
 // kernels): where it is, the head's scalars, branch plan and visibilities, and its key walk.

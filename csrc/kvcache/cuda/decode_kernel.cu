@@ -32,36 +32,12 @@
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
 #include "kv_cache_kernels.cuh"
+#include "../../attention/cuda/device_math.cuh"
 #include "../../attention/cuda/smem_opt_in.h"
 
 namespace headops {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct KvType;
-template <>
-struct KvType<float> {
-  __device__ static float to_float(float x) { return x; }
-  __device__ static float from_float(float x) { return x; }
-};
-template <>
-struct KvType<__nv_bfloat16> {
-  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
-template <>
-struct KvType<__half> {
-  __device__ static float to_float(__half x) { return __half2float(x); }
-  __device__ static __half from_float(float x) { return __float2half_rn(x); }
-};
-
-struct DevExp {
-  __device__ __forceinline__ float operator()(float x) const { return __expf(x); }
-};
-struct DevLog {
-  __device__ __forceinline__ float operator()(float x) const { return __logf(x); }
-};
 
 // xor butterflies: every lane ends with the same value (a + b == b + a exactly)
 __device__ __forceinline__ float warp_max(float x) {
@@ -178,8 +154,8 @@ __device__ bool load_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, i
     const int64_t j = idx / D, d = idx - j * D;
     float kv = 0.f, vv = 0.f;
     if (tile.pos[j] >= 0) {
-      kv = KvType<T>::to_float(static_cast<const T*>(tile.k[j])[d]);
-      vv = KvType<T>::to_float(static_cast<const T*>(tile.v[j])[d]);
+      kv = TypeOps<T>::to_float(static_cast<const T*>(tile.k[j])[d]);
+      vv = TypeOps<T>::to_float(static_cast<const T*>(tile.v[j])[d]);
       any = true;
     }
     sK[d * kPad + j] = kv;
@@ -258,7 +234,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int64_t idx = threadIdx.x; idx < kDecodeRowsPerPass * D; idx += blockDim.x) {
       const int64_t rr = idx / D, d = idx - rr * D, r = c0 + rr;
       float x = 0.f;
-      if (r < R) x = KvType<T>::to_float(a.q.row<T>(b, r % Sq, kvh * G + r / Sq)[d]);
+      if (r < R) x = TypeOps<T>::to_float(a.q.row<T>(b, r % Sq, kvh * G + r / Sq)[d]);
       sQ[idx] = x;
     }
     RowInfo rows[RW];
@@ -303,9 +279,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
           const HeadVisibility vis = br == 0 ? full_visibility(a.causal) : streaming_visibility(a.causal, row.hs);
           const float x = key_logit(a, row, vis, key_pos, s);
           OnlineSoftmax<float>& sm = st[br][k];
-          const float correction = sm.rescale(warp_max(x), DevExp{});
+          const float correction = sm.rescale(warp_max(x), FastExp{});
           if (sm.max == negative_infinity<float>()) continue;  // nothing visible yet
-          const float e = DevExp{}(x - sm.reference());
+          const float e = FastExp{}(x - sm.reference());
           sm.add(warp_sum(e), correction);
           if (correction != 1.f) {
 #pragma unroll
@@ -333,8 +309,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int k = 0; k < RW; ++k) {
         adds[k] = rows[k].active && rows[k].plan.streaming && st[1][k].max != negative_infinity<float>();
         OnlineSoftmax<float> with_sink = OnlineSoftmax<float>::start(rows[k].hs.has_sink_logit, rows[k].hs.sink_logit);
-        if (adds[k]) with_sink.merge(st[1][k], DevExp{});
-        lse[k] = adds[k] ? with_sink.lse(DevLog{}) : 0.f;
+        if (adds[k]) with_sink.merge(st[1][k], FastExp{});
+        lse[k] = adds[k] ? with_sink.lse(FastLog{}) : 0.f;
       }
       for (int64_t t0 = t_begin; t0 < t_end; t0 += kDecodeTile) {
         const bool any = load_tile<T>(p, w, b, length, t0, t_end, tile, sK, sV);
@@ -346,7 +322,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
             const RowInfo& row = rows[k];
             const float s = row_score(sQ + (warp * RW + k) * D, sK, D, lane);
             const float x = key_logit(a, row, streaming_visibility(a.causal, row.hs), key_pos, s);
-            e = x == negative_infinity<float>() ? 0.f : DevExp{}(x - lse[k]);
+            e = x == negative_infinity<float>() ? 0.f : FastExp{}(x - lse[k]);
           }
           sMass[(warp * RW + k) * kDecodeTile + lane] = e;
         }
@@ -400,11 +376,11 @@ __device__ void merge_compensation(const DecodeParams& p, int64_t b, int64_t kvh
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     const int64_t d = lane + 32 * t;
-    if (d < D) dot += KvType<T>::to_float(q[d]) * static_cast<float>(k_sum[d] / static_cast<double>(n));
+    if (d < D) dot += TypeOps<T>::to_float(q[d]) * static_cast<float>(k_sum[d] / static_cast<double>(n));
   }
   dot = warp_sum(dot);
-  const OnlineSoftmax<float> key{compensation_logit(softmax_scale * dot, n, comp.weighted, DevLog{}), 1.f};
-  const auto scales = row.merge(key, DevExp{});
+  const OnlineSoftmax<float> key{compensation_logit(softmax_scale * dot, n, comp.weighted, FastLog{}), 1.f};
+  const auto scales = row.merge(key, FastExp{});
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     const int64_t d = lane + 32 * t;
@@ -426,7 +402,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const HeadScalars<float> hs = read_head<float>(a, b, h);
   T* out = const_cast<T*>(a.out.row<T>(b, i, h));
   if (hs.gate == 0.f) {
-    for (int64_t d = lane; d < D; d += 32) out[d] = KvType<T>::from_float(0.f);
+    for (int64_t d = lane; d < D; d += 32) out[d] = TypeOps<T>::from_float(0.f);
     return;
   }
   const BranchPlan plan = plan_branches(hs);
@@ -442,7 +418,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const int64_t at = (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br;
       const OnlineSoftmax<float> part{part_ms[2 * at], part_ms[2 * at + 1]};
       if (part.sum == 0.f) continue;  // the split saw nothing of this row
-      const auto scales = row.merge(part, DevExp{});
+      const auto scales = row.merge(part, FastExp{});
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const int64_t d = lane + 32 * t;
@@ -461,7 +437,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     if (d >= D) continue;
     const float full = merged[0][t] * inv[0], stream = merged[1][t] * inv[1];
     const float o = plan.full && plan.streaming ? mix_alpha(hs.alpha, full, stream) : (plan.full ? full : stream);
-    out[d] = KvType<T>::from_float(epilogue(o, os ? os[d * a.out_scale.stride_n] : 1.f,
+    out[d] = TypeOps<T>::from_float(epilogue(o, os ? os[d * a.out_scale.stride_n] : 1.f,
                                             ob ? ob[d * a.out_bias.stride_n] : 0.f, hs.gate));
   }
 }
