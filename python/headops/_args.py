@@ -129,8 +129,9 @@ def per_head(caller, value, name, s: HeadShapes, device, *, integer: bool, host_
             raise TypeError(f"{caller}: {name} must be a real number or a tensor, got {value!r}")
         if integer and not -2**63 <= value < 2**63:
             raise fail(caller, name, "an int64 value", value)
-        value = torch.full((), value, dtype=torch.int64 if integer else torch.float64,
-                           device="cpu" if host_ok else device)
+        # (a fill takes Python's int and float only: Fraction, Decimal, numpy scalars are converted)
+        value = torch.full((), int(value) if integer else float(value), dtype=torch.int64 if integer else
+                           torch.float64, device="cpu" if host_ok else device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a number or a tensor, got {type(value).__name__}")
     check_dense(caller, value, name)

@@ -550,8 +550,14 @@ def _check_device(caller, name, device: torch.device) -> None:
     compiled, not yet run on a GPU)."""
     from . import _C
 
-    if device.type == "cpu" or (device.type == "cuda" and getattr(_C, "cuda_compiled", False)):
+    if device.type == "cpu":
         return
+    if device.type == "cuda" and getattr(_C, "cuda_compiled", False):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index is None and count) or (device.index is not None and device.index < count):
+            return
+        raise ValueError(f"{caller}: {name} is on device {device}, but this machine has "
+                         f"{count or 'no'} CUDA device{'' if count == 1 else 's'}")
     where = "CPU and CUDA" if getattr(_C, "cuda_compiled", False) else "CPU only in this build"
     raise ValueError(f"{caller}: {name} is on device {device}, which the cache does not support ({where})")
 
