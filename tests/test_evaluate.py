@@ -182,6 +182,24 @@ def test_wilson_interval_known_values():
     assert abs(low - 0.9287) < 1e-4 and high == 1.0
 
 
+def test_paired_comparison_counts_discordant_prompts_and_gives_the_exact_p_value():
+    def row(method, seed, correct, task="passkey"):
+        return dict(task=task, length="100", depth="0.5", seed=str(seed), method=method, correct=str(correct))
+
+    # 10 prompts: a right on 0-8, b right on 0-1 and 9: a alone 7, b alone 1, both 2
+    rows = [row("a", s, int(s < 9)) for s in range(10)] + [row("b", s, int(s < 2 or s == 9)) for s in range(10)]
+    rows += [row("a", 0, 0, task="niah_single"), row("b", 0, 1, task="niah_single")]  # another task
+    got = harness.paired_comparison(rows, "a", "b", task="passkey")
+    assert (got["prompts"], got["only_first"], got["only_second"], got["both"]) == (10, 7, 1, 2)
+    assert abs(got["p_value"] - 2 * (1 + 8) / 2**8) < 1e-12  # two-sided binomial(8, 1/2), k <= 1
+    swapped = harness.paired_comparison(rows, "b", "a", task="passkey")
+    assert (swapped["only_first"], swapped["only_second"], swapped["p_value"]) == (1, 7, got["p_value"])
+    assert harness.paired_comparison(rows, "a", "b")["prompts"] == 11
+    assert harness.paired_comparison(rows, "a", "a")["p_value"] == 1.0  # no discordant prompt
+    with pytest.raises(ValueError, match="no prompt has rows of both"):
+        harness.paired_comparison(rows, "a", "c")
+
+
 def test_summaries_count_each_group():
     rows = [dict(task="passkey", length="100", method="dense", family="dense", correct=c, recall=c, bytes=100,
                  dense_bytes=100) for c in (1, 1, 0, 1)]

@@ -42,7 +42,7 @@ from .prefill import capture_prefill
 from .spec import HeadSpec
 
 __all__ = ["Method", "parse_method", "standard_methods", "evaluate", "read_rows", "summarize", "wilson_interval",
-           "CSV_HEADER"]
+           "paired_comparison", "CSV_HEADER"]
 
 CALLER = "headops.evaluate"
 
@@ -389,6 +389,33 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple:
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_comparison(rows, first: str, second: str, *, task: str | None = None, length: int | None = None) -> dict:
+    """Two methods on the same prompts: how many prompts only `first` answered right, only
+    `second` did, how many both had, and the exact two-sided McNemar p-value (the binomial test
+    of the discordant prompts; 1 when there are none). Rows are matched by (task, length,
+    depth, seed); `task` / `length` restrict them. Paired, so it sees differences that two
+    overlapping Wilson intervals hide."""
+    def by_prompt(method):
+        out = {}
+        for r in rows:
+            if r["method"] != method or (task is not None and r["task"] != task) or \
+                    (length is not None and int(r["length"]) != int(length)):
+                continue
+            out[_key(r["task"], r["length"], r["depth"], r["seed"], "")] = int(r["correct"])
+        return out
+
+    a, b = by_prompt(first), by_prompt(second)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"{CALLER}: no prompt has rows of both {first!r} and {second!r}")
+    only_first = sum(1 for k in common if a[k] and not b[k])
+    only_second = sum(1 for k in common if b[k] and not a[k])
+    n, low = only_first + only_second, min(only_first, only_second)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n) if n else 1.0
+    return dict(prompts=len(common), only_first=only_first, only_second=only_second,
+                both=sum(1 for k in common if a[k] and b[k]), p_value=p)
 
 
 def summarize(rows) -> list:
