@@ -182,6 +182,16 @@ def test_wilson_interval_known_values():
     assert abs(low - 0.9287) < 1e-4 and high == 1.0
 
 
+def test_batches_share_one_length_and_come_longest_first():
+    from types import SimpleNamespace
+
+    lengths = [200, 400, 200, 400, 400, 300]  # prompts of several tasks and lengths, as the command makes them
+    samples = [SimpleNamespace(ids=torch.zeros(n, dtype=torch.long), question_start=n - 5) for n in lengths]
+    batches = harness._batches(samples, 2)
+    assert batches == [[1, 3], [4], [5], [0, 2]]  # 400s, then 300, then 200: a round of 2 ranks pairs equals
+    assert sorted(i for b in batches for i in b) == list(range(len(samples)))
+
+
 def test_paired_comparison_counts_discordant_prompts_and_gives_the_exact_p_value():
     def row(method, seed, correct, task="passkey"):
         return dict(task=task, length="100", depth="0.5", seed=str(seed), method=method, correct=str(correct))

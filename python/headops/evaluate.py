@@ -249,11 +249,14 @@ def _drop_partial_line(path):
 
 def _batches(samples, batch_size):
     """Lists of sample indices, at most batch_size each, with one prompt length and one question
-    start (a batch shares its prefill and its question's decode call)."""
+    start (a batch shares its prefill and its question's decode call); the longest prompts first,
+    so that a round of one batch per process (under torchrun) holds batches of one length, not a
+    short batch waiting on a long one."""
     groups = {}
     for i, s in enumerate(samples):
         groups.setdefault((len(s.ids), s.question_start), []).append(i)
-    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    ordered = sorted(groups.values(), key=lambda g: -len(samples[g[0]].ids))  # (stable: ties keep their order)
+    return [g[i:i + batch_size] for g in ordered for i in range(0, len(g), batch_size)]
 
 
 def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, batch_size: int = 8,
