@@ -15,6 +15,16 @@ import torch
 import headops
 from headops import reference
 
+# The CUDA test files (test_attention_cuda, test_kvcache_cuda) run on a GPU and skip without one;
+# HEADOPS_TEST_CUDA_DEVICE=cpu runs them on the CPU kernels instead: a dry run of the tests
+# themselves (helpers, tolerances) on a machine without a GPU, where the GPU-only tests skip.
+CUDA_TEST_DEVICE = os.environ.get("HEADOPS_TEST_CUDA_DEVICE", "cuda")
+CUDA_DRY_RUN = CUDA_TEST_DEVICE == "cpu"
+needs_cuda = pytest.mark.skipif(
+    not CUDA_DRY_RUN and (not torch.cuda.is_available() or not getattr(headops._C, "cuda_compiled", False)),
+    reason="needs a CUDA GPU and a build with the CUDA kernels")
+gpu_only = pytest.mark.skipif(CUDA_DRY_RUN, reason="GPU-specific (dry run on the CPU)")
+
 LAYOUTS = ("bshd", "bhsd")
 # every per-head feature of head_params except alpha (which excludes return_lse)
 ALL_FEATURES = ["scale", "window", "sinks", "key_bias", "sink_logit", "out_scale", "out_bias", "gate"]

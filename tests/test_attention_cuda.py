@@ -31,18 +31,13 @@ import torch
 import headops
 from headops import reference
 
-from conftest import ALL_FEATURES as ALL, LAYOUTS, LSE_ATOL, OUT_ATOL, OUT_RTOL, assert_close, check_lse, \
-    head_params, make_qkv
+from conftest import ALL_FEATURES as ALL, CUDA_DRY_RUN, CUDA_TEST_DEVICE, LAYOUTS, LSE_ATOL, OUT_ATOL, OUT_RTOL, \
+    assert_close, check_lse, gpu_only, head_params, make_qkv, needs_cuda
 from test_attention_cpu import FEATURE_CASES, LOWP_CASES, MAX_JUMPS, SHAPES, shape_id
 
-# HEADOPS_TEST_CUDA_DEVICE=cpu runs this file's checks on the CPU kernel instead: a dry run of the
-# tests themselves (helpers, tolerances) on a machine without a GPU; GPU-only tests then skip.
-CUDA = os.environ.get("HEADOPS_TEST_CUDA_DEVICE", "cuda")
-DRY_RUN = CUDA == "cpu"
-pytestmark = pytest.mark.skipif(
-    not DRY_RUN and (not torch.cuda.is_available() or not getattr(headops._C, "cuda_compiled", False)),
-    reason="needs a CUDA GPU and a build with the CUDA kernels")
-gpu_only = pytest.mark.skipif(DRY_RUN, reason="GPU-specific (dry run on the CPU)")
+# HEADOPS_TEST_CUDA_DEVICE=cpu: a dry run on the CPU kernel (conftest.CUDA_TEST_DEVICE)
+CUDA, DRY_RUN = CUDA_TEST_DEVICE, CUDA_DRY_RUN
+pytestmark = needs_cuda
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

@@ -17,19 +17,16 @@ skip. NOTE: written before any GPU run; the first run is bench/gpu_suite.sh.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import headops
 
-CUDA = os.environ.get("HEADOPS_TEST_CUDA_DEVICE", "cuda")
-DRY_RUN = CUDA == "cpu"
-pytestmark = pytest.mark.skipif(
-    not DRY_RUN and (not torch.cuda.is_available() or not getattr(headops._C, "cuda_compiled", False)),
-    reason="needs a CUDA GPU and a build with the CUDA kernels")
-gpu_only = pytest.mark.skipif(DRY_RUN, reason="GPU-specific (dry run on the CPU)")
+from conftest import CUDA_DRY_RUN, CUDA_TEST_DEVICE, gpu_only, needs_cuda
+
+CUDA, DRY_RUN = CUDA_TEST_DEVICE, CUDA_DRY_RUN
+pytestmark = needs_cuda
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # device output against the CPU op on the same rounded inputs (both accumulate in float32)
