@@ -10,7 +10,7 @@
 #   bash bench/gpu_suite.sh              # logs and results under $OUT (default /tmp/headops_gpu)
 #   bash bench/gpu_suite.sh --dry-run    # the whole script on the CPU, here (no build, no sanitizer:
 #                                        # the tests with HEADOPS_TEST_CUDA_DEVICE=cpu, benches --device cpu)
-# Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16, at most nproc), OUT,
+# Environment: PYTHON (python3; a dry run: .venv/bin/python where it exists), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16, at most nproc), OUT,
 #              SUITE_BUDGET_S (470: no step starts past it, and every step's timeout is cut to it),
 #              SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1, SKIP_BENCH=1.
 # Every step runs under `timeout` (a hang costs its cap, not the device time) and even if an
@@ -26,6 +26,8 @@ for arg in "$@"; do
     *) echo "usage: bash bench/gpu_suite.sh [--dry-run]"; exit 2 ;;
   esac
 done
+# the GPU machine's python3 has torch; here (a dry run) the project's .venv has it
+if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/headops_gpu}
 mkdir -p "$OUT"
