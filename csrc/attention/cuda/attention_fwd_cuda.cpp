@@ -20,20 +20,13 @@
 
 #include "../head_semantics.h"
 #include "../work_counters.h"
+#include "cuda_dtype.h"
 #include "forward_kernel.cuh"
 
 namespace headops::cuda {
 namespace {
 
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "headops.attention_fwd: dtype ", t, " is not supported on CUDA (float32, bfloat16, float16)");
-  }
-  return DType::kFloat32;
-}
+constexpr const char* kOp = "headops.attention_fwd: ";
 
 // cp.async copies 16-byte chunks: every row the kernel reads must start on 16 bytes.
 bool rows_16_byte_aligned(const HeadTensor& t, int64_t B, int64_t S, int64_t H) {
@@ -51,7 +44,7 @@ bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
                        rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) &&
                        rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv);
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
-  return tensor_core_choice(dtype_of(dtype), p.head_dim, p.alpha.present(), aligned, device->major,
+  return tensor_core_choice(dtype_of(kOp, dtype), p.head_dim, p.alpha.present(), aligned, device->major,
                             static_cast<int64_t>(device->sharedMemPerBlockOptin), force_generic());
 }
 
@@ -136,7 +129,7 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
                        const std::optional<at::Tensor>& window, const std::optional<at::Tensor>& sinks,
                        const std::optional<at::Tensor>& alpha) {
   const char* op = "headops.attention_fwd: ";
-  const DType dtype = dtype_of(q.scalar_type());
+  const DType dtype = dtype_of(kOp, q.scalar_type());
   TORCH_CHECK(p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30), op,
               "sequences of 2^30 tokens or more are not supported on CUDA");
   TORCH_CHECK(p.batch < (int64_t(1) << 31) && p.heads_q < (int64_t(1) << 31), op, "batch or heads too large");

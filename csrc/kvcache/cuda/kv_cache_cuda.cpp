@@ -28,21 +28,11 @@
 #include <vector>
 
 #include "../../attention/attention_args.h"
+#include "../../attention/cuda/cuda_dtype.h"
 #include "kv_cache_kernels.cuh"
 
 namespace headops::cuda {
 namespace {
-
-DType kv_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    case at::kDouble: TORCH_CHECK(false, op, "float64 is CPU only (CUDA: float32, bfloat16, float16)");
-    default: TORCH_CHECK(false, op, "dtype ", t, " is not supported on CUDA (float32, bfloat16, float16)");
-  }
-  return DType::kFloat32;
-}
 
 void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
@@ -164,7 +154,7 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
                const OptTensor& slot_mass, bool write_budget, const OptTensor& comp_table, const OptTensor& comp_k,
                const OptTensor& comp_v, const OptTensor& comp_n) {
   const char* op = "headops.kv_append: ";
-  const DType dtype = kv_dtype(op, k_new.scalar_type());
+  const DType dtype = dtype_of(op, k_new.scalar_type());
   const at::Device device = k_new.device();
   check_on(op, v_new, "v_new", device);
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
@@ -207,7 +197,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
                             const OptTensor& slot_pos, const OptTensor& slot_mass, const OptTensor& comp_table,
                             const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
   const char* op = "headops.decode_attention: ";
-  const DType dtype = kv_dtype(op, q_in.scalar_type());
+  const DType dtype = dtype_of(op, q_in.scalar_type());
   TORCH_CHECK(split_keys >= 1, op, "split_keys must be >= 1");
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   TORCH_CHECK(D >= 1 && D <= kDecodeMaxHeadDim, op, "head dim ", D, " is not supported on CUDA (1 to ",
