@@ -17,6 +17,7 @@ BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
 # every attention-kernel test, and the decode kernel's comparisons with full attention in each
 # dtype, with every per-head argument and over budget heads' kept sets
 DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
+                "test_decode_lower_precision_head_dims",
                 "test_budget_heads_equal_attention_over_the_kept_set"]
 SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py")] + [
     os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]

@@ -312,8 +312,21 @@ LOW_TOL = {torch.float32: (5e-6, 3e-6), torch.bfloat16: (1e-2, 2.5e-2), torch.fl
 @pytest.mark.parametrize("args", ["plain", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_decode_lower_precision(dtype, args, layout):
+    check_lower_precision(dtype, args, layout, B=2, D=32, S=40, steps=[1, 4, 2, 1, 3, 1, 1, 4] * 2)
+
+
+# The decode's products read 16-bit rows in vector pairs (16 elements on AVX2, 32 on AVX-512;
+# bfloat16 in an interleaved order that the kernel undoes for the output) and the head dims
+# past the last whole pair (scores) or column chunk (PV: 16 on AVX2, 64 on AVX-512) one by one:
+# head dims on both sides of those boundaries, over more than one 256-key block.
+@pytest.mark.parametrize("D", [8, 40, 72, 136])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_lower_precision_head_dims(dtype, D):
+    check_lower_precision(dtype, "all", "bshd", B=1, D=D, S=300, steps=[1, 3, 1])
+
+
+def check_lower_precision(dtype, args, layout, *, B, D, S, steps):
     c = ARGS_SPEC
-    B, D, S, steps = 2, 32, 40, [1, 4, 2, 1, 3, 1, 1, 4] * 2
     N = S + sum(steps)
     q, k, v = make_qkv(B, N, N, c["Hq"], c["Hkv"], D, dtype, layout)
     kw = per_head_args(ARG_SETS["all"], B, c["Hq"], D, N) if args == "all" else {}

@@ -50,12 +50,52 @@ constexpr int64_t kDecodeBlock = 256;  // slots per tile product
 // of a decode step spends most of its time packing the block, ~4x its multiply on the AVX2
 // EPYC). Rows of 16-bit storage are converted in registers as they stream in.
 
-// Two accumulator vectors' worth of a stored row from `row` on (16-bit elements converted).
+// bfloat16 rows widen to float by placing each element in the upper half of a 32-bit lane. On
+// AVX2 and AVX-512 one unpack of the loaded row against zero does that for half the elements
+// (one instruction per vector, where a widening move plus a shift is two; the products are
+// compute-bound on the 2-core AVX2 EPYC), at the price of an order of their own: within each
+// 128-bit lane of 8 stored elements the first vector takes elements 0-3, the second 4-7. The
+// products use the row in that order: the queries of the score product are permuted to match
+// (pair_permuted_queries), and the PV accumulators hold their columns in it until the item's
+// partials are written (unpermute_columns).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 template <typename acc_t, typename scalar_t>
-inline std::pair<Vectorized<acc_t>, Vectorized<acc_t>> load_pair(const scalar_t* row) {
+constexpr bool kInterleavedPair = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>;
+#else
+template <typename acc_t, typename scalar_t>
+constexpr bool kInterleavedPair = false;
+#endif
+
+// Keeps a loaded vector in a register: the compiler would otherwise fold the load into each of
+// the two unpacks that use it, reading the row twice.
+template <typename V>
+__attribute__((always_inline)) inline void in_register(V& x) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  asm("" : "+v"(x));
+#else
+  (void)x;
+#endif
+}
+
+// Two accumulator vectors' worth of a stored row from `row` on (16-bit elements converted; in
+// the interleaved order above where kInterleavedPair).
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline std::pair<Vectorized<acc_t>, Vectorized<acc_t>> load_pair(const scalar_t* row) {
   using V = Vectorized<acc_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return {V::loadu(row), V::loadu(row + V::size())};
+  } else if constexpr (kInterleavedPair<acc_t, scalar_t>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512i x = _mm512_loadu_si512(row);
+    in_register(x);
+    const __m512i zero = _mm512_setzero_si512();
+    return {V(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, x))), V(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, x)))};
+#elif defined(CPU_CAPABILITY_AVX2)
+    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+    in_register(x);
+    const __m256i zero = _mm256_setzero_si256();
+    return {V(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x))), V(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x)))};
+#endif
   } else {
     static_assert(Vectorized<scalar_t>::size() == 2 * V::size());
     auto [x0, x1] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(row));
@@ -68,9 +108,31 @@ constexpr int64_t pair_width() {
   return 2 * Vectorized<acc_t>::size();
 }
 
-// s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D]) and the nk stored rows of k. `v` (or
-// null): the block's value rows, fetched into cache here so that the PV product that follows
-// reads them from L2 rather than waiting on memory row by row.
+// The stored element (within its pair) that lane i of load_pair's two vectors holds.
+template <typename acc_t, typename scalar_t>
+constexpr int64_t pair_element(int64_t i) {
+  if constexpr (!kInterleavedPair<acc_t, scalar_t>) {
+    return i;
+  } else {
+    constexpr int64_t n = Vectorized<acc_t>::size();
+    const int64_t half = i / n, lane = i % n;
+    return lane / 4 * 8 + half * 4 + lane % 4;
+  }
+}
+
+// q (acc_t, [D]) into `out` in load_pair's order over the whole pairs of a row (the rest as is).
+template <typename acc_t, typename scalar_t, typename q_t>
+void pair_permuted_queries(acc_t* out, const q_t* q, int64_t D) {
+  constexpr int64_t W = pair_width<acc_t>();
+  const int64_t Dv = D / W * W;
+  for (int64_t d0 = 0; d0 < Dv; d0 += W)
+    for (int64_t i = 0; i < W; ++i) out[d0 + i] = static_cast<acc_t>(q[d0 + pair_element<acc_t, scalar_t>(i)]);
+  for (int64_t d = Dv; d < D; ++d) out[d] = static_cast<acc_t>(q[d]);
+}
+
+// s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D], in load_pair's order) and the nk stored
+// rows of k. `v` (or null): the block's value rows, fetched into cache here so that the PV
+// product that follows reads them from L2 rather than waiting on memory row by row.
 template <int NR, typename acc_t, typename scalar_t>
 void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const scalar_t* v, int64_t nk,
                 int64_t D) {
@@ -156,7 +218,11 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     const scalar_t* row = v + j * D + d0;
     V x[C];
     #pragma GCC unroll 8
-    for (int c = 0; c < C; c += 2) std::tie(x[c], x[c + 1]) = load_pair<acc_t>(row + c / 2 * W);
+    for (int c = 0; c < C; c += 2) {
+      const auto pair = load_pair<acc_t>(row + c / 2 * W);
+      x[c] = pair.first;
+      x[c + 1] = pair.second;
+    }
     #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       const V pr(prob[r * ldp + j]);
@@ -170,8 +236,10 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     for (int c = 0; c < C; ++c) a[r][c].store(acc + r * D + d0 + c * V::size());
 }
 
-// values_fetched: the block's value rows are on their way to cache already (the score product
-// fetched them); otherwise the first column pass fetches them.
+// acc[r, :] += prob[r, :] V. The columns of acc's whole chunks (kPvPairs pairs) are in
+// load_pair's order; unpermute_columns restores the stored order. values_fetched: the block's
+// value rows are on their way to cache already (the score product fetched them); otherwise the
+// first column pass fetches them.
 template <typename acc_t, typename scalar_t>
 void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk,
                    int64_t D, bool values_fetched) {
@@ -196,6 +264,16 @@ void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const 
       for (int64_t j = 0; j < nk; ++j) sum += prob[r * ldp + j] * static_cast<acc_t>(v[j * D + d0]);
       acc[r * D + d0] += sum;
     }
+}
+
+// One row of accumulate_pv's columns (acc) in the stored order (out).
+template <typename acc_t, typename scalar_t>
+void unpermute_columns(acc_t* out, const acc_t* acc, int64_t D) {
+  constexpr int64_t W = pair_width<acc_t>();
+  const int64_t whole = D / (kPvPairs * W) * (kPvPairs * W);
+  for (int64_t d0 = 0; d0 < whole; d0 += W)
+    for (int64_t i = 0; i < W; ++i) out[d0 + pair_element<acc_t, scalar_t>(i)] = acc[d0 + i];
+  std::copy(acc + whole, acc + D, out + whole);
 }
 
 struct DecodeItem {
@@ -291,7 +369,7 @@ class DecodeWorker {
       for (int64_t i = 0; i < Sq_; ++i) {
         const int64_t r = g * Sq_ + i;
         const scalar_t* qrow = a_.q.row<scalar_t>(b, i, item.kvh * G_ + g);
-        for (int64_t d = 0; d < D; ++d) q_[r * D + d] = static_cast<acc_t>(qrow[d]);
+        pair_permuted_queries<acc_t, scalar_t>(q_.data() + r * D, qrow, D);
         if constexpr (!kDirect) {
           if (use_brgemm_)
             for (int64_t d = 0; d < D; ++d) q_vnni_[((d / 2) * R_ + r) * 2 + d % 2] = qrow[d];
@@ -341,7 +419,7 @@ class DecodeWorker {
       for (int br = 0; br < 2; ++br) {
         const int64_t at = partials_.index(n, r, br);
         partials_.softmax[at] = rows_[br][r];
-        std::copy(acc_[br].begin() + r * D, acc_[br].begin() + (r + 1) * D, partials_.acc.begin() + at * D);
+        unpermute_columns<acc_t, scalar_t>(partials_.acc.data() + at * D, acc_[br].data() + r * D, D);
       }
     }
   }
