@@ -38,10 +38,16 @@ build: $(DEPS_STAMP)
 # The full default presets (forward S=4096, forward+backward up to S=8192, decode up to 128k):
 # .venv/bin/python bench/attention_cpu.py, make bench-train, make bench-kvcache; all three with
 # --record: make bench-record.
+# make demo's sizes, for <= 10 min on 2 cores of the slowest CPU met (a Zen 1 EPYC, AVX2 only):
+# S = 2048; forward+backward dense and gated in fp32, dense in bf16 (make bench-train has the
+# streaming, importance and S = 8192 rows); baselines time-boxed at 4 s of timed calls per row
+DEMO_BASELINE_BUDGET := 4
+DEMO_TRAIN_ROWS := dense:float32:2048,gated:float32:2048,dense:bfloat16:2048
+
 demo: build
-	$(VPY) bench/attention_cpu.py --sizes 2048
-	$(VPY) bench/attention_cpu_train.py --max-s 2048 --memory-s 8192
-	$(VPY) bench/kvcache.py --contexts 8192,32768
+	$(VPY) bench/attention_cpu.py --sizes 2048 --baseline-budget $(DEMO_BASELINE_BUDGET)
+	$(VPY) bench/attention_cpu_train.py --rows $(DEMO_TRAIN_ROWS) --memory-s 8192 --baseline-budget $(DEMO_BASELINE_BUDGET)
+	$(VPY) bench/kvcache.py --contexts 32768
 	$(VPY) examples/smollm2_generate.py
 	@echo "make demo: tables above; results in bench/results/local/ (untracked)"
 
