@@ -11,8 +11,8 @@ forward of [1, --tokens] timed --repeats times (median) after a warm-up: one pro
 every layer per rank). Per process: the parameter bytes it holds; the anonymous memory that
 loading and running the model added (Pss_Anon after the forwards minus before loading: its own
 tensors, not the shared libraries); its file-backed resident set (pages of the mapped safetensors
-file and libraries, shared between processes); its peak resident set (VmHWM). The model is read from safetensors written once from the
-GGUF (headops.models.save_as_safetensors), so each rank reads only its shard. The TP logits are
+file and libraries, shared between processes); its peak resident set (VmHWM). The model is read from the folder headops.models converts
+the GGUF into once per machine (safetensors), so each rank reads only its shard. The TP logits are
 checked against the single process's.
 
 shapley: ``python -m headops shapley --model smollm2`` at 1 process (1 and 2 threads) and under
@@ -126,19 +126,21 @@ def tp_worker(args) -> None:
 
 # ------------------------------------------------------------------------------ the driver
 
-def prepare_folder(folder: str) -> str:
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        from headops.models import load_smollm2, save_as_safetensors
+def converted_folder() -> str:
+    """SmolLM2 as a transformers folder: headops.models' converted copy (made once per machine)."""
+    from headops.models import smollm2_converted
 
-        print(f"writing SmolLM2 as safetensors to {folder} (once)", flush=True)
-        save_as_safetensors(load_smollm2()[0], folder)
+    folder = smollm2_converted()
+    if folder is None:
+        raise SystemExit("bench/distributed.py: the tensor-parallel runs load SmolLM2 from its converted folder; "
+                         "the model cache is off (HEADOPS_MODEL_CACHE): point it at a writable folder")
     return folder
 
 
 def run_tp(args, results: str) -> dict:
     import torch
 
-    folder = prepare_folder(os.path.join(args.out_dir, "smollm2_safetensors"))
+    folder = converted_folder()
     runs = [(1, 1), (1, 2), (3, 1)]
     rows = []
     for world, threads in runs:
