@@ -39,12 +39,12 @@ bool force_generic() {
   return v != nullptr && std::strcmp(v, "generic") == 0;
 }
 
-bool use_tensor_cores(const AttentionParams& p, at::ScalarType dtype) {
+bool use_tensor_cores(const AttentionParams& p, DType dtype) {
   const bool aligned = rows_16_byte_aligned(p.q, p.batch, p.seqlen_q, p.heads_q) &&
                        rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) &&
                        rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv);
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
-  return tensor_core_choice(dtype_of(kOp, dtype), p.head_dim, p.alpha.present(), aligned, device->major,
+  return tensor_core_choice(dtype, p.head_dim, p.alpha.present(), aligned, device->major,
                             static_cast<int64_t>(device->sharedMemPerBlockOptin), force_generic());
 }
 
@@ -122,19 +122,19 @@ const char* kernel_for(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.heads_kv = k.size(hd);
   p.head_dim = q.size(3);
   c10::cuda::CUDAGuard guard(q.device());
-  return use_tensor_cores(p, q.scalar_type()) ? "tensor_core" : "generic";
+  return use_tensor_cores(p, dtype_of(kOp, q.scalar_type())) ? "tensor_core" : "generic";
 }
 
 void attention_forward(const AttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& gate,
                        const std::optional<at::Tensor>& window, const std::optional<at::Tensor>& sinks,
                        const std::optional<at::Tensor>& alpha) {
-  const char* op = "headops.attention_fwd: ";
-  const DType dtype = dtype_of(kOp, q.scalar_type());
+  const char* op = kOp;
+  const DType dtype = dtype_of(op, q.scalar_type());
   TORCH_CHECK(p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30), op,
               "sequences of 2^30 tokens or more are not supported on CUDA");
   TORCH_CHECK(p.batch < (int64_t(1) << 31) && p.heads_q < (int64_t(1) << 31), op, "batch or heads too large");
   c10::cuda::CUDAGuard guard(q.device());
-  const bool tensor_cores = use_tensor_cores(p, q.scalar_type());
+  const bool tensor_cores = use_tensor_cores(p, dtype);
   if (!tensor_cores) {
     TORCH_CHECK(p.head_dim <= kGenericMaxHeadDim, op, "head dim ", p.head_dim,
                 " is not supported on CUDA (at most ", kGenericMaxHeadDim, ")");
