@@ -746,6 +746,37 @@ def test_from_a_captured_prefill_equals_running_the_prefill(method):
         headops.unpatch(model)
 
 
+def test_a_prefill_prefix_equals_the_prefill_of_the_prefix():
+    """DensePrefill.prefix(end, w): the keys, values and last w queries of the first `end` tokens,
+    as capturing them alone gives (a causal model's prefix does not see what follows it); a
+    window reaching further back than the captured queries, a padded prefill or a bad end is
+    refused by name."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids = torch.randint(3, 97, (2, 30))
+    whole = headops.capture_prefill(model, ids, observation_window=12)
+    every = headops.capture_prefill(model, ids, observation_window=30)
+    for end, w, source in ((22, 4, whole), (25, 7, whole), (30, 12, whole), (3, 4, every)):  # (3, 4): from before 0
+        got = source.prefix(end, w)
+        want = headops.capture_prefill(model, ids[:, :end], observation_window=w)
+        assert got.num_layers == 2 and got.lengths is None
+        for layer in range(2):
+            assert got.keys[layer].shape == want.keys[layer].shape == (2, 2, end, 16)
+            assert_close(got.keys[layer], want.keys[layer].double(), 1e-5, 1e-5, "keys")
+            assert_close(got.values[layer], want.values[layer].double(), 1e-5, 1e-5, "values")
+            assert got.queries[layer].shape == want.queries[layer].shape == (2, 4, w, 16)
+            assert_close(got.queries[layer], want.queries[layer].double(), 1e-5, 1e-5, "queries")
+        assert got.softmax_scale == want.softmax_scale
+    with pytest.raises(ValueError, match="observation_window.*holds positions 18..29.*>= 13"):
+        whole.prefix(28, 11)  # positions 17.. are wanted; the queries start at 18
+    with pytest.raises(ValueError, match="end"):
+        whole.prefix(31, 4)
+    padded = headops.capture_prefill(model, ids, torch.ones_like(ids), observation_window=4)
+    with pytest.raises(ValueError, match="lengths"):
+        padded.prefix(10, 4)
+
+
 # ------------------------------------------------------------------------------ rings that grow
 
 

@@ -36,6 +36,10 @@ def test_method_strings_are_normalised_with_their_defaults():
     assert harness.parse_method("streaming_llm:window=256").name == "streaming_llm"  # the default
     assert harness.parse_method("streaming_llm:window=512,sinks=4").name == "streaming_llm:window=512"
     assert harness.parse_method("razor:scores=r,full=0.25,weighted=0").param("weighted") == 0
+    aware = harness.parse_method("adakv:question=1,budget=64")
+    assert aware.name == "adakv:budget=64,question=1" and aware.question_aware
+    assert not harness.parse_method("adakv:budget=64,question=0").question_aware
+    assert harness.parse_method("adakv:budget=64,question=0").name == "adakv:budget=64"  # the default
 
 
 @pytest.mark.parametrize("text, words", [
@@ -43,6 +47,7 @@ def test_method_strings_are_normalised_with_their_defaults():
     ("snapkv:budget=x", "budget must be an int"), ("adakv:budget=8,alpha=high", "alpha must be a number"),
     ("duo:scores=r,full=1.5", "full must be a fraction"), ("dense:window=4", "is not key=value with a key of dense"),
     ("snapkv:budget", "is not key=value"), ("headkv:scores=,budget=4", "must name a score table"),
+    ("snapkv:budget=8,question=2", "question must be 0"), ("duo:scores=r,full=0.5,question=1", "is not key=value"),
 ])
 def test_bad_method_strings_are_refused_by_name(text, words):
     with pytest.raises(ValueError, match=words):
@@ -56,6 +61,9 @@ def test_the_standard_grid_has_every_family_and_distinct_names():
     assert {m.family for m in grid} == set(harness.FAMILIES)
     assert sum(m.family == "duo" for m in grid) == 6 and sum(m.family == "random" for m in grid) == 3
     assert {m.family for m in harness.standard_methods()} == set(harness.FAMILIES) - {"duo", "razor", "headkv"}
+    aware = [m.name for m in grid if m.question_aware]
+    assert len(aware) == 9 and all(m.family in ("snapkv", "adakv", "headkv") for m in grid if m.question_aware)
+    assert not any(m.question_aware for m in harness.standard_methods(["r"], question_aware=False))
 
 
 def test_each_method_builds_the_spec_it_names():
@@ -99,6 +107,40 @@ def test_the_dense_method_answers_as_plain_generate():
         assert int(r["correct"]) == tasks.exact_match(s, want)
         assert int(r["bytes"]) >= int(r["ideal_bytes"]) > 0
     assert not hasattr(model, "_headops_previous")  # unpatched after the run
+
+
+def test_question_aware_methods_build_their_cache_after_the_question():
+    """question=1: the cache is built from the prefill of the whole prompt but its last token
+    (the budget heads' observation window: the prompt's last queries, the question's), then the
+    last token is decoded - the tokens of that flow run by hand. Every row is the same whichever
+    other methods run in the same call (one prefill serves them all)."""
+    model, _ = tiny_llama()
+    samples = _samples(count=2) + _samples("niah_single", count=1)
+    methods = ["snapkv:budget=40,question=1", "adakv:budget=40,question=1,observation_window=8"]
+    rows = harness.evaluate(model, TOK, samples, methods, batch_size=2, max_new_tokens=6, show_progress=False)
+    spec = {m: harness.parse_method(m).spec(model) for m in methods}
+    headops.patch(model, headops.HeadSpec.dense(model))
+    try:
+        for s in samples:
+            ids = s.ids[None]
+            for m in methods:
+                prefill = headops.capture_prefill(model, ids[:, :-1], observation_window=32)
+                headops.set_spec(model, spec[m])
+                cache = headops.HeadSparseCache.from_prefill(model, spec[m], prefill, max_step=1)
+                new = harness.answer_from_cache(model, ids, cache, 6)[0]
+                want = TOK.decode(tasks.until_eos(model, new), skip_special_tokens=True)
+                (row,) = [r for r in rows if r["method"] == harness.parse_method(m).name and int(r["seed"]) == s.seed
+                          and r["task"] == s.task]
+                assert row["answer"] == want, (m, s.task, s.seed)
+    finally:
+        headops.unpatch(model)
+    together = harness.evaluate(model, TOK, samples, methods + ["dense", "snapkv:budget=40"], batch_size=2,
+                                max_new_tokens=6, show_progress=False)
+    alone = harness.evaluate(model, TOK, samples, ["snapkv:budget=40"], batch_size=2, max_new_tokens=6,
+                             show_progress=False)
+    assert _strip([r for r in together if r["method"] in (harness.parse_method(m).name for m in methods)]) == \
+        _strip(rows)
+    assert _strip([r for r in together if r["method"] == "snapkv:budget=40"]) == _strip(alone)
 
 
 def test_the_bytes_are_what_each_cache_held():
@@ -230,17 +272,17 @@ def test_the_command_writes_rows_summary_and_plot(tmp_path, capsys):
         w.writerows([layer, h, h // 2, (layer * 4 + h) / 8] for layer in range(2) for h in range(4))
     out = str(tmp_path / "ev")
     argv = ["evaluate", "--model", "tiny", "--tasks", "passkey", "--lengths", "400", "--samples", "2",
-            "--methods", "dense", "duo:scores=s,full=0.5,window=16,sinks=2", "--scores", f"s={scores}",
-            "--max-new-tokens", "4", "--quiet", "--out", out]
+            "--methods", "dense", "duo:scores=s,full=0.5,window=16,sinks=2", "snapkv:budget=40,question=1",
+            "--scores", f"s={scores}", "--max-new-tokens", "4", "--quiet", "--out", out]
     pytest.importorskip("matplotlib")
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "duo:full=0.5,scores=s,sinks=2,window=16" in printed and "accuracy (95% CI)" in printed
-    assert len(harness.read_rows(out + ".csv")) == 4
+    assert len(harness.read_rows(out + ".csv")) == 6
     with open(out + "_summary.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 3
     assert os.path.getsize(out + ".png") > 0
     assert main(argv) == 0  # resumed: nothing to do
-    assert "4 rows already in" in capsys.readouterr().out
+    assert "6 rows already in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--scores"):
         main(argv[:-7] + ["--scores", "nofile", "--out", out])

@@ -4,6 +4,8 @@ Each batch of contexts is prefilled once with full attention (``headops.capture_
 method then builds its compressed cache from that prefill (``HeadSparseCache.from_prefill``),
 the question is appended and the answer decoded greedily from the compressed cache (query-agnostic
 compression, docs/DESIGN.md section 7). A grid of many methods costs little more than its prefills.
+Budget methods can also run question-aware (``question=1``): their cache is built after the
+question is prefilled too, as SnapKV's paper runs it (the same prefill serves both).
 
 A method is one string, ``family`` or ``family:key=value,...``::
 
@@ -17,6 +19,9 @@ A method is one string, ``family`` or ``family:key=value,...``::
     snapkv:budget=256                       every KV head keeps 256 tokens chosen by SnapKV scores
     adakv:budget=256,alpha=0.2              the same, shared per layer as AdaKV allocates it
     headkv:scores=retrieval,budget=256      HeadKV: static per-head budgets from the named scores (beta=1.2)
+    snapkv:budget=256,question=1            (and adakv, headkv) question-aware, as SnapKV's paper runs it:
+                                            the question is prefilled with the context and the
+                                            observation window (the prompt's last queries) reads it
 
 ``scores=`` names one of the per-head score tables given to ``evaluate`` (e.g. the CSVs that
 ``python -m headops discover`` writes). Every row of the result records the bytes the method's
@@ -53,9 +58,9 @@ FAMILIES = {
     "duo": {"scores": None, "full": None, "window": 256, "sinks": 64},
     "random": {"full": None, "seed": 0, "window": 256, "sinks": 64},
     "razor": {"scores": None, "full": None, "window": 256, "sinks": 64, "weighted": 1},
-    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7},
-    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7},
-    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7},
+    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7, "question": 0},
+    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7, "question": 0},
+    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7, "question": 0},
 }
 _TEXT_PARAMS = {"scores"}
 _FLOAT_PARAMS = {"full", "alpha", "beta"}
@@ -79,6 +84,12 @@ class Method:
 
     def param(self, key):
         return dict(self.params)[key]
+
+    @property
+    def question_aware(self) -> bool:
+        """Whether the cache is built after the question is prefilled (its budget heads choose
+        with the question in their observation window), not before it (query-agnostic)."""
+        return bool(dict(self.params).get("question", 0))
 
     def spec(self, model, scores: dict | None = None) -> HeadSpec:
         """This method's HeadSpec for `model`. scores: {name: [L, Hq] or [L, Hkv] tensor}."""
@@ -150,6 +161,9 @@ def parse_method(text: str) -> Method:
     if missing:
         raise ValueError(f"{CALLER}: method {text!r} needs {', '.join(missing)} (e.g. "
                          f"{family}:{','.join(f'{k}=...' for k in missing)})")
+    if "question" in params and params["question"] not in (0, 1):
+        raise ValueError(f"{CALLER}: method {text!r}: question must be 0 (the cache built from the context "
+                         f"alone) or 1 (after the question), got {params['question']}")
     if "full" in params and not 0.0 <= params["full"] <= 1.0:
         raise ValueError(f"{CALLER}: method {text!r}: full must be a fraction of the KV heads in [0, 1], "
                          f"got {params['full']}")
@@ -169,20 +183,22 @@ def _parse_value(text, key, value):
 
 
 def standard_methods(score_names=(), *, fractions=(0.25, 0.5, 0.75), budgets=(128, 256, 512),
-                     windows=(256, 512, 1024)) -> list:
+                     windows=(256, 512, 1024), question_aware: bool = True) -> list:
     """The comparison grid: dense; StreamingLLM at each window; DuoAttention splits from each named
     score table and from random scores at each fraction of full KV heads; RazorAttention (weighted
     and unweighted) from the first score table at the smallest fraction; uniform SnapKV, AdaKV and
-    (with a score table) HeadKV at each budget."""
+    (with a score table) HeadKV at each budget, each also question-aware (question=1) unless
+    question_aware is False."""
     names = ["dense"] + [f"streaming_llm:window={w}" for w in windows]
     for name in score_names:
         names += [f"duo:scores={name},full={f:g}" for f in fractions]
     names += [f"random:full={f:g}" for f in fractions]
     if score_names:
         names += [f"razor:scores={score_names[0]},full={fractions[0]:g},weighted={w}" for w in (1, 0)]
-    names += [f"{family}:budget={b}" for family in ("snapkv", "adakv") for b in budgets]
+    budgeted = [f"{family}:budget={b}" for family in ("snapkv", "adakv") for b in budgets]
     if score_names:
-        names += [f"headkv:scores={score_names[0]},budget={b}" for b in budgets]
+        budgeted += [f"headkv:scores={score_names[0]},budget={b}" for b in budgets]
+    names += budgeted + ([f"{n},question=1" for n in budgeted] if question_aware else [])
     return [parse_method(n) for n in names]
 
 
@@ -352,17 +368,26 @@ class _BatchRunner:
         return [m for m in self.methods if any(self._key(i, m) not in done for i in batch)]
 
     def rows(self, batch, done):
-        """The batch's rows, one list per method still to do, each yielded as soon as it is done."""
+        """The batch's rows, one list per method still to do, each yielded as soon as it is done.
+
+        One dense prefill of the prompt but its last token serves every method: a query-agnostic
+        one builds its cache from the context's part of it (the question then appended as one
+        decode call), a question-aware one from all of it (the last token then decoded), its
+        observation window the prompt's last queries. The prefill is the same whichever methods
+        are still to do, so a method's rows do not depend on the company it runs in."""
         model, samples = self.model, self.samples
         ids = torch.stack([samples[i].ids for i in batch])
-        context_end = samples[batch[0]].question_start
+        context_end, prompt_end = samples[batch[0]].question_start, ids.shape[1] - 1
         budget = self.max_new_tokens or max(samples[i].answer_budget() for i in batch)
         with torch.no_grad():
-            prefill = capture_prefill(model, ids[:, :context_end], observation_window=min(self.window, context_end))
+            whole = capture_prefill(model, ids[:, :prompt_end],
+                                    observation_window=min(prompt_end, self.window + prompt_end - context_end))
+        prefills = {False: whole.prefix(context_end, min(self.window, context_end)), True: whole}
         for m in self.todo(batch, done):
             rows = []
             started = time.perf_counter()
-            cache = cache_from_prefill(model, self.specs[m.name], prefill, ids, context_end)
+            cache = cache_from_prefill(model, self.specs[m.name], prefills[m.question_aware], ids,
+                                       prompt_end if m.question_aware else context_end)
             new = answer_from_cache(model, ids, cache, budget)
             seconds = (time.perf_counter() - started) / len(batch)
             held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),

@@ -52,6 +52,38 @@ class DensePrefill:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    def prefix(self, end: int, observation_window: int) -> "DensePrefill":
+        """The prefill of each row's first `end` tokens, as ``capture_prefill`` over them would give
+        it (up to the rounding of the model's products over more rows): keys and values cut at
+        `end`, and the `observation_window` queries ending there, taken from this prefill's
+        queries (which must reach back that far). A causal model's first `end` tokens do not see
+        the ones after them, so one prefill of a whole prompt serves both a cache built before
+        its question and one built after it (headops.evaluate's question-aware methods)."""
+        caller = "headops.DensePrefill.prefix"
+        S = self.keys[0].shape[2]
+        if self.lengths is not None:
+            raise fail(caller, "self.lengths", "None (every row S long: a padded prefill has no common prefix end)",
+                       self.lengths)
+        if not is_int(end) or not 1 <= end <= S:
+            raise fail(caller, "end", f"an int in [1, {S}]", repr(end))
+        if not is_int(observation_window) or observation_window < 1:
+            raise fail(caller, "observation_window", "an int >= 1", repr(observation_window))
+        if self.queries is None:
+            raise fail(caller, "self.queries", "the prompt's last queries (captured with an observation window)", None)
+        have = self.queries[0].shape[2]
+        first = max(0, end - observation_window)  # the earliest position wanted (before 0: zeros)
+        if first < S - have:
+            raise fail(caller, "observation_window", f"a window whose queries this prefill holds (it holds positions "
+                       f"{S - have}..{S - 1}; capture it with observation_window >= {S - first} to end a "
+                       f"{observation_window}-query window at {end})", observation_window)
+        queries = []
+        for q in self.queries:
+            part = q.new_zeros(q.shape[0], q.shape[1], observation_window, q.shape[3])
+            part[:, :, observation_window - (end - first):] = q[:, :, first - (S - have):end - (S - have)]
+            queries.append(part)
+        return DensePrefill(keys=[k[:, :, :end] for k in self.keys], values=[v[:, :, :end] for v in self.values],
+                            queries=queries, lengths=None, softmax_scale=self.softmax_scale)
+
 
 def capture_prefill(model, input_ids, attention_mask=None, *, observation_window: int = 32) -> DensePrefill:
     """Runs `model` once over `input_ids` ``[B, S]`` with full attention (transformers' SDPA,

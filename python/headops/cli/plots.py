@@ -71,8 +71,13 @@ def plot_accuracy_vs_bytes(summary, path, model_name):
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
-    families = sorted({s["family"] for s in summary} - {"dense"})
-    markers = dict(zip(families, "osD^v<>pXh*"))
+    from ..evaluate import parse_method
+
+    def series(s):  # a question-aware method is its own series beside its query-agnostic family
+        return s["family"] + (" (question-aware)" if parse_method(s["method"]).question_aware else "")
+
+    families = sorted({series(s) for s in summary} - {"dense"})
+    markers = dict(zip(families, "osD^v<>pXh*12348"))
     for ax, (task, length) in zip(axes.flat, panels):
         mine = [s for s in summary if (s["task"], s["length"]) == (task, length)]
         for s in mine:
@@ -84,7 +89,7 @@ def plot_accuracy_vs_bytes(summary, path, model_name):
             ax.plot([s["bytes"] / 2**20 for s in streaming], [100 * s["accuracy"] for s in streaming], color="grey",
                     ls="--", lw=1)
         for family in families:
-            points = sorted((s for s in mine if s["family"] == family), key=lambda s: s["bytes"])
+            points = sorted((s for s in mine if series(s) == family), key=lambda s: s["bytes"])
             if not points:
                 continue
             x = [s["bytes"] / 2**20 for s in points]
