@@ -42,9 +42,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   TORCH_CHECK(D >= 1, op, "head dim must be >= 1");
   const int64_t Hkv = kv_kind.dim() == 1 ? kv_kind.size(0) : 0;
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
-  const LayerLayout l = check_layer_layout(op, dtype, B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths, kv_kind,
-                                           kv_index, ring_offset, ring_sinks, ring_size, budget_table, slot_pos,
-                                           slot_mass, comp_table, comp_k, comp_v, comp_n);
+  const LayerLayout l = check_layer_layout(
+      op, dtype, B, Hkv, D,
+      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
+                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n});
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   const int64_t* index = kv_index.data_ptr<int64_t>();

@@ -71,9 +71,10 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   }
 #endif
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
-  const LayerLayout l = check_layer_layout(op, k_new.scalar_type(), B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
-                                           kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table,
-                                           slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n);
+  const LayerLayout l = check_layer_layout(
+      op, k_new.scalar_type(), B, Hkv, D,
+      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
+                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n});
   const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
   const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
   const int64_t* len = lengths.data_ptr<int64_t>();

@@ -29,24 +29,15 @@
 
 #include "../../attention/attention_args.h"
 #include "../../attention/cuda/cuda_dtype.h"
+#include "../kv_layout_checks.h"
 #include "kv_cache_kernels.cuh"
 
 namespace headops::cuda {
 namespace {
 
-void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
-}
-
-void check_table(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Device& device,
-                 at::ScalarType dtype = at::kLong) {
-  check_on(op, t, name, device);
-  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.sizes() == shape, op, name, " must be a contiguous ",
-              dtype, " tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
-}
-
 // The layer's storage fields of DecodeParams (device pointers), checked for shapes, dtypes and
-// devices only (no values: see the top of this file). `table` keeps the segment table alive.
+// devices only (check_layer_shapes, shared with the CPU ops; no values: see the top of this file).
+// `table` keeps the segment table alive.
 struct DeviceLayer {
   DecodeParams p;
   at::Tensor table;
@@ -54,49 +45,18 @@ struct DeviceLayer {
 };
 
 DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device& device, int64_t B, int64_t Hkv,
-                         int64_t D, at::TensorList full_k, at::TensorList full_v, const at::Tensor& ring_k,
-                         const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
-                         const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-                         const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
-                         const OptTensor& slot_mass, const OptTensor& comp_table, const OptTensor& comp_k,
-                         const OptTensor& comp_v, const OptTensor& comp_n, cudaStream_t stream) {
+                         int64_t D, const LayerTensors& t, cudaStream_t stream) {
+  const LayerShapes shapes = check_layer_shapes(op, dtype, device, B, Hkv, D, t);
   DeviceLayer l;
   DecodeParams& p = l.p;
-  for (const at::Tensor* t : {&ring_k, &ring_v}) {
-    check_on(op, *t, "ring_k/ring_v", device);
-    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), op, "the storages must be contiguous ", dtype,
-                " tensors, got ", t->scalar_type());
-  }
-  TORCH_CHECK(ring_k.dim() == 3 && ring_k.sizes() == ring_v.sizes() && ring_k.size(0) == B && ring_k.size(2) == D, op,
-              "ring_k/ring_v must be [B, slots, D] = [", B, ", slots, ", D, "], got ", ring_k.sizes(), " and ",
-              ring_v.sizes());
-  const int64_t slots = ring_k.size(1);
-  const int64_t Hs = ring_offset.dim() == 1 ? ring_offset.size(0) : -1;
-  check_table(op, lengths, "lengths", {B}, device);
-  check_table(op, kv_kind, "kv_kind", {Hkv}, device);
-  check_table(op, kv_index, "kv_index", {Hkv}, device);
-  check_table(op, ring_offset, "ring_offset", {Hs}, device);
-  check_table(op, ring_sinks, "ring_sinks", {Hs}, device);
-  check_table(op, ring_size, "ring_size", {Hs}, device);
-  TORCH_CHECK(full_k.size() == full_v.size(), op, "full_k and full_v must have as many segments");
-  const int64_t S = static_cast<int64_t>(full_k.size());
-  const int64_t Hf = S > 0 ? full_k[0].size(1) : 0;
+  const int64_t S = static_cast<int64_t>(t.full_k.size());
   std::vector<int64_t> table(3 * S + 1, 0);  // key pointers, value pointers, starts
   for (int64_t s = 0; s < S; ++s) {
-    const at::Tensor& k = full_k[s];
-    const at::Tensor& v = full_v[s];
-    for (const at::Tensor* t : {&k, &v}) {
-      check_on(op, *t, "full_k/full_v", device);
-      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), op, "the storages must be contiguous ", dtype,
-                  " tensors, got ", t->scalar_type());
-    }
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == Hf && k.size(3) == D, op,
-                "full segment ", s, " must be [B, Hf, n, D] = [", B, ", ", Hf, ", n, ", D, "] in k and v, got ",
-                k.sizes(), " and ", v.sizes());
-    table[s] = reinterpret_cast<int64_t>(k.data_ptr());
-    table[S + s] = reinterpret_cast<int64_t>(v.data_ptr());
-    table[2 * S + s + 1] = table[2 * S + s] + k.size(2);
+    table[s] = reinterpret_cast<int64_t>(t.full_k[s].data_ptr());
+    table[S + s] = reinterpret_cast<int64_t>(t.full_v[s].data_ptr());
+    table[2 * S + s] = shapes.full_starts[s];
   }
+  table[3 * S] = shapes.full_starts[S];
   l.full_capacity = table[3 * S];
   l.table = at::empty({3 * S + 1}, at::TensorOptions().dtype(at::kLong).device(device));
   const cudaError_t err = launch_write_table(l.table.data_ptr<int64_t>(), table.data(), 3 * S + 1, stream);
@@ -106,43 +66,35 @@ DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device&
   p.full_v = reinterpret_cast<const void* const*>(dt + S);
   p.full_starts = dt + 2 * S;
   p.full_segments = S;
-  p.full_heads = Hf;
-  p.ring_k = ring_k.data_ptr();
-  p.ring_v = ring_v.data_ptr();
-  p.ring_slots = slots;
-  p.lengths = lengths.data_ptr<int64_t>();
-  p.kv_kind = kv_kind.data_ptr<int64_t>();
-  p.kv_index = kv_index.data_ptr<int64_t>();
-  p.ring_offset = ring_offset.data_ptr<int64_t>();
-  p.ring_sinks = ring_sinks.data_ptr<int64_t>();
-  p.ring_size = ring_size.data_ptr<int64_t>();
-  p.ring_heads = Hs;
-  if (budget_table.has_value()) {
-    const int64_t Hb = budget_table->dim() == 3 ? budget_table->size(1) : -1;
-    check_table(op, *budget_table, "budget_table", {B, Hb, 4}, device);
-    TORCH_CHECK(slot_pos.has_value() && slot_mass.has_value(), op, "budget heads need slot_pos and slot_mass");
-    check_table(op, *slot_pos, "slot_pos", {B, slots}, device);
-    check_table(op, *slot_mass, "slot_mass", {B, slots}, device, at::kFloat);
-    p.budget_table = budget_table->data_ptr<int64_t>();
-    p.budget_heads = Hb;
-    p.slot_pos = slot_pos->data_ptr<int64_t>();
-    p.slot_mass = slot_mass->data_ptr<float>();
+  p.full_heads = shapes.full_heads;
+  p.ring_k = t.ring_k.data_ptr();
+  p.ring_v = t.ring_v.data_ptr();
+  p.ring_slots = shapes.ring_slots;
+  p.lengths = t.lengths.data_ptr<int64_t>();
+  p.kv_kind = t.kv_kind.data_ptr<int64_t>();
+  p.kv_index = t.kv_index.data_ptr<int64_t>();
+  p.ring_offset = t.ring_offset.data_ptr<int64_t>();
+  p.ring_sinks = t.ring_sinks.data_ptr<int64_t>();
+  p.ring_size = t.ring_size.data_ptr<int64_t>();
+  p.ring_heads = shapes.ring_heads;
+  if (t.budget_table.has_value()) {
+    p.budget_table = t.budget_table->data_ptr<int64_t>();
+    p.budget_heads = shapes.budget_heads;
+    p.slot_pos = t.slot_pos->data_ptr<int64_t>();
+    p.slot_mass = t.slot_mass->data_ptr<float>();
   }
-  if (comp_table.has_value()) {
-    check_table(op, *comp_table, "comp_table", {Hs, 2}, device);
-    TORCH_CHECK(comp_k.has_value() && comp_v.has_value() && comp_n.has_value(), op,
-                "compensated heads need comp_k, comp_v and comp_n");
-    const int64_t Hc = comp_n->dim() == 2 ? comp_n->size(1) : -1;
-    check_table(op, *comp_n, "comp_n", {B, Hc}, device);
-    check_table(op, *comp_k, "comp_k", {B, Hc, D}, device, at::kDouble);
-    check_table(op, *comp_v, "comp_v", {B, Hc, D}, device, at::kDouble);
-    p.comp_table = comp_table->data_ptr<int64_t>();
-    p.comp_heads = Hc;
-    p.comp_k = comp_k->data_ptr<double>();
-    p.comp_v = comp_v->data_ptr<double>();
-    p.comp_n = comp_n->data_ptr<int64_t>();
+  if (t.comp_table.has_value()) {
+    p.comp_table = t.comp_table->data_ptr<int64_t>();
+    p.comp_heads = shapes.comp_heads;
+    p.comp_k = t.comp_k->data_ptr<double>();
+    p.comp_v = t.comp_v->data_ptr<double>();
+    p.comp_n = t.comp_n->data_ptr<int64_t>();
   }
   return l;
+}
+
+void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
 }
 
 }  // namespace
@@ -161,9 +113,11 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   TORCH_CHECK(B < 65536 && Hkv < (int64_t(1) << 31), op, "batch or KV heads too large for CUDA");
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DeviceLayer l = device_layer(op, k_new.scalar_type(), device, B, Hkv, D, full_k, full_v, ring_k, ring_v, lengths,
-                               kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table, slot_pos,
-                               slot_mass, comp_table, comp_k, comp_v, comp_n, stream);
+  DeviceLayer l = device_layer(
+      op, k_new.scalar_type(), device, B, Hkv, D,
+      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
+                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n},
+      stream);
   if (B == 0 || Hkv == 0 || Sq == 0 || D == 0) return;
   const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
   const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
@@ -208,9 +162,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   const at::Device device = q_in.device();
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const DeviceLayer l = device_layer(op, q_in.scalar_type(), device, B, Hkv, D, full_k, full_v, ring_k, ring_v,
-                                     lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size, budget_table,
-                                     slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n, stream);
+  const DeviceLayer l = device_layer(
+      op, q_in.scalar_type(), device, B, Hkv, D,
+      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
+                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n},
+      stream);
   // key_bias is indexed by position; whether it covers the longest row is the Python layer's check
   // (the kernel reads no bias past its last axis)
   const int64_t bias_len = key_bias_in.has_value() && key_bias_in->dim() == 3 ? key_bias_in->size(2) : 0;
