@@ -74,7 +74,7 @@ def plot_accuracy_vs_bytes(summary, path, model_name):
     from ..evaluate import parse_method
 
     def series(s):  # a question-aware method is its own series beside its query-agnostic family
-        return s["family"] + (" (question-aware)" if parse_method(s["method"]).question_aware else "")
+        return s["family"] + (" (q-aware)" if parse_method(s["method"]).question_aware else "")
 
     families = sorted({series(s) for s in summary} - {"dense"})
     markers = dict(zip(families, "osD^v<>pXh*12348"))
@@ -105,7 +105,7 @@ def plot_accuracy_vs_bytes(summary, path, model_name):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    ncol = min(len(labels), 4 * cols)  # (about 4 entries fit under a panel's width)
+    ncol = min(len(labels), 3 * cols)  # (3 entries fit under a panel's width)
     legend_rows = -(-len(labels) // max(ncol, 1))
     fig.legend(handles, labels, loc="lower center", ncol=max(ncol, 1), fontsize=8)
     fig.tight_layout(rect=(0, 0.045 * legend_rows / rows + 0.02, 1, 1))
