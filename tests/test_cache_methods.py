@@ -867,7 +867,7 @@ def test_compensation_ops_pass_opcheck():
     (lambda st: dict(comp_table=torch.tensor([[5, 1]])), "comp_table"),
     (lambda st: dict(comp_table=torch.tensor([[0, 2]])), "comp_table"),
     (lambda st: dict(comp_k=st.comp_k.float()), "comp_k"),
-    (lambda st: dict(comp_v=st.comp_v[:1].contiguous()), "comp_k"),
+    (lambda st: dict(comp_v=st.comp_v[:1].contiguous()), "comp_v"),
     (lambda st: dict(comp_n=-st.comp_n - 1), "comp_n"),
     (lambda st: dict(comp_n=None), "comp_k, comp_v and comp_n"),
 ])
