@@ -162,16 +162,15 @@ def methods_for(fractions, context: int, kv_scores, config):
 
 
 def headops_worker(args):
-    """One headops method over the prompts, as headops.evaluate runs it (capture_prefill, then
-    HeadSparseCache.from_prefill, then model.generate from the compressed cache), one prompt at a
+    """One headops method over the prompts, as headops.evaluate runs it (prompt_prefill, then
+    method_cache, then model.generate from the compressed cache), one prompt at a
     time and with the dense prefill dropped before the answer (evaluate keeps it for the next
     method); then headops.evaluate itself on the first --check prompts must give the same answers."""
     import torch
 
     from headops import tasks
-    from headops.evaluate import answer_from_cache, cache_from_prefill, evaluate, parse_method
+    from headops.evaluate import answer_from_cache, evaluate, method_cache, parse_method, prompt_prefill
     from headops.patching import patch, unpatch
-    from headops.prefill import capture_prefill
     from headops.spec import HeadSpec
 
     started = time.perf_counter()
@@ -198,10 +197,9 @@ def headops_worker(args):
         for s, p in zip(samples, data["prompts"]):
             ids = s.ids[None]
             start = s.question_start
-            with torch.no_grad():
-                prefill = capture_prefill(model, ids[:, :start], observation_window=min(window, start))
-            cache = cache_from_prefill(model, spec, prefill, ids, start)
-            del prefill
+            prefills = prompt_prefill(model, ids, start, window)
+            cache = method_cache(model, method, spec, prefills, ids, start)
+            del prefills
             built, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
             rss_before = settle_and_reset_peak()
             stamps.clear()

@@ -46,8 +46,8 @@ from .patching import patch, set_spec, unpatch
 from .prefill import capture_prefill
 from .spec import HeadSpec
 
-__all__ = ["Method", "parse_method", "standard_methods", "evaluate", "read_rows", "summarize", "wilson_interval",
-           "paired_comparison", "CSV_HEADER"]
+__all__ = ["Method", "parse_method", "standard_methods", "evaluate", "prompt_prefill", "method_cache",
+           "answer_from_cache", "read_rows", "summarize", "wilson_interval", "paired_comparison", "CSV_HEADER"]
 
 CALLER = "headops.evaluate"
 
@@ -285,8 +285,9 @@ def evaluate(model, tokenizer, samples, methods, *, scores: dict | None = None, 
     samples: headops.tasks Samples; methods: Method objects or their strings; scores: {name:
     per-head score tensor} for the methods that read scores. The model is patched for the run and
     unpatched after. Generation is greedy; max_new_tokens defaults to the answers' tokens plus
-    room for separators. observation_window: how many of the context's last queries the prefill
-    keeps for SnapKV scores (default: the largest any method asks for).
+    room for separators. observation_window: how many last queries (of the context, or of the
+    prompt for question-aware methods) the prefill keeps for SnapKV scores (default: the largest
+    any method asks for).
 
     group: the processes the batches of prompts are split over (a torch.distributed process group;
     None: torchrun's processes when launched by torchrun, else this one; False: this one). Every
@@ -352,6 +353,27 @@ def answer_from_cache(model, ids, cache, max_new_tokens: int) -> torch.Tensor:
                               temperature=None)[:, ids.shape[1]:]
 
 
+def prompt_prefill(model, ids, context_end: int, observation_window: int) -> dict:
+    """The one dense prefill every method builds its cache from, for prompts ``ids`` ``[B, S]``
+    whose context is ``ids[:, :context_end]``: {False: the context's part (query-agnostic
+    methods), True: the whole prompt but its last token (question-aware ones)}, each with its last
+    `observation_window` queries (fewer where the part is shorter). One capture over the prompt
+    serves both (``DensePrefill.prefix``), so a method's cache does not depend on which other
+    methods share the prefill."""
+    prompt_end = ids.shape[1] - 1
+    with torch.no_grad():
+        whole = capture_prefill(model, ids[:, :prompt_end],
+                                observation_window=min(prompt_end, observation_window + prompt_end - context_end))
+    return {False: whole.prefix(context_end, min(observation_window, context_end)), True: whole}
+
+
+def method_cache(model, method, spec, prefills: dict, ids, context_end: int):
+    """`method`'s cache (its HeadSpec `spec`) from ``prompt_prefill``'s prefills, the model
+    switched to `spec`; ``answer_from_cache(model, ids, cache, n)`` then decodes what follows."""
+    aware = method.question_aware
+    return cache_from_prefill(model, spec, prefills[aware], ids, ids.shape[1] - 1 if aware else context_end)
+
+
 class _BatchRunner:
     """One batch of prompts: one dense prefill of their context, then each method still to do
     builds its cache from it, decodes the question and the answer; its rows."""
@@ -377,17 +399,13 @@ class _BatchRunner:
         are still to do, so a method's rows do not depend on the company it runs in."""
         model, samples = self.model, self.samples
         ids = torch.stack([samples[i].ids for i in batch])
-        context_end, prompt_end = samples[batch[0]].question_start, ids.shape[1] - 1
+        context_end = samples[batch[0]].question_start
         budget = self.max_new_tokens or max(samples[i].answer_budget() for i in batch)
-        with torch.no_grad():
-            whole = capture_prefill(model, ids[:, :prompt_end],
-                                    observation_window=min(prompt_end, self.window + prompt_end - context_end))
-        prefills = {False: whole.prefix(context_end, min(self.window, context_end)), True: whole}
+        prefills = prompt_prefill(model, ids, context_end, self.window)
         for m in self.todo(batch, done):
             rows = []
             started = time.perf_counter()
-            cache = cache_from_prefill(model, self.specs[m.name], prefills[m.question_aware], ids,
-                                       prompt_end if m.question_aware else context_end)
+            cache = method_cache(model, m, self.specs[m.name], prefills, ids, context_end)
             new = answer_from_cache(model, ids, cache, budget)
             seconds = (time.perf_counter() - started) / len(batch)
             held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
