@@ -26,12 +26,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
                             const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
   const char* op = "headops.decode_attention: ";
   TORCH_CHECK(q_in.dim() == 4, op, "q must be [B, Sq, Hq, D], got ", q_in.sizes());
+  const LayerTensors layer{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
+                           ring_size, budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n};
+  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale, out_bias, gate};
 #ifdef HEADOPS_WITH_CUDA
   if (q_in.is_cuda())  // csrc/kvcache/cuda/: no host reads of device data (the value checks below are skipped)
-    return cuda::decode_attention(q_in, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset,
-                                  ring_sinks, ring_size, causal, default_scale, softmax_scale, window, sinks, alpha,
-                                  key_bias_in, sink_logit, out_scale, out_bias, gate, split_keys, budget_table,
-                                  slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n);
+    return cuda::decode_attention(q_in, layer, causal, default_scale, given, split_keys);
 #endif
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
@@ -42,10 +42,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   TORCH_CHECK(D >= 1, op, "head dim must be >= 1");
   const int64_t Hkv = kv_kind.dim() == 1 ? kv_kind.size(0) : 0;
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
-  const LayerLayout l = check_layer_layout(
-      op, dtype, B, Hkv, D,
-      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
-                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n});
+  const LayerLayout l = check_layer_layout(op, dtype, B, Hkv, D, layer);
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* kind = kv_kind.data_ptr<int64_t>();
   const int64_t* index = kv_index.data_ptr<int64_t>();
@@ -59,7 +56,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   const int64_t bias_len = key_bias_in.has_value() && key_bias_in->dim() == 3 ? key_bias_in->size(2) : longest;
   TORCH_CHECK(bias_len >= longest, op, "key_bias must cover every position (", longest, "), got ", bias_len);
   const Dims dims{B, Sq, bias_len, Hq, Hkv, D};
-  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale, out_bias, gate};
   check_per_head_args(op, dims, acc, q_in, given);
 
   const at::Tensor q = q_in.size(3) <= 1 || q_in.stride(3) == 1 ? q_in : q_in.contiguous();

@@ -63,18 +63,16 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   TORCH_CHECK(k_new.dim() == 4 && k_new.sizes() == v_new.sizes(), op, "k_new and v_new must be [B, Sq, Hkv, D] of one "
               "shape, got ", k_new.sizes(), " and ", v_new.sizes());
   TORCH_CHECK(k_new.scalar_type() == v_new.scalar_type(), op, "k_new and v_new must have one dtype");
+  const LayerTensors layer{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
+                           ring_size, budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n};
 #ifdef HEADOPS_WITH_CUDA
   if (k_new.is_cuda()) {  // csrc/kvcache/cuda/: no host reads of device data (the value checks below are skipped)
-    cuda::kv_append(k_new, v_new, full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks,
-                    ring_size, budget_table, slot_pos, slot_mass, write_budget, comp_table, comp_k, comp_v, comp_n);
+    cuda::kv_append(k_new, v_new, layer, write_budget);
     return;
   }
 #endif
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
-  const LayerLayout l = check_layer_layout(
-      op, k_new.scalar_type(), B, Hkv, D,
-      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
-                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n});
+  const LayerLayout l = check_layer_layout(op, k_new.scalar_type(), B, Hkv, D, layer);
   const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
   const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
   const int64_t* len = lengths.data_ptr<int64_t>();

@@ -37,18 +37,14 @@ LayerShapes check_layer_shapes(const char* op, at::ScalarType dtype, const at::D
               t.ring_v.sizes());
   l.ring_slots = t.ring_k.size(1);
   check_table(op, t.lengths, "lengths", {B}, device);
-  TORCH_CHECK(t.kv_kind.dim() == 1 && t.kv_kind.size(0) == Hkv && t.kv_index.dim() == 1 && t.kv_index.size(0) == Hkv,
-              op, "kv_kind and kv_index must have ", Hkv, " entries (one per KV head), got ", t.kv_kind.sizes(), " and ",
-              t.kv_index.sizes());
-  check_table(op, t.kv_kind, "kv_kind", {Hkv}, device);
-  check_table(op, t.kv_index, "kv_index", {Hkv}, device);
-  l.ring_heads = t.ring_offset.dim() == 1 ? t.ring_offset.size(0) : -1;
+  check_table(op, t.kv_kind, "kv_kind (one entry per KV head)", {Hkv}, device);
+  check_table(op, t.kv_index, "kv_index (one entry per KV head, as kv_kind)", {Hkv}, device);
+  TORCH_CHECK(t.ring_offset.dim() == 1, op, "ring_offset must be 1-D (one entry per streaming head), got ",
+              t.ring_offset.sizes());
+  l.ring_heads = t.ring_offset.size(0);
   check_table(op, t.ring_offset, "ring_offset", {l.ring_heads}, device);
-  TORCH_CHECK(t.ring_sinks.dim() == 1 && t.ring_sinks.size(0) == l.ring_heads && t.ring_size.dim() == 1 &&
-                  t.ring_size.size(0) == l.ring_heads,
-              op, "ring_offset, ring_sinks and ring_size must have one entry per streaming head");
-  check_table(op, t.ring_sinks, "ring_sinks", {l.ring_heads}, device);
-  check_table(op, t.ring_size, "ring_size", {l.ring_heads}, device);
+  check_table(op, t.ring_sinks, "ring_sinks (one entry per streaming head, as ring_offset)", {l.ring_heads}, device);
+  check_table(op, t.ring_size, "ring_size (one entry per streaming head, as ring_offset)", {l.ring_heads}, device);
   TORCH_CHECK(t.full_k.size() == t.full_v.size(), op, "full_k and full_v must have as many segments");
   l.full_heads = t.full_k.empty() ? 0 : t.full_k[0].dim() == 4 ? t.full_k[0].size(1) : -1;
   for (size_t s = 0; s < t.full_k.size(); ++s) {
@@ -93,14 +89,18 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
   }
   TORCH_CHECK(t.full_k.empty() || shapes.full_heads == full_heads, op, "the full segments must hold the ", full_heads,
               " full heads kv_kind names ([B, Hf, n, D] with Hf = ", full_heads, "), got Hf = ", shapes.full_heads);
-  LayerLayout l{B, Hkv, D, full_heads, shapes.ring_slots, shapes.ring_heads, shapes.full_starts, {}, {}};
+  LayerLayout l;
+  static_cast<LayerShapes&>(l) = shapes;
+  l.full_heads = full_heads;
+  l.batch = B;
+  l.heads_kv = Hkv;
+  l.head_dim = D;
   for (size_t s = 0; s < t.full_k.size(); ++s) {
     l.full_k.push_back(t.full_k[s].data_ptr());
     l.full_v.push_back(t.full_v[s].data_ptr());
   }
   if (t.budget_table.has_value()) {
     l.budget_table = t.budget_table->data_ptr<int64_t>();
-    l.budget_heads = shapes.budget_heads;
     l.slot_pos = t.slot_pos->data_ptr<int64_t>();
     l.slot_mass = t.slot_mass->data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
@@ -132,7 +132,6 @@ LayerLayout check_layer_layout(const char* op, at::ScalarType dtype, int64_t B, 
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(len[b] >= 0, op, "lengths must be >= 0");
   if (t.comp_table.has_value()) {
     l.comp_table = t.comp_table->data_ptr<int64_t>();
-    l.comp_heads = shapes.comp_heads;
     for (int64_t s = 0; s < l.ring_heads; ++s) {
       const Compensation c = compensation_of(l.comp_table, s);
       TORCH_CHECK(c.index >= -1 && c.index < l.comp_heads &&

@@ -8,26 +8,6 @@
 
 namespace headops {
 
-struct LayerLayout {
-  int64_t batch, heads_kv, head_dim, full_heads, ring_slots, ring_heads;
-  // full storage segment s holds positions [full_starts[s], full_starts[s + 1]) of every full head
-  std::vector<int64_t> full_starts;
-  std::vector<const void*> full_k, full_v;
-  // budget heads (optional): [B, Hb, 4] entries of BudgetLayout, slot positions and masses
-  const int64_t* budget_table = nullptr;
-  int64_t budget_heads = 0;
-  int64_t* slot_pos = nullptr;
-  float* slot_mass = nullptr;
-  // compensated streaming heads (optional): [Hs, 2] table, float64 sums [B, Hc, D], counts [B, Hc]
-  const int64_t* comp_table = nullptr;
-  int64_t comp_heads = 0;
-  double* comp_k = nullptr;
-  double* comp_v = nullptr;
-  int64_t* comp_n = nullptr;
-  int64_t full_capacity() const { return full_starts.back(); }
-  int64_t segment_of(int64_t position) const;  // requires 0 <= position < full_capacity()
-};
-
 // A layer's storages and layout tables as the raw ops (kv_append, decode_attention) take them.
 struct LayerTensors {
   at::TensorList full_k, full_v;
@@ -53,6 +33,24 @@ struct LayerShapes {
   int64_t full_heads = 0;  // of the full segments (0 when there are none)
   int64_t ring_slots = 0, ring_heads = 0, budget_heads = 0, comp_heads = 0;
   std::vector<int64_t> full_starts{0};  // segment s holds positions [full_starts[s], full_starts[s + 1])
+};
+
+// A layer's shapes with its tables' values checked (check_layer_layout), and its host pointers.
+// (full_heads is kv_kind's count of full heads, also where no full segment exists yet.)
+struct LayerLayout : LayerShapes {
+  int64_t batch = 0, heads_kv = 0, head_dim = 0;
+  std::vector<const void*> full_k, full_v;
+  // budget heads (optional): [B, Hb, 4] entries of BudgetLayout, slot positions and masses
+  const int64_t* budget_table = nullptr;
+  int64_t* slot_pos = nullptr;
+  float* slot_mass = nullptr;
+  // compensated streaming heads (optional): [Hs, 2] table, float64 sums [B, Hc, D], counts [B, Hc]
+  const int64_t* comp_table = nullptr;
+  double* comp_k = nullptr;
+  double* comp_v = nullptr;
+  int64_t* comp_n = nullptr;
+  int64_t full_capacity() const { return full_starts.back(); }
+  int64_t segment_of(int64_t position) const;  // requires 0 <= position < full_capacity()
 };
 
 // Dtypes, contiguity, devices and shapes of a layer's storages and tables; reads no values, so the

@@ -99,12 +99,7 @@ void check_on(const char* op, const at::Tensor& t, const char* name, const at::D
 
 }  // namespace
 
-void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
-               const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
-               const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-               const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
-               const OptTensor& slot_mass, bool write_budget, const OptTensor& comp_table, const OptTensor& comp_k,
-               const OptTensor& comp_v, const OptTensor& comp_n) {
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const LayerTensors& layer, bool write_budget) {
   const char* op = "headops.kv_append: ";
   const DType dtype = dtype_of(op, k_new.scalar_type());
   const at::Device device = k_new.device();
@@ -113,11 +108,7 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   TORCH_CHECK(B < 65536 && Hkv < (int64_t(1) << 31), op, "batch or KV heads too large for CUDA");
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DeviceLayer l = device_layer(
-      op, k_new.scalar_type(), device, B, Hkv, D,
-      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
-                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n},
-      stream);
+  DeviceLayer l = device_layer(op, k_new.scalar_type(), device, B, Hkv, D, layer, stream);
   if (B == 0 || Hkv == 0 || Sq == 0 || D == 0) return;
   const at::Tensor k = k_new.stride(3) == 1 ? k_new : k_new.contiguous();
   const at::Tensor v = v_new.stride(3) == 1 ? v_new : v_new.contiguous();
@@ -140,38 +131,26 @@ void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList 
   TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::TensorList full_v,
-                            const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
-                            const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
-                            const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,
-                            double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
-                            const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
-                            const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
-                            const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
-                            const OptTensor& slot_pos, const OptTensor& slot_mass, const OptTensor& comp_table,
-                            const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n) {
+at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, bool causal, double default_scale,
+                            const PerHeadArgs& given, int64_t split_keys) {
   const char* op = "headops.decode_attention: ";
   const DType dtype = dtype_of(op, q_in.scalar_type());
   TORCH_CHECK(split_keys >= 1, op, "split_keys must be >= 1");
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   TORCH_CHECK(D >= 1 && D <= kDecodeMaxHeadDim, op, "head dim ", D, " is not supported on CUDA (1 to ",
               kDecodeMaxHeadDim, ")");
-  const int64_t Hkv = kv_kind.dim() == 1 ? kv_kind.size(0) : 0;
+  const int64_t Hkv = layer.kv_kind.dim() == 1 ? layer.kv_kind.size(0) : 0;
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
   TORCH_CHECK(B < 65536 && Hkv < 65536, op, "batch or KV heads too large for CUDA");
   const at::Device device = q_in.device();
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const DeviceLayer l = device_layer(
-      op, q_in.scalar_type(), device, B, Hkv, D,
-      LayerTensors{full_k, full_v, ring_k, ring_v, lengths, kv_kind, kv_index, ring_offset, ring_sinks, ring_size,
-                   budget_table, slot_pos, slot_mass, comp_table, comp_k, comp_v, comp_n},
-      stream);
+  const DeviceLayer l = device_layer(op, q_in.scalar_type(), device, B, Hkv, D, layer, stream);
   // key_bias is indexed by position; whether it covers the longest row is the Python layer's check
   // (the kernel reads no bias past its last axis)
+  const OptTensor& key_bias_in = given.key_bias;
   const int64_t bias_len = key_bias_in.has_value() && key_bias_in->dim() == 3 ? key_bias_in->size(2) : 0;
   const Dims dims{B, Sq, bias_len, Hq, Hkv, D};
-  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale, out_bias, gate};
   check_per_head_args(op, dims, at::kFloat, q_in, given, ValueChecks::kNone);
 
   const at::Tensor q = q_in.size(3) <= 1 || q_in.stride(3) == 1 ? q_in : q_in.contiguous();
@@ -183,7 +162,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, at::TensorList full_k, at::T
   a.q = head_tensor(q, false);
   a.out = head_tensor(out, false);
   fill_params(a, dims, causal, default_scale,
-              PerHeadArgs{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate});
+              PerHeadArgs{given.softmax_scale, given.window, given.sinks, given.alpha, key_bias, given.sink_logit,
+                          given.out_scale, given.out_bias, given.gate});
   p.split_keys = split_keys;
   // splits from capacities (no lengths read): the longest walk a full head or a streaming head can have
   const int64_t longest_walk = std::max(l.full_capacity, p.ring_slots);

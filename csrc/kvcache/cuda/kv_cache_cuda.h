@@ -4,26 +4,15 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../kv_ops.h"
+#include "../../attention/attention_args.h"
+#include "../kv_layout_checks.h"
 
 namespace headops::cuda {
 
-void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, at::TensorList full_k, at::TensorList full_v,
-               const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths, const at::Tensor& kv_kind,
-               const at::Tensor& kv_index, const at::Tensor& ring_offset, const at::Tensor& ring_sinks,
-               const at::Tensor& ring_size, const OptTensor& budget_table, const OptTensor& slot_pos,
-               const OptTensor& slot_mass, bool write_budget, const OptTensor& comp_table, const OptTensor& comp_k,
-               const OptTensor& comp_v, const OptTensor& comp_n);
+// `layer` as the CPU op took it (check_layer_shapes runs here; no values are read).
+void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const LayerTensors& layer, bool write_budget);
 
-at::Tensor decode_attention(const at::Tensor& q, at::TensorList full_k, at::TensorList full_v,
-                            const at::Tensor& ring_k, const at::Tensor& ring_v, const at::Tensor& lengths,
-                            const at::Tensor& kv_kind, const at::Tensor& kv_index, const at::Tensor& ring_offset,
-                            const at::Tensor& ring_sinks, const at::Tensor& ring_size, bool causal,
-                            double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
-                            const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias,
-                            const OptTensor& sink_logit, const OptTensor& out_scale, const OptTensor& out_bias,
-                            const OptTensor& gate, int64_t split_keys, const OptTensor& budget_table,
-                            const OptTensor& slot_pos, const OptTensor& slot_mass, const OptTensor& comp_table,
-                            const OptTensor& comp_k, const OptTensor& comp_v, const OptTensor& comp_n);
+at::Tensor decode_attention(const at::Tensor& q, const LayerTensors& layer, bool causal, double default_scale,
+                            const PerHeadArgs& given, int64_t split_keys);
 
 }  // namespace headops::cuda
