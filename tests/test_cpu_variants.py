@@ -1,13 +1,15 @@
 """The CPU kernel is compiled once per instruction set; the suite's main run exercises only the
 one this machine picks. Here the correctness sweep runs again under each other variant (ATen's
-ATEN_CPU_CAPABILITY override, and plain AVX-512 for bfloat16 instead of AVX512-BF16): the attention
-kernel's tests and the decode kernel's."""
+ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, and bfloat16/
+float16 tiles converted to float where this CPU runs them through brgemm): the attention
+kernel's tests, its backward's and the decode kernel's."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import headops
 
@@ -19,7 +21,7 @@ BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
 DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
                 "test_decode_lower_precision_head_dims",
                 "test_budget_heads_equal_attention_over_the_kept_set"]
-SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py")] + [
+SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT, "tests", "test_autograd.py")] + [
     os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
 
 
@@ -31,7 +33,13 @@ def run_sweep(env_extra, expect_capability):
     probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"],
                            env=env, capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == expect_capability
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + SWEPT,
+    # torch.compile's tests are left out: under a forced lower ATEN_CPU_CAPABILITY inductor's own
+    # code for the layer around attention changes with it (on the AVX512-BF16 EPYC, AVX2 forced,
+    # the inductor-compiled training step's loss came out 383.8 against eager's 1163.2 with every
+    # per-head argument requiring grad; both agree at the machine's own capability and under
+    # aot_eager): an open finding, not what this sweep checks (the kernels' variants)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                           "not compiled"] + SWEPT,
                           env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
@@ -47,3 +55,11 @@ def test_bfloat16_without_the_avx512_bf16_variant():
     if headops._C.cpu_capability() != "AVX512":
         pytest.skip("needs an AVX-512 machine")
     run_sweep({"HEADOPS_CPU_NO_BF16_VARIANT": "1"}, "AVX512")
+
+
+def test_half_precision_tiles_converted_to_float():
+    """HEADOPS_CPU_NO_PACKED=1: the path of CPUs without a 16-bit brgemm unit (AVX2, AVX-512
+    without BF16), on a CPU that has one."""
+    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
+        pytest.skip("this CPU converts bfloat16/float16 tiles to float already")
+    run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())

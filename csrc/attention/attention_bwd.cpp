@@ -60,9 +60,11 @@ std::vector<at::Tensor> attention_bwd(
   auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
 
   // the kernel reads everything in the accumulation dtype, rows addressable, the row
-  // parameters contiguous
+  // parameters contiguous; the CPU's brgemm tiles read 16-bit q, k, v as they are
   auto to_acc = [&](const at::Tensor& t) { return rows_addressable(t.to(acc), heads_first); };
-  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), dout = to_acc(dout_in);
+  const bool inputs_as_given = !q_in.is_cuda() && cpu::backward_reads_input_dtype(dtype, d.D);
+  auto input = [&](const at::Tensor& t) { return inputs_as_given ? rows_addressable(t, heads_first) : to_acc(t); };
+  const at::Tensor q = input(q_in), k = input(k_in), v = input(v_in), dout = to_acc(dout_in);
   const at::Tensor o_stream_c = o_stream.contiguous(), lse_c = lse.contiguous();
   const OptTensor o_full_c = contiguous_or_none(o_full), lse_full_c = contiguous_or_none(lse_full);
   const OptTensor dlse = dlse_in.has_value() ? OptTensor(dlse_in->to(acc).contiguous()) : std::nullopt;
@@ -131,7 +133,7 @@ std::vector<at::Tensor> attention_bwd(
       cuda::attention_backward(p, q);
     else
 #endif
-      cpu::attention_backward(p, acc);
+      cpu::attention_backward(p, q.scalar_type());
   }
 
   // dk, dv: sum the query heads of each GQA group (in a fixed order), back to k's dtype

@@ -22,7 +22,8 @@ const std::string& cpu_capability();
 bool runs_avx512_bf16_variant();
 
 // Whether bfloat16/float16 tiles run through oneDNN's brgemm on VNNI-packed operands
-// (AMX, AVX512-BF16/FP16); else they are converted to float for BLAS.
+// (AMX, AVX512-BF16/FP16); else they are converted to float for BLAS. HEADOPS_CPU_NO_PACKED=1
+// forces the conversion (tests sweep both paths on one machine).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
 
 template <typename Fn>

@@ -5,15 +5,21 @@
 
 namespace headops::cpu {
 
-HEADOPS_ISA_VARIANTS(void, attention_backward_isa, (const BackwardParams& p, at::ScalarType acc_dtype))
+HEADOPS_ISA_VARIANTS(void, attention_backward_isa, (const BackwardParams& p, at::ScalarType input_dtype))
 
 // measured on the 2-core Sapphire Rapids (B=1, H=16, S=2048, D=128, fp32, forward+backward):
 // 64x256 ... 256x512 all within 3 % of each other (the five sgemm calls dominate)
 TileShape backward_tile_shape(int64_t /*head_dim*/) { return {128, 256}; }
 
-void attention_backward(const BackwardParams& p, at::ScalarType acc_dtype) {
+// bfloat16 only: the float16 brgemm backward (AMX-FP16 / AVX512-FP16) has not run on such a
+// CPU, and float16's range (65504) would need its own look at dS and the scaled dL/do
+bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim) {
+  return dtype == at::kBFloat16 && uses_packed_operands(dtype, head_dim);
+}
+
+void attention_backward(const BackwardParams& p, at::ScalarType input_dtype) {
   static const auto variants = HEADOPS_ISA_TABLE(attention_backward_isa);
-  variants.pick(acc_dtype)(p, acc_dtype);
+  variants.pick(input_dtype)(p, input_dtype);
 }
 
 }  // namespace headops::cpu

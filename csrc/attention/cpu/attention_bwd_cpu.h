@@ -7,11 +7,17 @@
 
 namespace headops::cpu {
 
-// Query/key tile sizes of the CPU backward (float/double BLAS tiles).
+// Query/key tile sizes of the CPU backward.
 TileShape backward_tile_shape(int64_t head_dim);
 
-// Fills the gradients BackwardParams asks for. Every input is in `acc_dtype` (float or double)
-// and checked by the caller; gradient buffers arrive zeroed.
-void attention_backward(const BackwardParams& p, at::ScalarType acc_dtype);
+// Whether the CPU backward reads bfloat16/float16 q, k, v as they are (brgemm tiles in the input
+// dtype); otherwise the caller converts them to float.
+bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim);
+
+// Fills the gradients BackwardParams asks for. q, k, v are in `input_dtype` (float or double,
+// or bfloat16/float16 where backward_reads_input_dtype says so); everything else is in the
+// accumulation dtype (float, double for double) and checked by the caller; gradient buffers
+// arrive zeroed.
+void attention_backward(const BackwardParams& p, at::ScalarType input_dtype);
 
 }  // namespace headops::cpu

@@ -9,9 +9,11 @@
 //      out_bias, alpha and sink_logit, and each branch's delta_i = do_i . o_i - dlse_i;
 //   2. query tiles walk only the key blocks they can see (the forward's tile_keys), recompute
 //      the probabilities from the saved lse, and accumulate dq, dk, dv (and key_bias,
-//      softmax_scale) with five BLAS tile products. Nothing of size S x S is stored.
-// Inputs arrive in the accumulation dtype (the dispatcher converts bfloat16/float16), so only
-// float and double are instantiated.
+//      softmax_scale) with five tile products (backward_products.h: BLAS for float/double,
+//      brgemm in the input dtype for bfloat16/float16 where the CPU runs it natively).
+//      Nothing of size S x S is stored.
+// q, k, v arrive in their own dtype on the brgemm path, else in the accumulation dtype (the
+// dispatcher converts); everything else in the accumulation dtype.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -27,6 +29,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../backward_semantics.h"
@@ -34,7 +38,9 @@
 #include "../online_softmax.h"
 #include "../work_counters.h"
 #include "../../cpu/blas.h"
+#include "../../cpu/isa_dispatch.h"
 #include "../../cpu/row_ops.h"
+#include "backward_products.h"
 #include "kernel_common.h"
 
 namespace headops::cpu {
@@ -65,13 +71,13 @@ void softmax_grad(T* ds, const T* p, int64_t lo, int64_t hi, T delta) {
   for (; j < hi; ++j) ds[j] = p[j] * (ds[j] - delta);
 }
 
-template <typename acc_t>
+template <typename acc_t, typename Products>
 class HeadBackward {
   using V = Vectorized<acc_t>;
 
  public:
-  HeadBackward(const BackwardParams& p, int64_t block_q, int64_t block_k)
-      : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim),
+  HeadBackward(const BackwardParams& p, int64_t block_q, int64_t block_k, Products products)
+      : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim), products_(std::move(products)),
         d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
         probs_(block_q * block_k), probs_full_(block_q * block_k),
         grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim) {}
@@ -83,6 +89,7 @@ class HeadBackward {
     if (!p_.needs_key_loop() || head.rows_zero) return;
     walk_tiles(b, h, head, counts);
   }
+  void finish() { products_.end_worker(); }
 
  private:
   acc_t saved_lse(const void* base, int64_t b, int64_t h, int64_t i) const {
@@ -117,14 +124,27 @@ class HeadBackward {
         d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
       }
       // under a zero gate the saved averages may hold anything a NaN could come from: not read
-      const acc_t dot_full = gate != acc_t(0) && o_full ? dot(d_o, o_full, D) : acc_t(0);
-      const acc_t dot_stream = gate != acc_t(0) && o_stream ? dot(d_o, o_stream, D) : acc_t(0);
+      auto dots = [&](acc_t& full, acc_t& stream) {
+        full = gate != acc_t(0) && o_full ? dot(d_o, o_full, D) : acc_t(0);
+        stream = gate != acc_t(0) && o_stream ? dot(d_o, o_stream, D) : acc_t(0);
+      };
+      acc_t dot_full, dot_stream;
+      dots(dot_full, dot_stream);
       if (want_dalpha) dalpha += head.dalpha_share(dot_full, dot_stream);
-      head.row_deltas(dot_full, dot_stream, dlse != nullptr, dlse ? dlse[i] : acc_t(0), delta_full_[i],
-                      delta_stream_[i]);
+      const bool has_dlse = dlse != nullptr;
+      const acc_t dlse_i = has_dlse ? dlse[i] : acc_t(0);
+      head.row_deltas(dot_full, dot_stream, has_dlse, dlse_i, delta_full_[i], delta_stream_[i]);
       if (p_.dsink_logit && hs.has_sink_logit) {
         if (plan.streaming) dsink += head.dsink_share(saved_lse(f_.lse, b, h, i), delta_stream_[i], StdExp{});
         if (plan.full) dsink += head.dsink_share(saved_lse(f_.lse_full, b, h, i), delta_full_[i], StdExp{});
+      }
+      if constexpr (Products::rounds_dout) {
+        // dP reads dL/do rounded to the input dtype: dS takes its deltas from the same values,
+        // so that dP - delta cancels as it does exactly (do_scale is 1 wherever one branch is
+        // walked); dalpha and dsink above keep the exact ones
+        products_.round_like_inputs(d_o, D);
+        dots(dot_full, dot_stream);
+        head.row_deltas(dot_full, dot_stream, has_dlse, dlse_i, delta_full_[i], delta_stream_[i]);
       }
       if (head.do_scale != acc_t(1)) scale_row(d_o, D, head.do_scale);
     }
@@ -141,9 +161,10 @@ class HeadBackward {
     acc_t dscale = 0;
     for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
       const int64_t q1 = std::min(Sq, q0 + rows), nq = q1 - q0;
-      const VisibleKeys keys = tile_keys(f_, hs, q0, q1, 1, f_.seqlen_k);
+      const VisibleKeys keys = tile_keys(f_, hs, q0, q1, Products::key_alignment, products_.padded_keys());
       if (keys.count() == 0) continue;
       counts.add(kWorkItems, 1);
+      products_.begin_tile(b, h, q0, nq, d_out_.data() + q0 * D);
       std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
       for (const KeyRange& range : {keys.sinks, keys.window})
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
@@ -151,7 +172,7 @@ class HeadBackward {
       // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
       for (int64_t r = 0; r < nq; ++r) {
         const acc_t* dq_row = dq_tile_.data() + r * D;
-        if (p_.dsoftmax_scale) dscale += dot(f_.q.row<acc_t>(b, q0 + r, h), dq_row, D);
+        if (p_.dsoftmax_scale) dscale += dot(products_.q_row(r), dq_row, D);
         if (p_.want_dq) {
           acc_t* out = const_cast<acc_t*>(p_.dq.row<acc_t>(b, q0 + r, h));
           for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
@@ -188,23 +209,19 @@ class HeadBackward {
     fill_zero(out, cursor, nk);
   }
 
+  // Key block [j0, j0 + nk): its first `real` keys exist (an aligned block may reach past Sk).
   void key_block(int64_t b, int64_t h, const BackwardHead<acc_t>& head, int64_t q0, int64_t nq, int64_t j0,
                  int64_t nk, LocalWorkCounts& counts) {
     const HeadScalars<acc_t>& hs = head.hs;
     const BranchPlan& plan = head.plan;
-    const int64_t D = D_, ld = block_k_, kvh = h / f_.group();
+    const int64_t ld = block_k_, real = std::min(nk, f_.seqlen_k - j0);
     const int64_t pos0 = q0 + f_.seqlen_k - f_.seqlen_q;
-    const acc_t* q = f_.q.row<acc_t>(b, q0, h);
-    const acc_t* k = f_.k.row<acc_t>(b, j0, kvh);
-    const acc_t* v = f_.v.row<acc_t>(b, j0, kvh);
-    const acc_t* d_o = d_out_.data() + q0 * D;
     const acc_t* bias = f_.key_bias.present() ? f_.key_bias.row<acc_t>(b, h) + j0 : nullptr;
     acc_t* dkb = p_.dkey_bias ? static_cast<acc_t*>(p_.dkey_bias) + (b * f_.heads_q + h) * f_.seqlen_k + j0 : nullptr;
     acc_t* s = probs_.data();
     acc_t* ds = grads_.data();
 
-    gemm_nt(nq, nk, D, acc_t(1), q, f_.q.stride_s, k, f_.k.stride_s, acc_t(0), s, ld);     // S = Q K^T
-    gemm_nt(nq, nk, D, acc_t(1), d_o, D, v, f_.v.stride_s, acc_t(0), ds, ld);              // dP = dO V^T
+    products_.scores_and_dprobs(s, ds, ld, j0, nk);  // S = Q K^T, dP = dO V^T
     counts.add(kKeyBlocks, 1);
     counts.add(kScoreElements, nq * nk);
 
@@ -212,9 +229,9 @@ class HeadBackward {
     const HeadVisibility full_vis = full_visibility(f_.causal);
     const bool both = head.both_branches();
     const HeadVisibility& main_vis = plan.full && !both ? full_vis : stream_vis;
-    const bool main_whole = main_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
-    const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
-    const bool stream_whole = stream_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk);
+    const bool main_whole = main_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
+    const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
+    const bool stream_whole = stream_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r, pos = pos0 + r;
       acc_t* s_row = s + r * ld;
@@ -223,7 +240,7 @@ class HeadBackward {
       if (!both) {
         const acc_t lse = saved_lse(plan.full ? f_.lse_full : f_.lse, b, h, i);
         const acc_t delta = plan.full ? delta_full_[i] : delta_stream_[i];
-        branch_probs(s_row, s_row, false, main_vis, pos, j0, nk, main_whole, lse, hs.softmax_scale, bias, parts);
+        branch_probs(s_row, s_row, false, main_vis, pos, j0, real, main_whole, lse, hs.softmax_scale, bias, parts);
         int64_t cursor = 0;
         for (const KeyRange& part : parts) {
           if (part.empty()) continue;
@@ -231,42 +248,46 @@ class HeadBackward {
           softmax_grad(ds_row, s_row, part.lo, part.hi, delta);
           cursor = part.hi;
         }
-        fill_zero(ds_row, cursor, nk);
+        fill_zero(ds_row, cursor, real);
       } else {
         // both branches read the same logits: scale them once, in place
-        for (int64_t j = 0; j < nk; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
+        for (int64_t j = 0; j < real; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
         acc_t* pf = probs_full_.data() + r * ld;
         KeyRange full_parts[2];
-        branch_probs(pf, s_row, true, full_vis, pos, j0, nk, full_whole, saved_lse(f_.lse_full, b, h, i), 0, nullptr,
-                     full_parts);
-        branch_probs(s_row, s_row, true, stream_vis, pos, j0, nk, stream_whole, saved_lse(f_.lse, b, h, i), 0, nullptr,
-                     parts);
+        branch_probs(pf, s_row, true, full_vis, pos, j0, real, full_whole, saved_lse(f_.lse_full, b, h, i), 0,
+                     nullptr, full_parts);
+        branch_probs(s_row, s_row, true, stream_vis, pos, j0, real, stream_whole, saved_lse(f_.lse, b, h, i), 0,
+                     nullptr, parts);
         // dS = P_f (w_f dP - delta_f) + P_s (w_s dP - delta_s);  dv weights P = w_f P_f + w_s P_s
         const acc_t df = delta_full_[i], dst = delta_stream_[i];
-        for (int64_t j = 0; j < nk; ++j) {
+        for (int64_t j = 0; j < real; ++j) {
           const acc_t dp = ds_row[j];
           ds_row[j] = (pf[j] != acc_t(0) ? pf[j] * (head.dp_weight_full * dp - df) : acc_t(0)) +
                       (s_row[j] != acc_t(0) ? s_row[j] * (head.dp_weight_streaming * dp - dst) : acc_t(0));
           s_row[j] = head.dp_weight_full * pf[j] + head.dp_weight_streaming * s_row[j];
         }
       }
-      if (dkb) add_into(dkb, ds_row, nk);
+      fill_zero(s_row, real, nk);  // keys past Sk: nothing in any product
+      fill_zero(ds_row, real, nk);
+      if (dkb) add_into(dkb, ds_row, real);
     }
+    KeyGradRows<acc_t> rows;
     if (p_.want_dv) {
-      acc_t* dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, j0, h));
-      gemm_tn(nk, D, nq, acc_t(1), s, ld, d_o, D, acc_t(1), dv, p_.dv.stride_s);  // dV += P^T dO
+      rows.dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, j0, h));
+      rows.stride_dv = p_.dv.stride_s;
       counts.add(kValueBlocks, 1);
     }
-    gemm_nn(nq, D, nk, acc_t(1), ds, ld, k, f_.k.stride_s, acc_t(1), dq_tile_.data(), D);  // dQ += dS K
     if (p_.want_dk) {
-      acc_t* dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, j0, h));
-      gemm_tn(nk, D, nq, acc_t(1), ds, ld, q, f_.q.stride_s, acc_t(1), dk, p_.dk.stride_s);  // dK += dS^T Q
+      rows.dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, j0, h));
+      rows.stride_dk = p_.dk.stride_s;
     }
+    products_.gradients(s, ds, ld, j0, nk, real, dq_tile_.data(), rows);  // dV, dQ, dK
   }
 
   const BackwardParams& p_;
   const AttentionParams& f_;
   int64_t block_q_, block_k_, D_;
+  Products products_;
   std::vector<acc_t> d_out_;                      // dL/do of the item's rows (times do_scale)
   std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
   std::vector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
@@ -295,12 +316,11 @@ std::vector<std::pair<int64_t, int64_t>> backward_items(const BackwardParams& p,
   return items;
 }
 
-template <typename acc_t>
-void backward_typed(const BackwardParams& p) {
-  const TileShape tiles = fit_to_call(backward_tile_shape(p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k);
+template <typename acc_t, typename Products, typename MakeProducts>
+void run_backward(const BackwardParams& p, const TileShape& tiles, MakeProducts make_products) {
   const auto items = backward_items<acc_t>(p, tiles.block_q);
   struct Worker {
-    HeadBackward<acc_t> head;
+    HeadBackward<acc_t, Products> head;
     LocalWorkCounts counts;
     const std::vector<std::pair<int64_t, int64_t>>& items;
     int64_t heads_q;
@@ -308,17 +328,37 @@ void backward_typed(const BackwardParams& p) {
       const int64_t flat = items[n].second;
       head.run(flat / heads_q, flat % heads_q, counts);
     }
-    void finish() { counts.publish(); }
+    void finish() {
+      head.finish();
+      counts.publish();
+    }
   };
   run_dynamic(static_cast<int64_t>(items.size()), [&] {
-    return Worker{HeadBackward<acc_t>(p, tiles.block_q, tiles.block_k), {}, items, p.fwd.heads_q};
+    return Worker{HeadBackward<acc_t, Products>(p, tiles.block_q, tiles.block_k, make_products()), {}, items,
+                  p.fwd.heads_q};
   });
+}
+
+template <typename scalar_t>
+void backward_typed(const BackwardParams& p) {
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const TileShape tiles = fit_to_call(backward_tile_shape(p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    run_backward<scalar_t, BlasTileProducts<scalar_t>>(p, tiles, [&] { return BlasTileProducts<scalar_t>(p); });
+  } else {
+    TORCH_CHECK(backward_reads_input_dtype(dtype, p.fwd.head_dim),
+                "headops: the CPU backward reads 16-bit q/k/v only where backward_reads_input_dtype says so");
+    const PackedBackwardKV<scalar_t> packed(p.fwd);
+    run_backward<float, PackedTileProducts<scalar_t>>(
+        p, tiles, [&] { return PackedTileProducts<scalar_t>(p, packed, tiles.block_q, tiles.block_k); });
+  }
 }
 
 }  // namespace
 
-void attention_backward_isa(const BackwardParams& p, at::ScalarType acc_dtype) {
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "headops attention backward", [&] { backward_typed<scalar_t>(p); });
+void attention_backward_isa(const BackwardParams& p, at::ScalarType input_dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input_dtype, "headops attention backward",
+                                  [&] { backward_typed<scalar_t>(p); });
 }
 
 }  // namespace CPU_CAPABILITY

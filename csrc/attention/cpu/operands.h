@@ -19,6 +19,7 @@
 #include "../../cpu/blas.h"
 #include "../../cpu/isa_dispatch.h"
 #include "../attention_params.h"
+#include "vnni_pack.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
 
@@ -104,40 +105,15 @@ struct PackedKV {
     return values + (b * heads_kv + kvh) * head_elems();
   }
 
-  // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head). A VNNI pair of 16-bit
-  // values is moved as one 32-bit word; the block's K rows stay in L1 while written out.
+  // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head) (vnni_pack.h).
   void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
-    static_assert(sizeof(scalar_t) == 2, "VNNI packing of 16-bit types");
-    const int64_t D = head_dim, Sk = p.seqlen_k, L = padded_keys;
     const int64_t j_begin = blk * kPackBlock;
-    const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, Sk - j_begin));
-    uint32_t* kt = reinterpret_cast<uint32_t*>(keys_t + (b * p.heads_kv + kvh) * head_elems());
-    // a key row may start at any 2-byte boundary (strided views), so the pair is read by memcpy
-    const scalar_t* rows[kPackBlock];
-    for (int64_t r = 0; r < real; ++r) rows[r] = p.k.row<scalar_t>(b, j_begin + r, kvh);
-    for (int64_t dp = 0; dp < D / 2; ++dp) {
-      uint32_t* dst = kt + dp * L + j_begin;
-      for (int64_t r = 0; r < real; ++r) std::memcpy(&dst[r], rows[r] + 2 * dp, sizeof(uint32_t));
-      for (int64_t r = real; r < kPackBlock; ++r) dst[r] = 0;
-    }
-    uint16_t* vv = reinterpret_cast<uint16_t*>(values + (b * p.heads_kv + kvh) * head_elems());
-    for (int64_t r = 0; r < kPackBlock; r += 2) {
-      uint16_t* dst = vv + (j_begin + r) * D;  // pair (j, j + 1) of every d, interleaved
-      const uint16_t* v0 = r < real ? reinterpret_cast<const uint16_t*>(p.v.row<scalar_t>(b, j_begin + r, kvh)) : nullptr;
-      const uint16_t* v1 =
-          r + 1 < real ? reinterpret_cast<const uint16_t*>(p.v.row<scalar_t>(b, j_begin + r + 1, kvh)) : nullptr;
-      if (v0 && v1) {
-        for (int64_t d = 0; d < D; ++d) {
-          dst[2 * d] = v0[d];
-          dst[2 * d + 1] = v1[d];
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          dst[2 * d] = v0 ? v0[d] : uint16_t(0);
-          dst[2 * d + 1] = 0;
-        }
-      }
-    }
+    const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - j_begin));
+    const int64_t at = (b * p.heads_kv + kvh) * head_elems();
+    pack_columns_vnni<scalar_t>([&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
+                                head_dim, padded_keys, keys_t + at + j_begin * 2);
+    pack_rows_vnni<scalar_t>([&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
+                             head_dim, values + at + j_begin * head_dim);
   }
 };
 
