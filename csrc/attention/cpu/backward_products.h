@@ -18,7 +18,7 @@
 
 #include "../../cpu/blas.h"
 #include "../attention_params.h"
-#include "vnni_pack.h"
+#include "../../cpu/vnni_pack.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
 

@@ -36,6 +36,7 @@
 #include "../../cpu/isa_dispatch.h"
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
+#include "../../cpu/vnni_pack.h"
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
 
@@ -370,10 +371,12 @@ class DecodeWorker {
         const int64_t r = g * Sq_ + i;
         const scalar_t* qrow = a_.q.row<scalar_t>(b, i, item.kvh * G_ + g);
         pair_permuted_queries<acc_t, scalar_t>(q_.data() + r * D, qrow, D);
-        if constexpr (!kDirect) {
-          if (use_brgemm_)
-            for (int64_t d = 0; d < D; ++d) q_vnni_[((d / 2) * R_ + r) * 2 + d % 2] = qrow[d];
-        }
+      }
+    }
+    if constexpr (!kDirect) {
+      if (use_brgemm_) {
+        auto query_row = [&](int64_t r) { return a_.q.row<scalar_t>(b, r % Sq_, item.kvh * G_ + r / Sq_); };
+        pack_columns_vnni<scalar_t>(query_row, R_, R_, D, R_, q_vnni_.data());
       }
     }
     // an item is a partial softmax over some keys: the sink logit joins once, in combine()

@@ -98,21 +98,24 @@ def encoder_study(model, tok, tokens: int, passages: int) -> Study:
                  lambda x: x, False)
 
 
-def load_model(name: str):
-    """(model, tokenizer) of a model named on the command line (tokenizer None for the tiny ones)."""
+def load_model(name: str, dtype=None):
+    """(model, tokenizer) of a model named on the command line (tokenizer None for the tiny ones),
+    in `dtype` when given (default: float32)."""
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r} ({', '.join(MODELS)})")
     if name == "smollm2":
         from ..models import load_smollm2
 
-        return load_smollm2()
+        return load_smollm2(dtype or torch.float32)
     if name == "minilm":
         from ..models import load_minilm
 
-        return load_minilm()
-    from ..testing import tiny_bert, tiny_llama
+        model, tok = load_minilm()
+    else:
+        from ..testing import tiny_bert, tiny_llama
 
-    return tiny_llama() if name == "tiny" else tiny_bert()
+        model, tok = tiny_llama() if name == "tiny" else tiny_bert()
+    return (model if dtype is None else model.to(dtype)), tok
 
 
 def load_study(args) -> Study:

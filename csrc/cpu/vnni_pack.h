@@ -8,10 +8,16 @@
 // Rows [real, count) are written as zeros, so a padded reduction adds nothing.
 #pragma once
 
+#ifndef CPU_CAPABILITY
+#error "include cpu/vnni_pack.h from a kernel compiled for one CPU_CAPABILITY"
+#endif
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-namespace headops::cpu {
+// in the instruction set's namespace: instantiated per variant, never shared across them
+namespace headops::cpu::CPU_CAPABILITY {
 
 template <typename scalar_t, typename RowOf>
 void pack_columns_vnni(RowOf row_of, int64_t real, int64_t count, int64_t D, int64_t ld, scalar_t* dst) {
@@ -57,4 +63,4 @@ void pack_rows_vnni(RowOf row_of, int64_t real, int64_t count, int64_t D, scalar
   }
 }
 
-}  // namespace headops::cpu
+}  // namespace headops::cpu::CPU_CAPABILITY
