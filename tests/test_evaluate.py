@@ -109,6 +109,24 @@ def test_the_dense_method_answers_as_plain_generate():
     assert not hasattr(model, "_headops_previous")  # unpatched after the run
 
 
+def test_the_dense_method_in_bfloat16_answers_as_plain_generate():
+    """`evaluate --dtype bfloat16`: the cache, its kernels and the prefill capture in bfloat16
+    give the first tokens of transformers' own generate of the bfloat16 model (later ones may
+    differ: two attention kernels round differently in bfloat16, and this random model's logits
+    have near-ties; sample 1 flips at its 7th token)."""
+    model, _ = tiny_llama()
+    model = model.to(torch.bfloat16)
+    samples = _samples(count=3)
+    rows = harness.evaluate(model, TOK, samples, ["dense", "snapkv:budget=40"], batch_size=3, max_new_tokens=8,
+                            show_progress=False)
+    assert len(rows) == 2 * len(samples)
+    for s in samples:
+        new = tasks.generate(model, s.ids[None], 8)[0]
+        want = TOK.decode(tasks.until_eos(model, new), skip_special_tokens=True)
+        dense = [r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed][0]
+        assert len(dense["answer"]) == len(want) and dense["answer"][:4] == want[:4], s.seed
+
+
 def test_question_aware_methods_build_their_cache_after_the_question():
     """question=1: the cache is built from the prefill of the whole prompt but its last token
     (the budget heads' observation window: the prompt's last queries, the question's), then the
@@ -286,3 +304,5 @@ def test_the_command_writes_rows_summary_and_plot(tmp_path, capsys):
     assert "6 rows already in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--scores"):
         main(argv[:-7] + ["--scores", "nofile", "--out", out])
+    assert main(argv[:-1] + [out + "_bf16", "--dtype", "bfloat16", "--no-plot"]) == 0
+    assert len(harness.read_rows(out + "_bf16.csv")) == 6
