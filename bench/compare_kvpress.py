@@ -194,7 +194,7 @@ def headops_worker(args):
             ids = s.ids[None]
             start = s.question_start
             prefills = prompt_prefill(model, ids, start, window)
-            cache = method_cache(model, method, spec, prefills, ids, start)
+            cache = method_cache(model, method, spec, prefills, ids, start, p["max_new_tokens"])
             del prefills
             built, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
             rss_before = settle_and_reset_peak()

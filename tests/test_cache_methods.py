@@ -375,6 +375,48 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
                 assert p - 1 in kept.tolist()
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "adakv", "headkv"])
+def test_append_room_keeps_appended_tokens_until_it_is_full(allocation):
+    """append_room: the prefill selects as without it; the next `room` appended tokens fill free
+    slots and evict nothing (the prompt compressed once); past the room eviction resumes. Decode
+    stays attention over the kept set; ideal bytes count the slots filled, nbytes the slots held."""
+    B, S, Hq, Hkv, D, room = 2, 40, 6, 3, 8, 5
+    kinds, sinks = ["budget", "full", "budget"], [1, 0, 0, 0, 2, 1]
+    per_head_budget = [10, None, 10] if allocation != "headkv" else [8, None, 12]
+    options = dict(allocation=allocation, observation_window=5, pool_kernel=3)
+    without = budget_layer(Hq, Hkv, kinds, sinks, per_head_budget, 2, B=B, max_step=1, **options)
+    cache = budget_layer(Hq, Hkv, kinds, sinks, per_head_budget, 2, B=B, max_step=1, append_room=room, **options)
+    steps = room + 3
+    q, k, v = make_qkv(B, S + steps, S + steps, Hq, Hkv, D, F64)
+    lengths = [S, 31]
+    for c in (without, cache):
+        c.attention(0, q[:, :S], k[:, :S], v[:, :S], lengths=lengths)
+    st, ref = cache._layers[0], without._layers[0]
+    bpt = 2 * D * 8
+    for b in range(B):
+        assert st.budget_sizes(b) == [n + room for n in ref.budget_sizes(b)]
+        for h in (0, 2):  # the same selection
+            assert torch.equal(st.kept_positions(b, h), ref.kept_positions(b, h))
+    selected = {(b, h): st.kept_positions(b, h).tolist() for b in range(B) for h in (0, 2)}
+    assert cache.ideal_nbytes() == without.ideal_nbytes()
+    assert cache.nbytes() - without.nbytes() == B * 2 * room * (bpt + 12)  # K, V; position, mass
+    for i in range(steps):
+        new = [torch.stack([t[b, n + i:n + i + 1] for b, n in enumerate(lengths)]) for t in (q, k, v)]
+        got = cache.attention(0, *new)
+        for b, n in enumerate(lengths):
+            p = n + i + 1
+            want = reference.attention(q[b:b + 1, p - 1:p], k[b:b + 1, :p], v[b:b + 1, :p],
+                                       key_bias=kept_bias(cache, b, Hq, Hkv, p))
+            assert_close(got[b:b + 1], want, 1e-12, 1e-12)
+            for h in (0, 2):
+                kept = st.kept_positions(b, h).tolist()
+                if i < room:  # nothing evicted: the selection and every appended token
+                    assert kept == selected[b, h] + list(range(n, p))
+                else:  # full: one token evicted per step, never the newest
+                    assert len(kept) == len(selected[b, h]) + room and p - 1 in kept
+    assert cache.ideal_nbytes() == sum(n + steps + sum(st.budget_sizes(b)) for b, n in enumerate(lengths)) * bpt
+
+
 def test_adakv_budgets_larger_than_the_prompt_keep_everything():
     cache = budget_layer(4, 2, "budget", [0] * 4, 30, 2, allocation="adakv")
     q, k, v = make_qkv(2, 12, 12, 4, 2, 8, F64)
@@ -395,6 +437,8 @@ def test_adakv_budgets_larger_than_the_prompt_keep_everything():
     (dict(pool_kernel=0), "pool_kernel"),
     (dict(allocation="adakv", budget=[10, 12]), "budget"),
     (dict(budget=[10, 3]), "budget"),  # does not fit sinks + budget_recent
+    (dict(append_room=-1), "append_room"),
+    (dict(append_room=2.0), "append_room"),
 ])
 def test_budget_option_errors(bad, word):
     kw = dict(budget=10)

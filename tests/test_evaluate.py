@@ -144,7 +144,8 @@ def test_question_aware_methods_build_their_cache_after_the_question():
             for m in methods:
                 prefill = headops.capture_prefill(model, ids[:, :-1], observation_window=32)
                 headops.set_spec(model, spec[m])
-                cache = headops.HeadSparseCache.from_prefill(model, spec[m], prefill, max_step=1)
+                cache = headops.HeadSparseCache.from_prefill(model, spec[m], prefill, max_step=1,
+                                                             append_room=1 + 6)
                 new = harness.answer_from_cache(model, ids, cache, 6)[0]
                 want = TOK.decode(tasks.until_eos(model, new), skip_special_tokens=True)
                 (row,) = [r for r in rows if r["method"] == harness.parse_method(m).name and int(r["seed"]) == s.seed
@@ -159,6 +160,41 @@ def test_question_aware_methods_build_their_cache_after_the_question():
     assert _strip([r for r in together if r["method"] in (harness.parse_method(m).name for m in methods)]) == \
         _strip(rows)
     assert _strip([r for r in together if r["method"] == "snapkv:budget=40"]) == _strip(alone)
+
+
+def test_query_agnostic_budgets_compress_the_context_once_and_keep_what_follows():
+    """A query-agnostic budget method compresses the context only: its budget heads keep the
+    prefill's selection of the context and, after answering, every token of the question and of
+    the answer (kvpress's measure); the rows are that flow run by hand."""
+    model, _ = tiny_llama()
+    samples = _samples(count=2)
+    methods = ["snapkv:budget=40", "adakv:budget=40", "headkv:budget=40,scores=r"]
+    scores = {"r": torch.rand(2, 4, generator=torch.Generator().manual_seed(3))}
+    new_tokens = 6
+    rows = harness.evaluate(model, TOK, samples, methods, scores=scores, batch_size=1, max_new_tokens=new_tokens,
+                            show_progress=False)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    try:
+        for s in samples:
+            ids, start = s.ids[None], s.question_start
+            prefills = harness.prompt_prefill(model, ids, start, 32)
+            for name in methods:
+                method = harness.parse_method(name)
+                spec = method.spec(model, scores)
+                cache = harness.method_cache(model, method, spec, prefills, ids, start, new_tokens)
+                selected = [[layer.kept_positions(0, h).tolist() for h in range(layer.Hkv)] for layer in cache._layers]
+                assert all(p < start for heads in selected for kept in heads for p in kept)
+                assert any(len(kept) < start for heads in selected for kept in heads)  # it did compress
+                new = harness.answer_from_cache(model, ids, cache, new_tokens)[0]
+                total = ids.shape[1] + len(tasks.until_eos(model, new)) - 1  # the last new token is not cached
+                for layer, heads in zip(cache._layers, selected):
+                    for h, kept in enumerate(heads):
+                        assert layer.kept_positions(0, h).tolist() == kept + list(range(start, total)), (name, h)
+                want = TOK.decode(tasks.until_eos(model, new), skip_special_tokens=True)
+                (row,) = [r for r in rows if r["method"] == method.name and int(r["seed"]) == s.seed]
+                assert row["answer"] == want, (name, s.seed)
+    finally:
+        headops.unpatch(model)
 
 
 def test_the_bytes_are_what_each_cache_held():

@@ -19,7 +19,8 @@ class LayerStorage:
     no tensor data (torch.compile traces it without a graph break).
     """
 
-    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent, compensation=None):
+    def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent, compensation=None,
+                 append_room=0):
         self.kinds = [KINDS.index(k) for k in kinds]
         compensation = compensation or [None] * len(kinds)
         for h, (kind, comp) in enumerate(zip(kinds, compensation)):
@@ -31,7 +32,7 @@ class LayerStorage:
         self.has_partial_heads = any(k != FULL for k in self.kinds)  # streaming or budget KV heads
         # query heads whose KV head keeps only part of the keys (no full branch for alpha)
         self.partial_query_heads = [h for h in range(self.Hkv * group) if self.kinds[h // group] != FULL]
-        index, full, ring_sinks, ring_capacity, budget_rows, comp_rows = [], 0, [], [], [], []
+        index, full, ring_sinks, ring_capacity, budget_rows, comp_rows, selection = [], 0, [], [], [], [], []
         for h, kind in enumerate(kinds):
             if kind == "full":
                 index.append(full)
@@ -49,7 +50,9 @@ class LayerStorage:
                 if n is None or n < kept_sinks + recent + 1:
                     raise ValueError(f"{caller}: budget must be set for budget KV head {h} and > its sinks "
                                      f"({kept_sinks}) + budget_recent ({recent}), got {n}")
-                budget_rows.append([0, n, kept_sinks, recent])  # offsets filled in below
+                # its slots: what the prefill selection keeps plus the room appends fill before any eviction
+                budget_rows.append([0, n + append_room, kept_sinks, recent])  # offsets filled in below
+                selection.append(n)
                 index.append(len(budget_rows) - 1)
                 continue
             if any(x < 1 for x in w):
@@ -74,7 +77,9 @@ class LayerStorage:
         # copy (each row's sizes may change at prefill), exists once the storages are allocated
         self.budget_layout = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
         self.budget_table = None
-        self.budgets = [row[1] for row in budget_rows]
+        self.budgets = [row[1] for row in budget_rows]  # slots per budget head
+        # what a prefill selection keeps per budget head; the rest of its slots stay free for appends
+        self.selection_budgets, self.append_room = selection, append_room
         self._lay_out_rings([min(1, c) for c in ring_capacity])
         # compensated streaming heads (RazorAttention): [Hs, 2] rows [index or -1, weighted]
         # (kv_layout.h); their storages, float64 sums [B, Hc, D] and counts [B, Hc], once allocated
@@ -305,8 +310,9 @@ class LayerStorage:
                     total += L
                 elif kind == STREAMING:
                     total += min(L, self.ring_sink_counts[i] + self.ring_capacity[i])
-                else:
-                    total += min(L, int(self.budget_table[b, i, 1]))
+                else:  # the slots it fills (fewer than min(L, size) while appends fill its room)
+                    off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
+                    total += int((self.slot_pos[b, off:off + n] >= 0).sum())
         return total
 
     def compensation_tokens(self) -> int:

@@ -106,6 +106,11 @@ class HeadSparseCache(_CacheBase):
             past it raises a ValueError before it changes anything; full heads never grow past it.
         budget_recent: the latest tokens a budget head always keeps (also the observation window
             of its prefill selection).
+        append_room: slots each budget head holds beyond its budget, free after a prefill's
+            selection, so the next append_room appended tokens (a question and its answer) are
+            kept without evicting anything: the prompt compressed once, as SnapKV, AdaKV and HeadKV
+            run (0, the default: every token appended past the budget evicts the least-attended
+            one). Past the room, eviction resumes. The storage holds budget + append_room slots.
         prefill: "spec" (the default: the prompt runs each head's own window and sinks) or "full"
             (full causal attention for every head, as RazorAttention and kvpress measure; then
             each KV head keeps what its kind says).
@@ -129,8 +134,8 @@ class HeadSparseCache(_CacheBase):
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
                  head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, compensation=UNSET,
                  batch_size=UNSET, dtype=None,
-                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, prefill=UNSET,
-                 allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET):
+                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, append_room=0,
+                 prefill=UNSET, allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         kinds=kinds, window=window, sinks=sinks, budget=budget, compensation=compensation)
         if model_or_config is not None or spec is not None:
@@ -176,13 +181,16 @@ class HeadSparseCache(_CacheBase):
                 device = torch.device("cuda", torch.cuda.current_device())
         if not is_int(budget_recent) or budget_recent < 0:
             raise fail(CALLER, "budget_recent", "an int >= 0", budget_recent)
+        if not is_int(append_room) or append_room < 0:
+            raise fail(CALLER, "append_room", "an int >= 0", append_room)
         L, Hq, Hkv, D = layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = L, Hq, Hkv, D
         self.max_step, self.split_keys, self.budget_recent = max_step, split_keys, budget_recent
         self.max_length = None if max_length is None else int(max_length)
         self.kinds = layout.kinds
         self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i], Hq // Hkv, D,
-                                     max_step, layout.budgets[i], budget_recent, layout.compensation[i])
+                                     max_step, layout.budgets[i], budget_recent, layout.compensation[i],
+                                     append_room=int(append_room))
                         for i in range(L)]
         self._batch_size = None if batch_size is UNSET else batch_size
         self.dtype, self.device = dtype, device
@@ -516,10 +524,11 @@ class HeadSparseCache(_CacheBase):
                                        self.num_heads // self.num_kv_heads, causal=causal,
                                        pool_kernel=opts["pool_kernel"], heads=heads)
         rows = [int(st.kv_index[h]) for h in heads]  # budget head i is the i-th budget KV head
-        sizes, kept = budgets.choose(scores[heads], st.budgets, st.budget_layout[:, 2].tolist(), self.budget_recent,
-                                     allocation=opts["allocation"], alpha=opts["adakv_alpha"])
-        if sizes != st.budget_sizes(b):
-            st.set_budget_sizes(b, sizes)
+        sizes, kept = budgets.choose(scores[heads], st.selection_budgets, st.budget_layout[:, 2].tolist(),
+                                     self.budget_recent, allocation=opts["allocation"], alpha=opts["adakv_alpha"])
+        slots = [n + st.append_room for n in sizes]
+        if slots != st.budget_sizes(b):
+            st.set_budget_sizes(b, slots)
         for h, i, keep in zip(heads, rows, kept):
             st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], scores[h, keep])
 

@@ -336,12 +336,18 @@ def eos_token_id(model) -> int:
     return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
-def cache_from_prefill(model, spec, prefill, ids, question_start: int):
+def cache_from_prefill(model, spec, prefill, ids, question_start: int, answer_tokens: int = 0):
     """`spec`'s cache built from `prefill` (the context ``ids[:, :question_start]``, captured by
     ``capture_prefill`` on `model` patched by headops), the model switched to `spec`; room for the
-    question and answer to be appended as one decode call each."""
+    question and answer to be appended as one decode call each. Budget heads keep the prefill's
+    selection and hold room for the rest of the prompt and `answer_tokens` more (append_room):
+    the context is compressed once and what follows it is appended whole, as SnapKV, AdaKV and
+    HeadKV run and kvpress measures (without the room, the question's own tokens would compete
+    with the context's for a budget head's slots, and most of them would be evicted as they
+    arrive)."""
     set_spec(model, spec)
-    return HeadSparseCache.from_prefill(model, spec, prefill, max_step=ids.shape[1] - question_start)
+    follows = ids.shape[1] - question_start
+    return HeadSparseCache.from_prefill(model, spec, prefill, max_step=follows, append_room=follows + answer_tokens)
 
 
 def answer_from_cache(model, ids, cache, max_new_tokens: int) -> torch.Tensor:
@@ -367,11 +373,13 @@ def prompt_prefill(model, ids, context_end: int, observation_window: int) -> dic
     return {False: whole.prefix(context_end, min(observation_window, context_end)), True: whole}
 
 
-def method_cache(model, method, spec, prefills: dict, ids, context_end: int):
+def method_cache(model, method, spec, prefills: dict, ids, context_end: int, answer_tokens: int):
     """`method`'s cache (its HeadSpec `spec`) from ``prompt_prefill``'s prefills, the model
-    switched to `spec`; ``answer_from_cache(model, ids, cache, n)`` then decodes what follows."""
+    switched to `spec`, with room for `answer_tokens` new tokens; ``answer_from_cache(model, ids,
+    cache, answer_tokens)`` then decodes what follows."""
     aware = method.question_aware
-    return cache_from_prefill(model, spec, prefills[aware], ids, ids.shape[1] - 1 if aware else context_end)
+    return cache_from_prefill(model, spec, prefills[aware], ids, ids.shape[1] - 1 if aware else context_end,
+                              answer_tokens)
 
 
 class _BatchRunner:
@@ -405,7 +413,7 @@ class _BatchRunner:
         for m in self.todo(batch, done):
             rows = []
             started = time.perf_counter()
-            cache = method_cache(model, m, self.specs[m.name], prefills, ids, context_end)
+            cache = method_cache(model, m, self.specs[m.name], prefills, ids, context_end, budget)
             new = answer_from_cache(model, ids, cache, budget)
             seconds = (time.perf_counter() - started) / len(batch)
             held, dense, ideal = (cache.nbytes() / len(batch), cache.dense_nbytes() / len(batch),
