@@ -32,7 +32,7 @@ class LayerStorage:
         self.has_partial_heads = any(k != FULL for k in self.kinds)  # streaming or budget KV heads
         # query heads whose KV head keeps only part of the keys (no full branch for alpha)
         self.partial_query_heads = [h for h in range(self.Hkv * group) if self.kinds[h // group] != FULL]
-        index, full, ring_sinks, ring_capacity, budget_rows, comp_rows, selection = [], 0, [], [], [], [], []
+        index, full, ring_sinks, ring_capacity, budget_rows, comp_rows = [], 0, [], [], [], []
         for h, kind in enumerate(kinds):
             if kind == "full":
                 index.append(full)
@@ -52,7 +52,6 @@ class LayerStorage:
                                      f"({kept_sinks}) + budget_recent ({recent}), got {n}")
                 # its slots: what the prefill selection keeps plus the room appends fill before any eviction
                 budget_rows.append([0, n + append_room, kept_sinks, recent])  # offsets filled in below
-                selection.append(n)
                 index.append(len(budget_rows) - 1)
                 continue
             if any(x < 1 for x in w):
@@ -78,8 +77,7 @@ class LayerStorage:
         self.budget_layout = torch.tensor(budget_rows, dtype=torch.int64).reshape(-1, 4) if budget_rows else None
         self.budget_table = None
         self.budgets = [row[1] for row in budget_rows]  # slots per budget head
-        # what a prefill selection keeps per budget head; the rest of its slots stay free for appends
-        self.selection_budgets, self.append_room = selection, append_room
+        self.append_room = append_room
         self._lay_out_rings([min(1, c) for c in ring_capacity])
         # compensated streaming heads (RazorAttention): [Hs, 2] rows [index or -1, weighted]
         # (kv_layout.h); their storages, float64 sums [B, Hc, D] and counts [B, Hc], once allocated
@@ -272,6 +270,11 @@ class LayerStorage:
             order = torch.argsort(torch.where(held >= 0, held, held.new_tensor(2**62)))[:positions.numel()]
             slots = off + order
         return positions, self.ring_k[b, slots], self.ring_v[b, slots]
+
+    @property
+    def selection_budgets(self) -> list:
+        """What a prefill selection keeps per budget head; the rest of its slots stay free for appends."""
+        return [n - self.append_room for n in self.budgets]
 
     def set_budget_sizes(self, b, sizes):
         """Row b's budget heads hold sizes[i] slots each from now on (their total is the layout's:
