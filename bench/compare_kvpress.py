@@ -13,6 +13,8 @@ tokens each KV head keeps from the context (the kept fraction):
   streaming_llm   4 sinks + window                  | StreamingLLMPress(n_sink=4)
   snapkv          budget tokens per KV head         | SnapKVPress (same observation window, kernel)
   adakv           AdaKV allocation of that budget   | AdaKVPress(SnapKVPress, alpha_safeguard)
+                  (both with kvpress's scoring: keep_window=1, the observation window kept
+                  whole, and pooling=avg; the selection test_cache_methods.py transcribes)
   duo             top KV heads by retrieval scores  | DuoAttentionPress with the same KV heads
                   full, the rest 64 sinks + 256       | streaming (pattern given offline)
 
@@ -49,6 +51,7 @@ WORKER_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_D
                   MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", TOKENIZERS_PARALLELISM="false")
 DUO_SINKS, DUO_WINDOW = 64, 256  # headops' duo defaults; given to DuoAttentionPress as its pattern's
 SNAP_WINDOW, SNAP_KERNEL, ADAKV_ALPHA = 32, 7, 0.2  # headops' snapkv/adakv defaults, given to kvpress
+SNAP_AS_KVPRESS = "keep_window=1,pooling=avg"  # headops' snapkv/adakv options that score as kvpress does
 
 
 # ------------------------------------------------------------------------------ shared set-up
@@ -130,9 +133,9 @@ def methods_for(fractions, context: int, kv_scores, config):
         tag = f"{f:g}"
         out.append(dict(name=f"streaming_llm@{tag}", headops=f"streaming_llm:window={B - 4},sinks=4",
                         kvpress=dict(kind="streaming_llm", keep=B, sinks=4)))
-        out.append(dict(name=f"snapkv@{tag}", headops=f"snapkv:budget={B}",
+        out.append(dict(name=f"snapkv@{tag}", headops=f"snapkv:budget={B},{SNAP_AS_KVPRESS}",
                         kvpress=dict(kind="snapkv", keep=B, window_size=SNAP_WINDOW, kernel_size=SNAP_KERNEL)))
-        out.append(dict(name=f"adakv@{tag}", headops=f"adakv:budget={B},alpha={ADAKV_ALPHA:g}",
+        out.append(dict(name=f"adakv@{tag}", headops=f"adakv:budget={B},alpha={ADAKV_ALPHA:g},{SNAP_AS_KVPRESS}",
                         kvpress=dict(kind="adakv", keep=B, window_size=SNAP_WINDOW, kernel_size=SNAP_KERNEL,
                                      alpha=ADAKV_ALPHA)))
         if kv_scores is not None:
@@ -245,6 +248,18 @@ def _checksum(model) -> str:
 
 
 # ------------------------------------------------------------------------------ the driver
+
+
+def drop_if_stale(out: str, method_string: str) -> None:
+    """Removes a headops worker's result that another method string produced (the method a
+    table name stands for changed), so that it runs again rather than being reused."""
+    if not os.path.exists(out):
+        return
+    with open(out) as f:
+        had = json.load(f).get("method_string")
+    if had != method_string:
+        print(f"bench/kvpress: {os.path.basename(out)} was {had!r}, now {method_string!r}: run again", flush=True)
+        os.remove(out)
 
 
 def run_workers(jobs, parallel: int, log_dir: str):
@@ -407,6 +422,8 @@ def main(argv=None):
     if args.worker:
         return headops_worker(args)
 
+    from headops.evaluate import parse_method
+
     os.makedirs(args.out, exist_ok=True)
     model_dir = prepare_model(args.model)
     model, tokenizer = load_model(model_dir, args.threads)
@@ -444,6 +461,8 @@ def main(argv=None):
                         "--prompts", prompts_path, "--method", json.dumps(m["kvpress"]), "--out", out,
                         "--threads", str(args.threads)]
             jobs.append((f"{lib} {m['name']}", cmd, out))
+            if lib == "headops" and not args.report_only:
+                drop_if_stale(out, parse_method(m["headops"]).name)
     timing_path = os.path.join(args.out, f"timing_{tag}.json")
     if not args.report_only:
         began = time.time()

@@ -260,9 +260,11 @@ def test_headkv_bad_arguments(bad, word):
         budgets.headkv_budgets(**kw)
 
 
-def snapkv_reference(q_obs, k, scale, group, pool_kernel=None, sink_logit=None, key_bias=None):
+def snapkv_reference(q_obs, k, scale, group, pool_kernel=None, sink_logit=None, key_bias=None, pooling="max",
+                     scored_keys=None):
     """[Hkv, n] in float64: the window's softmax attention on each key, summed over the window,
-    max-pooled per query head, summed over each KV head's group."""
+    pooled per query head over the first scored_keys keys (max, or the kernel's mean with zeros
+    past the ends), summed over each KV head's group."""
     w, Hq, D = q_obs.shape
     n = k.shape[0]
     kk = k.double().repeat_interleave(group, dim=1)
@@ -273,14 +275,19 @@ def snapkv_reference(q_obs, k, scale, group, pool_kernel=None, sink_logit=None, 
     if sink_logit is not None:
         logits = torch.cat([logits, sink_logit.view(Hq, 1, 1).expand(Hq, w, 1).double()], dim=-1)
     mass = torch.softmax(logits, dim=-1)[..., :n].sum(dim=1)
-    if pool_kernel:
+    m = n if scored_keys is None else scored_keys
+    if pool_kernel and m > 0:
         r = pool_kernel // 2
-        mass = torch.stack([mass[:, max(0, j - r):j + r + 1].amax(dim=1) for j in range(n)], dim=1)
+        pool = (lambda x: x.amax(dim=1)) if pooling == "max" else (lambda x: x.sum(dim=1) / pool_kernel)
+        mass = torch.cat([torch.stack([pool(mass[:, max(0, j - r):min(m, j + r + 1)]) for j in range(m)], dim=1),
+                          mass[:, m:]], dim=1)
     return mass.view(-1, group, n).sum(dim=1)
 
 
-@pytest.mark.parametrize("pool_kernel", [None, 1, 3, 7])
-def test_snapkv_scores_equal_the_reference(pool_kernel):
+@pytest.mark.parametrize("pool_kernel, pooling, scored_keys", [
+    (None, "max", None), (1, "max", None), (3, "max", None), (7, "max", None), (3, "avg", None), (7, "avg", None),
+    (7, "max", 31), (5, "avg", 31), (5, "avg", 0), (None, "avg", 20)])
+def test_snapkv_scores_equal_the_reference(pool_kernel, pooling, scored_keys):
     from headops import budgets
     from headops._args import HeadShapes, head_args
 
@@ -290,11 +297,12 @@ def test_snapkv_scores_equal_the_reference(pool_kernel):
     key_bias = torch.randn(Hq, n, dtype=F64)
     args = head_args("test", HeadShapes(1, Hq, n, D), q.device, sink_logit=sink_logit, key_bias=key_bias,
                      softmax_scale=0.4)
-    got = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, pool_kernel=pool_kernel)
-    want = snapkv_reference(q[0, -w:], k[0], 0.4, Hq // Hkv, pool_kernel, sink_logit, key_bias)
+    options = dict(pool_kernel=pool_kernel, pooling=pooling, scored_keys=scored_keys)
+    got = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, **options)
+    want = snapkv_reference(q[0, -w:], k[0], 0.4, Hq // Hkv, pool_kernel, sink_logit, key_bias, pooling, scored_keys)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    only = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, pool_kernel=pool_kernel, heads=[1])
+    only = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, heads=[1], **options)
     assert bool((only[[0, 2]] == 0).all()) and torch.equal(only[1], got[1])
 
 
@@ -319,7 +327,8 @@ def kept_bias(cache, b, Hq, Hkv, p):
 
 @pytest.mark.parametrize("allocation", ["adakv", "uniform", "headkv"])
 @pytest.mark.parametrize("lengths", [None, [40, 23]])
-def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
+@pytest.mark.parametrize("window_kept, pooling", [(False, "max"), (True, "avg")])
+def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths, window_kept, pooling):
     from headops import budgets
     from headops._args import HeadShapes, head_args
 
@@ -327,9 +336,12 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
     kinds = ["budget", "full", "budget"]
     sinks = [1, 0, 0, 0, 2, 1]  # KV heads 0 and 2 keep 1 and 2 sinks
     budget, recent, w, pool = 10, 2, 5, 3
+    if window_kept:  # a window larger than the smallest head can keep: the latest of it first
+        w = 9
     per_head_budget = [budget, None, budget] if allocation != "headkv" else [8, None, 12]
     cache = budget_layer(Hq, Hkv, kinds, sinks, per_head_budget, recent, B=B, allocation=allocation,
-                         adakv_alpha=0.2, observation_window=w, pool_kernel=pool)
+                         adakv_alpha=0.2, observation_window=w, pool_kernel=pool, pooling=pooling,
+                         keep_observation_window=window_kept)
     steps = 6
     q, k, v = make_qkv(B, S + steps, S + steps, Hq, Hkv, D, F64)
     scale = torch.tensor([0.3, 0.5, 0.2, 0.1, 0.9, 0.4], dtype=F64)
@@ -342,9 +354,12 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
                                                            softmax_scale=scale), 1e-12, 1e-12)
         args = head_args("test", HeadShapes(1, Hq, n, D), q.device, softmax_scale=scale[None])
         scores = budgets.snapkv_scores(q[b:b + 1, n - w:n], k[b:b + 1, :n], v[b:b + 1, :n], args, 2,
-                                       pool_kernel=pool)[[0, 2]].double()
+                                       pool_kernel=pool, pooling=pooling,
+                                       scored_keys=n - w if window_kept else None)[[0, 2]].double()
         forced = scores.clone()
         for i, s in enumerate([1, 2]):
+            if window_kept:  # above every score, the latest highest
+                forced[i, n - w:] = 1e6 + torch.arange(w, dtype=F64)
             forced[i, :s] = math.inf
             forced[i, n - recent:] = math.inf
         if allocation == "adakv":
@@ -356,6 +371,12 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
         assert st.kept_positions(b, 2).tolist() == kept[1]
         if allocation == "adakv":
             assert st.budget_sizes(b) == counts and sum(counts) == 2 * budget
+        if window_kept:  # each head's window: all of it, or its latest tokens as far as its size goes
+            for h, s in ((0, 1), (2, 2)):
+                held = set(st.kept_positions(b, h).tolist())
+                in_window = [j for j in range(n - w, n) if j in held]
+                assert in_window == list(range(n - len(in_window), n))
+                assert len(in_window) == min(w, st.budget_sizes(b)[h // 2] - s)
     # storage holds exactly what each row and head keeps: the budget slots are all used
     assert cache.ideal_nbytes() == sum(n + sum(st.budget_sizes(b)) for b, n in enumerate(rows)) * bpt
     assert (st.ring_k.numel() + st.ring_v.numel()) * 8 == B * sum(st.budget_sizes(0)) * bpt
@@ -373,6 +394,53 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths):
                 kept = st.kept_positions(b, h)
                 assert kept.numel() == min(p, st.budget_sizes(b)[h // 2])
                 assert p - 1 in kept.tolist()
+
+
+def kvpress_snapkv_transcription(q_win, k, group, kernel):
+    """kvpress 0.5.5's SnapKVPress.score in float64 (q_win [w, Hq, D], k [n, Hkv, D]): the last w
+    queries' softmax (causal, 1/sqrt(D)) on the keys before the window, averaged over the window,
+    avg-pooled (zeros past the ends), averaged over each KV head's group; the window's keys get
+    the maximum + 1, so that they are kept. [Hkv, n]."""
+    import torch.nn.functional as F
+
+    w, Hq, D = q_win.shape
+    n = k.shape[0]
+    logits = torch.einsum("ihd,jhd->hij", q_win.double(), k.double().repeat_interleave(group, dim=1)) / math.sqrt(D)
+    logits = logits.masked_fill(torch.arange(n).view(1, 1, n) > torch.arange(n - w, n).view(1, w, 1), -math.inf)
+    scores = torch.softmax(logits, dim=-1)[..., :n - w].mean(dim=1)
+    scores = F.avg_pool1d(scores[None], kernel, padding=kernel // 2, stride=1)[0]
+    scores = scores.view(-1, group, n - w).mean(dim=1)
+    return F.pad(scores, (0, w), value=float(scores.max()) + 1)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "adakv"])
+def test_kvpress_options_select_what_kvpress_selects(allocation):
+    """pooling="avg" and keep_observation_window=True with no sinks and no budget_recent: each
+    budget head keeps what kvpress's SnapKVPress (and AdaKVPress around it) keeps at the same
+    budget, transcribed here (scores near the cut, within float32 rounding, may swap)."""
+    Hq, Hkv, D, n, w, kernel, budget, alpha = 6, 3, 8, 57, 7, 5, 19, 0.2
+    cache = budget_layer(Hq, Hkv, "budget", [0] * Hq, budget, 0, B=1, allocation=allocation, adakv_alpha=alpha,
+                         observation_window=w, pool_kernel=kernel, pooling="avg", keep_observation_window=True)
+    q, k, v = make_qkv(1, n, n, Hq, Hkv, D, F64)
+    cache.attention(0, q, k, v)
+    scores = kvpress_snapkv_transcription(q[0, -w:], k[0], Hq // Hkv, kernel)
+    if allocation == "uniform":
+        ranked = scores
+        kept = [set(torch.topk(scores[h], budget).indices.tolist()) for h in range(Hkv)]
+    else:  # AdaKVPress: each head's top max(1, int(alpha * budget)) raised, then the layer's top Hkv * budget
+        ranked = scores.clone()
+        for h in range(Hkv):
+            ranked[h, torch.topk(scores[h], max(1, int(budget * alpha))).indices] = torch.finfo(F64).max
+        chosen = torch.topk(ranked.reshape(-1), Hkv * budget).indices
+        kept = [set((chosen[chosen // n == h] % n).tolist()) for h in range(Hkv)]
+    cut = torch.sort(ranked.reshape(-1) if allocation == "adakv" else ranked, descending=True).values
+    st = cache._layers[0]
+    for h in range(Hkv):
+        got = set(st.kept_positions(0, h).tolist())
+        threshold = float(cut[Hkv * budget - 1] if allocation == "adakv" else cut[h, budget - 1])
+        for j in got ^ kept[h]:
+            assert abs(float(ranked[h, j]) - threshold) <= 1e-6, (h, j, got ^ kept[h])
+        assert set(range(n - w, n)) <= got  # the whole observation window
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "adakv", "headkv"])
@@ -435,6 +503,8 @@ def test_adakv_budgets_larger_than_the_prompt_keep_everything():
     (dict(observation_window=0), "observation_window"),
     (dict(pool_kernel=4), "pool_kernel"),
     (dict(pool_kernel=0), "pool_kernel"),
+    (dict(pooling="mean"), "pooling"),
+    (dict(keep_observation_window=1), "keep_observation_window"),
     (dict(allocation="adakv", budget=[10, 12]), "budget"),
     (dict(budget=[10, 3]), "budget"),  # does not fit sinks + budget_recent
     (dict(append_room=-1), "append_room"),

@@ -40,6 +40,9 @@ def test_method_strings_are_normalised_with_their_defaults():
     assert aware.name == "adakv:budget=64,question=1" and aware.question_aware
     assert not harness.parse_method("adakv:budget=64,question=0").question_aware
     assert harness.parse_method("adakv:budget=64,question=0").name == "adakv:budget=64"  # the default
+    kvpress_like = harness.parse_method("snapkv:keep_window=1,budget=64,pooling=avg")
+    assert kvpress_like.name == "snapkv:budget=64,keep_window=1,pooling=avg"
+    assert harness.parse_method("snapkv:budget=64,keep_window=0,pooling=max").name == "snapkv:budget=64"
 
 
 @pytest.mark.parametrize("text, words", [
@@ -47,7 +50,8 @@ def test_method_strings_are_normalised_with_their_defaults():
     ("snapkv:budget=x", "budget must be an int"), ("adakv:budget=8,alpha=high", "alpha must be a number"),
     ("duo:scores=r,full=1.5", "full must be a fraction"), ("dense:window=4", "is not key=value with a key of dense"),
     ("snapkv:budget", "is not key=value"), ("headkv:scores=,budget=4", "must name a score table"),
-    ("snapkv:budget=8,question=2", "question must be 0"), ("duo:scores=r,full=0.5,question=1", "is not key=value"),
+    ("snapkv:budget=8,question=2", "question must be 0"), ("adakv:budget=8,keep_window=2", "keep_window must be 0"),
+    ("headkv:scores=r,budget=8,pooling=mean", "pooling must be max or avg"), ("snapkv:budget=8,pooling=", "not be empty"), ("duo:scores=r,full=0.5,question=1", "is not key=value"),
 ])
 def test_bad_method_strings_are_refused_by_name(text, words):
     with pytest.raises(ValueError, match=words):
@@ -82,6 +86,11 @@ def test_each_method_builds_the_spec_it_names():
     assert kinds(a) == kinds(harness.parse_method("random:full=0.5,seed=3").spec(model))
     assert sum(k == "full" for r in kinds(a) for k in r) == 2
     assert harness.parse_method("adakv:budget=16").spec(model).cache_options["allocation"] == "adakv"
+    for text in ("snapkv:budget=16", "adakv:budget=16", "headkv:scores=r,budget=16"):
+        plain = harness.parse_method(text).spec(model, scores).cache_options
+        assert (plain["pooling"], plain["keep_observation_window"]) == ("max", False)
+        like = harness.parse_method(text + ",keep_window=1,pooling=avg").spec(model, scores).cache_options
+        assert (like["pooling"], like["keep_observation_window"]) == ("avg", True)
     headkv = harness.parse_method("headkv:scores=r,budget=16,beta=2").spec(model, scores)
     assert 4 * 16 - 4 <= sum(b for r in headkv.cache_budget for b in r) <= 4 * 16  # shares rounded down per head
     with pytest.raises(ValueError, match="reads the scores 'r'.*none"):

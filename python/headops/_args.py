@@ -329,7 +329,8 @@ COMPENSATIONS = ("weighted", "unweighted")
 # a HeadSparseCache's options on what it keeps (docs/DESIGN.md section 6), with their defaults; a
 # HeadSpec may carry them (spec.cache_options), the cache's keywords override them
 CACHE_OPTIONS = {"prefill": "spec", "allocation": "uniform", "adakv_alpha": 0.2, "observation_window": None,
-                 "pool_kernel": None}
+                 "pool_kernel": None, "pooling": "max", "keep_observation_window": False}
+POOLINGS = ("max", "avg")
 
 
 def check_cache_options(caller, options) -> dict:
@@ -345,8 +346,13 @@ def check_cache_options(caller, options) -> dict:
     adakv_alpha: that floor, a number in [0, 1];
     observation_window: the last queries of the prompt whose attention scores the budget heads'
         tokens (SnapKV's window; None: budget_recent, at least 1);
-    pool_kernel: None (no pooling) or an odd int: each query head's scores are max-pooled over
-        that many neighbouring keys before they are summed over its group (SnapKV uses 7).
+    pool_kernel: None (no pooling) or an odd int: each query head's scores are pooled over that
+        many neighbouring keys before they are summed over its group (SnapKV uses 7);
+    pooling: how: "max" (SnapKV's default) or "avg" (kvpress's SnapKVPress: the mean over the
+        kernel, zeros past the prompt's ends counted);
+    keep_observation_window: False (each budget head always keeps its sinks and budget_recent latest
+        tokens) or True (as SnapKV and kvpress: also the observation window's tokens, the latest
+        first as far as the head's size allows, before any scored token).
     """
     if not isinstance(options, dict):
         raise TypeError(f"{caller}: cache_options must be a dict, got {type(options).__name__}")
@@ -369,6 +375,10 @@ def check_cache_options(caller, options) -> dict:
     k = out["pool_kernel"]
     if k is not None and (not is_int(k) or k < 1 or k % 2 == 0):
         raise fail(caller, "pool_kernel", "None or an odd int >= 1", repr(k))
+    if out["pooling"] not in POOLINGS:
+        raise fail(caller, "pooling", f"one of {', '.join(map(repr, POOLINGS))}", repr(out["pooling"]))
+    if not isinstance(out["keep_observation_window"], bool):
+        raise fail(caller, "keep_observation_window", "True or False", repr(out["keep_observation_window"]))
     return out
 
 

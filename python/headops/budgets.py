@@ -78,15 +78,19 @@ def headkv_budgets(scores: torch.Tensor, budget: int, beta: float) -> torch.Tens
 
 
 def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = True, pool_kernel=None,
-                  heads=None) -> torch.Tensor:
+                  pooling: str = "max", heads=None, scored_keys=None) -> torch.Tensor:
     """SnapKV scores of a row's prompt keys, ``[Hkv, n]`` float32: the attention probability each
     key gets from the observation window (q_obs ``[1, w, Hq, D]``, the prompt's last w queries;
     k, v ``[1, n, Hkv, D]``), summed over the window's queries (bottom-right aligned: query i
-    sits at position n - w + i), each query head's mass max-pooled over `pool_kernel`
-    neighbouring keys (None: not pooled), then summed over the query heads of each KV head.
+    sits at position n - w + i), each query head's mass pooled over `pool_kernel` neighbouring
+    keys (None: not pooled; `pooling` "max", or "avg": the kernel's mean with zeros past the
+    ends, as torch's avg_pool1d and kvpress), then summed over the query heads of each KV head.
     `args` are the row's per-head arguments (softmax_scale, key_bias, sink_logit count; window,
     sinks, alpha and the epilogue do not: a budget head's query heads see every key); a query
     head whose gate is 0 adds nothing. Only the KV heads in `heads` are scored (others get 0).
+    Pooling covers the first `scored_keys` keys only (None: all n); the later ones keep their own
+    mass: an observation window kept whole is not ranked, and its own large mass must not raise
+    its neighbours' scores (kvpress scores only the keys before the window).
 
     From the fused probe kernel's key mass (docs/probes.md): no [w, n] matrix per head."""
     import torch.nn.functional as F
@@ -110,19 +114,29 @@ def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = Tru
                  key_mass_rows=[0, q_obs.shape[1]])
     _, _, stats = run_probe(q_obs, k, v, scoring, probe, causal=causal, heads_first=False)
     mass = stats.key_mass[0]  # [Hq, n]
-    if pool_kernel is not None and pool_kernel > 1:
-        mass = F.max_pool1d(mass.unsqueeze(0), pool_kernel, stride=1, padding=pool_kernel // 2).squeeze(0)
+    scored = n if scored_keys is None else max(0, min(n, int(scored_keys)))
+    if pool_kernel is not None and pool_kernel > 1 and scored > 0:
+        pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+        pooled = pool(mass[None, :, :scored], pool_kernel, stride=1, padding=pool_kernel // 2)[0]
+        mass = torch.cat([pooled, mass[:, scored:]], dim=1)
     return mass.view(Hkv, group, n).sum(dim=1).to(device)
 
 
-def choose(scores: torch.Tensor, budgets, sinks, recent: int, *, allocation: str, alpha: float):
+def choose(scores: torch.Tensor, budgets, sinks, recent: int, *, allocation: str, alpha: float,
+           kept_window: int = 0):
     """(sizes, kept) of one row's budget heads of one layer: their scores ``[H, n]``, budgets,
     sinks (per head) and budget_recent. Each head's sinks and `recent` latest tokens are always
-    kept (their scores count as +inf); the rest by score. Sizes are the slots each head holds
-    from now on: its budget, or with "adakv" (uniform budgets) its AdaKV count once the prompt
-    is longer than the budget; kept: each head's sorted positions (min(n, size) of them)."""
+    kept (their scores count as +inf); then its `kept_window` latest tokens (the observation
+    window, as SnapKV keeps it), the latest first, before any scored token (they count as more
+    than every score); the rest by score. Sizes are the slots each head holds from now on: its
+    budget, or with "adakv" (uniform budgets) its AdaKV count once the prompt is longer than the
+    budget; kept: each head's sorted positions (min(n, size) of them)."""
     H, n = scores.shape
     forced = scores.double().clone()
+    first = max(0, n - kept_window)
+    if first < n - recent:  # above every score, the later the higher
+        top = float(forced.max()) if forced.numel() else 0.0
+        forced[:, first:n - recent] = top + 1 + torch.arange(n - recent - first, dtype=torch.float64)
     for h in range(H):
         forced[h, :min(int(sinks[h]), n)] = math.inf
         forced[h, max(0, n - recent):] = math.inf

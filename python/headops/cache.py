@@ -121,6 +121,10 @@ class HeadSparseCache(_CacheBase):
             default); the scores are SnapKV's: the attention of the prompt's last
             observation_window queries (None: budget_recent), max-pooled over pool_kernel keys
             (None: not pooled).
+        pooling, keep_observation_window: "max" (the default) or "avg" (kvpress's SnapKVPress)
+            pooling; whether a budget head also keeps the observation window's tokens at prefill
+            (SnapKV and kvpress do; the latest first as far as its size allows; default False:
+            its sinks and budget_recent latest only).
         With a spec, its ``cache_options`` are the defaults of these options.
 
     ``cache.attention(layer, q, k, v, ...)`` is the layer's attention: the first call
@@ -135,7 +139,8 @@ class HeadSparseCache(_CacheBase):
                  head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, compensation=UNSET,
                  batch_size=UNSET, dtype=None,
                  device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, append_room=0,
-                 prefill=UNSET, allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET):
+                 prefill=UNSET, allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET,
+                 pooling=UNSET, keep_observation_window=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         kinds=kinds, window=window, sinks=sinks, budget=budget, compensation=compensation)
         if model_or_config is not None or spec is not None:
@@ -145,7 +150,9 @@ class HeadSparseCache(_CacheBase):
         given = {name: value for name, value in (("prefill", prefill), ("allocation", allocation),
                                                  ("adakv_alpha", adakv_alpha),
                                                  ("observation_window", observation_window),
-                                                 ("pool_kernel", pool_kernel)) if value is not UNSET}
+                                                 ("pool_kernel", pool_kernel), ("pooling", pooling),
+                                                 ("keep_observation_window", keep_observation_window))
+                 if value is not UNSET}
         self.options = check_cache_options(CALLER, dict(layout.options, **given))
         # the heads of this tensor-parallel rank (the layout holds only them); None for a whole model
         self._head_shard = _distributed.head_shard(model_or_config, CALLER)
@@ -519,13 +526,16 @@ class HeadSparseCache(_CacheBase):
         n = k.shape[0]
         opts = self.options
         obs = min(n, q.shape[0], self._observation_window())
+        kept_window = obs if opts["keep_observation_window"] else 0
         heads = [h for h, kind in enumerate(st.kinds) if kind == BUDGET]
         scores = budgets.snapkv_scores(q[None, q.shape[0] - obs:], k[None], v[None], args,
                                        self.num_heads // self.num_kv_heads, causal=causal,
-                                       pool_kernel=opts["pool_kernel"], heads=heads)
+                                       pool_kernel=opts["pool_kernel"], pooling=opts["pooling"], heads=heads,
+                                       scored_keys=n - obs if kept_window else None)
         rows = [int(st.kv_index[h]) for h in heads]  # budget head i is the i-th budget KV head
         sizes, kept = budgets.choose(scores[heads], st.selection_budgets, st.budget_layout[:, 2].tolist(),
-                                     self.budget_recent, allocation=opts["allocation"], alpha=opts["adakv_alpha"])
+                                     self.budget_recent, allocation=opts["allocation"], alpha=opts["adakv_alpha"],
+                                     kept_window=kept_window)
         slots = [n + st.append_room for n in sizes]
         if slots != st.budget_sizes(b):
             st.set_budget_sizes(b, slots)

@@ -22,6 +22,10 @@ A method is one string, ``family`` or ``family:key=value,...``::
     snapkv:budget=256,question=1            (and adakv, headkv) question-aware, as SnapKV's paper runs it:
                                             the question is prefilled with the context and the
                                             observation window (the prompt's last queries) reads it
+    snapkv:budget=256,keep_window=1         (and adakv, headkv) the observation window's tokens kept
+                                            whole, as SnapKV and kvpress keep them (0: the sinks and
+                                            latest 8 only); pooling=avg: kvpress's average pooling
+                                            of the scores (max: SnapKV's default)
 
 ``scores=`` names one of the per-head score tables given to ``evaluate`` (e.g. the CSVs that
 ``python -m headops discover`` writes). Every row of the result records the bytes the method's
@@ -58,11 +62,14 @@ FAMILIES = {
     "duo": {"scores": None, "full": None, "window": 256, "sinks": 64},
     "random": {"full": None, "seed": 0, "window": 256, "sinks": 64},
     "razor": {"scores": None, "full": None, "window": 256, "sinks": 64, "weighted": 1},
-    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7, "question": 0},
-    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7, "question": 0},
-    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7, "question": 0},
+    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7, "pooling": "max", "keep_window": 0,
+               "question": 0},
+    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7, "pooling": "max",
+              "keep_window": 0, "question": 0},
+    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7,
+               "pooling": "max", "keep_window": 0, "question": 0},
 }
-_TEXT_PARAMS = {"scores"}
+_TEXT_PARAMS = {"scores", "pooling"}
 _FLOAT_PARAMS = {"full", "alpha", "beta"}
 
 CSV_HEADER = ["task", "length", "depth", "seed", "method", "family", "correct", "recall", "bytes", "dense_bytes",
@@ -101,10 +108,11 @@ class Method:
             return HeadSpec.streaming_llm(model, window=p["window"], sinks=p["sinks"])
         if f == "snapkv":
             return HeadSpec.budget(model, budget=p["budget"], observation_window=p["observation_window"],
-                                   pool_kernel=p["pool_kernel"])
+                                   pool_kernel=p["pool_kernel"], **_window_options(p))
         if f == "adakv":
             return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
-                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"])
+                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"],
+                                   **_window_options(p))
         if f == "random":
             L, Hkv = model.config.num_hidden_layers, _num_kv_heads(model.config)
             generator = torch.Generator().manual_seed(p["seed"])
@@ -122,8 +130,14 @@ class Method:
             return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
         if f == "headkv":
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
-                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"])
+                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"],
+                                   **_window_options(p))
         raise AssertionError(f)
+
+
+def _window_options(p) -> dict:
+    """A budget family's scoring options for HeadSpec.budget / headkv."""
+    return {"pooling": p["pooling"], "keep_observation_window": bool(p["keep_window"])}
 
 
 def _show(v) -> str:
@@ -164,6 +178,11 @@ def parse_method(text: str) -> Method:
     if "question" in params and params["question"] not in (0, 1):
         raise ValueError(f"{CALLER}: method {text!r}: question must be 0 (the cache built from the context "
                          f"alone) or 1 (after the question), got {params['question']}")
+    if "keep_window" in params and params["keep_window"] not in (0, 1):
+        raise ValueError(f"{CALLER}: method {text!r}: keep_window must be 0 (a budget head always keeps its sinks "
+                         f"and latest 8 tokens) or 1 (also the whole observation window), got {params['keep_window']}")
+    if "pooling" in params and params["pooling"] not in ("max", "avg"):
+        raise ValueError(f"{CALLER}: method {text!r}: pooling must be max or avg, got {params['pooling']!r}")
     if "full" in params and not 0.0 <= params["full"] <= 1.0:
         raise ValueError(f"{CALLER}: method {text!r}: full must be a fraction of the KV heads in [0, 1], "
                          f"got {params['full']}")
@@ -173,7 +192,8 @@ def parse_method(text: str) -> Method:
 def _parse_value(text, key, value):
     if key in _TEXT_PARAMS:
         if not value:
-            raise ValueError(f"{CALLER}: method {text!r}: {key} must name a score table")
+            raise ValueError(f"{CALLER}: method {text!r}: {key} must "
+                             f"{'name a score table' if key == 'scores' else 'not be empty'}")
         return value
     try:
         return float(value) if key in _FLOAT_PARAMS else int(value)

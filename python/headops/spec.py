@@ -78,10 +78,11 @@ def _shape_of(model_or_config):
     return L, Hq, Hkv, D
 
 
-def _budget_options(allocation, *, alpha=None, observation_window=None, pool_kernel=None) -> dict:
+def _budget_options(allocation, *, alpha=None, observation_window=None, pool_kernel=None, pooling=None,
+                    keep_observation_window=None) -> dict:
     """A budget method's cache options (those left at None are the cache's defaults)."""
     options = {"allocation": allocation, "adakv_alpha": alpha, "observation_window": observation_window,
-               "pool_kernel": pool_kernel}
+               "pool_kernel": pool_kernel, "pooling": pooling, "keep_observation_window": keep_observation_window}
     return {name: value for name, value in options.items() if value is not None}
 
 
@@ -117,7 +118,8 @@ class HeadSpec:
       ``[L][Hkv]`` (None where not a budget head); cache_compensation ``[L][Hkv]`` of None /
       "weighted" / "unweighted" (streaming heads only: RazorAttention's compensation token);
       cache_options: a dict of HeadSparseCache options the spec's method needs (prefill,
-      allocation, adakv_alpha, observation_window, pool_kernel; docs/cache.md), the defaults for
+      allocation, adakv_alpha, observation_window, pool_kernel, pooling, keep_observation_window;
+      docs/cache.md), the defaults for
       ``HeadSparseCache(model, spec)`` (its keywords override them).
 
     A spec is checked when it is made and by ``validate()``; fields may be set in between (e.g.
@@ -247,12 +249,13 @@ class HeadSpec:
 
     @classmethod
     def budget(cls, model_or_config, heads: dict | None = None, *, budget: int, allocation: str = "uniform",
-               alpha: float = 0.2, observation_window: int | None = None,
-               pool_kernel: int | None = None) -> "HeadSpec":
+               alpha: float = 0.2, observation_window: int | None = None, pool_kernel: int | None = None,
+               pooling: str | None = None, keep_observation_window: bool | None = None) -> "HeadSpec":
         """Budget KV heads (SnapKV-style; the given ones, {layer: [KV heads]}, the rest full; None:
         every KV head): each keeps at most `budget` tokens in a HeadSparseCache, chosen at prefill
-        by SnapKV scores (the prompt's last `observation_window` queries' attention, max-pooled over
-        `pool_kernel` keys) and evicted least-attended first during decode. `allocation`: "uniform"
+        by SnapKV scores (the prompt's last `observation_window` queries' attention, pooled over
+        `pool_kernel` keys by `pooling`, "max" or "avg"; with `keep_observation_window` the window's
+        tokens kept too, as SnapKV and kvpress do) and evicted least-attended first during decode. `allocation`: "uniform"
         (every head its budget) or "adakv" (AdaKV: per prompt and layer, the layer's budget heads
         share budget x heads tokens by score, each guaranteed int(alpha x budget)). Their attention
         is unchanged until tokens are evicted (the cache keeps sinks, the latest tokens, the best
@@ -275,13 +278,15 @@ class HeadSpec:
                 spec.cache_kind[layer][h] = "budget"
                 spec.cache_budget[layer][h] = int(budget)
         spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
-                                             observation_window=observation_window, pool_kernel=pool_kernel)
+                                             observation_window=observation_window, pool_kernel=pool_kernel,
+                                             pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
         return spec
 
     @classmethod
     def headkv(cls, model_or_config, scores, *, budget: int, beta: float, pool: str = "mean",
-               observation_window: int | None = None, pool_kernel: int | None = None) -> "HeadSpec":
+               observation_window: int | None = None, pool_kernel: int | None = None, pooling: str | None = None,
+               keep_observation_window: bool | None = None) -> "HeadSpec":
         """HeadKV (Fu et al.): every KV head a budget head with a static budget from per-head
         importance `scores` (``[L, Hkv]``, or ``[L, Hq]`` pooled over each KV head's group by
         `pool`, "mean" or "max"; e.g. retrieval scores from headops.discover): each head keeps
@@ -299,7 +304,8 @@ class HeadSpec:
                                 f"{int((budgets < 1).sum())} KV heads a budget of 0)", repr(beta))
         spec.cache_kind = [["budget"] * Hkv for _ in range(L)]
         spec.cache_budget = budgets.tolist()
-        spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel)
+        spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel,
+                                             pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
         return spec
 
