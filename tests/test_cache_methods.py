@@ -540,6 +540,11 @@ def test_budget_and_headkv_constructors():
     assert spec.cache_budget == want and spec.cache_options == {"allocation": "headkv"}
     cache = headops.HeadSparseCache(model, spec, budget_recent=2)
     assert [layer.budgets for layer in cache._layers] == want
+    as_kvpress = headops.HeadSpec.headkv(model, scores, budget=32, beta=1.5, pooling="avg", keep_observation_window=True)
+    again = headops.HeadSpec.from_dict(as_kvpress.to_dict())
+    assert again.cache_options == {"allocation": "headkv", "pooling": "avg", "keep_observation_window": True}
+    cache = headops.HeadSparseCache(model, again, pooling="max")  # the cache's keyword overrides the spec's
+    assert (cache.options["pooling"], cache.options["keep_observation_window"]) == ("max", True)
 
     with pytest.raises(ValueError, match="allocation"):
         headops.HeadSpec.budget(model, budget=8, allocation="headkv")
@@ -549,6 +554,10 @@ def test_budget_and_headkv_constructors():
         headops.HeadSpec.budget(model, budget=0)
     with pytest.raises(ValueError, match="pool_kernel"):
         headops.HeadSpec.budget(model, budget=8, pool_kernel=2)
+    with pytest.raises(ValueError, match="pooling"):
+        headops.HeadSpec.budget(model, budget=8, pooling="median")
+    with pytest.raises(ValueError, match="keep_observation_window"):
+        headops.HeadSpec.headkv(model, torch.ones(2, 2), budget=8, beta=2.0, keep_observation_window="yes")
     with pytest.raises(ValueError, match="scores"):
         headops.HeadSpec.headkv(model, torch.ones(3, 2), budget=8, beta=2.0)
     with pytest.raises(ValueError, match="beta"):
