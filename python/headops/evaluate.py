@@ -44,6 +44,7 @@ import torch
 
 from . import _distributed
 from . import tasks as tasks_module
+from ._args import POOLINGS
 from ._progress import progress
 from .cache import HeadSparseCache
 from .patching import patch, set_spec, unpatch
@@ -181,8 +182,9 @@ def parse_method(text: str) -> Method:
     if "keep_window" in params and params["keep_window"] not in (0, 1):
         raise ValueError(f"{CALLER}: method {text!r}: keep_window must be 0 (a budget head always keeps its sinks "
                          f"and latest 8 tokens) or 1 (also the whole observation window), got {params['keep_window']}")
-    if "pooling" in params and params["pooling"] not in ("max", "avg"):
-        raise ValueError(f"{CALLER}: method {text!r}: pooling must be max or avg, got {params['pooling']!r}")
+    if "pooling" in params and params["pooling"] not in POOLINGS:
+        raise ValueError(f"{CALLER}: method {text!r}: pooling must be {' or '.join(POOLINGS)}, "
+                         f"got {params['pooling']!r}")
     if "full" in params and not 0.0 <= params["full"] <= 1.0:
         raise ValueError(f"{CALLER}: method {text!r}: full must be a fraction of the KV heads in [0, 1], "
                          f"got {params['full']}")
