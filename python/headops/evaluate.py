@@ -56,6 +56,8 @@ __all__ = ["Method", "parse_method", "standard_methods", "evaluate", "prompt_pre
 
 CALLER = "headops.evaluate"
 
+# how every budget family scores and chooses its tokens (SnapKV's scores), with the defaults
+_BUDGET_SCORING = {"observation_window": 32, "pool_kernel": 7, "pooling": "max", "keep_window": 0, "question": 0}
 # family -> its parameters and their defaults (None: required)
 FAMILIES = {
     "dense": {},
@@ -63,12 +65,9 @@ FAMILIES = {
     "duo": {"scores": None, "full": None, "window": 256, "sinks": 64},
     "random": {"full": None, "seed": 0, "window": 256, "sinks": 64},
     "razor": {"scores": None, "full": None, "window": 256, "sinks": 64, "weighted": 1},
-    "snapkv": {"budget": None, "observation_window": 32, "pool_kernel": 7, "pooling": "max", "keep_window": 0,
-               "question": 0},
-    "adakv": {"budget": None, "alpha": 0.2, "observation_window": 32, "pool_kernel": 7, "pooling": "max",
-              "keep_window": 0, "question": 0},
-    "headkv": {"scores": None, "budget": None, "beta": 1.2, "observation_window": 32, "pool_kernel": 7,
-               "pooling": "max", "keep_window": 0, "question": 0},
+    "snapkv": {"budget": None, **_BUDGET_SCORING},
+    "adakv": {"budget": None, "alpha": 0.2, **_BUDGET_SCORING},
+    "headkv": {"scores": None, "budget": None, "beta": 1.2, **_BUDGET_SCORING},
 }
 _TEXT_PARAMS = {"scores", "pooling"}
 _FLOAT_PARAMS = {"full", "alpha", "beta"}
@@ -108,12 +107,10 @@ class Method:
         if f == "streaming_llm":
             return HeadSpec.streaming_llm(model, window=p["window"], sinks=p["sinks"])
         if f == "snapkv":
-            return HeadSpec.budget(model, budget=p["budget"], observation_window=p["observation_window"],
-                                   pool_kernel=p["pool_kernel"], **_window_options(p))
+            return HeadSpec.budget(model, budget=p["budget"], **_scoring_options(p))
         if f == "adakv":
             return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
-                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"],
-                                   **_window_options(p))
+                                   **_scoring_options(p))
         if f == "random":
             L, Hkv = model.config.num_hidden_layers, _num_kv_heads(model.config)
             generator = torch.Generator().manual_seed(p["seed"])
@@ -131,14 +128,15 @@ class Method:
             return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
         if f == "headkv":
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
-                                   observation_window=p["observation_window"], pool_kernel=p["pool_kernel"],
-                                   **_window_options(p))
+                                   **_scoring_options(p))
         raise AssertionError(f)
 
 
-def _window_options(p) -> dict:
-    """A budget family's scoring options for HeadSpec.budget / headkv."""
-    return {"pooling": p["pooling"], "keep_observation_window": bool(p["keep_window"])}
+def _scoring_options(p) -> dict:
+    """A budget family's _BUDGET_SCORING parameters as HeadSpec.budget / headkv keywords (question
+    is the harness's, not the spec's)."""
+    return {"observation_window": p["observation_window"], "pool_kernel": p["pool_kernel"], "pooling": p["pooling"],
+            "keep_observation_window": bool(p["keep_window"])}
 
 
 def _show(v) -> str:
