@@ -26,7 +26,7 @@ SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT
     os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
 
 
-def run_sweep(env_extra, expect_capability):
+def run_sweep(env_extra, expect_capability, swept=SWEPT):
     env = dict(os.environ, **env_extra)
     # the headops this run imported (python/, or build-asan/pkg under make test-asan)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(headops.__file__)))
@@ -65,3 +65,13 @@ def test_half_precision_tiles_converted_to_float():
     if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
         pytest.skip("this CPU converts bfloat16/float16 tiles to float already")
     run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())
+
+
+def test_decode_scores_through_brgemm_off_amx():
+    """HEADOPS_CPU_DECODE_BRGEMM=1: the decode step's brgemm score product (AMX's path) on a CPU
+    that runs 16-bit brgemm without AMX, where the decode otherwise multiplies in registers."""
+    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) and not headops._C.cpu_decode_scores_by_brgemm(dtype, 64)
+               for dtype in (torch.bfloat16, torch.float16)):
+        pytest.skip("this CPU's decode takes brgemm already, or has no 16-bit brgemm")
+    decode_tests = [name for name in SWEPT if "test_kvcache.py" in name]
+    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), decode_tests)

@@ -75,4 +75,9 @@ bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
   return dtype == at::kBFloat16 ? bf16 : f16;
 }
 
+bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim) {
+  static const bool forced = std::getenv("HEADOPS_CPU_DECODE_BRGEMM") != nullptr;
+  return uses_packed_operands(dtype, head_dim) && (forced || at::native::cpublas::could_pack(dtype));
+}
+
 }  // namespace headops::cpu

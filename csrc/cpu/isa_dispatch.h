@@ -26,6 +26,13 @@ bool runs_avx512_bf16_variant();
 // forces the conversion (tests sweep both paths on one machine).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
 
+// Whether the decode step's score product (a few query rows against each block of stored keys)
+// runs through brgemm: on AMX tiles only (as before AVX512-BF16 brgemm came in; not measured
+// against the direct product there). Elsewhere the product in registers straight from the
+// stored rows: on the AVX512-BF16 EPYC brgemm made a bf16 decode step 1.2-1.9x slower.
+// HEADOPS_CPU_DECODE_BRGEMM=1 takes brgemm wherever uses_packed_operands does (tests).
+bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim);
+
 template <typename Fn>
 struct IsaVariants {
   Fn* portable;

@@ -131,6 +131,12 @@ void pair_permuted_queries(acc_t* out, const q_t* q, int64_t D) {
   for (int64_t d = Dv; d < D; ++d) out[d] = static_cast<acc_t>(q[d]);
 }
 
+// Asks for a stored row's cache lines ahead of their use.
+__attribute__((always_inline)) inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 // s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D], in load_pair's order) and the nk stored
 // rows of k. `v` (or null): the block's value rows, fetched into cache here so that the PV
 // product that follows reads them from L2 rather than waiting on memory row by row.
@@ -142,14 +148,9 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const 
   const int64_t Dv = D / W * W;
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j = 0; j < nk; ++j) {
-    if (j + 8 < nk) {  // rows 8 ahead are on their way from memory while this one is multiplied
-      const char* ahead = reinterpret_cast<const char*>(k + (j + 8) * D);
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
-    }
-    if (v) {
-      const char* value = reinterpret_cast<const char*>(v + j * D);
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(value + off);
-    }
+    // rows 8 ahead are on their way from memory while this one is multiplied
+    if (j + 8 < nk) prefetch_row(k + (j + 8) * D, row_bytes);
+    if (v) prefetch_row(v + j * D, row_bytes);
     const scalar_t* kr = k + j * D;
     V a[NR], b[NR];  // two chains per row: half the FMA latency each
     #pragma GCC unroll 8
@@ -212,10 +213,7 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
     for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
   for (int64_t j = 0; j < nk; ++j) {
-    if (fetch && j + 8 < nk) {
-      const char* ahead = reinterpret_cast<const char*>(v + (j + 8) * D);
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
-    }
+    if (fetch && j + 8 < nk) prefetch_row(v + (j + 8) * D, row_bytes);
     const scalar_t* row = v + j * D + d0;
     V x[C];
     #pragma GCC unroll 8
@@ -350,9 +348,9 @@ class DecodeWorker {
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
         rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
     if constexpr (!kDirect) {
-      // 16-bit keys: S^T = K Q^T by brgemm straight from the stored rows (A operand, no
+      // 16-bit keys on AMX: S^T = K Q^T by brgemm straight from the stored rows (A operand, no
       // conversion), against the new queries packed once per item as the VNNI B operand
-      use_brgemm_ = uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, D_);
+      use_brgemm_ = decode_scores_by_brgemm(c10::CppTypeToScalarType<scalar_t>::value, D_);
       if (use_brgemm_) {
         q_vnni_.resize((D_ / 2) * R_ * 2);
         scores_t_.resize(kDecodeBlock * R_);
