@@ -168,7 +168,7 @@ def test_generation_through_the_cache_is_probed_at_original_positions():
                 want = model.generate(ids, max_new_tokens=4, do_sample=False)
             cache = headops.HeadSparseCache(model, dense, max_step=1)
             with headops.probe(model, request) as through:
-                got = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+                got = model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
             assert torch.equal(got, want)
             assert [len(c) for c in through.layers] == [len(c) for c in own.layers] == [4, 4]
             for layer in range(2):
@@ -181,7 +181,7 @@ def test_generation_through_the_cache_is_probed_at_original_positions():
             headops.set_spec(model, streaming)
             cache = headops.HeadSparseCache(model, streaming, max_step=1)
             with headops.probe(model, request) as rec:
-                model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+                model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
             for layer in range(2):
                 for step, stats in enumerate(rec[layer][1:]):
                     position = 24 + step

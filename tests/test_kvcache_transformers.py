@@ -1,4 +1,4 @@
-"""HeadSparseCache as a transformers.Cache: model.generate(..., past_key_values=cache) with an
+"""HeadSparseCache as a transformers.Cache: model.generate(..., cache=cache) with an
 attention function that routes to the cache (the model integration registers one like it)."""
 
 import pytest
@@ -45,7 +45,7 @@ def test_cache_is_a_transformers_cache_and_generates_like_eager():
     cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kinds="full", max_step=1)
     assert isinstance(cache, transformers.Cache)
     use(model, "headops_cache_test")
-    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.get_seq_length() == 12 + 11  # the last generated token is never fed back
 
@@ -58,6 +58,6 @@ def test_streaming_heads_generate_like_recomputing_with_the_same_spec():
     cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                                     kinds=["full", "streaming"], window=WINDOW, sinks=SINKS, max_step=1)
     use(model, "headops_cache_test")
-    got = model.generate(ids, max_new_tokens=15, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=15, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.ideal_nbytes() < cache.dense_nbytes()  # (at 25 tokens the 64-token segment dominates nbytes)

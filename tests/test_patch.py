@@ -141,13 +141,13 @@ def test_generate_with_the_head_sparse_cache(family):
     headops.patch(model, headops.HeadSpec.dense(model))
     dense_spec = headops.HeadSpec.dense(model)
     got = model.generate(ids, max_new_tokens=12, do_sample=False,
-                         past_key_values=headops.HeadSparseCache(model, dense_spec, max_step=1))
+                         cache=headops.HeadSparseCache(model, dense_spec, max_step=1))
     assert torch.equal(got, want_dense)
     spec = headops.HeadSpec.streaming(model, {0: [1], 1: [0]}, window=4, sinks=2)
     headops.set_spec(model, spec)
     want = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)  # full recomputation
     cache = headops.HeadSparseCache(model, spec, max_step=1)
-    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.ideal_nbytes() < cache.dense_nbytes()
 
@@ -218,11 +218,11 @@ def test_left_padded_batch_generates_like_the_unpatched_model(batch_size):
     sizes = {} if batch_size is None else {"batch_size": batch_size}
     cache = headops.HeadSparseCache(model, spec, max_step=1, **sizes)
     assert cache.batch_size == (batch_size or -1)
-    got = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    got = model.generate(ids, attention_mask=mask, cache=cache, **kw)
     assert torch.equal(got, want)
     assert (cache.batch_size, cache.dtype) == (2, torch.float32)
     for b, pad in enumerate([0, 3]):
-        alone = model.generate(ids[b:b + 1, pad:], past_key_values=headops.HeadSparseCache(model, spec, max_step=1),
+        alone = model.generate(ids[b:b + 1, pad:], cache=headops.HeadSparseCache(model, spec, max_step=1),
                                **kw)
         assert torch.equal(got[b, 10:], alone[0, 10 - pad:]), f"prompt {b}"
 
@@ -244,7 +244,7 @@ def test_spec_key_bias_on_the_first_tokens_matches_the_reference():
     cache = headops.HeadSparseCache(model, spec, max_step=1)
     headops.set_spec(model, spec)
     want = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache), want)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache), want)
 
 
 def test_budget_spec_generates_like_attention_over_the_kept_set_until_eviction():
@@ -255,11 +255,11 @@ def test_budget_spec_generates_like_attention_over_the_kept_set_until_eviction()
     # nothing is evicted within 64 tokens: the same tokens as the dense model
     want = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
     cache = headops.HeadSparseCache(model, spec, max_step=1)
-    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache), want)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache), want)
     small = headops.HeadSpec.budget(model, {0: [1]}, budget=12)
     headops.set_spec(model, small)
     cache = headops.HeadSparseCache(model, small, max_step=1)
-    model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
     assert cache._layers[0].kept_positions(0, 1).numel() == 12  # 21 tokens seen, 12 kept
     with pytest.raises(ValueError, match="budget"):
         headops.HeadSpec.budget(model, {0: [1]}, budget=0)

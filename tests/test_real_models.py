@@ -109,7 +109,7 @@ def test_smollm2_generates_through_the_head_sparse_cache(smol):
     headops.patch(model, spec)
     want = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)  # recomputed every step
     cache = headops.HeadSparseCache(model, spec, max_step=1)
-    got = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=cache)
+    got = model.generate(prompt, max_new_tokens=16, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.ideal_nbytes() < cache.dense_nbytes()
 
