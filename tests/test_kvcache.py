@@ -675,12 +675,32 @@ def test_full_head_items_after_many_decode_steps():
         cache.attention(0, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1])
     with headops.count_work() as w:
         cache.attention(0, q[:, -1:], k[:, -1:], v[:, -1:])
-    # a decode item never crosses a segment of the full storage (segments grow with the
-    # capacity, so their number stays logarithmic-ish): at most one extra item per segment
+    # items and key blocks span the segments of the full storage (a cache grown a token at a
+    # time has one per 64 tokens here)
     segments = len(cache._layers[0].full_k)
-    assert B * math.ceil((S + 401) / cache.split_keys) <= w.work_items <= B * (
-        math.ceil((S + 401) / cache.split_keys) + segments)
-    assert segments <= 8
+    assert segments >= 5
+    assert w.work_items == B * math.ceil((S + 401) / cache.split_keys)
+    L, split = S + 401, cache.split_keys
+    assert w.key_blocks == B * sum(math.ceil(min(split, L - j) / 256) for j in range(0, L, split))
+
+
+@pytest.mark.parametrize("split_keys", [1024, 100, 7])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_decode_across_many_segments(split_keys, dtype):
+    """A cache grown one token at a time holds its full heads in many small segments: decode
+    items and key blocks that cross their ends read the right rows (items of split_keys slots
+    start and end anywhere in a segment)."""
+    B, Hq, Hkv, D, S, steps = 2, 4, 2, 16, 90, 330
+    cache = make_cache(Hq, Hkv, D, kinds=["full", "streaming"], window=[-1, -1, 40, 40], sinks=[0, 0, 3, 3],
+                       B=B, dtype=dtype, max_step=1, split_keys=split_keys)
+    q, k, v = make_qkv(B, S + steps, S + steps, Hq, Hkv, D, dtype)
+    outs = run_steps(cache, q, k, v, S, [1] * steps)
+    assert len(cache._layers[0].full_k) >= 4
+    want = oracle(q.to(F64), k.to(F64), v.to(F64), [-1, -1, 40, 40], [0, 0, 3, 3])
+    tol = {F64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    for i in (0, 100, steps - 1):
+        p = S + i
+        assert max_err(outs[1 + i], want[:, p:p + 1]) < tol, (i, max_err(outs[1 + i], want[:, p:p + 1]))
 
 
 # ------------------------------------------------------------------------------- 8. errors

@@ -280,17 +280,20 @@ struct DecodeItem {
   int64_t pos_offset;      // ... holding positions j0 + pos_offset .. j1 - 1 + pos_offset
 };
 
-// Where the slots of one (b, KV head) live and which position each holds.
+// Where the slots of one (b, KV head) live and which position each holds: for a full head, the
+// segment of its storage that holds slot `first`. Items and key blocks span segments (a cache
+// grown one token at a time has a segment per 64 tokens up to 4096 and per 1/64 of its capacity
+// beyond; blocks cut at every segment were as small as 64 keys).
 template <typename scalar_t>
 struct HeadStorage {
   const scalar_t* k;
   const scalar_t* v;
   int64_t length;
   int64_t first_slot;  // the slot k and v point at
+  int64_t end_slot = std::numeric_limits<int64_t>::max();  // full heads: the end of the segment
   const int64_t* positions = nullptr;  // budget heads: the position of each slot (-1 empty)
   float* mass = nullptr;               // budget heads: accumulated attention mass per slot
 
-  // `first`: a slot of the item (a full head's items never cross a segment boundary)
   static HeadStorage of(const DecodeParams& p, int64_t b, int64_t kvh, int64_t first) {
     HeadStorage s;
     const int64_t D = p.attn.head_dim, index = p.kv_index[kvh];
@@ -302,6 +305,7 @@ struct HeadStorage {
       s.k = static_cast<const scalar_t*>(p.full_k[seg]) + base;
       s.v = static_cast<const scalar_t*>(p.full_v[seg]) + base;
       s.first_slot = p.full_starts[seg];
+      s.end_slot = p.full_starts[seg + 1];
     } else if (p.kv_kind[kvh] == kKvBudget) {
       const int64_t offset = budget_layout_of(p.budget_table, p.budget_heads, b, index).offset;
       const int64_t base = b * p.ring_slots + offset;
@@ -361,7 +365,7 @@ class DecodeWorker {
   void run(int64_t n) {
     const DecodeItem& item = items_[n];
     const int64_t b = item.b, D = D_;
-    const HeadStorage<scalar_t> st = HeadStorage<scalar_t>::of(p_, b, item.kvh, item.j0);
+    HeadStorage<scalar_t> st = HeadStorage<scalar_t>::of(p_, b, item.kvh, item.j0);
     const int64_t pos0 = st.length - Sq_;
     for (int64_t g = 0; g < G_; ++g) {
       heads_[g] = read_head<acc_t>(a_, b, item.kvh * G_ + g);
@@ -390,7 +394,16 @@ class DecodeWorker {
     }
     for (int64_t j0 = item.j0; j0 < item.j1; j0 += kDecodeBlock) {
       const int64_t nk = std::min(kDecodeBlock, item.j1 - j0);
-      bool values_fetched = block_scores(st.k_row(j0, D), st.v_row(j0, D), nk);
+      // the block's rows, in pieces that each lie in one segment of a full head's storage
+      pieces_.clear();
+      for (int64_t j = j0, n; j < j0 + nk; j += n) {
+        if (j >= st.end_slot) st = HeadStorage<scalar_t>::of(p_, b, item.kvh, j);
+        n = std::min(j0 + nk, st.end_slot) - j;
+        pieces_.push_back({st.k_row(j, D), st.v_row(j, D), j - j0, n});
+      }
+      bool values_fetched = true;
+      for (const BlockPiece& piece : pieces_)
+        values_fetched = block_scores(piece.k, piece.v, piece.offset, piece.n) && values_fetched;
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
       bool used[2] = {false, false};
@@ -410,7 +423,9 @@ class DecodeWorker {
       }
       for (int br = 0; br < 2; ++br) {
         if (!used[br]) continue;
-        accumulate_pv(acc_[br].data(), R_, probs_[br].data(), kDecodeBlock, st.v_row(j0, D), nk, D, values_fetched);
+        for (const BlockPiece& piece : pieces_)
+          accumulate_pv(acc_[br].data(), R_, probs_[br].data() + piece.offset, kDecodeBlock, piece.v, piece.n, D,
+                        values_fetched);
         values_fetched = true;  // (the second branch's pass reads the rows the first one fetched)
         counts_.add(kValueBlocks, 1);
       }
@@ -452,19 +467,19 @@ class DecodeWorker {
     }
   }
 
-  // scores_[r, j] = q_r . k_j for the block's nk keys. Returns whether its value rows `v` were
-  // fetched meanwhile (the direct product does; brgemm does not).
-  bool block_scores(const scalar_t* k, const scalar_t* v, int64_t nk) {
+  // scores_[r, offset + j] = q_r . k_j for nk keys of the block. Returns whether their value rows
+  // `v` were fetched meanwhile (the direct product does; brgemm does not).
+  bool block_scores(const scalar_t* k, const scalar_t* v, int64_t offset, int64_t nk) {
     const int64_t D = D_;
     if constexpr (!kDirect) {
       if (use_brgemm_) {
         at::native::cpublas::brgemm(nk, R_, D, D, R_, R_, false, k, q_vnni_.data(), scores_t_.data(), true);
         for (int64_t j = 0; j < nk; ++j)
-          for (int64_t r = 0; r < R_; ++r) scores_[r * kDecodeBlock + j] = scores_t_[j * R_ + r];
+          for (int64_t r = 0; r < R_; ++r) scores_[r * kDecodeBlock + offset + j] = scores_t_[j * R_ + r];
         return false;
       }
     }
-    block_scores_direct(scores_.data(), kDecodeBlock, q_.data(), R_, k, v, nk, D);
+    block_scores_direct(scores_.data() + offset, kDecodeBlock, q_.data(), R_, k, v, nk, D);
     return true;
   }
 
@@ -519,6 +534,13 @@ class DecodeWorker {
     if (correction != acc_t(1)) scale_row(acc_[br].data() + r * D_, D_, correction);
   }
 
+  // rows [offset, offset + n) of the current key block, held at k and v
+  struct BlockPiece {
+    const scalar_t* k;
+    const scalar_t* v;
+    int64_t offset, n;
+  };
+
   const DecodeParams& p_;
   const AttentionParams& a_;
   const std::vector<DecodeItem>& items_;
@@ -530,6 +552,7 @@ class DecodeWorker {
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
   bool use_brgemm_ = false;
+  std::vector<BlockPiece> pieces_;
   std::vector<acc_t> kept_logits_;  // budget items: [R, slots] logits, for the attention mass
   int64_t kept_stride_ = 0;
   std::vector<scalar_t> q_vnni_;  // [D/2, R, 2]
@@ -580,16 +603,12 @@ std::vector<DecodeItem> decode_items(const DecodeParams& p, std::vector<int64_t>
           }
         continue;
       }
-      // ranges of split_keys slots that never cross a segment of the full storage
-      for (const KeyRange& range : {sinks, window}) {
-        int64_t seg = 0;
-        for (int64_t j = range.lo; j < range.hi;) {
-          while (p.full_starts[seg + 1] <= j) ++seg;
-          const int64_t end = std::min(j + std::min(p.split_keys, range.hi - j), p.full_starts[seg + 1]);
+      // ranges of split_keys slots (across the segments of the full storage: DecodeWorker::run)
+      for (const KeyRange& range : {sinks, window})
+        for (int64_t j = range.lo, end; j < range.hi; j = end) {
+          end = j + std::min(p.split_keys, range.hi - j);
           items.push_back({b, kvh, j, end, 0});
-          j = end;
         }
-      }
     }
   }
   first_item[a.batch * a.heads_kv] = static_cast<int64_t>(items.size());
