@@ -18,12 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVAILABLE = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
 # every attention-kernel test, and the decode kernel's comparisons with full attention in each
-# dtype, with every per-head argument and over budget heads' kept sets
+# dtype, with every per-head argument, over budget heads' kept sets and across many segments
 DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
                 "test_decode_lower_precision_head_dims",
-                "test_budget_heads_equal_attention_over_the_kept_set"]
-SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT, "tests", "test_autograd.py")] + [
-    os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
+                "test_budget_heads_equal_attention_over_the_kept_set", "test_decode_across_many_segments"]
+SWEPT_DECODE = [os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
+SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT, "tests", "test_autograd.py")] + \
+    SWEPT_DECODE
 
 
 def run_sweep(env_extra, expect_capability, swept=SWEPT):
@@ -73,5 +74,4 @@ def test_decode_scores_through_brgemm_off_amx():
     if not any(headops._C.cpu_uses_packed_operands(dtype, 64) and not headops._C.cpu_decode_scores_by_brgemm(dtype, 64)
                for dtype in (torch.bfloat16, torch.float16)):
         pytest.skip("this CPU's decode takes brgemm already, or has no 16-bit brgemm")
-    decode_tests = [name for name in SWEPT if "test_kvcache.py" in name]
-    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), decode_tests)
+    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), SWEPT_DECODE)
