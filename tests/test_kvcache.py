@@ -205,6 +205,38 @@ def test_decode_matches_full_attention_with_per_head_args(args, per_batch, layou
         assert off.any() and (heads_axis[off] == 0).all()
 
 
+def test_decode_steps_whose_numbers_change():
+    """Per-head arguments given as Python numbers are built and checked once per layer, then
+    reused (HeadSparseCache._step_args): a step with other numbers gets arguments of its own,
+    and what would be refused is refused on every step (softmax_scale=True after 1 too),
+    changing nothing."""
+    c = ARGS_SPEC
+    B, D, S = 2, 8, 5
+    steps = [dict(softmax_scale=0.7), dict(softmax_scale=0.7), dict(softmax_scale=1.3, sink_logit=0.5), dict(),
+             dict(gate=0.0), dict(softmax_scale=1), dict(gate=1, softmax_scale=1.0), dict(sink_logit=0.5, alpha=0.0),
+             dict(softmax_scale=0.7)]
+    refused = [(dict(softmax_scale=True), "softmax_scale"), (dict(softmax_scale=math.nan), "softmax_scale"),
+               (dict(sink_logit=math.nan), "sink_logit"), (dict(gate=False), "gate"), (dict(alpha=2.0), "alpha"),
+               (dict(alpha=0.5), "alpha")]  # (0.5: query heads of streaming KV heads have no full branch)
+    N = S + len(steps)
+    q, k, v = make_qkv(B, N, N, c["Hq"], c["Hkv"], D, F64, "bshd")
+    cache = make_cache(c["Hq"], c["Hkv"], D, kinds=c["kinds"], window=c["window"], sinks=c["sinks"], B=B)
+    cache.attention(0, q[:, :S], k[:, :S], v[:, :S])
+    for i, kw in enumerate(steps):
+        p = S + i
+        new = q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1]
+        for bad, name in refused:
+            with pytest.raises((TypeError, ValueError), match=name):
+                cache.attention(0, *new, **bad)
+            assert cache.seq_lengths(0).tolist() == [p] * B
+        out = cache.attention(0, *new, **kw)
+        want = oracle(q[:, :p + 1], k[:, :p + 1], v[:, :p + 1], c["window"], c["sinks"], **kw)[:, p:p + 1]
+        assert max_err(out, want) <= ATOL64, f"step {i}: {kw}"
+        if "gate" in kw and kw["gate"] == 0:
+            assert (out == 0).all()
+    assert cache.seq_lengths(0).tolist() == [N] * B
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_decode_with_strided_inputs(layout):
     # q, k, v are views with every stride differing from the contiguous one (last dim contiguous)

@@ -390,6 +390,7 @@ def test_cache_matches_full_recomputation(c):
         assert held >= ideal, f"call {i}: nbytes {held} < ideal {ideal}; {where}"
         # the full storage grows in bounded chunks, the rings with what they received, up to capacity
         cap = st_.capacity()
+        assert cap == sum(seg.shape[2] for seg in st_.full_k), f"call {i}: capacity {cap} != the segments'; {where}"
         assert cap == 0 if "full" not in c["kinds"] else max(cur) <= cap <= 1.25 * max(cur) + 64 + c["max_step"], \
             f"call {i}: capacity {cap}; {where}"
         least, most = ring_slots(c, max(cur))

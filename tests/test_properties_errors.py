@@ -666,6 +666,9 @@ def spec_wrong_forms(L, Hq, Hkv, D, tmp_dir):
         forms[f"layer_args_layer_{bad!r}"] = ((lambda bad: lambda: spec.layer_args(bad))(bad), "layer")
     for bad in (-1, 1.5, "3", True):
         forms[f"layer_args_keys_{bad!r}"] = ((lambda bad: lambda: spec.layer_args(0, bad))(bad), "keys")
+    for bad in (0, None, "no"):
+        forms[f"layer_args_visibility_{bad!r}"] = ((lambda bad: lambda: spec.layer_args(0, 3, visibility=bad))(bad),
+                                                   "visibility")
     biased = spec.copy()
     biased.key_bias = torch.zeros(L, Hq, 2)
     forms["layer_args_key_bias_without_keys"] = (lambda: biased.layer_args(0), "key_bias")

@@ -92,6 +92,10 @@ def test_slice_heads_keeps_a_block_of_query_heads_and_their_kv_heads(block):
         for name, t in mine.items():
             head_axis = -2 if name in ("out_scale", "out_bias", "key_bias") else -1
             assert torch.equal(t, whole[name].narrow(head_axis, first, stop - first)), name
+        # a HeadSparseCache's call: the same without window and sinks (the cache's own)
+        cached = spec.layer_args(layer, 5, visibility=False)
+        assert set(cached) == set(whole) - {"window", "sinks"}
+        assert all(torch.equal(t, whole[name]) for name, t in cached.items())
     before = spec.window.clone()
     part.window.fill_(7)  # a copy: the whole spec is unchanged
     assert torch.equal(spec.window, before)

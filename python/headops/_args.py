@@ -34,7 +34,7 @@ def describe(t) -> str:
 
 
 def is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
 def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim) -> None:

@@ -89,6 +89,7 @@ class LayerStorage:
         self.held: list[int] = []  # per batch row; empty until allocated
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
+        self.full_capacity = 0  # tokens the segments hold, summed
         self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
 
     def _lay_out_rings(self, sizes) -> None:
@@ -188,14 +189,15 @@ class LayerStorage:
     # ------------------------------------------------------------------------------ tokens
 
     def capacity(self) -> int:
-        return sum(seg.shape[2] for seg in self.full_k)
+        """Tokens per row the full storage's segments hold."""
+        return self.full_capacity
 
     def reserve(self, tokens: int) -> None:
         """Makes the storages hold rows of `tokens` tokens: the rings grow up to their capacity,
         the full storage gets one more segment where it needs one."""
         if self.ring_alloc != self.ring_capacity:
             self._grow_rings(tokens)
-        cap = self.capacity()
+        cap = self.full_capacity
         if tokens <= cap or self.full_heads == 0:
             return
         n = max(tokens - cap, 64, cap // 64)  # (at most 1/64 more than held: nbytes within 2 % of ideal)
@@ -203,15 +205,22 @@ class LayerStorage:
         B, dtype, device = self._storage
         self.full_k.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
         self.full_v.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
+        self.full_capacity += n
 
-    def budget_args(self, rows=slice(None)):
+    def budget_args(self, rows=None):
+        """The budget heads' arguments of the ops, of every row or of `rows` (a slice)."""
         if self.budget_table is None:
             return None, None, None
+        if rows is None:
+            return self.budget_table, self.slot_pos, self.slot_mass
         return self.budget_table[rows], self.slot_pos[rows], self.slot_mass[rows]
 
-    def comp_args(self, rows=slice(None)):
+    def comp_args(self, rows=None):
+        """The compensated heads' arguments of the ops, of every row or of `rows` (a slice)."""
         if self.comp_table is None:
             return None, None, None, None
+        if rows is None:
+            return self.comp_table, self.comp_k, self.comp_v, self.comp_n
         return self.comp_table, self.comp_k[rows], self.comp_v[rows], self.comp_n[rows]
 
     def compensation_of(self, b, h):
@@ -226,11 +235,17 @@ class LayerStorage:
 
     def append(self, k, v, row=None, write_budget=True):
         """Stores k, v ([B, S, Hkv, D]; one row's [1, S, Hkv, D] with `row`) after what each row holds."""
-        rows = slice(None) if row is None else slice(row, row + 1)
-        full_k, full_v = ((segs if row is None else [seg[rows] for seg in segs]) for segs in (self.full_k, self.full_v))
-        torch.ops.headops.kv_append(k, v, full_k, full_v, self.ring_k[rows], self.ring_v[rows], self.lengths[rows],
-                                    self.kv_kind, self.kv_index, self.ring_offset, self.ring_sinks, self.ring_size,
-                                    *self.budget_args(rows), write_budget, *self.comp_args(rows))
+        if row is None:  # (every row: the storages themselves, no views to make -- a decode step's case)
+            full_k, full_v, ring_k, ring_v, lengths = self.full_k, self.full_v, self.ring_k, self.ring_v, self.lengths
+            budget, comp = self.budget_args(), self.comp_args()
+        else:
+            rows = slice(row, row + 1)
+            full_k, full_v = [seg[rows] for seg in self.full_k], [seg[rows] for seg in self.full_v]
+            ring_k, ring_v, lengths = self.ring_k[rows], self.ring_v[rows], self.lengths[rows]
+            budget, comp = self.budget_args(rows), self.comp_args(rows)
+        torch.ops.headops.kv_append.default(k, v, full_k, full_v, ring_k, ring_v, lengths, self.kv_kind, self.kv_index,
+                                            self.ring_offset, self.ring_sinks, self.ring_size, *budget, write_budget,
+                                            *comp)
         n = k.shape[1]
         if row is None:
             self.lengths += n

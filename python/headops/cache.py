@@ -36,6 +36,7 @@ __all__ = ["HeadSparseCache"]
 
 CALLER = "headops.HeadSparseCache"
 _HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
+_HEAD_ARG_NAMES = frozenset(_HEAD_ARGS)
 
 
 try:  # the cache is a transformers.Cache when transformers is installed (model.generate accepts it)
@@ -202,6 +203,7 @@ class HeadSparseCache(_CacheBase):
         self._batch_size = None if batch_size is UNSET else batch_size
         self.dtype, self.device = dtype, device
         self._sized = False
+        self._step_args_memo = {}  # _step_args
         if self._batch_size is not None and dtype is not None:
             self._ensure_sized(CALLER, (self._batch_size, dtype, device or torch.device("cpu")))
         if _CacheBase is not object:
@@ -370,8 +372,8 @@ class HeadSparseCache(_CacheBase):
         if "window" in per_head or "sinks" in per_head:
             raise ValueError(f"{caller}: window and sinks are the cache's (set them at construction); pass the other "
                              "per-head arguments here")
-        unknown = sorted(set(per_head) - set(_HEAD_ARGS))
-        if unknown:
+        if not _HEAD_ARG_NAMES.issuperset(per_head):
+            unknown = sorted(set(per_head) - _HEAD_ARG_NAMES)
             raise TypeError(f"{caller}: unexpected argument(s) {', '.join(unknown)} (the per-head arguments are "
                             f"{', '.join(_HEAD_ARGS)})")
         if not isinstance(causal, bool):
@@ -553,15 +555,42 @@ class HeadSparseCache(_CacheBase):
             raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the "
                                     "rings)", f"{Sq} tokens")
         keys = max(st.held) + Sq
-        args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)  # checked before the cache changes
+        args, kernel_args = self._step_args(caller, st, q, keys, per_head)  # checked before the cache changes
         request = self._probe_request(caller, st, q, args, probe, keys)
         st.reserve(keys)
         st.append(k, v)
         stats = None if request is None else _cache_probe.decode(st, q, args, request, causal)
-        return torch.ops.headops.decode_attention(q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths,
-                                                  st.kv_kind, st.kv_index, st.ring_offset, st.ring_sinks,
-                                                  st.ring_size, causal, *args.kernel_args(q.dtype), self.split_keys,
-                                                  *st.budget_args(), *st.comp_args()), stats
+        return torch.ops.headops.decode_attention.default(
+            q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
+            st.ring_sinks, st.ring_size, causal, *kernel_args, self.split_keys, *st.budget_args(),
+            *st.comp_args()), stats
+
+    def _step_args(self, caller, st, q, keys, per_head):
+        """(HeadArgs, their kernel arguments) of a decode step. Steps whose per-head arguments are
+        all Python numbers (a patched model's softmax_scale; none at all) repeat the same
+        arguments every step: those are built and checked once per layer, batch size, device and
+        dtype, and reused (building them was the largest Python cost of a short-context step)."""
+        key = _numbers_key(per_head)
+        if key is None or torch.compiler.is_compiling():
+            args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
+            return args, args.kernel_args(q.dtype)
+        key = (id(st), q.shape[0], q.device, q.dtype, key)
+        hit = self._step_args_memo.get(key)
+        if hit is None:
+            args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
+            if len(self._step_args_memo) >= 4 * self.num_layers:
+                self._step_args_memo.clear()
+            hit = self._step_args_memo[key] = (args, args.kernel_args(q.dtype))
+        return hit
+
+
+def _numbers_key(per_head: dict):
+    """The per-head arguments as a hashable key when each is None, an int or a float (exactly:
+    a bool, a subclass or a tensor is checked on every call); None otherwise."""
+    for value in per_head.values():
+        if value is not None and type(value) is not int and type(value) is not float:
+            return None
+    return tuple(per_head.items())
 
 
 def _check_device(caller, name, device: torch.device) -> None:

@@ -71,7 +71,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
     keys = key.shape[2] + (cache.get_seq_length(layer) if cache is not None else 0)  # original positions
-    args = spec.layer_args(layer, keys)
+    args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
     padding = _key_bias_from_mask(attention_mask)
@@ -80,8 +80,6 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     causal = bool(getattr(module, "is_causal", True))
     recording = getattr(module, "_headops_recording", None)
     if cache is not None:
-        args.pop("window")
-        args.pop("sinks")
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
         else:

@@ -466,13 +466,16 @@ class HeadSpec:
                                 f"{c!r} on {kind} KV head {h} of layer {layer}")
         check_cache_options(CALLER, self.cache_options)
 
-    def layer_args(self, layer: int, keys: int | None = None) -> dict:
+    def layer_args(self, layer: int, keys: int | None = None, *, visibility: bool = True) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias
-        needs the number of keys (original positions 0 .. keys - 1)."""
+        needs the number of keys (original positions 0 .. keys - 1). ``visibility=False`` leaves
+        out window and sinks too (a HeadSparseCache's attention takes its own)."""
         self._check_layer(layer)
         if keys is not None and (not is_int(keys) or keys < 0):
             raise _fail("keys", "None or an int >= 0", repr(keys))
-        args = {"window": self.window[layer], "sinks": self.sinks[layer]}
+        if not isinstance(visibility, bool):
+            raise _fail("visibility", "True or False", repr(visibility))
+        args = {"window": self.window[layer], "sinks": self.sinks[layer]} if visibility else {}
         if self.key_bias is not None:
             if keys is None:
                 raise ValueError("headops.HeadSpec.layer_args: key_bias needs the number of keys")
