@@ -493,7 +493,7 @@ template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   std::vector<std::pair<int64_t, int64_t>> skipped;
   const TileShape tiles =
-      fit_to_call(tile_shape(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim), p.seqlen_q, p.seqlen_k);
+      fit_to_call(tile_shape(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
