@@ -89,6 +89,13 @@ BAD_INPUTS = {
     "key_bias_integer": (TypeError, "key_bias", q0, k0, v0, dict(key_bias=ones(S, dtype=torch.int64))),
     "return_lse_with_alpha": (ValueError, "alpha", q0, k0, v0, dict(alpha=0.5, return_lse=True)),
 }
+# per-head values of a large batch (more than _args reads as Python numbers: checked by tensor ops)
+_qb, _kb, _vb = (torch.randn(80, S, h, D) for h in (HQ, HKV, HKV))
+_window_b, _sinks_b, _alpha_b = torch.ones(80, HQ, dtype=torch.int64), torch.zeros(80, HQ, dtype=torch.int64), ones(80, HQ) / 2
+_window_b[71, 2], _sinks_b[79, 3], _alpha_b[40, 1] = 0, -2, math.nan
+BAD_INPUTS["window_large_batch_zero"] = (ValueError, "window", _qb, _kb, _vb, dict(window=_window_b))
+BAD_INPUTS["sinks_large_batch_negative"] = (ValueError, "sinks", _qb, _kb, _vb, dict(sinks=_sinks_b))
+BAD_INPUTS["alpha_large_batch_nan"] = (ValueError, "alpha", _qb, _kb, _vb, dict(alpha=_alpha_b))
 # per-head parameters on another device (meta tensors stand in for one)
 for _name, _value in dict(gate=ones(HQ), softmax_scale=ones(HQ), alpha=ones(HQ) / 2, sink_logit=ones(HQ),
                           window=long(1, 2, 3, 4), sinks=long(0, 1, 0, 1), key_bias=ones(S),
@@ -185,6 +192,10 @@ RAW_BAD = {
     "alpha_above_one": ("alpha", dict(alpha=ones(B, HQ) * 1.5)),
     "alpha_negative": ("alpha", dict(alpha=-ones(B, HQ))),
     "alpha_nan": ("alpha", dict(alpha=ones(B, HQ) * math.nan)),
+    # views (test_raw_op_reads_per_head_values_through_their_strides)
+    "window_zero_expanded": ("window", dict(window=torch.tensor([1, 2, 0, 4]).expand(B, HQ))),
+    "sinks_negative_every_other": ("sinks", dict(sinks=torch.tensor([[0] * 2 * HQ, [0] * 6 + [-1, 0]])[:, ::2])),
+    "alpha_nan_every_other": ("alpha", dict(alpha=torch.tensor([[0.5] * 2 * HQ, [0.5] * 4 + [math.nan] + [0.5] * 3])[:, ::2])),
     "alpha_float64_with_float32_q": ("alpha", dict(alpha=ones(B, HQ, dtype=torch.float64) / 2)),
     "gate_shape": ("gate", dict(gate=ones(HQ))),
     "gate_float16": ("gate", dict(gate=ones(B, HQ, dtype=torch.float16))),
@@ -203,6 +214,15 @@ def test_raw_op_checks(case):
     word, overrides = RAW_BAD[case]
     with pytest.raises(RuntimeError, match=word):
         OP(*raw_args(**overrides))
+
+
+def test_raw_op_reads_per_head_values_through_their_strides():
+    # every other column of [B, 2 * HQ]: the bad values in the columns left out are not the op's
+    window = torch.tensor([[1, 0] * HQ, [2, 0] * HQ])[:, ::2]
+    sinks = torch.tensor([[0, -1] * HQ] * B)[:, ::2]
+    alpha = torch.tensor([[0.5, math.nan] * HQ] * B)[:, ::2]
+    out, lse, *_ = OP(*raw_args(window=window, sinks=sinks, alpha=alpha))
+    assert torch.isfinite(out).all()
 
 
 def test_raw_op_accepts_exact_shapes():

@@ -1,6 +1,7 @@
 #include "attention_args.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <climits>
@@ -38,6 +39,30 @@ Dims check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   return d;
 }
 
+namespace {
+
+// Whether `bad` holds for some value of a checked [B, Hq] per-head tensor (int64, float or
+// double; any strides). A CPU tensor is read in place: a model's layer calls this every step,
+// where three ATen ops per value rule cost more than its attention at short lengths.
+template <typename Bad>
+bool any_value(const at::Tensor& t, Bad bad) {
+  if (!t.is_cpu()) return bad(t).any().template item<bool>();
+  bool found = false;
+  AT_DISPATCH_SWITCH(t.scalar_type(), "headops per-head values",
+                     AT_DISPATCH_CASE(at::kLong, [&] {
+                       const auto* x = t.data_ptr<int64_t>();
+                       for (int64_t i = 0; i < t.size(0) && !found; ++i)
+                         for (int64_t j = 0; j < t.size(1) && !found; ++j) found = bad(x[i * t.stride(0) + j * t.stride(1)]);
+                     }) AT_DISPATCH_CASE_FLOATING_TYPES([&] {
+                       const auto* x = t.data_ptr<scalar_t>();
+                       for (int64_t i = 0; i < t.size(0) && !found; ++i)
+                         for (int64_t j = 0; j < t.size(1) && !found; ++j) found = bad(x[i * t.stride(0) + j * t.stride(1)]);
+                     }));
+  return found;
+}
+
+}  // namespace
+
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
                   const at::Tensor& q, bool host_ok) {
   TORCH_CHECK(t.defined(), op, name, " is an undefined tensor");
@@ -68,10 +93,12 @@ void check_per_head_args(const char* op, const Dims& d, at::ScalarType acc, cons
            (values == ValueChecks::kAll || (values == ValueChecks::kHostOnly && t->is_cpu()));
   };
   if (read(a.window))
-    TORCH_CHECK(!(*a.window == 0).any().item<bool>(), op, "window must be >= 1 (or < 0 for unlimited), got 0");
-  if (read(a.sinks)) TORCH_CHECK(!(*a.sinks < 0).any().item<bool>(), op, "sinks must be >= 0");
+    TORCH_CHECK(!any_value(*a.window, [](auto w) { return w == 0; }), op,
+                "window must be >= 1 (or < 0 for unlimited), got 0");
+  if (read(a.sinks)) TORCH_CHECK(!any_value(*a.sinks, [](auto n) { return n < 0; }), op, "sinks must be >= 0");
   if (read(a.alpha))
-    TORCH_CHECK(((*a.alpha >= 0) & (*a.alpha <= 1)).all().item<bool>(), op, "alpha must lie in [0, 1]");
+    TORCH_CHECK(!any_value(*a.alpha, [](auto x) { return (x < 0) | (x > 1) | (x != x); }), op,
+                "alpha must lie in [0, 1]");
 }
 
 at::Tensor rows_addressable(const at::Tensor& t, bool heads_first) {
