@@ -237,6 +237,26 @@ def test_decode_steps_whose_numbers_change():
     assert cache.seq_lengths(0).tolist() == [N] * B
 
 
+def test_decode_steps_with_the_same_numbers_in_layers_that_differ():
+    """The arguments reused per layer are that layer's: two layers of one cache whose windows and
+    sinks differ, stepped in turn with the same softmax_scale, each match attention with its own."""
+    B, Hq, Hkv, D, S, steps = 2, 4, 2, 8, 6, 5
+    windows, sinks = [[-1, -1, -1, -1], [2, 3, -1, 5]], [[0, 0, 0, 0], [1, 0, 0, 2]]
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                                    kinds=[["full", "full"], ["streaming", "full"]], window=windows, sinks=sinks,
+                                    batch_size=B, dtype=F64, max_step=1)
+    N = S + steps
+    qkv = [make_qkv(B, N, N, Hq, Hkv, D, F64, "bshd") for _ in range(2)]
+    for layer, (q, k, v) in enumerate(qkv):
+        cache.attention(layer, q[:, :S], k[:, :S], v[:, :S], softmax_scale=0.7)
+    for p in range(S, N):
+        for layer, (q, k, v) in enumerate(qkv):
+            out = cache.attention(layer, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1], softmax_scale=0.7)
+            want = oracle(q[:, :p + 1], k[:, :p + 1], v[:, :p + 1], windows[layer], sinks[layer],
+                          softmax_scale=0.7)[:, p:p + 1]
+            assert max_err(out, want) <= ATOL64, f"layer {layer}, position {p}"
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_decode_with_strided_inputs(layout):
     # q, k, v are views with every stride differing from the contiguous one (last dim contiguous)

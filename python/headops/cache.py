@@ -404,7 +404,7 @@ class HeadSparseCache(_CacheBase):
         else:
             if lengths is not None:
                 raise ValueError(f"{caller}: lengths is for the first call (prefill) only")
-            out, stats = self._decode(caller, st, q, k, v, causal, per_head, probe)
+            out, stats = self._decode(caller, layer, q, k, v, causal, per_head, probe)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         return out if probe is None else (out, stats)
 
@@ -544,9 +544,10 @@ class HeadSparseCache(_CacheBase):
         for h, i, keep in zip(heads, rows, kept):
             st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], scores[h, keep])
 
-    def _decode(self, caller, st, q, k, v, causal, per_head, probe=None):
+    def _decode(self, caller, layer, q, k, v, causal, per_head, probe=None):
         """One decode step: host decisions read the lengths' Python mirror and shapes only (no
         tensor data), so that torch.compile traces the step whole."""
+        st = self._layers[layer]
         Sq = k.shape[1]
         self._check_room(caller, st, Sq)
         if q.shape[1] != Sq:
@@ -555,7 +556,7 @@ class HeadSparseCache(_CacheBase):
             raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the "
                                     "rings)", f"{Sq} tokens")
         keys = max(st.held) + Sq
-        args, kernel_args = self._step_args(caller, st, q, keys, per_head)  # checked before the cache changes
+        args, kernel_args = self._step_args(caller, layer, q, keys, per_head)  # checked before the cache changes
         request = self._probe_request(caller, st, q, args, probe, keys)
         st.reserve(keys)
         st.append(k, v)
@@ -565,16 +566,17 @@ class HeadSparseCache(_CacheBase):
             st.ring_sinks, st.ring_size, causal, *kernel_args, self.split_keys, *st.budget_args(),
             *st.comp_args()), stats
 
-    def _step_args(self, caller, st, q, keys, per_head):
+    def _step_args(self, caller, layer, q, keys, per_head):
         """(HeadArgs, their kernel arguments) of a decode step. Steps whose per-head arguments are
         all Python numbers (a patched model's softmax_scale; none at all) repeat the same
         arguments every step: those are built and checked once per layer, batch size, device and
         dtype, and reused (building them was the largest Python cost of a short-context step)."""
+        st = self._layers[layer]
         key = _numbers_key(per_head)
         if key is None or torch.compiler.is_compiling():
             args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
             return args, args.kernel_args(q.dtype)
-        key = (id(st), q.shape[0], q.device, q.dtype, key)
+        key = (layer, q.shape[0], q.device, q.dtype, key)
         hit = self._step_args_memo.get(key)
         if hit is None:
             args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
