@@ -47,17 +47,16 @@ namespace {
 template <typename Bad>
 bool any_value(const at::Tensor& t, Bad bad) {
   if (!t.is_cpu()) return bad(t).any().template item<bool>();
+  const auto scan = [&](const auto* x) {
+    for (int64_t i = 0; i < t.size(0); ++i)
+      for (int64_t j = 0; j < t.size(1); ++j)
+        if (bad(x[i * t.stride(0) + j * t.stride(1)])) return true;
+    return false;
+  };
   bool found = false;
   AT_DISPATCH_SWITCH(t.scalar_type(), "headops per-head values",
-                     AT_DISPATCH_CASE(at::kLong, [&] {
-                       const auto* x = t.data_ptr<int64_t>();
-                       for (int64_t i = 0; i < t.size(0) && !found; ++i)
-                         for (int64_t j = 0; j < t.size(1) && !found; ++j) found = bad(x[i * t.stride(0) + j * t.stride(1)]);
-                     }) AT_DISPATCH_CASE_FLOATING_TYPES([&] {
-                       const auto* x = t.data_ptr<scalar_t>();
-                       for (int64_t i = 0; i < t.size(0) && !found; ++i)
-                         for (int64_t j = 0; j < t.size(1) && !found; ++j) found = bad(x[i * t.stride(0) + j * t.stride(1)]);
-                     }));
+                     AT_DISPATCH_CASE(at::kLong, [&] { found = scan(t.data_ptr<scalar_t>()); })
+                         AT_DISPATCH_CASE_FLOATING_TYPES([&] { found = scan(t.data_ptr<scalar_t>()); }));
   return found;
 }
 
