@@ -571,19 +571,17 @@ class HeadSparseCache(_CacheBase):
         all Python numbers (a patched model's softmax_scale; none at all) repeat the same
         arguments every step: those are built and checked once per layer, batch size, device and
         dtype, and reused (building them was the largest Python cost of a short-context step)."""
-        st = self._layers[layer]
-        key = _numbers_key(per_head)
-        if key is None or torch.compiler.is_compiling():
-            args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
-            return args, args.kernel_args(q.dtype)
-        key = (layer, q.shape[0], q.device, q.dtype, key)
-        hit = self._step_args_memo.get(key)
-        if hit is None:
-            args = self._head_args(caller, st, q.shape[0], q.device, keys, per_head)
+        numbers = None if torch.compiler.is_compiling() else _numbers_key(per_head)
+        key = None if numbers is None else (layer, q.shape[0], q.device, q.dtype, numbers)
+        if key in self._step_args_memo:
+            return self._step_args_memo[key]
+        args = self._head_args(caller, self._layers[layer], q.shape[0], q.device, keys, per_head)
+        built = args, args.kernel_args(q.dtype)
+        if key is not None:
             if len(self._step_args_memo) >= 4 * self.num_layers:
                 self._step_args_memo.clear()
-            hit = self._step_args_memo[key] = (args, args.kernel_args(q.dtype))
-        return hit
+            self._step_args_memo[key] = built
+        return built
 
 
 def _numbers_key(per_head: dict):
