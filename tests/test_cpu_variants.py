@@ -1,7 +1,7 @@
 """The CPU kernel is compiled once per instruction set; the suite's main run exercises only the
 one this machine picks. Here the correctness sweep runs again under each other variant (ATen's
-ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, and bfloat16/
-float16 tiles converted to float where this CPU runs them through brgemm): the attention
+ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, and tiles through
+BLAS where this CPU runs them through brgemm): the attention
 kernel's tests, its backward's and the decode kernel's."""
 
 import os
@@ -60,11 +60,13 @@ def test_bfloat16_without_the_avx512_bf16_variant():
     run_sweep({"HEADOPS_CPU_NO_BF16_VARIANT": "1"}, "AVX512")
 
 
-def test_half_precision_tiles_converted_to_float():
-    """HEADOPS_CPU_NO_PACKED=1: the path of CPUs without a 16-bit brgemm unit (AVX2, AVX-512
-    without BF16), on a CPU that has one."""
-    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
-        pytest.skip("this CPU converts bfloat16/float16 tiles to float already")
+def test_tiles_through_blas_instead_of_brgemm():
+    """HEADOPS_CPU_NO_PACKED=1: the path of CPUs without brgemm tiles (AVX2; AVX-512 without BF16
+    for bfloat16/float16, whose tiles are converted to float): float tiles through BLAS sgemm, on
+    a CPU whose float (AVX-512) or 16-bit tiles run through brgemm."""
+    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.float32, torch.bfloat16,
+                                                                             torch.float16)):
+        pytest.skip("this CPU runs every tile through BLAS already")
     run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())
 
 

@@ -164,7 +164,8 @@ def test_duo_attention_lowers_its_loss_and_keeps_only_the_planted_head_full(tmp_
     result = discover.duo_attention(model, training_prompts(), sinks=2, window=8, steps=30, lr=0.05)
     kv_alpha = result.info["kv_alpha"]
     losses = result.info["loss"]
-    assert losses[-1] < 0.5 * losses[0] and result.info["distillation"][0] == 0.0  # alpha = 1: the full model
+    # alpha = 1: the full model (up to rounding: the targets' dense calls may tile differently)
+    assert losses[-1] < 0.5 * losses[0] and result.info["distillation"][0] < 1e-10
     assert kv_alpha[0, 0] > 0.8 and float(kv_alpha.flatten()[1:].max()) == 0.0
     torch.testing.assert_close(result.values, kv_alpha.repeat_interleave(2, dim=1).double())  # tied per KV head
     path = tmp_path / "full_attention_heads.tsv"

@@ -21,10 +21,21 @@ const std::string& cpu_capability();
 // sends bfloat16 through the plain AVX-512 variant: tests).
 bool runs_avx512_bf16_variant();
 
-// Whether bfloat16/float16 tiles run through oneDNN's brgemm on VNNI-packed operands
-// (AMX, AVX512-BF16/FP16); else they are converted to float for BLAS. HEADOPS_CPU_NO_PACKED=1
-// forces the conversion (tests sweep both paths on one machine).
+// Whether tiles run through oneDNN's brgemm on packed operands: bfloat16/float16 (VNNI pairs) on
+// AMX and AVX512-BF16/FP16, float (plain) on AVX-512; else float tiles run through BLAS sgemm and
+// 16-bit ones are converted to float for it. HEADOPS_CPU_NO_PACKED=1 forces BLAS (tests sweep
+// both paths on one machine).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
+
+// Whether one call's tiles run through brgemm: uses_packed_operands, and for float only when each
+// key is read by at least kFloatPackingRows query rows (seqlen_q x the GQA group): packing K and
+// V costs a pass over them that BLAS, reading them in place, does not pay; with a few rows per
+// key (a decode step through headops.attention) that pass is most of the call (Zen 5, 4096 keys,
+// D = 64: 9 query / 3 KV heads, 1 query 0.5-0.7 ms packed vs 0.3 ms through sgemm; 16 / 16
+// heads, 16 queries 4.7 vs 4.4 ms, 32 queries 5.3 vs 6.3 ms). 16-bit types keep brgemm whatever
+// the rows (not measured).
+constexpr int64_t kFloatPackingRows = 24;
+bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key);
 
 // Whether the decode step's score product (a few query rows against each block of stored keys)
 // runs through brgemm: on AMX tiles only (as before AVX512-BF16 brgemm came in; not measured

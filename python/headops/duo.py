@@ -8,8 +8,9 @@ positions that predict the answers of multi-passkey prompts (headops.tasks.multi
 
 - ``duo_attention``: DuoAttention's optimisation. One alpha per KV head, tied across its query
   heads, starts at 1; the model is frozen; loss = distillation + reg * mean(alpha); AdamW; alpha
-  clamped to [0, 1] after every step. At alpha = 1 the distillation gradient is exactly 0, so
-  the L1 term makes the first moves; heads whose streaming view changes the answers climb back.
+  clamped to [0, 1] after every step. At alpha = 1 the distillation is 0 up to float rounding
+  (the mixed heads and the dense targets may tile their products differently), so the L1 term
+  makes the first moves; heads whose streaming view changes the answers climb back.
 - ``duo_ablation``: ours, cheaper (no backward): the distillation loss with one KV head's alpha
   at 0 (that head streaming) and every other at 1, for all KV heads in batched forwards through a
   per-batch alpha ``[B, L, Hq]``.

@@ -10,7 +10,10 @@ HEADOPS_ISA_VARIANTS(void, attention_forward_isa, (const AttentionParams& p, at:
 TileShape tile_shape(at::ScalarType dtype, int64_t head_dim) {
   // measured on a 2-core Sapphire Rapids (B=1, H=16, D=128, causal, S=4096 and 8192):
   // brgemm (AMX) tiles are cheap, so the softmax dominates and 128 x 256 balances it best;
-  // BLAS sgemm prefers big tiles (256 x 512: 0.99x SDPA at S=8192 where 128 x 512 gave 1.13x)
+  // BLAS sgemm prefers big tiles (256 x 512: 0.99x SDPA at S=8192 where 128 x 512 gave 1.13x).
+  // float tiles through brgemm (AVX-512) take 128 x 256 too; so does a float call that
+  // call_uses_packed_operands sends to BLAS for its few rows per key (its query tile fits its
+  // few rows anyway, fit_to_call; its key blocks are 256 instead of 512)
   if (uses_packed_operands(dtype, head_dim)) return {128, 256};
   return {256, 512};
 }

@@ -3,7 +3,8 @@
 //  - PackedTileProducts: bfloat16/float16 inputs through oneDNN's brgemm (AMX, AVX512-BF16,
 //    AVX512-FP16) in the input dtype with float accumulation, as the forward's PackedOperands:
 //    P, dS and dO are rounded to the input dtype for the products that read them (as SDPA's
-//    16-bit backward does); everything elementwise stays in float.
+//    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
+//    AVX-512 CPUs (uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
 // dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients).
 #pragma once
@@ -69,8 +70,8 @@ struct BlasTileProducts {
   void end_worker() {}
 };
 
-// K^T, V^T (the B operands of S and dP) and K (of dQ) of every (b, kv head) in VNNI layout,
-// zero-padded to a multiple of kPackBlock keys. A transient workspace of 1.5x the size of K and
+// K^T, V^T (the B operands of S and dP) and K (of dQ) of every (b, kv head) in brgemm's B layout
+// (vnni_pack.h: VNNI pairs for 16-bit types, plain for float), zero-padded to a multiple of kPackBlock keys. A transient workspace of 1.5x the size of K and
 // V, packed once per call.
 template <typename scalar_t>
 struct PackedBackwardKV {
@@ -102,15 +103,18 @@ struct PackedBackwardKV {
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, f.seqlen_k - j_begin));
     auto key = [&](int64_t r) { return f.k.row<scalar_t>(b, j_begin + r, kvh); };
     auto value = [&](int64_t r) { return f.v.row<scalar_t>(b, j_begin + r, kvh); };
-    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, part(0, b, kvh) + j_begin * 2);
-    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, part(1, b, kvh) + j_begin * 2);
+    constexpr int64_t P = vnni_pairs<scalar_t>();
+    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, part(0, b, kvh) + j_begin * P);
+    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, part(1, b, kvh) + j_begin * P);
     pack_rows_vnni<scalar_t>(key, real, kPackBlock, D, part(2, b, kvh) + j_begin * D);
   }
 };
 
 template <typename scalar_t>
 struct PackedTileProducts {
-  static constexpr int64_t key_alignment = 2;  // VNNI pairs: key blocks start and end on even keys
+  static constexpr int64_t P = vnni_pairs<scalar_t>();
+  // VNNI pairs: key blocks of 16-bit types start and end on even keys
+  static constexpr int64_t key_alignment = P;
   const AttentionParams& f;
   const PackedBackwardKV<scalar_t>& kv;
   int64_t block_k, D;
@@ -122,7 +126,7 @@ struct PackedTileProducts {
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
       : f(p.fwd), kv(packed), block_k(bk), D(p.fwd.head_dim) {
-    const int64_t bq_pad = block_q + block_q % 2;
+    const int64_t bq_pad = block_q + block_q % P;
     q_vnni.resize(bq_pad * D);
     do_rows.resize(block_q * D);
     do_vnni.resize(bq_pad * D);
@@ -136,7 +140,7 @@ struct PackedTileProducts {
   void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const float* d_o) {
     const int64_t kvh = h / f.group();
     nq = rows;
-    nq_pad = rows + rows % 2;
+    nq_pad = rows + rows % P;
     q = f.q.row<scalar_t>(b, q0, h);
     kt = kv.keys_t(b, kvh);
     vt = kv.values_t(b, kvh);
@@ -145,8 +149,8 @@ struct PackedTileProducts {
     pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * f.q.stride_s; }, nq, nq_pad, D, q_vnni.data());
     pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, do_vnni.data());
   }
-  // dL/do rounded to scalar_t, as the dP and dV products read it
-  static constexpr bool rounds_dout = true;
+  // dL/do rounded to scalar_t, as the dP and dV products read it (float: nothing to round)
+  static constexpr bool rounds_dout = P == 2;
   static void round_like_inputs(float* row, int64_t n) {
     for (int64_t i = 0; i < n; ++i) row[i] = static_cast<float>(static_cast<scalar_t>(row[i]));
   }
@@ -158,30 +162,32 @@ struct PackedTileProducts {
 
   void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, int64_t nk) {
     using at::native::cpublas::brgemm;
-    brgemm(nq, nk, D, f.q.stride_s, kv.padded_keys, ld, false, q, kt + j0 * 2, s, true);         // S = Q K^T
-    brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), vt + j0 * 2, dp, true);      // dP = dO V^T
+    constexpr bool vnni = is_vnni<scalar_t>();
+    brgemm(nq, nk, D, f.q.stride_s, kv.padded_keys, ld, false, q, kt + j0 * P, s, vnni);         // S = Q K^T
+    brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), vt + j0 * P, dp, vnni);      // dP = dO V^T
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
   void gradients(const float* prob, const float* ds, int64_t ld, int64_t j0, int64_t nk, int64_t real,
                  float* dq_tile, const KeyGradRows<float>& out) {
     using at::native::cpublas::brgemm;
+    constexpr bool vnni = is_vnni<scalar_t>();
     for (int64_t r = 0; r < nq; ++r)
       for (int64_t j = 0; j < nk; ++j) ds_rows[r * block_k + j] = static_cast<scalar_t>(ds[r * ld + j]);
-    brgemm(nq, D, nk, block_k, D, D, true, ds_rows.data(), kr + j0 * D, dq_tile, true);  // dQ += dS K
+    brgemm(nq, D, nk, block_k, D, D, true, ds_rows.data(), kr + j0 * D, dq_tile, vnni);  // dQ += dS K
     if (out.dv) {
       transpose_rows(prob, ld, real, prob_t.data());
-      brgemm(real, D, nq_pad, nq_pad, D, out.stride_dv, true, prob_t.data(), do_vnni.data(), out.dv, true);  // dV += P^T dO
+      brgemm(real, D, nq_pad, nq_pad, D, out.stride_dv, true, prob_t.data(), do_vnni.data(), out.dv, vnni);  // dV += P^T dO
     }
     if (out.dk) {
       transpose_rows(ds, ld, real, ds_t.data());
-      brgemm(real, D, nq_pad, nq_pad, D, out.stride_dk, true, ds_t.data(), q_vnni.data(), out.dk, true);  // dK += dS^T Q
+      brgemm(real, D, nq_pad, nq_pad, D, out.stride_dk, true, ds_t.data(), q_vnni.data(), out.dk, vnni);  // dK += dS^T Q
     }
   }
-  void end_worker() { at::native::cpublas::brgemm_release(true); }
+  void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
 
  private:
   // dst[j, r] = src[r, j] for the first `keys` columns, rounded to scalar_t; row nq of an odd
-  // tile's padding is zero
+  // tile's padding (16-bit types) is zero
   void transpose_rows(const float* src, int64_t ld, int64_t keys, scalar_t* dst) const {
     for (int64_t j = 0; j < keys; ++j) {
       scalar_t* col = dst + j * nq_pad;

@@ -489,41 +489,46 @@ scalar_t* packing_workspace(int64_t elems, at::Tensor& fresh) {
   return kept.data_ptr<scalar_t>();
 }
 
+// K and V packed once per call (only the blocks some item reads), then brgemm tiles.
+template <typename scalar_t>
+void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  constexpr int64_t align = PackedOperands<scalar_t>::key_alignment;
+  PackedKV<scalar_t> kv;
+  kv.head_dim = p.head_dim;
+  kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
+                   PackedKV<scalar_t>::kPackBlock;
+  auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);
+  write_skipped<scalar_t>(p, skipped);
+  if (items.empty()) return;
+  // only the blocks some item reads are ever written; the rest of the buffer stays untouched
+  const int64_t elems = 2 * p.batch * p.heads_kv * kv.head_elems();
+  at::Tensor fresh;
+  kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
+  kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
+  pack_needed_blocks<scalar_t>(p, items, kv);
+  run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, align, kv.padded_keys,
+                                                [&] { return PackedOperands<scalar_t>(p, kv); });
+}
+
 template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
-  std::vector<std::pair<int64_t, int64_t>> skipped;
-  const TileShape tiles =
-      fit_to_call(tile_shape(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const TileShape tiles = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
+      return forward_packed<scalar_t>(p, bq, bk);
+  }
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
+  write_skipped<scalar_t>(p, skipped);
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
-    write_skipped<scalar_t>(p, skipped);
     run_items<scalar_t, BlasOperands<scalar_t>>(p, items, bq, bk, 1, p.seqlen_k,
                                                 [&] { return BlasOperands<scalar_t>(p); });
   } else {
-    if (uses_packed_operands(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim)) {
-      constexpr int64_t align = PackedOperands<scalar_t>::key_alignment;
-      PackedKV<scalar_t> kv;
-      kv.head_dim = p.head_dim;
-      kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
-                       PackedKV<scalar_t>::kPackBlock;
-      auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);
-      write_skipped<scalar_t>(p, skipped);
-      if (items.empty()) return;
-      // only the blocks some item reads are ever written; the rest of the buffer stays untouched
-      const int64_t elems = 2 * p.batch * p.heads_kv * kv.head_elems();
-      at::Tensor fresh;
-      kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
-      kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
-      pack_needed_blocks<scalar_t>(p, items, kv);
-      run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, align, kv.padded_keys,
-                                                    [&] { return PackedOperands<scalar_t>(p, kv); });
-    } else {
-      auto items = build_work_list<scalar_t>(p, bq, 1, p.seqlen_k, skipped);
-      write_skipped<scalar_t>(p, skipped);
-      run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk, 1, p.seqlen_k,
-                                                       [&] { return ConvertedOperands<scalar_t>(p, bq, bk); });
-    }
+    run_items<scalar_t, ConvertedOperands<scalar_t>>(p, items, bq, bk, 1, p.seqlen_k,
+                                                     [&] { return ConvertedOperands<scalar_t>(p, bq, bk); });
   }
 }
 

@@ -1,7 +1,8 @@
 // How a CPU work item obtains its two tile products, S = Q K^T and O += P V, per dtype:
 //  - BlasOperands: float/double straight from the strided inputs through BLAS;
-//  - PackedOperands: bfloat16/float16 through oneDNN's brgemm (AMX / AVX512-BF16/FP16), reading
-//    K and V from a VNNI-packed copy made once per call for the key blocks some item needs;
+//  - PackedOperands: bfloat16/float16 through oneDNN's brgemm (AMX / AVX512-BF16/FP16), and
+//    float through brgemm on AVX-512 CPUs, reading K and V from a packed copy (VNNI pairs for
+//    16-bit types, plain K^T and V for float) made once per call for the key blocks some item needs;
 //  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
 //    odd): tiles converted to float, then BLAS.
 #pragma once
@@ -85,10 +86,11 @@ struct ConvertedOperands {
   void end_worker() {}
 };
 
-// K^T and V of every (b, kv head) in VNNI layout (pairs of consecutive reduction-dim elements
-// interleaved), zero-padded to a multiple of kPackBlock keys:
-//   keys_t[b, kvh] : [D/2][Sk_pad][2]  element (d, j) at ((d/2) * Sk_pad + j) * 2 + d % 2
-//   values[b, kvh] : [Sk_pad/2][D][2]  element (j, d) at ((j/2) * D + d) * 2 + j % 2
+// K^T and V of every (b, kv head) as brgemm B operands (vnni_pack.h: P = 2 interleaves pairs of
+// consecutive reduction-dim elements for 16-bit types, P = 1 is plain for float), zero-padded to
+// a multiple of kPackBlock keys:
+//   keys_t[b, kvh] : [D/P][Sk_pad][P]  element (d, j) at ((d/P) * Sk_pad + j) * P + d % P
+//   values[b, kvh] : [Sk_pad/P][D][P]  element (j, d) at ((j/P) * D + d) * P + j % P
 template <typename scalar_t>
 struct PackedKV {
   static constexpr int64_t kPackBlock = 64;
@@ -111,7 +113,7 @@ struct PackedKV {
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - j_begin));
     const int64_t at = (b * p.heads_kv + kvh) * head_elems();
     pack_columns_vnni<scalar_t>([&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
-                                head_dim, padded_keys, keys_t + at + j_begin * 2);
+                                head_dim, padded_keys, keys_t + at + j_begin * vnni_pairs<scalar_t>());
     pack_rows_vnni<scalar_t>([&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
                              head_dim, values + at + j_begin * head_dim);
   }
@@ -120,7 +122,8 @@ struct PackedKV {
 template <typename scalar_t>
 struct PackedOperands {
   using prob_t = scalar_t;  // probabilities are rounded to the input dtype for the P.V product
-  static constexpr int64_t key_alignment = 2;  // VNNI pairs: key blocks start and end on even keys
+  // VNNI pairs: key blocks of 16-bit types start and end on even keys
+  static constexpr int64_t key_alignment = vnni_pairs<scalar_t>();
   const AttentionParams& p;
   const PackedKV<scalar_t>& packed;
   const scalar_t* q = nullptr;
@@ -136,14 +139,14 @@ struct PackedOperands {
     vv = packed.values_of(b, kvh, p.heads_kv);
   }
   void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
-    at::native::cpublas::brgemm(nq, nk, p.head_dim, p.q.stride_s, packed.padded_keys, lds, false, q, kt + j0 * 2, s,
-                                true);
+    at::native::cpublas::brgemm(nq, nk, p.head_dim, p.q.stride_s, packed.padded_keys, lds, false, q,
+                                kt + j0 * vnni_pairs<scalar_t>(), s, is_vnni<scalar_t>());
   }
   void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
     at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, vv + j0 * p.head_dim,
-                                acc, true);
+                                acc, is_vnni<scalar_t>());
   }
-  void end_worker() { at::native::cpublas::brgemm_release(true); }
+  void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
