@@ -4,7 +4,7 @@
 //    AVX512-FP16) in the input dtype with float accumulation, as the forward's PackedOperands:
 //    P, dS and dO are rounded to the input dtype for the products that read them (as SDPA's
 //    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
-//    AVX-512 CPUs (uses_packed_operands), with plain operands and nothing rounded.
+//    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
 // dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients).
 #pragma once
@@ -71,8 +71,8 @@ struct BlasTileProducts {
 };
 
 // K^T, V^T (the B operands of S and dP) and K (of dQ) of every (b, kv head) in brgemm's B layout
-// (vnni_pack.h: VNNI pairs for 16-bit types, plain for float), zero-padded to a multiple of kPackBlock keys. A transient workspace of 1.5x the size of K and
-// V, packed once per call.
+// (vnni_pack.h: VNNI pairs for 16-bit types, plain for float), zero-padded to a multiple of
+// kPackBlock keys. A transient workspace of 1.5x the size of K and V, packed once per call.
 template <typename scalar_t>
 struct PackedBackwardKV {
   static constexpr int64_t kPackBlock = 64;
