@@ -55,27 +55,22 @@ bool brgemm_product_runs() {
   return true;
 }
 
-// torch's could_pack answers for AMX only; AVX512-BF16 (vdpbf16ps) and AVX512-FP16 also run
-// brgemm's 16-bit tiles natively, at about twice the float32 tile rate.
-bool native_16bit_brgemm(at::ScalarType dtype) {
+// Whether brgemm runs `dtype`'s tiles natively on this CPU (HEADOPS_CPU_NO_PACKED=1: never).
+// torch's could_pack answers for AMX's 16-bit tiles only; AVX512-BF16 (vdpbf16ps) and AVX512-FP16
+// also run 16-bit tiles natively, at about twice the float32 tile rate. Float tiles run on any
+// AVX-512 CPU: on the 2-core Zen 5 EPYC one core ran 64x64x128 ... 256x256x128 float products at
+// 235-255 GFLOPS through brgemm (B packed beforehand) against 88-106 through MKL's sgemm, which
+// packs its operands on every call (and takes its AVX2 path on AMD CPUs). AVX2-only CPUs keep
+// sgemm (brgemm not measured there).
+bool brgemm_runs_natively(at::ScalarType dtype) {
   if (std::getenv("HEADOPS_CPU_NO_PACKED") != nullptr) return false;
-  if (at::native::cpublas::could_pack(dtype)) return true;
+  if (dtype != at::kFloat && at::native::cpublas::could_pack(dtype)) return true;
 #if defined(__x86_64__)
-  if (dtype == at::kBFloat16) return __builtin_cpu_supports("avx512bf16") && brgemm_product_runs<at::BFloat16>();
-  return __builtin_cpu_supports("avx512fp16") && brgemm_product_runs<at::Half>();
-#else
-  return false;
-#endif
-}
-
-// float tiles through brgemm on AVX-512 CPUs: on the 2-core Zen 5 EPYC one core ran 64x64x128
-// ... 256x256x128 float products at 235-255 GFLOPS through brgemm (B packed beforehand) against
-// 88-106 through MKL's sgemm, which packs its operands on every call (and takes its AVX2 path on
-// AMD CPUs). AVX2-only CPUs keep sgemm (brgemm not measured there).
-bool float_brgemm() {
-  if (std::getenv("HEADOPS_CPU_NO_PACKED") != nullptr) return false;
-#if defined(__x86_64__)
-  return __builtin_cpu_supports("avx512f") && brgemm_product_runs<float>();
+  switch (dtype) {
+    case at::kFloat: return __builtin_cpu_supports("avx512f") && brgemm_product_runs<float>();
+    case at::kBFloat16: return __builtin_cpu_supports("avx512bf16") && brgemm_product_runs<at::BFloat16>();
+    default: return __builtin_cpu_supports("avx512fp16") && brgemm_product_runs<at::Half>();
+  }
 #else
   return false;
 #endif
@@ -85,13 +80,13 @@ bool float_brgemm() {
 
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
   if (dtype == at::kFloat) {
-    static const bool f32 = float_brgemm();
+    static const bool f32 = brgemm_runs_natively(at::kFloat);
     return f32;
   }
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (head_dim % 2 != 0) return false;
-  static const bool bf16 = native_16bit_brgemm(at::kBFloat16);
-  static const bool f16 = native_16bit_brgemm(at::kHalf);
+  static const bool bf16 = brgemm_runs_natively(at::kBFloat16);
+  static const bool f16 = brgemm_runs_natively(at::kHalf);
   return dtype == at::kBFloat16 ? bf16 : f16;
 }
 
