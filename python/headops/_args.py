@@ -240,23 +240,14 @@ def _shown(t):
 _READ_AS_NUMBERS = 256  # per-head tensors up to this size on the CPU are read as Python numbers
 
 
-def _numbers(data):
-    """The numbers of a nested list (Tensor.tolist), flattened."""
-    if not isinstance(data, list):
-        yield data
-        return
-    for x in data:
-        yield from _numbers(x)
-
-
 def _violated(value, test) -> bool:
     """Whether `test` (elementwise, written to work on a tensor and on a Python number alike)
     holds anywhere in `value`. A number is tested as itself, and so are the values of a small
-    CPU tensor (a patched model's layer checks its spec's few per-head values every call:
-    reading them costs less than the tensor ops, ~3x inside a model's forward)."""
+    CPU tensor, read as one flat list (a patched model's layer checks its spec's few per-head
+    values every call: reading them costs less than the tensor ops, ~3x inside a model's forward)."""
     if isinstance(value, torch.Tensor):
         if value.device.type == "cpu" and value.numel() <= _READ_AS_NUMBERS:
-            return any(bool(test(x)) for x in _numbers(value.tolist()))
+            return any(map(test, value.reshape(-1).tolist()))
         return bool(test(value).any())
     return bool(test(value))
 
