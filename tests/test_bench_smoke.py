@@ -74,6 +74,9 @@ def test_kvcache_quick(tmp_path):
     for r in data["rows"]:
         assert r["check"]["ok"], r["check"]
         assert r["headops_ms_per_step"] > 0 and r["sdpa_ms_per_step"] > 0
+        # the memory passes are timed with each row's steps, so each row has its own yardsticks
+        assert r["copy_gb_s"] > 0 and r["read_pass_gb_s"] > 0
+        assert r["read_vs_copy"] == pytest.approx(r["read_gb_s"] / r["copy_gb_s"])
     for m in data["memory"]:
         assert m["nbytes_over_ideal"] < 1.02 and m["rss_growth"] < 1.1 * m["nbytes"]
         # 2 of 8 KV heads full, the others sinks 4 + window 1024: below the dense cache once the
