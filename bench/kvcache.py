@@ -18,10 +18,10 @@ tokens (`cache.append`: no prompt of the whole context ever exists), then timed:
 A timed sample is 4 consecutive steps (time / 4 reported), as a model runs its layers back to
 back: the first call after an idle pause pays for waking the worker threads (about 1.5 ms on
 this VM), which a real decode loop does not. Median of --repeats interleaved samples
-(bench/timing.py). "read GB/s" = the bytes the cache
-keeps (K and V of the kept tokens) / step time, against two passes over 256 MiB timed in the
-same rounds as the row's steps -- a torch copy (bytes read + written / time) and a read-only
-pass (x.sum()) -- and SDPA's rate on the dense cache. Each row is checked: the full heads' outputs equal SDPA's on the dense cache, the
+(bench/timing.py). "read GB/s" = the bytes the cache keeps (K and V of the kept tokens) / step
+time, against two passes over 256 MiB timed in the same rounds as the row's steps -- a torch
+copy (bytes read + written / time) and a read-only pass (x.sum()) -- and SDPA's rate on the
+dense cache. Each row is checked: the full heads' outputs equal SDPA's on the dense cache, the
 streaming heads' equal SDPA over their sinks + last window keys.
 
 Memory (fresh subprocess per context, fp32, 25 % full heads): peak resident-set growth while
