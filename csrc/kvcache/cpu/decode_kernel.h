@@ -131,43 +131,41 @@ void pair_permuted_queries(acc_t* out, const q_t* q, int64_t D) {
   for (int64_t d = Dv; d < D; ++d) out[d] = static_cast<acc_t>(q[d]);
 }
 
-// Where prefetch_row asks for a row's cache lines: into L1 (prefetcht0), or into L2 only
-// (prefetcht1) for rows read some while later.
-enum class FetchInto { kL1 = 3, kL2 = 2 };
-
-// Asks for a stored row's cache lines ahead of their use.
-template <FetchInto level = FetchInto::kL1>
+// Asks for a stored row's cache lines ahead of their use, into L2 (prefetcht1), not L1: a
+// block's value rows (128 KB in float32) would not stay in L1 until the PV product reads them
+// anyway, and asking for L1 made the whole step slower. On the Zen 4 EPYC (2 threads, 5
+// interleaved pairs) prefetcht1 read 22.8-24.6 GB/s of float32 K/V at 65k keys against
+// 18.3-20.6 with prefetcht0, and bfloat16 at 131k keys 17.7-18.9 against 15.6-17.3; the AVX2
+// variant gained as much. The PV pass that fetches its own rows (after brgemm scores: AMX only,
+// where this is unmeasured) follows the same rule; on the Zen 4 EPYC with brgemm scores forced
+// (HEADOPS_CPU_DECODE_BRGEMM=1, bfloat16, 131k keys, 5 alternating pairs) it made no clear
+// difference: 41.6-46.4 ms a step with prefetcht0 8 rows ahead, 42.5-46.8 ms as here.
 __attribute__((always_inline)) inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, static_cast<int>(level));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
-// How many key rows ahead the score product asks for: the rows of the next 4 KB (8 rows of D =
-// 128 in float32, 16 in bfloat16). With a fixed 8 rows, bfloat16 read 18-19 GB/s where 16 rows
+// How many rows ahead a product asks for: the rows of the next 4 KB (8 rows of D = 128 in
+// float32, 16 in bfloat16). With a fixed 8 rows, bfloat16 keys read 18-19 GB/s where 16 rows
 // read 19-21 (Zen 4 EPYC, 131k keys, 2 threads); float32 read as fast 4, 8 or 16 rows ahead.
-inline int64_t key_rows_ahead(int64_t row_bytes) {
+inline int64_t rows_ahead(int64_t row_bytes) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(row_bytes, 1));
 }
 
 // s[r, j] = q_r . k_j for NR rows of q (acc_t, [NR, D], in load_pair's order) and the nk stored
 // rows of k. `v` (or null): the block's value rows, fetched into cache here so that the PV
 // product that follows reads them from L2 rather than waiting on memory row by row.
-// Both are fetched into L2 only: a block's value rows (128 KB in float32) would not stay in L1
-// until the PV product reads them anyway, and asking for L1 made the whole step slower. On the
-// Zen 4 EPYC (2 threads, 5 interleaved pairs) prefetcht1 read 22.8-24.6 GB/s of float32 K/V at
-// 65k keys against 18.3-20.6 with prefetcht0, and bfloat16 at 131k keys 17.7-18.9 against
-// 15.6-17.3; the AVX2 variant gained as much.
 template <int NR, typename acc_t, typename scalar_t>
 void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const scalar_t* v, int64_t nk,
                 int64_t D) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = pair_width<acc_t>();
   const int64_t Dv = D / W * W;
-  const int64_t row_bytes = D * int64_t(sizeof(scalar_t)), ahead = key_rows_ahead(row_bytes);
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t)), ahead = rows_ahead(row_bytes);
   for (int64_t j = 0; j < nk; ++j) {
     // the rows `ahead` are on their way from memory while this one is multiplied
-    if (j + ahead < nk) prefetch_row<FetchInto::kL2>(k + (j + ahead) * D, row_bytes);
-    if (v) prefetch_row<FetchInto::kL2>(v + j * D, row_bytes);
+    if (j + ahead < nk) prefetch_row(k + (j + ahead) * D, row_bytes);
+    if (v) prefetch_row(v + j * D, row_bytes);
     const scalar_t* kr = k + j * D;
     V a[NR], b[NR];  // two chains per row: half the FMA latency each
     #pragma GCC unroll 8
@@ -228,9 +226,9 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
   for (int r = 0; r < NR; ++r)
     #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
-  const int64_t row_bytes = D * int64_t(sizeof(scalar_t));
+  const int64_t row_bytes = D * int64_t(sizeof(scalar_t)), ahead = rows_ahead(row_bytes);
   for (int64_t j = 0; j < nk; ++j) {
-    if (fetch && j + 8 < nk) prefetch_row(v + (j + 8) * D, row_bytes);
+    if (fetch && j + ahead < nk) prefetch_row(v + (j + ahead) * D, row_bytes);
     const scalar_t* row = v + j * D + d0;
     V x[C];
     #pragma GCC unroll 8
