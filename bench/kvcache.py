@@ -83,6 +83,10 @@ def make_cache(n_full: int, dtype, split_keys: int = 1024):
                                    split_keys=split_keys)  # sized now: the memory test measures the appends
 
 
+def gb_per_s(nbytes: float, ms: float) -> float:
+    return nbytes / (ms / 1e3) / 1e9
+
+
 class MemoryPasses:
     """Two passes over 256 MiB timed in the same rounds as each row's steps (a VM's memory
     bandwidth moves with its neighbours: by 30 % within one run on the 2-core EPYCs): a copy (its
@@ -99,8 +103,7 @@ class MemoryPasses:
     def rates(self, stats) -> tuple:
         """(copy GB/s, read-pass GB/s) from the medians of candidates()' timings."""
         nbytes = self.src.numel() * self.src.element_size()
-        return (2 * nbytes / (stats["copy"].median_ms / 1e3) / 1e9,
-                nbytes / (stats["read pass"].median_ms / 1e3) / 1e9)
+        return gb_per_s(2 * nbytes, stats["copy"].median_ms), gb_per_s(nbytes, stats["read pass"].median_ms)
 
 
 def run_context(dtype_name: str, ctx: int, repeats: int, passes: MemoryPasses) -> list:
@@ -137,19 +140,18 @@ def run_context(dtype_name: str, ctx: int, repeats: int, passes: MemoryPasses) -
         hd, sd = stats["headops"].median_ms / STEPS, stats["sdpa"].median_ms / STEPS
         copy_gb_s, read_pass_gb_s = passes.rates(stats)
         dense_bytes = 2 * k.numel() * k.element_size()
+        read_gb_s = gb_per_s(kept, hd)
         rows.append({
             "dtype": dtype_name, "context": ctx, "mix": mix, "full_kv_heads": n_full,
             "headops": stats["headops"].as_dict(), "sdpa": stats["sdpa"].as_dict(), "steps_per_sample": STEPS,
             "headops_ms_per_step": hd, "sdpa_ms_per_step": sd,
             "ratio": hd / sd, "kept_bytes": kept, "nbytes": cache.nbytes(), "dense_nbytes": cache.dense_nbytes(),
-            "read_gb_s": kept / (hd / 1e3) / 1e9, "sdpa_read_gb_s": dense_bytes / (sd / 1e3) / 1e9,
-            "copy_gb_s": copy_gb_s, "read_pass_gb_s": read_pass_gb_s,
-            "read_vs_copy": kept / (hd / 1e3) / 1e9 / copy_gb_s,
-            "read_vs_read_pass": kept / (hd / 1e3) / 1e9 / read_pass_gb_s, "check": check,
-            "load_average": load_average(),
+            "read_gb_s": read_gb_s, "sdpa_read_gb_s": gb_per_s(dense_bytes, sd),
+            "copy_gb_s": copy_gb_s, "read_pass_gb_s": read_pass_gb_s, "read_vs_copy": read_gb_s / copy_gb_s,
+            "read_vs_read_pass": read_gb_s / read_pass_gb_s, "check": check, "load_average": load_average(),
         })
         print(f"  {SHORT[dtype_name]} ctx {ctx:>6} {mix:<9}: headops {hd:7.2f} ms, SDPA dense {sd:7.2f} ms "
-              f"({hd / sd:.2f}x), {rows[-1]['read_gb_s']:.1f} GB/s (copy {copy_gb_s:.1f}, read pass "
+              f"({hd / sd:.2f}x), {read_gb_s:.1f} GB/s (copy {copy_gb_s:.1f}, read pass "
               f"{read_pass_gb_s:.1f}), check {'ok' if check['ok'] else 'FAILED'}",
               flush=True)
         del cache
