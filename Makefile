@@ -19,7 +19,7 @@ DEPS_STAMP := $(VENV)/.headops-deps
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 
-.PHONY: all build demo bench-kvpress test test-asan test-properties-long bench-full bench-train bench-kvcache bench-record clean
+.PHONY: all build demo bench-kvpress test test-asan test-properties-long bench-full bench-train bench-kvcache bench-targets bench-record clean
 
 all: build
 
@@ -59,6 +59,10 @@ bench-train: build
 
 bench-kvcache: build
 	$(VPY) bench/kvcache.py
+
+# issue 17's CPU speed targets for this machine's kind (AMX, AVX2-only), measured and judged (~5 min)
+bench-targets: build
+	PYTHONPATH=$(CURDIR)/python $(VPY) bench/cpu_targets.py
 
 # the committed results (bench/results/*_default.*), refreshed only when asked
 bench-record: build

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""headops/SDPA time ratios of one shape, forward and forward+backward, fp32 and bf16: the
+"""headops/SDPA time ratios of one shape, forward and forward+backward, fp32 and bf16 (--dtypes): the
 quick check that a change kept the kernels' speed (run it on two trees, alternating).
 
-    PYTHONPATH=python .venv/bin/python bench/ratio_vs_sdpa.py [--s 2048] [--repeats 5] [--label main]
+    PYTHONPATH=python .venv/bin/python bench/ratio_vs_sdpa.py [--s 2048] [--repeats 5] [--label main] [--dtypes float16]
 
 B=1, H=16, D=128, dense causal; median of --repeats interleaved calls (headops, then SDPA) on
 the same tensors; prints one line per (dtype, pass)."""
@@ -34,10 +34,11 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--label", default="")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes (float16 too)")
     args = p.parse_args()
     torch.manual_seed(0)
     B, H, S, D = 1, args.heads, args.s, 128
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         q, k, v = (torch.randn(B, S, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
         qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
 

@@ -84,6 +84,45 @@ def test_kvcache_quick(tmp_path):
         assert m["nbytes"] < (0.7 if m["context"] <= 2048 else 0.4) * m["dense"]
 
 
+def test_cpu_targets_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/cpu_targets.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads((tmp_path / "cpu_targets_quick.json").read_text())
+    assert data["kind"] in ("amx", "avx2", "avx512", "avx2-variant-on-avx512")
+    assert not data["judged"] and {t["verdict"] for t in data["targets"]} == {"not judged"}
+    # fp32 and bf16: forward and forward+backward at S = 256, forward at 512
+    assert len(data["attention"]) == 6 and all(r["ratio"] > 0 for r in data["attention"])
+    assert len(data["decode"]) == 2 * 2 * 3  # dtypes x contexts x head mixes
+    for t in data["targets"]:
+        assert t["worst_row"] in data["measured"]
+    assert "| target (issue 17) |" in (tmp_path / "cpu_targets_quick.md").read_text()
+
+
+def test_cpu_targets_judge_the_worst_row():
+    _timing()  # puts the repository on sys.path
+    from bench import cpu_targets
+
+    ceiling = cpu_targets.Target("ratio", 0.9, True, ["a", "b"])
+    assert ceiling.worst({"a": 0.8, "b": 0.95}) == 0.95 and not ceiling.met({"a": 0.8, "b": 0.95})
+    assert ceiling.met({"a": 0.8, "b": 0.9})
+    floor = cpu_targets.Target("bandwidth", 0.6, False, ["a", "b"])
+    assert floor.worst({"a": 0.59, "b": 0.9}) == 0.59 and not floor.met({"a": 0.59, "b": 0.9})
+    assert floor.met({"a": 0.6, "b": 0.9})
+    assert cpu_targets.machine_kind(["avx2", "avx512f", "amx_bf16"]) == "amx"
+    assert cpu_targets.machine_kind(["avx2"]) == "avx2"
+    keys = cpu_targets.attention_keys(2048, 4096)
+    avx2 = cpu_targets.targets_for("avx2", keys, ["decode row"], 2048, 4096)
+    # the AVX2-only machine: every forward and forward+backward row at 2048, both dtypes
+    assert sorted(avx2[0].keys) == sorted(keys[(d, p, 2048)] for d in ("float32", "bfloat16")
+                                          for p in ("forward", "fwd+bwd"))
+    assert [t.bound for t in avx2] == [1.0, 0.60]
+    assert [t.bound for t in cpu_targets.targets_for("amx", keys, ["decode row"], 2048, 4096)] == [0.9, 0.9, 0.8, 1.02,
+                                                                                                   0.70]
+
+
 def test_probe_quick(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
