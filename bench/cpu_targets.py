@@ -25,7 +25,9 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -118,10 +120,53 @@ def attention_ratio(dtype_name: str, s: int, train: bool, repeats: int) -> dict:
             "ratio": h / sd, "headops": stats["headops"].as_dict(), "sdpa": stats["sdpa"].as_dict()}
 
 
+def other_decode_choice(args, kind: str, contexts: list, repeats: int) -> list:
+    """The bf16 decode rows again with the other choice of the score product (brgemm on AMX, in
+    registers elsewhere: isa_dispatch.cpp's decode_scores_by_brgemm), in a process of its own
+    since the choice is read once per process. Run on AMX (where it has never been measured) or
+    when --compare-decode-scores asks; [] otherwise."""
+    if not (args.compare_decode_scores or kind == "amx"):
+        return []
+    now_by_brgemm = headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, D)
+    env = dict(os.environ, HEADOPS_CPU_DECODE_BRGEMM="0" if now_by_brgemm else "1")
+    probe = subprocess.run([sys.executable, "-c", "import torch, headops; "
+                            f"print(headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, {D}))"],
+                           env=env, capture_output=True, text=True, check=True)
+    if probe.stdout.strip() == str(now_by_brgemm):
+        print("(the decode's score product has one choice on this CPU: no 16-bit brgemm)", flush=True)
+        return []
+    with tempfile.TemporaryDirectory(prefix="cpu-targets-") as tmp:
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvcache.py"),
+                        "--dtypes", "bfloat16", "--contexts", ",".join(map(str, contexts)), "--repeats", str(repeats),
+                        "--out-dir", tmp], env=env, check=True)
+        found = [os.path.join(tmp, name) for name in os.listdir(tmp) if name.endswith(".json")]
+        with open(found[0]) as f:
+            rows = json.load(f)["rows"]
+    for row in rows:
+        row["scores_by_brgemm"] = not now_by_brgemm
+    return rows
+
+
+CHOICE_HEADER = ["bf16 decode", "scores by", "of copy BW", "other choice", "of copy BW (other)"]
+
+
+def decode_choice_lines(decode_rows: list, other_choice: list) -> list:
+    """This run's bf16 decode rows beside the same rows with the other score product."""
+    default = "brgemm" if headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, D) else "registers"
+    other = {(r["context"], r["mix"]): r for r in other_choice}
+    return [[f"{r['context']} {r['mix']}", default, f"{r['read_vs_copy']:.0%}",
+             "brgemm" if other[(r["context"], r["mix"])]["scores_by_brgemm"] else "registers",
+             f"{other[(r['context'], r['mix'])]['read_vs_copy']:.0%}"]
+            for r in decode_rows if r["dtype"] == "bfloat16" and (r["context"], r["mix"]) in other]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="interleaved calls per measurement (the issue asks >= 5)")
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: checks the script, judges nothing")
+    p.add_argument("--compare-decode-scores", action="store_true",
+                   help="time the bf16 decode rows again with the other choice of score product (brgemm or in "
+                        "registers; always on an AMX machine)")
     add_output_args(p)
     args = p.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
@@ -155,6 +200,7 @@ def main(argv=None) -> int:
                 decode_keys.append(key)
                 decode_rows.append(row)
     del passes
+    other_choice = other_decode_choice(args, kind, contexts, repeats)
 
     targets = targets_for(kind, keys, decode_keys, s_pass, s_forward)
     judged = not args.quick and kind in ("amx", "avx2")
@@ -178,6 +224,10 @@ def main(argv=None) -> int:
     print(text_table(header, lines))
     if note:
         print(note)
+    choice_lines = decode_choice_lines(decode_rows, other_choice)
+    if choice_lines:
+        print()
+        print(text_table(CHOICE_HEADER, choice_lines))
     wall = time.perf_counter() - started
 
     out = output_dir(args)
@@ -187,7 +237,8 @@ def main(argv=None) -> int:
             "machine": machine_info(), "kind": kind, "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "repeats": repeats, "judged": judged, "note": note, "wall_s": round(wall, 1),
             "targets": [dict(zip(("name", "bound", "measured", "worst_row", "verdict"), line)) for line in lines],
-            "measured": measured, "attention": attention_rows, "decode": decode_rows}
+            "measured": measured, "attention": attention_rows, "decode": decode_rows,
+            "decode_other_score_product": other_choice}
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=1)
     attention_table = markdown_table(["dtype", "pass", "S", "headops ms", "SDPA ms", "headops/SDPA"],
@@ -202,6 +253,9 @@ def main(argv=None) -> int:
                 f"{data['machine']['torch_threads']} threads); median of {repeats} interleaved calls; "
                 f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{note + chr(10) * 2 if note else ''}"
                 f"{attention_table}\n\n{decode_table}\n")
+        if choice_lines:
+            f.write(f"\nThe bf16 decode rows again with the other score product (a process of its own, after "
+                    f"this run's rows):\n\n{markdown_table(CHOICE_HEADER, choice_lines)}\n")
     print(f"wall time {wall:.0f} s; wrote {shown_path(stem)}.md and .json")
     return 0
 

@@ -87,7 +87,8 @@ def test_kvcache_quick(tmp_path):
 def test_cpu_targets_quick(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/cpu_targets.py", "--quick", "--out-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "bench/cpu_targets.py", "--quick", "--compare-decode-scores",
+                           "--out-dir", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     data = json.loads((tmp_path / "cpu_targets_quick.json").read_text())
@@ -99,6 +100,17 @@ def test_cpu_targets_quick(tmp_path):
     for t in data["targets"]:
         assert t["worst_row"] in data["measured"]
     assert "| target (issue 17) |" in (tmp_path / "cpu_targets_quick.md").read_text()
+    # the other choice of the bf16 decode's score product, where this CPU has one
+    import headops
+    import torch
+    other = data["decode_other_score_product"]
+    if headops._C.cpu_uses_packed_operands(torch.bfloat16, 128):
+        assert len(other) == 2 * 3
+        assert {r["scores_by_brgemm"] for r in other} == {not headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16,
+                                                                                                     128)}
+        assert all(r["check"]["ok"] for r in other)
+    else:
+        assert other == []
 
 
 def test_cpu_targets_judge_the_worst_row():

@@ -27,14 +27,21 @@ SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT
     SWEPT_DECODE
 
 
-def run_sweep(env_extra, expect_capability, swept=SWEPT):
+# whether a 16-bit decode step's scores take brgemm, as the process asked sees it
+DECODE_BY_BRGEMM = "any(headops._C.cpu_decode_scores_by_brgemm(d, 64) for d in (torch.bfloat16, torch.float16))"
+
+
+def run_sweep(env_extra, expect_capability, swept=SWEPT, expect_decode_by_brgemm=None):
     env = dict(os.environ, **env_extra)
     # the headops this run imported (python/, or build-asan/pkg under make test-asan)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(headops.__file__)))
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == expect_capability
+    probe = subprocess.run([sys.executable, "-c", "import torch, headops; print(headops._C.cpu_capability(), "
+                            f"{DECODE_BY_BRGEMM})"], env=env, capture_output=True, text=True, check=True)
+    capability, by_brgemm = probe.stdout.split()
+    assert capability == expect_capability
+    # the switch reached the kernel's choice (a sweep under an ignored switch would prove nothing)
+    assert expect_decode_by_brgemm is None or by_brgemm == str(expect_decode_by_brgemm)
     # inductor's on-disk FX graph cache does not key on the vector ISA that ATEN_CPU_CAPABILITY
     # makes it pick: a graph cached by a run at another capability comes back with the other
     # vector width (on the AVX512-BF16 EPYC, AVX2 forced, the compiled training step's loss was
@@ -42,7 +49,7 @@ def run_sweep(env_extra, expect_capability, swept=SWEPT):
     # the heap). Each sweep therefore compiles into its own cache.
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + SWEPT,
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + swept,
                               env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
@@ -76,4 +83,14 @@ def test_decode_scores_through_brgemm_off_amx():
     if not any(headops._C.cpu_uses_packed_operands(dtype, 64) and not headops._C.cpu_decode_scores_by_brgemm(dtype, 64)
                for dtype in (torch.bfloat16, torch.float16)):
         pytest.skip("this CPU's decode takes brgemm already, or has no 16-bit brgemm")
-    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), SWEPT_DECODE)
+    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), SWEPT_DECODE,
+              expect_decode_by_brgemm=True)
+
+
+def test_decode_scores_in_registers_on_amx():
+    """HEADOPS_CPU_DECODE_BRGEMM=0: the decode step's score product in registers (the path of
+    every CPU without AMX) on a CPU whose decode otherwise takes brgemm."""
+    if not any(headops._C.cpu_decode_scores_by_brgemm(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
+        pytest.skip("this CPU's decode multiplies in registers already")
+    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "0"}, headops._C.cpu_capability(), SWEPT_DECODE,
+              expect_decode_by_brgemm=False)

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace headops::cpu {
@@ -96,9 +97,12 @@ bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t r
 }
 
 bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim) {
-  static const bool forced = std::getenv("HEADOPS_CPU_DECODE_BRGEMM") != nullptr;
+  static const char* const env = std::getenv("HEADOPS_CPU_DECODE_BRGEMM");
+  static const bool never = env != nullptr && std::string(env) == "0";
+  static const bool forced = env != nullptr && *env != '\0' && !never;
   // (a float decode step always multiplies in registers)
-  return dtype != at::kFloat && uses_packed_operands(dtype, head_dim) && (forced || at::native::cpublas::could_pack(dtype));
+  return dtype != at::kFloat && !never && uses_packed_operands(dtype, head_dim) &&
+         (forced || at::native::cpublas::could_pack(dtype));
 }
 
 }  // namespace headops::cpu

@@ -41,7 +41,9 @@ bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t r
 // runs through brgemm: on AMX tiles only (as before AVX512-BF16 brgemm came in; not measured
 // against the direct product there). Elsewhere the product in registers straight from the
 // stored rows: on the AVX512-BF16 EPYC brgemm made a bf16 decode step 1.2-1.9x slower.
-// HEADOPS_CPU_DECODE_BRGEMM=1 takes brgemm wherever uses_packed_operands does (tests).
+// HEADOPS_CPU_DECODE_BRGEMM=1 takes brgemm wherever uses_packed_operands does (tests);
+// HEADOPS_CPU_DECODE_BRGEMM=0 never does (the product in registers on AMX too: tests, and
+// bench/cpu_targets.py's comparison of the two on an AMX machine).
 bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim);
 
 template <typename Fn>
