@@ -408,7 +408,10 @@ def constructor_wrong_forms(c):
     forms["sinks_negative"] = ({"sinks": [0] * (Hq - 1) + [-2]}, "sinks")
     if "streaming" in c["kinds"]:
         forms["streaming_unlimited_window"] = ({"window": -1}, "window")
-        forms["streaming_window_too_big"] = ({"window": 2**40}, ["window", "max_step"])
+        # rings grow with what they receive, so a window of 2**40 is accepted (test_kvcache); refused is
+        # one whose ring alone could not be sized in int64 elements for this batch and head dim
+        forms["streaming_window_past_int64_storage"] = (
+            {"window": -(-2**62 // (c["batch_size"] * c["head_dim"]))}, ["window", "max_step"])
         forms["max_step_too_big"] = ({"max_step": 2**61}, "max_step")
     if "budget" in c["kinds"]:
         forms["budget_head_with_window"] = ({"window": 3}, "window")
@@ -706,7 +709,12 @@ SWEEP_CACHES = [dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, kind
                      window=[2, 3, -1, -1], sinks=[1, 0, 0, 1], budget=[None, 9], budget_recent=2, max_step=2,
                      dtype=F64, batch_size=2),
                 dict(num_layers=1, num_heads=3, num_kv_heads=1, head_dim=1, kinds=["full"], window=[-1, 2, 1],
-                     sinks=[0, 1, 2], budget=None, budget_recent=0, max_step=1, dtype=torch.float32, batch_size=1)]
+                     sinks=[0, 1, 2], budget=None, budget_recent=0, max_step=1, dtype=torch.float32, batch_size=1),
+                # streaming without budget heads: a window given to every head is refused for the
+                # streaming head's sake, not because a budget head may not have one
+                dict(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4, kinds=["full", "streaming"],
+                     window=[-1, 2, 5, 3], sinks=[0, 0, 1, 2], budget=None, budget_recent=0, max_step=3,
+                     dtype=F64, batch_size=2)]
 
 
 def run_all(cases):
