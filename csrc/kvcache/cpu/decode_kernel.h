@@ -121,13 +121,19 @@ constexpr int64_t pair_element(int64_t i) {
   }
 }
 
-// q (acc_t, [D]) into `out` in load_pair's order over the whole pairs of a row (the rest as is).
-template <typename acc_t, typename scalar_t, typename q_t>
-void pair_permuted_queries(acc_t* out, const q_t* q, int64_t D) {
-  constexpr int64_t W = pair_width<acc_t>();
+// A query row (stored like the keys) into `out` in load_pair's order over the whole pairs of a
+// row (the rest as is): load_pair itself, so the two orders agree by construction. Once per row
+// and item, but an item may hold only a few keys (a streaming head's sinks, a short ring), where
+// an element-by-element permutation was most of the item's time.
+template <typename acc_t, typename scalar_t>
+void pair_permuted_queries(acc_t* out, const scalar_t* q, int64_t D) {
+  constexpr int64_t W = pair_width<acc_t>(), n = Vectorized<acc_t>::size();
   const int64_t Dv = D / W * W;
-  for (int64_t d0 = 0; d0 < Dv; d0 += W)
-    for (int64_t i = 0; i < W; ++i) out[d0 + i] = static_cast<acc_t>(q[d0 + pair_element<acc_t, scalar_t>(i)]);
+  for (int64_t d0 = 0; d0 < Dv; d0 += W) {
+    const auto [x0, x1] = load_pair<acc_t, scalar_t>(q + d0);
+    x0.store(out + d0);
+    x1.store(out + d0 + n);
+  }
   for (int64_t d = Dv; d < D; ++d) out[d] = static_cast<acc_t>(q[d]);
 }
 
@@ -280,13 +286,36 @@ void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const 
     }
 }
 
+// One pair of accumulate_pv's columns (two vectors in load_pair's order) back in the stored
+// order: within each 128-bit lane the first vector holds elements 0-3 of 8, the second 4-7.
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void unpermute_pair(acc_t* out, const acc_t* acc) {
+  constexpr int64_t W = pair_width<acc_t>();
+  if constexpr (kInterleavedPair<acc_t, scalar_t>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 lo = _mm512_loadu_ps(acc), hi = _mm512_loadu_ps(acc + 16);
+    // stored element e of the pair sits at permuted index (e % 8 < 4 ? 0 : 16) + e / 8 * 4 + e % 4
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second, hi));
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 lo = _mm256_loadu_ps(acc), hi = _mm256_loadu_ps(acc + 8);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    return;
+#endif
+  }
+  for (int64_t i = 0; i < W; ++i) out[pair_element<acc_t, scalar_t>(i)] = acc[i];
+}
+
 // One row of accumulate_pv's columns (acc) in the stored order (out).
 template <typename acc_t, typename scalar_t>
 void unpermute_columns(acc_t* out, const acc_t* acc, int64_t D) {
   constexpr int64_t W = pair_width<acc_t>();
   const int64_t whole = D / (kPvPairs * W) * (kPvPairs * W);
-  for (int64_t d0 = 0; d0 < whole; d0 += W)
-    for (int64_t i = 0; i < W; ++i) out[d0 + pair_element<acc_t, scalar_t>(i)] = acc[d0 + i];
+  for (int64_t d0 = 0; d0 < whole; d0 += W) unpermute_pair<acc_t, scalar_t>(out + d0, acc + d0);
   std::copy(acc + whole, acc + D, out + whole);
 }
 
