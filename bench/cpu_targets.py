@@ -8,7 +8,8 @@ or an AVX-512 CPU without AMX, for which the issue names no target (its rows are
 shown against the AMX targets, marked "no target"). Running the AVX2 variant on an AVX-512 CPU
 (`ATEN_CPU_CAPABILITY=avx2`) is said as such: it is not the AVX2-only machine the issue means. On
 an AMX CPU the bf16 decode rows are timed again with the other choice of score product
-(--compare-decode-scores elsewhere).
+(--compare-decode-scores elsewhere), and the bf16 rows at S = 2048 with float32 tiles through
+BLAS instead of bf16 brgemm tiles (--compare-tiles elsewhere).
 
 Measured (B=1, H=16, D=128, dense causal; headops and SDPA on the same tensors, median of
 --repeats interleaved calls, bench/timing.py):
@@ -148,6 +149,25 @@ def other_decode_choice(args, kind: str, contexts: list, repeats: int) -> list:
     return rows
 
 
+def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
+    """bf16 forward and forward+backward at s_pass again with float32 tiles through BLAS
+    (HEADOPS_CPU_NO_PACKED=1), in a process of its own: the bf16 brgemm tiles have never run on
+    AMX. Run on AMX or when --compare-tiles asks, where this CPU runs bf16 tiles through brgemm;
+    [] otherwise. Rows: {pass, ratio} from bench/ratio_vs_sdpa.py (SDPA in the same process)."""
+    if not (args.compare_tiles or kind == "amx") or not headops._C.cpu_uses_packed_operands(torch.bfloat16, D):
+        return []
+    env = dict(os.environ, HEADOPS_CPU_NO_PACKED="1")
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ratio_vs_sdpa.py"),
+                           "--s", str(s_pass), "--repeats", str(repeats), "--dtypes", "bfloat16"],
+                          env=env, capture_output=True, text=True, check=True)
+    rows = []
+    for line in done.stdout.splitlines():  # "bfloat16 forward S=2048 headops ... headops/SDPA 0.52"
+        words = line.split()
+        rows.append({"pass": words[1], "S": s_pass, "ratio": float(words[-1]), "tiles": "float32 through BLAS"})
+    return rows
+
+
+TILE_HEADER = ["row", "headops/SDPA, bf16 tiles by brgemm", "float32 tiles through BLAS"]
 CHOICE_HEADER = ["bf16 decode", "scores by", "of copy BW", "other choice", "of copy BW (other)"]
 
 
@@ -168,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare-decode-scores", action="store_true",
                    help="time the bf16 decode rows again with the other choice of score product (brgemm or in "
                         "registers; always on an AMX machine)")
+    p.add_argument("--compare-tiles", action="store_true",
+                   help="time the bf16 rows at S = 2048 again with float32 tiles through BLAS where bf16 tiles run "
+                        "through brgemm (always on an AMX machine)")
     add_output_args(p)
     args = p.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
@@ -202,6 +225,9 @@ def main(argv=None) -> int:
                 decode_rows.append(row)
     del passes
     other_choice = other_decode_choice(args, kind, contexts, repeats)
+    other_tiles = other_tile_path(args, kind, s_pass, repeats)
+    tile_lines = [[f"bf16 {r['pass']} S={r['S']}", f"{measured[keys[('bfloat16', r['pass'], s_pass)]]:.2f}x",
+                   f"{r['ratio']:.2f}x"] for r in other_tiles]
 
     targets = targets_for(kind, keys, decode_keys, s_pass, s_forward)
     judged = not args.quick and kind in ("amx", "avx2")
@@ -229,6 +255,9 @@ def main(argv=None) -> int:
     if choice_lines:
         print()
         print(text_table(CHOICE_HEADER, choice_lines))
+    if tile_lines:
+        print()
+        print(text_table(TILE_HEADER, tile_lines))
     wall = time.perf_counter() - started
 
     out = output_dir(args)
@@ -239,7 +268,7 @@ def main(argv=None) -> int:
             "repeats": repeats, "judged": judged, "note": note, "wall_s": round(wall, 1),
             "targets": [dict(zip(("name", "bound", "measured", "worst_row", "verdict"), line)) for line in lines],
             "measured": measured, "attention": attention_rows, "decode": decode_rows,
-            "decode_other_score_product": other_choice}
+            "decode_other_score_product": other_choice, "bf16_float32_tiles": other_tiles}
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=1)
     attention_table = markdown_table(["dtype", "pass", "S", "headops ms", "SDPA ms", "headops/SDPA"],
@@ -257,6 +286,9 @@ def main(argv=None) -> int:
         if choice_lines:
             f.write(f"\nThe bf16 decode rows again with the other score product (a process of its own, after "
                     f"this run's rows):\n\n{markdown_table(CHOICE_HEADER, choice_lines)}\n")
+        if tile_lines:
+            f.write(f"\nThe bf16 rows at S = {s_pass} again with float32 tiles through BLAS (HEADOPS_CPU_NO_PACKED=1, "
+                    f"a process of its own; SDPA timed there too):\n\n{markdown_table(TILE_HEADER, tile_lines)}\n")
     print(f"wall time {wall:.0f} s; wrote {shown_path(stem)}.md and .json")
     return 0
 

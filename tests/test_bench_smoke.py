@@ -88,7 +88,7 @@ def test_cpu_targets_quick(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "bench/cpu_targets.py", "--quick", "--compare-decode-scores",
-                           "--out-dir", str(tmp_path)],
+                           "--compare-tiles", "--out-dir", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     data = json.loads((tmp_path / "cpu_targets_quick.json").read_text())
@@ -109,8 +109,11 @@ def test_cpu_targets_quick(tmp_path):
         assert {r["scores_by_brgemm"] for r in other} == {not headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16,
                                                                                                      128)}
         assert all(r["check"]["ok"] for r in other)
+        # and the bf16 rows with float32 tiles through BLAS instead of brgemm
+        assert [(r["pass"], r["S"]) for r in data["bf16_float32_tiles"]] == [("forward", 256), ("fwd+bwd", 256)]
+        assert all(r["ratio"] > 0 for r in data["bf16_float32_tiles"])
     else:
-        assert other == []
+        assert other == [] and data["bf16_float32_tiles"] == []
 
 
 def test_cpu_targets_judge_the_worst_row():
