@@ -34,12 +34,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import headops  # noqa: E402
 from bench import kvcache  # noqa: E402
+from bench.ratio_vs_sdpa import attention_calls  # noqa: E402
 from bench.timing import (add_output_args, cpu_flags, interleaved, machine_info, markdown_table,  # noqa: E402
                           now_iso, output_dir, shown_path, text_table)
 
@@ -99,22 +99,7 @@ def attention_ratio(dtype_name: str, s: int, train: bool, repeats: int) -> dict:
     dtype = kvcache.DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(s)
     q, k, v = (torch.randn(B, s, H, D, generator=gen).to(dtype).requires_grad_(train) for _ in range(3))
-    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(train) for x in (q, k, v))
-
-    def headops_call():
-        if train:
-            headops.attention(q, k, v, causal=True).sum().backward()
-        else:
-            with torch.no_grad():
-                headops.attention(q, k, v, causal=True)
-
-    def sdpa_call():
-        if train:
-            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward()
-        else:
-            with torch.no_grad():
-                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
+    headops_call, sdpa_call = attention_calls(q, k, v, train)
     headops_call(), sdpa_call()  # warm-up
     stats = interleaved({"headops": headops_call, "sdpa": sdpa_call}, repeats)
     h, sd = stats["headops"].median_ms, stats["sdpa"].median_ms

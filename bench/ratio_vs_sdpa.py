@@ -28,6 +28,26 @@ def median_pair(a, b, repeats):
     return statistics.median(ta), statistics.median(tb)
 
 
+def attention_calls(q, k, v, train: bool):
+    """(headops call, SDPA call) of dense causal attention over q, k, v ([B, S, H, D]; SDPA gets
+    [B, H, S, D] copies): forward only under no_grad, or forward and backward of the output's sum."""
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(train) for x in (q, k, v))
+
+    def headops_call():
+        if not train:
+            with torch.no_grad():
+                return headops.attention(q, k, v, causal=True)
+        headops.attention(q, k, v, causal=True).sum().backward()
+
+    def sdpa_call():
+        if not train:
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward()
+
+    return headops_call, sdpa_call
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--s", type=int, default=2048)
@@ -40,23 +60,8 @@ def main():
     B, H, S, D = 1, args.heads, args.s, 128
     for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
         q, k, v = (torch.randn(B, S, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
-        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-
-        def headops_forward():
-            with torch.no_grad():
-                headops.attention(q, k, v, causal=True)
-
-        def sdpa_forward():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-        def headops_train():
-            headops.attention(q, k, v, causal=True).sum().backward()
-
-        def sdpa_train():
-            F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).sum().backward()
-
-        for name, pair in (("forward", (headops_forward, sdpa_forward)), ("fwd+bwd", (headops_train, sdpa_train))):
+        pairs = (("forward", attention_calls(q, k, v, train=False)), ("fwd+bwd", attention_calls(q, k, v, train=True)))
+        for name, pair in pairs:
             h, s = median_pair(*pair, args.repeats)
             print(f"{args.label} {str(dtype).removeprefix('torch.'):9s} {name:8s} S={S} headops {h * 1e3:8.1f} ms "
                   f"SDPA {s * 1e3:8.1f} ms headops/SDPA {h / s:.2f}", flush=True)
