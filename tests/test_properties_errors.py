@@ -412,7 +412,9 @@ def constructor_wrong_forms(c):
         # one whose ring alone could not be sized in int64 elements for this batch and head dim
         forms["streaming_window_past_int64_storage"] = (
             {"window": -(-2**62 // (c["batch_size"] * c["head_dim"]))}, ["window", "max_step"])
-        forms["max_step_too_big"] = ({"max_step": 2**61}, "max_step")
+        # likewise max_step: each ring holds up to window + max_step - 1 tokens
+        forms["max_step_past_int64_storage"] = (
+            {"max_step": -(-2**62 // (c["batch_size"] * c["head_dim"]))}, "max_step")
     if "budget" in c["kinds"]:
         forms["budget_head_with_window"] = ({"window": 3}, "window")
         for bad in (None, 0, -1, c["budget_recent"]):
