@@ -6,6 +6,7 @@
 
 #include "attention_params.h"
 #include "head_semantics.h"
+#include "online_softmax.h"
 
 namespace headops {
 inline namespace HEADOPS_ISA_NAMESPACE {
@@ -62,10 +63,11 @@ struct BackwardHead {
   }
 
   // A row's share of dL/dsink_logit in one branch: the sink is a key with a zero value, so it is
-  // -P_sink * delta, with P_sink = exp(sink_logit - lse) (0 for a row that saw nothing).
+  // -P_sink * delta, with P_sink = exp(sink_logit - lse) (0 for a row that saw nothing, 1 under
+  // a +inf sink logit).
   template <typename Exp>
   HEADOPS_HD acc_t dsink_share(acc_t lse, acc_t delta, Exp exp_fn) const {
-    return lse == -static_cast<acc_t>(INFINITY) ? acc_t(0) : -exp_fn(hs.sink_logit - lse) * delta;
+    return lse == -static_cast<acc_t>(INFINITY) ? acc_t(0) : -sink_probability(hs.sink_logit, lse, exp_fn) * delta;
   }
 };
 

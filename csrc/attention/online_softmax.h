@@ -10,6 +10,9 @@
 //   * a NaN logit (from NaN or inf in q or k) reaches the output and lse, as in the reference:
 //     the max keeps it (nan_max), and a NaN sum is not read as "no visible key";
 //   * a row whose max is still -inf exponentiates against 0, so -inf - -inf never happens;
+//   * a +inf sink logit takes the whole row: the max stays +inf, what was accumulated keeps its
+//     weight (factor 1, not exp(inf - inf)) and finite logits weigh exp(-inf) = 0, so the row
+//     ends with o = 0 and lse = +inf, as in the reference;
 //   * a row that saw no key (sum 0) finishes with o = 0 and lse = -inf.
 // The exponential's base is the kernel's: natural units with exp/log, or log2 units (logits
 // pre-multiplied by log2 e) with exp2/log2. Threads that share a row each keep a part of its sum
@@ -44,6 +47,20 @@ HEADOPS_HD acc_t negative_infinity() {
   return -static_cast<acc_t>(INFINITY);
 }
 
+// exp(from - to): the factor for what was taken against `from` when the reference moves to `to`;
+// 1 when both are +inf (a +inf sink logit), where from - to would be NaN
+template <typename acc_t, typename Exp>
+HEADOPS_HD acc_t move_factor(acc_t from, acc_t to, Exp exp_fn) {
+  return (from == to && from == static_cast<acc_t>(INFINITY)) ? acc_t(1) : exp_fn(from - to);
+}
+
+// A row's probability of its sink, exp(sink_logit - lse): 1 for a +inf sink logit (lse +inf too).
+// The caller checks that the row has a sink logit and saw something (lse > -inf).
+template <typename acc_t, typename Exp>
+HEADOPS_HD acc_t sink_probability(acc_t sink_logit, acc_t lse, Exp exp_fn) {
+  return move_factor(sink_logit, lse, exp_fn);
+}
+
 template <typename acc_t>
 struct OnlineSoftmax {
   acc_t max;  // every exponent of the row is taken against this reference (may lag the true max)
@@ -64,7 +81,7 @@ struct OnlineSoftmax {
   HEADOPS_HD acc_t rescale(acc_t block_max, Exp exp_fn) {
     const acc_t previous = max;
     max = nan_max(max, block_max);
-    return exp_fn(previous - reference());
+    return move_factor(previous, reference(), exp_fn);
   }
 
   // Adds a block's sum of exp(logit - reference()); `correction` is what rescale returned.
@@ -87,7 +104,7 @@ struct OnlineSoftmax {
   HEADOPS_HD MergeScales merge(const OnlineSoftmax& other, Exp exp_fn) {
     if (other.sum == acc_t(0)) return {acc_t(1), acc_t(0)};
     const acc_t merged = nan_max(max, other.max);
-    const MergeScales scales{exp_fn(max - merged), exp_fn(other.max - merged)};
+    const MergeScales scales{move_factor(max, merged, exp_fn), move_factor(other.max, merged, exp_fn)};
     sum = sum * scales.self + other.sum * scales.other;
     max = merged;
     return scales;

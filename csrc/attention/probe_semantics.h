@@ -22,9 +22,11 @@ HEADOPS_HD acc_t rescale_entropy_sum(acc_t entropy_sum, acc_t old_sum, acc_t old
 
 // -sum p log p with p = exp(x - m) / sum (the sink's term included when the row started from
 // it: its (x - m) is 0 at the start and rescales like every key's): log(sum) - E / sum; 0 for a
-// row that saw nothing, NaN stays NaN.
+// row that saw nothing, NaN stays NaN. A +inf sink logit holds the whole row (its max stays +inf
+// and its sum finite; E itself is NaN there, 0 * -inf): entropy 0.
 template <typename acc_t, typename Log>
 HEADOPS_HD acc_t row_entropy(const OnlineSoftmax<acc_t>& row, acc_t entropy_sum, Log log_fn) {
+  if (row.max == static_cast<acc_t>(INFINITY) && row.sum == row.sum) return acc_t(0);
   return row.sum == acc_t(0) ? acc_t(0) : log_fn(row.sum) - entropy_sum / row.sum;
 }
 

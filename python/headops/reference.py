@@ -197,7 +197,10 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     p = torch.where(seen & ~torch.isneginf(masked), torch.exp(masked - lse), torch.zeros_like(masked))
     p_sink = None
     if sink is not None:
-        p_sink = torch.where(seen[..., 0], torch.exp(sink[:, :, None] - lse[..., 0]), torch.zeros_like(lse[..., 0]))
+        # exp(sink - lse); a +inf sink logit takes the whole row (lse +inf too): 1, not exp(inf - inf)
+        whole = torch.isposinf(sink[:, :, None]) & torch.isposinf(lse[..., 0])
+        p_sink = torch.where(seen[..., 0], torch.where(whole, 1.0, torch.exp(sink[:, :, None] - lse[..., 0])),
+                             torch.zeros_like(lse[..., 0]))
     g = _per_head(gate, B, Hq, f64, dev, "gate")
     computed = torch.ones(B, Hq, dtype=torch.bool, device=dev) if g is None else g != 0
 

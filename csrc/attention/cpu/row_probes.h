@@ -87,7 +87,7 @@ class RowProbes {
           static_cast<float>(distances_[r * probe_->n_distances + n] * inv);
     if (probe_->sink_mass)
       probe_->sink_mass_out[at] = static_cast<float>(
-          hs.has_sink_logit && row_has_mass(row.sum) ? std::exp(hs.sink_logit - lse) : acc_t(0));
+          hs.has_sink_logit && row_has_mass(row.sum) ? sink_probability(hs.sink_logit, lse, StdExp{}) : acc_t(0));
     if (probe_->entropy) probe_->entropy_out[at] = static_cast<float>(row_entropy(row, entropy_[r], StdLog{}));
     for (int64_t n = 0; n < probe_->topk; ++n) {
       const int64_t pos = top_positions_[r * probe_->topk + n];
