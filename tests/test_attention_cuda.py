@@ -208,6 +208,16 @@ def test_extreme_sink_logits_and_key_bias(causal, dtype, kernel):
                key_bias=key_bias, window=torch.tensor([-1, 300, 5, 1]))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_infinite_sink_logit_takes_the_row(dtype, kernel):
+    # a +inf sink: o = 0 and lse = +inf in every row, also where the keys come in two ranges
+    # (sinks + window) and the running max is moved between two +inf values
+    only_if_tensor_cores(kernel, dtype, 64)
+    q, k, v = make_qkv(1, 90, 300, 4, 2, 64, dtype)
+    check_cuda(q, k, v, causal=True, sink_logit=torch.tensor([math.inf, 0.5, math.inf, -1.0], dtype=F64),
+               window=torch.tensor([2, 40, 100, -1]), sinks=torch.tensor([1, 4, 0, 0]))
+
+
 # --------------------------------------------------------------------------- rows with no visible key
 
 

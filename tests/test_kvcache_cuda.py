@@ -134,7 +134,7 @@ ALL = ("softmax_scale", "sink_logit", "out_scale", "out_bias", "gate", "key_bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [8, 40, 64, 128])
+@pytest.mark.parametrize("D", [8, 40, 64, 128, 144])  # 144: dynamic shared memory just under 48 KiB
 def test_full_heads_gqa(dtype, D):
     run_pair(dict(kinds="full", max_step=4), B=2, Hq=8, Hkv=2, D=D, S=37, steps=[1, 3, 1, 4], dtype=dtype,
              names=ALL, gate_zero=3, seed=D)
