@@ -106,7 +106,7 @@ def cuda_time(fn):
 
 def synchronize():
     if torch.cuda.is_available():
-        synchronize()
+        torch.cuda.synchronize()
 
 
 def device_name(dev):

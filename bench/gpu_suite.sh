@@ -16,7 +16,7 @@
 # Every step runs under `timeout` (a hang costs its cap, not the device time) and even if an
 # earlier one failed; everything printed also goes to $OUT/gpu_suite.log; a summary (per step:
 # ok / FAILED / TIMEOUT / skipped, seconds) comes last. Exit status: the number of failed steps.
-# NOTE: written and dry-run on a machine without a GPU; nothing here has run on a GPU yet.
+# First run on a GPU: an H200, 2026-12-04 (README); the build step's call fixed after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -87,7 +87,9 @@ build() {
 }
 if [ "$DRY" = 1 ]; then skip "build" "dry run: the build already in place is used (no GPU here)"
 elif [ -n "${SKIP_BUILD:-}" ]; then skip "build" "SKIP_BUILD"
-else run "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)" 180 build; fi
+else  # `timeout` runs programs, not shell functions: the function goes to a child bash
+  export -f build; export PY OUT
+  run "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)" 180 bash -c build; fi
 if [ "$DRY" = 1 ]; then
   run "import" 60 "$PY" -c "import headops; print('headops imports; CUDA kernels compiled:', headops._C.cuda_compiled)"
 else

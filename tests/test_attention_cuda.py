@@ -280,7 +280,8 @@ def test_kernel_choice():
     assert headops._C.cuda_kernel_for(q, k, v, False) == "tensor_core"
     q32, k32, v32 = (t.float() for t in (q, k, v))
     assert headops._C.cuda_kernel_for(q32, k32, v32, False) == "generic"
-    qs, ks, vs = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 128, BF16, strided=True))  # rows not 16-byte aligned
+    # rows not 16-byte aligned: made on the GPU (.to(CUDA) of a strided view copies it contiguous)
+    qs, ks, vs = (torch.randn(1, 16, 2, 132, dtype=BF16, device=CUDA)[..., 1:129] for _ in range(3))
     assert headops._C.cuda_kernel_for(qs, ks, vs, False) == "generic"
     q80, k80, v80 = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 80, BF16))
     assert headops._C.cuda_kernel_for(q80, k80, v80, False) == "generic"

@@ -1,0 +1,89 @@
+"""Where a GPU decode step of headops.HeadSparseCache spends its time: host or kernels.
+
+The first GPU run (bench/kvcache_cuda.py on an H200, 2026-12-04) timed a step at ~1.15 ms whatever
+the cache held (4 MB or 136 MB), against 0.065 ms for SDPA over a dense cache. This splits one
+step (the cache of bench/kvcache_cuda.py: B = 1, 32 query / 8 KV heads, D = 128, bf16):
+  host   the Python call's own time, steps issued back to back without a sync (launch-bound
+         when this is close to the event-timed step)
+  events the step between two CUDA events (what kvcache_cuda.py reports)
+  kernels each CUDA kernel's mean device time per step (torch.profiler), and their sum
+
+    python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50]
+    python3 bench/profile_decode_cuda.py --device cpu      # a dry run of the script (tiny sizes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kvcache_cuda import Timer, make_cache, parse  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    own, rest = ap.parse_known_args(argv)
+    args = parse(rest)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    timer = Timer(device)
+    dtype = torch.bfloat16
+    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
+    from torch.profiler import ProfilerActivity, profile
+    for S in args.contexts:
+        g = torch.Generator().manual_seed(S)
+        k = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+        v = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+        q = torch.randn(1, 1, Hq, D, generator=g).to(dtype).to(device)
+        k1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        v1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        for kind in ("full", "stream 100%"):
+            cache = make_cache(kind, S, args, device, dtype, g)
+            cache.append(0, k, v)
+            for _ in range(3):
+                cache.attention(0, q, k1, v1)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(own.steps):
+                cache.attention(0, q, k1, v1)
+            host = (time.perf_counter() - t0) / own.steps
+            if cuda:
+                torch.cuda.synchronize()
+            drained = (time.perf_counter() - t0) / own.steps
+            events = statistics.median(timer(lambda: cache.attention(0, q, k1, v1)) for _ in range(own.steps))
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                for _ in range(own.steps):
+                    cache.attention(0, q, k1, v1)
+                if cuda:
+                    torch.cuda.synchronize()
+            print(f"\n=== context {S}, {kind}: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
+                  f"with the queue drained, {events * 1e3:.3f} ms/step between events")
+            key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+            total = 0.0
+            print(f"{'name':<70} {'calls/step':>10} {'us/step':>9}")
+            if cuda:
+                rows = [e for e in rows if e.device_type == torch.autograd.DeviceType.CUDA]
+            for e in rows[:25]:
+                t = getattr(e, key, 0) / own.steps
+                total += t
+                print(f"{e.key[:70]:<70} {e.count / own.steps:10.1f} {t:9.1f}")
+            if cuda:
+                print(f"{'sum of kernel time':<70} {'':>10} {total:9.1f}")
+            del cache
+        del k, v
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
