@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import headops
+from headops import reference
 
-from conftest import (ALL_FEATURES as ALL, LAYOUTS, OUT_ATOL, assert_close, assert_no_new_nonfinite,
+from conftest import (ALL_FEATURES as ALL, LAYOUTS, OUT_ATOL, OUT_RTOL, assert_close, assert_no_new_nonfinite,
                       check_against_reference, head_params, make_qkv, reference_f64)
 
 F64 = torch.float64
@@ -176,6 +177,51 @@ def test_extreme_sink_logits_and_key_bias(causal, dtype):
     key_bias[[3, 600, 1099]] = 1e4 if dtype == F64 else -1e4
     check_against_reference(q, k, v, causal=causal, sink_logit=_vec([-1e30, -math.inf, 1e4, 80.0]),
                             key_bias=key_bias, window=_ints([-1, 300, 5, 1]))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+def test_infinite_sink_logit_takes_the_row(dtype):
+    # a +inf sink holds every row's mass: o = 0 (the epilogue still applies), lse = +inf, its
+    # probability 1 and the row's entropy 0, never NaN -- also where the keys come in two ranges
+    # (sinks + window: the running max moves between two +inf values) and in the decode's merges
+    q, k, v = make_qkv(1, 40, 300, 4, 2, 32, dtype)
+    sink = _vec([math.inf, 0.5, math.inf, -1.0])
+    kw = dict(sink_logit=sink, window=_ints([2, 40, 100, -1]), sinks=_ints([1, 4, 0, 0]))
+    out, ref = check_against_reference(q, k, v, causal=True, **kw)
+    assert torch.equal(out[0, :, [0, 2]], torch.zeros_like(out[0, :, [0, 2]]))
+    bias = torch.randn(4, 32, dtype=F64)
+    out = headops.attention(q, k, v, out_bias=bias, alpha=_vec([0.0, 0.0, 0.5, 1.0]), **kw)
+    assert torch.equal(out[0, :, 0], bias[0].to(out.dtype).expand(40, 32))
+    _, lse = headops.attention(q, k, v, return_lse=True, **kw)
+    assert torch.isposinf(lse[0, [0, 2]]).all() and not lse.isnan().any()
+    # the decode kernel, its walk split in pieces of 16 keys whose partials are merged
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, dtype=dtype,
+                                    kinds=["full", "full"], window=[2, 40, 100, -1], sinks=[1, 4, 0, 0],
+                                    split_keys=16)
+    Sk = k.shape[1]
+    cache.append(0, k[:, :Sk - 1], v[:, :Sk - 1])
+    step = cache.attention(0, q[:, -1:], k[:, -1:], v[:, -1:], sink_logit=sink)
+    assert_close(step, ref[:, -1:], atol=OUT_ATOL[dtype], rtol=OUT_RTOL[dtype])
+    _, stats = headops.attention(q, k, v, probe=headops.Probe(sink_mass=True, entropy=True), **kw)
+    assert torch.equal(stats.sink_mass[0, [0, 2]], torch.ones(2, 40))
+    assert torch.equal(stats.entropy[0, [0, 2]], torch.zeros(2, 40))
+    assert not stats.entropy.isnan().any() and not stats.sink_mass.isnan().any()
+    # gradients: nothing reaches q, k, v through the +inf heads and the sink's own gradient is 0
+    # (the oracle's autograd gives NaN there: exp(inf - inf)); the other heads match the oracle
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    sink_leaf = sink.clone().requires_grad_()
+    dout = torch.randn(out.shape, dtype=F64).to(dtype)
+    headops.attention(*leaves, causal=True, **dict(kw, sink_logit=sink_leaf)).backward(dout)
+    ref_leaves = [t.detach().to(F64).requires_grad_() for t in (q, k, v)]
+    ref_sink = sink.clone().requires_grad_()
+    reference.attention(*ref_leaves, causal=True, **dict(kw, sink_logit=ref_sink)).backward(dout.to(F64))
+    assert sink_leaf.grad[[0, 2]].eq(0).all()
+    assert torch.equal(leaves[0].grad[0, :, [0, 2]], torch.zeros_like(leaves[0].grad[0, :, [0, 2]]))
+    assert not any(t.grad.isnan().any() for t in leaves)
+    if dtype == F64:  # (rounded inputs' gradients are compared in test_autograd)
+        assert_close(sink_leaf.grad[[1, 3]], ref_sink.grad[[1, 3]], atol=1e-9, rtol=1e-9)
+        for got, want in zip(leaves, ref_leaves):
+            assert_close(got.grad, want.grad, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=str)
