@@ -224,6 +224,22 @@ def test_infinite_sink_logit_takes_the_row(dtype):
             assert_close(got.grad, want.grad, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
+def test_zero_gate_gradient_ignores_a_nan_it_multiplies(dtype):
+    # a head gated to exactly 0 outputs 0 whatever its average holds (a NaN from its input
+    # included), so d(gate) there adds 0 for such terms, as the oracle's does, not NaN
+    q, k, v = make_qkv(1, 5, 5, 2, 2, 8, dtype)
+    q[0, 2, 0, 3] = float("nan")
+    dout = torch.randn(1, 5, 2, 8, dtype=F64).to(dtype)
+    grads = []
+    for fn, cast in ((headops.attention, dtype), (reference.attention, F64)):
+        gate = torch.tensor([0.0, 1.0], dtype=F64, requires_grad=True)
+        out = fn(q.to(cast), k.to(cast), v.to(cast), gate=gate, out_bias=torch.ones(2, 8, dtype=F64))
+        grads.append(torch.autograd.grad(out, gate, dout.to(cast))[0])
+    assert torch.isfinite(grads[0]).all()
+    assert_close(grads[0], grads[1], atol=1e-9 if dtype == F64 else 3e-2, rtol=1e-9 if dtype == F64 else 3e-2)
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_output_and_lse_dtype_shape_layout(dtype):
     for layout in LAYOUTS:

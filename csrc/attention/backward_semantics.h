@@ -71,6 +71,15 @@ struct BackwardHead {
   }
 };
 
+// What the gate multiplies, as d(gate) reads it: under a gate of exactly 0 the output is 0 whatever
+// o * out_scale + out_bias holds (the reference zeroes a NaN or inf there), so a non-finite term
+// adds 0 to d(gate) instead of NaN.
+template <typename acc_t>
+HEADOPS_HD acc_t gated_term(acc_t gate, acc_t term) {
+  const bool finite = term == term && term != static_cast<acc_t>(INFINITY) && term != -static_cast<acc_t>(INFINITY);
+  return gate == acc_t(0) && !finite ? acc_t(0) : term;
+}
+
 // One head's rows of what the row pass reads and writes: the epilogue's out_scale/out_bias and
 // their gradients, dL/dlse, and the saved branch averages that exist. Every row pointer is null
 // when its tensor is absent; the saved averages are [Sq, D] per head.

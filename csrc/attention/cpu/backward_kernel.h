@@ -117,7 +117,7 @@ class HeadBackward {
         const acc_t scale = os ? os[d] : acc_t(1);
         if (mixed) {
           const acc_t o = mixed_average(hs, o_full, o_stream, d);
-          if (p_.dgate) dgate += dy[d] * (o * scale + (ob ? ob[d] : acc_t(0)));
+          if (p_.dgate) dgate += dy[d] * gated_term(gate, o * scale + (ob ? ob[d] : acc_t(0)));
           if (dos) dos[d] += gate * dy[d] * o;
         }
         if (dob) dob[d] += gate * dy[d];

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) row_pass(BackwardParams p, BackwardS
       const float scale = os ? os[d] : 1.f;
       const float y = dy[d];
       if (rows.need_mixed && (o_full || o_stream))
-        g_part += y * (mixed_average(hp.hs, o_full, o_stream, d) * scale + (ob ? ob[d] : 0.f));
+        g_part += y * gated_term(gate, mixed_average(hp.hs, o_full, o_stream, d) * scale + (ob ? ob[d] : 0.f));
       const float g = gate * y * scale;  // dL/do of the mixed average
       if (o_full) dot_f += g * o_full[d];
       if (o_stream) dot_s += g * o_stream[d];
