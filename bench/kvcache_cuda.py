@@ -105,6 +105,18 @@ def make_cache(kind, S, args, device, dtype, g):
     return cache
 
 
+def step_inputs(S, args, device, dtype):
+    """(generator, the S cached keys and values, one step's q, k, v), drawn from a seed of S."""
+    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
+    g = torch.Generator().manual_seed(S)
+    k = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
+    q = torch.randn(1, 1, Hq, D, generator=g).to(dtype).to(device)
+    k1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+    v1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+    return g, k, v, q, k1, v1
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     device = torch.device(args.device)
@@ -119,12 +131,7 @@ def main(argv=None) -> int:
     print(f"device: {name}; copy bandwidth {gbps_copy:.0f} GB/s (read + write)")
     rows = []
     for S in args.contexts:
-        g = torch.Generator().manual_seed(S)
-        k = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
-        v = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
-        q = torch.randn(1, 1, Hq, D, generator=g).to(dtype).to(device)
-        k1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
-        v1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        g, k, v, q, k1, v1 = step_inputs(S, args, device, dtype)
         # SDPA over the dense cache holding the same S + 1 tokens as the cache's first step
         dense_k = torch.cat([k, k1], 1).transpose(1, 2).contiguous()
         dense_v = torch.cat([v, v1], 1).transpose(1, 2).contiguous()

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kvcache_cuda import Timer, make_cache, parse  # noqa: E402
+from kvcache_cuda import Timer, make_cache, parse, step_inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,15 +34,9 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     timer = Timer(device)
     dtype = torch.bfloat16
-    Hq, Hkv, D = args.heads, args.kv_heads, args.dim
     from torch.profiler import ProfilerActivity, profile
     for S in args.contexts:
-        g = torch.Generator().manual_seed(S)
-        k = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
-        v = torch.randn(1, S, Hkv, D, generator=g).to(dtype).to(device)
-        q = torch.randn(1, 1, Hq, D, generator=g).to(dtype).to(device)
-        k1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
-        v1 = torch.randn(1, 1, Hkv, D, generator=g).to(dtype).to(device)
+        g, k, v, q, k1, v1 = step_inputs(S, args, device, dtype)
         for kind in ("full", "stream 100%"):
             cache = make_cache(kind, S, args, device, dtype, g)
             cache.append(0, k, v)
