@@ -595,7 +595,7 @@ def _numbers_key(per_head: dict):
 
 def _check_device(caller, name, device: torch.device) -> None:
     """The CPU, or a CUDA device when the build has the CUDA kernels (csrc/kvcache/cuda/; written and
-    compiled, not yet run on a GPU)."""
+    tested on an NVIDIA H200)."""
     from . import _C
 
     if device.type == "cpu":

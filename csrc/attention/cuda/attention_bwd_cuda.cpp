@@ -1,6 +1,6 @@
 // Host side of the CUDA backward: device guard, scratch buffers, launch on the current stream.
 //
-// NOT YET RUN ON A GPU (compiled only); see backward_kernel.cu.
+// Tested on an NVIDIA H200; see backward_kernel.cu.
 #ifdef HEADOPS_WITH_CUDA
 
 #include "attention_bwd_cuda.h"
@@ -25,13 +25,14 @@ void attention_backward(const BackwardParams& p, const at::Tensor& q) {
   const AttentionParams& f = p.fwd;
   const int64_t n_heads = f.batch * f.heads_q;
   if (n_heads == 0 || f.seqlen_q == 0 || f.head_dim == 0) return;
-  // one block per head (row pass) and per 4 rows or keys of a head (key passes)
+  // one block per head (row pass) and per kBackwardWarps rows or keys of a head (key passes)
   const int64_t max_grid = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(n_heads * ((std::max(f.seqlen_q, f.seqlen_k) + 3) / 4) <= max_grid, op,
+  const int64_t most_rows = std::max(f.seqlen_q, f.seqlen_k);
+  TORCH_CHECK(n_heads * ((most_rows + kBackwardWarps - 1) / kBackwardWarps) <= max_grid, op,
               "too many (batch, head, rows) for one CUDA launch");
   const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  TORCH_CHECK(static_cast<int64_t>(8 * f.head_dim * sizeof(float)) <= optin, op, "head dim ", f.head_dim,
-              " is too large for the CUDA backward (its accumulators take ", 8 * f.head_dim * sizeof(float),
+  TORCH_CHECK(backward_smem_bytes(f.head_dim) <= optin, op, "head dim ", f.head_dim,
+              " is too large for the CUDA backward (its accumulators take ", backward_smem_bytes(f.head_dim),
               " bytes of shared memory per block, the device has ", optin, ")");
   const auto options = q.options().dtype(at::kFloat);
   const int64_t rows = n_heads * f.seqlen_q;

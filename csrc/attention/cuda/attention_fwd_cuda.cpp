@@ -2,7 +2,7 @@
 // items; each item's key walk is the one the kernel takes, tile_walk in head_semantics.h),
 // counts the work, picks the kernel and launches it on the current stream.
 //
-// NOT YET RUN ON A GPU (compiled only); see forward_kernel.cu.
+// Tested on an NVIDIA H200; see forward_kernel.cu.
 #ifdef HEADOPS_WITH_CUDA
 
 #include "attention_fwd_cuda.h"

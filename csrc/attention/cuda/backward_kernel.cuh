@@ -1,6 +1,6 @@
 // The CUDA backward of headops.attention: launch declaration (no torch headers).
 //
-// NOT YET RUN ON A GPU (compiled only); see backward_kernel.cu.
+// Tested on an NVIDIA H200; see backward_kernel.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -24,6 +24,14 @@ struct BackwardScratch {
   float* delta_full = nullptr;
   float* dscale_rows = nullptr;
 };
+
+// Warps per block of the row, dq and dkv passes (a block takes kBackwardWarps rows or keys).
+constexpr int kBackwardWarps = 4;
+
+// The largest dynamic shared memory a block asks for: the dkv pass's two rows of D floats a warp.
+constexpr int64_t backward_smem_bytes(int64_t head_dim) {
+  return 2 * kBackwardWarps * head_dim * static_cast<int64_t>(sizeof(float));
+}
 
 // Every gradient BackwardParams asks for (null pointer / want_* false: not computed), for
 // float32 inputs (the dispatcher converts bfloat16/float16 to float32 first). The outputs are
