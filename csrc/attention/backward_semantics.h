@@ -48,8 +48,8 @@ struct BackwardHead {
 
   // A row's delta per branch, from the dot products of dL/do (the mixed average's gradient,
   // before do_scale) with each branch's saved average; dL/dlse joins the streaming branch's.
-  // A gate of exactly 0 gives 0 whatever the saved averages hold (a NaN included): the caller
-  // passes 0 for the dots then.
+  // A gate of exactly 0 gives 0 whatever the saved averages hold (a NaN included): the dots are
+  // not read then (the CPU passes 0 for them, the CUDA row pass whatever it summed).
   HEADOPS_HD void row_deltas(acc_t dot_full, acc_t dot_streaming, bool has_dlse, acc_t dlse, acc_t& delta_full,
                              acc_t& delta_streaming) const {
     delta_full = hs.gate != acc_t(0) && plan.full ? weight_full * dot_full : acc_t(0);
