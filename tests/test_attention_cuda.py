@@ -431,6 +431,20 @@ def test_forward_captured_in_a_cuda_graph():
 
 
 @gpu_only
+def test_device_planning_argument_under_capture_is_refused_by_name():
+    """window on the GPU during a graph's capture: the host cannot read it without a sync, so the
+    call says which argument to pass on the CPU instead of failing inside the copy."""
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 64, 64, 2, 2, 64, BF16))
+    window = torch.tensor([-1, 16], device=CUDA)
+    headops.attention(q, k, v, window=torch.tensor([-1, 16]))  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="window is read on the host"):
+        with torch.cuda.graph(graph):
+            headops.attention(q, k, v, window=window)
+
+
+@gpu_only
 def test_inputs_not_modified_and_current_stream_used():
     """The side stream is busy (a sleep, then the copy of the query) when headops is called on it:
     a kernel launched on any other stream would read the query before the copy lands."""

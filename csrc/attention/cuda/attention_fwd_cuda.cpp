@@ -52,11 +52,15 @@ bool use_tensor_cores(const AttentionParams& p, DType dtype) {
 // outside CUDA-graph capture) or "kernel" (kernels whose parameters carry the words: nothing is
 // read from host memory when a captured graph replays). HEADOPS_CUDA_UPLOAD=kernel forces the
 // second outside capture too (tests: the path a graph takes, run eagerly).
-bool upload_by_kernel(cudaStream_t stream) {
+bool stream_is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t err = cudaStreamIsCapturing(stream, &status);
   TORCH_CHECK(err == cudaSuccess, "headops.attention_fwd: cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
-  if (status != cudaStreamCaptureStatusNone) return true;
+  return status != cudaStreamCaptureStatusNone;
+}
+
+bool upload_by_kernel(cudaStream_t stream) {
+  if (stream_is_capturing(stream)) return true;
   const char* v = std::getenv("HEADOPS_CUDA_UPLOAD");
   return v != nullptr && std::strcmp(v, "kernel") == 0;
 }
@@ -81,9 +85,13 @@ struct HostPerHead {
   int64_t words() const { return upload ? t.numel() * static_cast<int64_t>(t.element_size()) / 4 : 0; }
 };
 
-HostPerHead to_host(const std::optional<at::Tensor>& t) {
+HostPerHead to_host(const std::optional<at::Tensor>& t, const char* name, bool capturing) {
   HostPerHead h;
   if (!t.has_value()) return h;
+  // the copy from the device would abort a CUDA graph's capture: say why instead
+  TORCH_CHECK(t->is_cpu() || !capturing, kOp, name, " is read on the host to plan the work: under CUDA graph capture "
+              "pass it as a CPU tensor (HeadSpec.to(\"cuda\") keeps the planning arguments there), got one on ",
+              t->device());
   h.upload = t->is_cpu();
   h.t = h.upload ? t->contiguous() : t->to(at::kCPU).contiguous();
   return h;
@@ -148,7 +156,9 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   // the host reads gate, window, sinks and alpha to plan the items; nothing else of p is read
   // here. CPU tensors are read as they are (no sync) and their values travel to the kernel in
   // the uploaded table; a CUDA tensor is copied here (a small copy that waits for the stream)
-  HostPerHead g = to_host(gate), w = to_host(window), s = to_host(sinks), a = to_host(alpha);
+  const bool capturing = stream_is_capturing(at::cuda::getCurrentCUDAStream());
+  HostPerHead g = to_host(gate, "gate", capturing), w = to_host(window, "window", capturing),
+              s = to_host(sinks, "sinks", capturing), a = to_host(alpha, "alpha", capturing);
   check_planning_values(op, w, s, a);
   // a copy of p for the host: its sizes and flags, and per-head scalars it can read (read_head);
   // softmax_scale and sink_logit stay on the device (planning does not need them)
