@@ -625,7 +625,9 @@ def _lengths(caller, lengths) -> list:
 
 def _check_alpha(caller, alpha, st: LayerStorage):
     """alpha > 0 needs every key (the full branch): only query heads of full KV heads have them.
-    (It reads alpha's values: skipped while torch.compile traces; the decode op re-checks it.)"""
+    (It reads alpha's values: skipped while torch.compile traces, where the CPU decode op
+    re-checks it; the CUDA op reads no values, so a GPU alpha under graph capture is trusted as
+    it was checked in the eager warm-up.)"""
     if alpha is None or not st.partial_query_heads or torch.compiler.is_compiling():
         return
     if alpha.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
