@@ -48,10 +48,6 @@ bool use_tensor_cores(const AttentionParams& p, DType dtype) {
                             static_cast<int64_t>(device->sharedMemPerBlockOptin), force_generic());
 }
 
-// Where the work list goes up: "pinned" (a pinned buffer copied with non_blocking, the default
-// outside CUDA-graph capture) or "kernel" (kernels whose parameters carry the words: nothing is
-// read from host memory when a captured graph replays). HEADOPS_CUDA_UPLOAD=kernel forces the
-// second outside capture too (tests: the path a graph takes, run eagerly).
 bool stream_is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaError_t err = cudaStreamIsCapturing(stream, &status);
@@ -59,8 +55,12 @@ bool stream_is_capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-bool upload_by_kernel(cudaStream_t stream) {
-  if (stream_is_capturing(stream)) return true;
+// Where the work list goes up: "pinned" (a pinned buffer copied with non_blocking, the default
+// outside CUDA-graph capture) or "kernel" (kernels whose parameters carry the words: nothing is
+// read from host memory when a captured graph replays). HEADOPS_CUDA_UPLOAD=kernel forces the
+// second outside capture too (tests: the path a graph takes, run eagerly).
+bool upload_by_kernel(bool capturing) {
+  if (capturing) return true;
   const char* v = std::getenv("HEADOPS_CUDA_UPLOAD");
   return v != nullptr && std::strcmp(v, "kernel") == 0;
 }
@@ -156,7 +156,8 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   // the host reads gate, window, sinks and alpha to plan the items; nothing else of p is read
   // here. CPU tensors are read as they are (no sync) and their values travel to the kernel in
   // the uploaded table; a CUDA tensor is copied here (a small copy that waits for the stream)
-  const bool capturing = stream_is_capturing(at::cuda::getCurrentCUDAStream());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool capturing = stream_is_capturing(stream);
   HostPerHead g = to_host(gate, "gate", capturing), w = to_host(window, "window", capturing),
               s = to_host(sinks, "sinks", capturing), a = to_host(alpha, "alpha", capturing);
   check_planning_values(op, w, s, a);
@@ -233,10 +234,9 @@ void attention_forward(const AttentionParams& p, const at::Tensor& q, const std:
   for (const HostPerHead* h : {&g, &w, &s, &a})
     if (h->upload && h->words() > 0) std::memcpy(table.data() + h->word_offset, h->t.data_ptr(), 4 * h->words());
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor dev = at::empty({words}, at::TensorOptions().device(q.device()).dtype(at::kInt));
   int32_t* dw = dev.data_ptr<int32_t>();
-  if (upload_by_kernel(stream)) {
+  if (upload_by_kernel(capturing)) {
     const cudaError_t err = launch_upload_words(dw, table.data(), words, stream);
     TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (work list upload): ", cudaGetErrorString(err));
   } else {
