@@ -409,12 +409,11 @@ def constructor_wrong_forms(c):
     if "streaming" in c["kinds"]:
         forms["streaming_unlimited_window"] = ({"window": -1}, "window")
         # rings grow with what they receive, so a window of 2**40 is accepted (test_kvcache); refused is
-        # one whose ring alone could not be sized in int64 elements for this batch and head dim
-        forms["streaming_window_past_int64_storage"] = (
-            {"window": -(-2**62 // (c["batch_size"] * c["head_dim"]))}, ["window", "max_step"])
-        # likewise max_step: each ring holds up to window + max_step - 1 tokens
-        forms["max_step_past_int64_storage"] = (
-            {"max_step": -(-2**62 // (c["batch_size"] * c["head_dim"]))}, "max_step")
+        # one whose ring alone could not be sized in int64 elements for this batch and head dim, and
+        # likewise max_step (each ring holds up to window + max_step - 1 tokens)
+        ring_past_int64 = -(-2**62 // (c["batch_size"] * c["head_dim"]))
+        forms["streaming_window_past_int64_storage"] = ({"window": ring_past_int64}, ["window", "max_step"])
+        forms["max_step_past_int64_storage"] = ({"max_step": ring_past_int64}, "max_step")
     if "budget" in c["kinds"]:
         forms["budget_head_with_window"] = ({"window": 3}, "window")
         for bad in (None, 0, -1, c["budget_recent"]):
