@@ -138,8 +138,8 @@ else
   fi
   run "bench: forward vs SDPA flash/cuDNN and FlexAttention" 100 "$PY" bench/attention_cuda.py "${BENCH_DEVICE[@]}" \
     "${ATT[@]}" --json "$OUT/attention_cuda.json"
-  run "bench: decode vs SDPA over a dense cache" 70 "$PY" bench/kvcache_cuda.py "${BENCH_DEVICE[@]}" \
-    --json "$OUT/kvcache_cuda.json"
+  run "bench: decode vs SDPA over a dense cache (both decode kernels)" 100 "$PY" bench/kvcache_cuda.py \
+    "${BENCH_DEVICE[@]}" --kernels tile,key_split --json "$OUT/kvcache_cuda.json"
 fi
 
 # last, the long sweeps (whatever the budget leaves them): the forward, then the gradients

@@ -15,19 +15,23 @@ Bandwidth: the bytes a step must read (cache.nbytes(): the keys and values each 
 the step's time, beside the device's copy bandwidth measured in the same run (a 1 GiB
 device-to-device copy: 2 bytes moved per byte copied), so "fraction of copy bandwidth" says how
 close the decode kernel gets to reading what it keeps at memory speed.
+Decode kernels: `--kernels tile,key_split` times each headops row under each of the CUDA
+decode's first kernels (HEADOPS_CUDA_DECODE, set before each call; interleaved with the rest).
 Timing: a warm-up, then `--repeats` calls each timed by a pair of CUDA events, interleaved; the
-median is reported. Correctness: the headops "full" output against SDPA on the same cache.
+median is reported. Correctness: the headops "full" output against SDPA on the same cache (a fresh
+full cache per kernel).
 
-    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--json out.json]
+    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--kernels tile,key_split] [--json out.json]
     python3 bench/kvcache_cuda.py --device cpu      # a dry run on the CPU kernels (tiny sizes; numbers mean nothing)
 
-Written before any GPU run (the first is bench/gpu_suite.sh).
+First run on an H200 (bench/gpu_suite.sh, 2026-12-04): the tile kernel; key_split written after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -48,6 +52,9 @@ def parse(argv=None):
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--split-keys", type=int, default=1024, help="HeadSparseCache(split_keys=...): keys per CTA")
+    ap.add_argument("--kernels", type=lambda s: s.split(","), default=["tile"],
+                    help="CUDA decode kernels to time (HEADOPS_CUDA_DECODE values), e.g. tile,key_split")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dry = args.device == "cpu"
@@ -101,7 +108,7 @@ def make_cache(kind, S, args, device, dtype, g):
     sinks = [args.sinks if kinds[q // group] == "streaming" else 0 for q in range(Hq)]
     cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=1,
                                     dtype=dtype, device=device, kinds=kinds, window=window, sinks=sinks,
-                                    max_step=1)
+                                    max_step=1, split_keys=args.split_keys)
     return cache
 
 
@@ -145,34 +152,45 @@ def main(argv=None) -> int:
             cache = make_cache(kind, S, args, device, dtype, g)
             cache.append(0, k, v)
             caches[kind] = cache
-        # correctness: the full cache's first step against SDPA over the same S + 1 tokens
-        first = caches["full"].attention(0, q, k1, v1)
-        err = (first.transpose(1, 2).float() - sdpa().float()).abs().max().item()
-        for kind, cache in caches.items():  # warm-up (the full cache has had its first step)
-            if kind != "full":
-                cache.attention(0, q, k1, v1)
+        # correctness: each kernel's first step on a full cache against SDPA over the same S + 1 tokens
+        errs = {}
+        for kernel in args.kernels:
+            os.environ["HEADOPS_CUDA_DECODE"] = kernel
+            fresh = caches["full"] if kernel == args.kernels[0] else make_cache("full", S, args, device, dtype, g)
+            if fresh is not caches["full"]:
+                fresh.append(0, k, v)
+            first = fresh.attention(0, q, k1, v1)
+            errs[kernel] = (first.transpose(1, 2).float() - sdpa().float()).abs().max().item()
+            del fresh, first
+        runs = [(kind, kernel) for kind in caches for kernel in args.kernels]
+        for kind, kernel in runs:  # warm-up
+            os.environ["HEADOPS_CUDA_DECODE"] = kernel
+            caches[kind].attention(0, q, k1, v1)
         sdpa()
-        times = {kind: [] for kind in caches}
+        times = {run: [] for run in runs}
         times["SDPA"] = []
         for _ in range(args.repeats):
-            for kind, cache in caches.items():
-                times[kind].append(timer(lambda: cache.attention(0, q, k1, v1)))
+            for kind, kernel in runs:
+                os.environ["HEADOPS_CUDA_DECODE"] = kernel
+                cache = caches[kind]
+                times[(kind, kernel)].append(timer(lambda: cache.attention(0, q, k1, v1)))
             times["SDPA"].append(timer(sdpa))
         dense_bytes = 2 * dense_k.numel() * dense_k.element_size()
         t_sdpa = statistics.median(times["SDPA"])
         rows.append(dict(context=S, candidate="SDPA (dense)", ms=t_sdpa * 1e3, kept_bytes=dense_bytes,
                          gbps=dense_bytes / t_sdpa / 1e9, vs_sdpa=1.0, max_abs_err=None))
-        for kind, cache in caches.items():
-            t = statistics.median(times[kind])
-            kept = cache.nbytes()
-            rows.append(dict(context=S, candidate=f"headops {kind}", ms=t * 1e3, kept_bytes=kept, gbps=kept / t / 1e9,
-                             vs_sdpa=t_sdpa / t, max_abs_err=err if kind == "full" else None))
+        for kind, kernel in runs:
+            t = statistics.median(times[(kind, kernel)])
+            kept = caches[kind].nbytes()
+            label = f"headops {kind}" + (f" [{kernel}]" if len(args.kernels) > 1 else "")
+            rows.append(dict(context=S, candidate=label, kernel=kernel, ms=t * 1e3, kept_bytes=kept,
+                             gbps=kept / t / 1e9, vs_sdpa=t_sdpa / t, max_abs_err=errs[kernel] if kind == "full" else None))
         del caches, dense_k, dense_v, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
     print(f"decode step, B=1, Hq={Hq}, Hkv={Hkv}, D={D}, bfloat16, window {args.window} + {args.sinks} sinks "
-          f"for streaming heads; median of {args.repeats}")
+          f"for streaming heads, split_keys {args.split_keys}; median of {args.repeats}")
     print("| context | candidate | ms / step | kept MB | GB/s read | of copy bw | speed-up vs SDPA | max abs err |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -39,6 +39,34 @@ struct TypeOps<__half> {
   }
 };
 
+// The floats held by 32-bit words of a stored dtype (kPerWord per word, in memory order): how
+// the decode reads key and value rows staged in shared memory by 16-byte copies.
+template <typename T>
+struct WordFloats;
+template <>
+struct WordFloats<float> {
+  static constexpr int kPerWord = 1;
+  __device__ static void unpack(uint32_t w, float* out) { out[0] = __uint_as_float(w); }
+};
+template <>
+struct WordFloats<__nv_bfloat16> {
+  static constexpr int kPerWord = 2;
+  // a bfloat16 is the high half of a float's bits (little-endian: the first element is the low half)
+  __device__ static void unpack(uint32_t w, float* out) {
+    out[0] = __uint_as_float(w << 16);
+    out[1] = __uint_as_float(w & 0xffff0000u);
+  }
+};
+template <>
+struct WordFloats<__half> {
+  static constexpr int kPerWord = 2;
+  __device__ static void unpack(uint32_t w, float* out) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    out[0] = f.x;
+    out[1] = f.y;
+  }
+};
+
 // natural units (the generic kernels, the backward, the decode) ...
 struct FastExp {
   __device__ __forceinline__ float operator()(float x) const { return __expf(x); }

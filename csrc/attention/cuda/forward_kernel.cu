@@ -37,6 +37,7 @@
 #include "../attention_params.h"
 #include "../head_semantics.h"
 #include "../online_softmax.h"
+#include "async_copy.cuh"
 #include "device_math.cuh"
 #include "forward_kernel.cuh"
 #include "smem_opt_in.h"
@@ -96,20 +97,6 @@ __device__ __forceinline__ bool in_ranges(const RowRanges& r, int j) {
 
 // ------------------------------------------------------------------------------------------
 // Tensor-core kernel
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16 bytes global -> shared; src_bytes = 0 writes zeros (rows past the range or past S).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "../../attention/head_semantics.h"
@@ -32,6 +33,7 @@
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
 #include "kv_cache_kernels.cuh"
+#include "../../attention/cuda/async_copy.cuh"
 #include "../../attention/cuda/device_math.cuh"
 #include "../../attention/cuda/smem_opt_in.h"
 
@@ -50,6 +52,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 constexpr int kPad = kDecodeTile + 1;  // the transposed key tile's row stride (no bank conflicts)
+
+// Dynamic shared memory of one tile-kernel CTA for head dim D (bytes).
+int64_t tile_smem_bytes(int64_t head_dim) {
+  const int64_t D = head_dim;
+  return static_cast<int64_t>(sizeof(float)) *
+         (kDecodeRowsPerPass * D + D * kPad + kDecodeTile * D + kDecodeRowsPerPass * kDecodeTile);
+}
 
 // The slots one CTA walks for its (b, KV head) and how a walk index maps to a position and a
 // storage row. Built identically by every thread from the tables (range-guarded).
@@ -189,6 +198,61 @@ __device__ __forceinline__ float row_score(const float* q, const float* sK, int6
   return s;
 }
 
+// The CTA's range [begin, end) of the walk. Split-K: full and streaming heads split their walk
+// into ranges of split_keys; a budget head is walked whole by split 0 (its attention mass needs
+// each row's final softmax).
+struct WalkRange {
+  int64_t begin = 0, end = 0;
+};
+__device__ WalkRange split_range(const DecodeParams& p, const HeadWalk& w, int64_t split) {
+  WalkRange r;
+  if (w.kind == kKvBudget) {
+    r.end = split == 0 ? w.n : 0;
+  } else if (split < w.n / p.split_keys + (w.n % p.split_keys != 0)) {
+    r.begin = split * p.split_keys;
+    r.end = r.begin + min64(p.split_keys, w.n - r.begin);
+  }
+  return r;
+}
+
+// Row r of the (b, kvh) group's R = G * Sq rows (query head kvh * G + r / Sq, new token r % Sq);
+// a row past R is inactive.
+__device__ RowInfo row_info(const AttentionParams& a, int64_t b, int64_t kvh, int64_t r, int64_t R, int64_t length) {
+  RowInfo row;
+  row.active = false;
+  row.pos = 0;
+  row.hs = HeadScalars<float>{};
+  row.plan = BranchPlan{false, false};
+  row.bias = nullptr;
+  if (r < R) {
+    const int64_t h = kvh * a.group() + r / a.seqlen_q;
+    row.hs = read_head<float>(a, b, h);
+    row.active = row.hs.gate != 0.f;
+    row.plan = plan_branches(row.hs);
+    row.pos = length - a.seqlen_q + r % a.seqlen_q;
+    row.bias = a.key_bias.present() ? a.key_bias.row<float>(b, h) : nullptr;
+  }
+  return row;
+}
+
+__device__ __forceinline__ bool plans_branch(const RowInfo& row, int br) {
+  return row.active && (br == 0 ? row.plan.full : row.plan.streaming);
+}
+__device__ __forceinline__ HeadVisibility branch_visibility(const AttentionParams& a, const RowInfo& row, int br) {
+  return br == 0 ? full_visibility(a.causal) : streaming_visibility(a.causal, row.hs);
+}
+
+// One tile of 32 keys (a logit per lane, -inf where hidden) joins a row's softmax: returns this
+// lane's exp(logit - reference), 0 while the row has seen nothing; `correction` is what the
+// row's accumulator must be multiplied by first.
+__device__ __forceinline__ float softmax_tile(OnlineSoftmax<float>& sm, float x, float& correction) {
+  correction = sm.rescale(warp_max(x), FastExp{});
+  if (sm.max == negative_infinity<float>()) return 0.f;  // nothing visible yet
+  const float e = FastExp{}(x - sm.reference());
+  sm.add(warp_sum(e), correction);
+  return e;
+}
+
 template <typename T, int NT>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_partial_kernel(const DecodeParams p, const int64_t splits, float* __restrict__ part_ms,
@@ -211,15 +275,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int64_t length = p.lengths[b];
   const GroupKeys group = group_keys<float>(a, b, kvh, length);
   const HeadWalk w = head_walk(p, b, kvh, length, group);
-  // split-K: full and streaming heads split their walk into ranges of split_keys; a budget head
-  // is walked whole by split 0 (its attention mass needs each row's final softmax)
-  int64_t t_begin = 0, t_end = 0;
-  if (w.kind == kKvBudget) {
-    t_end = split == 0 ? w.n : 0;
-  } else if (split < w.n / p.split_keys + (w.n % p.split_keys != 0)) {
-    t_begin = split * p.split_keys;
-    t_end = t_begin + min64(p.split_keys, w.n - t_begin);
-  }
+  const WalkRange range = split_range(p, w, split);
+  const int64_t t_begin = range.begin, t_end = range.end;
   if (t_begin >= t_end) {  // nothing to walk (past the row's length, gated off, empty head): empty partials
     for (int64_t i = threadIdx.x; i < R * 2; i += blockDim.x) {
       ms[2 * i] = negative_infinity<float>();
@@ -242,21 +299,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     float acc[2][RW][NT];
 #pragma unroll
     for (int k = 0; k < RW; ++k) {
-      const int64_t r = c0 + warp * RW + k;
-      RowInfo& row = rows[k];
-      row.active = false;
-      row.pos = 0;
-      row.hs = HeadScalars<float>{};
-      row.plan = BranchPlan{false, false};
-      row.bias = nullptr;
-      if (r < R) {
-        const int64_t h = kvh * G + r / Sq;
-        row.hs = read_head<float>(a, b, h);
-        row.active = row.hs.gate != 0.f;
-        row.plan = plan_branches(row.hs);
-        row.pos = length - Sq + r % Sq;
-        row.bias = a.key_bias.present() ? a.key_bias.row<float>(b, h) : nullptr;
-      }
+      rows[k] = row_info(a, b, kvh, c0 + warp * RW + k, R, length);
 #pragma unroll
       for (int br = 0; br < 2; ++br) {
         st[br][k] = OnlineSoftmax<float>::start(false, 0.f);  // the sink logit joins once, in the combine
@@ -275,14 +318,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
         const float s = row_score(sQ + (warp * RW + k) * D, sK, D, lane);
 #pragma unroll
         for (int br = 0; br < 2; ++br) {
-          if (!(br == 0 ? row.plan.full : row.plan.streaming)) continue;
-          const HeadVisibility vis = br == 0 ? full_visibility(a.causal) : streaming_visibility(a.causal, row.hs);
-          const float x = key_logit(a, row, vis, key_pos, s);
-          OnlineSoftmax<float>& sm = st[br][k];
-          const float correction = sm.rescale(warp_max(x), FastExp{});
-          if (sm.max == negative_infinity<float>()) continue;  // nothing visible yet
-          const float e = FastExp{}(x - sm.reference());
-          sm.add(warp_sum(e), correction);
+          if (!plans_branch(row, br)) continue;
+          float correction;
+          const float e = softmax_tile(st[br][k], key_logit(a, row, branch_visibility(a, row, br), key_pos, s), correction);
+          if (st[br][k].max == negative_infinity<float>()) continue;  // nothing visible yet
           if (correction != 1.f) {
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[br][k][t] *= correction;
@@ -353,6 +392,386 @@ __global__ void __launch_bounds__(kDecodeThreads)
             const int64_t d = lane + 32 * t;
             if (d < D) acc_out[at * D + d] = acc[br][k][t];
           }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key-split kernel (HEADOPS_CUDA_DECODE=key_split). WRITTEN AFTER THE H200 RUN AND NOT YET RUN ON
+// A GPU: tests/test_kvcache_cuda.py runs every case under both kernels.
+//
+// The tile kernel above gives each warp its own query rows and shares one 32-key tile among the
+// warps: at decode (Sq = 1, a GQA group of 4) one warp holds all the rows while the others only
+// load, and every tile passes three CTA barriers behind scalar 2-byte loads (the H200 profile:
+// latency-bound, 12.5 % occupancy). Here every warp holds the same kDecodeRowsPerWarp rows and
+// walks its own tiles of the CTA's key range (tile n goes to warp n % warps): the tile's key and
+// value rows are copied into the warp's own shared memory by 16-byte cp.async (the values still
+// in flight while the scores are taken), with warp barriers only; at the end of the walk the
+// warps' partial softmaxes are merged in warp order into the item's partial, which the same
+// combine kernel reads. A budget head's attention mass is added after the merge, each warp for
+// the keys of its own tiles.
+
+// The shared-memory layout of a key-split CTA of `warps` warps for head dim D and element size
+// `elem` (host and device compute it alike).
+struct KeySplitLayout {
+  int64_t q_stride;    // floats per staged query row: D rounded up to 8, zeros past D
+  int64_t k_stride;    // bytes per staged key row: the row rounded up to 32 bytes plus 16, so that
+                       // the 16-byte reads of lanes j = 0..7 (each its own row) meet no bank twice
+  int64_t v_stride;    // bytes per staged value row (lanes read one row together)
+  int64_t q_bytes;     // [kDecodeRowsPerWarp][q_stride] floats
+  int64_t warp_bytes;  // one warp's staging: [32][k_stride] then [32][v_stride]
+  int64_t total;       // q_bytes + the staging of every warp (which the end-of-walk merge reuses)
+};
+__host__ __device__ inline KeySplitLayout key_split_layout(int64_t D, int64_t elem, int64_t warps) {
+  KeySplitLayout L;
+  const int64_t row_bytes = (D * elem + 31) / 32 * 32;
+  L.q_stride = (D + 7) / 8 * 8;
+  L.k_stride = row_bytes + 16;
+  L.v_stride = row_bytes;
+  L.q_bytes = kDecodeRowsPerWarp * L.q_stride * 4;
+  L.warp_bytes = kDecodeTile * (L.k_stride + L.v_stride);
+  const int64_t merge_bytes = warps * kDecodeRowsPerWarp * 2 * (2 + D) * 4;
+  L.total = L.q_bytes + (warps * L.warp_bytes > merge_bytes ? warps * L.warp_bytes : merge_bytes);
+  return L;
+}
+
+// One warp's staged tile: lane j's key (position or -1, storage row, key and value rows).
+struct StagedKeys {
+  int64_t pos[kDecodeTile];
+  int64_t row[kDecodeTile];
+  const unsigned char* k[kDecodeTile];
+  const unsigned char* v[kDecodeTile];
+};
+
+// Stages walk indices [t0, t0 + 32) ∩ [t0, t1) in the warp's shared memory: positions and rows in
+// `st`, the key rows in sK and, with `values`, the value rows in sV. Keys without a position are
+// not copied (nothing reads their rows). Rows copy by 16-byte cp.async where every row starts on
+// 16 bytes (`aligned_rows`: the host checked D * elem and the storages), element by element
+// otherwise, the key rows then with zeros up to the 16-byte chunk the scores read. Returns
+// whether any key of the tile has a position (the same in every lane); then the keys have landed
+// and the values may still be in flight (cp_async_wait<0> and a warp barrier before reading them).
+template <typename T>
+__device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, int64_t length, int64_t t0, int64_t t1,
+                           const KeySplitLayout& L, bool aligned_rows, bool values, StagedKeys& st, unsigned char* sK,
+                           unsigned char* sV, int lane) {
+  const int64_t t = t0 + lane;
+  const T* kr = nullptr;
+  const T* vr = nullptr;
+  const int64_t pos = t < t1 ? walk_key<T>(p, w, b, length, t, kr, vr) : -1;
+  __syncwarp();  // every lane is done with the previous tile
+  st.pos[lane] = pos;
+  st.row[lane] = w.base + t;
+  st.k[lane] = reinterpret_cast<const unsigned char*>(kr);
+  st.v[lane] = reinterpret_cast<const unsigned char*>(vr);
+  const bool any = __any_sync(0xffffffffu, pos >= 0);
+  __syncwarp();
+  if (!any) return false;
+  const int D = static_cast<int>(p.attn.head_dim);
+  if (aligned_rows) {
+    const int chunks = D * static_cast<int>(sizeof(T)) / 16;
+    for (int i = lane; i < kDecodeTile * chunks; i += 32) {
+      const int j = i / chunks, c = i - j * chunks;
+      if (st.pos[j] >= 0) cp_async_16(smem_u32(sK + j * L.k_stride + c * 16), st.k[j] + c * 16, 16);
+    }
+    cp_async_commit();
+    if (values) {
+      for (int i = lane; i < kDecodeTile * chunks; i += 32) {
+        const int j = i / chunks, c = i - j * chunks;
+        if (st.pos[j] >= 0) cp_async_16(smem_u32(sV + j * L.v_stride + c * 16), st.v[j] + c * 16, 16);
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    constexpr int E = 16 / static_cast<int>(sizeof(T));
+    const int padded = (D + E - 1) / E * E;
+    for (int i = lane; i < kDecodeTile * padded; i += 32) {
+      const int j = i / padded, d = i - j * padded;
+      if (st.pos[j] < 0) continue;
+      reinterpret_cast<T*>(sK + j * L.k_stride)[d] =
+          d < D ? reinterpret_cast<const T*>(st.k[j])[d] : TypeOps<T>::from_float(0.f);
+      if (values && d < D) reinterpret_cast<T*>(sV + j * L.v_stride)[d] = reinterpret_cast<const T*>(st.v[j])[d];
+    }
+  }
+  __syncwarp();
+  return true;
+}
+
+// The floats of `kWords` 32-bit words read from shared memory at `src` (16-byte aligned when
+// kWords >= 4, 8-byte when 2).
+template <typename T, int kWords>
+__device__ __forceinline__ void staged_floats(const unsigned char* src, float* out) {
+  uint32_t words[kWords];
+  if constexpr (kWords >= 4) {
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i) {
+      const uint4 x = reinterpret_cast<const uint4*>(src)[i];
+      words[4 * i] = x.x;
+      words[4 * i + 1] = x.y;
+      words[4 * i + 2] = x.z;
+      words[4 * i + 3] = x.w;
+    }
+  } else if constexpr (kWords == 2) {
+    const uint2 x = *reinterpret_cast<const uint2*>(src);
+    words[0] = x.x;
+    words[1] = x.y;
+  } else {
+    words[0] = *reinterpret_cast<const uint32_t*>(src);
+  }
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) WordFloats<T>::unpack(words[i], out + i * WordFloats<T>::kPerWord);
+}
+
+// q . k of this lane's staged key row for each of the RW staged query rows (16 bytes of the key
+// at a time, each chunk used by every row).
+template <typename T, int RW>
+__device__ __forceinline__ void staged_scores(const float* sQ, int64_t q_stride, const unsigned char* k_row,
+                                              int64_t D, float (&s)[RW]) {
+  constexpr int E = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int k = 0; k < RW; ++k) s[k] = 0.f;
+  const int chunks = static_cast<int>((D + E - 1) / E);
+#pragma unroll 2
+  for (int c = 0; c < chunks; ++c) {
+    float kf[E];
+    staged_floats<T, 4>(k_row + c * 16, kf);
+#pragma unroll
+    for (int k = 0; k < RW; ++k) {
+      const float* q = sQ + k * q_stride + c * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) s[k] = fmaf(q[e], kf[e], s[k]);
+    }
+  }
+}
+
+// 3 CTAs an SM where a value row of the widest head dim fits 256 bytes (bf16/fp16 to D = 128,
+// float32 to D = 64; their shared memory allows 3), which caps the registers at 168 (a spill of
+// 8-36 bytes); wider rows leave shared memory for 1 CTA, so no cap.
+template <typename T, int NT>
+constexpr int key_split_min_blocks() {
+  return NT * 32 * static_cast<int>(sizeof(T)) <= 256 ? 3 : 1;
+}
+static_assert(sizeof(StagedKeys) * kDecodeWarps + 2 * kDecodeRowsPerWarp * 4 + 128 <= kKeySplitStaticSmem,
+              "kKeySplitStaticSmem must bound the key-split kernel's static shared memory");
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
+    decode_key_split_kernel(const DecodeParams p, const int64_t splits, const bool aligned_rows,
+                            float* __restrict__ part_ms, float* __restrict__ part_acc) {
+  constexpr int RW = kDecodeRowsPerWarp;
+  static_assert(RW == 4, "a lane's probabilities are one float4 per branch");
+  constexpr int kSliceWords = NT * static_cast<int>(sizeof(T)) / 4;  // a lane's NT values of a row
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ StagedKeys staged[kDecodeWarps];
+  __shared__ float s_lse[RW];
+  __shared__ int s_adds[RW];
+  const AttentionParams& a = p.attn;
+  const int64_t D = a.head_dim, G = a.group(), Sq = a.seqlen_q, R = G * Sq;
+  const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const KeySplitLayout L = key_split_layout(D, sizeof(T), warps);
+  float* sQ = reinterpret_cast<float*>(smem_raw);                   // [RW][q_stride]
+  unsigned char* sK = smem_raw + L.q_bytes + warp * L.warp_bytes;  // this warp's [32][k_stride]
+  unsigned char* sV = sK + kDecodeTile * L.k_stride;                // and [32][v_stride]
+  float* sMergeMs = reinterpret_cast<float*>(smem_raw + L.q_bytes);  // after the walk: [warps][RW][2][2]
+  float* sMergeAcc = sMergeMs + warps * RW * 4;                       // [warps][RW][2][D]
+  StagedKeys& st = staged[warp];
+  const int64_t item = (b * a.heads_kv + kvh) * splits + split;  // partials [item][R][2 branches]
+  float* ms = part_ms + item * R * 4;
+  float* acc_out = part_acc + item * R * 2 * D;
+
+  const int64_t length = p.lengths[b];
+  const GroupKeys group = group_keys<float>(a, b, kvh, length);
+  const HeadWalk w = head_walk(p, b, kvh, length, group);
+  const WalkRange range = split_range(p, w, split);
+  if (range.begin >= range.end) {  // nothing to walk (past the row's length, gated off, empty head): empty partials
+    for (int64_t i = threadIdx.x; i < R * 2; i += blockDim.x) {
+      ms[2 * i] = negative_infinity<float>();
+      ms[2 * i + 1] = 0.f;
+    }
+    return;
+  }
+  const int64_t tiles = (range.end - range.begin + kDecodeTile - 1) / kDecodeTile;
+
+  for (int64_t c0 = 0; c0 < R; c0 += RW) {
+    __syncthreads();  // the previous chunk's merge and budget pass are done with shared memory
+    for (int64_t i = threadIdx.x; i < RW * L.q_stride; i += blockDim.x) {
+      const int64_t k = i / L.q_stride, d = i - k * L.q_stride, r = c0 + k;
+      sQ[i] = r < R && d < D ? TypeOps<T>::to_float(a.q.row<T>(b, r % Sq, kvh * G + r / Sq)[d]) : 0.f;
+    }
+    __syncthreads();
+    RowInfo rows[RW];
+    bool planned[2][RW];
+    OnlineSoftmax<float> sm[2][RW];
+    float acc[2][RW][NT];
+#pragma unroll
+    for (int k = 0; k < RW; ++k) {
+      rows[k] = row_info(a, b, kvh, c0 + k, R, length);
+#pragma unroll
+      for (int br = 0; br < 2; ++br) {
+        planned[br][k] = plans_branch(rows[k], br);
+        sm[br][k] = OnlineSoftmax<float>::start(false, 0.f);  // the sink logit joins once, in the combine
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[br][k][t] = 0.f;
+      }
+    }
+
+    for (int64_t n = warp; n < tiles; n += warps) {
+      if (!stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, L, aligned_rows, true, st, sK, sV,
+                         lane))
+        continue;
+      const int64_t key_pos = st.pos[lane];
+      float s[RW];
+      if (key_pos >= 0) {
+        staged_scores<T, RW>(sQ, L.q_stride, sK + lane * L.k_stride, D, s);
+      } else {
+#pragma unroll
+        for (int k = 0; k < RW; ++k) s[k] = 0.f;
+      }
+      float e[2][RW];
+#pragma unroll
+      for (int k = 0; k < RW; ++k) {
+#pragma unroll
+        for (int br = 0; br < 2; ++br) {
+          e[br][k] = 0.f;
+          if (!planned[br][k]) continue;  // warp-uniform
+          float correction;
+          e[br][k] = softmax_tile(sm[br][k], key_logit(a, rows[k], branch_visibility(a, rows[k], br), key_pos, s[k]),
+                                  correction);
+          if (correction != 1.f) {
+#pragma unroll
+            for (int t = 0; t < NT; ++t) acc[br][k][t] *= correction;
+          }
+        }
+      }
+      // the lane's probabilities over its own key row, which only it has read: [branch][row]
+      float4* probs = reinterpret_cast<float4*>(sK + lane * L.k_stride);
+      probs[0] = make_float4(e[0][0], e[0][1], e[0][2], e[0][3]);
+      probs[1] = make_float4(e[1][0], e[1][1], e[1][2], e[1][3]);
+      cp_async_wait<0>();
+      __syncwarp();  // every lane's value rows have landed and its probabilities are written
+#pragma unroll 2
+      for (int j = 0; j < kDecodeTile; ++j) {
+        float v[NT];
+        if (lane * NT < D) {
+          staged_floats<T, kSliceWords>(sV + j * L.v_stride + lane * NT * sizeof(T), v);
+        } else {
+#pragma unroll
+          for (int t = 0; t < NT; ++t) v[t] = 0.f;
+        }
+        const float4* pj4 = reinterpret_cast<const float4*>(sK + j * L.k_stride);
+        const float4 p0 = pj4[0], p1 = pj4[1];
+        const float pj[2][RW] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
+#pragma unroll
+        for (int k = 0; k < RW; ++k) {
+#pragma unroll
+          for (int br = 0; br < 2; ++br) {
+            if (!planned[br][k]) continue;
+            // a key with no position or hidden from the row has probability 0: its value row (stale,
+            // or inf / NaN) is not read into the sum
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+              acc[br][k][t] = pj[br][k] != 0.f ? fmaf(pj[br][k], v[t], acc[br][k][t]) : acc[br][k][t];
+          }
+        }
+      }
+    }
+
+    // the warps' partials merged in warp order into the item's partial (the merge area is the
+    // staging's memory: every warp must be done with its tiles)
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < RW; ++k) {
+#pragma unroll
+      for (int br = 0; br < 2; ++br) {
+        const int64_t at = (warp * RW + k) * 2 + br;
+        if (lane == 0) {
+          sMergeMs[2 * at] = sm[br][k].max;
+          sMergeMs[2 * at + 1] = sm[br][k].sum;
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const int64_t d = lane * NT + t;
+          if (d < D) sMergeAcc[at * D + d] = acc[br][k][t];
+        }
+      }
+    }
+    __syncthreads();
+    for (int pair = warp; pair < RW * 2; pair += warps) {
+      const int k = pair / 2, br = pair % 2;
+      const int64_t r = c0 + k;
+      if (r >= R) {
+        if (br == 1 && lane == 0) s_adds[k] = 0;
+        continue;
+      }
+      OnlineSoftmax<float> merged{negative_infinity<float>(), 0.f};
+      float o[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) o[t] = 0.f;
+      for (int src = 0; src < warps; ++src) {
+        const int64_t at = (src * RW + k) * 2 + br;
+        const OnlineSoftmax<float> part{sMergeMs[2 * at], sMergeMs[2 * at + 1]};
+        if (part.sum == 0.f) continue;  // that warp saw nothing of this row
+        const auto scales = merged.merge(part, FastExp{});
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const int64_t d = lane + 32 * t;
+          if (d < D) o[t] = o[t] * scales.self + sMergeAcc[at * D + d] * scales.other;
+        }
+      }
+      const int64_t at = r * 2 + br;
+      if (lane == 0) {
+        ms[2 * at] = merged.max;
+        ms[2 * at + 1] = merged.sum;
+      }
+      if (merged.sum != 0.f) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const int64_t d = lane + 32 * t;
+          if (d < D) acc_out[at * D + d] = o[t];
+        }
+      }
+      if (br == 1 && lane == 0) {
+        // a budget head's row: its final softmax with the sink logit, for the attention mass
+        // (the row read again: indexing rows[] by a run-time k would move it to local memory)
+        const RowInfo row = row_info(a, b, kvh, r, R, length);
+        const bool adds = row.active && row.plan.streaming && merged.max != negative_infinity<float>();
+        OnlineSoftmax<float> with_sink = OnlineSoftmax<float>::start(row.hs.has_sink_logit, row.hs.sink_logit);
+        if (adds) with_sink.merge(merged, FastExp{});
+        s_adds[k] = adds;
+        s_lse[k] = adds ? with_sink.lse(FastLog{}) : 0.f;
+      }
+    }
+
+    if (w.kind == kKvBudget && p.slot_mass != nullptr) {
+      // each kept token's probability under each row's final softmax, added to its attention
+      // mass in row order (as the CPU kernel does); a token is in one warp's tiles only
+      __syncthreads();  // s_lse and s_adds are written, the merge area is read
+      float lse[RW];
+      bool adds[RW];
+#pragma unroll
+      for (int k = 0; k < RW; ++k) {
+        adds[k] = s_adds[k] != 0;
+        lse[k] = s_lse[k];
+      }
+      for (int64_t n = warp; n < tiles; n += warps) {
+        if (!stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, L, aligned_rows, false, st, sK,
+                           sV, lane))
+          continue;
+        const int64_t key_pos = st.pos[lane];
+        if (key_pos >= 0) {
+          float s[RW];
+          staged_scores<T, RW>(sQ, L.q_stride, sK + lane * L.k_stride, D, s);
+          float m = p.slot_mass[st.row[lane]];
+#pragma unroll
+          for (int k = 0; k < RW; ++k) {
+            if (!adds[k]) continue;
+            const float x = key_logit(a, rows[k], streaming_visibility(a.causal, rows[k].hs), key_pos, s[k]);
+            m += x == negative_infinity<float>() ? 0.f : FastExp{}(x - lse[k]);
+          }
+          p.slot_mass[st.row[lane]] = m;
         }
       }
     }
@@ -447,8 +866,16 @@ __global__ void write_table_kernel(const TableChunk chunk, const int count, int6
 }
 
 template <typename T, int NT>
-cudaError_t launch_typed(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
-  const int smem = static_cast<int>(decode_smem_bytes(p.attn.head_dim));
+cudaError_t launch_combine(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
+  const int64_t rows = p.attn.batch * p.attn.heads_q * p.attn.seqlen_q;
+  const unsigned blocks = static_cast<unsigned>((rows + kDecodeWarps - 1) / kDecodeWarps);
+  decode_combine_kernel<T, NT><<<blocks, kDecodeThreads, 0, stream>>>(p, splits, part_ms, part_acc);
+  return cudaGetLastError();
+}
+
+template <typename T, int NT>
+cudaError_t launch_tile(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
+  const int smem = static_cast<int>(tile_smem_bytes(p.attn.head_dim));
   // once per (kernel, device), and only past 48 KiB (smem_opt_in.h)
   cudaError_t err = headops::cuda::opt_in_dynamic_smem(reinterpret_cast<const void*>(decode_partial_kernel<T, NT>), smem);
   if (err != cudaSuccess) return err;
@@ -456,26 +883,73 @@ cudaError_t launch_typed(const DecodeParams& p, int64_t splits, float* part_ms, 
   decode_partial_kernel<T, NT><<<grid, kDecodeThreads, smem, stream>>>(p, splits, part_ms, part_acc);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t rows = p.attn.batch * p.attn.heads_q * p.attn.seqlen_q;
-  const unsigned blocks = static_cast<unsigned>((rows + kDecodeWarps - 1) / kDecodeWarps);
-  decode_combine_kernel<T, NT><<<blocks, kDecodeThreads, 0, stream>>>(p, splits, part_ms, part_acc);
-  return cudaGetLastError();
+  return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
+}
+
+// The warps of a key-split CTA: one per 32 keys of a split (a CTA walks at most split_keys keys of
+// a full or streaming head), at most kDecodeWarps, and as many as fit `limit` bytes of dynamic
+// shared memory; 0 when not even one does.
+int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t limit) {
+  const int64_t tiles = (split_keys + kDecodeTile - 1) / kDecodeTile;
+  for (int warps = static_cast<int>(tiles < kDecodeWarps ? tiles : kDecodeWarps); warps >= 1; --warps)
+    if (key_split_layout(head_dim, elem, warps).total <= limit) return warps;
+  return 0;
+}
+
+// The current device's opt-in shared memory per block, asked once per device.
+cudaError_t optin_shared_bytes(int& bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kDevices && (bytes = known[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess && device < kDevices) known[device].store(bytes, std::memory_order_relaxed);
+  return err;
+}
+
+template <typename T, int NT>
+cudaError_t launch_key_split(const DecodeParams& p, int64_t splits, bool aligned_rows, float* part_ms, float* part_acc,
+                             cudaStream_t stream) {
+  const void* kernel = reinterpret_cast<const void*>(decode_key_split_kernel<T, NT>);
+  int optin = 0;
+  cudaError_t err = optin_shared_bytes(optin);
+  if (err != cudaSuccess) return err;
+  const int warps = key_split_warps(p.attn.head_dim, sizeof(T), p.split_keys, optin - kKeySplitStaticSmem);
+  if (warps == 0) return cudaErrorInvalidValue;  // (the host checked decode_smem_bytes first)
+  const int smem = static_cast<int>(key_split_layout(p.attn.head_dim, sizeof(T), warps).total);
+  err = headops::cuda::opt_in_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
+  decode_key_split_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, splits, aligned_rows, part_ms, part_acc);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
+}
+
+template <typename T, int NT>
+cudaError_t launch_typed(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
+                         cudaStream_t stream) {
+  if (launch.kernel == DecodeKernel::kKeySplit)
+    return launch_key_split<T, NT>(p, launch.splits, launch.aligned_rows, part_ms, part_acc, stream);
+  return launch_tile<T, NT>(p, launch.splits, part_ms, part_acc, stream);
 }
 
 template <typename T>
-cudaError_t launch_dim(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
+cudaError_t launch_dim(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
+                       cudaStream_t stream) {
   const int64_t D = p.attn.head_dim;
-  if (D <= 64) return launch_typed<T, 2>(p, splits, part_ms, part_acc, stream);
-  if (D <= 128) return launch_typed<T, 4>(p, splits, part_ms, part_acc, stream);
-  return launch_typed<T, 8>(p, splits, part_ms, part_acc, stream);
+  if (D <= 64) return launch_typed<T, 2>(p, launch, part_ms, part_acc, stream);
+  if (D <= 128) return launch_typed<T, 4>(p, launch, part_ms, part_acc, stream);
+  return launch_typed<T, 8>(p, launch, part_ms, part_acc, stream);
 }
 
 }  // namespace
 
-int64_t decode_smem_bytes(int64_t head_dim) {
-  const int64_t D = head_dim;
-  return static_cast<int64_t>(sizeof(float)) *
-         (kDecodeRowsPerPass * D + D * kPad + kDecodeTile * D + kDecodeRowsPerPass * kDecodeTile);
+int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes, DecodeKernel kernel) {
+  if (kernel == DecodeKernel::kKeySplit) return key_split_layout(head_dim, elem_bytes, 1).total + kKeySplitStaticSmem;
+  return tile_smem_bytes(head_dim);
 }
 
 cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t count, cudaStream_t stream) {
@@ -490,12 +964,12 @@ cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t coun
   return cudaSuccess;
 }
 
-cudaError_t launch_decode(const DecodeParams& p, DType dtype, int64_t splits, float* part_ms, float* part_acc,
-                          cudaStream_t stream) {
+cudaError_t launch_decode(const DecodeParams& p, DType dtype, const DecodeLaunch& launch, float* part_ms,
+                          float* part_acc, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch_dim<float>(p, splits, part_ms, part_acc, stream);
-    case DType::kBFloat16: return launch_dim<__nv_bfloat16>(p, splits, part_ms, part_acc, stream);
-    case DType::kFloat16: return launch_dim<__half>(p, splits, part_ms, part_acc, stream);
+    case DType::kFloat32: return launch_dim<float>(p, launch, part_ms, part_acc, stream);
+    case DType::kBFloat16: return launch_dim<__nv_bfloat16>(p, launch, part_ms, part_acc, stream);
+    case DType::kFloat16: return launch_dim<__half>(p, launch, part_ms, part_acc, stream);
   }
   return cudaErrorInvalidValue;
 }

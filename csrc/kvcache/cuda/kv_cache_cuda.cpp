@@ -25,6 +25,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../../attention/attention_args.h"
@@ -42,7 +44,10 @@ struct DeviceLayer {
   DecodeParams p;
   at::Tensor table;
   int64_t full_capacity = 0;
+  bool aligned_rows = false;  // every storage starts on 16 bytes (rows too when D * elem is a multiple of 16)
 };
+
+bool starts_on_16_bytes(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device& device, int64_t B, int64_t Hkv,
                          int64_t D, const LayerTensors& t, cudaStream_t stream) {
@@ -58,6 +63,9 @@ DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device&
   }
   table[3 * S] = shapes.full_starts[S];
   l.full_capacity = table[3 * S];
+  l.aligned_rows = (D * t.ring_k.element_size()) % 16 == 0 && starts_on_16_bytes(t.ring_k) && starts_on_16_bytes(t.ring_v);
+  for (int64_t s = 0; s < S; ++s)
+    l.aligned_rows = l.aligned_rows && starts_on_16_bytes(t.full_k[s]) && starts_on_16_bytes(t.full_v[s]);
   l.table = at::empty({3 * S + 1}, at::TensorOptions().dtype(at::kLong).device(device));
   const cudaError_t err = launch_write_table(l.table.data_ptr<int64_t>(), table.data(), 3 * S + 1, stream);
   TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed (segment table): ", cudaGetErrorString(err));
@@ -93,6 +101,15 @@ DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device&
   return l;
 }
 
+// HEADOPS_CUDA_DECODE: "tile" (the default) or "key_split" (kv_cache_kernels.cuh), read at each call.
+DecodeKernel decode_kernel_choice(const char* op) {
+  const char* name = std::getenv("HEADOPS_CUDA_DECODE");
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "tile") == 0) return DecodeKernel::kTile;
+  TORCH_CHECK(std::strcmp(name, "key_split") == 0, op, "HEADOPS_CUDA_DECODE must be 'tile' or 'key_split', got '",
+              name, "'");
+  return DecodeKernel::kKeySplit;
+}
+
 void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
 }
@@ -102,6 +119,7 @@ void check_on(const char* op, const at::Tensor& t, const char* name, const at::D
 void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const LayerTensors& layer, bool write_budget) {
   const char* op = "headops.kv_append: ";
   const DType dtype = dtype_of(op, k_new.scalar_type());
+  decode_kernel_choice(op);  // a decode step refused for HEADOPS_CUDA_DECODE refuses its append first
   const at::Device device = k_new.device();
   check_on(op, v_new, "v_new", device);
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
@@ -135,6 +153,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
                             const PerHeadArgs& given, int64_t split_keys) {
   const char* op = "headops.decode_attention: ";
   const DType dtype = dtype_of(op, q_in.scalar_type());
+  const DecodeKernel kernel = decode_kernel_choice(op);
   TORCH_CHECK(split_keys >= 1, op, "split_keys must be >= 1");
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   TORCH_CHECK(D >= 1 && D <= kDecodeMaxHeadDim, op, "head dim ", D, " is not supported on CUDA (1 to ",
@@ -169,7 +188,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
   const int64_t longest_walk = std::max(l.full_capacity, p.ring_slots);
   const int64_t splits = std::max<int64_t>(1, longest_walk / split_keys + (longest_walk % split_keys != 0));
   TORCH_CHECK(splits < (int64_t(1) << 31), op, "too many key splits for CUDA (raise split_keys)");
-  const int64_t smem = decode_smem_bytes(D);
+  DecodeLaunch launch;
+  launch.splits = splits;
+  launch.kernel = kernel;
+  launch.aligned_rows = l.aligned_rows;
+  const int64_t smem = decode_smem_bytes(D, q.element_size(), launch.kernel);
   TORCH_CHECK(smem <= static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin), op,
               "head dim ", D, " needs more shared memory than this GPU offers");
   const int64_t R = (Hq / Hkv) * Sq;
@@ -177,7 +200,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
   at::Tensor part_ms = at::empty({B * Hkv * splits * R * 4}, f32);
   at::Tensor part_acc = at::empty({B * Hkv * splits * R * 2 * D}, f32);
   const cudaError_t err =
-      launch_decode(p, dtype, splits, part_ms.data_ptr<float>(), part_acc.data_ptr<float>(), stream);
+      launch_decode(p, dtype, launch, part_ms.data_ptr<float>(), part_acc.data_ptr<float>(), stream);
   TORCH_CHECK(err == cudaSuccess, op, "CUDA launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -4,8 +4,8 @@
 // Plain header: no torch/ATen. Included by decode_kernel.cu / append_kernel.cu (nvcc) and by
 // kv_cache_cuda.cpp (the host compiler).
 //
-// NOTHING IN THIS DIRECTORY HAS RUN ON A GPU YET: it is compiled on a machine without one.
-// tests/test_kvcache_cuda.py and bench/gpu_suite.sh are the checks to run on the first GPU.
+// Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py, bench/gpu_suite.sh), except the
+// key-split decode kernel, written after that run.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -29,8 +29,17 @@ constexpr int kDecodeRowsPerPass = kDecodeWarps * kDecodeRowsPerWarp;
 constexpr int kDecodeTile = 32;
 constexpr int kDecodeMaxHeadDim = 256;
 
-// Dynamic shared memory of one decode CTA for head dim D (bytes).
-int64_t decode_smem_bytes(int64_t head_dim);
+// The decode's first kernel (HEADOPS_CUDA_DECODE chooses; the combine kernel is the same):
+//   kTile      the warps share each 32-key tile and split the query rows (tested on an H200);
+//   kKeySplit  every warp holds the same rows and walks its own tiles, staged by cp.async
+//              (decode_kernel.cu; written after the H200 run, not yet run on a GPU).
+enum class DecodeKernel { kTile, kKeySplit };
+// The key-split kernel's static shared memory (its warps' staged positions and rows), an upper bound.
+constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 32 + 256;
+
+// Shared memory a decode CTA needs at least for head dim D and element size elem_bytes (bytes;
+// the key-split kernel's with one warp, static memory included).
+int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes, DecodeKernel kernel);
 
 // The full segments' table on the device, int64 [3 * S + 1]: the S key pointers, the S value
 // pointers, then the S + 1 segment starts (positions). Written by launch_write_table from values
@@ -44,8 +53,15 @@ cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t coun
 // p: DecodeParams with device pointers (full_k / full_v / full_starts point into the device
 // table above). Scratch: part_ms float [B, Hkv, splits, G * Sq, 2 branches, 2 (max, sum)] and
 // part_acc float [same, D]. Writes p.attn.out (and adds budget heads' attention mass).
-cudaError_t launch_decode(const DecodeParams& p, DType dtype, int64_t splits, float* part_ms, float* part_acc,
-                          cudaStream_t stream);
+// aligned_rows: every key and value row of the storages starts on 16 bytes (the key-split
+// kernel's 16-byte copies; element copies otherwise).
+struct DecodeLaunch {
+  int64_t splits = 1;
+  DecodeKernel kernel = DecodeKernel::kTile;
+  bool aligned_rows = false;
+};
+cudaError_t launch_decode(const DecodeParams& p, DType dtype, const DecodeLaunch& launch, float* part_ms,
+                          float* part_acc, cudaStream_t stream);
 
 // Append: new keys/values [B, Sq, Hkv, D] (element strides, contiguous last dim) written into
 // the layer's storages (DecodeParams' storage fields; its attn is unused but for batch, heads_kv
