@@ -111,7 +111,7 @@ else
             $K::test_decode_step_is_capturable_in_a_cuda_graph $K::test_decode_step_does_not_synchronise
             $K::test_decode_step_with_host_gate_does_not_synchronise $K::test_whole_cache_decode_step_captured_in_a_cuda_graph)
   run "tests: graphs, no-sync, streams, devices" 90 "${PYTEST[@]}" "${SPECIFIC[@]}" --junitxml="$OUT/test_cuda_specific.xml"
-  run "tests: cache and placement" 60 "${PYTEST[@]}" tests/test_kvcache_cuda.py tests/test_cuda_placement.py --maxfail=20 \
+  run "tests: cache and placement (both decode kernels)" 120 "${PYTEST[@]}" tests/test_kvcache_cuda.py tests/test_cuda_placement.py --maxfail=20 \
     --junitxml="$OUT/test_kvcache_cuda.xml"
 fi
 

@@ -445,29 +445,48 @@ struct StagedKeys {
   const unsigned char* v[kDecodeTile];
 };
 
-// Stages walk indices [t0, t0 + 32) ∩ [t0, t1) in the warp's shared memory: positions and rows in
-// `st`, the key rows in sK and, with `values`, the value rows in sV. Keys without a position are
-// not copied (nothing reads their rows). Rows copy by 16-byte cp.async where every row starts on
-// 16 bytes (`aligned_rows`: the host checked D * elem and the storages), element by element
-// otherwise, the key rows then with zeros up to the 16-byte chunk the scores read. Returns
-// whether any key of the tile has a position (the same in every lane); then the keys have landed
-// and the values may still be in flight (cp_async_wait<0> and a warp barrier before reading them).
+// Lane `lane`'s key of the tile starting at walk index t0: its position (-1 past t1 or where the
+// walk has none) and key and value rows.
+template <typename T>
+struct LaneKey {
+  int64_t pos = -1;
+  const T* k = nullptr;
+  const T* v = nullptr;
+};
+template <typename T>
+__device__ LaneKey<T> lane_key(const DecodeParams& p, const HeadWalk& w, int64_t b, int64_t length, int64_t t0,
+                               int64_t t1, int lane) {
+  LaneKey<T> key;
+  const int64_t t = t0 + lane;
+  if (t < t1) key.pos = walk_key<T>(p, w, b, length, t, key.k, key.v);
+  return key;
+}
+
+// Stages the tile of walk indices [t0, t0 + 32) ∩ [t0, t1), whose keys the lanes hold (`key`), in
+// the warp's shared memory: positions and rows in `st`, the key rows in sK and, with `values`,
+// the value rows in sV. Keys without a position are not copied (nothing reads their rows). Rows
+// copy by 16-byte cp.async where every row starts on 16 bytes (`aligned_rows`: the host checked
+// D * elem and the storages), element by element otherwise, the key rows then with zeros up to
+// the 16-byte chunk the scores read. While the copies are in flight the lanes walk to the tile at
+// next_t0 (`next`: its positions' table reads overlap the copies). Returns whether any key of
+// the tile has a position (the same in every lane); then the keys have landed and the values
+// may still be in flight (cp_async_wait<0> and a warp barrier before reading them).
 template <typename T>
 __device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, int64_t length, int64_t t0, int64_t t1,
-                           const KeySplitLayout& L, bool aligned_rows, bool values, StagedKeys& st, unsigned char* sK,
-                           unsigned char* sV, int lane) {
-  const int64_t t = t0 + lane;
-  const T* kr = nullptr;
-  const T* vr = nullptr;
-  const int64_t pos = t < t1 ? walk_key<T>(p, w, b, length, t, kr, vr) : -1;
+                           const LaneKey<T>& key, int64_t next_t0, LaneKey<T>& next, const KeySplitLayout& L,
+                           bool aligned_rows, bool values, StagedKeys& st, unsigned char* sK, unsigned char* sV,
+                           int lane) {
   __syncwarp();  // every lane is done with the previous tile
-  st.pos[lane] = pos;
-  st.row[lane] = w.base + t;
-  st.k[lane] = reinterpret_cast<const unsigned char*>(kr);
-  st.v[lane] = reinterpret_cast<const unsigned char*>(vr);
-  const bool any = __any_sync(0xffffffffu, pos >= 0);
+  st.pos[lane] = key.pos;
+  st.row[lane] = w.base + t0 + lane;
+  st.k[lane] = reinterpret_cast<const unsigned char*>(key.k);
+  st.v[lane] = reinterpret_cast<const unsigned char*>(key.v);
+  const bool any = __any_sync(0xffffffffu, key.pos >= 0);
   __syncwarp();
-  if (!any) return false;
+  if (!any) {
+    next = lane_key<T>(p, w, b, length, next_t0, t1, lane);
+    return false;
+  }
   const int D = static_cast<int>(p.attn.head_dim);
   if (aligned_rows) {
     const int chunks = D * static_cast<int>(sizeof(T)) / 16;
@@ -483,7 +502,6 @@ __device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, 
       }
     }
     cp_async_commit();
-    cp_async_wait<1>();
   } else {
     constexpr int E = 16 / static_cast<int>(sizeof(T));
     const int padded = (D + E - 1) / E * E;
@@ -495,6 +513,8 @@ __device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, 
       if (values && d < D) reinterpret_cast<T*>(sV + j * L.v_stride)[d] = reinterpret_cast<const T*>(st.v[j])[d];
     }
   }
+  next = lane_key<T>(p, w, b, length, next_t0, t1, lane);
+  cp_async_wait<1>();  // the keys (the values' group may still be in flight)
   __syncwarp();
   return true;
 }
@@ -547,8 +567,8 @@ __device__ __forceinline__ void staged_scores(const float* sQ, int64_t q_stride,
 }
 
 // 3 CTAs an SM where a value row of the widest head dim fits 256 bytes (bf16/fp16 to D = 128,
-// float32 to D = 64; their shared memory allows 3), which caps the registers at 168 (a spill of
-// 8-36 bytes); wider rows leave shared memory for 1 CTA, so no cap.
+// float32 to D = 64; their shared memory allows 3), which caps the registers at 168 (sm_90: a
+// spill of 12-96 bytes, reloaded once a tile); wider rows leave shared memory for 1 CTA, so no cap.
 template <typename T, int NT>
 constexpr int key_split_min_blocks() {
   return NT * 32 * static_cast<int>(sizeof(T)) <= 256 ? 3 : 1;
@@ -618,10 +638,14 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       }
     }
 
+    LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + warp * kDecodeTile, range.end, lane);
     for (int64_t n = warp; n < tiles; n += warps) {
-      if (!stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, L, aligned_rows, true, st, sK, sV,
-                         lane))
-        continue;
+      LaneKey<T> next;
+      const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
+                                     range.begin + (n + warps) * kDecodeTile, next, L, aligned_rows, true, st, sK, sV,
+                                     lane);
+      key = next;
+      if (!any) continue;
       const int64_t key_pos = st.pos[lane];
       float s[RW];
       if (key_pos >= 0) {
@@ -756,10 +780,14 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
         adds[k] = s_adds[k] != 0;
         lse[k] = s_lse[k];
       }
+      LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + warp * kDecodeTile, range.end, lane);
       for (int64_t n = warp; n < tiles; n += warps) {
-        if (!stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, L, aligned_rows, false, st, sK,
-                           sV, lane))
-          continue;
+        LaneKey<T> next;
+        const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
+                                       range.begin + (n + warps) * kDecodeTile, next, L, aligned_rows, false, st, sK,
+                                       sV, lane);
+        key = next;
+        if (!any) continue;
         const int64_t key_pos = st.pos[lane];
         if (key_pos >= 0) {
           float s[RW];
