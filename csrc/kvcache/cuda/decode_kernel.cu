@@ -411,30 +411,43 @@ __global__ void __launch_bounds__(kDecodeThreads)
 // in flight while the scores are taken), with warp barriers only; at the end of the walk the
 // warps' partial softmaxes are merged in warp order into the item's partial, which the same
 // combine kernel reads. A budget head's attention mass is added after the merge, each warp for
-// the keys of its own tiles.
+// the keys of its own tiles. A group of more than 4 rows (G * Sq: GQA 8, several new tokens)
+// divides the warps into row groups that walk the same keys at once (tile n to warp
+// g + groups * (n mod warps / groups) of row group g), so that a tile's second read comes from L2
+// rather than from a second pass over the split; a budget head keeps one row group (its mass is
+// added in row order).
 
-// The shared-memory layout of a key-split CTA of `warps` warps for head dim D and element size
-// `elem` (host and device compute it alike).
+// The shared-memory layout of a key-split CTA of `warps` warps and up to `row_groups` row groups
+// for head dim D and element size `elem` (host and device compute it alike).
 struct KeySplitLayout {
   int64_t q_stride;    // floats per staged query row: D rounded up to 8, zeros past D
   int64_t k_stride;    // bytes per staged key row: the row rounded up to 32 bytes plus 16, so that
                        // the 16-byte reads of lanes j = 0..7 (each its own row) meet no bank twice
   int64_t v_stride;    // bytes per staged value row (lanes read one row together)
-  int64_t q_bytes;     // [kDecodeRowsPerWarp][q_stride] floats
+  int64_t q_bytes;     // [row_groups * kDecodeRowsPerWarp][q_stride] floats
   int64_t warp_bytes;  // one warp's staging: [32][k_stride] then [32][v_stride]
   int64_t total;       // q_bytes + the staging of every warp (which the end-of-walk merge reuses)
 };
-__host__ __device__ inline KeySplitLayout key_split_layout(int64_t D, int64_t elem, int64_t warps) {
+__host__ __device__ inline KeySplitLayout key_split_layout(int64_t D, int64_t elem, int64_t warps, int64_t row_groups) {
   KeySplitLayout L;
   const int64_t row_bytes = (D * elem + 31) / 32 * 32;
   L.q_stride = (D + 7) / 8 * 8;
   L.k_stride = row_bytes + 16;
   L.v_stride = row_bytes;
-  L.q_bytes = kDecodeRowsPerWarp * L.q_stride * 4;
+  L.q_bytes = row_groups * kDecodeRowsPerWarp * L.q_stride * 4;
   L.warp_bytes = kDecodeTile * (L.k_stride + L.v_stride);
   const int64_t merge_bytes = warps * kDecodeRowsPerWarp * 2 * (2 + D) * 4;
   L.total = L.q_bytes + (warps * L.warp_bytes > merge_bytes ? warps * L.warp_bytes : merge_bytes);
   return L;
+}
+
+// The row groups of a key-split CTA of `warps` warps over R rows: as many as its rows fill (4
+// each), at most one per warp, and a divisor of `warps` (every group has as many warps).
+__host__ __device__ inline int64_t key_split_row_groups(int64_t warps, int64_t R) {
+  int64_t groups = (R + kDecodeRowsPerWarp - 1) / kDecodeRowsPerWarp;
+  if (groups > warps) groups = warps;
+  while (groups > 1 && warps % groups != 0) --groups;
+  return groups < 1 ? 1 : groups;
 }
 
 // One warp's staged tile: lane j's key (position or -1, storage row, key and value rows).
@@ -567,19 +580,22 @@ __device__ __forceinline__ void staged_scores(const float* sQ, int64_t q_stride,
 }
 
 // 3 CTAs an SM where a value row of the widest head dim fits 256 bytes (bf16/fp16 to D = 128,
-// float32 to D = 64; their shared memory allows 3), which caps the registers at 168 (sm_90: a
-// spill of 12-96 bytes, reloaded once a tile); wider rows leave shared memory for 1 CTA, so no cap.
+// float32 to D = 64; their shared memory allows 3 where the group has at most 4 rows), which caps
+// the registers at 168 (sm_90: a 28-byte spill at D <= 128); wider rows leave shared memory for
+// 1 CTA, so no cap.
 template <typename T, int NT>
 constexpr int key_split_min_blocks() {
   return NT * 32 * static_cast<int>(sizeof(T)) <= 256 ? 3 : 1;
 }
-static_assert(sizeof(StagedKeys) * kDecodeWarps + 2 * kDecodeRowsPerWarp * 4 + 128 <= kKeySplitStaticSmem,
+static_assert(sizeof(StagedKeys) * kDecodeWarps + 2 * kDecodeRowsPerWarp * 4 + sizeof(HeadWalk) +
+                      sizeof(RowInfo) * kDecodeWarps * kDecodeRowsPerWarp + 2 * 128 <=
+                  kKeySplitStaticSmem,
               "kKeySplitStaticSmem must bound the key-split kernel's static shared memory");
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
-    decode_key_split_kernel(const DecodeParams p, const int64_t splits, const bool aligned_rows,
-                            float* __restrict__ part_ms, float* __restrict__ part_acc) {
+    decode_key_split_kernel(const DecodeParams p, const int64_t splits, const int64_t row_groups,
+                            const bool aligned_rows, float* __restrict__ part_ms, float* __restrict__ part_acc) {
   constexpr int RW = kDecodeRowsPerWarp;
   static_assert(RW == 4, "a lane's probabilities are one float4 per branch");
   constexpr int kSliceWords = NT * static_cast<int>(sizeof(T)) / 4;  // a lane's NT values of a row
@@ -587,12 +603,13 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
   __shared__ StagedKeys staged[kDecodeWarps];
   __shared__ float s_lse[RW];
   __shared__ int s_adds[RW];
+  __shared__ RowInfo s_rows[kDecodeWarps * RW];
   const AttentionParams& a = p.attn;
   const int64_t D = a.head_dim, G = a.group(), Sq = a.seqlen_q, R = G * Sq;
   const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const KeySplitLayout L = key_split_layout(D, sizeof(T), warps);
-  float* sQ = reinterpret_cast<float*>(smem_raw);                   // [RW][q_stride]
+  const KeySplitLayout L = key_split_layout(D, sizeof(T), warps, row_groups);
+  float* sQ = reinterpret_cast<float*>(smem_raw);                   // [row_groups * RW][q_stride]
   unsigned char* sK = smem_raw + L.q_bytes + warp * L.warp_bytes;  // this warp's [32][k_stride]
   unsigned char* sV = sK + kDecodeTile * L.k_stride;                // and [32][v_stride]
   float* sMergeMs = reinterpret_cast<float*>(smem_raw + L.q_bytes);  // after the walk: [warps][RW][2][2]
@@ -604,7 +621,11 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
 
   const int64_t length = p.lengths[b];
   const GroupKeys group = group_keys<float>(a, b, kvh, length);
-  const HeadWalk w = head_walk(p, b, kvh, length, group);
+  // the walk in shared memory, read where a lane walks a tile (in registers it would hold ~20)
+  __shared__ alignas(HeadWalk) unsigned char s_walk[sizeof(HeadWalk)];
+  if (threadIdx.x == 0) *reinterpret_cast<HeadWalk*>(s_walk) = head_walk(p, b, kvh, length, group);
+  __syncthreads();
+  const HeadWalk& w = *reinterpret_cast<const HeadWalk*>(s_walk);
   const WalkRange range = split_range(p, w, split);
   if (range.begin >= range.end) {  // nothing to walk (past the row's length, gated off, empty head): empty partials
     for (int64_t i = threadIdx.x; i < R * 2; i += blockDim.x) {
@@ -614,21 +635,27 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
     return;
   }
   const int64_t tiles = (range.end - range.begin + kDecodeTile - 1) / kDecodeTile;
+  // this warp's row group and its share of the tiles (a budget head: one group, every warp)
+  const int groups = w.kind == kKvBudget ? 1 : static_cast<int>(row_groups);
+  const int row_group = warp % groups, group_warps = warps / groups, first_tile = warp / groups;
+  const float* wQ = sQ + row_group * RW * L.q_stride;
 
-  for (int64_t c0 = 0; c0 < R; c0 += RW) {
+  for (int64_t c0 = 0; c0 < R; c0 += groups * RW) {
     __syncthreads();  // the previous chunk's merge and budget pass are done with shared memory
-    for (int64_t i = threadIdx.x; i < RW * L.q_stride; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < groups * RW * L.q_stride; i += blockDim.x) {
       const int64_t k = i / L.q_stride, d = i - k * L.q_stride, r = c0 + k;
       sQ[i] = r < R && d < D ? TypeOps<T>::to_float(a.q.row<T>(b, r % Sq, kvh * G + r / Sq)[d]) : 0.f;
     }
+    // the pass's rows in shared memory too, read where a tile's logits are taken (in registers
+    // they would hold ~50)
+    if (threadIdx.x < groups * RW) s_rows[threadIdx.x] = row_info(a, b, kvh, c0 + threadIdx.x, R, length);
     __syncthreads();
-    RowInfo rows[RW];
+    const RowInfo* rows = s_rows + row_group * RW;
     bool planned[2][RW];
     OnlineSoftmax<float> sm[2][RW];
     float acc[2][RW][NT];
 #pragma unroll
     for (int k = 0; k < RW; ++k) {
-      rows[k] = row_info(a, b, kvh, c0 + k, R, length);
 #pragma unroll
       for (int br = 0; br < 2; ++br) {
         planned[br][k] = plans_branch(rows[k], br);
@@ -638,18 +665,18 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       }
     }
 
-    LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + warp * kDecodeTile, range.end, lane);
-    for (int64_t n = warp; n < tiles; n += warps) {
+    LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + first_tile * kDecodeTile, range.end, lane);
+    for (int64_t n = first_tile; n < tiles; n += group_warps) {
       LaneKey<T> next;
       const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
-                                     range.begin + (n + warps) * kDecodeTile, next, L, aligned_rows, true, st, sK, sV,
-                                     lane);
+                                     range.begin + (n + group_warps) * kDecodeTile, next, L, aligned_rows, true, st, sK,
+                                     sV, lane);
       key = next;
       if (!any) continue;
       const int64_t key_pos = st.pos[lane];
       float s[RW];
       if (key_pos >= 0) {
-        staged_scores<T, RW>(sQ, L.q_stride, sK + lane * L.k_stride, D, s);
+        staged_scores<T, RW>(wQ, L.q_stride, sK + lane * L.k_stride, D, s);
       } else {
 #pragma unroll
         for (int k = 0; k < RW; ++k) s[k] = 0.f;
@@ -723,18 +750,20 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       }
     }
     __syncthreads();
-    for (int pair = warp; pair < RW * 2; pair += warps) {
-      const int k = pair / 2, br = pair % 2;
-      const int64_t r = c0 + k;
+    // pair (row group g, row k, branch br): the warps g, g + groups, ... in order
+    for (int pair = warp; pair < groups * RW * 2; pair += warps) {
+      const int g = pair / (RW * 2), k = (pair / 2) % RW, br = pair % 2;
+      const int64_t r = c0 + g * RW + k;
+      const bool budget_row = w.kind == kKvBudget && br == 1 && lane == 0;  // (groups == 1)
       if (r >= R) {
-        if (br == 1 && lane == 0) s_adds[k] = 0;
+        if (budget_row) s_adds[k] = 0;
         continue;
       }
       OnlineSoftmax<float> merged{negative_infinity<float>(), 0.f};
       float o[NT];
 #pragma unroll
       for (int t = 0; t < NT; ++t) o[t] = 0.f;
-      for (int src = 0; src < warps; ++src) {
+      for (int src = g; src < warps; src += groups) {
         const int64_t at = (src * RW + k) * 2 + br;
         const OnlineSoftmax<float> part{sMergeMs[2 * at], sMergeMs[2 * at + 1]};
         if (part.sum == 0.f) continue;  // that warp saw nothing of this row
@@ -757,10 +786,9 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
           if (d < D) acc_out[at * D + d] = o[t];
         }
       }
-      if (br == 1 && lane == 0) {
+      if (budget_row) {
         // a budget head's row: its final softmax with the sink logit, for the attention mass
-        // (the row read again: indexing rows[] by a run-time k would move it to local memory)
-        const RowInfo row = row_info(a, b, kvh, r, R, length);
+        const RowInfo& row = s_rows[g * RW + k];
         const bool adds = row.active && row.plan.streaming && merged.max != negative_infinity<float>();
         OnlineSoftmax<float> with_sink = OnlineSoftmax<float>::start(row.hs.has_sink_logit, row.hs.sink_logit);
         if (adds) with_sink.merge(merged, FastExp{});
@@ -781,7 +809,7 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
         lse[k] = s_lse[k];
       }
       LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + warp * kDecodeTile, range.end, lane);
-      for (int64_t n = warp; n < tiles; n += warps) {
+      for (int64_t n = warp; n < tiles; n += warps) {  // (one row group: first_tile = warp)
         LaneKey<T> next;
         const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
                                        range.begin + (n + warps) * kDecodeTile, next, L, aligned_rows, false, st, sK,
@@ -791,7 +819,7 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
         const int64_t key_pos = st.pos[lane];
         if (key_pos >= 0) {
           float s[RW];
-          staged_scores<T, RW>(sQ, L.q_stride, sK + lane * L.k_stride, D, s);
+          staged_scores<T, RW>(wQ, L.q_stride, sK + lane * L.k_stride, D, s);
           float m = p.slot_mass[st.row[lane]];
 #pragma unroll
           for (int k = 0; k < RW; ++k) {
@@ -914,13 +942,15 @@ cudaError_t launch_tile(const DecodeParams& p, int64_t splits, float* part_ms, f
   return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
 }
 
-// The warps of a key-split CTA: one per 32 keys of a split (a CTA walks at most split_keys keys of
-// a full or streaming head), at most kDecodeWarps, and as many as fit `limit` bytes of dynamic
-// shared memory; 0 when not even one does.
-int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t limit) {
+// The warps of a key-split CTA over R rows: one per 32 keys of a split (a CTA walks at most
+// split_keys keys of a full or streaming head) and per row group, at most kDecodeWarps, and as
+// many as fit `limit` bytes of dynamic shared memory; 0 when not even one does.
+int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t R, int64_t limit) {
   const int64_t tiles = (split_keys + kDecodeTile - 1) / kDecodeTile;
-  for (int warps = static_cast<int>(tiles < kDecodeWarps ? tiles : kDecodeWarps); warps >= 1; --warps)
-    if (key_split_layout(head_dim, elem, warps).total <= limit) return warps;
+  const int64_t chunks = (R + kDecodeRowsPerWarp - 1) / kDecodeRowsPerWarp;
+  int64_t want = tiles * (chunks < kDecodeWarps ? chunks : kDecodeWarps);
+  for (int warps = static_cast<int>(want < kDecodeWarps ? want : kDecodeWarps); warps >= 1; --warps)
+    if (key_split_layout(head_dim, elem, warps, key_split_row_groups(warps, R)).total <= limit) return warps;
   return 0;
 }
 
@@ -944,13 +974,16 @@ cudaError_t launch_key_split(const DecodeParams& p, int64_t splits, bool aligned
   int optin = 0;
   cudaError_t err = optin_shared_bytes(optin);
   if (err != cudaSuccess) return err;
-  const int warps = key_split_warps(p.attn.head_dim, sizeof(T), p.split_keys, optin - kKeySplitStaticSmem);
+  const int64_t R = p.attn.group() * p.attn.seqlen_q;
+  const int warps = key_split_warps(p.attn.head_dim, sizeof(T), p.split_keys, R, optin - kKeySplitStaticSmem);
   if (warps == 0) return cudaErrorInvalidValue;  // (the host checked decode_smem_bytes first)
-  const int smem = static_cast<int>(key_split_layout(p.attn.head_dim, sizeof(T), warps).total);
+  const int64_t row_groups = key_split_row_groups(warps, R);
+  const int smem = static_cast<int>(key_split_layout(p.attn.head_dim, sizeof(T), warps, row_groups).total);
   err = headops::cuda::opt_in_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
-  decode_key_split_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, splits, aligned_rows, part_ms, part_acc);
+  decode_key_split_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, splits, row_groups, aligned_rows, part_ms,
+                                                                     part_acc);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
@@ -976,7 +1009,7 @@ cudaError_t launch_dim(const DecodeParams& p, const DecodeLaunch& launch, float*
 }  // namespace
 
 int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes, DecodeKernel kernel) {
-  if (kernel == DecodeKernel::kKeySplit) return key_split_layout(head_dim, elem_bytes, 1).total + kKeySplitStaticSmem;
+  if (kernel == DecodeKernel::kKeySplit) return key_split_layout(head_dim, elem_bytes, 1, 1).total + kKeySplitStaticSmem;
   return tile_smem_bytes(head_dim);
 }
 

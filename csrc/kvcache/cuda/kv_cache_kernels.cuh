@@ -34,8 +34,9 @@ constexpr int kDecodeMaxHeadDim = 256;
 //   kKeySplit  every warp holds the same rows and walks its own tiles, staged by cp.async
 //              (decode_kernel.cu; written after the H200 run, not yet run on a GPU).
 enum class DecodeKernel { kTile, kKeySplit };
-// The key-split kernel's static shared memory (its warps' staged positions and rows), an upper bound.
-constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 32 + 256;
+// The key-split kernel's static shared memory (its warps' staged positions and rows, the head's
+// walk, the query rows' scalars), an upper bound.
+constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 32 + 2048;
 
 // Shared memory a decode CTA needs at least for head dim D and element size elem_bytes (bytes;
 // the key-split kernel's with one warp, static memory included).
