@@ -49,19 +49,22 @@ def case(B, Sq, Sk, Hq, Hkv, D, dtype, layout="bshd", strided=False, grad=False,
 
 def cache_case(dtypes=(torch.bfloat16, torch.float32), dims=(64, 40)):
     """A HeadSparseCache on the device (csrc/kvcache/cuda/: kv_append, decode_attention): full,
-    streaming (compensated, wrapping rings) and budget KV heads, GQA, split-K, per-head
+    streaming (compensated, wrapping rings) and budget KV heads, GQA 4 (8 rows at 2 tokens), split-K, per-head
     arguments with a head gated off, steps of one and two tokens. Returns the non-finite steps."""
     bad = 0
     for dtype in dtypes:
         for D in dims:
             g = torch.Generator().manual_seed(D)
-            B, Hq, Hkv, S = 2, 8, 4, 150
+            # GQA 4: steps of 2 tokens give 8 rows a KV head (the key-split kernel's row groups)
+            B, Hq, Hkv, S = 2, 16, 4, 150
+            twice = lambda values: [x for x in values for _ in range(2)]  # noqa: E731
             cache = headops.HeadSparseCache(
                 num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=B, dtype=dtype,
                 device=DEVICE, kinds=["full", "streaming", "budget", "streaming"],
-                window=[-1, 40, 7, 7, -1, -1, 5, 3], sinks=[0, 2, 1, 2, 0, 0, 0, 4], budget=[None, None, 20, None],
-                compensation=[None, "weighted", None, None], budget_recent=3, max_step=2, split_keys=64)
-            kw = dict(gate=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 0.0]).to(DEVICE),
+                window=twice([-1, 40, 7, 7, -1, -1, 5, 3]), sinks=twice([0, 2, 1, 2, 0, 0, 0, 4]),
+                budget=[None, None, 20, None], compensation=[None, "weighted", None, None], budget_recent=3,
+                max_step=2, split_keys=64)
+            kw = dict(gate=torch.tensor(twice([1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 0.0])).to(DEVICE),
                       sink_logit=torch.randn(Hq, generator=g).to(DEVICE))
             new = lambda n, H: torch.randn(B, n, H, D, generator=g).to(dtype).to(DEVICE)
             outs = [cache.attention(0, new(S, Hq), new(S, Hkv), new(S, Hkv), **kw)]

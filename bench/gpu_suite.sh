@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # headops on a GPU machine, in one call of at most ~8 minutes, in this order: build the CUDA
 # extension, the GPU-specific tests (graph capture, no sync, streams, devices), the cache and
-# placement tests, compute-sanitizer (memcheck, racecheck) on one small call per kernel, the
+# placement tests, compute-sanitizer (memcheck, racecheck, synccheck) on one small call per kernel, the
 # benchmarks, then the long attention sweeps (forward, gradients) in whatever time is left.
 #
 # For a machine with torch (CUDA build), nvcc and ninja preinstalled and no internet (e.g. 16
@@ -119,6 +119,7 @@ if [ -n "${SKIP_SANITIZER:-}" ]; then skip "sanitizer" "SKIP_SANITIZER"
 elif [ "$DRY" = 1 ]; then
   skip "compute-sanitizer memcheck" "dry run: compute-sanitizer needs a GPU"
   skip "compute-sanitizer racecheck" "dry run: compute-sanitizer needs a GPU"
+  skip "compute-sanitizer synccheck" "dry run: compute-sanitizer needs a GPU"
   run "sanitizer case script (CPU, no sanitizer)" 60 "$PY" bench/cuda_sanitizer_case.py --small
 elif ! command -v compute-sanitizer > /dev/null; then
   echo "compute-sanitizer not found"; record "compute-sanitizer" "FAILED" 0; failed=$((failed + 1))
@@ -126,6 +127,8 @@ else
   run "compute-sanitizer memcheck (one small call per kernel)" 75 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 "$PY" bench/cuda_sanitizer_case.py --small
   run "compute-sanitizer racecheck (one small call per kernel)" 75 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    --print-limit 20 "$PY" bench/cuda_sanitizer_case.py --small
+  run "compute-sanitizer synccheck (one small call per kernel)" 75 compute-sanitizer --tool synccheck --error-exitcode 9 \
     --print-limit 20 "$PY" bench/cuda_sanitizer_case.py --small
 fi
 

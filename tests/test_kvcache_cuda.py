@@ -172,6 +172,13 @@ def test_full_heads_many_tiles_per_warp():
              names=("softmax_scale", "sink_logit", "gate"), gate_zero=6, seed=5)
 
 
+def test_three_row_groups():
+    """12 rows (4 query heads on one KV head, 3 new tokens) over splits of 64 keys in float32 at
+    D = 256: the key-split kernel's 3 warps, one row group each."""
+    run_pair(dict(kinds="full", max_step=3, split_keys=64), B=1, Hq=4, Hkv=1, D=256, S=150, steps=[3, 1, 3],
+             dtype=F32, names=("softmax_scale", "gate"), seed=23)
+
+
 def test_full_heads_head_dim_256():
     """The largest head dim: 8 accumulators per lane, shared memory past 48 KiB (opted in); the
     key-split kernel with two warps (four would need 264 KiB in float32)."""
@@ -245,6 +252,22 @@ def test_budget_heads_many_slots_and_row_chunks():
     run_pair(dict(kinds=["budget", "full"], budget=[150, None], budget_recent=4, max_step=2),
              B=2, Hq=8, Hkv=2, D=32, S=200, steps=[2, 2, 1, 2], dtype=F32,
              names=("softmax_scale", "sink_logit", "gate"), gate_zero=1, seed=17)
+
+
+def test_budget_heads_with_six_rows_a_head():
+    """GQA 6 with 1 or 2 new tokens (6 or 12 rows): a budget head's rows in passes of 4, the last
+    one partly past the group, beside a full head whose row groups are partly empty."""
+    run_pair(dict(kinds=["budget", "full"], budget=[150, None], budget_recent=4, max_step=2),
+             B=2, Hq=12, Hkv=2, D=32, S=200, steps=[1, 2, 1], dtype=F32,
+             names=("softmax_scale", "sink_logit"), seed=29)
+
+
+def test_rings_and_budgets_larger_than_the_row():
+    """A window of 200 and a budget of 150 slots over rows of 20-40 tokens: most tiles of their
+    walk hold no token (walked past, in the budget's mass pass too)."""
+    run_pair(dict(kinds=["streaming", "budget"], window=[200, 200, -1, -1], sinks=[2, 2, 0, 0],
+                  budget=[None, 150], budget_recent=4, max_step=2),
+             B=2, Hq=4, Hkv=2, D=32, S=20, steps=[1, 2, 1], dtype=F32, names=("softmax_scale",), seed=31)
 
 
 def test_budget_heads_bfloat16_outputs():

@@ -27,6 +27,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <new>
 
 #include "../../attention/head_semantics.h"
 #include "../../attention/online_softmax.h"
@@ -196,6 +197,22 @@ __device__ __forceinline__ float row_score(const float* q, const float* sK, int6
 #pragma unroll 4
   for (int64_t d = 0; d < D; ++d) s = fmaf(q[d], sK[d * kPad + lane], s);
   return s;
+}
+
+// Merges a partial softmax of a row (its (max, sum) at ms, its accumulator at acc_in, D floats)
+// into `row` and its accumulator (lane holds columns lane + 32 t); a partial that saw nothing of
+// the row (sum 0) is skipped.
+template <int NT>
+__device__ __forceinline__ void merge_partial(OnlineSoftmax<float>& row, float (&acc)[NT], const float* ms,
+                                              const float* acc_in, int64_t D, int lane) {
+  const OnlineSoftmax<float> part{ms[0], ms[1]};
+  if (part.sum == 0.f) return;
+  const auto scales = row.merge(part, FastExp{});
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int64_t d = lane + 32 * t;
+    if (d < D) acc[t] = acc[t] * scales.self + acc_in[d] * scales.other;
+  }
 }
 
 // The CTA's range [begin, end) of the walk. Split-K: full and streaming heads split their walk
@@ -450,10 +467,9 @@ __host__ __device__ inline int64_t key_split_row_groups(int64_t warps, int64_t R
   return groups < 1 ? 1 : groups;
 }
 
-// One warp's staged tile: lane j's key (position or -1, storage row, key and value rows).
+// One warp's staged tile: lane j's key (position or -1, key and value rows).
 struct StagedKeys {
   int64_t pos[kDecodeTile];
-  int64_t row[kDecodeTile];
   const unsigned char* k[kDecodeTile];
   const unsigned char* v[kDecodeTile];
 };
@@ -476,7 +492,7 @@ __device__ LaneKey<T> lane_key(const DecodeParams& p, const HeadWalk& w, int64_t
 }
 
 // Stages the tile of walk indices [t0, t0 + 32) ∩ [t0, t1), whose keys the lanes hold (`key`), in
-// the warp's shared memory: positions and rows in `st`, the key rows in sK and, with `values`,
+// the warp's shared memory: positions and row pointers in `st`, the key rows in sK and, with `values`,
 // the value rows in sV. Keys without a position are not copied (nothing reads their rows). Rows
 // copy by 16-byte cp.async where every row starts on 16 bytes (`aligned_rows`: the host checked
 // D * elem and the storages), element by element otherwise, the key rows then with zeros up to
@@ -491,7 +507,6 @@ __device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, 
                            int lane) {
   __syncwarp();  // every lane is done with the previous tile
   st.pos[lane] = key.pos;
-  st.row[lane] = w.base + t0 + lane;
   st.k[lane] = reinterpret_cast<const unsigned char*>(key.k);
   st.v[lane] = reinterpret_cast<const unsigned char*>(key.v);
   const bool any = __any_sync(0xffffffffu, key.pos >= 0);
@@ -531,6 +546,39 @@ __device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, 
   __syncwarp();
   return true;
 }
+
+// A warp's tiles of the CTA's range: tile first, first + stride, ... (of `count`), each staged in
+// turn by stage_tile, the next one's keys walked while the current one's copies are in flight.
+template <typename T>
+struct WarpTiles {
+  const DecodeParams& p;
+  const HeadWalk& w;
+  int64_t b, length;
+  WalkRange range;
+  const KeySplitLayout& L;
+  bool aligned_rows, values;
+  StagedKeys& st;
+  unsigned char* sK;
+  unsigned char* sV;
+  int lane;
+  int64_t n, stride, count;
+  LaneKey<T> key;
+  int64_t staged_t0 = 0;  // the first walk index of the tile stage() staged last
+
+  __device__ void start() { key = lane_key<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, lane); }
+  __device__ bool more() const { return n < count; }
+  // Stages tile n and moves on: whether the staged tile holds any key.
+  __device__ bool stage() {
+    staged_t0 = range.begin + n * kDecodeTile;
+    LaneKey<T> next;
+    const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
+                                   range.begin + (n + stride) * kDecodeTile, next, L, aligned_rows, values, st, sK, sV,
+                                   lane);
+    key = next;
+    n += stride;
+    return any;
+  }
+};
 
 // The floats of `kWords` 32-bit words read from shared memory at `src` (16-byte aligned when
 // kWords >= 4, 8-byte when 2).
@@ -581,7 +629,7 @@ __device__ __forceinline__ void staged_scores(const float* sQ, int64_t q_stride,
 
 // 3 CTAs an SM where a value row of the widest head dim fits 256 bytes (bf16/fp16 to D = 128,
 // float32 to D = 64; their shared memory allows 3 where the group has at most 4 rows), which caps
-// the registers at 168 (sm_90: a 28-byte spill at D <= 128); wider rows leave shared memory for
+// the registers at 168 (sm_90: a 20-byte spill at D <= 128); wider rows leave shared memory for
 // 1 CTA, so no cap.
 template <typename T, int NT>
 constexpr int key_split_min_blocks() {
@@ -620,10 +668,9 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
   float* acc_out = part_acc + item * R * 2 * D;
 
   const int64_t length = p.lengths[b];
-  const GroupKeys group = group_keys<float>(a, b, kvh, length);
   // the walk in shared memory, read where a lane walks a tile (in registers it would hold ~20)
   __shared__ alignas(HeadWalk) unsigned char s_walk[sizeof(HeadWalk)];
-  if (threadIdx.x == 0) *reinterpret_cast<HeadWalk*>(s_walk) = head_walk(p, b, kvh, length, group);
+  if (threadIdx.x == 0) new (s_walk) HeadWalk(head_walk(p, b, kvh, length, group_keys<float>(a, b, kvh, length)));
   __syncthreads();
   const HeadWalk& w = *reinterpret_cast<const HeadWalk*>(s_walk);
   const WalkRange range = split_range(p, w, split);
@@ -654,25 +701,23 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
     bool planned[2][RW];
     OnlineSoftmax<float> sm[2][RW];
     float acc[2][RW][NT];
+    bool any_planned = false;  // a warp whose rows are all past R or gated off walks nothing
 #pragma unroll
     for (int k = 0; k < RW; ++k) {
 #pragma unroll
       for (int br = 0; br < 2; ++br) {
         planned[br][k] = plans_branch(rows[k], br);
+        any_planned = any_planned || planned[br][k];
         sm[br][k] = OnlineSoftmax<float>::start(false, 0.f);  // the sink logit joins once, in the combine
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[br][k][t] = 0.f;
       }
     }
 
-    LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + first_tile * kDecodeTile, range.end, lane);
-    for (int64_t n = first_tile; n < tiles; n += group_warps) {
-      LaneKey<T> next;
-      const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
-                                     range.begin + (n + group_warps) * kDecodeTile, next, L, aligned_rows, true, st, sK,
-                                     sV, lane);
-      key = next;
-      if (!any) continue;
+    WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, true, st, sK, sV,
+                      lane, first_tile, group_warps, any_planned ? tiles : 0};
+    for (walk.start(); walk.more();) {
+      if (!walk.stage()) continue;
       const int64_t key_pos = st.pos[lane];
       float s[RW];
       if (key_pos >= 0) {
@@ -765,14 +810,7 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       for (int t = 0; t < NT; ++t) o[t] = 0.f;
       for (int src = g; src < warps; src += groups) {
         const int64_t at = (src * RW + k) * 2 + br;
-        const OnlineSoftmax<float> part{sMergeMs[2 * at], sMergeMs[2 * at + 1]};
-        if (part.sum == 0.f) continue;  // that warp saw nothing of this row
-        const auto scales = merged.merge(part, FastExp{});
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < D) o[t] = o[t] * scales.self + sMergeAcc[at * D + d] * scales.other;
-        }
+        merge_partial<NT>(merged, o, sMergeMs + 2 * at, sMergeAcc + at * D, D, lane);
       }
       const int64_t at = r * 2 + br;
       if (lane == 0) {
@@ -808,26 +846,23 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
         adds[k] = s_adds[k] != 0;
         lse[k] = s_lse[k];
       }
-      LaneKey<T> key = lane_key<T>(p, w, b, length, range.begin + warp * kDecodeTile, range.end, lane);
-      for (int64_t n = warp; n < tiles; n += warps) {  // (one row group: first_tile = warp)
-        LaneKey<T> next;
-        const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
-                                       range.begin + (n + warps) * kDecodeTile, next, L, aligned_rows, false, st, sK,
-                                       sV, lane);
-        key = next;
-        if (!any) continue;
+      // (one row group: first_tile = warp, group_warps = warps)
+      WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, false, st, sK, sV, lane, first_tile, group_warps, tiles};
+      for (walk.start(); walk.more();) {
+        if (!walk.stage()) continue;
         const int64_t key_pos = st.pos[lane];
         if (key_pos >= 0) {
           float s[RW];
           staged_scores<T, RW>(wQ, L.q_stride, sK + lane * L.k_stride, D, s);
-          float m = p.slot_mass[st.row[lane]];
+          const int64_t slot = w.base + walk.staged_t0 + lane;  // (streaming storage row, slot_mass index)
+          float m = p.slot_mass[slot];
 #pragma unroll
           for (int k = 0; k < RW; ++k) {
             if (!adds[k]) continue;
             const float x = key_logit(a, rows[k], streaming_visibility(a.causal, rows[k].hs), key_pos, s[k]);
             m += x == negative_infinity<float>() ? 0.f : FastExp{}(x - lse[k]);
           }
-          p.slot_mass[st.row[lane]] = m;
+          p.slot_mass[slot] = m;
         }
       }
     }
@@ -891,14 +926,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     OnlineSoftmax<float> row = OnlineSoftmax<float>::start(hs.has_sink_logit, hs.sink_logit);
     for (int64_t s = 0; s < splits; ++s) {
       const int64_t at = (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br;
-      const OnlineSoftmax<float> part{part_ms[2 * at], part_ms[2 * at + 1]};
-      if (part.sum == 0.f) continue;  // the split saw nothing of this row
-      const auto scales = row.merge(part, FastExp{});
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < D) merged[br][t] = merged[br][t] * scales.self + part_acc[at * D + d] * scales.other;
-      }
+      merge_partial<NT>(row, merged[br], part_ms + 2 * at, part_acc + at * D, D, lane);
     }
     // the streaming branch (a head served by a streaming KV head has no other)
     if (br == 1) merge_compensation<T, NT>(p, b, kvh, a.q.row<T>(b, i, h), hs.softmax_scale, row, merged[1], lane);
@@ -942,16 +970,26 @@ cudaError_t launch_tile(const DecodeParams& p, int64_t splits, float* part_ms, f
   return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
 }
 
-// The warps of a key-split CTA over R rows: one per 32 keys of a split (a CTA walks at most
-// split_keys keys of a full or streaming head) and per row group, at most kDecodeWarps, and as
-// many as fit `limit` bytes of dynamic shared memory; 0 when not even one does.
+// The warps of a key-split CTA over R rows whose splits walk at most split_keys keys (a full or
+// streaming head): of the counts 1..kDecodeWarps whose layout fits `limit` bytes of dynamic
+// shared memory, the one with the fewest tile steps per warp (passes over the rows times tiles a
+// warp of a row group walks), the fewer warps on a tie; 0 when not even one warp fits.
 int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t R, int64_t limit) {
   const int64_t tiles = (split_keys + kDecodeTile - 1) / kDecodeTile;
   const int64_t chunks = (R + kDecodeRowsPerWarp - 1) / kDecodeRowsPerWarp;
-  int64_t want = tiles * (chunks < kDecodeWarps ? chunks : kDecodeWarps);
-  for (int warps = static_cast<int>(want < kDecodeWarps ? want : kDecodeWarps); warps >= 1; --warps)
-    if (key_split_layout(head_dim, elem, warps, key_split_row_groups(warps, R)).total <= limit) return warps;
-  return 0;
+  int best = 0;
+  int64_t best_steps = 0;
+  for (int warps = 1; warps <= kDecodeWarps; ++warps) {
+    const int64_t groups = key_split_row_groups(warps, R);
+    if (key_split_layout(head_dim, elem, warps, groups).total > limit) continue;
+    const int64_t group_warps = warps / groups;
+    const int64_t steps = (chunks + groups - 1) / groups * ((tiles + group_warps - 1) / group_warps);
+    if (best == 0 || steps < best_steps) {
+      best = warps;
+      best_steps = steps;
+    }
+  }
+  return best;
 }
 
 // The current device's opt-in shared memory per block, asked once per device.

@@ -36,7 +36,7 @@ constexpr int kDecodeMaxHeadDim = 256;
 enum class DecodeKernel { kTile, kKeySplit };
 // The key-split kernel's static shared memory (its warps' staged positions and rows, the head's
 // walk, the query rows' scalars), an upper bound.
-constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 32 + 2048;
+constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 24 + 2048;
 
 // Shared memory a decode CTA needs at least for head dim D and element size elem_bytes (bytes;
 // the key-split kernel's with one warp, static memory included).
