@@ -8,13 +8,14 @@ step (the cache of bench/kvcache_cuda.py: B = 1, 32 query / 8 KV heads, D = 128,
   events the step between two CUDA events (what kvcache_cuda.py reports)
   kernels each CUDA kernel's mean device time per step (torch.profiler), and their sum
 
-    python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50]
+    python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50] [--kernels tile,key_split]
     python3 bench/profile_decode_cuda.py --device cpu      # a dry run of the script (tiny sizes)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
     for S in args.contexts:
         g, k, v, q, k1, v1 = step_inputs(S, args, device, dtype)
-        for kind in ("full", "stream 100%"):
+        for kind, kernel in [(kind, kernel) for kind in ("full", "stream 100%") for kernel in args.kernels]:
+            os.environ["HEADOPS_CUDA_DECODE"] = kernel  # the CUDA decode kernel (kvcache_cuda.py --kernels)
             cache = make_cache(kind, S, args, device, dtype, g)
             cache.append(0, k, v)
             for _ in range(3):
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
                     cache.attention(0, q, k1, v1)
                 if cuda:
                     torch.cuda.synchronize()
-            print(f"\n=== context {S}, {kind}: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
+            print(f"\n=== context {S}, {kind}, {kernel} kernel: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
                   f"with the queue drained, {events * 1e3:.3f} ms/step between events")
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
