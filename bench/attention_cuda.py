@@ -20,7 +20,7 @@ Usage: python3 bench/attention_cuda.py [--seq 8192] [--heads 32] [--repeats 20] 
                                         [--json out.json]
        python3 bench/attention_cuda.py --device cpu --seq 256 --heads 4 --dim 64 --window 64 --repeats 3
            (a dry run of the script itself on the CPU kernel; its numbers mean nothing)
-Prints a markdown table last. Written before any GPU run (the first is bench/gpu_suite.sh).
+Prints a markdown table last. First run on an H200 (bench/gpu_suite.sh, 2026-12-04; numbers in docs/cuda.md).
 """
 
 from __future__ import annotations
