@@ -18,8 +18,8 @@ close the decode kernel gets to reading what it keeps at memory speed.
 Decode kernels: `--kernels tile,key_split` times each headops row under each of the CUDA
 decode's first kernels (HEADOPS_CUDA_DECODE, set before each call; interleaved with the rest).
 Timing: a warm-up, then `--repeats` calls each timed by a pair of CUDA events, interleaved; the
-median is reported. Correctness: the headops "full" output against SDPA on the same cache (a fresh
-full cache per kernel).
+median is reported. Correctness: the headops "full" output against SDPA on the same cache (the first
+kernel on the timed full cache, each other kernel on a fresh one).
 
     python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--kernels tile,key_split] [--json out.json]
     python3 bench/kvcache_cuda.py --device cpu      # a dry run on the CPU kernels (tiny sizes; numbers mean nothing)

@@ -181,7 +181,7 @@ def test_three_row_groups():
 
 def test_full_heads_head_dim_256():
     """The largest head dim: 8 accumulators per lane, shared memory past 48 KiB (opted in); the
-    key-split kernel with two warps (four would need 264 KiB in float32)."""
+    key-split kernel with two warps (the 2 tiles of split_keys=64; four would need 262 KiB)."""
     run_pair(dict(kinds="full", max_step=2, split_keys=64), B=1, Hq=4, Hkv=1, D=256, S=150, steps=[1, 2],
              dtype=F32, names=("softmax_scale", "out_bias"))
 
@@ -263,7 +263,7 @@ def test_budget_heads_with_six_rows_a_head():
 
 
 def test_rings_and_budgets_larger_than_the_row():
-    """A window of 200 and a budget of 150 slots over rows of 20-40 tokens: most tiles of their
+    """A window of 200 and a budget of 150 slots over rows of 20-24 tokens: most tiles of their
     walk hold no token (walked past, in the budget's mass pass too)."""
     run_pair(dict(kinds=["streaming", "budget"], window=[200, 200, -1, -1], sinks=[2, 2, 0, 0],
                   budget=[None, 150], budget_recent=4, max_step=2),
