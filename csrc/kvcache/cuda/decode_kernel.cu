@@ -25,7 +25,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstring>
 #include <new>
 
@@ -491,64 +490,9 @@ __device__ LaneKey<T> lane_key(const DecodeParams& p, const HeadWalk& w, int64_t
   return key;
 }
 
-// Stages the tile of walk indices [t0, t0 + 32) ∩ [t0, t1), whose keys the lanes hold (`key`), in
-// the warp's shared memory: positions and row pointers in `st`, the key rows in sK and, with `values`,
-// the value rows in sV. Keys without a position are not copied (nothing reads their rows). Rows
-// copy by 16-byte cp.async where every row starts on 16 bytes (`aligned_rows`: the host checked
-// D * elem and the storages), element by element otherwise, the key rows then with zeros up to
-// the 16-byte chunk the scores read. While the copies are in flight the lanes walk to the tile at
-// next_t0 (`next`: its positions' table reads overlap the copies). Returns whether any key of
-// the tile has a position (the same in every lane); then the keys have landed and the values
-// may still be in flight (cp_async_wait<0> and a warp barrier before reading them).
-template <typename T>
-__device__ bool stage_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, int64_t length, int64_t t0, int64_t t1,
-                           const LaneKey<T>& key, int64_t next_t0, LaneKey<T>& next, const KeySplitLayout& L,
-                           bool aligned_rows, bool values, StagedKeys& st, unsigned char* sK, unsigned char* sV,
-                           int lane) {
-  __syncwarp();  // every lane is done with the previous tile
-  st.pos[lane] = key.pos;
-  st.k[lane] = reinterpret_cast<const unsigned char*>(key.k);
-  st.v[lane] = reinterpret_cast<const unsigned char*>(key.v);
-  const bool any = __any_sync(0xffffffffu, key.pos >= 0);
-  __syncwarp();
-  if (!any) {
-    next = lane_key<T>(p, w, b, length, next_t0, t1, lane);
-    return false;
-  }
-  const int D = static_cast<int>(p.attn.head_dim);
-  if (aligned_rows) {
-    const int chunks = D * static_cast<int>(sizeof(T)) / 16;
-    for (int i = lane; i < kDecodeTile * chunks; i += 32) {
-      const int j = i / chunks, c = i - j * chunks;
-      if (st.pos[j] >= 0) cp_async_16(smem_u32(sK + j * L.k_stride + c * 16), st.k[j] + c * 16, 16);
-    }
-    cp_async_commit();
-    if (values) {
-      for (int i = lane; i < kDecodeTile * chunks; i += 32) {
-        const int j = i / chunks, c = i - j * chunks;
-        if (st.pos[j] >= 0) cp_async_16(smem_u32(sV + j * L.v_stride + c * 16), st.v[j] + c * 16, 16);
-      }
-    }
-    cp_async_commit();
-  } else {
-    constexpr int E = 16 / static_cast<int>(sizeof(T));
-    const int padded = (D + E - 1) / E * E;
-    for (int i = lane; i < kDecodeTile * padded; i += 32) {
-      const int j = i / padded, d = i - j * padded;
-      if (st.pos[j] < 0) continue;
-      reinterpret_cast<T*>(sK + j * L.k_stride)[d] =
-          d < D ? reinterpret_cast<const T*>(st.k[j])[d] : TypeOps<T>::from_float(0.f);
-      if (values && d < D) reinterpret_cast<T*>(sV + j * L.v_stride)[d] = reinterpret_cast<const T*>(st.v[j])[d];
-    }
-  }
-  next = lane_key<T>(p, w, b, length, next_t0, t1, lane);
-  cp_async_wait<1>();  // the keys (the values' group may still be in flight)
-  __syncwarp();
-  return true;
-}
-
-// A warp's tiles of the CTA's range: tile first, first + stride, ... (of `count`), each staged in
-// turn by stage_tile, the next one's keys walked while the current one's copies are in flight.
+// A warp's tiles of the CTA's range: tile first, first + stride, ... (of `count`), staged in turn
+// in the warp's shared memory by stage(), the next one's keys walked while the current one's
+// copies are in flight.
 template <typename T>
 struct WarpTiles {
   const DecodeParams& p;
@@ -567,16 +511,60 @@ struct WarpTiles {
 
   __device__ void start() { key = lane_key<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, lane); }
   __device__ bool more() const { return n < count; }
-  // Stages tile n and moves on: whether the staged tile holds any key.
+
+  // Stages tile n (walk indices [t0, t0 + 32) ∩ the range, whose keys the lanes hold) and moves
+  // on: positions and row pointers in `st`, the key rows in sK and, with `values`, the value rows
+  // in sV. Keys without a position are not copied (nothing reads their rows). Rows copy by
+  // 16-byte cp.async where every row starts on 16 bytes (`aligned_rows`: the host checked
+  // D * elem and the storages), element by element otherwise, the key rows then with zeros up to
+  // the 16-byte chunk the scores read. While the copies are in flight the lanes walk to the next
+  // tile (its positions' table reads overlap the copies). Returns whether any key of the tile has
+  // a position (the same in every lane); then the keys have landed and the values may still be
+  // in flight (cp_async_wait<0> and a warp barrier before reading them).
   __device__ bool stage() {
     staged_t0 = range.begin + n * kDecodeTile;
-    LaneKey<T> next;
-    const bool any = stage_tile<T>(p, w, b, length, range.begin + n * kDecodeTile, range.end, key,
-                                   range.begin + (n + stride) * kDecodeTile, next, L, aligned_rows, values, st, sK, sV,
-                                   lane);
-    key = next;
     n += stride;
-    return any;
+    const int64_t next_t0 = range.begin + n * kDecodeTile;
+    __syncwarp();  // every lane is done with the previous tile
+    st.pos[lane] = key.pos;
+    st.k[lane] = reinterpret_cast<const unsigned char*>(key.k);
+    st.v[lane] = reinterpret_cast<const unsigned char*>(key.v);
+    const bool any = __any_sync(0xffffffffu, key.pos >= 0);
+    __syncwarp();
+    if (!any) {
+      key = lane_key<T>(p, w, b, length, next_t0, range.end, lane);
+      return false;
+    }
+    const int D = static_cast<int>(p.attn.head_dim);
+    if (aligned_rows) {
+      const int chunks = D * static_cast<int>(sizeof(T)) / 16;
+      for (int i = lane; i < kDecodeTile * chunks; i += 32) {
+        const int j = i / chunks, c = i - j * chunks;
+        if (st.pos[j] >= 0) cp_async_16(smem_u32(sK + j * L.k_stride + c * 16), st.k[j] + c * 16, 16);
+      }
+      cp_async_commit();
+      if (values) {
+        for (int i = lane; i < kDecodeTile * chunks; i += 32) {
+          const int j = i / chunks, c = i - j * chunks;
+          if (st.pos[j] >= 0) cp_async_16(smem_u32(sV + j * L.v_stride + c * 16), st.v[j] + c * 16, 16);
+        }
+      }
+      cp_async_commit();
+    } else {
+      constexpr int E = 16 / static_cast<int>(sizeof(T));
+      const int padded = (D + E - 1) / E * E;
+      for (int i = lane; i < kDecodeTile * padded; i += 32) {
+        const int j = i / padded, d = i - j * padded;
+        if (st.pos[j] < 0) continue;
+        reinterpret_cast<T*>(sK + j * L.k_stride)[d] =
+            d < D ? reinterpret_cast<const T*>(st.k[j])[d] : TypeOps<T>::from_float(0.f);
+        if (values && d < D) reinterpret_cast<T*>(sV + j * L.v_stride)[d] = reinterpret_cast<const T*>(st.v[j])[d];
+      }
+    }
+    key = lane_key<T>(p, w, b, length, next_t0, range.end, lane);
+    cp_async_wait<1>();  // the keys (the values' group may still be in flight)
+    __syncwarp();
+    return true;
   }
 };
 
@@ -960,7 +948,7 @@ cudaError_t launch_combine(const DecodeParams& p, int64_t splits, float* part_ms
 template <typename T, int NT>
 cudaError_t launch_tile(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
   const int smem = static_cast<int>(tile_smem_bytes(p.attn.head_dim));
-  // once per (kernel, device), and only past 48 KiB (smem_opt_in.h)
+  // once per (kernel, device), and only past the kernel's default limit (smem_opt_in.h)
   cudaError_t err = headops::cuda::opt_in_dynamic_smem(reinterpret_cast<const void*>(decode_partial_kernel<T, NT>), smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
@@ -992,36 +980,21 @@ int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t 
   return best;
 }
 
-// The current device's opt-in shared memory per block, asked once per device.
-cudaError_t optin_shared_bytes(int& bytes) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kDevices && (bytes = known[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-  err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess && device < kDevices) known[device].store(bytes, std::memory_order_relaxed);
-  return err;
-}
-
 template <typename T, int NT>
-cudaError_t launch_key_split(const DecodeParams& p, int64_t splits, bool aligned_rows, float* part_ms, float* part_acc,
+cudaError_t launch_key_split(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
                              cudaStream_t stream) {
   const void* kernel = reinterpret_cast<const void*>(decode_key_split_kernel<T, NT>);
-  int optin = 0;
-  cudaError_t err = optin_shared_bytes(optin);
-  if (err != cudaSuccess) return err;
-  const int64_t R = p.attn.group() * p.attn.seqlen_q;
-  const int warps = key_split_warps(p.attn.head_dim, sizeof(T), p.split_keys, R, optin - kKeySplitStaticSmem);
+  const int64_t R = p.attn.group() * p.attn.seqlen_q, splits = launch.splits;
+  const int warps =
+      key_split_warps(p.attn.head_dim, sizeof(T), p.split_keys, R, launch.shared_optin_bytes - kKeySplitStaticSmem);
   if (warps == 0) return cudaErrorInvalidValue;  // (the host checked decode_smem_bytes first)
   const int64_t row_groups = key_split_row_groups(warps, R);
   const int smem = static_cast<int>(key_split_layout(p.attn.head_dim, sizeof(T), warps, row_groups).total);
-  err = headops::cuda::opt_in_dynamic_smem(kernel, smem);
+  cudaError_t err = headops::cuda::opt_in_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
-  decode_key_split_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, splits, row_groups, aligned_rows, part_ms,
-                                                                     part_acc);
+  decode_key_split_kernel<T, NT><<<grid, 32 * warps, smem, stream>>>(p, splits, row_groups, launch.aligned_rows,
+                                                                     part_ms, part_acc);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
@@ -1031,7 +1004,7 @@ template <typename T, int NT>
 cudaError_t launch_typed(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
                          cudaStream_t stream) {
   if (launch.kernel == DecodeKernel::kKeySplit)
-    return launch_key_split<T, NT>(p, launch.splits, launch.aligned_rows, part_ms, part_acc, stream);
+    return launch_key_split<T, NT>(p, launch, part_ms, part_acc, stream);
   return launch_tile<T, NT>(p, launch.splits, part_ms, part_acc, stream);
 }
 

@@ -192,9 +192,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
   launch.splits = splits;
   launch.kernel = kernel;
   launch.aligned_rows = l.aligned_rows;
+  launch.shared_optin_bytes = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t smem = decode_smem_bytes(D, q.element_size(), launch.kernel);
-  TORCH_CHECK(smem <= static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin), op,
-              "head dim ", D, " needs more shared memory than this GPU offers");
+  TORCH_CHECK(smem <= launch.shared_optin_bytes, op, "head dim ", D, " needs more shared memory than this GPU offers");
   const int64_t R = (Hq / Hkv) * Sq;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   at::Tensor part_ms = at::empty({B * Hkv * splits * R * 4}, f32);

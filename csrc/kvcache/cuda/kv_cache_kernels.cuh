@@ -55,11 +55,13 @@ cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t coun
 // table above). Scratch: part_ms float [B, Hkv, splits, G * Sq, 2 branches, 2 (max, sum)] and
 // part_acc float [same, D]. Writes p.attn.out (and adds budget heads' attention mass).
 // aligned_rows: every key and value row of the storages starts on 16 bytes (the key-split
-// kernel's 16-byte copies; element copies otherwise).
+// kernel's 16-byte copies; element copies otherwise); shared_optin_bytes: the device's opt-in
+// shared memory per block (the key-split kernel's warps are as many as fit it).
 struct DecodeLaunch {
   int64_t splits = 1;
   DecodeKernel kernel = DecodeKernel::kTile;
   bool aligned_rows = false;
+  int64_t shared_optin_bytes = 0;
 };
 cudaError_t launch_decode(const DecodeParams& p, DType dtype, const DecodeLaunch& launch, float* part_ms,
                           float* part_acc, cudaStream_t stream);
