@@ -15,23 +15,22 @@ Bandwidth: the bytes a step must read (cache.nbytes(): the keys and values each 
 the step's time, beside the device's copy bandwidth measured in the same run (a 1 GiB
 device-to-device copy: 2 bytes moved per byte copied), so "fraction of copy bandwidth" says how
 close the decode kernel gets to reading what it keeps at memory speed.
-Decode kernels: `--kernels tile,key_split` times each headops row under each of the CUDA
-decode's first kernels (HEADOPS_CUDA_DECODE, set before each call; interleaved with the rest).
+Split sizes: `--split-keys auto,256,1024` times each headops row with each split size (keys per
+CTA; auto: split_keys=None, which the cache chooses from its storages and the GPU's SMs; a cache of
+its own per size, interleaved with the rest).
 Timing: a warm-up, then `--repeats` calls each timed by a pair of CUDA events, interleaved; the
-median is reported. Correctness: the headops "full" output against SDPA on the same cache (the first
-kernel on the timed full cache, each other kernel on a fresh one).
+median is reported. Correctness: each "full" cache's first step against SDPA over the same tokens.
 
-    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--kernels tile,key_split] [--json out.json]
+    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--split-keys auto,256,1024] [--json out.json]
     python3 bench/kvcache_cuda.py --device cpu      # a dry run on the CPU kernels (tiny sizes; numbers mean nothing)
 
-First run on an H200 (bench/gpu_suite.sh, 2026-12-04): the tile kernel; key_split written after it.
+Run on an H200 (bench/gpu_suite.sh, 2026-12-04; docs/cuda.md has the tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -52,9 +51,9 @@ def parse(argv=None):
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--split-keys", type=int, default=1024, help="HeadSparseCache(split_keys=...): keys per CTA")
-    ap.add_argument("--kernels", type=lambda s: s.split(","), default=["tile"],
-                    help="CUDA decode kernels to time (HEADOPS_CUDA_DECODE values), e.g. tile,key_split")
+    ap.add_argument("--split-keys", type=lambda s: [None if x == "auto" else int(x) for x in s.split(",")],
+                    default=[None], help="HeadSparseCache(split_keys=...): keys per CTA, 'auto' (None: chosen "
+                    "from the cache and the GPU); a list times each, e.g. auto,256,1024")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dry = args.device == "cpu"
@@ -95,7 +94,8 @@ def copy_bandwidth(device, timer, repeats) -> float:
     return 2 * n / statistics.median(times) / 1e9
 
 
-def make_cache(kind, S, args, device, dtype, g):
+def make_cache(kind, S, args, device, dtype, g, split_keys=None):
+    """A one-layer cache of `kind` (split_keys None: the cache chooses; see split_label)."""
     Hq, Hkv, D = args.heads, args.kv_heads, args.dim
     group = Hq // Hkv
     if kind == "full":
@@ -108,8 +108,16 @@ def make_cache(kind, S, args, device, dtype, g):
     sinks = [args.sinks if kinds[q // group] == "streaming" else 0 for q in range(Hq)]
     cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, batch_size=1,
                                     dtype=dtype, device=device, kinds=kinds, window=window, sinks=sinks,
-                                    max_step=1, split_keys=args.split_keys)
+                                    max_step=1, split_keys=split_keys)
     return cache
+
+
+def split_label(cache, split):
+    """'auto (768)': what split_keys=None chose for the cache's next step; else the number."""
+    if split is not None:
+        return str(split)
+    st = cache._layers[0]
+    return f"auto ({headops.cache._split_keys(None, st, st.lengths.device)})"
 
 
 def step_inputs(S, args, device, dtype):
@@ -147,50 +155,42 @@ def main(argv=None) -> int:
         def sdpa():
             return F.scaled_dot_product_attention(qt, dense_k, dense_v, enable_gqa=True)
 
+        runs = [(kind, split) for kind in ("full", "stream 50%", "stream 100%") for split in args.split_keys]
         caches = {}
-        for kind in ("full", "stream 50%", "stream 100%"):
-            cache = make_cache(kind, S, args, device, dtype, g)
+        for kind, split in runs:
+            cache = make_cache(kind, S, args, device, dtype, g, split)
             cache.append(0, k, v)
-            caches[kind] = cache
-        # correctness: each kernel's first step on a full cache against SDPA over the same S + 1 tokens
+            caches[(kind, split)] = cache
+        # correctness: each full cache's first step against SDPA over the same S + 1 tokens
         errs = {}
-        for kernel in args.kernels:
-            os.environ["HEADOPS_CUDA_DECODE"] = kernel
-            fresh = caches["full"] if kernel == args.kernels[0] else make_cache("full", S, args, device, dtype, g)
-            if fresh is not caches["full"]:
-                fresh.append(0, k, v)
-            first = fresh.attention(0, q, k1, v1)
-            errs[kernel] = (first.transpose(1, 2).float() - sdpa().float()).abs().max().item()
-            del fresh, first
-        runs = [(kind, kernel) for kind in caches for kernel in args.kernels]
-        for kind, kernel in runs:  # warm-up
-            os.environ["HEADOPS_CUDA_DECODE"] = kernel
-            caches[kind].attention(0, q, k1, v1)
+        for kind, split in runs:
+            out = caches[(kind, split)].attention(0, q, k1, v1)  # (also the warm-up)
+            if kind == "full":
+                errs[split] = (out.transpose(1, 2).float() - sdpa().float()).abs().max().item()
         sdpa()
         times = {run: [] for run in runs}
         times["SDPA"] = []
         for _ in range(args.repeats):
-            for kind, kernel in runs:
-                os.environ["HEADOPS_CUDA_DECODE"] = kernel
-                cache = caches[kind]
-                times[(kind, kernel)].append(timer(lambda: cache.attention(0, q, k1, v1)))
+            for run in runs:
+                cache = caches[run]
+                times[run].append(timer(lambda: cache.attention(0, q, k1, v1)))
             times["SDPA"].append(timer(sdpa))
         dense_bytes = 2 * dense_k.numel() * dense_k.element_size()
         t_sdpa = statistics.median(times["SDPA"])
         rows.append(dict(context=S, candidate="SDPA (dense)", ms=t_sdpa * 1e3, kept_bytes=dense_bytes,
                          gbps=dense_bytes / t_sdpa / 1e9, vs_sdpa=1.0, max_abs_err=None))
-        for kind, kernel in runs:
-            t = statistics.median(times[(kind, kernel)])
-            kept = caches[kind].nbytes()
-            label = f"headops {kind}" + (f" [{kernel}]" if len(args.kernels) > 1 else "")
-            rows.append(dict(context=S, candidate=label, kernel=kernel, ms=t * 1e3, kept_bytes=kept,
-                             gbps=kept / t / 1e9, vs_sdpa=t_sdpa / t, max_abs_err=errs[kernel] if kind == "full" else None))
+        for kind, split in runs:
+            t = statistics.median(times[(kind, split)])
+            kept = caches[(kind, split)].nbytes()
+            label = f"headops {kind} [split {split_label(caches[(kind, split)], split)}]"
+            rows.append(dict(context=S, candidate=label, split_keys=split, ms=t * 1e3, kept_bytes=kept,
+                             gbps=kept / t / 1e9, vs_sdpa=t_sdpa / t, max_abs_err=errs[split] if kind == "full" else None))
         del caches, dense_k, dense_v, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print()
     print(f"decode step, B=1, Hq={Hq}, Hkv={Hkv}, D={D}, bfloat16, window {args.window} + {args.sinks} sinks "
-          f"for streaming heads, split_keys {args.split_keys}; median of {args.repeats}")
+          f"for streaming heads; median of {args.repeats}")
     print("| context | candidate | ms / step | kept MB | GB/s read | of copy bw | speed-up vs SDPA | max abs err |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -1,21 +1,21 @@
 """Where a GPU decode step of headops.HeadSparseCache spends its time: host or kernels.
 
-The first GPU run (bench/kvcache_cuda.py on an H200, 2026-12-04) timed a step at ~1.15 ms whatever
-the cache held (4 MB or 136 MB), against 0.065 ms for SDPA over a dense cache. This splits one
+On an H200 (2026-12-04) a step of the first decode kernel took ~1.15 ms whatever the cache held
+(4 MB or 136 MB), against 0.065 ms for SDPA over a dense cache; with the key-split kernel that
+replaced it, 0.19-0.22 ms at 32k, of which the kernels ~0.11-0.13 ms (docs/cuda.md). This splits one
 step (the cache of bench/kvcache_cuda.py: B = 1, 32 query / 8 KV heads, D = 128, bf16):
   host   the Python call's own time, steps issued back to back without a sync (launch-bound
          when this is close to the event-timed step)
   events the step between two CUDA events (what kvcache_cuda.py reports)
   kernels each CUDA kernel's mean device time per step (torch.profiler), and their sum
 
-    python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50] [--kernels tile,key_split]
+    python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50] [--split-keys auto,1024]
     python3 bench/profile_decode_cuda.py --device cpu      # a dry run of the script (tiny sizes)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kvcache_cuda import Timer, make_cache, parse, step_inputs  # noqa: E402
+from kvcache_cuda import Timer, make_cache, parse, split_label, step_inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +38,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
     for S in args.contexts:
         g, k, v, q, k1, v1 = step_inputs(S, args, device, dtype)
-        for kind, kernel in [(kind, kernel) for kind in ("full", "stream 100%") for kernel in args.kernels]:
-            os.environ["HEADOPS_CUDA_DECODE"] = kernel  # the CUDA decode kernel (kvcache_cuda.py --kernels)
-            cache = make_cache(kind, S, args, device, dtype, g)
+        for kind, split in [(kind, split) for kind in ("full", "stream 100%") for split in args.split_keys]:
+            cache = make_cache(kind, S, args, device, dtype, g, split)
             cache.append(0, k, v)
             for _ in range(3):
                 cache.attention(0, q, k1, v1)
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
                     cache.attention(0, q, k1, v1)
                 if cuda:
                     torch.cuda.synchronize()
-            print(f"\n=== context {S}, {kind}, {kernel} kernel: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
+            print(f"\n=== context {S}, {kind}, split_keys {split_label(cache, split)}: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
                   f"with the queue drained, {events * 1e3:.3f} ms/step between events")
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)

@@ -37,7 +37,7 @@ def seq_dim(layout):
 
 
 def make_cache(Hq, Hkv, D, *, kinds="full", window=None, sinks=None, B=2, L=1, dtype=F64, max_step=4,
-               split_keys=1024):
+               split_keys=None):
     return headops.HeadSparseCache(num_layers=L, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, kinds=kinds,
                                    window=window, sinks=sinks, batch_size=B, dtype=dtype, max_step=max_step,
                                    split_keys=split_keys)
@@ -427,6 +427,19 @@ def test_long_context_split_keys(split_keys):
     assert max_err(got[:, S:], ref[:, S:]) <= ATOL64  # the result does not depend on split_keys
 
 
+def test_gpu_split_keys_fill_the_sms():
+    # split_keys=None on a GPU: the fewest keys a block (multiples of 128, 128 to 1024) that give
+    # each SM 3 blocks; the cache's count: every full head's capacity and every ring/budget slot
+    rule = headops.cache.gpu_split_keys
+    assert rule(8 * 32768, 132) == 768  # bench/kvcache_cuda.py's full cache at 32k on an H200
+    assert rule(4 * 32768 + 8 * 1028, 132) == 384  # half the heads streaming
+    assert rule(8 * 1028, 132) == 128  # every head streaming
+    assert rule(8 * 131072, 132) == 1024  # at 128k: the most
+    assert rule(0, 132) == rule(1, 1) == 128 and rule(3 * 128 + 1, 1) == 256
+    assert rule(3 * 1024 * 132, 132) == 1024 and rule(3 * 1024 * 132 - 1, 132) == 1024
+    assert rule(3 * 896 * 132, 132) == 896 and rule(3 * 896 * 132 + 1, 132) == 1024
+
+
 def test_long_context_default_split():
     # ~2100 tokens: the unlimited full head spans three work items of 1024 keys (counted)
     B, Hq, Hkv, D, S = 1, 2, 1, 16, 2100
@@ -435,7 +448,7 @@ def test_long_context_default_split():
     N = S + sum(steps)
     q, k, v = make_qkv(B, N, N, Hq, Hkv, D, F64)
     cache = make_cache(Hq, Hkv, D, kinds="full", window=window, sinks=sinks, B=B)
-    assert cache.split_keys == 1024
+    assert cache.split_keys is None and headops.cache.SPLIT_KEYS == 1024  # (None: 1024 on the CPU)
     outs = run_steps(cache, q, k, v, S, steps[:-1])
     with headops.count_work() as w:
         outs.append(cache.attention(0, q[:, N - 4:], k[:, N - 4:], v[:, N - 4:]))
@@ -731,8 +744,8 @@ def test_full_head_items_after_many_decode_steps():
     # time has one per 64 tokens here)
     segments = len(cache._layers[0].full_k)
     assert segments >= 5
-    assert w.work_items == B * math.ceil((S + 401) / cache.split_keys)
-    L, split = S + 401, cache.split_keys
+    assert w.work_items == B * math.ceil((S + 401) / headops.cache.SPLIT_KEYS)
+    L, split = S + 401, headops.cache.SPLIT_KEYS
     assert w.key_blocks == B * sum(math.ceil(min(split, L - j) / 256) for j in range(0, L, split))
 
 

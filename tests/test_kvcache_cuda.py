@@ -13,8 +13,8 @@ and float16.
 
 Skipped without a GPU. HEADOPS_TEST_CUDA_DEVICE=cpu runs the file on the CPU kernels (a dry run
 of the tests themselves); the GPU-specific tests (CUDA graph capture, no synchronisation) then
-skip. First run on an H200 (bench/gpu_suite.sh, 2026-12-04), all passing; every case runs under
-both decode kernels (HEADOPS_CUDA_DECODE=tile, the default, and key_split, written after that run).
+skip. Run on an H200 (bench/gpu_suite.sh, 2026-12-04), all passing (the key-split decode kernel
+too, which then replaced the first one).
 """
 
 import math
@@ -129,24 +129,13 @@ def run_pair(cache_kw, *, B, Hq, Hkv, D, S, steps, dtype, names=(), gate_zero=No
 
 DTYPES = [F32, BF16, F16]
 ALL = ("softmax_scale", "sink_logit", "out_scale", "out_bias", "gate", "key_bias")
-# the decode's two first kernels (HEADOPS_CUDA_DECODE, read at each call; the CPU ignores it)
-DECODE_KERNELS = ["tile"] if DRY_RUN else ["tile", "key_split"]
-
-
-@pytest.fixture(autouse=True, params=DECODE_KERNELS)
-def decode_kernel(request, monkeypatch):
-    """Every case of this file runs under each CUDA decode kernel."""
-    monkeypatch.setenv("HEADOPS_CUDA_DECODE", request.param)
-    return request.param
-
 
 # ---------------------------------------------------------------------------------- full heads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-# 144: the tile kernel's dynamic shared memory just under 48 KiB; 7 and 12 (2-byte rows of 24
-# bytes): rows the key-split kernel copies element by element (not on 16 bytes); 7, 66, 130: a
-# lane's slice of the value row reaching past D
+# 7 and 12 (2-byte rows of 24 bytes): rows the kernel copies element by element (not on 16 bytes);
+# 7, 66, 130, 144: a lane's slice of the value row reaching past D (144: 8 accumulators a lane)
 @pytest.mark.parametrize("D", [7, 8, 12, 40, 64, 66, 128, 130, 144])
 def test_full_heads_gqa(dtype, D):
     run_pair(dict(kinds="full", max_step=4), B=2, Hq=8, Hkv=2, D=D, S=37, steps=[1, 3, 1, 4], dtype=dtype,
@@ -166,22 +155,22 @@ def test_full_heads_split_keys_and_windows(dtype):
 
 
 def test_full_heads_many_tiles_per_warp():
-    """One split of 700 keys: 22 tiles of 32, several per warp of the key-split kernel, whose
-    partials are merged in the CTA."""
-    run_pair(dict(kinds="full", max_step=2), B=1, Hq=8, Hkv=2, D=128, S=700, steps=[1, 2, 1], dtype=BF16,
+    """One split of 700 keys (split_keys given: None would choose 128 on a GPU): 22 tiles of 32,
+    several per warp, whose partials are merged in the CTA."""
+    run_pair(dict(kinds="full", max_step=2, split_keys=1024), B=1, Hq=8, Hkv=2, D=128, S=700, steps=[1, 2, 1], dtype=BF16,
              names=("softmax_scale", "sink_logit", "gate"), gate_zero=6, seed=5)
 
 
 def test_three_row_groups():
     """12 rows (4 query heads on one KV head, 3 new tokens) over splits of 64 keys in float32 at
-    D = 256: the key-split kernel's 3 warps, one row group each."""
+    D = 256: 3 warps, one row group each."""
     run_pair(dict(kinds="full", max_step=3, split_keys=64), B=1, Hq=4, Hkv=1, D=256, S=150, steps=[3, 1, 3],
              dtype=F32, names=("softmax_scale", "gate"), seed=23)
 
 
 def test_full_heads_head_dim_256():
     """The largest head dim: 8 accumulators per lane, shared memory past 48 KiB (opted in); the
-    key-split kernel with two warps (the 2 tiles of split_keys=64; four would need 262 KiB)."""
+    kernel with two warps (the 2 tiles of split_keys=64; four would need 262 KiB)."""
     run_pair(dict(kinds="full", max_step=2, split_keys=64), B=1, Hq=4, Hkv=1, D=256, S=150, steps=[1, 2],
              dtype=F32, names=("softmax_scale", "out_bias"))
 
@@ -247,8 +236,8 @@ def test_budget_heads(Sq):
 
 
 def test_budget_heads_many_slots_and_row_chunks():
-    """Budget heads of 150 slots (five tiles: several warps of the key-split kernel add attention
-    mass) and a group of 4 query heads with 2 new tokens (8 rows: two chunks of 4)."""
+    """Budget heads of 150 slots (five tiles: several warps add attention mass) and a group of 4
+    query heads with 2 new tokens (8 rows: two chunks of 4)."""
     run_pair(dict(kinds=["budget", "full"], budget=[150, None], budget_recent=4, max_step=2),
              B=2, Hq=8, Hkv=2, D=32, S=200, steps=[2, 2, 1, 2], dtype=F32,
              names=("softmax_scale", "sink_logit", "gate"), gate_zero=1, seed=17)
@@ -283,8 +272,8 @@ def decode_args(cache, q, layer=0):
     D = cache.head_dim
     return (q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
             st.ring_sinks, st.ring_size, True, 1.0 / math.sqrt(D), None, st.windows.expand(q.shape[0], -1),
-            st.sinks.expand(q.shape[0], -1), None, None, None, None, None, None, cache.split_keys,
-            *st.budget_args(), *st.comp_args())
+            st.sinks.expand(q.shape[0], -1), None, None, None, None, None, None,
+            cache.split_keys or headops.cache.SPLIT_KEYS, *st.budget_args(), *st.comp_args())
 
 
 def filled_cache(B=2, Hq=4, Hkv=2, D=32, S=70, dtype=F32):
@@ -305,21 +294,6 @@ def test_float64_is_refused_on_cuda_or_computed_on_cpu():
         return
     with pytest.raises(RuntimeError, match="float64 is CPU only"):
         torch.ops.headops.decode_attention(*decode_args(cache, q.double()))
-
-
-@gpu_only
-def test_unknown_decode_kernel_is_refused_by_name(monkeypatch):
-    cache = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, batch_size=1,
-                                    dtype=F32, device=CUDA)
-    x = torch.randn(1, 3, 2, 8, device=CUDA)
-    cache.attention(0, x, x[:, :, :1], x[:, :, :1])
-    before = state(cache)
-    monkeypatch.setenv("HEADOPS_CUDA_DECODE", "fast")
-    with pytest.raises(RuntimeError, match="HEADOPS_CUDA_DECODE must be 'tile' or 'key_split', got 'fast'"):
-        cache.attention(0, x[:, :1], x[:, :1, :1], x[:, :1, :1])
-    after = state(cache)  # refused before the append: nothing changed
-    assert cache._layers[0].held == [3] and after.keys() == before.keys()
-    assert all(torch.equal(x, y) for key in before for x, y in zip(before[key], after[key]))
 
 
 @gpu_only

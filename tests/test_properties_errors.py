@@ -392,7 +392,7 @@ def constructor_wrong_forms(c):
     forms = {}
     for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "batch_size", "max_step", "split_keys"):
         for bad in (0, -1, 1.5, 2.0, "2", None, True, [2], torch.tensor(2)):
-            if name == "num_heads" and bad is None:
+            if name in ("num_heads", "split_keys") and bad is None:  # (None: from the model / chosen per step)
                 continue
             forms[f"{name}_{bad!r}"] = ({name: bad}, name)
     forms["num_heads_not_multiple"] = ({"num_heads": Hkv * 2 + 1, "num_kv_heads": Hkv * 2}, "num_heads")

@@ -102,7 +102,9 @@ class HeadSparseCache(_CacheBase):
             allocated then. Given, the calls are checked against them; with batch_size and dtype
             both given the cache is sized at construction (on the CPU unless device is given).
         max_step: the most new tokens one decode call may bring (sizes the rings).
-        split_keys: keys per work item when a long full head is split across threads.
+        split_keys: keys per work item when a long head is split across threads (CPU) or CUDA
+            blocks (split-K). None (the default): 1024 on the CPU; on a GPU, chosen at each step
+            from what the storages can hold and the device's SMs, at most 1024 (``_split_keys``).
         max_length: the most tokens a batch row may hold (None: no limit). A call that would go
             past it raises a ValueError before it changes anything; full heads never grow past it.
         budget_recent: the latest tokens a budget head always keeps (also the observation window
@@ -139,7 +141,7 @@ class HeadSparseCache(_CacheBase):
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
                  head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, compensation=UNSET,
                  batch_size=UNSET, dtype=None,
-                 device=None, max_step=8, split_keys=1024, max_length=None, budget_recent=8, append_room=0,
+                 device=None, max_step=8, split_keys=None, max_length=None, budget_recent=8, append_room=0,
                  prefill=UNSET, allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET,
                  pooling=UNSET, keep_observation_window=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -174,9 +176,10 @@ class HeadSparseCache(_CacheBase):
                             f"first call's), got {dtype!r}")
         if batch_size is not UNSET and (not is_int(batch_size) or batch_size < 1):
             raise fail(CALLER, "batch_size", "an int >= 1 (or left out: the first call's)", batch_size)
-        for name, value in (("max_step", max_step), ("split_keys", split_keys)):
-            if not is_int(value) or value < 1:
-                raise fail(CALLER, name, "an int >= 1", value)
+        if not is_int(max_step) or max_step < 1:
+            raise fail(CALLER, "max_step", "an int >= 1", max_step)
+        if split_keys is not None and (not is_int(split_keys) or split_keys < 1):
+            raise fail(CALLER, "split_keys", "None or an int >= 1", split_keys)
         if max_length is not None and (not is_int(max_length) or max_length < 1):
             raise fail(CALLER, "max_length", "None or an int >= 1", max_length)
         if device is not None:
@@ -563,7 +566,8 @@ class HeadSparseCache(_CacheBase):
         stats = None if request is None else _cache_probe.decode(st, q, args, request, causal)
         return torch.ops.headops.decode_attention.default(
             q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
-            st.ring_sinks, st.ring_size, causal, *kernel_args, self.split_keys, *st.budget_args(),
+            st.ring_sinks, st.ring_size, causal, *kernel_args, _split_keys(self.split_keys, st, q.device),
+            *st.budget_args(),
             *st.comp_args()), stats
 
     def _step_args(self, caller, layer, q, keys, per_head):
@@ -591,6 +595,38 @@ def _numbers_key(per_head: dict):
         if value is not None and type(value) is not int and type(value) is not float:
             return None
     return tuple(per_head.items())
+
+
+SPLIT_KEYS = 1024  # keys per work item (CPU) and the most per CUDA block
+_BLOCKS_PER_SM = 3  # CUDA decode blocks an SM runs at once (bf16/fp16 to D = 128; decode_kernel.cu)
+_SMALLEST_SPLIT = 128  # one 32-key tile for each of a block's 4 warps
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _split_keys(given, st, device: torch.device) -> int:
+    """A decode step's keys per work item: `given`, or for split_keys=None 1024 on the CPU and on a
+    GPU the fewest (a multiple of 128, at most 1024) that still give every SM 3 blocks for the
+    keys the storages can hold (each full head's capacity, every streaming and budget slot). A
+    block walks its keys one 32-key tile a warp at a time: on an H200 (2026-12-04) a block of
+    1024 keys (8 tiles a warp) took 99 us, and 16 such blocks (8 streaming heads of 1028 keys)
+    left the GPU nearly idle for that long (docs/cuda.md). Shapes and capacities only (no tensor
+    data): a CUDA graph or torch.compile sees the same number while the storages keep their sizes."""
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return SPLIT_KEYS
+    sms = _SM_COUNTS.get(device.index)
+    if sms is None:
+        sms = _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    slots = 0 if st.ring_k is None else st.ring_k.shape[1]
+    return gpu_split_keys(len(st.held) * (st.full_heads * st.full_capacity + slots), sms)
+
+
+def gpu_split_keys(keys: int, sms: int) -> int:
+    """Keys per CUDA block for `keys` keys on `sms` SMs: the fewest (a multiple of 128, 128 to
+    1024) that give every SM 3 blocks."""
+    per_block = -(-keys // (_BLOCKS_PER_SM * sms))
+    return min(SPLIT_KEYS, max(_SMALLEST_SPLIT, -(-per_block // _SMALLEST_SPLIT) * _SMALLEST_SPLIT))
 
 
 def _check_device(caller, name, device: torch.device) -> None:

@@ -1,18 +1,18 @@
 // CUDA decode attention over a head-sparse KV cache layer, all heads in one call
 // (flash-decoding: split-K partials, then a combine pass).
 //
-// Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py through bench/gpu_suite.sh, 2026-12-04);
-// correct there but latency-bound (~1.1 ms a step at 32k: docs/cuda.md has the profile).
+// Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py through bench/gpu_suite.sh, 2026-12-04):
+// a step's kernels take ~0.13 ms at 32k (docs/cuda.md has the numbers and the profile).
 //
-// 1. decode_partial_kernel, one CTA per (key split, KV head, batch row): the keys its GQA group
+// 1. decode_key_split_kernel, one CTA per (key split, KV head, batch row): the keys its GQA group
 //    walks (a full head: the union of what its active query heads see, decode_semantics.h, split
 //    into ranges of split_keys; a streaming head: its sinks + ring slots, each slot's position
 //    from RingLayout::position_of_slot; a budget head: all its slots, positions from slot_pos,
-//    in split 0 only) are loaded once per tile of 32 keys into shared memory and used by all
-//    G * Sq query rows of the group (a chunk of 16 rows at a time). Each row keeps an online
-//    softmax per branch (online_softmax.h) with visibility from head_semantics.h, and the item
-//    writes its partial (max, sum, accumulator). A budget head's CTA then has every row's final
-//    softmax and adds each kept token's probability to its attention mass (the CPU's order).
+//    in split 0 only) are walked in tiles of 32 keys, each warp its own tiles (below), and used
+//    by all G * Sq query rows of the group. Each row keeps an online softmax per branch
+//    (online_softmax.h) with visibility from head_semantics.h, and the item writes its partial
+//    (max, sum, accumulator). A budget head's CTA then has every row's final softmax and adds
+//    each kept token's probability to its attention mass (the CPU's order).
 // 2. decode_combine_kernel, a warp per (batch row, query head, new token): merges the splits'
 //    partials in order after the sink logit, merges a compensated streaming head's compensation
 //    key (kv_layout.h), mixes alpha and applies the epilogue (head_semantics.h).
@@ -49,15 +49,6 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-constexpr int kPad = kDecodeTile + 1;  // the transposed key tile's row stride (no bank conflicts)
-
-// Dynamic shared memory of one tile-kernel CTA for head dim D (bytes).
-int64_t tile_smem_bytes(int64_t head_dim) {
-  const int64_t D = head_dim;
-  return static_cast<int64_t>(sizeof(float)) *
-         (kDecodeRowsPerPass * D + D * kPad + kDecodeTile * D + kDecodeRowsPerPass * kDecodeTile);
 }
 
 // The slots one CTA walks for its (b, KV head) and how a walk index maps to a position and a
@@ -132,47 +123,6 @@ __device__ int64_t walk_key(const DecodeParams& p, const HeadWalk& w, int64_t b,
   return pos;
 }
 
-struct KeyTile {
-  int64_t pos[kDecodeTile];
-  int64_t row[kDecodeTile];  // streaming / budget: the storage row (slot_mass index)
-  const void* k[kDecodeTile];
-  const void* v[kDecodeTile];
-};
-
-// Loads walk indices [t0, t0 + 32) ∩ [t0, t1) into the tile: positions, keys transposed
-// (sK[d * kPad + j]) and values (sV[j * D + d]) in float; keys without a position read as 0.
-// Returns whether any key of the tile holds a position (the same in every thread).
-template <typename T>
-__device__ bool load_tile(const DecodeParams& p, const HeadWalk& w, int64_t b, int64_t length, int64_t t0, int64_t t1,
-                          KeyTile& tile, float* sK, float* sV) {
-  const int64_t D = p.attn.head_dim;
-  __syncthreads();  // the previous tile is consumed
-  if (threadIdx.x < kDecodeTile) {
-    const int64_t t = t0 + threadIdx.x;
-    const T* kr = nullptr;
-    const T* vr = nullptr;
-    const int64_t pos = t < t1 ? walk_key<T>(p, w, b, length, t, kr, vr) : -1;
-    tile.pos[threadIdx.x] = pos;
-    tile.row[threadIdx.x] = w.base + t;
-    tile.k[threadIdx.x] = kr;
-    tile.v[threadIdx.x] = vr;
-  }
-  __syncthreads();
-  bool any = false;
-  for (int64_t idx = threadIdx.x; idx < kDecodeTile * D; idx += blockDim.x) {
-    const int64_t j = idx / D, d = idx - j * D;
-    float kv = 0.f, vv = 0.f;
-    if (tile.pos[j] >= 0) {
-      kv = TypeOps<T>::to_float(static_cast<const T*>(tile.k[j])[d]);
-      vv = TypeOps<T>::to_float(static_cast<const T*>(tile.v[j])[d]);
-      any = true;
-    }
-    sK[d * kPad + j] = kv;
-    sV[j * D + d] = vv;
-  }
-  return __syncthreads_or(any) != 0;
-}
-
 // One query row of the CTA (a row of the GQA group: query head kvh * G + g, new token i).
 struct RowInfo {
   bool active;  // a row of the group whose head is not gated off
@@ -188,14 +138,6 @@ __device__ __forceinline__ float key_logit(const AttentionParams& a, const RowIn
   if (key_pos < 0 || !vis.visible(row.pos, key_pos)) return negative_infinity<float>();
   const float bias = row.bias != nullptr && key_pos < a.seqlen_k ? row.bias[key_pos * a.key_bias.stride_n] : 0.f;
   return score * row.hs.softmax_scale + bias;
-}
-
-// q . k for this lane's key (q broadcast from shared memory, the key transposed).
-__device__ __forceinline__ float row_score(const float* q, const float* sK, int64_t D, int lane) {
-  float s = 0.f;
-#pragma unroll 4
-  for (int64_t d = 0; d < D; ++d) s = fmaf(q[d], sK[d * kPad + lane], s);
-  return s;
 }
 
 // Merges a partial softmax of a row (its (max, sum) at ms, its accumulator at acc_in, D floats)
@@ -269,169 +211,21 @@ __device__ __forceinline__ float softmax_tile(OnlineSoftmax<float>& sm, float x,
   return e;
 }
 
-template <typename T, int NT>
-__global__ void __launch_bounds__(kDecodeThreads)
-    decode_partial_kernel(const DecodeParams p, const int64_t splits, float* __restrict__ part_ms,
-                          float* __restrict__ part_acc) {
-  constexpr int RW = kDecodeRowsPerWarp;
-  extern __shared__ float smem[];
-  __shared__ KeyTile tile;
-  const AttentionParams& a = p.attn;
-  const int64_t D = a.head_dim, G = a.group(), Sq = a.seqlen_q, R = G * Sq;
-  const int64_t split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* sQ = smem;                         // [kDecodeRowsPerPass][D]
-  float* sK = sQ + kDecodeRowsPerPass * D;  // [D][kPad]
-  float* sV = sK + D * kPad;                // [kDecodeTile][D]
-  float* sMass = sV + kDecodeTile * D;      // [kDecodeRowsPerPass][kDecodeTile]
-  const int64_t item = (b * a.heads_kv + kvh) * splits + split;  // partials [item][R][2 branches]
-  float* ms = part_ms + item * R * 4;
-  float* acc_out = part_acc + item * R * 2 * D;
-
-  const int64_t length = p.lengths[b];
-  const GroupKeys group = group_keys<float>(a, b, kvh, length);
-  const HeadWalk w = head_walk(p, b, kvh, length, group);
-  const WalkRange range = split_range(p, w, split);
-  const int64_t t_begin = range.begin, t_end = range.end;
-  if (t_begin >= t_end) {  // nothing to walk (past the row's length, gated off, empty head): empty partials
-    for (int64_t i = threadIdx.x; i < R * 2; i += blockDim.x) {
-      ms[2 * i] = negative_infinity<float>();
-      ms[2 * i + 1] = 0.f;
-    }
-    return;
-  }
-
-  for (int64_t c0 = 0; c0 < R; c0 += kDecodeRowsPerPass) {
-    // the chunk's query rows in shared memory (float)
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < kDecodeRowsPerPass * D; idx += blockDim.x) {
-      const int64_t rr = idx / D, d = idx - rr * D, r = c0 + rr;
-      float x = 0.f;
-      if (r < R) x = TypeOps<T>::to_float(a.q.row<T>(b, r % Sq, kvh * G + r / Sq)[d]);
-      sQ[idx] = x;
-    }
-    RowInfo rows[RW];
-    OnlineSoftmax<float> st[2][RW];
-    float acc[2][RW][NT];
-#pragma unroll
-    for (int k = 0; k < RW; ++k) {
-      rows[k] = row_info(a, b, kvh, c0 + warp * RW + k, R, length);
-#pragma unroll
-      for (int br = 0; br < 2; ++br) {
-        st[br][k] = OnlineSoftmax<float>::start(false, 0.f);  // the sink logit joins once, in the combine
-#pragma unroll
-        for (int t = 0; t < NT; ++t) acc[br][k][t] = 0.f;
-      }
-    }
-
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += kDecodeTile) {
-      if (!load_tile<T>(p, w, b, length, t0, t_end, tile, sK, sV)) continue;
-      const int64_t key_pos = tile.pos[lane];
-#pragma unroll
-      for (int k = 0; k < RW; ++k) {
-        const RowInfo& row = rows[k];
-        if (!row.active) continue;  // warp-uniform
-        const float s = row_score(sQ + (warp * RW + k) * D, sK, D, lane);
-#pragma unroll
-        for (int br = 0; br < 2; ++br) {
-          if (!plans_branch(row, br)) continue;
-          float correction;
-          const float e = softmax_tile(st[br][k], key_logit(a, row, branch_visibility(a, row, br), key_pos, s), correction);
-          if (st[br][k].max == negative_infinity<float>()) continue;  // nothing visible yet
-          if (correction != 1.f) {
-#pragma unroll
-            for (int t = 0; t < NT; ++t) acc[br][k][t] *= correction;
-          }
-          for (int j = 0; j < kDecodeTile; ++j) {
-            const float pj = __shfl_sync(0xffffffffu, e, j);
-            if (pj == 0.f) continue;  // (uniform: every lane holds the same pj)
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-              const int64_t d = lane + 32 * t;
-              if (d < D) acc[br][k][t] = fmaf(pj, sV[j * D + d], acc[br][k][t]);
-            }
-          }
-        }
-      }
-    }
-
-    if (w.kind == kKvBudget && p.slot_mass != nullptr) {
-      // each kept token's probability under each row's final softmax (the sink logit included),
-      // added to its attention mass row by row in row order, as the CPU kernel does
-      float lse[RW];
-      bool adds[RW];
-#pragma unroll
-      for (int k = 0; k < RW; ++k) {
-        adds[k] = rows[k].active && rows[k].plan.streaming && st[1][k].max != negative_infinity<float>();
-        OnlineSoftmax<float> with_sink = OnlineSoftmax<float>::start(rows[k].hs.has_sink_logit, rows[k].hs.sink_logit);
-        if (adds[k]) with_sink.merge(st[1][k], FastExp{});
-        lse[k] = adds[k] ? with_sink.lse(FastLog{}) : 0.f;
-      }
-      for (int64_t t0 = t_begin; t0 < t_end; t0 += kDecodeTile) {
-        const bool any = load_tile<T>(p, w, b, length, t0, t_end, tile, sK, sV);
-        const int64_t key_pos = tile.pos[lane];
-#pragma unroll
-        for (int k = 0; k < RW; ++k) {
-          float e = 0.f;
-          if (any && adds[k]) {
-            const RowInfo& row = rows[k];
-            const float s = row_score(sQ + (warp * RW + k) * D, sK, D, lane);
-            const float x = key_logit(a, row, streaming_visibility(a.causal, row.hs), key_pos, s);
-            e = x == negative_infinity<float>() ? 0.f : FastExp{}(x - lse[k]);
-          }
-          sMass[(warp * RW + k) * kDecodeTile + lane] = e;
-        }
-        __syncthreads();
-        if (threadIdx.x < kDecodeTile && tile.pos[threadIdx.x] >= 0) {
-          float m = p.slot_mass[tile.row[threadIdx.x]];
-          for (int rr = 0; rr < kDecodeRowsPerPass; ++rr) m += sMass[rr * kDecodeTile + threadIdx.x];
-          p.slot_mass[tile.row[threadIdx.x]] = m;
-        }
-      }
-    }
-
-    // this chunk's partials: (max, sum) per row and branch, the accumulator where the sum is not 0
-#pragma unroll
-    for (int k = 0; k < RW; ++k) {
-      const int64_t r = c0 + warp * RW + k;
-      if (r >= R) continue;
-#pragma unroll
-      for (int br = 0; br < 2; ++br) {
-        const int64_t at = r * 2 + br;
-        if (lane == 0) {
-          ms[2 * at] = st[br][k].max;
-          ms[2 * at + 1] = st[br][k].sum;
-        }
-        if (st[br][k].sum != 0.f) {
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            const int64_t d = lane + 32 * t;
-            if (d < D) acc_out[at * D + d] = acc[br][k][t];
-          }
-        }
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Key-split kernel (HEADOPS_CUDA_DECODE=key_split). WRITTEN AFTER THE H200 RUN AND NOT YET RUN ON
-// A GPU: tests/test_kvcache_cuda.py runs every case under both kernels.
-//
-// The tile kernel above gives each warp its own query rows and shares one 32-key tile among the
-// warps: at decode (Sq = 1, a GQA group of 4) one warp holds all the rows while the others only
-// load, and every tile passes three CTA barriers behind scalar 2-byte loads (the H200 profile:
-// latency-bound, 12.5 % occupancy). Here every warp holds the same kDecodeRowsPerWarp rows and
-// walks its own tiles of the CTA's key range (tile n goes to warp n % warps): the tile's key and
-// value rows are copied into the warp's own shared memory by 16-byte cp.async (the values still
-// in flight while the scores are taken), with warp barriers only; at the end of the walk the
-// warps' partial softmaxes are merged in warp order into the item's partial, which the same
-// combine kernel reads. A budget head's attention mass is added after the merge, each warp for
-// the keys of its own tiles. A group of more than 4 rows (G * Sq: GQA 8, several new tokens)
-// divides the warps into row groups that walk the same keys at once (tile n to warp
-// g + groups * (n mod warps / groups) of row group g), so that a tile's second read comes from L2
-// rather than from a second pass over the split; a budget head keeps one row group (its mass is
-// added in row order).
+// The key-split kernel. Its first version (the "tile" kernel, retired after the H200 run of
+// 2026-12-04, where this one's steps took 0.14-0.26x its time and its kernel 0.10-0.12x) gave each warp its own query rows and
+// shared one 32-key tile among the warps: at decode (Sq = 1, a GQA group of 4) one warp held all
+// the rows while the others only loaded, and every tile passed three CTA barriers behind scalar
+// 2-byte loads (latency-bound, 12.5 % occupancy). Here every warp holds the same
+// kDecodeRowsPerWarp rows and walks its own tiles of the CTA's key range (tile n goes to warp
+// n % warps): the tile's key and value rows are copied into the warp's own shared memory by
+// 16-byte cp.async (the values still in flight while the scores are taken), with warp barriers
+// only; at the end of the walk the warps' partial softmaxes are merged in warp order into the
+// item's partial, which the combine kernel reads. A budget head's attention mass is added after
+// the merge, each warp for the keys of its own tiles. A group of more than 4 rows (G * Sq: GQA 8,
+// several new tokens) divides the warps into row groups that walk the same keys at once (tile n
+// to warp g + groups * (n mod warps / groups) of row group g), so that a tile's second read comes
+// from L2 rather than from a second pass over the split; a budget head keeps one row group (its
+// mass is added in row order).
 
 // The shared-memory layout of a key-split CTA of `warps` warps and up to `row_groups` row groups
 // for head dim D and element size `elem` (host and device compute it alike).
@@ -945,19 +739,6 @@ cudaError_t launch_combine(const DecodeParams& p, int64_t splits, float* part_ms
   return cudaGetLastError();
 }
 
-template <typename T, int NT>
-cudaError_t launch_tile(const DecodeParams& p, int64_t splits, float* part_ms, float* part_acc, cudaStream_t stream) {
-  const int smem = static_cast<int>(tile_smem_bytes(p.attn.head_dim));
-  // once per (kernel, device), and only past the kernel's default limit (smem_opt_in.h)
-  cudaError_t err = headops::cuda::opt_in_dynamic_smem(reinterpret_cast<const void*>(decode_partial_kernel<T, NT>), smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.attn.heads_kv), static_cast<unsigned>(p.attn.batch));
-  decode_partial_kernel<T, NT><<<grid, kDecodeThreads, smem, stream>>>(p, splits, part_ms, part_acc);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
-}
-
 // The warps of a key-split CTA over R rows whose splits walk at most split_keys keys (a full or
 // streaming head): of the counts 1..kDecodeWarps whose layout fits `limit` bytes of dynamic
 // shared memory, the one with the fewest tile steps per warp (passes over the rows times tiles a
@@ -981,8 +762,8 @@ int key_split_warps(int64_t head_dim, int64_t elem, int64_t split_keys, int64_t 
 }
 
 template <typename T, int NT>
-cudaError_t launch_key_split(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
-                             cudaStream_t stream) {
+cudaError_t launch_typed(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
+                         cudaStream_t stream) {
   const void* kernel = reinterpret_cast<const void*>(decode_key_split_kernel<T, NT>);
   const int64_t R = p.attn.group() * p.attn.seqlen_q, splits = launch.splits;
   const int warps =
@@ -1000,14 +781,6 @@ cudaError_t launch_key_split(const DecodeParams& p, const DecodeLaunch& launch, 
   return launch_combine<T, NT>(p, splits, part_ms, part_acc, stream);
 }
 
-template <typename T, int NT>
-cudaError_t launch_typed(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
-                         cudaStream_t stream) {
-  if (launch.kernel == DecodeKernel::kKeySplit)
-    return launch_key_split<T, NT>(p, launch, part_ms, part_acc, stream);
-  return launch_tile<T, NT>(p, launch.splits, part_ms, part_acc, stream);
-}
-
 template <typename T>
 cudaError_t launch_dim(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
                        cudaStream_t stream) {
@@ -1019,9 +792,8 @@ cudaError_t launch_dim(const DecodeParams& p, const DecodeLaunch& launch, float*
 
 }  // namespace
 
-int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes, DecodeKernel kernel) {
-  if (kernel == DecodeKernel::kKeySplit) return key_split_layout(head_dim, elem_bytes, 1, 1).total + kKeySplitStaticSmem;
-  return tile_smem_bytes(head_dim);
+int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes) {
+  return key_split_layout(head_dim, elem_bytes, 1, 1).total + kKeySplitStaticSmem;
 }
 
 cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t count, cudaStream_t stream) {

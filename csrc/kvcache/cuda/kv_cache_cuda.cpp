@@ -25,8 +25,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../../attention/attention_args.h"
@@ -101,15 +99,6 @@ DeviceLayer device_layer(const char* op, at::ScalarType dtype, const at::Device&
   return l;
 }
 
-// HEADOPS_CUDA_DECODE: "tile" (the default) or "key_split" (kv_cache_kernels.cuh), read at each call.
-DecodeKernel decode_kernel_choice(const char* op) {
-  const char* name = std::getenv("HEADOPS_CUDA_DECODE");
-  if (name == nullptr || *name == '\0' || std::strcmp(name, "tile") == 0) return DecodeKernel::kTile;
-  TORCH_CHECK(std::strcmp(name, "key_split") == 0, op, "HEADOPS_CUDA_DECODE must be 'tile' or 'key_split', got '",
-              name, "'");
-  return DecodeKernel::kKeySplit;
-}
-
 void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, op, name, " must be on ", device, ", got ", t.device());
 }
@@ -119,7 +108,6 @@ void check_on(const char* op, const at::Tensor& t, const char* name, const at::D
 void kv_append(const at::Tensor& k_new, const at::Tensor& v_new, const LayerTensors& layer, bool write_budget) {
   const char* op = "headops.kv_append: ";
   const DType dtype = dtype_of(op, k_new.scalar_type());
-  decode_kernel_choice(op);  // a decode step refused for HEADOPS_CUDA_DECODE refuses its append first
   const at::Device device = k_new.device();
   check_on(op, v_new, "v_new", device);
   const int64_t B = k_new.size(0), Sq = k_new.size(1), Hkv = k_new.size(2), D = k_new.size(3);
@@ -153,7 +141,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
                             const PerHeadArgs& given, int64_t split_keys) {
   const char* op = "headops.decode_attention: ";
   const DType dtype = dtype_of(op, q_in.scalar_type());
-  const DecodeKernel kernel = decode_kernel_choice(op);
   TORCH_CHECK(split_keys >= 1, op, "split_keys must be >= 1");
   const int64_t B = q_in.size(0), Sq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   TORCH_CHECK(D >= 1 && D <= kDecodeMaxHeadDim, op, "head dim ", D, " is not supported on CUDA (1 to ",
@@ -190,10 +177,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const LayerTensors& layer, b
   TORCH_CHECK(splits < (int64_t(1) << 31), op, "too many key splits for CUDA (raise split_keys)");
   DecodeLaunch launch;
   launch.splits = splits;
-  launch.kernel = kernel;
   launch.aligned_rows = l.aligned_rows;
   launch.shared_optin_bytes = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  const int64_t smem = decode_smem_bytes(D, q.element_size(), launch.kernel);
+  const int64_t smem = decode_smem_bytes(D, q.element_size());
   TORCH_CHECK(smem <= launch.shared_optin_bytes, op, "head dim ", D, " needs more shared memory than this GPU offers");
   const int64_t R = (Hq / Hkv) * Sq;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);

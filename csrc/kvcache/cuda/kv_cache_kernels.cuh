@@ -4,8 +4,7 @@
 // Plain header: no torch/ATen. Included by decode_kernel.cu / append_kernel.cu (nvcc) and by
 // kv_cache_cuda.cpp (the host compiler).
 //
-// Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py, bench/gpu_suite.sh), except the
-// key-split decode kernel, written after that run.
+// Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py, bench/gpu_suite.sh).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,29 +17,23 @@
 namespace headops {
 namespace cuda {
 
-// Decode: one CTA per (key split, KV head, batch row); kDecodeWarps warps of which each holds
-// kDecodeRowsPerWarp query rows (of the G * Sq rows of the GQA group) at a time; key tiles of
-// kDecodeTile keys (one per lane for the scores). A group with more rows than
-// kDecodeWarps * kDecodeRowsPerWarp walks its keys once per chunk of rows.
+// Decode: one CTA per (key split, KV head, batch row) of up to kDecodeWarps warps, each holding
+// kDecodeRowsPerWarp query rows (of the G * Sq rows of the GQA group) and walking its own tiles
+// of kDecodeTile keys (one per lane for the scores); a group with more rows divides the warps
+// into row groups, and walks its keys once per chunk of rows beyond what the row groups hold.
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kDecodeRowsPerWarp = 4;
-constexpr int kDecodeRowsPerPass = kDecodeWarps * kDecodeRowsPerWarp;
 constexpr int kDecodeTile = 32;
 constexpr int kDecodeMaxHeadDim = 256;
 
-// The decode's first kernel (HEADOPS_CUDA_DECODE chooses; the combine kernel is the same):
-//   kTile      the warps share each 32-key tile and split the query rows (tested on an H200);
-//   kKeySplit  every warp holds the same rows and walks its own tiles, staged by cp.async
-//              (decode_kernel.cu; written after the H200 run, not yet run on a GPU).
-enum class DecodeKernel { kTile, kKeySplit };
 // The key-split kernel's static shared memory (its warps' staged positions and rows, the head's
 // walk, the query rows' scalars), an upper bound.
 constexpr int64_t kKeySplitStaticSmem = kDecodeWarps * kDecodeTile * 24 + 2048;
 
 // Shared memory a decode CTA needs at least for head dim D and element size elem_bytes (bytes;
-// the key-split kernel's with one warp, static memory included).
-int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes, DecodeKernel kernel);
+// one warp, static memory included).
+int64_t decode_smem_bytes(int64_t head_dim, int64_t elem_bytes);
 
 // The full segments' table on the device, int64 [3 * S + 1]: the S key pointers, the S value
 // pointers, then the S + 1 segment starts (positions). Written by launch_write_table from values
@@ -54,12 +47,11 @@ cudaError_t launch_write_table(int64_t* dst, const int64_t* values, int64_t coun
 // p: DecodeParams with device pointers (full_k / full_v / full_starts point into the device
 // table above). Scratch: part_ms float [B, Hkv, splits, G * Sq, 2 branches, 2 (max, sum)] and
 // part_acc float [same, D]. Writes p.attn.out (and adds budget heads' attention mass).
-// aligned_rows: every key and value row of the storages starts on 16 bytes (the key-split
-// kernel's 16-byte copies; element copies otherwise); shared_optin_bytes: the device's opt-in
-// shared memory per block (the key-split kernel's warps are as many as fit it).
+// aligned_rows: every key and value row of the storages starts on 16 bytes (16-byte copies;
+// element copies otherwise); shared_optin_bytes: the device's opt-in shared memory per block
+// (a CTA's warps are chosen among those that fit it).
 struct DecodeLaunch {
   int64_t splits = 1;
-  DecodeKernel kernel = DecodeKernel::kTile;
   bool aligned_rows = false;
   int64_t shared_optin_bytes = 0;
 };
