@@ -12,6 +12,7 @@
 #include "attention/head_semantics.h"
 #include "attention/online_softmax.h"
 #include "attention/work_counters.h"
+#include "kvcache/cuda/chunk_walk.h"
 #include "kvcache/kv_ops.h"
 #ifdef HEADOPS_WITH_CUDA
 #include "attention/cuda/attention_fwd_cuda.h"
@@ -121,6 +122,15 @@ void bind_semantics(pybind11::module_ m) {
     s.add(block_sum, correction);
     return s.sum;
   });
+  m.def(
+      "staging_chunks",
+      [](int lane, int chunks, int rows) {
+        std::vector<std::pair<int, int>> out;
+        for (headops::cuda::ChunkWalk at(lane, chunks, rows); at.more(); at.next()) out.emplace_back(at.row, at.chunk);
+        return out;
+      },
+      "[(row, chunk)]: the 16-byte chunks lane copies of a tile of rows x chunks (chunk_walk.h, the CUDA decode's "
+      "staging)");
   m.def("softmax_finish", [](double max, double sum, bool base2) {
     const Softmax s{max, sum};
     const double lse = base2 ? s.lse([](double x) { return std::log2(x); }) : s.lse(headops::StdLog{});
@@ -169,8 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
   bind_semantics(m.def_submodule(
-      "semantics", "head_semantics.h and online_softmax.h called one value at a time: what tests and the CUDA "
-                   "emulations (tests/emulate_cuda_*.py) read instead of transcribing the rules"));
+      "semantics", "head_semantics.h, online_softmax.h and chunk_walk.h called one value at a time: what tests "
+                   "and the CUDA emulations (tests/emulate_cuda_*.py) read instead of transcribing the rules"));
 #ifdef HEADOPS_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.def(

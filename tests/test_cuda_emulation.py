@@ -6,6 +6,7 @@ arithmetic and algorithm, not the compiled kernels: tests/test_attention_cuda.py
 
 import pytest
 
+import headops
 import emulate_cuda_bwd
 import emulate_cuda_tc
 
@@ -23,3 +24,14 @@ def test_emulated_tensor_core_forward_matches_reference(case):
 def test_emulated_cuda_backward_matches_cpu(case):
     """The backward's transcription against the CPU backward op in float64."""
     emulate_cuda_bwd.compare(case, **emulate_cuda_bwd.CASES[case])
+
+
+@pytest.mark.parametrize("rows", [32, 7, 1])
+def test_decode_staging_walks_each_chunk_once_in_order(rows):
+    """chunk_walk.h (the CUDA decode's cp.async staging, division-free): lane l copies the chunks
+    l, l + 32, ... of the tile's row-major order, for every chunk count a row can have (1 to 64:
+    D * element size / 16 for head dims to 256) and beyond."""
+    for chunks in range(1, 130):
+        for lane in range(32):
+            want = [divmod(i, chunks) for i in range(lane, rows * chunks, 32)]
+            assert headops._C.semantics.staging_chunks(lane, chunks, rows) == want, (chunks, lane)

@@ -2,7 +2,14 @@
 // (flash-decoding: split-K partials, then a combine pass).
 //
 // Tested on an NVIDIA H200 (tests/test_kvcache_cuda.py through bench/gpu_suite.sh, 2026-12-04):
-// a step's kernels take ~0.13 ms at 32k (docs/cuda.md has the numbers and the profile).
+// a step's kernels take ~0.13 ms at 32k (docs/cuda.md has the numbers and the profile). Since
+// that run, NOT YET RUN ON A GPU: the staging copies walk their (row, chunk) pairs without a
+// division (chunk_walk.h; tests/test_cuda_emulation.py checks it against i / chunks) and P·V runs one loop
+// per set of planned branches (staged_pv): the same copies and the same products in the same
+// order, from 132 to 23 SASS instructions per 16-byte copy and from 187 to 68 per 2 keys of P·V
+// (sm_90, bf16, D = 128, one branch), which the profile said bound the kernel; and the combine
+// reads the splits' (max, sum) 32 at a time and merges only those that saw the row (the same
+// merges in the same order).
 //
 // 1. decode_key_split_kernel, one CTA per (key split, KV head, batch row): the keys its GQA group
 //    walks (a full head: the union of what its active query heads see, decode_semantics.h, split
@@ -32,6 +39,7 @@
 #include "../../attention/online_softmax.h"
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
+#include "chunk_walk.h"
 #include "kv_cache_kernels.cuh"
 #include "../../attention/cuda/async_copy.cuh"
 #include "../../attention/cuda/device_math.cuh"
@@ -140,13 +148,13 @@ __device__ __forceinline__ float key_logit(const AttentionParams& a, const RowIn
   return score * row.hs.softmax_scale + bias;
 }
 
-// Merges a partial softmax of a row (its (max, sum) at ms, its accumulator at acc_in, D floats)
-// into `row` and its accumulator (lane holds columns lane + 32 t); a partial that saw nothing of
-// the row (sum 0) is skipped.
+// Merges a partial softmax of a row (its (max, sum), its accumulator at acc_in, D floats) into
+// `row` and its accumulator (lane holds columns lane + 32 t); a partial that saw nothing of the
+// row (sum 0) is skipped.
 template <int NT>
-__device__ __forceinline__ void merge_partial(OnlineSoftmax<float>& row, float (&acc)[NT], const float* ms,
-                                              const float* acc_in, int64_t D, int lane) {
-  const OnlineSoftmax<float> part{ms[0], ms[1]};
+__device__ __forceinline__ void merge_partial(OnlineSoftmax<float>& row, float (&acc)[NT],
+                                              const OnlineSoftmax<float>& part, const float* acc_in, int64_t D,
+                                              int lane) {
   if (part.sum == 0.f) return;
   const auto scales = row.merge(part, FastExp{});
 #pragma unroll
@@ -154,6 +162,12 @@ __device__ __forceinline__ void merge_partial(OnlineSoftmax<float>& row, float (
     const int64_t d = lane + 32 * t;
     if (d < D) acc[t] = acc[t] * scales.self + acc_in[d] * scales.other;
   }
+}
+// (the partial's (max, sum) at ms)
+template <int NT>
+__device__ __forceinline__ void merge_partial(OnlineSoftmax<float>& row, float (&acc)[NT], const float* ms,
+                                              const float* acc_in, int64_t D, int lane) {
+  merge_partial<NT>(row, acc, OnlineSoftmax<float>{ms[0], ms[1]}, acc_in, D, lane);
 }
 
 // The CTA's range [begin, end) of the walk. Split-K: full and streaming heads split their walk
@@ -332,15 +346,17 @@ struct WarpTiles {
     const int D = static_cast<int>(p.attn.head_dim);
     if (aligned_rows) {
       const int chunks = D * static_cast<int>(sizeof(T)) / 16;
-      for (int i = lane; i < kDecodeTile * chunks; i += 32) {
-        const int j = i / chunks, c = i - j * chunks;
-        if (st.pos[j] >= 0) cp_async_16(smem_u32(sK + j * L.k_stride + c * 16), st.k[j] + c * 16, 16);
+      const int k_stride = static_cast<int>(L.k_stride), v_stride = static_cast<int>(L.v_stride);
+      const uint32_t k_smem = smem_u32(sK), v_smem = smem_u32(sV);
+      for (ChunkWalk at(lane, chunks, kDecodeTile); at.more(); at.next()) {
+        if (st.pos[at.row] >= 0)
+          cp_async_16(k_smem + at.row * k_stride + at.chunk * 16, st.k[at.row] + at.chunk * 16, 16);
       }
       cp_async_commit();
       if (values) {
-        for (int i = lane; i < kDecodeTile * chunks; i += 32) {
-          const int j = i / chunks, c = i - j * chunks;
-          if (st.pos[j] >= 0) cp_async_16(smem_u32(sV + j * L.v_stride + c * 16), st.v[j] + c * 16, 16);
+        for (ChunkWalk at(lane, chunks, kDecodeTile); at.more(); at.next()) {
+          if (st.pos[at.row] >= 0)
+            cp_async_16(v_smem + at.row * v_stride + at.chunk * 16, st.v[at.row] + at.chunk * 16, 16);
         }
       }
       cp_async_commit();
@@ -409,9 +425,54 @@ __device__ __forceinline__ void staged_scores(const float* sQ, int64_t q_stride,
   }
 }
 
+// A warp's staged tile: key rows (over which each lane wrote its key's probabilities, float4
+// [branch][row] x 2) and value rows, with their strides in bytes.
+struct StagedTile {
+  const unsigned char* k;
+  const unsigned char* v;
+  int k_stride, v_stride;
+};
+constexpr int kFullBranch = 1, kStreamingBranch = 2;
+
+// P·V of a staged tile for the branches in kBranches (kFullBranch, kStreamingBranch or both):
+// each value row read once for the 4 rows, a key's probabilities by one broadcast 16-byte read
+// per branch, the lane's NT adjacent columns. A (row, branch) pair the row does not plan has
+// probability 0 throughout (its accumulator stays 0). A key with no position, or hidden from a row, has probability 0 there and adds
+// nothing, whatever its value row holds (stale, or inf / NaN).
+template <typename T, int NT, int kBranches>
+__device__ __forceinline__ void staged_pv(const StagedTile& tile, int lane, bool lane_in_row,
+                                          float (&acc)[2][kDecodeRowsPerWarp][NT]) {
+  constexpr int RW = kDecodeRowsPerWarp;
+  constexpr int kSliceWords = NT * static_cast<int>(sizeof(T)) / 4;  // a lane's NT values of a row
+  const unsigned char* v_row = tile.v + lane * NT * static_cast<int>(sizeof(T));
+#pragma unroll 2
+  for (int j = 0; j < kDecodeTile; ++j) {
+    float v[NT];
+    if (lane_in_row) {
+      staged_floats<T, kSliceWords>(v_row + j * tile.v_stride, v);
+    } else {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) v[t] = 0.f;
+    }
+    const float4* pj4 = reinterpret_cast<const float4*>(tile.k + j * tile.k_stride);
+    const float4 p0 = pj4[0], p1 = pj4[1];
+    const float pj[2][RW] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
+#pragma unroll
+    for (int br = 0; br < 2; ++br) {
+      if (!(kBranches & (br == 0 ? kFullBranch : kStreamingBranch))) continue;  // (compile time)
+#pragma unroll
+      for (int k = 0; k < RW; ++k) {
+        const bool adds = pj[br][k] != 0.f;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[br][k][t] = adds ? fmaf(pj[br][k], v[t], acc[br][k][t]) : acc[br][k][t];
+      }
+    }
+  }
+}
+
 // 3 CTAs an SM where a value row of the widest head dim fits 256 bytes (bf16/fp16 to D = 128,
 // float32 to D = 64; their shared memory allows 3 where the group has at most 4 rows), which caps
-// the registers at 168 (sm_90: a 20-byte spill at D <= 128); wider rows leave shared memory for
+// the registers at 168 (sm_90: a 16-byte spill at D <= 128); wider rows leave shared memory for
 // 1 CTA, so no cap.
 template <typename T, int NT>
 constexpr int key_split_min_blocks() {
@@ -428,7 +489,6 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
                             const bool aligned_rows, float* __restrict__ part_ms, float* __restrict__ part_acc) {
   constexpr int RW = kDecodeRowsPerWarp;
   static_assert(RW == 4, "a lane's probabilities are one float4 per branch");
-  constexpr int kSliceWords = NT * static_cast<int>(sizeof(T)) / 4;  // a lane's NT values of a row
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ StagedKeys staged[kDecodeWarps];
   __shared__ float s_lse[RW];
@@ -496,6 +556,12 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       }
     }
 
+    // the branches any of the warp's rows plans (P·V runs the loop of that set: no test of a row's
+    // plan for each key)
+    int branch_set = 0;
+#pragma unroll
+    for (int k = 0; k < RW; ++k) branch_set |= (planned[0][k] ? kFullBranch : 0) | (planned[1][k] ? kStreamingBranch : 0);
+    const bool lane_in_row = lane * NT < D;  // the lane's NT value columns start inside the row
     WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, true, st, sK, sV,
                       lane, first_tile, group_warps, any_planned ? tiles : 0};
     for (walk.start(); walk.more();) {
@@ -530,31 +596,13 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
       probs[1] = make_float4(e[1][0], e[1][1], e[1][2], e[1][3]);
       cp_async_wait<0>();
       __syncwarp();  // every lane's value rows have landed and its probabilities are written
-#pragma unroll 2
-      for (int j = 0; j < kDecodeTile; ++j) {
-        float v[NT];
-        if (lane * NT < D) {
-          staged_floats<T, kSliceWords>(sV + j * L.v_stride + lane * NT * sizeof(T), v);
-        } else {
-#pragma unroll
-          for (int t = 0; t < NT; ++t) v[t] = 0.f;
-        }
-        const float4* pj4 = reinterpret_cast<const float4*>(sK + j * L.k_stride);
-        const float4 p0 = pj4[0], p1 = pj4[1];
-        const float pj[2][RW] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
-#pragma unroll
-        for (int k = 0; k < RW; ++k) {
-#pragma unroll
-          for (int br = 0; br < 2; ++br) {
-            if (!planned[br][k]) continue;
-            // a key with no position or hidden from the row has probability 0: its value row (stale,
-            // or inf / NaN) is not read into the sum
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-              acc[br][k][t] = pj[br][k] != 0.f ? fmaf(pj[br][k], v[t], acc[br][k][t]) : acc[br][k][t];
-          }
-        }
-      }
+      const StagedTile tile{sK, sV, static_cast<int>(L.k_stride), static_cast<int>(L.v_stride)};
+      if (branch_set == kFullBranch)
+        staged_pv<T, NT, kFullBranch>(tile, lane, lane_in_row, acc);
+      else if (branch_set == kStreamingBranch)
+        staged_pv<T, NT, kStreamingBranch>(tile, lane, lane_in_row, acc);
+      else
+        staged_pv<T, NT, kFullBranch | kStreamingBranch>(tile, lane, lane_in_row, acc);
     }
 
     // the warps' partials merged in warp order into the item's partial (the merge area is the
@@ -706,9 +754,24 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int t = 0; t < NT; ++t) merged[br][t] = 0.f;
     if (!(br == 0 ? plan.full : plan.streaming)) continue;
     OnlineSoftmax<float> row = OnlineSoftmax<float>::start(hs.has_sink_logit, hs.sink_logit);
-    for (int64_t s = 0; s < splits; ++s) {
-      const int64_t at = (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br;
-      merge_partial<NT>(row, merged[br], part_ms + 2 * at, part_acc + at * D, D, lane);
+    // the splits in order; their (max, sum) read 32 at a time, a split a lane, and only the splits
+    // that saw the row merged (most are empty where the splits come from a capacity far above the
+    // row's walk, e.g. every streaming head's ring counted in one head's), the same merges as one
+    // split at a time, without a dependent load for each empty one
+    for (int64_t base = 0; base < splits; base += 32) {
+      const int64_t s = base + lane;
+      float s_max = negative_infinity<float>(), s_sum = 0.f;
+      if (s < splits) {
+        const int64_t at = (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br;
+        s_max = part_ms[2 * at];
+        s_sum = part_ms[2 * at + 1];
+      }
+      for (unsigned live = __ballot_sync(0xffffffffu, s_sum != 0.f); live != 0; live &= live - 1) {
+        const int src = __ffs(live) - 1;
+        const OnlineSoftmax<float> part{__shfl_sync(0xffffffffu, s_max, src), __shfl_sync(0xffffffffu, s_sum, src)};
+        const int64_t at = (((b * a.heads_kv + kvh) * splits + base + src) * R + r) * 2 + br;
+        merge_partial<NT>(row, merged[br], part, part_acc + at * D, D, lane);
+      }
     }
     // the streaming branch (a head served by a streaming KV head has no other)
     if (br == 1) merge_compensation<T, NT>(p, b, kvh, a.q.row<T>(b, i, h), hs.softmax_scale, row, merged[1], lane);
