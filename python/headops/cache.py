@@ -609,8 +609,9 @@ def _split_keys(given, st, device: torch.device) -> int:
     keys the storages can hold (each full head's capacity, every streaming and budget slot). A
     block walks its keys one 32-key tile a warp at a time: on an H200 (2026-12-04) a block of
     1024 keys (8 tiles a warp) took 99 us, and 16 such blocks (8 streaming heads of 1028 keys)
-    left the GPU nearly idle for that long; with this rule a step was the fastest of 128 / 256 /
-    1024 or within 2 % of it in every case of bench/kvcache_cuda.py there (docs/cuda.md). Shapes
+    left the GPU nearly idle for that long; with this rule a step was as fast as the faster of
+    the fixed sizes 256 and 1024, or within 2 %, in every case of bench/kvcache_cuda.py there,
+    and up to 1.5x faster than 1024 (docs/cuda.md). Shapes
     and capacities only (no tensor data): a CUDA graph or torch.compile sees the same number while
     the storages keep their sizes."""
     if given is not None:
