@@ -2,7 +2,8 @@
 # headops on a GPU machine, in one call of at most ~8 minutes, in this order: build the CUDA
 # extension, the GPU-specific tests (graph capture, no sync, streams, devices), the cache and
 # placement tests, compute-sanitizer (memcheck, racecheck, synccheck) on one small call per kernel, the
-# benchmarks, then the long attention sweeps (forward, gradients) in whatever time is left.
+# benchmarks, the decode step's profile (torch.profiler, Nsight Compute where ncu is found), then the
+# long attention sweeps (forward, gradients) in whatever time is left.
 #
 # For a machine with torch (CUDA build), nvcc and ninja preinstalled and no internet (e.g. 16
 # cores, one H200, python 3.12, torch 2.11 CUDA 13): nothing is installed; the extension is built
@@ -143,6 +144,25 @@ else
     "${ATT[@]}" --json "$OUT/attention_cuda.json"
   run "bench: decode vs SDPA over a dense cache (split_keys auto, 256, 1024)" 100 "$PY" bench/kvcache_cuda.py \
     "${BENCH_DEVICE[@]}" --split-keys auto,256,1024 --json "$OUT/kvcache_cuda.json"
+  # where a decode step goes: host vs each kernel (torch.profiler), then Nsight Compute on one step's
+  # decode kernel for a full and an all-streaming cache (occupancy, stalls, throughput)
+  if [ "$DRY" = 1 ]; then PROFILE=(--device cpu); else PROFILE=(--contexts 32768); fi
+  run "profile: a decode step, host vs kernels" 60 "$PY" bench/profile_decode_cuda.py "${PROFILE[@]}" \
+    --split-keys auto,1024 --steps 20
+  NCU_SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+                --section SchedulerStats --section MemoryWorkloadAnalysis)
+  for kind in full "stream 100%"; do
+    if [ "$DRY" = 1 ]; then
+      run "decode steps for ncu ($kind; no ncu in a dry run)" 30 "$PY" bench/profile_decode_cuda.py "${PROFILE[@]}" \
+        --for-profiler "$kind" --steps 5 --split-keys 1024
+    elif command -v ncu > /dev/null; then
+      run "ncu: the decode kernel, 32k, $kind" 60 ncu --kernel-name regex:key_split --launch-skip 3 --launch-count 1 \
+        "${NCU_SECTIONS[@]}" "$PY" bench/profile_decode_cuda.py --for-profiler "$kind" --steps 5 --contexts 32768 \
+        --split-keys 1024
+    else
+      skip "ncu: the decode kernel, $kind" "ncu not found"
+    fi
+  done
 fi
 
 # last, the long sweeps (whatever the budget leaves them): the forward, then the gradients

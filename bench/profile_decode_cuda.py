@@ -11,6 +11,8 @@ step (the cache of bench/kvcache_cuda.py: B = 1, 32 query / 8 KV heads, D = 128,
 
     python3 bench/profile_decode_cuda.py [--contexts 32768] [--steps 50] [--split-keys auto,1024]
     python3 bench/profile_decode_cuda.py --device cpu      # a dry run of the script (tiny sizes)
+    ncu --kernel-name regex:key_split --launch-skip 3 --launch-count 1 python3 bench/profile_decode_cuda.py \
+        --for-profiler full --steps 5 --contexts 32768 --split-keys 1024   # one step's kernel under Nsight Compute
 """
 
 from __future__ import annotations
@@ -29,10 +31,25 @@ from kvcache_cuda import Timer, make_cache, parse, split_label, step_inputs  # n
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--for-profiler", metavar="KIND", default=None,
+                    help="only run --steps steps of one cache (full, 'stream 50%%', 'stream 100%%') at the first "
+                         "context and split size, for an outside profiler (ncu: the 4th step is --launch-skip 3)")
     own, rest = ap.parse_known_args(argv)
     args = parse(rest)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if own.for_profiler is not None:
+        S = args.contexts[0]
+        _, k, v, q, k1, v1 = step_inputs(S, args, device, torch.bfloat16)
+        cache = make_cache(own.for_profiler, S, args, device, torch.bfloat16, None, args.split_keys[0])
+        cache.append(0, k, v)
+        for _ in range(own.steps):
+            cache.attention(0, q, k1, v1)
+        if cuda:
+            torch.cuda.synchronize()
+        print(f"{own.steps} steps of a {own.for_profiler} cache, context {S}, split_keys "
+              f"{split_label(cache, args.split_keys[0])}")
+        return 0
     timer = Timer(device)
     dtype = torch.bfloat16
     from torch.profiler import ProfilerActivity, profile
