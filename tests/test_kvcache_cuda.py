@@ -378,3 +378,58 @@ def test_whole_cache_decode_step_captured_in_a_cuda_graph():
     a, b = captured_cache._layers[0], eager_cache._layers[0]
     assert torch.equal(a.lengths, b.lengths)
     assert torch.equal(a.ring_k, b.ring_k) and torch.equal(a.comp_n, b.comp_n)
+
+
+# ------------------------------------------------------------------ a GPU user's whole path
+
+
+def _whole_path_specs(model):
+    headops_spec = headops.HeadSpec
+    return {
+        "duo": headops_spec.from_scores(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), full_fraction=0.5, window=5,
+                                        sinks=2),
+        "razor": headops_spec.razor(model, {0: [1]}, window=4, sinks=1),
+        "snapkv": headops_spec.budget(model, budget=9, observation_window=3),
+        "headkv": headops_spec.headkv(model, torch.tensor([[3.0, 1.0], [1.0, 2.0]]), budget=8, beta=1.2,
+                                      observation_window=3),
+    }
+
+
+@pytest.mark.parametrize("method", ["duo", "razor", "snapkv", "headkv"])
+def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
+    """What a GPU user runs (README): a model patched with a method's HeadSpec, generating with
+    HeadSparseCache(model, spec) on the device (the CUDA append and decode kernels under a real
+    model, the cache made from the first call's tensors), against the same on the CPU: the same
+    greedy tokens, the same step scores, the same tokens kept per head."""
+    transformers = pytest.importorskip("transformers")
+    from packaging.version import Version
+
+    from headops.testing import tiny_llama
+
+    # the GPU machine's transformers may be older than the one pinned here: generate() takes the
+    # cache as `cache` from 5.24 on, as `past_key_values` before
+    cache_kwarg = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+    cpu_model = tiny_llama()[0]
+    dev_model = tiny_llama()[0].to(CUDA)
+    dev_model.load_state_dict(cpu_model.state_dict())
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for name, model in (("cpu", cpu_model), ("device", dev_model)):
+        spec = _whole_path_specs(model)[method]
+        headops.patch(model, spec)
+        cache = headops.HeadSparseCache(model, spec, budget_recent=2)  # (budget heads: small budgets)
+        out = model.generate(ids.to(model.device), max_new_tokens=10, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **{cache_kwarg: cache})
+        runs[name] = (out, cache)
+    (want, cpu_cache), (got, dev_cache) = runs["cpu"], runs["device"]
+    assert torch.equal(got.sequences.cpu(), want.sequences)
+    for g_scores, w_scores in zip(got.scores, want.scores):
+        torch.testing.assert_close(g_scores.cpu(), w_scores, atol=2e-4, rtol=2e-4)
+    assert dev_cache.get_seq_length() == cpu_cache.get_seq_length() == 21 + 9  # (the caches were used)
+    for layer in range(2):
+        a, b = dev_cache._layers[layer], cpu_cache._layers[layer]
+        assert a.held == b.held
+        for row in range(2):
+            for kv_head in range(2):
+                assert torch.equal(a.kept_kv(row, kv_head)[0].cpu(), b.kept_kv(row, kv_head)[0])
