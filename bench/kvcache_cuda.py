@@ -3,6 +3,10 @@
 One layer, B = 1, 32 query heads / 8 KV heads (GQA 4), D = 128, bfloat16; contexts 32k and 128k.
 Scenarios (the headops cache; SDPA always reads the dense cache):
   full          every KV head keeps every token (the same work as SDPA, head-sparse storage)
+  full, grown   the same tokens appended 64 at a time, as a generation grows the cache: the full
+                storage in 176 segments at 32k (262 at 128k) instead of one (each max(64, held / 64)
+                tokens), which the decode finds by a binary search per key and whose table the
+                host writes to the device twice a step
   stream 50%    every other KV head streaming: 4 sinks + a window of 1024 (only those kept)
   stream 100%   every KV head streaming (StreamingLLM)
 Candidates:
@@ -98,7 +102,7 @@ def make_cache(kind, S, args, device, dtype, g, split_keys=None):
     """A one-layer cache of `kind` (split_keys None: the cache chooses; see split_label)."""
     Hq, Hkv, D = args.heads, args.kv_heads, args.dim
     group = Hq // Hkv
-    if kind == "full":
+    if kind.startswith("full"):
         kinds = ["full"] * Hkv
     elif kind == "stream 50%":
         kinds = ["full" if h % 2 == 0 else "streaming" for h in range(Hkv)]
@@ -155,18 +159,23 @@ def main(argv=None) -> int:
         def sdpa():
             return F.scaled_dot_product_attention(qt, dense_k, dense_v, enable_gqa=True)
 
-        runs = [(kind, split) for kind in ("full", "stream 50%", "stream 100%") for split in args.split_keys]
+        kinds = ("full", "full, grown", "stream 50%", "stream 100%")
+        runs = [(kind, split) for kind in kinds for split in args.split_keys]
         caches = {}
         for kind, split in runs:
             cache = make_cache(kind, S, args, device, dtype, g, split)
-            cache.append(0, k, v)
+            if kind == "full, grown":
+                for t in range(0, S, 64):
+                    cache.append(0, k[:, t:t + 64], v[:, t:t + 64])
+            else:
+                cache.append(0, k, v)
             caches[(kind, split)] = cache
         # correctness: each full cache's first step against SDPA over the same S + 1 tokens
         errs = {}
         for kind, split in runs:
             out = caches[(kind, split)].attention(0, q, k1, v1)  # (also the warm-up)
-            if kind == "full":
-                errs[split] = (out.transpose(1, 2).float() - sdpa().float()).abs().max().item()
+            if kind.startswith("full"):
+                errs[(kind, split)] = (out.transpose(1, 2).float() - sdpa().float()).abs().max().item()
         sdpa()
         times = {run: [] for run in runs}
         times["SDPA"] = []
@@ -184,7 +193,7 @@ def main(argv=None) -> int:
             kept = caches[(kind, split)].nbytes()
             label = f"headops {kind} [split {split_label(caches[(kind, split)], split)}]"
             rows.append(dict(context=S, candidate=label, split_keys=split, ms=t * 1e3, kept_bytes=kept,
-                             gbps=kept / t / 1e9, vs_sdpa=t_sdpa / t, max_abs_err=errs[split] if kind == "full" else None))
+                             gbps=kept / t / 1e9, vs_sdpa=t_sdpa / t, max_abs_err=errs.get((kind, split))))
         del caches, dense_k, dense_v, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
