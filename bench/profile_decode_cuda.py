@@ -28,6 +28,14 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kvcache_cuda import Timer, make_cache, parse, split_label, step_inputs  # noqa: E402
 
 
+def run_steps(cache, n, q, k1, v1, cuda):
+    """n decode steps of the cache's layer 0, then (on a GPU) a synchronize."""
+    for _ in range(n):
+        cache.attention(0, q, k1, v1)
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
@@ -43,10 +51,7 @@ def main(argv=None) -> int:
         _, k, v, q, k1, v1 = step_inputs(S, args, device, torch.bfloat16)
         cache = make_cache(own.for_profiler, S, args, device, torch.bfloat16, None, args.split_keys[0])
         cache.append(0, k, v)
-        for _ in range(own.steps):
-            cache.attention(0, q, k1, v1)
-        if cuda:
-            torch.cuda.synchronize()
+        run_steps(cache, own.steps, q, k1, v1, cuda)
         print(f"{own.steps} steps of a {own.for_profiler} cache, context {S}, split_keys "
               f"{split_label(cache, args.split_keys[0])}")
         return 0
@@ -58,10 +63,7 @@ def main(argv=None) -> int:
         for kind, split in [(kind, split) for kind in ("full", "stream 100%") for split in args.split_keys]:
             cache = make_cache(kind, S, args, device, dtype, g, split)
             cache.append(0, k, v)
-            for _ in range(3):
-                cache.attention(0, q, k1, v1)
-            if cuda:
-                torch.cuda.synchronize()
+            run_steps(cache, 3, q, k1, v1, cuda)
             t0 = time.perf_counter()
             for _ in range(own.steps):
                 cache.attention(0, q, k1, v1)
@@ -72,10 +74,7 @@ def main(argv=None) -> int:
             events = statistics.median(timer(lambda: cache.attention(0, q, k1, v1)) for _ in range(own.steps))
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=acts) as prof:
-                for _ in range(own.steps):
-                    cache.attention(0, q, k1, v1)
-                if cuda:
-                    torch.cuda.synchronize()
+                run_steps(cache, own.steps, q, k1, v1, cuda)
             print(f"\n=== context {S}, {kind}, split_keys {split_label(cache, split)}: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
                   f"with the queue drained, {events * 1e3:.3f} ms/step between events")
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
