@@ -22,6 +22,7 @@ removed (so that no command needs to know which rank it runs on).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import os
@@ -56,20 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = _command(args.command)
-    joined = not _distributed.is_initialized() and _distributed.init_from_torchrun()
+    if not _distributed.is_initialized() and _distributed.init_from_torchrun():
+        # joined here: the group stays for the process's later commands and goes at exit. Destroyed
+        # after each command, the next one's rendezvous on the same port raced the last one's
+        # teardown (a rank reaching rank 0's old store as it closed: "Connection reset by peer")
+        import torch.distributed as dist
+
+        atexit.register(dist.destroy_process_group)
     if not _distributed.is_initialized():
         return command.run(args)
     import torch.distributed as dist
 
-    try:
-        if dist.get_rank() == 0:
-            if dist.get_world_size() > 1:
-                print(f"{dist.get_world_size()} processes: the sweeps split their work over them")
-            return command.run(args)
-        return _run_unseen(command, args)
-    finally:
-        if joined:
-            dist.destroy_process_group()
+    if dist.get_rank() == 0:
+        if dist.get_world_size() > 1:
+            print(f"{dist.get_world_size()} processes: the sweeps split their work over them")
+        return command.run(args)
+    return _run_unseen(command, args)
 
 
 def _run_unseen(command, args) -> int:
