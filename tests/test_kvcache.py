@@ -1235,3 +1235,59 @@ def test_budget_head_refuses_alpha():
     q, k, v = make_qkv(2, 10, 10, 4, 2, 16, F64)
     with pytest.raises(ValueError, match="alpha"):
         cache.attention(0, q, k, v, alpha=torch.tensor([0.0, 0.0, 0.5, 0.0], dtype=F64))
+
+
+# ---------------------------------------------------------------- reserve / sync_lengths
+
+
+def _reserve_case(sized=True, **kw):
+    # KV head 1 streaming, its ring growing toward its window of 200
+    return headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, kinds=["full", "streaming"],
+                                   window=[-1, -1, 200, 200], sinks=[0, 0, 2, 2], batch_size=2,
+                                   dtype=F64 if sized else None, max_step=1, **kw)
+
+
+def test_reserved_cache_steps_allocate_nothing_and_equal_a_growing_cache():
+    """reserve(T): the storages are sized now (full segments, rings toward their windows), so steps up
+    to T tokens allocate nothing and move nothing (what a CUDA graph's replays need); the outputs
+    equal a cache that grows as it goes."""
+    S, steps = 20, 70
+    q, k, v = make_qkv(2, S + steps, S + steps, 4, 2, 8, F64)
+    reserved, growing = _reserve_case(), _reserve_case()
+    for cache in (reserved, growing):
+        cache.attention(0, q[:, :S], k[:, :S], v[:, :S])
+    reserved.reserve(S + steps)
+    st, twin = reserved._layers[0], growing._layers[0]
+    twin_layout = (list(twin.ring_alloc), twin.ring_k.data_ptr())
+    layout = (len(st.full_k), list(st.ring_alloc), st.ring_k.data_ptr(), [t.data_ptr() for t in st.full_k])
+    assert st.room() >= S + steps
+    for p in range(S, S + steps):
+        got = reserved.attention(0, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1])
+        want = growing.attention(0, q[:, p:p + 1], k[:, p:p + 1], v[:, p:p + 1])
+        assert max_err(got, want) <= ATOL64
+    assert (len(st.full_k), list(st.ring_alloc), st.ring_k.data_ptr(), [t.data_ptr() for t in st.full_k]) == layout
+    assert (list(twin.ring_alloc), twin.ring_k.data_ptr()) != twin_layout  # (the twin's ring did grow and move)
+    reserved.sync_lengths()  # on the CPU the mirror was right all along
+    assert st.held == twin.held == [S + steps] * 2
+
+
+def test_reserve_and_sync_lengths_refuse_by_name():
+    cache = _reserve_case(max_length=100)
+    with pytest.raises(ValueError, match="not sized yet"):
+        _reserve_case(sized=False).reserve(10)  # (dtype not given: sized at the first call)
+    q, k, v = make_qkv(2, 10, 10, 4, 2, 8, F64)
+    cache.attention(0, q, k, v)
+    st = cache._layers[0]
+    before = (len(st.full_k), list(st.ring_alloc), st.full_capacity)
+    for bad in (-1, 1.5, "20", None):
+        with pytest.raises((TypeError, ValueError), match="tokens"):
+            cache.reserve(bad)
+    with pytest.raises(ValueError, match="past max_length = 100"):
+        cache.reserve(101)
+    assert (len(st.full_k), list(st.ring_alloc), st.full_capacity) == before  # refused: nothing changed
+    cache.reserve(100)
+    # the device's counts past what the storages hold (as a graph replayed past its reserve would
+    # leave them): reported, naming reserve
+    st.lengths += 200
+    with pytest.raises(RuntimeError, match=r"past the \d+ its storages held without growing: reserve\(\)"):
+        cache.sync_lengths()

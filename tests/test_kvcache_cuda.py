@@ -380,6 +380,47 @@ def test_whole_cache_decode_step_captured_in_a_cuda_graph():
     assert torch.equal(a.ring_k, b.ring_k) and torch.equal(a.comp_n, b.comp_n)
 
 
+
+@gpu_only
+def test_decode_steps_replayed_from_one_cuda_graph():
+    """A decode loop on one CUDA graph: reserve() the storages for every step, capture one
+    HeadSparseCache.attention step on static inputs, replay it with each step's inputs copied in,
+    then sync_lengths(): every output, the lengths and what each head keeps equal an eager twin's
+    (reserved alike, so that both have the same layout). Replays past the reserve are reported."""
+    captured, _ = filled_cache()
+    eager, _ = filled_cache()
+    g = torch.Generator().manual_seed(5)
+    steps = [tuple(draw((2, 1, H, 32), F32, g).to(CUDA) for H in (4, 2, 2)) for _ in range(7)]
+    for cache in (captured, eager):
+        cache.attention(0, *steps[0])  # warm-up (device copies of the tables, shared-memory opt-in)
+        cache.reserve(cache.get_seq_length() + len(steps) - 1)
+    static = [t.clone() for t in steps[1]]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = captured.attention(0, *static)
+    outs = []
+    for step in steps[1:]:
+        for buffer, t in zip(static, step):
+            buffer.copy_(t)
+        graph.replay()
+        outs.append(out.clone())
+    captured.sync_lengths()
+    wants = [eager.attention(0, *step) for step in steps[1:]]
+    torch.cuda.synchronize()
+    for i, (got, want) in enumerate(zip(outs, wants)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"replay {i}: {m}")
+    assert captured._layers[0].held == eager._layers[0].held
+    got_state, want_state = state(captured), state(eager)
+    assert got_state.keys() == want_state.keys()
+    for key in want_state:
+        for x, y in zip(got_state[key], want_state[key]):
+            assert torch.equal(x, y), key
+    for _ in range(captured._layers[0].room() - captured.get_seq_length() + 1):  # one replay too many
+        graph.replay()
+    with pytest.raises(RuntimeError, match="reserve"):
+        captured.sync_lengths()
+
 # ------------------------------------------------------------------ a GPU user's whole path
 
 

@@ -192,6 +192,15 @@ class LayerStorage:
         """Tokens per row the full storage's segments hold."""
         return self.full_capacity
 
+    def room(self):
+        """Tokens a row can hold before the storages must grow: the full storage's capacity (with
+        full heads) and sinks + slots of each ring not yet at its capacity (past that it would
+        grow); None when nothing can grow."""
+        limits = [self.full_capacity] if self.full_heads else []
+        limits += [sinks + size for sinks, cap, size in zip(self.ring_sink_counts, self.ring_capacity, self.ring_alloc)
+                   if size < cap]
+        return min(limits) if limits else None
+
     def reserve(self, tokens: int) -> None:
         """Makes the storages hold rows of `tokens` tokens: the rings grow up to their capacity,
         the full storage gets one more segment where it needs one."""

@@ -251,6 +251,42 @@ class HeadSparseCache(_CacheBase):
         self._check_layer(CALLER + ".seq_lengths", layer)
         return self._layers[layer].lengths.clone()
 
+    def reserve(self, tokens: int) -> None:
+        """Sizes every layer's storages now for rows of `tokens` tokens (full heads' segments; rings
+        grown toward their windows), so that steps up to that length allocate nothing and keep
+        every storage where it is. What a CUDA graph that replays a captured decode step needs: its
+        launches hold the storages' addresses (docs/cuda.md has the loop). Refused (nothing
+        changes) before the cache is sized, and past max_length."""
+        caller = CALLER + ".reserve"
+        if not is_int(tokens) or tokens < 0:
+            raise fail(caller, "tokens", "an int >= 0", repr(tokens))
+        if not self._sized:
+            raise ValueError(f"{caller}: the cache is not sized yet (its first call sizes it, or batch_size and "
+                             "dtype given to the constructor)")
+        if self.max_length is not None and tokens > self.max_length:
+            raise ValueError(f"{caller}: tokens = {tokens} is past max_length = {self.max_length}")
+        for st in self._layers:
+            st.reserve(int(tokens))
+
+    def sync_lengths(self) -> None:
+        """Reads every layer's token counts back from the device into the cache's host mirror,
+        after a CUDA graph replayed captured decode steps: a replay advances the counts on the
+        device, while the mirror advanced once, when the step was captured (one device-to-host copy
+        a layer). Raises a RuntimeError if a replay took a row past what the storages held without
+        growing (reserve() first, for every token the replays add): past it a full head's append
+        writes nothing and a ring too small evicts early, so the cache no longer holds what its
+        heads' kinds say."""
+        for i, st in enumerate(self._layers):
+            if not st.held:
+                continue
+            held = [int(x) for x in st.lengths.tolist()]
+            room = st.room()
+            if room is not None and max(held) > room:
+                raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {max(held)} tokens a row, past "
+                                   f"the {room} its storages held without growing: reserve() them before capturing "
+                                   "the step (the cache no longer holds what its heads' kinds say)")
+            st.held = held
+
     def nbytes(self) -> int:
         """Bytes the cache really holds (storages, capacity included, and layout tables)."""
         return sum(layer.nbytes() for layer in self._layers)
