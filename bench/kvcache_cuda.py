@@ -13,6 +13,8 @@ Candidates:
   headops step  HeadSparseCache.attention for one new token: Python checks, kv_append and the
                 split-K decode kernels (what a user pays per generated token and layer); the
                 cache grows by one token per call
+  ..., CUDA graph  the same step captured once and replayed (HeadSparseCache.reserve / sync_lengths;
+                on a GPU only): the step without the host's work
   SDPA          scaled_dot_product_attention(q [1, 32, 1, 128], K/V [1, 8, S, 128], enable_gqa=True)
                 over a preallocated dense cache (no append: a lower bound for a dense cache)
 Bandwidth: the bytes a step must read (cache.nbytes(): the keys and values each head keeps) over
@@ -176,14 +178,35 @@ def main(argv=None) -> int:
             out = caches[(kind, split)].attention(0, q, k1, v1)  # (also the warm-up)
             if kind.startswith("full"):
                 errs[(kind, split)] = (out.transpose(1, 2).float() - sdpa().float()).abs().max().item()
+        steps = {run: (lambda cache=caches[run]: cache.attention(0, q, k1, v1)) for run in runs}
+        graphs = {}
+        if device.type == "cuda":  # the same step replayed from one CUDA graph: no host work a step
+            for kind in ("full", "stream 100%"):
+                run = (kind + ", CUDA graph", args.split_keys[0])
+                try:
+                    cache = make_cache(kind, S, args, device, dtype, g, run[1])
+                    cache.append(0, k, v)
+                    cache.attention(0, q, k1, v1)  # eager warm-up
+                    cache.reserve(cache.get_seq_length() + args.repeats + 8)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        cache.attention(0, q, k1, v1)
+                    graph.replay()  # (warm)
+                except Exception as e:  # (the other rows still run)
+                    print(f"kvcache_cuda: {run[0]} at {S} failed: {type(e).__name__}: {e}")
+                    continue
+                caches[run], graphs[run], steps[run] = cache, graph, graph.replay
+                runs.append(run)
         sdpa()
         times = {run: [] for run in runs}
         times["SDPA"] = []
         for _ in range(args.repeats):
             for run in runs:
-                cache = caches[run]
-                times[run].append(timer(lambda: cache.attention(0, q, k1, v1)))
+                times[run].append(timer(steps[run]))
             times["SDPA"].append(timer(sdpa))
+        for run in graphs:
+            caches[run].sync_lengths()  # (raises had a replay gone past the reserve)
         dense_bytes = 2 * dense_k.numel() * dense_k.element_size()
         t_sdpa = statistics.median(times["SDPA"])
         rows.append(dict(context=S, candidate="SDPA (dense)", ms=t_sdpa * 1e3, kept_bytes=dense_bytes,
