@@ -1287,7 +1287,31 @@ def test_reserve_and_sync_lengths_refuse_by_name():
     assert (len(st.full_k), list(st.ring_alloc), st.full_capacity) == before  # refused: nothing changed
     cache.reserve(100)
     # the device's counts past what the storages hold (as a graph replayed past its reserve would
-    # leave them): reported, naming reserve
+    # leave them): reported, naming reserve, and the mirror left as it was
     st.lengths += 200
     with pytest.raises(RuntimeError, match=r"past the \d+ its storages held without growing: reserve\(\)"):
         cache.sync_lengths()
+    assert st.held == [10, 10]
+    st.lengths -= 200
+    st.lengths += 110  # within the storages (room 128) but past max_length
+    assert st.room() >= 120
+    with pytest.raises(RuntimeError, match="past max_length = 100"):
+        cache.sync_lengths()
+    assert st.held == [10, 10]
+
+
+def test_sync_lengths_checks_every_layer_before_changing_any():
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, kinds="full",
+                                    batch_size=2, dtype=F64, max_step=1)
+    q, k, v = make_qkv(2, 10, 10, 4, 2, 8, F64)
+    for layer in range(2):
+        cache.attention(layer, q, k, v)
+    first, second = cache._layers
+    first.lengths += 3  # layer 0: three replayed steps, within its storages
+    second.lengths += 1000  # layer 1: past them
+    with pytest.raises(RuntimeError, match="layer 1 was stepped to 1010"):
+        cache.sync_lengths()
+    assert first.held == second.held == [10, 10]  # neither layer's mirror moved
+    second.lengths -= 997
+    cache.sync_lengths()
+    assert first.held == second.held == [13, 13]

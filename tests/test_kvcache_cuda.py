@@ -381,19 +381,35 @@ def test_whole_cache_decode_step_captured_in_a_cuda_graph():
 
 
 
+def _replay_cache():
+    """A prompt of 120 tokens in a full KV head and a streaming one (window 300, its ring at 128
+    slots): twenty more tokens cross the full storage's capacity (128) and the ring's, so reserve()
+    has to grow both before a capture."""
+    g = torch.Generator().manual_seed(9)
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, batch_size=2,
+                                    dtype=F32, device=CUDA, kinds=["full", "streaming"], window=[-1, -1, 300, 300],
+                                    sinks=[0, 0, 2, 2], max_step=1, split_keys=32)
+    q, k, v = (draw((2, 120, H, 32), F32, g).to(CUDA) for H in (4, 2, 2))
+    cache.attention(0, q, k, v)
+    return cache
+
+
 @gpu_only
 def test_decode_steps_replayed_from_one_cuda_graph():
-    """A decode loop on one CUDA graph: reserve() the storages for every step, capture one
-    HeadSparseCache.attention step on static inputs, replay it with each step's inputs copied in,
-    then sync_lengths(): every output, the lengths and what each head keeps equal an eager twin's
-    (reserved alike, so that both have the same layout). Replays past the reserve are reported."""
-    captured, _ = filled_cache()
-    eager, _ = filled_cache()
+    """A decode loop on one CUDA graph: reserve() the storages for every step (here it must grow the
+    full storage and the ring), capture one HeadSparseCache.attention step on static inputs,
+    replay it with each step's inputs copied in, then sync_lengths(): every output, the lengths and
+    what each head keeps equal an eager twin's (reserved alike: the same layout). Replays past the
+    reserve are reported."""
+    captured, eager = _replay_cache(), _replay_cache()
     g = torch.Generator().manual_seed(5)
-    steps = [tuple(draw((2, 1, H, 32), F32, g).to(CUDA) for H in (4, 2, 2)) for _ in range(7)]
+    steps = [tuple(draw((2, 1, H, 32), F32, g).to(CUDA) for H in (4, 2, 2)) for _ in range(21)]
     for cache in (captured, eager):
         cache.attention(0, *steps[0])  # warm-up (device copies of the tables, shared-memory opt-in)
+        st = cache._layers[0]
+        layout = (len(st.full_k), list(st.ring_alloc))
         cache.reserve(cache.get_seq_length() + len(steps) - 1)
+        assert (len(st.full_k), list(st.ring_alloc)) != layout  # (reserve had to grow them)
     static = [t.clone() for t in steps[1]]
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -410,7 +426,7 @@ def test_decode_steps_replayed_from_one_cuda_graph():
     torch.cuda.synchronize()
     for i, (got, want) in enumerate(zip(outs, wants)):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"replay {i}: {m}")
-    assert captured._layers[0].held == eager._layers[0].held
+    assert captured._layers[0].held == eager._layers[0].held == [141, 141]
     got_state, want_state = state(captured), state(eager)
     assert got_state.keys() == want_state.keys()
     for key in want_state:
@@ -420,6 +436,22 @@ def test_decode_steps_replayed_from_one_cuda_graph():
         graph.replay()
     with pytest.raises(RuntimeError, match="reserve"):
         captured.sync_lengths()
+    assert captured._layers[0].held == [141, 141]  # (the mirror left as it was)
+
+
+@gpu_only
+def test_key_bias_is_refused_under_capture():
+    """key_bias is indexed by position and its length is fixed at capture: a replayed step would
+    give the keys it appends no bias, so a capture with key_bias is refused by name."""
+    cache = _replay_cache()
+    q, k, v = (torch.randn(2, 1, H, 32, device=CUDA) for H in (4, 2, 2))
+    cache.attention(0, q, k, v, key_bias=torch.zeros(4, 121, device=CUDA))
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="key_bias cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            cache.attention(0, q, k, v, key_bias=torch.zeros(4, 122, device=CUDA))
+    assert cache._layers[0].held == [121, 121]  # refused: nothing changed
+
 
 # ------------------------------------------------------------------ a GPU user's whole path
 

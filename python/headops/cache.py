@@ -272,20 +272,27 @@ class HeadSparseCache(_CacheBase):
         """Reads every layer's token counts back from the device into the cache's host mirror,
         after a CUDA graph replayed captured decode steps: a replay advances the counts on the
         device, while the mirror advanced once, when the step was captured (one device-to-host copy
-        a layer). Raises a RuntimeError if a replay took a row past what the storages held without
-        growing (reserve() first, for every token the replays add): past it a full head's append
-        writes nothing and a ring too small evicts early, so the cache no longer holds what its
-        heads' kinds say."""
+        a layer). Raises a RuntimeError, leaving the mirror as it was, if a replay took a row past
+        what the storages held without growing (reserve() first, for every token the replays add:
+        past it a full head's append writes nothing and a ring too small evicts early, so the cache
+        no longer holds what its heads' kinds say) or past max_length. A graph stays valid only
+        while the storages stay where they were: an eager step that grows them, or a larger
+        reserve(), moves them, and the graph must be captured again."""
+        counts = []
         for i, st in enumerate(self._layers):
-            if not st.held:
-                continue
-            held = [int(x) for x in st.lengths.tolist()]
-            room = st.room()
-            if room is not None and max(held) > room:
-                raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {max(held)} tokens a row, past "
+            held = [int(x) for x in st.lengths.tolist()] if st.held else []
+            room, longest = st.room(), max(held, default=0)
+            if room is not None and longest > room:
+                raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {longest} tokens a row, past "
                                    f"the {room} its storages held without growing: reserve() them before capturing "
                                    "the step (the cache no longer holds what its heads' kinds say)")
-            st.held = held
+            if self.max_length is not None and longest > self.max_length:
+                raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {longest} tokens a row, past "
+                                   f"max_length = {self.max_length}")
+            counts.append(held)
+        for st, held in zip(self._layers, counts):
+            if held:
+                st.held = held
 
     def nbytes(self) -> int:
         """Bytes the cache really holds (storages, capacity included, and layout tables)."""
@@ -594,6 +601,9 @@ class HeadSparseCache(_CacheBase):
         if Sq > self.max_step and st.has_partial_heads:
             raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the "
                                     "rings)", f"{Sq} tokens")
+        if per_head.get("key_bias") is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{caller}: key_bias cannot be captured in a CUDA graph: it is indexed by position and "
+                             "its length is fixed at capture, so the keys a replay appends would get no bias")
         keys = max(st.held) + Sq
         args, kernel_args = self._step_args(caller, layer, q, keys, per_head)  # checked before the cache changes
         request = self._probe_request(caller, st, q, args, probe, keys)
