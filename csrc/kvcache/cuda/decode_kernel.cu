@@ -226,8 +226,8 @@ __device__ __forceinline__ float softmax_tile(OnlineSoftmax<float>& sm, float x,
 }
 
 // The key-split kernel. Its first version (the "tile" kernel, retired after the H200 run of
-// 2026-12-04, where this one's steps took 0.14-0.26x its time and its kernel 0.10-0.12x) gave each warp its own query rows and
-// shared one 32-key tile among the warps: at decode (Sq = 1, a GQA group of 4) one warp held all
+// 2026-12-04, where this one's steps took 0.14-0.26x its time and its kernel 0.10-0.12x) gave each
+// warp its own query rows and shared one 32-key tile among the warps: at decode (Sq = 1, a GQA group of 4) one warp held all
 // the rows while the others only loaded, and every tile passed three CTA barriers behind scalar
 // 2-byte loads (latency-bound, 12.5 % occupancy). Here every warp holds the same
 // kDecodeRowsPerWarp rows and walks its own tiles of the CTA's key range (tile n goes to warp
@@ -437,8 +437,8 @@ constexpr int kFullBranch = 1, kStreamingBranch = 2;
 // P·V of a staged tile for the branches in kBranches (kFullBranch, kStreamingBranch or both):
 // each value row read once for the 4 rows, a key's probabilities by one broadcast 16-byte read
 // per branch, the lane's NT adjacent columns. A (row, branch) pair the row does not plan has
-// probability 0 throughout (its accumulator stays 0). A key with no position, or hidden from a row, has probability 0 there and adds
-// nothing, whatever its value row holds (stale, or inf / NaN).
+// probability 0 throughout (its accumulator stays 0). A key with no position, or hidden from a
+// row, has probability 0 there and adds nothing, whatever its value row holds (stale, or inf / NaN).
 template <typename T, int NT, int kBranches>
 __device__ __forceinline__ void staged_pv(const StagedTile& tile, int lane, bool lane_in_row,
                                           float (&acc)[2][kDecodeRowsPerWarp][NT]) {
@@ -543,27 +543,23 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
     bool planned[2][RW];
     OnlineSoftmax<float> sm[2][RW];
     float acc[2][RW][NT];
-    bool any_planned = false;  // a warp whose rows are all past R or gated off walks nothing
+    // the branches any of the warp's rows plans: P·V runs the loop of that set (no test of a row's
+    // plan for each key), and a warp whose rows are all past R or gated off (none) walks nothing
+    int branch_set = 0;
 #pragma unroll
     for (int k = 0; k < RW; ++k) {
 #pragma unroll
       for (int br = 0; br < 2; ++br) {
         planned[br][k] = plans_branch(rows[k], br);
-        any_planned = any_planned || planned[br][k];
+        if (planned[br][k]) branch_set |= br == 0 ? kFullBranch : kStreamingBranch;
         sm[br][k] = OnlineSoftmax<float>::start(false, 0.f);  // the sink logit joins once, in the combine
 #pragma unroll
         for (int t = 0; t < NT; ++t) acc[br][k][t] = 0.f;
       }
     }
-
-    // the branches any of the warp's rows plans (P·V runs the loop of that set: no test of a row's
-    // plan for each key)
-    int branch_set = 0;
-#pragma unroll
-    for (int k = 0; k < RW; ++k) branch_set |= (planned[0][k] ? kFullBranch : 0) | (planned[1][k] ? kStreamingBranch : 0);
     const bool lane_in_row = lane * NT < D;  // the lane's NT value columns start inside the row
     WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, true, st, sK, sV,
-                      lane, first_tile, group_warps, any_planned ? tiles : 0};
+                      lane, first_tile, group_warps, branch_set != 0 ? tiles : 0};
     for (walk.start(); walk.more();) {
       if (!walk.stage()) continue;
       const int64_t key_pos = st.pos[lane];
@@ -677,7 +673,8 @@ __global__ void __launch_bounds__(kDecodeThreads, key_split_min_blocks<T, NT>())
         lse[k] = s_lse[k];
       }
       // (one row group: first_tile = warp, group_warps = warps)
-      WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, false, st, sK, sV, lane, first_tile, group_warps, tiles};
+      WarpTiles<T> walk{p, w, b, length, range, L, aligned_rows, false, st, sK, sV,
+                        lane, first_tile, group_warps, tiles};
       for (walk.start(); walk.more();) {
         if (!walk.stage()) continue;
         const int64_t key_pos = st.pos[lane];
@@ -758,19 +755,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
     // that saw the row merged (most are empty where the splits come from a capacity far above the
     // row's walk, e.g. every streaming head's ring counted in one head's), the same merges as one
     // split at a time, without a dependent load for each empty one
+    const auto partial_at = [&](int64_t s) { return (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br; };
     for (int64_t base = 0; base < splits; base += 32) {
-      const int64_t s = base + lane;
       float s_max = negative_infinity<float>(), s_sum = 0.f;
-      if (s < splits) {
-        const int64_t at = (((b * a.heads_kv + kvh) * splits + s) * R + r) * 2 + br;
+      if (base + lane < splits) {
+        const int64_t at = partial_at(base + lane);
         s_max = part_ms[2 * at];
         s_sum = part_ms[2 * at + 1];
       }
       for (unsigned live = __ballot_sync(0xffffffffu, s_sum != 0.f); live != 0; live &= live - 1) {
         const int src = __ffs(live) - 1;
         const OnlineSoftmax<float> part{__shfl_sync(0xffffffffu, s_max, src), __shfl_sync(0xffffffffu, s_sum, src)};
-        const int64_t at = (((b * a.heads_kv + kvh) * splits + base + src) * R + r) * 2 + br;
-        merge_partial<NT>(row, merged[br], part, part_acc + at * D, D, lane);
+        merge_partial<NT>(row, merged[br], part, part_acc + partial_at(base + src) * D, D, lane);
       }
     }
     // the streaming branch (a head served by a streaming KV head has no other)
