@@ -18,6 +18,7 @@ that rank's error (the results' gather carries it), so a failure never leaves th
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import hashlib
@@ -73,13 +74,23 @@ def timeout() -> datetime.timedelta:
 
 def init_from_torchrun() -> bool:
     """Joins torchrun's processes (gloo: every collective here moves CPU objects) unless torch.distributed
-    is initialized already or this process was not started by torchrun. Returns whether it is initialized."""
+    is initialized already or this process was not started by torchrun; a group joined here is destroyed
+    at the process's exit. Returns whether it is initialized."""
     if is_initialized():
         return True
     if not launched_by_torchrun():
         return False
     _dist().init_process_group("gloo", timeout=timeout())
+    # the group stays for the rest of the process (later commands, sweeps) and goes at its exit:
+    # destroyed and joined again, each new rendezvous on the same port could meet rank 0's old
+    # store as it closed ("Connection reset by peer")
+    atexit.register(_destroy_at_exit)
     return True
+
+
+def _destroy_at_exit() -> None:
+    if is_initialized():  # (unless the caller destroyed it already)
+        _dist().destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ tensor parallelism

@@ -22,7 +22,6 @@ removed (so that no command needs to know which rank it runs on).
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import importlib
 import os
@@ -57,14 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = _command(args.command)
-    if not _distributed.is_initialized() and _distributed.init_from_torchrun():
-        # joined here: the group stays for the process's later commands and goes at exit. Destroyed
-        # after each command, the next one's rendezvous on the same port raced the last one's
-        # teardown (a rank reaching rank 0's old store as it closed: "Connection reset by peer")
-        import torch.distributed as dist
-
-        atexit.register(dist.destroy_process_group)
-    if not _distributed.is_initialized():
+    if not _distributed.init_from_torchrun():  # (joined once per process, left at its exit)
         return command.run(args)
     import torch.distributed as dist
 
