@@ -27,7 +27,8 @@ its own per size, interleaved with the rest).
 Timing: a warm-up, then `--repeats` calls each timed by a pair of CUDA events, interleaved; the
 median is reported. Correctness: each "full" cache's first step against SDPA over the same tokens.
 
-    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--split-keys auto,256,1024] [--json out.json]
+    python3 bench/kvcache_cuda.py [--contexts 32768,131072] [--repeats 30] [--split-keys auto,256,1024]
+                                  [--json out.json]
     python3 bench/kvcache_cuda.py --device cpu      # a dry run on the CPU kernels (tiny sizes; numbers mean nothing)
 
 Run on an H200 (bench/gpu_suite.sh, 2026-12-04; docs/cuda.md has the tables).

@@ -75,8 +75,9 @@ def main(argv=None) -> int:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=acts) as prof:
                 run_steps(cache, own.steps, q, k1, v1, cuda)
-            print(f"\n=== context {S}, {kind}, split_keys {split_label(cache, split)}: host {host * 1e3:.3f} ms/step issued, {drained * 1e3:.3f} ms/step "
-                  f"with the queue drained, {events * 1e3:.3f} ms/step between events")
+            print(f"\n=== context {S}, {kind}, split_keys {split_label(cache, split)}: host {host * 1e3:.3f} ms/step "
+                  f"issued, {drained * 1e3:.3f} ms/step with the queue drained, {events * 1e3:.3f} ms/step between "
+                  "events")
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
             total = 0.0

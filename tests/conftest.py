@@ -211,3 +211,13 @@ def check_lse(got_lse, ref_lse, q, kw, atol):
     ref_lse = ref_lse.clone()
     ref_lse[off] = float("-inf")
     assert_close(got_lse, ref_lse, atol, 1e-6, what="lse")
+
+
+def tiny_llama_twins(device):
+    """(a tiny Llama on the CPU, the same model on `device`): the CPU side of device tests."""
+    from headops.testing import tiny_llama
+
+    cpu_model = tiny_llama()[0]
+    dev_model = tiny_llama()[0].to(device)
+    dev_model.load_state_dict(cpu_model.state_dict())
+    return cpu_model, dev_model

@@ -18,6 +18,8 @@ from headops.spec import placement
 pytest.importorskip("transformers")
 from headops.testing import tiny_llama  # noqa: E402
 
+from conftest import tiny_llama_twins  # noqa: E402
+
 CUDA_OK = torch.cuda.is_available() and getattr(headops._C, "cuda_compiled", False)
 gpu_only = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and a build with the CUDA kernels")
 
@@ -65,9 +67,7 @@ def test_studies_create_their_tensors_on_the_model_device():
 
 
 def _pair():
-    cpu_model = tiny_llama()[0]
-    gpu_model = tiny_llama()[0].to("cuda")
-    gpu_model.load_state_dict(cpu_model.state_dict())
+    cpu_model, gpu_model = tiny_llama_twins("cuda")
     ids = torch.randint(0, cpu_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     return cpu_model, gpu_model, ids
 

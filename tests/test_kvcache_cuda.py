@@ -24,7 +24,7 @@ import torch
 
 import headops
 
-from conftest import CUDA_DRY_RUN, CUDA_TEST_DEVICE, gpu_only, needs_cuda
+from conftest import CUDA_DRY_RUN, CUDA_TEST_DEVICE, gpu_only, needs_cuda, tiny_llama_twins
 
 CUDA, DRY_RUN = CUDA_TEST_DEVICE, CUDA_DRY_RUN
 pytestmark = needs_cuda
@@ -157,8 +157,8 @@ def test_full_heads_split_keys_and_windows(dtype):
 def test_full_heads_many_tiles_per_warp():
     """One split of 700 keys (split_keys given: None would choose 128 on a GPU): 22 tiles of 32,
     several per warp, whose partials are merged in the CTA."""
-    run_pair(dict(kinds="full", max_step=2, split_keys=1024), B=1, Hq=8, Hkv=2, D=128, S=700, steps=[1, 2, 1], dtype=BF16,
-             names=("softmax_scale", "sink_logit", "gate"), gate_zero=6, seed=5)
+    run_pair(dict(kinds="full", max_step=2, split_keys=1024), B=1, Hq=8, Hkv=2, D=128, S=700, steps=[1, 2, 1],
+             dtype=BF16, names=("softmax_scale", "sink_logit", "gate"), gate_zero=6, seed=5)
 
 
 def test_three_row_groups():
@@ -456,19 +456,18 @@ def test_key_bias_is_refused_under_capture():
 # ------------------------------------------------------------------ a GPU user's whole path
 
 
-def _whole_path_specs(model):
-    headops_spec = headops.HeadSpec
-    return {
-        "duo": headops_spec.from_scores(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), full_fraction=0.5, window=5,
-                                        sinks=2),
-        "razor": headops_spec.razor(model, {0: [1]}, window=4, sinks=1),
-        "snapkv": headops_spec.budget(model, budget=9, observation_window=3),
-        "headkv": headops_spec.headkv(model, torch.tensor([[3.0, 1.0], [1.0, 2.0]]), budget=8, beta=1.2,
-                                      observation_window=3),
-    }
+# the methods a GPU user's whole path is run with: their HeadSpec for a model
+WHOLE_PATH_SPECS = {
+    "duo": lambda model: headops.HeadSpec.from_scores(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                                                      full_fraction=0.5, window=5, sinks=2),
+    "razor": lambda model: headops.HeadSpec.razor(model, {0: [1]}, window=4, sinks=1),
+    "snapkv": lambda model: headops.HeadSpec.budget(model, budget=9, observation_window=3),
+    "headkv": lambda model: headops.HeadSpec.headkv(model, torch.tensor([[3.0, 1.0], [1.0, 2.0]]), budget=8,
+                                                    beta=1.2, observation_window=3),
+}
 
 
-@pytest.mark.parametrize("method", ["duo", "razor", "snapkv", "headkv"])
+@pytest.mark.parametrize("method", sorted(WHOLE_PATH_SPECS))
 def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
     """What a GPU user runs (README): a model patched with a method's HeadSpec, generating with
     HeadSparseCache(model, spec) on the device (the CUDA append and decode kernels under a real
@@ -477,19 +476,15 @@ def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
     transformers = pytest.importorskip("transformers")
     from packaging.version import Version
 
-    from headops.testing import tiny_llama
-
     # the GPU machine's transformers may be older than the one pinned here: generate() takes the
     # cache as `cache` from 5.24 on, as `past_key_values` before
     cache_kwarg = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
-    cpu_model = tiny_llama()[0]
-    dev_model = tiny_llama()[0].to(CUDA)
-    dev_model.load_state_dict(cpu_model.state_dict())
+    cpu_model, dev_model = tiny_llama_twins(CUDA)
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(4))
     runs = {}
     for name, model in (("cpu", cpu_model), ("device", dev_model)):
-        spec = _whole_path_specs(model)[method]
+        spec = WHOLE_PATH_SPECS[method](model)
         headops.patch(model, spec)
         cache = headops.HeadSparseCache(model, spec, budget_recent=2)  # (budget heads: small budgets)
         out = model.generate(ids.to(model.device), max_new_tokens=10, do_sample=False, output_scores=True,

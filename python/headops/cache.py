@@ -280,7 +280,7 @@ class HeadSparseCache(_CacheBase):
         reserve(), moves them, and the graph must be captured again."""
         counts = []
         for i, st in enumerate(self._layers):
-            held = [int(x) for x in st.lengths.tolist()] if st.held else []
+            held = st.lengths.tolist() if st.held else []
             room, longest = st.room(), max(held, default=0)
             if room is not None and longest > room:
                 raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {longest} tokens a row, past "
@@ -613,8 +613,7 @@ class HeadSparseCache(_CacheBase):
         return torch.ops.headops.decode_attention.default(
             q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
             st.ring_sinks, st.ring_size, causal, *kernel_args, _split_keys(self.split_keys, st, q.device),
-            *st.budget_args(),
-            *st.comp_args()), stats
+            *st.budget_args(), *st.comp_args()), stats
 
     def _step_args(self, caller, layer, q, keys, per_head):
         """(HeadArgs, their kernel arguments) of a decode step. Steps whose per-head arguments are
@@ -657,9 +656,8 @@ def _split_keys(given, st, device: torch.device) -> int:
     1024 keys (8 tiles a warp) took 99 us, and 16 such blocks (8 streaming heads of 1028 keys)
     left the GPU nearly idle for that long; with this rule a step was as fast as the faster of
     the fixed sizes 256 and 1024, or within 2 %, in every case of bench/kvcache_cuda.py there,
-    and up to 1.5x faster than 1024 (docs/cuda.md). Shapes
-    and capacities only (no tensor data): a CUDA graph or torch.compile sees the same number while
-    the storages keep their sizes."""
+    and up to 1.5x faster than 1024 (docs/cuda.md). Shapes and capacities only (no tensor data):
+    a CUDA graph or torch.compile sees the same number while the storages keep their sizes."""
     if given is not None:
         return given
     if device.type != "cuda":
