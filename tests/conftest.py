@@ -221,3 +221,21 @@ def tiny_llama_twins(device):
     dev_model = tiny_llama()[0].to(device)
     dev_model.load_state_dict(cpu_model.state_dict())
     return cpu_model, dev_model
+
+
+def use_row_blocks(monkeypatch, rows: int = 3):
+    """Probe statistics by the path a CUDA call takes (the forward's lse, by blocks of query rows:
+    headops._probe_rows), here on the CPU, `rows` query rows a block."""
+    from headops import _probe_rows, probes
+
+    monkeypatch.setattr(probes, "kernel_probes", lambda device: False)
+    monkeypatch.setattr(_probe_rows, "rows_per_block", lambda *shape: rows)
+
+
+@pytest.fixture(params=["kernel", "row blocks"])
+def probe_path(request, monkeypatch):
+    """Probe statistics from the fused CPU kernel, or by the row-block path with 3 rows a block
+    (every call crosses blocks)."""
+    if request.param == "row blocks":
+        use_row_blocks(monkeypatch)
+    return request.param

@@ -287,6 +287,7 @@ def snapkv_reference(q_obs, k, scale, group, pool_kernel=None, sink_logit=None, 
 @pytest.mark.parametrize("pool_kernel, pooling, scored_keys", [
     (None, "max", None), (1, "max", None), (3, "max", None), (7, "max", None), (3, "avg", None), (7, "avg", None),
     (7, "max", 31), (5, "avg", 31), (5, "avg", 0), (None, "avg", 20)])
+@pytest.mark.usefixtures("probe_path")  # the CPU probe kernel's key mass, and the CUDA path's
 def test_snapkv_scores_equal_the_reference(pool_kernel, pooling, scored_keys):
     from headops import budgets
     from headops._args import HeadShapes, head_args

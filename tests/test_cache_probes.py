@@ -1,7 +1,8 @@
 """Probe statistics through a HeadSparseCache (docs/probes.md): a prefill's over the prompt, a
 decode step's over the keys each KV head keeps at their original positions, against the
 reference's statistics (float64) over every token with the same visibility; and
-``headops.probe`` while a patched model generates through the cache."""
+``headops.probe`` while a patched model generates through the cache. Each test runs with the
+CPU probe kernel and with the row-block path a CUDA cache takes (conftest ``probe_path``)."""
 
 import math
 
@@ -12,6 +13,7 @@ import headops
 from headops import reference
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("probe_path")
 STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
 
 

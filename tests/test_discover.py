@@ -93,6 +93,7 @@ def eager_retrieval_scores(model, samples, min_recall):
     return total / max(counted, 1), counted
 
 
+@pytest.mark.usefixtures("probe_path")  # the CPU probe kernel, and the CUDA path
 def test_retrieval_scores_equal_the_formula_on_eager_patterns_and_find_the_planted_head():
     model = planted_copy_llama()
     # the passkey filler has no digits: the needle's number is the only thing the planted head can copy
@@ -118,6 +119,7 @@ def test_retrieval_grid_is_a_niah_grid_with_one_needle_per_seed():
 # echo, induction and sink scores
 
 
+@pytest.mark.usefixtures("probe_path")  # the CPU probe kernel, and the CUDA path
 def test_echo_and_induction_scores_equal_the_eager_masses_at_distance_period():
     model, _ = tiny_llama()
     model = model.double()
@@ -138,6 +140,7 @@ def test_echo_and_induction_scores_equal_the_eager_masses_at_distance_period():
     assert bool((echo.values > 0).all()) and not torch.allclose(echo.values, induction.values)
 
 
+@pytest.mark.usefixtures("probe_path")  # the CPU probe kernel, and the CUDA path
 def test_sink_scores_equal_the_eager_mass_on_the_first_token():
     model, _ = tiny_llama()
     model = model.double()

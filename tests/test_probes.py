@@ -9,7 +9,7 @@ import torch
 
 from headops import reference
 
-from conftest import ALL_FEATURES, head_params, make_qkv
+from conftest import ALL_FEATURES, head_params, make_qkv, use_row_blocks
 
 F64 = torch.float64
 # float32 statistics (DESIGN: probes report float32); from float64 inputs the kernel computes in double
@@ -270,6 +270,139 @@ def test_bad_probes_name_the_field(probe, kw, error, match):
         headops.attention(q, k, v, probe=headops.Probe(**probe), **kw)
     with pytest.raises(TypeError, match="probe must be a headops.Probe"):
         headops.attention(q, k, v, probe=dict(topk=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the row-block path (CUDA tensors): the statistics from the forward's lse, a block of rows at a time
+
+
+@pytest.fixture
+def row_blocks(monkeypatch):
+    """headops.attention's probes by the row-block path, 3 query rows a block; call it for another size."""
+    use_row_blocks(monkeypatch)
+    return lambda rows: use_row_blocks(monkeypatch, rows)
+
+
+def probe_by_rows(q, k, v, **kw):
+    """(out, lse, statistics by name) of headops.attention with the probe fields among `kw`."""
+    import headops
+
+    fields = {n: kw.pop(n) for n in ("spans", "distances", "sink_mass", "topk", "entropy", "key_mass_rows")
+              if n in kw}
+    out, lse, stats = headops.attention(q, k, v, return_lse=True, probe=headops.Probe(**fields), **kw)
+    return out, lse, vars(stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Sq,Sk,Hq,Hkv,D", [(1, 1, 1, 1, 1, 8), (2, 37, 37, 4, 2, 16), (1, 9, 300, 6, 3, 32),
+                                             (2, 70, 20, 4, 4, 8)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rows", [1, 4, 1000])
+def test_row_blocks_match_the_reference_and_the_kernel(dtype, B, Sq, Sk, Hq, Hkv, D, causal, rows, row_blocks):
+    import headops
+
+    row_blocks(rows)
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES)
+    stats = all_statistics(Sq, Sk)
+    out, lse, got = probe_by_rows(q, k, v, causal=causal, **kw, **stats)
+    want = reference.probe(q, k, v, causal=causal, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
+                           **stats)
+    compare(got, want, dtype)
+    kernel = probe_op(q, k, v, causal=causal, **kw, **stats)
+    compare(got, {n: t if n == "topk_index" else t.double() for n, t in kernel.items() if n in want}, dtype)
+    # out and lse are the plain forward's
+    plain_out, plain_lse = headops.attention(q, k, v, causal=causal, return_lse=True, **kw)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+
+
+def test_row_blocks_per_batch_forms_bhsd_and_odd_rows(row_blocks):
+    B, Sq, Sk, Hq, Hkv, D = 3, 40, 90, 4, 2, 16
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F64, layout="bhsd", strided=True)
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
+    stats = all_statistics(Sq, Sk, B, per_batch_spans=True)
+    _, _, got = probe_by_rows(q, k, v, layout="bhsd", **kw, **stats)
+    want = reference.probe(q, k, v, layout="bhsd", **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
+                           **stats)
+    compare(got, want, F64)
+
+
+def test_row_blocks_blind_rows_gated_heads_ties_and_few_keys(row_blocks):
+    # the first rows see nothing (non-causal window 1, Sq > Sk); head 1 is gated off
+    q, k, v = make_qkv(1, 12, 4, 3, 3, 8, F64)
+    stats = all_statistics(12, 4)
+    gate = torch.tensor([1.0, 0.0, 1.0])
+    _, _, got = probe_by_rows(q, k, v, window=1, gate=gate, **stats)
+    compare(got, reference.probe(q, k, v, window=1, gate=gate, **stats), F64)
+    assert bool((got["topk_index"][0, 1] == -1).all()) and bool((got["key_mass"][0, 1] == 0).all())
+    # a gate of 0 that wants its gradient computes the head (for the gradient), reports it as off
+    want_grad = gate.clone().requires_grad_()
+    _, _, off = probe_by_rows(q, k, v, window=1, gate=want_grad, **stats)
+    assert bool((off["topk_index"][0, 1] == -1).all()) and bool((off["entropy"][0, 1] == 0).all())
+    # identical keys: every logit of a row ties, the lower positions come first
+    q1, k1 = torch.randn(1, 6, 1, 8, dtype=F64), torch.ones(1, 10, 1, 8, dtype=F64)
+    _, _, ties = probe_by_rows(q1, k1, k1, causal=False, topk=4)
+    assert torch.equal(ties["topk_index"][0, 0], torch.tensor([[0, 1, 2, 3]] * 6))
+    # fewer keys than topk: -1 and probability 0 past them
+    q2, k2, v2 = make_qkv(1, 5, 5, 2, 2, 8, F64)
+    _, _, few = probe_by_rows(q2, k2, v2, topk=8)
+    compare(few, reference.probe(q2, k2, v2, topk=8), F64)
+    assert bool((few["topk_index"][0, :, 0, 1:] == -1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_row_blocks_nan_reaches_what_the_kernel_says(dtype, row_blocks):
+    q, k, v = make_qkv(1, 30, 30, 2, 1, 8, dtype)
+    k[0, 20, 0, 3] = float("nan")
+    stats = dict(all_statistics(30, 30), key_mass_rows=(18, 30))
+    _, _, got = probe_by_rows(q, k, v, window=5, **stats)
+    want = reference.probe(q, k, v, window=5, **stats)
+    kernel = probe_op(q, k, v, window=5, **stats)
+    for name, w in want.items():
+        if w is not None:
+            assert torch.equal(torch.isnan(got[name]), torch.isnan(w)), name
+            assert torch.equal(torch.isnan(got[name]), torch.isnan(kernel[name])), name
+    compare(got, want, dtype)
+    assert bool(torch.isnan(got["entropy"][0, 0, 20:25]).all())
+
+
+def test_row_blocks_keep_the_forward_differentiable(row_blocks):
+    """The row-block path's out is the differentiable forward's (no second pass for a gradient)."""
+    import headops
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 12, 12, 2, 2, 8, F64))
+    gate = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+    sink_logit = torch.zeros(2, dtype=F64, requires_grad=True)
+    out, stats = headops.attention(q, k, v, gate=gate, sink_logit=sink_logit.detach(),
+                                   probe=headops.Probe(topk=1, sink_mass=True, entropy=True))
+    _, trained = headops.attention(q, k, v, gate=gate, sink_logit=sink_logit, probe=headops.Probe(sink_mass=True))
+    assert not trained.sink_mass.requires_grad and torch.equal(trained.sink_mass, stats.sink_mass)
+    out.square().sum().backward()
+    want = [t.grad.clone() for t in (q, k, v, gate)]
+    for t in (q, k, v, gate):
+        t.grad = None
+    headops.attention(q, k, v, gate=gate, sink_logit=sink_logit.detach()).square().sum().backward()
+    for got, w in zip((q.grad, k.grad, v.grad, gate.grad), want):
+        assert torch.equal(got, w)
+    assert stats.topk_index.shape == (1, 2, 12, 1) and not stats.topk_prob.requires_grad
+
+
+def test_row_blocks_hold_no_s_by_s_memory(monkeypatch):
+    """A 16,384-token probe by row blocks of the default size holds O(rows * S) beside the inputs."""
+    import resource
+
+    import headops
+    from headops import probes
+
+    monkeypatch.setattr(probes, "kernel_probes", lambda device: False)
+    S, H, D = 16384, 1, 16
+    q, k, v = (torch.randn(1, S, H, D) for _ in range(3))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, stats = headops.attention(q, k, v, window=256, probe=headops.Probe(spans=[[0, 1]], topk=1, entropy=True,
+                                                                         key_mass_rows=(S - 64, S)))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert stats.entropy.shape == (1, 1, S) and int(stats.topk_index[0, 0, -1, 0]) > S - 257
+    assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB (S x S floats would be 1 GiB)"
 
 
 # ---------------------------------------------------------------------------------------------

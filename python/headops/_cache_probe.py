@@ -23,9 +23,9 @@ from .probes import ProbeResult, refuse_unmeasurable, run_probe
 _PADDING = {"topk_index": -1}  # what a statistic reads where a row has no query or key
 
 
-def refuse(caller, q, args: HeadArgs, st) -> None:
+def refuse(caller, args: HeadArgs, st) -> None:
     """What the cache cannot probe (before anything changes)."""
-    refuse_unmeasurable(caller, q.device, args.alpha)
+    refuse_unmeasurable(caller, args.alpha)
     if st.comp_table is not None:
         raise NotImplementedError(f"{caller}: probes over compensated streaming heads (RazorAttention's compensation "
                                   "token) are not measured yet: make the cache without compensation to probe it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._args import HeadArgs, HeadShapes, check_dense, check_float_dtype, describe, fail, head_args
+from . import probes
 from .probes import check_probe, refuse_unmeasurable, run_probe
 
 _LAYOUTS = ("bshd", "bhsd")
@@ -103,9 +104,10 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
     ``probe=headops.Probe(...)`` also returns per-head attention statistics (docs/DESIGN.md
     section 5) from the same pass over the keys: ``(out, ProbeResult)``, or ``(out, lse,
-    ProbeResult)`` with return_lse (not with alpha; CPU tensors). The statistics carry no
-    gradient; when one is needed, out comes from the differentiable op, at the cost of a
-    second pass.
+    ProbeResult)`` with return_lse (not with alpha). The statistics carry no gradient; on the
+    CPU, when one is needed, out comes from the differentiable op, at the cost of a second
+    pass. CUDA tensors: out and lse are the CUDA forward's, the statistics recomputed on the
+    device from that lse by blocks of query rows (docs/probes.md, "On a GPU").
 
     CUDA: window, sinks, gate and alpha may be CPU tensors beside CUDA q, k, v (numbers given
     for them stay on the CPU too); the host plans the work from them without a device-to-host
@@ -135,7 +137,7 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
         raise ValueError(f"{CALLER}: return_lse=True cannot be combined with alpha: a mixture of two softmaxes has "
                          "no single lse")
     if probe is not None:
-        refuse_unmeasurable(CALLER, q.device, alpha)
+        refuse_unmeasurable(CALLER, alpha)
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
                      key_bias=key_bias, host_planning=True, device_values=device_values)
@@ -144,6 +146,8 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
         return (out, lse) if return_lse else out
     request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
     out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)
-    if torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad()):
+    # the probe kernel's out carries no gradient (the row-block path's is the fused forward's)
+    if (probes.kernel_probes(q.device) and torch.is_grad_enabled()
+            and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())):
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
     return (out, lse, stats) if return_lse else (out, stats)

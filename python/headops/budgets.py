@@ -92,23 +92,20 @@ def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = Tru
     mass: an observation window kept whole is not ranked, and its own large mass must not raise
     its neighbours' scores (kvpress scores only the keys before the window).
 
-    From the fused probe kernel's key mass (docs/probes.md): no [w, n] matrix per head."""
+    From the probes' key mass (docs/probes.md): no [w, n] matrix per head; on a GPU, from the
+    fused forward's lse by row blocks, on the device."""
     import torch.nn.functional as F
 
     from .probes import run_probe
 
-    device = q_obs.device
-    if device.type != "cpu":  # the probe kernel is CPU only: a CUDA prompt is scored on CPU copies (prefill only)
-        q_obs, k, v = q_obs.cpu(), k.cpu(), v.cpu()
-        args = args._replace(**{name: getattr(args, name).cpu() for name in args._fields[1:]
-                                if isinstance(getattr(args, name), torch.Tensor)})
     Hq, Hkv, n = q_obs.shape[2], k.shape[2], k.shape[1]
     wanted = torch.zeros(Hq, dtype=torch.float64)
     for h in (range(Hkv) if heads is None else heads):
         wanted[h * group:(h + 1) * group] = 1.0
+    wanted = wanted.to(q_obs.device)
     if args.gate is not None:
-        wanted = wanted * (args.gate[0].to(torch.float64).cpu() != 0)
-    wanted = wanted.to(q_obs.device).view(1, Hq)
+        wanted = wanted * (args.gate[0].to(device=q_obs.device, dtype=torch.float64) != 0)
+    wanted = wanted.view(1, Hq)
     scoring = args._replace(window=None, sinks=None, alpha=None, out_scale=None, out_bias=None, gate=wanted)
     probe = dict(spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
                  key_mass_rows=[0, q_obs.shape[1]])
@@ -119,7 +116,7 @@ def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = Tru
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
         pooled = pool(mass[None, :, :scored], pool_kernel, stride=1, padding=pool_kernel // 2)[0]
         mass = torch.cat([pooled, mass[:, scored:]], dim=1)
-    return mass.view(Hkv, group, n).sum(dim=1).to(device)
+    return mass.view(Hkv, group, n).sum(dim=1)
 
 
 def choose(scores: torch.Tensor, budgets, sinks, recent: int, *, allocation: str, alpha: float,

@@ -434,7 +434,7 @@ class HeadSparseCache(_CacheBase):
         differ in length (right padding); the output rows past a row's length are 0.
         ``probe=headops.Probe(...)`` also returns the call's probe statistics, ``(out,
         ProbeResult)``: a prefill's over the prompt, a decode step's over the keys each KV head
-        keeps, at their original positions (docs/probes.md; CPU, not with alpha or compensation).
+        keeps, at their original positions (docs/probes.md; not with alpha or compensation).
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))
@@ -515,7 +515,7 @@ class HeadSparseCache(_CacheBase):
         """The checked probe arguments of a call over `keys` keys (None without a probe)."""
         if probe is None:
             return None
-        _cache_probe.refuse(caller, q, args, st)
+        _cache_probe.refuse(caller, args, st)
         return check_probe(caller, probe, B=q.shape[0], Sq=q.shape[1], Sk=keys)
 
     def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing, probe):

@@ -32,7 +32,7 @@ import torch
 from . import tasks
 from ._distributed import map_items, sweep_group
 from .probes import probe
-from .research import with_spec
+from .research import model_device, with_spec
 from .spec import HeadSpec
 
 __all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "repeated_tokens", "echo_induction_scores",
@@ -43,8 +43,8 @@ METHODS = ("retrieval", "echo", "induction", "sink", "duo", "duo-ablation")
 
 @dataclasses.dataclass
 class Scores:
-    """One method's result: ``values`` [L, Hq] float64 (higher: more of what the method finds),
-    and what it counted on the way (``info``)."""
+    """One method's result: ``values`` [L, Hq] float64 on the CPU (higher: more of what the
+    method finds), and what it counted on the way (``info``)."""
     method: str
     values: torch.Tensor
     info: dict = dataclasses.field(default_factory=dict)
@@ -117,11 +117,11 @@ def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_r
         ids = torch.stack([samples[i].ids for i in batch])
         budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
         with probe(model, topk=1) as recording:
-            new = tasks.generate(model, ids, budget)
+            new = tasks.generate(model, ids.to(model_device(model)), budget).cpu()
         steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
         # [B, L, Hq, steps]: each step's last query row
         top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)
-                            for layer in range(L)], 1)
+                            for layer in range(L)], 1).cpu()
         tests = []
         for row, i in enumerate(batch):
             sample, answer = samples[i], tasks.until_eos(model, new[row])
@@ -180,10 +180,10 @@ def echo_induction_scores(model, ids: torch.Tensor, period: int) -> tuple:
     L = _shape(model)[0]
     with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
         with probe(model, distances=[[period, period + 1], [period - 1, period]]) as recording:
-            model.base_model(ids)
+            model.base_model(ids.to(model_device(model)))
     later = 1 + period  # the first query row of the second repetition
     masses = torch.stack([recording[layer][0].distance_mass[:, :, later:, :].double().mean(dim=(0, 2))
-                          for layer in range(L)])  # [L, Hq, 2]
+                          for layer in range(L)]).cpu()  # [L, Hq, 2]
     info = {"rows": ids.shape[0], "period": period, "query_rows": ids.shape[1] - later}
     return Scores("echo", masses[..., 0], dict(info)), Scores("induction", masses[..., 1], dict(info))
 
@@ -206,14 +206,16 @@ def text_rows(tokenizer, *, rows: int, tokens: int) -> torch.Tensor:
 
 def sink_scores(model, ids: torch.Tensor) -> Scores:
     """Each head's mean attention mass on the first token over ids [rows, S] of real text, from
-    query row 1 on (row 0 sees only the first token)."""
+    query row 1 on (row 0 sees only the first token). The ids go to the model's device; the
+    scores come back on the CPU."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"headops.discover.sink_scores: ids must be [rows, S] with S >= 2, got {tuple(ids.shape)}")
     L = _shape(model)[0]
     with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
         with probe(model, spans=[[0, 1]]) as recording:
-            model.base_model(ids)
-    values = torch.stack([recording[layer][0].span_mass[:, :, 1:, 0].double().mean(dim=(0, 2)) for layer in range(L)])
+            model.base_model(ids.to(model_device(model)))
+    values = torch.stack([recording[layer][0].span_mass[:, :, 1:, 0].double().mean(dim=(0, 2))
+                          for layer in range(L)]).cpu()
     return Scores("sink", values, {"rows": ids.shape[0], "tokens": ids.shape[1]})
 
 

@@ -28,7 +28,7 @@ import torch
 from ._distributed import map_items, sweep_group
 from ._progress import progress
 from .patching import set_spec
-from .research import with_spec
+from .research import model_device, with_spec
 from .spec import HeadSpec
 
 __all__ = ["duo_attention", "duo_ablation", "write_full_attention_heads", "distillation_targets"]
@@ -56,8 +56,9 @@ def _answer_positions(sample) -> torch.Tensor:
 
 
 def _final_states(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, n, hidden]: the last hidden states (after the final norm) at `positions`."""
-    return model.base_model(ids).last_hidden_state[:, positions]
+    """[B, n, hidden]: the last hidden states (after the final norm) at `positions` (ids go to
+    the model's device)."""
+    return model.base_model(ids.to(model_device(model))).last_hidden_state[:, positions]
 
 
 def distillation_targets(model, samples, *, group=None) -> list:

@@ -82,13 +82,17 @@ def _pairs(caller, value, name, *, batch=None):
     return t.contiguous()
 
 
-def refuse_unmeasurable(caller, device, alpha) -> None:
-    """What no probe can measure: a call on another device than the CPU, a call with alpha."""
+def refuse_unmeasurable(caller, alpha) -> None:
+    """What no probe can measure: a call with alpha."""
     if alpha is not None:
         raise ValueError(f"{caller}: probe cannot be combined with alpha: a mixture of two softmaxes has no single "
                          "attention pattern to measure")
-    if device.type != "cpu":
-        raise NotImplementedError(f"{caller}: probe statistics are computed by the CPU kernel only; q is on {device}")
+
+
+def kernel_probes(device: torch.device) -> bool:
+    """Whether the fused probe op computes the statistics on `device` (the CPU kernel). Elsewhere
+    they come from the fused forward's lse, a block of query rows at a time (_probe_rows)."""
+    return device.type == "cpu"
 
 
 def check_probe(caller, probe, *, B, Sq, Sk):
@@ -127,7 +131,16 @@ def check_probe(caller, probe, *, B, Sq, Sk):
 
 
 def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first: bool):
-    """The probe op on checked inputs: (out, lse, ProbeResult)."""
+    """The probe op on checked inputs: (out, lse, ProbeResult). Where no probe kernel runs, out and
+    lse are the fused forward's (differentiable as it is) and the statistics are recomputed from
+    that lse by row blocks."""
+    if not kernel_probes(q.device):
+        from . import _probe_rows
+        from .attention import run_fused
+
+        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=heads_first)
+        found = _probe_rows.statistics(q, k, lse, args, probe, causal=causal, heads_first=heads_first)
+        return out, lse, ProbeResult(**found)
     kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
     del kernel["alpha"]  # (refused with a probe before this point)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
