@@ -112,7 +112,8 @@ else
             $K::test_decode_step_is_capturable_in_a_cuda_graph $K::test_decode_step_does_not_synchronise
             $K::test_decode_step_with_host_gate_does_not_synchronise $K::test_whole_cache_decode_step_captured_in_a_cuda_graph)
   run "tests: graphs, no-sync, streams, devices" 90 "${PYTEST[@]}" "${SPECIFIC[@]}" --junitxml="$OUT/test_cuda_specific.xml"
-  run "tests: cache and placement" 120 "${PYTEST[@]}" tests/test_kvcache_cuda.py tests/test_cuda_placement.py --maxfail=20 \
+  run "tests: cache, placement and probes" 150 "${PYTEST[@]}" tests/test_kvcache_cuda.py tests/test_cuda_placement.py \
+    tests/test_probes_cuda.py --maxfail=20 \
     --junitxml="$OUT/test_kvcache_cuda.xml"
 fi
 
@@ -144,6 +145,9 @@ else
     "${ATT[@]}" --json "$OUT/attention_cuda.json"
   run "bench: decode vs SDPA over a dense cache (split_keys auto, 256, 1024)" 100 "$PY" bench/kvcache_cuda.py \
     "${BENCH_DEVICE[@]}" --split-keys auto,256,1024 --json "$OUT/kvcache_cuda.json"
+  if [ "$DRY" = 1 ]; then PROBE=(--quick --repeats 2); else PROBE=(--device cuda --repeats 5); fi
+  run "bench: probes (row blocks) vs the forward and eager statistics" 60 "$PY" bench/probe.py "${BENCH_DEVICE[@]}" \
+    "${PROBE[@]}" --out-dir "$OUT"
   # where a decode step goes: host vs each kernel (torch.profiler), then Nsight Compute on one step's
   # decode kernel for a full and an all-streaming cache (occupancy, stalls, throughput)
   if [ "$DRY" = 1 ]; then PROFILE=(--device cpu); else PROFILE=(--contexts 32768); fi

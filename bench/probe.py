@@ -5,13 +5,16 @@ eager attention computing the same statistics from the materialised pattern.
     python bench/probe.py --quick            # small sizes (CI smoke test)
     python bench/probe.py --model            # also SmolLM2's whole forward: probes at every layer vs
                                              # output_attentions=True (time and peak RSS, separate processes)
+    python bench/probe.py --device cuda      # the same rows on a GPU, where probes take the row-block
+                                             # path (docs/probes.md): probe.cuda.md / .json
 
 Rows (median of --repeats interleaved calls, ratios in the same run):
 - kernel: B=1, H=16, D=128, causal, fp32 and bf16: the forward alone; with span + distance
   masses, top-1 and entropy; with the per-key mass of every row (one more pass);
 - SmolLM2's attention shapes (9 query / 3 KV heads, D = 64) at S = 2048 and 4096: the probed
   forward against eager attention (softmax(QK^T) materialised) computing the same statistics.
-Writes <out-dir>/probe.md and .json (default: bench/results/local/, untracked).
+Writes <out-dir>/probe.md and .json (default: bench/results/local/, untracked; probe.cuda.* on a
+GPU, every timed call followed by a synchronize).
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ import headops  # noqa: E402
 from bench.timing import interleaved, machine_info, markdown_table, now_iso  # noqa: E402
 
 CHEAP = dict(spans=[[0, 1], [100, 120]], distances=[[1, 2], [0, 1]], topk=1, entropy=True)
+DEVICE = torch.device("cpu")
+
+
+def synced(fn):
+    """`fn`, waiting for the GPU's work before it returns (what a wall-clock timer must see)."""
+    if DEVICE.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(DEVICE))
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
 
 
 def probe_for(S: int, cheap: bool = True, key_mass: bool = False) -> headops.Probe:
@@ -50,11 +65,11 @@ def eager_statistics(q, k, v, spans, distances):
     qh, kh, vh = q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(D)
-    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     p = scores.softmax(-1)
     out = p @ vh
     span_mass = torch.stack([p[..., a:b].sum(-1) for a, b in spans], -1)
-    diff = torch.arange(S)[:, None] - torch.arange(S)[None, :]
+    diff = torch.arange(S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :]
     dist = torch.stack([(p * ((diff >= a) & (diff < b))).sum(-1) for a, b in distances], -1)
     top = p.max(-1)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
@@ -64,12 +79,13 @@ def eager_statistics(q, k, v, spans, distances):
 def kernel_rows(S, dtypes, repeats):
     rows = []
     for dtype in dtypes:
-        q, k, v = (torch.randn(1, S, 16, 128, dtype=dtype) for _ in range(3))
+        q, k, v = (randn(1, S, 16, 128, dtype=dtype) for _ in range(3))
         with torch.no_grad():
             stats = interleaved({
-                "forward": lambda: headops.attention(q, k, v),
-                "probes": lambda: headops.attention(q, k, v, probe=probe_for(S)),
-                "key_mass": lambda: headops.attention(q, k, v, probe=probe_for(S, cheap=False, key_mass=True)),
+                "forward": synced(lambda: headops.attention(q, k, v)),
+                "probes": synced(lambda: headops.attention(q, k, v, probe=probe_for(S))),
+                "key_mass": synced(lambda: headops.attention(q, k, v,
+                                                             probe=probe_for(S, cheap=False, key_mass=True))),
             }, repeats)
         base = stats["forward"].median_ms
         rows.append(dict(shape=f"B=1 H=16 S={S} D=128 causal", dtype=str(dtype).replace("torch.", ""),
@@ -83,14 +99,14 @@ def kernel_rows(S, dtypes, repeats):
 def smollm2_rows(sizes, repeats):
     rows = []
     for S in sizes:
-        q = torch.randn(1, S, 9, 64)
-        k, v = torch.randn(1, S, 3, 64), torch.randn(1, S, 3, 64)
+        q = randn(1, S, 9, 64)
+        k, v = randn(1, S, 3, 64), randn(1, S, 3, 64)
         probe = probe_for(S)
         spans = [tuple(x) for x in probe.spans]
         with torch.no_grad():
             stats = interleaved({
-                "headops_probes": lambda: headops.attention(q, k, v, probe=probe),
-                "eager_pattern": lambda: eager_statistics(q, k, v, spans, probe.distances),
+                "headops_probes": synced(lambda: headops.attention(q, k, v, probe=probe)),
+                "eager_pattern": synced(lambda: eager_statistics(q, k, v, spans, probe.distances)),
             }, repeats)
         # the two compute the same statistics: check it (span and distance masses, top-1, entropy)
         _, got = headops.attention(q, k, v, probe=probe)
@@ -167,10 +183,16 @@ def main(argv=None):
     p.add_argument("--model", action="store_true", help="also SmolLM2's whole forward (S = 2048, 4096)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results", "local"))
+    p.add_argument("--device", default="cpu", help="cpu (the probe kernel) or cuda (the row-block path)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.model and DEVICE.type != "cpu":
+        p.error("--model times SmolLM2 on the CPU only")
     S = 512 if args.quick else 4096
     sizes = [512] if args.quick else [2048, 4096]
-    result = dict(machine=machine_info(), when=now_iso(), command=" ".join(sys.argv),
+    result = dict(machine=machine_info(), when=now_iso(), command=" ".join(sys.argv), device=str(DEVICE),
+                  device_name=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
                   kernel=kernel_rows(S, [torch.float32, torch.bfloat16], args.repeats),
                   smollm2_shapes=smollm2_rows(sizes, args.repeats))
     if args.model:
@@ -196,10 +218,11 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
+    name = "probe" if DEVICE.type == "cpu" else f"probe.{DEVICE.type}"
+    with open(os.path.join(args.out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out_dir, "probe.md"), "w") as f:
-        f.write(f"{result['command']}\n{result['machine']}\n\n{text}\n")
+    with open(os.path.join(args.out_dir, f"{name}.md"), "w") as f:
+        f.write(f"{result['command']}\n{result['machine']}\ndevice: {result['device_name']}\n\n{text}\n")
 
 
 if __name__ == "__main__":
