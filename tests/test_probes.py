@@ -66,6 +66,13 @@ def all_statistics(Sq, Sk, B=1, per_batch_spans=False):
                 entropy=True, key_mass_rows=(max(0, Sq - 5), Sq))
 
 
+def reference_probe(q, k, v, kw, stats, **options):
+    """reference.probe under headops.attention's per-head arguments `kw` (out_scale and out_bias,
+    applied after the softmax, do not change the pattern)."""
+    return reference.probe(q, k, v, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")}, **stats,
+                           **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,Sq,Sk,Hq,Hkv,D", [(1, 1, 1, 1, 1, 8), (2, 37, 37, 4, 2, 16), (1, 9, 300, 6, 3, 32),
                                              (2, 70, 20, 4, 4, 8), (1, 300, 600, 2, 1, 64)])
@@ -75,8 +82,7 @@ def test_statistics_match_reference(dtype, B, Sq, Sk, Hq, Hkv, D, causal):
     kw = head_params(B, Hq, Sk, D, ALL_FEATURES)
     stats = all_statistics(Sq, Sk)
     got = probe_op(q, k, v, causal=causal, **kw, **stats)
-    want = reference.probe(q, k, v, causal=causal, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
-                           **stats)
+    want = reference_probe(q, k, v, kw, stats, causal=causal)
     compare(got, want, dtype)
     # the output and lse are the forward's (a head gated off exactly is skipped: lse -inf)
     out, lse = reference.attention(q, k, v, causal=causal, return_lse=True, **kw)
@@ -116,8 +122,7 @@ def test_per_batch_forms_and_layouts(layout):
     kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
     stats = all_statistics(Sq, Sk, B, per_batch_spans=True)
     got = probe_op(q, k, v, layout=layout, **kw, **stats)
-    want = reference.probe(q, k, v, layout=layout, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
-                           **stats)
+    want = reference_probe(q, k, v, kw, stats, layout=layout)
     compare(got, want, F64)
 
 
@@ -230,8 +235,7 @@ def test_attention_with_a_probe_matches_the_reference():
     kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
     stats = all_statistics(Sq, Sk)
     out, lse, got = headops.attention(q, k, v, layout="bhsd", return_lse=True, probe=headops.Probe(**stats), **kw)
-    want = reference.probe(q, k, v, layout="bhsd", **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
-                           **stats)
+    want = reference_probe(q, k, v, kw, stats, layout="bhsd")
     compare(vars(got), want, F64)
     # the forward's output (probing rows take the same one-pass path, which also keeps their logits)
     torch.testing.assert_close(out, headops.attention(q, k, v, layout="bhsd", **kw), atol=1e-12, rtol=0)
@@ -306,8 +310,7 @@ def test_row_blocks_match_the_reference_and_the_kernel(dtype, B, Sq, Sk, Hq, Hkv
     kw = head_params(B, Hq, Sk, D, ALL_FEATURES)
     stats = all_statistics(Sq, Sk)
     out, lse, got = probe_by_rows(q, k, v, causal=causal, **kw, **stats)
-    want = reference.probe(q, k, v, causal=causal, **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
-                           **stats)
+    want = reference_probe(q, k, v, kw, stats, causal=causal)
     compare(got, want, dtype)
     kernel = probe_op(q, k, v, causal=causal, **kw, **stats)
     compare(got, {n: t if n == "topk_index" else t.double() for n, t in kernel.items() if n in want}, dtype)
@@ -322,8 +325,7 @@ def test_row_blocks_per_batch_forms_bhsd_and_odd_rows(row_blocks):
     kw = head_params(B, Hq, Sk, D, ALL_FEATURES, per_batch=True)
     stats = all_statistics(Sq, Sk, B, per_batch_spans=True)
     _, _, got = probe_by_rows(q, k, v, layout="bhsd", **kw, **stats)
-    want = reference.probe(q, k, v, layout="bhsd", **{n: t for n, t in kw.items() if n not in ("out_scale", "out_bias")},
-                           **stats)
+    want = reference_probe(q, k, v, kw, stats, layout="bhsd")
     compare(got, want, F64)
 
 

@@ -95,7 +95,7 @@ def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_
         spans = _to_device(spans, device, torch.int64)
         if spans.dim() == 2:
             spans = spans[None]
-        # [B or 1, Sk, n]: key j in span s
+        # [B or 1, 1, Sk, n]: key j in span s
         span_mask = ((key[None, :, None] >= spans[:, None, :, 0]) &
                      (key[None, :, None] < spans[:, None, :, 1])).to(acc)[:, None]
     if distances is not None:
