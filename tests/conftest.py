@@ -45,6 +45,13 @@ def pytest_sessionstart(session):
     # `make test-asan` must not silently test the ordinary build
     if os.environ.get("HEADOPS_EXPECT_SANITIZED") == "1" and not headops._C.sanitized:
         raise pytest.UsageError(f"HEADOPS_EXPECT_SANITIZED=1 but {headops._C.__file__} is not the sanitizer build")
+    # autograd's engine starts its device threads at a process's first backward; if fake tensors
+    # (opcheck, torch.compile) were used before it, it starts one, and the ranks that
+    # headops.testing.run_ranks forks afterwards cannot run a backward ("autograd's threading in
+    # combination with fork-based multiprocessing"): a first backward now, whatever order the
+    # test files run in
+    warm = torch.zeros(1, requires_grad=True)
+    warm.sum().backward()
 
 
 @pytest.fixture(autouse=True)

@@ -94,7 +94,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     tensor parallelism start from it as under ``torchrun --nproc-per-node world_size``.
 
     The processes are forked (Linux): they start at once with what this process imported, and `fn`
-    may be any function. Results come back through files (torch.save). A rank that raises, or
+    may be any function. A forked rank cannot run a backward if this process ran its first backward
+    after using fake tensors (opcheck, torch.compile): autograd then started a device thread (run
+    one backward before those; tests/conftest.py does). Results come back through files (torch.save). A rank that raises, or
     processes still running after `timeout` seconds (then killed), is a RuntimeError carrying
     the ranks' tracebacks."""
     import multiprocessing
