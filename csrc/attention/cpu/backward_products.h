@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "../../cpu/blas.h"
+#include "../../cpu/transpose.h"
 #include "../attention_params.h"
 #include "../../cpu/vnni_pack.h"
 
@@ -121,7 +123,7 @@ struct PackedTileProducts {
   const scalar_t *q = nullptr, *kt = nullptr, *vt = nullptr, *kr = nullptr;
   int64_t nq = 0, nq_pad = 0;
   std::vector<scalar_t> q_vnni, do_rows, do_vnni;  // the tile's Q and dO as B operands; dO as A
-  std::vector<scalar_t> prob_t, ds_rows, ds_t;      // the block's P^T, dS, dS^T in scalar_t
+  std::vector<scalar_t> prob_rows, prob_t, ds_rows, ds_t;  // the block's P, P^T, dS, dS^T in scalar_t
   std::vector<float> q_float;
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
@@ -130,6 +132,7 @@ struct PackedTileProducts {
     q_vnni.resize(bq_pad * D);
     do_rows.resize(block_q * D);
     do_vnni.resize(bq_pad * D);
+    prob_rows.resize(block_q * bk);
     prob_t.resize(bk * bq_pad);
     ds_rows.resize(block_q * bk);
     ds_t.resize(bk * bq_pad);
@@ -145,7 +148,7 @@ struct PackedTileProducts {
     kt = kv.keys_t(b, kvh);
     vt = kv.values_t(b, kvh);
     kr = kv.keys(b, kvh);
-    for (int64_t i = 0; i < nq * D; ++i) do_rows[i] = static_cast<scalar_t>(d_o[i]);
+    round_rows(d_o, D, nq, D, do_rows.data(), D);
     pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * f.q.stride_s; }, nq, nq_pad, D, q_vnni.data());
     pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, do_vnni.data());
   }
@@ -171,28 +174,47 @@ struct PackedTileProducts {
                  float* dq_tile, const KeyGradRows<float>& out) {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
-    for (int64_t r = 0; r < nq; ++r)
-      for (int64_t j = 0; j < nk; ++j) ds_rows[r * block_k + j] = static_cast<scalar_t>(ds[r * ld + j]);
-    brgemm(nq, D, nk, block_k, D, D, true, ds_rows.data(), kr + j0 * D, dq_tile, vnni);  // dQ += dS K
+    const scalar_t* ds_in;  // dS as the products read it
+    int64_t ld_in;
+    if constexpr (P == 1) {
+      ds_in = ds;
+      ld_in = ld;
+    } else {
+      round_rows(ds, ld, nq, nk, ds_rows.data(), block_k);
+      ds_in = ds_rows.data();
+      ld_in = block_k;
+    }
+    brgemm(nq, D, nk, ld_in, D, D, true, ds_in, kr + j0 * D, dq_tile, vnni);  // dQ += dS K
     if (out.dv) {
-      transpose_rows(prob, ld, real, prob_t.data());
+      if constexpr (P == 1) {
+        transpose_tile(prob, ld, real, prob_t.data());
+      } else {
+        round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
+        transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
+      }
       brgemm(real, D, nq_pad, nq_pad, D, out.stride_dv, true, prob_t.data(), do_vnni.data(), out.dv, vnni);  // dV += P^T dO
     }
     if (out.dk) {
-      transpose_rows(ds, ld, real, ds_t.data());
+      transpose_tile(ds_in, ld_in, real, ds_t.data());
       brgemm(real, D, nq_pad, nq_pad, D, out.stride_dk, true, ds_t.data(), q_vnni.data(), out.dk, vnni);  // dK += dS^T Q
     }
   }
   void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
 
  private:
-  // dst[j, r] = src[r, j] for the first `keys` columns, rounded to scalar_t; row nq of an odd
-  // tile's padding (16-bit types) is zero
-  void transpose_rows(const float* src, int64_t ld, int64_t keys, scalar_t* dst) const {
-    for (int64_t j = 0; j < keys; ++j) {
-      scalar_t* col = dst + j * nq_pad;
-      for (int64_t r = 0; r < nq; ++r) col[r] = static_cast<scalar_t>(src[r * ld + j]);
-      if (nq_pad > nq) col[nq] = scalar_t(0);
+  // dst[r, j] = src[r, j] rounded to scalar_t (vectorised), r < rows, j < cols
+  static void round_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst, int64_t ld_dst) {
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+  }
+  // dst[j, r] = rows[r, j] for the first `keys` columns; row nq of an odd tile's padding (16-bit
+  // types) is zero
+  void transpose_tile(const scalar_t* rows, int64_t ld, int64_t keys, scalar_t* dst) const {
+    if constexpr (P == 1) {
+      transpose(nq, keys, rows, ld, dst, nq_pad);
+    } else {
+      transpose(nq, keys, reinterpret_cast<const uint16_t*>(rows), ld, reinterpret_cast<uint16_t*>(dst), nq_pad);
+      if (nq_pad > nq)
+        for (int64_t j = 0; j < keys; ++j) dst[j * nq_pad + nq] = scalar_t(0);
     }
   }
 };
