@@ -108,10 +108,10 @@ def attention_ratio(dtype_name: str, s: int, train: bool, repeats: int) -> dict:
 
 
 def other_decode_choice(args, kind: str, contexts: list, repeats: int) -> list:
-    """The bf16 decode rows again with the other choice of the score product (brgemm on AMX, in
-    registers elsewhere: isa_dispatch.cpp's decode_scores_by_brgemm), in a process of its own
-    since the choice is read once per process. Run on AMX (where it has never been measured) or
-    when --compare-decode-scores asks; [] otherwise."""
+    """The bf16 decode rows again with the other choice of the score product (in registers by
+    default, brgemm with HEADOPS_CPU_DECODE_BRGEMM=1: isa_dispatch.cpp's decode_scores_by_brgemm),
+    in a process of its own since the choice is read once per process. Run on AMX (where brgemm
+    runs on AMX tiles) or when --compare-decode-scores asks; [] otherwise."""
     if not (args.compare_decode_scores or kind == "amx"):
         return []
     now_by_brgemm = headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, D)

@@ -168,11 +168,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(block_q, block_k) of the CPU kernel");
   m.def(
       "cpu_backward_tile_shape",
-      [](int64_t head_dim) {
-        auto t = headops::cpu::backward_tile_shape(head_dim);
+      [](at::ScalarType dtype, int64_t head_dim) {
+        auto t = headops::cpu::backward_tile_shape(dtype, head_dim);
         return std::make_pair(t.block_q, t.block_k);
       },
-      "(block_q, block_k) of the CPU backward");
+      "(block_q, block_k) of the CPU backward for inputs of dtype");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
   m.def("cpu_decode_scores_by_brgemm", &headops::cpu::decode_scores_by_brgemm);
   m.def("cpu_capability", &headops::cpu::cpu_capability,

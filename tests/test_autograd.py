@@ -15,6 +15,7 @@ each reference gradient; see the comment above GRAD_TOL for the measured errors 
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -318,7 +319,7 @@ def test_gradcheck_through_lse(causal):
 # ---------------------------------------------------------------------------------------------
 # 2. every gradient against the reference's autograd
 
-# B, Sq, Sk, Hq, Hkv, D; the backward tiles are headops._C.cpu_backward_tile_shape(D)
+# B, Sq, Sk, Hq, Hkv, D; the backward tiles are headops._C.cpu_backward_tile_shape(dtype, D)
 GRAD_SHAPES = [
     (2, 7, 7, 4, 4, 64),
     (1, 300, 700, 4, 2, 24),  # several query tiles and key blocks, both ending part-way
@@ -337,8 +338,8 @@ FEATURE_SETS = {
 
 
 def test_grad_shapes_cross_the_backward_tiles():
-    for D in (24, 7, 5):
-        block_q, block_k = headops._C.cpu_backward_tile_shape(D)
+    for D, dtype in itertools.product((24, 7, 5), (torch.float64, torch.float32, torch.bfloat16)):
+        block_q, block_k = headops._C.cpu_backward_tile_shape(dtype, D)
         assert 300 % block_q and 300 > block_q and 700 % block_k and 700 > 2 * block_k
         assert 513 % block_q == 1 and 513 % block_k == 1
 
@@ -768,7 +769,7 @@ def causal_window_pairs(S, w):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_streaming_backward_cost_is_linear_in_the_window(dtype):
     S, w, sinks, D = 4096, 128, 4, 64
-    block_q, block_k = headops._C.cpu_backward_tile_shape(D)
+    block_q, block_k = headops._C.cpu_backward_tile_shape(dtype, D)
     q, k, v = make_qkv(1, S, S, 1, 1, D, dtype)
     c, grads_ = backward_counts(q, k, v, dict(window=w, sinks=sinks))
     assert all(torch.isfinite(g).all() for g in grads_)
@@ -823,14 +824,14 @@ def test_backward_has_no_s_by_s_memory(tmp_path):
     assert result["finite"]
     assert result["growth"] < 1 << 30, f"peak RSS grew by {result['growth'] / 2**20:.0f} MiB"
     assert result["growth"] < S * S * 4 / 64
-    block_q, _ = headops._C.cpu_backward_tile_shape(D)
+    block_q, _ = headops._C.cpu_backward_tile_shape(torch.float32, D)
     assert 0 < result["score_elements"] < S * (w + 4 + 2 * block_q)
 
 
 @pytest.mark.parametrize("w", [1, 7])
 def test_tiny_window_backward_cost(w):
     S, D = 1000, 64
-    block_q, _ = headops._C.cpu_backward_tile_shape(D)
+    block_q, _ = headops._C.cpu_backward_tile_shape(torch.float32, D)
     q, k, v = make_qkv(2, S, S, 2, 1, D, torch.float32)
     c, _ = backward_counts(q, k, v, dict(window=w))
     assert c.score_elements <= 2 * 2 * S * (w + block_q)

@@ -77,20 +77,13 @@ def test_tiles_through_blas_instead_of_brgemm():
     run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())
 
 
-def test_decode_scores_through_brgemm_off_amx():
-    """HEADOPS_CPU_DECODE_BRGEMM=1: the decode step's brgemm score product (AMX's path) on a CPU
-    that runs 16-bit brgemm without AMX, where the decode otherwise multiplies in registers."""
-    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) and not headops._C.cpu_decode_scores_by_brgemm(dtype, 64)
-               for dtype in (torch.bfloat16, torch.float16)):
-        pytest.skip("this CPU's decode takes brgemm already, or has no 16-bit brgemm")
+def test_decode_scores_through_brgemm():
+    """HEADOPS_CPU_DECODE_BRGEMM=1: the decode step's brgemm score product (AMX tiles, or
+    AVX512-BF16 / FP16) on a CPU that runs 16-bit brgemm, where the decode otherwise multiplies
+    in registers."""
+    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
+        pytest.skip("this CPU has no 16-bit brgemm")
+    assert not any(headops._C.cpu_decode_scores_by_brgemm(d, 64) for d in (torch.bfloat16, torch.float16)), \
+        "the decode's score product takes brgemm only when HEADOPS_CPU_DECODE_BRGEMM=1 asks"
     run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), SWEPT_DECODE,
               expect_decode_by_brgemm=True)
-
-
-def test_decode_scores_in_registers_on_amx():
-    """HEADOPS_CPU_DECODE_BRGEMM=0: the decode step's score product in registers (the path of
-    every CPU without AMX) on a CPU whose decode otherwise takes brgemm."""
-    if not any(headops._C.cpu_decode_scores_by_brgemm(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
-        pytest.skip("this CPU's decode multiplies in registers already")
-    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "0"}, headops._C.cpu_capability(), SWEPT_DECODE,
-              expect_decode_by_brgemm=False)

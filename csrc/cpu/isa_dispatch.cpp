@@ -91,6 +91,10 @@ bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
   return dtype == at::kBFloat16 ? bf16 : f16;
 }
 
+bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim) {
+  return dtype != at::kFloat && uses_packed_operands(dtype, head_dim) && at::native::cpublas::could_pack(dtype);
+}
+
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key) {
   if (!uses_packed_operands(dtype, head_dim)) return false;
   return dtype != at::kFloat || rows_per_key >= kFloatPackingRows;
@@ -98,11 +102,9 @@ bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t r
 
 bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim) {
   static const char* const env = std::getenv("HEADOPS_CPU_DECODE_BRGEMM");
-  static const bool never = env != nullptr && std::string(env) == "0";
-  static const bool forced = env != nullptr && *env != '\0' && !never;
+  static const bool forced = env != nullptr && *env != '\0' && std::string(env) != "0";
   // (a float decode step always multiplies in registers)
-  return dtype != at::kFloat && !never && uses_packed_operands(dtype, head_dim) &&
-         (forced || at::native::cpublas::could_pack(dtype));
+  return forced && dtype != at::kFloat && uses_packed_operands(dtype, head_dim);
 }
 
 }  // namespace headops::cpu

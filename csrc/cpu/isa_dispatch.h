@@ -27,6 +27,10 @@ bool runs_avx512_bf16_variant();
 // both paths on one machine).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
 
+// Whether `dtype`'s packed tiles run on AMX (torch's could_pack; 16-bit types only): the tile
+// shapes that suit AMX differ from those of AVX512-BF16 (attention_fwd_cpu.cpp, attention_bwd_cpu.cpp).
+bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim);
+
 // Whether one call's tiles run through brgemm: uses_packed_operands, and for float only when each
 // key is read by at least kFloatPackingRows query rows (seqlen_q x the GQA group): packing K and
 // V costs a pass over them that BLAS, reading them in place, does not pay; with a few rows per
@@ -38,12 +42,13 @@ constexpr int64_t kFloatPackingRows = 24;
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key);
 
 // Whether the decode step's score product (a few query rows against each block of stored keys)
-// runs through brgemm: on AMX tiles only (as before AVX512-BF16 brgemm came in; not measured
-// against the direct product there). Elsewhere the product in registers straight from the
-// stored rows: on the AVX512-BF16 EPYC brgemm made a bf16 decode step 1.2-1.9x slower.
-// HEADOPS_CPU_DECODE_BRGEMM=1 takes brgemm wherever uses_packed_operands does (tests);
-// HEADOPS_CPU_DECODE_BRGEMM=0 never does (the product in registers on AMX too: tests, and
-// bench/cpu_targets.py's comparison of the two on an AMX machine).
+// runs through brgemm: only when HEADOPS_CPU_DECODE_BRGEMM=1 asks (tests, and
+// bench/cpu_targets.py's comparison), wherever uses_packed_operands does. Otherwise the product
+// multiplies in registers straight from the stored rows, on every CPU: brgemm made a bf16 decode
+// step 1.2-1.9x slower on the AVX512-BF16 EPYC, and on the AMX Xeon (2026-12-04, 2 threads,
+// 32k and 131k keys) the rows in registers read the kept K/V at 79-82 % of the copy bandwidth
+// against 63-69 % through AMX tiles, whose per-block configuration, packing and transpose of a
+// 4-row product cost more than the product saves. HEADOPS_CPU_DECODE_BRGEMM=0 is the default.
 bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim);
 
 template <typename Fn>

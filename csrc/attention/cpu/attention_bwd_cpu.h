@@ -7,8 +7,8 @@
 
 namespace headops::cpu {
 
-// Query/key tile sizes of the CPU backward.
-TileShape backward_tile_shape(int64_t head_dim);
+// Query/key tile sizes of the CPU backward for inputs of `dtype`.
+TileShape backward_tile_shape(at::ScalarType dtype, int64_t head_dim);
 
 // Whether the CPU backward reads bfloat16/float16 q, k, v as they are (brgemm tiles in the input
 // dtype); otherwise the caller converts them to float.

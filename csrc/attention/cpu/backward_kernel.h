@@ -342,7 +342,7 @@ void run_backward(const BackwardParams& p, const TileShape& tiles, MakeProducts 
 template <typename scalar_t>
 void backward_typed(const BackwardParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const TileShape tiles = fit_to_call(backward_tile_shape(p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k, p.fwd.causal);
+  const TileShape tiles = fit_to_call(backward_tile_shape(dtype, p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k, p.fwd.causal);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (call_uses_packed_operands(dtype, p.fwd.head_dim, p.fwd.seqlen_q * p.fwd.group())) {
       const PackedBackwardKV<float> packed(p.fwd);

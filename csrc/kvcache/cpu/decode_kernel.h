@@ -142,8 +142,8 @@ void pair_permuted_queries(acc_t* out, const scalar_t* q, int64_t D) {
 // anyway, and asking for L1 made the whole step slower. On the Zen 4 EPYC (2 threads, 5
 // interleaved pairs) prefetcht1 read 22.8-24.6 GB/s of float32 K/V at 65k keys against
 // 18.3-20.6 with prefetcht0, and bfloat16 at 131k keys 17.7-18.9 against 15.6-17.3; the AVX2
-// variant gained as much. The PV pass that fetches its own rows (after brgemm scores: AMX only,
-// where this is unmeasured) follows the same rule; on the Zen 4 EPYC with brgemm scores forced
+// variant gained as much. The PV pass that fetches its own rows (after brgemm scores, which only
+// HEADOPS_CPU_DECODE_BRGEMM=1 takes) follows the same rule; on the Zen 4 EPYC with brgemm scores forced
 // (HEADOPS_CPU_DECODE_BRGEMM=1, bfloat16, 131k keys, 5 alternating pairs) it made no clear
 // difference: 41.6-46.4 ms a step with prefetcht0 8 rows ahead, 42.5-46.8 ms as here.
 __attribute__((always_inline)) inline void prefetch_row(const void* row, int64_t bytes) {
@@ -396,8 +396,9 @@ class DecodeWorker {
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
         rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
     if constexpr (!kDirect) {
-      // 16-bit keys on AMX: S^T = K Q^T by brgemm straight from the stored rows (A operand, no
-      // conversion), against the new queries packed once per item as the VNNI B operand
+      // 16-bit keys when HEADOPS_CPU_DECODE_BRGEMM=1 asks: S^T = K Q^T by brgemm straight from the
+      // stored rows (A operand, no conversion), against the new queries packed once per item as
+      // the VNNI B operand
       use_brgemm_ = decode_scores_by_brgemm(c10::CppTypeToScalarType<scalar_t>::value, D_);
       if (use_brgemm_) {
         q_vnni_.resize((D_ / 2) * R_ * 2);
