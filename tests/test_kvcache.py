@@ -370,8 +370,10 @@ def test_decode_lower_precision(dtype, args, layout):
 # The decode's products read 16-bit rows in vector pairs (16 elements on AVX2, 32 on AVX-512;
 # bfloat16 in an interleaved order that the kernel undoes for the output) and the head dims
 # past the last whole pair (scores) or column chunk (PV: 16 on AVX2, 64 on AVX-512) one by one:
-# head dims on both sides of those boundaries, over more than one 256-key block.
-@pytest.mark.parametrize("D", [8, 40, 72, 136])
+# head dims on both sides of those boundaries, over more than one 256-key block. On AVX512-BF16
+# bfloat16 scores take stored pairs 64 elements at a time, then one step of 32, where D is a
+# multiple of 32 (96: both; 32 in test_decode_lower_precision: the step of 32 alone).
+@pytest.mark.parametrize("D", [8, 40, 72, 96, 136])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_decode_lower_precision_head_dims(dtype, D):
     check_lower_precision(dtype, "all", "bshd", B=1, D=D, S=300, steps=[1, 3, 1])

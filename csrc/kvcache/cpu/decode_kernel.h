@@ -193,6 +193,58 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const 
   }
 }
 
+#if defined(__AVX512BF16__)
+// score_rows for bfloat16 keys and queries where the CPU has AVX512-BF16: vdpbf16ps multiplies
+// pairs of stored elements straight into float sums, so neither side is widened (the queries
+// are bfloat16 already: nothing is rounded) and a row costs one instruction per 32 elements and
+// query row, where widening and two FMAs cost three. D a multiple of 32.
+template <int NR>
+void score_rows_bf16_pairs(float* s, int64_t lds, const c10::BFloat16* q, const c10::BFloat16* k,
+                           const c10::BFloat16* v, int64_t nk, int64_t D) {
+  const int64_t row_bytes = D * int64_t(sizeof(c10::BFloat16)), ahead = rows_ahead(row_bytes);
+  auto pairs = [](const c10::BFloat16* at) { return (__m512bh)_mm512_loadu_si512(at); };
+  for (int64_t j = 0; j < nk; ++j) {
+    if (j + ahead < nk) prefetch_row(k + (j + ahead) * D, row_bytes);
+    if (v) prefetch_row(v + j * D, row_bytes);
+    const c10::BFloat16* kr = k + j * D;
+    __m512 a[NR], b[NR];  // two chains per row, as in score_rows
+    #pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) {
+      const __m512bh x0 = pairs(kr + d), x1 = pairs(kr + d + 32);
+      #pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        a[r] = _mm512_dpbf16_ps(a[r], pairs(q + r * D + d), x0);
+        b[r] = _mm512_dpbf16_ps(b[r], pairs(q + r * D + d + 32), x1);
+      }
+    }
+    if (d < D) {
+      const __m512bh x0 = pairs(kr + d);
+      #pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) a[r] = _mm512_dpbf16_ps(a[r], pairs(q + r * D + d), x0);
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) s[r * lds + j] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+  }
+}
+
+void block_scores_bf16_pairs(float* s, int64_t lds, const c10::BFloat16* q, int64_t R, const c10::BFloat16* k,
+                             const c10::BFloat16* v, int64_t nk, int64_t D) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    float* out = s + r0 * lds;
+    const c10::BFloat16* qr = q + r0 * D;
+    const c10::BFloat16* fetch = r0 == 0 ? v : nullptr;  // once per block
+    switch (std::min<int64_t>(4, R - r0)) {
+      case 4: score_rows_bf16_pairs<4>(out, lds, qr, k, fetch, nk, D); break;
+      case 3: score_rows_bf16_pairs<3>(out, lds, qr, k, fetch, nk, D); break;
+      case 2: score_rows_bf16_pairs<2>(out, lds, qr, k, fetch, nk, D); break;
+      default: score_rows_bf16_pairs<1>(out, lds, qr, k, fetch, nk, D); break;
+    }
+  }
+}
+#endif
+
 template <typename acc_t, typename scalar_t>
 void block_scores_direct(acc_t* s, int64_t lds, const acc_t* q, int64_t R, const scalar_t* k, const scalar_t* v,
                          int64_t nk, int64_t D) {
@@ -405,6 +457,7 @@ class DecodeWorker {
         scores_t_.resize(kDecodeBlock * R_);
       }
     }
+    if (bf16_pairs()) q_pairs_.resize(R_ * D_);
   }
 
   void run(int64_t n) {
@@ -417,7 +470,11 @@ class DecodeWorker {
       for (int64_t i = 0; i < Sq_; ++i) {
         const int64_t r = g * Sq_ + i;
         const scalar_t* qrow = a_.q.row<scalar_t>(b, i, item.kvh * G_ + g);
-        pair_permuted_queries<acc_t, scalar_t>(q_.data() + r * D, qrow, D);
+        if (bf16_pairs()) {
+          std::copy(qrow, qrow + D, q_pairs_.data() + r * D);
+        } else {
+          pair_permuted_queries<acc_t, scalar_t>(q_.data() + r * D, qrow, D);
+        }
       }
     }
     if constexpr (!kDirect) {
@@ -524,8 +581,25 @@ class DecodeWorker {
         return false;
       }
     }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_pairs()) {
+        block_scores_bf16_pairs(scores_.data() + offset, kDecodeBlock, q_pairs_.data(), R_, k, v, nk, D);
+        return true;
+      }
+    }
+#endif
     block_scores_direct(scores_.data() + offset, kDecodeBlock, q_.data(), R_, k, v, nk, D);
     return true;
+  }
+
+  // Whether the scores take block_scores_bf16_pairs (bfloat16 on AVX512-BF16, D a multiple of 32)
+  bool bf16_pairs() const {
+#if defined(__AVX512BF16__)
+    return std::is_same_v<scalar_t, c10::BFloat16> && !use_brgemm_ && D_ % 32 == 0;
+#else
+    return false;
+#endif
   }
 
   // Online-softmax update of row r, branch br, with the slots [j0, j0 + nk).
@@ -592,6 +666,7 @@ class DecodeWorker {
   PartialBuffer<acc_t>& partials_;
   int64_t D_, G_, Sq_, R_;
   std::vector<acc_t> q_, scores_, logits_;
+  std::vector<scalar_t> q_pairs_;  // (bf16_pairs) the item's query rows as stored
   std::vector<acc_t> probs_[2], acc_[2];
   std::vector<OnlineSoftmax<acc_t>> rows_[2];
   std::vector<HeadScalars<acc_t>> heads_;
@@ -747,8 +822,13 @@ void decode_typed(const DecodeParams& p) {
 }  // namespace
 
 void decode_attention_isa(const DecodeParams& p, at::ScalarType dtype) {
+#ifdef HEADOPS_BF16_ONLY
+  TORCH_CHECK(dtype == at::kBFloat16, "headops: this kernel variant handles bfloat16 only");
+  decode_typed<at::BFloat16>(p);
+#else
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "headops decode attention",
                                   [&] { decode_typed<scalar_t>(p); });
+#endif
 }
 
 }  // namespace CPU_CAPABILITY
