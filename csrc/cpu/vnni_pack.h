@@ -53,17 +53,20 @@ void pack_columns_vnni(RowOf row_of, int64_t real, int64_t count, int64_t D, int
     const int64_t n = std::min(kRowsAtOnce, count - r0);
     const scalar_t* rows[kRowsAtOnce];
     for (int64_t r = 0; r < n; ++r) rows[r] = r0 + r < real ? row_of(r0 + r) : nullptr;
-    if constexpr (P == 1) {
-      // float rows at one stride (K and V of a head): register transposes of 16 x 16 blocks
-      // (element by element, a float call with 16 heads, 4096 keys and 64 queries took 11.6 ms on
-      // the Zen 5 EPYC, 7.3 ms with them)
-      const int64_t n_real = std::clamp<int64_t>(real - r0, 0, n);
-      int64_t stride = 0;
-      if (n_real > 0 && uniform_stride(rows, n_real, &stride) && stride > 0) {
-        at::vec::transpose_mxn<float>(rows[0], stride, dst + r0, ld, static_cast<int>(n_real), static_cast<int>(D));
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + d * ld + r0 + n_real, dst + d * ld + r0 + n, 0.f);
-        continue;
-      }
+    // rows at one stride (K and V of a head): register transposes of 16 x 16 blocks of 4-byte
+    // groups, a float or a VNNI pair each (element by element, a float call with 16 heads, 4096
+    // keys and 64 queries took 11.6 ms on the Zen 5 EPYC, 7.3 ms with them; the pairs of a bf16
+    // forward's K were 4.6 % of its time on the AMX Xeon, gathered one by one). A pair is read as
+    // one float, so the rows must start on 4-byte boundaries.
+    const int64_t n_real = std::clamp<int64_t>(real - r0, 0, n);
+    int64_t stride = 0;
+    if (n_real > 0 && uniform_stride(rows, n_real, &stride) && stride > 0 && stride % P == 0 &&
+        reinterpret_cast<uintptr_t>(rows[0]) % sizeof(uint32_t) == 0) {
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(rows[0]), stride / P,
+                                    reinterpret_cast<float*>(out) + r0, ld, static_cast<int>(n_real),
+                                    static_cast<int>(D / P));
+      for (int64_t dp = 0; dp < D / P; ++dp) std::fill(out + dp * ld + r0 + n_real, out + dp * ld + r0 + n, 0u);
+      continue;
     }
     for (int64_t dp = 0; dp < D / P; ++dp) {
       uint32_t* col = out + dp * ld + r0;
