@@ -113,15 +113,24 @@ class HeadBackward {
       acc_t* d_o = d_out_.data() + i * D;
       const bool mixed = rows.need_mixed && (o_full || o_stream);
       // out = gate * (o * out_scale + out_bias)
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t scale = os ? os[d] : acc_t(1);
-        if (mixed) {
-          const acc_t o = mixed_average(hs, o_full, o_stream, d);
-          if (p_.dgate) dgate += dy[d] * gated_term(gate, o * scale + (ob ? ob[d] : acc_t(0)));
-          if (dos) dos[d] += gate * dy[d] * o;
+      if (!mixed && dob == nullptr) {
+        // no parameter gradient reads this row: dL/do alone, in loops the compiler vectorises
+        if (os) {
+          for (int64_t d = 0; d < D; ++d) d_o[d] = gate * dy[d] * os[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) d_o[d] = gate * dy[d];
         }
-        if (dob) dob[d] += gate * dy[d];
-        d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t scale = os ? os[d] : acc_t(1);
+          if (mixed) {
+            const acc_t o = mixed_average(hs, o_full, o_stream, d);
+            if (p_.dgate) dgate += dy[d] * gated_term(gate, o * scale + (ob ? ob[d] : acc_t(0)));
+            if (dos) dos[d] += gate * dy[d] * o;
+          }
+          if (dob) dob[d] += gate * dy[d];
+          d_o[d] = gate * dy[d] * scale;  // dL/do of the mixed average
+        }
       }
       // under a zero gate the saved averages may hold anything a NaN could come from: not read
       auto dots = [&](acc_t& full, acc_t& stream) {

@@ -155,7 +155,13 @@ struct PackedTileProducts {
   // dL/do rounded to scalar_t, as the dP and dV products read it (float: nothing to round)
   static constexpr bool rounds_dout = P == 2;
   static void round_like_inputs(float* row, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) row[i] = static_cast<float>(static_cast<scalar_t>(row[i]));
+    constexpr int64_t kChunk = 64;
+    scalar_t rounded[kChunk];
+    for (int64_t i = 0; i < n; i += kChunk) {
+      const int64_t c = std::min(kChunk, n - i);
+      at::vec::convert(row + i, rounded, c);
+      at::vec::convert(rounded, row + i, c);
+    }
   }
   const float* q_row(int64_t r) {
     const scalar_t* row = q + r * f.q.stride_s;
