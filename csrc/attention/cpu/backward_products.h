@@ -132,10 +132,12 @@ struct PackedTileProducts {
     q_vnni.resize(bq_pad * D);
     do_rows.resize(block_q * D);
     do_vnni.resize(bq_pad * D);
-    prob_rows.resize(block_q * bk);
     prob_t.resize(bk * bq_pad);
-    ds_rows.resize(block_q * bk);
     ds_t.resize(bk * bq_pad);
+    if constexpr (P == 2) {  // float's products read P and dS where they are
+      prob_rows.resize(block_q * bk);
+      ds_rows.resize(block_q * bk);
+    }
     q_float.resize(D);
   }
   int64_t padded_keys() const { return kv.padded_keys; }

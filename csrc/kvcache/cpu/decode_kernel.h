@@ -194,13 +194,14 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const 
 }
 
 #if defined(__AVX512BF16__)
-// score_rows for bfloat16 keys and queries where the CPU has AVX512-BF16: vdpbf16ps multiplies
+// score_rows for bfloat16 keys and bfloat16 queries as stored (an overload: the template above
+// cannot take float scores from 16-bit queries), where the CPU has AVX512-BF16: vdpbf16ps multiplies
 // pairs of stored elements straight into float sums, so neither side is widened (the queries
 // are bfloat16 already: nothing is rounded) and a row costs one instruction per 32 elements and
 // query row, where widening and two FMAs cost three. D a multiple of 32.
 template <int NR>
-void score_rows_bf16_pairs(float* s, int64_t lds, const c10::BFloat16* q, const c10::BFloat16* k,
-                           const c10::BFloat16* v, int64_t nk, int64_t D) {
+void score_rows(float* s, int64_t lds, const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
+                int64_t nk, int64_t D) {
   const int64_t row_bytes = D * int64_t(sizeof(c10::BFloat16)), ahead = rows_ahead(row_bytes);
   auto pairs = [](const c10::BFloat16* at) { return (__m512bh)_mm512_loadu_si512(at); };
   for (int64_t j = 0; j < nk; ++j) {
@@ -228,29 +229,16 @@ void score_rows_bf16_pairs(float* s, int64_t lds, const c10::BFloat16* q, const 
     for (int r = 0; r < NR; ++r) s[r * lds + j] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
   }
 }
-
-void block_scores_bf16_pairs(float* s, int64_t lds, const c10::BFloat16* q, int64_t R, const c10::BFloat16* k,
-                             const c10::BFloat16* v, int64_t nk, int64_t D) {
-  for (int64_t r0 = 0; r0 < R; r0 += 4) {
-    float* out = s + r0 * lds;
-    const c10::BFloat16* qr = q + r0 * D;
-    const c10::BFloat16* fetch = r0 == 0 ? v : nullptr;  // once per block
-    switch (std::min<int64_t>(4, R - r0)) {
-      case 4: score_rows_bf16_pairs<4>(out, lds, qr, k, fetch, nk, D); break;
-      case 3: score_rows_bf16_pairs<3>(out, lds, qr, k, fetch, nk, D); break;
-      case 2: score_rows_bf16_pairs<2>(out, lds, qr, k, fetch, nk, D); break;
-      default: score_rows_bf16_pairs<1>(out, lds, qr, k, fetch, nk, D); break;
-    }
-  }
-}
 #endif
 
-template <typename acc_t, typename scalar_t>
-void block_scores_direct(acc_t* s, int64_t lds, const acc_t* q, int64_t R, const scalar_t* k, const scalar_t* v,
+// q: the R query rows as score_rows reads them (acc_t in load_pair's order, or bfloat16 as
+// stored for the AVX512-BF16 overload)
+template <typename acc_t, typename q_t, typename scalar_t>
+void block_scores_direct(acc_t* s, int64_t lds, const q_t* q, int64_t R, const scalar_t* k, const scalar_t* v,
                          int64_t nk, int64_t D) {
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     acc_t* out = s + r0 * lds;
-    const acc_t* qr = q + r0 * D;
+    const q_t* qr = q + r0 * D;
     const scalar_t* fetch = r0 == 0 ? v : nullptr;  // once per block
     switch (std::min<int64_t>(4, R - r0)) {
       case 4: score_rows<4>(out, lds, qr, k, fetch, nk, D); break;
@@ -584,7 +572,7 @@ class DecodeWorker {
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_pairs()) {
-        block_scores_bf16_pairs(scores_.data() + offset, kDecodeBlock, q_pairs_.data(), R_, k, v, nk, D);
+        block_scores_direct(scores_.data() + offset, kDecodeBlock, q_pairs_.data(), R_, k, v, nk, D);
         return true;
       }
     }
@@ -593,7 +581,7 @@ class DecodeWorker {
     return true;
   }
 
-  // Whether the scores take block_scores_bf16_pairs (bfloat16 on AVX512-BF16, D a multiple of 32)
+  // Whether the scores take score_rows' bfloat16-pairs overload (AVX512-BF16, D a multiple of 32)
   bool bf16_pairs() const {
 #if defined(__AVX512BF16__)
     return std::is_same_v<scalar_t, c10::BFloat16> && !use_brgemm_ && D_ % 32 == 0;
