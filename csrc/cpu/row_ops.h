@@ -46,47 +46,83 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
   }
 }
 
-// exp(y - m): every probability the softmax stores (y a logit, m the row's reference max or its
-// lse). On AVX-512 in float it is 2^t with t = (y - m) log2(e): 2^floor(t) * p(t - floor(t)),
-// p a degree-5 fit of 2^f on [0, 1) (relative error 1.6e-7 in float, p(0) = 1 exactly: the
-// row's max gets probability 1), and vscalefps applies 2^floor(t), giving 0 below the float
-// range and inf above it. t is clamped to [-200, 128] first, so that exp(-inf) is 0 (not
-// -inf - -inf) and exp(+inf) is inf; the clamps keep NaN. About 12 instructions a vector where
-// exp_u20 with the NaN or-ing took ~24: on the 2-core AMX Xeon (B=1, H=16, D=128, causal, bf16)
-// it was over a third of the forward. AVX2 the same with 2^n from exponent bits; elsewhere
-// (DEFAULT, double) vexp(y - m).
-// p(f) ~ 2^f for f in [0, 1): exp_shifted's degree-5 fit, by Horner (one FMA a degree)
+// p(f) ~ 2^f for f in [0, 1), of degree 4 or 5 (pow2): relative-error fits (reweighted least
+// squares) with the constant term fixed at 1, by Horner (one FMA a degree).
+template <int Degree>
 inline Vectorized<float> exp2_of_fraction(const Vectorized<float>& f) {
-  constexpr float c[] = {1.f, 0.6931512951850891f, 0.24016447365283966f, 0.05579983443021774f,
-                         0.009017140604555607f, 0.001867078011855483f};
-  Vectorized<float> p(c[5]);
-  for (int i = 4; i >= 0; --i) p = at::vec::fmadd(p, f, Vectorized<float>(c[i]));
+  static_assert(Degree == 4 || Degree == 5, "exp2_of_fraction: fits of degree 4 and 5");
+  constexpr float c5[] = {1.f, 0.6931512951850891f, 0.24016447365283966f, 0.05579983443021774f,
+                          0.009017140604555607f, 0.001867078011855483f};
+  constexpr float c4[] = {1.f, 0.693044900894165f, 0.2412799745798111f, 0.052242957055568695f,
+                          0.013426384888589382f};
+  const float* c = Degree == 5 ? c5 : c4;
+  Vectorized<float> p = at::vec::fmadd(f, Vectorized<float>(c[Degree]), Vectorized<float>(c[Degree - 1]));
+  for (int i = Degree - 2; i >= 0; --i) p = at::vec::fmadd(p, f, Vectorized<float>(c[i]));
   return p;
 }
 
-template <typename T>
-inline Vectorized<T> exp_shifted(const Vectorized<T>& y, const Vectorized<T>& m) {
+// The degree pow2's polynomial needs for probabilities stored as P.
+template <typename P>
+constexpr int exp_fit_degree() {
+  return sizeof(P) == 2 ? 4 : 5;
+}
+
+// exp(y - m): every probability the softmax stores (y a logit, m the row's reference max or its
+// lse), as 2^t with t = (y - m) log2(e) (pow2). Elsewhere than AVX-512 and AVX2 float (DEFAULT,
+// double) it is vexp(y - m).
+//
+// pow2(t) = 2^floor(t) * p(t - floor(t)), p a polynomial fit of 2^f on [0, 1) with p(0) = 1
+// exactly (the row's max gets probability 1). p has degree 5 (relative error 1.6e-7) for
+// probabilities kept in float, degree 4 (3e-6) for those stored as bfloat16 or float16 (P):
+// their rounding is 4e-3 / 5e-4, and the row sums (the lse, the probes' normalisers) stay within
+// 3e-6. There is no clamp above: every caller has y - m <= 88 (m a max or an lse of the row's
+// logits) or, in scaled_exp_sum's lazy path, discards the row when its max exceeds m by more
+// than lazy_rescale_limit; past t = 128 the result is not 2^t.
+//  - AVX-512: vreduceps gives t - floor(t) (0 for t = +-inf, NaN for NaN) and vscalefps applies
+//    2^floor(t) (0 for -inf and below the float range, inf for +inf), so exp(-inf) = 0 and NaN
+//    stays NaN without clamps: 6 instructions for degree 4 where exp_u20 with the NaN or-ing
+//    took ~24 (on the 2-core AMX Xeon, B=1, H=16, D=128, causal, bf16, the softmax was over a
+//    third of the forward).
+//  - AVX2: 2^floor(t) from the exponent bits (n + 127) << 23, with t clamped below at -127 so
+//    that n = -127 gives the bits of 0.0 (exp below 2^-126 is 0, as exp_u20's clamp gives).
+template <typename P>
+inline Vectorized<float> pow2(const Vectorized<float>& t) {
+  constexpr int degree = exp_fit_degree<P>();
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 scaled = _mm512_mul_ps(_mm512_sub_ps(y, m), _mm512_set1_ps(1.44269504088896341f));
-    // (max and min return their second operand when either is NaN)
-    const __m512 t = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-200.f), scaled));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    return _mm512_scalef_ps(exp2_of_fraction(_mm512_sub_ps(t, n)), n);
-  }
+  const __m512 fraction = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_of_fraction<degree>(fraction), t);
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    // the same polynomial; 2^n from the exponent bits (n + 127) << 23, with t clamped to
-    // [-127, 128] so that n = -127 gives the bits of 0.0 (exp below 2^-126 is 0, as exp_u20's
-    // clamp gives) and n = 128 those of inf
-    const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(y, m), _mm256_set1_ps(1.44269504088896341f));
-    const __m256 t = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), scaled));
-    const __m256 n = _mm256_floor_ps(t);
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(exp2_of_fraction(_mm256_sub_ps(t, n)), _mm256_castsi256_ps(bits));  // (NaN: p is NaN)
-  }
+  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(-127.f), t);  // (max keeps a NaN second operand)
+  const __m256 n = _mm256_floor_ps(clamped);
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  // (NaN: p is NaN)
+  return _mm256_mul_ps(exp2_of_fraction<degree>(_mm256_sub_ps(clamped, n)), _mm256_castsi256_ps(bits));
+#else
+  static_assert(sizeof(P) == 0, "pow2 is for the AVX-512 and AVX2 variants");
+  return t;
+#endif
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+template <typename P, typename T>
+inline Vectorized<T> exp_shifted(const Vectorized<T>& y, const Vectorized<T>& m) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return pow2<P>((y - m) * Vectorized<float>(kLog2e));
 #endif
   return vexp(y - m);
+}
+
+// max(a, b) in one instruction where at::vec::maximum takes four to propagate NaN: for loops
+// whose NaN lanes show up elsewhere (scaled_exp_sum: in the sum).
+template <typename T>
+inline Vectorized<T> max_ignoring_nan(const Vectorized<T>& a, const Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_max_ps(a, b);
+#endif
+  return at::vec::maximum(a, b);
 }
 
 template <typename T>
@@ -144,7 +180,7 @@ inline T max_of(const T* x, int64_t lo, int64_t hi, T init) {
 // exp(x - m) of the first `count` lanes, zero in the others.
 template <typename P, typename T>
 inline Vectorized<T> exp_partial(const T* x, int64_t count, const Vectorized<T>& vm) {
-  return Vectorized<T>::set(Vectorized<T>(T(0)), exp_shifted(Vectorized<T>::loadu(x, count), vm), count);
+  return Vectorized<T>::set(Vectorized<T>(T(0)), exp_shifted<P>(Vectorized<T>::loadu(x, count), vm), count);
 }
 
 // Stores 2 vectors of probabilities as P (the accumulation type itself, bfloat16 or float16).
@@ -186,8 +222,8 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   V vsum0(T(0)), vsum1(T(0));
   int64_t j = lo;
   for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
-    V e0 = exp_shifted(V::loadu(x + j), vm);
-    V e1 = exp_shifted(V::loadu(x + j + V::size()), vm);
+    V e0 = exp_shifted<P>(V::loadu(x + j), vm);
+    V e1 = exp_shifted<P>(V::loadu(x + j + V::size()), vm);
     store_probs(p + j, e0, e1);
     vsum0 = vsum0 + e0;
     vsum1 = vsum1 + e1;
@@ -221,14 +257,58 @@ inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
   return reduce_max(vmax);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// scaled_exp_sum without bias or stored logits, in float: t = x * (scale log2 e) - m log2 e in
+// one FMA, and the max taken of t, so max_out = m + max(t) / log2 e (within rounding; the
+// lazy path only compares it). The rounding of m log2 e shifts every t of the row alike: the
+// probabilities and their sum share the factor, which the output's normalisation cancels, and
+// the lse moves by |m| * 6e-8. With the vreduceps exp that is 9 vector instructions a vector
+// where scaled_exp_sum's general loop takes 12 (AVX-512, bfloat16 P).
+template <typename P>
+inline float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale, float m, float& max_out) {
+  using V = Vectorized<float>;
+  const V to_log2(scale * kLog2e), shift(-m * kLog2e), lowest(-std::numeric_limits<float>::infinity());
+  V vsum0(0.f), vsum1(0.f), tmax0(lowest), tmax1(lowest);
+  int64_t j = 0;
+  for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
+    const V t0 = at::vec::fmadd(V::loadu(x + j), to_log2, shift);
+    const V t1 = at::vec::fmadd(V::loadu(x + j + V::size()), to_log2, shift);
+    tmax0 = max_ignoring_nan(tmax0, t0);
+    tmax1 = max_ignoring_nan(tmax1, t1);
+    const V e0 = pow2<P>(t0), e1 = pow2<P>(t1);
+    store_probs(p + j, e0, e1);
+    vsum0 = vsum0 + e0;
+    vsum1 = vsum1 + e1;
+  }
+  for (; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
+    const V t = at::vec::fmadd(V::loadu(x + j, c), to_log2, shift);
+    tmax0 = max_ignoring_nan(tmax0, V::set(lowest, t, c));
+    const V e = V::set(V(0.f), pow2<P>(t), c);
+    store_probs_tail(p + j, e, c);
+    vsum0 = vsum0 + e;
+  }
+  const float sum = reduce_sum(vsum0 + vsum1);
+  max_out = std::isnan(sum) ? std::numeric_limits<float>::quiet_NaN()
+                            : m + reduce_max(max_ignoring_nan(tmax0, tmax1)) * (1.f / kLog2e);
+  return sum;
+}
+#endif
+
 // One pass over a row's visible keys when they form one range: y = x * scale (+ bias),
 // p = exp(y - m) with the row's current max m, and the max of y. The caller redoes the row
 // with the exact max when y's max exceeds m by too much (lazy rescaling), so most blocks
 // need neither a separate max pass nor a rescale of the accumulator. y is also stored in
-// logits_out when given (it may be x itself: probes read the logits).
+// logits_out when given (it may be x itself: probes read the logits). The loop's max ignores
+// NaN (max_ignoring_nan); a NaN logit makes the sum NaN, and then max_out is NaN too (the max
+// of the stored logits with NaN propagated, when there are some), as torch.amax would give.
 template <typename T, typename P>
 inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
                         T* logits_out = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    if (bias == nullptr && logits_out == nullptr) return exp_sum_of_raw_scores(x, p, n, scale, m, max_out);
+#endif
   using V = Vectorized<T>;
   const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
@@ -242,9 +322,9 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
       y0.store(logits_out + j);
       y1.store(logits_out + j + V::size());
     }
-    vmax0 = at::vec::maximum(vmax0, y0);
-    vmax1 = at::vec::maximum(vmax1, y1);
-    V e0 = exp_shifted(y0, vm), e1 = exp_shifted(y1, vm);
+    vmax0 = max_ignoring_nan(vmax0, y0);
+    vmax1 = max_ignoring_nan(vmax1, y1);
+    V e0 = exp_shifted<P>(y0, vm), e1 = exp_shifted<P>(y1, vm);
     store_probs(p + j, e0, e1);
     vsum0 = vsum0 + e0;
     vsum1 = vsum1 + e1;
@@ -254,13 +334,18 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
     if (logits_out) y.store(logits_out + j, c);
-    vmax0 = at::vec::maximum(vmax0, V::set(lowest, y, c));
-    V e = V::set(V(T(0)), exp_shifted(y, vm), c);
+    vmax0 = max_ignoring_nan(vmax0, V::set(lowest, y, c));
+    V e = V::set(V(T(0)), exp_shifted<P>(y, vm), c);
     store_probs_tail(p + j, e, c);
     vsum0 = vsum0 + e;
   }
-  max_out = reduce_max(at::vec::maximum(vmax0, vmax1));
-  return reduce_sum(vsum0 + vsum1);
+  const T sum = reduce_sum(vsum0 + vsum1);
+  if (std::isnan(sum))
+    max_out = logits_out ? max_of(logits_out, 0, n, -std::numeric_limits<T>::infinity())
+                         : std::numeric_limits<T>::quiet_NaN();
+  else
+    max_out = reduce_max(max_ignoring_nan(vmax0, vmax1));
+  return sum;
 }
 
 template <typename T>
