@@ -212,6 +212,18 @@ inline void store_probs_tail(P* p, const Vectorized<T>& e, int64_t count) {
   }
 }
 
+// dst[j] = src[j] rounded to P for j in [0, n): store_probs's one-instruction bfloat16
+// rounding where there is one (a forward's output rows), at::vec::convert for the rest.
+template <typename T, typename P>
+inline void convert_row(const T* src, P* dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float> && sizeof(P) == 2) {
+    using V = Vectorized<float>;
+    for (; j + 2 * V::size() <= n; j += 2 * V::size()) store_probs(dst + j, V::loadu(src + j), V::loadu(src + j + V::size()));
+  }
+  if (j < n) at::vec::convert(src + j, dst + j, n - j);
+}
+
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
 // the sum of the unrounded values. Two vectors per step with two accumulators: one chain of
 // dependent adds would otherwise bound the loop.
@@ -237,24 +249,36 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   return reduce_sum(vsum0 + vsum1);
 }
 
-// max of x * scale (+ bias) over [0, n), without storing anything.
+// max of x * scale (+ bias) over [0, n), without storing anything, ignoring NaN (-inf when
+// every value is NaN): the reference max for scaled_exp_sum, whose sum turns NaN on a NaN
+// logit, sending the row to the exact path. Two independent chains of one-instruction maxima,
+// where a NaN-propagating maximum made one chain of four.
 template <typename T>
-inline T scaled_max(const T* x, int64_t n, T scale, const T* bias) {
+inline T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, const T* bias) {
   using V = Vectorized<T>;
-  const V vs(scale);
-  V vmax(-std::numeric_limits<T>::infinity());
+  const V vs(scale), lowest(-std::numeric_limits<T>::infinity());
+  V vmax0(lowest), vmax1(lowest);
+  auto logits = [&](int64_t at) {
+    return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs;
+  };
   int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    V y = bias ? at::vec::fmadd(V::loadu(x + j), vs, V::loadu(bias + j)) : V::loadu(x + j) * vs;
-    vmax = at::vec::maximum(vmax, y);
+  for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
+    vmax0 = max_ignoring_nan(vmax0, logits(j));
+    vmax1 = max_ignoring_nan(vmax1, logits(j + V::size()));
   }
-  if (j < n) {
-    const int64_t c = n - j;
+  for (; j < n; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), n - j);
     V y = V::loadu(x + j, c) * vs;
     if (bias) y = y + V::loadu(bias + j, c);
-    vmax = at::vec::maximum(vmax, V::set(V(-std::numeric_limits<T>::infinity()), y, c));
+    vmax0 = max_ignoring_nan(vmax0, V::set(lowest, y, c));
   }
-  return reduce_max(vmax);
+  // (a lane that saw only NaN may hold NaN: reduce it away)
+  T m = -std::numeric_limits<T>::infinity();
+  T lanes[V::size()];
+  max_ignoring_nan(vmax0, vmax1).store(lanes);
+  for (int64_t i = 0; i < V::size(); ++i)
+    if (lanes[i] > m) m = lanes[i];
+  return m;
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

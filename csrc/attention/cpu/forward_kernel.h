@@ -162,8 +162,9 @@ class ItemRunner {
         const KeyRange part = parts[0];
         const acc_t* bias = lg.bias ? lg.bias + part.lo : nullptr;
         acc_t ref_max = row.max;
-        // a row's first block: nothing accumulated yet, so any reference max is exact
-        if (ref_max == neg_inf) ref_max = scaled_max(s + part.lo, part.size(), lg.scale, bias);
+        // a row's first block: nothing accumulated yet, so any reference max is exact (a NaN
+        // logit shows up as a NaN sum below, and the row takes the exact path)
+        if (ref_max == neg_inf) ref_max = scaled_max_ignoring_nan(s + part.lo, part.size(), lg.scale, bias);
         if (ref_max != neg_inf) {
           acc_t block_max;
           acc_t* logits_out = probes_.active() ? s + part.lo : nullptr;
@@ -255,7 +256,7 @@ class ItemRunner {
         for (; d < D; ++d) o[d] = a[d] * inv;
       }
       apply_epilogue(o, D, os, p_.out_scale.stride_n, ob, p_.out_bias.stride_n, hs.gate);
-      at::vec::convert(o, const_cast<scalar_t*>(p_.out.row<scalar_t>(b, i, h)), D);
+      convert_row(o, const_cast<scalar_t*>(p_.out.row<scalar_t>(b, i, h)), D);
     }
   }
 
