@@ -77,16 +77,17 @@ constexpr int exp_fit_degree() {
 // exactly (the row's max gets probability 1). p has degree 5 (relative error 1.6e-7) for
 // probabilities kept in float, degree 4 (3e-6) for those stored as bfloat16 or float16 (P):
 // their rounding is 4e-3 / 5e-4, and the row sums (the lse, the probes' normalisers) stay within
-// 3e-6. There is no clamp above: every caller has y - m <= 88 (m a max or an lse of the row's
-// logits) or, in scaled_exp_sum's lazy path, discards the row when its max exceeds m by more
-// than lazy_rescale_limit; past t = 128 the result is not 2^t.
+// 3e-6. Past t = 128 the result is inf, which every caller either
+// cannot reach (y - m <= 88, m a max or an lse of the row's logits) or, in scaled_exp_sum's lazy
+// path, sees in the sum and redoes the row on the exact path.
 //  - AVX-512: vreduceps gives t - floor(t) (0 for t = +-inf, NaN for NaN) and vscalefps applies
 //    2^floor(t) (0 for -inf and below the float range, inf for +inf), so exp(-inf) = 0 and NaN
 //    stays NaN without clamps: 6 instructions for degree 4 where exp_u20 with the NaN or-ing
 //    took ~24 (on the 2-core AMX Xeon, B=1, H=16, D=128, causal, bf16, the softmax was over a
 //    third of the forward).
-//  - AVX2: 2^floor(t) from the exponent bits (n + 127) << 23, with t clamped below at -127 so
-//    that n = -127 gives the bits of 0.0 (exp below 2^-126 is 0, as exp_u20's clamp gives).
+//  - AVX2: 2^floor(t) from the exponent bits (n + 127) << 23, with t clamped to [-127, 128] so
+//    that n = -127 gives the bits of 0.0 (exp below 2^-126 is 0, as exp_u20's clamp gives) and
+//    n = 128 those of inf.
 template <typename P>
 inline Vectorized<float> pow2(const Vectorized<float>& t) {
   constexpr int degree = exp_fit_degree<P>();
@@ -94,7 +95,9 @@ inline Vectorized<float> pow2(const Vectorized<float>& t) {
   const __m512 fraction = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   return _mm512_scalef_ps(exp2_of_fraction<degree>(fraction), t);
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(-127.f), t);  // (max keeps a NaN second operand)
+  // clamped to [-127, 128] (max and min keep a NaN second operand): past 128 the exponent bits
+  // would wrap into garbage that no sum or bound could tell from a real value
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), t));
   const __m256 n = _mm256_floor_ps(clamped);
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   // (NaN: p is NaN)
