@@ -24,7 +24,7 @@ bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim) {
 }
 
 void attention_backward(const BackwardParams& p, at::ScalarType input_dtype) {
-  static const auto variants = HEADOPS_ISA_TABLE(attention_backward_isa);
+  static const auto variants = HEADOPS_ISA_TABLE_WITH_BF16(attention_backward_isa);
   variants.pick(input_dtype)(p, input_dtype);
 }
 

@@ -373,8 +373,13 @@ void backward_typed(const BackwardParams& p) {
 }  // namespace
 
 void attention_backward_isa(const BackwardParams& p, at::ScalarType input_dtype) {
+#ifdef HEADOPS_BF16_ONLY
+  TORCH_CHECK(input_dtype == at::kBFloat16, "headops: this kernel variant handles bfloat16 only");
+  backward_typed<at::BFloat16>(p);
+#else
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input_dtype, "headops attention backward",
                                   [&] { backward_typed<scalar_t>(p); });
+#endif
 }
 
 }  // namespace CPU_CAPABILITY

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../../cpu/blas.h"
+#include "../../cpu/row_ops.h"
 #include "../../cpu/transpose.h"
 #include "../attention_params.h"
 #include "../../cpu/vnni_pack.h"
@@ -161,7 +162,7 @@ struct PackedTileProducts {
     scalar_t rounded[kChunk];
     for (int64_t i = 0; i < n; i += kChunk) {
       const int64_t c = std::min(kChunk, n - i);
-      at::vec::convert(row + i, rounded, c);
+      convert_row(row + i, rounded, c);
       at::vec::convert(rounded, row + i, c);
     }
   }
@@ -210,9 +211,9 @@ struct PackedTileProducts {
   void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
 
  private:
-  // dst[r, j] = src[r, j] rounded to scalar_t (vectorised), r < rows, j < cols
+  // dst[r, j] = src[r, j] rounded to scalar_t (convert_row), r < rows, j < cols
   static void round_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst, int64_t ld_dst) {
-    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+    for (int64_t r = 0; r < rows; ++r) convert_row(src + r * ld_src, dst + r * ld_dst, cols);
   }
   // dst[j, r] = rows[r, j] for the first `keys` columns; row nq of an odd tile's padding (16-bit
   // types) is zero
