@@ -24,13 +24,6 @@
 #include "../attention/online_softmax.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
-// The loops a kernel runs once per row of a tile (hundreds of thousands of calls a forward):
-// inlined into the row loop, so that no call (through the PLT: exported template instances) and
-// no vzeroupper runs per row and their constants can stay in registers across rows.
-#ifndef HEADOPS_ROW_INLINE
-#define HEADOPS_ROW_INLINE inline __attribute__((always_inline))
-#endif
-
 
 using at::vec::Vectorized;
 
@@ -266,7 +259,7 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
 // logit, sending the row to the exact path. Two independent chains of one-instruction maxima,
 // where a NaN-propagating maximum made one chain of four.
 template <typename T>
-HEADOPS_ROW_INLINE T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, const T* bias) {
+inline T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, const T* bias) {
   using V = Vectorized<T>;
   const V vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vmax0(lowest), vmax1(lowest);
@@ -304,7 +297,7 @@ HEADOPS_ROW_INLINE T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, con
 // |m| * 6e-8. With the vreduceps exp that is 8 vector instructions a vector where
 // scaled_exp_sum's general loop takes 12 (AVX-512, bfloat16 P).
 template <typename P>
-HEADOPS_ROW_INLINE float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale, float m, float& max_out) {
+inline float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale, float m, float& max_out) {
   using V = Vectorized<float>;
   const V to_log2(scale * kLog2e), shift(-m * kLog2e);
   V vsum0(0.f), vsum1(0.f);
@@ -341,7 +334,7 @@ HEADOPS_ROW_INLINE float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, 
 // Without bias and stored logits max_out is only an upper bound of the max (see
 // exp_sum_of_raw_scores): callers compare it, and read the max itself only from stored logits.
 template <typename T, typename P>
-HEADOPS_ROW_INLINE T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
+inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
                         T* logits_out = nullptr) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>)
