@@ -77,9 +77,9 @@ constexpr int exp_fit_degree() {
 // exactly (the row's max gets probability 1). p has degree 5 (relative error 1.6e-7) for
 // probabilities kept in float, degree 4 (3e-6) for those stored as bfloat16 or float16 (P):
 // their rounding is 4e-3 / 5e-4, and the row sums (the lse, the probes' normalisers) stay within
-// 3e-6. Past t = 128 the result is inf, which every caller either
-// cannot reach (y - m <= 88, m a max or an lse of the row's logits) or, in scaled_exp_sum's lazy
-// path, sees in the sum and redoes the row on the exact path.
+// 3e-6. Past t = 128 the result is inf, which every caller either cannot reach (y - m <= 88, m
+// a max or an lse of the row's logits) or, in scaled_exp_sum's lazy path, sees in the sum and
+// redoes the row on the exact path.
 //  - AVX-512: vreduceps gives t - floor(t) (0 for t = +-inf, NaN for NaN) and vscalefps applies
 //    2^floor(t) (0 for -inf and below the float range, inf for +inf), so exp(-inf) = 0 and NaN
 //    stays NaN without clamps: 6 instructions for degree 4 where exp_u20 with the NaN or-ing
@@ -109,6 +109,7 @@ inline Vectorized<float> pow2(const Vectorized<float>& t) {
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename P, typename T>
 inline Vectorized<T> exp_shifted(const Vectorized<T>& y, const Vectorized<T>& m) {
@@ -254,6 +255,21 @@ inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
   return reduce_sum(vsum0 + vsum1);
 }
 
+// y = x * scale (+ bias) of the vector at j (one FMA with a bias), and of the c < V::size()
+// lanes at j of a row's tail (multiply, then add): the logits scaled_max_ignoring_nan and
+// scaled_exp_sum compute alike.
+template <typename T>
+inline Vectorized<T> scaled_logits(const T* x, const T* bias, const Vectorized<T>& vs, int64_t j) {
+  using V = Vectorized<T>;
+  return bias ? at::vec::fmadd(V::loadu(x + j), vs, V::loadu(bias + j)) : V::loadu(x + j) * vs;
+}
+template <typename T>
+inline Vectorized<T> scaled_logits_tail(const T* x, const T* bias, const Vectorized<T>& vs, int64_t j, int64_t c) {
+  using V = Vectorized<T>;
+  const V y = V::loadu(x + j, c) * vs;
+  return bias ? y + V::loadu(bias + j, c) : y;
+}
+
 // max of x * scale (+ bias) over [0, n), without storing anything, ignoring NaN (-inf when
 // every value is NaN): the reference max for scaled_exp_sum, whose sum turns NaN on a NaN
 // logit, sending the row to the exact path. Two independent chains of one-instruction maxima,
@@ -263,18 +279,14 @@ inline T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, const T* bias) 
   using V = Vectorized<T>;
   const V vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vmax0(lowest), vmax1(lowest);
-  auto logits = [&](int64_t at) {
-    return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs;
-  };
   int64_t j = 0;
   for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
-    vmax0 = max_ignoring_nan(vmax0, logits(j));
-    vmax1 = max_ignoring_nan(vmax1, logits(j + V::size()));
+    vmax0 = max_ignoring_nan(vmax0, scaled_logits(x, bias, vs, j));
+    vmax1 = max_ignoring_nan(vmax1, scaled_logits(x, bias, vs, j + V::size()));
   }
   for (; j < n; j += V::size()) {
     const int64_t c = std::min<int64_t>(V::size(), n - j);
-    V y = V::loadu(x + j, c) * vs;
-    if (bias) y = y + V::loadu(bias + j, c);
+    const V y = scaled_logits_tail(x, bias, vs, j, c);
     vmax0 = max_ignoring_nan(vmax0, V::set(lowest, y, c));
   }
   // (a lane that saw only NaN may hold NaN: reduce it away)
@@ -292,10 +304,11 @@ inline T scaled_max_ignoring_nan(const T* x, int64_t n, T scale, const T* bias) 
 // every exp(y - m) is at most the sum < 2^(e + 1), so this bounds the max from above, which is
 // all the lazy path's test needs (a sum past exp(limit) / 2 from many large terms only sends a
 // row to the exact path early). A NaN or inf sum has e = 128, past any lazy limit; a zero sum
-// e = -127. (std::log of the sum per row took 5 % of the bf16 forward's samples.) The rounding of m log2 e shifts every t of the row alike: the probabilities and
-// their sum share the factor, which the output's normalisation cancels, and the lse moves by
-// |m| * 6e-8. With the vreduceps exp that is 8 vector instructions a vector where
-// scaled_exp_sum's general loop takes 12 (AVX-512, bfloat16 P).
+// e = -127. (std::log of the sum per row took 5 % of the bf16 forward's samples.) The rounding
+// of m log2 e shifts every t of the row alike: the probabilities and their sum share the
+// factor, which the output's normalisation cancels, and the lse moves by |m| * 6e-8. With the
+// vreduceps exp that is 8 vector instructions a vector where scaled_exp_sum's general loop
+// takes 12 (AVX-512, bfloat16 P).
 template <typename P>
 inline float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale, float m, float& max_out) {
   using V = Vectorized<float>;
@@ -319,7 +332,7 @@ inline float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale,
   uint32_t bits;
   std::memcpy(&bits, &sum, sizeof(bits));
   const int exponent = static_cast<int>((bits >> 23) & 0xff) - 127;
-  max_out = m + static_cast<float>(exponent + 1) * 0.6931471805599453f;
+  max_out = m + static_cast<float>(exponent + 1) * kLn2;
   return sum;
 }
 #endif
@@ -343,12 +356,9 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
   using V = Vectorized<T>;
   const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
   V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
-  auto logits = [&](int64_t at) {
-    return bias ? at::vec::fmadd(V::loadu(x + at), vs, V::loadu(bias + at)) : V::loadu(x + at) * vs;
-  };
   int64_t j = 0;
   for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
-    V y0 = logits(j), y1 = logits(j + V::size());
+    V y0 = scaled_logits(x, bias, vs, j), y1 = scaled_logits(x, bias, vs, j + V::size());
     if (logits_out) {
       y0.store(logits_out + j);
       y1.store(logits_out + j + V::size());
@@ -362,8 +372,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
   }
   for (; j < n; j += V::size()) {
     const int64_t c = std::min<int64_t>(V::size(), n - j);
-    V y = V::loadu(x + j, c) * vs;
-    if (bias) y = y + V::loadu(bias + j, c);
+    const V y = scaled_logits_tail(x, bias, vs, j, c);
     if (logits_out) y.store(logits_out + j, c);
     vmax0 = max_ignoring_nan(vmax0, V::set(lowest, y, c));
     V e = V::set(V(T(0)), exp_shifted<P>(y, vm), c);
