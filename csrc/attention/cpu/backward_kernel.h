@@ -189,6 +189,16 @@ class HeadBackward {
       }
     }
     if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale;
+    KeyGradRows<acc_t> head_rows;
+    if (p_.want_dk) {
+      head_rows.dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, 0, h));
+      head_rows.stride_dk = p_.dk.stride_s;
+    }
+    if (p_.want_dv) {
+      head_rows.dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, 0, h));
+      head_rows.stride_dv = p_.dv.stride_s;
+    }
+    products_.end_head(head_rows);
     // dk = scale * sum dS^T Q, scaled once here: BLAS given the scale as alpha rounds differently
     // with its thread setting (the rows of dk belong to this item)
     if (p_.want_dk && hs.softmax_scale != acc_t(1))

@@ -31,6 +31,7 @@
 #include "../head_semantics.h"
 #include "../online_softmax.h"
 #include "../work_counters.h"
+#include "../../cpu/kept_workspace.h"
 #include "../../cpu/row_ops.h"
 #include "kernel_common.h"
 #include "operands.h"
@@ -471,23 +472,6 @@ void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& i
       kv.pack_block(p, bk / p.heads_kv, bk % p.heads_kv, blk);
     }
   });
-}
-
-// Packed K/V buffer. Up to kKeptWorkspaceBytes it is kept per calling thread and reused: a
-// fresh buffer per call would page-fault every 4 KiB of it again (~5 % of a bf16 forward at
-// S = 4096, H = 16). Larger ones are allocated for the call (in `fresh`) and freed after it.
-constexpr int64_t kKeptWorkspaceBytes = int64_t(64) << 20;
-
-template <typename scalar_t>
-scalar_t* packing_workspace(int64_t elems, at::Tensor& fresh) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  if (elems * int64_t(sizeof(scalar_t)) > kKeptWorkspaceBytes) {
-    fresh = at::empty({elems}, options);
-    return fresh.data_ptr<scalar_t>();
-  }
-  thread_local at::Tensor kept;
-  if (!kept.defined() || kept.numel() < elems) kept = at::empty({elems}, options);
-  return kept.data_ptr<scalar_t>();
 }
 
 // K and V packed once per call (only the blocks some item reads), then brgemm tiles.
