@@ -7,9 +7,8 @@ The machine's kind decides the targets: an AMX CPU (amx_bf16), an AVX2-only CPU 
 or an AVX-512 CPU without AMX, for which the issue names no target (its rows are measured and
 shown against the AMX targets, marked "no target"). Running the AVX2 variant on an AVX-512 CPU
 (`ATEN_CPU_CAPABILITY=avx2`) is said as such: it is not the AVX2-only machine the issue means. On
-an AMX CPU the bf16 decode rows are timed again with the other choice of score product
-(--compare-decode-scores elsewhere), and the bf16 rows at S = 2048 with float32 tiles through
-BLAS instead of bf16 brgemm tiles (--compare-tiles elsewhere).
+an AMX CPU the bf16 rows at S = 2048 are timed again with float32 tiles through BLAS instead of
+bf16 brgemm tiles (--compare-tiles elsewhere).
 
 Measured (B=1, H=16, D=128, dense causal; headops and SDPA on the same tensors, median of
 --repeats interleaved calls, bench/timing.py):
@@ -30,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -107,33 +105,6 @@ def attention_ratio(dtype_name: str, s: int, train: bool, repeats: int) -> dict:
             "ratio": h / sd, "headops": stats["headops"].as_dict(), "sdpa": stats["sdpa"].as_dict()}
 
 
-def other_decode_choice(args, kind: str, contexts: list, repeats: int) -> list:
-    """The bf16 decode rows again with the other choice of the score product (in registers by
-    default, brgemm with HEADOPS_CPU_DECODE_BRGEMM=1: isa_dispatch.cpp's decode_scores_by_brgemm),
-    in a process of its own since the choice is read once per process. Run on AMX (where brgemm
-    runs on AMX tiles) or when --compare-decode-scores asks; [] otherwise."""
-    if not (args.compare_decode_scores or kind == "amx"):
-        return []
-    now_by_brgemm = headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, D)
-    env = dict(os.environ, HEADOPS_CPU_DECODE_BRGEMM="0" if now_by_brgemm else "1")
-    probe = subprocess.run([sys.executable, "-c", "import torch, headops; "
-                            f"print(headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, {D}))"],
-                           env=env, capture_output=True, text=True, check=True)
-    if probe.stdout.strip() == str(now_by_brgemm):
-        print("(the decode's score product has one choice on this CPU: no 16-bit brgemm)", flush=True)
-        return []
-    with tempfile.TemporaryDirectory(prefix="cpu-targets-") as tmp:
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvcache.py"),
-                        "--dtypes", "bfloat16", "--contexts", ",".join(map(str, contexts)), "--repeats", str(repeats),
-                        "--out-dir", tmp], env=env, check=True)
-        found = [os.path.join(tmp, name) for name in os.listdir(tmp) if name.endswith(".json")]
-        with open(found[0]) as f:
-            rows = json.load(f)["rows"]
-    for row in rows:
-        row["scores_by_brgemm"] = not now_by_brgemm
-    return rows
-
-
 def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
     """bf16 forward and forward+backward at s_pass again with float32 tiles through BLAS
     (HEADOPS_CPU_NO_PACKED=1), in a process of its own: the bf16 brgemm tiles have never run on
@@ -153,26 +124,12 @@ def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
 
 
 TILE_HEADER = ["row", "headops/SDPA, bf16 tiles by brgemm", "float32 tiles through BLAS"]
-CHOICE_HEADER = ["bf16 decode", "scores by", "of copy BW", "other choice", "of copy BW (other)"]
-
-
-def decode_choice_lines(decode_rows: list, other_choice: list) -> list:
-    """This run's bf16 decode rows beside the same rows with the other score product."""
-    default = "brgemm" if headops._C.cpu_decode_scores_by_brgemm(torch.bfloat16, D) else "registers"
-    other = {(r["context"], r["mix"]): r for r in other_choice}
-    return [[f"{r['context']} {r['mix']}", default, f"{r['read_vs_copy']:.0%}",
-             "brgemm" if other[(r["context"], r["mix"])]["scores_by_brgemm"] else "registers",
-             f"{other[(r['context'], r['mix'])]['read_vs_copy']:.0%}"]
-            for r in decode_rows if r["dtype"] == "bfloat16" and (r["context"], r["mix"]) in other]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="interleaved calls per measurement (the issue asks >= 5)")
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: checks the script, judges nothing")
-    p.add_argument("--compare-decode-scores", action="store_true",
-                   help="time the bf16 decode rows again with the other choice of score product (brgemm or in "
-                        "registers; always on an AMX machine)")
     p.add_argument("--compare-tiles", action="store_true",
                    help="time the bf16 rows at S = 2048 again with float32 tiles through BLAS where bf16 tiles run "
                         "through brgemm (always on an AMX machine)")
@@ -209,7 +166,6 @@ def main(argv=None) -> int:
                 decode_keys.append(key)
                 decode_rows.append(row)
     del passes
-    other_choice = other_decode_choice(args, kind, contexts, repeats)
     other_tiles = other_tile_path(args, kind, s_pass, repeats)
     tile_lines = [[f"bf16 {r['pass']} S={r['S']}", f"{measured[keys[('bfloat16', r['pass'], s_pass)]]:.2f}x",
                    f"{r['ratio']:.2f}x"] for r in other_tiles]
@@ -236,10 +192,6 @@ def main(argv=None) -> int:
     print(text_table(header, lines))
     if note:
         print(note)
-    choice_lines = decode_choice_lines(decode_rows, other_choice)
-    if choice_lines:
-        print()
-        print(text_table(CHOICE_HEADER, choice_lines))
     if tile_lines:
         print()
         print(text_table(TILE_HEADER, tile_lines))
@@ -253,7 +205,7 @@ def main(argv=None) -> int:
             "repeats": repeats, "judged": judged, "note": note, "wall_s": round(wall, 1),
             "targets": [dict(zip(("name", "bound", "measured", "worst_row", "verdict"), line)) for line in lines],
             "measured": measured, "attention": attention_rows, "decode": decode_rows,
-            "decode_other_score_product": other_choice, "bf16_float32_tiles": other_tiles}
+            "bf16_float32_tiles": other_tiles}
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=1)
     attention_table = markdown_table(["dtype", "pass", "S", "headops ms", "SDPA ms", "headops/SDPA"],
@@ -268,9 +220,6 @@ def main(argv=None) -> int:
                 f"{data['machine']['torch_threads']} threads); median of {repeats} interleaved calls; "
                 f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{note + chr(10) * 2 if note else ''}"
                 f"{attention_table}\n\n{decode_table}\n")
-        if choice_lines:
-            f.write(f"\nThe bf16 decode rows again with the other score product (a process of its own, after "
-                    f"this run's rows):\n\n{markdown_table(CHOICE_HEADER, choice_lines)}\n")
         if tile_lines:
             f.write(f"\nThe bf16 rows at S = {s_pass} again with float32 tiles through BLAS (HEADOPS_CPU_NO_PACKED=1, "
                     f"a process of its own; SDPA timed there too):\n\n{markdown_table(TILE_HEADER, tile_lines)}\n")

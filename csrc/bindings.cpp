@@ -174,7 +174,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(block_q, block_k) of the CPU backward for inputs of dtype");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
-  m.def("cpu_decode_scores_by_brgemm", &headops::cpu::decode_scores_by_brgemm);
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);

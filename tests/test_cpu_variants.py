@@ -27,21 +27,15 @@ SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT
     SWEPT_DECODE
 
 
-# whether a 16-bit decode step's scores take brgemm, as the process asked sees it
-DECODE_BY_BRGEMM = "any(headops._C.cpu_decode_scores_by_brgemm(d, 64) for d in (torch.bfloat16, torch.float16))"
-
-
-def run_sweep(env_extra, expect_capability, swept=SWEPT, expect_decode_by_brgemm=None):
+def run_sweep(env_extra, expect_capability, swept=SWEPT):
     env = dict(os.environ, **env_extra)
     # the headops this run imported (python/, or build-asan/pkg under make test-asan)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(headops.__file__)))
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    probe = subprocess.run([sys.executable, "-c", "import torch, headops; print(headops._C.cpu_capability(), "
-                            f"{DECODE_BY_BRGEMM})"], env=env, capture_output=True, text=True, check=True)
-    capability, by_brgemm = probe.stdout.split()
-    assert capability == expect_capability
+    probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"], env=env,
+                           capture_output=True, text=True, check=True)
     # the switch reached the kernel's choice (a sweep under an ignored switch would prove nothing)
-    assert expect_decode_by_brgemm is None or by_brgemm == str(expect_decode_by_brgemm)
+    assert probe.stdout.strip() == expect_capability
     # inductor's on-disk FX graph cache does not key on the vector ISA that ATEN_CPU_CAPABILITY
     # makes it pick: a graph cached by a run at another capability comes back with the other
     # vector width (on the AVX512-BF16 EPYC, AVX2 forced, the compiled training step's loss was
@@ -76,14 +70,3 @@ def test_tiles_through_blas_instead_of_brgemm():
         pytest.skip("this CPU runs every tile through BLAS already")
     run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())
 
-
-def test_decode_scores_through_brgemm():
-    """HEADOPS_CPU_DECODE_BRGEMM=1: the decode step's brgemm score product (AMX tiles, or
-    AVX512-BF16 / FP16) on a CPU that runs 16-bit brgemm, where the decode otherwise multiplies
-    in registers."""
-    if not any(headops._C.cpu_uses_packed_operands(dtype, 64) for dtype in (torch.bfloat16, torch.float16)):
-        pytest.skip("this CPU has no 16-bit brgemm")
-    assert not any(headops._C.cpu_decode_scores_by_brgemm(d, 64) for d in (torch.bfloat16, torch.float16)), \
-        "the decode's score product takes brgemm only when HEADOPS_CPU_DECODE_BRGEMM=1 asks"
-    run_sweep({"HEADOPS_CPU_DECODE_BRGEMM": "1"}, headops._C.cpu_capability(), SWEPT_DECODE,
-              expect_decode_by_brgemm=True)

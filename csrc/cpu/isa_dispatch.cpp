@@ -100,11 +100,4 @@ bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t r
   return dtype != at::kFloat || rows_per_key >= kFloatPackingRows;
 }
 
-bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim) {
-  static const char* const env = std::getenv("HEADOPS_CPU_DECODE_BRGEMM");
-  static const bool forced = env != nullptr && *env != '\0' && std::string(env) != "0";
-  // (a float decode step always multiplies in registers)
-  return forced && dtype != at::kFloat && uses_packed_operands(dtype, head_dim);
-}
-
 }  // namespace headops::cpu

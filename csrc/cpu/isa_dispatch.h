@@ -41,16 +41,6 @@ bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim);
 constexpr int64_t kFloatPackingRows = 24;
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key);
 
-// Whether the decode step's score product (a few query rows against each block of stored keys)
-// runs through brgemm: only when HEADOPS_CPU_DECODE_BRGEMM=1 asks (tests, and
-// bench/cpu_targets.py's comparison), wherever uses_packed_operands does. Otherwise the product
-// multiplies in registers straight from the stored rows, on every CPU: brgemm made a bf16 decode
-// step 1.2-1.9x slower on the AVX512-BF16 EPYC, and on the AMX Xeon (2026-12-04, 2 threads,
-// 32k and 131k keys) the rows in registers read the kept K/V at 79-82 % of the copy bandwidth
-// against 63-69 % through AMX tiles, whose per-block configuration, packing and transpose of a
-// 4-row product cost more than the product saves. HEADOPS_CPU_DECODE_BRGEMM=0 is the default.
-bool decode_scores_by_brgemm(at::ScalarType dtype, int64_t head_dim);
-
 template <typename Fn>
 struct IsaVariants {
   Fn* portable;

@@ -20,7 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,10 +32,8 @@
 #include "../../attention/head_semantics.h"
 #include "../../attention/online_softmax.h"
 #include "../../attention/work_counters.h"
-#include "../../cpu/isa_dispatch.h"
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
-#include "../../cpu/vnni_pack.h"
 #include "../decode_semantics.h"
 #include "../kv_layout.h"
 
@@ -142,10 +139,7 @@ void pair_permuted_queries(acc_t* out, const scalar_t* q, int64_t D) {
 // anyway, and asking for L1 made the whole step slower. On the Zen 4 EPYC (2 threads, 5
 // interleaved pairs) prefetcht1 read 22.8-24.6 GB/s of float32 K/V at 65k keys against
 // 18.3-20.6 with prefetcht0, and bfloat16 at 131k keys 17.7-18.9 against 15.6-17.3; the AVX2
-// variant gained as much. The PV pass that fetches its own rows (after brgemm scores, which only
-// HEADOPS_CPU_DECODE_BRGEMM=1 takes) follows the same rule; on the Zen 4 EPYC with brgemm scores forced
-// (HEADOPS_CPU_DECODE_BRGEMM=1, bfloat16, 131k keys, 5 alternating pairs) it made no clear
-// difference: 41.6-46.4 ms a step with prefetcht0 8 rows ahead, 42.5-46.8 ms as here.
+// variant gained as much.
 __attribute__((always_inline)) inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
@@ -258,12 +252,10 @@ constexpr int kPvPairs = 1;
 #endif
 
 // acc[r, :] += sum_j prob[r, j] * v[j, :] for NR rows, over columns [d0, d0 + kPvPairs * 2W).
-// fetch: whole rows are prefetched ahead (the first pass over a block whose value rows the
-// score product did not fetch), so later passes (other columns of the same rows) read them
-// from cache instead of from memory again.
+// The score product fetched the value rows into cache (score_rows).
 template <int NR, typename acc_t, typename scalar_t>
 void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk, int64_t D,
-                     int64_t d0, bool fetch) {
+                     int64_t d0) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = pair_width<acc_t>();
   constexpr int C = 2 * kPvPairs;
@@ -272,9 +264,7 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
   for (int r = 0; r < NR; ++r)
     #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) a[r][c] = V::loadu(acc + r * D + d0 + c * V::size());
-  const int64_t row_bytes = D * int64_t(sizeof(scalar_t)), ahead = rows_ahead(row_bytes);
   for (int64_t j = 0; j < nk; ++j) {
-    if (fetch && j + ahead < nk) prefetch_row(v + (j + ahead) * D, row_bytes);
     const scalar_t* row = v + j * D + d0;
     V x[C];
     #pragma GCC unroll 8
@@ -297,24 +287,21 @@ void accumulate_rows(acc_t* acc, const acc_t* prob, int64_t ldp, const scalar_t*
 }
 
 // acc[r, :] += prob[r, :] V. The columns of acc's whole chunks (kPvPairs pairs) are in
-// load_pair's order; unpermute_columns restores the stored order. values_fetched: the block's
-// value rows are on their way to cache already (the score product fetched them); otherwise the
-// first column pass fetches them.
+// load_pair's order; unpermute_columns restores the stored order.
 template <typename acc_t, typename scalar_t>
 void accumulate_pv(acc_t* acc, int64_t R, const acc_t* prob, int64_t ldp, const scalar_t* v, int64_t nk,
-                   int64_t D, bool values_fetched) {
+                   int64_t D) {
   constexpr int64_t kChunk = kPvPairs * pair_width<acc_t>();
   int64_t d0 = 0;
   for (; d0 + kChunk <= D; d0 += kChunk) {
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       acc_t* a = acc + r0 * D;
       const acc_t* p = prob + r0 * ldp;
-      const bool fetch = !values_fetched && d0 == 0 && r0 == 0;
       switch (std::min<int64_t>(4, R - r0)) {
-        case 4: accumulate_rows<4>(a, p, ldp, v, nk, D, d0, fetch); break;
-        case 3: accumulate_rows<3>(a, p, ldp, v, nk, D, d0, fetch); break;
-        case 2: accumulate_rows<2>(a, p, ldp, v, nk, D, d0, fetch); break;
-        default: accumulate_rows<1>(a, p, ldp, v, nk, D, d0, fetch); break;
+        case 4: accumulate_rows<4>(a, p, ldp, v, nk, D, d0); break;
+        case 3: accumulate_rows<3>(a, p, ldp, v, nk, D, d0); break;
+        case 2: accumulate_rows<2>(a, p, ldp, v, nk, D, d0); break;
+        default: accumulate_rows<1>(a, p, ldp, v, nk, D, d0); break;
       }
     }
   }
@@ -426,7 +413,6 @@ struct PartialBuffer {
 template <typename scalar_t>
 class DecodeWorker {
   using acc_t = acc_type<scalar_t>;
-  static constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
 
  public:
   DecodeWorker(const DecodeParams& p, const std::vector<DecodeItem>& items, PartialBuffer<acc_t>& partials)
@@ -435,16 +421,6 @@ class DecodeWorker {
         probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
         acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
         rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
-    if constexpr (!kDirect) {
-      // 16-bit keys when HEADOPS_CPU_DECODE_BRGEMM=1 asks: S^T = K Q^T by brgemm straight from the
-      // stored rows (A operand, no conversion), against the new queries packed once per item as
-      // the VNNI B operand
-      use_brgemm_ = decode_scores_by_brgemm(c10::CppTypeToScalarType<scalar_t>::value, D_);
-      if (use_brgemm_) {
-        q_vnni_.resize((D_ / 2) * R_ * 2);
-        scores_t_.resize(kDecodeBlock * R_);
-      }
-    }
     if (bf16_pairs()) q_pairs_.resize(R_ * D_);
   }
 
@@ -463,12 +439,6 @@ class DecodeWorker {
         } else {
           pair_permuted_queries<acc_t, scalar_t>(q_.data() + r * D, qrow, D);
         }
-      }
-    }
-    if constexpr (!kDirect) {
-      if (use_brgemm_) {
-        auto query_row = [&](int64_t r) { return a_.q.row<scalar_t>(b, r % Sq_, item.kvh * G_ + r / Sq_); };
-        pack_columns_vnni<scalar_t>(query_row, R_, R_, D, R_, q_vnni_.data());
       }
     }
     // an item is a partial softmax over some keys: the sink logit joins once, in combine()
@@ -491,9 +461,7 @@ class DecodeWorker {
         n = std::min(j0 + nk, st.end_slot) - j;
         pieces_.push_back({st.k_row(j, D), st.v_row(j, D), j - j0, n});
       }
-      bool values_fetched = true;
-      for (const BlockPiece& piece : pieces_)
-        values_fetched = block_scores(piece.k, piece.v, piece.offset, piece.n) && values_fetched;
+      for (const BlockPiece& piece : pieces_) block_scores(piece.k, piece.v, piece.offset, piece.n);
       counts_.add(kKeyBlocks, 1);
       counts_.add(kScoreElements, R_ * nk);
       bool used[2] = {false, false};
@@ -514,9 +482,7 @@ class DecodeWorker {
       for (int br = 0; br < 2; ++br) {
         if (!used[br]) continue;
         for (const BlockPiece& piece : pieces_)
-          accumulate_pv(acc_[br].data(), R_, probs_[br].data() + piece.offset, kDecodeBlock, piece.v, piece.n, D,
-                        values_fetched);
-        values_fetched = true;  // (the second branch's pass reads the rows the first one fetched)
+          accumulate_pv(acc_[br].data(), R_, probs_[br].data() + piece.offset, kDecodeBlock, piece.v, piece.n, D);
         counts_.add(kValueBlocks, 1);
       }
     }
@@ -530,10 +496,7 @@ class DecodeWorker {
     }
   }
 
-  void finish() {
-    counts_.publish();
-    if (use_brgemm_) at::native::cpublas::brgemm_release(true);
-  }
+  void finish() { counts_.publish(); }
 
  private:
   // A budget head's item covers all its slots: its rows' softmax is final here (with the
@@ -557,34 +520,30 @@ class DecodeWorker {
     }
   }
 
-  // scores_[r, offset + j] = q_r . k_j for nk keys of the block. Returns whether their value rows
-  // `v` were fetched meanwhile (the direct product does; brgemm does not).
-  bool block_scores(const scalar_t* k, const scalar_t* v, int64_t offset, int64_t nk) {
+  // scores_[r, offset + j] = q_r . k_j for nk keys of the block, fetching their value rows `v`
+  // into cache meanwhile. In registers straight from the stored rows on every CPU: a brgemm
+  // product (S^T = K Q^T, the queries packed as its VNNI operand) made a bf16 step 1.2-1.9x
+  // slower on the AVX512-BF16 EPYC and on the Zen 5, and on the AMX Xeon read the kept K/V at
+  // 59-69 % of the copy bandwidth against 67-84 % here (2 threads, 32k and 131k keys; its
+  // per-block tile configuration, packing and transpose of a 4-row product cost more than the
+  // product saved), so it was removed on 2026-12-05.
+  void block_scores(const scalar_t* k, const scalar_t* v, int64_t offset, int64_t nk) {
     const int64_t D = D_;
-    if constexpr (!kDirect) {
-      if (use_brgemm_) {
-        at::native::cpublas::brgemm(nk, R_, D, D, R_, R_, false, k, q_vnni_.data(), scores_t_.data(), true);
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t r = 0; r < R_; ++r) scores_[r * kDecodeBlock + offset + j] = scores_t_[j * R_ + r];
-        return false;
-      }
-    }
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_pairs()) {
         block_scores_direct(scores_.data() + offset, kDecodeBlock, q_pairs_.data(), R_, k, v, nk, D);
-        return true;
+        return;
       }
     }
 #endif
     block_scores_direct(scores_.data() + offset, kDecodeBlock, q_.data(), R_, k, v, nk, D);
-    return true;
   }
 
   // Whether the scores take score_rows' bfloat16-pairs overload (AVX512-BF16, D a multiple of 32)
   bool bf16_pairs() const {
 #if defined(__AVX512BF16__)
-    return std::is_same_v<scalar_t, c10::BFloat16> && !use_brgemm_ && D_ % 32 == 0;
+    return std::is_same_v<scalar_t, c10::BFloat16> && D_ % 32 == 0;
 #else
     return false;
 #endif
@@ -659,12 +618,9 @@ class DecodeWorker {
   std::vector<OnlineSoftmax<acc_t>> rows_[2];
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
-  bool use_brgemm_ = false;
   std::vector<BlockPiece> pieces_;
   std::vector<acc_t> kept_logits_;  // budget items: [R, slots] logits, for the attention mass
   int64_t kept_stride_ = 0;
-  std::vector<scalar_t> q_vnni_;  // [D/2, R, 2]
-  std::vector<float> scores_t_;   // [block, R]
 };
 
 // The items of one call: per (b, KV head) with an active query head, the union of the slot

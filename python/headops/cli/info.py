@@ -60,9 +60,7 @@ def describe(head_dim: int = 128) -> list:
         packed = _C.cpu_uses_packed_operands(dtype, head_dim)
         lines.append(f"  {str(dtype).replace('torch.', '')} tiles (D = {head_dim}): "
                      + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
-                        else "converted to float32 tiles (no packed bf16/fp16 unit)")
-                     + ("; decode scores by brgemm (HEADOPS_CPU_DECODE_BRGEMM=1)" if _C.cpu_decode_scores_by_brgemm(dtype, head_dim)
-                        else "; decode scores in registers"))
+                        else "converted to float32 tiles (no packed bf16/fp16 unit)"))
     if _C.cuda_compiled:
         archs = info["cuda_archs"] if info else "not recorded"
         lines.append(f"CUDA kernels: compiled for {archs} (torch's CUDA {torch.version.cuda})")
