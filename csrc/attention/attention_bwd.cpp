@@ -89,8 +89,11 @@ std::vector<at::Tensor> attention_bwd(
   // H * D elements apart (a page apart from H * D = 1024 floats), so each accumulation touched a
   // page per row. On the 2-core AMX Xeon (B=1, H=16, S=2048, D=128, causal, .sum().backward(),
   // interleaved against SDPA) bshd took 0.87x SDPA's time in bf16 and 1.02x in fp32 where bhsd
-  // took 0.77x and 0.97x. per_kv_head copies them back to the caller's layout.
-  const bool kv_grads_heads_first = heads_first || !q_in.is_cuda();
+  // took 0.77x and 0.97x. per_kv_head copies them back to the caller's layout. A backward that
+  // writes each head's rows once (float through brgemm) writes them in the caller's layout.
+  const bool written_once = !q_in.is_cuda() && cpu::backward_writes_key_grads_once(q.scalar_type(), d.D,
+                                                                                    d.Sq * (d.Hq / d.Hkv));
+  const bool kv_grads_heads_first = heads_first || (!q_in.is_cuda() && !written_once);
   const std::vector<int64_t> kv_per_q_head = kv_grads_heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sk, d.D}
                                                                   : std::vector<int64_t>{d.B, d.Sk, d.Hq, d.D};
   at::Tensor dq = zeros_if(wants(kGradQ), q_shape);

@@ -23,6 +23,10 @@ bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim) {
   return dtype == at::kBFloat16 && uses_packed_operands(dtype, head_dim);
 }
 
+bool backward_writes_key_grads_once(at::ScalarType input_dtype, int64_t head_dim, int64_t rows_per_key) {
+  return input_dtype == at::kFloat && call_uses_packed_operands(input_dtype, head_dim, rows_per_key);
+}
+
 void attention_backward(const BackwardParams& p, at::ScalarType input_dtype) {
   static const auto variants = HEADOPS_ISA_TABLE_WITH_BF16(attention_backward_isa);
   variants.pick(input_dtype)(p, input_dtype);

@@ -14,6 +14,12 @@ TileShape backward_tile_shape(at::ScalarType dtype, int64_t head_dim);
 // dtype); otherwise the caller converts them to float.
 bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim);
 
+// Whether the CPU backward of q, k, v in `input_dtype` (with rows_per_key query rows per key:
+// seqlen_q * group) writes each head's dk and dv rows once, at its end (float through brgemm:
+// backward_products.h), rather than accumulating into them per key block. Rows written once
+// may lie in any layout; accumulated ones are wanted heads-first.
+bool backward_writes_key_grads_once(at::ScalarType input_dtype, int64_t head_dim, int64_t rows_per_key);
+
 // Fills the gradients BackwardParams asks for. q, k, v are in `input_dtype` (float or double,
 // or bfloat16/float16 where backward_reads_input_dtype says so); everything else is in the
 // accumulation dtype (float, double for double) and checked by the caller; gradient buffers

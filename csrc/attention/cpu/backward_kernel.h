@@ -363,7 +363,7 @@ void backward_typed(const BackwardParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
   const TileShape tiles = fit_to_call(backward_tile_shape(dtype, p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k, p.fwd.causal);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (call_uses_packed_operands(dtype, p.fwd.head_dim, p.fwd.seqlen_q * p.fwd.group())) {
+    if (backward_writes_key_grads_once(dtype, p.fwd.head_dim, p.fwd.seqlen_q * p.fwd.group())) {
       const PackedBackwardKV<float> packed(p.fwd);
       return run_backward<float, PackedTileProducts<float>>(
           p, tiles, [&] { return PackedTileProducts<float>(p, packed, tiles.block_q, tiles.block_k); });
