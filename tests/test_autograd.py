@@ -964,6 +964,23 @@ def test_backward_is_deterministic(dtype):
         assert torch.equal(first[n], second[n]), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
+def test_backward_same_in_either_layout(dtype):
+    """bshd and bhsd inputs give the same gradients bit for bit: the layouts change where rows
+    lie (and, on the CPU, the layout dk/dv are written in: the caller's where a head's rows are
+    written once, heads-first where they accumulate per key block), not the arithmetic."""
+    B, Sq, Sk, Hq, Hkv, D = 2, 300, 700, 4, 2, 64
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, Sk, D, ALL + ["alpha"])
+    dout, _ = random_cotangents(q, "bshd", False)
+    bshd = grads(headops.attention, q, k, v, kw, dout)
+    heads_first = [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    bhsd = grads(headops.attention, *heads_first, dict(kw, layout="bhsd"), dout.transpose(1, 2))
+    for n in bshd:
+        got = bhsd[n].transpose(1, 2) if n in ("q", "k", "v") else bhsd[n]
+        assert torch.equal(got, bshd[n]), n
+
+
 def _grads_at_thread_counts(q, k, v, kw, dout):
     threads = torch.get_num_threads()
     try:
