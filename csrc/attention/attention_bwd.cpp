@@ -96,7 +96,8 @@ std::vector<at::Tensor> attention_bwd(
   const bool kv_grads_heads_first = heads_first || (!q_in.is_cuda() && !written_once);
   const std::vector<int64_t> kv_per_q_head = kv_grads_heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sk, d.D}
                                                                   : std::vector<int64_t>{d.B, d.Sk, d.Hq, d.D};
-  at::Tensor dq = zeros_if(wants(kGradQ), q_shape);
+  // the CPU's 16-bit brgemm backward writes dq in the input dtype (backward_products.h: dq_t)
+  at::Tensor dq = inputs_as_given && wants(kGradQ) ? at::zeros(q_shape, q.options()) : zeros_if(wants(kGradQ), q_shape);
   at::Tensor dk = zeros_if(wants(kGradK), kv_per_q_head);
   at::Tensor dv = zeros_if(wants(kGradV), kv_per_q_head);
   at::Tensor dscale = zeros_if(wants(kGradSoftmaxScale) && softmax_scale.has_value(), {d.B, d.Hq});

@@ -183,8 +183,15 @@ class HeadBackward {
         const acc_t* dq_row = dq_tile_.data() + r * D;
         if (p_.dsoftmax_scale) dscale += dot(products_.q_row(r), dq_row, D);
         if (p_.want_dq) {
-          acc_t* out = const_cast<acc_t*>(p_.dq.row<acc_t>(b, q0 + r, h));
-          for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
+          using dq_t = typename Products::dq_t;
+          dq_t* out = const_cast<dq_t*>(p_.dq.row<dq_t>(b, q0 + r, h));
+          if constexpr (std::is_same_v<dq_t, acc_t>) {
+            for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
+          } else {  // rounded as dq.to(dtype) would round it
+            acc_t* scaled = dq_tile_.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) scaled[d] = hs.softmax_scale * scaled[d];
+            convert_row(scaled, out, D);
+          }
         }
       }
     }

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../../cpu/blas.h"
@@ -39,6 +40,7 @@ struct KeyGradRows {
 template <typename acc_t>
 struct BlasTileProducts {
   static constexpr int64_t key_alignment = 1;
+  using dq_t = acc_t;  // dq's dtype (the caller's buffer)
   const AttentionParams& f;
   const acc_t *q = nullptr, *k = nullptr, *v = nullptr, *d_o = nullptr;
   int64_t nq = 0;
@@ -120,6 +122,10 @@ struct PackedBackwardKV {
 template <typename scalar_t>
 struct PackedTileProducts {
   static constexpr int64_t P = vnni_pairs<scalar_t>();
+  // dq's dtype: 16-bit inputs get dq written in their own dtype (the caller allocates it so
+  // where backward_reads_input_dtype), each row rounded once as it is finished, rather than a
+  // float dq converted afterwards
+  using dq_t = std::conditional_t<P == 2, scalar_t, float>;
   // VNNI pairs: key blocks of 16-bit types start and end on even keys
   static constexpr int64_t key_alignment = P;
   const AttentionParams& f;
