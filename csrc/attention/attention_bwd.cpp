@@ -79,9 +79,10 @@ std::vector<at::Tensor> attention_bwd(
   const PerHeadArgs args{softmax_scale, window_d, sinks_d, alpha_d, key_bias, sink_logit, out_scale, out_bias, gate_d};
 
   const auto options = q.options().dtype(acc);
-  auto zeros_if = [&](bool wanted, at::IntArrayRef shape) {
-    return wanted ? at::zeros(shape, options) : at::empty({0}, options);
+  auto zeros_of = [&](bool wanted, at::IntArrayRef shape, at::ScalarType type) {
+    return wanted ? at::zeros(shape, options.dtype(type)) : at::empty({0}, options.dtype(type));
   };
+  auto zeros_if = [&](bool wanted, at::IntArrayRef shape) { return zeros_of(wanted, shape, acc); };
   const std::vector<int64_t> q_shape = heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sq, d.D}
                                                    : std::vector<int64_t>{d.B, d.Sq, d.Hq, d.D};
   // On the CPU dk and dv accumulate in heads-first rows whatever the layout: a key block's rows
@@ -97,7 +98,7 @@ std::vector<at::Tensor> attention_bwd(
   const std::vector<int64_t> kv_per_q_head = kv_grads_heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sk, d.D}
                                                                   : std::vector<int64_t>{d.B, d.Sk, d.Hq, d.D};
   // the CPU's 16-bit brgemm backward writes dq in the input dtype (backward_products.h: dq_t)
-  at::Tensor dq = inputs_as_given && wants(kGradQ) ? at::zeros(q_shape, q.options()) : zeros_if(wants(kGradQ), q_shape);
+  at::Tensor dq = zeros_of(wants(kGradQ), q_shape, inputs_as_given ? dtype : acc);
   at::Tensor dk = zeros_if(wants(kGradK), kv_per_q_head);
   at::Tensor dv = zeros_if(wants(kGradV), kv_per_q_head);
   at::Tensor dscale = zeros_if(wants(kGradSoftmaxScale) && softmax_scale.has_value(), {d.B, d.Hq});

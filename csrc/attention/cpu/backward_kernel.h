@@ -180,7 +180,7 @@ class HeadBackward {
           key_block(b, h, head, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
       // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
       for (int64_t r = 0; r < nq; ++r) {
-        const acc_t* dq_row = dq_tile_.data() + r * D;
+        acc_t* dq_row = dq_tile_.data() + r * D;
         if (p_.dsoftmax_scale) dscale += dot(products_.q_row(r), dq_row, D);
         if (p_.want_dq) {
           using dq_t = typename Products::dq_t;
@@ -188,9 +188,8 @@ class HeadBackward {
           if constexpr (std::is_same_v<dq_t, acc_t>) {
             for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
           } else {  // rounded as dq.to(dtype) would round it
-            acc_t* scaled = dq_tile_.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) scaled[d] = hs.softmax_scale * scaled[d];
-            convert_row(scaled, out, D);
+            for (int64_t d = 0; d < D; ++d) dq_row[d] = hs.softmax_scale * dq_row[d];
+            convert_row(dq_row, out, D);
           }
         }
       }
