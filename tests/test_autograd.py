@@ -981,6 +981,38 @@ def test_backward_same_in_either_layout(dtype):
         assert torch.equal(got, bshd[n]), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("broadcast", ["all", "heads", "batch_and_sequence"])
+def test_broadcast_output_gradient_same_as_materialised(dtype, layout, broadcast):
+    """A dL/dout broadcast with stride 0 (out.sum()'s gradient is one value expanded; here also
+    over heads only, or over batch and sequence) gives the gradients its materialised copy gives,
+    bit for bit: on the CPU the kernel reads the broadcast rows where they lie, uncopied."""
+    B, Sq, Sk, Hq, Hkv, D = 2, 150, 260, 4, 2, 64
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, layout)
+    kw = dict(head_params(B, Hq, Sk, D, ALL + ["alpha"]), layout=layout)
+    out_shape = q.shape
+    s_dim, h_dim = (1, 2) if layout == "bshd" else (2, 1)
+    distinct = list(out_shape)
+    for dim in {"all": (0, 1, 2, 3), "heads": (h_dim,), "batch_and_sequence": (0, s_dim)}[broadcast]:
+        distinct[dim] = 1
+    dout = torch.randn(distinct, dtype=F64).to(dtype).expand(out_shape)
+    assert 0 in dout.stride()
+
+    def gradients(d_out):
+        lq, lk, lv, lkw = leaves(q, k, v, kw)
+        named = {"q": lq, "k": lk, "v": lv, **{n: t for n, t in lkw.items() if isinstance(t, torch.Tensor)
+                                               and t.requires_grad}}
+        out = headops.attention(lq, lk, lv, **lkw)
+        return dict(zip(named, torch.autograd.grad(out, list(named.values()), grad_outputs=d_out)))
+
+    expanded, materialised = gradients(dout), gradients(dout.contiguous())
+    assert expanded.keys() == materialised.keys() and len(expanded) > 3
+    for n in expanded:
+        assert not expanded[n].isnan().any(), n
+        assert torch.equal(expanded[n], materialised[n]), n
+
+
 def _grads_at_thread_counts(q, k, v, kw, dout):
     threads = torch.get_num_threads()
     try:

@@ -77,7 +77,8 @@ struct AttentionParams {
 // A null output pointer means that gradient is not wanted (and not computed).
 struct BackwardParams {
   AttentionParams fwd;
-  HeadTensor dout;             // [B, S, Hq, D] addressing of dL/dout, acc dtype
+  HeadTensor dout;             // [B, S, Hq, D] addressing of dL/dout, acc dtype (on the CPU a broadcast
+                               // gradient keeps stride 0 across batch, sequence or heads)
   const void* dlse = nullptr;  // [B, Hq, Sq] contiguous dL/dlse (streaming branch), or null
   bool skipped_zero_gate = true;  // the forward skipped heads whose gate is 0: nothing of them is saved
 
