@@ -94,8 +94,13 @@ struct PackedBackwardKV {
     heads = f.batch * f.heads_kv;
     storage = packing_workspace<scalar_t>(3 * heads * head_elems(), fresh);
     const int64_t blocks = padded_keys / kPackBlock;
+    // one block of every kv head in a row: bshd keeps a key's heads side by side, so consecutive
+    // blocks read neighbouring memory rather than one head's rows a page apart
     at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) pack_block(f, n / blocks / f.heads_kv, n / blocks % f.heads_kv, n % blocks);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / (blocks * f.heads_kv), blk = n / f.heads_kv % blocks, kvh = n % f.heads_kv;
+        pack_block(f, b, kvh, blk);
+      }
     });
   }
   int64_t head_elems() const { return padded_keys * head_dim; }

@@ -463,9 +463,15 @@ void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& i
         std::fill(flags + r.lo / PackedKV<scalar_t>::kPackBlock, flags + (r.hi - 1) / PackedKV<scalar_t>::kPackBlock + 1,
                   uint8_t(1));
   }
+  // one block of every kv head in a row (as PackedBackwardKV): bshd keeps a key's heads side by
+  // side, so consecutive blocks read neighbouring memory rather than one head's rows a page apart
   std::vector<int64_t> blocks;
-  for (int64_t i = 0; i < static_cast<int64_t>(needed.size()); ++i)
-    if (needed[i]) blocks.push_back(i);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t blk = 0; blk < per_head; ++blk)
+      for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+        const int64_t i = (b * p.heads_kv + kvh) * per_head + blk;
+        if (needed[i]) blocks.push_back(i);
+      }
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t flat = blocks[i], blk = flat % per_head, bk = flat / per_head;
