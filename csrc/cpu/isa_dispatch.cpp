@@ -3,6 +3,7 @@
 #include <ATen/Version.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
+#include <cpuinfo.h>
 
 #include <cstdlib>
 #include <string>
@@ -13,6 +14,15 @@ namespace headops::cpu {
 const std::string& cpu_capability() {
   static const std::string capability = at::get_cpu_capability();
   return capability;
+}
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (!cpuinfo_initialize()) return int64_t(0);
+    const cpuinfo_cache* l2 = cpuinfo_get_l2_cache(0);
+    return l2 != nullptr ? int64_t(l2->size) : int64_t(0);
+  }();
+  return bytes;
 }
 
 bool runs_avx512_bf16_variant() {

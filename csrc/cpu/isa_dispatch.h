@@ -31,6 +31,10 @@ bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
 // shapes that suit AMX differ from those of AVX512-BF16 (attention_fwd_cpu.cpp, attention_bwd_cpu.cpp).
 bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim);
 
+// The size of one core's L2 cache in bytes (cpuinfo, as torch reads it), or 0 where unknown:
+// whether a tile's working set stays there decides some tile shapes.
+int64_t l2_cache_bytes();
+
 // Whether one call's tiles run through brgemm: uses_packed_operands, and for float only when each
 // key is read by at least kFloatPackingRows query rows (seqlen_q x the GQA group): packing K and
 // V costs a pass over them that BLAS, reading them in place, does not pay; with a few rows per

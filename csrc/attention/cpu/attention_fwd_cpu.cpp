@@ -17,7 +17,16 @@ TileShape tile_shape(at::ScalarType dtype, int64_t head_dim) {
   // On AMX, 256 x 256: on a 2-core AMX Xeon (2026-12-04, B=1, H=16, D=128, causal, bf16, 7
   // interleaved calls against SDPA) 0.89x / 0.96x SDPA at S = 2048 / 4096 where 128 x 256 gave
   // 0.97x / 1.01x (at 4096: 128 x 128 1.07x, 256 x 128 1.01x, 128 x 512 0.99x, 256 x 512 1.01x).
+  // Float tiles through brgemm take 256 x 256 too where a core's L2 holds that tile's working set
+  // (scores, probabilities, accumulator, a K and a V block: ~1 MiB; 2 MiB L2 or more): each query
+  // tile streams the packed K and V of all the keys it sees, so taller tiles halve that traffic.
+  // On the 2-core AMX Xeon (2026-12-05, fp32, B=1, H=16, D=128, causal, alternating runs, its
+  // memory shared with busy neighbours) S = 4096 took 395-416 ms where 128 x 256 took 414-447 ms,
+  // in three sets of five (S = 2048 and forward+backward: no difference). CPUs with smaller L2s
+  // (the Zen 4/5 EPYCs: 1 MiB) keep 128 x 256, untimed at 256 x 256.
   if (uses_amx_tiles(dtype, head_dim)) return {256, 256};
+  if (dtype == at::kFloat && uses_packed_operands(dtype, head_dim) && l2_cache_bytes() >= (int64_t(2) << 20))
+    return {256, 256};
   if (uses_packed_operands(dtype, head_dim)) return {128, 256};
   return {256, 512};
 }
