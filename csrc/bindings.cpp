@@ -174,6 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(block_q, block_k) of the CPU backward for inputs of dtype");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
+  m.def("cpu_l2_cache_bytes", &headops::cpu::l2_cache_bytes,
+        "one core's L2 cache in bytes as torch's cpuinfo reads it (0 where unknown): some tile shapes follow it");
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);

@@ -82,6 +82,8 @@ def test_discover_draws_its_heat_map_and_names_a_bad_option(tmp_path):
 
 
 def test_info_names_the_cpu_variant_the_build_and_the_devices():
+    import torch
+
     import headops
     from headops import _C
     from headops.cli import info
@@ -91,6 +93,8 @@ def test_info_names_the_cpu_variant_the_build_and_the_devices():
     text = proc.stdout
     assert f"headops {headops.__version__}" in text and f"kernel variant: {_C.cpu_capability()}" in text
     assert "bfloat16 tiles (D = 64)" in text
+    block_q, block_k = _C.cpu_tile_shape(torch.float32, 64)
+    assert f"float32 {block_q}x{block_k} / " in text and "L2 per core" in text
     assert ("CUDA kernels: compiled for" in text) == bool(_C.cuda_compiled)
     assert info.describe(64) == text.rstrip("\n").split("\n")
 

@@ -61,6 +61,12 @@ def describe(head_dim: int = 128) -> list:
         lines.append(f"  {str(dtype).replace('torch.', '')} tiles (D = {head_dim}): "
                      + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
                         else "converted to float32 tiles (no packed bf16/fp16 unit)"))
+    l2 = _C.cpu_l2_cache_bytes()
+    shapes = ", ".join(f"{str(dtype).replace('torch.', '')} {'x'.join(map(str, _C.cpu_tile_shape(dtype, head_dim)))}"
+                       f" / {'x'.join(map(str, _C.cpu_backward_tile_shape(dtype, head_dim)))}"
+                       for dtype in (torch.float32, torch.bfloat16))
+    lines.append(f"  tile shapes (queries x keys, forward / backward, D = {head_dim}; the longest a call's sequences "
+                 f"allow): {shapes}; L2 per core {f'{l2 >> 10} KiB' if l2 else 'unknown'}")
     if _C.cuda_compiled:
         archs = info["cuda_archs"] if info else "not recorded"
         lines.append(f"CUDA kernels: compiled for {archs} (torch's CUDA {torch.version.cuda})")
