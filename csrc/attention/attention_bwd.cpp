@@ -22,21 +22,21 @@ OptTensor contiguous_or_none(const OptTensor& t) {
   return t->contiguous();
 }
 
-// Whether dL/dout is broadcast over batch, sequence or heads (stride 0 across a dimension of more
-// than one element): out.sum()'s gradient is one value expanded to the output's shape.
-bool broadcast_rows(const at::Tensor& dout) {
-  for (int64_t dim = 0; dim < 3; ++dim)
-    if (dout.stride(dim) == 0 && dout.size(dim) > 1) return true;
-  return false;
-}
-
-// Such a dL/dout for the CPU kernel, which reads each (b, s, h) row once where it lies
-// (prepare_rows): its distinct rows in the accumulation dtype, expanded back with stride 0,
-// rather than copied out to the output's size (16 MB for B=1, S=2048, H=16, D=128 in float).
-at::Tensor distinct_rows_expanded(const at::Tensor& dout, at::ScalarType acc) {
+// dL/dout broadcast over batch, sequence or heads (stride 0 across a dimension of more than one
+// element; out.sum()'s gradient is one value expanded to the output's shape) as the CPU kernel
+// reads it, each (b, s, h) row once where it lies (prepare_rows): its distinct rows in the
+// accumulation dtype, expanded back with stride 0, rather than copied out to the output's size
+// (16 MB for B=1, S=2048, H=16, D=128 in float). nullopt for a dL/dout broadcast nowhere.
+OptTensor distinct_rows_expanded(const at::Tensor& dout, at::ScalarType acc) {
   at::Tensor distinct = dout;
-  for (int64_t dim = 0; dim < 3; ++dim)
-    if (dout.stride(dim) == 0 && dout.size(dim) > 1) distinct = distinct.narrow(dim, 0, 1);
+  bool broadcast = false;
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    if (dout.stride(dim) == 0 && dout.size(dim) > 1) {
+      distinct = distinct.narrow(dim, 0, 1);
+      broadcast = true;
+    }
+  }
+  if (!broadcast) return std::nullopt;
   return distinct.to(acc).contiguous().expand(dout.sizes());
 }
 
@@ -83,8 +83,8 @@ std::vector<at::Tensor> attention_bwd(
   const bool inputs_as_given = !q_in.is_cuda() && cpu::backward_reads_input_dtype(dtype, d.D);
   auto input = [&](const at::Tensor& t) { return inputs_as_given ? rows_addressable(t, heads_first) : to_acc(t); };
   const at::Tensor q = input(q_in), k = input(k_in), v = input(v_in);
-  const at::Tensor dout =
-      !q_in.is_cuda() && broadcast_rows(dout_in) ? distinct_rows_expanded(dout_in, acc) : to_acc(dout_in);
+  const OptTensor dout_rows = q_in.is_cuda() ? std::nullopt : distinct_rows_expanded(dout_in, acc);
+  const at::Tensor dout = dout_rows.has_value() ? *dout_rows : to_acc(dout_in);
   const at::Tensor o_stream_c = o_stream.contiguous(), lse_c = lse.contiguous();
   const OptTensor o_full_c = contiguous_or_none(o_full), lse_full_c = contiguous_or_none(lse_full);
   const OptTensor dlse = dlse_in.has_value() ? OptTensor(dlse_in->to(acc).contiguous()) : std::nullopt;
