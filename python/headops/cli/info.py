@@ -36,6 +36,10 @@ def _cpu() -> tuple:
     return name, [flag for flag in _CPU_FLAGS if flag in flags]
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def describe(head_dim: int = 128) -> list:
     """The report's lines."""
     import torch
@@ -58,13 +62,15 @@ def describe(head_dim: int = 128) -> list:
                  if _C.cpu_uses_packed_operands(torch.float32, head_dim) else "")]
     for dtype in (torch.bfloat16, torch.float16):
         packed = _C.cpu_uses_packed_operands(dtype, head_dim)
-        lines.append(f"  {str(dtype).replace('torch.', '')} tiles (D = {head_dim}): "
+        lines.append(f"  {_dtype_name(dtype)} tiles (D = {head_dim}): "
                      + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
                         else "converted to float32 tiles (no packed bf16/fp16 unit)"))
     l2 = _C.cpu_l2_cache_bytes()
-    shapes = ", ".join(f"{str(dtype).replace('torch.', '')} {'x'.join(map(str, _C.cpu_tile_shape(dtype, head_dim)))}"
-                       f" / {'x'.join(map(str, _C.cpu_backward_tile_shape(dtype, head_dim)))}"
-                       for dtype in (torch.float32, torch.bfloat16))
+    def tiles(shape):
+        return "x".join(map(str, shape))
+
+    shapes = ", ".join(f"{_dtype_name(dtype)} {tiles(_C.cpu_tile_shape(dtype, head_dim))}"
+                       f" / {tiles(_C.cpu_backward_tile_shape(dtype, head_dim))}" for dtype in (torch.float32, torch.bfloat16))
     lines.append(f"  tile shapes (queries x keys, forward / backward, D = {head_dim}; the longest a call's sequences "
                  f"allow): {shapes}; L2 per core {f'{l2 >> 10} KiB' if l2 else 'unknown'}")
     if _C.cuda_compiled:
@@ -80,7 +86,7 @@ def describe(head_dim: int = 128) -> list:
                 kernels = []
                 for dtype in (torch.bfloat16, torch.float32):
                     q = torch.empty(1, 16, 4, head_dim, dtype=dtype, device=f"cuda:{index}")
-                    kernels.append(f"{str(dtype).replace('torch.', '')} -> {_C.cuda_kernel_for(q, q, q, False)}")
+                    kernels.append(f"{_dtype_name(dtype)} -> {_C.cuda_kernel_for(q, q, q, False)}")
                 line += "; forward kernel: " + ", ".join(kernels)
             lines.append(line)
     else:
