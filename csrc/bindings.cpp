@@ -2,6 +2,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <c10/util/Flags.h>
+
+#include <utility>
+
 #include "attention/attention_bwd.h"
 #include "attention/attention_fwd.h"
 #include "attention/attention_probe.h"
@@ -73,6 +77,10 @@ TORCH_LIBRARY_IMPL(headops, CUDA, m) {
   m.impl("decode_attention", &headops::decode_attention);
 }
 #endif
+
+// c10's switch (c10/core/impl/alloc_cpu.cpp) that fills every new CPU allocation with a pattern
+// that reads as NaN; c10 defines it, its headers do not declare it
+C10_DECLARE_bool(caffe2_cpu_allocator_do_junk_fill);
 
 namespace {
 
@@ -179,6 +187,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &headops::cpu::cpu_capability,
         "the CPU kernel variant in use: DEFAULT, AVX2 or AVX512 (ATen's choice; ATEN_CPU_CAPABILITY overrides)");
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
+  m.def(
+      "cpu_junk_fill",
+      [](bool on) { return std::exchange(FLAGS_caffe2_cpu_allocator_do_junk_fill, on); },
+      "test hook: while on, torch's CPU allocator fills each new tensor with a pattern that reads as NaN, so a "
+      "kernel that leaves an output element unwritten shows it; returns the previous setting");
   bind_semantics(m.def_submodule(
       "semantics", "head_semantics.h, online_softmax.h and chunk_walk.h called one value at a time: what tests "
                    "and the CUDA emulations (tests/emulate_cuda_*.py) read instead of transcribing the rules"));

@@ -52,6 +52,9 @@ def pytest_sessionstart(session):
     # test files run in
     warm = torch.zeros(1, requires_grad=True)
     warm.sum().backward()
+    # every new CPU tensor starts as NaN (float32; bf16 halves and float64 become junk): an output
+    # element a kernel leaves unwritten fails its comparison instead of passing as a stray zero
+    headops._C.cpu_junk_fill(True)
 
 
 @pytest.fixture(autouse=True)

@@ -82,8 +82,11 @@ struct BackwardParams {
   const void* dlse = nullptr;  // [B, Hq, Sq] contiguous dL/dlse (streaming branch), or null
   bool skipped_zero_gate = true;  // the forward skipped heads whose gate is 0: nothing of them is saved
 
-  HeadTensor dq;      // q's layout
-  HeadTensor dk, dv;  // k's layout but with Hq heads: per query head, the caller sums GQA groups
+  // q's layout; dk, dv: k's layout but with Hq heads (per query head, the caller sums GQA
+  // groups). The CPU kernel writes every element of them (the dispatcher allocates them
+  // uninitialised); the CUDA kernel accumulates into zeros.
+  HeadTensor dq;
+  HeadTensor dk, dv;
   bool want_dq = false, want_dk = false, want_dv = false;
   // [B, Hq] contiguous
   void* dsoftmax_scale = nullptr;

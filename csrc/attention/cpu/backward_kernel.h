@@ -12,6 +12,8 @@
 //      softmax_scale) with five tile products (backward_products.h: BLAS for float/double,
 //      brgemm in the input dtype for bfloat16/float16 where the CPU runs it natively).
 //      Nothing of size S x S is stored.
+// Every row of dq, dk and dv an item owns is written here, zeros where no key block reaches it
+// (the dispatcher does not fill them first).
 // q, k, v arrive in their own dtype on the brgemm path, else in the accumulation dtype (the
 // dispatcher converts); everything else in the accumulation dtype.
 #pragma once
@@ -84,9 +86,14 @@ class HeadBackward {
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
     const BackwardHead<acc_t> head = BackwardHead<acc_t>::read(p_, b, h);
-    if (head.skipped) return;  // never computed: its gradients are 0
-    prepare_rows(b, h, head);
-    if (!p_.needs_key_loop() || head.rows_zero) return;
+    const int64_t Sq = f_.seqlen_q, Sk = f_.seqlen_k;
+    if (!head.skipped) prepare_rows(b, h, head);  // (a skipped head was never computed)
+    if (head.skipped || !p_.needs_key_loop() || head.rows_zero) {  // nothing reaches q, k or v
+      zero_query_grad_rows(b, h, 0, Sq);
+      zero_key_grad_rows(b, h, 0, Sk);
+      return;
+    }
+    if constexpr (!Products::writes_key_grads_once) zero_key_grad_rows(b, h, 0, Sk);  // the products add into them
     walk_tiles(b, h, head, counts);
   }
   void finish() { products_.end_worker(); }
@@ -171,9 +178,12 @@ class HeadBackward {
     for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
       const int64_t q1 = std::min(Sq, q0 + rows), nq = q1 - q0;
       const VisibleKeys keys = tile_keys(f_, hs, q0, q1, Products::key_alignment, products_.padded_keys());
-      if (keys.count() == 0) continue;
+      if (keys.count() == 0) {
+        zero_query_grad_rows(b, h, q0, q1);
+        continue;
+      }
       counts.add(kWorkItems, 1);
-      products_.begin_tile(b, h, q0, nq, d_out_.data() + q0 * D);
+      products_.begin_tile(b, h, q0, nq, d_out_.data() + q0 * D, hs.softmax_scale);
       std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
       for (const KeyRange& range : {keys.sinks, keys.window})
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
@@ -195,21 +205,30 @@ class HeadBackward {
       }
     }
     if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale;
-    KeyGradRows<acc_t> head_rows;
-    if (p_.want_dk) {
-      head_rows.dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, 0, h));
-      head_rows.stride_dk = p_.dk.stride_s;
+    if constexpr (Products::writes_key_grads_once) {
+      const KeyRange written = products_.end_head(key_grad_rows(b, 0, h));
+      zero_key_grad_rows(b, h, 0, written.lo);
+      zero_key_grad_rows(b, h, std::max(written.lo, written.hi), f_.seqlen_k);
     }
-    if (p_.want_dv) {
-      head_rows.dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, 0, h));
-      head_rows.stride_dv = p_.dv.stride_s;
-    }
-    products_.end_head(head_rows);
-    // dk = scale * sum dS^T Q, scaled once here: BLAS given the scale as alpha rounds differently
-    // with its thread setting (the rows of dk belong to this item)
-    if (p_.want_dk && hs.softmax_scale != acc_t(1))
+    // dk = scale * sum dS^T Q, scaled once here where the products do not scale it: BLAS given
+    // the scale as alpha rounds differently with its thread setting (the rows of dk belong to
+    // this item)
+    if (!Products::scales_key_grads && p_.want_dk && hs.softmax_scale != acc_t(1))
       for (int64_t j = 0; j < f_.seqlen_k; ++j)
         scale_row(const_cast<acc_t*>(p_.dk.row<acc_t>(b, j, h)), D, hs.softmax_scale);
+  }
+
+  void zero_query_grad_rows(int64_t b, int64_t h, int64_t i0, int64_t i1) {
+    using dq_t = typename Products::dq_t;
+    if (p_.want_dq)
+      for (int64_t i = i0; i < i1; ++i) std::fill_n(const_cast<dq_t*>(p_.dq.row<dq_t>(b, i, h)), D_, dq_t(0));
+  }
+  void zero_key_grad_rows(int64_t b, int64_t h, int64_t j0, int64_t j1) {
+    auto zero = [&](const HeadTensor& grad) {
+      for (int64_t j = j0; j < j1; ++j) std::fill_n(const_cast<acc_t*>(grad.row<acc_t>(b, j, h)), D_, acc_t(0));
+    };
+    if (p_.want_dk) zero(p_.dk);
+    if (p_.want_dv) zero(p_.dv);
   }
 
   // Probabilities of one branch for row r: exp(logit - lse) on the visible parts, 0 elsewhere.
@@ -296,17 +315,22 @@ class HeadBackward {
       fill_zero(ds_row, real, nk);
       if (dkb) add_into(dkb, ds_row, real);
     }
+    if (p_.want_dv) counts.add(kValueBlocks, 1);
+    products_.gradients(s, ds, ld, j0, nk, real, dq_tile_.data(), key_grad_rows(b, j0, h));  // dV, dQ, dK
+  }
+
+  // The head's dK and dV rows from key j0 (null where not wanted).
+  KeyGradRows<acc_t> key_grad_rows(int64_t b, int64_t j0, int64_t h) const {
     KeyGradRows<acc_t> rows;
-    if (p_.want_dv) {
-      rows.dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, j0, h));
-      rows.stride_dv = p_.dv.stride_s;
-      counts.add(kValueBlocks, 1);
-    }
     if (p_.want_dk) {
       rows.dk = const_cast<acc_t*>(p_.dk.row<acc_t>(b, j0, h));
       rows.stride_dk = p_.dk.stride_s;
     }
-    products_.gradients(s, ds, ld, j0, nk, real, dq_tile_.data(), rows);  // dV, dQ, dK
+    if (p_.want_dv) {
+      rows.dv = const_cast<acc_t*>(p_.dv.row<acc_t>(b, j0, h));
+      rows.stride_dv = p_.dv.stride_s;
+    }
+    return rows;
   }
 
   const BackwardParams& p_;
@@ -319,7 +343,8 @@ class HeadBackward {
   std::vector<acc_t> dq_tile_;                    // [block_q, D]: dS K of the current tile
 };
 
-// Items heaviest first: the (b, h) pairs and the keys they walk.
+// Items heaviest first: the (b, h) pairs and the keys they walk. A head the forward skipped is
+// an item too, which only writes its zero gradients.
 template <typename acc_t>
 std::vector<std::pair<int64_t, int64_t>> backward_items(const BackwardParams& p, int64_t block_q) {
   const AttentionParams& f = p.fwd;
@@ -327,9 +352,12 @@ std::vector<std::pair<int64_t, int64_t>> backward_items(const BackwardParams& p,
   for (int64_t b = 0; b < f.batch; ++b) {
     for (int64_t h = 0; h < f.heads_q; ++h) {
       const HeadScalars<acc_t> hs = read_head<acc_t>(f, b, h);
-      if (p.skipped_zero_gate && hs.gate == acc_t(0)) continue;
-      const int64_t rows = head_query_tile(hs, block_q);
       int64_t cost = f.seqlen_q;
+      if (p.skipped_zero_gate && hs.gate == acc_t(0)) {
+        items.emplace_back(cost, b * f.heads_q + h);
+        continue;
+      }
+      const int64_t rows = head_query_tile(hs, block_q);
       for (int64_t q0 = 0; q0 < f.seqlen_q; q0 += rows) {
         const int64_t q1 = std::min(f.seqlen_q, q0 + rows);
         cost += (q1 - q0) * tile_keys(f, hs, q0, q1, 1, f.seqlen_k).count();

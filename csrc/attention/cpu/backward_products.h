@@ -6,8 +6,10 @@
 //    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
 //    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
-// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients), and
-// hand over the head's dK and dV rows at its end (end_head).
+// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients).
+// Products that add into the head's dK and dV rows find them zeroed; those that write them
+// once (writes_key_grads_once: float through brgemm) hand them over at the head's end
+// (end_head). scales_key_grads: dK comes out already times the softmax scale.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +27,7 @@
 #include "../../cpu/row_ops.h"
 #include "../../cpu/transpose.h"
 #include "../attention_params.h"
+#include "../head_semantics.h"
 #include "../../cpu/vnni_pack.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
@@ -40,6 +43,7 @@ struct KeyGradRows {
 template <typename acc_t>
 struct BlasTileProducts {
   static constexpr int64_t key_alignment = 1;
+  static constexpr bool writes_key_grads_once = false, scales_key_grads = false;
   using dq_t = acc_t;  // dq's dtype (the caller's buffer)
   const AttentionParams& f;
   const acc_t *q = nullptr, *k = nullptr, *v = nullptr, *d_o = nullptr;
@@ -49,7 +53,7 @@ struct BlasTileProducts {
   int64_t padded_keys() const { return f.seqlen_k; }
 
   // d_o: dL/do of the tile's rows, [nq, D] contiguous, float
-  void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const acc_t* d_o_rows) {
+  void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const acc_t* d_o_rows, acc_t /*softmax_scale*/) {
     const int64_t kvh = h / f.group();
     q = f.q.row<acc_t>(b, q0, h);
     k = f.k.row<acc_t>(b, 0, kvh);
@@ -74,7 +78,6 @@ struct BlasTileProducts {
     gemm_nn(nq, D, nk, acc_t(1), ds, ld, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(1), dq_tile, D);     // dQ += dS K
     if (out.dk) gemm_tn(nk, D, nq, acc_t(1), ds, ld, q, f.q.stride_s, acc_t(1), out.dk, out.stride_dk);  // dK += dS^T Q
   }
-  void end_head(const KeyGradRows<acc_t>& /*head_rows*/) {}  // gradients wrote the rows
   void end_worker() {}
 };
 
@@ -133,6 +136,10 @@ struct PackedTileProducts {
   using dq_t = std::conditional_t<P == 2, scalar_t, float>;
   // VNNI pairs: key blocks of 16-bit types start and end on even keys
   static constexpr int64_t key_alignment = P;
+  // float keeps the head's dK^T and dV^T (below) and writes its rows once; its Q^T operand
+  // carries the softmax scale, which rounds once per element of a tile rather than a pass over
+  // dK. 16-bit types add into the rows, and scaling their bf16 Q would round it twice.
+  static constexpr bool writes_key_grads_once = P == 1, scales_key_grads = P == 1;
   const AttentionParams& f;
   const PackedBackwardKV<scalar_t>& kv;
   int64_t block_k, D;
@@ -169,7 +176,7 @@ struct PackedTileProducts {
   }
   int64_t padded_keys() const { return kv.padded_keys; }
 
-  void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const float* d_o) {
+  void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const float* d_o, float softmax_scale) {
     const int64_t kvh = h / f.group();
     nq = rows;
     nq_pad = rows + rows % P;
@@ -180,6 +187,7 @@ struct PackedTileProducts {
     round_rows(d_o, D, nq, D, do_rows.data(), D);
     if constexpr (P == 1) {
       transpose(nq, D, q, f.q.stride_s, q_operand.data(), nq);
+      if (softmax_scale != 1.f) scale_row(q_operand.data(), D * nq, softmax_scale);
       transpose(nq, D, d_o, D, do_operand.data(), nq);
     } else {
       pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * f.q.stride_s; }, nq, nq_pad, D, q_operand.data());
@@ -245,20 +253,22 @@ struct PackedTileProducts {
       }
     }
   }
-  // head_rows: the head's dK and dV rows from key 0 (zero where no key block reached)
-  void end_head(const KeyGradRows<float>& head_rows) {
-    if constexpr (P == 1) {
-      if (touched_hi <= touched_lo) return;
-      const int64_t L = kv.padded_keys, lo = touched_lo, n = touched_hi - touched_lo;
-      auto hand_over = [&](std::vector<float>& grad_t, float* rows, int64_t stride) {
-        if (rows == nullptr) return;
-        transpose(D, n, grad_t.data() + lo, L, rows + lo * stride, stride);
-        for (int64_t d = 0; d < D; ++d) std::fill_n(grad_t.data() + d * L + lo, n, 0.f);
-      };
-      hand_over(keys_grad_t, head_rows.dk, head_rows.stride_dk);
-      hand_over(values_grad_t, head_rows.dv, head_rows.stride_dv);
-      touched_lo = touched_hi = 0;
-    }
+  // Writes the keys some block touched into head_rows (the head's dK and dV rows from key 0;
+  // zeros between touched blocks) and returns them: the caller zeroes the rest.
+  KeyRange end_head(const KeyGradRows<float>& head_rows) {
+    static_assert(P == 1, "16-bit types add into the rows");
+    if (touched_hi <= touched_lo) return {0, 0};
+    const KeyRange written{touched_lo, touched_hi};
+    const int64_t L = kv.padded_keys, lo = written.lo, n = written.size();
+    auto hand_over = [&](std::vector<float>& grad_t, float* rows, int64_t stride) {
+      if (rows == nullptr) return;
+      transpose(D, n, grad_t.data() + lo, L, rows + lo * stride, stride);
+      for (int64_t d = 0; d < D; ++d) std::fill_n(grad_t.data() + d * L + lo, n, 0.f);
+    };
+    hand_over(keys_grad_t, head_rows.dk, head_rows.stride_dk);
+    hand_over(values_grad_t, head_rows.dv, head_rows.stride_dv);
+    touched_lo = touched_hi = 0;
+    return written;
   }
   void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
 
