@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <c10/util/Flags.h>
+#include <dlfcn.h>
 
 #include <utility>
 
@@ -78,11 +78,18 @@ TORCH_LIBRARY_IMPL(headops, CUDA, m) {
 }
 #endif
 
-// c10's switch (c10/core/impl/alloc_cpu.cpp) that fills every new CPU allocation with a pattern
-// that reads as NaN; c10 defines it, its headers do not declare it
-C10_DECLARE_bool(caffe2_cpu_allocator_do_junk_fill);
-
 namespace {
+
+// c10's switch (c10/core/impl/alloc_cpu.cpp) that fills every new CPU allocation with a pattern
+// that reads as NaN. Its headers do not declare it, so it is looked up in libc10 when asked for:
+// a torch without it makes this test hook fail, never the import.
+bool* junk_fill_flag() {
+  static bool* const flag = [] {
+    void* c10 = dlopen("libc10.so", RTLD_LAZY | RTLD_NOLOAD);
+    return c10 ? static_cast<bool*>(dlsym(c10, "FLAGS_caffe2_cpu_allocator_do_junk_fill")) : nullptr;
+  }();
+  return flag;
+}
 
 using Range = std::pair<int64_t, int64_t>;
 
@@ -189,7 +196,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_have_native_blas", &headops::cpu::have_native_blas);
   m.def(
       "cpu_junk_fill",
-      [](bool on) { return std::exchange(FLAGS_caffe2_cpu_allocator_do_junk_fill, on); },
+      [](bool on) {
+        bool* flag = junk_fill_flag();
+        TORCH_CHECK(flag != nullptr, "cpu_junk_fill: this torch's libc10 has no caffe2_cpu_allocator_do_junk_fill");
+        return std::exchange(*flag, on);
+      },
       "test hook: while on, torch's CPU allocator fills each new tensor with a pattern that reads as NaN, so a "
       "kernel that leaves an output element unwritten shows it; returns the previous setting");
   bind_semantics(m.def_submodule(

@@ -7,6 +7,7 @@ left is the kernel's own arithmetic.
 """
 
 import os
+import warnings
 import zlib
 
 import pytest
@@ -54,7 +55,10 @@ def pytest_sessionstart(session):
     warm.sum().backward()
     # every new CPU tensor starts as NaN (float32; bf16 halves and float64 become junk): an output
     # element a kernel leaves unwritten fails its comparison instead of passing as a stray zero
-    headops._C.cpu_junk_fill(True)
+    try:
+        headops._C.cpu_junk_fill(True)
+    except RuntimeError as e:  # a torch whose libc10 lacks the switch: the tests run without it
+        warnings.warn(f"unwritten outputs are not detected in this run: {e}")
 
 
 @pytest.fixture(autouse=True)
