@@ -208,7 +208,7 @@ class HeadBackward {
     if constexpr (Products::writes_key_grads_once) {
       const KeyRange written = products_.end_head(key_grad_rows(b, 0, h));
       zero_key_grad_rows(b, h, 0, written.lo);
-      zero_key_grad_rows(b, h, std::max(written.lo, written.hi), f_.seqlen_k);
+      zero_key_grad_rows(b, h, written.hi, f_.seqlen_k);
     }
     // dk = scale * sum dS^T Q, scaled once here where the products do not scale it: BLAS given
     // the scale as alpha rounds differently with its thread setting (the rows of dk belong to
@@ -221,11 +221,11 @@ class HeadBackward {
   void zero_query_grad_rows(int64_t b, int64_t h, int64_t i0, int64_t i1) {
     using dq_t = typename Products::dq_t;
     if (p_.want_dq)
-      for (int64_t i = i0; i < i1; ++i) std::fill_n(const_cast<dq_t*>(p_.dq.row<dq_t>(b, i, h)), D_, dq_t(0));
+      for (int64_t i = i0; i < i1; ++i) fill_zero(const_cast<dq_t*>(p_.dq.row<dq_t>(b, i, h)), 0, D_);
   }
   void zero_key_grad_rows(int64_t b, int64_t h, int64_t j0, int64_t j1) {
     auto zero = [&](const HeadTensor& grad) {
-      for (int64_t j = j0; j < j1; ++j) std::fill_n(const_cast<acc_t*>(grad.row<acc_t>(b, j, h)), D_, acc_t(0));
+      for (int64_t j = j0; j < j1; ++j) fill_zero(const_cast<acc_t*>(grad.row<acc_t>(b, j, h)), 0, D_);
     };
     if (p_.want_dk) zero(p_.dk);
     if (p_.want_dv) zero(p_.dv);

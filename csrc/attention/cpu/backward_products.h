@@ -254,7 +254,7 @@ struct PackedTileProducts {
     }
   }
   // Writes the keys some block touched into head_rows (the head's dK and dV rows from key 0;
-  // zeros between touched blocks) and returns them: the caller zeroes the rest.
+  // zeros between touched blocks) and returns them ({0, 0} for none): the caller zeroes the rest.
   KeyRange end_head(const KeyGradRows<float>& head_rows) {
     static_assert(P == 1, "16-bit types add into the rows");
     if (touched_hi <= touched_lo) return {0, 0};

@@ -40,6 +40,10 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _tiles(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def describe(head_dim: int = 128) -> list:
     """The report's lines."""
     import torch
@@ -66,11 +70,8 @@ def describe(head_dim: int = 128) -> list:
                      + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
                         else "converted to float32 tiles (no packed bf16/fp16 unit)"))
     l2 = _C.cpu_l2_cache_bytes()
-    def tiles(shape):
-        return "x".join(map(str, shape))
-
-    shapes = ", ".join(f"{_dtype_name(dtype)} {tiles(_C.cpu_tile_shape(dtype, head_dim))}"
-                       f" / {tiles(_C.cpu_backward_tile_shape(dtype, head_dim))}" for dtype in (torch.float32, torch.bfloat16))
+    shapes = ", ".join(f"{_dtype_name(dtype)} {_tiles(_C.cpu_tile_shape(dtype, head_dim))}"
+                       f" / {_tiles(_C.cpu_backward_tile_shape(dtype, head_dim))}" for dtype in (torch.float32, torch.bfloat16))
     lines.append(f"  tile shapes (queries x keys, forward / backward, D = {head_dim}; the longest a call's sequences "
                  f"allow): {shapes}; L2 per core {f'{l2 >> 10} KiB' if l2 else 'unknown'}")
     if _C.cuda_compiled:
