@@ -13,6 +13,7 @@
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "cpu/blas.h"
 #include "cpu/isa_dispatch.h"
+#include "cpu/amx_tiles.h"
 #include "attention/head_semantics.h"
 #include "attention/online_softmax.h"
 #include "attention/work_counters.h"
@@ -189,6 +190,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(block_q, block_k) of the CPU backward for inputs of dtype");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
+  m.def("cpu_runs_own_amx_tiles", &headops::cpu::runs_own_amx_tiles,
+        "Whether tiles of this dtype and head dim run through headops' own AMX loops (else oneDNN's brgemm or BLAS).");
   m.def("cpu_l2_cache_bytes", &headops::cpu::l2_cache_bytes,
         "one core's L2 cache in bytes as torch's cpuinfo reads it (0 where unknown): some tile shapes follow it");
   m.def("cpu_capability", &headops::cpu::cpu_capability,

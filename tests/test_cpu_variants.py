@@ -1,7 +1,8 @@
 """The CPU kernel is compiled once per instruction set; the suite's main run exercises only the
 one this machine picks. Here the correctness sweep runs again under each other variant (ATen's
-ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, and tiles through
-BLAS where this CPU runs them through brgemm): the attention
+ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, tiles through
+BLAS where this CPU runs them through brgemm, and bfloat16 AMX tiles through oneDNN's brgemm where
+headops runs its own AMX loops): the attention
 kernel's tests, its backward's and the decode kernel's."""
 
 import os
@@ -27,15 +28,15 @@ SWEPT = [os.path.join(ROOT, "tests", "test_attention_cpu.py"), os.path.join(ROOT
     SWEPT_DECODE
 
 
-def run_sweep(env_extra, expect_capability, swept=SWEPT):
+def run_sweep(env_extra, expect, swept=SWEPT, probe="headops._C.cpu_capability()"):
     env = dict(os.environ, **env_extra)
     # the headops this run imported (python/, or build-asan/pkg under make test-asan)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(headops.__file__)))
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    probe = subprocess.run([sys.executable, "-c", "import headops; print(headops._C.cpu_capability())"], env=env,
-                           capture_output=True, text=True, check=True)
+    seen = subprocess.run([sys.executable, "-c", f"import headops, torch; print({probe})"], env=env,
+                          capture_output=True, text=True, check=True)
     # the switch reached the kernel's choice (a sweep under an ignored switch would prove nothing)
-    assert probe.stdout.strip() == expect_capability
+    assert seen.stdout.strip() == expect
     # inductor's on-disk FX graph cache does not key on the vector ISA that ATEN_CPU_CAPABILITY
     # makes it pick: a graph cached by a run at another capability comes back with the other
     # vector width (on the AVX512-BF16 EPYC, AVX2 forced, the compiled training step's loss was
@@ -70,3 +71,11 @@ def test_tiles_through_blas_instead_of_brgemm():
         pytest.skip("this CPU runs every tile through BLAS already")
     run_sweep({"HEADOPS_CPU_NO_PACKED": "1"}, headops._C.cpu_capability())
 
+
+
+def test_bfloat16_amx_tiles_through_onednn():
+    """HEADOPS_CPU_AMX_BY_ONEDNN=1: bfloat16 tiles through oneDNN's brgemm (as float16's always
+    are) on a CPU where headops runs them through its own AMX loops (csrc/cpu/amx_tiles.h)."""
+    if not headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, 64):
+        pytest.skip("this CPU runs no AMX tiles of headops' own")
+    run_sweep({"HEADOPS_CPU_AMX_BY_ONEDNN": "1"}, "False", probe="headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, 64)")

@@ -7,7 +7,8 @@ keeps one copy: if it kept the AVX-512 one, the DEFAULT path would die of an ill
 instruction on a CPU without AVX-512 (or worse, ``lzcnt`` would silently compute ``bsr``).
 csrc/cpu/isa_prelude.h prevents it; this test reads the built library's machine code and
 checks that every function using an instruction beyond x86-64's baseline belongs to an
-instruction-set namespace (headops' or ATen's ``AVX2``, ``AVX512``, ``AVX512_BF16``).
+instruction-set namespace (headops' or ATen's ``AVX2``, ``AVX512``, ``AVX512_BF16``; headops'
+AMX tile loops in ``AMX``, which csrc/cpu/amx_tiles.cpp runs only where the CPU has AMX).
 The DEFAULT and AVX2 variants are also run for real by tests/test_cpu_variants.py.
 """
 
@@ -21,12 +22,13 @@ import pytest
 import headops
 
 FUNCTION = re.compile(r"^[0-9a-f]+ <(.+)>:$")
-# AVX/AVX2/AVX-512 (VEX/EVEX: v-prefixed SIMD mnemonics, ymm/zmm and opmask registers) and the
-# BMI/LZCNT/POPCNT instructions the ISA targets enable; none is in x86-64's baseline
+# AVX/AVX2/AVX-512 (VEX/EVEX: v-prefixed SIMD mnemonics, ymm/zmm and opmask registers), AMX (tmm
+# registers, tile configuration) and the BMI/LZCNT/POPCNT instructions the ISA targets enable;
+# none is in x86-64's baseline
 BEYOND_BASELINE = re.compile(
-    r"^\s*[0-9a-f]+:\s+(v\w+\s.*%[xyz]mm|\S.*%[yz]mm\d|\S.*%k[1-7]\b|(shlx|shrx|sarx|rorx|bzhi|pdep|pext|mulx|andn"
-    r"|lzcnt|tzcnt|popcnt)\s)")
-ISA_NAMESPACES = ("::AVX2::", "::AVX512::", "::AVX512_BF16::")
+    r"^\s*[0-9a-f]+:\s+(v\w+\s.*%[xyz]mm|\S.*%[yz]mm\d|\S.*%k[1-7]\b|\S.*%tmm\d|(ldtilecfg|tilerelease)\b"
+    r"|(shlx|shrx|sarx|rorx|bzhi|pdep|pext|mulx|andn|lzcnt|tzcnt|popcnt)\s)")
+ISA_NAMESPACES = ("::AVX2::", "::AVX512::", "::AVX512_BF16::", "::AMX::")
 
 
 def functions_beyond_baseline(library):
@@ -52,6 +54,8 @@ def test_no_avx_code_outside_isa_namespaces():
     # the scan must see the kernels' own AVX code, or it checks nothing
     assert any("headops::cpu::AVX2::" in name for name in inside), "no AVX2 kernel code found: scan broken?"
     assert any("headops::cpu::AVX512::" in name for name in inside), "no AVX-512 kernel code found: scan broken?"
+    if platform.system() == "Linux":
+        assert any("headops::cpu::AMX::" in name for name in inside), "no AMX tile code found: scan broken?"
     assert not leaked, (f"{len(leaked)} function(s) outside an ISA namespace use instructions beyond x86-64's "
                         "baseline (shared code compiled for an ISA target):\n" +
                         "\n".join(f"{name}\n    {insn}" for name, insn in sorted(leaked.items())[:20]))

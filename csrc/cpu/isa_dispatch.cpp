@@ -1,5 +1,7 @@
 #include "isa_dispatch.h"
 
+#include "amx_tiles.h"
+
 #include <ATen/Version.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
@@ -103,6 +105,11 @@ bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
 
 bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim) {
   return dtype != at::kFloat && uses_packed_operands(dtype, head_dim) && at::native::cpublas::could_pack(dtype);
+}
+
+bool runs_own_amx_tiles(at::ScalarType dtype, int64_t head_dim) {
+  return dtype == at::kBFloat16 && AMX::fits_head_dim(head_dim) && uses_amx_tiles(dtype, head_dim) &&
+         AMX::bf16_tiles_available();
 }
 
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key) {

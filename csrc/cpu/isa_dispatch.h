@@ -31,6 +31,10 @@ bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
 // shapes that suit AMX differ from those of AVX512-BF16 (attention_fwd_cpu.cpp, attention_bwd_cpu.cpp).
 bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim);
 
+// Whether `dtype`'s AMX tiles run through headops' own loops (cpu/amx_tiles.h) rather than
+// brgemm: bfloat16 with a head dim of whole tiles (HEADOPS_CPU_AMX_BY_ONEDNN=1: never).
+bool runs_own_amx_tiles(at::ScalarType dtype, int64_t head_dim);
+
 // The size of one core's L2 cache in bytes (cpuinfo, as torch reads it), or 0 where unknown:
 // whether a tile's working set stays there decides some tile shapes.
 int64_t l2_cache_bytes();

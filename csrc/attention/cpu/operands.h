@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../../cpu/amx_tiles.h"
 #include "../../cpu/blas.h"
 #include "../../cpu/isa_dispatch.h"
 #include "../attention_params.h"
@@ -127,26 +128,57 @@ struct PackedOperands {
   const AttentionParams& p;
   const PackedKV<scalar_t>& packed;
   const scalar_t* q = nullptr;
+  int64_t ldq = 0;
   const scalar_t* kt = nullptr;
   const scalar_t* vv = nullptr;
+  // bfloat16 on AMX: headops' own tile loops (cpu/amx_tiles.h) instead of brgemm, reading the
+  // item's query rows from a copy padded with zero rows to whole tiles
+  const bool own_amx;
+  std::vector<scalar_t> q_tile;
+  int64_t tile_rows = 0;
 
-  PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv) : p(params), packed(kv) {}
+  PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv)
+      : p(params), packed(kv), own_amx(runs_own_amx_tiles(c10::CppTypeToScalarType<scalar_t>::value, params.head_dim)) {}
 
-  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t /*nq*/) {
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
     const int64_t kvh = h / p.group();
     q = p.q.row<scalar_t>(b, q0, h);
+    ldq = p.q.stride_s;
     kt = packed.keys_of(b, kvh, p.heads_kv);
     vv = packed.values_of(b, kvh, p.heads_kv);
+    if (own_amx) {
+      AMX::bind_thread();
+      const int64_t D = p.head_dim;
+      tile_rows = (nq + 15) / 16 * 16;
+      q_tile.resize(std::max<int64_t>(q_tile.size(), tile_rows * D));
+      for (int64_t r = 0; r < nq; ++r) std::memcpy(q_tile.data() + r * D, q + r * ldq, D * sizeof(scalar_t));
+      std::fill(q_tile.begin() + nq * D, q_tile.begin() + tile_rows * D, scalar_t(0));
+      q = q_tile.data();
+      ldq = D;
+    }
   }
   void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
-    at::native::cpublas::brgemm(nq, nk, p.head_dim, p.q.stride_s, packed.padded_keys, lds, false, q,
-                                kt + j0 * vnni_pairs<scalar_t>(), s, is_vnni<scalar_t>());
+    const scalar_t* b = kt + j0 * vnni_pairs<scalar_t>();
+    // AMX reads key columns up to nk rounded to 16: past the last head's packed keys that is the
+    // start of `values`, which follows keys_t in one buffer (forward_packed)
+    if (own_amx)
+      return AMX::scores(tile_rows, nk, p.head_dim, bits(q), ldq, bits(b), packed.padded_keys, s, lds);
+    at::native::cpublas::brgemm(nq, nk, p.head_dim, ldq, packed.padded_keys, lds, false, q, b, s, is_vnni<scalar_t>());
   }
   void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
-    at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, vv + j0 * p.head_dim,
-                                acc, is_vnni<scalar_t>());
+    const scalar_t* b = vv + j0 * p.head_dim;
+    if (own_amx) return AMX::accumulate(nq, p.head_dim, nk, bits(prob), ldp, bits(b), acc, p.head_dim);
+    at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, b, acc, is_vnni<scalar_t>());
   }
-  void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
+  void end_worker() {
+    if (own_amx)
+      AMX::release_thread();
+    else
+      at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
+  }
+
+ private:
+  static const uint16_t* bits(const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
