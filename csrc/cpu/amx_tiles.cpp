@@ -2,15 +2,15 @@
 // (16 x 32 bfloat16 for A, 16 pairs x 16 columns for B, 16 x 16 float for C), so one
 // configuration serves every call: C tiles 0-3 as a 2 x 2 block, A tiles 4-5, B tiles 6-7.
 // Partial shapes are padded (amx_tiles.h) rather than configured, since loading a configuration
-// clears the tiles.
+// clears the tiles. B operands are tile-major (cpu/vnni_pack.h): each B tile one contiguous KiB.
 #include "amx_tiles.h"
+#include "isa_dispatch.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileK = 32;     // bfloat16 elements of A's row in one tile (64 bytes)
 constexpr int64_t kTileCols = 16;  // float columns of a C tile
+constexpr int64_t kTileBytes = 64;  // bytes of a tile's row, and the stride of a contiguous tile
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -43,7 +44,7 @@ constexpr TileConfig every_tile_16_by_64() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.rows[t] = kTileRows;
-    config.bytes_per_row[t] = 64;
+    config.bytes_per_row[t] = kTileBytes;
   }
   return config;
 }
@@ -95,16 +96,16 @@ inline void store_c(float* c, int64_t ldc) {
   if constexpr (MB > 1 && NB > 1) _tile_stored(3, c + kTileRows * ldc + kTileCols, stride);
 }
 
-// One step of 32 along the reduction: a points at A's first row of the block at this step, b at
-// B's first pair row of the step at the block's first column.
+// One step of 32 along the reduction: a points at A's first row of the block at this step; b0
+// and b1 at the step's B tiles of the block's two column tiles (contiguous, tile-major).
 template <int MB, int NB>
-inline void step(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb) {
-  const int64_t a_stride = lda * 2, b_stride = ldb * 4;
+inline void step(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint16_t* b1) {
+  const int64_t a_stride = lda * 2;
   _tile_loadd(4, a, a_stride);
-  _tile_loadd(6, b, b_stride);
+  _tile_loadd(6, b0, kTileBytes);
   _tile_dpbf16ps(0, 4, 6);
   if constexpr (NB > 1) {
-    _tile_loadd(7, b + 2 * kTileCols, b_stride);
+    _tile_loadd(7, b1, kTileBytes);
     _tile_dpbf16ps(1, 4, 7);
   }
   if constexpr (MB > 1) {
@@ -114,41 +115,33 @@ inline void step(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb)
   }
 }
 
+// S's block of rows [m, m + 16 MB) x keys [n, n + 16 NB); b at the block's first key group.
 template <int MB, int NB>
-void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc) {
+void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
   zero_c<MB, NB>();
-  for (int64_t k = 0; k < K; k += kTileK) step<MB, NB>(a + k, lda, b + (k / 2) * ldb * 2, ldb);
+  const int64_t group = kKeyGroup * K;  // elements of one key group's K^T
+  for (int64_t k = 0; k < K; k += kTileK) step<MB, NB>(a + k, lda, b + k * kKeyGroup, b + group + k * kKeyGroup);
   store_c<MB, NB>(c, ldc);
 }
 
-// The query blocks inner: a key block's B tiles stay in L1 while the rows pass over them.
+// The rows inner: a block of keys' B tiles stay in L1 while the rows pass over them.
 template <int NB>
-void scores_columns(int64_t M, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
-                    int64_t ldc) {
+void scores_columns(int64_t M, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
   int64_t m = 0;
-  for (; m + 2 * kTileRows <= M; m += 2 * kTileRows) scores_block<2, NB>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc);
-  if (m < M) scores_block<1, NB>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc);
+  for (; m + 2 * kTileRows <= M; m += 2 * kTileRows) scores_block<2, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc);
+  if (m < M) scores_block<1, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc);
 }
 
-// The reduction's last, partial step of 32 (kb = K % 32 elements) reads zero-padded copies: A's
-// last kb columns of every row, B's last kb / 2 pair rows.
-struct PartialStep {
-  std::vector<uint16_t> a, b;
-
-  PartialStep(int64_t M, int64_t M_tiles, int64_t N, int64_t K_whole, int64_t kb, const uint16_t* a_rows, int64_t lda,
-              const uint16_t* b_pairs)
-      : a(M_tiles * kTileK, 0), b(kTileRows * N * 2, 0) {
-    for (int64_t r = 0; r < M; ++r) std::memcpy(a.data() + r * kTileK, a_rows + r * lda + K_whole, kb * sizeof(uint16_t));
-    std::memcpy(b.data(), b_pairs + K_whole * N, (kb / 2) * N * 2 * sizeof(uint16_t));
-  }
-};
-
+// O's block of rows [0, 16 MB) x columns [n, n + 32), over every step of keys.
 template <int MB>
-void accumulate_block(int64_t N, int64_t n, int64_t K_whole, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
-                      int64_t ldc, const uint16_t* partial_a, const uint16_t* partial_b) {
+void accumulate_block(int64_t N, int64_t n, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
+                      int64_t ldc) {
   load_c<MB, 2>(c + n, ldc);
-  for (int64_t k = 0; k < K_whole; k += kTileK) step<MB, 2>(a + k, lda, b + ((k / 2) * N + n) * 2, N);
-  if (partial_a) step<MB, 2>(partial_a, kTileK, partial_b + n * 2, N);
+  const int64_t tile = kTileRows * 2 * kTileCols;  // elements of one B tile
+  for (int64_t k = 0; k < K; k += kKeyStep) {
+    const uint16_t* b_step = b + k * N + (n / kTileCols) * tile;
+    step<MB, 2>(a + k, lda, b_step, b_step + tile);
+  }
   store_c<MB, 2>(c + n, ldc);
 }
 
@@ -168,9 +161,8 @@ void bind_thread() {
 
 void release_thread() { _tile_release(); }
 
-void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
-            float* c, int64_t ldc) {
-  TORCH_CHECK(M % kTileRows == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
+void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
+  TORCH_CHECK(M % kTileRows == 0 && N % kKeyGroup == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
   // rows in chunks whose A stays in L1 (32 KiB of it) while the key blocks pass
   const int64_t chunk = std::max<int64_t>(2 * kTileRows, 32768 / (K * 2) / (2 * kTileRows) * (2 * kTileRows));
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
@@ -178,32 +170,23 @@ void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, con
     const uint16_t* ar = a + m0 * lda;
     float* cr = c + m0 * ldc;
     int64_t n = 0;
-    for (; n + 2 * kTileCols <= N; n += 2 * kTileCols) scores_columns<2>(rows, K, ar, lda, b + n * 2, ldb, cr + n, ldc);
-    if (n < N) {
-      if (n + kTileCols < N)
-        scores_columns<2>(rows, K, ar, lda, b + n * 2, ldb, cr + n, ldc);
-      else
-        scores_columns<1>(rows, K, ar, lda, b + n * 2, ldb, cr + n, ldc);
-    }
+    for (; n + 2 * kKeyGroup <= N; n += 2 * kKeyGroup) scores_columns<2>(rows, K, ar, lda, b + n * K, cr + n, ldc);
+    if (n < N) scores_columns<1>(rows, K, ar, lda, b + n * K, cr + n, ldc);
   }
 }
 
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc) {
-  TORCH_CHECK(N % (2 * kTileCols) == 0 && K % 2 == 0, "headops: AMX accumulate of an unpadded shape");
-  const int64_t K_whole = K / kTileK * kTileK, M_tiles = (M + kTileRows - 1) / kTileRows * kTileRows;
-  std::optional<PartialStep> partial;
-  if (K > K_whole) partial.emplace(M, M_tiles, N, K_whole, K - K_whole, a, lda, b);
-  // the rows outer: A's rows of the block stay in L1 while B's column blocks pass (B outer was
-  // 3.5 % slower in the bf16 forward at S = 4096)
+  TORCH_CHECK(N % (2 * kTileCols) == 0 && K % kKeyStep == 0, "headops: AMX accumulate of an unpadded shape");
+  const int64_t M_tiles = (M + kTileRows - 1) / kTileRows * kTileRows;
+  // the rows outer: a block's A rows stay in L1 while B's column tiles pass (B outer, or B's
+  // column tiles shared by 64 rows, were 2-4 % slower in the bf16 forward at S = 4096)
   for (int64_t m = 0; m < M_tiles; m += 2 * kTileRows) {
-    const uint16_t* partial_a = partial ? partial->a.data() + m * kTileK : nullptr;
-    const uint16_t* partial_b = partial ? partial->b.data() : nullptr;
     for (int64_t n = 0; n < N; n += 2 * kTileCols) {
       if (M_tiles - m > kTileRows)
-        accumulate_block<2>(N, n, K_whole, a + m * lda, lda, b, c + m * ldc, ldc, partial_a, partial_b);
+        accumulate_block<2>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
       else
-        accumulate_block<1>(N, n, K_whole, a + m * lda, lda, b, c + m * ldc, ldc, partial_a, partial_b);
+        accumulate_block<1>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
     }
   }
 }
@@ -213,7 +196,7 @@ void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
 bool bf16_tiles_available() { return false; }
 void bind_thread() {}
 void release_thread() {}
-void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t) {
+void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "headops: this build has no AMX tiles");
 }
 void accumulate(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {

@@ -1,21 +1,26 @@
 // bfloat16 tile products on AMX, written for the attention kernels' two shapes: S = Q K^T
-// (reduced over the head dim, 128 or so) and O += P V (reduced over a key block). oneDNN's brgemm
-// ran them at 0.46 and 0.74 ms per 16 blocks of 256 x 256 (D = 128) on one core of the AMX Xeon,
-// where these loops take 0.43 and 0.28 ms: its O += P V reached 11 % of the matrix unit's peak.
+// (reduced over the head dim, 128 or so) and O += P V (reduced over a key block). On one core of
+// the AMX Xeon (peak 3.2 TFLOP/s: 16 cycles a tile product) oneDNN's brgemm ran 256 x 256 x 128
+// blocks at 0.54 (S) and 0.36 TFLOP/s (O); these loops, over tile-major K and V (each B tile one
+// contiguous KiB), ran 128 x 256 x 128 blocks of 4 heads' 4096 keys at 0.78 and 1.0 TFLOP/s,
+// against 0.58 and 0.89 reading the same blocks in brgemm's row layout.
 //
 // A thread holds the tile registers between bind_thread() and release_thread(): bind drops
 // oneDNN's brgemm context first (at::native::cpublas::brgemm_release, which makes brgemm
 // configure the tiles again on its next call), so the two never share a configuration. No brgemm
 // call may come between the two in that thread.
 //
-// Operands: A row-major bfloat16 (lda elements per row); B in brgemm's VNNI layout (pairs of
-// consecutive reduction-dim elements interleaved: element (k, n) at ((k / 2) * ldb + n) * 2 + k % 2);
+// Operands: A row-major bfloat16 (lda elements per row); B tile-major (cpu/vnni_pack.h: K^T in
+// groups of kKeyGroup keys, V in steps of kKeyStep keys, each 16-row B tile one contiguous KiB);
 // C row-major float. bfloat16 values travel as uint16_t so this header needs no torch type.
 #pragma once
 
 #include <cstdint>
 
 namespace headops::cpu::AMX {
+
+constexpr int64_t kKeyGroup = 16;  // keys of one K^T group (a B tile's columns)
+constexpr int64_t kKeyStep = 32;   // keys of one step of O += P V (a B tile's pair rows x 2)
 
 // Whether the CPU runs AMX bfloat16 tiles and the OS lets this process use them
 // (HEADOPS_CPU_AMX_BY_ONEDNN=1: never, so tests can sweep both paths on one machine).
@@ -27,15 +32,13 @@ constexpr bool fits_head_dim(int64_t head_dim) { return head_dim > 0 && head_dim
 void bind_thread();
 void release_thread();
 
-// C[M x N] = A[M x K] B. M a multiple of 16 and K of 32 (the caller pads A's rows with zeros).
-// N is rounded up to 16: B's columns and C's columns up to that are read and written (the extra
-// columns of C hold junk the caller ignores; B must be readable there).
-void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
-            float* c, int64_t ldc);
+// C[M x N] = A[M x K] B, B = K^T from its first key group. M a multiple of 16 (the caller pads
+// A's rows with zeros), N of kKeyGroup, K of 32.
+void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc);
 
-// C[M x N] += A[M x K] B, B with ldb = N. N a multiple of 32, K even (any multiple of 2: a last
-// partial step of 32 goes through zero-padded copies). M is rounded up to 16: A's rows and C's
-// rows up to that are read and written (junk rows the caller ignores).
+// C[M x N] += A[M x K] B, B = V from its first key step. N a multiple of 32, K of kKeyStep. M is
+// rounded up to 16: A's rows and C's rows up to that are read and written (junk rows the caller
+// ignores).
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc);
 

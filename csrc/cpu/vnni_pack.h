@@ -7,6 +7,12 @@
 //    dK = dS^T Q and dV = P^T dO): element (r, d) at ((r / P) * D + d) * P + r % P;
 // with P = vnni_pairs<scalar_t>() (2 for 16-bit types, 1 for float). Rows [real, count) are
 // written as zeros, so a padded reduction adds nothing.
+// headops' own AMX loops (cpu/amx_tiles.h) read 16-bit B operands tile-major instead, so that
+// every 16-row x 64-byte tile is one contiguous KiB:
+//  - K^T: pack_columns_vnni with ld = 16, once per group of 16 rows (keys): element (r, d) at
+//    (r / 16) * 16 D + ((d / 2) * 16 + r % 16) * 2 + d % 2;
+//  - V: pack_rows_amx_tiles, per step of 32 rows (keys): element (r, d) at
+//    (r / 32) * 32 D + ((d / 16) * 16 + (r % 32) / 2) * 32 + (d % 16) * 2 + r % 2.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -101,6 +107,26 @@ void pack_rows_vnni(RowOf row_of, int64_t real, int64_t count, int64_t D, scalar
         for (int64_t d = 0; d < D; ++d) pair[d] = uint32_t(a[d]) | (uint32_t(b[d]) << 16);
       } else {
         for (int64_t d = 0; d < D; ++d) pair[d] = a ? uint32_t(a[d]) : 0u;
+      }
+    }
+  }
+}
+
+// 32 rows (row r at row_of(r), rows [real, 32) zeros) as one reduction step of AMX's
+// tile-major B (see the top): 16 pairs of rows for each 16 columns of D, D a multiple of 16.
+template <typename scalar_t, typename RowOf>
+void pack_rows_amx_tiles(RowOf row_of, int64_t real, int64_t D, scalar_t* dst) {
+  static_assert(sizeof(scalar_t) == 2, "AMX tiles of 16-bit types");
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t r = 0; r < 32; r += 2) {
+    const uint16_t* a = r < real ? reinterpret_cast<const uint16_t*>(row_of(r)) : nullptr;
+    const uint16_t* b = r + 1 < real ? reinterpret_cast<const uint16_t*>(row_of(r + 1)) : nullptr;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      uint32_t* pair = out + (d0 + r / 2) * 16;
+      if (a && b) {
+        for (int64_t c = 0; c < 16; ++c) pair[c] = uint32_t(a[d0 + c]) | (uint32_t(b[d0 + c]) << 16);
+      } else {
+        for (int64_t c = 0; c < 16; ++c) pair[c] = a ? uint32_t(a[d0 + c]) : 0u;
       }
     }
   }

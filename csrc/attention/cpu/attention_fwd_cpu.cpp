@@ -26,8 +26,9 @@ TileShape tile_shape(at::ScalarType dtype, int64_t head_dim) {
   // (the Zen 4/5 EPYCs: 1 MiB) keep 128 x 256, untimed at 256 x 256.
   // bfloat16 through headops' own AMX loops (cpu/amx_tiles.h) takes 128 x 256: its query tile
   // (32 KiB at D = 128) stays in L1 while the key blocks pass. On the 2-core AMX Xeon (2026-12-05,
-  // S = 4096, one process alternating shapes call by call, 10 rounds) 256 x 256 took 1.09x its
-  // time, 512 x 256 and 256 x 512 1.06x more than 256 x 256, 64 x 256 1.16x, 128 x 128 1.11x.
+  // one process alternating shapes call by call, 10-16 rounds), against 128 x 256: 256 x 256
+  // 1.04x at S = 2048, 1.00x at 4096, 0.95x at 8192; at 4096 128 x 512 1.03x, 128 x 128 1.11x,
+  // 64 x 256 1.13x.
   if (runs_own_amx_tiles(dtype, head_dim)) return {128, 256};
   if (uses_amx_tiles(dtype, head_dim)) return {256, 256};
   if (dtype == at::kFloat && uses_packed_operands(dtype, head_dim) && l2_cache_bytes() >= (int64_t(2) << 20))

@@ -484,9 +484,10 @@ void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& i
 template <typename scalar_t>
 void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   std::vector<std::pair<int64_t, int64_t>> skipped;
-  constexpr int64_t align = PackedOperands<scalar_t>::key_alignment;
   PackedKV<scalar_t> kv;
   kv.head_dim = p.head_dim;
+  kv.amx_tile_major = runs_own_amx_tiles(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim);
+  const int64_t align = PackedOperands<scalar_t>::key_alignment(kv.amx_tile_major);
   kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
                    PackedKV<scalar_t>::kPackBlock;
   auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);

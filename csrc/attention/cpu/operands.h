@@ -92,6 +92,7 @@ struct ConvertedOperands {
 // a multiple of kPackBlock keys:
 //   keys_t[b, kvh] : [D/P][Sk_pad][P]  element (d, j) at ((d/P) * Sk_pad + j) * P + d % P
 //   values[b, kvh] : [Sk_pad/P][D][P]  element (j, d) at ((j/P) * D + d) * P + j % P
+// or, for headops' own AMX loops (amx_tile_major), in their tile-major forms (vnni_pack.h).
 template <typename scalar_t>
 struct PackedKV {
   static constexpr int64_t kPackBlock = 64;
@@ -99,6 +100,11 @@ struct PackedKV {
   scalar_t* values = nullptr;
   int64_t padded_keys = 0;  // Sk_pad
   int64_t head_dim = 0;
+  bool amx_tile_major = false;
+
+  // where key j's column of K^T / row of V starts within one head's packed block
+  int64_t key_offset(int64_t j) const { return amx_tile_major ? j * head_dim : j * vnni_pairs<scalar_t>(); }
+  int64_t value_offset(int64_t j) const { return j * head_dim; }
 
   int64_t head_elems() const { return padded_keys * head_dim; }
   const scalar_t* keys_of(int64_t b, int64_t kvh, int64_t heads_kv) const {
@@ -113,32 +119,46 @@ struct PackedKV {
     const int64_t j_begin = blk * kPackBlock;
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - j_begin));
     const int64_t at = (b * p.heads_kv + kvh) * head_elems();
-    pack_columns_vnni<scalar_t>([&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
-                                head_dim, padded_keys, keys_t + at + j_begin * vnni_pairs<scalar_t>());
-    pack_rows_vnni<scalar_t>([&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); }, real, kPackBlock,
-                             head_dim, values + at + j_begin * head_dim);
+    auto key = [&](int64_t j) { return p.k.row<scalar_t>(b, j, kvh); };
+    auto value = [&](int64_t j) { return p.v.row<scalar_t>(b, j, kvh); };
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (amx_tile_major) {
+        for (int64_t j = j_begin; j < j_begin + kPackBlock; j += AMX::kKeyGroup)
+          pack_columns_vnni<scalar_t>([&](int64_t r) { return key(j + r); }, std::clamp<int64_t>(p.seqlen_k - j, 0, AMX::kKeyGroup),
+                                      AMX::kKeyGroup, head_dim, AMX::kKeyGroup, keys_t + at + key_offset(j));
+        for (int64_t j = j_begin; j < j_begin + kPackBlock; j += AMX::kKeyStep)
+          pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return value(j + r); }, std::clamp<int64_t>(p.seqlen_k - j, 0, AMX::kKeyStep),
+                                        head_dim, values + at + value_offset(j));
+        return;
+      }
+    }
+    pack_columns_vnni<scalar_t>([&](int64_t r) { return key(j_begin + r); }, real, kPackBlock, head_dim, padded_keys,
+                                keys_t + at + key_offset(j_begin));
+    pack_rows_vnni<scalar_t>([&](int64_t r) { return value(j_begin + r); }, real, kPackBlock, head_dim,
+                             values + at + value_offset(j_begin));
   }
 };
 
 template <typename scalar_t>
 struct PackedOperands {
   using prob_t = scalar_t;  // probabilities are rounded to the input dtype for the P.V product
-  // VNNI pairs: key blocks of 16-bit types start and end on even keys
-  static constexpr int64_t key_alignment = vnni_pairs<scalar_t>();
+  // VNNI pairs: key blocks of 16-bit types start and end on even keys; headops' AMX loops read
+  // whole steps of V (their key blocks are widened to them; the softmax masks the extra keys)
+  static int64_t key_alignment(bool amx_tile_major) { return amx_tile_major ? AMX::kKeyStep : vnni_pairs<scalar_t>(); }
   const AttentionParams& p;
   const PackedKV<scalar_t>& packed;
   const scalar_t* q = nullptr;
   int64_t ldq = 0;
   const scalar_t* kt = nullptr;
   const scalar_t* vv = nullptr;
-  // bfloat16 on AMX: headops' own tile loops (cpu/amx_tiles.h) instead of brgemm, reading the
-  // item's query rows from a copy padded with zero rows to whole tiles
+  // bfloat16 on AMX (K and V packed tile-major): headops' own tile loops (cpu/amx_tiles.h)
+  // instead of brgemm, reading the item's query rows from a copy padded with zero rows to whole tiles
   const bool own_amx;
   std::vector<scalar_t> q_tile;
   int64_t tile_rows = 0;
 
   PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv)
-      : p(params), packed(kv), own_amx(runs_own_amx_tiles(c10::CppTypeToScalarType<scalar_t>::value, params.head_dim)) {}
+      : p(params), packed(kv), own_amx(kv.amx_tile_major) {}
 
   void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
     const int64_t kvh = h / p.group();
@@ -158,15 +178,12 @@ struct PackedOperands {
     }
   }
   void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
-    const scalar_t* b = kt + j0 * vnni_pairs<scalar_t>();
-    // AMX reads key columns up to nk rounded to 16: past the last head's packed keys that is the
-    // start of `values`, which follows keys_t in one buffer (forward_packed)
-    if (own_amx)
-      return AMX::scores(tile_rows, nk, p.head_dim, bits(q), ldq, bits(b), packed.padded_keys, s, lds);
+    const scalar_t* b = kt + packed.key_offset(j0);
+    if (own_amx) return AMX::scores(tile_rows, nk, p.head_dim, bits(q), ldq, bits(b), s, lds);
     at::native::cpublas::brgemm(nq, nk, p.head_dim, ldq, packed.padded_keys, lds, false, q, b, s, is_vnni<scalar_t>());
   }
   void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
-    const scalar_t* b = vv + j0 * p.head_dim;
+    const scalar_t* b = vv + packed.value_offset(j0);
     if (own_amx) return AMX::accumulate(nq, p.head_dim, nk, bits(prob), ldp, bits(b), acc, p.head_dim);
     at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, b, acc, is_vnni<scalar_t>());
   }
