@@ -40,6 +40,7 @@
 #include "../online_softmax.h"
 #include "../work_counters.h"
 #include "../../cpu/blas.h"
+#include "../../cpu/cache_line_vector.h"
 #include "../../cpu/isa_dispatch.h"
 #include "../../cpu/row_ops.h"
 #include "backward_products.h"
@@ -337,10 +338,10 @@ class HeadBackward {
   const AttentionParams& f_;
   int64_t block_q_, block_k_, D_;
   Products products_;
-  std::vector<acc_t> d_out_;                      // dL/do of the item's rows (times do_scale)
+  CacheLineVector<acc_t> d_out_;                  // dL/do of the item's rows (times do_scale)
   std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
-  std::vector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
-  std::vector<acc_t> dq_tile_;                    // [block_q, D]: dS K of the current tile
+  CacheLineVector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
+  CacheLineVector<acc_t> dq_tile_;                     // [block_q, D]: dS K of the current tile
 };
 
 // Items heaviest first: the (b, h) pairs and the keys they walk. A head the forward skipped is

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../../cpu/blas.h"
+#include "../../cpu/cache_line_vector.h"
 #include "../../cpu/kept_workspace.h"
 #include "../../cpu/row_ops.h"
 #include "../../cpu/transpose.h"
@@ -147,14 +148,14 @@ struct PackedTileProducts {
   int64_t nq = 0, nq_pad = 0;
   // The tile's Q and dO as the dK and dV products read them: VNNI-packed rows (B of dS^T Q and
   // P^T dO) for 16-bit types; transposed, [D][nq], for float (A of Q^T dS and dO^T P)
-  std::vector<scalar_t> q_operand, do_rows, do_operand;  // do_rows: dO as A of dP = dO V^T
-  std::vector<scalar_t> prob_rows, prob_t, ds_rows, ds_t;  // 16-bit types: the block's P, P^T, dS, dS^T
-  std::vector<float> q_float;
+  CacheLineVector<scalar_t> q_operand, do_rows, do_operand;  // do_rows: dO as A of dP = dO V^T
+  CacheLineVector<scalar_t> prob_rows, prob_t, ds_rows, ds_t;  // 16-bit types: the block's P, P^T, dS, dS^T
+  CacheLineVector<float> q_float;
   // float: the head's dK^T and dV^T, [D][padded keys]. dK^T += Q^T dS and dV^T += dO^T P read P
   // and dS where they are, so no key block is transposed; end_head transposes the keys it
   // touched into the head's rows once and clears them here. On the 2-core AMX Xeon the per-block
   // transposes of P and dS were 2.8 % of a float forward+backward (B=1, H=16, S=2048, D=128).
-  std::vector<float> keys_grad_t, values_grad_t;
+  CacheLineVector<float> keys_grad_t, values_grad_t;
   int64_t touched_lo = 0, touched_hi = 0;
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
@@ -260,7 +261,7 @@ struct PackedTileProducts {
     if (touched_hi <= touched_lo) return {0, 0};
     const KeyRange written{touched_lo, touched_hi};
     const int64_t L = kv.padded_keys, lo = written.lo, n = written.size();
-    auto hand_over = [&](std::vector<float>& grad_t, float* rows, int64_t stride) {
+    auto hand_over = [&](CacheLineVector<float>& grad_t, float* rows, int64_t stride) {
       if (rows == nullptr) return;
       transpose(D, n, grad_t.data() + lo, L, rows + lo * stride, stride);
       for (int64_t d = 0; d < D; ++d) std::fill_n(grad_t.data() + d * L + lo, n, 0.f);

@@ -31,6 +31,7 @@
 #include "../head_semantics.h"
 #include "../online_softmax.h"
 #include "../work_counters.h"
+#include "../../cpu/cache_line_vector.h"
 #include "../../cpu/kept_workspace.h"
 #include "../../cpu/row_ops.h"
 #include "kernel_common.h"
@@ -49,9 +50,9 @@ struct WorkItem {
 
 template <typename acc_t, typename prob_t>
 struct BranchState {
-  std::vector<acc_t> acc;
+  CacheLineVector<acc_t> acc;
   std::vector<OnlineSoftmax<acc_t>> rows;
-  std::vector<prob_t> prob;  // probabilities of the current key block, in the P.V product's dtype
+  CacheLineVector<prob_t> prob;  // probabilities of the current key block, in the P.V product's dtype
 
   BranchState(int64_t block_q, int64_t block_k, int64_t D) : acc(block_q * D), rows(block_q), prob(block_q * block_k) {}
 
@@ -289,7 +290,7 @@ class ItemRunner {
   const AttentionParams& p_;
   int64_t block_k_;
   Operands& ops_;
-  std::vector<acc_t> scores_;
+  CacheLineVector<acc_t> scores_;
   std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
   std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
   Branch full_, streaming_;

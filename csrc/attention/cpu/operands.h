@@ -19,6 +19,7 @@
 
 #include "../../cpu/amx_tiles.h"
 #include "../../cpu/blas.h"
+#include "../../cpu/cache_line_vector.h"
 #include "../../cpu/isa_dispatch.h"
 #include "../attention_params.h"
 #include "../../cpu/vnni_pack.h"
@@ -154,7 +155,7 @@ struct PackedOperands {
   // bfloat16 on AMX (K and V packed tile-major): headops' own tile loops (cpu/amx_tiles.h)
   // instead of brgemm, reading the item's query rows from a copy padded with zero rows to whole tiles
   const bool own_amx;
-  std::vector<scalar_t> q_tile;
+  CacheLineVector<scalar_t> q_tile;
   int64_t tile_rows = 0;
 
   PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv)
