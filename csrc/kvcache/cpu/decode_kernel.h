@@ -32,6 +32,7 @@
 #include "../../attention/head_semantics.h"
 #include "../../attention/online_softmax.h"
 #include "../../attention/work_counters.h"
+#include "../../cpu/cache_line_vector.h"
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
 #include "../decode_semantics.h"
@@ -418,8 +419,8 @@ class DecodeWorker {
   DecodeWorker(const DecodeParams& p, const std::vector<DecodeItem>& items, PartialBuffer<acc_t>& partials)
       : p_(p), a_(p.attn), items_(items), partials_(partials), D_(p.attn.head_dim), G_(p.attn.group()),
         Sq_(p.attn.seqlen_q), R_(G_ * Sq_), q_(R_ * D_), scores_(R_ * kDecodeBlock), logits_(kDecodeBlock),
-        probs_{std::vector<acc_t>(R_ * kDecodeBlock), std::vector<acc_t>(R_ * kDecodeBlock)},
-        acc_{std::vector<acc_t>(R_ * D_), std::vector<acc_t>(R_ * D_)},
+        probs_{CacheLineVector<acc_t>(R_ * kDecodeBlock), CacheLineVector<acc_t>(R_ * kDecodeBlock)},
+        acc_{CacheLineVector<acc_t>(R_ * D_), CacheLineVector<acc_t>(R_ * D_)},
         rows_{std::vector<OnlineSoftmax<acc_t>>(R_), std::vector<OnlineSoftmax<acc_t>>(R_)}, heads_(G_) {
     if (bf16_pairs()) q_pairs_.resize(R_ * D_);
   }
@@ -612,9 +613,9 @@ class DecodeWorker {
   const std::vector<DecodeItem>& items_;
   PartialBuffer<acc_t>& partials_;
   int64_t D_, G_, Sq_, R_;
-  std::vector<acc_t> q_, scores_, logits_;
-  std::vector<scalar_t> q_pairs_;  // (bf16_pairs) the item's query rows as stored
-  std::vector<acc_t> probs_[2], acc_[2];
+  CacheLineVector<acc_t> q_, scores_, logits_;
+  CacheLineVector<scalar_t> q_pairs_;  // (bf16_pairs) the item's query rows as stored
+  CacheLineVector<acc_t> probs_[2], acc_[2];
   std::vector<OnlineSoftmax<acc_t>> rows_[2];
   std::vector<HeadScalars<acc_t>> heads_;
   LocalWorkCounts counts_;
