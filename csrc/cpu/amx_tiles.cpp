@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -70,30 +71,28 @@ bool os_grants_tiles() {
 
 // C tiles (i, j) of a 2 x 2 block are 2i + j; A tiles 4 + i; B tiles 6 + j. The tile numbers
 // are immediates, hence the templates over the block's rows (MB) and columns (NB) of tiles.
+// Calls f(tile, row, column) for each C tile of the block, the tile number a constant.
+template <int MB, int NB, typename F>
+inline void each_c(F f) {
+  f(std::integral_constant<int, 0>{}, 0, 0);
+  if constexpr (NB > 1) f(std::integral_constant<int, 1>{}, 0, kTileCols);
+  if constexpr (MB > 1) f(std::integral_constant<int, 2>{}, kTileRows, 0);
+  if constexpr (MB > 1 && NB > 1) f(std::integral_constant<int, 3>{}, kTileRows, kTileCols);
+}
+
 template <int MB, int NB>
 inline void zero_c() {
-  _tile_zero(0);
-  if constexpr (NB > 1) _tile_zero(1);
-  if constexpr (MB > 1) _tile_zero(2);
-  if constexpr (MB > 1 && NB > 1) _tile_zero(3);
+  each_c<MB, NB>([](auto tile, int64_t, int64_t) { _tile_zero(decltype(tile)::value); });
 }
 
 template <int MB, int NB>
 inline void load_c(const float* c, int64_t ldc) {
-  const int64_t stride = ldc * 4;
-  _tile_loadd(0, c, stride);
-  if constexpr (NB > 1) _tile_loadd(1, c + kTileCols, stride);
-  if constexpr (MB > 1) _tile_loadd(2, c + kTileRows * ldc, stride);
-  if constexpr (MB > 1 && NB > 1) _tile_loadd(3, c + kTileRows * ldc + kTileCols, stride);
+  each_c<MB, NB>([&](auto tile, int64_t r, int64_t col) { _tile_loadd(decltype(tile)::value, c + r * ldc + col, ldc * 4); });
 }
 
 template <int MB, int NB>
 inline void store_c(float* c, int64_t ldc) {
-  const int64_t stride = ldc * 4;
-  _tile_stored(0, c, stride);
-  if constexpr (NB > 1) _tile_stored(1, c + kTileCols, stride);
-  if constexpr (MB > 1) _tile_stored(2, c + kTileRows * ldc, stride);
-  if constexpr (MB > 1 && NB > 1) _tile_stored(3, c + kTileRows * ldc + kTileCols, stride);
+  each_c<MB, NB>([&](auto tile, int64_t r, int64_t col) { _tile_stored(decltype(tile)::value, c + r * ldc + col, ldc * 4); });
 }
 
 // One step of 32 along the reduction: a points at A's first row of the block at this step; b0
