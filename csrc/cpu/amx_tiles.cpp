@@ -11,7 +11,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -70,29 +69,33 @@ bool os_grants_tiles() {
 }
 
 // C tiles (i, j) of a 2 x 2 block are 2i + j; A tiles 4 + i; B tiles 6 + j. The tile numbers
-// are immediates, hence the templates over the block's rows (MB) and columns (NB) of tiles.
-// Calls f(tile, row, column) for each C tile of the block, the tile number a constant.
-template <int MB, int NB, typename F>
-inline void each_c(F f) {
-  f(std::integral_constant<int, 0>{}, 0, 0);
-  if constexpr (NB > 1) f(std::integral_constant<int, 1>{}, 0, kTileCols);
-  if constexpr (MB > 1) f(std::integral_constant<int, 2>{}, kTileRows, 0);
-  if constexpr (MB > 1 && NB > 1) f(std::integral_constant<int, 3>{}, kTileRows, kTileCols);
-}
-
+// are immediates (GCC's intrinsics paste them into the instruction's text as literals), hence
+// the templates over the block's rows (MB) and columns (NB) of tiles, and the four spelled-out
+// lines of each of zero_c, load_c and store_c.
 template <int MB, int NB>
 inline void zero_c() {
-  each_c<MB, NB>([](auto tile, int64_t, int64_t) { _tile_zero(decltype(tile)::value); });
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (MB > 1) _tile_zero(2);
+  if constexpr (MB > 1 && NB > 1) _tile_zero(3);
 }
 
 template <int MB, int NB>
 inline void load_c(const float* c, int64_t ldc) {
-  each_c<MB, NB>([&](auto tile, int64_t r, int64_t col) { _tile_loadd(decltype(tile)::value, c + r * ldc + col, ldc * 4); });
+  const int64_t stride = ldc * 4;
+  _tile_loadd(0, c, stride);
+  if constexpr (NB > 1) _tile_loadd(1, c + kTileCols, stride);
+  if constexpr (MB > 1) _tile_loadd(2, c + kTileRows * ldc, stride);
+  if constexpr (MB > 1 && NB > 1) _tile_loadd(3, c + kTileRows * ldc + kTileCols, stride);
 }
 
 template <int MB, int NB>
 inline void store_c(float* c, int64_t ldc) {
-  each_c<MB, NB>([&](auto tile, int64_t r, int64_t col) { _tile_stored(decltype(tile)::value, c + r * ldc + col, ldc * 4); });
+  const int64_t stride = ldc * 4;
+  _tile_stored(0, c, stride);
+  if constexpr (NB > 1) _tile_stored(1, c + kTileCols, stride);
+  if constexpr (MB > 1) _tile_stored(2, c + kTileRows * ldc, stride);
+  if constexpr (MB > 1 && NB > 1) _tile_stored(3, c + kTileRows * ldc + kTileCols, stride);
 }
 
 // One step of 32 along the reduction: a points at A's first row of the block at this step; b0
@@ -177,17 +180,24 @@ void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, con
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc) {
   TORCH_CHECK(N % (2 * kTileCols) == 0 && K % kKeyStep == 0, "headops: AMX accumulate of an unpadded shape");
-  const int64_t M_tiles = (M + kTileRows - 1) / kTileRows * kTileRows;
+  const int64_t whole = M / kTileRows * kTileRows;
   // the rows outer: a block's A rows stay in L1 while B's column tiles pass (B outer, or B's
   // column tiles shared by 64 rows, were 2-4 % slower in the bf16 forward at S = 4096)
-  for (int64_t m = 0; m < M_tiles; m += 2 * kTileRows) {
+  for (int64_t m = 0; m < whole; m += 2 * kTileRows) {
     for (int64_t n = 0; n < N; n += 2 * kTileCols) {
-      if (M_tiles - m > kTileRows)
+      if (whole - m > kTileRows)
         accumulate_block<2>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
       else
         accumulate_block<1>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
     }
   }
+  if (whole == M) return;
+  // the last M % 16 rows of C through a tile of its own: C's rows past M may be someone else's
+  const int64_t rows = M - whole;
+  std::vector<float> tail(kTileRows * N, 0.f);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.data() + r * N, c + (whole + r) * ldc, N * sizeof(float));
+  for (int64_t n = 0; n < N; n += 2 * kTileCols) accumulate_block<1>(N, n, K, a + whole * lda, lda, b, tail.data(), N);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (whole + r) * ldc, tail.data() + r * N, N * sizeof(float));
 }
 
 #else  // no AMX code in this build

@@ -36,9 +36,9 @@ void release_thread();
 // A's rows with zeros), N of kKeyGroup, K of 32.
 void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc);
 
-// C[M x N] += A[M x K] B, B = V from its first key step. N a multiple of 32, K of kKeyStep. M is
-// rounded up to 16: A's rows and C's rows up to that are read and written (junk rows the caller
-// ignores).
+// C[M x N] += A[M x K] B, B from its first reduction step (V's keys; or, for dK and dV, a query
+// tile's Q or dO rows packed the same way). N a multiple of 32, K of kKeyStep. C's rows past M
+// are left alone; A's rows are read up to M rounded up to 16 (their products are dropped).
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc);
 
