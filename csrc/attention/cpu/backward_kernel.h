@@ -178,7 +178,7 @@ class HeadBackward {
     acc_t dscale = 0;
     for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
       const int64_t q1 = std::min(Sq, q0 + rows), nq = q1 - q0;
-      const VisibleKeys keys = tile_keys(f_, hs, q0, q1, Products::key_alignment, products_.padded_keys());
+      const VisibleKeys keys = tile_keys(f_, hs, q0, q1, products_.key_alignment(), products_.padded_keys());
       if (keys.count() == 0) {
         zero_query_grad_rows(b, h, q0, q1);
         continue;
@@ -399,7 +399,7 @@ void backward_typed(const BackwardParams& p) {
   const TileShape tiles = fit_to_call(backward_tile_shape(dtype, p.fwd.head_dim), p.fwd.seqlen_q, p.fwd.seqlen_k, p.fwd.causal);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (backward_writes_key_grads_once(dtype, p.fwd.head_dim, p.fwd.seqlen_q * p.fwd.group())) {
-      const PackedBackwardKV<float> packed(p.fwd);
+      const PackedBackwardKV<float> packed(p.fwd, false);
       return run_backward<float, PackedTileProducts<float>>(
           p, tiles, [&] { return PackedTileProducts<float>(p, packed, tiles.block_q, tiles.block_k); });
     }
@@ -409,7 +409,7 @@ void backward_typed(const BackwardParams& p) {
   } else {
     TORCH_CHECK(backward_reads_input_dtype(dtype, p.fwd.head_dim),
                 "headops: the CPU backward reads 16-bit q/k/v only where backward_reads_input_dtype says so");
-    const PackedBackwardKV<scalar_t> packed(p.fwd);
+    const PackedBackwardKV<scalar_t> packed(p.fwd, runs_own_amx_tiles(dtype, p.fwd.head_dim));
     run_backward<float, PackedTileProducts<scalar_t>>(
         p, tiles, [&] { return PackedTileProducts<scalar_t>(p, packed, tiles.block_q, tiles.block_k); });
   }

@@ -1,7 +1,8 @@
 // How a CPU backward work item obtains its five tile products, per dtype:
 //  - BlasTileProducts: float/double inputs straight from the strided rows through BLAS;
 //  - PackedTileProducts: bfloat16/float16 inputs through oneDNN's brgemm (AMX, AVX512-BF16,
-//    AVX512-FP16) in the input dtype with float accumulation, as the forward's PackedOperands:
+//    AVX512-FP16), or for bfloat16 on AMX through headops' own tile loops (cpu/amx_tiles.h), in
+//    the input dtype with float accumulation, as the forward's PackedOperands:
 //    P, dS and dO are rounded to the input dtype for the products that read them (as SDPA's
 //    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
 //    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
@@ -22,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../../cpu/amx_tiles.h"
 #include "../../cpu/blas.h"
 #include "../../cpu/cache_line_vector.h"
 #include "../../cpu/kept_workspace.h"
@@ -43,7 +45,7 @@ struct KeyGradRows {
 
 template <typename acc_t>
 struct BlasTileProducts {
-  static constexpr int64_t key_alignment = 1;
+  static constexpr int64_t key_alignment() { return 1; }
   static constexpr bool writes_key_grads_once = false, scales_key_grads = false;
   using dq_t = acc_t;  // dq's dtype (the caller's buffer)
   const AttentionParams& f;
@@ -83,17 +85,19 @@ struct BlasTileProducts {
 };
 
 // K^T, V^T (the B operands of S and dP) and K (of dQ) of every (b, kv head) in brgemm's B layout
-// (vnni_pack.h: VNNI pairs for 16-bit types, plain for float), zero-padded to a multiple of
-// kPackBlock keys. A workspace of 1.5x the size of K and V (kept_workspace.h), packed once per
-// call.
+// (vnni_pack.h: VNNI pairs for 16-bit types, plain for float), or tile-major for headops' own AMX
+// loops (amx_tile_major, as the forward's PackedKV), zero-padded to a multiple of kPackBlock
+// keys. A workspace of 1.5x the size of K and V (kept_workspace.h), packed once per call.
 template <typename scalar_t>
 struct PackedBackwardKV {
   static constexpr int64_t kPackBlock = 64;
   at::Tensor fresh;  // the workspace when it is larger than the kept one
   scalar_t* storage = nullptr;
   int64_t padded_keys = 0, head_dim = 0, heads_kv = 0, heads = 0;  // heads: batch * heads_kv
+  bool amx_tile_major = false;
 
-  explicit PackedBackwardKV(const AttentionParams& f) : head_dim(f.head_dim), heads_kv(f.heads_kv) {
+  PackedBackwardKV(const AttentionParams& f, bool tile_major)
+      : head_dim(f.head_dim), heads_kv(f.heads_kv), amx_tile_major(tile_major) {
     padded_keys = (f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock;
     heads = f.batch * f.heads_kv;
     storage = packing_workspace<scalar_t>(3 * heads * head_elems(), fresh);
@@ -114,6 +118,8 @@ struct PackedBackwardKV {
   const scalar_t* keys_t(int64_t b, int64_t kvh) const { return part(0, b, kvh); }
   const scalar_t* values_t(int64_t b, int64_t kvh) const { return part(1, b, kvh); }
   const scalar_t* keys(int64_t b, int64_t kvh) const { return part(2, b, kvh); }
+  // where key j's column of K^T or V^T starts (K's rows: j * head_dim in both layouts)
+  int64_t transposed_offset(int64_t j) const { return amx_tile_major ? j * head_dim : j * vnni_pairs<scalar_t>(); }
 
  private:
   void pack_block(const AttentionParams& f, int64_t b, int64_t kvh, int64_t blk) {
@@ -121,9 +127,24 @@ struct PackedBackwardKV {
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, f.seqlen_k - j_begin));
     auto key = [&](int64_t r) { return f.k.row<scalar_t>(b, j_begin + r, kvh); };
     auto value = [&](int64_t r) { return f.v.row<scalar_t>(b, j_begin + r, kvh); };
-    constexpr int64_t P = vnni_pairs<scalar_t>();
-    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, part(0, b, kvh) + j_begin * P);
-    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, part(1, b, kvh) + j_begin * P);
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (amx_tile_major) {
+        for (int64_t r0 = 0; r0 < kPackBlock; r0 += AMX::kKeyGroup) {
+          const int64_t n = std::clamp<int64_t>(real - r0, 0, AMX::kKeyGroup);
+          pack_columns_vnni<scalar_t>([&](int64_t r) { return key(r0 + r); }, n, AMX::kKeyGroup, D, AMX::kKeyGroup,
+                                      part(0, b, kvh) + transposed_offset(j_begin + r0));
+          pack_columns_vnni<scalar_t>([&](int64_t r) { return value(r0 + r); }, n, AMX::kKeyGroup, D, AMX::kKeyGroup,
+                                      part(1, b, kvh) + transposed_offset(j_begin + r0));
+        }
+        for (int64_t r0 = 0; r0 < kPackBlock; r0 += AMX::kKeyStep)
+          pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return key(r0 + r); },
+                                        std::clamp<int64_t>(real - r0, 0, AMX::kKeyStep), D,
+                                        part(2, b, kvh) + (j_begin + r0) * D);
+        return;
+      }
+    }
+    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, part(0, b, kvh) + transposed_offset(j_begin));
+    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, part(1, b, kvh) + transposed_offset(j_begin));
     pack_rows_vnni<scalar_t>(key, real, kPackBlock, D, part(2, b, kvh) + j_begin * D);
   }
 };
@@ -135,22 +156,29 @@ struct PackedTileProducts {
   // where backward_reads_input_dtype), each row rounded once as it is finished, rather than a
   // float dq converted afterwards
   using dq_t = std::conditional_t<P == 2, scalar_t, float>;
-  // VNNI pairs: key blocks of 16-bit types start and end on even keys
-  static constexpr int64_t key_alignment = P;
+  // VNNI pairs: key blocks of 16-bit types start and end on even keys; headops' AMX loops read
+  // whole steps of 32 keys (the forward's PackedOperands)
+  int64_t key_alignment() const { return own_amx ? AMX::kKeyStep : P; }
   // float keeps the head's dK^T and dV^T (below) and writes its rows once; its Q^T operand
   // carries the softmax scale, which rounds once per element of a tile rather than a pass over
   // dK. 16-bit types add into the rows, and scaling their bf16 Q would round it twice.
   static constexpr bool writes_key_grads_once = P == 1, scales_key_grads = P == 1;
   const AttentionParams& f;
   const PackedBackwardKV<scalar_t>& kv;
+  // bfloat16 on AMX (K and V packed tile-major): headops' own tile loops (cpu/amx_tiles.h). The
+  // tile's queries are the reduction of dV and dK: nq_pad rounds them to whole steps of 32, Q
+  // and dO are packed tile-major for it, and the transposed P and dS are zero past nq.
+  const bool own_amx;
   int64_t block_k, D;
   const scalar_t *q = nullptr, *kt = nullptr, *vt = nullptr, *kr = nullptr;
+  int64_t ldq = 0;  // q's row stride
   int64_t nq = 0, nq_pad = 0;
   // The tile's Q and dO as the dK and dV products read them: VNNI-packed rows (B of dS^T Q and
   // P^T dO) for 16-bit types; transposed, [D][nq], for float (A of Q^T dS and dO^T P)
   CacheLineVector<scalar_t> q_operand, do_rows, do_operand;  // do_rows: dO as A of dP = dO V^T
   CacheLineVector<scalar_t> prob_rows, prob_t, ds_rows, ds_t;  // 16-bit types: the block's P, P^T, dS, dS^T
   CacheLineVector<float> q_float;
+  CacheLineVector<scalar_t> q_rows;  // own AMX: the tile's Q rows, zero rows to a whole tile
   // float: the head's dK^T and dV^T, [D][padded keys]. dK^T += Q^T dS and dV^T += dO^T P read P
   // and dS where they are, so no key block is transposed; end_head transposes the keys it
   // touched into the head's rows once and clears them here. On the 2-core AMX Xeon the per-block
@@ -159,8 +187,9 @@ struct PackedTileProducts {
   int64_t touched_lo = 0, touched_hi = 0;
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
-      : f(p.fwd), kv(packed), block_k(bk), D(p.fwd.head_dim) {
-    const int64_t bq_pad = block_q + block_q % P;
+      : f(p.fwd), kv(packed), own_amx(packed.amx_tile_major), block_k(bk), D(p.fwd.head_dim) {
+    const int64_t bq_pad = padded_queries(block_q);
+    if (own_amx) q_rows.resize(bq_pad * D);
     q_operand.resize(bq_pad * D);
     do_rows.resize(block_q * D);
     do_operand.resize(bq_pad * D);
@@ -180,18 +209,22 @@ struct PackedTileProducts {
   void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const float* d_o, float softmax_scale) {
     const int64_t kvh = h / f.group();
     nq = rows;
-    nq_pad = rows + rows % P;
+    nq_pad = padded_queries(rows);
     q = f.q.row<scalar_t>(b, q0, h);
+    ldq = f.q.stride_s;
     kt = kv.keys_t(b, kvh);
     vt = kv.values_t(b, kvh);
     kr = kv.keys(b, kvh);
     round_rows(d_o, D, nq, D, do_rows.data(), D);
+    if constexpr (P == 2) {
+      if (own_amx) return begin_amx_tile();
+    }
     if constexpr (P == 1) {
-      transpose(nq, D, q, f.q.stride_s, q_operand.data(), nq);
+      transpose(nq, D, q, ldq, q_operand.data(), nq);
       if (softmax_scale != 1.f) scale_row(q_operand.data(), D * nq, softmax_scale);
       transpose(nq, D, d_o, D, do_operand.data(), nq);
     } else {
-      pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * f.q.stride_s; }, nq, nq_pad, D, q_operand.data());
+      pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * ldq; }, nq, nq_pad, D, q_operand.data());
       pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, do_operand.data());
     }
   }
@@ -207,7 +240,7 @@ struct PackedTileProducts {
     }
   }
   const float* q_row(int64_t r) {
-    const scalar_t* row = q + r * f.q.stride_s;
+    const scalar_t* row = q + r * ldq;
     for (int64_t d = 0; d < D; ++d) q_float[d] = static_cast<float>(row[d]);
     return q_float.data();
   }
@@ -215,8 +248,15 @@ struct PackedTileProducts {
   void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, int64_t nk) {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
-    brgemm(nq, nk, D, f.q.stride_s, kv.padded_keys, ld, false, q, kt + j0 * P, s, vnni);         // S = Q K^T
-    brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), vt + j0 * P, dp, vnni);      // dP = dO V^T
+    const scalar_t *keys_t = kt + kv.transposed_offset(j0), *values_t = vt + kv.transposed_offset(j0);
+    if (P == 2 && own_amx) {  // (never for float: kv.amx_tile_major is false there)
+      const int64_t tile_rows = (nq + 15) / 16 * 16;
+      AMX::scores(tile_rows, nk, D, bits(q), ldq, bits(keys_t), s, ld);               // S = Q K^T
+      AMX::scores(tile_rows, nk, D, bits(do_rows.data()), D, bits(values_t), dp, ld);  // dP = dO V^T
+      return;
+    }
+    brgemm(nq, nk, D, ldq, kv.padded_keys, ld, false, q, keys_t, s, vnni);                  // S = Q K^T
+    brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), values_t, dp, vnni);   // dP = dO V^T
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
   void gradients(const float* prob, const float* ds, int64_t ld, int64_t j0, int64_t nk, int64_t real,
@@ -232,6 +272,21 @@ struct PackedTileProducts {
       round_rows(ds, ld, nq, nk, ds_rows.data(), block_k);
       ds_in = ds_rows.data();
       ld_in = block_k;
+    }
+    if (P == 2 && own_amx) {
+      AMX::accumulate(nq, D, nk, bits(ds_in), ld_in, bits(kr + j0 * D), dq_tile, D);  // dQ += dS K
+      if (out.dv) {
+        round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
+        transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
+        AMX::accumulate(real, D, nq_pad, bits(prob_t.data()), nq_pad, bits(do_operand.data()), out.dv,
+                        out.stride_dv);  // dV += P^T dO
+      }
+      if (out.dk) {
+        transpose_tile(ds_in, ld_in, real, ds_t.data());
+        AMX::accumulate(real, D, nq_pad, bits(ds_t.data()), nq_pad, bits(q_operand.data()), out.dk,
+                        out.stride_dk);  // dK += dS^T Q
+      }
+      return;
     }
     brgemm(nq, D, nk, ld_in, D, D, true, ds_in, kr + j0 * D, dq_tile, vnni);  // dQ += dS K
     if constexpr (P == 1) {
@@ -271,18 +326,46 @@ struct PackedTileProducts {
     touched_lo = touched_hi = 0;
     return written;
   }
-  void end_worker() { at::native::cpublas::brgemm_release(is_vnni<scalar_t>()); }
+  void end_worker() {
+    if (own_amx)
+      AMX::release_thread();
+    else
+      at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
+  }
 
  private:
+  static const uint16_t* bits(const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); }
+  // own AMX: the tile's Q rows copied, they and dO's zero-padded to a whole tile (the A rows of S
+  // and dP), and both packed tile-major over the queries (the B of dK and dV)
+  void begin_amx_tile() {
+    AMX::bind_thread();
+    const int64_t tile_rows = (nq + 15) / 16 * 16;
+    for (int64_t r = 0; r < nq; ++r) std::memcpy(q_rows.data() + r * D, q + r * ldq, D * sizeof(scalar_t));
+    std::fill(q_rows.begin() + nq * D, q_rows.begin() + tile_rows * D, scalar_t(0));
+    std::fill(do_rows.begin() + nq * D, do_rows.begin() + tile_rows * D, scalar_t(0));
+    q = q_rows.data();
+    ldq = D;
+    for (int64_t r0 = 0; r0 < nq_pad; r0 += AMX::kKeyStep) {
+      const int64_t n = std::min<int64_t>(AMX::kKeyStep, nq - r0);
+      pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return q + (r0 + r) * D; }, n, D, q_operand.data() + r0 * D);
+      pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return do_rows.data() + (r0 + r) * D; }, n, D,
+                                    do_operand.data() + r0 * D);
+    }
+  }
+  // the tile's queries as the reduction of dV and dK: whole VNNI pairs, or whole AMX steps
+  int64_t padded_queries(int64_t rows) const {
+    const int64_t step = own_amx ? AMX::kKeyStep : P;
+    return (rows + step - 1) / step * step;
+  }
   // dst[r, j] = src[r, j] rounded to scalar_t (convert_row), r < rows, j < cols
   static void round_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst, int64_t ld_dst) {
     for (int64_t r = 0; r < rows; ++r) convert_row(src + r * ld_src, dst + r * ld_dst, cols);
   }
-  // dst[j, r] = rows[r, j] for the first `keys` columns; row nq of an odd tile's padding is zero
+  // dst[j, r] = rows[r, j] for the first `keys` columns; the padding columns [nq, nq_pad) are zero
   void transpose_tile(const scalar_t* rows, int64_t ld, int64_t keys, scalar_t* dst) const {
     transpose(nq, keys, reinterpret_cast<const uint16_t*>(rows), ld, reinterpret_cast<uint16_t*>(dst), nq_pad);
     if (nq_pad > nq)
-      for (int64_t j = 0; j < keys; ++j) dst[j * nq_pad + nq] = scalar_t(0);
+      for (int64_t j = 0; j < keys; ++j) std::fill(dst + j * nq_pad + nq, dst + (j + 1) * nq_pad, scalar_t(0));
   }
 };
 
