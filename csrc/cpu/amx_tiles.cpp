@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -163,6 +164,13 @@ void bind_thread() {
 
 void release_thread() { _tile_release(); }
 
+void end_products(bool own_loops, bool brgemm_vnni) {
+  if (own_loops)
+    release_thread();
+  else
+    at::native::cpublas::brgemm_release(brgemm_vnni);
+}
+
 void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
   TORCH_CHECK(M % kTileRows == 0 && N % kKeyGroup == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
   // rows in chunks whose A stays in L1 (32 KiB of it) while the key blocks pass
@@ -205,6 +213,7 @@ void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
 bool bf16_tiles_available() { return false; }
 void bind_thread() {}
 void release_thread() {}
+void end_products(bool, bool brgemm_vnni) { at::native::cpublas::brgemm_release(brgemm_vnni); }
 void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "headops: this build has no AMX tiles");
 }
@@ -213,5 +222,10 @@ void accumulate(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint1
 }
 
 #endif
+
+void copy_padded_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * cols, src + r * ld, cols * sizeof(uint16_t));
+  std::fill(dst + rows * cols, dst + padded_rows(rows) * cols, uint16_t(0));
+}
 
 }  // namespace headops::cpu::AMX

@@ -30,7 +30,26 @@ bool bf16_tiles_available();
 constexpr bool fits_head_dim(int64_t head_dim) { return head_dim > 0 && head_dim % 32 == 0; }
 
 void bind_thread();
-void release_thread();
+// Ends a worker's tile products: releases the tiles headops' loops held (own_loops), or else
+// brgemm's context (brgemm_release(brgemm_vnni)).
+void end_products(bool own_loops, bool brgemm_vnni);
+
+// The A operand of S = Q K^T (and of dP = dO V^T): `rows` rows of `cols` bfloat16 from src (row
+// stride ld) copied to dst, followed by zero rows up to padded_rows(rows).
+constexpr int64_t padded_rows(int64_t rows) { return (rows + 15) / 16 * 16; }
+void copy_padded_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst);
+
+// bfloat16 (any 16-bit type) as the bits these functions take
+template <typename T>
+const uint16_t* bits(const T* x) {
+  static_assert(sizeof(T) == 2, "AMX tiles of 16-bit types");
+  return reinterpret_cast<const uint16_t*>(x);
+}
+template <typename T>
+uint16_t* bits(T* x) {
+  static_assert(sizeof(T) == 2, "AMX tiles of 16-bit types");
+  return reinterpret_cast<uint16_t*>(x);
+}
 
 // C[M x N] = A[M x K] B, B = K^T from its first key group. M a multiple of 16 (the caller pads
 // A's rows with zeros), N of kKeyGroup, K of 32.

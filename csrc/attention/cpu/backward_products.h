@@ -249,11 +249,8 @@ struct PackedTileProducts {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t *keys_t = kt + kv.transposed_offset(j0), *values_t = vt + kv.transposed_offset(j0);
-    if (P == 2 && own_amx) {  // (never for float: kv.amx_tile_major is false there)
-      const int64_t tile_rows = (nq + 15) / 16 * 16;
-      AMX::scores(tile_rows, nk, D, bits(q), ldq, bits(keys_t), s, ld);               // S = Q K^T
-      AMX::scores(tile_rows, nk, D, bits(do_rows.data()), D, bits(values_t), dp, ld);  // dP = dO V^T
-      return;
+    if constexpr (P == 2) {
+      if (own_amx) return amx_scores_and_dprobs(s, dp, ld, keys_t, values_t, nk);
     }
     brgemm(nq, nk, D, ldq, kv.padded_keys, ld, false, q, keys_t, s, vnni);                  // S = Q K^T
     brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), values_t, dp, vnni);   // dP = dO V^T
@@ -273,20 +270,8 @@ struct PackedTileProducts {
       ds_in = ds_rows.data();
       ld_in = block_k;
     }
-    if (P == 2 && own_amx) {
-      AMX::accumulate(nq, D, nk, bits(ds_in), ld_in, bits(kr + j0 * D), dq_tile, D);  // dQ += dS K
-      if (out.dv) {
-        round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
-        transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
-        AMX::accumulate(real, D, nq_pad, bits(prob_t.data()), nq_pad, bits(do_operand.data()), out.dv,
-                        out.stride_dv);  // dV += P^T dO
-      }
-      if (out.dk) {
-        transpose_tile(ds_in, ld_in, real, ds_t.data());
-        AMX::accumulate(real, D, nq_pad, bits(ds_t.data()), nq_pad, bits(q_operand.data()), out.dk,
-                        out.stride_dk);  // dK += dS^T Q
-      }
-      return;
+    if constexpr (P == 2) {
+      if (own_amx) return amx_gradients(prob, ld, ds_in, ld_in, j0, nk, real, dq_tile, out);
     }
     brgemm(nq, D, nk, ld_in, D, D, true, ds_in, kr + j0 * D, dq_tile, vnni);  // dQ += dS K
     if constexpr (P == 1) {
@@ -326,23 +311,37 @@ struct PackedTileProducts {
     touched_lo = touched_hi = 0;
     return written;
   }
-  void end_worker() {
-    if (own_amx)
-      AMX::release_thread();
-    else
-      at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
-  }
+  void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 
  private:
-  static const uint16_t* bits(const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); }
+  // The products through headops' own AMX loops (bfloat16 only).
+  void amx_scores_and_dprobs(float* s, float* dp, int64_t ld, const scalar_t* keys_t, const scalar_t* values_t,
+                             int64_t nk) {
+    const int64_t rows = AMX::padded_rows(nq);
+    AMX::scores(rows, nk, D, AMX::bits(q), ldq, AMX::bits(keys_t), s, ld);               // S = Q K^T
+    AMX::scores(rows, nk, D, AMX::bits(do_rows.data()), D, AMX::bits(values_t), dp, ld);  // dP = dO V^T
+  }
+  void amx_gradients(const float* prob, int64_t ld, const scalar_t* ds_in, int64_t ld_in, int64_t j0, int64_t nk,
+                     int64_t real, float* dq_tile, const KeyGradRows<float>& out) {
+    AMX::accumulate(nq, D, nk, AMX::bits(ds_in), ld_in, AMX::bits(kr + j0 * D), dq_tile, D);  // dQ += dS K
+    if (out.dv) {
+      round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
+      transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
+      AMX::accumulate(real, D, nq_pad, AMX::bits(prob_t.data()), nq_pad, AMX::bits(do_operand.data()), out.dv,
+                      out.stride_dv);  // dV += P^T dO
+    }
+    if (out.dk) {
+      transpose_tile(ds_in, ld_in, real, ds_t.data());
+      AMX::accumulate(real, D, nq_pad, AMX::bits(ds_t.data()), nq_pad, AMX::bits(q_operand.data()), out.dk,
+                      out.stride_dk);  // dK += dS^T Q
+    }
+  }
   // own AMX: the tile's Q rows copied, they and dO's zero-padded to a whole tile (the A rows of S
   // and dP), and both packed tile-major over the queries (the B of dK and dV)
   void begin_amx_tile() {
     AMX::bind_thread();
-    const int64_t tile_rows = (nq + 15) / 16 * 16;
-    for (int64_t r = 0; r < nq; ++r) std::memcpy(q_rows.data() + r * D, q + r * ldq, D * sizeof(scalar_t));
-    std::fill(q_rows.begin() + nq * D, q_rows.begin() + tile_rows * D, scalar_t(0));
-    std::fill(do_rows.begin() + nq * D, do_rows.begin() + tile_rows * D, scalar_t(0));
+    AMX::copy_padded_rows(AMX::bits(q), ldq, nq, D, AMX::bits(q_rows.data()));
+    std::fill(do_rows.begin() + nq * D, do_rows.begin() + AMX::padded_rows(nq) * D, scalar_t(0));
     q = q_rows.data();
     ldq = D;
     for (int64_t r0 = 0; r0 < nq_pad; r0 += AMX::kKeyStep) {

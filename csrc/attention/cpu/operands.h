@@ -167,36 +167,32 @@ struct PackedOperands {
     ldq = p.q.stride_s;
     kt = packed.keys_of(b, kvh, p.heads_kv);
     vv = packed.values_of(b, kvh, p.heads_kv);
-    if (own_amx) {
-      AMX::bind_thread();
-      const int64_t D = p.head_dim;
-      tile_rows = (nq + 15) / 16 * 16;
-      q_tile.resize(std::max<int64_t>(q_tile.size(), tile_rows * D));
-      for (int64_t r = 0; r < nq; ++r) std::memcpy(q_tile.data() + r * D, q + r * ldq, D * sizeof(scalar_t));
-      std::fill(q_tile.begin() + nq * D, q_tile.begin() + tile_rows * D, scalar_t(0));
-      q = q_tile.data();
-      ldq = D;
+    if constexpr (is_vnni<scalar_t>()) {
+      if (own_amx) {
+        AMX::bind_thread();
+        tile_rows = AMX::padded_rows(nq);
+        q_tile.resize(std::max<int64_t>(q_tile.size(), tile_rows * p.head_dim));
+        AMX::copy_padded_rows(AMX::bits(q), ldq, nq, p.head_dim, AMX::bits(q_tile.data()));
+        q = q_tile.data();
+        ldq = p.head_dim;
+      }
     }
   }
   void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
     const scalar_t* b = kt + packed.key_offset(j0);
-    if (own_amx) return AMX::scores(tile_rows, nk, p.head_dim, bits(q), ldq, bits(b), s, lds);
+    if constexpr (is_vnni<scalar_t>()) {
+      if (own_amx) return AMX::scores(tile_rows, nk, p.head_dim, AMX::bits(q), ldq, AMX::bits(b), s, lds);
+    }
     at::native::cpublas::brgemm(nq, nk, p.head_dim, ldq, packed.padded_keys, lds, false, q, b, s, is_vnni<scalar_t>());
   }
   void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
     const scalar_t* b = vv + packed.value_offset(j0);
-    if (own_amx) return AMX::accumulate(nq, p.head_dim, nk, bits(prob), ldp, bits(b), acc, p.head_dim);
+    if constexpr (is_vnni<scalar_t>()) {
+      if (own_amx) return AMX::accumulate(nq, p.head_dim, nk, AMX::bits(prob), ldp, AMX::bits(b), acc, p.head_dim);
+    }
     at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, b, acc, is_vnni<scalar_t>());
   }
-  void end_worker() {
-    if (own_amx)
-      AMX::release_thread();
-    else
-      at::native::cpublas::brgemm_release(is_vnni<scalar_t>());
-  }
-
- private:
-  static const uint16_t* bits(const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); }
+  void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
