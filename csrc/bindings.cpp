@@ -13,7 +13,6 @@
 #include "attention/cpu/attention_fwd_cpu.h"
 #include "cpu/blas.h"
 #include "cpu/isa_dispatch.h"
-#include "cpu/amx_tiles.h"
 #include "attention/head_semantics.h"
 #include "attention/online_softmax.h"
 #include "attention/work_counters.h"

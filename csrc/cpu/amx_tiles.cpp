@@ -4,13 +4,12 @@
 // Partial shapes are padded (amx_tiles.h) rather than configured, since loading a configuration
 // clears the tiles. B operands are tile-major (cpu/vnni_pack.h): each B tile one contiguous KiB.
 #include "amx_tiles.h"
-#include "isa_dispatch.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 

@@ -112,17 +112,19 @@ void pack_rows_vnni(RowOf row_of, int64_t real, int64_t count, int64_t D, scalar
   }
 }
 
-// 32 rows (row r at row_of(r), rows [real, 32) zeros) as one reduction step of AMX's
-// tile-major B (see the top): 16 pairs of rows for each 16 columns of D, D a multiple of 16.
+// `count` rows (a multiple of 32; row r at row_of(r), rows [real, count) zeros) as AMX's
+// tile-major B reduced over them (see the top): per step of 32 rows, 16 pairs of rows for each 16
+// columns of D, D a multiple of 16.
 template <typename scalar_t, typename RowOf>
-void pack_rows_amx_tiles(RowOf row_of, int64_t real, int64_t D, scalar_t* dst) {
+void pack_rows_amx_tiles(RowOf row_of, int64_t real, int64_t count, int64_t D, scalar_t* dst) {
   static_assert(sizeof(scalar_t) == 2, "AMX tiles of 16-bit types");
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t r = 0; r < 32; r += 2) {
+  for (int64_t r = 0; r < count; r += 2) {
     const uint16_t* a = r < real ? reinterpret_cast<const uint16_t*>(row_of(r)) : nullptr;
     const uint16_t* b = r + 1 < real ? reinterpret_cast<const uint16_t*>(row_of(r + 1)) : nullptr;
+    uint32_t* step = out + (r / 32) * 16 * D;  // 32 rows of D elements: 16 D pairs
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      uint32_t* pair = out + (d0 + r / 2) * 16;
+      uint32_t* pair = step + (d0 + (r % 32) / 2) * 16;
       if (a && b) {
         for (int64_t c = 0; c < 16; ++c) pair[c] = uint32_t(a[d0 + c]) | (uint32_t(b[d0 + c]) << 16);
       } else {
@@ -130,6 +132,16 @@ void pack_rows_amx_tiles(RowOf row_of, int64_t real, int64_t D, scalar_t* dst) {
       }
     }
   }
+}
+
+// `count` rows (a multiple of 16) as AMX's tile-major X^T (see the top): pack_columns_vnni once
+// per group of 16 rows, with ld = 16.
+template <typename scalar_t, typename RowOf>
+void pack_columns_amx_tiles(RowOf row_of, int64_t real, int64_t count, int64_t D, scalar_t* dst) {
+  static_assert(sizeof(scalar_t) == 2, "AMX tiles of 16-bit types");
+  for (int64_t r0 = 0; r0 < count; r0 += 16)
+    pack_columns_vnni<scalar_t>([&](int64_t r) { return row_of(r0 + r); }, std::clamp<int64_t>(real - r0, 0, 16), 16,
+                                D, 16, dst + r0 * D);
 }
 
 }  // namespace headops::cpu::CPU_CAPABILITY

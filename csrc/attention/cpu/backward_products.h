@@ -129,17 +129,9 @@ struct PackedBackwardKV {
     auto value = [&](int64_t r) { return f.v.row<scalar_t>(b, j_begin + r, kvh); };
     if constexpr (sizeof(scalar_t) == 2) {
       if (amx_tile_major) {
-        for (int64_t r0 = 0; r0 < kPackBlock; r0 += AMX::kKeyGroup) {
-          const int64_t n = std::clamp<int64_t>(real - r0, 0, AMX::kKeyGroup);
-          pack_columns_vnni<scalar_t>([&](int64_t r) { return key(r0 + r); }, n, AMX::kKeyGroup, D, AMX::kKeyGroup,
-                                      part(0, b, kvh) + transposed_offset(j_begin + r0));
-          pack_columns_vnni<scalar_t>([&](int64_t r) { return value(r0 + r); }, n, AMX::kKeyGroup, D, AMX::kKeyGroup,
-                                      part(1, b, kvh) + transposed_offset(j_begin + r0));
-        }
-        for (int64_t r0 = 0; r0 < kPackBlock; r0 += AMX::kKeyStep)
-          pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return key(r0 + r); },
-                                        std::clamp<int64_t>(real - r0, 0, AMX::kKeyStep), D,
-                                        part(2, b, kvh) + (j_begin + r0) * D);
+        pack_columns_amx_tiles<scalar_t>(key, real, kPackBlock, D, part(0, b, kvh) + transposed_offset(j_begin));
+        pack_columns_amx_tiles<scalar_t>(value, real, kPackBlock, D, part(1, b, kvh) + transposed_offset(j_begin));
+        pack_rows_amx_tiles<scalar_t>(key, real, kPackBlock, D, part(2, b, kvh) + j_begin * D);
         return;
       }
     }
@@ -344,12 +336,8 @@ struct PackedTileProducts {
     std::fill(do_rows.begin() + nq * D, do_rows.begin() + AMX::padded_rows(nq) * D, scalar_t(0));
     q = q_rows.data();
     ldq = D;
-    for (int64_t r0 = 0; r0 < nq_pad; r0 += AMX::kKeyStep) {
-      const int64_t n = std::min<int64_t>(AMX::kKeyStep, nq - r0);
-      pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return q + (r0 + r) * D; }, n, D, q_operand.data() + r0 * D);
-      pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return do_rows.data() + (r0 + r) * D; }, n, D,
-                                    do_operand.data() + r0 * D);
-    }
+    pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return q + r * D; }, nq, nq_pad, D, q_operand.data());
+    pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, do_operand.data());
   }
   // the tile's queries as the reduction of dV and dK: whole VNNI pairs, or whole AMX steps
   int64_t padded_queries(int64_t rows) const {

@@ -120,23 +120,17 @@ struct PackedKV {
     const int64_t j_begin = blk * kPackBlock;
     const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - j_begin));
     const int64_t at = (b * p.heads_kv + kvh) * head_elems();
-    auto key = [&](int64_t j) { return p.k.row<scalar_t>(b, j, kvh); };
-    auto value = [&](int64_t j) { return p.v.row<scalar_t>(b, j, kvh); };
+    auto key = [&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); };
+    auto value = [&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); };
     if constexpr (sizeof(scalar_t) == 2) {
       if (amx_tile_major) {
-        for (int64_t j = j_begin; j < j_begin + kPackBlock; j += AMX::kKeyGroup)
-          pack_columns_vnni<scalar_t>([&](int64_t r) { return key(j + r); }, std::clamp<int64_t>(p.seqlen_k - j, 0, AMX::kKeyGroup),
-                                      AMX::kKeyGroup, head_dim, AMX::kKeyGroup, keys_t + at + key_offset(j));
-        for (int64_t j = j_begin; j < j_begin + kPackBlock; j += AMX::kKeyStep)
-          pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return value(j + r); }, std::clamp<int64_t>(p.seqlen_k - j, 0, AMX::kKeyStep),
-                                        head_dim, values + at + value_offset(j));
+        pack_columns_amx_tiles<scalar_t>(key, real, kPackBlock, head_dim, keys_t + at + key_offset(j_begin));
+        pack_rows_amx_tiles<scalar_t>(value, real, kPackBlock, head_dim, values + at + value_offset(j_begin));
         return;
       }
     }
-    pack_columns_vnni<scalar_t>([&](int64_t r) { return key(j_begin + r); }, real, kPackBlock, head_dim, padded_keys,
-                                keys_t + at + key_offset(j_begin));
-    pack_rows_vnni<scalar_t>([&](int64_t r) { return value(j_begin + r); }, real, kPackBlock, head_dim,
-                             values + at + value_offset(j_begin));
+    pack_columns_vnni<scalar_t>(key, real, kPackBlock, head_dim, padded_keys, keys_t + at + key_offset(j_begin));
+    pack_rows_vnni<scalar_t>(value, real, kPackBlock, head_dim, values + at + value_offset(j_begin));
   }
 };
 
