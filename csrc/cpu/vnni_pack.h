@@ -25,6 +25,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include "amx_tiles.h"
+
 // in the instruction set's namespace: instantiated per variant, never shared across them
 namespace headops::cpu::CPU_CAPABILITY {
 
@@ -38,6 +40,20 @@ constexpr int64_t vnni_pairs() {
 template <typename scalar_t>
 constexpr bool is_vnni() {
   return vnni_pairs<scalar_t>() == 2;
+}
+
+// Where key j's column starts in a packed X^T (K^T, V^T) of D rows: pair interleaved, or AMX's
+// tile-major groups of 16 keys.
+template <typename scalar_t>
+constexpr int64_t transposed_key_offset(int64_t j, int64_t D, bool amx_tile_major) {
+  return amx_tile_major ? j * D : j * vnni_pairs<scalar_t>();
+}
+
+// The keys a packed key block starts and ends on: VNNI pairs for 16-bit types; whole steps of
+// 32 for AMX's tile-major V (ranges are widened to them; the softmax masks the extra keys).
+template <typename scalar_t>
+constexpr int64_t packed_key_alignment(bool amx_tile_major) {
+  return amx_tile_major ? AMX::kKeyStep : vnni_pairs<scalar_t>();
 }
 
 // Whether rows[0 .. n) lie at one stride from each other (then *stride is it).

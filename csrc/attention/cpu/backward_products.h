@@ -119,7 +119,7 @@ struct PackedBackwardKV {
   const scalar_t* values_t(int64_t b, int64_t kvh) const { return part(1, b, kvh); }
   const scalar_t* keys(int64_t b, int64_t kvh) const { return part(2, b, kvh); }
   // where key j's column of K^T or V^T starts (K's rows: j * head_dim in both layouts)
-  int64_t transposed_offset(int64_t j) const { return amx_tile_major ? j * head_dim : j * vnni_pairs<scalar_t>(); }
+  int64_t transposed_offset(int64_t j) const { return transposed_key_offset<scalar_t>(j, head_dim, amx_tile_major); }
 
  private:
   void pack_block(const AttentionParams& f, int64_t b, int64_t kvh, int64_t blk) {
@@ -148,9 +148,7 @@ struct PackedTileProducts {
   // where backward_reads_input_dtype), each row rounded once as it is finished, rather than a
   // float dq converted afterwards
   using dq_t = std::conditional_t<P == 2, scalar_t, float>;
-  // VNNI pairs: key blocks of 16-bit types start and end on even keys; headops' AMX loops read
-  // whole steps of 32 keys (the forward's PackedOperands)
-  int64_t key_alignment() const { return own_amx ? AMX::kKeyStep : P; }
+  int64_t key_alignment() const { return packed_key_alignment<scalar_t>(own_amx); }
   // float keeps the head's dK^T and dV^T (below) and writes its rows once; its Q^T operand
   // carries the softmax scale, which rounds once per element of a tile rather than a pass over
   // dK. 16-bit types add into the rows, and scaling their bf16 Q would round it twice.
@@ -341,7 +339,7 @@ struct PackedTileProducts {
   }
   // the tile's queries as the reduction of dV and dK: whole VNNI pairs, or whole AMX steps
   int64_t padded_queries(int64_t rows) const {
-    const int64_t step = own_amx ? AMX::kKeyStep : P;
+    const int64_t step = packed_key_alignment<scalar_t>(own_amx);
     return (rows + step - 1) / step * step;
   }
   // dst[r, j] = src[r, j] rounded to scalar_t (convert_row), r < rows, j < cols

@@ -488,7 +488,7 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   PackedKV<scalar_t> kv;
   kv.head_dim = p.head_dim;
   kv.amx_tile_major = runs_own_amx_tiles(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim);
-  const int64_t align = PackedOperands<scalar_t>::key_alignment(kv.amx_tile_major);
+  const int64_t align = packed_key_alignment<scalar_t>(kv.amx_tile_major);
   kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
                    PackedKV<scalar_t>::kPackBlock;
   auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);

@@ -104,7 +104,7 @@ struct PackedKV {
   bool amx_tile_major = false;
 
   // where key j's column of K^T / row of V starts within one head's packed block
-  int64_t key_offset(int64_t j) const { return amx_tile_major ? j * head_dim : j * vnni_pairs<scalar_t>(); }
+  int64_t key_offset(int64_t j) const { return transposed_key_offset<scalar_t>(j, head_dim, amx_tile_major); }
   int64_t value_offset(int64_t j) const { return j * head_dim; }
 
   int64_t head_elems() const { return padded_keys * head_dim; }
@@ -137,9 +137,6 @@ struct PackedKV {
 template <typename scalar_t>
 struct PackedOperands {
   using prob_t = scalar_t;  // probabilities are rounded to the input dtype for the P.V product
-  // VNNI pairs: key blocks of 16-bit types start and end on even keys; headops' AMX loops read
-  // whole steps of V (their key blocks are widened to them; the softmax masks the extra keys)
-  static int64_t key_alignment(bool amx_tile_major) { return amx_tile_major ? AMX::kKeyStep : vnni_pairs<scalar_t>(); }
   const AttentionParams& p;
   const PackedKV<scalar_t>& packed;
   const scalar_t* q = nullptr;

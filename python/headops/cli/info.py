@@ -66,9 +66,13 @@ def describe(head_dim: int = 128) -> list:
                  if _C.cpu_uses_packed_operands(torch.float32, head_dim) else "")]
     for dtype in (torch.bfloat16, torch.float16):
         packed = _C.cpu_uses_packed_operands(dtype, head_dim)
-        lines.append(f"  {_dtype_name(dtype)} tiles (D = {head_dim}): "
-                     + ("brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)" if packed
-                        else "converted to float32 tiles (no packed bf16/fp16 unit)"))
+        if _C.cpu_runs_own_amx_tiles(dtype, head_dim):
+            how = "headops' own AMX tile loops in the input dtype (HEADOPS_CPU_AMX_BY_ONEDNN=1: brgemm)"
+        elif packed:
+            how = "brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)"
+        else:
+            how = "converted to float32 tiles (no packed bf16/fp16 unit)"
+        lines.append(f"  {_dtype_name(dtype)} tiles (D = {head_dim}): {how}")
     l2 = _C.cpu_l2_cache_bytes()
     shapes = ", ".join(f"{_dtype_name(dtype)} {_tiles(_C.cpu_tile_shape(dtype, head_dim))}"
                        f" / {_tiles(_C.cpu_backward_tile_shape(dtype, head_dim))}" for dtype in (torch.float32, torch.bfloat16))
