@@ -8,7 +8,7 @@ or an AVX-512 CPU without AMX, for which the issue names no target (its rows are
 shown against the AMX targets, marked "no target"). Running the AVX2 variant on an AVX-512 CPU
 (`ATEN_CPU_CAPABILITY=avx2`) is said as such: it is not the AVX2-only machine the issue means. On
 an AMX CPU the bf16 rows at S = 2048 are timed again with float32 tiles through BLAS instead of
-bf16 brgemm tiles (--compare-tiles elsewhere).
+bf16 tiles (headops' own AMX tile loops, or brgemm; --compare-tiles elsewhere).
 
 Measured (B=1, H=16, D=128, dense causal; headops and SDPA on the same tensors, median of
 --repeats interleaved calls, bench/timing.py):
@@ -107,9 +107,9 @@ def attention_ratio(dtype_name: str, s: int, train: bool, repeats: int) -> dict:
 
 def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
     """bf16 forward and forward+backward at s_pass again with float32 tiles through BLAS
-    (HEADOPS_CPU_NO_PACKED=1), in a process of its own: the bf16 brgemm tiles have never run on
-    AMX. Run on AMX or when --compare-tiles asks, where this CPU runs bf16 tiles through brgemm;
-    [] otherwise. Rows: {pass, ratio} from bench/ratio_vs_sdpa.py (SDPA in the same process)."""
+    (HEADOPS_CPU_NO_PACKED=1), in a process of its own: what the bf16 tiles (bf16_tile_engine())
+    gain over the float path. Run on AMX or when --compare-tiles asks, where this CPU runs bf16
+    tiles; [] otherwise. Rows: {pass, ratio} from bench/ratio_vs_sdpa.py (SDPA in the same process)."""
     if not (args.compare_tiles or kind == "amx") or not headops._C.cpu_uses_packed_operands(torch.bfloat16, D):
         return []
     env = dict(os.environ, HEADOPS_CPU_NO_PACKED="1")
@@ -123,7 +123,13 @@ def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
     return rows
 
 
-TILE_HEADER = ["row", "headops/SDPA, bf16 tiles by brgemm", "float32 tiles through BLAS"]
+def bf16_tile_engine() -> str:
+    """What runs the bf16 forward's tile products here (as `headops info` says)."""
+    return "headops' AMX loops" if headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, D) else "brgemm"
+
+
+def tile_header() -> list:
+    return ["row", f"headops/SDPA, bf16 tiles by {bf16_tile_engine()}", "float32 tiles through BLAS"]
 
 
 def main(argv=None) -> int:
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: checks the script, judges nothing")
     p.add_argument("--compare-tiles", action="store_true",
                    help="time the bf16 rows at S = 2048 again with float32 tiles through BLAS where bf16 tiles run "
-                        "through brgemm (always on an AMX machine)")
+                        "(always on an AMX machine)")
     add_output_args(p)
     args = p.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
@@ -194,7 +200,7 @@ def main(argv=None) -> int:
         print(note)
     if tile_lines:
         print()
-        print(text_table(TILE_HEADER, tile_lines))
+        print(text_table(tile_header(), tile_lines))
     wall = time.perf_counter() - started
 
     out = output_dir(args)
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
                 f"{attention_table}\n\n{decode_table}\n")
         if tile_lines:
             f.write(f"\nThe bf16 rows at S = {s_pass} again with float32 tiles through BLAS (HEADOPS_CPU_NO_PACKED=1, "
-                    f"a process of its own; SDPA timed there too):\n\n{markdown_table(TILE_HEADER, tile_lines)}\n")
+                    f"a process of its own; SDPA timed there too):\n\n{markdown_table(tile_header(), tile_lines)}\n")
     print(f"wall time {wall:.0f} s; wrote {shown_path(stem)}.md and .json")
     return 0
 
