@@ -131,6 +131,19 @@ def test_window_cost_is_linear_in_the_window(dtype):
     assert both.score_elements <= S * (2 * w + 2 * block_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("S", [4096, 1000])
+def test_causal_diagonal_blocks_stop_at_each_row_groups_last_key(dtype, S):
+    # On a block the diagonal crosses, each group of 32 rows multiplies only up to the last key
+    # one of its rows sees, in steps of 32 keys (kernels.md): a row computes fewer than 64 keys
+    # past its own, where whole query tiles cost up to a tile's height more (256 rows for float32
+    # on a 2 MiB L2).
+    D = 64
+    q, k, v = make_qkv(1, S, S, 1, 1, D, dtype)
+    full = counts(q, k, v)
+    assert S * (S + 1) / 2 <= full.score_elements <= S * (S + 1) / 2 + S * 64
+
+
 @pytest.mark.parametrize("w", [1, 7])
 def test_tiny_window_cost(w):
     S, D = 1000, 64

@@ -78,7 +78,7 @@ class ItemRunner {
 
  public:
   ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops)
-      : p_(p), block_k_(block_k), ops_(ops), scores_(block_q * block_k), row_max_(block_q), out_row_(p.head_dim),
+      : p_(p), block_k_(block_k), ops_(ops), scores_(block_q * block_k), row_max_(block_q), row_keys_(block_q), out_row_(p.head_dim),
         full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim), probes_(p.probe, block_q) {}
 
   void run(const WorkItem& item, LocalWorkCounts& counts) {
@@ -100,10 +100,13 @@ class ItemRunner {
     for (const KeyRange& range : {item.keys.sinks, item.keys.window}) {
       for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
         const int64_t nk = std::min(block_k_, range.hi - j0);
-        acc_t* s = scores_.data();
-        ops_.scores(s, block_k_, nq, j0, nk);
+        plan_row_groups(plan, full_vis, streaming_vis, pos0, nq, j0, nk);
+        ops_.begin_block(j0, nk);
+        for (const RowGroup& g : groups_) {
+          ops_.scores(scores_.data(), block_k_, g.r0, g.rows, j0, g.keys);
+          counts.add(kScoreElements, g.rows * g.keys);
+        }
         counts.add(kKeyBlocks, 1);
-        counts.add(kScoreElements, nq * nk);
         const acc_t* block_bias = bias ? bias + j0 * p_.key_bias.stride_n : nullptr;
         const BlockLogits logits{hs.softmax_scale, block_bias, p_.key_bias.stride_n, j0, nk};
         if (plan.full && plan.streaming) {
@@ -128,10 +131,50 @@ class ItemRunner {
     int64_t j0, nk;
   };
 
+  // One group of a tile's rows and the first keys of the current block its products cover.
+  struct RowGroup {
+    int64_t r0, rows, keys;
+  };
+  static constexpr int64_t kRowGroup = 32;  // a multiple of AMX's 16-row tiles
+  static constexpr int64_t kGroupKeyStep = 32;  // a multiple of every operand's key alignment
+
+  // The products of the block [j0, j0 + nk). A block that every row of the tile sees whole is
+  // one product. On a block that the causal diagonal (or a window's edge) crosses, each group
+  // of kRowGroup rows multiplies only up to the last key one of its rows sees, rounded up to
+  // kGroupKeyStep: a tile's rows above the diagonal skip the keys past it, and a group that
+  // sees nothing of the block skips both products. Its rows' scores past their group's keys
+  // are never computed (row_keys_), nor read.
+  void plan_row_groups(const BranchPlan& plan, const HeadVisibility& full_vis, const HeadVisibility& streaming_vis,
+                       int64_t pos0, int64_t nq, int64_t j0, int64_t nk) {
+    groups_.clear();
+    const int64_t Sk = p_.seqlen_k;
+    const bool whole = j0 + nk <= Sk && (!plan.full || full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk)) &&
+                       (!plan.streaming || streaming_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk));
+    if (whole) return whole_block_rows(nq, nk);
+    for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
+      const int64_t rows = std::min(kRowGroup, nq - r0);
+      int64_t seen = 0;  // keys [0, seen) of the block hold every key a row of the group sees
+      for (int64_t r = r0; r < r0 + rows; ++r)
+        for (int br = 0; br < 2; ++br) {
+          if (!(br == 0 ? plan.full : plan.streaming)) continue;
+          KeyRange parts[2];
+          (br == 0 ? full_vis : streaming_vis).visible_in_block(pos0 + r, Sk, j0, nk, false, parts);
+          seen = std::max({seen, parts[0].hi, parts[1].hi});
+        }
+      const int64_t keys = std::min(nk, (seen + kGroupKeyStep - 1) / kGroupKeyStep * kGroupKeyStep);
+      std::fill(row_keys_.begin() + r0, row_keys_.begin() + r0 + rows, keys);
+      if (keys > 0) groups_.push_back({r0, rows, keys});
+    }
+  }
+  void whole_block_rows(int64_t nq, int64_t nk) {
+    groups_.assign(1, {0, nq, nk});
+    std::fill(row_keys_.begin(), row_keys_.begin() + nq, nk);
+  }
+
   // Scales (and biases) row r of the block's scores in place; returns the row max over its
-  // real keys (padding keys past Sk are left alone and never read).
+  // real keys that its products computed (padding keys past Sk are left alone and never read).
   acc_t scale_row_in_place(const BlockLogits& lg, int64_t r) {
-    const int64_t real_keys = std::max<int64_t>(0, std::min(lg.nk, p_.seqlen_k - lg.j0));
+    const int64_t real_keys = std::max<int64_t>(0, std::min({lg.nk, p_.seqlen_k - lg.j0, row_keys_[r]}));
     row_max_[r] = scale_bias_max(scores_.data() + r * block_k_, real_keys, lg.scale, lg.bias, lg.bias_stride);
     return row_max_[r];
   }
@@ -216,7 +259,7 @@ class ItemRunner {
       any_row = true;
     }
     if (any_row) {
-      ops_.accumulate(st.acc.data(), nq, st.prob.data(), block_k_, j0, nk);
+      for (const RowGroup& g : groups_) ops_.accumulate(st.acc.data(), g.r0, g.rows, st.prob.data(), block_k_, j0, g.keys);
       counts.add(kValueBlocks, 1);
     }
   }
@@ -292,6 +335,8 @@ class ItemRunner {
   Operands& ops_;
   CacheLineVector<acc_t> scores_;
   std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
+  std::vector<RowGroup> groups_;  // the current block's products (plan_row_groups)
+  std::vector<int64_t> row_keys_;  // per row: the keys of the current block its products computed
   std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
   Branch full_, streaming_;
   RowProbes<acc_t> probes_;
@@ -319,7 +364,9 @@ class ItemRunner {
       for (const KeyRange& range : {keys.sinks, keys.window}) {
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
           const int64_t nk = std::min(block_k_, range.hi - j0);
-          ops_.scores(scores_.data(), block_k_, nq, j0, nk);
+          whole_block_rows(nq, nk);
+          ops_.begin_block(j0, nk);
+          ops_.scores(scores_.data(), block_k_, 0, nq, j0, nk);
           counts.add(kKeyBlocks, 1);
           counts.add(kScoreElements, nq * nk);
           const BlockLogits logits{hs.softmax_scale, bias ? bias + j0 * p_.key_bias.stride_n : nullptr,

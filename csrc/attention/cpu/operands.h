@@ -1,4 +1,5 @@
-// How a CPU work item obtains its two tile products, S = Q K^T and O += P V, per dtype:
+// How a CPU work item obtains its two tile products, S = Q K^T and O += P V, per dtype, for a
+// range of the tile's rows over the first keys of a block (begin_block once per key block):
 //  - BlasOperands: float/double straight from the strided inputs through BLAS;
 //  - PackedOperands: bfloat16/float16 through oneDNN's brgemm (AMX / AVX512-BF16/FP16), and
 //    float through brgemm on AVX-512 CPUs, reading K and V from a packed copy (VNNI pairs for
@@ -43,11 +44,14 @@ struct BlasOperands {
     k = p.k.row<T>(b, 0, kvh);
     v = p.v.row<T>(b, 0, kvh);
   }
-  void scores(T* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
-    gemm_nt(nq, nk, p.head_dim, T(1), q, p.q.stride_s, k + j0 * p.k.stride_s, p.k.stride_s, T(0), s, lds);
+  void begin_block(int64_t /*j0*/, int64_t /*nk*/) {}
+  void scores(T* s, int64_t lds, int64_t r0, int64_t rows, int64_t j0, int64_t nk) {
+    gemm_nt(rows, nk, p.head_dim, T(1), q + r0 * p.q.stride_s, p.q.stride_s, k + j0 * p.k.stride_s, p.k.stride_s, T(0),
+            s + r0 * lds, lds);
   }
-  void accumulate(T* acc, int64_t nq, const T* prob, int64_t ldp, int64_t j0, int64_t nk) {
-    gemm_nn(nq, p.head_dim, nk, T(1), prob, ldp, v + j0 * p.v.stride_s, p.v.stride_s, T(1), acc, p.head_dim);
+  void accumulate(T* acc, int64_t r0, int64_t rows, const T* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    gemm_nn(rows, p.head_dim, nk, T(1), prob + r0 * ldp, ldp, v + j0 * p.v.stride_s, p.v.stride_s, T(1),
+            acc + r0 * p.head_dim, p.head_dim);
   }
   void end_worker() {}
 };
@@ -77,13 +81,18 @@ struct ConvertedOperands {
     kvh_ = h / p.group();
     convert_rows(p.q, b, q0, nq, h, qbuf.data());
   }
-  void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
+  // the block's K and V rows, converted once for all the row groups' products
+  void begin_block(int64_t j0, int64_t nk) {
     convert_rows(p.k, b_, j0, nk, kvh_, kbuf.data());
-    gemm_nt(nq, nk, p.head_dim, 1.f, qbuf.data(), p.head_dim, kbuf.data(), p.head_dim, 0.f, s, lds);
-  }
-  void accumulate(float* acc, int64_t nq, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
     convert_rows(p.v, b_, j0, nk, kvh_, vbuf.data());
-    gemm_nn(nq, p.head_dim, nk, 1.f, prob, ldp, vbuf.data(), p.head_dim, 1.f, acc, p.head_dim);
+  }
+  void scores(float* s, int64_t lds, int64_t r0, int64_t rows, int64_t /*j0*/, int64_t nk) {
+    const int64_t D = p.head_dim;
+    gemm_nt(rows, nk, D, 1.f, qbuf.data() + r0 * D, D, kbuf.data(), D, 0.f, s + r0 * lds, lds);
+  }
+  void accumulate(float* acc, int64_t r0, int64_t rows, const float* prob, int64_t ldp, int64_t /*j0*/, int64_t nk) {
+    const int64_t D = p.head_dim;
+    gemm_nn(rows, D, nk, 1.f, prob + r0 * ldp, ldp, vbuf.data(), D, 1.f, acc + r0 * D, D);
   }
   void end_worker() {}
 };
@@ -147,7 +156,6 @@ struct PackedOperands {
   // instead of brgemm, reading the item's query rows from a copy padded with zero rows to whole tiles
   const bool own_amx;
   CacheLineVector<scalar_t> q_tile;
-  int64_t tile_rows = 0;
 
   PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv)
       : p(params), packed(kv), own_amx(kv.amx_tile_major) {}
@@ -161,7 +169,7 @@ struct PackedOperands {
     if constexpr (is_vnni<scalar_t>()) {
       if (own_amx) {
         AMX::bind_thread();
-        tile_rows = AMX::padded_rows(nq);
+        const int64_t tile_rows = AMX::padded_rows(nq);
         q_tile.resize(std::max<int64_t>(q_tile.size(), tile_rows * p.head_dim));
         AMX::copy_padded_rows(AMX::bits(q), ldq, nq, p.head_dim, AMX::bits(q_tile.data()));
         q = q_tile.data();
@@ -169,19 +177,26 @@ struct PackedOperands {
       }
     }
   }
-  void scores(float* s, int64_t lds, int64_t nq, int64_t j0, int64_t nk) {
+  void begin_block(int64_t /*j0*/, int64_t /*nk*/) {}
+  // rows [r0, r0 + rows) of the tile (r0 a multiple of 16; own AMX: its rows padded to whole
+  // tiles, which the query copy holds)
+  void scores(float* s, int64_t lds, int64_t r0, int64_t rows, int64_t j0, int64_t nk) {
     const scalar_t* b = kt + packed.key_offset(j0);
+    const scalar_t* a = q + r0 * ldq;
     if constexpr (is_vnni<scalar_t>()) {
-      if (own_amx) return AMX::scores(tile_rows, nk, p.head_dim, AMX::bits(q), ldq, AMX::bits(b), s, lds);
+      if (own_amx)
+        return AMX::scores(AMX::padded_rows(rows), nk, p.head_dim, AMX::bits(a), ldq, AMX::bits(b), s + r0 * lds, lds);
     }
-    at::native::cpublas::brgemm(nq, nk, p.head_dim, ldq, packed.padded_keys, lds, false, q, b, s, is_vnni<scalar_t>());
+    at::native::cpublas::brgemm(rows, nk, p.head_dim, ldq, packed.padded_keys, lds, false, a, b, s + r0 * lds,
+                                is_vnni<scalar_t>());
   }
-  void accumulate(float* acc, int64_t nq, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
+  void accumulate(float* acc, int64_t r0, int64_t rows, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
     const scalar_t* b = vv + packed.value_offset(j0);
+    const int64_t D = p.head_dim;
     if constexpr (is_vnni<scalar_t>()) {
-      if (own_amx) return AMX::accumulate(nq, p.head_dim, nk, AMX::bits(prob), ldp, AMX::bits(b), acc, p.head_dim);
+      if (own_amx) return AMX::accumulate(rows, D, nk, AMX::bits(prob + r0 * ldp), ldp, AMX::bits(b), acc + r0 * D, D);
     }
-    at::native::cpublas::brgemm(nq, p.head_dim, nk, ldp, p.head_dim, p.head_dim, true, prob, b, acc, is_vnni<scalar_t>());
+    at::native::cpublas::brgemm(rows, D, nk, ldp, D, D, true, prob + r0 * ldp, b, acc + r0 * D, is_vnni<scalar_t>());
   }
   void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 };
