@@ -787,6 +787,18 @@ def test_streaming_backward_cost_is_linear_in_the_window(dtype):
     assert both.score_elements <= S * (2 * w + sinks + 2 * block_q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("S", [2048, 1000])
+def test_causal_backward_diagonal_blocks_stop_at_each_row_groups_last_key(dtype, S):
+    # S and dP on a block the diagonal crosses run per group of 32 rows up to the last key one of
+    # its rows sees, in 32-key steps (kernels.md): ~16 keys a row past its own on average, where
+    # whole 128-row tiles cost ~64
+    q, k, v = make_qkv(1, S, S, 1, 1, 64, dtype)
+    full, grads_ = backward_counts(q, k, v, {})
+    assert all(torch.isfinite(g).all() for g in grads_)
+    assert S * (S + 1) / 2 <= full.score_elements <= S * (S + 1) / 2 + S * 32
+
+
 _BACKWARD_MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch, headops

@@ -83,7 +83,7 @@ class HeadBackward {
       : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim), products_(std::move(products)),
         d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
         probs_(block_q * block_k), probs_full_(block_q * block_k),
-        grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim) {}
+        grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim), row_keys_(block_q) {}
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
     const BackwardHead<acc_t> head = BackwardHead<acc_t>::read(p_, b, h);
@@ -266,10 +266,6 @@ class HeadBackward {
     acc_t* s = probs_.data();
     acc_t* ds = grads_.data();
 
-    products_.scores_and_dprobs(s, ds, ld, j0, nk);  // S = Q K^T, dP = dO V^T
-    counts.add(kKeyBlocks, 1);
-    counts.add(kScoreElements, nq * nk);
-
     const HeadVisibility stream_vis = streaming_visibility(f_.causal, hs);
     const HeadVisibility full_vis = full_visibility(f_.causal);
     const bool both = head.both_branches();
@@ -277,6 +273,18 @@ class HeadBackward {
     const bool main_whole = main_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
     const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
     const bool stream_whole = stream_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
+
+    // S, dP and dQ per group of rows on a block the diagonal or a window's edge crosses: the
+    // probabilities and dS past a row's visible keys are zeros (branch_probs, the fills below),
+    // so dV and dK, which reduce over the tile's rows, stay whole products
+    const bool whole = real == nk && (both ? full_whole && stream_whole : main_whole);
+    plan_row_groups(groups_, row_keys_.data(), nq, nk, whole, [&](int64_t r) {
+      const int64_t main = seen_in_block(main_vis, pos0 + r, f_.seqlen_k, j0, nk);
+      return both ? std::max(main, seen_in_block(full_vis, pos0 + r, f_.seqlen_k, j0, nk)) : main;
+    });
+    products_.scores_and_dprobs(s, ds, ld, j0, groups_);  // S = Q K^T, dP = dO V^T
+    counts.add(kKeyBlocks, 1);
+    counts.add(kScoreElements, group_elements(groups_));
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = q0 + r, pos = pos0 + r;
       acc_t* s_row = s + r * ld;
@@ -295,8 +303,9 @@ class HeadBackward {
         }
         fill_zero(ds_row, cursor, real);
       } else {
-        // both branches read the same logits: scale them once, in place
-        for (int64_t j = 0; j < real; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
+        // both branches read the same logits: scale them once, in place (the keys computed)
+        const int64_t computed = std::min(real, row_keys_[r]);
+        for (int64_t j = 0; j < computed; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
         acc_t* pf = probs_full_.data() + r * ld;
         KeyRange full_parts[2];
         branch_probs(pf, s_row, true, full_vis, pos, j0, real, full_whole, saved_lse(f_.lse_full, b, h, i), 0,
@@ -317,7 +326,7 @@ class HeadBackward {
       if (dkb) add_into(dkb, ds_row, real);
     }
     if (p_.want_dv) counts.add(kValueBlocks, 1);
-    products_.gradients(s, ds, ld, j0, nk, real, dq_tile_.data(), key_grad_rows(b, j0, h));  // dV, dQ, dK
+    products_.gradients(s, ds, ld, j0, nk, real, groups_, dq_tile_.data(), key_grad_rows(b, j0, h));  // dV, dQ, dK
   }
 
   // The head's dK and dV rows from key j0 (null where not wanted).
@@ -342,6 +351,8 @@ class HeadBackward {
   std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
   CacheLineVector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
   CacheLineVector<acc_t> dq_tile_;                     // [block_q, D]: dS K of the current tile
+  std::vector<RowGroup> groups_;                       // the current block's S, dP and dQ products
+  std::vector<int64_t> row_keys_;                      // per row: the keys of the block its S and dP computed
 };
 
 // Items heaviest first: the (b, h) pairs and the keys they walk. A head the forward skipped is

@@ -7,7 +7,9 @@
 //    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
 //    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
-// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients).
+// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients); S, dP
+// and dQ per group of the tile's rows over its first keys (RowGroup, kernel_common.h), dV and dK
+// over the whole block.
 // Products that add into the head's dK and dV rows find them zeroed; those that write them
 // once (writes_key_grads_once: float through brgemm) hand them over at the head's end
 // (end_head). scales_key_grads: dK comes out already times the softmax scale.
@@ -32,6 +34,7 @@
 #include "../attention_params.h"
 #include "../head_semantics.h"
 #include "../../cpu/vnni_pack.h"
+#include "kernel_common.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
 
@@ -68,17 +71,22 @@ struct BlasTileProducts {
   static constexpr bool rounds_dout = false;
   static void round_like_inputs(acc_t* /*row*/, int64_t /*n*/) {}
 
-  void scores_and_dprobs(acc_t* s, acc_t* dp, int64_t ld, int64_t j0, int64_t nk) {
-    const int64_t D = f.head_dim;
-    gemm_nt(nq, nk, D, acc_t(1), q, f.q.stride_s, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(0), s, ld);   // S = Q K^T
-    gemm_nt(nq, nk, D, acc_t(1), d_o, D, v + j0 * f.v.stride_s, f.v.stride_s, acc_t(0), dp, ld);            // dP = dO V^T
+  void scores_and_dprobs(acc_t* s, acc_t* dp, int64_t ld, int64_t j0, const std::vector<RowGroup>& groups) {
+    const int64_t D = f.head_dim, ldq = f.q.stride_s;
+    const acc_t *keys = k + j0 * f.k.stride_s, *values = v + j0 * f.v.stride_s;
+    for (const RowGroup& g : groups) {
+      gemm_nt(g.rows, g.keys, D, acc_t(1), q + g.r0 * ldq, ldq, keys, f.k.stride_s, acc_t(0), s + g.r0 * ld, ld);  // S = Q K^T
+      gemm_nt(g.rows, g.keys, D, acc_t(1), d_o + g.r0 * D, D, values, f.v.stride_s, acc_t(0), dp + g.r0 * ld, ld);  // dP = dO V^T
+    }
   }
   // prob and ds: [nq, nk] with leading dimension ld (nk keys, all real here)
   void gradients(const acc_t* prob, const acc_t* ds, int64_t ld, int64_t j0, int64_t nk, int64_t /*real*/,
-                 acc_t* dq_tile, const KeyGradRows<acc_t>& out) {
+                 const std::vector<RowGroup>& groups, acc_t* dq_tile, const KeyGradRows<acc_t>& out) {
     const int64_t D = f.head_dim;
     if (out.dv) gemm_tn(nk, D, nq, acc_t(1), prob, ld, d_o, D, acc_t(1), out.dv, out.stride_dv);         // dV += P^T dO
-    gemm_nn(nq, D, nk, acc_t(1), ds, ld, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(1), dq_tile, D);     // dQ += dS K
+    for (const RowGroup& g : groups)  // dQ += dS K
+      gemm_nn(g.rows, D, g.keys, acc_t(1), ds + g.r0 * ld, ld, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(1),
+              dq_tile + g.r0 * D, D);
     if (out.dk) gemm_tn(nk, D, nq, acc_t(1), ds, ld, q, f.q.stride_s, acc_t(1), out.dk, out.stride_dk);  // dK += dS^T Q
   }
   void end_worker() {}
@@ -235,19 +243,29 @@ struct PackedTileProducts {
     return q_float.data();
   }
 
-  void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, int64_t nk) {
+  // per row group g: rows [g.r0, g.r0 + g.rows) (g.r0 a multiple of 16: own AMX pads the group's
+  // rows to whole tiles, which the tile's copies of Q and dO hold) over keys [j0, j0 + g.keys)
+  void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, const std::vector<RowGroup>& groups) {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t *keys_t = kt + kv.transposed_offset(j0), *values_t = vt + kv.transposed_offset(j0);
-    if constexpr (P == 2) {
-      if (own_amx) return amx_scores_and_dprobs(s, dp, ld, keys_t, values_t, nk);
+    for (const RowGroup& g : groups) {
+      const scalar_t *q_g = q + g.r0 * ldq, *do_g = do_rows.data() + g.r0 * D;
+      if constexpr (P == 2) {
+        if (own_amx) {
+          const int64_t rows = AMX::padded_rows(g.rows);
+          AMX::scores(rows, g.keys, D, AMX::bits(q_g), ldq, AMX::bits(keys_t), s + g.r0 * ld, ld);     // S = Q K^T
+          AMX::scores(rows, g.keys, D, AMX::bits(do_g), D, AMX::bits(values_t), dp + g.r0 * ld, ld);  // dP = dO V^T
+          continue;
+        }
+      }
+      brgemm(g.rows, g.keys, D, ldq, kv.padded_keys, ld, false, q_g, keys_t, s + g.r0 * ld, vnni);   // S = Q K^T
+      brgemm(g.rows, g.keys, D, D, kv.padded_keys, ld, false, do_g, values_t, dp + g.r0 * ld, vnni);  // dP = dO V^T
     }
-    brgemm(nq, nk, D, ldq, kv.padded_keys, ld, false, q, keys_t, s, vnni);                  // S = Q K^T
-    brgemm(nq, nk, D, D, kv.padded_keys, ld, false, do_rows.data(), values_t, dp, vnni);   // dP = dO V^T
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
   void gradients(const float* prob, const float* ds, int64_t ld, int64_t j0, int64_t nk, int64_t real,
-                 float* dq_tile, const KeyGradRows<float>& out) {
+                 const std::vector<RowGroup>& groups, float* dq_tile, const KeyGradRows<float>& out) {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t* ds_in;  // dS as the products read it
@@ -261,9 +279,10 @@ struct PackedTileProducts {
       ld_in = block_k;
     }
     if constexpr (P == 2) {
-      if (own_amx) return amx_gradients(prob, ld, ds_in, ld_in, j0, nk, real, dq_tile, out);
+      if (own_amx) return amx_gradients(prob, ld, ds_in, ld_in, j0, real, groups, dq_tile, out);
     }
-    brgemm(nq, D, nk, ld_in, D, D, true, ds_in, kr + j0 * D, dq_tile, vnni);  // dQ += dS K
+    for (const RowGroup& g : groups)  // dQ += dS K
+      brgemm(g.rows, D, g.keys, ld_in, D, D, true, ds_in + g.r0 * ld_in, kr + j0 * D, dq_tile + g.r0 * D, vnni);
     if constexpr (P == 1) {
       const int64_t L = kv.padded_keys;
       if (out.dv) brgemm(D, real, nq, nq, ld, L, true, do_operand.data(), prob, values_grad_t.data() + j0, false);  // dV^T += dO^T P
@@ -304,16 +323,12 @@ struct PackedTileProducts {
   void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 
  private:
-  // The products through headops' own AMX loops (bfloat16 only).
-  void amx_scores_and_dprobs(float* s, float* dp, int64_t ld, const scalar_t* keys_t, const scalar_t* values_t,
-                             int64_t nk) {
-    const int64_t rows = AMX::padded_rows(nq);
-    AMX::scores(rows, nk, D, AMX::bits(q), ldq, AMX::bits(keys_t), s, ld);               // S = Q K^T
-    AMX::scores(rows, nk, D, AMX::bits(do_rows.data()), D, AMX::bits(values_t), dp, ld);  // dP = dO V^T
-  }
-  void amx_gradients(const float* prob, int64_t ld, const scalar_t* ds_in, int64_t ld_in, int64_t j0, int64_t nk,
-                     int64_t real, float* dq_tile, const KeyGradRows<float>& out) {
-    AMX::accumulate(nq, D, nk, AMX::bits(ds_in), ld_in, AMX::bits(kr + j0 * D), dq_tile, D);  // dQ += dS K
+  // dV and dK through headops' own AMX loops (bfloat16 only), and dQ per row group
+  void amx_gradients(const float* prob, int64_t ld, const scalar_t* ds_in, int64_t ld_in, int64_t j0, int64_t real,
+                     const std::vector<RowGroup>& groups, float* dq_tile, const KeyGradRows<float>& out) {
+    for (const RowGroup& g : groups)  // dQ += dS K
+      AMX::accumulate(g.rows, D, g.keys, AMX::bits(ds_in + g.r0 * ld_in), ld_in, AMX::bits(kr + j0 * D),
+                      dq_tile + g.r0 * D, D);
     if (out.dv) {
       round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
       transpose_tile(prob_rows.data(), block_k, real, prob_t.data());

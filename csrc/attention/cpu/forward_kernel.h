@@ -100,13 +100,11 @@ class ItemRunner {
     for (const KeyRange& range : {item.keys.sinks, item.keys.window}) {
       for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
         const int64_t nk = std::min(block_k_, range.hi - j0);
-        plan_row_groups(plan, full_vis, streaming_vis, pos0, nq, j0, nk);
+        plan_products(plan, full_vis, streaming_vis, pos0, nq, j0, nk);
         ops_.begin_block(j0, nk);
-        for (const RowGroup& g : groups_) {
-          ops_.scores(scores_.data(), block_k_, g.r0, g.rows, j0, g.keys);
-          counts.add(kScoreElements, g.rows * g.keys);
-        }
+        for (const RowGroup& g : groups_) ops_.scores(scores_.data(), block_k_, g.r0, g.rows, j0, g.keys);
         counts.add(kKeyBlocks, 1);
+        counts.add(kScoreElements, group_elements(groups_));
         const acc_t* block_bias = bias ? bias + j0 * p_.key_bias.stride_n : nullptr;
         const BlockLogits logits{hs.softmax_scale, block_bias, p_.key_bias.stride_n, j0, nk};
         if (plan.full && plan.streaming) {
@@ -131,44 +129,17 @@ class ItemRunner {
     int64_t j0, nk;
   };
 
-  // One group of a tile's rows and the first keys of the current block its products cover.
-  struct RowGroup {
-    int64_t r0, rows, keys;
-  };
-  static constexpr int64_t kRowGroup = 32;  // a multiple of AMX's 16-row tiles
-  static constexpr int64_t kGroupKeyStep = 32;  // a multiple of every operand's key alignment
-
-  // The products of the block [j0, j0 + nk). A block that every row of the tile sees whole is
-  // one product. On a block that the causal diagonal (or a window's edge) crosses, each group
-  // of kRowGroup rows multiplies only up to the last key one of its rows sees, rounded up to
-  // kGroupKeyStep: a tile's rows above the diagonal skip the keys past it, and a group that
-  // sees nothing of the block skips both products. Its rows' scores past their group's keys
-  // are never computed (row_keys_), nor read.
-  void plan_row_groups(const BranchPlan& plan, const HeadVisibility& full_vis, const HeadVisibility& streaming_vis,
-                       int64_t pos0, int64_t nq, int64_t j0, int64_t nk) {
-    groups_.clear();
+  // The products of the block [j0, j0 + nk): one, or per group of rows on a block the diagonal
+  // or a window's edge crosses (plan_row_groups, over the branches the head computes).
+  void plan_products(const BranchPlan& plan, const HeadVisibility& full_vis, const HeadVisibility& streaming_vis,
+                     int64_t pos0, int64_t nq, int64_t j0, int64_t nk) {
     const int64_t Sk = p_.seqlen_k;
-    const bool whole = j0 + nk <= Sk && (!plan.full || full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk)) &&
-                       (!plan.streaming || streaming_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk));
-    if (whole) return whole_block_rows(nq, nk);
-    for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
-      const int64_t rows = std::min(kRowGroup, nq - r0);
-      int64_t seen = 0;  // keys [0, seen) of the block hold every key a row of the group sees
-      for (int64_t r = r0; r < r0 + rows; ++r)
-        for (int br = 0; br < 2; ++br) {
-          if (!(br == 0 ? plan.full : plan.streaming)) continue;
-          KeyRange parts[2];
-          (br == 0 ? full_vis : streaming_vis).visible_in_block(pos0 + r, Sk, j0, nk, false, parts);
-          seen = std::max({seen, parts[0].hi, parts[1].hi});
-        }
-      const int64_t keys = std::min(nk, (seen + kGroupKeyStep - 1) / kGroupKeyStep * kGroupKeyStep);
-      std::fill(row_keys_.begin() + r0, row_keys_.begin() + r0 + rows, keys);
-      if (keys > 0) groups_.push_back({r0, rows, keys});
-    }
-  }
-  void whole_block_rows(int64_t nq, int64_t nk) {
-    groups_.assign(1, {0, nq, nk});
-    std::fill(row_keys_.begin(), row_keys_.begin() + nq, nk);
+    auto fully = [&](const HeadVisibility& vis) { return vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + nk); };
+    const bool whole = j0 + nk <= Sk && (!plan.full || fully(full_vis)) && (!plan.streaming || fully(streaming_vis));
+    plan_row_groups(groups_, row_keys_.data(), nq, nk, whole, [&](int64_t r) {
+      const int64_t full = plan.full ? seen_in_block(full_vis, pos0 + r, Sk, j0, nk) : 0;
+      return std::max(full, plan.streaming ? seen_in_block(streaming_vis, pos0 + r, Sk, j0, nk) : int64_t(0));
+    });
   }
 
   // Scales (and biases) row r of the block's scores in place; returns the row max over its
@@ -335,7 +306,7 @@ class ItemRunner {
   Operands& ops_;
   CacheLineVector<acc_t> scores_;
   std::vector<acc_t> row_max_;  // max of each row of the current block (all its real keys)
-  std::vector<RowGroup> groups_;  // the current block's products (plan_row_groups)
+  std::vector<RowGroup> groups_;  // the current block's products (plan_products)
   std::vector<int64_t> row_keys_;  // per row: the keys of the current block its products computed
   std::vector<acc_t> out_row_;  // one finished output row before conversion to the output dtype
   Branch full_, streaming_;
@@ -364,7 +335,7 @@ class ItemRunner {
       for (const KeyRange& range : {keys.sinks, keys.window}) {
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
           const int64_t nk = std::min(block_k_, range.hi - j0);
-          whole_block_rows(nq, nk);
+          plan_row_groups(groups_, row_keys_.data(), nq, nk, true, [](int64_t) { return int64_t(0); });
           ops_.begin_block(j0, nk);
           ops_.scores(scores_.data(), block_k_, 0, nq, j0, nk);
           counts.add(kKeyBlocks, 1);

@@ -11,6 +11,8 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 #include "../../cpu/parallel.h"
 #include "../../cpu/row_ops.h"
@@ -50,6 +52,54 @@ int64_t head_query_tile(const HeadScalars<acc_t>& hs, int64_t block_q) {
   int64_t rows = 16;
   while (rows * 2 <= block_q && rows * 4 <= hs.window) rows *= 2;  // rows <= window / 2
   return rows;
+}
+
+// One group of a query tile's rows and the first keys of a key block its products cover.
+struct RowGroup {
+  int64_t r0, rows, keys;
+};
+constexpr int64_t kRowGroup = 32;      // a multiple of AMX's 16-row tiles
+constexpr int64_t kGroupKeyStep = 32;  // a multiple of every operand's key alignment
+
+// The products of one key block (nk keys) for a query tile of nq rows, forward and backward. A
+// block that every row sees whole (`whole`) is one product. On a block the causal diagonal (or
+// a window's edge) crosses, each group of kRowGroup rows multiplies only up to the last key one
+// of its rows sees, rounded up to kGroupKeyStep keys: the rows above the diagonal skip the keys
+// past it, and a group that sees nothing of the block is left out. seen(r): keys [0, seen(r))
+// of the block hold every key row r sees. row_keys[r] (nq entries): the keys its group covers;
+// a row's scores past them are never computed.
+template <typename Seen>
+void plan_row_groups(std::vector<RowGroup>& groups, int64_t* row_keys, int64_t nq, int64_t nk, bool whole,
+                     const Seen& seen) {
+  groups.clear();
+  if (whole) {
+    groups.push_back({0, nq, nk});
+    std::fill(row_keys, row_keys + nq, nk);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < nq; r0 += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, nq - r0);
+    int64_t last = 0;
+    for (int64_t r = r0; r < r0 + rows; ++r) last = std::max(last, seen(r));
+    const int64_t keys = std::min(nk, (last + kGroupKeyStep - 1) / kGroupKeyStep * kGroupKeyStep);
+    std::fill(row_keys + r0, row_keys + r0 + rows, keys);
+    if (keys > 0) groups.push_back({r0, rows, keys});
+  }
+}
+
+// plan_row_groups' seen(r) for one visibility: the end of the keys of the block [j0, j0 + nk)
+// that the query at position pos sees (0 for none).
+inline int64_t seen_in_block(const HeadVisibility& vis, int64_t pos, int64_t Sk, int64_t j0, int64_t nk) {
+  KeyRange parts[2];
+  vis.visible_in_block(pos, Sk, j0, nk, false, parts);
+  return std::max(parts[0].hi, parts[1].hi);
+}
+
+template <typename Groups>
+int64_t group_elements(const Groups& groups) {
+  int64_t n = 0;
+  for (const RowGroup& g : groups) n += g.rows * g.keys;
+  return n;
 }
 
 }  // namespace CPU_CAPABILITY
