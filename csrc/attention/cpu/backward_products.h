@@ -75,8 +75,9 @@ struct BlasTileProducts {
     const int64_t D = f.head_dim, ldq = f.q.stride_s;
     const acc_t *keys = k + j0 * f.k.stride_s, *values = v + j0 * f.v.stride_s;
     for (const RowGroup& g : groups) {
-      gemm_nt(g.rows, g.keys, D, acc_t(1), q + g.r0 * ldq, ldq, keys, f.k.stride_s, acc_t(0), s + g.r0 * ld, ld);  // S = Q K^T
-      gemm_nt(g.rows, g.keys, D, acc_t(1), d_o + g.r0 * D, D, values, f.v.stride_s, acc_t(0), dp + g.r0 * ld, ld);  // dP = dO V^T
+      // S = Q K^T, dP = dO V^T
+      gemm_nt(g.rows, g.keys, D, acc_t(1), q + g.r0 * ldq, ldq, keys, f.k.stride_s, acc_t(0), s + g.r0 * ld, ld);
+      gemm_nt(g.rows, g.keys, D, acc_t(1), d_o + g.r0 * D, D, values, f.v.stride_s, acc_t(0), dp + g.r0 * ld, ld);
     }
   }
   // prob and ds: [nq, nk] with leading dimension ld (nk keys, all real here)

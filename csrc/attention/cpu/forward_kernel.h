@@ -78,7 +78,8 @@ class ItemRunner {
 
  public:
   ItemRunner(const AttentionParams& p, int64_t block_q, int64_t block_k, Operands& ops)
-      : p_(p), block_k_(block_k), ops_(ops), scores_(block_q * block_k), row_max_(block_q), row_keys_(block_q), out_row_(p.head_dim),
+      : p_(p), block_k_(block_k), ops_(ops), scores_(block_q * block_k), row_max_(block_q), row_keys_(block_q),
+        out_row_(p.head_dim),
         full_(block_q, block_k, p.head_dim), streaming_(block_q, block_k, p.head_dim), probes_(p.probe, block_q) {}
 
   void run(const WorkItem& item, LocalWorkCounts& counts) {
@@ -230,7 +231,8 @@ class ItemRunner {
       any_row = true;
     }
     if (any_row) {
-      for (const RowGroup& g : groups_) ops_.accumulate(st.acc.data(), g.r0, g.rows, st.prob.data(), block_k_, j0, g.keys);
+      for (const RowGroup& g : groups_)
+        ops_.accumulate(st.acc.data(), g.r0, g.rows, st.prob.data(), block_k_, j0, g.keys);
       counts.add(kValueBlocks, 1);
     }
   }
