@@ -161,11 +161,9 @@ void bind_thread() {
   _tile_loadconfig(&kTileConfig);
 }
 
-void release_thread() { _tile_release(); }
-
 void end_products(bool own_loops, bool brgemm_vnni) {
   if (own_loops)
-    release_thread();
+    _tile_release();
   else
     at::native::cpublas::brgemm_release(brgemm_vnni);
 }
@@ -211,7 +209,6 @@ void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
 
 bool bf16_tiles_available() { return false; }
 void bind_thread() {}
-void release_thread() {}
 void end_products(bool, bool brgemm_vnni) { at::native::cpublas::brgemm_release(brgemm_vnni); }
 void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "headops: this build has no AMX tiles");

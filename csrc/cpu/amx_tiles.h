@@ -5,7 +5,7 @@
 // contiguous KiB), ran 128 x 256 x 128 blocks of 4 heads' 4096 keys at 0.78 and 1.0 TFLOP/s,
 // against 0.58 and 0.89 reading the same blocks in brgemm's row layout.
 //
-// A thread holds the tile registers between bind_thread() and release_thread(): bind drops
+// A thread holds the tile registers between bind_thread() and end_products(): bind drops
 // oneDNN's brgemm context first (at::native::cpublas::brgemm_release, which makes brgemm
 // configure the tiles again on its next call), so the two never share a configuration. No brgemm
 // call may come between the two in that thread.

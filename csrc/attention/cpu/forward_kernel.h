@@ -337,6 +337,7 @@ class ItemRunner {
       for (const KeyRange& range : {keys.sinks, keys.window}) {
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_) {
           const int64_t nk = std::min(block_k_, range.hi - j0);
+          // whole blocks: row_keys_ tells scale_row_in_place that every key was computed
           plan_row_groups(groups_, row_keys_.data(), nq, nk, true, [](int64_t) { return int64_t(0); });
           ops_.begin_block(j0, nk);
           ops_.scores(scores_.data(), block_k_, 0, nq, j0, nk);

@@ -95,8 +95,8 @@ inline int64_t seen_in_block(const HeadVisibility& vis, int64_t pos, int64_t Sk,
   return std::max(parts[0].hi, parts[1].hi);
 }
 
-template <typename Groups>
-int64_t group_elements(const Groups& groups) {
+// The score elements a block's products compute.
+inline int64_t group_elements(const std::vector<RowGroup>& groups) {
   int64_t n = 0;
   for (const RowGroup& g : groups) n += g.rows * g.keys;
   return n;
