@@ -93,6 +93,14 @@ def test_info_names_the_cpu_variant_the_build_and_the_devices():
     text = proc.stdout
     assert f"headops {headops.__version__}" in text and f"kernel variant: {_C.cpu_capability()}" in text
     assert "bfloat16 tiles (D = 64)" in text
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        # the layout the self-test found: brgemm reads VNNI pairs, or (float16 without AMX-FP16) plain rows
+        pairs = _C.cpu_brgemm_pairs(dtype)
+        assert pairs in (0, 1, 2) and (pairs > 0) == _C.cpu_uses_packed_operands(dtype, 64)
+        if pairs and not _C.cpu_runs_own_amx_tiles(dtype, 64):
+            assert f"{name} tiles (D = 64): brgemm in the input dtype, B in " \
+                   f"{'VNNI pairs' if pairs == 2 else 'plain rows'}" in text
+    assert _C.cpu_brgemm_pairs(torch.bfloat16) in (0, 2)  # bfloat16's brgemm always reads pairs
     block_q, block_k = _C.cpu_tile_shape(torch.float32, 64)
     assert f"float32 {block_q}x{block_k} / " in text and "L2 per core" in text
     assert ("CUDA kernels: compiled for" in text) == bool(_C.cuda_compiled)

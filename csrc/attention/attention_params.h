@@ -57,6 +57,7 @@ struct AttentionParams {
   void* o_stream = nullptr;
   void* o_full = nullptr;
   void* lse_full = nullptr;
+  bool saves_for_backward() const { return o_stream != nullptr; }
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   bool causal = true;
   double default_softmax_scale = 1.0;

@@ -39,12 +39,12 @@ bool runs_avx512_bf16_variant() {
 
 namespace {
 
-// One small product through brgemm, checked exactly (small integers): whether this torch's
-// oneDNN runs such tiles on this CPU rather than refusing them. B is in brgemm's layout: VNNI
-// pairs for 16-bit types, plain rows for float.
+// One small product through brgemm with B in the layout `pairs` names (2: VNNI pairs, 1: plain
+// rows), checked exactly (small integers): whether this torch's oneDNN runs such tiles on this
+// CPU, reading B that way, rather than refusing them or reading another layout.
 template <typename scalar_t>
-bool brgemm_product_runs() {
-  constexpr bool vnni = sizeof(scalar_t) == 2;
+bool brgemm_product_runs(int64_t pairs) {
+  const bool vnni = pairs == 2;
   constexpr int64_t M = 4, N = 16, K = 4;
   std::vector<scalar_t> a(M * K), b(K * N);
   std::vector<float> c(M * N, 0.f);
@@ -68,39 +68,55 @@ bool brgemm_product_runs() {
   return true;
 }
 
-// Whether brgemm runs `dtype`'s tiles natively on this CPU (HEADOPS_CPU_NO_PACKED=1: never).
-// torch's could_pack answers for AMX's 16-bit tiles only; AVX512-BF16 (vdpbf16ps) and AVX512-FP16
-// also run 16-bit tiles natively, at about twice the float32 tile rate. Float tiles run on any
-// AVX-512 CPU: on the 2-core Zen 5 EPYC one core ran 64x64x128 ... 256x256x128 float products at
-// 235-255 GFLOPS through brgemm (B packed beforehand) against 88-106 through MKL's sgemm, which
-// packs its operands on every call (and takes its AVX2 path on AMD CPUs). AVX2-only CPUs keep
-// sgemm (brgemm not measured there).
-bool brgemm_runs_natively(at::ScalarType dtype) {
-  if (std::getenv("HEADOPS_CPU_NO_PACKED") != nullptr) return false;
-  if (dtype != at::kFloat && at::native::cpublas::could_pack(dtype)) return true;
+// The B layout on which brgemm runs `dtype`'s tiles natively on this CPU: 2 (VNNI pairs), 1
+// (plain rows) or 0 (not natively; HEADOPS_CPU_NO_PACKED=1: never). torch's could_pack answers
+// for AMX's 16-bit tiles only (VNNI); AVX512-BF16 (vdpbf16ps) runs bfloat16 in VNNI pairs too,
+// at about twice the float32 tile rate. float16 without AMX-FP16: torch's brgemm hands it to
+// MKL's float16 gemm (perf: mkl_blas_avx512_hgemm_hfcopy and sgemm kernels, float accumulation),
+// which reads B as plain rows whatever is_vnni says, so a VNNI-packed B gives wrong products;
+// the self-test tells the layouts apart. On AVX512-FP16 (the 2-core Emerald Rapids Xeon) that
+// took the float16 forward 12-18 % less time than converting its tiles to float (S = 1024-4096,
+// B=1, H=16, D=128, causal, one process alternating); without AVX512-FP16 it is not measured and
+// not taken. Float tiles run on any AVX-512 CPU: on the 2-core Zen 5 EPYC one core ran
+// 64x64x128 ... 256x256x128 float products at 235-255 GFLOPS through brgemm (B packed
+// beforehand) against 88-106 through MKL's sgemm, which packs its operands on every call (and
+// takes its AVX2 path on AMD CPUs). AVX2-only CPUs keep sgemm (brgemm not measured there).
+int64_t native_brgemm_pairs(at::ScalarType dtype) {
+  if (std::getenv("HEADOPS_CPU_NO_PACKED") != nullptr) return 0;
+  if (dtype != at::kFloat && at::native::cpublas::could_pack(dtype)) return 2;
 #if defined(__x86_64__)
   switch (dtype) {
-    case at::kFloat: return __builtin_cpu_supports("avx512f") && brgemm_product_runs<float>();
-    case at::kBFloat16: return __builtin_cpu_supports("avx512bf16") && brgemm_product_runs<at::BFloat16>();
-    default: return __builtin_cpu_supports("avx512fp16") && brgemm_product_runs<at::Half>();
+    case at::kFloat: return __builtin_cpu_supports("avx512f") && brgemm_product_runs<float>(1) ? 1 : 0;
+    case at::kBFloat16: return __builtin_cpu_supports("avx512bf16") && brgemm_product_runs<at::BFloat16>(2) ? 2 : 0;
+    default:
+      if (!__builtin_cpu_supports("avx512fp16")) return 0;
+      if (brgemm_product_runs<at::Half>(2)) return 2;
+      return brgemm_product_runs<at::Half>(1) ? 1 : 0;
   }
 #else
-  return false;
+  return 0;
 #endif
 }
 
 }  // namespace
 
-bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
-  if (dtype == at::kFloat) {
-    static const bool f32 = brgemm_runs_natively(at::kFloat);
-    return f32;
+int64_t brgemm_pairs(at::ScalarType dtype) {
+  static const int64_t f32 = native_brgemm_pairs(at::kFloat);
+  static const int64_t bf16 = native_brgemm_pairs(at::kBFloat16);
+  static const int64_t f16 = native_brgemm_pairs(at::kHalf);
+  switch (dtype) {
+    case at::kFloat: return f32;
+    case at::kBFloat16: return bf16;
+    case at::kHalf: return f16;
+    default: return 0;
   }
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (head_dim % 2 != 0) return false;
-  static const bool bf16 = brgemm_runs_natively(at::kBFloat16);
-  static const bool f16 = brgemm_runs_natively(at::kHalf);
-  return dtype == at::kBFloat16 ? bf16 : f16;
+}
+
+bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim) {
+  if (brgemm_pairs(dtype) == 0) return false;
+  // 16-bit types: an even head dim, which K^T's VNNI pairs need (plain float16 keeps the rule:
+  // its odd head dims have not run through brgemm)
+  return dtype == at::kFloat || head_dim % 2 == 0;
 }
 
 bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim) {

@@ -21,11 +21,17 @@ const std::string& cpu_capability();
 // sends bfloat16 through the plain AVX-512 variant: tests).
 bool runs_avx512_bf16_variant();
 
-// Whether tiles run through oneDNN's brgemm on packed operands: bfloat16/float16 (VNNI pairs) on
-// AMX and AVX512-BF16/FP16, float (plain) on AVX-512; else float tiles run through BLAS sgemm and
-// 16-bit ones are converted to float for it. HEADOPS_CPU_NO_PACKED=1 forces BLAS (tests sweep
-// both paths on one machine).
+// Whether tiles run through oneDNN's brgemm on packed operands: bfloat16/float16 on AMX and
+// AVX512-BF16/FP16, float on AVX-512; else float tiles run through BLAS sgemm and 16-bit ones are
+// converted to float for it. HEADOPS_CPU_NO_PACKED=1 forces BLAS (tests sweep both paths on one
+// machine).
 bool uses_packed_operands(at::ScalarType dtype, int64_t head_dim);
+
+// The layout of the B operands brgemm reads for `dtype` on this CPU, as the elements of one
+// group along the reduction (cpu/vnni_pack.h): 2, VNNI pairs (16-bit types on AMX, bfloat16 on
+// AVX512-BF16); 1, plain rows (float; float16 on AVX512-FP16 without AMX-FP16); 0 where brgemm
+// does not run `dtype` natively. Measured once per process by a small exact product.
+int64_t brgemm_pairs(at::ScalarType dtype);
 
 // Whether `dtype`'s packed tiles run on AMX (torch's could_pack; 16-bit types only): the tile
 // shapes that suit AMX differ from those of AVX512-BF16 (attention_fwd_cpu.cpp, attention_bwd_cpu.cpp).

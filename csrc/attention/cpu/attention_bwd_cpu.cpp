@@ -17,10 +17,11 @@ TileShape backward_tile_shape(at::ScalarType dtype, int64_t head_dim) {
   return {128, 256};
 }
 
-// bfloat16 only: the float16 brgemm backward (AMX-FP16 / AVX512-FP16) has not run on such a
-// CPU, and float16's range (65504) would need its own look at dS and the scaled dL/do
+// bfloat16 only, whose brgemm reads VNNI pairs (the backward's 16-bit operands are packed so):
+// float16's range (65504) would need its own look at dS and the scaled dL/do, and its brgemm
+// reads plain rows on AVX512-FP16 (its forward runs there; its backward converts to float)
 bool backward_reads_input_dtype(at::ScalarType dtype, int64_t head_dim) {
-  return dtype == at::kBFloat16 && uses_packed_operands(dtype, head_dim);
+  return dtype == at::kBFloat16 && uses_packed_operands(dtype, head_dim) && brgemm_pairs(dtype) == 2;
 }
 
 bool backward_writes_key_grads_once(at::ScalarType input_dtype, int64_t head_dim, int64_t rows_per_key) {

@@ -18,6 +18,8 @@ struct TileShape {
 // Query/key tile sizes the CPU kernel uses for a dtype and head dim (tests read them to
 // bound the work a window may cost).
 TileShape tile_shape(at::ScalarType dtype, int64_t head_dim);
+// The tile of products through BLAS (float tiles, or 16-bit ones converted to float).
+TileShape blas_tile_shape();
 
 // The tile for one call: no larger than its queries and keys need, so that a call with a few
 // queries allocates a few rows of per-thread scratch, not block_q x block_k (a 256 x 512 float64

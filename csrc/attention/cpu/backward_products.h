@@ -128,7 +128,9 @@ struct PackedBackwardKV {
   const scalar_t* values_t(int64_t b, int64_t kvh) const { return part(1, b, kvh); }
   const scalar_t* keys(int64_t b, int64_t kvh) const { return part(2, b, kvh); }
   // where key j's column of K^T or V^T starts (K's rows: j * head_dim in both layouts)
-  int64_t transposed_offset(int64_t j) const { return transposed_key_offset<scalar_t>(j, head_dim, amx_tile_major); }
+  int64_t transposed_offset(int64_t j) const {
+    return transposed_key_offset(j, head_dim, amx_tile_major, vnni_pairs<scalar_t>());
+  }
 
  private:
   void pack_block(const AttentionParams& f, int64_t b, int64_t kvh, int64_t blk) {
@@ -144,9 +146,10 @@ struct PackedBackwardKV {
         return;
       }
     }
-    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, part(0, b, kvh) + transposed_offset(j_begin));
-    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, part(1, b, kvh) + transposed_offset(j_begin));
-    pack_rows_vnni<scalar_t>(key, real, kPackBlock, D, part(2, b, kvh) + j_begin * D);
+    constexpr int64_t P = vnni_pairs<scalar_t>();
+    pack_columns_vnni<scalar_t>(key, real, kPackBlock, D, L, P, part(0, b, kvh) + transposed_offset(j_begin));
+    pack_columns_vnni<scalar_t>(value, real, kPackBlock, D, L, P, part(1, b, kvh) + transposed_offset(j_begin));
+    pack_rows_vnni<scalar_t>(key, real, kPackBlock, D, P, part(2, b, kvh) + j_begin * D);
   }
 };
 
@@ -157,7 +160,7 @@ struct PackedTileProducts {
   // where backward_reads_input_dtype), each row rounded once as it is finished, rather than a
   // float dq converted afterwards
   using dq_t = std::conditional_t<P == 2, scalar_t, float>;
-  int64_t key_alignment() const { return packed_key_alignment<scalar_t>(own_amx); }
+  int64_t key_alignment() const { return packed_key_alignment(own_amx, P); }
   // float keeps the head's dK^T and dV^T (below) and writes its rows once; its Q^T operand
   // carries the softmax scale, which rounds once per element of a tile rather than a pass over
   // dK. 16-bit types add into the rows, and scaling their bf16 Q would round it twice.
@@ -223,8 +226,8 @@ struct PackedTileProducts {
       if (softmax_scale != 1.f) scale_row(q_operand.data(), D * nq, softmax_scale);
       transpose(nq, D, d_o, D, do_operand.data(), nq);
     } else {
-      pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * ldq; }, nq, nq_pad, D, q_operand.data());
-      pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, do_operand.data());
+      pack_rows_vnni<scalar_t>([&](int64_t r) { return q + r * ldq; }, nq, nq_pad, D, P, q_operand.data());
+      pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, P, do_operand.data());
     }
   }
   // dL/do rounded to scalar_t, as the dP and dV products read it (float: nothing to round)
@@ -355,7 +358,7 @@ struct PackedTileProducts {
   }
   // the tile's queries as the reduction of dV and dK: whole VNNI pairs, or whole AMX steps
   int64_t padded_queries(int64_t rows) const {
-    const int64_t step = packed_key_alignment<scalar_t>(own_amx);
+    const int64_t step = packed_key_alignment(own_amx, P);
     return (rows + step - 1) / step * step;
   }
   // dst[r, j] = src[r, j] rounded to scalar_t (convert_row), r < rows, j < cols

@@ -508,8 +508,12 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   std::vector<std::pair<int64_t, int64_t>> skipped;
   PackedKV<scalar_t> kv;
   kv.head_dim = p.head_dim;
-  kv.amx_tile_major = runs_own_amx_tiles(c10::CppTypeToScalarType<scalar_t>::value, p.head_dim);
-  const int64_t align = packed_key_alignment<scalar_t>(kv.amx_tile_major);
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  kv.amx_tile_major = runs_own_amx_tiles(dtype, p.head_dim);
+  kv.pairs = brgemm_pairs(dtype);
+  TORCH_CHECK(kv.pairs == 1 || (kv.pairs == 2 && sizeof(scalar_t) == 2),
+              "headops: the packed forward needs a brgemm layout for its dtype (brgemm_pairs)");
+  const int64_t align = packed_key_alignment(kv.amx_tile_major, kv.pairs);
   kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
                    PackedKV<scalar_t>::kPackBlock;
   auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);
@@ -528,10 +532,17 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
 template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const TileShape tiles = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
+  // float16 saved for its backward keeps P in float (converted tiles, BLAS's tile shape): that
+  // backward runs in float32 from the saved averages, and its per-head gradients that sum terms
+  // which cancel (softmax_scale, alpha, sink_logit) took 2.5e-4 of their size from the packed
+  // path's float16 P where float P gives 1.4e-5 (test_autograd). bfloat16's backward reads its own
+  // dtype and is measured with the rounding; a float16 call without a backward rounds P as SDPA does.
+  const bool float16_for_backward = std::is_same_v<scalar_t, at::Half> && p.saves_for_backward();
+  const TileShape tiles = fit_to_call(float16_for_backward ? blas_tile_shape() : tile_shape(dtype, p.head_dim),
+                                      p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
+    if (!float16_for_backward && call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
       return forward_packed<scalar_t>(p, bq, bk);
   }
   std::vector<std::pair<int64_t, int64_t>> skipped;

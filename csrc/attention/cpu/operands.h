@@ -2,8 +2,9 @@
 // range of the tile's rows over the first keys of a block (begin_block once per key block):
 //  - BlasOperands: float/double straight from the strided inputs through BLAS;
 //  - PackedOperands: bfloat16/float16 through oneDNN's brgemm (AMX / AVX512-BF16/FP16), and
-//    float through brgemm on AVX-512 CPUs, reading K and V from a packed copy (VNNI pairs for
-//    16-bit types, plain K^T and V for float) made once per call for the key blocks some item needs;
+//    float through brgemm on AVX-512 CPUs, reading K and V from a packed copy (in the layout
+//    brgemm_pairs finds: VNNI pairs for 16-bit types on AMX and AVX512-BF16, plain K^T and V for
+//    float and for float16 on AVX512-FP16) made once per call for the key blocks some item needs;
 //  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
 //    odd): tiles converted to float, then BLAS.
 #pragma once
@@ -98,7 +99,7 @@ struct ConvertedOperands {
 };
 
 // K^T and V of every (b, kv head) as brgemm B operands (vnni_pack.h: P = 2 interleaves pairs of
-// consecutive reduction-dim elements for 16-bit types, P = 1 is plain for float), zero-padded to
+// consecutive reduction-dim elements, P = 1 is plain; `pairs`, from brgemm_pairs), zero-padded to
 // a multiple of kPackBlock keys:
 //   keys_t[b, kvh] : [D/P][Sk_pad][P]  element (d, j) at ((d/P) * Sk_pad + j) * P + d % P
 //   values[b, kvh] : [Sk_pad/P][D][P]  element (j, d) at ((j/P) * D + d) * P + j % P
@@ -110,10 +111,11 @@ struct PackedKV {
   scalar_t* values = nullptr;
   int64_t padded_keys = 0;  // Sk_pad
   int64_t head_dim = 0;
+  int64_t pairs = vnni_pairs<scalar_t>();  // P
   bool amx_tile_major = false;
 
   // where key j's column of K^T / row of V starts within one head's packed block
-  int64_t key_offset(int64_t j) const { return transposed_key_offset<scalar_t>(j, head_dim, amx_tile_major); }
+  int64_t key_offset(int64_t j) const { return transposed_key_offset(j, head_dim, amx_tile_major, pairs); }
   int64_t value_offset(int64_t j) const { return j * head_dim; }
 
   int64_t head_elems() const { return padded_keys * head_dim; }
@@ -138,8 +140,8 @@ struct PackedKV {
         return;
       }
     }
-    pack_columns_vnni<scalar_t>(key, real, kPackBlock, head_dim, padded_keys, keys_t + at + key_offset(j_begin));
-    pack_rows_vnni<scalar_t>(value, real, kPackBlock, head_dim, values + at + value_offset(j_begin));
+    pack_columns_vnni<scalar_t>(key, real, kPackBlock, head_dim, padded_keys, pairs, keys_t + at + key_offset(j_begin));
+    pack_rows_vnni<scalar_t>(value, real, kPackBlock, head_dim, pairs, values + at + value_offset(j_begin));
   }
 };
 
@@ -155,10 +157,11 @@ struct PackedOperands {
   // bfloat16 on AMX (K and V packed tile-major): headops' own tile loops (cpu/amx_tiles.h)
   // instead of brgemm, reading the item's query rows from a copy padded with zero rows to whole tiles
   const bool own_amx;
+  const bool vnni;  // brgemm's B in VNNI pairs
   CacheLineVector<scalar_t> q_tile;
 
   PackedOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv)
-      : p(params), packed(kv), own_amx(kv.amx_tile_major) {}
+      : p(params), packed(kv), own_amx(kv.amx_tile_major), vnni(kv.pairs == 2) {}
 
   void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
     const int64_t kvh = h / p.group();
@@ -166,7 +169,7 @@ struct PackedOperands {
     ldq = p.q.stride_s;
     kt = packed.keys_of(b, kvh, p.heads_kv);
     vv = packed.values_of(b, kvh, p.heads_kv);
-    if constexpr (is_vnni<scalar_t>()) {
+    if constexpr (sizeof(scalar_t) == 2) {
       if (own_amx) {
         AMX::bind_thread();
         const int64_t tile_rows = AMX::padded_rows(nq);
@@ -183,22 +186,21 @@ struct PackedOperands {
   void scores(float* s, int64_t lds, int64_t r0, int64_t rows, int64_t j0, int64_t nk) {
     const scalar_t* b = kt + packed.key_offset(j0);
     const scalar_t* a = q + r0 * ldq;
-    if constexpr (is_vnni<scalar_t>()) {
+    if constexpr (sizeof(scalar_t) == 2) {
       if (own_amx)
         return AMX::scores(AMX::padded_rows(rows), nk, p.head_dim, AMX::bits(a), ldq, AMX::bits(b), s + r0 * lds, lds);
     }
-    at::native::cpublas::brgemm(rows, nk, p.head_dim, ldq, packed.padded_keys, lds, false, a, b, s + r0 * lds,
-                                is_vnni<scalar_t>());
+    at::native::cpublas::brgemm(rows, nk, p.head_dim, ldq, packed.padded_keys, lds, false, a, b, s + r0 * lds, vnni);
   }
   void accumulate(float* acc, int64_t r0, int64_t rows, const scalar_t* prob, int64_t ldp, int64_t j0, int64_t nk) {
     const scalar_t* b = vv + packed.value_offset(j0);
     const int64_t D = p.head_dim;
-    if constexpr (is_vnni<scalar_t>()) {
+    if constexpr (sizeof(scalar_t) == 2) {
       if (own_amx) return AMX::accumulate(rows, D, nk, AMX::bits(prob + r0 * ldp), ldp, AMX::bits(b), acc + r0 * D, D);
     }
-    at::native::cpublas::brgemm(rows, D, nk, ldp, D, D, true, prob + r0 * ldp, b, acc + r0 * D, is_vnni<scalar_t>());
+    at::native::cpublas::brgemm(rows, D, nk, ldp, D, D, true, prob + r0 * ldp, b, acc + r0 * D, vnni);
   }
-  void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
+  void end_worker() { AMX::end_products(own_amx, vnni); }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY

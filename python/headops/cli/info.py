@@ -69,7 +69,10 @@ def describe(head_dim: int = 128) -> list:
         if _C.cpu_runs_own_amx_tiles(dtype, head_dim):
             how = "headops' own AMX tile loops in the input dtype (HEADOPS_CPU_AMX_BY_ONEDNN=1: brgemm)"
         elif packed:
-            how = "brgemm in the input dtype (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)"
+            layout = "VNNI pairs" if _C.cpu_brgemm_pairs(dtype) == 2 else "plain rows"
+            how = f"brgemm in the input dtype, B in {layout} (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)"
+            if dtype == torch.float16:
+                how += "; calls saved for the backward keep P in float32 (converted tiles)"
         else:
             how = "converted to float32 tiles (no packed bf16/fp16 unit)"
         lines.append(f"  {_dtype_name(dtype)} tiles (D = {head_dim}): {how}")
