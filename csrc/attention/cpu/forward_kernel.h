@@ -65,9 +65,10 @@ struct BranchState {
 // A row's reference max may lag its true max by this much (in logits) before the row is
 // rescaled: exp(20) keeps every sum far from float overflow while most blocks skip the
 // rescale. Probabilities stored as float16 for the P.V product must stay below 65504: exp(10).
-template <typename prob_t>
-constexpr double lazy_rescale_limit() {
-  return std::is_same_v<prob_t, at::Half> ? 10.0 : 20.0;
+// (In the accumulation dtype: a double here made every row's test convert its max to double.)
+template <typename prob_t, typename acc_t>
+constexpr acc_t lazy_rescale_limit() {
+  return std::is_same_v<prob_t, at::Half> ? acc_t(10) : acc_t(20);
 }
 
 template <typename scalar_t, typename Operands>
@@ -189,7 +190,7 @@ class ItemRunner {
                                            block_max, logits_out);
           logits_stored = logits_out != nullptr;
           stored_max = block_max;
-          if (block_max <= ref_max + lazy_rescale_limit<prob_t>()) {  // false for NaN: exact path
+          if (block_max <= ref_max + lazy_rescale_limit<prob_t, acc_t>()) {  // false for NaN: exact path
             fill_zero(prob, 0, part.lo);
             fill_zero(prob, part.hi, nk);
             // the reference stays (or, for a row that had nothing, starts at ref_max): no rescale
