@@ -75,7 +75,7 @@ bool brgemm_product_runs(int64_t pairs) {
 // MKL's float16 gemm (perf: mkl_blas_avx512_hgemm_hfcopy and sgemm kernels, float accumulation),
 // which reads B as plain rows whatever is_vnni says, so a VNNI-packed B gives wrong products;
 // the self-test tells the layouts apart. On AVX512-FP16 (the 2-core Emerald Rapids Xeon) that
-// took the float16 forward 12-18 % less time than converting its tiles to float (S = 1024-4096,
+// took the float16 forward 8-9 % less time than converting its tiles to float (S = 1024-4096,
 // B=1, H=16, D=128, causal, one process alternating); without AVX512-FP16 it is not measured and
 // not taken. Float tiles run on any AVX-512 CPU: on the 2-core Zen 5 EPYC one core ran
 // 64x64x128 ... 256x256x128 float products at 235-255 GFLOPS through brgemm (B packed
