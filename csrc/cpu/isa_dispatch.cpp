@@ -100,14 +100,22 @@ int64_t native_brgemm_pairs(at::ScalarType dtype) {
 
 }  // namespace
 
+// Each dtype's self-test runs on its first query only: a float32 process never JIT-compiles a
+// 16-bit brgemm kernel.
 int64_t brgemm_pairs(at::ScalarType dtype) {
-  static const int64_t f32 = native_brgemm_pairs(at::kFloat);
-  static const int64_t bf16 = native_brgemm_pairs(at::kBFloat16);
-  static const int64_t f16 = native_brgemm_pairs(at::kHalf);
   switch (dtype) {
-    case at::kFloat: return f32;
-    case at::kBFloat16: return bf16;
-    case at::kHalf: return f16;
+    case at::kFloat: {
+      static const int64_t f32 = native_brgemm_pairs(at::kFloat);
+      return f32;
+    }
+    case at::kBFloat16: {
+      static const int64_t bf16 = native_brgemm_pairs(at::kBFloat16);
+      return bf16;
+    }
+    case at::kHalf: {
+      static const int64_t f16 = native_brgemm_pairs(at::kHalf);
+      return f16;
+    }
     default: return 0;
   }
 }
