@@ -799,6 +799,35 @@ def test_causal_backward_diagonal_blocks_stop_at_each_row_groups_last_key(dtype,
     assert S * (S + 1) / 2 <= full.score_elements <= S * (S + 1) / 2 + S * 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
+@pytest.mark.parametrize("S", [1024, 333])
+@pytest.mark.parametrize("case", ["causal", "windows", "alpha", "non-causal window"])
+def test_backward_key_gradients_reduce_only_over_rows_that_see_the_keys(dtype, S, case):
+    # dV and dK reduce each chunk of a key block's keys over the rows from the first that sees
+    # it: the (row, key) pairs of their products are those S and dP computed per group of rows
+    # (kernels.md), where one product over the whole block took a triangle more on the diagonal
+    # (~block_q / 2 keys a row)
+    kw = {"causal": {}, "windows": dict(window=torch.tensor([-1, 200]), sinks=4),
+          "alpha": dict(window=96, sinks=4, alpha=torch.tensor([0.3, 0.8])),
+          "non-causal window": dict(window=150, causal=False)}[case]
+    q, k, v = make_qkv(1, S, S, 2, 2, 64, dtype)
+    c, grads_ = backward_counts(q, k, v, kw)
+    assert all(torch.isfinite(g).all() for g in grads_)
+    assert c.gradient_elements > 0
+    if S % 64 == 0:  # no block reaches past the keys
+        assert c.gradient_elements == c.score_elements
+    else:  # the scores count the keys a packed block pads, the gradients stop at the last real one
+        assert c.gradient_elements <= c.score_elements
+    if case == "causal":
+        assert 2 * S * (S + 1) / 2 <= c.gradient_elements <= 2 * (S * (S + 1) / 2 + S * 32)
+    # only dK wanted: the same products, counted once
+    c_dk, _ = backward_counts(q, k, v, kw, qkv_grad=("k",))
+    assert c_dk.gradient_elements == c.gradient_elements
+    # only dQ wanted: no dV or dK product
+    c_dq, _ = backward_counts(q, k, v, kw, qkv_grad=("q",))
+    assert c_dq.gradient_elements == 0 and c_dq.score_elements == c.score_elements
+
+
 _BACKWARD_MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch, headops

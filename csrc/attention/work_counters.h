@@ -13,6 +13,7 @@ enum WorkCounter : int {
   kScoreElements,       // query-key dot products computed (rows x keys of those products)
   kValueBlocks,         // P.V products (a head under alpha may need two per key block)
   kHeadsSkipped,        // (b, h) pairs never computed because their gate is exactly 0
+  kGradientElements,    // CPU backward: (query, key) pairs its dK and dV products reduce over
   kNumWorkCounters
 };
 

@@ -17,6 +17,8 @@ class WorkCounts:
     score_elements: query-key dot products computed.
     value_blocks: P.V tile products (a head under alpha uses two per key block it shares).
     heads_skipped: (batch, head) pairs never computed because their gate is exactly 0.
+    gradient_elements: (query, key) pairs the CPU backward's dK and dV products reduce over
+        (counted once per key block for the two; the CUDA backward does not count them).
     """
 
     work_items: int = 0
@@ -24,6 +26,7 @@ class WorkCounts:
     score_elements: int = 0
     value_blocks: int = 0
     heads_skipped: int = 0
+    gradient_elements: int = 0
 
 
 def work_counters() -> WorkCounts:

@@ -83,7 +83,8 @@ class HeadBackward {
       : p_(p), f_(p.fwd), block_q_(block_q), block_k_(block_k), D_(p.fwd.head_dim), products_(std::move(products)),
         d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
         probs_(block_q * block_k), probs_full_(block_q * block_k),
-        grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim), row_keys_(block_q) {}
+        grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim), row_keys_(block_q),
+        want_dq_tile_(p.want_dq || p.dsoftmax_scale != nullptr) {}
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
     const BackwardHead<acc_t> head = BackwardHead<acc_t>::read(p_, b, h);
@@ -185,12 +186,12 @@ class HeadBackward {
       }
       counts.add(kWorkItems, 1);
       products_.begin_tile(b, h, q0, nq, d_out_.data() + q0 * D, hs.softmax_scale);
-      std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
+      if (want_dq_tile_) std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
       for (const KeyRange& range : {keys.sinks, keys.window})
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
           key_block(b, h, head, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
       // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
-      for (int64_t r = 0; r < nq; ++r) {
+      for (int64_t r = 0; r < nq && want_dq_tile_; ++r) {
         acc_t* dq_row = dq_tile_.data() + r * D;
         if (p_.dsoftmax_scale) dscale += dot(products_.q_row(r), dq_row, D);
         if (p_.want_dq) {
@@ -274,14 +275,15 @@ class HeadBackward {
     const bool full_whole = full_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
     const bool stream_whole = stream_vis.block_fully_visible(pos0, pos0 + nq - 1, j0, j0 + real);
 
-    // S, dP and dQ per group of rows on a block the diagonal or a window's edge crosses: the
-    // probabilities and dS past a row's visible keys are zeros (branch_probs, the fills below),
-    // so dV and dK, which reduce over the tile's rows, stay whole products
+    // S, dP and dQ per group of rows on a block the diagonal or a window's edge crosses, and dV
+    // and dK per chunk of keys over the rows that see them: the probabilities and dS past a row's
+    // visible keys are zeros (branch_probs, the fills below), which no product needs to read
     const bool whole = real == nk && (both ? full_whole && stream_whole : main_whole);
     plan_row_groups(groups_, row_keys_.data(), nq, nk, whole, [&](int64_t r) {
       const int64_t main = seen_in_block(main_vis, pos0 + r, f_.seqlen_k, j0, nk);
       return both ? std::max(main, seen_in_block(full_vis, pos0 + r, f_.seqlen_k, j0, nk)) : main;
     });
+    plan_key_chunks(chunks_, groups_, nq, real);
     products_.scores_and_dprobs(s, ds, ld, j0, groups_);  // S = Q K^T, dP = dO V^T
     counts.add(kKeyBlocks, 1);
     counts.add(kScoreElements, group_elements(groups_));
@@ -326,7 +328,9 @@ class HeadBackward {
       if (dkb) add_into(dkb, ds_row, real);
     }
     if (p_.want_dv) counts.add(kValueBlocks, 1);
-    products_.gradients(s, ds, ld, j0, nk, real, groups_, dq_tile_.data(), key_grad_rows(b, j0, h));  // dV, dQ, dK
+    if (p_.want_dv || p_.want_dk) counts.add(kGradientElements, chunk_elements(chunks_, nq));
+    products_.gradients(s, ds, ld, j0, nk, real, groups_, chunks_, want_dq_tile_ ? dq_tile_.data() : nullptr,
+                        key_grad_rows(b, j0, h));  // dV, dQ, dK
   }
 
   // The head's dK and dV rows from key j0 (null where not wanted).
@@ -352,7 +356,9 @@ class HeadBackward {
   CacheLineVector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
   CacheLineVector<acc_t> dq_tile_;                     // [block_q, D]: dS K of the current tile
   std::vector<RowGroup> groups_;                       // the current block's S, dP and dQ products
+  std::vector<KeyChunk> chunks_;                       // and its dV and dK products
   std::vector<int64_t> row_keys_;                      // per row: the keys of the block its S and dP computed
+  bool want_dq_tile_;                                  // dS K: read by dq and by d(softmax_scale)
 };
 
 // Items heaviest first: the (b, h) pairs and the keys they walk. A head the forward skipped is

@@ -7,9 +7,10 @@
 //    16-bit backward does); everything elementwise stays in float. Float inputs take it too on
 //    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
-// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients); S, dP
+// dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients; dk or
+// dv null where not wanted, dq_tile where neither dq nor d(softmax_scale) reads dS K); S, dP
 // and dQ per group of the tile's rows over its first keys (RowGroup, kernel_common.h), dV and dK
-// over the whole block.
+// per chunk of the block's keys over the rows that see them (KeyChunk).
 // Products that add into the head's dK and dV rows find them zeroed; those that write them
 // once (writes_key_grads_once: float through brgemm) hand them over at the head's end
 // (end_head). scales_key_grads: dK comes out already times the softmax scale.
@@ -80,15 +81,24 @@ struct BlasTileProducts {
       gemm_nt(g.rows, g.keys, D, acc_t(1), d_o + g.r0 * D, D, values, f.v.stride_s, acc_t(0), dp + g.r0 * ld, ld);
     }
   }
-  // prob and ds: [nq, nk] with leading dimension ld (nk keys, all real here)
-  void gradients(const acc_t* prob, const acc_t* ds, int64_t ld, int64_t j0, int64_t nk, int64_t /*real*/,
-                 const std::vector<RowGroup>& groups, acc_t* dq_tile, const KeyGradRows<acc_t>& out) {
-    const int64_t D = f.head_dim;
-    if (out.dv) gemm_tn(nk, D, nq, acc_t(1), prob, ld, d_o, D, acc_t(1), out.dv, out.stride_dv);         // dV += P^T dO
-    for (const RowGroup& g : groups)  // dQ += dS K
-      gemm_nn(g.rows, D, g.keys, acc_t(1), ds + g.r0 * ld, ld, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(1),
-              dq_tile + g.r0 * D, D);
-    if (out.dk) gemm_tn(nk, D, nq, acc_t(1), ds, ld, q, f.q.stride_s, acc_t(1), out.dk, out.stride_dk);  // dK += dS^T Q
+  // prob and ds: [nq, nk] with leading dimension ld (every key real here)
+  void gradients(const acc_t* prob, const acc_t* ds, int64_t ld, int64_t j0, int64_t /*nk*/, int64_t /*real*/,
+                 const std::vector<RowGroup>& groups, const std::vector<KeyChunk>& chunks, acc_t* dq_tile,
+                 const KeyGradRows<acc_t>& out) {
+    const int64_t D = f.head_dim, ldq = f.q.stride_s;
+    for (const KeyChunk& c : chunks) {
+      const int64_t keys = c.k1 - c.k0, rows = nq - c.r0, at = c.r0 * ld + c.k0;
+      if (out.dv)  // dV += P^T dO
+        gemm_tn(keys, D, rows, acc_t(1), prob + at, ld, d_o + c.r0 * D, D, acc_t(1), out.dv + c.k0 * out.stride_dv,
+                out.stride_dv);
+      if (out.dk)  // dK += dS^T Q
+        gemm_tn(keys, D, rows, acc_t(1), ds + at, ld, q + c.r0 * ldq, ldq, acc_t(1), out.dk + c.k0 * out.stride_dk,
+                out.stride_dk);
+    }
+    if (dq_tile != nullptr)
+      for (const RowGroup& g : groups)  // dQ += dS K
+        gemm_nn(g.rows, D, g.keys, acc_t(1), ds + g.r0 * ld, ld, k + j0 * f.k.stride_s, f.k.stride_s, acc_t(1),
+                dq_tile + g.r0 * D, D);
   }
   void end_worker() {}
 };
@@ -241,6 +251,7 @@ struct PackedTileProducts {
       at::vec::convert(rounded, row + i, c);
     }
   }
+
   const float* q_row(int64_t r) {
     const scalar_t* row = q + r * ldq;
     for (int64_t d = 0; d < D; ++d) q_float[d] = static_cast<float>(row[d]);
@@ -269,7 +280,8 @@ struct PackedTileProducts {
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
   void gradients(const float* prob, const float* ds, int64_t ld, int64_t j0, int64_t nk, int64_t real,
-                 const std::vector<RowGroup>& groups, float* dq_tile, const KeyGradRows<float>& out) {
+                 const std::vector<RowGroup>& groups, const std::vector<KeyChunk>& chunks, float* dq_tile,
+                 const KeyGradRows<float>& out) {
     using at::native::cpublas::brgemm;
     constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t* ds_in;  // dS as the products read it
@@ -282,28 +294,59 @@ struct PackedTileProducts {
       ds_in = ds_rows.data();
       ld_in = block_k;
     }
-    if constexpr (P == 2) {
-      if (own_amx) return amx_gradients(prob, ld, ds_in, ld_in, j0, real, groups, dq_tile, out);
+    if (dq_tile != nullptr) {
+      for (const RowGroup& g : groups) {  // dQ += dS K
+        if constexpr (P == 2) {
+          if (own_amx) {
+            AMX::accumulate(g.rows, D, g.keys, AMX::bits(ds_in + g.r0 * ld_in), ld_in, AMX::bits(kr + j0 * D),
+                            dq_tile + g.r0 * D, D);
+            continue;
+          }
+        }
+        brgemm(g.rows, D, g.keys, ld_in, D, D, true, ds_in + g.r0 * ld_in, kr + j0 * D, dq_tile + g.r0 * D, vnni);
+      }
     }
-    for (const RowGroup& g : groups)  // dQ += dS K
-      brgemm(g.rows, D, g.keys, ld_in, D, D, true, ds_in + g.r0 * ld_in, kr + j0 * D, dq_tile + g.r0 * D, vnni);
     if constexpr (P == 1) {
+      // dV^T += dO^T P and dK^T += Q^T dS: Q^T and dO^T are [D][nq], so a chunk's rows from r0
+      // are its columns from r0
       const int64_t L = kv.padded_keys;
-      if (out.dv) brgemm(D, real, nq, nq, ld, L, true, do_operand.data(), prob, values_grad_t.data() + j0, false);  // dV^T += dO^T P
-      if (out.dk) brgemm(D, real, nq, nq, ld, L, true, q_operand.data(), ds, keys_grad_t.data() + j0, false);  // dK^T += Q^T dS
+      for (const KeyChunk& c : chunks) {
+        const int64_t keys = c.k1 - c.k0, rows = nq - c.r0, at = c.r0 * ld + c.k0;
+        if (out.dv)
+          brgemm(D, keys, rows, nq, ld, L, true, do_operand.data() + c.r0, prob + at, values_grad_t.data() + j0 + c.k0,
+                 false);
+        if (out.dk)
+          brgemm(D, keys, rows, nq, ld, L, true, q_operand.data() + c.r0, ds + at, keys_grad_t.data() + j0 + c.k0,
+                 false);
+      }
       if (out.dv || out.dk) {
         touched_lo = touched_hi > touched_lo ? std::min(touched_lo, j0) : j0;
         touched_hi = std::max(touched_hi, j0 + real);
       }
     } else {
+      // dV += P^T dO and dK += dS^T Q from the transposed P and dS ([keys][nq_pad]); a chunk's
+      // rows from r0 (a multiple of kRowGroup, so of a VNNI pair and of an AMX step) start at
+      // row r0 * D of Q's and dO's packed rows in either layout
+      auto product = [&](const scalar_t* a_t, const scalar_t* b_rows, float* rows_out, int64_t stride) {
+        for (const KeyChunk& c : chunks) {
+          const int64_t keys = c.k1 - c.k0, reduced = nq_pad - c.r0;
+          const scalar_t* a = a_t + c.k0 * nq_pad + c.r0;
+          const scalar_t* b = b_rows + c.r0 * D;
+          float* out_rows = rows_out + c.k0 * stride;
+          if (own_amx)
+            AMX::accumulate(keys, D, reduced, AMX::bits(a), nq_pad, AMX::bits(b), out_rows, stride);
+          else
+            brgemm(keys, D, reduced, nq_pad, D, stride, true, a, b, out_rows, vnni);
+        }
+      };
       if (out.dv) {
         round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
         transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
-        brgemm(real, D, nq_pad, nq_pad, D, out.stride_dv, true, prob_t.data(), do_operand.data(), out.dv, vnni);  // dV += P^T dO
+        product(prob_t.data(), do_operand.data(), out.dv, out.stride_dv);
       }
       if (out.dk) {
         transpose_tile(ds_in, ld_in, real, ds_t.data());
-        brgemm(real, D, nq_pad, nq_pad, D, out.stride_dk, true, ds_t.data(), q_operand.data(), out.dk, vnni);  // dK += dS^T Q
+        product(ds_t.data(), q_operand.data(), out.dk, out.stride_dk);
       }
     }
   }
@@ -327,24 +370,6 @@ struct PackedTileProducts {
   void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 
  private:
-  // dV and dK through headops' own AMX loops (bfloat16 only), and dQ per row group
-  void amx_gradients(const float* prob, int64_t ld, const scalar_t* ds_in, int64_t ld_in, int64_t j0, int64_t real,
-                     const std::vector<RowGroup>& groups, float* dq_tile, const KeyGradRows<float>& out) {
-    for (const RowGroup& g : groups)  // dQ += dS K
-      AMX::accumulate(g.rows, D, g.keys, AMX::bits(ds_in + g.r0 * ld_in), ld_in, AMX::bits(kr + j0 * D),
-                      dq_tile + g.r0 * D, D);
-    if (out.dv) {
-      round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
-      transpose_tile(prob_rows.data(), block_k, real, prob_t.data());
-      AMX::accumulate(real, D, nq_pad, AMX::bits(prob_t.data()), nq_pad, AMX::bits(do_operand.data()), out.dv,
-                      out.stride_dv);  // dV += P^T dO
-    }
-    if (out.dk) {
-      transpose_tile(ds_in, ld_in, real, ds_t.data());
-      AMX::accumulate(real, D, nq_pad, AMX::bits(ds_t.data()), nq_pad, AMX::bits(q_operand.data()), out.dk,
-                      out.stride_dk);  // dK += dS^T Q
-    }
-  }
   // own AMX: the tile's Q rows copied, they and dO's zero-padded to a whole tile (the A rows of S
   // and dP), and both packed tile-major over the queries (the B of dK and dV)
   void begin_amx_tile() {

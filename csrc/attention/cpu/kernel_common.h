@@ -95,6 +95,43 @@ inline int64_t seen_in_block(const HeadVisibility& vis, int64_t pos, int64_t Sk,
   return std::max(parts[0].hi, parts[1].hi);
 }
 
+// One chunk of a key block's dV and dK products (the backward's reductions over the tile's
+// rows): keys [k0, k1) of the block, reduced over the rows [r0, nq).
+struct KeyChunk {
+  int64_t k0, k1, r0;
+};
+
+// The row groups seen from the keys' side: the keys past the first g.keys of the block are seen
+// by no row of group g (its P and dS are zeros there), so a chunk of keys reduces over the rows
+// from the first group that covers it. On a causal diagonal a 128-row tile's dV and dK then
+// multiply 10240 of its 16384 (row, key) pairs where one product took all of them. Keys no group
+// covers, or past the `real` ones, are in no chunk: their gradients get nothing from this block.
+inline void plan_key_chunks(std::vector<KeyChunk>& chunks, const std::vector<RowGroup>& groups, int64_t nq,
+                            int64_t real) {
+  chunks.clear();
+  int64_t k0 = 0;
+  while (true) {
+    // the next boundary: the fewest keys any group covers past k0, from the first row that sees k0
+    int64_t k1 = 0, r0 = nq;
+    for (const RowGroup& g : groups) {
+      if (g.keys <= k0) continue;
+      k1 = k1 == 0 ? g.keys : std::min(k1, g.keys);
+      r0 = std::min(r0, g.r0);
+    }
+    k1 = std::min(k1, real);
+    if (k1 <= k0) return;
+    chunks.push_back({k0, k1, r0});
+    k0 = k1;
+  }
+}
+
+// The (row, key) pairs a block's dV or dK product reduces over.
+inline int64_t chunk_elements(const std::vector<KeyChunk>& chunks, int64_t nq) {
+  int64_t n = 0;
+  for (const KeyChunk& c : chunks) n += (c.k1 - c.k0) * (nq - c.r0);
+  return n;
+}
+
 // The score elements a block's products compute.
 inline int64_t group_elements(const std::vector<RowGroup>& groups) {
   int64_t n = 0;
