@@ -72,16 +72,32 @@ def _cuda_compiled() -> bool:
     return bool(getattr(_C, "cuda_compiled", False))
 
 
+# Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The CPU's
+# bfloat16 path rounds P for the forward's P V (the saved averages the backward reads) and dL/dout
+# for dP, as SDPA does; in these sums that rounding took up to 2x their test tolerance (sink_logit,
+# bf16, causal, S = 333, D = 128, 40 draws; softmax_scale up to 0.9 of its size). A bfloat16 CPU
+# call that learns one of them runs in float32, its output rounded back (docs/attention.md).
+_CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha")
+
+
+def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:
+    return grad_needed and q.device.type == "cpu" and q.dtype == torch.bfloat16 and any(
+        getattr(args, n) is not None and getattr(args, n).requires_grad for n in _CANCELLING_GRADS)
+
+
 def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool):
     """The fused op on checked q, k, v and normalised per-head arguments: (out, lse)."""
     grad_needed = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())
+    dtype = q.dtype
+    if _learns_cancelling_sums(q, args, grad_needed):
+        q, k, v = (t.float() for t in (q, k, v))
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and args.gate is not None and args.gate.requires_grad)
     skip_unused_branch = not (grad_needed and args.alpha is not None and args.alpha.requires_grad)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse, *_saved = torch.ops.headops.attention_fwd(q, k, v, causal, heads_first, *args.kernel_args(q.dtype),
                                                         skip_zero_gate, skip_unused_branch, grad_needed)
-    return out, lse
+    return out.to(dtype), lse
 
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
