@@ -75,7 +75,7 @@ def _cuda_compiled() -> bool:
 # Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The CPU's
 # bfloat16 path rounds P for the forward's P V (the saved averages the backward reads) and dL/dout
 # for dP, as SDPA does; in these sums that rounding took up to 2x their test tolerance (sink_logit,
-# bf16, causal, S = 333, D = 128, 40 draws; softmax_scale up to 0.9 of its size). A bfloat16 CPU
+# bf16, causal, S = 333, D = 128, 40 draws; softmax_scale up to 0.8 of its size). A bfloat16 CPU
 # call that learns one of them runs in float32, its output rounded back (docs/attention.md).
 _CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha")
 
