@@ -251,7 +251,6 @@ struct PackedTileProducts {
       at::vec::convert(rounded, row + i, c);
     }
   }
-
   const float* q_row(int64_t r) {
     const scalar_t* row = q + r * ldq;
     for (int64_t d = 0; d < D; ++d) q_float[d] = static_cast<float>(row[d]);
@@ -283,7 +282,6 @@ struct PackedTileProducts {
                  const std::vector<RowGroup>& groups, const std::vector<KeyChunk>& chunks, float* dq_tile,
                  const KeyGradRows<float>& out) {
     using at::native::cpublas::brgemm;
-    constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t* ds_in;  // dS as the products read it
     int64_t ld_in;
     if constexpr (P == 1) {
@@ -294,18 +292,9 @@ struct PackedTileProducts {
       ds_in = ds_rows.data();
       ld_in = block_k;
     }
-    if (dq_tile != nullptr) {
-      for (const RowGroup& g : groups) {  // dQ += dS K
-        if constexpr (P == 2) {
-          if (own_amx) {
-            AMX::accumulate(g.rows, D, g.keys, AMX::bits(ds_in + g.r0 * ld_in), ld_in, AMX::bits(kr + j0 * D),
-                            dq_tile + g.r0 * D, D);
-            continue;
-          }
-        }
-        brgemm(g.rows, D, g.keys, ld_in, D, D, true, ds_in + g.r0 * ld_in, kr + j0 * D, dq_tile + g.r0 * D, vnni);
-      }
-    }
+    if (dq_tile != nullptr)
+      for (const RowGroup& g : groups)  // dQ += dS K
+        accumulate(g.rows, g.keys, ds_in + g.r0 * ld_in, ld_in, kr + j0 * D, dq_tile + g.r0 * D, D);
     if constexpr (P == 1) {
       // dV^T += dO^T P and dK^T += Q^T dS: Q^T and dO^T are [D][nq], so a chunk's rows from r0
       // are its columns from r0
@@ -328,16 +317,9 @@ struct PackedTileProducts {
       // rows from r0 (a multiple of kRowGroup, so of a VNNI pair and of an AMX step) start at
       // row r0 * D of Q's and dO's packed rows in either layout
       auto product = [&](const scalar_t* a_t, const scalar_t* b_rows, float* rows_out, int64_t stride) {
-        for (const KeyChunk& c : chunks) {
-          const int64_t keys = c.k1 - c.k0, reduced = nq_pad - c.r0;
-          const scalar_t* a = a_t + c.k0 * nq_pad + c.r0;
-          const scalar_t* b = b_rows + c.r0 * D;
-          float* out_rows = rows_out + c.k0 * stride;
-          if (own_amx)
-            AMX::accumulate(keys, D, reduced, AMX::bits(a), nq_pad, AMX::bits(b), out_rows, stride);
-          else
-            brgemm(keys, D, reduced, nq_pad, D, stride, true, a, b, out_rows, vnni);
-        }
+        for (const KeyChunk& c : chunks)
+          accumulate(c.k1 - c.k0, nq_pad - c.r0, a_t + c.k0 * nq_pad + c.r0, nq_pad, b_rows + c.r0 * D,
+                     rows_out + c.k0 * stride, stride);
       };
       if (out.dv) {
         round_rows(prob, ld, nq, real, prob_rows.data(), block_k);
@@ -370,6 +352,14 @@ struct PackedTileProducts {
   void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 
  private:
+  // C[M x D] += A[M x K] B, B packed rows of D (K and the tile's Q and dO): headops' own AMX loops
+  // over tile-major B where they run, else brgemm
+  void accumulate(int64_t M, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, float* c, int64_t ldc) {
+    if constexpr (P == 2) {
+      if (own_amx) return AMX::accumulate(M, D, K, AMX::bits(a), lda, AMX::bits(b), c, ldc);
+    }
+    at::native::cpublas::brgemm(M, D, K, lda, D, ldc, true, a, b, c, is_vnni<scalar_t>());
+  }
   // own AMX: the tile's Q rows copied, they and dO's zero-padded to a whole tile (the A rows of S
   // and dP), and both packed tile-major over the queries (the B of dK and dV)
   void begin_amx_tile() {

@@ -111,7 +111,7 @@ inline void plan_key_chunks(std::vector<KeyChunk>& chunks, const std::vector<Row
   chunks.clear();
   int64_t k0 = 0;
   while (true) {
-    // the next boundary: the fewest keys any group covers past k0, from the first row that sees k0
+    // the next boundary: the fewest keys any group covers past k0; the rows from the first such group
     int64_t k1 = 0, r0 = nq;
     for (const RowGroup& g : groups) {
       if (g.keys <= k0) continue;
