@@ -28,7 +28,7 @@ TORCH_LIBRARY(headops, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
-      "bool skip_unused_branch, bool save_for_backward) "
+      "bool skip_unused_branch, bool save_for_backward, bool precise_probabilities=False) "
       "-> (Tensor out, Tensor lse, Tensor o_stream, Tensor o_full, Tensor lse_full)");
   m.def(
       "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o_stream, Tensor lse, "

@@ -275,6 +275,15 @@ def test_empty_keys_and_queries():
 
 
 @gpu_only
+def test_precise_probabilities_is_a_cpu_option():
+    # the CPU's bfloat16 P in two parts (headops.attention asks for it on the CPU only)
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 64, BF16))
+    with pytest.raises(RuntimeError, match="precise_probabilities is a CPU option"):
+        torch.ops.headops.attention_fwd(q, k, v, True, False, 0.125, None, None, None, None, None, None, None, None,
+                                        None, True, True, False, precise_probabilities=True)
+
+
+@gpu_only
 def test_kernel_choice():
     q, k, v = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 128, BF16))
     assert headops._C.cuda_kernel_for(q, k, v, False) == "tensor_core"

@@ -42,7 +42,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward) {
+    bool save_for_backward, bool precise_probabilities) {
+  TORCH_CHECK(!precise_probabilities || !q_in.is_cuda(),
+              "headops.attention_fwd: precise_probabilities is a CPU option (the CUDA forward rounds the "
+              "probabilities as its tensor cores read them)");
   const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
   ForwardCall call = prepare_forward("headops.attention_fwd: ", q_in, k_in, v_in, causal, heads_first,
                                      default_scale, args);
@@ -63,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
   p.skip_zero_gate = skip_zero_gate;
   p.skip_unused_branch = skip_unused_branch;
+  p.precise_probabilities = precise_probabilities;
   if (call.out.numel() > 0 || call.lse.numel() > 0) {
 #ifdef HEADOPS_WITH_CUDA
     if (call.q.is_cuda()) {

@@ -26,12 +26,14 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q, const at::Tenso
 // headops::attention_fwd: checks every argument (TORCH_CHECK), lays the tensors out as an
 // AttentionParams and runs the kernel of q's device. Returns (out, lse, o_stream, o_full,
 // lse_full); the last three (each branch's average and the full branch's lse, kept for the
-// backward) are empty unless save_for_backward.
+// backward) are empty unless save_for_backward. precise_probabilities: 16-bit inputs on the CPU
+// read the probabilities of P V to ~2**-17 (float, or two bfloat16 parts) rather than rounded to
+// their dtype (float16 does so whenever it saves for the backward); the CUDA kernels refuse it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward);
+    bool save_for_backward, bool precise_probabilities);
 
 }  // namespace headops

@@ -119,8 +119,11 @@ inline void step(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint1
 
 // S's block of rows [m, m + 16 MB) x keys [n, n + 16 NB); b at the block's first key group.
 template <int MB, int NB>
-void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
-  zero_c<MB, NB>();
+void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc, bool add_c) {
+  if (add_c)
+    load_c<MB, NB>(c, ldc);
+  else
+    zero_c<MB, NB>();
   const int64_t group = kKeyGroup * K;  // elements of one key group's K^T
   for (int64_t k = 0; k < K; k += kTileK) step<MB, NB>(a + k, lda, b + k * kKeyGroup, b + group + k * kKeyGroup);
   store_c<MB, NB>(c, ldc);
@@ -128,10 +131,12 @@ void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, 
 
 // The rows inner: a block of keys' B tiles stay in L1 while the rows pass over them.
 template <int NB>
-void scores_columns(int64_t M, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
+void scores_columns(int64_t M, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc,
+                    bool add_c) {
   int64_t m = 0;
-  for (; m + 2 * kTileRows <= M; m += 2 * kTileRows) scores_block<2, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc);
-  if (m < M) scores_block<1, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc);
+  for (; m + 2 * kTileRows <= M; m += 2 * kTileRows)
+    scores_block<2, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc, add_c);
+  if (m < M) scores_block<1, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc, add_c);
 }
 
 // O's block of rows [0, 16 MB) x columns [n, n + 32), over every step of keys.
@@ -168,7 +173,8 @@ void end_products(bool own_loops, bool brgemm_vnni) {
     at::native::cpublas::brgemm_release(brgemm_vnni);
 }
 
-void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc) {
+void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc,
+            bool add_c) {
   TORCH_CHECK(M % kTileRows == 0 && N % kKeyGroup == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
   // rows in chunks whose A stays in L1 (32 KiB of it) while the key blocks pass
   const int64_t chunk = std::max<int64_t>(2 * kTileRows, 32768 / (K * 2) / (2 * kTileRows) * (2 * kTileRows));
@@ -177,8 +183,9 @@ void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, con
     const uint16_t* ar = a + m0 * lda;
     float* cr = c + m0 * ldc;
     int64_t n = 0;
-    for (; n + 2 * kKeyGroup <= N; n += 2 * kKeyGroup) scores_columns<2>(rows, K, ar, lda, b + n * K, cr + n, ldc);
-    if (n < N) scores_columns<1>(rows, K, ar, lda, b + n * K, cr + n, ldc);
+    for (; n + 2 * kKeyGroup <= N; n += 2 * kKeyGroup)
+      scores_columns<2>(rows, K, ar, lda, b + n * K, cr + n, ldc, add_c);
+    if (n < N) scores_columns<1>(rows, K, ar, lda, b + n * K, cr + n, ldc, add_c);
   }
 }
 

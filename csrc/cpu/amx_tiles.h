@@ -51,9 +51,10 @@ uint16_t* bits(T* x) {
   return reinterpret_cast<uint16_t*>(x);
 }
 
-// C[M x N] = A[M x K] B, B = K^T from its first key group. M a multiple of 16 (the caller pads
-// A's rows with zeros), N of kKeyGroup, K of 32.
-void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc);
+// C[M x N] = A[M x K] B (C += A B with add_c), B = K^T from its first key group. M a multiple of
+// 16 (the caller pads A's rows with zeros), N of kKeyGroup, K of 32.
+void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc,
+            bool add_c = false);
 
 // C[M x N] += A[M x K] B, B from its first reduction step (V's keys; or, for dK and dV, a query
 // tile's Q or dO rows packed the same way). N a multiple of 32, K of kKeyStep. C's rows past M

@@ -73,10 +73,11 @@ def _cuda_compiled() -> bool:
 
 
 # Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The CPU's
-# bfloat16 path rounds P for the forward's P V (the saved averages the backward reads) and dL/dout
-# for dP, as SDPA does; in these sums that rounding took up to 2x their test tolerance (sink_logit,
-# bf16, causal, S = 333, D = 128, 40 draws; softmax_scale up to 0.8 of its size). A bfloat16 CPU
-# call that learns one of them runs in float32, its output rounded back (docs/attention.md).
+# bfloat16 forward rounds P for P V (the saved averages the backward reads), as SDPA does; in these
+# sums that rounding took up to 5e-2 of their size (bf16, causal, S = 333, D = 128), 2x their
+# test tolerance. A bfloat16 CPU call that learns one of them keeps P in float32 in the forward
+# (precise_probabilities); its backward splits dL/do in two bfloat16 parts for dP where it learns
+# softmax_scale (docs/attention.md).
 _CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha")
 
 
@@ -88,16 +89,14 @@ def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:
 def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool):
     """The fused op on checked q, k, v and normalised per-head arguments: (out, lse)."""
     grad_needed = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())
-    dtype = q.dtype
-    if _learns_cancelling_sums(q, args, grad_needed):
-        q, k, v = (t.float() for t in (q, k, v))
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and args.gate is not None and args.gate.requires_grad)
     skip_unused_branch = not (grad_needed and args.alpha is not None and args.alpha.requires_grad)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse, *_saved = torch.ops.headops.attention_fwd(q, k, v, causal, heads_first, *args.kernel_args(q.dtype),
-                                                        skip_zero_gate, skip_unused_branch, grad_needed)
-    return out.to(dtype), lse
+                                                        skip_zero_gate, skip_unused_branch, grad_needed,
+                                                        _learns_cancelling_sums(q, args, grad_needed))
+    return out, lse
 
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,

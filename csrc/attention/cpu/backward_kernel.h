@@ -84,7 +84,7 @@ class HeadBackward {
         d_out_(p.fwd.seqlen_q * p.fwd.head_dim), delta_stream_(p.fwd.seqlen_q), delta_full_(p.fwd.seqlen_q),
         probs_(block_q * block_k), probs_full_(block_q * block_k),
         grads_(block_q * block_k), dq_tile_(block_q * p.fwd.head_dim), row_keys_(block_q),
-        want_dq_tile_(p.want_dq || p.dsoftmax_scale != nullptr) {}
+        raw_scores_(p.dsoftmax_scale ? block_k : 0) {}
 
   void run(int64_t b, int64_t h, LocalWorkCounts& counts) {
     const BackwardHead<acc_t> head = BackwardHead<acc_t>::read(p_, b, h);
@@ -156,7 +156,7 @@ class HeadBackward {
         if (plan.streaming) dsink += head.dsink_share(saved_lse(f_.lse, b, h, i), delta_stream_[i], StdExp{});
         if (plan.full) dsink += head.dsink_share(saved_lse(f_.lse_full, b, h, i), delta_full_[i], StdExp{});
       }
-      if constexpr (Products::rounds_dout) {
+      if (products_.rounds_dout()) {
         // dP reads dL/do rounded to the input dtype: dS takes its deltas from the same values,
         // so that dP - delta cancels as it does exactly (do_scale is 1 wherever one branch is
         // walked); dalpha and dsink above keep the exact ones
@@ -176,7 +176,7 @@ class HeadBackward {
     const int64_t Sq = f_.seqlen_q, D = D_, bh = b * f_.heads_q + h;
     const HeadScalars<acc_t>& hs = head.hs;
     const int64_t rows = head_query_tile(hs, block_q_);
-    acc_t dscale = 0;
+    dscale_ = 0;
     for (int64_t q0 = 0; q0 < Sq; q0 += rows) {
       const int64_t q1 = std::min(Sq, q0 + rows), nq = q1 - q0;
       const VisibleKeys keys = tile_keys(f_, hs, q0, q1, products_.key_alignment(), products_.padded_keys());
@@ -186,27 +186,24 @@ class HeadBackward {
       }
       counts.add(kWorkItems, 1);
       products_.begin_tile(b, h, q0, nq, d_out_.data() + q0 * D, hs.softmax_scale);
-      if (want_dq_tile_) std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
+      if (p_.want_dq) std::fill(dq_tile_.begin(), dq_tile_.begin() + nq * D, acc_t(0));
       for (const KeyRange& range : {keys.sinks, keys.window})
         for (int64_t j0 = range.lo; j0 < range.hi; j0 += block_k_)
           key_block(b, h, head, q0, nq, j0, std::min(block_k_, range.hi - j0), counts);
-      // dq = scale * dS K; d(scale) = sum_ij dS_ij (q_i . k_j) = sum_i q_i . (dS K)_i
-      for (int64_t r = 0; r < nq && want_dq_tile_; ++r) {
+      // dq = scale * dS K
+      for (int64_t r = 0; r < nq && p_.want_dq; ++r) {
         acc_t* dq_row = dq_tile_.data() + r * D;
-        if (p_.dsoftmax_scale) dscale += dot(products_.q_row(r), dq_row, D);
-        if (p_.want_dq) {
-          using dq_t = typename Products::dq_t;
-          dq_t* out = const_cast<dq_t*>(p_.dq.row<dq_t>(b, q0 + r, h));
-          if constexpr (std::is_same_v<dq_t, acc_t>) {
-            for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
-          } else {  // rounded as dq.to(dtype) would round it
-            for (int64_t d = 0; d < D; ++d) dq_row[d] = hs.softmax_scale * dq_row[d];
-            convert_row(dq_row, out, D);
-          }
+        using dq_t = typename Products::dq_t;
+        dq_t* out = const_cast<dq_t*>(p_.dq.row<dq_t>(b, q0 + r, h));
+        if constexpr (std::is_same_v<dq_t, acc_t>) {
+          for (int64_t d = 0; d < D; ++d) out[d] = hs.softmax_scale * dq_row[d];
+        } else {  // rounded as dq.to(dtype) would round it
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = hs.softmax_scale * dq_row[d];
+          convert_row(dq_row, out, D);
         }
       }
     }
-    if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale;
+    if (p_.dsoftmax_scale) static_cast<acc_t*>(p_.dsoftmax_scale)[bh] = dscale_;
     if constexpr (Products::writes_key_grads_once) {
       const KeyRange written = products_.end_head(key_grad_rows(b, 0, h));
       zero_key_grad_rows(b, h, 0, written.lo);
@@ -295,6 +292,7 @@ class HeadBackward {
       if (!both) {
         const acc_t lse = saved_lse(plan.full ? f_.lse_full : f_.lse, b, h, i);
         const acc_t delta = plan.full ? delta_full_[i] : delta_stream_[i];
+        keep_raw_scores(s_row, std::min(real, row_keys_[r]));
         branch_probs(s_row, s_row, false, main_vis, pos, j0, real, main_whole, lse, hs.softmax_scale, bias, parts);
         int64_t cursor = 0;
         for (const KeyRange& part : parts) {
@@ -303,10 +301,12 @@ class HeadBackward {
           softmax_grad(ds_row, s_row, part.lo, part.hi, delta);
           cursor = part.hi;
         }
+        add_scale_grad(ds_row, parts);
         fill_zero(ds_row, cursor, real);
       } else {
         // both branches read the same logits: scale them once, in place (the keys computed)
         const int64_t computed = std::min(real, row_keys_[r]);
+        keep_raw_scores(s_row, computed);
         for (int64_t j = 0; j < computed; ++j) s_row[j] = s_row[j] * hs.softmax_scale + (bias ? bias[j] : acc_t(0));
         acc_t* pf = probs_full_.data() + r * ld;
         KeyRange full_parts[2];
@@ -322,6 +322,7 @@ class HeadBackward {
                       (s_row[j] != acc_t(0) ? s_row[j] * (head.dp_weight_streaming * dp - dst) : acc_t(0));
           s_row[j] = head.dp_weight_full * pf[j] + head.dp_weight_streaming * s_row[j];
         }
+        add_scale_grad(ds_row, full_parts);  // the full branch sees every key the streaming one does
       }
       fill_zero(s_row, real, nk);  // keys past Sk: nothing in any product
       fill_zero(ds_row, real, nk);
@@ -329,8 +330,20 @@ class HeadBackward {
     }
     if (p_.want_dv) counts.add(kValueBlocks, 1);
     if (p_.want_dv || p_.want_dk) counts.add(kGradientElements, chunk_elements(chunks_, nq));
-    products_.gradients(s, ds, ld, j0, nk, real, groups_, chunks_, want_dq_tile_ ? dq_tile_.data() : nullptr,
+    products_.gradients(s, ds, ld, j0, nk, real, groups_, chunks_, p_.want_dq ? dq_tile_.data() : nullptr,
                         key_grad_rows(b, j0, h));  // dV, dQ, dK
+  }
+
+  // d(softmax_scale) = sum_ij dS_ij (q_i . k_j), summed here from the float dS and the raw
+  // scores before the products round dS (16-bit inputs): the sum cancels nearly to nothing, and
+  // dS rounded to bfloat16 left errors of up to 1.5e-2 of its size (sixteen draws, S = 333)
+  void keep_raw_scores(const acc_t* s_row, int64_t n) {
+    if (p_.dsoftmax_scale) std::copy(s_row, s_row + n, raw_scores_.data());
+  }
+  void add_scale_grad(const acc_t* ds_row, const KeyRange (&parts)[2]) {
+    if (!p_.dsoftmax_scale) return;
+    for (const KeyRange& part : parts)
+      if (!part.empty()) dscale_ += dot(ds_row + part.lo, raw_scores_.data() + part.lo, part.size());
   }
 
   // The head's dK and dV rows from key j0 (null where not wanted).
@@ -354,11 +367,12 @@ class HeadBackward {
   CacheLineVector<acc_t> d_out_;                  // dL/do of the item's rows (times do_scale)
   std::vector<acc_t> delta_stream_, delta_full_;  // per row and branch: weight * do . o - dlse
   CacheLineVector<acc_t> probs_, probs_full_, grads_;  // [block_q, block_k]: P (or logits), P_full, dP then dS
-  CacheLineVector<acc_t> dq_tile_;                     // [block_q, D]: dS K of the current tile
+  CacheLineVector<acc_t> dq_tile_;                     // [block_q, D]: dS K of the current tile (dq)
   std::vector<RowGroup> groups_;                       // the current block's S, dP and dQ products
   std::vector<KeyChunk> chunks_;                       // and its dV and dK products
   std::vector<int64_t> row_keys_;                      // per row: the keys of the block its S and dP computed
-  bool want_dq_tile_;                                  // dS K: read by dq and by d(softmax_scale)
+  CacheLineVector<acc_t> raw_scores_;                  // [block_k]: one row's q . k (d(softmax_scale))
+  acc_t dscale_ = 0;                                   // the head's d(softmax_scale) so far
 };
 
 // Items heaviest first: the (b, h) pairs and the keys they walk. A head the forward skipped is

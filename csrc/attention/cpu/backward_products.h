@@ -8,7 +8,7 @@
 //    AVX-512 CPUs (call_uses_packed_operands), with plain operands and nothing rounded.
 // Both take one query tile at a time (begin_tile), then per key block S = Q K^T and
 // dP = dO V^T (scores_and_dprobs) and dV += P^T dO, dQ += dS K, dK += dS^T Q (gradients; dk or
-// dv null where not wanted, dq_tile where neither dq nor d(softmax_scale) reads dS K); S, dP
+// dv null where not wanted, dq_tile where dq is not wanted); S, dP
 // and dQ per group of the tile's rows over its first keys (RowGroup, kernel_common.h), dV and dK
 // per chunk of the block's keys over the rows that see them (KeyChunk).
 // Products that add into the head's dK and dV rows find them zeroed; those that write them
@@ -68,8 +68,7 @@ struct BlasTileProducts {
     d_o = d_o_rows;
     nq = rows;
   }
-  const acc_t* q_row(int64_t r) { return q + r * f.q.stride_s; }
-  static constexpr bool rounds_dout = false;
+  bool rounds_dout() const { return false; }
   static void round_like_inputs(acc_t* /*row*/, int64_t /*n*/) {}
 
   void scores_and_dprobs(acc_t* s, acc_t* dp, int64_t ld, int64_t j0, const std::vector<RowGroup>& groups) {
@@ -181,6 +180,11 @@ struct PackedTileProducts {
   // tile's queries are the reduction of dV and dK: nq_pad rounds them to whole steps of 32, Q
   // and dO are packed tile-major for it, and the transposed P and dS are zero past nq.
   const bool own_amx;
+  // 16-bit types learning softmax_scale: dP = dO V^T reads dL/do as two parts in the input dtype,
+  // do_rows + do_rows_lo, one more product that makes dP float-accurate. d(softmax_scale) sums
+  // terms over every (row, key) that cancel nearly to nothing; where gate or out_scale make dL/do
+  // inexact in bfloat16, dL/do rounded once left errors of up to 1e-2 of its size (S = 333)
+  const bool split_dout;
   int64_t block_k, D;
   const scalar_t *q = nullptr, *kt = nullptr, *vt = nullptr, *kr = nullptr;
   int64_t ldq = 0;  // q's row stride
@@ -188,8 +192,8 @@ struct PackedTileProducts {
   // The tile's Q and dO as the dK and dV products read them: VNNI-packed rows (B of dS^T Q and
   // P^T dO) for 16-bit types; transposed, [D][nq], for float (A of Q^T dS and dO^T P)
   CacheLineVector<scalar_t> q_operand, do_rows, do_operand;  // do_rows: dO as A of dP = dO V^T
+  CacheLineVector<scalar_t> do_rows_lo;                        // split_dout: dO - do_rows, rounded
   CacheLineVector<scalar_t> prob_rows, prob_t, ds_rows, ds_t;  // 16-bit types: the block's P, P^T, dS, dS^T
-  CacheLineVector<float> q_float;
   CacheLineVector<scalar_t> q_rows;  // own AMX: the tile's Q rows, zero rows to a whole tile
   // float: the head's dK^T and dV^T, [D][padded keys]. dK^T += Q^T dS and dV^T += dO^T P read P
   // and dS where they are, so no key block is transposed; end_head transposes the keys it
@@ -199,11 +203,13 @@ struct PackedTileProducts {
   int64_t touched_lo = 0, touched_hi = 0;
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
-      : f(p.fwd), kv(packed), own_amx(packed.amx_tile_major), block_k(bk), D(p.fwd.head_dim) {
+      : f(p.fwd), kv(packed), own_amx(packed.amx_tile_major), split_dout(P == 2 && p.dsoftmax_scale != nullptr),
+        block_k(bk), D(p.fwd.head_dim) {
     const int64_t bq_pad = padded_queries(block_q);
     if (own_amx) q_rows.resize(bq_pad * D);
     q_operand.resize(bq_pad * D);
     do_rows.resize(block_q * D);
+    if (split_dout) do_rows_lo.resize(block_q * D);
     do_operand.resize(bq_pad * D);
     if constexpr (P == 2) {
       prob_rows.resize(block_q * bk);
@@ -214,7 +220,6 @@ struct PackedTileProducts {
       if (p.want_dk) keys_grad_t.assign(D * kv.padded_keys, 0.f);
       if (p.want_dv) values_grad_t.assign(D * kv.padded_keys, 0.f);
     }
-    q_float.resize(D);
   }
   int64_t padded_keys() const { return kv.padded_keys; }
 
@@ -227,7 +232,10 @@ struct PackedTileProducts {
     kt = kv.keys_t(b, kvh);
     vt = kv.values_t(b, kvh);
     kr = kv.keys(b, kvh);
-    round_rows(d_o, D, nq, D, do_rows.data(), D);
+    if (split_dout)
+      split_row(d_o, do_rows.data(), do_rows_lo.data(), nq * D);
+    else
+      round_rows(d_o, D, nq, D, do_rows.data(), D);
     if constexpr (P == 2) {
       if (own_amx) return begin_amx_tile();
     }
@@ -240,8 +248,9 @@ struct PackedTileProducts {
       pack_rows_vnni<scalar_t>([&](int64_t r) { return do_rows.data() + r * D; }, nq, nq_pad, D, P, do_operand.data());
     }
   }
-  // dL/do rounded to scalar_t, as the dP and dV products read it (float: nothing to round)
-  static constexpr bool rounds_dout = P == 2;
+  // dL/do rounded to scalar_t, as the dP and dV products read it (float, or dP from two parts:
+  // nothing to round)
+  bool rounds_dout() const { return P == 2 && !split_dout; }
   static void round_like_inputs(float* row, int64_t n) {
     constexpr int64_t kChunk = 64;
     scalar_t rounded[kChunk];
@@ -250,11 +259,6 @@ struct PackedTileProducts {
       convert_row(row + i, rounded, c);
       at::vec::convert(rounded, row + i, c);
     }
-  }
-  const float* q_row(int64_t r) {
-    const scalar_t* row = q + r * ldq;
-    for (int64_t d = 0; d < D; ++d) q_float[d] = static_cast<float>(row[d]);
-    return q_float.data();
   }
 
   // per row group g: rows [g.r0, g.r0 + g.rows) (g.r0 a multiple of 16: own AMX pads the group's
@@ -270,11 +274,17 @@ struct PackedTileProducts {
           const int64_t rows = AMX::padded_rows(g.rows);
           AMX::scores(rows, g.keys, D, AMX::bits(q_g), ldq, AMX::bits(keys_t), s + g.r0 * ld, ld);     // S = Q K^T
           AMX::scores(rows, g.keys, D, AMX::bits(do_g), D, AMX::bits(values_t), dp + g.r0 * ld, ld);  // dP = dO V^T
+          if (split_dout)
+            AMX::scores(rows, g.keys, D, AMX::bits(do_rows_lo.data() + g.r0 * D), D, AMX::bits(values_t),
+                        dp + g.r0 * ld, ld, true);
           continue;
         }
       }
       brgemm(g.rows, g.keys, D, ldq, kv.padded_keys, ld, false, q_g, keys_t, s + g.r0 * ld, vnni);   // S = Q K^T
       brgemm(g.rows, g.keys, D, D, kv.padded_keys, ld, false, do_g, values_t, dp + g.r0 * ld, vnni);  // dP = dO V^T
+      if (split_dout)
+        brgemm(g.rows, g.keys, D, D, kv.padded_keys, ld, true, do_rows_lo.data() + g.r0 * D, values_t, dp + g.r0 * ld,
+               vnni);
     }
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
@@ -366,6 +376,7 @@ struct PackedTileProducts {
     AMX::bind_thread();
     AMX::copy_padded_rows(AMX::bits(q), ldq, nq, D, AMX::bits(q_rows.data()));
     std::fill(do_rows.begin() + nq * D, do_rows.begin() + AMX::padded_rows(nq) * D, scalar_t(0));
+    if (split_dout) std::fill(do_rows_lo.begin() + nq * D, do_rows_lo.begin() + AMX::padded_rows(nq) * D, scalar_t(0));
     q = q_rows.data();
     ldq = D;
     pack_rows_amx_tiles<scalar_t>([&](int64_t r) { return q + r * D; }, nq, nq_pad, D, q_operand.data());

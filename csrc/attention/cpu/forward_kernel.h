@@ -526,6 +526,11 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
   kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
   pack_needed_blocks<scalar_t>(p, items, kv);
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (p.precise_probabilities)
+      return run_items<scalar_t, SplitProbabilityOperands<scalar_t>>(
+          p, items, bq, bk, align, kv.padded_keys, [&] { return SplitProbabilityOperands<scalar_t>(p, kv, bq, bk); });
+  }
   run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, align, kv.padded_keys,
                                                 [&] { return PackedOperands<scalar_t>(p, kv); });
 }
@@ -533,17 +538,21 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
 template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  // float16 saved for its backward keeps P in float (converted tiles, BLAS's tile shape): that
-  // backward runs in float32 from the saved averages, and its per-head gradients that sum terms
-  // which cancel (softmax_scale, alpha, sink_logit) took 2.5e-4 of their size from the packed
-  // path's float16 P where float P gives 1.4e-5 (test_autograd). bfloat16's backward reads its own
-  // dtype and is measured with the rounding; a float16 call without a backward rounds P as SDPA does.
-  const bool float16_for_backward = std::is_same_v<scalar_t, at::Half> && p.saves_for_backward();
-  const TileShape tiles = fit_to_call(float16_for_backward ? blas_tile_shape() : tile_shape(dtype, p.head_dim),
+  // The saved averages feed per-head gradients that sum terms which cancel (softmax_scale,
+  // alpha, sink_logit). float16 saved for its backward keeps P in float (converted tiles, BLAS's
+  // tile shape): that backward runs in float32, and those sums took 2.5e-4 of their size from the
+  // packed path's float16 P where float P gives 1.4e-5 (test_autograd). bfloat16 P rounded took
+  // up to 5e-2 (S = 333, D = 128): a bfloat16 call that learns one of them asks for
+  // precise_probabilities (headops.attention), which the packed path meets with P in two parts
+  // (SplitProbabilityOperands) and the converted path with float P. Otherwise P is rounded as
+  // SDPA rounds it.
+  const bool float16_float_probs =
+      std::is_same_v<scalar_t, at::Half> && (p.saves_for_backward() || p.precise_probabilities);
+  const TileShape tiles = fit_to_call(float16_float_probs ? blas_tile_shape() : tile_shape(dtype, p.head_dim),
                                       p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (!float16_for_backward && call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
+    if (!float16_float_probs && call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
       return forward_packed<scalar_t>(p, bq, bk);
   }
   std::vector<std::pair<int64_t, int64_t>> skipped;

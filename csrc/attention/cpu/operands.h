@@ -5,6 +5,8 @@
 //    float through brgemm on AVX-512 CPUs, reading K and V from a packed copy (in the layout
 //    brgemm_pairs finds: VNNI pairs for 16-bit types on AMX and AVX512-BF16, plain K^T and V for
 //    float and for float16 on AVX512-FP16) made once per call for the key blocks some item needs;
+//  - SplitProbabilityOperands: PackedOperands whose P V reads float P in two 16-bit parts
+//    (precise_probabilities);
 //  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
 //    odd): tiles converted to float, then BLAS.
 #pragma once
@@ -201,6 +203,27 @@ struct PackedOperands {
     at::native::cpublas::brgemm(rows, D, nk, ldp, D, D, true, prob + r0 * ldp, b, acc + r0 * D, vnni);
   }
   void end_worker() { AMX::end_products(own_amx, vnni); }
+};
+
+// PackedOperands whose P V reads the probabilities to ~2**-17 rather than rounded to the input
+// dtype: the softmax keeps them in float, and each group's rows are split in two parts (hi + lo,
+// split_row) that two products add up. For calls that learn softmax_scale, sink_logit or alpha
+// (precise_probabilities): their gradients sum terms that cancel, which bfloat16 P upset by up
+// to 5e-2 of their size. Costs one more P V product and the split.
+template <typename scalar_t>
+struct SplitProbabilityOperands : PackedOperands<scalar_t> {
+  using prob_t = float;
+  CacheLineVector<scalar_t> hi, lo;  // [block_q, block_k]: the block's P in two parts
+
+  SplitProbabilityOperands(const AttentionParams& params, const PackedKV<scalar_t>& kv, int64_t block_q,
+                           int64_t block_k)
+      : PackedOperands<scalar_t>(params, kv), hi(block_q * block_k), lo(block_q * block_k) {}
+
+  void accumulate(float* acc, int64_t r0, int64_t rows, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    for (int64_t r = r0; r < r0 + rows; ++r) split_row(prob + r * ldp, hi.data() + r * ldp, lo.data() + r * ldp, nk);
+    PackedOperands<scalar_t>::accumulate(acc, r0, rows, hi.data(), ldp, j0, nk);
+    PackedOperands<scalar_t>::accumulate(acc, r0, rows, lo.data(), ldp, j0, nk);
+  }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
