@@ -10,7 +10,12 @@ random output gradient into q, k and v (``out.backward(grad)``). Scenarios:
   stream 50%   half of the heads streaming (sinks 4 + window 256), the others full (DuoAttention);
   gated 50%    gate = [1, 0] * 8, the gate not requiring grad (a pruned model being fine-tuned);
   importance   the same gate, requiring grad (Michel et al.: dL/dgate of every head, the gated
-               heads included -- so they are computed in the forward).
+               heads included -- so they are computed in the forward);
+  duo alpha    every head mixes full and streaming attention (sinks 4 + window 256) with a learnt
+               alpha (DuoAttention's gate optimisation);
+  calibrate    a learnt softmax_scale and sink_logit per head (attention calibration).
+  The last two learn per-head sums whose terms cancel: in bfloat16 they read P (and dL/do) as two
+  bfloat16 parts (docs/attention.md).
 
 Baselines, timed interleaved with headops in the same run (bench/timing.py; median of --repeats):
 
@@ -72,11 +77,16 @@ CHECK_ROWS = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 PRESETS = {
-    "quick": [("dense", "float32", 256), ("stream", "float32", 256), ("importance", "float32", 256)],
+    "quick": [("dense", "float32", 256), ("stream", "float32", 256), ("importance", "float32", 256),
+              ("duo", "bfloat16", 256), ("calibrate", "bfloat16", 256)],
     "default": [("dense", "float32", 2048), ("stream", "float32", 2048), ("gated", "float32", 2048),
-                ("importance", "float32", 2048), ("dense", "bfloat16", 2048), ("stream", "float32", 8192)],
+                ("importance", "float32", 2048), ("dense", "bfloat16", 2048), ("duo", "bfloat16", 2048),
+                ("calibrate", "bfloat16", 2048), ("stream", "float32", 8192)],
 }
-LABELS = {"dense": "dense", "stream": "stream 50%", "gated": "gated 50%", "importance": "importance"}
+LABELS = {"dense": "dense", "stream": "stream 50%", "gated": "gated 50%", "importance": "importance",
+          "duo": "duo alpha", "calibrate": "calibrate"}
+# scenarios whose per-head arguments eager-mask cannot express (alpha mixing, sink logit, scale)
+NOT_MASKS = ("duo", "calibrate")
 # the check tolerances: float32 gradients summed over up to S keys in a different order
 GRAD_TOL = {"float32": (2e-4, 1e-3), "bfloat16": (5e-2, 5e-2)}
 
@@ -88,12 +98,19 @@ def head_args(scenario: str, S: int) -> dict:
     if scenario in ("gated", "importance"):
         gate = torch.tensor([1.0, 0.0] * (H // 2))
         return dict(gate=gate.requires_grad_(scenario == "importance"))
+    if scenario == "duo":
+        return dict(alpha=torch.linspace(0.1, 0.9, H).requires_grad_(), window=window, sinks=SINKS)
+    if scenario == "calibrate":
+        return dict(softmax_scale=torch.full((H,), D ** -0.5).requires_grad_(),
+                    sink_logit=torch.zeros(H).requires_grad_())
     return {}
 
 
 def full_heads(scenario: str) -> list:
     if scenario == "dense":
         return list(range(H))
+    if scenario in NOT_MASKS:
+        return []
     return list(range(1, H, 2)) if scenario == "stream" else list(range(0, H, 2))
 
 
@@ -118,7 +135,7 @@ def run_row(scenario: str, dtype_name: str, S: int, repeats: int, timebox: TimeB
     for t in (q, k, v):
         t.requires_grad_(True)
     args = head_args(scenario, S)
-    leaves = [q, k, v] + [a for a in args.values() if a.requires_grad]
+    leaves = [q, k, v] + [a for a in args.values() if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fwd_bwd(fn):
         def call():
@@ -134,6 +151,7 @@ def run_row(scenario: str, dtype_name: str, S: int, repeats: int, timebox: TimeB
     }
     if S <= EAGER_MAX_S:
         candidates["eager_ref"] = fwd_bwd(lambda: reference.attention(q, k, v, layout="bhsd", **args))
+    if S <= EAGER_MAX_S and scenario not in NOT_MASKS:
         hidden = ~reference.visibility(S, S, causal=True, window=args.get("window"), sinks=args.get("sinks"),
                                        B=1, Hq=H)
         candidates["eager_mask"] = fwd_bwd(lambda: eager_mask_attention(q, k, v, hidden, args.get("gate")))
@@ -163,13 +181,14 @@ def run_row(scenario: str, dtype_name: str, S: int, repeats: int, timebox: TimeB
 def check_row(scenario, dtype_name, S, q, k, v, grad_out, args, warm) -> dict:
     problems = []
     mine = warm["headops"]
-    for name, g in zip(["dq", "dk", "dv", "dgate"], mine):
+    learnt = ["d" + n for n, a in args.items() if isinstance(a, torch.Tensor) and a.requires_grad]
+    for name, g in zip(["dq", "dk", "dv"] + learnt, mine):
         if not torch.isfinite(g).all():
             problems.append(f"{name} has NaN/inf")
     atol, rtol = GRAD_TOL[dtype_name]
     worst = 0.0
     heads = full_heads(scenario)
-    for name, a, b in zip(["dq", "dk", "dv"], mine, warm["sdpa"]):
+    for name, a, b in zip(["dq", "dk", "dv"], mine, warm["sdpa"]) if heads else ():
         diff = (a[:, heads].float() - b[:, heads].float()).abs()
         bound = atol + rtol * b[:, heads].float().abs()
         worst = max(worst, diff.max().item())
@@ -272,7 +291,8 @@ def write_results(path_base, meta, rows, memory):
     lines += ["Notes: ratios below 1 in headops/SDPA mean headops is faster; ref/headops and mask/headops above 1 "
               "mean headops is faster. SDPA dense is dense causal attention over every head whatever the scenario. "
               "check: gradients finite, full ungated heads equal SDPA's, the other heads' dq on the last "
-              f"{CHECK_ROWS} query rows equals the reference's (largest abs difference shown).", ""]
+              f"{CHECK_ROWS} query rows equals the reference's (largest abs difference shown). eager-mask does "
+              "not run on duo alpha and calibrate: a mask cannot express alpha mixing, a sink logit or a scale.", ""]
     notes = time_box_notes(rows, BASELINES, SHORT)
     if notes:
         lines += [f"Time box: headops and SDPA always get every timed call; a baseline whose warm-up call shows "

@@ -52,10 +52,13 @@ def test_attention_cpu_train_quick(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     data = json.loads((tmp_path / "attention_cpu_train_quick.json").read_text())
     assert "headops/SDPA" in (tmp_path / "attention_cpu_train_quick.md").read_text()
-    assert {r["scenario"] for r in data["rows"]} == {"dense", "stream", "importance"}
+    assert {r["scenario"] for r in data["rows"]} == {"dense", "stream", "importance", "duo", "calibrate"}
     for r in data["rows"]:
         assert r["check"]["ok"], r["check"]
-        for name in ("headops", "sdpa", "eager_ref", "eager_mask"):
+        # a mask cannot express duo's alpha mixing or calibrate's sink logit and scale
+        baselines = ("eager_ref",) if r["scenario"] in ("duo", "calibrate") else ("eager_ref", "eager_mask")
+        assert ("eager_mask" in r) == ("eager_mask" in baselines)
+        for name in ("headops", "sdpa") + baselines:
             assert r[name]["n"] == 2 and r[name]["median_ms"] > 0
     memory = data["memory"]
     assert memory["finite"] and memory["S"] == 2048
