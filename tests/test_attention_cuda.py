@@ -275,12 +275,17 @@ def test_empty_keys_and_queries():
 
 
 @gpu_only
-def test_precise_probabilities_is_a_cpu_option():
-    # the CPU's bfloat16 P in two parts (headops.attention asks for it on the CPU only)
-    q, k, v = (t.to(CUDA) for t in make_qkv(1, 16, 16, 2, 2, 64, BF16))
-    with pytest.raises(RuntimeError, match="precise_probabilities is a CPU option"):
-        torch.ops.headops.attention_fwd(q, k, v, True, False, 0.125, None, None, None, None, None, None, None, None,
-                                        None, True, True, False, precise_probabilities=True)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+def test_learning_a_cancelling_sum_runs_the_generic_kernel(dtype, monkeypatch):
+    # precise_probabilities (headops.attention asks for it when softmax_scale, sink_logit or alpha
+    # is learnt): the generic kernel, whose P V reads float P
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 160, 160, 2, 2, 128, dtype))
+    sink = torch.tensor([0.5, -1.0], device=CUDA)
+    learnt = headops.attention(q, k, v, sink_logit=sink.clone().requires_grad_())
+    plain = headops.attention(q, k, v, sink_logit=sink)
+    monkeypatch.setenv("HEADOPS_CUDA_KERNEL", "generic")
+    assert torch.equal(learnt, headops.attention(q, k, v, sink_logit=sink))
+    assert not torch.equal(plain, learnt)  # the tensor-core kernel rounds P
 
 
 @gpu_only

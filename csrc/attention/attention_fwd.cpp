@@ -43,9 +43,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
     bool save_for_backward, bool precise_probabilities) {
-  TORCH_CHECK(!precise_probabilities || !q_in.is_cuda(),
-              "headops.attention_fwd: precise_probabilities is a CPU option (the CUDA forward rounds the "
-              "probabilities as its tensor cores read them)");
   const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
   ForwardCall call = prepare_forward("headops.attention_fwd: ", q_in, k_in, v_in, causal, heads_first,
                                      default_scale, args);

@@ -26,9 +26,10 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q, const at::Tenso
 // headops::attention_fwd: checks every argument (TORCH_CHECK), lays the tensors out as an
 // AttentionParams and runs the kernel of q's device. Returns (out, lse, o_stream, o_full,
 // lse_full); the last three (each branch's average and the full branch's lse, kept for the
-// backward) are empty unless save_for_backward. precise_probabilities: 16-bit inputs on the CPU
-// read the probabilities of P V to ~2**-17 (float, or two bfloat16 parts) rather than rounded to
-// their dtype (float16 does so whenever it saves for the backward); the CUDA kernels refuse it.
+// backward) are empty unless save_for_backward. precise_probabilities: 16-bit inputs read the
+// probabilities of P V to ~2**-17 rather than rounded to their dtype: on the CPU in two bfloat16
+// parts or float (float16 does so whenever it saves for the backward), on CUDA in float (the
+// generic kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,

@@ -63,7 +63,7 @@ struct AttentionParams {
   double default_softmax_scale = 1.0;
   bool skip_zero_gate = true;      // false when the gate's gradient is wanted even where it is 0
   bool skip_unused_branch = true;  // false when alpha's gradient is wanted even where it is 0 or 1
-  bool precise_probabilities = false;  // 16-bit inputs: P V reads P to ~2**-17, not rounded (CPU)
+  bool precise_probabilities = false;  // 16-bit inputs: P V reads P to ~2**-17, not rounded
 
   // float per-head values are stored in the accumulation dtype (float, or double for float64)
   PerHead softmax_scale, window, sinks, alpha, sink_logit, gate;  // window/sinks: int64

@@ -72,17 +72,17 @@ def _cuda_compiled() -> bool:
     return bool(getattr(_C, "cuda_compiled", False))
 
 
-# Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The CPU's
-# bfloat16 forward rounds P for P V (the saved averages the backward reads), as SDPA does; in these
-# sums that rounding took up to 5e-2 of their size (bf16, causal, S = 333, D = 128), 2x their
-# test tolerance. A bfloat16 CPU call that learns one of them keeps P in float32 in the forward
-# (precise_probabilities); its backward splits dL/do in two bfloat16 parts for dP where it learns
-# softmax_scale (docs/attention.md).
+# Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The
+# 16-bit forward rounds P for P V (the saved averages the backward reads), as SDPA does; in these
+# sums that rounding took up to 5e-2 of their size (bf16, causal, S = 333, D = 128, CPU), 2x their
+# test tolerance. A 16-bit call that learns one of them asks for precise_probabilities: the CPU
+# reads P in two bfloat16 parts (and its backward dL/do for dP where it learns softmax_scale),
+# CUDA runs its generic kernel, whose P is float (docs/attention.md).
 _CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha")
 
 
 def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:
-    return grad_needed and q.device.type == "cpu" and q.dtype == torch.bfloat16 and any(
+    return grad_needed and q.dtype in (torch.bfloat16, torch.float16) and any(
         getattr(args, n) is not None and getattr(args, n).requires_grad for n in _CANCELLING_GRADS)
 
 

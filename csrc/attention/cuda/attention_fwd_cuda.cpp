@@ -39,13 +39,16 @@ bool force_generic() {
   return v != nullptr && std::strcmp(v, "generic") == 0;
 }
 
+// precise_probabilities: the generic kernel, whose P V reads float P (the tensor-core kernel's
+// mma reads P in the input dtype)
 bool use_tensor_cores(const AttentionParams& p, DType dtype) {
   const bool aligned = rows_16_byte_aligned(p.q, p.batch, p.seqlen_q, p.heads_q) &&
                        rows_16_byte_aligned(p.k, p.batch, p.seqlen_k, p.heads_kv) &&
                        rows_16_byte_aligned(p.v, p.batch, p.seqlen_k, p.heads_kv);
   const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
   return tensor_core_choice(dtype, p.head_dim, p.alpha.present(), aligned, device->major,
-                            static_cast<int64_t>(device->sharedMemPerBlockOptin), force_generic());
+                            static_cast<int64_t>(device->sharedMemPerBlockOptin),
+                            force_generic() || p.precise_probabilities);
 }
 
 bool stream_is_capturing(cudaStream_t stream) {
