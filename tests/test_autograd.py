@@ -127,14 +127,14 @@ def kernel_and_reference_grads(q, k, v, kw, *, with_lse=False, dout=None, dlse=N
 #             a tolerance of 1e-1 (S = 333, D = 128). A call that learns one of them reads P in
 #             two bfloat16 parts (attention.py, _learns_cancelling_sums), and dL/do too where it
 #             learns softmax_scale: over 160 draws of that case alpha and sink_logit stayed under
-#             3e-4 -> 1e-3. softmax_scale's error is ~1e-3 of its terms' size, so a head whose
+#             3e-4 and key_bias (per key, over rows) under 5e-5 -> 1e-3. softmax_scale's error is ~1e-3 of its terms' size, so a head whose
 #             sum nearly cancels to 0 sees more of its own size (1.5e-2 once in 160 draws with
 #             one head of two gated off) -> 3e-2; with three heads learning, 1.5e-4
 #             (test_bfloat16_learnt_cancelling_sums_stay_precise).
 GRAD_TOL = {F64: 1e-10, torch.float32: 5e-5, torch.float16: 1.5e-3, torch.bfloat16: 3e-2}
 GRAD_TOL_OVERRIDES = {
     (torch.float16, name): 5e-5 for name in PARAMS
-} | {(torch.bfloat16, name): 1e-3 for name in ("alpha", "sink_logit")}
+} | {(torch.bfloat16, name): 1e-3 for name in ("alpha", "sink_logit", "key_bias")}
 # a reference gradient that is exactly 0 everywhere must come out (almost) 0
 GRAD_FLOOR = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
@@ -443,17 +443,19 @@ def test_precise_probabilities_changes_nothing_in_float(dtype):
 
 
 def test_bfloat16_learnt_cancelling_sums_stay_precise():
-    # three heads learning softmax_scale, sink_logit and alpha, with gate and out_scale (which make
-    # dL/do inexact in bfloat16), on blocks the diagonal and the windows cross. Over 160 draws the
-    # largest error / max|ref| was 1.5e-4 (softmax_scale), 2.0e-5 (sink_logit), 9.6e-6 (alpha).
-    # With P rounded in the forward they reached 1.9e-2, 6.6e-3 and 1.3e-2; with dL/do rounded in
-    # dP, d(softmax_scale) took 2e-4 to 2.6e-3 per draw (18 of 20 over 4e-4): three draws
+    # three heads learning softmax_scale, sink_logit and alpha (or key_bias), with gate and
+    # out_scale (which make dL/do inexact in bfloat16), on blocks the diagonal and the windows
+    # cross. Over 160 draws the largest error / max|ref| was 1.5e-4 (softmax_scale), 2.0e-5
+    # (sink_logit), 9.6e-6 (alpha); 3.7e-5 (key_bias, 80 draws). With P rounded in the forward
+    # they reached 1.9e-2, 6.6e-3, 1.3e-2 and 2.7e-3; with dL/do rounded in dP, d(softmax_scale)
+    # took 2e-4 to 2.6e-3 per draw (18 of 20 over 4e-4): three draws of each
     B, S, Hq, Hkv, D = 1, 333, 4, 2, 128
-    for _ in range(3):
+    for learnt in (["scale", "sink_logit", "alpha"], ["key_bias", "alpha"]) * 3:
         q, k, v = make_qkv(B, S, S, Hq, Hkv, D, torch.bfloat16)
-        kw = head_params(B, Hq, S, D, ["window", "sinks", "scale", "sink_logit", "out_scale", "gate", "alpha"])
+        kw = head_params(B, Hq, S, D, ["window", "sinks", "out_scale", "gate"] + learnt)
         got, want = kernel_and_reference_grads(q, k, v, dict(kw, causal=True))
-        assert_grads_close(got, want, torch.bfloat16, tol={"softmax_scale": 4e-4, "sink_logit": 1e-4, "alpha": 1e-4})
+        assert_grads_close(got, want, torch.bfloat16,
+                           tol={"softmax_scale": 4e-4, "sink_logit": 1e-4, "alpha": 1e-4, "key_bias": 2e-4})
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)

@@ -72,13 +72,14 @@ def _cuda_compiled() -> bool:
     return bool(getattr(_C, "cuda_compiled", False))
 
 
-# Per-head gradients that each sum, over all of a head's rows, terms that largely cancel. The
-# 16-bit forward rounds P for P V (the saved averages the backward reads), as SDPA does; in these
-# sums that rounding took up to 5e-2 of their size (bf16, causal, S = 333, D = 128, CPU), 2x their
-# test tolerance. A 16-bit call that learns one of them asks for precise_probabilities: the CPU
-# reads P in two bfloat16 parts (and its backward dL/do for dP where it learns softmax_scale),
-# CUDA runs its generic kernel, whose P is float (docs/attention.md).
-_CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha")
+# Per-head gradients that each sum, over all of a head's rows, terms that largely cancel (key_bias:
+# per key, over the rows that see it). The 16-bit forward rounds P for P V (the saved averages the
+# backward reads), as SDPA does; in these sums that rounding took up to 5e-2 of their size (bf16,
+# causal, S = 333, D = 128, CPU), 2x their test tolerance. A 16-bit call that learns one of them
+# asks for precise_probabilities: the CPU reads P in two bfloat16 parts (and its backward dL/do for
+# dP where it learns softmax_scale or key_bias), CUDA runs its generic kernel, whose P is float
+# (docs/attention.md).
+_CANCELLING_GRADS = ("softmax_scale", "sink_logit", "alpha", "key_bias")
 
 
 def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:

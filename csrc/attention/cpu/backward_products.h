@@ -180,10 +180,11 @@ struct PackedTileProducts {
   // tile's queries are the reduction of dV and dK: nq_pad rounds them to whole steps of 32, Q
   // and dO are packed tile-major for it, and the transposed P and dS are zero past nq.
   const bool own_amx;
-  // 16-bit types learning softmax_scale: dP = dO V^T reads dL/do as two parts in the input dtype,
-  // do_rows + do_rows_lo, one more product that makes dP float-accurate. d(softmax_scale) sums
-  // terms over every (row, key) that cancel nearly to nothing; where gate or out_scale make dL/do
-  // inexact in bfloat16, dL/do rounded once left errors of up to 1e-2 of its size (S = 333)
+  // 16-bit types learning softmax_scale or key_bias: dP = dO V^T reads dL/do as two parts in the
+  // input dtype, do_rows + do_rows_lo, one more product that makes dP float-accurate. Those
+  // gradients sum dS over all rows (and keys) whose terms cancel nearly to nothing; where gate or
+  // out_scale make dL/do inexact in bfloat16, dL/do rounded once left errors of up to 1e-2 of
+  // their size (S = 333)
   const bool split_dout;
   int64_t block_k, D;
   const scalar_t *q = nullptr, *kt = nullptr, *vt = nullptr, *kr = nullptr;
@@ -203,7 +204,10 @@ struct PackedTileProducts {
   int64_t touched_lo = 0, touched_hi = 0;
 
   PackedTileProducts(const BackwardParams& p, const PackedBackwardKV<scalar_t>& packed, int64_t block_q, int64_t bk)
-      : f(p.fwd), kv(packed), own_amx(packed.amx_tile_major), split_dout(P == 2 && p.dsoftmax_scale != nullptr),
+      : f(p.fwd),
+        kv(packed),
+        own_amx(packed.amx_tile_major),
+        split_dout(P == 2 && (p.dsoftmax_scale != nullptr || p.dkey_bias != nullptr)),
         block_k(bk), D(p.fwd.head_dim) {
     const int64_t bq_pad = padded_queries(block_q);
     if (own_amx) q_rows.resize(bq_pad * D);
