@@ -326,3 +326,11 @@ def test_attention_cpu_train_max_s_leaves_rows_out():
     proc = subprocess.run([sys.executable, "bench/attention_cpu_train.py", "--quick", "--max-s", "128"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no row of the quick preset left" in proc.stderr, proc.stderr
+
+
+def test_learnt_sums_cost_quick():
+    stdout = _run("bench/learnt_sums_cost.py", "--s", "128", "--repeats", "2")
+    rows = [line.split() for line in stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["sink_logit", "softmax_scale", "key_bias", "alpha"]
+    for r in rows:
+        assert all(float(x) > 0 for x in r[1:4]) and r[4].endswith("x") and r[5].endswith("x")
