@@ -539,7 +539,7 @@ template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
   // The saved averages feed per-head gradients that sum terms which cancel (softmax_scale,
-  // alpha, sink_logit). float16 saved for its backward keeps P in float (converted tiles, BLAS's
+  // alpha, sink_logit, key_bias). float16 saved for its backward keeps P in float (converted tiles, BLAS's
   // tile shape): that backward runs in float32, and those sums took 2.5e-4 of their size from the
   // packed path's float16 P where float P gives 1.4e-5 (test_autograd). bfloat16 P rounded took
   // up to 5e-2 (S = 333, D = 128): a bfloat16 call that learns one of them asks for

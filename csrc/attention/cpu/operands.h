@@ -207,9 +207,9 @@ struct PackedOperands {
 
 // PackedOperands whose P V reads the probabilities to ~2**-17 rather than rounded to the input
 // dtype: the softmax keeps them in float, and each group's rows are split in two parts (hi + lo,
-// split_row) that two products add up. For calls that learn softmax_scale, sink_logit or alpha
-// (precise_probabilities): their gradients sum terms that cancel, which bfloat16 P upset by up
-// to 5e-2 of their size. Costs one more P V product and the split.
+// split_row) that two products add up. For calls that learn softmax_scale, sink_logit, alpha or
+// key_bias (precise_probabilities): their gradients sum terms that cancel, which bfloat16 P
+// upset by up to 5e-2 of their size. Costs one more P V product and the split.
 template <typename scalar_t>
 struct SplitProbabilityOperands : PackedOperands<scalar_t> {
   using prob_t = float;
