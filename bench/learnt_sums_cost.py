@@ -13,7 +13,9 @@ forward then backward of a fixed bfloat16 output gradient into q, k, v (and the 
   float32   the same inputs in float32, the parameter learnt (what headops did until 2026-12-06).
 
 alpha's calls stream with window 64 and 4 sinks. Median of --repeats interleaved rounds
-(bench/timing.py); prints learnt/fixed and float32/fixed per parameter.
+(bench/timing.py) of the eight bfloat16 calls, then of the four float32 ones (so that no
+bfloat16 call is timed right after a float32 call's much larger allocations); prints
+learnt/fixed and float32/fixed per parameter.
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def main(argv=None) -> int:
             dtype = torch.float32 if kind == "float32" else torch.bfloat16
             q, k, v = (x.to(dtype).requires_grad_() for x in (q0, k0, v0))
             candidates[(name, kind)] = train_call(q, k, v, grad_out, parameter_args(name, args.s, kind != "fixed"))
-    for call in candidates.values():
-        call()  # warm-up
-    stats = interleaved(candidates, args.repeats)
+    stats = {}
+    for kinds in (("fixed", "learnt"), ("float32",)):
+        chosen = {key: call for key, call in candidates.items() if key[1] in kinds}
+        for call in chosen.values():
+            call()  # warm-up
+        stats.update(interleaved(chosen, args.repeats))
     print(f"{'parameter':<14} {'fixed ms':>9} {'learnt ms':>10} {'float32 ms':>11} {'learnt/fixed':>13} "
           f"{'float32/fixed':>14}")
     for name in PARAMETERS:
