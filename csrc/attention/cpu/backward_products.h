@@ -268,27 +268,12 @@ struct PackedTileProducts {
   // per row group g: rows [g.r0, g.r0 + g.rows) (g.r0 a multiple of 16: own AMX pads the group's
   // rows to whole tiles, which the tile's copies of Q and dO hold) over keys [j0, j0 + g.keys)
   void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, const std::vector<RowGroup>& groups) {
-    using at::native::cpublas::brgemm;
-    constexpr bool vnni = is_vnni<scalar_t>();
     const scalar_t *keys_t = kt + kv.transposed_offset(j0), *values_t = vt + kv.transposed_offset(j0);
     for (const RowGroup& g : groups) {
-      const scalar_t *q_g = q + g.r0 * ldq, *do_g = do_rows.data() + g.r0 * D;
-      if constexpr (P == 2) {
-        if (own_amx) {
-          const int64_t rows = AMX::padded_rows(g.rows);
-          AMX::scores(rows, g.keys, D, AMX::bits(q_g), ldq, AMX::bits(keys_t), s + g.r0 * ld, ld);     // S = Q K^T
-          AMX::scores(rows, g.keys, D, AMX::bits(do_g), D, AMX::bits(values_t), dp + g.r0 * ld, ld);  // dP = dO V^T
-          if (split_dout)
-            AMX::scores(rows, g.keys, D, AMX::bits(do_rows_lo.data() + g.r0 * D), D, AMX::bits(values_t),
-                        dp + g.r0 * ld, ld, true);
-          continue;
-        }
-      }
-      brgemm(g.rows, g.keys, D, ldq, kv.padded_keys, ld, false, q_g, keys_t, s + g.r0 * ld, vnni);   // S = Q K^T
-      brgemm(g.rows, g.keys, D, D, kv.padded_keys, ld, false, do_g, values_t, dp + g.r0 * ld, vnni);  // dP = dO V^T
-      if (split_dout)
-        brgemm(g.rows, g.keys, D, D, kv.padded_keys, ld, true, do_rows_lo.data() + g.r0 * D, values_t, dp + g.r0 * ld,
-               vnni);
+      float *s_g = s + g.r0 * ld, *dp_g = dp + g.r0 * ld;
+      scores(g.rows, g.keys, q + g.r0 * ldq, ldq, keys_t, s_g, ld, false);              // S = Q K^T
+      scores(g.rows, g.keys, do_rows.data() + g.r0 * D, D, values_t, dp_g, ld, false);  // dP = dO V^T
+      if (split_dout) scores(g.rows, g.keys, do_rows_lo.data() + g.r0 * D, D, values_t, dp_g, ld, true);
     }
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
@@ -366,6 +351,16 @@ struct PackedTileProducts {
   void end_worker() { AMX::end_products(own_amx, is_vnni<scalar_t>()); }
 
  private:
+  // C[M x N] = A[M x D] B (+= with add_c), B = K^T or V^T packed from a key block's first key:
+  // headops' own AMX loops where they run (A's rows padded to whole tiles), else brgemm
+  void scores(int64_t M, int64_t N, const scalar_t* a, int64_t lda, const scalar_t* b, float* c, int64_t ldc,
+              bool add_c) {
+    if constexpr (P == 2) {
+      if (own_amx)
+        return AMX::scores(AMX::padded_rows(M), N, D, AMX::bits(a), lda, AMX::bits(b), c, ldc, add_c);
+    }
+    at::native::cpublas::brgemm(M, N, D, lda, kv.padded_keys, ldc, add_c, a, b, c, is_vnni<scalar_t>());
+  }
   // C[M x D] += A[M x K] B, B packed rows of D (K and the tile's Q and dO): headops' own AMX loops
   // over tile-major B where they run, else brgemm
   void accumulate(int64_t M, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, float* c, int64_t ldc) {
