@@ -66,8 +66,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import headops  # noqa: E402
 from headops import reference  # noqa: E402
-from bench.timing import (BASELINE_BUDGET_S, LiveTable, TimeBox, add_output_args, interleaved,  # noqa: E402
-                          load_average, machine_info, markdown_table, now_iso, output_dir,
+from bench.timing import (BASELINE_BUDGET_S, LiveTable, TimeBox, add_output_args,  # noqa: E402
+                          forward_backward, interleaved, load_average, machine_info, markdown_table, now_iso, output_dir,
                           runs_label, shown_path, time_box_notes, time_call)
 
 B, H, D = 1, 16, 128
@@ -135,15 +135,8 @@ def run_row(scenario: str, dtype_name: str, S: int, repeats: int, timebox: TimeB
     for t in (q, k, v):
         t.requires_grad_(True)
     args = head_args(scenario, S)
-    leaves = [q, k, v] + [a for a in args.values() if isinstance(a, torch.Tensor) and a.requires_grad]
-
     def fwd_bwd(fn):
-        def call():
-            for t in leaves:
-                t.grad = None
-            fn().backward(grad_out)
-            return [t.grad for t in leaves]
-        return call
+        return forward_backward(q, k, v, args, grad_out, fn)
 
     candidates = {
         "headops": fwd_bwd(lambda: headops.attention(q, k, v, layout="bhsd", **args)),

@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import headops  # noqa: E402
-from bench.timing import interleaved, machine_info  # noqa: E402
+from bench.timing import forward_backward, interleaved, machine_info  # noqa: E402
 
 B, H, D = 1, 16, 128
 PARAMETERS = ("sink_logit", "softmax_scale", "key_bias", "alpha")
@@ -47,13 +47,7 @@ def parameter_args(name: str, S: int, learnt: bool) -> dict:
 
 
 def train_call(q, k, v, grad_out, args):
-    leaves = [q, k, v] + [a for a in args.values() if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def call():
-        for t in leaves:
-            t.grad = None
-        headops.attention(q, k, v, **args).to(grad_out.dtype).backward(grad_out)
-    return call
+    return forward_backward(q, k, v, args, grad_out, lambda: headops.attention(q, k, v, **args))
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,19 @@ def time_call(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def forward_backward(q, k, v, args: dict, grad_out, forward: Callable[[], object]) -> Callable[[], list]:
+    """A training step to time: forward() then its backward against grad_out, with the gradients of
+    q, k, v and every tensor in args that requires one cleared first and returned."""
+    leaves = [q, k, v] + [a for a in args.values() if getattr(a, "requires_grad", False)]
+
+    def call():
+        for t in leaves:
+            t.grad = None
+        forward().to(grad_out.dtype).backward(grad_out)
+        return [t.grad for t in leaves]
+    return call
+
+
 def spread_rounds(n: int, repeats: int) -> set:
     """The n of ``repeats`` rounds (0-based) a thinned candidate is timed in, spread evenly: 1 of 5
     is round 2, 2 of 5 rounds 1 and 3, 3 of 5 rounds 0, 2, 4."""
