@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     for name in PARAMETERS:
         for kind in ("fixed", "learnt", "float32"):
             dtype = torch.float32 if kind == "float32" else torch.bfloat16
-            q, k, v = (x.to(dtype).requires_grad_() for x in (q0, k0, v0))
+            # a copy each: a float32 call's q0.requires_grad_() would make later .to(bfloat16) calls
+            # non-leaves whose backward also converts and accumulates into q0.grad
+            q, k, v = (x.to(dtype, copy=True).requires_grad_() for x in (q0, k0, v0))
             candidates[(name, kind)] = train_call(q, k, v, grad_out, parameter_args(name, args.s, kind != "fixed"))
     stats = {}
     for kinds in (("fixed", "learnt"), ("float32",)):
