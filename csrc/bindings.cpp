@@ -193,6 +193,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The B layout brgemm reads for dtype on this CPU: 2 (VNNI pairs), 1 (plain rows), 0 (no packed tiles).");
   m.def("cpu_runs_own_amx_tiles", &headops::cpu::runs_own_amx_tiles,
         "Whether tiles of this dtype and head dim run through headops' own AMX loops (else oneDNN's brgemm or BLAS).");
+  m.def("cpu_splits_half_into_bf16_tiles", &headops::cpu::splits_half_into_bf16_tiles,
+        "Whether a float16 forward that saves nothing for a backward runs as two bfloat16 parts on headops' own AMX "
+        "loops (AMX without AMX-FP16), for this head dim.");
+  m.def("cpu_call_splits_half_into_bf16_tiles", &headops::cpu::call_splits_half_into_bf16_tiles,
+        "Whether one such float16 call (head dim, query rows that read each key: seqlen_q x the GQA group) takes that "
+        "split: enough rows per key to pay for packing two copies of K and V.");
   m.def("cpu_l2_cache_bytes", &headops::cpu::l2_cache_bytes,
         "one core's L2 cache in bytes as torch's cpuinfo reads it (0 where unknown): some tile shapes follow it");
   m.def("cpu_capability", &headops::cpu::cpu_capability,

@@ -137,6 +137,65 @@ def test_low_precision(case, dtype):
     check_against_reference(q, k, v, causal=causal, layout=layout, **head_params(B, Hq, Sk, D, features))
 
 
+def _half_ulp_excess(out, ref):
+    """max over elements of (|out - ref| - half a float16 ulp of ref), over max|ref|: what an
+    output carries beyond its own rounding to float16."""
+    ulp = torch.where(ref.abs() >= 2**-14, 2.0 ** (torch.floor(torch.log2(ref.abs())) - 10),
+                      torch.full_like(ref, 2.0**-24))
+    return (((out.double() - ref).abs() - ulp / 2).max() / ref.abs().max()).item()
+
+
+SPLIT_HALF_CASES = [
+    # shape, features, causal
+    ((2, 130, 600, 4, 2, 64), ALL, True),
+    ((1, 333, 333, 2, 1, 128), ALL + ["alpha"], True),
+    ((1, 7, 300, 8, 1, 96), [], True),  # a few queries, each key read by 7 x 8 rows (kHalfSplitRows: 48)
+    ((1, 200, 700, 3, 1, 128), ["window", "sinks"], False),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_HALF_CASES, ids=lambda c: shape_id(c[0]) + "-" + "+".join(c[1] or ["plain"]))
+def test_float16_in_two_bfloat16_parts_is_float_accurate(case):
+    # On AMX without AMX-FP16 a float16 forward that saves nothing for a backward, and reads each
+    # key with enough query rows, runs each operand as two bfloat16 parts (operands.h,
+    # SplitHalfOperands; isa_dispatch.h, kHalfSplitRows): its outputs stay within half a float16
+    # ulp plus 2e-5 of max|out| of the float64 reference (measured: 3.9e-6), where P rounded to
+    # float16 for the product (brgemm's float16 path) lands at 2.5e-4.
+    (B, Sq, Sk, Hq, Hkv, D), features, causal = case
+    if not headops._C.cpu_splits_half_into_bf16_tiles(D):
+        pytest.skip("float16 runs as two bfloat16 parts only on AMX without AMX-FP16")
+    assert headops._C.cpu_call_splits_half_into_bf16_tiles(D, Sq * Hq // Hkv)
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.float16)
+    kw = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+          for n, t in head_params(B, Hq, Sk, D, features).items()}
+    out = headops.attention(q, k, v, causal=causal, **kw)
+    assert _half_ulp_excess(out, reference_f64(q, k, v, causal=causal, **kw)) < 2e-5
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_float16_inf_or_nan_input_leaves_the_bfloat16_parts(which, value):
+    # an inf query element times a key element whose low part is 0 would make NaN of the split
+    # products where the one product gives -inf (that key masked out): such a call takes the
+    # float16 path, whose non-finite values behave as the reference's (test_properties)
+    q, k, v = make_qkv(1, 100, 150, 2, 1, 64, torch.float16)
+    k[..., 3] = k[..., 3].abs() + 0.01  # a -inf q[.., 3] then masks every key of its row out
+    inputs = {"q": q, "k": k, "v": v}
+    poisoned = inputs[which].clone()
+    poisoned[0, 40, 0, 3] = value
+    inputs[which] = poisoned
+    kw = dict(causal=True, window=torch.tensor([-1, 30]))
+    out = headops.attention(inputs["q"], inputs["k"], inputs["v"], **kw)
+    want = reference_f64(inputs["q"], inputs["k"], inputs["v"], **kw)
+    nan_out, nan_want = out.isnan(), want.isnan()
+    if which == "v":  # (an inf value may also reach rows of its tile that cannot see it: 0 * inf)
+        assert not (nan_want & ~nan_out).any()
+    else:
+        assert torch.equal(nan_out, nan_want)
+    finite = ~nan_out & ~nan_want
+    assert_close(out[finite], want[finite], OUT_ATOL[torch.float16], OUT_RTOL[torch.float16])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_large_logits_stay_finite(dtype):
     # logits of several hundred: the online softmax must rescale, never overflow to inf/NaN

@@ -136,6 +136,14 @@ bool runs_own_amx_tiles(at::ScalarType dtype, int64_t head_dim) {
          AMX::bf16_tiles_available();
 }
 
+bool splits_half_into_bf16_tiles(int64_t head_dim) {
+  return runs_own_amx_tiles(at::kBFloat16, head_dim) && brgemm_pairs(at::kHalf) != 2;
+}
+
+bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key) {
+  return rows_per_key >= kHalfSplitRows && splits_half_into_bf16_tiles(head_dim);
+}
+
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key) {
   if (!uses_packed_operands(dtype, head_dim)) return false;
   return dtype != at::kFloat || rows_per_key >= kFloatPackingRows;

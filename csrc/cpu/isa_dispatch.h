@@ -41,6 +41,20 @@ bool uses_amx_tiles(at::ScalarType dtype, int64_t head_dim);
 // brgemm: bfloat16 with a head dim of whole tiles (HEADOPS_CPU_AMX_BY_ONEDNN=1: never).
 bool runs_own_amx_tiles(at::ScalarType dtype, int64_t head_dim);
 
+// Whether float16 tiles run as two bfloat16 parts each on headops' own AMX loops (the forward's
+// SplitHalfOperands): where AMX has bfloat16 tiles but no float16 ones (brgemm_pairs(kHalf) is
+// not 2), and the head dim is whole tiles.
+bool splits_half_into_bf16_tiles(int64_t head_dim);
+
+// Whether one float16 call takes that split: splits_half_into_bf16_tiles, and each key read by at
+// least kHalfSplitRows query rows (seqlen_q x the GQA group), since the split packs two copies of
+// K and V. On the AMX Xeon (2026-12-06, 4096 keys, D = 128, causal, alternating processes) the
+// split against brgemm's float16: 1 query row of 16 heads 6.6-7.0 ms vs 4.0-4.1, 32 rows 7.8-8.0
+// vs 6.4-6.6, 48 rows 8.6 vs 8.9, 64 rows 9.2-9.5 vs 10.4-10.6 (GQA: 16 queries x 4 heads a key
+// 5.7-5.9 vs 6.9), 128 rows 13.7-15.5 vs 18.4-19.7.
+constexpr int64_t kHalfSplitRows = 48;
+bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key);
+
 // The size of one core's L2 cache in bytes (cpuinfo, as torch reads it), or 0 where unknown:
 // whether a tile's working set stays there decides some tile shapes.
 int64_t l2_cache_bytes();

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec_convert.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 #include <cmath>
@@ -232,18 +233,46 @@ inline void convert_row(const T* src, P* dst, int64_t n) {
 
 // hi[j] + lo[j] = src[j] for j in [0, n), to about twice P's precision: hi is src rounded to P,
 // lo what that rounding lost, rounded too. A product in P that reads both parts (two products)
-// is float-accurate to ~2**-17 where one rounding to bfloat16 is 2**-9.
-template <typename P>
-inline void split_row(const float* src, P* hi, P* lo, int64_t n) {
-  constexpr int64_t kChunk = 64;
-  float lost[kChunk];
-  for (int64_t i = 0; i < n; i += kChunk) {
-    const int64_t c = std::min(kChunk, n - i);
-    convert_row(src + i, hi + i, c);
-    at::vec::convert(hi + i, lost, c);
-    for (int64_t j = 0; j < c; ++j) lost[j] = src[i + j] - lost[j];
-    convert_row(lost, lo + i, c);
+// is float-accurate to ~2**-17 where one rounding to bfloat16 is 2**-9. A float16 src splits
+// into bfloat16 parts exactly: its 11 significant bits leave at most 3 to lo.
+template <typename S, typename P>
+inline void split_row(const S* src, P* hi, P* lo, int64_t n) {
+  using V = Vectorized<float>;
+  int64_t i = 0;
+  if constexpr (sizeof(P) == 2)
+    for (; i + 2 * V::size() <= n; i += 2 * V::size()) {
+      V x0, x1;
+      if constexpr (std::is_same_v<S, float>) {
+        x0 = V::loadu(src + i);
+        x1 = V::loadu(src + i + V::size());
+      } else {
+        std::tie(x0, x1) = at::vec::convert_to_float<S>(Vectorized<S>::loadu(src + i));
+      }
+      store_probs(hi + i, x0, x1);
+      const auto [h0, h1] = at::vec::convert_to_float<P>(Vectorized<P>::loadu(hi + i));
+      store_probs(lo + i, x0 - h0, x1 - h1);
+    }
+  for (; i < n; ++i) {
+    const float x = static_cast<float>(src[i]);
+    hi[i] = static_cast<P>(x);
+    lo[i] = static_cast<P>(x - static_cast<float>(hi[i]));
   }
+}
+
+// Whether the n float16 values at x are all finite: a lane is inf or NaN when its exponent bits
+// are all ones, and then adding one to them carries into the lane's top bit (four lanes a word,
+// no carry between lanes), so the loop is word arithmetic the compiler vectorises.
+inline bool all_finite_half(const c10::Half* x, int64_t n) {
+  constexpr uint64_t kExponent = 0x7c007c007c007c00ull, kOne = 0x0400040004000400ull, kTop = 0x8000800080008000ull;
+  uint64_t seen = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint64_t word;
+    std::memcpy(&word, x + i, sizeof(word));
+    seen |= (word & kExponent) + kOne;
+  }
+  for (; i < n; ++i) seen |= (x[i].x & 0x7c00u) + 0x0400u;
+  return (seen & kTop) == 0;
 }
 
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns

@@ -30,6 +30,8 @@ TileShape tile_shape(at::ScalarType dtype, int64_t head_dim) {
   // 1.04x at S = 2048, 1.00x at 4096, 0.95x at 8192; at 4096 128 x 512 1.03x, 128 x 128 1.11x,
   // 64 x 256 1.13x.
   if (runs_own_amx_tiles(dtype, head_dim)) return {128, 256};
+  // float16 in two bfloat16 parts runs the same loops (only 128 x 256 timed)
+  if (dtype == at::kHalf && splits_half_into_bf16_tiles(head_dim)) return {128, 256};
   if (uses_amx_tiles(dtype, head_dim)) return {256, 256};
   if (dtype == at::kFloat && uses_packed_operands(dtype, head_dim) && l2_cache_bytes() >= (int64_t(2) << 20))
     return {256, 256};

@@ -474,17 +474,16 @@ void write_skipped(const AttentionParams& p, const std::vector<std::pair<int64_t
 }
 
 // Packs, in parallel, the 64-key blocks of K and V that some item will read.
-template <typename scalar_t>
-void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& items, const PackedKV<scalar_t>& kv) {
-  const int64_t per_head = kv.padded_keys / PackedKV<scalar_t>::kPackBlock;
+template <typename KV>
+void pack_needed_blocks(const AttentionParams& p, const std::vector<WorkItem>& items, const KV& kv) {
+  const int64_t per_head = kv.padded_keys / KV::kPackBlock;
   std::vector<uint8_t> needed(p.batch * p.heads_kv * per_head, 0);
   for (const WorkItem& it : items) {
     const VisibleKeys& keys = it.keys;
     uint8_t* flags = needed.data() + (it.b * p.heads_kv + it.h / p.group()) * per_head;
     for (const KeyRange& r : {keys.sinks, keys.window})
       if (!r.empty())
-        std::fill(flags + r.lo / PackedKV<scalar_t>::kPackBlock, flags + (r.hi - 1) / PackedKV<scalar_t>::kPackBlock + 1,
-                  uint8_t(1));
+        std::fill(flags + r.lo / KV::kPackBlock, flags + (r.hi - 1) / KV::kPackBlock + 1, uint8_t(1));
   }
   // one block of every kv head in a row (as PackedBackwardKV): bshd keeps a key's heads side by
   // side, so consecutive blocks read neighbouring memory rather than one head's rows a page apart
@@ -525,7 +524,7 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   at::Tensor fresh;
   kv.keys_t = packing_workspace<scalar_t>(elems, fresh);
   kv.values = kv.keys_t + p.batch * p.heads_kv * kv.head_elems();
-  pack_needed_blocks<scalar_t>(p, items, kv);
+  pack_needed_blocks(p, items, kv);
   if constexpr (sizeof(scalar_t) == 2) {
     if (p.precise_probabilities)
       return run_items<scalar_t, SplitProbabilityOperands<scalar_t>>(
@@ -533,6 +532,53 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   }
   run_items<scalar_t, PackedOperands<scalar_t>>(p, items, bq, bk, align, kv.padded_keys,
                                                 [&] { return PackedOperands<scalar_t>(p, kv); });
+}
+
+// Whether every query row some item reads is finite (SplitHalfOperands' condition).
+inline bool queries_all_finite(const AttentionParams& p, const std::vector<WorkItem>& items) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end && finite.load(std::memory_order_relaxed); ++i)
+      for (int64_t r = items[i].q0; r < items[i].q1; ++r)
+        if (!all_finite_half(p.q.row<at::Half>(items[i].b, r, items[i].h), p.head_dim)) {
+          finite.store(false, std::memory_order_relaxed);
+          break;
+        }
+  });
+  return finite.load();
+}
+
+// float16 as two bfloat16 parts on AMX (SplitHalfOperands); false, having written nothing, when
+// q, k or v holds inf or NaN where an item reads it (the caller then takes another path).
+inline bool forward_split_half(const AttentionParams& p, int64_t bq, int64_t bk) {
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  SplitHalfKV kv;
+  for (PackedKV<at::BFloat16>* part : {&kv.hi, &kv.lo}) {
+    part->head_dim = p.head_dim;
+    part->amx_tile_major = true;
+    part->pairs = 2;
+  }
+  const int64_t align = packed_key_alignment(true, 2);
+  kv.padded_keys = (p.seqlen_k + SplitHalfKV::kPackBlock - 1) / SplitHalfKV::kPackBlock * SplitHalfKV::kPackBlock;
+  kv.hi.padded_keys = kv.lo.padded_keys = kv.padded_keys;
+  auto items = build_work_list<at::Half>(p, bq, align, kv.padded_keys, skipped);
+  if (items.empty()) {
+    write_skipped<at::Half>(p, skipped);
+    return true;
+  }
+  if (!queries_all_finite(p, items)) return false;
+  const int64_t elems = p.batch * p.heads_kv * kv.hi.head_elems();
+  at::Tensor fresh;
+  kv.hi.keys_t = packing_workspace<at::BFloat16>(4 * elems, fresh);
+  kv.hi.values = kv.hi.keys_t + elems;
+  kv.lo.keys_t = kv.hi.values + elems;
+  kv.lo.values = kv.lo.keys_t + elems;
+  pack_needed_blocks(p, items, kv);
+  if (!kv.all_finite.load()) return false;
+  write_skipped<at::Half>(p, skipped);
+  run_items<at::Half, SplitHalfOperands>(p, items, bq, bk, align, kv.padded_keys,
+                                        [&] { return SplitHalfOperands(p, kv, bq, bk); });
+  return true;
 }
 
 template <typename scalar_t>
@@ -548,6 +594,16 @@ void forward_typed(const AttentionParams& p) {
   // SDPA rounds it.
   const bool float16_float_probs =
       std::is_same_v<scalar_t, at::Half> && (p.saves_for_backward() || p.precise_probabilities);
+  // float16 in two bfloat16 parts reads P to ~2**-17 and drops S's lo * lo terms, which those
+  // sums feel (30 draws, S = 333 and 600, D = 128 and 64, all features: softmax_scale up to
+  // 1.4e-3 of its size and alpha 1.2e-4, where float P gives 1.2e-4 and 6e-6), so only calls
+  // that save nothing for a backward take it
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    if (!float16_float_probs && call_splits_half_into_bf16_tiles(p.head_dim, p.seqlen_q * p.group())) {
+      const TileShape split = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
+      if (forward_split_half(p, split.block_q, split.block_k)) return;
+    }
+  }
   const TileShape tiles = fit_to_call(float16_float_probs ? blas_tile_shape() : tile_shape(dtype, p.head_dim),
                                       p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;

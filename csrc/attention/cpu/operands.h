@@ -7,6 +7,8 @@
 //    float and for float16 on AVX512-FP16) made once per call for the key blocks some item needs;
 //  - SplitProbabilityOperands: PackedOperands whose P V reads float P in two 16-bit parts
 //    (precise_probabilities);
+//  - SplitHalfOperands: float16 on AMX without AMX-FP16, each operand as two bfloat16 parts on
+//    headops' own bfloat16 tile loops;
 //  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
 //    odd): tiles converted to float, then BLAS.
 #pragma once
@@ -18,6 +20,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -25,6 +28,7 @@
 #include "../../cpu/blas.h"
 #include "../../cpu/cache_line_vector.h"
 #include "../../cpu/isa_dispatch.h"
+#include "../../cpu/row_ops.h"
 #include "../attention_params.h"
 #include "../../cpu/vnni_pack.h"
 
@@ -131,10 +135,16 @@ struct PackedKV {
   // Packs keys [blk * kPackBlock, +kPackBlock) of one (b, kv head) (vnni_pack.h).
   void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
     const int64_t j_begin = blk * kPackBlock;
-    const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - j_begin));
+    pack_rows(p, b, kvh, blk, [&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); },
+              [&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); });
+  }
+
+  // pack_block from rows that key(r) and value(r) give (r within the block)
+  template <typename KeyRow, typename ValueRow>
+  void pack_rows(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk, KeyRow key, ValueRow value) const {
+    const int64_t j_begin = blk * kPackBlock;
+    const int64_t real = real_keys(p, blk);
     const int64_t at = (b * p.heads_kv + kvh) * head_elems();
-    auto key = [&](int64_t r) { return p.k.row<scalar_t>(b, j_begin + r, kvh); };
-    auto value = [&](int64_t r) { return p.v.row<scalar_t>(b, j_begin + r, kvh); };
     if constexpr (sizeof(scalar_t) == 2) {
       if (amx_tile_major) {
         pack_columns_amx_tiles<scalar_t>(key, real, kPackBlock, head_dim, keys_t + at + key_offset(j_begin));
@@ -144,6 +154,41 @@ struct PackedKV {
     }
     pack_columns_vnni<scalar_t>(key, real, kPackBlock, head_dim, padded_keys, pairs, keys_t + at + key_offset(j_begin));
     pack_rows_vnni<scalar_t>(value, real, kPackBlock, head_dim, pairs, values + at + value_offset(j_begin));
+  }
+
+  // the keys of block blk below seqlen_k (the rest of the block is packed as zeros)
+  static int64_t real_keys(const AttentionParams& p, int64_t blk) {
+    return std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - blk * kPackBlock));
+  }
+};
+
+// float16 K and V as two bfloat16 parts each (split_row: hi + lo is the float16 value exactly),
+// tile-major for headops' own AMX loops (SplitHalfOperands). all_finite turns false when a packed
+// value is inf or NaN: the split products would make NaN of inf * 0 where one product gives
+// +-inf (a key that an inf query logit masks out), so such a call takes the float16 path instead.
+struct SplitHalfKV {
+  static constexpr int64_t kPackBlock = PackedKV<at::BFloat16>::kPackBlock;
+  PackedKV<at::BFloat16> hi, lo;
+  int64_t padded_keys = 0;
+  mutable std::atomic<bool> all_finite{true};
+
+  void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
+    const int64_t D = hi.head_dim, real = PackedKV<at::BFloat16>::real_keys(p, blk), j_begin = blk * kPackBlock;
+    thread_local std::vector<at::BFloat16> parts;  // K hi, K lo, V hi, V lo: [real, D] each
+    parts.resize(std::max<size_t>(parts.size(), 4 * real * D));
+    at::BFloat16* k_hi = parts.data();
+    at::BFloat16 *k_lo = k_hi + real * D, *v_hi = k_lo + real * D, *v_lo = v_hi + real * D;
+    bool finite = true;
+    for (int64_t r = 0; r < real; ++r) {
+      const at::Half* k = p.k.row<at::Half>(b, j_begin + r, kvh);
+      const at::Half* v = p.v.row<at::Half>(b, j_begin + r, kvh);
+      finite = finite && all_finite_half(k, D) && all_finite_half(v, D);
+      split_row(k, k_hi + r * D, k_lo + r * D, D);
+      split_row(v, v_hi + r * D, v_lo + r * D, D);
+    }
+    if (!finite) all_finite.store(false, std::memory_order_relaxed);
+    hi.pack_rows(p, b, kvh, blk, [&](int64_t r) { return k_hi + r * D; }, [&](int64_t r) { return v_hi + r * D; });
+    lo.pack_rows(p, b, kvh, blk, [&](int64_t r) { return k_lo + r * D; }, [&](int64_t r) { return v_lo + r * D; });
   }
 };
 
@@ -224,6 +269,57 @@ struct SplitProbabilityOperands : PackedOperands<scalar_t> {
     PackedOperands<scalar_t>::accumulate(acc, r0, rows, hi.data(), ldp, j0, nk);
     PackedOperands<scalar_t>::accumulate(acc, r0, rows, lo.data(), ldp, j0, nk);
   }
+};
+
+// float16 on AMX without a float16 tile unit (no AMX-FP16, where oneDNN's brgemm hands float16 to
+// MKL's gemm, which converts it to float): each float16 value is exactly hi + lo in bfloat16
+// (split_row), so the products run on bfloat16 tiles (cpu/amx_tiles.h) as three each,
+//   S = Qhi Khi^T + Qhi Klo^T + Qlo Khi^T,   O += Phi Vhi + Phi Vlo + Plo Vhi,
+// with P kept in float by the softmax and split the same way. The dropped lo * lo terms are at
+// most 2**-18 of each element product, and P's split keeps it to ~2**-17. Inputs must be finite
+// (SplitHalfKV::all_finite and the caller's check of Q).
+struct SplitHalfOperands {
+  using prob_t = float;
+  const AttentionParams& p;
+  const SplitHalfKV& kv;
+  const at::BFloat16 *k_hi = nullptr, *k_lo = nullptr, *v_hi = nullptr, *v_lo = nullptr;
+  CacheLineVector<at::BFloat16> q_hi, q_lo;  // the item's query rows, zero rows up to whole tiles
+  CacheLineVector<at::BFloat16> p_hi, p_lo;  // [block_q, block_k]: the block's P in two parts
+
+  SplitHalfOperands(const AttentionParams& params, const SplitHalfKV& split, int64_t block_q, int64_t block_k)
+      : p(params), kv(split), p_hi(block_q * block_k), p_lo(block_q * block_k) {}
+
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
+    const int64_t kvh = h / p.group(), D = p.head_dim;
+    k_hi = kv.hi.keys_of(b, kvh, p.heads_kv);
+    k_lo = kv.lo.keys_of(b, kvh, p.heads_kv);
+    v_hi = kv.hi.values_of(b, kvh, p.heads_kv);
+    v_lo = kv.lo.values_of(b, kvh, p.heads_kv);
+    AMX::bind_thread();
+    const int64_t tile_rows = AMX::padded_rows(nq);
+    q_hi.resize(std::max<int64_t>(q_hi.size(), tile_rows * D));
+    q_lo.resize(std::max<int64_t>(q_lo.size(), tile_rows * D));
+    for (int64_t r = 0; r < nq; ++r) split_row(p.q.row<at::Half>(b, q0 + r, h), q_hi.data() + r * D, q_lo.data() + r * D, D);
+    std::fill(q_hi.data() + nq * D, q_hi.data() + tile_rows * D, at::BFloat16(0.f));
+    std::fill(q_lo.data() + nq * D, q_lo.data() + tile_rows * D, at::BFloat16(0.f));
+  }
+  void begin_block(int64_t /*j0*/, int64_t /*nk*/) {}
+  void scores(float* s, int64_t lds, int64_t r0, int64_t rows, int64_t j0, int64_t nk) {
+    const int64_t D = p.head_dim, M = AMX::padded_rows(rows), at = kv.hi.key_offset(j0);
+    const uint16_t *qh = AMX::bits(q_hi.data() + r0 * D), *ql = AMX::bits(q_lo.data() + r0 * D);
+    AMX::scores(M, nk, D, qh, D, AMX::bits(k_hi + at), s + r0 * lds, lds);
+    AMX::scores(M, nk, D, qh, D, AMX::bits(k_lo + at), s + r0 * lds, lds, true);
+    AMX::scores(M, nk, D, ql, D, AMX::bits(k_hi + at), s + r0 * lds, lds, true);
+  }
+  void accumulate(float* acc, int64_t r0, int64_t rows, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
+    const int64_t D = p.head_dim, at = kv.hi.value_offset(j0);
+    for (int64_t r = r0; r < r0 + rows; ++r) split_row(prob + r * ldp, p_hi.data() + r * ldp, p_lo.data() + r * ldp, nk);
+    const uint16_t *ph = AMX::bits(p_hi.data() + r0 * ldp), *pl = AMX::bits(p_lo.data() + r0 * ldp);
+    AMX::accumulate(rows, D, nk, ph, ldp, AMX::bits(v_hi + at), acc + r0 * D, D);
+    AMX::accumulate(rows, D, nk, ph, ldp, AMX::bits(v_lo + at), acc + r0 * D, D);
+    AMX::accumulate(rows, D, nk, pl, ldp, AMX::bits(v_hi + at), acc + r0 * D, D);
+  }
+  void end_worker() { AMX::end_products(true, false); }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
