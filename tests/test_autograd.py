@@ -431,6 +431,74 @@ def test_bfloat16_call_learning_a_cancelling_sum_keeps_precise_probabilities(nam
         torch.testing.assert_close(raw, learnt, atol=0, rtol=0)
 
 
+def _half_ulp_excess(got, want):
+    """max over elements of (|got - want| - half a float16 ulp of want), over max|want|."""
+    ulp = torch.where(want.abs() >= 2**-14, 2.0 ** (torch.floor(torch.log2(want.abs())) - 10),
+                      torch.full_like(want, 2.0**-24))
+    return (((got.double() - want).abs() - ulp / 2).max() / want.abs().max()).item()
+
+
+SPLIT_HALF_GRAD_CASES = [
+    # shape, features (none whose gradient sums cancelling terms), causal
+    ((1, 333, 333, 2, 2, 128), [], True),
+    ((2, 300, 700, 4, 2, 64), ["gate", "out_scale", "out_bias", "window", "sinks"], True),
+    ((1, 130, 600, 4, 1, 64), ["window", "sinks"], False),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_HALF_GRAD_CASES, ids=lambda c: shape_id(c[0]))
+def test_float16_backward_in_two_bfloat16_parts_is_float_accurate(case):
+    # On AMX without AMX-FP16 a float16 backward that learns none of softmax_scale, sink_logit,
+    # alpha and key_bias runs its five products as two bfloat16 parts each (backward_products.h,
+    # SplitHalfTileProducts): dq, dk and dv stay within half a float16 ulp plus 3e-5 of their
+    # largest value of the reference's (measured: 6.1e-6, against 4e-7 through float32 tiles)
+    (B, Sq, Sk, Hq, Hkv, D), features, causal = case
+    if not headops._C.cpu_call_splits_half_into_bf16_tiles(D, Sq * Hq // Hkv):
+        pytest.skip("float16 runs as two bfloat16 parts only on AMX without AMX-FP16")
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.float16)
+    kw = dict(head_params(B, Hq, Sk, D, features), causal=causal)
+    got, want = kernel_and_reference_grads(q, k, v, kw)
+    for name in ("q", "k", "v"):
+        assert got[name].dtype == torch.float16
+        assert _half_ulp_excess(got[name], want[name]) < 3e-5, name
+
+
+@pytest.mark.parametrize("feature,name", [("scale", "softmax_scale"), ("key_bias", "key_bias")])
+def test_float16_call_learning_softmax_scale_or_key_bias_runs_as_float32(feature, name):
+    # their gradients sum dS over rows, terms that cancel: the two-part products put 1.7e-5 to
+    # 9.2e-5 (softmax_scale) and 5e-6 to 2.8e-5 (key_bias) of their size into them where float32
+    # tiles leave at most 3.1e-6 and 1.8e-6 (8 draws, S = 333, D = 128, all features), so such a
+    # call runs its backward as float32 (backward_splits_half)
+    bound = {"softmax_scale": 1e-5, "key_bias": 5e-6}[name]
+    worst = 0.0
+    for _ in range(3):
+        q, k, v = make_qkv(1, 333, 333, 4, 2, 128, torch.float16)
+        kw = dict(head_params(1, 4, 333, 128, [feature, "gate", "out_scale"]), causal=True)
+        got, want = kernel_and_reference_grads(q, k, v, kw)
+        worst = max(worst, ((got[name].double() - want[name]).abs().max() / want[name].abs().max()).item())
+    assert worst < bound
+
+
+def test_float16_backward_with_an_inf_input_runs_as_float32():
+    # q, k or v holding inf leave the split (attention_bwd.cpp): its inf times a part of 0 would
+    # make NaN where the float path's one product keeps a finite gradient (a query row whose
+    # every key an inf element masks out has dq = 0)
+    q, k, v = make_qkv(1, 100, 150, 2, 1, 64, torch.float16)
+    k[..., 3] = k[..., 3].abs() + 0.01
+    q[0, 40, 0, 3] = -math.inf
+    dout = torch.randn(q.shape).to(torch.float16)
+    grads = []
+    for dtype in (torch.float16, torch.float32):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        headops.attention(*leaves, causal=True).backward(dout.to(dtype))
+        grads.append([t.grad for t in leaves])
+    for half, single in zip(*grads):
+        assert torch.equal(half.isnan(), single.isnan())
+        finite = ~single.isnan()
+        torch.testing.assert_close(half[finite].float(), single[finite].to(torch.float16).float(), atol=2e-3, rtol=2e-3)
+    assert not grads[0][0][0, 40].isnan().any()  # that row's dq: 0, not NaN
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 def test_precise_probabilities_changes_nothing_in_float(dtype):
     q, k, v = make_qkv(1, 130, 130, 2, 2, 64, dtype)

@@ -80,7 +80,14 @@ std::vector<at::Tensor> attention_bwd(
   // the kernel reads everything in the accumulation dtype, rows addressable, the row
   // parameters contiguous; the CPU's brgemm tiles read 16-bit q, k, v as they are
   auto to_acc = [&](const at::Tensor& t) { return rows_addressable(t.to(acc), heads_first); };
-  const bool inputs_as_given = !q_in.is_cuda() && cpu::backward_reads_input_dtype(dtype, d.D);
+  // float16 split into bfloat16 parts (cpu::backward_splits_half) needs finite q, k, v: inf times
+  // a part of 0 makes NaN where the float path's one product gives +-inf
+  const bool sums_ds = (wants(kGradSoftmaxScale) && softmax_scale.has_value()) ||
+                       (wants(kGradKeyBias) && key_bias_in.has_value());
+  auto all_finite = [](const at::Tensor& t) { return t.isfinite().all().item<bool>(); };
+  const bool split_half = !q_in.is_cuda() && cpu::backward_splits_half(dtype, d.D, d.Sq * (d.Hq / d.Hkv), sums_ds) &&
+                          all_finite(q_in) && all_finite(k_in) && all_finite(v_in);
+  const bool inputs_as_given = !q_in.is_cuda() && (cpu::backward_reads_input_dtype(dtype, d.D) || split_half);
   auto input = [&](const at::Tensor& t) { return inputs_as_given ? rows_addressable(t, heads_first) : to_acc(t); };
   const at::Tensor q = input(q_in), k = input(k_in), v = input(v_in);
   const OptTensor dout_rows = q_in.is_cuda() ? std::nullopt : distinct_rows_expanded(dout_in, acc);

@@ -439,6 +439,13 @@ void backward_typed(const BackwardParams& p) {
   }
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     run_backward<scalar_t, BlasTileProducts<scalar_t>>(p, tiles, [&] { return BlasTileProducts<scalar_t>(p); });
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    const bool sums_ds = p.dsoftmax_scale != nullptr || p.dkey_bias != nullptr;
+    TORCH_CHECK(backward_splits_half(dtype, p.fwd.head_dim, p.fwd.seqlen_q * p.fwd.group(), sums_ds),
+                "headops: the CPU backward reads float16 q/k/v only where backward_splits_half says so");
+    const SplitHalfBackwardKV split(p.fwd);
+    run_backward<float, SplitHalfTileProducts>(
+        p, tiles, [&] { return SplitHalfTileProducts(p, split, tiles.block_q, tiles.block_k); });
   } else {
     TORCH_CHECK(backward_reads_input_dtype(dtype, p.fwd.head_dim),
                 "headops: the CPU backward reads 16-bit q/k/v only where backward_reads_input_dtype says so");

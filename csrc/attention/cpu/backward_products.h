@@ -114,19 +114,35 @@ struct PackedBackwardKV {
   int64_t padded_keys = 0, head_dim = 0, heads_kv = 0, heads = 0;  // heads: batch * heads_kv
   bool amx_tile_major = false;
 
-  PackedBackwardKV(const AttentionParams& f, bool tile_major)
+  PackedBackwardKV(const AttentionParams& f, bool tile_major) : PackedBackwardKV(f, tile_major, nullptr) {
+    storage = packing_workspace<scalar_t>(workspace_elems(f), fresh);
+    for_each_block(f, [&](int64_t b, int64_t kvh, int64_t blk) {
+      const int64_t j_begin = blk * kPackBlock;
+      pack_rows(b, kvh, blk, real_keys(f, blk), [&](int64_t r) { return f.k.row<scalar_t>(b, j_begin + r, kvh); },
+                [&](int64_t r) { return f.v.row<scalar_t>(b, j_begin + r, kvh); });
+    });
+  }
+  // Not packed yet, in storage the caller holds (workspace_elems(f) elements): pack_rows fills it.
+  PackedBackwardKV(const AttentionParams& f, bool tile_major, scalar_t* external)
       : head_dim(f.head_dim), heads_kv(f.heads_kv), amx_tile_major(tile_major) {
     padded_keys = (f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock;
     heads = f.batch * f.heads_kv;
-    storage = packing_workspace<scalar_t>(3 * heads * head_elems(), fresh);
-    const int64_t blocks = padded_keys / kPackBlock;
-    // one block of every kv head in a row: bshd keeps a key's heads side by side, so consecutive
-    // blocks read neighbouring memory rather than one head's rows a page apart
+    storage = external;
+  }
+  static int64_t workspace_elems(const AttentionParams& f) {
+    return 3 * f.batch * f.heads_kv * ((f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock) * f.head_dim;
+  }
+  static int64_t real_keys(const AttentionParams& f, int64_t blk) {
+    return std::max<int64_t>(0, std::min(kPackBlock, f.seqlen_k - blk * kPackBlock));
+  }
+  // fn(b, kvh, blk) for every block of kPackBlock keys, in parallel: one block of every kv head in
+  // a row (bshd keeps a key's heads side by side, so consecutive blocks read neighbouring memory
+  // rather than one head's rows a page apart)
+  template <typename Fn>
+  static void for_each_block(const AttentionParams& f, const Fn& fn) {
+    const int64_t blocks = (f.seqlen_k + kPackBlock - 1) / kPackBlock, heads = f.batch * f.heads_kv;
     at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t b = n / (blocks * f.heads_kv), blk = n / f.heads_kv % blocks, kvh = n % f.heads_kv;
-        pack_block(f, b, kvh, blk);
-      }
+      for (int64_t n = begin; n < end; ++n) fn(n / (blocks * f.heads_kv), n % f.heads_kv, n / f.heads_kv % blocks);
     });
   }
   int64_t head_elems() const { return padded_keys * head_dim; }
@@ -140,13 +156,10 @@ struct PackedBackwardKV {
   int64_t transposed_offset(int64_t j) const {
     return transposed_key_offset(j, head_dim, amx_tile_major, vnni_pairs<scalar_t>());
   }
-
- private:
-  void pack_block(const AttentionParams& f, int64_t b, int64_t kvh, int64_t blk) {
+  // Packs block blk of (b, kvh) from the `real` rows key(r) and value(r) give (zeros past them).
+  template <typename KeyRow, typename ValueRow>
+  void pack_rows(int64_t b, int64_t kvh, int64_t blk, int64_t real, KeyRow key, ValueRow value) const {
     const int64_t j_begin = blk * kPackBlock, D = head_dim, L = padded_keys;
-    const int64_t real = std::max<int64_t>(0, std::min(kPackBlock, f.seqlen_k - j_begin));
-    auto key = [&](int64_t r) { return f.k.row<scalar_t>(b, j_begin + r, kvh); };
-    auto value = [&](int64_t r) { return f.v.row<scalar_t>(b, j_begin + r, kvh); };
     if constexpr (sizeof(scalar_t) == 2) {
       if (amx_tile_major) {
         pack_columns_amx_tiles<scalar_t>(key, real, kPackBlock, D, part(0, b, kvh) + transposed_offset(j_begin));
@@ -396,6 +409,166 @@ struct PackedTileProducts {
     if (nq_pad > nq)
       for (int64_t j = 0; j < keys; ++j) std::fill(dst + j * nq_pad + nq, dst + (j + 1) * nq_pad, scalar_t(0));
   }
+};
+
+// float16 K^T, V^T and K as two bfloat16 parts each (split_row: hi + lo is the float16 value
+// exactly), tile-major for headops' own AMX loops: the backward's SplitHalfTileProducts.
+struct SplitHalfBackwardKV {
+  at::Tensor fresh;
+  at::BFloat16* storage;
+  PackedBackwardKV<at::BFloat16> hi, lo;
+
+  explicit SplitHalfBackwardKV(const AttentionParams& f)
+      : storage(packing_workspace<at::BFloat16>(2 * PackedBackwardKV<at::BFloat16>::workspace_elems(f), fresh)),
+        hi(f, true, storage),
+        lo(f, true, storage + PackedBackwardKV<at::BFloat16>::workspace_elems(f)) {
+    using KV = PackedBackwardKV<at::BFloat16>;
+    const int64_t D = f.head_dim;
+    KV::for_each_block(f, [&](int64_t b, int64_t kvh, int64_t blk) {
+      const int64_t real = KV::real_keys(f, blk), j_begin = blk * KV::kPackBlock;
+      thread_local std::vector<at::BFloat16> parts;  // K hi, K lo, V hi, V lo: [real, D] each
+      parts.resize(std::max<size_t>(parts.size(), 4 * real * D));
+      at::BFloat16 *k_hi = parts.data(), *k_lo = k_hi + real * D, *v_hi = k_lo + real * D, *v_lo = v_hi + real * D;
+      for (int64_t r = 0; r < real; ++r) {
+        split_row(f.k.row<at::Half>(b, j_begin + r, kvh), k_hi + r * D, k_lo + r * D, D);
+        split_row(f.v.row<at::Half>(b, j_begin + r, kvh), v_hi + r * D, v_lo + r * D, D);
+      }
+      hi.pack_rows(b, kvh, blk, real, [&](int64_t r) { return k_hi + r * D; }, [&](int64_t r) { return v_hi + r * D; });
+      lo.pack_rows(b, kvh, blk, real, [&](int64_t r) { return k_lo + r * D; }, [&](int64_t r) { return v_lo + r * D; });
+    });
+  }
+};
+
+// float16 on AMX without AMX-FP16 (the forward's SplitHalfOperands): each of the five products
+// runs three times on bfloat16 tiles, hi·hi + hi·lo + lo·hi of its operands' two parts. q, k, v
+// split exactly; dL/do, P and dS (float) to ~2**-17. dq, dk and dv come out float-accurate to
+// about that before dq's rounding to float16. For calls that learn neither softmax_scale nor
+// key_bias, with finite q, k, v (backward_splits_half, attention_bwd.cpp).
+struct SplitHalfTileProducts {
+  using dq_t = at::Half;
+  static constexpr bool writes_key_grads_once = false, scales_key_grads = false;
+  static constexpr int64_t key_alignment() { return AMX::kKeyStep; }
+  using BF16 = at::BFloat16;
+  const AttentionParams& f;
+  const SplitHalfBackwardKV& kv;
+  int64_t block_k, D;
+  const BF16 *kt_hi = nullptr, *kt_lo = nullptr, *vt_hi = nullptr, *vt_lo = nullptr;
+  const BF16 *kr_hi = nullptr, *kr_lo = nullptr;
+  int64_t nq = 0, nq_pad = 0;
+  // the tile's Q and dO in two parts: rows, zero rows to a whole tile (A of S and dP), and packed
+  // tile-major over the queries (B of dK and dV)
+  CacheLineVector<BF16> q_hi, q_lo, do_hi, do_lo, q_op_hi, q_op_lo, do_op_hi, do_op_lo;
+  // the block's dS (A of dQ) and P in two parts, and one of them transposed ([keys][nq_pad], A of
+  // dK and dV)
+  CacheLineVector<BF16> ds_hi, ds_lo, prob_hi, prob_lo, t_hi, t_lo;
+
+  SplitHalfTileProducts(const BackwardParams& p, const SplitHalfBackwardKV& split, int64_t block_q, int64_t bk)
+      : f(p.fwd), kv(split), block_k(bk), D(p.fwd.head_dim) {
+    const int64_t bq_pad = padded_queries(block_q);
+    for (auto* rows : {&q_hi, &q_lo, &do_hi, &do_lo}) rows->resize(AMX::padded_rows(block_q) * D);
+    for (auto* packed : {&q_op_hi, &q_op_lo, &do_op_hi, &do_op_lo}) packed->resize(bq_pad * D);
+    for (auto* tile : {&ds_hi, &ds_lo, &prob_hi, &prob_lo}) tile->resize(block_q * bk);
+    t_hi.resize(bk * bq_pad);
+    t_lo.resize(bk * bq_pad);
+  }
+  int64_t padded_keys() const { return kv.hi.padded_keys; }
+
+  void begin_tile(int64_t b, int64_t h, int64_t q0, int64_t rows, const float* d_o, float /*softmax_scale*/) {
+    const int64_t kvh = h / f.group();
+    nq = rows;
+    nq_pad = padded_queries(rows);
+    kt_hi = kv.hi.keys_t(b, kvh);
+    kt_lo = kv.lo.keys_t(b, kvh);
+    vt_hi = kv.hi.values_t(b, kvh);
+    vt_lo = kv.lo.values_t(b, kvh);
+    kr_hi = kv.hi.keys(b, kvh);
+    kr_lo = kv.lo.keys(b, kvh);
+    AMX::bind_thread();
+    for (int64_t r = 0; r < nq; ++r) split_row(f.q.row<at::Half>(b, q0 + r, h), q_hi.data() + r * D, q_lo.data() + r * D, D);
+    split_row(d_o, do_hi.data(), do_lo.data(), nq * D);
+    const int64_t tile_rows = AMX::padded_rows(nq);
+    for (auto* part : {&q_hi, &q_lo, &do_hi, &do_lo}) std::fill(part->data() + nq * D, part->data() + tile_rows * D, BF16(0.f));
+    auto pack = [&](const CacheLineVector<BF16>& rows_of, CacheLineVector<BF16>& packed) {
+      pack_rows_amx_tiles<BF16>([&](int64_t r) { return rows_of.data() + r * D; }, nq, nq_pad, D, packed.data());
+    };
+    pack(q_hi, q_op_hi);
+    pack(q_lo, q_op_lo);
+    pack(do_hi, do_op_hi);
+    pack(do_lo, do_op_lo);
+  }
+  static constexpr bool rounds_dout() { return false; }
+  static void round_like_inputs(float* /*row*/, int64_t /*n*/) {}
+
+  // S = Q K^T and dP = dO V^T per row group (g.r0 a multiple of 16; rows padded to whole tiles)
+  void scores_and_dprobs(float* s, float* dp, int64_t ld, int64_t j0, const std::vector<RowGroup>& groups) {
+    const int64_t at = kv.hi.transposed_offset(j0);
+    for (const RowGroup& g : groups) {
+      three_scores(g, q_hi, q_lo, kt_hi + at, kt_lo + at, s + g.r0 * ld, ld);
+      three_scores(g, do_hi, do_lo, vt_hi + at, vt_lo + at, dp + g.r0 * ld, ld);
+    }
+  }
+  // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
+  void gradients(const float* prob, const float* ds, int64_t ld, int64_t j0, int64_t nk, int64_t real,
+                 const std::vector<RowGroup>& groups, const std::vector<KeyChunk>& chunks, float* dq_tile,
+                 const KeyGradRows<float>& out) {
+    split_rows(ds, ld, nk, ds_hi, ds_lo);
+    if (dq_tile != nullptr)
+      for (const RowGroup& g : groups)  // dQ += dS K
+        three_products(g.rows, g.keys, ds_hi.data() + g.r0 * block_k, ds_lo.data() + g.r0 * block_k, block_k,
+                       kr_hi + j0 * D, kr_lo + j0 * D, dq_tile + g.r0 * D, D);
+    // dV += P^T dO and dK += dS^T Q from the transposed parts ([keys][nq_pad]); a chunk's rows
+    // from r0 (a multiple of an AMX step) start at row r0 * D of Q's and dO's packed rows
+    auto product = [&](const CacheLineVector<BF16>& b_hi, const CacheLineVector<BF16>& b_lo, float* rows_out,
+                       int64_t stride) {
+      for (const KeyChunk& c : chunks) {
+        const int64_t at = c.k0 * nq_pad + c.r0;
+        three_products(c.k1 - c.k0, nq_pad - c.r0, t_hi.data() + at, t_lo.data() + at, nq_pad, b_hi.data() + c.r0 * D,
+                       b_lo.data() + c.r0 * D, rows_out + c.k0 * stride, stride);
+      }
+    };
+    if (out.dv) {
+      split_rows(prob, ld, real, prob_hi, prob_lo);
+      transpose_parts(prob_hi, prob_lo, real);
+      product(do_op_hi, do_op_lo, out.dv, out.stride_dv);
+    }
+    if (out.dk) {
+      transpose_parts(ds_hi, ds_lo, real);
+      product(q_op_hi, q_op_lo, out.dk, out.stride_dk);
+    }
+  }
+  void end_worker() { AMX::end_products(true, false); }
+
+ private:
+  // C = A_hi B_hi + A_hi B_lo + A_lo B_hi, C = A B^T over the head dim (scores)
+  void three_scores(const RowGroup& g, const CacheLineVector<BF16>& a_hi, const CacheLineVector<BF16>& a_lo,
+                    const BF16* b_hi, const BF16* b_lo, float* c, int64_t ldc) const {
+    const int64_t M = AMX::padded_rows(g.rows);
+    const uint16_t *ah = AMX::bits(a_hi.data() + g.r0 * D), *al = AMX::bits(a_lo.data() + g.r0 * D);
+    AMX::scores(M, g.keys, D, ah, D, AMX::bits(b_hi), c, ldc);
+    AMX::scores(M, g.keys, D, ah, D, AMX::bits(b_lo), c, ldc, true);
+    AMX::scores(M, g.keys, D, al, D, AMX::bits(b_hi), c, ldc, true);
+  }
+  // C[M x D] += A_hi B_hi + A_hi B_lo + A_lo B_hi, reduced over K (B tile-major rows of D)
+  void three_products(int64_t M, int64_t K, const BF16* a_hi, const BF16* a_lo, int64_t lda, const BF16* b_hi,
+                      const BF16* b_lo, float* c, int64_t ldc) const {
+    AMX::accumulate(M, D, K, AMX::bits(a_hi), lda, AMX::bits(b_hi), c, ldc);
+    AMX::accumulate(M, D, K, AMX::bits(a_hi), lda, AMX::bits(b_lo), c, ldc);
+    AMX::accumulate(M, D, K, AMX::bits(a_lo), lda, AMX::bits(b_hi), c, ldc);
+  }
+  // the tile's nq rows of src (float, [nq, cols] with leading dimension ld) in two parts, ld block_k
+  void split_rows(const float* src, int64_t ld, int64_t cols, CacheLineVector<BF16>& hi, CacheLineVector<BF16>& lo) {
+    for (int64_t r = 0; r < nq; ++r) split_row(src + r * ld, hi.data() + r * block_k, lo.data() + r * block_k, cols);
+  }
+  // t_hi, t_lo = the parts' first `keys` columns transposed, zero in the padding columns [nq, nq_pad)
+  void transpose_parts(const CacheLineVector<BF16>& hi, const CacheLineVector<BF16>& lo, int64_t keys) {
+    for (auto [rows, dst] : {std::pair{&hi, &t_hi}, std::pair{&lo, &t_lo}}) {
+      transpose(nq, keys, reinterpret_cast<const uint16_t*>(rows->data()), block_k, reinterpret_cast<uint16_t*>(dst->data()),
+                nq_pad);
+      if (nq_pad > nq)
+        for (int64_t j = 0; j < keys; ++j) std::fill(dst->data() + j * nq_pad + nq, dst->data() + (j + 1) * nq_pad, BF16(0.f));
+    }
+  }
+  static int64_t padded_queries(int64_t rows) { return (rows + AMX::kKeyStep - 1) / AMX::kKeyStep * AMX::kKeyStep; }
 };
 
 }  // namespace headops::cpu::CPU_CAPABILITY
