@@ -194,8 +194,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_runs_own_amx_tiles", &headops::cpu::runs_own_amx_tiles,
         "Whether tiles of this dtype and head dim run through headops' own AMX loops (else oneDNN's brgemm or BLAS).");
   m.def("cpu_splits_half_into_bf16_tiles", &headops::cpu::splits_half_into_bf16_tiles,
-        "Whether a float16 forward that saves nothing for a backward runs as two bfloat16 parts on headops' own AMX "
-        "loops (AMX without AMX-FP16), for this head dim.");
+        "Whether float16 tiles run as two bfloat16 parts on headops' own AMX loops (AMX without AMX-FP16), for this "
+        "head dim: the forward unless it keeps precise probabilities, the backward unless it learns softmax_scale or "
+        "key_bias.");
   m.def("cpu_call_splits_half_into_bf16_tiles", &headops::cpu::call_splits_half_into_bf16_tiles,
         "Whether one such float16 call (head dim, query rows that read each key: seqlen_q x the GQA group) takes that "
         "split: enough rows per key to pay for packing two copies of K and V.");

@@ -38,7 +38,7 @@ ALL_FEATURES = ["scale", "window", "sinks", "key_bias", "sink_logit", "out_scale
 #   float16: the output is rounded to float16 (10-bit mantissa); P stays float32, except on the
 #            packed path (brgemm runs float16: AVX512-FP16, AMX-FP16) of a call not saved for
 #            the backward, which rounds P to float16 before P.V (largest error seen there: 0.41
-#            of these tolerances, 2026-12-05). On AMX without AMX-FP16 such a call runs in two
+#            of these tolerances, 2026-12-05). On AMX without AMX-FP16 float16 runs in two
 #            bfloat16 parts instead, float-accurate to ~2**-17 (test_float16_in_two_bfloat16_parts_is_float_accurate).
 OUT_ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 OUT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}

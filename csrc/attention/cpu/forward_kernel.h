@@ -595,11 +595,11 @@ void forward_typed(const AttentionParams& p) {
   const bool float16_float_probs =
       std::is_same_v<scalar_t, at::Half> && (p.saves_for_backward() || p.precise_probabilities);
   // float16 in two bfloat16 parts reads P to ~2**-17 and drops S's lo * lo terms, which those
-  // sums feel (30 draws, S = 333 and 600, D = 128 and 64, all features: softmax_scale up to
-  // 1.4e-3 of its size and alpha 1.2e-4, where float P gives 1.2e-4 and 6e-6), so only calls
-  // that save nothing for a backward take it
+  // sums feel through the saved averages (30 draws, S = 333 and 600, D = 128 and 64, all
+  // features: softmax_scale up to 1.4e-3 of its size and alpha 1.2e-4, where float P gives
+  // 1.2e-4 and 6e-6), so a call that learns them (precise_probabilities) keeps float P
   if constexpr (std::is_same_v<scalar_t, at::Half>) {
-    if (!float16_float_probs && call_splits_half_into_bf16_tiles(p.head_dim, p.seqlen_q * p.group())) {
+    if (!p.precise_probabilities && call_splits_half_into_bf16_tiles(p.head_dim, p.seqlen_q * p.group())) {
       const TileShape split = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
       if (forward_split_half(p, split.block_q, split.block_k)) return;
     }

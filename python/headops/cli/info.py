@@ -70,10 +70,10 @@ def describe(head_dim: int = 128) -> list:
             how = "headops' own AMX tile loops in the input dtype (HEADOPS_CPU_AMX_BY_ONEDNN=1: brgemm)"
         elif dtype == torch.float16 and _C.cpu_splits_half_into_bf16_tiles(head_dim):
             how = ("each operand as two bfloat16 parts on headops' own AMX tile loops (no AMX-FP16; "
-                   "HEADOPS_CPU_AMX_BY_ONEDNN=1: brgemm) where each key meets enough query rows, in the "
-                   "backward too unless it learns softmax_scale or key_bias (then float32); a forward saved "
-                   "for the backward keeps P in float32 (converted tiles), and the rest (few rows a key, "
-                   "inputs holding inf or NaN) take brgemm in float16")
+                   "HEADOPS_CPU_AMX_BY_ONEDNN=1: brgemm) where each key meets enough query rows, forward and "
+                   "backward; a call that learns softmax_scale, sink_logit, alpha or key_bias keeps float32 "
+                   "tiles for P (and, for softmax_scale and key_bias, its backward), and the rest (few rows a "
+                   "key, inputs holding inf or NaN) take brgemm in float16 forward, float32 backward")
         elif packed:
             layout = "VNNI pairs" if _C.cpu_brgemm_pairs(dtype) == 2 else "plain rows"
             how = f"brgemm in the input dtype, B in {layout} (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)"
