@@ -5,6 +5,7 @@
 #include "attention_args.h"
 #include "attention_params.h"
 #include "cpu/attention_bwd_cpu.h"
+#include "../cpu/finite_half.h"
 #ifdef HEADOPS_WITH_CUDA
 #include "cuda/attention_bwd_cuda.h"
 #endif
@@ -84,9 +85,8 @@ std::vector<at::Tensor> attention_bwd(
   // a part of 0 makes NaN where the float path's one product gives +-inf
   const bool sums_ds = (wants(kGradSoftmaxScale) && softmax_scale.has_value()) ||
                        (wants(kGradKeyBias) && key_bias_in.has_value());
-  auto all_finite = [](const at::Tensor& t) { return t.isfinite().all().item<bool>(); };
   const bool split_half = !q_in.is_cuda() && cpu::backward_splits_half(dtype, d.D, d.Sq * (d.Hq / d.Hkv), sums_ds) &&
-                          all_finite(q_in) && all_finite(k_in) && all_finite(v_in);
+                          cpu::all_finite_half(q_in) && cpu::all_finite_half(k_in) && cpu::all_finite_half(v_in);
   const bool inputs_as_given = !q_in.is_cuda() && (cpu::backward_reads_input_dtype(dtype, d.D) || split_half);
   auto input = [&](const at::Tensor& t) { return inputs_as_given ? rows_addressable(t, heads_first) : to_acc(t); };
   const at::Tensor q = input(q_in), k = input(k_in), v = input(v_in);

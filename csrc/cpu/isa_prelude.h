@@ -30,3 +30,5 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "finite_half.h"  // its inline loop is shared with the portable code (attention_bwd.cpp)

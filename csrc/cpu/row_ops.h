@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "../attention/online_softmax.h"
+#include "finite_half.h"
 
 namespace headops::cpu::CPU_CAPABILITY {
 
@@ -257,22 +258,6 @@ inline void split_row(const S* src, P* hi, P* lo, int64_t n) {
     hi[i] = static_cast<P>(x);
     lo[i] = static_cast<P>(x - static_cast<float>(hi[i]));
   }
-}
-
-// Whether the n float16 values at x are all finite: a lane is inf or NaN when its exponent bits
-// are all ones, and then adding one to them carries into the lane's top bit (four lanes a word,
-// no carry between lanes), so the loop is word arithmetic the compiler vectorises.
-inline bool all_finite_half(const c10::Half* x, int64_t n) {
-  constexpr uint64_t kExponent = 0x7c007c007c007c00ull, kOne = 0x0400040004000400ull, kTop = 0x8000800080008000ull;
-  uint64_t seen = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    uint64_t word;
-    std::memcpy(&word, x + i, sizeof(word));
-    seen |= (word & kExponent) + kOne;
-  }
-  for (; i < n; ++i) seen |= (x[i].x & 0x7c00u) + 0x0400u;
-  return (seen & kTop) == 0;
 }
 
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
