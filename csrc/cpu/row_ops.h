@@ -260,6 +260,28 @@ inline void split_row(const S* src, P* hi, P* lo, int64_t n) {
   }
 }
 
+// One packed block's float16 K and V rows as two bfloat16 parts each ([real, D] apiece, in a
+// buffer of the calling thread's that the next call reuses), and whether they are all finite:
+// what the float16 split packs (operands.h SplitHalfKV, backward_products.h SplitHalfBackwardKV).
+struct HalfBlockParts {
+  const c10::BFloat16 *k_hi, *k_lo, *v_hi, *v_lo;
+  bool finite;
+};
+template <typename KeyRow, typename ValueRow>
+inline HalfBlockParts split_half_block(KeyRow key, ValueRow value, int64_t real, int64_t D) {
+  thread_local std::vector<c10::BFloat16> parts;
+  parts.resize(std::max<size_t>(parts.size(), 4 * real * D));
+  c10::BFloat16 *k_hi = parts.data(), *k_lo = k_hi + real * D, *v_hi = k_lo + real * D, *v_lo = v_hi + real * D;
+  bool finite = true;
+  for (int64_t r = 0; r < real; ++r) {
+    const c10::Half *k = key(r), *v = value(r);
+    finite = finite && all_finite_half(k, D) && all_finite_half(v, D);
+    split_row(k, k_hi + r * D, k_lo + r * D, D);
+    split_row(v, v_hi + r * D, v_lo + r * D, D);
+  }
+  return {k_hi, k_lo, v_hi, v_lo, finite};
+}
+
 // p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
 // the sum of the unrounded values. Two vectors per step with two accumulators: one chain of
 // dependent adds would otherwise bound the loop.

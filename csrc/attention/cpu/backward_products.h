@@ -426,15 +426,14 @@ struct SplitHalfBackwardKV {
     const int64_t D = f.head_dim;
     KV::for_each_block(f, [&](int64_t b, int64_t kvh, int64_t blk) {
       const int64_t real = KV::real_keys(f, blk), j_begin = blk * KV::kPackBlock;
-      thread_local std::vector<at::BFloat16> parts;  // K hi, K lo, V hi, V lo: [real, D] each
-      parts.resize(std::max<size_t>(parts.size(), 4 * real * D));
-      at::BFloat16 *k_hi = parts.data(), *k_lo = k_hi + real * D, *v_hi = k_lo + real * D, *v_lo = v_hi + real * D;
-      for (int64_t r = 0; r < real; ++r) {
-        split_row(f.k.row<at::Half>(b, j_begin + r, kvh), k_hi + r * D, k_lo + r * D, D);
-        split_row(f.v.row<at::Half>(b, j_begin + r, kvh), v_hi + r * D, v_lo + r * D, D);
-      }
-      hi.pack_rows(b, kvh, blk, real, [&](int64_t r) { return k_hi + r * D; }, [&](int64_t r) { return v_hi + r * D; });
-      lo.pack_rows(b, kvh, blk, real, [&](int64_t r) { return k_lo + r * D; }, [&](int64_t r) { return v_lo + r * D; });
+      // (q, k, v are finite here: attention_bwd.cpp checked them)
+      const HalfBlockParts parts = split_half_block([&](int64_t r) { return f.k.row<at::Half>(b, j_begin + r, kvh); },
+                                                    [&](int64_t r) { return f.v.row<at::Half>(b, j_begin + r, kvh); },
+                                                    real, D);
+      hi.pack_rows(b, kvh, blk, real, [&](int64_t r) { return parts.k_hi + r * D; },
+                   [&](int64_t r) { return parts.v_hi + r * D; });
+      lo.pack_rows(b, kvh, blk, real, [&](int64_t r) { return parts.k_lo + r * D; },
+                   [&](int64_t r) { return parts.v_lo + r * D; });
     });
   }
 };

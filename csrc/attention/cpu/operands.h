@@ -173,22 +173,15 @@ struct SplitHalfKV {
   mutable std::atomic<bool> all_finite{true};
 
   void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
-    const int64_t D = hi.head_dim, real = PackedKV<at::BFloat16>::real_keys(p, blk), j_begin = blk * kPackBlock;
-    thread_local std::vector<at::BFloat16> parts;  // K hi, K lo, V hi, V lo: [real, D] each
-    parts.resize(std::max<size_t>(parts.size(), 4 * real * D));
-    at::BFloat16* k_hi = parts.data();
-    at::BFloat16 *k_lo = k_hi + real * D, *v_hi = k_lo + real * D, *v_lo = v_hi + real * D;
-    bool finite = true;
-    for (int64_t r = 0; r < real; ++r) {
-      const at::Half* k = p.k.row<at::Half>(b, j_begin + r, kvh);
-      const at::Half* v = p.v.row<at::Half>(b, j_begin + r, kvh);
-      finite = finite && all_finite_half(k, D) && all_finite_half(v, D);
-      split_row(k, k_hi + r * D, k_lo + r * D, D);
-      split_row(v, v_hi + r * D, v_lo + r * D, D);
-    }
-    if (!finite) all_finite.store(false, std::memory_order_relaxed);
-    hi.pack_rows(p, b, kvh, blk, [&](int64_t r) { return k_hi + r * D; }, [&](int64_t r) { return v_hi + r * D; });
-    lo.pack_rows(p, b, kvh, blk, [&](int64_t r) { return k_lo + r * D; }, [&](int64_t r) { return v_lo + r * D; });
+    const int64_t D = hi.head_dim, j_begin = blk * kPackBlock;
+    const HalfBlockParts parts = split_half_block([&](int64_t r) { return p.k.row<at::Half>(b, j_begin + r, kvh); },
+                                                  [&](int64_t r) { return p.v.row<at::Half>(b, j_begin + r, kvh); },
+                                                  PackedKV<at::BFloat16>::real_keys(p, blk), D);
+    if (!parts.finite) all_finite.store(false, std::memory_order_relaxed);
+    hi.pack_rows(p, b, kvh, blk, [&](int64_t r) { return parts.k_hi + r * D; },
+                 [&](int64_t r) { return parts.v_hi + r * D; });
+    lo.pack_rows(p, b, kvh, blk, [&](int64_t r) { return parts.k_lo + r * D; },
+                 [&](int64_t r) { return parts.v_lo + r * D; });
   }
 };
 
