@@ -217,7 +217,7 @@ void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
 bool bf16_tiles_available() { return false; }
 void bind_thread() {}
 void end_products(bool, bool brgemm_vnni) { at::native::cpublas::brgemm_release(brgemm_vnni); }
-void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
+void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, bool) {
   TORCH_CHECK(false, "headops: this build has no AMX tiles");
 }
 void accumulate(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
