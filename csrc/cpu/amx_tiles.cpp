@@ -226,6 +226,20 @@ void accumulate(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint1
 
 #endif
 
+void split_scores(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                  const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
+  scores(M, N, K, a_hi, lda, b_hi, c, ldc);
+  scores(M, N, K, a_hi, lda, b_lo, c, ldc, true);
+  scores(M, N, K, a_lo, lda, b_hi, c, ldc, true);
+}
+
+void split_accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                      const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
+  accumulate(M, N, K, a_hi, lda, b_hi, c, ldc);
+  accumulate(M, N, K, a_hi, lda, b_lo, c, ldc);
+  accumulate(M, N, K, a_lo, lda, b_hi, c, ldc);
+}
+
 void copy_padded_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * cols, src + r * ld, cols * sizeof(uint16_t));
   std::fill(dst + rows * cols, dst + padded_rows(rows) * cols, uint16_t(0));

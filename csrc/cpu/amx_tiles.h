@@ -62,4 +62,13 @@ void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, con
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc);
 
+// The same two products over operands held as two bfloat16 parts each (hi + lo: float16 split
+// exactly, float to ~2**-17; row_ops.h split_row): hi·hi + hi·lo + lo·hi, three products of the
+// plain ones. The dropped lo·lo term is at most 2**-18 of each element product. split_scores
+// writes C (adds into it with add_c), split_accumulate adds into it; shapes as above.
+void split_scores(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                  const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc);
+void split_accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                      const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc);
+
 }  // namespace headops::cpu::AMX

@@ -261,6 +261,15 @@ inline void split_row(const S* src, P* hi, P* lo, int64_t n) {
   }
 }
 
+// rows row_of(r), r < rows, of D values each, split into hi and lo ([padded, D] each), with zero
+// rows from `rows` to `padded`: a tile's queries (or dL/do) as the A rows of AMX products.
+template <typename RowOf, typename P>
+inline void split_padded_rows(RowOf row_of, int64_t rows, int64_t padded, int64_t D, P* hi, P* lo) {
+  for (int64_t r = 0; r < rows; ++r) split_row(row_of(r), hi + r * D, lo + r * D, D);
+  std::fill(hi + rows * D, hi + padded * D, P(0.f));
+  std::fill(lo + rows * D, lo + padded * D, P(0.f));
+}
+
 // One packed block's float16 K and V rows as two bfloat16 parts each ([real, D] apiece, in a
 // buffer of the calling thread's that the next call reuses), and whether they are all finite:
 // what the float16 split packs (operands.h SplitHalfKV, backward_products.h SplitHalfBackwardKV).

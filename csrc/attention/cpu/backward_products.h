@@ -125,12 +125,15 @@ struct PackedBackwardKV {
   // Not packed yet, in storage the caller holds (workspace_elems(f) elements): pack_rows fills it.
   PackedBackwardKV(const AttentionParams& f, bool tile_major, scalar_t* external)
       : head_dim(f.head_dim), heads_kv(f.heads_kv), amx_tile_major(tile_major) {
-    padded_keys = (f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock;
+    padded_keys = padded_keys_of(f);
     heads = f.batch * f.heads_kv;
     storage = external;
   }
+  static int64_t padded_keys_of(const AttentionParams& f) {
+    return (f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock;
+  }
   static int64_t workspace_elems(const AttentionParams& f) {
-    return 3 * f.batch * f.heads_kv * ((f.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock) * f.head_dim;
+    return 3 * f.batch * f.heads_kv * padded_keys_of(f) * f.head_dim;
   }
   static int64_t real_keys(const AttentionParams& f, int64_t blk) {
     return std::max<int64_t>(0, std::min(kPackBlock, f.seqlen_k - blk * kPackBlock));
@@ -483,10 +486,10 @@ struct SplitHalfTileProducts {
     kr_hi = kv.hi.keys(b, kvh);
     kr_lo = kv.lo.keys(b, kvh);
     AMX::bind_thread();
-    for (int64_t r = 0; r < nq; ++r) split_row(f.q.row<at::Half>(b, q0 + r, h), q_hi.data() + r * D, q_lo.data() + r * D, D);
-    split_row(d_o, do_hi.data(), do_lo.data(), nq * D);
     const int64_t tile_rows = AMX::padded_rows(nq);
-    for (auto* part : {&q_hi, &q_lo, &do_hi, &do_lo}) std::fill(part->data() + nq * D, part->data() + tile_rows * D, BF16(0.f));
+    split_padded_rows([&](int64_t r) { return f.q.row<at::Half>(b, q0 + r, h); }, nq, tile_rows, D, q_hi.data(),
+                      q_lo.data());
+    split_padded_rows([&](int64_t r) { return d_o + r * D; }, nq, tile_rows, D, do_hi.data(), do_lo.data());
     auto pack = [&](const CacheLineVector<BF16>& rows_of, CacheLineVector<BF16>& packed) {
       pack_rows_amx_tiles<BF16>([&](int64_t r) { return rows_of.data() + r * D; }, nq, nq_pad, D, packed.data());
     };
@@ -538,21 +541,16 @@ struct SplitHalfTileProducts {
   void end_worker() { AMX::end_products(true, false); }
 
  private:
-  // C = A_hi B_hi + A_hi B_lo + A_lo B_hi, C = A B^T over the head dim (scores)
+  // C = A B^T over the head dim (AMX::split_scores): a row group's rows of the tile's A parts
   void three_scores(const RowGroup& g, const CacheLineVector<BF16>& a_hi, const CacheLineVector<BF16>& a_lo,
                     const BF16* b_hi, const BF16* b_lo, float* c, int64_t ldc) const {
-    const int64_t M = AMX::padded_rows(g.rows);
-    const uint16_t *ah = AMX::bits(a_hi.data() + g.r0 * D), *al = AMX::bits(a_lo.data() + g.r0 * D);
-    AMX::scores(M, g.keys, D, ah, D, AMX::bits(b_hi), c, ldc);
-    AMX::scores(M, g.keys, D, ah, D, AMX::bits(b_lo), c, ldc, true);
-    AMX::scores(M, g.keys, D, al, D, AMX::bits(b_hi), c, ldc, true);
+    AMX::split_scores(AMX::padded_rows(g.rows), g.keys, D, AMX::bits(a_hi.data() + g.r0 * D),
+                      AMX::bits(a_lo.data() + g.r0 * D), D, AMX::bits(b_hi), AMX::bits(b_lo), c, ldc);
   }
-  // C[M x D] += A_hi B_hi + A_hi B_lo + A_lo B_hi, reduced over K (B tile-major rows of D)
+  // C[M x D] += A B, reduced over K (AMX::split_accumulate; B tile-major rows of D)
   void three_products(int64_t M, int64_t K, const BF16* a_hi, const BF16* a_lo, int64_t lda, const BF16* b_hi,
                       const BF16* b_lo, float* c, int64_t ldc) const {
-    AMX::accumulate(M, D, K, AMX::bits(a_hi), lda, AMX::bits(b_hi), c, ldc);
-    AMX::accumulate(M, D, K, AMX::bits(a_hi), lda, AMX::bits(b_lo), c, ldc);
-    AMX::accumulate(M, D, K, AMX::bits(a_lo), lda, AMX::bits(b_hi), c, ldc);
+    AMX::split_accumulate(M, D, K, AMX::bits(a_hi), AMX::bits(a_lo), lda, AMX::bits(b_hi), AMX::bits(b_lo), c, ldc);
   }
   // the tile's nq rows of src (float, [nq, cols] with leading dimension ld) in two parts, ld block_k
   void split_rows(const float* src, int64_t ld, int64_t cols, CacheLineVector<BF16>& hi, CacheLineVector<BF16>& lo) {

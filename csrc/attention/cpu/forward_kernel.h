@@ -514,8 +514,7 @@ void forward_packed(const AttentionParams& p, int64_t bq, int64_t bk) {
   TORCH_CHECK(kv.pairs == 1 || (kv.pairs == 2 && sizeof(scalar_t) == 2),
               "headops: the packed forward needs a brgemm layout for its dtype (brgemm_pairs)");
   const int64_t align = packed_key_alignment(kv.amx_tile_major, kv.pairs);
-  kv.padded_keys = (p.seqlen_k + PackedKV<scalar_t>::kPackBlock - 1) / PackedKV<scalar_t>::kPackBlock *
-                   PackedKV<scalar_t>::kPackBlock;
+  kv.padded_keys = PackedKV<scalar_t>::padded_keys_of(p);
   auto items = build_work_list<scalar_t>(p, bq, align, kv.padded_keys, skipped);
   write_skipped<scalar_t>(p, skipped);
   if (items.empty()) return;
@@ -552,27 +551,14 @@ inline bool queries_all_finite(const AttentionParams& p, const std::vector<WorkI
 // q, k or v holds inf or NaN where an item reads it (the caller then takes another path).
 inline bool forward_split_half(const AttentionParams& p, int64_t bq, int64_t bk) {
   std::vector<std::pair<int64_t, int64_t>> skipped;
-  SplitHalfKV kv;
-  for (PackedKV<at::BFloat16>* part : {&kv.hi, &kv.lo}) {
-    part->head_dim = p.head_dim;
-    part->amx_tile_major = true;
-    part->pairs = 2;
-  }
   const int64_t align = packed_key_alignment(true, 2);
-  kv.padded_keys = (p.seqlen_k + SplitHalfKV::kPackBlock - 1) / SplitHalfKV::kPackBlock * SplitHalfKV::kPackBlock;
-  kv.hi.padded_keys = kv.lo.padded_keys = kv.padded_keys;
-  auto items = build_work_list<at::Half>(p, bq, align, kv.padded_keys, skipped);
+  auto items = build_work_list<at::Half>(p, bq, align, PackedKV<at::BFloat16>::padded_keys_of(p), skipped);
   if (items.empty()) {
     write_skipped<at::Half>(p, skipped);
     return true;
   }
   if (!queries_all_finite(p, items)) return false;
-  const int64_t elems = p.batch * p.heads_kv * kv.hi.head_elems();
-  at::Tensor fresh;
-  kv.hi.keys_t = packing_workspace<at::BFloat16>(4 * elems, fresh);
-  kv.hi.values = kv.hi.keys_t + elems;
-  kv.lo.keys_t = kv.hi.values + elems;
-  kv.lo.values = kv.lo.keys_t + elems;
+  SplitHalfKV kv(p);
   pack_needed_blocks(p, items, kv);
   if (!kv.all_finite.load()) return false;
   write_skipped<at::Half>(p, skipped);

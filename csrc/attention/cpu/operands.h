@@ -156,6 +156,10 @@ struct PackedKV {
     pack_rows_vnni<scalar_t>(value, real, kPackBlock, head_dim, pairs, values + at + value_offset(j_begin));
   }
 
+  // the call's keys rounded up to whole blocks (Sk_pad)
+  static int64_t padded_keys_of(const AttentionParams& p) {
+    return (p.seqlen_k + kPackBlock - 1) / kPackBlock * kPackBlock;
+  }
   // the keys of block blk below seqlen_k (the rest of the block is packed as zeros)
   static int64_t real_keys(const AttentionParams& p, int64_t blk) {
     return std::max<int64_t>(0, std::min(kPackBlock, p.seqlen_k - blk * kPackBlock));
@@ -171,6 +175,22 @@ struct SplitHalfKV {
   PackedKV<at::BFloat16> hi, lo;
   int64_t padded_keys = 0;
   mutable std::atomic<bool> all_finite{true};
+  at::Tensor fresh;  // the workspace when it is larger than the kept one
+
+  // Both parts tile-major in one workspace, nothing packed yet (pack_block).
+  explicit SplitHalfKV(const AttentionParams& p) : padded_keys(PackedKV<at::BFloat16>::padded_keys_of(p)) {
+    for (PackedKV<at::BFloat16>* part : {&hi, &lo}) {
+      part->head_dim = p.head_dim;
+      part->amx_tile_major = true;
+      part->pairs = 2;
+      part->padded_keys = padded_keys;
+    }
+    const int64_t elems = p.batch * p.heads_kv * hi.head_elems();
+    hi.keys_t = packing_workspace<at::BFloat16>(4 * elems, fresh);
+    hi.values = hi.keys_t + elems;
+    lo.keys_t = hi.values + elems;
+    lo.values = lo.keys_t + elems;
+  }
 
   void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
     const int64_t D = hi.head_dim, j_begin = blk * kPackBlock;
@@ -266,7 +286,8 @@ struct SplitProbabilityOperands : PackedOperands<scalar_t> {
 
 // float16 on AMX without a float16 tile unit (no AMX-FP16, where oneDNN's brgemm hands float16 to
 // MKL's gemm, which converts it to float): each float16 value is exactly hi + lo in bfloat16
-// (split_row), so the products run on bfloat16 tiles (cpu/amx_tiles.h) as three each,
+// (split_row), so the products run on bfloat16 tiles as three each (AMX::split_scores and
+// split_accumulate),
 //   S = Qhi Khi^T + Qhi Klo^T + Qlo Khi^T,   O += Phi Vhi + Phi Vlo + Plo Vhi,
 // with P kept in float by the softmax and split the same way. The dropped lo * lo terms are at
 // most 2**-18 of each element product, and P's split keeps it to ~2**-17. Inputs must be finite
@@ -292,25 +313,20 @@ struct SplitHalfOperands {
     const int64_t tile_rows = AMX::padded_rows(nq);
     q_hi.resize(std::max<int64_t>(q_hi.size(), tile_rows * D));
     q_lo.resize(std::max<int64_t>(q_lo.size(), tile_rows * D));
-    for (int64_t r = 0; r < nq; ++r) split_row(p.q.row<at::Half>(b, q0 + r, h), q_hi.data() + r * D, q_lo.data() + r * D, D);
-    std::fill(q_hi.data() + nq * D, q_hi.data() + tile_rows * D, at::BFloat16(0.f));
-    std::fill(q_lo.data() + nq * D, q_lo.data() + tile_rows * D, at::BFloat16(0.f));
+    split_padded_rows([&](int64_t r) { return p.q.row<at::Half>(b, q0 + r, h); }, nq, tile_rows, D, q_hi.data(),
+                      q_lo.data());
   }
   void begin_block(int64_t /*j0*/, int64_t /*nk*/) {}
   void scores(float* s, int64_t lds, int64_t r0, int64_t rows, int64_t j0, int64_t nk) {
     const int64_t D = p.head_dim, M = AMX::padded_rows(rows), at = kv.hi.key_offset(j0);
-    const uint16_t *qh = AMX::bits(q_hi.data() + r0 * D), *ql = AMX::bits(q_lo.data() + r0 * D);
-    AMX::scores(M, nk, D, qh, D, AMX::bits(k_hi + at), s + r0 * lds, lds);
-    AMX::scores(M, nk, D, qh, D, AMX::bits(k_lo + at), s + r0 * lds, lds, true);
-    AMX::scores(M, nk, D, ql, D, AMX::bits(k_hi + at), s + r0 * lds, lds, true);
+    AMX::split_scores(M, nk, D, AMX::bits(q_hi.data() + r0 * D), AMX::bits(q_lo.data() + r0 * D), D,
+                      AMX::bits(k_hi + at), AMX::bits(k_lo + at), s + r0 * lds, lds);
   }
   void accumulate(float* acc, int64_t r0, int64_t rows, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
     const int64_t D = p.head_dim, at = kv.hi.value_offset(j0);
     for (int64_t r = r0; r < r0 + rows; ++r) split_row(prob + r * ldp, p_hi.data() + r * ldp, p_lo.data() + r * ldp, nk);
-    const uint16_t *ph = AMX::bits(p_hi.data() + r0 * ldp), *pl = AMX::bits(p_lo.data() + r0 * ldp);
-    AMX::accumulate(rows, D, nk, ph, ldp, AMX::bits(v_hi + at), acc + r0 * D, D);
-    AMX::accumulate(rows, D, nk, ph, ldp, AMX::bits(v_lo + at), acc + r0 * D, D);
-    AMX::accumulate(rows, D, nk, pl, ldp, AMX::bits(v_hi + at), acc + r0 * D, D);
+    AMX::split_accumulate(rows, D, nk, AMX::bits(p_hi.data() + r0 * ldp), AMX::bits(p_lo.data() + r0 * ldp), ldp,
+                          AMX::bits(v_hi + at), AMX::bits(v_lo + at), acc + r0 * D, D);
   }
   void end_worker() { AMX::end_products(true, false); }
 };
