@@ -193,6 +193,14 @@ def assert_no_new_nonfinite(got, want):
     assert not (got.isnan() & ~want.isnan()).any(), "NaN where the reference has none"
 
 
+def half_ulp_excess(got, want):
+    """max over elements of (|got - want| - half a float16 ulp of want), over max|want|: what a
+    float16 result carries beyond its own rounding (want: the float64 reference)."""
+    ulp = torch.where(want.abs() >= 2**-14, 2.0 ** (torch.floor(torch.log2(want.abs())) - 10),
+                      torch.full_like(want, 2.0**-24))
+    return (((got.double() - want).abs() - ulp / 2).max() / want.abs().max()).item()
+
+
 def assert_close(got, want, atol, rtol=0.0, what="out"):
     got = got.to(torch.float64)
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"

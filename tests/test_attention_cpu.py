@@ -14,7 +14,7 @@ import headops
 from headops import reference
 
 from conftest import (ALL_FEATURES as ALL, LAYOUTS, OUT_ATOL, OUT_RTOL, assert_close, assert_no_new_nonfinite,
-                      check_against_reference, head_params, make_qkv, reference_f64)
+                      check_against_reference, half_ulp_excess, head_params, make_qkv, reference_f64)
 
 F64 = torch.float64
 
@@ -137,14 +137,6 @@ def test_low_precision(case, dtype):
     check_against_reference(q, k, v, causal=causal, layout=layout, **head_params(B, Hq, Sk, D, features))
 
 
-def _half_ulp_excess(out, ref):
-    """max over elements of (|out - ref| - half a float16 ulp of ref), over max|ref|: what an
-    output carries beyond its own rounding to float16."""
-    ulp = torch.where(ref.abs() >= 2**-14, 2.0 ** (torch.floor(torch.log2(ref.abs())) - 10),
-                      torch.full_like(ref, 2.0**-24))
-    return (((out.double() - ref).abs() - ulp / 2).max() / ref.abs().max()).item()
-
-
 SPLIT_HALF_CASES = [
     # shape, features, causal
     ((2, 130, 600, 4, 2, 64), ALL, True),
@@ -169,7 +161,7 @@ def test_float16_in_two_bfloat16_parts_is_float_accurate(case):
     kw = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
           for n, t in head_params(B, Hq, Sk, D, features).items()}
     out = headops.attention(q, k, v, causal=causal, **kw)
-    assert _half_ulp_excess(out, reference_f64(q, k, v, causal=causal, **kw)) < 2e-5
+    assert half_ulp_excess(out, reference_f64(q, k, v, causal=causal, **kw)) < 2e-5
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])

@@ -29,7 +29,7 @@ import torch
 import headops
 from headops import reference
 
-from conftest import ALL_FEATURES as ALL, assert_no_new_nonfinite, head_params, make_qkv
+from conftest import ALL_FEATURES as ALL, assert_no_new_nonfinite, half_ulp_excess, head_params, make_qkv
 
 F64 = torch.float64
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -431,13 +431,6 @@ def test_bfloat16_call_learning_a_cancelling_sum_keeps_precise_probabilities(nam
         torch.testing.assert_close(raw, learnt, atol=0, rtol=0)
 
 
-def _half_ulp_excess(got, want):
-    """max over elements of (|got - want| - half a float16 ulp of want), over max|want|."""
-    ulp = torch.where(want.abs() >= 2**-14, 2.0 ** (torch.floor(torch.log2(want.abs())) - 10),
-                      torch.full_like(want, 2.0**-24))
-    return (((got.double() - want).abs() - ulp / 2).max() / want.abs().max()).item()
-
-
 SPLIT_HALF_GRAD_CASES = [
     # shape, features (none whose gradient sums cancelling terms), causal
     ((1, 333, 333, 2, 2, 128), [], True),
@@ -460,7 +453,7 @@ def test_float16_backward_in_two_bfloat16_parts_is_float_accurate(case):
     got, want = kernel_and_reference_grads(q, k, v, kw)
     for name in ("q", "k", "v"):
         assert got[name].dtype == torch.float16
-        assert _half_ulp_excess(got[name], want[name]) < 3e-5, name
+        assert half_ulp_excess(got[name], want[name]) < 3e-5, name
 
 
 @pytest.mark.parametrize("feature,name", [("scale", "softmax_scale"), ("key_bias", "key_bias")])
