@@ -104,7 +104,7 @@ test: build
 # the property tests with 10x the examples CI runs
 test-properties-long: build
 	HEADOPS_HYPOTHESIS_EXAMPLES=20000 $(VPY) -m pytest tests/test_properties.py tests/test_properties_cache.py \
-		tests/test_properties_errors.py -q
+		tests/test_properties_errors.py tests/test_properties_half.py -q
 
 # AddressSanitizer + UndefinedBehaviorSanitizer: the extension is built into build-asan/ (its
 # own ninja tree, the Python files and subpackages linked beside it) and loaded instead of python/headops/_C.
@@ -115,7 +115,7 @@ test-properties-long: build
 ASAN_PKG := build-asan/pkg
 ASAN_TESTS ?= tests/test_validation.py tests/test_attention_cpu.py tests/test_autograd.py \
 	tests/test_kvcache.py tests/test_cache_methods.py tests/test_properties.py tests/test_properties_cache.py tests/test_properties_errors.py \
-	tests/test_limits.py tests/test_concurrency.py tests/test_cpu_variants.py
+	tests/test_properties_half.py tests/test_limits.py tests/test_concurrency.py tests/test_cpu_variants.py
 ASAN_EXAMPLES ?= 500
 test-asan: $(DEPS_STAMP)
 	mkdir -p $(ASAN_PKG)/headops

@@ -2,7 +2,8 @@
 
 Random caches: batch 1..3, 1..3 KV heads of random kinds (full / streaming / budget), GQA
 groups of 1..3 query heads with their own windows and sinks (streaming heads: a window; budget
-heads: none), head dims 1..64, float64 (mostly) and float32, max_step 1..5, budget_recent 0..3,
+heads: none), head dims 1..64 (16..80 in bfloat16 and float16), float64 (mostly), float32,
+bfloat16 and float16, max_step 1..5, budget_recent 0..3,
 one or two layers (window/sinks/kinds given per head or per layer, as lists or tensors), both
 layouts, causal or not. A prompt of 1..20 tokens (per-row ``lengths=`` sometimes, or stored with
 ``cache.append``), then 0..12 decode calls of 1..max_step tokens, with random per-head arguments
@@ -39,7 +40,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = max(1, int(os.environ.get("HEADOPS_HYPOTHESIS_EXAMPLES", "2000")) * 3 // 20)
 F64 = torch.float64
-TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (OUT_ATOL[torch.float32], OUT_RTOL[torch.float32])}
+TOL = {torch.float64: (1e-9, 1e-9)} | {dtype: (OUT_ATOL[dtype], OUT_RTOL[dtype])
+                                       for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 
 
 # ------------------------------------------------------------------------------ the draw
@@ -52,8 +54,11 @@ def cache_case(draw):
     Hkv = c["Hkv"] = draw(st.integers(1, 3))
     group = c["group"] = draw(st.integers(1, 3))
     Hq = c["Hq"] = Hkv * group
-    D = c["D"] = draw(st.sampled_from([1, 2, 3, 8, 16, 17, 64]))
-    c["dtype"] = draw(st.sampled_from([F64, F64, F64, torch.float32]))
+    c["dtype"] = draw(st.sampled_from([F64, F64, F64, torch.float32, torch.bfloat16, torch.float16]))
+    # 16-bit rows widen to float in whole vector pairs of the decode kernel (32 elements on
+    # AVX-512, 16 on AVX2) and a tail
+    half = c["dtype"] in (torch.bfloat16, torch.float16)
+    D = c["D"] = draw(st.sampled_from([16, 17, 33, 64, 80] if half else [1, 2, 3, 8, 16, 17, 64]))
     c["layout"] = draw(st.sampled_from(["bshd", "bhsd"]))
     c["causal"] = draw(st.sampled_from([True, True, True, False]))
     max_step = c["max_step"] = draw(st.integers(1, 5))
