@@ -117,39 +117,97 @@ inline void step(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint1
   }
 }
 
+// The T products a C block sums (one, or the three of two-part operands), as (A, B) pairs at
+// the same offsets: the block's C stays in the tile registers across all of them, loaded and
+// stored once. (Summing three products through C in memory, each pass storing the 128 KiB a
+// float tile takes, left the float16 forward's products ~1/3 slower.)
+template <int T>
+struct Products {
+  const uint16_t* a[T];
+  const uint16_t* b[T];
+  Products at(int64_t a_offset, int64_t b_offset) const {
+    Products moved = *this;
+    for (int t = 0; t < T; ++t) {
+      moved.a[t] += a_offset;
+      moved.b[t] += b_offset;
+    }
+    return moved;
+  }
+};
+
 // S's block of rows [m, m + 16 MB) x keys [n, n + 16 NB); b at the block's first key group.
-template <int MB, int NB>
-void scores_block(int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc, bool add_c) {
+template <int MB, int NB, int T>
+void scores_block(int64_t K, const Products<T>& x, int64_t lda, float* c, int64_t ldc, bool add_c) {
   if (add_c)
     load_c<MB, NB>(c, ldc);
   else
     zero_c<MB, NB>();
   const int64_t group = kKeyGroup * K;  // elements of one key group's K^T
-  for (int64_t k = 0; k < K; k += kTileK) step<MB, NB>(a + k, lda, b + k * kKeyGroup, b + group + k * kKeyGroup);
+  for (int t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; k += kTileK)
+      step<MB, NB>(x.a[t] + k, lda, x.b[t] + k * kKeyGroup, x.b[t] + group + k * kKeyGroup);
   store_c<MB, NB>(c, ldc);
 }
 
 // The rows inner: a block of keys' B tiles stay in L1 while the rows pass over them.
-template <int NB>
-void scores_columns(int64_t M, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc,
-                    bool add_c) {
+template <int NB, int T>
+void scores_columns(int64_t M, int64_t K, const Products<T>& x, int64_t lda, float* c, int64_t ldc, bool add_c) {
   int64_t m = 0;
   for (; m + 2 * kTileRows <= M; m += 2 * kTileRows)
-    scores_block<2, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc, add_c);
-  if (m < M) scores_block<1, NB>(K, a + m * lda, lda, b, c + m * ldc, ldc, add_c);
+    scores_block<2, NB>(K, x.at(m * lda, 0), lda, c + m * ldc, ldc, add_c);
+  if (m < M) scores_block<1, NB>(K, x.at(m * lda, 0), lda, c + m * ldc, ldc, add_c);
+}
+
+template <int T>
+void scores_of(int64_t M, int64_t N, int64_t K, const Products<T>& x, int64_t lda, float* c, int64_t ldc, bool add_c) {
+  TORCH_CHECK(M % kTileRows == 0 && N % kKeyGroup == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
+  // rows in chunks whose A parts stay in L1 (32 KiB of it) while the key blocks pass
+  const int64_t a_parts = T == 1 ? 1 : 2;
+  const int64_t chunk =
+      std::max<int64_t>(2 * kTileRows, 32768 / (K * 2 * a_parts) / (2 * kTileRows) * (2 * kTileRows));
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
+    int64_t n = 0;
+    for (; n + 2 * kKeyGroup <= N; n += 2 * kKeyGroup)
+      scores_columns<2>(rows, K, x.at(m0 * lda, n * K), lda, c + m0 * ldc + n, ldc, add_c);
+    if (n < N) scores_columns<1>(rows, K, x.at(m0 * lda, n * K), lda, c + m0 * ldc + n, ldc, add_c);
+  }
 }
 
 // O's block of rows [0, 16 MB) x columns [n, n + 32), over every step of keys.
-template <int MB>
-void accumulate_block(int64_t N, int64_t n, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
-                      int64_t ldc) {
+template <int MB, int T>
+void accumulate_block(int64_t N, int64_t n, int64_t K, const Products<T>& x, int64_t lda, float* c, int64_t ldc) {
   load_c<MB, 2>(c + n, ldc);
   const int64_t tile = kTileRows * 2 * kTileCols;  // elements of one B tile
-  for (int64_t k = 0; k < K; k += kKeyStep) {
-    const uint16_t* b_step = b + k * N + (n / kTileCols) * tile;
-    step<MB, 2>(a + k, lda, b_step, b_step + tile);
-  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; k += kKeyStep) {
+      const uint16_t* b_step = x.b[t] + k * N + (n / kTileCols) * tile;
+      step<MB, 2>(x.a[t] + k, lda, b_step, b_step + tile);
+    }
   store_c<MB, 2>(c + n, ldc);
+}
+
+template <int T>
+void accumulate_of(int64_t M, int64_t N, int64_t K, const Products<T>& x, int64_t lda, float* c, int64_t ldc) {
+  TORCH_CHECK(N % (2 * kTileCols) == 0 && K % kKeyStep == 0, "headops: AMX accumulate of an unpadded shape");
+  const int64_t whole = M / kTileRows * kTileRows;
+  // the rows outer: a block's A rows stay in L1 while B's column tiles pass (B outer, or B's
+  // column tiles shared by 64 rows, were 2-4 % slower in the bf16 forward at S = 4096)
+  for (int64_t m = 0; m < whole; m += 2 * kTileRows) {
+    for (int64_t n = 0; n < N; n += 2 * kTileCols) {
+      if (whole - m > kTileRows)
+        accumulate_block<2>(N, n, K, x.at(m * lda, 0), lda, c + m * ldc, ldc);
+      else
+        accumulate_block<1>(N, n, K, x.at(m * lda, 0), lda, c + m * ldc, ldc);
+    }
+  }
+  if (whole == M) return;
+  // the last M % 16 rows of C through a tile of its own: C's rows past M may be someone else's
+  const int64_t rows = M - whole;
+  std::vector<float> tail(kTileRows * N, 0.f);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.data() + r * N, c + (whole + r) * ldc, N * sizeof(float));
+  for (int64_t n = 0; n < N; n += 2 * kTileCols) accumulate_block<1>(N, n, K, x.at(whole * lda, 0), lda, tail.data(), N);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (whole + r) * ldc, tail.data() + r * N, N * sizeof(float));
 }
 
 bool disabled_by_environment() { return std::getenv("HEADOPS_CPU_AMX_BY_ONEDNN") != nullptr; }
@@ -175,41 +233,32 @@ void end_products(bool own_loops, bool brgemm_vnni) {
 
 void scores(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c, int64_t ldc,
             bool add_c) {
-  TORCH_CHECK(M % kTileRows == 0 && N % kKeyGroup == 0 && K % kTileK == 0, "headops: AMX scores of an unpadded shape");
-  // rows in chunks whose A stays in L1 (32 KiB of it) while the key blocks pass
-  const int64_t chunk = std::max<int64_t>(2 * kTileRows, 32768 / (K * 2) / (2 * kTileRows) * (2 * kTileRows));
-  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-    const int64_t rows = std::min(chunk, M - m0);
-    const uint16_t* ar = a + m0 * lda;
-    float* cr = c + m0 * ldc;
-    int64_t n = 0;
-    for (; n + 2 * kKeyGroup <= N; n += 2 * kKeyGroup)
-      scores_columns<2>(rows, K, ar, lda, b + n * K, cr + n, ldc, add_c);
-    if (n < N) scores_columns<1>(rows, K, ar, lda, b + n * K, cr + n, ldc, add_c);
-  }
+  scores_of<1>(M, N, K, Products<1>{{a}, {b}}, lda, c, ldc, add_c);
 }
 
 void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint16_t* b, float* c,
                 int64_t ldc) {
-  TORCH_CHECK(N % (2 * kTileCols) == 0 && K % kKeyStep == 0, "headops: AMX accumulate of an unpadded shape");
-  const int64_t whole = M / kTileRows * kTileRows;
-  // the rows outer: a block's A rows stay in L1 while B's column tiles pass (B outer, or B's
-  // column tiles shared by 64 rows, were 2-4 % slower in the bf16 forward at S = 4096)
-  for (int64_t m = 0; m < whole; m += 2 * kTileRows) {
-    for (int64_t n = 0; n < N; n += 2 * kTileCols) {
-      if (whole - m > kTileRows)
-        accumulate_block<2>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
-      else
-        accumulate_block<1>(N, n, K, a + m * lda, lda, b, c + m * ldc, ldc);
-    }
-  }
-  if (whole == M) return;
-  // the last M % 16 rows of C through a tile of its own: C's rows past M may be someone else's
-  const int64_t rows = M - whole;
-  std::vector<float> tail(kTileRows * N, 0.f);
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(tail.data() + r * N, c + (whole + r) * ldc, N * sizeof(float));
-  for (int64_t n = 0; n < N; n += 2 * kTileCols) accumulate_block<1>(N, n, K, a + whole * lda, lda, b, tail.data(), N);
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(c + (whole + r) * ldc, tail.data() + r * N, N * sizeof(float));
+  accumulate_of<1>(M, N, K, Products<1>{{a}, {b}}, lda, c, ldc);
+}
+
+void split_scores(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                  const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
+  scores_of<3>(M, N, K, Products<3>{{a_hi, a_hi, a_lo}, {b_hi, b_lo, b_hi}}, lda, c, ldc, false);
+}
+
+void split_accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                      const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
+  accumulate_of<3>(M, N, K, Products<3>{{a_hi, a_hi, a_lo}, {b_hi, b_lo, b_hi}}, lda, c, ldc);
+}
+
+void scores_split_a(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                    const uint16_t* b, float* c, int64_t ldc) {
+  scores_of<2>(M, N, K, Products<2>{{a_hi, a_lo}, {b, b}}, lda, c, ldc, false);
+}
+
+void accumulate_split_a(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                        const uint16_t* b, float* c, int64_t ldc) {
+  accumulate_of<2>(M, N, K, Products<2>{{a_hi, a_lo}, {b, b}}, lda, c, ldc);
 }
 
 #else  // no AMX code in this build
@@ -223,22 +272,24 @@ void scores(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*
 void accumulate(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "headops: this build has no AMX tiles");
 }
+void split_scores(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
+                  const uint16_t*, float*, int64_t) {
+  TORCH_CHECK(false, "headops: this build has no AMX tiles");
+}
+void split_accumulate(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
+                      const uint16_t*, float*, int64_t) {
+  TORCH_CHECK(false, "headops: this build has no AMX tiles");
+}
+void scores_split_a(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, float*,
+                    int64_t) {
+  TORCH_CHECK(false, "headops: this build has no AMX tiles");
+}
+void accumulate_split_a(int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, float*,
+                        int64_t) {
+  TORCH_CHECK(false, "headops: this build has no AMX tiles");
+}
 
 #endif
-
-void split_scores(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
-                  const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
-  scores(M, N, K, a_hi, lda, b_hi, c, ldc);
-  scores(M, N, K, a_hi, lda, b_lo, c, ldc, true);
-  scores(M, N, K, a_lo, lda, b_hi, c, ldc, true);
-}
-
-void split_accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
-                      const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc) {
-  accumulate(M, N, K, a_hi, lda, b_hi, c, ldc);
-  accumulate(M, N, K, a_hi, lda, b_lo, c, ldc);
-  accumulate(M, N, K, a_lo, lda, b_hi, c, ldc);
-}
 
 void copy_padded_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * cols, src + r * ld, cols * sizeof(uint16_t));

@@ -64,11 +64,20 @@ void accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda,
 
 // The same two products over operands held as two bfloat16 parts each (hi + lo: float16 split
 // exactly, float to ~2**-17; row_ops.h split_row): hi·hi + hi·lo + lo·hi, three products of the
-// plain ones. The dropped lo·lo term is at most 2**-18 of each element product. split_scores
-// writes C (adds into it with add_c), split_accumulate adds into it; shapes as above.
+// plain ones, summed in the tile registers (C loaded and stored once). The dropped lo·lo term is
+// at most 2**-18 of each element product. split_scores writes C (adds into it with add_c),
+// split_accumulate adds into it; shapes as above.
 void split_scores(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
                   const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc);
 void split_accumulate(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
                       const uint16_t* b_hi, const uint16_t* b_lo, float* c, int64_t ldc);
+
+// C = A_hi B + A_lo B (scores) and C += A_hi B + A_lo B (accumulate) of an A held in two parts
+// for a bfloat16 B, in one pass: the forward's probabilities (SplitProbabilityOperands) and the
+// backward's dL/do (split_dout) where a call learns a sum that cancels.
+void scores_split_a(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                    const uint16_t* b, float* c, int64_t ldc);
+void accumulate_split_a(int64_t M, int64_t N, int64_t K, const uint16_t* a_hi, const uint16_t* a_lo, int64_t lda,
+                        const uint16_t* b, float* c, int64_t ldc);
 
 }  // namespace headops::cpu::AMX

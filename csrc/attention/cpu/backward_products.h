@@ -288,8 +288,11 @@ struct PackedTileProducts {
     for (const RowGroup& g : groups) {
       float *s_g = s + g.r0 * ld, *dp_g = dp + g.r0 * ld;
       scores(g.rows, g.keys, q + g.r0 * ldq, ldq, keys_t, s_g, ld, false);              // S = Q K^T
-      scores(g.rows, g.keys, do_rows.data() + g.r0 * D, D, values_t, dp_g, ld, false);  // dP = dO V^T
-      if (split_dout) scores(g.rows, g.keys, do_rows_lo.data() + g.r0 * D, D, values_t, dp_g, ld, true);
+      if (split_dout) {  // dP = dO V^T, dO in two parts
+        scores_parts(g.rows, g.keys, do_rows.data() + g.r0 * D, do_rows_lo.data() + g.r0 * D, D, values_t, dp_g, ld);
+      } else {
+        scores(g.rows, g.keys, do_rows.data() + g.r0 * D, D, values_t, dp_g, ld, false);  // dP = dO V^T
+      }
     }
   }
   // prob and ds: [nq, nk] with leading dimension ld, zero past the `real` keys (< Sk)
@@ -376,6 +379,17 @@ struct PackedTileProducts {
         return AMX::scores(AMX::padded_rows(M), N, D, AMX::bits(a), lda, AMX::bits(b), c, ldc, add_c);
     }
     at::native::cpublas::brgemm(M, N, D, lda, kv.padded_keys, ldc, add_c, a, b, c, is_vnni<scalar_t>());
+  }
+  // C = (A_hi + A_lo) B, A in two parts (own AMX: in one pass over the tile registers)
+  void scores_parts(int64_t M, int64_t N, const scalar_t* a_hi, const scalar_t* a_lo, int64_t lda, const scalar_t* b,
+                    float* c, int64_t ldc) {
+    if constexpr (P == 2) {
+      if (own_amx)
+        return AMX::scores_split_a(AMX::padded_rows(M), N, D, AMX::bits(a_hi), AMX::bits(a_lo), lda, AMX::bits(b), c,
+                                   ldc);
+    }
+    scores(M, N, a_hi, lda, b, c, ldc, false);
+    scores(M, N, a_lo, lda, b, c, ldc, true);
   }
   // C[M x D] += A[M x K] B, B packed rows of D (K and the tile's Q and dO): headops' own AMX loops
   // over tile-major B where they run, else brgemm

@@ -260,6 +260,19 @@ struct PackedOperands {
     }
     at::native::cpublas::brgemm(rows, D, nk, ldp, D, D, true, prob + r0 * ldp, b, acc + r0 * D, vnni);
   }
+  // acc += (P_hi + P_lo) V, P held in two parts (own AMX: in one pass over the tile registers)
+  void accumulate_parts(float* acc, int64_t r0, int64_t rows, const scalar_t* prob_hi, const scalar_t* prob_lo,
+                        int64_t ldp, int64_t j0, int64_t nk) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (own_amx) {
+        const int64_t D = p.head_dim;
+        return AMX::accumulate_split_a(rows, D, nk, AMX::bits(prob_hi + r0 * ldp), AMX::bits(prob_lo + r0 * ldp), ldp,
+                                       AMX::bits(vv + packed.value_offset(j0)), acc + r0 * D, D);
+      }
+    }
+    accumulate(acc, r0, rows, prob_hi, ldp, j0, nk);
+    accumulate(acc, r0, rows, prob_lo, ldp, j0, nk);
+  }
   void end_worker() { AMX::end_products(own_amx, vnni); }
 };
 
@@ -279,8 +292,7 @@ struct SplitProbabilityOperands : PackedOperands<scalar_t> {
 
   void accumulate(float* acc, int64_t r0, int64_t rows, const float* prob, int64_t ldp, int64_t j0, int64_t nk) {
     for (int64_t r = r0; r < r0 + rows; ++r) split_row(prob + r * ldp, hi.data() + r * ldp, lo.data() + r * ldp, nk);
-    PackedOperands<scalar_t>::accumulate(acc, r0, rows, hi.data(), ldp, j0, nk);
-    PackedOperands<scalar_t>::accumulate(acc, r0, rows, lo.data(), ldp, j0, nk);
+    this->accumulate_parts(acc, r0, rows, hi.data(), lo.data(), ldp, j0, nk);
   }
 };
 
