@@ -144,16 +144,83 @@ def test_a_refused_probe_changes_nothing():
 
 
 def test_what_the_cache_does_not_probe():
-    cache = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, kinds="streaming",
-                                    window=4, sinks=1, compensation="weighted", batch_size=1, dtype=F64)
     q, k, v = torch.randn(1, 6, 2, 8, dtype=F64), torch.randn(1, 6, 1, 8, dtype=F64), torch.randn(1, 6, 1, 8,
                                                                                                    dtype=F64)
-    with pytest.raises(NotImplementedError, match="compensat"):
-        cache.attention(0, q, k, v, probe=headops.Probe(topk=1))
-    assert cache._layers[0].held == [0]
     full = headops.HeadSparseCache(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, batch_size=1, dtype=F64)
     with pytest.raises(ValueError, match="alpha"):
         full.attention(0, q, k, v, alpha=0.5, probe=headops.Probe(topk=1))
+    assert full._layers[0].held == [0]
+
+
+def compensation_oracle(cache, b, q, k, v, args, probe, keys):
+    """reference.probe of row b over every token so far with each compensated streaming head's
+    compensation key: the mean of the keys it no longer holds (counted here from what it keeps),
+    bias log n (weighted), 0 (unweighted), -inf (no key: not compensated, or nothing evicted)."""
+    st = cache._layers[0]
+    Hq, D = cache.num_heads, k.shape[-1]
+    group = Hq // cache.num_kv_heads
+    comp_key = torch.zeros(1, Hq, D, dtype=F64)
+    comp_bias = torch.full((1, Hq), -math.inf, dtype=F64)
+    for kvh, form in enumerate(st.compensation):
+        gone = sorted(set(range(keys)) - set(st.kept_positions(b, kvh).tolist()))
+        if form is None or not gone:
+            continue
+        heads = slice(kvh * group, (kvh + 1) * group)
+        comp_key[0, heads] = k[0, gone, kvh].mean(0)
+        comp_bias[0, heads] = math.log(len(gone)) if form == "weighted" else 0.0
+    per_head = {n: args[n][b:b + 1] for n in ("softmax_scale", "sink_logit", "gate") if n in args}
+    return reference.probe(q, k, v, window=st.windows.view(1, -1), sinks=st.sinks.view(1, -1),
+                           compensation_key=comp_key, compensation_bias=comp_bias, **per_head,
+                           **dict(probe, spans=torch.tensor(probe["spans"]).clamp(max=keys)))
+
+
+def test_compensated_streaming_heads_are_probed_with_their_compensation_key():
+    # RazorAttention's compensation key (DESIGN section 6) is one more key of the row's softmax
+    # with no position: every key's probability is measured against the softmax that holds it,
+    # its own mass is compensation_mass and enters the entropy, and no span, distance, top-k or
+    # key mass counts it (reference.probe's compensation_key)
+    torch.manual_seed(2)
+    B, S, Hq, Hkv, D = 2, 14, 6, 3, 8
+    steps = [1, 2, 1, 3, 1]
+    cache = headops.HeadSparseCache(num_layers=1, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                                    kinds=["full", "streaming", "streaming"], window=[-1, -1, 4, 3, 5, 5],
+                                    sinks=[0, 0, 1, 2, 0, 1], compensation=[None, "weighted", "unweighted"],
+                                    batch_size=B, dtype=F64, max_step=3)
+    total = S + sum(steps)
+    q_all = torch.randn(B, total, Hq, D, dtype=F64)
+    k_all, v_all = torch.randn(B, total, Hkv, D, dtype=F64), torch.randn(B, total, Hkv, D, dtype=F64)
+    args = dict(softmax_scale=torch.rand(B, Hq, dtype=F64) + 0.2, sink_logit=torch.randn(B, Hq, dtype=F64),
+                gate=torch.tensor([[1.0, 0.5, 1.0, 1.0, 0.0, 1.0]], dtype=F64).expand(B, Hq))
+    cache.attention(0, q_all[:, :S], k_all[:, :S], v_all[:, :S], **args)
+    held = S
+    for Sq in steps:
+        q, k, v = (t[:, held:held + Sq] for t in (q_all, k_all, v_all))
+        probe = dict(request(held + Sq, Sq), compensation_mass=True)
+        probe["spans"] = probe["spans"] + [[0, held + Sq]]  # every key
+        _, stats = cache.attention(0, q, k, v, probe=headops.Probe(**probe), **args)
+        held += Sq
+        for b in range(B):
+            want = compensation_oracle(cache, b, q[b:b + 1], k_all[b:b + 1, :held], v_all[b:b + 1, :held], args,
+                                       probe, held)
+            check(stats, want, b, Sq, held)
+            torch.testing.assert_close(stats.compensation_mass[b:b + 1].double(), want["compensation_mass"],
+                                       atol=2e-6, rtol=1e-6)
+        # the compensated heads (2..5, but 4 gated off) hold mass on their key once tokens left
+        assert bool((stats.compensation_mass[:, 2:4] > 0).all()) and bool((stats.compensation_mass[:, 5] > 0).all())
+        assert bool((stats.compensation_mass[:, :2] == 0).all()) and bool((stats.compensation_mass[:, 4] == 0).all())
+        # the keys, the sink and the compensation key share each computed row's mass
+        total_mass = stats.span_mass[..., -1] + stats.sink_mass + stats.compensation_mass
+        computed = torch.tensor([0, 1, 2, 3, 5])
+        torch.testing.assert_close(total_mass[:, computed], torch.ones(B, 5, Sq, dtype=total_mass.dtype),
+                                   atol=1e-6, rtol=0)
+
+
+def test_a_plain_call_reports_no_compensation_mass():
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    _, stats = headops.attention(q, k, v, probe=headops.Probe(compensation_mass=True, entropy=True))
+    assert torch.equal(stats.compensation_mass, torch.zeros(1, 2, 5))
+    with pytest.raises(TypeError, match="probe.compensation_mass"):
+        headops.attention(q, k, v, probe=headops.Probe(compensation_mass=1))
 
 
 def test_generation_through_the_cache_is_probed_at_original_positions():

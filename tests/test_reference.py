@@ -220,3 +220,29 @@ def test_reference_matches_sdpa(layout):
     t = (lambda x: x.transpose(1, 2)) if layout == "bshd" else (lambda x: x)
     want = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True)
     assert_equal_f64(ref(q, k, v, layout=layout), t(want))
+
+
+def test_probe_compensation_key_is_a_key_every_row_sees_without_a_position():
+    # the positionless compensation key (DESIGN section 6) against the same key placed first in
+    # the sequence, where sinks + 1 keep it visible to every row and shift nothing else: its
+    # mass is that position's, the entropy and the other keys' masses are the same
+    torch.manual_seed(3)
+    B, Sq, Sk, Hq, D = 2, 4, 9, 3, 5
+    q, k, v = torch.randn(B, Sq, Hq, D, dtype=F64), torch.randn(B, Sk, Hq, D, dtype=F64), torch.randn(B, Sk, Hq, D,
+                                                                                                       dtype=F64)
+    comp_key = torch.randn(B, Hq, D, dtype=F64)
+    comp_bias = torch.tensor([[math.log(7), 0.0, -math.inf], [0.3, -math.inf, math.log(2)]], dtype=F64)
+    window, sinks, scale = torch.tensor([3, 2, -1]), torch.tensor([1, 0, 2]), torch.tensor([0.4, 0.9, 0.6], dtype=F64)
+    stats = dict(spans=[[0, 2], [4, Sk]], sink_mass=True, entropy=True, compensation_mass=True)
+    got = reference.probe(q, k, v, window=window, sinks=sinks, softmax_scale=scale, sink_logit=torch.tensor(
+        [0.5, -1.0, 0.0], dtype=F64), compensation_key=comp_key, compensation_bias=comp_bias, **stats)
+    first = torch.cat([comp_key[:, None], k], 1)  # [B, 1 + Sk, Hq, D]
+    bias = torch.cat([comp_bias[..., None], torch.zeros(B, Hq, Sk, dtype=F64)], -1)
+    placed = reference.probe(q, first, torch.cat([v[:, :1], v], 1), window=window, sinks=sinks + 1,
+                             softmax_scale=scale, sink_logit=torch.tensor([0.5, -1.0, 0.0], dtype=F64), key_bias=bias,
+                             spans=[[0, 1], [1, 3], [5, Sk + 1]], sink_mass=True, entropy=True)
+    assert_equal_f64(got["compensation_mass"], placed["span_mass"][..., 0])
+    assert_equal_f64(got["span_mass"], placed["span_mass"][..., 1:])
+    assert_equal_f64(got["entropy"], placed["entropy"])
+    assert_equal_f64(got["sink_mass"], placed["sink_mass"])
+    assert bool((got["compensation_mass"][1, 1] == 0).all()) and bool((got["compensation_mass"][0, 2] == 0).all())

@@ -6,7 +6,9 @@ the keys each KV head **keeps**, at their original positions: per batch row, the
 laid out at their positions in a row of the row's length, the others masked by a key_bias of
 -inf, and the probe op runs over that row with the cache's windows and sinks. Top-k indices,
 spans and distances are therefore original positions, and the statistics are those of the
-attention the decode kernel computed. This costs a dense attention call per row and layer, and
+attention the decode kernel computed. A compensated streaming head's compensation key, which
+has no position, is added to each row's softmax afterwards (_add_compensation). This costs a
+dense attention call per row and layer, and
 a temporary copy of the row's kept keys at full length (O(S·D), never S×S): it is a research
 path, the decode kernel itself carries no probes.
 """
@@ -14,6 +16,7 @@ path, the decode kernel itself carries no probes.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -26,9 +29,6 @@ _PADDING = {"topk_index": -1}  # what a statistic reads where a row has no query
 def refuse(caller, args: HeadArgs, st) -> None:
     """What the cache cannot probe (before anything changes)."""
     refuse_unmeasurable(caller, args.alpha)
-    if st.comp_table is not None:
-        raise NotImplementedError(f"{caller}: probes over compensated streaming heads (RazorAttention's compensation "
-                                  "token) are not measured yet: make the cache without compensation to probe it")
 
 
 def _row_request(request: dict, b: int, keys: int, queries: int) -> dict:
@@ -95,7 +95,76 @@ def decode(st, q, args: HeadArgs, request: dict, causal: bool) -> ProbeResult:
             kept[0, h * group:(h + 1) * group, positions] = 0.0
         row = args.row(b, keys)
         row = row._replace(key_bias=kept if row.key_bias is None else row.key_bias.to(bias_dtype) + kept)
-        _, _, stats = run_probe(q[b:b + 1], k, v, row, _row_request(request, b, keys, Sq), causal=causal,
-                                heads_first=False)
+        row_request = _row_request(request, b, keys, Sq)
+        _, lse, stats = run_probe(q[b:b + 1], k, v, row, row_request, causal=causal, heads_first=False)
+        compensation = _compensation_logits(st, b, q[b:b + 1], row, group)
+        if compensation is not None:
+            _add_compensation(stats, lse, compensation, row_request,
+                              lambda r: run_probe(q[b:b + 1], k, v, row, r, causal=causal, heads_first=False)[2])
         results.append(stats)
     return stack_rows(results, Sq, max(st.held))
+
+
+def _compensation_logits(st, b, q, args: HeadArgs, group: int):
+    """[1, Hq, Sq] float64: the logit of each query row's compensation key (DESIGN section 6,
+    csrc/kvcache/kv_layout.h compensation_logit: scale * q . k_mean, + log n when weighted), -inf
+    for heads without one (not compensated, nothing evicted yet, or gated off exactly); None
+    when no head of row b has one."""
+    if st.comp_table is None:
+        return None
+    _, Sq, Hq, D = q.shape
+    logits = torch.full((1, Hq, Sq), float("-inf"), dtype=torch.float64, device=q.device)
+    for kvh, weighted in enumerate(st.compensation):
+        if weighted is None:
+            continue
+        k_mean, _, n = st.compensation_of(b, kvh)
+        if n == 0:
+            continue
+        for h in range(kvh * group, (kvh + 1) * group):
+            if args.gate is not None and float(args.gate[0, h]) == 0.0:
+                continue  # not computed: its statistics stay 0
+            scale = args.default_scale if args.softmax_scale is None else float(args.softmax_scale[0, h])
+            logits[0, h] = scale * (q[0, :, h].double() @ k_mean.to(q.device))
+            if weighted == "weighted":
+                logits[0, h] += math.log(n)
+    return None if bool(torch.isneginf(logits).all()) else logits
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * torch.log(x), torch.zeros_like(x))
+
+
+def _add_compensation(stats: ProbeResult, lse, compensation, request: dict, probe_with) -> None:
+    """Row statistics over the kept keys (`stats`, their `lse` [1, Hq, Sq]) made those of a softmax
+    that also holds each row's compensation key (logits `compensation` [1, Hq, Sq]): every key's
+    probability scales by r = exp(lse - lse'), lse' = logaddexp(lse, c); the key's own, 1 - r, is
+    the compensation mass and enters the entropy (-sum p log p over keys, sink and it). Key mass
+    sums over query rows, each with its own r: with several rows it is measured a row at a time
+    (`probe_with(request)`)."""
+    kept_lse = lse.double()
+    total = torch.logaddexp(kept_lse, compensation)
+    has = ~torch.isneginf(compensation)
+    r = torch.where(has, torch.exp(kept_lse - total), torch.ones_like(total))
+    p_comp = torch.where(has, torch.exp(compensation - total), torch.zeros_like(total))
+    for name in ("span_mass", "distance_mass", "topk_prob"):
+        t = getattr(stats, name)
+        if t is not None:
+            setattr(stats, name, (t.double() * r[..., None]).to(t.dtype))
+    if stats.sink_mass is not None:
+        stats.sink_mass = (stats.sink_mass.double() * r).to(stats.sink_mass.dtype)
+    if stats.entropy is not None:
+        stats.entropy = (r * stats.entropy.double() - _xlogx(r) - _xlogx(p_comp)).to(stats.entropy.dtype)
+    if stats.compensation_mass is not None:
+        stats.compensation_mass = p_comp.to(stats.compensation_mass.dtype)
+    if stats.key_mass is not None:
+        r0, r1 = request["key_mass_rows"]
+        if r1 - r0 == 1:
+            stats.key_mass = (stats.key_mass.double() * r[:, :, r0, None]).to(stats.key_mass.dtype)
+        else:
+            only_key_mass = dict(request, spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
+                                 compensation_mass=False)
+            mass = torch.zeros(stats.key_mass.shape, dtype=torch.float64, device=stats.key_mass.device)
+            for i in range(r0, r1):
+                one_row = probe_with(dict(only_key_mass, key_mass_rows=[i, i + 1])).key_mass
+                mass += one_row.double() * r[:, :, i, None]
+            stats.key_mass = mass.to(stats.key_mass.dtype)

@@ -434,7 +434,8 @@ class HeadSparseCache(_CacheBase):
         differ in length (right padding); the output rows past a row's length are 0.
         ``probe=headops.Probe(...)`` also returns the call's probe statistics, ``(out,
         ProbeResult)``: a prefill's over the prompt, a decode step's over the keys each KV head
-        keeps, at their original positions (docs/probes.md; not with alpha or compensation).
+        keeps, at their original positions, and a compensated streaming head's compensation key as
+        a positionless term (docs/probes.md; not with alpha).
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))

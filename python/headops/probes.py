@@ -37,6 +37,9 @@ class Probe:
     entropy: each row's attention entropy (nats).
     key_mass_rows: ``(r0, r1)``: per key, the mass the query rows r0..r1-1 give it (H2O / SnapKV
         scores), ``[B, Hq, Sk]``.
+    compensation_mass: the mass of a compensated streaming head's compensation key (RazorAttention,
+        through a ``HeadSparseCache``): the key that stands for the tokens the head evicted, which
+        has no position (no span, distance, top-k or key mass counts it). 0 elsewhere.
     """
     spans: object = None
     distances: object = None
@@ -44,6 +47,7 @@ class Probe:
     topk: int = 0
     entropy: bool = False
     key_mass_rows: tuple | None = None
+    compensation_mass: bool = False
 
 
 @dataclasses.dataclass
@@ -58,6 +62,7 @@ class ProbeResult:
     topk_index: torch.Tensor | None = None     # [B, Hq, Sq, k] key positions, -1 where fewer keys
     topk_prob: torch.Tensor | None = None      # [B, Hq, Sq, k]
     key_mass: torch.Tensor | None = None       # [B, Hq, Sk]
+    compensation_mass: torch.Tensor | None = None  # [B, Hq, Sq]
 
 
 def _pairs(caller, value, name, *, batch=None):
@@ -114,7 +119,7 @@ def check_probe(caller, probe, *, B, Sq, Sk):
                                                         (distances[:, 0] <= distances[:, 1])).all()):
             raise ValueError(f"{caller}: probe.distances must be [d0, d1) with 0 <= d0 <= d1 (a query-relative "
                              f"distance pos_i - j is never negative here), got {distances.tolist()}")
-    for name in ("sink_mass", "entropy"):
+    for name in ("sink_mass", "entropy", "compensation_mass"):
         if not isinstance(getattr(probe, name), bool):
             raise TypeError(f"{caller}: probe.{name} must be a bool, got {getattr(probe, name)!r}")
     if not is_int(probe.topk) or not 0 <= probe.topk <= MAX_TOPK:
@@ -127,20 +132,31 @@ def check_probe(caller, probe, *, B, Sq, Sk):
                              f"got {rows!r}")
         rows = [int(rows[0]), int(rows[1])]
     return dict(spans=spans, distances=distances, sink_mass=probe.sink_mass, topk=int(probe.topk),
-                entropy=probe.entropy, key_mass_rows=rows)
+                entropy=probe.entropy, key_mass_rows=rows, compensation_mass=probe.compensation_mass)
+
+
+def op_request(probe: dict) -> dict:
+    """The probe op's arguments of a checked request: all but compensation_mass, which no
+    attention call has a key for (the cache adds it, _cache_probe)."""
+    return {n: x for n, x in probe.items() if n != "compensation_mass"}
 
 
 def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first: bool):
     """The probe op on checked inputs: (out, lse, ProbeResult). Where no probe kernel runs, out and
     lse are the fused forward's (differentiable as it is) and the statistics are recomputed from
     that lse by row blocks."""
+    # a plain call has no compensation key: its mass is 0
+    B, Hq, Sq = lse_shape(q, k, heads_first)
+    compensation = torch.zeros(B, Hq, Sq, dtype=torch.float32, device=q.device) if probe.get("compensation_mass") \
+        else None
+    probe = op_request(probe)
     if not kernel_probes(q.device):
         from . import _probe_rows
         from .attention import run_fused
 
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=heads_first)
         found = _probe_rows.statistics(q, k, lse, args, probe, causal=causal, heads_first=heads_first)
-        return out, lse, ProbeResult(**found)
+        return out, lse, ProbeResult(**found, compensation_mass=compensation)
     kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
     del kernel["alpha"]  # (refused with a probe before this point)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -148,7 +164,13 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
                                                          **kernel, **probe)
     asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
              probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
-    return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)})
+    return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)},
+                                 compensation_mass=compensation)
+
+
+def lse_shape(q, k, heads_first: bool) -> tuple:
+    """(B, Hq, Sq) of a call's lse and per-row statistics."""
+    return (q.shape[0], q.shape[1], q.shape[2]) if heads_first else (q.shape[0], q.shape[2], q.shape[1])
 
 
 class Recording:

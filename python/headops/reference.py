@@ -156,7 +156,7 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
 
 def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
           key_bias=None, sink_logit=None, spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
-          key_mass_rows=None):
+          key_mass_rows=None, compensation_key=None, compensation_bias=None, compensation_mass=False):
     """Reference of the probe statistics (DESIGN section 5) from the materialised probabilities,
     in float64. Returns a dict: span_mass [B, Hq, Sq, n_spans], distance_mass [B, Hq, Sq, n_ranges],
     sink_mass, entropy [B, Hq, Sq], topk_index (int64) and topk_prob [B, Hq, Sq, topk], key_mass
@@ -167,6 +167,13 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     A head whose gate is exactly 0 is not computed: masses 0, indices -1, entropy 0. Top-k ranks
     the visible keys by logit (a -inf logit, from key_bias, is not a candidate; NaN ranks first),
     ties to the lower position; -1 and probability 0 where fewer than topk keys remain.
+
+    compensation_key [B, Hq, D] with compensation_bias [B, Hq]: one more key every row of head
+    (b, h) sees, with no position (DESIGN section 6, RazorAttention's compensation key: the mean
+    of what a streaming head evicted, bias log n in the weighted form; a bias of -inf: no such key
+    for that head). Its logit scale * q . k + bias enters lse and the entropy; no span, distance,
+    top-k or key mass counts it (it has no position); compensation_mass [B, Hq, Sq] is its own
+    probability (0 without the key).
     """
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -186,6 +193,12 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     masked = logits.masked_fill(~visible, float("-inf"))
     sink = _per_head(sink_logit, B, Hq, f64, dev, "sink_logit")
     with_sink = masked if sink is None else torch.cat([masked, sink[:, :, None, None].expand(B, Hq, Sq, 1)], -1)
+    comp = None  # [B, Hq, Sq]: the compensation key's logit per row
+    if compensation_key is not None:
+        comp = torch.einsum("bhid,bhd->bhi", qc, compensation_key.to(f64)) * scale[:, :, None]
+        comp = comp + compensation_bias.to(f64)[:, :, None]
+        comp = torch.where(torch.isneginf(compensation_bias.to(f64))[:, :, None], float("-inf"), comp)
+        with_sink = torch.cat([with_sink, comp[..., None]], -1)
     if with_sink.shape[-1]:
         row_max = with_sink.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -201,6 +214,9 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
         whole = torch.isposinf(sink[:, :, None]) & torch.isposinf(lse[..., 0])
         p_sink = torch.where(seen[..., 0], torch.where(whole, 1.0, torch.exp(sink[:, :, None] - lse[..., 0])),
                              torch.zeros_like(lse[..., 0]))
+    p_comp = None
+    if comp is not None:
+        p_comp = torch.where(seen[..., 0] & ~torch.isneginf(comp), torch.exp(comp - lse[..., 0]), torch.zeros_like(comp))
     g = _per_head(gate, B, Hq, f64, dev, "gate")
     computed = torch.ones(B, Hq, dtype=torch.bool, device=dev) if g is None else g != 0
 
@@ -210,7 +226,7 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
         return torch.where(mask, x, torch.full_like(x, fill))
 
     result = dict.fromkeys(("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob",
-                            "key_mass"))
+                            "key_mass", "compensation_mass"))
     key = torch.arange(Sk, device=dev)
     if spans is not None:
         spans = torch.as_tensor(spans, device=dev).to(torch.int64)
@@ -228,8 +244,9 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     if entropy:
         # 0 log 0 = 0; a NaN probability (a NaN logit the row sees) stays NaN, as in lse
         terms = torch.where((p > 0) | torch.isnan(p), -p * torch.log(p), torch.zeros_like(p)).sum(-1)
-        if p_sink is not None:
-            terms = terms + torch.where(p_sink > 0, -p_sink * torch.log(p_sink), torch.zeros_like(p_sink))
+        for extra in (p_sink, p_comp):
+            if extra is not None:
+                terms = terms + torch.where(extra > 0, -extra * torch.log(extra), torch.zeros_like(extra))
         result["entropy"] = off(terms)
     if topk:
         # rank by logit, NaN first, ties to the lower position (a stable sort keeps key order)
@@ -248,4 +265,7 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     if key_mass_rows is not None:
         r0, r1 = key_mass_rows
         result["key_mass"] = off(p[:, :, r0:r1].sum(2))
+    if compensation_mass:
+        result["compensation_mass"] = off(p_comp if p_comp is not None else torch.zeros(B, Hq, Sq, dtype=f64,
+                                                                                        device=dev))
     return result
