@@ -189,6 +189,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(block_q, block_k) of the CPU backward for inputs of dtype");
   m.def("cpu_uses_packed_operands", &headops::cpu::uses_packed_operands);
+  m.def("cpu_float_packing_rows", &headops::cpu::float_packing_rows, py::arg("backward"),
+        "Rows per key from which a float call's tiles run through brgemm on packed operands (else BLAS sgemm).");
   m.def("cpu_brgemm_pairs", &headops::cpu::brgemm_pairs,
         "The B layout brgemm reads for dtype on this CPU: 2 (VNNI pairs), 1 (plain rows), 0 (no packed tiles).");
   m.def("cpu_runs_own_amx_tiles", &headops::cpu::runs_own_amx_tiles,

@@ -1,8 +1,8 @@
 """The CPU kernel is compiled once per instruction set; the suite's main run exercises only the
 one this machine picks. Here the correctness sweep runs again under each other variant (ATen's
 ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, tiles through
-BLAS where this CPU runs them through brgemm, and bfloat16 AMX tiles through oneDNN's brgemm where
-headops runs its own AMX loops): the attention
+BLAS where this CPU runs them through brgemm, float tiles through brgemm at every row count, and
+bfloat16 AMX tiles through oneDNN's brgemm where headops runs its own AMX loops): the attention
 kernel's tests, its backward's and the decode kernel's."""
 
 import os
@@ -79,3 +79,14 @@ def test_bfloat16_amx_tiles_through_onednn():
     if not headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, 64):
         pytest.skip("this CPU runs no AMX tiles of headops' own")
     run_sweep({"HEADOPS_CPU_AMX_BY_ONEDNN": "1"}, "False", probe="headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, 64)")
+
+
+def test_float_tiles_packed_from_the_first_row():
+    """HEADOPS_CPU_FLOAT_PACKING_ROWS=1: float tiles through brgemm on packed operands at every row
+    count, where this CPU sends calls with fewer rows per key than float_packing_rows to BLAS (on
+    an Intel CPU with MKL, the backward packs only from 2048 rows per key, which no test shape
+    reaches)."""
+    if not headops._C.cpu_uses_packed_operands(torch.float32, 64):
+        pytest.skip("this CPU runs no float tiles through brgemm")
+    run_sweep({"HEADOPS_CPU_FLOAT_PACKING_ROWS": "1"}, "(1, 1)",
+              probe="(headops._C.cpu_float_packing_rows(False), headops._C.cpu_float_packing_rows(True))")

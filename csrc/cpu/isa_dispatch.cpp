@@ -2,11 +2,13 @@
 
 #include "amx_tiles.h"
 
+#include <ATen/Context.h>
 #include <ATen/Version.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 #include <cpuinfo.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -144,9 +146,21 @@ bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key) {
   return rows_per_key >= kHalfSplitRows && splits_half_into_bf16_tiles(head_dim);
 }
 
-bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key) {
+int64_t float_packing_rows(bool backward) {
+  static const char* forced = std::getenv("HEADOPS_CPU_FLOAT_PACKING_ROWS");
+  if (forced != nullptr) return std::max<int64_t>(1, std::atoll(forced));
+  static const bool intel_mkl = [] {
+    if (!at::hasMKL() || !cpuinfo_initialize()) return false;
+    const cpuinfo_core* core = cpuinfo_get_core(0);
+    return core != nullptr && core->vendor == cpuinfo_vendor_intel;
+  }();
+  if (!intel_mkl) return 24;
+  return backward ? 2048 : 192;
+}
+
+bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key, bool backward) {
   if (!uses_packed_operands(dtype, head_dim)) return false;
-  return dtype != at::kFloat || rows_per_key >= kFloatPackingRows;
+  return dtype != at::kFloat || rows_per_key >= float_packing_rows(backward);
 }
 
 }  // namespace headops::cpu

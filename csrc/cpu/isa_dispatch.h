@@ -60,14 +60,24 @@ bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key);
 int64_t l2_cache_bytes();
 
 // Whether one call's tiles run through brgemm: uses_packed_operands, and for float only when each
-// key is read by at least kFloatPackingRows query rows (seqlen_q x the GQA group): packing K and
-// V costs a pass over them that BLAS, reading them in place, does not pay; with a few rows per
-// key (a decode step through headops.attention) that pass is most of the call (Zen 5, 4096 keys,
-// D = 64: 9 query / 3 KV heads, 1 query 0.5-0.7 ms packed vs 0.3 ms through sgemm; 16 / 16
-// heads, 16 queries 4.7 vs 4.4 ms, 32 queries 5.3 vs 6.3 ms). 16-bit types keep brgemm whatever
-// the rows (not measured).
-constexpr int64_t kFloatPackingRows = 24;
-bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key);
+// key is read by at least float_packing_rows(backward) query rows (seqlen_q x the GQA group):
+// packing K and V costs a pass over them that BLAS, reading them in place, does not pay; with a
+// few rows per key (a decode step through headops.attention, a chunk of a prefill over a long
+// cache) that pass is most of the call. 16-bit types keep brgemm whatever the rows (not measured).
+bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key, bool backward);
+
+// Where BLAS sgemm stops paying against packed brgemm tiles, by what runs the sgemm:
+//  - MKL on an Intel CPU (its own AVX-512 kernels): forward from 192 rows, backward from 2048.
+//    2-core Emerald Rapids Xeon (2026-12-06, 4096 keys, D = 128, 16 / 16 heads, causal, one
+//    process per setting, two rounds), packed / BLAS ms: forward 32 rows 14.3-14.7 / 5.7-5.9, 64
+//    18.7-19.2 / 11.3-11.7, 128 24.1-27.0 / 19.3-20.0, 192 30.7-33.1 / 30.2-33.1, 256 37.7-40.2 /
+//    39.7-43.0, 512 56.4-58.2 / 65.2-66.9; backward 32 rows 74-81 / 41, 128 104-110 / 72-73, 512
+//    180-185 / 156-157, 1024 264-265 / 231-252; at 2048 keys and rows 131-136 / 132-134.
+//  - elsewhere (MKL's generic AVX2 path on AMD, which packs its operands on every call; other
+//    BLAS): 24 rows. Zen 5 (4096 keys, D = 64: 9 query / 3 KV heads, 1 query 0.5-0.7 ms packed vs
+//    0.3 ms through sgemm; 16 / 16 heads, 16 queries 4.7 vs 4.4 ms, 32 queries 5.3 vs 6.3 ms).
+// HEADOPS_CPU_FLOAT_PACKING_ROWS=N sets both (tests sweep the packed float path with N = 1).
+int64_t float_packing_rows(bool backward);
 
 template <typename Fn>
 struct IsaVariants {

@@ -31,7 +31,7 @@ bool backward_splits_half(at::ScalarType dtype, int64_t head_dim, int64_t rows_p
 }
 
 bool backward_writes_key_grads_once(at::ScalarType input_dtype, int64_t head_dim, int64_t rows_per_key) {
-  return input_dtype == at::kFloat && call_uses_packed_operands(input_dtype, head_dim, rows_per_key);
+  return input_dtype == at::kFloat && call_uses_packed_operands(input_dtype, head_dim, rows_per_key, true);
 }
 
 void attention_backward(const BackwardParams& p, at::ScalarType input_dtype) {

@@ -594,7 +594,7 @@ void forward_typed(const AttentionParams& p) {
                                       p.seqlen_q, p.seqlen_k, p.causal);
   const int64_t bq = tiles.block_q, bk = tiles.block_k;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (!float16_float_probs && call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group()))
+    if (!float16_float_probs && call_uses_packed_operands(dtype, p.head_dim, p.seqlen_q * p.group(), false))
       return forward_packed<scalar_t>(p, bq, bk);
   }
   std::vector<std::pair<int64_t, int64_t>> skipped;

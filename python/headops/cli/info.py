@@ -62,7 +62,8 @@ def describe(head_dim: int = 128) -> list:
     lines += [f"CPU: {name}; {torch.get_num_threads()} torch threads; flags: {' '.join(flags) or 'none of ' + ', '.join(_CPU_FLAGS)}",
               f"  kernel variant: {variant} (ATen's choice for this CPU; ATEN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 overrides)",
               f"  float32/float64 tiles: {'the BLAS torch links' if _C.cpu_have_native_blas() else 'the built-in loops'}"
-              + ("; float32 through brgemm (AVX-512) when each key meets enough query rows"
+              + ("; float32 through brgemm (AVX-512) when each key meets at least {} query rows (forward) / {} "
+                 "(backward)".format(_C.cpu_float_packing_rows(False), _C.cpu_float_packing_rows(True))
                  if _C.cpu_uses_packed_operands(torch.float32, head_dim) else "")]
     for dtype in (torch.bfloat16, torch.float16):
         packed = _C.cpu_uses_packed_operands(dtype, head_dim)
