@@ -120,7 +120,7 @@ inline void step(const uint16_t* a, int64_t lda, const uint16_t* b0, const uint1
 // The T products a C block sums (one, or the three of two-part operands), as (A, B) pairs at
 // the same offsets: the block's C stays in the tile registers across all of them, loaded and
 // stored once. (Summing three products through C in memory, each pass storing the 128 KiB a
-// float tile takes, left the float16 forward's products ~1/3 slower.)
+// float tile takes, made the whole float16 forward 1.14-1.2x as long on the AMX Xeon.)
 template <int T>
 struct Products {
   const uint16_t* a[T];

@@ -112,10 +112,10 @@ def _compensation_logits(st, b, q, args: HeadArgs, group: int):
     when no head of row b has one."""
     if st.comp_table is None:
         return None
-    _, Sq, Hq, D = q.shape
+    _, Sq, Hq, _ = q.shape
     logits = torch.full((1, Hq, Sq), float("-inf"), dtype=torch.float64, device=q.device)
-    for kvh, weighted in enumerate(st.compensation):
-        if weighted is None:
+    for kvh, form in enumerate(st.compensation):
+        if form is None:
             continue
         k_mean, _, n = st.compensation_of(b, kvh)
         if n == 0:
@@ -125,7 +125,7 @@ def _compensation_logits(st, b, q, args: HeadArgs, group: int):
                 continue  # not computed: its statistics stay 0
             scale = args.default_scale if args.softmax_scale is None else float(args.softmax_scale[0, h])
             logits[0, h] = scale * (q[0, :, h].double() @ k_mean.to(q.device))
-            if weighted == "weighted":
+            if form == "weighted":
                 logits[0, h] += math.log(n)
     return None if bool(torch.isneginf(logits).all()) else logits
 
