@@ -84,8 +84,8 @@ def test_bfloat16_amx_tiles_through_onednn():
 def test_float_tiles_packed_from_the_first_row():
     """HEADOPS_CPU_FLOAT_PACKING_ROWS=1: float tiles through brgemm on packed operands at every row
     count, where this CPU sends calls with fewer rows per key than float_packing_rows to BLAS (on
-    an Intel CPU with MKL, the backward packs only from 2048 rows per key, which no test shape
-    reaches)."""
+    an Intel CPU with MKL, the backward packs only from 512 rows per key, which few test shapes
+    reach)."""
     if not headops._C.cpu_uses_packed_operands(torch.float32, 64):
         pytest.skip("this CPU runs no float tiles through brgemm")
     run_sweep({"HEADOPS_CPU_FLOAT_PACKING_ROWS": "1"}, "(1, 1)",

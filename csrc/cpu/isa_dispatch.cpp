@@ -155,7 +155,7 @@ int64_t float_packing_rows(bool backward) {
     return core != nullptr && core->vendor == cpuinfo_vendor_intel;
   }();
   if (!intel_mkl) return 24;
-  return backward ? 2048 : 192;
+  return backward ? 512 : 192;
 }
 
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key, bool backward) {

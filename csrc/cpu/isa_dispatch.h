@@ -70,12 +70,15 @@ int64_t l2_cache_bytes();
 bool call_uses_packed_operands(at::ScalarType dtype, int64_t head_dim, int64_t rows_per_key, bool backward);
 
 // Where BLAS sgemm stops paying against packed brgemm tiles, by what runs the sgemm:
-//  - MKL on an Intel CPU (its own AVX-512 kernels): forward from 192 rows, backward from 2048.
+//  - MKL on an Intel CPU (its own AVX-512 kernels): forward from 192 rows, backward from 512.
 //    2-core Emerald Rapids Xeon (2026-12-06, 4096 keys, D = 128, 16 / 16 heads, causal, one
 //    process per setting, two rounds), packed / BLAS ms: forward 32 rows 14.3-14.7 / 5.7-5.9, 64
 //    18.7-19.2 / 11.3-11.7, 128 24.1-27.0 / 19.3-20.0, 192 30.7-33.1 / 30.2-33.1, 256 37.7-40.2 /
 //    39.7-43.0, 512 56.4-58.2 / 65.2-66.9; backward 32 rows 74-81 / 41, 128 104-110 / 72-73, 512
-//    180-185 / 156-157, 1024 264-265 / 231-252; at 2048 keys and rows 131-136 / 132-134.
+//    180-185 / 156-157, 1024 264-265 / 231-252. Causal self-attention, keys = rows, packs better
+//    in the backward (each key meets half the rows on average): 512 rows 11.0-13.0 / 11.5-14.7 ms,
+//    1024 rows 37.6-38.1 / 38.5-39.1 (2048: 131-136 / 132-134); hence 512, not the ~1024 of the
+//    first table.
 //  - elsewhere (MKL's generic AVX2 path on AMD, which packs its operands on every call; other
 //    BLAS): 24 rows. Zen 5 (4096 keys, D = 64: 9 query / 3 KV heads, 1 query 0.5-0.7 ms packed vs
 //    0.3 ms through sgemm; 16 / 16 heads, 16 queries 4.7 vs 4.4 ms, 32 queries 5.3 vs 6.3 ms).
