@@ -3,7 +3,7 @@ one this machine picks. Here the correctness sweep runs again under each other v
 ATEN_CPU_CAPABILITY override, plain AVX-512 for bfloat16 instead of AVX512-BF16, tiles through
 BLAS where this CPU runs them through brgemm, float tiles through brgemm at every row count, and
 bfloat16 AMX tiles through oneDNN's brgemm where headops runs its own AMX loops): the attention
-kernel's tests, its backward's and the decode kernel's."""
+kernel's tests, its backward's, the 16-bit property tests and the decode kernel's."""
 
 import os
 import subprocess
@@ -18,8 +18,9 @@ import headops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVAILABLE = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
-# every attention-kernel test, the 16-bit property tests, and the decode kernel's comparisons with full attention in each
-# dtype, with every per-head argument, over budget heads' kept sets and across many segments
+# every attention-kernel test, the 16-bit property tests, and the decode kernel's comparisons with
+# full attention in each dtype, with every per-head argument, over budget heads' kept sets and
+# across many segments
 DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
                 "test_decode_lower_precision_head_dims",
                 "test_budget_heads_equal_attention_over_the_kept_set", "test_decode_across_many_segments"]

@@ -216,7 +216,8 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
                              torch.zeros_like(lse[..., 0]))
     p_comp = None
     if comp is not None:
-        p_comp = torch.where(seen[..., 0] & ~torch.isneginf(comp), torch.exp(comp - lse[..., 0]), torch.zeros_like(comp))
+        p_comp = torch.where(seen[..., 0] & ~torch.isneginf(comp), torch.exp(comp - lse[..., 0]),
+                             torch.zeros_like(comp))
     g = _per_head(gate, B, Hq, f64, dev, "gate")
     computed = torch.ones(B, Hq, dtype=torch.bool, device=dev) if g is None else g != 0
 
