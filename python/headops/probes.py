@@ -145,10 +145,7 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
     """The probe op on checked inputs: (out, lse, ProbeResult). Where no probe kernel runs, out and
     lse are the fused forward's (differentiable as it is) and the statistics are recomputed from
     that lse by row blocks."""
-    # a plain call has no compensation key: its mass is 0
-    B, Hq, Sq = lse_shape(q, k, heads_first)
-    compensation = torch.zeros(B, Hq, Sq, dtype=torch.float32, device=q.device) if probe.get("compensation_mass") \
-        else None
+    wants_compensation = probe.get("compensation_mass", False)
     probe = op_request(probe)
     if not kernel_probes(q.device):
         from . import _probe_rows
@@ -156,7 +153,7 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
 
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=heads_first)
         found = _probe_rows.statistics(q, k, lse, args, probe, causal=causal, heads_first=heads_first)
-        return out, lse, ProbeResult(**found, compensation_mass=compensation)
+        return out, lse, ProbeResult(**found, compensation_mass=_no_compensation_key(lse, wants_compensation))
     kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
     del kernel["alpha"]  # (refused with a probe before this point)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -165,12 +162,13 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
     asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
              probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
     return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)},
-                                 compensation_mass=compensation)
+                                 compensation_mass=_no_compensation_key(lse, wants_compensation))
 
 
-def lse_shape(q, k, heads_first: bool) -> tuple:
-    """(B, Hq, Sq) of a call's lse and per-row statistics."""
-    return (q.shape[0], q.shape[1], q.shape[2]) if heads_first else (q.shape[0], q.shape[2], q.shape[1])
+def _no_compensation_key(lse, asked: bool):
+    """compensation_mass of a plain call, which has no compensation key: 0 per row ([B, Hq, Sq],
+    lse's shape), None when not asked."""
+    return torch.zeros(lse.shape, dtype=torch.float32, device=lse.device) if asked else None
 
 
 class Recording:
