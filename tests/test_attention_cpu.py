@@ -149,8 +149,9 @@ SPLIT_HALF_CASES = [
 @pytest.mark.parametrize("case", SPLIT_HALF_CASES, ids=lambda c: shape_id(c[0]) + "-" + "+".join(c[1] or ["plain"]))
 def test_float16_in_two_bfloat16_parts_is_float_accurate(case):
     # On AMX without AMX-FP16 a float16 forward that keeps no precise probabilities (learns none
-    # of softmax_scale, sink_logit, alpha, key_bias), and reads each key with enough query rows, runs each operand as two bfloat16 parts (operands.h,
-    # SplitHalfOperands; isa_dispatch.h, kHalfSplitRows): its outputs stay within half a float16
+    # of softmax_scale, sink_logit, alpha, key_bias), and reads each key with enough query rows,
+    # runs each operand as two bfloat16 parts (operands.h, SplitHalfOperands; isa_dispatch.h,
+    # kHalfSplitRows): its outputs stay within half a float16
     # ulp plus 2e-5 of max|out| of the float64 reference (measured: 3.9e-6), where P rounded to
     # float16 for the product (brgemm's float16 path) lands at 2.5e-4.
     (B, Sq, Sk, Hq, Hkv, D), features, causal = case

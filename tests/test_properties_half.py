@@ -28,7 +28,7 @@ import headops
 
 from conftest import (ALL_FEATURES, OUT_ATOL, OUT_RTOL, check_against_reference, half_ulp_excess, head_params,
                       make_qkv, reference_f64)
-from test_autograd import grad_errors, grad_tol, kernel_and_reference_grads
+from test_autograd import grad_errors, grad_tol, kernel_and_reference_grads, round_params
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -72,9 +72,7 @@ def inputs(case):
     torch.manual_seed(case["seed"])
     B, Sq, Sk, Hq, Hkv, D = case["shape"]
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, case["dtype"], case["layout"], case["strided"])
-    kw = head_params(B, Hq, Sk, D, case["features"], per_batch=case["per_batch"])
-    kw = {n: t.float().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-          for n, t in kw.items()}
+    kw = round_params(head_params(B, Hq, Sk, D, case["features"], per_batch=case["per_batch"]), case["dtype"])
     return q, k, v, dict(kw, causal=case["causal"], layout=case["layout"])
 
 
