@@ -113,18 +113,22 @@ def run_pair(cache_kw, *, B, Hq, Hkv, D, S, steps, dtype, names=(), gate_zero=No
                                    msg=lambda m: f"step at position {p} ({n} tokens): {m}")
         p += n
     if compare_state:
-        got, want = state(dev), state(cpu)
-        assert got.keys() == want.keys()
-        for key in want:
-            if key == "slot_mass":
-                torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
-            elif key == "comp":
-                for x, y in zip(got[key], want[key]):  # the same float64 sums, in the same order
-                    assert torch.equal(x, y)
-            else:
-                for x, y in zip(got[key], want[key]):
-                    assert torch.equal(x, y), key
+        assert_same_state(dev, cpu)
     return dev, cpu
+
+
+def assert_same_state(dev, cpu):
+    got, want = state(dev), state(cpu)
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "slot_mass":
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+        elif key == "comp":
+            for x, y in zip(got[key], want[key]):  # the same float64 sums, in the same order
+                assert torch.equal(x, y)
+        else:
+            for x, y in zip(got[key], want[key]):
+                assert torch.equal(x, y), key
 
 
 DTYPES = [F32, BF16, F16]
@@ -257,6 +261,42 @@ def test_rings_and_budgets_larger_than_the_row():
     run_pair(dict(kinds=["streaming", "budget"], window=[200, 200, -1, -1], sinks=[2, 2, 0, 0],
                   budget=[None, 150], budget_recent=4, max_step=2),
              B=2, Hq=4, Hkv=2, D=32, S=20, steps=[1, 2, 1], dtype=F32, names=("softmax_scale",), seed=31)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_beam_reorder_row_repeats_and_reset_on_the_device_as_on_the_cpu(dtype):
+    """HeadSparseCache.reorder_cache (beam search: in place, rows repeated and dropped),
+    batch_repeat_interleave and reset over device storages: every later step and the state the
+    kernels write as the CPU cache's after the same operations."""
+    dev, cpu = make_pair(num_layers=1, num_heads=6, num_kv_heads=3, head_dim=16, kinds=["budget", "full", "streaming"],
+                         window=[-1, -1, -1, -1, 5, 4], sinks=[0, 1, 0, 0, 2, 1], budget=[10, None, None],
+                         budget_recent=3, compensation=[None, None, "weighted"], max_step=2)
+    g = torch.Generator().manual_seed(41)
+    atol, rtol = TOL[dtype]
+
+    def steps(sizes, B):
+        for n in sizes:
+            q, k, v = (draw((B, n, H, 16), dtype, g) for H in (6, 3, 3))
+            want = cpu.attention(0, q, k, v, softmax_scale=0.4)
+            got = dev.attention(0, q.to(CUDA), k.to(CUDA), v.to(CUDA), softmax_scale=0.4)
+            synchronize()
+            torch.testing.assert_close(got.cpu().float(), want.float(), atol=atol, rtol=rtol)
+
+    steps([20, 1, 2, 1, 1, 2], 3)
+    ring = dev._layers[0].ring_k.data_ptr()
+    cpu.reorder_cache(torch.tensor([2, 0, 0]))
+    dev.reorder_cache(torch.tensor([2, 0, 0], device=CUDA))
+    assert dev._layers[0].ring_k.data_ptr() == ring
+    assert_same_state(dev, cpu)
+    steps([1, 2, 1], 3)
+    cpu.batch_repeat_interleave(2)
+    dev.batch_repeat_interleave(2)
+    steps([1, 1], 6)
+    assert_same_state(dev, cpu)
+    cpu.reset()
+    dev.reset()
+    steps([15, 1, 2, 1], 6)
+    assert_same_state(dev, cpu)
 
 
 def test_budget_heads_bfloat16_outputs():

@@ -61,3 +61,21 @@ def test_streaming_heads_generate_like_recomputing_with_the_same_spec():
     got = model.generate(ids, max_new_tokens=15, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.ideal_nbytes() < cache.dense_nbytes()  # (at 25 tokens the 64-token segment dominates nbytes)
+
+
+@pytest.mark.parametrize("beams, returned", [(3, 1), (2, 2)])
+def test_beam_search_generates_like_recomputing_with_the_same_spec(beams, returned):
+    """generate(num_beams=...) reorders the cache's rows every step (HeadSparseCache.reorder_cache):
+    two prompts of a batch, each beam's streaming head keeping its own row's tokens."""
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 97, (2, 10))
+    options = dict(max_new_tokens=12, do_sample=False, num_beams=beams, num_return_sequences=returned,
+                   attention_mask=torch.ones_like(ids), pad_token_id=0)
+    use(model, "headops_recompute_test")
+    want = model.generate(ids, use_cache=False, **options)
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    kinds=["full", "streaming"], window=WINDOW, sinks=SINKS, max_step=1)
+    use(model, "headops_cache_test")
+    got = model.generate(ids, cache=cache, **options)
+    assert torch.equal(got, want)
+    assert cache.batch_size == 2 * beams

@@ -96,6 +96,9 @@ def cache_case(draw):
     mode = c["prompt"] = draw(st.sampled_from(["attention", "attention", "lengths", "append"]))
     c["lengths"] = [draw(st.integers(1, S)) for _ in range(B)] if mode == "lengths" else None
     c["steps"] = draw(st.lists(st.integers(1, max_step), min_size=0, max_size=12))
+    # beam search's reorder_cache before one of the steps: each row becomes a drawn row (repeats allowed)
+    c["reorder"] = (draw(st.integers(0, len(c["steps"]))), [draw(st.integers(0, B - 1)) for _ in range(B)]) \
+        if B > 1 and c["steps"] and draw(st.integers(0, 3)) == 0 else None
     c["seed"] = draw(st.integers(0, 2**31 - 1))
 
     # per-head arguments, each in one of its accepted forms
@@ -407,6 +410,13 @@ def test_cache_matches_full_recomputation(c):
 
     # ---- decode calls: row b's next n tokens sit at its own positions cur[b] ..
     for i, n in enumerate(steps, 1):
+        if c["reorder"] is not None and c["reorder"][0] == i - 1:  # the rows' histories follow them
+            rows = c["reorder"][1]
+            cache.reorder_cache(torch.tensor(rows))
+            q, k, v = q[rows], k[rows], v[rows]
+            cur = [cur[b] for b in rows]
+            check_state(f"{i} (reordered)")
+            event("rows reordered")
         new = [torch.stack([t[b, cur[b]:cur[b] + n] for b in range(B)]) for t in (q, k, v)]
         cur = [x + n for x in cur]
         out = call(*new, max(cur))

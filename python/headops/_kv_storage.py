@@ -186,6 +186,42 @@ class LayerStorage:
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
 
+    _ROW_STORAGES = ("ring_k", "ring_v", "slot_pos", "slot_mass", "budget_table", "comp_k", "comp_v", "comp_n",
+                     "lengths")
+
+    def take_rows(self, index: torch.Tensor, rows: list) -> None:
+        """Row i becomes what row rows[i] held (`index`: the same rows as an int64 tensor on the
+        storages' device; rows may repeat or be left out). With as many rows as before the storages
+        are rewritten in place and keep their addresses (a captured CUDA graph stays valid); else
+        they are new, of len(rows) rows."""
+        in_place = len(rows) == len(self.held)
+
+        def take(t):
+            if t is None:
+                return None
+            picked = t.index_select(0, index)
+            return t.copy_(picked) if in_place else picked
+
+        self.full_k = [take(seg) for seg in self.full_k]
+        self.full_v = [take(seg) for seg in self.full_v]
+        for name in self._ROW_STORAGES:
+            setattr(self, name, take(getattr(self, name)))
+        self.held = [self.held[b] for b in rows]
+        B, dtype, device = self._storage
+        self._storage = (len(rows), dtype, device)
+
+    def forget_tokens(self) -> None:
+        """Every row empty again, as just allocated; the storages keep their sizes and addresses."""
+        self.lengths.zero_()
+        self.held = [0] * len(self.held)
+        if self.budget_table is not None:
+            self.budget_table.copy_(self.budget_layout.to(self.budget_table.device).expand_as(self.budget_table))
+            self.slot_pos.fill_(-1)
+            self.slot_mass.zero_()
+        for t in (self.comp_k, self.comp_v, self.comp_n):
+            if t is not None:
+                t.zero_()
+
     # ------------------------------------------------------------------------------ tokens
 
     def capacity(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _cache_layout, _cache_probe, _distributed, budgets
-from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense, on_device,
+from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense, describe, on_device,
                     check_float_dtype, fail, head_args, is_int)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
@@ -73,7 +73,27 @@ class _TransformersLayer(_LayerBase):
         return -1
 
     def reset(self):
-        raise NotImplementedError("headops.HeadSparseCache cannot be reset; make a new one")
+        raise NotImplementedError("headops.HeadSparseCache resets all its layers at once: call the cache's reset()")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("headops.HeadSparseCache reorders all its layers at once: call the cache's "
+                                  "reorder_cache(beam_idx)")
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError(_NO_CROP)
+
+    def batch_repeat_interleave(self, repeats):
+        raise NotImplementedError("headops.HeadSparseCache repeats all its layers' rows at once: call the cache's "
+                                  "batch_repeat_interleave(repeats)")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("headops.HeadSparseCache selects all its layers' rows at once: call the cache's "
+                                  "batch_select_indices(indices)")
+
+
+_NO_CROP = ("headops.HeadSparseCache cannot drop its latest tokens (crop): its streaming and budget heads have evicted "
+            "tokens that the shorter sequence would need back. Assisted generation and prompt lookup decoding crop "
+            "the cache; run them with a transformers DynamicCache")
 
 
 class HeadSparseCache(_CacheBase):
@@ -136,6 +156,10 @@ class HeadSparseCache(_CacheBase):
     in one call. Other per-head arguments (gate, softmax_scale, alpha, key_bias, sink_logit,
     out_scale, out_bias) are those of ``headops.attention``; key_bias indexes original
     positions. A call that is refused changes nothing.
+
+    transformers' row operations move every per-row state with its row: ``reorder_cache``
+    (beam search), ``batch_select_indices``, ``batch_repeat_interleave``; ``reset`` empties the
+    rows and keeps the storages; ``crop`` is refused (evicted tokens cannot come back).
     """
 
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
@@ -293,6 +317,71 @@ class HeadSparseCache(_CacheBase):
         for st, held in zip(self._layers, counts):
             if held:
                 st.held = held
+
+    # ---------------------------------------------------------------------- batch rows (transformers)
+
+    def reset(self) -> None:
+        """Drops every token: each row is empty again, as before its first call. The storages stay
+        allocated, sized and where they are (nbytes() does not change; a CUDA graph captured over
+        them stays valid), so the next prompt must have the same batch size, dtype and device; make
+        a new cache to give the memory back."""
+        for st in self._layers:
+            if st.held:
+                st.forget_tokens()
+
+    def reorder_cache(self, beam_idx) -> None:
+        """Beam search (transformers' generate with num_beams > 1): row b becomes what row
+        beam_idx[b] held, in every layer (a 1-D integer tensor or sequence, one entry per row, each
+        in [0, batch size)). In place: the storages keep their sizes and addresses. A refused call
+        changes nothing."""
+        rows = self._row_index(CALLER + ".reorder_cache", "beam_idx", beam_idx, same_count=True)
+        self._take_rows(rows)
+
+    def batch_select_indices(self, indices) -> None:
+        """Keeps the batch rows `indices` (a 1-D integer tensor or sequence, in [0, batch size); rows
+        may repeat), in that order, in every layer; the storages are new, of len(indices) rows."""
+        self._take_rows(self._row_index(CALLER + ".batch_select_indices", "indices", indices))
+
+    def batch_repeat_interleave(self, repeats) -> None:
+        """Each batch row `repeats` times in a row (rows 0, 0, 1, 1, ... for 2), in every layer, as
+        torch.repeat_interleave; the storages are new, of batch size x repeats rows."""
+        caller = CALLER + ".batch_repeat_interleave"
+        if not is_int(repeats) or repeats < 1:
+            raise fail(caller, "repeats", "an int >= 1", repr(repeats))
+        if self._batch_size is not None:
+            self._take_rows([b for b in range(self._batch_size) for _ in range(int(repeats))])
+
+    def crop(self, tokens_to_remove) -> None:
+        raise NotImplementedError(_NO_CROP)
+
+    def _row_index(self, caller, name, index, same_count=False) -> list:
+        """`index` checked as batch rows of this cache: a list of ints."""
+        if isinstance(index, torch.Tensor):
+            if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+                raise TypeError(f"{caller}: {name} must be a 1-D integer tensor, got {describe(index)}")
+            rows = index.tolist()
+        else:
+            rows = _cache_layout.as_list(index)
+            if rows is None or not all(is_int(b) for b in rows):
+                raise TypeError(f"{caller}: {name} must be a 1-D integer tensor or a sequence of ints, got {index!r}")
+            rows = [int(b) for b in rows]
+        B = self._batch_size
+        if B is None:  # (an empty cache whose first call will size it: nothing to reorder)
+            return rows
+        if not rows or not all(0 <= b < B for b in rows):
+            raise fail(caller, name, f"batch rows in [0, {B})", rows)
+        if same_count and len(rows) != B:
+            raise fail(caller, name, f"one entry per batch row ({B})", f"{len(rows)} entries")
+        return rows
+
+    def _take_rows(self, rows: list) -> None:
+        if self._batch_size is None:
+            return
+        if self._sized:
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            for st in self._layers:
+                st.take_rows(index, rows)
+        self._batch_size = len(rows)
 
     def nbytes(self) -> int:
         """Bytes the cache really holds (storages, capacity included, and layout tables)."""
