@@ -507,12 +507,14 @@ WHOLE_PATH_SPECS = {
 }
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("method", sorted(WHOLE_PATH_SPECS))
-def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
+def test_patched_model_generates_on_the_device_as_on_the_cpu(method, padded):
     """What a GPU user runs (README): a model patched with a method's HeadSpec, generating with
     HeadSparseCache(model, spec) on the device (the CUDA append and decode kernels under a real
     model, the cache made from the first call's tensors), against the same on the CPU: the same
-    greedy tokens, the same step scores, the same tokens kept per head."""
+    greedy tokens, the same step scores, the same tokens kept per head. Left-padded: a batch as a
+    tokenizer pads it for generation (the cache holds each row from its first token)."""
     transformers = pytest.importorskip("transformers")
     from packaging.version import Version
 
@@ -522,13 +524,17 @@ def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
 
     cpu_model, dev_model = tiny_llama_twins(CUDA)
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
     runs = {}
     for name, model in (("cpu", cpu_model), ("device", dev_model)):
         spec = WHOLE_PATH_SPECS[method](model)
         headops.patch(model, spec)
         cache = headops.HeadSparseCache(model, spec, budget_recent=2)  # (budget heads: small budgets)
-        out = model.generate(ids.to(model.device), max_new_tokens=10, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, **{cache_kwarg: cache})
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=10,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                             **{cache_kwarg: cache})
         runs[name] = (out, cache)
     (want, cpu_cache), (got, dev_cache) = runs["cpu"], runs["device"]
     assert torch.equal(got.sequences.cpu(), want.sequences)
@@ -537,7 +543,7 @@ def test_patched_model_generates_on_the_device_as_on_the_cpu(method):
     assert dev_cache.get_seq_length() == cpu_cache.get_seq_length() == 21 + 9  # (the caches were used)
     for layer in range(2):
         a, b = dev_cache._layers[layer], cpu_cache._layers[layer]
-        assert a.held == b.held
+        assert a.held == b.held == [30, 24 if padded else 30] and a.pads == b.pads
         for row in range(2):
             for kv_head in range(2):
                 assert torch.equal(a.kept_kv(row, kv_head)[0].cpu(), b.kept_kv(row, kv_head)[0])

@@ -87,6 +87,8 @@ class LayerStorage:
         self.windows = torch.tensor(windows, dtype=torch.int64)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.held: list[int] = []  # per batch row; empty until allocated
+        # per batch row: the left padding of its prompt (not stored; transformers counts it in the sequence)
+        self.pads: list[int] = []
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
         self.full_capacity = 0  # tokens the segments hold, summed
@@ -173,6 +175,7 @@ class LayerStorage:
                 setattr(self, name, t.to(device))
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)
         self.held = [0] * B
+        self.pads = [0] * B
         if self.budget_layout is not None:  # budget heads: each slot's position (-1 empty) and attention mass
             self.slot_pos = torch.full((B, self.slots_held), -1, dtype=torch.int64, device=device)
             self.slot_mass = torch.zeros(B, self.slots_held, dtype=torch.float32, device=device)
@@ -185,6 +188,7 @@ class LayerStorage:
         self.comp_k = self.comp_v = self.comp_n = None
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
+        self.pads = []
 
     _ROW_STORAGES = ("ring_k", "ring_v", "slot_pos", "slot_mass", "budget_table", "comp_k", "comp_v", "comp_n",
                      "lengths")
@@ -207,6 +211,7 @@ class LayerStorage:
         for name in self._ROW_STORAGES:
             setattr(self, name, take(getattr(self, name)))
         self.held = [self.held[b] for b in rows]
+        self.pads = [self.pads[b] for b in rows]
         B, dtype, device = self._storage
         self._storage = (len(rows), dtype, device)
 
@@ -214,6 +219,7 @@ class LayerStorage:
         """Every row empty again, as just allocated; the storages keep their sizes and addresses."""
         self.lengths.zero_()
         self.held = [0] * len(self.held)
+        self.pads = [0] * len(self.pads)
         if self.budget_table is not None:
             self.budget_table.copy_(self.budget_layout.to(self.budget_table.device).expand_as(self.budget_table))
             self.slot_pos.fill_(-1)
@@ -223,6 +229,11 @@ class LayerStorage:
                 t.zero_()
 
     # ------------------------------------------------------------------------------ tokens
+
+    def padded_length(self) -> int:
+        """The sequence length as transformers counts it: tokens held plus the prompt's left padding
+        (the same for every row of a left-padded batch)."""
+        return max((n + p for n, p in zip(self.held, self.pads)), default=0)
 
     def capacity(self) -> int:
         """Tokens per row the full storage's segments hold."""

@@ -64,7 +64,7 @@ class _TransformersLayer(_LayerBase):
         return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return max(self._layer.held, default=0)
+        return self._layer.padded_length()
 
     def get_mask_sizes(self, query_length: int):
         return self.get_seq_length() + query_length, 0
@@ -265,9 +265,25 @@ class HeadSparseCache(_CacheBase):
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(self._layers[layer_idx].held, default=0)
+        """The sequence length as transformers counts it: the longest row's tokens, with the left
+        padding of its prompt (``padding_side="left"``; stored nowhere)."""
+        return self._layers[layer_idx].padded_length()
 
     # ------------------------------------------------------------------------------------ state
+
+    def longest_row(self, layer: int = 0) -> int:
+        """Tokens the longest batch row holds in `layer` (padding not counted): a row's positions
+        start at its first token, so the next call's keys are at positions below this + its new
+        tokens (key_bias covers them)."""
+        self._check_layer(CALLER + ".longest_row", layer)
+        return max(self._layers[layer].held, default=0)
+
+    def left_padding(self, layer: int = 0) -> list:
+        """Per batch row, the left padding its prompt had in `layer` (``padding_side="left"``): the
+        tokens before the row's first one, which the cache does not hold (0 for every row
+        otherwise, and before the first call)."""
+        self._check_layer(CALLER + ".left_padding", layer)
+        return list(self._layers[layer].pads)
 
     def seq_lengths(self, layer: int = 0) -> torch.Tensor:
         """Tokens held per batch row (original positions 0 .. length - 1) in `layer` (empty
@@ -516,11 +532,16 @@ class HeadSparseCache(_CacheBase):
 
     # -------------------------------------------------------------------------------- attention
 
-    def attention(self, layer, q, k, v, *, layout="bshd", causal=True, lengths=None, probe=None, **per_head):
+    def attention(self, layer, q, k, v, *, layout="bshd", causal=True, lengths=None, padding_side="right", probe=None,
+                  **per_head):
         """Attention of `layer` for the new tokens q, k, v (see the class docstring).
 
         ``lengths`` (first call only): valid tokens per batch row when the prompts of a batch
-        differ in length (right padding); the output rows past a row's length are 0.
+        differ in length: the first ones of each row (``padding_side="right"``) or the last ones
+        (``"left"``, as tokenizers pad for generation); the output rows of the padding are 0. A
+        row's positions start at its first valid token either way (its sinks are its own first
+        tokens; key_bias indexes them), and the padding is not stored; ``get_seq_length`` counts
+        the left padding in, as transformers does.
         ``probe=headops.Probe(...)`` also returns the call's probe statistics, ``(out,
         ProbeResult)``: a prefill's over the prompt, a decode step's over the keys each KV head
         keeps, at their original positions, and a compensated streaming head's compensation key as
@@ -535,11 +556,16 @@ class HeadSparseCache(_CacheBase):
         self._check_per_head_names(caller, causal, per_head)
         st = self._layers[layer]
         stats = None
+        if padding_side not in ("right", "left"):
+            raise fail(caller, "padding_side", "'right' or 'left'", repr(padding_side))
+        if probe is not None and ((padding_side == "left" and lengths is not None) or any(st.pads)):
+            raise NotImplementedError(f"{caller}: probes over left-padded rows are not supported (their statistics "
+                                      "would index positions from each row's first token); probe the prompts unpadded")
         if max(st.held, default=0) == 0:
-            out, stats = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing, probe)
+            out, stats = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing, probe, padding_side)
         else:
-            if lengths is not None:
-                raise ValueError(f"{caller}: lengths is for the first call (prefill) only")
+            if lengths is not None or padding_side != "right":
+                raise ValueError(f"{caller}: lengths and padding_side are for the first call (prefill) only")
             out, stats = self._decode(caller, layer, q, k, v, causal, per_head, probe)
         out = out.transpose(1, 2) if layout == "bhsd" else out
         return out if probe is None else (out, stats)
@@ -608,7 +634,7 @@ class HeadSparseCache(_CacheBase):
         _cache_probe.refuse(caller, args, st)
         return check_probe(caller, probe, B=q.shape[0], Sq=q.shape[1], Sk=keys)
 
-    def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing, probe):
+    def _prefill(self, caller, st, q, k, v, lengths, causal, per_head, sizing, probe, padding_side="right"):
         B, S = k.shape[0], k.shape[1]
         args = self._head_args(caller, st, B, q.device, S, per_head)  # the whole batch, before any change
         if self.options["prefill"] == "full":  # every head reads the whole prompt; then keeps its kind's
@@ -621,6 +647,9 @@ class HeadSparseCache(_CacheBase):
             if q.shape[1] != S:
                 raise ValueError(f"{caller}: with lengths, q must cover the whole prompt")
         self._check_room(caller, st, S if lengths is None else max(lengths))
+        pads = [0] * B if lengths is None or padding_side == "right" else [S - n for n in lengths]
+        if any(pads):  # each row's tokens first (right padding), its output back in place at the end
+            q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
         stats = None
         if request is not None:  # every row's attention, then the cache changes
             out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal)
@@ -633,7 +662,8 @@ class HeadSparseCache(_CacheBase):
                                              causal=causal, heads_first=False)[0]
         self._store_prompt(caller, st, k, v, lengths, causal, args, sizing,
                            (lambda b, n: q[b]) if lengths is None else (lambda b, n: q[b, :n]))
-        return out, stats
+        st.pads = pads
+        return (_shift_rows(out, pads) if any(pads) else out), stats
 
     def _store_prompt(self, caller, st, k, v, lengths, causal, args, sizing, row_queries):
         """Stores a checked prompt (k, v [B, S, Hkv, D]; `lengths` per row or None: all S) in an
@@ -781,6 +811,11 @@ def _check_device(caller, name, device: torch.device) -> None:
                          f"{count or 'no'} CUDA device{'' if count == 1 else 's'}")
     where = "CPU and CUDA" if getattr(_C, "cuda_compiled", False) else "CPU only in this build"
     raise ValueError(f"{caller}: {name} is on device {device}, which the cache does not support ({where})")
+
+
+def _shift_rows(t, shifts):
+    """[B, S, ...] with row b rolled by shifts[b] along S."""
+    return torch.stack([torch.roll(t[b], s, 0) if s else t[b] for b, s in enumerate(shifts)])
 
 
 def _lengths(caller, lengths) -> list:

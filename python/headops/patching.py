@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _distributed
+from . import _distributed, _padding
 from .attention import attention_with as _attention
 from .spec import HeadSpec
 
@@ -26,23 +26,6 @@ __all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
 
 IMPLEMENTATION = "headops"
 _registered = False
-
-
-def _key_bias_from_mask(mask):
-    """[B, 1, Sk] key_bias (0 or -inf) from a 4-D mask whose last query row sees every real
-    key (causal or bidirectional masks with key padding); None when nothing is masked."""
-    if mask is None:
-        return None
-    if mask.dim() != 4:
-        raise NotImplementedError(f"headops: attention masks of shape {tuple(mask.shape)} are not supported")
-    last = mask[:, 0, -1, :]
-    valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    if not torch.compiler.is_compiling() and bool(valid.all()):  # (a branch on data: not while compiling)
-        return None
-    # the mask covers every position so far (kv_length): with a HeadSparseCache the keys passed
-    # in are only the new ones, and the cache indexes key_bias by original position
-    zero = torch.zeros((), dtype=torch.float32)
-    return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
 
 
 def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
@@ -70,21 +53,28 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
-    keys = key.shape[2] + (cache.get_seq_length(layer) if cache is not None else 0)  # original positions
+    valid = _padding.valid_keys(attention_mask)  # None: no key is padding
+    # key_bias is indexed by position: a row's from its first token (with a cache, those it holds)
+    keys = key.shape[2] + (cache.longest_row(layer) if cache is not None else 0)
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    padding = _key_bias_from_mask(attention_mask)
-    if padding is not None:
-        args["key_bias"] = padding if "key_bias" not in args else args["key_bias"] + padding
+    # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
+    cache_args = None if valid is None or cache is None else _cache_padding(cache, layer, valid, key.shape[2])
+    if valid is not None and cache_args is None:
+        if cache is None:
+            args = _padding.from_first_token(args, _padding.first_tokens(valid))
+        bias = _padding.padding_bias(valid)
+        args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
+    cache_args = cache_args or {}
     causal = bool(getattr(module, "is_causal", True))
     recording = getattr(module, "_headops_recording", None)
     if cache is not None:
         if recording is None:
-            out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **args)
+            out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
         else:
             out, stats = cache.attention(layer, query, key, value, layout="bhsd", causal=causal,
-                                         probe=recording.probe, **args)
+                                         probe=recording.probe, **cache_args, **args)
             recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     elif recording is not None:
         out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe,
@@ -94,6 +84,28 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         # the spec's values were checked by patch/set_spec: nothing on the GPU is read again (no sync)
         out = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
     return out.transpose(1, 2), None
+
+
+def _cache_padding(cache, layer, valid, new_tokens):
+    """The cache's arguments for a padded batch: a prompt padded on the left is given as each row's
+    tokens (``lengths``, ``padding_side="left"``), and the decode steps after it need no mask (the
+    cache holds no padding). None where the mask pads no row on the left and the cache holds no
+    padding: a key_bias then masks the keys by position (the cache's positions are the mask's)."""
+    caller = "headops (attention with a HeadSparseCache)"
+    held = cache.left_padding(layer)
+    if cache.longest_row(layer) == 0:  # the prompt
+        first = _padding.first_tokens(valid)
+        if not bool(first.any()):
+            return None
+        pads = _padding.left_padding(caller, valid)
+        return {"lengths": [new_tokens - p for p in pads], "padding_side": "left"}
+    if not any(held):
+        return None
+    pads = _padding.left_padding(caller, valid)
+    if pads != held:
+        raise NotImplementedError(f"{caller}: the attention mask pads the rows by {pads} tokens on the left, where the "
+                                  f"prompt was padded by {held}")
+    return {}
 
 
 def _attention_modules(model):

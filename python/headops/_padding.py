@@ -1,0 +1,68 @@
+"""Padded batches in a patched model: transformers' key padding as headops arguments.
+
+A row's positions count from its first real token (docs/integration.md): with left padding, as
+tokenizers pad prompts for generation, its sinks are its own first tokens and a spec's key_bias
+over the first K keys falls on them, so each prompt of a padded batch is attended as it would
+be alone. Without a HeadSparseCache the padded keys stay in the sequence, masked by a -inf
+key_bias, and the per-head arguments move by the row's padding; a HeadSparseCache is given
+each row's tokens without their padding (``padding_side="left"``) and stores none of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def valid_keys(mask):
+    """[B, Sk] bool, the keys a 4-D mask's last query row sees (causal or bidirectional masks with
+    key padding); None when nothing is masked."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise NotImplementedError(f"headops: attention masks of shape {tuple(mask.shape)} are not supported")
+    last = mask[:, 0, -1, :]
+    valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    if not torch.compiler.is_compiling() and bool(valid.all()):  # (a branch on data: not while compiling)
+        return None
+    return valid
+
+
+def padding_bias(valid):
+    """[B, 1, Sk] key_bias: 0 on the keys of `valid`, -inf on the padding."""
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
+
+
+def first_tokens(valid):
+    """[B] int64: each row's first valid key (0 for a row with none)."""
+    return valid.to(torch.int8).argmax(-1)
+
+
+def from_first_token(args: dict, first) -> dict:
+    """The per-head arguments of a padded batch with each row's positions counted from its first
+    token (`first`, [B]): sinks move by it (the padding before them is masked), and key_bias by
+    position (``[Hq, Sk]``, a spec's) becomes ``[B, Hq, Sk]`` moved right by it."""
+    args = dict(args)
+    sinks = args.get("sinks")
+    if sinks is not None:
+        args["sinks"] = sinks.unsqueeze(-2) + first.to(sinks.device).unsqueeze(-1)
+    key_bias = args.get("key_bias")
+    if key_bias is not None and key_bias.dim() == 2:
+        keys = key_bias.shape[-1]
+        at = first.to(key_bias.device).unsqueeze(-1)
+        source = (torch.arange(keys, device=key_bias.device) - at).clamp_min(0)  # [B, Sk]; < 0: padding
+        args["key_bias"] = key_bias[:, source].transpose(0, 1)
+    return args
+
+
+def left_padding(caller, valid) -> list:
+    """Per row, the padding before its first token, where every row is padding and then tokens
+    only (a NotImplementedError otherwise: a HeadSparseCache stores each row's tokens from its
+    first on, and takes no holes)."""
+    first = first_tokens(valid)
+    positions = torch.arange(valid.shape[-1], device=valid.device)
+    if not bool((valid == (positions >= first.unsqueeze(-1))).all()):
+        raise NotImplementedError(f"{caller}: a HeadSparseCache takes padded prompts padded on the left (each row's "
+                                  "padding, then its tokens: a tokenizer's padding_side='left'); this attention mask "
+                                  "masks other keys")
+    return first.tolist()

@@ -1,0 +1,168 @@
+"""Padded batches: a row's positions count from its first token (docs/integration.md), so its
+sinks are its own first tokens and a spec's key_bias over the first keys falls on them. Each
+prompt of a left-padded batch (as tokenizers pad for generation) is attended, and generates, as
+it would alone: through a patched model with no cache, transformers' DynamicCache or a
+HeadSparseCache (which stores no padding: ``padding_side="left"``)."""
+
+import pytest
+import torch
+
+import headops
+
+transformers = pytest.importorskip("transformers")
+
+from test_cache_rows import assert_same, held  # noqa: E402
+from test_patch import CAUSAL, V, make  # noqa: E402
+
+PADS = [0, 5, 2]  # per row; row 0 unpadded, as a tokenizer pads to the longest prompt
+S = 14
+
+
+def spec_of(kind, model):
+    if kind == "sinks":
+        return headops.HeadSpec.streaming(model, {0: [1], 1: [0, 1]}, window=3, sinks=2)
+    if kind == "key_bias":  # ZeroTuning-style: a bias on the first keys' logits
+        spec = headops.HeadSpec.dense(model)
+        g = torch.Generator().manual_seed(1)
+        spec.key_bias = torch.randn(2, model.config.num_attention_heads, 3, generator=g) * 2
+        return spec
+    if kind == "budget":  # budget heads that evict from the prompt on (sinks 1, budget 6)
+        spec = headops.HeadSpec.budget(model, {0: [1], 1: [0]}, budget=6)
+        spec.sinks[:, :] = 1
+        return spec
+    if kind == "sinks_and_key_bias":
+        spec = headops.HeadSpec.streaming(model, {0: [0], 1: [1]}, window=2, sinks=1)
+        spec.key_bias = torch.randn(2, model.config.num_attention_heads, 4, generator=torch.Generator().manual_seed(2))
+        return spec
+    raise ValueError(kind)
+
+
+def left_padded(pads=PADS):
+    torch.manual_seed(3)
+    ids = torch.randint(1, V, (len(pads), S))
+    mask = torch.ones_like(ids)
+    for b, p in enumerate(pads):
+        ids[b, :p] = 0
+        mask[b, :p] = 0
+    return ids, mask
+
+
+def logits(model, ids, mask):
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate makes them: each row's from its first token
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions).logits
+
+
+@pytest.mark.parametrize("kind", ["sinks", "key_bias", "sinks_and_key_bias"])
+@pytest.mark.parametrize("family", CAUSAL)
+def test_padded_rows_are_attended_as_each_prompt_alone(family, kind):
+    model = make(family)
+    headops.patch(model, spec_of(kind, model))
+    ids, mask = left_padded()
+    got = logits(model, ids, mask)
+    for b, p in enumerate(PADS):
+        alone = logits(model, ids[b:b + 1, p:], mask[b:b + 1, p:])
+        torch.testing.assert_close(got[b, p:], alone[0], atol=2e-5, rtol=1e-5, msg=lambda m: f"row {b}: {m}")
+
+
+@pytest.mark.parametrize("cache", ["HeadSparseCache", "DynamicCache", "none"])
+@pytest.mark.parametrize("kind", ["sinks", "key_bias", "budget", "sinks_and_key_bias"])
+def test_left_padded_batch_generates_each_prompt_as_alone(kind, cache):
+    model = make("llama")
+    spec = spec_of(kind, model)
+    headops.patch(model, spec)
+
+    def generate(ids, mask):
+        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        if cache == "HeadSparseCache":
+            kw["cache"] = headops.HeadSparseCache(model, spec, max_step=1, budget_recent=2)
+        elif cache == "none":
+            kw["use_cache"] = False
+        return model.generate(ids, **kw)
+
+    ids, mask = left_padded()
+    got = generate(ids, mask)
+    for b, p in enumerate(PADS):
+        alone = generate(ids[b:b + 1, p:], mask[b:b + 1, p:])
+        assert torch.equal(got[b, S:], alone[0, S - p:]), f"row {b} (padding {p})"
+
+
+# ------------------------------------------------------------------- the cache's padding_side
+
+
+def cache_of(**options):
+    return headops.HeadSparseCache(num_layers=1, num_heads=6, num_kv_heads=3, head_dim=16,
+                                   kinds=["full", "streaming", "budget"], window=[-1, -1, 3, 2, -1, -1],
+                                   sinks=[0, 0, 2, 1, 1, 1], budget=[None, None, 6], budget_recent=2, max_step=2,
+                                   compensation=[None, "weighted", None], **options)
+
+
+def draw(B, n, g):
+    return tuple(torch.randn(B, n, h, 16, generator=g) for h in (6, 3, 3))
+
+
+def test_a_left_padded_prompt_is_held_as_the_same_prompt_padded_on_the_right():
+    g = torch.Generator().manual_seed(4)
+    lengths = [S - p for p in PADS]
+    right = draw(len(PADS), S, g)
+    left = tuple(torch.stack([torch.roll(t[b], p, 0) for b, p in enumerate(PADS)]) for t in right)
+    by_left, by_right = cache_of(), cache_of()
+    out_left = by_left.attention(0, *left, lengths=lengths, padding_side="left", softmax_scale=0.3)
+    out_right = by_right.attention(0, *right, lengths=lengths, softmax_scale=0.3)
+    for b, p in enumerate(PADS):
+        assert not out_left[b, :p].any()
+        assert torch.equal(out_left[b, p:], out_right[b, :S - p])
+    assert by_left.left_padding(0) == PADS and by_right.left_padding(0) == [0, 0, 0]
+    assert by_left.get_seq_length() == S and by_left.longest_row(0) == S
+    assert by_right.get_seq_length() == S
+    assert_same(held(by_left), held(by_right))
+    for n in (1, 2, 1, 1, 2):  # decode steps: the same positions, the same outputs
+        step = draw(len(PADS), n, g)
+        got, want = (cache.attention(0, *step, softmax_scale=0.3) for cache in (by_left, by_right))
+        assert torch.equal(got, want)
+    assert by_left.get_seq_length() == S + 7
+    assert_same(held(by_left), held(by_right))
+    by_left.reorder_cache(torch.tensor([1, 1, 0]))  # the padding follows its row
+    assert by_left.left_padding(0) == [5, 5, 0]
+    by_left.reset()
+    assert by_left.left_padding(0) == [0, 0, 0] and by_left.get_seq_length() == 0
+
+
+def test_refused_padding_arguments_change_nothing():
+    g = torch.Generator().manual_seed(5)
+    cache = cache_of()
+    prompt = draw(3, S, g)
+    lengths = [S - p for p in PADS]
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
+        cache.attention(0, *prompt, lengths=lengths, padding_side="middle")
+    with pytest.raises(NotImplementedError, match="probes over left-padded rows"):
+        cache.attention(0, *prompt, lengths=lengths, padding_side="left", probe=headops.Probe(entropy=True))
+    assert cache.longest_row(0) == 0 and cache.left_padding(0) == []
+    cache.attention(0, *prompt, lengths=lengths, padding_side="left")
+    before = held(cache)
+    step = draw(3, 1, g)
+    with pytest.raises(ValueError, match="lengths and padding_side are for the first call"):
+        cache.attention(0, *step, padding_side="left")
+    with pytest.raises(NotImplementedError, match="probes over left-padded rows"):
+        cache.attention(0, *step, probe=headops.Probe(entropy=True))
+    assert_same(held(cache), before)
+
+
+def test_a_patched_model_refuses_masks_a_cache_cannot_follow():
+    model = make("llama")
+    spec = spec_of("sinks", model)
+    headops.patch(model, spec)
+    ids, mask = left_padded()
+    holes = mask.clone()
+    holes[0, 3] = 0  # a key masked after the row's first token
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    with pytest.raises(NotImplementedError, match="padded on the left"):
+        model(ids, attention_mask=holes, cache=cache, use_cache=True)
+    assert cache.longest_row(0) == 0
+    model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    step = torch.randint(1, V, (3, 1))
+    moved = torch.cat([torch.zeros(3, 1, dtype=mask.dtype), mask], 1)  # every row padded by one more token
+    with pytest.raises(NotImplementedError,
+                       match=r"pads the rows by \[1, 6, 3\] tokens on the left, where the prompt was padded by "
+                             r"\[0, 5, 2\]"):
+        model(step, attention_mask=moved, cache=cache, use_cache=True)
