@@ -87,6 +87,25 @@ def test_left_padded_batch_generates_each_prompt_as_alone(kind, cache):
         assert torch.equal(got[b, S:], alone[0, S - p:]), f"row {b} (padding {p})"
 
 
+def test_a_probed_padded_row_reports_what_the_prompt_alone_does_at_padded_positions():
+    model = make("llama")
+    headops.patch(model, spec_of("sinks_and_key_bias", model))
+    ids, mask = left_padded()
+    request = dict(entropy=True, topk=2, key_mass_rows=(0, S))
+    with headops.probe(model, **request) as padded:
+        logits(model, ids, mask)
+    for b, p in enumerate(PADS):
+        with headops.probe(model, **dict(request, key_mass_rows=(0, S - p))) as alone:
+            logits(model, ids[b:b + 1, p:], mask[b:b + 1, p:])
+        for layer in range(2):
+            got, want = padded[layer][0], alone[layer][0]
+            torch.testing.assert_close(got.entropy[b, :, p:], want.entropy[0], atol=1e-5, rtol=1e-5)
+            index = want.topk_index[0]
+            assert torch.equal(got.topk_index[b, :, p:], torch.where(index >= 0, index + p, index))
+            torch.testing.assert_close(got.key_mass[b, :, p:], want.key_mass[0], atol=1e-5, rtol=1e-5)
+            assert not got.key_mass[b, :, :p].any()  # the padding has no mass
+
+
 # ------------------------------------------------------------------- the cache's padding_side
 
 
