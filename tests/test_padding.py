@@ -185,3 +185,58 @@ def test_a_patched_model_refuses_masks_a_cache_cannot_follow():
                        match=r"pads the rows by \[1, 6, 3\] tokens on the left, where the prompt was padded by "
                              r"\[0, 5, 2\]"):
         model(step, attention_mask=moved, cache=cache, use_cache=True)
+
+
+# ------------------------------------------------------------------------ as a property
+
+
+def test_padding_arguments_attend_each_row_as_alone_for_drawn_specs():
+    """The patched model's translation of a mask (headops._padding) over drawn shapes, paddings
+    and per-head windows, sinks, alpha and key_bias by position: every padded row's output over its
+    real queries equals headops.attention over the row alone, with the whole sequence's keys or
+    a decode step's few queries (Sq < Sk)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    from headops import _padding
+
+    @st.composite
+    def case(draw):
+        B, Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+        Hq, Sk = Hkv * group, draw(st.integers(1, 24))
+        pads = [draw(st.integers(0, Sk - 1)) for _ in range(B)]
+        Sq = draw(st.sampled_from([Sk, 1, min(2, Sk)]))
+        window = [draw(st.sampled_from([-1, 1, 2, 5])) for _ in range(Hq)]
+        sinks = [draw(st.sampled_from([0, 1, 3])) for _ in range(Hq)]
+        alpha = [draw(st.sampled_from([0.0, 0.5])) for _ in range(Hq)] if draw(st.booleans()) else None
+        K = draw(st.integers(0, 4))
+        return B, Hq, Hkv, Sq, Sk, pads, window, sinks, alpha, K, draw(st.integers(0, 2**31 - 1))
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(case())
+    def check(c):
+        B, Hq, Hkv, Sq, Sk, pads, window, sinks, alpha, K, seed = c
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, Hq, Sq, 8, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(B, Hkv, Sk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        args = {"window": torch.tensor(window), "sinks": torch.tensor(sinks)}
+        if alpha is not None:
+            args["alpha"] = torch.tensor(alpha, dtype=torch.float64)
+        if K:  # a spec's key_bias over the first K keys, padded with zeros to Sk (HeadSpec.layer_args)
+            bias = torch.randn(Hq, K, generator=g, dtype=torch.float64)
+            args["key_bias"] = torch.nn.functional.pad(bias[:, :Sk], (0, max(0, Sk - K)))
+        valid = torch.arange(Sk)[None] >= torch.tensor(pads)[:, None]
+        padded = _padding.from_first_token(args, _padding.first_tokens(valid))
+        padded["key_bias"] = _padding.padding_bias(valid).double() + padded.get("key_bias", 0)
+        out = headops.attention(q, k, v, layout="bhsd", **padded)
+        for b, p in enumerate(pads):
+            n = Sk - p
+            alone = dict(args)
+            if K:
+                alone["key_bias"] = torch.nn.functional.pad(bias[:, :n], (0, max(0, n - K)))
+            rows = slice(max(0, Sq - n), Sq)  # the queries at the row's real positions
+            want = headops.attention(q[b:b + 1, :, rows], k[b:b + 1, :, p:], v[b:b + 1, :, p:], layout="bhsd",
+                                     **alone)
+            torch.testing.assert_close(out[b:b + 1, :, rows], want, atol=1e-12, rtol=1e-12)
+
+    check()
