@@ -65,15 +65,17 @@ def test_padded_rows_are_attended_as_each_prompt_alone(family, kind):
         torch.testing.assert_close(got[b, p:], alone[0], atol=2e-5, rtol=1e-5, msg=lambda m: f"row {b}: {m}")
 
 
+@pytest.mark.parametrize("beams", [1, 3])
 @pytest.mark.parametrize("cache", ["HeadSparseCache", "DynamicCache", "none"])
 @pytest.mark.parametrize("kind", ["sinks", "key_bias", "budget", "sinks_and_key_bias"])
-def test_left_padded_batch_generates_each_prompt_as_alone(kind, cache):
+def test_left_padded_batch_generates_each_prompt_as_alone(kind, cache, beams):
     model = make("llama")
     spec = spec_of(kind, model)
     headops.patch(model, spec)
 
     def generate(ids, mask):
-        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                  num_beams=beams)
         if cache == "HeadSparseCache":
             kw["cache"] = headops.HeadSparseCache(model, spec, max_step=1, budget_recent=2)
         elif cache == "none":
