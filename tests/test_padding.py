@@ -228,7 +228,9 @@ def test_padding_arguments_attend_each_row_as_alone_for_drawn_specs():
             bias = torch.randn(Hq, K, generator=g, dtype=torch.float64)
             args["key_bias"] = torch.nn.functional.pad(bias[:, :Sk], (0, max(0, Sk - K)))
         valid = torch.arange(Sk)[None] >= torch.tensor(pads)[:, None]
-        padded = _padding.from_first_token(args, _padding.first_tokens(valid))
+        padding = _padding.of_mask(valid[:, None, None, :])
+        assert padding is None if not any(pads) else (padding.first.tolist() == pads and padding.left_only)
+        padded = _padding.from_first_token(args, torch.tensor(pads))
         padded["key_bias"] = _padding.padding_bias(valid).double() + padded.get("key_bias", 0)
         out = headops.attention(q, k, v, layout="bhsd", **padded)
         for b, p in enumerate(pads):

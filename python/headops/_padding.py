@@ -10,32 +10,44 @@ each row's tokens without their padding (``padding_side="left"``) and stores non
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def valid_keys(mask):
-    """[B, Sk] bool, the keys a 4-D mask's last query row sees (causal or bidirectional masks with
-    key padding); None when nothing is masked."""
+class Padding(NamedTuple):
+    """The key padding of a 4-D mask, read from its last query row (causal or bidirectional masks
+    with key padding)."""
+
+    valid: torch.Tensor  # [B, Sk] bool: the keys the mask lets through
+    first: torch.Tensor  # [B] int64: each row's first valid key (0 for a row with none); host, unless compiling
+    left_only: bool | None  # whether each row is padding, then tokens only (None while compiling: not read)
+
+
+def of_mask(mask):
+    """The mask's Padding, or None when it masks nothing. One device-to-host copy for what the host
+    decides on (nothing is read while torch.compile traces)."""
     if mask is None:
         return None
     if mask.dim() != 4:
         raise NotImplementedError(f"headops: attention masks of shape {tuple(mask.shape)} are not supported")
     last = mask[:, 0, -1, :]
     valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    if not torch.compiler.is_compiling() and bool(valid.all()):  # (a branch on data: not while compiling)
+    first = valid.to(torch.int8).argmax(-1)
+    if torch.compiler.is_compiling():  # (no branch on data)
+        return Padding(valid, first, None)
+    positions = torch.arange(valid.shape[-1], device=valid.device)
+    left_only = (valid == (positions >= first.unsqueeze(-1))).all()
+    read = torch.cat([first, torch.stack([valid.all(), left_only]).to(torch.int64)]).tolist()
+    if read[-2]:
         return None
-    return valid
+    return Padding(valid, torch.tensor(read[:-2], dtype=torch.int64), bool(read[-1]))
 
 
 def padding_bias(valid):
     """[B, 1, Sk] key_bias: 0 on the keys of `valid`, -inf on the padding."""
     zero = torch.zeros((), dtype=torch.float32)
     return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
-
-
-def first_tokens(valid):
-    """[B] int64: each row's first valid key (0 for a row with none)."""
-    return valid.to(torch.int8).argmax(-1)
 
 
 def from_first_token(args: dict, first) -> dict:
@@ -55,14 +67,12 @@ def from_first_token(args: dict, first) -> dict:
     return args
 
 
-def left_padding(caller, valid) -> list:
+def left_padding(caller, padding: Padding) -> list:
     """Per row, the padding before its first token, where every row is padding and then tokens
     only (a NotImplementedError otherwise: a HeadSparseCache stores each row's tokens from its
     first on, and takes no holes)."""
-    first = first_tokens(valid)
-    positions = torch.arange(valid.shape[-1], device=valid.device)
-    if not bool((valid == (positions >= first.unsqueeze(-1))).all()):
+    if not padding.left_only:
         raise NotImplementedError(f"{caller}: a HeadSparseCache takes padded prompts padded on the left (each row's "
                                   "padding, then its tokens: a tokenizer's padding_side='left'); this attention mask "
                                   "masks other keys")
-    return first.tolist()
+    return padding.first.tolist()

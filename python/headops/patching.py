@@ -53,18 +53,18 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
-    valid = _padding.valid_keys(attention_mask)  # None: no key is padding
+    padding = _padding.of_mask(attention_mask)  # None: no key is padding
     # key_bias is indexed by position: a row's from its first token (with a cache, those it holds)
     keys = key.shape[2] + (cache.longest_row(layer) if cache is not None else 0)
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
-    cache_args = None if valid is None or cache is None else _cache_padding(cache, layer, valid, key.shape[2])
-    if valid is not None and cache_args is None:
+    cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
+    if padding is not None and cache_args is None:
         if cache is None:
-            args = _padding.from_first_token(args, _padding.first_tokens(valid))
-        bias = _padding.padding_bias(valid)
+            args = _padding.from_first_token(args, padding.first)
+        bias = _padding.padding_bias(padding.valid)
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
     causal = bool(getattr(module, "is_causal", True))
@@ -86,7 +86,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2), None
 
 
-def _cache_padding(cache, layer, valid, new_tokens):
+def _cache_padding(cache, layer, padding, new_tokens):
     """The cache's arguments for a padded batch: a prompt padded on the left is given as each row's
     tokens (``lengths``, ``padding_side="left"``), and the decode steps after it need no mask (the
     cache holds no padding). None where the mask pads no row on the left and the cache holds no
@@ -94,14 +94,13 @@ def _cache_padding(cache, layer, valid, new_tokens):
     caller = "headops (attention with a HeadSparseCache)"
     held = cache.left_padding(layer)
     if cache.longest_row(layer) == 0:  # the prompt
-        first = _padding.first_tokens(valid)
-        if not bool(first.any()):
+        if not bool(padding.first.any()):
             return None
-        pads = _padding.left_padding(caller, valid)
+        pads = _padding.left_padding(caller, padding)
         return {"lengths": [new_tokens - p for p in pads], "padding_side": "left"}
     if not any(held):
         return None
-    pads = _padding.left_padding(caller, valid)
+    pads = _padding.left_padding(caller, padding)
     if pads != held:
         raise NotImplementedError(f"{caller}: the attention mask pads the rows by {pads} tokens on the left, where the "
                                   f"prompt was padded by {held}")
