@@ -10,6 +10,7 @@ import torch
 from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
+from ._model_attention import capped_window, sliding_windows
 from .spec import HeadSpec
 
 CALLER = "headops.HeadSparseCache"
@@ -52,9 +53,15 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
     spec = _distributed.local_spec(model_or_config, spec, CALLER)  # a tensor-parallel rank keeps its own heads
-    return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                       [list(r) for r in spec.cache_kind], spec.window.tolist(), spec.sinks.tolist(),
-                       [list(r) for r in spec.cache_budget], dict(spec.cache_options),
+    kinds, windows = [list(r) for r in spec.cache_kind], spec.window.clone()
+    # the model's sliding-window layers: each head's window within the model's, every KV head streaming
+    # (it keeps what that window sees; spec.validate refused budget heads and alpha there)
+    for layer, window in enumerate(sliding_windows(model_or_config, spec.num_layers)):
+        if window is not None:
+            windows[layer] = capped_window(windows[layer], window)
+            kinds[layer] = ["streaming"] * spec.num_kv_heads
+    return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, kinds, windows.tolist(),
+                       spec.sinks.tolist(), [list(r) for r in spec.cache_budget], dict(spec.cache_options),
                        [list(r) for r in spec.cache_compensation])
 
 

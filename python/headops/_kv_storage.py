@@ -85,6 +85,7 @@ class LayerStorage:
         self.comp_table = torch.tensor(comp_rows, dtype=torch.int64).reshape(-1, 2) if self.comp_heads else None
         self.comp_k = self.comp_v = self.comp_n = None
         self.windows = torch.tensor(windows, dtype=torch.int64)
+        self.window_list = [int(w) for w in windows]  # (the host's copy: windows moves to the device)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.held: list[int] = []  # per batch row; empty until allocated
         # per batch row: the left padding of its prompt (not stored; transformers counts it in the sequence)

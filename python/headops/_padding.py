@@ -50,19 +50,21 @@ def padding_bias(valid):
     return torch.where(valid, zero, torch.tensor(float("-inf"))).unsqueeze(1)
 
 
-def from_first_token(args: dict, first) -> dict:
+def from_first_token(args: dict, first, dropped: int = 0) -> dict:
     """The per-head arguments of a padded batch with each row's positions counted from its first
-    token (`first`, [B]): sinks move by it (the padding before them is masked), and key_bias by
-    position (``[Hq, Sk]``, a spec's) becomes ``[B, Hq, Sk]`` moved right by it."""
+    token (`first`, [B]; over the keys that start at position `dropped` where the model's cache
+    dropped the first ones): sinks move by it (the padding before them is masked), and key_bias by
+    position (``[Hq, dropped + Sk]``, a spec's) becomes ``[B, Hq, Sk]``, each row's moved by it."""
     args = dict(args)
     sinks = args.get("sinks")
     if sinks is not None:
-        args["sinks"] = sinks.unsqueeze(-2) + first.to(sinks.device).unsqueeze(-1)
+        args["sinks"] = (sinks.unsqueeze(-2) + first.to(sinks.device).unsqueeze(-1) - dropped).clamp_min(0)
     key_bias = args.get("key_bias")
     if key_bias is not None and key_bias.dim() == 2:
-        keys = key_bias.shape[-1]
+        keys = key_bias.shape[-1] - dropped
         at = first.to(key_bias.device).unsqueeze(-1)
-        source = (torch.arange(keys, device=key_bias.device) - at).clamp_min(0)  # [B, Sk]; < 0: padding
+        # key j is at position dropped + j, the row's (dropped + j - first)-th; < 0: padding
+        source = (torch.arange(keys, device=key_bias.device) + dropped - at).clamp_min(0)
         args["key_bias"] = key_bias[:, source].transpose(0, 1)
     return args
 

@@ -271,6 +271,11 @@ class HeadSparseCache(_CacheBase):
 
     # ------------------------------------------------------------------------------------ state
 
+    def windows(self, layer: int = 0) -> list:
+        """The query heads' windows in `layer` (-1: unlimited), as the cache applies them."""
+        self._check_layer(CALLER + ".windows", layer)
+        return list(self._layers[layer].window_list)
+
     def longest_row(self, layer: int = 0) -> int:
         """Tokens the longest batch row holds in `layer` (padding not counted): a row's positions
         start at its first token, so the next call's keys are at positions below this + its new

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _distributed, _padding
+from . import _distributed, _model_attention, _padding
 from .attention import attention_with as _attention
 from .spec import HeadSpec
 
@@ -29,18 +29,24 @@ _registered = False
 
 
 def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-                  **kwargs):
+                  device=None, **kwargs):
     """transformers mask function for "headops": no S x S mask, only the key padding as a
-    [B, 1, 1, kv_length] bool mask (None without padding; while torch.compile traces, the mask
-    whatever its values); causality and windows are the kernel's."""
-    if attention_mask is None:
+    [B, 1, 1, kv_offset + kv_length] bool mask over every position so far; causality and windows are
+    the kernel's. None without padding, unless the model's cache dropped the first kv_offset keys
+    (transformers' sliding-window cache layers keep only the window's): the mask's length then
+    tells the attention function the positions of its keys. While torch.compile traces, the mask
+    whatever its values."""
+    if attention_mask is None and kv_offset == 0:
         return None
+    total = kv_offset + kv_length
+    if attention_mask is None:
+        return torch.ones(batch_size, 1, 1, total, dtype=torch.bool, device=device)
     from transformers.masking_utils import prepare_padding_mask
 
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is None or (not torch.compiler.is_compiling() and bool(padding.all())):
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, :total].bool()
+    if kv_offset == 0 and not torch.compiler.is_compiling() and bool(padding.all()):
         return None
-    return padding[:, None, None, :].bool()
+    return padding[:, None, None, :]
 
 
 def _headops_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -53,22 +59,28 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
+    recording = getattr(module, "_headops_recording", None)
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
+    # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
+    # the mask covers every position so far (_headops_mask), the keys are the last ones
+    dropped = 0 if cache is not None or attention_mask is None else attention_mask.shape[-1] - key.shape[2]
     # key_bias is indexed by position: a row's from its first token (with a cache, those it holds)
-    keys = key.shape[2] + (cache.longest_row(layer) if cache is not None else 0)
+    keys = key.shape[2] + (cache.longest_row(layer) if cache is not None else dropped)
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
+    _keep_model_attention(module, layer, args, cache, kwargs)
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
+    if cache is None and (padding is not None or dropped):
+        first = padding.first if padding is not None else torch.zeros(key.shape[0], dtype=torch.int64)
+        _check_dropped(layer, dropped, first, args, recording)
+        args = _padding.from_first_token(args, first, dropped)
     if padding is not None and cache_args is None:
-        if cache is None:
-            args = _padding.from_first_token(args, padding.first)
-        bias = _padding.padding_bias(padding.valid)
+        bias = _padding.padding_bias(padding.valid[:, dropped:])
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
     causal = bool(getattr(module, "is_causal", True))
-    recording = getattr(module, "_headops_recording", None)
     if cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
@@ -84,6 +96,44 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         # the spec's values were checked by patch/set_spec: nothing on the GPU is read again (no sync)
         out = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
     return out.transpose(1, 2), None
+
+
+def _keep_model_attention(module, layer, args, cache, kwargs):
+    """The model's own limits on this layer's attention (headops._model_attention): its sliding
+    window caps each head's window (a cache's windows were capped when it was made from the model:
+    checked here), and what headops does not compute is refused."""
+    caller = f"headops (layer {layer})"
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{caller}: the model's attention passes {name} = ..., which headops does "
+                                      "not compute")
+    window = kwargs.get("sliding_window")
+    if not window:
+        return
+    if cache is None:
+        args["window"] = _model_attention.capped_window(args["window"], int(window))
+        return
+    held = cache.windows(layer)
+    if any(w < 0 or w > window for w in held):
+        raise ValueError(f"{caller}: the model attends to a sliding window of {window} keys here, but the "
+                         f"HeadSparseCache's windows for this layer are {held}: make it from the model, "
+                         "HeadSparseCache(model, spec), which caps them")
+
+
+def _check_dropped(layer, dropped, first, args, recording):
+    """Refuses what needs keys the model's cache dropped (its sliding-window layer keeps the last
+    window's): a row's sinks, and probe statistics (their positions)."""
+    if not dropped:
+        return
+    caller = f"headops (layer {layer})"
+    sinks = args.get("sinks")
+    if sinks is not None and bool((sinks > 0).any()) and bool((first < dropped).any()):
+        raise NotImplementedError(f"{caller}: the model's cache keeps only its sliding window's keys here, and the "
+                                  "spec's sinks are first tokens it dropped: generate through "
+                                  "headops.HeadSparseCache(model, spec), which keeps them")
+    if recording is not None:
+        raise NotImplementedError(f"{caller}: the model's cache keeps only its sliding window's keys here; probe "
+                                  "without a cache (use_cache=False) or through headops.HeadSparseCache(model, spec)")
 
 
 def _cache_padding(cache, layer, padding, new_tokens):
@@ -142,6 +192,7 @@ def patch(model, spec: HeadSpec):
 
     if not isinstance(spec, HeadSpec):
         raise TypeError(f"headops.patch: spec must be a headops.HeadSpec, got {type(spec).__name__}")
+    _model_attention.refuse_what_headops_cannot_compute("headops.patch", model)
     spec.validate(model)
     if not _dispatches_through_attention_interface(model):
         raise NotImplementedError(

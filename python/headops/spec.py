@@ -34,6 +34,7 @@ import json
 import torch
 
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
+from ._model_attention import check_spec_in_sliding_layers, sliding_windows
 
 __all__ = ["HeadSpec"]
 
@@ -465,6 +466,8 @@ class HeadSpec:
                     raise _fail("cache_compensation", "None on KV heads that are not streaming",
                                 f"{c!r} on {kind} KV head {h} of layer {layer}")
         check_cache_options(CALLER, self.cache_options)
+        if model_or_config is not None:
+            check_spec_in_sliding_layers(_fail, self, sliding_windows(model_or_config, L))
 
     def layer_args(self, layer: int, keys: int | None = None, *, visibility: bool = True) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias

@@ -1,0 +1,74 @@
+"""What a model's own attention does that a spec must keep (docs/integration.md).
+
+A transformers model may limit some layers to a sliding window of recent keys (Mistral's
+config.sliding_window, the sliding layers of Qwen2, Gemma 2/3, Starcoder2, GPT-OSS). Its attention
+modules pass the window to the attention function, and its masks carry it, but headops' mask
+function passes only the key padding: the window must reach the kernels as the heads' window. In
+a sliding layer every query head's window is capped at the model's (a spec's -1, unlimited,
+becomes the model's window; sinks stay as the spec says), and a HeadSparseCache keeps such a
+layer's KV heads as streaming heads (only what the window lets them see, as transformers' own
+sliding-window cache layers do). Mixing in a full branch (alpha) and budget heads would need keys
+past the model's window and are refused there; so is what headops cannot compute (logit
+softcapping, chunked attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SLIDING = "sliding_attention"
+
+
+def config_of(model_or_config):
+    """The text config of a transformers model or config (a multimodal model's text_config)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def sliding_windows(model_or_config, num_layers: int) -> list:
+    """Per layer, the model's sliding window (keys at distance < window are seen), None for a layer
+    that sees every earlier key. Without layer_types in the config, config.sliding_window holds for
+    every layer (Mistral, Starcoder2), unless use_sliding_window is False (Qwen2)."""
+    if model_or_config is None:
+        return [None] * num_layers
+    cfg = config_of(model_or_config)
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [int(window)] * num_layers
+    return [int(window) if kind == SLIDING else None for kind in list(types)[:num_layers]]
+
+
+def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
+    """A NotImplementedError for a model whose attention headops does not compute: logits soft-capped
+    (Gemma 2's attn_logit_softcapping) or chunked (Llama 4's chunked_attention layers)."""
+    cfg = config_of(model_or_config)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise NotImplementedError(f"{caller}: this model soft-caps its attention logits (attn_logit_softcapping = "
+                                  f"{cfg.attn_logit_softcapping}), which headops does not compute")
+    if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
+        raise NotImplementedError(f"{caller}: this model has chunked-attention layers, which headops does not "
+                                  "compute")
+
+
+def check_spec_in_sliding_layers(fail, spec, windows) -> None:
+    """A spec's alpha and budget heads are refused in the model's sliding layers (they read keys
+    past the window); `fail(name, expected, got)` makes the error."""
+    for layer, window in enumerate(windows):
+        if window is None:
+            continue
+        if spec.alpha is not None and bool((spec.alpha[..., layer, :] > 0).any()):
+            raise fail("alpha", f"0 in layer {layer}, a sliding-window layer of the model (window {window}): alpha "
+                                "mixes in attention over every key, which the model's window does not see",
+                       "alpha > 0")
+        if "budget" in spec.cache_kind[layer]:
+            raise fail("cache_kind", f"not 'budget' in layer {layer}, a sliding-window layer of the model (window "
+                                     f"{window}): its heads keep their window", list(spec.cache_kind[layer]))
+
+
+def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
+    """Each head's window within the model's: -1 (unlimited) becomes it, larger ones are cut to it."""
+    limit = torch.full_like(window, model_window)
+    return torch.where(window < 0, limit, torch.minimum(window, limit))

@@ -1,0 +1,120 @@
+"""A model's own attention limits kept by a patched model (headops._model_attention): the sliding
+windows of Mistral, Qwen2, Gemma 3 and Starcoder2 layers, with transformers' caches and with a
+HeadSparseCache (whose sliding layers hold only their windows), and what is refused."""
+
+import pytest
+import torch
+
+import headops
+
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 4
+SLIDING = {
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, head_dim=16)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
+}
+
+
+def make(family, **extra):
+    name, options = SLIDING.get(family, (family, {}))
+    cfg = getattr(transformers, name)(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, **dict(options, **extra))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(1, 97, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+GENERATE = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_a_dense_spec_keeps_the_models_sliding_windows(family):
+    """Sequences 3x the window: logits as the unpatched model's, and greedy generation as the
+    unpatched model's through transformers' cache (its sliding layers drop the keys past their
+    window) and through HeadSparseCache(model, spec) (the sliding layers' KV heads streaming)."""
+    model = make(family)
+    ids, mask = batch()
+    with torch.no_grad():
+        want_logits = model(ids[:1]).logits
+    want = model.generate(ids, attention_mask=mask, **GENERATE)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, want_logits, atol=2e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want)
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache=cache, **GENERATE), want)
+    sliding = headops._model_attention.sliding_windows(model, 2)
+    for layer, window in enumerate(sliding):
+        if window is not None:
+            assert cache.kinds[layer] == ["streaming", "streaming"] and cache.windows(layer) == [WINDOW] * 4
+    assert cache.ideal_nbytes() < cache.dense_nbytes()  # (nbytes: full layers grow by 64-token segments)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_a_streaming_spec_in_sliding_layers(family):
+    """Sinks on sliding-window layers (visible past the model's window, a StreamingLLM-style
+    intervention) and a key_bias on the first keys: HeadSparseCache generation equals generating
+    without a cache; transformers' cache, which drops the sinks, is refused with the reason, and
+    a key_bias alone works through it."""
+    model = make(family)
+    ids, mask = batch()
+    spec = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [1]}, window=3, sinks=2)
+    spec.key_bias = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+    headops.patch(model, spec)
+    want = model.generate(ids, attention_mask=mask, use_cache=False, **GENERATE)
+    got = model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec, max_step=1), **GENERATE)
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="spec's sinks are first tokens it dropped"):
+        model.generate(ids, attention_mask=mask, **GENERATE)
+    biased = headops.HeadSpec.dense(model)
+    biased.key_bias = spec.key_bias
+    headops.set_spec(model, biased)
+    want = model.generate(ids, attention_mask=mask, use_cache=False, **GENERATE)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want)
+    # stepping by hand without a mask: the mask function still tells where the cache's keys start
+    with torch.no_grad():
+        out = model(ids[:1, :9], use_cache=True)
+        for t in range(9, 13):
+            out = model(ids[:1, t:t + 1], cache=out.past_key_values, use_cache=True)
+            whole = model(ids[:1, :t + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], whole, atol=2e-5, rtol=1e-5)
+
+
+def test_what_a_sliding_layer_cannot_take_is_refused():
+    model = make("mistral")
+    spec = headops.HeadSpec.dense(model)
+    spec.alpha = torch.zeros(2, 4)
+    spec.alpha[1, 2] = 0.5
+    with pytest.raises(ValueError, match="alpha must be 0 in layer 1, a sliding-window layer"):
+        headops.patch(model, spec)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="cache_kind must be not 'budget' in layer 0"):
+        headops.HeadSparseCache(model, headops.HeadSpec.budget(model, {0: [1]}, budget=8))
+    headops.patch(model, headops.HeadSpec.dense(model))
+    ids, mask = batch()
+    by_hand = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_step=1)
+    with pytest.raises(ValueError, match="HeadSparseCache's windows for this layer are .-1, -1, -1, -1.: make it "
+                                         "from the model"):
+        model(ids, attention_mask=mask, cache=by_hand, use_cache=True)
+    with pytest.raises(NotImplementedError, match="probe without a cache"):
+        with headops.probe(model, entropy=True):
+            model.generate(ids, attention_mask=mask, **GENERATE)
+
+
+def test_logit_softcapping_is_refused():
+    model = make("Gemma2Config", attn_logit_softcapping=50.0, sliding_window=WINDOW, head_dim=16)
+    with pytest.raises(NotImplementedError, match="soft-caps its attention logits"):
+        headops.patch(model, headops.HeadSpec.dense(model))
+    assert model.config._attn_implementation == "eager" and not hasattr(model, "_headops_previous")
