@@ -118,3 +118,18 @@ def test_logit_softcapping_is_refused():
     with pytest.raises(NotImplementedError, match="soft-caps its attention logits"):
         headops.patch(model, headops.HeadSpec.dense(model))
     assert model.config._attn_implementation == "eager" and not hasattr(model, "_headops_previous")
+
+
+@pytest.mark.parametrize("config", ["Olmo2Config", "CohereConfig", "GraniteConfig"])
+def test_more_families_reproduce_the_unpatched_model(config):
+    """Families beyond tests/test_patch.py's that dispatch through AttentionInterface (Granite
+    scales its logits by attention_multiplier: headops takes the module's scaling)."""
+    model = make(config, **({"attention_multiplier": 0.5} if config == "GraniteConfig" else {}))
+    ids, mask = batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
