@@ -133,3 +133,17 @@ def test_more_families_reproduce_the_unpatched_model(config):
         got = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
+
+
+def test_packed_sequences_are_refused():
+    """position_ids that restart within a row (no mask, no cache): transformers packs several
+    sequences into the row and keeps them apart, which headops' mask function does not carry."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    ids = torch.randint(1, 97, (1, 10))
+    with pytest.raises(NotImplementedError, match="position_ids restart within a row"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), use_cache=False)
+    with torch.no_grad():  # one sequence a row, positions from any offset: as before
+        model(ids, position_ids=torch.arange(3, 13)[None], use_cache=False)

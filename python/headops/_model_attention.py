@@ -9,10 +9,12 @@ becomes the model's window; sinks stay as the spec says), and a HeadSparseCache 
 layer's KV heads as streaming heads (only what the window lets them see, as transformers' own
 sliding-window cache layers do). Mixing in a full branch (alpha) and budget heads would need keys
 past the model's window and are refused there; so is what headops cannot compute (logit
-softcapping, chunked attention).
+softcapping, chunked attention, several sequences packed into one row).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -72,3 +74,23 @@ def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
     """Each head's window within the model's: -1 (unlimited) becomes it, larger ones are cut to it."""
     limit = torch.full_like(window, model_window)
     return torch.where(window < 0, limit, torch.minimum(window, limit))
+
+
+_UNPACKED = weakref.WeakValueDictionary()  # position_ids tensors found unpacked, by id (one check a forward)
+
+
+def refuse_packed_sequences(caller, position_ids) -> None:
+    """A NotImplementedError where position_ids restart within a row: transformers then packs several
+    sequences into one row (no attention mask, no cache: a training batch from
+    DataCollatorWithFlattening) and masks attention between them, which headops' mask function
+    does not carry. Checked once per position_ids tensor (all layers of a forward share it); not
+    while torch.compile traces (a branch on data)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+        return
+    if torch.compiler.is_compiling() or _UNPACKED.get(id(position_ids)) is position_ids:
+        return
+    if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
+        raise NotImplementedError(f"{caller}: position_ids restart within a row, several sequences packed into "
+                                  "it; headops attends across them, so it refuses: pad the sequences into rows "
+                                  "of their own (an attention mask) instead")
+    _UNPACKED[id(position_ids)] = position_ids

@@ -70,6 +70,8 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
     _keep_model_attention(module, layer, args, cache, kwargs)
+    if attention_mask is None and cache is None:
+        _model_attention.refuse_packed_sequences(f"headops (layer {layer})", kwargs.get("position_ids"))
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
