@@ -147,3 +147,19 @@ def test_packed_sequences_are_refused():
         model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), use_cache=False)
     with torch.no_grad():  # one sequence a row, positions from any offset: as before
         model(ids, position_ids=torch.arange(3, 13)[None], use_cache=False)
+
+
+def test_attention_dropout_in_training_is_refused():
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    headops.patch(model, headops.HeadSpec.dense(model))
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        model(ids)  # eval: the model passes dropout 0
+    model.train()
+    with pytest.raises(NotImplementedError, match="attention dropout 0.1"):
+        model(ids)

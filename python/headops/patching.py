@@ -70,6 +70,10 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
     _keep_model_attention(module, layer, args, cache, kwargs)
+    if dropout:
+        raise NotImplementedError(f"headops (layer {layer}): the model trains with attention dropout {dropout}, which "
+                                  "headops does not apply; set the model config's attention_dropout to 0 (or "
+                                  "model.eval())")
     if attention_mask is None and cache is None:
         _model_attention.refuse_packed_sequences(f"headops (layer {layer})", kwargs.get("position_ids"))
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
