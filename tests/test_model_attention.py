@@ -163,3 +163,49 @@ def test_attention_dropout_in_training_is_refused():
     model.train()
     with pytest.raises(NotImplementedError, match="attention dropout 0.1"):
         model(ids)
+
+
+def gpt_oss():
+    cfg = transformers.GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=WINDOW)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # learnt sink logits (initialised to 0)
+            layer.self_attn.sinks.normal_()
+    return model
+
+
+def test_gpt_oss_sink_logits_are_headops_sink_logit():
+    """GPT-OSS passes its learnt per-head sinks (s_aux): headops takes them as sink_logit (with a
+    spec's own, the two denominator terms as one logit, logaddexp). Logits, greedy tokens through
+    transformers' cache and a HeadSparseCache, and the sinks' gradients are the unpatched model's."""
+    model = gpt_oss()
+    ids, mask = batch()
+    want = model(ids[:1]).logits
+    want.square().mean().backward()
+    want_grad = [layer.self_attn.sinks.grad.clone() for layer in model.model.layers]
+    model.zero_grad()
+    want_tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    got = model(ids[:1]).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    got.square().mean().backward()
+    for layer, grad in zip(model.model.layers, want_grad):
+        torch.testing.assert_close(layer.self_attn.sinks.grad, grad, atol=1e-6, rtol=1e-4)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want_tokens)
+    cache = headops.HeadSparseCache(model, spec, max_step=1)
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache=cache, **GENERATE), want_tokens)
+    # a spec's sink_logit beside the model's: as the unpatched model with logaddexp of the two
+    extra = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    spec.sink_logit = extra
+    headops.set_spec(model, spec)
+    with torch.no_grad():
+        got = model(ids[:1]).logits
+        headops.unpatch(model)
+        for layer, row in zip(model.model.layers, extra):
+            layer.self_attn.sinks.copy_(torch.logaddexp(layer.self_attn.sinks, row))
+        torch.testing.assert_close(got, model(ids[:1]).logits, atol=2e-5, rtol=1e-5)

@@ -109,10 +109,14 @@ def _keep_model_attention(module, layer, args, cache, kwargs):
     window caps each head's window (a cache's windows were capped when it was made from the model:
     checked here), and what headops does not compute is refused."""
     caller = f"headops (layer {layer})"
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"{caller}: the model's attention passes {name} = ..., which headops does "
-                                      "not compute")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"{caller}: the model's attention soft-caps its logits (softcap = "
+                                  f"{kwargs['softcap']}), which headops does not compute")
+    model_sinks = kwargs.get("s_aux")  # GPT-OSS's learnt per-head sink logits: headops' sink_logit
+    if model_sinks is not None:
+        spec_sinks = args.get("sink_logit")  # (both: two terms of the denominator, one logit)
+        args["sink_logit"] = model_sinks if spec_sinks is None else torch.logaddexp(
+            spec_sinks.to(model_sinks.device, torch.float32), model_sinks.float())
     window = kwargs.get("sliding_window")
     if not window:
         return
