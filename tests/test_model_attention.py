@@ -1,6 +1,8 @@
 """A model's own attention limits kept by a patched model (headops._model_attention): the sliding
 windows of Mistral, Qwen2, Gemma 3 and Starcoder2 layers, with transformers' caches and with a
-HeadSparseCache (whose sliding layers hold only their windows), and what is refused."""
+HeadSparseCache (whose sliding layers hold only their windows), GPT-OSS's learnt sinks, more
+families, and what is refused (softcapping, packed sequences, dropout, what a sliding layer cannot
+take)."""
 
 import pytest
 import torch
