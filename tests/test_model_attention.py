@@ -211,3 +211,18 @@ def test_gpt_oss_sink_logits_are_headops_sink_logit():
         for layer, row in zip(model.model.layers, extra):
             layer.self_attn.sinks.copy_(torch.logaddexp(layer.self_attn.sinks, row))
         torch.testing.assert_close(got, model(ids[:1]).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_a_dense_prefill_of_a_sliding_model_holds_every_key():
+    """capture_prefill keeps every layer's keys (the model's own cache would keep only the sliding
+    layers' windows), and the cache built from it continues as the unpatched model generates."""
+    model = make("mistral")
+    ids, _ = batch()
+    ids = ids[:1]
+    want = model.generate(ids, **GENERATE)
+    prefill = headops.capture_prefill(model, ids[:, :10])
+    assert [tuple(k.shape) for k in prefill.keys] == [(1, 2, 10, 16)] * 2
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    cache = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=4)
+    assert torch.equal(model.generate(ids, cache=cache, **GENERATE), want)

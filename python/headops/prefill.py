@@ -91,7 +91,7 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     every layer's keys and values from the model's own cache and its last `observation_window`
     queries per row. `attention_mask` ``[B, S]`` (1 real, 0 padding) must be right padding: each
     row's tokens first. The model's attention implementation is restored afterwards."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, DynamicCache
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -134,8 +134,10 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
         # only the keys, values and queries are wanted: the LM head runs for the last position
         # alone (SmolLM2's 49k-word head is a fifth of its FLOPs, and B x S x V logits)
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        # a cache of every key in every layer: the model's own would keep only the window's keys in
+        # its sliding-window layers (the head-sparse cache takes from the whole prompt what it keeps)
         with torch.no_grad():
-            out = model(input_ids, attention_mask=attention_mask, use_cache=True, **last_only)
+            out = model(input_ids, attention_mask=attention_mask, use_cache=True, cache=DynamicCache(), **last_only)
     finally:
         model.set_attn_implementation(previous)
     cache = out.cache
