@@ -226,3 +226,19 @@ def test_a_dense_prefill_of_a_sliding_model_holds_every_key():
     headops.patch(model, spec)
     cache = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=4)
     assert torch.equal(model.generate(ids, cache=cache, **GENERATE), want)
+
+
+def test_a_model_composed_mask_is_refused():
+    """A model that composes its own mask function (bidirectional image tokens in Gemma 3's
+    multimodal model, a prefix) gets an error from headops' mask function, not causal attention."""
+    from transformers.masking_utils import create_causal_mask
+
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    embeds = torch.zeros(1, 6, 64)
+    assert create_causal_mask(model.config, embeds, torch.ones(1, 6, dtype=torch.long), None) is None
+    with pytest.raises(NotImplementedError, match="custom attention mask"):
+        create_causal_mask(model.config, embeds, torch.ones(1, 6, dtype=torch.long), None,
+                           or_mask_function=lambda b, h, q, kv: kv < 2)

@@ -36,6 +36,10 @@ def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     (transformers' sliding-window cache layers keep only the window's): the mask's length then
     tells the attention function the positions of its keys. While torch.compile traces, the mask
     whatever its values."""
+    if kwargs.get("use_vmap"):  # (transformers' sign that it composed a mask function of the model's own)
+        raise NotImplementedError("headops: the model builds a custom attention mask here (e.g. bidirectional image "
+                                  "tokens or a prefix), which headops does not carry: it computes causal or "
+                                  "bidirectional attention, with windows and padding")
     if attention_mask is None and kv_offset == 0:
         return None
     total = kv_offset + kv_length
