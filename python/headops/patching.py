@@ -73,7 +73,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    _keep_model_attention(module, layer, args, cache, kwargs)
+    _keep_model_attention(layer, args, cache, kwargs)
     if dropout:
         raise NotImplementedError(f"headops (layer {layer}): the model trains with attention dropout {dropout}, which "
                                   "headops does not apply; set the model config's attention_dropout to 0 (or "
@@ -108,7 +108,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2), None
 
 
-def _keep_model_attention(module, layer, args, cache, kwargs):
+def _keep_model_attention(layer, args, cache, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
     checked here), and what headops does not compute is refused."""
