@@ -827,7 +827,8 @@ BAD_CALLS = {
     "lengths_zero": ("lengths", lambda c: c.attention(0, Q, K, V, lengths=[0, 3]), False),
     "lengths_count": ("lengths", lambda c: c.attention(0, Q, K, V, lengths=[3]), False),
     "lengths_not_first": ("lengths", lambda c: c.attention(0, Q[:, :1], K[:, :1], V[:, :1], lengths=[1, 1]), True),
-    "step_past_max_step": ("max_step", lambda c: c.attention(0, Q, K, V), True),
+    "probed_step_past_max_step": ("max_step", lambda c: c.attention(0, Q, K, V, probe=headops.Probe(entropy=True)),
+                                  True),
     "decode_q_k_steps": ("q", lambda c: c.attention(0, Q[:, :1], K[:, :2], V[:, :2]), True),
     "decode_gate_shape": ("gate", lambda c: c.attention(0, Q[:, :1], K[:, :1], V[:, :1], gate=torch.ones(3, dtype=F64)),
                           True),
@@ -1317,3 +1318,31 @@ def test_sync_lengths_checks_every_layer_before_changing_any():
     second.lengths -= 997
     cache.sync_lengths()
     assert first.held == second.held == [13, 13]
+
+
+def test_a_decode_call_past_max_step_runs_as_max_step_calls():
+    """A call of 7 new tokens with max_step = 2 (a second turn's prompt): the same outputs and kept
+    tokens as calls of 2, 2, 2 and 1, with full, streaming (compensated) and budget heads, a
+    key_bias by position sliced for each of them, and rows of different lengths."""
+    from test_cache_rows import assert_same, held
+
+    def make():
+        return headops.HeadSparseCache(num_layers=2, num_heads=6, num_kv_heads=3, head_dim=16,
+                                       kinds=["full", "streaming", "budget"], window=[-1, -1, 3, 2, -1, -1],
+                                       sinks=[0, 0, 1, 2, 1, 1], budget=[None, None, 6], budget_recent=2, max_step=2,
+                                       compensation=[None, "weighted", None])
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 19, h, 16, generator=g) for h in (6, 3, 3))
+    bias = torch.randn(2, 6, 19, generator=g)
+    whole, steps = make(), make()
+    for cache in (whole, steps):
+        cache.attention(0, q[:, :12], k[:, :12], v[:, :12], lengths=[12, 9], key_bias=bias[..., :12])
+    got = whole.attention(0, q[:, 12:], k[:, 12:], v[:, 12:], key_bias=bias)
+    want = torch.cat([steps.attention(0, q[:, a:b], k[:, a:b], v[:, a:b], key_bias=bias[..., :b])
+                      for a, b in ((12, 14), (14, 16), (16, 18), (18, 19))], 1)
+    assert torch.equal(got, want)
+    assert_same(held(whole), held(steps))
+    with pytest.raises(ValueError, match="key_bias"):  # checked whole before anything changes
+        whole.attention(0, q[:, :5], k[:, :5], v[:, :5], key_bias=bias[..., :20])
+    assert_same(held(whole), held(steps))

@@ -79,3 +79,21 @@ def test_beam_search_generates_like_recomputing_with_the_same_spec(beams, return
     got = model.generate(ids, cache=cache, **options)
     assert torch.equal(got, want)
     assert cache.batch_size == 2 * beams
+
+
+def test_a_second_turn_continues_the_same_cache():
+    """generate, then generate again from the whole conversation with the same cache: the second
+    prompt (more tokens than max_step) runs as steps of max_step, and the answer is what
+    recomputing every step with the same spec gives."""
+    model, _ = tiny_llama()
+    first = torch.randint(0, 97, (1, 10))
+    use(model, "headops_recompute_test")
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    answer = model.generate(first, use_cache=False, **kw)
+    second = torch.cat([answer, torch.randint(0, 97, (1, 9))], 1)
+    want = model.generate(second, use_cache=False, **kw)
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    kinds=["full", "streaming"], window=WINDOW, sinks=SINKS, max_step=2)
+    use(model, "headops_cache_test")
+    assert torch.equal(model.generate(first, cache=cache, **kw), answer)
+    assert torch.equal(model.generate(second, cache=cache, **kw), want)

@@ -523,8 +523,9 @@ def cache_call_wrong_forms(c, cache, S, phase, gen):
         forms["q_k_tokens_differ"] = (lambda x: x.attention(0, t(n + 1, Hq), k, v), "q")
         if any(kind != "full" for kind in c["kinds"]):
             m = c["max_step"] + 1
-            forms["step_past_max_step"] = (lambda x: x.attention(0, t(m, Hq), t(m, Hkv), t(m, Hkv)),
-                                           ["max_step", "k"])
+            forms["probed_step_past_max_step"] = (
+                lambda x: x.attention(0, t(m, Hq), t(m, Hkv), t(m, Hkv), probe=headops.Probe(entropy=True)),
+                ["max_step", "k"])
     return forms
 
 

@@ -329,6 +329,9 @@ class LayerStorage:
         positions = self.kept_positions(b, h).to(self.lengths.device)
         i = int(self.kv_index[h])
         if self.kinds[h] == FULL:
+            if not self.full_k:  # (nothing stored in the layer yet)
+                empty = self.ring_k.new_zeros(0, self.D)
+                return positions, empty, empty.clone()
             k = torch.cat([seg[b, i] for seg in self.full_k], 0)[:positions.numel()]
             v = torch.cat([seg[b, i] for seg in self.full_v], 0)[:positions.numel()]
             return positions, k, v

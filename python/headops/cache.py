@@ -121,7 +121,8 @@ class HeadSparseCache(_CacheBase):
             first call (``attention`` or ``append``), as transformers' caches do; the storages are
             allocated then. Given, the calls are checked against them; with batch_size and dtype
             both given the cache is sized at construction (on the CPU unless device is given).
-        max_step: the most new tokens one decode call may bring (sizes the rings).
+        max_step: the new tokens one decode step brings at most (sizes the rings); a call with more
+            runs as consecutive steps of max_step tokens (every query attends as in one call).
         split_keys: keys per work item when a long head is split across threads (CPU) or CUDA
             blocks (split-K). None (the default): 1024 on the CPU; on a GPU, chosen at each step
             from what the storages can hold and the device's SMs, at most 1024 (``_split_keys``).
@@ -723,13 +724,12 @@ class HeadSparseCache(_CacheBase):
         self._check_room(caller, st, Sq)
         if q.shape[1] != Sq:
             raise fail(caller, "q", f"as many new tokens as k ({Sq})", q.shape[1])
-        if Sq > self.max_step and st.has_partial_heads:
-            raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens per decode call (it sizes the "
-                                    "rings)", f"{Sq} tokens")
         if per_head.get("key_bias") is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError(f"{caller}: key_bias cannot be captured in a CUDA graph: it is indexed by position and "
                              "its length is fixed at capture, so the keys a replay appends would get no bias")
         keys = max(st.held) + Sq
+        if Sq > self.max_step and st.has_partial_heads:
+            return self._decode_in_steps(caller, layer, q, k, v, causal, per_head, probe, keys), None
         args, kernel_args = self._step_args(caller, layer, q, keys, per_head)  # checked before the cache changes
         request = self._probe_request(caller, st, q, args, probe, keys)
         st.reserve(keys)
@@ -739,6 +739,26 @@ class HeadSparseCache(_CacheBase):
             q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
             st.ring_sinks, st.ring_size, causal, *kernel_args, _split_keys(self.split_keys, st, q.device),
             *st.budget_args(), *st.comp_args()), stats
+
+    def _decode_in_steps(self, caller, layer, q, k, v, causal, per_head, probe, keys):
+        """A decode call of more than max_step new tokens (a second turn's prompt, a question after a
+        compressed context) as consecutive calls of max_step tokens: the rings hold what each of them
+        sees, so every query attends as in one call; a budget head evicts between them, as between
+        decode steps. Checked whole before anything changes."""
+        if probe is not None:
+            raise fail(caller, "k", f"at most max_step = {self.max_step} new tokens in a probed decode call",
+                       f"{k.shape[1]} tokens")
+        self._head_args(caller, self._layers[layer], q.shape[0], q.device, keys, per_head)
+        key_bias, first = per_head.get("key_bias"), keys - k.shape[1]
+        outs = []
+        for start in range(0, k.shape[1], self.max_step):
+            end = min(k.shape[1], start + self.max_step)
+            step = dict(per_head)
+            if isinstance(key_bias, torch.Tensor) and key_bias.dim() and key_bias.shape[-1] == keys:
+                step["key_bias"] = key_bias[..., :first + end]  # (indexed by position: the keys so far)
+            outs.append(self._decode(caller, layer, q[:, start:end], k[:, start:end], v[:, start:end], causal,
+                                     step)[0])
+        return torch.cat(outs, 1)
 
     def _step_args(self, caller, layer, q, keys, per_head):
         """(HeadArgs, their kernel arguments) of a decode step. Steps whose per-head arguments are
