@@ -242,3 +242,28 @@ def test_a_model_composed_mask_is_refused():
     with pytest.raises(NotImplementedError, match="custom attention mask"):
         create_causal_mask(model.config, embeds, torch.ones(1, 6, dtype=torch.long), None,
                            or_mask_function=lambda b, h, q, kv: kv < 2)
+
+
+def test_a_mask_made_by_the_caller_must_be_what_headops_computes():
+    """A 4-D mask given to the model passes through transformers as it is: causal attention with
+    key padding (additive float or bool) is computed as the unpatched model does; a prefix-LM mask
+    is refused rather than run as causal attention."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids, mask = batch()
+    S = ids.shape[1]
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    full = torch.tril(torch.ones(S, S, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    additive = torch.zeros(2, 1, S, S).masked_fill(~full, torch.finfo(torch.float32).min)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with torch.no_grad():
+        for given in (additive, full):
+            got = model(ids, attention_mask=given).logits
+            torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
+        prefix = full.clone()
+        prefix[:, :, 3:6, 3:6] = True  # tokens 3-5 see each other both ways
+        with pytest.raises(NotImplementedError, match="not causal .or bidirectional. attention with key padding"):
+            model(ids, attention_mask=prefix)

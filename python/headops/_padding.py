@@ -10,6 +10,7 @@ each row's tokens without their padding (``padding_side="left"``) and stores non
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -78,3 +79,33 @@ def left_padding(caller, padding: Padding) -> list:
                                   "padding, then its tokens: a tokenizer's padding_side='left'); this attention mask "
                                   "masks other keys")
     return padding.first.tolist()
+
+
+_CHECKED = weakref.WeakValueDictionary()  # full masks found to be causal/bidirectional + padding, by id
+
+
+def refuse_other_masks(caller, mask, causal: bool, window) -> None:
+    """A mask of a query row each (``[B, 1 or H, Sq, Sk]``, Sq > 1: one the caller made itself, which
+    transformers passes on as it is) must be what headops computes from its last row: causal or
+    not, the model's sliding window, the last row's key padding; a NotImplementedError otherwise (a
+    tree, a prefix, sequences packed by a block mask). Checked once per mask tensor; not while
+    torch.compile traces (a branch on data)."""
+    if mask is None or mask.dim() != 4 or mask.shape[-2] < 2 or torch.compiler.is_compiling():
+        return
+    if _CHECKED.get(id(mask)) is mask:
+        return
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    Sq, Sk = seen.shape[-2:]
+    rows = torch.arange(Sq, device=seen.device).unsqueeze(-1) + (Sk - Sq)  # each query's position among the keys
+    keys = torch.arange(Sk, device=seen.device)
+    expected = seen[:, :, -1:, :].expand_as(seen).clone()
+    if causal:
+        expected &= keys <= rows
+    if window:
+        expected &= rows - keys < window
+    # (a query that sees no key: the kernel gives it zeros, as the mask's rows of padding are unused)
+    if not bool(((seen == expected) | ~expected.any(-1, keepdim=True)).all()):
+        raise NotImplementedError(f"{caller}: the attention mask passed in is not causal (or bidirectional) attention "
+                                  "with key padding, which is what headops computes (a tree, a prefix or packed "
+                                  "sequences need a mask of their own)")
+    _CHECKED[id(mask)] = mask

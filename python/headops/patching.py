@@ -64,6 +64,8 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
     recording = getattr(module, "_headops_recording", None)
+    causal = bool(getattr(module, "is_causal", True))
+    _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
     # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
     # the mask covers every position so far (_headops_mask), the keys are the last ones
@@ -90,7 +92,6 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         bias = _padding.padding_bias(padding.valid[:, dropped:])
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
-    causal = bool(getattr(module, "is_causal", True))
     if cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
