@@ -267,3 +267,32 @@ def test_a_mask_made_by_the_caller_must_be_what_headops_computes():
         prefix[:, :, 3:6, 3:6] = True  # tokens 3-5 see each other both ways
         with pytest.raises(NotImplementedError, match="not causal .or bidirectional. attention with key padding"):
             model(ids, attention_mask=prefix)
+
+
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "cu_seq_lens_q", "block_indices", "softcap"])
+def test_attention_arguments_headops_does_not_compute_are_refused(name):
+    """What a family may pass to its attention function that headops cannot honour (T5's relative
+    position bias, other sink forms, packed variable-length sequences, block indices, softcapping)."""
+    from headops.patching import _headops_attention
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    module = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    _headops_attention(module, q, k, k, None, scaling=0.25, **{name: None})  # (None: not passed)
+    with pytest.raises(NotImplementedError, match=name):
+        _headops_attention(module, q, k, k, None, scaling=0.25, **{name: torch.zeros(1)})
+
+
+def test_is_causal_passed_by_the_model_wins_over_the_module():
+    from headops.patching import _headops_attention
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    module = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    got = _headops_attention(module, q, k, k, None, scaling=0.25, is_causal=False)[0]
+    want = headops.attention(q, k, k, layout="bhsd", causal=False, softmax_scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(got, want)

@@ -64,7 +64,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
     recording = getattr(module, "_headops_recording", None)
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
     # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
@@ -109,6 +109,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2), None
 
 
+# what some families pass to their attention function that changes it and headops does not compute:
+# T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux, variable-length
+# (packed) sequences, block-sparse indices
+_NOT_COMPUTED = ("position_bias", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "block_indices")
+
+
 def _keep_model_attention(layer, args, cache, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
@@ -117,6 +123,10 @@ def _keep_model_attention(layer, args, cache, kwargs):
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(f"{caller}: the model's attention soft-caps its logits (softcap = "
                                   f"{kwargs['softcap']}), which headops does not compute")
+    for name in _NOT_COMPUTED:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{caller}: the model's attention passes {name}, which headops does not "
+                                      "compute")
     model_sinks = kwargs.get("s_aux")  # GPT-OSS's learnt per-head sink logits: headops' sink_logit
     if model_sinks is not None:
         spec_sinks = args.get("sink_logit")  # (both: two terms of the denominator, one logit)
