@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("head_importance.py", "most important (layer, head)"),
     ("head_masking.py", "similarity"),
     ("lofit_training.py", "loss before"),
+    ("batched_generation.py", "as recomputing without a cache"),
 ])
 def test_example_runs(example, expected):
     proc = subprocess.run([sys.executable, os.path.join("examples", example), "--tiny"], cwd=ROOT,
