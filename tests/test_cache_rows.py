@@ -55,7 +55,8 @@ def held(cache):
         for b in range(len(st.held)):
             for h in range(cache.num_kv_heads):
                 state.append(st.kept_kv(b, h))
-            state.append(cache.compensation(layer, b, 1))
+                if st.compensation[h] is not None:
+                    state.append(cache.compensation(layer, b, h))
         state.append(cache.seq_lengths(layer))
     return state
 
@@ -183,3 +184,75 @@ def test_a_refused_row_operation_names_its_argument_and_changes_nothing(call, er
         call(cache)
     assert_same(held(cache), before)
     assert cache.batch_size == 3
+
+
+# ------------------------------------------------------------------------------------ crop
+
+
+def crop_cache(kinds=("full", "streaming"), compensation=None, max_step=4):
+    return headops.HeadSparseCache(num_layers=2, num_heads=2 * len(kinds), num_kv_heads=len(kinds), head_dim=D,
+                                   kinds=list(kinds), window=[-1, -1, 3, 2, -1, -1][:2 * len(kinds)],
+                                   sinks=[0, 0, 1, 2, 1, 1][:2 * len(kinds)], budget=[None, None, 6][:len(kinds)],
+                                   budget_recent=2, max_step=max_step,
+                                   compensation=compensation or [None] * len(kinds))
+
+
+def feed(cache, q, k, v, sizes):
+    outs = []
+    for start, end in sizes:
+        for layer in range(2):
+            outs.append(cache.attention(layer, q[:, start:end], k[:, start:end], v[:, start:end], softmax_scale=0.3))
+    return outs
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_crop_drops_the_last_tokens_as_if_never_seen(n):
+    """crop(-n), n <= max_step (what assisted generation undoes after a draft): the next steps are
+    those of a cache that never saw the n tokens, over full and wrapped streaming rings."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 30, h, D, generator=g) for h in (4, 2, 2))
+    cropped, fresh = crop_cache(), crop_cache()
+    feed(cropped, q, k, v, [(0, 12), (12, 15), (15, 16), (16, 16 + n)])  # the last n to be undone
+    feed(fresh, q, k, v, [(0, 12), (12, 15), (15, 16)])
+    nbytes = cropped.nbytes()
+    cropped.crop(-n)
+    assert cropped.get_seq_length() == 16 and cropped.nbytes() == nbytes
+    cropped.crop(0)
+    steps = [(16, 18), (18, 19), (19, 23), (23, 24)]
+    for got, want in zip(feed(cropped, q, k, v, steps), feed(fresh, q, k, v, steps)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("budget", NotImplementedError, "budget head"),
+    ("compensated", NotImplementedError, "compensated: the tokens the last 3 evicted"),
+    ("past_the_ring", NotImplementedError, r"ring no longer holds the window before the last 5 tokens"),
+    ("positive", ValueError, "tokens_to_remove must be an int <= 0"),
+    ("past_the_row", ValueError, "at most the 19 tokens a row holds"),
+])
+def test_a_crop_that_cannot_be_exact_is_refused_and_changes_nothing(case, error, match):
+    kinds = ("full", "streaming", "budget") if case == "budget" else ("full", "streaming")
+    cache = crop_cache(kinds, compensation=[None, "weighted"] if case == "compensated" else None)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 19, h, D, generator=g) for h in (2 * len(kinds), len(kinds), len(kinds)))
+    feed(cache, q, k, v, [(0, 12), (12, 15), (15, 16), (16, 19)])
+    before = held(cache)
+    n = {"past_the_ring": 5, "positive": -2, "past_the_row": 20}.get(case, 3)
+    with pytest.raises(error, match=match):
+        cache.crop(-n)
+    assert_same(held(cache), before)
+    assert cache.get_seq_length() == 19
+
+
+def test_the_ring_rule_of_crop_is_tight():
+    """Dropping max_step + 1 tokens from a wrapped ring anyway (past the rule) changes the next steps:
+    the ring overwrote a key of the window before them."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 30, h, D, generator=g) for h in (4, 2, 2))
+    forced, fresh = crop_cache(), crop_cache()
+    feed(forced, q, k, v, [(0, 12), (12, 15), (15, 16), (16, 20), (20, 21)])
+    feed(fresh, q, k, v, [(0, 12), (12, 15), (15, 16)])
+    for st in forced._layers:
+        st.drop_last(5)
+    steps = [(16, 17), (17, 18)]
+    assert any(not torch.equal(a, b) for a, b in zip(feed(forced, q, k, v, steps), feed(fresh, q, k, v, steps)))

@@ -97,3 +97,26 @@ def test_a_second_turn_continues_the_same_cache():
     use(model, "headops_cache_test")
     assert torch.equal(model.generate(first, cache=cache, **kw), answer)
     assert torch.equal(model.generate(second, cache=cache, **kw), want)
+
+
+def test_assisted_generation_crops_the_cache():
+    """generate(assistant_model=...): the target model verifies each draft in one call and crops the
+    rejected tokens from the cache (HeadSparseCache.crop); the tokens are those of recomputing every
+    step with the same spec."""
+    model, _ = tiny_llama()
+    assistant, _ = tiny_llama()
+    with torch.no_grad():  # a draft model close to the target, whose drafts are partly rejected
+        for p in assistant.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    ids = torch.randint(0, 97, (1, 12))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    use(model, "headops_recompute_test")
+    want = model.generate(ids, use_cache=False, **kw)
+    cache = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    kinds=["full", "streaming"], window=WINDOW, sinks=SINKS, max_step=24)
+    use(model, "headops_cache_test")
+    crops = []
+    crop = cache.crop
+    cache.crop = lambda n: (crops.append(n), crop(n))[1]
+    assert torch.equal(model.generate(ids, cache=cache, assistant_model=assistant, **kw), want)
+    assert any(n < 0 for n in crops)  # (drafts were rejected and cropped)

@@ -216,6 +216,37 @@ class LayerStorage:
         B, dtype, device = self._storage
         self._storage = (len(rows), dtype, device)
 
+    def why_not_dropped(self, n: int):
+        """Why the last n tokens of every row cannot be dropped so that the layer holds what it would
+        have held without them, or None: a budget head chose by the attention they gave and may have
+        evicted for them; a ring that wrapped keeps the window's keys before them only while n <= its
+        size - the window + 1 (max_step); a compensated head cannot unfold what they evicted."""
+        for h, kind in enumerate(self.kinds):
+            if kind == FULL:
+                continue
+            if kind == BUDGET:
+                return f"KV head {h} is a budget head: the tokens it kept were chosen by the attention of the ones " \
+                       "to drop"
+            i = int(self.kv_index[h])
+            sinks, ring = self.ring_sink_counts[i], self.ring_alloc[i]
+            group = len(self.window_list) // self.Hkv
+            window = max(self.window_list[h * group:(h + 1) * group])
+            for L in self.held:
+                # (the ring wrapped: the n overwrote the slots of the n keys before its oldest; the next
+                # query, at the first of them, needs the window - 1 keys before it)
+                if L > sinks + ring and n > ring - window + 1:
+                    return f"KV head {h} streams (window {window}, ring {ring}): its ring no longer holds the window " \
+                           f"before the last {n} tokens (a cache with max_step >= {n} keeps it)"
+                if self.compensation[h] is not None and max(sinks, L - ring) > max(sinks, L - n - ring):
+                    return f"KV head {h} is compensated: the tokens the last {n} evicted are folded into its sums"
+        return None
+
+    def drop_last(self, n: int) -> None:
+        """Every row holds n tokens fewer (why_not_dropped said it can): what the slots past them hold
+        is overwritten by the next appends."""
+        self.lengths -= n
+        self.held = [L - n for L in self.held]
+
     def forget_tokens(self) -> None:
         """Every row empty again, as just allocated; the storages keep their sizes and addresses."""
         self.lengths.zero_()

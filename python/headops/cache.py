@@ -51,6 +51,12 @@ class _TransformersLayer(_LayerBase):
     is_compileable = False
     is_sliding = False
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether transformers may crop it (assisted generation): a layer without budget heads (a
+        crop that cannot be exact is still refused, HeadSparseCache.crop)."""
+        return BUDGET not in self._layer.kinds
+
     def __init__(self, layer: LayerStorage):
         if _LayerBase is not object:
             super().__init__()
@@ -80,7 +86,8 @@ class _TransformersLayer(_LayerBase):
                                   "reorder_cache(beam_idx)")
 
     def crop(self, tokens_to_remove):
-        raise NotImplementedError(_NO_CROP)
+        raise NotImplementedError("headops.HeadSparseCache crops all its layers at once: call the cache's "
+                                  "crop(tokens_to_remove)")
 
     def batch_repeat_interleave(self, repeats):
         raise NotImplementedError("headops.HeadSparseCache repeats all its layers' rows at once: call the cache's "
@@ -90,10 +97,6 @@ class _TransformersLayer(_LayerBase):
         raise NotImplementedError("headops.HeadSparseCache selects all its layers' rows at once: call the cache's "
                                   "batch_select_indices(indices)")
 
-
-_NO_CROP = ("headops.HeadSparseCache cannot drop its latest tokens (crop): its streaming and budget heads have evicted "
-            "tokens that the shorter sequence would need back. Assisted generation and prompt lookup decoding crop "
-            "the cache; run them with a transformers DynamicCache")
 
 
 class HeadSparseCache(_CacheBase):
@@ -160,7 +163,7 @@ class HeadSparseCache(_CacheBase):
 
     transformers' row operations move every per-row state with its row: ``reorder_cache``
     (beam search), ``batch_select_indices``, ``batch_repeat_interleave``; ``reset`` empties the
-    rows and keeps the storages; ``crop`` is refused (evicted tokens cannot come back).
+    rows and keeps the storages; ``crop`` drops the last tokens where that is exact.
     """
 
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
@@ -374,7 +377,29 @@ class HeadSparseCache(_CacheBase):
             self._take_rows([b for b in range(self._batch_size) for _ in range(int(repeats))])
 
     def crop(self, tokens_to_remove) -> None:
-        raise NotImplementedError(_NO_CROP)
+        """transformers' crop (assisted generation, prompt lookup decoding): ``crop(-n)`` drops the
+        last n tokens of every row in every layer, where the cache then holds exactly what it would
+        hold had it never seen them: full heads always; a streaming head while its ring still holds
+        its window before them (n <= max_step, or the ring has not wrapped) and, compensated, while
+        they evicted nothing. A budget head chose by their attention: refused (NotImplementedError),
+        as is n past what a row holds; a refused call changes nothing. ``crop(0)`` does nothing."""
+        caller = CALLER + ".crop"
+        if not is_int(tokens_to_remove) or tokens_to_remove > 0:
+            raise fail(caller, "tokens_to_remove", "an int <= 0 (-n drops the last n tokens, as transformers' "
+                                                   "caches take it)", repr(tokens_to_remove))
+        n = -int(tokens_to_remove)
+        if n == 0 or not self._sized:
+            return
+        for i, st in enumerate(self._layers):
+            if st.held and min(st.held) < n:
+                raise fail(caller, "tokens_to_remove", f"at most the {min(st.held)} tokens a row holds in layer {i}",
+                           tokens_to_remove)
+            problem = st.why_not_dropped(n) if st.held else None
+            if problem is not None:
+                raise NotImplementedError(f"{caller}: layer {i} cannot drop its last {n} tokens exactly: {problem}")
+        for st in self._layers:
+            if st.held:
+                st.drop_last(n)
 
     def _row_index(self, caller, name, index, same_count=False) -> list:
         """`index` checked as batch rows of this cache: a list of ints."""
