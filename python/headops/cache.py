@@ -378,8 +378,10 @@ class HeadSparseCache(_CacheBase):
 
     def crop(self, tokens_to_remove) -> None:
         """transformers' crop (assisted generation, prompt lookup decoding): ``crop(-n)`` drops the
-        last n tokens of every row in every layer, where the cache then holds exactly what it would
-        hold had it never seen them: full heads always; a streaming head while its ring still holds
+        last n tokens of every row in every layer, where every later step then computes what it
+        would have had the cache never seen them (a wrapped ring's slots of the n keys before its
+        oldest stay listed by kept_positions until the next n steps overwrite them; no query's window
+        reaches them): full heads always; a streaming head while its ring still holds
         its window before them (n <= max_step, or the ring has not wrapped) and, compensated, while
         they evicted nothing. A budget head chose by their attention: refused (NotImplementedError),
         as is n past what a row holds; a refused call changes nothing. ``crop(0)`` does nothing."""
