@@ -45,6 +45,14 @@ except ImportError:  # pragma: no cover - transformers is optional
     _CacheBase, _LayerBase = object, object
 
 
+def _whole_cache_only(call: str):
+    """A layer method that refuses, naming the HeadSparseCache method that does it for every layer."""
+    def refuse(self, *args, **kwargs):
+        raise NotImplementedError(f"headops.HeadSparseCache does this for all its layers at once: call the cache's "
+                                  f"{call}")
+    return refuse
+
+
 class _TransformersLayer(_LayerBase):
     """transformers' view of one layer: sequence length and mask sizes; the storage is LayerStorage's."""
 
@@ -78,24 +86,12 @@ class _TransformersLayer(_LayerBase):
     def get_max_length(self) -> int:
         return -1
 
-    def reset(self):
-        raise NotImplementedError("headops.HeadSparseCache resets all its layers at once: call the cache's reset()")
-
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("headops.HeadSparseCache reorders all its layers at once: call the cache's "
-                                  "reorder_cache(beam_idx)")
-
-    def crop(self, tokens_to_remove):
-        raise NotImplementedError("headops.HeadSparseCache crops all its layers at once: call the cache's "
-                                  "crop(tokens_to_remove)")
-
-    def batch_repeat_interleave(self, repeats):
-        raise NotImplementedError("headops.HeadSparseCache repeats all its layers' rows at once: call the cache's "
-                                  "batch_repeat_interleave(repeats)")
-
-    def batch_select_indices(self, indices):
-        raise NotImplementedError("headops.HeadSparseCache selects all its layers' rows at once: call the cache's "
-                                  "batch_select_indices(indices)")
+    # transformers' per-layer row operations: the cache does them for all its layers at once
+    reset = _whole_cache_only("reset()")
+    reorder_cache = _whole_cache_only("reorder_cache(beam_idx)")
+    crop = _whole_cache_only("crop(tokens_to_remove)")
+    batch_repeat_interleave = _whole_cache_only("batch_repeat_interleave(repeats)")
+    batch_select_indices = _whole_cache_only("batch_select_indices(indices)")
 
 
 
