@@ -99,6 +99,9 @@ def cache_case(draw):
     # beam search's reorder_cache before one of the steps: each row becomes a drawn row (repeats allowed)
     c["reorder"] = (draw(st.integers(0, len(c["steps"]))), [draw(st.integers(0, B - 1)) for _ in range(B)]) \
         if B > 1 and c["steps"] and draw(st.integers(0, 3)) == 0 else None
+    # assisted generation's crop before one of the steps (not the first): the last 1..max_step + 1 tokens
+    c["crop"] = (draw(st.integers(1, len(c["steps"]) - 1)), draw(st.integers(1, max_step + 1))) \
+        if len(c["steps"]) > 1 and draw(st.integers(0, 3)) == 0 else None
     c["seed"] = draw(st.integers(0, 2**31 - 1))
 
     # per-head arguments, each in one of its accepted forms
@@ -417,6 +420,23 @@ def test_cache_matches_full_recomputation(c):
             cur = [cur[b] for b in rows]
             check_state(f"{i} (reordered)")
             event("rows reordered")
+        if c["crop"] is not None and c["crop"][0] == i - 1 and c["crop"][1] <= min(cur):
+            dropped = c["crop"][1]
+            try:
+                cache.crop(-dropped)
+            except NotImplementedError:  # (exact only without budget heads and compensation's evictions, and
+                # for a wrapped ring up to max_step tokens)
+                assert "budget" in c["kinds"] or any(x is not None for x in c["compensation"]) or (
+                    "streaming" in c["kinds"] and dropped > c["max_step"]), where
+                event("a crop refused")
+            else:
+                cur = [x - dropped for x in cur]
+                for t in (q, k, v):  # the positions come again with other tokens
+                    for b in range(B):
+                        t[b, cur[b]:cur[b] + dropped] = torch.randn(t[b, cur[b]:cur[b] + dropped].shape,
+                                                                    generator=gen, dtype=F64).to(dtype)
+                check_state(f"{i} (cropped)")
+                event("cropped")
         new = [torch.stack([t[b, cur[b]:cur[b] + n] for b in range(B)]) for t in (q, k, v)]
         cur = [x + n for x in cur]
         out = call(*new, max(cur))
