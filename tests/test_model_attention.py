@@ -1,5 +1,5 @@
 """A model's own attention limits kept by a patched model (headops._model_attention): the sliding
-windows of Mistral, Qwen2, Gemma 3 and Starcoder2 layers, with transformers' caches and with a
+windows of Mistral, Qwen2, Gemma 3, Starcoder2 and Phi-3 layers, with transformers' caches and with a
 HeadSparseCache (whose sliding layers hold only their windows), GPT-OSS's learnt sinks, more
 families, and what is refused (softcapping, packed sequences, dropout, what a sliding layer cannot
 take)."""
@@ -17,6 +17,7 @@ SLIDING = {
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, head_dim=16)),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
+    "phi3": ("Phi3Config", dict(sliding_window=WINDOW, pad_token_id=0)),  # (one fused qkv_proj)
 }
 
 

@@ -1,7 +1,7 @@
 """What a model's own attention does that a spec must keep (docs/integration.md).
 
 A transformers model may limit some layers to a sliding window of recent keys (Mistral's
-config.sliding_window, the sliding layers of Qwen2, Gemma 2/3, Starcoder2, GPT-OSS). Its attention
+config.sliding_window, the sliding layers of Qwen2, Gemma 2/3, Starcoder2, Phi-3, GPT-OSS). Its attention
 modules pass the window to the attention function, and its masks carry it, but headops' mask
 function passes only the key padding: the window must reach the kernels as the heads' window. In
 a sliding layer every query head's window is capped at the model's (a spec's -1, unlimited,

@@ -182,11 +182,14 @@ def _cache_padding(cache, layer, padding, new_tokens):
     return {}
 
 
+_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query")  # (Llama-likes, Phi-3, GPT-2, BERT)
+
+
 def _attention_modules(model):
     """The attention modules, in layer order (modules with a layer_idx and projections)."""
     found = []
     for _, m in model.named_modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in ("q_proj", "c_attn", "query")):
+        if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
             found.append(m)
     return sorted(found, key=lambda m: m.layer_idx)
 
