@@ -45,7 +45,8 @@ def sliding_windows(model_or_config, num_layers: int) -> list:
 
 def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
     """A NotImplementedError for a model whose attention headops does not compute: logits soft-capped
-    (Gemma 2's attn_logit_softcapping) or chunked (Llama 4's chunked_attention layers)."""
+    (Gemma 2's attn_logit_softcapping), chunked (Llama 4's chunked_attention layers), or values of
+    another head dim than the keys (DeepSeek V2/V3's multi-head latent attention)."""
     cfg = config_of(model_or_config)
     if getattr(cfg, "attn_logit_softcapping", None):
         raise NotImplementedError(f"{caller}: this model soft-caps its attention logits (attn_logit_softcapping = "
@@ -53,6 +54,12 @@ def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
     if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
         raise NotImplementedError(f"{caller}: this model has chunked-attention layers, which headops does not "
                                   "compute")
+    qk = getattr(cfg, "qk_head_dim", None) or (
+        getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0))
+    v = getattr(cfg, "v_head_dim", None)
+    if v and qk and v != qk:
+        raise NotImplementedError(f"{caller}: this model's values have another head dim ({v}) than its queries and "
+                                  f"keys ({qk}) (multi-head latent attention), which headops does not compute")
 
 
 def check_spec_in_sliding_layers(fail, spec, windows) -> None:
