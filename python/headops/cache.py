@@ -388,17 +388,16 @@ class HeadSparseCache(_CacheBase):
         n = -int(tokens_to_remove)
         if n == 0 or not self._sized:
             return
-        layers = [st for st in self._layers if any(st.held)]  # (a layer not called yet holds nothing to drop)
-        for i, st in enumerate(self._layers):
-            if st not in layers:
-                continue
+        # (a layer not called yet holds nothing to drop)
+        layers = [(i, st) for i, st in enumerate(self._layers) if any(st.held)]
+        for i, st in layers:
             if min(st.held) < n:
                 raise fail(caller, "tokens_to_remove", f"at most the {min(st.held)} tokens a row holds in layer {i}",
                            tokens_to_remove)
             problem = st.why_not_dropped(n)
             if problem is not None:
                 raise NotImplementedError(f"{caller}: layer {i} cannot drop its last {n} tokens exactly: {problem}")
-        for st in layers:
+        for _, st in layers:
             st.drop_last(n)
 
     def _row_index(self, caller, name, index, same_count=False) -> list:

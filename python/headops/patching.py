@@ -75,13 +75,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    _keep_model_attention(layer, args, cache, kwargs)
-    if dropout:
-        raise NotImplementedError(f"headops (layer {layer}): the model trains with attention dropout {dropout}, which "
-                                  "headops does not apply; set the model config's attention_dropout to 0 (or "
-                                  "model.eval())")
-    if attention_mask is None and cache is None:
-        _model_attention.refuse_packed_sequences(f"headops (layer {layer})", kwargs.get("position_ids"))
+    _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs)
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
@@ -110,19 +104,22 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 # what some families pass to their attention function that changes it and headops does not compute:
-# T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux, variable-length
-# (packed) sequences, block-sparse indices
-_NOT_COMPUTED = ("position_bias", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "block_indices")
+# logit softcapping, T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux,
+# variable-length (packed) sequences, block-sparse indices
+_NOT_COMPUTED = ("softcap", "position_bias", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "block_indices")
 
 
-def _keep_model_attention(layer, args, cache, kwargs):
+def _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
-    checked here), and what headops does not compute is refused."""
+    checked here), and what headops does not compute is refused: the arguments above, attention
+    dropout, sequences packed into a row."""
     caller = f"headops (layer {layer})"
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"{caller}: the model's attention soft-caps its logits (softcap = "
-                                  f"{kwargs['softcap']}), which headops does not compute")
+    if dropout:
+        raise NotImplementedError(f"{caller}: the model trains with attention dropout {dropout}, which headops does "
+                                  "not apply; set the model config's attention_dropout to 0 (or model.eval())")
+    if attention_mask is None and cache is None:
+        _model_attention.refuse_packed_sequences(caller, kwargs.get("position_ids"))
     for name in _NOT_COMPUTED:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{caller}: the model's attention passes {name}, which headops does not "
@@ -167,12 +164,12 @@ def _cache_padding(cache, layer, padding, new_tokens):
     cache holds no padding). None where the mask pads no row on the left and the cache holds no
     padding: a key_bias then masks the keys by position (the cache's positions are the mask's)."""
     caller = "headops (attention with a HeadSparseCache)"
-    held = cache.left_padding(layer)
     if cache.longest_row(layer) == 0:  # the prompt
         if not bool(padding.first.any()):
             return None
         pads = _padding.left_padding(caller, padding)
         return {"lengths": [new_tokens - p for p in pads], "padding_side": "left"}
+    held = cache.left_padding(layer)
     if not any(held):
         return None
     pads = _padding.left_padding(caller, padding)

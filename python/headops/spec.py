@@ -34,7 +34,7 @@ import json
 import torch
 
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
-from ._model_attention import check_spec_in_sliding_layers, sliding_windows
+from ._model_attention import check_spec_in_sliding_layers, config_of, sliding_windows
 
 __all__ = ["HeadSpec"]
 
@@ -65,8 +65,7 @@ def _fail(name, expected, got):
 
 def _shape_of(model_or_config):
     """(layers, query heads, KV heads, head dim) from a transformers model or config."""
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = getattr(cfg, "text_config", None) or cfg
+    cfg = config_of(model_or_config)
     try:
         L = cfg.num_hidden_layers
         Hq = cfg.num_attention_heads
