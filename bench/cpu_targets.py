@@ -42,7 +42,8 @@ from bench.timing import (add_output_args, cpu_flags, interleaved, machine_info,
                           now_iso, output_dir, shown_path, text_table)
 
 B, H, D = 1, 16, 128
-SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+DTYPES = ("float32", "bfloat16")  # the dtypes issue 17's targets name
+SHORT = kvcache.SHORT
 
 
 @dataclasses.dataclass
@@ -73,7 +74,7 @@ def machine_kind(flags: list) -> str:
 
 def attention_keys(s_pass: int, s_forward: int) -> dict:
     """The attention measurements' keys: (dtype, pass, S) -> key."""
-    return {(d, p, s): f"{SHORT[d]} {p} S={s}" for d in ("float32", "bfloat16")
+    return {(d, p, s): f"{SHORT[d]} {p} S={s}" for d in DTYPES
             for p, s in (("forward", s_pass), ("fwd+bwd", s_pass), ("forward", s_forward))}
 
 
@@ -83,7 +84,7 @@ def targets_for(kind: str, keys: dict, decode_keys: list, s_pass: int, s_forward
 
     if kind == "avx2":
         return [Target(f"no dense forward or forward+backward row at S={s_pass} slower than SDPA", 1.0, True,
-                       [keys[(d, p, s_pass)] for d in ("float32", "bfloat16") for p in ("forward", "fwd+bwd")]),
+                       [keys[(d, p, s_pass)] for d in DTYPES for p in ("forward", "fwd+bwd")]),
                 Target("decode reads the kept K/V at >= 60 % of the copy bandwidth (every row)", 0.60, False,
                        decode_keys)]
     return [Target(f"bf16 forward+backward S={s_pass} <= 0.9x SDPA", 0.9, True, k("bfloat16", "fwd+bwd", s_pass)),
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
 
     passes = kvcache.MemoryPasses()
     decode_rows, decode_keys = [], []
-    for dtype_name in kvcache.DTYPES:
+    for dtype_name in DTYPES:
         for ctx in contexts:
             for row in kvcache.run_context(dtype_name, ctx, repeats, passes):
                 if not row["check"]["ok"]:

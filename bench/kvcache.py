@@ -67,10 +67,10 @@ WINDOW, SINKS = 1024, 4
 CHUNK = 4096
 STEPS = 4  # decode steps per timed sample
 MIXES = {"all full": 8, "50% full": 4, "25% full": 2}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 PRESETS = {"quick": [2048, 8192], "default": [8192, 32768, 131072]}
-TOL = {"float32": 2e-5, "bfloat16": 2e-2}
+TOL = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 2e-3}
 
 
 def make_cache(n_full: int, dtype, split_keys: int = 1024):
@@ -371,11 +371,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="contexts 2k and 8k (CI smoke test)")
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["float32", "bfloat16"],
+                   help=f"comma-separated, of {', '.join(DTYPES)}")
     p.add_argument("--repeats", type=int, default=7)
     add_output_args(p)
     p.add_argument("--methods", action="store_true", help="only the compression methods' rows (kvcache_methods.md)")
     args = p.parse_args(argv)
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtypes: {', '.join(unknown)} not among {', '.join(DTYPES)}")
     if args.methods:
         return main_methods(args, argv)
     preset = "quick" if args.quick else "default"

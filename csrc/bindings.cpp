@@ -202,6 +202,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_call_splits_half_into_bf16_tiles", &headops::cpu::call_splits_half_into_bf16_tiles,
         "Whether one such float16 call (head dim, query rows that read each key: seqlen_q x the GQA group) takes that "
         "split: enough rows per key to pay for packing two copies of K and V.");
+  m.def("cpu_widens_half_to_float_tiles", &headops::cpu::widens_half_to_float_tiles,
+        "Whether float16 forward tiles are widened to float32 and run through float brgemm on K and V packed once "
+        "(brgemm runs float tiles here but has no float16 layout: AVX-512 without AVX512-FP16), for this head dim.");
+  m.def("cpu_call_widens_half_to_float_tiles", &headops::cpu::call_widens_half_to_float_tiles,
+        "Whether one such float16 forward call (head dim, query rows that read each key) takes that path: as many rows "
+        "per key as a float32 call packs for.");
   m.def("cpu_l2_cache_bytes", &headops::cpu::l2_cache_bytes,
         "one core's L2 cache in bytes as torch's cpuinfo reads it (0 where unknown): some tile shapes follow it");
   m.def("cpu_capability", &headops::cpu::cpu_capability,

@@ -165,6 +165,40 @@ def test_float16_in_two_bfloat16_parts_is_float_accurate(case):
     assert half_ulp_excess(out, reference_f64(q, k, v, causal=causal, **kw)) < 2e-5
 
 
+@pytest.mark.parametrize("learns", [False, True], ids=["inference", "learns-scale"])
+@pytest.mark.parametrize("case", SPLIT_HALF_CASES, ids=lambda c: shape_id(c[0]) + "-" + "+".join(c[1] or ["plain"]))
+def test_float16_widened_to_float_tiles_is_float_accurate(case, learns):
+    # Where brgemm runs float tiles but has no float16 layout (AVX-512 without AVX512-FP16: the
+    # Zen 4/5 EPYCs) a float16 forward with enough rows per key widens Q, K and V to float and
+    # takes float32's packed tiles (operands.h, WidenedHalfOperands), P in float: within half a
+    # float16 ulp plus 2e-5 of max|out| of the float64 reference, for a call saved for its
+    # backward (learning softmax_scale) as for one that is not; and its backward's gradients too.
+    (B, Sq, Sk, Hq, Hkv, D), features, causal = case
+    if not headops._C.cpu_widens_half_to_float_tiles(D):
+        pytest.skip("float16 is widened to float tiles only where brgemm runs float but not float16 tiles")
+    assert headops._C.cpu_call_widens_half_to_float_tiles(D, Sq * Hq // Hkv)
+    assert headops._C.cpu_tile_shape(torch.float16, D) == headops._C.cpu_tile_shape(torch.float32, D)
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.float16)
+    kw = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+          for n, t in head_params(B, Hq, Sk, D, features).items()}
+    if learns:
+        kw["softmax_scale"] = torch.full((Hq,), D**-0.5, requires_grad=True)
+        q.requires_grad_(True)
+    out = headops.attention(q, k, v, causal=causal, **kw)
+    want = reference_f64(q.detach(), k, v, causal=causal, **{n: t.detach() if isinstance(t, torch.Tensor) else t
+                                                              for n, t in kw.items()})
+    assert half_ulp_excess(out.detach(), want) < 2e-5
+    if learns:
+        out.float().pow(2).sum().backward()
+        q64 = q.detach().double().requires_grad_(True)
+        scale64 = kw["softmax_scale"].detach().double().requires_grad_(True)
+        ref = reference_f64(q64, k, v, causal=causal, **{**kw, "softmax_scale": scale64})
+        ref.pow(2).sum().backward()
+        assert_close(q.grad, q64.grad, 2e-2 * q64.grad.abs().max().item(), what="dq")
+        assert_close(kw["softmax_scale"].grad, scale64.grad, 1e-3 * scale64.grad.abs().max().item(),
+                     what="dsoftmax_scale")
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 def test_float16_inf_or_nan_input_leaves_the_bfloat16_parts(which, value):

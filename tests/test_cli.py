@@ -99,6 +99,8 @@ def test_info_names_the_cpu_variant_the_build_and_the_devices():
         assert pairs in (0, 1, 2) and (pairs > 0) == _C.cpu_uses_packed_operands(dtype, 64)
         if dtype == torch.float16 and _C.cpu_splits_half_into_bf16_tiles(64):
             assert "float16 tiles (D = 64): each operand as two bfloat16 parts on headops' own AMX" in text
+        elif dtype == torch.float16 and _C.cpu_widens_half_to_float_tiles(64):
+            assert pairs == 0 and "float16 tiles (D = 64): widened to float32 and run through float32 brgemm" in text
         elif pairs and not _C.cpu_runs_own_amx_tiles(dtype, 64):
             assert f"{name} tiles (D = 64): brgemm in the input dtype, B in " \
                    f"{'VNNI pairs' if pairs == 2 else 'plain rows'}" in text

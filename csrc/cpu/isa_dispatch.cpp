@@ -146,6 +146,14 @@ bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key) {
   return rows_per_key >= kHalfSplitRows && splits_half_into_bf16_tiles(head_dim);
 }
 
+bool widens_half_to_float_tiles(int64_t head_dim) {
+  return brgemm_pairs(at::kHalf) == 0 && uses_packed_operands(at::kFloat, head_dim);
+}
+
+bool call_widens_half_to_float_tiles(int64_t head_dim, int64_t rows_per_key) {
+  return widens_half_to_float_tiles(head_dim) && call_uses_packed_operands(at::kFloat, head_dim, rows_per_key, false);
+}
+
 int64_t float_packing_rows(bool backward) {
   static const char* forced = std::getenv("HEADOPS_CPU_FLOAT_PACKING_ROWS");
   if (forced != nullptr) return std::max<int64_t>(1, std::atoll(forced));

@@ -55,6 +55,17 @@ bool splits_half_into_bf16_tiles(int64_t head_dim);
 constexpr int64_t kHalfSplitRows = 48;
 bool call_splits_half_into_bf16_tiles(int64_t head_dim, int64_t rows_per_key);
 
+// Whether float16 forward tiles are widened to float and run through float brgemm on K and V
+// packed once (the forward's WidenedHalfOperands): where brgemm runs float tiles but has no
+// float16 layout (brgemm_pairs(kHalf) == 0: AVX-512 without AVX512-FP16, the Zen 4/5 EPYCs).
+// Without it such a call converts each tile to float for MKL's sgemm, which ran the float16
+// forward at half the float32 forward's speed on the Zen 5 EPYC (it packs its operands on every
+// call, and takes its AVX2 path on AMD CPUs).
+bool widens_half_to_float_tiles(int64_t head_dim);
+// ... and whether one call does: as many rows per key as a float call packs for
+// (call_uses_packed_operands).
+bool call_widens_half_to_float_tiles(int64_t head_dim, int64_t rows_per_key);
+
 // The size of one core's L2 cache in bytes (cpuinfo, as torch reads it), or 0 where unknown:
 // whether a tile's working set stays there decides some tile shapes.
 int64_t l2_cache_bytes();

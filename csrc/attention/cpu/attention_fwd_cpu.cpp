@@ -32,6 +32,8 @@ TileShape tile_shape(at::ScalarType dtype, int64_t head_dim) {
   if (runs_own_amx_tiles(dtype, head_dim)) return {128, 256};
   // float16 in two bfloat16 parts runs the same loops (only 128 x 256 timed)
   if (dtype == at::kHalf && splits_half_into_bf16_tiles(head_dim)) return {128, 256};
+  // float16 widened to float tiles (call_widens_half_to_float_tiles) takes float's shape
+  if (dtype == at::kHalf && widens_half_to_float_tiles(head_dim)) return tile_shape(at::kFloat, head_dim);
   if (uses_amx_tiles(dtype, head_dim)) return {256, 256};
   if (dtype == at::kFloat && uses_packed_operands(dtype, head_dim) && l2_cache_bytes() >= (int64_t(2) << 20))
     return {256, 256};

@@ -567,6 +567,19 @@ inline bool forward_split_half(const AttentionParams& p, int64_t bq, int64_t bk)
   return true;
 }
 
+// float16 through float tiles (WidenedHalfOperands) on K and V widened and packed once per call.
+inline void forward_widened_half(const AttentionParams& p, int64_t bq, int64_t bk) {
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  WidenedHalfKV kv(p);
+  const int64_t align = packed_key_alignment(false, 1);
+  auto items = build_work_list<at::Half>(p, bq, align, kv.padded_keys, skipped);
+  write_skipped<at::Half>(p, skipped);
+  if (items.empty()) return;
+  pack_needed_blocks(p, items, kv);
+  run_items<at::Half, WidenedHalfOperands>(p, items, bq, bk, align, kv.padded_keys,
+                                           [&] { return WidenedHalfOperands(p, kv); });
+}
+
 template <typename scalar_t>
 void forward_typed(const AttentionParams& p) {
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
@@ -588,6 +601,11 @@ void forward_typed(const AttentionParams& p) {
     if (!p.precise_probabilities && call_splits_half_into_bf16_tiles(p.head_dim, p.seqlen_q * p.group())) {
       const TileShape split = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
       if (forward_split_half(p, split.block_q, split.block_k)) return;
+    }
+    // P in float, as a call saved for its backward or keeping precise probabilities needs
+    if (call_widens_half_to_float_tiles(p.head_dim, p.seqlen_q * p.group())) {
+      const TileShape widened = fit_to_call(tile_shape(dtype, p.head_dim), p.seqlen_q, p.seqlen_k, p.causal);
+      return forward_widened_half(p, widened.block_q, widened.block_k);
     }
   }
   const TileShape tiles = fit_to_call(float16_float_probs ? blas_tile_shape() : tile_shape(dtype, p.head_dim),

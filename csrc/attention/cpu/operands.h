@@ -9,6 +9,8 @@
 //    (precise_probabilities);
 //  - SplitHalfOperands: float16 on AMX without AMX-FP16, each operand as two bfloat16 parts on
 //    headops' own bfloat16 tile loops;
+//  - WidenedHalfOperands: float16 where brgemm runs float tiles but no float16 ones (AVX-512
+//    without AVX512-FP16): PackedOperands<float> on K, V and Q widened to float;
 //  - ConvertedOperands: bfloat16/float16 where brgemm is unavailable (or the head dim is
 //    odd): tiles converted to float, then BLAS.
 #pragma once
@@ -205,6 +207,35 @@ struct SplitHalfKV {
   }
 };
 
+// float16 K and V widened to float and packed as float brgemm operands (plain K^T and V), for
+// CPUs whose brgemm runs float tiles but has no float16 layout (call_widens_half_to_float_tiles;
+// WidenedHalfOperands). Widening is exact, so the products are float32's on the same values.
+struct WidenedHalfKV : PackedKV<float> {
+  at::Tensor fresh;  // the workspace when it is larger than the kept one
+
+  // K^T and V in one workspace, nothing packed yet (pack_block)
+  explicit WidenedHalfKV(const AttentionParams& p) {
+    head_dim = p.head_dim;
+    pairs = 1;
+    padded_keys = padded_keys_of(p);
+    const int64_t elems = p.batch * p.heads_kv * head_elems();
+    keys_t = packing_workspace<float>(2 * elems, fresh);
+    values = keys_t + elems;
+  }
+
+  void pack_block(const AttentionParams& p, int64_t b, int64_t kvh, int64_t blk) const {
+    const int64_t D = head_dim, j_begin = blk * kPackBlock, real = real_keys(p, blk);
+    thread_local std::vector<float> widened;
+    widened.resize(std::max<size_t>(widened.size(), 2 * real * D));
+    float *k = widened.data(), *v = k + real * D;
+    for (int64_t r = 0; r < real; ++r) {
+      convert_row(p.k.row<at::Half>(b, j_begin + r, kvh), k + r * D, D);
+      convert_row(p.v.row<at::Half>(b, j_begin + r, kvh), v + r * D, D);
+    }
+    pack_rows(p, b, kvh, blk, [&](int64_t r) { return k + r * D; }, [&](int64_t r) { return v + r * D; });
+  }
+};
+
 template <typename scalar_t>
 struct PackedOperands {
   using prob_t = scalar_t;  // probabilities are rounded to the input dtype for the P.V product
@@ -274,6 +305,24 @@ struct PackedOperands {
     accumulate(acc, r0, rows, prob_lo, ldp, j0, nk);
   }
   void end_worker() { AMX::end_products(own_amx, vnni); }
+};
+
+// float16 through float tiles on K and V widened and packed once (WidenedHalfKV), each item's
+// query rows widened into a copy: P stays float, as float32's does.
+struct WidenedHalfOperands : PackedOperands<float> {
+  CacheLineVector<float> q_rows;
+
+  WidenedHalfOperands(const AttentionParams& params, const WidenedHalfKV& kv) : PackedOperands<float>(params, kv) {}
+
+  void begin_item(int64_t b, int64_t h, int64_t q0, int64_t nq) {
+    const int64_t kvh = h / p.group(), D = p.head_dim;
+    kt = packed.keys_of(b, kvh, p.heads_kv);
+    vv = packed.values_of(b, kvh, p.heads_kv);
+    q_rows.resize(std::max<int64_t>(q_rows.size(), nq * D));
+    for (int64_t r = 0; r < nq; ++r) convert_row(p.q.row<at::Half>(b, q0 + r, h), q_rows.data() + r * D, D);
+    q = q_rows.data();
+    ldq = D;
+  }
 };
 
 // PackedOperands whose P V reads the probabilities to ~2**-17 rather than rounded to the input

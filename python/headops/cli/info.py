@@ -80,6 +80,10 @@ def describe(head_dim: int = 128) -> list:
             how = f"brgemm in the input dtype, B in {layout} (AMX / AVX512-BF16 / AVX512-FP16 where the CPU has them)"
             if dtype == torch.float16:
                 how += "; calls saved for the backward keep P in float32 (converted tiles)"
+        elif dtype == torch.float16 and _C.cpu_widens_half_to_float_tiles(head_dim):
+            how = ("widened to float32 and run through float32 brgemm on K and V packed once (no float16 "
+                   "brgemm here) where each key meets as many query rows as a float32 call packs for; the "
+                   "backward converts to float32")
         else:
             how = "converted to float32 tiles (no packed bf16/fp16 unit)"
         lines.append(f"  {_dtype_name(dtype)} tiles (D = {head_dim}): {how}")
