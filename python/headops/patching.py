@@ -31,26 +31,46 @@ _registered = False
 def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   device=None, **kwargs):
     """transformers mask function for "headops": no S x S mask, only the key padding as a
-    [B, 1, 1, kv_offset + kv_length] bool mask over every position so far; causality and windows are
-    the kernel's. None without padding, unless the model's cache dropped the first kv_offset keys
-    (transformers' sliding-window cache layers keep only the window's): the mask's length then
-    tells the attention function the positions of its keys. While torch.compile traces, the mask
-    whatever its values."""
+    [B, 1, 1, positions] bool mask over every position so far; causality and windows are the
+    kernel's. None without padding, unless the keys are not the positions 0 .. the last query's:
+    - the model's cache dropped the first kv_offset keys (transformers' sliding-window cache layers
+      keep only the window's): the mask, over every position, is longer than the keys;
+    - a static cache (StaticCache, its sliding layers before they fill) hands over all its slots,
+      those past the last query not written yet: the mask ends at the last query, shorter than
+      the keys, and the attention function leaves the rest out (its queries are the last keys).
+    While torch.compile traces, the mask whatever its values."""
     if kwargs.get("use_vmap"):  # (transformers' sign that it composed a mask function of the model's own)
         raise NotImplementedError("headops: the model builds a custom attention mask here (e.g. bidirectional image "
                                   "tokens or a prefix), which headops does not carry: it computes causal or "
                                   "bidirectional attention, with windows and padding")
-    if attention_mask is None and kv_offset == 0:
+    total = _positions_so_far(q_length, kv_length, q_offset, kv_offset)
+    if attention_mask is None and total == kv_length:
         return None
-    total = kv_offset + kv_length
     if attention_mask is None:
         return torch.ones(batch_size, 1, 1, total, dtype=torch.bool, device=device)
     from transformers.masking_utils import prepare_padding_mask
 
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, :total].bool()
-    if kv_offset == 0 and not torch.compiler.is_compiling() and bool(padding.all()):
+    if total == kv_length and not torch.compiler.is_compiling() and bool(padding.all()):
         return None
     return padding[:, None, None, :]
+
+
+def _positions_so_far(q_length, kv_length, q_offset, kv_offset) -> int:
+    """The positions up to the last query: kv_offset + kv_length, except where the cache's keys run
+    past the last query (a static layer's slots not written yet; kv_offset is then 0)."""
+    total = kv_offset + kv_length
+    if q_length >= total:
+        return total
+    if isinstance(q_offset, torch.Tensor):  # (a static cache layer's, kept on the device against graph breaks)
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "headops: a static cache (cache_implementation='static') traced by torch.compile: its slots past "
+                "the last query are cut off at a length read from the cache's offset, which one traced graph "
+                "cannot hold (fullgraph=False runs this part eagerly at a graph break); use transformers' "
+                "DynamicCache or a headops.HeadSparseCache, or compile without fullgraph")
+        q_offset = int(q_offset)
+    return min(total, q_offset + q_length)
 
 
 def _headops_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -67,6 +87,9 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
+    if cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        # a static cache's slots past the last query, not written yet (_headops_mask)
+        key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
     # the mask covers every position so far (_headops_mask), the keys are the last ones
     dropped = 0 if cache is not None or attention_mask is None else attention_mask.shape[-1] - key.shape[2]
