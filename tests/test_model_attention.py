@@ -359,3 +359,16 @@ def test_a_static_cache_under_torch_compile_is_refused(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(NotImplementedError, match="static cache .* traced by torch.compile"):
         patching._headops_mask(q_offset=torch.tensor(3), **sizes)
+
+
+def test_attention_weights_asked_for_are_refused_with_the_way_out():
+    """output_attentions=True wants the S x S weights, which headops never forms: transformers would
+    hand back an empty tuple; refused, naming the probes."""
+    model = make("LlamaConfig")
+    ids, mask = batch()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with pytest.raises(NotImplementedError, match=r"output_attentions=True .* headops\.probe\(model"):
+        model(ids, attention_mask=mask, output_attentions=True)
+    with headops.probe(model, topk=1) as rec:
+        model(ids, attention_mask=mask)
+    assert rec[0][0].topk_index.shape == (2, 4, 13, 1)

@@ -136,8 +136,14 @@ def _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
     checked here), and what headops does not compute is refused: the arguments above, attention
-    dropout, sequences packed into a row."""
+    weights asked for, attention dropout, sequences packed into a row."""
     caller = f"headops (layer {layer})"
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(
+            f"{caller}: output_attentions=True asks for the S x S attention weights, which headops never forms "
+            "(transformers would return an empty tuple); per-head statistics of the pattern (span, sink and "
+            "distance masses, top-k keys, entropy, per-key mass) come from `with headops.probe(model, ...) as rec: "
+            "model(...)`; for the weights themselves, headops.unpatch(model) and the eager implementation")
     if dropout:
         raise NotImplementedError(f"{caller}: the model trains with attention dropout {dropout}, which headops does "
                                   "not apply; set the model config's attention_dropout to 0 (or model.eval())")
