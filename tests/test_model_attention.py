@@ -1,8 +1,8 @@
 """A model's own attention limits kept by a patched model (headops._model_attention): the sliding
 windows of Mistral, Qwen2, Gemma 3, Starcoder2 and Phi-3 layers, with transformers' caches and with a
 HeadSparseCache (whose sliding layers hold only their windows), GPT-OSS's learnt sinks, more
-families, and what is refused (softcapping, packed sequences, dropout, what a sliding layer cannot
-take)."""
+families, sequences packed into a row, and what is refused (softcapping, dropout, what a sliding
+layer cannot take)."""
 
 import pytest
 import torch
@@ -138,18 +138,119 @@ def test_more_families_reproduce_the_unpatched_model(config):
     torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
 
 
-def test_packed_sequences_are_refused():
-    """position_ids that restart within a row (no mask, no cache): transformers packs several
-    sequences into the row and keeps them apart, which headops' mask function does not carry."""
+PACKED = [4, 6, 3]  # lengths of the sequences packed into a row
+
+
+def packed_row(lengths=PACKED, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, 97, (n,), generator=g) for n in lengths]
+    return seqs, torch.cat(seqs)[None], torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def packed_spec(kind, model):
+    spec = headops.HeadSpec.dense(model)
+    if kind == "streaming":
+        spec = headops.HeadSpec.streaming(model, {0: [0], 1: [1]}, window=2, sinks=1)
+    if kind == "key_bias":
+        spec.key_bias = torch.randn(spec.num_layers, spec.num_heads, 2, generator=torch.Generator().manual_seed(4))
+    return spec
+
+
+@pytest.mark.parametrize("kind", ["dense", "streaming", "key_bias"])
+def test_packed_sequences_are_attended_one_by_one(kind):
+    """position_ids restarting within a row, no mask, no cache (DataCollatorWithFlattening's
+    training batches): transformers keeps the sequences apart, and so does headops, each with its
+    positions from its own first token (a streaming head's sinks, a spec's key_bias): logits as
+    each sequence's alone; rows packed alike (one call per sequence over the batch) and unlike (per
+    row); before 2026-12-06 refused."""
     from headops.testing import tiny_llama
 
     model, _ = tiny_llama()
+    headops.patch(model, packed_spec(kind, model))
+    seqs, ids, positions = packed_row()
+    with torch.no_grad():
+        alone = torch.cat([model(s[None], use_cache=False).logits for s in seqs], dim=1)
+        got = model(ids, position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
+        other_seqs, other_ids, other_positions = packed_row([7, 6], seed=5)  # a second row, packed otherwise
+        both = model(torch.cat([ids, other_ids]), position_ids=torch.cat([positions, other_positions]),
+                     use_cache=False).logits
+        other_alone = torch.cat([model(s[None], use_cache=False).logits for s in other_seqs], dim=1)
+        torch.testing.assert_close(both, torch.cat([alone, other_alone]), atol=2e-6, rtol=1e-5)
+        alike = model(ids.expand(2, -1), position_ids=positions.expand(2, -1), use_cache=False).logits
+        torch.testing.assert_close(alike, alone.expand(2, -1, -1), atol=2e-6, rtol=1e-5)
+
+
+def test_a_flattened_training_batch_trains_as_the_unpatched_model():
+    """transformers' DataCollatorWithFlattening packs a batch into one row: a dense spec's loss and
+    gradients (model weights and a gate that learns) are the unpatched model's, and per-batch
+    gates (one head coalition a row) follow their rows."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    seqs, _, _ = packed_row()
+    batch = transformers.DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": s.tolist()} for s in seqs])
+    want = model(**batch, use_cache=False).loss
+    want.backward()
+    want_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    spec = headops.HeadSpec.dense(model)
+    spec.gate = torch.ones(spec.num_layers, spec.num_heads, requires_grad=True)
+    headops.patch(model, spec)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight.grad, want_grad, atol=1e-6, rtol=1e-5)
+    gate_grad = spec.gate.grad.clone()
+    spec.gate.grad = None
+    # the gate's gradient is the sum of each sequence's (their tokens' share of the mean loss)
+    labels_per = [len(s) - 1 for s in seqs]
+    total = sum(labels_per)
+    summed = torch.zeros_like(gate_grad)
+    for s, n in zip(seqs, labels_per):
+        (model(s[None], labels=s[None], use_cache=False).loss * n / total).backward()
+        summed += spec.gate.grad
+        spec.gate.grad = None
+    torch.testing.assert_close(gate_grad, summed, atol=1e-6, rtol=1e-5)
+    # per-batch gates, two rows packed unlike: each row's coalition on its own sequences
+    gates = torch.ones(2, spec.num_layers, spec.num_heads)
+    gates[1, :, 0] = 0
+    coalitions = headops.HeadSpec.dense(model)
+    coalitions.gate = gates
+    headops.set_spec(model, coalitions)
+    other_seqs, other_ids, other_positions = packed_row([7, 6], seed=5)
+    _, ids, positions = packed_row()
+    with torch.no_grad():
+        both = model(torch.cat([ids, other_ids]), position_ids=torch.cat([positions, other_positions]),
+                     use_cache=False).logits
+        for row, parts in enumerate([seqs, other_seqs]):
+            one = headops.HeadSpec.dense(model)
+            one.gate = gates[row]
+            headops.set_spec(model, one)
+            alone = torch.cat([model(s[None], use_cache=False).logits for s in parts], dim=1)
+            torch.testing.assert_close(both[row], alone[0], atol=2e-6, rtol=1e-5)
+
+
+def test_restarting_positions_that_transformers_does_not_pack_attend_across():
+    """transformers packs only without a mask and without its cache: with a mask of ones, or with
+    use_cache=True, restarting position_ids attend across the row there, and through headops too;
+    probes over packed sequences are refused."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    _, ids, positions = packed_row()
+    with torch.no_grad():
+        want_masked = model(ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=False).logits
+        want_cached = model(ids, position_ids=positions, use_cache=True).logits
     headops.patch(model, headops.HeadSpec.dense(model))
-    ids = torch.randint(1, 97, (1, 10))
-    with pytest.raises(NotImplementedError, match="position_ids restart within a row"):
-        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), use_cache=False)
-    with torch.no_grad():  # one sequence a row, positions from any offset: as before
-        model(ids, position_ids=torch.arange(3, 13)[None], use_cache=False)
+    with torch.no_grad():
+        got = model(ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, want_masked, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(model(ids, position_ids=positions, use_cache=True).logits, want_cached, atol=2e-6,
+                                   rtol=1e-5)
+        with pytest.raises(NotImplementedError, match="probes over sequences packed into one row"):
+            with headops.probe(model, topk=1):
+                model(ids, position_ids=positions, use_cache=False)
 
 
 def test_attention_dropout_in_training_is_refused():

@@ -9,7 +9,8 @@ becomes the model's window; sinks stay as the spec says), and a HeadSparseCache 
 layer's KV heads as streaming heads (only what the window lets them see, as transformers' own
 sliding-window cache layers do). Mixing in a full branch (alpha) and budget heads would need keys
 past the model's window and are refused there; so is what headops cannot compute (logit
-softcapping, chunked attention, several sequences packed into one row).
+softcapping, chunked attention). Several sequences that transformers packs into one row (position_ids
+restarting within it) are attended one by one (packed_segments).
 """
 
 from __future__ import annotations
@@ -83,21 +84,26 @@ def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
     return torch.where(window < 0, limit, torch.minimum(window, limit))
 
 
-_UNPACKED = weakref.WeakValueDictionary()  # position_ids tensors found unpacked, by id (one check a forward)
+_last_segments = (None, None)  # (a weak reference to a position_ids tensor, its segments): one read a forward
 
 
-def refuse_packed_sequences(caller, position_ids) -> None:
-    """A NotImplementedError where position_ids restart within a row: transformers then packs several
-    sequences into one row (no attention mask, no cache: a training batch from
-    DataCollatorWithFlattening) and masks attention between them, which headops' mask function
-    does not carry. Checked once per position_ids tensor (all layers of a forward share it); not
-    while torch.compile traces (a branch on data)."""
+def packed_segments(position_ids, batch: int):
+    """Where transformers packed several sequences into each row (position_ids restarting within it;
+    it does so without an attention mask or a cache: a training batch from
+    DataCollatorWithFlattening, and keeps them apart): per row, the boundaries [0, s1, ..., S] of
+    its sequences; None where no row restarts. One device-to-host read per position_ids tensor
+    (all layers of a forward share it)."""
+    global _last_segments
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
-        return
-    if torch.compiler.is_compiling() or _UNPACKED.get(id(position_ids)) is position_ids:
-        return
-    if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
-        raise NotImplementedError(f"{caller}: position_ids restart within a row, several sequences packed into "
-                                  "it; headops attends across them, so it refuses: pad the sequences into rows "
-                                  "of their own (an attention mask) instead")
-    _UNPACKED[id(position_ids)] = position_ids
+        return None
+    held, segments = _last_segments
+    if held is not None and held() is position_ids:
+        return segments
+    restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    segments = None
+    if bool(restarts.any()):
+        rows = restarts.expand(batch, -1).cpu()
+        length = position_ids.shape[-1]
+        segments = [[0] + (row.nonzero().flatten() + 1).tolist() + [length] for row in rows]
+    _last_segments = (weakref.ref(position_ids), segments)
+    return segments

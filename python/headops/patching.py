@@ -20,6 +20,7 @@ import torch
 
 from . import _distributed, _model_attention, _padding
 from .attention import attention_with as _attention
+from .spec import _PER_BATCH as _spec_per_batch_fields
 from .spec import HeadSpec
 
 __all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
@@ -45,6 +46,8 @@ def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                                   "bidirectional attention, with windows and padding")
     total = _positions_so_far(q_length, kv_length, q_offset, kv_offset)
     if attention_mask is None and total == kv_length:
+        if q_length > 1 and kwargs.get("allow_is_causal_skip") is False:
+            return _may_be_packed(batch_size, total, device)
         return None
     if attention_mask is None:
         return torch.ones(batch_size, 1, 1, total, dtype=torch.bool, device=device)
@@ -54,6 +57,16 @@ def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     if total == kv_length and not torch.compiler.is_compiling() and bool(padding.all()):
         return None
     return padding[:, None, None, :]
+
+
+def _may_be_packed(batch_size, total, device):
+    """The mask of a forward with no attention mask and no cache of transformers' in which
+    transformers found several sequences packed into a row (position_ids restarting: it then
+    stops skipping the causal mask, allow_is_causal_skip=False; a few families always do): all
+    keys, marked, so the attention function reads position_ids for the sequences."""
+    mask = torch.ones(batch_size, 1, 1, total, dtype=torch.bool, device=device)
+    mask._headops_may_be_packed = True
+    return mask
 
 
 def _positions_so_far(q_length, kv_length, q_offset, kv_offset) -> int:
@@ -85,6 +98,11 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     cache = kwargs.get("headops_cache")
     recording = getattr(module, "_headops_recording", None)
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
+    packed = None
+    if getattr(attention_mask, "_headops_may_be_packed", False):
+        attention_mask = None
+        if cache is None and not torch.compiler.is_compiling():  # (a branch on data)
+            packed = _model_attention.packed_segments(kwargs.get("position_ids"), query.shape[0])
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
     if cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
@@ -98,7 +116,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs)
+    _keep_model_attention(layer, args, cache, dropout, kwargs)
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
@@ -109,7 +127,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         bias = _padding.padding_bias(padding.valid[:, dropped:])
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
-    if cache is not None:
+    if packed is not None:
+        if recording is not None:
+            raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
+                                      "restarting within it); probe them in rows of their own")
+        out = _packed_attention(query, key, value, packed, args, causal)
+    elif cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
         else:
@@ -126,17 +149,41 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2), None
 
 
+def _packed_attention(query, key, value, segments, args, causal):
+    """Attention of each sequence packed into a row on its own (segments: per row, the boundaries
+    from headops._model_attention.packed_segments), its positions counted from its first token
+    (sinks and key_bias are its own first tokens', as each would be alone); [B, Hq, S, D]. One call
+    per sequence, over the whole batch where every row is packed alike."""
+    rows = [(slice(None), segments[0])] if all(row == segments[0] for row in segments) else \
+        [(slice(b, b + 1), row) for b, row in enumerate(segments)]
+    out = []
+    for batch, bounds in rows:
+        row_args = dict(args)
+        for name in _spec_per_batch_fields:  # [B, Hq]: this row's
+            if isinstance(row_args.get(name), torch.Tensor) and row_args[name].dim() == 2:
+                row_args[name] = row_args[name][batch]
+        parts = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            part_args = dict(row_args)
+            if "key_bias" in part_args:  # ([Hq, S] by position: the sequence's first keys')
+                part_args["key_bias"] = part_args["key_bias"][..., :end - start]
+            parts.append(_attention(query[batch, :, start:end], key[batch, :, start:end], value[batch, :, start:end],
+                                    layout="bhsd", causal=causal, device_values=False, **part_args))
+        out.append(torch.cat(parts, dim=2))
+    return torch.cat(out, dim=0)
+
+
 # what some families pass to their attention function that changes it and headops does not compute:
 # logit softcapping, T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux,
 # variable-length (packed) sequences, block-sparse indices
 _NOT_COMPUTED = ("softcap", "position_bias", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "block_indices")
 
 
-def _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs):
+def _keep_model_attention(layer, args, cache, dropout, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
     checked here), and what headops does not compute is refused: the arguments above, attention
-    weights asked for, attention dropout, sequences packed into a row."""
+    weights asked for, attention dropout."""
     caller = f"headops (layer {layer})"
     if kwargs.get("output_attentions"):
         raise NotImplementedError(
@@ -147,8 +194,6 @@ def _keep_model_attention(layer, args, cache, attention_mask, dropout, kwargs):
     if dropout:
         raise NotImplementedError(f"{caller}: the model trains with attention dropout {dropout}, which headops does "
                                   "not apply; set the model config's attention_dropout to 0 (or model.eval())")
-    if attention_mask is None and cache is None:
-        _model_attention.refuse_packed_sequences(caller, kwargs.get("position_ids"))
     for name in _NOT_COMPUTED:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{caller}: the model's attention passes {name}, which headops does not "
