@@ -547,3 +547,33 @@ def test_patched_model_generates_on_the_device_as_on_the_cpu(method, padded):
         for row in range(2):
             for kv_head in range(2):
                 assert torch.equal(a.kept_kv(row, kv_head)[0].cpu(), b.kept_kv(row, kv_head)[0])
+
+
+def test_static_cache_and_packed_rows_on_the_device_as_on_the_cpu():
+    """transformers' StaticCache (its query offset a tensor on the device: one read a forward) and
+    a flattened training batch (sequences packed into a row, attended one by one; position_ids
+    read once a forward) through a patched model on the device, against the same on the CPU:
+    the same greedy tokens, the same loss and gate gradient."""
+    transformers = pytest.importorskip("transformers")
+    cpu_model, dev_model = tiny_llama_twins(CUDA)
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    lengths = [5, 4, 6]
+    packed = torch.randint(1, 97, (sum(lengths),), generator=torch.Generator().manual_seed(7))
+    batch = transformers.DataCollatorWithFlattening(return_tensors="pt")(
+        [{"input_ids": part.tolist()} for part in packed.split(lengths)])
+    runs = {}
+    for name, model in (("cpu", cpu_model), ("device", dev_model)):
+        spec = headops.HeadSpec.streaming(model, {0: [0], 1: [1]}, window=3, sinks=1)
+        spec.gate = torch.ones(spec.num_layers, spec.num_heads, device=model.device, requires_grad=True)
+        headops.patch(model, spec)  # (a gate that learns lives on the model's device: patch keeps this leaf)
+        tokens = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=8,
+                                do_sample=False, pad_token_id=0, cache_implementation="static")
+        loss = model(**{n: t.to(model.device) for n, t in batch.items()}, use_cache=False).loss
+        loss.backward()
+        runs[name] = (tokens.cpu(), loss.detach().cpu(), spec.gate.grad.cpu())
+    (want_tokens, want_loss, want_grad), (tokens, loss, grad) = runs["cpu"], runs["device"]
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
