@@ -294,3 +294,35 @@ def test_models_that_compute_attention_themselves_are_refused():
     with pytest.raises(NotImplementedError, match="AttentionInterface"):
         headops.patch(model, headops.HeadSpec.dense(model))
     assert model.config._attn_implementation == before and not hasattr(model, "_headops_previous")
+
+
+def test_a_peft_wrapped_model_is_patched_through_its_wrapper():
+    """LoRA adapters (PEFT) wrap the model: patch, set_spec, unpatch and the cache take the wrapper
+    (its attention modules are the model's); a gate and the adapters learn together, and the
+    patched wrapper's logits are the unpatched wrapper's. (patch had read the wrapper's own class
+    and refused it as computing attention itself.)"""
+    peft = pytest.importorskip("peft")
+    from headops.testing import tiny_llama
+
+    model = peft.get_peft_model(tiny_llama()[0], peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                 lora_dropout=0.0, init_lora_weights=False))
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = model(ids).logits
+        want_tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    spec = headops.HeadSpec.dense(model)
+    spec.gate = torch.ones(spec.num_layers, spec.num_heads, requires_grad=True)
+    assert headops.patch(model, spec) is model
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=2e-6, rtol=1e-5)
+    cache = headops.HeadSparseCache(model, spec)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache=cache),
+                       want_tokens)
+    model(ids, labels=ids).loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert spec.gate.grad is not None and spec.gate.grad.abs().sum() > 0
+    assert lora and all(p.grad is not None for p in lora)
+    headops.set_spec(model, headops.HeadSpec.dense(model).mask_heads({0: [1]}))
+    headops.unpatch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)

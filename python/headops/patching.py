@@ -272,13 +272,15 @@ def attention_modules_of_patched(model, caller):
     return _attention_modules(model)
 
 
-def _dispatches_through_attention_interface(model) -> bool:
-    """Whether the model's code calls transformers' attention functions by name: most families
-    do; a few (Falcon, Bloom, MPT, DeBERTa-v2 in transformers 5) compute attention themselves."""
+def _dispatches_through_attention_interface(model, modules) -> bool:
+    """Whether the attention modules' code calls transformers' attention functions by name: most
+    families do; a few (Falcon, Bloom, MPT, DeBERTa-v2 in transformers 5) compute attention
+    themselves. Asked of the modules' own code (the model's where none was found), so a wrapper
+    around the model (a PEFT model) answers as the model it wraps."""
     import sys
 
-    module = sys.modules.get(type(model).__module__)
-    return module is not None and "ALL_ATTENTION_FUNCTIONS" in vars(module)
+    code = {sys.modules.get(type(m).__module__) for m in modules or [model]}
+    return all(c is not None and "ALL_ATTENTION_FUNCTIONS" in vars(c) for c in code)
 
 
 def patch(model, spec: HeadSpec):
@@ -293,12 +295,12 @@ def patch(model, spec: HeadSpec):
         raise TypeError(f"headops.patch: spec must be a headops.HeadSpec, got {type(spec).__name__}")
     _model_attention.refuse_what_headops_cannot_compute("headops.patch", model)
     spec.validate(model)
-    if not _dispatches_through_attention_interface(model):
+    modules = _attention_modules(model)
+    if not _dispatches_through_attention_interface(model, modules):
         raise NotImplementedError(
             f"headops.patch: {type(model).__name__} computes its attention in its own code, not through "
             "transformers' AttentionInterface, so headops cannot take it over (supported: the families that "
             "dispatch through it, e.g. Llama, Mistral, Qwen2/3, GPT-2, BERT; docs/DESIGN.md section 3)")
-    modules = _attention_modules(model)
     if len(modules) != spec.num_layers:
         raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
                                   f"{type(model).__name__}, expected {spec.num_layers}; this model family is not "
