@@ -108,6 +108,62 @@ def test_a_probed_padded_row_reports_what_the_prompt_alone_does_at_padded_positi
             assert not got.key_mass[b, :, :p].any()  # the padding has no mass
 
 
+@pytest.mark.parametrize("kind", ["sinks", "budget", "razor"])
+def test_probes_through_the_cache_report_a_padded_row_at_its_padded_positions(kind):
+    """headops.probe over a left-padded batch generating through a HeadSparseCache (which holds each
+    row without its padding): each row reports what its prompt alone does, at the padded
+    sequence's positions (query rows after the padding, key positions moved by it, spans given
+    per row in those positions), as the patched model without a cache reports; for the prefill
+    and every decode step over the kept keys, compensation included (before 2026-12-06 refused)."""
+    model = make("llama")
+    spec = headops.HeadSpec.razor(model, {0: [1], 1: [0]}, window=3, sinks=1) if kind == "razor" \
+        else spec_of(kind, model)
+    headops.patch(model, spec)
+    ids, mask = left_padded()
+    first_two = torch.tensor([[[p, p + 2]] for p in PADS])  # each row's first two tokens
+    request = dict(entropy=True, topk=2, sink_mass=True, distances=[[0, 2]], spans=first_two,
+                   compensation_mass=kind == "razor")
+    generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with headops.probe(model, **request) as padded:
+        model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec, max_step=1, budget_recent=2), **generate)
+    for b, p in enumerate(PADS):
+        with headops.probe(model, **dict(request, spans=[[0, 2]])) as alone:
+            model.generate(ids[b:b + 1, p:], attention_mask=mask[b:b + 1, p:],
+                           cache=headops.HeadSparseCache(model, spec, max_step=1, budget_recent=2), **generate)
+        for layer in range(2):
+            assert len(padded[layer]) == len(alone[layer]) == 4
+            for call, (got, want) in enumerate(zip(padded[layer], alone[layer])):
+                rows = slice(p, None) if call == 0 else slice(None)  # the prompt's query rows are padded
+                for name in ("entropy", "sink_mass", "span_mass", "distance_mass", "topk_prob", "compensation_mass"):
+                    if getattr(want, name) is not None:
+                        torch.testing.assert_close(getattr(got, name)[b, :, rows], getattr(want, name)[0],
+                                                   atol=1e-5, rtol=1e-5, msg=f"{name}, row {b}, call {call}")
+                index = want.topk_index[0]
+                assert torch.equal(got.topk_index[b, :, rows], torch.where(index >= 0, index + p, index))
+                if call == 0:  # the padding's query rows: nothing
+                    assert not got.entropy[b, :, :p].any() and (got.topk_index[b, :, :p] == -1).all()
+
+
+def test_key_mass_through_the_cache_is_at_the_padded_positions():
+    """key_mass over a left-padded prompt held by a HeadSparseCache: the rows' masses at the padded
+    sequence's positions (the padding none), the rows asked for counted in the caller's rows."""
+    model = make("llama")
+    spec = spec_of("sinks", model)
+    headops.patch(model, spec)
+    ids, mask = left_padded()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        with headops.probe(model, key_mass_rows=(6, S)) as padded:
+            model(ids, attention_mask=mask, position_ids=positions, cache=headops.HeadSparseCache(model, spec))
+        for b, p in enumerate(PADS):
+            with headops.probe(model, key_mass_rows=(max(0, 6 - p), S - p)) as alone:
+                model(ids[b:b + 1, p:], cache=headops.HeadSparseCache(model, spec))
+            for layer in range(2):
+                got, want = padded[layer][0].key_mass[b], alone[layer][0].key_mass[0]
+                assert not got[:, :p].any()
+                torch.testing.assert_close(got[:, p:], want, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------- the cache's padding_side
 
 
@@ -156,16 +212,12 @@ def test_refused_padding_arguments_change_nothing():
     lengths = [S - p for p in PADS]
     with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
         cache.attention(0, *prompt, lengths=lengths, padding_side="middle")
-    with pytest.raises(NotImplementedError, match="probes over left-padded rows"):
-        cache.attention(0, *prompt, lengths=lengths, padding_side="left", probe=headops.Probe(entropy=True))
     assert cache.longest_row(0) == 0 and cache.left_padding(0) == []
     cache.attention(0, *prompt, lengths=lengths, padding_side="left")
     before = held(cache)
     step = draw(3, 1, g)
     with pytest.raises(ValueError, match="lengths and padding_side are for the first call"):
         cache.attention(0, *step, padding_side="left")
-    with pytest.raises(NotImplementedError, match="probes over left-padded rows"):
-        cache.attention(0, *step, probe=headops.Probe(entropy=True))
     assert_same(held(cache), before)
 
 

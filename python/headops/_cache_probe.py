@@ -31,16 +31,39 @@ def refuse(caller, args: HeadArgs, st) -> None:
     refuse_unmeasurable(caller, args.alpha)
 
 
-def _row_request(request: dict, b: int, keys: int, queries: int) -> dict:
+def _row_request(request: dict, b: int, keys: int, queries: int, key_pad: int = 0, query_pad: int = 0) -> dict:
     """Row b's probe arguments: its spans clamped to its `keys` keys, the key-mass rows to its
-    `queries` query rows."""
+    `queries` query rows; a left-padded row's (the cache holds it without its `key_pad` padding
+    keys, and its first `query_pad` query rows are padding) moved from the caller's positions to
+    the row's own."""
     row = dict(request)
     spans, rows = request["spans"], request["key_mass_rows"]
     if spans is not None:
-        row["spans"] = (spans[b if spans.shape[0] > 1 else 0] if spans.dim() == 3 else spans).clamp(max=keys)
+        spans = spans[b if spans.shape[0] > 1 else 0] if spans.dim() == 3 else spans
+        row["spans"] = (spans - key_pad).clamp(0, keys)
     if rows is not None:
-        row["key_mass_rows"] = [min(r, queries) for r in rows]
+        row["key_mass_rows"] = [min(max(r - query_pad, 0), queries) for r in rows]
     return row
+
+
+def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int) -> ProbeResult:
+    """A left-padded row's statistics (batch of one) at the caller's positions: its query rows after
+    `query_pad` rows of padding (which report masses 0, indices -1), its keys after `key_pad`."""
+    if key_pad == 0 and query_pad == 0:
+        return stats
+    fields = {}
+    for f in dataclasses.fields(ProbeResult):
+        t = getattr(stats, f.name)
+        if t is None:
+            continue
+        if f.name == "topk_index":
+            t = torch.where(t >= 0, t + key_pad, t)
+        pad = key_pad if f.name == "key_mass" else query_pad
+        if pad:
+            before = t.new_full((t.shape[0], t.shape[1], pad, *t.shape[3:]), _PADDING.get(f.name, 0))
+            t = torch.cat([before, t], 2)
+        fields[f.name] = t
+    return ProbeResult(**fields)
 
 
 def _padded(name: str, t: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
@@ -63,17 +86,21 @@ def stack_rows(results: list, Sq: int, Sk: int) -> ProbeResult:
     return ProbeResult(**fields)
 
 
-def prefill(q, k, v, args: HeadArgs, request: dict, lengths, causal: bool):
-    """(out, ProbeResult) of a prefill over the prompt (bshd; `lengths`: valid tokens per row or None)."""
+def prefill(q, k, v, args: HeadArgs, request: dict, lengths, causal: bool, pads=None):
+    """(out, ProbeResult) of a prefill over the prompt (bshd; `lengths`: valid tokens per row or
+    None). `pads`: per row, the left padding the caller's tensors had before each row's tokens were
+    moved to the front (the statistics are reported at the caller's positions)."""
     if lengths is None:
         out, _, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=False)
         return out, stats
     out = torch.zeros_like(q)
     results = []
     for b, n in enumerate(lengths):
+        p = pads[b] if pads else 0
         out[b:b + 1, :n], _, stats = run_probe(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
-                                               _row_request(request, b, n, n), causal=causal, heads_first=False)
-        results.append(stats)
+                                               _row_request(request, b, n, n, p, p), causal=causal,
+                                               heads_first=False)
+        results.append(_in_padded_positions(stats, p, p))
     return out, stack_rows(results, q.shape[1], k.shape[1])
 
 
@@ -95,14 +122,14 @@ def decode(st, q, args: HeadArgs, request: dict, causal: bool) -> ProbeResult:
             kept[0, h * group:(h + 1) * group, positions] = 0.0
         row = args.row(b, keys)
         row = row._replace(key_bias=kept if row.key_bias is None else row.key_bias.to(bias_dtype) + kept)
-        row_request = _row_request(request, b, keys, Sq)
+        row_request = _row_request(request, b, keys, Sq, st.pads[b])
         _, lse, stats = run_probe(q[b:b + 1], k, v, row, row_request, causal=causal, heads_first=False)
         compensation = _compensation_logits(st, b, q[b:b + 1], row, group)
         if compensation is not None:
             _add_compensation(stats, lse, compensation, row_request,
                               lambda r: run_probe(q[b:b + 1], k, v, row, r, causal=causal, heads_first=False)[2])
-        results.append(stats)
-    return stack_rows(results, Sq, max(st.held))
+        results.append(_in_padded_positions(stats, st.pads[b], 0))
+    return stack_rows(results, Sq, max(n + p for n, p in zip(st.held, st.pads)))
 
 
 def _compensation_logits(st, b, q, args: HeadArgs, group: int):

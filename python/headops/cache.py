@@ -575,7 +575,8 @@ class HeadSparseCache(_CacheBase):
         ``probe=headops.Probe(...)`` also returns the call's probe statistics, ``(out,
         ProbeResult)``: a prefill's over the prompt, a decode step's over the keys each KV head
         keeps, at their original positions, and a compensated streaming head's compensation key as
-        a positionless term (docs/probes.md; not with alpha).
+        a positionless term (docs/probes.md; not with alpha). Rows padded on the left report at the
+        caller's (padded) positions: query rows as given, key positions after the padding.
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))
@@ -588,9 +589,6 @@ class HeadSparseCache(_CacheBase):
         stats = None
         if padding_side not in ("right", "left"):
             raise fail(caller, "padding_side", "'right' or 'left'", repr(padding_side))
-        if probe is not None and ((padding_side == "left" and lengths is not None) or any(st.pads)):
-            raise NotImplementedError(f"{caller}: probes over left-padded rows are not supported (their statistics "
-                                      "would index positions from each row's first token); probe the prompts unpadded")
         if max(st.held, default=0) == 0:
             out, stats = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing, probe, padding_side)
         else:
@@ -682,7 +680,7 @@ class HeadSparseCache(_CacheBase):
             q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
         stats = None
         if request is not None:  # every row's attention, then the cache changes
-            out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal)
+            out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
         elif lengths is None:
             out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)
         else:
