@@ -218,9 +218,28 @@ def test_crop_drops_the_last_tokens_as_if_never_seen(n):
     cropped.crop(-n)
     assert cropped.get_seq_length() == 16 and cropped.nbytes() == nbytes
     cropped.crop(0)
+    # what each head reports holding: the fresh cache's, less the oldest ring slots the n tokens
+    # overwrote (their keys are gone), with the same keys and values
+    assert_kept_within(cropped, fresh, expect_fewer=True)
     steps = [(16, 18), (18, 19), (19, 23), (23, 24)]
     for got, want in zip(feed(cropped, q, k, v, steps), feed(fresh, q, k, v, steps)):
         assert torch.equal(got, want)
+    assert_kept_within(cropped, fresh, expect_fewer=False)  # the ring refilled: the same again
+
+
+def assert_kept_within(cache, reference, expect_fewer):
+    fewer = False
+    for a, b in zip(cache._layers, reference._layers):
+        for row in range(len(a.held)):
+            for h in range(a.Hkv):
+                pos, k, v = a.kept_kv(row, h)
+                want_pos, want_k, want_v = b.kept_kv(row, h)
+                inside = torch.isin(want_pos, pos)
+                assert torch.equal(want_pos[inside], pos), (row, h, pos, want_pos)
+                assert torch.equal(k, want_k[inside]) and torch.equal(v, want_v[inside])
+                fewer |= bool((~inside).any())
+        assert a.kept_tokens() == sum(a.kept_positions(r, h).numel() for r in range(len(a.held)) for h in range(a.Hkv))
+    assert fewer == expect_fewer
 
 
 @pytest.mark.parametrize("case, error, match", [

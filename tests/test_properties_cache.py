@@ -241,15 +241,19 @@ def kv_ring(c, h):
     return max(c["sinks"][q] for q in served), max(c["window"][q] for q in served) + c["max_step"] - 1
 
 
-def kept_tokens(c, n, sizes):
+def kept_tokens(c, n, sizes, written):
     """Tokens a row of length n keeps per KV head (and its compensation tokens), from the spec
-    alone; `sizes`: the row's budget head sizes (the spec's budgets unless AdaKV reallocated)."""
+    alone; `sizes`: the row's budget head sizes (the spec's budgets unless AdaKV reallocated);
+    `written`: the most the row has held (a crop leaves a wrapped ring's oldest slots overwritten
+    by the tokens it dropped)."""
     total = 0
     for h, kind in enumerate(c["kinds"]):
         if kind == "full":
             total += n
         elif kind == "streaming":
-            total += min(n, sum(kv_ring(c, h))) + (c["compensation"][h] is not None and n > sum(kv_ring(c, h)))
+            sinks, ring = kv_ring(c, h)
+            total += min(n, sinks) + max(0, n - max(sinks, written - ring))
+            total += c["compensation"][h] is not None and n > sinks + ring
         else:
             total += min(n, sizes[h])
     return total
@@ -394,7 +398,7 @@ def test_cache_matches_full_recomputation(c):
         st_ = cache._layers[layer]
         sizes = [[st_.budget_sizes(b)[int(st_.kv_index[h])] if kind == "budget" else None
                   for h, kind in enumerate(c["kinds"])] for b in range(B)]
-        ideal = sum(kept_tokens(c, n, sizes[b]) for b, n in enumerate(cur)) * bpt
+        ideal = sum(kept_tokens(c, n, sizes[b], written[b]) for b, n in enumerate(cur)) * bpt
         assert cache.ideal_nbytes() == ideal, f"call {i}: ideal_nbytes; {where}"
         assert cache.dense_nbytes() == max(cur) * B * Hkv * bpt
         held = cache.nbytes()
@@ -407,6 +411,7 @@ def test_cache_matches_full_recomputation(c):
         least, most = ring_slots(c, max(cur))
         assert least <= st_.slots_held <= most, f"call {i}: {st_.slots_held} streaming slots; {where}"
 
+    written = list(cur)
     check_state(0)
     event(f"kinds: {', '.join(sorted(set(c['kinds'])))}")
     event(f"prompt: {c['prompt']}")
@@ -418,6 +423,7 @@ def test_cache_matches_full_recomputation(c):
             cache.reorder_cache(torch.tensor(rows))
             q, k, v = q[rows], k[rows], v[rows]
             cur = [cur[b] for b in rows]
+            written = [written[b] for b in rows]
             check_state(f"{i} (reordered)")
             event("rows reordered")
         if c["crop"] is not None and c["crop"][0] == i - 1 and c["crop"][1] <= min(cur):
@@ -439,6 +445,7 @@ def test_cache_matches_full_recomputation(c):
                 event("cropped")
         new = [torch.stack([t[b, cur[b]:cur[b] + n] for b in range(B)]) for t in (q, k, v)]
         cur = [x + n for x in cur]
+        written = [max(w, x) for w, x in zip(written, cur)]
         out = call(*new, max(cur))
         check_state(i)
         for b in range(B):

@@ -88,6 +88,9 @@ class LayerStorage:
         self.window_list = [int(w) for w in windows]  # (the host's copy: windows moves to the device)
         self.sinks = torch.tensor(sinks, dtype=torch.int64)
         self.held: list[int] = []  # per batch row; empty until allocated
+        # per batch row: the most it has held since it was empty (a crop leaves the rings' slots of the
+        # dropped tokens written, and what they overwrote gone)
+        self.written: list[int] = []
         # per batch row: the left padding of its prompt (not stored; transformers counts it in the sequence)
         self.pads: list[int] = []
         self.lengths = torch.zeros(0, dtype=torch.int64)
@@ -176,6 +179,7 @@ class LayerStorage:
                 setattr(self, name, t.to(device))
         self.lengths = torch.zeros(B, dtype=torch.int64, device=device)
         self.held = [0] * B
+        self.written = [0] * B
         self.pads = [0] * B
         if self.budget_layout is not None:  # budget heads: each slot's position (-1 empty) and attention mass
             self.slot_pos = torch.full((B, self.slots_held), -1, dtype=torch.int64, device=device)
@@ -189,6 +193,7 @@ class LayerStorage:
         self.comp_k = self.comp_v = self.comp_n = None
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
+        self.written = []
         self.pads = []
 
     _ROW_STORAGES = ("ring_k", "ring_v", "slot_pos", "slot_mass", "budget_table", "comp_k", "comp_v", "comp_n",
@@ -212,6 +217,7 @@ class LayerStorage:
         for name in self._ROW_STORAGES:
             setattr(self, name, take(getattr(self, name)))
         self.held = [self.held[b] for b in rows]
+        self.written = [self.written[b] for b in rows]
         self.pads = [self.pads[b] for b in rows]
         B, dtype, device = self._storage
         self._storage = (len(rows), dtype, device)
@@ -243,7 +249,8 @@ class LayerStorage:
 
     def drop_last(self, n: int) -> None:
         """Every row holds n tokens fewer (why_not_dropped said it can): what the slots past them hold
-        is overwritten by the next appends."""
+        is overwritten by the next appends (a wrapped ring's oldest n slots held tokens they
+        overwrote: `written` keeps them out of the kept positions)."""
         self.lengths -= n
         self.held = [L - n for L in self.held]
 
@@ -251,6 +258,7 @@ class LayerStorage:
         """Every row empty again, as just allocated; the storages keep their sizes and addresses."""
         self.lengths.zero_()
         self.held = [0] * len(self.held)
+        self.written = [0] * len(self.written)
         self.pads = [0] * len(self.pads)
         if self.budget_table is not None:
             self.budget_table.copy_(self.budget_layout.to(self.budget_table.device).expand_as(self.budget_table))
@@ -341,6 +349,7 @@ class LayerStorage:
         else:
             self.lengths[row] += n
             self.held = [x + n if b == row else x for b, x in enumerate(self.held)]
+        self.written = [max(w, x) for w, x in zip(self.written, self.held)]
 
     def kept_positions(self, b, h):
         """Sorted original positions KV head h of row b holds (budget heads: the kept set)."""
@@ -348,9 +357,9 @@ class LayerStorage:
         i = int(self.kv_index[h])
         if self.kinds[h] == FULL:
             return torch.arange(L)
-        if self.kinds[h] == STREAMING:
+        if self.kinds[h] == STREAMING:  # (the ring holds the last r positions written, those below L)
             s, r = int(self.ring_sinks[i]), int(self.ring_size[i])
-            return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, L - r), L), L)])
+            return torch.cat([torch.arange(min(s, L)), torch.arange(min(max(s, self.written[b] - r), L), L)])
         off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
         pos = self.slot_pos[b, off:off + n]
         return pos[pos >= 0].sort().values
@@ -417,8 +426,9 @@ class LayerStorage:
                 i = int(self.kv_index[h])
                 if kind == FULL:
                     total += L
-                elif kind == STREAMING:
-                    total += min(L, self.ring_sink_counts[i] + self.ring_capacity[i])
+                elif kind == STREAMING:  # (after a crop, fewer: kept_positions)
+                    sinks = self.ring_sink_counts[i]
+                    total += min(L, sinks) + max(0, L - max(sinks, self.written[b] - self.ring_capacity[i]))
                 else:  # the slots it fills (fewer than min(L, size) while appends fill its room)
                     off, n = int(self.budget_table[b, i, 0]), int(self.budget_table[b, i, 1])
                     total += int((self.slot_pos[b, off:off + n] >= 0).sum())

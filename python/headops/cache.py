@@ -338,6 +338,7 @@ class HeadSparseCache(_CacheBase):
         for st, held in zip(self._layers, counts):
             if held:
                 st.held = held
+                st.written = [max(w, x) for w, x in zip(st.written, held)]
 
     # ---------------------------------------------------------------------- batch rows (transformers)
 
