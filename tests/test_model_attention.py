@@ -231,6 +231,45 @@ def test_a_flattened_training_batch_trains_as_the_unpatched_model():
             torch.testing.assert_close(both[row], alone[0], atol=2e-6, rtol=1e-5)
 
 
+def test_flash_attention_packing_arguments_are_taken():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) also hands over FlashAttention's
+    cu_seq_lens_q/_k (the caller's word for the sequences, position_ids or not): the loss and
+    gradients of the unpatched model; what is not one row of self-attention is refused, naming
+    the argument."""
+    from headops.patching import _headops_attention
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    seqs, _, _ = packed_row()
+    rows = [{"input_ids": s.tolist()} for s in seqs]
+    flash = transformers.DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=True)(rows)
+    assert flash["cu_seq_lens_q"].tolist() == [0, 4, 10, 13]
+    want = model(**flash, use_cache=False).loss
+    headops.patch(model, packed_spec("streaming", model))
+    alone = torch.cat([model(s[None], use_cache=False).logits for s in seqs], dim=1)
+    without_positions = {n: t for n, t in flash.items() if n != "position_ids"}
+    with torch.no_grad():
+        got = model(**without_positions, use_cache=False).logits  # (transformers alone would attend across)
+    torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
+    headops.set_spec(model, headops.HeadSpec.dense(model))
+    torch.testing.assert_close(model(**flash, use_cache=False).loss, want, atol=1e-6, rtol=1e-6)
+    module = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out, _ = _headops_attention(module, q, k, k, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone())
+    for start, end in ((0, 2), (2, 6)):
+        torch.testing.assert_close(out[:, start:end], _headops_attention(module, q[:, :, start:end], k[:, :, start:end],
+                                                                          k[:, :, start:end], None, scaling=0.25)[0])
+    for bad, match in ((dict(cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6])), "differ"),
+                       (dict(cu_seq_lens_q=torch.tensor([0, 2, 5])), r"not the boundaries .* one row of 6 tokens"),
+                       (dict(cu_seq_lens_q=torch.tensor([0, 4, 2, 6])), "not the boundaries")):
+        with pytest.raises(NotImplementedError, match=match):
+            _headops_attention(module, q, k, k, None, scaling=0.25, **bad)
+    with pytest.raises(NotImplementedError, match=r"batch 2"):
+        _headops_attention(module, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), None,
+                           scaling=0.25, cu_seq_lens_q=cu)
+
+
 def test_restarting_positions_that_transformers_does_not_pack_attend_across():
     """transformers packs only without a mask and without its cache: with a mask of ones, or with
     use_cache=True, restarting position_ids attend across the row there, and through headops too;
@@ -371,10 +410,10 @@ def test_a_mask_made_by_the_caller_must_be_what_headops_computes():
             model(ids, attention_mask=prefix)
 
 
-@pytest.mark.parametrize("name", ["position_bias", "sinks", "cu_seq_lens_q", "block_indices", "softcap"])
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "block_indices", "softcap"])
 def test_attention_arguments_headops_does_not_compute_are_refused(name):
     """What a family may pass to its attention function that headops cannot honour (T5's relative
-    position bias, other sink forms, packed variable-length sequences, block indices, softcapping)."""
+    position bias, other sink forms, block indices, softcapping)."""
     from headops.patching import _headops_attention
     from headops.testing import tiny_llama
 

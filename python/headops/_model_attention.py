@@ -87,6 +87,13 @@ def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
 _last_segments = (None, None)  # (a weak reference to a position_ids tensor, its segments): one read a forward
 
 
+def _no_tensor():
+    return None
+
+
+_last_cu_k = _no_tensor  # (with cu_seq_lens_q in _last_segments: the cu_seq_lens_k read with it)
+
+
 def packed_segments(position_ids, batch: int):
     """Where transformers packed several sequences into each row (position_ids restarting within it;
     it does so without an attention mask or a cache: a training batch from
@@ -107,3 +114,28 @@ def packed_segments(position_ids, batch: int):
         segments = [[0] + (row.nonzero().flatten() + 1).tolist() + [length] for row in rows]
     _last_segments = (weakref.ref(position_ids), segments)
     return segments
+
+
+def segments_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, length: int):
+    """The sequences a caller packed into one row and marked with FlashAttention's variable-length
+    arguments (``cu_seq_lens_q``/``_k``: DataCollatorWithFlattening(return_flash_attn_kwargs=True)),
+    as packed_segments gives them: [[0, s1, ..., length]]. A NotImplementedError where they are not
+    one row of self-attention over these `length` tokens. One read per pair of tensors (a
+    forward's layers share them)."""
+    global _last_segments, _last_cu_k
+    held, segments = _last_segments
+    if held is not None and held() is cu_seq_lens_q and _last_cu_k() is cu_seq_lens_k:
+        bounds = segments[0]
+    else:
+        if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k.cpu(), cu_seq_lens_q.cpu()):
+            raise NotImplementedError(f"{caller}: cu_seq_lens_q and cu_seq_lens_k differ (queries and keys packed "
+                                      "apart); headops attends packed sequences to themselves only")
+        bounds = cu_seq_lens_q.flatten().tolist()
+        _last_segments = (weakref.ref(cu_seq_lens_q), [bounds])
+        _last_cu_k = weakref.ref(cu_seq_lens_k) if cu_seq_lens_k is not None else _no_tensor
+    if batch != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != length or \
+            any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise NotImplementedError(f"{caller}: cu_seq_lens_q {bounds[:8]}{'...' if len(bounds) > 8 else ''} is not "
+                                  f"the boundaries of sequences packed into one row of {length} tokens "
+                                  f"(batch {batch}), which is what headops takes")
+    return [bounds]

@@ -99,10 +99,17 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     recording = getattr(module, "_headops_recording", None)
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     packed = None
-    if getattr(attention_mask, "_headops_may_be_packed", False):
+    may_be_packed = getattr(attention_mask, "_headops_may_be_packed", False)
+    if may_be_packed:
         attention_mask = None
-        if cache is None and not torch.compiler.is_compiling():  # (a branch on data)
-            packed = _model_attention.packed_segments(kwargs.get("position_ids"), query.shape[0])
+    if kwargs.get("cu_seq_lens_q") is not None:  # (FlashAttention's form of packing: the caller's word)
+        if cache is not None or attention_mask is not None or key.shape[2] != query.shape[2]:
+            raise NotImplementedError(f"headops (layer {layer}): cu_seq_lens_q (packed sequences) with a cache or an "
+                                      "attention mask; headops takes them for one row of self-attention")
+        packed = _model_attention.segments_of_cu_seq_lens(f"headops (layer {layer})", kwargs["cu_seq_lens_q"],
+                                                          kwargs.get("cu_seq_lens_k"), query.shape[0], query.shape[2])
+    elif may_be_packed and cache is None and not torch.compiler.is_compiling():  # (a branch on data)
+        packed = _model_attention.packed_segments(kwargs.get("position_ids"), query.shape[0])
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
     if cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
@@ -175,8 +182,8 @@ def _packed_attention(query, key, value, segments, args, causal):
 
 # what some families pass to their attention function that changes it and headops does not compute:
 # logit softcapping, T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux,
-# variable-length (packed) sequences, block-sparse indices
-_NOT_COMPUTED = ("softcap", "position_bias", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "block_indices")
+# block-sparse indices (packed sequences' cu_seq_lens are taken: _packed_attention)
+_NOT_COMPUTED = ("softcap", "position_bias", "sinks", "block_indices")
 
 
 def _keep_model_attention(layer, args, cache, dropout, kwargs):
