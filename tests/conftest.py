@@ -265,3 +265,15 @@ def probe_path(request, monkeypatch):
     if request.param == "row blocks":
         use_row_blocks(monkeypatch)
     return request.param
+
+
+def drawn_heads(B, Hq, Hkv, Sq, Sk, window, sinks, alpha, seed):
+    """(q, k, v, args, generator) of a drawn property case, float64, layout "bhsd", D = 8: per-head
+    window and sinks, alpha where drawn (None: absent); the generator for what the case draws next."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Sk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    args = {"window": torch.tensor(window), "sinks": torch.tensor(sinks)}
+    if alpha is not None:
+        args["alpha"] = torch.tensor(alpha, dtype=torch.float64)
+    return q, k, v, args, g

@@ -521,6 +521,7 @@ def test_packed_attention_is_each_sequence_alone_for_drawn_specs():
     pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
 
+    from conftest import drawn_heads
     from headops import patching
 
     @st.composite
@@ -544,12 +545,7 @@ def test_packed_attention_is_each_sequence_alone_for_drawn_specs():
     @given(case())
     def check(c):
         B, Hq, Hkv, S, segments, window, sinks, alpha, gate, K, causal, seed = c
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randn(B, Hq, S, 8, generator=g, dtype=torch.float64)
-        k, v = (torch.randn(B, Hkv, S, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        args = {"window": torch.tensor(window), "sinks": torch.tensor(sinks)}
-        if alpha is not None:
-            args["alpha"] = torch.tensor(alpha, dtype=torch.float64)
+        q, k, v, args, g = drawn_heads(B, Hq, Hkv, S, S, window, sinks, alpha, seed)
         if gate is not None:
             args["gate"] = torch.rand(B if gate == "rows" else 1, Hq, generator=g, dtype=torch.float64)
             if gate == "heads":

@@ -252,6 +252,7 @@ def test_padding_arguments_attend_each_row_as_alone_for_drawn_specs():
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import given, settings, strategies as st
 
+    from conftest import drawn_heads
     from headops import _padding
 
     @st.composite
@@ -270,12 +271,7 @@ def test_padding_arguments_attend_each_row_as_alone_for_drawn_specs():
     @given(case())
     def check(c):
         B, Hq, Hkv, Sq, Sk, pads, window, sinks, alpha, K, seed = c
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randn(B, Hq, Sq, 8, generator=g, dtype=torch.float64)
-        k, v = (torch.randn(B, Hkv, Sk, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        args = {"window": torch.tensor(window), "sinks": torch.tensor(sinks)}
-        if alpha is not None:
-            args["alpha"] = torch.tensor(alpha, dtype=torch.float64)
+        q, k, v, args, g = drawn_heads(B, Hq, Hkv, Sq, Sk, window, sinks, alpha, seed)
         if K:  # a spec's key_bias over the first K keys, padded with zeros to Sk (HeadSpec.layer_args)
             bias = torch.randn(Hq, K, generator=g, dtype=torch.float64)
             args["key_bias"] = torch.nn.functional.pad(bias[:, :Sk], (0, max(0, Sk - K)))
