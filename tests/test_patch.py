@@ -296,6 +296,7 @@ def test_models_that_compute_attention_themselves_are_refused():
     assert model.config._attn_implementation == before and not hasattr(model, "_headops_previous")
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # (peft's call)
 def test_a_peft_wrapped_model_is_patched_through_its_wrapper():
     """LoRA adapters (PEFT) wrap the model: patch, set_spec, unpatch and the cache take the wrapper
     (its attention modules are the model's); a gate and the adapters learn together, and the
