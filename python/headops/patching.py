@@ -159,24 +159,38 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
 def _packed_attention(query, key, value, segments, args, causal):
     """Attention of each sequence packed into a row on its own (segments: per row, the boundaries
     from headops._model_attention.packed_segments), its positions counted from its first token
-    (sinks and key_bias are its own first tokens', as each would be alone); [B, Hq, S, D]. One call
-    per sequence, over the whole batch where every row is packed alike."""
-    rows = [(slice(None), segments[0])] if all(row == segments[0] for row in segments) else \
-        [(slice(b, b + 1), row) for b, row in enumerate(segments)]
+    (sinks and key_bias are its own first tokens', as each would be alone); [B, Hq, S, D].
+
+    A row's sequences are split off in one view each (whose gradient is one concatenation), and
+    those of one length go as one batch, one call each length: over the whole batch where every
+    row is packed alike, else row by row. (Gathering sequences of about one length into padded
+    batches took longer forward and backward: indexing's gradient is a slow scatter on the CPU.)"""
+    alike = all(row == segments[0] for row in segments)
+    rows = [(slice(None), segments[0])] if alike else [(slice(b, b + 1), row) for b, row in enumerate(segments)]
     out = []
     for batch, bounds in rows:
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        parts = [t[batch].split(lengths, dim=2) for t in (query, key, value)]
         row_args = dict(args)
-        for name in _spec_per_batch_fields:  # [B, Hq]: this row's
+        for name in _spec_per_batch_fields:  # [B, Hq]: these rows'
             if isinstance(row_args.get(name), torch.Tensor) and row_args[name].dim() == 2:
                 row_args[name] = row_args[name][batch]
-        parts = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            part_args = dict(row_args)
-            if "key_bias" in part_args:  # ([Hq, S] by position: the sequence's first keys')
-                part_args["key_bias"] = part_args["key_bias"][..., :end - start]
-            parts.append(_attention(query[batch, :, start:end], key[batch, :, start:end], value[batch, :, start:end],
-                                    layout="bhsd", causal=causal, device_values=False, **part_args))
-        out.append(torch.cat(parts, dim=2))
+        by_length = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        done = [None] * len(lengths)
+        for n, members in by_length.items():
+            call_args = dict(row_args)
+            for name in _spec_per_batch_fields:  # (member-major, as the rows are stacked)
+                if isinstance(call_args.get(name), torch.Tensor) and call_args[name].dim() == 2:
+                    call_args[name] = torch.cat([call_args[name]] * len(members))
+            if "key_bias" in call_args:  # ([Hq, S] by position: the sequence's first keys')
+                call_args["key_bias"] = call_args["key_bias"][..., :n]
+            got = _attention(*(torch.cat([p[i] for i in members]) if len(members) > 1 else p[members[0]]
+                               for p in parts), layout="bhsd", causal=causal, device_values=False, **call_args)
+            for i, piece in zip(members, got.split(parts[0][members[0]].shape[0])):
+                done[i] = piece
+        out.append(torch.cat(done, dim=2))
     return torch.cat(out, dim=0)
 
 
