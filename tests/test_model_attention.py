@@ -566,5 +566,5 @@ def test_packed_attention_is_each_sequence_alone_for_drawn_specs():
                 torch.testing.assert_close(out[b:b + 1, :, start:end], want, atol=1e-12, rtol=1e-12)
 
     check()
-    # lengths 4, 3, 3 share a batch padded to 4 (as many slots as the row's 12 tokens), 2 another
+    # lengths 4, 3, 3, 2: the two of length 3 run as one batch, between the others
     check.hypothesis.inner_test((1, 2, 1, 12, [[0, 4, 7, 10, 12]], [-1, 2], [0, 1], None, None, 2, True, 5))
