@@ -100,8 +100,10 @@ def test_what_a_sliding_layer_cannot_take_is_refused():
     spec = headops.HeadSpec.dense(model)
     spec.alpha = torch.zeros(2, 4)
     spec.alpha[1, 2] = 0.5
-    with pytest.raises(ValueError, match="alpha must be 0 in layer 1, a sliding-window layer"):
-        headops.patch(model, spec)
+    with pytest.raises(ValueError, match="alpha must be 0 in layer 1, a sliding-window layer .* for a HeadSparseCache"):
+        headops.HeadSparseCache(model, spec)
+    with pytest.raises(ValueError, match="cache_kind must be not 'budget' in layer 0"):
+        headops.patch(model, headops.HeadSpec.budget(model, {0: [1]}, budget=8))
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="cache_kind must be not 'budget' in layer 0"):
         headops.HeadSparseCache(model, headops.HeadSpec.budget(model, {0: [1]}, budget=8))
@@ -114,6 +116,70 @@ def test_what_a_sliding_layer_cannot_take_is_refused():
     with pytest.raises(NotImplementedError, match="probe without a cache"):
         with headops.probe(model, entropy=True):
             model.generate(ids, attention_mask=mask, **GENERATE)
+
+
+def test_alpha_in_a_sliding_layer_mixes_a_full_branch_within_the_models_window():
+    """DuoAttention's alpha in a layer the model limits to a sliding window: the full branch sees the
+    model's window (not every key, which the kernels' full branch would): alpha = 1 is the
+    unpatched model, alpha = 0 the streaming spec alone, through transformers' cache too."""
+    model = make("mistral")
+    ids, mask = batch()
+    with torch.no_grad():
+        want = model(ids[:1]).logits
+    want_tokens = model.generate(ids, attention_mask=mask, **GENERATE)
+    spec = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [0, 1]}, window=2, sinks=0)
+    spec.alpha = torch.ones(2, 4)
+    headops.patch(model, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, want, atol=2e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want_tokens)
+    spec.alpha = torch.zeros(2, 4)
+    headops.set_spec(model, spec)
+    with torch.no_grad():
+        mixed = model(ids[:1]).logits
+    streaming = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [0, 1]}, window=2, sinks=0)
+    headops.set_spec(model, streaming)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed, model(ids[:1]).logits, atol=2e-6, rtol=1e-6)
+    spec.alpha = torch.full((2, 4), 0.5)  # between: transformers' cache (the window's keys) as recomputation
+    headops.set_spec(model, spec)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE),
+                       model.generate(ids, attention_mask=mask, use_cache=False, **GENERATE))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per_head", "per_batch"])
+def test_alpha_within_a_window_that_does_not_bind_is_the_kernels_alpha(batched):
+    """The two-call mix (patching._alpha_within_window) against the kernels' own alpha where the
+    model's window covers every key: outputs and the gradients of q, k, alpha, gate, out_scale and
+    out_bias, float64, with alpha 0, 1 and between, a gate of 0, GQA."""
+    from headops.patching import _alpha_within_window
+
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, S, D = 2, 4, 2, 9, 8
+    q = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    alpha = torch.tensor([[0.0, 1.0, 0.3, 0.7], [0.5, 0.0, 1.0, 0.2]], dtype=torch.float64)
+    gate = torch.tensor([[1.0, 0.0, 0.5, 2.0], [0.7, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    if not batched:
+        alpha, gate = alpha[0], gate[0]
+    args = dict(window=torch.tensor([2, -1, 3, 1]), sinks=torch.tensor([1, 0, 2, 0]),
+                alpha=alpha.clone().requires_grad_(True), gate=gate.clone().requires_grad_(True),
+                out_scale=torch.randn(Hq, D, generator=g, dtype=torch.float64, requires_grad=True),
+                out_bias=torch.randn(Hq, D, generator=g, dtype=torch.float64, requires_grad=True),
+                key_bias=torch.randn(Hq, S, generator=g, dtype=torch.float64), sink_logit=torch.zeros(Hq))
+    w = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
+    results = []
+    for run in (lambda a: _alpha_within_window(q, k, v, a, True, S),
+                lambda a: headops.attention(q, k, v, layout="bhsd", causal=True, **a)):
+        out = run(args)
+        grads = torch.autograd.grad((out * w).sum(), [q, k] + [args[n] for n in ("alpha", "gate", "out_scale",
+                                                                                  "out_bias")])
+        results.append((out.detach(), grads))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for name, a, b in zip(("q", "k", "alpha", "gate", "out_scale", "out_bias"), got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
 
 
 def test_logit_softcapping_is_refused():

@@ -10,7 +10,7 @@ import torch
 from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
-from ._model_attention import capped_window, sliding_windows
+from ._model_attention import capped_window, check_spec_in_sliding_layers, sliding_windows
 from .spec import HeadSpec
 
 CALLER = "headops.HeadSparseCache"
@@ -52,11 +52,14 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     if given:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
+    sliding = sliding_windows(model_or_config, spec.num_layers)
+    check_spec_in_sliding_layers(lambda name, expected, got: fail(CALLER, name, expected, got), spec, sliding,
+                                 cache=True)
     spec = _distributed.local_spec(model_or_config, spec, CALLER)  # a tensor-parallel rank keeps its own heads
     kinds, windows = [list(r) for r in spec.cache_kind], spec.window.clone()
     # the model's sliding-window layers: each head's window within the model's, every KV head streaming
-    # (it keeps what that window sees; spec.validate refused budget heads and alpha there)
-    for layer, window in enumerate(sliding_windows(model_or_config, spec.num_layers)):
+    # (it keeps what that window sees; budget heads and alpha were refused there)
+    for layer, window in enumerate(sliding):
         if window is not None:
             windows[layer] = capped_window(windows[layer], window)
             kinds[layer] = ["streaming"] * spec.num_kv_heads

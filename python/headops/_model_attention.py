@@ -7,9 +7,10 @@ function passes only the key padding: the window must reach the kernels as the h
 a sliding layer every query head's window is capped at the model's (a spec's -1, unlimited,
 becomes the model's window; sinks stay as the spec says), and a HeadSparseCache keeps such a
 layer's KV heads as streaming heads (only what the window lets them see, as transformers' own
-sliding-window cache layers do). Mixing in a full branch (alpha) and budget heads would need keys
-past the model's window and are refused there; so is what headops cannot compute (logit
-softcapping, chunked attention). Several sequences that transformers packs into one row (position_ids
+sliding-window cache layers do). A full branch mixed in there (alpha) sees the model's window,
+not every key (two calls, mixed: patching's _alpha_within_window); budget heads, which would keep
+keys past it, are refused, as is what headops cannot compute (logit softcapping, chunked
+attention). Several sequences that transformers packs into one row (position_ids
 restarting within it) are attended one by one (packed_segments).
 """
 
@@ -63,16 +64,18 @@ def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
                                   f"keys ({qk}) (multi-head latent attention), which headops does not compute")
 
 
-def check_spec_in_sliding_layers(fail, spec, windows) -> None:
-    """A spec's alpha and budget heads are refused in the model's sliding layers (they read keys
-    past the window); `fail(name, expected, got)` makes the error."""
+def check_spec_in_sliding_layers(fail, spec, windows, *, cache: bool = False) -> None:
+    """A spec's budget heads are refused in the model's sliding layers (they would keep keys past
+    the window), and for a HeadSparseCache (`cache`) its alpha there too (its KV heads keep only
+    the window, not the full branch's keys: the model's own cache, or none, takes alpha there);
+    `fail(name, expected, got)` makes the error."""
     for layer, window in enumerate(windows):
         if window is None:
             continue
-        if spec.alpha is not None and bool((spec.alpha[..., layer, :] > 0).any()):
-            raise fail("alpha", f"0 in layer {layer}, a sliding-window layer of the model (window {window}): alpha "
-                                "mixes in attention over every key, which the model's window does not see",
-                       "alpha > 0")
+        if cache and spec.alpha is not None and bool((spec.alpha[..., layer, :] > 0).any()):
+            raise fail("alpha", f"0 in layer {layer}, a sliding-window layer of the model (window {window}), for a "
+                                "HeadSparseCache: its KV heads there keep only the window (alpha's full branch runs "
+                                "without one, or through transformers' cache)", "alpha > 0")
         if "budget" in spec.cache_kind[layer]:
             raise fail("cache_kind", f"not 'budget' in layer {layer}, a sliding-window layer of the model (window "
                                      f"{window}): its heads keep their window", list(spec.cache_kind[layer]))

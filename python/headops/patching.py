@@ -123,7 +123,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
-    _keep_model_attention(layer, args, cache, dropout, kwargs)
+    model_window = _keep_model_attention(layer, args, cache, dropout, kwargs)
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
@@ -138,7 +138,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         if recording is not None:
             raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
                                       "restarting within it); probe them in rows of their own")
-        out = _packed_attention(query, key, value, packed, args, causal)
+        out = _packed_attention(query, key, value, packed, args, causal, model_window)
     elif cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
@@ -146,17 +146,62 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
             out, stats = cache.attention(layer, query, key, value, layout="bhsd", causal=causal,
                                          probe=recording.probe, **cache_args, **args)
             recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
-    elif recording is not None:
+    elif recording is not None:  # (with alpha refused by the probe: no full branch)
         out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe,
                                 device_values=False, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
-        # the spec's values were checked by patch/set_spec: nothing on the GPU is read again (no sync)
-        out = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
+        out = _attend(query, key, value, args, causal, model_window)
     return out.transpose(1, 2), None
 
 
-def _packed_attention(query, key, value, segments, args, causal):
+def _attend(query, key, value, args, causal, model_window):
+    """headops.attention over [B, H, S, D] with the layer's arguments; in a layer the model limits
+    to a sliding window, a head's alpha mixes in a full branch limited to that window too
+    (_alpha_within_window). The spec's values were checked by patch/set_spec: nothing on the GPU
+    is read again (no sync)."""
+    if model_window is not None and args.get("alpha") is not None:
+        return _alpha_within_window(query, key, value, args, causal, model_window)
+    return _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
+
+
+def _alpha_within_window(query, key, value, args, causal, model_window):
+    """DuoAttention's mix, out = alpha * full + (1 - alpha) * streaming, then the epilogue (out_scale,
+    out_bias, gate), where the model's sliding window bounds the full branch: the kernels' full
+    branch sees every key, so the two branches run as two calls (the streaming one with the
+    head's window and sinks, the full one with the model's window and no sinks; the same logits),
+    mixed and finished here in float (as the kernels do in their accumulators), rounded once. A
+    branch whose weight is exactly 0 passes no NaN or inf of its own (the kernels skip it) but its
+    gradient to alpha, as the reference does."""
+    epilogue = ("alpha", "gate", "out_scale", "out_bias")
+    branch = {name: t for name, t in args.items() if name not in epilogue}
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    streaming = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **branch).to(acc)
+    full_args = dict(branch, window=torch.full_like(branch["window"], model_window),
+                     sinks=torch.zeros_like(branch["sinks"]))
+    full = _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **full_args).to(acc)
+
+    def per_head(t):  # [Hq] or [B, Hq] -> [B or 1, Hq, 1, 1] on the outputs' device
+        t = t.to(device=query.device, dtype=acc)
+        return (t if t.dim() == 2 else t[None])[:, :, None, None]
+
+    def unless_weight_zero(x, weight):
+        return torch.where(weight == 0, x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), x)
+
+    a = per_head(args["alpha"])
+    out = a * unless_weight_zero(full, a) + (1 - a) * unless_weight_zero(streaming, 1 - a)
+    for name in ("out_scale", "out_bias"):  # [Hq, D] or [B, Hq, D]
+        if args.get(name) is not None:
+            t = args[name].to(device=query.device, dtype=acc)
+            t = (t if t.dim() == 3 else t[None])[:, :, None, :]
+            out = out * t if name == "out_scale" else out + t
+    if args.get("gate") is not None:
+        g = per_head(args["gate"])
+        out = unless_weight_zero(out, g) * g
+    return out.to(query.dtype)
+
+
+def _packed_attention(query, key, value, segments, args, causal, model_window=None):
     """Attention of each sequence packed into a row on its own (segments: per row, the boundaries
     from headops._model_attention.packed_segments), its positions counted from its first token
     (sinks and key_bias are its own first tokens', as each would be alone); [B, Hq, S, D].
@@ -186,8 +231,8 @@ def _packed_attention(query, key, value, segments, args, causal):
                     call_args[name] = torch.cat([call_args[name]] * len(members))
             if "key_bias" in call_args:  # ([Hq, S] by position: the sequence's first keys')
                 call_args["key_bias"] = call_args["key_bias"][..., :n]
-            got = _attention(*(torch.cat([p[i] for i in members]) if len(members) > 1 else p[members[0]]
-                               for p in parts), layout="bhsd", causal=causal, device_values=False, **call_args)
+            got = _attend(*(torch.cat([p[i] for i in members]) if len(members) > 1 else p[members[0]]
+                            for p in parts), call_args, causal, model_window)
             for i, piece in zip(members, got.split(parts[0][members[0]].shape[0])):
                 done[i] = piece
         out.append(torch.cat(done, dim=2))
@@ -204,7 +249,8 @@ def _keep_model_attention(layer, args, cache, dropout, kwargs):
     """The model's own limits on this layer's attention (headops._model_attention): its sliding
     window caps each head's window (a cache's windows were capped when it was made from the model:
     checked here), and what headops does not compute is refused: the arguments above, attention
-    weights asked for, attention dropout."""
+    weights asked for, attention dropout. Returns the model's window for a call without a cache
+    (None elsewhere): alpha's full branch keeps within it (_attend)."""
     caller = f"headops (layer {layer})"
     if kwargs.get("output_attentions"):
         raise NotImplementedError(
@@ -226,10 +272,10 @@ def _keep_model_attention(layer, args, cache, dropout, kwargs):
             spec_sinks.to(model_sinks.device, torch.float32), model_sinks.float())
     window = kwargs.get("sliding_window")
     if not window:
-        return
+        return None
     if cache is None:
         args["window"] = _model_attention.capped_window(args["window"], int(window))
-        return
+        return int(window)
     held = cache.windows(layer)
     if any(w < 0 or w > window for w in held):
         raise ValueError(f"{caller}: the model attends to a sliding window of {window} keys here, but the "
