@@ -70,7 +70,7 @@ def from_first_token(args: dict, first, dropped: int = 0) -> dict:
     return args
 
 
-def left_padding(caller, padding: Padding) -> list:
+def pads_before_first_tokens(caller, padding: Padding) -> list:
     """Per row, the padding before its first token, where every row is padding and then tokens
     only (a NotImplementedError otherwise: a HeadSparseCache stores each row's tokens from its
     first on, and takes no holes)."""

@@ -308,12 +308,12 @@ def _cache_padding(cache, layer, padding, new_tokens):
     if cache.longest_row(layer) == 0:  # the prompt
         if not bool(padding.first.any()):
             return None
-        pads = _padding.left_padding(caller, padding)
+        pads = _padding.pads_before_first_tokens(caller, padding)
         return {"lengths": [new_tokens - p for p in pads], "padding_side": "left"}
     held = cache.left_padding(layer)
     if not any(held):
         return None
-    pads = _padding.left_padding(caller, padding)
+    pads = _padding.pads_before_first_tokens(caller, padding)
     if pads != held:
         raise NotImplementedError(f"{caller}: the attention mask pads the rows by {pads} tokens on the left, where the "
                                   f"prompt was padded by {held}")
