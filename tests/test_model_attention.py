@@ -634,3 +634,18 @@ def test_packed_attention_is_each_sequence_alone_for_drawn_specs():
     check()
     # lengths 4, 3, 3, 2: the two of length 3 run as one batch, between the others
     check.hypothesis.inner_test((1, 2, 1, 12, [[0, 4, 7, 10, 12]], [-1, 2], [0, 1], None, None, 2, True, 5))
+
+
+def test_duo_attention_optimises_alpha_on_a_sliding_window_model():
+    """headops.discover's DuoAttention optimisation on a model whose layers slide (window 64, prompts of
+    360 tokens): alpha learns through the windowed full branch; at alpha = 1 the patched model is the
+    model (distillation 0), and the loss falls."""
+    from headops import discover, tasks
+    from headops.testing import CharTokenizer
+
+    tok = CharTokenizer()
+    model = make("mistral", sliding_window=64)  # (vocabulary 97, as the tokenizer's)
+    prompts = [tasks.multi_passkey(tok, 360, passkeys=2, words=2, seed=seed) for seed in range(2)]
+    result = discover.duo_attention(model, prompts, sinks=2, window=8, steps=3, lr=0.05)
+    assert result.info["distillation"][0] < 1e-10
+    assert result.info["loss"][-1] < result.info["loss"][0]
