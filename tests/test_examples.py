@@ -14,10 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("head_importance.py", "most important (layer, head)"),
     ("head_masking.py", "similarity"),
     ("lofit_training.py", "loss before"),
+    ("lofit_training.py --packed 3", "3 pieces flattened into one row"),
     ("batched_generation.py", "as recomputing without a cache"),
 ])
 def test_example_runs(example, expected):
-    proc = subprocess.run([sys.executable, os.path.join("examples", example), "--tiny"], cwd=ROOT,
+    script, *options = example.split()
+    proc = subprocess.run([sys.executable, os.path.join("examples", script), "--tiny", *options], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert expected in proc.stdout
