@@ -107,7 +107,7 @@ def packed_segments(position_ids, batch: int):
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
         return None
     held, segments = _last_segments
-    if held is not None and held() is position_ids:
+    if held is not None and held() is position_ids and (segments is None or len(segments) == batch):
         return segments
     restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
     segments = None
