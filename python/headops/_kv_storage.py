@@ -345,11 +345,16 @@ class LayerStorage:
         n = k.shape[1]
         if row is None:
             self.lengths += n
-            self.held = [x + n for x in self.held]
+            self.now_holds([x + n for x in self.held])
         else:
             self.lengths[row] += n
-            self.held = [x + n if b == row else x for b, x in enumerate(self.held)]
-        self.written = [max(w, x) for w, x in zip(self.written, self.held)]
+            self.now_holds([x + n if b == row else x for b, x in enumerate(self.held)])
+
+    def now_holds(self, held: list) -> None:
+        """The host's mirror of what each row holds after appends (or replayed ones): `held`, and the
+        most each row has held (`written`)."""
+        self.held = held
+        self.written = [max(w, x) for w, x in zip(self.written, held)]
 
     def kept_positions(self, b, h):
         """Sorted original positions KV head h of row b holds (budget heads: the kept set)."""

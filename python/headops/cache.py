@@ -337,8 +337,7 @@ class HeadSparseCache(_CacheBase):
             counts.append(held)
         for st, held in zip(self._layers, counts):
             if held:
-                st.held = held
-                st.written = [max(w, x) for w, x in zip(st.written, held)]
+                st.now_holds(held)
 
     # ---------------------------------------------------------------------- batch rows (transformers)
 
@@ -377,8 +376,8 @@ class HeadSparseCache(_CacheBase):
         """transformers' crop (assisted generation, prompt lookup decoding): ``crop(-n)`` drops the
         last n tokens of every row in every layer, where every later step then computes what it
         would have had the cache never seen them (a wrapped ring's slots of the n keys before its
-        oldest stay listed by kept_positions until the next n steps overwrite them; no query's window
-        reaches them): full heads always; a streaming head while its ring still holds
+        oldest held the dropped tokens: kept_positions leaves them out until the next steps refill
+        them; no query's window reaches them): full heads always; a streaming head while its ring still holds
         its window before them (n <= max_step, or the ring has not wrapped) and, compensated, while
         they evicted nothing. A budget head chose by their attention: refused (NotImplementedError),
         as is n past what a row holds; a refused call changes nothing. ``crop(0)`` does nothing."""
