@@ -87,14 +87,20 @@ def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
     return torch.where(window < 0, limit, torch.minimum(window, limit))
 
 
-_last_segments = (None, None)  # (a weak reference to a position_ids tensor, its segments): one read a forward
+_last_read = ("", (), None)  # (what was read, weak references to the tensors it was read from, its value)
 
 
-def _no_tensor():
-    return None
-
-
-_last_cu_k = _no_tensor  # (with cu_seq_lens_q in _last_segments: the cu_seq_lens_k read with it)
+def _read_once(what: str, tensors: tuple, read):
+    """read(), or its value from the last call with these same tensor objects (a forward's layers
+    share them: one device-to-host read a forward)."""
+    global _last_read
+    name, refs, value = _last_read
+    if name == what and len(refs) == len(tensors) and all(
+            (r() if r is not None else None) is t for r, t in zip(refs, tensors)):
+        return value
+    value = read()
+    _last_read = (what, tuple(weakref.ref(t) if t is not None else None for t in tensors), value)
+    return value
 
 
 def packed_segments(position_ids, batch: int):
@@ -103,20 +109,17 @@ def packed_segments(position_ids, batch: int):
     DataCollatorWithFlattening, and keeps them apart): per row, the boundaries [0, s1, ..., S] of
     its sequences; None where no row restarts. One device-to-host read per position_ids tensor
     (all layers of a forward share it)."""
-    global _last_segments
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
         return None
-    held, segments = _last_segments
-    if held is not None and held() is position_ids and (segments is None or len(segments) == batch):
-        return segments
-    restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
-    segments = None
-    if bool(restarts.any()):
-        rows = restarts.expand(batch, -1).cpu()
+
+    def read():
+        restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+        if not bool(restarts.any()):
+            return None
         length = position_ids.shape[-1]
-        segments = [[0] + (row.nonzero().flatten() + 1).tolist() + [length] for row in rows]
-    _last_segments = (weakref.ref(position_ids), segments)
-    return segments
+        return [[0] + (row.nonzero().flatten() + 1).tolist() + [length] for row in restarts.expand(batch, -1).cpu()]
+
+    return _read_once(f"position_ids, batch {batch}", (position_ids,), read)
 
 
 def segments_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, length: int):
@@ -125,17 +128,13 @@ def segments_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, le
     as packed_segments gives them: [[0, s1, ..., length]]. A NotImplementedError where they are not
     one row of self-attention over these `length` tokens. One read per pair of tensors (a
     forward's layers share them)."""
-    global _last_segments, _last_cu_k
-    held, segments = _last_segments
-    if held is not None and held() is cu_seq_lens_q and _last_cu_k() is cu_seq_lens_k:
-        bounds = segments[0]
-    else:
+    def read():
         if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k.cpu(), cu_seq_lens_q.cpu()):
             raise NotImplementedError(f"{caller}: cu_seq_lens_q and cu_seq_lens_k differ (queries and keys packed "
                                       "apart); headops attends packed sequences to themselves only")
-        bounds = cu_seq_lens_q.flatten().tolist()
-        _last_segments = (weakref.ref(cu_seq_lens_q), [bounds])
-        _last_cu_k = weakref.ref(cu_seq_lens_k) if cu_seq_lens_k is not None else _no_tensor
+        return cu_seq_lens_q.flatten().tolist()
+
+    bounds = _read_once("cu_seq_lens", (cu_seq_lens_q, cu_seq_lens_k), read)
     if batch != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != length or \
             any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
         raise NotImplementedError(f"{caller}: cu_seq_lens_q {bounds[:8]}{'...' if len(bounds) > 8 else ''} is not "
