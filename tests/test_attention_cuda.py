@@ -693,3 +693,48 @@ def test_the_cuda_backward_says_once_what_it_costs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         headops.attention(q, q.detach(), q.detach()).sum().backward()  # once per process
+
+
+# --------------------------------------------------------------------------- packed rows
+
+
+def packed_ids(lengths_per_row):
+    return torch.stack([torch.arange(len(row)).repeat_interleave(torch.tensor(row)) for row in lengths_per_row])
+
+
+@pytest.mark.parametrize("ids_on", ["host", "device"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_packed_rows(dtype, ids_on):
+    """sequence_ids (a CPU tensor beside CUDA q, or on the device: one copy to the host) over rows
+    packed unlike, both kernels' head dims: each sequence alone, as the float64 reference."""
+    B, S, Hq, Hkv, D = 2, 300, 4, 2, 128
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, S, D, ["window", "sinks", "gate", "key_bias", "out_scale"])
+    ids = packed_ids([[100, 100, 37, 63], [300]])
+    qc, kc, vc, kwc = on_cuda(q, k, v, kw)
+    got = headops.attention(qc, kc, vc, sequence_ids=ids if ids_on == "host" else ids.to(CUDA), **kwc)
+    synchronize()
+    want = reference.attention(*(t.to(F64) for t in (q, k, v)), sequence_ids=ids, **kw)
+    assert_close(got.cpu(), want, OUT_ATOL[dtype], OUT_RTOL[dtype])
+
+
+def test_grads_packed_rows():
+    """The CUDA backward over packed rows: every gradient as autograd through the reference."""
+    B, S, Hq, Hkv, D = 2, 40, 4, 2, 32
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, F32)
+    check_cuda_grads(q, k, v, sequence_ids=packed_ids([[10, 10, 20], [7, 33]]), **head_params(B, Hq, S, D, ALL))
+
+
+@gpu_only
+def test_device_sequence_ids_under_capture_are_refused_by_name():
+    """sequence_ids on the GPU during a graph's capture: read on the host, which a capture cannot
+    do; the error says to pass them on the CPU."""
+    q, k, v = (t.to(CUDA) for t in make_qkv(1, 64, 64, 2, 2, 64, BF16))
+    ids = packed_ids([[32, 32]])
+    on_device = ids.to(CUDA)
+    headops.attention(q, k, v, sequence_ids=ids)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="sequence_ids on the GPU are read on the host"):
+        with torch.cuda.graph(graph):
+            headops.attention(q, k, v, sequence_ids=on_device)

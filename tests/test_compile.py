@@ -175,3 +175,30 @@ def test_fullgraph_patched_model_forward_matches_eager(backend, padded):
         want = forward(ids, mask)
         got = torch.compile(forward, fullgraph=True, backend=backend)(ids, mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_patched_model_keeps_packed_sequences_apart(backend):
+    """Sequences packed into a row (position_ids restarting, no mask: DataCollatorWithFlattening)
+    in a compiled model: transformers cannot tell packed from plain rows while tracing, so the
+    sequence ids go to the op, which finds the sequences when it runs. Logits as each sequence
+    alone, in one graph, and the unpacked row as the uncompiled model (before 2026-12-06 the
+    compiled model attended across the sequences)."""
+    pytest.importorskip("transformers")
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.streaming(model, {0: [1]}, window=3, sinks=1))
+    ids = torch.randint(1, 97, (1, 12))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+
+    def forward(ids, position_ids):
+        return model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(forward, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits for a, b in ((0, 5), (5, 8), (8, 12))],
+                          dim=1)
+        torch.testing.assert_close(compiled(ids, packed), alone, atol=1e-5, rtol=1e-5)
+        plain = torch.arange(12)[None]
+        torch.testing.assert_close(compiled(ids, plain), forward(ids, plain), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1

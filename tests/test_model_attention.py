@@ -580,62 +580,6 @@ def test_attention_weights_asked_for_are_refused_with_the_way_out():
     assert rec[0][0].topk_index.shape == (2, 4, 13, 1)
 
 
-def test_packed_attention_is_each_sequence_alone_for_drawn_specs():
-    """headops.patching._packed_attention over drawn batches, packings (rows packed alike or not),
-    per-head windows, sinks, alpha, per-batch gates and key_bias by position: each sequence's
-    output equals headops.attention over it alone, its positions from its own first token."""
-    pytest.importorskip("hypothesis")
-    from hypothesis import given, settings, strategies as st
-
-    from conftest import drawn_heads
-    from headops import patching
-
-    @st.composite
-    def case(draw):
-        B, Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
-        S = draw(st.integers(2, 20))
-        def packing():
-            cuts = sorted(set(draw(st.lists(st.integers(1, S - 1), max_size=4))))
-            return [0] + cuts + [S]
-        first = packing()
-        segments = [first if draw(st.booleans()) else packing() for _ in range(B)]
-        Hq = Hkv * group
-        window = [draw(st.sampled_from([-1, 1, 3])) for _ in range(Hq)]
-        sinks = [draw(st.sampled_from([0, 1, 2])) for _ in range(Hq)]
-        alpha = [draw(st.sampled_from([0.0, 0.5])) for _ in range(Hq)] if draw(st.booleans()) else None
-        gate = draw(st.sampled_from([None, "heads", "rows"]))
-        return (B, Hq, Hkv, S, segments, window, sinks, alpha, gate, draw(st.integers(0, 4)),
-                draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
-
-    @settings(max_examples=100, deadline=None, derandomize=True)
-    @given(case())
-    def check(c):
-        B, Hq, Hkv, S, segments, window, sinks, alpha, gate, K, causal, seed = c
-        q, k, v, args, g = drawn_heads(B, Hq, Hkv, S, S, window, sinks, alpha, seed)
-        if gate is not None:
-            args["gate"] = torch.rand(B if gate == "rows" else 1, Hq, generator=g, dtype=torch.float64)
-            if gate == "heads":
-                args["gate"] = args["gate"][0]
-        if K:  # a spec's key_bias over the first K keys, padded to the row (HeadSpec.layer_args)
-            bias = torch.randn(Hq, K, generator=g, dtype=torch.float64)
-            args["key_bias"] = torch.nn.functional.pad(bias[:, :S], (0, max(0, S - K)))
-        out = patching._packed_attention(q, k, v, segments, args, causal)
-        for b, bounds in enumerate(segments):
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                alone = dict(args)
-                if gate == "rows":
-                    alone["gate"] = args["gate"][b]
-                if K:
-                    alone["key_bias"] = args["key_bias"][:, :end - start]
-                want = headops.attention(q[b:b + 1, :, start:end], k[b:b + 1, :, start:end],
-                                         v[b:b + 1, :, start:end], layout="bhsd", causal=causal, **alone)
-                torch.testing.assert_close(out[b:b + 1, :, start:end], want, atol=1e-12, rtol=1e-12)
-
-    check()
-    # lengths 4, 3, 3, 2: the two of length 3 run as one batch, between the others
-    check.hypothesis.inner_test((1, 2, 1, 12, [[0, 4, 7, 10, 12]], [-1, 2], [0, 1], None, None, 2, True, 5))
-
-
 def test_duo_attention_optimises_alpha_on_a_sliding_window_model():
     """headops.discover's DuoAttention optimisation on a model whose layers slide (window 64, prompts of
     360 tokens): alpha learns through the windowed full branch; at alpha = 1 the patched model is the

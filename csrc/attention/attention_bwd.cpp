@@ -4,6 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
+#include "packed_sequences.h"
 #include "cpu/attention_bwd_cpu.h"
 #include "../cpu/finite_half.h"
 #ifdef HEADOPS_WITH_CUDA
@@ -41,23 +42,11 @@ OptTensor distinct_rows_expanded(const at::Tensor& dout, at::ScalarType acc) {
   return distinct.to(acc).contiguous().expand(dout.sizes());
 }
 
-}  // namespace
-
-std::vector<at::Tensor> attention_bwd(
-    const at::Tensor& dout_in, const OptTensor& dlse_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full,
-    const OptTensor& lse_full, bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale,
-    const OptTensor& window, const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias_in,
-    const OptTensor& sink_logit, const OptTensor& out_scale_in, const OptTensor& out_bias_in, const OptTensor& gate,
-    bool skip_zero_gate, at::IntArrayRef needs_grad) {
-  const char* op = "headops.attention_bwd: ";
-  const Dims d = check_qkv(op, q_in, k_in, v_in, heads_first, /*cuda_ok=*/true);
-  const auto dtype = q_in.scalar_type();
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const PerHeadArgs given{softmax_scale, window, sinks, alpha, key_bias_in, sink_logit, out_scale_in, out_bias_in, gate};
-  // the forward's planning arguments may be CPU tensors beside CUDA q (saved as given): checked as
-  // they are, then copied to the device for the kernel (a small copy; the backward is not sync-free)
-  check_per_head_args(op, d, acc, q_in, given, ValueChecks::kAll, /*host_planning=*/true);
+// Checks of the backward's own arguments (the forward's are check_qkv's and check_per_head_args').
+void check_backward_inputs(const char* op, const Dims& d, at::ScalarType acc, const at::Tensor& dout_in,
+                           const OptTensor& dlse_in, const at::Tensor& q_in, const at::Tensor& o_stream,
+                           const at::Tensor& lse, const OptTensor& o_full, const OptTensor& lse_full,
+                           const OptTensor& alpha, at::IntArrayRef needs_grad) {
   TORCH_CHECK(static_cast<int64_t>(needs_grad.size()) == kNumBackwardGrads, op, "needs_grad must have ",
               int(kNumBackwardGrads), " entries (one per name of attention_grad_inputs()), got ", needs_grad.size());
   TORCH_CHECK(dout_in.sizes() == q_in.sizes(), op, "dout must have the output's shape ", q_in.sizes(), ", got ",
@@ -76,6 +65,19 @@ std::vector<at::Tensor> attention_bwd(
                 op, "dlse must be a floating tensor of shape ", lse.sizes(), " on ", q_in.device());
     TORCH_CHECK(!alpha.has_value(), op, "dlse cannot be combined with alpha (there is no single lse)");
   }
+}
+
+// The backward over whole rows (each row one sequence); the arguments checked.
+std::vector<at::Tensor> backward_rows(
+    const Dims& d, const at::Tensor& dout_in, const OptTensor& dlse_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full,
+    const OptTensor& lse_full, bool causal, bool heads_first, double default_scale, const PerHeadArgs& given,
+    bool skip_zero_gate, at::IntArrayRef needs_grad) {
+  const auto dtype = q_in.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const OptTensor &softmax_scale = given.softmax_scale, &window = given.window, &sinks = given.sinks,
+                  &alpha = given.alpha, &key_bias_in = given.key_bias, &sink_logit = given.sink_logit,
+                  &out_scale_in = given.out_scale, &out_bias_in = given.out_bias, &gate = given.gate;
   auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
 
   // the kernel reads everything in the accumulation dtype, rows addressable, the row
@@ -196,6 +198,73 @@ std::vector<at::Tensor> attention_bwd(
   };
   return {wants(kGradQ) ? dq.to(dtype) : dq, per_kv_head(dk, kGradK), per_kv_head(dv, kGradV), dscale, dalpha,
           dkey_bias, dsink, dout_scale, dout_bias, dgate};
+}
+
+// The backward of packed rows: each run of sequences (packed_sequences.h) as a call of its own
+// over views of what the forward saved; q, k, v's gradients copied into the call's, the per-head
+// arguments' summed over the runs in order (deterministic).
+std::vector<at::Tensor> backward_runs(
+    const std::vector<SequenceRun>& runs, const Dims& d, const at::Tensor& dout, const OptTensor& dlse,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o_stream, const at::Tensor& lse,
+    const OptTensor& o_full, const OptTensor& lse_full, bool causal, bool heads_first, double default_scale,
+    const PerHeadArgs& args, bool skip_zero_gate, at::IntArrayRef needs_grad) {
+  auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
+  const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto whole = [&](BackwardGrad g, const at::Tensor& like) {
+    return wants(g) ? at::empty(like.sizes(), like.options()) : at::empty({0}, acc_options);
+  };
+  auto per_head = [&](BackwardGrad g, const OptTensor& given, at::IntArrayRef shape) {
+    return wants(g) && given.has_value() ? at::zeros(shape, acc_options) : at::empty({0}, acc_options);
+  };
+  std::vector<at::Tensor> grads = {
+      whole(kGradQ, q), whole(kGradK, k), whole(kGradV, v),
+      per_head(kGradSoftmaxScale, args.softmax_scale, {d.B, d.Hq}), per_head(kGradAlpha, args.alpha, {d.B, d.Hq}),
+      per_head(kGradKeyBias, args.key_bias, {d.B, d.Hq, d.Sk}),
+      per_head(kGradSinkLogit, args.sink_logit, {d.B, d.Hq}), per_head(kGradOutScale, args.out_scale, {d.B, d.Hq, d.D}),
+      per_head(kGradOutBias, args.out_bias, {d.B, d.Hq, d.D}), per_head(kGradGate, args.gate, {d.B, d.Hq})};
+  auto of_run = [&](const OptTensor& t, const SequenceRun& run) -> OptTensor {
+    if (!t.has_value()) return std::nullopt;
+    return run_view(*t, run, true);
+  };
+  for (const SequenceRun& run : runs) {
+    const RunHeadArgs run_args(args, run);
+    const at::Tensor q_run = run_view(q, run, heads_first);
+    const Dims rd{run.count, run.length, run.length, d.Hq, d.Hkv, d.D};
+    const std::vector<at::Tensor> got = backward_rows(
+        rd, run_view(dout, run, heads_first), of_run(dlse, run), q_run, run_view(k, run, heads_first),
+        run_view(v, run, heads_first), run_view(o_stream, run, true), run_view(lse, run, true), of_run(o_full, run),
+        of_run(lse_full, run), causal, heads_first, default_scale, run_args.view(), skip_zero_gate, needs_grad);
+    for (int g = kGradQ; g <= kGradV; ++g)
+      if (wants(static_cast<BackwardGrad>(g))) run_view(grads[g], run, heads_first).copy_(got[g]);
+    for (int g = kGradSoftmaxScale; g < kNumBackwardGrads; ++g)
+      add_run_gradient(grads[g], got[g], run, /*over_keys=*/g == kGradKeyBias);
+  }
+  return grads;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_bwd(
+    const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full, const OptTensor& lse_full,
+    bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
+    const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit,
+    const OptTensor& out_scale, const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate,
+    at::IntArrayRef needs_grad, const OptTensor& sequence_ids) {
+  const char* op = "headops.attention_bwd: ";
+  const Dims d = check_qkv(op, q, k, v, heads_first, /*cuda_ok=*/true);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
+  // the forward's planning arguments may be CPU tensors beside CUDA q (saved as given): checked as
+  // they are, then copied to the device for the kernel (a small copy; the backward is not sync-free)
+  check_per_head_args(op, d, acc, q, args, ValueChecks::kAll, /*host_planning=*/true);
+  check_backward_inputs(op, d, acc, dout, dlse, q, o_stream, lse, o_full, lse_full, alpha, needs_grad);
+  const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
+  if (!runs.empty())
+    return backward_runs(runs, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first,
+                         default_scale, args, skip_zero_gate, needs_grad);
+  return backward_rows(d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale,
+                       args, skip_zero_gate, needs_grad);
 }
 
 }  // namespace headops

@@ -4,6 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
+#include "packed_sequences.h"
 #include "cpu/attention_fwd_cpu.h"
 #ifdef HEADOPS_WITH_CUDA
 #include "cuda/attention_fwd_cuda.h"
@@ -37,13 +38,15 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q_in, const at::Te
   return call;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, bool heads_first,
-    double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
-    const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
-    const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward, bool precise_probabilities) {
-  const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
+namespace {
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward over whole rows (each row one sequence).
+ForwardOutputs forward_rows(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal,
+                            bool heads_first, double default_scale, const PerHeadArgs& args, bool skip_zero_gate,
+                            bool skip_unused_branch, bool save_for_backward, bool precise_probabilities) {
+  const OptTensor& alpha = args.alpha;
   ForwardCall call = prepare_forward("headops.attention_fwd: ", q_in, k_in, v_in, causal, heads_first,
                                      default_scale, args);
   const Dims& d = call.d;
@@ -67,13 +70,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   if (call.out.numel() > 0 || call.lse.numel() > 0) {
 #ifdef HEADOPS_WITH_CUDA
     if (call.q.is_cuda()) {
-      cuda::attention_forward(p, call.q, gate, window, sinks, alpha);
+      cuda::attention_forward(p, call.q, args.gate, args.window, args.sinks, alpha);
       return {call.out, call.lse, o_stream, o_full, lse_full};
     }
 #endif
     cpu::attention_forward(p, call.q.scalar_type());
   }
   return {call.out, call.lse, o_stream, o_full, lse_full};
+}
+
+// The forward of packed rows: each run of sequences (packed_sequences.h) as a call of its own
+// over views, its results copied into the call's.
+ForwardOutputs forward_runs(const std::vector<SequenceRun>& runs, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, bool causal, bool heads_first, double default_scale,
+                            const PerHeadArgs& args, bool skip_zero_gate, bool skip_unused_branch,
+                            bool save_for_backward, bool precise_probabilities) {
+  const int64_t B = q.size(0), S = q.size(heads_first ? 2 : 1), H = q.size(heads_first ? 1 : 2), D = q.size(3);
+  const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, H, S}, acc_options);
+  const bool with_full = save_for_backward && args.alpha.has_value();
+  at::Tensor o_stream = save_for_backward ? at::empty({B, H, S, D}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor o_full = with_full ? at::empty({B, H, S, D}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor lse_full = with_full ? at::empty({B, H, S}, acc_options) : at::empty({0}, acc_options);
+  for (const SequenceRun& run : runs) {
+    const RunHeadArgs run_args(args, run);
+    auto [r_out, r_lse, r_stream, r_full, r_lse_full] = forward_rows(
+        run_view(q, run, heads_first), run_view(k, run, heads_first), run_view(v, run, heads_first), causal,
+        heads_first, default_scale, run_args.view(), skip_zero_gate, skip_unused_branch, save_for_backward,
+        precise_probabilities);
+    run_view(out, run, heads_first).copy_(r_out);
+    run_view(lse, run, true).copy_(r_lse);
+    if (save_for_backward) run_view(o_stream, run, true).copy_(r_stream);
+    if (with_full) {
+      run_view(o_full, run, true).copy_(r_full);
+      run_view(lse_full, run, true).copy_(r_lse_full);
+    }
+  }
+  return {out, lse, o_stream, o_full, lse_full};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
+    double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
+    const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
+    const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
+    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids) {
+  const char* op = "headops.attention_fwd: ";
+  const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
+  if (sequence_ids.has_value()) {
+    // the whole call's arguments checked once, before any run reads them
+    const Dims d = check_qkv(op, q, k, v, heads_first, /*cuda_ok=*/true);
+    const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    check_per_head_args(op, d, acc, q, args, q.is_cuda() ? ValueChecks::kHostOnly : ValueChecks::kAll,
+                        /*host_planning=*/true);
+    const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
+    if (!runs.empty())
+      return forward_runs(runs, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate,
+                          skip_unused_branch, save_for_backward, precise_probabilities);
+  }
+  return forward_rows(q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
+                      save_for_backward, precise_probabilities);
 }
 
 }  // namespace headops

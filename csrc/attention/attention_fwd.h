@@ -29,12 +29,13 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q, const at::Tenso
 // backward) are empty unless save_for_backward. precise_probabilities: 16-bit inputs read the
 // probabilities of P V to ~2**-17 rather than rounded to their dtype: on the CPU in two bfloat16
 // parts or float (float16 does so whenever it saves for the backward), on CUDA in float (the
-// generic kernel).
+// generic kernel). sequence_ids ([B, S] integer, or none): sequences packed into each row, each
+// attended alone from its first token (packed_sequences.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward, bool precise_probabilities);
+    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids);
 
 }  // namespace headops

@@ -327,6 +327,29 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
     return args
 
 
+def sequence_ids_arg(caller, value, *, B: int, Sq: int, Sk: int, device):
+    """Sequences packed into each row (``[S]`` for every row or ``[B, S]``, integers; a sequence is
+    a run of one id) as the ``[B, S]`` int64 tensor the ops take, on the CPU (read there without a
+    sync) or q's device (read with one device-to-host copy); None stays None. Self-attention only:
+    S = Sq = Sk."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{caller}: sequence_ids must be an integer tensor ([S] or [B, S]), got "
+                        f"{type(value).__name__}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{caller}: sequence_ids must be an integer tensor, got {value.dtype}")
+    if Sq != Sk:
+        raise fail(caller, "sequence_ids", f"given only for self-attention over packed rows (q and k of one "
+                                           f"length; here {Sq} and {Sk})", describe(value))
+    if value.dim() not in (1, 2) or value.shape[-1] != Sq or (value.dim() == 2 and value.shape[0] not in (1, B)):
+        raise fail(caller, "sequence_ids", f"of shape [{Sq}] or [{B}, {Sq}] (one id per token; a sequence is a run "
+                                           "of one id)", describe(value))
+    if value.device.type != "cpu" and value.device != torch.device(device):
+        raise fail(caller, "sequence_ids", f"on the CPU or on q's device {device}", value.device)
+    return value.to(torch.int64).expand(B, Sq)
+
+
 # ------------------------------------------------------------------ what a HeadSparseCache keeps
 
 PREFILLS = ("spec", "full")

@@ -11,6 +11,10 @@ from ._args import PLANNING_ARGS
 from ._ops import bind, tensors
 
 
+# what the forward and backward read on the host when they are CPU tensors beside CUDA q, k, v
+_HOST_OK = PLANNING_ARGS + ("sequence_ids",)
+
+
 def _bound_on_one_device(op, args, kwargs, anchor, host_ok=()):
     # the real kernel's checks cannot run here; a tensor on another device would otherwise
     # route a CPU call to this fake kernel and return uninitialised memory. `host_ok`: arguments
@@ -35,7 +39,7 @@ def _sizes(q, k, heads_first):
 
 @torch.library.register_fake("headops::attention_fwd")
 def _attention_fwd_fake(*args, **kwargs):
-    a = _bound_on_one_device("attention_fwd", args, kwargs, "q", PLANNING_ARGS)
+    a = _bound_on_one_device("attention_fwd", args, kwargs, "q", _HOST_OK)
     B, Sq, _, Hq, D = _sizes(a.q, a.k, a.heads_first)
     acc = _acc(a.q)
     out = a.q.new_empty((B, Hq, Sq, D) if a.heads_first else (B, Sq, Hq, D))
@@ -49,7 +53,7 @@ def _attention_fwd_fake(*args, **kwargs):
 
 @torch.library.register_fake("headops::attention_bwd")
 def _attention_bwd_fake(*args, **kwargs):
-    a = _bound_on_one_device("attention_bwd", args, kwargs, "q", PLANNING_ARGS)
+    a = _bound_on_one_device("attention_bwd", args, kwargs, "q", _HOST_OK)
     acc = _acc(a.q)
     grads = []
     # one gradient per name of attention_grad_inputs (the C++ order), each in its input's shape

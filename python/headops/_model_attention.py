@@ -11,7 +11,7 @@ sliding-window cache layers do). A full branch mixed in there (alpha) sees the m
 not every key (two calls, mixed: patching's _alpha_within_window); budget heads, which would keep
 keys past it, are refused, as is what headops cannot compute (logit softcapping, chunked
 attention). Several sequences that transformers packs into one row (position_ids
-restarting within it) are attended one by one (packed_segments).
+restarting within it) are attended each alone (packed_sequence_ids, the ops' sequence_ids).
 """
 
 from __future__ import annotations
@@ -103,31 +103,37 @@ def _read_once(what: str, tensors: tuple, read):
     return value
 
 
-def packed_segments(position_ids, batch: int):
+def packed_sequence_ids(position_ids, batch: int):
     """Where transformers packed several sequences into each row (position_ids restarting within it;
     it does so without an attention mask or a cache: a training batch from
-    DataCollatorWithFlattening, and keeps them apart): per row, the boundaries [0, s1, ..., S] of
-    its sequences; None where no row restarts. One device-to-host read per position_ids tensor
-    (all layers of a forward share it)."""
+    DataCollatorWithFlattening, and keeps them apart): each token's sequence as headops.attention's
+    sequence_ids ([B, S] int64: a new sequence wherever a position does not follow the one before),
+    or None where no row restarts. Eagerly one device-to-host read per position_ids tensor (all
+    layers of a forward share it), a CPU tensor; while torch.compile traces (no branch on data),
+    computed on position_ids' device for every forward, the op finding whether any row restarts."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
         return None
 
+    def ids():
+        restarts = (position_ids[:, 1:] - position_ids[:, :-1] != 1).to(torch.int64)
+        return torch.nn.functional.pad(restarts.cumsum(-1), (1, 0)).expand(batch, -1)
+
+    if torch.compiler.is_compiling():
+        return ids()
+
     def read():
-        restarts = position_ids[:, 1:] - position_ids[:, :-1] != 1
-        if not bool(restarts.any()):
-            return None
-        length = position_ids.shape[-1]
-        return [[0] + (row.nonzero().flatten() + 1).tolist() + [length] for row in restarts.expand(batch, -1).cpu()]
+        found = ids()
+        return found.cpu() if bool(found[:, -1].any()) else None
 
     return _read_once(f"position_ids, batch {batch}", (position_ids,), read)
 
 
-def segments_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, length: int):
+def sequence_ids_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, length: int):
     """The sequences a caller packed into one row and marked with FlashAttention's variable-length
     arguments (``cu_seq_lens_q``/``_k``: DataCollatorWithFlattening(return_flash_attn_kwargs=True)),
-    as packed_segments gives them: [[0, s1, ..., length]]. A NotImplementedError where they are not
-    one row of self-attention over these `length` tokens. One read per pair of tensors (a
-    forward's layers share them)."""
+    as headops.attention's sequence_ids ([1, length] int64 on the CPU). A NotImplementedError where
+    they are not one row of self-attention over these `length` tokens. One read per pair of
+    tensors (a forward's layers share them)."""
     def read():
         if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k.cpu(), cu_seq_lens_q.cpu()):
             raise NotImplementedError(f"{caller}: cu_seq_lens_q and cu_seq_lens_k differ (queries and keys packed "
@@ -140,4 +146,5 @@ def segments_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, le
         raise NotImplementedError(f"{caller}: cu_seq_lens_q {bounds[:8]}{'...' if len(bounds) > 8 else ''} is not "
                                   f"the boundaries of sequences packed into one row of {length} tokens "
                                   f"(batch {batch}), which is what headops takes")
-    return [bounds]
+    lengths = torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
+    return torch.arange(len(lengths)).repeat_interleave(lengths)[None]

@@ -20,7 +20,6 @@ import torch
 
 from . import _distributed, _model_attention, _padding
 from .attention import attention_with as _attention
-from .spec import _PER_BATCH as _spec_per_batch_fields
 from .spec import HeadSpec
 
 __all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
@@ -98,7 +97,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     cache = kwargs.get("headops_cache")
     recording = getattr(module, "_headops_recording", None)
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
-    packed = None
+    sequence_ids = None  # sequences packed into a row: each attended alone
     may_be_packed = getattr(attention_mask, "_headops_may_be_packed", False)
     if may_be_packed:
         attention_mask = None
@@ -106,10 +105,11 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         if cache is not None or attention_mask is not None or key.shape[2] != query.shape[2]:
             raise NotImplementedError(f"headops (layer {layer}): cu_seq_lens_q (packed sequences) with a cache or an "
                                       "attention mask; headops takes them for one row of self-attention")
-        packed = _model_attention.segments_of_cu_seq_lens(f"headops (layer {layer})", kwargs["cu_seq_lens_q"],
-                                                          kwargs.get("cu_seq_lens_k"), query.shape[0], query.shape[2])
-    elif may_be_packed and cache is None and not torch.compiler.is_compiling():  # (a branch on data)
-        packed = _model_attention.packed_segments(kwargs.get("position_ids"), query.shape[0])
+        sequence_ids = _model_attention.sequence_ids_of_cu_seq_lens(
+            f"headops (layer {layer})", kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k"), query.shape[0],
+            query.shape[2])
+    elif may_be_packed and cache is None:
+        sequence_ids = _model_attention.packed_sequence_ids(kwargs.get("position_ids"), query.shape[0])
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
     if cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
@@ -134,12 +134,11 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         bias = _padding.padding_bias(padding.valid[:, dropped:])
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
-    if packed is not None:
-        if recording is not None:
-            raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
-                                      "restarting within it); probe them in rows of their own")
-        out = _packed_attention(query, key, value, packed, args, causal, model_window)
-    elif cache is not None:
+    if sequence_ids is not None and recording is not None:
+        raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
+                                  "restarting within it, or any row's position_ids while torch.compile traces); "
+                                  "probe them in rows of their own, uncompiled")
+    if cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
         else:
@@ -151,15 +150,17 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                                 device_values=False, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
-        out = _attend(query, key, value, args, causal, model_window)
+        out = _attend(query, key, value, args, causal, model_window, sequence_ids)
     return out.transpose(1, 2), None
 
 
-def _attend(query, key, value, args, causal, model_window):
-    """headops.attention over [B, H, S, D] with the layer's arguments; in a layer the model limits
-    to a sliding window, a head's alpha mixes in a full branch limited to that window too
-    (_alpha_within_window). The spec's values were checked by patch/set_spec: nothing on the GPU
-    is read again (no sync)."""
+def _attend(query, key, value, args, causal, model_window, sequence_ids=None):
+    """headops.attention over [B, H, S, D] with the layer's arguments (and the sequences packed
+    into its rows, each alone); in a layer the model limits to a sliding window, a head's alpha
+    mixes in a full branch limited to that window too (_alpha_within_window). The spec's values
+    were checked by patch/set_spec: nothing on the GPU is read again (no sync)."""
+    if sequence_ids is not None:
+        args = dict(args, sequence_ids=sequence_ids)
     if model_window is not None and args.get("alpha") is not None:
         return _alpha_within_window(query, key, value, args, causal, model_window)
     return _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
@@ -201,47 +202,9 @@ def _alpha_within_window(query, key, value, args, causal, model_window):
     return out.to(query.dtype)
 
 
-def _packed_attention(query, key, value, segments, args, causal, model_window=None):
-    """Attention of each sequence packed into a row on its own (segments: per row, the boundaries
-    from headops._model_attention.packed_segments), its positions counted from its first token
-    (sinks and key_bias are its own first tokens', as each would be alone); [B, Hq, S, D].
-
-    A row's sequences are split off in one view each (whose gradient is one concatenation), and
-    those of one length go as one batch, one call each length: over the whole batch where every
-    row is packed alike, else row by row. (Gathering sequences of about one length into padded
-    batches took longer forward and backward: indexing's gradient is a slow scatter on the CPU.)"""
-    alike = all(row == segments[0] for row in segments)
-    rows = [(slice(None), segments[0])] if alike else [(slice(b, b + 1), row) for b, row in enumerate(segments)]
-    out = []
-    for batch, bounds in rows:
-        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        parts = [t[batch].split(lengths, dim=2) for t in (query, key, value)]
-        row_args = dict(args)
-        for name in _spec_per_batch_fields:  # [B, Hq]: these rows'
-            if isinstance(row_args.get(name), torch.Tensor) and row_args[name].dim() == 2:
-                row_args[name] = row_args[name][batch]
-        by_length = {}
-        for i, n in enumerate(lengths):
-            by_length.setdefault(n, []).append(i)
-        done = [None] * len(lengths)
-        for n, members in by_length.items():
-            call_args = dict(row_args)
-            for name in _spec_per_batch_fields:  # (member-major, as the rows are stacked)
-                if isinstance(call_args.get(name), torch.Tensor) and call_args[name].dim() == 2:
-                    call_args[name] = torch.cat([call_args[name]] * len(members))
-            if "key_bias" in call_args:  # ([Hq, S] by position: the sequence's first keys')
-                call_args["key_bias"] = call_args["key_bias"][..., :n]
-            got = _attend(*(torch.cat([p[i] for i in members]) if len(members) > 1 else p[members[0]]
-                            for p in parts), call_args, causal, model_window)
-            for i, piece in zip(members, got.split(parts[0][members[0]].shape[0])):
-                done[i] = piece
-        out.append(torch.cat(done, dim=2))
-    return torch.cat(out, dim=0)
-
-
 # what some families pass to their attention function that changes it and headops does not compute:
 # logit softcapping, T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux,
-# block-sparse indices (packed sequences' cu_seq_lens are taken: _packed_attention)
+# block-sparse indices (packed sequences' cu_seq_lens are taken: sequence_ids)
 _NOT_COMPUTED = ("softcap", "position_bias", "sinks", "block_indices")
 
 

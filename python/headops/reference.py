@@ -98,8 +98,12 @@ def _unless_weight_zero(x, weight):
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None,
               sinks=None, alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None,
-              return_lse=False):
+              return_lse=False, sequence_ids=None):
     """Reference of ``headops.attention`` (same arguments, same results, S x S memory)."""
+    per_head = dict(softmax_scale=softmax_scale, gate=gate, window=window, sinks=sinks, alpha=alpha,
+                    key_bias=key_bias, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias)
+    if sequence_ids is not None:
+        return _packed(q, k, v, sequence_ids, causal=causal, layout=layout, return_lse=return_lse, **per_head)
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     elif layout != "bhsd":
@@ -152,6 +156,43 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
             raise ValueError("reference: return_lse=True together with alpha")
         return out, lse.to(torch.float64 if compute == torch.float64 else torch.float32)
     return out
+
+
+def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
+    """Each run of one id in a row of sequence_ids ([S] or [B, S]) attended as a batch of its own:
+    its row's per-head arguments, key_bias over its first keys (by position from its first token)."""
+    seq = 1 if layout == "bshd" else 2
+    B, S = q.shape[0], q.shape[seq]
+    Hq, D = q.shape[3 - seq], q.shape[3]
+    ids = torch.as_tensor(sequence_ids).expand(B, S).tolist()
+    shapes = {"out_scale": (B, Hq, D), "out_bias": (B, Hq, D), "key_bias": (B, Hq, S)}
+
+    def of_row(name, value, b, n):
+        if value is None:
+            return None
+        t = torch.as_tensor(value).expand(*shapes.get(name, (B, Hq)))[b:b + 1]
+        return t[..., :n] if name == "key_bias" else t
+
+    outs, lses = [], []
+    for b in range(B):
+        row_out, row_lse, start = [], [], 0
+        while start < S:
+            end = start + 1
+            while end < S and ids[b][end] == ids[b][start]:
+                end += 1
+            n = end - start
+            part = [t[b:b + 1].narrow(seq, start, n) for t in (q, k, v)]
+            got = attention(*part, causal=causal, layout=layout, return_lse=return_lse,
+                            **{name: of_row(name, value, b, n) for name, value in per_head.items()})
+            row_out.append(got[0] if return_lse else got)
+            if return_lse:
+                row_lse.append(got[1])
+            start = end
+        outs.append(torch.cat(row_out, dim=seq))
+        if return_lse:
+            lses.append(torch.cat(row_lse, dim=-1))
+    out = torch.cat(outs)
+    return (out, torch.cat(lses)) if return_lse else out
 
 
 def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,

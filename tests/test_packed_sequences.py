@@ -1,0 +1,234 @@
+"""headops.attention's sequence_ids: sequences packed into the rows of one call, each attended alone.
+
+Every case is compared with the float64 reference (which attends each run of one id as a batch of
+its own) and with headops.attention over each sequence alone: outputs, lse and the gradients of
+q, k, v and every floating per-head argument. Raw op calls with bad sequence_ids raise.
+"""
+
+import pytest
+import torch
+
+import headops
+from headops import reference
+
+from conftest import OUT_ATOL, assert_close, drawn_heads, head_params, make_qkv
+
+FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
+GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
+
+
+def ids_of(lengths_per_row):
+    """[B, S] sequence ids from each row's sequence lengths."""
+    return torch.stack([torch.arange(len(row)).repeat_interleave(torch.tensor(row)) for row in lengths_per_row])
+
+
+def grads(out, lse, inputs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+    if lse is not None:
+        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * 0.3).sum()
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("per_batch", [False, True], ids=["per_head", "per_batch"])
+@pytest.mark.parametrize("features", [(), ("window", "sinks"), ("alpha", "window", "sinks"), FEATURES],
+                         ids=["plain", "streaming", "alpha", "all"])
+def test_packed_rows_match_the_reference_with_gradients(layout, per_batch, features):
+    """Two rows packed unlike (one of them with two sequences of one length side by side, one run),
+    GQA, every per-head argument, float64: out, lse (without alpha) and every gradient."""
+    lengths = [[3, 4, 4, 1, 5], [17]] if per_batch else [[5, 5, 7], [2, 6, 9]]
+    B, S, Hq, Hkv, D = 2, 17, 6, 3, 8
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, layout=layout, strided=True)
+    kw = head_params(B, Hq, S, D, features, per_batch=per_batch)
+    if "gate" in kw:
+        kw["gate"] = kw["gate"].masked_fill(kw["gate"] == 0, 0.5)  # (a gated-off head's grad is skipped)
+    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
+    for t in inputs:
+        t.requires_grad_(True)
+    ids = ids_of(lengths)
+    with_lse = "alpha" not in kw
+    got = headops.attention(q, k, v, layout=layout, sequence_ids=ids, return_lse=with_lse, **kw)
+    want = reference.attention(q, k, v, layout=layout, sequence_ids=ids, return_lse=with_lse, **kw)
+    (got_out, got_lse), (want_out, want_lse) = (got, want) if with_lse else ((got, None), (want, None))
+    assert_close(got_out, want_out, 1e-12)
+    if with_lse:
+        assert_close(got_lse, want_lse, 1e-12, what="lse")
+    for name, a, b in zip(["q", "k", "v"] + [n for n in GRAD_ARGS if n in kw], grads(got_out, got_lse, inputs),
+                          grads(want_out, want_lse, inputs)):
+        assert_close(a, b, 1e-10, what=f"d{name}")
+
+
+def test_drawn_packings_are_each_sequence_alone():
+    """Drawn batches and packings (rows packed alike or not, runs of equal lengths), per-head
+    windows, sinks, alpha, per-batch gates and key_bias by position, causal or not: each sequence's
+    output and gradients equal headops.attention over it alone, its positions from its own first
+    token, and the reference's."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    @st.composite
+    def case(draw):
+        B, Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+        S = draw(st.integers(1, 20))
+
+        def packing():
+            cuts = sorted(set(draw(st.lists(st.integers(1, max(1, S - 1)), max_size=4)))) if S > 1 else []
+            bounds = [0] + cuts + [S]
+            return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        first = packing()
+        lengths = [first if draw(st.booleans()) else packing() for _ in range(B)]
+        Hq = Hkv * group
+        window = [draw(st.sampled_from([-1, 1, 3])) for _ in range(Hq)]
+        sinks = [draw(st.sampled_from([0, 1, 2])) for _ in range(Hq)]
+        alpha = [draw(st.sampled_from([0.0, 0.5])) for _ in range(Hq)] if draw(st.booleans()) else None
+        gate = draw(st.sampled_from([None, "heads", "rows"]))
+        return (B, Hq, Hkv, S, lengths, window, sinks, alpha, gate, draw(st.integers(0, 4)),
+                draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+
+    @settings(max_examples=100, deadline=None, derandomize=True)
+    @given(case())
+    def check(c):
+        B, Hq, Hkv, S, lengths, window, sinks, alpha, gate, K, causal, seed = c
+        q, k, v, args, g = drawn_heads(B, Hq, Hkv, S, S, window, sinks, alpha, seed)
+        if gate is not None:
+            args["gate"] = torch.rand(B if gate == "rows" else 1, Hq, generator=g, dtype=torch.float64) + 0.1
+            if gate == "heads":
+                args["gate"] = args["gate"][0]
+        if K:  # a spec's key_bias over the first K keys, padded to the row (HeadSpec.layer_args)
+            bias = torch.randn(Hq, K, generator=g, dtype=torch.float64)
+            args["key_bias"] = torch.nn.functional.pad(bias[:, :S], (0, max(0, S - K)))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        ids = ids_of(lengths)
+        out = headops.attention(q, k, v, layout="bhsd", causal=causal, sequence_ids=ids, **args)
+        torch.testing.assert_close(out, reference.attention(q, k, v, layout="bhsd", causal=causal, sequence_ids=ids,
+                                                            **args), atol=1e-12, rtol=1e-12)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out) * torch.arange(S, dtype=out.dtype)[:, None])
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = dict(args)
+                if gate == "rows":
+                    alone["gate"] = args["gate"][b]
+                if K:
+                    alone["key_bias"] = args["key_bias"][:, :n]
+                part = [t[b:b + 1, :, start:start + n] for t in (q, k, v)]
+                want = headops.attention(*part, layout="bhsd", causal=causal, **alone)
+                torch.testing.assert_close(out[b:b + 1, :, start:start + n], want, atol=1e-12, rtol=1e-12)
+                weight = torch.ones_like(want) * torch.arange(start, start + n, dtype=out.dtype)[:, None]
+                for got, w in zip((dq, dk, dv), torch.autograd.grad(want, part, weight)):
+                    torch.testing.assert_close(got[b:b + 1, :, start:start + n], w, atol=1e-12, rtol=1e-12)
+                start += n
+
+    check()
+    # lengths 4, 3, 3, 2: the two of length 3 run as one call, between the others
+    check.hypothesis.inner_test((1, 2, 1, 12, [[4, 3, 3, 2]], [-1, 2], [0, 1], None, None, 2, True, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_16_and_32_bit_packed_rows_match_the_reference(dtype):
+    """The kernels of each dtype over packed rows (long enough for several key tiles) against the
+    float64 reference on the same rounded inputs."""
+    B, S, Hq, Hkv, D = 2, 300, 4, 2, 64
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, dtype=dtype)
+    ids = ids_of([[100, 150, 50], [37, 263]])
+    kw = head_params(B, Hq, S, D, ("window", "sinks", "gate"))
+    got = headops.attention(q, k, v, sequence_ids=ids, **kw)
+    want = reference.attention(*(t.double() for t in (q, k, v)), sequence_ids=ids, **kw)
+    assert_close(got, want, OUT_ATOL[dtype])
+
+
+def test_one_sequence_a_row_is_the_plain_call_bitwise():
+    """sequence_ids that pack nothing (every row one id) give the plain call's results exactly, and
+    so does the backward; a [S] tensor holds for every row."""
+    q, k, v = make_qkv(2, 33, 33, 4, 2, 16, dtype=torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    plain = headops.attention(q, k, v, window=5, sinks=1)
+    for ids in (torch.zeros(2, 33, dtype=torch.int64), torch.full((33,), 7, dtype=torch.int32)):
+        same = headops.attention(q, k, v, window=5, sinks=1, sequence_ids=ids)
+        assert torch.equal(same, plain)
+        g = torch.randn_like(plain)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(same, (q, k, v), g),
+                                                     torch.autograd.grad(plain, (q, k, v), g, retain_graph=True)))
+
+
+def test_packed_backward_is_deterministic():
+    """Two backward passes over packed rows give bitwise the same gradients (the per-head sums run
+    over the sequences in a fixed order)."""
+    q, k, v = make_qkv(2, 40, 40, 4, 2, 16, dtype=torch.float32)
+    kw = head_params(2, 4, 40, 16, ("scale", "key_bias", "sink_logit", "out_scale", "gate"), per_batch=True)
+    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
+    for t in inputs:
+        t.requires_grad_(True)
+    ids = ids_of([[10, 10, 10, 10], [3, 17, 20]])
+    first, second = (grads(headops.attention(q, k, v, sequence_ids=ids, **kw), None, inputs) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bad_sequence_ids_are_refused_by_name():
+    q, k, v = make_qkv(2, 6, 6, 2, 2, 8)
+    good = torch.zeros(2, 6, dtype=torch.int64)
+    cases = [
+        (TypeError, r"sequence_ids must be an integer tensor, got torch.float64", good.double()),
+        (TypeError, r"sequence_ids must be an integer tensor, got torch.bool", good.bool()),
+        (TypeError, r"sequence_ids must be an integer tensor \(\[S\] or \[B, S\]\), got list", [0] * 6),
+        (ValueError, r"sequence_ids must be of shape \[6\] or \[2, 6\]", torch.zeros(2, 5, dtype=torch.int64)),
+        (ValueError, r"sequence_ids must be of shape", torch.zeros(3, 6, dtype=torch.int64)),
+        (ValueError, r"sequence_ids must be of shape", torch.zeros(2, 6, 1, dtype=torch.int64)),
+        (ValueError, r"sequence_ids must be on the CPU or on q's device", good.to("meta")),
+    ]
+    for error, message, ids in cases:
+        with pytest.raises(error, match=message):
+            headops.attention(q, k, v, sequence_ids=ids)
+    with pytest.raises(ValueError, match=r"sequence_ids must be given only for self-attention .*6 and 4"):
+        headops.attention(q, k[:, :4], v[:, :4], sequence_ids=good)
+    with pytest.raises(NotImplementedError, match="probes over packed sequences"):
+        headops.attention(q, k, v, sequence_ids=good, probe=headops.Probe(sink_mass=True))
+
+
+def _raw_forward(q, k, v, **kw):
+    return torch.ops.headops.attention_fwd(q, k, v, True, False, 0.35, None, None, None, None, None, None, None,
+                                           None, None, True, True, False, False, **kw)
+
+
+def test_raw_ops_check_sequence_ids():
+    """The ops re-check sequence_ids (TORCH_CHECK): a raw call with bad ones raises, never crashes."""
+    q, k, v = make_qkv(2, 6, 6, 2, 2, 8)
+    for ids, message in [(torch.zeros(2, 6), "integer tensor"), (torch.zeros(2, 5, dtype=torch.int64), r"shape \[2, 6\]"),
+                         (torch.zeros(1, 6, dtype=torch.int64), r"shape \[2, 6\]"),
+                         (torch.zeros(2, 6, dtype=torch.bool), "integer tensor")]:
+        with pytest.raises(RuntimeError, match=message):
+            _raw_forward(q, k, v, sequence_ids=ids)
+    with pytest.raises(RuntimeError, match="self-attention over packed rows"):
+        _raw_forward(q, k[:, :4], v[:, :4], sequence_ids=torch.zeros(2, 6, dtype=torch.int64))
+    out, lse, o_stream, *_ = torch.ops.headops.attention_fwd(
+        q, k, v, True, False, 0.35, None, None, None, None, None, None, None, None, None, True, True, True, False,
+        sequence_ids=ids_of([[2, 4], [6]]))
+    grads_of = torch.ops.headops.attention_bwd
+    with pytest.raises(RuntimeError, match=r"sequence_ids must have shape \[2, 6\]"):
+        grads_of(torch.ones_like(out), None, q, k, v, o_stream, lse, None, None, True, False, 0.35, None, None, None,
+                 None, None, None, None, None, None, True, [1] * 10, sequence_ids=torch.zeros(6, dtype=torch.int64))
+
+
+def test_compiled_fullgraph_with_packed_rows():
+    """sequence_ids computed from position_ids inside a compiled function (no branch on data): the
+    op finds the sequences when it runs; out and gradients as eager."""
+    q, k, v = make_qkv(1, 12, 12, 4, 2, 16, dtype=torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def f(q, k, v, position_ids):
+        restarts = (position_ids[:, 1:] - position_ids[:, :-1] != 1).long()
+        ids = torch.nn.functional.pad(restarts.cumsum(-1), (1, 0))
+        return headops.attention(q, k, v, window=3, sinks=1, sequence_ids=ids)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for positions in (torch.arange(12)[None], torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])):
+        want = f(q, k, v, positions)
+        got = compiled(q, k, v, positions)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
