@@ -14,9 +14,9 @@ from .probes import Probe, ProbeResult, Recording, probe
 from .cache import HeadSparseCache
 from .prefill import DensePrefill, capture_prefill
 from .spec import HeadSpec
-from .patching import patch, patched_spec, set_spec, unpatch
+from .patching import attention_layers, patch, patched_spec, set_spec, unpatch
 from .research import importance, pruning_curve, shapley
 from .counters import WorkCounts, count_work, work_counters, reset_work_counters
 
-__all__ = ["attention", "Probe", "ProbeResult", "Recording", "probe", "HeadSparseCache", "DensePrefill", "capture_prefill", "HeadSpec", "patch", "patched_spec", "set_spec", "unpatch", "importance", "pruning_curve", "shapley", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
+__all__ = ["attention", "Probe", "ProbeResult", "Recording", "probe", "HeadSparseCache", "DensePrefill", "capture_prefill", "HeadSpec", "attention_layers", "patch", "patched_spec", "set_spec", "unpatch", "importance", "pruning_curve", "shapley", "WorkCounts", "count_work", "work_counters", "reset_work_counters"]
 __version__ = "0.1.0"

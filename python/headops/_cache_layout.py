@@ -10,7 +10,8 @@ import torch
 from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
-from ._model_attention import capped_window, check_spec_in_sliding_layers, sliding_windows
+from ._model_attention import (ENCODER_DECODER_CACHE, capped_window, check_spec_in_sliding_layers,
+                               encoder_decoder_layers, sliding_windows)
 from .spec import HeadSpec
 
 CALLER = "headops.HeadSparseCache"
@@ -52,6 +53,8 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     if given:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
+    if model_or_config is not None and encoder_decoder_layers(model_or_config) is not None:
+        raise NotImplementedError(ENCODER_DECODER_CACHE)
     sliding = sliding_windows(model_or_config, spec.num_layers)
     check_spec_in_sliding_layers(lambda name, expected, got: fail(CALLER, name, expected, got), spec, sliding,
                                  cache=True)

@@ -29,6 +29,61 @@ def config_of(model_or_config):
     return getattr(cfg, "text_config", None) or cfg
 
 
+def encoder_decoder_layers(model_or_config):
+    """(encoder layers, decoder layers) of an encoder-decoder model (BART, mBART, Marian, Pegasus,
+    Whisper: config.is_encoder_decoder), None for another. Its spec has a layer for each attention
+    module, in three stacks: the encoder's self-attention layers, the decoder's self-attention
+    layers, then the decoder's cross-attention layers (layer_kinds). A NotImplementedError for one
+    whose stacks differ in heads or that has no such fields (T5, whose relative position bias
+    headops does not compute)."""
+    cfg = config_of(model_or_config)
+    if not getattr(cfg, "is_encoder_decoder", False):
+        return None
+    fields = ("encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads")
+    values = [getattr(cfg, name, None) for name in fields]
+    if any(not isinstance(v, int) for v in values):
+        raise NotImplementedError(f"headops: {type(cfg).__name__} is an encoder-decoder config without "
+                                  f"{', '.join(fields)}: supported are those of BART, mBART, Marian, Pegasus "
+                                  "and Whisper (T5 adds a relative position bias, which headops does not compute)")
+    if values[2] != values[3]:
+        raise NotImplementedError(f"headops: the encoder has {values[2]} attention heads and the decoder "
+                                  f"{values[3]}; a HeadSpec has one number of heads for every layer")
+    return values[0], values[1]
+
+
+ENCODER_DECODER_CACHE = (
+    "headops.HeadSparseCache: an encoder-decoder model (BART, Whisper...) generates through transformers' "
+    "EncoderDecoderCache (its cross-attention keys are computed once), which a patched model keeps; "
+    "HeadSparseCache holds a decoder-only model's self-attention")
+
+
+def layer_kinds(model_or_config, num_layers: int) -> list:
+    """Per spec layer, (kind, index in its stack): ("self", i) for a decoder-only or encoder-only
+    model; for an encoder-decoder one ("encoder", i), then ("decoder", i), then ("cross", i)."""
+    stacks = encoder_decoder_layers(model_or_config) if model_or_config is not None else None
+    if stacks is None:
+        return [("self", i) for i in range(num_layers)]
+    encoder, decoder = stacks
+    return ([("encoder", i) for i in range(encoder)] + [("decoder", i) for i in range(decoder)]
+            + [("cross", i) for i in range(decoder)])
+
+
+def check_spec_in_cross_attention_layers(fail, spec, kinds) -> None:
+    """A cross-attention layer's keys are the encoder's outputs, not positions before the query: a
+    spec gives its heads no window or sinks (alpha there mixes two equal branches) and no cache
+    kind but full; its gates, scales, key_bias over the encoder's positions, sink logits and
+    output scale/bias hold. `fail(name, expected, got)` makes the error."""
+    for layer, (kind, index) in enumerate(kinds):
+        if kind != "cross":
+            continue
+        where = f"in layer {layer}, cross-attention layer {index} (its keys are the encoder's outputs)"
+        if bool((spec.window[..., layer, :] >= 0).any()) or bool((spec.sinks[..., layer, :] > 0).any()):
+            raise fail("window", f"-1 with sinks 0 {where}", f"window {spec.window[layer].tolist()}, sinks "
+                                                                f"{spec.sinks[layer].tolist()}")
+        if any(k != "full" for k in spec.cache_kind[layer]):
+            raise fail("cache_kind", f"'full' {where}", list(spec.cache_kind[layer]))
+
+
 def sliding_windows(model_or_config, num_layers: int) -> list:
     """Per layer, the model's sliding window (keys at distance < window are seen), None for a layer
     that sees every earlier key. Without layer_types in the config, config.sliding_window holds for

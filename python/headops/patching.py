@@ -43,9 +43,11 @@ def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
         raise NotImplementedError("headops: the model builds a custom attention mask here (e.g. bidirectional image "
                                   "tokens or a prefix), which headops does not carry: it computes causal or "
                                   "bidirectional attention, with windows and padding")
-    total = _positions_so_far(q_length, kv_length, q_offset, kv_offset)
+    # a bidirectional mask (an encoder's, or cross-attention's over the encoder's outputs): every key
+    bidirectional = "allow_is_bidirectional_skip" in kwargs
+    total = kv_offset + kv_length if bidirectional else _positions_so_far(q_length, kv_length, q_offset, kv_offset)
     if attention_mask is None and total == kv_length:
-        if q_length > 1 and kwargs.get("allow_is_causal_skip") is False:
+        if q_length > 1 and kwargs.get("allow_is_causal_skip") is False and not bidirectional:
             return _may_be_packed(batch_size, total, device)
         return None
     if attention_mask is None:
@@ -95,6 +97,8 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
+    if cache is not None and getattr(module, "_headops_encoder_decoder", False):
+        raise NotImplementedError(_model_attention.ENCODER_DECODER_CACHE)
     recording = getattr(module, "_headops_recording", None)
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     sequence_ids = None  # sequences packed into a row: each attended alone
@@ -287,12 +291,23 @@ _PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query")  # (Llama-likes, Phi-3,
 
 
 def _attention_modules(model):
-    """The attention modules, in layer order (modules with a layer_idx and projections)."""
-    found = []
+    """The attention modules in the order of a spec's layers: by layer_idx (modules with a
+    layer_idx and projections); for an encoder-decoder model the encoder's (in module order: some
+    have no layer_idx), the decoder's self-attention, then its cross-attention modules (not
+    causal), as _model_attention.layer_kinds lays them out."""
+    if not isinstance(model, torch.nn.Module) or _model_attention.encoder_decoder_layers(model) is None:
+        found = []
+        for _, m in model.named_modules():
+            if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
+                found.append(m)
+        return sorted(found, key=lambda m: m.layer_idx)
+    in_encoder = {id(m) for m in model.get_encoder().modules()}
+    stacks = {"encoder": [], "decoder": [], "cross": []}
     for _, m in model.named_modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
-            found.append(m)
-    return sorted(found, key=lambda m: m.layer_idx)
+        if any(hasattr(m, p) for p in _PROJECTIONS) and hasattr(m, "is_causal"):
+            kind = "encoder" if id(m) in in_encoder else "decoder" if m.is_causal else "cross"
+            stacks[kind].append(m)
+    return stacks["encoder"] + stacks["decoder"] + stacks["cross"]
 
 
 def attention_modules_of_patched(model, caller):
@@ -347,11 +362,23 @@ def patch(model, spec: HeadSpec):
         model._headops_previous = model.config._attn_implementation
     model._headops_whole_spec, model._headops_shard = spec, shard
     _give_spec(modules, local)
-    for m in modules:
-        m._headops_layer = m.layer_idx
+    encoder_decoder = _model_attention.encoder_decoder_layers(model) is not None
+    for layer, m in enumerate(modules):
+        m._headops_layer = layer
         m._headops_shard = shard
+        m._headops_encoder_decoder = encoder_decoder
     model.set_attn_implementation(IMPLEMENTATION)
     return model
+
+
+def attention_layers(model) -> list:
+    """What each layer of a spec for `model` is: (kind, index in its stack) per layer, ("self", i)
+    for a decoder-only or encoder-only model; for an encoder-decoder model (BART, Marian, Whisper)
+    its encoder's self-attention layers ("encoder", i), then its decoder's ("decoder", i), then its
+    cross-attention layers ("cross", i)."""
+    from .spec import _shape_of
+
+    return _model_attention.layer_kinds(model, _shape_of(model)[0])
 
 
 def patched_spec(model) -> HeadSpec:
@@ -397,7 +424,7 @@ def unpatch(model):
         raise RuntimeError("headops.unpatch: the model is not patched")
     previous = model._headops_previous
     for m in _attention_modules(model):
-        for name in ("_headops_spec", "_headops_layer", "_headops_shard"):
+        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_encoder_decoder"):
             if hasattr(m, name):
                 delattr(m, name)
     model.set_attn_implementation(previous)

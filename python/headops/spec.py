@@ -34,7 +34,8 @@ import json
 import torch
 
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
-from ._model_attention import check_spec_in_sliding_layers, config_of, sliding_windows
+from ._model_attention import (check_spec_in_cross_attention_layers, check_spec_in_sliding_layers, config_of,
+                               encoder_decoder_layers, layer_kinds, sliding_windows)
 
 __all__ = ["HeadSpec"]
 
@@ -66,6 +67,10 @@ def _fail(name, expected, got):
 def _shape_of(model_or_config):
     """(layers, query heads, KV heads, head dim) from a transformers model or config."""
     cfg = config_of(model_or_config)
+    stacks = encoder_decoder_layers(cfg)
+    if stacks is not None:  # a layer per attention module: encoder, decoder, cross (layer_kinds)
+        Hq = cfg.encoder_attention_heads
+        return stacks[0] + 2 * stacks[1], Hq, Hq, getattr(cfg, "head_dim", None) or cfg.d_model // Hq
     try:
         L = cfg.num_hidden_layers
         Hq = cfg.num_attention_heads
@@ -467,6 +472,7 @@ class HeadSpec:
         check_cache_options(CALLER, self.cache_options)
         if model_or_config is not None:
             check_spec_in_sliding_layers(_fail, self, sliding_windows(model_or_config, L))
+            check_spec_in_cross_attention_layers(_fail, self, layer_kinds(model_or_config, L))
 
     def layer_args(self, layer: int, keys: int | None = None, *, visibility: bool = True) -> dict:
         """headops.attention's per-head arguments for `layer` (None fields left out); key_bias

@@ -57,6 +57,32 @@ def tiny_bert():
     return _seeded(lambda: BertModel(cfg).eval()), None
 
 
+def tiny_bart(family: str = "bart"):
+    """(model, None): a small random encoder-decoder for conditional generation — BART (or Marian:
+    family="marian") with 2 encoder and 3 decoder layers, 4 heads, D = 8, vocabulary 97; a
+    HeadSpec for it has 2 + 3 + 3 layers (encoder, decoder, cross-attention)."""
+    from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
+
+    config, model = {"bart": (BartConfig, BartForConditionalGeneration), "marian": (MarianConfig, MarianMTModel)}[family]
+    cfg = config(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.0,
+                 attention_dropout=0.0, activation_dropout=0.0)
+    return _seeded(lambda: model(cfg).eval()), None
+
+
+def tiny_whisper():
+    """(model, None): a small random WhisperForConditionalGeneration — 2 encoder and 2 decoder
+    layers, 4 heads, D = 8, 8 mel bins over 32 frames, vocabulary 97."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=97, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
+    return _seeded(lambda: WhisperForConditionalGeneration(cfg).eval()), None
+
+
 class CharTokenizer:
     """A character tokenizer for the tiny models (vocabulary 97), so that the text tasks
     (headops.tasks) and the discovery methods run on them as on a real model: id 0 is a newline,
