@@ -179,14 +179,21 @@ def test_streaming_heads_in_the_self_attention_stacks():
 
 
 def test_what_cross_attention_cannot_take_is_refused():
+    """Windows and sinks in a cross-attention layer are refused by name (a spec made by hand, or
+    HeadSpec.streaming naming such a layer); StreamingLLM leaves those layers full."""
     model = make("bart")
-    spec = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+    cross = headops.attention_layers(model).index(("cross", 0))
+    spec = headops.HeadSpec.dense(model)
+    spec.window[:] = 4
     with pytest.raises(ValueError, match=r"window must be -1 with sinks 0 in layer 5, cross-attention layer 0"):
         headops.patch(model, spec)
-    cross = headops.attention_layers(model).index(("cross", 0))
-    only_self = headops.HeadSpec.dense(model)
-    only_self.window[:cross], only_self.sinks[:cross] = 4, 1
-    headops.patch(model, only_self)  # (windows and sinks in the self-attention stacks are taken)
+    with pytest.raises(ValueError, match=r"heads must be in layers other than cross-attention layers .*layer 6, "
+                                         r"cross-attention layer 1"):
+        headops.HeadSpec.streaming(model, {0: [1], 6: [0]}, window=4)
+    streaming = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+    assert (streaming.window[:cross] == 4).all() and (streaming.window[cross:] == -1).all()
+    assert (streaming.sinks[cross:] == 0).all()
+    headops.patch(model, streaming)  # (windows and sinks in the self-attention stacks are taken)
     with pytest.raises(NotImplementedError, match="EncoderDecoderCache"):
         headops.HeadSparseCache(model, headops.HeadSpec.dense(model))
 

@@ -197,8 +197,12 @@ class HeadSpec:
         heads = _check_heads(heads, "KV")
         spec._check_window_sinks(window, sinks)
         group = spec.num_heads // spec.num_kv_heads
+        kinds = layer_kinds(model_or_config, spec.num_layers)
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
+            if kinds[layer][0] == "cross":
+                raise _fail("heads", "in layers other than cross-attention layers (their keys are the encoder's "
+                                     "outputs: no window)", f"layer {layer}, cross-attention layer {kinds[layer][1]}")
             for h in kv_heads:
                 if not 0 <= h < spec.num_kv_heads:
                     raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
@@ -208,9 +212,12 @@ class HeadSpec:
     @classmethod
     def streaming_llm(cls, model_or_config, *, window: int, sinks: int = 4) -> "HeadSpec":
         """StreamingLLM (Xiao et al.): every KV head streaming, keeping its first `sinks` tokens
-        (attention sinks) and the last `window`."""
+        (attention sinks) and the last `window`; an encoder-decoder model's cross-attention layers
+        stay full (their keys are the encoder's outputs)."""
         L, _, Hkv, _ = _shape_of(model_or_config)
-        return cls.streaming(model_or_config, {layer: range(Hkv) for layer in range(L)}, window=window, sinks=sinks)
+        kinds = layer_kinds(model_or_config, L)
+        return cls.streaming(model_or_config, {layer: range(Hkv) for layer in range(L) if kinds[layer][0] != "cross"},
+                             window=window, sinks=sinks)
 
     @classmethod
     def razor(cls, model_or_config, retrieval_heads, *, window: int, sinks: int = 4,
