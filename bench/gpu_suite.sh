@@ -108,7 +108,7 @@ else
             $A::test_inputs_not_modified_and_current_stream_used $A::test_non_default_device_index
             $A::test_alpha_d128_falls_back_to_generic_where_shared_memory_is_short $A::test_kernel_choice
             $A::test_gated_heads_are_not_computed $A::test_window_walks_only_visible_blocks
-            $A::test_parameters_on_another_device_refused
+            $A::test_parameters_on_another_device_refused $A::test_device_sequence_ids_under_capture_are_refused_by_name
             $K::test_decode_step_is_capturable_in_a_cuda_graph $K::test_decode_step_does_not_synchronise
             $K::test_decode_step_with_host_gate_does_not_synchronise $K::test_whole_cache_decode_step_captured_in_a_cuda_graph)
   run "tests: graphs, no-sync, streams, devices" 90 "${PYTEST[@]}" "${SPECIFIC[@]}" --junitxml="$OUT/test_cuda_specific.xml"

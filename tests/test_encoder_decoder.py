@@ -46,14 +46,16 @@ def test_attention_layers_name_each_spec_layer():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_spec_is_the_model(family):
-    """Logits (a padded encoder row), greedy generation with transformers' cache, a training
-    step's loss and gradients: as the unpatched model."""
+    """Logits (a padded encoder row), greedy and beam-search generation with transformers' cache
+    (its cross-attention keys computed once, reordered by the beams), a training step's loss and
+    gradients: as the unpatched model."""
     model = make(family)
     kw = inputs(family, model)
     gen_kw = {n: t for n, t in kw.items() if n != "decoder_input_ids"}
     with torch.no_grad():
         want = model(**kw).logits
         want_tokens = model.generate(**gen_kw, max_new_tokens=6, do_sample=False)
+        want_beams = model.generate(**gen_kw, max_new_tokens=5, do_sample=False, num_beams=3)
     labels = kw["decoder_input_ids"]
     want_loss = model(**{n: t for n, t in kw.items() if n != "decoder_input_ids"}, labels=labels).loss
     want_loss.backward()
@@ -63,6 +65,7 @@ def test_dense_spec_is_the_model(family):
     with torch.no_grad():
         torch.testing.assert_close(model(**kw).logits, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(model.generate(**gen_kw, max_new_tokens=6, do_sample=False), want_tokens)
+        assert torch.equal(model.generate(**gen_kw, max_new_tokens=5, do_sample=False, num_beams=3), want_beams)
     loss = model(**{n: t for n, t in kw.items() if n != "decoder_input_ids"}, labels=labels).loss
     loss.backward()
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)

@@ -577,3 +577,45 @@ def test_static_cache_and_packed_rows_on_the_device_as_on_the_cpu():
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
+
+
+def test_encoder_decoder_and_compiled_packed_rows_on_the_device_as_on_the_cpu():
+    """A patched BART on the device (its three stacks of attention, transformers' cache) and a
+    compiled Llama over packed rows (sequence_ids computed in the graph from position_ids on the
+    device: one copy to the host per layer), against the same on the CPU: the same greedy tokens,
+    logits and gate gradient."""
+    pytest.importorskip("transformers")
+    from headops.testing import tiny_bart
+
+    cpu_bart = tiny_bart()[0]
+    dev_bart = tiny_bart()[0].to(CUDA)
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    runs = {}
+    for name, model in (("cpu", cpu_bart), ("device", dev_bart)):
+        spec = headops.HeadSpec.dense(model).mask_heads({1: [0], 4: [2], 6: [3]})
+        spec.gate = spec.gate.to(model.device).requires_grad_(True)
+        headops.patch(model, spec)
+        on = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+        with torch.no_grad():
+            tokens = model.generate(**on, max_new_tokens=6, do_sample=False)
+        loss = model(**on, labels=ids[:, :6].contiguous().to(model.device)).loss
+        loss.backward()
+        runs[name] = (tokens.cpu(), loss.detach().cpu(), spec.gate.grad.cpu())
+    (want_tokens, want_loss, want_grad), (tokens, loss, grad) = runs["cpu"], runs["device"]
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
+
+    cpu_model, dev_model = tiny_llama_twins(CUDA)
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    tokens = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(9))
+    logits = {}
+    for name, model in (("cpu", cpu_model), ("device", dev_model)):
+        headops.patch(model, headops.HeadSpec.streaming(model, {0: [1]}, window=3, sinks=1))
+        forward = torch.compile(lambda i, p, m=model: m(input_ids=i, position_ids=p, use_cache=False).logits,
+                                fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            logits[name] = forward(tokens.to(model.device), packed.to(model.device)).cpu()
+    torch.testing.assert_close(logits["device"], logits["cpu"], atol=2e-5, rtol=2e-5)
