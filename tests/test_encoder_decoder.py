@@ -224,3 +224,21 @@ def test_probes_report_every_layer_kind():
     assert rec[0][0].sink_mass.shape == (2, 4, 11)
     assert rec[layers.index(("decoder", 0))][0].sink_mass.shape == (2, 4, 6)
     assert rec[layers.index(("cross", 1))][0].sink_mass.shape == (2, 4, 6)
+
+
+def test_a_peft_wrapped_encoder_decoder_is_patched_through_its_wrapper():
+    """LoRA adapters around BART: the wrapper finds the three stacks as the model does; a dense
+    spec is the (adapter-initialised, so unchanged) model, a masked cross-attention head changes it."""
+    peft = pytest.importorskip("peft")
+    model = make("bart")
+    kw = inputs("bart", model)
+    with torch.no_grad():
+        want = model(**kw).logits
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                         task_type="SEQ_2_SEQ_LM"))
+    assert headops.attention_layers(wrapped) == headops.attention_layers(model)
+    headops.patch(wrapped, headops.HeadSpec.dense(model))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(**kw).logits, want, atol=1e-5, rtol=1e-5)
+        headops.set_spec(wrapped, headops.HeadSpec.dense(model).mask_heads({5: [1]}))
+        assert (wrapped(**kw).logits - want).abs().max() > 1e-4
