@@ -593,3 +593,22 @@ def test_duo_attention_optimises_alpha_on_a_sliding_window_model():
     result = discover.duo_attention(model, prompts, sinks=2, window=8, steps=3, lr=0.05)
     assert result.info["distillation"][0] < 1e-10
     assert result.info["loss"][-1] < result.info["loss"][0]
+
+
+@pytest.mark.parametrize("kind", ["dense", "alpha"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_packed_sequences_in_sliding_window_layers(family, kind):
+    """Packed rows (sequences longer than the window) in a model with sliding-window layers: the
+    window counts within each sequence, and alpha's windowed full branch (two calls mixed) keeps
+    the sequences apart in both: logits as each sequence's alone."""
+    model = make(family)
+    spec = headops.HeadSpec.dense(model)
+    if kind == "alpha":
+        spec = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [1]}, window=2, sinks=1)
+        spec.alpha = torch.tensor([[0.3, 0.0, 1.0, 0.6], [0.5, 0.5, 0.2, 0.0]])
+    headops.patch(model, spec)
+    seqs, ids, positions = packed_row([9, 7, 11])
+    with torch.no_grad():
+        alone = torch.cat([model(s[None], use_cache=False).logits for s in seqs], dim=1)
+        got = model(ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
