@@ -232,3 +232,22 @@ def test_compiled_fullgraph_with_packed_rows():
         g = torch.randn_like(got)
         for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_gated_off_head_is_skipped_in_every_sequence():
+    """A head whose gate is exactly 0 gives 0 and lse -inf in every sequence of a packed row, and
+    is never computed (the work counters count no key block for it)."""
+    q, k, v = make_qkv(2, 64, 64, 4, 2, 16, dtype=torch.float32)
+    gate = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    ids = ids_of([[20, 20, 24], [64]])
+    out, lse = headops.attention(q, k, v, gate=gate, sequence_ids=ids, return_lse=True)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])) and torch.isneginf(lse[:, 1]).all()
+    want, want_lse = reference.attention(q.double(), k.double(), v.double(), gate=gate, sequence_ids=ids,
+                                         return_lse=True)
+    assert_close(out, want, OUT_ATOL[torch.float32])
+    assert_close(lse[:, [0, 2, 3]], want_lse[:, [0, 2, 3]], 2e-5, what="lse")
+    with headops.count_work() as gated:
+        headops.attention(q, k, v, gate=gate, sequence_ids=ids)
+    with headops.count_work() as every:
+        headops.attention(q, k, v, sequence_ids=ids)
+    assert gated.key_blocks * 4 == every.key_blocks * 3 > 0  # (one head of four)
