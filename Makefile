@@ -116,7 +116,7 @@ ASAN_PKG := build-asan/pkg
 ASAN_TESTS ?= tests/test_validation.py tests/test_attention_cpu.py tests/test_autograd.py \
 	tests/test_kvcache.py tests/test_cache_methods.py tests/test_properties.py tests/test_properties_cache.py tests/test_properties_errors.py \
 	tests/test_properties_half.py tests/test_limits.py tests/test_concurrency.py tests/test_cpu_variants.py tests/test_cache_rows.py \
-	tests/test_packed_sequences.py
+	tests/test_packed_sequences.py tests/test_key_lengths.py
 ASAN_EXAMPLES ?= 500
 test-asan: $(DEPS_STAMP)
 	mkdir -p $(ASAN_PKG)/headops

@@ -28,14 +28,15 @@ TORCH_LIBRARY(headops, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
-      "bool skip_unused_branch, bool save_for_backward, bool precise_probabilities=False, Tensor? sequence_ids=None) "
+      "bool skip_unused_branch, bool save_for_backward, bool precise_probabilities=False, Tensor? sequence_ids=None, "
+      "Tensor? key_lengths=None) "
       "-> (Tensor out, Tensor lse, Tensor o_stream, Tensor o_full, Tensor lse_full)");
   m.def(
       "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o_stream, Tensor lse, "
       "Tensor? o_full, Tensor? lse_full, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? alpha, Tensor? key_bias, "
       "Tensor? sink_logit, Tensor? out_scale, Tensor? out_bias, Tensor? gate, bool skip_zero_gate, "
-      "int[] needs_grad, Tensor? sequence_ids=None) -> Tensor[]");
+      "int[] needs_grad, Tensor? sequence_ids=None, Tensor? key_lengths=None) -> Tensor[]");
   m.def(
       "attention_probe(Tensor q, Tensor k, Tensor v, bool causal, bool heads_first, float default_scale, "
       "Tensor? softmax_scale, Tensor? window, Tensor? sinks, Tensor? key_bias, Tensor? sink_logit, "

@@ -738,3 +738,25 @@ def test_device_sequence_ids_under_capture_are_refused_by_name():
     with pytest.raises(RuntimeError, match="sequence_ids on the GPU are read on the host"):
         with torch.cuda.graph(graph):
             headops.attention(q, k, v, sequence_ids=on_device)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_key_lengths(dtype):
+    """key_lengths over a buffer (rows of different lengths, lengths on the host and on the
+    device): each row over its keys, as the float64 reference; the backward's unread slots 0."""
+    B, Sq, Sk, Hq, Hkv, D = 3, 4, 300, 4, 2, 128
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, Sk, D, ["window", "sinks", "gate", "key_bias"])
+    lengths = torch.tensor([37, 300, 129])
+    qc, kc, vc, kwc = on_cuda(q, k, v, kw)
+    want = reference.attention(*(t.to(F64) for t in (q, k, v)), key_lengths=lengths, **kw)
+    for given in (lengths, lengths.to(CUDA)):
+        got = headops.attention(qc, kc, vc, key_lengths=given, **kwc)
+        synchronize()
+        assert_close(got.cpu(), want, OUT_ATOL[dtype], OUT_RTOL[dtype])
+
+
+def test_grads_key_lengths():
+    B, Sq, Sk, Hq, Hkv, D = 2, 5, 40, 4, 2, 32
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F32)
+    check_cuda_grads(q, k, v, key_lengths=torch.tensor([17, 33]), **head_params(B, Hq, Sk, D, ALL))

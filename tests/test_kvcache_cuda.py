@@ -619,3 +619,27 @@ def test_encoder_decoder_and_compiled_packed_rows_on_the_device_as_on_the_cpu():
         with torch.no_grad():
             logits[name] = forward(tokens.to(model.device), packed.to(model.device)).cpu()
     torch.testing.assert_close(logits["device"], logits["cpu"], atol=2e-5, rtol=2e-5)
+
+
+def test_static_cache_compiled_in_one_graph_on_the_device_as_on_the_cpu():
+    """A compiled (fullgraph) forward through transformers' StaticCache: the keys end where the
+    mask says, read by the op (on the device: one copy to the host per layer); a chunked prefill
+    and decode steps of a left-padded batch, the same logits on the device as on the CPU."""
+    transformers = pytest.importorskip("transformers")
+    cpu_model, dev_model = tiny_llama_twins(CUDA)
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits = {}
+    for name, model in (("cpu", cpu_model), ("device", dev_model)):
+        headops.patch(model, headops.HeadSpec.streaming(model, {0: [0], 1: [1]}, window=3, sinks=1))
+        step = torch.compile(lambda i, m, c, model=model: model(i, attention_mask=m, cache=c, use_cache=True).logits,
+                             fullgraph=True, backend="aot_eager")
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        on = {"ids": ids.to(model.device), "mask": mask.to(model.device)}
+        with torch.no_grad():
+            runs = [step(on["ids"][:, :5], on["mask"][:, :5], cache), step(on["ids"][:, 5:9], on["mask"][:, :9], cache)]
+            runs += [step(on["ids"][:, t:t + 1], on["mask"][:, :t + 1], cache) for t in range(9, 12)]
+        logits[name] = [r.cpu() for r in runs]
+    for got, want in zip(logits["device"], logits["cpu"]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -552,19 +552,48 @@ def test_a_static_cache_generates_as_a_dynamic_one(family, kind):
             torch.testing.assert_close(out.logits[:, -1], whole, atol=2e-5, rtol=1e-5)
 
 
-def test_a_static_cache_under_torch_compile_is_refused(monkeypatch):
-    # the slots past the last query are cut off at a length read from the cache's device-side
-    # offset, which one traced graph cannot hold (fullgraph=False breaks the graph there and runs
-    # it eagerly: a compiled model's logits through a StaticCache were checked by hand, 1.5e-7
-    # from the unpatched model's)
+@pytest.mark.parametrize("family,kind", [("LlamaConfig", "streaming"), ("mistral", "dense")])
+def test_a_static_cache_under_torch_compile_in_one_graph(family, kind):
+    """A static cache's offset is a tensor the traced graph does not read: the mask function then
+    marks where the keys end (a tensor), and the op's key_lengths reads it when it runs, so a
+    compiled forward through a StaticCache holds in one graph (fullgraph=True; before
+    2026-12-06 refused): a chunked prefill and decode steps, a left-padded batch, as the
+    uncompiled patched model recomputing the whole sequence."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = make(family)
+    spec = headops.HeadSpec.dense(model)
+    if kind == "streaming":
+        spec = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [1]}, window=3, sinks=2)
+    headops.patch(model, spec)
+    ids, mask = batch()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda i, m, c: model(i, attention_mask=m, cache=c, use_cache=True).logits,
+                         fullgraph=True, backend=counter)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=20)
+    with torch.no_grad():
+        step(ids[:, :6], mask[:, :6], cache)
+        got = step(ids[:, 6:9], mask[:, :9], cache)
+        want = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=False).logits[:, 6:]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        for t in range(9, 13):
+            got = step(ids[:, t:t + 1], mask[:, :t + 1], cache)
+            want = model(ids[:, :t + 1], attention_mask=mask[:, :t + 1], use_cache=False).logits[:, -1:]
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert counter.frame_count >= 1
+
+
+def test_the_static_cache_mask_says_where_the_keys_end():
+    """Eagerly the mask of a static layer ends at the last query (one read of its offset); while
+    torch.compile traces it covers every slot, the unwritten ones masked, and carries the end."""
     from headops import patching
 
-    sizes = dict(batch_size=1, q_length=1, kv_length=8, kv_offset=0, attention_mask=None)
-    assert patching._headops_mask(q_offset=torch.tensor(3), **sizes).shape == (1, 1, 1, 4)
+    sizes = dict(batch_size=2, q_length=1, kv_length=8, kv_offset=0, attention_mask=None)
+    assert patching._headops_mask(q_offset=torch.tensor(3), **sizes).shape == (2, 1, 1, 4)
     assert patching._headops_mask(q_offset=7, **sizes) is None  # (the last slot: nothing past the query)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(NotImplementedError, match="static cache .* traced by torch.compile"):
-        patching._headops_mask(q_offset=torch.tensor(3), **sizes)
+    traced = patching._static_cache_mask(2, 1, 8, torch.tensor(3), torch.tensor([[1] * 8, [0, 0] + [1] * 6]), "cpu")
+    assert traced.shape == (2, 1, 1, 8) and int(traced._headops_key_end) == 4
+    assert traced[:, 0, 0].tolist() == [[True] * 4 + [False] * 4, [False, False, True, True] + [False] * 4]
 
 
 def test_attention_weights_asked_for_are_refused_with_the_way_out():

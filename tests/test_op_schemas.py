@@ -11,7 +11,7 @@ from headops import _C, _ops
 
 from conftest import ALL_FEATURES, head_params, make_qkv
 
-def _attention_args(save_for_backward=True, alpha=False, packed=False):
+def _attention_args(save_for_backward=True, alpha=False, packed=False, key_lengths=False):
     S = 9 if packed else 5  # (packed rows: self-attention)
     q, k, v = make_qkv(2, S, 9, 4, 2, 8, torch.float32)
     kw = head_params(2, 4, 9, 8, ALL_FEATURES, per_batch=True)
@@ -25,22 +25,23 @@ def _attention_args(save_for_backward=True, alpha=False, packed=False):
                 sink_logit=kw.get("sink_logit"), out_scale=kw.get("out_scale"), out_bias=kw.get("out_bias"),
                 gate=kw.get("gate"), skip_zero_gate=True, skip_unused_branch=True,
                 save_for_backward=save_for_backward,
-                sequence_ids=torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 9]) if packed else None)
+                sequence_ids=torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 9]) if packed else None,
+                key_lengths=torch.tensor([6, 9]) if key_lengths else None)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("split", ["rows", "packed", "key_lengths"])
 @pytest.mark.parametrize("alpha", [False, True], ids=["plain", "alpha"])
-def test_attention_fwd_fake_matches_the_kernel(alpha, packed):
-    args = _attention_args(alpha=alpha, packed=packed)
+def test_attention_fwd_fake_matches_the_kernel(alpha, split):
+    args = _attention_args(alpha=alpha, packed=split == "packed", key_lengths=split == "key_lengths")
     # by keyword: the names are the schema's
     torch.library.opcheck(torch.ops.headops.attention_fwd.default, (), args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("split", ["rows", "packed", "key_lengths"])
 @pytest.mark.parametrize("alpha", [False, True], ids=["plain", "alpha"])
-def test_attention_bwd_fake_matches_the_kernel(alpha, packed):
-    fwd = _attention_args(alpha=alpha, packed=packed)
+def test_attention_bwd_fake_matches_the_kernel(alpha, split):
+    fwd = _attention_args(alpha=alpha, packed=split == "packed", key_lengths=split == "key_lengths")
     out, lse, o_stream, o_full, lse_full = torch.ops.headops.attention_fwd(**fwd)
     shared = {n: fwd[n] for n in _ops.argument_names("attention_bwd") if n in fwd}
     args = dict(shared, dout=torch.randn_like(out), dlse=None if alpha else torch.randn_like(lse), o_stream=o_stream,
@@ -57,9 +58,10 @@ def test_gradient_names_are_forward_arguments():
     assert len(names) == len(set(names)) == 10
     for name in names:
         assert name in schema and "Tensor" in schema[name], name
-    # every floating tensor input of the forward has a gradient; window, sinks and sequence_ids are integers
+    # every floating tensor input of the forward has a gradient; window, sinks, sequence_ids and
+    # key_lengths are integers
     tensors = {n for n, t in schema.items() if "Tensor" in t}
-    assert tensors - set(names) == {"window", "sinks", "sequence_ids"}
+    assert tensors - set(names) == {"window", "sinks", "sequence_ids", "key_lengths"}
 
 
 def test_bind_fills_defaults_and_refuses_unknown_names():

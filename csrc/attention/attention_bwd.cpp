@@ -4,6 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
+#include "key_lengths.h"
 #include "packed_sequences.h"
 #include "cpu/attention_bwd_cpu.h"
 #include "../cpu/finite_half.h"
@@ -200,18 +201,22 @@ std::vector<at::Tensor> backward_rows(
           dkey_bias, dsink, dout_scale, dout_bias, dgate};
 }
 
-// The backward of packed rows: each run of sequences (packed_sequences.h) as a call of its own
-// over views of what the forward saved; q, k, v's gradients copied into the call's, the per-head
-// arguments' summed over the runs in order (deterministic).
-std::vector<at::Tensor> backward_runs(
-    const std::vector<SequenceRun>& runs, const Dims& d, const at::Tensor& dout, const OptTensor& dlse,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o_stream, const at::Tensor& lse,
+// A call split into parts (call_parts.h): each part's backward over views of what the forward
+// saved; q, k, v's gradients copied into the call's (zeros where no part reads a key: the slots
+// past key_lengths), the per-head arguments' added in part order (deterministic). `view(t,
+// heads_first)`: a part's view of a tensor with q's positions; `keys(t)`: of k or v (or their
+// gradients); `dims(part)`: its sizes.
+template <typename Parts, typename View, typename KeyView, typename PartDims>
+std::vector<at::Tensor> backward_parts(
+    const Parts& parts, const Dims& d, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& o_stream, const at::Tensor& lse,
     const OptTensor& o_full, const OptTensor& lse_full, bool causal, bool heads_first, double default_scale,
-    const PerHeadArgs& args, bool skip_zero_gate, at::IntArrayRef needs_grad) {
+    const PerHeadArgs& args, bool skip_zero_gate, at::IntArrayRef needs_grad, View view, KeyView keys,
+    PartDims dims) {
   auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
   const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   auto whole = [&](BackwardGrad g, const at::Tensor& like) {
-    return wants(g) ? at::empty(like.sizes(), like.options()) : at::empty({0}, acc_options);
+    return wants(g) ? at::zeros(like.sizes(), like.options()) : at::empty({0}, acc_options);
   };
   auto per_head = [&](BackwardGrad g, const OptTensor& given, at::IntArrayRef shape) {
     return wants(g) && given.has_value() ? at::zeros(shape, acc_options) : at::empty({0}, acc_options);
@@ -222,22 +227,21 @@ std::vector<at::Tensor> backward_runs(
       per_head(kGradKeyBias, args.key_bias, {d.B, d.Hq, d.Sk}),
       per_head(kGradSinkLogit, args.sink_logit, {d.B, d.Hq}), per_head(kGradOutScale, args.out_scale, {d.B, d.Hq, d.D}),
       per_head(kGradOutBias, args.out_bias, {d.B, d.Hq, d.D}), per_head(kGradGate, args.gate, {d.B, d.Hq})};
-  auto of_run = [&](const OptTensor& t, const SequenceRun& run) -> OptTensor {
+  auto saved = [&](const OptTensor& t, const auto& part) -> OptTensor {
     if (!t.has_value()) return std::nullopt;
-    return run_view(*t, run, true);
+    return view(*t, part, true);
   };
-  for (const SequenceRun& run : runs) {
-    const RunHeadArgs run_args(args, run);
-    const at::Tensor q_run = run_view(q, run, heads_first);
-    const Dims rd{run.count, run.length, run.length, d.Hq, d.Hkv, d.D};
+  for (const auto& part : parts) {
+    const PartHeadArgs part_args(args, part.part());
     const std::vector<at::Tensor> got = backward_rows(
-        rd, run_view(dout, run, heads_first), of_run(dlse, run), q_run, run_view(k, run, heads_first),
-        run_view(v, run, heads_first), run_view(o_stream, run, true), run_view(lse, run, true), of_run(o_full, run),
-        of_run(lse_full, run), causal, heads_first, default_scale, run_args.view(), skip_zero_gate, needs_grad);
-    for (int g = kGradQ; g <= kGradV; ++g)
-      if (wants(static_cast<BackwardGrad>(g))) run_view(grads[g], run, heads_first).copy_(got[g]);
+        dims(part), view(dout, part, heads_first), saved(dlse, part), view(q, part, heads_first), keys(k, part),
+        keys(v, part), view(o_stream, part, true), view(lse, part, true), saved(o_full, part),
+        saved(lse_full, part), causal, heads_first, default_scale, part_args.view(), skip_zero_gate, needs_grad);
+    if (wants(kGradQ)) view(grads[kGradQ], part, heads_first).copy_(got[kGradQ]);
+    if (wants(kGradK)) keys(grads[kGradK], part).copy_(got[kGradK]);
+    if (wants(kGradV)) keys(grads[kGradV], part).copy_(got[kGradV]);
     for (int g = kGradSoftmaxScale; g < kNumBackwardGrads; ++g)
-      add_run_gradient(grads[g], got[g], run, /*over_keys=*/g == kGradKeyBias);
+      add_part_gradient(grads[g], got[g], part.part(), /*over_keys=*/g == kGradKeyBias);
   }
   return grads;
 }
@@ -250,7 +254,7 @@ std::vector<at::Tensor> attention_bwd(
     bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
     const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit,
     const OptTensor& out_scale, const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate,
-    at::IntArrayRef needs_grad, const OptTensor& sequence_ids) {
+    at::IntArrayRef needs_grad, const OptTensor& sequence_ids, const OptTensor& key_lengths) {
   const char* op = "headops.attention_bwd: ";
   const Dims d = check_qkv(op, q, k, v, heads_first, /*cuda_ok=*/true);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -259,10 +263,24 @@ std::vector<at::Tensor> attention_bwd(
   // they are, then copied to the device for the kernel (a small copy; the backward is not sync-free)
   check_per_head_args(op, d, acc, q, args, ValueChecks::kAll, /*host_planning=*/true);
   check_backward_inputs(op, d, acc, dout, dlse, q, o_stream, lse, o_full, lse_full, alpha, needs_grad);
+  TORCH_CHECK(!(sequence_ids.has_value() && key_lengths.has_value()), op,
+              "sequence_ids (packed self-attention) and key_lengths cannot be combined");
+  const int64_t seq = heads_first ? 2 : 1;
   const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
   if (!runs.empty())
-    return backward_runs(runs, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first,
-                         default_scale, args, skip_zero_gate, needs_grad);
+    return backward_parts(
+        runs, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, args,
+        skip_zero_gate, needs_grad, run_view,
+        [&](const at::Tensor& t, const SequenceRun& run) { return run_view(t, run, heads_first); },
+        [&](const SequenceRun& run) { return Dims{run.count, run.length, run.length, d.Hq, d.Hkv, d.D}; });
+  const std::vector<KeyLengthGroup> groups = key_length_groups(op, key_lengths, d, q);
+  if (!groups.empty())
+    return backward_parts(
+        groups, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, args,
+        skip_zero_gate, needs_grad,
+        [](const at::Tensor& t, const KeyLengthGroup& group, bool) { return group_view(t, group); },
+        [&](const at::Tensor& t, const KeyLengthGroup& group) { return group_view(t, group, seq); },
+        [&](const KeyLengthGroup& group) { return Dims{group.rows, d.Sq, group.length, d.Hq, d.Hkv, d.D}; });
   return backward_rows(d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale,
                        args, skip_zero_gate, needs_grad);
 }

@@ -21,13 +21,13 @@ inline constexpr const char* kBackwardGradNames[kNumBackwardGrads] = {
 
 // headops::attention_bwd: the gradients of attention_fwd's inputs from dL/dout (and dL/dlse),
 // the inputs and what the forward saved. Checks every argument (TORCH_CHECK). sequence_ids: the
-// forward's (packed rows, packed_sequences.h).
+// forward's (packed rows, packed_sequences.h), key_lengths too (key_lengths.h).
 std::vector<at::Tensor> attention_bwd(
     const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& o_stream, const at::Tensor& lse, const OptTensor& o_full, const OptTensor& lse_full,
     bool causal, bool heads_first, double default_scale, const OptTensor& softmax_scale, const OptTensor& window,
     const OptTensor& sinks, const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit,
     const OptTensor& out_scale, const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate,
-    at::IntArrayRef needs_grad, const OptTensor& sequence_ids);
+    at::IntArrayRef needs_grad, const OptTensor& sequence_ids, const OptTensor& key_lengths);
 
 }  // namespace headops

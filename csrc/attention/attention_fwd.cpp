@@ -4,6 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
+#include "key_lengths.h"
 #include "packed_sequences.h"
 #include "cpu/attention_fwd_cpu.h"
 #ifdef HEADOPS_WITH_CUDA
@@ -79,12 +80,15 @@ ForwardOutputs forward_rows(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return {call.out, call.lse, o_stream, o_full, lse_full};
 }
 
-// The forward of packed rows: each run of sequences (packed_sequences.h) as a call of its own
-// over views, its results copied into the call's.
-ForwardOutputs forward_runs(const std::vector<SequenceRun>& runs, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, bool causal, bool heads_first, double default_scale,
-                            const PerHeadArgs& args, bool skip_zero_gate, bool skip_unused_branch,
-                            bool save_for_backward, bool precise_probabilities) {
+// A call split into parts (call_parts.h): each part's forward over views of q, k, v, its
+// results copied into the call's. `view(t, heads_first)` is a part's view of a tensor of the
+// call with q's positions (heads_first: heads before the sequence, as lse and the saved
+// averages), `keys(t)` its view of k or v.
+template <typename Parts, typename View, typename KeyView>
+ForwardOutputs forward_parts(const Parts& parts, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             bool causal, bool heads_first, double default_scale, const PerHeadArgs& args,
+                             bool skip_zero_gate, bool skip_unused_branch, bool save_for_backward,
+                             bool precise_probabilities, View view, KeyView keys) {
   const int64_t B = q.size(0), S = q.size(heads_first ? 2 : 1), H = q.size(heads_first ? 1 : 2), D = q.size(3);
   const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -93,18 +97,17 @@ ForwardOutputs forward_runs(const std::vector<SequenceRun>& runs, const at::Tens
   at::Tensor o_stream = save_for_backward ? at::empty({B, H, S, D}, acc_options) : at::empty({0}, acc_options);
   at::Tensor o_full = with_full ? at::empty({B, H, S, D}, acc_options) : at::empty({0}, acc_options);
   at::Tensor lse_full = with_full ? at::empty({B, H, S}, acc_options) : at::empty({0}, acc_options);
-  for (const SequenceRun& run : runs) {
-    const RunHeadArgs run_args(args, run);
-    auto [r_out, r_lse, r_stream, r_full, r_lse_full] = forward_rows(
-        run_view(q, run, heads_first), run_view(k, run, heads_first), run_view(v, run, heads_first), causal,
-        heads_first, default_scale, run_args.view(), skip_zero_gate, skip_unused_branch, save_for_backward,
-        precise_probabilities);
-    run_view(out, run, heads_first).copy_(r_out);
-    run_view(lse, run, true).copy_(r_lse);
-    if (save_for_backward) run_view(o_stream, run, true).copy_(r_stream);
+  for (const auto& part : parts) {
+    const PartHeadArgs part_args(args, part.part());
+    auto [p_out, p_lse, p_stream, p_full, p_lse_full] = forward_rows(
+        view(q, part, heads_first), keys(k, part), keys(v, part), causal, heads_first, default_scale,
+        part_args.view(), skip_zero_gate, skip_unused_branch, save_for_backward, precise_probabilities);
+    view(out, part, heads_first).copy_(p_out);
+    view(lse, part, true).copy_(p_lse);
+    if (save_for_backward) view(o_stream, part, true).copy_(p_stream);
     if (with_full) {
-      run_view(o_full, run, true).copy_(r_full);
-      run_view(lse_full, run, true).copy_(r_lse_full);
+      view(o_full, part, true).copy_(p_full);
+      view(lse_full, part, true).copy_(p_lse_full);
     }
   }
   return {out, lse, o_stream, o_full, lse_full};
@@ -117,19 +120,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids) {
+    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids,
+    const OptTensor& key_lengths) {
   const char* op = "headops.attention_fwd: ";
   const PerHeadArgs args{softmax_scale, window, sinks, alpha, key_bias, sink_logit, out_scale, out_bias, gate};
-  if (sequence_ids.has_value()) {
-    // the whole call's arguments checked once, before any run reads them
+  if (sequence_ids.has_value() || key_lengths.has_value()) {
+    // the whole call's arguments checked once, before any part reads them
     const Dims d = check_qkv(op, q, k, v, heads_first, /*cuda_ok=*/true);
     const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     check_per_head_args(op, d, acc, q, args, q.is_cuda() ? ValueChecks::kHostOnly : ValueChecks::kAll,
                         /*host_planning=*/true);
+    TORCH_CHECK(!(sequence_ids.has_value() && key_lengths.has_value()), op,
+                "sequence_ids (packed self-attention) and key_lengths cannot be combined");
+    const int64_t seq = heads_first ? 2 : 1;
     const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
     if (!runs.empty())
-      return forward_runs(runs, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate,
-                          skip_unused_branch, save_for_backward, precise_probabilities);
+      return forward_parts(
+          runs, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
+          save_for_backward, precise_probabilities, run_view,
+          [&](const at::Tensor& t, const SequenceRun& run) { return run_view(t, run, heads_first); });
+    const std::vector<KeyLengthGroup> groups = key_length_groups(op, key_lengths, d, q);
+    if (!groups.empty())
+      return forward_parts(
+          groups, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
+          save_for_backward, precise_probabilities,
+          [](const at::Tensor& t, const KeyLengthGroup& group, bool) { return group_view(t, group); },
+          [&](const at::Tensor& t, const KeyLengthGroup& group) { return group_view(t, group, seq); });
   }
   return forward_rows(q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
                       save_for_backward, precise_probabilities);

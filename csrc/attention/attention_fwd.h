@@ -30,12 +30,14 @@ ForwardCall prepare_forward(const char* op, const at::Tensor& q, const at::Tenso
 // probabilities of P V to ~2**-17 rather than rounded to their dtype: on the CPU in two bfloat16
 // parts or float (float16 does so whenever it saves for the backward), on CUDA in float (the
 // generic kernel). sequence_ids ([B, S] integer, or none): sequences packed into each row, each
-// attended alone from its first token (packed_sequences.h).
+// attended alone from its first token (packed_sequences.h). key_lengths ([B] integer, or none):
+// each row's keys end there, its queries the last positions before it (key_lengths.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool heads_first,
     double default_scale, const OptTensor& softmax_scale, const OptTensor& window, const OptTensor& sinks,
     const OptTensor& alpha, const OptTensor& key_bias, const OptTensor& sink_logit, const OptTensor& out_scale,
     const OptTensor& out_bias, const OptTensor& gate, bool skip_zero_gate, bool skip_unused_branch,
-    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids);
+    bool save_for_backward, bool precise_probabilities, const OptTensor& sequence_ids,
+    const OptTensor& key_lengths);
 
 }  // namespace headops

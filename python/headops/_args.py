@@ -350,6 +350,30 @@ def sequence_ids_arg(caller, value, *, B: int, Sq: int, Sk: int, device):
     return value.to(torch.int64).expand(B, Sq)
 
 
+def key_lengths_arg(caller, value, *, B: int, Sk: int, device):
+    """How many of each row's keys exist (an int, or ``[B]`` / one-element integers; a buffer's
+    slots past them are neither read nor seen) as the ``[B]`` int64 tensor the ops take, on the
+    CPU (read there without a sync; its values checked here) or q's device (read with one
+    device-to-host copy, checked by the op); None stays None."""
+    if value is None:
+        return None
+    if is_int(value):
+        value = torch.tensor([value])
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{caller}: key_lengths must be an int or an integer tensor ([B]), got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{caller}: key_lengths must be an integer tensor, got {value.dtype}")
+    if value.dim() > 1 or value.numel() not in (1, B):
+        raise fail(caller, "key_lengths", f"an int or of shape [{B}] (one length per row)", describe(value))
+    if value.device.type != "cpu" and value.device != torch.device(device):
+        raise fail(caller, "key_lengths", f"on the CPU or on q's device {device}", value.device)
+    value = value.reshape(-1).to(torch.int64).expand(B)
+    if value.device.type == "cpu" and not torch.compiler.is_compiling() and value.numel() and \
+            not bool(((value >= 0) & (value <= Sk)).all()):  # (traced: the op checks them when it runs)
+        raise fail(caller, "key_lengths", f"in [0, {Sk}] (the keys given)", value.tolist())
+    return value
+
+
 # ------------------------------------------------------------------ what a HeadSparseCache keeps
 
 PREFILLS = ("spec", "full")

@@ -12,7 +12,7 @@ from ._ops import bind, tensors
 
 
 # what the forward and backward read on the host when they are CPU tensors beside CUDA q, k, v
-_HOST_OK = PLANNING_ARGS + ("sequence_ids",)
+_HOST_OK = PLANNING_ARGS + ("sequence_ids", "key_lengths")
 
 
 def _bound_on_one_device(op, args, kwargs, anchor, host_ok=()):

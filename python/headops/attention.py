@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._args import (HeadArgs, HeadShapes, check_dense, check_float_dtype, describe, fail, head_args,
-                    sequence_ids_arg)
+                    key_lengths_arg, sequence_ids_arg)
 from . import probes
 from .probes import check_probe, refuse_unmeasurable, run_probe
 
@@ -88,9 +88,9 @@ def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:
         getattr(args, n) is not None and getattr(args, n).requires_grad for n in _CANCELLING_GRADS)
 
 
-def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool, sequence_ids=None):
-    """The fused op on checked q, k, v and normalised per-head arguments (and sequence_ids, as
-    _args.sequence_ids_arg gives them): (out, lse)."""
+def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool, sequence_ids=None, key_lengths=None):
+    """The fused op on checked q, k, v and normalised per-head arguments (and sequence_ids or
+    key_lengths, as _args.sequence_ids_arg / key_lengths_arg give them): (out, lse)."""
     grad_needed = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())
     # a gate (alpha) whose gradient is wanted needs the head (both branches) even at 0 (0 or 1)
     skip_zero_gate = not (grad_needed and args.gate is not None and args.gate.requires_grad)
@@ -99,13 +99,13 @@ def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool, seque
     out, lse, *_saved = torch.ops.headops.attention_fwd(q, k, v, causal, heads_first, *args.kernel_args(q.dtype),
                                                         skip_zero_gate, skip_unused_branch, grad_needed,
                                                         _learns_cancelling_sums(q, args, grad_needed),
-                                                        sequence_ids=sequence_ids)
+                                                        sequence_ids=sequence_ids, key_lengths=key_lengths)
     return out, lse
 
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
               alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False,
-              probe=None, sequence_ids=None):
+              probe=None, sequence_ids=None, key_lengths=None):
     """Multi-head attention in which every head has its own behaviour (docs/DESIGN.md section 1).
 
     q ``[B, Sq, Hq, D]``, k and v ``[B, Sk, Hkv, D]`` (layout "bshd"; "bhsd" swaps the middle
@@ -119,6 +119,11 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     position), as in a batch of its own: a training batch flattened without padding, as
     FlashAttention's variable-length rows; no work or memory across sequences. A CPU tensor is
     read without a sync; on a GPU one beside CUDA q costs one device-to-host copy per call.
+
+    ``key_lengths`` (an int or ``[B]`` integers): k and v are buffers of which each row's first
+    key_lengths[b] keys exist (a static KV cache's slots; FlashAttention's cache_seqlens); the
+    queries are the last positions before it (bottom-right aligned to it) and the slots past it
+    are neither read nor seen; their gradients are 0. Read on the host as sequence_ids are.
 
     Returns out (q's dtype and layout), or ``(out, lse)`` with ``return_lse=True``; lse is
     ``[B, Hq, Sq]`` float32 (float64 for float64 inputs). A head whose gate is exactly 0 is
@@ -144,12 +149,12 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     return attention_with(q, k, v, causal=causal, layout=layout, softmax_scale=softmax_scale, gate=gate,
                           window=window, sinks=sinks, alpha=alpha, key_bias=key_bias, sink_logit=sink_logit,
                           out_scale=out_scale, out_bias=out_bias, return_lse=return_lse, probe=probe,
-                          sequence_ids=sequence_ids)
+                          sequence_ids=sequence_ids, key_lengths=key_lengths)
 
 
 def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
                    alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None, return_lse=False,
-                   probe=None, sequence_ids=None, device_values=True):
+                   probe=None, sequence_ids=None, key_lengths=None, device_values=True):
     """headops.attention; ``device_values=False`` skips reading the values of per-head tensors
     held on a GPU (no sync): for callers whose values were checked already (a patched model's
     HeadSpec, validated by patch/set_spec)."""
@@ -165,15 +170,19 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
                          "no single lse")
     if probe is not None:
         refuse_unmeasurable(CALLER, alpha)
-        if sequence_ids is not None:
-            raise NotImplementedError(f"{CALLER}: probes over packed sequences (sequence_ids); probe each sequence in "
-                                      "a row of its own")
+        if sequence_ids is not None or key_lengths is not None:
+            raise NotImplementedError(f"{CALLER}: probes over packed sequences (sequence_ids) or key buffers "
+                                      "(key_lengths); probe each sequence in a row of its own, over its keys")
+    if sequence_ids is not None and key_lengths is not None:
+        raise ValueError(f"{CALLER}: sequence_ids (packed self-attention) and key_lengths cannot be combined")
     sequence_ids = sequence_ids_arg(CALLER, sequence_ids, B=s.B, Sq=s.Sq, Sk=s.Sk, device=q.device)
+    key_lengths = key_lengths_arg(CALLER, key_lengths, B=s.B, Sk=s.Sk, device=q.device)
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
                      key_bias=key_bias, host_planning=True, device_values=device_values)
     if probe is None:
-        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first, sequence_ids=sequence_ids)
+        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first, sequence_ids=sequence_ids,
+                             key_lengths=key_lengths)
         return (out, lse) if return_lse else out
     request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
     out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)

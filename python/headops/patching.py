@@ -45,6 +45,9 @@ def _headops_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                                   "bidirectional attention, with windows and padding")
     # a bidirectional mask (an encoder's, or cross-attention's over the encoder's outputs): every key
     bidirectional = "allow_is_bidirectional_skip" in kwargs
+    if not bidirectional and isinstance(q_offset, torch.Tensor) and q_length < kv_offset + kv_length and \
+            torch.compiler.is_compiling():
+        return _static_cache_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
     total = kv_offset + kv_length if bidirectional else _positions_so_far(q_length, kv_length, q_offset, kv_offset)
     if attention_mask is None and total == kv_length:
         if q_length > 1 and kwargs.get("allow_is_causal_skip") is False and not bidirectional:
@@ -72,19 +75,30 @@ def _may_be_packed(batch_size, total, device):
 
 def _positions_so_far(q_length, kv_length, q_offset, kv_offset) -> int:
     """The positions up to the last query: kv_offset + kv_length, except where the cache's keys run
-    past the last query (a static layer's slots not written yet; kv_offset is then 0)."""
+    past the last query (a static layer's slots not written yet; kv_offset is then 0): one read
+    of a static layer's offset, kept on the device (while torch.compile traces,
+    _static_cache_mask instead)."""
     total = kv_offset + kv_length
     if q_length >= total:
         return total
-    if isinstance(q_offset, torch.Tensor):  # (a static cache layer's, kept on the device against graph breaks)
-        if torch.compiler.is_compiling():
-            raise NotImplementedError(
-                "headops: a static cache (cache_implementation='static') traced by torch.compile: its slots past "
-                "the last query are cut off at a length read from the cache's offset, which one traced graph "
-                "cannot hold (fullgraph=False runs this part eagerly at a graph break); use transformers' "
-                "DynamicCache or a headops.HeadSparseCache, or compile without fullgraph")
+    if isinstance(q_offset, torch.Tensor):
         q_offset = int(q_offset)
     return min(total, q_offset + q_length)
+
+
+def _static_cache_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device):
+    """While torch.compile traces a static cache layer (its offset a tensor, which the graph does
+    not read): the mask over all its slots, those not written yet masked, carrying where the keys
+    end (``_headops_key_end``, a tensor) for the op's key_lengths."""
+    end = q_offset.to(device) + q_length
+    mask = (torch.arange(kv_length, device=device) < end).expand(batch_size, kv_length)
+    if attention_mask is not None:
+        from transformers.masking_utils import prepare_padding_mask
+
+        mask = mask & prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length].bool()
+    mask = mask[:, None, None, :]
+    mask._headops_key_end = end
+    return mask
 
 
 def _headops_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -116,8 +130,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         sequence_ids = _model_attention.packed_sequence_ids(kwargs.get("position_ids"), query.shape[0])
     _padding.refuse_other_masks(f"headops (layer {layer})", attention_mask, causal, kwargs.get("sliding_window"))
     padding = _padding.of_mask(attention_mask)  # None: no key is padding
-    if cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
-        # a static cache's slots past the last query, not written yet (_headops_mask)
+    # a static cache's slots past the last query, not written yet (_headops_mask): the mask ends
+    # there, or (traced) says where; the keys end there
+    key_lengths = getattr(attention_mask, "_headops_key_end", None)
+    if key_lengths is not None:
+        key_lengths = key_lengths.reshape(1).expand(query.shape[0])
+    elif cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
     # the mask covers every position so far (_headops_mask), the keys are the last ones
@@ -132,12 +150,15 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
         first = padding.first if padding is not None else torch.zeros(key.shape[0], dtype=torch.int64)
-        _check_dropped(layer, dropped, first, args, recording)
+        _check_dropped(layer, dropped, first, module._headops_has_sinks, recording)
         args = _padding.from_first_token(args, first, dropped)
     if padding is not None and cache_args is None:
         bias = _padding.padding_bias(padding.valid[:, dropped:])
         args["key_bias"] = bias if "key_bias" not in args else args["key_bias"] + bias
     cache_args = cache_args or {}
+    if key_lengths is not None and recording is not None:
+        raise NotImplementedError(f"headops (layer {layer}): probes through a static cache traced by torch.compile; "
+                                  "probe uncompiled")
     if sequence_ids is not None and recording is not None:
         raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
                                   "restarting within it, or any row's position_ids while torch.compile traces); "
@@ -154,17 +175,19 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
                                 device_values=False, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
-        out = _attend(query, key, value, args, causal, model_window, sequence_ids)
+        out = _attend(query, key, value, args, causal, model_window, sequence_ids, key_lengths)
     return out.transpose(1, 2), None
 
 
-def _attend(query, key, value, args, causal, model_window, sequence_ids=None):
+def _attend(query, key, value, args, causal, model_window, sequence_ids=None, key_lengths=None):
     """headops.attention over [B, H, S, D] with the layer's arguments (and the sequences packed
-    into its rows, each alone); in a layer the model limits to a sliding window, a head's alpha
-    mixes in a full branch limited to that window too (_alpha_within_window). The spec's values
-    were checked by patch/set_spec: nothing on the GPU is read again (no sync)."""
-    if sequence_ids is not None:
-        args = dict(args, sequence_ids=sequence_ids)
+    into its rows, each alone, or where its keys end); in a layer the model limits to a sliding
+    window, a head's alpha mixes in a full branch limited to that window too
+    (_alpha_within_window). The spec's values were checked by patch/set_spec: nothing on the GPU
+    is read again (no sync)."""
+    for name, given in (("sequence_ids", sequence_ids), ("key_lengths", key_lengths)):
+        if given is not None:
+            args = dict(args, **{name: given})
     if model_window is not None and args.get("alpha") is not None:
         return _alpha_within_window(query, key, value, args, causal, model_window)
     return _attention(query, key, value, layout="bhsd", causal=causal, device_values=False, **args)
@@ -250,14 +273,15 @@ def _keep_model_attention(layer, args, cache, dropout, kwargs):
                          "HeadSparseCache(model, spec), which caps them")
 
 
-def _check_dropped(layer, dropped, first, args, recording):
+def _check_dropped(layer, dropped, first, has_sinks: bool, recording):
     """Refuses what needs keys the model's cache dropped (its sliding-window layer keeps the last
-    window's): a row's sinks, and probe statistics (their positions)."""
+    window's): a row's sinks (the spec's, `has_sinks`, where a row's first token was dropped;
+    while torch.compile traces, which cannot read the rows' padding: wherever the spec has sinks
+    there), and probe statistics (their positions)."""
     if not dropped:
         return
     caller = f"headops (layer {layer})"
-    sinks = args.get("sinks")
-    if sinks is not None and bool((sinks > 0).any()) and bool((first < dropped).any()):
+    if has_sinks and (torch.compiler.is_compiling() or bool((first < dropped).any())):
         raise NotImplementedError(f"{caller}: the model's cache keeps only its sliding window's keys here, and the "
                                   "spec's sinks are first tokens it dropped: generate through "
                                   "headops.HeadSparseCache(model, spec), which keeps them")
@@ -394,7 +418,9 @@ def _give_spec(modules, spec: HeadSpec):
     leaf it was), else ``spec.to(device)`` (on a GPU its planning fields stay on the host:
     HeadSpec.to)."""
     on_device = {}
-    for m in modules:
+    for layer, m in enumerate(modules):
+        # read here, once, so that a traced forward need not branch on the spec's values (_check_dropped)
+        m._headops_has_sinks = bool((spec.sinks[..., layer, :] > 0).any())
         device = next((p.device for p in m.parameters()), None)
         if device is None or spec.is_on(device):
             m._headops_spec = spec
@@ -424,7 +450,8 @@ def unpatch(model):
         raise RuntimeError("headops.unpatch: the model is not patched")
     previous = model._headops_previous
     for m in _attention_modules(model):
-        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_encoder_decoder"):
+        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_encoder_decoder",
+                     "_headops_has_sinks"):
             if hasattr(m, name):
                 delattr(m, name)
     model.set_attn_implementation(previous)

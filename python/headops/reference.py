@@ -98,12 +98,14 @@ def _unless_weight_zero(x, weight):
 
 def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None,
               sinks=None, alpha=None, key_bias=None, sink_logit=None, out_scale=None, out_bias=None,
-              return_lse=False, sequence_ids=None):
+              return_lse=False, sequence_ids=None, key_lengths=None):
     """Reference of ``headops.attention`` (same arguments, same results, S x S memory)."""
     per_head = dict(softmax_scale=softmax_scale, gate=gate, window=window, sinks=sinks, alpha=alpha,
                     key_bias=key_bias, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias)
     if sequence_ids is not None:
         return _packed(q, k, v, sequence_ids, causal=causal, layout=layout, return_lse=return_lse, **per_head)
+    if key_lengths is not None:
+        return _key_lengths(q, k, v, key_lengths, causal=causal, layout=layout, return_lse=return_lse, **per_head)
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     elif layout != "bhsd":
@@ -158,6 +160,33 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     return out
 
 
+def _row_args(per_head, B, Hq, D, keys, b, n):
+    """Row b's per-head arguments (a batch of one), key_bias over its first n keys."""
+    shapes = {"out_scale": (B, Hq, D), "out_bias": (B, Hq, D), "key_bias": (B, Hq, keys)}
+
+    def of_row(name, value):
+        if value is None:
+            return None
+        t = torch.as_tensor(value).expand(*shapes.get(name, (B, Hq)))[b:b + 1]
+        return t[..., :n] if name == "key_bias" else t
+
+    return {name: of_row(name, value) for name, value in per_head.items()}
+
+
+def _key_lengths(q, k, v, key_lengths, *, causal, layout, return_lse, **per_head):
+    """Each row over its first key_lengths[b] keys (an int or [B]), as a batch of its own."""
+    seq = 1 if layout == "bshd" else 2
+    B, Sk = q.shape[0], k.shape[seq]
+    Hq, D = q.shape[3 - seq], q.shape[3]
+    lengths = torch.as_tensor(key_lengths).reshape(-1).expand(B).tolist()
+    rows = [attention(q[b:b + 1], k[b:b + 1].narrow(seq, 0, n), v[b:b + 1].narrow(seq, 0, n), causal=causal,
+                      layout=layout, return_lse=return_lse, **_row_args(per_head, B, Hq, D, Sk, b, n))
+            for b, n in enumerate(lengths)]
+    if return_lse:
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    return torch.cat(rows)
+
+
 def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
     """Each run of one id in a row of sequence_ids ([S] or [B, S]) attended as a batch of its own:
     its row's per-head arguments, key_bias over its first keys (by position from its first token)."""
@@ -165,14 +194,6 @@ def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
     B, S = q.shape[0], q.shape[seq]
     Hq, D = q.shape[3 - seq], q.shape[3]
     ids = torch.as_tensor(sequence_ids).expand(B, S).tolist()
-    shapes = {"out_scale": (B, Hq, D), "out_bias": (B, Hq, D), "key_bias": (B, Hq, S)}
-
-    def of_row(name, value, b, n):
-        if value is None:
-            return None
-        t = torch.as_tensor(value).expand(*shapes.get(name, (B, Hq)))[b:b + 1]
-        return t[..., :n] if name == "key_bias" else t
-
     outs, lses = [], []
     for b in range(B):
         row_out, row_lse, start = [], [], 0
@@ -183,7 +204,7 @@ def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
             n = end - start
             part = [t[b:b + 1].narrow(seq, start, n) for t in (q, k, v)]
             got = attention(*part, causal=causal, layout=layout, return_lse=return_lse,
-                            **{name: of_row(name, value, b, n) for name, value in per_head.items()})
+                            **_row_args(per_head, B, Hq, D, S, b, n))
             row_out.append(got[0] if return_lse else got)
             if return_lse:
                 row_lse.append(got[1])
