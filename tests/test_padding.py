@@ -292,3 +292,32 @@ def test_padding_arguments_attend_each_row_as_alone_for_drawn_specs():
             torch.testing.assert_close(out[b:b + 1, :, rows], want, atol=1e-12, rtol=1e-12)
 
     check()
+
+
+def test_the_padding_is_read_once_a_forward(monkeypatch):
+    """The layers of a forward share its mask: what the host decides on (each row's first token,
+    left padding only) is read from it once, not once per layer (a device-to-host sync each on a
+    GPU), and again for the next forward's mask."""
+    from headops import _padding
+    from headops.testing import tiny_llama
+
+    reads = []
+
+    def counting(what, tensors, read):
+        def counted():
+            reads.append(what)
+            return read()
+        return _padding_read_once(what, tensors, counted)
+
+    _padding_read_once = _padding.read_once
+    monkeypatch.setattr(_padding, "read_once", counting)
+    model, _ = tiny_llama()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    ids = torch.randint(1, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=False)
+        assert reads == ["padding"]
+        model(ids, attention_mask=mask, use_cache=False)
+    assert reads == ["padding", "padding"]

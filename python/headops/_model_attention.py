@@ -142,19 +142,21 @@ def capped_window(window: torch.Tensor, model_window: int) -> torch.Tensor:
     return torch.where(window < 0, limit, torch.minimum(window, limit))
 
 
-_last_read = ("", (), None)  # (what was read, weak references to the tensors it was read from, its value)
+# the last few reads: (what was read, weak references to the tensors it was read from, its value)
+_recent_reads: list = []
+_RECENT = 4  # (a forward reads a mask per kind of layer, full and sliding, and position_ids)
 
 
-def _read_once(what: str, tensors: tuple, read):
-    """read(), or its value from the last call with these same tensor objects (a forward's layers
-    share them: one device-to-host read a forward)."""
-    global _last_read
-    name, refs, value = _last_read
-    if name == what and len(refs) == len(tensors) and all(
-            (r() if r is not None else None) is t for r, t in zip(refs, tensors)):
-        return value
+def read_once(what: str, tensors: tuple, read):
+    """read(), or its value from a recent call with these same tensor objects (a forward's layers
+    share them: one device-to-host read a forward for each)."""
+    for name, refs, value in _recent_reads:
+        if name == what and len(refs) == len(tensors) and all(
+                (r() if r is not None else None) is t for r, t in zip(refs, tensors)):
+            return value
     value = read()
-    _last_read = (what, tuple(weakref.ref(t) if t is not None else None for t in tensors), value)
+    _recent_reads.insert(0, (what, tuple(weakref.ref(t) if t is not None else None for t in tensors), value))
+    del _recent_reads[_RECENT:]
     return value
 
 
@@ -180,7 +182,7 @@ def packed_sequence_ids(position_ids, batch: int):
         found = ids()
         return found.cpu() if bool(found[:, -1].any()) else None
 
-    return _read_once(f"position_ids, batch {batch}", (position_ids,), read)
+    return read_once(f"position_ids, batch {batch}", (position_ids,), read)
 
 
 def sequence_ids_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int, length: int):
@@ -195,7 +197,7 @@ def sequence_ids_of_cu_seq_lens(caller, cu_seq_lens_q, cu_seq_lens_k, batch: int
                                       "apart); headops attends packed sequences to themselves only")
         return cu_seq_lens_q.flatten().tolist()
 
-    bounds = _read_once("cu_seq_lens", (cu_seq_lens_q, cu_seq_lens_k), read)
+    bounds = read_once("cu_seq_lens", (cu_seq_lens_q, cu_seq_lens_k), read)
     if batch != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != length or \
             any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
         raise NotImplementedError(f"{caller}: cu_seq_lens_q {bounds[:8]}{'...' if len(bounds) > 8 else ''} is not "

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._model_attention import read_once
+
 
 class Padding(NamedTuple):
     """The key padding of a 4-D mask, read from its last query row (causal or bidirectional masks
@@ -27,7 +29,8 @@ class Padding(NamedTuple):
 
 def of_mask(mask):
     """The mask's Padding, or None when it masks nothing. One device-to-host copy for what the host
-    decides on (nothing is read while torch.compile traces)."""
+    decides on, per mask tensor (a forward's layers share it: _model_attention.read_once); nothing
+    is read while torch.compile traces."""
     if mask is None:
         return None
     if mask.dim() != 4:
@@ -37,9 +40,13 @@ def of_mask(mask):
     first = valid.to(torch.int8).argmax(-1)
     if torch.compiler.is_compiling():  # (no branch on data)
         return Padding(valid, first, None)
-    positions = torch.arange(valid.shape[-1], device=valid.device)
-    left_only = (valid == (positions >= first.unsqueeze(-1))).all()
-    read = torch.cat([first, torch.stack([valid.all(), left_only]).to(torch.int64)]).tolist()
+
+    def decide():
+        positions = torch.arange(valid.shape[-1], device=valid.device)
+        left_only = (valid == (positions >= first.unsqueeze(-1))).all()
+        return torch.cat([first, torch.stack([valid.all(), left_only]).to(torch.int64)]).tolist()
+
+    read = read_once("padding", (mask,), decide)
     if read[-2]:
         return None
     return Padding(valid, torch.tensor(read[:-2], dtype=torch.int64), bool(read[-1]))
