@@ -242,3 +242,17 @@ def test_a_peft_wrapped_encoder_decoder_is_patched_through_its_wrapper():
         torch.testing.assert_close(wrapped(**kw).logits, want, atol=1e-5, rtol=1e-5)
         headops.set_spec(wrapped, headops.HeadSpec.dense(model).mask_heads({5: [1]}))
         assert (wrapped(**kw).logits - want).abs().max() > 1e-4
+
+
+def test_streaming_self_attention_generates_alike_through_every_cache():
+    """StreamingLLM in the self-attention stacks (cross-attention full): greedy tokens through
+    transformers' dynamic cache, its static cache (slots past the last query left out) and no
+    cache at all are the same."""
+    model = make("bart")
+    kw = inputs("bart", model)
+    gen = dict(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"], max_new_tokens=6, do_sample=False)
+    headops.patch(model, headops.HeadSpec.streaming_llm(model, window=3, sinks=1))
+    with torch.no_grad():
+        dynamic = model.generate(**gen)
+        assert torch.equal(model.generate(**gen, cache_implementation="static"), dynamic)
+        assert torch.equal(model.generate(**gen, use_cache=False), dynamic)
