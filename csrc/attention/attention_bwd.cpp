@@ -202,21 +202,23 @@ std::vector<at::Tensor> backward_rows(
 }
 
 // A call split into parts (call_parts.h): each part's backward over views of what the forward
-// saved; q, k, v's gradients copied into the call's (zeros where no part reads a key: the slots
-// past key_lengths), the per-head arguments' added in part order (deterministic). `view(t,
-// heads_first)`: a part's view of a tensor with q's positions; `keys(t)`: of k or v (or their
-// gradients); `dims(part)`: its sizes.
+// saved; q, k, v's gradients copied into the call's (zeros first where a key is in no part,
+// `keys_left_out`: the slots past key_lengths), the per-head arguments' added in part order
+// (deterministic). `view(t, heads_first)`: a part's view of a tensor with q's positions;
+// `keys(t)`: of k or v (or their gradients); `dims(part)`: its sizes.
 template <typename Parts, typename View, typename KeyView, typename PartDims>
 std::vector<at::Tensor> backward_parts(
     const Parts& parts, const Dims& d, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& o_stream, const at::Tensor& lse,
     const OptTensor& o_full, const OptTensor& lse_full, bool causal, bool heads_first, double default_scale,
     const PerHeadArgs& args, bool skip_zero_gate, at::IntArrayRef needs_grad, View view, KeyView keys,
-    PartDims dims) {
+    PartDims dims, bool keys_left_out) {
   auto wants = [&](BackwardGrad g) { return needs_grad[g] != 0; };
   const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   auto whole = [&](BackwardGrad g, const at::Tensor& like) {
-    return wants(g) ? at::zeros(like.sizes(), like.options()) : at::empty({0}, acc_options);
+    if (!wants(g)) return at::empty({0}, acc_options);
+    const bool some_unwritten = keys_left_out && g != kGradQ;
+    return some_unwritten ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
   };
   auto per_head = [&](BackwardGrad g, const OptTensor& given, at::IntArrayRef shape) {
     return wants(g) && given.has_value() ? at::zeros(shape, acc_options) : at::empty({0}, acc_options);
@@ -272,7 +274,8 @@ std::vector<at::Tensor> attention_bwd(
         runs, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, args,
         skip_zero_gate, needs_grad, run_view,
         [&](const at::Tensor& t, const SequenceRun& run) { return run_view(t, run, heads_first); },
-        [&](const SequenceRun& run) { return Dims{run.count, run.length, run.length, d.Hq, d.Hkv, d.D}; });
+        [&](const SequenceRun& run) { return Dims{run.count, run.length, run.length, d.Hq, d.Hkv, d.D}; },
+        /*keys_left_out=*/false);
   const std::vector<KeyLengthGroup> groups = key_length_groups(op, key_lengths, d, q);
   if (!groups.empty())
     return backward_parts(
@@ -280,7 +283,8 @@ std::vector<at::Tensor> attention_bwd(
         skip_zero_gate, needs_grad,
         [](const at::Tensor& t, const KeyLengthGroup& group, bool) { return group_view(t, group); },
         [&](const at::Tensor& t, const KeyLengthGroup& group) { return group_view(t, group, seq); },
-        [&](const KeyLengthGroup& group) { return Dims{group.rows, d.Sq, group.length, d.Hq, d.Hkv, d.D}; });
+        [&](const KeyLengthGroup& group) { return Dims{group.rows, d.Sq, group.length, d.Hq, d.Hkv, d.D}; },
+        /*keys_left_out=*/true);
   return backward_rows(d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale,
                        args, skip_zero_gate, needs_grad);
 }
