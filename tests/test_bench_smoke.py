@@ -147,6 +147,20 @@ def test_probe_quick(tmp_path):
         assert r["check"]["ok"], r["check"]
 
 
+def test_packed_quick(tmp_path):
+    """bench/packed.py: every candidate's output checked against the SDPA loop, each pass timed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "bench/packed.py", "--quick", "--no-flex", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads((tmp_path / "packed.json").read_text())
+    assert sum(data["lengths"]) == 512
+    assert {(r["dtype"], r["kind"]) for r in data["results"]} == {
+        (d, k) for d in ("float32", "bfloat16") for k in ("forward", "fwd+bwd")}
+    assert all(r["ms"]["headops"]["median_ms"] > 0 for r in data["results"])
+
+
 def test_ratio_vs_sdpa_prints_every_row():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))

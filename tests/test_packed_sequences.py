@@ -251,3 +251,18 @@ def test_a_gated_off_head_is_skipped_in_every_sequence():
     with headops.count_work() as every:
         headops.attention(q, k, v, sequence_ids=ids)
     assert gated.key_blocks * 4 == every.key_blocks * 3 > 0  # (one head of four)
+
+
+def test_runs_cut_to_a_bounded_size_are_the_reference():
+    """Sequences of one length side by side join a run only up to 4 MiB of keys and values (a call
+    packs all its K/V blocks first): eight of 128 tokens at 2 MiB each (float64, 16 KV heads,
+    D = 64) run as four calls of two; the output and gradients are still each sequence alone's."""
+    q, k, v = make_qkv(1, 1024, 1024, 16, 16, 64)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    ids = ids_of([[128] * 8])
+    out = headops.attention(q, k, v, sequence_ids=ids, window=100, sinks=1)
+    want = reference.attention(q, k, v, sequence_ids=ids, window=100, sinks=1)
+    assert_close(out, want, 1e-12)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        assert_close(a, b, 1e-10)
