@@ -1247,3 +1247,20 @@ def test_queries_for_key_inverts_visibility(causal):
                     want = vis[:, j].nonzero().flatten().tolist()
                     got = list(range(lo, hi)) if hi > lo else []
                     assert got == want, (causal, window, sinks, Sq, Sk, j, lo, hi)
+
+
+@pytest.mark.parametrize("dtype,layout,Hkv", [(torch.float32, "bshd", 4), (torch.float32, "bhsd", 2),
+                                              (torch.float32, "bhsd", 4), (torch.bfloat16, "bhsd", 4),
+                                              (torch.float64, "bshd", 1)])
+def test_gradients_returned_are_not_the_next_backwards_scratch(dtype, layout, Hkv):
+    """dk and dv per query head are kept per thread between backward calls where the returned
+    gradients are made from them (a GQA sum, a copy to bshd or to a 16-bit dtype): a gradient
+    returned by one backward must not change with the next one's (and where they are returned
+    as they are, nothing is kept)."""
+    shape = lambda H: (2, 40, H, 16) if layout == "bshd" else (2, H, 40, 16)  # noqa: E731
+    first = [torch.randn(shape(H), dtype=dtype, requires_grad=True) for H in (4, Hkv, Hkv)]
+    grads = torch.autograd.grad(headops.attention(*first, layout=layout).sum(), first)
+    kept = [g.clone() for g in grads]
+    second = [torch.randn(shape(H), dtype=dtype, requires_grad=True) for H in (4, Hkv, Hkv)]
+    torch.autograd.grad(headops.attention(*second, layout=layout).square().sum(), second)
+    assert all(torch.equal(g, k) for g, k in zip(grads, kept))

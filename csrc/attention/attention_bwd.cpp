@@ -43,6 +43,24 @@ OptTensor distinct_rows_expanded(const at::Tensor& dout, at::ScalarType acc) {
   return distinct.to(acc).contiguous().expand(dout.sizes());
 }
 
+// dk and dv per query head are scratch where per_kv_head makes the gradients of k and v from them
+// as new tensors (a sum over each GQA group, a copy to the caller's layout or dtype): then they are
+// kept per calling thread, up to kKeptAccumulatorBytes each, and reused by its next backward. A
+// fresh buffer of that size page-faults in again every call, since glibc hands big buffers back
+// to the system (docs/performance.md, "The backward's fresh pages").
+constexpr int64_t kKeptAccumulatorBytes = int64_t(32) << 20;
+
+at::Tensor kept_accumulator(int slot, at::IntArrayRef shape, const at::TensorOptions& options) {
+  thread_local at::Tensor kept[2];
+  const int64_t elems = c10::multiply_integers(shape);
+  if (elems * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType())) > kKeptAccumulatorBytes)
+    return at::empty(shape, options);
+  at::Tensor& buffer = kept[slot];
+  if (!buffer.defined() || buffer.numel() < elems || buffer.scalar_type() != options.dtype().toScalarType())
+    buffer = at::empty({elems}, options);
+  return buffer.narrow(0, 0, elems).view(shape);
+}
+
 // Checks of the backward's own arguments (the forward's are check_qkv's and check_per_head_args').
 void check_backward_inputs(const char* op, const Dims& d, at::ScalarType acc, const at::Tensor& dout_in,
                            const OptTensor& dlse_in, const at::Tensor& q_in, const at::Tensor& o_stream,
@@ -136,8 +154,14 @@ std::vector<at::Tensor> backward_rows(
   };
   // the CPU's 16-bit brgemm backward writes dq in the input dtype (backward_products.h: dq_t)
   at::Tensor dq = kernel_written(wants(kGradQ), q_shape, inputs_as_given ? dtype : acc);
-  at::Tensor dk = kernel_written(wants(kGradK), kv_per_q_head, acc);
-  at::Tensor dv = kernel_written(wants(kGradV), kv_per_q_head, acc);
+  const int64_t group = d.Hq / d.Hkv;
+  const bool kv_grads_copied = group > 1 || (kv_grads_heads_first && !heads_first) || dtype != acc;
+  auto kv_grad = [&](BackwardGrad g, int slot) {
+    if (!wants(g) || q_in.is_cuda() || !kernel_runs || !kv_grads_copied) return kernel_written(wants(g), kv_per_q_head, acc);
+    return kept_accumulator(slot, kv_per_q_head, options);
+  };
+  at::Tensor dk = kv_grad(kGradK, 0);
+  at::Tensor dv = kv_grad(kGradV, 1);
   at::Tensor dscale = zeros_if(wants(kGradSoftmaxScale) && softmax_scale.has_value(), {d.B, d.Hq});
   at::Tensor dalpha = zeros_if(wants(kGradAlpha) && alpha.has_value(), {d.B, d.Hq});
   at::Tensor dkey_bias = zeros_if(wants(kGradKeyBias) && key_bias.has_value(), {d.B, d.Hq, d.Sk});
@@ -186,7 +210,6 @@ std::vector<at::Tensor> backward_rows(
   }
 
   // dk, dv: sum the query heads of each GQA group (in a fixed order), back to k's dtype
-  const int64_t group = d.Hq / d.Hkv;
   auto per_kv_head = [&](const at::Tensor& t, BackwardGrad g) {
     if (!wants(g)) return t;
     at::Tensor r = t;
