@@ -277,3 +277,16 @@ def drawn_heads(B, Hq, Hkv, Sq, Sk, window, sinks, alpha, seed):
     if alpha is not None:
         args["alpha"] = torch.tensor(alpha, dtype=torch.float64)
     return q, k, v, args, g
+
+
+def assert_compiled_as_eager(f, leaves, extras):
+    """f(*leaves, extra) compiled (fullgraph=True, aot_eager) against f run eagerly, for each
+    extra: the output and the leaves' gradients, exactly."""
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for extra in extras:
+        want = f(*leaves, extra)
+        got = compiled(*leaves, extra)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

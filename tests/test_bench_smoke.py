@@ -14,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_attention_cpu_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "bench/attention_cpu.py", "--quick", "--no-flex", "--repeats", "2",
-         "--out-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/attention_cpu.py", "--quick", "--no-flex", "--repeats", "2", "--out-dir", str(tmp_path))
 
     md = tmp_path / "attention_cpu_quick.md"
     js = tmp_path / "attention_cpu_quick.json"
@@ -43,13 +37,8 @@ def test_attention_cpu_quick(tmp_path):
 
 
 def test_attention_cpu_train_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "bench/attention_cpu_train.py", "--quick", "--repeats", "2", "--memory-s", "2048",
-         "--out-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/attention_cpu_train.py", "--quick", "--repeats", "2", "--memory-s", "2048",
+         "--out-dir", str(tmp_path))
     data = json.loads((tmp_path / "attention_cpu_train_quick.json").read_text())
     assert "headops/SDPA" in (tmp_path / "attention_cpu_train_quick.md").read_text()
     assert {r["scenario"] for r in data["rows"]} == {"dense", "stream", "importance", "duo", "calibrate"}
@@ -67,11 +56,7 @@ def test_attention_cpu_train_quick(tmp_path):
 
 
 def test_kvcache_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/kvcache.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/kvcache.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path))
     data = json.loads((tmp_path / "kvcache_quick.json").read_text())
     assert len(data["rows"]) == 2 * 2 * 3  # dtypes x contexts x head mixes
     for r in data["rows"]:
@@ -88,11 +73,7 @@ def test_kvcache_quick(tmp_path):
 
 
 def test_cpu_targets_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/cpu_targets.py", "--quick", "--compare-tiles", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/cpu_targets.py", "--quick", "--compare-tiles", "--out-dir", str(tmp_path))
     data = json.loads((tmp_path / "cpu_targets_quick.json").read_text())
     assert data["kind"] in ("amx", "avx2", "avx512", "avx2-variant-on-avx512")
     assert not data["judged"] and {t["verdict"] for t in data["targets"]} == {"not judged"}
@@ -135,11 +116,7 @@ def test_cpu_targets_judge_the_worst_row():
 
 
 def test_probe_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/probe.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/probe.py", "--quick", "--repeats", "2", "--out-dir", str(tmp_path))
     data = json.loads((tmp_path / "probe.json").read_text())
     assert {r["dtype"] for r in data["kernel"]} == {"float32", "bfloat16"}
     assert all(r["probes_ratio"] > 0 and r["key_mass_ratio"] > 0 for r in data["kernel"])
@@ -149,11 +126,7 @@ def test_probe_quick(tmp_path):
 
 def test_packed_quick(tmp_path):
     """bench/packed.py: every candidate's output checked against the SDPA loop, each pass timed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/packed.py", "--quick", "--no-flex", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    _run("bench/packed.py", "--quick", "--no-flex", "--out-dir", str(tmp_path))
     data = json.loads((tmp_path / "packed.json").read_text())
     assert sum(data["lengths"]) == 512
     assert {(r["dtype"], r["kind"]) for r in data["results"]} == {
@@ -162,12 +135,8 @@ def test_packed_quick(tmp_path):
 
 
 def test_ratio_vs_sdpa_prints_every_row():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "bench/ratio_vs_sdpa.py", "--s", "64", "--heads", "2", "--repeats", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    rows = [line.split() for line in proc.stdout.splitlines()]
+    stdout = _run("bench/ratio_vs_sdpa.py", "--s", "64", "--heads", "2", "--repeats", "1")
+    rows = [line.split() for line in stdout.splitlines()]
     assert [(r[0], r[1]) for r in rows] == [("float32", "forward"), ("float32", "fwd+bwd"), ("bfloat16", "forward"),
                                             ("bfloat16", "fwd+bwd")]
     assert all(float(r[-1]) > 0 for r in rows)

@@ -12,7 +12,7 @@ import torch
 import headops
 from headops import reference
 
-from conftest import assert_close, head_params, make_qkv
+from conftest import assert_close, assert_compiled_as_eager, head_params, make_qkv
 
 FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
 GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
@@ -75,7 +75,7 @@ def test_slots_past_the_lengths_are_never_read():
         assert torch.equal(out[b:b + 1], alone)
     dk, dv = torch.autograd.grad(out.sum(), (k, v))
     for b, n in enumerate(lengths.tolist()):
-        assert torch.equal(dk[b, n:], torch.zeros_like(dk[b, n:])) and torch.equal(dv[b, n:], torch.zeros_like(dv[b, n:]))
+        assert not dk[b, n:].any() and not dv[b, n:].any()
         assert torch.isfinite(dk[b, :n]).all()
     with headops.count_work() as buffer:
         headops.attention(q.detach(), k.detach(), v.detach(), key_lengths=torch.tensor([5, 5, 5]))
@@ -140,11 +140,4 @@ def test_compiled_fullgraph_with_key_lengths_from_a_tensor():
     def f(q, k, v, offset):
         return headops.attention(q, k, v, window=4, sinks=1, key_lengths=(offset + q.shape[1]).expand(q.shape[0]))
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for offset in (torch.tensor(3), torch.tensor(11)):
-        want = f(q, k, v, offset)
-        got = compiled(q, k, v, offset)
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
-        g = torch.randn_like(got)
-        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert_compiled_as_eager(f, (q, k, v), (torch.tensor(3), torch.tensor(11)))

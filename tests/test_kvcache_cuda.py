@@ -549,6 +549,15 @@ def test_patched_model_generates_on_the_device_as_on_the_cpu(method, padded):
                 assert torch.equal(a.kept_kv(row, kv_head)[0].cpu(), b.kept_kv(row, kv_head)[0])
 
 
+def assert_device_run_as_cpu(runs):
+    """runs["device"] and runs["cpu"], each (greedy tokens, loss, a gate's gradient): the same
+    tokens, the loss and gradient to float rounding."""
+    (want_tokens, want_loss, want_grad), (tokens, loss, grad) = runs["cpu"], runs["device"]
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
+
+
 def test_static_cache_and_packed_rows_on_the_device_as_on_the_cpu():
     """transformers' StaticCache (its query offset a tensor on the device: one read a forward) and
     a flattened training batch (sequences packed into a row, attended one by one; position_ids
@@ -573,10 +582,7 @@ def test_static_cache_and_packed_rows_on_the_device_as_on_the_cpu():
         loss = model(**{n: t.to(model.device) for n, t in batch.items()}, use_cache=False).loss
         loss.backward()
         runs[name] = (tokens.cpu(), loss.detach().cpu(), spec.gate.grad.cpu())
-    (want_tokens, want_loss, want_grad), (tokens, loss, grad) = runs["cpu"], runs["device"]
-    assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
+    assert_device_run_as_cpu(runs)
 
 
 def test_encoder_decoder_and_compiled_packed_rows_on_the_device_as_on_the_cpu():
@@ -603,10 +609,7 @@ def test_encoder_decoder_and_compiled_packed_rows_on_the_device_as_on_the_cpu():
         loss = model(**on, labels=ids[:, :6].contiguous().to(model.device)).loss
         loss.backward()
         runs[name] = (tokens.cpu(), loss.detach().cpu(), spec.gate.grad.cpu())
-    (want_tokens, want_loss, want_grad), (tokens, loss, grad) = runs["cpu"], runs["device"]
-    assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(loss, want_loss, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-4)
+    assert_device_run_as_cpu(runs)
 
     cpu_model, dev_model = tiny_llama_twins(CUDA)
     packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])

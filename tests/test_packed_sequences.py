@@ -11,7 +11,7 @@ import torch
 import headops
 from headops import reference
 
-from conftest import OUT_ATOL, assert_close, drawn_heads, head_params, make_qkv
+from conftest import OUT_ATOL, assert_close, assert_compiled_as_eager, drawn_heads, head_params, make_qkv
 
 FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
 GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
@@ -104,7 +104,8 @@ def test_drawn_packings_are_each_sequence_alone():
         out = headops.attention(q, k, v, layout="bhsd", causal=causal, sequence_ids=ids, **args)
         torch.testing.assert_close(out, reference.attention(q, k, v, layout="bhsd", causal=causal, sequence_ids=ids,
                                                             **args), atol=1e-12, rtol=1e-12)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out) * torch.arange(S, dtype=out.dtype)[:, None])
+        weights = torch.ones_like(out) * torch.arange(S, dtype=out.dtype)[:, None]
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), weights)
         for b, row in enumerate(lengths):
             start = 0
             for n in row:
@@ -196,7 +197,8 @@ def _raw_forward(q, k, v, **kw):
 def test_raw_ops_check_sequence_ids():
     """The ops re-check sequence_ids (TORCH_CHECK): a raw call with bad ones raises, never crashes."""
     q, k, v = make_qkv(2, 6, 6, 2, 2, 8)
-    for ids, message in [(torch.zeros(2, 6), "integer tensor"), (torch.zeros(2, 5, dtype=torch.int64), r"shape \[2, 6\]"),
+    for ids, message in [(torch.zeros(2, 6), "integer tensor"),
+                         (torch.zeros(2, 5, dtype=torch.int64), r"shape \[2, 6\]"),
                          (torch.zeros(1, 6, dtype=torch.int64), r"shape \[2, 6\]"),
                          (torch.zeros(2, 6, dtype=torch.bool), "integer tensor")]:
         with pytest.raises(RuntimeError, match=message):
@@ -224,14 +226,8 @@ def test_compiled_fullgraph_with_packed_rows():
         ids = torch.nn.functional.pad(restarts.cumsum(-1), (1, 0))
         return headops.attention(q, k, v, window=3, sinks=1, sequence_ids=ids)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for positions in (torch.arange(12)[None], torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])):
-        want = f(q, k, v, positions)
-        got = compiled(q, k, v, positions)
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
-        g = torch.randn_like(got)
-        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    assert_compiled_as_eager(f, (q, k, v), (torch.arange(12)[None], packed))
 
 
 def test_a_gated_off_head_is_skipped_in_every_sequence():
