@@ -22,7 +22,7 @@ from . import _distributed, _model_attention, _padding
 from .attention import attention_with as _attention
 from .spec import HeadSpec
 
-__all__ = ["patch", "unpatch", "set_spec", "patched_spec"]
+__all__ = ["patch", "unpatch", "set_spec", "patched_spec", "attention_layers"]
 
 IMPLEMENTATION = "headops"
 _registered = False
