@@ -4,8 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
-#include "key_lengths.h"
-#include "packed_sequences.h"
+#include "split_call.h"
 #include "cpu/attention_bwd_cpu.h"
 #include "../cpu/finite_half.h"
 #ifdef HEADOPS_WITH_CUDA
@@ -59,6 +58,23 @@ at::Tensor kept_accumulator(int slot, at::IntArrayRef shape, const at::TensorOpt
   if (!buffer.defined() || buffer.numel() < elems || buffer.scalar_type() != options.dtype().toScalarType())
     buffer = at::empty({elems}, options);
   return buffer.narrow(0, 0, elems).view(shape);
+}
+
+// The gradients of the per-head arguments given and wanted, zero-filled ([B, Hq], key_bias [B, Hq,
+// Sk], out_scale and out_bias [B, Hq, D]; an empty tensor for the others), in BackwardGrad order
+// from kGradSoftmaxScale.
+std::vector<at::Tensor> per_head_gradients(const PerHeadArgs& args, const Dims& d, at::IntArrayRef needs_grad,
+                                           const at::TensorOptions& acc_options) {
+  auto zeros_if = [&](BackwardGrad g, const OptTensor& given, at::IntArrayRef shape) {
+    return needs_grad[g] != 0 && given.has_value() ? at::zeros(shape, acc_options) : at::empty({0}, acc_options);
+  };
+  return {zeros_if(kGradSoftmaxScale, args.softmax_scale, {d.B, d.Hq}),
+          zeros_if(kGradAlpha, args.alpha, {d.B, d.Hq}),
+          zeros_if(kGradKeyBias, args.key_bias, {d.B, d.Hq, d.Sk}),
+          zeros_if(kGradSinkLogit, args.sink_logit, {d.B, d.Hq}),
+          zeros_if(kGradOutScale, args.out_scale, {d.B, d.Hq, d.D}),
+          zeros_if(kGradOutBias, args.out_bias, {d.B, d.Hq, d.D}),
+          zeros_if(kGradGate, args.gate, {d.B, d.Hq})};
 }
 
 // Checks of the backward's own arguments (the forward's are check_qkv's and check_per_head_args').
@@ -130,7 +146,6 @@ std::vector<at::Tensor> backward_rows(
   auto zeros_of = [&](bool wanted, at::IntArrayRef shape, at::ScalarType type) {
     return wanted ? at::zeros(shape, options.dtype(type)) : at::empty({0}, options.dtype(type));
   };
-  auto zeros_if = [&](bool wanted, at::IntArrayRef shape) { return zeros_of(wanted, shape, acc); };
   const std::vector<int64_t> q_shape = heads_first ? std::vector<int64_t>{d.B, d.Hq, d.Sq, d.D}
                                                    : std::vector<int64_t>{d.B, d.Sq, d.Hq, d.D};
   // On the CPU dk and dv accumulate in heads-first rows whatever the layout: a key block's rows
@@ -157,18 +172,17 @@ std::vector<at::Tensor> backward_rows(
   const int64_t group = d.Hq / d.Hkv;
   const bool kv_grads_copied = group > 1 || (kv_grads_heads_first && !heads_first) || dtype != acc;
   auto kv_grad = [&](BackwardGrad g, int slot) {
-    if (!wants(g) || q_in.is_cuda() || !kernel_runs || !kv_grads_copied) return kernel_written(wants(g), kv_per_q_head, acc);
+    if (!wants(g) || q_in.is_cuda() || !kernel_runs || !kv_grads_copied)
+      return kernel_written(wants(g), kv_per_q_head, acc);
     return kept_accumulator(slot, kv_per_q_head, options);
   };
   at::Tensor dk = kv_grad(kGradK, 0);
   at::Tensor dv = kv_grad(kGradV, 1);
-  at::Tensor dscale = zeros_if(wants(kGradSoftmaxScale) && softmax_scale.has_value(), {d.B, d.Hq});
-  at::Tensor dalpha = zeros_if(wants(kGradAlpha) && alpha.has_value(), {d.B, d.Hq});
-  at::Tensor dkey_bias = zeros_if(wants(kGradKeyBias) && key_bias.has_value(), {d.B, d.Hq, d.Sk});
-  at::Tensor dsink = zeros_if(wants(kGradSinkLogit) && sink_logit.has_value(), {d.B, d.Hq});
-  at::Tensor dout_scale = zeros_if(wants(kGradOutScale) && out_scale.has_value(), {d.B, d.Hq, d.D});
-  at::Tensor dout_bias = zeros_if(wants(kGradOutBias) && out_bias.has_value(), {d.B, d.Hq, d.D});
-  at::Tensor dgate = zeros_if(wants(kGradGate) && gate.has_value(), {d.B, d.Hq});
+  std::vector<at::Tensor> per_head = per_head_gradients(args, d, needs_grad, options);
+  auto grad_of = [&](BackwardGrad g) -> at::Tensor& { return per_head[g - kGradSoftmaxScale]; };
+  at::Tensor &dscale = grad_of(kGradSoftmaxScale), &dalpha = grad_of(kGradAlpha), &dkey_bias = grad_of(kGradKeyBias),
+             &dsink = grad_of(kGradSinkLogit), &dout_scale = grad_of(kGradOutScale),
+             &dout_bias = grad_of(kGradOutBias), &dgate = grad_of(kGradGate);
 
   BackwardParams p;
   AttentionParams& f = p.fwd;
@@ -224,11 +238,10 @@ std::vector<at::Tensor> backward_rows(
           dkey_bias, dsink, dout_scale, dout_bias, dgate};
 }
 
-// A call split into parts (call_parts.h): each part's backward over views of what the forward
+// A call split into parts (split_call.h): each part's backward over views of what the forward
 // saved; q, k, v's gradients copied into the call's (zeros first where a key is in no part,
 // `keys_left_out`: the slots past key_lengths), the per-head arguments' added in part order
-// (deterministic). `view(t, heads_first)`: a part's view of a tensor with q's positions;
-// `keys(t)`: of k or v (or their gradients); `dims(part)`: its sizes.
+// (deterministic).
 template <typename Parts, typename View, typename KeyView, typename PartDims>
 std::vector<at::Tensor> backward_parts(
     const Parts& parts, const Dims& d, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
@@ -243,15 +256,8 @@ std::vector<at::Tensor> backward_parts(
     const bool some_unwritten = keys_left_out && g != kGradQ;
     return some_unwritten ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
   };
-  auto per_head = [&](BackwardGrad g, const OptTensor& given, at::IntArrayRef shape) {
-    return wants(g) && given.has_value() ? at::zeros(shape, acc_options) : at::empty({0}, acc_options);
-  };
-  std::vector<at::Tensor> grads = {
-      whole(kGradQ, q), whole(kGradK, k), whole(kGradV, v),
-      per_head(kGradSoftmaxScale, args.softmax_scale, {d.B, d.Hq}), per_head(kGradAlpha, args.alpha, {d.B, d.Hq}),
-      per_head(kGradKeyBias, args.key_bias, {d.B, d.Hq, d.Sk}),
-      per_head(kGradSinkLogit, args.sink_logit, {d.B, d.Hq}), per_head(kGradOutScale, args.out_scale, {d.B, d.Hq, d.D}),
-      per_head(kGradOutBias, args.out_bias, {d.B, d.Hq, d.D}), per_head(kGradGate, args.gate, {d.B, d.Hq})};
+  std::vector<at::Tensor> grads = {whole(kGradQ, q), whole(kGradK, k), whole(kGradV, v)};
+  for (at::Tensor& t : per_head_gradients(args, d, needs_grad, acc_options)) grads.push_back(std::move(t));
   auto saved = [&](const OptTensor& t, const auto& part) -> OptTensor {
     if (!t.has_value()) return std::nullopt;
     return view(*t, part, true);
@@ -288,26 +294,13 @@ std::vector<at::Tensor> attention_bwd(
   // they are, then copied to the device for the kernel (a small copy; the backward is not sync-free)
   check_per_head_args(op, d, acc, q, args, ValueChecks::kAll, /*host_planning=*/true);
   check_backward_inputs(op, d, acc, dout, dlse, q, o_stream, lse, o_full, lse_full, alpha, needs_grad);
-  TORCH_CHECK(!(sequence_ids.has_value() && key_lengths.has_value()), op,
-              "sequence_ids (packed self-attention) and key_lengths cannot be combined");
-  const int64_t seq = heads_first ? 2 : 1;
-  const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
-  if (!runs.empty())
-    return backward_parts(
-        runs, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, args,
-        skip_zero_gate, needs_grad, run_view,
-        [&](const at::Tensor& t, const SequenceRun& run) { return run_view(t, run, heads_first); },
-        [&](const SequenceRun& run) { return Dims{run.count, run.length, run.length, d.Hq, d.Hkv, d.D}; },
-        /*keys_left_out=*/false);
-  const std::vector<KeyLengthGroup> groups = key_length_groups(op, key_lengths, d, q);
-  if (!groups.empty())
-    return backward_parts(
-        groups, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale, args,
-        skip_zero_gate, needs_grad,
-        [](const at::Tensor& t, const KeyLengthGroup& group, bool) { return group_view(t, group); },
-        [&](const at::Tensor& t, const KeyLengthGroup& group) { return group_view(t, group, seq); },
-        [&](const KeyLengthGroup& group) { return Dims{group.rows, d.Sq, group.length, d.Hq, d.Hkv, d.D}; },
-        /*keys_left_out=*/true);
+  std::optional<std::vector<at::Tensor>> split = split_call<std::vector<at::Tensor>>(
+      op, d, q, heads_first, sequence_ids, key_lengths,
+      [&](const auto& parts, auto view, auto keys, auto dims, bool keys_left_out) {
+        return backward_parts(parts, d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first,
+                              default_scale, args, skip_zero_gate, needs_grad, view, keys, dims, keys_left_out);
+      });
+  if (split.has_value()) return *std::move(split);
   return backward_rows(d, dout, dlse, q, k, v, o_stream, lse, o_full, lse_full, causal, heads_first, default_scale,
                        args, skip_zero_gate, needs_grad);
 }

@@ -4,8 +4,7 @@
 
 #include "attention_args.h"
 #include "attention_params.h"
-#include "key_lengths.h"
-#include "packed_sequences.h"
+#include "split_call.h"
 #include "cpu/attention_fwd_cpu.h"
 #ifdef HEADOPS_WITH_CUDA
 #include "cuda/attention_fwd_cuda.h"
@@ -80,10 +79,8 @@ ForwardOutputs forward_rows(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return {call.out, call.lse, o_stream, o_full, lse_full};
 }
 
-// A call split into parts (call_parts.h): each part's forward over views of q, k, v, its
-// results copied into the call's. `view(t, heads_first)` is a part's view of a tensor of the
-// call with q's positions (heads_first: heads before the sequence, as lse and the saved
-// averages), `keys(t)` its view of k or v.
+// A call split into parts (split_call.h): each part's forward over views of q, k, v, its
+// results copied into the call's.
 template <typename Parts, typename View, typename KeyView>
 ForwardOutputs forward_parts(const Parts& parts, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              bool causal, bool heads_first, double default_scale, const PerHeadArgs& args,
@@ -130,22 +127,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     check_per_head_args(op, d, acc, q, args, q.is_cuda() ? ValueChecks::kHostOnly : ValueChecks::kAll,
                         /*host_planning=*/true);
-    TORCH_CHECK(!(sequence_ids.has_value() && key_lengths.has_value()), op,
-                "sequence_ids (packed self-attention) and key_lengths cannot be combined");
-    const int64_t seq = heads_first ? 2 : 1;
-    const std::vector<SequenceRun> runs = packed_runs(op, sequence_ids, d, q);
-    if (!runs.empty())
-      return forward_parts(
-          runs, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
-          save_for_backward, precise_probabilities, run_view,
-          [&](const at::Tensor& t, const SequenceRun& run) { return run_view(t, run, heads_first); });
-    const std::vector<KeyLengthGroup> groups = key_length_groups(op, key_lengths, d, q);
-    if (!groups.empty())
-      return forward_parts(
-          groups, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
-          save_for_backward, precise_probabilities,
-          [](const at::Tensor& t, const KeyLengthGroup& group, bool) { return group_view(t, group); },
-          [&](const at::Tensor& t, const KeyLengthGroup& group) { return group_view(t, group, seq); });
+    std::optional<ForwardOutputs> split = split_call<ForwardOutputs>(
+        op, d, q, heads_first, sequence_ids, key_lengths,
+        [&](const auto& parts, auto view, auto keys, auto /*dims*/, bool /*keys_left_out*/) {
+          return forward_parts(parts, q, k, v, causal, heads_first, default_scale, args, skip_zero_gate,
+                               skip_unused_branch, save_for_backward, precise_probabilities, view, keys);
+        });
+    if (split.has_value()) return *std::move(split);
   }
   return forward_rows(q, k, v, causal, heads_first, default_scale, args, skip_zero_gate, skip_unused_branch,
                       save_for_backward, precise_probabilities);

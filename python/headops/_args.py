@@ -327,6 +327,18 @@ def head_args(caller, s: HeadShapes, device, *, softmax_scale=None, window=None,
     return args
 
 
+def _host_integers(caller, name, value, forms: str, device):
+    """`value` checked to be an integer tensor (`forms`: what it may be, for the message) on the CPU
+    or q's device: what the ops read on the host to split a call (sequence_ids, key_lengths)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{caller}: {name} must be {forms}, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{caller}: {name} must be an integer tensor, got {value.dtype}")
+    if value.device.type != "cpu" and value.device != torch.device(device):
+        raise fail(caller, name, f"on the CPU or on q's device {device}", value.device)
+    return value
+
+
 def sequence_ids_arg(caller, value, *, B: int, Sq: int, Sk: int, device):
     """Sequences packed into each row (``[S]`` for every row or ``[B, S]``, integers; a sequence is
     a run of one id) as the ``[B, S]`` int64 tensor the ops take, on the CPU (read there without a
@@ -334,19 +346,13 @@ def sequence_ids_arg(caller, value, *, B: int, Sq: int, Sk: int, device):
     S = Sq = Sk."""
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{caller}: sequence_ids must be an integer tensor ([S] or [B, S]), got "
-                        f"{type(value).__name__}")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-        raise TypeError(f"{caller}: sequence_ids must be an integer tensor, got {value.dtype}")
+    _host_integers(caller, "sequence_ids", value, "an integer tensor ([S] or [B, S])", device)
     if Sq != Sk:
         raise fail(caller, "sequence_ids", f"given only for self-attention over packed rows (q and k of one "
                                            f"length; here {Sq} and {Sk})", describe(value))
     if value.dim() not in (1, 2) or value.shape[-1] != Sq or (value.dim() == 2 and value.shape[0] not in (1, B)):
         raise fail(caller, "sequence_ids", f"of shape [{Sq}] or [{B}, {Sq}] (one id per token; a sequence is a run "
                                            "of one id)", describe(value))
-    if value.device.type != "cpu" and value.device != torch.device(device):
-        raise fail(caller, "sequence_ids", f"on the CPU or on q's device {device}", value.device)
     return value.to(torch.int64).expand(B, Sq)
 
 
@@ -359,14 +365,9 @@ def key_lengths_arg(caller, value, *, B: int, Sk: int, device):
         return None
     if is_int(value):
         value = torch.tensor([value])
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{caller}: key_lengths must be an int or an integer tensor ([B]), got {type(value).__name__}")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-        raise TypeError(f"{caller}: key_lengths must be an integer tensor, got {value.dtype}")
+    _host_integers(caller, "key_lengths", value, "an int or an integer tensor ([B])", device)
     if value.dim() > 1 or value.numel() not in (1, B):
         raise fail(caller, "key_lengths", f"an int or of shape [{B}] (one length per row)", describe(value))
-    if value.device.type != "cpu" and value.device != torch.device(device):
-        raise fail(caller, "key_lengths", f"on the CPU or on q's device {device}", value.device)
     value = value.reshape(-1).to(torch.int64).expand(B)
     if value.device.type == "cpu" and not torch.compiler.is_compiling() and value.numel() and \
             not bool(((value >= 0) & (value <= Sk)).all()):  # (traced: the op checks them when it runs)
