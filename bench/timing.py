@@ -255,10 +255,14 @@ def shown_path(path: str) -> str:
 
 
 def output_dir(args) -> str:
-    """--out-dir if given, else bench/results/ with --record, else bench/results/local/."""
+    """--out-dir if given, else bench/results/ with --record, else bench/results/local/; made if
+    missing (a fresh clone has no local/)."""
     if getattr(args, "out_dir", None):
-        return os.path.abspath(args.out_dir)
-    return RECORD_DIR if getattr(args, "record", False) else LOCAL_DIR
+        path = os.path.abspath(args.out_dir)
+    else:
+        path = RECORD_DIR if getattr(args, "record", False) else LOCAL_DIR
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def cpu_model() -> str:
