@@ -80,12 +80,20 @@ ForwardOutputs forward_rows(const at::Tensor& q_in, const at::Tensor& k_in, cons
 }
 
 // A call split into parts (split_call.h): each part's forward over views of q, k, v, its
-// results copied into the call's.
+// results copied into the call's; one part with every query (one key length for every row: a
+// static cache's step) gives its results as they are.
 template <typename Parts, typename View, typename KeyView>
 ForwardOutputs forward_parts(const Parts& parts, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              bool causal, bool heads_first, double default_scale, const PerHeadArgs& args,
                              bool skip_zero_gate, bool skip_unused_branch, bool save_for_backward,
                              bool precise_probabilities, View view, KeyView keys) {
+  if (parts.size() == 1 && view(q, parts.front(), heads_first).sizes() == q.sizes()) {
+    const auto& part = parts.front();
+    const PartHeadArgs part_args(args, part.part());
+    return forward_rows(view(q, part, heads_first), keys(k, part), keys(v, part), causal, heads_first,
+                        default_scale, part_args.view(), skip_zero_gate, skip_unused_branch, save_for_backward,
+                        precise_probabilities);
+  }
   const int64_t B = q.size(0), S = q.size(heads_first ? 2 : 1), H = q.size(heads_first ? 1 : 2), D = q.size(3);
   const auto acc_options = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor out = at::empty(q.sizes(), q.options());
