@@ -760,3 +760,30 @@ def test_grads_key_lengths():
     B, Sq, Sk, Hq, Hkv, D = 2, 5, 40, 4, 2, 32
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F32)
     check_cuda_grads(q, k, v, key_lengths=torch.tensor([17, 33]), **head_params(B, Hq, Sk, D, ALL))
+
+
+@pytest.mark.parametrize("dims", [(192, 128), (64, 96)], ids=["D192_Dv128", "D64_Dv96"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_values_of_another_head_dim(dims, dtype):
+    """Multi-head latent attention's shapes (DeepSeek: q and k of 192 dims, v of 128; and wider
+    values): the padded call on the device against the float64 reference; in float32 the
+    gradients of q, k and v too."""
+    D, Dv = dims
+    B, S, Hq, Hkv = 1, 150, 4, 2
+    q, k, _ = make_qkv(B, S, S, Hq, Hkv, D, dtype)
+    v = torch.randn(B, S, Hkv, Dv, dtype=F64).to(dtype)
+    kw = head_params(B, Hq, S, Dv, ["window", "sinks", "out_scale", "gate"])
+    qc, kc, vc, kwc = on_cuda(q, k, v, kw)
+    got = headops.attention(qc, kc, vc, **kwc)
+    synchronize()
+    want = reference.attention(q.to(F64), k.to(F64), v.to(F64), **kw)
+    assert got.shape == (B, S, Hq, Dv)
+    assert_close(got.cpu(), want, OUT_ATOL[dtype], OUT_RTOL[dtype])
+    if dtype == F32:
+        leaves = [t.requires_grad_(True) for t in (qc, kc, vc)]
+        got_grads = torch.autograd.grad(headops.attention(*leaves, **kwc).square().sum(), leaves)
+        ref_leaves = [t.to(F64).requires_grad_(True) for t in (q, k, v)]
+        want_grads = torch.autograd.grad(reference.attention(*ref_leaves, **kw).square().sum(), ref_leaves)
+        for name, a, b in zip("qkv", got_grads, want_grads):
+            assert a.shape == b.shape
+            assert_close(a.cpu(), b, 1e-4 * b.abs().max().item() + 1e-5, what=f"d{name}")

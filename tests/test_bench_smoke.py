@@ -317,3 +317,13 @@ def test_learnt_sums_cost_quick():
     assert [r[0] for r in rows] == ["sink_logit", "softmax_scale", "key_bias", "alpha"]
     for r in rows:
         assert all(float(x) > 0 for x in r[1:4]) and r[4].endswith("x") and r[5].endswith("x")
+
+
+def test_value_head_dim_quick(tmp_path):
+    """bench/value_head_dim.py: every candidate's output checked against SDPA, each pass timed."""
+    _run("bench/value_head_dim.py", "--quick", "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "value_head_dim.json").read_text())
+    assert (data["dim"], data["value_dim"]) == (192, 128)
+    assert {(r["dtype"], r["kind"]) for r in data["results"]} == {
+        (d, k) for d in ("float32", "bfloat16") for k in ("forward", "fwd+bwd")}
+    assert all(r["ms"][n]["median_ms"] > 0 for r in data["results"] for n in ("headops", "SDPA", "SDPA padded"))

@@ -296,7 +296,7 @@ def test_snapkv_scores_equal_the_reference(pool_kernel, pooling, scored_keys):
     q, k, v = make_qkv(1, n, n, Hq, Hkv, D, F64)
     sink_logit = torch.randn(Hq, dtype=F64)
     key_bias = torch.randn(Hq, n, dtype=F64)
-    args = head_args("test", HeadShapes(1, Hq, n, D), q.device, sink_logit=sink_logit, key_bias=key_bias,
+    args = head_args("test", HeadShapes(1, Hq, n, D, D), q.device, sink_logit=sink_logit, key_bias=key_bias,
                      softmax_scale=0.4)
     options = dict(pool_kernel=pool_kernel, pooling=pooling, scored_keys=scored_keys)
     got = budgets.snapkv_scores(q[:, -w:], k, v, args, Hq // Hkv, **options)
@@ -353,7 +353,7 @@ def test_budget_allocation_keeps_the_top_scored_positions(allocation, lengths, w
     for b, n in enumerate(rows):
         assert_close(out[b:b + 1, :n], reference.attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n],
                                                            softmax_scale=scale), 1e-12, 1e-12)
-        args = head_args("test", HeadShapes(1, Hq, n, D), q.device, softmax_scale=scale[None])
+        args = head_args("test", HeadShapes(1, Hq, n, D, D), q.device, softmax_scale=scale[None])
         scores = budgets.snapkv_scores(q[b:b + 1, n - w:n], k[b:b + 1, :n], v[b:b + 1, :n], args, 2,
                                        pool_kernel=pool, pooling=pooling,
                                        scored_keys=n - w if window_kept else None)[[0, 2]].double()

@@ -505,21 +505,6 @@ def test_is_causal_passed_by_the_model_wins_over_the_module():
     torch.testing.assert_close(got, want)
 
 
-def test_values_of_another_head_dim_are_refused_at_patch():
-    """DeepSeek V3's multi-head latent attention: keys of 24 dims, values of 16."""
-    cfg = transformers.DeepseekV3Config(vocab_size=97, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-                                        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
-                                        first_k_dense_replace=1, n_group=1, topk_group=1, pad_token_id=0)
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with pytest.raises(NotImplementedError, match=r"values have another head dim \(16\) than its queries and keys "
-                                                  r"\(24\)"):
-        headops.patch(model, headops.HeadSpec.dense(model))
-    assert model.config._attn_implementation == "eager"
-
-
 @pytest.mark.parametrize("family,kind", [("LlamaConfig", "dense"), ("LlamaConfig", "streaming"),
                                          ("LlamaConfig", "key_bias"), ("mistral", "dense"), ("qwen2", "key_bias"),
                                          ("gemma3", "dense")])

@@ -60,11 +60,13 @@ def check_float_dtype(caller: str, name: str, t: torch.Tensor) -> None:
 
 
 class HeadShapes(NamedTuple):
-    """What the per-head arguments are checked against: batch, query heads, keys, head dim."""
+    """What the per-head arguments are checked against: batch, query heads, keys, q's and k's head
+    dim (the default scale's), the values' (a head's output: out_scale's and out_bias's)."""
     B: int
     Hq: int
     Sk: int
     D: int
+    Dv: int
 
 
 class HeadArgs(NamedTuple):
@@ -190,15 +192,17 @@ def _float_tensor(caller, value, name, device):
 
 
 def per_head_vector(caller, value, name, s: HeadShapes, device):
-    """out_scale / out_bias (``[Hq, D]`` or ``[B, Hq, D]``) as ``[B, Hq, D]``; None stays None."""
+    """out_scale / out_bias (``[Hq, Dv]`` or ``[B, Hq, Dv]``, Dv the values' head dim) as
+    ``[B, Hq, Dv]``; None stays None."""
     if value is None:
         return None
     _float_tensor(caller, value, name, device)
-    if value.dim() == 2 and tuple(value.shape) == (s.Hq, s.D):
-        return value.unsqueeze(0).expand(s.B, s.Hq, s.D)
-    if value.dim() == 3 and tuple(value.shape[1:]) == (s.Hq, s.D) and value.shape[0] in (1, s.B):
-        return value.expand(s.B, s.Hq, s.D)
-    raise fail(caller, name, f"of shape [Hq, D] = [{s.Hq}, {s.D}] or [B, Hq, D] = [{s.B}, {s.Hq}, {s.D}]",
+    if value.dim() == 2 and tuple(value.shape) == (s.Hq, s.Dv):
+        return value.unsqueeze(0).expand(s.B, s.Hq, s.Dv)
+    if value.dim() == 3 and tuple(value.shape[1:]) == (s.Hq, s.Dv) and value.shape[0] in (1, s.B):
+        return value.expand(s.B, s.Hq, s.Dv)
+    dim = "D" if s.Dv == s.D else "Dv"  # (named as the values' head dim where it is not q's)
+    raise fail(caller, name, f"of shape [Hq, {dim}] = [{s.Hq}, {s.Dv}] or [B, Hq, {dim}] = [{s.B}, {s.Hq}, {s.Dv}]",
                tuple(value.shape))
 
 

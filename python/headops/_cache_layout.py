@@ -10,8 +10,7 @@ import torch
 from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
-from ._model_attention import (ENCODER_DECODER_CACHE, capped_window, check_spec_in_sliding_layers,
-                               encoder_decoder_layers, sliding_windows)
+from ._model_attention import capped_window, check_spec_in_sliding_layers, head_sparse_cache_refusal, sliding_windows
 from .spec import HeadSpec
 
 CALLER = "headops.HeadSparseCache"
@@ -53,8 +52,9 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     if given:
         raise TypeError(f"{CALLER}: {', '.join(given)} come from the spec; give either a spec or them")
     spec.validate(model_or_config)
-    if model_or_config is not None and encoder_decoder_layers(model_or_config) is not None:
-        raise NotImplementedError(ENCODER_DECODER_CACHE)
+    refused = None if model_or_config is None else head_sparse_cache_refusal(model_or_config)
+    if refused:
+        raise NotImplementedError(refused)
     sliding = sliding_windows(model_or_config, spec.num_layers)
     check_spec_in_sliding_layers(lambda name, expected, got: fail(CALLER, name, expected, got), spec, sliding,
                                  cache=True)

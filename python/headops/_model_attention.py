@@ -102,8 +102,9 @@ def sliding_windows(model_or_config, num_layers: int) -> list:
 
 def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
     """A NotImplementedError for a model whose attention headops does not compute: logits soft-capped
-    (Gemma 2's attn_logit_softcapping), chunked (Llama 4's chunked_attention layers), or values of
-    another head dim than the keys (DeepSeek V2/V3's multi-head latent attention)."""
+    (Gemma 2's attn_logit_softcapping) or chunked (Llama 4's chunked_attention layers). (Values of
+    another head dim than the keys', as multi-head latent attention's, are computed:
+    headops.attention pads the narrower side.)"""
     cfg = config_of(model_or_config)
     if getattr(cfg, "attn_logit_softcapping", None):
         raise NotImplementedError(f"{caller}: this model soft-caps its attention logits (attn_logit_softcapping = "
@@ -111,12 +112,32 @@ def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
     if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
         raise NotImplementedError(f"{caller}: this model has chunked-attention layers, which headops does not "
                                   "compute")
-    qk = getattr(cfg, "qk_head_dim", None) or (
-        getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0))
-    v = getattr(cfg, "v_head_dim", None)
-    if v and qk and v != qk:
-        raise NotImplementedError(f"{caller}: this model's values have another head dim ({v}) than its queries and "
-                                  f"keys ({qk}) (multi-head latent attention), which headops does not compute")
+
+
+def latent_attention(model_or_config) -> bool:
+    """Whether the model's attention is multi-head latent attention (DeepSeek V2/V3, GLM-4.7-Flash,
+    MiniCPM3, Mistral 4...): each layer caches one latent per token (kv_lora_rank dims and a shared
+    rotary key) and expands it into every head's keys and values before attending, the values of
+    v_head_dim (which may differ from the keys' qk_nope_head_dim + qk_rope_head_dim)."""
+    cfg = config_of(model_or_config)
+    return getattr(cfg, "kv_lora_rank", None) is not None and getattr(cfg, "v_head_dim", None) is not None
+
+
+LATENT_ATTENTION_CACHE = (
+    "headops.HeadSparseCache: this model's attention is multi-head latent attention (DeepSeek V2/V3 and "
+    "kin): its layers cache one latent per token, shared by every head, and expand it into the heads' keys "
+    "and values at each step, so there are no per-head keys and values to keep or evict; a patched model "
+    "generates through transformers' own cache (which holds the latents)")
+
+
+def head_sparse_cache_refusal(model_or_config):
+    """Why a HeadSparseCache cannot hold this model's keys and values (ENCODER_DECODER_CACHE,
+    LATENT_ATTENTION_CACHE), or None."""
+    if encoder_decoder_layers(model_or_config) is not None:
+        return ENCODER_DECODER_CACHE
+    if latent_attention(model_or_config):
+        return LATENT_ATTENTION_CACHE
+    return None
 
 
 def check_spec_in_sliding_layers(fail, spec, windows, *, cache: bool = False) -> None:

@@ -20,16 +20,17 @@ def _fail(name: str, expected: str, got) -> ValueError:
 
 
 class _Shapes:
-    def __init__(self, q, k, layout):
+    def __init__(self, q, k, v, layout):
         heads_first = layout == "bhsd"
         self.heads_first = heads_first
         self.B = q.shape[0]
         self.Sq, self.Hq = (q.shape[2], q.shape[1]) if heads_first else (q.shape[1], q.shape[2])
         self.Sk, self.Hkv = (k.shape[2], k.shape[1]) if heads_first else (k.shape[1], k.shape[2])
         self.D = q.shape[3]
+        self.Dv = v.shape[3]
 
     def heads(self) -> HeadShapes:
-        return HeadShapes(B=self.B, Hq=self.Hq, Sk=self.Sk, D=self.D)
+        return HeadShapes(B=self.B, Hq=self.Hq, Sk=self.Sk, D=self.D, Dv=self.Dv)
 
 
 def _check_qkv(q, k, v, layout):
@@ -46,15 +47,17 @@ def _check_qkv(q, k, v, layout):
             raise TypeError(f"{CALLER}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise _fail(name, f"on q's device {q.device}", t.device)
-    if k.shape != v.shape:
-        raise _fail("v", f"the shape of k {tuple(k.shape)}", tuple(v.shape))
-    s = _Shapes(q, k, layout)
+    if k.shape[:3] != v.shape[:3]:
+        raise _fail("v", f"the shape of k {tuple(k.shape)} but for the head dim (last dim)", tuple(v.shape))
+    s = _Shapes(q, k, v, layout)
     if k.shape[0] != s.B:
         raise _fail("k", f"of q's batch size {s.B} (dim 0)", k.shape[0])
     if k.shape[3] != s.D:
         raise _fail("k", f"of q's head dim {s.D} (last dim)", k.shape[3])
     if s.D < 1:
         raise _fail("q", "a tensor with head dim >= 1", tuple(q.shape))
+    if s.Dv < 1:
+        raise _fail("v", "a tensor with head dim >= 1", tuple(v.shape))
     if s.Hkv < 1 or s.Hq % s.Hkv != 0:
         raise _fail("k", f"a tensor whose number of heads divides q's {s.Hq} (GQA/MQA)",
                     f"{s.Hkv} heads (shape {tuple(k.shape)}, layout {layout!r})")
@@ -88,6 +91,29 @@ def _learns_cancelling_sums(q, args: HeadArgs, grad_needed: bool) -> bool:
         getattr(args, n) is not None and getattr(args, n).requires_grad for n in _CANCELLING_GRADS)
 
 
+def _one_head_dim(q, k, v, args: HeadArgs, s: _Shapes):
+    """q, k, v (and out_scale, out_bias) at one head dim, the kernels' (they take one): values of
+    another head dim than the keys' (multi-head latent attention: DeepSeek V2/V3's 192 and 128) as
+    transformers' FlashAttention path takes them, the narrower side padded with zeros. Zeros in q
+    and k add nothing to a logit (the default scale stays q's); the output's columns past Dv,
+    from the zeros of v, are cut off by the caller. The cost: the kernels' P V and the
+    backward's products with v at the wider dim, and a padded copy of the narrower tensors."""
+    if s.Dv == s.D:
+        return q, k, v, args
+    width = max(s.D, s.Dv)
+
+    def pad(t):
+        return None if t is None else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+    if s.Dv < width:
+        return q, k, pad(v), args._replace(out_scale=pad(args.out_scale), out_bias=pad(args.out_bias))
+    return pad(q), pad(k), v, args
+
+
+def _values_head_dim(out, s: _Shapes):
+    return out if out.shape[-1] == s.Dv else out[..., :s.Dv].contiguous()
+
+
 def run_fused(q, k, v, args: HeadArgs, *, causal: bool, heads_first: bool, sequence_ids=None, key_lengths=None):
     """The fused op on checked q, k, v and normalised per-head arguments (and sequence_ids or
     key_lengths, as _args.sequence_ids_arg / key_lengths_arg give them): (out, lse)."""
@@ -108,10 +134,13 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
               probe=None, sequence_ids=None, key_lengths=None):
     """Multi-head attention in which every head has its own behaviour (docs/DESIGN.md section 1).
 
-    q ``[B, Sq, Hq, D]``, k and v ``[B, Sk, Hkv, D]`` (layout "bshd"; "bhsd" swaps the middle
-    axes); ``Hq % Hkv == 0``. Per-head arguments take a scalar (every head), an ``[Hq]`` or a
-    ``[B, Hq]`` tensor; ``out_scale``/``out_bias`` take ``[Hq, D]`` or ``[B, Hq, D]``;
-    ``key_bias`` anything broadcastable to ``[B, Hq, Sk]``.
+    q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (layout "bshd"; "bhsd"
+    swaps the middle axes); ``Hq % Hkv == 0``; out ``[B, Sq, Hq, Dv]``. Per-head arguments take a
+    scalar (every head), an ``[Hq]`` or a ``[B, Hq]`` tensor; ``out_scale``/``out_bias`` take
+    ``[Hq, Dv]`` or ``[B, Hq, Dv]``; ``key_bias`` anything broadcastable to ``[B, Hq, Sk]``.
+    Values of another head dim than the keys' (Dv != D: multi-head latent attention) run with
+    the narrower side padded with zeros to the wider dim (the kernels take one head dim): the
+    work of a call at that dim, plus the padded copy.
 
     ``sequence_ids`` (``[S]`` or ``[B, S]`` integers; self-attention, Sq = Sk): sequences packed
     into each row, a sequence being a run of one id (``[0, 0, 0, 1, 1, 2, ...]``). Each is attended
@@ -180,9 +209,11 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
     args = head_args(CALLER, s.heads(), q.device, softmax_scale=softmax_scale, window=window, sinks=sinks,
                      alpha=alpha, gate=gate, sink_logit=sink_logit, out_scale=out_scale, out_bias=out_bias,
                      key_bias=key_bias, host_planning=True, device_values=device_values)
+    q, k, v, args = _one_head_dim(q, k, v, args, s)
     if probe is None:
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first, sequence_ids=sequence_ids,
                              key_lengths=key_lengths)
+        out = _values_head_dim(out, s)
         return (out, lse) if return_lse else out
     request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
     out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)
@@ -190,4 +221,5 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
     if (probes.kernel_probes(q.device) and torch.is_grad_enabled()
             and (any(t.requires_grad for t in (q, k, v)) or args.requires_grad())):
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first)
+    out = _values_head_dim(out, s)
     return (out, lse, stats) if return_lse else (out, stats)

@@ -542,7 +542,7 @@ class HeadSparseCache(_CacheBase):
         # GPU): the cache's kernels read them on the device, from a copy made once per tensor
         # (on_device), as are the cache's own windows and sinks -- a repeated decode step copies
         # nothing, so it neither synchronises nor breaks CUDA-graph capture
-        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D), device, host_planning=True, **per_head)
+        args = head_args(caller, HeadShapes(B=B, Hq=Hq, Sk=keys, D=D, Dv=D), device, host_planning=True, **per_head)
         _check_alpha(caller, args.alpha, st)
         return args._replace(window=on_device(st.windows, device).expand(B, Hq),
                              sinks=on_device(st.sinks, device).expand(B, Hq),

@@ -111,8 +111,8 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
-    if cache is not None and getattr(module, "_headops_encoder_decoder", False):
-        raise NotImplementedError(_model_attention.ENCODER_DECODER_CACHE)
+    if cache is not None and getattr(module, "_headops_cache_refused", None):
+        raise NotImplementedError(module._headops_cache_refused)
     recording = getattr(module, "_headops_recording", None)
     causal = bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     sequence_ids = None  # sequences packed into a row: each attended alone
@@ -386,11 +386,11 @@ def patch(model, spec: HeadSpec):
         model._headops_previous = model.config._attn_implementation
     model._headops_whole_spec, model._headops_shard = spec, shard
     _give_spec(modules, local)
-    encoder_decoder = _model_attention.encoder_decoder_layers(model) is not None
+    cache_refused = _model_attention.head_sparse_cache_refusal(model)
     for layer, m in enumerate(modules):
         m._headops_layer = layer
         m._headops_shard = shard
-        m._headops_encoder_decoder = encoder_decoder
+        m._headops_cache_refused = cache_refused
     model.set_attn_implementation(IMPLEMENTATION)
     return model
 
@@ -450,7 +450,7 @@ def unpatch(model):
         raise RuntimeError("headops.unpatch: the model is not patched")
     previous = model._headops_previous
     for m in _attention_modules(model):
-        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_encoder_decoder",
+        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_cache_refused",
                      "_headops_has_sinks"):
             if hasattr(m, name):
                 delattr(m, name)

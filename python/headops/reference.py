@@ -139,10 +139,11 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
         out = a * _unless_weight_zero(out_full, a) + (1 - a) * _unless_weight_zero(out, 1 - a)
         lse = None  # a mixture of two softmaxes has no single lse
 
-    os_ = _per_head_vector(out_scale, B, Hq, D, compute, "out_scale")
+    Dv = v.shape[-1]  # a head's output: the values' head dim (which may differ from q's and k's)
+    os_ = _per_head_vector(out_scale, B, Hq, Dv, compute, "out_scale")
     if os_ is not None:
         out = out * os_[:, :, None, :]
-    ob = _per_head_vector(out_bias, B, Hq, D, compute, "out_bias")
+    ob = _per_head_vector(out_bias, B, Hq, Dv, compute, "out_bias")
     if ob is not None:
         out = out + ob[:, :, None, :]
     g = _per_head(gate, B, Hq, compute, dev, "gate")
@@ -160,9 +161,10 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     return out
 
 
-def _row_args(per_head, B, Hq, D, keys, b, n):
-    """Row b's per-head arguments (a batch of one), key_bias over its first n keys."""
-    shapes = {"out_scale": (B, Hq, D), "out_bias": (B, Hq, D), "key_bias": (B, Hq, keys)}
+def _row_args(per_head, B, Hq, Dv, keys, b, n):
+    """Row b's per-head arguments (a batch of one), key_bias over its first n keys (Dv: the
+    values' head dim, out_scale's and out_bias's last)."""
+    shapes = {"out_scale": (B, Hq, Dv), "out_bias": (B, Hq, Dv), "key_bias": (B, Hq, keys)}
 
     def of_row(name, value):
         if value is None:
@@ -177,10 +179,10 @@ def _key_lengths(q, k, v, key_lengths, *, causal, layout, return_lse, **per_head
     """Each row over its first key_lengths[b] keys (an int or [B]), as a batch of its own."""
     seq = 1 if layout == "bshd" else 2
     B, Sk = q.shape[0], k.shape[seq]
-    Hq, D = q.shape[3 - seq], q.shape[3]
+    Hq, Dv = q.shape[3 - seq], v.shape[3]
     lengths = torch.as_tensor(key_lengths).reshape(-1).expand(B).tolist()
     rows = [attention(q[b:b + 1], k[b:b + 1].narrow(seq, 0, n), v[b:b + 1].narrow(seq, 0, n), causal=causal,
-                      layout=layout, return_lse=return_lse, **_row_args(per_head, B, Hq, D, Sk, b, n))
+                      layout=layout, return_lse=return_lse, **_row_args(per_head, B, Hq, Dv, Sk, b, n))
             for b, n in enumerate(lengths)]
     if return_lse:
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
@@ -192,7 +194,7 @@ def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
     its row's per-head arguments, key_bias over its first keys (by position from its first token)."""
     seq = 1 if layout == "bshd" else 2
     B, S = q.shape[0], q.shape[seq]
-    Hq, D = q.shape[3 - seq], q.shape[3]
+    Hq, Dv = q.shape[3 - seq], v.shape[3]
     ids = torch.as_tensor(sequence_ids).expand(B, S).tolist()
     outs, lses = [], []
     for b in range(B):
@@ -204,7 +206,7 @@ def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
             n = end - start
             part = [t[b:b + 1].narrow(seq, start, n) for t in (q, k, v)]
             got = attention(*part, causal=causal, layout=layout, return_lse=return_lse,
-                            **_row_args(per_head, B, Hq, D, S, b, n))
+                            **_row_args(per_head, B, Hq, Dv, S, b, n))
             row_out.append(got[0] if return_lse else got)
             if return_lse:
                 row_lse.append(got[1])

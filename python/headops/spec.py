@@ -65,7 +65,9 @@ def _fail(name, expected, got):
 
 
 def _shape_of(model_or_config):
-    """(layers, query heads, KV heads, head dim) from a transformers model or config."""
+    """(layers, query heads, KV heads, head dim) from a transformers model or config; the head dim
+    is a head's output's, the values' (v_head_dim where a config names it: multi-head latent
+    attention's keys have another, and its head_dim names the rotary part)."""
     cfg = config_of(model_or_config)
     stacks = encoder_decoder_layers(cfg)
     if stacks is not None:  # a layer per attention module: encoder, decoder, cross (layer_kinds)
@@ -75,7 +77,7 @@ def _shape_of(model_or_config):
         L = cfg.num_hidden_layers
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
-        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        D = getattr(cfg, "v_head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
     except (AttributeError, TypeError, ZeroDivisionError):
         raise TypeError(f"headops.HeadSpec: cannot read the attention shape of model_or_config (a "
                         f"{type(model_or_config).__name__}; expected a transformers model or config with "
@@ -116,7 +118,8 @@ class HeadSpec:
     Fields (tensors, or None where the default applies to every head):
       gate, alpha ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, sink_logit ``[L, Hq]``;
       window, sinks ``[L, Hq]`` int64 (window < 0 unlimited; None: unlimited, no sinks);
-      out_scale, out_bias ``[L, Hq, D]``;
+      out_scale, out_bias ``[L, Hq, D]``, D = head_dim, a head's output's (the values' head dim:
+      multi-head latent attention's keys have another);
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget

@@ -83,6 +83,33 @@ def tiny_whisper():
     return _seeded(lambda: WhisperForConditionalGeneration(cfg).eval()), None
 
 
+_LATENT_FAMILIES = {  # config class, its options beyond the shared ones (MoE layers kept tiny)
+    "deepseek_v3": ("DeepseekV3Config", dict(q_lora_rank=None)),
+    "deepseek_v2": ("DeepseekV2Config", dict(q_lora_rank=24)),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(q_lora_rank=24, v_head_dim=24)),
+    "minicpm3": ("MiniCPM3Config", dict(q_lora_rank=24)),
+}
+_MOE = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+            topk_group=1)
+
+
+def tiny_latent_attention(family: str = "deepseek_v3"):
+    """(model, None): a small random model with multi-head latent attention — DeepSeek V3 (or
+    "deepseek_v2", "glm4_moe_lite" as GLM-4.7-Flash, "minicpm3"): 2 layers (the second MoE where
+    the family has experts), 4 heads, keys of 16 + 8 rotary dims, values of 12 (24 for GLM, whose
+    values have the keys' dim), a latent of 16, vocabulary 97."""
+    import transformers
+
+    name, options = _LATENT_FAMILIES[family]
+    if family != "minicpm3":
+        options = dict(_MOE, **options)
+    cfg = getattr(transformers, name)(**dict(dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2), **options))
+    return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
+
+
 class CharTokenizer:
     """A character tokenizer for the tiny models (vocabulary 97), so that the text tasks
     (headops.tasks) and the discovery methods run on them as on a real model: id 0 is a newline,
