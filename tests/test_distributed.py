@@ -19,7 +19,7 @@ import torch
 import headops
 from headops import _distributed, discover, tasks
 from headops.research import per_row_causal_lm_loss
-from headops.testing import CharTokenizer, run_ranks, tiny_llama, tiny_qwen2
+from headops.testing import CharTokenizer, run_ranks, tiny_latent_attention, tiny_llama, tiny_qwen2
 
 transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -46,7 +46,8 @@ def saved(tmp_path_factory):
     """{name: folder} of the tiny models saved for from_pretrained, loaded once here so that the
     forked ranks find transformers' model modules imported already."""
     folders = {}
-    for name, make in [*FAMILIES.items(), ("cut_group", lambda: tiny_llama(6, 3)), ("odd", lambda: tiny_llama(3, 3))]:
+    for name, make in [*FAMILIES.items(), ("cut_group", lambda: tiny_llama(6, 3)), ("odd", lambda: tiny_llama(3, 3)),
+                       ("minicpm3", lambda: tiny_latent_attention("minicpm3"))]:
         folder = str(tmp_path_factory.mktemp(name))
         make()[0].save_pretrained(folder)
         AutoModelForCausalLM.from_pretrained(folder)
@@ -74,12 +75,14 @@ def specs(model):
             "per_batch": per_batch}
 
 
-def measure(model):
+def measure(model, head_sparse_cache=True):
     """What a patched model computes: logits under each spec (switched by set_spec), probe
-    statistics, greedy tokens through a HeadSparseCache and what that cache holds, and the
-    gradient importance of every head."""
+    statistics, greedy tokens through a HeadSparseCache (or, without, transformers' cache) and
+    what that cache holds, and the gradient importance of every head."""
     out, all_specs = {}, specs(model)
     headops.patch(model, all_specs["dense"])
+    shard = model._headops_shard
+    out["shard"] = None if shard is None else (shard.rank, shard.size)
     with torch.no_grad():
         for name, spec in all_specs.items():
             headops.set_spec(model, spec)
@@ -89,6 +92,10 @@ def measure(model):
             model(IDS)
     out["probe"] = [(recording[layer][0].topk_index, recording[layer][0].entropy) for layer in range(2)]
     headops.set_spec(model, all_specs["streaming"])
+    if not head_sparse_cache:
+        out["tokens"] = model.generate(IDS[:1], max_new_tokens=10, do_sample=False, pad_token_id=2)
+        out["importance"] = headops.importance(model, [IDS], normalize=False)
+        return out
     cache = headops.HeadSparseCache(model, all_specs["streaming"])
     out["tokens"] = model.generate(IDS[:1], max_new_tokens=10, do_sample=False, cache=cache,
                                    pad_token_id=2)
@@ -126,6 +133,24 @@ def test_tensor_parallel_llama_and_qwen2_compute_what_one_process_computes(saved
         assert (view.ideal_nbytes, view.dense_nbytes) == (whole.ideal_nbytes, whole.dense_nbytes)
         assert view.rank_nbytes == [ranks[0][name]["cache"]["view"].rank_nbytes[0], view.rank_nbytes[1]]
         assert view.nbytes == sum(view.rank_nbytes)
+
+
+def test_tensor_parallel_latent_attention_computes_what_one_process_computes(saved):
+    """MiniCPM3 (multi-head latent attention: keys of 24 dims, values of 12, padded in each rank's
+    calls) split over two ranks by transformers' plan: logits under every spec, probes, greedy
+    tokens through transformers' cache (HeadSparseCache is refused for a latent cache) and head
+    importance as one process."""
+    one = measure(tiny_latent_attention("minicpm3")[0], head_sparse_cache=False)
+    ranks = run_ranks(lambda rank: measure(load_tp(saved["minicpm3"]), head_sparse_cache=False), 2)
+    for rank, got in enumerate(ranks):
+        assert got["shard"] == (rank, 2)  # (each rank computes its own heads)
+        for spec in ("dense", "masked", "streaming", "per_batch"):
+            torch.testing.assert_close(got[spec], one[spec], atol=2e-6, rtol=1e-5, msg=f"rank {rank} {spec}")
+        for (index, entropy), (want_index, want_entropy) in zip(got["probe"], one["probe"]):
+            assert torch.equal(index, want_index)
+            torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["tokens"], one["tokens"])
+        torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
 
 
 def test_tensor_parallel_shards_that_cut_heads_or_gqa_groups_are_refused_naming_the_heads(saved):

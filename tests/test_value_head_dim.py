@@ -333,3 +333,26 @@ def test_head_sparse_cache_is_refused():
     with torch.no_grad():  # (the streaming spec through transformers' cache, as without one)
         want = model.generate(ids[:1], max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
         assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0), want)
+
+
+def test_echo_and_induction_scores_are_the_eager_patterns():
+    """Finding heads on a latent-attention model: RazorAttention's echo and induction scores (probes
+    through the patched model) equal the masses read from transformers' eager patterns (MiniCPM3,
+    float64)."""
+    from headops import discover
+    from headops.testing import CharTokenizer
+
+    model, _ = tiny_latent_attention("minicpm3")
+    model = model.double()
+    period = 5
+    ids = discover.repeated_tokens(model, CharTokenizer(), period=period, rows=2, seed=3)
+    echo, induction = discover.echo_induction_scores(model, ids, period)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        patterns = model(ids, output_attentions=True).attentions  # [B, H, S, S] per layer
+    rows = torch.arange(1 + period, ids.shape[1])
+    for layer, A in enumerate(patterns):
+        torch.testing.assert_close(echo.values[layer], A[:, :, rows, rows - period].mean(dim=(0, 2)), atol=1e-6,
+                                   rtol=0)
+        torch.testing.assert_close(induction.values[layer], A[:, :, rows, rows - period + 1].mean(dim=(0, 2)),
+                                   atol=1e-6, rtol=0)

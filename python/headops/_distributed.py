@@ -29,6 +29,7 @@ import traceback
 
 import torch
 
+from ._model_attention import config_of, latent_attention
 from ._progress import progress as progress_over
 
 # torchrun's environment: the variables it sets in every process it starts
@@ -168,28 +169,46 @@ def head_shard(model_or_config, caller: str) -> HeadShard | None:
     if not any(isinstance(p, DTensor) for m in modules for p in m.parameters()):
         return None
     name = type(model_or_config).__name__
-    if not all(isinstance(getattr(getattr(m, proj, None), "weight", None), DTensor)
-               for m in modules for proj in ("q_proj", "k_proj", "v_proj")):
+    _, Hq, Hkv, _ = _shape_of(model_or_config)
+    projections = [_head_projections(model_or_config, m, Hq, Hkv) for m in modules]
+    weights = [(m, proj, getattr(getattr(m, proj, None), "weight", None), heads, rows)
+               for m, layer in zip(modules, projections) for proj, heads, rows in layer]
+    if not all(isinstance(w, DTensor) for _, _, w, _, _ in weights):
         raise NotImplementedError(
             f"{caller}: {name} is sharded by tensor parallelism, but not through separate q_proj, k_proj and v_proj "
-            "weights sharded by heads; headops slices specs for those (Llama, Mistral, Qwen families)")
-    mesh = modules[0].q_proj.weight.device_mesh
-    placements = {getattr(m, proj).weight.placements for m in modules for proj in ("q_proj", "k_proj", "v_proj")}
+            "weights (or multi-head latent attention's q_b_proj and kv_b_proj) sharded by heads; headops slices "
+            "specs for those (Llama, Mistral, Qwen, DeepSeek families)")
+    mesh = weights[0][2].device_mesh
+    placements = {w.placements for _, _, w, _, _ in weights}
     if mesh.ndim != 1 or placements != {(Shard(0),)}:
         raise NotImplementedError(f"{caller}: {name}'s attention projections are sharded as "
                                   f"{sorted(map(str, placements))} on a {mesh.ndim}-D mesh; headops reads one "
                                   "tensor-parallel dimension sharded by output rows (transformers' 'colwise' plan)")
     size, rank = mesh.size(), mesh.get_local_rank()
-    _, Hq, Hkv, D = _shape_of(model_or_config)
     _check_heads_divide(caller, name, size, Hq, Hkv)
-    for m in modules:
-        got = (m.q_proj.weight.to_local().shape[0], m.k_proj.weight.to_local().shape[0])
-        if got != (Hq // size * D, Hkv // size * D):
+    for m, layer in zip(modules, projections):
+        got = [getattr(m, proj).weight.to_local().shape[0] for proj, _, _ in layer]
+        if got != [heads // size * rows for _, heads, rows in layer]:
+            held = ", ".join(f"{n} {proj} rows" for n, (proj, _, _) in zip(got, layer))
+            want = ", ".join(f"{heads // size} heads of {rows} {proj} rows" for proj, heads, rows in layer)
             raise NotImplementedError(
-                f"{caller}: {name}'s layer {m.layer_idx} holds {got[0]} query and {got[1]} key rows on rank {rank} of "
-                f"{size}; headops expects each rank's block of {Hq // size} query and {Hkv // size} KV heads of "
-                f"{D} rows")
+                f"{caller}: {name}'s layer {m.layer_idx} holds {held} on rank {rank} of {size}; headops expects each "
+                f"rank's block of heads: {want}")
     return HeadShard(rank, size, mesh.get_group(), Hq, Hkv)
+
+
+def _head_projections(model_or_config, module, Hq, Hkv) -> list:
+    """[(projection, heads, output rows per head)] of the weights that hold an attention module's
+    heads, as tensor parallelism shards them: q_proj, k_proj, v_proj; for multi-head latent
+    attention the query projection (q_b_proj, or q_proj without a query latent) and kv_b_proj,
+    which expands the shared latent into every head's keys (no rotary part) and values."""
+    cfg = config_of(model_or_config)
+    if latent_attention(cfg):
+        query = "q_b_proj" if getattr(module, "q_b_proj", None) is not None else "q_proj"
+        nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        return [(query, Hq, nope + rope), ("kv_b_proj", Hq, nope + v)]
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, getattr(cfg, "v_head_dim", None) or D)]
 
 
 def _check_heads_divide(caller, name, size, Hq, Hkv) -> None:
