@@ -57,12 +57,40 @@ ENCODER_DECODER_CACHE = (
     "HeadSparseCache holds a decoder-only model's self-attention")
 
 
+# layer types (transformers' config.layer_types) of layers without softmax attention: a hybrid
+# model's Gated DeltaNet, Mamba or lightning-attention layers, and Nemotron-H's MLP and MoE layers
+WITHOUT_ATTENTION = ("linear_attention", "mamba", "conv", "mlp", "moe")
+
+
+def attention_layer_indices(model_or_config) -> list:
+    """The indices of a decoder-only or encoder-only model's layers that have softmax attention, a
+    spec's layers in order: every layer, except in a hybrid model (Qwen3-Next, Qwen3.5, OLMo
+    hybrid, Jamba, Nemotron-H, MiniMax: config.layer_types naming linear-attention, Mamba, MLP or
+    MoE layers), whose other layers headops leaves as they are."""
+    cfg = config_of(model_or_config)
+    L = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return list(range(L))
+    return [i for i, kind in enumerate(list(types)[:L]) if kind not in WITHOUT_ATTENTION]
+
+
+def is_hybrid(model_or_config) -> bool:
+    """Whether some layers of a decoder-only model have no softmax attention (attention_layer_indices)."""
+    cfg = config_of(model_or_config)
+    return (encoder_decoder_layers(cfg) is None and isinstance(getattr(cfg, "num_hidden_layers", None), int)
+            and len(attention_layer_indices(cfg)) != cfg.num_hidden_layers)
+
+
 def layer_kinds(model_or_config, num_layers: int) -> list:
     """Per spec layer, (kind, index in its stack): ("self", i) for a decoder-only or encoder-only
-    model; for an encoder-decoder one ("encoder", i), then ("decoder", i), then ("cross", i)."""
+    model (i: the model's layer, which in a hybrid model skips the layers without softmax
+    attention); for an encoder-decoder one ("encoder", i), then ("decoder", i), then ("cross", i)."""
     stacks = encoder_decoder_layers(model_or_config) if model_or_config is not None else None
     if stacks is None:
-        return [("self", i) for i in range(num_layers)]
+        layers = attention_layer_indices(model_or_config) if model_or_config is not None else None
+        return [("self", i) for i in (layers if layers is not None and len(layers) == num_layers
+                                      else range(num_layers))]
     encoder, decoder = stacks
     return ([("encoder", i) for i in range(encoder)] + [("decoder", i) for i in range(decoder)]
             + [("cross", i) for i in range(decoder)])
@@ -97,7 +125,10 @@ def sliding_windows(model_or_config, num_layers: int) -> list:
     types = getattr(cfg, "layer_types", None)
     if types is None:
         return [int(window)] * num_layers
-    return [int(window) if kind == SLIDING else None for kind in list(types)[:num_layers]]
+    types = list(types)
+    if encoder_decoder_layers(cfg) is None and len(attention_layer_indices(cfg)) == num_layers:
+        types = [types[i] for i in attention_layer_indices(cfg)]  # (a hybrid model's attention layers)
+    return [int(window) if kind == SLIDING else None for kind in types[:num_layers]]
 
 
 def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
@@ -130,13 +161,21 @@ LATENT_ATTENTION_CACHE = (
     "generates through transformers' own cache (which holds the latents)")
 
 
+HYBRID_CACHE = (
+    "headops.HeadSparseCache: this is a hybrid model (some layers are linear-attention, Mamba, MLP or MoE "
+    "layers, config.layer_types): those layers keep their states in transformers' cache, which a patched "
+    "model generates through; HeadSparseCache holds models whose every layer has softmax attention")
+
+
 def head_sparse_cache_refusal(model_or_config):
     """Why a HeadSparseCache cannot hold this model's keys and values (ENCODER_DECODER_CACHE,
-    LATENT_ATTENTION_CACHE), or None."""
+    LATENT_ATTENTION_CACHE, HYBRID_CACHE), or None."""
     if encoder_decoder_layers(model_or_config) is not None:
         return ENCODER_DECODER_CACHE
     if latent_attention(model_or_config):
         return LATENT_ATTENTION_CACHE
+    if is_hybrid(model_or_config):
+        return HYBRID_CACHE
     return None
 
 

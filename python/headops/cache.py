@@ -94,6 +94,13 @@ class _TransformersLayer(_LayerBase):
     batch_select_indices = _whole_cache_only("batch_select_indices(indices)")
 
 
+def _no_linear_layers(self, *args, **kwargs):
+    """A hybrid model's linear-attention (or Mamba) layer asking the cache for its states."""
+    from ._model_attention import HYBRID_CACHE
+
+    raise NotImplementedError(HYBRID_CACHE)
+
+
 
 class HeadSparseCache(_CacheBase):
     """A KV cache whose storage follows each head's visibility (DESIGN section 2).
@@ -268,6 +275,10 @@ class HeadSparseCache(_CacheBase):
         """The sequence length as transformers counts it: the longest row's tokens, with the left
         padding of its prompt (``padding_side="left"``; stored nowhere)."""
         return self._layers[layer_idx].padded_length()
+
+    # a hybrid model's linear-attention and Mamba layers keep their states in transformers' cache
+    get_conv_state = update_conv_state = get_recurrent_state = update_recurrent_state = _no_linear_layers
+    has_previous_state = _no_linear_layers
 
     # ------------------------------------------------------------------------------------ state
 

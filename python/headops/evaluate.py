@@ -112,7 +112,7 @@ class Method:
             return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
                                    **_scoring_options(p))
         if f == "random":
-            L, Hkv = model.config.num_hidden_layers, _num_kv_heads(model.config)
+            L, Hkv = HeadSpec.dense(model).num_layers, _num_kv_heads(model.config)
             generator = torch.Generator().manual_seed(p["seed"])
             table = torch.rand(L, Hkv, generator=generator, dtype=torch.float64)
             return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])

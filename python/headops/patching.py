@@ -136,6 +136,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if key_lengths is not None:
         key_lengths = key_lengths.reshape(1).expand(query.shape[0])
     elif cache is None and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        if module._headops_hybrid:  # (a static cache's unwritten slots are a whole-attention model's)
+            raise NotImplementedError(
+                f"headops (layer {layer}): the model's mask covers {attention_mask.shape[-1]} positions, its keys "
+                f"{key.shape[2]}: its cache sized the mask by another layer (transformers' MiniMax cache, whose first "
+                "layer is a linear-attention layer, in a padded batch's decode steps); headops cannot tell which keys "
+                "are padding there")
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     # keys the model's own cache dropped before these (a sliding-window layer's keeps the window's):
     # the mask covers every position so far (_headops_mask), the keys are the last ones
@@ -316,7 +322,8 @@ _PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query")  # (Llama-likes, Phi-3,
 
 def _attention_modules(model):
     """The attention modules in the order of a spec's layers: by layer_idx (modules with a
-    layer_idx and projections); for an encoder-decoder model the encoder's (in module order: some
+    layer_idx and projections; in a hybrid model those of its softmax-attention layers); for an
+    encoder-decoder model the encoder's (in module order: some
     have no layer_idx), the decoder's self-attention, then its cross-attention modules (not
     causal), as _model_attention.layer_kinds lays them out."""
     if not isinstance(model, torch.nn.Module) or _model_attention.encoder_decoder_layers(model) is None:
@@ -324,6 +331,10 @@ def _attention_modules(model):
         for _, m in model.named_modules():
             if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
                 found.append(m)
+        if isinstance(model, torch.nn.Module) and _model_attention.is_hybrid(model):
+            # (a hybrid model's linear-attention layers may name their projections as attention's)
+            layers = set(_model_attention.attention_layer_indices(model))
+            found = [m for m in found if m.layer_idx in layers]
         return sorted(found, key=lambda m: m.layer_idx)
     in_encoder = {id(m) for m in model.get_encoder().modules()}
     stacks = {"encoder": [], "decoder": [], "cross": []}
@@ -374,6 +385,13 @@ def patch(model, spec: HeadSpec):
         raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
                                   f"{type(model).__name__}, expected {spec.num_layers}; this model family is not "
                                   "supported yet")
+    if _model_attention.encoder_decoder_layers(model) is None:
+        layers = [kind[1] for kind in attention_layers(model)]
+        if [m.layer_idx for m in modules] != layers:
+            raise NotImplementedError(
+                f"headops.patch: {type(model).__name__}'s attention modules are in layers "
+                f"{[m.layer_idx for m in modules]}, its config's softmax-attention layers are {layers} "
+                "(config.layer_types); this model family is not supported yet")
     shard = _distributed.head_shard(model, "headops.patch")
     local = spec if shard is None else shard.local_spec(spec)
     if not _registered:
@@ -387,17 +405,20 @@ def patch(model, spec: HeadSpec):
     model._headops_whole_spec, model._headops_shard = spec, shard
     _give_spec(modules, local)
     cache_refused = _model_attention.head_sparse_cache_refusal(model)
+    hybrid = _model_attention.is_hybrid(model)
     for layer, m in enumerate(modules):
         m._headops_layer = layer
         m._headops_shard = shard
         m._headops_cache_refused = cache_refused
+        m._headops_hybrid = hybrid
     model.set_attn_implementation(IMPLEMENTATION)
     return model
 
 
 def attention_layers(model) -> list:
     """What each layer of a spec for `model` is: (kind, index in its stack) per layer, ("self", i)
-    for a decoder-only or encoder-only model; for an encoder-decoder model (BART, Marian, Whisper)
+    for a decoder-only or encoder-only model (i the model's layer: a hybrid model's spec has only
+    its softmax-attention layers); for an encoder-decoder model (BART, Marian, Whisper)
     its encoder's self-attention layers ("encoder", i), then its decoder's ("decoder", i), then its
     cross-attention layers ("cross", i)."""
     from .spec import _shape_of
@@ -450,7 +471,7 @@ def unpatch(model):
         raise RuntimeError("headops.unpatch: the model is not patched")
     previous = model._headops_previous
     for m in _attention_modules(model):
-        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_cache_refused",
+        for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_cache_refused", "_headops_hybrid",
                      "_headops_has_sinks"):
             if hasattr(m, name):
                 delattr(m, name)

@@ -34,8 +34,9 @@ import json
 import torch
 
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
-from ._model_attention import (check_spec_in_cross_attention_layers, check_spec_in_sliding_layers, config_of,
-                               encoder_decoder_layers, layer_kinds, sliding_windows)
+from ._model_attention import (attention_layer_indices, check_spec_in_cross_attention_layers,
+                               check_spec_in_sliding_layers, config_of, encoder_decoder_layers, layer_kinds,
+                               sliding_windows)
 
 __all__ = ["HeadSpec"]
 
@@ -74,7 +75,7 @@ def _shape_of(model_or_config):
         Hq = cfg.encoder_attention_heads
         return stacks[0] + 2 * stacks[1], Hq, Hq, getattr(cfg, "head_dim", None) or cfg.d_model // Hq
     try:
-        L = cfg.num_hidden_layers
+        L = len(attention_layer_indices(cfg))  # (a hybrid model: its softmax-attention layers)
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "v_head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq

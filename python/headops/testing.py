@@ -110,6 +110,40 @@ def tiny_latent_attention(family: str = "deepseek_v3"):
     return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
 
 
+_HYBRID_FAMILIES = {  # config class, its options: 4 layers, two or one of them softmax attention
+    "qwen3_next": ("Qwen3NextConfig", dict(layer_types=["linear_attention", "full_attention"] * 2, head_dim=16,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                           linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen3_5": ("Qwen3_5TextConfig", dict(layer_types=["linear_attention", "full_attention"] * 2, head_dim=16,
+                                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                          linear_value_head_dim=8)),
+    "olmo_hybrid": ("OlmoHybridConfig", dict(layer_types=["linear_attention", "linear_attention", "full_attention",
+                                                          "linear_attention"])),
+    "nemotron_h": ("NemotronHConfig", dict(layer_types=["linear_attention", "full_attention", "mlp", "full_attention"],
+                                           head_dim=16, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                                           n_groups=1)),
+    "jamba": ("JambaConfig", dict(attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=2,
+                                  expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)),
+    "minimax": ("MiniMaxConfig", dict(layer_types=["linear_attention", "full_attention"] * 2, head_dim=16,
+                                      num_local_experts=2, num_experts_per_tok=1)),
+}
+
+
+def tiny_hybrid(family: str = "qwen3_next"):
+    """(model, None): a small random hybrid model, 4 layers of which some have softmax attention
+    and the others not — Qwen3-Next (or "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba",
+    "minimax"): Gated DeltaNet, Mamba, lightning-attention or MLP layers beside attention layers
+    of 4 query / 2 KV heads, D = 16, vocabulary 97."""
+    import transformers
+
+    name, options = _HYBRID_FAMILIES[family]
+    cfg = getattr(transformers, name)(**dict(dict(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2), **options))
+    return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
+
+
 class CharTokenizer:
     """A character tokenizer for the tiny models (vocabulary 97), so that the text tasks
     (headops.tasks) and the discovery methods run on them as on a real model: id 0 is a newline,

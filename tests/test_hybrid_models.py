@@ -1,0 +1,181 @@
+"""Hybrid models through headops.patch: Qwen3-Next, Qwen3.5, OLMo hybrid, Nemotron-H, Jamba and
+MiniMax, whose layers mix softmax attention with Gated DeltaNet, Mamba, lightning-attention or
+MLP layers (config.layer_types).
+
+A spec has a layer per softmax-attention layer (headops.attention_layers names the model's
+layer of each); the other layers run as the model has them. A dense spec is the model (logits,
+greedy generation through transformers' hybrid cache, loss and gradients); a masked head is its
+module's head; a streaming spec generates through the model's cache as it recomputes without
+one; head importance equals central differences; probes report every attention layer;
+HeadSparseCache is refused (the other layers' states live in transformers' cache). A module of a
+non-attention layer that names its projections q_proj, k_proj, v_proj (OLMo hybrid's Gated
+DeltaNet, MiniMax's lightning attention) is left alone.
+"""
+
+import pytest
+import torch
+
+import headops
+
+transformers = pytest.importorskip("transformers")
+from headops.testing import tiny_hybrid  # noqa: E402
+
+FAMILIES = ["qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba", "minimax"]
+ATTENTION_LAYERS = {"olmo_hybrid": [2]}  # the others: layers 1 and 3 of 4
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+def attention_module(model, layer):
+    layer = model.model.layers[layer]
+    return getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_spec_has_a_layer_per_softmax_attention_layer(family):
+    model, _ = tiny_hybrid(family)
+    layers = ATTENTION_LAYERS.get(family, [1, 3])
+    assert headops.attention_layers(model) == [("self", i) for i in layers]
+    spec = headops.HeadSpec.dense(model)
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (len(layers), 4, 2, 16)
+    headops.patch(model, spec)
+    assert [attention_module(model, i)._headops_layer for i in layers] == list(range(len(layers)))
+    others = [m for i in range(4) if i not in layers for m in model.model.layers[i].modules()]
+    assert not any(hasattr(m, "_headops_spec") for m in others)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_spec_is_the_model(family):
+    """A left-padded batch's logits, greedy tokens through transformers' hybrid cache (the other
+    layers' convolution and recurrent states beside the attention layers' keys), a training
+    step's loss and every parameter's gradient: as the unpatched model."""
+    model, _ = tiny_hybrid(family)
+    ids, mask = batch()
+    rows = 1 if family == "minimax" else 2  # (MiniMax's padded decode: test_minimax_padded_decode_is_refused)
+    gen = dict(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=6, min_new_tokens=6,
+               do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_tokens = model.generate(**gen)
+    want_loss = model(ids, attention_mask=mask, labels=ids).loss
+    want_loss.backward()
+    want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(**gen), want_tokens)
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
+    assert sum(g is not None for g in want_grads) > 10
+    for got_grad, grad in zip((p.grad for p in model.parameters()), want_grads):
+        assert (got_grad is None) == (grad is None)
+        if grad is not None:
+            torch.testing.assert_close(got_grad, grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "nemotron_h", "minimax"])
+def test_a_masked_head_is_its_modules_head(family):
+    """Spec layer 1 is the model's layer 3: its head 2 masked equals the unpatched model with that
+    head's slice zeroed before the layer's o_proj (Qwen3-Next gates the attention output first:
+    0 stays 0)."""
+    model, _ = tiny_hybrid(family)
+    ids, _ = batch()
+
+    def zero_head(_, args):
+        (x,) = args
+        x = x.clone()
+        x[..., 2 * 16:3 * 16] = 0
+        return (x,)
+
+    hook = attention_module(model, 3).o_proj.register_forward_pre_hook(zero_head)
+    with torch.no_grad():
+        want = model(ids).logits
+    hook.remove()
+    headops.patch(model, headops.HeadSpec.dense(model).mask_heads({1: [2]}))
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    headops.unpatch(model)
+    with torch.no_grad():
+        assert (model(ids).logits - want).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "jamba"])
+def test_a_streaming_spec_generates_through_the_models_cache_as_without(family):
+    """StreamingLLM in every attention layer (window 3, one sink): greedy tokens through
+    transformers' hybrid cache equal those recomputed without a cache."""
+    model, _ = tiny_hybrid(family)
+    ids, mask = batch()
+    headops.patch(model, headops.HeadSpec.streaming_llm(model, window=3, sinks=1))
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+               pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**gen), model.generate(**gen, use_cache=False))
+
+
+def test_head_importance_is_the_finite_differences():
+    """|dL/dgate| of every head of Qwen3.5's two attention layers against central differences of
+    the loss in float64 (steps of 1e-2: its norms round to float32 even in a float64 model)."""
+    from headops import research
+
+    model, _ = tiny_hybrid("qwen3_5")
+    ids, mask = batch()
+    data = dict(input_ids=ids, attention_mask=mask, labels=ids)
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten())
+
+    headops.patch(model, headops.HeadSpec.dense(model))
+    got = research.importance(model, [data], loss_fn=loss_fn, normalize=False)
+    assert got.shape == (2, 4)
+    heads = [(layer, h) for layer in range(2) for h in range(4)]
+    model.double()
+    want = research.importance_finite_difference(model, data, loss_fn=loss_fn, heads=heads, eps=1e-2)
+    for layer, h in heads:
+        assert abs(got[layer, h].item() - abs(want[layer, h].item())) <= 1e-4 + 1e-3 * abs(want[layer, h].item())
+
+
+def test_probes_report_every_attention_layer():
+    model, _ = tiny_hybrid("qwen3_next")
+    ids, _ = batch()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with headops.probe(model, sink_mass=True) as rec:
+        with torch.no_grad():
+            model(ids)
+    assert len(rec) == 2 and all(rec[layer][0].sink_mass.shape == (2, 4, 13) for layer in range(2))
+
+
+def test_head_sparse_cache_is_refused():
+    model, _ = tiny_hybrid("qwen3_next")
+    spec = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+    headops.patch(model, spec)
+    with pytest.raises(NotImplementedError, match="hybrid model .* keep their states in transformers' cache"):
+        headops.HeadSparseCache(model, spec)
+    by_hand = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)  # (no model to check)
+    ids, _ = batch()
+    with pytest.raises(NotImplementedError, match="hybrid model"):
+        model.generate(ids[:1], max_new_tokens=2, cache=by_hand, pad_token_id=0)
+
+
+def test_minimax_padded_decode_is_refused():
+    """transformers' MiniMax cache sizes the decode steps' masks by its first layer, a linear one (one
+    position where the attention layers hold every key): transformers' own attention then
+    broadcasts that one position over the keys, and the padding is lost. headops cannot tell which
+    keys are padding and refuses by name, rather than leaving keys out (before 2026-12-06 it cut
+    them to the mask, as a static cache's unwritten slots, and generated other tokens)."""
+    model, _ = tiny_hybrid("minimax")
+    ids, mask = batch()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with pytest.raises(NotImplementedError, match="its cache sized the mask by another layer"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
