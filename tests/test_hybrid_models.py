@@ -179,3 +179,21 @@ def test_minimax_padded_decode_is_refused():
     headops.patch(model, headops.HeadSpec.dense(model))
     with pytest.raises(NotImplementedError, match="its cache sized the mask by another layer"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name,kind", [("DeepseekV32Config", "indexed_attention"),
+                                       ("DeepseekV4Config", "heavily_compressed_attention")])
+def test_attention_headops_does_not_compute_is_refused_naming_the_layer_type(name, kind):
+    """DeepSeek V3.2's indexed (sparse) attention and V4's compressed attention are not softmax
+    attention over the keys: patch refuses them by their layer type, before anything changes
+    (before 2026-12-06: "found 0 attention modules")."""
+    cfg = getattr(transformers, name)(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+        q_lora_rank=24, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(NotImplementedError, match=f"layers of type '{kind}' .config.layer_types.; '{kind}': "):
+        headops.patch(model, headops.HeadSpec.dense(model))
+    assert model.config._attn_implementation == "eager"

@@ -58,8 +58,17 @@ ENCODER_DECODER_CACHE = (
 
 
 # layer types (transformers' config.layer_types) of layers without softmax attention: a hybrid
-# model's Gated DeltaNet, Mamba or lightning-attention layers, and Nemotron-H's MLP and MoE layers
+# model's Gated DeltaNet, Mamba or lightning-attention layers, LFM's convolutions, and Nemotron-H's
+# MLP and MoE layers
 WITHOUT_ATTENTION = ("linear_attention", "mamba", "conv", "mlp", "moe")
+# layer types whose attention headops computes ("hybrid": attention beside a Mamba mixer, Falcon-H1)
+COMPUTED_ATTENTION = ("full_attention", "sliding_attention", "hybrid")
+# layer types of attention that headops does not compute, and what they are
+UNCOMPUTED_ATTENTION = {
+    "indexed_attention": "each query attends to the keys an indexer picks (DeepSeek V3.2's sparse attention)",
+    "compressed_sparse_attention": "attention over compressed and selected keys (DeepSeek V4)",
+    "heavily_compressed_attention": "attention over compressed keys (DeepSeek V4)",
+}
 
 
 def attention_layer_indices(model_or_config) -> list:
@@ -140,9 +149,17 @@ def refuse_what_headops_cannot_compute(caller, model_or_config) -> None:
     if getattr(cfg, "attn_logit_softcapping", None):
         raise NotImplementedError(f"{caller}: this model soft-caps its attention logits (attn_logit_softcapping = "
                                   f"{cfg.attn_logit_softcapping}), which headops does not compute")
-    if "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if "chunked_attention" in kinds:
         raise NotImplementedError(f"{caller}: this model has chunked-attention layers, which headops does not "
                                   "compute")
+    other = sorted(kinds - set(COMPUTED_ATTENTION) - set(WITHOUT_ATTENTION))
+    if other:
+        raise NotImplementedError(
+            f"{caller}: this model has layers of type {', '.join(map(repr, other))} (config.layer_types)"
+            + "".join(f"; {kind!r}: {UNCOMPUTED_ATTENTION[kind]}" for kind in other if kind in UNCOMPUTED_ATTENTION)
+            + f"; headops computes the layer types {', '.join(COMPUTED_ATTENTION)} (beside layers without "
+            "softmax attention, which it leaves as they are)")
 
 
 def latent_attention(model_or_config) -> bool:
