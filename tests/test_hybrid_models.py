@@ -7,7 +7,8 @@ layer of each); the other layers run as the model has them. A dense spec is the 
 greedy generation through transformers' hybrid cache, loss and gradients); a masked head is its
 module's head; a streaming spec generates through the model's cache as it recomputes without
 one; head importance equals central differences; probes report every attention layer;
-HeadSparseCache is refused (the other layers' states live in transformers' cache). A module of a
+HeadSparseCache holds the attention layers' keys and, as transformers' cache does, the other
+layers' states (dense: the model's tokens, beams too; streaming: the recomputed ones). A module of a
 non-attention layer that names its projections q_proj, k_proj, v_proj (OLMo hybrid's Gated
 DeltaNet, MiniMax's lightning attention) is left alone.
 """
@@ -156,16 +157,74 @@ def test_probes_report_every_attention_layer():
     assert len(rec) == 2 and all(rec[layer][0].sink_mass.shape == (2, 4, 13) for layer in range(2))
 
 
-def test_head_sparse_cache_is_refused():
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "minimax"])
+def test_head_sparse_cache_holds_the_attention_layers_beside_the_others_states(family):
+    """HeadSparseCache(model, spec) on a hybrid model: a storage per softmax-attention layer, and for
+    the other layers transformers' own layers of their convolution and recurrent states. A dense
+    spec generates the model's own tokens (left-padded batch); StreamingLLM through it generates
+    what recomputing without a cache does, holding less than a dense cache would."""
+    model, _ = tiny_hybrid(family)
+    ids, mask = batch()
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+               pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(**gen)
+    dense = headops.HeadSpec.dense(model)
+    headops.patch(model, dense)
+    cache = headops.HeadSparseCache(model, dense)
+    attention = [i for _, i in headops.attention_layers(model)]
+    assert len(cache.layers) == 4 and len(cache._layers) == len(attention)
+    assert all(type(cache.layers[i]).__name__ == "_TransformersLayer" for i in attention)
+    assert all(type(cache.layers[i]).__name__ != "_TransformersLayer" for i in range(4) if i not in attention)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**gen, cache=cache), want)
+        streaming = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+        headops.set_spec(model, streaming)
+        cache = headops.HeadSparseCache(model, streaming)
+        assert torch.equal(model.generate(**gen, cache=cache), model.generate(**gen, use_cache=False))
+    assert cache.nbytes() < cache.dense_nbytes()
+
+
+def test_head_sparse_cache_on_a_hybrid_model_beam_search_and_compression_methods():
+    """Qwen3.5: beam search through a HeadSparseCache reorders the recurrent states with the kept
+    keys (the model's own beams); SnapKV budgets and RazorAttention generate through it; what
+    transformers' cache cannot do to recurrent states is refused by name."""
+    model, _ = tiny_hybrid("qwen3_5")
+    ids, mask = batch()
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+               pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(**gen, num_beams=3)
+    dense = headops.HeadSpec.dense(model)
+    headops.patch(model, dense)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**gen, num_beams=3, cache=headops.HeadSparseCache(model, dense)), want)
+        for spec in (headops.HeadSpec.budget(model, budget=10), headops.HeadSpec.razor(model, {0: [1]}, window=4,
+                                                                                         sinks=1)):
+            headops.set_spec(model, spec)
+            cache = headops.HeadSparseCache(model, spec)
+            out = model.generate(**gen, cache=cache)
+            assert out.shape == (2, 19) and cache.ideal_nbytes() < cache.dense_nbytes()
+    with pytest.raises(NotImplementedError, match="recurrent states, which cannot be cut back"):
+        cache.crop(-1)
+    with pytest.raises(NotImplementedError, match="recurrent states"):
+        cache.batch_select_indices([0])
+
+
+def test_a_head_sparse_cache_made_by_hand_or_for_minimax_is_refused():
+    """A cache made from keywords knows no linear layers: the first one asking for its states is
+    refused by name; MiniMax's own cache class is required by the model (transformers' error)."""
     model, _ = tiny_hybrid("qwen3_next")
-    spec = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
-    headops.patch(model, spec)
-    with pytest.raises(NotImplementedError, match="hybrid model .* keep their states in transformers' cache"):
-        headops.HeadSparseCache(model, spec)
-    by_hand = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)  # (no model to check)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    by_hand = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     ids, _ = batch()
-    with pytest.raises(NotImplementedError, match="hybrid model"):
+    with pytest.raises(NotImplementedError, match="does not hold: make it from the model"):
         model.generate(ids[:1], max_new_tokens=2, cache=by_hand, pad_token_id=0)
+    minimax, _ = tiny_hybrid("minimax")
+    spec = headops.HeadSpec.dense(minimax)
+    headops.patch(minimax, spec)
+    with pytest.raises(ValueError, match="MiniMax uses cache of its own"):
+        minimax.generate(ids[:1], max_new_tokens=2, cache=headops.HeadSparseCache(minimax, spec), pad_token_id=0)
 
 
 def test_minimax_padded_decode_is_refused():

@@ -652,7 +652,8 @@ def test_static_cache_compiled_in_one_graph_on_the_device_as_on_the_cpu():
 def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
     """DeepSeek V3 (values of another head dim, padded on the device too) and Qwen3.5 (Gated DeltaNet
     layers beside two attention layers) patched on the device against the same on the CPU: a
-    left-padded batch's greedy tokens through transformers' cache, the loss and a gate gradient."""
+    left-padded batch's greedy tokens through transformers' cache (Qwen3.5: and a HeadSparseCache),
+    the loss and a gate gradient."""
     pytest.importorskip("transformers")
     from headops.testing import tiny_hybrid, tiny_latent_attention
 
@@ -668,6 +669,10 @@ def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
         on = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
         with torch.no_grad():
             tokens = model.generate(**on, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+            if family == "hybrid":  # (and through a HeadSparseCache beside the Gated DeltaNet's states)
+                cache = headops.HeadSparseCache(model, spec)
+                tokens = torch.cat([tokens, model.generate(**on, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                                           pad_token_id=0, cache=cache)])
         loss = model(**on, labels=on["input_ids"]).loss
         loss.backward()
         runs[name] = (tokens.cpu(), loss.detach().cpu(), spec.gate.grad.cpu())

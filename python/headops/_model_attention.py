@@ -179,9 +179,9 @@ LATENT_ATTENTION_CACHE = (
 
 
 HYBRID_CACHE = (
-    "headops.HeadSparseCache: this is a hybrid model (some layers are linear-attention, Mamba, MLP or MoE "
-    "layers, config.layer_types): those layers keep their states in transformers' cache, which a patched "
-    "model generates through; HeadSparseCache holds models whose every layer has softmax attention")
+    "headops.HeadSparseCache: this model's layers run attention and a Mamba mixer side by side (config."
+    "layer_types 'hybrid': Falcon-H1, Zamba), whose states share a cache layer; a patched model generates "
+    "through transformers' cache (HeadSparseCache holds hybrid models whose layers are one or the other)")
 
 
 def head_sparse_cache_refusal(model_or_config):
@@ -191,7 +191,8 @@ def head_sparse_cache_refusal(model_or_config):
         return ENCODER_DECODER_CACHE
     if latent_attention(model_or_config):
         return LATENT_ATTENTION_CACHE
-    if is_hybrid(model_or_config):
+    kinds = set(getattr(config_of(model_or_config), "layer_types", None) or ())
+    if kinds & {"hybrid", "hybrid_sliding"}:
         return HYBRID_CACHE
     return None
 

@@ -94,11 +94,38 @@ class _TransformersLayer(_LayerBase):
     batch_select_indices = _whole_cache_only("batch_select_indices(indices)")
 
 
-def _no_linear_layers(self, *args, **kwargs):
-    """A hybrid model's linear-attention (or Mamba) layer asking the cache for its states."""
-    from ._model_attention import HYBRID_CACHE
+def _transformers_layers(model_or_config, storages):
+    """transformers' view of the cache, a layer per model layer, and which model layer each storage
+    (spec layer) is: each softmax-attention layer's storage as a _TransformersLayer and, in a hybrid
+    model, for its other layers the layers transformers' DynamicCache makes there (the Gated
+    DeltaNet's or Mamba's convolution and recurrent states; nothing for MLP layers). ([layers],
+    {model layer: storage index} or None for a model whose every layer attends)."""
+    from ._model_attention import attention_layer_indices, config_of, is_hybrid
 
-    raise NotImplementedError(HYBRID_CACHE)
+    if model_or_config is None or not is_hybrid(model_or_config):
+        return [_TransformersLayer(st) for st in storages], None
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+    cfg = config_of(model_or_config)
+    types, options = get_layer_types_and_kwargs(cfg)
+    storage_of = {layer: i for i, layer in enumerate(attention_layer_indices(cfg))}
+    layers = [_TransformersLayer(storages[storage_of[layer]]) if layer in storage_of
+              else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+              for layer, (kind, kwargs) in enumerate(zip(types, options))]
+    return layers, storage_of
+
+
+def _linear_layer_states(name: str):
+    """transformers' Cache method `name` for a hybrid model's linear-attention and Mamba layers'
+    states (which a HeadSparseCache made from the model holds as transformers' own cache does)."""
+    def call(self, *args, **kwargs):
+        if self._storage_of is None:
+            raise NotImplementedError(
+                f"headops.HeadSparseCache.{name}: a hybrid model's linear-attention or Mamba layer asks for its "
+                "states, which this cache does not hold: make it from the model, HeadSparseCache(model, spec)")
+        return getattr(_CacheBase, name)(self, *args, **kwargs)
+    call.__name__ = name
+    return call
 
 
 
@@ -240,8 +267,10 @@ class HeadSparseCache(_CacheBase):
         self._step_args_memo = {}  # _step_args
         if self._batch_size is not None and dtype is not None:
             self._ensure_sized(CALLER, (self._batch_size, dtype, device or torch.device("cpu")))
+        self._storage_of = None  # {model layer: storage} of a hybrid model (_transformers_layers)
         if _CacheBase is not object:
-            super().__init__(layers=[_TransformersLayer(layer) for layer in self._layers])
+            layers, self._storage_of = _transformers_layers(model_or_config, self._layers)
+            super().__init__(layers=layers)
 
     @classmethod
     def from_prefill(cls, model_or_config, spec, prefill, **options) -> "HeadSparseCache":
@@ -273,12 +302,24 @@ class HeadSparseCache(_CacheBase):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The sequence length as transformers counts it: the longest row's tokens, with the left
-        padding of its prompt (``padding_side="left"``; stored nowhere)."""
+        padding of its prompt (``padding_side="left"``; stored nowhere). In a hybrid model
+        layer_idx is the model's layer (one without attention: the first attention layer's)."""
+        if self._storage_of is not None:
+            layer_idx = self._storage_of.get(layer_idx, 0)
         return self._layers[layer_idx].padded_length()
 
-    # a hybrid model's linear-attention and Mamba layers keep their states in transformers' cache
-    get_conv_state = update_conv_state = get_recurrent_state = update_recurrent_state = _no_linear_layers
-    has_previous_state = _no_linear_layers
+    # a hybrid model's linear-attention and Mamba layers: their states as transformers' cache has them
+    get_conv_state = _linear_layer_states("get_conv_state")
+    update_conv_state = _linear_layer_states("update_conv_state")
+    get_recurrent_state = _linear_layer_states("get_recurrent_state")
+    update_recurrent_state = _linear_layer_states("update_recurrent_state")
+    has_previous_state = _linear_layer_states("has_previous_state")
+
+    def _linear_layers(self) -> list:
+        """A hybrid model's layers without attention (transformers' layers of their states)."""
+        if self._storage_of is None:
+            return []
+        return [layer for i, layer in enumerate(self.layers) if i not in self._storage_of]
 
     # ------------------------------------------------------------------------------------ state
 
@@ -360,6 +401,8 @@ class HeadSparseCache(_CacheBase):
         for st in self._layers:
             if st.held:
                 st.forget_tokens()
+        for layer in self._linear_layers():
+            layer.reset()
 
     def reorder_cache(self, beam_idx) -> None:
         """Beam search (transformers' generate with num_beams > 1): row b becomes what row
@@ -368,10 +411,13 @@ class HeadSparseCache(_CacheBase):
         changes nothing."""
         rows = self._row_index(CALLER + ".reorder_cache", "beam_idx", beam_idx, same_count=True)
         self._take_rows(rows)
+        for layer in self._linear_layers():
+            layer.reorder_cache(torch.tensor(rows, dtype=torch.int64))
 
     def batch_select_indices(self, indices) -> None:
         """Keeps the batch rows `indices` (a 1-D integer tensor or sequence, in [0, batch size); rows
         may repeat), in that order, in every layer; the storages are new, of len(indices) rows."""
+        self._refuse_with_linear_states(CALLER + ".batch_select_indices")
         self._take_rows(self._row_index(CALLER + ".batch_select_indices", "indices", indices))
 
     def batch_repeat_interleave(self, repeats) -> None:
@@ -380,6 +426,7 @@ class HeadSparseCache(_CacheBase):
         caller = CALLER + ".batch_repeat_interleave"
         if not is_int(repeats) or repeats < 1:
             raise fail(caller, "repeats", "an int >= 1", repr(repeats))
+        self._refuse_with_linear_states(caller)
         if self._batch_size is not None:
             self._take_rows([b for b in range(self._batch_size) for _ in range(int(repeats))])
 
@@ -399,6 +446,7 @@ class HeadSparseCache(_CacheBase):
         n = -int(tokens_to_remove)
         if n == 0 or not self._sized:
             return
+        self._refuse_with_linear_states(caller)
         # (a layer not called yet holds nothing to drop)
         layers = [(i, st) for i, st in enumerate(self._layers) if any(st.held)]
         for i, st in layers:
@@ -410,6 +458,13 @@ class HeadSparseCache(_CacheBase):
                 raise NotImplementedError(f"{caller}: layer {i} cannot drop its last {n} tokens exactly: {problem}")
         for _, st in layers:
             st.drop_last(n)
+
+    def _refuse_with_linear_states(self, caller) -> None:
+        """What transformers' own cache cannot do to a hybrid model's recurrent states either."""
+        if self._linear_layers():
+            raise NotImplementedError(f"{caller}: a hybrid model's linear-attention and Mamba layers hold recurrent "
+                                      "states, which cannot be cut back or have rows picked (nor can transformers' "
+                                      "cache)")
 
     def _row_index(self, caller, name, index, same_count=False) -> list:
         """`index` checked as batch rows of this cache: a list of ints."""
