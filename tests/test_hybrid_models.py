@@ -60,10 +60,10 @@ def test_dense_spec_is_the_model(family):
     ids, mask = batch()
     rows = 1 if family == "minimax" else 2  # (MiniMax's padded decode: test_minimax_padded_decode_is_refused)
     gen = dict(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=6, min_new_tokens=6,
-               do_sample=False, pad_token_id=0)
+               do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        want_tokens = model.generate(**gen)
+        want_generated = model.generate(**gen)
     want_loss = model(ids, attention_mask=mask, labels=ids).loss
     want_loss.backward()
     want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
@@ -73,7 +73,10 @@ def test_dense_spec_is_the_model(family):
         got = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
-        assert torch.equal(model.generate(**gen), want_tokens)
+        generated = model.generate(**gen)
+        assert torch.equal(generated.sequences, want_generated.sequences)
+        torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5,
+                                   rtol=1e-5)
     loss = model(ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
@@ -166,7 +169,12 @@ def test_head_sparse_cache_holds_the_attention_layers_beside_the_others_states(f
     model, _ = tiny_hybrid(family)
     ids, mask = batch()
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-               pad_token_id=0)
+               pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+
+    def same(got, want):  # tokens, and each step's logits (a tiny model's argmax forgives much)
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
+
     with torch.no_grad():
         want = model.generate(**gen)
     dense = headops.HeadSpec.dense(model)
@@ -177,11 +185,11 @@ def test_head_sparse_cache_holds_the_attention_layers_beside_the_others_states(f
     assert all(type(cache.layers[i]).__name__ == "_TransformersLayer" for i in attention)
     assert all(type(cache.layers[i]).__name__ != "_TransformersLayer" for i in range(4) if i not in attention)
     with torch.no_grad():
-        assert torch.equal(model.generate(**gen, cache=cache), want)
+        same(model.generate(**gen, cache=cache), want)
         streaming = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
         headops.set_spec(model, streaming)
         cache = headops.HeadSparseCache(model, streaming)
-        assert torch.equal(model.generate(**gen, cache=cache), model.generate(**gen, use_cache=False))
+        same(model.generate(**gen, cache=cache), model.generate(**gen, use_cache=False))
     assert cache.nbytes() < cache.dense_nbytes()
 
 
@@ -256,3 +264,34 @@ def test_attention_headops_does_not_compute_is_refused_naming_the_layer_type(nam
     with pytest.raises(NotImplementedError, match=f"layers of type '{kind}' .config.layer_types.; '{kind}': "):
         headops.patch(model, headops.HeadSpec.dense(model))
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kind", ["dense", "streaming"])
+def test_a_cache_built_from_a_dense_prefill_carries_the_prompts_states(kind):
+    """capture_prefill of a hybrid model keeps its other layers' states after the prompt;
+    HeadSparseCache.from_prefill gives each cache a copy: the question, then greedy decoding through
+    it, as through a cache the patched model filled itself (prefill="full")."""
+    model, _ = tiny_hybrid("qwen3_5")
+    g = torch.Generator().manual_seed(5)
+    context, question = torch.randint(3, 97, (1, 20), generator=g), torch.randint(3, 97, (1, 4), generator=g)
+    spec = headops.HeadSpec.dense(model) if kind == "dense" else headops.HeadSpec.streaming_llm(model, window=4,
+                                                                                                sinks=1)
+    prefill = headops.capture_prefill(model, context, observation_window=4)
+    assert sorted(prefill.states) == [0, 2]
+    headops.patch(model, spec)
+    ids = torch.cat([context, question], dim=1)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+               output_logits=True)
+    with torch.no_grad():
+        first = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=4)
+        got = model.generate(ids, cache=first, **gen)
+        again = model.generate(ids, cache=headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=4),
+                               **gen)  # (the prefill's states untouched by the first)
+        row = headops.HeadSparseCache(model, spec, prefill="full", max_step=4)
+        model(context, cache=row, use_cache=True)
+        want = model.generate(ids, cache=row, **gen)
+    for out in (got, again):  # (the logits: this tiny model's greedy tokens survive fresh states)
+        assert torch.equal(out.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="recurrent states after the whole prompt hold no prefix's"):
+        prefill.prefix(10, 4)

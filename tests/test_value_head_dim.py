@@ -190,10 +190,11 @@ def test_dense_spec_is_the_model(family):
     model, _ = tiny_latent_attention(family)
     ids, mask = batch()
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-               pad_token_id=0)
+               pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        want_tokens = model.generate(**gen)
+        want_generated = {kind: model.generate(**gen, **kw) for kind, kw in
+                          (("dynamic", {}), ("static", {"cache_implementation": "static"}))}
     want_loss = model(ids, attention_mask=mask, labels=ids).loss
     want_loss.backward()
     want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
@@ -205,8 +206,11 @@ def test_dense_spec_is_the_model(family):
         got = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
-        assert torch.equal(model.generate(**gen), want_tokens)
-        assert torch.equal(model.generate(**gen, cache_implementation="static"), want_tokens)
+        for kind, kw in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+            got, expected = model.generate(**gen, **kw), want_generated[kind]
+            assert torch.equal(got.sequences, expected.sequences), kind
+            torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-5, rtol=1e-5,
+                                       msg=kind)
     loss = model(ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)

@@ -91,6 +91,22 @@ def is_hybrid(model_or_config) -> bool:
             and len(attention_layer_indices(cfg)) != cfg.num_hidden_layers)
 
 
+def state_layers(model_or_config) -> dict:
+    """{model layer: transformers cache layer} for a hybrid model's layers without softmax attention:
+    those transformers' DynamicCache makes there (a Gated DeltaNet's or Mamba's convolution and
+    recurrent states; a placeholder for an MLP layer), fresh; {} for a model whose every layer
+    attends."""
+    if not is_hybrid(model_or_config):
+        return {}
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+    cfg = config_of(model_or_config)
+    attending = set(attention_layer_indices(cfg))
+    types, options = get_layer_types_and_kwargs(cfg)
+    return {layer: DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for layer, (kind, kwargs) in enumerate(zip(types, options)) if layer not in attending}
+
+
 def layer_kinds(model_or_config, num_layers: int) -> list:
     """Per spec layer, (kind, index in its stack): ("self", i) for a decoder-only or encoder-only
     model (i: the model's layer, which in a hybrid model skips the layers without softmax

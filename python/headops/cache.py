@@ -97,21 +97,18 @@ class _TransformersLayer(_LayerBase):
 def _transformers_layers(model_or_config, storages):
     """transformers' view of the cache, a layer per model layer, and which model layer each storage
     (spec layer) is: each softmax-attention layer's storage as a _TransformersLayer and, in a hybrid
-    model, for its other layers the layers transformers' DynamicCache makes there (the Gated
-    DeltaNet's or Mamba's convolution and recurrent states; nothing for MLP layers). ([layers],
-    {model layer: storage index} or None for a model whose every layer attends)."""
-    from ._model_attention import attention_layer_indices, config_of, is_hybrid
+    model, the other layers' states as transformers' DynamicCache holds them
+    (_model_attention.state_layers). ([layers], {model layer: storage index} or None for a model
+    whose every layer attends)."""
+    from ._model_attention import state_layers
 
-    if model_or_config is None or not is_hybrid(model_or_config):
+    states = {} if model_or_config is None else state_layers(model_or_config)
+    if not states:
         return [_TransformersLayer(st) for st in storages], None
-    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
-
-    cfg = config_of(model_or_config)
-    types, options = get_layer_types_and_kwargs(cfg)
-    storage_of = {layer: i for i, layer in enumerate(attention_layer_indices(cfg))}
-    layers = [_TransformersLayer(storages[storage_of[layer]]) if layer in storage_of
-              else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
-              for layer, (kind, kwargs) in enumerate(zip(types, options))]
+    attending = [layer for layer in range(len(storages) + len(states)) if layer not in states]
+    storage_of = {layer: i for i, layer in enumerate(attending)}
+    layers = [states[layer] if layer in states else _TransformersLayer(storages[storage_of[layer]])
+              for layer in range(len(storages) + len(states))]
     return layers, storage_of
 
 

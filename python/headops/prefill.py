@@ -18,6 +18,7 @@ Building a cache from it reads no model weights and runs no attention over the p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -40,13 +41,16 @@ class DensePrefill:
           ``lengths[b] - w + j``; entries before position 0 are zeros), or None (no budget heads
           can be built then);
       lengths: valid tokens per row (right padding), or None: every row is S long;
-      softmax_scale: the model's scale per layer (None: 1 / sqrt(D)).
+      softmax_scale: the model's scale per layer (None: 1 / sqrt(D));
+      states: a hybrid model's other layers after the prompt, {model layer: transformers' cache
+          layer of its convolution and recurrent states}, or None (every layer attends).
     """
     keys: list
     values: list
     queries: list | None = None
     lengths: list | None = None
     softmax_scale: list | None = None
+    states: dict | None = None
 
     @property
     def num_layers(self) -> int:
@@ -61,6 +65,9 @@ class DensePrefill:
         its question and one built after it (headops.evaluate's question-aware methods)."""
         caller = "headops.DensePrefill.prefix"
         S = self.keys[0].shape[2]
+        if self.states:
+            raise NotImplementedError(f"{caller}: a hybrid model's recurrent states after the whole prompt hold no "
+                                      "prefix's; capture the prefix itself")
         if self.lengths is not None:
             raise fail(caller, "self.lengths", "None (every row S long: a padded prefill has no common prefix end)",
                        self.lengths)
@@ -92,6 +99,9 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     queries per row. `attention_mask` ``[B, S]`` (1 real, 0 padding) must be right padding: each
     row's tokens first. The model's attention implementation is restored afterwards."""
     from transformers import AttentionInterface, DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    from ._model_attention import attention_layer_indices, state_layers
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -136,18 +146,38 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         # a cache of every key in every layer: the model's own would keep only the window's keys in
         # its sliding-window layers (the head-sparse cache takes from the whole prompt what it keeps)
+        # (a hybrid model's other layers: their states' layers, as its own cache has them)
+        states = state_layers(model)
+        cache = DynamicCache() if not states else Cache(layers=[
+            states.get(i) or DynamicLayer() for i in range(model.config.get_text_config().num_hidden_layers)])
         with torch.no_grad():
-            out = model(input_ids, attention_mask=attention_mask, use_cache=True, cache=DynamicCache(), **last_only)
+            model(input_ids, attention_mask=attention_mask, use_cache=True, cache=cache, **last_only)
     finally:
         model.set_attn_implementation(previous)
-    cache = out.cache
-    L = len(cache.layers)
-    if sorted(queries) != list(range(L)):
-        raise RuntimeError(f"{caller}: recorded the queries of layers {sorted(queries)}, expected 0..{L - 1} (does "
+    layers = attention_layer_indices(model)
+    if sorted(queries) != layers:
+        raise RuntimeError(f"{caller}: recorded the queries of layers {sorted(queries)}, expected {layers} (does "
                            "this model dispatch its attention through transformers' AttentionInterface?)")
-    return DensePrefill(keys=[cache.layers[i].keys for i in range(L)], values=[cache.layers[i].values for i in range(L)],
-                        queries=[queries[i] for i in range(L)], lengths=lengths,
-                        softmax_scale=[scales[i] for i in range(L)])
+    return DensePrefill(keys=[cache.layers[i].keys for i in layers], values=[cache.layers[i].values for i in layers],
+                        queries=[queries[i] for i in layers], lengths=lengths,
+                        softmax_scale=[scales[i] for i in layers],
+                        states={i: cache.layers[i] for i in states} or None)
+
+
+def _give_states(caller, cache, prefill: DensePrefill) -> None:
+    """A hybrid model's cache built from a prefill gets copies of the prompt's states in its other
+    layers (each cache its own: several are built from one prefill)."""
+    wanted = [] if cache._storage_of is None else [i for i in range(len(cache.layers)) if i not in cache._storage_of]
+    if not wanted:
+        return
+    if not prefill.states or sorted(prefill.states) != wanted:
+        raise fail(caller, "prefill.states", f"the states of the hybrid model's layers {wanted} (capture_prefill from "
+                                             "this model)", None if not prefill.states else sorted(prefill.states))
+    if prefill.lengths is not None:
+        raise NotImplementedError(f"{caller}: a right-padded prefill of a hybrid model: its recurrent states ran over "
+                                  "the padding; capture each row alone, or rows of one length")
+    for i in wanted:
+        cache.layers[i] = copy.deepcopy(prefill.states[i])
 
 
 def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
@@ -157,6 +187,7 @@ def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
         raise TypeError(f"{caller}: prefill must be a headops.DensePrefill, got {type(prefill).__name__}")
     cache = cls(model_or_config, spec, **options)
     L = cache.num_layers
+    _give_states(caller, cache, prefill)
     for name in ("keys", "values") + (() if prefill.queries is None else ("queries",)):
         if len(getattr(prefill, name)) != L:
             raise fail(caller, f"prefill.{name}", f"one tensor per layer ({L})", len(getattr(prefill, name)))
