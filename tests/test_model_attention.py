@@ -626,3 +626,24 @@ def test_packed_sequences_in_sliding_window_layers(family, kind):
         alone = torch.cat([model(s[None], use_cache=False).logits for s in seqs], dim=1)
         got = model(ids, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
+
+
+def test_layers_of_other_attention_shapes_are_refused_naming_them():
+    """Gemma 4's full-attention layers have another head dim than its sliding ones (per-layer
+    configs): HeadSpec refuses by name (before 2026-12-06: transformers' AmbiguousGlobalPerLayer
+    error from reading config.head_dim); a Gemma 4 of one head dim is patched as the model."""
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
+                  sliding_window=8)
+    torch.manual_seed(0)
+    mixed = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(**common, global_head_dim=32))
+    with pytest.raises(NotImplementedError, match=r"layers differ in head_dim \(\[16, 32\]"):
+        headops.HeadSpec.dense(mixed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(**common, global_head_dim=16))
+    ids, mask = batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        headops.patch(model, headops.HeadSpec.dense(model))
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)

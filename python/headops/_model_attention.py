@@ -29,6 +29,22 @@ def config_of(model_or_config):
     return getattr(cfg, "text_config", None) or cfg
 
 
+def uniform_attribute(cfg, name: str, default=None):
+    """cfg's `name`, one value for every layer. A heterogeneous config (transformers' per-layer
+    configs: Gemma 4's full-attention layers have other head dims, and some variants other KV head
+    counts, than its sliding ones) raises a NotImplementedError naming the values: a HeadSpec has
+    one attention shape for every layer."""
+    try:
+        return getattr(cfg, name, default)
+    except RuntimeError as error:  # (transformers' AmbiguousGlobalPerLayerAttributeError)
+        if "per-layer attribute" not in str(error):
+            raise
+        values = sorted({getattr(layer, name, None) for layer in cfg.per_layer_config}, key=repr)
+        raise NotImplementedError(f"headops: this model's layers differ in {name} ({values}, per layer in its "
+                                  "config, as Gemma 4's full-attention and sliding layers do); a HeadSpec has one "
+                                  "attention shape for every layer") from None
+
+
 def encoder_decoder_layers(model_or_config):
     """(encoder layers, decoder layers) of an encoder-decoder model (BART, mBART, Marian, Pegasus,
     Whisper: config.is_encoder_decoder), None for another. Its spec has a layer for each attention

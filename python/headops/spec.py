@@ -36,7 +36,7 @@ import torch
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
 from ._model_attention import (attention_layer_indices, check_spec_in_cross_attention_layers,
                                check_spec_in_sliding_layers, config_of, encoder_decoder_layers, layer_kinds,
-                               sliding_windows)
+                               sliding_windows, uniform_attribute)
 
 __all__ = ["HeadSpec"]
 
@@ -76,9 +76,10 @@ def _shape_of(model_or_config):
         return stacks[0] + 2 * stacks[1], Hq, Hq, getattr(cfg, "head_dim", None) or cfg.d_model // Hq
     try:
         L = len(attention_layer_indices(cfg))  # (a hybrid model: its softmax-attention layers)
-        Hq = cfg.num_attention_heads
-        Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
-        D = getattr(cfg, "v_head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        Hq = uniform_attribute(cfg, "num_attention_heads")
+        Hkv = uniform_attribute(cfg, "num_key_value_heads") or Hq
+        D = (uniform_attribute(cfg, "v_head_dim") or uniform_attribute(cfg, "head_dim")
+             or cfg.hidden_size // Hq)
     except (AttributeError, TypeError, ZeroDivisionError):
         raise TypeError(f"headops.HeadSpec: cannot read the attention shape of model_or_config (a "
                         f"{type(model_or_config).__name__}; expected a transformers model or config with "
