@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import add_output_args, interleaved, machine_info, output_dir, text_table  # noqa: E402
+from bench.timing import (add_output_args, interleaved, machine_info, output_dir, text_table,  # noqa: E402
+                          with_backward)
 
 import headops  # noqa: E402
 
@@ -82,15 +83,6 @@ def candidates(q, k, v, lengths, with_flex):
         # (forward only: FlexAttention has no backward on the CPU)
         found["flex"] = lambda: flex(*(t.detach().transpose(1, 2) for t in (q, k, v)), block_mask=mask).transpose(1, 2)
     return found
-
-
-def with_backward(forward, leaves):
-    def call():
-        for t in leaves:
-            t.grad = None
-        forward().float().sum().backward()
-        return [t.grad for t in leaves]
-    return call
 
 
 def main():

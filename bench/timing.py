@@ -85,6 +85,17 @@ def forward_backward(q, k, v, args: dict, grad_out, forward: Callable[[], object
     return call
 
 
+def with_backward(forward: Callable[[], object], leaves: list) -> Callable[[], list]:
+    """A training step to time: forward() and the backward of its float sum (dL/dout of ones), the
+    leaves' gradients cleared first and returned."""
+    def call():
+        for t in leaves:
+            t.grad = None
+        forward().float().sum().backward()
+        return [t.grad for t in leaves]
+    return call
+
+
 def spread_rounds(n: int, repeats: int) -> set:
     """The n of ``repeats`` rounds (0-based) a thinned candidate is timed in, spread evenly: 1 of 5
     is round 2, 2 of 5 rounds 1 and 3, 3 of 5 rounds 0, 2, 4."""

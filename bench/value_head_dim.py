@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.timing import add_output_args, interleaved, machine_info, output_dir, text_table  # noqa: E402
+from bench.timing import (add_output_args, interleaved, machine_info, output_dir, text_table,  # noqa: E402
+                          with_backward)
 
 import headops  # noqa: E402
 
@@ -49,15 +50,6 @@ def candidates(q, k, v, v_wide):
         "SDPA padded": lambda: F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - Dv)),
                                                               is_causal=True)[..., :Dv],
     }
-
-
-def with_backward(forward, leaves):
-    def call():
-        for t in leaves:
-            t.grad = None
-        forward().float().sum().backward()
-        return [t.grad for t in leaves]
-    return call
 
 
 def main():

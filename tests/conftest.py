@@ -290,3 +290,25 @@ def assert_compiled_as_eager(f, leaves, extras):
         g = torch.randn_like(got)
         for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def float_causal_lm_loss(model, batch):
+    """The next-token cross entropy in the logits' own dtype (transformers' model loss is float32,
+    which a float64 check of finite differences cannot use)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+
+def assert_importance_is_the_finite_differences(model, batch, heads, loss_fn=float_causal_lm_loss, eps=1e-2):
+    """|dL/dgate| of `heads` from headops.importance (one backward, the model as given, patched)
+    against central differences of the loss with the model in float64 (steps of `eps`: RMSNorms
+    round to float32 even there), within 1e-4 + 1e-3 of the difference. Leaves the model float64."""
+    from headops import research
+
+    got = research.importance(model, [batch], loss_fn=loss_fn, normalize=False)
+    model.double()
+    want = research.importance_finite_difference(model, batch, loss_fn=loss_fn, heads=heads, eps=eps)
+    for layer, h in heads:
+        assert abs(got[layer, h].item() - abs(want[layer, h].item())) <= 1e-4 + 1e-3 * abs(want[layer, h].item()), \
+            (layer, h, got[layer, h].item(), want[layer, h].item())
+    return got

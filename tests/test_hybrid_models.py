@@ -18,6 +18,8 @@ import torch
 
 import headops
 
+from conftest import assert_importance_is_the_finite_differences
+
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_hybrid  # noqa: E402
 
@@ -129,25 +131,13 @@ def test_a_streaming_spec_generates_through_the_models_cache_as_without(family):
 
 def test_head_importance_is_the_finite_differences():
     """|dL/dgate| of every head of Qwen3.5's two attention layers against central differences of
-    the loss in float64 (steps of 1e-2: its norms round to float32 even in a float64 model)."""
-    from headops import research
-
+    the loss in float64."""
     model, _ = tiny_hybrid("qwen3_5")
     ids, mask = batch()
-    data = dict(input_ids=ids, attention_mask=mask, labels=ids)
-
-    def loss_fn(m, b):
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten())
-
     headops.patch(model, headops.HeadSpec.dense(model))
-    got = research.importance(model, [data], loss_fn=loss_fn, normalize=False)
+    got = assert_importance_is_the_finite_differences(model, dict(input_ids=ids, attention_mask=mask, labels=ids),
+                                                      [(layer, h) for layer in range(2) for h in range(4)])
     assert got.shape == (2, 4)
-    heads = [(layer, h) for layer in range(2) for h in range(4)]
-    model.double()
-    want = research.importance_finite_difference(model, data, loss_fn=loss_fn, heads=heads, eps=1e-2)
-    for layer, h in heads:
-        assert abs(got[layer, h].item() - abs(want[layer, h].item())) <= 1e-4 + 1e-3 * abs(want[layer, h].item())
 
 
 def test_probes_report_every_attention_layer():

@@ -628,22 +628,63 @@ def test_packed_sequences_in_sliding_window_layers(family, kind):
     torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
 
 
-def test_layers_of_other_attention_shapes_are_refused_naming_them():
+def test_layers_of_other_head_dims_gemma4():
     """Gemma 4's full-attention layers have another head dim than its sliding ones (per-layer
-    configs): HeadSpec refuses by name (before 2026-12-06: transformers' AmbiguousGlobalPerLayer
-    error from reading config.head_dim); a Gemma 4 of one head dim is patched as the model."""
+    configs; before 2026-12-06 reading config.head_dim raised transformers' AmbiguousGlobalPerLayer
+    error): a spec's head_dim is then one per layer, and a dense spec is the model (a left-padded
+    batch's logits, each generated step's); a masked head of either kind is its module's head
+    (its slice zeroed before o_proj); out_scale / out_bias (one [L, Hq, D] tensor) and a
+    HeadSparseCache (storages of one head dim) are refused by name, and so is a cache for the
+    Gemma models whose last layers reuse earlier layers' keys (num_kv_shared_layers)."""
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
-                  sliding_window=8)
+                  sliding_window=8, global_head_dim=32, pad_token_id=0)
     torch.manual_seed(0)
-    mixed = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(**common, global_head_dim=32))
-    with pytest.raises(NotImplementedError, match=r"layers differ in head_dim \(\[16, 32\]"):
-        headops.HeadSpec.dense(mixed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(**common, global_head_dim=16))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(**common)).eval()
+    spec = headops.HeadSpec.dense(model)
+    assert spec.head_dim == (16, 16, 16, 16, 16, 32)
     ids, mask = batch()
+    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+               return_dict_in_generate=True, output_logits=True)
+    masked = {1: [2], 5: [0, 3]}
+    hooks = []
+    for layer, heads in masked.items():
+        D = spec.head_dim[layer]
+
+        def zero(_, args, heads=heads, D=D):
+            (x,) = args
+            x = x.clone()
+            for h in heads:
+                x[..., h * D:(h + 1) * D] = 0
+            return (x,)
+        hooks.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero))
+    with torch.no_grad():
+        want_masked = model(ids, attention_mask=mask).logits
+    for hook in hooks:
+        hook.remove()
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        headops.patch(model, headops.HeadSpec.dense(model))
+        want_generated = model.generate(ids, **gen)
+        headops.patch(model, spec)
         got = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, **gen)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
+    assert torch.equal(generated.sequences, want_generated.sequences)
+    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5, rtol=1e-5)
+    headops.set_spec(model, spec.mask_heads(masked))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want_masked[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want_masked[1, 3:], atol=2e-5, rtol=1e-5)
+    with_scale = spec.copy()
+    with_scale.out_scale = torch.ones(6, 4, 32)
+    with pytest.raises(NotImplementedError, match=r"out_scale on a model whose layers' heads differ in dim \(\[16, 32\]"):
+        headops.set_spec(model, with_scale)
+    with pytest.raises(NotImplementedError, match=r"layers differ in head dim \(\[16, 32\]"):
+        headops.HeadSparseCache(model, spec)
+    shared = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(
+        **dict(common, num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4),
+        num_kv_shared_layers=2)).eval()
+    with pytest.raises(NotImplementedError, match="reuse earlier layers' keys and values"):
+        headops.HeadSparseCache(shared, headops.HeadSpec.dense(shared))

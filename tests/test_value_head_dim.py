@@ -16,7 +16,8 @@ import torch
 import headops
 from headops import reference
 
-from conftest import OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager, head_params
+from conftest import (OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
+                      assert_importance_is_the_finite_differences, head_params)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_latent_attention  # noqa: E402
@@ -291,25 +292,12 @@ def test_windows_and_sinks_are_the_references_inside_the_model():
 
 def test_head_importance_is_the_finite_differences():
     """|dL/dgate| of every head against central differences of the loss in float64 (MiniCPM3: no
-    experts, whose grouped matmul takes no float64; steps of 1e-2, as its RMSNorm rounds to float32
-    even in a float64 model)."""
-    from headops import research
-
+    experts, whose grouped matmul takes no float64)."""
     model, _ = tiny_latent_attention("minicpm3")
     ids, mask = batch()
-    data = dict(input_ids=ids, attention_mask=mask, labels=ids)
-
-    def loss_fn(m, b):  # (in the logits' dtype: transformers' own loss is float32)
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten())
-
     headops.patch(model, headops.HeadSpec.dense(model))
-    got = research.importance(model, [data], loss_fn=loss_fn, normalize=False)
-    heads = [(layer, h) for layer in range(2) for h in range(4)]
-    model.double()
-    want = research.importance_finite_difference(model, data, loss_fn=loss_fn, heads=heads, eps=1e-2)
-    for layer, h in heads:
-        assert abs(got[layer, h].item() - abs(want[layer, h].item())) <= 1e-4 + 1e-3 * abs(want[layer, h].item())
+    assert_importance_is_the_finite_differences(model, dict(input_ids=ids, attention_mask=mask, labels=ids),
+                                                [(layer, h) for layer in range(2) for h in range(4)])
 
 
 def test_probes_through_the_model():

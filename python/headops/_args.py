@@ -37,12 +37,17 @@ def is_int(x) -> bool:
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
-def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim) -> None:
-    """A model's attention shape: ints >= 1, query heads a multiple of KV heads (GQA/MQA)."""
-    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
+def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim, per_layer_dims=False) -> None:
+    """A model's attention shape: ints >= 1, query heads a multiple of KV heads (GQA/MQA); with
+    per_layer_dims, head_dim may also be a tuple of one int per layer (layers that differ)."""
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
         if not is_int(value) or value < 1:
             raise fail(caller, name, "an int >= 1", value)
+    dims = head_dim if per_layer_dims and isinstance(head_dim, tuple) else (head_dim,)
+    if (per_layer_dims and isinstance(head_dim, tuple) and len(head_dim) != num_layers) or \
+            not all(is_int(d) and d >= 1 for d in dims):
+        raise fail(caller, "head_dim", "an int >= 1" + (f" or a tuple of {num_layers} (one per layer)"
+                                                        if per_layer_dims else ""), head_dim)
     if num_heads % num_kv_heads:
         raise fail(caller, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
 

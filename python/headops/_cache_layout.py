@@ -55,6 +55,10 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     refused = None if model_or_config is None else head_sparse_cache_refusal(model_or_config)
     if refused:
         raise NotImplementedError(refused)
+    if not isinstance(spec.head_dim, int):
+        raise NotImplementedError(f"{CALLER}: the model's layers differ in head dim ({sorted(set(spec.head_dim))}: "
+                                  "Gemma 4); a HeadSparseCache's storages have one; a patched model generates through "
+                                  "transformers' cache")
     sliding = sliding_windows(model_or_config, spec.num_layers)
     check_spec_in_sliding_layers(lambda name, expected, got: fail(CALLER, name, expected, got), spec, sliding,
                                  cache=True)

@@ -29,7 +29,7 @@ import traceback
 
 import torch
 
-from ._model_attention import config_of, latent_attention
+from ._model_attention import config_of, head_dims, latent_attention
 from ._progress import progress as progress_over
 
 # torchrun's environment: the variables it sets in every process it starts
@@ -207,8 +207,12 @@ def _head_projections(model_or_config, module, Hq, Hkv) -> list:
         query = "q_b_proj" if getattr(module, "q_b_proj", None) is not None else "q_proj"
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         return [(query, Hq, nope + rope), ("kv_b_proj", Hq, nope + v)]
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, getattr(cfg, "v_head_dim", None) or D)]
+    try:
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        V = getattr(cfg, "v_head_dim", None) or D
+    except RuntimeError:  # (head dims that differ by layer, Gemma 4: this module's layer's)
+        D = V = head_dims(cfg, [module.layer_idx])[0]
+    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, V)]
 
 
 def _check_heads_divide(caller, name, size, Hq, Hkv) -> None:

@@ -45,6 +45,22 @@ def uniform_attribute(cfg, name: str, default=None):
                                   "attention shape for every layer") from None
 
 
+def head_dims(cfg, layers):
+    """A head's output dim (the values': v_head_dim where the config names it, else head_dim, else
+    hidden_size / heads) in each of `layers`: one int where every layer has it, else a tuple per
+    layer (Gemma 4's full-attention layers' 512 beside its sliding layers' 256)."""
+    def of(layer_cfg):
+        return (getattr(layer_cfg, "v_head_dim", None) or getattr(layer_cfg, "head_dim", None)
+                or layer_cfg.hidden_size // layer_cfg.num_attention_heads)
+    try:
+        return of(cfg)
+    except RuntimeError as error:  # (transformers' AmbiguousGlobalPerLayerAttributeError)
+        if "per-layer attribute" not in str(error):
+            raise
+        per_layer = cfg.per_layer_config
+        return tuple(of(per_layer[i]) for i in layers)
+
+
 def encoder_decoder_layers(model_or_config):
     """(encoder layers, decoder layers) of an encoder-decoder model (BART, mBART, Marian, Pegasus,
     Whisper: config.is_encoder_decoder), None for another. Its spec has a layer for each attention
@@ -216,6 +232,12 @@ HYBRID_CACHE = (
     "through transformers' cache (HeadSparseCache holds hybrid models whose layers are one or the other)")
 
 
+SHARED_KV_CACHE = (
+    "headops.HeadSparseCache: this model's last layers reuse earlier layers' keys and values "
+    "(config.num_kv_shared_layers: Gemma 3n, Gemma 4's small models), which a per-layer head-sparse "
+    "storage does not share; a patched model generates through transformers' cache")
+
+
 def head_sparse_cache_refusal(model_or_config):
     """Why a HeadSparseCache cannot hold this model's keys and values (ENCODER_DECODER_CACHE,
     LATENT_ATTENTION_CACHE, HYBRID_CACHE), or None."""
@@ -223,9 +245,12 @@ def head_sparse_cache_refusal(model_or_config):
         return ENCODER_DECODER_CACHE
     if latent_attention(model_or_config):
         return LATENT_ATTENTION_CACHE
-    kinds = set(getattr(config_of(model_or_config), "layer_types", None) or ())
+    cfg = config_of(model_or_config)
+    kinds = set(getattr(cfg, "layer_types", None) or ())
     if kinds & {"hybrid", "hybrid_sliding"}:
         return HYBRID_CACHE
+    if "reuse" in (getattr(cfg, "kv_sharing_modes", None) or ()):
+        return SHARED_KV_CACHE
     return None
 
 

@@ -36,7 +36,7 @@ import torch
 from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
 from ._model_attention import (attention_layer_indices, check_spec_in_cross_attention_layers,
                                check_spec_in_sliding_layers, config_of, encoder_decoder_layers, layer_kinds,
-                               sliding_windows, uniform_attribute)
+                               head_dims, sliding_windows, uniform_attribute)
 
 __all__ = ["HeadSpec"]
 
@@ -68,18 +68,19 @@ def _fail(name, expected, got):
 def _shape_of(model_or_config):
     """(layers, query heads, KV heads, head dim) from a transformers model or config; the head dim
     is a head's output's, the values' (v_head_dim where a config names it: multi-head latent
-    attention's keys have another, and its head_dim names the rotary part)."""
+    attention's keys have another, and its head_dim names the rotary part), a tuple of one per
+    layer where the layers differ (Gemma 4)."""
     cfg = config_of(model_or_config)
     stacks = encoder_decoder_layers(cfg)
     if stacks is not None:  # a layer per attention module: encoder, decoder, cross (layer_kinds)
         Hq = cfg.encoder_attention_heads
         return stacks[0] + 2 * stacks[1], Hq, Hq, getattr(cfg, "head_dim", None) or cfg.d_model // Hq
     try:
-        L = len(attention_layer_indices(cfg))  # (a hybrid model: its softmax-attention layers)
+        layers = attention_layer_indices(cfg)  # (a hybrid model: its softmax-attention layers)
         Hq = uniform_attribute(cfg, "num_attention_heads")
         Hkv = uniform_attribute(cfg, "num_key_value_heads") or Hq
-        D = (uniform_attribute(cfg, "v_head_dim") or uniform_attribute(cfg, "head_dim")
-             or cfg.hidden_size // Hq)
+        D = head_dims(cfg, layers)  # (per layer where the layers differ: Gemma 4)
+        L = len(layers)
     except (AttributeError, TypeError, ZeroDivisionError):
         raise TypeError(f"headops.HeadSpec: cannot read the attention shape of model_or_config (a "
                         f"{type(model_or_config).__name__}; expected a transformers model or config with "
@@ -121,7 +122,8 @@ class HeadSpec:
       gate, alpha ``[L, Hq]`` or ``[B, L, Hq]``; softmax_scale, sink_logit ``[L, Hq]``;
       window, sinks ``[L, Hq]`` int64 (window < 0 unlimited; None: unlimited, no sinks);
       out_scale, out_bias ``[L, Hq, D]``, D = head_dim, a head's output's (the values' head dim:
-      multi-head latent attention's keys have another);
+      multi-head latent attention's keys have another); where the layers' heads differ in dim
+      (Gemma 4), head_dim is a tuple of one per layer and out_scale, out_bias are refused;
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget
@@ -155,7 +157,8 @@ class HeadSpec:
     cache_options: dict | None = None
 
     def __post_init__(self):
-        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+                              per_layer_dims=True)
         L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
         if self.window is None:
             self.window = torch.full((L, Hq), -1, dtype=torch.int64)
@@ -427,7 +430,8 @@ class HeadSpec:
     def validate(self, model_or_config=None) -> None:
         """Checks every field: shapes, dtypes and the rules of the values (and, given a model or
         config, that the spec was made for it)."""
-        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+        check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+                              per_layer_dims=True)
         L, Hq, Hkv, D = self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
         if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
             raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
@@ -455,6 +459,10 @@ class HeadSpec:
                 raise _fail(name, f"an int64 [L, Hq] = [{L}, {Hq}] tensor", f"{t.dtype} {tuple(t.shape)}")
         for name in ("out_scale", "out_bias"):
             t = getattr(self, name)
+            if t is not None and not isinstance(D, int):
+                raise NotImplementedError(f"headops.HeadSpec: {name} on a model whose layers' heads differ in dim "
+                                          f"({sorted(set(D))}, head_dim per layer): a HeadSpec's {name} is one "
+                                          "[L, Hq, D] tensor")
             if t is not None and tuple(t.shape) != (L, Hq, D):
                 raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {D}]", tuple(t.shape))
         if self.key_bias is not None and (self.key_bias.dim() != 3 or tuple(self.key_bias.shape[:2]) != (L, Hq)):
@@ -600,6 +608,8 @@ class HeadSpec:
             if not isinstance(d[name], (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in d[name]):
                 raise _fail(name, "a list of lists (layers x KV heads)", repr(d[name]))
         fields = {name: d[name] for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
+        if isinstance(fields["head_dim"], list):  # (one per layer, a tuple that JSON wrote as a list)
+            fields["head_dim"] = tuple(fields["head_dim"])
         fields.update(window=tensor("window", True), sinks=tensor("sinks", True),
                       cache_kind=[list(r) for r in d["cache_kind"]], cache_budget=[list(r) for r in d["cache_budget"]])
         fields.update({name: tensor(name, False) for name in _FLOAT_FIELDS if d.get(name) is not None})
