@@ -203,6 +203,7 @@ def test_head_sparse_cache_on_a_hybrid_model_beam_search_and_compression_methods
             cache = headops.HeadSparseCache(model, spec)
             out = model.generate(**gen, cache=cache)
             assert out.shape == (2, 19) and cache.ideal_nbytes() < cache.dense_nbytes()
+    headops.HeadSparseCache(model, dense).batch_repeat_interleave(2)  # (no states held yet: nothing to refuse)
     with pytest.raises(NotImplementedError, match="recurrent states, which cannot be cut back"):
         cache.crop(-1)
     with pytest.raises(NotImplementedError, match="recurrent states"):

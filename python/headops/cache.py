@@ -125,7 +125,6 @@ def _linear_layer_states(name: str):
     return call
 
 
-
 class HeadSparseCache(_CacheBase):
     """A KV cache whose storage follows each head's visibility (DESIGN section 2).
 
@@ -457,8 +456,9 @@ class HeadSparseCache(_CacheBase):
             st.drop_last(n)
 
     def _refuse_with_linear_states(self, caller) -> None:
-        """What transformers' own cache cannot do to a hybrid model's recurrent states either."""
-        if self._linear_layers():
+        """What transformers' own cache cannot do to a hybrid model's recurrent states either (while
+        some layer holds them: after the first call)."""
+        if any(any(getattr(layer, "has_previous_state", {}).values()) for layer in self._linear_layers()):
             raise NotImplementedError(f"{caller}: a hybrid model's linear-attention and Mamba layers hold recurrent "
                                       "states, which cannot be cut back or have rows picked (nor can transformers' "
                                       "cache)")
