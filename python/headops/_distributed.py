@@ -207,12 +207,11 @@ def _head_projections(model_or_config, module, Hq, Hkv) -> list:
         query = "q_b_proj" if getattr(module, "q_b_proj", None) is not None else "q_proj"
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         return [(query, Hq, nope + rope), ("kv_b_proj", Hq, nope + v)]
-    try:
-        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        V = getattr(cfg, "v_head_dim", None) or D
-    except RuntimeError:  # (head dims that differ by layer, Gemma 4: this module's layer's)
-        D = V = head_dims(cfg, [module.layer_idx])[0]
-    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, V)]
+    values = head_dims(cfg, [module.layer_idx])  # (a one-layer tuple where dims differ by layer: Gemma 4)
+    if not isinstance(values, int):
+        return [("q_proj", Hq, values[0]), ("k_proj", Hkv, values[0]), ("v_proj", Hkv, values[0])]
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq  # (q's and k's)
+    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, values)]
 
 
 def _check_heads_divide(caller, name, size, Hq, Hkv) -> None:

@@ -29,6 +29,18 @@ def config_of(model_or_config):
     return getattr(cfg, "text_config", None) or cfg
 
 
+def _per_layer_error():
+    """transformers' error for reading one value of a per-layer config attribute (Gemma 4's
+    head_dim), or a class nothing raises where this transformers has no per-layer configs."""
+    try:
+        from transformers.integrations.heterogeneity.configuration_utils import (
+            AmbiguousGlobalPerLayerAttributeError)
+    except ImportError:
+        class AmbiguousGlobalPerLayerAttributeError(Exception):
+            pass
+    return AmbiguousGlobalPerLayerAttributeError
+
+
 def uniform_attribute(cfg, name: str, default=None):
     """cfg's `name`, one value for every layer. A heterogeneous config (transformers' per-layer
     configs: Gemma 4's full-attention layers have other head dims, and some variants other KV head
@@ -36,9 +48,7 @@ def uniform_attribute(cfg, name: str, default=None):
     one attention shape for every layer."""
     try:
         return getattr(cfg, name, default)
-    except RuntimeError as error:  # (transformers' AmbiguousGlobalPerLayerAttributeError)
-        if "per-layer attribute" not in str(error):
-            raise
+    except _per_layer_error():
         values = sorted({getattr(layer, name, None) for layer in cfg.per_layer_config}, key=repr)
         raise NotImplementedError(f"headops: this model's layers differ in {name} ({values}, per layer in its "
                                   "config, as Gemma 4's full-attention and sliding layers do); a HeadSpec has one "
@@ -54,9 +64,7 @@ def head_dims(cfg, layers):
                 or layer_cfg.hidden_size // layer_cfg.num_attention_heads)
     try:
         return of(cfg)
-    except RuntimeError as error:  # (transformers' AmbiguousGlobalPerLayerAttributeError)
-        if "per-layer attribute" not in str(error):
-            raise
+    except _per_layer_error():
         per_layer = cfg.per_layer_config
         return tuple(of(per_layer[i]) for i in layers)
 
