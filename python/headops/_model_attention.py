@@ -12,6 +12,11 @@ not every key (two calls, mixed: patching's _alpha_within_window); budget heads,
 keys past it, are refused, as is what headops cannot compute (logit softcapping, chunked
 attention). Several sequences that transformers packs into one row (position_ids
 restarting within it) are attended each alone (packed_sequence_ids, the ops' sequence_ids).
+
+And what the model's layers are: which have softmax attention (a hybrid model's linear-attention,
+Mamba and MLP layers do not: attention_layer_indices, state_layers), the heads' dims (values of
+their own dim in multi-head latent attention, dims per layer in Gemma 4: head_dims), and why a
+HeadSparseCache cannot hold a model's keys (head_sparse_cache_refusal).
 """
 
 from __future__ import annotations
