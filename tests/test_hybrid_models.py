@@ -286,3 +286,43 @@ def test_a_cache_built_from_a_dense_prefill_carries_the_prompts_states(kind):
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
     with pytest.raises(NotImplementedError, match="recurrent states after the whole prompt hold no prefix's"):
         prefill.prefix(10, 4)
+
+
+def test_kimi_linear_latent_attention_beside_kda_layers():
+    """Kimi Linear has both: KDA (linear) layers and multi-head latent attention (values of 12 dims,
+    keys of 24). The spec has its two attention layers of head dim 12; a dense spec is the model
+    (logits, each generated step's); a masked head is its 12-dim slice zeroed before o_proj; a
+    HeadSparseCache is refused for the latent cache."""
+    model, _ = tiny_hybrid("kimi_linear")
+    ids, mask = batch()
+    spec = headops.HeadSpec.dense(model)
+    assert (spec.num_layers, spec.num_heads, spec.head_dim) == (2, 4, 12)
+    assert headops.attention_layers(model) == [("self", 1), ("self", 3)]
+    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+               return_dict_in_generate=True, output_logits=True)
+
+    def zero_head(_, args):
+        (x,) = args
+        x = x.clone()
+        x[..., 1 * 12:2 * 12] = 0
+        return (x,)
+
+    hook = attention_module(model, 3).o_proj.register_forward_pre_hook(zero_head)
+    with torch.no_grad():
+        want_masked = model(ids[:1]).logits
+    hook.remove()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_generated = model.generate(ids, **gen)
+        headops.patch(model, spec)
+        got = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, **gen)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
+        assert torch.equal(generated.sequences, want_generated.sequences)
+        torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5,
+                                   rtol=1e-5)
+        headops.set_spec(model, spec.mask_heads({1: [1]}))
+        torch.testing.assert_close(model(ids[:1]).logits, want_masked, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="multi-head latent attention"):
+        headops.HeadSparseCache(model, spec)
