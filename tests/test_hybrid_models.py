@@ -1,6 +1,6 @@
-"""Hybrid models through headops.patch: Qwen3-Next, Qwen3.5, OLMo hybrid, Nemotron-H, Jamba and
-MiniMax, whose layers mix softmax attention with Gated DeltaNet, Mamba, lightning-attention or
-MLP layers (config.layer_types).
+"""Hybrid models through headops.patch: Qwen3-Next, Qwen3.5, OLMo hybrid, Nemotron-H, Jamba,
+MiniMax and Granite 4 (and Kimi Linear, with latent attention), whose layers mix softmax
+attention with Gated DeltaNet, Mamba, lightning-attention or MLP layers (config.layer_types).
 
 A spec has a layer per softmax-attention layer (headops.attention_layers names the model's
 layer of each); the other layers run as the model has them. A dense spec is the model (logits,
@@ -23,7 +23,7 @@ from conftest import assert_importance_is_the_finite_differences
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_hybrid  # noqa: E402
 
-FAMILIES = ["qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba", "minimax"]
+FAMILIES = ["qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba", "minimax", "granite_hybrid"]
 ATTENTION_LAYERS = {"olmo_hybrid": [2]}  # the others: layers 1 and 3 of 4
 
 

@@ -127,6 +127,9 @@ _HYBRID_FAMILIES = {  # config class, its options: 4 layers, two or one of them 
                                   expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8)),
     "minimax": ("MiniMaxConfig", dict(layer_types=["linear_attention", "full_attention"] * 2, head_dim=16,
                                       num_local_experts=2, num_experts_per_tok=1)),
+    "granite_hybrid": ("GraniteMoeHybridConfig", dict(layer_types=["linear_attention", "full_attention"] * 2,
+                                                      mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8,
+                                                      mamba_n_groups=1, num_local_experts=2, num_experts_per_tok=1)),
     # Kimi Linear: multi-head latent attention (keys of 16 + 8 dims, values of 12) beside KDA layers
     "kimi_linear": ("KimiLinearConfig", dict(layer_types=["linear_attention", "full_attention"] * 2,
                                              mlp_layer_types=["dense"] * 4, num_key_value_heads=4, kv_lora_rank=16,
@@ -140,7 +143,7 @@ _HYBRID_FAMILIES = {  # config class, its options: 4 layers, two or one of them 
 def tiny_hybrid(family: str = "qwen3_next"):
     """(model, None): a small random hybrid model, 4 layers of which some have softmax attention
     and the others not — Qwen3-Next (or "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba",
-    "minimax"): Gated DeltaNet, Mamba, lightning-attention or MLP layers beside attention layers
+    "minimax", "granite_hybrid" as Granite 4): Gated DeltaNet, Mamba, lightning-attention or MLP layers beside attention layers
     of 4 query / 2 KV heads, D = 16, vocabulary 97; "kimi_linear": KDA layers beside multi-head
     latent attention of 4 heads, values of 12 dims."""
     import transformers
