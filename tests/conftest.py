@@ -312,3 +312,34 @@ def assert_importance_is_the_finite_differences(model, batch, heads, loss_fn=flo
         assert abs(got[layer, h].item() - abs(want[layer, h].item())) <= 1e-4 + 1e-3 * abs(want[layer, h].item()), \
             (layer, h, got[layer, h].item(), want[layer, h].item())
     return got
+
+
+GENERATE_LOGITS = dict(return_dict_in_generate=True, output_logits=True)
+
+
+def assert_generated_alike(got, want, atol=2e-5, rtol=1e-5):
+    """Two model.generate(..., **GENERATE_LOGITS) results: the same tokens, and each step's logits
+    within atol/rtol (a tiny random model's greedy tokens forgive logit errors of 5e-3)."""
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=atol, rtol=rtol)
+
+
+def training_step(model, **batch):
+    """(loss, every parameter's gradient or None) of one step of model(**batch).loss; the
+    gradients are cleared afterwards."""
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def assert_training_steps_alike(got, want, min_grads=10):
+    """Two training_step results: the loss to 1e-6 and every gradient to 1e-5 (rtol 1e-4), the
+    same parameters with none."""
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    assert sum(g is not None for g in want[1]) > min_grads
+    for a, b in zip(got[1], want[1]):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

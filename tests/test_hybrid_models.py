@@ -18,7 +18,8 @@ import torch
 
 import headops
 
-from conftest import assert_importance_is_the_finite_differences
+from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
+                      assert_training_steps_alike, training_step)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_hybrid  # noqa: E402
@@ -62,31 +63,18 @@ def test_dense_spec_is_the_model(family):
     ids, mask = batch()
     rows = 1 if family == "minimax" else 2  # (MiniMax's padded decode: test_minimax_padded_decode_is_refused)
     gen = dict(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=6, min_new_tokens=6,
-               do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+               do_sample=False, pad_token_id=0, **GENERATE_LOGITS)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         want_generated = model.generate(**gen)
-    want_loss = model(ids, attention_mask=mask, labels=ids).loss
-    want_loss.backward()
-    want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    want_step = training_step(model, input_ids=ids, attention_mask=mask, labels=ids)
     headops.patch(model, headops.HeadSpec.dense(model))
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
-        generated = model.generate(**gen)
-        assert torch.equal(generated.sequences, want_generated.sequences)
-        torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5,
-                                   rtol=1e-5)
-    loss = model(ids, attention_mask=mask, labels=ids).loss
-    loss.backward()
-    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
-    assert sum(g is not None for g in want_grads) > 10
-    for got_grad, grad in zip((p.grad for p in model.parameters()), want_grads):
-        assert (got_grad is None) == (grad is None)
-        if grad is not None:
-            torch.testing.assert_close(got_grad, grad, atol=1e-5, rtol=1e-4)
+        assert_generated_alike(model.generate(**gen), want_generated)
+    assert_training_steps_alike(training_step(model, input_ids=ids, attention_mask=mask, labels=ids), want_step)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "nemotron_h", "minimax"])
@@ -159,12 +147,7 @@ def test_head_sparse_cache_holds_the_attention_layers_beside_the_others_states(f
     model, _ = tiny_hybrid(family)
     ids, mask = batch()
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-               pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-
-    def same(got, want):  # tokens, and each step's logits (a tiny model's argmax forgives much)
-        assert torch.equal(got.sequences, want.sequences)
-        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
-
+               pad_token_id=0, **GENERATE_LOGITS)
     with torch.no_grad():
         want = model.generate(**gen)
     dense = headops.HeadSpec.dense(model)
@@ -175,11 +158,11 @@ def test_head_sparse_cache_holds_the_attention_layers_beside_the_others_states(f
     assert all(type(cache.layers[i]).__name__ == "_TransformersLayer" for i in attention)
     assert all(type(cache.layers[i]).__name__ != "_TransformersLayer" for i in range(4) if i not in attention)
     with torch.no_grad():
-        same(model.generate(**gen, cache=cache), want)
+        assert_generated_alike(model.generate(**gen, cache=cache), want)
         streaming = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
         headops.set_spec(model, streaming)
         cache = headops.HeadSparseCache(model, streaming)
-        same(model.generate(**gen, cache=cache), model.generate(**gen, use_cache=False))
+        assert_generated_alike(model.generate(**gen, cache=cache), model.generate(**gen, use_cache=False))
     assert cache.nbytes() < cache.dense_nbytes()
 
 
@@ -271,8 +254,7 @@ def test_a_cache_built_from_a_dense_prefill_carries_the_prompts_states(kind):
     assert sorted(prefill.states) == [0, 2]
     headops.patch(model, spec)
     ids = torch.cat([context, question], dim=1)
-    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-               output_logits=True)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, **GENERATE_LOGITS)
     with torch.no_grad():
         first = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=4)
         got = model.generate(ids, cache=first, **gen)
@@ -282,8 +264,7 @@ def test_a_cache_built_from_a_dense_prefill_carries_the_prompts_states(kind):
         model(context, cache=row, use_cache=True)
         want = model.generate(ids, cache=row, **gen)
     for out in (got, again):  # (the logits: this tiny model's greedy tokens survive fresh states)
-        assert torch.equal(out.sequences, want.sequences)
-        torch.testing.assert_close(torch.stack(out.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-5)
+        assert_generated_alike(out, want)
     with pytest.raises(NotImplementedError, match="recurrent states after the whole prompt hold no prefix's"):
         prefill.prefix(10, 4)
 
@@ -299,7 +280,7 @@ def test_kimi_linear_latent_attention_beside_kda_layers():
     assert (spec.num_layers, spec.num_heads, spec.head_dim) == (2, 4, 12)
     assert headops.attention_layers(model) == [("self", 1), ("self", 3)]
     gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-               return_dict_in_generate=True, output_logits=True)
+               **GENERATE_LOGITS)
 
     def zero_head(_, args):
         (x,) = args
@@ -316,12 +297,9 @@ def test_kimi_linear_latent_attention_beside_kda_layers():
         want_generated = model.generate(ids, **gen)
         headops.patch(model, spec)
         got = model(ids, attention_mask=mask).logits
-        generated = model.generate(ids, **gen)
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
-        assert torch.equal(generated.sequences, want_generated.sequences)
-        torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5,
-                                   rtol=1e-5)
+        assert_generated_alike(model.generate(ids, **gen), want_generated)
         headops.set_spec(model, spec.mask_heads({1: [1]}))
         torch.testing.assert_close(model(ids[:1]).logits, want_masked, atol=1e-5, rtol=1e-5)
     with pytest.raises(NotImplementedError, match="multi-head latent attention"):

@@ -9,6 +9,8 @@ import torch
 
 import headops
 
+from conftest import GENERATE_LOGITS, assert_generated_alike
+
 transformers = pytest.importorskip("transformers")
 
 WINDOW = 4
@@ -645,7 +647,7 @@ def test_layers_of_other_head_dims_gemma4():
     assert spec.head_dim == (16, 16, 16, 16, 16, 32)
     ids, mask = batch()
     gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-               return_dict_in_generate=True, output_logits=True)
+               **GENERATE_LOGITS)
     masked = {1: [2], 5: [0, 3]}
     hooks = []
     for layer, heads in masked.items():
@@ -670,8 +672,7 @@ def test_layers_of_other_head_dims_gemma4():
         generated = model.generate(ids, **gen)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
-    assert torch.equal(generated.sequences, want_generated.sequences)
-    torch.testing.assert_close(torch.stack(generated.logits), torch.stack(want_generated.logits), atol=2e-5, rtol=1e-5)
+    assert_generated_alike(generated, want_generated)
     headops.set_spec(model, spec.mask_heads(masked))
     with torch.no_grad():
         got = model(ids, attention_mask=mask).logits

@@ -16,8 +16,9 @@ import torch
 import headops
 from headops import reference
 
-from conftest import (OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
-                      assert_importance_is_the_finite_differences, head_params)
+from conftest import (GENERATE_LOGITS, OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
+                      assert_generated_alike, assert_importance_is_the_finite_differences,
+                      assert_training_steps_alike, head_params, training_step)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_latent_attention  # noqa: E402
@@ -191,15 +192,12 @@ def test_dense_spec_is_the_model(family):
     model, _ = tiny_latent_attention(family)
     ids, mask = batch()
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-               pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+               pad_token_id=0, **GENERATE_LOGITS)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         want_generated = {kind: model.generate(**gen, **kw) for kind, kw in
                           (("dynamic", {}), ("static", {"cache_implementation": "static"}))}
-    want_loss = model(ids, attention_mask=mask, labels=ids).loss
-    want_loss.backward()
-    want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    want_step = training_step(model, input_ids=ids, attention_mask=mask, labels=ids)
     spec = headops.HeadSpec.dense(model)
     assert spec.head_dim == value_dim(model)
     headops.patch(model, spec)
@@ -208,18 +206,8 @@ def test_dense_spec_is_the_model(family):
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
         for kind, kw in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
-            got, expected = model.generate(**gen, **kw), want_generated[kind]
-            assert torch.equal(got.sequences, expected.sequences), kind
-            torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-5, rtol=1e-5,
-                                       msg=kind)
-    loss = model(ids, attention_mask=mask, labels=ids).loss
-    loss.backward()
-    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-6)
-    assert sum(g is not None for g in want_grads) > 10
-    for got, grad in zip((p.grad for p in model.parameters()), want_grads):
-        assert (got is None) == (grad is None)
-        if grad is not None:
-            torch.testing.assert_close(got, grad, atol=1e-5, rtol=1e-4)
+            assert_generated_alike(model.generate(**gen, **kw), want_generated[kind])
+    assert_training_steps_alike(training_step(model, input_ids=ids, attention_mask=mask, labels=ids), want_step)
 
 
 def _edit_heads_before_output(module, edit, head_dim):
