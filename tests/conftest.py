@@ -343,3 +343,48 @@ def assert_training_steps_alike(got, want, min_grads=10):
         assert (a is None) == (b is None)
         if b is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# the floating per-head arguments that get gradients (head_params' names for them)
+GRAD_PARAMS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
+
+
+def weighted_loss(out, lse, seed=0):
+    """A float64 loss that weighs every output element (and lse, where given, its -inf left out)
+    by a fixed random number, so every gradient is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+    if lse is not None:
+        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * 0.3).sum()
+    return loss
+
+
+def gradient_inputs(q, k, v, kw) -> tuple:
+    """(names, tensors) of q, k, v and the floating per-head arguments in kw, set to require grad."""
+    names = ["q", "k", "v"] + [n for n in GRAD_PARAMS if n in kw]
+    inputs = [q, k, v] + [kw[n] for n in GRAD_PARAMS if n in kw]
+    for t in inputs:
+        t.requires_grad_(True)
+    return names, inputs
+
+
+def assert_reference_with_gradients(q, k, v, kw, *, unread_is_zero=False, **call):
+    """headops.attention against the reference on the same float64 inputs (call: layout, causal,
+    sequence_ids, key_lengths...): out to 1e-12, lse to 1e-12 (without alpha) and the gradients of
+    q, k, v and every floating per-head argument of a weighted loss to 1e-10. unread_is_zero: a
+    gradient the reference leaves None (inputs it never reads) must be 0. Returns headops' out."""
+    names, inputs = gradient_inputs(q, k, v, kw)
+    with_lse = "alpha" not in kw
+    got = headops.attention(q, k, v, return_lse=with_lse, **call, **kw)
+    want = reference.attention(q, k, v, return_lse=with_lse, **call, **kw)
+    (got_out, got_lse), (want_out, want_lse) = (got, want) if with_lse else ((got, None), (want, None))
+    assert_close(got_out, want_out, 1e-12)
+    if with_lse:
+        assert_close(got_lse, want_lse, 1e-12, what="lse")
+    got_grads = torch.autograd.grad(weighted_loss(got_out, got_lse), inputs, allow_unused=True)
+    want_grads = torch.autograd.grad(weighted_loss(want_out, want_lse), inputs, allow_unused=True)
+    for name, a, b in zip(names, got_grads, want_grads):
+        if unread_is_zero and b is None:
+            b = torch.zeros_like(a)
+        assert_close(a, b, 1e-10, what=f"d{name}")
+    return got_out

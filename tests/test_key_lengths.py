@@ -10,20 +10,10 @@ import pytest
 import torch
 
 import headops
-from headops import reference
 
-from conftest import assert_close, assert_compiled_as_eager, head_params, make_qkv
+from conftest import assert_compiled_as_eager, assert_reference_with_gradients, head_params, make_qkv
 
 FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
-GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
-
-
-def weighted_loss(out, lse, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-    if lse is not None:
-        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * 0.3).sum()
-    return loss
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
@@ -39,23 +29,9 @@ def test_key_lengths_match_the_reference_with_gradients(lengths, features, causa
     kw = head_params(B, Hq, Sk, D, features, per_batch=True)
     if "gate" in kw:
         kw["gate"] = kw["gate"].masked_fill(kw["gate"] == 0, 0.5)
-    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
-    for t in inputs:
-        t.requires_grad_(True)
-    n = torch.tensor(lengths)
-    with_lse = "alpha" not in kw
-    got = headops.attention(q, k, v, layout=layout, causal=causal, key_lengths=n, return_lse=with_lse, **kw)
-    want = reference.attention(q, k, v, layout=layout, causal=causal, key_lengths=n, return_lse=with_lse, **kw)
-    (got_out, got_lse), (want_out, want_lse) = (got, want) if with_lse else ((got, None), (want, None))
-    assert_close(got_out, want_out, 1e-12)
-    if with_lse:
-        assert_close(got_lse, want_lse, 1e-12, what="lse")
-    names = ["q", "k", "v"] + [x for x in GRAD_ARGS if x in kw]
-    got_grads = torch.autograd.grad(weighted_loss(got_out, got_lse), inputs, allow_unused=True)
-    want_grads = torch.autograd.grad(weighted_loss(want_out, want_lse), inputs, allow_unused=True)
-    for name, a, b in zip(names, got_grads, want_grads):
-        b = torch.zeros_like(a) if b is None else b  # (the reference never reads the slots past the lengths)
-        assert_close(a, b, 1e-10, what=f"d{name}")
+    # (the reference never reads the slots past the lengths: their gradients must be 0)
+    assert_reference_with_gradients(q, k, v, kw, unread_is_zero=True, layout=layout, causal=causal,
+                                    key_lengths=torch.tensor(lengths))
 
 
 def test_slots_past_the_lengths_are_never_read():

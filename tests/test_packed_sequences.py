@@ -11,23 +11,15 @@ import torch
 import headops
 from headops import reference
 
-from conftest import OUT_ATOL, assert_close, assert_compiled_as_eager, drawn_heads, head_params, make_qkv
+from conftest import (OUT_ATOL, assert_close, assert_compiled_as_eager, assert_reference_with_gradients, drawn_heads,
+                      gradient_inputs, head_params, make_qkv, weighted_loss)
 
 FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
-GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
 
 
 def ids_of(lengths_per_row):
     """[B, S] sequence ids from each row's sequence lengths."""
     return torch.stack([torch.arange(len(row)).repeat_interleave(torch.tensor(row)) for row in lengths_per_row])
-
-
-def grads(out, lse, inputs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-    if lse is not None:
-        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * 0.3).sum()
-    return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
@@ -43,20 +35,7 @@ def test_packed_rows_match_the_reference_with_gradients(layout, per_batch, featu
     kw = head_params(B, Hq, S, D, features, per_batch=per_batch)
     if "gate" in kw:
         kw["gate"] = kw["gate"].masked_fill(kw["gate"] == 0, 0.5)  # (a gated-off head's grad is skipped)
-    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
-    for t in inputs:
-        t.requires_grad_(True)
-    ids = ids_of(lengths)
-    with_lse = "alpha" not in kw
-    got = headops.attention(q, k, v, layout=layout, sequence_ids=ids, return_lse=with_lse, **kw)
-    want = reference.attention(q, k, v, layout=layout, sequence_ids=ids, return_lse=with_lse, **kw)
-    (got_out, got_lse), (want_out, want_lse) = (got, want) if with_lse else ((got, None), (want, None))
-    assert_close(got_out, want_out, 1e-12)
-    if with_lse:
-        assert_close(got_lse, want_lse, 1e-12, what="lse")
-    for name, a, b in zip(["q", "k", "v"] + [n for n in GRAD_ARGS if n in kw], grads(got_out, got_lse, inputs),
-                          grads(want_out, want_lse, inputs)):
-        assert_close(a, b, 1e-10, what=f"d{name}")
+    assert_reference_with_gradients(q, k, v, kw, layout=layout, sequence_ids=ids_of(lengths))
 
 
 def test_drawn_packings_are_each_sequence_alone():
@@ -160,11 +139,10 @@ def test_packed_backward_is_deterministic():
     over the sequences in a fixed order)."""
     q, k, v = make_qkv(2, 40, 40, 4, 2, 16, dtype=torch.float32)
     kw = head_params(2, 4, 40, 16, ("scale", "key_bias", "sink_logit", "out_scale", "gate"), per_batch=True)
-    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
-    for t in inputs:
-        t.requires_grad_(True)
+    _, inputs = gradient_inputs(q, k, v, kw)
     ids = ids_of([[10, 10, 10, 10], [3, 17, 20]])
-    first, second = (grads(headops.attention(q, k, v, sequence_ids=ids, **kw), None, inputs) for _ in range(2))
+    first, second = (torch.autograd.grad(weighted_loss(headops.attention(q, k, v, sequence_ids=ids, **kw), None),
+                                         inputs, allow_unused=True) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 

@@ -18,13 +18,12 @@ from headops import reference
 
 from conftest import (GENERATE_LOGITS, OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
                       assert_generated_alike, assert_importance_is_the_finite_differences,
-                      assert_training_steps_alike, head_params, training_step)
+                      assert_reference_with_gradients, assert_training_steps_alike, head_params, training_step)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_latent_attention  # noqa: E402
 
 FEATURES = ("scale", "window", "sinks", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
-GRAD_ARGS = ("softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias", "gate")
 DIMS = [(24, 16), (16, 24), (13, 7)]  # (D of q and k, Dv): narrower values, wider values, odd dims
 
 
@@ -42,35 +41,12 @@ def params(B, Hq, Sk, Dv, features):
     return kw
 
 
-def weighted_loss(out, lse, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
-    if lse is not None:
-        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * 0.3).sum()
-    return loss
-
-
 def check_with_gradients(q, k, v, kw, **call):
-    """headops.attention against the reference on the same inputs: out, lse (without alpha) and
-    the gradients of q, k, v and every floating per-head argument, in float64."""
-    inputs = [q, k, v] + [kw[n] for n in GRAD_ARGS if n in kw]
-    for t in inputs:
-        t.requires_grad_(True)
-    with_lse = "alpha" not in kw
-    got = headops.attention(q, k, v, return_lse=with_lse, **call, **kw)
-    want = reference.attention(q, k, v, return_lse=with_lse, **call, **kw)
-    (got_out, got_lse), (want_out, want_lse) = (got, want) if with_lse else ((got, None), (want, None))
-    assert got_out.shape == want_out.shape == (*q.shape[:3], v.shape[3])
-    assert got_out.is_contiguous()
-    assert_close(got_out, want_out, 1e-12)
-    if with_lse:
-        assert_close(got_lse, want_lse, 1e-12, what="lse")
-    names = ["q", "k", "v"] + [n for n in GRAD_ARGS if n in kw]
-    got_grads = torch.autograd.grad(weighted_loss(got_out, got_lse), inputs, allow_unused=True)
-    want_grads = torch.autograd.grad(weighted_loss(want_out, want_lse), inputs, allow_unused=True)
-    for name, a, b in zip(names, got_grads, want_grads):
-        assert a.shape == b.shape
-        assert_close(a, b, 1e-10, what=f"d{name}")
+    """conftest.assert_reference_with_gradients (out, lse and every gradient against the reference
+    in float64), and out of v's head dim [B, Sq, Hq, Dv] (layout bshd or bhsd alike), contiguous."""
+    out = assert_reference_with_gradients(q, k, v, kw, **call)
+    assert out.shape == (*q.shape[:3], v.shape[3])
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
