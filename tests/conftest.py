@@ -388,3 +388,31 @@ def assert_reference_with_gradients(q, k, v, kw, *, unread_is_zero=False, **call
             b = torch.zeros_like(a)
         assert_close(a, b, 1e-10, what=f"d{name}")
     return got_out
+
+
+def edit_heads_before(projection, edit, head_dim):
+    """The oracle of a head-level intervention: edit(h, slice) replaces each head h's slice of an
+    attention module's output where its output projection (`projection`: o_proj, out_proj)
+    receives it. Returns the hook's handle."""
+    def hook(_, args):
+        (x,) = args
+        x = x.clone()
+        for h in range(x.shape[-1] // head_dim):
+            x[..., h * head_dim:(h + 1) * head_dim] = edit(h, x[..., h * head_dim:(h + 1) * head_dim])
+        return (x,)
+    return projection.register_forward_pre_hook(hook)
+
+
+def zero_heads_before(projection, heads, head_dim):
+    """The oracle of masked heads: edit_heads_before with `heads`' slices zeroed."""
+    return edit_heads_before(projection, lambda h, x: torch.zeros_like(x) if h in heads else x, head_dim)
+
+
+def left_padded_ids():
+    """(ids, attention_mask): two rows of 13 token ids in [3, 97) (the tiny models' vocabulary),
+    the second left-padded by 3."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask

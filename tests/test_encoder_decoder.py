@@ -13,6 +13,8 @@ import torch
 
 import headops
 
+from conftest import zero_heads_before
+
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_bart, tiny_whisper  # noqa: E402
 
@@ -76,18 +78,6 @@ def test_dense_spec_is_the_model(family):
             torch.testing.assert_close(got, grad, atol=1e-5, rtol=1e-4)
 
 
-def _zero_heads_before_output(module, heads, head_dim):
-    """The oracle of a masked head: its slice of the attention output zeroed before the module's
-    output projection (out_proj)."""
-    def hook(_, args):
-        (x,) = args
-        x = x.clone()
-        for h in heads:
-            x[..., h * head_dim:(h + 1) * head_dim] = 0
-        return (x,)
-    return module.out_proj.register_forward_pre_hook(hook)
-
-
 @pytest.mark.parametrize("family", ["bart", "whisper"])
 def test_masked_heads_are_their_modules_heads(family):
     """One head masked in an encoder layer, a decoder self-attention layer and a cross-attention
@@ -100,7 +90,7 @@ def test_masked_heads_are_their_modules_heads(family):
     modules = {("encoder", i): layer.self_attn for i, layer in enumerate(model.model.encoder.layers)}
     modules.update({("decoder", i): layer.self_attn for i, layer in enumerate(model.model.decoder.layers)})
     modules.update({("cross", i): layer.encoder_attn for i, layer in enumerate(model.model.decoder.layers)})
-    hooks = [_zero_heads_before_output(modules[layers[layer]], heads, 8) for layer, heads in masked.items()]
+    hooks = [zero_heads_before(modules[layers[layer]].out_proj, heads, 8) for layer, heads in masked.items()]
     with torch.no_grad():
         want = model(**kw).logits
     for h in hooks:

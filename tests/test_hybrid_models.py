@@ -19,21 +19,13 @@ import torch
 import headops
 
 from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
-                      assert_training_steps_alike, training_step)
+                      assert_training_steps_alike, left_padded_ids as batch, training_step, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_hybrid  # noqa: E402
 
 FAMILIES = ["qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "jamba", "minimax", "granite_hybrid"]
 ATTENTION_LAYERS = {"olmo_hybrid": [2]}  # the others: layers 1 and 3 of 4
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 97, (2, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    return ids, mask
 
 
 def attention_module(model, layer):
@@ -85,13 +77,7 @@ def test_a_masked_head_is_its_modules_head(family):
     model, _ = tiny_hybrid(family)
     ids, _ = batch()
 
-    def zero_head(_, args):
-        (x,) = args
-        x = x.clone()
-        x[..., 2 * 16:3 * 16] = 0
-        return (x,)
-
-    hook = attention_module(model, 3).o_proj.register_forward_pre_hook(zero_head)
+    hook = zero_heads_before(attention_module(model, 3).o_proj, [2], 16)
     with torch.no_grad():
         want = model(ids).logits
     hook.remove()
@@ -282,13 +268,7 @@ def test_kimi_linear_latent_attention_beside_kda_layers():
     gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                **GENERATE_LOGITS)
 
-    def zero_head(_, args):
-        (x,) = args
-        x = x.clone()
-        x[..., 1 * 12:2 * 12] = 0
-        return (x,)
-
-    hook = attention_module(model, 3).o_proj.register_forward_pre_hook(zero_head)
+    hook = zero_heads_before(attention_module(model, 3).o_proj, [1], 12)
     with torch.no_grad():
         want_masked = model(ids[:1]).logits
     hook.remove()

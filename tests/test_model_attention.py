@@ -9,7 +9,7 @@ import torch
 
 import headops
 
-from conftest import GENERATE_LOGITS, assert_generated_alike
+from conftest import GENERATE_LOGITS, assert_generated_alike, zero_heads_before
 
 transformers = pytest.importorskip("transformers")
 
@@ -649,17 +649,8 @@ def test_layers_of_other_head_dims_gemma4():
     gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                **GENERATE_LOGITS)
     masked = {1: [2], 5: [0, 3]}
-    hooks = []
-    for layer, heads in masked.items():
-        D = spec.head_dim[layer]
-
-        def zero(_, args, heads=heads, D=D):
-            (x,) = args
-            x = x.clone()
-            for h in heads:
-                x[..., h * D:(h + 1) * D] = 0
-            return (x,)
-        hooks.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero))
+    hooks = [zero_heads_before(model.model.layers[layer].self_attn.o_proj, heads, spec.head_dim[layer])
+             for layer, heads in masked.items()]
     with torch.no_grad():
         want_masked = model(ids, attention_mask=mask).logits
     for hook in hooks:
@@ -680,7 +671,8 @@ def test_layers_of_other_head_dims_gemma4():
     torch.testing.assert_close(got[1, 3:], want_masked[1, 3:], atol=2e-5, rtol=1e-5)
     with_scale = spec.copy()
     with_scale.out_scale = torch.ones(6, 4, 32)
-    with pytest.raises(NotImplementedError, match=r"out_scale on a model whose layers' heads differ in dim \(\[16, 32\]"):
+    with pytest.raises(NotImplementedError,
+                       match=r"out_scale on a model whose layers' heads differ in dim \(\[16, 32\]"):
         headops.set_spec(model, with_scale)
     with pytest.raises(NotImplementedError, match=r"layers differ in head dim \(\[16, 32\]"):
         headops.HeadSparseCache(model, spec)

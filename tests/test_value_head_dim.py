@@ -18,7 +18,8 @@ from headops import reference
 
 from conftest import (GENERATE_LOGITS, OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
                       assert_generated_alike, assert_importance_is_the_finite_differences,
-                      assert_reference_with_gradients, assert_training_steps_alike, head_params, training_step)
+                      assert_reference_with_gradients, assert_training_steps_alike, edit_heads_before, head_params,
+                      left_padded_ids as batch, training_step, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_latent_attention  # noqa: E402
@@ -148,14 +149,6 @@ def test_bad_shapes_are_refused_by_name():
 FAMILIES = ["deepseek_v3", "deepseek_v2", "glm4_moe_lite", "minicpm3"]
 
 
-def batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 97, (2, 13), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    return ids, mask
-
-
 def value_dim(model):
     return model.config.v_head_dim
 
@@ -186,19 +179,6 @@ def test_dense_spec_is_the_model(family):
     assert_training_steps_alike(training_step(model, input_ids=ids, attention_mask=mask, labels=ids), want_step)
 
 
-def _edit_heads_before_output(module, edit, head_dim):
-    """The oracle of a head-level intervention: edit(h, slice) applied to each head's slice of the
-    attention output before the module's output projection (o_proj)."""
-    def hook(_, args):
-        (x,) = args
-        x = x.clone()
-        for h in range(x.shape[-1] // head_dim):
-            part = x[..., h * head_dim:(h + 1) * head_dim]
-            x[..., h * head_dim:(h + 1) * head_dim] = edit(h, part)
-        return (x,)
-    return module.o_proj.register_forward_pre_hook(hook)
-
-
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe_lite"])
 def test_masked_heads_and_lofit_scales_are_the_heads_outputs(family):
     """Heads masked in layer 0 and a LoFiT-style out_scale / out_bias ([L, Hq, Dv]) in layer 1: the
@@ -209,8 +189,8 @@ def test_masked_heads_and_lofit_scales_are_the_heads_outputs(family):
     g = torch.Generator().manual_seed(4)
     scale, bias = 1 + 0.5 * torch.randn(4, Dv, generator=g), 0.3 * torch.randn(4, Dv, generator=g)
     layers = model.model.layers
-    hooks = [_edit_heads_before_output(layers[0].self_attn, lambda h, x: x * 0 if h in (1, 3) else x, Dv),
-             _edit_heads_before_output(layers[1].self_attn, lambda h, x: x * scale[h] + bias[h], Dv)]
+    hooks = [zero_heads_before(layers[0].self_attn.o_proj, (1, 3), Dv),
+             edit_heads_before(layers[1].self_attn.o_proj, lambda h, x: x * scale[h] + bias[h], Dv)]
     with torch.no_grad():
         want = model(ids[:1]).logits
     for h in hooks:
