@@ -101,7 +101,7 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     from transformers import AttentionInterface, DynamicCache
     from transformers.cache_utils import Cache, DynamicLayer
 
-    from ._model_attention import attention_layer_indices, state_layers
+    from ._model_attention import attention_layer_indices, config_of, state_layers
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -149,7 +149,7 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
         # (a hybrid model's other layers: their states' layers, as its own cache has them)
         states = state_layers(model)
         cache = DynamicCache() if not states else Cache(layers=[
-            states.get(i) or DynamicLayer() for i in range(model.config.get_text_config().num_hidden_layers)])
+            states[i] if i in states else DynamicLayer() for i in range(config_of(model).num_hidden_layers)])
         with torch.no_grad():
             model(input_ids, attention_mask=attention_mask, use_cache=True, cache=cache, **last_only)
     finally:
