@@ -67,6 +67,31 @@ def test_a_dense_spec_keeps_the_models_sliding_windows(family):
     assert cache.ideal_nbytes() < cache.dense_nbytes()  # (nbytes: full layers grow by 64-token segments)
 
 
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_a_full_prefill_runs_within_the_models_sliding_windows(family):
+    """prefill="full" (RazorAttention's, kvpress's measure: every head reads the whole prompt) runs
+    a sliding-window layer within the model's window, as the model does: a dense spec's prompt and
+    the next tokens' logits through such a cache equal the model's (before 2026-12-07 the sliding
+    layers read the whole prompt there: Mistral's logits 0.44 off, silently); so does a streaming
+    spec's prompt there (RazorAttention's prefill)."""
+    model = make(family)
+    ids, mask = batch()
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    with torch.no_grad():
+        want = model(ids[:1]).logits
+        cache = headops.HeadSparseCache(model, spec, prefill="full", max_step=4)
+        prompt = model(ids[:1, :9], cache=cache, use_cache=True).logits
+        question = model(ids[:1, 9:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([prompt, question], dim=1), want, atol=2e-5, rtol=1e-5)
+    streaming = headops.HeadSpec.streaming(model, {0: [0, 1], 1: [1]}, window=3, sinks=1)
+    headops.set_spec(model, streaming)
+    with torch.no_grad():
+        prompt = model(ids[:1, :9], cache=headops.HeadSparseCache(model, streaming, prefill="full"),
+                       use_cache=True).logits
+    torch.testing.assert_close(prompt, want[:, :9], atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_a_streaming_spec_in_sliding_layers(family):
     """Sinks on sliding-window layers (visible past the model's window, a StreamingLLM-style

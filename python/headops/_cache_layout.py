@@ -40,6 +40,7 @@ class CacheLayout(NamedTuple):
     budgets: list
     options: dict
     compensation: list  # [L][Hkv] None, "weighted" or "unweighted"
+    model_windows: list  # [L]: the model's own window in its sliding-window layers, None elsewhere
 
 
 def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
@@ -72,7 +73,7 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
             kinds[layer] = ["streaming"] * spec.num_kv_heads
     return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, kinds, windows.tolist(),
                        spec.sinks.tolist(), [list(r) for r in spec.cache_budget], dict(spec.cache_options),
-                       [list(r) for r in spec.cache_compensation])
+                       [list(r) for r in spec.cache_compensation], list(sliding))
 
 
 def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget,
@@ -82,7 +83,8 @@ def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, windo
     layout = CacheLayout(L, Hq, Hkv, head_dim, _per_layer_kinds("full" if kinds is UNSET else kinds, L, Hkv),
                          _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),
                          _per_layer_budgets(budget, L, Hkv), {},
-                         _per_layer_compensation(None if compensation is UNSET else compensation, L, Hkv))
+                         _per_layer_compensation(None if compensation is UNSET else compensation, L, Hkv),
+                         [None] * L)
     check_values(CALLER, window=torch.tensor(layout.windows), sinks=torch.tensor(layout.sinks))
     return layout
 

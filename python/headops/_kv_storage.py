@@ -20,8 +20,9 @@ class LayerStorage:
     """
 
     def __init__(self, caller, kinds, windows, sinks, group, D, max_step, budgets, recent, compensation=None,
-                 append_room=0):
+                 append_room=0, model_window=None):
         self.kinds = [KINDS.index(k) for k in kinds]
+        self.model_window = model_window  # the model's own window in a sliding-window layer (None: none)
         compensation = compensation or [None] * len(kinds)
         for h, (kind, comp) in enumerate(zip(kinds, compensation)):
             if comp is not None and kind != "streaming":

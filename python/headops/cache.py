@@ -165,8 +165,9 @@ class HeadSparseCache(_CacheBase):
             run (0, the default: every token appended past the budget evicts the least-attended
             one). Past the room, eviction resumes. The storage holds budget + append_room slots.
         prefill: "spec" (the default: the prompt runs each head's own window and sinks) or "full"
-            (full causal attention for every head, as RazorAttention and kvpress measure; then
-            each KV head keeps what its kind says).
+            (full causal attention for every head, as RazorAttention and kvpress measure, within the
+            model's own window in its sliding-window layers; then each KV head keeps what its kind
+            says).
         allocation, adakv_alpha, observation_window, pool_kernel: how budget heads choose at
             prefill (headops.budgets, docs/cache.md): "uniform" (the default) or "headkv" (each
             head its own budget) or "adakv" (per row and layer, the layer's budget heads share
@@ -255,7 +256,7 @@ class HeadSparseCache(_CacheBase):
         self.kinds = layout.kinds
         self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i], Hq // Hkv, D,
                                      max_step, layout.budgets[i], budget_recent, layout.compensation[i],
-                                     append_room=int(append_room))
+                                     append_room=int(append_room), model_window=layout.model_windows[i])
                         for i in range(L)]
         self._batch_size = None if batch_size is UNSET else batch_size
         self.dtype, self.device = dtype, device
@@ -718,6 +719,15 @@ class HeadSparseCache(_CacheBase):
         self._store_prompt(caller, st, k, v, None if lengths is None else rows, causal, args, sizing,
                            lambda b, n: None if qs is None else qs[b, max(0, w - n):])
 
+    @staticmethod
+    def _model_window(st, args):
+        """The windows of a prefill="full" prompt: none, or in a sliding-window layer of the model
+        every query head's the model's (full attention there is what the model sees: before
+        2026-12-07 such layers read the whole prompt, and Mistral's logits came out 0.44 off)."""
+        if st.model_window is None:
+            return None
+        return torch.full_like(args.window, st.model_window)
+
     def _probe_request(self, caller, st, q, args, probe, keys):
         """The checked probe arguments of a call over `keys` keys (None without a probe)."""
         if probe is None:
@@ -729,7 +739,7 @@ class HeadSparseCache(_CacheBase):
         B, S = k.shape[0], k.shape[1]
         args = self._head_args(caller, st, B, q.device, S, per_head)  # the whole batch, before any change
         if self.options["prefill"] == "full":  # every head reads the whole prompt; then keeps its kind's
-            args = args._replace(window=None, sinks=None)
+            args = args._replace(window=self._model_window(st, args), sinks=None)
         request = self._probe_request(caller, st, q, args, probe, S)
         if lengths is not None:
             lengths = _lengths(caller, lengths)
