@@ -19,7 +19,8 @@ import torch
 import headops
 from headops import _distributed, discover, tasks
 from headops.research import per_row_causal_lm_loss
-from headops.testing import CharTokenizer, run_ranks, tiny_latent_attention, tiny_llama, tiny_qwen2
+from headops.testing import (CharTokenizer, run_ranks, tiny_latent_attention, tiny_llama, tiny_per_layer_shapes,
+                              tiny_qwen2)
 
 transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -47,7 +48,7 @@ def saved(tmp_path_factory):
     forked ranks find transformers' model modules imported already."""
     folders = {}
     for name, make in [*FAMILIES.items(), ("cut_group", lambda: tiny_llama(6, 3)), ("odd", lambda: tiny_llama(3, 3)),
-                       ("minicpm3", lambda: tiny_latent_attention("minicpm3"))]:
+                       ("minicpm3", lambda: tiny_latent_attention("minicpm3")), ("gemma4", tiny_gemma4)]:
         folder = str(tmp_path_factory.mktemp(name))
         make()[0].save_pretrained(folder)
         AutoModelForCausalLM.from_pretrained(folder)
@@ -151,6 +152,36 @@ def test_tensor_parallel_latent_attention_computes_what_one_process_computes(sav
             torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
         assert torch.equal(got["tokens"], one["tokens"])
         torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
+
+
+def tiny_gemma4():
+    """Gemma 4 of 8 query heads: 4 KV heads of 16 dims in the sliding layers, 2 of 32 (keys as
+    values: no v_proj) in the full-attention layer."""
+    return tiny_per_layer_shapes(num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=2)
+
+
+def test_tensor_parallel_layers_of_other_shapes_compute_what_one_process_computes(saved):
+    """Gemma 4 (layers of other head dims and KV heads, the full-attention layer without v_proj)
+    split over two ranks by transformers' plan: logits under every spec, probes, greedy tokens
+    through a HeadSparseCache holding each rank's half of every layer's KV heads, and head
+    importance as one process (before 2026-12-07 such models were refused, and a layer without
+    v_proj read as not sharded by heads)."""
+    one = measure(tiny_gemma4()[0])
+    ranks = run_ranks(lambda rank: measure(load_tp(saved["gemma4"])), 2)
+    for rank, got in enumerate(ranks):
+        assert got["shard"] == (rank, 2)
+        for spec in ("dense", "masked", "streaming", "per_batch"):
+            torch.testing.assert_close(got[spec], one[spec], atol=2e-6, rtol=1e-5, msg=f"rank {rank} {spec}")
+        for (index, entropy), (want_index, want_entropy) in zip(got["probe"], one["probe"]):
+            assert torch.equal(index, want_index)
+            torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["tokens"], one["tokens"])
+        torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
+        assert got["cache"]["kv_heads"] == (2, 2, 2, 2, 2, 1) and one["cache"]["kv_heads"] == (4, 4, 4, 4, 4, 2)
+        assert got["cache"]["dense"] == one["cache"]["dense"] // 2
+    view = ranks[0]["cache"]["view"]
+    assert view.kept_positions == one["cache"]["view"].kept_positions
+    assert (view.ideal_nbytes, view.dense_nbytes) == (one["cache"]["view"].ideal_nbytes, one["cache"]["dense"])
 
 
 def test_tensor_parallel_shards_that_cut_heads_or_gqa_groups_are_refused_naming_the_heads(saved):

@@ -648,28 +648,30 @@ def test_static_cache_compiled_in_one_graph_on_the_device_as_on_the_cpu():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["latent", "hybrid"])
+@pytest.mark.parametrize("family", ["latent", "hybrid", "per_layer"])
 def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
-    """DeepSeek V3 (values of another head dim, padded on the device too) and Qwen3.5 (Gated DeltaNet
-    layers beside two attention layers) patched on the device against the same on the CPU: a
-    left-padded batch's greedy tokens through transformers' cache (Qwen3.5: and a HeadSparseCache),
-    the loss and a gate gradient."""
+    """DeepSeek V3 (values of another head dim, padded on the device too), Qwen3.5 (Gated DeltaNet
+    layers beside two attention layers) and Gemma 4 (layers of other head dims and KV heads) patched
+    on the device against the same on the CPU: a left-padded batch's greedy tokens through
+    transformers' cache (Qwen3.5, Gemma 4: and a HeadSparseCache), the loss and a gate gradient."""
     pytest.importorskip("transformers")
-    from headops.testing import tiny_hybrid, tiny_latent_attention
+    from headops.testing import tiny_hybrid, tiny_latent_attention, tiny_per_layer_shapes
 
-    make = (lambda: tiny_latent_attention("deepseek_v3")) if family == "latent" else (lambda: tiny_hybrid("qwen3_5"))
+    make = {"latent": lambda: tiny_latent_attention("deepseek_v3"), "hybrid": lambda: tiny_hybrid("qwen3_5"),
+            "per_layer": tiny_per_layer_shapes}[family]
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(11))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     runs = {}
     for name, model in (("cpu", make()[0]), ("device", make()[0].to(CUDA))):
-        spec = headops.HeadSpec.streaming(model, {0: [1]}, window=4, sinks=1).mask_heads({1: [2]})
+        streaming = {5: [0]} if family == "per_layer" else {0: [1]}  # (Gemma 4: its full-attention layer)
+        spec = headops.HeadSpec.streaming(model, streaming, window=4, sinks=1).mask_heads({1: [2]})
         spec.gate = spec.gate.to(model.device).requires_grad_(True)
         headops.patch(model, spec)
         on = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
         with torch.no_grad():
             tokens = model.generate(**on, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-            if family == "hybrid":  # (and through a HeadSparseCache beside the Gated DeltaNet's states)
+            if family != "latent":  # (and through a HeadSparseCache: Qwen3.5's beside its Gated DeltaNet's states)
                 cache = headops.HeadSparseCache(model, spec)
                 tokens = torch.cat([tokens, model.generate(**on, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                                            pad_token_id=0, cache=cache)])

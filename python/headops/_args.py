@@ -37,19 +37,29 @@ def is_int(x) -> bool:
     return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
-def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim, per_layer_dims=False) -> None:
+def check_attention_shape(caller: str, num_layers, num_heads, num_kv_heads, head_dim, per_layer=False) -> None:
     """A model's attention shape: ints >= 1, query heads a multiple of KV heads (GQA/MQA); with
-    per_layer_dims, head_dim may also be a tuple of one int per layer (layers that differ)."""
-    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if not is_int(value) or value < 1:
-            raise fail(caller, name, "an int >= 1", value)
-    dims = head_dim if per_layer_dims and isinstance(head_dim, tuple) else (head_dim,)
-    if (per_layer_dims and isinstance(head_dim, tuple) and len(head_dim) != num_layers) or \
-            not all(is_int(d) and d >= 1 for d in dims):
-        raise fail(caller, "head_dim", "an int >= 1" + (f" or a tuple of {num_layers} (one per layer)"
-                                                        if per_layer_dims else ""), head_dim)
-    if num_heads % num_kv_heads:
-        raise fail(caller, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+    `per_layer`, num_kv_heads and head_dim may also be tuples of one int per layer (a model whose
+    layers differ: Gemma 4)."""
+    if not is_int(num_layers) or num_layers < 1:
+        raise fail(caller, "num_layers", "an int >= 1", num_layers)
+    if not is_int(num_heads) or num_heads < 1:
+        raise fail(caller, "num_heads", "an int >= 1", num_heads)
+    for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        values = value if per_layer and isinstance(value, tuple) else (value,)
+        if (per_layer and isinstance(value, tuple) and len(value) != num_layers) or \
+                not all(is_int(v) and v >= 1 for v in values):
+            raise fail(caller, name, "an int >= 1" + (f" or a tuple of {num_layers} (one per layer)"
+                                                      if per_layer else ""), value)
+    for kv_heads in (num_kv_heads if isinstance(num_kv_heads, tuple) else (num_kv_heads,)):
+        if num_heads % kv_heads:
+            raise fail(caller, "num_heads", f"a multiple of num_kv_heads ({num_kv_heads})", num_heads)
+
+
+def of_layer(value, layer: int) -> int:
+    """A per-layer attention size (num_kv_heads, head_dim: an int for every layer, or a tuple of one
+    per layer) at `layer`."""
+    return value[layer] if isinstance(value, tuple) else value
 
 
 def check_dense(caller: str, t: torch.Tensor, name: str) -> None:

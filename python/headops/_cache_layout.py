@@ -32,8 +32,8 @@ class CacheLayout(NamedTuple):
     (a dict, unchecked: HeadSparseCache merges its keywords into them and checks the result)."""
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int | tuple  # (one per layer where the model's layers differ: Gemma 4)
+    head_dim: int | tuple
     kinds: list
     windows: list
     sinks: list
@@ -56,10 +56,6 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     refused = None if model_or_config is None else head_sparse_cache_refusal(model_or_config)
     if refused:
         raise NotImplementedError(refused)
-    if not isinstance(spec.head_dim, int):
-        raise NotImplementedError(f"{CALLER}: the model's layers differ in head dim ({sorted(set(spec.head_dim))}: "
-                                  "Gemma 4); a HeadSparseCache's storages have one; a patched model generates through "
-                                  "transformers' cache")
     sliding = sliding_windows(model_or_config, spec.num_layers)
     check_spec_in_sliding_layers(lambda name, expected, got: fail(CALLER, name, expected, got), spec, sliding,
                                  cache=True)
@@ -70,7 +66,7 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
     for layer, window in enumerate(sliding):
         if window is not None:
             windows[layer] = capped_window(windows[layer], window)
-            kinds[layer] = ["streaming"] * spec.num_kv_heads
+            kinds[layer] = ["streaming"] * spec.kv_heads(layer)
     return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, kinds, windows.tolist(),
                        spec.sinks.tolist(), [list(r) for r in spec.cache_budget], dict(spec.cache_options),
                        [list(r) for r in spec.cache_compensation], list(sliding))

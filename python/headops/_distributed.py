@@ -29,7 +29,7 @@ import traceback
 
 import torch
 
-from ._model_attention import config_of, head_dims, latent_attention
+from ._model_attention import _per_layer_error, config_of, head_dims, kv_head_counts, latent_attention
 from ._progress import progress as progress_over
 
 # torchrun's environment: the variables it sets in every process it starts
@@ -104,7 +104,7 @@ class HeadShard:
     size: int
     group: object  # the torch.distributed process group of the tensor-parallel ranks
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int | tuple  # (one per layer where the layers differ: Gemma 4)
 
     @property
     def q_heads(self) -> range:
@@ -170,7 +170,7 @@ def head_shard(model_or_config, caller: str) -> HeadShard | None:
         return None
     name = type(model_or_config).__name__
     _, Hq, Hkv, _ = _shape_of(model_or_config)
-    projections = [_head_projections(model_or_config, m, Hq, Hkv) for m in modules]
+    projections = [_head_projections(model_or_config, m, Hq) for m in modules]
     weights = [(m, proj, getattr(getattr(m, proj, None), "weight", None), heads, rows)
                for m, layer in zip(modules, projections) for proj, heads, rows in layer]
     if not all(isinstance(w, DTensor) for _, _, w, _, _ in weights):
@@ -185,7 +185,8 @@ def head_shard(model_or_config, caller: str) -> HeadShard | None:
                                   f"{sorted(map(str, placements))} on a {mesh.ndim}-D mesh; headops reads one "
                                   "tensor-parallel dimension sharded by output rows (transformers' 'colwise' plan)")
     size, rank = mesh.size(), mesh.get_local_rank()
-    _check_heads_divide(caller, name, size, Hq, Hkv)
+    for kv_heads in sorted(set(Hkv if isinstance(Hkv, tuple) else (Hkv,))):
+        _check_heads_divide(caller, name, size, Hq, kv_heads)
     for m, layer in zip(modules, projections):
         got = [getattr(m, proj).weight.to_local().shape[0] for proj, _, _ in layer]
         if got != [heads // size * rows for _, heads, rows in layer]:
@@ -197,7 +198,7 @@ def head_shard(model_or_config, caller: str) -> HeadShard | None:
     return HeadShard(rank, size, mesh.get_group(), Hq, Hkv)
 
 
-def _head_projections(model_or_config, module, Hq, Hkv) -> list:
+def _head_projections(model_or_config, module, Hq) -> list:
     """[(projection, heads, output rows per head)] of the weights that hold an attention module's
     heads, as tensor parallelism shards them: q_proj, k_proj, v_proj; for multi-head latent
     attention the query projection (q_b_proj, or q_proj without a query latent) and kv_b_proj,
@@ -207,11 +208,16 @@ def _head_projections(model_or_config, module, Hq, Hkv) -> list:
         query = "q_b_proj" if getattr(module, "q_b_proj", None) is not None else "q_proj"
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         return [(query, Hq, nope + rope), ("kv_b_proj", Hq, nope + v)]
-    values = head_dims(cfg, [module.layer_idx])  # (a one-layer tuple where dims differ by layer: Gemma 4)
-    if not isinstance(values, int):
-        return [("q_proj", Hq, values[0]), ("k_proj", Hkv, values[0]), ("v_proj", Hkv, values[0])]
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq  # (q's and k's)
-    return [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, values)]
+    # (the module's layer's: Gemma 4's layers differ in head dims and KV heads)
+    values, Hkv = head_dims(cfg, [module.layer_idx]), kv_head_counts(cfg, [module.layer_idx])
+    try:
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq  # (q's and k's)
+    except _per_layer_error():
+        D = values  # (per-layer configs: the layer's q, k and v have its head dim)
+    projections = [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, values)]
+    # (Gemma 4's full-attention layers whose keys are their values, attention_k_eq_v, have no v_proj)
+    keys_as_values = getattr(module, "v_proj", False) is None and getattr(config_of(cfg), "attention_k_eq_v", False)
+    return projections[:2] if keys_as_values else projections
 
 
 def _check_heads_divide(caller, name, size, Hq, Hkv) -> None:

@@ -15,7 +15,8 @@ restarting within it) are attended each alone (packed_sequence_ids, the ops' seq
 
 And what the model's layers are: which have softmax attention (a hybrid model's linear-attention,
 Mamba and MLP layers do not: attention_layer_indices, state_layers), the heads' dims (values of
-their own dim in multi-head latent attention, dims per layer in Gemma 4: head_dims), and why a
+their own dim in multi-head latent attention, dims per layer in Gemma 4: head_dims) and KV heads
+(per layer in Gemma 4's larger models: kv_head_counts), and why a
 HeadSparseCache cannot hold a model's keys (head_sparse_cache_refusal).
 """
 
@@ -48,30 +49,41 @@ def _per_layer_error():
 
 def uniform_attribute(cfg, name: str, default=None):
     """cfg's `name`, one value for every layer. A heterogeneous config (transformers' per-layer
-    configs: Gemma 4's full-attention layers have other head dims, and some variants other KV head
-    counts, than its sliding ones) raises a NotImplementedError naming the values: a HeadSpec has
-    one attention shape for every layer."""
+    configs) that varies it raises a NotImplementedError naming the values: a HeadSpec takes head
+    dims and KV heads per layer (head_dims, kv_head_counts: Gemma 4's full-attention layers differ
+    in both from its sliding ones), one number of query heads for every layer."""
     try:
         return getattr(cfg, name, default)
     except _per_layer_error():
         values = sorted({getattr(layer, name, None) for layer in cfg.per_layer_config}, key=repr)
         raise NotImplementedError(f"headops: this model's layers differ in {name} ({values}, per layer in its "
-                                  "config, as Gemma 4's full-attention and sliding layers do); a HeadSpec has one "
-                                  "attention shape for every layer") from None
+                                  "config); a HeadSpec takes head dims and KV heads per layer, one value of the "
+                                  "rest for every layer") from None
+
+
+def _per_layer(cfg, layers, of):
+    """of(cfg), or where transformers' per-layer configs make it differ between layers, a tuple of
+    of(layer's config) for each of `layers` (an int again if those agree)."""
+    try:
+        return of(cfg)
+    except _per_layer_error():
+        per_layer = cfg.per_layer_config
+        values = tuple(of(per_layer[i]) for i in layers)
+        return values if len(set(values)) > 1 else values[0]
 
 
 def head_dims(cfg, layers):
     """A head's output dim (the values': v_head_dim where the config names it, else head_dim, else
     hidden_size / heads) in each of `layers`: one int where every layer has it, else a tuple per
     layer (Gemma 4's full-attention layers' 512 beside its sliding layers' 256)."""
-    def of(layer_cfg):
-        return (getattr(layer_cfg, "v_head_dim", None) or getattr(layer_cfg, "head_dim", None)
-                or layer_cfg.hidden_size // layer_cfg.num_attention_heads)
-    try:
-        return of(cfg)
-    except _per_layer_error():
-        per_layer = cfg.per_layer_config
-        return tuple(of(per_layer[i]) for i in layers)
+    return _per_layer(cfg, layers, lambda c: getattr(c, "v_head_dim", None) or getattr(c, "head_dim", None)
+                      or c.hidden_size // c.num_attention_heads)
+
+
+def kv_head_counts(cfg, layers):
+    """The KV heads of each of `layers`: one int where every layer has as many, else a tuple per
+    layer (Gemma 4 26B's full-attention layers' 2 beside its sliding layers' 8)."""
+    return _per_layer(cfg, layers, lambda c: getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
 
 
 def encoder_decoder_layers(model_or_config):

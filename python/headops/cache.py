@@ -26,7 +26,7 @@ import torch
 
 from . import _cache_layout, _cache_probe, _distributed, budgets
 from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense, describe, on_device,
-                    check_float_dtype, fail, head_args, is_int)
+                    check_float_dtype, fail, head_args, is_int, of_layer)
 from ._cache_layout import UNSET
 from ._kv_storage import BUDGET, LayerStorage
 from .attention import run_fused
@@ -130,7 +130,9 @@ class HeadSparseCache(_CacheBase):
 
     ``HeadSparseCache(model_or_config, spec, **options)`` keeps what ``spec`` (a
     ``headops.HeadSpec``) says: its cache kinds and budgets per KV head and its windows and
-    sinks per query head (the model or config, when given, is checked to be the spec's).
+    sinks per query head (the model or config, when given, is checked to be the spec's). Where
+    the model's layers differ in KV heads or head dim (Gemma 4), each layer's storage has its own
+    (``num_kv_heads`` and ``head_dim`` are then tuples, one per layer, as the spec's).
     Without a spec the same is given per head, keyword-only:
 
         num_layers, num_heads (query heads), num_kv_heads, head_dim: the model's attention shape.
@@ -249,12 +251,14 @@ class HeadSparseCache(_CacheBase):
             raise fail(CALLER, "budget_recent", "an int >= 0", budget_recent)
         if not is_int(append_room) or append_room < 0:
             raise fail(CALLER, "append_room", "an int >= 0", append_room)
+        # (KV heads and head dim: ints, or one per layer where the model's layers differ: Gemma 4)
         L, Hq, Hkv, D = layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = L, Hq, Hkv, D
         self.max_step, self.split_keys, self.budget_recent = max_step, split_keys, budget_recent
         self.max_length = None if max_length is None else int(max_length)
         self.kinds = layout.kinds
-        self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i], Hq // Hkv, D,
+        self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i],
+                                     Hq // of_layer(Hkv, i), of_layer(D, i),
                                      max_step, layout.budgets[i], budget_recent, layout.compensation[i],
                                      append_room=int(append_room), model_window=layout.model_windows[i])
                         for i in range(L)]
@@ -506,8 +510,8 @@ class HeadSparseCache(_CacheBase):
     def ideal_nbytes(self) -> int:
         """Bytes of exactly the tokens each head keeps (K and V), and of one token per compensated
         head and row that has evicted tokens (its compensation)."""
-        tokens = sum(layer.kept_tokens() + layer.compensation_tokens() for layer in self._layers)
-        return tokens * self._bytes_per_token()
+        return sum((layer.kept_tokens() + layer.compensation_tokens()) * self._bytes_per_token(layer)
+                   for layer in self._layers)
 
     def compensation(self, layer: int, b: int, kv_head: int):
         """(mean key, mean value, count) of what compensated streaming KV head `kv_head` of batch
@@ -517,18 +521,18 @@ class HeadSparseCache(_CacheBase):
         st = self._layers[layer]
         if not is_int(b) or not 0 <= b < len(st.held):
             raise fail(caller, "b", f"a batch row in [0, {len(st.held)})", repr(b))
-        if not is_int(kv_head) or not 0 <= kv_head < self.num_kv_heads or st.compensation[kv_head] is None:
+        if not is_int(kv_head) or not 0 <= kv_head < st.Hkv or st.compensation[kv_head] is None:
             raise fail(caller, "kv_head", f"a compensated streaming KV head of layer {layer}", repr(kv_head))
         return st.compensation_of(b, kv_head)
 
     def dense_nbytes(self) -> int:
         """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer) would hold."""
-        tokens = sum(max(layer.held, default=0) * len(layer.held) for layer in self._layers)
-        return tokens * self.num_kv_heads * self._bytes_per_token()
+        return sum(max(layer.held, default=0) * len(layer.held) * layer.Hkv * self._bytes_per_token(layer)
+                   for layer in self._layers)
 
-    def _bytes_per_token(self) -> int:
-        """K and V of one token of one KV head (0 before the dtype is known: nothing is held)."""
-        return 0 if self.dtype is None else 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+    def _bytes_per_token(self, st: LayerStorage) -> int:
+        """K and V of one token of one KV head of a layer (0 before the dtype is known: nothing is held)."""
+        return 0 if self.dtype is None else 2 * st.D * torch.empty((), dtype=self.dtype).element_size()
 
     # ------------------------------------------------------------------------------- sizing
 
@@ -595,13 +599,14 @@ class HeadSparseCache(_CacheBase):
         tensors = [t.transpose(1, 2) if layout == "bhsd" else t for _, t in named]
         return tensors, sizing
 
-    def _check_kv(self, caller, k, v, B, D):
-        if k.shape != v.shape or tuple(k.shape[::2]) != (B, self.num_kv_heads) or k.shape[3] != D:
-            raise fail(caller, "k", f"[B, S, Hkv, D] = [{B}, S, {self.num_kv_heads}, {D}] like v", tuple(k.shape))
+    @staticmethod
+    def _check_kv(caller, k, v, B, st: LayerStorage):
+        if k.shape != v.shape or tuple(k.shape[::2]) != (B, st.Hkv) or k.shape[3] != st.D:
+            raise fail(caller, "k", f"[B, S, Hkv, D] = [{B}, S, {st.Hkv}, {st.D}] like v", tuple(k.shape))
 
     def _head_args(self, caller, st, B, device, keys, per_head) -> HeadArgs:
         """The per-head arguments of a call over `keys` keys, checked (window and sinks: the cache's)."""
-        Hq, D = self.num_heads, self.head_dim
+        Hq, D = self.num_heads, st.D
         # gate and alpha may come from the host (a patched model's HeadSpec keeps them there on a
         # GPU): the cache's kernels read them on the device, from a copy made once per tensor
         # (on_device), as are the cache's own windows and sinks -- a repeated decode step copies
@@ -644,12 +649,12 @@ class HeadSparseCache(_CacheBase):
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))
-        B, D = sizing[0], self.head_dim
+        st = self._layers[layer]
+        B, D = sizing[0], st.D
         if q.shape[0] != B or tuple(q.shape[2:]) != (self.num_heads, D):
             raise fail(caller, "q", f"[B, S, Hq, D] with B={B}, Hq={self.num_heads}, D={D}", tuple(q.shape))
-        self._check_kv(caller, k, v, B, D)
+        self._check_kv(caller, k, v, B, st)
         self._check_per_head_names(caller, causal, per_head)
-        st = self._layers[layer]
         stats = None
         if padding_side not in ("right", "left"):
             raise fail(caller, "padding_side", "'right' or 'left'", repr(padding_side))
@@ -667,8 +672,8 @@ class HeadSparseCache(_CacheBase):
         attention was computed elsewhere); each KV head keeps what it would keep."""
         caller = CALLER + ".append"
         (k, v), sizing = self._check_inputs(caller, layer, layout, (("k", k), ("v", v)))
-        self._check_kv(caller, k, v, sizing[0], self.head_dim)
         st = self._layers[layer]
+        self._check_kv(caller, k, v, sizing[0], st)
         self._check_room(caller, st, k.shape[1])
         self._ensure_sized(caller, sizing)
         st.reserve(max(st.held) + k.shape[1])
@@ -691,10 +696,10 @@ class HeadSparseCache(_CacheBase):
         tensors, sizing = self._check_inputs(caller, layer, layout, named)
         k, v = tensors[0], tensors[1]
         qs = tensors[2] if queries is not None else None
-        B, D = sizing[0], self.head_dim
-        self._check_kv(caller, k, v, B, D)
-        self._check_per_head_names(caller, causal, per_head)
         st = self._layers[layer]
+        B, D = sizing[0], st.D
+        self._check_kv(caller, k, v, B, st)
+        self._check_per_head_names(caller, causal, per_head)
         if max(st.held, default=0) != 0:
             raise ValueError(f"{caller}: layer {layer} holds tokens already; fill stores a prompt in an empty layer "
                              "(append adds tokens)")
@@ -798,7 +803,7 @@ class HeadSparseCache(_CacheBase):
         kept_window = obs if opts["keep_observation_window"] else 0
         heads = [h for h, kind in enumerate(st.kinds) if kind == BUDGET]
         scores = budgets.snapkv_scores(q[None, q.shape[0] - obs:], k[None], v[None], args,
-                                       self.num_heads // self.num_kv_heads, causal=causal,
+                                       self.num_heads // st.Hkv, causal=causal,
                                        pool_kernel=opts["pool_kernel"], pooling=opts["pooling"], heads=heads,
                                        scored_keys=n - obs if kept_window else None)
         rows = [int(st.kv_index[h]) for h in heads]  # budget head i is the i-th budget KV head

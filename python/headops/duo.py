@@ -107,7 +107,8 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
                   show_progress: bool = False, group=None):
     """DuoAttention's optimisation (see the module docstring) over the training `samples`
     (multi_passkey prompts, one per step, in turn). Returns Scores whose values are each query
-    head's alpha [L, Hq] (its KV head's), with info: kv_alpha [L, Hkv], the loss, distillation
+    head's alpha [L, Hq] (its KV head's), with info: kv_alpha [L, Hkv] (a list of each layer's
+    [Hkv] where the layers differ in KV heads: Gemma 4), the loss, distillation
     and alpha mean of every step. ``group`` splits the distillation targets' forwards over
     processes (as duo_ablation's); the steps follow each other, so every process runs them all."""
     _check("duo_attention", samples, sinks, window)
@@ -119,8 +120,7 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
         raise ValueError(f"headops.discover.duo_attention: reg must be >= 0, got {reg!r}")
     targets = distillation_targets(model, samples, group=group)
     spec = _streaming_spec(model, sinks, window)
-    kv_group = spec.num_heads // spec.num_kv_heads
-    alpha = torch.ones(spec.num_layers, spec.num_kv_heads, requires_grad=True)
+    alpha = torch.ones(len(spec._kv_head_list()), requires_grad=True)  # one per KV head, layer by layer
     # weight_decay=0: the L1 term is the only pull towards streaming, as the loss says
     optimizer = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
     history = {"loss": [], "distillation": [], "alpha_mean": []}
@@ -128,7 +128,7 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
     with with_spec(model, spec), _Frozen(model):
         for step in progress(range(steps), desc="DuoAttention (steps)", enabled=show_progress):
             ids, positions, reference = targets[step % len(targets)]
-            spec.alpha = alpha.repeat_interleave(kv_group, dim=1)  # tied across each KV head's query heads
+            spec.alpha = spec._per_query_head(alpha)  # tied across each KV head's query heads
             set_spec(model, spec)
             distillation = _distillation_loss(_final_states(model, ids, positions), reference).mean()
             loss = distillation + reg * alpha.mean()
@@ -141,8 +141,8 @@ def duo_attention(model, samples, *, sinks: int, window: int, steps: int, lr: fl
                 history["distillation"].append(distillation.item())
                 history["alpha_mean"].append(alpha.mean().item())
     kv_alpha = alpha.detach().clone()
-    return _scores("duo", kv_alpha.repeat_interleave(kv_group, dim=1).double(),
-                   {"kv_alpha": kv_alpha, "seconds": time.perf_counter() - started, **history,
+    return _scores("duo", spec._per_query_head(kv_alpha).double(),
+                   {"kv_alpha": spec._kv_rows(kv_alpha), "seconds": time.perf_counter() - started, **history,
                     "sinks": sinks, "window": window, "lr": lr, "reg": reg, "steps": steps})
 
 
@@ -151,7 +151,8 @@ def duo_ablation(model, samples, *, sinks: int, window: int, max_batch_tokens: i
     """Each KV head's distillation loss when it alone streams (alpha 0) and the others stay full,
     averaged over `samples`; all KV heads of a sample in batched forwards of at most
     max_batch_tokens tokens (per-batch alpha [B, L, Hq]). Returns Scores [L, Hq] (each query
-    head its KV head's loss), info: kv_loss [L, Hkv].
+    head its KV head's loss), info: kv_loss [L, Hkv] (a list of each layer's [Hkv] where the layers
+    differ in KV heads).
 
     ``group``: the processes the batches are split over (a torch.distributed process group; None:
     torchrun's processes when launched by torchrun, else this one; False: this process alone);
@@ -160,10 +161,10 @@ def duo_ablation(model, samples, *, sinks: int, window: int, max_batch_tokens: i
     processes = sweep_group(group, model, "headops.discover.duo_ablation")
     targets = distillation_targets(model, samples, group=False if processes is None else processes)
     spec = _streaming_spec(model, sinks, window)
-    L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
-    kv_group = Hq // Hkv
-    heads = [(layer, h) for layer in range(L) for h in range(Hkv)]
-    kv_loss = torch.zeros(L, Hkv, dtype=torch.float64)
+    L, Hq = spec.num_layers, spec.num_heads
+    heads = spec._kv_head_list()
+    kv_loss = torch.zeros(len(heads), dtype=torch.float64)  # (in the order of heads)
+    index = {head: i for i, head in enumerate(heads)}
     work = []
     for ids, positions, reference in targets:
         per_batch = max(1, max_batch_tokens // ids.shape[1])
@@ -173,7 +174,8 @@ def duo_ablation(model, samples, *, sinks: int, window: int, max_batch_tokens: i
         ids, positions, reference, chunk = item
         alpha = torch.ones(len(chunk), L, Hq)
         for row, (layer, h) in enumerate(chunk):
-            alpha[row, layer, h * kv_group:(h + 1) * kv_group] = 0.0
+            group = spec.kv_group(layer)
+            alpha[row, layer, h * group:(h + 1) * group] = 0.0
         spec.alpha = alpha
         set_spec(model, spec)
         return _distillation_loss(_final_states(model, ids.expand(len(chunk), -1), positions), reference).tolist()
@@ -183,16 +185,21 @@ def duo_ablation(model, samples, *, sinks: int, window: int, max_batch_tokens: i
                            inputs=(samples, sinks, window, max_batch_tokens), progress=show_progress,
                            desc="DuoAttention ablation (batches)")
     for (_, _, _, chunk), values in zip(work, losses):  # in batch order, as one process adds
-        for (layer, h), value in zip(chunk, values):
-            kv_loss[layer, h] += value / len(targets)
-    return _scores("duo-ablation", kv_loss.repeat_interleave(kv_group, dim=1),
-                   {"kv_loss": kv_loss, "sinks": sinks, "window": window})
+        for head, value in zip(chunk, values):
+            kv_loss[index[head]] += value / len(targets)
+    return _scores("duo-ablation", spec._per_query_head(kv_loss),
+                   {"kv_loss": spec._kv_rows(kv_loss), "sinks": sinks, "window": window})
 
 
-def write_full_attention_heads(path, kv_alpha: torch.Tensor) -> None:
-    """DuoAttention's full_attention_heads.tsv: one row per layer, one tab-separated value per KV head."""
-    if not isinstance(kv_alpha, torch.Tensor) or kv_alpha.dim() != 2:
-        raise ValueError("headops.discover.write_full_attention_heads: kv_alpha must be a [layers, KV heads] tensor")
+def write_full_attention_heads(path, kv_alpha) -> None:
+    """DuoAttention's full_attention_heads.tsv: one row per layer, one tab-separated value per KV
+    head. kv_alpha: a [layers, KV heads] tensor, or a list of each layer's [KV heads] (duo_attention's
+    info where the layers differ in KV heads; HeadSpec.from_duo_attention reads either back)."""
+    rows = list(kv_alpha) if isinstance(kv_alpha, (list, tuple)) else None
+    if not (isinstance(kv_alpha, torch.Tensor) and kv_alpha.dim() == 2) and not (
+            rows and all(isinstance(r, torch.Tensor) and r.dim() == 1 for r in rows)):
+        raise ValueError("headops.discover.write_full_attention_heads: kv_alpha must be a [layers, KV heads] tensor "
+                         "or a list of each layer's [KV heads] tensor")
     with open(path, "w") as f:
-        for row in kv_alpha.tolist():
-            f.write("\t".join(f"{x:.18e}" for x in row) + "\n")
+        for row in (rows if rows is not None else kv_alpha):
+            f.write("\t".join(f"{x:.18e}" for x in row.tolist()) + "\n")

@@ -112,19 +112,20 @@ class Method:
             return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
                                    **_scoring_options(p))
         if f == "random":
-            L, Hkv = HeadSpec.dense(model).num_layers, _num_kv_heads(model.config)
+            dense = HeadSpec.dense(model)
             generator = torch.Generator().manual_seed(p["seed"])
-            table = torch.rand(L, Hkv, generator=generator, dtype=torch.float64)
+            per_kv_head = torch.rand(len(dense._kv_head_list()), generator=generator, dtype=torch.float64)
+            table = dense._per_query_head(per_kv_head)  # (each query head its KV head's: pooled back by max)
             return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])
         table = _named_scores(scores, p["scores"], self.name)
         if f == "duo":
             return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])
         if f == "razor":
-            from .head_scores import pool_kv_heads, top_heads
+            from .head_scores import top_heads
 
-            Hkv = _num_kv_heads(model.config)
-            kv = pool_kv_heads(table, Hkv, "max") if table.shape[1] != Hkv else table
-            keep = top_heads(kv, round(p["full"] * kv.numel()))
+            dense = HeadSpec.dense(model)
+            kv, heads = torch.cat(dense._kv_head_scores(CALLER, table, "max")), dense._kv_head_list()
+            keep = [heads[i] for _, i in top_heads(kv[None], round(p["full"] * len(heads)))]
             return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
         if f == "headkv":
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
@@ -141,10 +142,6 @@ def _scoring_options(p) -> dict:
 
 def _show(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _num_kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _named_scores(scores, name, method):

@@ -33,10 +33,11 @@ import json
 
 import torch
 
-from ._args import check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int
+from ._args import (check_attention_shape, check_cache_options, check_compensation, check_values, fail, is_int,
+                    of_layer)
 from ._model_attention import (attention_layer_indices, check_spec_in_cross_attention_layers,
                                check_spec_in_sliding_layers, config_of, encoder_decoder_layers, layer_kinds,
-                               head_dims, sliding_windows, uniform_attribute)
+                               head_dims, kv_head_counts, sliding_windows, uniform_attribute)
 
 __all__ = ["HeadSpec"]
 
@@ -68,8 +69,8 @@ def _fail(name, expected, got):
 def _shape_of(model_or_config):
     """(layers, query heads, KV heads, head dim) from a transformers model or config; the head dim
     is a head's output's, the values' (v_head_dim where a config names it: multi-head latent
-    attention's keys have another, and its head_dim names the rotary part), a tuple of one per
-    layer where the layers differ (Gemma 4)."""
+    attention's keys have another, and its head_dim names the rotary part); KV heads and head dim
+    are tuples of one per layer where the layers differ (Gemma 4)."""
     cfg = config_of(model_or_config)
     stacks = encoder_decoder_layers(cfg)
     if stacks is not None:  # a layer per attention module: encoder, decoder, cross (layer_kinds)
@@ -78,8 +79,8 @@ def _shape_of(model_or_config):
     try:
         layers = attention_layer_indices(cfg)  # (a hybrid model: its softmax-attention layers)
         Hq = uniform_attribute(cfg, "num_attention_heads")
-        Hkv = uniform_attribute(cfg, "num_key_value_heads") or Hq
-        D = head_dims(cfg, layers)  # (per layer where the layers differ: Gemma 4)
+        Hkv = kv_head_counts(cfg, layers)  # (Hkv and D per layer where the layers differ: Gemma 4)
+        D = head_dims(cfg, layers)
         L = len(layers)
     except (AttributeError, TypeError, ZeroDivisionError):
         raise TypeError(f"headops.HeadSpec: cannot read the attention shape of model_or_config (a "
@@ -126,6 +127,8 @@ class HeadSpec:
       (Gemma 4), head_dim is a tuple of one per layer and out_scale, out_bias are refused;
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
+      num_kv_heads: an int, or where the layers differ in KV heads (Gemma 4's larger models) a tuple
+      of one per layer (``kv_heads(layer)``), and the ``[L][Hkv]`` lists below have each layer's;
       cache_kind ``[L][Hkv]`` of "full" / "streaming" / "budget" (None: all full); cache_budget
       ``[L][Hkv]`` (None where not a budget head); cache_compensation ``[L][Hkv]`` of None /
       "weighted" / "unweighted" (streaming heads only: RazorAttention's compensation token);
@@ -140,8 +143,8 @@ class HeadSpec:
 
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int | tuple
+    head_dim: int | tuple
     gate: torch.Tensor | None = None
     softmax_scale: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
@@ -158,18 +161,18 @@ class HeadSpec:
 
     def __post_init__(self):
         check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
-                              per_layer_dims=True)
-        L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
+                              per_layer=True)
+        L, Hq = self.num_layers, self.num_heads
         if self.window is None:
             self.window = torch.full((L, Hq), -1, dtype=torch.int64)
         if self.sinks is None:
             self.sinks = torch.zeros(L, Hq, dtype=torch.int64)
         if self.cache_kind is None:
-            self.cache_kind = [["full"] * Hkv for _ in range(L)]
+            self.cache_kind = [["full"] * self.kv_heads(layer) for layer in range(L)]
         if self.cache_budget is None:
-            self.cache_budget = [[None] * Hkv for _ in range(L)]
+            self.cache_budget = [[None] * self.kv_heads(layer) for layer in range(L)]
         if self.cache_compensation is None:
-            self.cache_compensation = [[None] * Hkv for _ in range(L)]
+            self.cache_compensation = [[None] * self.kv_heads(layer) for layer in range(L)]
         if self.cache_options is None:
             self.cache_options = {}
         self.validate()
@@ -204,7 +207,6 @@ class HeadSpec:
         spec = cls.dense(model_or_config)
         heads = _check_heads(heads, "KV")
         spec._check_window_sinks(window, sinks)
-        group = spec.num_heads // spec.num_kv_heads
         kinds = layer_kinds(model_or_config, spec.num_layers)
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
@@ -212,9 +214,8 @@ class HeadSpec:
                 raise _fail("heads", "in layers other than cross-attention layers (their keys are the encoder's "
                                      "outputs: no window)", f"layer {layer}, cross-attention layer {kinds[layer][1]}")
             for h in kv_heads:
-                if not 0 <= h < spec.num_kv_heads:
-                    raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
-                spec._make_streaming(layer, h, group, window, sinks)
+                spec._check_kv_head("heads", layer, h)
+                spec._make_streaming(layer, h, window, sinks)
         return spec
 
     @classmethod
@@ -224,8 +225,8 @@ class HeadSpec:
         stay full (their keys are the encoder's outputs)."""
         L, _, Hkv, _ = _shape_of(model_or_config)
         kinds = layer_kinds(model_or_config, L)
-        return cls.streaming(model_or_config, {layer: range(Hkv) for layer in range(L) if kinds[layer][0] != "cross"},
-                             window=window, sinks=sinks)
+        return cls.streaming(model_or_config, {layer: range(of_layer(Hkv, layer)) for layer in range(L)
+                                               if kinds[layer][0] != "cross"}, window=window, sinks=sinks)
 
     @classmethod
     def razor(cls, model_or_config, retrieval_heads, *, window: int, sinks: int = 4,
@@ -254,15 +255,12 @@ class HeadSpec:
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
             for h in kv_heads:
-                if not 0 <= h < spec.num_kv_heads:
-                    raise _fail("retrieval_heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
+                spec._check_kv_head("retrieval_heads", layer, h)
                 full.add((layer, h))
-        group = spec.num_heads // spec.num_kv_heads
-        for layer in range(spec.num_layers):
-            for h in range(spec.num_kv_heads):
-                if (layer, h) not in full:
-                    spec._make_streaming(layer, h, group, window, sinks)
-                    spec.cache_compensation[layer][h] = "weighted" if weighted else "unweighted"
+        for layer, h in spec._kv_head_list():
+            if (layer, h) not in full:
+                spec._make_streaming(layer, h, window, sinks)
+                spec.cache_compensation[layer][h] = "weighted" if weighted else "unweighted"
         spec.cache_options = {"prefill": "full"}
         spec.validate()
         return spec
@@ -288,13 +286,12 @@ class HeadSpec:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise _fail("alpha", "a number in [0, 1] (AdaKV's floor, a fraction of the budget)", repr(alpha))
         spec = cls.dense(model_or_config)
-        heads = {layer: range(spec.num_kv_heads) for layer in range(spec.num_layers)} if heads is None else heads
+        heads = {layer: range(spec.kv_heads(layer)) for layer in range(spec.num_layers)} if heads is None else heads
         heads = _check_heads(heads, "KV")
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
             for h in kv_heads:
-                if not 0 <= h < spec.num_kv_heads:
-                    raise _fail("heads", f"KV head indices in [0, {spec.num_kv_heads})", h)
+                spec._check_kv_head("heads", layer, h)
                 spec.cache_kind[layer][h] = "budget"
                 spec.cache_budget[layer][h] = int(budget)
         spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
@@ -316,14 +313,13 @@ class HeadSpec:
         from .budgets import headkv_budgets
 
         spec = cls.dense(model_or_config)
-        L, Hkv = spec.num_layers, spec.num_kv_heads
         kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool)
-        budgets = headkv_budgets(kv_scores, budget, beta)
+        budgets = headkv_budgets(torch.cat(kv_scores)[None], budget, beta)[0]  # (one pool over every KV head)
         if int(budgets.min()) < 1:
             raise _fail("beta", f"large enough that every KV head keeps a token (beta = {beta} gives "
                                 f"{int((budgets < 1).sum())} KV heads a budget of 0)", repr(beta))
-        spec.cache_kind = [["budget"] * Hkv for _ in range(L)]
-        spec.cache_budget = budgets.tolist()
+        spec.cache_kind = [["budget"] * len(row) for row in kv_scores]
+        spec.cache_budget = [row.tolist() for row in budgets.split([len(row) for row in kv_scores])]
         spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
@@ -346,14 +342,17 @@ class HeadSpec:
                         rows.append([float(x) for x in line.split()])
                     except ValueError:
                         raise _fail("the pattern", "rows of numbers (layers x KV heads)", repr(line.strip())) from None
-        shape = (len(rows), len(rows[0]) if rows else 0)
-        if shape != (spec.num_layers, spec.num_kv_heads) or any(len(r) != shape[1] for r in rows):
-            raise _fail("the pattern", f"{spec.num_layers} rows of {spec.num_kv_heads} values (layers x KV heads)",
-                        f"{shape[0]} rows of {shape[1]}")
-        alpha = torch.tensor(rows, dtype=torch.float32).clamp(0.0, 1.0)
+        counts = [spec.kv_heads(layer) for layer in range(spec.num_layers)]
+        if [len(r) for r in rows] != counts:
+            want = (f"{spec.num_layers} rows of {counts[0]} values" if len(set(counts)) == 1 else
+                    f"{spec.num_layers} rows of each layer's KV heads ({counts})")
+            raise _fail("the pattern", f"{want} (layers x KV heads)", f"rows of {[len(r) for r in rows]}")
+        # each query head its KV head's clipped gate ([L, Hq]: the layers may differ in KV heads)
+        alpha = torch.stack([torch.tensor(row, dtype=torch.float32).clamp(0.0, 1.0).repeat_interleave(
+            spec.kv_group(layer)) for layer, row in enumerate(rows)])
         if not keep_alpha:
             return cls.from_scores(model_or_config, alpha, threshold=threshold, window=window, sinks=sinks)
-        spec.alpha = alpha.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=1)
+        spec.alpha = alpha
         spec.window[:] = window
         spec.sinks[:] = sinks
         return spec
@@ -372,41 +371,44 @@ class HeadSpec:
 
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
-        L, Hq, Hkv = spec.num_layers, spec.num_heads, spec.num_kv_heads
-        kv_scores = spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool)
+        kv_scores = torch.cat(spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool))
+        heads = spec._kv_head_list()  # (in the order of kv_scores: layer by layer)
         if (full_fraction is None) == (threshold is None):
             raise ValueError("headops.HeadSpec.from_scores: give one of full_fraction and threshold")
         if full_fraction is not None:
             if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
                     not 0.0 <= full_fraction <= 1.0:
                 raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
-            full = set(top_heads(kv_scores, round(full_fraction * L * Hkv)))
+            full = {heads[i] for _, i in top_heads(kv_scores[None], round(full_fraction * len(heads)))}
         else:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
                 raise _fail("threshold", "a number", repr(threshold))
-            full = {(layer, h) for layer in range(L) for h in range(Hkv) if kv_scores[layer, h] > threshold}
-        for layer in range(L):
-            for h in range(Hkv):
-                if (layer, h) not in full:
-                    spec._make_streaming(layer, h, Hq // Hkv, window, sinks)
+            full = {head for head, score in zip(heads, kv_scores.tolist()) if score > threshold}
+        for layer, h in heads:
+            if (layer, h) not in full:
+                spec._make_streaming(layer, h, window, sinks)
         return spec
 
-    def _kv_head_scores(self, caller, scores, pool):
-        """Per-head `scores` checked (a floating tensor [L, Hkv] or [L, Hq], free of NaN) and pooled
-        to one per KV head by `pool` over its group of query heads."""
+    def _kv_head_scores(self, caller, scores, pool) -> list:
+        """Per-head `scores` checked (a floating tensor [L, Hkv] or [L, Hq], free of NaN; [L, Hq]
+        where the layers differ in KV heads) and pooled to one per KV head by `pool` over its group
+        of query heads: a list of each layer's [Hkv]."""
         from .head_scores import POOLINGS, pool_kv_heads
 
         L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
         if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point:
             raise TypeError(f"{caller}: scores must be a floating-point tensor, got "
                             f"{scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-        if tuple(scores.shape) not in ((L, Hkv), (L, Hq)):
-            raise _fail("scores", f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
+        shapes = ((L, Hq),) if isinstance(Hkv, tuple) else ((L, Hkv), (L, Hq))
+        if tuple(scores.shape) not in shapes:
+            raise _fail("scores", f"[L, Hq] = [{L}, {Hq}] (the layers differ in KV heads: {Hkv})" if len(shapes) == 1
+                        else f"[L, Hkv] = [{L}, {Hkv}] or [L, Hq] = [{L}, {Hq}]", tuple(scores.shape))
         if bool(torch.isnan(scores).any()):
             raise _fail("scores", "free of NaN", "NaN")
         if pool not in POOLINGS:
             raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
-        return pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq and Hq != Hkv else scores
+        return [pool_kv_heads(row[None], self.kv_heads(layer), pool)[0] if row.shape[0] != self.kv_heads(layer)
+                else row for layer, row in enumerate(scores)]
 
     @staticmethod
     def _check_window_sinks(window, sinks):
@@ -415,8 +417,9 @@ class HeadSpec:
         if not is_int(sinks) or not 0 <= sinks < 2**63:
             raise _fail("sinks", "an int >= 0", sinks)
 
-    def _make_streaming(self, layer, kv_head, group, window, sinks):
+    def _make_streaming(self, layer, kv_head, window, sinks):
         self._check_window_sinks(window, sinks)
+        group = self.kv_group(layer)
         self.window[layer, kv_head * group:(kv_head + 1) * group] = window
         self.sinks[layer, kv_head * group:(kv_head + 1) * group] = sinks
         self.cache_kind[layer][kv_head] = "streaming"
@@ -425,13 +428,43 @@ class HeadSpec:
         if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
 
+    def _check_kv_head(self, name, layer, h):
+        if not 0 <= h < self.kv_heads(layer):
+            raise _fail(name, f"KV head indices in [0, {self.kv_heads(layer)})"
+                              + (f" in layer {layer}" if isinstance(self.num_kv_heads, tuple) else ""), h)
+
+    def _kv_head_list(self) -> list:
+        """Every (layer, KV head), layer by layer."""
+        return [(layer, h) for layer in range(self.num_layers) for h in range(self.kv_heads(layer))]
+
+    def _per_query_head(self, per_kv_head: torch.Tensor) -> torch.Tensor:
+        """[L, Hq] from one value per KV head (a flat tensor, layer by layer, as _kv_head_list):
+        each query head its KV head's."""
+        rows = per_kv_head.split([self.kv_heads(layer) for layer in range(self.num_layers)])
+        return torch.stack([row.repeat_interleave(self.kv_group(layer)) for layer, row in enumerate(rows)])
+
+    def _kv_rows(self, per_kv_head: torch.Tensor):
+        """One value per KV head (a flat tensor, layer by layer) as [L, Hkv], or where the layers
+        differ in KV heads a list of each layer's [Hkv]."""
+        if isinstance(self.num_kv_heads, int):
+            return per_kv_head.view(self.num_layers, self.num_kv_heads)
+        return list(per_kv_head.split(list(self.num_kv_heads)))
+
+    def kv_heads(self, layer: int) -> int:
+        """Layer `layer`'s KV heads (num_kv_heads, or its entry where the layers differ: Gemma 4)."""
+        return of_layer(self.num_kv_heads, layer)
+
+    def kv_group(self, layer: int) -> int:
+        """How many query heads read each of layer `layer`'s KV heads (GQA's group)."""
+        return self.num_heads // self.kv_heads(layer)
+
     # --------------------------------------------------------------------------- use
 
     def validate(self, model_or_config=None) -> None:
         """Checks every field: shapes, dtypes and the rules of the values (and, given a model or
         config, that the spec was made for it)."""
         check_attention_shape(CALLER, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
-                              per_layer_dims=True)
+                              per_layer=True)
         L, Hq, Hkv, D = self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim
         if model_or_config is not None and _shape_of(model_or_config) != (L, Hq, Hkv, D):
             raise _fail("the spec", f"made for this model (layers, heads, KV heads, head dim = "
@@ -468,21 +501,24 @@ class HeadSpec:
         if self.key_bias is not None and (self.key_bias.dim() != 3 or tuple(self.key_bias.shape[:2]) != (L, Hq)):
             raise _fail("key_bias", f"[L, Hq, K] = [{L}, {Hq}, K]", tuple(self.key_bias.shape))
         kinds, budgets = self.cache_kind, self.cache_budget
-        if (not isinstance(kinds, (list, tuple)) or len(kinds) != L or
-                any(not isinstance(r, (list, tuple)) or len(r) != Hkv for r in kinds)):
-            raise _fail("cache_kind", f"[L, Hkv] = [{L}, {Hkv}]", kinds)
+        counts = [self.kv_heads(layer) for layer in range(L)]
+        kv_shape = f"[L, Hkv] = [{L}, {Hkv}]" if isinstance(Hkv, int) else f"[L][Hkv] with Hkv = {Hkv}, per layer"
+
+        def per_kv_head(rows):
+            return isinstance(rows, (list, tuple)) and len(rows) == L and all(
+                isinstance(r, (list, tuple)) and len(r) == n for r, n in zip(rows, counts))
+
+        if not per_kv_head(kinds):
+            raise _fail("cache_kind", kv_shape, kinds)
         if any(k not in ("full", "streaming", "budget") for r in kinds for k in r):
             raise _fail("cache_kind", "'full', 'streaming' or 'budget' for every KV head", kinds)
-        if (not isinstance(budgets, (list, tuple)) or len(budgets) != L or
-                any(not isinstance(r, (list, tuple)) or len(r) != Hkv or
-                    any(b is not None and not is_int(b) for b in r) for r in budgets)):
-            raise _fail("cache_budget", f"[L, Hkv] = [{L}, {Hkv}] ints (None where not a budget head)", budgets)
+        if not per_kv_head(budgets) or any(b is not None and not is_int(b) for r in budgets for b in r):
+            raise _fail("cache_budget", f"{kv_shape} ints (None where not a budget head)", budgets)
         check_values(CALLER, window=self.window, sinks=self.sinks, alpha=self.alpha, softmax_scale=self.softmax_scale,
                      sink_logit=self.sink_logit, key_bias=self.key_bias)
         comp = self.cache_compensation
-        if (not isinstance(comp, (list, tuple)) or len(comp) != L or
-                any(not isinstance(r, (list, tuple)) or len(r) != Hkv for r in comp)):
-            raise _fail("cache_compensation", f"[L, Hkv] = [{L}, {Hkv}] of None, 'weighted' or 'unweighted'", comp)
+        if not per_kv_head(comp):
+            raise _fail("cache_compensation", f"{kv_shape} of None, 'weighted' or 'unweighted'", comp)
         for layer, (kind_row, comp_row) in enumerate(zip(kinds, comp)):
             for h, (kind, c) in enumerate(zip(kind_row, comp_row)):
                 check_compensation(CALLER, c, "cache_compensation")
@@ -557,21 +593,28 @@ class HeadSpec:
         if isinstance(q_heads, slice) and not all(x is None or is_int(x) for x in (q_heads.start, q_heads.stop,
                                                                                    q_heads.step)):
             raise TypeError(f"{where}: q_heads must be a slice of ints, got {q_heads!r}")
-        Hq, group = self.num_heads, self.num_heads // self.num_kv_heads
+        Hq = self.num_heads
         first, stop, step = (q_heads.indices(Hq) if isinstance(q_heads, slice) else
                              (q_heads.start, q_heads.stop, q_heads.step))
         if step != 1 or not 0 <= first < stop <= Hq:
             raise fail(where, "q_heads", f"a non-empty block of consecutive query heads in [0, {Hq})", q_heads)
-        if first % group or stop % group:
-            raise fail(where, "q_heads", f"whole GQA groups ({group} query heads share each KV head: a block from "
-                                         f"a multiple of {group} to a multiple of {group})", q_heads)
-        kv = slice(first // group, stop // group)
+        for group in sorted({self.kv_group(layer) for layer in range(self.num_layers)}, reverse=True):
+            if first % group or stop % group:
+                raise fail(where, "q_heads", f"whole GQA groups ({group} query heads share each KV head: a block "
+                                             f"from a multiple of {group} to a multiple of {group})", q_heads)
+        # each layer's KV heads of the block (the layers may differ in KV heads)
+        kv = [slice(first // self.kv_group(layer), stop // self.kv_group(layer)) for layer in range(self.num_layers)]
+        kv_heads = tuple(s.stop - s.start for s in kv)
         block = {name: (t[..., first:stop] if name in _PER_BATCH else t[:, first:stop]).clone()
                  for name, t in self.tensors().items()}
-        return dataclasses.replace(self, num_heads=stop - first, num_kv_heads=kv.stop - kv.start, **block,
-                                   cache_kind=[list(r[kv]) for r in self.cache_kind],
-                                   cache_budget=[list(r[kv]) for r in self.cache_budget],
-                                   cache_compensation=[list(r[kv]) for r in self.cache_compensation],
+
+        def rows(per_kv_head):
+            return [list(r[s]) for r, s in zip(per_kv_head, kv)]
+
+        return dataclasses.replace(self, num_heads=stop - first, **block,
+                                   num_kv_heads=kv_heads if isinstance(self.num_kv_heads, tuple) else kv_heads[0],
+                                   cache_kind=rows(self.cache_kind), cache_budget=rows(self.cache_budget),
+                                   cache_compensation=rows(self.cache_compensation),
                                    cache_options=dict(self.cache_options))
 
     # ------------------------------------------------------------------------ save / load
@@ -608,8 +651,9 @@ class HeadSpec:
             if not isinstance(d[name], (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in d[name]):
                 raise _fail(name, "a list of lists (layers x KV heads)", repr(d[name]))
         fields = {name: d[name] for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
-        if isinstance(fields["head_dim"], list):  # (one per layer, a tuple that JSON wrote as a list)
-            fields["head_dim"] = tuple(fields["head_dim"])
+        for name in ("num_kv_heads", "head_dim"):
+            if isinstance(fields[name], list):  # (one per layer, a tuple that JSON wrote as a list)
+                fields[name] = tuple(fields[name])
         fields.update(window=tensor("window", True), sinks=tensor("sinks", True),
                       cache_kind=[list(r) for r in d["cache_kind"]], cache_budget=[list(r) for r in d["cache_budget"]])
         fields.update({name: tensor(name, False) for name in _FLOAT_FIELDS if d.get(name) is not None})

@@ -155,6 +155,21 @@ def tiny_hybrid(family: str = "qwen3_next"):
     return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
 
 
+def tiny_per_layer_shapes(other_kv_heads: bool = True, **options):
+    """(model, None): a small random Gemma 4, whose layers differ in attention shape: five sliding
+    layers (window 8) of 4 query / 2 KV heads of 16 dims, then a full-attention layer of 32-dim
+    heads and (other_kv_heads, as Gemma 4's larger models: keys as values) one KV head; vocabulary
+    97. `options` override the config's."""
+    import transformers
+
+    extra = dict(attention_k_eq_v=True, num_global_key_value_heads=1) if other_kv_heads else {}
+    cfg = transformers.Gemma4TextConfig(**dict(dict(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
+        sliding_window=8, global_head_dim=32, pad_token_id=0, **extra), **options))
+    return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
+
+
 class CharTokenizer:
     """A character tokenizer for the tiny models (vocabulary 97), so that the text tasks
     (headops.tasks) and the discovery methods run on them as on a real model: id 0 is a newline,
