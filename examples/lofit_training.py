@@ -42,8 +42,8 @@ def main(argv=None):
     ids = _common.token_ids(tok, args.tokens)
     batch = flattened(ids, args.packed) if args.packed else {"input_ids": ids, "labels": ids}
     spec = headops.HeadSpec.dense(model)
-    spec.out_scale = torch.ones(spec.num_layers, spec.num_heads, spec.head_dim, requires_grad=True)
-    spec.out_bias = torch.zeros(spec.num_layers, spec.num_heads, spec.head_dim, requires_grad=True)
+    spec.out_scale = torch.ones(spec.num_layers, spec.num_heads, spec.out_dim, requires_grad=True)
+    spec.out_bias = torch.zeros(spec.num_layers, spec.num_heads, spec.out_dim, requires_grad=True)
     headops.patch(model, spec)
     optimizer = torch.optim.Adam([spec.out_scale, spec.out_bias], lr=1e-2)
     losses = []

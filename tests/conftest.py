@@ -395,11 +395,9 @@ def edit_heads_before(projection, edit, head_dim):
     attention module's output where its output projection (`projection`: o_proj, out_proj)
     receives it. Returns the hook's handle."""
     def hook(_, args):
-        (x,) = args
-        x = x.clone()
-        for h in range(x.shape[-1] // head_dim):
-            x[..., h * head_dim:(h + 1) * head_dim] = edit(h, x[..., h * head_dim:(h + 1) * head_dim])
-        return (x,)
+        (x,) = args  # (the heads' slices put together anew: the edit may be differentiated through)
+        return (torch.cat([edit(h, x[..., h * head_dim:(h + 1) * head_dim])
+                           for h in range(x.shape[-1] // head_dim)], dim=-1),)
     return projection.register_forward_pre_hook(hook)
 
 

@@ -12,7 +12,7 @@ import headops
 from headops import reference
 
 from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
-                      left_padded_ids, zero_heads_before)
+                      edit_heads_before, left_padded_ids, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,17 +57,16 @@ def test_layers_of_other_head_dims_gemma4():
     """Gemma 4's full-attention layers have another head dim than its sliding ones (before
     2026-12-06 reading config.head_dim raised transformers' AmbiguousGlobalPerLayer error): a
     spec's head_dim is then one per layer, and a dense spec is the model; a masked head of either
-    kind is its module's head (its slice zeroed before o_proj); out_scale / out_bias (one
-    [L, Hq, D] tensor) are refused by name, and so is a HeadSparseCache for the Gemma models whose
-    last layers reuse earlier layers' keys (num_kv_shared_layers)."""
+    kind is its module's head (its slice zeroed before o_proj); out_scale / out_bias of another
+    last dim than the largest head dim are refused naming it, and so is a HeadSparseCache for the
+    Gemma models whose last layers reuse earlier layers' keys (num_kv_shared_layers)."""
     model = gemma4(other_kv_heads=False)
     spec = headops.HeadSpec.dense(model)
     assert spec.head_dim == (16, 16, 16, 16, 16, 32) and spec.num_kv_heads == 2
     assert_dense_and_masked_heads_are_the_model(model, spec, {1: [2], 5: [0, 3]})
     with_scale = spec.copy()
-    with_scale.out_scale = torch.ones(6, 4, 32)
-    with pytest.raises(NotImplementedError,
-                       match=r"out_scale on a model whose layers' heads differ in dim \(\[16, 32\]"):
+    with_scale.out_scale = torch.ones(6, 4, 16)
+    with pytest.raises(ValueError, match=r"out_scale must be \[L, Hq, D\] = \[6, 4, 32\] \(D = out_dim, the largest"):
         headops.set_spec(model, with_scale)
     shared = gemma4(False, num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4,
                     num_kv_shared_layers=2)
@@ -90,6 +89,53 @@ def test_layers_of_other_kv_heads_gemma4():
     headops.set_spec(model, spec)
     assert_importance_is_the_finite_differences(model, dict(input_ids=ids, attention_mask=mask, labels=ids),
                                                 [(1, 0), (1, 3), (FULL_LAYER, 0), (FULL_LAYER, 2)])
+
+
+def test_lofit_scales_read_each_layers_head_dim():
+    """out_scale / out_bias [L, Hq, out_dim = 32] on Gemma 4: a sliding layer's heads read their
+    first 16 entries, the full layer's all 32. Logits are the unpatched model's with those slices
+    scaled and shifted before o_proj (a sliding and the full layer edited), and a LoFiT step's
+    gradients are that model's gradients of the same edit (0 on the entries no layer reads), with
+    the model's own cache in generation too (before 2026-12-07 refused)."""
+    model = gemma4()
+    ids, mask = left_padded_ids()
+    spec = headops.HeadSpec.dense(model)
+    assert spec.out_dim == 32
+    g = torch.Generator().manual_seed(4)
+    scale = (1 + 0.5 * torch.randn(6, 4, 32, generator=g)).requires_grad_(True)
+    bias = (0.3 * torch.randn(6, 4, 32, generator=g)).requires_grad_(True)
+    edited = (1, FULL_LAYER)
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+
+    hooks = [edit_heads_before(model.model.layers[layer].self_attn.o_proj,
+                               lambda h, x, layer=layer: x * scale[layer, h, :x.shape[-1]] + bias[layer, h, :x.shape[-1]],
+                               spec.head_dim[layer]) for layer in edited]
+    want = model(ids[:1]).logits
+    loss_of(want).backward()
+    want_grads = scale.grad.clone(), bias.grad.clone()
+    for hook in hooks:
+        hook.remove()
+    scale.grad = bias.grad = None
+    spec.out_scale, spec.out_bias = torch.ones(6, 4, 32), torch.zeros(6, 4, 32)
+    with torch.no_grad():
+        for layer in edited:
+            spec.out_scale[layer], spec.out_bias[layer] = scale[layer], bias[layer]
+    spec.out_scale.requires_grad_(True)
+    spec.out_bias.requires_grad_(True)
+    headops.patch(model, spec)
+    got = model(ids[:1]).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    loss_of(got).backward()
+    for grad, want_grad in zip((spec.out_scale.grad, spec.out_bias.grad), want_grads):
+        torch.testing.assert_close(grad[list(edited)], want_grad[list(edited)], atol=1e-5, rtol=1e-4)
+        assert float(grad[1, :, 16:].abs().max()) == 0.0 and float(grad[1, :, :16].abs().max()) > 0
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                    use_cache=False)
+    assert torch.equal(generated, recomputed)
 
 
 def test_streaming_heads_of_each_layers_kv_heads_are_the_reference():

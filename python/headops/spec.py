@@ -124,7 +124,9 @@ class HeadSpec:
       window, sinks ``[L, Hq]`` int64 (window < 0 unlimited; None: unlimited, no sinks);
       out_scale, out_bias ``[L, Hq, D]``, D = head_dim, a head's output's (the values' head dim:
       multi-head latent attention's keys have another); where the layers' heads differ in dim
-      (Gemma 4), head_dim is a tuple of one per layer and out_scale, out_bias are refused;
+      (Gemma 4), head_dim is a tuple of one per layer, D = ``out_dim`` is the largest, and layer
+      l reads the first head_dim[l] entries of each head's row (the rest are not read: their
+      gradient is 0);
       key_bias ``[L, Hq, K]``: added to the logits of the first K key positions (sink tokens:
       ZeroTuning, attention calibration), 0 beyond;
       num_kv_heads: an int, or where the layers differ in KV heads (Gemma 4's larger models) a tuple
@@ -454,6 +456,12 @@ class HeadSpec:
         """Layer `layer`'s KV heads (num_kv_heads, or its entry where the layers differ: Gemma 4)."""
         return of_layer(self.num_kv_heads, layer)
 
+    @property
+    def out_dim(self) -> int:
+        """The last dim of out_scale and out_bias: head_dim, or where the layers differ in head dim
+        the largest (layer l reads the first head_dim[l] entries)."""
+        return self.head_dim if isinstance(self.head_dim, int) else max(self.head_dim)
+
     def kv_group(self, layer: int) -> int:
         """How many query heads read each of layer `layer`'s KV heads (GQA's group)."""
         return self.num_heads // self.kv_heads(layer)
@@ -492,12 +500,10 @@ class HeadSpec:
                 raise _fail(name, f"an int64 [L, Hq] = [{L}, {Hq}] tensor", f"{t.dtype} {tuple(t.shape)}")
         for name in ("out_scale", "out_bias"):
             t = getattr(self, name)
-            if t is not None and not isinstance(D, int):
-                raise NotImplementedError(f"headops.HeadSpec: {name} on a model whose layers' heads differ in dim "
-                                          f"({sorted(set(D))}, head_dim per layer): a HeadSpec's {name} is one "
-                                          "[L, Hq, D] tensor")
-            if t is not None and tuple(t.shape) != (L, Hq, D):
-                raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {D}]", tuple(t.shape))
+            if t is not None and tuple(t.shape) != (L, Hq, self.out_dim):
+                raise _fail(name, f"[L, Hq, D] = [{L}, {Hq}, {self.out_dim}]" + (
+                    "" if isinstance(D, int) else f" (D = out_dim, the largest of the layers' head dims {D})"),
+                    tuple(t.shape))
         if self.key_bias is not None and (self.key_bias.dim() != 3 or tuple(self.key_bias.shape[:2]) != (L, Hq)):
             raise _fail("key_bias", f"[L, Hq, K] = [{L}, {Hq}, K]", tuple(self.key_bias.shape))
         kinds, budgets = self.cache_kind, self.cache_budget
@@ -549,6 +555,9 @@ class HeadSpec:
             t = getattr(self, name)
             if t is not None:
                 args[name] = t[:, layer] if (name in _PER_BATCH and t.dim() == 3) else t[layer]
+        for name in ("out_scale", "out_bias"):  # (layers of other head dims: the layer's first entries)
+            if name in args and args[name].shape[-1] != of_layer(self.head_dim, layer):
+                args[name] = args[name][..., :of_layer(self.head_dim, layer)]
         return args
 
     def tensors(self) -> dict:
