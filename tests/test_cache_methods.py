@@ -192,6 +192,79 @@ def headkv_transcription(scores, budget, beta):
     return [[round(x / total * pool + floor) for x in r] for r in scores]
 
 
+def pyramid_transcription(L, budget, beta, window):
+    """PyramidKV's layer budgets as kvpress's PyramidKVPress.get_layer_budget computes them (with its
+    max_capacity_prompt - window_size = budget - window: the average share beyond the window), the
+    window added as KVCache-Factory's PyramidKV keeps it."""
+    shared = budget - window
+    min_num = shared / beta
+    max_num = shared * 2 - min_num
+    steps = (max_num - min_num) / (L - 1)
+    return [window + round(max_num - layer * steps) for layer in range(L)]
+
+
+@pytest.mark.parametrize("L, budget, beta, window", [(30, 128, 20, 8), (30, 512, 20, 8), (7, 64, 2.5, 0),
+                                                     (2, 40, 20, 8), (12, 33, 1, 4), (5, 9, 20, 8)])
+def test_pyramid_budgets_equal_the_formula(L, budget, beta, window):
+    """Each layer's budget falls in equal steps from the first to the last (beta = 1: flat), as
+    kvpress and PyramidKV compute it, and they sum to L x budget (each rounded)."""
+    from headops import budgets
+
+    got = budgets.pyramid_budgets(L, budget, beta, kept=window)
+    assert got == pyramid_transcription(L, budget, beta, window)
+    assert abs(sum(got) - L * budget) <= L // 2 and got == sorted(got, reverse=True)
+    assert beta != 1 or got == [budget] * L
+    assert budgets.pyramid_budgets(1, budget, beta, kept=window) == [budget]
+
+
+@pytest.mark.parametrize("bad, word", [(dict(num_layers=0), "num_layers"), (dict(budget=8), "budget must be an int > kept"),
+                                       (dict(beta=0.5), "beta"), (dict(kept=-1), "kept")])
+def test_pyramid_bad_arguments(bad, word):
+    from headops import budgets
+
+    kw = dict(num_layers=4, budget=32, beta=20, kept=8)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=word):
+        budgets.pyramid_budgets(**kw)
+
+
+def test_pyramid_spec_holds_the_bytes_of_uniform_budgets():
+    """HeadSpec.pyramid: every KV head a budget head of its layer's pyramid budget (AdaKV within a
+    layer too); through a patched tiny Llama a prompt longer than every budget leaves exactly the
+    bytes of HeadSpec.budget at the same average, the first layer holding more, and generation
+    runs on; what cannot make a pyramid is refused by name."""
+    from headops import budgets
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()  # 2 layers, 4 query / 2 KV heads
+    spec = headops.HeadSpec.pyramid(model, budget=24, beta=4, observation_window=4)
+    want = budgets.pyramid_budgets(2, 24, 4, kept=8)
+    assert want == [36, 12] and spec.cache_budget == [[36, 36], [12, 12]]
+    assert spec.cache_kind == [["budget"] * 2] * 2
+    assert spec.cache_options == {"allocation": "uniform", "observation_window": 4}
+    assert headops.HeadSpec.from_dict(spec.to_dict()).cache_budget == spec.cache_budget
+    ada = headops.HeadSpec.pyramid(model, budget=24, beta=4, allocation="adakv", alpha=0.5)
+    assert ada.cache_options == {"allocation": "adakv", "adakv_alpha": 0.5}
+    ids = torch.randint(3, 97, (1, 50), generator=torch.Generator().manual_seed(0))
+    held = {}
+    for name, s in (("pyramid", spec), ("uniform", headops.HeadSpec.budget(model, budget=24)), ("ada", ada)):
+        headops.patch(model, s)
+        cache = headops.HeadSparseCache(model, s)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, cache=cache, pad_token_id=0)
+        assert out.shape == (1, 53)
+        held[name] = (cache.ideal_nbytes(), [len(layer.kept_positions(0, 0)) for layer in cache._layers])
+        headops.unpatch(model)
+    assert held["pyramid"][0] == held["uniform"][0] == held["ada"][0]
+    assert held["pyramid"][1] == [36, 12] and held["uniform"][1] == [24, 24]
+    with pytest.raises(ValueError, match="budget must be an int > window"):
+        headops.HeadSpec.pyramid(model, budget=8)
+    with pytest.raises(ValueError, match="beta must be small enough"):
+        headops.HeadSpec.pyramid(model, budget=9, beta=20)
+    with pytest.raises(ValueError, match="allocation"):
+        headops.HeadSpec.pyramid(model, budget=24, allocation="headkv")
+
+
 @pytest.mark.parametrize("case", range(40))
 def test_adakv_counts_and_sets_equal_the_transcription(case):
     from headops import budgets

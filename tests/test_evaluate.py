@@ -66,7 +66,8 @@ def test_the_standard_grid_has_every_family_and_distinct_names():
     assert sum(m.family == "duo" for m in grid) == 6 and sum(m.family == "random" for m in grid) == 3
     assert {m.family for m in harness.standard_methods()} == set(harness.FAMILIES) - {"duo", "razor", "headkv"}
     aware = [m.name for m in grid if m.question_aware]
-    assert len(aware) == 9 and all(m.family in ("snapkv", "adakv", "headkv") for m in grid if m.question_aware)
+    assert len(aware) == 12 and all(m.family in ("snapkv", "adakv", "pyramidkv", "headkv")
+                                    for m in grid if m.question_aware)
     assert not any(m.question_aware for m in harness.standard_methods(["r"], question_aware=False))
 
 
@@ -91,6 +92,8 @@ def test_each_method_builds_the_spec_it_names():
         assert (plain["pooling"], plain["keep_observation_window"]) == ("max", False)
         like = harness.parse_method(text + ",keep_window=1,pooling=avg").spec(model, scores).cache_options
         assert (like["pooling"], like["keep_observation_window"]) == ("avg", True)
+    pyramid = harness.parse_method("pyramidkv:budget=16,beta=4").spec(model, scores)
+    assert pyramid.cache_budget == [[22, 22], [10, 10]]  # the latest 8 and 8 on average: 12 and 2 (beta 4)
     headkv = harness.parse_method("headkv:scores=r,budget=16,beta=2").spec(model, scores)
     assert 4 * 16 - 4 <= sum(b for r in headkv.cache_budget for b in r) <= 4 * 16  # shares rounded down per head
     with pytest.raises(ValueError, match="reads the scores 'r'.*none"):
@@ -177,7 +180,7 @@ def test_query_agnostic_budgets_compress_the_context_once_and_keep_what_follows(
     the answer (kvpress's measure); the rows are that flow run by hand."""
     model, _ = tiny_llama()
     samples = _samples(count=2)
-    methods = ["snapkv:budget=40", "adakv:budget=40", "headkv:budget=40,scores=r"]
+    methods = ["snapkv:budget=40", "adakv:budget=40", "headkv:budget=40,scores=r", "pyramidkv:budget=40"]
     scores = {"r": torch.rand(2, 4, generator=torch.Generator().manual_seed(3))}
     new_tokens = 6
     rows = harness.evaluate(model, TOK, samples, methods, scores=scores, batch_size=1, max_new_tokens=new_tokens,

@@ -7,6 +7,7 @@ plain functions on tensors so that each rule has one home and tests can transcri
     counts = adakv_counts(scores, budget=64, alpha=0.2, floors=[...])
     kept = top_positions(scores[h], counts[h])             # sorted positions
     budgets = headkv_budgets(head_scores, budget=64, beta=1.2)   # [L, H] static budgets
+    per_layer = pyramid_budgets(num_layers=30, budget=64, beta=20)  # [L]: PyramidKV's
 
 Order, everywhere: higher score first; equal scores in (head, position) order (the lower head
 first, then the lower position), so every choice is deterministic.
@@ -21,7 +22,7 @@ import torch
 
 from ._args import HeadArgs, fail, is_int
 
-__all__ = ["snapkv_scores", "top_positions", "adakv_counts", "headkv_budgets", "choose"]
+__all__ = ["snapkv_scores", "top_positions", "adakv_counts", "headkv_budgets", "pyramid_budgets", "choose"]
 
 
 def _order(scores: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,32 @@ def headkv_budgets(scores: torch.Tensor, budget: int, beta: float) -> torch.Tens
     L, H = s.shape
     shared = budget // float(beta)
     return torch.round(s / s.sum() * (shared * L * H) + (budget - shared)).long()
+
+
+def pyramid_budgets(num_layers: int, budget: int, beta: float = 20, kept: int = 0) -> list:
+    """PyramidKV (Cai et al., "Pyramidal Information Funneling"; kvpress's PyramidKVPress): each
+    layer's budget: `kept` tokens every layer keeps (PyramidKV's window of latest tokens) and a
+    share of the rest, ``budget - kept`` on average, falling in equal steps from the first layer's
+    ``2 (budget - kept) - (budget - kept) / beta`` to the last layer's ``(budget - kept) / beta``,
+    rounded (half to even): the lower layers, whose attention is spread wide, keep more, the upper
+    ones less; the sum is ``num_layers * budget`` up to rounding. beta >= 1: 1 gives every layer
+    `budget`, a larger beta a steeper pyramid (the paper's 20 by default)."""
+    caller = "headops.budgets.pyramid_budgets"
+    if not is_int(num_layers) or num_layers < 1:
+        raise fail(caller, "num_layers", "an int >= 1", repr(num_layers))
+    if not is_int(kept) or kept < 0:
+        raise fail(caller, "kept", "an int >= 0", repr(kept))
+    if not is_int(budget) or budget <= kept:
+        raise fail(caller, "budget", f"an int > kept ({kept})", repr(budget))
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 1.0 <= float(beta) < math.inf:
+        raise fail(caller, "beta", "a finite number >= 1", repr(beta))
+    if num_layers == 1:
+        return [int(budget)]
+    shared = budget - kept
+    last = shared / float(beta)
+    first = 2 * shared - last
+    step = (first - last) / (num_layers - 1)
+    return [kept + int(round(first - layer * step)) for layer in range(num_layers)]
 
 
 def snapkv_scores(q_obs, k, v, args: HeadArgs, group: int, *, causal: bool = True, pool_kernel=None,

@@ -19,10 +19,12 @@ A method is one string, ``family`` or ``family:key=value,...``::
     snapkv:budget=256                       every KV head keeps 256 tokens chosen by SnapKV scores
     adakv:budget=256,alpha=0.2              the same, shared per layer as AdaKV allocates it
     headkv:scores=retrieval,budget=256      HeadKV: static per-head budgets from the named scores (beta=1.2)
-    snapkv:budget=256,question=1            (and adakv, headkv) question-aware, as SnapKV's paper runs it:
+    pyramidkv:budget=256                    PyramidKV: per-layer budgets falling from the first layer to the
+                                            last (beta=20), 256 on average (the latest 8 kept in every layer)
+    snapkv:budget=256,question=1            (and adakv, headkv, pyramidkv) question-aware, as SnapKV's paper runs it:
                                             the question is prefilled with the context and the
                                             observation window (the prompt's last queries) reads it
-    snapkv:budget=256,keep_window=1         (and adakv, headkv) the observation window's tokens kept
+    snapkv:budget=256,keep_window=1         (and adakv, headkv, pyramidkv) the observation window's tokens kept
                                             whole, as SnapKV and kvpress keep them (0: the sinks and
                                             latest 8 only); pooling=avg: kvpress's average pooling
                                             of the scores (max: SnapKV's default)
@@ -68,6 +70,7 @@ FAMILIES = {
     "snapkv": {"budget": None, **_BUDGET_SCORING},
     "adakv": {"budget": None, "alpha": 0.2, **_BUDGET_SCORING},
     "headkv": {"scores": None, "budget": None, "beta": 1.2, **_BUDGET_SCORING},
+    "pyramidkv": {"budget": None, "beta": 20.0, **_BUDGET_SCORING},
 }
 _TEXT_PARAMS = {"scores", "pooling"}
 _FLOAT_PARAMS = {"full", "alpha", "beta"}
@@ -111,6 +114,8 @@ class Method:
         if f == "adakv":
             return HeadSpec.budget(model, budget=p["budget"], allocation="adakv", alpha=p["alpha"],
                                    **_scoring_options(p))
+        if f == "pyramidkv":
+            return HeadSpec.pyramid(model, budget=p["budget"], beta=p["beta"], **_scoring_options(p))
         if f == "random":
             dense = HeadSpec.dense(model)
             generator = torch.Generator().manual_seed(p["seed"])
@@ -203,16 +208,16 @@ def standard_methods(score_names=(), *, fractions=(0.25, 0.5, 0.75), budgets=(12
                      windows=(256, 512, 1024), question_aware: bool = True) -> list:
     """The comparison grid: dense; StreamingLLM at each window; DuoAttention splits from each named
     score table and from random scores at each fraction of full KV heads; RazorAttention (weighted
-    and unweighted) from the first score table at the smallest fraction; uniform SnapKV, AdaKV and
-    (with a score table) HeadKV at each budget, each also question-aware (question=1) unless
-    question_aware is False."""
+    and unweighted) from the first score table at the smallest fraction; uniform SnapKV, AdaKV,
+    PyramidKV and (with a score table) HeadKV at each budget, each also question-aware (question=1)
+    unless question_aware is False."""
     names = ["dense"] + [f"streaming_llm:window={w}" for w in windows]
     for name in score_names:
         names += [f"duo:scores={name},full={f:g}" for f in fractions]
     names += [f"random:full={f:g}" for f in fractions]
     if score_names:
         names += [f"razor:scores={score_names[0]},full={fractions[0]:g},weighted={w}" for w in (1, 0)]
-    budgeted = [f"{family}:budget={b}" for family in ("snapkv", "adakv") for b in budgets]
+    budgeted = [f"{family}:budget={b}" for family in ("snapkv", "adakv", "pyramidkv") for b in budgets]
     if score_names:
         budgeted += [f"headkv:scores={score_names[0]},budget={b}" for b in budgets]
     names += budgeted + ([f"{n},question=1" for n in budgeted] if question_aware else [])

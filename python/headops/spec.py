@@ -16,6 +16,7 @@ DuoAttention ablation per row). Constructors read like the papers::
     HeadSpec.budget(model, {0: [1]}, budget=512)           # KV heads keeping at most 512 tokens
     HeadSpec.budget(model, budget=128, allocation="adakv", alpha=0.2)   # AdaKV over every KV head
     HeadSpec.headkv(model, scores, budget=128, beta=1.2)   # HeadKV: static budgets from head scores
+    HeadSpec.pyramid(model, budget=128, beta=20)           # PyramidKV: budgets falling layer by layer
 
 and a spec moves and splits like its tensors::
 
@@ -323,6 +324,41 @@ class HeadSpec:
         spec.cache_kind = [["budget"] * len(row) for row in kv_scores]
         spec.cache_budget = [row.tolist() for row in budgets.split([len(row) for row in kv_scores])]
         spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel,
+                                             pooling=pooling, keep_observation_window=keep_observation_window)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def pyramid(cls, model_or_config, *, budget: int, beta: float = 20, window: int = 8, allocation: str = "uniform",
+                alpha: float = 0.2, observation_window: int | None = None, pool_kernel: int | None = None,
+                pooling: str | None = None, keep_observation_window: bool | None = None) -> "HeadSpec":
+        """PyramidKV (Cai et al.): every KV head a budget head, layer l's keeping
+        ``headops.budgets.pyramid_budgets(L, budget, beta, kept=window)[l]`` tokens: `window` (the
+        latest tokens every head keeps: a HeadSparseCache's budget_recent, 8 by default) and a
+        share of the rest falling from ``2 (budget - window) - (budget - window) / beta`` in the
+        first layer to ``(budget - window) / beta`` in the last; `budget` on average, as many bytes
+        as HeadSpec.budget(model, budget=budget). Tokens are chosen by SnapKV scores as there;
+        `allocation` "uniform" (each KV head its layer's budget) or "adakv" (the layer's heads
+        share it as AdaKV does, each guaranteed int(alpha x its budget))."""
+        from .budgets import pyramid_budgets
+
+        if allocation not in ("uniform", "adakv"):
+            raise _fail("allocation", "'uniform' or 'adakv'", repr(allocation))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise _fail("alpha", "a number in [0, 1] (AdaKV's floor, a fraction of the budget)", repr(alpha))
+        if not is_int(window) or window < 0:
+            raise _fail("window", "an int >= 0", repr(window))
+        if not is_int(budget) or budget <= window:
+            raise _fail("budget", f"an int > window ({window}: the latest tokens every head keeps)", repr(budget))
+        spec = cls.dense(model_or_config)
+        budgets = pyramid_budgets(spec.num_layers, budget, beta, kept=window)
+        if min(budgets) <= window:
+            raise _fail("beta", f"small enough that the last layer keeps a token beyond the window ((budget - window) "
+                                f"/ beta >= 0.5; budget {budget}, window {window})", repr(beta))
+        spec.cache_kind = [["budget"] * spec.kv_heads(layer) for layer in range(spec.num_layers)]
+        spec.cache_budget = [[b] * spec.kv_heads(layer) for layer, b in enumerate(budgets)]
+        spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
+                                             observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
         return spec
