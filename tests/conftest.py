@@ -401,6 +401,31 @@ def edit_heads_before(projection, edit, head_dim):
     return projection.register_forward_pre_hook(hook)
 
 
+def logits_with_reference_attention(model, ids, window, sinks):
+    """The unpatched model's logits with each layer's attention computed by headops.reference (its
+    own GQA, causal) under per-layer windows and sinks ([L, Hq]: window[layer_idx])."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    from headops import reference
+
+    def oracle(module, q, k, v, mask, scaling=None, dropout=0.0, **rest):
+        layer = module.layer_idx
+        out = reference.attention(q, k, v, layout="bhsd", causal=True, softmax_scale=scaling, window=window[layer],
+                                  sinks=sinks[layer])
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("headops_test_reference_oracle", oracle)
+    AttentionMaskInterface.register("headops_test_reference_oracle", sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("headops_test_reference_oracle")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation(before)
+
+
 def zero_heads_before(projection, heads, head_dim):
     """The oracle of masked heads: edit_heads_before with `heads`' slices zeroed."""
     return edit_heads_before(projection, lambda h, x: torch.zeros_like(x) if h in heads else x, head_dim)

@@ -217,8 +217,8 @@ def test_pyramid_budgets_equal_the_formula(L, budget, beta, window):
     assert budgets.pyramid_budgets(1, budget, beta, kept=window) == [budget]
 
 
-@pytest.mark.parametrize("bad, word", [(dict(num_layers=0), "num_layers"), (dict(budget=8), "budget must be an int > kept"),
-                                       (dict(beta=0.5), "beta"), (dict(kept=-1), "kept")])
+@pytest.mark.parametrize("bad, word", [(dict(num_layers=0), "num_layers"), (dict(beta=0.5), "beta"),
+                                       (dict(budget=8), "budget must be an int > kept"), (dict(kept=-1), "kept")])
 def test_pyramid_bad_arguments(bad, word):
     from headops import budgets
 

@@ -92,6 +92,48 @@ def test_a_full_prefill_runs_within_the_models_sliding_windows(family):
     torch.testing.assert_close(prompt, want[:, :9], atol=2e-5, rtol=1e-5)
 
 
+def test_budget_methods_budget_the_layers_without_a_sliding_window():
+    """SnapKV, AdaKV, PyramidKV and HeadKV specs of a model whose layers alternate sliding and full
+    (Gemma 3): budget heads in the full layers only (the sliding ones keep their window, as
+    transformers' cache and kvpress leave them; before 2026-12-07 these specs were refused at
+    patch, so the evaluation's budget methods failed on such models); the pyramid and HeadKV's
+    pool run over the full layers; each generates through its cache, and the evaluation harness
+    answers with them."""
+    from headops import budgets, evaluate, tasks
+    from headops.testing import CharTokenizer
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    full = [["full", "full"], ["budget", "budget"]] * 2
+    snapkv = headops.HeadSpec.budget(model, budget=12)
+    assert snapkv.cache_kind == full and snapkv.cache_budget[0] == [None, None]
+    pyramid = headops.HeadSpec.pyramid(model, budget=20, beta=4)
+    assert pyramid.cache_kind == full
+    assert [pyramid.cache_budget[1][0], pyramid.cache_budget[3][0]] == budgets.pyramid_budgets(2, 20, 4, kept=8)
+    scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(1))
+    headkv = headops.HeadSpec.headkv(model, scores, budget=16, beta=2.0)
+    want = budgets.headkv_budgets(torch.stack([scores[layer].view(2, 2).mean(1) for layer in (1, 3)]).reshape(1, 4),
+                                  16, 2.0)[0].tolist()
+    assert headkv.cache_kind == full and headkv.cache_budget[1] + headkv.cache_budget[3] == want
+    ids, mask = batch()
+    for spec in (snapkv, pyramid, headkv, headops.HeadSpec.budget(model, budget=12, allocation="adakv")):
+        headops.patch(model, spec)
+        cache = headops.HeadSparseCache(model, spec)
+        with torch.no_grad():
+            assert model.generate(ids, attention_mask=mask, cache=cache, **GENERATE).shape == (2, 22)
+        assert cache.ideal_nbytes() < cache.dense_nbytes()
+        headops.unpatch(model)
+    tok = CharTokenizer()
+    samples = [tasks.make_sample(tok, "passkey", 400, depth=0.5, seed=0)]
+    rows = evaluate.evaluate(model, tok, samples, ["snapkv:budget=40", "pyramidkv:budget=40"], batch_size=1,
+                             max_new_tokens=4, show_progress=False)
+    assert [r["method"] for r in rows] == ["snapkv:budget=40", "pyramidkv:budget=40"]
+    assert all(int(r["bytes"]) < int(r["dense_bytes"]) for r in rows)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_a_streaming_spec_in_sliding_layers(family):
     """Sinks on sliding-window layers (visible past the model's window, a StreamingLLM-style
@@ -129,11 +171,17 @@ def test_what_a_sliding_layer_cannot_take_is_refused():
     spec.alpha[1, 2] = 0.5
     with pytest.raises(ValueError, match="alpha must be 0 in layer 1, a sliding-window layer .* for a HeadSparseCache"):
         headops.HeadSparseCache(model, spec)
+    with pytest.raises(ValueError, match=r"heads must be layers without the model's sliding window \(layer 0 slides"):
+        headops.HeadSpec.budget(model, {0: [1]}, budget=8)
+    with pytest.raises(ValueError, match="every layer of this one slides"):
+        headops.HeadSpec.budget(model, budget=8)
+    by_hand = headops.HeadSpec.dense(model)  # (a budget head set by hand: refused where it is used)
+    by_hand.cache_kind[0][1], by_hand.cache_budget[0][1] = "budget", 8
     with pytest.raises(ValueError, match="cache_kind must be not 'budget' in layer 0"):
-        headops.patch(model, headops.HeadSpec.budget(model, {0: [1]}, budget=8))
+        headops.patch(model, by_hand)
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="cache_kind must be not 'budget' in layer 0"):
-        headops.HeadSparseCache(model, headops.HeadSpec.budget(model, {0: [1]}, budget=8))
+        headops.HeadSparseCache(model, by_hand)
     headops.patch(model, headops.HeadSpec.dense(model))
     ids, mask = batch()
     by_hand = headops.HeadSparseCache(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_step=1)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import headops
-from headops import reference
 
 from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
-                      edit_heads_before, left_padded_ids, zero_heads_before)
+                      edit_heads_before, left_padded_ids, logits_with_reference_attention, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,9 +108,11 @@ def test_lofit_scales_read_each_layers_head_dim():
     def loss_of(logits):
         return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
-    hooks = [edit_heads_before(model.model.layers[layer].self_attn.o_proj,
-                               lambda h, x, layer=layer: x * scale[layer, h, :x.shape[-1]] + bias[layer, h, :x.shape[-1]],
-                               spec.head_dim[layer]) for layer in edited]
+    def lofit(layer):  # (each head's first entries, as many as its slice has dims)
+        return lambda h, x: x * scale[layer, h, :x.shape[-1]] + bias[layer, h, :x.shape[-1]]
+
+    hooks = [edit_heads_before(model.model.layers[layer].self_attn.o_proj, lofit(layer), spec.head_dim[layer])
+             for layer in edited]
     want = model(ids[:1]).logits
     loss_of(want).backward()
     want_grads = scale.grad.clone(), bias.grad.clone()
@@ -143,28 +144,13 @@ def test_streaming_heads_of_each_layers_kv_heads_are_the_reference():
     the full layer's one KV head: all four query heads): the patched model's logits equal the
     unpatched model's with its attention computed by the reference (GQA per layer) over the same
     keys, every sliding layer's heads given windows within the model's 8."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     model = gemma4()
     ids, _ = left_padded_ids()
     spec = headops.HeadSpec.streaming(model, {1: [1], FULL_LAYER: [0]}, window=3, sinks=1)
     assert spec.window[1].tolist() == [-1, -1, 3, 3] and spec.window[FULL_LAYER].tolist() == [3, 3, 3, 3]
     assert spec.cache_kind[1] == ["full", "streaming"] and spec.cache_kind[FULL_LAYER] == ["streaming"]
     spec.window[:FULL_LAYER][spec.window[:FULL_LAYER] < 0] = 6  # (the oracle need not know the model's window)
-
-    def oracle(module, q, k, v, mask, scaling=None, dropout=0.0, **rest):
-        layer = module.layer_idx
-        out = reference.attention(q, k, v, layout="bhsd", causal=True, softmax_scale=scaling,
-                                  window=spec.window[layer], sinks=spec.sinks[layer])
-        return out.transpose(1, 2), None
-
-    AttentionInterface.register("headops_test_per_layer_oracle", oracle)
-    AttentionMaskInterface.register("headops_test_per_layer_oracle", sdpa_mask)
-    model.set_attn_implementation("headops_test_per_layer_oracle")
-    with torch.no_grad():
-        want = model(ids).logits
-    model.set_attn_implementation("eager")
+    want = logits_with_reference_attention(model, ids, spec.window, spec.sinks)
     headops.patch(model, spec)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
@@ -172,9 +158,9 @@ def test_streaming_heads_of_each_layers_kv_heads_are_the_reference():
 
 def test_spec_methods_follow_each_layers_kv_heads(tmp_path):
     """Every constructor that decides per KV head does so with each layer's: StreamingLLM, RazorAttention,
-    budgets, HeadKV (one pool over all 11 KV heads), scores (per query head, pooled by the
-    layer's group; [L, Hkv] scores cannot be given), DuoAttention's pattern files (rows of each
-    layer's length), save / load, slices of whole groups."""
+    budgets, HeadKV and PyramidKV (in the full layer: the sliding ones keep their window), scores
+    (per query head, pooled by the layer's group; [L, Hkv] scores cannot be given), DuoAttention's
+    pattern files (rows of each layer's length), save / load, slices of whole groups."""
     from headops import discover
 
     model = gemma4()
@@ -199,10 +185,10 @@ def test_spec_methods_follow_each_layers_kv_heads(tmp_path):
     assert by_mean.cache_kind[3:] == [["streaming", "streaming"], ["full", "full"], ["full"]]  # (means 14.5, 16.5, 25)
     with pytest.raises(ValueError, match=r"scores must be \[L, Hq\] = \[6, 4\] \(the layers differ in KV heads"):
         headops.HeadSpec.from_scores(model, torch.zeros(6, 2), full_fraction=0.5, window=3, sinks=1)
-    headkv = headops.HeadSpec.headkv(model, scores + 1, budget=8, beta=2.0)
-    assert [len(row) for row in headkv.cache_budget] == counts
-    assert sum(map(sum, headkv.cache_budget)) == pytest.approx(8 * 11, abs=6)  # (each rounded)
-    assert headkv.cache_budget[FULL_LAYER][0] == max(map(max, headkv.cache_budget))
+    headkv = headops.HeadSpec.headkv(model, scores + 1, budget=8, beta=2.0)  # (the sliding layers keep their window)
+    assert headkv.cache_budget == [[None, None]] * 5 + [[8]] and headkv.cache_kind[FULL_LAYER] == ["budget"]
+    pyramid = headops.HeadSpec.pyramid(model, budget=12)
+    assert pyramid.cache_budget == [[None, None]] * 5 + [[12]]
 
     pattern = [torch.tensor([0.9, 0.1])] * 5 + [torch.tensor([0.7])]
     path = tmp_path / "full_attention_heads.tsv"

@@ -19,7 +19,7 @@ from headops import reference
 from conftest import (GENERATE_LOGITS, OUT_ATOL, _tensor, assert_close, assert_compiled_as_eager,
                       assert_generated_alike, assert_importance_is_the_finite_differences,
                       assert_reference_with_gradients, assert_training_steps_alike, edit_heads_before, head_params,
-                      left_padded_ids as batch, training_step, zero_heads_before)
+                      left_padded_ids as batch, logits_with_reference_attention, training_step, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_latent_attention  # noqa: E402
@@ -208,27 +208,12 @@ def test_windows_and_sinks_are_the_references_inside_the_model():
     """Streaming heads in both layers of DeepSeek V3: the patched model's logits equal the unpatched
     model's with its attention computed by the reference over the same keys and values (q and k of
     24 dims, v of 12)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     model, _ = tiny_latent_attention("deepseek_v3")
     ids, _ = batch()
     spec = headops.HeadSpec.dense(model)
     spec.window[:] = torch.tensor([[2, -1, 3, 1], [-1, 4, 2, 1]])
     spec.sinks[:] = torch.tensor([[1, 0, 0, 2], [0, 1, 3, 0]])
-
-    def oracle(module, q, k, v, mask, scaling=None, dropout=0.0, **rest):
-        layer = module.layer_idx
-        out = reference.attention(q, k, v, layout="bhsd", causal=True, softmax_scale=scaling,
-                                  window=spec.window[layer], sinks=spec.sinks[layer])
-        return out.transpose(1, 2), None
-
-    AttentionInterface.register("headops_test_latent_oracle", oracle)
-    AttentionMaskInterface.register("headops_test_latent_oracle", sdpa_mask)
-    model.set_attn_implementation("headops_test_latent_oracle")
-    with torch.no_grad():
-        want = model(ids).logits
-    model.set_attn_implementation("eager")
+    want = logits_with_reference_attention(model, ids, spec.window, spec.sinks)
     headops.patch(model, spec)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)

@@ -276,7 +276,8 @@ class HeadSpec:
         every KV head): each keeps at most `budget` tokens in a HeadSparseCache, chosen at prefill
         by SnapKV scores (the prompt's last `observation_window` queries' attention, pooled over
         `pool_kernel` keys by `pooling`, "max" or "avg"; with `keep_observation_window` the window's
-        tokens kept too, as SnapKV and kvpress do) and evicted least-attended first during decode. `allocation`: "uniform"
+        tokens kept too, as SnapKV and kvpress do) and evicted least-attended first during decode
+        (a model's sliding-window layers keep their window instead, as kvpress leaves them). `allocation`: "uniform"
         (every head its budget) or "adakv" (AdaKV: per prompt and layer, the layer's budget heads
         share budget x heads tokens by score, each guaranteed int(alpha x budget)). Their attention
         is unchanged until tokens are evicted (the cache keeps sinks, the latest tokens, the best
@@ -289,10 +290,12 @@ class HeadSpec:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise _fail("alpha", "a number in [0, 1] (AdaKV's floor, a fraction of the budget)", repr(alpha))
         spec = cls.dense(model_or_config)
-        heads = {layer: range(spec.kv_heads(layer)) for layer in range(spec.num_layers)} if heads is None else heads
+        if heads is None:  # (every KV head of the layers without a sliding window)
+            heads = {layer: range(spec.kv_heads(layer)) for layer in spec._budget_layers(model_or_config)}
         heads = _check_heads(heads, "KV")
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
+            spec._check_budget_layer(model_or_config, layer)
             for h in kv_heads:
                 spec._check_kv_head("heads", layer, h)
                 spec.cache_kind[layer][h] = "budget"
@@ -311,18 +314,22 @@ class HeadSpec:
         importance `scores` (``[L, Hkv]``, or ``[L, Hq]`` pooled over each KV head's group by
         `pool`, "mean" or "max"; e.g. retrieval scores from headops.discover): each head keeps
         ``budget - budget // beta`` tokens plus its score's share of a pool of
-        ``(budget // beta) x L x Hkv`` (headops.budgets.headkv_budgets). Tokens are chosen by
-        SnapKV scores as in HeadSpec.budget."""
+        ``(budget // beta) x L x Hkv`` (headops.budgets.headkv_budgets; in a model with sliding-window
+        layers, over the other layers' KV heads: the sliding ones keep their window). Tokens are
+        chosen by SnapKV scores as in HeadSpec.budget."""
         from .budgets import headkv_budgets
 
         spec = cls.dense(model_or_config)
         kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool)
-        budgets = headkv_budgets(torch.cat(kv_scores)[None], budget, beta)[0]  # (one pool over every KV head)
+        layers = spec._budget_layers(model_or_config)  # (a sliding-window layer keeps its window)
+        # one pool over every KV head of those layers
+        budgets = headkv_budgets(torch.cat([kv_scores[layer] for layer in layers])[None], budget, beta)[0]
         if int(budgets.min()) < 1:
             raise _fail("beta", f"large enough that every KV head keeps a token (beta = {beta} gives "
                                 f"{int((budgets < 1).sum())} KV heads a budget of 0)", repr(beta))
-        spec.cache_kind = [["budget"] * len(row) for row in kv_scores]
-        spec.cache_budget = [row.tolist() for row in budgets.split([len(row) for row in kv_scores])]
+        for layer, row in zip(layers, budgets.split([spec.kv_heads(layer) for layer in layers])):
+            spec.cache_kind[layer] = ["budget"] * len(row)
+            spec.cache_budget[layer] = row.tolist()
         spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
@@ -339,7 +346,9 @@ class HeadSpec:
         first layer to ``(budget - window) / beta`` in the last; `budget` on average, as many bytes
         as HeadSpec.budget(model, budget=budget). Tokens are chosen by SnapKV scores as there;
         `allocation` "uniform" (each KV head its layer's budget) or "adakv" (the layer's heads
-        share it as AdaKV does, each guaranteed int(alpha x its budget))."""
+        share it as AdaKV does, each guaranteed int(alpha x its budget)). In a model with
+        sliding-window layers the pyramid runs over the other layers (the sliding ones keep their
+        window)."""
         from .budgets import pyramid_budgets
 
         if allocation not in ("uniform", "adakv"):
@@ -351,12 +360,14 @@ class HeadSpec:
         if not is_int(budget) or budget <= window:
             raise _fail("budget", f"an int > window ({window}: the latest tokens every head keeps)", repr(budget))
         spec = cls.dense(model_or_config)
-        budgets = pyramid_budgets(spec.num_layers, budget, beta, kept=window)
+        layers = spec._budget_layers(model_or_config)  # (the pyramid over the layers without a sliding window)
+        budgets = pyramid_budgets(len(layers), budget, beta, kept=window)
         if min(budgets) <= window:
             raise _fail("beta", f"small enough that the last layer keeps a token beyond the window ((budget - window) "
                                 f"/ beta >= 0.5; budget {budget}, window {window})", repr(beta))
-        spec.cache_kind = [["budget"] * spec.kv_heads(layer) for layer in range(spec.num_layers)]
-        spec.cache_budget = [[b] * spec.kv_heads(layer) for layer, b in enumerate(budgets)]
+        for layer, b in zip(layers, budgets):
+            spec.cache_kind[layer] = ["budget"] * spec.kv_heads(layer)
+            spec.cache_budget[layer] = [b] * spec.kv_heads(layer)
         spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
                                              observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
@@ -465,6 +476,23 @@ class HeadSpec:
     def _check_layer(self, layer):
         if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
+
+    def _budget_layers(self, model_or_config) -> list:
+        """The layers whose KV heads can be budget heads: those the model does not limit to a
+        sliding window (in those, a KV head keeps the window, as transformers' cache and kvpress
+        do)."""
+        windows = sliding_windows(model_or_config, self.num_layers)
+        layers = [layer for layer, window in enumerate(windows) if window is None]
+        if not layers:
+            raise _fail("the model", "one with layers that see every earlier key (every layer of this one slides: "
+                                     "its KV heads keep their windows, no budget heads)", f"windows {windows}")
+        return layers
+
+    def _check_budget_layer(self, model_or_config, layer):
+        window = sliding_windows(model_or_config, self.num_layers)[layer]
+        if window is not None:
+            raise _fail("heads", f"layers without the model's sliding window (layer {layer} slides, window {window}: "
+                                 "its KV heads keep the window, not a budget)", layer)
 
     def _check_kv_head(self, name, layer, h):
         if not 0 <= h < self.kv_heads(layer):
