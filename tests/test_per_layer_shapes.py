@@ -214,6 +214,29 @@ def test_spec_methods_follow_each_layers_kv_heads(tmp_path):
         bad.validate()
 
 
+def test_head_scores_pool_by_each_layers_groups(tmp_path):
+    """head_scores.pool_kv_heads with num_kv_heads per layer (spec.num_kv_heads) pools each layer's
+    query heads by its own group (a list of each layer's [Hkv]); top_heads ranks such a list as it
+    ranks a tensor; the discover command's CSV names each query head's KV head by its layer's group."""
+    from headops.cli.discover import read_scores, write_scores
+    from headops.head_scores import pool_kv_heads, top_heads
+
+    model = gemma4()
+    spec = headops.HeadSpec.dense(model)
+    scores = torch.arange(24, dtype=torch.float64).view(6, 4)
+    pooled = pool_kv_heads(scores, spec.num_kv_heads, "mean")
+    assert [row.tolist() for row in pooled] == [[4 * l + 0.5, 4 * l + 2.5] for l in range(5)] + [[21.5]]
+    assert pool_kv_heads(scores, 2, "max").tolist() == [[4 * l + 1, 4 * l + 3] for l in range(6)]  # (an int: as before)
+    assert top_heads(pooled, 3) == [(5, 0), (4, 1), (4, 0)]
+    assert top_heads([row for row in pool_kv_heads(scores, 2)], 3) == top_heads(pool_kv_heads(scores, 2), 3)
+    with pytest.raises(ValueError, match="a tuple of one per layer, 6"):
+        pool_kv_heads(scores, (2, 2, 1))
+    write_scores(str(tmp_path / "s.csv"), scores, spec.num_kv_heads)
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[1].startswith("0,0,0,") and lines[4].startswith("0,3,1,") and lines[-1].startswith("5,3,0,")
+    assert torch.equal(read_scores(str(tmp_path / "s.csv")), scores)
+
+
 def test_duo_attention_per_layer_kv_heads(tmp_path):
     """DuoAttention's optimisation and ablation with one alpha per KV head of each layer: info's
     kv_alpha / kv_loss a list of each layer's, each query head's value its KV head's; the

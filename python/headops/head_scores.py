@@ -15,27 +15,46 @@ __all__ = ["POOLINGS", "pool_kv_heads", "top_heads", "jaccard"]
 POOLINGS = ("max", "mean")
 
 
-def pool_kv_heads(scores: torch.Tensor, num_kv_heads: int, how: str = "max") -> torch.Tensor:
+def pool_kv_heads(scores: torch.Tensor, num_kv_heads, how: str = "max"):
     """[L, Hkv] from per-query-head scores [L, Hq]: the max or mean over each KV head's group of
-    Hq / Hkv consecutive query heads (query head h reads KV head h // (Hq / Hkv))."""
+    Hq / Hkv consecutive query heads (query head h reads KV head h // (Hq / Hkv)). Where the layers
+    differ in KV heads (num_kv_heads a tuple of one per layer, as a HeadSpec's for Gemma 4), a list
+    of each layer's [Hkv]."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"headops.pool_kv_heads: scores must be a [layers, query heads] tensor, got "
                          f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 or \
-            scores.shape[1] % num_kv_heads:
+    per_layer = tuple(num_kv_heads) if isinstance(num_kv_heads, (tuple, list)) else None
+    counts = per_layer if per_layer is not None else (num_kv_heads,)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or scores.shape[1] % n for n in counts) or (
+            per_layer is not None and len(per_layer) != scores.shape[0]):
         raise ValueError(f"headops.pool_kv_heads: num_kv_heads must be an int >= 1 dividing the {scores.shape[1]} "
-                         f"query heads, got {num_kv_heads!r}")
+                         f"query heads (or a tuple of one per layer, {scores.shape[0]}), got {num_kv_heads!r}")
     if how not in POOLINGS:
         raise ValueError(f"headops.pool_kv_heads: how must be one of {', '.join(POOLINGS)}, got {how!r}")
-    groups = scores.reshape(scores.shape[0], num_kv_heads, scores.shape[1] // num_kv_heads)
-    return groups.amax(dim=2) if how == "max" else groups.mean(dim=2)
+
+    def pooled(rows, n):
+        groups = rows.reshape(rows.shape[0], n, rows.shape[1] // n)
+        return groups.amax(dim=2) if how == "max" else groups.mean(dim=2)
+
+    if per_layer is None:
+        return pooled(scores, num_kv_heads)
+    return [pooled(scores[layer:layer + 1], n)[0] for layer, n in enumerate(per_layer)]
 
 
-def top_heads(scores: torch.Tensor, count: int) -> list:
+def top_heads(scores, count: int) -> list:
     """The `count` highest-scoring (layer, head) pairs of [L, H] scores (KV heads or query heads),
+    or of a list of each layer's [H] (layers of other KV head counts: pool_kv_heads' list),
     highest first; equal scores in (layer, head) order, so the choice is deterministic."""
+    rows = list(scores) if isinstance(scores, (list, tuple)) else None
+    if rows is not None:
+        if not rows or not all(isinstance(r, torch.Tensor) and r.dim() == 1 for r in rows):
+            raise ValueError("headops.top_heads: scores must be a [layers, heads] tensor or a list of each layer's "
+                             "[heads] tensor")
+        heads = [(layer, h) for layer, r in enumerate(rows) for h in range(r.shape[0])]
+        return [heads[i] for _, i in top_heads(torch.cat([r.double() for r in rows])[None], count)]
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError("headops.top_heads: scores must be a [layers, heads] tensor")
+        raise ValueError("headops.top_heads: scores must be a [layers, heads] tensor or a list of each layer's "
+                         "[heads] tensor")
     if bool(torch.isnan(scores).any()):
         raise ValueError("headops.top_heads: scores must not hold NaN")
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores.numel():

@@ -24,6 +24,7 @@ import time
 import torch
 
 from .. import discover, tasks
+from .._args import of_layer
 from ..head_scores import pool_kv_heads, top_heads
 from ..spec import HeadSpec
 from .output import say_written, write_csv
@@ -72,10 +73,12 @@ def add_arguments(p) -> None:
 CSV_HEADER = ["layer", "head", "kv_head", "score"]
 
 
-def write_scores(path: str, values: torch.Tensor, num_kv_heads: int) -> None:
-    """<out>.csv: one row per (layer, query head) with its KV head and score."""
+def write_scores(path: str, values: torch.Tensor, num_kv_heads) -> None:
+    """<out>.csv: one row per (layer, query head) with its KV head and score (num_kv_heads: an int,
+    or a tuple of one per layer)."""
     L, Hq = values.shape
-    write_csv(path, CSV_HEADER, [[layer, h, h // (Hq // num_kv_heads), f"{values[layer, h].item():.6g}"]
+    groups = [Hq // of_layer(num_kv_heads, layer) for layer in range(L)]
+    write_csv(path, CSV_HEADER, [[layer, h, h // groups[layer], f"{values[layer, h].item():.6g}"]
                                  for layer in range(L) for h in range(Hq)])
 
 
@@ -142,10 +145,11 @@ def run(args) -> int:
                                                          for k, v in details.items()))
     values = scores.values
     Hkv = HeadSpec.dense(model).num_kv_heads
-    kv = pool_kv_heads(values, Hkv, "max")
-    top = top_heads(kv, max(1, round(args.top_fraction * kv.numel())))
-    print(f"top {len(top)} of {kv.numel()} KV heads (layer.head: score): " +
-          " ".join(f"{layer}.{h}:{kv[layer, h].item():.3g}" for layer, h in top))
+    kv = pool_kv_heads(values, Hkv, "max")  # (a list of each layer's where the layers differ in KV heads)
+    total = sum(row.numel() for row in kv)
+    top = top_heads(kv, max(1, round(args.top_fraction * total)))
+    print(f"top {len(top)} of {total} KV heads (layer.head: score): " +
+          " ".join(f"{layer}.{h}:{kv[layer][h].item():.3g}" for layer, h in top))
     write_scores(out + ".csv", values, Hkv)
     if args.method == "duo":
         discover.write_full_attention_heads(out + "_full_attention_heads.tsv", scores.info["kv_alpha"])
