@@ -943,6 +943,30 @@ def test_from_a_captured_prefill_equals_running_the_prefill(method):
         headops.unpatch(model)
 
 
+def test_capture_prefill_of_a_patched_model_is_dense_and_restores_its_spec():
+    """capture_prefill runs dense attention through headops' kernels whatever the model runs: on a
+    model patched with masked and streaming heads it gives the unpatched model's prefill (keys,
+    values, queries), and the model keeps its spec and attention implementation afterwards."""
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    want = headops.capture_prefill(model, ids, observation_window=5)
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_headops_previous")
+    spec = headops.HeadSpec.streaming(model, {0: [1]}, window=3, sinks=1).mask_heads({1: [0, 2]})
+    headops.patch(model, spec)
+    with torch.no_grad():
+        before = model(ids).logits
+    got = headops.capture_prefill(model, ids, observation_window=5)
+    for name in ("keys", "values", "queries"):
+        for layer in range(2):
+            assert_close(getattr(got, name)[layer], getattr(want, name)[layer].double(), 1e-6, 1e-6, name)
+    assert headops.patched_spec(model) is spec and model.config._attn_implementation == "headops"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    headops.unpatch(model)
+
+
 def test_a_prefill_prefix_equals_the_prefill_of_the_prefix():
     """DensePrefill.prefix(end, w): the keys, values and last w queries of the first `end` tokens,
     as capturing them alone gives (a causal model's prefix does not see what follows it); a
