@@ -431,6 +431,37 @@ def zero_heads_before(projection, heads, head_dim):
     return edit_heads_before(projection, lambda h, x: torch.zeros_like(x) if h in heads else x, head_dim)
 
 
+def assert_dense_and_masked_heads_are_the_model(model, spec, masked, output_projection, atol=2e-5):
+    """A dense `spec` patched into `model` is the model (a left-padded batch's logits, each generated
+    step's), and `masked` heads ({spec layer: [query heads]}) are the model with those heads' slices
+    zeroed where output_projection(spec layer) receives them. Leaves the model patched."""
+    import headops
+
+    ids, mask = left_padded_ids()
+    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+               **GENERATE_LOGITS)
+    dims = spec.head_dim if isinstance(spec.head_dim, tuple) else (spec.head_dim,) * spec.num_layers
+    hooks = [zero_heads_before(output_projection(layer), heads, dims[layer]) for layer, heads in masked.items()]
+    with torch.no_grad():
+        want_masked = model(ids, attention_mask=mask).logits
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        want_generated = model.generate(ids, **gen)
+        headops.patch(model, spec)
+        got = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, **gen)
+    torch.testing.assert_close(got[0], want[0], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=atol, rtol=1e-5)
+    assert_generated_alike(generated, want_generated)
+    headops.set_spec(model, spec.mask_heads(masked))
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want_masked[0], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want_masked[1, 3:], atol=atol, rtol=1e-5)
+
+
 def left_padded_ids():
     """(ids, attention_mask): two rows of 13 token ids in [3, 97) (the tiny models' vocabulary),
     the second left-padded by 3."""

@@ -18,8 +18,9 @@ import torch
 
 import headops
 
-from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
-                      assert_training_steps_alike, left_padded_ids as batch, training_step, zero_heads_before)
+from conftest import (GENERATE_LOGITS, assert_dense_and_masked_heads_are_the_model, assert_generated_alike,
+                      assert_importance_is_the_finite_differences, assert_training_steps_alike,
+                      left_padded_ids as batch, training_step, zero_heads_before)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_hybrid  # noqa: E402
@@ -261,26 +262,10 @@ def test_kimi_linear_latent_attention_beside_kda_layers():
     (logits, each generated step's); a masked head is its 12-dim slice zeroed before o_proj; a
     HeadSparseCache is refused for the latent cache."""
     model, _ = tiny_hybrid("kimi_linear")
-    ids, mask = batch()
     spec = headops.HeadSpec.dense(model)
     assert (spec.num_layers, spec.num_heads, spec.head_dim) == (2, 4, 12)
     assert headops.attention_layers(model) == [("self", 1), ("self", 3)]
-    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-               **GENERATE_LOGITS)
-
-    hook = zero_heads_before(attention_module(model, 3).o_proj, [1], 12)
-    with torch.no_grad():
-        want_masked = model(ids[:1]).logits
-    hook.remove()
-    with torch.no_grad():
-        want = model(ids, attention_mask=mask).logits
-        want_generated = model.generate(ids, **gen)
-        headops.patch(model, spec)
-        got = model(ids, attention_mask=mask).logits
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-5, rtol=1e-5)
-        assert_generated_alike(model.generate(ids, **gen), want_generated)
-        headops.set_spec(model, spec.mask_heads({1: [1]}))
-        torch.testing.assert_close(model(ids[:1]).logits, want_masked, atol=1e-5, rtol=1e-5)
+    assert_dense_and_masked_heads_are_the_model(model, spec, {1: [1]},
+                                                lambda layer: attention_module(model, (1, 3)[layer]).o_proj, atol=1e-5)
     with pytest.raises(NotImplementedError, match="multi-head latent attention"):
         headops.HeadSparseCache(model, spec)

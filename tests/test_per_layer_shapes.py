@@ -10,8 +10,9 @@ import torch
 
 import headops
 
-from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_importance_is_the_finite_differences,
-                      edit_heads_before, left_padded_ids, logits_with_reference_attention, zero_heads_before)
+from conftest import (GENERATE_LOGITS, assert_dense_and_masked_heads_are_the_model, assert_generated_alike,
+                      assert_importance_is_the_finite_differences, edit_heads_before, left_padded_ids,
+                      logits_with_reference_attention)
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,32 +25,8 @@ def gemma4(other_kv_heads=True, **options):
     return tiny_per_layer_shapes(other_kv_heads, **options)[0]
 
 
-def assert_dense_and_masked_heads_are_the_model(model, spec, masked):
-    """A dense spec is the model (a left-padded batch's logits, each generated step's), and `masked`
-    heads ({layer: [query heads]}) are the model with those heads' slices zeroed before o_proj."""
-    ids, mask = left_padded_ids()
-    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-               **GENERATE_LOGITS)
-    hooks = [zero_heads_before(model.model.layers[layer].self_attn.o_proj, heads, spec.head_dim[layer])
-             for layer, heads in masked.items()]
-    with torch.no_grad():
-        want_masked = model(ids, attention_mask=mask).logits
-    for hook in hooks:
-        hook.remove()
-    with torch.no_grad():
-        want = model(ids, attention_mask=mask).logits
-        want_generated = model.generate(ids, **gen)
-        headops.patch(model, spec)
-        got = model(ids, attention_mask=mask).logits
-        generated = model.generate(ids, **gen)
-    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
-    assert_generated_alike(generated, want_generated)
-    headops.set_spec(model, spec.mask_heads(masked))
-    with torch.no_grad():
-        got = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[0], want_masked[0], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1, 3:], want_masked[1, 3:], atol=2e-5, rtol=1e-5)
+def output_projection(model):
+    return lambda layer: model.model.layers[layer].self_attn.o_proj
 
 
 def test_layers_of_other_head_dims_gemma4():
@@ -62,7 +39,7 @@ def test_layers_of_other_head_dims_gemma4():
     model = gemma4(other_kv_heads=False)
     spec = headops.HeadSpec.dense(model)
     assert spec.head_dim == (16, 16, 16, 16, 16, 32) and spec.num_kv_heads == 2
-    assert_dense_and_masked_heads_are_the_model(model, spec, {1: [2], 5: [0, 3]})
+    assert_dense_and_masked_heads_are_the_model(model, spec, {1: [2], 5: [0, 3]}, output_projection(model))
     with_scale = spec.copy()
     with_scale.out_scale = torch.ones(6, 4, 16)
     with pytest.raises(ValueError, match=r"out_scale must be \[L, Hq, D\] = \[6, 4, 32\] \(D = out_dim, the largest"):
@@ -83,7 +60,7 @@ def test_layers_of_other_kv_heads_gemma4():
     assert spec.num_kv_heads == (2, 2, 2, 2, 2, 1) and spec.head_dim == (16, 16, 16, 16, 16, 32)
     assert [spec.kv_group(layer) for layer in range(6)] == [2, 2, 2, 2, 2, 4]
     assert [len(row) for row in spec.cache_kind] == [2, 2, 2, 2, 2, 1]
-    assert_dense_and_masked_heads_are_the_model(model, spec, {1: [2], FULL_LAYER: [0, 1, 3]})
+    assert_dense_and_masked_heads_are_the_model(model, spec, {1: [2], FULL_LAYER: [0, 1, 3]}, output_projection(model))
     ids, mask = left_padded_ids()
     headops.set_spec(model, spec)
     assert_importance_is_the_finite_differences(model, dict(input_ids=ids, attention_mask=mask, labels=ids),

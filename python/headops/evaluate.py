@@ -129,8 +129,7 @@ class Method:
             from .head_scores import top_heads
 
             dense = HeadSpec.dense(model)
-            kv, heads = torch.cat(dense._kv_head_scores(CALLER, table, "max")), dense._kv_head_list()
-            keep = [heads[i] for _, i in top_heads(kv[None], round(p["full"] * len(heads)))]
+            keep = top_heads(dense._kv_head_scores(CALLER, table, "max"), round(p["full"] * len(dense._kv_head_list())))
             return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
         if f == "headkv":
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],

@@ -293,9 +293,12 @@ class HeadSpec:
         if heads is None:  # (every KV head of the layers without a sliding window)
             heads = {layer: range(spec.kv_heads(layer)) for layer in spec._budget_layers(model_or_config)}
         heads = _check_heads(heads, "KV")
+        windows = sliding_windows(model_or_config, spec.num_layers)
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
-            spec._check_budget_layer(model_or_config, layer)
+            if windows[layer] is not None:
+                raise _fail("heads", f"layers without the model's sliding window (layer {layer} slides, window "
+                                     f"{windows[layer]}: its KV heads keep the window, not a budget)", layer)
             for h in kv_heads:
                 spec._check_kv_head("heads", layer, h)
                 spec.cache_kind[layer][h] = "budget"
@@ -420,19 +423,19 @@ class HeadSpec:
 
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
-        kv_scores = torch.cat(spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool))
-        heads = spec._kv_head_list()  # (in the order of kv_scores: layer by layer)
+        kv_scores = spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool)
+        heads = spec._kv_head_list()
         if (full_fraction is None) == (threshold is None):
             raise ValueError("headops.HeadSpec.from_scores: give one of full_fraction and threshold")
         if full_fraction is not None:
             if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
                     not 0.0 <= full_fraction <= 1.0:
                 raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
-            full = {heads[i] for _, i in top_heads(kv_scores[None], round(full_fraction * len(heads)))}
+            full = set(top_heads(kv_scores, round(full_fraction * len(heads))))
         else:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
                 raise _fail("threshold", "a number", repr(threshold))
-            full = {head for head, score in zip(heads, kv_scores.tolist()) if score > threshold}
+            full = {(layer, h) for layer, h in heads if kv_scores[layer][h] > threshold}
         for layer, h in heads:
             if (layer, h) not in full:
                 spec._make_streaming(layer, h, window, sinks)
@@ -456,8 +459,7 @@ class HeadSpec:
             raise _fail("scores", "free of NaN", "NaN")
         if pool not in POOLINGS:
             raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
-        return [pool_kv_heads(row[None], self.kv_heads(layer), pool)[0] if row.shape[0] != self.kv_heads(layer)
-                else row for layer, row in enumerate(scores)]
+        return list(pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq else scores)
 
     @staticmethod
     def _check_window_sinks(window, sinks):
@@ -487,12 +489,6 @@ class HeadSpec:
             raise _fail("the model", "one with layers that see every earlier key (every layer of this one slides: "
                                      "its KV heads keep their windows, no budget heads)", f"windows {windows}")
         return layers
-
-    def _check_budget_layer(self, model_or_config, layer):
-        window = sliding_windows(model_or_config, self.num_layers)[layer]
-        if window is not None:
-            raise _fail("heads", f"layers without the model's sliding window (layer {layer} slides, window {window}: "
-                                 "its KV heads keep the window, not a budget)", layer)
 
     def _check_kv_head(self, name, layer, h):
         if not 0 <= h < self.kv_heads(layer):
