@@ -48,7 +48,8 @@ def saved(tmp_path_factory):
     forked ranks find transformers' model modules imported already."""
     folders = {}
     for name, make in [*FAMILIES.items(), ("cut_group", lambda: tiny_llama(6, 3)), ("odd", lambda: tiny_llama(3, 3)),
-                       ("minicpm3", lambda: tiny_latent_attention("minicpm3")), ("gemma4", tiny_gemma4)]:
+                       ("minicpm3", lambda: tiny_latent_attention("minicpm3")), ("gemma4", tiny_gemma4),
+                       ("gemma4_shared", lambda: tiny_gemma4(shared=True))]:
         folder = str(tmp_path_factory.mktemp(name))
         make()[0].save_pretrained(folder)
         AutoModelForCausalLM.from_pretrained(folder)
@@ -160,10 +161,13 @@ def assert_ranks_measure_as_one(ranks, one):
         torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
 
 
-def tiny_gemma4():
+def tiny_gemma4(shared=False):
     """Gemma 4 of 8 query heads: 4 KV heads of 16 dims in the sliding layers, 2 of 32 (keys as
-    values: no v_proj) in the full-attention layer."""
-    return tiny_per_layer_shapes(num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=2)
+    values: no v_proj) in the full-attention layer; `shared`: 8 layers alternating, the last 4
+    reading layers 2 and 3's keys and values (num_kv_shared_layers: no k/v projections)."""
+    layers = dict(num_hidden_layers=8, num_kv_shared_layers=4,
+                  layer_types=["sliding_attention", "full_attention"] * 4) if shared else {}
+    return tiny_per_layer_shapes(num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=2, **layers)
 
 
 def test_tensor_parallel_layers_of_other_shapes_compute_what_one_process_computes(saved):
@@ -181,6 +185,20 @@ def test_tensor_parallel_layers_of_other_shapes_compute_what_one_process_compute
     view = ranks[0]["cache"]["view"]
     assert view.kept_positions == one["cache"]["view"].kept_positions
     assert (view.ideal_nbytes, view.dense_nbytes) == (one["cache"]["view"].ideal_nbytes, one["cache"]["dense"])
+
+
+def test_tensor_parallel_layers_reading_other_layers_keys_compute_what_one_process_computes(saved):
+    """Gemma 4 whose last 4 layers read layers 2 and 3's keys and values (no k/v projections: before
+    2026-12-07 tensor parallelism read them as not sharded by heads) over two ranks: logits, probes,
+    greedy tokens through a HeadSparseCache (each rank's half of the 4 storing layers' KV heads,
+    the reading layers on their sources' storages) and importance as one process."""
+    one = measure(tiny_gemma4(shared=True)[0])
+    ranks = run_ranks(lambda rank: measure(load_tp(saved["gemma4_shared"])), 2)
+    assert_ranks_measure_as_one(ranks, one)
+    for got in ranks:
+        assert got["cache"]["dense"] == one["cache"]["dense"] // 2
+        assert got["cache"]["view"] is None or got["cache"]["view"].kept_positions == \
+            one["cache"]["view"].kept_positions
 
 
 def test_tensor_parallel_shards_that_cut_heads_or_gqa_groups_are_refused_naming_the_heads(saved):

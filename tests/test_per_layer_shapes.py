@@ -34,8 +34,8 @@ def test_layers_of_other_head_dims_gemma4():
     2026-12-06 reading config.head_dim raised transformers' AmbiguousGlobalPerLayer error): a
     spec's head_dim is then one per layer, and a dense spec is the model; a masked head of either
     kind is its module's head (its slice zeroed before o_proj); out_scale / out_bias of another
-    last dim than the largest head dim are refused naming it, and so is a HeadSparseCache for the
-    Gemma models whose last layers reuse earlier layers' keys (num_kv_shared_layers)."""
+    last dim than the largest head dim are refused naming it. (The Gemma models whose last layers
+    reuse earlier layers' keys, num_kv_shared_layers: test_shared_kv_layers.)"""
     model = gemma4(other_kv_heads=False)
     spec = headops.HeadSpec.dense(model)
     assert spec.head_dim == (16, 16, 16, 16, 16, 32) and spec.num_kv_heads == 2
@@ -44,10 +44,6 @@ def test_layers_of_other_head_dims_gemma4():
     with_scale.out_scale = torch.ones(6, 4, 16)
     with pytest.raises(ValueError, match=r"out_scale must be \[L, Hq, D\] = \[6, 4, 32\] \(D = out_dim, the largest"):
         headops.set_spec(model, with_scale)
-    shared = gemma4(False, num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4,
-                    num_kv_shared_layers=2)
-    with pytest.raises(NotImplementedError, match="reuse earlier layers' keys and values"):
-        headops.HeadSparseCache(shared, headops.HeadSpec.dense(shared))
 
 
 def test_layers_of_other_kv_heads_gemma4():

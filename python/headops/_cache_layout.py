@@ -10,7 +10,8 @@ import torch
 from . import _distributed
 from ._args import check_attention_shape, check_compensation, check_values, fail, is_int
 from ._kv_storage import KINDS
-from ._model_attention import capped_window, check_spec_in_sliding_layers, head_sparse_cache_refusal, sliding_windows
+from ._model_attention import (capped_window, check_spec_in_sliding_layers, head_sparse_cache_refusal, kv_sources,
+                               sliding_windows)
 from .spec import HeadSpec
 
 CALLER = "headops.HeadSparseCache"
@@ -41,6 +42,7 @@ class CacheLayout(NamedTuple):
     options: dict
     compensation: list  # [L][Hkv] None, "weighted" or "unweighted"
     model_windows: list  # [L]: the model's own window in its sliding-window layers, None elsewhere
+    kv_sources: dict  # {layer: the layer whose keys and values it reads} (Gemma 3n, Gemma 4's small models)
 
 
 def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
@@ -67,9 +69,27 @@ def from_spec(model_or_config, spec, **per_head) -> CacheLayout:
         if window is not None:
             windows[layer] = capped_window(windows[layer], window)
             kinds[layer] = ["streaming"] * spec.kv_heads(layer)
-    return CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, kinds, windows.tolist(),
-                       spec.sinks.tolist(), [list(r) for r in spec.cache_budget], dict(spec.cache_options),
-                       [list(r) for r in spec.cache_compensation], list(sliding))
+    layout = CacheLayout(spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, kinds, windows.tolist(),
+                         spec.sinks.tolist(), [list(r) for r in spec.cache_budget], dict(spec.cache_options),
+                         [list(r) for r in spec.cache_compensation], list(sliding), kv_sources(model_or_config))
+    _check_shared_rows(layout)
+    return layout
+
+
+def _check_shared_rows(layout: CacheLayout) -> None:
+    """A layer that reads another layer's keys and values has no storage of its own: it reads its
+    source's, so the spec must keep there what the source keeps (its constructors make it so)."""
+    for layer, source in layout.kv_sources.items():
+        rows = (("cache_kind", layout.kinds), ("window", layout.windows), ("sinks", layout.sinks),
+                ("cache_budget", layout.budgets), ("cache_compensation", layout.compensation))
+        differ = [name for name, per_layer in rows if per_layer[layer] != per_layer[source]]
+        if differ:
+            raise fail(CALLER, "the spec", f"the same in layer {layer} as in layer {source} ({', '.join(differ)}): layer {layer} "
+                                           f"reads layer {source}'s keys and values (the model's num_kv_shared_layers), "
+                                           "stored once, as that layer keeps them (HeadSpec's constructors, given the "
+                                           "model, make the rows so)",
+                       "; ".join(f"{name} {per_layer[layer]} and {per_layer[source]}" for name, per_layer in rows
+                                 if per_layer[layer] != per_layer[source]))
 
 
 def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget,
@@ -80,7 +100,7 @@ def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, windo
                          _per_layer_heads(window, "window", L, Hq, -1), _per_layer_heads(sinks, "sinks", L, Hq, 0),
                          _per_layer_budgets(budget, L, Hkv), {},
                          _per_layer_compensation(None if compensation is UNSET else compensation, L, Hkv),
-                         [None] * L)
+                         [None] * L, {})
     check_values(CALLER, window=torch.tensor(layout.windows), sinks=torch.tensor(layout.sinks))
     return layout
 

@@ -215,6 +215,8 @@ def _head_projections(model_or_config, module, Hq) -> list:
     except _per_layer_error():
         D = values  # (per-layer configs: the layer's q, k and v have its head dim)
     projections = [("q_proj", Hq, D), ("k_proj", Hkv, D), ("v_proj", Hkv, values)]
+    if getattr(module, "is_kv_shared_layer", False) and getattr(module, "k_proj", None) is None:
+        return projections[:1]  # (Gemma's layers reading another's keys and values have no k/v projections)
     # (Gemma 4's full-attention layers whose keys are their values, attention_k_eq_v, have no v_proj)
     keys_as_values = getattr(module, "v_proj", False) is None and getattr(config_of(cfg), "attention_k_eq_v", False)
     return projections[:2] if keys_as_values else projections
@@ -260,10 +262,13 @@ class CacheView:
     ideal_nbytes: int
     dense_nbytes: int
     rank_nbytes: list
-    kept_positions: list  # [layer][batch row][KV head] -> list of ints
+    kept_positions: list  # [layer][batch row][KV head] -> list of ints (a layer reading another's: its source's)
+    reading_layers: tuple = ()  # the layers that read another layer's keys (Gemma's num_kv_shared_layers)
 
     def kept_tokens(self) -> int:
-        return sum(len(p) for layer in self.kept_positions for row in layer for p in row)
+        """Tokens kept over every KV head of every layer that stores its own (each stored once)."""
+        return sum(len(p) for i, layer in enumerate(self.kept_positions) if i not in self.reading_layers
+                   for row in layer for p in row)
 
 
 def cache_view(cache, shard: HeadShard | None, dst: int = 0):
@@ -272,8 +277,9 @@ def cache_view(cache, shard: HeadShard | None, dst: int = 0):
     kept = [[[layer.kept_positions(b, h).tolist() for h in range(layer.Hkv)] for b in range(len(layer.held))]
             for layer in cache._layers]
     mine = (cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes(), kept)
+    reading = tuple(sorted(cache._kv_source))
     if shard is None:
-        return CacheView(mine[0], mine[1], mine[2], [mine[0]], kept)
+        return CacheView(mine[0], mine[1], mine[2], [mine[0]], kept, reading)
     if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < shard.size:
         raise ValueError(f"headops.HeadSparseCache.whole_model_view: dst must be a rank in [0, {shard.size}) of "
                          f"the tensor-parallel group, got {dst!r}")
@@ -285,7 +291,7 @@ def cache_view(cache, shard: HeadShard | None, dst: int = 0):
     whole = [[sum((part[3][layer][b] for part in parts), []) for b in range(len(kept[layer]))]
              for layer in range(len(kept))]
     return CacheView(sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
-                     [p[0] for p in parts], whole)
+                     [p[0] for p in parts], whole, reading)
 
 
 # ------------------------------------------------------------------------------ sweeps

@@ -94,6 +94,9 @@ class LayerStorage:
         self.written: list[int] = []
         # per batch row: the left padding of its prompt (not stored; transformers counts it in the sequence)
         self.pads: list[int] = []
+        # the last call stored a prompt (cache.attention's prefill): the layers that read this storage
+        # (Gemma's num_kv_shared_layers) attend over that prompt as given, not over what is kept
+        self.prompt_just_stored = False
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
         self.full_capacity = 0  # tokens the segments hold, summed
@@ -261,6 +264,7 @@ class LayerStorage:
         self.held = [0] * len(self.held)
         self.written = [0] * len(self.written)
         self.pads = [0] * len(self.pads)
+        self.prompt_just_stored = False
         if self.budget_table is not None:
             self.budget_table.copy_(self.budget_layout.to(self.budget_table.device).expand_as(self.budget_table))
             self.slot_pos.fill_(-1)

@@ -16,8 +16,9 @@ restarting within it) are attended each alone (packed_sequence_ids, the ops' seq
 And what the model's layers are: which have softmax attention (a hybrid model's linear-attention,
 Mamba and MLP layers do not: attention_layer_indices, state_layers), the heads' dims (values of
 their own dim in multi-head latent attention, dims per layer in Gemma 4: head_dims) and KV heads
-(per layer in Gemma 4's larger models: kv_head_counts), and why a
-HeadSparseCache cannot hold a model's keys (head_sparse_cache_refusal).
+(per layer in Gemma 4's larger models: kv_head_counts), which layers read another layer's keys
+and values (Gemma 3n, Gemma 4's small models: kv_sources), and why a HeadSparseCache cannot hold a
+model's keys (head_sparse_cache_refusal).
 """
 
 from __future__ import annotations
@@ -257,10 +258,36 @@ HYBRID_CACHE = (
     "through transformers' cache (HeadSparseCache holds hybrid models whose layers are one or the other)")
 
 
+def kv_sources(model_or_config) -> dict:
+    """{layer: the earlier layer whose keys and values it reads} where a model's last layers reuse
+    earlier layers' (config.num_kv_shared_layers: Gemma 3n, Gemma 4's small models; transformers'
+    kv_sharing_modes: each "reuse" layer reads the last "store" layer of its layer type); {} for
+    every other model. Such a layer has no keys of its own: a HeadSparseCache gives it its source
+    layer's storage, and a spec's constructors give it its source's cache rows."""
+    if model_or_config is None:
+        return {}
+    cfg = config_of(model_or_config)
+    modes = _kv_sharing_modes(cfg)
+    if "reuse" not in modes:
+        return {}
+    types = list(cfg.layer_types)
+    stores = {types[layer]: layer for layer, mode in enumerate(modes) if mode == "store"}
+    return {layer: stores[types[layer]] for layer, mode in enumerate(modes) if mode == "reuse"
+            and types[layer] in stores}
+
+
+def _kv_sharing_modes(cfg) -> list:
+    """transformers' kv_sharing_modes of a config (None, "store" or "reuse" per layer), [] without."""
+    try:
+        return list(getattr(cfg, "kv_sharing_modes", None) or ())
+    except (AttributeError, TypeError, ValueError):  # (a config property that cannot lay them out)
+        return []
+
+
 SHARED_KV_CACHE = (
-    "headops.HeadSparseCache: this model's last layers reuse earlier layers' keys and values "
-    "(config.num_kv_shared_layers: Gemma 3n, Gemma 4's small models), which a per-layer head-sparse "
-    "storage does not share; a patched model generates through transformers' cache")
+    "headops.HeadSparseCache: every layer of this model reuses another layer's keys and values "
+    "(config.num_kv_shared_layers = num_hidden_layers), so no layer stores any; a patched model generates "
+    "through transformers' cache")
 
 
 def head_sparse_cache_refusal(model_or_config):
@@ -274,7 +301,7 @@ def head_sparse_cache_refusal(model_or_config):
     kinds = set(getattr(cfg, "layer_types", None) or ())
     if kinds & {"hybrid", "hybrid_sliding"}:
         return HYBRID_CACHE
-    if "reuse" in (getattr(cfg, "kv_sharing_modes", None) or ()):
+    if len(kv_sources(cfg)) < _kv_sharing_modes(cfg).count("reuse"):  # (a reuse layer without a source)
         return SHARED_KV_CACHE
     return None
 

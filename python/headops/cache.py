@@ -23,6 +23,7 @@ sinks and ``key_bias`` index them by position.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _cache_layout, _cache_probe, _distributed, budgets
 from ._args import (FLOAT_DTYPES, HeadArgs, HeadShapes, check_cache_options, check_dense, describe, on_device,
@@ -33,6 +34,11 @@ from .attention import run_fused
 from .probes import check_probe
 
 __all__ = ["HeadSparseCache"]
+
+# the keys a cache's update handed to a layer that other layers read (Gemma's num_kv_shared_layers):
+# those layers get them through the model (transformers' shared_kv_states), not the cache, and
+# find the cache by them (HeadSparseCache.of_shared_keys)
+_SHARED_KEYS = WeakIdKeyDictionary()
 
 CALLER = "headops.HeadSparseCache"
 _HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
@@ -132,7 +138,10 @@ class HeadSparseCache(_CacheBase):
     ``headops.HeadSpec``) says: its cache kinds and budgets per KV head and its windows and
     sinks per query head (the model or config, when given, is checked to be the spec's). Where
     the model's layers differ in KV heads or head dim (Gemma 4), each layer's storage has its own
-    (``num_kv_heads`` and ``head_dim`` are then tuples, one per layer, as the spec's).
+    (``num_kv_heads`` and ``head_dim`` are then tuples, one per layer, as the spec's). Where a
+    model's last layers read earlier layers' keys and values (``config.num_kv_shared_layers``:
+    Gemma 3n, Gemma 4's small models), such a layer has no storage: it reads its source layer's
+    (the spec must keep the same there, as its constructors make it), and its calls store nothing.
     Without a spec the same is given per head, keyword-only:
 
         num_layers, num_heads (query heads), num_kv_heads, head_dim: the model's attention shape.
@@ -257,11 +266,17 @@ class HeadSparseCache(_CacheBase):
         self.max_step, self.split_keys, self.budget_recent = max_step, split_keys, budget_recent
         self.max_length = None if max_length is None else int(max_length)
         self.kinds = layout.kinds
-        self._layers = [LayerStorage(CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i],
-                                     Hq // of_layer(Hkv, i), of_layer(D, i),
-                                     max_step, layout.budgets[i], budget_recent, layout.compensation[i],
-                                     append_room=int(append_room), model_window=layout.model_windows[i])
-                        for i in range(L)]
+        # {layer: the layer whose storage it reads}; each layer's storage, a reading layer its source's
+        self._kv_source = dict(layout.kv_sources)
+        self._readers = {source: sorted(layer for layer, s in self._kv_source.items() if s == source)
+                         for source in set(self._kv_source.values())}
+        self._layers = []
+        for i in range(L):  # (a source is an earlier layer)
+            self._layers.append(self._layers[self._kv_source[i]] if i in self._kv_source else LayerStorage(
+                CALLER, layout.kinds[i], layout.windows[i], layout.sinks[i], Hq // of_layer(Hkv, i), of_layer(D, i),
+                max_step, layout.budgets[i], budget_recent, layout.compensation[i], append_room=int(append_room),
+                model_window=layout.model_windows[i]))
+        self._storages = [st for i, st in enumerate(self._layers) if i not in self._kv_source]
         self._batch_size = None if batch_size is UNSET else batch_size
         self.dtype, self.device = dtype, device
         self._sized = False
@@ -296,10 +311,36 @@ class HeadSparseCache(_CacheBase):
         """transformers.Cache.update, called by a model's attention module before its attention
         function. Returns the new states unchanged: the attention function registered by
         headops (model integration) gets this cache in its kwargs ("headops_cache") and runs
-        ``cache.attention(layer_idx, q, k, v)``, which stores what each head keeps."""
+        ``cache.attention(layer_idx, q, k, v)``, which stores what each head keeps. The layers that
+        read this layer's keys (Gemma's num_kv_shared_layers) get the same tensors from the model,
+        and find the cache by them (``of_shared_keys``)."""
         if isinstance(kwargs, dict):
             kwargs["headops_cache"] = self
+        if layer_idx in self._readers and isinstance(key_states, torch.Tensor):
+            _SHARED_KEYS[key_states] = self
         return key_states, value_states
+
+    @staticmethod
+    def of_shared_keys(key_states):
+        """The HeadSparseCache whose update returned `key_states` to a layer that other layers read
+        (their attention gets those keys from the model, not the cache), or None."""
+        return _SHARED_KEYS.get(key_states) if isinstance(key_states, torch.Tensor) else None
+
+    def reads_layer(self, layer: int):
+        """The layer whose keys and values `layer` reads (its storage is that layer's: Gemma's
+        num_kv_shared_layers), or None for a layer that stores its own."""
+        self._check_layer(CALLER + ".reads_layer", layer)
+        return self._kv_source.get(layer)
+
+    def keys_of_call(self, layer: int, new_tokens: int) -> int:
+        """The keys a call of `layer` with `new_tokens` new keys attends over in its longest row (what
+        key_bias must cover): those held and the new ones; a layer reading another's storage, whose
+        source stored them already: what that storage holds (a prompt: the new tokens)."""
+        self._check_layer(CALLER + ".keys_of_call", layer)
+        st = self._layers[layer]
+        if layer not in self._kv_source:
+            return max(st.held, default=0) + new_tokens
+        return new_tokens if st.prompt_just_stored else max(st.held, default=0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """The sequence length as transformers counts it: the longest row's tokens, with the left
@@ -363,7 +404,7 @@ class HeadSparseCache(_CacheBase):
                              "dtype given to the constructor)")
         if self.max_length is not None and tokens > self.max_length:
             raise ValueError(f"{caller}: tokens = {tokens} is past max_length = {self.max_length}")
-        for st in self._layers:
+        for st in self._storages:
             st.reserve(int(tokens))
 
     def sync_lengths(self) -> None:
@@ -377,7 +418,7 @@ class HeadSparseCache(_CacheBase):
         while the storages stay where they were: an eager step that grows them, or a larger
         reserve(), moves them, and the graph must be captured again."""
         counts = []
-        for i, st in enumerate(self._layers):
+        for i, st in self._stored_layers():
             held = st.lengths.tolist() if st.held else []
             room, longest = st.room(), max(held, default=0)
             if room is not None and longest > room:
@@ -388,7 +429,7 @@ class HeadSparseCache(_CacheBase):
                 raise RuntimeError(f"{CALLER}.sync_lengths: layer {i} was stepped to {longest} tokens a row, past "
                                    f"max_length = {self.max_length}")
             counts.append(held)
-        for st, held in zip(self._layers, counts):
+        for (_, st), held in zip(self._stored_layers(), counts):
             if held:
                 st.now_holds(held)
 
@@ -399,7 +440,7 @@ class HeadSparseCache(_CacheBase):
         allocated, sized and where they are (nbytes() does not change; a CUDA graph captured over
         them stays valid), so the next prompt must have the same batch size, dtype and device; make
         a new cache to give the memory back."""
-        for st in self._layers:
+        for st in self._storages:
             if st.held:
                 st.forget_tokens()
         for layer in self._linear_layers():
@@ -449,7 +490,7 @@ class HeadSparseCache(_CacheBase):
             return
         self._refuse_with_linear_states(caller)
         # (a layer not called yet holds nothing to drop)
-        layers = [(i, st) for i, st in enumerate(self._layers) if any(st.held)]
+        layers = [(i, st) for i, st in self._stored_layers() if any(st.held)]
         for i, st in layers:
             if min(st.held) < n:
                 raise fail(caller, "tokens_to_remove", f"at most the {min(st.held)} tokens a row holds in layer {i}",
@@ -493,13 +534,13 @@ class HeadSparseCache(_CacheBase):
             return
         if self._sized:
             index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-            for st in self._layers:
+            for st in self._storages:
                 st.take_rows(index, rows)
         self._batch_size = len(rows)
 
     def nbytes(self) -> int:
         """Bytes the cache really holds (storages, capacity included, and layout tables)."""
-        return sum(layer.nbytes() for layer in self._layers)
+        return sum(layer.nbytes() for layer in self._storages)
 
     def whole_model_view(self, dst: int = 0):
         """The whole model's cache (a ``CacheView``: bytes, and each KV head's kept positions per
@@ -511,7 +552,7 @@ class HeadSparseCache(_CacheBase):
         """Bytes of exactly the tokens each head keeps (K and V), and of one token per compensated
         head and row that has evicted tokens (its compensation)."""
         return sum((layer.kept_tokens() + layer.compensation_tokens()) * self._bytes_per_token(layer)
-                   for layer in self._layers)
+                   for layer in self._storages)
 
     def compensation(self, layer: int, b: int, kv_head: int):
         """(mean key, mean value, count) of what compensated streaming KV head `kv_head` of batch
@@ -526,9 +567,14 @@ class HeadSparseCache(_CacheBase):
         return st.compensation_of(b, kv_head)
 
     def dense_nbytes(self) -> int:
-        """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer) would hold."""
+        """Bytes a dense cache ([B, Hkv, S, D] keys and values per layer that stores its own:
+        transformers' cache of the same model) would hold."""
         return sum(max(layer.held, default=0) * len(layer.held) * layer.Hkv * self._bytes_per_token(layer)
-                   for layer in self._layers)
+                   for layer in self._storages)
+
+    def _stored_layers(self) -> list:
+        """(layer, storage) of each layer that stores its own keys."""
+        return [(i, st) for i, st in enumerate(self._layers) if i not in self._kv_source]
 
     def _bytes_per_token(self, st: LayerStorage) -> int:
         """K and V of one token of one KV head of a layer (0 before the dtype is known: nothing is held)."""
@@ -542,10 +588,10 @@ class HeadSparseCache(_CacheBase):
         if self._sized:
             return
         try:
-            for layer in self._layers:
+            for layer in self._storages:
                 layer.allocate(caller, *sizing)
         except ValueError:
-            for layer in self._layers:
+            for layer in self._storages:
                 layer.release()
             raise
         self._batch_size, self.dtype, self.device = sizing
@@ -658,7 +704,12 @@ class HeadSparseCache(_CacheBase):
         stats = None
         if padding_side not in ("right", "left"):
             raise fail(caller, "padding_side", "'right' or 'left'", repr(padding_side))
-        if max(st.held, default=0) == 0:
+        if layer in self._kv_source:
+            if lengths is not None or padding_side != "right":
+                raise ValueError(f"{caller}: layer {layer} reads layer {self._kv_source[layer]}'s keys and values: its "
+                                 "prompt's lengths and padding are that layer's call's")
+            out, stats = self._attend_shared(caller, layer, q, k, v, causal, per_head, probe)
+        elif max(st.held, default=0) == 0:
             out, stats = self._prefill(caller, st, q, k, v, lengths, causal, per_head, sizing, probe, padding_side)
         else:
             if lengths is not None or padding_side != "right":
@@ -672,12 +723,14 @@ class HeadSparseCache(_CacheBase):
         attention was computed elsewhere); each KV head keeps what it would keep."""
         caller = CALLER + ".append"
         (k, v), sizing = self._check_inputs(caller, layer, layout, (("k", k), ("v", v)))
+        self._refuse_shared(caller, layer)
         st = self._layers[layer]
         self._check_kv(caller, k, v, sizing[0], st)
         self._check_room(caller, st, k.shape[1])
         self._ensure_sized(caller, sizing)
         st.reserve(max(st.held) + k.shape[1])
         st.append(k, v)
+        st.prompt_just_stored = False
 
     def fill(self, layer, k, v, *, queries=None, lengths=None, layout="bshd", causal=True, **per_head):
         """Stores a prompt whose attention was computed elsewhere (a dense prefill: every method
@@ -694,6 +747,7 @@ class HeadSparseCache(_CacheBase):
         caller = CALLER + ".fill"
         named = (("k", k), ("v", v)) + ((("queries", queries),) if queries is not None else ())
         tensors, sizing = self._check_inputs(caller, layer, layout, named)
+        self._refuse_shared(caller, layer)
         k, v = tensors[0], tensors[1]
         qs = tensors[2] if queries is not None else None
         st = self._layers[layer]
@@ -723,6 +777,63 @@ class HeadSparseCache(_CacheBase):
         w = 0 if qs is None else qs.shape[1]
         self._store_prompt(caller, st, k, v, None if lengths is None else rows, causal, args, sizing,
                            lambda b, n: None if qs is None else qs[b, max(0, w - n):])
+
+    def _refuse_shared(self, caller, layer) -> None:
+        """Storing is for the layers with a storage of their own."""
+        if layer in self._kv_source:
+            raise ValueError(f"{caller}: layer {layer} reads layer {self._kv_source[layer]}'s keys and values (the "
+                             f"model's num_kv_shared_layers) and stores none: store them in layer "
+                             f"{self._kv_source[layer]}")
+
+    def _attend_shared(self, caller, layer, q, k, v, causal, per_head, probe):
+        """A layer that reads its source layer's storage (Gemma's num_kv_shared_layers), called after
+        that layer in the same forward, with the keys and values the model handed on from it: after
+        the source's prompt, attention over that prompt as given (`k`, `v` the prompt's; `q` its last
+        queries: transformers may pass only those that give logits), within each row's tokens; after
+        a decode call, the decode kernel over what the source keeps, which holds the new tokens
+        already (nothing is stored)."""
+        st, source = self._layers[layer], self._kv_source[layer]
+        if not any(st.held):
+            raise ValueError(f"{caller}: layer {layer} reads layer {source}'s keys and values (the model's "
+                             f"num_kv_shared_layers), which holds none yet: call layer {source} first")
+        if not st.prompt_just_stored:
+            return self._decode(caller, layer, q, k, v, causal, per_head, probe, store=False)
+        B, S, Sq = k.shape[0], k.shape[1], q.shape[1]
+        if any(n + p > S for n, p in zip(st.held, st.pads)) or Sq > S:
+            raise fail(caller, "k", f"layer {source}'s prompt, {max(st.held)} tokens or more (q at most as many)",
+                       f"{S} keys, {Sq} queries")
+        args = self._head_args(caller, st, B, q.device, S, per_head)
+        if self.options["prefill"] == "full":
+            args = args._replace(window=self._model_window(st, args), sinks=None)
+        request = self._probe_request(caller, st, q, args, probe, S)
+        if request is not None and Sq != S:
+            raise NotImplementedError(f"{caller}: probes of layer {layer} over {Sq} of the prompt's {S} queries: the "
+                                      "model passed only its last ones (run the probe over the whole prompt)")
+        lengths = None if st.held == [S] * B else list(st.held)
+        pads = list(st.pads)
+        if request is None:
+            return self._prompt_attention(q, k, v, lengths, pads, causal, args), None
+        if any(pads):
+            q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
+        out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
+        return (_shift_rows(out, pads) if any(pads) else out), stats
+
+    @staticmethod
+    def _prompt_attention(q, k, v, lengths, pads, causal, args: HeadArgs):
+        """Attention of a prompt's last q.shape[1] queries over its keys (k, v [B, S, Hkv, D]): row b
+        has `lengths[b]` tokens after `pads[b]` of left padding (lengths None: every row all S);
+        the output rows of padding are 0."""
+        if lengths is None:
+            return run_fused(q, k, v, args, causal=causal, heads_first=False)[0]
+        S, Sq = k.shape[1], q.shape[1]
+        out = torch.zeros_like(q)
+        for b, (n, first) in enumerate(zip(lengths, pads)):
+            start, end = max(S - Sq, first), first + n  # (padded positions of the row's queries)
+            if start < end:
+                out[b:b + 1, start - (S - Sq):end - (S - Sq)] = run_fused(
+                    q[b:b + 1, start - (S - Sq):end - (S - Sq)], k[b:b + 1, first:end], v[b:b + 1, first:end],
+                    args.row(b, n), causal=causal, heads_first=False)[0]
+        return out
 
     @staticmethod
     def _model_window(st, args):
@@ -754,22 +865,19 @@ class HeadSparseCache(_CacheBase):
                 raise ValueError(f"{caller}: with lengths, q must cover the whole prompt")
         self._check_room(caller, st, S if lengths is None else max(lengths))
         pads = [0] * B if lengths is None or padding_side == "right" else [S - n for n in lengths]
-        if any(pads):  # each row's tokens first (right padding), its output back in place at the end
-            q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
         stats = None
+        if request is None:
+            out = self._prompt_attention(q, k, v, lengths, pads, causal, args)
+        if any(pads):  # each row's tokens first (right padding)
+            q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
         if request is not None:  # every row's attention, then the cache changes
             out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
-        elif lengths is None:
-            out, _ = run_fused(q, k, v, args, causal=causal, heads_first=False)
-        else:
-            out = torch.zeros_like(q)
-            for b, n in enumerate(lengths):
-                out[b:b + 1, :n] = run_fused(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
-                                             causal=causal, heads_first=False)[0]
+            out = _shift_rows(out, pads) if any(pads) else out
         self._store_prompt(caller, st, k, v, lengths, causal, args, sizing,
                            (lambda b, n: q[b]) if lengths is None else (lambda b, n: q[b, :n]))
         st.pads = pads
-        return (_shift_rows(out, pads) if any(pads) else out), stats
+        st.prompt_just_stored = True
+        return out, stats
 
     def _store_prompt(self, caller, st, k, v, lengths, causal, args, sizing, row_queries):
         """Stores a checked prompt (k, v [B, S, Hkv, D]; `lengths` per row or None: all S) in an
@@ -785,6 +893,7 @@ class HeadSparseCache(_CacheBase):
                 st.append(k[b:b + 1, :n], v[b:b + 1, :n], row=b, write_budget=False)
         for b, n in enumerate(lengths or [S] * B):
             self._select_budget(st, b, row_queries(b, n), k[b, :n], v[b, :n], args.row(b, n), causal)
+        st.prompt_just_stored = False
 
     def _observation_window(self) -> int:
         """The prompt's last queries whose attention scores budget heads' tokens."""
@@ -816,24 +925,39 @@ class HeadSparseCache(_CacheBase):
         for h, i, keep in zip(heads, rows, kept):
             st.write_budget_selection(b, i, keep, k[keep, h], v[keep, h], scores[h, keep])
 
-    def _decode(self, caller, layer, q, k, v, causal, per_head, probe=None):
+    def _decode(self, caller, layer, q, k, v, causal, per_head, probe=None, store=True):
         """One decode step: host decisions read the lengths' Python mirror and shapes only (no
-        tensor data), so that torch.compile traces the step whole."""
+        tensor data), so that torch.compile traces the step whole. `store` False: a layer reading
+        its source's storage, which stored the step's keys already."""
         st = self._layers[layer]
         Sq = k.shape[1]
-        self._check_room(caller, st, Sq)
+        if store:
+            self._check_room(caller, st, Sq)
         if q.shape[1] != Sq:
             raise fail(caller, "q", f"as many new tokens as k ({Sq})", q.shape[1])
         if per_head.get("key_bias") is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError(f"{caller}: key_bias cannot be captured in a CUDA graph: it is indexed by position and "
                              "its length is fixed at capture, so the keys a replay appends would get no bias")
-        keys = max(st.held) + Sq
+        keys = max(st.held) + (Sq if store else 0)
+        if Sq > self.max_step:
+            # (a read storage's partial heads would take the tokens as steps whose evictions its readers miss;
+            # refused in every layer, so that a model's forward is refused at its first layer)
+            shared = [source for source, readers in sorted(self._readers.items())
+                      if self._layers[source].has_partial_heads]
+            if shared:
+                raise ValueError(
+                    f"{caller}: {Sq} new tokens in one call, more than max_step = {self.max_step}: layer {shared[0]}'s "
+                    f"keys are read by layers {self._readers[shared[0]]} too (the model's num_kv_shared_layers), and "
+                    "its streaming or budget heads would take the tokens as steps whose evictions those layers' "
+                    f"queries miss; make the cache with max_step >= {Sq}")
         if Sq > self.max_step and st.has_partial_heads:
             return self._decode_in_steps(caller, layer, q, k, v, causal, per_head, probe, keys), None
         args, kernel_args = self._step_args(caller, layer, q, keys, per_head)  # checked before the cache changes
         request = self._probe_request(caller, st, q, args, probe, keys)
-        st.reserve(keys)
-        st.append(k, v)
+        if store:
+            st.reserve(keys)
+            st.append(k, v)
+            st.prompt_just_stored = False
         stats = None if request is None else _cache_probe.decode(st, q, args, request, causal)
         return torch.ops.headops.decode_attention.default(
             q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,

@@ -111,6 +111,11 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
+    if cache is None and getattr(module, "_headops_reads_kv", False):
+        # (a layer reading another's keys gets them from the model, as that layer's cache returned them)
+        from .cache import HeadSparseCache
+
+        cache = HeadSparseCache.of_shared_keys(key)
     if cache is not None and getattr(module, "_headops_cache_refused", None):
         raise NotImplementedError(module._headops_cache_refused)
     recording = getattr(module, "_headops_recording", None)
@@ -147,7 +152,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     # the mask covers every position so far (_headops_mask), the keys are the last ones
     dropped = 0 if cache is not None or attention_mask is None else attention_mask.shape[-1] - key.shape[2]
     # key_bias is indexed by position: a row's from its first token (with a cache, those it holds)
-    keys = key.shape[2] + (cache.longest_row(layer) if cache is not None else dropped)
+    keys = cache.keys_of_call(layer, key.shape[2]) if cache is not None else key.shape[2] + dropped
     args = spec.layer_args(layer, keys, visibility=cache is None)  # (a cache has its own window and sinks)
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
@@ -406,11 +411,13 @@ def patch(model, spec: HeadSpec):
     _give_spec(modules, local)
     cache_refused = _model_attention.head_sparse_cache_refusal(model)
     hybrid = _model_attention.is_hybrid(model)
+    reading = _model_attention.kv_sources(model)
     for layer, m in enumerate(modules):
         m._headops_layer = layer
         m._headops_shard = shard
         m._headops_cache_refused = cache_refused
         m._headops_hybrid = hybrid
+        m._headops_reads_kv = layer in reading  # (its keys: another layer's, handed on by the model)
     model.set_attn_implementation(IMPLEMENTATION)
     return model
 
@@ -472,7 +479,7 @@ def unpatch(model):
     previous = model._headops_previous
     for m in _attention_modules(model):
         for name in ("_headops_spec", "_headops_layer", "_headops_shard", "_headops_cache_refused", "_headops_hybrid",
-                     "_headops_has_sinks"):
+                     "_headops_has_sinks", "_headops_reads_kv"):
             if hasattr(m, name):
                 delattr(m, name)
     model.set_attn_implementation(previous)

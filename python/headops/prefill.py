@@ -39,7 +39,8 @@ class DensePrefill:
       keys, values: ``[B, Hkv, S, D]`` (RoPE applied);
       queries: ``[B, Hq, w, D]``, the last w queries of each row (entry j of row b is position
           ``lengths[b] - w + j``; entries before position 0 are zeros), or None (no budget heads
-          can be built then);
+          can be built then); a layer that reads another layer's keys and values (Gemma's
+          num_kv_shared_layers) has that layer's keys and values and no queries (None);
       lengths: valid tokens per row (right padding), or None: every row is S long;
       softmax_scale: the model's scale per layer (None: 1 / sqrt(D));
       states: a hybrid model's other layers after the prompt, {model layer: transformers' cache
@@ -85,6 +86,9 @@ class DensePrefill:
                        f"{observation_window}-query window at {end})", observation_window)
         queries = []
         for q in self.queries:
+            if q is None:  # (a layer reading another's keys)
+                queries.append(None)
+                continue
             part = q.new_zeros(q.shape[0], q.shape[1], observation_window, q.shape[3])
             part[:, :, observation_window - (end - first):] = q[:, :, first - (S - have):end - (S - have)]
             queries.append(part)
@@ -103,7 +107,7 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     from transformers.cache_utils import Cache, DynamicLayer
     from transformers.masking_utils import AttentionMaskInterface
 
-    from ._model_attention import attention_layer_indices, config_of, state_layers
+    from ._model_attention import attention_layer_indices, config_of, kv_sources, state_layers
     from .patching import _headops_attention, _headops_mask
     from .research import with_spec
     from .spec import HeadSpec
@@ -128,8 +132,13 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     w = observation_window
     queries, scales = {}, {}
 
+    reading = kv_sources(model)  # (layers reading another's keys: neither keys nor queries of their own)
+
     def record(module, query, key, value, attention_mask, **kwargs):
         layer = module.layer_idx
+        if layer in reading:
+            queries[layer], scales[layer] = None, kwargs.get("scaling")
+            return _headops_attention(module, query, key, value, attention_mask, **kwargs)
         q = query.new_zeros(B, query.shape[1], w, query.shape[3])
         for b, n in enumerate(rows):
             take = min(w, n)
@@ -163,7 +172,8 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     if sorted(queries) != layers:
         raise RuntimeError(f"{caller}: recorded the queries of layers {sorted(queries)}, expected {layers} (does "
                            "this model dispatch its attention through transformers' AttentionInterface?)")
-    return DensePrefill(keys=[cache.layers[i].keys for i in layers], values=[cache.layers[i].values for i in layers],
+    stored = [reading.get(i, i) for i in layers]  # (a reading layer: its source's keys, which it reads)
+    return DensePrefill(keys=[cache.layers[i].keys for i in stored], values=[cache.layers[i].values for i in stored],
                         queries=[queries[i] for i in layers], lengths=lengths,
                         softmax_scale=[scales[i] for i in layers],
                         states={i: cache.layers[i] for i in states} or None)
@@ -199,6 +209,8 @@ def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
     if prefill.softmax_scale is not None and len(prefill.softmax_scale) != L:
         raise fail(caller, "prefill.softmax_scale", f"one per layer ({L})", len(prefill.softmax_scale))
     for layer in range(L):
+        if cache.reads_layer(layer) is not None:  # (its storage is its source's, filled there)
+            continue
         k = prefill.keys[layer]
         args = spec.layer_args(layer, k.shape[2])
         args.pop("window")

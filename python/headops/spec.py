@@ -38,7 +38,7 @@ from ._args import (check_attention_shape, check_cache_options, check_compensati
                     of_layer)
 from ._model_attention import (attention_layer_indices, check_spec_in_cross_attention_layers,
                                check_spec_in_sliding_layers, config_of, encoder_decoder_layers, layer_kinds,
-                               head_dims, kv_head_counts, sliding_windows, uniform_attribute)
+                               head_dims, kv_head_counts, kv_sources, sliding_windows, uniform_attribute)
 
 __all__ = ["HeadSpec"]
 
@@ -206,11 +206,15 @@ class HeadSpec:
 
     @classmethod
     def streaming(cls, model_or_config, heads: dict, *, window: int, sinks: int = 4) -> "HeadSpec":
-        """The given KV heads ({layer: [KV heads]}) streaming (sinks + window), the rest full."""
+        """The given KV heads ({layer: [KV heads]}) streaming (sinks + window), the rest full. In a
+        model whose last layers read earlier layers' keys and values (Gemma 3n, Gemma 4's small
+        models), a KV head of such a layer is its source layer's: naming either makes both
+        streaming (every constructor gives those layers their source's cache rows)."""
         spec = cls.dense(model_or_config)
         heads = _check_heads(heads, "KV")
         spec._check_window_sinks(window, sinks)
         kinds = layer_kinds(model_or_config, spec.num_layers)
+        sources = kv_sources(model_or_config)
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
             if kinds[layer][0] == "cross":
@@ -218,8 +222,8 @@ class HeadSpec:
                                      "outputs: no window)", f"layer {layer}, cross-attention layer {kinds[layer][1]}")
             for h in kv_heads:
                 spec._check_kv_head("heads", layer, h)
-                spec._make_streaming(layer, h, window, sinks)
-        return spec
+                spec._make_streaming(sources.get(layer, layer), h, window, sinks)
+        return spec._share_kv_rows(sources)
 
     @classmethod
     def streaming_llm(cls, model_or_config, *, window: int, sinks: int = 4) -> "HeadSpec":
@@ -254,16 +258,18 @@ class HeadSpec:
                 grouped.setdefault(layer, []).append(h)
             retrieval_heads = grouped
         heads = _check_heads(retrieval_heads, "KV")
+        sources = kv_sources(model_or_config)  # (a layer reading another's keys: its retrieval heads keep the source's)
         full = set()
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
             for h in kv_heads:
                 spec._check_kv_head("retrieval_heads", layer, h)
-                full.add((layer, h))
+                full.add((sources.get(layer, layer), h))
         for layer, h in spec._kv_head_list():
             if (layer, h) not in full:
                 spec._make_streaming(layer, h, window, sinks)
                 spec.cache_compensation[layer][h] = "weighted" if weighted else "unweighted"
+        spec._share_kv_rows(sources)
         spec.cache_options = {"prefill": "full"}
         spec.validate()
         return spec
@@ -294,8 +300,10 @@ class HeadSpec:
             heads = {layer: range(spec.kv_heads(layer)) for layer in spec._budget_layers(model_or_config)}
         heads = _check_heads(heads, "KV")
         windows = sliding_windows(model_or_config, spec.num_layers)
+        sources = kv_sources(model_or_config)  # (a layer reading another's keys: its KV heads are the source's)
         for layer, kv_heads in heads.items():
             spec._check_layer(layer)
+            layer = sources.get(layer, layer)
             if windows[layer] is not None:
                 raise _fail("heads", f"layers without the model's sliding window (layer {layer} slides, window "
                                      f"{windows[layer]}: its KV heads keep the window, not a budget)", layer)
@@ -303,6 +311,7 @@ class HeadSpec:
                 spec._check_kv_head("heads", layer, h)
                 spec.cache_kind[layer][h] = "budget"
                 spec.cache_budget[layer][h] = int(budget)
+        spec._share_kv_rows(sources)
         spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
                                              observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
@@ -323,7 +332,8 @@ class HeadSpec:
         from .budgets import headkv_budgets
 
         spec = cls.dense(model_or_config)
-        kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool)
+        sources = kv_sources(model_or_config)
+        kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool, sources)
         layers = spec._budget_layers(model_or_config)  # (a sliding-window layer keeps its window)
         # one pool over every KV head of those layers
         budgets = headkv_budgets(torch.cat([kv_scores[layer] for layer in layers])[None], budget, beta)[0]
@@ -333,6 +343,7 @@ class HeadSpec:
         for layer, row in zip(layers, budgets.split([spec.kv_heads(layer) for layer in layers])):
             spec.cache_kind[layer] = ["budget"] * len(row)
             spec.cache_budget[layer] = row.tolist()
+        spec._share_kv_rows(sources)
         spec.cache_options = _budget_options("headkv", observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
         spec.validate()
@@ -371,6 +382,7 @@ class HeadSpec:
         for layer, b in zip(layers, budgets):
             spec.cache_kind[layer] = ["budget"] * spec.kv_heads(layer)
             spec.cache_budget[layer] = [b] * spec.kv_heads(layer)
+        spec._share_kv_rows(kv_sources(model_or_config))
         spec.cache_options = _budget_options(allocation, alpha=alpha if allocation == "adakv" else None,
                                              observation_window=observation_window, pool_kernel=pool_kernel,
                                              pooling=pooling, keep_observation_window=keep_observation_window)
@@ -418,20 +430,25 @@ class HeadSpec:
         pooled over each KV head's group by `pool` ("max" or "mean"; headops.head_scores). Give
         one of full_fraction (the top round(fraction * L * Hkv) KV heads full, equal scores in
         (layer, head) order) and threshold (KV heads scoring above it full, as DuoAttention's
-        gates)."""
+        gates). Where layers read another layer's keys and values (Gemma 3n, Gemma 4's small
+        models), a KV head scores the most of the layers reading it, the fraction counts the
+        layers that store keys, and the reading layers keep their source's rows."""
         from .head_scores import top_heads
 
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
-        kv_scores = spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool)
-        heads = spec._kv_head_list()
+        sources = kv_sources(model_or_config)  # (layers reading another's keys: ranked as their source's)
+        kv_scores = spec._kv_head_scores("headops.HeadSpec.from_scores", scores, pool, sources)
+        heads = [(layer, h) for layer, h in spec._kv_head_list() if layer not in sources]
         if (full_fraction is None) == (threshold is None):
             raise ValueError("headops.HeadSpec.from_scores: give one of full_fraction and threshold")
         if full_fraction is not None:
             if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
                     not 0.0 <= full_fraction <= 1.0:
                 raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
-            full = set(top_heads(kv_scores, round(full_fraction * len(heads))))
+            stored = [layer for layer in range(spec.num_layers) if layer not in sources]
+            full = {(stored[i], h) for i, h in top_heads([kv_scores[layer] for layer in stored],
+                                                         round(full_fraction * len(heads)))}
         else:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
                 raise _fail("threshold", "a number", repr(threshold))
@@ -439,12 +456,14 @@ class HeadSpec:
         for layer, h in heads:
             if (layer, h) not in full:
                 spec._make_streaming(layer, h, window, sinks)
-        return spec
+        return spec._share_kv_rows(sources)
 
-    def _kv_head_scores(self, caller, scores, pool) -> list:
+    def _kv_head_scores(self, caller, scores, pool, sources=None) -> list:
         """Per-head `scores` checked (a floating tensor [L, Hkv] or [L, Hq], free of NaN; [L, Hq]
         where the layers differ in KV heads) and pooled to one per KV head by `pool` over its group
-        of query heads: a list of each layer's [Hkv]."""
+        of query heads: a list of each layer's [Hkv]. Where layers read another layer's keys and
+        values (`sources`, {layer: source}), a source's KV head scores the most of its readers'
+        (its own included): the keys kept for one serve them all."""
         from .head_scores import POOLINGS, pool_kv_heads
 
         L, Hq, Hkv = self.num_layers, self.num_heads, self.num_kv_heads
@@ -459,7 +478,10 @@ class HeadSpec:
             raise _fail("scores", "free of NaN", "NaN")
         if pool not in POOLINGS:
             raise _fail("pool", f"one of {', '.join(POOLINGS)}", repr(pool))
-        return list(pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq else scores)
+        kv_scores = list(pool_kv_heads(scores, Hkv, pool) if scores.shape[1] == Hq else scores)
+        for layer, source in (sources or {}).items():
+            kv_scores[source] = torch.maximum(kv_scores[source], kv_scores[layer])
+        return kv_scores
 
     @staticmethod
     def _check_window_sinks(window, sinks):
@@ -475,6 +497,19 @@ class HeadSpec:
         self.sinks[layer, kv_head * group:(kv_head + 1) * group] = sinks
         self.cache_kind[layer][kv_head] = "streaming"
 
+    def _share_kv_rows(self, sources: dict) -> "HeadSpec":
+        """Each layer that reads another layer's keys and values (`sources`, {layer: source}:
+        headops._model_attention.kv_sources) given its source's cache rows: kinds, budgets,
+        compensation and its query heads' windows and sinks (a HeadSparseCache stores the keys
+        once, as the source keeps them, and refuses a spec whose rows differ). Returns self."""
+        for layer, source in sources.items():
+            self.window[layer] = self.window[source]
+            self.sinks[layer] = self.sinks[source]
+            self.cache_kind[layer] = list(self.cache_kind[source])
+            self.cache_budget[layer] = list(self.cache_budget[source])
+            self.cache_compensation[layer] = list(self.cache_compensation[source])
+        return self
+
     def _check_layer(self, layer):
         if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise _fail("layer", f"an int in [0, {self.num_layers})", repr(layer))
@@ -482,9 +517,10 @@ class HeadSpec:
     def _budget_layers(self, model_or_config) -> list:
         """The layers whose KV heads can be budget heads: those the model does not limit to a
         sliding window (in those, a KV head keeps the window, as transformers' cache and kvpress
-        do)."""
+        do), and that keep keys of their own (a layer reading another's has its source's budgets)."""
         windows = sliding_windows(model_or_config, self.num_layers)
-        layers = [layer for layer, window in enumerate(windows) if window is None]
+        sources = kv_sources(model_or_config)
+        layers = [layer for layer, window in enumerate(windows) if window is None and layer not in sources]
         if not layers:
             raise _fail("the model", "one with layers that see every earlier key (every layer of this one slides: "
                                      "its KV heads keep their windows, no budget heads)", f"windows {windows}")
