@@ -103,7 +103,8 @@ def test_reading_layers_attend_over_what_their_source_keeps():
     """Budget heads evict by attention: at every decode step a reading layer's output is attention
     over exactly the tokens its source's budget heads keep then (the reference over their kept keys
     and values), and after the prompt over the whole prompt (transformers passes only its last
-    query there)."""
+    query there); its calls change nothing in the storage (their attention adds no mass to what
+    the source's heads evict by)."""
     model = shared_gemma4()
     spec = headops.HeadSpec.budget(model, budget=12)
     assert [spec.cache_budget[layer] for layer in (1, 3, 5, 7)] == [[12, 12]] * 4
@@ -114,8 +115,14 @@ def test_reading_layers_attend_over_what_their_source_keeps():
     attend_shared = headops.HeadSparseCache._attend_shared
 
     def checked(self, caller, layer, q, k, v, causal, per_head, probe):
-        out, stats = attend_shared(self, caller, layer, q, k, v, causal, per_head, probe)
         st = self._layers[layer]
+        def state():
+            return [t.clone() for t in (st.lengths, st.ring_k, st.slot_pos, st.slot_mass) if t is not None]
+
+        before = state()
+        out, stats = attend_shared(self, caller, layer, q, k, v, causal, per_head, probe)
+        # (it stores nothing: its attention adds no mass to what the source's budget heads evict by)
+        assert all(torch.equal(a, b) for a, b in zip(before, state()))
         prompt = st.prompt_just_stored
         scale = per_head["softmax_scale"]
         for b in range(q.shape[0]):
@@ -216,18 +223,47 @@ def test_refused_calls():
 def test_a_cache_from_a_dense_prefill():
     """capture_prefill records the stored layers' keys (a reading layer has its source's and no
     queries); HeadSparseCache.from_prefill fills those layers only, and the next tokens' logits are
-    those of a cache whose prompt ran full attention (prefill="full")."""
+    those of a cache whose prompt ran full attention (prefill="full"), also for a question of 3
+    tokens in one call where transformers passes the reading layers its last query only (the
+    evaluation harness's question-aware flow)."""
     model = shared_gemma4()
     ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     prefill = headops.capture_prefill(model, ids, observation_window=8)
     assert prefill.queries[5] is None and prefill.keys[5] is prefill.keys[3]
     for spec in (headops.HeadSpec.budget(model, budget=12), headops.HeadSpec.razor(model, {1: [0]}, window=4)):
-        built = headops.HeadSparseCache.from_prefill(model, spec, prefill)
-        ran = headops.HeadSparseCache(model, spec, prefill="full")
+        built = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=3)
+        ran = headops.HeadSparseCache(model, spec, prefill="full", max_step=3)
         headops.patch(model, spec)
         with torch.no_grad():
             model(ids, cache=ran)
+            question = torch.randint(3, 97, (2, 3), generator=torch.Generator().manual_seed(5))
+            last = model(question, cache=built, logits_to_keep=1).logits
+            torch.testing.assert_close(last, model(question, cache=ran).logits[:, -1:], atol=1e-5, rtol=1e-5)
             step = torch.randint(3, 97, (2, 1), generator=torch.Generator().manual_seed(4))
             torch.testing.assert_close(model(step, cache=built).logits, model(step, cache=ran).logits,
                                        atol=1e-5, rtol=1e-5)
         assert built.nbytes() == ran.nbytes() and math.isclose(built.ideal_nbytes(), ran.ideal_nbytes())
+
+
+def test_the_evaluation_harness_runs_every_method_family():
+    """headops.evaluate on the model: the dense method answers as transformers' own generate, and
+    every family of the standard grid (StreamingLLM, DuoAttention and RazorAttention splits from
+    scores, SnapKV, AdaKV, PyramidKV, HeadKV, question-aware too) runs, holding at most the bytes
+    of a dense cache of the storing layers (which the dense bytes count)."""
+    from headops import evaluate as harness
+    from headops import tasks
+    from headops.testing import CharTokenizer
+
+    model, tok = shared_gemma4(), CharTokenizer()
+    samples = [tasks.make_sample(tok, "passkey", 300, depth, seed) for seed, depth in enumerate((0.2, 0.8))]
+    methods = harness.standard_methods(["r"], budgets=(24,), windows=(16,), fractions=(0.5,))
+    rows = harness.evaluate(model, tok, samples, methods, scores={"r": torch.rand(8, 4)}, batch_size=2,
+                            max_new_tokens=6, show_progress=False)
+    assert len(rows) == len(samples) * len(methods)
+    for s in samples:
+        want = tok.decode(tasks.until_eos(model, tasks.generate(model, s.ids[None], 6)[0]), skip_special_tokens=True)
+        assert next(r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed)["answer"] == want
+    per_token = 2 * 4 * sum(2 * d for d in (16, 32, 16, 32))  # (K and V of the 4 storing layers, float32)
+    for r in rows:
+        assert int(r["ideal_bytes"]) <= int(r["dense_bytes"]), r["method"]
+        assert int(r["dense_bytes"]) % per_token == 0 and 300 <= int(r["dense_bytes"]) // per_token <= 306

@@ -101,6 +101,7 @@ class LayerStorage:
         self.full_k, self.full_v = [], []  # segments [B, Hf, n, D]
         self.full_capacity = 0  # tokens the segments hold, summed
         self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = None
+        self._scratch_mass = None  # (budget_args(scored=False))
 
     def _lay_out_rings(self, sizes) -> None:
         """The streaming storage's layout for rings of `sizes` slots: each streaming head's sinks
@@ -194,6 +195,7 @@ class LayerStorage:
     def release(self) -> None:
         """Back to no storage (a first call that could not allocate every layer changes nothing)."""
         self.ring_k = self.ring_v = self.slot_pos = self.slot_mass = self.budget_table = None
+        self._scratch_mass = None
         self.comp_k = self.comp_v = self.comp_n = None
         self.lengths = torch.zeros(0, dtype=torch.int64)
         self.held = []
@@ -308,13 +310,21 @@ class LayerStorage:
         self.full_v.append(torch.empty(B, self.full_heads, n, self.D, dtype=dtype, device=device))
         self.full_capacity += n
 
-    def budget_args(self, rows=None):
-        """The budget heads' arguments of the ops, of every row or of `rows` (a slice)."""
+    def budget_args(self, rows=None, scored=True):
+        """The budget heads' arguments of the ops, of every row or of `rows` (a slice). `scored`
+        False: the attention mass a decode call adds goes to a scratch tensor, not to the masses
+        eviction reads (the layers reading this storage: its own heads' attention decides)."""
         if self.budget_table is None:
             return None, None, None
+        mass = self.slot_mass
+        if not scored:
+            if self._scratch_mass is None or self._scratch_mass.shape != mass.shape or \
+                    self._scratch_mass.device != mass.device:
+                self._scratch_mass = torch.zeros_like(mass)
+            mass = self._scratch_mass
         if rows is None:
-            return self.budget_table, self.slot_pos, self.slot_mass
-        return self.budget_table[rows], self.slot_pos[rows], self.slot_mass[rows]
+            return self.budget_table, self.slot_pos, mass
+        return self.budget_table[rows], self.slot_pos[rows], mass[rows]
 
     def comp_args(self, rows=None):
         """The compensated heads' arguments of the ops, of every row or of `rows` (a slice)."""

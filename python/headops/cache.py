@@ -933,6 +933,8 @@ class HeadSparseCache(_CacheBase):
         Sq = k.shape[1]
         if store:
             self._check_room(caller, st, Sq)
+        elif q.shape[1] <= Sq:  # (transformers may pass a reading layer only the last queries: those giving logits)
+            Sq = q.shape[1]
         if q.shape[1] != Sq:
             raise fail(caller, "q", f"as many new tokens as k ({Sq})", q.shape[1])
         if per_head.get("key_bias") is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -962,7 +964,7 @@ class HeadSparseCache(_CacheBase):
         return torch.ops.headops.decode_attention.default(
             q, st.full_k, st.full_v, st.ring_k, st.ring_v, st.lengths, st.kv_kind, st.kv_index, st.ring_offset,
             st.ring_sinks, st.ring_size, causal, *kernel_args, _split_keys(self.split_keys, st, q.device),
-            *st.budget_args(), *st.comp_args()), stats
+            *st.budget_args(scored=store), *st.comp_args()), stats
 
     def _decode_in_steps(self, caller, layer, q, k, v, causal, per_head, probe, keys):
         """A decode call of more than max_step new tokens (a second turn's prompt, a question after a
