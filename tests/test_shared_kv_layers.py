@@ -267,3 +267,32 @@ def test_the_evaluation_harness_runs_every_method_family():
     for r in rows:
         assert int(r["ideal_bytes"]) <= int(r["dense_bytes"]), r["method"]
         assert int(r["dense_bytes"]) % per_token == 0 and 300 <= int(r["dense_bytes"]) // per_token <= 306
+
+
+def tiny_gemma3n():
+    """A small random Gemma 3n (AltUp, LAuReL, per-layer inputs): 6 layers alternating sliding
+    (window 8) and full attention, the last 2 reading layers 2 and 3's keys and values."""
+    cfg = transformers.Gemma3nTextConfig(
+        vocab_size=97, vocab_size_per_layer_input=97, hidden_size=64, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=2,
+        laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 6, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_gemma3n_generates_through_the_cache():
+    """Gemma 3n (its last layers read layers 2 and 3's keys and values): a dense spec's cache
+    generates the model's logits, StreamingLLM's what recomputing the whole sequence gives."""
+    model = tiny_gemma3n()
+    assert headops._model_attention.kv_sources(model) == {4: 2, 5: 3}
+    ids, mask = left_padded_ids()
+    want = generate(model, ids, mask, None)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    assert_generated_alike(generate(model, ids, mask, headops.HeadSparseCache(model, spec)), want)
+    spec = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+    headops.set_spec(model, spec)
+    out = generate(model, ids, mask, headops.HeadSparseCache(model, spec))
+    torch.testing.assert_close(torch.stack(out.logits, 1), recomputed_logits(model, out, mask, ids.shape[1]),
+                               atol=2e-5, rtol=1e-5)
