@@ -165,6 +165,21 @@ def state_layers(model_or_config) -> dict:
             for layer, (kind, kwargs) in enumerate(zip(types, options)) if layer not in attending}
 
 
+def mixer_beside_attention(model_or_config) -> dict:
+    """{model layer: its mixer's number of convolution/recurrent states} for the layers that run
+    attention and a Mamba mixer side by side (config.layer_types "hybrid": Falcon-H1), whose states
+    share the layer's cache with the keys and values; {} for other models."""
+    cfg = config_of(model_or_config)
+    types = list(getattr(cfg, "layer_types", None) or ())
+    if "hybrid" not in types and "hybrid_sliding" not in types:
+        return {}
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    kinds, options = get_layer_types_and_kwargs(cfg)
+    return {layer: kwargs.get("number_of_states", 1) for layer, (kind, kwargs) in enumerate(zip(kinds, options))
+            if kind in ("hybrid", "hybrid_sliding")}
+
+
 def layer_kinds(model_or_config, num_layers: int) -> list:
     """Per spec layer, (kind, index in its stack): ("self", i) for a decoder-only or encoder-only
     model (i: the model's layer, which in a hybrid model skips the layers without softmax
@@ -253,9 +268,9 @@ LATENT_ATTENTION_CACHE = (
 
 
 HYBRID_CACHE = (
-    "headops.HeadSparseCache: this model's layers run attention and a Mamba mixer side by side (config."
-    "layer_types 'hybrid': Falcon-H1, Zamba), whose states share a cache layer; a patched model generates "
-    "through transformers' cache (HeadSparseCache holds hybrid models whose layers are one or the other)")
+    "headops.HeadSparseCache: this model's hybrid layers run one transformer block shared by several layers "
+    "beside their Mamba mixers (Zamba), not an attention of their own (HeadSparseCache holds Falcon-H1's "
+    "hybrid layers, and hybrid models whose layers are one or the other)")
 
 
 def kv_sources(model_or_config) -> dict:
@@ -298,8 +313,7 @@ def head_sparse_cache_refusal(model_or_config):
     if latent_attention(model_or_config):
         return LATENT_ATTENTION_CACHE
     cfg = config_of(model_or_config)
-    kinds = set(getattr(cfg, "layer_types", None) or ())
-    if kinds & {"hybrid", "hybrid_sliding"}:
+    if mixer_beside_attention(cfg) and getattr(cfg, "model_type", "").startswith("zamba"):
         return HYBRID_CACHE
     if len(kv_sources(cfg)) < _kv_sharing_modes(cfg).count("reuse"):  # (a reuse layer without a source)
         return SHARED_KV_CACHE

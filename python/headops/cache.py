@@ -49,6 +49,10 @@ try:  # the cache is a transformers.Cache when transformers is installed (model.
     from transformers.cache_utils import Cache as _CacheBase, CacheLayerMixin as _LayerBase
 except ImportError:  # pragma: no cover - transformers is optional
     _CacheBase, _LayerBase = object, object
+try:  # (a Mamba mixer's states beside attention in one layer: Falcon-H1)
+    from transformers.cache_utils import LinearAttentionLayer as _StatesLayer
+except ImportError:  # pragma: no cover - older transformers
+    _StatesLayer = None
 
 
 def _whole_cache_only(call: str):
@@ -100,17 +104,31 @@ class _TransformersLayer(_LayerBase):
     batch_select_indices = _whole_cache_only("batch_select_indices(indices)")
 
 
+if _StatesLayer is not None:
+    class _MixerAndAttentionLayer(_StatesLayer, _TransformersLayer):
+        """transformers' view of a layer running attention beside a Mamba mixer (layer type
+        "hybrid": Falcon-H1): the mixer's convolution and recurrent states as transformers'
+        LinearAttentionLayer holds them (reset, reorder_cache, crop: theirs), the attention's
+        storage as _TransformersLayer's (the cache moves its rows with every other storage's)."""
+
+        def __init__(self, layer: LayerStorage, number_of_states: int = 1):
+            _TransformersLayer.__init__(self, layer)
+            _StatesLayer.__init__(self, number_of_states=number_of_states)
+
+
 def _transformers_layers(model_or_config, storages):
     """transformers' view of the cache, a layer per model layer, and which model layer each storage
-    (spec layer) is: each softmax-attention layer's storage as a _TransformersLayer and, in a hybrid
-    model, the other layers' states as transformers' DynamicCache holds them
-    (_model_attention.state_layers). ([layers], {model layer: storage index} or None for a model
-    whose every layer attends)."""
-    from ._model_attention import state_layers
+    (spec layer) is: each softmax-attention layer's storage as a _TransformersLayer (with its Mamba
+    mixer's states where the layer runs both: _MixerAndAttentionLayer) and, in a hybrid model, the
+    other layers' states as transformers' DynamicCache holds them (_model_attention.state_layers).
+    ([layers], {model layer: storage index} or None for a model whose every layer attends)."""
+    from ._model_attention import mixer_beside_attention, state_layers
 
     states = {} if model_or_config is None else state_layers(model_or_config)
     if not states:
-        return [_TransformersLayer(st) for st in storages], None
+        mixers = {} if model_or_config is None else mixer_beside_attention(model_or_config)
+        return [_MixerAndAttentionLayer(st, mixers[i]) if i in mixers else _TransformersLayer(st)
+                for i, st in enumerate(storages)], None
     attending = [layer for layer in range(len(storages) + len(states)) if layer not in states]
     storage_of = {layer: i for i, layer in enumerate(attending)}
     layers = [states[layer] if layer in states else _TransformersLayer(storages[storage_of[layer]])
@@ -122,7 +140,7 @@ def _linear_layer_states(name: str):
     """transformers' Cache method `name` for a hybrid model's linear-attention and Mamba layers'
     states (which a HeadSparseCache made from the model holds as transformers' own cache does)."""
     def call(self, *args, **kwargs):
-        if self._storage_of is None:
+        if not self._linear_layers():
             raise NotImplementedError(
                 f"headops.HeadSparseCache.{name}: a hybrid model's linear-attention or Mamba layer asks for its "
                 "states, which this cache does not hold: make it from the model, HeadSparseCache(model, spec)")
@@ -358,10 +376,9 @@ class HeadSparseCache(_CacheBase):
     has_previous_state = _linear_layer_states("has_previous_state")
 
     def _linear_layers(self) -> list:
-        """A hybrid model's layers without attention (transformers' layers of their states)."""
-        if self._storage_of is None:
-            return []
-        return [layer for i, layer in enumerate(self.layers) if i not in self._storage_of]
+        """A hybrid model's layers with states: those without attention and those running a Mamba
+        mixer beside it (transformers' layers of their states)."""
+        return [layer for layer in getattr(self, "layers", ()) if type(layer) is not _TransformersLayer]
 
     # ------------------------------------------------------------------------------------ state
 

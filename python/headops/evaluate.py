@@ -386,11 +386,15 @@ def prompt_prefill(model, ids, context_end: int, observation_window: int) -> dic
     methods), True: the whole prompt but its last token (question-aware ones)}, each with its last
     `observation_window` queries (fewer where the part is shorter). One capture over the prompt
     serves both (``DensePrefill.prefix``), so a method's cache does not depend on which other
-    methods share the prefill."""
+    methods share the prefill; a hybrid model's recurrent states after the prompt hold no
+    context's, so its context is captured again, alone."""
     prompt_end = ids.shape[1] - 1
     with torch.no_grad():
         whole = capture_prefill(model, ids[:, :prompt_end],
                                 observation_window=min(prompt_end, observation_window + prompt_end - context_end))
+        if whole.states:
+            return {False: capture_prefill(model, ids[:, :context_end],
+                                           observation_window=min(observation_window, context_end)), True: whole}
     return {False: whole.prefix(context_end, min(observation_window, context_end)), True: whole}
 
 

@@ -44,7 +44,8 @@ class DensePrefill:
       lengths: valid tokens per row (right padding), or None: every row is S long;
       softmax_scale: the model's scale per layer (None: 1 / sqrt(D));
       states: a hybrid model's other layers after the prompt, {model layer: transformers' cache
-          layer of its convolution and recurrent states}, or None (every layer attends).
+          layer of its convolution and recurrent states} (and of the Mamba mixers that run beside
+          attention in one layer: Falcon-H1's), or None (every layer attends, without a mixer).
     """
     keys: list
     values: list
@@ -104,10 +105,10 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     `attention_mask` ``[B, S]`` (1 real, 0 padding) must be right padding: each row's tokens
     first. The model's attention implementation (and spec, if patched) is restored afterwards."""
     from transformers import AttentionInterface, DynamicCache
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionAndFullAttentionLayer
     from transformers.masking_utils import AttentionMaskInterface
 
-    from ._model_attention import attention_layer_indices, config_of, kv_sources, state_layers
+    from ._model_attention import attention_layer_indices, config_of, kv_sources, mixer_beside_attention, state_layers
     from .patching import _headops_attention, _headops_mask
     from .research import with_spec
     from .spec import HeadSpec
@@ -157,9 +158,11 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     # a cache of every key in every layer: the model's own would keep only the window's keys in
     # its sliding-window layers (the head-sparse cache takes from the whole prompt what it keeps)
     # (a hybrid model's other layers: their states' layers, as its own cache has them)
-    states = state_layers(model)
-    cache = DynamicCache() if not states else Cache(layers=[
-        states[i] if i in states else DynamicLayer() for i in range(config_of(model).num_hidden_layers)])
+    # (and the Mamba mixers' states beside attention in one layer: Falcon-H1's, every key kept there too)
+    states, mixers = state_layers(model), mixer_beside_attention(model)
+    cache = DynamicCache() if not states and not mixers else Cache(layers=[
+        states[i] if i in states else LinearAttentionAndFullAttentionLayer(mixers[i]) if i in mixers else DynamicLayer()
+        for i in range(config_of(model).num_hidden_layers)])
     with with_spec(model, HeadSpec.dense(model)):  # (patched for the call, or its spec set aside)
         patched = model.config._attn_implementation
         model.set_attn_implementation(CAPTURE)
@@ -176,13 +179,38 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     return DensePrefill(keys=[cache.layers[i].keys for i in stored], values=[cache.layers[i].values for i in stored],
                         queries=[queries[i] for i in layers], lengths=lengths,
                         softmax_scale=[scales[i] for i in layers],
-                        states={i: cache.layers[i] for i in states} or None)
+                        states={**{i: cache.layers[i] for i in states},
+                                **{i: _mixer_states(cache.layers[i]) for i in mixers}} or None)
 
 
-def _give_states(caller, cache, prefill: DensePrefill) -> None:
+def _mixer_states(layer):
+    """The convolution and recurrent states of a layer running attention beside a Mamba mixer, as a
+    transformers LinearAttentionLayer of their own (without the layer's keys and values)."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    states = LinearAttentionLayer(number_of_states=layer.number_of_states)
+    _copy_mixer_states(layer, states)
+    return states
+
+
+def _copy_mixer_states(src, dst) -> None:
+    """`dst`'s Mamba mixer states become copies of `src`'s (both transformers LinearAttention layers)."""
+    for name in ("conv_states", "recurrent_states"):
+        setattr(dst, name, {i: None if t is None else t.clone() for i, t in getattr(src, name).items()})
+    for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
+                 "conv_kernel_size"):
+        setattr(dst, name, dict(getattr(src, name)))
+    dst.device, dst.dtype = src.device, src.dtype
+
+
+def _give_states(caller, model_or_config, cache, prefill: DensePrefill) -> None:
     """A hybrid model's cache built from a prefill gets copies of the prompt's states in its other
     layers (each cache its own: several are built from one prefill)."""
-    wanted = [] if cache._storage_of is None else [i for i in range(len(cache.layers)) if i not in cache._storage_of]
+    from ._model_attention import mixer_beside_attention
+
+    mixers = mixer_beside_attention(model_or_config)
+    wanted = sorted(mixers) if cache._storage_of is None else [i for i in range(len(cache.layers))
+                                                               if i not in cache._storage_of]
     if not wanted:
         return
     if not prefill.states or sorted(prefill.states) != wanted:
@@ -192,7 +220,10 @@ def _give_states(caller, cache, prefill: DensePrefill) -> None:
         raise NotImplementedError(f"{caller}: a right-padded prefill of a hybrid model: its recurrent states ran over "
                                   "the padding; capture each row alone, or rows of one length")
     for i in wanted:
-        cache.layers[i] = copy.deepcopy(prefill.states[i])
+        if i in mixers:  # (a layer of attention and a Mamba mixer: the cache's own layer gets the states)
+            _copy_mixer_states(prefill.states[i], cache.layers[i])
+        else:
+            cache.layers[i] = copy.deepcopy(prefill.states[i])
 
 
 def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
@@ -202,7 +233,7 @@ def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
         raise TypeError(f"{caller}: prefill must be a headops.DensePrefill, got {type(prefill).__name__}")
     cache = cls(model_or_config, spec, **options)
     L = cache.num_layers
-    _give_states(caller, cache, prefill)
+    _give_states(caller, model_or_config, cache, prefill)
     for name in ("keys", "values") + (() if prefill.queries is None else ("queries",)):
         if len(getattr(prefill, name)) != L:
             raise fail(caller, f"prefill.{name}", f"one tensor per layer ({L})", len(getattr(prefill, name)))

@@ -155,6 +155,18 @@ def tiny_hybrid(family: str = "qwen3_next"):
     return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
 
 
+def tiny_falcon_h1():
+    """(model, None): a small random Falcon-H1, whose 4 layers each run attention (4 query / 2 KV
+    heads, D = 16) beside a Mamba-2 mixer (config.layer_types "hybrid"); vocabulary 97."""
+    import transformers
+
+    cfg = transformers.FalconH1Config(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=1, mamba_d_conv=4, mamba_expand=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
+
+
 def tiny_per_layer_shapes(other_kv_heads: bool = True, **options):
     """(model, None): a small random Gemma 4, whose layers differ in attention shape: five sliding
     layers (window 8) of 4 query / 2 KV heads of 16 dims, then a full-attention layer of 32-dim
