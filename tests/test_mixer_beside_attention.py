@@ -93,3 +93,18 @@ def test_the_evaluation_harness_on_hybrid_models(make):
         want = tok.decode(tasks.until_eos(model, tasks.generate(model, s.ids[None], 6)[0]), skip_special_tokens=True)
         assert next(r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed)["answer"] == want
     assert all(int(r["ideal_bytes"]) <= int(r["dense_bytes"]) for r in rows)
+
+
+def test_zamba_is_refused_by_name():
+    """Zamba's hybrid layers run one transformer block shared by several layers beside their Mamba
+    mixers: patch finds no attention module of each layer's own, and a HeadSparseCache says why."""
+    cfg = transformers.Zamba2Config(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=4, attention_head_dim=16,
+                                    mamba_d_state=8, mamba_headdim=16, n_mamba_heads=4, mamba_ngroups=1,
+                                    layers_block_type=["mamba", "hybrid"] * 2, pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    spec = headops.HeadSpec.dense(model)
+    with pytest.raises(NotImplementedError, match="found 0 attention modules with a layer_idx in Zamba2ForCausalLM"):
+        headops.patch(model, spec)
+    with pytest.raises(NotImplementedError, match=r"one transformer block shared by several layers .* \(Zamba\)"):
+        headops.HeadSparseCache(model, spec)
