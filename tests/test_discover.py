@@ -109,6 +109,45 @@ def test_retrieval_scores_equal_the_formula_on_eager_patterns_and_find_the_plant
     assert strict.info["counted"] == 0 and bool((strict.values == 0).all())
 
 
+def recomputed_top_positions(model, samples):
+    """Per sample, each layer's and head's most attended position [L, H, steps] at each step of
+    transformers' own greedy decoding, from eager patterns recomputed without a cache over the
+    whole sequence so far (where a model's cache drops keys past a sliding window, or layers read
+    another layer's keys, patterns through a cache would not index positions)."""
+    tops = []
+    for s in samples:
+        answer = tasks.until_eos(model, tasks.generate(model, s.ids[None], s.answer_tokens() + 4)[0]).tolist()
+        sequence = s.ids.tolist() + answer
+        steps = []
+        for step in range(len(answer)):
+            with torch.no_grad():
+                out = model(torch.tensor([sequence[:len(s.ids) + step]]), use_cache=False, output_attentions=True)
+            steps.append(torch.stack([a[0, :, -1].argmax(dim=-1) for a in out.attentions]))
+        tops.append(torch.stack(steps, -1))
+    return tops
+
+
+def test_retrieval_scores_on_sliding_windows_and_layers_reading_others_keys(monkeypatch):
+    """A Gemma 4 with sliding-window layers and layers reading earlier layers' keys (float64): the
+    top-1 positions the scores are computed from equal eager patterns' recomputed over each step's
+    whole sequence (before 2026-12-07 the probes were refused there: transformers' cache keeps
+    only the window's keys, so the decoding now runs through a dense HeadSparseCache, whose probes
+    name kept positions)."""
+    from headops.testing import tiny_per_layer_shapes
+
+    model = tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
+                                  layer_types=["sliding_attention", "full_attention"] * 4)[0].double()
+    samples = [tasks.make_sample(TOK, "niah_single", 400, depth, seed) for seed, depth in enumerate((0.1, 0.9))]
+    expected = recomputed_top_positions(eager(model), samples)
+    seen, copy_scores = [], discover.copy_scores
+    monkeypatch.setattr(discover, "copy_scores", lambda top1, *rest: seen.append(top1) or copy_scores(top1, *rest))
+    result = discover.retrieval_scores(model, samples, min_recall=0.0, batch_size=1)
+    assert result.info["counted"] == len(samples) and len(seen) == len(samples)
+    for got, want in zip(seen, expected):
+        assert torch.equal(got, want)
+    assert all(int(t[layer].min()) >= len(s.ids) - 8 for t, s in zip(seen, samples) for layer in (0, 2, 4, 6))
+
+
 def test_retrieval_grid_is_a_niah_grid_with_one_needle_per_seed():
     samples = discover.retrieval_samples(TOK, lengths=[400, 500], depths=[0.0, 1.0], needles=3)
     assert len(samples) == 12 and {s.task for s in samples} == {"niah_single"}

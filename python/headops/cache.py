@@ -823,10 +823,11 @@ class HeadSparseCache(_CacheBase):
         if self.options["prefill"] == "full":
             args = args._replace(window=self._model_window(st, args), sinks=None)
         request = self._probe_request(caller, st, q, args, probe, S)
-        if request is not None and Sq != S:
-            raise NotImplementedError(f"{caller}: probes of layer {layer} over {Sq} of the prompt's {S} queries: the "
-                                      "model passed only its last ones (run the probe over the whole prompt)")
         lengths = None if st.held == [S] * B else list(st.held)
+        if request is not None and Sq != S and lengths is not None:
+            raise NotImplementedError(f"{caller}: probes of layer {layer} over {Sq} of a padded prompt's {S} queries "
+                                      "(the model passed only its last ones): probe rows of one length, or run the "
+                                      "model over the whole prompt (logits_to_keep=0)")
         pads = list(st.pads)
         if request is None:
             return self._prompt_attention(q, k, v, lengths, pads, causal, args), None

@@ -31,6 +31,8 @@ import torch
 
 from . import tasks
 from ._distributed import map_items, sweep_group
+from ._model_attention import sliding_windows
+from .cache import HeadSparseCache
 from .probes import probe
 from .research import model_device, with_spec
 from .spec import HeadSpec
@@ -111,13 +113,17 @@ def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_r
         raise ValueError("headops.discover.retrieval_scores: samples must hold at least one prompt")
     L, Hq, _ = _shape(model)
     group = sweep_group(group, model, "headops.discover.retrieval_scores")
+    sliding = any(window is not None for window in sliding_windows(model, L))
 
     def tests_of(batch):
         """Each prompt's (needle recall, copy scores or None where the test does not count)."""
         ids = torch.stack([samples[i].ids for i in batch])
         budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
+        # (a model with sliding-window layers decodes through a dense HeadSparseCache: transformers'
+        # cache drops the keys past the window there, whose positions the probe could not name)
+        cache = HeadSparseCache(model, HeadSpec.dense(model)) if sliding else None
         with probe(model, topk=1) as recording:
-            new = tasks.generate(model, ids.to(model_device(model)), budget).cpu()
+            new = tasks.generate(model, ids.to(model_device(model)), budget, cache=cache).cpu()
         steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
         # [B, L, Hq, steps]: each step's last query row
         top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)

@@ -335,14 +335,16 @@ def exact_match(sample: Sample, text: str) -> bool:
 
 # ------------------------------------------------------------------------------ answering
 
-def generate(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding of a batch of equal-length prompts ids [B, T] with the model's own cache:
-    the new tokens [B, n] (n <= max_new_tokens; rows that ended are padded with EOS)."""
+def generate(model, ids: torch.Tensor, max_new_tokens: int, *, cache=None) -> torch.Tensor:
+    """Greedy decoding of a batch of equal-length prompts ids [B, T] with the model's own cache (or
+    `cache`, e.g. a headops.HeadSparseCache): the new tokens [B, n] (n <= max_new_tokens; rows that
+    ended are padded with EOS)."""
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    given = {} if cache is None else {"cache": cache}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=eos, top_p=None, top_k=None, temperature=None)
+                             pad_token_id=eos, top_p=None, top_k=None, temperature=None, **given)
     return out[:, ids.shape[1]:]
 
 
