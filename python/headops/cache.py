@@ -828,13 +828,9 @@ class HeadSparseCache(_CacheBase):
             raise NotImplementedError(f"{caller}: probes of layer {layer} over {Sq} of a padded prompt's {S} queries "
                                       "(the model passed only its last ones): probe rows of one length, or run the "
                                       "model over the whole prompt (logits_to_keep=0)")
-        pads = list(st.pads)
         if request is None:
-            return self._prompt_attention(q, k, v, lengths, pads, causal, args), None
-        if any(pads):
-            q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
-        out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
-        return (_shift_rows(out, pads) if any(pads) else out), stats
+            return self._prompt_attention(q, k, v, lengths, st.pads, causal, args), None
+        return _probed_prompt(q, k, v, args, request, lengths, causal, st.pads)
 
     @staticmethod
     def _prompt_attention(q, k, v, lengths, pads, causal, args: HeadArgs):
@@ -886,11 +882,10 @@ class HeadSparseCache(_CacheBase):
         stats = None
         if request is None:
             out = self._prompt_attention(q, k, v, lengths, pads, causal, args)
-        if any(pads):  # each row's tokens first (right padding)
+        else:  # every row's attention, then the cache changes
+            out, stats = _probed_prompt(q, k, v, args, request, lengths, causal, pads)
+        if any(pads):  # each row's tokens first (right padding), as the storage takes them
             q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
-        if request is not None:  # every row's attention, then the cache changes
-            out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
-            out = _shift_rows(out, pads) if any(pads) else out
         self._store_prompt(caller, st, k, v, lengths, causal, args, sizing,
                            (lambda b, n: q[b]) if lengths is None else (lambda b, n: q[b, :n]))
         st.pads = pads
@@ -1080,6 +1075,15 @@ def _check_device(caller, name, device: torch.device) -> None:
                          f"{count or 'no'} CUDA device{'' if count == 1 else 's'}")
     where = "CPU and CUDA" if getattr(_C, "cuda_compiled", False) else "CPU only in this build"
     raise ValueError(f"{caller}: {name} is on device {device}, which the cache does not support ({where})")
+
+
+def _probed_prompt(q, k, v, args: HeadArgs, request, lengths, causal, pads):
+    """(out, ProbeResult) of a prompt's attention with a probe: rows padded on the left (`pads`)
+    go to the probe with their tokens first, and their outputs come back in place."""
+    if any(pads):
+        q, k, v = (_shift_rows(t, [-p for p in pads]) for t in (q, k, v))
+    out, stats = _cache_probe.prefill(q, k, v, args, request, lengths, causal, pads)
+    return (_shift_rows(out, pads) if any(pads) else out), stats
 
 
 def _shift_rows(t, shifts):
