@@ -82,14 +82,14 @@ def _check_shared_rows(layout: CacheLayout) -> None:
     for layer, source in layout.kv_sources.items():
         rows = (("cache_kind", layout.kinds), ("window", layout.windows), ("sinks", layout.sinks),
                 ("cache_budget", layout.budgets), ("cache_compensation", layout.compensation))
-        differ = [name for name, per_layer in rows if per_layer[layer] != per_layer[source]]
+        differ = {name: (per_layer[layer], per_layer[source]) for name, per_layer in rows
+                  if per_layer[layer] != per_layer[source]}
         if differ:
-            raise fail(CALLER, "the spec", f"the same in layer {layer} as in layer {source} ({', '.join(differ)}): layer {layer} "
-                                           f"reads layer {source}'s keys and values (the model's num_kv_shared_layers), "
-                                           "stored once, as that layer keeps them (HeadSpec's constructors, given the "
-                                           "model, make the rows so)",
-                       "; ".join(f"{name} {per_layer[layer]} and {per_layer[source]}" for name, per_layer in rows
-                                 if per_layer[layer] != per_layer[source]))
+            raise fail(CALLER, "the spec",
+                       f"the same in layer {layer} as in layer {source} ({', '.join(differ)}): layer {layer} reads "
+                       f"layer {source}'s keys and values (the model's num_kv_shared_layers), stored once, as that "
+                       "layer keeps them (HeadSpec's constructors, given the model, make the rows so)",
+                       "; ".join(f"{name} {mine} and {theirs}" for name, (mine, theirs) in differ.items()))
 
 
 def from_keywords(*, num_layers, num_heads, num_kv_heads, head_dim, kinds, window, sinks, budget,
