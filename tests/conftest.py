@@ -470,3 +470,49 @@ def left_padded_ids():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     return ids, mask
+
+
+def assert_prefill_cache_decodes_as_the_model_filled_it(model, specs, prefill, ids, *, last_only=False):
+    """For each spec, a HeadSparseCache built from `prefill` (capture_prefill of `ids`) and one whose
+    prompt the patched model ran with prefill="full" give the same logits for a question of 3 tokens
+    in one call (`last_only`: passed with logits_to_keep=1, as generate does: its last token's),
+    then for one more token."""
+    import headops
+
+    g = torch.Generator().manual_seed(4)
+    for spec in specs:
+        built = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=3)
+        ran = headops.HeadSparseCache(model, spec, prefill="full", max_step=3)
+        headops.patch(model, spec)
+        with torch.no_grad():
+            model(ids, cache=ran)
+            question, step = torch.randint(3, 97, (2, 3), generator=g), torch.randint(3, 97, (2, 1), generator=g)
+            got = model(question, cache=built, **({"logits_to_keep": 1} if last_only else {})).logits
+            torch.testing.assert_close(got, model(question, cache=ran).logits[:, -got.shape[1]:], atol=1e-5,
+                                       rtol=1e-5)
+            torch.testing.assert_close(model(step, cache=built).logits, model(step, cache=ran).logits,
+                                       atol=1e-5, rtol=1e-5)
+        assert (built.nbytes(), built.ideal_nbytes()) == (ran.nbytes(), ran.ideal_nbytes())
+
+
+def evaluate_every_family(model, budget=48):
+    """headops.evaluate over two passkey prompts and every method family of the standard grid (scores
+    random); checks that the dense method answers as transformers' own generate. The rows."""
+    from headops import evaluate as harness
+    from headops import tasks
+    from headops.testing import CharTokenizer
+
+    import headops
+
+    tok = CharTokenizer()
+    samples = [tasks.make_sample(tok, "passkey", 300, depth, seed) for seed, depth in enumerate((0.2, 0.8))]
+    methods = harness.standard_methods(["r"], budgets=(budget,), windows=(16,), fractions=(0.5,))
+    spec = headops.HeadSpec.dense(model)
+    rows = harness.evaluate(model, tok, samples, methods, scores={"r": torch.rand(spec.num_layers, spec.num_heads)},
+                            batch_size=2, max_new_tokens=6, show_progress=False)
+    assert len(rows) == len(samples) * len(methods)
+    for s in samples:
+        want = tok.decode(tasks.until_eos(model, tasks.generate(model, s.ids[None], 6)[0]), skip_special_tokens=True)
+        assert next(r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed)["answer"] == want
+    assert all(int(r["ideal_bytes"]) <= int(r["dense_bytes"]) for r in rows)
+    return rows

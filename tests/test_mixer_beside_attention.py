@@ -10,7 +10,8 @@ import torch
 
 import headops
 
-from conftest import GENERATE_LOGITS, assert_generated_alike, left_padded_ids
+from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_prefill_cache_decodes_as_the_model_filled_it,
+                      evaluate_every_family, left_padded_ids)
 
 transformers = pytest.importorskip("transformers")
 from headops.testing import tiny_falcon_h1, tiny_hybrid  # noqa: E402
@@ -61,15 +62,8 @@ def test_a_cache_from_a_dense_prefill_carries_the_mixers_states():
     ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     prefill = headops.capture_prefill(model, ids, observation_window=8)
     assert sorted(prefill.states) == [0, 1, 2, 3] and not hasattr(prefill.states[1], "keys")  # (states only)
-    for spec in (headops.HeadSpec.budget(model, budget=12), headops.HeadSpec.razor(model, {1: [0]}, window=4)):
-        built = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=3)
-        ran = headops.HeadSparseCache(model, spec, prefill="full", max_step=3)
-        headops.patch(model, spec)
-        with torch.no_grad():
-            model(ids, cache=ran)
-            for step in (torch.randint(3, 97, (2, 3)), torch.randint(3, 97, (2, 1))):
-                torch.testing.assert_close(model(step, cache=built).logits, model(step, cache=ran).logits,
-                                           atol=1e-5, rtol=1e-5)
+    specs = (headops.HeadSpec.budget(model, budget=12), headops.HeadSpec.razor(model, {1: [0]}, window=4))
+    assert_prefill_cache_decodes_as_the_model_filled_it(model, specs, prefill, ids)
 
 
 @pytest.mark.parametrize("make", [tiny_falcon_h1, lambda: tiny_hybrid("qwen3_5")], ids=["falcon_h1", "qwen3_5"])
@@ -78,21 +72,7 @@ def test_the_evaluation_harness_on_hybrid_models(make):
     (before 2026-12-07 both failed: the query-agnostic methods cut the prompt's prefill at the
     context, which recurrent states cannot be; the context is now captured alone), and the dense
     method answers as transformers' own generate."""
-    from headops import evaluate as harness
-    from headops import tasks
-    from headops.testing import CharTokenizer
-
-    model, tok = make()[0], CharTokenizer()
-    samples = [tasks.make_sample(tok, "passkey", 300, depth, seed) for seed, depth in enumerate((0.2, 0.8))]
-    methods = harness.standard_methods(["r"], budgets=(48,), windows=(16,), fractions=(0.5,))
-    L = headops.HeadSpec.dense(model).num_layers
-    rows = harness.evaluate(model, tok, samples, methods, scores={"r": torch.rand(L, 4)}, batch_size=2,
-                            max_new_tokens=6, show_progress=False)
-    assert len(rows) == len(samples) * len(methods)
-    for s in samples:
-        want = tok.decode(tasks.until_eos(model, tasks.generate(model, s.ids[None], 6)[0]), skip_special_tokens=True)
-        assert next(r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed)["answer"] == want
-    assert all(int(r["ideal_bytes"]) <= int(r["dense_bytes"]) for r in rows)
+    evaluate_every_family(make()[0])
 
 
 def test_zamba_is_refused_by_name():

@@ -4,14 +4,13 @@ own. A HeadSparseCache gives it its source layer's storage (stored once: the byt
 that store), a spec's constructors give it its source's cache rows, and its attention reads what
 the source keeps: the prompt as given, then the kept tokens at each decode step."""
 
-import math
-
 import pytest
 import torch
 
 import headops
 
-from conftest import GENERATE_LOGITS, assert_generated_alike, left_padded_ids
+from conftest import (GENERATE_LOGITS, assert_generated_alike, assert_prefill_cache_decodes_as_the_model_filled_it,
+                      evaluate_every_family, left_padded_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -230,19 +229,8 @@ def test_a_cache_from_a_dense_prefill():
     ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     prefill = headops.capture_prefill(model, ids, observation_window=8)
     assert prefill.queries[5] is None and prefill.keys[5] is prefill.keys[3]
-    for spec in (headops.HeadSpec.budget(model, budget=12), headops.HeadSpec.razor(model, {1: [0]}, window=4)):
-        built = headops.HeadSparseCache.from_prefill(model, spec, prefill, max_step=3)
-        ran = headops.HeadSparseCache(model, spec, prefill="full", max_step=3)
-        headops.patch(model, spec)
-        with torch.no_grad():
-            model(ids, cache=ran)
-            question = torch.randint(3, 97, (2, 3), generator=torch.Generator().manual_seed(5))
-            last = model(question, cache=built, logits_to_keep=1).logits
-            torch.testing.assert_close(last, model(question, cache=ran).logits[:, -1:], atol=1e-5, rtol=1e-5)
-            step = torch.randint(3, 97, (2, 1), generator=torch.Generator().manual_seed(4))
-            torch.testing.assert_close(model(step, cache=built).logits, model(step, cache=ran).logits,
-                                       atol=1e-5, rtol=1e-5)
-        assert built.nbytes() == ran.nbytes() and math.isclose(built.ideal_nbytes(), ran.ideal_nbytes())
+    specs = (headops.HeadSpec.budget(model, budget=12), headops.HeadSpec.razor(model, {1: [0]}, window=4))
+    assert_prefill_cache_decodes_as_the_model_filled_it(model, specs, prefill, ids, last_only=True)
 
 
 def test_the_evaluation_harness_runs_every_method_family():
@@ -250,23 +238,10 @@ def test_the_evaluation_harness_runs_every_method_family():
     every family of the standard grid (StreamingLLM, DuoAttention and RazorAttention splits from
     scores, SnapKV, AdaKV, PyramidKV, HeadKV, question-aware too) runs, holding at most the bytes
     of a dense cache of the storing layers (which the dense bytes count)."""
-    from headops import evaluate as harness
-    from headops import tasks
-    from headops.testing import CharTokenizer
-
-    model, tok = shared_gemma4(), CharTokenizer()
-    samples = [tasks.make_sample(tok, "passkey", 300, depth, seed) for seed, depth in enumerate((0.2, 0.8))]
-    methods = harness.standard_methods(["r"], budgets=(24,), windows=(16,), fractions=(0.5,))
-    rows = harness.evaluate(model, tok, samples, methods, scores={"r": torch.rand(8, 4)}, batch_size=2,
-                            max_new_tokens=6, show_progress=False)
-    assert len(rows) == len(samples) * len(methods)
-    for s in samples:
-        want = tok.decode(tasks.until_eos(model, tasks.generate(model, s.ids[None], 6)[0]), skip_special_tokens=True)
-        assert next(r for r in rows if r["method"] == "dense" and int(r["seed"]) == s.seed)["answer"] == want
+    rows = evaluate_every_family(shared_gemma4(), budget=24)
     per_token = 2 * 4 * sum(2 * d for d in (16, 32, 16, 32))  # (K and V of the 4 storing layers, float32)
-    for r in rows:
-        assert int(r["ideal_bytes"]) <= int(r["dense_bytes"]), r["method"]
-        assert int(r["dense_bytes"]) % per_token == 0 and 300 <= int(r["dense_bytes"]) // per_token <= 306
+    assert all(int(r["dense_bytes"]) % per_token == 0 and 300 <= int(r["dense_bytes"]) // per_token <= 306
+               for r in rows)
 
 
 def tiny_gemma3n():
