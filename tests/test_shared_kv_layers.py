@@ -98,6 +98,22 @@ def test_streaming_caches_are_the_recomputation(method):
     torch.testing.assert_close(torch.stack(out.logits, 1), want, atol=2e-5, rtol=1e-5)
 
 
+def test_a_call_of_several_new_tokens_is_the_recomputation():
+    """A decode call of max_step new tokens after the prompt (a question): every one of their
+    logits is what recomputing the whole sequence gives, through streaming heads that the reading
+    layers read too (the rings hold max_step - 1 tokens more than the windows)."""
+    model = shared_gemma4()
+    spec = headops.HeadSpec.streaming_llm(model, window=4, sinks=2)
+    headops.patch(model, spec)
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(6))
+    cache = headops.HeadSparseCache(model, spec, max_step=5)
+    with torch.no_grad():
+        model(ids[:, :15], cache=cache)
+        got = model(ids[:, 15:], cache=cache).logits
+        want = model(ids, use_cache=False).logits[:, 15:]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
 def test_reading_layers_attend_over_what_their_source_keeps():
     """Budget heads evict by attention: at every decode step a reading layer's output is attention
     over exactly the tokens its source's budget heads keep then (the reference over their kept keys
