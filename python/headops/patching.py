@@ -333,7 +333,7 @@ def _attention_modules(model):
     causal), as _model_attention.layer_kinds lays them out."""
     if not isinstance(model, torch.nn.Module) or _model_attention.encoder_decoder_layers(model) is None:
         found = []
-        for _, m in model.named_modules():
+        for _, m in _language_model(model).named_modules():
             if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
                 found.append(m)
         if isinstance(model, torch.nn.Module) and _model_attention.is_hybrid(model):
@@ -348,6 +348,29 @@ def _attention_modules(model):
             kind = "encoder" if id(m) in in_encoder else "decoder" if m.is_causal else "cross"
             stacks[kind].append(m)
     return stacks["encoder"] + stacks["decoder"] + stacks["cross"]
+
+
+def _language_model(model):
+    """The module holding a model's text attention: a multimodal model's language model (Gemma 3,
+    3n and 4 as AutoModelForCausalLM loads them: their vision and audio towers have attention
+    modules of their own, which headops leaves as they are), else the model."""
+    text = _model_attention.config_of(model)
+    if not isinstance(model, torch.nn.Module) or text is getattr(model, "config", None):
+        return model
+    return next((m for m in model.modules() if getattr(m, "config", None) is text), model)
+
+
+def text_attention_implementation(model) -> str:
+    """The attention implementation of the model's text layers (a multimodal model's text config's)."""
+    return _model_attention.config_of(model)._attn_implementation
+
+
+def set_text_attention_implementation(model, implementation) -> None:
+    """Sets the attention implementation of the model's text layers only: a multimodal model's
+    vision and audio towers keep theirs (transformers' per-sub-config form)."""
+    text, top = _model_attention.config_of(model), model.config
+    key = next((k for k in getattr(top, "sub_configs", {}) if getattr(top, k, None) is text), None)
+    model.set_attn_implementation(implementation if text is top or key is None else {key: implementation})
 
 
 def attention_modules_of_patched(model, caller):
@@ -406,7 +429,7 @@ def patch(model, spec: HeadSpec):
         AttentionMaskInterface.register(IMPLEMENTATION, _headops_mask)
         _registered = True
     if not hasattr(model, "_headops_previous"):
-        model._headops_previous = model.config._attn_implementation
+        model._headops_previous = text_attention_implementation(model)
     model._headops_whole_spec, model._headops_shard = spec, shard
     _give_spec(modules, local)
     cache_refused = _model_attention.head_sparse_cache_refusal(model)
@@ -418,7 +441,7 @@ def patch(model, spec: HeadSpec):
         m._headops_cache_refused = cache_refused
         m._headops_hybrid = hybrid
         m._headops_reads_kv = layer in reading  # (its keys: another layer's, handed on by the model)
-    model.set_attn_implementation(IMPLEMENTATION)
+    set_text_attention_implementation(model, IMPLEMENTATION)
     return model
 
 
@@ -482,6 +505,6 @@ def unpatch(model):
                      "_headops_has_sinks", "_headops_reads_kv"):
             if hasattr(m, name):
                 delattr(m, name)
-    model.set_attn_implementation(previous)
+    set_text_attention_implementation(model, previous)
     del model._headops_previous, model._headops_whole_spec, model._headops_shard
     return model

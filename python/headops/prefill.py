@@ -109,7 +109,8 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
     from transformers.masking_utils import AttentionMaskInterface
 
     from ._model_attention import attention_layer_indices, config_of, kv_sources, mixer_beside_attention, state_layers
-    from .patching import _headops_attention, _headops_mask
+    from .patching import (_headops_attention, _headops_mask, set_text_attention_implementation,
+                           text_attention_implementation)
     from .research import with_spec
     from .spec import HeadSpec
 
@@ -164,13 +165,13 @@ def capture_prefill(model, input_ids, attention_mask=None, *, observation_window
         states[i] if i in states else LinearAttentionAndFullAttentionLayer(mixers[i]) if i in mixers else DynamicLayer()
         for i in range(config_of(model).num_hidden_layers)])
     with with_spec(model, HeadSpec.dense(model)):  # (patched for the call, or its spec set aside)
-        patched = model.config._attn_implementation
-        model.set_attn_implementation(CAPTURE)
+        patched = text_attention_implementation(model)
+        set_text_attention_implementation(model, CAPTURE)
         try:
             with torch.no_grad():
                 model(input_ids, attention_mask=attention_mask, use_cache=True, cache=cache, **last_only)
         finally:
-            model.set_attn_implementation(patched)
+            set_text_attention_implementation(model, patched)
     layers = attention_layer_indices(model)
     if sorted(queries) != layers:
         raise RuntimeError(f"{caller}: recorded the queries of layers {sorted(queries)}, expected {layers} (does "

@@ -167,6 +167,31 @@ def tiny_falcon_h1():
     return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
 
 
+def tiny_multimodal(family: str = "gemma4"):
+    """(model, None): a small random image-text model as AutoModelForCausalLM loads the released
+    checkpoints: "gemma4" (Gemma4ForConditionalGeneration: a vision and an audio tower beside a
+    language model of 4 layers alternating sliding and full attention, the last 2 reading layers 0
+    and 1's keys and values) or "gemma3" (Gemma3ForConditionalGeneration: a SigLIP vision tower
+    beside 4 such layers); 4 query / 2 KV heads, D = 16 (32 in Gemma 4's full layers)."""
+    import transformers
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=8, pad_token_id=0,
+                layer_types=["sliding_attention", "full_attention"] * 2)
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    if family == "gemma4":
+        cfg = transformers.Gemma4Config(
+            text_config=dict(text, vocab_size_per_layer_input=300, hidden_size_per_layer_input=8, global_head_dim=32,
+                             num_kv_shared_layers=2),
+            vision_config=dict(vision, num_key_value_heads=2, head_dim=16),
+            audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_proj_dims=32,
+                              subsampling_conv_channels=[8, 4]))
+    else:
+        cfg = transformers.Gemma3Config(text_config=text, vision_config=dict(vision, image_size=32, patch_size=8),
+                                        mm_tokens_per_image=4)
+    return _seeded(lambda: transformers.AutoModelForCausalLM.from_config(cfg).eval()), None
+
+
 def tiny_per_layer_shapes(other_kv_heads: bool = True, **options):
     """(model, None): a small random Gemma 4, whose layers differ in attention shape: five sliding
     layers (window 8) of 4 query / 2 KV heads of 16 dims, then a full-attention layer of 32-dim
