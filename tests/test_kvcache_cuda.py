@@ -648,19 +648,21 @@ def test_static_cache_compiled_in_one_graph_on_the_device_as_on_the_cpu():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["latent", "hybrid", "per_layer", "shared_kv", "falcon_h1"])
+@pytest.mark.parametrize("family", ["latent", "hybrid", "per_layer", "shared_kv", "falcon_h1", "gemma4_image_text"])
 def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
     """DeepSeek V3 (values of another head dim, padded on the device too), Qwen3.5 (Gated DeltaNet
     layers beside two attention layers) and Gemma 4 (layers of other head dims and KV heads; and a
     small one whose last 4 layers read layers 2 and 3's keys) and Falcon-H1 (attention beside a
-    Mamba-2 mixer in every layer) patched on the device against the
+    Mamba-2 mixer in every layer) and Gemma 4's image-text class (its language model patched, its
+    towers as they are) patched on the device against the
     same on the CPU: a left-padded batch's greedy tokens through transformers' cache (Qwen3.5,
     Gemma 4: and a HeadSparseCache), the loss and a gate gradient."""
     pytest.importorskip("transformers")
-    from headops.testing import tiny_falcon_h1, tiny_hybrid, tiny_latent_attention, tiny_per_layer_shapes
+    from headops.testing import (tiny_falcon_h1, tiny_hybrid, tiny_latent_attention, tiny_multimodal,
+                                 tiny_per_layer_shapes)
 
     make = {"latent": lambda: tiny_latent_attention("deepseek_v3"), "hybrid": lambda: tiny_hybrid("qwen3_5"),
-            "per_layer": tiny_per_layer_shapes, "falcon_h1": tiny_falcon_h1,
+            "per_layer": tiny_per_layer_shapes, "falcon_h1": tiny_falcon_h1, "gemma4_image_text": tiny_multimodal,
             "shared_kv": lambda: tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
                                                        layer_types=["sliding_attention", "full_attention"] * 4)}[family]
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(11))
@@ -668,8 +670,9 @@ def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
     mask[1, :3] = 0
     runs = {}
     for name, model in (("cpu", make()[0]), ("device", make()[0].to(CUDA))):
-        # (Gemma 4: its full-attention layer; the small one: layer 5 reads layer 3's keys, both streaming)
-        streaming = {5: [0]} if family in ("per_layer", "shared_kv") else {0: [1]}
+        # (Gemma 4: its full-attention layer; the small ones: layer 5 reads layer 3's keys, layer 3 layer 1's)
+        streaming = {5: [0]} if family in ("per_layer", "shared_kv") else {1: [0]} if family == "gemma4_image_text" \
+            else {0: [1]}
         spec = headops.HeadSpec.streaming(model, streaming, window=4, sinks=1).mask_heads({1: [2]})
         spec.gate = spec.gate.to(model.device).requires_grad_(True)
         headops.patch(model, spec)
