@@ -287,3 +287,18 @@ def test_gemma3n_generates_through_the_cache():
     out = generate(model, ids, mask, headops.HeadSparseCache(model, spec))
     torch.testing.assert_close(torch.stack(out.logits, 1), recomputed_logits(model, out, mask, ids.shape[1]),
                                atol=2e-5, rtol=1e-5)
+
+
+def test_a_reading_layer_that_cannot_find_the_cache_is_an_error_not_wrong_logits(monkeypatch):
+    """A reading layer finds the cache through the key tensors its source's update returned (the
+    model hands them on); were they copied on the way (another transformers), it would get the
+    step's new keys only, with a mask over every position, and attend to them alone: an error,
+    not silently wrong logits (a full-attention layer has no window that would have dropped keys)."""
+    model = shared_gemma4()
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    monkeypatch.setattr(headops.HeadSparseCache, "of_shared_keys", staticmethod(lambda key: None))
+    ids, mask = left_padded_ids()
+    with pytest.raises(RuntimeError, match=r"layer 5\): the mask covers 14 positions but the layer got 1 keys.*reads "
+                                           r"another layer's keys .* without the headops.HeadSparseCache"):
+        generate(model, ids, mask, headops.HeadSparseCache(model, spec), steps=2)

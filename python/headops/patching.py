@@ -157,6 +157,12 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if spec.softmax_scale is None and scaling is not None:
         args["softmax_scale"] = float(scaling)
     model_window = _keep_model_attention(layer, args, cache, dropout, kwargs)
+    if dropped > 0 and model_window is None:  # (only a sliding window lets a model's cache drop keys)
+        raise RuntimeError(
+            f"headops (layer {layer}): the mask covers {attention_mask.shape[-1]} positions but the layer got "
+            f"{key.shape[2]} keys, and it has no sliding window that would have dropped the others"
+            + (": it reads another layer's keys (num_kv_shared_layers), which came without the "
+               "headops.HeadSparseCache that holds them" if getattr(module, "_headops_reads_kv", False) else ""))
     # a cache holds a left-padded batch without its padding; otherwise the padding is masked by key_bias
     cache_args = None if padding is None or cache is None else _cache_padding(cache, layer, padding, key.shape[2])
     if cache is None and (padding is not None or dropped):
