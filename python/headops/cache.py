@@ -378,7 +378,13 @@ class HeadSparseCache(_CacheBase):
     def _linear_layers(self) -> list:
         """A hybrid model's layers with states: those without attention and those running a Mamba
         mixer beside it (transformers' layers of their states)."""
-        return [layer for layer in getattr(self, "layers", ()) if type(layer) is not _TransformersLayer]
+        return [layer for _, layer in self._state_layers()]
+
+    def _state_layers(self) -> list:
+        """(model layer, transformers' layer) of the layers with states (_linear_layers); a layer
+        that holds keys too (a Mamba mixer beside attention) is a _TransformersLayer."""
+        return [(i, layer) for i, layer in enumerate(getattr(self, "layers", ()))
+                if type(layer) is not _TransformersLayer]
 
     # ------------------------------------------------------------------------------------ state
 

@@ -204,14 +204,13 @@ def _copy_mixer_states(src, dst) -> None:
     dst.device, dst.dtype = src.device, src.dtype
 
 
-def _give_states(caller, model_or_config, cache, prefill: DensePrefill) -> None:
-    """A hybrid model's cache built from a prefill gets copies of the prompt's states in its other
-    layers (each cache its own: several are built from one prefill)."""
-    from ._model_attention import mixer_beside_attention
+def _give_states(caller, cache, prefill: DensePrefill) -> None:
+    """A hybrid model's cache built from a prefill gets copies of the prompt's states in its layers
+    that hold states (each cache its own: several are built from one prefill)."""
+    from .cache import _TransformersLayer
 
-    mixers = mixer_beside_attention(model_or_config)
-    wanted = sorted(mixers) if cache._storage_of is None else [i for i in range(len(cache.layers))
-                                                               if i not in cache._storage_of]
+    layers = dict(cache._state_layers())
+    wanted = sorted(layers)
     if not wanted:
         return
     if not prefill.states or sorted(prefill.states) != wanted:
@@ -221,7 +220,7 @@ def _give_states(caller, model_or_config, cache, prefill: DensePrefill) -> None:
         raise NotImplementedError(f"{caller}: a right-padded prefill of a hybrid model: its recurrent states ran over "
                                   "the padding; capture each row alone, or rows of one length")
     for i in wanted:
-        if i in mixers:  # (a layer of attention and a Mamba mixer: the cache's own layer gets the states)
+        if isinstance(layers[i], _TransformersLayer):  # (attention beside a Mamba mixer: its own layer gets them)
             _copy_mixer_states(prefill.states[i], cache.layers[i])
         else:
             cache.layers[i] = copy.deepcopy(prefill.states[i])
@@ -234,7 +233,7 @@ def build_cache(cls, model_or_config, spec, prefill: DensePrefill, **options):
         raise TypeError(f"{caller}: prefill must be a headops.DensePrefill, got {type(prefill).__name__}")
     cache = cls(model_or_config, spec, **options)
     L = cache.num_layers
-    _give_states(caller, model_or_config, cache, prefill)
+    _give_states(caller, cache, prefill)
     for name in ("keys", "values") + (() if prefill.queries is None else ("queries",)):
         if len(getattr(prefill, name)) != L:
             raise fail(caller, f"prefill.{name}", f"one tensor per layer ({L})", len(getattr(prefill, name)))
