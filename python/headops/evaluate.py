@@ -125,12 +125,13 @@ class Method:
         table = _named_scores(scores, p["scores"], self.name)
         if f == "duo":
             return HeadSpec.from_scores(model, table, full_fraction=p["full"], window=p["window"], sinks=p["sinks"])
-        if f == "razor":
-            from .head_scores import top_heads
+        if f == "razor":  # (retrieval heads: the top fraction, chosen as from_scores chooses its full heads)
+            from ._model_attention import kv_sources
 
-            dense = HeadSpec.dense(model)
-            keep = top_heads(dense._kv_head_scores(CALLER, table, "max"), round(p["full"] * len(dense._kv_head_list())))
-            return HeadSpec.razor(model, keep, window=p["window"], sinks=p["sinks"], weighted=bool(p["weighted"]))
+            dense, sources = HeadSpec.dense(model), kv_sources(model)
+            keep = dense._top_stored_kv_heads(dense._kv_head_scores(CALLER, table, "max", sources), sources, p["full"])
+            return HeadSpec.razor(model, sorted(keep), window=p["window"], sinks=p["sinks"],
+                                  weighted=bool(p["weighted"]))
         if f == "headkv":
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
                                    **_scoring_options(p))

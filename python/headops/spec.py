@@ -433,8 +433,6 @@ class HeadSpec:
         gates). Where layers read another layer's keys and values (Gemma 3n, Gemma 4's small
         models), a KV head scores the most of the layers reading it, the fraction counts the
         layers that store keys, and the reading layers keep their source's rows."""
-        from .head_scores import top_heads
-
         spec = cls.dense(model_or_config)
         spec._check_window_sinks(window, sinks)
         sources = kv_sources(model_or_config)  # (layers reading another's keys: ranked as their source's)
@@ -446,9 +444,7 @@ class HeadSpec:
             if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or \
                     not 0.0 <= full_fraction <= 1.0:
                 raise _fail("full_fraction", "a number in [0, 1]", repr(full_fraction))
-            stored = [layer for layer in range(spec.num_layers) if layer not in sources]
-            full = {(stored[i], h) for i, h in top_heads([kv_scores[layer] for layer in stored],
-                                                         round(full_fraction * len(heads)))}
+            full = spec._top_stored_kv_heads(kv_scores, sources, full_fraction)
         else:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
                 raise _fail("threshold", "a number", repr(threshold))
@@ -457,6 +453,16 @@ class HeadSpec:
             if (layer, h) not in full:
                 spec._make_streaming(layer, h, window, sinks)
         return spec._share_kv_rows(sources)
+
+    def _top_stored_kv_heads(self, kv_scores, sources, fraction) -> set:
+        """The top round(fraction x KV heads of the layers that store keys) (layer, KV head) by
+        `kv_scores` (_kv_head_scores with the same `sources`: the layers that read another's keys
+        are not ranked, their source scores for them), equal scores in (layer, head) order."""
+        from .head_scores import top_heads
+
+        stored = [layer for layer in range(self.num_layers) if layer not in sources]
+        count = round(fraction * sum(self.kv_heads(layer) for layer in stored))
+        return {(stored[i], h) for i, h in top_heads([kv_scores[layer] for layer in stored], count)}
 
     def _kv_head_scores(self, caller, scores, pool, sources=None) -> list:
         """Per-head `scores` checked (a floating tensor [L, Hkv] or [L, Hq], free of NaN; [L, Hq]
