@@ -4,8 +4,9 @@ then backward calls (the generic CUDA backward) with every gradient wanted.
 
     compute-sanitizer --tool memcheck python3 bench/cuda_sanitizer_case.py
     compute-sanitizer --tool racecheck python3 bench/cuda_sanitizer_case.py --small
-``--small``: one small call per kernel (tensor-core and generic forward, the skipped-heads and
-upload kernels, the backward, a cache's append and decode), for a
+``--small``: one small call per kernel (tensor-core and generic forward, the generic kernel's
+and the decode's wide variants for head dims past 256, the skipped-heads and upload kernels, the
+backward, a cache's append and decode), for a
 time-capped run (bench/gpu_suite.sh). Exits non-zero if an output is not finite where it must be.
 Run on an H200 (2026-12-04: 0 errors, 0 hazards, 0 synccheck errors).
 """
@@ -88,9 +89,12 @@ def small():
     outs.append(case(1, 130, 200, H, 2, 64, torch.bfloat16, **host))
     os.environ.pop("HEADOPS_CUDA_UPLOAD")
     outs.append(case(1, 40, 70, H, 1, 40, torch.float32, key_bias=torch.randn(H, 70), **host))
+    # the generic kernel's wide variant (D past 256: Gemma 4's 512)
+    outs.append(case(1, 20, 40, H, 2, 264, torch.float32, **host))
     grads = case(1, 33, 50, H, 2, 40, torch.float32, grad=True, window=9, sinks=2, sink_logit=torch.randn(H))
     bad = sum(int(not torch.isfinite(o).all()) for o in outs) + sum(int(not torch.isfinite(t).all()) for t in grads)
-    return bad + cache_case(dtypes=(torch.bfloat16,), dims=(64,))
+    # and the decode's (float32 at D = 264: the last lane's 64-byte slice of a value row)
+    return bad + cache_case(dtypes=(torch.bfloat16,), dims=(64,)) + cache_case(dtypes=(torch.float32,), dims=(264,))
 
 
 def main():

@@ -519,6 +519,18 @@ def test_alpha_d128_falls_back_to_generic_where_shared_memory_is_short():
     assert choice("bfloat16", 128, False, True, 7, 232448) == "generic"  # below sm_80
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("D", [264, 512])
+@pytest.mark.parametrize("features", [[], ALL + ["alpha"]], ids=["plain", "all+alpha"])
+def test_head_dims_past_256(features, D, dtype):
+    """Gemma 4's full-attention layers' head dim (512) and one just past 256: the generic kernel's
+    wide variant (16 output columns a lane; 161 KiB of shared memory at D = 512, opted in per
+    launch), over several key blocks, a GQA group and every per-head feature, as the reference."""
+    B, Sq, Sk, Hq, Hkv = 2, 37, 70, 4, 2
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    check_cuda(q, k, v, causal=True, **head_params(B, Hq, Sk, D, features))
+
+
 def test_gqa_head_mapping():
     B, S, Hq, Hkv, D = 1, 4, 8, 2, 64
     q, k, _ = make_qkv(B, S, S, Hq, Hkv, D, BF16)
@@ -598,6 +610,15 @@ def test_grads_float32(shape, features, causal, layout):
     B, Sq, Sk, Hq, Hkv, D = shape
     q, k, v = make_qkv(*shape, F32, layout)
     check_cuda_grads(q, k, v, causal=causal, layout=layout, **head_params(B, Hq, Sk, D, features))
+
+
+@pytest.mark.parametrize("features", [[], ALL + ["alpha"]], ids=["plain", "all+alpha"])
+def test_grads_head_dim_512(features):
+    """The backward at Gemma 4's full-attention head dim (its passes keep a row of D floats per warp
+    in shared memory) after the wide forward, against the reference."""
+    B, Sq, Sk, Hq, Hkv, D = 1, 21, 40, 4, 2, 512
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, F32)
+    check_cuda_grads(q, k, v, causal=True, **head_params(B, Hq, Sk, D, features))
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)

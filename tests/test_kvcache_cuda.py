@@ -179,6 +179,20 @@ def test_full_heads_head_dim_256():
              dtype=F32, names=("softmax_scale", "out_bias"))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+# 257: the lanes' 16-column slices reaching past D, bf16 rows (514 bytes) copied element by element;
+# 264 float32: a value row of 1056 bytes that the last lane's 64-byte slice needs rounded up to 1088
+@pytest.mark.parametrize("D", [257, 264, 512])
+def test_head_dims_past_256(dtype, D):
+    """Gemma 4's full-attention head dim (512) and dims just past 256: the wide instantiation (16
+    value columns a lane; float32 at D = 512: one warp a CTA), over full, streaming (compensated)
+    and budget KV heads, a step of 3 tokens and every per-head argument."""
+    run_pair(dict(kinds=["full", "streaming", "budget"], window=[-1, -1, 9, 9, -1, -1], sinks=[0, 1, 2, 2, 0, 0],
+                  compensation=[None, "weighted", None], budget=[None, None, 20], budget_recent=3, max_step=3,
+                  split_keys=32),
+             B=2, Hq=6, Hkv=3, D=D, S=45, steps=[1, 3, 1], dtype=dtype, names=ALL, gate_zero=4, seed=D)
+
+
 def test_large_gqa_group_walks_rows_in_chunks():
     """32 query heads on one KV head and 3 new tokens: 96 rows, six chunks of 16."""
     run_pair(dict(kinds="full", max_step=3, split_keys=64), B=1, Hq=32, Hkv=1, D=32, S=90, steps=[3, 1, 3],
@@ -648,13 +662,15 @@ def test_static_cache_compiled_in_one_graph_on_the_device_as_on_the_cpu():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["latent", "hybrid", "per_layer", "shared_kv", "falcon_h1", "gemma4_image_text"])
+@pytest.mark.parametrize("family", ["latent", "hybrid", "per_layer", "gemma4_head_dims", "shared_kv", "falcon_h1",
+                                    "gemma4_image_text"])
 def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
     """DeepSeek V3 (values of another head dim, padded on the device too), Qwen3.5 (Gated DeltaNet
     layers beside two attention layers) and Gemma 4 (layers of other head dims and KV heads; and a
     small one whose last 4 layers read layers 2 and 3's keys) and Falcon-H1 (attention beside a
     Mamba-2 mixer in every layer) and Gemma 4's image-text class (its language model patched, its
-    towers as they are) patched on the device against the
+    towers as they are), and Gemma 4 at its released head dims (256 in sliding layers, 512 in
+    full-attention ones: the CUDA kernels' wide variants) patched on the device against the
     same on the CPU: a left-padded batch's greedy tokens through transformers' cache (Qwen3.5,
     Gemma 4: and a HeadSparseCache), the loss and a gate gradient."""
     pytest.importorskip("transformers")
@@ -663,6 +679,7 @@ def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
 
     make = {"latent": lambda: tiny_latent_attention("deepseek_v3"), "hybrid": lambda: tiny_hybrid("qwen3_5"),
             "per_layer": tiny_per_layer_shapes, "falcon_h1": tiny_falcon_h1, "gemma4_image_text": tiny_multimodal,
+            "gemma4_head_dims": lambda: tiny_per_layer_shapes(head_dim=256, global_head_dim=512),
             "shared_kv": lambda: tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
                                                        layer_types=["sliding_attention", "full_attention"] * 4)}[family]
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(11))
@@ -671,7 +688,7 @@ def test_latent_attention_and_hybrid_models_on_the_device_as_on_the_cpu(family):
     runs = {}
     for name, model in (("cpu", make()[0]), ("device", make()[0].to(CUDA))):
         # (Gemma 4: its full-attention layer; the small ones: layer 5 reads layer 3's keys, layer 3 layer 1's)
-        streaming = {5: [0]} if family in ("per_layer", "shared_kv") else {1: [0]} if family == "gemma4_image_text" \
+        streaming = {5: [0]} if family in ("per_layer", "gemma4_head_dims", "shared_kv") else {1: [0]} if family == "gemma4_image_text" \
             else {0: [1]}
         spec = headops.HeadSpec.streaming(model, streaming, window=4, sinks=1).mask_heads({1: [2]})
         spec.gate = spec.gate.to(model.device).requires_grad_(True)

@@ -10,8 +10,10 @@
 //     (16-byte chunks, XOR-swizzled rows), S = Q K^T and O += P V by mma.sync m16n8k16 with
 //     float accumulators, fragments through ldmatrix (V with .trans); the probabilities go
 //     from the S accumulators to the A operand of P V in registers;
-//   * generic kernel (float32 and any D <= 256, or bf16/fp16 whose head dim or alignment the
-//     tensor-core kernel does not take): one CTA per item of 16 rows, plain FMA in float.
+//   * generic kernel (float32 and any D <= 512, or bf16/fp16 whose head dim or alignment the
+//     tensor-core kernel does not take): one CTA per item of 16 rows, plain FMA in float; a
+//     lane holds up to 8 output columns of a row (D <= 256) or 16 (D <= 512: Gemma 4's
+//     full-attention layers), two instantiations so that the common dims keep their registers.
 // Per item: the head's scalars (read_head), its branch plan (plan_branches) and the keys it
 // walks (tile_walk: the sinks range then the window range, or the causal range when alpha needs
 // the full branch) come from head_semantics.h; each row's visible ranges for each branch are
@@ -475,17 +477,20 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 }
 
 // ------------------------------------------------------------------------------------------
-// Generic kernel: float accumulation, plain FMA, any D <= 256.
+// Generic kernel: float accumulation, plain FMA, any D <= 512 (a lane's columns d = lane + 32 k,
+// k < kDimsPerLane: 8 up to D = 256, 16 up to 512).
 
 constexpr int kGenRowsPerWarp = kGenericBlockQ / (kGenericThreads / 32);  // 4
-constexpr int kGenMaxDimsPerLane = kGenericMaxHeadDim / 32;               // 8
+constexpr int kGenDimsPerLane = 8;                                          // D <= 256
+constexpr int kGenWideDimsPerLane = kGenericMaxHeadDim / 32;                // 16: D <= 512
 
+template <int kDimsPerLane>
 struct GenBranch {
-  float o[kGenRowsPerWarp][kGenMaxDimsPerLane];
+  float o[kGenRowsPerWarp][kDimsPerLane];
   OnlineSoftmax<float> row[kGenRowsPerWarp];  // natural units: the max same on every lane, this lane's part of the sum
 };
 
-template <typename T>
+template <typename T, int kDimsPerLane>
 __global__ void __launch_bounds__(kGenericThreads)
     generic_forward_kernel(const AttentionParams p, const WorkItem* __restrict__ items) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -517,17 +522,17 @@ __global__ void __launch_bounds__(kGenericThreads)
     sQ[idx] = r < nq ? TypeOps<T>::to_float(p.q.row<T>(b, q0 + r, h)[d]) : 0.f;
   }
 
-  GenBranch full, stream;
+  GenBranch<kDimsPerLane> full, stream;
 #pragma unroll
   for (int ri = 0; ri < kGenRowsPerWarp; ++ri) {
     full.row[ri] = stream.row[ri] = OnlineSoftmax<float>::start(hs.has_sink_logit, hs.sink_logit, lane == 0);
 #pragma unroll
-    for (int k = 0; k < kGenMaxDimsPerLane; ++k) full.o[ri][k] = stream.o[ri][k] = 0.f;
+    for (int k = 0; k < kDimsPerLane; ++k) full.o[ri][k] = stream.o[ri][k] = 0.f;
   }
   const int row0 = warp * kGenRowsPerWarp;
   const float* bias = p.key_bias.present() ? p.key_bias.row<float>(b, h) : nullptr;
 
-  auto update = [&](GenBranch& br, int branch, const float (&x)[kGenRowsPerWarp], int j0, int nvalid) {
+  auto update = [&](GenBranch<kDimsPerLane>& br, int branch, const float (&x)[kGenRowsPerWarp], int j0, int nvalid) {
     float pr[kGenRowsPerWarp];
 #pragma unroll
     for (int ri = 0; ri < kGenRowsPerWarp; ++ri) {
@@ -540,7 +545,7 @@ __global__ void __launch_bounds__(kGenericThreads)
       pr[ri] = vis ? __expf(x[ri] - br.row[ri].reference()) : 0.f;
       br.row[ri].add(pr[ri], corr);
 #pragma unroll
-      for (int k = 0; k < kGenMaxDimsPerLane; ++k) br.o[ri][k] *= corr;
+      for (int k = 0; k < kDimsPerLane; ++k) br.o[ri][k] *= corr;
     }
     for (int c = 0; c < nvalid; ++c) {
       float pc[kGenRowsPerWarp];
@@ -548,7 +553,7 @@ __global__ void __launch_bounds__(kGenericThreads)
       for (int ri = 0; ri < kGenRowsPerWarp; ++ri) pc[ri] = __shfl_sync(0xffffffffu, pr[ri], c);
       const float* vrow = sV + c * D;
 #pragma unroll
-      for (int k = 0; k < kGenMaxDimsPerLane; ++k) {
+      for (int k = 0; k < kDimsPerLane; ++k) {
         const int d = lane + 32 * k;
         if (d < D) {
           const float v = vrow[d];
@@ -617,7 +622,7 @@ __global__ void __launch_bounds__(kGenericThreads)
     }
     T* out = const_cast<T*>(p.out.row<T>(b, qi, h));
 #pragma unroll
-    for (int k = 0; k < kGenMaxDimsPerLane; ++k) {
+    for (int k = 0; k < kDimsPerLane; ++k) {
       const int d = lane + 32 * k;
       if (d >= D) break;
       const float of = full.o[ri][k] * inv_f, ost = stream.o[ri][k] * inv_s;
@@ -667,14 +672,25 @@ cudaError_t launch_tc(const AttentionParams& p, const WorkItem* items, int64_t n
                            : launch_tc_variant<T, D, false>(p, items, n_items, stream);
 }
 
+// The narrow variant opts in once to what its widest head dim needs (80 KiB: within every sm_80+ GPU's
+// limit); the wide one to what each launch needs (up to 161 KiB at D = 512, past what some GPUs
+// allow, so that dims just past 256 still run there).
+template <typename T, int kDimsPerLane>
+cudaError_t launch_generic_variant(const AttentionParams& p, const WorkItem* items, int64_t n_items,
+                                   cudaStream_t stream) {
+  const int smem = static_cast<int>(generic_smem_bytes(p.head_dim));
+  const int opt_in = kDimsPerLane == kGenDimsPerLane ? static_cast<int>(generic_smem_bytes(32 * kDimsPerLane)) : smem;
+  const cudaError_t attr =
+      opt_in_dynamic_smem(reinterpret_cast<const void*>(generic_forward_kernel<T, kDimsPerLane>), opt_in);
+  if (attr != cudaSuccess) return attr;
+  generic_forward_kernel<T, kDimsPerLane><<<static_cast<unsigned>(n_items), kGenericThreads, smem, stream>>>(p, items);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_generic(const AttentionParams& p, const WorkItem* items, int64_t n_items, cudaStream_t stream) {
-  const int smem = static_cast<int>(generic_smem_bytes(p.head_dim));
-  const cudaError_t attr = opt_in_dynamic_smem(reinterpret_cast<const void*>(generic_forward_kernel<T>),
-                                               static_cast<int>(generic_smem_bytes(kGenericMaxHeadDim)));
-  if (attr != cudaSuccess) return attr;
-  generic_forward_kernel<T><<<static_cast<unsigned>(n_items), kGenericThreads, smem, stream>>>(p, items);
-  return cudaGetLastError();
+  return p.head_dim <= 32 * kGenDimsPerLane ? launch_generic_variant<T, kGenDimsPerLane>(p, items, n_items, stream)
+                                            : launch_generic_variant<T, kGenWideDimsPerLane>(p, items, n_items, stream);
 }
 
 // A chunk of words in the kernel's parameters (4 KiB, the classic parameter limit).

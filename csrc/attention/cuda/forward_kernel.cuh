@@ -31,12 +31,12 @@ struct WorkItem {
 constexpr int kTcBlockQ = 128;
 constexpr int kTcBlockK = 64;
 constexpr int kTcThreads = 256;
-// Generic kernel (float32/bf16/fp16, any head dim <= 256; plain FMA): 4 warps x 4 query rows,
+// Generic kernel (float32/bf16/fp16, any head dim <= 512; plain FMA): 4 warps x 4 query rows,
 // 32-key blocks.
 constexpr int kGenericBlockQ = 16;
 constexpr int kGenericBlockK = 32;
 constexpr int kGenericThreads = 128;
-constexpr int kGenericMaxHeadDim = 256;
+constexpr int kGenericMaxHeadDim = 512;
 
 HEADOPS_HD int64_t blocks_in(const KeyRange& r, int64_t block_k) { return (r.size() + block_k - 1) / block_k; }
 

@@ -241,13 +241,22 @@ __device__ __forceinline__ float softmax_tile(OnlineSoftmax<float>& sm, float x,
 // from L2 rather than from a second pass over the split; a budget head keeps one row group (its
 // mass is added in row order).
 
+// The value columns a lane holds (adjacent in the key-split kernel, strided by 32 in the merges):
+// the fewest that cover D in 32 lanes, one instantiation each (launch_dim).
+__host__ __device__ constexpr int value_columns_per_lane(int64_t D) {
+  return D <= 64 ? 2 : D <= 128 ? 4 : D <= 256 ? 8 : 16;
+}
+
 // The shared-memory layout of a key-split CTA of `warps` warps and up to `row_groups` row groups
 // for head dim D and element size `elem` (host and device compute it alike).
 struct KeySplitLayout {
   int64_t q_stride;    // floats per staged query row: D rounded up to 8, zeros past D
   int64_t k_stride;    // bytes per staged key row: the row rounded up to 32 bytes plus 16, so that
                        // the 16-byte reads of lanes j = 0..7 (each its own row) meet no bank twice
-  int64_t v_stride;    // bytes per staged value row (lanes read one row together)
+  int64_t v_stride;    // bytes per staged value row (lanes read one row together, each its slice
+                       // of value_columns_per_lane columns: the row rounded up to a whole slice
+                       // too, so that the last lane's read stays in the row; 64 bytes for float32
+                       // past D = 256)
   int64_t q_bytes;     // [row_groups * kDecodeRowsPerWarp][q_stride] floats
   int64_t warp_bytes;  // one warp's staging: [32][k_stride] then [32][v_stride]
   int64_t total;       // q_bytes + the staging of every warp (which the end-of-walk merge reuses)
@@ -257,7 +266,9 @@ __host__ __device__ inline KeySplitLayout key_split_layout(int64_t D, int64_t el
   const int64_t row_bytes = (D * elem + 31) / 32 * 32;
   L.q_stride = (D + 7) / 8 * 8;
   L.k_stride = row_bytes + 16;
-  L.v_stride = row_bytes;
+  const int64_t slice_bytes = value_columns_per_lane(D) * elem;  // 4 to 64, a divisor of 32 up to 32
+  const int64_t v_align = slice_bytes > 32 ? slice_bytes : 32;
+  L.v_stride = (D * elem + v_align - 1) / v_align * v_align;
   L.q_bytes = row_groups * kDecodeRowsPerWarp * L.q_stride * 4;
   L.warp_bytes = kDecodeTile * (L.k_stride + L.v_stride);
   const int64_t merge_bytes = warps * kDecodeRowsPerWarp * 2 * (2 + D) * 4;
@@ -843,10 +854,12 @@ cudaError_t launch_typed(const DecodeParams& p, const DecodeLaunch& launch, floa
 template <typename T>
 cudaError_t launch_dim(const DecodeParams& p, const DecodeLaunch& launch, float* part_ms, float* part_acc,
                        cudaStream_t stream) {
-  const int64_t D = p.attn.head_dim;
-  if (D <= 64) return launch_typed<T, 2>(p, launch, part_ms, part_acc, stream);
-  if (D <= 128) return launch_typed<T, 4>(p, launch, part_ms, part_acc, stream);
-  return launch_typed<T, 8>(p, launch, part_ms, part_acc, stream);
+  switch (value_columns_per_lane(p.attn.head_dim)) {
+    case 2: return launch_typed<T, 2>(p, launch, part_ms, part_acc, stream);
+    case 4: return launch_typed<T, 4>(p, launch, part_ms, part_acc, stream);
+    case 8: return launch_typed<T, 8>(p, launch, part_ms, part_acc, stream);
+    default: return launch_typed<T, 16>(p, launch, part_ms, part_acc, stream);
+  }
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kDecodeRowsPerWarp = 4;
 constexpr int kDecodeTile = 32;
-constexpr int kDecodeMaxHeadDim = 256;
+constexpr int kDecodeMaxHeadDim = 512;
 
 // The key-split kernel's static shared memory (its warps' staged positions and rows, the head's
 // walk, the query rows' scalars), an upper bound.
