@@ -202,3 +202,65 @@ def test_fullgraph_patched_model_keeps_packed_sequences_apart(backend):
         plain = torch.arange(12)[None]
         torch.testing.assert_close(compiled(ids, plain), forward(ids, plain), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+def _shared_gemma4():
+    from headops.testing import tiny_per_layer_shapes
+
+    return tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
+                                 layer_types=["sliding_attention", "full_attention"] * 4)[0]
+
+
+def _steps_as_recomputed(step, model, ids, mask, cache, prompt):
+    """A compiled step function fed a prompt and then one token at a time through `cache`: each
+    step's logits as the uncompiled model recomputing the whole (left-padded) sequence."""
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = step(ids[:, :prompt], mask[:, :prompt], cache)
+        torch.testing.assert_close(got[:, -1], want[:, prompt - 1], atol=2e-5, rtol=1e-5)
+        for t in range(prompt, ids.shape[1]):
+            got = step(ids[:, t:t + 1], mask[:, :t + 1], cache)
+            torch.testing.assert_close(got[:, -1], want[:, t], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma4_shared_kv"])
+def test_compiled_model_generates_a_left_padded_batch_through_a_head_sparse_cache(family):
+    """torch.compile over a patched model stepping through a HeadSparseCache (whose host work
+    breaks the graph) with a left-padded batch: before 2026-12-07 refused ("takes padded prompts
+    padded on the left"), as the traced mask's padding was not read; also Gemma 4's layers that
+    read earlier layers' keys, which find the cache by those keys."""
+    pytest.importorskip("transformers")
+    model = tiny_llama()[0] if family == "llama" else _shared_gemma4()
+    spec = headops.HeadSpec.streaming(model, {1 if family == "llama" else 5: [0]}, window=4, sinks=1)
+    headops.patch(model, spec)
+    ids = torch.randint(3, 97, (2, 14), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    step = torch.compile(lambda i, m, c: model(i, attention_mask=m, cache=c, use_cache=True).logits,
+                         backend="aot_eager")
+    _steps_as_recomputed(step, model, ids, mask, headops.HeadSparseCache(model, spec), prompt=10)
+
+
+def test_model_with_shared_kv_layers_compiles_in_one_graph_through_a_static_cache():
+    """Gemma 4's layers that read earlier layers' keys look a HeadSparseCache up by those keys, a
+    lookup torch.compile cannot trace; through transformers' StaticCache, with no such
+    HeadSparseCache alive, they make none, so the compiled model holds in one graph
+    (fullgraph=True; before 2026-12-07 dynamo refused the lookup)."""
+    import gc
+
+    transformers = pytest.importorskip("transformers")
+    from headops.cache import shared_keys_may_be_registered
+
+    gc.collect()
+    assert not shared_keys_may_be_registered(), "a HeadSparseCache with reading layers outlived its test"
+    model = _shared_gemma4()
+    headops.patch(model, headops.HeadSpec.streaming(model, {5: [0]}, window=4, sinks=1))
+    ids = torch.randint(3, 97, (2, 14), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda i, m, c: model(i, attention_mask=m, cache=c, use_cache=True).logits,
+                         fullgraph=True, backend=counter)
+    _steps_as_recomputed(step, model, ids, mask, transformers.StaticCache(config=model.config, max_cache_len=20),
+                         prompt=9)
+    assert counter.frame_count >= 1

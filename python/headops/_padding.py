@@ -42,14 +42,18 @@ def of_mask(mask):
         return Padding(valid, first, None)
 
     def decide():
-        positions = torch.arange(valid.shape[-1], device=valid.device)
-        left_only = (valid == (positions >= first.unsqueeze(-1))).all()
-        return torch.cat([first, torch.stack([valid.all(), left_only]).to(torch.int64)]).tolist()
+        return torch.cat([first, torch.stack([valid.all(), _left_only(valid, first)]).to(torch.int64)]).tolist()
 
     read = read_once("padding", (mask,), decide)
     if read[-2]:
         return None
     return Padding(valid, torch.tensor(read[:-2], dtype=torch.int64), bool(read[-1]))
+
+
+def _left_only(valid, first):
+    """Whether each row of `valid` is padding, then tokens only (a 0-d bool tensor)."""
+    positions = torch.arange(valid.shape[-1], device=valid.device)
+    return (valid == (positions >= first.unsqueeze(-1))).all()
 
 
 def padding_bias(valid):
@@ -80,8 +84,12 @@ def from_first_token(args: dict, first, dropped: int = 0) -> dict:
 def pads_before_first_tokens(caller, padding: Padding) -> list:
     """Per row, the padding before its first token, where every row is padding and then tokens
     only (a NotImplementedError otherwise: a HeadSparseCache stores each row's tokens from its
-    first on, and takes no holes)."""
-    if not padding.left_only:
+    first on, and takes no holes). Traced by torch.compile, where of_mask read nothing, it is
+    decided here (the cache's host work breaks the graph there)."""
+    left_only = padding.left_only
+    if left_only is None:
+        left_only = bool(_left_only(padding.valid, padding.first))
+    if not left_only:
         raise NotImplementedError(f"{caller}: a HeadSparseCache takes padded prompts padded on the left (each row's "
                                   "padding, then its tokens: a tokenizer's padding_side='left'); this attention mask "
                                   "masks other keys")

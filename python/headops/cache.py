@@ -22,6 +22,8 @@ sinks and ``key_bias`` index them by position.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -39,6 +41,20 @@ __all__ = ["HeadSparseCache"]
 # those layers get them through the model (transformers' shared_kv_states), not the cache, and
 # find the cache by them (HeadSparseCache.of_shared_keys)
 _SHARED_KEYS = WeakIdKeyDictionary()
+# how many caches with such layers are alive: the patched attention looks the keys up only while
+# one is (the lookup is not traceable, so a model compiled in one graph through transformers' own
+# cache must never make it)
+_live_caches_with_readers = [0]
+
+
+def _one_less_cache_with_readers():
+    _live_caches_with_readers[0] -= 1
+
+
+def shared_keys_may_be_registered() -> bool:
+    """Whether any live HeadSparseCache has layers that other layers read (whose keys
+    HeadSparseCache.of_shared_keys may find)."""
+    return _live_caches_with_readers[0] > 0
 
 CALLER = "headops.HeadSparseCache"
 _HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
@@ -288,6 +304,9 @@ class HeadSparseCache(_CacheBase):
         self._kv_source = dict(layout.kv_sources)
         self._readers = {source: sorted(layer for layer, s in self._kv_source.items() if s == source)
                          for source in set(self._kv_source.values())}
+        if self._readers:
+            _live_caches_with_readers[0] += 1
+            weakref.finalize(self, _one_less_cache_with_readers)
         self._layers = []
         for i in range(L):  # (a source is an earlier layer)
             self._layers.append(self._layers[self._kv_source[i]] if i in self._kv_source else LayerStorage(

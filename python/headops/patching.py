@@ -113,9 +113,10 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     cache = kwargs.get("headops_cache")
     if cache is None and getattr(module, "_headops_reads_kv", False):
         # (a layer reading another's keys gets them from the model, as that layer's cache returned them)
-        from .cache import HeadSparseCache
+        from .cache import HeadSparseCache, shared_keys_may_be_registered
 
-        cache = HeadSparseCache.of_shared_keys(key)
+        if shared_keys_may_be_registered():
+            cache = HeadSparseCache.of_shared_keys(key)
     if cache is not None and getattr(module, "_headops_cache_refused", None):
         raise NotImplementedError(module._headops_cache_refused)
     recording = getattr(module, "_headops_recording", None)
