@@ -279,6 +279,106 @@ def test_more_families_reproduce_the_unpatched_model(config):
     torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=2e-5, rtol=1e-5)
 
 
+def family_model(config, **options):
+    """A tiny random model of a config class (vocabulary 97, 2 layers of 4 heads, hidden size 64
+    unless `options` name the family's own fields)."""
+    cfg = getattr(transformers, config)(**dict(dict(vocab_size=97, hidden_size=64, intermediate_size=128,
+                                                    num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+                                                    bos_token_id=1, eos_token_id=2), **options))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+# families that dispatch through AttentionInterface, beyond those tested elsewhere (options: their own field names;
+# GQA where the family has it)
+GQA = dict(num_key_value_heads=2)
+FAMILIES = {
+    "GPTJConfig": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), "OPTConfig": dict(ffn_dim=128),
+    "GPTBigCodeConfig": dict(n_embd=64, n_layer=2, n_head=4), "CodeGenConfig": dict(n_embd=64, n_layer=2, n_head=4,
+                                                                                     rotary_dim=8),
+    "BioGptConfig": {}, "PhiConfig": GQA, "StableLmConfig": GQA, "MixtralConfig": dict(GQA, num_local_experts=4),
+    "OlmoeConfig": dict(GQA, num_experts=4, num_experts_per_tok=2),
+    "Qwen2MoeConfig": dict(GQA, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "Qwen3MoeConfig": dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "GlmConfig": GQA,
+    "Glm4Config": GQA,
+    "HeliumConfig": dict(GQA, head_dim=16), "SmolLM3Config": GQA, "Olmo3Config": GQA, "Exaone4Config": GQA,
+    "ArceeConfig": GQA, "Ernie4_5Config": GQA, "SeedOssConfig": GQA, "ApertusConfig": GQA,
+    "HunYuanDenseV1Config": dict(GQA, head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4, alpha=1.0)),
+}
+
+
+@pytest.mark.parametrize("config", sorted(FAMILIES))
+def test_more_families_generate_as_the_model_through_a_head_sparse_cache(config):
+    """A dense spec on more families (MoE, parallel attention and MLP, partial rotary, multi-query,
+    learnt positions...): a left-padded batch's logits and greedy tokens through transformers'
+    cache and through a HeadSparseCache as the unpatched model's (checked 2026-12-07; none needed
+    a change)."""
+    model = family_model(config, **FAMILIES[config])
+    ids, mask = batch()
+    with torch.no_grad():
+        want_logits = model(ids, attention_mask=mask).logits
+    want = model.generate(ids, attention_mask=mask, **GENERATE)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want_logits[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want_logits[1, 3:], atol=2e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want)
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec),
+                                      **GENERATE), want)
+
+
+@pytest.mark.parametrize("config", ["GPTNeoXConfig", "PersimmonConfig"])
+def test_families_with_one_qkv_projection(config):
+    """GPT-NeoX (Pythia) and Persimmon project q, k and v through one query_key_value layer (patch
+    found no attention module in them before 2026-12-07), and GPT-NeoX's attention calls the
+    cache's update without its kwargs: the patched attention finds a HeadSparseCache by the key
+    tensors update returned (before, generation through one attended to each step's new key
+    alone, silently). A left-padded batch's logits and greedy tokens (transformers' cache, a dense
+    HeadSparseCache) as the unpatched model's; a streaming spec through a HeadSparseCache as the
+    patched model recomputing each step's whole sequence."""
+    model = family_model(config)
+    ids, mask = batch()
+    with torch.no_grad():
+        want_logits = model(ids, attention_mask=mask).logits
+    want = model.generate(ids, attention_mask=mask, **GENERATE)
+    spec = headops.HeadSpec.dense(model)
+    headops.patch(model, spec)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], want_logits[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want_logits[1, 3:], atol=2e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GENERATE), want)
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec),
+                                      **GENERATE), want)
+    spec = headops.HeadSpec.streaming(model, {0: [1, 2], 1: [0]}, window=3, sinks=1)
+    headops.set_spec(model, spec)
+    out = model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec), **GENERATE,
+                         **GENERATE_LOGITS)
+    full = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        whole = model(out.sequences, attention_mask=full, use_cache=False).logits[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), whole, atol=2e-5, rtol=1e-5)
+
+
+def test_a_cache_whose_attention_never_reached_it_is_an_error():
+    """A HeadSparseCache stores what headops' attention sees: given to a model that is not patched
+    (or whose attention gets other key tensors than the cache's update returned), no layer's
+    attention reaches it and it holds nothing; the next update of such a layer is a RuntimeError
+    naming it, not a generation over whatever each step's keys alone give."""
+    model = family_model("GPTNeoXConfig")
+    ids, mask = batch()
+    cache = headops.HeadSparseCache(model, headops.HeadSpec.dense(model))
+    with pytest.raises(RuntimeError, match=r"layer 0's attention did not reach this cache.*is the model patched"):
+        model.generate(ids, attention_mask=mask, cache=cache, **GENERATE)
+    cache.reset()
+    headops.patch(model, headops.HeadSpec.dense(model))
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache=cache, **GENERATE),
+                       model.generate(ids, attention_mask=mask, **GENERATE))
+
+
 PACKED = [4, 6, 3]  # lengths of the sequences packed into a row
 
 

@@ -297,7 +297,7 @@ def test_a_reading_layer_that_cannot_find_the_cache_is_an_error_not_wrong_logits
     model = shared_gemma4()
     spec = headops.HeadSpec.dense(model)
     headops.patch(model, spec)
-    monkeypatch.setattr(headops.HeadSparseCache, "of_shared_keys", staticmethod(lambda key: None))
+    monkeypatch.setattr(headops.HeadSparseCache, "of_keys", staticmethod(lambda key: None))
     ids, mask = left_padded_ids()
     with pytest.raises(RuntimeError, match=r"layer 5\): the mask covers 14 positions but the layer got 1 keys.*reads "
                                            r"another layer's keys .* without the headops.HeadSparseCache"):

@@ -37,24 +37,27 @@ from .probes import check_probe
 
 __all__ = ["HeadSparseCache"]
 
-# the keys a cache's update handed to a layer that other layers read (Gemma's num_kv_shared_layers):
-# those layers get them through the model (transformers' shared_kv_states), not the cache, and
-# find the cache by them (HeadSparseCache.of_shared_keys)
-_SHARED_KEYS = WeakIdKeyDictionary()
-# how many caches with such layers are alive: the patched attention looks the keys up only while
-# one is (the lookup is not traceable, so a model compiled in one graph through transformers' own
-# cache must never make it)
-_live_caches_with_readers = [0]
+# the key tensors a cache's update handed to an attention that cannot get the cache through its
+# kwargs: the layers that other layers read (Gemma's num_kv_shared_layers: those layers get the keys
+# through the model, transformers' shared_kv_states), and every layer of a family whose attention
+# calls update without its kwargs (GPT-NeoX, Pythia); the patched attention finds the cache by them
+# (HeadSparseCache.of_keys)
+_KEYS_HANDED_OUT = WeakIdKeyDictionary()
+# how many live caches have handed keys out: the patched attention looks keys up only while one
+# has (the lookup is not traceable, so a model compiled in one graph through transformers' own
+# cache must not make it)
+_caches_handing_out_keys = [0]
 
 
-def _one_less_cache_with_readers():
-    _live_caches_with_readers[0] -= 1
+def _one_less_cache_handing_out_keys():
+    _caches_handing_out_keys[0] -= 1
 
 
-def shared_keys_may_be_registered() -> bool:
-    """Whether any live HeadSparseCache has layers that other layers read (whose keys
-    HeadSparseCache.of_shared_keys may find)."""
-    return _live_caches_with_readers[0] > 0
+def keys_may_be_handed_out() -> bool:
+    """Whether any live HeadSparseCache has handed keys out (which HeadSparseCache.of_keys may
+    find)."""
+    return _caches_handing_out_keys[0] > 0
+
 
 CALLER = "headops.HeadSparseCache"
 _HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
@@ -304,9 +307,9 @@ class HeadSparseCache(_CacheBase):
         self._kv_source = dict(layout.kv_sources)
         self._readers = {source: sorted(layer for layer, s in self._kv_source.items() if s == source)
                          for source in set(self._kv_source.values())}
-        if self._readers:
-            _live_caches_with_readers[0] += 1
-            weakref.finalize(self, _one_less_cache_with_readers)
+        self._hands_out_keys = False
+        # the layers whose update ran and whose attention has not reached this cache since
+        self._unattended = set()
         self._layers = []
         for i in range(L):  # (a source is an earlier layer)
             self._layers.append(self._layers[self._kv_source[i]] if i in self._kv_source else LayerStorage(
@@ -348,20 +351,47 @@ class HeadSparseCache(_CacheBase):
         """transformers.Cache.update, called by a model's attention module before its attention
         function. Returns the new states unchanged: the attention function registered by
         headops (model integration) gets this cache in its kwargs ("headops_cache") and runs
-        ``cache.attention(layer_idx, q, k, v)``, which stores what each head keeps. The layers that
-        read this layer's keys (Gemma's num_kv_shared_layers) get the same tensors from the model,
-        and find the cache by them (``of_shared_keys``)."""
+        ``cache.attention(layer_idx, q, k, v)``, which stores what each head keeps. An attention
+        that does not get the kwargs (GPT-NeoX's module calls update without them), and the
+        layers that read this layer's keys (Gemma's num_kv_shared_layers), which get the same
+        tensors from the model, find the cache by those key tensors (``of_keys``).
+
+        A layer's update after one whose attention never reached the cache (an unpatched model, or
+        an attention handed other key tensors) is a RuntimeError: that attention stored nothing,
+        so the cache no longer holds the layer's tokens."""
+        layer = layer_idx if self._storage_of is None else self._storage_of.get(layer_idx, layer_idx)
+        if layer in self._unattended:
+            raise RuntimeError(
+                f"{CALLER}: layer {layer}'s attention did not reach this cache after its last update, so nothing "
+                "it attended to was stored: is the model patched (headops.patch(model, spec))? (A model whose "
+                "attention does not get the key tensors this cache's update returned cannot use it.)")
         if isinstance(kwargs, dict):
             kwargs["headops_cache"] = self
-        if layer_idx in self._readers and isinstance(key_states, torch.Tensor):
-            _SHARED_KEYS[key_states] = self
+        elif isinstance(key_states, torch.Tensor):
+            self._hand_out(key_states)
+        if layer in self._readers and isinstance(key_states, torch.Tensor):
+            self._hand_out(key_states)
+        if isinstance(layer, int) and 0 <= layer < self.num_layers and layer not in self._kv_source:
+            self._unattended.add(layer)
         return key_states, value_states
 
+    @torch.compiler.disable  # (eager: dynamo would guard on weakref.finalize's registry)
+    def _hand_out(self, key_states) -> None:
+        if not self._hands_out_keys:
+            self._hands_out_keys = True
+            _caches_handing_out_keys[0] += 1
+            weakref.finalize(self, _one_less_cache_handing_out_keys)
+        _KEYS_HANDED_OUT[key_states] = self
+
+    def reached(self, layer) -> None:
+        """Internal (the patched attention): `layer`'s attention got this cache after its update."""
+        self._unattended.discard(layer)
+
     @staticmethod
-    def of_shared_keys(key_states):
-        """The HeadSparseCache whose update returned `key_states` to a layer that other layers read
-        (their attention gets those keys from the model, not the cache), or None."""
-        return _SHARED_KEYS.get(key_states) if isinstance(key_states, torch.Tensor) else None
+    def of_keys(key_states):
+        """The HeadSparseCache whose update returned `key_states` to an attention that cannot get
+        the cache through its kwargs (see update), or None."""
+        return _KEYS_HANDED_OUT.get(key_states) if isinstance(key_states, torch.Tensor) else None
 
     def reads_layer(self, layer: int):
         """The layer whose keys and values `layer` reads (its storage is that layer's: Gemma's
@@ -487,6 +517,7 @@ class HeadSparseCache(_CacheBase):
                 st.forget_tokens()
         for layer in self._linear_layers():
             layer.reset()
+        self._unattended.clear()
 
     def reorder_cache(self, beam_idx) -> None:
         """Beam search (transformers' generate with num_beams > 1): row b becomes what row
@@ -737,6 +768,7 @@ class HeadSparseCache(_CacheBase):
         """
         caller = CALLER + ".attention"
         (q, k, v), sizing = self._check_inputs(caller, layer, layout, (("q", q), ("k", k), ("v", v)))
+        self.reached(layer)
         st = self._layers[layer]
         B, D = sizing[0], st.D
         if q.shape[0] != B or tuple(q.shape[2:]) != (self.num_heads, D):

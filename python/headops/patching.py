@@ -111,12 +111,15 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"headops: layer {layer}'s attention got {query.shape[1]} query heads, its spec has "
                            f"{spec.num_heads}: the model was sharded or changed after headops.patch (patch it again)")
     cache = kwargs.get("headops_cache")
-    if cache is None and getattr(module, "_headops_reads_kv", False):
-        # (a layer reading another's keys gets them from the model, as that layer's cache returned them)
-        from .cache import HeadSparseCache, shared_keys_may_be_registered
+    if cache is None:
+        # (an attention that does not get the kwargs the cache's update saw, or a layer reading
+        # another's keys, gets the keys as the cache returned them)
+        from .cache import HeadSparseCache, keys_may_be_handed_out
 
-        if shared_keys_may_be_registered():
-            cache = HeadSparseCache.of_shared_keys(key)
+        if keys_may_be_handed_out():
+            cache = HeadSparseCache.of_keys(key)
+    if cache is not None:
+        cache.reached(layer)
     if cache is not None and getattr(module, "_headops_cache_refused", None):
         raise NotImplementedError(module._headops_cache_refused)
     recording = getattr(module, "_headops_recording", None)
@@ -329,7 +332,7 @@ def _cache_padding(cache, layer, padding, new_tokens):
     return {}
 
 
-_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query")  # (Llama-likes, Phi-3, GPT-2, BERT)
+_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query", "query_key_value")  # (Llama-likes, Phi-3, GPT-2, BERT, GPT-NeoX)
 
 
 def _attention_modules(model):
