@@ -19,8 +19,8 @@ import torch
 import headops
 from headops import _distributed, discover, tasks
 from headops.research import per_row_causal_lm_loss
-from headops.testing import (CharTokenizer, run_ranks, tiny_latent_attention, tiny_llama, tiny_per_layer_shapes,
-                              tiny_qwen2)
+from headops.testing import (CharTokenizer, run_ranks, tiny_gpt_neox, tiny_latent_attention, tiny_llama,
+                              tiny_per_layer_shapes, tiny_qwen2)
 
 transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -49,7 +49,7 @@ def saved(tmp_path_factory):
     folders = {}
     for name, make in [*FAMILIES.items(), ("cut_group", lambda: tiny_llama(6, 3)), ("odd", lambda: tiny_llama(3, 3)),
                        ("minicpm3", lambda: tiny_latent_attention("minicpm3")), ("gemma4", tiny_gemma4),
-                       ("gemma4_shared", lambda: tiny_gemma4(shared=True))]:
+                       ("gemma4_shared", lambda: tiny_gemma4(shared=True)), ("gpt_neox", tiny_gpt_neox)]:
         folder = str(tmp_path_factory.mktemp(name))
         make()[0].save_pretrained(folder)
         AutoModelForCausalLM.from_pretrained(folder)
@@ -199,6 +199,19 @@ def test_tensor_parallel_layers_reading_other_layers_keys_compute_what_one_proce
         assert got["cache"]["dense"] == one["cache"]["dense"] // 2
         assert got["cache"]["view"] is None or got["cache"]["view"].kept_positions == \
             one["cache"]["view"].kept_positions
+
+
+def test_tensor_parallel_gpt_neox_computes_what_one_process_computes(saved):
+    """GPT-NeoX (Pythia) over two ranks by transformers' plan, which shards its one query_key_value
+    projection by rows (each head's q, k and v rows together: whole heads a rank; before 2026-12-07
+    read as not sharded by heads): logits, probes, greedy tokens through a HeadSparseCache (its
+    attention gets no kwargs from update: the cache found by its keys on every rank) and head
+    importance as one process."""
+    one = measure(tiny_gpt_neox()[0])
+    ranks = run_ranks(lambda rank: measure(load_tp(saved["gpt_neox"])), 2)
+    assert_ranks_measure_as_one(ranks, one)
+    for got in ranks:
+        assert got["shard"] is not None and got["cache"]["dense"] == one["cache"]["dense"] // 2
 
 
 def test_tensor_parallel_shards_that_cut_heads_or_gqa_groups_are_refused_naming_the_heads(saved):

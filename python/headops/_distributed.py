@@ -176,8 +176,8 @@ def head_shard(model_or_config, caller: str) -> HeadShard | None:
     if not all(isinstance(w, DTensor) for _, _, w, _, _ in weights):
         raise NotImplementedError(
             f"{caller}: {name} is sharded by tensor parallelism, but not through separate q_proj, k_proj and v_proj "
-            "weights (or multi-head latent attention's q_b_proj and kv_b_proj) sharded by heads; headops slices "
-            "specs for those (Llama, Mistral, Qwen, DeepSeek families)")
+            "weights (or multi-head latent attention's q_b_proj and kv_b_proj, GPT-NeoX's query_key_value) sharded "
+            "by heads; headops slices specs for those (Llama, Mistral, Qwen, DeepSeek, GPT-NeoX families)")
     mesh = weights[0][2].device_mesh
     placements = {w.placements for _, _, w, _, _ in weights}
     if mesh.ndim != 1 or placements != {(Shard(0),)}:
@@ -202,8 +202,11 @@ def _head_projections(model_or_config, module, Hq) -> list:
     """[(projection, heads, output rows per head)] of the weights that hold an attention module's
     heads, as tensor parallelism shards them: q_proj, k_proj, v_proj; for multi-head latent
     attention the query projection (q_b_proj, or q_proj without a query latent) and kv_b_proj,
-    which expands the shared latent into every head's keys (no rotary part) and values."""
+    which expands the shared latent into every head's keys (no rotary part) and values; GPT-NeoX's
+    query_key_value, which holds each head's q, k and v rows together."""
     cfg = config_of(model_or_config)
+    if getattr(module, "query_key_value", None) is not None and getattr(module, "q_proj", None) is None:
+        return [("query_key_value", Hq, 3 * cfg.hidden_size // Hq)]
     if latent_attention(cfg):
         query = "q_b_proj" if getattr(module, "q_b_proj", None) is not None else "q_proj"
         nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim

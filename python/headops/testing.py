@@ -48,6 +48,17 @@ def tiny_qwen2():
     return _seeded(lambda: Qwen2ForCausalLM(cfg).eval()), None
 
 
+def tiny_gpt_neox():
+    """(model, None): a small random GPTNeoXForCausalLM (Pythia's family: one query_key_value
+    projection holding each head's q, k and v rows together, partial rotary, parallel attention
+    and MLP) — 2 layers, 4 heads, D = 16, vocabulary 97."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: GPTNeoXForCausalLM(cfg).eval()), None
+
+
 def tiny_bert():
     """(model, None): a small random BertModel encoder — 2 layers, 4 heads, D = 12, vocabulary 97."""
     from transformers import BertConfig, BertModel
