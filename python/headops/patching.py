@@ -332,20 +332,24 @@ def _cache_padding(cache, layer, padding, new_tokens):
     return {}
 
 
-_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query", "query_key_value")  # (Llama-likes, Phi-3, GPT-2, BERT, GPT-NeoX)
+# (Llama-likes, Phi-3, GPT-2, BERT and ViT, GPT-NeoX, DistilBERT, ModernBERT)
+_PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query", "query_key_value", "q_lin", "Wqkv")
 
 
 def _attention_modules(model):
     """The attention modules in the order of a spec's layers: by layer_idx (modules with a
-    layer_idx and projections; in a hybrid model those of its softmax-attention layers); for an
-    encoder-decoder model the encoder's (in module order: some
+    layer_idx and projections; in a hybrid model those of its softmax-attention layers), or in
+    module order in an encoder whose modules have none (ViT, DeiT, DINOv2, DistilBERT, ESM: no
+    cache, so no layer_idx); for an encoder-decoder model the encoder's (in module order: some
     have no layer_idx), the decoder's self-attention, then its cross-attention modules (not
     causal), as _model_attention.layer_kinds lays them out."""
     if not isinstance(model, torch.nn.Module) or _model_attention.encoder_decoder_layers(model) is None:
-        found = []
+        found, without_index = [], []
         for _, m in _language_model(model).named_modules():
-            if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in _PROJECTIONS):
-                found.append(m)
+            if any(hasattr(m, p) for p in _PROJECTIONS):
+                (found if isinstance(getattr(m, "layer_idx", None), int) else without_index).append(m)
+        if not found and without_index and all(getattr(m, "is_causal", None) is False for m in without_index):
+            return without_index  # (an encoder's: bidirectional, in module order)
         if isinstance(model, torch.nn.Module) and _model_attention.is_hybrid(model):
             # (a hybrid model's linear-attention layers may name their projections as attention's)
             layers = set(_model_attention.attention_layer_indices(model))
@@ -420,10 +424,11 @@ def patch(model, spec: HeadSpec):
             "transformers' AttentionInterface, so headops cannot take it over (supported: the families that "
             "dispatch through it, e.g. Llama, Mistral, Qwen2/3, GPT-2, BERT; docs/DESIGN.md section 3)")
     if len(modules) != spec.num_layers:
-        raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules with a layer_idx in "
-                                  f"{type(model).__name__}, expected {spec.num_layers}; this model family is not "
-                                  "supported yet")
-    if _model_attention.encoder_decoder_layers(model) is None:
+        raise NotImplementedError(f"headops.patch: found {len(modules)} attention modules in {type(model).__name__} "
+                                  "(by layer_idx, or in module order in an encoder whose modules have none), expected "
+                                  f"{spec.num_layers}, one a layer; this model family is not supported yet")
+    if _model_attention.encoder_decoder_layers(model) is None and all(
+            isinstance(getattr(m, "layer_idx", None), int) for m in modules):
         layers = [kind[1] for kind in attention_layers(model)]
         if [m.layer_idx for m in modules] != layers:
             raise NotImplementedError(
