@@ -127,3 +127,58 @@ def test_albert_sharing_one_attention_module_across_layers_is_refused_by_name():
     model = transformers.AutoModel.from_config(cfg).eval()
     with pytest.raises(NotImplementedError, match="found 1 attention modules in AlbertModel.*expected 2"):
         headops.patch(model, headops.HeadSpec.dense(model))
+
+
+V = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+AUDIO = dict(conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+             num_conv_pos_embedding_groups=4)
+# (model class, config options, inputs): towers and encoders whose dense spec must be the model
+MORE = {
+    "CLIPVisionModel": (dict(V, image_size=32, patch_size=8), lambda g: dict(pixel_values=torch.randn(2, 3, 32, 32,
+                                                                                                       generator=g))),
+    "SiglipVisionModel": (dict(V, image_size=32, patch_size=8), lambda g: dict(pixel_values=torch.randn(
+        2, 3, 32, 32, generator=g))),
+    "CLIPTextModel": (dict(V, vocab_size=97, max_position_embeddings=64), lambda g: dict(
+        input_ids=torch.randint(5, 97, (2, 12), generator=g))),
+    "SiglipTextModel": (dict(V, vocab_size=97, max_position_embeddings=64), lambda g: dict(
+        input_ids=torch.randint(5, 97, (2, 12), generator=g))),
+    "ViTMAEModel": (dict(V, image_size=32, patch_size=8), lambda g: dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g),
+                                                                          noise=torch.rand(2, 16, generator=g))),
+    "BeitModel": (dict(V, image_size=32, patch_size=8), lambda g: dict(pixel_values=torch.randn(2, 3, 32, 32,
+                                                                                                generator=g))),
+    "Wav2Vec2Model": (dict(V, **AUDIO), lambda g: dict(input_values=torch.randn(2, 1600, generator=g))),
+    "HubertModel": (dict(V, **AUDIO), lambda g: dict(input_values=torch.randn(2, 1600, generator=g))),
+}
+
+
+def tower(name, **options):
+    model_class = getattr(transformers, name)
+    cfg = model_class.config_class(**dict(MORE[name][0], **options))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return model_class(cfg).eval(), MORE[name][1](torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_towers_and_audio_encoders_are_the_model_under_a_dense_spec(name):
+    """CLIP's and SigLIP's vision and text towers (CLIP's text tower causal), ViT-MAE, BEiT without
+    its relative position bias, wav2vec 2.0 and HuBERT: a dense spec is the model."""
+    model, batch = tower(name)
+    want = hidden(model, batch)
+    headops.patch(model, headops.HeadSpec.dense(model))
+    torch.testing.assert_close(hidden(model, batch), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["use_relative_position_bias", "use_shared_relative_position_bias"])
+def test_an_additive_bias_in_the_mask_is_refused_not_ignored(option):
+    """BEiT adds its relative position bias to the attention through the mask argument: a float
+    mask of other values than 0 and -inf. Before 2026-12-07 headops read such a mask as "every key
+    seen" and dropped the bias, silently (outputs 4e-3 off on a tiny BEiT); now refused by name."""
+    model, batch = tower("BeitModel", **{option: True})
+    with torch.no_grad():  # (the bias starts at 0: no bias)
+        for name, table in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                table.normal_(generator=torch.Generator().manual_seed(3))
+    headops.patch(model, headops.HeadSpec.dense(model))
+    with pytest.raises(NotImplementedError, match=r"adds other values than 0 and -inf.*BEiT's relative position "):
+        hidden(model, batch)

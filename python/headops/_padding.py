@@ -104,12 +104,22 @@ def refuse_other_masks(caller, mask, causal: bool, window) -> None:
     transformers passes on as it is) must be what headops computes from its last row: causal or
     not, the model's sliding window, the last row's key padding; a NotImplementedError otherwise (a
     tree, a prefix, sequences packed by a block mask). Checked once per mask tensor; not while
-    torch.compile traces (a branch on data)."""
-    if mask is None or mask.dim() != 4 or mask.shape[-2] < 2 or torch.compiler.is_compiling():
+    torch.compile traces (a branch on data). A floating mask must say only which keys are seen (0,
+    or the dtype's lowest values / -inf): other values are a bias added to the logits (BEiT's
+    relative position bias, ALiBi), which headops does not compute: a NotImplementedError too."""
+    if mask is None or mask.dim() != 4 or torch.compiler.is_compiling():
         return
     if _CHECKED.get(id(mask)) is mask:
         return
-    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    hidden = None if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    if hidden is not None and bool(((mask != 0) & ~hidden).any()):
+        raise NotImplementedError(f"{caller}: the attention mask adds other values than 0 and -inf to the logits (a "
+                                  "bias: e.g. BEiT's relative position bias, ALiBi), which headops does not compute; "
+                                  "it takes masks that say which keys each query sees")
+    if mask.shape[-2] < 2:
+        _CHECKED[id(mask)] = mask
+        return
+    seen = mask if hidden is None else ~hidden
     Sq, Sk = seen.shape[-2:]
     rows = torch.arange(Sq, device=seen.device).unsqueeze(-1) + (Sk - Sq)  # each query's position among the keys
     keys = torch.arange(Sk, device=seen.device)
