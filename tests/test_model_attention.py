@@ -651,10 +651,11 @@ def test_a_mask_made_by_the_caller_must_be_what_headops_computes():
             model(ids, attention_mask=prefix)
 
 
-@pytest.mark.parametrize("name", ["position_bias", "sinks", "block_indices", "softcap"])
+@pytest.mark.parametrize("name", ["position_bias", "sinks", "block_indices", "indices", "softcap"])
 def test_attention_arguments_headops_does_not_compute_are_refused(name):
     """What a family may pass to its attention function that headops cannot honour (T5's relative
-    position bias, other sink forms, block indices, softcapping)."""
+    position bias, other sink forms, block indices, the keys a sparse attention's indexer picks,
+    softcapping)."""
     from headops.patching import _headops_attention
     from headops.testing import tiny_llama
 

@@ -253,7 +253,7 @@ def _alpha_within_window(query, key, value, args, causal, model_window):
 # what some families pass to their attention function that changes it and headops does not compute:
 # logit softcapping, T5's relative position bias, sink tensors of other forms than GPT-OSS's s_aux,
 # block-sparse indices (packed sequences' cu_seq_lens are taken: sequence_ids)
-_NOT_COMPUTED = ("softcap", "position_bias", "sinks", "block_indices")
+_NOT_COMPUTED = ("softcap", "position_bias", "sinks", "block_indices", "indices")  # (indices: sparse attention's)
 
 
 def _keep_model_attention(layer, args, cache, dropout, kwargs):
