@@ -14,12 +14,18 @@ from headops import reference
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("probe_path")
-STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
+STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass", "pattern")
+PATTERN_ROWS = [0, -1]
 
 
 def request(keys, Sq):
     return dict(spans=[[0, 1], [3, 9], [keys - 4, keys]], distances=[[0, 1], [1, 3], [4, 40]], sink_mass=True,
-                topk=3, entropy=True, key_mass_rows=(0, Sq))
+                topk=3, entropy=True, key_mass_rows=(0, Sq), pattern_rows=PATTERN_ROWS)
+
+
+def pattern_rows_of(Sq, Sq_b):
+    """The pattern rows a call of Sq query rows resolves PATTERN_ROWS to, those of a row's own Sq_b."""
+    return [r % Sq for r in PATTERN_ROWS if r % Sq < Sq_b]
 
 
 def mixed_cache(B=2, **options):
@@ -50,11 +56,17 @@ def oracle(cache, b, q, k, v, args, probe, keys):
                            **per_head, **dict(probe, spans=spans))
 
 
-def check(got, want, b, Sq_b, keys):
+def check(got, want, b, Sq_b, keys, Sq=None):
     for name in STATISTICS:
         g = getattr(got, name)
         w = want[name]
-        if name == "key_mass":
+        if name == "pattern":  # (rows: PATTERN_ROWS of the call's Sq; a padding query's row is 0)
+            rows = [r % (Sq or Sq_b) for r in PATTERN_ROWS]
+            valid = [i for i, r in enumerate(rows) if r < Sq_b]
+            assert bool((g[b, :, :, keys:] == 0).all()), "pattern past the row's keys"
+            assert bool((g[b, :, [i for i in range(len(rows)) if i not in valid]] == 0).all()), "a padding row"
+            g = g[b:b + 1, :, valid, :keys]
+        elif name == "key_mass":
             g, w = g[b:b + 1, :, :keys], w
             assert bool((getattr(got, name)[b, :, keys:] == 0).all()), "key_mass past the row's keys"
         else:
@@ -95,8 +107,9 @@ def test_prefill_and_decode_statistics_equal_the_reference_over_the_kept_keys(le
         want = reference.probe(q0[b:b + 1, :n], k0[b:b + 1, :n], v0[b:b + 1, :n], window=window, sinks=sinks,
                                key_bias=args["key_bias"][b:b + 1, :, :n],
                                **{k: args[k][b:b + 1] for k in ("softmax_scale", "sink_logit", "gate")},
-                               **dict(request(S, S), spans=torch.tensor(request(S, S)["spans"]).clamp(max=n)))
-        check(stats, want, b, n, n)
+                               **dict(request(S, S), spans=torch.tensor(request(S, S)["spans"]).clamp(max=n),
+                                      pattern_rows=pattern_rows_of(S, n)))
+        check(stats, want, b, n, n, S)
         assert bool((stats.topk_index[b, :, n:] == -1).all()) and bool((stats.span_mass[b, :, n:] == 0).all())
     # decode steps: each row's new tokens follow its own length
     held = list(rows)

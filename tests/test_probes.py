@@ -243,6 +243,32 @@ def test_attention_with_a_probe_matches_the_reference():
     assert only_entropy.entropy.shape == (B, Hq, Sq) and only_entropy.span_mass is None and only_entropy.key_mass is None
 
 
+@pytest.mark.parametrize("path", ["kernel", "row_blocks"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Sq,Sk,Hq,Hkv,D,causal", [(1, 1, 1, 1, 1, 8, True), (2, 37, 37, 4, 2, 16, True),
+                                                    (1, 9, 300, 6, 3, 32, True), (2, 70, 20, 4, 4, 8, False),
+                                                    (2, 70, 20, 4, 4, 8, True)])
+def test_pattern_rows_match_the_reference(B, Sq, Sk, Hq, Hkv, D, causal, dtype, path, monkeypatch):
+    """probe.pattern_rows: the whole attention distribution of a few query rows (first, middle, last
+    by a negative index, one twice), every per-head feature (a head gated off: 0), as the
+    reference's materialised probabilities; each row's probabilities and its sink mass sum to 1
+    where it sees a key."""
+    import headops
+
+    if path == "row_blocks":
+        use_row_blocks(monkeypatch, 4)
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype)
+    kw = head_params(B, Hq, Sk, D, ALL_FEATURES)
+    rows = [0, Sq // 2, -1, 0]
+    _, got = headops.attention(q, k, v, causal=causal, probe=headops.Probe(pattern_rows=rows, sink_mass=True), **kw)
+    want = reference_probe(q, k, v, kw, dict(pattern_rows=rows, sink_mass=True), causal=causal)
+    assert got.pattern.shape == (B, Hq, 4, Sk) and got.pattern.dtype == torch.float32
+    compare(vars(got), want, dtype)
+    total = got.pattern.double().sum(-1) + got.sink_mass.double()[:, :, [r % Sq for r in rows]]
+    sees = want["pattern"].sum(-1) > 0
+    torch.testing.assert_close(total[sees], torch.ones_like(total[sees]), atol=1e-4, rtol=0)
+
+
 def test_attention_with_a_probe_keeps_gradients():
     import headops
 
@@ -265,6 +291,12 @@ def test_attention_with_a_probe_keeps_gradients():
     (dict(key_mass_rows=(2, 1)), {}, ValueError, "probe.key_mass_rows"),
     (dict(key_mass_rows=(0, 13)), {}, ValueError, "probe.key_mass_rows"),
     (dict(topk=1), dict(alpha=0.5), ValueError, "alpha"),
+    (dict(pattern_rows=[12]), {}, ValueError, "probe.pattern_rows"),
+    (dict(pattern_rows=[-13]), {}, ValueError, "probe.pattern_rows"),
+    (dict(pattern_rows=[]), {}, ValueError, "probe.pattern_rows"),
+    (dict(pattern_rows=[0.5]), {}, ValueError, "probe.pattern_rows"),
+    (dict(pattern_rows=3), {}, ValueError, "probe.pattern_rows"),
+    (dict(pattern_rows=list(range(12)) * 6), {}, ValueError, "probe.pattern_rows"),
 ])
 def test_bad_probes_name_the_field(probe, kw, error, match):
     import headops
@@ -437,5 +469,58 @@ def test_model_probe_records_every_layer_and_call():
         with pytest.raises(RuntimeError, match="not patched"):
             with headops.probe(tiny_llama()[0], topk=1):
                 pass
+    finally:
+        headops.unpatch(model)
+
+
+def test_a_models_pattern_rows_are_its_eager_attention_weights_and_the_caches_agree():
+    """headops.probe(model, pattern_rows=...): on a left-padded batch, the rows of a patched model's
+    attention pattern equal the unpatched model's eager attention weights (output_attentions) at
+    every layer, at the caller's positions; while generating, each step's last row (-1) through a
+    HeadSparseCache equals the one through transformers' cache, and under StreamingLLM it is 0 on
+    every key the cache no longer keeps."""
+    import headops
+    from headops.testing import tiny_llama
+
+    from conftest import left_padded_ids
+
+    model, _ = tiny_llama()
+    model.config._attn_implementation = "eager"
+    ids, mask = left_padded_ids()
+    with torch.no_grad():
+        weights = model(ids, attention_mask=mask, output_attentions=True).attentions
+    dense = headops.HeadSpec.dense(model)
+    headops.patch(model, dense)
+    try:
+        rows = [5, -1, 0]
+        with torch.no_grad(), headops.probe(model, pattern_rows=rows) as rec:
+            model(ids, attention_mask=mask)
+        for layer in range(2):
+            got = rec[layer][0].pattern.double()
+            want = weights[layer][:, :, [5, 12, 0]].double()
+            torch.testing.assert_close(got[:, :, :2], want[:, :, :2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[0, :, 2], want[0, :, 2], atol=1e-5, rtol=1e-5)  # (row 1's 0: padding)
+            assert bool((got[1, :, :, :3] == 0).all())  # no mass on the padding
+        gen = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            with headops.probe(model, pattern_rows=[-1]) as own:
+                model.generate(ids, **gen)
+            with headops.probe(model, pattern_rows=[-1]) as through:
+                model.generate(ids, cache=headops.HeadSparseCache(model, dense), **gen)
+        for layer in range(2):
+            for a, b in zip(own[layer], through[layer]):
+                assert a.pattern.shape == b.pattern.shape
+                torch.testing.assert_close(b.pattern, a.pattern, atol=1e-5, rtol=1e-5)
+        streaming = headops.HeadSpec.streaming_llm(model, window=4, sinks=1)
+        headops.set_spec(model, streaming)
+        with torch.no_grad(), headops.probe(model, pattern_rows=[-1]) as rec:
+            model.generate(ids, cache=headops.HeadSparseCache(model, streaming, max_step=1), **gen)
+        for step, stats in enumerate(rec[0][1:]):
+            position = 13 + step  # (the caller's positions: row 1's padding comes first)
+            pattern = stats.pattern[:, :, 0, :position + 1]
+            keys = torch.arange(position + 1)
+            kept = torch.stack([(keys == first) | (keys > position - 4) for first in (0, 3)])  # its sink, window
+            assert bool((pattern[~kept[:, None].expand_as(pattern)] == 0).all())
+            torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)), atol=1e-5, rtol=0)
     finally:
         headops.unpatch(model)

@@ -40,7 +40,10 @@ def test_statistics_on_the_device_equal_the_cpu_kernel(dtype, B, Sq, Sk, Hq, Hkv
     stats = all_statistics(Sq, Sk)
     want = probe_op(q, k, v, causal=causal, **kw, **stats)
     out, lse, got = headops.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal, return_lse=True,
-                                      probe=headops.Probe(**stats), **on_device(kw))
+                                      probe=headops.Probe(**stats, pattern_rows=[0, -1]), **on_device(kw))
+    _, cpu = headops.attention(q, k, v, causal=causal, probe=headops.Probe(pattern_rows=[0, -1]), **kw)
+    assert got.pattern.device == DEVICE
+    torch.testing.assert_close(got.pattern.cpu(), cpu.pattern, atol=STAT_ATOL[dtype], rtol=1e-4, equal_nan=True)
     for name, w in want.items():
         if name in ("out", "lse"):
             continue
@@ -110,7 +113,7 @@ def test_generation_through_a_device_cache_is_probed_as_on_the_cpu():
     cache_kwarg = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
     cpu_model, dev_model = tiny_llama_twins(DEVICE)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
-    request = headops.Probe(spans=[[0, 1]], distances=[[1, 2]], topk=2, entropy=True)
+    request = headops.Probe(spans=[[0, 1]], distances=[[1, 2]], topk=2, entropy=True, pattern_rows=[0, -1])
     recordings = {}
     for name, model in (("cpu", cpu_model), ("device", dev_model)):
         spec = headops.HeadSpec.streaming_llm(model, window=6, sinks=2)
@@ -124,5 +127,5 @@ def test_generation_through_a_device_cache_is_probed_as_on_the_cpu():
     for layer in range(2):
         for a, b in zip(want[layer], got[layer]):
             assert torch.equal(b.topk_index.cpu(), a.topk_index)
-            for name in ("span_mass", "distance_mass", "entropy", "topk_prob"):
+            for name in ("span_mass", "distance_mass", "entropy", "topk_prob", "pattern"):
                 torch.testing.assert_close(getattr(b, name).cpu(), getattr(a, name), atol=1e-4, rtol=1e-4, msg=name)

@@ -37,18 +37,26 @@ def _row_request(request: dict, b: int, keys: int, queries: int, key_pad: int = 
     keys, and its first `query_pad` query rows are padding) moved from the caller's positions to
     the row's own."""
     row = dict(request)
-    spans, rows = request["spans"], request["key_mass_rows"]
+    spans, rows, pattern = request["spans"], request["key_mass_rows"], request.get("pattern_rows")
     if spans is not None:
         spans = spans[b if spans.shape[0] > 1 else 0] if spans.dim() == 3 else spans
         row["spans"] = (spans - key_pad).clamp(0, keys)
     if rows is not None:
         row["key_mass_rows"] = [min(max(r - query_pad, 0), queries) for r in rows]
+    if pattern is not None:  # (a padding query's row is zeroed afterwards: _in_padded_positions)
+        row["pattern_rows"] = [min(max(r - query_pad, 0), queries - 1) for r in pattern]
     return row
 
 
-def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int) -> ProbeResult:
+def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int, pattern_rows=None,
+                         queries: int | None = None) -> ProbeResult:
     """A left-padded row's statistics (batch of one) at the caller's positions: its query rows after
-    `query_pad` rows of padding (which report masses 0, indices -1), its keys after `key_pad`."""
+    `query_pad` rows of padding (which report masses 0, indices -1), its keys after `key_pad`; the
+    pattern of the caller's `pattern_rows` that are padding (outside the row's `queries` query
+    rows) is 0."""
+    if stats.pattern is not None:
+        valid = torch.tensor([query_pad <= r < query_pad + queries for r in pattern_rows], device=stats.pattern.device)
+        stats = dataclasses.replace(stats, pattern=torch.where(valid[:, None], stats.pattern, 0.0))
     if key_pad == 0 and query_pad == 0:
         return stats
     fields = {}
@@ -58,6 +66,9 @@ def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int) -> Pr
             continue
         if f.name == "topk_index":
             t = torch.where(t >= 0, t + key_pad, t)
+        if f.name == "pattern":  # (its rows are the pattern_rows; its keys move)
+            fields[f.name] = torch.cat([t.new_zeros((*t.shape[:3], key_pad)), t], 3)
+            continue
         pad = key_pad if f.name == "key_mass" else query_pad
         if pad:
             before = t.new_full((t.shape[0], t.shape[1], pad, *t.shape[3:]), _PADDING.get(f.name, 0))
@@ -67,7 +78,10 @@ def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int) -> Pr
 
 
 def _padded(name: str, t: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
-    """A row's statistic [1, Hq, n, ...] padded to Sq query rows (Sk keys for key_mass)."""
+    """A row's statistic [1, Hq, n, ...] padded to Sq query rows (Sk keys for key_mass; the
+    pattern's keys, its last axis, to Sk)."""
+    if name == "pattern":
+        return torch.cat([t, t.new_zeros((*t.shape[:3], Sk - t.shape[3]))], 3) if t.shape[3] < Sk else t
     length = Sk if name == "key_mass" else Sq
     missing = length - t.shape[2]
     if missing == 0:
@@ -100,7 +114,7 @@ def prefill(q, k, v, args: HeadArgs, request: dict, lengths, causal: bool, pads=
         out[b:b + 1, :n], _, stats = run_probe(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
                                                _row_request(request, b, n, n, p, p), causal=causal,
                                                heads_first=False)
-        results.append(_in_padded_positions(stats, p, p))
+        results.append(_in_padded_positions(stats, p, p, request.get("pattern_rows"), n))
     return out, stack_rows(results, q.shape[1], k.shape[1])
 
 
@@ -128,7 +142,7 @@ def decode(st, q, args: HeadArgs, request: dict, causal: bool) -> ProbeResult:
         if compensation is not None:
             _add_compensation(stats, lse, compensation, row_request,
                               lambda r: run_probe(q[b:b + 1], k, v, row, r, causal=causal, heads_first=False)[2])
-        results.append(_in_padded_positions(stats, st.pads[b], 0))
+        results.append(_in_padded_positions(stats, st.pads[b], 0, request.get("pattern_rows"), Sq))
     return stack_rows(results, Sq, max(n + p for n, p in zip(st.held, st.pads)))
 
 
@@ -177,6 +191,9 @@ def _add_compensation(stats: ProbeResult, lse, compensation, request: dict, prob
         t = getattr(stats, name)
         if t is not None:
             setattr(stats, name, (t.double() * r[..., None]).to(t.dtype))
+    if stats.pattern is not None:
+        rows = r[:, :, request["pattern_rows"], None]
+        stats.pattern = (stats.pattern.double() * rows).to(stats.pattern.dtype)
     if stats.sink_mass is not None:
         stats.sink_mass = (stats.sink_mass.double() * r).to(stats.sink_mass.dtype)
     if stats.entropy is not None:

@@ -42,7 +42,9 @@ def _to_device(t, device, dtype):
 class _Heads:
     """The per-head arguments of a call as ``[B, Hq]`` tensors on the statistics' device."""
 
-    def __init__(self, args: HeadArgs, B: int, Hq: int, device, acc):
+    def __init__(self, args: HeadArgs, B: int, Hq: int, device, acc, causal: bool):
+        self.causal = causal
+
         def to(t, dtype):
             return None if t is None else _to_device(t, device, dtype).expand(B, Hq)
 
@@ -72,6 +74,46 @@ def _visible(heads: _Heads, positions, Sk: int, causal: bool):
     return visible
 
 
+def _probabilities(q, keys, lse, heads: _Heads, rows, Sq: int, acc):
+    """(masked logits, probabilities), both ``[B, Hq, n, Sk]``, of the query rows `rows` (an index
+    tensor of n rows of q, ``[B, Hq, Sq, D]``) over `keys` ``[B, Hkv, Sk, D]`` (accumulation
+    dtype): one product per KV head (its query heads' rows stacked: GQA reads each key once),
+    each head's scale, key_bias and visibility, p = exp(s - lse) with the forward's lse of those
+    rows; a row that saw nothing has no probabilities."""
+    B, Hq, _, D = q.shape
+    Hkv, Sk = keys.shape[1], keys.shape[2]
+    n = rows.numel()
+    stacked = q[:, :, rows].detach().to(acc).reshape(B, Hkv, (Hq // Hkv) * n, D)
+    logits = torch.matmul(stacked, keys.transpose(-1, -2)).view(B, Hq, n, Sk)
+    logits.mul_(heads.scale[:, :, None, None])
+    if heads.key_bias is not None:
+        logits.add_(heads.key_bias[:, :, None, :])
+    positions = rows + (Sk - Sq)  # bottom-right aligned
+    masked = logits.masked_fill_(~_visible(heads, positions, Sk, heads.causal), float("-inf"))
+    row_lse = lse[:, :, rows, None]
+    seen = row_lse != float("-inf")
+    p = torch.sub(masked, row_lse).exp_().masked_fill_(~(seen & ~torch.isneginf(masked)), 0.0)
+    return masked, p
+
+
+def pattern(q, k, lse, args: HeadArgs, rows, *, causal: bool, heads_first: bool):
+    """``[B, Hq, n, Sk]`` float32: the probabilities of the query rows `rows` (ints in [0, Sq))
+    over every key, from the call's lse (probe.pattern_rows); 0 in a head gated off exactly and
+    in a row that saw nothing. None without rows."""
+    if rows is None:
+        return None
+    if not heads_first:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    B, Hq, Sq, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = _Heads(args, B, Hq, q.device, acc, causal)
+    index = torch.tensor(rows, dtype=torch.int64, device=q.device)
+    _, p = _probabilities(q, k.detach().to(acc), lse.detach().to(acc), heads, index, Sq, acc)
+    if heads.computed is not None:
+        p = torch.where(heads.computed[:, :, None, None], p, 0.0)
+    return p.to(torch.float32)
+
+
 def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_first: bool) -> dict:
     """The statistics `request` asks for (``check_probe``'s dict), by name, None for the others.
 
@@ -79,12 +121,11 @@ def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_
     nothing or a head was skipped). Masses are float32, top-k indices int64 (-1: no key)."""
     if not heads_first:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
     device = q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    heads = _Heads(args, B, Hq, device, acc)
+    heads = _Heads(args, B, Hq, device, acc, causal)
     lse = lse.detach().to(acc)
     keys = k.detach().to(acc)
     key = torch.arange(Sk, device=device)
@@ -114,18 +155,10 @@ def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_
     step = rows_per_block(B, Hq, Sk, device)
     for r0 in range(0, Sq, step):
         r1 = min(Sq, r0 + step)
-        n = r1 - r0
-        # one product per KV head: its query heads' rows stacked (GQA reads each key once)
-        rows = q[:, :, r0:r1].detach().to(acc).reshape(B, Hkv, group * n, D)
-        logits = torch.matmul(rows, keys.transpose(-1, -2)).view(B, Hq, n, Sk)
-        logits.mul_(heads.scale[:, :, None, None])
-        if heads.key_bias is not None:
-            logits.add_(heads.key_bias[:, :, None, :])
-        positions = torch.arange(r0, r1, device=device) + (Sk - Sq)  # bottom-right aligned
-        masked = logits.masked_fill_(~_visible(heads, positions, Sk, causal), float("-inf"))
+        masked, p = _probabilities(q, keys, lse, heads, torch.arange(r0, r1, device=device), Sq, acc)
+        positions = torch.arange(r0, r1, device=device) + (Sk - Sq)
         row_lse = lse[:, :, r0:r1, None]
-        seen = row_lse != float("-inf")  # a row that saw nothing has no probabilities
-        p = torch.sub(masked, row_lse).exp_().masked_fill_(~(seen & ~torch.isneginf(masked)), 0.0)
+        seen = row_lse != float("-inf")
         p_sink = None
         if heads.sink_logit is not None and (request["sink_mass"] or request["entropy"]):
             sink = heads.sink_logit[:, :, None]

@@ -21,6 +21,7 @@ from ._args import HeadArgs, is_int
 
 MAX_TOPK = 8
 _STATISTICS = ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob", "key_mass")
+MAX_PATTERN_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Probe:
     compensation_mass: the mass of a compensated streaming head's compensation key (RazorAttention,
         through a ``HeadSparseCache``): the key that stands for the tokens the head evicted, which
         has no position (no span, distance, top-k or key mass counts it). 0 elsewhere.
+    pattern_rows: query rows of the call (ints, up to 64; negative ones count from the last, -1:
+        each call's last query, a generated token's) whose whole attention distribution over the
+        keys is returned, ``pattern`` ``[B, Hq, n, Sk]``: a few rows of the pattern (a ViT's CLS
+        row, the answer token's row of a retrieval head) without S x S memory.
     """
     spans: object = None
     distances: object = None
@@ -48,6 +53,7 @@ class Probe:
     entropy: bool = False
     key_mass_rows: tuple | None = None
     compensation_mass: bool = False
+    pattern_rows: object = None
 
 
 @dataclasses.dataclass
@@ -63,6 +69,9 @@ class ProbeResult:
     topk_prob: torch.Tensor | None = None      # [B, Hq, Sq, k]
     key_mass: torch.Tensor | None = None       # [B, Hq, Sk]
     compensation_mass: torch.Tensor | None = None  # [B, Hq, Sq]
+    # [B, Hq, n, Sk]: the probabilities of the pattern_rows over every key (the sink logit's and a
+    # compensation key's shares are sink_mass and compensation_mass: a row sums to 1 less those)
+    pattern: torch.Tensor | None = None
 
 
 def _pairs(caller, value, name, *, batch=None):
@@ -132,28 +141,48 @@ def check_probe(caller, probe, *, B, Sq, Sk):
                              f"got {rows!r}")
         rows = [int(rows[0]), int(rows[1])]
     return dict(spans=spans, distances=distances, sink_mass=probe.sink_mass, topk=int(probe.topk),
-                entropy=probe.entropy, key_mass_rows=rows, compensation_mass=probe.compensation_mass)
+                entropy=probe.entropy, key_mass_rows=rows, compensation_mass=probe.compensation_mass,
+                pattern_rows=_pattern_rows(caller, probe.pattern_rows, Sq))
+
+
+def _pattern_rows(caller, rows, Sq: int):
+    """probe.pattern_rows as query rows in [0, Sq) (negative ones from the last), or None."""
+    if rows is None:
+        return None
+    given = rows
+    if isinstance(rows, torch.Tensor):
+        rows = rows.tolist() if rows.dim() == 1 and not rows.is_floating_point() else None
+    if (not isinstance(rows, (list, tuple)) or not 1 <= len(rows) <= MAX_PATTERN_ROWS
+            or not all(is_int(r) and -Sq <= r < Sq for r in rows)):
+        raise ValueError(f"{caller}: probe.pattern_rows must be 1 to {MAX_PATTERN_ROWS} query rows of the call, ints "
+                         f"in [-Sq, Sq) with Sq = {Sq} (negative ones from the last), got {given!r}")
+    return [int(r) % Sq for r in rows]
 
 
 def op_request(probe: dict) -> dict:
     """The probe op's arguments of a checked request: all but compensation_mass, which no
-    attention call has a key for (the cache adds it, _cache_probe)."""
-    return {n: x for n, x in probe.items() if n != "compensation_mass"}
+    attention call has a key for (the cache adds it, _cache_probe), and pattern_rows, recomputed
+    from the call's lse (_probe_rows.pattern)."""
+    return {n: x for n, x in probe.items() if n not in ("compensation_mass", "pattern_rows")}
 
 
 def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first: bool):
     """The probe op on checked inputs: (out, lse, ProbeResult). Where no probe kernel runs, out and
     lse are the fused forward's (differentiable as it is) and the statistics are recomputed from
     that lse by row blocks."""
+    from . import _probe_rows
+
     wants_compensation = probe.get("compensation_mass", False)
+    pattern_rows = probe.get("pattern_rows")
     probe = op_request(probe)
     if not kernel_probes(q.device):
-        from . import _probe_rows
         from .attention import run_fused
 
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=heads_first)
         found = _probe_rows.statistics(q, k, lse, args, probe, causal=causal, heads_first=heads_first)
-        return out, lse, ProbeResult(**found, compensation_mass=_no_compensation_key(lse, wants_compensation))
+        return out, lse, ProbeResult(**found, compensation_mass=_no_compensation_key(lse, wants_compensation),
+                                     pattern=_probe_rows.pattern(q, k, lse, args, pattern_rows, causal=causal,
+                                                                 heads_first=heads_first))
     kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
     del kernel["alpha"]  # (refused with a probe before this point)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -162,7 +191,9 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
     asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
              probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
     return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)},
-                                 compensation_mass=_no_compensation_key(lse, wants_compensation))
+                                 compensation_mass=_no_compensation_key(lse, wants_compensation),
+                                 pattern=_probe_rows.pattern(q, k, lse, args, pattern_rows, causal=causal,
+                                                             heads_first=heads_first))
 
 
 def _no_compensation_key(lse, asked: bool):

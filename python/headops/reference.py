@@ -220,11 +220,13 @@ def _packed(q, k, v, sequence_ids, *, causal, layout, return_lse, **per_head):
 
 def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None, window=None, sinks=None,
           key_bias=None, sink_logit=None, spans=None, distances=None, sink_mass=False, topk=0, entropy=False,
-          key_mass_rows=None, compensation_key=None, compensation_bias=None, compensation_mass=False):
+          key_mass_rows=None, compensation_key=None, compensation_bias=None, compensation_mass=False,
+          pattern_rows=None):
     """Reference of the probe statistics (DESIGN section 5) from the materialised probabilities,
     in float64. Returns a dict: span_mass [B, Hq, Sq, n_spans], distance_mass [B, Hq, Sq, n_ranges],
     sink_mass, entropy [B, Hq, Sq], topk_index (int64) and topk_prob [B, Hq, Sq, topk], key_mass
-    [B, Hq, Sk]; None for what was not asked.
+    [B, Hq, Sk], pattern [B, Hq, n, Sk] (the probabilities of the query rows pattern_rows, ints,
+    negative ones from the last); None for what was not asked.
 
     spans: [n, 2] or [B, n, 2] absolute key positions [start, end); distances: [n, 2] ranges
     [d0, d1) of pos_i - j; key_mass_rows: (r0, r1), the query rows whose mass each key collects.
@@ -291,7 +293,7 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
         return torch.where(mask, x, torch.full_like(x, fill))
 
     result = dict.fromkeys(("span_mass", "distance_mass", "sink_mass", "entropy", "topk_index", "topk_prob",
-                            "key_mass", "compensation_mass"))
+                            "key_mass", "compensation_mass", "pattern"))
     key = torch.arange(Sk, device=dev)
     if spans is not None:
         spans = torch.as_tensor(spans, device=dev).to(torch.int64)
@@ -333,4 +335,6 @@ def probe(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=None,
     if compensation_mass:
         result["compensation_mass"] = off(p_comp if p_comp is not None else torch.zeros(B, Hq, Sq, dtype=f64,
                                                                                         device=dev))
+    if pattern_rows is not None:
+        result["pattern"] = off(p[:, :, [int(r) % Sq for r in pattern_rows]])
     return result
