@@ -127,3 +127,60 @@ def test_a_build_for_another_torch_is_refused_at_import(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "headops._build_info", None)  # no record (an older build tree): no check
     assert _build.build_info() is None
     _build.check_torch("2.9")
+
+
+def save_with_a_char_tokenizer(model, folder):
+    """save_pretrained of `model` beside a character-level fast tokenizer (ids 0-2 special, 3-96
+    the characters ' ' to '}', as headops.testing.CharTokenizer's) that AutoTokenizer loads."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 126)}}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>")),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def test_the_commands_take_a_model_folder(tmp_path, capsys):
+    """--model <folder of save_pretrained's files>: a causal LM (GPT-NeoX) through discover, prune and
+    shapley, an encoder (DistilBERT) through prune's sentence-embedding study; file names and plot
+    titles take the folder's name; a folder without a model, an encoder for retrieval and an
+    encoder-decoder are refused by name."""
+    import csv
+
+    import transformers
+
+    import headops.cli
+    from headops.testing import tiny_gpt_neox
+
+    causal = tmp_path / "pythia-tiny"
+    save_with_a_char_tokenizer(tiny_gpt_neox()[0], causal)
+    out = tmp_path / "sink"
+    assert headops.cli.main(["discover", "--method", "sink", "--model", str(causal), "--rows", "2", "--tokens", "40",
+                             "--quiet", "--no-plot", "--out", str(out)]) == 0
+    with open(f"{out}.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 4  # every (layer, head)
+    assert headops.cli.main(["prune", "--model", str(causal), "--tokens", "24", "--steps", "2", "--repeats", "1",
+                             "--quiet", "--no-plot", "--out", str(tmp_path / "prune")]) == 0
+    assert headops.cli.main(["shapley", "--model", str(causal), "--tokens", "8", "--permutations", "1", "--quiet",
+                             "--no-plot", "--out", str(tmp_path / "shapley")]) == 0
+    assert "pythia-tiny" in capsys.readouterr().out
+    cfg = transformers.DistilBertConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                        max_position_embeddings=64)
+    encoder = tmp_path / "distilbert-tiny"
+    save_with_a_char_tokenizer(transformers.DistilBertModel(cfg).eval(), encoder)
+    assert headops.cli.main(["prune", "--model", str(encoder), "--tokens", "16", "--passages", "4", "--steps", "2",
+                             "--repeats", "1", "--quiet", "--no-plot", "--out", str(tmp_path / "prune_enc")]) == 0
+    assert "cos_sim" in open(tmp_path / "prune_enc.csv").readline()
+    with pytest.raises(SystemExit, match="retrieval needs a model that generates"):
+        headops.cli.main(["discover", "--method", "retrieval", "--model", str(encoder), "--quiet", "--no-plot",
+                          "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="neither a bundled model .* nor a folder holding a transformers model"):
+        headops.cli.main(["prune", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    from headops.testing import tiny_bart
+
+    seq2seq = tmp_path / "bart"
+    save_with_a_char_tokenizer(tiny_bart()[0], seq2seq)
+    with pytest.raises(SystemExit, match="an encoder-decoder model"):
+        headops.cli.main(["prune", "--model", str(seq2seq), "--out", str(tmp_path / "x")])

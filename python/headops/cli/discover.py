@@ -28,7 +28,7 @@ from .._args import of_layer
 from ..head_scores import pool_kv_heads, top_heads
 from ..spec import HeadSpec
 from .output import say_written, write_csv
-from .study import ENCODERS, MODELS, load_model
+from .study import MODEL_HELP, is_encoder, load_model, model_label
 
 HELP = "find retrieval, streaming (DuoAttention), echo, induction and sink heads: per-head scores"
 
@@ -39,8 +39,7 @@ LABELS = {"retrieval": "retrieval score (Wu et al.)", "echo": "echo score (mass 
 
 def add_arguments(p) -> None:
     p.add_argument("--method", required=True, choices=discover.METHODS)
-    p.add_argument("--model", default="smollm2", choices=[m for m in MODELS if m != "tiny-bert"],
-                   help="smollm2 (SmolLM2-135M), minilm (all-MiniLM-L6-v2), tiny (random, with a character tokenizer)")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP + " (tiny: with a character tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="writes <out>.csv and <out>.png (default results/discover_<method>_<model>)")
     p.add_argument("--no-plot", action="store_true")
@@ -101,7 +100,7 @@ def _scores(args, model, tok):
     """The Scores of args.method (for echo and induction, of that one of the pair)."""
     show = not args.quiet
     if args.method == "retrieval":
-        if args.model in ENCODERS:
+        if is_encoder(model):
             raise SystemExit(f"--method retrieval needs a model that generates; {args.model} is an encoder")
         samples = discover.retrieval_samples(tok, lengths=args.lengths, depths=args.depths, needles=args.needles,
                                              seed=args.seed)
@@ -124,7 +123,7 @@ def _scores(args, model, tok):
 def run(args) -> int:
     if not 0.0 < args.top_fraction <= 1.0:
         raise SystemExit(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
-    out = args.out or os.path.join("results", f"discover_{args.method}_{args.model}")
+    out = args.out or os.path.join("results", f"discover_{args.method}_{model_label(args.model)}")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -157,6 +156,6 @@ def run(args) -> int:
     if not args.no_plot:
         from .plots import plot_head_scores  # matplotlib only when a plot is written
 
-        plot_head_scores(values, out + ".png", args.model, LABELS[args.method])
+        plot_head_scores(values, out + ".png", model_label(args.model), LABELS[args.method])
     say_written(out, plotted=not args.no_plot)
     return 0

@@ -22,7 +22,7 @@ import torch
 from .. import evaluate as harness
 from .. import tasks
 from .output import say_written, write_csv
-from .study import MODELS, load_model
+from .study import is_encoder, load_model, model_label
 
 HELP = "accuracy vs KV bytes held: every head-level method on the same long-context prompts"
 
@@ -33,8 +33,9 @@ SUMMARY_HEADER = ["task", "length", "method", "family", "samples", "accuracy", "
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2", choices=[m for m in MODELS if m not in ("tiny-bert", "minilm")],
-                   help="smollm2 (SmolLM2-135M-Instruct) or tiny (random, a character tokenizer)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (SmolLM2-135M-Instruct), tiny (random, a character tokenizer), or a folder holding a "
+                        "transformers causal LM and its tokenizer (save_pretrained's files)")
     p.add_argument("--tasks", nargs="+", default=["passkey", "niah_single"], choices=tasks.TASKS)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=10,
@@ -101,9 +102,11 @@ def run(args) -> int:
                    else [harness.parse_method(m) for m in args.methods])
     except ValueError as e:
         raise SystemExit(f"--methods: {e}") from None
-    out = args.out or os.path.join("results", f"evaluate_{args.model}")
+    out = args.out or os.path.join("results", f"evaluate_{model_label(args.model)}")
     started = time.perf_counter()
     model, tok = load_model(args.model, DTYPES[args.dtype])
+    if is_encoder(model):
+        raise SystemExit(f"--model {args.model}: an encoder; the evaluation generates answers (a causal LM)")
     if tok is None:
         from ..testing import CharTokenizer
 
@@ -129,7 +132,7 @@ def run(args) -> int:
     if not args.no_plot:
         from .plots import plot_accuracy_vs_bytes  # matplotlib only when a plot is written
 
-        plot_accuracy_vs_bytes(summary, out + ".png", args.model)
+        plot_accuracy_vs_bytes(summary, out + ".png", model_label(args.model))
     say_written(out, plotted=not args.no_plot)
     print(f"wrote {out}_summary.csv")
     return 0

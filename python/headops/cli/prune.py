@@ -20,7 +20,7 @@ import torch
 
 from .. import research
 from .output import say_written, write_csv
-from .study import add_study_arguments, head_order, study_with_importance
+from .study import add_study_arguments, head_order, model_label, study_with_importance
 
 HELP = "importance-ordered and random pruning curves"
 
@@ -62,6 +62,6 @@ def run(args) -> int:
     if not args.no_plot:
         from .plots import plot_curves  # matplotlib only when a plot is written
 
-        plot_curves(rows, args.out + ".png", args.model, study)
+        plot_curves(rows, args.out + ".png", model_label(args.model), study)
     say_written(args.out, plotted=not args.no_plot)
     return 0

@@ -11,7 +11,7 @@ import torch
 
 from .. import research
 from .output import say_written, write_csv
-from .study import add_study_arguments, study_with_importance
+from .study import add_study_arguments, model_label, study_with_importance
 
 HELP = "Shapley values of the heads (permutation sampling)"
 
@@ -45,6 +45,6 @@ def run(args) -> int:
     if not args.no_plot:
         from .plots import plot_heads  # matplotlib only when a plot is written
 
-        plot_heads(phi, scores, args.out + ".png", args.model, args.permutations)
+        plot_heads(phi, scores, args.out + ".png", model_label(args.model), args.permutations)
     say_written(args.out, plotted=not args.no_plot)
     return 0

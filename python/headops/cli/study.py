@@ -9,6 +9,7 @@ deterministic for a seed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import time
@@ -21,7 +22,9 @@ from .. import research
 from ..corpus import stdlib_source, stdlib_text
 
 MODELS = ("smollm2", "minilm", "tiny", "tiny-bert")
-ENCODERS = ("minilm", "tiny-bert")
+MODEL_HELP = ("smollm2 (SmolLM2-135M), minilm (all-MiniLM-L6-v2), tiny / tiny-bert (random, tests), or a folder "
+              "holding a transformers model and its tokenizer (save_pretrained's: config.json, weights, tokenizer "
+              "files; a causal LM, or an encoder)")
 
 
 @dataclass
@@ -41,8 +44,7 @@ class Study:
 
 def add_study_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """The options of every command that studies a model's heads (--out defaults to results/<command>)."""
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (SmolLM2-135M), minilm (all-MiniLM-L6-v2), or tiny / tiny-bert (random, tests)")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per text (causal LM: for importance, and as many to evaluate; default 256) "
                         "or per passage (encoder; default 128)")
@@ -79,13 +81,18 @@ def encoder_study(model, tok, tokens: int, passages: int) -> Study:
         if flat.numel() < need:
             raise SystemExit(f"the text has only {flat.numel()} tokens, {need} needed")
         body = flat[:need].view(2 * passages, tokens - 2)
-        cls, sep = tok.cls_token_id, tok.sep_token_id
+        # (a tokenizer without [CLS]/[SEP] frames passages with its BOS/EOS, or not at all)
+        cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         source = stdlib_source()
+    takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     def encode(rows):
         n = rows.shape[0]
-        ids = torch.cat([torch.full((n, 1), cls), rows, torch.full((n, 1), sep)], dim=1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        ids = torch.cat([rows.new_full((n, 1), cls if cls is not None else rows[0, 0]), rows,
+                         rows.new_full((n, 1), sep if sep is not None else rows[0, -1])], dim=1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return dict(batch, token_type_ids=torch.zeros_like(ids)) if takes_types else batch
 
     half = (tokens - 2) // 2
     train, held_out = body[:passages], body[passages:]
@@ -98,11 +105,22 @@ def encoder_study(model, tok, tokens: int, passages: int) -> Study:
                  lambda x: x, False)
 
 
+def model_label(name: str) -> str:
+    """A model named on the command line as output file names and plot titles show it: a
+    folder's own name."""
+    return name if name in MODELS else os.path.basename(os.path.normpath(name))
+
+
+def is_encoder(model) -> bool:
+    """Whether a loaded model is an encoder (a sentence encoder's study) rather than a causal LM."""
+    return not (hasattr(model, "can_generate") and model.can_generate())
+
+
 def load_model(name: str, dtype=None):
     """(model, tokenizer) of a model named on the command line (tokenizer None for the tiny ones),
-    in `dtype` when given (default: float32)."""
+    in `dtype` when given (default: float32): a bundled one, or a transformers model folder."""
     if name not in MODELS:
-        raise SystemExit(f"unknown model {name!r} ({', '.join(MODELS)})")
+        return _load_folder(name, dtype)
     if name == "smollm2":
         from ..models import load_smollm2
 
@@ -118,12 +136,37 @@ def load_model(name: str, dtype=None):
     return (model if dtype is None else model.to(dtype)), tok
 
 
+def _load_folder(folder: str, dtype=None):
+    """(model, tokenizer) from a folder of save_pretrained's files: AutoModelForCausalLM for a
+    causal LM (its config's architectures say so), AutoModel for an encoder; the tokenizer the
+    folder holds. A SystemExit naming what is missing."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise SystemExit(f"--model {folder!r}: neither a bundled model ({', '.join(MODELS)}) nor a folder holding a "
+                         "transformers model (config.json, weights and tokenizer files, as save_pretrained writes "
+                         "them)")
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "is_encoder_decoder", False):
+        raise SystemExit(f"--model {folder!r}: an encoder-decoder model ({config.model_type}); the commands study a "
+                         "causal LM or an encoder")
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                 for a in getattr(config, "architectures", None) or ())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {folder!r}: no tokenizer could be loaded from the folder ({e})") from None
+    kind = AutoModelForCausalLM if causal else AutoModel
+    model = kind.from_pretrained(folder, dtype=dtype or torch.float32).eval()
+    return model, tokenizer
+
+
 def load_study(args) -> Study:
-    name = args.model
-    model, tok = load_model(name)
+    model, tok = load_model(args.model)
+    encoder = is_encoder(model)
     if args.tokens is None:
-        args.tokens = 128 if name in ENCODERS else 256
-    if name in ENCODERS:
+        args.tokens = 128 if encoder else 256
+    if encoder:
         return encoder_study(model, tok, args.tokens, args.passages)
     return causal_lm_study(model, tok, args.tokens)
 
