@@ -3,7 +3,8 @@ eager attention computing the same statistics from the materialised pattern.
 
     python bench/probe.py                    # kernel rows (S = 4096) and SmolLM2's shapes (S = 2048, 4096)
     python bench/probe.py --quick            # small sizes (CI smoke test)
-    python bench/probe.py --model            # also SmolLM2's whole forward: probes at every layer vs
+    python bench/probe.py --model            # also SmolLM2's whole forward: probes at every layer (and with
+                                             # every layer's last-row pattern, probe.pattern_rows=[-1]) vs
                                              # output_attentions=True (time and peak RSS, separate processes)
     python bench/probe.py --device cuda      # the same rows on a GPU, where probes take the row-block
                                              # path (docs/probes.md): probe.cuda.md / .json
@@ -146,7 +147,8 @@ with torch.no_grad():
         stats = [(a[..., 0].clone(), a.max(-1).indices, -(a * a.clamp_min(1e-30).log()).sum(-1)) for a in out.attentions]
     else:
         start = time.perf_counter()
-        with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True) as rec:
+        rows = dict(pattern_rows=[-1]) if mode == "pattern" else dict()
+        with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True, **rows) as rec:
             model(ids)
     seconds = time.perf_counter() - start
 print(seconds, proc_status("VmHWM"), loaded)
@@ -157,7 +159,7 @@ def model_rows(sizes):
     rows = []
     for S in sizes:
         got = {}
-        for mode in ("headops", "eager"):
+        for mode in ("headops", "pattern", "eager"):
             done = subprocess.run([sys.executable, "-c", MODEL_RUN.format(python=os.path.join(ROOT, "python"),
                                                                           bench=os.path.join(ROOT, "bench")),
                                    mode, str(S)], capture_output=True, text=True)
@@ -171,7 +173,9 @@ def model_rows(sizes):
             (hs, hp, hl), (es, ep, el) = got["headops"], got["eager"]
             # peak: the process's peak RSS during the forward (reset once the model was loaded);
             # rise: that peak over the RSS before the forward (what the forward itself allocated)
-            rows.append(dict(S=S, headops_s=hs, eager_s=es, headops_peak_mib=hp / 2**20, eager_peak_mib=ep / 2**20,
+            ps, pp, pl = got["pattern"] or (float("nan"), 0, 0)
+            rows.append(dict(S=S, headops_s=hs, pattern_s=ps, pattern_rise_mib=(pp - pl) / 2**20,
+                             eager_s=es, headops_peak_mib=hp / 2**20, eager_peak_mib=ep / 2**20,
                              headops_rise_mib=(hp - hl) / 2**20, eager_rise_mib=(ep - el) / 2**20,
                              memory_ratio=ep / hp, rise_ratio=(ep - el) / max(hp - hl, 1), time_ratio=es / hs))
     return rows
@@ -207,10 +211,13 @@ def main(argv=None):
                             [[r["shape"], f"{r['probes_ms']:.1f}", f"{r['eager_ms']:.1f}", f"{r['speedup']:.1f}x"]
                              for r in result["smollm2_shapes"]])]
     if args.model:
-        lines += ["", "SmolLM2-135M whole forward: probes at every layer vs output_attentions=True (eager)",
-                  markdown_table(["S", "headops s", "eager s", "time ratio", "headops peak MiB", "eager peak MiB",
+        lines += ["", "SmolLM2-135M whole forward: probes at every layer (and with each layer's last-row pattern) vs "
+                      "output_attentions=True (eager)",
+                  markdown_table(["S", "headops s", "+ last-row pattern s", "+ pattern rise MiB", "eager s",
+                                  "time ratio", "headops peak MiB", "eager peak MiB",
                                   "peak ratio", "headops rise MiB", "eager rise MiB", "rise ratio"],
-                                 [[r["S"], f"{r['headops_s']:.2f}", f"{r['eager_s']:.2f}", f"{r['time_ratio']:.2f}x",
+                                 [[r["S"], f"{r['headops_s']:.2f}", f"{r['pattern_s']:.2f}",
+                                   f"{r['pattern_rise_mib']:.0f}", f"{r['eager_s']:.2f}", f"{r['time_ratio']:.2f}x",
                                    f"{r['headops_peak_mib']:.0f}", f"{r['eager_peak_mib']:.0f}",
                                    f"{r['memory_ratio']:.1f}x", f"{r['headops_rise_mib']:.0f}",
                                    f"{r['eager_rise_mib']:.0f}", f"{r['rise_ratio']:.1f}x"]
