@@ -513,8 +513,9 @@ def test_flash_attention_packing_arguments_are_taken():
 
 def test_restarting_positions_that_transformers_does_not_pack_attend_across():
     """transformers packs only without a mask and without its cache: with a mask of ones, or with
-    use_cache=True, restarting position_ids attend across the row there, and through headops too;
-    probes over packed sequences are refused."""
+    use_cache=True, restarting position_ids attend across the row there, and through headops too.
+    Probes over the packed row (which transformers packs) report each sequence's own statistics (before
+    2026-12-07 refused): the recording of each sequence run alone, at the row's positions."""
     from headops.testing import tiny_llama
 
     model, _ = tiny_llama()
@@ -528,9 +529,15 @@ def test_restarting_positions_that_transformers_does_not_pack_attend_across():
         torch.testing.assert_close(got, want_masked, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(model(ids, position_ids=positions, use_cache=True).logits, want_cached, atol=2e-6,
                                    rtol=1e-5)
-        with pytest.raises(NotImplementedError, match="probes over sequences packed into one row"):
-            with headops.probe(model, topk=1):
-                model(ids, position_ids=positions, use_cache=False)
+        with headops.probe(model, topk=1, entropy=True) as packed:
+            model(ids, position_ids=positions, use_cache=False)
+        for s0, s1 in ((0, 4), (4, 10), (10, 13)):
+            with headops.probe(model, topk=1, entropy=True) as alone:
+                model(ids[:, s0:s1], use_cache=False)
+            for layer in range(2):
+                got, want = packed[layer][0], alone[layer][0]
+                torch.testing.assert_close(got.entropy[:, :, s0:s1], want.entropy, atol=1e-5, rtol=1e-5)
+                assert torch.equal(got.topk_index[:, :, s0:s1], want.topk_index + s0)
 
 
 def test_attention_dropout_in_training_is_refused():

@@ -163,8 +163,8 @@ def test_bad_sequence_ids_are_refused_by_name():
             headops.attention(q, k, v, sequence_ids=ids)
     with pytest.raises(ValueError, match=r"sequence_ids must be given only for self-attention .*6 and 4"):
         headops.attention(q, k[:, :4], v[:, :4], sequence_ids=good)
-    with pytest.raises(NotImplementedError, match="probes over packed sequences"):
-        headops.attention(q, k, v, sequence_ids=good, probe=headops.Probe(sink_mass=True))
+    with pytest.raises(NotImplementedError, match="probes over key buffers"):
+        headops.attention(q, k, v, key_lengths=4, probe=headops.Probe(sink_mass=True))
 
 
 def _raw_forward(q, k, v, **kw):
@@ -240,3 +240,48 @@ def test_runs_cut_to_a_bounded_size_are_the_reference():
     assert_close(out, want, 1e-12)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
         assert_close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_probes_over_packed_rows_are_each_sequences_own(layout):
+    """A probe over sequences packed into rows (before 2026-12-07 refused): each sequence's
+    statistics are the reference's over that sequence alone (its sinks, window and key_bias from its
+    first token), at the row's positions: top-k indices, spans, key mass and pattern keys moved by
+    the sequence's start; a query row's pattern is 0 outside its own sequence; out and lse are the
+    packed forward's."""
+    from headops import reference
+
+    g = torch.Generator().manual_seed(5)
+    B, S, Hq, Hkv, D = 2, 20, 4, 2, 8
+    q, k, v = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64) for H in (Hq, Hkv, Hkv))
+    ids = torch.tensor([[0] * 7 + [1] * 5 + [2] * 8, [5] * 20])
+    kw = dict(window=torch.tensor([-1, 3, 2, -1]), sinks=torch.tensor([0, 1, 0, 2]),
+              key_bias=torch.randn(B, Hq, S, generator=g, dtype=torch.float64),
+              sink_logit=torch.randn(Hq, generator=g, dtype=torch.float64))
+    request = dict(spans=[[0, 1], [7, 9]], distances=[[1, 2]], topk=2, entropy=True, sink_mass=True,
+                   key_mass_rows=(5, 15), pattern_rows=[0, 8, -1])
+    given = (q, k, v) if layout == "bshd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+    out, lse, stats = headops.attention(*given, layout=layout, sequence_ids=ids, return_lse=True,
+                                        probe=headops.Probe(**request), **kw)
+    want_out, want_lse = headops.attention(*given, layout=layout, sequence_ids=ids, return_lse=True, **kw)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    pattern_rows = [0, 8, S - 1]
+    for b, s0, s1 in [(0, 0, 7), (0, 7, 12), (0, 12, 20), (1, 0, 20)]:
+        n = s1 - s0
+        rows = [r for r in pattern_rows if s0 <= r < s1]
+        want = reference.probe(q[b:b + 1, s0:s1], k[b:b + 1, s0:s1], v[b:b + 1, s0:s1], window=kw["window"],
+                               sinks=kw["sinks"], key_bias=kw["key_bias"][b:b + 1, :, :n],
+                               sink_logit=kw["sink_logit"], spans=(torch.tensor(request["spans"]) - s0).clamp(0, n),
+                               distances=request["distances"], topk=2, entropy=True, sink_mass=True,
+                               key_mass_rows=(min(max(5 - s0, 0), n), min(max(15 - s0, 0), n)),
+                               pattern_rows=[r - s0 for r in rows] or None)
+        for name in ("span_mass", "distance_mass", "sink_mass", "entropy", "topk_prob"):
+            torch.testing.assert_close(getattr(stats, name)[b:b + 1, :, s0:s1].double(), want[name], atol=1e-6,
+                                       rtol=1e-6, msg=name)
+        index = stats.topk_index[b:b + 1, :, s0:s1]
+        assert torch.equal(index, torch.where(want["topk_index"] >= 0, want["topk_index"] + s0, -1))
+        torch.testing.assert_close(stats.key_mass[b:b + 1, :, s0:s1].double(), want["key_mass"], atol=1e-6, rtol=1e-6)
+        for i, r in enumerate(rows):
+            got = stats.pattern[b, :, pattern_rows.index(r)]
+            torch.testing.assert_close(got[:, s0:s1].double(), want["pattern"][0, :, i], atol=1e-6, rtol=1e-6)
+            assert bool((got[:, :s0] == 0).all()) and bool((got[:, s1:] == 0).all())

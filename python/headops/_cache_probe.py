@@ -31,7 +31,7 @@ def refuse(caller, args: HeadArgs, st) -> None:
     refuse_unmeasurable(caller, args.alpha)
 
 
-def _row_request(request: dict, b: int, keys: int, queries: int, key_pad: int = 0, query_pad: int = 0) -> dict:
+def row_request(request: dict, b: int, keys: int, queries: int, key_pad: int = 0, query_pad: int = 0) -> dict:
     """Row b's probe arguments: its spans clamped to its `keys` keys, the key-mass rows to its
     `queries` query rows; a left-padded row's (the cache holds it without its `key_pad` padding
     keys, and its first `query_pad` query rows are padding) moved from the caller's positions to
@@ -43,12 +43,12 @@ def _row_request(request: dict, b: int, keys: int, queries: int, key_pad: int = 
         row["spans"] = (spans - key_pad).clamp(0, keys)
     if rows is not None:
         row["key_mass_rows"] = [min(max(r - query_pad, 0), queries) for r in rows]
-    if pattern is not None:  # (a padding query's row is zeroed afterwards: _in_padded_positions)
+    if pattern is not None:  # (a padding query's row is zeroed afterwards: in_padded_positions)
         row["pattern_rows"] = [min(max(r - query_pad, 0), queries - 1) for r in pattern]
     return row
 
 
-def _in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int, pattern_rows=None,
+def in_padded_positions(stats: ProbeResult, key_pad: int, query_pad: int, pattern_rows=None,
                          queries: int | None = None) -> ProbeResult:
     """A left-padded row's statistics (batch of one) at the caller's positions: its query rows after
     `query_pad` rows of padding (which report masses 0, indices -1), its keys after `key_pad`; the
@@ -112,9 +112,9 @@ def prefill(q, k, v, args: HeadArgs, request: dict, lengths, causal: bool, pads=
     for b, n in enumerate(lengths):
         p = pads[b] if pads else 0
         out[b:b + 1, :n], _, stats = run_probe(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], args.row(b, n),
-                                               _row_request(request, b, n, n, p, p), causal=causal,
+                                               row_request(request, b, n, n, p, p), causal=causal,
                                                heads_first=False)
-        results.append(_in_padded_positions(stats, p, p, request.get("pattern_rows"), n))
+        results.append(in_padded_positions(stats, p, p, request.get("pattern_rows"), n))
     return out, stack_rows(results, q.shape[1], k.shape[1])
 
 
@@ -136,13 +136,13 @@ def decode(st, q, args: HeadArgs, request: dict, causal: bool) -> ProbeResult:
             kept[0, h * group:(h + 1) * group, positions] = 0.0
         row = args.row(b, keys)
         row = row._replace(key_bias=kept if row.key_bias is None else row.key_bias.to(bias_dtype) + kept)
-        row_request = _row_request(request, b, keys, Sq, st.pads[b])
+        row_request = row_request(request, b, keys, Sq, st.pads[b])
         _, lse, stats = run_probe(q[b:b + 1], k, v, row, row_request, causal=causal, heads_first=False)
         compensation = _compensation_logits(st, b, q[b:b + 1], row, group)
         if compensation is not None:
             _add_compensation(stats, lse, compensation, row_request,
                               lambda r: run_probe(q[b:b + 1], k, v, row, r, causal=causal, heads_first=False)[2])
-        results.append(_in_padded_positions(stats, st.pads[b], 0, request.get("pattern_rows"), Sq))
+        results.append(in_padded_positions(stats, st.pads[b], 0, request.get("pattern_rows"), Sq))
     return stack_rows(results, Sq, max(n + p for n, p in zip(st.held, st.pads)))
 
 

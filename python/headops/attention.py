@@ -147,7 +147,9 @@ def attention(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, gate=N
     alone, its positions counted from its first token (its sinks, window and key_bias by
     position), as in a batch of its own: a training batch flattened without padding, as
     FlashAttention's variable-length rows; no work or memory across sequences. A CPU tensor is
-    read without a sync; on a GPU one beside CUDA q costs one device-to-host copy per call.
+    read without a sync; on a GPU one beside CUDA q costs one device-to-host copy per call. With
+    a probe, each sequence is probed alone and its statistics reported at the row's positions
+    (one probe call per sequence beside the packed forward: a research path).
 
     ``key_lengths`` (an int or ``[B]`` integers): k and v are buffers of which each row's first
     key_lengths[b] keys exist (a static KV cache's slots; FlashAttention's cache_seqlens); the
@@ -199,9 +201,9 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
                          "no single lse")
     if probe is not None:
         refuse_unmeasurable(CALLER, alpha)
-        if sequence_ids is not None or key_lengths is not None:
-            raise NotImplementedError(f"{CALLER}: probes over packed sequences (sequence_ids) or key buffers "
-                                      "(key_lengths); probe each sequence in a row of its own, over its keys")
+        if key_lengths is not None:
+            raise NotImplementedError(f"{CALLER}: probes over key buffers (key_lengths); probe over the keys that "
+                                      "exist")
     if sequence_ids is not None and key_lengths is not None:
         raise ValueError(f"{CALLER}: sequence_ids (packed self-attention) and key_lengths cannot be combined")
     sequence_ids = sequence_ids_arg(CALLER, sequence_ids, B=s.B, Sq=s.Sq, Sk=s.Sk, device=q.device)
@@ -216,6 +218,12 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
         out = _values_head_dim(out, s)
         return (out, lse) if return_lse else out
     request = check_probe(CALLER, probe, B=s.B, Sq=s.Sq, Sk=s.Sk)
+    if sequence_ids is not None:  # (each sequence probed alone; out and lse are the packed forward's)
+        stats = probes.run_probe_packed(q, k, v, args, request, sequence_ids, causal=causal,
+                                        heads_first=s.heads_first)
+        out, lse = run_fused(q, k, v, args, causal=causal, heads_first=s.heads_first, sequence_ids=sequence_ids)
+        out = _values_head_dim(out, s)
+        return (out, lse, stats) if return_lse else (out, stats)
     out, lse, stats = run_probe(q, k, v, args, request, causal=causal, heads_first=s.heads_first)
     # the probe kernel's out carries no gradient (the row-block path's is the fused forward's)
     if (probes.kernel_probes(q.device) and torch.is_grad_enabled()

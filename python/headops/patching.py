@@ -180,10 +180,10 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
     if key_lengths is not None and recording is not None:
         raise NotImplementedError(f"headops (layer {layer}): probes through a static cache traced by torch.compile; "
                                   "probe uncompiled")
-    if sequence_ids is not None and recording is not None:
-        raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row (position_ids "
-                                  "restarting within it, or any row's position_ids while torch.compile traces); "
-                                  "probe them in rows of their own, uncompiled")
+    if sequence_ids is not None and recording is not None and torch.compiler.is_compiling():
+        raise NotImplementedError(f"headops (layer {layer}): probes over sequences packed into one row while "
+                                  "torch.compile traces (which marks any row with position_ids as packed); probe "
+                                  "uncompiled")
     if cache is not None:
         if recording is None:
             out = cache.attention(layer, query, key, value, layout="bhsd", causal=causal, **cache_args, **args)
@@ -193,7 +193,7 @@ def _headops_attention(module, query, key, value, attention_mask, scaling=None, 
             recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     elif recording is not None:  # (with alpha refused by the probe: no full branch)
         out, stats = _attention(query, key, value, layout="bhsd", causal=causal, probe=recording.probe,
-                                device_values=False, **args)
+                                sequence_ids=sequence_ids, device_values=False, **args)
         recording.record(layer, _distributed.gather_probe(stats, module._headops_shard))
     else:
         out = _attend(query, key, value, args, causal, model_window, sequence_ids, key_lengths)

@@ -196,6 +196,48 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
                                                              heads_first=heads_first))
 
 
+def run_probe_packed(q, k, v, args: HeadArgs, probe: dict, sequence_ids, *, causal: bool, heads_first: bool):
+    """The statistics of sequences packed into rows (``sequence_ids`` ``[B, S]``, as
+    _args.sequence_ids_arg gives them) as a ProbeResult over the whole rows: each sequence probed
+    alone, as the op attends it (its positions, sinks, window and key_bias counted from its first
+    token), reported at the row's positions (top-k indices, spans, key mass and pattern keys; a
+    query row's statistics are its own sequence's). One probe call per sequence: a research path."""
+    from ._cache_probe import in_padded_positions, row_request, stack_rows
+
+    S = q.shape[2] if heads_first else q.shape[1]
+    ids = sequence_ids.cpu()
+    rows = []
+    for b in range(q.shape[0]):
+        starts = [0] + [i for i in range(1, S) if int(ids[b, i]) != int(ids[b, i - 1])] + [S]
+        pieces = []
+        for s0, s1 in zip(starts[:-1], starts[1:]):
+            n = s1 - s0
+
+            def cut(t):
+                return t[b:b + 1, :, s0:s1] if heads_first else t[b:b + 1, s0:s1]
+
+            _, _, stats = run_probe(cut(q), cut(k), cut(v), args.row(b, n), row_request(probe, b, n, n, s0, s0),
+                                    causal=causal, heads_first=heads_first)
+            pieces.append(stack_rows([in_padded_positions(stats, s0, s0, probe.get("pattern_rows"), n)], S, S))
+        rows.append(_merge_pieces(pieces))
+    return stack_rows(rows, S, S)
+
+
+def _merge_pieces(pieces: list) -> ProbeResult:
+    """One row's ProbeResult from its sequences' (each at the row's positions, 0 / -1 outside its
+    own query rows and keys): the statistics add up, the top-k indices are each row's one piece's."""
+    fields = {}
+    for f in dataclasses.fields(ProbeResult):
+        parts = [getattr(p, f.name) for p in pieces]
+        if parts[0] is None:
+            continue
+        merged = parts[0]
+        for t in parts[1:]:
+            merged = torch.maximum(merged, t) if f.name == "topk_index" else merged + t
+        fields[f.name] = merged
+    return ProbeResult(**fields)
+
+
 def _no_compensation_key(lse, asked: bool):
     """compensation_mass of a plain call, which has no compensation key: 0 per row ([B, Hq, Sq],
     lse's shape), None when not asked."""
