@@ -136,11 +136,11 @@ def decode(st, q, args: HeadArgs, request: dict, causal: bool) -> ProbeResult:
             kept[0, h * group:(h + 1) * group, positions] = 0.0
         row = args.row(b, keys)
         row = row._replace(key_bias=kept if row.key_bias is None else row.key_bias.to(bias_dtype) + kept)
-        row_request = row_request(request, b, keys, Sq, st.pads[b])
-        _, lse, stats = run_probe(q[b:b + 1], k, v, row, row_request, causal=causal, heads_first=False)
+        asked = row_request(request, b, keys, Sq, st.pads[b])
+        _, lse, stats = run_probe(q[b:b + 1], k, v, row, asked, causal=causal, heads_first=False)
         compensation = _compensation_logits(st, b, q[b:b + 1], row, group)
         if compensation is not None:
-            _add_compensation(stats, lse, compensation, row_request,
+            _add_compensation(stats, lse, compensation, asked,
                               lambda r: run_probe(q[b:b + 1], k, v, row, r, causal=causal, heads_first=False)[2])
         results.append(in_padded_positions(stats, st.pads[b], 0, request.get("pattern_rows"), Sq))
     return stack_rows(results, Sq, max(n + p for n, p in zip(st.held, st.pads)))
