@@ -18,14 +18,14 @@ import headops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVAILABLE = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 BEST = AVAILABLE.get(headops._C.cpu_capability(), 0)
-# every attention-kernel test, the 16-bit property tests, and the decode kernel's comparisons with
-# full attention in each dtype, with every per-head argument, over budget heads' kept sets and
-# across many segments
+# every attention-kernel test, the probe kernel's, the 16-bit property tests, and the decode kernel's
+# comparisons with full attention in each dtype, with every per-head argument, over budget heads'
+# kept sets and across many segments
 DECODE_TESTS = ["test_decode_matches_full_attention_with_per_head_args", "test_decode_lower_precision",
                 "test_decode_lower_precision_head_dims",
                 "test_budget_heads_equal_attention_over_the_kept_set", "test_decode_across_many_segments"]
 SWEPT_DECODE = [os.path.join(ROOT, "tests", "test_kvcache.py") + "::" + name for name in DECODE_TESTS]
-SWEPT = [os.path.join(ROOT, "tests", name) for name in ("test_attention_cpu.py", "test_autograd.py",
+SWEPT = [os.path.join(ROOT, "tests", name) for name in ("test_attention_cpu.py", "test_autograd.py", "test_probes.py",
                                                           "test_properties_half.py")] + SWEPT_DECODE
 
 

@@ -107,23 +107,35 @@ class RowProbes {
     if constexpr (std::is_same_v<prob_t, acc_t>) {
       for (int64_t j = lo; j < hi; ++j) sum += prob[j];
     } else {  // probabilities rounded for the P.V product: take them again from the logits
-      for (int64_t j = lo; j < hi; ++j) sum += std::exp(x[j] - ref);
+      using V = Vectorized<acc_t>;
+      const V vref(ref);
+      V total(acc_t(0));
+      int64_t j = lo;
+      for (; j + V::size() <= hi; j += V::size()) total = total + (V::loadu(x + j) - vref).exp();
+      sum = reduce_sum(total);
+      for (; j < hi; ++j) sum += std::exp(x[j] - ref);
     }
     return sum;
   }
 
-  // sum of exp(x - ref) * (x - ref) over a visible part (a -inf logit adds nothing)
+  // sum of exp(x - ref) * (x - ref) over a visible part (a -inf logit adds nothing); where the
+  // probabilities were rounded for the P.V product (bf16/fp16), exp(x - ref) again, a vector at a time
   template <typename prob_t>
   static acc_t entropy_terms(const acc_t* x, const prob_t* prob, KeyRange part, acc_t ref) {
     using V = Vectorized<acc_t>;
     const V vref(ref), neg_inf(negative_infinity<acc_t>()), zero(acc_t(0));
     V total(acc_t(0));
     int64_t j = part.lo;
-    if constexpr (std::is_same_v<prob_t, acc_t>) {
-      for (; j + V::size() <= part.hi; j += V::size()) {
-        const V xs = V::loadu(x + j);
-        total = total + V::blendv(V::loadu(prob + j) * (xs - vref), zero, xs == neg_inf);
+    for (; j + V::size() <= part.hi; j += V::size()) {
+      const V xs = V::loadu(x + j);
+      const V d = xs - vref;
+      V p;
+      if constexpr (std::is_same_v<prob_t, acc_t>) {
+        p = V::loadu(prob + j);
+      } else {
+        p = d.exp();
       }
+      total = total + V::blendv(p * d, zero, xs == neg_inf);
     }
     acc_t sum = reduce_sum(total);
     for (; j < part.hi; ++j) {
