@@ -326,14 +326,32 @@ def assert_dense_spec_is_the_model_through_both_caches(model):
                                       **GENERATE), want)
 
 
+def assert_streaming_through_the_cache_is_the_recomputation(model):
+    """A streaming spec (a KV head of each layer streaming) generating a left-padded batch through a
+    HeadSparseCache: each step's logits as the patched model recomputing the whole sequence (the
+    positions generate gives a left-padded row, for the families with learnt absolute positions)."""
+    ids, mask = batch()
+    spec = headops.HeadSpec.streaming(model, {0: [headops.HeadSpec.dense(model).kv_heads(0) - 1], 1: [0]}, window=3,
+                                      sinks=1)
+    headops.set_spec(model, spec)
+    out = model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec), **GENERATE,
+                         **GENERATE_LOGITS)
+    full = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        whole = model(out.sequences, attention_mask=full, position_ids=(full.cumsum(1) - 1).clamp_min(0),
+                      use_cache=False).logits[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), whole, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("config", sorted(FAMILIES))
 def test_more_families_generate_as_the_model_through_a_head_sparse_cache(config):
     """A dense spec on more families (MoE, parallel attention and MLP, partial rotary, multi-query,
     learnt positions...): a left-padded batch's logits and greedy tokens through transformers'
-    cache and through a HeadSparseCache as the unpatched model's (checked 2026-12-07; none needed
-    a change)."""
+    cache and through a HeadSparseCache as the unpatched model's; a streaming spec through a
+    HeadSparseCache as the recomputation (checked 2026-12-07; none needed a change)."""
     model = family_model(config, **FAMILIES[config])
     assert_dense_spec_is_the_model_through_both_caches(model)
+    assert_streaming_through_the_cache_is_the_recomputation(model)
 
 
 @pytest.mark.parametrize("config", ["GPTNeoXConfig", "PersimmonConfig"])
@@ -347,15 +365,7 @@ def test_families_with_one_qkv_projection(config):
     patched model recomputing each step's whole sequence."""
     model = family_model(config)
     assert_dense_spec_is_the_model_through_both_caches(model)
-    ids, mask = batch()
-    spec = headops.HeadSpec.streaming(model, {0: [1, 2], 1: [0]}, window=3, sinks=1)
-    headops.set_spec(model, spec)
-    out = model.generate(ids, attention_mask=mask, cache=headops.HeadSparseCache(model, spec), **GENERATE,
-                         **GENERATE_LOGITS)
-    full = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
-    with torch.no_grad():
-        whole = model(out.sequences, attention_mask=full, use_cache=False).logits[:, ids.shape[1] - 1:-1]
-    torch.testing.assert_close(torch.stack(out.logits, 1), whole, atol=2e-5, rtol=1e-5)
+    assert_streaming_through_the_cache_is_the_recomputation(model)
 
 
 def test_a_cache_whose_attention_never_reached_it_is_an_error():
