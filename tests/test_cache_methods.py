@@ -315,6 +315,44 @@ def test_headkv_budgets_equal_the_formula(beta):
         assert int(got.min()) >= 128 - 128 // 20
 
 
+@pytest.mark.parametrize("beta", [1.0, 1.2, 2.0])
+def test_headkv_budgets_keep_a_floor_and_the_total(beta):
+    """A floor (a budget head's sinks + budget_recent + 1): heads whose share falls below get it and
+    the others share the rest by their scores (water-filling: repeated while more fall below), the
+    total as without; above every head's base it changes nothing. Before 2026-12-07 a head of a
+    small score got budget - budget // beta = 8 at a budget of 48, which a cache of budget_recent 8
+    refused (the evaluation's headkv at small budgets, depending on the scores)."""
+    from headops import budgets
+
+    g = torch.Generator().manual_seed(int(beta * 10))
+    scores = torch.rand(3, 4, generator=g, dtype=F64) ** 4  # (several small)
+    scores[1, 2] = 0.0
+    plain = budgets.headkv_budgets(scores, 48, beta)
+    floored = budgets.headkv_budgets(scores, 48, beta, floor=30)
+    assert int(floored.min()) >= 30 and int(plain.min()) < 30
+    assert abs(int(floored.sum()) - 48 * 12) <= 12  # (rounding)
+    high = floored > 30  # the heads above the floor keep their order by score
+    order = scores[high].argsort()
+    assert bool((floored[high][order].diff() >= 0).all())
+    base = int(48 - 48 // beta)
+    assert torch.equal(budgets.headkv_budgets(scores, 48, beta, floor=base), plain)  # at most the base: unchanged
+    with pytest.raises(ValueError, match="floor"):
+        budgets.headkv_budgets(scores, 48, beta, floor=49)
+
+
+def test_headkv_spec_window_keeps_every_head_above_budget_recent():
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    scores = torch.tensor([[1.0, 1e-6], [0.5, 0.7]], dtype=F64)
+    spec = headops.HeadSpec.headkv(model, scores, budget=20, beta=1.2, window=8)
+    assert min(min(row) for row in spec.cache_budget) >= 9
+    assert min(min(row) for row in headops.HeadSpec.headkv(model, scores, budget=20, beta=1.2).cache_budget) < 9
+    headops.HeadSparseCache(model, spec)  # (budget_recent 8: every head has room)
+    with pytest.raises(ValueError, match="window"):
+        headops.HeadSpec.headkv(model, scores, budget=8, beta=1.2, window=8)
+
+
 @pytest.mark.parametrize("bad, word", [
     (dict(scores=torch.ones(3)), "scores"),
     (dict(scores=-torch.ones(2, 2)), "scores"),

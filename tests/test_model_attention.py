@@ -814,3 +814,13 @@ def test_packed_sequences_in_sliding_window_layers(family, kind):
         alone = torch.cat([model(s[None], use_cache=False).logits for s in seqs], dim=1)
         got = model(ids, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(got, alone, atol=2e-6, rtol=1e-5)
+
+
+def test_the_evaluation_harness_runs_every_method_family_on_gpt_neox():
+    """GPT-NeoX's attention gets no kwargs from the cache's update: the harness's caches (built
+    from a dense prefill, or filled by the model) are found by their keys; the dense answers
+    are transformers' generate."""
+    from conftest import evaluate_every_family
+    from headops.testing import tiny_gpt_neox
+
+    evaluate_every_family(tiny_gpt_neox()[0])

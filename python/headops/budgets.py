@@ -56,12 +56,17 @@ def adakv_counts(scores: torch.Tensor, budget: int, alpha: float, floors) -> lis
     return torch.bincount(chosen // n, minlength=H).tolist()
 
 
-def headkv_budgets(scores: torch.Tensor, budget: int, beta: float) -> torch.Tensor:
+def headkv_budgets(scores: torch.Tensor, budget: int, beta: float, floor: int = 0) -> torch.Tensor:
     """HeadKV (Fu et al., "Not All Heads Matter"): static per-head budgets ``[L, H]`` from
     per-head importance scores ``[L, H]`` (e.g. retrieval scores): each head gets
     ``budget - budget // beta`` tokens plus its share, proportional to its score, of a pool of
     ``(budget // beta) * L * H`` tokens, rounded (half to even). beta >= 1: beta = 1 shares the
-    whole budget by score, a large beta gives every head nearly `budget`."""
+    whole budget by score, a large beta gives every head nearly `budget`.
+
+    `floor` (<= budget): the fewest tokens a head may get (what a budget head needs beyond the
+    latest tokens it always keeps). Where a head's share would leave it below, it gets the floor
+    and the others share what remains of ``L * H * budget`` by their scores, so the total stays;
+    with ``budget - budget // beta >= floor`` nothing changes."""
     caller = "headops.budgets.headkv_budgets"
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.dtype.is_floating_point:
         raise fail(caller, "scores", "a floating-point [L, H] tensor",
@@ -73,9 +78,23 @@ def headkv_budgets(scores: torch.Tensor, budget: int, beta: float) -> torch.Tens
         raise fail(caller, "budget", "an int >= 1", repr(budget))
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 1.0 <= float(beta) < math.inf:
         raise fail(caller, "beta", "a finite number >= 1", repr(beta))
+    if not is_int(floor) or not 0 <= floor <= budget:
+        raise fail(caller, "floor", f"an int in [0, budget = {budget}]", repr(floor))
     L, H = s.shape
     shared = budget // float(beta)
-    return torch.round(s / s.sum() * (shared * L * H) + (budget - shared)).long()
+    raw = s / s.sum() * (shared * L * H) + (budget - shared)
+    floored = torch.zeros_like(s, dtype=torch.bool)
+    while True:  # (water-filling: each round floors at least one more head, or ends)
+        low = ~floored & (raw < floor)
+        if not bool(low.any()):
+            break
+        floored |= low
+        rest = ~floored
+        pool = L * H * budget - floor * int(floored.sum()) - (budget - shared) * int(rest.sum())
+        weight = float(s[rest].sum())
+        share = s / weight * pool if weight > 0 else torch.full_like(s, pool / max(int(rest.sum()), 1))
+        raw = torch.where(floored, torch.full_like(s, float(floor)), share + (budget - shared))
+    return torch.round(raw).long()
 
 
 def pyramid_budgets(num_layers: int, budget: int, beta: float = 20, kept: int = 0) -> list:

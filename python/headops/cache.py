@@ -60,6 +60,7 @@ def keys_may_be_handed_out() -> bool:
 
 
 CALLER = "headops.HeadSparseCache"
+BUDGET_RECENT = 8  # the latest tokens a budget head keeps unless told (budget_recent)
 _HEAD_ARGS = ("gate", "softmax_scale", "alpha", "key_bias", "sink_logit", "out_scale", "out_bias")
 _HEAD_ARG_NAMES = frozenset(_HEAD_ARGS)
 
@@ -244,7 +245,7 @@ class HeadSparseCache(_CacheBase):
     def __init__(self, model_or_config=None, spec=None, *, num_layers=None, num_heads=None, num_kv_heads=None,
                  head_dim=None, kinds=UNSET, window=None, sinks=None, budget=None, compensation=UNSET,
                  batch_size=UNSET, dtype=None,
-                 device=None, max_step=8, split_keys=None, max_length=None, budget_recent=8, append_room=0,
+                 device=None, max_step=8, split_keys=None, max_length=None, budget_recent=BUDGET_RECENT, append_room=0,
                  prefill=UNSET, allocation=UNSET, adakv_alpha=UNSET, observation_window=UNSET, pool_kernel=UNSET,
                  pooling=UNSET, keep_observation_window=UNSET):
         per_head = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

@@ -48,7 +48,7 @@ from . import _distributed
 from . import tasks as tasks_module
 from ._args import POOLINGS
 from ._progress import progress
-from .cache import HeadSparseCache
+from .cache import BUDGET_RECENT, HeadSparseCache
 from .patching import patch, set_spec, unpatch
 from .prefill import capture_prefill
 from .spec import HeadSpec
@@ -133,8 +133,9 @@ class Method:
             return HeadSpec.razor(model, sorted(keep), window=p["window"], sinks=p["sinks"],
                                   weighted=bool(p["weighted"]))
         if f == "headkv":
+            # (no head below what its cache's budget heads need: budget_recent + 1)
             return HeadSpec.headkv(model, table.to(torch.float64), budget=p["budget"], beta=p["beta"],
-                                   **_scoring_options(p))
+                                   window=BUDGET_RECENT, **_scoring_options(p))
         raise AssertionError(f)
 
 

@@ -319,7 +319,7 @@ class HeadSpec:
         return spec
 
     @classmethod
-    def headkv(cls, model_or_config, scores, *, budget: int, beta: float, pool: str = "mean",
+    def headkv(cls, model_or_config, scores, *, budget: int, beta: float, pool: str = "mean", window: int | None = None,
                observation_window: int | None = None, pool_kernel: int | None = None, pooling: str | None = None,
                keep_observation_window: bool | None = None) -> "HeadSpec":
         """HeadKV (Fu et al.): every KV head a budget head with a static budget from per-head
@@ -327,16 +327,27 @@ class HeadSpec:
         `pool`, "mean" or "max"; e.g. retrieval scores from headops.discover): each head keeps
         ``budget - budget // beta`` tokens plus its score's share of a pool of
         ``(budget // beta) x L x Hkv`` (headops.budgets.headkv_budgets; in a model with sliding-window
-        layers, over the other layers' KV heads: the sliding ones keep their window). Tokens are
-        chosen by SnapKV scores as in HeadSpec.budget."""
+        layers, over the other layers' KV heads: the sliding ones keep their window). With
+        `window` (the latest tokens every head keeps: the budget_recent of the HeadSparseCache the
+        spec is for, 8 by default there) no head gets fewer than ``window + 1`` tokens, which a
+        budget head needs: where its share would leave it below, the others share the rest (the
+        total stays; where budget - budget // beta > window, nothing changes). Without, the formula
+        alone (a head of a small score may then get less than the cache takes). Tokens are chosen
+        by SnapKV scores as in HeadSpec.budget."""
         from .budgets import headkv_budgets
+
+        if window is not None and (not is_int(window) or window < 0):
+            raise _fail("window", "None or an int >= 0", repr(window))
+        if window is not None and (not is_int(budget) or budget <= window):
+            raise _fail("budget", f"an int > window ({window}: the latest tokens every head keeps)", repr(budget))
 
         spec = cls.dense(model_or_config)
         sources = kv_sources(model_or_config)
         kv_scores = spec._kv_head_scores("headops.HeadSpec.headkv", scores, pool, sources)
         layers = spec._budget_layers(model_or_config)  # (a sliding-window layer keeps its window)
         # one pool over every KV head of those layers
-        budgets = headkv_budgets(torch.cat([kv_scores[layer] for layer in layers])[None], budget, beta)[0]
+        budgets = headkv_budgets(torch.cat([kv_scores[layer] for layer in layers])[None], budget, beta,
+                                 floor=0 if window is None else window + 1)[0]
         if int(budgets.min()) < 1:
             raise _fail("beta", f"large enough that every KV head keeps a token (beta = {beta} gives "
                                 f"{int((budgets < 1).sum())} KV heads a budget of 0)", repr(beta))
