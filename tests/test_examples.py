@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("lofit_training.py", "loss before"),
     ("lofit_training.py --packed 3", "3 pieces flattened into one row"),
     ("batched_generation.py", "as recomputing without a cache"),
+    ("attention_rows.py", "output_attentions would hold"),
 ])
 def test_example_runs(example, expected):
     script, *options = example.split()
