@@ -163,7 +163,7 @@ def test_bad_sequence_ids_are_refused_by_name():
             headops.attention(q, k, v, sequence_ids=ids)
     with pytest.raises(ValueError, match=r"sequence_ids must be given only for self-attention .*6 and 4"):
         headops.attention(q, k[:, :4], v[:, :4], sequence_ids=good)
-    with pytest.raises(NotImplementedError, match="probes over key buffers"):
+    with pytest.raises(NotImplementedError, match="probes over the key buffers"):
         headops.attention(q, k, v, key_lengths=4, probe=headops.Probe(sink_mass=True))
 
 

@@ -202,8 +202,8 @@ def attention_with(q, k, v, *, causal=True, layout="bshd", softmax_scale=None, g
     if probe is not None:
         refuse_unmeasurable(CALLER, alpha)
         if key_lengths is not None:
-            raise NotImplementedError(f"{CALLER}: probes over key buffers (key_lengths); probe over the keys that "
-                                      "exist")
+            raise NotImplementedError(f"{CALLER}: probes over the key buffers of a static cache (key_lengths); probe "
+                                      "over the keys that exist")
     if sequence_ids is not None and key_lengths is not None:
         raise ValueError(f"{CALLER}: sequence_ids (packed self-attention) and key_lengths cannot be combined")
     sequence_ids = sequence_ids_arg(CALLER, sequence_ids, B=s.B, Sq=s.Sq, Sk=s.Sk, device=q.device)
