@@ -50,7 +50,8 @@ class LayerStorage:
                 n = budgets[h]
                 if n is None or n < kept_sinks + recent + 1:
                     raise ValueError(f"{caller}: budget must be set for budget KV head {h} and > its sinks "
-                                     f"({kept_sinks}) + budget_recent ({recent}), got {n}")
+                                     f"({kept_sinks}) + budget_recent ({recent}), got {n} (for a HeadKV spec, "
+                                     f"HeadSpec.headkv(..., window={recent}) keeps every head above it)")
                 # its slots: what the prefill selection keeps plus the room appends fill before any eviction
                 budget_rows.append([0, n + append_room, kept_sinks, recent])  # offsets filled in below
                 index.append(len(budget_rows) - 1)

@@ -365,7 +365,8 @@ class HeadSparseCache(_CacheBase):
             raise RuntimeError(
                 f"{CALLER}: layer {layer}'s attention did not reach this cache after its last update, so nothing "
                 "it attended to was stored: is the model patched (headops.patch(model, spec))? (A model whose "
-                "attention does not get the key tensors this cache's update returned cannot use it.)")
+                "attention does not get the key tensors this cache's update returned cannot use it; after a "
+                "forward that was interrupted, cache.reset() starts it again.)")
         if isinstance(kwargs, dict):
             kwargs["headops_cache"] = self
         elif isinstance(key_states, torch.Tensor):
