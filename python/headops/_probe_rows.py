@@ -42,9 +42,7 @@ def _to_device(t, device, dtype):
 class _Heads:
     """The per-head arguments of a call as ``[B, Hq]`` tensors on the statistics' device."""
 
-    def __init__(self, args: HeadArgs, B: int, Hq: int, device, acc, causal: bool):
-        self.causal = causal
-
+    def __init__(self, args: HeadArgs, B: int, Hq: int, device, acc):
         def to(t, dtype):
             return None if t is None else _to_device(t, device, dtype).expand(B, Hq)
 
@@ -74,7 +72,7 @@ def _visible(heads: _Heads, positions, Sk: int, causal: bool):
     return visible
 
 
-def _probabilities(q, keys, lse, heads: _Heads, rows, Sq: int, acc):
+def _probabilities(q, keys, lse, heads: _Heads, rows, Sq: int, acc, causal: bool):
     """(masked logits, probabilities), both ``[B, Hq, n, Sk]``, of the query rows `rows` (an index
     tensor of n rows of q, ``[B, Hq, Sq, D]``) over `keys` ``[B, Hkv, Sk, D]`` (accumulation
     dtype): one product per KV head (its query heads' rows stacked: GQA reads each key once),
@@ -89,7 +87,7 @@ def _probabilities(q, keys, lse, heads: _Heads, rows, Sq: int, acc):
     if heads.key_bias is not None:
         logits.add_(heads.key_bias[:, :, None, :])
     positions = rows + (Sk - Sq)  # bottom-right aligned
-    masked = logits.masked_fill_(~_visible(heads, positions, Sk, heads.causal), float("-inf"))
+    masked = logits.masked_fill_(~_visible(heads, positions, Sk, causal), float("-inf"))
     row_lse = lse[:, :, rows, None]
     seen = row_lse != float("-inf")
     p = torch.sub(masked, row_lse).exp_().masked_fill_(~(seen & ~torch.isneginf(masked)), 0.0)
@@ -106,9 +104,9 @@ def pattern(q, k, lse, args: HeadArgs, rows, *, causal: bool, heads_first: bool)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     B, Hq, Sq, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    heads = _Heads(args, B, Hq, q.device, acc, causal)
+    heads = _Heads(args, B, Hq, q.device, acc)
     index = torch.tensor(rows, dtype=torch.int64, device=q.device)
-    _, p = _probabilities(q, k.detach().to(acc), lse.detach().to(acc), heads, index, Sq, acc)
+    _, p = _probabilities(q, k.detach().to(acc), lse.detach().to(acc), heads, index, Sq, acc, causal)
     if heads.computed is not None:
         p = torch.where(heads.computed[:, :, None, None], p, 0.0)
     return p.to(torch.float32)
@@ -125,7 +123,7 @@ def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_
     Sk = k.shape[2]
     device = q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    heads = _Heads(args, B, Hq, device, acc, causal)
+    heads = _Heads(args, B, Hq, device, acc)
     lse = lse.detach().to(acc)
     keys = k.detach().to(acc)
     key = torch.arange(Sk, device=device)
@@ -155,7 +153,7 @@ def statistics(q, k, lse, args: HeadArgs, request: dict, *, causal: bool, heads_
     step = rows_per_block(B, Hq, Sk, device)
     for r0 in range(0, Sq, step):
         r1 = min(Sq, r0 + step)
-        masked, p = _probabilities(q, keys, lse, heads, torch.arange(r0, r1, device=device), Sq, acc)
+        masked, p = _probabilities(q, keys, lse, heads, torch.arange(r0, r1, device=device), Sq, acc, causal)
         positions = torch.arange(r0, r1, device=device) + (Sk - Sq)
         row_lse = lse[:, :, r0:r1, None]
         seen = row_lse != float("-inf")

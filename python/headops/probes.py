@@ -180,18 +180,16 @@ def run_probe(q, k, v, args: HeadArgs, probe: dict, *, causal: bool, heads_first
 
         out, lse = run_fused(q, k, v, args, causal=causal, heads_first=heads_first)
         found = _probe_rows.statistics(q, k, lse, args, probe, causal=causal, heads_first=heads_first)
-        return out, lse, ProbeResult(**found, compensation_mass=_no_compensation_key(lse, wants_compensation),
-                                     pattern=_probe_rows.pattern(q, k, lse, args, pattern_rows, causal=causal,
-                                                                 heads_first=heads_first))
-    kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
-    del kernel["alpha"]  # (refused with a probe before this point)
-    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse, *stats = torch.ops.headops.attention_probe(q=q, k=k, v=v, causal=causal, heads_first=heads_first,
-                                                         **kernel, **probe)
-    asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
-             probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
-    return out, lse, ProbeResult(**{n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)},
-                                 compensation_mass=_no_compensation_key(lse, wants_compensation),
+    else:
+        kernel = dict(zip(HeadArgs._fields, args.kernel_args(q.dtype)))
+        del kernel["alpha"]  # (refused with a probe before this point)
+        q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse, *stats = torch.ops.headops.attention_probe(q=q, k=k, v=v, causal=causal, heads_first=heads_first,
+                                                             **kernel, **probe)
+        asked = (probe["spans"] is not None, probe["distances"] is not None, probe["sink_mass"], probe["entropy"],
+                 probe["topk"] > 0, probe["topk"] > 0, probe["key_mass_rows"] is not None)
+        found = {n: t if wanted else None for n, t, wanted in zip(_STATISTICS, stats, asked)}
+    return out, lse, ProbeResult(**found, compensation_mass=_no_compensation_key(lse, wants_compensation),
                                  pattern=_probe_rows.pattern(q, k, lse, args, pattern_rows, causal=causal,
                                                              heads_first=heads_first))
 
@@ -205,10 +203,9 @@ def run_probe_packed(q, k, v, args: HeadArgs, probe: dict, sequence_ids, *, caus
     from ._cache_probe import in_padded_positions, row_request, stack_rows
 
     S = q.shape[2] if heads_first else q.shape[1]
-    ids = sequence_ids.cpu()
     rows = []
-    for b in range(q.shape[0]):
-        starts = [0] + [i for i in range(1, S) if int(ids[b, i]) != int(ids[b, i - 1])] + [S]
+    for b, ids in enumerate(sequence_ids.tolist()):
+        starts = [0] + [i for i in range(1, S) if ids[i] != ids[i - 1]] + [S]
         pieces = []
         for s0, s1 in zip(starts[:-1], starts[1:]):
             n = s1 - s0
