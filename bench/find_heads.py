@@ -9,8 +9,9 @@ to bench/results/discover_<m>_smollm2.csv (docs/finding_heads.md has the command
 1. the Jaccard overlap of the top 25 % between every pair of methods, per KV head (each KV head
    scored by the max over its query heads: what a cache keeps) and per query head;
 2. Wu et al.'s ablation: passkey accuracy (exact match, greedy) with the k query heads of
-   highest retrieval score gated off, against k heads drawn at random (--draws draws, seeded),
-   for each k in --ks, over passkey prompts of --length tokens at --depths x --seeds.
+   highest score gated off, for each method in --ablate (retrieval, and HeadKV's
+   retrieval-reasoning where its CSV is there), against k heads drawn at random (--draws draws,
+   seeded), for each k in --ks, over passkey prompts of --length tokens at --depths x --seeds.
 Writes bench/results/find_heads_smollm2.md and .json.
 """
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--draws", type=int, default=2, help="random head sets per k")
+    p.add_argument("--ablate", nargs="+", default=["retrieval", "retrieval-reasoning"],
+                   help="the methods whose top heads are gated off (those with a CSV)")
     p.add_argument("--fraction", type=float, default=0.25, help="the top share compared between methods")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args(argv)
@@ -87,16 +90,18 @@ def main(argv=None) -> int:
 
     samples = [tasks.make_sample(tok, "passkey", args.length, depth, seed)
                for depth in args.depths for seed in range(args.seeds)]
-    retrieval_order = top_heads(scores["retrieval"], L * Hq)
+    ablated = [m for m in args.ablate if m in scores]
+    orders = {m: top_heads(scores[m], L * Hq) for m in ablated}
     generator = torch.Generator().manual_seed(0)
     rows = []
     started = time.perf_counter()
     rows.append({"heads gated off": "none", "k": 0, "accuracy": passkey_accuracy(model, tok, samples, [])})
     print(f"dense: {rows[-1]['accuracy']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
     for k in args.ks:
-        rows.append({"heads gated off": "top retrieval", "k": k,
-                     "accuracy": passkey_accuracy(model, tok, samples, retrieval_order[:k])})
-        print(f"top {k} retrieval: {rows[-1]['accuracy']:.2f}", flush=True)
+        for method in ablated:
+            rows.append({"heads gated off": f"top {method}", "k": k,
+                         "accuracy": passkey_accuracy(model, tok, samples, orders[method][:k])})
+            print(f"top {k} {method}: {rows[-1]['accuracy']:.2f}", flush=True)
         for draw in range(args.draws):
             chosen = torch.randperm(L * Hq, generator=generator)[:k].tolist()
             rows.append({"heads gated off": f"random (draw {draw + 1})", "k": k,

@@ -48,7 +48,8 @@ TINY_DISCOVER = ["--model", "tiny", "--quiet", "--lengths", "400", "--depths", "
                  "--words", "2", "--steps", "2", "--sinks", "2", "--window", "8"]
 
 
-@pytest.mark.parametrize("method", ["retrieval", "echo", "induction", "sink", "duo", "duo-ablation"])
+@pytest.mark.parametrize("method", ["retrieval", "retrieval-reasoning", "echo", "induction", "sink", "duo",
+                                    "duo-ablation"])
 def test_discover_writes_per_head_scores_deterministically_on_the_tiny_model(method, tmp_path, capsys):
     import csv
 
@@ -69,6 +70,17 @@ def test_discover_writes_per_head_scores_deterministically_on_the_tiny_model(met
         spec = headops.HeadSpec.from_duo_attention(tiny_llama()[0], f"{outs[0]}_full_attention_heads.tsv", sinks=2,
                                                    window=8)
         assert spec.num_layers == 2
+
+
+def test_discover_takes_the_needle_task(tmp_path, capsys):
+    import headops.cli
+
+    out = tmp_path / "r2"
+    assert headops.cli.main(["discover", "--method", "retrieval-reasoning", *TINY_DISCOVER, "--task", "passkey",
+                             "--min-f1", "0", "--no-plot", "--out", str(out)]) == 0
+    assert "retrieval-reasoning:" in capsys.readouterr().out and (tmp_path / "r2.csv").exists()
+    with pytest.raises(SystemExit):
+        headops.cli.main(["discover", "--method", "retrieval", *TINY_DISCOVER, "--task", "haystack", "--out", str(out)])
 
 
 def test_discover_draws_its_heat_map_and_names_a_bad_option(tmp_path):

@@ -11,41 +11,9 @@ pytest.importorskip("transformers")
 
 import headops  # noqa: E402
 from headops import discover, tasks  # noqa: E402
-from headops.testing import CharTokenizer, tiny_llama  # noqa: E402
+from headops.testing import CharTokenizer, planted_copy_llama, tiny_llama  # noqa: E402
 
 TOK = CharTokenizer()
-DIGITS = TOK.encode("0123456789")
-
-
-def planted_copy_llama():
-    """tiny_llama (2 layers, 4 query / 2 KV heads, D = 16) rewired so that one head, query head 0
-    of layer 0, copies a digit: it attends to the context's digit tokens (a digit flag in the
-    embeddings meets a constant query on RoPE's slowest pair of dimensions, nearly unrotated) and
-    writes their embedding, amplified, on the residual stream, which the output layer (the same
-    embeddings) reads back as that digit. Every other head's output and both MLPs are zero."""
-    model, _ = tiny_llama()
-    model = model.double()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        E = torch.randn(97, 64, generator=g, dtype=torch.float64)
-        E[:, 62] = 1.0  # a constant feature: the query's source
-        E[:, 63] = 0.0
-        E[DIGITS, 63] = 3.0  # the digit flag: the key's source
-        model.model.embed_tokens.weight.copy_(E)
-        model.lm_head.weight.copy_(E)
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.zero_()
-            layer.self_attn.o_proj.weight.zero_()
-        attn = model.model.layers[0].self_attn
-        attn.q_proj.weight.zero_()
-        attn.q_proj.weight[7, 62] = 12.0  # query head 0, dim 7: RoPE pairs dims (7, 15), the slowest
-        attn.k_proj.weight.mul_(0.3)  # a little per-token spread among the digits
-        attn.k_proj.weight[7] = 0.0
-        attn.k_proj.weight[7, 63] = 12.0
-        attn.v_proj.weight.zero_()
-        attn.v_proj.weight[:16, :16] = torch.eye(16)  # KV head 0 carries the first 16 embedding dims
-        attn.o_proj.weight[:16, :16] = 20 * torch.eye(16)  # query head 0 writes them back, amplified
-    return model
 
 
 def eager(model):
@@ -148,6 +116,112 @@ def test_retrieval_scores_on_sliding_windows_and_layers_reading_others_keys(monk
     assert all(int(t[layer].min()) >= len(s.ids) - 8 for t, s in zip(seen, samples) for layer in (0, 2, 4, 6))
 
 
+# ---------------------------------------------------------------------------------------------
+# retrieval-reasoning score: HeadKV's R2 formula, from eager patterns
+
+
+def eager_reasoning_scores(model, samples, min_f1):
+    """Greedy decoding one prompt at a time with output_attentions, as many new tokens as the
+    expected answers have (plus 4 per further answer); a test counts when the F1 of its answer's
+    tokens against the expected answer's (bags of ids) is above min_f1; at each step each head's
+    k most attended keys (k: the asked needles' size) that lie in an asked needle add their
+    probability; the sum is scaled by 10 / (needles' size x expected answer's tokens)."""
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    total, counted = torch.zeros(L, H, dtype=torch.float64), 0
+    for s in samples:
+        expected = [t for a, b in s.answer_spans() for t in s.ids[a:b].tolist()]
+        budget = len(expected) + 4 * (len(s.answers) - 1)
+        out = model.generate(s.ids[None], attention_mask=torch.ones(1, len(s.ids), dtype=torch.int64),
+                             max_new_tokens=budget, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True, pad_token_id=TOK.eos_token_id)
+        answer = out.sequences[0, len(s.ids):].tolist()
+        if TOK.eos_token_id in answer:
+            answer = answer[:answer.index(TOK.eos_token_id)]
+        common = sum((collections.Counter(expected) & collections.Counter(answer)).values())
+        f1 = 0.0 if common == 0 else 2 * common / (len(expected) + len(answer))
+        if f1 <= min_f1:
+            continue
+        counted += 1
+        spans = [s.needles[i].span for i in s.asked]
+        size = sum(b - a for a, b in spans)
+        for step in range(len(answer)):
+            for layer in range(L):
+                for h in range(H):
+                    row = out.attentions[step][layer][0, h, -1]
+                    values, index = row.topk(min(size, row.numel()))
+                    for v, j in zip(values.tolist(), index.tolist()):
+                        if any(a <= j < b for a, b in spans):
+                            total[layer, h] += 10 * v / (size * len(expected))
+    return total / max(counted, 1), counted
+
+
+@pytest.mark.usefixtures("probe_path")  # the CPU probe kernel, and the CUDA path
+def test_retrieval_reasoning_scores_equal_headkv_formula_on_eager_patterns_and_find_the_planted_head():
+    model = planted_copy_llama()
+    # it answers 7s: the needles of seeds 0, 3 and 6 hold two, one and four of their seven digits
+    # (F1 2/7, 1/7, 4/7: only seed 6 counts); a multi-value prompt batched beside them decodes
+    # its longer budget (its 4 numbers' 28 digits and 12 more tokens)
+    samples = [tasks.make_sample(TOK, "niah_single", length, depth, seed, haystack="repeat")
+               for length in (400, 600) for depth in (0.0, 1.0) for seed in (0, 3, 6)]
+    samples.insert(8, tasks.make_sample(TOK, "niah_multivalue", 600, 0.5, 1, haystack="repeat"))
+    result = discover.retrieval_reasoning_scores(model, samples, batch_size=4)
+    expected, counted = eager_reasoning_scores(eager(model), samples, 0.5)
+    assert 0 < counted < len(samples) and result.info["counted"] == counted  # the F1 rule excluded some
+    # (the rows are float32, as probes are, and eager attention takes its softmax in float32)
+    torch.testing.assert_close(result.values, expected, atol=1e-12, rtol=1e-6)
+    assert result.values[0, 0] > 0 and result.values.flatten().argmax() == 0  # the planted head reads the needle
+    # every answer with a right digit counts, the multi-value one too (over its 40 steps)
+    lenient = discover.retrieval_reasoning_scores(model, samples, min_f1=0.0, batch_size=4)
+    torch.testing.assert_close(lenient.values, eager_reasoning_scores(model, samples, 0.0)[0], atol=1e-12, rtol=1e-6)
+    assert lenient.info["counted"] == len(samples)
+    # an F1 equal to min_f1 does not count (HeadKV: F1 > 0.5): seed 0's 2/7 here
+    seed0 = discover.answer_f1(samples[0].ids[slice(*samples[0].answer_spans()[0])], torch.tensor(TOK.encode("7" * 7)))
+    assert discover.retrieval_reasoning_scores(model, samples[:3], min_f1=seed0).info["counted"] == 1
+    capped = discover.retrieval_reasoning_scores(model, samples[:3], max_new_tokens=2, min_f1=0.0)
+    assert capped.info["counted"] == 3  # two 7s against seven digits holding some 7s
+
+
+def test_reasoning_scores_count_only_the_top_keys_inside_the_needles():
+    # one step, one layer, two heads over 6 keys; the needle is keys 2..4 (k = 2)
+    rows = [torch.tensor([[[0.1, 0.1, 0.4, 0.3, 0.1, 0.0], [0.5, 0.2, 0.1, 0.1, 0.05, 0.05]]])]
+    got = discover.reasoning_scores(rows, [(2, 4)], answer_tokens=5)
+    # head 0: its top 2 (keys 2 and 3) both in the needle; head 1: its top 2 (keys 0 and 1) outside it
+    torch.testing.assert_close(got, torch.tensor([[10 * 0.7 / (2 * 5), 0.0]], dtype=torch.float64))
+    assert discover.answer_f1(torch.tensor([1, 2, 3, 3]), torch.tensor([3, 9])) == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    assert discover.answer_f1(torch.tensor([1]), torch.tensor([2])) == 0.0
+
+
+def test_retrieval_reasoning_rows_on_sliding_windows_and_layers_reading_others_keys(monkeypatch):
+    """The rows the scores are computed from, on a Gemma 4 with sliding-window layers and layers
+    reading earlier layers' keys (float64), equal eager patterns' rows recomputed over each
+    step's whole sequence (the decoding runs through a dense HeadSparseCache there, whose rows
+    stand at the keys' original positions, 0 past a sliding window)."""
+    from headops.testing import tiny_per_layer_shapes
+
+    model = tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
+                                  layer_types=["sliding_attention", "full_attention"] * 4)[0].double()
+    samples = [tasks.make_sample(TOK, "niah_single", 400, depth, seed) for seed, depth in enumerate((0.1, 0.9))]
+    seen, reasoning_scores = [], discover.reasoning_scores
+    monkeypatch.setattr(discover, "answer_f1", lambda expected, answer: 1.0)  # every test counts
+    monkeypatch.setattr(discover, "reasoning_scores", lambda rows, *rest: seen.append(rows) or
+                        reasoning_scores(rows, *rest))
+    result = discover.retrieval_reasoning_scores(model, samples, batch_size=1)
+    assert result.info["counted"] == len(samples) and len(seen) == len(samples)
+    eager(model)
+    for rows, s in zip(seen, samples):
+        answer = tasks.until_eos(model, tasks.generate(model, s.ids[None], s.answer_tokens())[0]).tolist()
+        assert len(rows) == len(answer)
+        sequence = s.ids.tolist() + answer
+        for step, got in enumerate(rows):
+            with torch.no_grad():
+                out = model(torch.tensor([sequence[:len(s.ids) + step]]), use_cache=False, output_attentions=True)
+            want = torch.stack([a[0, :, -1] for a in out.attentions])  # (probes are float32)
+            # (eager attention's softmax is float32: its error grows layer by layer, 1e-7 at layer 0 to
+            # ~4e-6 at layer 7 here; a key at a wrong position would be off by its whole probability)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+        assert float(rows[-1][0, :, :len(sequence) - 16].abs().max()) == 0.0  # layer 0 slides (window 8)
+
+
 def test_retrieval_grid_is_a_niah_grid_with_one_needle_per_seed():
     samples = discover.retrieval_samples(TOK, lengths=[400, 500], depths=[0.0, 1.0], needles=3)
     assert len(samples) == 12 and {s.task for s in samples} == {"niah_single"}
@@ -235,6 +309,16 @@ def test_duo_ablation_finds_the_planted_head_in_batched_forwards():
     (lambda m: discover.retrieval_scores(m, discover.retrieval_samples(TOK, lengths=[400], depths=[0],
                                                                        needles=1), min_recall=1.5),
      r"min_recall must be in \[0, 1\]"),
+    (lambda m: discover.retrieval_reasoning_scores(m, [], min_f1=0.5), "samples must hold at least one prompt"),
+    (lambda m: discover.retrieval_reasoning_scores(m, discover.retrieval_samples(TOK, lengths=[400], depths=[0],
+                                                                                 needles=1), min_f1=1.0),
+     r"retrieval_reasoning_scores: min_f1 must be in \[0, 1\)"),
+    (lambda m: discover.retrieval_reasoning_scores(m, discover.retrieval_samples(TOK, lengths=[400], depths=[0],
+                                                                                 needles=1), max_new_tokens=0),
+     "max_new_tokens must be an int >= 1"),
+    (lambda m: discover.retrieval_reasoning_scores(m, discover.retrieval_samples(TOK, lengths=[400], depths=[0],
+                                                                                 needles=1), batch_size=0),
+     "retrieval_reasoning_scores: batch_size must be an int >= 1"),
     (lambda m: discover.retrieval_samples(TOK, lengths=[400], depths=[0], needles=0), "needles must be an int >= 1"),
     (lambda m: discover.repeated_tokens(m, TOK, period=1), "period must be an int >= 2"),
     (lambda m: discover.repeated_tokens(m, TOK, period=200), "period must be at most 95"),

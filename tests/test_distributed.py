@@ -19,8 +19,8 @@ import torch
 import headops
 from headops import _distributed, discover, tasks
 from headops.research import per_row_causal_lm_loss
-from headops.testing import (CharTokenizer, run_ranks, tiny_gpt_neox, tiny_latent_attention, tiny_llama,
-                              tiny_per_layer_shapes, tiny_qwen2)
+from headops.testing import (CharTokenizer, planted_copy_llama, run_ranks, tiny_gpt_neox, tiny_latent_attention,
+                              tiny_llama, tiny_per_layer_shapes, tiny_qwen2)
 
 transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -302,7 +302,10 @@ def sweeps(model):
     order = [(layer, h) for layer in (1, 0) for h in (3, 0, 2, 1)]
     curve = headops.pruning_curve(model, IDS, order, [0.0, 0.25, 0.5, 0.75, 1.0], repeats=1, max_batch_tokens=40)
     tok = CharTokenizer()
-    samples = discover.retrieval_samples(tok, lengths=[400], depths=[0.0, 1.0], needles=2)
+    # (the planted copying head's answers recall some needles, not others: both kinds of test)
+    copier = planted_copy_llama()
+    samples = [tasks.make_sample(tok, "niah_single", 400, depth, seed, haystack="repeat")
+               for depth in (0.0, 1.0) for seed in (0, 6)]
     prompts = [tasks.multi_passkey(tok, 360, passkeys=2, words=2, seed=seed) for seed in range(2)]
     batches = []
 
@@ -313,7 +316,8 @@ def sweeps(model):
     return {"shapley": headops.shapley(model, IDS, permutations=3, batch_size=4, value_fn=value_fn),
             "shapley_batches": batches,
             "curve": (curve["metric"], len(curve["forward_seconds"])),
-            "retrieval": discover.retrieval_scores(model, samples, batch_size=1),
+            "retrieval": discover.retrieval_scores(copier, samples, min_recall=0.25, batch_size=1),
+            "reasoning": discover.retrieval_reasoning_scores(copier, samples, batch_size=1),
             "ablation": discover.duo_ablation(model, prompts, sinks=2, window=8, max_batch_tokens=720).values}
 
 
@@ -327,8 +331,10 @@ def test_sweeps_split_over_two_processes_are_bitwise_the_single_process_result()
     for got in ranks:
         assert torch.equal(got["shapley"], want["shapley"])
         assert got["curve"] == want["curve"]
-        assert torch.equal(got["retrieval"].values, want["retrieval"].values)
-        assert got["retrieval"].info == want["retrieval"].info
+        assert want["reasoning"].info["counted"] == 2 and float(want["retrieval"].values.sum()) > 0
+        for method in ("retrieval", "reasoning"):
+            assert torch.equal(got[method].values, want[method].values)
+            assert got[method].info == want[method].info
         assert torch.equal(got["ablation"], want["ablation"])
 
 

@@ -2,10 +2,11 @@
 sink heads apart, each writing one score per (layer, query head).
 
 The attention statistics come from headops probes (docs/DESIGN.md section 5: top-1 keys, masses on
-spans and at distances, from the fused kernel, never an S x S pattern)::
+spans and at distances, a query row's pattern, from the fused kernel, never an S x S pattern)::
 
     samples = discover.retrieval_samples(tok, lengths=[512, 1024], depths=[0, .5, 1], needles=2)
     discover.retrieval_scores(model, samples).values        # [L, Hq] (Wu et al. 2024)
+    discover.retrieval_reasoning_scores(model, samples).values   # HeadKV's R2 (Fu et al. 2024)
     echo, induction = discover.echo_induction_scores(model, discover.repeated_tokens(model, tok, period=64))
     discover.sink_scores(model, discover.text_rows(tok, rows=4, tokens=512)).values
     discover.duo_attention(model, training_samples, sinks=16, window=64, steps=100)   # headops.duo
@@ -37,10 +38,10 @@ from .probes import probe
 from .research import model_device, with_spec
 from .spec import HeadSpec
 
-__all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "repeated_tokens", "echo_induction_scores",
+__all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "retrieval_reasoning_scores", "repeated_tokens", "echo_induction_scores",
            "text_rows", "sink_scores", "duo_attention", "duo_ablation", "write_full_attention_heads"]
 
-METHODS = ("retrieval", "echo", "induction", "sink", "duo", "duo-ablation")
+METHODS = ("retrieval", "retrieval-reasoning", "echo", "induction", "sink", "duo", "duo-ablation")
 
 
 @dataclasses.dataclass
@@ -106,52 +107,145 @@ def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_r
     ``group``: the processes the prompt batches are split over (a torch.distributed process
     group; None: torchrun's processes when launched by torchrun, else this one; False: this
     process alone); every rank gets the scores, bitwise those of one process."""
+    caller = "headops.discover.retrieval_scores"
     if not 0.0 <= min_recall <= 1.0:
-        raise ValueError(f"headops.discover.retrieval_scores: min_recall must be in [0, 1], got {min_recall!r}")
-    _check_positive_int("retrieval_scores", "batch_size", batch_size)
+        raise ValueError(f"{caller}: min_recall must be in [0, 1], got {min_recall!r}")
+
+    def test(recording, row, sample, sequence, answer):
+        """(needle recall, copy scores or None where the test does not count)."""
+        needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
+        recall = needle_recall(needle, answer)
+        if recall < min_recall or not answer.numel():
+            return recall, None
+        # [L, Hq, steps]: the key each step's last query row attends to most
+        top1 = torch.stack([torch.stack([recording[layer][t].topk_index[row, :, -1, 0].cpu()
+                                         for t in range(answer.numel())], -1) for layer in range(len(recording))])
+        return recall, copy_scores(top1, sequence, answer, sample.answer_spans())
+
+    values, counted, recalls = _needle_tests(
+        model, samples, caller, test, dict(topk=1), batch_size=batch_size, show_progress=show_progress, group=group,
+        budget=lambda sample: max_new_tokens or sample.answer_tokens() + 4, inputs=(max_new_tokens, min_recall))
+    return Scores("retrieval", values, {"tests": len(samples), "counted": counted,
+                                        "mean_recall": sum(recalls) / len(recalls)})
+
+
+def answer_f1(expected: torch.Tensor, answer: torch.Tensor) -> float:
+    """The F1 of an answer's tokens against the expected answer's (bags of token ids, with
+    repeats: SQuAD's F1 over ids instead of normalised words, as HeadKV counts a test)."""
+    common = sum((collections.Counter(expected.tolist()) & collections.Counter(answer.tolist())).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / answer.numel(), common / expected.numel()
+    return 2 * precision * recall / (precision + recall)
+
+
+def reasoning_scores(rows, spans, answer_tokens: int) -> torch.Tensor:
+    """HeadKV's retrieval-reasoning score of one test (Fu et al. 2024, "Not All Heads Matter",
+    its retrieval_head_detection_r2): at each decoding step, each head's k most attended keys,
+    k the needles' size in tokens; those inside a needle add their probability; the sum over the
+    steps is scaled by 10 / (needles' size x the expected answer's tokens), as HeadKV's code
+    scales it (its budgets normalise the scores, so the 10 only keeps the published scale).
+    Unlike Wu et al.'s score no key must hold the token being generated: a head that reads the
+    needle's context, not only the token it copies, scores.
+
+    rows: one [L, Hq, Sk] tensor per step, the step's query row's probabilities over its keys
+    (ProbeResult.pattern); spans: the needles' token spans; answer_tokens: the expected
+    answer's tokens. Ties at the k-th key are broken as torch.topk breaks them. Returns [L, Hq]
+    float64."""
+    size = sum(end - start for start, end in spans)
+    total = None
+    for row in rows:
+        values, index = row.double().topk(min(size, row.shape[-1]), dim=-1)
+        in_needle = torch.zeros_like(index, dtype=torch.bool)
+        for start, end in spans:
+            in_needle |= (index >= start) & (index < end)
+        mass = (values * in_needle).sum(dim=-1)
+        total = mass if total is None else total + mass
+    return 10 * total / (size * answer_tokens)
+
+
+def retrieval_reasoning_scores(model, samples, *, max_new_tokens: int | None = None, min_f1: float = 0.5,
+                               batch_size: int = 8, show_progress: bool = False, group=None) -> Scores:
+    """Retrieval-reasoning scores (HeadKV's R2, Fu et al. 2024, "Not All Heads Matter: A
+    Head-Level KV Cache Compression Method with Integrated Retrieval and Reasoning"): the scores
+    HeadKV allocates its budgets by (HeadSpec.headkv), over `samples` (headops.tasks samples;
+    the asked needles' whole spans are what a head should read).
+
+    Each prompt is answered by greedy decoding of as many tokens as its expected answer has, as
+    HeadKV decodes (where several answers are asked, plus 4 a further answer for separators;
+    max_new_tokens, if given, caps them; prompts of one length batched), each step's query row
+    of the pattern probed at every layer (``pattern_rows=[-1]``: the row alone, never the S x S
+    pattern); a test counts when its answer's F1 against the expected answer (answer_f1) is
+    above `min_f1` (HeadKV: 0.5), and the score is the mean of reasoning_scores over the counted
+    tests (0 where none counts). ``group`` as retrieval_scores'."""
+    caller = "headops.discover.retrieval_reasoning_scores"
+    if not 0.0 <= min_f1 < 1.0:
+        raise ValueError(f"{caller}: min_f1 must be in [0, 1), got {min_f1!r}")
+    if max_new_tokens is not None:
+        _check_positive_int("retrieval_reasoning_scores", "max_new_tokens", max_new_tokens)
+
+    def budget(sample):
+        needed = sample.answer_tokens() + 4 * (len(sample.answers) - 1)
+        return needed if max_new_tokens is None else min(needed, max_new_tokens)
+
+    def test(recording, row, sample, sequence, answer):
+        """(answer F1, reasoning scores or None where the test does not count)."""
+        expected = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
+        answer = answer[:budget(sample)]  # (the batch decodes its longest budget)
+        f1 = answer_f1(expected, answer) if answer.numel() else 0.0
+        if f1 <= min_f1:
+            return f1, None
+        rows = [torch.stack([recording[layer][t].pattern[row, :, -1].cpu() for layer in range(len(recording))])
+                for t in range(answer.numel())]
+        return f1, reasoning_scores(rows, [sample.needles[i].span for i in sample.asked], expected.numel())
+
+    values, counted, f1s = _needle_tests(
+        model, samples, caller, test, dict(pattern_rows=[-1]), batch_size=batch_size, show_progress=show_progress,
+        group=group, budget=budget, inputs=(max_new_tokens, min_f1))
+    return Scores("retrieval-reasoning", values, {"tests": len(samples), "counted": counted,
+                                                  "mean_f1": sum(f1s) / len(f1s)})
+
+
+def _needle_tests(model, samples, caller, test, probe_options, *, budget, batch_size, show_progress, group, inputs):
+    """The decoding both retrieval scores share: each batch of equal-length prompts answered
+    greedily (budget(sample) new tokens at most, the batch's largest) under a dense spec with
+    probe_options at every layer, then test(recording, row, sample, prompt and answer, answer up
+    to EOS) -> (a measure, [L, Hq] scores or None where the test does not count) per prompt;
+    batches split over `group`'s processes. Returns (the mean of the counted tests' scores, 0
+    where none counts; how many counted; every test's measure), in prompt order."""
+    _check_positive_int(caller.rsplit(".", 1)[-1], "batch_size", batch_size)
     if not samples:
-        raise ValueError("headops.discover.retrieval_scores: samples must hold at least one prompt")
+        raise ValueError(f"{caller}: samples must hold at least one prompt")
     L, Hq, _ = _shape(model)
-    group = sweep_group(group, model, "headops.discover.retrieval_scores")
+    group = sweep_group(group, model, caller)
     sliding = any(window is not None for window in sliding_windows(model, L))
 
     def tests_of(batch):
-        """Each prompt's (needle recall, copy scores or None where the test does not count)."""
         ids = torch.stack([samples[i].ids for i in batch])
-        budget = max_new_tokens or max(samples[i].answer_tokens() for i in batch) + 4
         # (a model with sliding-window layers decodes through a dense HeadSparseCache: transformers'
         # cache drops the keys past the window there, whose positions the probe could not name)
         cache = HeadSparseCache(model, HeadSpec.dense(model)) if sliding else None
-        with probe(model, topk=1) as recording:
-            new = tasks.generate(model, ids.to(model_device(model)), budget, cache=cache).cpu()
-        steps = new.shape[1]  # one attention call per generated token: the prefill, then each step
-        # [B, L, Hq, steps]: each step's last query row
-        top1 = torch.stack([torch.stack([recording[layer][t].topk_index[:, :, -1, 0] for t in range(steps)], -1)
-                            for layer in range(L)], 1).cpu()
+        with probe(model, **probe_options) as recording:
+            # one attention call per generated token: the prefill, then each step
+            new = tasks.generate(model, ids.to(model_device(model)), max(budget(samples[i]) for i in batch),
+                                 cache=cache).cpu()
         tests = []
         for row, i in enumerate(batch):
-            sample, answer = samples[i], tasks.until_eos(model, new[row])
-            sequence = torch.cat([ids[row], new[row]])
-            needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
-            recall = needle_recall(needle, answer)
-            counts = recall >= min_recall and answer.numel()
-            tests.append((recall, copy_scores(top1[row, :, :, :answer.numel()], sequence, answer,
-                                              sample.answer_spans()) if counts else None))
+            answer = tasks.until_eos(model, new[row])
+            tests.append(test(recording, row, samples[i], torch.cat([ids[row], new[row]]), answer))
         return tests
 
     with with_spec(model, HeadSpec.dense(model)), torch.no_grad():
-        per_batch = map_items(tests_of, tasks.batches_of_equal_length(samples, batch_size), group,
-                              caller="headops.discover.retrieval_scores",
-                              inputs=(samples, max_new_tokens, min_recall, batch_size), progress=show_progress,
-                              desc="retrieval (prompt batches)")
-    total, counted, recalls = torch.zeros(L, Hq, dtype=torch.float64), 0, []
-    for recall, scores in (test for tests in per_batch for test in tests):  # in prompt order, as one process adds
-        recalls.append(recall)
+        per_batch = map_items(tests_of, tasks.batches_of_equal_length(samples, batch_size), group, caller=caller,
+                              inputs=(samples, batch_size) + inputs, progress=show_progress,
+                              desc=f"{caller.rsplit('.', 1)[-1]} (prompt batches)")
+    total, counted, measures = torch.zeros(L, Hq, dtype=torch.float64), 0, []
+    for measure, scores in (test for tests in per_batch for test in tests):  # in prompt order, as one process adds
+        measures.append(measure)
         if scores is not None:
             counted += 1
             total += scores
-    return Scores("retrieval", total / max(counted, 1),
-                  {"tests": len(samples), "counted": counted, "mean_recall": sum(recalls) / len(recalls)})
+    return total / max(counted, 1), counted, measures
 
 
 # ------------------------------------------------------------------------------ echo and induction heads

@@ -243,6 +243,39 @@ class CharTokenizer:
                        else chr(i + 29) for i in ids)
 
 
+def planted_copy_llama():
+    """A float64 tiny_llama (2 layers, 4 query / 2 KV heads, D = 16) rewired so that one head,
+    query head 0 of layer 0, copies a digit of CharTokenizer's text: it attends to the context's
+    digit tokens (a digit flag in the embeddings meets a constant query on RoPE's slowest pair of
+    dimensions, nearly unrotated) and writes their embedding, amplified, on the residual stream,
+    which the output layer (the same embeddings) reads back as that digit. Every other head's
+    output and both MLPs are zero: the one head a retrieval method should find."""
+    model, _ = tiny_llama()
+    model = model.double()
+    digits = CharTokenizer().encode("0123456789")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        E = torch.randn(97, 64, generator=g, dtype=torch.float64)
+        E[:, 62] = 1.0  # a constant feature: the query's source
+        E[:, 63] = 0.0
+        E[digits, 63] = 3.0  # the digit flag: the key's source
+        model.model.embed_tokens.weight.copy_(E)
+        model.lm_head.weight.copy_(E)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.o_proj.weight.zero_()
+        attn = model.model.layers[0].self_attn
+        attn.q_proj.weight.zero_()
+        attn.q_proj.weight[7, 62] = 12.0  # query head 0, dim 7: RoPE pairs dims (7, 15), the slowest
+        attn.k_proj.weight.mul_(0.3)  # a little per-token spread among the digits
+        attn.k_proj.weight[7] = 0.0
+        attn.k_proj.weight[7, 63] = 12.0
+        attn.v_proj.weight.zero_()
+        attn.v_proj.weight[:16, :16] = torch.eye(16)  # KV head 0 carries the first 16 embedding dims
+        attn.o_proj.weight[:16, :16] = 20 * torch.eye(16)  # query head 0 writes them back, amplified
+    return model
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,11 @@
 """discover: per-head scores of a model by one of the published ways of finding heads (headops.discover).
 
   retrieval     Wu et al. 2024: needle-in-a-haystack prompts over --lengths x --depths with
-                --needles needles, greedy answers, top-1 probes: how often each head copies the needle
+                --needles needles (--task), greedy answers, top-1 probes: how often each head
+                copies the needle
+  retrieval-reasoning
+                HeadKV (Fu et al. 2024), the scores its budgets follow: the same prompts, each
+                step's query row of the pattern: the mass each head's top keys put on the needle
   echo          RazorAttention: attention mass on the earlier occurrence of the same token
   induction     RazorAttention: mass on the token after that occurrence
                 (both: --rows rows of a start token + --period random tokens, repeated 4 times)
@@ -32,7 +36,8 @@ from .study import MODEL_HELP, is_encoder, load_model, model_label
 
 HELP = "find retrieval, streaming (DuoAttention), echo, induction and sink heads: per-head scores"
 
-LABELS = {"retrieval": "retrieval score (Wu et al.)", "echo": "echo score (mass at distance R)",
+LABELS = {"retrieval": "retrieval score (Wu et al.)", "retrieval-reasoning": "retrieval-reasoning score (HeadKV)",
+          "echo": "echo score (mass at distance R)",
           "induction": "induction score (mass at distance R - 1)", "sink": "mass on the first token",
           "duo": "DuoAttention alpha (per KV head)", "duo-ablation": "distillation loss with the KV head streaming"}
 
@@ -47,11 +52,15 @@ def add_arguments(p) -> None:
     p.add_argument("--top-fraction", type=float, default=0.25, help="the share of KV heads printed as the top ones")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; on a busy machine 1 can be much faster)")
-    g = p.add_argument_group("retrieval")
+    g = p.add_argument_group("retrieval, retrieval-reasoning")
+    g.add_argument("--task", default="niah_single", choices=tasks.TASKS, help="the needle prompts' task")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
     g.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     g.add_argument("--needles", type=int, default=2, help="different needles (seeds) per (length, depth)")
-    g.add_argument("--min-recall", type=float, default=0.5, help="a test counts when its answer recalls this much")
+    g.add_argument("--min-recall", type=float, default=0.5,
+                   help="retrieval: a test counts when its answer recalls this much of the needle")
+    g.add_argument("--min-f1", type=float, default=0.5,
+                   help="retrieval-reasoning: a test counts when its answer's F1 is above this (HeadKV: 0.5)")
     g.add_argument("--batch-size", type=int, default=4, help="prompts answered together")
     g = p.add_argument_group("echo, induction, sink")
     g.add_argument("--period", type=int, default=64, help="echo/induction: the repeated random sequence's length R")
@@ -99,13 +108,16 @@ def read_scores(path: str) -> torch.Tensor:
 def _scores(args, model, tok):
     """The Scores of args.method (for echo and induction, of that one of the pair)."""
     show = not args.quiet
-    if args.method == "retrieval":
+    if args.method in ("retrieval", "retrieval-reasoning"):
         if is_encoder(model):
-            raise SystemExit(f"--method retrieval needs a model that generates; {args.model} is an encoder")
+            raise SystemExit(f"--method {args.method} needs a model that generates; {args.model} is an encoder")
         samples = discover.retrieval_samples(tok, lengths=args.lengths, depths=args.depths, needles=args.needles,
-                                             seed=args.seed)
-        return discover.retrieval_scores(model, samples, min_recall=args.min_recall, batch_size=args.batch_size,
-                                         show_progress=show)
+                                             seed=args.seed, task=args.task)
+        if args.method == "retrieval":
+            return discover.retrieval_scores(model, samples, min_recall=args.min_recall, batch_size=args.batch_size,
+                                             show_progress=show)
+        return discover.retrieval_reasoning_scores(model, samples, min_f1=args.min_f1, batch_size=args.batch_size,
+                                                   show_progress=show)
     if args.method in ("echo", "induction"):
         ids = discover.repeated_tokens(model, tok, period=args.period, rows=args.rows, seed=args.seed)
         echo, induction = discover.echo_induction_scores(model, ids, args.period)
