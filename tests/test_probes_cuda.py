@@ -80,9 +80,10 @@ def test_no_device_to_host_copy_of_the_keys():
     assert bool(((top < 4) | ((top > position - 64) & (top <= position))).all())
 
 
-def test_discovery_on_the_device_equals_the_cpu():
+def test_discovery_on_the_device_equals_the_cpu(monkeypatch):
     """headops.discover's probe methods on a patched model on the device, against the same model
-    on the CPU: echo and induction, sink and retrieval scores."""
+    on the CPU: echo and induction, sink, retrieval and retrieval-reasoning scores (every test
+    counted: the random model's answers match nothing)."""
     from headops.testing import CharTokenizer
 
     tok = CharTokenizer()
@@ -97,7 +98,11 @@ def test_discovery_on_the_device_equals_the_cpu():
     for name, model in (("cpu", cpu_model), ("device", dev_model)):
         echo, induction = discover.echo_induction_scores(model, ids, period)
         retrieval = discover.retrieval_scores(model, samples, min_recall=0.0, max_new_tokens=4)
-        found[name] = (echo, induction, discover.sink_scores(model, text), retrieval)
+        with monkeypatch.context() as m:
+            m.setattr(discover, "answer_f1", lambda expected, answer: 1.0)
+            reasoning = discover.retrieval_reasoning_scores(model, samples, max_new_tokens=4)
+        assert reasoning.info["counted"] == len(samples) and float(reasoning.values.sum()) > 0
+        found[name] = (echo, induction, discover.sink_scores(model, text), retrieval, reasoning)
     for want, got in zip(found["cpu"], found["device"]):
         assert got.values.device.type == "cpu" and got.info == want.info
         torch.testing.assert_close(got.values, want.values, atol=1e-4, rtol=1e-4, msg=want.method)
