@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("lofit_training.py --packed 3", "3 pieces flattened into one row"),
     ("batched_generation.py", "as recomputing without a cache"),
     ("attention_rows.py", "output_attentions would hold"),
+    ("headkv_compression.py", "SnapKV, 48 tokens every KV head: "),
 ])
 def test_example_runs(example, expected):
     script, *options = example.split()
