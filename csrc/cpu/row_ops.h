@@ -292,29 +292,50 @@ inline HalfBlockParts split_half_block(KeyRow key, ValueRow value, int64_t real,
   return {k_hi, k_lo, v_hi, v_lo, finite};
 }
 
-// p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
-// the sum of the unrounded values. Two vectors per step with two accumulators: one chain of
-// dependent adds would otherwise bound the loop.
-template <typename T, typename P>
-inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m) {
+// e (y - m), the entropy term of a key of logit y and probability e = exp(y - m) against the
+// row's reference m (DESIGN section 5's entropy sum): 0 for a -inf logit (where e (y - m) is
+// 0 * -inf). The softmax loops add it where a probe asks for the entropy, from the e they
+// compute anyway (before a bf16/fp16 P rounds it), so that the probe needs no second exp.
+template <typename T>
+inline Vectorized<T> entropy_term(const Vectorized<T>& y, const Vectorized<T>& e, const Vectorized<T>& vm) {
+  using V = Vectorized<T>;
+  return V::blendv(e * (y - vm), V(T(0)), y == V(-std::numeric_limits<T>::infinity()));
+}
+
+template <bool kEntropy, typename T, typename P>
+inline T exp_and_sum_of(const T* x, P* p, int64_t lo, int64_t hi, T m, T* entropy_out) {
   using V = Vectorized<T>;
   const V vm(m);
-  V vsum0(T(0)), vsum1(T(0));
+  V vsum0(T(0)), vsum1(T(0)), vent(T(0));
   int64_t j = lo;
   for (; j + 2 * V::size() <= hi; j += 2 * V::size()) {
-    V e0 = exp_shifted<P>(V::loadu(x + j), vm);
-    V e1 = exp_shifted<P>(V::loadu(x + j + V::size()), vm);
+    const V y0 = V::loadu(x + j), y1 = V::loadu(x + j + V::size());
+    V e0 = exp_shifted<P>(y0, vm);
+    V e1 = exp_shifted<P>(y1, vm);
     store_probs(p + j, e0, e1);
     vsum0 = vsum0 + e0;
     vsum1 = vsum1 + e1;
+    if constexpr (kEntropy) vent = vent + entropy_term(y0, e0, vm) + entropy_term(y1, e1, vm);
   }
   for (; j < hi; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), hi - j);
     V e = exp_partial<P>(x + j, n, vm);
     store_probs_tail(p + j, e, n);
     vsum0 = vsum0 + e;
+    if constexpr (kEntropy) vent = vent + V::set(V(T(0)), entropy_term(V::loadu(x + j, n), e, vm), n);
   }
+  if constexpr (kEntropy) *entropy_out = reduce_sum(vent);
   return reduce_sum(vsum0 + vsum1);
+}
+
+// p[j] = exp(x[j] - m) for j in [lo, hi), stored as P (the dtype of the P.V product); returns
+// the sum of the unrounded values, and with entropy_out the sum of their entropy terms there
+// (entropy_term). Two vectors per step with two accumulators: one chain of dependent adds
+// would otherwise bound the loop.
+template <typename T, typename P>
+inline T exp_and_sum(const T* x, P* p, int64_t lo, int64_t hi, T m, T* entropy_out = nullptr) {
+  return entropy_out ? exp_and_sum_of<true>(x, p, lo, hi, m, entropy_out)
+                     : exp_and_sum_of<false>(x, p, lo, hi, m, entropy_out);
 }
 
 // y = x * scale (+ bias) of the vector at j (one FMA with a bias), and of the c < V::size()
@@ -408,16 +429,13 @@ inline float exp_sum_of_raw_scores(const float* x, P* p, int64_t n, float scale,
 // of the stored logits with NaN propagated, when there are some), as torch.amax would give.
 // Without bias and stored logits max_out is only an upper bound of the max (see
 // exp_sum_of_raw_scores): callers compare it, and read the max itself only from stored logits.
-template <typename T, typename P>
-inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
-                        T* logits_out = nullptr) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>)
-    if (bias == nullptr && logits_out == nullptr) return exp_sum_of_raw_scores(x, p, n, scale, m, max_out);
-#endif
+// With entropy_out, the sum of the keys' entropy terms against m (entropy_term) is set there.
+template <bool kEntropy, typename T, typename P>
+inline T scaled_exp_sum_of(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out, T* logits_out,
+                           T* entropy_out) {
   using V = Vectorized<T>;
   const V vm(m), vs(scale), lowest(-std::numeric_limits<T>::infinity());
-  V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest);
+  V vsum0(T(0)), vsum1(T(0)), vmax0(lowest), vmax1(lowest), vent(T(0));
   int64_t j = 0;
   for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
     V y0 = scaled_logits(x, bias, vs, j), y1 = scaled_logits(x, bias, vs, j + V::size());
@@ -431,6 +449,7 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     store_probs(p + j, e0, e1);
     vsum0 = vsum0 + e0;
     vsum1 = vsum1 + e1;
+    if constexpr (kEntropy) vent = vent + entropy_term(y0, e0, vm) + entropy_term(y1, e1, vm);
   }
   for (; j < n; j += V::size()) {
     const int64_t c = std::min<int64_t>(V::size(), n - j);
@@ -440,7 +459,9 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
     V e = V::set(V(T(0)), exp_shifted<P>(y, vm), c);
     store_probs_tail(p + j, e, c);
     vsum0 = vsum0 + e;
+    if constexpr (kEntropy) vent = vent + V::set(V(T(0)), entropy_term(y, e, vm), c);
   }
+  if constexpr (kEntropy) *entropy_out = reduce_sum(vent);
   const T sum = reduce_sum(vsum0 + vsum1);
   if (std::isnan(sum))
     max_out = logits_out ? max_of(logits_out, 0, n, -std::numeric_limits<T>::infinity())
@@ -448,6 +469,18 @@ inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m
   else
     max_out = reduce_max(max_ignoring_nan(vmax0, vmax1));
   return sum;
+}
+
+template <typename T, typename P>
+inline T scaled_exp_sum(const T* x, P* p, int64_t n, T scale, const T* bias, T m, T& max_out,
+                        T* logits_out = nullptr, T* entropy_out = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    if (bias == nullptr && logits_out == nullptr && entropy_out == nullptr)
+      return exp_sum_of_raw_scores(x, p, n, scale, m, max_out);
+#endif
+  return entropy_out ? scaled_exp_sum_of<true>(x, p, n, scale, bias, m, max_out, logits_out, entropy_out)
+                     : scaled_exp_sum_of<false>(x, p, n, scale, bias, m, max_out, logits_out, entropy_out);
 }
 
 template <typename T>

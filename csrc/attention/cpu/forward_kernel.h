@@ -184,17 +184,19 @@ class ItemRunner {
         // logit shows up as a NaN sum below, and the row takes the exact path)
         if (ref_max == neg_inf) ref_max = scaled_max_ignoring_nan(s + part.lo, part.size(), lg.scale, bias);
         if (ref_max != neg_inf) {
-          acc_t block_max;
+          acc_t block_max, entropy_terms = 0;
           acc_t* logits_out = probes_.active() ? s + part.lo : nullptr;
           const acc_t sum = scaled_exp_sum(s + part.lo, prob + part.lo, part.size(), lg.scale, bias, ref_max,
-                                           block_max, logits_out);
+                                           block_max, logits_out, probes_.wants_entropy() ? &entropy_terms : nullptr);
           logits_stored = logits_out != nullptr;
           stored_max = block_max;
           if (block_max <= ref_max + lazy_rescale_limit<prob_t, acc_t>()) {  // false for NaN: exact path
             fill_zero(prob, 0, part.lo);
             fill_zero(prob, part.hi, nk);
             // the reference stays (or, for a row that had nothing, starts at ref_max): no rescale
-            probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, ref_max, ref_max, row.sum, acc_t(1));
+            // (and no NaN logit: block_max bounds every one of them)
+            probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, ref_max, ref_max, row.sum, acc_t(1),
+                           entropy_terms, block_max);
             row.add_at_reference(ref_max, sum);
             any_row = true;
             continue;
@@ -218,17 +220,22 @@ class ItemRunner {
         continue;
       }
       int64_t cursor = 0;
-      acc_t sum = 0;
+      acc_t sum = 0, entropy_terms = 0;
       for (const KeyRange& part : parts) {
         if (part.empty()) continue;
         fill_zero(prob, cursor, part.lo);
-        sum += exp_and_sum(s, prob, part.lo, part.hi, row.reference());
+        acc_t part_terms = 0;
+        sum += exp_and_sum(s, prob, part.lo, part.hi, row.reference(),
+                           probes_.wants_entropy() ? &part_terms : nullptr);
+        entropy_terms += part_terms;
         cursor = part.hi;
       }
       fill_zero(prob, cursor, nk);
       row.add(sum, correction);
       if (correction != acc_t(1)) scale_row(st.acc.data() + r * D, D, correction);
-      probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, row.reference(), old_ref, old_sum, correction);
+      // (the block's max is not passed: here a NaN logit may be among the keys)
+      probes_.update(r, batch_row_, pos0 + r, s, prob, parts, j0, row.reference(), old_ref, old_sum, correction,
+                     entropy_terms, std::numeric_limits<acc_t>::quiet_NaN());
       any_row = true;
     }
     if (any_row) {

@@ -1,7 +1,8 @@
 // The probe statistics of a query tile's rows (DESIGN section 5, rules in probe_semantics.h),
 // kept beside the forward's online softmax in the same pass over the keys: span and distance
 // masses and the entropy sum are accumulated against the row's reference max and rescaled with
-// its sum; the top-k keys are ranked by logit. Compiled per instruction set with the forward.
+// its sum (the entropy terms come from the softmax's own exp, row_ops' entropy_term); the
+// top-k keys are ranked by logit. Compiled per instruction set with the forward.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -33,6 +34,7 @@ class RowProbes {
   }
 
   bool active() const { return probe_ != nullptr; }
+  bool wants_entropy() const { return probe_ != nullptr && probe_->entropy; }
 
   void reset(int64_t nq) {
     if (!probe_) return;
@@ -46,10 +48,14 @@ class RowProbes {
   // Row r (query position pos, batch row b) has taken the key block [j0, j0 + nk): x holds its
   // logits, prob its probabilities against the row's reference `ref` on the visible parts
   // (relative to j0). Before the block the reference was old_ref with sum old_sum; correction
-  // is exp(old_ref - ref).
+  // is exp(old_ref - ref). entropy_terms: the sum of the visible keys' entropy terms against
+  // ref (the softmax's, when the probe asks for the entropy); block_max: the largest logit among
+  // them where no logit is NaN, else NaN (a bound lets the top-k skip a block none of whose
+  // keys can enter).
   template <typename prob_t>
   void update(int64_t r, int64_t b, int64_t pos, const acc_t* x, const prob_t* prob, const KeyRange (&parts)[2],
-              int64_t j0, acc_t ref, acc_t old_ref, acc_t old_sum, acc_t correction) {
+              int64_t j0, acc_t ref, acc_t old_ref, acc_t old_sum, acc_t correction, acc_t entropy_terms,
+              acc_t block_max) {
     if (!probe_) return;
     acc_t* spans = spans_.data() + r * probe_->n_spans;
     acc_t* distances = distances_.data() + r * probe_->n_distances;
@@ -58,6 +64,10 @@ class RowProbes {
       for (int64_t n = 0; n < probe_->n_distances; ++n) distances[n] *= correction;
       entropy_[r] = rescale_entropy_sum(entropy_[r], old_sum, old_ref, ref, correction);
     }
+    if (probe_->entropy) entropy_[r] += entropy_terms;
+    // (ties go to the lower position, which an earlier block holds: a block whose largest logit
+    // does not beat the k-th kept one offers nothing)
+    const bool offers = probe_->topk > 0 && !(block_max <= top_logits_[(r + 1) * probe_->topk - 1]);
     const int64_t* span = probe_->spans + b * probe_->spans_stride_b;
     for (const KeyRange& part : parts) {
       if (part.empty()) continue;
@@ -68,8 +78,7 @@ class RowProbes {
         const KeyRange near = keys_at_distances(pos, probe_->distances[2 * n], probe_->distances[2 * n + 1]);
         distances[n] += mass(x, prob, keys.clip(near.lo, near.hi), j0, ref);
       }
-      if (probe_->entropy) entropy_[r] += entropy_terms(x, prob, part, ref);
-      if (probe_->topk > 0) offer_keys(r, x, part, j0);
+      if (offers) offer_keys(r, x, part, j0);
     }
   }
 
@@ -118,49 +127,24 @@ class RowProbes {
     return sum;
   }
 
-  // sum of exp(x - ref) * (x - ref) over a visible part (a -inf logit adds nothing); where the
-  // probabilities were rounded for the P.V product (bf16/fp16), exp(x - ref) again, a vector at a time
-  template <typename prob_t>
-  static acc_t entropy_terms(const acc_t* x, const prob_t* prob, KeyRange part, acc_t ref) {
-    using V = Vectorized<acc_t>;
-    const V vref(ref), neg_inf(negative_infinity<acc_t>()), zero(acc_t(0));
-    V total(acc_t(0));
-    int64_t j = part.lo;
-    for (; j + V::size() <= part.hi; j += V::size()) {
-      const V xs = V::loadu(x + j);
-      const V d = xs - vref;
-      V p;
-      if constexpr (std::is_same_v<prob_t, acc_t>) {
-        p = V::loadu(prob + j);
-      } else {
-        p = d.exp();
-      }
-      total = total + V::blendv(p * d, zero, xs == neg_inf);
-    }
-    acc_t sum = reduce_sum(total);
-    for (; j < part.hi; ++j) {
-      if (x[j] == negative_infinity<acc_t>()) continue;
-      const acc_t p = std::is_same_v<prob_t, acc_t> ? static_cast<acc_t>(prob[j]) : std::exp(x[j] - ref);
-      sum += p * (x[j] - ref);
-    }
-    return sum;
-  }
-
-  // offers the part's keys to row r's top-k; a vector of logits none of which beats the k-th
-  // kept one is skipped at once
+  // offers the part's keys to row r's top-k: of a vector of logits, only the lanes that beat
+  // the k-th kept one (or are NaN) when it is read, in position order (a lane that no longer
+  // beats it after an earlier one entered is turned away by offer_topk)
   void offer_keys(int64_t r, const acc_t* x, KeyRange part, int64_t j0) {
     using V = Vectorized<acc_t>;
     const int64_t k = probe_->topk;
     acc_t* logits = top_logits_.data() + r * k;
     int64_t* positions = top_positions_.data() + r * k;
+    constexpr int all_lanes = (1 << V::size()) - 1;
     int64_t j = part.lo;
     for (; j + V::size() <= part.hi; j += V::size()) {
       const acc_t kth = logits[k - 1];
-      if (kth == kth) {  // a NaN kept last: nothing can enter any more
-        const V xs = V::loadu(x + j);
-        if ((V(xs > V(kth)) | V(xs != xs)).zero_mask() == (1 << V::size()) - 1) continue;
+      if (kth != kth) return;  // k NaN logits kept: nothing ranks above them (ranks_above)
+      const V xs = V::loadu(x + j);
+      for (int lanes = ~(V(xs > V(kth)) | V(xs != xs)).zero_mask() & all_lanes; lanes != 0; lanes &= lanes - 1) {
+        const int64_t c = j + __builtin_ctz(static_cast<unsigned>(lanes));
+        offer_topk(logits, positions, k, x[c], j0 + c);
       }
-      for (int64_t c = j; c < j + V::size(); ++c) offer_topk(logits, positions, k, x[c], j0 + c);
     }
     for (; j < part.hi; ++j) offer_topk(logits, positions, k, x[j], j0 + j);
   }
