@@ -90,9 +90,10 @@ def measure(model, head_sparse_cache=True):
             headops.set_spec(model, spec)
             out[name] = model(IDS).logits
         headops.set_spec(model, all_specs["masked"])
-        with headops.probe(model, topk=1, entropy=True) as recording:
+        with headops.probe(model, topk=1, entropy=True, pattern_rows=[-1]) as recording:
             model(IDS)
-    out["probe"] = [(recording[layer][0].topk_index, recording[layer][0].entropy) for layer in range(2)]
+    out["probe"] = [(recording[layer][0].topk_index, recording[layer][0].entropy, recording[layer][0].pattern)
+                    for layer in range(2)]
     headops.set_spec(model, all_specs["streaming"])
     if not head_sparse_cache:
         out["tokens"] = model.generate(IDS[:1], max_new_tokens=10, do_sample=False, pad_token_id=2)
@@ -112,15 +113,7 @@ def test_tensor_parallel_llama_and_qwen2_compute_what_one_process_computes(saved
     ranks = run_ranks(lambda rank: {name: measure(load_tp(saved[name])) for name in FAMILIES}, 2)
     for name in FAMILIES:
         one = want[name]
-        for rank, got in enumerate(r[name] for r in ranks):
-            for spec in ("dense", "masked", "streaming", "per_batch"):  # up to the all-reduce's rounding
-                torch.testing.assert_close(got[spec], one[spec], atol=2e-6, rtol=1e-5, msg=f"{name} rank {rank} {spec}")
-            for (index, entropy), (want_index, want_entropy) in zip(got["probe"], one["probe"]):
-                assert index.shape == want_index.shape  # every head of the model, gathered
-                assert torch.equal(index, want_index)
-                torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
-            assert torch.equal(got["tokens"], one["tokens"]), f"{name} rank {rank}"
-            torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
+        assert_ranks_measure_as_one([r[name] for r in ranks], one)
         # each rank's cache holds its own KV heads: half the model's, and exactly their tokens
         whole = one["cache"]["view"]
         per_token = whole.ideal_nbytes // whole.kept_tokens()
@@ -152,12 +145,14 @@ def assert_ranks_measure_as_one(ranks, one):
     logits under every spec, probes, tokens and importance."""
     for rank, got in enumerate(ranks):
         assert got["shard"] == (rank, 2)  # (each rank computes its own heads)
-        for spec in ("dense", "masked", "streaming", "per_batch"):
+        for spec in ("dense", "masked", "streaming", "per_batch"):  # up to the all-reduce's rounding
             torch.testing.assert_close(got[spec], one[spec], atol=2e-6, rtol=1e-5, msg=f"rank {rank} {spec}")
-        for (index, entropy), (want_index, want_entropy) in zip(got["probe"], one["probe"]):
+        for (index, entropy, rows), (want_index, want_entropy, want_rows) in zip(got["probe"], one["probe"]):
+            assert index.shape == want_index.shape and rows.shape == want_rows.shape  # every head, gathered
             assert torch.equal(index, want_index)
             torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
-        assert torch.equal(got["tokens"], one["tokens"])
+            torch.testing.assert_close(rows, want_rows, atol=1e-6, rtol=1e-5)  # (pattern_rows=[-1])
+        assert torch.equal(got["tokens"], one["tokens"]), f"rank {rank}"
         torch.testing.assert_close(got["importance"], one["importance"], atol=1e-7, rtol=1e-4)
 
 
