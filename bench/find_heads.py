@@ -18,7 +18,6 @@ Writes bench/results/find_heads_smollm2.md and .json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -32,22 +31,11 @@ from bench import timing  # noqa: E402
 import headops  # noqa: E402
 from headops import discover, tasks  # noqa: E402
 from headops.cli.discover import read_scores  # noqa: E402
-from headops.head_scores import jaccard, pool_kv_heads, top_heads  # noqa: E402
+from headops.head_scores import overlaps, top_heads  # noqa: E402
 from headops.models import load_smollm2  # noqa: E402
 from headops.research import with_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def overlaps(scores: dict, num_kv_heads: int, fraction: float) -> dict:
-    """{level: {(a, b): Jaccard of the two methods' top `fraction` heads}} for KV and query heads."""
-    tops = {"KV heads": {}, "query heads": {}}
-    for method, values in scores.items():
-        kv = pool_kv_heads(values, num_kv_heads, "max")
-        tops["KV heads"][method] = top_heads(kv, round(fraction * kv.numel()))
-        tops["query heads"][method] = top_heads(values, round(fraction * values.numel()))
-    return {level: {(a, b): jaccard(chosen[a], chosen[b]) for a, b in itertools.combinations(chosen, 2)}
-            for level, chosen in tops.items()}, tops
 
 
 def passkey_accuracy(model, tok, samples, heads) -> float:

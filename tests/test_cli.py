@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +82,35 @@ def test_discover_takes_the_needle_task(tmp_path, capsys):
     assert "retrieval-reasoning:" in capsys.readouterr().out and (tmp_path / "r2.csv").exists()
     with pytest.raises(SystemExit):
         headops.cli.main(["discover", "--method", "retrieval", *TINY_DISCOVER, "--task", "haystack", "--out", str(out)])
+
+
+def test_compare_writes_the_agreement_of_score_tables(tmp_path, capsys):
+    import csv
+
+    import headops.cli
+    from headops.cli.discover import write_scores
+    from headops.head_scores import overlaps, rank_correlation
+
+    g = torch.Generator().manual_seed(0)
+    tables = {name: torch.rand(3, 6, generator=g, dtype=torch.float64) for name in ("x", "y", "z")}
+    for name, values in tables.items():
+        write_scores(str(tmp_path / f"{name}.csv"), values, 2)
+    out = tmp_path / "cmp"
+    assert headops.cli.main(["compare", f"first={tmp_path / 'x.csv'}", str(tmp_path / "y.csv"),
+                             str(tmp_path / "z.csv"), "--top-fraction", "0.5", "--out", str(out)]) == 0
+    assert "Jaccard of the top 3 KV heads" in capsys.readouterr().out and (tmp_path / "cmp.md").exists()
+    rows = list(csv.DictReader(open(f"{out}.csv")))
+    assert [(r["a"], r["b"]) for r in rows] == [("first", "y"), ("first", "z"), ("y", "z")]
+    pairs, _ = overlaps({"first": tables["x"], "y": tables["y"], "z": tables["z"]}, 2, 0.5)
+    for r in rows:
+        a, b = tables["x" if r["a"] == "first" else r["a"]], tables[r["b"]]
+        assert float(r["jaccard_kv_heads"]) == pytest.approx(pairs["KV heads"][(r["a"], r["b"])], abs=1e-6)
+        assert float(r["spearman"]) == pytest.approx(rank_correlation(a, b), abs=1e-6)
+    write_scores(str(tmp_path / "other.csv"), torch.rand(3, 6, generator=g, dtype=torch.float64), 3)
+    for argv, match in ((["x.csv"], "at least two"), (["x.csv", "nothing.csv"], "no such file"),
+                        (["x.csv", "other.csv"], "different models' heads"), (["x.csv", "x.csv"], "given twice")):
+        with pytest.raises(SystemExit, match=match):
+            headops.cli.main(["compare", *[str(tmp_path / a) for a in argv], "--out", str(out)])
 
 
 def test_discover_draws_its_heat_map_and_names_a_bad_option(tmp_path):

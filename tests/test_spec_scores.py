@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import headops
-from headops.head_scores import jaccard, pool_kv_heads, top_heads
+from headops.head_scores import jaccard, overlaps, pool_kv_heads, rank_correlation, top_heads
 
 CONFIG = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, head_dim=4)
 
@@ -32,6 +32,47 @@ def test_top_heads_breaks_ties_in_layer_head_order_and_jaccard():
         top_heads(kv, 7)
     assert jaccard([(0, 1), (1, 1)], [(1, 1), (0, 2)]) == pytest.approx(1 / 3)
     assert jaccard([], []) == 1.0
+
+
+def test_overlaps_compare_top_kv_and_query_heads_pair_by_pair():
+    a = torch.tensor([[0.9, 0.0, 0.1, 0.2, 0.0, 0.0], [0.0, 0.0, 0.3, 0.0, 0.8, 0.0]])
+    b = torch.tensor([[0.0, 0.7, 0.0, 0.0, 0.0, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    pairs, tops = overlaps({"a": a, "b": b}, 3, 0.5)
+    # KV heads (max of each pair of query heads): a [[.9, .2, 0], [0, .3, .8]] top 3 = 0.0, 1.2, 1.1;
+    # b [[.7, 0, .1], [0, 0, .9]] top 3 = 1.2, 0.0, 0.2: two of four heads shared
+    assert tops["KV heads"] == {"a": [(0, 0), (1, 2), (1, 1)], "b": [(1, 2), (0, 0), (0, 2)]}
+    assert pairs["KV heads"][("a", "b")] == pytest.approx(2 / 4)
+    assert pairs["query heads"][("a", "b")] == jaccard(top_heads(a, 6), top_heads(b, 6))
+    with pytest.raises(ValueError, match="differ in shape"):
+        overlaps({"a": a, "b": b[:1]}, 3, 0.5)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        overlaps({"a": a, "b": b}, 3, 0.0)
+
+
+def spearman(x, y):
+    """Spearman's rho by its definition: Pearson's correlation of the average ranks."""
+    def ranks(v):
+        v = v.flatten().tolist()
+        return torch.tensor([sum(w < u for w in v) + (sum(w == u for w in v) - 1) / 2 for u in v],
+                            dtype=torch.float64)
+    rx, ry = ranks(x), ranks(y)
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def test_rank_correlation_is_spearmans_rho_with_average_ranks_for_ties():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    assert rank_correlation(a, a) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(a, a.exp()) == pytest.approx(1.0)  # ranks, not values
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    assert rank_correlation(a, b) == pytest.approx(spearman(a, b))
+    tied = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 2.0]])  # ties: average ranks
+    other = torch.tensor([[3.0, 1.0, 2.0, 5.0, 4.0, 0.0]])
+    assert rank_correlation(tied, other) == pytest.approx(spearman(tied, other))
+    assert rank_correlation(torch.zeros(2, 3), a[:2, :3]) != rank_correlation(torch.zeros(2, 3), a[:2, :3])  # NaN
+    with pytest.raises(ValueError, match="tensors of one shape"):
+        rank_correlation(a, b[:2])
 
 
 def test_from_scores_keeps_the_top_kv_heads_full_and_streams_the_rest():

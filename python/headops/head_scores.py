@@ -8,9 +8,11 @@ and the comparisons between methods use these rules.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-__all__ = ["POOLINGS", "pool_kv_heads", "top_heads", "jaccard"]
+__all__ = ["POOLINGS", "pool_kv_heads", "top_heads", "jaccard", "overlaps", "rank_correlation"]
 
 POOLINGS = ("max", "mean")
 
@@ -68,3 +70,50 @@ def jaccard(a, b) -> float:
     """|a & b| / |a | b| of two collections of heads (1.0 for two empty ones)."""
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def overlaps(scores: dict, num_kv_heads, fraction: float) -> tuple:
+    """How methods' top heads agree: ``({level: {(a, b): Jaccard}}, {level: {method: top heads}})``
+    for level "KV heads" (each scored by the max over its query heads: what a cache keeps) and
+    "query heads", the top `fraction` of each (rounded, at least 1) compared pair by pair.
+    scores: {method: [L, Hq] scores}, all of one shape; num_kv_heads as pool_kv_heads takes it."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"headops.head_scores.overlaps: fraction must be in (0, 1], got {fraction!r}")
+    shapes = {tuple(v.shape) for v in scores.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"headops.head_scores.overlaps: the score tables differ in shape: {sorted(shapes)}")
+    tops = {"KV heads": {}, "query heads": {}}
+    for method, values in scores.items():
+        kv = pool_kv_heads(values, num_kv_heads, "max")
+        total = sum(row.numel() for row in kv)
+        tops["KV heads"][method] = top_heads(kv, max(1, round(fraction * total)))
+        tops["query heads"][method] = top_heads(values, max(1, round(fraction * values.numel())))
+    return {level: {(a, b): jaccard(chosen[a], chosen[b]) for a, b in itertools.combinations(chosen, 2)}
+            for level, chosen in tops.items()}, tops
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    order = torch.sort(x, stable=True).indices
+    ranks = torch.empty_like(x)
+    values = x[order].tolist()
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2  # tied values share their mean rank
+        i = j + 1
+    return ranks
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score tables of one shape (every head a sample; tied
+    scores take their average rank): 1 where both order the heads alike, NaN where either gives
+    every head the same score."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape or a.numel() < 2:
+        raise ValueError("headops.head_scores.rank_correlation: a and b must be tensors of one shape with at least "
+                         f"2 scores, got {tuple(getattr(a, 'shape', ()))} and {tuple(getattr(b, 'shape', ()))}")
+    ra, rb = (_average_ranks(t.flatten().double()) for t in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float((ra.square().sum() * rb.square().sum()).sqrt())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")

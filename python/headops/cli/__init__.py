@@ -4,6 +4,7 @@
     python -m headops prune --model minilm --tokens 128 --passages 16 --out results/prune_minilm
     python -m headops shapley --model smollm2 --tokens 64 --permutations 4 --out results/shapley_smollm2
     python -m headops discover --method retrieval --model smollm2 --lengths 512 1024 --out results/retrieval
+    python -m headops compare retrieval=results/retrieval.csv duo=results/duo.csv
     python -m headops evaluate --model smollm2 --tasks passkey niah_single --lengths 2048 4096 --samples 50 \
         --scores retrieval=results/retrieval.csv --methods standard --out results/evaluate_smollm2
     python -m headops info
@@ -35,6 +36,7 @@ COMMANDS = {
     "prune": ".prune",
     "shapley": ".shapley",
     "discover": ".discover",
+    "compare": ".compare",
     "evaluate": ".evaluate",
     "info": ".info",
 }
