@@ -141,10 +141,10 @@ class RowProbes {
       const acc_t kth = logits[k - 1];
       if (kth != kth) return;  // k NaN logits kept: nothing ranks above them (ranks_above)
       const V xs = V::loadu(x + j);
-      for (int lanes = ~(V(xs > V(kth)) | V(xs != xs)).zero_mask() & all_lanes; lanes != 0; lanes &= lanes - 1) {
-        const int64_t c = j + __builtin_ctz(static_cast<unsigned>(lanes));
-        offer_topk(logits, positions, k, x[c], j0 + c);
-      }
+      // (lanes by shifting, not __builtin_ctz: its tzcnt is BMI1, outside the DEFAULT variant's ISA)
+      int lanes = ~(V(xs > V(kth)) | V(xs != xs)).zero_mask() & all_lanes;
+      for (int64_t c = j; lanes != 0; ++c, lanes >>= 1)
+        if (lanes & 1) offer_topk(logits, positions, k, x[c], j0 + c);
     }
     for (; j < part.hi; ++j) offer_topk(logits, positions, k, x[j], j0 + j);
   }
