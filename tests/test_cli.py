@@ -84,6 +84,22 @@ def test_discover_takes_the_needle_task(tmp_path, capsys):
         headops.cli.main(["discover", "--method", "retrieval", *TINY_DISCOVER, "--task", "haystack", "--out", str(out)])
 
 
+def test_discover_loads_the_model_in_the_dtype_asked_for(tmp_path):
+    import headops.cli
+    from headops.cli.discover import read_scores
+
+    for dtype in ("float32", "bfloat16"):
+        for method in ("sink", "retrieval-reasoning", "duo"):
+            assert headops.cli.main(["discover", "--method", method, *TINY_DISCOVER, "--dtype", dtype, "--no-plot",
+                                     "--out", str(tmp_path / f"{method}_{dtype}")]) == 0
+    for method in ("sink", "duo"):
+        single, half = (read_scores(str(tmp_path / f"{method}_{dtype}.csv")) for dtype in ("float32", "bfloat16"))
+        assert bool(torch.isfinite(half).all()) and not torch.equal(single, half)  # bf16 arithmetic, close to fp32's
+        torch.testing.assert_close(half, single, atol=0.05, rtol=0.05)
+    with pytest.raises(SystemExit):
+        headops.cli.main(["discover", "--method", "sink", *TINY_DISCOVER, "--dtype", "float8", "--out", str(tmp_path)])
+
+
 def test_compare_writes_the_agreement_of_score_tables(tmp_path, capsys):
     import csv
 

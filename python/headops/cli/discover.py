@@ -32,7 +32,7 @@ from .._args import of_layer
 from ..head_scores import pool_kv_heads, top_heads
 from ..spec import HeadSpec
 from .output import say_written, write_csv
-from .study import MODEL_HELP, is_encoder, load_model, model_label
+from .study import DTYPES, MODEL_HELP, add_dtype_argument, is_encoder, load_model, model_label
 
 HELP = "find retrieval, streaming (DuoAttention), echo, induction and sink heads: per-head scores"
 
@@ -52,6 +52,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-fraction", type=float, default=0.25, help="the share of KV heads printed as the top ones")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; on a busy machine 1 can be much faster)")
+    add_dtype_argument(p)
     g = p.add_argument_group("retrieval, retrieval-reasoning")
     g.add_argument("--task", default="niah_single", choices=tasks.TASKS, help="the needle prompts' task")
     g.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="prompt lengths in tokens")
@@ -142,7 +143,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, DTYPES[args.dtype])
     if tok is None:
         from ..testing import CharTokenizer
 

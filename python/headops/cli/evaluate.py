@@ -22,11 +22,10 @@ import torch
 from .. import evaluate as harness
 from .. import tasks
 from .output import say_written, write_csv
-from .study import is_encoder, load_model, model_label
+from .study import DTYPES, add_dtype_argument, is_encoder, load_model, model_label
 
 HELP = "accuracy vs KV bytes held: every head-level method on the same long-context prompts"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 SUMMARY_HEADER = ["task", "length", "method", "family", "samples", "accuracy", "low", "high", "recall", "bytes",
                   "bytes_fraction"]
@@ -51,9 +50,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="the model's dtype (bfloat16: about 2x faster where the CPU has AVX512-BF16 or AMX; "
-                        "its rows are not those of a float32 run)")
+    add_dtype_argument(p)
 
 
 def read_score_tables(items) -> dict:

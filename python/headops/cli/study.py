@@ -22,6 +22,16 @@ from .. import research
 from ..corpus import stdlib_source, stdlib_text
 
 MODELS = ("smollm2", "minilm", "tiny", "tiny-bert")
+# the dtypes a command may load its model in (--dtype): one home for the choice and its help
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_dtype_argument(p) -> None:
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="the model's dtype (bfloat16: about 2x faster where the CPU has AVX512-BF16 or AMX; "
+                        "its results are not those of a float32 run)")
+
+
 MODEL_HELP = ("smollm2 (SmolLM2-135M), minilm (all-MiniLM-L6-v2), tiny / tiny-bert (random, tests), or a folder "
               "holding a transformers model and its tokenizer (save_pretrained's: config.json, weights, tokenizer "
               "files; a causal LM, or an encoder)")
