@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("batched_generation.py", "as recomputing without a cache"),
     ("attention_rows.py", "output_attentions would hold"),
     ("headkv_compression.py", "SnapKV, 48 tokens every KV head: "),
+    ("first_token_scaling.py", "heads by their gradient"),
 ])
 def test_example_runs(example, expected):
     script, *options = example.split()

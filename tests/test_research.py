@@ -36,6 +36,59 @@ def test_importance_from_the_gate_gradient_equals_finite_differences():
     torch.testing.assert_close(normalised.norm(dim=1), torch.ones(2, dtype=normalised.dtype))
 
 
+def test_first_token_sensitivity_equals_finite_differences_of_its_scale():
+    model = tiny(torch.float64)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    grad = research.first_token_sensitivity(model, [ids])
+    assert grad.shape == (2, 4) and not hasattr(model, "_headops_previous")
+    eps = 1e-2  # (transformers' RMSNorm rounds through float32: the loss is float32-accurate)
+    dense = headops.HeadSpec.dense(model)
+    for layer, h in [(0, 0), (0, 3), (1, 1), (1, 2)]:
+        losses = []
+        for sign in (1, -1):
+            scale = torch.ones(2, 4, dtype=torch.float64)
+            scale[layer, h] = math.exp(sign * eps)
+            with research.with_spec(model, dense.scale_first_token(scale)), torch.no_grad():
+                losses.append(float(research.causal_lm_loss(model, ids)))
+        torch.testing.assert_close(grad[layer, h].item(), (losses[0] - losses[1]) / (2 * eps), atol=2e-5, rtol=2e-3)
+    twice = research.first_token_sensitivity(model, [ids, ids])
+    torch.testing.assert_close(twice, 2 * grad)
+
+
+def test_scaling_the_first_token_rescales_its_probability_in_every_row():
+    """p -> s p / (s p + 1 - p) for the row's first real token, read by a probe; in a
+    left-padded batch the first token is each row's own (HeadSpec.scale_first_token)."""
+    model = tiny(torch.float64)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded by 3
+    random = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3 + 0.2
+
+    def first_token_mass(spec):  # [L, B, H, S]
+        spans = [[[0, 1]], [[3, 4]]]  # each row's first real token
+        with research.with_spec(model, spec), torch.no_grad(), headops.probe(model, spans=spans) as rec:
+            model(ids, attention_mask=mask)
+        return torch.stack([rec[layer][0].span_mass[..., 0] for layer in range(2)]).double()
+
+    p = first_token_mass(headops.HeadSpec.dense(model))
+    assert float(p[:, 1, :, 4:].min()) > 0  # (the padded row's first real token is the one probed)
+    for layer in range(2):  # one layer scaled at a time: its queries and keys stay the dense model's
+        scale = torch.ones(2, 4, dtype=torch.float64)
+        scale[layer] = random
+        scaled = first_token_mass(headops.HeadSpec.dense(model).scale_first_token(scale))
+        s = random[None, :, None]
+        want = s * p[layer] / (s * p[layer] + 1 - p[layer])
+        torch.testing.assert_close(scaled[layer, 0], want[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(scaled[layer, 1, :, 3:], want[1, :, 3:], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(scaled[:layer], p[:layer])  # the layers before it are untouched
+    # a spec with key_bias already keeps it; 1 changes nothing; bad scales are named
+    spec = headops.HeadSpec.dense(model).scale_first_token(2.0).scale_first_token(0.5)
+    torch.testing.assert_close(spec.key_bias, torch.zeros(2, 4, 1))
+    for bad in (0.0, -1.0, float("inf"), torch.ones(3, 4), True, "2"):
+        with pytest.raises((ValueError, TypeError), match="scale"):
+            headops.HeadSpec.dense(model).scale_first_token(bad)
+
+
 def test_batched_coalitions_equal_each_mask_alone():
     model = tiny()
     ids = torch.randint(0, 97, (1, 20))

@@ -5,6 +5,8 @@
   gradient); optionally normalised per layer (L2), as in the paper.
 - ``importance_finite_difference``: the slow definition (each gate moved by +-eps, the loss
   recomputed), for checking.
+- ``first_token_sensitivity``: dL/d log(scale) of each head's attention to its row's first token
+  (ZeroTuning's initial-token scaling, HeadSpec.scale_first_token), from one backward per batch.
 - ``pruning_curve``: heads masked in a given order in steps; every step's mask is one row of a
   per-batch gate ``[M, L, Hq]``, so all masks evaluate as one batch (gated heads cost nothing).
 - ``shapley``: Shapley values of the heads by permutation sampling; the coalitions along each
@@ -25,8 +27,8 @@ from ._distributed import map_items, sweep_group
 from .patching import patch, patched_spec, set_spec, unpatch
 from .spec import HeadSpec
 
-__all__ = ["importance", "importance_finite_difference", "pruning_curve", "shapley", "causal_lm_loss",
-           "embedding_similarity", "contrastive_embedding_loss"]
+__all__ = ["importance", "importance_finite_difference", "first_token_sensitivity", "pruning_curve", "shapley",
+           "causal_lm_loss", "embedding_similarity", "contrastive_embedding_loss"]
 
 
 def model_device(model) -> torch.device:
@@ -125,6 +127,24 @@ def importance(model, batches, *, loss_fn=causal_lm_loss, normalize=True, spec: 
             total += grad.abs()
     if normalize:
         total = total / total.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return total
+
+
+def first_token_sensitivity(model, batches, *, loss_fn=causal_lm_loss, spec: HeadSpec | None = None):
+    """[L, Hq] dL/d log(scale) at scale = 1, summed over batches: how the loss moves as each head
+    attends more to its row's first token (HeadSpec.scale_first_token; ZeroTuning's per-head
+    effect, to first order). Negative: attending more to the first token lowers the loss. One
+    backward per batch, the gradient of key_bias at key 0 (of `spec`, default dense)."""
+    device = model_device(model)
+    base = (spec or HeadSpec.dense(model)).copy().to(device)
+    L, H = base.num_layers, base.num_heads
+    bias = base.key_bias.detach().clone() if base.key_bias is not None else torch.zeros(L, H, 1, device=device)
+    base.key_bias = bias.requires_grad_()
+    total = torch.zeros(L, H, device=device)
+    with with_spec(model, base):
+        for batch in batches:
+            (grad,) = torch.autograd.grad(loss_fn(model, batch), base.key_bias)
+            total += grad[:, :, 0]
     return total
 
 

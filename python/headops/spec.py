@@ -204,6 +204,27 @@ class HeadSpec:
         spec.gate = gate
         return spec
 
+    def scale_first_token(self, scale) -> "HeadSpec":
+        """A copy in which each head's attention to its row's first token is multiplied by `scale`
+        and the row renormalised (ZeroTuning's initial-token scaling: a probability p becomes
+        scale p / (scale p + 1 - p)): log(scale) added to key_bias at key 0 (the row's first real
+        token in a padded batch). scale: a number > 0 for every head, or an ``[L, Hq]`` tensor of
+        them (1: the head unchanged)."""
+        L, Hq = self.num_layers, self.num_heads
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+            raise _fail("scale", "a number > 0 or an [L, Hq] tensor of them", type(scale).__name__)
+        scale = torch.as_tensor(scale, dtype=torch.float32).detach()
+        if scale.dim() == 0:
+            scale = scale.expand(L, Hq)
+        if tuple(scale.shape) != (L, Hq) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise _fail("scale", f"a finite number > 0 or an [L, Hq] = [{L}, {Hq}] tensor of them",
+                        tuple(scale.shape) if scale.dim() != 2 or tuple(scale.shape) != (L, Hq) else scale.tolist())
+        spec = self.copy()
+        bias = spec.key_bias.detach().clone() if spec.key_bias is not None else torch.zeros(L, Hq, 1)
+        bias[:, :, 0] += scale.log().to(bias.dtype)
+        spec.key_bias = bias
+        return spec
+
     @classmethod
     def streaming(cls, model_or_config, heads: dict, *, window: int, sinks: int = 4) -> "HeadSpec":
         """The given KV heads ({layer: [KV heads]}) streaming (sinks + window), the rest full. In a
