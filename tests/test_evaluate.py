@@ -65,8 +65,9 @@ def test_the_standard_grid_has_every_family_and_distinct_names():
     assert {m.family for m in grid} == set(harness.FAMILIES)
     assert sum(m.family == "duo" for m in grid) == 6 and sum(m.family == "random" for m in grid) == 3
     assert {m.family for m in harness.standard_methods()} == set(harness.FAMILIES) - {"duo", "razor", "headkv"}
+    assert sum(m.family == "headkv" for m in grid) == 12  # each score table's, query-agnostic and question-aware
     aware = [m.name for m in grid if m.question_aware]
-    assert len(aware) == 12 and all(m.family in ("snapkv", "adakv", "pyramidkv", "headkv")
+    assert len(aware) == 15 and all(m.family in ("snapkv", "adakv", "pyramidkv", "headkv")
                                     for m in grid if m.question_aware)
     assert not any(m.question_aware for m in harness.standard_methods(["r"], question_aware=False))
 

@@ -210,8 +210,8 @@ def standard_methods(score_names=(), *, fractions=(0.25, 0.5, 0.75), budgets=(12
     """The comparison grid: dense; StreamingLLM at each window; DuoAttention splits from each named
     score table and from random scores at each fraction of full KV heads; RazorAttention (weighted
     and unweighted) from the first score table at the smallest fraction; uniform SnapKV, AdaKV,
-    PyramidKV and (with a score table) HeadKV at each budget, each also question-aware (question=1)
-    unless question_aware is False."""
+    PyramidKV and HeadKV from each named score table at each budget, each also question-aware
+    (question=1) unless question_aware is False."""
     names = ["dense"] + [f"streaming_llm:window={w}" for w in windows]
     for name in score_names:
         names += [f"duo:scores={name},full={f:g}" for f in fractions]
@@ -219,8 +219,8 @@ def standard_methods(score_names=(), *, fractions=(0.25, 0.5, 0.75), budgets=(12
     if score_names:
         names += [f"razor:scores={score_names[0]},full={fractions[0]:g},weighted={w}" for w in (1, 0)]
     budgeted = [f"{family}:budget={b}" for family in ("snapkv", "adakv", "pyramidkv") for b in budgets]
-    if score_names:
-        budgeted += [f"headkv:scores={score_names[0]},budget={b}" for b in budgets]
+    for name in score_names:  # (which scores suit HeadKV depends on the model and the lengths: docs/evaluate.md)
+        budgeted += [f"headkv:scores={name},budget={b}" for b in budgets]
     names += budgeted + ([f"{n},question=1" for n in budgeted] if question_aware else [])
     return [parse_method(n) for n in names]
 
