@@ -201,16 +201,19 @@ def test_retrieval_reasoning_rows_on_sliding_windows_and_layers_reading_others_k
     model = tiny_per_layer_shapes(False, num_hidden_layers=8, num_kv_shared_layers=4,
                                   layer_types=["sliding_attention", "full_attention"] * 4)[0].double()
     samples = [tasks.make_sample(TOK, "niah_single", 400, depth, seed) for seed, depth in enumerate((0.1, 0.9))]
-    seen, reasoning_scores = [], discover.reasoning_scores
+    seen, top_keys_mass = [], discover.top_keys_mass
     monkeypatch.setattr(discover, "answer_f1", lambda expected, answer: 1.0)  # every test counts
-    monkeypatch.setattr(discover, "reasoning_scores", lambda rows, *rest: seen.append(rows) or
-                        reasoning_scores(rows, *rest))
+    # (each call's row is reduced as soon as it is made: seen in call order, layer by layer)
+    monkeypatch.setattr(discover, "top_keys_mass", lambda row, spans: seen.append(row) or top_keys_mass(row, spans))
     result = discover.retrieval_reasoning_scores(model, samples, batch_size=1)
-    assert result.info["counted"] == len(samples) and len(seen) == len(samples)
+    assert result.info["counted"] == len(samples)
     eager(model)
-    for rows, s in zip(seen, samples):
-        answer = tasks.until_eos(model, tasks.generate(model, s.ids[None], s.answer_tokens())[0]).tolist()
-        assert len(rows) == len(answer)
+    calls = 0
+    for s in samples:
+        new = tasks.generate(model, s.ids[None], s.answer_tokens())[0]  # (one call per new token, EOS too)
+        answer = tasks.until_eos(model, new).tolist()
+        rows = [torch.stack(seen[calls + 8 * t:calls + 8 * (t + 1)]) for t in range(len(answer))]  # [L, Hq, Sk]
+        calls += 8 * new.numel()
         sequence = s.ids.tolist() + answer
         for step, got in enumerate(rows):
             with torch.no_grad():
@@ -220,6 +223,7 @@ def test_retrieval_reasoning_rows_on_sliding_windows_and_layers_reading_others_k
             # ~4e-6 at layer 7 here; a key at a wrong position would be off by its whole probability)
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
         assert float(rows[-1][0, :, :len(sequence) - 16].abs().max()) == 0.0  # layer 0 slides (window 8)
+    assert calls == len(seen)
 
 
 def test_retrieval_grid_is_a_niah_grid_with_one_needle_per_seed():

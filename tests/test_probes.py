@@ -473,6 +473,31 @@ def test_model_probe_records_every_layer_and_call():
         headops.unpatch(model)
 
 
+def test_model_probe_keeps_what_reduce_returns_of_each_call():
+    import headops
+    from headops.testing import tiny_llama
+
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 97, (2, 20))
+    headops.patch(model, headops.HeadSpec.dense(model))
+    try:
+        with torch.no_grad():
+            with headops.probe(model, entropy=True, pattern_rows=[-1]) as whole:
+                model.generate(ids, max_new_tokens=3, do_sample=False)
+            seen = []
+            with headops.probe(model, entropy=True, pattern_rows=[-1],
+                               reduce=lambda layer, r: seen.append(layer) or r.entropy[:, :, -1].sum()) as kept:
+                model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert seen == [0, 1] * 3  # each call as it is made, in the model's layer order
+        for layer in range(2):
+            assert kept[layer] == [r.entropy[:, :, -1].sum() for r in whole[layer]]
+        with pytest.raises(TypeError, match="reduce must be None or a function"):
+            with headops.probe(model, topk=1, reduce=3):
+                pass
+    finally:
+        headops.unpatch(model)
+
+
 def test_a_models_pattern_rows_are_its_eager_attention_weights_and_the_caches_agree():
     """headops.probe(model, pattern_rows=...): on a left-padded batch, the rows of a patched model's
     attention pattern equal the unpatched model's eager attention weights (output_attentions) at

@@ -118,13 +118,17 @@ def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_r
         if recall < min_recall or not answer.numel():
             return recall, None
         # [L, Hq, steps]: the key each step's last query row attends to most
-        top1 = torch.stack([torch.stack([recording[layer][t].topk_index[row, :, -1, 0].cpu()
-                                         for t in range(answer.numel())], -1) for layer in range(len(recording))])
+        top1 = torch.stack([torch.stack([recording[layer][t][row] for t in range(answer.numel())], -1)
+                            for layer in range(len(recording))])
         return recall, copy_scores(top1, sequence, answer, sample.answer_spans())
 
+    def keep(batch):  # of each call, its last query row's top-1 key [B, Hq]
+        return lambda layer, result: result.topk_index[:, :, -1, 0].cpu()
+
     values, counted, recalls = _needle_tests(
-        model, samples, caller, test, dict(topk=1), batch_size=batch_size, show_progress=show_progress, group=group,
-        budget=lambda sample: max_new_tokens or sample.answer_tokens() + 4, inputs=(max_new_tokens, min_recall))
+        model, samples, caller, test, dict(topk=1), keep, batch_size=batch_size, show_progress=show_progress,
+        group=group, budget=lambda sample: max_new_tokens or sample.answer_tokens() + 4,
+        inputs=(max_new_tokens, min_recall))
     return Scores("retrieval", values, {"tests": len(samples), "counted": counted,
                                         "mean_recall": sum(recalls) / len(recalls)})
 
@@ -139,6 +143,23 @@ def answer_f1(expected: torch.Tensor, answer: torch.Tensor) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def top_keys_mass(row: torch.Tensor, spans) -> torch.Tensor:
+    """HeadKV's retrieval-reasoning count of one step: the probability a row ``[..., Sk]`` puts on
+    its k most attended keys that lie in a needle, k the needles' size (``spans`` in tokens);
+    float64 ``[...]``. Ties at the k-th key are broken as torch.topk breaks them."""
+    size = sum(end - start for start, end in spans)
+    values, index = row.double().topk(min(size, row.shape[-1]), dim=-1)
+    in_needle = torch.zeros_like(index, dtype=torch.bool)
+    for start, end in spans:
+        in_needle |= (index >= start) & (index < end)
+    return (values * in_needle).sum(dim=-1)
+
+
+def _reasoning_scale(total: torch.Tensor, spans, answer_tokens: int) -> torch.Tensor:
+    # (HeadKV's 10 / (needles' size x the expected answer's tokens))
+    return 10 * total / (sum(end - start for start, end in spans) * answer_tokens)
+
+
 def reasoning_scores(rows, spans, answer_tokens: int) -> torch.Tensor:
     """HeadKV's retrieval-reasoning score of one test (Fu et al. 2024, "Not All Heads Matter",
     its retrieval_head_detection_r2): at each decoding step, each head's k most attended keys,
@@ -150,18 +171,8 @@ def reasoning_scores(rows, spans, answer_tokens: int) -> torch.Tensor:
 
     rows: one [L, Hq, Sk] tensor per step, the step's query row's probabilities over its keys
     (ProbeResult.pattern); spans: the needles' token spans; answer_tokens: the expected
-    answer's tokens. Ties at the k-th key are broken as torch.topk breaks them. Returns [L, Hq]
-    float64."""
-    size = sum(end - start for start, end in spans)
-    total = None
-    for row in rows:
-        values, index = row.double().topk(min(size, row.shape[-1]), dim=-1)
-        in_needle = torch.zeros_like(index, dtype=torch.bool)
-        for start, end in spans:
-            in_needle |= (index >= start) & (index < end)
-        mass = (values * in_needle).sum(dim=-1)
-        total = mass if total is None else total + mass
-    return 10 * total / (size * answer_tokens)
+    answer's tokens (top_keys_mass per step). Returns [L, Hq] float64."""
+    return _reasoning_scale(sum(top_keys_mass(row, spans) for row in rows), spans, answer_tokens)
 
 
 def retrieval_reasoning_scores(model, samples, *, max_new_tokens: int | None = None, min_f1: float = 0.5,
@@ -195,22 +206,33 @@ def retrieval_reasoning_scores(model, samples, *, max_new_tokens: int | None = N
         f1 = answer_f1(expected, answer) if answer.numel() else 0.0
         if f1 <= min_f1:
             return f1, None
-        rows = [torch.stack([recording[layer][t].pattern[row, :, -1].cpu() for layer in range(len(recording))])
-                for t in range(answer.numel())]
-        return f1, reasoning_scores(rows, [sample.needles[i].span for i in sample.asked], expected.numel())
+        masses = torch.stack([sum(recording[layer][t][row] for t in range(answer.numel()))
+                              for layer in range(len(recording))])
+        return f1, _reasoning_scale(masses, needle_spans(sample), expected.numel())
+
+    def needle_spans(sample):
+        return [sample.needles[i].span for i in sample.asked]
+
+    def keep(batch):  # of each call, per row, its last query row's top-key mass in the row's needles [B, Hq]
+        spans = [needle_spans(samples[i]) for i in batch]
+        return lambda layer, result: torch.stack([top_keys_mass(result.pattern[b, :, -1].cpu(), spans[b])
+                                                  for b in range(len(batch))])
 
     values, counted, f1s = _needle_tests(
-        model, samples, caller, test, dict(pattern_rows=[-1]), batch_size=batch_size, show_progress=show_progress,
-        group=group, budget=budget, inputs=(max_new_tokens, min_f1))
+        model, samples, caller, test, dict(pattern_rows=[-1]), keep, batch_size=batch_size,
+        show_progress=show_progress, group=group, budget=budget, inputs=(max_new_tokens, min_f1))
     return Scores("retrieval-reasoning", values, {"tests": len(samples), "counted": counted,
                                                   "mean_f1": sum(f1s) / len(f1s)})
 
 
-def _needle_tests(model, samples, caller, test, probe_options, *, budget, batch_size, show_progress, group, inputs):
+def _needle_tests(model, samples, caller, test, probe_options, keep, *, budget, batch_size, show_progress, group,
+                  inputs):
     """The decoding both retrieval scores share: each batch of equal-length prompts answered
     greedily (budget(sample) new tokens at most, the batch's largest) under a dense spec with
-    probe_options at every layer, then test(recording, row, sample, prompt and answer, answer up
-    to EOS) -> (a measure, [L, Hq] scores or None where the test does not count) per prompt;
+    probe_options at every layer, each call's result reduced as soon as it is made by
+    keep(batch)(layer, result) (what the test needs of it: no pattern row outlives its call),
+    then test(recording, row, sample, prompt and answer, answer up to EOS) -> (a measure, [L, Hq]
+    scores or None where the test does not count) per prompt;
     batches split over `group`'s processes. Returns (the mean of the counted tests' scores, 0
     where none counts; how many counted; every test's measure), in prompt order."""
     _check_positive_int(caller.rsplit(".", 1)[-1], "batch_size", batch_size)
@@ -225,7 +247,7 @@ def _needle_tests(model, samples, caller, test, probe_options, *, budget, batch_
         # (a model with sliding-window layers decodes through a dense HeadSparseCache: transformers'
         # cache drops the keys past the window there, whose positions the probe could not name)
         cache = HeadSparseCache(model, HeadSpec.dense(model)) if sliding else None
-        with probe(model, **probe_options) as recording:
+        with probe(model, reduce=keep(batch), **probe_options) as recording:
             # one attention call per generated token: the prefill, then each step
             new = tasks.generate(model, ids.to(model_device(model)), max(budget(samples[i]) for i in batch),
                                  cache=cache).cpu()

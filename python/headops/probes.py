@@ -244,10 +244,11 @@ def _no_compensation_key(lse, asked: bool):
 class Recording:
     """What ``headops.probe(model, ...)`` recorded: ``recording[layer]`` is the list of that
     layer's ProbeResults, one per attention call (a forward; a prefill, then one per generated
-    token), in call order."""
+    token), in call order; with ``reduce``, what reduce(layer, result) returned for each."""
 
-    def __init__(self, num_layers: int, request: Probe):
+    def __init__(self, num_layers: int, request: Probe, reduce=None):
         self.probe = request
+        self.reduce = reduce
         self.layers = [[] for _ in range(num_layers)]
 
     def __getitem__(self, layer: int) -> list:
@@ -257,11 +258,11 @@ class Recording:
         return len(self.layers)
 
     def record(self, layer: int, result: ProbeResult) -> None:
-        self.layers[layer].append(result)
+        self.layers[layer].append(result if self.reduce is None else self.reduce(layer, result))
 
 
 @contextlib.contextmanager
-def probe(model, request: Probe | None = None, **fields):
+def probe(model, request: Probe | None = None, *, reduce=None, **fields):
     """Records probe statistics at every layer of a patched model (``headops.patch``)::
 
         with headops.probe(model, spans=[[0, 1]], topk=1, entropy=True) as rec:
@@ -272,6 +273,10 @@ def probe(model, request: Probe | None = None, **fields):
     are (a generation step's keys are every position so far, from the model's own cache).
     Nothing is recorded outside the block. Generating through a ``HeadSparseCache``, a decode
     step reports over the keys each KV head keeps, at their original positions.
+
+    ``reduce(layer, result)``: what to keep of each call's ProbeResult, as soon as it is made (a
+    sweep over long prompts keeps, say, one number per head of each pattern row rather than the
+    rows themselves); the recording then holds what it returns.
     """
     from .patching import attention_modules_of_patched
 
@@ -280,10 +285,13 @@ def probe(model, request: Probe | None = None, **fields):
     request = request if request is not None else Probe(**fields)
     if not isinstance(request, Probe):
         raise TypeError(f"headops.probe: request must be a headops.Probe, got {type(request).__name__}")
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"headops.probe: reduce must be None or a function (layer, ProbeResult), got "
+                        f"{type(reduce).__name__}")
     modules = attention_modules_of_patched(model, "headops.probe")
     if any(hasattr(m, "_headops_recording") for m in modules):
         raise RuntimeError("headops.probe: this model is being probed already (probes do not nest)")
-    recording = Recording(len(modules), request)
+    recording = Recording(len(modules), request, reduce)
     for m in modules:
         m._headops_recording = recording
     try:
