@@ -122,6 +122,11 @@ def test_compare_writes_the_agreement_of_score_tables(tmp_path, capsys):
         a, b = tables["x" if r["a"] == "first" else r["a"]], tables[r["b"]]
         assert float(r["jaccard_kv_heads"]) == pytest.approx(pairs["KV heads"][(r["a"], r["b"])], abs=1e-6)
         assert float(r["spearman"]) == pytest.approx(rank_correlation(a, b), abs=1e-6)
+    from headops.cli.discover import read_kv_heads
+
+    assert read_kv_heads(str(tmp_path / "x.csv")) == 2
+    write_scores(str(tmp_path / "per_layer.csv"), tables["x"], (2, 3, 6))  # layers of other KV head counts
+    assert read_kv_heads(str(tmp_path / "per_layer.csv")) == (2, 3, 6)
     write_scores(str(tmp_path / "other.csv"), torch.rand(3, 6, generator=g, dtype=torch.float64), 3)
     for argv, match in ((["x.csv"], "at least two"), (["x.csv", "nothing.csv"], "no such file"),
                         (["x.csv", "other.csv"], "different models' heads"), (["x.csv", "x.csv"], "given twice")):

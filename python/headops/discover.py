@@ -38,8 +38,9 @@ from .probes import probe
 from .research import model_device, with_spec
 from .spec import HeadSpec
 
-__all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "retrieval_reasoning_scores", "repeated_tokens", "echo_induction_scores",
-           "text_rows", "sink_scores", "duo_attention", "duo_ablation", "write_full_attention_heads"]
+__all__ = ["METHODS", "Scores", "retrieval_samples", "retrieval_scores", "retrieval_reasoning_scores",
+           "repeated_tokens", "echo_induction_scores", "text_rows", "sink_scores", "duo_attention", "duo_ablation",
+           "write_full_attention_heads"]
 
 METHODS = ("retrieval", "retrieval-reasoning", "echo", "induction", "sink", "duo", "duo-ablation")
 
@@ -113,8 +114,7 @@ def retrieval_scores(model, samples, *, max_new_tokens: int | None = None, min_r
 
     def test(recording, row, sample, sequence, answer):
         """(needle recall, copy scores or None where the test does not count)."""
-        needle = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
-        recall = needle_recall(needle, answer)
+        recall = needle_recall(sample.answer_ids(), answer)
         if recall < min_recall or not answer.numel():
             return recall, None
         # [L, Hq, steps]: the key each step's last query row attends to most
@@ -199,9 +199,12 @@ def retrieval_reasoning_scores(model, samples, *, max_new_tokens: int | None = N
         needed = sample.answer_tokens() + 4 * (len(sample.answers) - 1)
         return needed if max_new_tokens is None else min(needed, max_new_tokens)
 
+    def needle_spans(sample):
+        return [sample.needles[i].span for i in sample.asked]
+
     def test(recording, row, sample, sequence, answer):
         """(answer F1, reasoning scores or None where the test does not count)."""
-        expected = torch.cat([sample.ids[a:b] for a, b in sample.answer_spans()])
+        expected = sample.answer_ids()
         answer = answer[:budget(sample)]  # (the batch decodes its longest budget)
         f1 = answer_f1(expected, answer) if answer.numel() else 0.0
         if f1 <= min_f1:
@@ -209,9 +212,6 @@ def retrieval_reasoning_scores(model, samples, *, max_new_tokens: int | None = N
         masses = torch.stack([sum(recording[layer][t][row] for t in range(answer.numel()))
                               for layer in range(len(recording))])
         return f1, _reasoning_scale(masses, needle_spans(sample), expected.numel())
-
-    def needle_spans(sample):
-        return [sample.needles[i].span for i in sample.asked]
 
     def keep(batch):  # of each call, per row, its last query row's top-key mass in the row's needles [B, Hq]
         spans = [needle_spans(samples[i]) for i in batch]

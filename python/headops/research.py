@@ -136,11 +136,10 @@ def first_token_sensitivity(model, batches, *, loss_fn=causal_lm_loss, spec: Hea
     effect, to first order). Negative: attending more to the first token lowers the loss. One
     backward per batch, the gradient of key_bias at key 0 (of `spec`, default dense)."""
     device = model_device(model)
-    base = (spec or HeadSpec.dense(model)).copy().to(device)
-    L, H = base.num_layers, base.num_heads
-    bias = base.key_bias.detach().clone() if base.key_bias is not None else torch.zeros(L, H, 1, device=device)
-    base.key_bias = bias.requires_grad_()
-    total = torch.zeros(L, H, device=device)
+    # (scale 1: the spec's own key_bias, with the key-0 column it may lack, whose gradient is the answer)
+    base = (spec or HeadSpec.dense(model)).scale_first_token(1.0).to(device)
+    base.key_bias.requires_grad_()
+    total = torch.zeros(base.num_layers, base.num_heads, device=device)
     with with_spec(model, base):
         for batch in batches:
             (grad,) = torch.autograd.grad(loss_fn(model, batch), base.key_bias)

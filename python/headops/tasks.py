@@ -84,6 +84,10 @@ class Sample:
         """The answer spans of the asked needles (the tokens a retrieval head should copy)."""
         return [self.needles[i].answer_span for i in self.asked]
 
+    def answer_ids(self) -> torch.Tensor:
+        """The prompt tokens the expected answers copy (the asked needles' answer spans, in order)."""
+        return torch.cat([self.ids[start:end] for start, end in self.answer_spans()])
+
     def answer_budget(self) -> int:
         """New tokens to generate for an answer: the expected answers' tokens plus room for separators."""
         return self.answer_tokens() + 4 * len(self.answers) + 4

@@ -11,12 +11,11 @@ keeps) and query heads, and Spearman's rank correlation over every query head. W
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 
 from ..head_scores import overlaps, rank_correlation
-from .discover import read_scores
+from .discover import read_kv_heads, read_scores
 from .output import write_csv
 
 HELP = "how per-head score tables agree: Jaccard of their top heads, rank correlation"
@@ -29,18 +28,6 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=os.path.join("results", "compare"), help="writes <out>.csv and <out>.md")
 
 
-def kv_heads_of(path: str):
-    """The KV heads per layer of a discover CSV (its kv_head column): an int, or a tuple of one per
-    layer where the layers differ."""
-    per_layer = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            layer = int(row["layer"])
-            per_layer[layer] = max(per_layer.get(layer, 0), int(row["kv_head"]) + 1)
-    counts = tuple(per_layer[layer] for layer in sorted(per_layer))
-    return counts[0] if len(set(counts)) == 1 else counts
-
-
 def _tables(items):
     tables = {}
     for item in items:
@@ -51,7 +38,7 @@ def _tables(items):
         if name in tables:
             raise SystemExit(f"compare: the name {name!r} is given twice")
         try:
-            tables[name] = (read_scores(path), kv_heads_of(path))
+            tables[name] = (read_scores(path), read_kv_heads(path))
         except ValueError as e:
             raise SystemExit(f"compare: {e}") from None
     if len(tables) < 2:

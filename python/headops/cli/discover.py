@@ -106,6 +106,18 @@ def read_scores(path: str) -> torch.Tensor:
     return values
 
 
+def read_kv_heads(path: str):
+    """The KV heads per layer of a CSV that write_scores wrote (its kv_head column): an int, or a
+    tuple of one per layer where the layers differ (as write_scores takes num_kv_heads)."""
+    per_layer = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            layer = int(row["layer"])
+            per_layer[layer] = max(per_layer.get(layer, 0), int(row["kv_head"]) + 1)
+    counts = tuple(per_layer[layer] for layer in sorted(per_layer))
+    return counts[0] if len(set(counts)) == 1 else counts
+
+
 def _scores(args, model, tok):
     """The Scores of args.method (for echo and induction, of that one of the pair)."""
     show = not args.quiet
