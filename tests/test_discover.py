@@ -26,6 +26,16 @@ def eager(model):
 # retrieval score: the formula of Wu et al., from eager patterns
 
 
+def eager_answer(model, sample, budget):
+    """transformers' greedy decoding of one prompt with output_attentions: (its output, the new
+    tokens up to EOS as a list)."""
+    out = model.generate(sample.ids[None], attention_mask=torch.ones(1, len(sample.ids), dtype=torch.int64),
+                         max_new_tokens=budget, do_sample=False, output_attentions=True,
+                         return_dict_in_generate=True, pad_token_id=TOK.eos_token_id)
+    answer = out.sequences[0, len(sample.ids):].tolist()
+    return out, answer[:answer.index(TOK.eos_token_id)] if TOK.eos_token_id in answer else answer
+
+
 def eager_retrieval_scores(model, samples, min_recall):
     """Greedy decoding one prompt at a time with output_attentions; at each step, each head's
     most attended key (argmax: the lowest position among equals); a head scores 1/|needle| when
@@ -35,13 +45,8 @@ def eager_retrieval_scores(model, samples, min_recall):
     total, counted = torch.zeros(L, H, dtype=torch.float64), 0
     for s in samples:
         start, end = s.answer_spans()[0]
-        out = model.generate(s.ids[None], attention_mask=torch.ones(1, len(s.ids), dtype=torch.int64),
-                             max_new_tokens=s.answer_tokens() + 4, do_sample=False, output_attentions=True,
-                             return_dict_in_generate=True, pad_token_id=TOK.eos_token_id)
+        out, answer = eager_answer(model, s, s.answer_tokens() + 4)
         sequence = out.sequences[0]
-        answer = sequence[len(s.ids):].tolist()
-        if TOK.eos_token_id in answer:
-            answer = answer[:answer.index(TOK.eos_token_id)]
         needle = s.ids[start:end].tolist()
         unused, recalled = list(answer), 0
         for t in needle:
@@ -131,12 +136,7 @@ def eager_reasoning_scores(model, samples, min_f1):
     for s in samples:
         expected = [t for a, b in s.answer_spans() for t in s.ids[a:b].tolist()]
         budget = len(expected) + 4 * (len(s.answers) - 1)
-        out = model.generate(s.ids[None], attention_mask=torch.ones(1, len(s.ids), dtype=torch.int64),
-                             max_new_tokens=budget, do_sample=False, output_attentions=True,
-                             return_dict_in_generate=True, pad_token_id=TOK.eos_token_id)
-        answer = out.sequences[0, len(s.ids):].tolist()
-        if TOK.eos_token_id in answer:
-            answer = answer[:answer.index(TOK.eos_token_id)]
+        out, answer = eager_answer(model, s, budget)
         common = sum((collections.Counter(expected) & collections.Counter(answer)).values())
         f1 = 0.0 if common == 0 else 2 * common / (len(expected) + len(answer))
         if f1 <= min_f1:
