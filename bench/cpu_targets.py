@@ -64,10 +64,11 @@ class Target:
         return value <= self.bound if self.at_most else value >= self.bound
 
 
-def machine_kind(flags: list) -> str:
+def machine_kind(flags: list, capability: str) -> str:
+    """The kind of CPU the flags name, given the ATen variant the process runs (capability)."""
     if "avx512f" not in flags:
         return "avx2"
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"):
+    if capability in ("AVX2", "DEFAULT"):
         return "avx2-variant-on-avx512"
     return "amx" if "amx_bf16" in flags else "avx512"
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     s_pass, s_forward = (256, 512) if args.quick else (2048, 4096)
     contexts = [2048, 8192] if args.quick else [32768, 131072]
     flags = cpu_flags(("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"))
-    kind = machine_kind(flags)
+    kind = machine_kind(flags, torch.backends.cpu.get_cpu_capability())
     started = time.perf_counter()
     print(f"machine kind: {kind} (flags {' '.join(flags)}; ATen variant {torch.backends.cpu.get_cpu_capability()}); "
           f"{torch.get_num_threads()} threads; {repeats} interleaved calls per measurement", flush=True)

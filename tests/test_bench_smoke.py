@@ -103,8 +103,12 @@ def test_cpu_targets_judge_the_worst_row():
     floor = cpu_targets.Target("bandwidth", 0.6, False, ["a", "b"])
     assert floor.worst({"a": 0.59, "b": 0.9}) == 0.59 and not floor.met({"a": 0.59, "b": 0.9})
     assert floor.met({"a": 0.6, "b": 0.9})
-    assert cpu_targets.machine_kind(["avx2", "avx512f", "amx_bf16"]) == "amx"
-    assert cpu_targets.machine_kind(["avx2"]) == "avx2"
+    # judged from the flags and the ATen variant given, not from the machine the test runs on (before, an
+    # AVX2-only machine's own variant made the AMX flags read as "the AVX2 variant on an AVX-512 CPU")
+    assert cpu_targets.machine_kind(["avx2", "avx512f", "amx_bf16"], "AVX512") == "amx"
+    assert cpu_targets.machine_kind(["avx2", "avx512f", "amx_bf16"], "AVX2") == "avx2-variant-on-avx512"
+    assert cpu_targets.machine_kind(["avx2", "avx512f"], "AVX512") == "avx512"
+    assert cpu_targets.machine_kind(["avx2"], "AVX2") == "avx2"
     keys = cpu_targets.attention_keys(2048, 4096)
     avx2 = cpu_targets.targets_for("avx2", keys, ["decode row"], 2048, 4096)
     # the AVX2-only machine: every forward and forward+backward row at 2048, both dtypes

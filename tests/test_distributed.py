@@ -145,8 +145,11 @@ def assert_ranks_measure_as_one(ranks, one):
     logits under every spec, probes, tokens and importance."""
     for rank, got in enumerate(ranks):
         assert got["shard"] == (rank, 2)  # (each rank computes its own heads)
-        for spec in ("dense", "masked", "streaming", "per_batch"):  # up to the all-reduce's rounding
-            torch.testing.assert_close(got[spec], one[spec], atol=2e-6, rtol=1e-5, msg=f"rank {rank} {spec}")
+        # up to the all-reduce's rounding: each layer's output projection sums its heads in two halves and
+        # adds them, one process in one product. Through the 8 layers of the Gemma 4 with shared keys that
+        # reached 3.6e-6 on logits of size 0.5 on an AVX2-only EPYC (BLAS sums in its own order there)
+        for spec in ("dense", "masked", "streaming", "per_batch"):
+            torch.testing.assert_close(got[spec], one[spec], atol=1e-5, rtol=1e-5, msg=f"rank {rank} {spec}")
         for (index, entropy, rows), (want_index, want_entropy, want_rows) in zip(got["probe"], one["probe"]):
             assert index.shape == want_index.shape and rows.shape == want_rows.shape  # every head, gathered
             assert torch.equal(index, want_index)
