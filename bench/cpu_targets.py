@@ -125,6 +125,18 @@ def other_tile_path(args, kind: str, s_pass: int, repeats: int) -> list:
     return rows
 
 
+def read_pass_line(decode_rows: list) -> str:
+    """The decode rows against the read pass of the same rounds (x.sum(): one plain stream of reads, as a
+    decode step's are), beside the copy the target names: on the 2-core VMs the copy's rate moves by up
+    to 1.6x from round to round while the decode's moves far less, and the worst row is often the round
+    with the fastest copy."""
+    worst = min(decode_rows, key=lambda r: r["read_vs_read_pass"])
+    copies = [r["copy_gb_s"] for r in decode_rows]
+    return (f"for reference (no target): decode reads >= {worst['read_vs_read_pass']:.0%} of the same rounds' read "
+            f"pass in every row (worst: {SHORT[worst['dtype']]} {worst['context']} {worst['mix']}); the copy ran at "
+            f"{min(copies):.1f}-{max(copies):.1f} GB/s across the rows")
+
+
 def bf16_tile_engine() -> str:
     """What runs the bf16 forward's tile products here (as `headops info` says)."""
     return "headops' AMX loops" if headops._C.cpu_runs_own_amx_tiles(torch.bfloat16, D) else "brgemm"
@@ -198,6 +210,7 @@ def main(argv=None) -> int:
         note = "--quick: small sizes, nothing judged"
     print()
     print(text_table(header, lines))
+    print(read_pass_line(decode_rows))
     if note:
         print(note)
     if tile_lines:
@@ -219,14 +232,17 @@ def main(argv=None) -> int:
     attention_table = markdown_table(["dtype", "pass", "S", "headops ms", "SDPA ms", "headops/SDPA"],
                                      [[SHORT[r["dtype"]], r["pass"], r["S"], f"{r['headops_ms']:.1f}",
                                        f"{r['sdpa_ms']:.1f}", f"{r['ratio']:.2f}x"] for r in attention_rows])
-    decode_table = markdown_table(["dtype", "context", "heads", "read GB/s", "copy GB/s", "of copy BW"],
+    decode_table = markdown_table(["dtype", "context", "heads", "read GB/s", "copy GB/s", "of copy BW",
+                                   "read pass GB/s", "of read pass"],
                                   [[SHORT[r["dtype"]], r["context"], r["mix"], f"{r['read_gb_s']:.1f}",
-                                    f"{r['copy_gb_s']:.1f}", f"{r['read_vs_copy']:.0%}"] for r in decode_rows])
+                                    f"{r['copy_gb_s']:.1f}", f"{r['read_vs_copy']:.0%}", f"{r['read_pass_gb_s']:.1f}",
+                                    f"{r['read_vs_read_pass']:.0%}"] for r in decode_rows])
     with open(stem + ".md", "w") as f:
         f.write(f"# Issue 17's CPU targets ({data['date']})\n\n`{data['command']}`; machine kind **{kind}** "
                 f"({data['machine']['cpu_model']}, ATen {data['aten_capability']}, "
                 f"{data['machine']['torch_threads']} threads); median of {repeats} interleaved calls; "
-                f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{note + chr(10) * 2 if note else ''}"
+                f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{read_pass_line(decode_rows)}\n\n"
+                f"{note + chr(10) * 2 if note else ''}"
                 f"{attention_table}\n\n{decode_table}\n")
         if tile_lines:
             f.write(f"\nThe bf16 rows at S = {s_pass} again with float32 tiles through BLAS (HEADOPS_CPU_NO_PACKED=1, "

@@ -82,7 +82,8 @@ def test_cpu_targets_quick(tmp_path):
     assert len(data["decode"]) == 2 * 2 * 3  # dtypes x contexts x head mixes
     for t in data["targets"]:
         assert t["worst_row"] in data["measured"]
-    assert "| target (issue 17) |" in (tmp_path / "cpu_targets_quick.md").read_text()
+    md = (tmp_path / "cpu_targets_quick.md").read_text()
+    assert "| target (issue 17) |" in md and "| of read pass |" in md and "of the same rounds' read pass" in md
     # the bf16 rows with float32 tiles through BLAS instead of brgemm, where this CPU has brgemm
     import headops
     import torch
@@ -109,6 +110,11 @@ def test_cpu_targets_judge_the_worst_row():
     assert cpu_targets.machine_kind(["avx2", "avx512f", "amx_bf16"], "AVX2") == "avx2-variant-on-avx512"
     assert cpu_targets.machine_kind(["avx2", "avx512f"], "AVX512") == "avx512"
     assert cpu_targets.machine_kind(["avx2"], "AVX2") == "avx2"
+    # the decode rows against the read pass: the worst row named, the copy's range beside it
+    rows = [{"dtype": "float32", "context": 32768, "mix": "all full", "read_vs_read_pass": 0.8, "copy_gb_s": 25.0},
+            {"dtype": "bfloat16", "context": 131072, "mix": "25% full", "read_vs_read_pass": 0.55, "copy_gb_s": 35.0}]
+    line = cpu_targets.read_pass_line(rows)
+    assert ">= 55% of the same rounds' read pass" in line and "bf16 131072 25% full" in line and "25.0-35.0" in line
     keys = cpu_targets.attention_keys(2048, 4096)
     avx2 = cpu_targets.targets_for("avx2", keys, ["decode row"], 2048, 4096)
     # the AVX2-only machine: every forward and forward+backward row at 2048, both dtypes
