@@ -159,9 +159,10 @@ def main(argv=None) -> int:
     s_pass, s_forward = (256, 512) if args.quick else (2048, 4096)
     contexts = [2048, 8192] if args.quick else [32768, 131072]
     flags = cpu_flags(("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"))
-    kind = machine_kind(flags, torch.backends.cpu.get_cpu_capability())
+    capability = torch.backends.cpu.get_cpu_capability()
+    kind = machine_kind(flags, capability)
     started = time.perf_counter()
-    print(f"machine kind: {kind} (flags {' '.join(flags)}; ATen variant {torch.backends.cpu.get_cpu_capability()}); "
+    print(f"machine kind: {kind} (flags {' '.join(flags)}; ATen variant {capability}); "
           f"{torch.get_num_threads()} threads; {repeats} interleaved calls per measurement", flush=True)
 
     keys = attention_keys(s_pass, s_forward)
@@ -210,7 +211,8 @@ def main(argv=None) -> int:
         note = "--quick: small sizes, nothing judged"
     print()
     print(text_table(header, lines))
-    print(read_pass_line(decode_rows))
+    read_pass = read_pass_line(decode_rows)
+    print(read_pass)
     if note:
         print(note)
     if tile_lines:
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, "cpu_targets" + ("_quick" if args.quick else ""))
     data = {"date": now_iso(), "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-            "machine": machine_info(), "kind": kind, "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": machine_info(), "kind": kind, "aten_capability": capability,
             "repeats": repeats, "judged": judged, "note": note, "wall_s": round(wall, 1),
             "targets": [dict(zip(("name", "bound", "measured", "worst_row", "verdict"), line)) for line in lines],
             "measured": measured, "attention": attention_rows, "decode": decode_rows,
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
         f.write(f"# Issue 17's CPU targets ({data['date']})\n\n`{data['command']}`; machine kind **{kind}** "
                 f"({data['machine']['cpu_model']}, ATen {data['aten_capability']}, "
                 f"{data['machine']['torch_threads']} threads); median of {repeats} interleaved calls; "
-                f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{read_pass_line(decode_rows)}\n\n"
+                f"{wall:.0f} s.\n\n{markdown_table(header, lines)}\n\n{read_pass}\n\n"
                 f"{note + chr(10) * 2 if note else ''}"
                 f"{attention_table}\n\n{decode_table}\n")
         if tile_lines:
