@@ -160,7 +160,7 @@ inline int64_t rows_ahead(int64_t row_bytes) {
 // need (in one process, variant switched call by call, 11 rounds, 256 MiB copied between calls:
 // 2 threads, float32 32k keys all KV heads full 17.0-19.0 -> 19.8-23.4 GB/s, bfloat16 13.8-18.0
 // -> 15.8-21.4, bfloat16 131k 25 % full 14.0-17.9 -> 14.7-20.0; one thread float32 10.4-10.9
-// -> 13.2-15.6). float16 rows, widened by conversion instructions, lost 1-4 % without them
+// -> 13.2-15.6). float16 rows, widened by conversion instructions, lost 1-5 % without them
 // and keep them. With AVX-512 (Zen 4/5 EPYC, the AMX Xeon) the keys are still asked for 4 KB
 // ahead: measured there against other distances, not yet against none.
 template <typename scalar_t>
