@@ -54,7 +54,7 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 // p(f) ~ 2^f for f in [0, 1), of degree 4 or 5 (pow2): relative-error fits (reweighted least
 // squares) with the constant term fixed at 1, by Horner (one FMA a degree).
 template <int Degree>
-inline Vectorized<float> exp2_of_fraction(const Vectorized<float>& f) {
+__attribute__((always_inline)) inline Vectorized<float> exp2_of_fraction(const Vectorized<float>& f) {
   static_assert(Degree == 4 || Degree == 5, "exp2_of_fraction: fits of degree 4 and 5");
   constexpr float c5[] = {1.f, 0.6931512951850891f, 0.24016447365283966f, 0.05579983443021774f,
                           0.009017140604555607f, 0.001867078011855483f};
@@ -91,8 +91,11 @@ constexpr int exp_fit_degree() {
 //  - AVX2: 2^floor(t) from the exponent bits (n + 127) << 23, with t clamped to [-127, 128] so
 //    that n = -127 gives the bits of 0.0 (exp below 2^-126 is 0, as exp_u20's clamp gives) and
 //    n = 128 those of inf.
+//
+// Always inlined: GCC kept it out of line in scaled_exp_sum<float, float> (AVX2), each vector a
+// call through the PLT with its argument spilled to the stack.
 template <typename P>
-inline Vectorized<float> pow2(const Vectorized<float>& t) {
+__attribute__((always_inline)) inline Vectorized<float> pow2(const Vectorized<float>& t) {
   constexpr int degree = exp_fit_degree<P>();
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 fraction = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
