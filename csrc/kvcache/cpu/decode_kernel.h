@@ -156,8 +156,8 @@ inline int64_t rows_ahead(int64_t row_bytes) {
 // Whether the score product asks for key rows ahead (the value rows it always asks for: the PV
 // product reads them by columns, which no hardware prefetcher follows). The key rows are read
 // in order, row after row: on the AVX2-only Zen 3 EPYC the hardware prefetcher keeps that
-// stream ahead better alone, the software prefetches only taking miss buffers the value rows'
-// need (in one process, variant switched call by call, 11 rounds, 256 MiB copied between calls:
+// stream ahead better alone; the software prefetches seemed only to compete for miss buffers
+// with the value rows' (in one process, variant switched call by call, 11 rounds, 256 MiB copied between calls:
 // 2 threads, float32 32k keys all KV heads full 17.0-19.0 -> 19.8-23.4 GB/s, bfloat16 13.8-18.0
 // -> 15.8-21.4, bfloat16 131k 25 % full 14.0-17.9 -> 14.7-20.0; one thread float32 10.4-10.9
 // -> 13.2-15.6). float16 rows, widened by conversion instructions, lost 1-5 % without them
