@@ -12,6 +12,7 @@ AMX tile loops in ``AMX``, which csrc/cpu/amx_tiles.cpp runs only where the CPU 
 The DEFAULT and AVX2 variants are also run for real by tests/test_cpu_variants.py.
 """
 
+import functools
 import platform
 import re
 import shutil
@@ -31,12 +32,17 @@ BEYOND_BASELINE = re.compile(
 ISA_NAMESPACES = ("::AVX2::", "::AVX512::", "::AVX512_BF16::", "::AMX::")
 
 
+@functools.lru_cache(maxsize=None)
+def disassembly(library):
+    """The library's .text as objdump lists it (demangled; read once for the tests here)."""
+    return subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-j", ".text", library],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def functions_beyond_baseline(library):
     """{demangled function name: first instruction beyond the baseline} of the library's .text."""
-    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-j", ".text", library],
-                             capture_output=True, text=True, check=True).stdout
     found, current = {}, None
-    for line in listing.splitlines():
+    for line in disassembly(library).splitlines():
         header = FUNCTION.match(line)
         if header:
             current = header.group(1)
@@ -69,9 +75,7 @@ PER_VECTOR_EXP = re.compile(r"\bcall\s.*\bheadops::cpu::(AVX2|AVX512|AVX512_BF16
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the ISA variants exist on x86-64 only")
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 def test_softmax_exp_is_inlined_in_every_isa_variant():
-    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-j", ".text", headops._C.__file__],
-                             capture_output=True, text=True, check=True).stdout
-    calls = [line.strip() for line in listing.splitlines() if "call" in line]
+    calls = [line.strip() for line in disassembly(headops._C.__file__).splitlines() if "call" in line]
     assert calls, "no call instruction found: scan broken?"
     out_of_line = [line for line in calls if PER_VECTOR_EXP.search(line)]
     assert not out_of_line, f"{len(out_of_line)} call(s) of the per-vector exp:\n" + "\n".join(out_of_line[:10])

@@ -157,12 +157,12 @@ inline int64_t rows_ahead(int64_t row_bytes) {
 // product reads them by columns, which no hardware prefetcher follows). The key rows are read
 // in order, row after row: on the AVX2-only Zen 3 EPYC the hardware prefetcher keeps that
 // stream ahead better alone; the software prefetches seemed only to compete for miss buffers
-// with the value rows' (in one process, variant switched call by call, 11 rounds, 256 MiB copied between calls:
-// 2 threads, float32 32k keys all KV heads full 17.0-19.0 -> 19.8-23.4 GB/s, bfloat16 13.8-18.0
-// -> 15.8-21.4, bfloat16 131k 25 % full 14.0-17.9 -> 14.7-20.0; one thread float32 10.4-10.9
-// -> 13.2-15.6). float16 rows, widened by conversion instructions, lost 1-5 % without them
-// and keep them. With AVX-512 (Zen 4/5 EPYC, the AMX Xeon) the keys are still asked for 4 KB
-// ahead: measured there against other distances, not yet against none.
+// with the value rows' (in one process, variant switched call by call, 11 rounds, 256 MiB
+// copied between calls: 2 threads, float32 32k keys all KV heads full 17.0-19.0 -> 19.8-23.4
+// GB/s, bfloat16 13.8-18.0 -> 15.8-21.4, bfloat16 131k 25 % full 14.0-17.9 -> 14.7-20.0; one
+// thread float32 10.4-10.9 -> 13.2-15.6). float16 rows, widened by conversion instructions,
+// lost 1-5 % without them and keep them. With AVX-512 (Zen 4/5 EPYC, the AMX Xeon) the keys are
+// still asked for 4 KB ahead: measured there against other distances, not yet against none.
 template <typename scalar_t>
 constexpr bool prefetch_keys() {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -183,7 +183,8 @@ void score_rows(acc_t* s, int64_t lds, const acc_t* q, const scalar_t* k, const 
   const int64_t Dv = D / W * W;
   const int64_t row_bytes = D * int64_t(sizeof(scalar_t)), ahead = rows_ahead(row_bytes);
   for (int64_t j = 0; j < nk; ++j) {
-    // the rows `ahead` are on their way from memory while this one is multiplied
+    // the rows `ahead` are on their way from memory while this one is multiplied (or, where
+    // prefetch_keys is false, on the hardware prefetcher's way)
     if (prefetch_keys<scalar_t>() && j + ahead < nk) prefetch_row(k + (j + ahead) * D, row_bytes);
     if (v) prefetch_row(v + j * D, row_bytes);
     const scalar_t* kr = k + j * D;
