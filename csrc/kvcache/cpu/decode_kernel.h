@@ -220,7 +220,7 @@ void score_rows(float* s, int64_t lds, const c10::BFloat16* q, const c10::BFloat
   const int64_t row_bytes = D * int64_t(sizeof(c10::BFloat16)), ahead = rows_ahead(row_bytes);
   auto pairs = [](const c10::BFloat16* at) { return (__m512bh)_mm512_loadu_si512(at); };
   for (int64_t j = 0; j < nk; ++j) {
-    if (j + ahead < nk) prefetch_row(k + (j + ahead) * D, row_bytes);
+    if (prefetch_keys<c10::BFloat16>() && j + ahead < nk) prefetch_row(k + (j + ahead) * D, row_bytes);
     if (v) prefetch_row(v + j * D, row_bytes);
     const c10::BFloat16* kr = k + j * D;
     __m512 a[NR], b[NR];  // two chains per row, as in score_rows
